@@ -1,0 +1,264 @@
+// Backward attention on tensor cores (mma.sync, sm_80+), recomputing P from q, k and the
+// saved logsumexp; no attention matrix is stored. Two kernels, so that no CTA needs another's
+// partial sums and the result is deterministic:
+//   dQ kernel:    queries resident, keys streamed:   S = Q K^T, dP = dO V^T, dQ += dS K
+//   dK/dV kernel: keys resident, queries streamed:   S^T = K Q^T, dV += P^T dO,
+//                                                     dP^T = V dO^T, dK += dS^T Q
+// Both keep every operand of their matmuls in the layouts mma wants, so P and dS go from
+// the accumulators straight back into registers as A operands, never through shared memory.
+// delta = rowsum(dO * O) - dlse is computed first by a small kernel.
+#pragma once
+#include <type_traits>
+#include "../flash_params.h"
+#include "mask.cuh"
+#include "mma_sm80.cuh"
+#include "online_softmax.cuh"
+#include "tile_shapes.h"
+
+namespace cuflash {
+
+constexpr float kLog2e = 1.4426950408889634f;
+
+// lse in the scaled log2 domain; a row that saw no key (lse = -inf) becomes +inf, so that
+// exp2(s - lse) = 0 for every key of it.
+__device__ __forceinline__ float lse_to_log2(float lse) {
+  return lse == -INFINITY ? INFINITY : lse * kLog2e;
+}
+
+// Torch builds with __CUDA_NO_HALF_CONVERSIONS__, so 16-bit values are converted explicitly.
+template <typename Acc, typename T>
+__device__ __forceinline__ Acc to_acc(T x) {
+  if constexpr (std::is_same_v<T, __half>) return __half2float(x);
+  else if constexpr (std::is_same_v<T, __nv_bfloat16>) return __bfloat162float(x);
+  else return static_cast<Acc>(x);
+}
+
+// One warp per query row: delta = sum_d dO * O (minus dlse, the gradient of the returned lse,
+// which enters dS = P * (dP - delta) the same way).
+template <typename T, typename Acc>
+__global__ void __launch_bounds__(128) flash_bwd_delta_kernel(const FlashBwdParams p) {
+  const AttentionShape& sh = p.shape;
+  const int row = blockIdx.x * 4 + threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int h = blockIdx.y, b = blockIdx.z;
+  if (row >= sh.seqlen_q) return;
+  const T* o = static_cast<const T*>(p.out) + b * p.out_strides.batch + h * p.out_strides.head +
+               row * p.out_strides.row;
+  const T* dout = static_cast<const T*>(p.dout) + b * p.dout_strides.batch +
+                  h * p.dout_strides.head + row * p.dout_strides.row;
+  Acc sum = 0;
+  for (int d = lane; d < sh.head_dim; d += 32) sum += to_acc<Acc>(o[d]) * to_acc<Acc>(dout[d]);
+#pragma unroll
+  for (int off = 16; off > 0; off /= 2) sum += __shfl_xor_sync(0xffffffffu, sum, off);
+  if (lane == 0) {
+    const int64_t idx = (static_cast<int64_t>(b) * sh.heads_q + h) * sh.seqlen_q + row;
+    if (p.dlse) sum -= static_cast<const Acc*>(p.dlse)[idx];
+    static_cast<Acc*>(p.delta)[idx] = sum;
+  }
+}
+
+template <typename T, int kHeadDim>
+struct BwdDqKernel {
+  using Tile = BwdTile<kHeadDim>;
+  static constexpr int kThreads = 32 * Tile::kWarps;
+  static constexpr int kBlockM = Tile::kDqBlockM, kBlockN = Tile::kDqBlockN;
+  using QTile = SmemTile<T, kBlockM, kHeadDim>;
+  using KVTile = SmemTile<T, kBlockN, kHeadDim>;
+  static constexpr int kSmemBytes = (2 * QTile::kElems + 4 * KVTile::kElems) * sizeof(T);
+};
+
+template <typename T, int kHeadDim>
+__global__ void __launch_bounds__(BwdDqKernel<T, kHeadDim>::kThreads)
+    flash_bwd_dq_kernel(const FlashBwdParams p) {
+  using K = BwdDqKernel<T, kHeadDim>;
+  constexpr int kBlockM = K::kBlockM, kBlockN = K::kBlockN, kThreads = K::kThreads;
+  extern __shared__ __align__(16) char smem[];
+  const typename K::QTile sQ{reinterpret_cast<T*>(smem)};
+  const typename K::QTile sdO{sQ.ptr + K::QTile::kElems};
+  T* kv_base = sdO.ptr + K::QTile::kElems;
+  auto sK = [&](int buf) { return typename K::KVTile{kv_base + buf * K::KVTile::kElems}; };
+  auto sV = [&](int buf) { return typename K::KVTile{kv_base + (2 + buf) * K::KVTile::kElems}; };
+
+  const AttentionShape& sh = p.shape;
+  const int m_block = blockIdx.x, h = blockIdx.y, b = blockIdx.z;
+  const int h_kv = h / (sh.heads_q / sh.heads_kv);
+  const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
+  const int m_start = m_block * kBlockM, row0 = m_start + warp * 16;
+
+  const T* q = static_cast<const T*>(p.q) + b * p.q_strides.batch + h * p.q_strides.head;
+  const T* dout = static_cast<const T*>(p.dout) + b * p.dout_strides.batch + h * p.dout_strides.head;
+  const T* k = static_cast<const T*>(p.k) + b * p.k_strides.batch + h_kv * p.k_strides.head;
+  const T* v = static_cast<const T*>(p.v) + b * p.v_strides.batch + h_kv * p.v_strides.head;
+  const int64_t stats = (static_cast<int64_t>(b) * sh.heads_q + h) * sh.seqlen_q;
+
+  float lse2[2], delta[2];
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    const int row = row0 + (lane >> 2) + 8 * r;
+    const bool valid = row < sh.seqlen_q;
+    lse2[r] = valid ? lse_to_log2(static_cast<const float*>(p.lse)[stats + row]) : INFINITY;
+    delta[r] = valid ? static_cast<const float*>(p.delta)[stats + row] : 0.f;
+  }
+
+  auto load_kv = [&](int n_block, int buf) {
+    const int n0 = n_block * kBlockN, rows = sh.seqlen_k - n0;
+    sK(buf).template load_async<kThreads>(k + n0 * p.k_strides.row, p.k_strides.row, rows, sh.head_dim, tid);
+    sV(buf).template load_async<kThreads>(v + n0 * p.v_strides.row, p.v_strides.row, rows, sh.head_dim, tid);
+  };
+
+  const float scale_log2 = static_cast<float>(p.scale) * kLog2e;
+  const int n_blocks =
+      key_blocks_for_queries(p.mask, m_start, kBlockM, sh.seqlen_q, sh.seqlen_k, kBlockN);
+  WarpAcc<kHeadDim> dq;
+  dq.zero();
+  if (n_blocks > 0) {
+    const int rows = sh.seqlen_q - m_start;
+    sQ.template load_async<kThreads>(q + m_start * p.q_strides.row, p.q_strides.row, rows, sh.head_dim, tid);
+    sdO.template load_async<kThreads>(dout + m_start * p.dout_strides.row, p.dout_strides.row, rows,
+                                      sh.head_dim, tid);
+    load_kv(0, 0);
+    cp_async_commit();
+    for (int n_block = 0; n_block < n_blocks; ++n_block) {
+      const int buf = n_block & 1;
+      cp_async_wait_all();
+      __syncthreads();
+      if (n_block + 1 < n_blocks) load_kv(n_block + 1, buf ^ 1);
+      cp_async_commit();
+
+      WarpAcc<kBlockN> s, dp;
+      s.zero();
+      dp.zero();
+      warp_gemm_abt<T, kHeadDim, kBlockN>(s, sQ, warp * 16, sK(buf), 0, lane);
+      warp_gemm_abt<T, kHeadDim, kBlockN>(dp, sdO, warp * 16, sV(buf), 0, lane);
+      scale_scores(s, scale_log2);
+      const int n0 = n_block * kBlockN;
+      if (block_needs_mask(p.mask, row0, n0, kBlockN, sh.seqlen_k))
+        apply_mask(s, p.mask, row0, n0, sh.seqlen_k, lane);
+#pragma unroll
+      for (int j = 0; j < kBlockN / 8; ++j)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const float prob = fast_exp2(s.v[j][e] - lse2[e >> 1]);
+          dp.v[j][e] = prob * (dp.v[j][e] - delta[e >> 1]);  // dS
+        }
+      warp_gemm_rb<T, kBlockN, kHeadDim>(dq, dp, sK(buf), 0, lane);
+    }
+  }
+  const float row_scale[2] = {static_cast<float>(p.scale), static_cast<float>(p.scale)};
+  T* dq_out = static_cast<T*>(p.dq) + b * p.dq_strides.batch + h * p.dq_strides.head;
+  warp_store_rows<T, kHeadDim>(dq, row_scale, sQ, warp * 16, dq_out + row0 * p.dq_strides.row,
+                               p.dq_strides.row, sh.seqlen_q - row0, sh.head_dim, lane);
+}
+
+template <typename T, int kHeadDim>
+struct BwdDkvKernel {
+  using Tile = BwdTile<kHeadDim>;
+  static constexpr int kThreads = 32 * Tile::kWarps;
+  static constexpr int kBlockM = Tile::kDkvBlockM, kBlockN = Tile::kDkvBlockN;
+  using KVTile = SmemTile<T, kBlockN, kHeadDim>;
+  using QTile = SmemTile<T, kBlockM, kHeadDim>;
+  static constexpr int kSmemBytes =
+      (2 * KVTile::kElems + 4 * QTile::kElems) * sizeof(T) + 4 * kBlockM * sizeof(float);
+};
+
+template <typename T, int kHeadDim, bool kComputeDk, bool kComputeDv>
+__global__ void __launch_bounds__(BwdDkvKernel<T, kHeadDim>::kThreads)
+    flash_bwd_dkdv_kernel(const FlashBwdParams p) {
+  using K = BwdDkvKernel<T, kHeadDim>;
+  constexpr int kBlockM = K::kBlockM, kBlockN = K::kBlockN, kThreads = K::kThreads;
+  extern __shared__ __align__(16) char smem[];
+  const typename K::KVTile sK{reinterpret_cast<T*>(smem)};
+  const typename K::KVTile sV{sK.ptr + K::KVTile::kElems};
+  T* q_base = sV.ptr + K::KVTile::kElems;
+  auto sQ = [&](int buf) { return typename K::QTile{q_base + buf * K::QTile::kElems}; };
+  auto sdO = [&](int buf) { return typename K::QTile{q_base + (2 + buf) * K::QTile::kElems}; };
+  float* sLse2 = reinterpret_cast<float*>(q_base + 4 * K::QTile::kElems);  // [2][kBlockM]
+  float* sDelta = sLse2 + 2 * kBlockM;                                      // [2][kBlockM]
+
+  const AttentionShape& sh = p.shape;
+  const int n_block = blockIdx.x, h = blockIdx.y, b = blockIdx.z;
+  const int h_kv = h / (sh.heads_q / sh.heads_kv);
+  const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
+  const int n_start = n_block * kBlockN, key0 = n_start + warp * 16;
+
+  const T* q = static_cast<const T*>(p.q) + b * p.q_strides.batch + h * p.q_strides.head;
+  const T* dout = static_cast<const T*>(p.dout) + b * p.dout_strides.batch + h * p.dout_strides.head;
+  const T* k = static_cast<const T*>(p.k) + b * p.k_strides.batch + h_kv * p.k_strides.head;
+  const T* v = static_cast<const T*>(p.v) + b * p.v_strides.batch + h_kv * p.v_strides.head;
+  const int64_t stats = (static_cast<int64_t>(b) * sh.heads_q + h) * sh.seqlen_q;
+
+  auto load_queries = [&](int m_block, int buf) {
+    const int m0 = m_block * kBlockM, rows = sh.seqlen_q - m0;
+    sQ(buf).template load_async<kThreads>(q + m0 * p.q_strides.row, p.q_strides.row, rows, sh.head_dim, tid);
+    sdO(buf).template load_async<kThreads>(dout + m0 * p.dout_strides.row, p.dout_strides.row, rows,
+                                           sh.head_dim, tid);
+    for (int i = tid; i < kBlockM; i += kThreads) {
+      const bool valid = m0 + i < sh.seqlen_q;
+      sLse2[buf * kBlockM + i] =
+          valid ? lse_to_log2(static_cast<const float*>(p.lse)[stats + m0 + i]) : INFINITY;
+      sDelta[buf * kBlockM + i] = valid ? static_cast<const float*>(p.delta)[stats + m0 + i] : 0.f;
+    }
+  };
+
+  const float scale_log2 = static_cast<float>(p.scale) * kLog2e;
+  const int m_begin = first_query_block_for_keys(p.mask, n_start, kBlockM);
+  const int m_blocks = (sh.seqlen_q + kBlockM - 1) / kBlockM;
+  WarpAcc<kHeadDim> dk, dv;
+  dk.zero();
+  dv.zero();
+  if (m_begin < m_blocks) {
+    const int rows = sh.seqlen_k - n_start;
+    sK.template load_async<kThreads>(k + n_start * p.k_strides.row, p.k_strides.row, rows, sh.head_dim, tid);
+    if (kComputeDk)
+      sV.template load_async<kThreads>(v + n_start * p.v_strides.row, p.v_strides.row, rows, sh.head_dim, tid);
+    load_queries(m_begin, 0);
+    cp_async_commit();
+    for (int m_block = m_begin; m_block < m_blocks; ++m_block) {
+      const int buf = (m_block - m_begin) & 1;
+      cp_async_wait_all();
+      __syncthreads();
+      if (m_block + 1 < m_blocks) load_queries(m_block + 1, buf ^ 1);
+      cp_async_commit();
+
+      const int m0 = m_block * kBlockM;
+      const float* lse2 = sLse2 + buf * kBlockM;
+      const float* delta = sDelta + buf * kBlockM;
+      WarpAcc<kBlockM> s;  // S^T: 16 keys x kBlockM queries, then P^T
+      s.zero();
+      warp_gemm_abt<T, kHeadDim, kBlockM>(s, sK, warp * 16, sQ(buf), 0, lane);
+      scale_scores(s, scale_log2);
+      if (block_needs_causal_mask_t<kBlockM>(p.mask, key0, m0)) apply_causal_mask_t(s, p.mask, key0, m0, lane);
+#pragma unroll
+      for (int j = 0; j < kBlockM / 8; ++j)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) s.v[j][e] = fast_exp2(s.v[j][e] - lse2[WarpAcc<kBlockM>::col_of(j, e, lane)]);
+      if (kComputeDv) warp_gemm_rb<T, kBlockM, kHeadDim>(dv, s, sdO(buf), 0, lane);
+      if (kComputeDk) {
+        WarpAcc<kBlockM> dp;  // dP^T, then dS^T
+        dp.zero();
+        warp_gemm_abt<T, kHeadDim, kBlockM>(dp, sV, warp * 16, sdO(buf), 0, lane);
+#pragma unroll
+        for (int j = 0; j < kBlockM / 8; ++j)
+#pragma unroll
+          for (int e = 0; e < 4; ++e)
+            dp.v[j][e] = s.v[j][e] * (dp.v[j][e] - delta[WarpAcc<kBlockM>::col_of(j, e, lane)]);
+        warp_gemm_rb<T, kBlockM, kHeadDim>(dk, dp, sQ(buf), 0, lane);
+      }
+    }
+  }
+  // Each warp stages its own rows of sK / sV (read only by this warp) for the stores.
+  const int rows_valid = sh.seqlen_k - key0;
+  if (kComputeDk) {
+    const float row_scale[2] = {static_cast<float>(p.scale), static_cast<float>(p.scale)};
+    T* dk_out = static_cast<T*>(p.dk) + b * p.dk_strides.batch + h * p.dk_strides.head;
+    warp_store_rows<T, kHeadDim>(dk, row_scale, sK, warp * 16, dk_out + key0 * p.dk_strides.row,
+                                 p.dk_strides.row, rows_valid, sh.head_dim, lane);
+  }
+  if (kComputeDv) {
+    const float row_scale[2] = {1.f, 1.f};
+    T* dv_out = static_cast<T*>(p.dv) + b * p.dv_strides.batch + h * p.dv_strides.head;
+    warp_store_rows<T, kHeadDim>(dv, row_scale, sV, warp * 16, dv_out + key0 * p.dv_strides.row,
+                                 p.dv_strides.row, rows_valid, sh.head_dim, lane);
+  }
+}
+
+}  // namespace cuflash

@@ -1,0 +1,76 @@
+// Launch templates: one per (dtype, head-dim bucket), explicitly instantiated once per
+// generated file in instantiations/. float16/bfloat16 run the tensor-core kernels,
+// float32/float64 the exact CUDA-core kernels.
+#pragma once
+#include <cuda_runtime.h>
+#include <type_traits>
+#include "flash_bwd_kernel.cuh"
+#include "flash_fwd_kernel.cuh"
+#include "flash_launch.h"
+#include "flash_simt_kernel.cuh"
+
+namespace cuflash {
+
+inline int ceil_div(int a, int b) { return (a + b - 1) / b; }
+
+template <typename Kernel, typename Params>
+cudaError_t launch(Kernel kernel, dim3 grid, int threads, int smem_bytes, cudaStream_t stream,
+                   const Params& p) {
+  if (grid.x == 0) return cudaSuccess;
+  if (smem_bytes > 48 * 1024) {
+    const cudaError_t err =
+        cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem_bytes);
+    if (err != cudaSuccess) return err;
+  }
+  kernel<<<grid, threads, smem_bytes, stream>>>(p);
+  return cudaGetLastError();
+}
+
+template <typename T>
+constexpr bool kExactPath = std::is_same_v<T, float> || std::is_same_v<T, double>;
+
+template <typename T, int kHeadDim>
+cudaError_t run_flash_fwd(const FlashFwdParams& p, cudaStream_t stream) {
+  const AttentionShape& sh = p.shape;
+  if constexpr (kExactPath<T>) {
+    const dim3 grid(ceil_div(sh.seqlen_q, simt::kWarps), sh.heads_q, sh.batch);
+    return launch(flash_fwd_simt_kernel<T, kHeadDim / 32>, grid, 32 * simt::kWarps, 0, stream, p);
+  } else {
+    using K = FwdKernel<T, kHeadDim>;
+    const dim3 grid(ceil_div(sh.seqlen_q, K::kBlockM), sh.heads_q, sh.batch);
+    return launch(flash_fwd_kernel<T, kHeadDim>, grid, K::kThreads, K::kSmemBytes, stream, p);
+  }
+}
+
+template <typename T, int kHeadDim>
+cudaError_t run_flash_bwd(const FlashBwdParams& p, cudaStream_t stream) {
+  const AttentionShape& sh = p.shape;
+  using Acc = std::conditional_t<std::is_same_v<T, double>, double, float>;
+  cudaError_t err = launch(flash_bwd_delta_kernel<T, Acc>, dim3(ceil_div(sh.seqlen_q, 4), sh.heads_q, sh.batch),
+                           128, 0, stream, p);
+  if (err != cudaSuccess) return err;
+  if constexpr (kExactPath<T>) {
+    constexpr int kChunks = kHeadDim / 32, kThreads = 32 * simt::kWarps;
+    err = launch(flash_bwd_dq_simt_kernel<T, kChunks>, dim3(ceil_div(sh.seqlen_q, simt::kWarps), sh.heads_q, sh.batch),
+                 kThreads, 0, stream, p);
+    if (err != cudaSuccess) return err;
+    return launch(flash_bwd_dkdv_simt_kernel<T, kChunks>,
+                  dim3(ceil_div(sh.seqlen_k, simt::kWarps), sh.heads_q, sh.batch), kThreads, 0, stream, p);
+  } else {
+    using Dq = BwdDqKernel<T, kHeadDim>;
+    err = launch(flash_bwd_dq_kernel<T, kHeadDim>, dim3(ceil_div(sh.seqlen_q, Dq::kBlockM), sh.heads_q, sh.batch),
+                 Dq::kThreads, Dq::kSmemBytes, stream, p);
+    if (err != cudaSuccess) return err;
+    using Dkv = BwdDkvKernel<T, kHeadDim>;
+    const dim3 grid(ceil_div(sh.seqlen_k, Dkv::kBlockN), sh.heads_q, sh.batch);
+    if constexpr (BwdTile<kHeadDim>::kSplitDkDv) {
+      err = launch(flash_bwd_dkdv_kernel<T, kHeadDim, true, false>, grid, Dkv::kThreads, Dkv::kSmemBytes, stream, p);
+      if (err != cudaSuccess) return err;
+      return launch(flash_bwd_dkdv_kernel<T, kHeadDim, false, true>, grid, Dkv::kThreads, Dkv::kSmemBytes, stream, p);
+    } else {
+      return launch(flash_bwd_dkdv_kernel<T, kHeadDim, true, true>, grid, Dkv::kThreads, Dkv::kSmemBytes, stream, p);
+    }
+  }
+}
+
+}  // namespace cuflash

@@ -1,0 +1,20 @@
+// The CUDA entry points the torch glue calls: ATen-free, they take the params struct and a
+// stream and return the CUDA status of the launches.
+#pragma once
+#include <cuda_runtime.h>
+#include "../flash_params.h"
+
+namespace cuflash {
+
+// The compiled head-dim bucket that runs `head_dim` for `dtype`, or 0 if none was built.
+int cuda_head_dim_bucket(DType dtype, int head_dim);
+
+cudaError_t run_flash_fwd_cuda(const FlashFwdParams& p, cudaStream_t stream);
+cudaError_t run_flash_bwd_cuda(const FlashBwdParams& p, cudaStream_t stream);
+
+template <typename T, int kHeadDim>
+cudaError_t run_flash_fwd(const FlashFwdParams& p, cudaStream_t stream);
+template <typename T, int kHeadDim>
+cudaError_t run_flash_bwd(const FlashBwdParams& p, cudaStream_t stream);
+
+}  // namespace cuflash

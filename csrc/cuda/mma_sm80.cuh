@@ -1,0 +1,216 @@
+// Warp-level tensor-core primitives for sm_80 and later: cp.async, ldmatrix and
+// mma.sync.m16n8k16 with fp32 accumulation. Fragment layouts follow the PTX ISA
+// ("Matrix fragments for mma.m16n8k16"): g = lane / 4 is a row, t = lane % 4 a column pair.
+#pragma once
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cstdint>
+
+namespace cuflash {
+
+__device__ __forceinline__ uint32_t smem_addr(const void* p) {
+  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+}
+
+// 16-byte async copy global -> shared; zero-fills the destination when !valid (the source
+// address must still be a valid pointer, so callers pass a safe one).
+__device__ __forceinline__ void cp_async_16(void* smem, const void* gmem, bool valid) {
+  const int src_bytes = valid ? 16 : 0;
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_addr(smem)), "l"(gmem),
+               "r"(src_bytes));
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+__device__ __forceinline__ void cp_async_wait_all() { asm volatile("cp.async.wait_group 0;\n" ::); }
+
+// Four 8x8 b16 matrices; lanes 8i..8i+7 give the row addresses of matrix i.
+__device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], const void* smem) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(smem_addr(smem)));
+}
+__device__ __forceinline__ void ldmatrix_x4_trans(uint32_t (&r)[4], const void* smem) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(smem_addr(smem)));
+}
+
+template <typename T>
+struct MmaOperand;
+template <>
+struct MmaOperand<__half> {
+  __device__ __forceinline__ static uint32_t pack(float lo, float hi) {
+    __half2 h = __floats2half2_rn(lo, hi);
+    return *reinterpret_cast<uint32_t*>(&h);
+  }
+  // D += A * B for a 16x16 A (row-major fragment) and a 16x8 B (column-major fragment).
+  __device__ __forceinline__ static void mma(float (&d)[4], const uint32_t (&a)[4], uint32_t b0,
+                                             uint32_t b1) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, "
+        "{%8, %9}, {%0, %1, %2, %3};\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+  }
+};
+template <>
+struct MmaOperand<__nv_bfloat16> {
+  __device__ __forceinline__ static uint32_t pack(float lo, float hi) {
+    __nv_bfloat162 h = __floats2bfloat162_rn(lo, hi);
+    return *reinterpret_cast<uint32_t*>(&h);
+  }
+  __device__ __forceinline__ static void mma(float (&d)[4], const uint32_t (&a)[4], uint32_t b0,
+                                             uint32_t b1) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, "
+        "{%8, %9}, {%0, %1, %2, %3};\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+  }
+};
+
+__device__ __forceinline__ float fast_exp2(float x) {
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
+  return y;
+}
+
+// Reductions over the 4 lanes (t = 0..3) that share a fragment row.
+__device__ __forceinline__ float quad_max(float x) {
+  x = fmaxf(x, __shfl_xor_sync(0xffffffffu, x, 1));
+  return fmaxf(x, __shfl_xor_sync(0xffffffffu, x, 2));
+}
+__device__ __forceinline__ float quad_sum(float x) {
+  x += __shfl_xor_sync(0xffffffffu, x, 1);
+  return x + __shfl_xor_sync(0xffffffffu, x, 2);
+}
+
+// A row-major tile in shared memory, rows padded by 16 bytes so that the 8 row addresses of
+// an ldmatrix (and the 16-byte cp.async writes) fall in distinct banks.
+template <typename T, int kRows, int kCols>
+struct SmemTile {
+  static constexpr int kStride = kCols + 8;
+  static constexpr int kElems = kRows * kStride;
+  T* ptr;
+  __device__ __forceinline__ T* at(int row, int col) const { return ptr + row * kStride + col; }
+
+  // Rows [0, rows_valid) and columns [0, cols_valid) come from gmem (row stride in elements);
+  // the rest is zero-filled. cols_valid is a multiple of 8, gmem rows are 16-byte aligned.
+  template <int kThreads>
+  __device__ __forceinline__ void load_async(const T* gmem, int64_t row_stride, int rows_valid,
+                                             int cols_valid, int tid) const {
+    constexpr int kChunksPerRow = kCols / 8;
+    for (int c = tid; c < kRows * kChunksPerRow; c += kThreads) {
+      const int r = c / kChunksPerRow, col = (c % kChunksPerRow) * 8;
+      const bool valid = r < rows_valid && col < cols_valid;
+      cp_async_16(at(r, col), valid ? gmem + r * row_stride + col : gmem, valid);
+    }
+  }
+
+  // A fragment (16x16, rows r0.., cols c0..) of this row-major tile.
+  __device__ __forceinline__ void load_a(uint32_t (&a)[4], int r0, int c0, int lane) const {
+    ldmatrix_x4(a, at(r0 + (lane & 7) + ((lane >> 3) & 1) * 8, c0 + (lane >> 4) * 8));
+  }
+  // B fragments for two n-tiles (n0.., n0+8..) over k = c0..c0+15 when this tile is [n][k]
+  // (B = tile^T): b[0..1] for n-tile n0, b[2..3] for n-tile n0 + 8.
+  __device__ __forceinline__ void load_b_nk(uint32_t (&b)[4], int n0, int c0, int lane) const {
+    ldmatrix_x4(b, at(n0 + (lane & 7) + (lane >> 4) * 8, c0 + ((lane >> 3) & 1) * 8));
+  }
+  // The same when this tile is [k][n] (B = tile): k = r0..r0+15, n-tiles n0 and n0 + 8.
+  __device__ __forceinline__ void load_b_kn(uint32_t (&b)[4], int r0, int n0, int lane) const {
+    ldmatrix_x4_trans(b, at(r0 + (lane & 7) + ((lane >> 3) & 1) * 8, n0 + (lane >> 4) * 8));
+  }
+};
+
+// An fp32 accumulator tile of 16 rows x kCols per warp, in mma C-fragment layout:
+// acc[j][0..1] is row g, columns 8j + 2t + {0,1}; acc[j][2..3] is row g + 8.
+template <int kCols>
+struct WarpAcc {
+  static constexpr int kTiles = kCols / 8;
+  float v[kTiles][4];
+  __device__ __forceinline__ void zero() {
+#pragma unroll
+    for (int j = 0; j < kTiles; ++j)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) v[j][e] = 0.f;
+  }
+  // The A fragment for k-step kk (columns 16kk..16kk+15) of this accumulator, rounded to T:
+  // the C layout of two adjacent n-tiles is the A layout of one k-step.
+  template <typename T>
+  __device__ __forceinline__ void to_a(uint32_t (&a)[4], int kk) const {
+    a[0] = MmaOperand<T>::pack(v[2 * kk][0], v[2 * kk][1]);
+    a[1] = MmaOperand<T>::pack(v[2 * kk][2], v[2 * kk][3]);
+    a[2] = MmaOperand<T>::pack(v[2 * kk + 1][0], v[2 * kk + 1][1]);
+    a[3] = MmaOperand<T>::pack(v[2 * kk + 1][2], v[2 * kk + 1][3]);
+  }
+  // Row (0..15) and column of element e of tile j for this lane.
+  __device__ __forceinline__ static int row_of(int e, int lane) { return (lane >> 2) + 8 * (e >> 1); }
+  __device__ __forceinline__ static int col_of(int j, int e, int lane) {
+    return 8 * j + 2 * (lane & 3) + (e & 1);
+  }
+};
+
+// acc (16 x kN) += A (16 x kK, row-major smem tile rows a_row0..) * B^T where B is a
+// [kN][kK] smem tile (rows b_row0..): the Q K^T pattern.
+template <typename T, int kK, int kN, class TileA, class TileB>
+__device__ __forceinline__ void warp_gemm_abt(WarpAcc<kN>& acc, const TileA& a_tile, int a_row0,
+                                              const TileB& b_tile, int b_row0, int lane) {
+#pragma unroll
+  for (int kk = 0; kk < kK / 16; ++kk) {
+    uint32_t a[4];
+    a_tile.load_a(a, a_row0, kk * 16, lane);
+#pragma unroll
+    for (int nn = 0; nn < kN / 16; ++nn) {
+      uint32_t b[4];
+      b_tile.load_b_nk(b, b_row0 + nn * 16, kk * 16, lane);
+      MmaOperand<T>::mma(acc.v[2 * nn], a, b[0], b[1]);
+      MmaOperand<T>::mma(acc.v[2 * nn + 1], a, b[2], b[3]);
+    }
+  }
+}
+
+// acc (16 x kN) += P (16 x kK, a register accumulator rounded to T) * B where B is a
+// [kK][kN] smem tile starting at row b_row0: the P V pattern.
+template <typename T, int kK, int kN, class TileB>
+__device__ __forceinline__ void warp_gemm_rb(WarpAcc<kN>& acc, const WarpAcc<kK>& p,
+                                             const TileB& b_tile, int b_row0, int lane) {
+#pragma unroll
+  for (int kk = 0; kk < kK / 16; ++kk) {
+    uint32_t a[4];
+    p.template to_a<T>(a, kk);
+#pragma unroll
+    for (int nn = 0; nn < kN / 16; ++nn) {
+      uint32_t b[4];
+      b_tile.load_b_kn(b, b_row0 + kk * 16, nn * 16, lane);
+      MmaOperand<T>::mma(acc.v[2 * nn], a, b[0], b[1]);
+      MmaOperand<T>::mma(acc.v[2 * nn + 1], a, b[2], b[3]);
+    }
+  }
+}
+
+// Stores a warp's 16 x kCols accumulator (scaled per row) into its rows of an smem tile,
+// then copies those rows to global memory with 16-byte stores.
+template <typename T, int kCols, class Tile>
+__device__ __forceinline__ void warp_store_rows(const WarpAcc<kCols>& acc, const float (&row_scale)[2],
+                                                const Tile& tile, int tile_row0, T* gmem,
+                                                int64_t row_stride, int rows_valid, int cols_valid,
+                                                int lane) {
+#pragma unroll
+  for (int j = 0; j < kCols / 8; ++j)
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const uint32_t packed =
+          MmaOperand<T>::pack(acc.v[j][2 * h] * row_scale[h], acc.v[j][2 * h + 1] * row_scale[h]);
+      *reinterpret_cast<uint32_t*>(tile.at(tile_row0 + (lane >> 2) + 8 * h, 8 * j + 2 * (lane & 3))) =
+          packed;
+    }
+  __syncwarp();
+  constexpr int kChunksPerRow = kCols / 8;
+  for (int c = lane; c < 16 * kChunksPerRow; c += 32) {
+    const int r = c / kChunksPerRow, col = (c % kChunksPerRow) * 8;
+    if (r < rows_valid && col < cols_valid)
+      *reinterpret_cast<uint4*>(gmem + r * row_stride + col) =
+          *reinterpret_cast<const uint4*>(tile.at(tile_row0 + r, col));
+  }
+}
+
+}  // namespace cuflash

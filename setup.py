@@ -1,0 +1,61 @@
+"""Builds cuflash_attn._C with torch.utils.cpp_extension (ninja, parallel jobs).
+
+Build knobs (environment variables):
+  CUFLASH_CUDA_ARCHS   semicolon/comma list of targets, default "8.0;9.0a"
+                       (9.0a is sm_90a, which the Hopper instructions need)
+  CUFLASH_HEAD_DIMS    compile only these head-dim buckets, e.g. "64,128" (default: all)
+  MAX_JOBS             parallel compile jobs (default: every core)
+"""
+import os
+import re
+from pathlib import Path
+
+from setuptools import find_packages, setup
+from torch.utils.cpp_extension import BuildExtension, CUDAExtension
+
+ROOT = Path(__file__).resolve().parent
+CSRC = ROOT / "csrc"
+
+
+def gencode_flags(archs):
+    flags = []
+    for arch in re.split(r"[;, ]+", archs.strip()):
+        if not arch:
+            continue
+        num = arch.replace(".", "")
+        flags.append(f"-gencode=arch=compute_{num},code=sm_{num}")
+    return flags
+
+
+def kernel_sources():
+    """The generated instantiations, filtered by CUFLASH_HEAD_DIMS, and the defines that tell
+    the generated dispatch which buckets exist."""
+    files = sorted((CSRC / "cuda" / "instantiations").glob("*.cu"))
+    wanted = os.environ.get("CUFLASH_HEAD_DIMS", "").strip()
+    if not wanted:
+        return files, []
+    dims = sorted({int(d) for d in re.split(r"[;, ]+", wanted) if d})
+    keep = [f for f in files if (m := re.search(r"_hdim(\d+)_", f.name)) is None or int(m.group(1)) in dims]
+    return keep, ["-DCUFLASH_HEAD_DIMS_FILTER"] + [f"-DCUFLASH_BUILD_HDIM_{d}" for d in dims]
+
+
+os.environ.setdefault("MAX_JOBS", str(os.cpu_count() or 1))
+cu_files, defines = kernel_sources()
+sources = [str(p.relative_to(ROOT)) for p in [CSRC / "torch_ops.cpp", CSRC / "cpu" / "flash_cpu.cpp", *cu_files]]
+
+setup(
+    packages=find_packages(include=["cuflash_attn", "cuflash_attn.*"]),
+    ext_modules=[
+        CUDAExtension(
+            "cuflash_attn._C",
+            sources,
+            extra_compile_args={
+                "cxx": ["-O3", "-std=c++17", *defines],
+                "nvcc": ["-O3", "-std=c++17", "--expt-relaxed-constexpr", *defines,
+                         *gencode_flags(os.environ.get("CUFLASH_CUDA_ARCHS", "8.0;9.0a"))],
+            },
+            py_limited_api=False,
+        )
+    ],
+    cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
+)

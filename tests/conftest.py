@@ -1,0 +1,25 @@
+import pytest
+import torch
+
+HAS_CUDA = torch.cuda.is_available()
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU"))]
+requires_cuda = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
+
+ALL_DTYPES = [torch.float16, torch.bfloat16, torch.float32, torch.float64]
+
+
+@pytest.fixture(autouse=True)
+def _exact_fp32():
+    """fp32 results are checked without TF32 unless a test allows it."""
+    old = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    yield
+    torch.backends.cuda.matmul.allow_tf32 = old
+
+
+def poison_cuda_allocator(nbytes):
+    """Fill a cached block with NaN and free it, so that an op allocating its outputs next
+    likely receives NaN-filled memory: an element the kernel fails to write then fails."""
+    if HAS_CUDA and nbytes > 0:
+        block = torch.full((nbytes // 4 + 1024,), float("nan"), device="cuda")
+        del block

@@ -1,0 +1,61 @@
+"""Reference attention and the accuracy rule of shared/TESTING.md."""
+import math
+
+import torch
+
+LOW_PRECISION = (torch.float16, torch.bfloat16)
+
+
+def attention_reference(q, k, v, causal=False, scale=None, bottom_right=False, dtype=torch.float64):
+    """Plain attention in `dtype` (float64: the reference; the input dtype: the `pt` baseline,
+    with the scale applied to k to show reordering error). Masks are -inf; a query row that sees
+    no key gives output 0 and lse -inf, as cuflash_attn documents."""
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
+    scores = q @ (k * scale).transpose(-1, -2)
+    nq, nk = q.shape[-2], k.shape[-2]
+    sees_key = torch.full((nq, 1), nk > 0, device=q.device)
+    if causal:
+        offset = nk - nq if bottom_right else 0
+        i = torch.arange(nq, device=q.device)[:, None]
+        j = torch.arange(nk, device=q.device)[None, :]
+        scores = scores.masked_fill(j > i + offset, float("-inf"))
+        sees_key = sees_key & (i + offset >= 0)
+    lse = torch.logsumexp(scores.float() if dtype in LOW_PRECISION else scores, dim=-1)
+    # Rows that see no key: softmax over zeros (finite gradients), then multiplied by 0.
+    probs = torch.softmax(scores.masked_fill(~sees_key, 0.0), dim=-1) * sees_key
+    return probs @ v, lse
+
+
+def rounding_floor(ref, dtype):
+    """2 * max|(ref + 0.3 - 0.3) - ref| in the input dtype: the error of one rounding."""
+    r = ref.to(dtype)
+    return 2 * ((r + 0.3) - 0.3 - r).abs().max().item() if r.numel() else 0.0
+
+
+def max_err(a, b):
+    return (a.double() - b.double()).abs().max().item() if a.numel() else 0.0
+
+
+def assert_close_to_reference(name, got, ref, pt, dtype, factor, tf32=False):
+    """fp16/bf16: max|got - ref| <= factor * max|pt - ref| + floor.
+    fp32: relative max error <= 1e-5 (1e-3 with TF32); fp64: <= 1e-10 relative."""
+    assert got.shape == ref.shape, f"{name}: shape {tuple(got.shape)} != {tuple(ref.shape)}"
+    assert not torch.isnan(got).any(), f"{name}: NaN in the result"
+    err = max_err(got, ref)
+    if dtype in LOW_PRECISION:
+        bound = factor * max_err(pt, ref) + rounding_floor(ref, dtype)
+    else:
+        rel = {torch.float32: 1e-3 if tf32 else 1e-5, torch.float64: 1e-10}[dtype]
+        bound = rel * max(ref.abs().max().item() if ref.numel() else 0.0, 1e-30)
+    assert err <= bound, f"{name}: max error {err:.3e} > bound {bound:.3e}"
+
+
+def assert_lse_close(lse, ref_lse, dtype):
+    assert lse.shape == ref_lse.shape
+    fin = torch.isfinite(ref_lse)
+    assert torch.equal(torch.isneginf(lse), torch.isneginf(ref_lse)), "lse: -inf rows differ"
+    if fin.any():
+        tol = 1e-3 if dtype in LOW_PRECISION else 1e-5
+        rel = ((lse.double() - ref_lse.double()).abs() / ref_lse.double().abs().clamp(min=1.0))[fin]
+        assert rel.max().item() <= tol, f"lse: relative error {rel.max().item():.3e} > {tol}"

@@ -1,0 +1,101 @@
+"""Forward, backward and logsumexp against the float64 reference (shared/TESTING.md's rule),
+over the shape list, every head dim bucket (and head dims the API pads), every dtype, causal
+off and both alignments."""
+import pytest
+import torch
+
+from conftest import HAS_CUDA, poison_cuda_allocator
+from reference import LOW_PRECISION, assert_close_to_reference, assert_lse_close, attention_reference
+
+SHAPES = [(1, 1), (1, 239), (3, 799), (113, 203), (127, 513), (128, 217), (256, 512), (512, 256),
+          (1023, 1024), (1024, 1023), (2048, 2048), (239, 1), (799, 3)]
+# Every tensor-core bucket (32 ... 256), head dims inside a bucket, and ones not a multiple of 8.
+CUDA_HEAD_DIMS = [32, 40, 59, 64, 80, 96, 111, 128, 160, 192, 224, 256]
+CPU_HEAD_DIMS = [32, 59, 128]
+CPU_MAX_PAIRS = 300_000  # the plain CPU kernels keep CI short: larger shapes run in test_cpu_large_shapes
+CAUSAL = ["none", "top_left", "bottom_right"]
+DTYPE_IDS = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32", torch.float64: "fp64"}
+
+
+def attention(q, k, v, causal):
+    """The op under test, through the autograd wiring of the registered op."""
+    out, lse = torch.ops.cuflash_attn.fwd(q, k, v, None, causal != "none", causal == "bottom_right")
+    return out, lse
+
+
+def check_against_reference(device, dtype, batch, heads, nq, nk, d, causal, seed=0, layout=None):
+    """layout(n, device, dtype), if given, makes each [batch, heads, n, d] input (strided views)."""
+    torch.manual_seed(seed)
+    make = layout or (lambda n, device, dtype: torch.randn(batch, heads, n, d, dtype=torch.float64).to(device, dtype))
+    q, k, v, dout = make(nq, device, dtype), make(nk, device, dtype), make(nk, device, dtype), make(nq, device, dtype)
+    originals = [t.clone() for t in (q, k, v, dout)]
+    q.requires_grad_(), k.requires_grad_(), v.requires_grad_()
+
+    poison_cuda_allocator(8 * q.numel() * q.element_size() + 8 * k.numel() * k.element_size())
+    out, lse = attention(q, k, v, causal)
+    dq, dk, dv = torch.autograd.grad(out, (q, k, v), dout)
+    for before, after in zip(originals, (q, k, v, dout)):
+        assert torch.equal(before, after.detach()), "an input was modified"
+
+    is_causal, bottom_right = causal != "none", causal == "bottom_right"
+
+    def grads_of(dt):
+        qr, kr, vr = (t.detach().to(dt).requires_grad_() for t in (q, k, v))
+        o, l = attention_reference(qr, kr, vr, is_causal, bottom_right=bottom_right, dtype=dt)
+        return (o, l, *torch.autograd.grad(o, (qr, kr, vr), dout.to(dt)))
+
+    ref = grads_of(torch.float64)
+    pt = grads_of(dtype) if dtype in LOW_PRECISION else ref
+    assert_close_to_reference("out", out, ref[0], pt[0], dtype, factor=2)
+    assert_lse_close(lse, ref[1], dtype)
+    for name, got, r, p in zip(("dq", "dk", "dv"), (dq, dk, dv), ref[2:], pt[2:]):
+        assert_close_to_reference(name, got, r, p, dtype, factor=3)
+
+
+@pytest.mark.parametrize("causal", CAUSAL)
+@pytest.mark.parametrize("d", CPU_HEAD_DIMS)
+@pytest.mark.parametrize("nq,nk", [s for s in SHAPES if s[0] * s[1] <= CPU_MAX_PAIRS])
+@pytest.mark.parametrize("dtype", list(DTYPE_IDS), ids=list(DTYPE_IDS.values()))
+def test_cpu(dtype, nq, nk, d, causal):
+    check_against_reference("cpu", dtype, 1, 2, nq, nk, d, causal)
+
+
+@pytest.mark.parametrize("nq,nk", [s for s in SHAPES if s[0] * s[1] > CPU_MAX_PAIRS])
+def test_cpu_large_shapes(nq, nk):
+    check_against_reference("cpu", torch.float32, 1, 1, nq, nk, 64, "top_left")
+
+
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
+@pytest.mark.parametrize("causal", CAUSAL)
+@pytest.mark.parametrize("d", CUDA_HEAD_DIMS)
+@pytest.mark.parametrize("nq,nk", SHAPES)
+@pytest.mark.parametrize("dtype", list(DTYPE_IDS), ids=list(DTYPE_IDS.values()))
+def test_cuda(dtype, nq, nk, d, causal):
+    check_against_reference("cuda", dtype, 2, 3, nq, nk, d, causal)
+
+
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
+@pytest.mark.parametrize("batch,heads", [(1, 1), (1, 48), (160, 2)])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
+def test_cuda_grid_sizes(dtype, batch, heads):
+    """batch 1 and batch larger than the SM count; heads 1 and many."""
+    check_against_reference("cuda", dtype, batch, heads, 200, 333, 64, "top_left")
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU"))])
+@pytest.mark.parametrize("seed", range(8 if HAS_CUDA else 4))
+def test_random_sweep(device, seed):
+    """A seeded sweep of shapes, head dims, dtypes and masks; prints its configuration on failure."""
+    g = torch.Generator().manual_seed(1000 + seed)
+    pick = lambda seq: seq[torch.randint(len(seq), (1,), generator=g).item()]  # noqa: E731
+    dtype = pick(list(DTYPE_IDS))
+    cap = 2000 if device == "cuda" else 300
+    batch = int(torch.randint(1, 9 if device == "cuda" else 3, (1,), generator=g))
+    nq, nk = (int(torch.randint(1, cap, (1,), generator=g)) for _ in range(2))
+    d = int(torch.randint(1, 257, (1,), generator=g))
+    causal = pick(CAUSAL)
+    config = dict(device=device, dtype=dtype, batch=batch, heads=2, nq=nq, nk=nk, d=d, causal=causal)
+    try:
+        check_against_reference(device, dtype, batch, 2, nq, nk, d, causal, seed=seed)
+    except AssertionError as e:
+        raise AssertionError(f"reproduce with check_against_reference(**{config}): {e}") from e

@@ -1,0 +1,156 @@
+"""Operator checks: opcheck, gradcheck, torch.compile, CUDA graphs, streams, determinism."""
+import pytest
+import torch
+
+import cuflash_attn
+from conftest import DEVICES, requires_cuda
+
+ops = torch.ops.cuflash_attn
+
+
+def qkv(device, dtype, b=2, h=3, nq=37, nk=45, d=24, requires_grad=True):
+    return [torch.randn(b, h, n, d, device=device, dtype=dtype, requires_grad=requires_grad) for n in (nq, nk, nk)]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("causal,bottom_right", [(False, False), (True, False), (True, True)])
+def test_opcheck_fwd(device, dtype, causal, bottom_right):
+    q, k, v = qkv(device, dtype)
+    torch.library.opcheck(ops.fwd.default, (q, k, v),
+                          {"scale": 0.3, "is_causal": causal, "causal_bottom_right": bottom_right})
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("with_dlse", [False, True])
+def test_opcheck_bwd(device, with_dlse):
+    q, k, v = qkv(device, torch.float32, requires_grad=False)
+    out, lse = ops.fwd(q, k, v, None, True, False)
+    dout = torch.randn_like(out)
+    dlse = torch.randn_like(lse) if with_dlse else None
+    torch.library.opcheck(ops.bwd.default, (dout, q, k, v, out, lse, dlse), {"scale": None, "is_causal": True})
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("causal", [False, True])
+def test_gradcheck_fp64(device, causal):
+    q, k, v = qkv(device, torch.float64, b=1, h=2, nq=9, nk=13, d=8)
+    fn = lambda q, k, v: cuflash_attn.flash_attention(q, k, v, causal=causal, return_lse=True)  # noqa: E731
+    assert torch.autograd.gradcheck(fn, (q, k, v))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_gradcheck_fp64_bottom_right_with_empty_rows(device):
+    """nq > nk with bottom-right alignment: the first rows see no key."""
+    q, k, v = qkv(device, torch.float64, b=1, h=1, nq=11, nk=6, d=8)
+    fn = lambda q, k, v: ops.fwd(q, k, v, None, True, True)[0]  # noqa: E731
+    assert torch.autograd.gradcheck(fn, (q, k, v))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_double_backward_raises(device):
+    q, k, v = qkv(device, torch.float64, b=1, h=1, nq=4, nk=5, d=8)
+    with pytest.raises(NotImplementedError, match="double backward"):
+        torch.autograd.gradgradcheck(lambda q, k, v: cuflash_attn.flash_attention(q, k, v), (q, k, v))
+
+
+def _loss_and_grads(fn, q, k, v):
+    out = fn(q, k, v)
+    return (out, *torch.autograd.grad(out.square().sum(), (q, k, v)))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_torch_compile_fullgraph(device):
+    q, k, v = qkv(device, torch.float32)
+
+    def fn(q, k, v):
+        return cuflash_attn.flash_attention(q * 2, k, v, causal=True) + 1
+
+    eager = _loss_and_grads(fn, q, k, v)
+    compiled = _loss_and_grads(torch.compile(fn, fullgraph=True), q, k, v)
+    for a, b in zip(eager, compiled):
+        torch.testing.assert_close(a, b)
+
+
+@requires_cuda
+def test_torch_compile_reduce_overhead():
+    q, k, v = qkv("cuda", torch.bfloat16, requires_grad=False)
+    fn = torch.compile(lambda q, k, v: cuflash_attn.flash_attention(q, k, v, causal=True),
+                       mode="reduce-overhead", fullgraph=True)
+    expected = cuflash_attn.flash_attention(q, k, v, causal=True)
+    for _ in range(3):
+        got = fn(q, k, v)
+    torch.testing.assert_close(got, expected)
+
+
+@requires_cuda
+def test_cuda_graph_capture_and_replay_bitwise():
+    q, k, v = qkv("cuda", torch.bfloat16, b=2, h=4, nq=300, nk=300, d=64)
+    dout = torch.randn(2, 4, 300, 64, device="cuda", dtype=torch.bfloat16)
+
+    def step():
+        out = cuflash_attn.flash_attention(q, k, v, causal=True)
+        return (out, *torch.autograd.grad(out, (q, k, v), dout))
+
+    eager = step()
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        step()  # warm-up on the side stream, as torch's graph docs ask
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = step()
+    for _ in range(3):
+        graph.replay()
+        torch.cuda.synchronize()
+        for a, b in zip(eager, captured):
+            assert torch.equal(a, b)
+
+
+@requires_cuda
+def test_non_default_stream():
+    q, k, v = qkv("cuda", torch.float16, b=4, h=4, nq=500, nk=700, d=128)
+    expected = cuflash_attn.flash_attention(q, k, v)
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        got = cuflash_attn.flash_attention(q, k, v)
+    torch.cuda.current_stream().wait_stream(stream)
+    assert torch.equal(expected, got)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_deterministic_backward_50_repeats(device):
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    q, k, v = qkv(device, dtype, b=2, h=4, nq=257, nk=511, d=64)
+    dout = torch.randn(2, 4, 257, 64, device=device, dtype=dtype)
+    out = cuflash_attn.flash_attention(q, k, v, causal=True)
+    first = torch.autograd.grad(out, (q, k, v), dout, retain_graph=True)
+    for _ in range(50):
+        again = torch.autograd.grad(out, (q, k, v), dout, retain_graph=True)
+        for a, b in zip(first, again):
+            assert torch.equal(a, b)
+
+
+@requires_cuda
+def test_race_large_batch_250_repeats():
+    q, k, v = qkv("cuda", torch.float16, b=200, h=4, nq=256, nk=256, d=64)
+    dout = torch.randn(200, 4, 256, 64, device="cuda", dtype=torch.float16)
+
+    def run():
+        out, lse = ops.fwd(q, k, v, None, False, False)
+        return (out, lse, *torch.autograd.grad(out, (q, k, v), dout)[1:])
+
+    first = run()
+    for _ in range(250):
+        for a, b in zip(first, run()):
+            assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_lse_gradient(device):
+    """lse is differentiable: d lse / d scores = P."""
+    q, k, v = qkv(device, torch.float64, b=1, h=2, nq=7, nk=10, d=8)
+    fn = lambda q, k, v: cuflash_attn.flash_attention(q, k, v, return_lse=True)[1]  # noqa: E731
+    assert torch.autograd.gradcheck(fn, (q, k, v))
