@@ -1,0 +1,636 @@
+#!/usr/bin/env python3
+"""Time cuflash_attn.flash_attention against torch's SDPA backends (see /work/shared/PERF.md).
+
+Standard table: batch * seqlen = 16384 tokens, hidden 2048 (heads = 2048 // head_dim),
+head_dim in {64, 128, 256}, seqlen 512..16384, causal and not, bf16. Every implementation runs
+in the same process on the same inputs; results go to
+benchmarks/results/<gpu-slug>-<YYYY-MM-DD>.json (and a .md table next to it).
+
+    python3 benchmarks/bench_attention.py                 # the standard table
+    python3 benchmarks/bench_attention.py --quick         # a fast subset
+    python3 benchmarks/bench_attention.py --memory        # peak memory against seqlen
+"""
+import argparse
+import contextlib
+import datetime
+import gc
+import json
+import re
+import statistics
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+# ---------------------------------------------------------------------------------------------
+# The shapes: one place.
+
+TOTAL_TOKENS = 16384
+HIDDEN = 2048
+HEAD_DIMS = (64, 128, 256)
+SEQLENS = (512, 1024, 2048, 4096, 8192, 16384)
+QUICK_HEAD_DIMS = (64, 128)
+QUICK_SEQLENS = (1024, 4096)
+QUICK_DTYPES = ("bf16",)
+
+MEMORY_SEQLENS = (512, 1024, 2048, 4096, 8192, 16384, 32768)
+MEMORY_BATCH, MEMORY_HEADS, MEMORY_HEAD_DIM, MEMORY_DTYPE = 1, 16, 128, "bf16"
+MEMORY_IMPLS = ("cuflash_attn", "sdpa_cudnn", "sdpa_math")
+
+OURS = "cuflash_attn"
+ALL_IMPLS = (OURS, "sdpa_flash", "sdpa_cudnn", "sdpa_efficient", "sdpa_math")
+SHORT_NAMES = {OURS: "ours", "sdpa_flash": "flash", "sdpa_cudnn": "cudnn",
+               "sdpa_efficient": "efficient", "sdpa_math": "math"}
+LAYOUTS = ("bhnd", "bnhd")
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32,
+          "fp64": torch.float64}
+DTYPE_ALIASES = {"bfloat16": "bf16", "float16": "fp16", "half": "fp16", "float32": "fp32",
+                 "float": "fp32", "float64": "fp64", "double": "fp64"}
+
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+def standard_shapes(head_dims, seqlens):
+    """(batch, heads, seqlen, head_dim) of the standard table."""
+    return [(max(1, TOTAL_TOKENS // n), HIDDEN // d, n, d) for d in head_dims for n in seqlens]
+
+
+# ---------------------------------------------------------------------------------------------
+# The implementations: name -> factory(causal) -> fn(q, k, v) -> out.
+
+def _ours_factory():
+    # Lazy, so --help works without the extension; the repo's own copy if none is installed.
+    try:
+        import cuflash_attn
+    except ModuleNotFoundError as e:
+        if e.name != "cuflash_attn":
+            raise
+        sys.path.insert(0, str(REPO_ROOT))
+        import cuflash_attn
+
+    def make(causal):
+        return lambda q, k, v: cuflash_attn.flash_attention(q, k, v, causal=causal, scale=None)
+    return make
+
+
+def _sdpa_factory(backend_name):
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    backend = getattr(SDPBackend, backend_name)
+
+    def make(causal):
+        def fn(q, k, v):
+            # The backend is chosen at forward; the autograd node then runs its own backward.
+            with sdpa_kernel(backend):
+                return F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=None)
+        return fn
+    return make
+
+
+IMPL_FACTORIES = {
+    OURS: _ours_factory,
+    "sdpa_flash": lambda: _sdpa_factory("FLASH_ATTENTION"),
+    "sdpa_cudnn": lambda: _sdpa_factory("CUDNN_ATTENTION"),
+    "sdpa_efficient": lambda: _sdpa_factory("EFFICIENT_ATTENTION"),
+    "sdpa_math": lambda: _sdpa_factory("MATH"),
+}
+
+
+def load_impls(names):
+    """name -> make(causal), or name -> error string when the implementation cannot load."""
+    impls = {}
+    for name in names:
+        try:
+            impls[name] = IMPL_FACTORIES[name]()
+        except Exception as e:  # e.g. the extension is not built
+            impls[name] = f"import failed: {first_line(e)}"
+            log(f"warning: {name}: {impls[name]}")
+    return impls
+
+
+# ---------------------------------------------------------------------------------------------
+# Small helpers.
+
+_write = None  # tqdm.write while a tqdm bar is shown
+
+
+def log(msg):
+    if _write is not None:
+        _write(msg, file=sys.stderr)
+    else:
+        print(msg, file=sys.stderr, flush=True)
+
+
+def first_line(exc):
+    text = str(exc).strip() or type(exc).__name__
+    line = text.splitlines()[0].strip()
+    line = re.sub(r"\s*\(Triggered internally at .*$", "", line)
+    if isinstance(exc, torch.cuda.OutOfMemoryError):
+        line = line.split(" GPU ")[0]  # "CUDA out of memory. Tried to allocate X GiB."
+    return line
+
+
+def dtype_name(dtype):
+    return str(dtype).replace("torch.", "")
+
+
+def parse_list(text, cast=str):
+    return [cast(x.strip()) for x in text.split(",") if x.strip()]
+
+
+def parse_dtype(text):
+    key = DTYPE_ALIASES.get(text.lower(), text.lower())
+    if key not in DTYPES:
+        raise argparse.ArgumentTypeError(f"unknown dtype {text!r} (use {', '.join(DTYPES)})")
+    return key
+
+
+def fwd_flops(batch, heads, seqlen_q, seqlen_k, head_dim, causal):
+    flops = 4 * batch * heads * seqlen_q * seqlen_k * head_dim
+    return flops / 2 if causal else flops
+
+
+def tflops(flops, ms):
+    return flops / (ms * 1e-3) / 1e12 if ms and ms > 0 else None
+
+
+def free_memory():
+    gc.collect()
+    torch.cuda.empty_cache()
+
+
+def mib(nbytes):
+    return nbytes / 2**20
+
+
+# ---------------------------------------------------------------------------------------------
+# Timing and memory.
+
+def _event_bench(fn, warmup_ms, rep_ms):
+    """Fallback for triton.testing.do_bench: device events, L2 flushed, median in ms."""
+    cache = torch.empty(256 * 2**20, dtype=torch.int8, device="cuda")
+    fn()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(5):
+        cache.zero_()
+        fn()
+    end.record()
+    torch.cuda.synchronize()
+    estimate = max(start.elapsed_time(end) / 5, 1e-3)
+    n_warmup, n_rep = max(1, int(warmup_ms / estimate)), max(1, int(rep_ms / estimate))
+    for _ in range(n_warmup):
+        fn()
+    starts = [torch.cuda.Event(enable_timing=True) for _ in range(n_rep)]
+    ends = [torch.cuda.Event(enable_timing=True) for _ in range(n_rep)]
+    for s, e in zip(starts, ends):
+        cache.zero_()
+        s.record()
+        fn()
+        e.record()
+    torch.cuda.synchronize()
+    return statistics.median(s.elapsed_time(e) for s, e in zip(starts, ends))
+
+
+def make_timer(warmup_ms, rep_ms):
+    try:
+        from triton.testing import do_bench
+    except Exception:
+        log("triton not importable: timing with torch.cuda.Event")
+        return lambda fn: _event_bench(fn, warmup_ms, rep_ms)
+    return lambda fn: do_bench(fn, warmup=warmup_ms, rep=rep_ms, return_mode="median")
+
+
+def peak_mib(step):
+    """Peak memory allocated by step() beyond what was allocated before it, in MiB."""
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    step()
+    torch.cuda.synchronize()
+    return mib(torch.cuda.max_memory_allocated() - before)
+
+
+def make_inputs(batch, heads, seqlen, head_dim, dtype, layout, seed=0):
+    """q, k, v (requiring grad) and dout, [B, H, N, D]; for bnhd, views of [B, N, H, D] storage."""
+    gen = torch.Generator(device="cuda").manual_seed(seed)
+    shape = (batch, heads, seqlen, head_dim) if layout == "bhnd" else (batch, seqlen, heads, head_dim)
+
+    def one(requires_grad):
+        t = torch.randn(shape, generator=gen, device="cuda", dtype=dtype)
+        t.requires_grad_(requires_grad)
+        return t if layout == "bhnd" else t.transpose(1, 2)
+    q, k, v = (one(True) for _ in range(3))
+    return q, k, v, one(False)
+
+
+def fwd_step(fn, q, k, v):
+    qd, kd, vd = q.detach(), k.detach(), v.detach()  # requires_grad=False: no autograd graph
+    return lambda: fn(qd, kd, vd)
+
+
+def fwdbwd_step(fn, q, k, v, dout):
+    def step():
+        out = fn(q, k, v)
+        torch.autograd.grad(out, (q, k, v), dout)  # no .grad accumulation between reps
+    return step
+
+
+@contextlib.contextmanager
+def reasons_on_error():
+    """SDPA explains a refusal in warnings, then raises 'No available kernel': keep the why."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            yield
+        except Exception as e:
+            why = [first_line(w.message) for w in caught if str(w.message).strip()]
+            # Drop the headers ("... kernel not used because:") and the other backends' notes.
+            why = [w for w in why if not w.endswith(":") and "runtime disabled" not in w]
+            msg = first_line(e)
+            if why and "No available kernel" in msg:
+                msg = f"No available kernel: {why[0]}"
+            raise RuntimeError(msg) from None
+
+
+def probe(fn, q, k, v, dout):
+    """One forward and one forward+backward; raises with a one-line reason on refusal."""
+    try:
+        with reasons_on_error():
+            fwd_step(fn, q, k, v)()
+    except Exception as e:
+        raise RuntimeError(f"forward: {first_line(e)}") from None
+    try:
+        with reasons_on_error():
+            fwdbwd_step(fn, q, k, v, dout)()
+    except Exception as e:
+        raise RuntimeError(f"backward: {first_line(e)}") from None
+    torch.cuda.synchronize()
+
+
+# ---------------------------------------------------------------------------------------------
+# The standard table.
+
+def measure_row(make, shape, causal, dtype, layout, timer):
+    """Timings and peak memory of one implementation on one configuration (a dict)."""
+    batch, heads, seqlen, head_dim = shape
+    fn = make(causal)
+    q, k, v, dout = make_inputs(batch, heads, seqlen, head_dim, dtype, layout)
+    probe(fn, q, k, v, dout)
+    peak = peak_mib(fwdbwd_step(fn, q, k, v, dout))
+    fwd_ms = timer(fwd_step(fn, q, k, v))
+    fwdbwd_ms = timer(fwdbwd_step(fn, q, k, v, dout))
+    bwd_ms = fwdbwd_ms - fwd_ms
+    flops = fwd_flops(batch, heads, seqlen, seqlen, head_dim, causal)
+    return {"fwd_ms": fwd_ms, "bwd_ms": bwd_ms, "fwdbwd_ms": fwdbwd_ms,
+            "fwd_tflops": tflops(flops, fwd_ms), "bwd_tflops": tflops(2.5 * flops, bwd_ms),
+            "peak_mib": peak}
+
+
+def run_one(name, make, shape, causal, dtype, layout, timer, skip_math_above):
+    batch, heads, seqlen, head_dim = shape
+    row = {"impl": name, "dtype": dtype_name(dtype), "layout": layout, "batch": batch,
+           "heads": heads, "seqlen_q": seqlen, "seqlen_k": seqlen, "head_dim": head_dim,
+           "causal": causal}
+    if isinstance(make, str):
+        return {**row, "error": make}
+    if name == "sdpa_math" and skip_math_above is not None and seqlen > skip_math_above:
+        return {**row, "error": f"skipped: math stores the N x N matrix (seqlen > {skip_math_above})"}
+    try:
+        row.update(measure_row(make, shape, causal, dtype, layout, timer))
+    except Exception as e:
+        row["error"] = first_line(e)
+    free_memory()
+    return row
+
+
+def configurations(dtypes, layouts, head_dims, seqlens, causals):
+    return [(dtype, layout, shape, causal)
+            for dtype in dtypes for layout in layouts
+            for shape in standard_shapes(head_dims, seqlens) for causal in causals]
+
+
+def progress(items):
+    """Yields (i, item); the caller logs '[i/n] ...'. A tqdm bar too when tqdm is importable."""
+    global _write
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        yield from enumerate(items, 1)
+        return
+    _write = tqdm.write
+    try:
+        yield from enumerate(tqdm(items, file=sys.stderr, dynamic_ncols=True), 1)
+    finally:
+        _write = None
+
+
+def describe(dtype, layout, shape, causal):
+    b, h, n, d = shape
+    return f"{dtype_name(dtype)} {layout} D={d} N={n} B={b} H={h} causal={causal}"
+
+
+def run_standard(args, impls, timer):
+    configs = configurations([DTYPES[d] for d in args.dtypes], args.layouts, args.head_dims,
+                             args.seqlens, args.causals)
+    rows = []
+    for i, (dtype, layout, shape, causal) in progress(configs):
+        log(f"[{i}/{len(configs)}] {describe(dtype, layout, shape, causal)}")
+        for name, make in impls.items():
+            row = run_one(name, make, shape, causal, dtype, layout, timer, args.skip_math_above)
+            log("    " + summarize(row))
+            rows.append(row)
+    return rows
+
+
+def summarize(row):
+    if "error" in row:
+        return f"{row['impl']:<15} error: {row['error']}"
+    return (f"{row['impl']:<15} fwd {row['fwd_ms']:.3f} ms {row['fwd_tflops']:.1f} TFLOP/s, "
+            f"bwd {row['bwd_ms']:.3f} ms {row['bwd_tflops'] or 0:.1f} TFLOP/s, "
+            f"peak {row['peak_mib']:.0f} MiB")
+
+
+# ---------------------------------------------------------------------------------------------
+# The memory sweep.
+
+def measure_memory(make, seqlen, dtype):
+    fn = make(False)
+    q, k, v, dout = make_inputs(MEMORY_BATCH, MEMORY_HEADS, seqlen, MEMORY_HEAD_DIM, dtype, "bhnd")
+    probe(fn, q, k, v, dout)
+    fwd = peak_mib(fwd_step(fn, q, k, v))
+    fwdbwd = peak_mib(fwdbwd_step(fn, q, k, v, dout))
+    return {"fwd_peak_mib": fwd, "fwdbwd_peak_mib": fwdbwd,
+            "per_token_kib": fwdbwd * 1024 / (MEMORY_BATCH * seqlen)}
+
+
+def run_memory(args, impls):
+    dtype = DTYPES[MEMORY_DTYPE]
+    configs = [(n, name) for n in MEMORY_SEQLENS for name in impls]
+    rows = []
+    for i, (seqlen, name) in progress(configs):
+        log(f"[{i}/{len(configs)}] memory {name} N={seqlen}")
+        row = {"impl": name, "dtype": dtype_name(dtype), "batch": MEMORY_BATCH,
+               "heads": MEMORY_HEADS, "head_dim": MEMORY_HEAD_DIM, "causal": False, "seqlen": seqlen}
+        make = impls[name]
+        if isinstance(make, str):
+            row["error"] = make
+        elif name == "sdpa_math" and seqlen > args.memory_math_max:
+            row["error"] = f"skipped: math stores the N x N matrix (seqlen > {args.memory_math_max})"
+        else:
+            try:
+                row.update(measure_memory(make, seqlen, dtype))
+            except torch.cuda.OutOfMemoryError:
+                row["error"] = "out of memory"
+            except Exception as e:
+                row["error"] = first_line(e)
+            free_memory()
+        log("    " + (f"error: {row['error']}" if "error" in row else
+                      f"fwd {row['fwd_peak_mib']:.0f} MiB, fwd+bwd {row['fwdbwd_peak_mib']:.0f} MiB"))
+        rows.append(row)
+    return rows
+
+
+# ---------------------------------------------------------------------------------------------
+# Environment, output files and the markdown tables.
+
+def git_commit():
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True,
+                             text=True, timeout=10)
+        return out.stdout.strip() if out.returncode == 0 and out.stdout.strip() else "unknown"
+    except Exception:
+        return "unknown"
+
+
+def environment():
+    cudnn = torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None
+    return {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__,
+            "cuda": torch.version.cuda, "cudnn": str(cudnn) if cudnn else "none",
+            "date": datetime.date.today().isoformat(), "commit": git_commit()}
+
+
+def slug(text):
+    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
+
+
+def output_path(out_dir, env, tag):
+    stem = f"{slug(env['gpu'])}-{env['date']}" + (f"-{slug(tag)}" if tag else "")
+    return Path(out_dir) / f"{stem}.json"
+
+
+def env_line(env):
+    return (f"{env['gpu']}, torch {env['torch']}, CUDA {env['cuda']}, cuDNN {env['cudnn']}, "
+            f"{env['date']}, commit {env['commit'][:12]}")
+
+
+def fmt_tflops(x):
+    return f"{x:.0f}" if abs(x) >= 100 else f"{x:.1f}" if abs(x) >= 10 else f"{x:.2f}"
+
+
+def cell(row, field):
+    """A table cell: the value, '-' (not run), 'skip' or 'err' (see the notes under the table)."""
+    if row is None:
+        return "-"
+    if "error" in row:
+        return "skip" if row["error"].startswith("skipped") else "err"
+    return fmt_tflops(row[field]) if row.get(field) is not None else "-"
+
+
+def fmt_ratio(ours, peer):
+    return f"{ours / peer:.2f}x" if ours is not None and peer else "-"
+
+
+def table_for(rows, dtype, layout):
+    """One markdown table for (dtype, layout): ours, peers, and our ratio to each peer."""
+    rows = [r for r in rows if r["dtype"] == dtype and r["layout"] == layout]
+    impls = [i for i in ALL_IMPLS if any(r["impl"] == i for r in rows)]
+    impls += sorted({r["impl"] for r in rows} - set(impls))
+    peers = [i for i in impls if i != OURS]
+    by_key = {(r["head_dim"], r["causal"], r["seqlen_q"], r["impl"]): r for r in rows}
+    keys = sorted({(r["head_dim"], r["causal"], r["seqlen_q"]) for r in rows})
+
+    def get(key, impl, field):
+        r = by_key.get((*key, impl))
+        return None if r is None or "error" in r else r.get(field)
+
+    head = ["D", "causal", "N"]
+    for impl in impls:
+        head += [f"{SHORT_NAMES.get(impl, impl)} fwd", f"{SHORT_NAMES.get(impl, impl)} bwd"]
+    if OURS in impls:
+        for p in peers:
+            head += [f"vs {SHORT_NAMES.get(p, p)} fwd", f"vs {SHORT_NAMES.get(p, p)} bwd"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for key in keys:
+        cells = [str(key[0]), "yes" if key[1] else "no", str(key[2])]
+        for impl in impls:
+            cells += [cell(by_key.get((*key, impl)), f) for f in ("fwd_tflops", "bwd_tflops")]
+        if OURS in impls:
+            for p in peers:
+                for f in ("fwd_tflops", "bwd_tflops"):
+                    cells.append(fmt_ratio(get(key, OURS, f), get(key, p, f)))
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n" + error_notes(rows)
+
+
+def error_notes(rows):
+    counts = {}
+    for r in rows:
+        if "error" in r:
+            counts[(r["impl"], r["error"])] = counts.get((r["impl"], r["error"]), 0) + 1
+    if not counts:
+        return ""
+    notes = [f"- `{impl}` ({n}x): {err}" for (impl, err), n in sorted(counts.items())]
+    return "\nNot timed ('err' and 'skip' cells):\n\n" + "\n".join(notes) + "\n"
+
+
+def memory_table(rows):
+    impls = [i for i in ALL_IMPLS if any(r["impl"] == i for r in rows)]
+    seqlens = sorted({r["seqlen"] for r in rows})
+    by_key = {(r["seqlen"], r["impl"]): r for r in rows}
+    r0 = rows[0]
+    head = ["N"] + [f"{SHORT_NAMES.get(i, i)} {what}" for i in impls
+                    for what in ("fwd MiB", "fwd+bwd MiB", "KiB/token")]
+    lines = [f"Peak memory beyond the inputs, {r0['dtype']}, B={r0['batch']}, H={r0['heads']}, "
+             f"D={r0['head_dim']}, non-causal (fwd: inference, no autograd graph).", "",
+             "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for n in seqlens:
+        cells = [str(n)]
+        for impl in impls:
+            r = by_key.get((n, impl))
+            if r is None or "error" in r:
+                cells += ["-" if r is None else ("skip" if r["error"].startswith("skipped") else "err")]
+                cells += ["", ""]
+            else:
+                cells += [f"{r['fwd_peak_mib']:.0f}", f"{r['fwdbwd_peak_mib']:.0f}",
+                          f"{r['per_token_kib']:.1f}"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n" + error_notes(rows)
+
+
+def render_markdown(results):
+    env = results["env"]
+    parts = [f"# Attention benchmark\n\n{env_line(env)}\n"]
+    rows = results.get("rows", [])
+    groups = sorted({(r["dtype"], r["layout"]) for r in rows},
+                    key=lambda g: (g[0] != "bfloat16", g[0], g[1] != "bhnd", g[1]))
+    for dtype, layout in groups:
+        parts.append(f"## {dtype}, layout {layout}: TFLOP/s (fwd, bwd) and ours / peer\n\n"
+                     "Standard table: batch * seqlen = 16384, heads = 2048 / D. "
+                     "FLOPs fwd 4*B*H*N*N*D (halved when causal), bwd 2.5x fwd.\n\n"
+                     + table_for(rows, dtype, layout))
+    if results.get("memory_rows"):
+        parts.append("## Peak memory against seqlen\n\n" + memory_table(results["memory_rows"]))
+    return "\n".join(parts)
+
+
+def write_results(path, env, rows=None, memory_rows=None):
+    """Writes the JSON (replacing the sections this run produced, keeping the others) and .md."""
+    results = {}
+    if path.exists():
+        try:
+            results = json.loads(path.read_text())
+        except (OSError, ValueError):
+            results = {}
+    results["env"] = env
+    if rows is not None:
+        results["rows"] = rows
+    if memory_rows is not None:
+        results["memory_rows"] = memory_rows
+    results.setdefault("rows", [])
+    results = {"env": results["env"], "rows": results["rows"],
+               **({"memory_rows": results["memory_rows"]} if results.get("memory_rows") else {})}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(results, indent=1) + "\n")
+    markdown = render_markdown(results)
+    path.with_suffix(".md").write_text(markdown)
+    return markdown
+
+
+# ---------------------------------------------------------------------------------------------
+# Command line.
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(
+        description="Time cuflash_attn.flash_attention against torch SDPA backends "
+                    "(flash, cudnn, efficient, math) on one CUDA GPU, in one process, on the "
+                    "same inputs. Protocol: /work/shared/PERF.md.")
+    p.add_argument("--dtypes", type=lambda s: parse_list(s, parse_dtype), default=None,
+                   help="comma list of bf16,fp16,fp32,fp64 (default bf16)")
+    p.add_argument("--head-dims", type=lambda s: parse_list(s, int), default=None,
+                   help=f"comma list (default {','.join(map(str, HEAD_DIMS))}); heads = {HIDDEN} // D")
+    p.add_argument("--seqlens", type=lambda s: parse_list(s, int), default=None,
+                   help=f"comma list (default {','.join(map(str, SEQLENS))}); "
+                        f"batch = {TOTAL_TOKENS} // seqlen")
+    p.add_argument("--causal", choices=("both", "true", "false"), default="both")
+    p.add_argument("--impls", type=parse_list, default=None,
+                   help=f"comma subset of {','.join(ALL_IMPLS)} (default all; "
+                        f"with --memory: {','.join(MEMORY_IMPLS)})")
+    p.add_argument("--layouts", type=parse_list, default=["bhnd"],
+                   help="comma list of bhnd,bnhd (bnhd: [B,N,H,D] storage passed as "
+                        ".transpose(1,2) views to every impl); default bhnd")
+    p.add_argument("--quick", action="store_true",
+                   help="small subset: D=64,128, seqlen 1024,4096, bf16 (explicit options win)")
+    p.add_argument("--memory", action="store_true",
+                   help=f"instead of timing: peak memory of fwd and fwd+bwd for seqlen "
+                        f"{MEMORY_SEQLENS[0]}..{MEMORY_SEQLENS[-1]}, {MEMORY_DTYPE}, B={MEMORY_BATCH}, "
+                        f"H={MEMORY_HEADS}, D={MEMORY_HEAD_DIM}; stored under 'memory_rows' of the same JSON")
+    p.add_argument("--memory-math-max", type=int, default=16384, metavar="N",
+                   help="--memory: skip sdpa_math above this seqlen (default 16384; "
+                        "out of memory is caught and recorded)")
+    p.add_argument("--skip-math-above", type=int, default=4096, metavar="N",
+                   help="skip sdpa_math when seqlen > N, recording an error row (default 4096; "
+                        "-1: never skip)")
+    p.add_argument("--warmup-ms", type=float, default=25.0, help="warm-up per timing (default 25)")
+    p.add_argument("--rep-ms", type=float, default=100.0, help="repeats per timing (default 100)")
+    p.add_argument("--out", type=Path, default=RESULTS_DIR,
+                   help="output directory (default benchmarks/results)")
+    p.add_argument("--tag", default=None,
+                   help="suffix for the output file name: <gpu>-<date>-<tag>.json")
+    args = p.parse_args(argv)
+
+    args.impls = args.impls or list(MEMORY_IMPLS if args.memory else ALL_IMPLS)
+    unknown = set(args.impls) - set(ALL_IMPLS)
+    bad_layouts = set(args.layouts) - set(LAYOUTS)
+    if unknown:
+        p.error(f"unknown impls {sorted(unknown)}; choose from {', '.join(ALL_IMPLS)}")
+    if bad_layouts:
+        p.error(f"unknown layouts {sorted(bad_layouts)}; choose from {', '.join(LAYOUTS)}")
+    args.dtypes = args.dtypes or list(QUICK_DTYPES if args.quick else ("bf16",))
+    args.head_dims = args.head_dims or list(QUICK_HEAD_DIMS if args.quick else HEAD_DIMS)
+    args.seqlens = args.seqlens or list(QUICK_SEQLENS if args.quick else SEQLENS)
+    args.causals = {"both": [False, True], "true": [True], "false": [False]}[args.causal]
+    if args.skip_math_above is not None and args.skip_math_above < 0:
+        args.skip_math_above = None
+    for d in args.head_dims:
+        if not 0 < d <= 256 or HIDDEN % d:
+            p.error(f"head_dim {d}: must divide {HIDDEN} and be at most 256")
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if not torch.cuda.is_available():
+        log("error: no CUDA device: this benchmark needs a GPU")
+        return 1
+    torch.manual_seed(0)
+    impls = load_impls([name for name in ALL_IMPLS if name in args.impls])
+    env = environment()
+    log(env_line(env))
+    path = output_path(args.out, env, args.tag)
+    if args.memory:
+        markdown = write_results(path, env, memory_rows=run_memory(args, impls))
+    else:
+        timer = make_timer(args.warmup_ms, args.rep_ms)
+        markdown = write_results(path, env, rows=run_standard(args, impls, timer))
+    print(markdown)
+    log(f"wrote {path} and {path.with_suffix('.md')}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
