@@ -10,6 +10,7 @@
 
 #include <cmath>
 #include <limits>
+#include <string>
 
 #include "cpu/flash_cpu.h"
 #include "cuda/flash_launch.h"
@@ -26,6 +27,16 @@ namespace {
 
 using at::Tensor;
 constexpr int64_t kMaxHeadDim = 256;
+
+// Numbers in messages go through std::to_string, not an ostream: on some toolchains (seen with
+// g++ 13 against torch 2.11's wheel) the ostream inserters instantiated in this library crash.
+std::string num(int64_t x) { return std::to_string(x); }
+std::string num(double x) { return std::to_string(x); }
+std::string shape(at::IntArrayRef sizes) {
+  std::string s = "[";
+  for (size_t i = 0; i < sizes.size(); ++i) s += (i ? ", " : "") + std::to_string(sizes[i]);
+  return s + "]";
+}
 
 bool is_supported_dtype(at::ScalarType t) {
   return t == at::kHalf || t == at::kBFloat16 || t == at::kFloat || t == at::kDouble;
@@ -50,8 +61,8 @@ void check_attention_tensor(const Tensor& t, const char* name) {
                    " must be a CUDA or CPU tensor of dtype float16, bfloat16, float32 or float64, got ",
                    t.scalar_type());
   TORCH_CHECK_VALUE(t.dim() == 4, "cuflash_attn: ", name,
-                    " must have 4 dimensions [batch, heads, seqlen, head_dim], got ", t.dim(),
-                    " (shape ", t.sizes(), ")");
+                    " must have 4 dimensions [batch, heads, seqlen, head_dim], got ", num(t.dim()),
+                    " (shape ", shape(t.sizes()), ")");
 }
 
 void check_same_kind(const Tensor& t, const char* name, const Tensor& q) {
@@ -68,31 +79,31 @@ AttentionShape check_qkv(const Tensor& q, const Tensor& k, const Tensor& v) {
   check_same_kind(k, "k", q);
   check_same_kind(v, "v", q);
   TORCH_CHECK_VALUE(k.size(0) == q.size(0) && v.size(0) == q.size(0),
-                    "cuflash_attn: q, k and v must have the same batch size, got ", q.size(0), ", ",
-                    k.size(0), " and ", v.size(0));
+                    "cuflash_attn: q, k and v must have the same batch size, got ", num(q.size(0)), ", ",
+                    num(k.size(0)), " and ", num(v.size(0)));
   TORCH_CHECK_VALUE(k.size(1) == v.size(1), "cuflash_attn: k and v must have the same number of heads, got ",
-                    k.size(1), " and ", v.size(1));
+                    num(k.size(1)), " and ", num(v.size(1)));
   TORCH_CHECK_VALUE(k.size(2) == v.size(2), "cuflash_attn: k and v must have the same seqlen, got ",
-                    k.size(2), " and ", v.size(2));
+                    num(k.size(2)), " and ", num(v.size(2)));
   TORCH_CHECK_VALUE(k.size(3) == q.size(3) && v.size(3) == q.size(3),
-                    "cuflash_attn: q, k and v must have the same head_dim, got ", q.size(3), ", ",
-                    k.size(3), " and ", v.size(3));
+                    "cuflash_attn: q, k and v must have the same head_dim, got ", num(q.size(3)), ", ",
+                    num(k.size(3)), " and ", num(v.size(3)));
   const int64_t heads_q = q.size(1), heads_kv = k.size(1);
   TORCH_CHECK_VALUE(heads_kv > 0 ? heads_q % heads_kv == 0 : heads_q == 0,
-                    "cuflash_attn: the heads of q (", heads_q, ") must be a multiple of the heads of k and v (",
-                    heads_kv, ")");
-  TORCH_CHECK_NOT_IMPLEMENTED(heads_q == heads_kv, "cuflash_attn: grouped-query attention (q has ", heads_q,
-                              " heads, k and v ", heads_kv, ") is not supported yet");
+                    "cuflash_attn: the heads of q (", num(heads_q), ") must be a multiple of the heads of k and v (",
+                    num(heads_kv), ")");
+  TORCH_CHECK_NOT_IMPLEMENTED(heads_q == heads_kv, "cuflash_attn: grouped-query attention (q has ", num(heads_q),
+                              " heads, k and v ", num(heads_kv), ") is not supported yet");
   const int64_t head_dim = q.size(3);
   TORCH_CHECK_VALUE(head_dim >= 1 && head_dim <= kMaxHeadDim, "cuflash_attn: head_dim must be in [1, ",
-                    kMaxHeadDim, "], got ", head_dim);
+                    num(kMaxHeadDim), "], got ", num(head_dim));
   constexpr int64_t kMaxInt = std::numeric_limits<int>::max();
   TORCH_CHECK_VALUE(q.size(2) <= kMaxInt && k.size(2) <= kMaxInt, "cuflash_attn: seqlen must be below 2^31");
   if (q.is_cuda()) {
     // The grid is (query blocks, heads, batch).
     TORCH_CHECK_VALUE(q.size(0) <= 65535 && q.size(1) <= 65535,
-                      "cuflash_attn: batch and heads must be at most 65535 on CUDA, got ", q.size(0),
-                      " and ", q.size(1));
+                      "cuflash_attn: batch and heads must be at most 65535 on CUDA, got ", num(q.size(0)),
+                      " and ", num(q.size(1)));
   }
   AttentionShape sh;
   sh.batch = static_cast<int>(q.size(0));
@@ -106,7 +117,7 @@ AttentionShape check_qkv(const Tensor& q, const Tensor& k, const Tensor& v) {
 
 double resolve_scale(std::optional<double> scale, int64_t head_dim) {
   if (!scale) return 1.0 / std::sqrt(static_cast<double>(head_dim));
-  TORCH_CHECK_VALUE(std::isfinite(*scale), "cuflash_attn: scale must be a finite number, got ", *scale);
+  TORCH_CHECK_VALUE(std::isfinite(*scale), "cuflash_attn: scale must be a finite number, got ", num(*scale));
   return *scale;
 }
 
@@ -172,7 +183,7 @@ KernelLayout layout_for(const Tensor& q) {
 
 int padded_head_dim_bucket(const Tensor& q, int64_t padded_head_dim) {
   const int bucket = cuda_head_dim_bucket(to_dtype(q.scalar_type()), static_cast<int>(padded_head_dim));
-  TORCH_CHECK_NOT_IMPLEMENTED(bucket > 0, "cuflash_attn: head_dim ", q.size(3), " for ", q.scalar_type(),
+  TORCH_CHECK_NOT_IMPLEMENTED(bucket > 0, "cuflash_attn: head_dim ", num(q.size(3)), " for ", q.scalar_type(),
                               " was not compiled into this build (see CUFLASH_HEAD_DIMS)");
   return bucket;
 }
@@ -231,7 +242,7 @@ void check_like(const Tensor& t, const char* name, const Tensor& ref, const char
   check_attention_tensor(t, name);
   check_same_kind(t, name, ref);
   TORCH_CHECK_VALUE(t.sizes() == ref.sizes(), "cuflash_attn: ", name, " must have the shape of ", ref_name, " ",
-                    ref.sizes(), ", got ", t.sizes());
+                    shape(ref.sizes()), ", got ", shape(t.sizes()));
 }
 
 Tensor check_stats(const Tensor& t, const char* name, const Tensor& q) {
@@ -241,8 +252,8 @@ Tensor check_stats(const Tensor& t, const char* name, const Tensor& q) {
   TORCH_CHECK_VALUE(t.device() == q.device(), "cuflash_attn: ", name, " must be on the same device as q (",
                     q.device(), "), got ", t.device());
   TORCH_CHECK_VALUE(t.dim() == 3 && t.size(0) == q.size(0) && t.size(1) == q.size(1) && t.size(2) == q.size(2),
-                    "cuflash_attn: ", name, " must have shape [batch, heads, seqlen_q] = [", q.size(0), ", ",
-                    q.size(1), ", ", q.size(2), "], got ", t.sizes());
+                    "cuflash_attn: ", name, " must have shape [batch, heads, seqlen_q] = ",
+                    shape(q.sizes().slice(0, 3)), ", got ", shape(t.sizes()));
   return t.contiguous();
 }
 
