@@ -92,15 +92,17 @@ def test_cuda_graph_capture_and_replay_bitwise():
         out = cuflash_attn.flash_attention(q, k, v, causal=True)
         return (out, *torch.autograd.grad(out, (q, k, v), dout))
 
-    eager = step()
+    # Warm up on a side stream before capture, as torch's CUDA graph docs prescribe.
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):
-        step()  # warm-up on the side stream, as torch's graph docs ask
+        for _ in range(3):
+            step()
     torch.cuda.current_stream().wait_stream(stream)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         captured = step()
+    eager = step()
     for _ in range(3):
         graph.replay()
         torch.cuda.synchronize()
