@@ -62,8 +62,9 @@ def standard_shapes(head_dims, seqlens):
 # ---------------------------------------------------------------------------------------------
 # The implementations: name -> factory(causal) -> fn(q, k, v) -> out.
 
-def _ours_factory():
-    # Lazy, so --help works without the extension; the repo's own copy if none is installed.
+def import_cuflash_attn():
+    """The installed package, or the repo's own in-place build if none is installed. Called
+    lazily, so --help works without the extension."""
     try:
         import cuflash_attn
     except ModuleNotFoundError as e:
@@ -71,6 +72,11 @@ def _ours_factory():
             raise
         sys.path.insert(0, str(REPO_ROOT))
         import cuflash_attn
+    return cuflash_attn
+
+
+def _ours_factory():
+    cuflash_attn = import_cuflash_attn()
 
     def make(causal):
         return lambda q, k, v: cuflash_attn.flash_attention(q, k, v, causal=causal, scale=None)

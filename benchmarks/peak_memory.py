@@ -5,7 +5,7 @@ import argparse
 
 import torch
 
-import cuflash_attn
+from bench_attention import import_cuflash_attn, mib, peak_mib
 
 
 def main():
@@ -16,24 +16,24 @@ def main():
     ap.add_argument("--head-dim", type=int, default=128)
     ap.add_argument("--causal", action="store_true")
     a = ap.parse_args()
+    cuflash_attn = import_cuflash_attn()
     shape = (a.batch, a.heads, a.seqlen, a.head_dim)
     q, k, v = (torch.randn(shape, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
     dout = torch.randn(shape, device="cuda", dtype=torch.bfloat16)
-    torch.cuda.synchronize()
-    base = torch.cuda.memory_allocated()
-    torch.cuda.reset_peak_memory_stats()
-    out, lse = cuflash_attn.flash_attention(q, k, v, causal=a.causal, return_lse=True)
-    grads = torch.autograd.grad(out, (q, k, v), dout)
-    torch.cuda.synchronize()
-    peak = torch.cuda.max_memory_allocated() - base
-    mib = 2**20
-    tensor_bytes = out.numel() * 2 + lse.numel() * 4 + sum(g.numel() * 2 for g in grads)
-    print(f"shape {shape} bf16 causal={a.causal}")
-    print(f"inputs q, k, v, dout (held before): {4 * q.numel() * 2 / mib:.1f} MiB")
-    print(f"out + lse + dq + dk + dv:            {tensor_bytes / mib:.1f} MiB")
-    print(f"peak above the inputs:               {peak / mib:.1f} MiB")
-    print(f"workspace beyond those tensors:      {(peak - tensor_bytes) / mib:.1f} MiB")
 
+    def step():
+        out = cuflash_attn.flash_attention(q, k, v, causal=a.causal)
+        torch.autograd.grad(out, (q, k, v), dout)
+
+    peak = peak_mib(step)
+    elems = q.numel()
+    # out, dq, dk, dv in bf16 and lse in fp32
+    tensors = mib(4 * elems * 2 + a.batch * a.heads * a.seqlen * 4)
+    print(f"shape {shape} bf16 causal={a.causal}")
+    print(f"inputs q, k, v, dout (held before): {mib(4 * elems * 2):.1f} MiB")
+    print(f"out + lse + dq + dk + dv:            {tensors:.1f} MiB")
+    print(f"peak above the inputs:               {peak:.1f} MiB")
+    print(f"workspace beyond those tensors:      {peak - tensors:.1f} MiB")
 
 if __name__ == "__main__":
     main()

@@ -17,7 +17,7 @@ start=$(date +%s)
 python3 -m pytest ${GPU_CHECK_TESTS:-tests} -q --maxfail=${GPU_CHECK_MAXFAIL:-25} -p no:cacheprovider --durations=15 > "$OUT/pytest.log" 2>&1
 status=$?
 echo "pytest (exit $status): $(( $(date +%s) - start )) s"; tail -n 25 "$OUT/pytest.log"
-PYTHONPATH=. python3 benchmarks/peak_memory.py | tee "$OUT/peak_memory.txt"
+python3 benchmarks/peak_memory.py | tee "$OUT/peak_memory.txt"
 python3 -m cuflash_attn > "$OUT/main_job.log" 2>&1; tail -n 30 "$OUT/main_job.log"
 if [ -n "${GPU_CHECK_BENCH-}" ]; then
   python3 benchmarks/bench_attention.py $GPU_CHECK_BENCH --out "$OUT" > "$OUT/bench.log" 2>&1

@@ -1,6 +1,8 @@
 import pytest
 import torch
 
+import cuflash_attn  # noqa: F401  (registers torch.ops.cuflash_attn for every test module)
+
 HAS_CUDA = torch.cuda.is_available()
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU"))]
 requires_cuda = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
@@ -24,5 +26,3 @@ def poison_cuda_allocator(nbytes):
         block = torch.full((nbytes // 4 + 1024,), float("nan"), device="cuda")
         del block
 
-
-import cuflash_attn  # noqa: E402,F401  (registers torch.ops.cuflash_attn for every test module)
