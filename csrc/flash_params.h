@@ -1,5 +1,5 @@
-// The only thing that crosses from the torch glue into the kernels: plain pointers, int64
-// strides (in elements), sizes and flags. Kernels never see a Tensor.
+// The only thing that crosses from the torch glue (or the C++ API) into the kernels: plain
+// pointers, int64 strides (in elements), sizes and flags. Kernels never see a Tensor.
 #pragma once
 #include <cstdint>
 
@@ -9,58 +9,100 @@ enum class DType { kFloat16, kBFloat16, kFloat32, kFloat64 };
 
 // Attention inputs are [batch, heads, seqlen, head_dim] with any strides whose last dimension
 // is contiguous, so a [batch, seqlen, heads, head_dim] tensor viewed with transpose(1, 2) runs
-// without a copy.
+// without a copy. Variable-length (packed) inputs are [total_tokens, heads, head_dim]: batch
+// stride 0, and sequence b starts at row cu_seqlens[b].
 struct TensorStrides {
   int64_t batch = 0, head = 0, row = 0;
 };
 
+// The row statistics (lse, and the backward's delta) have unit row stride: [batch, heads,
+// seqlen_q] (batch = heads * seqlen_q, head = seqlen_q), or [heads, total_q] for packed inputs
+// (batch = 0, head = total_q).
+struct StatsStrides {
+  int64_t batch = 0, head = 0;
+};
+
 struct AttentionShape {
-  int batch = 0, heads_q = 0, heads_kv = 0;
+  int batch = 0, heads_q = 0, heads_kv = 0;  // heads_q is a multiple of heads_kv (GQA/MQA)
+  // The sequence lengths; with cu_seqlens, the largest (or a bound on it: the grid size).
   int seqlen_q = 0, seqlen_k = 0;
   int head_dim = 0;  // what the user passed (the kernels round it up to a compiled bucket)
 };
 
-// Causal masking: query i sees key j iff j <= i + causal_offset. Top-left alignment
-// (torch's is_causal) is offset 0; bottom-right (flash_attn's) is seqlen_k - seqlen_q.
+// Which keys a query sees. Query i of a sequence faces key i + diagonal, where diagonal is 0
+// (top-left alignment, torch's is_causal) or seqlen_k - seqlen_q of that sequence (bottom-right,
+// flash_attn's rule). Key j is visible iff
+//   diagonal - window_left <= j - i <= diagonal + window_right
+// with a negative window meaning unbounded on that side. Causal is window_right = 0.
 struct MaskParams {
-  bool is_causal = false;
-  int causal_offset = 0;
+  bool bottom_right = false;
+  int window_left = -1;
+  int window_right = -1;
 };
 
-struct FlashFwdParams {
+// Changes to the scores s = scale * q.k before the softmax:
+//   softcap > 0:  s = softcap * tanh(s / softcap)
+//   alibi_slopes: s -= slope[batch, head] * |i + diagonal - j|  (added after the softcap)
+struct ScoreParams {
+  double softcap = 0.0;
+  const float* alibi_slopes = nullptr;  // fp32, [heads_q] or [batch, heads_q]
+  int64_t alibi_batch_stride = 0;       // 0 for [heads_q]
+};
+
+// Dropout on the attention probabilities: element (b, h, i, j) is kept iff the counter-based
+// Philox draw for it (philox.h) is at least p * 2^32; kept ones are scaled by 1 / (1 - p). The
+// seed and offset are read on the device (so a CUDA graph replays with new values).
+struct DropoutParams {
+  double p = 0.0;
+  const int64_t* rng_state = nullptr;  // [seed, offset], on the kernels' device
+};
+
+// Packed variable-length batches: sequence b holds rows [cu_seqlens[b], cu_seqlens[b + 1]),
+// clamped to the packed tensors' rows and to the grid (shape.seqlen_q/k), so offsets that are
+// out of range (unchecked on CUDA: that would need a synchronization) never reach past memory.
+struct VarlenParams {
+  const int* cu_seqlens_q = nullptr;  // int32 [batch + 1], or null for padded batches
+  const int* cu_seqlens_k = nullptr;
+  int total_q = 0, total_k = 0;  // rows of the packed tensors
+};
+
+// What the forward and the backward share.
+struct AttentionParams {
   DType dtype = DType::kFloat16;
   AttentionShape shape;
   MaskParams mask;
+  ScoreParams score;
+  DropoutParams dropout;
+  VarlenParams varlen;
   double scale = 1.0;  // softmax scale applied to q.k
 
   const void* q = nullptr;  // [B, Hq, Nq, D]
   const void* k = nullptr;  // [B, Hkv, Nk, D]
   const void* v = nullptr;  // [B, Hkv, Nk, D]
-  void* out = nullptr;      // [B, Hq, Nq, D]
-  void* lse = nullptr;      // [B, Hq, Nq] contiguous, float32 (float64 for float64 inputs)
-  TensorStrides q_strides, k_strides, v_strides, out_strides;
+  TensorStrides q_strides, k_strides, v_strides;
+  StatsStrides stats_strides;  // of lse (and delta)
 };
 
-struct FlashBwdParams {
-  DType dtype = DType::kFloat16;
-  AttentionShape shape;
-  MaskParams mask;
-  double scale = 1.0;
+struct FlashFwdParams : AttentionParams {
+  void* out = nullptr;  // [B, Hq, Nq, D]
+  void* lse = nullptr;  // float32 (float64 for float64 inputs), stats_strides
+  TensorStrides out_strides;
+  // Debug: when set (int64 [4], zeroed), the tensor-core forward adds the key tiles it computed
+  // and the ones it skipped as wholly masked, over all its CTAs, and stores its block_m, block_n.
+  unsigned long long* tile_counters = nullptr;
+};
 
-  const void* q = nullptr;
-  const void* k = nullptr;
-  const void* v = nullptr;
+struct FlashBwdParams : AttentionParams {
   const void* out = nullptr;
   const void* dout = nullptr;
-  const void* lse = nullptr;   // [B, Hq, Nq] contiguous, accumulator type
-  const void* dlse = nullptr;  // optional [B, Hq, Nq] contiguous, accumulator type: gradient of lse
+  const void* lse = nullptr;   // accumulator type, stats_strides
+  const void* dlse = nullptr;  // optional, accumulator type, stats_strides: gradient of lse
   void* dq = nullptr;
-  void* dk = nullptr;
+  void* dk = nullptr;  // [B, Hkv, Nk, D]: summed over the heads of each group
   void* dv = nullptr;
-  // [B, Hq, Nq] contiguous, accumulator type: rowsum(dout * out) - dlse, filled by the kernels.
+  // Accumulator type, stats_strides: rowsum(dout * out) - dlse, filled by the kernels.
   void* delta = nullptr;
-  TensorStrides q_strides, k_strides, v_strides, out_strides, dout_strides;
-  TensorStrides dq_strides, dk_strides, dv_strides;
+  TensorStrides out_strides, dout_strides, dq_strides, dk_strides, dv_strides;
 };
 
 }  // namespace cuflash

@@ -54,15 +54,35 @@ DType to_dtype(at::ScalarType t) {
 // The logsumexp (and the backward's row statistics) are float32, float64 for float64 inputs.
 at::ScalarType stats_dtype(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
 
-void check_attention_tensor(const Tensor& t, const char* name) {
+// The options fwd and bwd share, as the schemas spell them.
+struct Options {
+  std::optional<double> scale;
+  bool is_causal = false, bottom_right = false;
+  int64_t window_left = -1, window_right = -1;
+  double softcap = 0.0;
+  std::optional<Tensor> alibi_slopes;
+  double dropout_p = 0.0;
+  std::optional<Tensor> rng_state;
+  std::optional<Tensor> cu_seqlens_q, cu_seqlens_k;
+  int64_t max_seqlen_q = 0, max_seqlen_k = 0;
+  bool varlen() const { return cu_seqlens_q.has_value(); }
+};
+
+void check_attention_tensor(const Tensor& t, const char* name, bool varlen) {
   TORCH_CHECK_TYPE(t.device().is_cpu() || t.device().is_cuda(),
                    "cuflash_attn: ", name, " must be a CUDA or CPU tensor, got device ", t.device());
   TORCH_CHECK_TYPE(is_supported_dtype(t.scalar_type()), "cuflash_attn: ", name,
                    " must be a CUDA or CPU tensor of dtype float16, bfloat16, float32 or float64, got ",
                    t.scalar_type());
-  TORCH_CHECK_VALUE(t.dim() == 4, "cuflash_attn: ", name,
-                    " must have 4 dimensions [batch, heads, seqlen, head_dim], got ", num(t.dim()),
-                    " (shape ", shape(t.sizes()), ")");
+  if (varlen) {
+    TORCH_CHECK_VALUE(t.dim() == 3, "cuflash_attn: with cu_seqlens, ", name,
+                      " must have 3 dimensions [total_tokens, heads, head_dim], got ", num(t.dim()), " (shape ",
+                      shape(t.sizes()), ")");
+  } else {
+    TORCH_CHECK_VALUE(t.dim() == 4, "cuflash_attn: ", name,
+                      " must have 4 dimensions [batch, heads, seqlen, head_dim], got ", num(t.dim()),
+                      " (shape ", shape(t.sizes()), ")");
+  }
 }
 
 void check_same_kind(const Tensor& t, const char* name, const Tensor& q) {
@@ -72,46 +92,93 @@ void check_same_kind(const Tensor& t, const char* name, const Tensor& q) {
                     " must be on the same device as q (", q.device(), "), got ", t.device());
 }
 
-AttentionShape check_qkv(const Tensor& q, const Tensor& k, const Tensor& v) {
-  check_attention_tensor(q, "q");
-  check_attention_tensor(k, "k");
-  check_attention_tensor(v, "v");
+// An int32 [batch + 1] offsets tensor; on the CPU its values are checked too (on CUDA that would
+// cost a synchronization: the kernels clamp every sequence to the tensors instead).
+void check_cu_seqlens(const Tensor& cu, const char* name, const Tensor& q, int64_t total, int64_t max_seqlen) {
+  TORCH_CHECK_TYPE(cu.scalar_type() == at::kInt, "cuflash_attn: ", name, " must have dtype int32, got ",
+                   cu.scalar_type());
+  TORCH_CHECK_VALUE(cu.device() == q.device(), "cuflash_attn: ", name, " must be on the same device as q (",
+                    q.device(), "), got ", cu.device());
+  TORCH_CHECK_VALUE(cu.dim() == 1 && cu.size(0) >= 1, "cuflash_attn: ", name,
+                    " must have shape [batch + 1], got ", shape(cu.sizes()));
+  if (!cu.is_cpu()) return;
+  const Tensor c = cu.contiguous();
+  const int* v = c.data_ptr<int>();
+  TORCH_CHECK_VALUE(v[0] >= 0, "cuflash_attn: ", name, "[0] must be >= 0, got ", num(int64_t{v[0]}));
+  for (int64_t b = 0; b + 1 < c.size(0); ++b) {
+    TORCH_CHECK_VALUE(v[b + 1] >= v[b], "cuflash_attn: ", name, " must be non-decreasing, got ",
+                      num(int64_t{v[b]}), " then ", num(int64_t{v[b + 1]}), " at index ", num(b));
+    TORCH_CHECK_VALUE(max_seqlen <= 0 || v[b + 1] - v[b] <= max_seqlen, "cuflash_attn: sequence ", num(b),
+                      " of ", name, " has length ", num(int64_t{v[b + 1] - v[b]}), ", above the max_seqlen given (",
+                      num(max_seqlen), ")");
+  }
+  TORCH_CHECK_VALUE(v[c.size(0) - 1] <= total, "cuflash_attn: ", name, " ends at ", num(int64_t{v[c.size(0) - 1]}),
+                    ", past the ", num(total), " rows of the packed tensor");
+}
+
+AttentionShape check_qkv(const Tensor& q, const Tensor& k, const Tensor& v, const Options& o) {
+  const bool varlen = o.varlen();
+  TORCH_CHECK_VALUE(o.cu_seqlens_q.has_value() == o.cu_seqlens_k.has_value(),
+                    "cuflash_attn: cu_seqlens_q and cu_seqlens_k must be given together");
+  check_attention_tensor(q, "q", varlen);
+  check_attention_tensor(k, "k", varlen);
+  check_attention_tensor(v, "v", varlen);
   check_same_kind(k, "k", q);
   check_same_kind(v, "v", q);
-  TORCH_CHECK_VALUE(k.size(0) == q.size(0) && v.size(0) == q.size(0),
-                    "cuflash_attn: q, k and v must have the same batch size, got ", num(q.size(0)), ", ",
-                    num(k.size(0)), " and ", num(v.size(0)));
-  TORCH_CHECK_VALUE(k.size(1) == v.size(1), "cuflash_attn: k and v must have the same number of heads, got ",
-                    num(k.size(1)), " and ", num(v.size(1)));
-  TORCH_CHECK_VALUE(k.size(2) == v.size(2), "cuflash_attn: k and v must have the same seqlen, got ",
-                    num(k.size(2)), " and ", num(v.size(2)));
-  TORCH_CHECK_VALUE(k.size(3) == q.size(3) && v.size(3) == q.size(3),
-                    "cuflash_attn: q, k and v must have the same head_dim, got ", num(q.size(3)), ", ",
-                    num(k.size(3)), " and ", num(v.size(3)));
-  const int64_t heads_q = q.size(1), heads_kv = k.size(1);
+  // Padded inputs are [batch, heads, seqlen, head_dim]; packed ones [total_tokens, heads, head_dim].
+  const int64_t hd = 1, rows = varlen ? 0 : 2;
+  if (!varlen) {
+    TORCH_CHECK_VALUE(k.size(0) == q.size(0) && v.size(0) == q.size(0),
+                      "cuflash_attn: q, k and v must have the same batch size, got ", num(q.size(0)), ", ",
+                      num(k.size(0)), " and ", num(v.size(0)));
+  }
+  TORCH_CHECK_VALUE(k.size(hd) == v.size(hd), "cuflash_attn: k and v must have the same number of heads, got ",
+                    num(k.size(hd)), " and ", num(v.size(hd)));
+  TORCH_CHECK_VALUE(k.size(rows) == v.size(rows), "cuflash_attn: k and v must have the same ",
+                    varlen ? "total_tokens" : "seqlen", ", got ", num(k.size(rows)), " and ", num(v.size(rows)));
+  TORCH_CHECK_VALUE(k.size(-1) == q.size(-1) && v.size(-1) == q.size(-1),
+                    "cuflash_attn: q, k and v must have the same head_dim, got ", num(q.size(-1)), ", ",
+                    num(k.size(-1)), " and ", num(v.size(-1)));
+  const int64_t heads_q = q.size(hd), heads_kv = k.size(hd);
   TORCH_CHECK_VALUE(heads_kv > 0 ? heads_q % heads_kv == 0 : heads_q == 0,
                     "cuflash_attn: the heads of q (", num(heads_q), ") must be a multiple of the heads of k and v (",
                     num(heads_kv), ")");
-  TORCH_CHECK_NOT_IMPLEMENTED(heads_q == heads_kv, "cuflash_attn: grouped-query attention (q has ", num(heads_q),
-                              " heads, k and v ", num(heads_kv), ") is not supported yet");
-  const int64_t head_dim = q.size(3);
+  const int64_t head_dim = q.size(-1);
   TORCH_CHECK_VALUE(head_dim >= 1 && head_dim <= kMaxHeadDim, "cuflash_attn: head_dim must be in [1, ",
                     num(kMaxHeadDim), "], got ", num(head_dim));
   constexpr int64_t kMaxInt = std::numeric_limits<int>::max();
-  TORCH_CHECK_VALUE(q.size(2) <= kMaxInt && k.size(2) <= kMaxInt, "cuflash_attn: seqlen must be below 2^31");
-  if (q.is_cuda()) {
-    // The grid is (query blocks, heads, batch).
-    TORCH_CHECK_VALUE(q.size(0) <= 65535 && q.size(1) <= 65535,
-                      "cuflash_attn: batch and heads must be at most 65535 on CUDA, got ", num(q.size(0)),
-                      " and ", num(q.size(1)));
-  }
+  TORCH_CHECK_VALUE(q.size(rows) <= kMaxInt && k.size(rows) <= kMaxInt, "cuflash_attn: ",
+                    varlen ? "total_tokens" : "seqlen", " must be below 2^31");
+
   AttentionShape sh;
-  sh.batch = static_cast<int>(q.size(0));
   sh.heads_q = static_cast<int>(heads_q);
   sh.heads_kv = static_cast<int>(heads_kv);
-  sh.seqlen_q = static_cast<int>(q.size(2));
-  sh.seqlen_k = static_cast<int>(k.size(2));
   sh.head_dim = static_cast<int>(head_dim);
+  if (varlen) {
+    const int64_t total_q = q.size(0), total_k = k.size(0);
+    TORCH_CHECK_VALUE(o.max_seqlen_q >= 0 && o.max_seqlen_k >= 0,
+                      "cuflash_attn: max_seqlen_q and max_seqlen_k must be >= 0 (0: not known), got ",
+                      num(o.max_seqlen_q), " and ", num(o.max_seqlen_k));
+    check_cu_seqlens(*o.cu_seqlens_q, "cu_seqlens_q", q, total_q, o.max_seqlen_q);
+    check_cu_seqlens(*o.cu_seqlens_k, "cu_seqlens_k", q, total_k, o.max_seqlen_k);
+    TORCH_CHECK_VALUE(o.cu_seqlens_q->size(0) == o.cu_seqlens_k->size(0),
+                      "cuflash_attn: cu_seqlens_q and cu_seqlens_k must have the same length (batch + 1), got ",
+                      num(o.cu_seqlens_q->size(0)), " and ", num(o.cu_seqlens_k->size(0)));
+    sh.batch = static_cast<int>(o.cu_seqlens_q->size(0) - 1);
+    // The grid covers max_seqlen rows; without one, the packed length bounds every sequence.
+    sh.seqlen_q = static_cast<int>(o.max_seqlen_q > 0 ? std::min(o.max_seqlen_q, total_q) : total_q);
+    sh.seqlen_k = static_cast<int>(o.max_seqlen_k > 0 ? std::min(o.max_seqlen_k, total_k) : total_k);
+  } else {
+    sh.batch = static_cast<int>(q.size(0));
+    sh.seqlen_q = static_cast<int>(q.size(2));
+    sh.seqlen_k = static_cast<int>(k.size(2));
+  }
+  if (q.is_cuda()) {
+    // The grid is (query blocks, heads, batch).
+    TORCH_CHECK_VALUE(sh.batch <= 65535 && heads_q <= 65535,
+                      "cuflash_attn: batch and heads must be at most 65535 on CUDA, got ", num(int64_t{sh.batch}),
+                      " and ", num(heads_q));
+  }
   return sh;
 }
 
@@ -121,11 +188,64 @@ double resolve_scale(std::optional<double> scale, int64_t head_dim) {
   return *scale;
 }
 
-MaskParams make_mask(bool is_causal, bool causal_bottom_right, const AttentionShape& sh) {
+MaskParams make_mask(const Options& o) {
+  TORCH_CHECK_VALUE(o.window_left >= -1 && o.window_right >= -1,
+                    "cuflash_attn: window_left and window_right must be >= -1 (-1: unbounded), got ",
+                    num(o.window_left), " and ", num(o.window_right));
+  constexpr int64_t kMaxInt = std::numeric_limits<int>::max();
   MaskParams m;
-  m.is_causal = is_causal;
-  m.causal_offset = is_causal && causal_bottom_right ? sh.seqlen_k - sh.seqlen_q : 0;
+  m.bottom_right = o.bottom_right;
+  m.window_left = static_cast<int>(std::min(o.window_left, kMaxInt));
+  m.window_right = o.is_causal ? 0 : static_cast<int>(std::min(o.window_right, kMaxInt));
   return m;
+}
+
+// Validates the score and dropout options and fills them in; returns the tensors the params
+// point into (they must outlive the launch).
+std::vector<Tensor> fill_features(AttentionParams& p, const Options& o, const Tensor& q, const Tensor& k) {
+  std::vector<Tensor> keep;
+  p.mask = make_mask(o);
+  TORCH_CHECK_VALUE(std::isfinite(o.softcap) && o.softcap >= 0.0,
+                    "cuflash_attn: softcap must be a finite number >= 0 (0: off), got ", num(o.softcap));
+  p.score.softcap = o.softcap;
+  if (o.alibi_slopes) {
+    const Tensor& a = *o.alibi_slopes;
+    TORCH_CHECK_TYPE(a.scalar_type() == at::kFloat, "cuflash_attn: alibi_slopes must have dtype float32, got ",
+                     a.scalar_type());
+    TORCH_CHECK_VALUE(a.device() == q.device(), "cuflash_attn: alibi_slopes must be on the same device as q (",
+                      q.device(), "), got ", a.device());
+    const int64_t heads = p.shape.heads_q, batch = p.shape.batch;
+    TORCH_CHECK_VALUE((a.dim() == 1 && a.size(0) == heads) || (a.dim() == 2 && a.size(0) == batch && a.size(1) == heads),
+                      "cuflash_attn: alibi_slopes must have shape [heads] = [", num(heads),
+                      "] or [batch, heads] = [", num(batch), ", ", num(heads), "], got ", shape(a.sizes()));
+    keep.push_back(a.contiguous());
+    p.score.alibi_slopes = keep.back().data_ptr<float>();
+    p.score.alibi_batch_stride = a.dim() == 2 ? heads : 0;
+  }
+  TORCH_CHECK_VALUE(std::isfinite(o.dropout_p) && o.dropout_p >= 0.0 && o.dropout_p < 1.0,
+                    "cuflash_attn: dropout_p must be in [0, 1), got ", num(o.dropout_p));
+  if (o.dropout_p > 0.0) {
+    TORCH_CHECK_VALUE(o.rng_state.has_value(), "cuflash_attn: dropout_p > 0 needs rng_state ([seed, offset])");
+    const Tensor& r = *o.rng_state;
+    TORCH_CHECK_TYPE(r.scalar_type() == at::kLong, "cuflash_attn: rng_state must have dtype int64, got ",
+                     r.scalar_type());
+    TORCH_CHECK_VALUE(r.device() == q.device(), "cuflash_attn: rng_state must be on the same device as q (",
+                      q.device(), "), got ", r.device());
+    TORCH_CHECK_VALUE(r.numel() == 2, "cuflash_attn: rng_state must hold 2 values [seed, offset], got shape ",
+                      shape(r.sizes()));
+    keep.push_back(r.contiguous());
+    p.dropout.p = o.dropout_p;
+    p.dropout.rng_state = keep.back().data_ptr<int64_t>();
+  }
+  if (o.varlen()) {
+    keep.push_back(o.cu_seqlens_q->contiguous());
+    p.varlen.cu_seqlens_q = keep.back().data_ptr<int>();
+    keep.push_back(o.cu_seqlens_k->contiguous());
+    p.varlen.cu_seqlens_k = keep.back().data_ptr<int>();
+    p.varlen.total_q = static_cast<int>(q.size(0));
+    p.varlen.total_k = static_cast<int>(k.size(0));
+  }
+  return keep;
 }
 
 // Outputs take the input's layout when its last dimension is contiguous (so a
@@ -135,7 +255,24 @@ Tensor empty_like_input(const Tensor& t) {
   return t.stride(-1) == 1 ? at::empty_like(t) : at::empty(t.sizes(), t.options());
 }
 
-TensorStrides strides_of(const Tensor& t) { return {t.stride(0), t.stride(1), t.stride(2)}; }
+// Padded [B, H, N, D] or packed [total, H, D] (batch stride 0: sequences start at cu_seqlens).
+TensorStrides strides_of(const Tensor& t) {
+  if (t.dim() == 3) return {0, t.stride(1), t.stride(0)};
+  return {t.stride(0), t.stride(1), t.stride(2)};
+}
+
+// lse (and delta): [batch, heads, seqlen_q], or [heads, total_q] for packed inputs.
+std::vector<int64_t> stats_sizes(const Tensor& q, bool varlen) {
+  if (varlen) return {q.size(1), q.size(0)};
+  return {q.size(0), q.size(1), q.size(2)};
+}
+Tensor empty_stats(const Tensor& q, bool varlen) {
+  return at::empty(stats_sizes(q, varlen), q.options().dtype(stats_dtype(q.scalar_type())));
+}
+StatsStrides stats_strides_of(const Tensor& stats, bool varlen) {
+  if (varlen) return {0, stats.size(1)};
+  return {stats.size(1) * stats.size(2), stats.size(2)};
+}
 
 // Tensors as a kernel family can read or write them. The tensor-core kernels move 16-byte rows,
 // so they need 16-byte aligned rows and a head_dim padded to a multiple of 8; the exact CUDA
@@ -150,8 +287,10 @@ struct KernelLayout {
     if (t.scalar_type() != dtype || t.size(-1) != head_dim || t.stride(-1) != 1) return false;
     if (!tensor_cores) return true;
     const int64_t elem = t.element_size();
-    return reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0 && (t.stride(0) * elem) % 16 == 0 &&
-           (t.stride(1) * elem) % 16 == 0 && (t.stride(2) * elem) % 16 == 0;
+    if (reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 != 0) return false;
+    for (int64_t d = 0; d + 1 < t.dim(); ++d)
+      if ((t.stride(d) * elem) % 16 != 0) return false;
+    return true;
   }
   Tensor input(const Tensor& t) const {
     if (accepts(t)) return t;
@@ -175,7 +314,7 @@ struct KernelLayout {
 
 KernelLayout layout_for(const Tensor& q) {
   const at::ScalarType t = q.scalar_type();
-  const int64_t d = q.size(3);
+  const int64_t d = q.size(-1);
   if (!q.is_cuda()) return {t == at::kDouble ? at::kDouble : at::kFloat, d, false};
   const bool tc = t == at::kHalf || t == at::kBFloat16;
   return {t, tc ? (d + 7) / 8 * 8 : d, tc};
@@ -183,7 +322,7 @@ KernelLayout layout_for(const Tensor& q) {
 
 int padded_head_dim_bucket(const Tensor& q, int64_t padded_head_dim) {
   const int bucket = cuda_head_dim_bucket(to_dtype(q.scalar_type()), static_cast<int>(padded_head_dim));
-  TORCH_CHECK_NOT_IMPLEMENTED(bucket > 0, "cuflash_attn: head_dim ", num(q.size(3)), " for ", q.scalar_type(),
+  TORCH_CHECK_NOT_IMPLEMENTED(bucket > 0, "cuflash_attn: head_dim ", num(q.size(-1)), " for ", q.scalar_type(),
                               " was not compiled into this build (see CUFLASH_HEAD_DIMS)");
   return bucket;
 }
@@ -192,37 +331,47 @@ void check_cuda(cudaError_t err) {
   TORCH_CHECK(err == cudaSuccess, "cuflash_attn: CUDA kernel launch failed: ", cudaGetErrorString(err));
 }
 
-std::tuple<Tensor, Tensor> fwd(const Tensor& q, const Tensor& k, const Tensor& v, std::optional<double> scale,
-                               bool is_causal, bool causal_bottom_right) {
-  AttentionShape sh = check_qkv(q, k, v);
-  const double softmax_scale = resolve_scale(scale, sh.head_dim);
-  Tensor out = empty_like_input(q);
-  Tensor lse = at::empty({q.size(0), q.size(1), q.size(2)}, q.options().dtype(stats_dtype(q.scalar_type())));
-  if (out.numel() == 0) return {out, lse};
-  if (sh.seqlen_k == 0) {  // nothing to attend to: output 0, logsumexp of an empty set
-    out.zero_();
-    lse.fill_(-std::numeric_limits<double>::infinity());
-    return {out, lse};
-  }
-  const KernelLayout layout = layout_for(q);
-  const Tensor qk = layout.input(q), kk = layout.input(k), vk = layout.input(v);
-  Tensor out_k = layout.output(out);
-
-  FlashFwdParams p;
+// Fills what fwd and bwd share: shape, features, q/k/v.
+std::vector<Tensor> fill_common(AttentionParams& p, AttentionShape sh, const Options& o, const KernelLayout& layout,
+                                const Tensor& q, const Tensor& k, const Tensor& qk, const Tensor& kk, const Tensor& vk,
+                                const Tensor& stats) {
   p.dtype = to_dtype(layout.dtype);
+  p.scale = resolve_scale(o.scale, sh.head_dim);
   sh.head_dim = static_cast<int>(layout.head_dim);
   p.shape = sh;
-  p.mask = make_mask(is_causal, causal_bottom_right, sh);
-  p.scale = softmax_scale;
+  std::vector<Tensor> keep = fill_features(p, o, q, k);
   p.q = qk.data_ptr();
   p.k = kk.data_ptr();
   p.v = vk.data_ptr();
-  p.out = out_k.data_ptr();
-  p.lse = lse.data_ptr();
   p.q_strides = strides_of(qk);
   p.k_strides = strides_of(kk);
   p.v_strides = strides_of(vk);
+  p.stats_strides = stats_strides_of(stats, o.varlen());
+  return keep;
+}
+
+std::tuple<Tensor, Tensor> fwd_impl(const Tensor& q, const Tensor& k, const Tensor& v, const Options& o,
+                                    unsigned long long* tile_counters) {
+  const AttentionShape sh = check_qkv(q, k, v, o);
+  Tensor out = empty_like_input(q);
+  Tensor lse = empty_stats(q, o.varlen());
+  const KernelLayout layout = layout_for(q);
+  const Tensor qk = layout.input(q), kk = layout.input(k), vk = layout.input(v);
+  FlashFwdParams p;
+  const std::vector<Tensor> keep = fill_common(p, sh, o, layout, q, k, qk, kk, vk, lse);
+  if (out.numel() == 0) return {out, lse};
+  // Nothing to attend to (or, packed, rows no sequence covers): output 0, logsumexp of an
+  // empty set.
+  if (k.numel() == 0 || o.varlen()) {
+    out.zero_();
+    lse.fill_(-std::numeric_limits<double>::infinity());
+    if (k.numel() == 0) return {out, lse};
+  }
+  Tensor out_k = layout.output(out);
+  p.out = out_k.data_ptr();
+  p.lse = lse.data_ptr();
   p.out_strides = strides_of(out_k);
+  p.tile_counters = tile_counters;
 
   if (q.is_cuda()) {
     padded_head_dim_bucket(q, layout.head_dim);
@@ -238,57 +387,94 @@ std::tuple<Tensor, Tensor> fwd(const Tensor& q, const Tensor& k, const Tensor& v
   return {out, lse};
 }
 
-void check_like(const Tensor& t, const char* name, const Tensor& ref, const char* ref_name) {
-  check_attention_tensor(t, name);
+Options make_options(std::optional<double> scale, bool is_causal, bool bottom_right, int64_t window_left,
+                     int64_t window_right, double softcap, const std::optional<Tensor>& alibi_slopes,
+                     double dropout_p, const std::optional<Tensor>& rng_state,
+                     const std::optional<Tensor>& cu_seqlens_q, const std::optional<Tensor>& cu_seqlens_k,
+                     int64_t max_seqlen_q, int64_t max_seqlen_k) {
+  return Options{scale,     is_causal, bottom_right, window_left,  window_right, softcap,     alibi_slopes,
+                 dropout_p, rng_state, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k};
+}
+
+std::tuple<Tensor, Tensor> fwd(const Tensor& q, const Tensor& k, const Tensor& v, std::optional<double> scale,
+                               bool is_causal, bool bottom_right, int64_t window_left, int64_t window_right,
+                               double softcap, const std::optional<Tensor>& alibi_slopes, double dropout_p,
+                               const std::optional<Tensor>& rng_state, const std::optional<Tensor>& cu_seqlens_q,
+                               const std::optional<Tensor>& cu_seqlens_k, int64_t max_seqlen_q, int64_t max_seqlen_k) {
+  return fwd_impl(q, k, v,
+                  make_options(scale, is_causal, bottom_right, window_left, window_right, softcap, alibi_slopes,
+                               dropout_p, rng_state, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k),
+                  nullptr);
+}
+
+// Debug: runs the forward and returns int64 [computed, skipped, block_m, block_n]: the key tiles
+// the tensor-core forward computed and the ones it skipped as wholly masked, summed over its
+// CTAs, and its tile shape (query rows x keys).
+Tensor fwd_tile_counts(const Tensor& q, const Tensor& k, const Tensor& v, bool is_causal, bool bottom_right,
+                       int64_t window_left, int64_t window_right, const std::optional<Tensor>& cu_seqlens_q,
+                       const std::optional<Tensor>& cu_seqlens_k, int64_t max_seqlen_q, int64_t max_seqlen_k) {
+  TORCH_CHECK_NOT_IMPLEMENTED(q.is_cuda() && (q.scalar_type() == at::kHalf || q.scalar_type() == at::kBFloat16),
+                              "cuflash_attn: fwd_tile_counts counts the tiles of the tensor-core forward: q must "
+                              "be a float16 or bfloat16 CUDA tensor, got ", q.scalar_type(), " on ", q.device());
+  Tensor counters = at::zeros({4}, q.options().dtype(at::kLong));
+  fwd_impl(q, k, v,
+           make_options(std::nullopt, is_causal, bottom_right, window_left, window_right, 0.0, std::nullopt, 0.0,
+                        std::nullopt, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k),
+           reinterpret_cast<unsigned long long*>(counters.data_ptr<int64_t>()));
+  return counters;
+}
+
+void check_like(const Tensor& t, const char* name, const Tensor& ref, const char* ref_name, bool varlen) {
+  check_attention_tensor(t, name, varlen);
   check_same_kind(t, name, ref);
   TORCH_CHECK_VALUE(t.sizes() == ref.sizes(), "cuflash_attn: ", name, " must have the shape of ", ref_name, " ",
                     shape(ref.sizes()), ", got ", shape(t.sizes()));
 }
 
-Tensor check_stats(const Tensor& t, const char* name, const Tensor& q) {
+Tensor check_stats(const Tensor& t, const char* name, const Tensor& q, bool varlen) {
   const at::ScalarType want = stats_dtype(q.scalar_type());
   TORCH_CHECK_TYPE(t.scalar_type() == want, "cuflash_attn: ", name, " must have dtype ", want, ", got ",
                    t.scalar_type());
   TORCH_CHECK_VALUE(t.device() == q.device(), "cuflash_attn: ", name, " must be on the same device as q (",
                     q.device(), "), got ", t.device());
-  TORCH_CHECK_VALUE(t.dim() == 3 && t.size(0) == q.size(0) && t.size(1) == q.size(1) && t.size(2) == q.size(2),
-                    "cuflash_attn: ", name, " must have shape [batch, heads, seqlen_q] = ",
-                    shape(q.sizes().slice(0, 3)), ", got ", shape(t.sizes()));
+  const std::vector<int64_t> expected = stats_sizes(q, varlen);
+  TORCH_CHECK_VALUE(t.sizes() == at::IntArrayRef(expected), "cuflash_attn: ", name, " must have shape ",
+                    varlen ? "[heads, total_q] = " : "[batch, heads, seqlen_q] = ", shape(expected), ", got ",
+                    shape(t.sizes()));
   return t.contiguous();
 }
 
 std::tuple<Tensor, Tensor, Tensor> bwd(const Tensor& dout, const Tensor& q, const Tensor& k, const Tensor& v,
                                        const Tensor& out, const Tensor& lse, const std::optional<Tensor>& dlse,
-                                       std::optional<double> scale, bool is_causal, bool causal_bottom_right) {
-  AttentionShape sh = check_qkv(q, k, v);
-  check_like(out, "out", q, "q");
-  check_like(dout, "dout", q, "q");
-  const Tensor lse_c = check_stats(lse, "lse", q);
-  const Tensor dlse_c = dlse ? check_stats(*dlse, "dlse", q) : Tensor();
-  const double softmax_scale = resolve_scale(scale, sh.head_dim);
+                                       std::optional<double> scale, bool is_causal, bool bottom_right,
+                                       int64_t window_left, int64_t window_right, double softcap,
+                                       const std::optional<Tensor>& alibi_slopes, double dropout_p,
+                                       const std::optional<Tensor>& rng_state,
+                                       const std::optional<Tensor>& cu_seqlens_q,
+                                       const std::optional<Tensor>& cu_seqlens_k, int64_t max_seqlen_q,
+                                       int64_t max_seqlen_k) {
+  const Options o = make_options(scale, is_causal, bottom_right, window_left, window_right, softcap, alibi_slopes,
+                                 dropout_p, rng_state, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k);
+  const AttentionShape sh = check_qkv(q, k, v, o);
+  check_like(out, "out", q, "q", o.varlen());
+  check_like(dout, "dout", q, "q", o.varlen());
+  const Tensor lse_c = check_stats(lse, "lse", q, o.varlen());
+  const Tensor dlse_c = dlse ? check_stats(*dlse, "dlse", q, o.varlen()) : Tensor();
   Tensor dq = empty_like_input(q), dk = empty_like_input(k), dv = empty_like_input(v);
-  if (sh.batch == 0 || sh.heads_q == 0) return {dq, dk, dv};
-  if (sh.seqlen_q == 0 || sh.seqlen_k == 0) {  // no query sees a key: every gradient is 0
+  const KernelLayout layout = layout_for(q);
+  const Tensor qk = layout.input(q), kk = layout.input(k), vk = layout.input(v);
+  FlashBwdParams p;
+  const std::vector<Tensor> keep = fill_common(p, sh, o, layout, q, k, qk, kk, vk, lse_c);
+  // No query sees a key: every gradient is 0. Packed, rows no sequence covers stay 0.
+  if (q.numel() == 0 || k.numel() == 0 || o.varlen()) {
     dq.zero_();
     dk.zero_();
     dv.zero_();
-    return {dq, dk, dv};
+    if (q.numel() == 0 || k.numel() == 0) return {dq, dk, dv};
   }
-  const KernelLayout layout = layout_for(q);
-  const Tensor qk = layout.input(q), kk = layout.input(k), vk = layout.input(v);
   const Tensor outk = layout.input(out), doutk = layout.input(dout);
   Tensor dq_k = layout.output(dq), dk_k = layout.output(dk), dv_k = layout.output(dv);
   Tensor delta = at::empty_like(lse_c);
-
-  FlashBwdParams p;
-  p.dtype = to_dtype(layout.dtype);
-  sh.head_dim = static_cast<int>(layout.head_dim);
-  p.shape = sh;
-  p.mask = make_mask(is_causal, causal_bottom_right, sh);
-  p.scale = softmax_scale;
-  p.q = qk.data_ptr();
-  p.k = kk.data_ptr();
-  p.v = vk.data_ptr();
   p.out = outk.data_ptr();
   p.dout = doutk.data_ptr();
   p.lse = lse_c.data_ptr();
@@ -297,9 +483,6 @@ std::tuple<Tensor, Tensor, Tensor> bwd(const Tensor& dout, const Tensor& q, cons
   p.dq = dq_k.data_ptr();
   p.dk = dk_k.data_ptr();
   p.dv = dv_k.data_ptr();
-  p.q_strides = strides_of(qk);
-  p.k_strides = strides_of(kk);
-  p.v_strides = strides_of(vk);
   p.out_strides = strides_of(outk);
   p.dout_strides = strides_of(doutk);
   p.dq_strides = strides_of(dq_k);
@@ -311,7 +494,7 @@ std::tuple<Tensor, Tensor, Tensor> bwd(const Tensor& dout, const Tensor& q, cons
     const c10::cuda::CUDAGuard guard(q.device());
     check_cuda(run_flash_bwd_cuda(p, at::cuda::getCurrentCUDAStream()));
   } else {
-    at::parallel_for(0, int64_t{sh.batch} * sh.heads_q, 1, [&](int64_t begin, int64_t end) {
+    at::parallel_for(0, int64_t{sh.batch} * sh.heads_kv, 1, [&](int64_t begin, int64_t end) {
       if (layout.dtype == at::kDouble) flash_bwd_cpu<double>(p, begin, end);
       else flash_bwd_cpu<float>(p, begin, end);
     });
@@ -322,28 +505,71 @@ std::tuple<Tensor, Tensor, Tensor> bwd(const Tensor& dout, const Tensor& q, cons
   return {dq, dk, dv};
 }
 
+// The keep-mask dropout applies for rng_state and dropout_p: bool [batch, heads, seqlen_q,
+// seqlen_k], on rng_state's device (sequence-local indices, as the kernels use them).
+Tensor dropout_mask(const Tensor& rng_state, double dropout_p, int64_t batch, int64_t heads, int64_t seqlen_q,
+                    int64_t seqlen_k) {
+  TORCH_CHECK_TYPE(rng_state.scalar_type() == at::kLong && rng_state.numel() == 2,
+                   "cuflash_attn: rng_state must be an int64 tensor of 2 values [seed, offset]");
+  TORCH_CHECK_VALUE(std::isfinite(dropout_p) && dropout_p >= 0.0 && dropout_p < 1.0,
+                    "cuflash_attn: dropout_p must be in [0, 1), got ", num(dropout_p));
+  TORCH_CHECK_VALUE(batch >= 0 && heads >= 0 && seqlen_q >= 0 && seqlen_k >= 0 && batch <= 65535 && heads <= 65535 &&
+                        seqlen_q <= std::numeric_limits<int>::max() && seqlen_k <= std::numeric_limits<int>::max(),
+                    "cuflash_attn: dropout_mask sizes out of range");
+  const Tensor state = rng_state.contiguous();
+  Tensor keep = at::empty({batch, heads, seqlen_q, seqlen_k}, state.options().dtype(at::kBool));
+  if (keep.numel() == 0) return keep;
+  DropoutParams d;
+  d.p = dropout_p;
+  d.rng_state = state.data_ptr<int64_t>();
+  if (state.is_cuda()) {
+    const c10::cuda::CUDAGuard guard(state.device());
+    check_cuda(dropout_keep_mask_cuda(d, static_cast<int>(batch), static_cast<int>(heads), static_cast<int>(seqlen_q),
+                                      static_cast<int>(seqlen_k), keep.data_ptr<bool>(),
+                                      at::cuda::getCurrentCUDAStream()));
+  } else {
+    dropout_keep_mask_cpu(d, static_cast<int>(batch), static_cast<int>(heads), static_cast<int>(seqlen_q),
+                          static_cast<int>(seqlen_k), keep.data_ptr<bool>());
+  }
+  return keep;
+}
+
 }  // namespace
 
+// The options, in the order every op takes them. Inputs are [batch, heads, seqlen, head_dim],
+// or packed [total_tokens, heads, head_dim] with cu_seqlens_q/k (int32 [batch + 1]); lse is
+// [batch, heads, seqlen_q] ([heads, total_q] packed). Masks and ALiBi are aligned top-left, or
+// bottom-right (query i faces key i + seqlen_k - seqlen_q: flash_attn's rule) with bottom_right.
+// window_left/right bound the keys each query sees around that diagonal (-1: unbounded);
+// is_causal sets window_right to 0. max_seqlen 0 means not known (the packed length bounds it).
+#define CUFLASH_OPTIONS                                                                                       \
+  "float? scale=None, bool is_causal=False, bool bottom_right=False, int window_left=-1, "                 \
+  "int window_right=-1, float softcap=0.0, Tensor? alibi_slopes=None, float dropout_p=0.0, "               \
+  "Tensor? rng_state=None, Tensor? cu_seqlens_q=None, Tensor? cu_seqlens_k=None, SymInt max_seqlen_q=0, " \
+  "SymInt max_seqlen_k=0"
+
 TORCH_LIBRARY(cuflash_attn, m) {
-  // Inputs are [batch, heads, seqlen, head_dim]; lse is [batch, heads, seqlen_q].
-  // causal_bottom_right aligns the causal mask to the last key (flash_attn's rule) instead of
-  // the first (torch's is_causal) when seqlen_q != seqlen_k.
-  m.def("fwd(Tensor q, Tensor k, Tensor v, float? scale=None, bool is_causal=False, "
-        "bool causal_bottom_right=False) -> (Tensor out, Tensor lse)");
+  m.def("fwd(Tensor q, Tensor k, Tensor v, " CUFLASH_OPTIONS ") -> (Tensor out, Tensor lse)");
   // dlse is the gradient of the returned lse (None when lse was not used).
-  m.def("bwd(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, Tensor? dlse=None, "
-        "float? scale=None, bool is_causal=False, bool causal_bottom_right=False) "
-        "-> (Tensor dq, Tensor dk, Tensor dv)");
+  m.def("bwd(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, Tensor? dlse=None, " CUFLASH_OPTIONS
+        ") -> (Tensor dq, Tensor dk, Tensor dv)");
+  m.def("dropout_mask(Tensor rng_state, float dropout_p, int batch, int heads, int seqlen_q, int seqlen_k) -> Tensor");
+  m.def("fwd_tile_counts(Tensor q, Tensor k, Tensor v, bool is_causal=False, bool bottom_right=False, "
+        "int window_left=-1, int window_right=-1, Tensor? cu_seqlens_q=None, Tensor? cu_seqlens_k=None, "
+        "SymInt max_seqlen_q=0, SymInt max_seqlen_k=0) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(cuflash_attn, CPU, m) {
   m.impl("fwd", &fwd);
   m.impl("bwd", &bwd);
+  m.impl("dropout_mask", &dropout_mask);
 }
 
 TORCH_LIBRARY_IMPL(cuflash_attn, CUDA, m) {
   m.impl("fwd", &fwd);
   m.impl("bwd", &bwd);
+  m.impl("dropout_mask", &dropout_mask);
+  m.impl("fwd_tile_counts", &fwd_tile_counts);
 }
 
 }  // namespace cuflash

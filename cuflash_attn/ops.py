@@ -1,7 +1,8 @@
 """What Python adds to the C++ ops: shapes for torch.compile (fakes) and the autograd wiring.
 
 The forward saves out and lse; the backward calls the registered backward op, which
-recomputes attention from lse. The ops themselves are defined in csrc/torch_ops.cpp.
+recomputes attention from lse (and, with dropout, regenerates the same keep-mask from the
+saved rng_state). The ops themselves are defined in csrc/torch_ops.cpp.
 """
 import torch
 
@@ -19,29 +20,58 @@ def _stats_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def _empty_stats(q: torch.Tensor, varlen: bool) -> torch.Tensor:
+    # lse: [batch, heads, seqlen_q], or [heads, total_q] for packed inputs (as in the C++ op).
+    shape = (q.shape[1], q.shape[0]) if varlen else (q.shape[0], q.shape[1], q.shape[2])
+    return q.new_empty(shape, dtype=_stats_dtype(q.dtype))
+
+
 @torch.library.register_fake("cuflash_attn::fwd")
-def _fwd_fake(q, k, v, scale=None, is_causal=False, causal_bottom_right=False):
-    torch._check(q.dim() == 4, lambda: "cuflash_attn: q must have 4 dimensions")
-    lse = q.new_empty((q.shape[0], q.shape[1], q.shape[2]), dtype=_stats_dtype(q.dtype))
-    return _empty_like_input(q), lse
+def _fwd_fake(q, k, v, scale=None, is_causal=False, bottom_right=False, window_left=-1, window_right=-1,
+              softcap=0.0, alibi_slopes=None, dropout_p=0.0, rng_state=None, cu_seqlens_q=None,
+              cu_seqlens_k=None, max_seqlen_q=0, max_seqlen_k=0):
+    varlen = cu_seqlens_q is not None
+    torch._check(q.dim() == (3 if varlen else 4), lambda: "cuflash_attn: q has the wrong number of dimensions")
+    return _empty_like_input(q), _empty_stats(q, varlen)
 
 
 @torch.library.register_fake("cuflash_attn::bwd")
-def _bwd_fake(dout, q, k, v, out, lse, dlse=None, scale=None, is_causal=False, causal_bottom_right=False):
+def _bwd_fake(dout, q, k, v, out, lse, dlse=None, scale=None, is_causal=False, bottom_right=False,
+              window_left=-1, window_right=-1, softcap=0.0, alibi_slopes=None, dropout_p=0.0, rng_state=None,
+              cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q=0, max_seqlen_k=0):
     return _empty_like_input(q), _empty_like_input(k), _empty_like_input(v)
 
 
+@torch.library.register_fake("cuflash_attn::dropout_mask")
+def _dropout_mask_fake(rng_state, dropout_p, batch, heads, seqlen_q, seqlen_k):
+    return rng_state.new_empty((batch, heads, seqlen_q, seqlen_k), dtype=torch.bool)
+
+
+@torch.library.register_fake("cuflash_attn::fwd_tile_counts")
+def _fwd_tile_counts_fake(q, k, v, is_causal=False, bottom_right=False, window_left=-1, window_right=-1,
+                          cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q=0, max_seqlen_k=0):
+    return q.new_empty((4,), dtype=torch.int64)
+
+
+# fwd's inputs after q, k, v, in schema order; the tensors among them are saved for backward.
+_OPTION_TENSORS = ("alibi_slopes", "rng_state", "cu_seqlens_q", "cu_seqlens_k")
+
+
 def _fwd_setup_context(ctx, inputs, output):
-    q, k, v, scale, is_causal, causal_bottom_right = inputs
+    q, k, v, *options = inputs
     out, lse = output
-    ctx.save_for_backward(q, k, v, out, lse)
-    ctx.scale, ctx.is_causal, ctx.causal_bottom_right = scale, is_causal, causal_bottom_right
+    names = ("scale", "is_causal", "bottom_right", "window_left", "window_right", "softcap", "alibi_slopes",
+             "dropout_p", "rng_state", "cu_seqlens_q", "cu_seqlens_k", "max_seqlen_q", "max_seqlen_k")
+    opts = dict(zip(names, options))
+    ctx.save_for_backward(q, k, v, out, lse, *(opts.pop(n) for n in _OPTION_TENSORS))
+    ctx.scalar_options = opts
 
 
 def _fwd_backward(ctx, dout, dlse):
-    q, k, v, out, lse = ctx.saved_tensors
-    dq, dk, dv = _ops.bwd(dout, q, k, v, out, lse, dlse, ctx.scale, ctx.is_causal, ctx.causal_bottom_right)
-    return dq, dk, dv, None, None, None
+    q, k, v, out, lse, *tensors = ctx.saved_tensors
+    options = dict(ctx.scalar_options, **dict(zip(_OPTION_TENSORS, tensors)))
+    dq, dk, dv = _ops.bwd(dout, q, k, v, out, lse, dlse, **options)
+    return (dq, dk, dv) + (None,) * 13
 
 
 torch.library.register_autograd("cuflash_attn::fwd", _fwd_backward, setup_context=_fwd_setup_context)
@@ -57,3 +87,9 @@ def _bwd_backward(ctx, *grads):
 
 
 torch.library.register_autograd("cuflash_attn::bwd", _bwd_backward, setup_context=_bwd_setup_context)
+
+
+def new_rng_state(device: torch.device) -> torch.Tensor:
+    """[seed, offset] for one dropout call, drawn from torch's generator on `device` (so
+    torch.manual_seed makes it reproducible, and CUDA graphs replay it with fresh draws)."""
+    return torch.randint(0, 2**62, (2,), dtype=torch.int64, device=device)

@@ -6,24 +6,43 @@ import torch
 LOW_PRECISION = (torch.float16, torch.bfloat16)
 
 
-def attention_reference(q, k, v, causal=False, scale=None, bottom_right=False, dtype=torch.float64):
+def attention_reference(q, k, v, causal=False, scale=None, bottom_right=False, dtype=torch.float64, *,
+                        window=(-1, -1), softcap=0.0, alibi_slopes=None, dropout_keep=None, dropout_p=0.0):
     """Plain attention in `dtype` (float64: the reference; the input dtype: the `pt` baseline,
-    with the scale applied to k to show reordering error). Masks are -inf; a query row that sees
-    no key gives output 0 and lse -inf, as cuflash_attn documents."""
+    with the scale applied to k to show reordering error). q: [B, Hq, Nq, D]; k, v: [B, Hkv, Nk, D]
+    (GQA: repeated here). Query i faces key i + diagonal (0, or Nk - Nq with bottom_right); key j
+    is visible iff -left <= j - i - diagonal <= right (causal: right = 0; -1: unbounded). softcap
+    and ALiBi change the scores; dropout_keep (bool [B, Hq, Nq, Nk]) drops probabilities, the
+    kept ones scaled by 1 / (1 - dropout_p). Masks are -inf; a query row that sees no key gives
+    output 0 and lse -inf, as cuflash_attn documents."""
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
     q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
+    group = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
     scores = q @ (k * scale).transpose(-1, -2)
+    if softcap > 0:
+        scores = softcap * torch.tanh(scores / softcap)
     nq, nk = q.shape[-2], k.shape[-2]
-    sees_key = torch.full((nq, 1), nk > 0, device=q.device)
-    if causal:
-        offset = nk - nq if bottom_right else 0
-        i = torch.arange(nq, device=q.device)[:, None]
-        j = torch.arange(nk, device=q.device)[None, :]
-        scores = scores.masked_fill(j > i + offset, float("-inf"))
-        sees_key = sees_key & (i + offset >= 0)
+    diagonal = nk - nq if bottom_right else 0
+    rel = torch.arange(nk, device=q.device)[None, :] - torch.arange(nq, device=q.device)[:, None] - diagonal
+    if alibi_slopes is not None:
+        slopes = alibi_slopes.to(device=q.device, dtype=dtype)
+        slopes = slopes.reshape(-1 if slopes.dim() == 2 else 1, q.shape[1], 1, 1)
+        scores = scores - slopes * rel.abs().to(dtype)
+    left, right = window
+    right = 0 if causal else right
+    visible = torch.ones_like(rel, dtype=torch.bool)
+    if right >= 0:
+        visible &= rel <= right
+    if left >= 0:
+        visible &= rel >= -left
+    scores = scores.masked_fill(~visible, float("-inf"))
+    sees_key = visible.any(-1, keepdim=True)
     lse = torch.logsumexp(scores.float() if dtype in LOW_PRECISION else scores, dim=-1)
     # Rows that see no key: softmax over zeros (finite gradients), then multiplied by 0.
     probs = torch.softmax(scores.masked_fill(~sees_key, 0.0), dim=-1) * sees_key
+    if dropout_keep is not None:
+        probs = probs * dropout_keep.to(q.device) / (1.0 - dropout_p)
     return probs @ v, lse
 
 

@@ -18,7 +18,64 @@ def qkv(device, dtype, b=2, h=3, nq=37, nk=45, d=24, requires_grad=True):
 def test_opcheck_fwd(device, dtype, causal, bottom_right):
     q, k, v = qkv(device, dtype)
     torch.library.opcheck(ops.fwd.default, (q, k, v),
-                          {"scale": 0.3, "is_causal": causal, "causal_bottom_right": bottom_right})
+                          {"scale": 0.3, "is_causal": causal, "bottom_right": bottom_right})
+
+
+def feature_options(device, heads=3):
+    """Every option of the ops at once (GQA comes from the inputs)."""
+    return dict(is_causal=True, bottom_right=True, window_left=20, softcap=8.0,
+                alibi_slopes=torch.rand(heads, device=device), dropout_p=0.2,
+                rng_state=torch.tensor([11, 0], dtype=torch.int64, device=device))
+
+
+def gqa_qkv(device, dtype, requires_grad=True, nq=37, nk=45, d=24):
+    q = torch.randn(2, 4, nq, d, device=device, dtype=dtype, requires_grad=requires_grad)
+    k, v = (torch.randn(2, 2, nk, d, device=device, dtype=dtype, requires_grad=requires_grad) for _ in range(2))
+    return q, k, v
+
+
+def varlen_qkv(device, dtype, requires_grad=True, d=16):
+    cu_q = torch.tensor([0, 5, 5, 30], dtype=torch.int32, device=device)
+    cu_k = torch.tensor([0, 9, 20, 22], dtype=torch.int32, device=device)
+    q = torch.randn(30, 4, d, device=device, dtype=dtype, requires_grad=requires_grad)
+    k, v = (torch.randn(22, 2, d, device=device, dtype=dtype, requires_grad=requires_grad) for _ in range(2))
+    return (q, k, v), dict(cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, max_seqlen_q=25, max_seqlen_k=11)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("varlen", [False, True], ids=["padded", "varlen"])
+def test_opcheck_with_features(device, dtype, varlen):
+    if varlen:
+        (q, k, v), extra = varlen_qkv(device, dtype)
+        options = dict(feature_options(device, heads=4), **extra)
+    else:
+        q, k, v = gqa_qkv(device, dtype)
+        options = feature_options(device, heads=4)
+    torch.library.opcheck(ops.fwd.default, (q, k, v), options)
+    q, k, v = (t.detach() for t in (q, k, v))
+    out, lse = ops.fwd(q, k, v, **options)
+    torch.library.opcheck(ops.bwd.default, (torch.randn_like(out), q, k, v, out, lse, None), options)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_opcheck_dropout_mask(device):
+    state = torch.tensor([3, 4], dtype=torch.int64, device=device)
+    torch.library.opcheck(ops.dropout_mask.default, (state, 0.3, 2, 3, 17, 29))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("varlen", [False, True], ids=["padded", "varlen"])
+def test_gradcheck_fp64_with_features(device, varlen):
+    if varlen:
+        (q, k, v), extra = varlen_qkv(device, torch.float64, d=8)
+        options = dict(feature_options(device, heads=4), **extra)
+    else:
+        q, k, v = gqa_qkv(device, torch.float64, nq=9, nk=13, d=8)
+        options = dict(feature_options(device, heads=4), window_left=5)
+    # Packed, some rows see no key: their lse is -inf, which has no finite difference.
+    fn = lambda q, k, v: ops.fwd(q, k, v, **options)[0 if varlen else slice(None)]  # noqa: E731
+    assert torch.autograd.gradcheck(fn, (q, k, v))
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -1,17 +1,24 @@
 // CPU attention: the same tiled online-softmax algorithm as the CUDA kernels, in T = float or
-// double (float16/bfloat16 inputs are computed in float by the caller). Each call handles the
-// (batch, head) pairs [bh_begin, bh_end), so the caller can split them over threads.
+// double (float16/bfloat16 inputs are computed in float by the caller), with every feature of
+// the params (attention_math.h holds the per-element rules). The callers split the work over
+// threads by ranges of independent (batch, head) pairs.
 #pragma once
 #include <cstdint>
 #include "../flash_params.h"
 
 namespace cuflash {
 
+// Handles the (batch, query head) pairs [bh_begin, bh_end), bh = b * heads_q + h.
 template <typename T>
 void flash_fwd_cpu(const FlashFwdParams& p, int64_t bh_begin, int64_t bh_end);
 
-// Writes dq, dk and dv of the (batch, head) pairs in range; p.delta is not used.
+// Handles the (batch, key/value head) pairs [bhk_begin, bhk_end), bhk = b * heads_kv + hk: dq
+// of every query head of the group, and dk, dv summed over the group. p.delta is not used.
 template <typename T>
-void flash_bwd_cpu(const FlashBwdParams& p, int64_t bh_begin, int64_t bh_end);
+void flash_bwd_cpu(const FlashBwdParams& p, int64_t bhk_begin, int64_t bhk_end);
+
+// The dropout keep-mask the kernels use, [batch, heads, seqlen_q, seqlen_k] row-major (for
+// tests and return_attn_probs); d.rng_state must be host memory here.
+void dropout_keep_mask_cpu(const DropoutParams& d, int batch, int heads, int seqlen_q, int seqlen_k, bool* keep);
 
 }  // namespace cuflash

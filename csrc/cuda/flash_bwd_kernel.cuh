@@ -2,11 +2,12 @@
 // saved logsumexp; no attention matrix is stored. Two kernels, so that no CTA needs another's
 // partial sums and the result is deterministic:
 //   dQ kernel:    queries resident, keys streamed:   S = Q K^T, dP = dO V^T, dQ += dS K
-//   dK/dV kernel: keys resident, queries streamed:   S^T = K Q^T, dV += P^T dO,
-//                                                     dP^T = V dO^T, dK += dS^T Q
+//   dK/dV kernel: keys resident, queries of every query head of the key's group streamed
+//                 (GQA sums there, with no atomics): S^T = K Q^T, dP^T = V dO^T,
+//                                                     dV += (P z)^T dO, dK += dS^T Q
 // Both keep every operand of their matmuls in the layouts mma wants, so P and dS go from
 // the accumulators straight back into registers as A operands, never through shared memory.
-// delta = rowsum(dO * O) - dlse is computed first by a small kernel.
+// delta = rowsum(dO * O) - dlse is computed first by a small kernel. z is the dropout factor.
 #pragma once
 #include <type_traits>
 #include "../flash_params.h"
@@ -16,8 +17,6 @@
 #include "tile_shapes.h"
 
 namespace cuflash {
-
-constexpr float kLog2e = 1.4426950408889634f;
 
 // lse in the scaled log2 domain; a row that saw no key (lse = -inf) becomes +inf, so that
 // exp2(s - lse) = 0 for every key of it.
@@ -37,20 +36,18 @@ __device__ __forceinline__ Acc to_acc(T x) {
 // which enters dS = P * (dP - delta) the same way).
 template <typename T, typename Acc>
 __global__ void __launch_bounds__(128) flash_bwd_delta_kernel(const FlashBwdParams p) {
-  const AttentionShape& sh = p.shape;
   const int row = blockIdx.x * 4 + threadIdx.x / 32, lane = threadIdx.x % 32;
   const int h = blockIdx.y, b = blockIdx.z;
-  if (row >= sh.seqlen_q) return;
-  const T* o = static_cast<const T*>(p.out) + b * p.out_strides.batch + h * p.out_strides.head +
-               row * p.out_strides.row;
-  const T* dout = static_cast<const T*>(p.dout) + b * p.dout_strides.batch +
-                  h * p.dout_strides.head + row * p.dout_strides.row;
+  const Sequence seq = sequence_of(p, b);
+  if (row >= seq.seqlen_q) return;
+  const T* o = static_cast<const T*>(p.out) + row_offset(p.out_strides, seq, true, b, h, row);
+  const T* dout = static_cast<const T*>(p.dout) + row_offset(p.dout_strides, seq, true, b, h, row);
   Acc sum = 0;
-  for (int d = lane; d < sh.head_dim; d += 32) sum += to_acc<Acc>(o[d]) * to_acc<Acc>(dout[d]);
+  for (int d = lane; d < p.shape.head_dim; d += 32) sum += to_acc<Acc>(o[d]) * to_acc<Acc>(dout[d]);
 #pragma unroll
   for (int off = 16; off > 0; off /= 2) sum += __shfl_xor_sync(0xffffffffu, sum, off);
   if (lane == 0) {
-    const int64_t idx = (static_cast<int64_t>(b) * sh.heads_q + h) * sh.seqlen_q + row;
+    const int64_t idx = stats_offset(p.stats_strides, seq, b, h) + row;
     if (p.dlse) sum -= static_cast<const Acc*>(p.dlse)[idx];
     static_cast<Acc*>(p.delta)[idx] = sum;
   }
@@ -83,45 +80,47 @@ __global__ void __launch_bounds__(BwdDqKernel<T, kHeadDim>::kThreads)
   const int h_kv = h / (sh.heads_q / sh.heads_kv);
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
   const int m_start = m_block * kBlockM, row0 = m_start + warp * 16;
+  const Sequence seq = sequence_of(p, b);
+  if (m_start >= seq.seqlen_q) return;
 
-  const T* q = static_cast<const T*>(p.q) + b * p.q_strides.batch + h * p.q_strides.head;
-  const T* dout = static_cast<const T*>(p.dout) + b * p.dout_strides.batch + h * p.dout_strides.head;
-  const T* k = static_cast<const T*>(p.k) + b * p.k_strides.batch + h_kv * p.k_strides.head;
-  const T* v = static_cast<const T*>(p.v) + b * p.v_strides.batch + h_kv * p.v_strides.head;
-  const int64_t stats = (static_cast<int64_t>(b) * sh.heads_q + h) * sh.seqlen_q;
+  const T* q = static_cast<const T*>(p.q) + row_offset(p.q_strides, seq, true, b, h, 0);
+  const T* dout = static_cast<const T*>(p.dout) + row_offset(p.dout_strides, seq, true, b, h, 0);
+  const T* k = static_cast<const T*>(p.k) + row_offset(p.k_strides, seq, false, b, h_kv, 0);
+  const T* v = static_cast<const T*>(p.v) + row_offset(p.v_strides, seq, false, b, h_kv, 0);
+  const int64_t stats = stats_offset(p.stats_strides, seq, b, h);
 
   float lse2[2], delta[2];
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
     const int row = row0 + (lane >> 2) + 8 * r;
-    const bool valid = row < sh.seqlen_q;
+    const bool valid = row < seq.seqlen_q;
     lse2[r] = valid ? lse_to_log2(static_cast<const float*>(p.lse)[stats + row]) : INFINITY;
     delta[r] = valid ? static_cast<const float*>(p.delta)[stats + row] : 0.f;
   }
 
   auto load_kv = [&](int n_block, int buf) {
-    const int n0 = n_block * kBlockN, rows = sh.seqlen_k - n0;
+    const int n0 = n_block * kBlockN, rows = seq.seqlen_k - n0;
     sK(buf).template load_async<kThreads>(k + n0 * p.k_strides.row, p.k_strides.row, rows, sh.head_dim, tid);
     sV(buf).template load_async<kThreads>(v + n0 * p.v_strides.row, p.v_strides.row, rows, sh.head_dim, tid);
   };
 
-  const float scale_log2 = static_cast<float>(p.scale) * kLog2e;
-  const int n_blocks =
-      key_blocks_for_queries(p.mask, m_start, kBlockM, sh.seqlen_q, sh.seqlen_k, kBlockN);
+  const ScoreMod mod(p, b, h);
+  const DropoutRng rng = p.dropout.p > 0.0 ? make_dropout_rng(p.dropout) : DropoutRng{};
+  const DropoutRng* rng_ptr = p.dropout.p > 0.0 ? &rng : nullptr;
+  const Range n_blocks = key_blocks(p.mask, seq, m_start, min(m_start + kBlockM, seq.seqlen_q), kBlockN);
   WarpAcc<kHeadDim> dq;
   dq.zero();
-  if (n_blocks > 0) {
-    const int rows = sh.seqlen_q - m_start;
+  if (n_blocks.end > n_blocks.begin) {
+    const int rows = seq.seqlen_q - m_start;
     sQ.template load_async<kThreads>(q + m_start * p.q_strides.row, p.q_strides.row, rows, sh.head_dim, tid);
     sdO.template load_async<kThreads>(dout + m_start * p.dout_strides.row, p.dout_strides.row, rows,
                                       sh.head_dim, tid);
-    load_kv(0, 0);
+    load_kv(n_blocks.begin, 0);
     cp_async_commit();
-    for (int n_block = 0; n_block < n_blocks; ++n_block) {
-      const int buf = n_block & 1;
+    for (int n_block = n_blocks.begin, buf = 0; n_block < n_blocks.end; ++n_block, buf ^= 1) {
       cp_async_wait_all();
       __syncthreads();
-      if (n_block + 1 < n_blocks) load_kv(n_block + 1, buf ^ 1);
+      if (n_block + 1 < n_blocks.end) load_kv(n_block + 1, buf ^ 1);
       cp_async_commit();
 
       WarpAcc<kBlockN> s, dp;
@@ -129,24 +128,16 @@ __global__ void __launch_bounds__(BwdDqKernel<T, kHeadDim>::kThreads)
       dp.zero();
       warp_gemm_abt<T, kHeadDim, kBlockN>(s, sQ, warp * 16, sK(buf), 0, lane);
       warp_gemm_abt<T, kHeadDim, kBlockN>(dp, sdO, warp * 16, sV(buf), 0, lane);
-      scale_scores(s, scale_log2);
-      const int n0 = n_block * kBlockN;
-      if (block_needs_mask(p.mask, row0, n0, kBlockN, sh.seqlen_k))
-        apply_mask(s, p.mask, row0, n0, sh.seqlen_k, lane);
-#pragma unroll
-      for (int j = 0; j < kBlockN / 8; ++j)
-#pragma unroll
-        for (int e = 0; e < 4; ++e) {
-          const float prob = fast_exp2(s.v[j][e] - lse2[e >> 1]);
-          dp.v[j][e] = prob * (dp.v[j][e] - delta[e >> 1]);  // dS
-        }
+      backward_probs<false, true>(s, dp, mod, p.mask, seq, rng_ptr, b, h, sh.heads_q, row0, n_block * kBlockN,
+                                  lane, [&](int, int e) { return lse2[e >> 1]; },
+                                  [&](int, int e) { return delta[e >> 1]; });
       warp_gemm_rb<T, kBlockN, kHeadDim>(dq, dp, sK(buf), 0, lane);
     }
   }
   const float row_scale[2] = {static_cast<float>(p.scale), static_cast<float>(p.scale)};
-  T* dq_out = static_cast<T*>(p.dq) + b * p.dq_strides.batch + h * p.dq_strides.head;
+  T* dq_out = static_cast<T*>(p.dq) + row_offset(p.dq_strides, seq, true, b, h, 0);
   warp_store_rows<T, kHeadDim>(dq, row_scale, sQ, warp * 16, dq_out + row0 * p.dq_strides.row,
-                               p.dq_strides.row, sh.seqlen_q - row0, sh.head_dim, lane);
+                               p.dq_strides.row, seq.seqlen_q - row0, sh.head_dim, lane);
 }
 
 template <typename T, int kHeadDim>
@@ -175,89 +166,87 @@ __global__ void __launch_bounds__(BwdDkvKernel<T, kHeadDim>::kThreads)
   float* sDelta = sLse2 + 2 * kBlockM;                                      // [2][kBlockM]
 
   const AttentionShape& sh = p.shape;
-  const int n_block = blockIdx.x, h = blockIdx.y, b = blockIdx.z;
-  const int h_kv = h / (sh.heads_q / sh.heads_kv);
+  const int n_block = blockIdx.x, h_kv = blockIdx.y, b = blockIdx.z;
+  const int group = sh.heads_q / sh.heads_kv;
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
   const int n_start = n_block * kBlockN, key0 = n_start + warp * 16;
+  const Sequence seq = sequence_of(p, b);
+  if (n_start >= seq.seqlen_k) return;
 
-  const T* q = static_cast<const T*>(p.q) + b * p.q_strides.batch + h * p.q_strides.head;
-  const T* dout = static_cast<const T*>(p.dout) + b * p.dout_strides.batch + h * p.dout_strides.head;
-  const T* k = static_cast<const T*>(p.k) + b * p.k_strides.batch + h_kv * p.k_strides.head;
-  const T* v = static_cast<const T*>(p.v) + b * p.v_strides.batch + h_kv * p.v_strides.head;
-  const int64_t stats = (static_cast<int64_t>(b) * sh.heads_q + h) * sh.seqlen_q;
+  const T* k = static_cast<const T*>(p.k) + row_offset(p.k_strides, seq, false, b, h_kv, 0);
+  const T* v = static_cast<const T*>(p.v) + row_offset(p.v_strides, seq, false, b, h_kv, 0);
+  // The query blocks these keys are visible to, for each query head of the group in turn: step
+  // t is head h_kv * group + t / per_head, block m.begin + t % per_head.
+  const Range m = query_blocks(p.mask, seq, n_start, min(n_start + kBlockN, seq.seqlen_k), kBlockM);
+  const int per_head = m.end - m.begin, steps = per_head * group;
+  auto head_of = [&](int step) { return h_kv * group + step / per_head; };
+  auto block_of = [&](int step) { return m.begin + step % per_head; };
 
-  auto load_queries = [&](int m_block, int buf) {
-    const int m0 = m_block * kBlockM, rows = sh.seqlen_q - m0;
-    sQ(buf).template load_async<kThreads>(q + m0 * p.q_strides.row, p.q_strides.row, rows, sh.head_dim, tid);
-    sdO(buf).template load_async<kThreads>(dout + m0 * p.dout_strides.row, p.dout_strides.row, rows,
-                                           sh.head_dim, tid);
+  auto load_queries = [&](int step, int buf) {
+    const int h = head_of(step), m0 = block_of(step) * kBlockM, rows = seq.seqlen_q - m0;
+    const T* q = static_cast<const T*>(p.q) + row_offset(p.q_strides, seq, true, b, h, m0);
+    const T* dout = static_cast<const T*>(p.dout) + row_offset(p.dout_strides, seq, true, b, h, m0);
+    sQ(buf).template load_async<kThreads>(q, p.q_strides.row, rows, sh.head_dim, tid);
+    sdO(buf).template load_async<kThreads>(dout, p.dout_strides.row, rows, sh.head_dim, tid);
+    const int64_t stats = stats_offset(p.stats_strides, seq, b, h) + m0;
     for (int i = tid; i < kBlockM; i += kThreads) {
-      const bool valid = m0 + i < sh.seqlen_q;
-      sLse2[buf * kBlockM + i] =
-          valid ? lse_to_log2(static_cast<const float*>(p.lse)[stats + m0 + i]) : INFINITY;
-      sDelta[buf * kBlockM + i] = valid ? static_cast<const float*>(p.delta)[stats + m0 + i] : 0.f;
+      const bool valid = m0 + i < seq.seqlen_q;
+      sLse2[buf * kBlockM + i] = valid ? lse_to_log2(static_cast<const float*>(p.lse)[stats + i]) : INFINITY;
+      sDelta[buf * kBlockM + i] = valid ? static_cast<const float*>(p.delta)[stats + i] : 0.f;
     }
   };
 
-  const float scale_log2 = static_cast<float>(p.scale) * kLog2e;
-  const int m_begin = first_query_block_for_keys(p.mask, n_start, kBlockM);
-  const int m_blocks = (sh.seqlen_q + kBlockM - 1) / kBlockM;
+  const DropoutRng rng = p.dropout.p > 0.0 ? make_dropout_rng(p.dropout) : DropoutRng{};
+  const DropoutRng* rng_ptr = p.dropout.p > 0.0 ? &rng : nullptr;
   WarpAcc<kHeadDim> dk, dv;
   dk.zero();
   dv.zero();
-  if (m_begin < m_blocks) {
-    const int rows = sh.seqlen_k - n_start;
+  if (steps > 0) {
+    const int rows = seq.seqlen_k - n_start;
     sK.template load_async<kThreads>(k + n_start * p.k_strides.row, p.k_strides.row, rows, sh.head_dim, tid);
     if (kComputeDk)
       sV.template load_async<kThreads>(v + n_start * p.v_strides.row, p.v_strides.row, rows, sh.head_dim, tid);
-    load_queries(m_begin, 0);
+    load_queries(0, 0);
     cp_async_commit();
-    for (int m_block = m_begin; m_block < m_blocks; ++m_block) {
-      const int buf = (m_block - m_begin) & 1;
+    for (int step = 0, buf = 0; step < steps; ++step, buf ^= 1) {
       cp_async_wait_all();
       __syncthreads();
-      if (m_block + 1 < m_blocks) load_queries(m_block + 1, buf ^ 1);
+      if (step + 1 < steps) load_queries(step + 1, buf ^ 1);
       cp_async_commit();
 
-      const int m0 = m_block * kBlockM;
+      const int h = head_of(step), m0 = block_of(step) * kBlockM;
+      const ScoreMod mod(p, b, h);
       const float* lse2 = sLse2 + buf * kBlockM;
       const float* delta = sDelta + buf * kBlockM;
-      WarpAcc<kBlockM> s;  // S^T: 16 keys x kBlockM queries, then P^T
+      WarpAcc<kBlockM> s, dp;  // S^T and dP^T: 16 keys x kBlockM queries
       s.zero();
       warp_gemm_abt<T, kHeadDim, kBlockM>(s, sK, warp * 16, sQ(buf), 0, lane);
-      scale_scores(s, scale_log2);
-      if (block_needs_causal_mask_t<kBlockM>(p.mask, key0, m0)) apply_causal_mask_t(s, p.mask, key0, m0, lane);
-#pragma unroll
-      for (int j = 0; j < kBlockM / 8; ++j)
-#pragma unroll
-        for (int e = 0; e < 4; ++e) s.v[j][e] = fast_exp2(s.v[j][e] - lse2[WarpAcc<kBlockM>::col_of(j, e, lane)]);
-      if (kComputeDv) warp_gemm_rb<T, kBlockM, kHeadDim>(dv, s, sdO(buf), 0, lane);
       if (kComputeDk) {
-        WarpAcc<kBlockM> dp;  // dP^T, then dS^T
         dp.zero();
         warp_gemm_abt<T, kHeadDim, kBlockM>(dp, sV, warp * 16, sdO(buf), 0, lane);
-#pragma unroll
-        for (int j = 0; j < kBlockM / 8; ++j)
-#pragma unroll
-          for (int e = 0; e < 4; ++e)
-            dp.v[j][e] = s.v[j][e] * (dp.v[j][e] - delta[WarpAcc<kBlockM>::col_of(j, e, lane)]);
-        warp_gemm_rb<T, kBlockM, kHeadDim>(dk, dp, sQ(buf), 0, lane);
       }
+      // s becomes (P z)^T, dp becomes dS^T.
+      backward_probs<true, kComputeDk>(
+          s, dp, mod, p.mask, seq, rng_ptr, b, h, sh.heads_q, key0, m0, lane,
+          [&](int j, int e) { return lse2[WarpAcc<kBlockM>::col_of(j, e, lane)]; },
+          [&](int j, int e) { return delta[WarpAcc<kBlockM>::col_of(j, e, lane)]; });
+      if (kComputeDv) warp_gemm_rb<T, kBlockM, kHeadDim>(dv, s, sdO(buf), 0, lane);
+      if (kComputeDk) warp_gemm_rb<T, kBlockM, kHeadDim>(dk, dp, sQ(buf), 0, lane);
     }
   }
   // Each warp stages its own rows of sK / sV (read only by this warp) for the stores.
-  const int rows_valid = sh.seqlen_k - key0;
+  const int rows_valid = seq.seqlen_k - key0;
   if (kComputeDk) {
     const float row_scale[2] = {static_cast<float>(p.scale), static_cast<float>(p.scale)};
-    T* dk_out = static_cast<T*>(p.dk) + b * p.dk_strides.batch + h * p.dk_strides.head;
-    warp_store_rows<T, kHeadDim>(dk, row_scale, sK, warp * 16, dk_out + key0 * p.dk_strides.row,
-                                 p.dk_strides.row, rows_valid, sh.head_dim, lane);
+    T* dk_out = static_cast<T*>(p.dk) + row_offset(p.dk_strides, seq, false, b, h_kv, key0);
+    warp_store_rows<T, kHeadDim>(dk, row_scale, sK, warp * 16, dk_out, p.dk_strides.row, rows_valid, sh.head_dim,
+                                 lane);
   }
   if (kComputeDv) {
     const float row_scale[2] = {1.f, 1.f};
-    T* dv_out = static_cast<T*>(p.dv) + b * p.dv_strides.batch + h * p.dv_strides.head;
-    warp_store_rows<T, kHeadDim>(dv, row_scale, sV, warp * 16, dv_out + key0 * p.dv_strides.row,
-                                 p.dv_strides.row, rows_valid, sh.head_dim, lane);
+    T* dv_out = static_cast<T*>(p.dv) + row_offset(p.dv_strides, seq, false, b, h_kv, key0);
+    warp_store_rows<T, kHeadDim>(dv, row_scale, sV, warp * 16, dv_out, p.dv_strides.row, rows_valid, sh.head_dim,
+                                 lane);
   }
 }
 

@@ -1,6 +1,7 @@
 // Forward attention on tensor cores (mma.sync, sm_80+): one CTA per (64 query rows, head,
 // batch); K/V tiles double-buffered through shared memory with cp.async; online softmax in
-// registers; P stays in registers for P V; no N x N buffer anywhere.
+// registers; P stays in registers for P V; no N x N buffer anywhere. Only the key blocks the
+// mask leaves visible are visited (attention_math.h's rules).
 #pragma once
 #include "../flash_params.h"
 #include "mask.cuh"
@@ -37,46 +38,61 @@ __global__ void __launch_bounds__(FwdKernel<T, kHeadDim>::kThreads)
   const int h_kv = h / (sh.heads_q / sh.heads_kv);
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
   const int m_start = m_block * kBlockM;
+  const Sequence seq = sequence_of(p, b);
+  if (m_start >= seq.seqlen_q) return;  // a packed sequence shorter than the grid
 
-  const T* q = static_cast<const T*>(p.q) + b * p.q_strides.batch + h * p.q_strides.head;
-  const T* k = static_cast<const T*>(p.k) + b * p.k_strides.batch + h_kv * p.k_strides.head;
-  const T* v = static_cast<const T*>(p.v) + b * p.v_strides.batch + h_kv * p.v_strides.head;
-  const int n_blocks =
-      key_blocks_for_queries(p.mask, m_start, kBlockM, sh.seqlen_q, sh.seqlen_k, kBlockN);
+  const T* q = static_cast<const T*>(p.q) + row_offset(p.q_strides, seq, true, b, h, 0);
+  const T* k = static_cast<const T*>(p.k) + row_offset(p.k_strides, seq, false, b, h_kv, 0);
+  const T* v = static_cast<const T*>(p.v) + row_offset(p.v_strides, seq, false, b, h_kv, 0);
+  const Range n_blocks = key_blocks(p.mask, seq, m_start, min(m_start + kBlockM, seq.seqlen_q), kBlockN);
+  if (p.tile_counters && tid == 0) {
+    const int all = (seq.seqlen_k + kBlockN - 1) / kBlockN, done = n_blocks.end - n_blocks.begin;
+    atomicAdd(p.tile_counters, static_cast<unsigned long long>(done));
+    atomicAdd(p.tile_counters + 1, static_cast<unsigned long long>(all - done));
+    atomicMax(p.tile_counters + 2, static_cast<unsigned long long>(kBlockM));
+    atomicMax(p.tile_counters + 3, static_cast<unsigned long long>(kBlockN));
+  }
 
   auto load_kv = [&](int n_block, int buf) {
-    const int n0 = n_block * kBlockN, rows = sh.seqlen_k - n0;
+    const int n0 = n_block * kBlockN, rows = seq.seqlen_k - n0;
     sK(buf).template load_async<kThreads>(k + n0 * p.k_strides.row, p.k_strides.row, rows, sh.head_dim, tid);
     sV(buf).template load_async<kThreads>(v + n0 * p.v_strides.row, p.v_strides.row, rows, sh.head_dim, tid);
   };
 
   WarpAcc<kHeadDim> o;
   o.zero();
-  const float scale_log2 = static_cast<float>(p.scale) * 1.4426950408889634f;
+  const ScoreMod mod(p, b, h);
+  const bool dropout = p.dropout.p > 0.0;
+  const DropoutRng rng = dropout ? make_dropout_rng(p.dropout) : DropoutRng{};
   OnlineSoftmax softmax;
   const int row0 = m_start + warp * 16;  // first query row of this warp
 
-  if (n_blocks > 0) {
+  if (n_blocks.end > n_blocks.begin) {
     sQ.template load_async<kThreads>(q + m_start * p.q_strides.row, p.q_strides.row,
-                                     sh.seqlen_q - m_start, sh.head_dim, tid);
+                                     seq.seqlen_q - m_start, sh.head_dim, tid);
     // Keys are visited last block first, so the masked (diagonal, ragged) blocks come first.
-    load_kv(n_blocks - 1, 0);
+    load_kv(n_blocks.end - 1, 0);
     cp_async_commit();
-    for (int it = 0; it < n_blocks; ++it) {
-      const int n_block = n_blocks - 1 - it, buf = it & 1;
+    for (int n_block = n_blocks.end - 1, buf = 0; n_block >= n_blocks.begin; --n_block, buf ^= 1) {
       cp_async_wait_all();
       __syncthreads();  // this block's K/V landed; every warp is done with the other buffer
-      if (n_block > 0) load_kv(n_block - 1, buf ^ 1);
+      if (n_block > n_blocks.begin) load_kv(n_block - 1, buf ^ 1);
       cp_async_commit();
 
       WarpAcc<kBlockN> s;
       s.zero();
       warp_gemm_abt<T, kHeadDim, kBlockN>(s, sQ, warp * 16, sK(buf), 0, lane);
       const int n0 = n_block * kBlockN;
-      scale_scores(s, scale_log2);
-      if (block_needs_mask(p.mask, row0, n0, kBlockN, sh.seqlen_k))
-        apply_mask(s, p.mask, row0, n0, sh.seqlen_k, lane);
+      scores_from_qk(s, mod, p.mask, seq, row0, n0, lane);
       softmax.rescale_and_exp(s, o);
+      if (dropout) {  // the softmax sums every probability; only the kept ones reach P V
+        float z[kBlockN / 8][4];
+        dropout_factors<false, kBlockN>(z, rng, b, h, sh.heads_q, row0, n0, lane);
+#pragma unroll
+        for (int j = 0; j < kBlockN / 8; ++j)
+#pragma unroll
+          for (int e = 0; e < 4; ++e) s.v[j][e] *= z[j][e];
+      }
       warp_gemm_rb<T, kBlockN, kHeadDim>(o, s, sV(buf), 0, lane);
     }
   }
@@ -84,15 +100,15 @@ __global__ void __launch_bounds__(FwdKernel<T, kHeadDim>::kThreads)
   float inv_l[2], lse[2];
   softmax.finalize(inv_l, lse);
   // Each warp reuses its own rows of sQ (read only by this warp) to stage the output.
-  T* out = static_cast<T*>(p.out) + b * p.out_strides.batch + h * p.out_strides.head;
+  T* out = static_cast<T*>(p.out) + row_offset(p.out_strides, seq, true, b, h, 0);
   warp_store_rows<T, kHeadDim>(o, inv_l, sQ, warp * 16, out + row0 * p.out_strides.row,
-                               p.out_strides.row, sh.seqlen_q - row0, sh.head_dim, lane);
+                               p.out_strides.row, seq.seqlen_q - row0, sh.head_dim, lane);
   if ((lane & 3) == 0) {
-    float* lse_out = static_cast<float*>(p.lse) + (static_cast<int64_t>(b) * sh.heads_q + h) * sh.seqlen_q;
+    float* lse_out = static_cast<float*>(p.lse) + stats_offset(p.stats_strides, seq, b, h);
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
       const int row = row0 + (lane >> 2) + 8 * r;
-      if (row < sh.seqlen_q) lse_out[row] = lse[r];
+      if (row < seq.seqlen_q) lse_out[row] = lse[r];
     }
   }
 }

@@ -55,14 +55,14 @@ cudaError_t run_flash_bwd(const FlashBwdParams& p, cudaStream_t stream) {
                  kThreads, 0, stream, p);
     if (err != cudaSuccess) return err;
     return launch(flash_bwd_dkdv_simt_kernel<T, kChunks>,
-                  dim3(ceil_div(sh.seqlen_k, simt::kWarps), sh.heads_q, sh.batch), kThreads, 0, stream, p);
+                  dim3(ceil_div(sh.seqlen_k, simt::kWarps), sh.heads_kv, sh.batch), kThreads, 0, stream, p);
   } else {
     using Dq = BwdDqKernel<T, kHeadDim>;
     err = launch(flash_bwd_dq_kernel<T, kHeadDim>, dim3(ceil_div(sh.seqlen_q, Dq::kBlockM), sh.heads_q, sh.batch),
                  Dq::kThreads, Dq::kSmemBytes, stream, p);
     if (err != cudaSuccess) return err;
     using Dkv = BwdDkvKernel<T, kHeadDim>;
-    const dim3 grid(ceil_div(sh.seqlen_k, Dkv::kBlockN), sh.heads_q, sh.batch);
+    const dim3 grid(ceil_div(sh.seqlen_k, Dkv::kBlockN), sh.heads_kv, sh.batch);
     if constexpr (BwdTile<kHeadDim>::kSplitDkDv) {
       err = launch(flash_bwd_dkdv_kernel<T, kHeadDim, true, false>, grid, Dkv::kThreads, Dkv::kSmemBytes, stream, p);
       if (err != cudaSuccess) return err;

@@ -2,10 +2,10 @@
 // algorithm as the tensor-core path. One warp per query row (forward, dQ) or key row (dK/dV);
 // lane l holds head-dim elements l, l + 32, ... of its row (kChunks = bucket / 32 of them).
 // Keys are visited in tiles of 32: lane i keeps score i of the tile, so the running max and
-// sum are updated once per tile.
+// sum are updated once per tile. Masks, scores and dropout follow attention_math.h.
 #pragma once
 #include <math.h>
-#include "../flash_params.h"
+#include "../attention_math.h"
 
 namespace cuflash {
 
@@ -62,17 +62,14 @@ struct WarpRow {
 };
 
 template <typename T>
-__device__ __forceinline__ const T* row_ptr(const void* base, const TensorStrides& s, int b, int h, int row) {
-  return static_cast<const T*>(base) + b * s.batch + h * s.head + row * s.row;
+__device__ __forceinline__ const T* row_ptr(const void* base, const TensorStrides& t, const Sequence& s, bool is_q,
+                                            int b, int h, int row) {
+  return static_cast<const T*>(base) + row_offset(t, s, is_q, b, h, row);
 }
 template <typename T>
-__device__ __forceinline__ T* row_ptr(void* base, const TensorStrides& s, int b, int h, int row) {
-  return static_cast<T*>(base) + b * s.batch + h * s.head + row * s.row;
-}
-
-// Keys [0, result) visible to query `row`.
-__device__ __forceinline__ int visible_keys(const MaskParams& mask, int row, int seqlen_k) {
-  return mask.is_causal ? max(0, min(seqlen_k, row + mask.causal_offset + 1)) : seqlen_k;
+__device__ __forceinline__ T* row_ptr(void* base, const TensorStrides& t, const Sequence& s, bool is_q, int b,
+                                      int h, int row) {
+  return static_cast<T*>(base) + row_offset(t, s, is_q, b, h, row);
 }
 
 }  // namespace simt
@@ -83,38 +80,44 @@ __global__ void __launch_bounds__(32 * simt::kWarps) flash_fwd_simt_kernel(const
   const AttentionShape& sh = p.shape;
   const int row = blockIdx.x * kWarps + threadIdx.x / 32, lane = threadIdx.x % 32;
   const int h = blockIdx.y, b = blockIdx.z, h_kv = h / (sh.heads_q / sh.heads_kv);
-  if (row >= sh.seqlen_q) return;
-  const T scale = static_cast<T>(p.scale);
+  const Sequence seq = sequence_of(p, b);
+  if (row >= seq.seqlen_q) return;
+  const T slope = static_cast<T>(alibi_slope(p.score, b, h));
+  const bool dropout = p.dropout.p > 0.0;
+  const DropoutRng rng = dropout ? make_dropout_rng(p.dropout) : DropoutRng{};
+  const T keep_scale = T(1) / (T(1) - static_cast<T>(p.dropout.p));
   WarpRow<T, kChunks> q, o, kv;
-  q.load(row_ptr<T>(p.q, p.q_strides, b, h, row), sh.head_dim, lane);
+  q.load(row_ptr<T>(p.q, p.q_strides, seq, true, b, h, row), sh.head_dim, lane);
   o.zero();
-  T row_max = -INFINITY, row_sum = 0;
-  const int n_end = visible_keys(p.mask, row, sh.seqlen_k);
-  for (int j0 = 0; j0 < n_end; j0 += 32) {
-    const int count = min(32, n_end - j0);
+  T row_max = -INFINITY, row_sum = 0, unused;
+  const Range keys = visible_keys(p.mask, seq, row, row + 1);
+  for (int j0 = keys.begin; j0 < keys.end; j0 += 32) {
+    const int count = min(32, keys.end - j0);
     T my_score = -INFINITY;
     for (int jj = 0; jj < count; ++jj) {
-      kv.load(row_ptr<T>(p.k, p.k_strides, b, h_kv, j0 + jj), sh.head_dim, lane);
-      const T s = q.dot(kv) * scale;
+      kv.load(row_ptr<T>(p.k, p.k_strides, seq, false, b, h_kv, j0 + jj), sh.head_dim, lane);
+      const T s = exact_score(p, seq, slope, q.dot(kv), row, j0 + jj, &unused);
       if (lane == jj) my_score = s;
     }
     const T tile_max = fmax(row_max, warp_max(my_score));
     const T base = tile_max == -INFINITY ? T(0) : tile_max;
     const T alpha = exp(row_max - base);
-    const T prob = exp(my_score - base);
-    row_sum = row_sum * alpha + warp_sum(prob);
+    T prob = exp(my_score - base);
+    row_sum = row_sum * alpha + warp_sum(prob);  // dropped probabilities count in the softmax
     row_max = tile_max;
+    if (dropout && lane < count) prob = rng.keep(b, h, sh.heads_q, row, j0 + lane) ? prob * keep_scale : T(0);
 #pragma unroll
     for (int c = 0; c < kChunks; ++c) o.x[c] *= alpha;
     for (int jj = 0; jj < count; ++jj) {
-      kv.load(row_ptr<T>(p.v, p.v_strides, b, h_kv, j0 + jj), sh.head_dim, lane);
+      kv.load(row_ptr<T>(p.v, p.v_strides, seq, false, b, h_kv, j0 + jj), sh.head_dim, lane);
       o.axpy(__shfl_sync(kFull, prob, jj), kv);
     }
   }
   const bool seen = row_sum > T(0);
-  o.store(row_ptr<T>(p.out, p.out_strides, b, h, row), sh.head_dim, lane, seen ? T(1) / row_sum : T(0));
+  o.store(row_ptr<T>(p.out, p.out_strides, seq, true, b, h, row), sh.head_dim, lane,
+          seen ? T(1) / row_sum : T(0));
   if (lane == 0)
-    static_cast<T*>(p.lse)[(static_cast<int64_t>(b) * sh.heads_q + h) * sh.seqlen_q + row] =
+    static_cast<T*>(p.lse)[stats_offset(p.stats_strides, seq, b, h) + row] =
         seen ? row_max + log(row_sum) : T(-INFINITY);
 }
 
@@ -124,50 +127,70 @@ __global__ void __launch_bounds__(32 * simt::kWarps) flash_bwd_dq_simt_kernel(co
   const AttentionShape& sh = p.shape;
   const int row = blockIdx.x * kWarps + threadIdx.x / 32, lane = threadIdx.x % 32;
   const int h = blockIdx.y, b = blockIdx.z, h_kv = h / (sh.heads_q / sh.heads_kv);
-  if (row >= sh.seqlen_q) return;
-  const T scale = static_cast<T>(p.scale);
-  const int64_t stat = (static_cast<int64_t>(b) * sh.heads_q + h) * sh.seqlen_q + row;
+  const Sequence seq = sequence_of(p, b);
+  if (row >= seq.seqlen_q) return;
+  const T scale = static_cast<T>(p.scale), slope = static_cast<T>(alibi_slope(p.score, b, h));
+  const bool dropout = p.dropout.p > 0.0;
+  const DropoutRng rng = dropout ? make_dropout_rng(p.dropout) : DropoutRng{};
+  const T keep_scale = T(1) / (T(1) - static_cast<T>(p.dropout.p));
+  const int64_t stat = stats_offset(p.stats_strides, seq, b, h) + row;
   const T lse = static_cast<const T*>(p.lse)[stat], delta = static_cast<const T*>(p.delta)[stat];
   WarpRow<T, kChunks> q, dout, dq, k, v;
-  q.load(row_ptr<T>(p.q, p.q_strides, b, h, row), sh.head_dim, lane);
-  dout.load(row_ptr<T>(p.dout, p.dout_strides, b, h, row), sh.head_dim, lane);
+  q.load(row_ptr<T>(p.q, p.q_strides, seq, true, b, h, row), sh.head_dim, lane);
+  dout.load(row_ptr<T>(p.dout, p.dout_strides, seq, true, b, h, row), sh.head_dim, lane);
   dq.zero();
-  const int n_end = lse == -INFINITY ? 0 : visible_keys(p.mask, row, sh.seqlen_k);
-  for (int j = 0; j < n_end; ++j) {
-    k.load(row_ptr<T>(p.k, p.k_strides, b, h_kv, j), sh.head_dim, lane);
-    v.load(row_ptr<T>(p.v, p.v_strides, b, h_kv, j), sh.head_dim, lane);
-    const T prob = exp(q.dot(k) * scale - lse);
-    dq.axpy(prob * (dout.dot(v) - delta), k);
+  const Range keys = lse == -INFINITY ? Range{0, 0} : visible_keys(p.mask, seq, row, row + 1);
+  for (int j = keys.begin; j < keys.end; ++j) {
+    k.load(row_ptr<T>(p.k, p.k_strides, seq, false, b, h_kv, j), sh.head_dim, lane);
+    v.load(row_ptr<T>(p.v, p.v_strides, seq, false, b, h_kv, j), sh.head_dim, lane);
+    T capped = 0;
+    const T prob = exp(exact_score(p, seq, slope, q.dot(k), row, j, &capped) - lse);
+    const T z = !dropout ? T(1) : rng.keep(b, h, sh.heads_q, row, j) ? keep_scale : T(0);
+    T ds = prob * (z * dout.dot(v) - delta);
+    if (p.score.softcap > 0.0) ds *= T(1) - capped * capped;
+    dq.axpy(ds, k);
   }
-  dq.store(row_ptr<T>(p.dq, p.dq_strides, b, h, row), sh.head_dim, lane, scale);
+  dq.store(row_ptr<T>(p.dq, p.dq_strides, seq, true, b, h, row), sh.head_dim, lane, scale);
 }
 
+// One warp per key of a key/value head: dk and dv sum over the query heads of its group.
 template <typename T, int kChunks>
 __global__ void __launch_bounds__(32 * simt::kWarps) flash_bwd_dkdv_simt_kernel(const FlashBwdParams p) {
   using namespace simt;
   const AttentionShape& sh = p.shape;
   const int key = blockIdx.x * kWarps + threadIdx.x / 32, lane = threadIdx.x % 32;
-  const int h = blockIdx.y, b = blockIdx.z, h_kv = h / (sh.heads_q / sh.heads_kv);
-  if (key >= sh.seqlen_k) return;
+  const int h_kv = blockIdx.y, b = blockIdx.z, group = sh.heads_q / sh.heads_kv;
+  const Sequence seq = sequence_of(p, b);
+  if (key >= seq.seqlen_k) return;
   const T scale = static_cast<T>(p.scale);
+  const bool dropout = p.dropout.p > 0.0;
+  const DropoutRng rng = dropout ? make_dropout_rng(p.dropout) : DropoutRng{};
+  const T keep_scale = T(1) / (T(1) - static_cast<T>(p.dropout.p));
   WarpRow<T, kChunks> k, v, q, dout, dk, dv;
-  k.load(row_ptr<T>(p.k, p.k_strides, b, h_kv, key), sh.head_dim, lane);
-  v.load(row_ptr<T>(p.v, p.v_strides, b, h_kv, key), sh.head_dim, lane);
+  k.load(row_ptr<T>(p.k, p.k_strides, seq, false, b, h_kv, key), sh.head_dim, lane);
+  v.load(row_ptr<T>(p.v, p.v_strides, seq, false, b, h_kv, key), sh.head_dim, lane);
   dk.zero();
   dv.zero();
-  const int64_t stats = (static_cast<int64_t>(b) * sh.heads_q + h) * sh.seqlen_q;
-  const int first_row = p.mask.is_causal ? max(0, key - p.mask.causal_offset) : 0;
-  for (int i = first_row; i < sh.seqlen_q; ++i) {
-    const T lse = static_cast<const T*>(p.lse)[stats + i];
-    if (lse == -INFINITY) continue;  // a row that saw no key contributes nothing
-    q.load(row_ptr<T>(p.q, p.q_strides, b, h, i), sh.head_dim, lane);
-    dout.load(row_ptr<T>(p.dout, p.dout_strides, b, h, i), sh.head_dim, lane);
-    const T prob = exp(q.dot(k) * scale - lse);
-    dv.axpy(prob, dout);
-    dk.axpy(prob * (dout.dot(v) - static_cast<const T*>(p.delta)[stats + i]), q);
+  const Range rows = visible_queries(p.mask, seq, key, key + 1);
+  for (int h = h_kv * group; h < (h_kv + 1) * group; ++h) {
+    const T slope = static_cast<T>(alibi_slope(p.score, b, h));
+    const int64_t stats = stats_offset(p.stats_strides, seq, b, h);
+    for (int i = rows.begin; i < rows.end; ++i) {
+      const T lse = static_cast<const T*>(p.lse)[stats + i];
+      if (lse == -INFINITY) continue;  // a row that saw no key contributes nothing
+      q.load(row_ptr<T>(p.q, p.q_strides, seq, true, b, h, i), sh.head_dim, lane);
+      dout.load(row_ptr<T>(p.dout, p.dout_strides, seq, true, b, h, i), sh.head_dim, lane);
+      T capped = 0;
+      const T prob = exp(exact_score(p, seq, slope, q.dot(k), i, key, &capped) - lse);
+      const T z = !dropout ? T(1) : rng.keep(b, h, sh.heads_q, i, key) ? keep_scale : T(0);
+      dv.axpy(prob * z, dout);
+      T ds = prob * (z * dout.dot(v) - static_cast<const T*>(p.delta)[stats + i]);
+      if (p.score.softcap > 0.0) ds *= T(1) - capped * capped;
+      dk.axpy(ds, q);
+    }
   }
-  dk.store(row_ptr<T>(p.dk, p.dk_strides, b, h, key), sh.head_dim, lane, scale);
-  dv.store(row_ptr<T>(p.dv, p.dv_strides, b, h, key), sh.head_dim, lane, T(1));
+  dk.store(row_ptr<T>(p.dk, p.dk_strides, seq, false, b, h_kv, key), sh.head_dim, lane, scale);
+  dv.store(row_ptr<T>(p.dv, p.dv_strides, seq, false, b, h_kv, key), sh.head_dim, lane, T(1));
 }
 
 }  // namespace cuflash

@@ -1,69 +1,156 @@
-// Causal and key-length masking. Only blocks that cross the diagonal or the end of the keys
-// pay for it; blocks wholly above the diagonal are never visited.
+// Scores, masks and dropout on a warp's accumulator tile, following attention_math.h's rules.
+// A tile is 16 rows x kN columns of WarpAcc; in the forward and dQ kernels rows are queries and
+// columns keys, in the dK/dV kernel (kTransposed) rows are keys and columns queries. Only tiles
+// that cross a mask edge pay for the mask; tiles wholly outside it are never visited.
 #pragma once
 #include <math.h>
-#include "../flash_params.h"
+#include "../attention_math.h"
 #include "mma_sm80.cuh"
 
 namespace cuflash {
 
-// Key blocks [0, result) that queries [m_start, m_start + block_m) can see.
-__host__ __device__ inline int key_blocks_for_queries(const MaskParams& mask, int m_start, int block_m,
-                                                      int seqlen_q, int seqlen_k, int block_n) {
-  int n_end = seqlen_k;
-  if (mask.is_causal) {
-    const int last_row = min(m_start + block_m, seqlen_q) - 1;
-    n_end = min(n_end, last_row + mask.causal_offset + 1);
+constexpr float kLog2e = 1.4426950408889634f;
+
+// Block indices [begin, end) of the key blocks (block_n keys each) that queries
+// [row_begin, row_end) see.
+__device__ __forceinline__ Range key_blocks(const MaskParams& m, const Sequence& s, int row_begin, int row_end,
+                                            int block_n) {
+  const Range keys = visible_keys(m, s, row_begin, row_end);
+  if (keys.end <= keys.begin) return {0, 0};
+  return {keys.begin / block_n, (keys.end + block_n - 1) / block_n};
+}
+// Block indices of the query blocks that keys [key_begin, key_end) are visible to.
+__device__ __forceinline__ Range query_blocks(const MaskParams& m, const Sequence& s, int key_begin, int key_end,
+                                              int block_m) {
+  const Range rows = visible_queries(m, s, key_begin, key_end);
+  if (rows.end <= rows.begin) return {0, 0};
+  return {rows.begin / block_m, (rows.end + block_m - 1) / block_m};
+}
+
+// What turns q.k into the scaled-log2 score of one (sequence, head): scale, softcap, ALiBi.
+struct ScoreMod {
+  float scale_log2;  // scale * log2(e): the whole job without softcap and ALiBi
+  float cap_in;      // softcap: t = tanh(q.k * cap_in), score = cap_out * t
+  float cap_out;
+  float alibi_log2;  // slope * log2(e)
+  bool softcap, alibi;
+
+  __device__ __forceinline__ ScoreMod(const AttentionParams& p, int b, int h) {
+    scale_log2 = static_cast<float>(p.scale) * kLog2e;
+    softcap = p.score.softcap > 0.0;
+    cap_in = softcap ? static_cast<float>(p.scale / p.score.softcap) : 0.f;
+    cap_out = static_cast<float>(p.score.softcap) * kLog2e;
+    alibi = p.score.alibi_slopes != nullptr;
+    alibi_log2 = alibi ? alibi_slope(p.score, b, h) * kLog2e : 0.f;
   }
-  return n_end > 0 ? (n_end + block_n - 1) / block_n : 0;
-}
+  __device__ __forceinline__ bool plain() const { return !softcap && !alibi; }
 
-// First query block that keys [n_start, ...) are visible to.
-__host__ __device__ inline int first_query_block_for_keys(const MaskParams& mask, int n_start,
-                                                          int block_m) {
-  if (!mask.is_causal) return 0;
-  const int first_row = n_start - mask.causal_offset;
-  return first_row > 0 ? first_row / block_m : 0;
-}
+  // The scaled-log2 score of q.k = raw for query i, key j; *dcap receives d(score)/d(scale q.k)
+  // (1 - t^2 with softcap, else 1).
+  __device__ __forceinline__ float operator()(float raw, const Sequence& s, int i, int j, float* dcap) const {
+    float x;
+    if (softcap) {
+      const float t = tanhf(raw * cap_in);
+      *dcap = 1.f - t * t;
+      x = cap_out * t;
+    } else {
+      *dcap = 1.f;
+      x = raw * scale_log2;
+    }
+    if (alibi) x += alibi_bias(alibi_log2, s, i, j);
+    return x;
+  }
+};
 
-// Whether a 16-row warp tile (query rows row0..row0+15) against keys [n0, n0 + block_n)
-// has any masked element.
-__device__ __forceinline__ bool block_needs_mask(const MaskParams& mask, int row0, int n0,
-                                                 int block_n, int seqlen_k) {
-  return n0 + block_n > seqlen_k || (mask.is_causal && n0 + block_n - 1 > row0 + mask.causal_offset);
-}
-
-// s: 16 query rows (row0..) x keys (n0..), already scaled: masked elements become -inf.
-template <int kN>
-__device__ __forceinline__ void apply_mask(WarpAcc<kN>& s, const MaskParams& mask, int row0, int n0,
-                                           int seqlen_k, int lane) {
+// Visits every element of a warp tile with its (query, key) indices.
+template <bool kTransposed, int kN, class F>
+__device__ __forceinline__ void for_each_element(WarpAcc<kN>& t, int row0, int col0, int lane, F&& f) {
 #pragma unroll
   for (int j = 0; j < kN / 8; ++j)
 #pragma unroll
     for (int e = 0; e < 4; ++e) {
-      const int row = row0 + WarpAcc<kN>::row_of(e, lane);
-      const int col = n0 + WarpAcc<kN>::col_of(j, e, lane);
-      if (col >= seqlen_k || (mask.is_causal && col > row + mask.causal_offset)) s.v[j][e] = -INFINITY;
+      const int row = row0 + WarpAcc<kN>::row_of(e, lane), col = col0 + WarpAcc<kN>::col_of(j, e, lane);
+      f(t.v[j][e], kTransposed ? col : row, kTransposed ? row : col, j, e);
     }
 }
 
-// The transposed tile of the dK/dV kernel: s is 16 keys (key0..) x queries (m0..). Queries past
-// the end carry lse = +inf and need no mask; keys past the end are never written.
-template <int kM>
-__device__ __forceinline__ bool block_needs_causal_mask_t(const MaskParams& mask, int key0, int m0) {
-  return mask.is_causal && key0 + 15 > m0 + mask.causal_offset;
+// Whether a 16-row warp tile (rows row0.., columns col0..col0 + kN) needs the element mask.
+template <bool kTransposed, int kN>
+__device__ __forceinline__ bool tile_needs_mask(const MaskParams& m, const Sequence& s, int row0, int col0) {
+  if (kTransposed) return !block_fully_visible(m, s, col0, col0 + kN, row0, row0 + 16);
+  return !block_fully_visible(m, s, row0, row0 + 16, col0, col0 + kN);
 }
-template <int kM>
-__device__ __forceinline__ void apply_causal_mask_t(WarpAcc<kM>& s, const MaskParams& mask, int key0,
-                                                    int m0, int lane) {
+
+// Raw q.k in `t` becomes the scaled-log2 score, -inf where masked (forward).
+template <int kN>
+__device__ __forceinline__ void scores_from_qk(WarpAcc<kN>& t, const ScoreMod& mod, const MaskParams& m,
+                                               const Sequence& s, int row0, int col0, int lane) {
+  const bool masked = tile_needs_mask<false, kN>(m, s, row0, col0);
+  if (mod.plain()) {
 #pragma unroll
-  for (int j = 0; j < kM / 8; ++j)
+    for (int j = 0; j < kN / 8; ++j)
 #pragma unroll
-    for (int e = 0; e < 4; ++e) {
-      const int key = key0 + WarpAcc<kM>::row_of(e, lane);
-      const int query = m0 + WarpAcc<kM>::col_of(j, e, lane);
-      if (key > query + mask.causal_offset) s.v[j][e] = -INFINITY;
+      for (int e = 0; e < 4; ++e) t.v[j][e] *= mod.scale_log2;
+  } else {
+    for_each_element<false>(t, row0, col0, lane, [&](float& x, int i, int k, int, int) {
+      float unused;
+      x = mod(x, s, i, k, &unused);
+    });
+  }
+  if (masked)
+    for_each_element<false>(t, row0, col0, lane, [&](float& x, int i, int k, int, int) {
+      if (!is_visible(m, s, i, k)) x = -INFINITY;
+    });
+}
+
+// Dropout keep factors (0 or 1 / (1 - p)) of a warp tile: z[j][e] for element (j, e). Each
+// thread holds column pairs (2c, 2c + 1) of its rows, which one Philox call serves.
+template <bool kTransposed, int kN>
+__device__ __forceinline__ void dropout_factors(float (&z)[kN / 8][4], const DropoutRng& rng, int b, int h,
+                                                int heads, int row0, int col0, int lane) {
+#pragma unroll
+  for (int j = 0; j < kN / 8; ++j)
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      const int row = row0 + WarpAcc<kN>::row_of(2 * r, lane), col = col0 + WarpAcc<kN>::col_of(j, 2 * r, lane);
+      const int i = kTransposed ? col : row, k = kTransposed ? row : col;
+      const Philox4 draw = rng.block(b, h, heads, i, k);
+#pragma unroll
+      for (int c = 0; c < 2; ++c) {
+        const uint32_t u = kTransposed ? DropoutRng::pick(draw, i + c, k) : DropoutRng::pick(draw, i, k + c);
+        z[j][2 * r + c] = u >= rng.threshold ? rng.keep_scale : 0.f;
+      }
     }
+}
+
+// The backward's elementwise step on a tile holding raw q.k (s) and dP = dO.v (dp):
+//   s  <- P * z                    (the operand of dV)
+//   dp <- P * (dP * z - delta) * dcap   (dS, the operand of dQ and dK; scale applied later)
+// P = exp2(score - lse2), z the dropout factor (1 without dropout). lse2/delta are indexed by
+// the tile's query index through the accessors.
+template <bool kTransposed, bool kWithDs, int kN, class Lse2, class Delta>
+__device__ __forceinline__ void backward_probs(WarpAcc<kN>& s, WarpAcc<kN>& dp, const ScoreMod& mod,
+                                               const MaskParams& m, const Sequence& s_info, const DropoutRng* rng,
+                                               int b, int h, int heads, int row0, int col0, int lane, Lse2&& lse2,
+                                               Delta&& delta) {
+  const bool masked = tile_needs_mask<kTransposed, kN>(m, s_info, row0, col0);
+  float z[kN / 8][4];
+  if (rng) {
+    dropout_factors<kTransposed, kN>(z, *rng, b, h, heads, row0, col0, lane);
+  } else {
+#pragma unroll
+    for (int j = 0; j < kN / 8; ++j)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) z[j][e] = 1.f;
+  }
+  const bool plain = mod.plain();
+  for_each_element<kTransposed>(s, row0, col0, lane, [&](float& x, int i, int k, int j, int e) {
+    float dcap = 1.f;
+    const float score = plain ? x * mod.scale_log2 : mod(x, s_info, i, k, &dcap);
+    const float prob = masked && !is_visible(m, s_info, i, k) ? 0.f : fast_exp2(score - lse2(j, e));
+    if (kWithDs) dp.v[j][e] = prob * (dp.v[j][e] * z[j][e] - delta(j, e)) * dcap;
+    x = prob * z[j][e];
+  });
 }
 
 }  // namespace cuflash

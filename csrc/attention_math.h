@@ -1,0 +1,170 @@
+// The per-element rules every kernel family (tensor-core, exact CUDA-core, CPU) follows, in
+// one place: where a sequence lives, which keys a query sees, how scores are changed, and which
+// probabilities dropout keeps. Host and device code.
+#pragma once
+#include <cmath>
+#include <cstdint>
+#include "flash_params.h"
+
+#if defined(__CUDACC__)
+#define CUFLASH_HD __host__ __device__ __forceinline__
+#else
+#define CUFLASH_HD inline
+#endif
+
+namespace cuflash {
+
+CUFLASH_HD int min_int(int a, int b) { return a < b ? a : b; }
+CUFLASH_HD int max_int(int a, int b) { return a > b ? a : b; }
+
+// Sequence b of a batch: its lengths, where its rows start in the packed tensors (0 for padded
+// batches) and its diagonal.
+struct Sequence {
+  int seqlen_q, seqlen_k;
+  int64_t q_row0, k_row0;  // first row in q (and out, lse) and in k (and v)
+  int diagonal;            // query i faces key i + diagonal
+};
+
+CUFLASH_HD Sequence sequence_of(const AttentionParams& p, int b) {
+  Sequence s;
+  if (p.varlen.cu_seqlens_q) {
+    const VarlenParams& v = p.varlen;
+    const int q0 = min_int(max_int(v.cu_seqlens_q[b], 0), v.total_q);
+    const int k0 = min_int(max_int(v.cu_seqlens_k[b], 0), v.total_k);
+    s.q_row0 = q0;
+    s.k_row0 = k0;
+    s.seqlen_q = min_int(min_int(max_int(v.cu_seqlens_q[b + 1], q0), v.total_q) - q0, p.shape.seqlen_q);
+    s.seqlen_k = min_int(min_int(max_int(v.cu_seqlens_k[b + 1], k0), v.total_k) - k0, p.shape.seqlen_k);
+  } else {
+    s.q_row0 = s.k_row0 = 0;
+    s.seqlen_q = p.shape.seqlen_q;
+    s.seqlen_k = p.shape.seqlen_k;
+  }
+  s.diagonal = p.mask.bottom_right ? s.seqlen_k - s.seqlen_q : 0;
+  return s;
+}
+
+// Offset of row `row` of (sequence b, head h) in a tensor with strides t.
+CUFLASH_HD int64_t row_offset(const TensorStrides& t, const Sequence& s, bool is_q, int b, int h, int row) {
+  return b * t.batch + h * t.head + ((is_q ? s.q_row0 : s.k_row0) + row) * t.row;
+}
+CUFLASH_HD int64_t stats_offset(const StatsStrides& t, const Sequence& s, int b, int h) {
+  return b * t.batch + h * t.head + s.q_row0;
+}
+
+// Keys [first, end) that queries [row_begin, row_end) can see, for row_begin < row_end.
+struct Range {
+  int begin, end;
+};
+CUFLASH_HD Range visible_keys(const MaskParams& m, const Sequence& s, int row_begin, int row_end) {
+  Range r{0, s.seqlen_k};
+  if (m.window_left >= 0) r.begin = max_int(0, row_begin + s.diagonal - m.window_left);
+  if (m.window_right >= 0) r.end = min_int(s.seqlen_k, row_end - 1 + s.diagonal + m.window_right + 1);
+  if (r.end < r.begin) r.end = r.begin;
+  return r;
+}
+// Queries [first, end) that keys [key_begin, key_end) are visible to.
+CUFLASH_HD Range visible_queries(const MaskParams& m, const Sequence& s, int key_begin, int key_end) {
+  Range r{0, s.seqlen_q};
+  if (m.window_right >= 0) r.begin = max_int(0, key_begin - s.diagonal - m.window_right);
+  if (m.window_left >= 0) r.end = min_int(s.seqlen_q, key_end - 1 - s.diagonal + m.window_left + 1);
+  if (r.end < r.begin) r.end = r.begin;
+  return r;
+}
+CUFLASH_HD bool is_visible(const MaskParams& m, const Sequence& s, int i, int j) {
+  const int rel = j - i - s.diagonal;
+  return j < s.seqlen_k && (m.window_right < 0 || rel <= m.window_right) &&
+         (m.window_left < 0 || -rel <= m.window_left);
+}
+// Whether every key in [key_begin, key_end) is visible to every query in [row_begin, row_end).
+CUFLASH_HD bool block_fully_visible(const MaskParams& m, const Sequence& s, int row_begin, int row_end,
+                                    int key_begin, int key_end) {
+  return key_end <= s.seqlen_k &&
+         (m.window_right < 0 || key_end - 1 - (row_begin + s.diagonal) <= m.window_right) &&
+         (m.window_left < 0 || (row_end - 1 + s.diagonal) - key_begin <= m.window_left);
+}
+
+CUFLASH_HD float alibi_slope(const ScoreParams& sp, int b, int h) {
+  return sp.alibi_slopes ? sp.alibi_slopes[b * sp.alibi_batch_stride + h] : 0.f;
+}
+// The ALiBi bias of (i, j): -slope * |i + diagonal - j|.
+template <typename T>
+CUFLASH_HD T alibi_bias(T slope, const Sequence& s, int i, int j) {
+  const int d = i + s.diagonal - j;
+  return -slope * static_cast<T>(d < 0 ? -d : d);
+}
+
+// The score of (i, j) from q.k in T (the exact kernels): scaled, soft-capped, ALiBi-biased.
+// *capped receives tanh(scale * q.k / softcap): the backward's chain-rule factor is 1 - capped^2.
+template <typename T>
+CUFLASH_HD T exact_score(const AttentionParams& p, const Sequence& s, T slope, T qk, int i, int j, T* capped) {
+  using std::tanh;
+  T x = qk * static_cast<T>(p.scale);
+  if (p.score.softcap > 0.0) {
+    const T cap = static_cast<T>(p.score.softcap);
+    *capped = tanh(x / cap);
+    x = cap * *capped;
+  }
+  if (p.score.alibi_slopes) x += alibi_bias(slope, s, i, j);
+  return x;
+}
+
+// ---- Philox 4x32-10 (Salmon et al., "Parallel random numbers: as easy as 1, 2, 3") ----
+struct Philox4 {
+  uint32_t x[4];
+};
+CUFLASH_HD uint32_t mulhi32(uint32_t a, uint32_t b) {
+#if defined(__CUDA_ARCH__)
+  return __umulhi(a, b);
+#else
+  return static_cast<uint32_t>((static_cast<uint64_t>(a) * b) >> 32);
+#endif
+}
+CUFLASH_HD Philox4 philox4x32_10(uint32_t c0, uint32_t c1, uint32_t c2, uint32_t c3, uint32_t k0, uint32_t k1) {
+  constexpr uint32_t kM0 = 0xD2511F53u, kM1 = 0xCD9E8D57u, kW0 = 0x9E3779B9u, kW1 = 0xBB67AE85u;
+  for (int round = 0; round < 10; ++round) {
+    const uint32_t hi0 = mulhi32(kM0, c0), lo0 = kM0 * c0;
+    const uint32_t hi1 = mulhi32(kM1, c2), lo1 = kM1 * c2;
+    const uint32_t n0 = hi1 ^ c1 ^ k0, n2 = hi0 ^ c3 ^ k1;
+    c0 = n0;
+    c1 = lo1;
+    c2 = n2;
+    c3 = lo0;
+    k0 += kW0;
+    k1 += kW1;
+  }
+  return {{c0, c1, c2, c3}};
+}
+
+// Dropout draws come in 2 x 2 blocks of (query, key): one Philox call serves a query pair
+// (i, i ^ 1) and a key pair (j, j ^ 1), so the forward (pairs of keys per thread) and the
+// dK/dV kernel (pairs of queries per thread) both use half of each call. Everything that
+// names the element goes into the counter; the seed is the key.
+struct DropoutRng {
+  uint32_t seed_lo, seed_hi, offset, threshold;  // keep iff draw >= threshold
+  float keep_scale;                              // 1 / (1 - p), for the float kernels
+  CUFLASH_HD Philox4 block(int b, int h, int heads, int i, int j) const {
+    const uint64_t bh = static_cast<uint64_t>(b) * heads + h;
+    return philox4x32_10(static_cast<uint32_t>(j >> 1), static_cast<uint32_t>(i >> 1),
+                         static_cast<uint32_t>(bh), static_cast<uint32_t>(bh >> 32) + offset, seed_lo, seed_hi);
+  }
+  CUFLASH_HD static uint32_t pick(const Philox4& r, int i, int j) { return r.x[((i & 1) << 1) | (j & 1)]; }
+  CUFLASH_HD bool keep(int b, int h, int heads, int i, int j) const {
+    return pick(block(b, h, heads, i, j), i, j) >= threshold;
+  }
+};
+
+// rng_state is [seed, offset], read where it lives (device memory for the CUDA kernels).
+CUFLASH_HD DropoutRng make_dropout_rng(const DropoutParams& d) {
+  DropoutRng r;
+  const uint64_t seed = static_cast<uint64_t>(d.rng_state[0]);
+  r.seed_lo = static_cast<uint32_t>(seed);
+  r.seed_hi = static_cast<uint32_t>(seed >> 32);
+  r.offset = static_cast<uint32_t>(d.rng_state[1]);
+  // p in [0, 1): p * 2^32 < 2^32 always fits.
+  r.threshold = static_cast<uint32_t>(d.p * 4294967296.0);
+  r.keep_scale = static_cast<float>(1.0 / (1.0 - d.p));
+  return r;
+}
+
+}  // namespace cuflash

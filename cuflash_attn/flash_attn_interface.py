@@ -1,0 +1,162 @@
+"""flash_attn 2.8's Python API on cuflash_attn's kernels: the same functions, signatures,
+layouts ([batch, seqlen, heads, head_dim], packed [total_tokens, heads, head_dim]) and return
+values, so that changing the import is the whole switch:
+
+    from cuflash_attn.flash_attn_interface import flash_attn_func, flash_attn_varlen_func
+
+or, for code that imports flash_attn itself, `cuflash_attn.flash_attn_interface.install()`
+before that import. Beyond flash_attn: float32 and float64, CPU tensors, torch.compile without
+graph breaks. Causal masks, windows and ALiBi are aligned bottom-right, as in flash_attn. The
+backward is always deterministic (no atomics), so `deterministic` changes nothing.
+"""
+import sys
+
+import torch
+
+from .api import _window
+from .ops import _ops, new_rng_state
+
+
+def _attention(q, k, v, dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes,
+               return_attn_probs, cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q=0, max_seqlen_k=0):
+    window_left, window_right = _window(window_size)
+    varlen = cu_seqlens_q is not None
+    rng_state = new_rng_state(q.device) if dropout_p > 0.0 else None
+    if varlen:
+        # Tensors are accepted (flash_attn users sometimes pass them) without a host sync: 0
+        # lets the packed length bound every sequence.
+        max_seqlen_q = max_seqlen_q if isinstance(max_seqlen_q, int) else 0
+        max_seqlen_k = max_seqlen_k if isinstance(max_seqlen_k, int) else 0
+        qk, kk, vk = q, k, v
+    else:
+        for name, t in (("q", q), ("k", k), ("v", v)):
+            if not isinstance(t, torch.Tensor) or t.dim() != 4:
+                raise ValueError(f"cuflash_attn: {name} must be a 4-dimensional tensor [batch, seqlen, heads, "
+                                 f"head_dim], got {getattr(t, 'shape', type(t).__name__)}")
+        qk, kk, vk = (t.transpose(1, 2) for t in (q, k, v))
+    out, lse = _ops.fwd(qk, kk, vk, softmax_scale, bool(causal), True, window_left, window_right, float(softcap),
+                        alibi_slopes, float(dropout_p), rng_state, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+                        max_seqlen_k)
+    if not varlen:
+        out = out.transpose(1, 2)
+    if not return_attn_probs:
+        return out
+    probs = _attention_probs(q, k, lse, softmax_scale, causal, (window_left, window_right), softcap, alibi_slopes,
+                             dropout_p, rng_state, cu_seqlens_q, cu_seqlens_k)
+    return out, lse, probs
+
+
+def _attention_probs(q, k, lse, softmax_scale, causal, window, softcap, alibi_slopes, dropout_p, rng_state,
+                     cu_seqlens_q, cu_seqlens_k):
+    """flash_attn's S_dmask, for tests only: the softmax probabilities [batch, heads, seqlen_q,
+    seqlen_k], negated where dropout dropped them. Built from lse with plain torch ops (O(N^2)
+    memory), with no gradient."""
+    with torch.no_grad():
+        if cu_seqlens_q is None:
+            return _dense_probs(q.transpose(1, 2), k.transpose(1, 2), lse, 0, softmax_scale, causal, window,
+                                softcap, alibi_slopes, dropout_p, rng_state)
+        starts_q, starts_k = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
+        batch = len(starts_q) - 1
+        lens_q = [starts_q[b + 1] - starts_q[b] for b in range(batch)]
+        lens_k = [starts_k[b + 1] - starts_k[b] for b in range(batch)]
+        probs = q.new_zeros((batch, q.shape[1], max(lens_q, default=0), max(lens_k, default=0)),
+                            dtype=torch.float32)
+        for b in range(batch):
+            qb = q[starts_q[b]:starts_q[b + 1]].transpose(0, 1)[None]
+            kb = k[starts_k[b]:starts_k[b + 1]].transpose(0, 1)[None]
+            lse_b = lse[:, starts_q[b]:starts_q[b + 1]][None]
+            probs[b, :, :lens_q[b], :lens_k[b]] = _dense_probs(qb, kb, lse_b, b, softmax_scale, causal, window,
+                                                               softcap, alibi_slopes, dropout_p, rng_state)[0]
+        return probs
+
+
+def _dense_probs(q, k, lse, batch_index, softmax_scale, causal, window, softcap, alibi_slopes, dropout_p, rng_state):
+    # q, k: [batch, heads, n, d]; k's heads are repeated for GQA.
+    scale = softmax_scale if softmax_scale is not None else q.shape[-1] ** -0.5
+    k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
+    s = (q.float() @ k.float().transpose(-1, -2)) * scale
+    if softcap > 0:
+        s = softcap * torch.tanh(s / softcap)
+    nq, nk = q.shape[-2], k.shape[-2]
+    rel = torch.arange(nk, device=q.device)[None, :] - torch.arange(nq, device=q.device)[:, None] - (nk - nq)
+    if alibi_slopes is not None:
+        slopes = alibi_slopes if alibi_slopes.dim() == 1 else alibi_slopes[batch_index:batch_index + q.shape[0]]
+        s = s - slopes.reshape(-1 if alibi_slopes.dim() == 2 else 1, q.shape[1], 1, 1) * rel.abs()
+    left, right = window
+    right = 0 if causal else right
+    hidden = torch.zeros_like(rel, dtype=torch.bool)
+    if right >= 0:
+        hidden |= rel > right
+    if left >= 0:
+        hidden |= rel < -left
+    lse = lse[..., None].float()
+    probs = torch.where(torch.isneginf(lse), 0.0, torch.exp(s.masked_fill(hidden, float("-inf")) - lse))
+    if dropout_p > 0:
+        keep = _ops.dropout_mask(rng_state, dropout_p, q.shape[0] + batch_index, q.shape[1], nq, nk)[batch_index:]
+        probs = torch.where(keep, probs, -probs)
+    return probs
+
+
+def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0,
+                    alibi_slopes=None, deterministic=False, return_attn_probs=False):
+    """q: [batch, seqlen_q, heads_q, head_dim]; k, v: [batch, seqlen_k, heads_kv, head_dim]. Returns
+    out [batch, seqlen_q, heads_q, head_dim], and with return_attn_probs also softmax_lse
+    [batch, heads_q, seqlen_q] (float32) and S_dmask (tests only)."""
+    return _attention(q, k, v, dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes,
+                      return_attn_probs)
+
+
+def flash_attn_qkvpacked_func(qkv, dropout_p=0.0, softmax_scale=None, causal=False, window_size=(-1, -1),
+                              softcap=0.0, alibi_slopes=None, deterministic=False, return_attn_probs=False):
+    """qkv: [batch, seqlen, 3, heads, head_dim] (views into it, no copy)."""
+    return _attention(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2], dropout_p, softmax_scale, causal, window_size,
+                      softcap, alibi_slopes, return_attn_probs)
+
+
+def flash_attn_kvpacked_func(q, kv, dropout_p=0.0, softmax_scale=None, causal=False, window_size=(-1, -1),
+                             softcap=0.0, alibi_slopes=None, deterministic=False, return_attn_probs=False):
+    """q: [batch, seqlen_q, heads_q, head_dim]; kv: [batch, seqlen_k, 2, heads_kv, head_dim]."""
+    return _attention(q, kv[:, :, 0], kv[:, :, 1], dropout_p, softmax_scale, causal, window_size, softcap,
+                      alibi_slopes, return_attn_probs)
+
+
+def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p=0.0,
+                           softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0, alibi_slopes=None,
+                           deterministic=False, return_attn_probs=False, block_table=None):
+    """q: [total_q, heads_q, head_dim]; k, v: [total_k, heads_kv, head_dim]; cu_seqlens_q/k: int32
+    [batch + 1] offsets of the sequences; max_seqlen_q/k: ints (or tensors: then no host sync, and
+    the packed lengths bound the grid). Returns out [total_q, heads_q, head_dim], and with
+    return_attn_probs also softmax_lse [heads_q, total_q] and S_dmask."""
+    if block_table is not None:
+        raise NotImplementedError("cuflash_attn: block_table (a paged KV cache) is not supported")
+    return _attention(q, k, v, dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes,
+                      return_attn_probs, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
+
+
+def flash_attn_varlen_qkvpacked_func(qkv, cu_seqlens, max_seqlen, dropout_p=0.0, softmax_scale=None, causal=False,
+                                     window_size=(-1, -1), softcap=0.0, alibi_slopes=None, deterministic=False,
+                                     return_attn_probs=False):
+    """qkv: [total, 3, heads, head_dim]."""
+    return _attention(qkv[:, 0], qkv[:, 1], qkv[:, 2], dropout_p, softmax_scale, causal, window_size, softcap,
+                      alibi_slopes, return_attn_probs, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen)
+
+
+def flash_attn_varlen_kvpacked_func(q, kv, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p=0.0,
+                                    softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0,
+                                    alibi_slopes=None, deterministic=False, return_attn_probs=False):
+    """q: [total_q, heads_q, head_dim]; kv: [total_k, 2, heads_kv, head_dim]."""
+    return _attention(q, kv[:, 0], kv[:, 1], dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes,
+                      return_attn_probs, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
+
+
+def install() -> None:
+    """Makes `import flash_attn` and `import flash_attn.flash_attn_interface` give this module
+    (for code that imports flash_attn directly)."""
+    module = sys.modules[__name__]
+    module.flash_attn_interface = module
+    sys.modules["flash_attn"] = module
+    sys.modules["flash_attn.flash_attn_interface"] = module
+
+
+__all__ = ["flash_attn_func", "flash_attn_qkvpacked_func", "flash_attn_kvpacked_func", "flash_attn_varlen_func",
+           "flash_attn_varlen_qkvpacked_func", "flash_attn_varlen_kvpacked_func", "install"]

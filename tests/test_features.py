@@ -1,0 +1,350 @@
+"""The features flash_attn's users need, through the op (forward, backward, lse) against the
+float64 reference under shared/TESTING.md's rule: GQA/MQA, sliding windows, softcap, ALiBi,
+dropout, variable-length packed batches, both causal alignments, every dtype; and the
+flash_attn-compatible API on top."""
+import math
+
+import pytest
+import torch
+
+from conftest import HAS_CUDA
+from reference import LOW_PRECISION, assert_close_to_reference, assert_lse_close, attention_reference
+
+DTYPES = [torch.float16, torch.bfloat16, torch.float32, torch.float64]
+DTYPE_IDS = ["fp16", "bf16", "fp32", "fp64"]
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU"))]
+fwd = torch.ops.cuflash_attn.fwd
+
+
+def make_options(nq_batch, heads_q, device, causal=False, bottom_right=False, window=(-1, -1), softcap=0.0,
+                 alibi=None, dropout_p=0.0, seed=0):
+    """The op's keyword options and the reference's, for one configuration."""
+    g = torch.Generator().manual_seed(seed + 7)
+    slopes = None
+    if alibi == "heads":
+        slopes = torch.rand(heads_q, generator=g).to(device)
+    elif alibi == "batch":
+        slopes = torch.rand(nq_batch, heads_q, generator=g).to(device)
+    rng_state = torch.tensor([1234 + seed, 99], dtype=torch.int64, device=device) if dropout_p > 0 else None
+    op = dict(is_causal=causal, bottom_right=bottom_right, window_left=window[0], window_right=window[1],
+              softcap=softcap, alibi_slopes=slopes, dropout_p=dropout_p, rng_state=rng_state)
+    ref = dict(causal=causal, bottom_right=bottom_right, window=window, softcap=softcap, alibi_slopes=slopes,
+               dropout_p=dropout_p)
+    return op, ref
+
+
+def reference_grads(q, k, v, dout, dt, ref_options, keep):
+    qr, kr, vr = (t.detach().to(dt).requires_grad_() for t in (q, k, v))
+    o, lse = attention_reference(qr, kr, vr, dtype=dt, dropout_keep=keep, **ref_options)
+    return (o, lse, *torch.autograd.grad(o, (qr, kr, vr), dout.to(dt)))
+
+
+def compare(dtype, got, ref, pt):
+    out, lse, *grads = got
+    assert_close_to_reference("out", out, ref[0], pt[0], dtype, factor=2)
+    assert_lse_close(lse, ref[1], dtype)
+    for name, g, r, p in zip(("dq", "dk", "dv"), grads, ref[2:], pt[2:]):
+        assert_close_to_reference(name, g, r, p, dtype, factor=3)
+
+
+def check_dense(device, dtype, batch, heads_q, heads_kv, nq, nk, d, seed=0, **features):
+    torch.manual_seed(seed)
+    make = lambda h, n: torch.randn(batch, h, n, d, dtype=torch.float64).to(device, dtype)  # noqa: E731
+    q, k, v, dout = make(heads_q, nq), make(heads_kv, nk), make(heads_kv, nk), make(heads_q, nq)
+    op, ref_options = make_options(batch, heads_q, device, seed=seed, **features)
+    keep = None
+    if op["dropout_p"] > 0:
+        keep = torch.ops.cuflash_attn.dropout_mask(op["rng_state"], op["dropout_p"], batch, heads_q, nq, nk)
+    q.requires_grad_(), k.requires_grad_(), v.requires_grad_()
+    out, lse = fwd(q, k, v, **op)
+    grads = torch.autograd.grad(out, (q, k, v), dout)
+    ref = reference_grads(q, k, v, dout, torch.float64, ref_options, keep)
+    pt = reference_grads(q, k, v, dout, dtype, ref_options, keep) if dtype in LOW_PRECISION else ref
+    compare(dtype, (out, lse, *grads), ref, pt)
+
+
+# ---- GQA / MQA ----
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("heads_q,heads_kv", [(4, 2), (6, 1), (8, 8)])
+@pytest.mark.parametrize("causal", [False, True])
+def test_gqa(device, dtype, heads_q, heads_kv, causal):
+    check_dense(device, dtype, 2, heads_q, heads_kv, 77, 130, 64, causal=causal, bottom_right=True)
+
+
+# ---- sliding windows, both alignments ----
+
+WINDOWS = [(0, 0), (16, 0), (5, 7), (-1, 10), (10, -1), (100, 100)]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("window", WINDOWS, ids=[f"w{l}_{r}" for l, r in WINDOWS])
+@pytest.mark.parametrize("bottom_right", [False, True], ids=["top_left", "bottom_right"])
+@pytest.mark.parametrize("nq,nk", [(150, 150), (60, 201), (201, 60)])
+def test_window(device, dtype, window, bottom_right, nq, nk):
+    check_dense(device, dtype, 1, 2, 2, nq, nk, 64, window=window, bottom_right=bottom_right)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("bottom_right", [False, True], ids=["top_left", "bottom_right"])
+def test_window_with_causal(device, bottom_right):
+    """causal sets the right edge to 0 whatever window_size says, as in flash_attn."""
+    check_dense(device, torch.float32, 1, 2, 2, 90, 130, 32, causal=True, window=(12, 40), bottom_right=bottom_right)
+
+
+# ---- softcap and ALiBi ----
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("softcap", [0.5, 5.0, 50.0])
+def test_softcap(device, dtype, softcap):
+    check_dense(device, dtype, 2, 2, 2, 100, 140, 64, softcap=softcap)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("alibi", ["heads", "batch"])
+@pytest.mark.parametrize("causal", [False, True])
+def test_alibi(device, dtype, alibi, causal):
+    check_dense(device, dtype, 2, 3, 3, 120, 99, 64, alibi=alibi, causal=causal, bottom_right=True)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("d", [40, 128])
+def test_all_features_together(device, dtype, d):
+    check_dense(device, dtype, 2, 4, 2, 133, 190, d, causal=True, bottom_right=True, window=(50, -1), softcap=20.0,
+                alibi="batch", dropout_p=0.15)
+
+
+# ---- dropout ----
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("dropout_p", [0.1, 0.5])
+def test_dropout_matches_reference_with_its_mask(device, dtype, dropout_p):
+    check_dense(device, dtype, 2, 2, 1, 97, 150, 64, dropout_p=dropout_p, causal=True)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dropout_p", [0.05, 0.3, 0.9])
+def test_dropout_keeps_the_right_fraction(device, dropout_p):
+    state = torch.tensor([42, 7], dtype=torch.int64, device=device)
+    keep = torch.ops.cuflash_attn.dropout_mask(state, dropout_p, 2, 4, 300, 500)
+    dropped = 1.0 - keep.double().mean().item()
+    assert abs(dropped - dropout_p) < 0.01, f"dropped {dropped:.4f}, want {dropout_p}"
+    # Neighbouring rows, columns and heads are not copies of each other.
+    assert not torch.equal(keep[:, :, 0::2], keep[:, :, 1::2])
+    assert not torch.equal(keep[..., 0::2], keep[..., 1::2])
+    assert not torch.equal(keep[:, 0], keep[:, 1])
+
+
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
+def test_dropout_mask_same_on_cpu_and_cuda():
+    state = torch.tensor([2**40 + 5, 3], dtype=torch.int64)
+    cpu = torch.ops.cuflash_attn.dropout_mask(state, 0.3, 2, 3, 70, 90)
+    cuda = torch.ops.cuflash_attn.dropout_mask(state.cuda(), 0.3, 2, 3, 70, 90)
+    assert torch.equal(cpu, cuda.cpu())
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_dropout_follows_torch_seed(device):
+    import cuflash_attn
+    q, k, v = (torch.randn(1, 2, 64, 32, device=device) for _ in range(3))
+    torch.manual_seed(0)
+    a = cuflash_attn.flash_attention(q, k, v, dropout_p=0.2)
+    torch.manual_seed(0)
+    b = cuflash_attn.flash_attention(q, k, v, dropout_p=0.2)
+    c = cuflash_attn.flash_attention(q, k, v, dropout_p=0.2)
+    assert torch.equal(a, b)
+    assert not torch.equal(a, c)
+
+
+# ---- variable length ----
+
+def check_varlen(device, dtype, lens_q, lens_k, heads_q, heads_kv, d, seed=0, max_seqlen=True, **features):
+    torch.manual_seed(seed)
+    batch = len(lens_q)
+    cu_q = torch.tensor([0, *torch.tensor(lens_q).cumsum(0).tolist()], dtype=torch.int32, device=device)
+    cu_k = torch.tensor([0, *torch.tensor(lens_k).cumsum(0).tolist()], dtype=torch.int32, device=device)
+    total_q, total_k = sum(lens_q), sum(lens_k)
+    make = lambda n, h: torch.randn(n, h, d, dtype=torch.float64).to(device, dtype)  # noqa: E731
+    q, k, v, dout = make(total_q, heads_q), make(total_k, heads_kv), make(total_k, heads_kv), make(total_q, heads_q)
+    op, ref_options = make_options(batch, heads_q, device, seed=seed, **features)
+    mq, mk = (max(lens_q), max(lens_k)) if max_seqlen else (0, 0)
+    q.requires_grad_(), k.requires_grad_(), v.requires_grad_()
+    out, lse = fwd(q, k, v, **op, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, max_seqlen_q=mq, max_seqlen_k=mk)
+    assert lse.shape == (heads_q, total_q)
+    dq, dk, dv = torch.autograd.grad(out, (q, k, v), dout)
+    keep_all = None
+    if op["dropout_p"] > 0:
+        keep_all = torch.ops.cuflash_attn.dropout_mask(op["rng_state"], op["dropout_p"], batch, heads_q,
+                                                       max(lens_q), max(lens_k))
+    slopes = ref_options.pop("alibi_slopes")
+    for b in range(batch):
+        sq, sk = slice(cu_q[b].item(), cu_q[b + 1].item()), slice(cu_k[b].item(), cu_k[b + 1].item())
+        dense = lambda t, s: t[s].transpose(0, 1)[None]  # noqa: E731
+        keep = None if keep_all is None else keep_all[b:b + 1, :, :lens_q[b], :lens_k[b]]
+        slopes_b = None if slopes is None else (slopes[b:b + 1] if slopes.dim() == 2 else slopes)
+        args = (dense(q, sq), dense(k, sk), dense(v, sk), dense(dout, sq))
+        ref = reference_grads(*args, torch.float64, dict(ref_options, alibi_slopes=slopes_b), keep)
+        pt = reference_grads(*args, dtype, dict(ref_options, alibi_slopes=slopes_b), keep) \
+            if dtype in LOW_PRECISION else ref
+        got = (dense(out, sq), lse[:, sq][None], dense(dq, sq), dense(dk, sk), dense(dv, sk))
+        try:
+            compare(dtype, got, ref, pt)
+        except AssertionError as e:
+            raise AssertionError(f"sequence {b} (lengths {lens_q[b]}, {lens_k[b]}): {e}") from e
+
+
+VARLEN_LENGTHS = [([5, 0, 130, 64], [7, 3, 130, 0]), ([1], [1]), ([200, 33, 0], [100, 333, 0])]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("lens", VARLEN_LENGTHS, ids=["mixed", "one", "zeros_last"])
+@pytest.mark.parametrize("causal", [False, True])
+def test_varlen(device, dtype, lens, causal):
+    check_varlen(device, dtype, *lens, 4, 2, 64, causal=causal, bottom_right=True)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
+def test_varlen_with_features(device, dtype):
+    check_varlen(device, dtype, [70, 0, 129], [90, 12, 64], 4, 1, 96, causal=True, bottom_right=True,
+                 window=(20, -1), softcap=10.0, alibi="batch", dropout_p=0.2)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_varlen_without_max_seqlen(device):
+    """max_seqlen 0 (not known: flash_attn users passing tensors): the packed length bounds it."""
+    check_varlen(device, torch.float32, [30, 100, 1], [64, 2, 200], 2, 2, 32, max_seqlen=False, causal=True)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_random_padding_matches_padded_batch(device):
+    """A padded batch with a key-padding mask per sequence, run packed, equals each sequence
+    run alone."""
+    g = torch.Generator().manual_seed(3)
+    lens = torch.randint(0, 90, (6,), generator=g).tolist()
+    check_varlen(device, torch.float32, lens, lens, 2, 2, 64, causal=True)
+
+
+# ---- tile skipping (debug counters) ----
+
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
+@pytest.mark.parametrize("d", [64, 128, 256])
+@pytest.mark.parametrize("nq,nk", [(1000, 1000), (300, 1000), (1000, 300), (64, 4096)])
+@pytest.mark.parametrize("mask", ["none", "causal_tl", "causal_br", "window"])
+def test_forward_skips_exactly_the_masked_tiles(d, nq, nk, mask):
+    q = torch.randn(2, 3, nq, d, device="cuda", dtype=torch.bfloat16)
+    k, v = (torch.randn(2, 3, nk, d, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    causal, bottom_right, window = {"none": (False, False, (-1, -1)), "causal_tl": (True, False, (-1, -1)),
+                                    "causal_br": (True, True, (-1, -1)), "window": (False, True, (100, 30))}[mask]
+    computed, skipped, block_m, block_n = torch.ops.cuflash_attn.fwd_tile_counts(
+        q, k, v, causal, bottom_right, window[0], window[1]).tolist()
+    diagonal = nk - nq if bottom_right else 0
+    left, right = window[0], 0 if causal else window[1]
+    want_computed = want_total = 0
+    for m0 in range(0, nq, block_m):
+        last = min(m0 + block_m, nq) - 1
+        first_key = max(0, m0 + diagonal - left) if left >= 0 else 0
+        end_key = min(nk, last + diagonal + right + 1) if right >= 0 else nk
+        blocks = 0 if end_key <= first_key else math.ceil(end_key / block_n) - first_key // block_n
+        want_computed += blocks
+        want_total += math.ceil(nk / block_n)
+    assert computed == 2 * 3 * want_computed
+    assert computed + skipped == 2 * 3 * want_total
+
+
+# ---- the flash_attn-compatible API ----
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_flash_attn_api_layouts_and_packing(device):
+    from cuflash_attn import flash_attn_interface as fa
+    torch.manual_seed(0)
+    b, n, h, d = 2, 50, 4, 32
+    qkv = torch.randn(b, n, 3, h, d, device=device)
+    q, k, v = qkv.unbind(2)
+    out = fa.flash_attn_func(q, k, v, causal=True)
+    assert out.shape == (b, n, h, d)
+    ref, _ = attention_reference(*(t.transpose(1, 2) for t in (q, k, v)), causal=True, bottom_right=True)
+    assert torch.allclose(out.transpose(1, 2).double(), ref, atol=1e-5)
+    assert torch.equal(fa.flash_attn_qkvpacked_func(qkv, causal=True), out)
+    assert torch.equal(fa.flash_attn_kvpacked_func(q, torch.stack((k, v), 2), causal=True), out)
+    # Packed varlen over the same batch.
+    cu = torch.arange(0, (b + 1) * n, n, dtype=torch.int32, device=device)
+    flat = lambda t: t.reshape(b * n, h, d)  # noqa: E731
+    out_varlen = fa.flash_attn_varlen_func(flat(q), flat(k), flat(v), cu, cu, n, n, causal=True)
+    assert torch.allclose(out_varlen, flat(out), atol=1e-6)
+    out_qkv = fa.flash_attn_varlen_qkvpacked_func(qkv.reshape(b * n, 3, h, d), cu, n, causal=True)
+    out_kv = fa.flash_attn_varlen_kvpacked_func(flat(q), torch.stack((flat(k), flat(v)), 1), cu, cu, n, n,
+                                                causal=True)
+    assert torch.equal(out_qkv, out_varlen) and torch.equal(out_kv, out_varlen)
+    with pytest.raises(NotImplementedError, match="block_table"):
+        fa.flash_attn_varlen_func(flat(q), flat(k), flat(v), cu, cu, n, n, block_table=cu)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_flash_attn_api_return_attn_probs(device):
+    from cuflash_attn import flash_attn_interface as fa
+    torch.manual_seed(0)
+    q = torch.randn(2, 40, 2, 32, device=device)
+    k, v = (torch.randn(2, 60, 1, 32, device=device) for _ in range(2))
+    out, lse, probs = fa.flash_attn_func(q, k, v, dropout_p=0.25, causal=True, return_attn_probs=True)
+    assert lse.shape == (2, 2, 40) and probs.shape == (2, 2, 40, 60)
+    kept = probs.clamp(min=0)
+    # The output is the kept probabilities, rescaled, times v (v's heads repeated for GQA).
+    want = (kept / 0.75) @ v.transpose(1, 2).repeat_interleave(2, 1).float()
+    assert torch.allclose(out.transpose(1, 2).float(), want, atol=1e-5)
+    assert torch.allclose(probs.abs().sum(-1), torch.ones(2, 2, 40, device=device), atol=1e-5)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_flash_attn_api_gradients_flow_through_packing(device):
+    from cuflash_attn import flash_attn_interface as fa
+    qkv = torch.randn(1, 33, 3, 2, 16, device=device, dtype=torch.float64, requires_grad=True)
+    fa.flash_attn_qkvpacked_func(qkv, causal=True).sum().backward()
+    q, k, v = qkv.detach().unbind(2)
+    ref_qkv = torch.stack((q, k, v), 2).requires_grad_()
+    qr, kr, vr = (t.transpose(1, 2) for t in ref_qkv.unbind(2))
+    attention_reference(qr, kr, vr, causal=True, bottom_right=True)[0].sum().backward()
+    assert torch.allclose(qkv.grad, ref_qkv.grad, atol=1e-10)
+
+
+def test_flash_attn_install_aliases_the_module():
+    import sys
+    from cuflash_attn import flash_attn_interface as fa
+    saved = {name: sys.modules.get(name) for name in ("flash_attn", "flash_attn.flash_attn_interface")}
+    try:
+        fa.install()
+        import flash_attn
+        from flash_attn.flash_attn_interface import flash_attn_func
+        assert flash_attn.flash_attn_func is fa.flash_attn_func and flash_attn_func is fa.flash_attn_func
+    finally:
+        for name, module in saved.items():
+            if module is None:
+                sys.modules.pop(name, None)
+            else:
+                sys.modules[name] = module
+
+
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
+def test_backward_deterministic_with_features(dtype):
+    """GQA sums dk/dv over the group and dropout regenerates its mask: still bitwise equal over
+    50 runs (no atomics anywhere)."""
+    torch.manual_seed(0)
+    q = torch.randn(3, 8, 500, 128, device="cuda", dtype=dtype)
+    k, v = (torch.randn(3, 2, 700, 128, device="cuda", dtype=dtype) for _ in range(2))
+    q.requires_grad_(), k.requires_grad_(), v.requires_grad_()
+    rng = torch.tensor([5, 6], dtype=torch.int64, device="cuda")
+    out, _ = fwd(q, k, v, is_causal=True, bottom_right=True, window_left=300, softcap=30.0, dropout_p=0.1,
+                 rng_state=rng)
+    dout = torch.randn_like(out)
+    first = torch.autograd.grad(out, (q, k, v), dout, retain_graph=True)
+    for _ in range(49):
+        again = torch.autograd.grad(out, (q, k, v), dout, retain_graph=True)
+        assert all(torch.equal(a, b) for a, b in zip(first, again))
