@@ -9,6 +9,7 @@ benchmarks/results/<gpu-slug>-<YYYY-MM-DD>.json (and a .md table next to it).
     python3 benchmarks/bench_attention.py                 # the standard table
     python3 benchmarks/bench_attention.py --quick         # a fast subset
     python3 benchmarks/bench_attention.py --memory        # peak memory against seqlen
+    python3 benchmarks/bench_attention.py --dtypes fp16 --merge   # add rows to today's file
 """
 import argparse
 import contextlib
@@ -534,8 +535,18 @@ def render_markdown(results):
     return "\n".join(parts)
 
 
-def write_results(path, env, rows=None, memory_rows=None):
-    """Writes the JSON (replacing the sections this run produced, keeping the others) and .md."""
+ROW_KEY = ("impl", "dtype", "layout", "batch", "heads", "seqlen_q", "seqlen_k", "head_dim", "causal")
+
+
+def merge_rows(old, new):
+    """old's rows that new does not re-measure, then new's."""
+    fresh = {tuple(r[k] for k in ROW_KEY) for r in new}
+    return [r for r in old if tuple(r.get(k) for k in ROW_KEY) not in fresh] + list(new)
+
+
+def write_results(path, env, rows=None, memory_rows=None, merge=False):
+    """Writes the JSON (replacing the sections this run produced, keeping the others; with
+    merge, keeping also the rows of other configurations) and the .md."""
     results = {}
     if path.exists():
         try:
@@ -544,7 +555,7 @@ def write_results(path, env, rows=None, memory_rows=None):
             results = {}
     results["env"] = env
     if rows is not None:
-        results["rows"] = rows
+        results["rows"] = merge_rows(results.get("rows", []), rows) if merge else rows
     if memory_rows is not None:
         results["memory_rows"] = memory_rows
     results.setdefault("rows", [])
@@ -597,6 +608,10 @@ def parse_args(argv=None):
                    help="output directory (default benchmarks/results)")
     p.add_argument("--tag", default=None,
                    help="suffix for the output file name: <gpu>-<date>-<tag>.json")
+    p.add_argument("--merge", action="store_true",
+                   help="keep the rows already in the output file that this run does not re-measure "
+                        "(several runs, e.g. one per dtype, into one <gpu>-<date>.json); without it "
+                        "the run's rows replace the file's")
     args = p.parse_args(argv)
 
     args.impls = args.impls or list(MEMORY_IMPLS if args.memory else ALL_IMPLS)
@@ -632,7 +647,7 @@ def main(argv=None):
         markdown = write_results(path, env, memory_rows=run_memory(args, impls))
     else:
         timer = make_timer(args.warmup_ms, args.rep_ms)
-        markdown = write_results(path, env, rows=run_standard(args, impls, timer))
+        markdown = write_results(path, env, rows=run_standard(args, impls, timer), merge=args.merge)
     print(markdown)
     log(f"wrote {path} and {path.with_suffix('.md')}")
     return 0

@@ -20,7 +20,8 @@ PASSES = {"fwd": ("fwd_tflops", "forward"), "bwd": ("bwd_tflops", "backward")}
 
 
 def newest_json(directory):
-    files = sorted(Path(directory).glob("*.json"), key=lambda p: p.stat().st_mtime)
+    files = sorted((p for p in Path(directory).glob("*.json") if not p.name.endswith("-io.json")),
+                   key=lambda p: p.stat().st_mtime)  # -io.json: analyze_io.py's, no timings
     if not files:
         sys.exit(f"no results JSON in {directory}; pass one as an argument")
     return files[-1]
