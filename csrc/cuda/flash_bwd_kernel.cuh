@@ -63,7 +63,7 @@ struct BwdDqKernel {
   static constexpr int kSmemBytes = (2 * QTile::kElems + 4 * KVTile::kElems) * sizeof(T);
 };
 
-template <typename T, int kHeadDim>
+template <typename T, int kHeadDim, bool kFeatures>
 __global__ void __launch_bounds__(BwdDqKernel<T, kHeadDim>::kThreads)
     flash_bwd_dq_kernel(const FlashBwdParams p) {
   using K = BwdDqKernel<T, kHeadDim>;
@@ -105,8 +105,6 @@ __global__ void __launch_bounds__(BwdDqKernel<T, kHeadDim>::kThreads)
   };
 
   const ScoreMod mod(p, b, h);
-  const DropoutRng rng = p.dropout.p > 0.0 ? make_dropout_rng(p.dropout) : DropoutRng{};
-  const DropoutRng* rng_ptr = p.dropout.p > 0.0 ? &rng : nullptr;
   const Range n_blocks = key_blocks(p.mask, seq, m_start, min(m_start + kBlockM, seq.seqlen_q), kBlockN);
   WarpAcc<kHeadDim> dq;
   dq.zero();
@@ -128,9 +126,15 @@ __global__ void __launch_bounds__(BwdDqKernel<T, kHeadDim>::kThreads)
       dp.zero();
       warp_gemm_abt<T, kHeadDim, kBlockN>(s, sQ, warp * 16, sK(buf), 0, lane);
       warp_gemm_abt<T, kHeadDim, kBlockN>(dp, sdO, warp * 16, sV(buf), 0, lane);
-      backward_probs<false, true>(s, dp, mod, p.mask, seq, rng_ptr, b, h, sh.heads_q, row0, n_block * kBlockN,
-                                  lane, [&](int, int e) { return lse2[e >> 1]; },
-                                  [&](int, int e) { return delta[e >> 1]; });
+      auto row_lse2 = [&](int, int e) { return lse2[e >> 1]; };
+      auto row_delta = [&](int, int e) { return delta[e >> 1]; };
+      if constexpr (kFeatures) {
+        probs_and_ds_with_features<false, true>(s, dp, mod, p.mask, seq, p.dropout, b, h, sh.heads_q, row0,
+                                                n_block * kBlockN, lane, row_lse2, row_delta);
+      } else {
+        probs_from_qk<false>(s, mod.scale_log2, p.mask, seq, row0, n_block * kBlockN, lane, row_lse2);
+        ds_from_dp(dp, s, row_delta);
+      }
       warp_gemm_rb<T, kBlockN, kHeadDim>(dq, dp, sK(buf), 0, lane);
     }
   }
@@ -151,7 +155,7 @@ struct BwdDkvKernel {
       (2 * KVTile::kElems + 4 * QTile::kElems) * sizeof(T) + 4 * kBlockM * sizeof(float);
 };
 
-template <typename T, int kHeadDim, bool kComputeDk, bool kComputeDv>
+template <typename T, int kHeadDim, bool kFeatures, bool kComputeDk, bool kComputeDv>
 __global__ void __launch_bounds__(BwdDkvKernel<T, kHeadDim>::kThreads)
     flash_bwd_dkdv_kernel(const FlashBwdParams p) {
   using K = BwdDkvKernel<T, kHeadDim>;
@@ -196,8 +200,6 @@ __global__ void __launch_bounds__(BwdDkvKernel<T, kHeadDim>::kThreads)
     }
   };
 
-  const DropoutRng rng = p.dropout.p > 0.0 ? make_dropout_rng(p.dropout) : DropoutRng{};
-  const DropoutRng* rng_ptr = p.dropout.p > 0.0 ? &rng : nullptr;
   WarpAcc<kHeadDim> dk, dv;
   dk.zero();
   dv.zero();
@@ -215,22 +217,32 @@ __global__ void __launch_bounds__(BwdDkvKernel<T, kHeadDim>::kThreads)
       cp_async_commit();
 
       const int h = head_of(step), m0 = block_of(step) * kBlockM;
-      const ScoreMod mod(p, b, h);
       const float* lse2 = sLse2 + buf * kBlockM;
       const float* delta = sDelta + buf * kBlockM;
       WarpAcc<kBlockM> s, dp;  // S^T and dP^T: 16 keys x kBlockM queries
       s.zero();
       warp_gemm_abt<T, kHeadDim, kBlockM>(s, sK, warp * 16, sQ(buf), 0, lane);
-      if (kComputeDk) {
-        dp.zero();
-        warp_gemm_abt<T, kHeadDim, kBlockM>(dp, sV, warp * 16, sdO(buf), 0, lane);
+      auto col_lse2 = [&](int j, int e) { return lse2[WarpAcc<kBlockM>::col_of(j, e, lane)]; };
+      auto col_delta = [&](int j, int e) { return delta[WarpAcc<kBlockM>::col_of(j, e, lane)]; };
+      if constexpr (kFeatures) {
+        if (kComputeDk) {
+          dp.zero();
+          warp_gemm_abt<T, kHeadDim, kBlockM>(dp, sV, warp * 16, sdO(buf), 0, lane);
+        }
+        // s becomes (P z)^T, dp becomes dS^T.
+        probs_and_ds_with_features<true, kComputeDk>(s, dp, ScoreMod(p, b, h), p.mask, seq, p.dropout, b, h,
+                                                     sh.heads_q, key0, m0, lane, col_lse2, col_delta);
+        if (kComputeDv) warp_gemm_rb<T, kBlockM, kHeadDim>(dv, s, sdO(buf), 0, lane);
+      } else {
+        // P^T feeds dV before dP^T is computed, so the two tiles are never live together.
+        probs_from_qk<true>(s, static_cast<float>(p.scale) * kLog2e, p.mask, seq, key0, m0, lane, col_lse2);
+        if (kComputeDv) warp_gemm_rb<T, kBlockM, kHeadDim>(dv, s, sdO(buf), 0, lane);
+        if (kComputeDk) {
+          dp.zero();
+          warp_gemm_abt<T, kHeadDim, kBlockM>(dp, sV, warp * 16, sdO(buf), 0, lane);
+          ds_from_dp(dp, s, col_delta);
+        }
       }
-      // s becomes (P z)^T, dp becomes dS^T.
-      backward_probs<true, kComputeDk>(
-          s, dp, mod, p.mask, seq, rng_ptr, b, h, sh.heads_q, key0, m0, lane,
-          [&](int j, int e) { return lse2[WarpAcc<kBlockM>::col_of(j, e, lane)]; },
-          [&](int j, int e) { return delta[WarpAcc<kBlockM>::col_of(j, e, lane)]; });
-      if (kComputeDv) warp_gemm_rb<T, kBlockM, kHeadDim>(dv, s, sdO(buf), 0, lane);
       if (kComputeDk) warp_gemm_rb<T, kBlockM, kHeadDim>(dk, dp, sQ(buf), 0, lane);
     }
   }

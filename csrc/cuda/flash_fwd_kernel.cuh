@@ -21,7 +21,9 @@ struct FwdKernel {
   static constexpr int kSmemBytes = (QTile::kElems + 4 * KVTile::kElems) * sizeof(T);
 };
 
-template <typename T, int kHeadDim>
+// kFeatures: softcap, ALiBi or dropout may be on (mask.cuh's needs_feature_path); without it
+// the kernel keeps only what plain attention needs in registers.
+template <typename T, int kHeadDim, bool kFeatures>
 __global__ void __launch_bounds__(FwdKernel<T, kHeadDim>::kThreads)
     flash_fwd_kernel(const FlashFwdParams p) {
   using K = FwdKernel<T, kHeadDim>;
@@ -62,8 +64,6 @@ __global__ void __launch_bounds__(FwdKernel<T, kHeadDim>::kThreads)
   WarpAcc<kHeadDim> o;
   o.zero();
   const ScoreMod mod(p, b, h);
-  const bool dropout = p.dropout.p > 0.0;
-  const DropoutRng rng = dropout ? make_dropout_rng(p.dropout) : DropoutRng{};
   OnlineSoftmax softmax;
   const int row0 = m_start + warp * 16;  // first query row of this warp
 
@@ -83,11 +83,11 @@ __global__ void __launch_bounds__(FwdKernel<T, kHeadDim>::kThreads)
       s.zero();
       warp_gemm_abt<T, kHeadDim, kBlockN>(s, sQ, warp * 16, sK(buf), 0, lane);
       const int n0 = n_block * kBlockN;
-      scores_from_qk(s, mod, p.mask, seq, row0, n0, lane);
+      scores_from_qk<kFeatures>(s, mod, p.mask, seq, row0, n0, lane);
       softmax.rescale_and_exp(s, o);
-      if (dropout) {  // the softmax sums every probability; only the kept ones reach P V
+      if (kFeatures && p.dropout.p > 0.0) {  // the softmax sums every probability; only the kept ones reach P V
         float z[kBlockN / 8][4];
-        dropout_factors<false, kBlockN>(z, rng, b, h, sh.heads_q, row0, n0, lane);
+        dropout_factors<false, kBlockN>(z, make_dropout_rng(p.dropout), b, h, sh.heads_q, row0, n0, lane);
 #pragma unroll
         for (int j = 0; j < kBlockN / 8; ++j)
 #pragma unroll

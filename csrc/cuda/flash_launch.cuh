@@ -29,6 +29,13 @@ cudaError_t launch(Kernel kernel, dim3 grid, int threads, int smem_bytes, cudaSt
 template <typename T>
 constexpr bool kExactPath = std::is_same_v<T, float> || std::is_same_v<T, double>;
 
+// Calls f(std::bool_constant<kFeatures>) for the kernels' feature path or plain path.
+template <class F>
+cudaError_t with_feature_path(const AttentionParams& p, F&& f) {
+  if (needs_feature_path(p)) return f(std::true_type{});
+  return f(std::false_type{});
+}
+
 template <typename T, int kHeadDim>
 cudaError_t run_flash_fwd(const FlashFwdParams& p, cudaStream_t stream) {
   const AttentionShape& sh = p.shape;
@@ -38,7 +45,9 @@ cudaError_t run_flash_fwd(const FlashFwdParams& p, cudaStream_t stream) {
   } else {
     using K = FwdKernel<T, kHeadDim>;
     const dim3 grid(ceil_div(sh.seqlen_q, K::kBlockM), sh.heads_q, sh.batch);
-    return launch(flash_fwd_kernel<T, kHeadDim>, grid, K::kThreads, K::kSmemBytes, stream, p);
+    return with_feature_path(p, [&](auto features) {
+      return launch(flash_fwd_kernel<T, kHeadDim, features()>, grid, K::kThreads, K::kSmemBytes, stream, p);
+    });
   }
 }
 
@@ -57,19 +66,26 @@ cudaError_t run_flash_bwd(const FlashBwdParams& p, cudaStream_t stream) {
     return launch(flash_bwd_dkdv_simt_kernel<T, kChunks>,
                   dim3(ceil_div(sh.seqlen_k, simt::kWarps), sh.heads_kv, sh.batch), kThreads, 0, stream, p);
   } else {
-    using Dq = BwdDqKernel<T, kHeadDim>;
-    err = launch(flash_bwd_dq_kernel<T, kHeadDim>, dim3(ceil_div(sh.seqlen_q, Dq::kBlockM), sh.heads_q, sh.batch),
-                 Dq::kThreads, Dq::kSmemBytes, stream, p);
-    if (err != cudaSuccess) return err;
-    using Dkv = BwdDkvKernel<T, kHeadDim>;
-    const dim3 grid(ceil_div(sh.seqlen_k, Dkv::kBlockN), sh.heads_kv, sh.batch);
-    if constexpr (BwdTile<kHeadDim>::kSplitDkDv) {
-      err = launch(flash_bwd_dkdv_kernel<T, kHeadDim, true, false>, grid, Dkv::kThreads, Dkv::kSmemBytes, stream, p);
-      if (err != cudaSuccess) return err;
-      return launch(flash_bwd_dkdv_kernel<T, kHeadDim, false, true>, grid, Dkv::kThreads, Dkv::kSmemBytes, stream, p);
-    } else {
-      return launch(flash_bwd_dkdv_kernel<T, kHeadDim, true, true>, grid, Dkv::kThreads, Dkv::kSmemBytes, stream, p);
-    }
+    return with_feature_path(p, [&](auto features) {
+      constexpr bool kFeatures = features();
+      using Dq = BwdDqKernel<T, kHeadDim>;
+      cudaError_t e = launch(flash_bwd_dq_kernel<T, kHeadDim, kFeatures>,
+                             dim3(ceil_div(sh.seqlen_q, Dq::kBlockM), sh.heads_q, sh.batch), Dq::kThreads,
+                             Dq::kSmemBytes, stream, p);
+      if (e != cudaSuccess) return e;
+      using Dkv = BwdDkvKernel<T, kHeadDim>;
+      const dim3 grid(ceil_div(sh.seqlen_k, Dkv::kBlockN), sh.heads_kv, sh.batch);
+      if constexpr (BwdTile<kHeadDim>::kSplitDkDv) {
+        e = launch(flash_bwd_dkdv_kernel<T, kHeadDim, kFeatures, true, false>, grid, Dkv::kThreads, Dkv::kSmemBytes,
+                   stream, p);
+        if (e != cudaSuccess) return e;
+        return launch(flash_bwd_dkdv_kernel<T, kHeadDim, kFeatures, false, true>, grid, Dkv::kThreads,
+                      Dkv::kSmemBytes, stream, p);
+      } else {
+        return launch(flash_bwd_dkdv_kernel<T, kHeadDim, kFeatures, true, true>, grid, Dkv::kThreads, Dkv::kSmemBytes,
+                      stream, p);
+      }
+    });
   }
 }
 

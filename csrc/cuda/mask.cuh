@@ -81,23 +81,23 @@ __device__ __forceinline__ bool tile_needs_mask(const MaskParams& m, const Seque
   return !block_fully_visible(m, s, row0, row0 + 16, col0, col0 + kN);
 }
 
-// Raw q.k in `t` becomes the scaled-log2 score, -inf where masked (forward).
-template <int kN>
+// Raw q.k in `t` becomes the scaled-log2 score, -inf where masked (forward). Without kFeatures
+// (no softcap or ALiBi) the score is q.k * scale_log2.
+template <bool kFeatures, int kN>
 __device__ __forceinline__ void scores_from_qk(WarpAcc<kN>& t, const ScoreMod& mod, const MaskParams& m,
                                                const Sequence& s, int row0, int col0, int lane) {
-  const bool masked = tile_needs_mask<false, kN>(m, s, row0, col0);
-  if (mod.plain()) {
-#pragma unroll
-    for (int j = 0; j < kN / 8; ++j)
-#pragma unroll
-      for (int e = 0; e < 4; ++e) t.v[j][e] *= mod.scale_log2;
-  } else {
+  if (kFeatures && !mod.plain()) {
     for_each_element<false>(t, row0, col0, lane, [&](float& x, int i, int k, int, int) {
       float unused;
       x = mod(x, s, i, k, &unused);
     });
+  } else {
+#pragma unroll
+    for (int j = 0; j < kN / 8; ++j)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) t.v[j][e] *= mod.scale_log2;
   }
-  if (masked)
+  if (tile_needs_mask<false, kN>(m, s, row0, col0))
     for_each_element<false>(t, row0, col0, lane, [&](float& x, int i, int k, int, int) {
       if (!is_visible(m, s, i, k)) x = -INFINITY;
     });
@@ -123,34 +123,65 @@ __device__ __forceinline__ void dropout_factors(float (&z)[kN / 8][4], const Dro
     }
 }
 
-// The backward's elementwise step on a tile holding raw q.k (s) and dP = dO.v (dp):
-//   s  <- P * z                    (the operand of dV)
-//   dp <- P * (dP * z - delta) * dcap   (dS, the operand of dQ and dK; scale applied later)
-// P = exp2(score - lse2), z the dropout factor (1 without dropout). lse2/delta are indexed by
-// the tile's query index through the accessors.
+// The backward's elementwise steps. lse2 and delta are indexed by the tile element (j, e)
+// through accessors (the two tile orientations store them differently).
+//
+// Plain (no softcap, ALiBi or dropout): s holds raw q.k and becomes P = exp2(score - lse2).
+template <bool kTransposed, int kN, class Lse2>
+__device__ __forceinline__ void probs_from_qk(WarpAcc<kN>& s, float scale_log2, const MaskParams& m,
+                                              const Sequence& seq, int row0, int col0, int lane, Lse2&& lse2) {
+  if (tile_needs_mask<kTransposed, kN>(m, seq, row0, col0)) {
+    for_each_element<kTransposed>(s, row0, col0, lane, [&](float& x, int i, int k, int j, int e) {
+      x = is_visible(m, seq, i, k) ? fast_exp2(x * scale_log2 - lse2(j, e)) : 0.f;
+    });
+  } else {
+#pragma unroll
+    for (int j = 0; j < kN / 8; ++j)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) s.v[j][e] = fast_exp2(s.v[j][e] * scale_log2 - lse2(j, e));
+  }
+}
+// dp holds dP = dO.v and becomes dS = P * (dP - delta) (the scale is applied later).
+template <int kN, class Delta>
+__device__ __forceinline__ void ds_from_dp(WarpAcc<kN>& dp, const WarpAcc<kN>& probs, Delta&& delta) {
+#pragma unroll
+  for (int j = 0; j < kN / 8; ++j)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) dp.v[j][e] = probs.v[j][e] * (dp.v[j][e] - delta(j, e));
+}
+
+// With softcap, ALiBi or dropout, one pass over raw q.k (s) and dP (dp):
+//   s  <- P * z                          (the operand of dV)
+//   dp <- P * (dP * z - delta) * dcap    (dS, the operand of dQ and dK)
+// z is the dropout factor (1 without dropout), dcap the softcap's chain-rule factor.
 template <bool kTransposed, bool kWithDs, int kN, class Lse2, class Delta>
-__device__ __forceinline__ void backward_probs(WarpAcc<kN>& s, WarpAcc<kN>& dp, const ScoreMod& mod,
-                                               const MaskParams& m, const Sequence& s_info, const DropoutRng* rng,
-                                               int b, int h, int heads, int row0, int col0, int lane, Lse2&& lse2,
-                                               Delta&& delta) {
-  const bool masked = tile_needs_mask<kTransposed, kN>(m, s_info, row0, col0);
+__device__ __forceinline__ void probs_and_ds_with_features(WarpAcc<kN>& s, WarpAcc<kN>& dp, const ScoreMod& mod,
+                                                           const MaskParams& m, const Sequence& seq,
+                                                           const DropoutParams& dropout, int b, int h, int heads,
+                                                           int row0, int col0, int lane, Lse2&& lse2, Delta&& delta) {
+  const bool masked = tile_needs_mask<kTransposed, kN>(m, seq, row0, col0);
   float z[kN / 8][4];
-  if (rng) {
-    dropout_factors<kTransposed, kN>(z, *rng, b, h, heads, row0, col0, lane);
+  if (dropout.p > 0.0) {
+    dropout_factors<kTransposed, kN>(z, make_dropout_rng(dropout), b, h, heads, row0, col0, lane);
   } else {
 #pragma unroll
     for (int j = 0; j < kN / 8; ++j)
 #pragma unroll
       for (int e = 0; e < 4; ++e) z[j][e] = 1.f;
   }
-  const bool plain = mod.plain();
   for_each_element<kTransposed>(s, row0, col0, lane, [&](float& x, int i, int k, int j, int e) {
-    float dcap = 1.f;
-    const float score = plain ? x * mod.scale_log2 : mod(x, s_info, i, k, &dcap);
-    const float prob = masked && !is_visible(m, s_info, i, k) ? 0.f : fast_exp2(score - lse2(j, e));
+    float dcap;
+    const float score = mod(x, seq, i, k, &dcap);
+    const float prob = masked && !is_visible(m, seq, i, k) ? 0.f : fast_exp2(score - lse2(j, e));
     if (kWithDs) dp.v[j][e] = prob * (dp.v[j][e] * z[j][e] - delta(j, e)) * dcap;
     x = prob * z[j][e];
   });
+}
+
+// Whether a launch needs the kernels' feature path (kFeatures): anything that changes the
+// scores or the probabilities element by element. Masks, GQA and packed batches do not.
+inline bool needs_feature_path(const AttentionParams& p) {
+  return p.score.softcap > 0.0 || p.score.alibi_slopes != nullptr || p.dropout.p > 0.0;
 }
 
 }  // namespace cuflash
