@@ -16,6 +16,7 @@ import contextlib
 import datetime
 import gc
 import json
+import os
 import re
 import statistics
 import subprocess
@@ -406,6 +407,9 @@ def run_memory(args, impls):
 # Environment, output files and the markdown tables.
 
 def git_commit():
+    # The device tool's copy of the tree can carry a stale .git: callers there pass the commit.
+    if os.environ.get("CUFLASH_BENCH_COMMIT"):
+        return os.environ["CUFLASH_BENCH_COMMIT"]
     try:
         out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True,
                              text=True, timeout=10)
