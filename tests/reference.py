@@ -56,17 +56,22 @@ def max_err(a, b):
     return (a.double() - b.double()).abs().max().item() if a.numel() else 0.0
 
 
+def accuracy_bound(ref, pt, dtype, factor, tf32=False):
+    """The largest max|got - ref| the accuracy rule allows.
+    fp16/bf16: factor * max|pt - ref| + floor; fp32: 1e-5 * max|ref| (1e-3 with TF32);
+    fp64: 1e-10 * max|ref|."""
+    if dtype in LOW_PRECISION:
+        return factor * max_err(pt, ref) + rounding_floor(ref, dtype)
+    rel = {torch.float32: 1e-3 if tf32 else 1e-5, torch.float64: 1e-10}[dtype]
+    return rel * max(ref.abs().max().item() if ref.numel() else 0.0, 1e-30)
+
+
 def assert_close_to_reference(name, got, ref, pt, dtype, factor, tf32=False):
-    """fp16/bf16: max|got - ref| <= factor * max|pt - ref| + floor.
-    fp32: relative max error <= 1e-5 (1e-3 with TF32); fp64: <= 1e-10 relative."""
+    """max|got - ref| within accuracy_bound."""
     assert got.shape == ref.shape, f"{name}: shape {tuple(got.shape)} != {tuple(ref.shape)}"
     assert not torch.isnan(got).any(), f"{name}: NaN in the result"
     err = max_err(got, ref)
-    if dtype in LOW_PRECISION:
-        bound = factor * max_err(pt, ref) + rounding_floor(ref, dtype)
-    else:
-        rel = {torch.float32: 1e-3 if tf32 else 1e-5, torch.float64: 1e-10}[dtype]
-        bound = rel * max(ref.abs().max().item() if ref.numel() else 0.0, 1e-30)
+    bound = accuracy_bound(ref, pt, dtype, factor, tf32)
     assert err <= bound, f"{name}: max error {err:.3e} > bound {bound:.3e}"
 
 

@@ -1,6 +1,8 @@
 """Forward, backward and logsumexp against the float64 reference (shared/TESTING.md's rule),
 over the shape list, every head dim bucket (and head dims the API pads), every dtype, causal
 off and both alignments."""
+import os
+
 import pytest
 import torch
 
@@ -82,10 +84,16 @@ def test_cuda_grid_sizes(dtype, batch, heads):
     check_against_reference("cuda", dtype, batch, heads, 200, 333, 64, "top_left")
 
 
-@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU"))])
-@pytest.mark.parametrize("seed", range(8 if HAS_CUDA else 4))
+# CUFLASH_SWEEP_COUNT sets the cases per device; by default 200 on CPU (about 11 s on 2 cores)
+# and 2000 on CUDA when a GPU is present.
+_SWEEP_ENV = int(os.environ.get("CUFLASH_SWEEP_COUNT", "0"))
+SWEEP = ([("cpu", s) for s in range(_SWEEP_ENV or 200)]
+         + [("cuda", s) for s in range((_SWEEP_ENV or 2000) if HAS_CUDA else 0)])
+
+
+@pytest.mark.parametrize("device,seed", SWEEP, ids=[f"{d}-{s}" for d, s in SWEEP])
 def test_random_sweep(device, seed):
-    """A seeded sweep of shapes, head dims, dtypes and masks; prints its configuration on failure."""
+    """A seeded sweep of shapes, head dims, dtypes and masks; a failure prints a reproducer."""
     g = torch.Generator().manual_seed(1000 + seed)
     pick = lambda seq: seq[torch.randint(len(seq), (1,), generator=g).item()]  # noqa: E731
     dtype = pick(list(DTYPE_IDS))
@@ -94,8 +102,12 @@ def test_random_sweep(device, seed):
     nq, nk = (int(torch.randint(1, cap, (1,), generator=g)) for _ in range(2))
     d = int(torch.randint(1, 257, (1,), generator=g))
     causal = pick(CAUSAL)
-    config = dict(device=device, dtype=dtype, batch=batch, heads=2, nq=nq, nk=nk, d=d, causal=causal)
     try:
         check_against_reference(device, dtype, batch, 2, nq, nk, d, causal, seed=seed)
-    except AssertionError as e:
-        raise AssertionError(f"reproduce with check_against_reference(**{config}): {e}") from e
+    except Exception as e:
+        args = f"{device!r}, {dtype}, {batch}, 2, {nq}, {nk}, {d}, {causal!r}, seed={seed}"
+        raise AssertionError(
+            f"random sweep case {device}-{seed} failed: {type(e).__name__}: {e}\nreproduce with\n"
+            f"  CUFLASH_SWEEP_COUNT={seed + 1} python3 -m pytest -q 'tests/test_accuracy.py::test_random_sweep[{device}-{seed}]'\n"
+            f"or\n  cd tests && PYTHONPATH=.. python3 -c \"import torch; from test_accuracy import check_against_reference; "
+            f"check_against_reference({args})\"") from e
