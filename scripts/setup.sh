@@ -9,7 +9,7 @@ TORCH_VERSION=${TORCH_VERSION:-2.11.0}
 
 missing=()
 "$PYTHON" -c "import torch" 2>/dev/null || missing+=("torch==${TORCH_VERSION}")
-for mod in ninja pytest numpy; do
+for mod in ninja pytest numpy hypothesis; do
   "$PYTHON" -c "import $mod" 2>/dev/null || missing+=("$mod")
 done
 if [ ${#missing[@]} -gt 0 ]; then
