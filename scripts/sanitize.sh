@@ -1,0 +1,86 @@
+#!/usr/bin/env bash
+# Runs compute-sanitizer's memcheck, synccheck, initcheck and racecheck, one run each, over the
+# reduced sweep of tests/sanitize_driver.py (every CUDA kernel family, forward and backward,
+# checked against float64), with the caching allocator off so that out-of-bounds accesses reach
+# the sanitizer. Prints "<tool>: N errors" per tool, writes each tool's log to $OUT/<tool>.log
+# and exits non-zero on any sanitizer report, any failed case, or a tool that did not finish.
+#
+#   OUT=dir                        logs (default ./sanitize_logs)
+#   SANITIZE_TOOLS="memcheck ..."  the tools to run, in order (default: all four, slowest last)
+#   SANITIZE_KERNEL_FILTER=...     compute-sanitizer --kernel-name filter (default kns=cuflash: only
+#                                  cuflash's kernels, whose names all hold the namespace cuflash::,
+#                                  are checked, so torch's own kernels neither slow the run down
+#                                  nor report; "" checks every kernel)
+#   SANITIZE_BUDGET_S=540          seconds for the whole script, build included; each tool gets
+#                                  what is left (a tool cut short counts as a failure)
+#   SANITIZE_DRIVER_ARGS="--only fp16"  arguments for the driver (e.g. a subset of cases)
+#   SANITIZE_SKIP_BUILD=1          use the extension as built; otherwise scripts/setup.sh builds it
+#                                  (incremental; CUFLASH_HEAD_DIMS=64,128,256 is all the sweep needs,
+#                                  and new objects get -lineinfo so reports name source lines)
+set -uo pipefail
+cd "$(dirname "$0")/.." || exit 2
+OUT=${OUT:-sanitize_logs}
+TOOLS=${SANITIZE_TOOLS:-memcheck synccheck initcheck racecheck}
+FILTER=${SANITIZE_KERNEL_FILTER-kns=cuflash}
+BUDGET=${SANITIZE_BUDGET_S:-540}
+deadline=$(( $(date +%s) + BUDGET ))
+mkdir -p "$OUT"
+
+SANITIZER=${COMPUTE_SANITIZER:-$(command -v compute-sanitizer || echo /usr/local/cuda/bin/compute-sanitizer)}
+if [ ! -x "$SANITIZER" ]; then
+  echo "compute-sanitizer not found (on PATH, or set COMPUTE_SANITIZER)" >&2
+  exit 2
+fi
+"$SANITIZER" --version | tail -n 1
+
+if [ "${SANITIZE_SKIP_BUILD:-0}" != 1 ]; then
+  export CUFLASH_CUDA_ARCHS=${CUFLASH_CUDA_ARCHS:-9.0a}
+  export NVCC_APPEND_FLAGS="${NVCC_APPEND_FLAGS:+$NVCC_APPEND_FLAGS }-lineinfo"
+  start=$(date +%s)
+  bash scripts/setup.sh > "$OUT/build.log" 2>&1 || { tail -n 40 "$OUT/build.log"; exit 2; }
+  echo "build: $(( $(date +%s) - start )) s"
+fi
+
+export PYTORCH_NO_CUDA_MEMORY_CACHING=1 PYTHONUNBUFFERED=1
+filter_args=()
+[ -n "$FILTER" ] && filter_args=(--kernel-name "$FILTER")
+status=0
+for tool in $TOOLS; do
+  left=$(( deadline - $(date +%s) ))
+  if [ "$left" -le 10 ]; then
+    echo "$tool: not run (SANITIZE_BUDGET_S=$BUDGET spent)"; status=1; continue
+  fi
+  log="$OUT/$tool.log"
+  start=$(date +%s)
+  # shellcheck disable=SC2086  # SANITIZE_DRIVER_ARGS is split on purpose
+  timeout --signal=INT --kill-after=30 "$left" "$SANITIZER" --tool "$tool" --error-exitcode 1 ${filter_args[@]+"${filter_args[@]}"} \
+    python3 tests/sanitize_driver.py ${SANITIZE_DRIVER_ARGS:-} > "$log" 2>&1
+  rc=$?
+  secs=$(( $(date +%s) - start ))
+  # memcheck, initcheck, synccheck: "ERROR SUMMARY: N errors";
+  # racecheck: "RACECHECK SUMMARY: H hazards displayed (E errors, W warnings)", warnings count too.
+  errors=$(grep -Eo 'ERROR SUMMARY: [0-9]+ error' "$log" | grep -Eo '[0-9]+' | tail -n 1)
+  race=$(grep -Eo 'RACECHECK SUMMARY: .*' "$log" | tail -n 1)
+  warnings=""
+  if [ -n "$race" ]; then
+    e=$(grep -Eo '[0-9]+ errors?' <<< "$race" | grep -Eo '[0-9]+' || echo 0)
+    w=$(grep -Eo '[0-9]+ warnings?' <<< "$race" | grep -Eo '[0-9]+' || echo 0)
+    errors=$(( ${errors:-0} > e ? ${errors:-0} : e ))
+    warnings=", $w warnings"
+    if [ "$w" -gt 0 ] && [ "$rc" -eq 0 ]; then rc=1; fi
+  fi
+  driver=$(grep -E '^sanitize_driver:' "$log" | tail -n 1)
+  if [ "$rc" -eq 124 ] || [ "$rc" -eq 137 ]; then
+    echo "$tool: did not finish in ${left} s (see $log)"
+  elif [ -z "$errors" ]; then
+    echo "$tool: no error summary, exit $rc, ${secs} s (see $log)"
+  else
+    echo "$tool: $errors errors$warnings, exit $rc, ${secs} s; ${driver:-the driver printed no summary}"
+  fi
+  if [ "$rc" -ne 0 ] || [ "${errors:-1}" != 0 ]; then
+    status=1
+    grep -E '^=========|FAILED' "$log" | grep -vE 'COMPUTE-SANITIZER|SUMMARY' | head -n 20
+  fi
+done
+echo "logs: $OUT"
+exit $status

@@ -1,0 +1,136 @@
+"""The reduced sweep that scripts/sanitize.sh runs under compute-sanitizer (not a pytest module).
+
+Every CUDA kernel family runs forward and backward on tiny shapes: the tensor-core kernels
+(float16, bfloat16: forward, delta, dQ, dK/dV) at head dims 59 (zero-padded to 64), 64, 128 and
+256 (dK and dV in two launches), the CUDA-core *_simt kernels (float32, float64) at head dims 32,
+59 and 256; seqlens that are not multiples of any tile, seqlen 1, causal off, top-left and
+bottom-right (with rows that see no key), batch and heads 1-2, a [B, N, H, D] strided layout,
+and the backward with the gradient of the returned lse. Every case is checked against the
+float64 reference with the accuracy rule, so a clean sanitizer run is also a correctness run.
+
+    python3 tests/sanitize_driver.py [--list] [--only REGEX] [--device cpu]
+
+(--device cpu runs the same cases on the CPU kernels: a check of this script without a GPU.)
+
+Exit status: 0 all cases pass, 3 a case failed (or none ran), 2 no GPU.
+"""
+import argparse
+import re
+import sys
+import time
+import traceback
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path[:0] = [str(HERE), str(HERE.parent)]
+
+import torch  # noqa: E402
+
+from reference import LOW_PRECISION, assert_close_to_reference, assert_lse_close, attention_reference  # noqa: E402
+from test_accuracy import check_against_reference  # noqa: E402
+
+F16, BF16, F32, F64 = torch.float16, torch.bfloat16, torch.float32, torch.float64
+NAMES = {F16: "fp16", BF16: "bf16", F32: "fp32", F64: "fp64"}
+
+
+def cases():
+    """(dtype, head_dim, batch, heads, seqlen_q, seqlen_k, causal, variant); variant is "" or
+    "dlse" (backward with the lse's gradient too) or "bnhd" ([B, N, H, D] views)."""
+    out = []
+    for dtype in (F16, BF16):
+        for d in (59, 64, 128, 256):
+            out += [(dtype, d, 1, 2, 77, 200, "top_left", ""),
+                    (dtype, d, 2, 1, 200, 77, "bottom_right", "dlse"),  # rows 0..122 see no key
+                    (dtype, d, 1, 1, 129, 300, "none", "")]
+        out += [(dtype, 64, 1, 1, 1, 1, "none", ""), (dtype, 64, 2, 2, 150, 150, "top_left", "bnhd")]
+    for dtype in (F32, F64):
+        for d in (59, 256):
+            out += [(dtype, d, 1, 2, 77, 200, "top_left", ""), (dtype, d, 2, 1, 200, 77, "bottom_right", "dlse")]
+        out += [(dtype, 32, 1, 1, 33, 65, "none", "bnhd")]
+    return out
+
+
+def describe(case):
+    dtype, d, b, h, nq, nk, causal, variant = case
+    return f"{NAMES[dtype]} d={d} b={b} h={h} nq={nq} nk={nk} {causal}" + (f" {variant}" if variant else "")
+
+
+def bnhd(batch, heads, d):
+    return lambda n, device, dtype: (torch.randn(batch, n, heads, d, dtype=torch.float64)
+                                     .to(device, dtype).transpose(1, 2))
+
+
+def check_with_lse_gradient(device, dtype, d, b, h, nq, nk, causal, seed=0):
+    """Forward and backward of out and lse together (the backward's dlse path)."""
+    torch.manual_seed(seed)
+    q, k, v, dout = (torch.randn(b, h, n, d, dtype=torch.float64).to(device, dtype) for n in (nq, nk, nk, nq))
+    dlse = torch.randn(b, h, nq, dtype=torch.float64, device=device)
+    is_causal, bottom_right = causal != "none", causal == "bottom_right"
+    qg, kg, vg = (t.clone().requires_grad_() for t in (q, k, v))
+    out, lse = torch.ops.cuflash_attn.fwd(qg, kg, vg, None, is_causal, bottom_right)
+    seen = torch.isfinite(lse)  # lse -inf rows: their dlse cannot flow (the reference's would be NaN)
+    grads = torch.autograd.grad((out, lse), (qg, kg, vg), (dout, torch.where(seen, dlse, 0).to(lse.dtype)))
+
+    def reference(dt):
+        qr, kr, vr = (t.to(dt).requires_grad_() for t in (q, k, v))
+        o, l = attention_reference(qr, kr, vr, is_causal, bottom_right=bottom_right, dtype=dt)
+        dl = torch.where(seen, dlse, 0).to(l.dtype)
+        return (o, l, *torch.autograd.grad((o, torch.where(seen, l, 0)), (qr, kr, vr), (dout.to(dt), dl)))
+
+    ref = reference(torch.float64)
+    pt = reference(dtype) if dtype in LOW_PRECISION else ref
+    assert_close_to_reference("out", out, ref[0], pt[0], dtype, factor=2)
+    assert_lse_close(lse, ref[1], dtype)
+    for name, got, r, p in zip(("dq", "dk", "dv"), grads, ref[2:], pt[2:]):
+        assert_close_to_reference(name, got, r, p, dtype, factor=3)
+
+
+def run_case(case, device):
+    dtype, d, b, h, nq, nk, causal, variant = case
+    if variant == "dlse":
+        check_with_lse_gradient(device, dtype, d, b, h, nq, nk, causal)
+    else:
+        layout = bnhd(b, h, d) if variant == "bnhd" else None
+        check_against_reference(device, dtype, b, h, nq, nk, d, causal, layout=layout)
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--list", action="store_true", help="print the cases and exit")
+    parser.add_argument("--only", default="", help="run the cases whose description matches this regex")
+    parser.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
+    args = parser.parse_args()
+    selected = [c for c in cases() if re.search(args.only, describe(c))]
+    if args.list:
+        print("\n".join(describe(c) for c in selected))
+        return 0
+    if args.device == "cuda" and not torch.cuda.is_available():
+        print("sanitize_driver: needs a CUDA GPU")
+        return 2
+    passed, failed, skipped = 0, [], 0
+    start = time.time()
+    for i, case in enumerate(selected, 1):
+        t0 = time.time()
+        try:
+            run_case(case, args.device)
+            status = "ok"
+            passed += 1
+        except NotImplementedError as e:  # a head dim left out of this build (CUFLASH_HEAD_DIMS)
+            status = f"skipped: {str(e).splitlines()[0]}"
+            skipped += 1
+        except Exception as e:  # noqa: BLE001  (report every case, then fail)
+            status = f"FAILED: {type(e).__name__}: {e}"
+            failed.append(describe(case))
+            traceback.print_exc()
+        print(f"[{i:2d}/{len(selected)}] {describe(case):<42} {status} ({time.time() - t0:.1f} s)", flush=True)
+    print(f"sanitize_driver: {len(selected)} cases, {passed} passed, {len(failed)} failed, {skipped} skipped "
+          f"in {time.time() - start:.0f} s")
+    for name in failed:
+        print(f"  failed: {name}")
+    return 3 if failed or passed == 0 else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
