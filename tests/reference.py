@@ -46,6 +46,21 @@ def attention_reference(q, k, v, causal=False, scale=None, bottom_right=False, d
     return probs @ v, lse
 
 
+def reference_results(q, k, v, dout=None, causal=False, bottom_right=False, scale=None, dtype=torch.float64,
+                      dlse=None):
+    """attention_reference in `dtype` with its gradients: (out, lse, dq, dk, dv), or (out, lse)
+    without dout. dlse, if given, is the gradient of lse too."""
+    qr, kr, vr = (t.detach().to(dtype).requires_grad_(dout is not None) for t in (q, k, v))
+    out, lse = attention_reference(qr, kr, vr, causal, scale=scale, bottom_right=bottom_right, dtype=dtype)
+    if dout is None:
+        return out, lse
+    # A row that sees no key has lse -inf and a NaN lse gradient, which its all-masked scores zero.
+    outs, grads = (out,), (dout.to(dtype),)
+    if dlse is not None:
+        outs, grads = (out, lse), (dout.to(dtype), dlse.to(lse.dtype))
+    return (out, lse, *torch.autograd.grad(outs, (qr, kr, vr), grads))
+
+
 def rounding_floor(ref, dtype):
     """2 * max|(ref + 0.3 - 0.3) - ref| in the input dtype: the error of one rounding."""
     r = ref.to(dtype)

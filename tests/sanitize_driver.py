@@ -26,7 +26,7 @@ sys.path[:0] = [str(HERE), str(HERE.parent)]
 
 import torch  # noqa: E402
 
-from reference import LOW_PRECISION, assert_close_to_reference, assert_lse_close, attention_reference  # noqa: E402
+from reference import LOW_PRECISION, assert_close_to_reference, assert_lse_close, reference_results  # noqa: E402
 from test_accuracy import check_against_reference  # noqa: E402
 
 F16, BF16, F32, F64 = torch.float16, torch.bfloat16, torch.float32, torch.float64
@@ -68,17 +68,11 @@ def check_with_lse_gradient(device, dtype, d, b, h, nq, nk, causal, seed=0):
     is_causal, bottom_right = causal != "none", causal == "bottom_right"
     qg, kg, vg = (t.clone().requires_grad_() for t in (q, k, v))
     out, lse = torch.ops.cuflash_attn.fwd(qg, kg, vg, None, is_causal, bottom_right)
-    seen = torch.isfinite(lse)  # lse -inf rows: their dlse cannot flow (the reference's would be NaN)
-    grads = torch.autograd.grad((out, lse), (qg, kg, vg), (dout, torch.where(seen, dlse, 0).to(lse.dtype)))
+    grads = torch.autograd.grad((out, lse), (qg, kg, vg), (dout, dlse.to(lse.dtype)))
 
-    def reference(dt):
-        qr, kr, vr = (t.to(dt).requires_grad_() for t in (q, k, v))
-        o, l = attention_reference(qr, kr, vr, is_causal, bottom_right=bottom_right, dtype=dt)
-        dl = torch.where(seen, dlse, 0).to(l.dtype)
-        return (o, l, *torch.autograd.grad((o, torch.where(seen, l, 0)), (qr, kr, vr), (dout.to(dt), dl)))
-
-    ref = reference(torch.float64)
-    pt = reference(dtype) if dtype in LOW_PRECISION else ref
+    ref = reference_results(q, k, v, dout, is_causal, bottom_right, dlse=dlse)
+    pt = ref if dtype not in LOW_PRECISION else reference_results(q, k, v, dout, is_causal, bottom_right, dtype=dtype,
+                                                                  dlse=dlse)
     assert_close_to_reference("out", out, ref[0], pt[0], dtype, factor=2)
     assert_lse_close(lse, ref[1], dtype)
     for name, got, r, p in zip(("dq", "dk", "dv"), grads, ref[2:], pt[2:]):

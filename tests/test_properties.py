@@ -21,8 +21,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from conftest import ALL_DTYPES, DEVICES, requires_cuda
-from reference import (LOW_PRECISION, accuracy_bound, assert_close_to_reference, assert_lse_close, attention_reference,
-                       max_err)
+from reference import (LOW_PRECISION, accuracy_bound, assert_close_to_reference, assert_lse_close, max_err,
+                       reference_results)
 
 ops = torch.ops.cuflash_attn
 
@@ -49,15 +49,11 @@ def run_op(q, k, v, dout, scale, is_causal, bottom_right):
 
 
 def reference_and_baseline(q, k, v, dout, is_causal, bottom_right, scale):
-    """(out, lse[, dq, dk, dv]) of the float64 reference and of the input-precision baseline `pt`
-    (no gradients when dout is None)."""
-    def run(dt):
-        qr, kr, vr = (t.detach().to(dt).requires_grad_(dout is not None) for t in (q, k, v))
-        o, lse = attention_reference(qr, kr, vr, is_causal, scale=scale, bottom_right=bottom_right, dtype=dt)
-        return (o, lse) if dout is None else (o, lse, *torch.autograd.grad(o, (qr, kr, vr), dout.to(dt)))
-
-    ref = run(torch.float64)
-    return ref, run(q.dtype) if q.dtype in LOW_PRECISION else ref
+    """(out, lse[, dq, dk, dv]) of the float64 reference and of the input-precision baseline `pt`."""
+    ref = reference_results(q, k, v, dout, is_causal, bottom_right, scale)
+    if q.dtype not in LOW_PRECISION:
+        return ref, ref
+    return ref, reference_results(q, k, v, dout, is_causal, bottom_right, scale, dtype=q.dtype)
 
 
 # (name, index in (out, lse, dq, dk, dv), the accuracy rule's factor)
