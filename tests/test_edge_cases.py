@@ -107,8 +107,6 @@ def test_default_scale_and_explicit_scale(device):
     assert (c - ref).abs().max().item() < 1e-12
 
 
-@pytest.mark.xfail(strict=True, reason="known: a row whose scores hold NaN gets lse -inf, not NaN (the kernels "
-                   "call a row empty unless its exp-sum is > 0), and the backward then drops it (README, Guarantees)")
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_nan_score_gives_nan_lse(device, dtype):

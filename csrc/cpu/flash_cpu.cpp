@@ -75,7 +75,7 @@ void flash_fwd_cpu(const FlashFwdParams& p, int64_t bh_begin, int64_t bh_end) {
         }
         row_max = tile_max;
       }
-      const bool seen = row_sum > T(0);
+      const bool seen = row_sum != T(0);  // NaN scores give a NaN sum: it propagates
       const T inv = seen ? T(1) / row_sum : T(0);
       T* out = row_of<T>(p.out, p.out_strides, s, true, b, h, i);
       for (int d = 0; d < D; ++d) out[d] = acc[d] * inv;

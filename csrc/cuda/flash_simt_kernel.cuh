@@ -113,7 +113,7 @@ __global__ void __launch_bounds__(32 * simt::kWarps) flash_fwd_simt_kernel(const
       o.axpy(__shfl_sync(kFull, prob, jj), kv);
     }
   }
-  const bool seen = row_sum > T(0);
+  const bool seen = row_sum != T(0);  // NaN scores give a NaN sum: it propagates
   o.store(row_ptr<T>(p.out, p.out_strides, seq, true, b, h, row), sh.head_dim, lane,
           seen ? T(1) / row_sum : T(0));
   if (lane == 0)

@@ -47,7 +47,7 @@ struct OnlineSoftmax {
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
       const float l = quad_sum(row_sum[r]);
-      const bool seen = l > 0.f;
+      const bool seen = l != 0.f;  // NaN scores give a NaN sum: it propagates
       inv_sum[r] = seen ? 1.f / l : 0.f;
       lse[r] = seen ? (row_max[r] + log2f(l)) * 0.6931471805599453f : -INFINITY;
     }
