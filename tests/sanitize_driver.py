@@ -28,14 +28,16 @@ import torch  # noqa: E402
 
 from reference import LOW_PRECISION, assert_close_to_reference, assert_lse_close, reference_results  # noqa: E402
 from test_accuracy import check_against_reference  # noqa: E402
+from test_features import check_dense, check_varlen  # noqa: E402
 
 F16, BF16, F32, F64 = torch.float16, torch.bfloat16, torch.float32, torch.float64
 NAMES = {F16: "fp16", BF16: "bf16", F32: "fp32", F64: "fp64"}
 
 
 def cases():
-    """(dtype, head_dim, batch, heads, seqlen_q, seqlen_k, causal, variant); variant is "" or
-    "dlse" (backward with the lse's gradient too) or "bnhd" ([B, N, H, D] views)."""
+    """(dtype, head_dim, batch, heads, seqlen_q, seqlen_k, causal, variant); variant is "",
+    "dlse" (backward with the lse's gradient too), "bnhd" ([B, N, H, D] views), "features",
+    "window" or "varlen" (test_features.py's checks)."""
     out = []
     for dtype in (F16, BF16):
         for d in (59, 64, 128, 256):
@@ -47,6 +49,12 @@ def cases():
         for d in (59, 256):
             out += [(dtype, d, 1, 2, 77, 200, "top_left", ""), (dtype, d, 2, 1, 200, 77, "bottom_right", "dlse")]
         out += [(dtype, 32, 1, 1, 33, 65, "none", "bnhd")]
+    # The feature kernels (softcap, ALiBi, dropout: the kFeatures instantiations), GQA's summing
+    # dK/dV loop, windows, and packed sequences (zero lengths included).
+    for dtype in (BF16, F32):
+        for d in (64, 256):
+            out += [(dtype, d, 2, 4, 77, 130, "bottom_right", "features"), (dtype, d, 2, 4, 77, 130, "none", "window")]
+        out += [(dtype, 64, 3, 4, 0, 0, "bottom_right", "varlen")]
     return out
 
 
@@ -81,7 +89,15 @@ def check_with_lse_gradient(device, dtype, d, b, h, nq, nk, causal, seed=0):
 
 def run_case(case, device):
     dtype, d, b, h, nq, nk, causal, variant = case
-    if variant == "dlse":
+    if variant == "features":  # GQA 4/2, window, softcap, ALiBi per batch, dropout
+        check_dense(device, dtype, b, h, h // 2, nq, nk, d, causal=causal != "none", bottom_right=True,
+                    window=(40, -1), softcap=15.0, alibi="batch", dropout_p=0.2)
+    elif variant == "window":
+        check_dense(device, dtype, b, h, 1, nq, nk, d, window=(9, 4), bottom_right=False)
+    elif variant == "varlen":
+        check_varlen(device, dtype, [70, 0, 129], [90, 12, 0], h, 2, d, causal=True, bottom_right=True,
+                     softcap=10.0, dropout_p=0.1)
+    elif variant == "dlse":
         check_with_lse_gradient(device, dtype, d, b, h, nq, nk, causal)
     else:
         layout = bnhd(b, h, d) if variant == "bnhd" else None
