@@ -1,0 +1,323 @@
+// Forward and backward through the C++ API against the float64 CPU reference (shared/TESTING.md's
+// accuracy rule), for float, half and bfloat16, in the simple and the extended form. Needs a
+// CUDA device: every test skips without one.
+#include <gtest/gtest.h>
+
+#include <cmath>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "cuflash/flash_attention.h"
+#include "reference.h"
+#include "test_utils.h"
+
+namespace cuflash_test {
+namespace {
+
+using cuflash::FlashAttentionBackwardArgs;
+using cuflash::FlashAttentionForwardArgs;
+using cuflash::Strides;
+
+struct Case {
+  DataType dtype = DataType::FLOAT16;
+  Problem p;
+  bool simple_form = false;     // the pointer overloads (needs seqlen_q = seqlen_k, equal heads, top-left)
+  bool bshd = false;            // [batch, seqlen, heads, head_dim] storage
+  bool user_workspace = false;  // a workspace passed in, and a non-default stream
+};
+
+std::string name_of(const Case& c) {
+  const Problem& p = c.p;
+  std::string n = std::string(dtype_name(c.dtype)) + (c.simple_form ? "_simple" : "_ext") + "_b" +
+                  std::to_string(p.batch) + "_h" + std::to_string(p.heads_q) + "x" + std::to_string(p.heads_kv) +
+                  "_q" + std::to_string(p.seqlen_q) + "_k" + std::to_string(p.seqlen_k) + "_d" +
+                  std::to_string(p.head_dim);
+  if (p.causal) n += p.bottom_right ? "_causal_br" : "_causal";
+  if (p.window_left >= 0 || p.window_right >= 0)
+    n += "_window" + std::to_string(p.window_left + 1) + "_" + std::to_string(p.window_right + 1);
+  if (c.bshd) n += "_bshd";
+  if (c.user_workspace) n += "_workspace_stream";
+  return n;
+}
+
+void PrintTo(const Case& c, std::ostream* os) { *os << name_of(c); }
+
+Problem problem(int batch, int heads_q, int heads_kv, int seqlen_q, int seqlen_k, int head_dim) {
+  Problem p;
+  p.batch = batch, p.heads_q = heads_q, p.heads_kv = heads_kv;
+  p.seqlen_q = seqlen_q, p.seqlen_k = seqlen_k, p.head_dim = head_dim;
+  p.scale = 1.0 / std::sqrt(static_cast<double>(head_dim));
+  return p;
+}
+
+std::vector<Case> all_cases() {
+  std::vector<Case> cases;
+  for (DataType dtype : {DataType::FLOAT32, DataType::FLOAT16, DataType::BFLOAT16}) {
+    // The simple form: seqlens on and off the 64-row tiles, head dims 64 and 128.
+    for (bool causal : {false, true}) {
+      for (auto [n, d] : {std::pair{1, 64}, {113, 64}, {256, 64}, {77, 128}, {200, 128}}) {
+        Case c{dtype, problem(2, 3, 3, n, n, d), true};
+        c.p.causal = causal;
+        cases.push_back(c);
+      }
+    }
+    // A head dim inside a bucket: any for float32, a multiple of 8 for the tensor cores.
+    cases.push_back({dtype, problem(1, 2, 2, 130, 130, dtype == DataType::FLOAT32 ? 59 : 40), true});
+
+    // The extended form.
+    auto add = [&](Problem p, auto&&... tweak) {
+      Case c{dtype, p};
+      (tweak(c), ...);
+      cases.push_back(c);
+    };
+    auto causal = [](Case& c) { c.p.causal = true; };
+    auto bottom_right = [](Case& c) { c.p.bottom_right = true; };
+    add(problem(1, 2, 2, 113, 203, 64), causal);
+    add(problem(2, 2, 2, 239, 128, 64), causal, bottom_right);  // 111 query rows see no key
+    add(problem(2, 2, 2, 128, 217, 128), causal, bottom_right);
+    add(problem(2, 4, 2, 150, 150, 64), causal);  // grouped-query
+    add(problem(1, 4, 1, 64, 200, 128));          // multi-query
+    add(problem(2, 3, 3, 97, 130, 128), [](Case& c) { c.bshd = true; });
+    add(problem(1, 2, 2, 200, 230, 64), [](Case& c) { c.p.window_left = 17, c.p.window_right = 5; });
+    add(problem(1, 2, 2, 190, 140, 64), causal, bottom_right, [](Case& c) { c.p.window_left = 32; });
+    add(problem(2, 2, 2, 300, 300, 64), causal, [](Case& c) { c.user_workspace = true; });
+    add(problem(1, 2, 2, 50, 0, 64));  // no keys: output 0, lse -inf, no attention launch
+    add(problem(1, 2, 2, 0, 50, 64));  // no queries: dk = dv = 0
+  }
+  return cases;
+}
+
+// Logical [B, H, N, D] values in double <-> storage of T with strides s.
+Strides strides_of(const Case& c, int heads, int seqlen) {
+  return c.bshd ? cuflash::bshd_strides(heads, seqlen, c.p.head_dim)
+                : cuflash::bhsd_strides(heads, seqlen, c.p.head_dim);
+}
+
+template <typename T>
+std::vector<T> to_storage(const std::vector<double>& logical, const Strides& s, int batch, int heads, int seqlen,
+                          int head_dim) {
+  std::vector<T> out(logical.size());
+  size_t i = 0;
+  for (int b = 0; b < batch; ++b)
+    for (int h = 0; h < heads; ++h)
+      for (int n = 0; n < seqlen; ++n)
+        for (int d = 0; d < head_dim; ++d)
+          out[b * s.batch + h * s.head + n * s.row + d] = Element<T>::from(logical[i++]);
+  return out;
+}
+
+template <typename T>
+std::vector<double> to_logical(const std::vector<T>& storage, const Strides& s, int batch, int heads, int seqlen,
+                               int head_dim) {
+  std::vector<double> out(storage.size());
+  size_t i = 0;
+  for (int b = 0; b < batch; ++b)
+    for (int h = 0; h < heads; ++h)
+      for (int n = 0; n < seqlen; ++n)
+        for (int d = 0; d < head_dim; ++d) out[i++] = Element<T>::to(storage[b * s.batch + h * s.head + n * s.row + d]);
+  return out;
+}
+
+// Random normal values, already representable in T (so the reference sees exactly the inputs).
+template <typename T>
+std::vector<double> random_tensor(std::mt19937_64& rng, size_t n) {
+  std::normal_distribution<double> normal;
+  std::vector<double> x(n);
+  for (double& e : x) e = round_to<T>(normal(rng));
+  return x;
+}
+
+// TESTING.md: fp16/bf16 within factor * (the pt baseline's error) + one rounding; fp32 within
+// 1e-5 of the largest reference value.
+void expect_close(const char* name, const std::vector<double>& got, const std::vector<double>& ref,
+                  const std::vector<double>& pt, DataType dtype, double factor, Rounding round) {
+  const double err = max_abs_diff(got, ref);
+  const double bound = dtype == DataType::FLOAT32 ? 1e-5 * std::max(max_abs(ref), 1e-30)
+                                                  : factor * max_abs_diff(pt, ref) + rounding_floor(ref, round);
+  EXPECT_LE(err, bound) << name << ": max error " << err << " above the bound " << bound;
+}
+
+void expect_lse_close(const std::vector<double>& got, const std::vector<double>& ref, DataType dtype) {
+  ASSERT_EQ(got.size(), ref.size());
+  const double tol = dtype == DataType::FLOAT32 ? 1e-5 : 1e-3;
+  double worst = 0;
+  for (size_t i = 0; i < ref.size(); ++i) {
+    if (std::isinf(ref[i])) {
+      ASSERT_EQ(got[i], ref[i]) << "lse[" << i << "]: a row that sees no key must have lse -inf";
+      continue;
+    }
+    ASSERT_TRUE(std::isfinite(got[i])) << "lse[" << i << "] = " << got[i];
+    worst = std::max(worst, std::abs(got[i] - ref[i]) / std::max(std::abs(ref[i]), 1.0));
+  }
+  EXPECT_LE(worst, tol) << "lse: relative error";
+}
+
+class Accuracy : public ::testing::TestWithParam<Case> {
+ protected:
+  void SetUp() override { CUFLASH_REQUIRE_CUDA(); }
+};
+
+template <typename T>
+void run_case(const Case& c) {
+  const Problem& p = c.p;
+  if (!cuflash::flash_attention_supports(c.dtype, p.head_dim))
+    GTEST_SKIP() << "head_dim " << p.head_dim << " is not compiled into this build (CUFLASH_HEAD_DIMS)";
+  const int B = p.batch, Hq = p.heads_q, Hkv = p.heads_kv, Nq = p.seqlen_q, Nk = p.seqlen_k, D = p.head_dim;
+  const size_t q_elems = size_t(B) * Hq * Nq * D, k_elems = size_t(B) * Hkv * Nk * D;
+  std::mt19937_64 rng(std::hash<std::string>{}(name_of(c)));
+  const std::vector<double> q = random_tensor<T>(rng, q_elems), k = random_tensor<T>(rng, k_elems),
+                            v = random_tensor<T>(rng, k_elems), dout = random_tensor<T>(rng, q_elems);
+  const Strides qs = strides_of(c, Hq, Nq), ks = strides_of(c, Hkv, Nk);
+  const std::vector<T> q_host = to_storage<T>(q, qs, B, Hq, Nq, D), k_host = to_storage<T>(k, ks, B, Hkv, Nk, D),
+                       v_host = to_storage<T>(v, ks, B, Hkv, Nk, D), do_host = to_storage<T>(dout, qs, B, Hq, Nq, D);
+  const DeviceBuffer q_dev = upload(q_host), k_dev = upload(k_host), v_dev = upload(v_host), do_dev = upload(do_host);
+  const DeviceBuffer o_dev(q_elems * sizeof(T)), dq_dev(q_elems * sizeof(T)), dk_dev(k_elems * sizeof(T)),
+      dv_dev(k_elems * sizeof(T)), lse_dev(size_t(B) * Hq * Nq * sizeof(float));
+  for (const DeviceBuffer* out : {&o_dev, &dq_dev, &dk_dev, &dv_dev, &lse_dev}) out->poison();
+
+  cudaStream_t stream = nullptr;
+  DeviceBuffer workspace;
+  FlashAttentionError fwd_err, bwd_err;
+  if (c.simple_form) {
+    const float scale = static_cast<float>(p.scale);
+    fwd_err = cuflash::flash_attention_forward(q_dev.as<const T>(), k_dev.as<const T>(), v_dev.as<const T>(),
+                                               o_dev.as<T>(), lse_dev.as<float>(), B, Hq, Nq, D, scale, p.causal);
+    bwd_err = cuflash::flash_attention_backward(q_dev.as<const T>(), k_dev.as<const T>(), v_dev.as<const T>(),
+                                                o_dev.as<const T>(), lse_dev.as<const float>(), do_dev.as<const T>(),
+                                                dq_dev.as<T>(), dk_dev.as<T>(), dv_dev.as<T>(), B, Hq, Nq, D, scale,
+                                                p.causal);
+  } else {
+    FlashAttentionForwardArgs f;
+    f.dtype = c.dtype;
+    f.batch_size = B, f.num_heads_q = Hq, f.num_heads_kv = Hkv;
+    f.seqlen_q = Nq, f.seqlen_k = Nk, f.head_dim = D;
+    f.scale = static_cast<float>(p.scale);
+    f.causal = p.causal, f.causal_bottom_right = p.bottom_right;
+    f.window_left = p.window_left, f.window_right = p.window_right;
+    f.q = q_dev.get(), f.k = k_dev.get(), f.v = v_dev.get(), f.o = o_dev.get(), f.lse = lse_dev.as<float>();
+    f.q_strides = f.o_strides = qs;
+    f.k_strides = f.v_strides = ks;
+    FlashAttentionBackwardArgs g;
+    static_cast<cuflash::AttentionConfig&>(g) = f;
+    g.q = f.q, g.k = f.k, g.v = f.v, g.o = f.o, g.lse = f.lse, g.d_o = do_dev.get();
+    g.dq = dq_dev.get(), g.dk = dk_dev.get(), g.dv = dv_dev.get();
+    g.q_strides = g.o_strides = g.d_o_strides = g.dq_strides = qs;
+    g.k_strides = g.v_strides = g.dk_strides = g.dv_strides = ks;
+    if (c.user_workspace) {
+      ASSERT_EQ(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking), cudaSuccess);
+      workspace = DeviceBuffer(cuflash::flash_attention_backward_workspace_size(g));
+      workspace.poison();
+      g.workspace = workspace.get(), g.workspace_bytes = workspace.bytes();
+    }
+    fwd_err = cuflash::flash_attention_forward(f, stream);
+    bwd_err = cuflash::flash_attention_backward(g, stream);
+  }
+  ASSERT_EQ(fwd_err, FlashAttentionError::SUCCESS) << cuflash::get_last_error_message();
+  ASSERT_EQ(bwd_err, FlashAttentionError::SUCCESS) << cuflash::get_last_error_message();
+  ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
+  if (stream) cudaStreamDestroy(stream);
+
+  // Nothing passed in was modified.
+  EXPECT_EQ(std::memcmp(download<T>(q_dev).data(), q_host.data(), q_elems * sizeof(T)), 0) << "q was modified";
+  EXPECT_EQ(std::memcmp(download<T>(k_dev).data(), k_host.data(), k_elems * sizeof(T)), 0) << "k was modified";
+  EXPECT_EQ(std::memcmp(download<T>(v_dev).data(), v_host.data(), k_elems * sizeof(T)), 0) << "v was modified";
+  EXPECT_EQ(std::memcmp(download<T>(do_dev).data(), do_host.data(), q_elems * sizeof(T)), 0) << "dO was modified";
+
+  const Attention ref = attention_reference(p, q, k, v, dout, no_rounding);
+  const bool low_precision = c.dtype != DataType::FLOAT32;
+  const Attention pt = low_precision ? attention_reference(p, q, k, v, dout, round_to<T>) : ref;
+  const std::vector<float> lse_host = download<float>(lse_dev);
+  expect_close("out", to_logical(download<T>(o_dev), qs, B, Hq, Nq, D), ref.out, pt.out, c.dtype, 2, round_to<T>);
+  expect_lse_close(std::vector<double>(lse_host.begin(), lse_host.end()), ref.lse, c.dtype);
+  expect_close("dq", to_logical(download<T>(dq_dev), qs, B, Hq, Nq, D), ref.dq, pt.dq, c.dtype, 3, round_to<T>);
+  expect_close("dk", to_logical(download<T>(dk_dev), ks, B, Hkv, Nk, D), ref.dk, pt.dk, c.dtype, 3, round_to<T>);
+  expect_close("dv", to_logical(download<T>(dv_dev), ks, B, Hkv, Nk, D), ref.dv, pt.dv, c.dtype, 3, round_to<T>);
+}
+
+TEST_P(Accuracy, MatchesFloat64Reference) {
+  const Case& c = GetParam();
+  switch (c.dtype) {
+    case DataType::FLOAT32: return run_case<float>(c);
+    case DataType::FLOAT16: return run_case<half>(c);
+    case DataType::BFLOAT16: return run_case<__nv_bfloat16>(c);
+  }
+}
+
+INSTANTIATE_TEST_SUITE_P(CApi, Accuracy, ::testing::ValuesIn(all_cases()),
+                         [](const ::testing::TestParamInfo<Case>& info) { return name_of(info.param); });
+
+// ---- Properties of the launches: determinism and CUDA graphs ----------------------------------
+
+// One bfloat16 problem on the device, run through the simple form.
+struct DeviceProblem {
+  static constexpr int B = 2, H = 4, N = 257, D = 64;
+  static constexpr size_t kElems = size_t(B) * H * N * D;
+  using T = __nv_bfloat16;
+  DeviceBuffer q, k, v, dout, o{kElems * sizeof(T)}, lse{size_t(B) * H * N * sizeof(float)}, dq{kElems * sizeof(T)},
+      dk{kElems * sizeof(T)}, dv{kElems * sizeof(T)};
+
+  DeviceProblem() {
+    std::mt19937_64 rng(7);
+    const Strides s = cuflash::bhsd_strides(H, N, D);
+    auto make = [&] { return upload(to_storage<T>(random_tensor<T>(rng, kElems), s, B, H, N, D)); };
+    q = make(), k = make(), v = make(), dout = make();
+  }
+  FlashAttentionError forward(cudaStream_t stream) {
+    return cuflash::flash_attention_forward(q.as<const T>(), k.as<const T>(), v.as<const T>(), o.as<T>(),
+                                            lse.as<float>(), B, H, N, D, 0.125f, true, stream);
+  }
+  FlashAttentionError backward(cudaStream_t stream) {
+    return cuflash::flash_attention_backward(q.as<const T>(), k.as<const T>(), v.as<const T>(), o.as<const T>(),
+                                             lse.as<const float>(), dout.as<const T>(), dq.as<T>(), dk.as<T>(),
+                                             dv.as<T>(), B, H, N, D, 0.125f, true, stream);
+  }
+  std::vector<std::vector<uint16_t>> results() const {
+    return {download<uint16_t>(o), download<uint16_t>(dq), download<uint16_t>(dk), download<uint16_t>(dv)};
+  }
+};
+
+TEST(CApiLaunch, BackwardIsDeterministic) {
+  CUFLASH_REQUIRE_CUDA();
+  DeviceProblem run;
+  ASSERT_EQ(run.forward(nullptr), FlashAttentionError::SUCCESS) << cuflash::get_last_error_message();
+  ASSERT_EQ(run.backward(nullptr), FlashAttentionError::SUCCESS) << cuflash::get_last_error_message();
+  const auto first = run.results();
+  for (int repeat = 0; repeat < 20; ++repeat) {
+    run.dq.poison(), run.dk.poison(), run.dv.poison();
+    ASSERT_EQ(run.backward(nullptr), FlashAttentionError::SUCCESS) << cuflash::get_last_error_message();
+    ASSERT_EQ(run.results(), first) << "repeat " << repeat << " differs";
+  }
+}
+
+// Forward and backward (with its stream-ordered workspace allocation) captured into a CUDA
+// graph and replayed give exactly the eager results.
+TEST(CApiLaunch, CudaGraphReplayMatchesEager) {
+  CUFLASH_REQUIRE_CUDA();
+  DeviceProblem run;
+  cudaStream_t stream;
+  ASSERT_EQ(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking), cudaSuccess);
+  ASSERT_EQ(run.forward(stream), FlashAttentionError::SUCCESS) << cuflash::get_last_error_message();
+  ASSERT_EQ(run.backward(stream), FlashAttentionError::SUCCESS) << cuflash::get_last_error_message();
+  ASSERT_EQ(cudaStreamSynchronize(stream), cudaSuccess);
+  const auto eager = run.results();
+  for (const DeviceBuffer* out : {&run.o, &run.lse, &run.dq, &run.dk, &run.dv}) out->poison();
+
+  cudaGraph_t graph;
+  cudaGraphExec_t exec;
+  ASSERT_EQ(cudaStreamBeginCapture(stream, cudaStreamCaptureModeGlobal), cudaSuccess);
+  const FlashAttentionError fwd = run.forward(stream), bwd = run.backward(stream);
+  ASSERT_EQ(cudaStreamEndCapture(stream, &graph), cudaSuccess);
+  ASSERT_EQ(fwd, FlashAttentionError::SUCCESS) << cuflash::get_last_error_message();
+  ASSERT_EQ(bwd, FlashAttentionError::SUCCESS) << cuflash::get_last_error_message();
+  ASSERT_EQ(cudaGraphInstantiate(&exec, graph, 0), cudaSuccess);
+  for (int replay = 0; replay < 3; ++replay) ASSERT_EQ(cudaGraphLaunch(exec, stream), cudaSuccess);
+  ASSERT_EQ(cudaStreamSynchronize(stream), cudaSuccess);
+  EXPECT_EQ(run.results(), eager);
+  cudaGraphExecDestroy(exec);
+  cudaGraphDestroy(graph);
+  cudaStreamDestroy(stream);
+}
+
+}  // namespace
+}  // namespace cuflash_test
