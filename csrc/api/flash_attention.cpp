@@ -113,9 +113,6 @@ Error check_config(const AttentionConfig& c) {
   if (c.window_left < -1 || c.window_right < -1)
     return fail(Error::INVALID_ARGUMENT, "window_left and window_right must be >= -1 (-1: unbounded), got ",
                 c.window_left, " and ", c.window_right);
-  if (c.causal && c.window_right > 0)
-    return fail(Error::INVALID_ARGUMENT, "causal means window_right = 0, got causal with window_right = ",
-                c.window_right, " (leave causal off to look ahead)");
   return Error::SUCCESS;
 }
 

@@ -42,9 +42,8 @@ enum class FlashAttentionError : int {
                          // half/bfloat16 stride that is not a multiple of 8 elements
   INVALID_LAYOUT,        // a negative stride, an output whose rows overlap, a tensor spanning
                          // 2^62 elements or more
-  INVALID_ARGUMENT,      // scale not finite, window below -1, causal with window_right > 0,
-                         // workspace too small, a pointer that is not memory the current device
-                         // can read
+  INVALID_ARGUMENT,      // scale not finite, window below -1, workspace too small, a pointer that
+                         // is not memory the current device can read
   CUDA_ERROR,            // a CUDA call failed: no device, allocation, launch
 };
 
@@ -126,7 +125,7 @@ struct AttentionConfig {
   // Query i faces key i + diagonal, with diagonal 0 (top-left: torch's is_causal) or, when
   // causal_bottom_right is set, seqlen_k - seqlen_q (flash_attn's alignment). It sees key j iff
   //   diagonal - window_left <= j - i <= diagonal + window_right,
-  // a window of -1 being unbounded on its side. causal is window_right = 0.
+  // a window of -1 being unbounded on its side. causal sets window_right to 0 (as the torch ops do).
   bool causal = false;
   bool causal_bottom_right = false;  // the diagonal's alignment, for causal masks and windows
   int window_left = -1;

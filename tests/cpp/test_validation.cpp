@@ -231,7 +231,13 @@ TEST_P(Validation, BadScalarsAndWindows) {
   expect_both([](auto& c) { c.scale = INFINITY; }, E::INVALID_ARGUMENT, "scale must be finite");
   expect_both([](auto& c) { c.window_left = -2; }, E::INVALID_ARGUMENT, "window_left and window_right");
   expect_both([](auto& c) { c.window_right = -5; }, E::INVALID_ARGUMENT, "window_left and window_right");
-  expect_both([](auto& c) { c.causal = true, c.window_right = 4; }, E::INVALID_ARGUMENT, "causal means");
+}
+
+TEST_P(Validation, CausalOverridesTheRightWindow) {  // as the torch ops: causal sets window_right to 0
+  fwd.causal = bwd.causal = true;
+  fwd.window_right = bwd.window_right = 4;
+  expect_accepted(cuflash::flash_attention_forward(fwd), mem);
+  expect_accepted(cuflash::flash_attention_backward(bwd), mem);
 }
 
 TEST_P(Validation, BadDtype) {
