@@ -55,7 +55,7 @@ struct ScoreMod {
       x = cap_out * t;
     } else {
       *dcap = 1.f;
-      x = raw * scale_log2;
+      x = __fmul_rn(raw, scale_log2);  // rounded as in the forward (see probs_from_qk)
     }
     if (alibi) x += alibi_bias(alibi_log2, s, i, j);
     return x;
@@ -127,18 +127,20 @@ __device__ __forceinline__ void dropout_factors(float (&z)[kN / 8][4], const Dro
 // through accessors (the two tile orientations store them differently).
 //
 // Plain (no softcap, ALiBi or dropout): s holds raw q.k and becomes P = exp2(score - lse2).
+// The score is rounded exactly as the forward rounded it (no fused multiply-add): for huge
+// scores a differently rounded one can exceed lse by more than an exponent's range.
 template <bool kTransposed, int kN, class Lse2>
 __device__ __forceinline__ void probs_from_qk(WarpAcc<kN>& s, float scale_log2, const MaskParams& m,
                                               const Sequence& seq, int row0, int col0, int lane, Lse2&& lse2) {
   if (tile_needs_mask<kTransposed, kN>(m, seq, row0, col0)) {
     for_each_element<kTransposed>(s, row0, col0, lane, [&](float& x, int i, int k, int j, int e) {
-      x = is_visible(m, seq, i, k) ? fast_exp2(x * scale_log2 - lse2(j, e)) : 0.f;
+      x = is_visible(m, seq, i, k) ? fast_exp2(__fmul_rn(x, scale_log2) - lse2(j, e)) : 0.f;
     });
   } else {
 #pragma unroll
     for (int j = 0; j < kN / 8; ++j)
 #pragma unroll
-      for (int e = 0; e < 4; ++e) s.v[j][e] = fast_exp2(s.v[j][e] * scale_log2 - lse2(j, e));
+      for (int e = 0; e < 4; ++e) s.v[j][e] = fast_exp2(__fmul_rn(s.v[j][e], scale_log2) - lse2(j, e));
   }
 }
 // dp holds dP = dO.v and becomes dS = P * (dP - delta) (the scale is applied later).
