@@ -194,6 +194,7 @@ __device__ __forceinline__ void warp_store_rows(const WarpAcc<kCols>& acc, const
                                                 const Tile& tile, int tile_row0, T* gmem,
                                                 int64_t row_stride, int rows_valid, int cols_valid,
                                                 int lane) {
+  __syncwarp();  // the warp's last reads of these rows (ldmatrix) precede every lane's writes
 #pragma unroll
   for (int j = 0; j < kCols / 8; ++j)
 #pragma unroll
