@@ -362,17 +362,25 @@ Error backward(const FlashAttentionBackwardArgs& a, cudaStream_t stream) {
   return err == cudaSuccess ? succeed() : cuda_failure(err, "the backward kernel launch");
 }
 
+// The simple form's configuration: equal heads and lengths, contiguous [B, H, N, D] tensors.
+template <typename T>
+AttentionConfig simple_config(int batch_size, int num_heads, int seq_len, int head_dim, float scale, bool causal) {
+  AttentionConfig c;
+  c.dtype = data_type_of<T>();
+  c.batch_size = batch_size;
+  c.num_heads_q = c.num_heads_kv = num_heads;
+  c.seqlen_q = c.seqlen_k = seq_len;
+  c.head_dim = head_dim;
+  c.scale = scale;
+  c.causal = causal;
+  return c;
+}
+
 template <typename T>
 Error forward_simple(const T* Q, const T* K, const T* V, T* O, float* L, int batch_size, int num_heads, int seq_len,
                      int head_dim, float scale, bool causal, cudaStream_t stream) {
   FlashAttentionForwardArgs a;
-  a.dtype = data_type_of<T>();
-  a.batch_size = batch_size;
-  a.num_heads_q = a.num_heads_kv = num_heads;
-  a.seqlen_q = a.seqlen_k = seq_len;
-  a.head_dim = head_dim;
-  a.scale = scale;
-  a.causal = causal;
+  static_cast<AttentionConfig&>(a) = simple_config<T>(batch_size, num_heads, seq_len, head_dim, scale, causal);
   a.q = Q;
   a.k = K;
   a.v = V;
@@ -387,13 +395,7 @@ Error backward_simple(const T* Q, const T* K, const T* V, const T* O, const floa
                       int batch_size, int num_heads, int seq_len, int head_dim, float scale, bool causal,
                       cudaStream_t stream) {
   FlashAttentionBackwardArgs a;
-  a.dtype = data_type_of<T>();
-  a.batch_size = batch_size;
-  a.num_heads_q = a.num_heads_kv = num_heads;
-  a.seqlen_q = a.seqlen_k = seq_len;
-  a.head_dim = head_dim;
-  a.scale = scale;
-  a.causal = causal;
+  static_cast<AttentionConfig&>(a) = simple_config<T>(batch_size, num_heads, seq_len, head_dim, scale, causal);
   a.q = Q;
   a.k = K;
   a.v = V;
