@@ -200,6 +200,17 @@ MaskParams make_mask(const Options& o) {
   return m;
 }
 
+void check_dropout_p(double p) {
+  TORCH_CHECK_VALUE(std::isfinite(p) && p >= 0.0 && p < 1.0, "cuflash_attn: dropout_p must be in [0, 1), got ",
+                    num(p));
+}
+void check_rng_state(const Tensor& r) {
+  TORCH_CHECK_TYPE(r.scalar_type() == at::kLong, "cuflash_attn: rng_state must have dtype int64, got ",
+                   r.scalar_type());
+  TORCH_CHECK_VALUE(r.numel() == 2, "cuflash_attn: rng_state must hold 2 values [seed, offset], got shape ",
+                    shape(r.sizes()));
+}
+
 // Validates the score and dropout options and fills them in; returns the tensors the params
 // point into (they must outlive the launch).
 std::vector<Tensor> fill_features(AttentionParams& p, const Options& o, const Tensor& q, const Tensor& k) {
@@ -222,17 +233,13 @@ std::vector<Tensor> fill_features(AttentionParams& p, const Options& o, const Te
     p.score.alibi_slopes = keep.back().data_ptr<float>();
     p.score.alibi_batch_stride = a.dim() == 2 ? heads : 0;
   }
-  TORCH_CHECK_VALUE(std::isfinite(o.dropout_p) && o.dropout_p >= 0.0 && o.dropout_p < 1.0,
-                    "cuflash_attn: dropout_p must be in [0, 1), got ", num(o.dropout_p));
+  check_dropout_p(o.dropout_p);
   if (o.dropout_p > 0.0) {
     TORCH_CHECK_VALUE(o.rng_state.has_value(), "cuflash_attn: dropout_p > 0 needs rng_state ([seed, offset])");
     const Tensor& r = *o.rng_state;
-    TORCH_CHECK_TYPE(r.scalar_type() == at::kLong, "cuflash_attn: rng_state must have dtype int64, got ",
-                     r.scalar_type());
+    check_rng_state(r);
     TORCH_CHECK_VALUE(r.device() == q.device(), "cuflash_attn: rng_state must be on the same device as q (",
                       q.device(), "), got ", r.device());
-    TORCH_CHECK_VALUE(r.numel() == 2, "cuflash_attn: rng_state must hold 2 values [seed, offset], got shape ",
-                      shape(r.sizes()));
     keep.push_back(r.contiguous());
     p.dropout.p = o.dropout_p;
     p.dropout.rng_state = keep.back().data_ptr<int64_t>();
@@ -360,14 +367,17 @@ std::tuple<Tensor, Tensor> fwd_impl(const Tensor& q, const Tensor& k, const Tens
   FlashFwdParams p;
   const std::vector<Tensor> keep = fill_common(p, sh, o, layout, q, k, qk, kk, vk, lse);
   if (out.numel() == 0) return {out, lse};
-  // Nothing to attend to (or, packed, rows no sequence covers): output 0, logsumexp of an
-  // empty set.
-  if (k.numel() == 0 || o.varlen()) {
+  constexpr double kInf = std::numeric_limits<double>::infinity();
+  if (k.numel() == 0) {  // nothing to attend to: output 0, logsumexp of an empty set
     out.zero_();
-    lse.fill_(-std::numeric_limits<double>::infinity());
-    if (k.numel() == 0) return {out, lse};
+    lse.fill_(-kInf);
+    return {out, lse};
   }
   Tensor out_k = layout.output(out);
+  if (o.varlen()) {  // packed: rows no sequence covers are rows that see no key
+    out_k.zero_();
+    lse.fill_(-kInf);
+  }
   p.out = out_k.data_ptr();
   p.lse = lse.data_ptr();
   p.out_strides = strides_of(out_k);
@@ -465,15 +475,19 @@ std::tuple<Tensor, Tensor, Tensor> bwd(const Tensor& dout, const Tensor& q, cons
   const Tensor qk = layout.input(q), kk = layout.input(k), vk = layout.input(v);
   FlashBwdParams p;
   const std::vector<Tensor> keep = fill_common(p, sh, o, layout, q, k, qk, kk, vk, lse_c);
-  // No query sees a key: every gradient is 0. Packed, rows no sequence covers stay 0.
-  if (q.numel() == 0 || k.numel() == 0 || o.varlen()) {
+  if (q.numel() == 0 || k.numel() == 0) {  // no query sees a key: every gradient is 0
     dq.zero_();
     dk.zero_();
     dv.zero_();
-    if (q.numel() == 0 || k.numel() == 0) return {dq, dk, dv};
+    return {dq, dk, dv};
   }
   const Tensor outk = layout.input(out), doutk = layout.input(dout);
   Tensor dq_k = layout.output(dq), dk_k = layout.output(dk), dv_k = layout.output(dv);
+  if (o.varlen()) {  // packed: rows no sequence covers get gradient 0
+    dq_k.zero_();
+    dk_k.zero_();
+    dv_k.zero_();
+  }
   Tensor delta = at::empty_like(lse_c);
   p.out = outk.data_ptr();
   p.dout = doutk.data_ptr();
@@ -509,10 +523,8 @@ std::tuple<Tensor, Tensor, Tensor> bwd(const Tensor& dout, const Tensor& q, cons
 // seqlen_k], on rng_state's device (sequence-local indices, as the kernels use them).
 Tensor dropout_mask(const Tensor& rng_state, double dropout_p, int64_t batch, int64_t heads, int64_t seqlen_q,
                     int64_t seqlen_k) {
-  TORCH_CHECK_TYPE(rng_state.scalar_type() == at::kLong && rng_state.numel() == 2,
-                   "cuflash_attn: rng_state must be an int64 tensor of 2 values [seed, offset]");
-  TORCH_CHECK_VALUE(std::isfinite(dropout_p) && dropout_p >= 0.0 && dropout_p < 1.0,
-                    "cuflash_attn: dropout_p must be in [0, 1), got ", num(dropout_p));
+  check_rng_state(rng_state);
+  check_dropout_p(dropout_p);
   TORCH_CHECK_VALUE(batch >= 0 && heads >= 0 && seqlen_q >= 0 && seqlen_k >= 0 && batch <= 65535 && heads <= 65535 &&
                         seqlen_q <= std::numeric_limits<int>::max() && seqlen_k <= std::numeric_limits<int>::max(),
                     "cuflash_attn: dropout_mask sizes out of range");

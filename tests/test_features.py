@@ -348,3 +348,16 @@ def test_backward_deterministic_with_features(dtype):
     for _ in range(49):
         again = torch.autograd.grad(out, (q, k, v), dout, retain_graph=True)
         assert all(torch.equal(a, b) for a, b in zip(first, again))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
+def test_varlen_rows_outside_every_sequence_are_zero(device, dtype):
+    """Rows before cu_seqlens[0] see no key: output 0 and lse -inf, also when the kernels write
+    through a staging copy (bf16 on the CPU is computed in float32)."""
+    q, k, v = (torch.randn(n, 2, 32, device=device, dtype=dtype) for n in (12, 9, 9))
+    cu_q = torch.tensor([2, 7, 12], dtype=torch.int32, device=device)
+    cu_k = torch.tensor([0, 4, 9], dtype=torch.int32, device=device)
+    out, lse = fwd(q, k, v, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, max_seqlen_q=5, max_seqlen_k=5)
+    assert torch.equal(out[:2], torch.zeros_like(out[:2]))
+    assert torch.isneginf(lse[:, :2]).all() and torch.isfinite(lse[:, 2:]).all()
