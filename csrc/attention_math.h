@@ -48,6 +48,11 @@ CUFLASH_HD Sequence sequence_of(const AttentionParams& p, int b) {
 CUFLASH_HD int64_t row_offset(const TensorStrides& t, const Sequence& s, bool is_q, int b, int h, int row) {
   return b * t.batch + h * t.head + ((is_q ? s.q_row0 : s.k_row0) + row) * t.row;
 }
+// Row `row` of (sequence b, head h) of a tensor of T at `base` (const or not).
+template <typename T, typename Base>
+CUFLASH_HD T* row_at(Base* base, const TensorStrides& t, const Sequence& s, bool is_q, int b, int h, int row) {
+  return static_cast<T*>(base) + row_offset(t, s, is_q, b, h, row);
+}
 CUFLASH_HD int64_t stats_offset(const StatsStrides& t, const Sequence& s, int b, int h) {
   return b * t.batch + h * t.head + s.q_row0;
 }

@@ -13,15 +13,6 @@ namespace {
 constexpr int kKeyTile = 64;  // keys per online-softmax step
 
 template <typename T>
-const T* row_of(const void* base, const TensorStrides& t, const Sequence& s, bool is_q, int b, int h, int row) {
-  return static_cast<const T*>(base) + row_offset(t, s, is_q, b, h, row);
-}
-template <typename T>
-T* row_of(void* base, const TensorStrides& t, const Sequence& s, bool is_q, int b, int h, int row) {
-  return static_cast<T*>(base) + row_offset(t, s, is_q, b, h, row);
-}
-
-template <typename T>
 T dot(const T* a, const T* b, int n) {
   T s = 0;
   for (int d = 0; d < n; ++d) s += a[d] * b[d];
@@ -50,7 +41,7 @@ void flash_fwd_cpu(const FlashFwdParams& p, int64_t bh_begin, int64_t bh_end) {
     const T slope = static_cast<T>(alibi_slope(p.score, b, h));
     T* lse = static_cast<T*>(p.lse) + stats_offset(p.stats_strides, s, b, h);
     for (int i = 0; i < s.seqlen_q; ++i) {
-      const T* q = row_of<T>(p.q, p.q_strides, s, true, b, h, i);
+      const T* q = row_at<const T>(p.q, p.q_strides, s, true, b, h, i);
       const Range keys = visible_keys(p.mask, s, i, i + 1);
       T row_max = -inf, row_sum = 0;
       std::fill(acc.begin(), acc.end(), T(0));
@@ -58,7 +49,7 @@ void flash_fwd_cpu(const FlashFwdParams& p, int64_t bh_begin, int64_t bh_end) {
         const int count = std::min(kKeyTile, keys.end - j0);
         T tile_max = row_max;
         for (int jj = 0; jj < count; ++jj) {
-          const T qk = dot(q, row_of<T>(p.k, p.k_strides, s, false, b, hk, j0 + jj), D);
+          const T qk = dot(q, row_at<const T>(p.k, p.k_strides, s, false, b, hk, j0 + jj), D);
           scores[jj] = exact_score(p, s, slope, qk, i, j0 + jj, &unused);
           tile_max = std::fmax(tile_max, scores[jj]);
         }
@@ -71,13 +62,13 @@ void flash_fwd_cpu(const FlashFwdParams& p, int64_t bh_begin, int64_t bh_end) {
           row_sum += prob;  // the softmax's denominator counts dropped probabilities too
           const int j = j0 + jj;
           const T weight = !dropout ? prob : rng.keep(b, h, sh.heads_q, i, j) ? prob * keep_scale : T(0);
-          axpy(weight, row_of<T>(p.v, p.v_strides, s, false, b, hk, j), acc.data(), D);
+          axpy(weight, row_at<const T>(p.v, p.v_strides, s, false, b, hk, j), acc.data(), D);
         }
         row_max = tile_max;
       }
       const bool seen = row_sum != T(0);  // NaN scores give a NaN sum: it propagates
       const T inv = seen ? T(1) / row_sum : T(0);
-      T* out = row_of<T>(p.out, p.out_strides, s, true, b, h, i);
+      T* out = row_at<T>(p.out, p.out_strides, s, true, b, h, i);
       for (int d = 0; d < D; ++d) out[d] = acc[d] * inv;
       lse[i] = seen ? row_max + std::log(row_sum) : -inf;
     }
@@ -97,8 +88,8 @@ void flash_bwd_cpu(const FlashBwdParams& p, int64_t bhk_begin, int64_t bhk_end) 
     const int b = static_cast<int>(bhk / sh.heads_kv), hk = static_cast<int>(bhk % sh.heads_kv);
     const Sequence s = sequence_of(p, b);
     for (int j = 0; j < s.seqlen_k; ++j) {
-      std::fill_n(row_of<T>(p.dk, p.dk_strides, s, false, b, hk, j), D, T(0));
-      std::fill_n(row_of<T>(p.dv, p.dv_strides, s, false, b, hk, j), D, T(0));
+      std::fill_n(row_at<T>(p.dk, p.dk_strides, s, false, b, hk, j), D, T(0));
+      std::fill_n(row_at<T>(p.dv, p.dv_strides, s, false, b, hk, j), D, T(0));
     }
     // dk and dv of a key/value head sum over the query heads of its group.
     for (int h = hk * group; h < (hk + 1) * group; ++h) {
@@ -108,14 +99,14 @@ void flash_bwd_cpu(const FlashBwdParams& p, int64_t bhk_begin, int64_t bhk_end) 
       const T* dlse = p.dlse ? static_cast<const T*>(p.dlse) + stats : nullptr;
       for (int i = 0; i < s.seqlen_q; ++i) {
         std::fill(dq.begin(), dq.end(), T(0));
-        const T* q = row_of<T>(p.q, p.q_strides, s, true, b, h, i);
-        const T* dout = row_of<T>(p.dout, p.dout_strides, s, true, b, h, i);
+        const T* q = row_at<const T>(p.q, p.q_strides, s, true, b, h, i);
+        const T* dout = row_at<const T>(p.dout, p.dout_strides, s, true, b, h, i);
         // A row that saw no key (lse = -inf) has output 0 and contributes nothing.
         const Range keys = lse[i] == -inf ? Range{0, 0} : visible_keys(p.mask, s, i, i + 1);
-        const T delta = dot(dout, row_of<T>(p.out, p.out_strides, s, true, b, h, i), D) - (dlse ? dlse[i] : T(0));
+        const T delta = dot(dout, row_at<const T>(p.out, p.out_strides, s, true, b, h, i), D) - (dlse ? dlse[i] : T(0));
         for (int j = keys.begin; j < keys.end; ++j) {
-          const T* k = row_of<T>(p.k, p.k_strides, s, false, b, hk, j);
-          const T* v = row_of<T>(p.v, p.v_strides, s, false, b, hk, j);
+          const T* k = row_at<const T>(p.k, p.k_strides, s, false, b, hk, j);
+          const T* v = row_at<const T>(p.v, p.v_strides, s, false, b, hk, j);
           T capped = 0;
           const T prob = std::exp(exact_score(p, s, slope, dot(q, k, D), i, j, &capped) - lse[i]);
           // With dropout, out = sum_j prob * z * v with z = keep / (1 - p): dv gets prob * z, and
@@ -123,11 +114,11 @@ void flash_bwd_cpu(const FlashBwdParams& p, int64_t bhk_begin, int64_t bhk_end) 
           const T z = !dropout ? T(1) : rng.keep(b, h, sh.heads_q, i, j) ? keep_scale : T(0);
           T ds = prob * (z * dot(dout, v, D) - delta);
           if (p.score.softcap > 0.0) ds *= T(1) - capped * capped;
-          axpy(prob * z, dout, row_of<T>(p.dv, p.dv_strides, s, false, b, hk, j), D);
-          axpy(ds * scale, q, row_of<T>(p.dk, p.dk_strides, s, false, b, hk, j), D);
+          axpy(prob * z, dout, row_at<T>(p.dv, p.dv_strides, s, false, b, hk, j), D);
+          axpy(ds * scale, q, row_at<T>(p.dk, p.dk_strides, s, false, b, hk, j), D);
           axpy(ds, k, dq.data(), D);
         }
-        T* dq_out = row_of<T>(p.dq, p.dq_strides, s, true, b, h, i);
+        T* dq_out = row_at<T>(p.dq, p.dq_strides, s, true, b, h, i);
         for (int d = 0; d < D; ++d) dq_out[d] = dq[d] * scale;
       }
     }

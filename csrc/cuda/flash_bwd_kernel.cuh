@@ -40,8 +40,8 @@ __global__ void __launch_bounds__(128) flash_bwd_delta_kernel(const FlashBwdPara
   const int h = blockIdx.y, b = blockIdx.z;
   const Sequence seq = sequence_of(p, b);
   if (row >= seq.seqlen_q) return;
-  const T* o = static_cast<const T*>(p.out) + row_offset(p.out_strides, seq, true, b, h, row);
-  const T* dout = static_cast<const T*>(p.dout) + row_offset(p.dout_strides, seq, true, b, h, row);
+  const T* o = row_at<const T>(p.out, p.out_strides, seq, true, b, h, row);
+  const T* dout = row_at<const T>(p.dout, p.dout_strides, seq, true, b, h, row);
   Acc sum = 0;
   for (int d = lane; d < p.shape.head_dim; d += 32) sum += to_acc<Acc>(o[d]) * to_acc<Acc>(dout[d]);
 #pragma unroll
@@ -83,10 +83,10 @@ __global__ void __launch_bounds__(BwdDqKernel<T, kHeadDim>::kThreads)
   const Sequence seq = sequence_of(p, b);
   if (m_start >= seq.seqlen_q) return;
 
-  const T* q = static_cast<const T*>(p.q) + row_offset(p.q_strides, seq, true, b, h, 0);
-  const T* dout = static_cast<const T*>(p.dout) + row_offset(p.dout_strides, seq, true, b, h, 0);
-  const T* k = static_cast<const T*>(p.k) + row_offset(p.k_strides, seq, false, b, h_kv, 0);
-  const T* v = static_cast<const T*>(p.v) + row_offset(p.v_strides, seq, false, b, h_kv, 0);
+  const T* q = row_at<const T>(p.q, p.q_strides, seq, true, b, h, 0);
+  const T* dout = row_at<const T>(p.dout, p.dout_strides, seq, true, b, h, 0);
+  const T* k = row_at<const T>(p.k, p.k_strides, seq, false, b, h_kv, 0);
+  const T* v = row_at<const T>(p.v, p.v_strides, seq, false, b, h_kv, 0);
   const int64_t stats = stats_offset(p.stats_strides, seq, b, h);
 
   float lse2[2], delta[2];
@@ -105,6 +105,8 @@ __global__ void __launch_bounds__(BwdDqKernel<T, kHeadDim>::kThreads)
   };
 
   const ScoreMod mod(p, b, h);
+  const bool dropout = kFeatures && p.dropout.p > 0.0;
+  const DropoutRng rng = dropout ? make_dropout_rng(p.dropout) : DropoutRng{};
   const Range n_blocks = key_blocks(p.mask, seq, m_start, min(m_start + kBlockM, seq.seqlen_q), kBlockN);
   WarpAcc<kHeadDim> dq;
   dq.zero();
@@ -129,7 +131,7 @@ __global__ void __launch_bounds__(BwdDqKernel<T, kHeadDim>::kThreads)
       auto row_lse2 = [&](int, int e) { return lse2[e >> 1]; };
       auto row_delta = [&](int, int e) { return delta[e >> 1]; };
       if constexpr (kFeatures) {
-        probs_and_ds_with_features<false, true>(s, dp, mod, p.mask, seq, p.dropout, b, h, sh.heads_q, row0,
+        probs_and_ds_with_features<false, true>(s, dp, mod, p.mask, seq, dropout, rng, b, h, sh.heads_q, row0,
                                                 n_block * kBlockN, lane, row_lse2, row_delta);
       } else {
         probs_from_qk<false>(s, mod.scale_log2, p.mask, seq, row0, n_block * kBlockN, lane, row_lse2);
@@ -139,7 +141,7 @@ __global__ void __launch_bounds__(BwdDqKernel<T, kHeadDim>::kThreads)
     }
   }
   const float row_scale[2] = {static_cast<float>(p.scale), static_cast<float>(p.scale)};
-  T* dq_out = static_cast<T*>(p.dq) + row_offset(p.dq_strides, seq, true, b, h, 0);
+  T* dq_out = row_at<T>(p.dq, p.dq_strides, seq, true, b, h, 0);
   warp_store_rows<T, kHeadDim>(dq, row_scale, sQ, warp * 16, dq_out + row0 * p.dq_strides.row,
                                p.dq_strides.row, seq.seqlen_q - row0, sh.head_dim, lane);
 }
@@ -177,8 +179,8 @@ __global__ void __launch_bounds__(BwdDkvKernel<T, kHeadDim>::kThreads)
   const Sequence seq = sequence_of(p, b);
   if (n_start >= seq.seqlen_k) return;
 
-  const T* k = static_cast<const T*>(p.k) + row_offset(p.k_strides, seq, false, b, h_kv, 0);
-  const T* v = static_cast<const T*>(p.v) + row_offset(p.v_strides, seq, false, b, h_kv, 0);
+  const T* k = row_at<const T>(p.k, p.k_strides, seq, false, b, h_kv, 0);
+  const T* v = row_at<const T>(p.v, p.v_strides, seq, false, b, h_kv, 0);
   // The query blocks these keys are visible to, for each query head of the group in turn: step
   // t is head h_kv * group + t / per_head, block m.begin + t % per_head.
   const Range m = query_blocks(p.mask, seq, n_start, min(n_start + kBlockN, seq.seqlen_k), kBlockM);
@@ -188,8 +190,8 @@ __global__ void __launch_bounds__(BwdDkvKernel<T, kHeadDim>::kThreads)
 
   auto load_queries = [&](int step, int buf) {
     const int h = head_of(step), m0 = block_of(step) * kBlockM, rows = seq.seqlen_q - m0;
-    const T* q = static_cast<const T*>(p.q) + row_offset(p.q_strides, seq, true, b, h, m0);
-    const T* dout = static_cast<const T*>(p.dout) + row_offset(p.dout_strides, seq, true, b, h, m0);
+    const T* q = row_at<const T>(p.q, p.q_strides, seq, true, b, h, m0);
+    const T* dout = row_at<const T>(p.dout, p.dout_strides, seq, true, b, h, m0);
     sQ(buf).template load_async<kThreads>(q, p.q_strides.row, rows, sh.head_dim, tid);
     sdO(buf).template load_async<kThreads>(dout, p.dout_strides.row, rows, sh.head_dim, tid);
     const int64_t stats = stats_offset(p.stats_strides, seq, b, h) + m0;
@@ -200,6 +202,8 @@ __global__ void __launch_bounds__(BwdDkvKernel<T, kHeadDim>::kThreads)
     }
   };
 
+  const bool dropout = kFeatures && p.dropout.p > 0.0;
+  const DropoutRng rng = dropout ? make_dropout_rng(p.dropout) : DropoutRng{};
   WarpAcc<kHeadDim> dk, dv;
   dk.zero();
   dv.zero();
@@ -230,7 +234,7 @@ __global__ void __launch_bounds__(BwdDkvKernel<T, kHeadDim>::kThreads)
           warp_gemm_abt<T, kHeadDim, kBlockM>(dp, sV, warp * 16, sdO(buf), 0, lane);
         }
         // s becomes (P z)^T, dp becomes dS^T.
-        probs_and_ds_with_features<true, kComputeDk>(s, dp, ScoreMod(p, b, h), p.mask, seq, p.dropout, b, h,
+        probs_and_ds_with_features<true, kComputeDk>(s, dp, ScoreMod(p, b, h), p.mask, seq, dropout, rng, b, h,
                                                      sh.heads_q, key0, m0, lane, col_lse2, col_delta);
         if (kComputeDv) warp_gemm_rb<T, kBlockM, kHeadDim>(dv, s, sdO(buf), 0, lane);
       } else {
@@ -250,13 +254,13 @@ __global__ void __launch_bounds__(BwdDkvKernel<T, kHeadDim>::kThreads)
   const int rows_valid = seq.seqlen_k - key0;
   if (kComputeDk) {
     const float row_scale[2] = {static_cast<float>(p.scale), static_cast<float>(p.scale)};
-    T* dk_out = static_cast<T*>(p.dk) + row_offset(p.dk_strides, seq, false, b, h_kv, key0);
+    T* dk_out = row_at<T>(p.dk, p.dk_strides, seq, false, b, h_kv, key0);
     warp_store_rows<T, kHeadDim>(dk, row_scale, sK, warp * 16, dk_out, p.dk_strides.row, rows_valid, sh.head_dim,
                                  lane);
   }
   if (kComputeDv) {
     const float row_scale[2] = {1.f, 1.f};
-    T* dv_out = static_cast<T*>(p.dv) + row_offset(p.dv_strides, seq, false, b, h_kv, key0);
+    T* dv_out = row_at<T>(p.dv, p.dv_strides, seq, false, b, h_kv, key0);
     warp_store_rows<T, kHeadDim>(dv, row_scale, sV, warp * 16, dv_out, p.dv_strides.row, rows_valid, sh.head_dim,
                                  lane);
   }

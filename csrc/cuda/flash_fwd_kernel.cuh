@@ -43,9 +43,9 @@ __global__ void __launch_bounds__(FwdKernel<T, kHeadDim>::kThreads)
   const Sequence seq = sequence_of(p, b);
   if (m_start >= seq.seqlen_q) return;  // a packed sequence shorter than the grid
 
-  const T* q = static_cast<const T*>(p.q) + row_offset(p.q_strides, seq, true, b, h, 0);
-  const T* k = static_cast<const T*>(p.k) + row_offset(p.k_strides, seq, false, b, h_kv, 0);
-  const T* v = static_cast<const T*>(p.v) + row_offset(p.v_strides, seq, false, b, h_kv, 0);
+  const T* q = row_at<const T>(p.q, p.q_strides, seq, true, b, h, 0);
+  const T* k = row_at<const T>(p.k, p.k_strides, seq, false, b, h_kv, 0);
+  const T* v = row_at<const T>(p.v, p.v_strides, seq, false, b, h_kv, 0);
   const Range n_blocks = key_blocks(p.mask, seq, m_start, min(m_start + kBlockM, seq.seqlen_q), kBlockN);
   if (p.tile_counters && tid == 0) {
     const int all = (seq.seqlen_k + kBlockN - 1) / kBlockN, done = n_blocks.end - n_blocks.begin;
@@ -64,6 +64,8 @@ __global__ void __launch_bounds__(FwdKernel<T, kHeadDim>::kThreads)
   WarpAcc<kHeadDim> o;
   o.zero();
   const ScoreMod mod(p, b, h);
+  const bool dropout = kFeatures && p.dropout.p > 0.0;
+  const DropoutRng rng = dropout ? make_dropout_rng(p.dropout) : DropoutRng{};
   OnlineSoftmax softmax;
   const int row0 = m_start + warp * 16;  // first query row of this warp
 
@@ -85,9 +87,9 @@ __global__ void __launch_bounds__(FwdKernel<T, kHeadDim>::kThreads)
       const int n0 = n_block * kBlockN;
       scores_from_qk<kFeatures>(s, mod, p.mask, seq, row0, n0, lane);
       softmax.rescale_and_exp(s, o);
-      if (kFeatures && p.dropout.p > 0.0) {  // the softmax sums every probability; only the kept ones reach P V
+      if (dropout) {  // the softmax sums every probability; only the kept ones reach P V
         float z[kBlockN / 8][4];
-        dropout_factors<false, kBlockN>(z, make_dropout_rng(p.dropout), b, h, sh.heads_q, row0, n0, lane);
+        dropout_factors<false, kBlockN>(z, rng, b, h, sh.heads_q, row0, n0, lane);
 #pragma unroll
         for (int j = 0; j < kBlockN / 8; ++j)
 #pragma unroll
@@ -100,7 +102,7 @@ __global__ void __launch_bounds__(FwdKernel<T, kHeadDim>::kThreads)
   float inv_l[2], lse[2];
   softmax.finalize(inv_l, lse);
   // Each warp reuses its own rows of sQ (read only by this warp) to stage the output.
-  T* out = static_cast<T*>(p.out) + row_offset(p.out_strides, seq, true, b, h, 0);
+  T* out = row_at<T>(p.out, p.out_strides, seq, true, b, h, 0);
   warp_store_rows<T, kHeadDim>(o, inv_l, sQ, warp * 16, out + row0 * p.out_strides.row,
                                p.out_strides.row, seq.seqlen_q - row0, sh.head_dim, lane);
   if ((lane & 3) == 0) {

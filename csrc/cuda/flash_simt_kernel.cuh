@@ -61,17 +61,6 @@ struct WarpRow {
   }
 };
 
-template <typename T>
-__device__ __forceinline__ const T* row_ptr(const void* base, const TensorStrides& t, const Sequence& s, bool is_q,
-                                            int b, int h, int row) {
-  return static_cast<const T*>(base) + row_offset(t, s, is_q, b, h, row);
-}
-template <typename T>
-__device__ __forceinline__ T* row_ptr(void* base, const TensorStrides& t, const Sequence& s, bool is_q, int b,
-                                      int h, int row) {
-  return static_cast<T*>(base) + row_offset(t, s, is_q, b, h, row);
-}
-
 }  // namespace simt
 
 template <typename T, int kChunks>
@@ -87,7 +76,7 @@ __global__ void __launch_bounds__(32 * simt::kWarps) flash_fwd_simt_kernel(const
   const DropoutRng rng = dropout ? make_dropout_rng(p.dropout) : DropoutRng{};
   const T keep_scale = T(1) / (T(1) - static_cast<T>(p.dropout.p));
   WarpRow<T, kChunks> q, o, kv;
-  q.load(row_ptr<T>(p.q, p.q_strides, seq, true, b, h, row), sh.head_dim, lane);
+  q.load(row_at<const T>(p.q, p.q_strides, seq, true, b, h, row), sh.head_dim, lane);
   o.zero();
   T row_max = -INFINITY, row_sum = 0, unused;
   const Range keys = visible_keys(p.mask, seq, row, row + 1);
@@ -95,7 +84,7 @@ __global__ void __launch_bounds__(32 * simt::kWarps) flash_fwd_simt_kernel(const
     const int count = min(32, keys.end - j0);
     T my_score = -INFINITY;
     for (int jj = 0; jj < count; ++jj) {
-      kv.load(row_ptr<T>(p.k, p.k_strides, seq, false, b, h_kv, j0 + jj), sh.head_dim, lane);
+      kv.load(row_at<const T>(p.k, p.k_strides, seq, false, b, h_kv, j0 + jj), sh.head_dim, lane);
       const T s = exact_score(p, seq, slope, q.dot(kv), row, j0 + jj, &unused);
       if (lane == jj) my_score = s;
     }
@@ -109,12 +98,12 @@ __global__ void __launch_bounds__(32 * simt::kWarps) flash_fwd_simt_kernel(const
 #pragma unroll
     for (int c = 0; c < kChunks; ++c) o.x[c] *= alpha;
     for (int jj = 0; jj < count; ++jj) {
-      kv.load(row_ptr<T>(p.v, p.v_strides, seq, false, b, h_kv, j0 + jj), sh.head_dim, lane);
+      kv.load(row_at<const T>(p.v, p.v_strides, seq, false, b, h_kv, j0 + jj), sh.head_dim, lane);
       o.axpy(__shfl_sync(kFull, prob, jj), kv);
     }
   }
   const bool seen = row_sum != T(0);  // NaN scores give a NaN sum: it propagates
-  o.store(row_ptr<T>(p.out, p.out_strides, seq, true, b, h, row), sh.head_dim, lane,
+  o.store(row_at<T>(p.out, p.out_strides, seq, true, b, h, row), sh.head_dim, lane,
           seen ? T(1) / row_sum : T(0));
   if (lane == 0)
     static_cast<T*>(p.lse)[stats_offset(p.stats_strides, seq, b, h) + row] =
@@ -136,13 +125,13 @@ __global__ void __launch_bounds__(32 * simt::kWarps) flash_bwd_dq_simt_kernel(co
   const int64_t stat = stats_offset(p.stats_strides, seq, b, h) + row;
   const T lse = static_cast<const T*>(p.lse)[stat], delta = static_cast<const T*>(p.delta)[stat];
   WarpRow<T, kChunks> q, dout, dq, k, v;
-  q.load(row_ptr<T>(p.q, p.q_strides, seq, true, b, h, row), sh.head_dim, lane);
-  dout.load(row_ptr<T>(p.dout, p.dout_strides, seq, true, b, h, row), sh.head_dim, lane);
+  q.load(row_at<const T>(p.q, p.q_strides, seq, true, b, h, row), sh.head_dim, lane);
+  dout.load(row_at<const T>(p.dout, p.dout_strides, seq, true, b, h, row), sh.head_dim, lane);
   dq.zero();
   const Range keys = lse == -INFINITY ? Range{0, 0} : visible_keys(p.mask, seq, row, row + 1);
   for (int j = keys.begin; j < keys.end; ++j) {
-    k.load(row_ptr<T>(p.k, p.k_strides, seq, false, b, h_kv, j), sh.head_dim, lane);
-    v.load(row_ptr<T>(p.v, p.v_strides, seq, false, b, h_kv, j), sh.head_dim, lane);
+    k.load(row_at<const T>(p.k, p.k_strides, seq, false, b, h_kv, j), sh.head_dim, lane);
+    v.load(row_at<const T>(p.v, p.v_strides, seq, false, b, h_kv, j), sh.head_dim, lane);
     T capped = 0;
     const T prob = exp(exact_score(p, seq, slope, q.dot(k), row, j, &capped) - lse);
     const T z = !dropout ? T(1) : rng.keep(b, h, sh.heads_q, row, j) ? keep_scale : T(0);
@@ -150,7 +139,7 @@ __global__ void __launch_bounds__(32 * simt::kWarps) flash_bwd_dq_simt_kernel(co
     if (p.score.softcap > 0.0) ds *= T(1) - capped * capped;
     dq.axpy(ds, k);
   }
-  dq.store(row_ptr<T>(p.dq, p.dq_strides, seq, true, b, h, row), sh.head_dim, lane, scale);
+  dq.store(row_at<T>(p.dq, p.dq_strides, seq, true, b, h, row), sh.head_dim, lane, scale);
 }
 
 // One warp per key of a key/value head: dk and dv sum over the query heads of its group.
@@ -167,8 +156,8 @@ __global__ void __launch_bounds__(32 * simt::kWarps) flash_bwd_dkdv_simt_kernel(
   const DropoutRng rng = dropout ? make_dropout_rng(p.dropout) : DropoutRng{};
   const T keep_scale = T(1) / (T(1) - static_cast<T>(p.dropout.p));
   WarpRow<T, kChunks> k, v, q, dout, dk, dv;
-  k.load(row_ptr<T>(p.k, p.k_strides, seq, false, b, h_kv, key), sh.head_dim, lane);
-  v.load(row_ptr<T>(p.v, p.v_strides, seq, false, b, h_kv, key), sh.head_dim, lane);
+  k.load(row_at<const T>(p.k, p.k_strides, seq, false, b, h_kv, key), sh.head_dim, lane);
+  v.load(row_at<const T>(p.v, p.v_strides, seq, false, b, h_kv, key), sh.head_dim, lane);
   dk.zero();
   dv.zero();
   const Range rows = visible_queries(p.mask, seq, key, key + 1);
@@ -178,8 +167,8 @@ __global__ void __launch_bounds__(32 * simt::kWarps) flash_bwd_dkdv_simt_kernel(
     for (int i = rows.begin; i < rows.end; ++i) {
       const T lse = static_cast<const T*>(p.lse)[stats + i];
       if (lse == -INFINITY) continue;  // a row that saw no key contributes nothing
-      q.load(row_ptr<T>(p.q, p.q_strides, seq, true, b, h, i), sh.head_dim, lane);
-      dout.load(row_ptr<T>(p.dout, p.dout_strides, seq, true, b, h, i), sh.head_dim, lane);
+      q.load(row_at<const T>(p.q, p.q_strides, seq, true, b, h, i), sh.head_dim, lane);
+      dout.load(row_at<const T>(p.dout, p.dout_strides, seq, true, b, h, i), sh.head_dim, lane);
       T capped = 0;
       const T prob = exp(exact_score(p, seq, slope, q.dot(k), i, key, &capped) - lse);
       const T z = !dropout ? T(1) : rng.keep(b, h, sh.heads_q, i, key) ? keep_scale : T(0);
@@ -189,8 +178,8 @@ __global__ void __launch_bounds__(32 * simt::kWarps) flash_bwd_dkdv_simt_kernel(
       dk.axpy(ds, q);
     }
   }
-  dk.store(row_ptr<T>(p.dk, p.dk_strides, seq, false, b, h_kv, key), sh.head_dim, lane, scale);
-  dv.store(row_ptr<T>(p.dv, p.dv_strides, seq, false, b, h_kv, key), sh.head_dim, lane, T(1));
+  dk.store(row_at<T>(p.dk, p.dk_strides, seq, false, b, h_kv, key), sh.head_dim, lane, scale);
+  dv.store(row_at<T>(p.dv, p.dv_strides, seq, false, b, h_kv, key), sh.head_dim, lane, T(1));
 }
 
 }  // namespace cuflash

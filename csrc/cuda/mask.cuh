@@ -158,13 +158,13 @@ __device__ __forceinline__ void ds_from_dp(WarpAcc<kN>& dp, const WarpAcc<kN>& p
 // z is the dropout factor (1 without dropout), dcap the softcap's chain-rule factor.
 template <bool kTransposed, bool kWithDs, int kN, class Lse2, class Delta>
 __device__ __forceinline__ void probs_and_ds_with_features(WarpAcc<kN>& s, WarpAcc<kN>& dp, const ScoreMod& mod,
-                                                           const MaskParams& m, const Sequence& seq,
-                                                           const DropoutParams& dropout, int b, int h, int heads,
-                                                           int row0, int col0, int lane, Lse2&& lse2, Delta&& delta) {
+                                                           const MaskParams& m, const Sequence& seq, bool dropout,
+                                                           const DropoutRng& rng, int b, int h, int heads, int row0,
+                                                           int col0, int lane, Lse2&& lse2, Delta&& delta) {
   const bool masked = tile_needs_mask<kTransposed, kN>(m, seq, row0, col0);
   float z[kN / 8][4];
-  if (dropout.p > 0.0) {
-    dropout_factors<kTransposed, kN>(z, make_dropout_rng(dropout), b, h, heads, row0, col0, lane);
+  if (dropout) {
+    dropout_factors<kTransposed, kN>(z, rng, b, h, heads, row0, col0, lane);
   } else {
 #pragma unroll
     for (int j = 0; j < kN / 8; ++j)
