@@ -53,16 +53,16 @@ def _fwd_tile_counts_fake(q, k, v, is_causal=False, bottom_right=False, window_l
     return q.new_empty((4,), dtype=torch.int64)
 
 
-# fwd's inputs after q, k, v, in schema order; the tensors among them are saved for backward.
+# fwd's options (its inputs after q, k, v), named as the schema in csrc/torch_ops.cpp names them;
+# the tensors among them are saved for the backward, which takes the same options.
+_OPTION_NAMES = tuple(a.name for a in _ops.fwd.default._schema.arguments[3:])
 _OPTION_TENSORS = ("alibi_slopes", "rng_state", "cu_seqlens_q", "cu_seqlens_k")
 
 
 def _fwd_setup_context(ctx, inputs, output):
     q, k, v, *options = inputs
     out, lse = output
-    names = ("scale", "is_causal", "bottom_right", "window_left", "window_right", "softcap", "alibi_slopes",
-             "dropout_p", "rng_state", "cu_seqlens_q", "cu_seqlens_k", "max_seqlen_q", "max_seqlen_k")
-    opts = dict(zip(names, options))
+    opts = dict(zip(_OPTION_NAMES, options))
     ctx.save_for_backward(q, k, v, out, lse, *(opts.pop(n) for n in _OPTION_TENSORS))
     ctx.scalar_options = opts
 
@@ -71,7 +71,7 @@ def _fwd_backward(ctx, dout, dlse):
     q, k, v, out, lse, *tensors = ctx.saved_tensors
     options = dict(ctx.scalar_options, **dict(zip(_OPTION_TENSORS, tensors)))
     dq, dk, dv = _ops.bwd(dout, q, k, v, out, lse, dlse, **options)
-    return (dq, dk, dv) + (None,) * 13
+    return (dq, dk, dv) + (None,) * len(_OPTION_NAMES)
 
 
 torch.library.register_autograd("cuflash_attn::fwd", _fwd_backward, setup_context=_fwd_setup_context)
