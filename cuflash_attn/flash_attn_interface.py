@@ -53,25 +53,34 @@ def _attention_probs(q, k, lse, softmax_scale, causal, window, softcap, alibi_sl
     memory), with no gradient."""
     with torch.no_grad():
         if cu_seqlens_q is None:
-            return _dense_probs(q.transpose(1, 2), k.transpose(1, 2), lse, 0, softmax_scale, causal, window,
-                                softcap, alibi_slopes, dropout_p, rng_state)
+            q, k = q.transpose(1, 2), k.transpose(1, 2)
+            keep = None
+            if dropout_p > 0:
+                keep = _ops.dropout_mask(rng_state, dropout_p, q.shape[0], q.shape[1], q.shape[2], k.shape[2])
+            return _dense_probs(q, k, lse, alibi_slopes, keep, softmax_scale, causal, window, softcap)
         starts_q, starts_k = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
         batch = len(starts_q) - 1
         lens_q = [starts_q[b + 1] - starts_q[b] for b in range(batch)]
         lens_k = [starts_k[b + 1] - starts_k[b] for b in range(batch)]
         probs = q.new_zeros((batch, q.shape[1], max(lens_q, default=0), max(lens_k, default=0)),
                             dtype=torch.float32)
+        keep_all = None  # one mask for the whole batch, sliced per sequence
+        if dropout_p > 0:
+            keep_all = _ops.dropout_mask(rng_state, dropout_p, batch, q.shape[1], probs.shape[2], probs.shape[3])
         for b in range(batch):
             qb = q[starts_q[b]:starts_q[b + 1]].transpose(0, 1)[None]
             kb = k[starts_k[b]:starts_k[b + 1]].transpose(0, 1)[None]
             lse_b = lse[:, starts_q[b]:starts_q[b + 1]][None]
-            probs[b, :, :lens_q[b], :lens_k[b]] = _dense_probs(qb, kb, lse_b, b, softmax_scale, causal, window,
-                                                               softcap, alibi_slopes, dropout_p, rng_state)[0]
+            slopes_b = alibi_slopes if alibi_slopes is None or alibi_slopes.dim() == 1 else alibi_slopes[b:b + 1]
+            keep_b = None if keep_all is None else keep_all[b:b + 1, :, :lens_q[b], :lens_k[b]]
+            probs[b, :, :lens_q[b], :lens_k[b]] = _dense_probs(qb, kb, lse_b, slopes_b, keep_b, softmax_scale,
+                                                               causal, window, softcap)[0]
         return probs
 
 
-def _dense_probs(q, k, lse, batch_index, softmax_scale, causal, window, softcap, alibi_slopes, dropout_p, rng_state):
-    # q, k: [batch, heads, n, d]; k's heads are repeated for GQA.
+def _dense_probs(q, k, lse, alibi_slopes, keep, softmax_scale, causal, window, softcap):
+    # q, k: [batch, heads, n, d] (k's heads are repeated for GQA); alibi_slopes [heads] or
+    # [batch, heads]; keep: the dropout keep-mask [batch, heads, n_q, n_k] or None.
     scale = softmax_scale if softmax_scale is not None else q.shape[-1] ** -0.5
     k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
     s = (q.float() @ k.float().transpose(-1, -2)) * scale
@@ -80,8 +89,7 @@ def _dense_probs(q, k, lse, batch_index, softmax_scale, causal, window, softcap,
     nq, nk = q.shape[-2], k.shape[-2]
     rel = torch.arange(nk, device=q.device)[None, :] - torch.arange(nq, device=q.device)[:, None] - (nk - nq)
     if alibi_slopes is not None:
-        slopes = alibi_slopes if alibi_slopes.dim() == 1 else alibi_slopes[batch_index:batch_index + q.shape[0]]
-        s = s - slopes.reshape(-1 if alibi_slopes.dim() == 2 else 1, q.shape[1], 1, 1) * rel.abs()
+        s = s - alibi_slopes.reshape(-1 if alibi_slopes.dim() == 2 else 1, q.shape[1], 1, 1) * rel.abs()
     left, right = window
     right = 0 if causal else right
     hidden = torch.zeros_like(rel, dtype=torch.bool)
@@ -91,10 +99,7 @@ def _dense_probs(q, k, lse, batch_index, softmax_scale, causal, window, softcap,
         hidden |= rel < -left
     lse = lse[..., None].float()
     probs = torch.where(torch.isneginf(lse), 0.0, torch.exp(s.masked_fill(hidden, float("-inf")) - lse))
-    if dropout_p > 0:
-        keep = _ops.dropout_mask(rng_state, dropout_p, q.shape[0] + batch_index, q.shape[1], nq, nk)[batch_index:]
-        probs = torch.where(keep, probs, -probs)
-    return probs
+    return probs if keep is None else torch.where(keep, probs, -probs)
 
 
 def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0,

@@ -361,3 +361,22 @@ def test_varlen_rows_outside_every_sequence_are_zero(device, dtype):
     out, lse = fwd(q, k, v, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, max_seqlen_q=5, max_seqlen_k=5)
     assert torch.equal(out[:2], torch.zeros_like(out[:2]))
     assert torch.isneginf(lse[:, :2]).all() and torch.isfinite(lse[:, 2:]).all()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_flash_attn_api_varlen_return_attn_probs(device):
+    """Packed: S_dmask is per sequence, padded to the longest; its kept entries, rescaled, times v
+    give each sequence's output."""
+    from cuflash_attn import flash_attn_interface as fa
+    torch.manual_seed(0)
+    cu = torch.tensor([0, 5, 5, 14], dtype=torch.int32, device=device)
+    q = torch.randn(14, 2, 16, device=device)
+    k, v = (torch.randn(14, 1, 16, device=device) for _ in range(2))
+    out, lse, probs = fa.flash_attn_varlen_func(q, k, v, cu, cu, 9, 9, dropout_p=0.3, causal=True,
+                                                alibi_slopes=torch.rand(3, 2, device=device), return_attn_probs=True)
+    assert probs.shape == (3, 2, 9, 9)
+    for b, (start, end) in enumerate([(0, 5), (5, 5), (5, 14)]):
+        n = end - start
+        kept = probs[b, :, :n, :n].clamp(min=0) / 0.7
+        want = kept @ v[start:end].transpose(0, 1).float()
+        assert torch.allclose(out[start:end].transpose(0, 1), want, atol=1e-5)
