@@ -4,7 +4,12 @@
 #pragma once
 #include <cmath>
 #include <cstdint>
+#include <type_traits>
 #include "flash_params.h"
+#if defined(__CUDACC__)
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#endif
 
 #if defined(__CUDACC__)
 #define CUFLASH_HD __host__ __device__ __forceinline__
@@ -99,19 +104,64 @@ CUFLASH_HD T alibi_bias(T slope, const Sequence& s, int i, int j) {
   return -slope * static_cast<T>(d < 0 ? -d : d);
 }
 
-// The score of (i, j) from q.k in T (the exact kernels): scaled, soft-capped, ALiBi-biased.
-// *capped receives tanh(scale * q.k / softcap): the backward's chain-rule factor is 1 - capped^2.
-template <typename T>
-CUFLASH_HD T exact_score(const AttentionParams& p, const Sequence& s, T slope, T qk, int i, int j, T* capped) {
-  using std::tanh;
-  T x = qk * static_cast<T>(p.scale);
-  if (p.score.softcap > 0.0) {
-    const T cap = static_cast<T>(p.score.softcap);
-    *capped = tanh(x / cap);
-    x = cap * *capped;
+// Element conversion to the accumulator type. Torch builds with __CUDA_NO_HALF_CONVERSIONS__,
+// so 16-bit values are converted explicitly.
+template <typename Acc, typename T>
+CUFLASH_HD Acc to_acc(T x) {
+#if defined(__CUDACC__)
+  if constexpr (std::is_same_v<T, __half>) return __half2float(x);
+  else if constexpr (std::is_same_v<T, __nv_bfloat16>) return __bfloat162float(x);
+  else
+#endif
+    return static_cast<Acc>(x);
+}
+
+// attn_mask's (batch, head) slice.
+struct AttnMaskSlice {
+  const void* data;  // null: no mask
+  int64_t base, row_stride, col_stride;  // in elements
+  bool is_bool;
+  CUFLASH_HD AttnMaskSlice(const AttnMaskParams& m, int b, int h)
+      : data(m.data), base(b * m.batch_stride + h * m.head_stride), row_stride(m.row_stride),
+        col_stride(m.col_stride), is_bool(m.is_bool) {}
+  // What the mask adds to score (i, j), in Acc: a float mask's element (of type T), or 0 / -inf.
+  template <typename Acc, typename T>
+  CUFLASH_HD Acc bias(int i, int j) const {
+    const int64_t e = base + i * row_stride + j * col_stride;
+    if (is_bool) return static_cast<const bool*>(data)[e] ? Acc(0) : -static_cast<Acc>(INFINITY);
+    return to_acc<Acc>(static_cast<const T*>(data)[e]);
   }
-  if (p.score.alibi_slopes) x += alibi_bias(slope, s, i, j);
-  return x;
+};
+
+// The exact kernels' (float32, float64 on CUDA cores; the CPU's) score of one (batch, head),
+// computed in T: scaled, soft-capped, ALiBi-biased, masked.
+template <typename T>
+struct ExactScore {
+  T scale, softcap, slope;
+  bool alibi;
+  AttnMaskSlice mask;
+  CUFLASH_HD ExactScore(const AttentionParams& p, int b, int h)
+      : scale(static_cast<T>(p.scale)), softcap(static_cast<T>(p.score.softcap)),
+        slope(static_cast<T>(alibi_slope(p.score, b, h))), alibi(p.score.alibi_slopes != nullptr),
+        mask(p.score.attn_mask, b, h) {}
+  // The score of (i, j) from qk = q.k; *capped receives tanh(scale * q.k / softcap): the
+  // backward's chain-rule factor is 1 - capped^2.
+  CUFLASH_HD T operator()(const Sequence& s, T qk, int i, int j, T* capped) const {
+    using std::tanh;
+    T x = qk * scale;
+    if (softcap > T(0)) {
+      *capped = tanh(x / softcap);
+      x = softcap * *capped;
+    }
+    if (alibi) x += alibi_bias(slope, s, i, j);
+    if (mask.data) x += mask.bias<T, T>(i, j);
+    return x;
+  }
+};
+
+// Offset of score (i, 0) of (b, h) in FlashBwdParams::dscores.
+CUFLASH_HD int64_t dscores_offset(const AttentionShape& sh, int b, int h, int i) {
+  return ((static_cast<int64_t>(b) * sh.heads_q + h) * sh.seqlen_q + i) * sh.seqlen_k;
 }
 
 // ---- Philox 4x32-10 (Salmon et al., "Parallel random numbers: as easy as 1, 2, 3") ----

@@ -40,13 +40,25 @@ struct MaskParams {
   int window_right = -1;
 };
 
-// Changes to the scores s = scale * q.k before the softmax:
+// torch's attn_mask, read element by element through strides that broadcast it to
+// [batch, heads_q, seqlen_q, seqlen_k] (0 along a broadcast dimension: never expanded in memory).
+// A boolean mask hides the keys where it is false; a float mask, whose elements have the
+// kernel's element type, is added to the scores.
+struct AttnMaskParams {
+  const void* data = nullptr;  // null: no mask
+  bool is_bool = false;
+  int64_t batch_stride = 0, head_stride = 0, row_stride = 0, col_stride = 0;
+};
+
+// Changes to the scores s = scale * q.k before the softmax, in this order:
 //   softcap > 0:  s = softcap * tanh(s / softcap)
-//   alibi_slopes: s -= slope[batch, head] * |i + diagonal - j|  (added after the softcap)
+//   alibi_slopes: s -= slope[batch, head] * |i + diagonal - j|
+//   attn_mask:    s += mask[b, h, i, j]  (-inf where a boolean mask is false)
 struct ScoreParams {
   double softcap = 0.0;
   const float* alibi_slopes = nullptr;  // fp32, [heads_q] or [batch, heads_q]
   int64_t alibi_batch_stride = 0;       // 0 for [heads_q]
+  AttnMaskParams attn_mask;
 };
 
 // Dropout on the attention probabilities: element (b, h, i, j) is kept iff the counter-based
@@ -102,6 +114,9 @@ struct FlashBwdParams : AttentionParams {
   void* dv = nullptr;
   // Accumulator type, stats_strides: rowsum(dout * out) - dlse, filled by the kernels.
   void* delta = nullptr;
+  // Optional, accumulator type, contiguous [B, Hq, Nq, Nk], zeroed: receives the gradient of
+  // every score the kernels visit (the gradient of a float attn_mask, before its broadcast sum).
+  void* dscores = nullptr;
   TensorStrides out_strides, dout_strides, dq_strides, dk_strides, dv_strides;
 };
 

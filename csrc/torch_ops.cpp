@@ -65,6 +65,7 @@ struct Options {
   std::optional<Tensor> rng_state;
   std::optional<Tensor> cu_seqlens_q, cu_seqlens_k;
   int64_t max_seqlen_q = 0, max_seqlen_k = 0;
+  std::optional<Tensor> attn_mask;
   bool varlen() const { return cu_seqlens_q.has_value(); }
 };
 
@@ -338,6 +339,31 @@ void check_cuda(cudaError_t err) {
   TORCH_CHECK(err == cudaSuccess, "cuflash_attn: CUDA kernel launch failed: ", cudaGetErrorString(err));
 }
 
+// attn_mask: boolean, or q's dtype (as torch's SDPA requires), broadcastable to
+// [batch, heads_q, seqlen_q, seqlen_k]. The kernels read it through broadcast strides; only a
+// float mask whose dtype the kernels do not compute in (float16 on the CPU) is converted.
+void fill_attn_mask(AttentionParams& p, const Options& o, const KernelLayout& layout, const Tensor& q,
+                    std::vector<Tensor>& keep) {
+  if (!o.attn_mask) return;
+  const Tensor& m = *o.attn_mask;
+  const bool is_bool = m.scalar_type() == at::kBool;
+  TORCH_CHECK_TYPE(is_bool || m.scalar_type() == q.scalar_type(), "cuflash_attn: attn_mask must be boolean or have ",
+                   "q's dtype (", q.scalar_type(), "), got ", m.scalar_type());
+  TORCH_CHECK_VALUE(m.device() == q.device(), "cuflash_attn: attn_mask must be on the same device as q (",
+                    q.device(), "), got ", m.device());
+  TORCH_CHECK_VALUE(!o.varlen(), "cuflash_attn: attn_mask is not supported with cu_seqlens (packed sequences)");
+  const AttentionShape& sh = p.shape;
+  const std::vector<int64_t> full = {sh.batch, sh.heads_q, sh.seqlen_q, sh.seqlen_k};
+  bool broadcasts = m.dim() <= 4;
+  for (int64_t d = 1; broadcasts && d <= m.dim(); ++d)
+    broadcasts = m.size(-d) == 1 || m.size(-d) == full[4 - d];
+  TORCH_CHECK_VALUE(broadcasts, "cuflash_attn: attn_mask must broadcast to [batch, heads_q, seqlen_q, seqlen_k] = ",
+                    shape(full), ", got shape ", shape(m.sizes()));
+  keep.push_back((is_bool ? m : m.to(layout.dtype)).expand(full));
+  const Tensor& e = keep.back();
+  p.score.attn_mask = {e.data_ptr(), is_bool, e.stride(0), e.stride(1), e.stride(2), e.stride(3)};
+}
+
 // Fills what fwd and bwd share: shape, features, q/k/v.
 std::vector<Tensor> fill_common(AttentionParams& p, AttentionShape sh, const Options& o, const KernelLayout& layout,
                                 const Tensor& q, const Tensor& k, const Tensor& qk, const Tensor& kk, const Tensor& vk,
@@ -347,6 +373,7 @@ std::vector<Tensor> fill_common(AttentionParams& p, AttentionShape sh, const Opt
   sh.head_dim = static_cast<int>(layout.head_dim);
   p.shape = sh;
   std::vector<Tensor> keep = fill_features(p, o, q, k);
+  fill_attn_mask(p, o, layout, q, keep);
   p.q = qk.data_ptr();
   p.k = kk.data_ptr();
   p.v = vk.data_ptr();
@@ -401,19 +428,21 @@ Options make_options(std::optional<double> scale, bool is_causal, bool bottom_ri
                      int64_t window_right, double softcap, const std::optional<Tensor>& alibi_slopes,
                      double dropout_p, const std::optional<Tensor>& rng_state,
                      const std::optional<Tensor>& cu_seqlens_q, const std::optional<Tensor>& cu_seqlens_k,
-                     int64_t max_seqlen_q, int64_t max_seqlen_k) {
-  return Options{scale,     is_causal, bottom_right, window_left,  window_right, softcap,     alibi_slopes,
-                 dropout_p, rng_state, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k};
+                     int64_t max_seqlen_q, int64_t max_seqlen_k, const std::optional<Tensor>& attn_mask) {
+  return Options{scale,        is_causal,    bottom_right, window_left,  window_right,
+                 softcap,      alibi_slopes, dropout_p,    rng_state,    cu_seqlens_q,
+                 cu_seqlens_k, max_seqlen_q, max_seqlen_k, attn_mask};
 }
 
 std::tuple<Tensor, Tensor> fwd(const Tensor& q, const Tensor& k, const Tensor& v, std::optional<double> scale,
                                bool is_causal, bool bottom_right, int64_t window_left, int64_t window_right,
                                double softcap, const std::optional<Tensor>& alibi_slopes, double dropout_p,
                                const std::optional<Tensor>& rng_state, const std::optional<Tensor>& cu_seqlens_q,
-                               const std::optional<Tensor>& cu_seqlens_k, int64_t max_seqlen_q, int64_t max_seqlen_k) {
+                               const std::optional<Tensor>& cu_seqlens_k, int64_t max_seqlen_q, int64_t max_seqlen_k,
+                               const std::optional<Tensor>& attn_mask) {
   return fwd_impl(q, k, v,
                   make_options(scale, is_causal, bottom_right, window_left, window_right, softcap, alibi_slopes,
-                               dropout_p, rng_state, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k),
+                               dropout_p, rng_state, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, attn_mask),
                   nullptr);
 }
 
@@ -429,7 +458,7 @@ Tensor fwd_tile_counts(const Tensor& q, const Tensor& k, const Tensor& v, bool i
   Tensor counters = at::zeros({4}, q.options().dtype(at::kLong));
   fwd_impl(q, k, v,
            make_options(std::nullopt, is_causal, bottom_right, window_left, window_right, 0.0, std::nullopt, 0.0,
-                        std::nullopt, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k),
+                        std::nullopt, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, std::nullopt),
            reinterpret_cast<unsigned long long*>(counters.data_ptr<int64_t>()));
   return counters;
 }
@@ -454,7 +483,9 @@ Tensor check_stats(const Tensor& t, const char* name, const Tensor& q, bool varl
   return t.contiguous();
 }
 
-std::tuple<Tensor, Tensor, Tensor> bwd(const Tensor& dout, const Tensor& q, const Tensor& k, const Tensor& v,
+// Returns dq, dk, dv and, with attn_mask_grad, the gradient of the float attn_mask (in its shape
+// and dtype; an empty tensor otherwise).
+std::tuple<Tensor, Tensor, Tensor, Tensor> bwd(const Tensor& dout, const Tensor& q, const Tensor& k, const Tensor& v,
                                        const Tensor& out, const Tensor& lse, const std::optional<Tensor>& dlse,
                                        std::optional<double> scale, bool is_causal, bool bottom_right,
                                        int64_t window_left, int64_t window_right, double softcap,
@@ -462,9 +493,13 @@ std::tuple<Tensor, Tensor, Tensor> bwd(const Tensor& dout, const Tensor& q, cons
                                        const std::optional<Tensor>& rng_state,
                                        const std::optional<Tensor>& cu_seqlens_q,
                                        const std::optional<Tensor>& cu_seqlens_k, int64_t max_seqlen_q,
-                                       int64_t max_seqlen_k) {
+                                       int64_t max_seqlen_k, const std::optional<Tensor>& attn_mask,
+                                       bool attn_mask_grad) {
   const Options o = make_options(scale, is_causal, bottom_right, window_left, window_right, softcap, alibi_slopes,
-                                 dropout_p, rng_state, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k);
+                                 dropout_p, rng_state, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                                 attn_mask);
+  TORCH_CHECK_VALUE(!attn_mask_grad || (attn_mask && attn_mask->is_floating_point()),
+                    "cuflash_attn: attn_mask_grad needs a floating-point attn_mask");
   const AttentionShape sh = check_qkv(q, k, v, o);
   check_like(out, "out", q, "q", o.varlen());
   check_like(dout, "dout", q, "q", o.varlen());
@@ -475,11 +510,19 @@ std::tuple<Tensor, Tensor, Tensor> bwd(const Tensor& dout, const Tensor& q, cons
   const Tensor qk = layout.input(q), kk = layout.input(k), vk = layout.input(v);
   FlashBwdParams p;
   const std::vector<Tensor> keep = fill_common(p, sh, o, layout, q, k, qk, kk, vk, lse_c);
+  // The gradient of every score, summed over attn_mask's broadcast dimensions at the end.
+  Tensor dscores = attn_mask_grad ? at::zeros({sh.batch, sh.heads_q, sh.seqlen_q, sh.seqlen_k},
+                                              q.options().dtype(stats_dtype(q.scalar_type())))
+                                  : Tensor();
+  auto dattn_mask = [&]() {
+    if (!attn_mask_grad) return at::empty({0}, q.options());
+    return dscores.sum_to_size(attn_mask->sizes()).to(attn_mask->scalar_type());
+  };
   if (q.numel() == 0 || k.numel() == 0) {  // no query sees a key: every gradient is 0
     dq.zero_();
     dk.zero_();
     dv.zero_();
-    return {dq, dk, dv};
+    return {dq, dk, dv, dattn_mask()};
   }
   const Tensor outk = layout.input(out), doutk = layout.input(dout);
   Tensor dq_k = layout.output(dq), dk_k = layout.output(dk), dv_k = layout.output(dv);
@@ -494,6 +537,7 @@ std::tuple<Tensor, Tensor, Tensor> bwd(const Tensor& dout, const Tensor& q, cons
   p.lse = lse_c.data_ptr();
   p.dlse = dlse_c.defined() ? dlse_c.data_ptr() : nullptr;
   p.delta = delta.data_ptr();
+  p.dscores = attn_mask_grad ? dscores.data_ptr() : nullptr;
   p.dq = dq_k.data_ptr();
   p.dk = dk_k.data_ptr();
   p.dv = dv_k.data_ptr();
@@ -516,7 +560,7 @@ std::tuple<Tensor, Tensor, Tensor> bwd(const Tensor& dout, const Tensor& q, cons
   KernelLayout::finish(dq_k, dq);
   KernelLayout::finish(dk_k, dk);
   KernelLayout::finish(dv_k, dv);
-  return {dq, dk, dv};
+  return {dq, dk, dv, dattn_mask()};
 }
 
 // The keep-mask dropout applies for rng_state and dropout_p: bool [batch, heads, seqlen_q,
@@ -554,17 +598,20 @@ Tensor dropout_mask(const Tensor& rng_state, double dropout_p, int64_t batch, in
 // bottom-right (query i faces key i + seqlen_k - seqlen_q: flash_attn's rule) with bottom_right.
 // window_left/right bound the keys each query sees around that diagonal (-1: unbounded);
 // is_causal sets window_right to 0. max_seqlen 0 means not known (the packed length bounds it).
+// attn_mask (torch's: boolean, True takes part, or added to the scores) broadcasts to
+// [batch, heads_q, seqlen_q, seqlen_k]; it combines with every other option but cu_seqlens.
 #define CUFLASH_OPTIONS                                                                                       \
   "float? scale=None, bool is_causal=False, bool bottom_right=False, int window_left=-1, "                 \
   "int window_right=-1, float softcap=0.0, Tensor? alibi_slopes=None, float dropout_p=0.0, "               \
   "Tensor? rng_state=None, Tensor? cu_seqlens_q=None, Tensor? cu_seqlens_k=None, SymInt max_seqlen_q=0, " \
-  "SymInt max_seqlen_k=0"
+  "SymInt max_seqlen_k=0, Tensor? attn_mask=None"
 
 TORCH_LIBRARY(cuflash_attn, m) {
   m.def("fwd(Tensor q, Tensor k, Tensor v, " CUFLASH_OPTIONS ") -> (Tensor out, Tensor lse)");
-  // dlse is the gradient of the returned lse (None when lse was not used).
+  // dlse is the gradient of the returned lse (None when lse was not used). With attn_mask_grad,
+  // dattn_mask is the gradient of the float attn_mask (else an empty tensor).
   m.def("bwd(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, Tensor? dlse=None, " CUFLASH_OPTIONS
-        ") -> (Tensor dq, Tensor dk, Tensor dv)");
+        ", bool attn_mask_grad=False) -> (Tensor dq, Tensor dk, Tensor dv, Tensor dattn_mask)");
   m.def("dropout_mask(Tensor rng_state, float dropout_p, int batch, int heads, int seqlen_q, int seqlen_k) -> Tensor");
   m.def("fwd_tile_counts(Tensor q, Tensor k, Tensor v, bool is_causal=False, bool bottom_right=False, "
         "int window_left=-1, int window_right=-1, Tensor? cu_seqlens_q=None, Tensor? cu_seqlens_k=None, "

@@ -29,7 +29,7 @@ def _empty_stats(q: torch.Tensor, varlen: bool) -> torch.Tensor:
 @torch.library.register_fake("cuflash_attn::fwd")
 def _fwd_fake(q, k, v, scale=None, is_causal=False, bottom_right=False, window_left=-1, window_right=-1,
               softcap=0.0, alibi_slopes=None, dropout_p=0.0, rng_state=None, cu_seqlens_q=None,
-              cu_seqlens_k=None, max_seqlen_q=0, max_seqlen_k=0):
+              cu_seqlens_k=None, max_seqlen_q=0, max_seqlen_k=0, attn_mask=None):
     varlen = cu_seqlens_q is not None
     torch._check(q.dim() == (3 if varlen else 4), lambda: "cuflash_attn: q has the wrong number of dimensions")
     return _empty_like_input(q), _empty_stats(q, varlen)
@@ -38,8 +38,10 @@ def _fwd_fake(q, k, v, scale=None, is_causal=False, bottom_right=False, window_l
 @torch.library.register_fake("cuflash_attn::bwd")
 def _bwd_fake(dout, q, k, v, out, lse, dlse=None, scale=None, is_causal=False, bottom_right=False,
               window_left=-1, window_right=-1, softcap=0.0, alibi_slopes=None, dropout_p=0.0, rng_state=None,
-              cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q=0, max_seqlen_k=0):
-    return _empty_like_input(q), _empty_like_input(k), _empty_like_input(v)
+              cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q=0, max_seqlen_k=0, attn_mask=None,
+              attn_mask_grad=False):
+    dattn_mask = attn_mask.new_empty(attn_mask.shape) if attn_mask_grad else q.new_empty((0,))
+    return _empty_like_input(q), _empty_like_input(k), _empty_like_input(v), dattn_mask
 
 
 @torch.library.register_fake("cuflash_attn::dropout_mask")
@@ -56,22 +58,29 @@ def _fwd_tile_counts_fake(q, k, v, is_causal=False, bottom_right=False, window_l
 # fwd's options (its inputs after q, k, v), named as the schema in csrc/torch_ops.cpp names them;
 # the tensors among them are saved for the backward, which takes the same options.
 _OPTION_NAMES = tuple(a.name for a in _ops.fwd.default._schema.arguments[3:])
-_OPTION_TENSORS = ("alibi_slopes", "rng_state", "cu_seqlens_q", "cu_seqlens_k")
+_OPTION_TENSORS = ("alibi_slopes", "rng_state", "cu_seqlens_q", "cu_seqlens_k", "attn_mask")
+_ATTN_MASK_INPUT = 3 + _OPTION_NAMES.index("attn_mask")  # its position among fwd's inputs
 
 
 def _fwd_setup_context(ctx, inputs, output):
     q, k, v, *options = inputs
     out, lse = output
     opts = dict(zip(_OPTION_NAMES, options))
-    ctx.save_for_backward(q, k, v, out, lse, *(opts.pop(n) for n in _OPTION_TENSORS))
+    # A float attn_mask that requires grad (a learned bias) gets one.
+    attn_mask = opts.get("attn_mask")
+    ctx.attn_mask_grad = attn_mask is not None and attn_mask.requires_grad
+    ctx.save_for_backward(q, k, v, out, lse, *(opts.pop(n, None) for n in _OPTION_TENSORS))
     ctx.scalar_options = opts
 
 
 def _fwd_backward(ctx, dout, dlse):
     q, k, v, out, lse, *tensors = ctx.saved_tensors
     options = dict(ctx.scalar_options, **dict(zip(_OPTION_TENSORS, tensors)))
-    dq, dk, dv = _ops.bwd(dout, q, k, v, out, lse, dlse, **options)
-    return (dq, dk, dv) + (None,) * len(_OPTION_NAMES)
+    dq, dk, dv, dmask = _ops.bwd(dout, q, k, v, out, lse, dlse, **options, attn_mask_grad=ctx.attn_mask_grad)
+    grads = [dq, dk, dv] + [None] * len(_OPTION_NAMES)
+    if ctx.attn_mask_grad:
+        grads[_ATTN_MASK_INPUT] = dmask
+    return tuple(grads)
 
 
 torch.library.register_autograd("cuflash_attn::fwd", _fwd_backward, setup_context=_fwd_setup_context)

@@ -7,12 +7,14 @@ LOW_PRECISION = (torch.float16, torch.bfloat16)
 
 
 def attention_reference(q, k, v, causal=False, scale=None, bottom_right=False, dtype=torch.float64, *,
-                        window=(-1, -1), softcap=0.0, alibi_slopes=None, dropout_keep=None, dropout_p=0.0):
+                        window=(-1, -1), softcap=0.0, alibi_slopes=None, dropout_keep=None, dropout_p=0.0,
+                        attn_mask=None):
     """Plain attention in `dtype` (float64: the reference; the input dtype: the `pt` baseline,
     with the scale applied to k to show reordering error). q: [B, Hq, Nq, D]; k, v: [B, Hkv, Nk, D]
     (GQA: repeated here). Query i faces key i + diagonal (0, or Nk - Nq with bottom_right); key j
     is visible iff -left <= j - i - diagonal <= right (causal: right = 0; -1: unbounded). softcap
-    and ALiBi change the scores; dropout_keep (bool [B, Hq, Nq, Nk]) drops probabilities, the
+    and ALiBi change the scores, then attn_mask (torch's: boolean, True takes part, or added to the
+    scores; it broadcasts to [B, Hq, Nq, Nk]); dropout_keep (bool [B, Hq, Nq, Nk]) drops probabilities, the
     kept ones scaled by 1 / (1 - dropout_p). Masks are -inf; a query row that sees no key gives
     output 0 and lse -inf, as cuflash_attn documents."""
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
@@ -36,8 +38,12 @@ def attention_reference(q, k, v, causal=False, scale=None, bottom_right=False, d
         visible &= rel <= right
     if left >= 0:
         visible &= rel >= -left
+    if attn_mask is not None and attn_mask.dtype == torch.bool:
+        visible = visible & attn_mask.to(q.device)
+    elif attn_mask is not None:
+        scores = scores + attn_mask.to(q.device, dtype)
     scores = scores.masked_fill(~visible, float("-inf"))
-    sees_key = visible.any(-1, keepdim=True)
+    sees_key = (scores != float("-inf")).any(-1, keepdim=True)
     lse = torch.logsumexp(scores.float() if dtype in LOW_PRECISION else scores, dim=-1)
     # Rows that see no key: softmax over zeros (finite gradients), then multiplied by 0.
     probs = torch.softmax(scores.masked_fill(~sees_key, 0.0), dim=-1) * sees_key

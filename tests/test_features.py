@@ -33,21 +33,27 @@ def make_options(nq_batch, heads_q, device, causal=False, bottom_right=False, wi
     return op, ref
 
 
-def reference_grads(q, k, v, dout, dt, ref_options, keep):
+def reference_grads(q, k, v, dout, dt, ref_options, keep, attn_mask=None):
+    """(out, lse, dq, dk, dv) in dtype dt, and the float attn_mask's gradient when it requires grad."""
     qr, kr, vr = (t.detach().to(dt).requires_grad_() for t in (q, k, v))
-    o, lse = attention_reference(qr, kr, vr, dtype=dt, dropout_keep=keep, **ref_options)
-    return (o, lse, *torch.autograd.grad(o, (qr, kr, vr), dout.to(dt)))
+    inputs = [qr, kr, vr]
+    if attn_mask is not None and attn_mask.requires_grad:
+        attn_mask = attn_mask.detach().to(dt).requires_grad_()
+        inputs.append(attn_mask)
+    o, lse = attention_reference(qr, kr, vr, dtype=dt, dropout_keep=keep, attn_mask=attn_mask, **ref_options)
+    return (o, lse, *torch.autograd.grad(o, inputs, dout.to(dt)))
 
 
 def compare(dtype, got, ref, pt):
     out, lse, *grads = got
     assert_close_to_reference("out", out, ref[0], pt[0], dtype, factor=2)
     assert_lse_close(lse, ref[1], dtype)
-    for name, g, r, p in zip(("dq", "dk", "dv"), grads, ref[2:], pt[2:]):
+    for name, g, r, p in zip(("dq", "dk", "dv", "dattn_mask"), grads, ref[2:], pt[2:]):
         assert_close_to_reference(name, g, r, p, dtype, factor=3)
 
 
-def check_dense(device, dtype, batch, heads_q, heads_kv, nq, nk, d, seed=0, **features):
+def check_dense(device, dtype, batch, heads_q, heads_kv, nq, nk, d, seed=0, attn_mask=None, **features):
+    """attn_mask (on `device`) gets its gradient checked too when it requires grad."""
     torch.manual_seed(seed)
     make = lambda h, n: torch.randn(batch, h, n, d, dtype=torch.float64).to(device, dtype)  # noqa: E731
     q, k, v, dout = make(heads_q, nq), make(heads_kv, nk), make(heads_kv, nk), make(heads_q, nq)
@@ -56,10 +62,11 @@ def check_dense(device, dtype, batch, heads_q, heads_kv, nq, nk, d, seed=0, **fe
     if op["dropout_p"] > 0:
         keep = torch.ops.cuflash_attn.dropout_mask(op["rng_state"], op["dropout_p"], batch, heads_q, nq, nk)
     q.requires_grad_(), k.requires_grad_(), v.requires_grad_()
-    out, lse = fwd(q, k, v, **op)
-    grads = torch.autograd.grad(out, (q, k, v), dout)
-    ref = reference_grads(q, k, v, dout, torch.float64, ref_options, keep)
-    pt = reference_grads(q, k, v, dout, dtype, ref_options, keep) if dtype in LOW_PRECISION else ref
+    inputs = [q, k, v] + ([attn_mask] if attn_mask is not None and attn_mask.requires_grad else [])
+    out, lse = fwd(q, k, v, **op, attn_mask=attn_mask)
+    grads = torch.autograd.grad(out, inputs, dout)
+    ref = reference_grads(q, k, v, dout, torch.float64, ref_options, keep, attn_mask)
+    pt = reference_grads(q, k, v, dout, dtype, ref_options, keep, attn_mask) if dtype in LOW_PRECISION else ref
     compare(dtype, (out, lse, *grads), ref, pt)
 
 

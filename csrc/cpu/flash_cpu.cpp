@@ -38,7 +38,7 @@ void flash_fwd_cpu(const FlashFwdParams& p, int64_t bh_begin, int64_t bh_end) {
   for (int64_t bh = bh_begin; bh < bh_end; ++bh) {
     const int b = static_cast<int>(bh / sh.heads_q), h = static_cast<int>(bh % sh.heads_q), hk = h / group;
     const Sequence s = sequence_of(p, b);
-    const T slope = static_cast<T>(alibi_slope(p.score, b, h));
+    const ExactScore<T> score(p, b, h);
     T* lse = static_cast<T*>(p.lse) + stats_offset(p.stats_strides, s, b, h);
     for (int i = 0; i < s.seqlen_q; ++i) {
       const T* q = row_at<const T>(p.q, p.q_strides, s, true, b, h, i);
@@ -50,7 +50,7 @@ void flash_fwd_cpu(const FlashFwdParams& p, int64_t bh_begin, int64_t bh_end) {
         T tile_max = row_max;
         for (int jj = 0; jj < count; ++jj) {
           const T qk = dot(q, row_at<const T>(p.k, p.k_strides, s, false, b, hk, j0 + jj), D);
-          scores[jj] = exact_score(p, s, slope, qk, i, j0 + jj, &unused);
+          scores[jj] = score(s, qk, i, j0 + jj, &unused);
           tile_max = std::fmax(tile_max, scores[jj]);
         }
         const T base = tile_max == -inf ? T(0) : tile_max;
@@ -93,7 +93,7 @@ void flash_bwd_cpu(const FlashBwdParams& p, int64_t bhk_begin, int64_t bhk_end) 
     }
     // dk and dv of a key/value head sum over the query heads of its group.
     for (int h = hk * group; h < (hk + 1) * group; ++h) {
-      const T slope = static_cast<T>(alibi_slope(p.score, b, h));
+      const ExactScore<T> score(p, b, h);
       const int64_t stats = stats_offset(p.stats_strides, s, b, h);
       const T* lse = static_cast<const T*>(p.lse) + stats;
       const T* dlse = p.dlse ? static_cast<const T*>(p.dlse) + stats : nullptr;
@@ -104,15 +104,17 @@ void flash_bwd_cpu(const FlashBwdParams& p, int64_t bhk_begin, int64_t bhk_end) 
         // A row that saw no key (lse = -inf) has output 0 and contributes nothing.
         const Range keys = lse[i] == -inf ? Range{0, 0} : visible_keys(p.mask, s, i, i + 1);
         const T delta = dot(dout, row_at<const T>(p.out, p.out_strides, s, true, b, h, i), D) - (dlse ? dlse[i] : T(0));
+        T* dscores = p.dscores ? static_cast<T*>(p.dscores) + dscores_offset(sh, b, h, i) : nullptr;
         for (int j = keys.begin; j < keys.end; ++j) {
           const T* k = row_at<const T>(p.k, p.k_strides, s, false, b, hk, j);
           const T* v = row_at<const T>(p.v, p.v_strides, s, false, b, hk, j);
           T capped = 0;
-          const T prob = std::exp(exact_score(p, s, slope, dot(q, k, D), i, j, &capped) - lse[i]);
+          const T prob = std::exp(score(s, dot(q, k, D), i, j, &capped) - lse[i]);
           // With dropout, out = sum_j prob * z * v with z = keep / (1 - p): dv gets prob * z, and
           // the gradient reaching prob is z * (dout . v).
           const T z = !dropout ? T(1) : rng.keep(b, h, sh.heads_q, i, j) ? keep_scale : T(0);
           T ds = prob * (z * dot(dout, v, D) - delta);
+          if (dscores) dscores[j] = ds;
           if (p.score.softcap > 0.0) ds *= T(1) - capped * capped;
           axpy(prob * z, dout, row_at<T>(p.dv, p.dv_strides, s, false, b, hk, j), D);
           axpy(ds * scale, q, row_at<T>(p.dk, p.dk_strides, s, false, b, hk, j), D);

@@ -24,14 +24,6 @@ __device__ __forceinline__ float lse_to_log2(float lse) {
   return lse == -INFINITY ? INFINITY : lse * kLog2e;
 }
 
-// Torch builds with __CUDA_NO_HALF_CONVERSIONS__, so 16-bit values are converted explicitly.
-template <typename Acc, typename T>
-__device__ __forceinline__ Acc to_acc(T x) {
-  if constexpr (std::is_same_v<T, __half>) return __half2float(x);
-  else if constexpr (std::is_same_v<T, __nv_bfloat16>) return __bfloat162float(x);
-  else return static_cast<Acc>(x);
-}
-
 // One warp per query row: delta = sum_d dO * O (minus dlse, the gradient of the returned lse,
 // which enters dS = P * (dP - delta) the same way).
 template <typename T, typename Acc>
@@ -104,9 +96,11 @@ __global__ void __launch_bounds__(BwdDqKernel<T, kHeadDim>::kThreads)
     sV(buf).template load_async<kThreads>(v + n0 * p.v_strides.row, p.v_strides.row, rows, sh.head_dim, tid);
   };
 
-  const ScoreMod mod(p, b, h);
+  const ScoreMod<T> mod(p, b, h);
   const bool dropout = kFeatures && p.dropout.p > 0.0;
   const DropoutRng rng = dropout ? make_dropout_rng(p.dropout) : DropoutRng{};
+  // The score gradients (for attn_mask's) come from this kernel: it visits every score once.
+  float* dscores = kFeatures && p.dscores ? static_cast<float*>(p.dscores) + dscores_offset(sh, b, h, 0) : nullptr;
   const Range n_blocks = key_blocks(p.mask, seq, m_start, min(m_start + kBlockM, seq.seqlen_q), kBlockN);
   WarpAcc<kHeadDim> dq;
   dq.zero();
@@ -132,7 +126,7 @@ __global__ void __launch_bounds__(BwdDqKernel<T, kHeadDim>::kThreads)
       auto row_delta = [&](int, int e) { return delta[e >> 1]; };
       if constexpr (kFeatures) {
         probs_and_ds_with_features<false, true>(s, dp, mod, p.mask, seq, dropout, rng, b, h, sh.heads_q, row0,
-                                                n_block * kBlockN, lane, row_lse2, row_delta);
+                                                n_block * kBlockN, lane, row_lse2, row_delta, dscores, sh.seqlen_k);
       } else {
         probs_from_qk<false>(s, mod.scale_log2, p.mask, seq, row0, n_block * kBlockN, lane, row_lse2);
         ds_from_dp(dp, s, row_delta);
@@ -234,7 +228,7 @@ __global__ void __launch_bounds__(BwdDkvKernel<T, kHeadDim>::kThreads)
           warp_gemm_abt<T, kHeadDim, kBlockM>(dp, sV, warp * 16, sdO(buf), 0, lane);
         }
         // s becomes (P z)^T, dp becomes dS^T.
-        probs_and_ds_with_features<true, kComputeDk>(s, dp, ScoreMod(p, b, h), p.mask, seq, dropout, rng, b, h,
+        probs_and_ds_with_features<true, kComputeDk>(s, dp, ScoreMod<T>(p, b, h), p.mask, seq, dropout, rng, b, h,
                                                      sh.heads_q, key0, m0, lane, col_lse2, col_delta);
         if (kComputeDv) warp_gemm_rb<T, kBlockM, kHeadDim>(dv, s, sdO(buf), 0, lane);
       } else {

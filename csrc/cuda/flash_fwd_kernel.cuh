@@ -21,7 +21,7 @@ struct FwdKernel {
   static constexpr int kSmemBytes = (QTile::kElems + 4 * KVTile::kElems) * sizeof(T);
 };
 
-// kFeatures: softcap, ALiBi or dropout may be on (mask.cuh's needs_feature_path); without it
+// kFeatures: softcap, ALiBi, attn_mask or dropout may be on (mask.cuh's needs_feature_path); without it
 // the kernel keeps only what plain attention needs in registers.
 template <typename T, int kHeadDim, bool kFeatures>
 __global__ void __launch_bounds__(FwdKernel<T, kHeadDim>::kThreads)
@@ -63,7 +63,7 @@ __global__ void __launch_bounds__(FwdKernel<T, kHeadDim>::kThreads)
 
   WarpAcc<kHeadDim> o;
   o.zero();
-  const ScoreMod mod(p, b, h);
+  const ScoreMod<T> mod(p, b, h);
   const bool dropout = kFeatures && p.dropout.p > 0.0;
   const DropoutRng rng = dropout ? make_dropout_rng(p.dropout) : DropoutRng{};
   OnlineSoftmax softmax;

@@ -71,7 +71,7 @@ __global__ void __launch_bounds__(32 * simt::kWarps) flash_fwd_simt_kernel(const
   const int h = blockIdx.y, b = blockIdx.z, h_kv = h / (sh.heads_q / sh.heads_kv);
   const Sequence seq = sequence_of(p, b);
   if (row >= seq.seqlen_q) return;
-  const T slope = static_cast<T>(alibi_slope(p.score, b, h));
+  const ExactScore<T> score(p, b, h);
   const bool dropout = p.dropout.p > 0.0;
   const DropoutRng rng = dropout ? make_dropout_rng(p.dropout) : DropoutRng{};
   const T keep_scale = T(1) / (T(1) - static_cast<T>(p.dropout.p));
@@ -85,7 +85,7 @@ __global__ void __launch_bounds__(32 * simt::kWarps) flash_fwd_simt_kernel(const
     T my_score = -INFINITY;
     for (int jj = 0; jj < count; ++jj) {
       kv.load(row_at<const T>(p.k, p.k_strides, seq, false, b, h_kv, j0 + jj), sh.head_dim, lane);
-      const T s = exact_score(p, seq, slope, q.dot(kv), row, j0 + jj, &unused);
+      const T s = score(seq, q.dot(kv), row, j0 + jj, &unused);
       if (lane == jj) my_score = s;
     }
     const T tile_max = fmax(row_max, warp_max(my_score));
@@ -118,7 +118,8 @@ __global__ void __launch_bounds__(32 * simt::kWarps) flash_bwd_dq_simt_kernel(co
   const int h = blockIdx.y, b = blockIdx.z, h_kv = h / (sh.heads_q / sh.heads_kv);
   const Sequence seq = sequence_of(p, b);
   if (row >= seq.seqlen_q) return;
-  const T scale = static_cast<T>(p.scale), slope = static_cast<T>(alibi_slope(p.score, b, h));
+  const T scale = static_cast<T>(p.scale);
+  const ExactScore<T> score(p, b, h);
   const bool dropout = p.dropout.p > 0.0;
   const DropoutRng rng = dropout ? make_dropout_rng(p.dropout) : DropoutRng{};
   const T keep_scale = T(1) / (T(1) - static_cast<T>(p.dropout.p));
@@ -128,14 +129,16 @@ __global__ void __launch_bounds__(32 * simt::kWarps) flash_bwd_dq_simt_kernel(co
   q.load(row_at<const T>(p.q, p.q_strides, seq, true, b, h, row), sh.head_dim, lane);
   dout.load(row_at<const T>(p.dout, p.dout_strides, seq, true, b, h, row), sh.head_dim, lane);
   dq.zero();
+  T* dscores = p.dscores ? static_cast<T*>(p.dscores) + dscores_offset(sh, b, h, row) : nullptr;
   const Range keys = lse == -INFINITY ? Range{0, 0} : visible_keys(p.mask, seq, row, row + 1);
   for (int j = keys.begin; j < keys.end; ++j) {
     k.load(row_at<const T>(p.k, p.k_strides, seq, false, b, h_kv, j), sh.head_dim, lane);
     v.load(row_at<const T>(p.v, p.v_strides, seq, false, b, h_kv, j), sh.head_dim, lane);
     T capped = 0;
-    const T prob = exp(exact_score(p, seq, slope, q.dot(k), row, j, &capped) - lse);
+    const T prob = exp(score(seq, q.dot(k), row, j, &capped) - lse);
     const T z = !dropout ? T(1) : rng.keep(b, h, sh.heads_q, row, j) ? keep_scale : T(0);
     T ds = prob * (z * dout.dot(v) - delta);
+    if (dscores && lane == 0) dscores[j] = ds;
     if (p.score.softcap > 0.0) ds *= T(1) - capped * capped;
     dq.axpy(ds, k);
   }
@@ -162,7 +165,7 @@ __global__ void __launch_bounds__(32 * simt::kWarps) flash_bwd_dkdv_simt_kernel(
   dv.zero();
   const Range rows = visible_queries(p.mask, seq, key, key + 1);
   for (int h = h_kv * group; h < (h_kv + 1) * group; ++h) {
-    const T slope = static_cast<T>(alibi_slope(p.score, b, h));
+    const ExactScore<T> score(p, b, h);
     const int64_t stats = stats_offset(p.stats_strides, seq, b, h);
     for (int i = rows.begin; i < rows.end; ++i) {
       const T lse = static_cast<const T*>(p.lse)[stats + i];
@@ -170,7 +173,7 @@ __global__ void __launch_bounds__(32 * simt::kWarps) flash_bwd_dkdv_simt_kernel(
       q.load(row_at<const T>(p.q, p.q_strides, seq, true, b, h, i), sh.head_dim, lane);
       dout.load(row_at<const T>(p.dout, p.dout_strides, seq, true, b, h, i), sh.head_dim, lane);
       T capped = 0;
-      const T prob = exp(exact_score(p, seq, slope, q.dot(k), i, key, &capped) - lse);
+      const T prob = exp(score(seq, q.dot(k), i, key, &capped) - lse);
       const T z = !dropout ? T(1) : rng.keep(b, h, sh.heads_q, i, key) ? keep_scale : T(0);
       dv.axpy(prob * z, dout);
       T ds = prob * (z * dout.dot(v) - static_cast<const T*>(p.delta)[stats + i]);

@@ -27,15 +27,18 @@ __device__ __forceinline__ Range query_blocks(const MaskParams& m, const Sequenc
   return {rows.begin / block_m, (rows.end + block_m - 1) / block_m};
 }
 
-// What turns q.k into the scaled-log2 score of one (sequence, head): scale, softcap, ALiBi.
+// What turns q.k into the scaled-log2 score of one (sequence, head): scale, softcap, ALiBi,
+// attn_mask (whose float elements have type T, the kernel's).
+template <typename T>
 struct ScoreMod {
-  float scale_log2;  // scale * log2(e): the whole job without softcap and ALiBi
+  float scale_log2;  // scale * log2(e): the whole job without softcap, ALiBi and attn_mask
   float cap_in;      // softcap: t = tanh(q.k * cap_in), score = cap_out * t
   float cap_out;
   float alibi_log2;  // slope * log2(e)
   bool softcap, alibi;
+  AttnMaskSlice mask;
 
-  __device__ __forceinline__ ScoreMod(const AttentionParams& p, int b, int h) {
+  __device__ __forceinline__ ScoreMod(const AttentionParams& p, int b, int h) : mask(p.score.attn_mask, b, h) {
     scale_log2 = static_cast<float>(p.scale) * kLog2e;
     softcap = p.score.softcap > 0.0;
     cap_in = softcap ? static_cast<float>(p.scale / p.score.softcap) : 0.f;
@@ -43,7 +46,7 @@ struct ScoreMod {
     alibi = p.score.alibi_slopes != nullptr;
     alibi_log2 = alibi ? alibi_slope(p.score, b, h) * kLog2e : 0.f;
   }
-  __device__ __forceinline__ bool plain() const { return !softcap && !alibi; }
+  __device__ __forceinline__ bool plain() const { return !softcap && !alibi && !mask.data; }
 
   // The scaled-log2 score of q.k = raw for query i, key j; *dcap receives d(score)/d(scale q.k)
   // (1 - t^2 with softcap, else 1).
@@ -58,6 +61,8 @@ struct ScoreMod {
       x = __fmul_rn(raw, scale_log2);  // rounded as in the forward (see probs_from_qk)
     }
     if (alibi) x += alibi_bias(alibi_log2, s, i, j);
+    // Elements past the sequence (tile padding) are masked by is_visible or never stored.
+    if (mask.data && i < s.seqlen_q && j < s.seqlen_k) x += mask.bias<float, T>(i, j) * kLog2e;
     return x;
   }
 };
@@ -83,8 +88,8 @@ __device__ __forceinline__ bool tile_needs_mask(const MaskParams& m, const Seque
 
 // Raw q.k in `t` becomes the scaled-log2 score, -inf where masked (forward). Without kFeatures
 // (no softcap or ALiBi) the score is q.k * scale_log2.
-template <bool kFeatures, int kN>
-__device__ __forceinline__ void scores_from_qk(WarpAcc<kN>& t, const ScoreMod& mod, const MaskParams& m,
+template <bool kFeatures, int kN, typename T>
+__device__ __forceinline__ void scores_from_qk(WarpAcc<kN>& t, const ScoreMod<T>& mod, const MaskParams& m,
                                                const Sequence& s, int row0, int col0, int lane) {
   if (kFeatures && !mod.plain()) {
     for_each_element<false>(t, row0, col0, lane, [&](float& x, int i, int k, int, int) {
@@ -152,15 +157,18 @@ __device__ __forceinline__ void ds_from_dp(WarpAcc<kN>& dp, const WarpAcc<kN>& p
     for (int e = 0; e < 4; ++e) dp.v[j][e] = probs.v[j][e] * (dp.v[j][e] - delta(j, e));
 }
 
-// With softcap, ALiBi or dropout, one pass over raw q.k (s) and dP (dp):
+// With softcap, ALiBi, attn_mask or dropout, one pass over raw q.k (s) and dP (dp):
 //   s  <- P * z                          (the operand of dV)
 //   dp <- P * (dP * z - delta) * dcap    (dS, the operand of dQ and dK)
-// z is the dropout factor (1 without dropout), dcap the softcap's chain-rule factor.
-template <bool kTransposed, bool kWithDs, int kN, class Lse2, class Delta>
-__device__ __forceinline__ void probs_and_ds_with_features(WarpAcc<kN>& s, WarpAcc<kN>& dp, const ScoreMod& mod,
+// z is the dropout factor (1 without dropout), dcap the softcap's chain-rule factor. dscores, if
+// not null, receives the score gradients P * (dP * z - delta) of the elements inside the
+// sequence: the (b, h) slice of FlashBwdParams::dscores, rows dscores_stride apart.
+template <bool kTransposed, bool kWithDs, int kN, typename T, class Lse2, class Delta>
+__device__ __forceinline__ void probs_and_ds_with_features(WarpAcc<kN>& s, WarpAcc<kN>& dp, const ScoreMod<T>& mod,
                                                            const MaskParams& m, const Sequence& seq, bool dropout,
                                                            const DropoutRng& rng, int b, int h, int heads, int row0,
-                                                           int col0, int lane, Lse2&& lse2, Delta&& delta) {
+                                                           int col0, int lane, Lse2&& lse2, Delta&& delta,
+                                                           float* dscores = nullptr, int64_t dscores_stride = 0) {
   const bool masked = tile_needs_mask<kTransposed, kN>(m, seq, row0, col0);
   float z[kN / 8][4];
   if (dropout) {
@@ -175,15 +183,21 @@ __device__ __forceinline__ void probs_and_ds_with_features(WarpAcc<kN>& s, WarpA
     float dcap;
     const float score = mod(x, seq, i, k, &dcap);
     const float prob = masked && !is_visible(m, seq, i, k) ? 0.f : fast_exp2(score - lse2(j, e));
-    if (kWithDs) dp.v[j][e] = prob * (dp.v[j][e] * z[j][e] - delta(j, e)) * dcap;
+    if (kWithDs) {
+      const float ds = prob * (dp.v[j][e] * z[j][e] - delta(j, e));
+      if (dscores && i < seq.seqlen_q && k < seq.seqlen_k) dscores[i * dscores_stride + k] = ds;
+      dp.v[j][e] = ds * dcap;
+    }
     x = prob * z[j][e];
   });
 }
 
 // Whether a launch needs the kernels' feature path (kFeatures): anything that changes the
-// scores or the probabilities element by element. Masks, GQA and packed batches do not.
+// scores or the probabilities element by element. Causal and window masks, GQA and packed
+// batches do not.
 inline bool needs_feature_path(const AttentionParams& p) {
-  return p.score.softcap > 0.0 || p.score.alibi_slopes != nullptr || p.dropout.p > 0.0;
+  return p.score.softcap > 0.0 || p.score.alibi_slopes != nullptr || p.score.attn_mask.data != nullptr ||
+         p.dropout.p > 0.0;
 }
 
 }  // namespace cuflash

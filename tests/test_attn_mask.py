@@ -1,0 +1,165 @@
+"""attn_mask through the op: torch's boolean masks (True takes part) and float masks (added to
+the scores), of every shape that broadcasts to [batch, heads, seqlen_q, seqlen_k], read in place
+by every kernel family; forward, backward and the float mask's gradient against the float64
+reference under shared/TESTING.md's rule; fully masked rows; bad masks."""
+import pytest
+import torch
+
+from conftest import HAS_CUDA
+from test_features import DEVICES, DTYPE_IDS, DTYPES, check_dense
+
+ops = torch.ops.cuflash_attn
+fwd = ops.fwd
+
+# Mask shapes by name, for (batch, heads, seqlen_q, seqlen_k).
+SHAPES = {
+    "LS": lambda b, h, nq, nk: (nq, nk),
+    "S": lambda b, h, nq, nk: (nk,),
+    "B11S": lambda b, h, nq, nk: (b, 1, 1, nk),  # key padding
+    "B1LS": lambda b, h, nq, nk: (b, 1, nq, nk),
+    "1HLS": lambda b, h, nq, nk: (1, h, nq, nk),
+    "H11": lambda b, h, nq, nk: (h, 1, 1),
+    "BHLS": lambda b, h, nq, nk: (b, h, nq, nk),
+}
+
+
+def make_mask(kind, shape, device, dtype, seed=0, transposed=False, requires_grad=False):
+    """A boolean mask (about 70% True), or a float one in dtype with a tenth of it -inf. With
+    transposed, the last two dimensions are a transposed view (strides not row-major)."""
+    g = torch.Generator().manual_seed(seed + 11)
+    if transposed:
+        shape = (*shape[:-2], shape[-1], shape[-2])
+    if kind == "bool":
+        mask = torch.rand(shape, generator=g) < 0.7
+    else:
+        mask = 2 * torch.randn(shape, generator=g, dtype=torch.float64)
+        mask = mask.masked_fill(torch.rand(shape, generator=g) < 0.1, float("-inf"))
+    mask = mask.to(device, dtype if kind == "float" else torch.bool)
+    if transposed:
+        mask = mask.transpose(-1, -2)
+    return mask.requires_grad_(requires_grad)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("kind", ["bool", "float"])
+@pytest.mark.parametrize("shape", list(SHAPES))
+def test_mask_shapes(device, dtype, kind, shape):
+    b, h, nq, nk = 2, 3, 77, 130
+    size = SHAPES[shape](b, h, nq, nk)
+    # A mask constant along the keys does not change the softmax: its gradient is 0 up to rounding,
+    # which a bound relative to 0 cannot judge (gradcheck covers it below).
+    mask = make_mask(kind, size, device, dtype, requires_grad=kind == "float" and size[-1] != 1)
+    check_dense(device, dtype, b, h, h, nq, nk, 64, attn_mask=mask)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
+@pytest.mark.parametrize("kind", ["bool", "float"])
+def test_mask_with_transposed_strides(device, dtype, kind):
+    mask = make_mask(kind, (2, 1, 90, 70), device, dtype, transposed=True, requires_grad=kind == "float")
+    check_dense(device, dtype, 2, 2, 2, 90, 70, 64, attn_mask=mask)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("kind", ["bool", "float"])
+def test_mask_with_gqa_causal_and_dropout(device, dtype, kind):
+    """A mask with the other options: GQA 4/2, causal (top-left, as SDPA aligns it), dropout."""
+    mask = make_mask(kind, (2, 4, 100, 160), device, dtype, requires_grad=kind == "float")
+    check_dense(device, dtype, 2, 4, 2, 100, 160, 64, attn_mask=mask, causal=True, dropout_p=0.2)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32], ids=["fp16", "fp32"])
+@pytest.mark.parametrize("d", [32, 128, 256])
+def test_mask_head_dims(device, dtype, d):
+    mask = make_mask("float", (1, 1, 65, 150), device, dtype, requires_grad=True)
+    check_dense(device, dtype, 1, 2, 2, 65, 150, d, attn_mask=mask, softcap=30.0, alibi="heads")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("kind", ["bool", "float"])
+def test_fully_masked_rows_give_zero(device, dtype, kind):
+    """Rows whose every key is masked out: output 0, lse -inf, zero gradients everywhere (torch's
+    math backend gives 0 too), and the rows beside them unaffected."""
+    b, h, nq, nk, d = 1, 2, 40, 90, 64
+    mask = make_mask(kind, (b, h, nq, nk), device, dtype)
+    hidden = False if kind == "bool" else float("-inf")
+    mask[:, :, 5] = hidden
+    mask[:, 1, 20:30] = hidden
+    mask.requires_grad_(kind == "float")
+    check_dense(device, dtype, b, h, h, nq, nk, d, attn_mask=mask)
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(b, h, n, d, device=device, dtype=dtype, requires_grad=True) for n in (nq, nk, nk))
+    out, lse = fwd(q, k, v, attn_mask=mask)
+    out.sum().backward()
+    assert torch.all(out[:, :, 5] == 0) and torch.all(out[:, 1, 20:30] == 0)
+    assert torch.all(torch.isneginf(lse[:, :, 5]))
+    assert torch.all(q.grad[:, :, 5] == 0) and torch.all(q.grad[:, 1, 20:30] == 0)
+    if kind == "float":
+        assert torch.all(mask.grad[:, :, 5] == 0)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("shape", ["LS", "B11S", "H11"])
+def test_float_mask_gradcheck(device, shape):
+    """torch.autograd.gradcheck in float64 over q, k, v and a broadcast float mask."""
+    b, h, nq, nk, d = 2, 2, 9, 13, 8
+    g = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(b, h, n, d, generator=g, dtype=torch.float64).to(device).requires_grad_()
+               for n in (nq, nk, nk))
+    mask = torch.randn(SHAPES[shape](b, h, nq, nk), generator=g, dtype=torch.float64).to(device).requires_grad_()
+    assert torch.autograd.gradcheck(lambda q, k, v, m: fwd(q, k, v, attn_mask=m)[0], (q, k, v, mask))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_mask_is_not_modified_and_needs_no_grad(device):
+    mask = make_mask("float", (1, 1, 30, 40), device, torch.float32)
+    before = mask.clone()
+    q, k, v = (torch.randn(1, 2, n, 16, device=device, requires_grad=True) for n in (30, 40, 40))
+    fwd(q, k, v, attn_mask=mask)[0].sum().backward()
+    assert torch.equal(mask, before) and mask.grad is None
+    # A bool mask equals the float mask that is 0 where True and -inf where False.
+    bool_mask = make_mask("bool", (1, 1, 30, 40), device, torch.float32)
+    as_float = torch.zeros(bool_mask.shape, device=device).masked_fill(~bool_mask, float("-inf"))
+    assert torch.equal(fwd(q, k, v, attn_mask=bool_mask)[0], fwd(q, k, v, attn_mask=as_float)[0])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_bad_masks(device):
+    q, k, v = (torch.randn(2, 3, n, 16, device=device) for n in (10, 12, 12))
+    with pytest.raises(TypeError, match="attn_mask must be boolean or have q's dtype"):
+        fwd(q, k, v, attn_mask=torch.zeros(10, 12, dtype=torch.int32, device=device))
+    with pytest.raises(TypeError, match="attn_mask must be boolean or have q's dtype"):
+        fwd(q, k, v, attn_mask=torch.zeros(10, 12, dtype=torch.float64, device=device))
+    for bad in [(10, 11), (2, 3, 10, 12, 1), (3, 3, 10, 12), (11, 12)]:
+        with pytest.raises(ValueError, match=r"attn_mask must broadcast to \[batch, heads_q, seqlen_q, seqlen_k\]"):
+            fwd(q, k, v, attn_mask=torch.zeros(bad, device=device))
+    other = "cpu" if device == "cuda" else ("cuda" if HAS_CUDA else None)
+    if other:
+        with pytest.raises(ValueError, match="attn_mask must be on the same device as q"):
+            fwd(q, k, v, attn_mask=torch.zeros(10, 12, device=other))
+    qp, kp, vp = (torch.randn(10, 3, 16, device=device) for _ in range(3))
+    cu = torch.tensor([0, 4, 10], dtype=torch.int32, device=device)
+    with pytest.raises(ValueError, match="attn_mask is not supported with cu_seqlens"):
+        fwd(qp, kp, vp, cu_seqlens_q=cu, cu_seqlens_k=cu, attn_mask=torch.zeros(10, 10, device=device))
+    out, lse = fwd(q, k, v)
+    with pytest.raises(ValueError, match="attn_mask_grad needs a floating-point attn_mask"):
+        torch.ops.cuflash_attn.bwd(out, q, k, v, out, lse, attn_mask=torch.ones(10, 12, dtype=torch.bool,
+                                                                                device=device), attn_mask_grad=True)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("kind", ["bool", "float"])
+def test_opcheck_with_mask(device, kind):
+    """torch.library.opcheck of fwd (autograd through the float mask included) and bwd."""
+    q, k, v = (torch.randn(2, 4, n, 32, device=device, requires_grad=True) for n in (33, 47, 47))
+    mask = make_mask(kind, (2, 1, 33, 47), device, torch.float32, requires_grad=kind == "float")
+    options = {"attn_mask": mask, "is_causal": True}
+    torch.library.opcheck(ops.fwd.default, (q, k, v), options)
+    q, k, v, mask = (t.detach() for t in (q, k, v, mask))
+    out, lse = ops.fwd(q, k, v, attn_mask=mask)
+    torch.library.opcheck(ops.bwd.default, (torch.randn_like(out), q, k, v, out, lse, None),
+                          {"attn_mask": mask, "attn_mask_grad": kind == "float"})
