@@ -28,6 +28,7 @@ import torch  # noqa: E402
 
 from reference import LOW_PRECISION, assert_close_to_reference, assert_lse_close, reference_results  # noqa: E402
 from test_accuracy import check_against_reference  # noqa: E402
+from test_attn_mask import make_mask  # noqa: E402
 from test_features import check_dense, check_varlen  # noqa: E402
 
 F16, BF16, F32, F64 = torch.float16, torch.bfloat16, torch.float32, torch.float64
@@ -37,7 +38,7 @@ NAMES = {F16: "fp16", BF16: "bf16", F32: "fp32", F64: "fp64"}
 def cases():
     """(dtype, head_dim, batch, heads, seqlen_q, seqlen_k, causal, variant); variant is "",
     "dlse" (backward with the lse's gradient too), "bnhd" ([B, N, H, D] views), "features",
-    "window" or "varlen" (test_features.py's checks)."""
+    "window" or "varlen" (test_features.py's checks), "float_mask" or "bool_mask" (attn_mask)."""
     out = []
     for dtype in (F16, BF16):
         for d in (59, 64, 128, 256):
@@ -55,6 +56,8 @@ def cases():
         for d in (64, 256):
             out += [(dtype, d, 2, 4, 77, 130, "bottom_right", "features"), (dtype, d, 2, 4, 77, 130, "none", "window")]
         out += [(dtype, 64, 3, 4, 0, 0, "bottom_right", "varlen")]
+        # attn_mask: a float key-padding mask with its gradient, a boolean [Nq, Nk] one with GQA.
+        out += [(dtype, 64, 2, 2, 77, 130, "none", "float_mask"), (dtype, 128, 2, 4, 130, 77, "top_left", "bool_mask")]
     return out
 
 
@@ -97,6 +100,12 @@ def run_case(case, device):
     elif variant == "varlen":
         check_varlen(device, dtype, [70, 0, 129], [90, 12, 0], h, 2, d, causal=True, bottom_right=True,
                      softcap=10.0, dropout_p=0.1)
+    elif variant in ("float_mask", "bool_mask"):
+        kind = variant.split("_")[0]
+        size = (b, 1, 1, nk) if kind == "float" else (nq, nk)
+        mask = make_mask(kind, size, device, dtype, requires_grad=kind == "float")
+        check_dense(device, dtype, b, h, h // 2 if kind == "bool" else h, nq, nk, d, attn_mask=mask,
+                    causal=causal != "none")
     elif variant == "dlse":
         check_with_lse_gradient(device, dtype, d, b, h, nq, nk, causal)
     else:
