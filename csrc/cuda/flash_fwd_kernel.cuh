@@ -1,7 +1,7 @@
-// Forward attention on tensor cores (mma.sync, sm_80+): one CTA per (64 query rows, head,
-// batch); K/V tiles double-buffered through shared memory with cp.async; online softmax in
-// registers; P stays in registers for P V; no N x N buffer anywhere. Only the key blocks the
-// mask leaves visible are visited (attention_math.h's rules).
+// Forward attention on tensor cores (mma.sync, sm_80+): one CTA per (kBlockM query rows, head,
+// batch), each warp owning kMTiles tiles of 16 rows; K/V tiles double-buffered through shared
+// memory with cp.async; online softmax in registers; P stays in registers for P V; no N x N
+// buffer anywhere. Only the key blocks the mask leaves visible are visited (attention_math.h).
 #pragma once
 #include "../flash_params.h"
 #include "mask.cuh"
@@ -14,7 +14,7 @@ namespace cuflash {
 template <typename T, int kHeadDim>
 struct FwdKernel {
   using Tile = FwdTile<kHeadDim>;
-  static constexpr int kWarps = Tile::kWarps, kThreads = 32 * kWarps;
+  static constexpr int kWarps = Tile::kWarps, kThreads = 32 * kWarps, kMTiles = Tile::kMTiles;
   static constexpr int kBlockM = Tile::kBlockM, kBlockN = Tile::kBlockN;
   using QTile = SmemTile<T, kBlockM, kHeadDim>;
   using KVTile = SmemTile<T, kBlockN, kHeadDim>;
@@ -27,7 +27,7 @@ template <typename T, int kHeadDim, bool kFeatures>
 __global__ void __launch_bounds__(FwdKernel<T, kHeadDim>::kThreads)
     flash_fwd_kernel(const FlashFwdParams p) {
   using K = FwdKernel<T, kHeadDim>;
-  constexpr int kBlockM = K::kBlockM, kBlockN = K::kBlockN, kThreads = K::kThreads;
+  constexpr int kBlockM = K::kBlockM, kBlockN = K::kBlockN, kThreads = K::kThreads, kMT = K::kMTiles;
   extern __shared__ __align__(16) char smem[];
   const typename K::QTile sQ{reinterpret_cast<T*>(smem)};
   // Double-buffered K and V: buffer i of K at kv_base + i * stride, V after both.
@@ -61,13 +61,15 @@ __global__ void __launch_bounds__(FwdKernel<T, kHeadDim>::kThreads)
     sV(buf).template load_async<kThreads>(v + n0 * p.v_strides.row, p.v_strides.row, rows, sh.head_dim, tid);
   };
 
-  WarpAcc<kHeadDim> o;
-  o.zero();
+  // Row tile m of this warp holds query rows row0 + 16 m ..
+  WarpAcc<kHeadDim> o[kMT];
+  OnlineSoftmax softmax[kMT];
+#pragma unroll
+  for (int m = 0; m < kMT; ++m) o[m].zero();
   const ScoreMod<T> mod(p, b, h);
   const bool dropout = kFeatures && p.dropout.p > 0.0;
   const DropoutRng rng = dropout ? make_dropout_rng(p.dropout) : DropoutRng{};
-  OnlineSoftmax softmax;
-  const int row0 = m_start + warp * 16;  // first query row of this warp
+  const int warp_row = warp * 16 * kMT, row0 = m_start + warp_row;  // this warp's first row
 
   if (n_blocks.end > n_blocks.begin) {
     sQ.template load_async<kThreads>(q + m_start * p.q_strides.row, p.q_strides.row,
@@ -81,36 +83,44 @@ __global__ void __launch_bounds__(FwdKernel<T, kHeadDim>::kThreads)
       if (n_block > n_blocks.begin) load_kv(n_block - 1, buf ^ 1);
       cp_async_commit();
 
-      WarpAcc<kBlockN> s;
-      s.zero();
-      warp_gemm_abt<T, kHeadDim, kBlockN>(s, sQ, warp * 16, sK(buf), 0, lane);
+      WarpAcc<kBlockN> s[kMT];
+#pragma unroll
+      for (int m = 0; m < kMT; ++m) s[m].zero();
+      warp_gemm_abt<T, kHeadDim, kBlockN, kMT>(s, sQ, warp_row, sK(buf), 0, lane);
       const int n0 = n_block * kBlockN;
-      scores_from_qk<kFeatures>(s, mod, p.mask, seq, row0, n0, lane);
-      softmax.rescale_and_exp(s, o);
-      if (dropout) {  // the softmax sums every probability; only the kept ones reach P V
-        float z[kBlockN / 8][4];
-        dropout_factors<false, kBlockN>(z, rng, b, h, sh.heads_q, row0, n0, lane);
 #pragma unroll
-        for (int j = 0; j < kBlockN / 8; ++j)
+      for (int m = 0; m < kMT; ++m) {
+        scores_from_qk<kFeatures>(s[m], mod, p.mask, seq, row0 + 16 * m, n0, lane);
+        softmax[m].rescale_and_exp(s[m], o[m]);
+        if (dropout) {  // the softmax sums every probability; only the kept ones reach P V
+          float z[kBlockN / 8][4];
+          dropout_factors<false, kBlockN>(z, rng, b, h, sh.heads_q, row0 + 16 * m, n0, lane);
 #pragma unroll
-          for (int e = 0; e < 4; ++e) s.v[j][e] *= z[j][e];
+          for (int j = 0; j < kBlockN / 8; ++j)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) s[m].v[j][e] *= z[j][e];
+        }
       }
-      warp_gemm_rb<T, kBlockN, kHeadDim>(o, s, sV(buf), 0, lane);
+      warp_gemm_rb<T, kBlockN, kHeadDim, kMT>(o, s, sV(buf), 0, lane);
     }
   }
 
-  float inv_l[2], lse[2];
-  softmax.finalize(inv_l, lse);
-  // Each warp reuses its own rows of sQ (read only by this warp) to stage the output.
   T* out = row_at<T>(p.out, p.out_strides, seq, true, b, h, 0);
-  warp_store_rows<T, kHeadDim>(o, inv_l, sQ, warp * 16, out + row0 * p.out_strides.row,
-                               p.out_strides.row, seq.seqlen_q - row0, sh.head_dim, lane);
-  if ((lane & 3) == 0) {
-    float* lse_out = static_cast<float*>(p.lse) + stats_offset(p.stats_strides, seq, b, h);
+  float* lse_out = static_cast<float*>(p.lse) + stats_offset(p.stats_strides, seq, b, h);
 #pragma unroll
-    for (int r = 0; r < 2; ++r) {
-      const int row = row0 + (lane >> 2) + 8 * r;
-      if (row < seq.seqlen_q) lse_out[row] = lse[r];
+  for (int m = 0; m < kMT; ++m) {
+    const int tile_row0 = row0 + 16 * m;
+    float inv_l[2], lse[2];
+    softmax[m].finalize(inv_l, lse);
+    // Each warp reuses its own rows of sQ (read only by this warp) to stage the output.
+    warp_store_rows<T, kHeadDim>(o[m], inv_l, sQ, warp_row + 16 * m, out + tile_row0 * p.out_strides.row,
+                                 p.out_strides.row, seq.seqlen_q - tile_row0, sh.head_dim, lane);
+    if ((lane & 3) == 0) {
+#pragma unroll
+      for (int r = 0; r < 2; ++r) {
+        const int row = tile_row0 + (lane >> 2) + 8 * r;
+        if (row < seq.seqlen_q) lse_out[row] = lse[r];
+      }
     }
   }
 }

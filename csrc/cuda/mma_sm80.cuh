@@ -149,42 +149,62 @@ struct WarpAcc {
   }
 };
 
-// acc (16 x kN) += A (16 x kK, row-major smem tile rows a_row0..) * B^T where B is a
-// [kN][kK] smem tile (rows b_row0..): the Q K^T pattern.
-template <typename T, int kK, int kN, class TileA, class TileB>
-__device__ __forceinline__ void warp_gemm_abt(WarpAcc<kN>& acc, const TileA& a_tile, int a_row0,
+// acc[m] (16 x kN each) += A (rows a_row0 + 16 m.. of a row-major [.][kK] smem tile) * B^T,
+// where B is a [kN][kK] smem tile (rows b_row0..): the Q K^T pattern. Each B fragment is
+// loaded from shared memory once for all kM row tiles of the warp.
+template <typename T, int kK, int kN, int kM, class TileA, class TileB>
+__device__ __forceinline__ void warp_gemm_abt(WarpAcc<kN> (&acc)[kM], const TileA& a_tile, int a_row0,
                                               const TileB& b_tile, int b_row0, int lane) {
 #pragma unroll
   for (int kk = 0; kk < kK / 16; ++kk) {
-    uint32_t a[4];
-    a_tile.load_a(a, a_row0, kk * 16, lane);
+    uint32_t a[kM][4];
+#pragma unroll
+    for (int m = 0; m < kM; ++m) a_tile.load_a(a[m], a_row0 + 16 * m, kk * 16, lane);
 #pragma unroll
     for (int nn = 0; nn < kN / 16; ++nn) {
       uint32_t b[4];
       b_tile.load_b_nk(b, b_row0 + nn * 16, kk * 16, lane);
-      MmaOperand<T>::mma(acc.v[2 * nn], a, b[0], b[1]);
-      MmaOperand<T>::mma(acc.v[2 * nn + 1], a, b[2], b[3]);
+#pragma unroll
+      for (int m = 0; m < kM; ++m) {
+        MmaOperand<T>::mma(acc[m].v[2 * nn], a[m], b[0], b[1]);
+        MmaOperand<T>::mma(acc[m].v[2 * nn + 1], a[m], b[2], b[3]);
+      }
     }
   }
 }
+template <typename T, int kK, int kN, class TileA, class TileB>
+__device__ __forceinline__ void warp_gemm_abt(WarpAcc<kN>& acc, const TileA& a_tile, int a_row0,
+                                              const TileB& b_tile, int b_row0, int lane) {
+  warp_gemm_abt<T, kK, kN, 1>(*reinterpret_cast<WarpAcc<kN>(*)[1]>(&acc), a_tile, a_row0, b_tile, b_row0, lane);
+}
 
-// acc (16 x kN) += P (16 x kK, a register accumulator rounded to T) * B where B is a
-// [kK][kN] smem tile starting at row b_row0: the P V pattern.
-template <typename T, int kK, int kN, class TileB>
-__device__ __forceinline__ void warp_gemm_rb(WarpAcc<kN>& acc, const WarpAcc<kK>& p,
+// acc[m] (16 x kN each) += P[m] (16 x kK, register accumulators rounded to T) * B where B is a
+// [kK][kN] smem tile starting at row b_row0: the P V pattern, B loaded once for all kM.
+template <typename T, int kK, int kN, int kM, class TileB>
+__device__ __forceinline__ void warp_gemm_rb(WarpAcc<kN> (&acc)[kM], const WarpAcc<kK> (&p)[kM],
                                              const TileB& b_tile, int b_row0, int lane) {
 #pragma unroll
   for (int kk = 0; kk < kK / 16; ++kk) {
-    uint32_t a[4];
-    p.template to_a<T>(a, kk);
+    uint32_t a[kM][4];
+#pragma unroll
+    for (int m = 0; m < kM; ++m) p[m].template to_a<T>(a[m], kk);
 #pragma unroll
     for (int nn = 0; nn < kN / 16; ++nn) {
       uint32_t b[4];
       b_tile.load_b_kn(b, b_row0 + kk * 16, nn * 16, lane);
-      MmaOperand<T>::mma(acc.v[2 * nn], a, b[0], b[1]);
-      MmaOperand<T>::mma(acc.v[2 * nn + 1], a, b[2], b[3]);
+#pragma unroll
+      for (int m = 0; m < kM; ++m) {
+        MmaOperand<T>::mma(acc[m].v[2 * nn], a[m], b[0], b[1]);
+        MmaOperand<T>::mma(acc[m].v[2 * nn + 1], a[m], b[2], b[3]);
+      }
     }
   }
+}
+template <typename T, int kK, int kN, class TileB>
+__device__ __forceinline__ void warp_gemm_rb(WarpAcc<kN>& acc, const WarpAcc<kK>& p, const TileB& b_tile,
+                                             int b_row0, int lane) {
+  warp_gemm_rb<T, kK, kN, 1>(*reinterpret_cast<WarpAcc<kN>(*)[1]>(&acc),
+                             *reinterpret_cast<const WarpAcc<kK>(*)[1]>(&p), b_tile, b_row0, lane);
 }
 
 // Stores a warp's 16 x kCols accumulator (scaled per row) into its rows of an smem tile,

@@ -1,5 +1,5 @@
 // Tile shapes of the tensor-core (sm_80-class) kernels per head-dim bucket, with the reason.
-// Every warp owns 16 rows of its CTA's resident tile; 4 warps per CTA.
+// 4 warps per CTA; every warp owns 16-row tiles of its CTA's resident tile.
 #pragma once
 
 namespace cuflash {
@@ -7,10 +7,14 @@ namespace cuflash {
 template <int kHeadDim>
 struct FwdTile {
   static constexpr int kWarps = 4;
-  static constexpr int kBlockM = 16 * kWarps;  // query rows per CTA
-  // Keys per iteration: the S accumulator (kBlockN / 2 floats per thread) plus the O
-  // accumulator (kHeadDim / 2) must stay in registers.
-  static constexpr int kBlockN = kHeadDim <= 64 ? 128 : kHeadDim <= 128 ? 64 : 32;
+  // 16-row tiles per warp: two share every K and V fragment read from shared memory (half the
+  // shared-memory traffic per flop), as long as their O accumulators (kHeadDim / 2 floats per
+  // thread each) fit in registers.
+  static constexpr int kMTiles = kHeadDim <= 128 ? 2 : 1;
+  static constexpr int kBlockM = 16 * kMTiles * kWarps;  // query rows per CTA
+  // Keys per iteration: the S accumulators (kBlockN / 2 floats per thread per row tile) must
+  // fit beside the O accumulators (at 128 two of 64 keys spill).
+  static constexpr int kBlockN = kHeadDim <= 64 ? 64 : 32;
 };
 
 template <int kHeadDim>
