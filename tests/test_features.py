@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from conftest import HAS_CUDA
+from conftest import HAS_CUDA, poisoned_and_unmodified
 from reference import LOW_PRECISION, assert_close_to_reference, assert_lse_close, attention_reference
 
 DTYPES = [torch.float16, torch.bfloat16, torch.float32, torch.float64]
@@ -56,8 +56,9 @@ def check_dense(device, dtype, batch, heads_q, heads_kv, nq, nk, d, seed=0, **fe
     if op["dropout_p"] > 0:
         keep = torch.ops.cuflash_attn.dropout_mask(op["rng_state"], op["dropout_p"], batch, heads_q, nq, nk)
     q.requires_grad_(), k.requires_grad_(), v.requires_grad_()
-    out, lse = fwd(q, k, v, **op)
-    grads = torch.autograd.grad(out, (q, k, v), dout)
+    with poisoned_and_unmodified(q, k, v, dout):
+        out, lse = fwd(q, k, v, **op)
+        grads = torch.autograd.grad(out, (q, k, v), dout)
     ref = reference_grads(q, k, v, dout, torch.float64, ref_options, keep)
     pt = reference_grads(q, k, v, dout, dtype, ref_options, keep) if dtype in LOW_PRECISION else ref
     compare(dtype, (out, lse, *grads), ref, pt)
@@ -175,9 +176,10 @@ def check_varlen(device, dtype, lens_q, lens_k, heads_q, heads_kv, d, seed=0, ma
     op, ref_options = make_options(batch, heads_q, device, seed=seed, **features)
     mq, mk = (max(lens_q), max(lens_k)) if max_seqlen else (0, 0)
     q.requires_grad_(), k.requires_grad_(), v.requires_grad_()
-    out, lse = fwd(q, k, v, **op, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, max_seqlen_q=mq, max_seqlen_k=mk)
+    with poisoned_and_unmodified(q, k, v, dout):
+        out, lse = fwd(q, k, v, **op, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, max_seqlen_q=mq, max_seqlen_k=mk)
+        dq, dk, dv = torch.autograd.grad(out, (q, k, v), dout)
     assert lse.shape == (heads_q, total_q)
-    dq, dk, dv = torch.autograd.grad(out, (q, k, v), dout)
     keep_all = None
     if op["dropout_p"] > 0:
         keep_all = torch.ops.cuflash_attn.dropout_mask(op["rng_state"], op["dropout_p"], batch, heads_q,
