@@ -95,6 +95,26 @@ def test_window_with_causal(device, bottom_right):
     check_dense(device, torch.float32, 1, 2, 2, 90, 130, 32, causal=True, window=(12, 40), bottom_right=bottom_right)
 
 
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("bottom_right", [False, True], ids=["top_left", "bottom_right"])
+@pytest.mark.parametrize("window", [(2**31 - 1, 2**31 - 1), (-1, 2**62), (2**40, -1), (250, 250)])
+@pytest.mark.parametrize("nq,nk", [(150, 100), (100, 150)])
+def test_window_wider_than_the_sequences_hides_nothing(device, bottom_right, window, nq, nk):
+    """A window at least seqlen_q + seqlen_k wide, up to int64's range, is the unbounded window,
+    forward and backward (windows near 2^31 overflowed the kernels' int key arithmetic and hid
+    every key)."""
+    q = torch.randn(2, 2, nq, 64, device=device, requires_grad=True)
+    k, v = (torch.randn(2, 2, nk, 64, device=device, requires_grad=True) for _ in range(2))
+    dout = torch.randn(2, 2, nq, 64, device=device)
+
+    def run(window_left=-1, window_right=-1):
+        out, lse = fwd(q, k, v, bottom_right=bottom_right, window_left=window_left, window_right=window_right)
+        return (out, lse, *torch.autograd.grad(out, (q, k, v), dout))
+
+    for name, got, want in zip(("out", "lse", "dq", "dk", "dv"), run(*window), run()):
+        assert torch.equal(got, want), name
+
+
 # ---- softcap and ALiBi ----
 
 @pytest.mark.parametrize("device", DEVICES)
