@@ -413,7 +413,8 @@ def test_flash_attn_api_rejects_mixed_devices():
         (lambda: fa.flash_attn_kvpacked_func(x.q.cpu(), x.kv), r"k must be on the same device as q \(cpu\)"),
         (lambda: fa.flash_attn_varlen_func(x.tq, x.tk, x.tv, x.cu_q.cpu(), x.cu_k, 6, 8),
          r"cu_seqlens_q must be on the same device as q \(cuda:0\), got cpu"),
-        (lambda: fa.flash_attn_varlen_qkvpacked_func(x.tqkv, x.cu_q.cpu(), 6), r"cu_seqlens_q must be on the same device"),
+        (lambda: fa.flash_attn_varlen_qkvpacked_func(x.tqkv, x.cu_q.cpu(), 6),
+         r"cu_seqlens_q must be on the same device"),
         (lambda: fa.flash_attn_func(x.q, x.k, x.v, alibi_slopes=torch.ones(4)),
          r"alibi_slopes must be on the same device as q \(cuda:0\), got cpu"),
     ]
