@@ -82,7 +82,7 @@ def test_cuda_grid_sizes(dtype, batch, heads):
     check_against_reference("cuda", dtype, batch, heads, 200, 333, 64, "top_left")
 
 
-# CUFLASH_SWEEP_COUNT sets the cases per device; by default 200 on CPU (about 17 s on 2 cores)
+# CUFLASH_SWEEP_COUNT sets the cases per device; by default 200 on CPU (about 20 s on 2 cores)
 # and 2000 on CUDA when a GPU is present.
 _SWEEP_ENV = int(os.environ.get("CUFLASH_SWEEP_COUNT", "0"))
 SWEEP = ([("cpu", s) for s in range(_SWEEP_ENV or 200)]
