@@ -40,6 +40,14 @@ struct MaskParams {
   int window_right = -1;
 };
 
+// A window edge as MaskParams stores it: one at least seqlen_q + seqlen_k wide hides no key and
+// is stored as -1 (unbounded). That keeps the kernels' int arithmetic on key indices
+// (i + diagonal + window) from overflowing, which made windows near 2^31 hide every key.
+inline int stored_window(int64_t window, int64_t seqlen_q, int64_t seqlen_k) {
+  const int64_t unbounded_from = seqlen_q + seqlen_k < INT32_MAX ? seqlen_q + seqlen_k : INT32_MAX;
+  return window < 0 || window >= unbounded_from ? -1 : static_cast<int>(window);
+}
+
 // torch's attn_mask, read element by element through strides that broadcast it to
 // [batch, heads_q, seqlen_q, seqlen_k] (0 along a broadcast dimension: never expanded in memory).
 // A boolean mask hides the keys where it is false; a float mask, whose elements have the

@@ -189,15 +189,14 @@ double resolve_scale(std::optional<double> scale, int64_t head_dim) {
   return *scale;
 }
 
-MaskParams make_mask(const Options& o) {
+MaskParams make_mask(const Options& o, const AttentionShape& sh) {
   TORCH_CHECK_VALUE(o.window_left >= -1 && o.window_right >= -1,
                     "cuflash_attn: window_left and window_right must be >= -1 (-1: unbounded), got ",
                     num(o.window_left), " and ", num(o.window_right));
-  constexpr int64_t kMaxInt = std::numeric_limits<int>::max();
   MaskParams m;
   m.bottom_right = o.bottom_right;
-  m.window_left = static_cast<int>(std::min(o.window_left, kMaxInt));
-  m.window_right = o.is_causal ? 0 : static_cast<int>(std::min(o.window_right, kMaxInt));
+  m.window_left = stored_window(o.window_left, sh.seqlen_q, sh.seqlen_k);
+  m.window_right = o.is_causal ? 0 : stored_window(o.window_right, sh.seqlen_q, sh.seqlen_k);
   return m;
 }
 
@@ -216,7 +215,7 @@ void check_rng_state(const Tensor& r) {
 // point into (they must outlive the launch).
 std::vector<Tensor> fill_features(AttentionParams& p, const Options& o, const Tensor& q, const Tensor& k) {
   std::vector<Tensor> keep;
-  p.mask = make_mask(o);
+  p.mask = make_mask(o, p.shape);
   TORCH_CHECK_VALUE(std::isfinite(o.softcap) && o.softcap >= 0.0,
                     "cuflash_attn: softcap must be a finite number >= 0 (0: off), got ", num(o.softcap));
   p.score.softcap = o.softcap;

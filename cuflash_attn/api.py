@@ -1,5 +1,6 @@
 """The public API."""
 import math
+import numbers
 from typing import Optional, Tuple
 
 import torch
@@ -47,6 +48,8 @@ def _window(window_size) -> Tuple[int, int]:
         left, right = window_size
     except (TypeError, ValueError):
         raise ValueError(f"cuflash_attn: window_size must be a pair (left, right), got {window_size!r}") from None
+    if not (isinstance(left, numbers.Integral) and isinstance(right, numbers.Integral)):
+        raise TypeError(f"cuflash_attn: window_size must be a pair of ints (left, right), got {window_size!r}")
     return int(left), int(right)
 
 

@@ -9,6 +9,7 @@ before that import. Beyond flash_attn: float32 and float64, CPU tensors, torch.c
 graph breaks. Causal masks, windows and ALiBi are aligned bottom-right, as in flash_attn. The
 backward is always deterministic (no atomics), so `deterministic` changes nothing.
 """
+import numbers
 import sys
 
 import torch
@@ -16,28 +17,66 @@ import torch
 from .api import _window
 from .ops import _ops, new_rng_state
 
+_PADDED = ("batch", "seqlen", "heads", "head_dim")
+_PACKED = ("total_tokens", "heads", "head_dim")
+
+
+def _check_tensor(name, t, dims):
+    """t must be a tensor with the dimensions named by dims (the op checks the sizes)."""
+    layout = f"[{', '.join(dims)}]"
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"cuflash_attn: {name} must be a tensor {layout}, got {type(t).__name__}")
+    if t.dim() != len(dims):
+        raise ValueError(f"cuflash_attn: {name} must be a {len(dims)}-dimensional tensor {layout}, got shape "
+                         f"{tuple(t.shape)}")
+
+
+def _unpack(name, t, dims):
+    """The views a packed tensor holds: dims names its dimensions, the packed one by its size
+    ("3" for qkv, "2" for kv)."""
+    _check_tensor(name, t, dims)
+    axis = next(i for i, d in enumerate(dims) if d.isdigit())
+    if t.shape[axis] != int(dims[axis]):
+        raise ValueError(f"cuflash_attn: {name} must have shape [{', '.join(dims)}], got {tuple(t.shape)}")
+    return t.unbind(axis)
+
+
+def _check_number(name, x, optional=False):
+    if not (isinstance(x, numbers.Real) or (optional and x is None)):
+        raise TypeError(f"cuflash_attn: {name} must be a number{' or None' if optional else ''}, got "
+                        f"{type(x).__name__}")
+
 
 def _attention(q, k, v, dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes,
-               return_attn_probs, cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q=0, max_seqlen_k=0):
+               return_attn_probs, varlen=None):
+    """varlen: None for padded inputs, else (cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)."""
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        _check_tensor(name, t, _PADDED if varlen is None else _PACKED)
+    _check_number("dropout_p", dropout_p)
+    _check_number("softmax_scale", softmax_scale, optional=True)
+    _check_number("softcap", softcap)
+    if alibi_slopes is not None and not isinstance(alibi_slopes, torch.Tensor):
+        raise TypeError(f"cuflash_attn: alibi_slopes must be a float32 tensor [heads] or [batch, heads], got "
+                        f"{type(alibi_slopes).__name__}")
     window_left, window_right = _window(window_size)
-    varlen = cu_seqlens_q is not None
     rng_state = new_rng_state(q.device) if dropout_p > 0.0 else None
-    if varlen:
+    cu_seqlens_q = cu_seqlens_k = None
+    max_seqlen_q = max_seqlen_k = 0
+    if varlen is not None:
+        cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k = varlen
+        for name, cu in (("cu_seqlens_q", cu_seqlens_q), ("cu_seqlens_k", cu_seqlens_k)):
+            _check_tensor(name, cu, ("batch + 1",))
         # Tensors are accepted (flash_attn users sometimes pass them) without a host sync: 0
         # lets the packed length bound every sequence.
         max_seqlen_q = max_seqlen_q if isinstance(max_seqlen_q, int) else 0
         max_seqlen_k = max_seqlen_k if isinstance(max_seqlen_k, int) else 0
         qk, kk, vk = q, k, v
     else:
-        for name, t in (("q", q), ("k", k), ("v", v)):
-            if not isinstance(t, torch.Tensor) or t.dim() != 4:
-                raise ValueError(f"cuflash_attn: {name} must be a 4-dimensional tensor [batch, seqlen, heads, "
-                                 f"head_dim], got {getattr(t, 'shape', type(t).__name__)}")
         qk, kk, vk = (t.transpose(1, 2) for t in (q, k, v))
     out, lse = _ops.fwd(qk, kk, vk, softmax_scale, bool(causal), True, window_left, window_right, float(softcap),
                         alibi_slopes, float(dropout_p), rng_state, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
                         max_seqlen_k)
-    if not varlen:
+    if varlen is None:
         out = out.transpose(1, 2)
     if not return_attn_probs:
         return out
@@ -114,15 +153,17 @@ def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, wi
 def flash_attn_qkvpacked_func(qkv, dropout_p=0.0, softmax_scale=None, causal=False, window_size=(-1, -1),
                               softcap=0.0, alibi_slopes=None, deterministic=False, return_attn_probs=False):
     """qkv: [batch, seqlen, 3, heads, head_dim] (views into it, no copy)."""
-    return _attention(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2], dropout_p, softmax_scale, causal, window_size,
-                      softcap, alibi_slopes, return_attn_probs)
+    q, k, v = _unpack("qkv", qkv, ("batch", "seqlen", "3", "heads", "head_dim"))
+    return _attention(q, k, v, dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes,
+                      return_attn_probs)
 
 
 def flash_attn_kvpacked_func(q, kv, dropout_p=0.0, softmax_scale=None, causal=False, window_size=(-1, -1),
                              softcap=0.0, alibi_slopes=None, deterministic=False, return_attn_probs=False):
     """q: [batch, seqlen_q, heads_q, head_dim]; kv: [batch, seqlen_k, 2, heads_kv, head_dim]."""
-    return _attention(q, kv[:, :, 0], kv[:, :, 1], dropout_p, softmax_scale, causal, window_size, softcap,
-                      alibi_slopes, return_attn_probs)
+    k, v = _unpack("kv", kv, ("batch", "seqlen_k", "2", "heads_kv", "head_dim"))
+    return _attention(q, k, v, dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes,
+                      return_attn_probs)
 
 
 def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p=0.0,
@@ -135,23 +176,25 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
     if block_table is not None:
         raise NotImplementedError("cuflash_attn: block_table (a paged KV cache) is not supported")
     return _attention(q, k, v, dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes,
-                      return_attn_probs, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
+                      return_attn_probs, (cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k))
 
 
 def flash_attn_varlen_qkvpacked_func(qkv, cu_seqlens, max_seqlen, dropout_p=0.0, softmax_scale=None, causal=False,
                                      window_size=(-1, -1), softcap=0.0, alibi_slopes=None, deterministic=False,
                                      return_attn_probs=False):
     """qkv: [total, 3, heads, head_dim]."""
-    return _attention(qkv[:, 0], qkv[:, 1], qkv[:, 2], dropout_p, softmax_scale, causal, window_size, softcap,
-                      alibi_slopes, return_attn_probs, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen)
+    q, k, v = _unpack("qkv", qkv, ("total_tokens", "3", "heads", "head_dim"))
+    return _attention(q, k, v, dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes,
+                      return_attn_probs, (cu_seqlens, cu_seqlens, max_seqlen, max_seqlen))
 
 
 def flash_attn_varlen_kvpacked_func(q, kv, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p=0.0,
                                     softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0,
                                     alibi_slopes=None, deterministic=False, return_attn_probs=False):
     """q: [total_q, heads_q, head_dim]; kv: [total_k, 2, heads_kv, head_dim]."""
-    return _attention(q, kv[:, 0], kv[:, 1], dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes,
-                      return_attn_probs, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
+    k, v = _unpack("kv", kv, ("total_tokens_k", "2", "heads_kv", "head_dim"))
+    return _attention(q, k, v, dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes,
+                      return_attn_probs, (cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k))
 
 
 def install() -> None:

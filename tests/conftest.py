@@ -1,3 +1,5 @@
+import contextlib
+
 import pytest
 import torch
 
@@ -26,3 +28,15 @@ def poison_cuda_allocator(nbytes):
         block = torch.full((nbytes // 4 + 1024,), float("nan"), device="cuda")
         del block
 
+
+
+@contextlib.contextmanager
+def poisoned_and_unmodified(*inputs):
+    """Around a kernel run: poisons the CUDA allocator first (outputs allocated in the body likely
+    start as NaN, so an element the kernels forget to write fails), and checks afterwards that
+    the body left `inputs` unchanged."""
+    originals = [t.detach().clone() for t in inputs]
+    poison_cuda_allocator(8 * sum(t.numel() * t.element_size() for t in inputs))
+    yield
+    for before, after in zip(originals, inputs):
+        assert torch.equal(before, after.detach()), "an input was modified"

@@ -1,11 +1,13 @@
 """Every public entry point validates before launching and raises a clear Python exception
 naming the argument (shared/TESTING.md, "Bad input")."""
 import math
+from types import SimpleNamespace
 
 import pytest
 import torch
 
 import cuflash_attn
+from cuflash_attn import flash_attn_interface as fa
 from conftest import DEVICES, requires_cuda
 
 ops = torch.ops.cuflash_attn
@@ -223,3 +225,199 @@ def test_sdpa_gqa_matches_torch(device, is_causal):
     expected = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=is_causal, enable_gqa=True)
     got = cuflash_attn.scaled_dot_product_attention(q, k, v, is_causal=is_causal, enable_gqa=True)
     torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-10)
+
+
+# ---- the flash_attn-compatible API (cuflash_attn/flash_attn_interface.py) ----
+
+def _fa_inputs(device):
+    """Good inputs for each of the six functions: 2 sequences of 6 queries and 8 keys, 4 query
+    heads over 2 key/value heads, head_dim 16; padded, packed into qkv/kv, and packed varlen."""
+    r = lambda *shape: torch.randn(*shape, device=device)  # noqa: E731
+    i32 = lambda *v: torch.tensor(v, dtype=torch.int32, device=device)  # noqa: E731
+    return SimpleNamespace(q=r(2, 6, 4, 16), k=r(2, 8, 2, 16), v=r(2, 8, 2, 16), qkv=r(2, 6, 3, 4, 16),
+                           kv=r(2, 8, 2, 2, 16), tq=r(12, 4, 16), tk=r(16, 2, 16), tv=r(16, 2, 16),
+                           tqkv=r(12, 3, 4, 16), tkv=r(16, 2, 2, 16), cu_q=i32(0, 6, 12), cu_k=i32(0, 8, 16))
+
+
+FA_FUNCTIONS = {  # each function called with the good inputs and the given keyword options
+    "func": lambda x, **kw: fa.flash_attn_func(x.q, x.k, x.v, **kw),
+    "qkvpacked": lambda x, **kw: fa.flash_attn_qkvpacked_func(x.qkv, **kw),
+    "kvpacked": lambda x, **kw: fa.flash_attn_kvpacked_func(x.q, x.kv, **kw),
+    "varlen": lambda x, **kw: fa.flash_attn_varlen_func(x.tq, x.tk, x.tv, x.cu_q, x.cu_k, 6, 8, **kw),
+    "varlen_qkvpacked": lambda x, **kw: fa.flash_attn_varlen_qkvpacked_func(x.tqkv, x.cu_q, 6, **kw),
+    "varlen_kvpacked": lambda x, **kw: fa.flash_attn_varlen_kvpacked_func(x.tq, x.tkv, x.cu_q, x.cu_k, 6, 8, **kw),
+}
+
+FA_OPTION_CASES = [
+    # (id, keyword options, exception type, message pattern): the same for every function
+    ("window -2", dict(window_size=(-2, 0)), ValueError, r"window_left and window_right must be >= -1"),
+    ("window right -5", dict(window_size=(0, -5)), ValueError, r"window_left and window_right must be >= -1"),
+    ("window not a pair", dict(window_size=5), ValueError, r"window_size must be a pair \(left, right\)"),
+    ("window of floats", dict(window_size=(1.5, 0)), TypeError, r"window_size must be a pair of ints"),
+    ("softcap negative", dict(softcap=-1.0), ValueError, r"softcap must be a finite number >= 0"),
+    ("softcap nan", dict(softcap=math.nan), ValueError, r"softcap must be a finite number >= 0"),
+    ("softcap None", dict(softcap=None), TypeError, r"softcap must be a number, got NoneType"),
+    ("dropout_p 1", dict(dropout_p=1.0), ValueError, r"dropout_p must be in \[0, 1\), got 1"),
+    ("dropout_p negative", dict(dropout_p=-0.1), ValueError, r"dropout_p must be in \[0, 1\)"),
+    ("dropout_p nan", dict(dropout_p=math.nan), ValueError, r"dropout_p must be in \[0, 1\)"),
+    ("dropout_p str", dict(dropout_p="0.1"), TypeError, r"dropout_p must be a number, got str"),
+    ("softmax_scale nan", dict(softmax_scale=math.nan), ValueError, r"scale must be a finite number"),
+    ("softmax_scale inf", dict(softmax_scale=math.inf), ValueError, r"scale must be a finite number"),
+    ("softmax_scale str", dict(softmax_scale="0.1"), TypeError, r"softmax_scale must be a number or None"),
+    ("alibi float64", dict(alibi_slopes=torch.ones(4, dtype=torch.float64)), TypeError,
+     r"alibi_slopes must have dtype float32"),
+    ("alibi shape", dict(alibi_slopes=torch.ones(3)), ValueError, r"alibi_slopes must have shape \[heads\] = \[4\]"),
+    ("alibi batch shape", dict(alibi_slopes=torch.ones(3, 4)), ValueError, r"or \[batch, heads\] = \[2, 4\]"),
+    ("alibi list", dict(alibi_slopes=[0.5] * 4), TypeError, r"alibi_slopes must be a float32 tensor"),
+]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("function", list(FA_FUNCTIONS))
+@pytest.mark.parametrize("name,options,exc,pattern", FA_OPTION_CASES, ids=[c[0] for c in FA_OPTION_CASES])
+def test_flash_attn_api_rejects_bad_options(device, function, name, options, exc, pattern):
+    options = {key: t.to(device) if isinstance(t, torch.Tensor) else t for key, t in options.items()}
+    with pytest.raises(exc, match=pattern):
+        FA_FUNCTIONS[function](_fa_inputs(device), **options)
+
+
+def _fa_tensor_cases():
+    i32 = lambda x, *v: torch.tensor(v, dtype=torch.int32, device=x.q.device)  # noqa: E731
+    dims = lambda x, d: [torch.randn(2, n, h, d, device=x.q.device) for n, h in ((6, 4), (8, 2), (8, 2))]  # noqa: E731
+    dtype_pattern = r"q must be a CUDA or CPU tensor of dtype float16, bfloat16, float32 or float64, got Long"
+    return [
+        # (id, the call on the good inputs x, exception type, message pattern)
+        ("func: list q", lambda x: fa.flash_attn_func(x.q.tolist(), x.k, x.v), TypeError,
+         r"q must be a tensor \[batch, seqlen, heads, head_dim\], got list"),
+        ("func: 3-d k", lambda x: fa.flash_attn_func(x.q, x.k[0], x.v), ValueError,
+         r"k must be a 4-dimensional tensor \[batch, seqlen, heads, head_dim\], got shape \(8, 2, 16\)"),
+        ("func: int64", lambda x: fa.flash_attn_func(x.q.long(), x.k.long(), x.v.long()), TypeError, dtype_pattern),
+        ("func: mixed dtypes", lambda x: fa.flash_attn_func(x.q, x.k, x.v.double()), TypeError,
+         r"v must have the same dtype as q"),
+        ("func: batch mismatch", lambda x: fa.flash_attn_func(x.q, x.k[:1], x.v[:1]), ValueError,
+         r"q, k and v must have the same batch size, got 2, 1 and 1"),
+        ("func: k/v seqlen mismatch", lambda x: fa.flash_attn_func(x.q, x.k, x.v[:, :5]), ValueError,
+         r"k and v must have the same seqlen, got 8 and 5"),
+        ("func: k/v heads mismatch", lambda x: fa.flash_attn_func(x.q, x.k, x.v[:, :, :1]), ValueError,
+         r"k and v must have the same number of heads"),
+        ("func: heads not a multiple", lambda x: fa.flash_attn_func(x.q[:, :, :3], x.k, x.v), ValueError,
+         r"heads of q \(3\) must be a multiple of the heads of k and v \(2\)"),
+        ("func: head_dim mismatch", lambda x: fa.flash_attn_func(x.q, x.k[..., :8], x.v[..., :8]), ValueError,
+         r"same head_dim, got 16, 8 and 8"),
+        ("func: head_dim 0", lambda x: fa.flash_attn_func(*dims(x, 0)), ValueError,
+         r"head_dim must be in \[1, 256\], got 0"),
+        ("func: head_dim 257", lambda x: fa.flash_attn_func(*dims(x, 257)), ValueError,
+         r"head_dim must be in \[1, 256\], got 257"),
+        ("qkvpacked: list", lambda x: fa.flash_attn_qkvpacked_func(x.qkv.tolist()), TypeError,
+         r"qkv must be a tensor \[batch, seqlen, 3, heads, head_dim\], got list"),
+        ("qkvpacked: 4-d", lambda x: fa.flash_attn_qkvpacked_func(x.qkv[0]), ValueError,
+         r"qkv must be a 5-dimensional tensor"),
+        ("qkvpacked: 2 packed", lambda x: fa.flash_attn_qkvpacked_func(x.qkv[:, :, :2]), ValueError,
+         r"qkv must have shape \[batch, seqlen, 3, heads, head_dim\], got \(2, 6, 2, 4, 16\)"),
+        # q, k and v are views of qkv: the op names the first, q.
+        ("qkvpacked: int64", lambda x: fa.flash_attn_qkvpacked_func(x.qkv.long()), TypeError, dtype_pattern),
+        ("kvpacked: 4-d kv", lambda x: fa.flash_attn_kvpacked_func(x.q, x.kv[0]), ValueError,
+         r"kv must be a 5-dimensional tensor \[batch, seqlen_k, 2, heads_kv, head_dim\]"),
+        ("kvpacked: 3 packed", lambda x: fa.flash_attn_kvpacked_func(x.q, torch.cat((x.kv, x.kv[:, :, :1]), 2)),
+         ValueError, r"kv must have shape \[batch, seqlen_k, 2, heads_kv, head_dim\], got \(2, 8, 3, 2, 16\)"),
+        ("kvpacked: batch mismatch", lambda x: fa.flash_attn_kvpacked_func(x.q, x.kv[:1]), ValueError,
+         r"same batch size"),
+        ("kvpacked: mixed dtypes", lambda x: fa.flash_attn_kvpacked_func(x.q, x.kv.double()), TypeError,
+         r"k must have the same dtype as q"),
+        ("kvpacked: head_dim mismatch", lambda x: fa.flash_attn_kvpacked_func(x.q, x.kv[..., :8]), ValueError,
+         r"same head_dim"),
+        ("varlen: 4-d q", lambda x: fa.flash_attn_varlen_func(x.q, x.tk, x.tv, x.cu_q, x.cu_k, 6, 8), ValueError,
+         r"q must be a 3-dimensional tensor \[total_tokens, heads, head_dim\]"),
+        ("varlen: list v", lambda x: fa.flash_attn_varlen_func(x.tq, x.tk, x.tv.tolist(), x.cu_q, x.cu_k, 6, 8),
+         TypeError, r"v must be a tensor \[total_tokens, heads, head_dim\], got list"),
+        ("varlen: int64", lambda x: fa.flash_attn_varlen_func(x.tq.long(), x.tk.long(), x.tv.long(), x.cu_q, x.cu_k,
+                                                               6, 8), TypeError, dtype_pattern),
+        ("varlen: no cu_seqlens_q", lambda x: fa.flash_attn_varlen_func(x.tq, x.tk, x.tv, None, x.cu_k, 6, 8),
+         TypeError, r"cu_seqlens_q must be a tensor \[batch \+ 1\], got NoneType"),
+        ("varlen: cu_seqlens_k list", lambda x: fa.flash_attn_varlen_func(x.tq, x.tk, x.tv, x.cu_q, [0, 8, 16], 6, 8),
+         TypeError, r"cu_seqlens_k must be a tensor \[batch \+ 1\], got list"),
+        ("varlen: int64 offsets", lambda x: fa.flash_attn_varlen_func(x.tq, x.tk, x.tv, x.cu_q.long(), x.cu_k, 6, 8),
+         TypeError, r"cu_seqlens_q must have dtype int32, got Long"),
+        ("varlen: 2-d offsets", lambda x: fa.flash_attn_varlen_func(x.tq, x.tk, x.tv, x.cu_q, x.cu_k[None], 6, 8),
+         ValueError, r"cu_seqlens_k must be a 1-dimensional tensor \[batch \+ 1\]"),
+        ("varlen: offsets lengths differ",
+         lambda x: fa.flash_attn_varlen_func(x.tq, x.tk, x.tv, x.cu_q, i32(x, 0, 16), 6, 16), ValueError,
+         r"cu_seqlens_q and cu_seqlens_k must have the same length \(batch \+ 1\), got 3 and 2"),
+        ("varlen: k/v total mismatch", lambda x: fa.flash_attn_varlen_func(x.tq, x.tk, x.tv[:10], x.cu_q, x.cu_k, 6, 8),
+         ValueError, r"k and v must have the same total_tokens, got 16 and 10"),
+        ("varlen: heads not a multiple",
+         lambda x: fa.flash_attn_varlen_func(x.tq[:, :3], x.tk, x.tv, x.cu_q, x.cu_k, 6, 8), ValueError,
+         r"heads of q \(3\) must be a multiple"),
+        ("varlen: head_dim mismatch",
+         lambda x: fa.flash_attn_varlen_func(x.tq, x.tk[..., :8], x.tv, x.cu_q, x.cu_k, 6, 8), ValueError,
+         r"same head_dim"),
+        ("varlen: negative max_seqlen", lambda x: fa.flash_attn_varlen_func(x.tq, x.tk, x.tv, x.cu_q, x.cu_k, 6, -1),
+         ValueError, r"max_seqlen_q and max_seqlen_k must be >= 0"),
+        ("varlen_qkvpacked: 5-d", lambda x: fa.flash_attn_varlen_qkvpacked_func(x.qkv, x.cu_q, 6), ValueError,
+         r"qkv must be a 4-dimensional tensor \[total_tokens, 3, heads, head_dim\]"),
+        ("varlen_qkvpacked: 2 packed", lambda x: fa.flash_attn_varlen_qkvpacked_func(x.tqkv[:, :2], x.cu_q, 6),
+         ValueError, r"qkv must have shape \[total_tokens, 3, heads, head_dim\], got \(12, 2, 4, 16\)"),
+        ("varlen_qkvpacked: int64 offsets",
+         lambda x: fa.flash_attn_varlen_qkvpacked_func(x.tqkv, x.cu_q.long(), 6), TypeError,
+         r"cu_seqlens_q must have dtype int32"),
+        ("varlen_kvpacked: 5-d kv", lambda x: fa.flash_attn_varlen_kvpacked_func(x.tq, x.kv, x.cu_q, x.cu_k, 6, 8),
+         ValueError, r"kv must be a 4-dimensional tensor \[total_tokens_k, 2, heads_kv, head_dim\]"),
+        ("varlen_kvpacked: 1 packed",
+         lambda x: fa.flash_attn_varlen_kvpacked_func(x.tq, x.tkv[:, :1], x.cu_q, x.cu_k, 6, 8), ValueError,
+         r"kv must have shape \[total_tokens_k, 2, heads_kv, head_dim\], got \(16, 1, 2, 16\)"),
+        ("varlen_kvpacked: no cu_seqlens_k",
+         lambda x: fa.flash_attn_varlen_kvpacked_func(x.tq, x.tkv, x.cu_q, None, 6, 8), TypeError,
+         r"cu_seqlens_k must be a tensor"),
+    ]
+
+
+def _fa_cpu_value_cases():
+    # Offsets are checked on the CPU only (on CUDA that would synchronize; the kernels clamp instead).
+    i32 = lambda *v: torch.tensor(v, dtype=torch.int32)  # noqa: E731
+    return [
+        ("varlen: decreasing", lambda x: fa.flash_attn_varlen_func(x.tq, x.tk, x.tv, i32(0, 8, 6), x.cu_k, 8, 8),
+         ValueError, r"cu_seqlens_q must be non-decreasing, got 8 then 6 at index 1"),
+        ("varlen: negative start", lambda x: fa.flash_attn_varlen_func(x.tq, x.tk, x.tv, i32(-1, 6, 12), x.cu_k, 7, 8),
+         ValueError, r"cu_seqlens_q\[0\] must be >= 0, got -1"),
+        ("varlen: past the end", lambda x: fa.flash_attn_varlen_func(x.tq, x.tk, x.tv, x.cu_q, i32(0, 8, 17), 6, 9),
+         ValueError, r"cu_seqlens_k ends at 17, past the 16 rows"),
+        ("varlen: max_seqlen too small", lambda x: fa.flash_attn_varlen_func(x.tq, x.tk, x.tv, x.cu_q, x.cu_k, 3, 8),
+         ValueError, r"sequence 0 of cu_seqlens_q has length 6, above the max_seqlen given \(3\)"),
+        ("varlen_qkvpacked: decreasing",
+         lambda x: fa.flash_attn_varlen_qkvpacked_func(x.tqkv, i32(0, 7, 3), 7), ValueError,
+         r"cu_seqlens_q must be non-decreasing"),
+        ("varlen_kvpacked: past the end",
+         lambda x: fa.flash_attn_varlen_kvpacked_func(x.tq, x.tkv, x.cu_q, i32(0, 9, 20), 6, 11), ValueError,
+         r"cu_seqlens_k ends at 20, past the 16 rows"),
+    ]
+
+
+FA_TENSOR_CASES, FA_CPU_VALUE_CASES = _fa_tensor_cases(), _fa_cpu_value_cases()
+
+
+@pytest.mark.parametrize("name,call,exc,pattern", FA_TENSOR_CASES + FA_CPU_VALUE_CASES,
+                         ids=[c[0] for c in FA_TENSOR_CASES + FA_CPU_VALUE_CASES])
+@pytest.mark.parametrize("device", DEVICES)
+def test_flash_attn_api_rejects_bad_tensors(device, name, call, exc, pattern):
+    if device != "cpu" and (name, call, exc, pattern) in FA_CPU_VALUE_CASES:
+        pytest.skip("offsets are validated on the CPU only")
+    with pytest.raises(exc, match=pattern):
+        call(_fa_inputs(device))
+
+
+@requires_cuda
+def test_flash_attn_api_rejects_mixed_devices():
+    x = _fa_inputs("cuda")
+    cases = [
+        (lambda: fa.flash_attn_func(x.q, x.k.cpu(), x.v), r"k must be on the same device as q \(cuda:0\), got cpu"),
+        (lambda: fa.flash_attn_kvpacked_func(x.q.cpu(), x.kv), r"k must be on the same device as q \(cpu\)"),
+        (lambda: fa.flash_attn_varlen_func(x.tq, x.tk, x.tv, x.cu_q.cpu(), x.cu_k, 6, 8),
+         r"cu_seqlens_q must be on the same device as q \(cuda:0\), got cpu"),
+        (lambda: fa.flash_attn_varlen_qkvpacked_func(x.tqkv, x.cu_q.cpu(), 6),
+         r"cu_seqlens_q must be on the same device"),
+        (lambda: fa.flash_attn_func(x.q, x.k, x.v, alibi_slopes=torch.ones(4)),
+         r"alibi_slopes must be on the same device as q \(cuda:0\), got cpu"),
+    ]
+    for call, pattern in cases:
+        with pytest.raises(ValueError, match=pattern):
+            call()

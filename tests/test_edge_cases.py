@@ -1,4 +1,5 @@
-"""The edge-case table of shared/TESTING.md."""
+"""The edge-case table of shared/TESTING.md, through cuflash_attn.flash_attention and, where the
+row applies, the flash_attn-compatible API (padded and packed)."""
 import math
 
 import pytest
@@ -6,8 +7,35 @@ import torch
 
 import cuflash_attn
 from conftest import DEVICES
+from cuflash_attn import flash_attn_interface as fa
+from reference import reference_results
 
 ops = torch.ops.cuflash_attn
+
+
+def _flash_attn_varlen(q, k, v, causal):
+    """flash_attn_varlen_func on a padded batch packed into [batch * seqlen, heads, head_dim]."""
+    b, h, nq, d = q.shape
+    pack = lambda t: t.transpose(1, 2).reshape(-1, t.shape[1], d)  # noqa: E731
+    offsets = lambda n: torch.arange(b + 1, dtype=torch.int32, device=q.device) * n  # noqa: E731
+    out, lse, _ = fa.flash_attn_varlen_func(pack(q), pack(k), pack(v), offsets(nq), offsets(k.shape[2]), nq,
+                                            k.shape[2], causal=causal, return_attn_probs=True)
+    return out.reshape(b, nq, h, d).transpose(1, 2), lse.reshape(h, b, nq).transpose(0, 1)
+
+
+def _flash_attn_padded(q, k, v, causal):
+    out, lse, _ = fa.flash_attn_func(*(t.transpose(1, 2) for t in (q, k, v)), causal=causal, return_attn_probs=True)
+    return out.transpose(1, 2), lse
+
+
+# Entry points on [batch, heads, seqlen, head_dim] inputs, returning (out, lse [batch, heads,
+# seqlen_q]); all align causal masks bottom-right (flash_attn's rule).
+ENTRY_POINTS = {
+    "flash_attention": lambda q, k, v, causal: cuflash_attn.flash_attention(q, k, v, causal, return_lse=True,
+                                                                            bottom_right=True),
+    "flash_attn_func": _flash_attn_padded,
+    "flash_attn_varlen_func": _flash_attn_varlen,
+}
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -52,10 +80,11 @@ def test_empty_outputs(device, shape_q, shape_k):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("entry", list(ENTRY_POINTS))
 @pytest.mark.parametrize("dtype,value", [(torch.bfloat16, 133120.0), (torch.float16, 256.0)])
-def test_huge_equal_inputs_are_finite(device, dtype, value):
+def test_huge_equal_inputs_are_finite(device, entry, dtype, value):
     q = torch.full((1, 2, 100, 64), value, device=device, dtype=dtype, requires_grad=True)
-    out = cuflash_attn.flash_attention(q, q, q, causal=True)
+    out, _ = ENTRY_POINTS[entry](q, q, q, True)
     assert torch.isfinite(out).all()
     assert torch.all(out == value)
     (dq,) = torch.autograd.grad(out, (q,), torch.ones_like(out))
@@ -63,9 +92,10 @@ def test_huge_equal_inputs_are_finite(device, dtype, value):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_large_magnitude_fp16_is_finite(device):
-    q, k, v = (torch.randn(1, 2, 128, 64, device=device).mul(1e4).half() for _ in range(3))
-    out = cuflash_attn.flash_attention(q, k, v)
+@pytest.mark.parametrize("entry", list(ENTRY_POINTS))
+def test_large_magnitude_fp16_is_finite(device, entry):
+    q, k, v = (torch.randn(2, 2, 128, 64, device=device).mul(1e4).half() for _ in range(3))
+    out, _ = ENTRY_POINTS[entry](q, k, v, False)
     assert torch.isfinite(out).all()
 
 
@@ -86,12 +116,13 @@ def test_uniform_attention_over_50k_keys(device, dtype):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("entry", list(ENTRY_POINTS))
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-def test_nan_propagates_to_affected_rows_only(device, dtype):
+def test_nan_propagates_to_affected_rows_only(device, entry, dtype):
     """A NaN in key 40 reaches the causal rows that attend to it (40 and after) and no other."""
     q, k, v = (torch.randn(1, 1, 100, 64, device=device, dtype=dtype) for _ in range(3))
     k[0, 0, 40, 3] = math.nan
-    out = cuflash_attn.flash_attention(q, k, v, causal=True)
+    out, _ = ENTRY_POINTS[entry](q, k, v, True)
     rows_with_nan = torch.isnan(out[0, 0]).any(dim=-1)
     assert not rows_with_nan[:40].any() and rows_with_nan[40:].all()
 
@@ -114,3 +145,57 @@ def test_nan_score_gives_nan_lse(device, dtype):
     k[0, 0, 40, 3] = math.nan
     _, lse = cuflash_attn.flash_attention(q, k, v, causal=True, return_lse=True)
     assert torch.isnan(lse[0, 0, 40:]).all() and torch.isfinite(lse[0, 0, :40]).all()
+
+
+EDGE_SHAPES = [  # (batch, seqlen_q, seqlen_k, heads_q, heads_kv, head_dim)
+    (1, 1, 1, 1, 1, 1), (1, 1, 239, 2, 1, 256), (3, 17, 1, 4, 2, 1), (1, 130, 70, 2, 2, 256), (2, 5, 0, 2, 1, 8),
+    (2, 0, 5, 2, 2, 8)]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("entry", list(ENTRY_POINTS))
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("shape", EDGE_SHAPES, ids=["b{}_q{}_k{}_h{}x{}_d{}".format(*s) for s in EDGE_SHAPES])
+def test_edge_shapes_match_reference(device, entry, causal, shape):
+    """Seqlen 1 and 0, head_dim 1 and 256, batch 1, MQA: out, lse and gradients in float64."""
+    b, nq, nk, heads_q, heads_kv, d = shape
+    make = lambda h, n: torch.randn(b, h, n, d, device=device, dtype=torch.float64)  # noqa: E731
+    q, k, v, dout = make(heads_q, nq), make(heads_kv, nk), make(heads_kv, nk), make(heads_q, nq)
+    q.requires_grad_(), k.requires_grad_(), v.requires_grad_()
+    out, lse = ENTRY_POINTS[entry](q, k, v, causal)
+    got = (out, lse, *torch.autograd.grad(out, (q, k, v), dout))
+    want = reference_results(q, k, v, dout, causal=causal, bottom_right=True)
+    for name, g, w in zip(("out", "lse", "dq", "dk", "dv"), got, want):
+        torch.testing.assert_close(g, w, rtol=1e-10, atol=1e-10, msg=lambda m, name=name: f"{name}: {m}")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_flash_attn_varlen_zero_length_sequences(device):
+    """Sequences with no queries, no keys, or neither, between ordinary ones: the packed call
+    gives what flash_attn_func gives for each sequence alone (rows with no key: out 0, lse -inf,
+    gradients 0)."""
+    lens_q, lens_k = [0, 4, 0, 6, 3, 0], [5, 0, 0, 7, 3, 0]
+    offsets = lambda lens: [0, *torch.tensor(lens).cumsum(0).tolist()]  # noqa: E731
+    starts_q, starts_k = offsets(lens_q), offsets(lens_k)
+    q = torch.randn(starts_q[-1], 4, 32, device=device, dtype=torch.float64, requires_grad=True)
+    k, v = (torch.randn(starts_k[-1], 2, 32, device=device, dtype=torch.float64, requires_grad=True) for _ in range(2))
+    dout = torch.randn_like(q)
+    cu = lambda starts: torch.tensor(starts, dtype=torch.int32, device=device)  # noqa: E731
+    out, lse, _ = fa.flash_attn_varlen_func(q, k, v, cu(starts_q), cu(starts_k), max(lens_q), max(lens_k),
+                                            causal=True, return_attn_probs=True)
+    grads = torch.autograd.grad(out, (q, k, v), dout)
+    want_out, want_lse, want_grads = [], [], [torch.zeros_like(t) for t in (q, k, v)]
+    for b in range(len(lens_q)):
+        sq, sk = slice(starts_q[b], starts_q[b + 1]), slice(starts_k[b], starts_k[b + 1])
+        out_b, lse_b, _ = fa.flash_attn_func(q[sq][None], k[sk][None], v[sk][None], causal=True,
+                                             return_attn_probs=True)
+        want_out.append(out_b[0])
+        want_lse.append(lse_b[0])
+        for total, g in zip(want_grads, torch.autograd.grad(out_b, (q, k, v), dout[sq][None])):
+            total += g
+    torch.testing.assert_close(out, torch.cat(want_out))
+    torch.testing.assert_close(lse, torch.cat(want_lse, dim=1))
+    for g, w in zip(grads, want_grads):
+        torch.testing.assert_close(g, w)
+    no_keys = slice(starts_q[1], starts_q[2])
+    assert torch.all(out[no_keys] == 0) and torch.isneginf(lse[:, no_keys]).all() and torch.all(grads[0][no_keys] == 0)

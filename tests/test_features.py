@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from conftest import HAS_CUDA
+from conftest import HAS_CUDA, poisoned_and_unmodified
 from reference import LOW_PRECISION, assert_close_to_reference, assert_lse_close, attention_reference
 
 DTYPES = [torch.float16, torch.bfloat16, torch.float32, torch.float64]
@@ -63,8 +63,9 @@ def check_dense(device, dtype, batch, heads_q, heads_kv, nq, nk, d, seed=0, attn
         keep = torch.ops.cuflash_attn.dropout_mask(op["rng_state"], op["dropout_p"], batch, heads_q, nq, nk)
     q.requires_grad_(), k.requires_grad_(), v.requires_grad_()
     inputs = [q, k, v] + ([attn_mask] if attn_mask is not None and attn_mask.requires_grad else [])
-    out, lse = fwd(q, k, v, **op, attn_mask=attn_mask)
-    grads = torch.autograd.grad(out, inputs, dout)
+    with poisoned_and_unmodified(q, k, v, dout, *([] if attn_mask is None else [attn_mask])):
+        out, lse = fwd(q, k, v, **op, attn_mask=attn_mask)
+        grads = torch.autograd.grad(out, inputs, dout)
     ref = reference_grads(q, k, v, dout, torch.float64, ref_options, keep, attn_mask)
     pt = reference_grads(q, k, v, dout, dtype, ref_options, keep, attn_mask) if dtype in LOW_PRECISION else ref
     compare(dtype, (out, lse, *grads), ref, pt)
@@ -99,6 +100,26 @@ def test_window(device, dtype, window, bottom_right, nq, nk):
 def test_window_with_causal(device, bottom_right):
     """causal sets the right edge to 0 whatever window_size says, as in flash_attn."""
     check_dense(device, torch.float32, 1, 2, 2, 90, 130, 32, causal=True, window=(12, 40), bottom_right=bottom_right)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("bottom_right", [False, True], ids=["top_left", "bottom_right"])
+@pytest.mark.parametrize("window", [(2**31 - 1, 2**31 - 1), (-1, 2**62), (2**40, -1), (250, 250)])
+@pytest.mark.parametrize("nq,nk", [(150, 100), (100, 150)])
+def test_window_wider_than_the_sequences_hides_nothing(device, bottom_right, window, nq, nk):
+    """A window at least seqlen_q + seqlen_k wide, up to int64's range, is the unbounded window,
+    forward and backward (windows near 2^31 overflowed the kernels' int key arithmetic and hid
+    every key)."""
+    q = torch.randn(2, 2, nq, 64, device=device, requires_grad=True)
+    k, v = (torch.randn(2, 2, nk, 64, device=device, requires_grad=True) for _ in range(2))
+    dout = torch.randn(2, 2, nq, 64, device=device)
+
+    def run(window_left=-1, window_right=-1):
+        out, lse = fwd(q, k, v, bottom_right=bottom_right, window_left=window_left, window_right=window_right)
+        return (out, lse, *torch.autograd.grad(out, (q, k, v), dout))
+
+    for name, got, want in zip(("out", "lse", "dq", "dk", "dv"), run(*window), run()):
+        assert torch.equal(got, want), name
 
 
 # ---- softcap and ALiBi ----
@@ -182,9 +203,10 @@ def check_varlen(device, dtype, lens_q, lens_k, heads_q, heads_kv, d, seed=0, ma
     op, ref_options = make_options(batch, heads_q, device, seed=seed, **features)
     mq, mk = (max(lens_q), max(lens_k)) if max_seqlen else (0, 0)
     q.requires_grad_(), k.requires_grad_(), v.requires_grad_()
-    out, lse = fwd(q, k, v, **op, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, max_seqlen_q=mq, max_seqlen_k=mk)
+    with poisoned_and_unmodified(q, k, v, dout):
+        out, lse = fwd(q, k, v, **op, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, max_seqlen_q=mq, max_seqlen_k=mk)
+        dq, dk, dv = torch.autograd.grad(out, (q, k, v), dout)
     assert lse.shape == (heads_q, total_q)
-    dq, dk, dv = torch.autograd.grad(out, (q, k, v), dout)
     keep_all = None
     if op["dropout_p"] > 0:
         keep_all = torch.ops.cuflash_attn.dropout_mask(op["rng_state"], op["dropout_p"], batch, heads_q,

@@ -246,8 +246,8 @@ TensorStrides to_kernel(const Strides& s) { return {s.batch, s.head, s.row}; }
 MaskParams make_mask(const AttentionConfig& c) {
   MaskParams m;
   m.bottom_right = c.causal_bottom_right;
-  m.window_left = c.window_left;
-  m.window_right = c.causal ? 0 : c.window_right;
+  m.window_left = stored_window(c.window_left, c.seqlen_q, c.seqlen_k);
+  m.window_right = c.causal ? 0 : stored_window(c.window_right, c.seqlen_q, c.seqlen_k);
   return m;
 }
 

@@ -5,6 +5,7 @@
 
 #include <cmath>
 #include <cstring>
+#include <limits>
 #include <random>
 #include <string>
 #include <vector>
@@ -36,7 +37,7 @@ std::string name_of(const Case& c) {
                   std::to_string(p.head_dim);
   if (p.causal) n += p.bottom_right ? "_causal_br" : "_causal";
   if (p.window_left >= 0 || p.window_right >= 0)
-    n += "_window" + std::to_string(p.window_left + 1) + "_" + std::to_string(p.window_right + 1);
+    n += "_window" + std::to_string(int64_t{p.window_left} + 1) + "_" + std::to_string(int64_t{p.window_right} + 1);
   if (c.bshd) n += "_bshd";
   if (c.user_workspace) n += "_workspace_stream";
   return n;
@@ -82,6 +83,9 @@ std::vector<Case> all_cases() {
     add(problem(2, 3, 3, 97, 130, 128), [](Case& c) { c.bshd = true; });
     add(problem(1, 2, 2, 200, 230, 64), [](Case& c) { c.p.window_left = 17, c.p.window_right = 5; });
     add(problem(1, 2, 2, 190, 140, 64), causal, bottom_right, [](Case& c) { c.p.window_left = 32; });
+    add(problem(1, 2, 2, 190, 140, 64), bottom_right, [](Case& c) {  // as wide as int goes: unbounded
+      c.p.window_left = c.p.window_right = std::numeric_limits<int>::max();
+    });
     add(problem(2, 2, 2, 300, 300, 64), causal, [](Case& c) { c.user_workspace = true; });
     add(problem(1, 2, 2, 50, 0, 64));  // no keys: output 0, lse -inf, no attention launch
     add(problem(1, 2, 2, 0, 50, 64));  // no queries: dk = dv = 0

@@ -4,12 +4,14 @@
 // never dereference.
 #include <gtest/gtest.h>
 
+#include <array>
 #include <cmath>
 #include <cstdlib>
 #include <functional>
 #include <limits>
 #include <set>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "cuflash/flash_attention.h"
@@ -94,6 +96,49 @@ FlashAttentionBackwardArgs backward_args(Memory& mem, DataType dtype) {
   return a;
 }
 
+// The tensor pointers of each direction, by the names the messages use, with a way to edit each.
+using PointerEdit = const void* (*)(const void*);
+template <typename Args>
+using PointerFields = std::vector<std::pair<std::string, std::function<void(Args&, PointerEdit)>>>;
+#define CUFLASH_POINTER_FIELD(f) \
+  {#f, [](auto& a, PointerEdit edit) { a.f = static_cast<decltype(a.f)>(const_cast<void*>(edit(a.f))); }}
+const PointerFields<FlashAttentionForwardArgs> kForwardPointers = {
+    CUFLASH_POINTER_FIELD(q), CUFLASH_POINTER_FIELD(k), CUFLASH_POINTER_FIELD(v), CUFLASH_POINTER_FIELD(o),
+    CUFLASH_POINTER_FIELD(lse)};
+const PointerFields<FlashAttentionBackwardArgs> kBackwardPointers = {
+    CUFLASH_POINTER_FIELD(q),   CUFLASH_POINTER_FIELD(k),  CUFLASH_POINTER_FIELD(v),
+    CUFLASH_POINTER_FIELD(o),   CUFLASH_POINTER_FIELD(lse), CUFLASH_POINTER_FIELD(d_o),
+    CUFLASH_POINTER_FIELD(dq),  CUFLASH_POINTER_FIELD(dk), CUFLASH_POINTER_FIELD(dv)};
+#undef CUFLASH_POINTER_FIELD
+
+// The strides of each tensor, and whether the call writes it.
+template <typename Args>
+struct StridesField {
+  const char* name;
+  Strides Args::*strides;
+  bool output;
+};
+const StridesField<FlashAttentionForwardArgs> kForwardStrides[] = {
+    {"q", &FlashAttentionForwardArgs::q_strides, false}, {"k", &FlashAttentionForwardArgs::k_strides, false},
+    {"v", &FlashAttentionForwardArgs::v_strides, false}, {"o", &FlashAttentionForwardArgs::o_strides, true}};
+const StridesField<FlashAttentionBackwardArgs> kBackwardStrides[] = {
+    {"q", &FlashAttentionBackwardArgs::q_strides, false},     {"k", &FlashAttentionBackwardArgs::k_strides, false},
+    {"v", &FlashAttentionBackwardArgs::v_strides, false},     {"o", &FlashAttentionBackwardArgs::o_strides, false},
+    {"d_o", &FlashAttentionBackwardArgs::d_o_strides, false}, {"dq", &FlashAttentionBackwardArgs::dq_strides, true},
+    {"dk", &FlashAttentionBackwardArgs::dk_strides, true},    {"dv", &FlashAttentionBackwardArgs::dv_strides, true}};
+const std::pair<const char*, int64_t Strides::*> kStrideDims[] = {
+    {"batch", &Strides::batch}, {"head", &Strides::head}, {"row", &Strides::row}};
+
+// One call of for_each_stride: its result, and the stride it changed.
+struct StrideCase {
+  E err;
+  std::string tensor, dim;
+  bool output;
+};
+
+const void* to_null(const void*) { return nullptr; }
+const void* off_by_two_bytes(const void* p) { return static_cast<const char*>(p) + 2; }
+
 // ---- Error strings ----------------------------------------------------------------------------
 
 TEST(ErrorStrings, DistinctForEveryCode) {
@@ -118,6 +163,23 @@ TEST(ErrorStrings, LastMessageIsPerCall) {
   EXPECT_STREQ(cuflash::get_last_error_message(), "");
 }
 
+TEST(ErrorStrings, LastMessageIsPerThread) {
+  Memory mem;
+  FlashAttentionForwardArgs a = forward_args(mem, DataType::FLOAT16);
+  a.v = nullptr;
+  expect_error(cuflash::flash_attention_forward(a), E::NULL_POINTER, "v must not be null");
+  std::string other_thread_message;
+  std::thread([&] {
+    FlashAttentionForwardArgs b = forward_args(mem, DataType::FLOAT16);
+    b.head_dim = 0;
+    cuflash::flash_attention_forward(b);
+    other_thread_message = cuflash::get_last_error_message();
+  }).join();
+  EXPECT_NE(other_thread_message.find("head_dim must be >= 1"), std::string::npos) << other_thread_message;
+  EXPECT_NE(std::string(cuflash::get_last_error_message()).find("v must not be null"), std::string::npos)
+      << cuflash::get_last_error_message();
+}
+
 // ---- Checks shared by every dtype, forward and backward ---------------------------------------
 
 class Validation : public ::testing::TestWithParam<DataType> {
@@ -125,6 +187,41 @@ class Validation : public ::testing::TestWithParam<DataType> {
   Memory mem;
   FlashAttentionForwardArgs fwd = forward_args(mem, GetParam());
   FlashAttentionBackwardArgs bwd = backward_args(mem, GetParam());
+
+  // Edits each pointer of each direction in turn; every call must fail with `code` and a message
+  // holding mention(the pointer's name).
+  void expect_each_pointer(PointerEdit edit, E code, const std::function<std::string(const std::string&)>& mention) {
+    for (const auto& [name, set] : kForwardPointers) {
+      SCOPED_TRACE("forward, " + name);
+      FlashAttentionForwardArgs f = fwd;
+      set(f, edit);
+      expect_error(cuflash::flash_attention_forward(f), code, mention(name));
+    }
+    for (const auto& [name, set] : kBackwardPointers) {
+      SCOPED_TRACE("backward, " + name);
+      FlashAttentionBackwardArgs b = bwd;
+      set(b, edit);
+      expect_error(cuflash::flash_attention_backward(b), code, mention(name));
+    }
+  }
+
+  // Edits each stride of each tensor of each direction in turn, and hands every call's result to `check`.
+  void for_each_stride(const std::function<void(int64_t&)>& edit, const std::function<void(const StrideCase&)>& check) {
+    for (const auto& [dim, member] : kStrideDims) {
+      for (const auto& t : kForwardStrides) {
+        SCOPED_TRACE(std::string("forward, ") + t.name + "'s " + dim + " stride");
+        FlashAttentionForwardArgs f = fwd;
+        edit((f.*t.strides).*member);
+        check({cuflash::flash_attention_forward(f), t.name, dim, t.output});
+      }
+      for (const auto& t : kBackwardStrides) {
+        SCOPED_TRACE(std::string("backward, ") + t.name + "'s " + dim + " stride");
+        FlashAttentionBackwardArgs b = bwd;
+        edit((b.*t.strides).*member);
+        check({cuflash::flash_attention_backward(b), t.name, dim, t.output});
+      }
+    }
+  }
 
   // Applies `change` to the config of both directions and expects both to fail with `code`.
   void expect_both(const std::function<void(AttentionConfig&)>& change, E code, const std::string& mention) {
@@ -145,26 +242,14 @@ TEST_P(Validation, ValidArgumentsAreAccepted) {
 }
 
 TEST_P(Validation, NullPointers) {
-  const std::pair<const char*, std::function<void(FlashAttentionForwardArgs&)>> fwd_cases[] = {
-      {"q", [](auto& a) { a.q = nullptr; }}, {"k", [](auto& a) { a.k = nullptr; }},
-      {"v", [](auto& a) { a.v = nullptr; }}, {"o", [](auto& a) { a.o = nullptr; }},
-      {"lse", [](auto& a) { a.lse = nullptr; }}};
-  for (const auto& [name, change] : fwd_cases) {
-    FlashAttentionForwardArgs f = fwd;
-    change(f);
-    expect_error(cuflash::flash_attention_forward(f), E::NULL_POINTER, std::string(name) + " must not be null");
-  }
-  const std::pair<const char*, std::function<void(FlashAttentionBackwardArgs&)>> bwd_cases[] = {
-      {"q", [](auto& a) { a.q = nullptr; }},     {"k", [](auto& a) { a.k = nullptr; }},
-      {"v", [](auto& a) { a.v = nullptr; }},     {"o", [](auto& a) { a.o = nullptr; }},
-      {"lse", [](auto& a) { a.lse = nullptr; }}, {"d_o", [](auto& a) { a.d_o = nullptr; }},
-      {"dq", [](auto& a) { a.dq = nullptr; }},   {"dk", [](auto& a) { a.dk = nullptr; }},
-      {"dv", [](auto& a) { a.dv = nullptr; }}};
-  for (const auto& [name, change] : bwd_cases) {
-    FlashAttentionBackwardArgs b = bwd;
-    change(b);
-    expect_error(cuflash::flash_attention_backward(b), E::NULL_POINTER, std::string(name) + " must not be null");
-  }
+  expect_each_pointer(to_null, E::NULL_POINTER, [](const std::string& name) { return name + " must not be null"; });
+}
+
+TEST_P(Validation, MisalignedPointers) {  // 2 bytes off: misaligned for every element type
+  const std::string alignment = GetParam() == DataType::FLOAT32 ? "4" : "16";
+  expect_each_pointer(off_by_two_bytes, E::INVALID_ALIGNMENT, [&](const std::string& name) {
+    return name + " must be " + (name == "lse" ? "4" : alignment) + "-byte aligned";
+  });
 }
 
 TEST_P(Validation, NullIsAllowedForEmptyTensors) {
@@ -173,6 +258,9 @@ TEST_P(Validation, NullIsAllowedForEmptyTensors) {
   expect_accepted(cuflash::flash_attention_forward(f), mem);
   FlashAttentionBackwardArgs b = bwd;
   b.seqlen_q = 0, b.q = b.o = b.d_o = nullptr, b.lse = nullptr, b.dq = nullptr;  // no queries: dk = dv = 0
+  expect_accepted(cuflash::flash_attention_backward(b), mem);
+  b = bwd;
+  b.seqlen_k = 0, b.k = b.v = nullptr, b.dk = b.dv = nullptr;  // no keys: dq = 0
   expect_accepted(cuflash::flash_attention_backward(b), mem);
 }
 
@@ -204,6 +292,8 @@ TEST_P(Validation, BadDimensions) {
   expect_both([](auto& c) { c.batch_size = 65536; }, E::INVALID_DIMENSION, "at most 65535");
   expect_both([](auto& c) { c.num_heads_q = 65536, c.num_heads_kv = 1; }, E::INVALID_DIMENSION, "at most 65535");
   expect_both([](auto& c) { c.num_heads_kv = 3; }, E::INVALID_DIMENSION, "multiple of num_heads_kv");
+  expect_both([](auto& c) { c.num_heads_kv = 8; }, E::INVALID_DIMENSION,
+              "num_heads_q (4) must be a multiple of num_heads_kv (8)");
   expect_both([](auto& c) { c.num_heads_kv = 0; }, E::INVALID_DIMENSION, "multiple of num_heads_kv");
   expect_both([](auto& c) { c.head_dim = 0; }, E::INVALID_DIMENSION, "head_dim must be >= 1");
   expect_both(
@@ -233,6 +323,19 @@ TEST_P(Validation, BadScalarsAndWindows) {
   expect_both([](auto& c) { c.window_right = -5; }, E::INVALID_ARGUMENT, "window_left and window_right");
 }
 
+TEST_P(Validation, WindowsOfAnySizeAreAccepted) {
+  for (const auto& [left, right] : {std::pair{0, 0}, {-1, 0}, {0, -1}, {std::numeric_limits<int>::max(), 3},
+                                    {2, std::numeric_limits<int>::max()}}) {
+    SCOPED_TRACE("window " + std::to_string(left) + ", " + std::to_string(right));
+    for (bool bottom_right : {false, true}) {
+      fwd.window_left = bwd.window_left = left, fwd.window_right = bwd.window_right = right;
+      fwd.causal_bottom_right = bwd.causal_bottom_right = bottom_right;
+      expect_accepted(cuflash::flash_attention_forward(fwd), mem);
+      expect_accepted(cuflash::flash_attention_backward(bwd), mem);
+    }
+  }
+}
+
 TEST_P(Validation, CausalOverridesTheRightWindow) {  // as the torch ops: causal sets window_right to 0
   fwd.causal = bwd.causal = true;
   fwd.window_right = bwd.window_right = 4;
@@ -248,13 +351,12 @@ TEST_P(Validation, BadDtype) {
 TEST_P(Validation, Misalignment) {
   const bool tc = GetParam() != DataType::FLOAT32;
   FlashAttentionForwardArgs f = fwd;
-  f.k = static_cast<const char*>(f.k) + (tc ? 8 : 2);
-  expect_error(cuflash::flash_attention_forward(f), E::INVALID_ALIGNMENT, tc ? "k must be 16-byte aligned"
-                                                                             : "k must be 4-byte aligned");
+  f.k = static_cast<const char*>(f.k) + 8;  // aligned to its element, not to the tensor cores' 16-byte vectors
+  if (tc)
+    expect_error(cuflash::flash_attention_forward(f), E::INVALID_ALIGNMENT, "k must be 16-byte aligned");
+  else
+    expect_accepted(cuflash::flash_attention_forward(f), mem);
   FlashAttentionBackwardArgs b = bwd;
-  b.lse = reinterpret_cast<const float*>(reinterpret_cast<const char*>(b.lse) + 2);
-  expect_error(cuflash::flash_attention_backward(b), E::INVALID_ALIGNMENT, "lse must be 4-byte aligned");
-  b = bwd;
   b.workspace = static_cast<char*>(mem.next()) + 4;
   b.workspace_bytes = cuflash::flash_attention_backward_workspace_size(b);
   expect_error(cuflash::flash_attention_backward(b), E::INVALID_ALIGNMENT, "workspace must be 16-byte aligned");
@@ -272,28 +374,55 @@ TEST_P(Validation, Misalignment) {
   expect_accepted(cuflash::flash_attention_forward(f), mem);
 }
 
-TEST_P(Validation, BadLayouts) {
+TEST_P(Validation, NegativeStrides) {
+  for_each_stride([](int64_t& stride) { stride = -stride; }, [](const StrideCase& c) {
+    expect_error(c.err, E::INVALID_LAYOUT, c.tensor + "'s " + c.dim + " stride must be >= 0");
+  });
+  // The stride of a size-1 dimension is never used, so it is not checked.
   FlashAttentionForwardArgs f = fwd;
-  f.k_strides.head = -f.k_strides.head;
-  expect_error(cuflash::flash_attention_forward(f), E::INVALID_LAYOUT, "k's head stride must be >= 0");
-  // Outputs must not overlap themselves: rows closer than head_dim, heads sharing rows, a
-  // broadcast (stride 0) dimension.
-  f = fwd;
+  f.batch_size = 1, f.q_strides.batch = -5;
+  expect_accepted(cuflash::flash_attention_forward(f), mem);
+}
+
+TEST_P(Validation, ZeroStrides) {  // inputs may broadcast; outputs must not overlap themselves
+  for_each_stride([](int64_t& stride) { stride = 0; }, [&](const StrideCase& c) {
+    if (c.output)
+      expect_error(c.err, E::INVALID_LAYOUT,
+                   c.tensor + " is an output, so its elements must not overlap, but its " + c.dim + " stride is 0");
+    else
+      expect_accepted(c.err, mem);
+  });
+}
+
+TEST_P(Validation, StridesSpanning2To62Elements) {
+  for_each_stride([](int64_t& stride) { stride = int64_t{1} << 62; }, [](const StrideCase& c) {
+    expect_error(c.err, E::INVALID_LAYOUT, c.tensor + " spans 2^62 elements or more");
+  });
+}
+
+TEST_P(Validation, TensorCoreStridesAreMultiplesOf8) {
+  if (GetParam() == DataType::FLOAT32) GTEST_SKIP() << "float32 takes any stride (see Misalignment)";
+  for_each_stride([](int64_t& stride) { stride += 4; }, [](const StrideCase& c) {
+    expect_error(c.err, E::INVALID_ALIGNMENT, c.tensor + "'s " + c.dim + " stride must be a multiple of 8");
+  });
+}
+
+TEST_P(Validation, BadLayouts) {
+  // Outputs must not overlap themselves: rows closer than head_dim, heads sharing rows (zero
+  // strides: ZeroStrides).
+  FlashAttentionForwardArgs f = fwd;
   f.o_strides.row = 32;
   expect_error(cuflash::flash_attention_forward(f), E::INVALID_LAYOUT, "o is an output");
   f = fwd;
   f.o_strides.head = f.o_strides.row;
   expect_error(cuflash::flash_attention_forward(f), E::INVALID_LAYOUT, "o is an output");
   FlashAttentionBackwardArgs b = bwd;
-  b.dk_strides.batch = 0;
-  expect_error(cuflash::flash_attention_backward(b), E::INVALID_LAYOUT, "dk is an output");
-  // A tensor reaching past 2^62 elements.
+  b.dv_strides.batch = b.dv_strides.head / 2;  // batches sharing elements
+  expect_error(cuflash::flash_attention_backward(b), E::INVALID_LAYOUT,
+               "dv is an output, so its elements must not overlap, but its batch stride (768) is below the span "
+               "of its row dimension (24 x 64)");
+  // Outputs may interleave ([batch, seqlen, heads, head_dim]).
   f = fwd;
-  f.v_strides.batch = int64_t{1} << 62;
-  expect_error(cuflash::flash_attention_forward(f), E::INVALID_LAYOUT, "v spans 2^62");
-  // Inputs may broadcast (stride 0), and outputs may interleave ([batch, seqlen, heads, head_dim]).
-  f = fwd;
-  f.k_strides.batch = f.v_strides.batch = 0;
   f.o_strides = cuflash::bshd_strides(f.num_heads_q, f.seqlen_q, f.head_dim);
   expect_accepted(cuflash::flash_attention_forward(f), mem);
 }
@@ -306,6 +435,17 @@ TEST_P(Validation, Workspace) {
   b.workspace_bytes = cuflash::flash_attention_backward_workspace_size(b) - 1;
   expect_error(cuflash::flash_attention_backward(b), E::INVALID_ARGUMENT, "workspace_bytes must be at least");
   b.workspace_bytes += 1;
+  expect_accepted(cuflash::flash_attention_backward(b), mem);
+  // Problems with no query rows need none; a zero-byte workspace is then enough.
+  for (auto change : {+[](AttentionConfig& c) { c.batch_size = 0; }, +[](AttentionConfig& c) { c.seqlen_q = 0; },
+                      +[](AttentionConfig& c) { c.num_heads_q = -1; }}) {
+    AttentionConfig c = bwd;
+    change(c);
+    EXPECT_EQ(cuflash::flash_attention_backward_workspace_size(c), 0u);
+  }
+  b = bwd;
+  b.seqlen_q = 0, b.q = b.o = b.d_o = nullptr, b.lse = nullptr, b.dq = nullptr;
+  b.workspace = mem.next(), b.workspace_bytes = 0;
   expect_accepted(cuflash::flash_attention_backward(b), mem);
 }
 
@@ -340,21 +480,50 @@ TYPED_TEST(SimpleForm, ChecksItsArguments) {
   };
   expect_accepted(fwd(q, lse, 2, 3, 40, 64, 0.125f), mem);
   expect_accepted(bwd(dout, dk, 2, 3, 40, 64, 0.125f), mem);
-  expect_error(fwd(nullptr, lse, 2, 3, 40, 64, 0.125f), E::NULL_POINTER, "q must not be null");
-  expect_error(fwd(q, nullptr, 2, 3, 40, 64, 0.125f), E::NULL_POINTER, "lse must not be null");
-  expect_error(bwd(nullptr, dk, 2, 3, 40, 64, 0.125f), E::NULL_POINTER, "d_o must not be null");
-  expect_error(bwd(dout, nullptr, 2, 3, 40, 64, 0.125f), E::NULL_POINTER, "dk must not be null");
   expect_error(fwd(q, lse, -2, 3, 40, 64, 0.125f), E::INVALID_DIMENSION, "batch_size");
+  expect_error(bwd(dout, dk, 2, 3, 40, 0, 0.125f), E::INVALID_DIMENSION, "head_dim must be >= 1");
   expect_error(bwd(dout, dk, 2, 3, -40, 64, 0.125f), E::INVALID_DIMENSION, "seqlen_q");
   expect_error(fwd(q, lse, 2, 70000, 40, 64, 0.125f), E::INVALID_DIMENSION, "at most 65535");
   expect_error(fwd(q, lse, 2, 3, 40, 300, 0.125f), E::UNSUPPORTED_HEAD_DIM, "at most 256");
   expect_error(bwd(dout, dk, 2, 3, 40, 64, NAN), E::INVALID_ARGUMENT, "scale");
+  expect_error(fwd(q, lse, 2, 3, 40, 64, -INFINITY), E::INVALID_ARGUMENT, "scale");
   if (!std::is_same_v<T, float>) {
     expect_error(fwd(q, lse, 2, 3, 40, 36, 0.125f), E::UNSUPPORTED_HEAD_DIM, "multiple of 8");
   }
-  const T* misaligned = reinterpret_cast<const T*>(reinterpret_cast<const char*>(q) + 2);
-  expect_error(fwd(misaligned, lse, 2, 3, 40, 64, 0.125f), E::INVALID_ALIGNMENT, "q must be");
   EXPECT_EQ(fwd(nullptr, nullptr, 0, 3, 40, 64, 0.125f), E::SUCCESS);  // empty batch
+  EXPECT_EQ(fwd(nullptr, nullptr, 2, 0, 40, 64, 0.125f), E::SUCCESS);  // no heads
+}
+
+// Each pointer reaches the check of its own name: the forward's Q, K, V, O, L and the backward's
+// Q, K, V, O, L, dO, dQ, dK, dV, set to null or misaligned one at a time.
+TYPED_TEST(SimpleForm, NamesEachPointer) {
+  using T = TypeParam;
+  Memory mem;
+  const std::string names[] = {"q", "k", "v", "o", "lse", "d_o", "dq", "dk", "dv"};
+  std::array<const void*, 9> good;
+  for (const void*& p : good) p = mem.next();
+  auto fwd = [](const std::array<const void*, 9>& p) {
+    auto in = [&](int i) { return static_cast<const T*>(p[i]); };
+    return cuflash::flash_attention_forward(in(0), in(1), in(2), const_cast<T*>(in(3)),
+                                            static_cast<float*>(const_cast<void*>(p[4])), 2, 3, 40, 64, 0.125f, true);
+  };
+  auto bwd = [](const std::array<const void*, 9>& p) {
+    auto in = [&](int i) { return static_cast<const T*>(p[i]); };
+    auto out = [&](int i) { return const_cast<T*>(in(i)); };
+    return cuflash::flash_attention_backward(in(0), in(1), in(2), in(3), static_cast<const float*>(p[4]), in(5),
+                                             out(6), out(7), out(8), 2, 3, 40, 64, 0.125f, true);
+  };
+  for (int i = 0; i < 9; ++i) {
+    SCOPED_TRACE(names[i]);
+    for (PointerEdit edit : {to_null, off_by_two_bytes}) {
+      std::array<const void*, 9> p = good;
+      p[i] = edit(p[i]);
+      const E code = edit == to_null ? E::NULL_POINTER : E::INVALID_ALIGNMENT;
+      const std::string mention = names[i] + (edit == to_null ? " must not be null" : " must be");
+      if (i < 5) expect_error(fwd(p), code, mention);
+      expect_error(bwd(p), code, mention);
+    }
+  }
 }
 
 // ---- Checks that ask CUDA ----------------------------------------------------------------------
@@ -377,6 +546,34 @@ TEST(CudaChecks, HostMemoryIsRejected) {
   std::vector<char> host(Memory::kBytes + 16);
   f.v = reinterpret_cast<void*>((reinterpret_cast<uintptr_t>(host.data()) + 15) / 16 * 16);
   expect_error(cuflash::flash_attention_forward(f), E::INVALID_ARGUMENT, "v is host memory");
+}
+
+TEST(CudaChecks, PinnedAndManagedMemoryAreAccepted) {
+  CUFLASH_REQUIRE_CUDA();
+  void *pinned = nullptr, *managed = nullptr;
+  ASSERT_EQ(cudaMallocHost(&pinned, Memory::kBytes), cudaSuccess);
+  ASSERT_EQ(cudaMallocManaged(&managed, Memory::kBytes), cudaSuccess);
+  std::memset(pinned, 0, Memory::kBytes), std::memset(managed, 0, Memory::kBytes);
+  Memory mem;
+  FlashAttentionForwardArgs f = forward_args(mem, DataType::FLOAT16);
+  f.k = pinned, f.v = managed;
+  expect_accepted(cuflash::flash_attention_forward(f), mem);
+  EXPECT_EQ(cudaFreeHost(pinned), cudaSuccess);
+  EXPECT_EQ(cudaFree(managed), cudaSuccess);
+}
+
+TEST(CudaChecks, MemoryOfAnotherDeviceIsRejected) {
+  int count = 0;
+  if (!cuda_device_available() || cudaGetDeviceCount(&count) != cudaSuccess || count < 2)
+    GTEST_SKIP() << "needs two CUDA devices";
+  ASSERT_EQ(cudaSetDevice(1), cudaSuccess);
+  DeviceBuffer on_device_1(Memory::kBytes);
+  ASSERT_EQ(cudaSetDevice(0), cudaSuccess);
+  Memory mem;
+  FlashAttentionBackwardArgs b = backward_args(mem, DataType::BFLOAT16);
+  b.dk = on_device_1.get();
+  expect_error(cuflash::flash_attention_backward(b), E::INVALID_ARGUMENT,
+               "dk is memory of device 1 but the current device is 0");
 }
 
 }  // namespace
