@@ -28,7 +28,6 @@ import torch  # noqa: E402
 
 from reference import LOW_PRECISION, assert_close_to_reference, assert_lse_close, reference_results  # noqa: E402
 from test_accuracy import check_against_reference  # noqa: E402
-from test_attn_mask import make_mask  # noqa: E402
 from test_features import check_dense, check_varlen  # noqa: E402
 
 F16, BF16, F32, F64 = torch.float16, torch.bfloat16, torch.float32, torch.float64
@@ -102,10 +101,8 @@ def run_case(case, device):
                      softcap=10.0, dropout_p=0.1)
     elif variant in ("float_mask", "bool_mask"):
         kind = variant.split("_")[0]
-        size = (b, 1, 1, nk) if kind == "float" else (nq, nk)
-        mask = make_mask(kind, size, device, dtype, requires_grad=kind == "float")
-        check_dense(device, dtype, b, h, h // 2 if kind == "bool" else h, nq, nk, d, attn_mask=mask,
-                    causal=causal != "none")
+        check_dense(device, dtype, b, h, h // 2 if kind == "bool" else h, nq, nk, d,
+                    attn_mask=(kind, "B11S" if kind == "float" else "LS"), causal=causal != "none")
     elif variant == "dlse":
         check_with_lse_gradient(device, dtype, d, b, h, nq, nk, causal)
     else:

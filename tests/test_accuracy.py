@@ -120,8 +120,8 @@ def draw_sweep_case(device, seed):
                    softcap=pick([0.5, 5.0, 30.0]) if chance(0.25) else 0.0,
                    alibi=pick(["heads", "batch"]) if chance(0.25) else None,
                    dropout_p=pick([0.1, 0.3]) if chance(0.15) else 0.0)
-    # attn_mask (boolean and additive float masks) joins these draws once the kernels take it (in
-    # progress elsewhere): draw None, a bool or a float mask here and pass it to the check.
+    if check == "check_dense" and chance(0.25):  # attn_mask: not with packed batches
+        kwargs["attn_mask"] = (pick(["bool", "float"]), pick(list(test_features.MASK_SHAPES)))
     defaults = dict(causal=False, bottom_right=False, window=(-1, -1), softcap=0.0, alibi=None, dropout_p=0.0)
     kwargs.update({key: value for key, value in options.items() if value != defaults[key]})
     return check, kwargs

@@ -6,51 +6,17 @@ import pytest
 import torch
 
 from conftest import HAS_CUDA
-from test_features import DEVICES, DTYPE_IDS, DTYPES, check_dense
+from test_features import DEVICES, DTYPE_IDS, DTYPES, MASK_SHAPES, check_dense, make_mask
 
 ops = torch.ops.cuflash_attn
 fwd = ops.fwd
 
-# Mask shapes by name, for (batch, heads, seqlen_q, seqlen_k).
-SHAPES = {
-    "LS": lambda b, h, nq, nk: (nq, nk),
-    "S": lambda b, h, nq, nk: (nk,),
-    "B11S": lambda b, h, nq, nk: (b, 1, 1, nk),  # key padding
-    "B1LS": lambda b, h, nq, nk: (b, 1, nq, nk),
-    "1HLS": lambda b, h, nq, nk: (1, h, nq, nk),
-    "H11": lambda b, h, nq, nk: (h, 1, 1),
-    "BHLS": lambda b, h, nq, nk: (b, h, nq, nk),
-}
-
-
-def make_mask(kind, shape, device, dtype, seed=0, transposed=False, requires_grad=False):
-    """A boolean mask (about 70% True), or a float one in dtype with a tenth of it -inf. With
-    transposed, the last two dimensions are a transposed view (strides not row-major)."""
-    g = torch.Generator().manual_seed(seed + 11)
-    if transposed:
-        shape = (*shape[:-2], shape[-1], shape[-2])
-    if kind == "bool":
-        mask = torch.rand(shape, generator=g) < 0.7
-    else:
-        mask = 2 * torch.randn(shape, generator=g, dtype=torch.float64)
-        mask = mask.masked_fill(torch.rand(shape, generator=g) < 0.1, float("-inf"))
-    mask = mask.to(device, dtype if kind == "float" else torch.bool)
-    if transposed:
-        mask = mask.transpose(-1, -2)
-    return mask.requires_grad_(requires_grad)
-
-
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 @pytest.mark.parametrize("kind", ["bool", "float"])
-@pytest.mark.parametrize("shape", list(SHAPES))
+@pytest.mark.parametrize("shape", list(MASK_SHAPES))
 def test_mask_shapes(device, dtype, kind, shape):
-    b, h, nq, nk = 2, 3, 77, 130
-    size = SHAPES[shape](b, h, nq, nk)
-    # A mask constant along the keys does not change the softmax: its gradient is 0 up to rounding,
-    # which a bound relative to 0 cannot judge (gradcheck covers it below).
-    mask = make_mask(kind, size, device, dtype, requires_grad=kind == "float" and size[-1] != 1)
-    check_dense(device, dtype, b, h, h, nq, nk, 64, attn_mask=mask)
+    check_dense(device, dtype, 2, 3, 3, 77, 130, 64, attn_mask=(kind, shape))
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -110,7 +76,7 @@ def test_float_mask_gradcheck(device, shape):
     g = torch.Generator().manual_seed(3)
     q, k, v = (torch.randn(b, h, n, d, generator=g, dtype=torch.float64).to(device).requires_grad_()
                for n in (nq, nk, nk))
-    mask = torch.randn(SHAPES[shape](b, h, nq, nk), generator=g, dtype=torch.float64).to(device).requires_grad_()
+    mask = torch.randn(MASK_SHAPES[shape](b, h, nq, nk), generator=g, dtype=torch.float64).to(device).requires_grad_()
     assert torch.autograd.gradcheck(lambda q, k, v, m: fwd(q, k, v, attn_mask=m)[0], (q, k, v, mask))
 
 

@@ -16,6 +16,35 @@ DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not HAS_CUDA, re
 fwd = torch.ops.cuflash_attn.fwd
 
 
+# Mask shapes by name, for (batch, heads, seqlen_q, seqlen_k).
+MASK_SHAPES = {
+    "LS": lambda b, h, nq, nk: (nq, nk),
+    "S": lambda b, h, nq, nk: (nk,),
+    "B11S": lambda b, h, nq, nk: (b, 1, 1, nk),  # key padding
+    "B1LS": lambda b, h, nq, nk: (b, 1, nq, nk),
+    "1HLS": lambda b, h, nq, nk: (1, h, nq, nk),
+    "H11": lambda b, h, nq, nk: (h, 1, 1),
+    "BHLS": lambda b, h, nq, nk: (b, h, nq, nk),
+}
+
+
+def make_mask(kind, shape, device, dtype, seed=0, transposed=False, requires_grad=False):
+    """A boolean mask (about 70% True), or a float one in dtype with a tenth of it -inf. With
+    transposed, the last two dimensions are a transposed view (strides not row-major)."""
+    g = torch.Generator().manual_seed(seed + 11)
+    if transposed:
+        shape = (*shape[:-2], shape[-1], shape[-2])
+    if kind == "bool":
+        mask = torch.rand(shape, generator=g) < 0.7
+    else:
+        mask = 2 * torch.randn(shape, generator=g, dtype=torch.float64)
+        mask = mask.masked_fill(torch.rand(shape, generator=g) < 0.1, float("-inf"))
+    mask = mask.to(device, dtype if kind == "float" else torch.bool)
+    if transposed:
+        mask = mask.transpose(-1, -2)
+    return mask.requires_grad_(requires_grad)
+
+
 def make_options(nq_batch, heads_q, device, causal=False, bottom_right=False, window=(-1, -1), softcap=0.0,
                  alibi=None, dropout_p=0.0, seed=0):
     """The op's keyword options and the reference's, for one configuration."""
@@ -53,7 +82,13 @@ def compare(dtype, got, ref, pt):
 
 
 def check_dense(device, dtype, batch, heads_q, heads_kv, nq, nk, d, seed=0, attn_mask=None, **features):
-    """attn_mask (on `device`) gets its gradient checked too when it requires grad."""
+    """attn_mask (on `device`) gets its gradient checked too when it requires grad; a pair
+    (kind, MASK_SHAPES name) stands for make_mask's random mask of that kind and shape, float
+    ones with a gradient unless constant along the keys (whose gradient is 0 up to rounding)."""
+    if isinstance(attn_mask, tuple):
+        kind, shape = attn_mask
+        size = MASK_SHAPES[shape](batch, heads_q, nq, nk)
+        attn_mask = make_mask(kind, size, device, dtype, seed, requires_grad=kind == "float" and size[-1] != 1)
     torch.manual_seed(seed)
     make = lambda h, n: torch.randn(batch, h, n, d, dtype=torch.float64).to(device, dtype)  # noqa: E731
     q, k, v, dout = make(heads_q, nq), make(heads_kv, nk), make(heads_kv, nk), make(heads_q, nq)
