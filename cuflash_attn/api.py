@@ -1,13 +1,11 @@
 """The public API."""
-import math
 import numbers
 from typing import Optional, Tuple
 
 import torch
 
+from .fallback import SDPAArgumentError, fallback_reason, record_kernel_call, run_torch
 from .ops import _ops, new_rng_state
-
-_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
 def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = False,
@@ -55,43 +53,42 @@ def _window(window_size) -> Tuple[int, int]:
 
 def scaled_dot_product_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                                  attn_mask: Optional[torch.Tensor] = None, dropout_p: float = 0.0,
-                                 is_causal: bool = False, scale: Optional[float] = None,
+                                 is_causal: bool = False, *, scale: Optional[float] = None,
                                  enable_gqa: bool = False) -> torch.Tensor:
     """torch.nn.functional.scaled_dot_product_attention's signature and semantics.
 
     Shapes (N, ..., L, E) for query and (N, ..., S, E) for key and value; is_causal is aligned
-    top-left. Arguments the kernels cannot honour yet raise NotImplementedError naming the
-    argument; nothing is silently ignored.
+    top-left. Calls the kernels cannot run (cuflash_attn.fallback lists them: attn_mask, a value
+    head_dim other than query's, head_dim above 256, ...) run torch's implementation, with a
+    FallbackWarning once per reason; input torch rejects raises as torch raises it.
     """
-    if attn_mask is not None:
-        raise NotImplementedError("cuflash_attn.scaled_dot_product_attention: attn_mask is not supported yet")
-    if not isinstance(dropout_p, (int, float)) or math.isnan(dropout_p) or not 0.0 <= dropout_p < 1.0:
-        raise ValueError(f"cuflash_attn.scaled_dot_product_attention: dropout_p must be in [0, 1), got {dropout_p}")
-    for name, t in (("query", query), ("key", key), ("value", value)):
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"cuflash_attn.scaled_dot_product_attention: {name} must be a tensor, got {type(t).__name__}")
-        if t.dim() < 2:
-            raise ValueError(f"cuflash_attn.scaled_dot_product_attention: {name} must have at least 2 dimensions "
-                             f"(..., seqlen, head_dim), got {t.dim()}")
-    if not (query.dim() == key.dim() == value.dim()):
-        raise ValueError("cuflash_attn.scaled_dot_product_attention: query, key and value must have the same "
-                         f"number of dimensions, got {query.dim()}, {key.dim()} and {value.dim()}")
-    if value.shape[-1] != query.shape[-1]:
-        raise NotImplementedError("cuflash_attn.scaled_dot_product_attention: value with a head_dim "
-                                  f"({value.shape[-1]}) other than query's ({query.shape[-1]}) is not supported yet")
-    gqa = query.dim() >= 3 and key.shape[-3] != query.shape[-3]
-    if gqa and not enable_gqa:
-        raise ValueError("cuflash_attn.scaled_dot_product_attention: query and key must have the same number "
-                         f"of heads ({query.shape[-3]} vs {key.shape[-3]}) unless enable_gqa=True")
+    _check_sdpa_args(query, key, value, dropout_p)
+    reason = fallback_reason(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
+    if reason is not None:
+        return run_torch(reason, query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
     lead = query.shape[:-2]
-    kv_lead = (*lead[:-1], key.shape[-3]) if gqa else lead
-    if key.shape[:-2] != kv_lead or value.shape[:-2] != kv_lead:
-        raise ValueError("cuflash_attn.scaled_dot_product_attention: query, key and value must have the same "
-                         f"leading dimensions, got {tuple(query.shape)}, {tuple(key.shape)} and {tuple(value.shape)}")
     # Fold (N, ...) into [batch, heads]: a view whenever the leading dimensions allow one.
     q4, k4, v4 = (_as_4d(t) for t in (query, key, value))
     out = flash_attention(q4, k4, v4, causal=is_causal, scale=scale, dropout_p=float(dropout_p))
+    record_kernel_call()
     return out.reshape(*lead, out.shape[-2], out.shape[-1])
+
+
+def _check_sdpa_args(query, key, value, dropout_p) -> None:
+    """Errors torch raises too (as RuntimeError; SDPAArgumentError is both), checked here because
+    torch's message does not name the argument (dropout_p) or torch 2.11's CPU backend reads
+    out of bounds instead of raising (key and value of different lengths)."""
+    try:
+        p = float(dropout_p)
+    except (TypeError, ValueError):
+        raise TypeError(f"cuflash_attn.scaled_dot_product_attention: dropout_p must be a float, "
+                        f"got {type(dropout_p).__name__}") from None
+    if not 0.0 <= p <= 1.0:  # also NaN
+        raise SDPAArgumentError(f"cuflash_attn.scaled_dot_product_attention: dropout_p must be in [0, 1], got {p}")
+    dense = all(isinstance(t, torch.Tensor) and not t.is_nested and t.dim() >= 2 for t in (key, value))
+    if dense and key.shape[-2] != value.shape[-2]:
+        raise SDPAArgumentError("cuflash_attn.scaled_dot_product_attention: key and value must have the same "
+                                f"sequence length, got {key.shape[-2]} and {value.shape[-2]}")
 
 
 def _as_4d(t: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,273 @@
+"""cuflash_attn as a drop-in for torch.nn.functional.scaled_dot_product_attention: the fallback to
+torch's implementation (and its warning and counts), torch's errors, torch.compile."""
+import math
+import warnings
+
+import pytest
+import torch
+from torch._dynamo.utils import counters
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+import cuflash_attn
+from conftest import DEVICES, requires_cuda
+from cuflash_attn.fallback import TORCH_SDPA
+
+@pytest.fixture(autouse=True)
+def _fresh_stats():
+    """Each test starts with zero counts and no reason warned about yet."""
+    cuflash_attn.reset_sdpa_stats()
+
+
+def rand(*shape, device="cpu", dtype=torch.float32, requires_grad=False):
+    return torch.randn(*shape, device=device, dtype=dtype, requires_grad=requires_grad)
+
+
+def qkv(device="cpu", dtype=torch.float32, b=2, h=4, nq=16, nk=24, d=16, requires_grad=False):
+    return [rand(b, h, n, d, device=device, dtype=dtype, requires_grad=requires_grad) for n in (nq, nk, nk)]
+
+
+def _fallback_cases():
+    """(id, inputs(device) -> (args, kwargs), the reason's pattern): calls torch's SDPA computes
+    and the kernels cannot."""
+    def std(**kwargs):
+        return lambda device: (qkv(device), kwargs)
+
+    def shapes(q, k, v, **kwargs):
+        return lambda device: ([rand(*s, device=device) for s in (q, k, v)], kwargs)
+
+    mask = lambda dtype: lambda device: (  # noqa: E731
+        qkv(device), dict(attn_mask=(torch.rand(16, 24, device=device) > 0.3).to(dtype)))
+    return [
+        ("attn_mask bool", mask(torch.bool), r"attn_mask"),
+        ("attn_mask float", mask(torch.float32), r"attn_mask"),
+        ("is_causal with attn_mask", lambda device: (
+            qkv(device), dict(attn_mask=torch.rand(16, 24, device=device) > 0.3, is_causal=True)),
+         r"is_causal together with attn_mask"),
+        ("value head_dim", shapes((2, 4, 16, 16), (2, 4, 24, 16), (2, 4, 24, 8)), r"value with a head_dim"),
+        ("head_dim 320", shapes((1, 2, 8, 320), (1, 2, 8, 320), (1, 2, 8, 320)), r"head_dim outside \[1, 256\]"),
+        ("head_dim 0", shapes((1, 2, 8, 0), (1, 2, 8, 0), (1, 2, 8, 0)), r"head_dim outside"),
+        ("dropout_p 1", std(dropout_p=1.0), r"dropout_p = 1"),
+        ("scale nan", std(scale=math.nan), r"scale that is not finite"),
+        ("scale inf", std(scale=math.inf), r"scale that is not finite"),
+        ("batch broadcast", shapes((2, 4, 16, 16), (1, 4, 24, 16), (1, 4, 24, 16)), r"leading dimensions"),
+        ("heads broadcast", shapes((2, 4, 16, 16), (2, 1, 24, 16), (2, 1, 24, 16)), r"leading dimensions"),
+        ("ranks differ", shapes((2, 4, 16, 16), (4, 24, 16), (4, 24, 16)), r"numbers of dimensions"),
+        ("gqa key and value heads differ", shapes((2, 4, 16, 16), (2, 2, 24, 16), (2, 4, 24, 16), enable_gqa=True),
+         r"key and value with different numbers of heads"),
+    ]
+
+
+FALLBACK_CASES = _fallback_cases()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("name,inputs,pattern", FALLBACK_CASES, ids=[c[0] for c in FALLBACK_CASES])
+def test_fallback_matches_torch_and_warns_once(device, name, inputs, pattern):
+    args, kwargs = inputs(device)
+    with pytest.warns(cuflash_attn.FallbackWarning, match=pattern):
+        got = cuflash_attn.scaled_dot_product_attention(*args, **kwargs)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", cuflash_attn.FallbackWarning)  # once per reason
+        again = cuflash_attn.scaled_dot_product_attention(*args, **kwargs)
+    expected = TORCH_SDPA(*args, **kwargs)
+    for result in (got, again):  # bitwise, NaN where torch's has NaN (a NaN scale)
+        torch.testing.assert_close(result, expected, rtol=0, atol=0, equal_nan=True)
+    stats = cuflash_attn.sdpa_stats()
+    assert stats["cuflash_attn"] == 0 and list(stats["fallback"].values()) == [2]
+
+
+@requires_cuda
+def test_fallback_cuda_grid_limit():
+    q, k, v = qkv("cuda", torch.bfloat16, b=70000, h=1, nq=4, nk=4, d=8)
+    # torch's fused CUDA backends have the same grid limit (pytorch issue 142228); math has none.
+    with sdpa_kernel(SDPBackend.MATH):
+        with pytest.warns(cuflash_attn.FallbackWarning, match=r"batch or heads above 65535 on CUDA"):
+            got = cuflash_attn.scaled_dot_product_attention(q, k, v, is_causal=True)
+        assert torch.equal(got, TORCH_SDPA(q, k, v, is_causal=True))
+
+
+def test_fallback_nested_tensors():
+    q, k, v = (torch.nested.nested_tensor([rand(n, 2, 8) for n in (5, 7)], layout=torch.jagged).transpose(1, 2)
+               for _ in range(3))
+    with pytest.warns(cuflash_attn.FallbackWarning, match=r"nested tensors"):
+        got = cuflash_attn.scaled_dot_product_attention(q, k, v)
+    for a, b in zip(got.unbind(), TORCH_SDPA(q, k, v).unbind()):
+        assert torch.equal(a, b)
+
+
+def test_fallback_tensor_subclass_keeps_torch_function():
+    class Tagged(torch.Tensor):
+        pass
+
+    q, k, v = (t.as_subclass(Tagged) for t in qkv())
+    with pytest.warns(cuflash_attn.FallbackWarning, match=r"__torch_function__"):
+        got = cuflash_attn.scaled_dot_product_attention(q, k, v)
+    assert type(got) is Tagged and torch.equal(got, TORCH_SDPA(q, k, v))
+
+
+def test_torch_function_modes_keep_the_kernels():
+    """A TorchFunctionMode (torch.device's context is one) is not a subclass: the kernels run."""
+    q, k, v = (torch.nn.Parameter(t) for t in qkv())
+    with torch.device("cpu"):
+        got = cuflash_attn.scaled_dot_product_attention(q, k, v, is_causal=True)
+    assert cuflash_attn.sdpa_stats() == {"cuflash_attn": 1, "fallback": {}}
+    torch.testing.assert_close(got, TORCH_SDPA(q, k, v, is_causal=True), rtol=1e-5, atol=1e-5)
+
+
+def test_fallback_forward_mode_ad():
+    """The ops have no forward-mode derivative (they would drop the tangent): torch's has one."""
+    import torch.autograd.forward_ad as fwAD
+
+    q, k, v = qkv(dtype=torch.float64)
+    tangent = torch.randn_like(q)
+    results = []
+    for fn in (cuflash_attn.scaled_dot_product_attention, TORCH_SDPA):
+        with sdpa_kernel(SDPBackend.MATH), fwAD.dual_level(), warnings.catch_warnings():
+            warnings.simplefilter("ignore", cuflash_attn.FallbackWarning)
+            out = fn(fwAD.make_dual(q, tangent), k, v, is_causal=True)
+            results.append(fwAD.unpack_dual(out))
+    assert torch.equal(results[0].primal, results[1].primal)
+    assert torch.equal(results[0].tangent, results[1].tangent)
+    assert cuflash_attn.sdpa_stats()["fallback"] == {"forward-mode AD (dual tensors)": 1}
+
+
+@pytest.mark.parametrize("transform", ["vmap", "grad", "jvp"])
+def test_fallback_torch_func_transforms(transform):
+    q, k, v = qkv(dtype=torch.float64, b=3)
+    results = []
+    for fn in (cuflash_attn.scaled_dot_product_attention, TORCH_SDPA):
+        attention = lambda q, k, v: fn(q, k, v, is_causal=True)  # noqa: E731
+        with sdpa_kernel(SDPBackend.MATH), warnings.catch_warnings():
+            warnings.simplefilter("ignore", cuflash_attn.FallbackWarning)
+            if transform == "vmap":
+                results.append(torch.func.vmap(attention)(q, k, v))
+            elif transform == "grad":
+                results.append(torch.func.grad(lambda q: attention(q, k, v).square().sum())(q))
+            else:
+                results.append(torch.func.jvp(lambda q: attention(q, k, v), (q,), (torch.ones_like(q),))[1])
+    assert torch.equal(results[0], results[1])
+    stats = cuflash_attn.sdpa_stats()  # jvp's inputs are dual tensors, which is found first
+    assert stats["cuflash_attn"] == 0 and set(stats["fallback"]) <= {
+        "a torch.func transform (vmap, grad, jvp, ...)", "forward-mode AD (dual tensors)"}
+
+
+def test_fallback_warns_once_per_reason_and_counts():
+    q, k, v = qkv()
+    mask = torch.ones(16, 24, dtype=torch.bool)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for _ in range(3):
+            cuflash_attn.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+            cuflash_attn.scaled_dot_product_attention(q, k, v, dropout_p=1.0)
+            cuflash_attn.scaled_dot_product_attention(q, k, v, is_causal=True)
+    messages = [str(w.message) for w in caught if w.category is cuflash_attn.FallbackWarning]
+    assert len(messages) == 2 and "attn_mask" in messages[0] and "dropout_p = 1" in messages[1]
+    assert all(w.filename == __file__ for w in caught)  # points at the caller
+    stats = cuflash_attn.sdpa_stats()
+    assert stats["cuflash_attn"] == 3 and sorted(stats["fallback"].values()) == [3, 3]
+    cuflash_attn.reset_sdpa_stats()
+    assert cuflash_attn.sdpa_stats() == {"cuflash_attn": 0, "fallback": {}}
+    with pytest.warns(cuflash_attn.FallbackWarning, match="attn_mask"):  # again after a reset
+        cuflash_attn.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+
+
+def _error_cases():
+    """(id, args, kwargs): input torch's SDPA rejects; the fallback hands it to torch, which raises."""
+    q, k, v = qkv()
+    return [
+        ("mixed dtypes", (q, k.double(), v), {}),
+        ("int32", (q.int(), k.int(), v.int()), {}),
+        ("complex64", (q.cfloat(), k.cfloat(), v.cfloat()), {}),
+        ("rank 1", (q[0, 0, 0], k[0, 0, 0], v[0, 0, 0]), {}),
+        ("heads without enable_gqa", (q, k[:, :2], v[:, :2]), {}),
+        ("heads not a multiple", (q, k[:, :3], v[:, :3]), dict(enable_gqa=True)),
+        ("head_dim of key", (q, k[..., :8], v), {}),
+        ("batch", (q, torch.cat([k, k[:1]]), torch.cat([v, v[:1]])), {}),
+        ("not a tensor", (q, [1.0], v), {}),
+        ("attn_mask int32", (q, k, v), dict(attn_mask=torch.ones(16, 24, dtype=torch.int32))),
+        ("attn_mask shape", (q, k, v), dict(attn_mask=torch.ones(15, 24, dtype=torch.bool))),
+        ("scale positional", (q, k, v, None, 0.0, False, 0.5), {}),
+    ]
+
+
+ERROR_CASES = _error_cases()
+
+
+@pytest.mark.parametrize("name,args,kwargs", ERROR_CASES, ids=[c[0] for c in ERROR_CASES])
+def test_raises_what_torch_raises(name, args, kwargs):
+    with pytest.raises(Exception) as expected:
+        TORCH_SDPA(*args, **kwargs)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", cuflash_attn.FallbackWarning)  # an error is not a fallback
+        with pytest.raises(type(expected.value)) as got:
+            cuflash_attn.scaled_dot_product_attention(*args, **kwargs)
+    assert str(got.value).replace("cuflash_attn.", "") == str(expected.value).replace("torch._C._nn.", "")
+    assert cuflash_attn.sdpa_stats() == {"cuflash_attn": 0, "fallback": {}}
+
+
+OWN_ERROR_CASES = [
+    ("dropout_p -0.1", dict(dropout_p=-0.1), r"dropout_p must be in \[0, 1\], got -0.1"),
+    ("dropout_p 1.5", dict(dropout_p=1.5), r"dropout_p must be in \[0, 1\], got 1.5"),
+    ("dropout_p nan", dict(dropout_p=math.nan), r"dropout_p must be in \[0, 1\], got nan"),
+]
+
+
+@pytest.mark.parametrize("name,kwargs,pattern", OWN_ERROR_CASES, ids=[c[0] for c in OWN_ERROR_CASES])
+def test_invalid_dropout_raises_a_runtime_error_as_torch(name, kwargs, pattern):
+    with pytest.raises(cuflash_attn.SDPAArgumentError, match=pattern) as info:
+        cuflash_attn.scaled_dot_product_attention(*qkv(), **kwargs)
+    assert isinstance(info.value, ValueError) and isinstance(info.value, RuntimeError)
+    with pytest.raises(RuntimeError):
+        TORCH_SDPA(*qkv(), **kwargs)
+
+
+def test_key_and_value_lengths_differ_raises():
+    """torch 2.11's CPU flash backend reads out of bounds here (heap corruption when value is the
+    longer one), so torch is not called to compare."""
+    q, k, _ = qkv()
+    with pytest.raises(cuflash_attn.SDPAArgumentError, match=r"key and value must have the same sequence length, "
+                                                             r"got 24 and 9"):
+        cuflash_attn.scaled_dot_product_attention(q, k, rand(2, 4, 9, 16), attn_mask=torch.ones(16, 24).bool())
+
+
+# torch.compile -----------------------------------------------------------------------------------
+
+def _sdpa_step(fn, q, k, v, dout):
+    out = fn(q, k, v)
+    return (out, *torch.autograd.grad(out, (q, k, v), dout))
+
+
+def _gqa_sdpa(q, k, v):
+    return cuflash_attn.scaled_dot_product_attention(q * 2, k, v, is_causal=True, enable_gqa=True).sin()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_sdpa_compile_dynamic_fullgraph_forward_backward(device):
+    """fullgraph=True raises on any graph break; dynamic=True: one compilation for every shape
+    (sizes > 1, as dynamo specializes 0 and 1, and all different in the first call, else duck
+    sizing guards on their equality). Counted as graphs: dynamo restarts the first trace once, to
+    specialize the float defaults (dropout_p=0.0) it traced as symbols."""
+    counters.clear()
+    compiled = torch.compile(_gqa_sdpa, fullgraph=True, dynamic=True)
+    for b, h, nq, nk in [(3, 4, 17, 33), (5, 6, 40, 29), (2, 8, 64, 64)]:
+        q = rand(b, h, nq, 32, device=device, requires_grad=True)
+        k, v = (rand(b, 2, nk, 32, device=device, requires_grad=True) for _ in range(2))
+        dout = rand(b, h, nq, 32, device=device)
+        for e, c in zip(_sdpa_step(_gqa_sdpa, q, k, v, dout), _sdpa_step(compiled, q, k, v, dout)):
+            torch.testing.assert_close(c, e, rtol=1e-5, atol=1e-5)
+    assert counters["stats"]["unique_graphs"] == 1
+    stats = cuflash_attn.sdpa_stats()  # 3 eager calls, and the trace (twice: the restart)
+    assert stats["fallback"] == {} and stats["cuflash_attn"] in (4, 5)
+
+
+def test_sdpa_compile_fallback_fullgraph():
+    """The fallback, its warning and its count do not break the graph either."""
+    def masked(q, k, v, mask):
+        return cuflash_attn.scaled_dot_product_attention(q, k, v, attn_mask=mask) + 1
+
+    q, k, v = qkv()
+    mask = torch.rand(16, 24) > 0.3
+    with pytest.warns(cuflash_attn.FallbackWarning, match="attn_mask"):
+        got = torch.compile(masked, fullgraph=True, backend="aot_eager")(q, k, v, mask)
+    torch.testing.assert_close(got, TORCH_SDPA(q, k, v, attn_mask=mask) + 1)
+    assert cuflash_attn.sdpa_stats()["fallback"] == {"attn_mask (the kernels do not take it yet)": 1}
