@@ -40,3 +40,23 @@ def poisoned_and_unmodified(*inputs):
     yield
     for before, after in zip(originals, inputs):
         assert torch.equal(before, after.detach()), "an input was modified"
+
+
+def assert_cuda_graph_replays_bitwise(step):
+    """Captures step() (returning tensors) in a CUDA graph, after warming it up on a side stream as
+    torch's CUDA graph docs prescribe; every replay must equal an eager run bitwise."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(3):
+            step()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = step()
+    eager = step()
+    for _ in range(3):
+        graph.replay()
+        torch.cuda.synchronize()
+        for a, b in zip(eager, captured):
+            assert torch.equal(a, b)

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 import cuflash_attn
-from conftest import DEVICES, requires_cuda
+from conftest import DEVICES, assert_cuda_graph_replays_bitwise, requires_cuda
 
 ops = torch.ops.cuflash_attn
 
@@ -149,22 +149,7 @@ def test_cuda_graph_capture_and_replay_bitwise():
         out = cuflash_attn.flash_attention(q, k, v, causal=True)
         return (out, *torch.autograd.grad(out, (q, k, v), dout))
 
-    # Warm up on a side stream before capture, as torch's CUDA graph docs prescribe.
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for _ in range(3):
-            step()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        captured = step()
-    eager = step()
-    for _ in range(3):
-        graph.replay()
-        torch.cuda.synchronize()
-        for a, b in zip(eager, captured):
-            assert torch.equal(a, b)
+    assert_cuda_graph_replays_bitwise(step)
 
 
 @requires_cuda

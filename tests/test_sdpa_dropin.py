@@ -1,21 +1,27 @@
 """cuflash_attn as a drop-in for torch.nn.functional.scaled_dot_product_attention: the fallback to
-torch's implementation (and its warning and counts), torch's errors, torch.compile."""
+torch's implementation (and its warning and counts), torch's errors, the enable()/disable()
+switch (also inside torch.compile'd modules), torch.compile, CUDA graphs."""
 import math
 import warnings
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch._dynamo.utils import counters
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import cuflash_attn
-from conftest import DEVICES, requires_cuda
+from conftest import DEVICES, assert_cuda_graph_replays_bitwise, requires_cuda
 from cuflash_attn.fallback import TORCH_SDPA
 
 @pytest.fixture(autouse=True)
 def _fresh_stats():
-    """Each test starts with zero counts and no reason warned about yet."""
+    """Each test starts with zero counts, no reason warned about yet, and the switch off."""
     cuflash_attn.reset_sdpa_stats()
+    before = F.scaled_dot_product_attention
+    yield
+    F.scaled_dot_product_attention = before
+    assert not cuflash_attn.is_enabled()
 
 
 def rand(*shape, device="cpu", dtype=torch.float32, requires_grad=False):
@@ -230,6 +236,112 @@ def test_key_and_value_lengths_differ_raises():
         cuflash_attn.scaled_dot_product_attention(q, k, rand(2, 4, 9, 16), attn_mask=torch.ones(16, 24).bool())
 
 
+# The switch ------------------------------------------------------------------------------------
+
+def test_enable_disable_restore_exactly():
+    original = F.scaled_dot_product_attention
+    assert original is TORCH_SDPA and not cuflash_attn.is_enabled()
+    cuflash_attn.enable()
+    assert F.scaled_dot_product_attention is cuflash_attn.scaled_dot_product_attention
+    cuflash_attn.enable()  # idempotent
+    assert cuflash_attn.is_enabled()
+    cuflash_attn.disable()
+    assert F.scaled_dot_product_attention is original
+    cuflash_attn.disable()
+    assert F.scaled_dot_product_attention is original
+
+
+def test_context_managers_nest_and_restore_on_error():
+    original = F.scaled_dot_product_attention
+    with cuflash_attn.enable():
+        assert cuflash_attn.is_enabled()
+        with cuflash_attn.disable():
+            assert F.scaled_dot_product_attention is original
+            with cuflash_attn.enable():
+                assert cuflash_attn.is_enabled()
+            assert not cuflash_attn.is_enabled()
+        assert cuflash_attn.is_enabled()
+        with cuflash_attn.enable():
+            pass
+        assert cuflash_attn.is_enabled()  # the inner block found it on and leaves it on
+    assert F.scaled_dot_product_attention is original
+    with pytest.raises(KeyError):
+        with cuflash_attn.enable():
+            raise KeyError("boom")
+    assert F.scaled_dot_product_attention is original
+
+
+def test_switch_puts_back_another_patch():
+    """Someone else's wrapper installed before enable() is what disable() brings back."""
+    def wrapper(*args, **kwargs):
+        return TORCH_SDPA(*args, **kwargs)
+
+    F.scaled_dot_product_attention = wrapper
+    with cuflash_attn.enable():
+        assert cuflash_attn.is_enabled()
+    assert F.scaled_dot_product_attention is wrapper
+    cuflash_attn.enable()
+    cuflash_attn.disable()
+    assert F.scaled_dot_product_attention is wrapper
+
+
+class Attention(torch.nn.Module):
+    """Looks torch's SDPA up when it calls, as HuggingFace transformers' sdpa attention does."""
+
+    def __init__(self, dim=64, heads=4):
+        super().__init__()
+        self.heads = heads
+        self.qkv = torch.nn.Linear(dim, 3 * dim)
+
+    def forward(self, x):
+        b, n, _ = x.shape
+        q, k, v = self.qkv(x).view(b, n, 3, self.heads, -1).permute(2, 0, 3, 1, 4)
+        out = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return out.transpose(1, 2).reshape(b, n, -1)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_enable_routes_module_calls(device):
+    model = Attention().to(device)
+    x = rand(2, 33, 64, device=device)
+    expected = model(x)
+    with cuflash_attn.enable():
+        got = model(x)
+        mha = torch.nn.MultiheadAttention(64, 4, batch_first=True, device=device)
+        mha(x, x, x, need_weights=False)  # F.multi_head_attention_forward's own lookup
+    assert cuflash_attn.sdpa_stats() == {"cuflash_attn": 2, "fallback": {}}
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
+def _graph_calls(gm):
+    return {str(node.target) for node in gm.graph.nodes if node.op == "call_function"}
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_enable_inside_torch_compile(device):
+    """The switch is read while tracing and guarded: a compiled module follows it, recompiling
+    when it changes."""
+    graphs = []
+
+    def backend(gm, example_inputs):
+        graphs.append(_graph_calls(gm))
+        return gm.forward
+
+    model = Attention().to(device)
+    compiled = torch.compile(model, backend=backend, fullgraph=True)
+    x = rand(2, 33, 64, device=device, requires_grad=True)
+    with cuflash_attn.enable():
+        got = compiled(x)
+        got.sum().backward()
+    expected = compiled(x)
+    assert len(graphs) == 2
+    assert any("cuflash_attn.fwd" in c for c in graphs[0]) and not any("cuflash_attn" in c for c in graphs[1])
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    with cuflash_attn.enable():
+        compiled(x)  # the first graph again, no third compilation
+    assert len(graphs) == 2
+
+
 # torch.compile -----------------------------------------------------------------------------------
 
 def _sdpa_step(fn, q, k, v, dout):
@@ -271,3 +383,21 @@ def test_sdpa_compile_fallback_fullgraph():
         got = torch.compile(masked, fullgraph=True, backend="aot_eager")(q, k, v, mask)
     torch.testing.assert_close(got, TORCH_SDPA(q, k, v, attn_mask=mask) + 1)
     assert cuflash_attn.sdpa_stats()["fallback"] == {"attn_mask (the kernels do not take it yet)": 1}
+
+
+# CUDA graphs -------------------------------------------------------------------------------------
+
+@requires_cuda
+def test_sdpa_cuda_graph_capture_forward_backward_bitwise():
+    """The switch on, through torch.nn.functional, with GQA and folded (N, ...) dimensions."""
+    q = rand(2, 3, 4, 300, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    k, v = (rand(2, 3, 2, 280, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(2))
+    dout = torch.randn_like(q)
+
+    def step():
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+        return (out, *torch.autograd.grad(out, (q, k, v), dout))
+
+    with cuflash_attn.enable():
+        assert_cuda_graph_replays_bitwise(step)
+    assert cuflash_attn.sdpa_stats()["fallback"] == {}
