@@ -1,6 +1,6 @@
 """cuflash_attn as a drop-in for torch.nn.functional.scaled_dot_product_attention: the fallback to
 torch's implementation (and its warning and counts), torch's errors, the enable()/disable()
-switch (also inside torch.compile'd modules), torch.compile, CUDA graphs."""
+switch (also inside torch.compile'd modules), torch.autocast, CUDA graphs."""
 import math
 import warnings
 
@@ -13,6 +13,9 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 import cuflash_attn
 from conftest import DEVICES, assert_cuda_graph_replays_bitwise, requires_cuda
 from cuflash_attn.fallback import TORCH_SDPA
+
+ops = torch.ops.cuflash_attn
+
 
 @pytest.fixture(autouse=True)
 def _fresh_stats():
@@ -383,6 +386,57 @@ def test_sdpa_compile_fallback_fullgraph():
         got = torch.compile(masked, fullgraph=True, backend="aot_eager")(q, k, v, mask)
     torch.testing.assert_close(got, TORCH_SDPA(q, k, v, attn_mask=mask) + 1)
     assert cuflash_attn.sdpa_stats()["fallback"] == {"attn_mask (the kernels do not take it yet)": 1}
+
+
+# torch.autocast ----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_autocast_casts_like_torch_sdpa(device, dtype):
+    q, k, v = qkv(device, requires_grad=True)
+    with torch.autocast(device, dtype=dtype):
+        out, lse = ops.fwd(q, k, v, None, True)
+        sdpa = cuflash_attn.scaled_dot_product_attention(q, k, v, is_causal=True)
+        torch_sdpa = TORCH_SDPA(q, k, v, is_causal=True)
+    assert out.dtype == sdpa.dtype == torch_sdpa.dtype == dtype and lse.dtype == torch.float32
+    casted = [t.detach().to(dtype).requires_grad_() for t in (q, k, v)]
+    expected, expected_lse = ops.fwd(*casted, None, True)
+    assert torch.equal(out, expected) and torch.equal(lse, expected_lse) and torch.equal(sdpa, expected)
+    dout = torch.randn_like(expected)
+    grads = torch.autograd.grad(sdpa, (q, k, v), dout)
+    expected_grads = torch.autograd.grad(expected, casted, dout)
+    for g, e in zip(grads, expected_grads):
+        assert g.dtype == torch.float32 and torch.equal(g, e.float())
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_autocast_leaves_float64_and_alibi_alone(device):
+    q, k, v = qkv(device, torch.float64)
+    slopes = torch.rand(4, device=device)
+    with torch.autocast(device, dtype=torch.bfloat16):
+        out = cuflash_attn.flash_attention(q, k, v, causal=True, alibi_slopes=slopes)
+        low = cuflash_attn.flash_attention(*(t.float() for t in (q, k, v)), causal=True, alibi_slopes=slopes)
+    assert out.dtype == torch.float64 and low.dtype == torch.bfloat16
+    assert torch.equal(out, cuflash_attn.flash_attention(q, k, v, causal=True, alibi_slopes=slopes))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_autocast_inside_torch_compile(device):
+    def fn(q, k, v):
+        with torch.autocast(device, dtype=torch.bfloat16):
+            return cuflash_attn.scaled_dot_product_attention(q, k, v, is_causal=True)
+
+    q, k, v = qkv(device)
+    got = torch.compile(fn, fullgraph=True)(q, k, v)
+    assert got.dtype == torch.bfloat16
+    assert torch.equal(got, ops.fwd(*(t.bfloat16() for t in (q, k, v)), None, True)[0])
+
+
+@requires_cuda
+def test_autocast_of_another_device_type_does_nothing():
+    q, k, v = qkv("cuda")
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert cuflash_attn.scaled_dot_product_attention(q, k, v).dtype == torch.float32
 
 
 # CUDA graphs -------------------------------------------------------------------------------------
