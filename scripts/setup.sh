@@ -9,7 +9,8 @@ TORCH_VERSION=${TORCH_VERSION:-2.11.0}
 
 missing=()
 "$PYTHON" -c "import torch" 2>/dev/null || missing+=("torch==${TORCH_VERSION}")
-for mod in ninja pytest numpy hypothesis; do
+# transformers: tests/test_transformers_example.py (a HuggingFace model on the switch)
+for mod in ninja pytest numpy hypothesis transformers; do
   "$PYTHON" -c "import $mod" 2>/dev/null || missing+=("$mod")
 done
 if [ ${#missing[@]} -gt 0 ]; then
