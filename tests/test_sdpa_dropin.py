@@ -410,6 +410,17 @@ def test_autocast_casts_like_torch_sdpa(device, dtype):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+def test_autocast_casts_a_float_attn_mask_with_q(device):
+    """The op takes a float mask in q's dtype: autocast casts it with q, k, v, as torch's SDPA."""
+    q, k, v = qkv(device)
+    mask = torch.randn(16, 24, device=device)
+    with torch.autocast(device, dtype=torch.bfloat16):
+        out, _ = ops.fwd(q, k, v, attn_mask=mask)
+    expected, _ = ops.fwd(*(t.bfloat16() for t in (q, k, v)), attn_mask=mask.bfloat16())
+    assert out.dtype == torch.bfloat16 and torch.equal(out, expected)
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_autocast_leaves_float64_and_alibi_alone(device):
     q, k, v = qkv(device, torch.float64)
     slopes = torch.rand(4, device=device)
