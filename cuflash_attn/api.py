@@ -12,7 +12,7 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: b
                     scale: Optional[float] = None, return_lse: bool = False, *,
                     window_size: Tuple[int, int] = (-1, -1), softcap: float = 0.0,
                     alibi_slopes: Optional[torch.Tensor] = None, dropout_p: float = 0.0,
-                    bottom_right: bool = False):
+                    bottom_right: bool = False, attn_mask: Optional[torch.Tensor] = None):
     """Exact attention softmax(q k^T * scale) v, forward and backward, on CPU or CUDA.
 
     q: [batch, heads_q, seqlen_q, head_dim]; k, v: [batch, heads_kv, seqlen_k, head_dim] with
@@ -27,8 +27,11 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: b
     bottom_right=True. causal hides keys right of that diagonal; window_size=(left, right)
     shows each query only the keys within left/right of it (-1: unbounded). softcap > 0 maps
     scores s to softcap * tanh(s / softcap); alibi_slopes (float32 [heads_q] or [batch, heads_q])
-    subtracts slope * |i + diagonal - j|. dropout_p drops probabilities with torch's generator
-    (seeded by torch.manual_seed); the backward regenerates the same mask.
+    subtracts slope * |i + diagonal - j|. attn_mask is torch's (boolean, True takes part, or of
+    q's dtype and added to the scores), of any shape that broadcasts to [batch, heads_q, seqlen_q,
+    seqlen_k], read in place; a float mask that requires grad gets its gradient. dropout_p drops
+    probabilities with torch's generator (seeded by torch.manual_seed); the backward regenerates
+    the same mask.
 
     Returns out (the layout of q), and with return_lse=True also the logsumexp of the scores,
     [batch, heads_q, seqlen_q] in float32 (float64 for float64 inputs); -inf for a query row that
@@ -37,7 +40,7 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: b
     window_left, window_right = _window(window_size)
     rng_state = new_rng_state(q.device) if dropout_p > 0.0 else None
     out, lse = _ops.fwd(q, k, v, scale, bool(causal), bool(bottom_right), window_left, window_right,
-                        float(softcap), alibi_slopes, float(dropout_p), rng_state)
+                        float(softcap), alibi_slopes, float(dropout_p), rng_state, attn_mask=attn_mask)
     return (out, lse) if return_lse else out
 
 
@@ -69,7 +72,8 @@ def scaled_dot_product_attention(query: torch.Tensor, key: torch.Tensor, value: 
     lead = query.shape[:-2]
     # Fold (N, ...) into [batch, heads]: a view whenever the leading dimensions allow one.
     q4, k4, v4 = (_as_4d(t) for t in (query, key, value))
-    out = flash_attention(q4, k4, v4, causal=is_causal, scale=scale, dropout_p=float(dropout_p))
+    out = flash_attention(q4, k4, v4, causal=is_causal, scale=scale, dropout_p=float(dropout_p),
+                          attn_mask=_mask_as_4d(attn_mask, query, key))
     record_kernel_call()
     return out.reshape(*lead, out.shape[-2], out.shape[-1])
 
@@ -89,6 +93,20 @@ def _check_sdpa_args(query, key, value, dropout_p) -> None:
     if dense and key.shape[-2] != value.shape[-2]:
         raise SDPAArgumentError("cuflash_attn.scaled_dot_product_attention: key and value must have the same "
                                 f"sequence length, got {key.shape[-2]} and {value.shape[-2]}")
+
+
+def _mask_as_4d(attn_mask: Optional[torch.Tensor], query: torch.Tensor, key: torch.Tensor):
+    """attn_mask for the folded [batch, heads, L, S] inputs, in query's dtype if floating point
+    (torch adds a float mask of any dtype). Up to 4 dimensions folding only prepends ones, so the
+    mask broadcasts as it is; beyond, it is expanded over the leading dimensions first."""
+    if attn_mask is None:
+        return None
+    if attn_mask.is_floating_point() and attn_mask.dtype != query.dtype:
+        attn_mask = attn_mask.to(query.dtype)
+    if query.dim() <= 4:
+        return attn_mask
+    full = attn_mask.expand(*query.shape[:-1], key.shape[-2])
+    return full.reshape(-1, *full.shape[-3:])
 
 
 def _as_4d(t: torch.Tensor) -> torch.Tensor:

@@ -51,6 +51,8 @@ def fallback_reason(query, key, value, attn_mask, dropout_p, is_causal, scale, e
         reason = _feature_reason(attn_mask, dropout_p, is_causal, scale)
     if reason is None:
         reason = _shape_reason(query, key, value, enable_gqa)
+    if reason is None and attn_mask is not None:
+        reason = _mask_reason(query, key, attn_mask)
     return reason
 
 
@@ -89,7 +91,6 @@ def _feature_reason(attn_mask, dropout_p, is_causal, scale) -> Optional[str]:
             # torch 2.11's math backend raises here and its CPU flash backend combines the two:
             # torch decides, whether or not the kernels take attn_mask.
             return "is_causal together with attn_mask"
-        return "attn_mask (the kernels do not take it yet)"  # TODO(attn_mask): remove with kernel support
     if dropout_p == 1.0:
         return "dropout_p = 1"
     if scale is not None and not math.isfinite(scale):
@@ -121,6 +122,22 @@ def _shape_reason(query, key, value, enable_gqa) -> Optional[str]:
     if query.is_cuda and query.dim() >= 3 and (query.shape[:-3].numel() > _MAX_CUDA_GRID or
                                                 query.shape[-3] > _MAX_CUDA_GRID):
         return f"batch or heads above {_MAX_CUDA_GRID} on CUDA"
+    return None
+
+
+def _mask_reason(query, key, attn_mask) -> Optional[str]:
+    """The kernels take a boolean or floating-point mask on query's device that broadcasts to
+    (N, ..., L, S); anything else is torch's to accept or reject."""
+    if not isinstance(attn_mask, torch.Tensor):
+        return "attn_mask is not a tensor"
+    if attn_mask.layout != torch.strided or attn_mask.device != query.device:
+        return "attn_mask of another layout or device than query"
+    if attn_mask.dtype != torch.bool and not attn_mask.is_floating_point():
+        return f"attn_mask of dtype {attn_mask.dtype}"
+    target = (*query.shape[:-1], key.shape[-2])
+    if attn_mask.dim() > len(target) or any(m not in (1, t) for m, t in zip(reversed(attn_mask.shape),
+                                                                          reversed(target))):
+        return "attn_mask that does not broadcast to (N, ..., L, S)"
     return None
 
 

@@ -5,7 +5,9 @@ reference under shared/TESTING.md's rule; fully masked rows; bad masks."""
 import pytest
 import torch
 
+import cuflash_attn
 from conftest import HAS_CUDA
+from reference import LOW_PRECISION, assert_close_to_reference
 from test_features import DEVICES, DTYPE_IDS, DTYPES, MASK_SHAPES, check_dense, make_mask
 
 ops = torch.ops.cuflash_attn
@@ -129,3 +131,56 @@ def test_opcheck_with_mask(device, kind):
     out, lse = ops.fwd(q, k, v, attn_mask=mask)
     torch.library.opcheck(ops.bwd.default, (torch.randn_like(out), q, k, v, out, lse, None),
                           {"attn_mask": mask, "attn_mask_grad": kind == "float"})
+
+
+# ---- through cuflash_attn.scaled_dot_product_attention, against torch's math backend ----
+
+def _torch_math(q, k, v, mask, dtype, **kwargs):
+    """torch's math SDPA in dtype, with the gradients of q, k, v and a float mask that requires grad."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    leaves = [t.detach().to(dtype).requires_grad_() for t in (q, k, v)]
+    m = mask
+    if mask.is_floating_point() and mask.requires_grad:
+        m = mask.detach().to(dtype).requires_grad_()
+        leaves.append(m)
+    with sdpa_kernel(SDPBackend.MATH):
+        out = torch.nn.functional.scaled_dot_product_attention(*leaves[:3], attn_mask=m, **kwargs)
+    return out, leaves
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("kind", ["bool", "float"])
+@pytest.mark.parametrize("lead,mask_shape", [((2, 3), (1, 1, 1, 50)), ((3,), (40, 50)), ((2, 3), (2, 3, 40, 50)),
+                                             ((2, 2, 3), (2, 1, 3, 40, 50)), ((2, 3), (3, 1, 50))],
+                         ids=["key_padding", "3d_LS", "full", "5d", "H1S"])
+def test_sdpa_matches_torch_math(device, dtype, kind, lead, mask_shape):
+    """Masks of every kind and shape through the SDPA drop-in, inputs of 3 to 5 dimensions, GQA
+    (enable_gqa) on 4-d ones, a fully masked query row; the rule of TESTING.md against torch's math
+    backend in float64 (reference) and in dtype (baseline)."""
+    torch.manual_seed(0)
+    cuflash_attn.reset_sdpa_stats()
+    nq, nk, d = 40, 50, 32
+    gqa = len(lead) == 2
+    q = torch.randn(*lead, nq, d, dtype=torch.float64).to(device, dtype)
+    kv_lead = (lead[0], 1) if gqa else lead
+    k, v = (torch.randn(*kv_lead, nk, d, dtype=torch.float64).to(device, dtype) for _ in range(2))
+    dout = torch.randn_like(q)
+    grad = kind == "float" and mask_shape[-1] != 1
+    mask = make_mask(kind, mask_shape, device, dtype)
+    if mask.shape[-2:] == (nq, nk):  # a row no key is visible to: output 0, as torch's math backend
+        mask[..., 7, :] = False if kind == "bool" else float("-inf")
+    mask.requires_grad_(grad)
+    leaves = [t.clone().requires_grad_() for t in (q, k, v)] + ([mask] if grad else [])
+    out = cuflash_attn.scaled_dot_product_attention(*leaves[:3], attn_mask=mask, enable_gqa=gqa)
+    got = torch.autograd.grad(out, leaves, dout)
+    results = {}
+    for name, dt in (("ref", torch.float64), ("pt", dtype)):
+        o, inputs = _torch_math(q, k, v, mask, dt, enable_gqa=gqa)
+        results[name] = (o, *torch.autograd.grad(o, inputs, dout.to(dt)))
+    if dtype not in LOW_PRECISION:
+        results["pt"] = results["ref"]
+    names = ("out", "dq", "dk", "dv", "dattn_mask")
+    for name, g, r, p in zip(names, (out, *got), results["ref"], results["pt"]):
+        assert_close_to_reference(name, g, r, p, dtype, factor=2 if name == "out" else 3)
+    assert cuflash_attn.sdpa_stats() == {"cuflash_attn": 1, "fallback": {}}  # the kernels ran

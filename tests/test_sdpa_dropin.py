@@ -44,11 +44,7 @@ def _fallback_cases():
     def shapes(q, k, v, **kwargs):
         return lambda device: ([rand(*s, device=device) for s in (q, k, v)], kwargs)
 
-    mask = lambda dtype: lambda device: (  # noqa: E731
-        qkv(device), dict(attn_mask=(torch.rand(16, 24, device=device) > 0.3).to(dtype)))
     return [
-        ("attn_mask bool", mask(torch.bool), r"attn_mask"),
-        ("attn_mask float", mask(torch.float32), r"attn_mask"),
         ("is_causal with attn_mask", lambda device: (
             qkv(device), dict(attn_mask=torch.rand(16, 24, device=device) > 0.3, is_causal=True)),
          r"is_causal together with attn_mask"),
@@ -166,7 +162,7 @@ def test_fallback_warns_once_per_reason_and_counts():
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         for _ in range(3):
-            cuflash_attn.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+            cuflash_attn.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=True)
             cuflash_attn.scaled_dot_product_attention(q, k, v, dropout_p=1.0)
             cuflash_attn.scaled_dot_product_attention(q, k, v, is_causal=True)
     messages = [str(w.message) for w in caught if w.category is cuflash_attn.FallbackWarning]
@@ -177,7 +173,7 @@ def test_fallback_warns_once_per_reason_and_counts():
     cuflash_attn.reset_sdpa_stats()
     assert cuflash_attn.sdpa_stats() == {"cuflash_attn": 0, "fallback": {}}
     with pytest.warns(cuflash_attn.FallbackWarning, match="attn_mask"):  # again after a reset
-        cuflash_attn.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        cuflash_attn.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=True)
 
 
 def _error_cases():
@@ -377,15 +373,14 @@ def test_sdpa_compile_dynamic_fullgraph_forward_backward(device):
 
 def test_sdpa_compile_fallback_fullgraph():
     """The fallback, its warning and its count do not break the graph either."""
-    def masked(q, k, v, mask):
-        return cuflash_attn.scaled_dot_product_attention(q, k, v, attn_mask=mask) + 1
+    def no_dropout(q, k, v):
+        return cuflash_attn.scaled_dot_product_attention(q, k, v, dropout_p=1.0) + 1
 
     q, k, v = qkv()
-    mask = torch.rand(16, 24) > 0.3
-    with pytest.warns(cuflash_attn.FallbackWarning, match="attn_mask"):
-        got = torch.compile(masked, fullgraph=True, backend="aot_eager")(q, k, v, mask)
-    torch.testing.assert_close(got, TORCH_SDPA(q, k, v, attn_mask=mask) + 1)
-    assert cuflash_attn.sdpa_stats()["fallback"] == {"attn_mask (the kernels do not take it yet)": 1}
+    with pytest.warns(cuflash_attn.FallbackWarning, match="dropout_p = 1"):
+        got = torch.compile(no_dropout, fullgraph=True, backend="aot_eager")(q, k, v)
+    torch.testing.assert_close(got, TORCH_SDPA(q, k, v, dropout_p=1.0) + 1)
+    assert cuflash_attn.sdpa_stats()["fallback"] == {"dropout_p = 1": 1}
 
 
 # torch.autocast ----------------------------------------------------------------------------------
