@@ -40,12 +40,19 @@ struct MaskParams {
   int window_right = -1;
 };
 
-// A window edge as MaskParams stores it: one at least seqlen_q + seqlen_k wide hides no key and
-// is stored as -1 (unbounded). That keeps the kernels' int arithmetic on key indices
-// (i + diagonal + window) from overflowing, which made windows near 2^31 hide every key.
-inline int stored_window(int64_t window, int64_t seqlen_q, int64_t seqlen_k) {
+// MaskParams for a mask as the APIs spell it (causal sets the right edge to 0). A window edge at
+// least seqlen_q + seqlen_k wide hides no key and is stored as -1 (unbounded): that keeps the
+// kernels' int arithmetic on key indices (i + diagonal + window) from overflowing, which made
+// windows near 2^31 hide every key.
+inline MaskParams make_mask_params(bool bottom_right, bool causal, int64_t window_left, int64_t window_right,
+                                   int64_t seqlen_q, int64_t seqlen_k) {
   const int64_t unbounded_from = seqlen_q + seqlen_k < INT32_MAX ? seqlen_q + seqlen_k : INT32_MAX;
-  return window < 0 || window >= unbounded_from ? -1 : static_cast<int>(window);
+  auto stored = [&](int64_t w) { return w < 0 || w >= unbounded_from ? -1 : static_cast<int>(w); };
+  MaskParams m;
+  m.bottom_right = bottom_right;
+  m.window_left = stored(window_left);
+  m.window_right = causal ? 0 : stored(window_right);
+  return m;
 }
 
 // torch's attn_mask, read element by element through strides that broadcast it to

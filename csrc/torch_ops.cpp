@@ -193,11 +193,7 @@ MaskParams make_mask(const Options& o, const AttentionShape& sh) {
   TORCH_CHECK_VALUE(o.window_left >= -1 && o.window_right >= -1,
                     "cuflash_attn: window_left and window_right must be >= -1 (-1: unbounded), got ",
                     num(o.window_left), " and ", num(o.window_right));
-  MaskParams m;
-  m.bottom_right = o.bottom_right;
-  m.window_left = stored_window(o.window_left, sh.seqlen_q, sh.seqlen_k);
-  m.window_right = o.is_causal ? 0 : stored_window(o.window_right, sh.seqlen_q, sh.seqlen_k);
-  return m;
+  return make_mask_params(o.bottom_right, o.is_causal, o.window_left, o.window_right, sh.seqlen_q, sh.seqlen_k);
 }
 
 void check_dropout_p(double p) {

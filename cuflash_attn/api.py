@@ -61,9 +61,11 @@ def scaled_dot_product_attention(query: torch.Tensor, key: torch.Tensor, value: 
     """torch.nn.functional.scaled_dot_product_attention's signature and semantics.
 
     Shapes (N, ..., L, E) for query and (N, ..., S, E) for key and value; is_causal is aligned
-    top-left. Calls the kernels cannot run (cuflash_attn.fallback lists them: attn_mask, a value
-    head_dim other than query's, head_dim above 256, ...) run torch's implementation, with a
-    FallbackWarning once per reason; input torch rejects raises as torch raises it.
+    top-left; attn_mask (boolean or float, any shape that broadcasts to (N, ..., L, S)) runs on
+    the kernels. Calls the kernels cannot run (cuflash_attn.fallback lists them: is_causal with
+    attn_mask, a value head_dim other than query's, head_dim above 256, ...) run torch's
+    implementation, with a FallbackWarning once per reason; input torch rejects raises as torch
+    raises it.
     """
     _check_sdpa_args(query, key, value, dropout_p)
     reason = fallback_reason(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)

@@ -243,14 +243,6 @@ Error check_device_memory(const std::array<TensorArg, N>& tensors, const void* l
 
 TensorStrides to_kernel(const Strides& s) { return {s.batch, s.head, s.row}; }
 
-MaskParams make_mask(const AttentionConfig& c) {
-  MaskParams m;
-  m.bottom_right = c.causal_bottom_right;
-  m.window_left = stored_window(c.window_left, c.seqlen_q, c.seqlen_k);
-  m.window_right = c.causal ? 0 : stored_window(c.window_right, c.seqlen_q, c.seqlen_k);
-  return m;
-}
-
 template <typename Args>
 void set_common(AttentionParams& p, const Args& a) {
   p.dtype = kernel_dtype(a.dtype);
@@ -260,7 +252,7 @@ void set_common(AttentionParams& p, const Args& a) {
   p.shape.seqlen_q = a.seqlen_q;
   p.shape.seqlen_k = a.seqlen_k;
   p.shape.head_dim = a.head_dim;
-  p.mask = make_mask(a);
+  p.mask = make_mask_params(a.causal_bottom_right, a.causal, a.window_left, a.window_right, a.seqlen_q, a.seqlen_k);
   p.scale = a.scale;
   p.q = a.q;
   p.k = a.k;
