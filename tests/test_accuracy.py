@@ -84,9 +84,12 @@ def test_cuda_grid_sizes(dtype, batch, heads):
 
 # CUFLASH_SWEEP_COUNT sets the cases per device; by default 200 on CPU (about 20 s on 2 cores)
 # and 2000 on CUDA when a GPU is present.
+# CUFLASH_SWEEP_SHARD=i/n keeps the seeds equal to i modulo n (parallel processes, one GPU).
 _SWEEP_ENV = int(os.environ.get("CUFLASH_SWEEP_COUNT", "0"))
-SWEEP = ([("cpu", s) for s in range(_SWEEP_ENV or 200)]
-         + [("cuda", s) for s in range((_SWEEP_ENV or 2000) if HAS_CUDA else 0)])
+_SHARD, _SHARDS = map(int, os.environ.get("CUFLASH_SWEEP_SHARD", "0/1").split("/"))
+SWEEP = [(d, s) for d, s in ([("cpu", s) for s in range(_SWEEP_ENV or 200)]
+                             + [("cuda", s) for s in range((_SWEEP_ENV or 2000) if HAS_CUDA else 0)])
+         if s % _SHARDS == _SHARD]
 
 
 def draw_sweep_case(device, seed):
