@@ -14,6 +14,9 @@
 #   SANITIZE_BUDGET_S=540          seconds for the whole script, build included; each tool gets
 #                                  what is left (a tool cut short counts as a failure)
 #   SANITIZE_DRIVER_ARGS="--only fp16"  arguments for the driver (e.g. a subset of cases)
+#   SANITIZE_EACH_CASE=1           one sanitizer process per case (slower: a process and a CUDA
+#                                  context each), so that a case that stops the tool does not hide
+#                                  the others, and the cases that fail are named
 #   SANITIZE_SKIP_BUILD=1          use the extension as built; otherwise scripts/setup.sh builds it
 #                                  (incremental; CUFLASH_HEAD_DIMS=64,128,256 is all the sweep needs,
 #                                  and new objects get -lineinfo so reports name source lines)
@@ -56,19 +59,38 @@ for tool in $TOOLS; do
   # kernels (randn, the padding copy) and reports our reads of that memory as uninitialized.
   tool_filter=("${filter_args[@]+"${filter_args[@]}"}")
   [ "$tool" = initcheck ] && tool_filter=()
-  # shellcheck disable=SC2086  # SANITIZE_DRIVER_ARGS is split on purpose
-  timeout --signal=INT --kill-after=30 "$left" "$SANITIZER" --tool "$tool" --error-exitcode 1 ${tool_filter[@]+"${tool_filter[@]}"} \
-    python3 tests/sanitize_driver.py ${SANITIZE_DRIVER_ARGS:-} > "$log" 2>&1
-  rc=$?
+  run_tool() {  # the driver's arguments; the time left to the deadline
+    timeout --signal=INT --kill-after=30 "$(( deadline - $(date +%s) ))" "$SANITIZER" --tool "$tool" \
+      --error-exitcode 1 ${tool_filter[@]+"${tool_filter[@]}"} python3 tests/sanitize_driver.py "$@"
+  }
+  failed_cases=()
+  processes=1
+  if [ "${SANITIZE_EACH_CASE:-0}" = 1 ]; then
+    processes=0
+    : > "$log"
+    rc=0
+    # shellcheck disable=SC2086  # SANITIZE_DRIVER_ARGS is split on purpose
+    while IFS= read -r case_name; do
+      if [ $(( deadline - $(date +%s) )) -le 5 ]; then rc=124; break; fi
+      echo "=== $case_name" >> "$log"
+      processes=$(( processes + 1 ))
+      run_tool ${SANITIZE_DRIVER_ARGS:-} --case "$case_name" >> "$log" 2>&1 || { rc=$?; failed_cases+=("$case_name"); }
+    done < <(python3 tests/sanitize_driver.py --list ${SANITIZE_DRIVER_ARGS:-})
+  else
+    # shellcheck disable=SC2086
+    run_tool ${SANITIZE_DRIVER_ARGS:-} > "$log" 2>&1
+    rc=$?
+  fi
   secs=$(( $(date +%s) - start ))
   # memcheck, initcheck, synccheck: "ERROR SUMMARY: N errors";
   # racecheck: "RACECHECK SUMMARY: H hazards displayed (E errors, W warnings)", warnings count too.
-  errors=$(grep -Eo 'ERROR SUMMARY: [0-9]+ error' "$log" | grep -Eo '[0-9]+' | tail -n 1)
+  # (Summed over the processes of SANITIZE_EACH_CASE.)
+  errors=$(grep -Eo 'ERROR SUMMARY: [0-9]+ errors?$' "$log" | grep -Eo '[0-9]+' | awk '{ s += $1 } END { if (NR) print s }')
   race=$(grep -Eo 'RACECHECK SUMMARY: .*' "$log" | tail -n 1)
   warnings=""
   if [ -n "$race" ]; then
-    e=$(grep -Eo '[0-9]+ errors?' <<< "$race" | grep -Eo '[0-9]+' || echo 0)
-    w=$(grep -Eo '[0-9]+ warnings?' <<< "$race" | grep -Eo '[0-9]+' || echo 0)
+    e=$(grep -Eo 'RACECHECK SUMMARY: .*' "$log" | grep -Eo '[0-9]+ errors?' | awk '{ s += $1 } END { print s + 0 }')
+    w=$(grep -Eo 'RACECHECK SUMMARY: .*' "$log" | grep -Eo '[0-9]+ warnings?' | awk '{ s += $1 } END { print s + 0 }')
     errors=$(( ${errors:-0} > e ? ${errors:-0} : e ))
     warnings=", $w warnings"
     if [ "$w" -gt 0 ] && [ "$rc" -eq 0 ]; then rc=1; fi
@@ -80,10 +102,15 @@ for tool in $TOOLS; do
     if [ "$errors" != "$ours" ]; then
       echo "initcheck: $(( errors - ours )) reports outside cuflash's kernels (torch's copies), not counted"
       errors=$ours
-      if [ "$ours" = 0 ] && grep -E '^sanitize_driver:' "$log" | tail -n 1 | grep -q ', 0 failed'; then rc=0; fi
+      # Clean when every driver process finished with no failed case (one per case, or one).
+      clean=$(grep -E '^sanitize_driver:' "$log" | grep -c ', 0 failed' || true)
+      if [ "$ours" = 0 ] && [ "$clean" = "$processes" ]; then rc=0; fi
     fi
   fi
   driver=$(grep -E '^sanitize_driver:' "$log" | tail -n 1)
+  if [ "$rc" -ne 0 ] && [ ${#failed_cases[@]} -gt 0 ]; then
+    driver="cases that failed under $tool: $(printf '%s; ' "${failed_cases[@]}")"
+  fi
   if [ "$rc" -eq 124 ] || [ "$rc" -eq 137 ]; then
     echo "$tool: did not finish in ${left} s (see $log)"
   elif [ -z "$errors" ]; then

@@ -8,7 +8,7 @@ bottom-right (with rows that see no key), batch and heads 1-2, a [B, N, H, D] st
 and the backward with the gradient of the returned lse. Every case is checked against the
 float64 reference with the accuracy rule, so a clean sanitizer run is also a correctness run.
 
-    python3 tests/sanitize_driver.py [--list] [--only REGEX] [--device cpu]
+    python3 tests/sanitize_driver.py [--list] [--only REGEX] [--case DESCRIPTION] [--device cpu]
 
 (--device cpu runs the same cases on the CPU kernels: a check of this script without a GPU.)
 
@@ -116,9 +116,10 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--list", action="store_true", help="print the cases and exit")
     parser.add_argument("--only", default="", help="run the cases whose description matches this regex")
+    parser.add_argument("--case", default=None, help="run the one case with exactly this description")
     parser.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
     args = parser.parse_args()
-    selected = [c for c in cases() if re.search(args.only, describe(c))]
+    selected = [c for c in cases() if re.search(args.only, describe(c)) and args.case in (None, describe(c))]
     if args.list:
         print("\n".join(describe(c) for c in selected))
         return 0
