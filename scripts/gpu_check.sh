@@ -29,7 +29,7 @@ fi
 tests=(tests -k "not test_random_sweep")
 # shellcheck disable=SC2206  # GPU_CHECK_TESTS is split on purpose
 [ -n "${GPU_CHECK_TESTS-}" ] && tests=($GPU_CHECK_TESTS)
-python3 -m pytest "${tests[@]}" -q --maxfail=${GPU_CHECK_MAXFAIL:-25} \
+python3 -m pytest "${tests[@]}" -q -rfE --maxfail=${GPU_CHECK_MAXFAIL:-25} \
   -p no:cacheprovider --durations=15 > "$OUT/pytest.log" 2>&1
 status=$?
 echo "pytest (exit $status): $(( $(date +%s) - start )) s"; tail -n 25 "$OUT/pytest.log"
@@ -44,4 +44,6 @@ if [ -n "${GPU_CHECK_BENCH-}" ]; then
   python3 benchmarks/bench_attention.py $GPU_CHECK_BENCH --out "$OUT" > "$OUT/bench.log" 2>&1
   tail -n 60 "$OUT/bench.log"
 fi
+# The device tool brings back at most 8 files: the logs travel as one archive.
+tar czf "$OUT/logs.tar.gz" -C "$OUT" $(cd "$OUT" && ls -- *.log *.txt 2>/dev/null) && (cd "$OUT" && rm -f -- *.log *.txt)
 exit $status
