@@ -17,6 +17,11 @@ def good(device="cpu", dtype=torch.float32, b=2, h=4, nq=16, nk=24, d=32):
     return [torch.randn(b, h, n, d, device=device, dtype=dtype) for n in (nq, nk, nk)]
 
 
+def _on(device, options):
+    """Keyword options with their tensors moved to device."""
+    return {key: t.to(device) if isinstance(t, torch.Tensor) else t for key, t in options.items()}
+
+
 def replace(args, i, t):
     args = list(args)
     args[i] = t
@@ -49,11 +54,14 @@ def test_fwd_rejects(device, name, breaker, exc, pattern):
         ops.fwd(*args)
 
 
-@pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("scale", [math.nan, math.inf])
-def test_non_finite_scale(device, scale):
-    with pytest.raises(ValueError, match=r"scale must be a finite number"):
-        cuflash_attn.flash_attention(*good(device), scale=scale)
+@pytest.mark.parametrize("i,name", [(0, "q"), (1, "k"), (2, "v")])
+def test_non_tensor_inputs(i, name):
+    args = replace(good(), i, good()[i].tolist())
+    with pytest.raises(TypeError, match=rf"{name} must be a tensor \[batch, heads, seqlen, head_dim\], got list"):
+        cuflash_attn.flash_attention(*args)
+    # The op's schema rejects it: torch's dispatcher raises a RuntimeError naming the argument.
+    with pytest.raises(RuntimeError, match=rf"Expected a value of type 'Tensor' for argument '{name}'"):
+        ops.fwd(*args)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -124,7 +132,7 @@ OPTION_CASES = _option_cases()
 @pytest.mark.parametrize("name,options,exc,pattern", OPTION_CASES, ids=[c[0] for c in OPTION_CASES])
 def test_fwd_and_bwd_reject_bad_options(device, name, options, exc, pattern):
     q, k, v = good(device)
-    options = {key: t.to(device) if isinstance(t, torch.Tensor) else t for key, t in options.items()}
+    options = _on(device, options)
     with pytest.raises(exc, match=pattern):
         ops.fwd(q, k, v, **options)
     out, lse = ops.fwd(q, k, v)
@@ -167,7 +175,7 @@ def test_varlen_rejects(device, name, options, exc, pattern):
     kwargs = dict(cu_seqlens_q=torch.tensor([0, 20], dtype=torch.int32),
                   cu_seqlens_k=torch.tensor([0, 30], dtype=torch.int32), max_seqlen_q=20, max_seqlen_k=30)
     kwargs.update(options)
-    kwargs = {key: t.to(device) if isinstance(t, torch.Tensor) else t for key, t in kwargs.items()}
+    kwargs = _on(device, kwargs)
     with pytest.raises(exc, match=pattern):
         ops.fwd(q, k, v, **kwargs)
 
@@ -251,12 +259,20 @@ FA_OPTION_CASES = [
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("name,options,exc,pattern", FA_OPTION_CASES, ids=[c[0] for c in FA_OPTION_CASES])
+def test_flash_attention_rejects_bad_options(device, name, options, exc, pattern):
+    """flash_attention takes the flash_attn API's options, with its scale named scale."""
+    options = {("scale" if key == "softmax_scale" else key): value for key, value in _on(device, options).items()}
+    with pytest.raises(exc, match=pattern.replace("softmax_scale", "scale")):
+        cuflash_attn.flash_attention(*good(device), **options)
+
+
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("function", list(FA_FUNCTIONS))
 @pytest.mark.parametrize("name,options,exc,pattern", FA_OPTION_CASES, ids=[c[0] for c in FA_OPTION_CASES])
 def test_flash_attn_api_rejects_bad_options(device, function, name, options, exc, pattern):
-    options = {key: t.to(device) if isinstance(t, torch.Tensor) else t for key, t in options.items()}
     with pytest.raises(exc, match=pattern):
-        FA_FUNCTIONS[function](_fa_inputs(device), **options)
+        FA_FUNCTIONS[function](_fa_inputs(device), **_on(device, options))
 
 
 def _fa_tensor_cases():
