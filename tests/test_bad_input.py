@@ -41,6 +41,8 @@ CASES = [
     ("heads not a multiple", lambda a: [a[0], a[1][:, :3], a[2][:, :3]], ValueError, r"heads of q \(4\) must be a multiple"),
     ("head_dim 257", lambda a: [torch.randn(2, 4, n, 257) for n in (16, 24, 24)], ValueError, r"head_dim must be in \[1, 256\], got 257"),
     ("head_dim 0", lambda a: [torch.randn(2, 4, n, 0) for n in (16, 24, 24)], ValueError, r"head_dim must be in \[1, 256\], got 0"),
+    ("no k/v heads", lambda a: [a[0], a[1][:, :0], a[2][:, :0]], ValueError,
+     r"heads of q \(4\) must be a multiple of the heads of k and v \(0\)"),
 ]
 
 
@@ -52,6 +54,9 @@ def test_fwd_rejects(device, name, breaker, exc, pattern):
         cuflash_attn.flash_attention(*args)
     with pytest.raises(exc, match=pattern):
         ops.fwd(*args)
+    # bwd checks q, k and v first (q stands in for dout and out; lse is never read).
+    with pytest.raises(exc, match=pattern):
+        ops.bwd(args[0], *args, args[0], torch.zeros(0, device=device))
 
 
 @pytest.mark.parametrize("i,name", [(0, "q"), (1, "k"), (2, "v")])
@@ -88,6 +93,14 @@ def test_mixed_devices():
         cuflash_attn.flash_attention(q, k.cpu(), v)
     with pytest.raises(ValueError, match=r"v must be on the same device as q \(cpu\), got cuda"):
         ops.fwd(q.cpu(), k.cpu(), v)
+    out, lse = ops.fwd(q, k, v)
+    for name, args in [("k", (out, q, k.cpu(), v, out, lse)), ("dout", (out.cpu(), q, k, v, out, lse)),
+                       ("lse", (out, q, k, v, out, lse.cpu()))]:
+        with pytest.raises(ValueError, match=rf"{name} must be on the same device as q \(cuda:0\), got cpu"):
+            ops.bwd(*args)
+    rng = torch.tensor([1, 2])
+    with pytest.raises(ValueError, match=r"rng_state must be on the same device as q \(cuda:0\), got cpu"):
+        ops.fwd(q, k, v, dropout_p=0.1, rng_state=rng)
 
 
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
@@ -115,6 +128,9 @@ def _option_cases():
         ("alibi batch shape", dict(alibi_slopes=torch.ones(3, 4)), ValueError, r"or \[batch, heads\] = \[2, 4\]"),
         ("dropout_p 1", dict(dropout_p=1.0, rng_state=rng), ValueError, r"dropout_p must be in \[0, 1\), got 1"),
         ("dropout_p nan", dict(dropout_p=math.nan, rng_state=rng), ValueError, r"dropout_p must be in \[0, 1\)"),
+        ("dropout_p negative", dict(dropout_p=-0.1, rng_state=rng), ValueError, r"dropout_p must be in \[0, 1\)"),
+        ("scale nan", dict(scale=math.nan), ValueError, r"scale must be a finite number, got nan"),
+        ("scale inf", dict(scale=-math.inf), ValueError, r"scale must be a finite number, got -inf"),
         ("dropout without rng", dict(dropout_p=0.1), ValueError, r"dropout_p > 0 needs rng_state"),
         ("rng int32", dict(dropout_p=0.1, rng_state=rng.int()), TypeError, r"rng_state must have dtype int64"),
         ("rng 3 values", dict(dropout_p=0.1, rng_state=torch.tensor([1, 2, 3])), ValueError,
@@ -152,6 +168,8 @@ VARLEN_CASES = [
     ("lengths differ", dict(cu_seqlens_k=torch.tensor([0, 10, 30], dtype=torch.int32)), ValueError,
      r"cu_seqlens_q and cu_seqlens_k must have the same length"),
     ("negative max_seqlen", dict(max_seqlen_q=-1), ValueError, r"max_seqlen_q and max_seqlen_k must be >= 0"),
+    ("empty offsets", dict(cu_seqlens_q=torch.zeros(0, dtype=torch.int32)), ValueError,
+     r"cu_seqlens_q must have shape \[batch \+ 1\], got \[0\]"),
 ]
 # Values are checked on the CPU only (on CUDA that would synchronize; the kernels clamp instead).
 VARLEN_CPU_CASES = [
@@ -178,6 +196,45 @@ def test_varlen_rejects(device, name, options, exc, pattern):
     kwargs = _on(device, kwargs)
     with pytest.raises(exc, match=pattern):
         ops.fwd(q, k, v, **kwargs)
+    with pytest.raises(exc, match=pattern):  # q stands in for dout and out; lse is never read
+        ops.bwd(q, q, k, v, q, torch.zeros(0, device=device), **kwargs)
+
+
+DROPOUT_MASK_CASES = [
+    # (id, arguments after rng_state: dropout_p, batch, heads, seqlen_q, seqlen_k; exception, pattern)
+    ("dropout_p 1", (1.0, 1, 2, 3, 4), ValueError, r"dropout_p must be in \[0, 1\), got 1"),
+    ("dropout_p negative", (-0.5, 1, 2, 3, 4), ValueError, r"dropout_p must be in \[0, 1\)"),
+    ("negative batch", (0.1, -1, 2, 3, 4), ValueError, r"dropout_mask sizes out of range"),
+    ("heads above the grid", (0.1, 1, 65536, 3, 4), ValueError, r"dropout_mask sizes out of range"),
+    ("seqlen_k 2^31", (0.1, 1, 1, 1, 2**31), ValueError, r"dropout_mask sizes out of range"),
+]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("name,args,exc,pattern", DROPOUT_MASK_CASES, ids=[c[0] for c in DROPOUT_MASK_CASES])
+def test_dropout_mask_rejects(device, name, args, exc, pattern):
+    with pytest.raises(exc, match=pattern):
+        ops.dropout_mask(torch.tensor([1, 2], device=device), *args)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_dropout_mask_rejects_bad_rng_state(device):
+    with pytest.raises(TypeError, match=r"rng_state must have dtype int64, got Int"):
+        ops.dropout_mask(torch.tensor([1, 2], dtype=torch.int32, device=device), 0.1, 1, 2, 3, 4)
+    with pytest.raises(ValueError, match=r"rng_state must hold 2 values \[seed, offset\], got shape \[3\]"):
+        ops.dropout_mask(torch.tensor([1, 2, 3], device=device), 0.1, 1, 2, 3, 4)
+
+
+def test_fwd_tile_counts_is_cuda_only():
+    """The debug op counts the tiles of the CUDA tensor-core forward: no CPU kernel is registered."""
+    with pytest.raises(NotImplementedError, match=r"fwd_tile_counts.*'CPU' backend"):
+        ops.fwd_tile_counts(*good())
+
+
+@requires_cuda
+def test_fwd_tile_counts_rejects_other_dtypes():
+    with pytest.raises(NotImplementedError, match=r"q must be a float16 or bfloat16 CUDA tensor, got Float"):
+        ops.fwd_tile_counts(*good("cuda"))
 
 
 @requires_cuda
