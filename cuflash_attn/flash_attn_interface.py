@@ -109,7 +109,7 @@ def _dense_probs(q, k, lse, alibi_slopes, keep, softmax_scale, causal, window, s
     # q, k: [batch, heads, n, d] (k's heads are repeated for GQA); alibi_slopes [heads] or
     # [batch, heads]; keep: the dropout keep-mask [batch, heads, n_q, n_k] or None.
     scale = softmax_scale if softmax_scale is not None else q.shape[-1] ** -0.5
-    k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
+    k = k.repeat_interleave(q.shape[1] // max(k.shape[1], 1), dim=1)  # no heads: none to repeat
     s = (q.float() @ k.float().transpose(-1, -2)) * scale
     if softcap > 0:
         s = softcap * torch.tanh(s / softcap)
