@@ -65,12 +65,23 @@ def _overrides_torch_function(t) -> bool:
         None, torch._C._disabled_torch_function_impl)
 
 
+def _op_dtype(t: torch.Tensor) -> torch.dtype:
+    """t's dtype as the op receives it: in an autocast region of t's device type, the op's
+    autocast rule (autocast.py) casts float16/bfloat16/float32 tensors to the region's dtype, as
+    torch's SDPA does (so q, k of float32 and v of bfloat16 are one dtype there)."""
+    device_type = t.device.type
+    if (t.is_floating_point() and t.dtype != torch.float64 and device_type in ("cpu", "cuda")
+            and torch.is_autocast_enabled(device_type)):
+        return torch.get_autocast_dtype(device_type)
+    return t.dtype
+
+
 def _tensor_reason(tensors) -> Optional[str]:
-    dtype, device = tensors[0].dtype, tensors[0].device
+    dtype, device = _op_dtype(tensors[0]), tensors[0].device
     for t in tensors:
         if t.layout != torch.strided:
             return f"layout {t.layout}"
-        if t.dtype != dtype or t.device != device:
+        if _op_dtype(t) != dtype or t.device != device:
             return "query, key and value of different dtypes or devices"
         if t.dim() < 2:
             return "a tensor with fewer than 2 dimensions"

@@ -419,6 +419,21 @@ def test_autocast_casts_like_torch_sdpa(device, dtype):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+def test_autocast_runs_inputs_of_mixed_dtypes_on_the_kernels(device):
+    """transformers 5 hands SDPA float32 query and key with a bfloat16 value under autocast:
+    autocast makes them one dtype, so the kernels run them (torch's SDPA accepts them too)."""
+    q, k = qkv(device, torch.float32)[:2]
+    v = rand(2, 4, 24, 16, device=device, dtype=torch.bfloat16)
+    with torch.autocast(device, dtype=torch.bfloat16):
+        got = cuflash_attn.scaled_dot_product_attention(q, k, v, is_causal=True)
+        with sdpa_kernel(SDPBackend.MATH):
+            want = TORCH_SDPA(q, k, v, is_causal=True)
+    assert cuflash_attn.sdpa_stats() == {"cuflash_attn": 1, "fallback": {}}
+    assert got.dtype == want.dtype == torch.bfloat16
+    torch.testing.assert_close(got, want, rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_autocast_casts_a_float_attn_mask_with_q(device):
     """The op takes a float mask in q's dtype: autocast casts it with q, k, v, as torch's SDPA."""
     q, k, v = qkv(device)
