@@ -37,11 +37,37 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: b
     [batch, heads_q, seqlen_q] in float32 (float64 for float64 inputs); -inf for a query row that
     sees no key (its output is 0). lse is differentiable.
     """
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"cuflash_attn: {name} must be a tensor [batch, heads, seqlen, head_dim], got "
+                            f"{type(t).__name__}")
+    _check_scalars("scale", scale, softcap, dropout_p, alibi_slopes)
+    if attn_mask is not None and not isinstance(attn_mask, torch.Tensor):
+        raise TypeError(f"cuflash_attn: attn_mask must be a boolean or floating-point tensor, got "
+                        f"{type(attn_mask).__name__}")
     window_left, window_right = _window(window_size)
     rng_state = new_rng_state(q.device) if dropout_p > 0.0 else None
     out, lse = _ops.fwd(q, k, v, scale, bool(causal), bool(bottom_right), window_left, window_right,
                         float(softcap), alibi_slopes, float(dropout_p), rng_state, attn_mask=attn_mask)
     return (out, lse) if return_lse else out
+
+
+def _check_number(name, x, optional=False):
+    if not (isinstance(x, numbers.Real) or (optional and x is None)):
+        raise TypeError(f"cuflash_attn: {name} must be a number{' or None' if optional else ''}, got "
+                        f"{type(x).__name__}")
+
+
+def _check_scalars(scale_name, scale, softcap, dropout_p, alibi_slopes) -> None:
+    """Types of the options flash_attention and the flash_attn API share (the op checks their
+    values), so that a wrong one raises a TypeError naming it, not torch's comparison or
+    schema error."""
+    _check_number("dropout_p", dropout_p)
+    _check_number(scale_name, scale, optional=True)
+    _check_number("softcap", softcap)
+    if alibi_slopes is not None and not isinstance(alibi_slopes, torch.Tensor):
+        raise TypeError(f"cuflash_attn: alibi_slopes must be a float32 tensor [heads] or [batch, heads], got "
+                        f"{type(alibi_slopes).__name__}")
 
 
 def _window(window_size) -> Tuple[int, int]:

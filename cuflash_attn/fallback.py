@@ -5,6 +5,7 @@ which computes them or raises its own error for input it rejects. A call that to
 warns once per reason (FallbackWarning); sdpa_stats() counts where the calls went.
 """
 import math
+import numbers
 import threading
 import warnings
 from typing import Dict, Optional
@@ -48,7 +49,7 @@ def fallback_reason(query, key, value, attn_mask, dropout_p, is_causal, scale, e
         return "a tensor subclass with __torch_function__ (e.g. DTensor)"
     reason = _tensor_reason(tensors)
     if reason is None:
-        reason = _feature_reason(attn_mask, dropout_p, is_causal, scale)
+        reason = _feature_reason(attn_mask, dropout_p, is_causal, scale, enable_gqa)
     if reason is None:
         reason = _shape_reason(query, key, value, enable_gqa)
     if reason is None and attn_mask is not None:
@@ -64,12 +65,23 @@ def _overrides_torch_function(t) -> bool:
         None, torch._C._disabled_torch_function_impl)
 
 
+def _op_dtype(t: torch.Tensor) -> torch.dtype:
+    """t's dtype as the op receives it: in an autocast region of t's device type, the op's
+    autocast rule (autocast.py) casts float16/bfloat16/float32 tensors to the region's dtype, as
+    torch's SDPA does (so q, k of float32 and v of bfloat16 are one dtype there)."""
+    device_type = t.device.type
+    if (t.is_floating_point() and t.dtype != torch.float64 and device_type in ("cpu", "cuda")
+            and torch.is_autocast_enabled(device_type)):
+        return torch.get_autocast_dtype(device_type)
+    return t.dtype
+
+
 def _tensor_reason(tensors) -> Optional[str]:
-    dtype, device = tensors[0].dtype, tensors[0].device
+    dtype, device = _op_dtype(tensors[0]), tensors[0].device
     for t in tensors:
         if t.layout != torch.strided:
             return f"layout {t.layout}"
-        if t.dtype != dtype or t.device != device:
+        if _op_dtype(t) != dtype or t.device != device:
             return "query, key and value of different dtypes or devices"
         if t.dim() < 2:
             return "a tensor with fewer than 2 dimensions"
@@ -85,7 +97,13 @@ def _tensor_reason(tensors) -> Optional[str]:
     return None
 
 
-def _feature_reason(attn_mask, dropout_p, is_causal, scale) -> Optional[str]:
+def _feature_reason(attn_mask, dropout_p, is_causal, scale, enable_gqa) -> Optional[str]:
+    # Types torch's argument parser rejects ("argument 'is_causal' must be bool, not str") or that
+    # the kernels' float scale does not take (a 0-dim tensor): torch raises or computes them.
+    if not (isinstance(is_causal, bool) and isinstance(enable_gqa, bool)):
+        return "is_causal or enable_gqa not a bool"
+    if not (scale is None or isinstance(scale, numbers.Real)):
+        return f"a scale of type {type(scale).__name__}"
     if attn_mask is not None:
         if is_causal:
             # torch 2.11's math backend raises here and its CPU flash backend combines the two:

@@ -9,12 +9,11 @@ before that import. Beyond flash_attn: float32 and float64, CPU tensors, torch.c
 graph breaks. Causal masks, windows and ALiBi are aligned bottom-right, as in flash_attn. The
 backward is always deterministic (no atomics), so `deterministic` changes nothing.
 """
-import numbers
 import sys
 
 import torch
 
-from .api import _window
+from .api import _check_scalars, _window
 from .ops import _ops, new_rng_state
 
 _PADDED = ("batch", "seqlen", "heads", "head_dim")
@@ -41,23 +40,12 @@ def _unpack(name, t, dims):
     return t.unbind(axis)
 
 
-def _check_number(name, x, optional=False):
-    if not (isinstance(x, numbers.Real) or (optional and x is None)):
-        raise TypeError(f"cuflash_attn: {name} must be a number{' or None' if optional else ''}, got "
-                        f"{type(x).__name__}")
-
-
 def _attention(q, k, v, dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes,
                return_attn_probs, varlen=None):
     """varlen: None for padded inputs, else (cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)."""
     for name, t in (("q", q), ("k", k), ("v", v)):
         _check_tensor(name, t, _PADDED if varlen is None else _PACKED)
-    _check_number("dropout_p", dropout_p)
-    _check_number("softmax_scale", softmax_scale, optional=True)
-    _check_number("softcap", softcap)
-    if alibi_slopes is not None and not isinstance(alibi_slopes, torch.Tensor):
-        raise TypeError(f"cuflash_attn: alibi_slopes must be a float32 tensor [heads] or [batch, heads], got "
-                        f"{type(alibi_slopes).__name__}")
+    _check_scalars("softmax_scale", softmax_scale, softcap, dropout_p, alibi_slopes)
     window_left, window_right = _window(window_size)
     rng_state = new_rng_state(q.device) if dropout_p > 0.0 else None
     cu_seqlens_q = cu_seqlens_k = None
@@ -121,7 +109,7 @@ def _dense_probs(q, k, lse, alibi_slopes, keep, softmax_scale, causal, window, s
     # q, k: [batch, heads, n, d] (k's heads are repeated for GQA); alibi_slopes [heads] or
     # [batch, heads]; keep: the dropout keep-mask [batch, heads, n_q, n_k] or None.
     scale = softmax_scale if softmax_scale is not None else q.shape[-1] ** -0.5
-    k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
+    k = k.repeat_interleave(q.shape[1] // max(k.shape[1], 1), dim=1)  # no heads: none to repeat
     s = (q.float() @ k.float().transpose(-1, -2)) * scale
     if softcap > 0:
         s = softcap * torch.tanh(s / softcap)

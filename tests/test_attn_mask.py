@@ -95,20 +95,39 @@ def test_mask_is_not_modified_and_needs_no_grad(device):
     assert torch.equal(fwd(q, k, v, attn_mask=bool_mask)[0], fwd(q, k, v, attn_mask=as_float)[0])
 
 
+MASK_ENTRY_POINTS = {
+    "fwd": lambda q, k, v, mask: fwd(q, k, v, attn_mask=mask),
+    # q for dout and out, zeros for lse: valid, so the mask is what bwd rejects.
+    "bwd": lambda q, k, v, mask: ops.bwd(q, q, k, v, q, q.new_zeros(q.shape[:3]), attn_mask=mask),
+    "flash_attention": lambda q, k, v, mask: cuflash_attn.flash_attention(q, k, v, attn_mask=mask),
+}
+
+
 @pytest.mark.parametrize("device", DEVICES)
-def test_bad_masks(device):
+@pytest.mark.parametrize("entry", list(MASK_ENTRY_POINTS))
+def test_bad_masks(device, entry):
+    attend = MASK_ENTRY_POINTS[entry]
     q, k, v = (torch.randn(2, 3, n, 16, device=device) for n in (10, 12, 12))
     with pytest.raises(TypeError, match="attn_mask must be boolean or have q's dtype"):
-        fwd(q, k, v, attn_mask=torch.zeros(10, 12, dtype=torch.int32, device=device))
+        attend(q, k, v, torch.zeros(10, 12, dtype=torch.int32, device=device))
     with pytest.raises(TypeError, match="attn_mask must be boolean or have q's dtype"):
-        fwd(q, k, v, attn_mask=torch.zeros(10, 12, dtype=torch.float64, device=device))
+        attend(q, k, v, torch.zeros(10, 12, dtype=torch.float64, device=device))
     for bad in [(10, 11), (2, 3, 10, 12, 1), (3, 3, 10, 12), (11, 12)]:
         with pytest.raises(ValueError, match=r"attn_mask must broadcast to \[batch, heads_q, seqlen_q, seqlen_k\]"):
-            fwd(q, k, v, attn_mask=torch.zeros(bad, device=device))
+            attend(q, k, v, torch.zeros(bad, device=device))
     other = "cpu" if device == "cuda" else ("cuda" if HAS_CUDA else None)
     if other:
         with pytest.raises(ValueError, match="attn_mask must be on the same device as q"):
-            fwd(q, k, v, attn_mask=torch.zeros(10, 12, device=other))
+            attend(q, k, v, torch.zeros(10, 12, device=other))
+    # The ops' schema rejects a list (torch's dispatcher raises a RuntimeError naming attn_mask).
+    exc, pattern = (TypeError, "attn_mask must be a") if entry == "flash_attention" else (RuntimeError, "'attn_mask'")
+    with pytest.raises(exc, match=pattern):
+        attend(q, k, v, torch.ones(10, 12, dtype=torch.bool).tolist())
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_bad_mask_options(device):
+    q, k, v = (torch.randn(2, 3, n, 16, device=device) for n in (10, 12, 12))
     qp, kp, vp = (torch.randn(10, 3, 16, device=device) for _ in range(3))
     cu = torch.tensor([0, 4, 10], dtype=torch.int32, device=device)
     with pytest.raises(ValueError, match="attn_mask is not supported with cu_seqlens"):

@@ -17,6 +17,11 @@ def good(device="cpu", dtype=torch.float32, b=2, h=4, nq=16, nk=24, d=32):
     return [torch.randn(b, h, n, d, device=device, dtype=dtype) for n in (nq, nk, nk)]
 
 
+def _on(device, options):
+    """Keyword options with their tensors moved to device."""
+    return {key: t.to(device) if isinstance(t, torch.Tensor) else t for key, t in options.items()}
+
+
 def replace(args, i, t):
     args = list(args)
     args[i] = t
@@ -36,6 +41,8 @@ CASES = [
     ("heads not a multiple", lambda a: [a[0], a[1][:, :3], a[2][:, :3]], ValueError, r"heads of q \(4\) must be a multiple"),
     ("head_dim 257", lambda a: [torch.randn(2, 4, n, 257) for n in (16, 24, 24)], ValueError, r"head_dim must be in \[1, 256\], got 257"),
     ("head_dim 0", lambda a: [torch.randn(2, 4, n, 0) for n in (16, 24, 24)], ValueError, r"head_dim must be in \[1, 256\], got 0"),
+    ("no k/v heads", lambda a: [a[0], a[1][:, :0], a[2][:, :0]], ValueError,
+     r"heads of q \(4\) must be a multiple of the heads of k and v \(0\)"),
 ]
 
 
@@ -47,13 +54,19 @@ def test_fwd_rejects(device, name, breaker, exc, pattern):
         cuflash_attn.flash_attention(*args)
     with pytest.raises(exc, match=pattern):
         ops.fwd(*args)
+    # bwd checks q, k and v first (q stands in for dout and out; lse is never read).
+    with pytest.raises(exc, match=pattern):
+        ops.bwd(args[0], *args, args[0], torch.zeros(0, device=device))
 
 
-@pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("scale", [math.nan, math.inf])
-def test_non_finite_scale(device, scale):
-    with pytest.raises(ValueError, match=r"scale must be a finite number"):
-        cuflash_attn.flash_attention(*good(device), scale=scale)
+@pytest.mark.parametrize("i,name", [(0, "q"), (1, "k"), (2, "v")])
+def test_non_tensor_inputs(i, name):
+    args = replace(good(), i, good()[i].tolist())
+    with pytest.raises(TypeError, match=rf"{name} must be a tensor \[batch, heads, seqlen, head_dim\], got list"):
+        cuflash_attn.flash_attention(*args)
+    # The op's schema rejects it: torch's dispatcher raises a RuntimeError naming the argument.
+    with pytest.raises(RuntimeError, match=rf"Expected a value of type 'Tensor' for argument '{name}'"):
+        ops.fwd(*args)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -80,6 +93,14 @@ def test_mixed_devices():
         cuflash_attn.flash_attention(q, k.cpu(), v)
     with pytest.raises(ValueError, match=r"v must be on the same device as q \(cpu\), got cuda"):
         ops.fwd(q.cpu(), k.cpu(), v)
+    out, lse = ops.fwd(q, k, v)
+    for name, args in [("k", (out, q, k.cpu(), v, out, lse)), ("dout", (out.cpu(), q, k, v, out, lse)),
+                       ("lse", (out, q, k, v, out, lse.cpu()))]:
+        with pytest.raises(ValueError, match=rf"{name} must be on the same device as q \(cuda:0\), got cpu"):
+            ops.bwd(*args)
+    rng = torch.tensor([1, 2])
+    with pytest.raises(ValueError, match=r"rng_state must be on the same device as q \(cuda:0\), got cpu"):
+        ops.fwd(q, k, v, dropout_p=0.1, rng_state=rng)
 
 
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
@@ -107,6 +128,9 @@ def _option_cases():
         ("alibi batch shape", dict(alibi_slopes=torch.ones(3, 4)), ValueError, r"or \[batch, heads\] = \[2, 4\]"),
         ("dropout_p 1", dict(dropout_p=1.0, rng_state=rng), ValueError, r"dropout_p must be in \[0, 1\), got 1"),
         ("dropout_p nan", dict(dropout_p=math.nan, rng_state=rng), ValueError, r"dropout_p must be in \[0, 1\)"),
+        ("dropout_p negative", dict(dropout_p=-0.1, rng_state=rng), ValueError, r"dropout_p must be in \[0, 1\)"),
+        ("scale nan", dict(scale=math.nan), ValueError, r"scale must be a finite number, got nan"),
+        ("scale inf", dict(scale=-math.inf), ValueError, r"scale must be a finite number, got -inf"),
         ("dropout without rng", dict(dropout_p=0.1), ValueError, r"dropout_p > 0 needs rng_state"),
         ("rng int32", dict(dropout_p=0.1, rng_state=rng.int()), TypeError, r"rng_state must have dtype int64"),
         ("rng 3 values", dict(dropout_p=0.1, rng_state=torch.tensor([1, 2, 3])), ValueError,
@@ -124,7 +148,7 @@ OPTION_CASES = _option_cases()
 @pytest.mark.parametrize("name,options,exc,pattern", OPTION_CASES, ids=[c[0] for c in OPTION_CASES])
 def test_fwd_and_bwd_reject_bad_options(device, name, options, exc, pattern):
     q, k, v = good(device)
-    options = {key: t.to(device) if isinstance(t, torch.Tensor) else t for key, t in options.items()}
+    options = _on(device, options)
     with pytest.raises(exc, match=pattern):
         ops.fwd(q, k, v, **options)
     out, lse = ops.fwd(q, k, v)
@@ -144,6 +168,8 @@ VARLEN_CASES = [
     ("lengths differ", dict(cu_seqlens_k=torch.tensor([0, 10, 30], dtype=torch.int32)), ValueError,
      r"cu_seqlens_q and cu_seqlens_k must have the same length"),
     ("negative max_seqlen", dict(max_seqlen_q=-1), ValueError, r"max_seqlen_q and max_seqlen_k must be >= 0"),
+    ("empty offsets", dict(cu_seqlens_q=torch.zeros(0, dtype=torch.int32)), ValueError,
+     r"cu_seqlens_q must have shape \[batch \+ 1\], got \[0\]"),
 ]
 # Values are checked on the CPU only (on CUDA that would synchronize; the kernels clamp instead).
 VARLEN_CPU_CASES = [
@@ -167,9 +193,48 @@ def test_varlen_rejects(device, name, options, exc, pattern):
     kwargs = dict(cu_seqlens_q=torch.tensor([0, 20], dtype=torch.int32),
                   cu_seqlens_k=torch.tensor([0, 30], dtype=torch.int32), max_seqlen_q=20, max_seqlen_k=30)
     kwargs.update(options)
-    kwargs = {key: t.to(device) if isinstance(t, torch.Tensor) else t for key, t in kwargs.items()}
+    kwargs = _on(device, kwargs)
     with pytest.raises(exc, match=pattern):
         ops.fwd(q, k, v, **kwargs)
+    with pytest.raises(exc, match=pattern):  # q stands in for dout and out; lse is never read
+        ops.bwd(q, q, k, v, q, torch.zeros(0, device=device), **kwargs)
+
+
+DROPOUT_MASK_CASES = [
+    # (id, arguments after rng_state: dropout_p, batch, heads, seqlen_q, seqlen_k; exception, pattern)
+    ("dropout_p 1", (1.0, 1, 2, 3, 4), ValueError, r"dropout_p must be in \[0, 1\), got 1"),
+    ("dropout_p negative", (-0.5, 1, 2, 3, 4), ValueError, r"dropout_p must be in \[0, 1\)"),
+    ("negative batch", (0.1, -1, 2, 3, 4), ValueError, r"dropout_mask sizes out of range"),
+    ("heads above the grid", (0.1, 1, 65536, 3, 4), ValueError, r"dropout_mask sizes out of range"),
+    ("seqlen_k 2^31", (0.1, 1, 1, 1, 2**31), ValueError, r"dropout_mask sizes out of range"),
+]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("name,args,exc,pattern", DROPOUT_MASK_CASES, ids=[c[0] for c in DROPOUT_MASK_CASES])
+def test_dropout_mask_rejects(device, name, args, exc, pattern):
+    with pytest.raises(exc, match=pattern):
+        ops.dropout_mask(torch.tensor([1, 2], device=device), *args)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_dropout_mask_rejects_bad_rng_state(device):
+    with pytest.raises(TypeError, match=r"rng_state must have dtype int64, got Int"):
+        ops.dropout_mask(torch.tensor([1, 2], dtype=torch.int32, device=device), 0.1, 1, 2, 3, 4)
+    with pytest.raises(ValueError, match=r"rng_state must hold 2 values \[seed, offset\], got shape \[3\]"):
+        ops.dropout_mask(torch.tensor([1, 2, 3], device=device), 0.1, 1, 2, 3, 4)
+
+
+def test_fwd_tile_counts_is_cuda_only():
+    """The debug op counts the tiles of the CUDA tensor-core forward: no CPU kernel is registered."""
+    with pytest.raises(NotImplementedError, match=r"fwd_tile_counts.*'CPU' backend"):
+        ops.fwd_tile_counts(*good())
+
+
+@requires_cuda
+def test_fwd_tile_counts_rejects_other_dtypes():
+    with pytest.raises(NotImplementedError, match=r"q must be a float16 or bfloat16 CUDA tensor, got Float"):
+        ops.fwd_tile_counts(*good("cuda"))
 
 
 @requires_cuda
@@ -251,12 +316,20 @@ FA_OPTION_CASES = [
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("name,options,exc,pattern", FA_OPTION_CASES, ids=[c[0] for c in FA_OPTION_CASES])
+def test_flash_attention_rejects_bad_options(device, name, options, exc, pattern):
+    """flash_attention takes the flash_attn API's options, with its scale named scale."""
+    options = {("scale" if key == "softmax_scale" else key): value for key, value in _on(device, options).items()}
+    with pytest.raises(exc, match=pattern.replace("softmax_scale", "scale")):
+        cuflash_attn.flash_attention(*good(device), **options)
+
+
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("function", list(FA_FUNCTIONS))
 @pytest.mark.parametrize("name,options,exc,pattern", FA_OPTION_CASES, ids=[c[0] for c in FA_OPTION_CASES])
 def test_flash_attn_api_rejects_bad_options(device, function, name, options, exc, pattern):
-    options = {key: t.to(device) if isinstance(t, torch.Tensor) else t for key, t in options.items()}
     with pytest.raises(exc, match=pattern):
-        FA_FUNCTIONS[function](_fa_inputs(device), **options)
+        FA_FUNCTIONS[function](_fa_inputs(device), **_on(device, options))
 
 
 def _fa_tensor_cases():

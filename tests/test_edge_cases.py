@@ -5,47 +5,98 @@ import math
 import pytest
 import torch
 
+import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
 import cuflash_attn
-from conftest import DEVICES
+from conftest import ALL_DTYPES, DEVICES, poisoned_and_unmodified
+from cuflash_attn.fallback import TORCH_SDPA
 from cuflash_attn import flash_attn_interface as fa
 from reference import reference_results
 
-ops = torch.ops.cuflash_attn
+def _bshd(t):
+    """[batch, heads, seqlen, head_dim] <-> [batch, seqlen, heads, head_dim] (a view)."""
+    return t.transpose(1, 2)
 
 
-def _flash_attn_varlen(q, k, v, causal):
-    """flash_attn_varlen_func on a padded batch packed into [batch * seqlen, heads, head_dim]."""
-    b, h, nq, d = q.shape
-    pack = lambda t: t.transpose(1, 2).reshape(-1, t.shape[1], d)  # noqa: E731
-    offsets = lambda n: torch.arange(b + 1, dtype=torch.int32, device=q.device) * n  # noqa: E731
-    out, lse, _ = fa.flash_attn_varlen_func(pack(q), pack(k), pack(v), offsets(nq), offsets(k.shape[2]), nq,
-                                            k.shape[2], causal=causal, return_attn_probs=True)
-    return out.reshape(b, nq, h, d).transpose(1, 2), lse.reshape(h, b, nq).transpose(0, 1)
+def _packed(t):
+    """[batch, heads, seqlen, head_dim] -> [batch * seqlen, heads, head_dim]."""
+    b, h, n, d = t.shape
+    return _bshd(t).reshape(b * n, h, d)
 
 
-def _flash_attn_padded(q, k, v, causal):
-    out, lse, _ = fa.flash_attn_func(*(t.transpose(1, 2) for t in (q, k, v)), causal=causal, return_attn_probs=True)
-    return out.transpose(1, 2), lse
+def _equal_shapes(q, k):
+    if q.shape != k.shape:
+        pytest.skip("the qkv-packed functions take q, k and v of one shape")
 
 
-# Entry points on [batch, heads, seqlen, head_dim] inputs, returning (out, lse [batch, heads,
-# seqlen_q]); all align causal masks bottom-right (flash_attn's rule).
+def _flash_attn_padded(function):
+    def attend(q, k, v, causal):
+        out, lse, _ = function(*(_bshd(t) for t in (q, k, v)), causal=causal, return_attn_probs=True)
+        return _bshd(out), lse
+    return attend
+
+
+def _flash_attn_varlen(function):
+    """A varlen function on a padded batch packed into [batch * seqlen, heads, head_dim]."""
+    def attend(q, k, v, causal):
+        b, h, nq, d = q.shape
+        nk = k.shape[2]
+        offsets = lambda n: torch.arange(b + 1, dtype=torch.int32, device=q.device) * n  # noqa: E731
+        out, lse, _ = function(_packed(q), _packed(k), _packed(v), offsets(nq), offsets(nk), nq, nk, causal=causal,
+                               return_attn_probs=True)
+        return _bshd(out.reshape(b, nq, h, d)), lse.reshape(h, b, nq).transpose(0, 1)
+    return attend
+
+
+def _qkvpacked(q, k, v, causal, **kw):
+    _equal_shapes(q, k)
+    return fa.flash_attn_qkvpacked_func(torch.stack((q, k, v), 2), causal=causal, **kw)
+
+
+def _varlen_qkvpacked(q, k, v, cu_q, cu_k, nq, nk, **kw):
+    _equal_shapes(q, k)
+    return fa.flash_attn_varlen_qkvpacked_func(torch.stack((q, k, v), 1), cu_q, nq, **kw)
+
+
+def _sdpa(q, k, v, causal):
+    """torch.nn.functional's SDPA after cuflash_attn.enable() (cuflash_attn.scaled_dot_product_attention
+    itself), checked to run the kernels; it returns no lse, and aligns is_causal top-left."""
+    calls = cuflash_attn.sdpa_stats()["cuflash_attn"]
+    with cuflash_attn.enable():
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=causal, enable_gqa=q.shape[1] != k.shape[1])
+    assert cuflash_attn.sdpa_stats()["cuflash_attn"] == calls + 1, "torch's SDPA ran, not the kernels"
+    return out, None
+
+
+# Every Python entry point on [batch, heads, seqlen, head_dim] inputs, returning (out, lse
+# [batch, heads, seqlen_q] or None); all but SDPA align causal masks bottom-right (flash_attn's rule).
 ENTRY_POINTS = {
     "flash_attention": lambda q, k, v, causal: cuflash_attn.flash_attention(q, k, v, causal, return_lse=True,
                                                                             bottom_right=True),
-    "flash_attn_func": _flash_attn_padded,
-    "flash_attn_varlen_func": _flash_attn_varlen,
+    "flash_attn_func": _flash_attn_padded(fa.flash_attn_func),
+    "flash_attn_kvpacked_func": _flash_attn_padded(
+        lambda q, k, v, **kw: fa.flash_attn_kvpacked_func(q, torch.stack((k, v), 2), **kw)),
+    "flash_attn_qkvpacked_func": _flash_attn_padded(_qkvpacked),
+    "flash_attn_varlen_func": _flash_attn_varlen(fa.flash_attn_varlen_func),
+    "flash_attn_varlen_kvpacked_func": _flash_attn_varlen(
+        lambda q, k, v, *offsets, **kw: fa.flash_attn_varlen_kvpacked_func(q, torch.stack((k, v), 1), *offsets, **kw)),
+    "flash_attn_varlen_qkvpacked_func": _flash_attn_varlen(_varlen_qkvpacked),
+    "scaled_dot_product_attention": _sdpa,
 }
+TOP_LEFT = {"scaled_dot_product_attention"}
+BOTTOM_RIGHT_ENTRY_POINTS = [e for e in ENTRY_POINTS if e not in TOP_LEFT]
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
-def test_fully_masked_rows(device, dtype):
+@pytest.mark.parametrize("entry", BOTTOM_RIGHT_ENTRY_POINTS)
+@pytest.mark.parametrize("dtype", ALL_DTYPES)
+def test_fully_masked_rows(device, entry, dtype):
     """Bottom-right causal with nq > nk: the first nq - nk rows see no key. Their output is 0,
     their lse -inf (documented), their gradients 0, and nothing is NaN."""
     nq, nk = 70, 20
     q, k, v = (torch.randn(1, 2, n, 64, device=device, dtype=dtype, requires_grad=True) for n in (nq, nk, nk))
-    out, lse = ops.fwd(q, k, v, None, True, True)
+    out, lse = ENTRY_POINTS[entry](q, k, v, True)
     dq, dk, dv = torch.autograd.grad(out, (q, k, v), torch.randn_like(out))
     empty = nq - nk
     assert torch.all(out[:, :, :empty] == 0)
@@ -56,24 +107,45 @@ def test_fully_masked_rows(device, dtype):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_seqlen_k_zero(device):
+@pytest.mark.parametrize("dtype", ALL_DTYPES)
+def test_sdpa_fully_masked_rows(device, dtype):
+    """SDPA's rows that a boolean attn_mask hides entirely: output 0 and gradients 0, as torch's
+    math backend gives them, and no NaN anywhere."""
+    q, k, v = (torch.randn(2, 3, n, 32, device=device, dtype=dtype, requires_grad=True) for n in (12, 20, 20))
+    mask = torch.rand(12, 20, device=device) > 0.5
+    mask[3] = mask[7] = False
+    with cuflash_attn.enable():
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    grads = torch.autograd.grad(out, (q, k, v), torch.randn_like(out))
+    with sdpa_kernel(SDPBackend.MATH):
+        want = TORCH_SDPA(q, k, v, attn_mask=mask)
+    assert torch.all(out[:, :, [3, 7]] == 0) and torch.all(want[:, :, [3, 7]] == 0)
+    assert torch.all(grads[0][:, :, [3, 7]] == 0)
+    for t in (out, *grads):
+        assert not torch.isnan(t).any()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("entry", list(ENTRY_POINTS))
+def test_seqlen_k_zero(device, entry):
     q = torch.randn(2, 3, 5, 32, device=device, requires_grad=True)
     k = torch.randn(2, 3, 0, 32, device=device, requires_grad=True)
     v = torch.randn(2, 3, 0, 32, device=device, requires_grad=True)
-    out, lse = cuflash_attn.flash_attention(q, k, v, return_lse=True)
-    assert torch.all(out == 0) and torch.all(torch.isneginf(lse))
+    out, lse = ENTRY_POINTS[entry](q, k, v, False)
+    assert torch.all(out == 0) and (lse is None or torch.all(torch.isneginf(lse)))
     dq, dk, dv = torch.autograd.grad(out, (q, k, v), torch.randn_like(out))
     assert torch.all(dq == 0) and dk.shape == k.shape and dv.shape == v.shape
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("entry", list(ENTRY_POINTS))
 @pytest.mark.parametrize("shape_q,shape_k", [((0, 2, 5, 32), (0, 2, 7, 32)), ((2, 2, 0, 32), (2, 2, 7, 32)),
-                                             ((2, 0, 5, 32), (2, 0, 7, 32))])
-def test_empty_outputs(device, shape_q, shape_k):
+                                             ((2, 0, 5, 32), (2, 0, 7, 32)), ((0, 2, 5, 32), (0, 2, 5, 32))])
+def test_empty_outputs(device, entry, shape_q, shape_k):
     q = torch.randn(shape_q, device=device, requires_grad=True)
     k = torch.randn(shape_k, device=device, requires_grad=True)
     v = torch.randn(shape_k, device=device, requires_grad=True)
-    out = cuflash_attn.flash_attention(q, k, v)
+    out, _ = ENTRY_POINTS[entry](q, k, v, False)
     assert out.shape == q.shape
     dq, dk, dv = torch.autograd.grad(out, (q, k, v), torch.randn_like(out))
     assert dq.shape == q.shape and torch.all(dk == 0) and torch.all(dv == 0)
@@ -100,13 +172,14 @@ def test_large_magnitude_fp16_is_finite(device, entry):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("entry", list(ENTRY_POINTS))
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-def test_uniform_attention_over_50k_keys(device, dtype):
+def test_uniform_attention_over_50k_keys(device, entry, dtype):
     nk = 50_000
     q = torch.zeros(1, 1, 4, 64, device=device, dtype=dtype, requires_grad=True)
     k = torch.zeros(1, 1, nk, 64, device=device, dtype=dtype, requires_grad=True)
     v = torch.randn(1, 1, nk, 64, device=device, dtype=dtype, requires_grad=True)
-    out = cuflash_attn.flash_attention(q, k, v)
+    out, _ = ENTRY_POINTS[entry](q, k, v, False)
     mean = v.double().mean(dim=2, keepdim=True).expand_as(out)
     tol = 1e-2 if dtype == torch.bfloat16 else 1e-5
     assert (out.double() - mean).abs().max().item() < tol
@@ -139,11 +212,12 @@ def test_default_scale_and_explicit_scale(device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("entry", BOTTOM_RIGHT_ENTRY_POINTS)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-def test_nan_score_gives_nan_lse(device, dtype):
+def test_nan_score_gives_nan_lse(device, entry, dtype):
     q, k, v = (torch.randn(1, 1, 100, 64, device=device, dtype=dtype) for _ in range(3))
     k[0, 0, 40, 3] = math.nan
-    _, lse = cuflash_attn.flash_attention(q, k, v, causal=True, return_lse=True)
+    _, lse = ENTRY_POINTS[entry](q, k, v, True)
     assert torch.isnan(lse[0, 0, 40:]).all() and torch.isfinite(lse[0, 0, :40]).all()
 
 
@@ -164,9 +238,40 @@ def test_edge_shapes_match_reference(device, entry, causal, shape):
     q.requires_grad_(), k.requires_grad_(), v.requires_grad_()
     out, lse = ENTRY_POINTS[entry](q, k, v, causal)
     got = (out, lse, *torch.autograd.grad(out, (q, k, v), dout))
-    want = reference_results(q, k, v, dout, causal=causal, bottom_right=True)
+    want = reference_results(q, k, v, dout, causal=causal, bottom_right=entry not in TOP_LEFT)
     for name, g, w in zip(("out", "lse", "dq", "dk", "dv"), got, want):
-        torch.testing.assert_close(g, w, rtol=1e-10, atol=1e-10, msg=lambda m, name=name: f"{name}: {m}")
+        if g is not None:  # SDPA returns no lse
+            torch.testing.assert_close(g, w, rtol=1e-10, atol=1e-10, msg=lambda m, name=name: f"{name}: {m}")
+
+
+# The other entry points pack (copy) their inputs in ENTRY_POINTS; flash_attn_varlen_func is
+# given a strided packed tensor below.
+STRIDE_KEEPING_ENTRY_POINTS = ["flash_attention", "flash_attn_func", "scaled_dot_product_attention"]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("entry", STRIDE_KEEPING_ENTRY_POINTS + ["flash_attn_varlen_func"])
+def test_last_dim_not_contiguous_is_copied(device, entry):
+    """A last dimension that is not contiguous is copied, not rejected: the results of contiguous
+    inputs, bitwise, and the inputs unchanged."""
+    strided = [torch.randn(2, 3, 40, n, device=device).transpose(-1, -2) for n in (30, 50, 50)]  # [2, 3, n, 40]
+    if entry == "flash_attn_varlen_func":
+        strided = [torch.randn(40, 2 * n, 3, device=device).permute(1, 2, 0) for n in (30, 50, 50)]  # [2n, 3, 40]
+        cu_q, cu_k = (torch.tensor([0, n, 2 * n], dtype=torch.int32, device=device) for n in (30, 50))
+        attend = lambda q, k, v: fa.flash_attn_varlen_func(q, k, v, cu_q, cu_k, 30, 50, causal=True)  # noqa: E731
+    else:
+        attend = lambda q, k, v: ENTRY_POINTS[entry](q, k, v, True)[0]  # noqa: E731
+    assert all(t.stride(-1) != 1 for t in strided)
+    for t in strided:
+        t.requires_grad_()
+    contiguous = [t.detach().contiguous().requires_grad_() for t in strided]
+    with poisoned_and_unmodified(*strided):
+        out = attend(*strided)
+        grads = torch.autograd.grad(out, strided, torch.ones_like(out))
+    want = attend(*contiguous)
+    assert torch.equal(out, want)
+    for g, w in zip(grads, torch.autograd.grad(want, contiguous, torch.ones_like(want))):
+        assert torch.equal(g, w)
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -54,6 +54,7 @@ def _fallback_cases():
         ("dropout_p 1", std(dropout_p=1.0), r"dropout_p = 1"),
         ("scale nan", std(scale=math.nan), r"scale that is not finite"),
         ("scale inf", std(scale=math.inf), r"scale that is not finite"),
+        ("scale tensor", std(scale=torch.tensor(0.3)), r"a scale of type Tensor"),
         ("batch broadcast", shapes((2, 4, 16, 16), (1, 4, 24, 16), (1, 4, 24, 16)), r"leading dimensions"),
         ("heads broadcast", shapes((2, 4, 16, 16), (2, 1, 24, 16), (2, 1, 24, 16)), r"leading dimensions"),
         ("ranks differ", shapes((2, 4, 16, 16), (4, 24, 16), (4, 24, 16)), r"numbers of dimensions"),
@@ -192,20 +193,32 @@ def _error_cases():
         ("attn_mask int32", (q, k, v), dict(attn_mask=torch.ones(16, 24, dtype=torch.int32))),
         ("attn_mask shape", (q, k, v), dict(attn_mask=torch.ones(15, 24, dtype=torch.bool))),
         ("scale positional", (q, k, v, None, 0.0, False, 0.5), {}),
+        ("scale str", (q, k, v), dict(scale="0.5")),
+        ("is_causal str", (q, k, v), dict(is_causal="yes")),
+        ("enable_gqa int", (q, k, v), dict(enable_gqa=1)),
     ]
 
 
 ERROR_CASES = _error_cases()
 
 
+def _through_the_switch(*args, **kwargs):
+    with cuflash_attn.enable():
+        return F.scaled_dot_product_attention(*args, **kwargs)
+
+
+SDPA_ROUTES = {"direct": cuflash_attn.scaled_dot_product_attention, "enable()": _through_the_switch}
+
+
+@pytest.mark.parametrize("route", list(SDPA_ROUTES))
 @pytest.mark.parametrize("name,args,kwargs", ERROR_CASES, ids=[c[0] for c in ERROR_CASES])
-def test_raises_what_torch_raises(name, args, kwargs):
+def test_raises_what_torch_raises(route, name, args, kwargs):
     with pytest.raises(Exception) as expected:
         TORCH_SDPA(*args, **kwargs)
     with warnings.catch_warnings():
         warnings.simplefilter("error", cuflash_attn.FallbackWarning)  # an error is not a fallback
         with pytest.raises(type(expected.value)) as got:
-            cuflash_attn.scaled_dot_product_attention(*args, **kwargs)
+            SDPA_ROUTES[route](*args, **kwargs)
     assert str(got.value).replace("cuflash_attn.", "") == str(expected.value).replace("torch._C._nn.", "")
     assert cuflash_attn.sdpa_stats() == {"cuflash_attn": 0, "fallback": {}}
 
@@ -217,10 +230,11 @@ OWN_ERROR_CASES = [
 ]
 
 
+@pytest.mark.parametrize("route", list(SDPA_ROUTES))
 @pytest.mark.parametrize("name,kwargs,pattern", OWN_ERROR_CASES, ids=[c[0] for c in OWN_ERROR_CASES])
-def test_invalid_dropout_raises_a_runtime_error_as_torch(name, kwargs, pattern):
+def test_invalid_dropout_raises_a_runtime_error_as_torch(route, name, kwargs, pattern):
     with pytest.raises(cuflash_attn.SDPAArgumentError, match=pattern) as info:
-        cuflash_attn.scaled_dot_product_attention(*qkv(), **kwargs)
+        SDPA_ROUTES[route](*qkv(), **kwargs)
     assert isinstance(info.value, ValueError) and isinstance(info.value, RuntimeError)
     with pytest.raises(RuntimeError):
         TORCH_SDPA(*qkv(), **kwargs)
@@ -402,6 +416,21 @@ def test_autocast_casts_like_torch_sdpa(device, dtype):
     expected_grads = torch.autograd.grad(expected, casted, dout)
     for g, e in zip(grads, expected_grads):
         assert g.dtype == torch.float32 and torch.equal(g, e.float())
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_autocast_runs_inputs_of_mixed_dtypes_on_the_kernels(device):
+    """transformers 5 hands SDPA float32 query and key with a bfloat16 value under autocast:
+    autocast makes them one dtype, so the kernels run them (torch's SDPA accepts them too)."""
+    q, k = qkv(device, torch.float32)[:2]
+    v = rand(2, 4, 24, 16, device=device, dtype=torch.bfloat16)
+    with torch.autocast(device, dtype=torch.bfloat16):
+        got = cuflash_attn.scaled_dot_product_attention(q, k, v, is_causal=True)
+        with sdpa_kernel(SDPBackend.MATH):
+            want = TORCH_SDPA(q, k, v, is_causal=True)
+    assert cuflash_attn.sdpa_stats() == {"cuflash_attn": 1, "fallback": {}}
+    assert got.dtype == want.dtype == torch.bfloat16
+    torch.testing.assert_close(got, want, rtol=2e-2, atol=2e-2)
 
 
 @pytest.mark.parametrize("device", DEVICES)
