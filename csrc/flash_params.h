@@ -132,7 +132,12 @@ struct FlashBwdParams : AttentionParams {
   // Optional, accumulator type, contiguous [B, Hq, Nq, Nk], zeroed: receives the gradient of
   // every score the kernels visit (the gradient of a float attn_mask, before its broadcast sum).
   void* dscores = nullptr;
-  TensorStrides out_strides, dout_strides, dq_strides, dk_strides, dv_strides;
+  // Optional, float32, zeroed, laid out like dq (dq_accum_strides): the tensor-core backward then
+  // runs one kernel, the dK/dV one, which also adds each key block's share of dQ / scale here
+  // with atomics (not bitwise reproducible: the order of the adds varies), and a small kernel
+  // writes dq from it. Null: a separate dQ kernel, deterministic. Not with dscores.
+  void* dq_accum = nullptr;
+  TensorStrides out_strides, dout_strides, dq_strides, dk_strides, dv_strides, dq_accum_strides;
 };
 
 }  // namespace cuflash

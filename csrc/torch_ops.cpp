@@ -9,6 +9,7 @@
 #include <torch/library.h>
 
 #include <cmath>
+#include <cstdlib>
 #include <limits>
 #include <string>
 
@@ -541,6 +542,15 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> bwd(const Tensor& dout, const Tensor&
   p.dq_strides = strides_of(dq_k);
   p.dk_strides = strides_of(dk_k);
   p.dv_strides = strides_of(dv_k);
+  // CUFLASH_BWD_DQ=atomic: dQ added by the dK/dV kernel with fp32 atomics (flash_bwd_kernel.cuh),
+  // for the tensor-core kernels and without the attn_mask gradient (which the dQ kernel writes).
+  Tensor dq_accum;
+  const char* dq_mode = std::getenv("CUFLASH_BWD_DQ");
+  if (q.is_cuda() && layout.tensor_cores && !attn_mask_grad && dq_mode && std::string(dq_mode) == "atomic") {
+    dq_accum = at::zeros(dq_k.sizes(), dq_k.options().dtype(at::kFloat));
+    p.dq_accum = dq_accum.data_ptr();
+    p.dq_accum_strides = strides_of(dq_accum);
+  }
 
   if (q.is_cuda()) {
     padded_head_dim_bucket(q, layout.head_dim);

@@ -1,6 +1,6 @@
 // Backward attention on tensor cores (mma.sync, sm_80+), recomputing P from q, k and the
-// saved logsumexp; no attention matrix is stored. Two kernels, so that no CTA needs another's
-// partial sums and the result is deterministic:
+// saved logsumexp; no attention matrix is stored. Deterministic by default: two kernels, so that
+// no CTA needs another's partial sums:
 //   dQ kernel:    queries resident, keys streamed:   S = Q K^T, dP = dO V^T, dQ += dS K
 //   dK/dV kernel: keys resident, queries of every query head of the key's group streamed
 //                 (GQA sums there, with no atomics): S^T = K Q^T, dP^T = V dO^T,
@@ -8,6 +8,9 @@
 // Both keep every operand of their matmuls in the layouts mma wants, so P and dS go from
 // the accumulators straight back into registers as A operands, never through shared memory.
 // delta = rowsum(dO * O) - dlse is computed first by a small kernel. z is the dropout factor.
+// With p.dq_accum (5 matmuls instead of 7, not bitwise reproducible), the dQ kernel is not run:
+// the dK/dV kernel stages dS in shared memory and adds dQ += dS K to an fp32 buffer with atomics,
+// and flash_bwd_dq_convert_kernel writes dq from it.
 #pragma once
 #include <type_traits>
 #include "../flash_params.h"
@@ -43,6 +46,25 @@ __global__ void __launch_bounds__(128) flash_bwd_delta_kernel(const FlashBwdPara
     if (p.dlse) sum -= static_cast<const Acc*>(p.dlse)[idx];
     static_cast<Acc*>(p.delta)[idx] = sum;
   }
+}
+
+template <typename T>
+__device__ __forceinline__ T from_float(float x) {
+  if constexpr (std::is_same_v<T, __half>) return __float2half_rn(x);
+  else return __float2bfloat16_rn(x);
+}
+
+// One warp per query row: dq = scale * dq_accum, in dq's type and layout.
+template <typename T>
+__global__ void __launch_bounds__(128) flash_bwd_dq_convert_kernel(const FlashBwdParams p) {
+  const int row = blockIdx.x * 4 + threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int h = blockIdx.y, b = blockIdx.z;
+  const Sequence seq = sequence_of(p, b);
+  if (row >= seq.seqlen_q) return;
+  const float* acc = row_at<const float>(p.dq_accum, p.dq_accum_strides, seq, true, b, h, row);
+  T* dq = row_at<T>(p.dq, p.dq_strides, seq, true, b, h, row);
+  const float scale = static_cast<float>(p.scale);
+  for (int d = lane; d < p.shape.head_dim; d += 32) dq[d] = from_float<T>(acc[d] * scale);
 }
 
 template <typename T, int kHeadDim>
@@ -149,6 +171,9 @@ struct BwdDkvKernel {
   using QTile = SmemTile<T, kBlockM, kHeadDim>;
   static constexpr int kSmemBytes =
       (2 * KVTile::kElems + 4 * QTile::kElems) * sizeof(T) + 4 * kBlockM * sizeof(float);
+  // With p.dq_accum: dS of one step, [queries][keys], after the rest.
+  using DsTile = SmemTile<T, kBlockM, kBlockN>;
+  static constexpr int kSmemBytesAccumDq = kSmemBytes + DsTile::kElems * sizeof(T);
 };
 
 template <typename T, int kHeadDim, bool kFeatures, bool kComputeDk, bool kComputeDv>
@@ -164,6 +189,7 @@ __global__ void __launch_bounds__(BwdDkvKernel<T, kHeadDim>::kThreads)
   auto sdO = [&](int buf) { return typename K::QTile{q_base + (2 + buf) * K::QTile::kElems}; };
   float* sLse2 = reinterpret_cast<float*>(q_base + 4 * K::QTile::kElems);  // [2][kBlockM]
   float* sDelta = sLse2 + 2 * kBlockM;                                      // [2][kBlockM]
+  const typename K::DsTile sdS{reinterpret_cast<T*>(sDelta + 2 * kBlockM)};  // only with p.dq_accum
 
   const AttentionShape& sh = p.shape;
   const int n_block = blockIdx.x, h_kv = blockIdx.y, b = blockIdx.z;
@@ -193,6 +219,37 @@ __global__ void __launch_bounds__(BwdDkvKernel<T, kHeadDim>::kThreads)
       const bool valid = m0 + i < seq.seqlen_q;
       sLse2[buf * kBlockM + i] = valid ? lse_to_log2(static_cast<const float*>(p.lse)[stats + i]) : INFINITY;
       sDelta[buf * kBlockM + i] = valid ? static_cast<const float*>(p.delta)[stats + i] : 0.f;
+    }
+  };
+
+  // dQ += dS K for this step's queries (head h, rows m0..) over the CTA's keys. Each warp holds
+  // dS^T of its own 16 keys only, so dS goes through shared memory ([query][key]); then each
+  // warp takes 16-column slices of dQ over all kBlockM rows and adds them to dq_accum (unscaled).
+  auto add_dq_share = [&](const WarpAcc<kBlockM>& ds_t, int h, int m0) {
+    using Acc = WarpAcc<kBlockM>;
+#pragma unroll
+    for (int j = 0; j < Acc::kTiles; ++j)
+#pragma unroll
+      for (int e = 0; e < 4; ++e)
+        *sdS.at(Acc::col_of(j, e, lane), warp * 16 + Acc::row_of(e, lane)) = from_float<T>(ds_t.v[j][e]);
+    __syncthreads();
+    constexpr int kRowTiles = kBlockM / 16;
+    float* acc_rows = row_at<float>(p.dq_accum, p.dq_accum_strides, seq, true, b, h, m0);
+    const int rows_valid = seq.seqlen_q - m0;
+    for (int slice = warp; slice < kHeadDim / 16; slice += K::Tile::kWarps) {
+      WarpAcc<16> part[kRowTiles];
+#pragma unroll
+      for (int m = 0; m < kRowTiles; ++m) part[m].zero();
+      warp_gemm_ab<T, kBlockN, 16, kRowTiles>(part, sdS, 0, sK, slice * 16, lane);
+#pragma unroll
+      for (int m = 0; m < kRowTiles; ++m)
+#pragma unroll
+        for (int j = 0; j < 2; ++j)
+#pragma unroll
+          for (int e = 0; e < 4; ++e) {
+            const int row = 16 * m + WarpAcc<16>::row_of(e, lane), col = slice * 16 + WarpAcc<16>::col_of(j, e, lane);
+            if (row < rows_valid && col < sh.head_dim) atomicAdd(acc_rows + row * p.dq_accum_strides.row + col, part[m].v[j][e]);
+          }
     }
   };
 
@@ -241,8 +298,10 @@ __global__ void __launch_bounds__(BwdDkvKernel<T, kHeadDim>::kThreads)
           ds_from_dp(dp, s, col_delta);
         }
       }
+      if (kComputeDk && p.dq_accum) add_dq_share(dp, h, m0);
       if (kComputeDk) warp_gemm_rb<T, kBlockM, kHeadDim>(dk, dp, sQ(buf), 0, lane);
     }
+    if (p.dq_accum) __syncthreads();  // every warp read all of sK for dQ before its rows are reused below
   }
   // Each warp stages its own rows of sK / sV (read only by this warp) for the stores.
   const int rows_valid = seq.seqlen_k - key0;

@@ -66,26 +66,33 @@ cudaError_t run_flash_bwd(const FlashBwdParams& p, cudaStream_t stream) {
     return launch(flash_bwd_dkdv_simt_kernel<T, kChunks>,
                   dim3(ceil_div(sh.seqlen_k, simt::kWarps), sh.heads_kv, sh.batch), kThreads, 0, stream, p);
   } else {
-    return with_feature_path(p, [&](auto features) {
+    const bool accum_dq = p.dq_accum != nullptr;
+    err = with_feature_path(p, [&](auto features) {
       constexpr bool kFeatures = features();
-      using Dq = BwdDqKernel<T, kHeadDim>;
-      cudaError_t e = launch(flash_bwd_dq_kernel<T, kHeadDim, kFeatures>,
-                             dim3(ceil_div(sh.seqlen_q, Dq::kBlockM), sh.heads_q, sh.batch), Dq::kThreads,
-                             Dq::kSmemBytes, stream, p);
-      if (e != cudaSuccess) return e;
+      cudaError_t e = cudaSuccess;
+      if (!accum_dq) {
+        using Dq = BwdDqKernel<T, kHeadDim>;
+        e = launch(flash_bwd_dq_kernel<T, kHeadDim, kFeatures>,
+                   dim3(ceil_div(sh.seqlen_q, Dq::kBlockM), sh.heads_q, sh.batch), Dq::kThreads, Dq::kSmemBytes,
+                   stream, p);
+        if (e != cudaSuccess) return e;
+      }
       using Dkv = BwdDkvKernel<T, kHeadDim>;
       const dim3 grid(ceil_div(sh.seqlen_k, Dkv::kBlockN), sh.heads_kv, sh.batch);
-      if constexpr (BwdTile<kHeadDim>::kSplitDkDv) {
-        e = launch(flash_bwd_dkdv_kernel<T, kHeadDim, kFeatures, true, false>, grid, Dkv::kThreads, Dkv::kSmemBytes,
-                   stream, p);
+      const int smem = accum_dq ? Dkv::kSmemBytesAccumDq : Dkv::kSmemBytes;
+      if constexpr (BwdTile<kHeadDim>::kSplitDkDv) {  // dQ comes with dK, which computes dS
+        e = launch(flash_bwd_dkdv_kernel<T, kHeadDim, kFeatures, true, false>, grid, Dkv::kThreads, smem, stream, p);
         if (e != cudaSuccess) return e;
         return launch(flash_bwd_dkdv_kernel<T, kHeadDim, kFeatures, false, true>, grid, Dkv::kThreads,
                       Dkv::kSmemBytes, stream, p);
       } else {
-        return launch(flash_bwd_dkdv_kernel<T, kHeadDim, kFeatures, true, true>, grid, Dkv::kThreads, Dkv::kSmemBytes,
-                      stream, p);
+        return launch(flash_bwd_dkdv_kernel<T, kHeadDim, kFeatures, true, true>, grid, Dkv::kThreads, smem, stream,
+                      p);
       }
     });
+    if (err != cudaSuccess || !accum_dq) return err;
+    return launch(flash_bwd_dq_convert_kernel<T>, dim3(ceil_div(sh.seqlen_q, 4), sh.heads_q, sh.batch), 128, 0,
+                  stream, p);
   }
 }
 

@@ -207,6 +207,29 @@ __device__ __forceinline__ void warp_gemm_rb(WarpAcc<kN>& acc, const WarpAcc<kK>
                              *reinterpret_cast<const WarpAcc<kK>(*)[1]>(&p), b_tile, b_row0, lane);
 }
 
+// acc[m] (16 x kN each) += A (rows a_row0 + 16 m.. of a row-major [.][kK] smem tile) * B, where
+// B is a [kK][.] smem tile read from column b_col0: the dS K pattern with dS staged in smem.
+template <typename T, int kK, int kN, int kM, class TileA, class TileB>
+__device__ __forceinline__ void warp_gemm_ab(WarpAcc<kN> (&acc)[kM], const TileA& a_tile, int a_row0,
+                                             const TileB& b_tile, int b_col0, int lane) {
+#pragma unroll
+  for (int kk = 0; kk < kK / 16; ++kk) {
+    uint32_t a[kM][4];
+#pragma unroll
+    for (int m = 0; m < kM; ++m) a_tile.load_a(a[m], a_row0 + 16 * m, kk * 16, lane);
+#pragma unroll
+    for (int nn = 0; nn < kN / 16; ++nn) {
+      uint32_t b[4];
+      b_tile.load_b_kn(b, kk * 16, b_col0 + nn * 16, lane);
+#pragma unroll
+      for (int m = 0; m < kM; ++m) {
+        MmaOperand<T>::mma(acc[m].v[2 * nn], a[m], b[0], b[1]);
+        MmaOperand<T>::mma(acc[m].v[2 * nn + 1], a[m], b[2], b[3]);
+      }
+    }
+  }
+}
+
 // Stores a warp's 16 x kCols accumulator (scaled per row) into its rows of an smem tile,
 // then copies those rows to global memory with 16-byte stores.
 template <typename T, int kCols, class Tile>

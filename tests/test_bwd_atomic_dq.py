@@ -1,0 +1,64 @@
+"""CUFLASH_BWD_DQ=atomic: the tensor-core backward in one kernel (the dK/dV one), which adds dQ
+with fp32 atomics (flash_bwd_kernel.cuh). The same accuracy rule as the deterministic path, over
+every head-dim bucket and the features; the profiler shows which kernels ran."""
+import pytest
+import torch
+
+from conftest import HAS_CUDA
+from test_features import check_dense, check_varlen
+
+pytestmark = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
+LOW = [torch.float16, torch.bfloat16]
+IDS = ["fp16", "bf16"]
+
+
+@pytest.fixture(autouse=True)
+def atomic_dq(monkeypatch):
+    monkeypatch.setenv("CUFLASH_BWD_DQ", "atomic")  # read by the op at every call
+
+
+@pytest.mark.parametrize("dtype", LOW, ids=IDS)
+@pytest.mark.parametrize("d", [32, 59, 64, 96, 128, 160, 256])
+@pytest.mark.parametrize("nq,nk", [(1, 1), (77, 200), (200, 77), (257, 513)])
+@pytest.mark.parametrize("causal,bottom_right", [(False, False), (True, False), (True, True)],
+                         ids=["none", "top_left", "bottom_right"])
+def test_matches_reference(dtype, d, nq, nk, causal, bottom_right):
+    check_dense("cuda", dtype, 2, 2, 2, nq, nk, d, causal=causal, bottom_right=bottom_right)
+
+
+@pytest.mark.parametrize("dtype", LOW, ids=IDS)
+@pytest.mark.parametrize("d", [64, 128, 256])
+def test_features(dtype, d):
+    """GQA (each key block adds to dQ of 4 query heads), a window, softcap, ALiBi and dropout."""
+    check_dense("cuda", dtype, 2, 8, 2, 150, 300, d, causal=True, bottom_right=True, window=(60, -1),
+                softcap=20.0, alibi="batch", dropout_p=0.2)
+
+
+@pytest.mark.parametrize("dtype", LOW, ids=IDS)
+def test_varlen(dtype):
+    check_varlen("cuda", dtype, [70, 0, 129, 300], [90, 12, 0, 257], 4, 2, 128, causal=True, bottom_right=True)
+
+
+@pytest.mark.parametrize("kind", ["bool", "float"])
+def test_attn_mask(kind):
+    """A float mask's gradient needs the dQ kernel (it writes the score gradients): that case
+    runs the deterministic path."""
+    check_dense("cuda", torch.bfloat16, 2, 4, 2, 130, 77, 64, attn_mask=(kind, "B1LS"))
+
+
+def cuda_kernels(fn):
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    return " ".join(e.name for e in prof.events())
+
+
+def test_path_taken(monkeypatch):
+    q, k, v = (torch.randn(1, 2, 100, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+               for _ in range(3))
+    out, _ = torch.ops.cuflash_attn.fwd(q, k, v, None, False, False)
+    names = cuda_kernels(lambda: torch.autograd.grad(out, (q, k, v), torch.ones_like(out), retain_graph=True))
+    assert "flash_bwd_dq_convert_kernel" in names and "flash_bwd_dq_kernel" not in names, names
+    monkeypatch.delenv("CUFLASH_BWD_DQ")
+    names = cuda_kernels(lambda: torch.autograd.grad(out, (q, k, v), torch.ones_like(out)))
+    assert "flash_bwd_dq_kernel" in names and "flash_bwd_dq_convert_kernel" not in names, names
