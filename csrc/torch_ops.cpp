@@ -71,6 +71,7 @@ struct Options {
 };
 
 void check_attention_tensor(const Tensor& t, const char* name, bool varlen) {
+  TORCH_CHECK_TYPE(t.defined(), "cuflash_attn: ", name, " must be a tensor, got None");
   TORCH_CHECK_TYPE(t.device().is_cpu() || t.device().is_cuda(),
                    "cuflash_attn: ", name, " must be a CUDA or CPU tensor, got device ", t.device());
   TORCH_CHECK_TYPE(is_supported_dtype(t.scalar_type()), "cuflash_attn: ", name,
@@ -467,6 +468,7 @@ void check_like(const Tensor& t, const char* name, const Tensor& ref, const char
 }
 
 Tensor check_stats(const Tensor& t, const char* name, const Tensor& q, bool varlen) {
+  TORCH_CHECK_TYPE(t.defined(), "cuflash_attn: ", name, " must be a tensor, got None");
   const at::ScalarType want = stats_dtype(q.scalar_type());
   TORCH_CHECK_TYPE(t.scalar_type() == want, "cuflash_attn: ", name, " must have dtype ", want, ", got ",
                    t.scalar_type());

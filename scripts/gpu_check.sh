@@ -19,6 +19,9 @@ start=$(date +%s)
 # suite in GPU_CHECK_SWEEP_SHARDS processes (CUFLASH_SWEEP_SHARD), each with its own log.
 pids=()
 shards=${GPU_CHECK_SWEEP_SHARDS:-3}
+# Each process's CPU threads (the float64 references of CPU cases, torch's ops): a share of the
+# cores each, rather than every process taking all of them.
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$(( $(nproc) / (shards + 1) > 1 ? $(nproc) / (shards + 1) : 1 ))}
 if [ -z "${GPU_CHECK_TESTS-}" ]; then
   for ((i = 0; i < shards; i++)); do
     CUFLASH_SWEEP_SHARD=$i/$shards python3 -m pytest tests/test_accuracy.py -k test_random_sweep -q -rf --tb=line \

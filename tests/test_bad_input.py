@@ -70,6 +70,20 @@ def test_non_tensor_inputs(i, name):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("i,name", [(0, "dout"), (1, "q"), (2, "k"), (3, "v"), (4, "out"), (5, "lse")])
+def test_ops_reject_none_tensors(device, i, name):
+    """None for a Tensor argument reaches the op as an undefined tensor: named, not a crash."""
+    q, k, v = good(device)
+    out, lse = ops.fwd(q, k, v)
+    fwd_args = [q, k, v]
+    if 1 <= i <= 3:
+        with pytest.raises(TypeError, match=rf"{name} must be a tensor, got None"):
+            ops.fwd(*replace(fwd_args, i - 1, None))
+    with pytest.raises(TypeError, match=rf"{name} must be a tensor, got None"):
+        ops.bwd(*replace([torch.randn_like(out), q, k, v, out, lse], i, None))
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_bwd_rejects_bad_stats_and_shapes(device):
     q, k, v = good(device)
     out, lse = ops.fwd(q, k, v)
