@@ -176,9 +176,12 @@ struct BwdDkvKernel {
   static constexpr int kSmemBytesAccumDq = kSmemBytes + DsTile::kElems * sizeof(T);
 };
 
-template <typename T, int kHeadDim, bool kFeatures, bool kComputeDk, bool kComputeDv>
+// kAccumDq (with p.dq_accum, and dK): dQ too, by atomics; its own instantiation, so that the
+// deterministic kernel's registers do not pay for it.
+template <typename T, int kHeadDim, bool kFeatures, bool kComputeDk, bool kComputeDv, bool kAccumDq>
 __global__ void __launch_bounds__(BwdDkvKernel<T, kHeadDim>::kThreads)
     flash_bwd_dkdv_kernel(const FlashBwdParams p) {
+  static_assert(!kAccumDq || kComputeDk, "dQ comes from dS, which the dK pass computes");
   using K = BwdDkvKernel<T, kHeadDim>;
   constexpr int kBlockM = K::kBlockM, kBlockN = K::kBlockN, kThreads = K::kThreads;
   extern __shared__ __align__(16) char smem[];
@@ -189,7 +192,7 @@ __global__ void __launch_bounds__(BwdDkvKernel<T, kHeadDim>::kThreads)
   auto sdO = [&](int buf) { return typename K::QTile{q_base + (2 + buf) * K::QTile::kElems}; };
   float* sLse2 = reinterpret_cast<float*>(q_base + 4 * K::QTile::kElems);  // [2][kBlockM]
   float* sDelta = sLse2 + 2 * kBlockM;                                      // [2][kBlockM]
-  const typename K::DsTile sdS{reinterpret_cast<T*>(sDelta + 2 * kBlockM)};  // only with p.dq_accum
+  const typename K::DsTile sdS{reinterpret_cast<T*>(sDelta + 2 * kBlockM)};  // only with kAccumDq
 
   const AttentionShape& sh = p.shape;
   const int n_block = blockIdx.x, h_kv = blockIdx.y, b = blockIdx.z;
@@ -247,8 +250,10 @@ __global__ void __launch_bounds__(BwdDkvKernel<T, kHeadDim>::kThreads)
         for (int j = 0; j < 2; ++j)
 #pragma unroll
           for (int e = 0; e < 4; ++e) {
-            const int row = 16 * m + WarpAcc<16>::row_of(e, lane), col = slice * 16 + WarpAcc<16>::col_of(j, e, lane);
-            if (row < rows_valid && col < sh.head_dim) atomicAdd(acc_rows + row * p.dq_accum_strides.row + col, part[m].v[j][e]);
+            const int row = 16 * m + WarpAcc<16>::row_of(e, lane);
+            const int col = slice * 16 + WarpAcc<16>::col_of(j, e, lane);
+            if (row < rows_valid && col < sh.head_dim)
+              atomicAdd(acc_rows + row * p.dq_accum_strides.row + col, part[m].v[j][e]);
           }
     }
   };
@@ -298,10 +303,10 @@ __global__ void __launch_bounds__(BwdDkvKernel<T, kHeadDim>::kThreads)
           ds_from_dp(dp, s, col_delta);
         }
       }
-      if (kComputeDk && p.dq_accum) add_dq_share(dp, h, m0);
+      if constexpr (kAccumDq) add_dq_share(dp, h, m0);
       if (kComputeDk) warp_gemm_rb<T, kBlockM, kHeadDim>(dk, dp, sQ(buf), 0, lane);
     }
-    if (p.dq_accum) __syncthreads();  // every warp read all of sK for dQ before its rows are reused below
+    if (kAccumDq) __syncthreads();  // every warp read all of sK for dQ before its rows are reused below
   }
   // Each warp stages its own rows of sK / sV (read only by this warp) for the stores.
   const int rows_valid = seq.seqlen_k - key0;

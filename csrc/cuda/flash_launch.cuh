@@ -79,16 +79,19 @@ cudaError_t run_flash_bwd(const FlashBwdParams& p, cudaStream_t stream) {
       }
       using Dkv = BwdDkvKernel<T, kHeadDim>;
       const dim3 grid(ceil_div(sh.seqlen_k, Dkv::kBlockN), sh.heads_kv, sh.batch);
-      const int smem = accum_dq ? Dkv::kSmemBytesAccumDq : Dkv::kSmemBytes;
-      if constexpr (BwdTile<kHeadDim>::kSplitDkDv) {  // dQ comes with dK, which computes dS
-        e = launch(flash_bwd_dkdv_kernel<T, kHeadDim, kFeatures, true, false>, grid, Dkv::kThreads, smem, stream, p);
+      constexpr bool kSplit = BwdTile<kHeadDim>::kSplitDkDv;  // then dQ comes with dK, which computes dS
+      if (accum_dq)
+        e = launch(flash_bwd_dkdv_kernel<T, kHeadDim, kFeatures, true, !kSplit, true>, grid, Dkv::kThreads,
+                   Dkv::kSmemBytesAccumDq, stream, p);
+      else
+        e = launch(flash_bwd_dkdv_kernel<T, kHeadDim, kFeatures, true, !kSplit, false>, grid, Dkv::kThreads,
+                   Dkv::kSmemBytes, stream, p);
+      if constexpr (kSplit) {
         if (e != cudaSuccess) return e;
-        return launch(flash_bwd_dkdv_kernel<T, kHeadDim, kFeatures, false, true>, grid, Dkv::kThreads,
+        return launch(flash_bwd_dkdv_kernel<T, kHeadDim, kFeatures, false, true, false>, grid, Dkv::kThreads,
                       Dkv::kSmemBytes, stream, p);
-      } else {
-        return launch(flash_bwd_dkdv_kernel<T, kHeadDim, kFeatures, true, true>, grid, Dkv::kThreads, smem, stream,
-                      p);
       }
+      return e;
     });
     if (err != cudaSuccess || !accum_dq) return err;
     return launch(flash_bwd_dq_convert_kernel<T>, dim3(ceil_div(sh.seqlen_q, 4), sh.heads_q, sh.batch), 128, 0,
