@@ -1,7 +1,11 @@
 // Checks csrc/cuda/sm90/wgmma.cuh on an sm_90 GPU: one warpgroup computes C = A B^T for 64 x 64
 // bfloat16 A and B (K = 64: four k16 wgmmas stepping the descriptors' start address) from
-// 128-byte-swizzled shared memory, and C is compared with a double-precision product.
+// 128-byte-swizzled shared memory, and C is compared with a double-precision product. Twice: with
+// the tiles stored by the threads (swizzle128_offset), and loaded by TMA (128B-swizzled tensor
+// maps) on an mbarrier, which must lay them out the same way.
 // Exit status 0: it matches; 1: it does not; 2: no usable GPU. Run by tests/test_sm90_probe.py.
+#include <cuda.h>  // CUtensorMap and its enums (types only: the encoder comes from the runtime)
+#include <cudaTypedefs.h>
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
 
@@ -15,16 +19,10 @@
 namespace {
 constexpr int kM = 64, kN = 64, kK = 64;
 
-__global__ void __launch_bounds__(128) gemm_abt(const __nv_bfloat16* a, const __nv_bfloat16* b, float* c) {
+// C = A B^T from the swizzled tiles sa, sb; every thread of the warpgroup stores its share.
+__device__ void wgmma_and_store(const unsigned char* sa, const unsigned char* sb, float* c) {
   using namespace cuflash::sm90;
-  __shared__ __align__(1024) unsigned char sa[kM * 128], sb[kN * 128];
   const int t = threadIdx.x;
-  for (int i = t; i < kM * kK; i += 128)
-    *reinterpret_cast<__nv_bfloat16*>(sa + swizzle128_offset(i / kK, i % kK)) = a[i];
-  for (int i = t; i < kN * kK; i += 128)
-    *reinterpret_cast<__nv_bfloat16*>(sb + swizzle128_offset(i / kK, i % kK)) = b[i];
-  fence_async_shared();
-  __syncthreads();
   float d[32];
   for (float& x : d) x = 0.f;
   wgmma_fence();
@@ -34,6 +32,79 @@ __global__ void __launch_bounds__(128) gemm_abt(const __nv_bfloat16* a, const __
   wgmma_commit();
   wgmma_wait<0>();
   for (int i = 0; i < 32; ++i) c[wgmma_acc_row(t, i) * kN + wgmma_acc_col(t, i)] = d[i];
+}
+
+__global__ void __launch_bounds__(128) gemm_abt(const __nv_bfloat16* a, const __nv_bfloat16* b, float* c) {
+  using namespace cuflash::sm90;
+  __shared__ __align__(1024) unsigned char sa[kM * 128], sb[kN * 128];
+  for (int i = threadIdx.x; i < kM * kK; i += 128)
+    *reinterpret_cast<__nv_bfloat16*>(sa + swizzle128_offset(i / kK, i % kK)) = a[i];
+  for (int i = threadIdx.x; i < kN * kK; i += 128)
+    *reinterpret_cast<__nv_bfloat16*>(sb + swizzle128_offset(i / kK, i % kK)) = b[i];
+  fence_async_shared();
+  __syncthreads();
+  wgmma_and_store(sa, sb, c);
+}
+
+__global__ void __launch_bounds__(128) gemm_abt_tma(const __grid_constant__ CUtensorMap map_a,
+                                                    const __grid_constant__ CUtensorMap map_b, float* c) {
+  using namespace cuflash::sm90;
+  __shared__ __align__(1024) unsigned char sa[kM * 128], sb[kN * 128];
+  __shared__ __align__(8) uint64_t bar;
+  if (threadIdx.x == 0) {
+    mbarrier_init(&bar, 1);
+    fence_barrier_init();
+  }
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    mbarrier_arrive_expect_tx(&bar, sizeof(sa) + sizeof(sb));
+    tma_load_2d(sa, &map_a, &bar, 0, 0);
+    tma_load_2d(sb, &map_b, &bar, 0, 0);
+  }
+  mbarrier_wait(&bar, 0);
+  wgmma_and_store(sa, sb, c);
+}
+
+// A [rows, 64] bfloat16 row-major matrix as one 64 x rows box, 128B-swizzled.
+bool make_map(CUtensorMap* map, void* data, int rows) {
+  void* fn = nullptr;
+  cudaDriverEntryPointQueryResult found;
+  if (cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &fn, 12000, cudaEnableDefault, &found) !=
+          cudaSuccess ||
+      found != cudaDriverEntryPointSuccess)
+    return false;
+  const cuuint64_t dims[2] = {kK, static_cast<cuuint64_t>(rows)}, strides[1] = {kK * sizeof(__nv_bfloat16)};
+  const cuuint32_t box[2] = {kK, static_cast<cuuint32_t>(rows)}, elem_strides[2] = {1, 1};
+  return reinterpret_cast<PFN_cuTensorMapEncodeTiled_v12000>(fn)(
+             map, CU_TENSOR_MAP_DATA_TYPE_BFLOAT16, 2, data, dims, strides, box, elem_strides,
+             CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B, CU_TENSOR_MAP_L2_PROMOTION_NONE,
+             CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) == CUDA_SUCCESS;
+}
+
+// Compares C with the double product; prints one line.
+bool check(const char* how, const std::vector<__nv_bfloat16>& a, const std::vector<__nv_bfloat16>& b, float* c_dev) {
+  const cudaError_t err = cudaDeviceSynchronize();
+  if (err != cudaSuccess) {
+    std::printf("wgmma_probe (%s): kernel failed: %s\n", how, cudaGetErrorString(err));
+    return false;
+  }
+  std::vector<float> c(kM * kN);
+  cudaMemcpy(c.data(), c_dev, c.size() * sizeof(float), cudaMemcpyDeviceToHost);
+  double worst = 0;
+  int bad_row = -1, bad_col = -1;
+  for (int i = 0; i < kM; ++i)
+    for (int j = 0; j < kN; ++j) {
+      double ref = 0;
+      for (int k = 0; k < kK; ++k)
+        ref += double(__bfloat162float(a[i * kK + k])) * double(__bfloat162float(b[j * kK + k]));
+      const double err_ij = std::isnan(c[i * kN + j]) ? INFINITY : std::abs(c[i * kN + j] - ref);
+      if (err_ij > worst) worst = err_ij, bad_row = i, bad_col = j;
+    }
+  // Exact bfloat16 products summed in fp32: 64 terms of |x| < ~20 stay far below 1e-3.
+  const bool ok = worst <= 1e-3;
+  std::printf("wgmma_probe (%s): C = A B^T 64x64x64 bf16, max error %.3g (at %d, %d): %s\n", how, worst, bad_row,
+              bad_col, ok ? "ok" : "MISMATCH");
+  return ok;
 }
 }  // namespace
 
@@ -59,26 +130,14 @@ int main() {
   cudaMemcpy(b_dev, b.data(), b.size() * sizeof(b[0]), cudaMemcpyHostToDevice);
   cudaMemset(c_dev, 0xFF, kM * kN * sizeof(float));  // NaN: an element never written fails
   gemm_abt<<<1, 128>>>(a_dev, b_dev, c_dev);
-  const cudaError_t err = cudaDeviceSynchronize();
-  if (err != cudaSuccess) {
-    std::printf("wgmma_probe: kernel failed: %s\n", cudaGetErrorString(err));
+  bool ok = check("thread stores", a, b, c_dev);
+  CUtensorMap map_a, map_b;
+  if (!make_map(&map_a, a_dev, kM) || !make_map(&map_b, b_dev, kN)) {
+    std::printf("wgmma_probe: cuTensorMapEncodeTiled failed\n");
     return 1;
   }
-  std::vector<float> c(kM * kN);
-  cudaMemcpy(c.data(), c_dev, c.size() * sizeof(float), cudaMemcpyDeviceToHost);
-  double worst = 0;
-  int bad_row = -1, bad_col = -1;
-  for (int i = 0; i < kM; ++i)
-    for (int j = 0; j < kN; ++j) {
-      double ref = 0;
-      for (int k = 0; k < kK; ++k)
-        ref += double(__bfloat162float(a[i * kK + k])) * double(__bfloat162float(b[j * kK + k]));
-      const double err_ij = std::isnan(c[i * kN + j]) ? INFINITY : std::abs(c[i * kN + j] - ref);
-      if (err_ij > worst) worst = err_ij, bad_row = i, bad_col = j;
-    }
-  // Exact bfloat16 products summed in fp32: 64 terms of |x| < ~20 stay far below 1e-3.
-  const bool ok = worst <= 1e-3;
-  std::printf("wgmma_probe: C = A B^T 64x64x64 bf16, max error %.3g (at %d, %d): %s\n", worst, bad_row, bad_col,
-              ok ? "ok" : "MISMATCH");
+  cudaMemset(c_dev, 0xFF, kM * kN * sizeof(float));
+  gemm_abt_tma<<<1, 128>>>(map_a, map_b, c_dev);
+  ok = check("TMA", a, b, c_dev) && ok;
   return ok ? 0 : 1;
 }

@@ -1,8 +1,8 @@
 // Hopper (sm_90a) building blocks for the warpgroup path of issue 9: shared-memory matrix
-// descriptors for 128-byte-swizzled K-major tiles, and wgmma.mma_async. A warpgroup is 4 warps
+// descriptors for 128-byte-swizzled K-major tiles, wgmma.mma_async, mbarriers and TMA loads. A warpgroup is 4 warps
 // (128 threads) that issue one wgmma together; the accumulator of an m64nN wgmma is spread over
 // them as 4 mma.sync-style 16-row C fragments (warp w: rows 16w..16w+15).
-// Checked on its own by tests/sm90/wgmma_probe.cu (tests/test_sm90_probe.py).
+// Checked on its own by tests/sm90/wgmma_probe.cu (tests/test_sm90_probe.py), not yet on a GPU.
 #pragma once
 #include <cstdint>
 
@@ -58,6 +58,44 @@ __device__ __forceinline__ void wgmma_m64n64k16_bf16(float (&d)[32], uint64_t de
         "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),
         "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31])
       : "l"(desc_a), "l"(desc_b), "r"(static_cast<int>(accumulate)));
+}
+
+// mbarrier (shared memory, 8 bytes) and TMA: a tile load signals the barrier with its bytes
+// (complete_tx); waiters spin on the barrier's phase parity.
+__device__ __forceinline__ uint32_t smem_u32(const void* p) {
+  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+}
+__device__ __forceinline__ void mbarrier_init(uint64_t* bar, uint32_t arrivals) {
+  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(smem_u32(bar)), "r"(arrivals) : "memory");
+}
+// The initialized barrier made visible to the async proxy (TMA) before it is used.
+__device__ __forceinline__ void fence_barrier_init() {
+  asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
+}
+__device__ __forceinline__ void mbarrier_arrive_expect_tx(uint64_t* bar, uint32_t bytes) {
+  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(smem_u32(bar)), "r"(bytes)
+               : "memory");
+}
+__device__ __forceinline__ void mbarrier_wait(uint64_t* bar, uint32_t parity) {
+  asm volatile(
+      "{\n"
+      ".reg .pred done;\n"
+      "wait_%=:\n"
+      "mbarrier.try_wait.parity.shared::cta.b64 done, [%0], %1;\n"
+      "@!done bra wait_%=;\n"
+      "}\n" ::"r"(smem_u32(bar)),
+      "r"(parity)
+      : "memory");
+}
+// A 2-d box of `tensor_map` at (col, row) (innermost coordinate first) into shared memory, laid
+// out (and swizzled) as the map says, completing `bytes` on bar. tensor_map: a __grid_constant__
+// kernel parameter.
+__device__ __forceinline__ void tma_load_2d(void* dst, const void* tensor_map, uint64_t* bar, int col, int row) {
+  asm volatile(
+      "cp.async.bulk.tensor.2d.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1, {%2, %3}], [%4];\n" ::
+          "r"(smem_u32(dst)),
+      "l"(tensor_map), "r"(col), "r"(row), "r"(smem_u32(bar))
+      : "memory");
 }
 
 // Row and column (within the 64 x N tile) of accumulator element i of thread t.
