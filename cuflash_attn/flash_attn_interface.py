@@ -7,7 +7,8 @@ values, so that changing the import is the whole switch:
 or, for code that imports flash_attn itself, `cuflash_attn.flash_attn_interface.install()`
 before that import. Beyond flash_attn: float32 and float64, CPU tensors, torch.compile without
 graph breaks. Causal masks, windows and ALiBi are aligned bottom-right, as in flash_attn. The
-backward is always deterministic (no atomics), so `deterministic` changes nothing.
+backward is deterministic (no atomics) unless the experimental CUFLASH_BWD_DQ=atomic is set, so
+`deterministic` changes nothing.
 """
 import sys
 

@@ -18,7 +18,7 @@ def atomic_dq(monkeypatch):
 
 
 @pytest.mark.parametrize("dtype", LOW, ids=IDS)
-@pytest.mark.parametrize("d", [32, 59, 64, 96, 128, 160, 256])
+@pytest.mark.parametrize("d", [32, 59, 64, 96, 128, 160, 192, 224, 256])
 @pytest.mark.parametrize("nq,nk", [(1, 1), (77, 200), (200, 77), (257, 513)])
 @pytest.mark.parametrize("causal,bottom_right", [(False, False), (True, False), (True, True)],
                          ids=["none", "top_left", "bottom_right"])
