@@ -10,6 +10,7 @@
 
 #include <cmath>
 #include <cstdlib>
+#include <cstring>
 #include <limits>
 #include <string>
 
@@ -548,7 +549,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> bwd(const Tensor& dout, const Tensor&
   // for the tensor-core kernels and without the attn_mask gradient (which the dQ kernel writes).
   Tensor dq_accum;
   const char* dq_mode = std::getenv("CUFLASH_BWD_DQ");
-  if (q.is_cuda() && layout.tensor_cores && !attn_mask_grad && dq_mode && std::string(dq_mode) == "atomic") {
+  if (q.is_cuda() && layout.tensor_cores && !attn_mask_grad && dq_mode && std::strcmp(dq_mode, "atomic") == 0) {
     dq_accum = at::zeros(dq_k.sizes(), dq_k.options().dtype(at::kFloat));
     p.dq_accum = dq_accum.data_ptr();
     p.dq_accum_strides = strides_of(dq_accum);

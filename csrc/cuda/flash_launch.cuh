@@ -80,12 +80,12 @@ cudaError_t run_flash_bwd(const FlashBwdParams& p, cudaStream_t stream) {
       using Dkv = BwdDkvKernel<T, kHeadDim>;
       const dim3 grid(ceil_div(sh.seqlen_k, Dkv::kBlockN), sh.heads_kv, sh.batch);
       constexpr bool kSplit = BwdTile<kHeadDim>::kSplitDkDv;  // then dQ comes with dK, which computes dS
-      if (accum_dq)
-        e = launch(flash_bwd_dkdv_kernel<T, kHeadDim, kFeatures, true, !kSplit, true>, grid, Dkv::kThreads,
-                   Dkv::kSmemBytesAccumDq, stream, p);
-      else
-        e = launch(flash_bwd_dkdv_kernel<T, kHeadDim, kFeatures, true, !kSplit, false>, grid, Dkv::kThreads,
-                   Dkv::kSmemBytes, stream, p);
+      auto launch_dk = [&](auto accum) {
+        constexpr bool kAccumDq = decltype(accum)::value;
+        return launch(flash_bwd_dkdv_kernel<T, kHeadDim, kFeatures, true, !kSplit, kAccumDq>, grid, Dkv::kThreads,
+                      kAccumDq ? Dkv::kSmemBytesAccumDq : Dkv::kSmemBytes, stream, p);
+      };
+      e = accum_dq ? launch_dk(std::true_type{}) : launch_dk(std::false_type{});
       if constexpr (kSplit) {
         if (e != cudaSuccess) return e;
         return launch(flash_bwd_dkdv_kernel<T, kHeadDim, kFeatures, false, true, false>, grid, Dkv::kThreads,

@@ -149,12 +149,12 @@ struct WarpAcc {
   }
 };
 
-// acc[m] (16 x kN each) += A (rows a_row0 + 16 m.. of a row-major [.][kK] smem tile) * B^T,
-// where B is a [kN][kK] smem tile (rows b_row0..): the Q K^T pattern. Each B fragment is
-// loaded from shared memory once for all kM row tiles of the warp.
-template <typename T, int kK, int kN, int kM, class TileA, class TileB>
-__device__ __forceinline__ void warp_gemm_abt(WarpAcc<kN> (&acc)[kM], const TileA& a_tile, int a_row0,
-                                              const TileB& b_tile, int b_row0, int lane) {
+// acc[m] (16 x kN each) += A (rows a_row0 + 16 m.. of a row-major [.][kK] smem tile) * B, with
+// load_b(b, kk, nn) giving B's fragments for k-step kk and n-tiles 2nn, 2nn + 1. Each B fragment
+// is loaded from shared memory once for all kM row tiles of the warp.
+template <typename T, int kK, int kN, int kM, class TileA, class LoadB>
+__device__ __forceinline__ void warp_gemm_smem_a(WarpAcc<kN> (&acc)[kM], const TileA& a_tile, int a_row0,
+                                                 LoadB&& load_b, int lane) {
 #pragma unroll
   for (int kk = 0; kk < kK / 16; ++kk) {
     uint32_t a[kM][4];
@@ -163,7 +163,7 @@ __device__ __forceinline__ void warp_gemm_abt(WarpAcc<kN> (&acc)[kM], const Tile
 #pragma unroll
     for (int nn = 0; nn < kN / 16; ++nn) {
       uint32_t b[4];
-      b_tile.load_b_nk(b, b_row0 + nn * 16, kk * 16, lane);
+      load_b(b, kk, nn);
 #pragma unroll
       for (int m = 0; m < kM; ++m) {
         MmaOperand<T>::mma(acc[m].v[2 * nn], a[m], b[0], b[1]);
@@ -171,6 +171,15 @@ __device__ __forceinline__ void warp_gemm_abt(WarpAcc<kN> (&acc)[kM], const Tile
       }
     }
   }
+}
+
+// ... * B^T, where B is a [kN][kK] smem tile (rows b_row0..): the Q K^T pattern.
+template <typename T, int kK, int kN, int kM, class TileA, class TileB>
+__device__ __forceinline__ void warp_gemm_abt(WarpAcc<kN> (&acc)[kM], const TileA& a_tile, int a_row0,
+                                              const TileB& b_tile, int b_row0, int lane) {
+  warp_gemm_smem_a<T, kK, kN, kM>(
+      acc, a_tile, a_row0,
+      [&](uint32_t(&b)[4], int kk, int nn) { b_tile.load_b_nk(b, b_row0 + nn * 16, kk * 16, lane); }, lane);
 }
 template <typename T, int kK, int kN, class TileA, class TileB>
 __device__ __forceinline__ void warp_gemm_abt(WarpAcc<kN>& acc, const TileA& a_tile, int a_row0,
@@ -207,27 +216,14 @@ __device__ __forceinline__ void warp_gemm_rb(WarpAcc<kN>& acc, const WarpAcc<kK>
                              *reinterpret_cast<const WarpAcc<kK>(*)[1]>(&p), b_tile, b_row0, lane);
 }
 
-// acc[m] (16 x kN each) += A (rows a_row0 + 16 m.. of a row-major [.][kK] smem tile) * B, where
-// B is a [kK][.] smem tile read from column b_col0: the dS K pattern with dS staged in smem.
+// ... * B, where B is a [kK][.] smem tile read from column b_col0: the dS K pattern with dS
+// staged in smem.
 template <typename T, int kK, int kN, int kM, class TileA, class TileB>
 __device__ __forceinline__ void warp_gemm_ab(WarpAcc<kN> (&acc)[kM], const TileA& a_tile, int a_row0,
                                              const TileB& b_tile, int b_col0, int lane) {
-#pragma unroll
-  for (int kk = 0; kk < kK / 16; ++kk) {
-    uint32_t a[kM][4];
-#pragma unroll
-    for (int m = 0; m < kM; ++m) a_tile.load_a(a[m], a_row0 + 16 * m, kk * 16, lane);
-#pragma unroll
-    for (int nn = 0; nn < kN / 16; ++nn) {
-      uint32_t b[4];
-      b_tile.load_b_kn(b, kk * 16, b_col0 + nn * 16, lane);
-#pragma unroll
-      for (int m = 0; m < kM; ++m) {
-        MmaOperand<T>::mma(acc[m].v[2 * nn], a[m], b[0], b[1]);
-        MmaOperand<T>::mma(acc[m].v[2 * nn + 1], a[m], b[2], b[3]);
-      }
-    }
-  }
+  warp_gemm_smem_a<T, kK, kN, kM>(
+      acc, a_tile, a_row0,
+      [&](uint32_t(&b)[4], int kk, int nn) { b_tile.load_b_kn(b, kk * 16, b_col0 + nn * 16, lane); }, lane);
 }
 
 // Stores a warp's 16 x kCols accumulator (scaled per row) into its rows of an smem tile,
