@@ -18,12 +18,16 @@ CSRC = ROOT / "csrc"
 
 
 def gencode_flags(archs):
+    """nvcc's -gencode flags, and CUFLASH_SM90A_BUILT when sm_90a is among them (the host code
+    then dispatches to the Hopper kernels, which only an sm_90a cubin holds)."""
     flags = []
     for arch in re.split(r"[;, ]+", archs.strip()):
         if not arch:
             continue
         num = arch.replace(".", "")
         flags.append(f"-gencode=arch=compute_{num},code=sm_{num}")
+        if num == "90a":
+            flags.append("-DCUFLASH_SM90A_BUILT")
     return flags
 
 

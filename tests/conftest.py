@@ -60,3 +60,11 @@ def assert_cuda_graph_replays_bitwise(step):
         torch.cuda.synchronize()
         for a, b in zip(eager, captured):
             assert torch.equal(a, b)
+
+
+def cuda_kernels(fn):
+    """The names of the CUDA kernels (and runtime calls) that fn() launches, space-separated."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    return " ".join(e.name for e in prof.events())

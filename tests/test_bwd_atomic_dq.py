@@ -4,7 +4,7 @@ every head-dim bucket and the features; the profiler shows which kernels ran."""
 import pytest
 import torch
 
-from conftest import HAS_CUDA
+from conftest import HAS_CUDA, cuda_kernels
 from test_features import check_dense, check_varlen
 
 pytestmark = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
@@ -44,13 +44,6 @@ def test_attn_mask(kind):
     """A float mask's gradient needs the dQ kernel (it writes the score gradients): that case
     runs the deterministic path."""
     check_dense("cuda", torch.bfloat16, 2, 4, 2, 130, 77, 64, attn_mask=(kind, "B1LS"))
-
-
-def cuda_kernels(fn):
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-        fn()
-        torch.cuda.synchronize()
-    return " ".join(e.name for e in prof.events())
 
 
 def test_path_taken(monkeypatch):

@@ -21,6 +21,25 @@ struct FwdKernel {
   static constexpr int kSmemBytes = (QTile::kElems + 4 * KVTile::kElems) * sizeof(T);
 };
 
+// A warp's 16 finished rows (first row row0 of the sequence): out = O / rowsum, staged through
+// rows stage_row.. of an smem tile, and the logsumexp of each row.
+template <typename T, int kHeadDim, class Tile>
+__device__ __forceinline__ void store_out_and_lse(const WarpAcc<kHeadDim>& o, const OnlineSoftmax& softmax,
+                                                  const Tile& stage, int stage_row, T* out, int64_t out_row_stride,
+                                                  float* lse_out, int row0, int seqlen_q, int head_dim, int lane) {
+  float inv_l[2], lse[2];
+  softmax.finalize(inv_l, lse);
+  warp_store_rows<T, kHeadDim>(o, inv_l, stage, stage_row, out + row0 * out_row_stride, out_row_stride,
+                               seqlen_q - row0, head_dim, lane);
+  if ((lane & 3) == 0) {
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      const int row = row0 + (lane >> 2) + 8 * r;
+      if (row < seqlen_q) lse_out[row] = lse[r];
+    }
+  }
+}
+
 // kFeatures: softcap, ALiBi, attn_mask or dropout may be on (mask.cuh's needs_feature_path); without it
 // the kernel keeps only what plain attention needs in registers.
 template <typename T, int kHeadDim, bool kFeatures>
@@ -47,13 +66,7 @@ __global__ void __launch_bounds__(FwdKernel<T, kHeadDim>::kThreads)
   const T* k = row_at<const T>(p.k, p.k_strides, seq, false, b, h_kv, 0);
   const T* v = row_at<const T>(p.v, p.v_strides, seq, false, b, h_kv, 0);
   const Range n_blocks = key_blocks(p.mask, seq, m_start, min(m_start + kBlockM, seq.seqlen_q), kBlockN);
-  if (p.tile_counters && tid == 0) {
-    const int all = (seq.seqlen_k + kBlockN - 1) / kBlockN, done = n_blocks.end - n_blocks.begin;
-    atomicAdd(p.tile_counters, static_cast<unsigned long long>(done));
-    atomicAdd(p.tile_counters + 1, static_cast<unsigned long long>(all - done));
-    atomicMax(p.tile_counters + 2, static_cast<unsigned long long>(kBlockM));
-    atomicMax(p.tile_counters + 3, static_cast<unsigned long long>(kBlockN));
-  }
+  if (p.tile_counters && tid == 0) count_tiles(p.tile_counters, seq, n_blocks, kBlockM, kBlockN);
 
   auto load_kv = [&](int n_block, int buf) {
     const int n0 = n_block * kBlockN, rows = seq.seqlen_k - n0;
@@ -107,22 +120,11 @@ __global__ void __launch_bounds__(FwdKernel<T, kHeadDim>::kThreads)
 
   T* out = row_at<T>(p.out, p.out_strides, seq, true, b, h, 0);
   float* lse_out = static_cast<float*>(p.lse) + stats_offset(p.stats_strides, seq, b, h);
+  // Each warp reuses its own rows of sQ (read only by this warp) to stage the output.
 #pragma unroll
-  for (int m = 0; m < kMT; ++m) {
-    const int tile_row0 = row0 + 16 * m;
-    float inv_l[2], lse[2];
-    softmax[m].finalize(inv_l, lse);
-    // Each warp reuses its own rows of sQ (read only by this warp) to stage the output.
-    warp_store_rows<T, kHeadDim>(o[m], inv_l, sQ, warp_row + 16 * m, out + tile_row0 * p.out_strides.row,
-                                 p.out_strides.row, seq.seqlen_q - tile_row0, sh.head_dim, lane);
-    if ((lane & 3) == 0) {
-#pragma unroll
-      for (int r = 0; r < 2; ++r) {
-        const int row = tile_row0 + (lane >> 2) + 8 * r;
-        if (row < seq.seqlen_q) lse_out[row] = lse[r];
-      }
-    }
-  }
+  for (int m = 0; m < kMT; ++m)
+    store_out_and_lse(o[m], softmax[m], sQ, warp_row + 16 * m, out, p.out_strides.row, lse_out, row0 + 16 * m,
+                      seq.seqlen_q, sh.head_dim, lane);
 }
 
 }  // namespace cuflash

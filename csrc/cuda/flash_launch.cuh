@@ -8,6 +8,7 @@
 #include "flash_fwd_kernel.cuh"
 #include "flash_launch.h"
 #include "flash_simt_kernel.cuh"
+#include "sm90/flash_fwd_sm90.cuh"
 
 namespace cuflash {
 
@@ -43,6 +44,13 @@ cudaError_t run_flash_fwd(const FlashFwdParams& p, cudaStream_t stream) {
     const dim3 grid(ceil_div(sh.seqlen_q, simt::kWarps), sh.heads_q, sh.batch);
     return launch(flash_fwd_simt_kernel<T, kHeadDim / 32>, grid, 32 * simt::kWarps, 0, stream, p);
   } else {
+    if constexpr (sm90::kFwdHeadDim<kHeadDim>) {
+      if (sm90::fwd_sm90_enabled(p)) {
+        using K = sm90::FwdSm90Kernel<T, kHeadDim>;
+        return launch(sm90::flash_fwd_sm90_kernel<T, kHeadDim>, dim3(ceil_div(sh.seqlen_q, K::kBlockM), sh.heads_q, sh.batch),
+                      K::kThreads, K::kSmemBytes, stream, p);
+      }
+    }
     using K = FwdKernel<T, kHeadDim>;
     const dim3 grid(ceil_div(sh.seqlen_q, K::kBlockM), sh.heads_q, sh.batch);
     return with_feature_path(p, [&](auto features) {

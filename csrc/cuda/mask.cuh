@@ -27,6 +27,17 @@ __device__ __forceinline__ Range query_blocks(const MaskParams& m, const Sequenc
   return {rows.begin / block_m, (rows.end + block_m - 1) / block_m};
 }
 
+// fwd_tile_counts (debug): a forward CTA adds its visited and skipped key blocks, and the tile
+// shape, to counters[0..3].
+__device__ __forceinline__ void count_tiles(unsigned long long* counters, const Sequence& s, const Range& n_blocks,
+                                            int block_m, int block_n) {
+  const int all = (s.seqlen_k + block_n - 1) / block_n, done = n_blocks.end - n_blocks.begin;
+  atomicAdd(counters, static_cast<unsigned long long>(done));
+  atomicAdd(counters + 1, static_cast<unsigned long long>(all - done));
+  atomicMax(counters + 2, static_cast<unsigned long long>(block_m));
+  atomicMax(counters + 3, static_cast<unsigned long long>(block_n));
+}
+
 // What turns q.k into the scaled-log2 score of one (sequence, head): scale, softcap, ALiBi,
 // attn_mask (whose float elements have type T, the kernel's).
 template <typename T>

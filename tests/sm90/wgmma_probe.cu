@@ -2,7 +2,8 @@
 // bfloat16 A and B (K = 64: four k16 wgmmas stepping the descriptors' start address) from
 // 128-byte-swizzled shared memory, and C is compared with a double-precision product. Twice: with
 // the tiles stored by the threads (swizzle128_offset), and loaded by TMA (128B-swizzled tensor
-// maps) on an mbarrier, which must lay them out the same way.
+// maps) on an mbarrier, which must lay them out the same way. Then the P V pattern of attention:
+// C = A B with A (64 x 64) in registers and B (64 x 128, two 64-column panels) MN-major.
 // Exit status 0: it matches; 1: it does not; 2: no usable GPU. Run by tests/test_sm90_probe.py.
 #include <cuda.h>  // CUtensorMap and its enums (types only: the encoder comes from the runtime)
 #include <cudaTypedefs.h>
@@ -18,6 +19,7 @@
 
 namespace {
 constexpr int kM = 64, kN = 64, kK = 64;
+constexpr int kN2 = 128;  // columns of B and C in the register-A product
 
 // C = A B^T from the swizzled tiles sa, sb; every thread of the warpgroup stores its share.
 __device__ void wgmma_and_store(const unsigned char* sa, const unsigned char* sb, float* c) {
@@ -28,7 +30,7 @@ __device__ void wgmma_and_store(const unsigned char* sa, const unsigned char* sb
   wgmma_fence();
 #pragma unroll
   for (int k = 0; k < kK / 16; ++k)
-    wgmma_m64n64k16_bf16(d, smem_desc_k_major_sw128(sa, 32 * k), smem_desc_k_major_sw128(sb, 32 * k), k > 0);
+    Wgmma<__nv_bfloat16, 64>::ss(d, smem_desc_k_major_sw128(sa, 32 * k), smem_desc_k_major_sw128(sb, 32 * k), k > 0);
   wgmma_commit();
   wgmma_wait<0>();
   for (int i = 0; i < 32; ++i) c[wgmma_acc_row(t, i) * kN + wgmma_acc_col(t, i)] = d[i];
@@ -65,6 +67,38 @@ __global__ void __launch_bounds__(128) gemm_abt_tma(const __grid_constant__ CUte
   wgmma_and_store(sa, sb, c);
 }
 
+// C = A B, A [64][64] from registers (the mma.m16n8k16 A fragments of each warp's 16 rows), B
+// [64][128] row-major stored MN-major: two panels of 64 columns.
+__global__ void __launch_bounds__(128) gemm_ab_registers(const __nv_bfloat16* a, const __nv_bfloat16* b, float* c) {
+  using namespace cuflash::sm90;
+  __shared__ __align__(1024) unsigned char sb[kK * kN2 * 2];
+  for (int i = threadIdx.x; i < kK * kN2; i += 128)
+    *reinterpret_cast<__nv_bfloat16*>(sb + panel_offset<kK>(i / kN2, i % kN2)) = b[i];
+  fence_async_shared();
+  __syncthreads();
+  const int t = threadIdx.x, lane = t % 32, row = 16 * (t / 32) + lane / 4, col = 2 * (lane % 4);
+  auto pair = [&](int r, int k) {  // a[r][k], a[r][k + 1] packed
+    __nv_bfloat162 v{a[r * kK + k], a[r * kK + k + 1]};
+    return *reinterpret_cast<uint32_t*>(&v);
+  };
+  float d[64];
+  for (float& x : d) x = 0.f;
+  uint32_t frag[kK / 16][4];
+  for (int k = 0; k < kK / 16; ++k) {
+    frag[k][0] = pair(row, 16 * k + col);
+    frag[k][1] = pair(row + 8, 16 * k + col);
+    frag[k][2] = pair(row, 16 * k + 8 + col);
+    frag[k][3] = pair(row + 8, 16 * k + 8 + col);
+  }
+  wgmma_fence();
+#pragma unroll
+  for (int k = 0; k < kK / 16; ++k)
+    Wgmma<__nv_bfloat16, 128>::rs(d, frag[k], smem_desc_mn_major_sw128(sb, 16 * k * 128, kK * 128), k > 0);
+  wgmma_commit();
+  wgmma_wait<0>();
+  for (int i = 0; i < 64; ++i) c[wgmma_acc_row(t, i) * kN2 + wgmma_acc_col(t, i)] = d[i];
+}
+
 // A [rows, 64] bfloat16 row-major matrix as one 64 x rows box, 128B-swizzled.
 bool make_map(CUtensorMap* map, void* data, int rows) {
   void* fn = nullptr;
@@ -82,28 +116,30 @@ bool make_map(CUtensorMap* map, void* data, int rows) {
 }
 
 // Compares C with the double product; prints one line.
-bool check(const char* how, const std::vector<__nv_bfloat16>& a, const std::vector<__nv_bfloat16>& b, float* c_dev) {
+// b_transposed: C = A B^T with B [n][kK], else C = A B with B [kK][n].
+bool check(const char* how, const std::vector<__nv_bfloat16>& a, const std::vector<__nv_bfloat16>& b, float* c_dev,
+           int n = kN, bool b_transposed = true) {
   const cudaError_t err = cudaDeviceSynchronize();
   if (err != cudaSuccess) {
     std::printf("wgmma_probe (%s): kernel failed: %s\n", how, cudaGetErrorString(err));
     return false;
   }
-  std::vector<float> c(kM * kN);
+  std::vector<float> c(kM * n);
   cudaMemcpy(c.data(), c_dev, c.size() * sizeof(float), cudaMemcpyDeviceToHost);
   double worst = 0;
   int bad_row = -1, bad_col = -1;
   for (int i = 0; i < kM; ++i)
-    for (int j = 0; j < kN; ++j) {
+    for (int j = 0; j < n; ++j) {
       double ref = 0;
       for (int k = 0; k < kK; ++k)
-        ref += double(__bfloat162float(a[i * kK + k])) * double(__bfloat162float(b[j * kK + k]));
-      const double err_ij = std::isnan(c[i * kN + j]) ? INFINITY : std::abs(c[i * kN + j] - ref);
+        ref += double(__bfloat162float(a[i * kK + k])) * double(__bfloat162float(b_transposed ? b[j * kK + k] : b[k * n + j]));
+      const double err_ij = std::isnan(c[i * n + j]) ? INFINITY : std::abs(c[i * n + j] - ref);
       if (err_ij > worst) worst = err_ij, bad_row = i, bad_col = j;
     }
   // Exact bfloat16 products summed in fp32: 64 terms of |x| < ~20 stay far below 1e-3.
   const bool ok = worst <= 1e-3;
-  std::printf("wgmma_probe (%s): C = A B^T 64x64x64 bf16, max error %.3g (at %d, %d): %s\n", how, worst, bad_row,
-              bad_col, ok ? "ok" : "MISMATCH");
+  std::printf("wgmma_probe (%s): C = A B%s 64x%dx64 bf16, max error %.3g (at %d, %d): %s\n", how,
+              b_transposed ? "^T" : "", n, worst, bad_row, bad_col, ok ? "ok" : "MISMATCH");
   return ok;
 }
 }  // namespace
@@ -118,14 +154,14 @@ int main() {
   }
   std::mt19937 rng(1);
   std::normal_distribution<float> normal;
-  std::vector<__nv_bfloat16> a(kM * kK), b(kN * kK);
+  std::vector<__nv_bfloat16> a(kM * kK), b(kN2 * kK);  // the first kN x kK of b for A B^T
   for (auto& x : a) x = __float2bfloat16(normal(rng));
   for (auto& x : b) x = __float2bfloat16(normal(rng));
   __nv_bfloat16 *a_dev, *b_dev;
   float* c_dev;
   cudaMalloc(&a_dev, a.size() * sizeof(a[0]));
   cudaMalloc(&b_dev, b.size() * sizeof(b[0]));
-  cudaMalloc(&c_dev, kM * kN * sizeof(float));
+  cudaMalloc(&c_dev, kM * kN2 * sizeof(float));
   cudaMemcpy(a_dev, a.data(), a.size() * sizeof(a[0]), cudaMemcpyHostToDevice);
   cudaMemcpy(b_dev, b.data(), b.size() * sizeof(b[0]), cudaMemcpyHostToDevice);
   cudaMemset(c_dev, 0xFF, kM * kN * sizeof(float));  // NaN: an element never written fails
@@ -139,5 +175,8 @@ int main() {
   cudaMemset(c_dev, 0xFF, kM * kN * sizeof(float));
   gemm_abt_tma<<<1, 128>>>(map_a, map_b, c_dev);
   ok = check("TMA", a, b, c_dev) && ok;
+  cudaMemset(c_dev, 0xFF, kM * kN2 * sizeof(float));
+  gemm_ab_registers<<<1, 128>>>(a_dev, b_dev, c_dev);
+  ok = check("A in registers, B MN-major", a, b, c_dev, kN2, false) && ok;
   return ok ? 0 : 1;
 }

@@ -1,10 +1,11 @@
 // Hopper (sm_90a) building blocks for the warpgroup path of issue 9: shared-memory matrix
-// descriptors for 128-byte-swizzled K-major tiles, wgmma.mma_async, mbarriers and TMA loads. A warpgroup is 4 warps
+// descriptors for 128-byte-swizzled tiles, wgmma.mma_async, mbarriers and TMA loads. A warpgroup is 4 warps
 // (128 threads) that issue one wgmma together; the accumulator of an m64nN wgmma is spread over
 // them as 4 mma.sync-style 16-row C fragments (warp w: rows 16w..16w+15).
-// Checked on its own by tests/sm90/wgmma_probe.cu (tests/test_sm90_probe.py), not yet on a GPU.
+// Checked on their own by tests/sm90/wgmma_probe.cu (tests/test_sm90_probe.py).
 #pragma once
 #include <cstdint>
+#include "wgmma_instructions.cuh"  // Wgmma<T, N>::ss / ::rs, generated
 
 namespace cuflash::sm90 {
 
@@ -15,20 +16,38 @@ __host__ __device__ constexpr uint32_t swizzle128_offset(int row, int col) {
   const uint32_t chunk = static_cast<uint32_t>(col) / 8, within = static_cast<uint32_t>(col) % 8;
   return static_cast<uint32_t>(row) * 128 + ((chunk ^ (static_cast<uint32_t>(row) % 8)) * 16) + within * 2;
 }
+// The same in a tile of kRows rows and any multiple of 64 columns, stored as 64-column panels of
+// kRows * 128 bytes one after the other (the layout both descriptor kinds below read).
+template <int kRows>
+__host__ __device__ constexpr uint32_t panel_offset(int row, int col) {
+  return static_cast<uint32_t>(col / 64) * (kRows * 128) + swizzle128_offset(row, col % 64);
+}
 
 // The wgmma shared-memory descriptor (PTX ISA, "Matrix Descriptor Format"): start address,
 // leading-dimension byte offset, stride-dimension byte offset, all >> 4, and the swizzle mode in
-// bits 62-63 (1: 128B). For a K-major 128B-swizzled tile the stride between 8-row core-matrix
-// groups is 1024 bytes and the leading offset is unused (1 by convention); stepping K by 16
-// elements inside the 128-byte row is a +32-byte start address.
-__device__ __forceinline__ uint64_t smem_desc_k_major_sw128(const void* tile, uint32_t byte_offset = 0) {
+// bits 62-63 (1: 128B). Tiles here are panels of 64 16-bit columns (128-byte rows, 8-row atoms
+// of 1024 bytes, swizzle128_offset), one panel after the other.
+__device__ __forceinline__ uint64_t smem_desc_sw128(const void* tile, uint32_t byte_offset, uint32_t leading_bytes) {
   const uint32_t addr = static_cast<uint32_t>(__cvta_generic_to_shared(tile)) + byte_offset;
   uint64_t desc = 0;
   desc |= static_cast<uint64_t>((addr >> 4) & 0x3FFF);
-  desc |= static_cast<uint64_t>(1) << 16;             // leading byte offset (unused for swizzled K-major)
-  desc |= static_cast<uint64_t>(1024 >> 4) << 32;     // stride byte offset: 8 rows x 128 bytes
-  desc |= static_cast<uint64_t>(1) << 62;             // 128-byte swizzle
+  desc |= static_cast<uint64_t>((leading_bytes >> 4) & 0x3FFF) << 16;
+  desc |= static_cast<uint64_t>(1024 >> 4) << 32;  // stride byte offset: 8 rows x 128 bytes
+  desc |= static_cast<uint64_t>(1) << 62;          // 128-byte swizzle
   return desc;
+}
+// K-major operand (rows are M or N, the 16 K elements of one wgmma lie within a row): the next 8
+// rows are 1024 bytes on; the leading offset is unused (1 by convention). Stepping K by 16
+// elements inside a panel is +32 bytes of start address, to the next panel + rows * 128.
+__device__ __forceinline__ uint64_t smem_desc_k_major_sw128(const void* tile, uint32_t byte_offset = 0) {
+  return smem_desc_sw128(tile, byte_offset, 16);
+}
+// MN-major operand (rows are K, N runs along a row: V in P V, transposed by the wgmma): the next
+// 8 K-rows are 1024 bytes on, the next 64 N-columns one panel (panel_bytes) on. Stepping K by 16
+// rows is +2048 bytes of start address.
+__device__ __forceinline__ uint64_t smem_desc_mn_major_sw128(const void* tile, uint32_t byte_offset,
+                                                             uint32_t panel_bytes) {
+  return smem_desc_sw128(tile, byte_offset, panel_bytes);
 }
 
 __device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
@@ -39,26 +58,6 @@ __device__ __forceinline__ void wgmma_wait() {
 }
 // Generic-proxy writes to shared memory (st.shared) made visible to the async proxy (wgmma, TMA).
 __device__ __forceinline__ void fence_async_shared() { asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory"); }
-
-// d (64 x 64 fp32, 32 per thread) (+)= A (64 x 16, K-major) * B^T (B: 64 x 16, K-major), bf16.
-// accumulate = false overwrites d (scale-d 0).
-__device__ __forceinline__ void wgmma_m64n64k16_bf16(float (&d)[32], uint64_t desc_a, uint64_t desc_b,
-                                                     bool accumulate) {
-  asm volatile(
-      "{\n"
-      ".reg .pred p;\n"
-      "setp.ne.b32 p, %34, 0;\n"
-      "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 "
-      "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "
-      "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}, "
-      "%32, %33, p, 1, 1, 0, 0;\n"
-      "}\n"
-      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
-        "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),
-        "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),
-        "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31])
-      : "l"(desc_a), "l"(desc_b), "r"(static_cast<int>(accumulate)));
-}
 
 // mbarrier (shared memory, 8 bytes) and TMA: a tile load signals the barrier with its bytes
 // (complete_tx); waiters spin on the barrier's phase parity.

@@ -1,0 +1,191 @@
+// Forward attention on Hopper warpgroup MMAs (wgmma, sm_90a): issue 9's first kernel.
+// One CTA per (kBlockM = 128 query rows, head, batch): two warpgroups of 64 rows each. Q and
+// the double-buffered K/V tiles sit in shared memory in the 128-byte-swizzled panels wgmma reads
+// (panel_offset); S = Q K^T reads both from there, P stays in registers as the A operand of
+// O += P V, whose B (V, [key][d]) the wgmma transposes. Masks, the online softmax and the output
+// are the sm_80 kernel's, on the same accumulator layout (a warp's share of a 64 x N wgmma
+// accumulator is a WarpAcc<N>). Loads are cp.async by every thread, as in the sm_80 kernel.
+// Plain attention only (mask.cuh's needs_feature_path false): with softcap, ALiBi, attn_mask or
+// dropout the sm_80-class kernel runs.
+#pragma once
+#include <cuda_runtime.h>
+#include <atomic>
+#include <cstdlib>
+#include <cstring>
+#include "../../flash_params.h"
+#include "../flash_fwd_kernel.cuh"  // store_out_and_lse
+#include "../mask.cuh"
+#include "../mma_sm80.cuh"
+#include "../online_softmax.cuh"
+#include "wgmma.cuh"
+
+namespace cuflash::sm90 {
+
+// Head-dim buckets with a Hopper forward; the other buckets keep the sm_80-class kernel.
+template <int kHeadDim>
+constexpr bool kFwdHeadDim = kHeadDim == 64 || kHeadDim == 128 || kHeadDim == 256;
+
+template <typename T, int kHeadDim>
+struct FwdSm90Kernel {
+  static constexpr int kWarpgroups = 2, kThreads = 128 * kWarpgroups, kBlockM = 64 * kWarpgroups;
+  // Keys per step: S (kBlockN / 2 floats per thread) beside O (kHeadDim / 2).
+  static constexpr int kBlockN = kHeadDim <= 128 ? 128 : 64;
+  // O += P V as wgmmas of at most N = 128 columns (two for kHeadDim 256).
+  static constexpr int kPvN = kHeadDim < 128 ? kHeadDim : 128;
+  static constexpr int kQBytes = kBlockM * kHeadDim * 2, kKVBytes = kBlockN * kHeadDim * 2;
+  // + 1024: the swizzle atoms must start on 1024-byte boundaries; the base is aligned by hand.
+  static constexpr int kSmemBytes = kQBytes + 4 * kKVBytes + 1024;
+};
+
+// Rows [0, rows_valid) x columns [0, cols_valid) of a [kRows][kHeadDim] gmem tile into its
+// swizzled panels, zero-filled elsewhere (padded keys must read as 0: P V multiplies them by 0).
+template <int kRows, int kHeadDim, int kThreads, typename T>
+__device__ __forceinline__ void load_panels_async(unsigned char* tile, const T* gmem, int64_t row_stride,
+                                                  int rows_valid, int cols_valid, int tid) {
+  constexpr int kChunksPerRow = kHeadDim / 8;
+  static_assert(kRows * kChunksPerRow % kThreads == 0, "every thread copies the same number of chunks");
+#pragma unroll
+  for (int i = 0; i < kRows * kChunksPerRow / kThreads; ++i) {
+    const int c = tid + i * kThreads, r = c / kChunksPerRow, col = (c % kChunksPerRow) * 8;
+    const bool valid = r < rows_valid && col < cols_valid;
+    cp_async_16(tile + panel_offset<kRows>(r, col), valid ? gmem + r * row_stride + col : gmem, valid);
+  }
+}
+
+// The fp32 accumulator of a WarpAcc as the register list of a wgmma with N columns, starting at
+// column n0 (a multiple of N).
+template <int N, int kCols>
+__device__ __forceinline__ float (&acc_regs(WarpAcc<kCols>& acc, int n0))[N / 2] {
+  return *reinterpret_cast<float(*)[N / 2]>(&acc.v[n0 / 8][0]);
+}
+
+template <typename T, int kHeadDim>
+__global__ void __launch_bounds__(FwdSm90Kernel<T, kHeadDim>::kThreads, 1)
+    flash_fwd_sm90_kernel(const FlashFwdParams p) {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  using K = FwdSm90Kernel<T, kHeadDim>;
+  constexpr int kBlockM = K::kBlockM, kBlockN = K::kBlockN, kThreads = K::kThreads;
+  extern __shared__ char smem_raw[];
+  unsigned char* smem = reinterpret_cast<unsigned char*>(
+      (reinterpret_cast<uintptr_t>(smem_raw) + 1023) & ~static_cast<uintptr_t>(1023));
+  unsigned char* sQ = smem;
+  auto sK = [&](int buf) { return smem + K::kQBytes + buf * K::kKVBytes; };
+  auto sV = [&](int buf) { return smem + K::kQBytes + (2 + buf) * K::kKVBytes; };
+
+  const AttentionShape& sh = p.shape;
+  const int m_block = blockIdx.x, h = blockIdx.y, b = blockIdx.z;
+  const int h_kv = h / (sh.heads_q / sh.heads_kv);
+  const int tid = threadIdx.x, warpgroup = tid / 128, lane = tid % 32;
+  const int m_start = m_block * kBlockM;
+  const Sequence seq = sequence_of(p, b);
+  if (m_start >= seq.seqlen_q) return;
+
+  const T* q = row_at<const T>(p.q, p.q_strides, seq, true, b, h, 0);
+  const T* k = row_at<const T>(p.k, p.k_strides, seq, false, b, h_kv, 0);
+  const T* v = row_at<const T>(p.v, p.v_strides, seq, false, b, h_kv, 0);
+  const Range n_blocks = key_blocks(p.mask, seq, m_start, min(m_start + kBlockM, seq.seqlen_q), kBlockN);
+  if (p.tile_counters && tid == 0) count_tiles(p.tile_counters, seq, n_blocks, kBlockM, kBlockN);
+
+  auto load_kv = [&](int n_block, int buf) {
+    const int n0 = n_block * kBlockN, rows = seq.seqlen_k - n0;
+    load_panels_async<kBlockN, kHeadDim, kThreads>(sK(buf), k + n0 * p.k_strides.row, p.k_strides.row, rows,
+                                                   sh.head_dim, tid);
+    load_panels_async<kBlockN, kHeadDim, kThreads>(sV(buf), v + n0 * p.v_strides.row, p.v_strides.row, rows,
+                                                   sh.head_dim, tid);
+  };
+
+  // This warp's 16 rows: rows 16 (tid / 32) .. of the CTA's tile (warpgroup g: rows 64 g ..).
+  const int warp_row = 16 * (tid / 32), row0 = m_start + warp_row;
+  WarpAcc<kHeadDim> o;
+  o.zero();
+  OnlineSoftmax softmax;
+  const ScoreMod<T> mod(p, b, h);
+
+  if (n_blocks.end > n_blocks.begin) {
+    load_panels_async<kBlockM, kHeadDim, kThreads>(sQ, q + m_start * p.q_strides.row, p.q_strides.row,
+                                                   seq.seqlen_q - m_start, sh.head_dim, tid);
+    // Keys last block first, as in the sm_80 kernel: the masked blocks come first.
+    load_kv(n_blocks.end - 1, 0);
+    cp_async_commit();
+    // Descriptors of this warpgroup's 64 rows of Q and of K and V buffer 0; the steps below add
+    // byte offsets >> 4 to their start-address field (constants, once buf is known).
+    const uint64_t desc_q = smem_desc_k_major_sw128(sQ, warpgroup * 64 * 128);
+    const uint64_t desc_k0 = smem_desc_k_major_sw128(sK(0));
+    const uint64_t desc_v0 = smem_desc_mn_major_sw128(sV(0), 0, kBlockN * 128);
+    for (int n_block = n_blocks.end - 1, buf = 0; n_block >= n_blocks.begin; --n_block, buf ^= 1) {
+      cp_async_wait_all();
+      fence_async_shared();  // this thread's cp.async writes, visible to the wgmma (async proxy)
+      __syncthreads();       // every thread's part landed; every warpgroup is done with the other buffer
+      if (n_block > n_blocks.begin) load_kv(n_block - 1, buf ^ 1);
+      cp_async_commit();
+
+      // S = Q K^T: K = kHeadDim in steps of 16, 4 per 64-column panel (+32 bytes each).
+      WarpAcc<kBlockN> s;
+      wgmma_fence();
+      const uint64_t desc_k = desc_k0 + ((buf * K::kKVBytes) >> 4);
+#pragma unroll
+      for (int kk = 0; kk < kHeadDim / 16; ++kk) {
+        const uint32_t in_panel = (kk % 4) * 32;
+        Wgmma<T, kBlockN>::ss(acc_regs<kBlockN>(s, 0), desc_q + (((kk / 4) * (kBlockM * 128) + in_panel) >> 4),
+                              desc_k + (((kk / 4) * (kBlockN * 128) + in_panel) >> 4), kk > 0);
+      }
+      wgmma_commit();
+      wgmma_wait<0>();
+
+      scores_from_qk<false>(s, mod, p.mask, seq, row0, n_block * kBlockN, lane);
+      softmax.rescale_and_exp(s, o);
+
+      // O += P V: K = kBlockN keys in steps of 16 rows of V (+2048 bytes), N = kHeadDim in
+      // wgmmas of kPvN columns (two panels each, leading byte offset = one panel).
+      uint32_t pa[kBlockN / 16][4];
+#pragma unroll
+      for (int kk = 0; kk < kBlockN / 16; ++kk) s.template to_a<T>(pa[kk], kk);
+      const uint64_t desc_v = desc_v0 + ((buf * K::kKVBytes) >> 4);
+      wgmma_fence();
+#pragma unroll
+      for (int kk = 0; kk < kBlockN / 16; ++kk)
+#pragma unroll
+        for (int n0 = 0; n0 < kHeadDim; n0 += K::kPvN)
+          Wgmma<T, K::kPvN>::rs(acc_regs<K::kPvN>(o, n0), pa[kk],
+                                desc_v + (((n0 / 64) * (kBlockN * 128) + kk * 2048) >> 4), 1);
+      wgmma_commit();
+      wgmma_wait<0>();
+    }
+  }
+
+  // The output, staged through shared memory (now free) as in the sm_80 kernel.
+  __syncthreads();
+  const SmemTile<T, kBlockM, kHeadDim> stage{reinterpret_cast<T*>(smem)};
+  static_assert(SmemTile<T, kBlockM, kHeadDim>::kElems * sizeof(T) <= K::kSmemBytes - 1024, "staging fits");
+  T* out = row_at<T>(p.out, p.out_strides, seq, true, b, h, 0);
+  float* lse_out = static_cast<float*>(p.lse) + stats_offset(p.stats_strides, seq, b, h);
+  store_out_and_lse(o, softmax, stage, warp_row, out, p.out_strides.row, lse_out, row0, seq.seqlen_q, sh.head_dim,
+                    lane);
+#endif
+}
+
+// Whether the forward of p runs here: an sm_90a build, a compute capability 9.0 device, plain
+// attention, and not switched off with CUFLASH_SM90=0.
+inline bool fwd_sm90_enabled(const FlashFwdParams& p) {
+#ifdef CUFLASH_SM90A_BUILT
+  if (needs_feature_path(p)) return false;
+  const char* env = std::getenv("CUFLASH_SM90");  // read at every call, as CUFLASH_BWD_DQ
+  if (env != nullptr && std::strcmp(env, "0") == 0) return false;
+  constexpr int kMaxDevices = 64;
+  static std::atomic<int> is_sm90[kMaxDevices] = {};  // 0 unknown, 1 yes, 2 no
+  int device = 0;
+  if (cudaGetDevice(&device) != cudaSuccess || device >= kMaxDevices) return false;
+  if (is_sm90[device].load(std::memory_order_relaxed) == 0) {
+    int major = 0, minor = 0;
+    cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device);
+    cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, device);
+    is_sm90[device].store(major == 9 && minor == 0 ? 1 : 2, std::memory_order_relaxed);
+  }
+  return is_sm90[device].load(std::memory_order_relaxed) == 1;
+#else
+  (void)p;
+  return false;
+#endif
+}
+
+}  // namespace cuflash::sm90

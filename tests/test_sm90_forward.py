@@ -1,0 +1,70 @@
+"""The Hopper forward (csrc/cuda/sm90/flash_fwd_sm90.cuh: wgmma from swizzled shared memory),
+which plain 16-bit attention at head-dim buckets 64, 128 and 256 takes on a compute capability
+9.0 GPU of an sm_90a build. The same accuracy rule as every path, over the shapes that stress
+its tiles (one query, ragged blocks, rows that see no key), the masks, GQA and varlen; the
+profiler shows which kernel ran, and CUFLASH_SM90=0 switches back to the sm_80-class kernel."""
+import pytest
+import torch
+
+from conftest import HAS_CUDA, cuda_kernels
+from test_features import check_dense, check_varlen
+
+SM90 = HAS_CUDA and torch.cuda.get_device_capability() == (9, 0)
+pytestmark = pytest.mark.skipif(not SM90, reason="needs a compute capability 9.0 GPU")
+LOW = [torch.float16, torch.bfloat16]
+IDS = ["fp16", "bf16"]
+
+
+def forward_kernels(d, dtype=torch.bfloat16, **kw):
+    q, k, v = (torch.randn(1, 2, 100, d, device="cuda", dtype=dtype) for _ in range(3))
+    return cuda_kernels(lambda: torch.ops.cuflash_attn.fwd(q, k, v, None, False, False, **kw))
+
+
+@pytest.mark.parametrize("d", [40, 64, 100, 128, 240, 256])
+def test_path_taken(d, monkeypatch):
+    names = forward_kernels(d)
+    if "flash_fwd_sm90_kernel" not in names:
+        pytest.fail(f"the Hopper forward did not run (an sm_90a build?): {names}")
+    monkeypatch.setenv("CUFLASH_SM90", "0")
+    names = forward_kernels(d)
+    assert "flash_fwd_sm90_kernel" not in names and "flash_fwd_kernel" in names, names
+
+
+def test_other_cases_keep_the_sm80_kernel():
+    assert "flash_fwd_sm90_kernel" not in forward_kernels(32)  # bucket 32
+    assert "flash_fwd_sm90_kernel" not in forward_kernels(96)  # bucket 96
+    assert "flash_fwd_sm90_kernel" not in forward_kernels(64, softcap=30.0)  # feature path
+
+
+@pytest.mark.parametrize("dtype", LOW, ids=IDS)
+@pytest.mark.parametrize("d", [40, 64, 100, 128, 240, 256])
+@pytest.mark.parametrize("nq,nk", [(1, 1), (1, 1000), (77, 200), (200, 77), (128, 128), (257, 513), (1000, 1000)])
+@pytest.mark.parametrize("causal,bottom_right", [(False, False), (True, False), (True, True)],
+                         ids=["none", "top_left", "bottom_right"])
+def test_matches_reference(dtype, d, nq, nk, causal, bottom_right):
+    check_dense("cuda", dtype, 2, 2, 2, nq, nk, d, causal=causal, bottom_right=bottom_right)
+
+
+@pytest.mark.parametrize("dtype", LOW, ids=IDS)
+@pytest.mark.parametrize("d", [64, 128, 256])
+def test_gqa_and_window(dtype, d):
+    check_dense("cuda", dtype, 2, 8, 2, 300, 700, d, causal=True, bottom_right=True, window=(130, -1))
+    check_dense("cuda", dtype, 1, 4, 1, 500, 260, d, window=(40, 70))
+
+
+@pytest.mark.parametrize("dtype", LOW, ids=IDS)
+@pytest.mark.parametrize("d", [64, 128, 256])
+def test_varlen(dtype, d):
+    check_varlen("cuda", dtype, [70, 0, 129, 300], [90, 12, 0, 257], 4, 2, d, causal=True, bottom_right=True)
+
+
+@pytest.mark.parametrize("d", [64, 128, 256])
+def test_agrees_with_sm80_kernel(d, monkeypatch):
+    """Both kernels on the same large input: equal to within bfloat16 rounding of P."""
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, 4, 2048, d, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+    out90, lse90 = torch.ops.cuflash_attn.fwd(q, k, v, None, True, False)
+    monkeypatch.setenv("CUFLASH_SM90", "0")
+    out80, lse80 = torch.ops.cuflash_attn.fwd(q, k, v, None, True, False)
+    assert (out90.float() - out80.float()).abs().max().item() < 2e-2
+    assert (lse90 - lse80).abs().max().item() < 1e-4
