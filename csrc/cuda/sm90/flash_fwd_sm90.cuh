@@ -28,8 +28,11 @@ constexpr bool kFwdHeadDim = kHeadDim == 64 || kHeadDim == 128 || kHeadDim == 25
 template <typename T, int kHeadDim>
 struct FwdSm90Kernel {
   static constexpr int kWarpgroups = 2, kThreads = 128 * kWarpgroups, kBlockM = 64 * kWarpgroups;
-  // Keys per step: S (kBlockN / 2 floats per thread) beside O (kHeadDim / 2).
-  static constexpr int kBlockN = kHeadDim <= 128 ? 128 : 64;
+  // Keys per step: S (kBlockN / 2 floats per thread) beside O (kHeadDim / 2). At 64, 64 keys
+  // keep S, P and O within 128 registers, so that two CTAs (16 warps) share an SM: +21-27% on
+  // the H200. At 128 the same costs 16-21% (benchmarks/NOTES.md): one CTA, 128 keys.
+  static constexpr int kBlockN = kHeadDim == 128 ? 128 : 64;
+  static constexpr int kMinBlocksPerSm = kHeadDim == 64 ? 2 : 1;
   // O += P V as wgmmas of at most N = 128 columns (two for kHeadDim 256).
   static constexpr int kPvN = kHeadDim < 128 ? kHeadDim : 128;
   static constexpr int kQBytes = kBlockM * kHeadDim * 2, kKVBytes = kBlockN * kHeadDim * 2;
@@ -60,7 +63,7 @@ __device__ __forceinline__ float (&acc_regs(WarpAcc<kCols>& acc, int n0))[N / 2]
 }
 
 template <typename T, int kHeadDim>
-__global__ void __launch_bounds__(FwdSm90Kernel<T, kHeadDim>::kThreads, 1)
+__global__ void __launch_bounds__(FwdSm90Kernel<T, kHeadDim>::kThreads, FwdSm90Kernel<T, kHeadDim>::kMinBlocksPerSm)
     flash_fwd_sm90_kernel(const FlashFwdParams p) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
   using K = FwdSm90Kernel<T, kHeadDim>;
