@@ -3,6 +3,7 @@
 # main job and the benchmark, and leave logs and results under $OUT (default ./gpu_out).
 #   GPU_CHECK_TESTS="tests/test_ops.py"  run a subset of the tests (and no separate sweep)
 #   GPU_CHECK_SWEEP_SHARDS=3             processes for the random sweep, beside the suite
+#   GPU_CHECK_PROCS=4                    processes for the rest of the suite (files dealt out)
 #   GPU_CHECK_BENCH="--quick"            benchmark arguments ("" skips the benchmark)
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -21,7 +22,7 @@ pids=()
 shards=${GPU_CHECK_SWEEP_SHARDS:-3}
 # Each process's CPU threads (the float64 references of CPU cases, torch's ops): a share of the
 # cores each, rather than every process taking all of them.
-export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$(( $(nproc) / (shards + 1) > 1 ? $(nproc) / (shards + 1) : 1 ))}
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$(( $(nproc) / (shards + ${GPU_CHECK_PROCS:-4}) > 1 ? $(nproc) / (shards + ${GPU_CHECK_PROCS:-4}) : 1 ))}
 if [ -z "${GPU_CHECK_TESTS-}" ]; then
   for ((i = 0; i < shards; i++)); do
     CUFLASH_SWEEP_SHARD=$i/$shards python3 -m pytest tests/test_accuracy.py -k test_random_sweep -q -rf --tb=line \
@@ -29,13 +30,34 @@ if [ -z "${GPU_CHECK_TESTS-}" ]; then
     pids+=($!)
   done
 fi
-tests=(tests -k "not test_random_sweep")
-# shellcheck disable=SC2206  # GPU_CHECK_TESTS is split on purpose
-[ -n "${GPU_CHECK_TESTS-}" ] && tests=($GPU_CHECK_TESTS)
-python3 -m pytest "${tests[@]}" -q -rfE --maxfail=${GPU_CHECK_MAXFAIL:-25} \
-  -p no:cacheprovider --durations=15 > "$OUT/pytest.log" 2>&1
-status=$?
-echo "pytest (exit $status): $(( $(date +%s) - start )) s"; tail -n 25 "$OUT/pytest.log"
+# The rest of the suite: GPU_CHECK_PROCS processes, the test files dealt out largest first.
+procs=${GPU_CHECK_PROCS:-4}
+if [ -n "${GPU_CHECK_TESTS-}" ]; then
+  # shellcheck disable=SC2206  # GPU_CHECK_TESTS is split on purpose
+  groups=("$GPU_CHECK_TESTS"); procs=1
+else
+  mapfile -t files < <(ls -S tests/test_*.py)
+  groups=()
+  for ((i = 0; i < procs; i++)); do
+    group=""
+    for ((j = i; j < ${#files[@]}; j += procs)); do group+="${files[$j]} "; done
+    groups+=("$group")
+  done
+fi
+test_pids=()
+for ((i = 0; i < procs; i++)); do
+  # shellcheck disable=SC2086  # a group is a list of files
+  python3 -m pytest ${groups[$i]} -k "not test_random_sweep" -q -rfE --maxfail=${GPU_CHECK_MAXFAIL:-25} \
+    -p no:cacheprovider --durations=5 > "$OUT/pytest$i.log" 2>&1 &
+  test_pids+=($!)
+done
+status=0
+for ((i = 0; i < procs; i++)); do
+  wait "${test_pids[$i]}" || status=1
+  echo "pytest group $i ($(echo ${groups[$i]} | wc -w) files): $(tail -n 1 "$OUT/pytest$i.log")"
+  grep -E '^(FAILED|ERROR)' "$OUT/pytest$i.log" | head -n 25
+done
+echo "pytest: $(( $(date +%s) - start )) s"
 for ((i = 0; i < ${#pids[@]}; i++)); do
   wait "${pids[$i]}" || status=1
   echo "sweep shard $i/$shards: $(tail -n 1 "$OUT/sweep$i.log")"; grep -E '^FAILED' "$OUT/sweep$i.log" | head -n 40

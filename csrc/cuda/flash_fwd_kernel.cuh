@@ -55,7 +55,7 @@ __global__ void __launch_bounds__(FwdKernel<T, kHeadDim>::kThreads)
   auto sV = [&](int buf) { return typename K::KVTile{kv_base + (2 + buf) * K::KVTile::kElems}; };
 
   const AttentionShape& sh = p.shape;
-  const int m_block = blockIdx.x, h = blockIdx.y, b = blockIdx.z;
+  const int m_block = query_block_longest_first(), h = blockIdx.y, b = blockIdx.z;
   const int h_kv = h / (sh.heads_q / sh.heads_kv);
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
   const int m_start = m_block * kBlockM;

@@ -27,6 +27,11 @@ __device__ __forceinline__ Range query_blocks(const MaskParams& m, const Sequenc
   return {rows.begin / block_m, (rows.end + block_m - 1) / block_m};
 }
 
+// The query block of this CTA (grid x): the last block first. Under a causal mask later query
+// blocks see more keys, and CTAs start in blockIdx order, so the longest ones start first and the
+// short ones fill the tail; without a mask every block is equal and the order does not matter.
+__device__ __forceinline__ int query_block_longest_first() { return gridDim.x - 1 - blockIdx.x; }
+
 // fwd_tile_counts (debug): a forward CTA adds its visited and skipped key blocks, and the tile
 // shape, to counters[0..3].
 __device__ __forceinline__ void count_tiles(unsigned long long* counters, const Sequence& s, const Range& n_blocks,

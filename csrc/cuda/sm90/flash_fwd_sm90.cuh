@@ -76,7 +76,7 @@ __global__ void __launch_bounds__(FwdSm90Kernel<T, kHeadDim>::kThreads, FwdSm90K
   auto sV = [&](int buf) { return smem + K::kQBytes + (2 + buf) * K::kKVBytes; };
 
   const AttentionShape& sh = p.shape;
-  const int m_block = blockIdx.x, h = blockIdx.y, b = blockIdx.z;
+  const int m_block = query_block_longest_first(), h = blockIdx.y, b = blockIdx.z;
   const int h_kv = h / (sh.heads_q / sh.heads_kv);
   const int tid = threadIdx.x, warpgroup = tid / 128, lane = tid % 32;
   const int m_start = m_block * kBlockM;
