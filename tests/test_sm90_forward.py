@@ -1,8 +1,11 @@
-"""The Hopper forward (csrc/cuda/sm90/flash_fwd_sm90.cuh: wgmma from swizzled shared memory),
-which plain 16-bit attention at head-dim buckets 64, 128 and 256 takes on a compute capability
-9.0 GPU of an sm_90a build. The same accuracy rule as every path, over the shapes that stress
-its tiles (one query, ragged blocks, rows that see no key), the masks, GQA and varlen; the
-profiler shows which kernel ran, and CUFLASH_SM90=0 switches back to the sm_80-class kernel."""
+"""The Hopper forwards, which plain 16-bit attention at head-dim buckets 64, 128 and 256 takes on a
+compute capability 9.0 GPU of an sm_90a build: csrc/cuda/sm90/flash_fwd_sm90.cuh (wgmma from
+swizzled shared memory, cp.async loads; the default) and, with CUFLASH_SM90=tma, the experimental
+warp-specialized flash_fwd_sm90_tma.cuh (TMA producer, two consumer warpgroups). Every test runs
+under both (the `mode` fixture). The same accuracy rule as every path, over the shapes that
+stress the tiles (one query, ragged blocks, rows that see no key), the masks, GQA, varlen and the
+[B, N, H, D] layout; the profiler shows which kernel ran, and CUFLASH_SM90=0 switches back to the
+sm_80-class kernel."""
 import pytest
 import torch
 
@@ -13,6 +16,16 @@ SM90 = HAS_CUDA and torch.cuda.get_device_capability() == (9, 0)
 pytestmark = pytest.mark.skipif(not SM90, reason="needs a compute capability 9.0 GPU")
 LOW = [torch.float16, torch.bfloat16]
 IDS = ["fp16", "bf16"]
+KERNEL = {"cpasync": "flash_fwd_sm90_kernel", "tma": "flash_fwd_sm90_tma_kernel"}
+
+
+@pytest.fixture(params=["cpasync", "tma"], autouse=True)
+def mode(request, monkeypatch):
+    if request.param == "tma":
+        monkeypatch.setenv("CUFLASH_SM90", "tma")  # read by the op at every call
+    else:
+        monkeypatch.delenv("CUFLASH_SM90", raising=False)
+    return request.param
 
 
 def forward_kernels(d, dtype=torch.bfloat16, **kw):
@@ -21,19 +34,28 @@ def forward_kernels(d, dtype=torch.bfloat16, **kw):
 
 
 @pytest.mark.parametrize("d", [40, 64, 100, 128, 240, 256])
-def test_path_taken(d, monkeypatch):
+def test_path_taken(d, mode, monkeypatch):
     names = forward_kernels(d)
-    if "flash_fwd_sm90_kernel" not in names:
-        pytest.fail(f"the Hopper forward did not run (an sm_90a build?): {names}")
+    if KERNEL[mode] + "<" not in names:
+        pytest.fail(f"the {mode} Hopper forward did not run (an sm_90a build?): {names}")
     monkeypatch.setenv("CUFLASH_SM90", "0")
     names = forward_kernels(d)
-    assert "flash_fwd_sm90_kernel" not in names and "flash_fwd_kernel" in names, names
+    assert "flash_fwd_sm90" not in names and "flash_fwd_kernel" in names, names
 
 
 def test_other_cases_keep_the_sm80_kernel():
-    assert "flash_fwd_sm90_kernel" not in forward_kernels(32)  # bucket 32
-    assert "flash_fwd_sm90_kernel" not in forward_kernels(96)  # bucket 96
-    assert "flash_fwd_sm90_kernel" not in forward_kernels(64, softcap=30.0)  # feature path
+    assert "flash_fwd_sm90" not in forward_kernels(32)  # bucket 32
+    assert "flash_fwd_sm90" not in forward_kernels(96)  # bucket 96
+    assert "flash_fwd_sm90" not in forward_kernels(64, softcap=30.0)  # feature path
+
+
+def test_varlen_never_takes_tma():
+    """A TMA box would read past a packed sequence's end: varlen runs the cp.async kernel."""
+    q, k, v = (torch.randn(300, 2, 64, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+    cu = torch.tensor([0, 100, 300], device="cuda", dtype=torch.int32)
+    names = cuda_kernels(lambda: torch.ops.cuflash_attn.fwd(q, k, v, None, False, False, cu_seqlens_q=cu,
+                                                            cu_seqlens_k=cu, max_seqlen_q=200, max_seqlen_k=200))
+    assert "flash_fwd_sm90_kernel<" in names and "tma" not in names, names
 
 
 @pytest.mark.parametrize("dtype", LOW, ids=IDS)
@@ -59,10 +81,15 @@ def test_varlen(dtype, d):
 
 
 @pytest.mark.parametrize("d", [64, 128, 256])
-def test_agrees_with_sm80_kernel(d, monkeypatch):
-    """Both kernels on the same large input: equal to within bfloat16 rounding of P."""
+@pytest.mark.parametrize("layout", ["bhnd", "bnhd"])
+def test_agrees_with_sm80_kernel(d, layout, monkeypatch):
+    """Both kernels on the same large input: equal to within bfloat16 rounding of P. bnhd:
+    [B, N, H, D] storage passed as transposed views (row stride H * D, head stride D)."""
     torch.manual_seed(0)
-    q, k, v = (torch.randn(2, 4, 2048, d, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+    shape = (2, 4, 2048, d) if layout == "bhnd" else (2, 2048, 4, d)
+    q, k, v = (torch.randn(*shape, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+    if layout == "bnhd":
+        q, k, v = (t.transpose(1, 2) for t in (q, k, v))
     out90, lse90 = torch.ops.cuflash_attn.fwd(q, k, v, None, True, False)
     monkeypatch.setenv("CUFLASH_SM90", "0")
     out80, lse80 = torch.ops.cuflash_attn.fwd(q, k, v, None, True, False)

@@ -9,6 +9,7 @@
 #include "flash_launch.h"
 #include "flash_simt_kernel.cuh"
 #include "sm90/flash_fwd_sm90.cuh"
+#include "sm90/flash_fwd_sm90_tma.cuh"
 
 namespace cuflash {
 
@@ -45,7 +46,11 @@ cudaError_t run_flash_fwd(const FlashFwdParams& p, cudaStream_t stream) {
     return launch(flash_fwd_simt_kernel<T, kHeadDim / 32>, grid, 32 * simt::kWarps, 0, stream, p);
   } else {
     if constexpr (sm90::kFwdHeadDim<kHeadDim>) {
-      if (sm90::fwd_sm90_enabled(p)) {
+      const sm90::Sm90Forward hopper = sm90::sm90_forward(p);
+      cudaError_t status = cudaSuccess;
+      if (hopper == sm90::Sm90Forward::kTma && sm90::launch_fwd_sm90_tma<T, kHeadDim>(p, stream, &status))
+        return status;
+      if (hopper != sm90::Sm90Forward::kOff) {
         using K = sm90::FwdSm90Kernel<T, kHeadDim>;
         return launch(sm90::flash_fwd_sm90_kernel<T, kHeadDim>, dim3(ceil_div(sh.seqlen_q, K::kBlockM), sh.heads_q, sh.batch),
                       K::kThreads, K::kSmemBytes, stream, p);

@@ -14,6 +14,33 @@ struct OnlineSoftmax {
   // s holds scaled-log2 scores (masked ones -inf) and becomes P = exp2(s - max); o is rescaled.
   template <int kN, int kD>
   __device__ __forceinline__ void rescale_and_exp(WarpAcc<kN>& s, WarpAcc<kD>& o) {
+    float alpha[2];
+    exp_rows<true>(s, alpha, o);
+  }
+  // The same with o left alone: alpha gets each row's factor, for rescale_rows once whatever
+  // still accumulates into o (an asynchronous P V) is done.
+  template <int kN>
+  __device__ __forceinline__ void exp_and_rescale_factor(WarpAcc<kN>& s, float (&alpha)[2]) {
+    WarpAcc<8>* unused = nullptr;
+    exp_rows<false>(s, alpha, *unused);
+  }
+  template <int kD>
+  __device__ __forceinline__ static void rescale_rows(WarpAcc<kD>& o, const float (&alpha)[2]) {
+#pragma unroll
+    for (int r = 0; r < 2; ++r) rescale_row(o, r, alpha[r]);
+  }
+
+ private:
+  template <int kD>
+  __device__ __forceinline__ static void rescale_row(WarpAcc<kD>& o, int r, float alpha) {
+#pragma unroll
+    for (int j = 0; j < kD / 8; ++j) {
+      o.v[j][2 * r] *= alpha;
+      o.v[j][2 * r + 1] *= alpha;
+    }
+  }
+  template <bool kRescale, int kN, int kD>
+  __device__ __forceinline__ void exp_rows(WarpAcc<kN>& s, float (&alpha)[2], WarpAcc<kD>& o) {
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
       float mx = row_max[r];
@@ -22,7 +49,8 @@ struct OnlineSoftmax {
       mx = quad_max(mx);
       // A row with nothing visible yet keeps max -inf; exp2 against 0 then gives p = 0.
       const float base = mx == -INFINITY ? 0.f : mx;
-      const float alpha = fast_exp2(row_max[r] - base);
+      const float a = fast_exp2(row_max[r] - base);
+      alpha[r] = a;
       row_max[r] = mx;
       float sum = 0.f;
 #pragma unroll
@@ -32,15 +60,12 @@ struct OnlineSoftmax {
           s.v[j][e] = fast_exp2(s.v[j][e] - base);
           sum += s.v[j][e];
         }
-      row_sum[r] = row_sum[r] * alpha + sum;
-#pragma unroll
-      for (int j = 0; j < kD / 8; ++j) {
-        o.v[j][2 * r] *= alpha;
-        o.v[j][2 * r + 1] *= alpha;
-      }
+      row_sum[r] = row_sum[r] * a + sum;
+      if constexpr (kRescale) rescale_row(o, r, a);
     }
   }
 
+ public:
   // 1 / rowsum for the output (0 for a row that saw no key) and the natural-log logsumexp
   // (-inf for such a row).
   __device__ __forceinline__ void finalize(float (&inv_sum)[2], float (&lse)[2]) const {

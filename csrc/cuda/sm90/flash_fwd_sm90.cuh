@@ -33,8 +33,6 @@ struct FwdSm90Kernel {
   // the H200. At 128 the same costs 16-21% (benchmarks/NOTES.md): one CTA, 128 keys.
   static constexpr int kBlockN = kHeadDim == 128 ? 128 : 64;
   static constexpr int kMinBlocksPerSm = kHeadDim == 64 ? 2 : 1;
-  // O += P V as wgmmas of at most N = 128 columns (two for kHeadDim 256).
-  static constexpr int kPvN = kHeadDim < 128 ? kHeadDim : 128;
   static constexpr int kQBytes = kBlockM * kHeadDim * 2, kKVBytes = kBlockN * kHeadDim * 2;
   // + 1024: the swizzle atoms must start on 1024-byte boundaries; the base is aligned by hand.
   static constexpr int kSmemBytes = kQBytes + 4 * kKVBytes + 1024;
@@ -60,6 +58,35 @@ __device__ __forceinline__ void load_panels_async(unsigned char* tile, const T* 
 template <int N, int kCols>
 __device__ __forceinline__ float (&acc_regs(WarpAcc<kCols>& acc, int n0))[N / 2] {
   return *reinterpret_cast<float(*)[N / 2]>(&acc.v[n0 / 8][0]);
+}
+
+// S = Q K^T for one warpgroup's 64 rows (desc_q: its rows of the Q panels, kQPanelBytes apart;
+// desc_k: a K tile of kBlockN rows): K = kHeadDim in steps of 16, 4 per 64-column panel (+32
+// bytes each). Issued and committed as one wgmma group.
+template <typename T, int kHeadDim, int kQPanelBytes, int kBlockN>
+__device__ __forceinline__ void issue_qk(WarpAcc<kBlockN>& s, uint64_t desc_q, uint64_t desc_k) {
+#pragma unroll
+  for (int kk = 0; kk < kHeadDim / 16; ++kk) {
+    const uint32_t in_panel = (kk % 4) * 32;
+    Wgmma<T, kBlockN>::ss(acc_regs<kBlockN>(s, 0), desc_q + (((kk / 4) * kQPanelBytes + in_panel) >> 4),
+                          desc_k + (((kk / 4) * (kBlockN * 128) + in_panel) >> 4), kk > 0);
+  }
+  wgmma_commit();
+}
+
+// O += P V for one warpgroup (pa: P as A fragments; desc_v: a V tile of kBlockN rows, MN-major):
+// K = kBlockN keys in steps of 16 rows of V (+2048 bytes), N = kHeadDim in wgmmas of at most 128
+// columns (two panels each, leading byte offset = one panel). One wgmma group.
+template <typename T, int kHeadDim, int kBlockN>
+__device__ __forceinline__ void issue_pv(WarpAcc<kHeadDim>& o, const uint32_t (&pa)[kBlockN / 16][4],
+                                         uint64_t desc_v) {
+  constexpr int kPvN = kHeadDim < 128 ? kHeadDim : 128;
+#pragma unroll
+  for (int kk = 0; kk < kBlockN / 16; ++kk)
+#pragma unroll
+    for (int n0 = 0; n0 < kHeadDim; n0 += kPvN)
+      Wgmma<T, kPvN>::rs(acc_regs<kPvN>(o, n0), pa[kk], desc_v + (((n0 / 64) * (kBlockN * 128) + kk * 2048) >> 4), 1);
+  wgmma_commit();
 }
 
 template <typename T, int kHeadDim>
@@ -122,36 +149,19 @@ __global__ void __launch_bounds__(FwdSm90Kernel<T, kHeadDim>::kThreads, FwdSm90K
       if (n_block > n_blocks.begin) load_kv(n_block - 1, buf ^ 1);
       cp_async_commit();
 
-      // S = Q K^T: K = kHeadDim in steps of 16, 4 per 64-column panel (+32 bytes each).
       WarpAcc<kBlockN> s;
       wgmma_fence();
-      const uint64_t desc_k = desc_k0 + ((buf * K::kKVBytes) >> 4);
-#pragma unroll
-      for (int kk = 0; kk < kHeadDim / 16; ++kk) {
-        const uint32_t in_panel = (kk % 4) * 32;
-        Wgmma<T, kBlockN>::ss(acc_regs<kBlockN>(s, 0), desc_q + (((kk / 4) * (kBlockM * 128) + in_panel) >> 4),
-                              desc_k + (((kk / 4) * (kBlockN * 128) + in_panel) >> 4), kk > 0);
-      }
-      wgmma_commit();
+      issue_qk<T, kHeadDim, kBlockM * 128>(s, desc_q, desc_k0 + ((buf * K::kKVBytes) >> 4));
       wgmma_wait<0>();
 
       scores_from_qk<false>(s, mod, p.mask, seq, row0, n_block * kBlockN, lane);
       softmax.rescale_and_exp(s, o);
 
-      // O += P V: K = kBlockN keys in steps of 16 rows of V (+2048 bytes), N = kHeadDim in
-      // wgmmas of kPvN columns (two panels each, leading byte offset = one panel).
       uint32_t pa[kBlockN / 16][4];
 #pragma unroll
       for (int kk = 0; kk < kBlockN / 16; ++kk) s.template to_a<T>(pa[kk], kk);
-      const uint64_t desc_v = desc_v0 + ((buf * K::kKVBytes) >> 4);
       wgmma_fence();
-#pragma unroll
-      for (int kk = 0; kk < kBlockN / 16; ++kk)
-#pragma unroll
-        for (int n0 = 0; n0 < kHeadDim; n0 += K::kPvN)
-          Wgmma<T, K::kPvN>::rs(acc_regs<K::kPvN>(o, n0), pa[kk],
-                                desc_v + (((n0 / 64) * (kBlockN * 128) + kk * 2048) >> 4), 1);
-      wgmma_commit();
+      issue_pv<T, kHeadDim, kBlockN>(o, pa, desc_v0 + ((buf * K::kKVBytes) >> 4));
       wgmma_wait<0>();
     }
   }
@@ -167,27 +177,31 @@ __global__ void __launch_bounds__(FwdSm90Kernel<T, kHeadDim>::kThreads, FwdSm90K
 #endif
 }
 
-// Whether the forward of p runs here: an sm_90a build, a compute capability 9.0 device, plain
-// attention, and not switched off with CUFLASH_SM90=0.
-inline bool fwd_sm90_enabled(const FlashFwdParams& p) {
+// Which Hopper forward runs p: none (the sm_80-class kernel) unless this is an sm_90a build on a
+// compute capability 9.0 device and the attention is plain; then this file's kernel, or with
+// CUFLASH_SM90=tma the experimental warp-specialized one (flash_fwd_sm90_tma.cuh) where TMA can
+// address the inputs. CUFLASH_SM90=0 switches both off. Read at every call.
+enum class Sm90Forward { kOff, kCpAsync, kTma };
+inline Sm90Forward sm90_forward(const FlashFwdParams& p) {
 #ifdef CUFLASH_SM90A_BUILT
-  if (needs_feature_path(p)) return false;
-  const char* env = std::getenv("CUFLASH_SM90");  // read at every call, as CUFLASH_BWD_DQ
-  if (env != nullptr && std::strcmp(env, "0") == 0) return false;
+  if (needs_feature_path(p)) return Sm90Forward::kOff;
+  const char* env = std::getenv("CUFLASH_SM90");
+  if (env != nullptr && std::strcmp(env, "0") == 0) return Sm90Forward::kOff;
   constexpr int kMaxDevices = 64;
   static std::atomic<int> is_sm90[kMaxDevices] = {};  // 0 unknown, 1 yes, 2 no
   int device = 0;
-  if (cudaGetDevice(&device) != cudaSuccess || device >= kMaxDevices) return false;
+  if (cudaGetDevice(&device) != cudaSuccess || device >= kMaxDevices) return Sm90Forward::kOff;
   if (is_sm90[device].load(std::memory_order_relaxed) == 0) {
     int major = 0, minor = 0;
     cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device);
     cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, device);
     is_sm90[device].store(major == 9 && minor == 0 ? 1 : 2, std::memory_order_relaxed);
   }
-  return is_sm90[device].load(std::memory_order_relaxed) == 1;
+  if (is_sm90[device].load(std::memory_order_relaxed) != 1) return Sm90Forward::kOff;
+  return env != nullptr && std::strcmp(env, "tma") == 0 ? Sm90Forward::kTma : Sm90Forward::kCpAsync;
 #else
   (void)p;
-  return false;
+  return Sm90Forward::kOff;
 #endif
 }
 

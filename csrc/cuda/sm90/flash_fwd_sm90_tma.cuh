@@ -1,0 +1,218 @@
+// Forward attention on Hopper, warp-specialized (FlashAttention-3's structure), EXPERIMENTAL:
+// CUFLASH_SM90=tma selects it; it has not run on a GPU yet (see benchmarks/NOTES.md).
+//
+// CTA = 3 warpgroups. The producer (warpgroup 0, 24 registers per thread after setmaxnreg) has
+// one thread that loads Q once and K and V tiles through a 2-stage ring by TMA (128B-swizzled
+// boxes, the panels wgmma reads), each stage with a "full" mbarrier (TMA bytes) and an "empty"
+// one (an arrival from each consumer warp once its wgmmas have read the stage). The two
+// consumer warpgroups (240 registers) own 64 query rows each: at step t they issue
+// S_t = Q K_t^T and O += P_{t-1} V_{t-1} together and run the softmax of S_t while the latter
+// runs on the tensor cores; and the two take turns issuing (ping-pong), so that one's softmax
+// overlaps the other's matmuls. No load addresses, cp.async or block-wide barriers in the
+// consumers: that is what the cp.async kernel (flash_fwd_sm90.cuh) was short of.
+// Dense inputs only (no cu_seqlens: a TMA box would read past a packed sequence's end).
+#pragma once
+#include <type_traits>
+#include "flash_fwd_sm90.cuh"
+#include "tma_maps.h"
+
+namespace cuflash::sm90 {
+
+template <typename T, int kHeadDim>
+struct FwdSm90TmaKernel {
+  static constexpr int kConsumers = 2, kThreads = 128 * (kConsumers + 1), kBlockM = 64 * kConsumers;
+  static constexpr int kBlockN = kHeadDim <= 128 ? 128 : 64;
+  static constexpr int kStages = 2;
+  static constexpr int kQBytes = kBlockM * kHeadDim * 2, kKVBytes = kBlockN * kHeadDim * 2;
+  // Barriers: Q full, then per stage K full, V full, K empty, V empty.
+  static constexpr int kBarriers = 1 + 4 * kStages;
+  // + 1024: the swizzle atoms must start on 1024-byte boundaries; the base is aligned by hand.
+  static constexpr int kSmemBytes = kQBytes + 2 * kStages * kKVBytes + kBarriers * 8 + 1024;
+  static constexpr int kProducerRegs = 24, kConsumerRegs = 240;
+};
+
+template <typename T, int kHeadDim>
+__global__ void __launch_bounds__(FwdSm90TmaKernel<T, kHeadDim>::kThreads, 1)
+    flash_fwd_sm90_tma_kernel(const FlashFwdParams p, const __grid_constant__ CUtensorMap map_q,
+                              const __grid_constant__ CUtensorMap map_k, const __grid_constant__ CUtensorMap map_v) {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  using K = FwdSm90TmaKernel<T, kHeadDim>;
+  constexpr int kBlockM = K::kBlockM, kBlockN = K::kBlockN, kStages = K::kStages;
+  constexpr int kPanels = kHeadDim / 64, kConsumerThreads = 128 * K::kConsumers;
+  extern __shared__ char smem_raw[];
+  unsigned char* smem = reinterpret_cast<unsigned char*>(
+      (reinterpret_cast<uintptr_t>(smem_raw) + 1023) & ~static_cast<uintptr_t>(1023));
+  unsigned char* sQ = smem;
+  auto sK = [&](int stage) { return smem + K::kQBytes + stage * K::kKVBytes; };
+  auto sV = [&](int stage) { return smem + K::kQBytes + (kStages + stage) * K::kKVBytes; };
+  uint64_t* q_full = reinterpret_cast<uint64_t*>(smem + K::kQBytes + 2 * kStages * K::kKVBytes);
+  uint64_t* k_full = q_full + 1;
+  uint64_t* v_full = k_full + kStages;
+  uint64_t* k_empty = v_full + kStages;
+  uint64_t* v_empty = k_empty + kStages;
+
+  const AttentionShape& sh = p.shape;
+  const int m_block = query_block_longest_first(), h = blockIdx.y, b = blockIdx.z;
+  const int h_kv = h / (sh.heads_q / sh.heads_kv);
+  const int tid = threadIdx.x, warpgroup = tid / 128, lane = tid % 32;
+  const int m_start = m_block * kBlockM;
+  const Sequence seq = sequence_of(p, b);
+  if (m_start >= seq.seqlen_q) return;
+  const Range n_blocks = key_blocks(p.mask, seq, m_start, min(m_start + kBlockM, seq.seqlen_q), kBlockN);
+  const int steps = n_blocks.end - n_blocks.begin;
+  auto block_of = [&](int step) { return n_blocks.end - 1 - step; };  // last block first
+  if (p.tile_counters && tid == 0) count_tiles(p.tile_counters, seq, n_blocks, kBlockM, kBlockN);
+
+  if (tid == 0) {
+    mbarrier_init(q_full, 1);
+    for (int s = 0; s < kStages; ++s) {
+      mbarrier_init(&k_full[s], 1);
+      mbarrier_init(&v_full[s], 1);
+      mbarrier_init(&k_empty[s], kConsumerThreads / 32);  // one arrival per consumer warp
+      mbarrier_init(&v_empty[s], kConsumerThreads / 32);
+    }
+    fence_barrier_init();
+  }
+  __syncthreads();
+
+  if (warpgroup == 0) {  // producer
+    setmaxnreg_dec<K::kProducerRegs>();
+    if (tid != 0 || steps == 0) return;
+    mbarrier_arrive_expect_tx(q_full, K::kQBytes);
+#pragma unroll
+    for (int panel = 0; panel < kPanels; ++panel)
+      tma_load_4d(sQ + panel * kBlockM * 128, &map_q, q_full, panel * 64, m_start, h, b);
+    auto load = [&](const CUtensorMap* map, unsigned char* tile, uint64_t* full, int step) {
+      mbarrier_arrive_expect_tx(full, K::kKVBytes);
+#pragma unroll
+      for (int panel = 0; panel < kPanels; ++panel)
+        tma_load_4d(tile + panel * kBlockN * 128, map, full, panel * 64, block_of(step) * kBlockN, h_kv, b);
+    };
+    for (int t = 0; t < steps; ++t) {
+      const int stage = t % kStages, use = t / kStages;
+      // The stage's previous tiles (step t - kStages) were released by every consumer warp.
+      if (t >= kStages) mbarrier_wait(&k_empty[stage], (use - 1) & 1);
+      load(&map_k, sK(stage), &k_full[stage], t);
+      if (t >= kStages) mbarrier_wait(&v_empty[stage], (use - 1) & 1);
+      load(&map_v, sV(stage), &v_full[stage], t);
+    }
+    return;
+  }
+
+  // Consumers: warpgroup c = 1, 2 owns rows 64 (c - 1) .. of the CTA's tile; this warp 16 of them.
+  setmaxnreg_inc<K::kConsumerRegs>();
+  const int consumer = warpgroup - 1;
+  const int warp_row = 16 * ((tid - 128) / 32), row0 = m_start + warp_row;
+  WarpAcc<kHeadDim> o;
+  o.zero();
+  OnlineSoftmax softmax;
+  const ScoreMod<T> mod(p, b, h);
+  if (steps > 0) {
+    const uint64_t desc_q = smem_desc_k_major_sw128(sQ, consumer * 64 * 128);
+    const uint64_t desc_k0 = smem_desc_k_major_sw128(sK(0));
+    const uint64_t desc_v0 = smem_desc_mn_major_sw128(sV(0), 0, kBlockN * 128);
+    auto desc_v = [&](int stage) { return desc_v0 + ((stage * K::kKVBytes) >> 4); };
+    auto wait_v = [&](int step) { mbarrier_wait(&v_full[step % kStages], (step / kStages) & 1); };
+    uint32_t pa[kBlockN / 16][4];  // P of the previous step, the A operand of its P V
+    // Ping-pong: the consumers take turns issuing their wgmmas (named barriers 2 and 3, each
+    // a consumer's turn), so that one's softmax runs while the other's matmuls hold the tensor
+    // cores. Consumer 0 goes first.
+    auto my_turn = [&] {
+      if (consumer == 0) named_barrier_sync<2, kConsumerThreads>();
+      else named_barrier_sync<3, kConsumerThreads>();
+    };
+    auto your_turn = [&] {
+      if (consumer == 0) named_barrier_arrive<3, kConsumerThreads>();
+      else named_barrier_arrive<2, kConsumerThreads>();
+    };
+    if (consumer == 1) named_barrier_arrive<2, kConsumerThreads>();
+    // P of S (the raw q.k of step t) as the next P V's A operand; alpha: the rescale of O.
+    auto softmax_step = [&](WarpAcc<kBlockN>& s, int t, float (&alpha)[2]) {
+      scores_from_qk<false>(s, mod, p.mask, seq, row0, block_of(t) * kBlockN, lane);
+      softmax.exp_and_rescale_factor(s, alpha);
+    };
+    auto to_pa = [&](const WarpAcc<kBlockN>& s) {
+#pragma unroll
+      for (int kk = 0; kk < kBlockN / 16; ++kk) s.template to_a<T>(pa[kk], kk);
+    };
+    auto desc_k = [&](int stage) { return desc_k0 + ((stage * K::kKVBytes) >> 4); };
+    mbarrier_wait(q_full, 0);
+    {  // step 0: S only
+      mbarrier_wait(&k_full[0], 0);
+      WarpAcc<kBlockN> s;
+      my_turn();
+      wgmma_fence();
+      issue_qk<T, kHeadDim, kBlockM * 128>(s, desc_q, desc_k(0));
+      your_turn();
+      wgmma_wait<0>();
+      if (lane == 0) mbarrier_arrive(&k_empty[0]);  // this warp's wgmmas have read K_0
+      float alpha[2];
+      softmax_step(s, 0, alpha);  // O is still 0: nothing to rescale
+      to_pa(s);
+    }
+    for (int t = 1; t < steps; ++t) {
+      const int stage = t % kStages;
+      mbarrier_wait(&k_full[stage], (t / kStages) & 1);
+      wait_v(t - 1);
+      WarpAcc<kBlockN> s;
+      my_turn();
+      wgmma_fence();
+      issue_qk<T, kHeadDim, kBlockM * 128>(s, desc_q, desc_k(stage));
+      issue_pv<T, kHeadDim, kBlockN>(o, pa, desc_v((t - 1) % kStages));
+      your_turn();
+      wgmma_wait<1>();  // S_t done; P_{t-1} V_{t-1} may still run
+      if (lane == 0) mbarrier_arrive(&k_empty[stage]);
+      float alpha[2];
+      softmax_step(s, t, alpha);
+      wgmma_wait<0>();  // O and pa are free again
+      if (lane == 0) mbarrier_arrive(&v_empty[(t - 1) % kStages]);
+      OnlineSoftmax::rescale_rows(o, alpha);
+      to_pa(s);
+    }
+    // Consumer 1's last turn signal is taken here, so no barrier is left half-arrived at exit.
+    if (consumer == 0) my_turn();
+    wait_v(steps - 1);
+    wgmma_fence();
+    issue_pv<T, kHeadDim, kBlockN>(o, pa, desc_v((steps - 1) % kStages));
+    wgmma_wait<0>();
+  }
+
+  // The output, staged through shared memory once both consumers' wgmmas are done reading it.
+  named_barrier_sync<1, kConsumerThreads>();
+  const SmemTile<T, kBlockM, kHeadDim> stage_tile{reinterpret_cast<T*>(smem)};
+  static_assert(SmemTile<T, kBlockM, kHeadDim>::kElems * sizeof(T) <= K::kQBytes + 2 * kStages * K::kKVBytes,
+                "staging fits");
+  T* out = row_at<T>(p.out, p.out_strides, seq, true, b, h, 0);
+  float* lse_out = static_cast<float*>(p.lse) + stats_offset(p.stats_strides, seq, b, h);
+  store_out_and_lse(o, softmax, stage_tile, warp_row, out, p.out_strides.row, lse_out, row0, seq.seqlen_q,
+                    sh.head_dim, lane);
+#endif
+}
+
+// Launches the TMA kernel for p if TMA can address its inputs (dense, 16-byte aligned, no zero
+// strides); false, with nothing launched, otherwise.
+template <typename T, int kHeadDim>
+bool launch_fwd_sm90_tma(const FlashFwdParams& p, cudaStream_t stream, cudaError_t* status) {
+  using K = FwdSm90TmaKernel<T, kHeadDim>;
+  const AttentionShape& sh = p.shape;
+  if (p.varlen.cu_seqlens_q != nullptr) return false;
+  constexpr bool kBf16 = std::is_same_v<T, __nv_bfloat16>;
+  CUtensorMap map_q, map_k, map_v;
+  if (!encode_attention_map(&map_q, p.q, kBf16, p.q_strides, sh.batch, sh.heads_q, sh.seqlen_q, sh.head_dim,
+                            K::kBlockM) ||
+      !encode_attention_map(&map_k, p.k, kBf16, p.k_strides, sh.batch, sh.heads_kv, sh.seqlen_k, sh.head_dim,
+                            K::kBlockN) ||
+      !encode_attention_map(&map_v, p.v, kBf16, p.v_strides, sh.batch, sh.heads_kv, sh.seqlen_k, sh.head_dim,
+                            K::kBlockN))
+    return false;
+  const dim3 grid((sh.seqlen_q + K::kBlockM - 1) / K::kBlockM, sh.heads_q, sh.batch);
+  auto kernel = flash_fwd_sm90_tma_kernel<T, kHeadDim>;
+  *status = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, K::kSmemBytes);
+  if (*status == cudaSuccess) {
+    kernel<<<grid, K::kThreads, K::kSmemBytes, stream>>>(p, map_q, map_k, map_v);
+    *status = cudaGetLastError();
+  }
+  return true;
+}
+
+}  // namespace cuflash::sm90

@@ -1,0 +1,53 @@
+// Host side of the TMA loads: tensor maps of the attention inputs, encoded with the driver's
+// cuTensorMapEncodeTiled, reached through the runtime (cudaGetDriverEntryPointByVersion) so that
+// nothing links libcuda. tests/sm90/wgmma_probe.cu checks that a 128B-swizzled box lands as
+// wgmma.cuh's panels.
+#pragma once
+#include <cuda.h>  // CUtensorMap and its enums (types only)
+#include <cudaTypedefs.h>
+#include <cuda_runtime.h>
+#include <cstdint>
+#include "../../flash_params.h"
+
+namespace cuflash::sm90 {
+
+inline PFN_cuTensorMapEncodeTiled_v12000 tensor_map_encoder() {
+  static const PFN_cuTensorMapEncodeTiled_v12000 encoder = [] {
+    void* fn = nullptr;
+    cudaDriverEntryPointQueryResult found;
+    if (cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &fn, 12000, cudaEnableDefault, &found) !=
+            cudaSuccess ||
+        found != cudaDriverEntryPointSuccess)
+      return static_cast<PFN_cuTensorMapEncodeTiled_v12000>(nullptr);
+    return reinterpret_cast<PFN_cuTensorMapEncodeTiled_v12000>(fn);
+  }();
+  return encoder;
+}
+
+// A [batch][heads][rows][head_dim] 16-bit tensor (strides in elements, the last dimension
+// contiguous) as a 4-d map (column, row, head, batch) whose box is one 128B-swizzled panel: 64
+// columns x box_rows rows of one head. Boxes past the rows or columns read zeros. False where TMA
+// cannot address the tensor (alignment, a zero stride): the caller loads another way.
+inline bool encode_attention_map(CUtensorMap* map, const void* base, bool bf16, const TensorStrides& strides,
+                                 int batch, int heads, int rows, int head_dim, int box_rows) {
+  const PFN_cuTensorMapEncodeTiled_v12000 encode = tensor_map_encoder();
+  if (encode == nullptr || reinterpret_cast<uintptr_t>(base) % 16 != 0 || head_dim % 8 != 0) return false;
+  const int64_t sizes[3] = {rows, heads, batch};
+  const int64_t element_strides[3] = {strides.row, strides.head, strides.batch};
+  cuuint64_t byte_strides[3];
+  for (int i = 0; i < 3; ++i) {
+    int64_t bytes = element_strides[i] * 2;
+    if (sizes[i] == 1 && bytes <= 0) bytes = 16;  // never stepped along: any valid stride
+    if (bytes <= 0 || bytes % 16 != 0 || bytes >= (int64_t{1} << 40)) return false;
+    byte_strides[i] = static_cast<cuuint64_t>(bytes);
+  }
+  const cuuint64_t dims[4] = {static_cast<cuuint64_t>(head_dim), static_cast<cuuint64_t>(rows),
+                              static_cast<cuuint64_t>(heads), static_cast<cuuint64_t>(batch)};
+  const cuuint32_t box[4] = {64, static_cast<cuuint32_t>(box_rows), 1, 1}, steps[4] = {1, 1, 1, 1};
+  return encode(map, bf16 ? CU_TENSOR_MAP_DATA_TYPE_BFLOAT16 : CU_TENSOR_MAP_DATA_TYPE_FLOAT16, 4,
+                const_cast<void*>(base), dims, byte_strides, box, steps, CU_TENSOR_MAP_INTERLEAVE_NONE,
+                CU_TENSOR_MAP_SWIZZLE_128B, CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
+                CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) == CUDA_SUCCESS;
+}
+
+}  // namespace cuflash::sm90
