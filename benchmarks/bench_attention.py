@@ -107,12 +107,36 @@ IMPL_FACTORIES = {
 }
 
 
+def split_variant(name):
+    """'cuflash_attn@CUFLASH_SM90=tma+...' -> ('cuflash_attn', {'CUFLASH_SM90': 'tma'}): our
+    kernels under run-time switches, timed in the same run as the plain name (A/B). The
+    switches are set for the whole measurement of that implementation, backward included."""
+    base, _, spec = name.partition("@")
+    env = dict(item.split("=", 1) for item in spec.split("+") if "=" in item) if spec else {}
+    return base, env
+
+
+@contextlib.contextmanager
+def environment_of(name):
+    _, env = split_variant(name)
+    saved = {key: os.environ.get(key) for key in env}
+    os.environ.update(env)
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
 def load_impls(names):
     """name -> make(causal), or name -> error string when the implementation cannot load."""
     impls = {}
     for name in names:
         try:
-            impls[name] = IMPL_FACTORIES[name]()
+            impls[name] = IMPL_FACTORIES[split_variant(name)[0]]()
         except Exception as e:  # e.g. the extension is not built
             impls[name] = f"import failed: {first_line(e)}"
             log(f"warning: {name}: {impls[name]}")
@@ -309,7 +333,8 @@ def run_one(name, make, shape, causal, dtype, layout, timer, skip_math_above):
     if name == "sdpa_math" and skip_math_above is not None and seqlen > skip_math_above:
         return {**row, "error": f"skipped: math stores the N x N matrix (seqlen > {skip_math_above})"}
     try:
-        row.update(measure_row(make, shape, causal, dtype, layout, timer))
+        with environment_of(name):
+            row.update(measure_row(make, shape, causal, dtype, layout, timer))
     except Exception as e:
         row["error"] = first_line(e)
     free_memory()
@@ -391,7 +416,8 @@ def run_memory(args, impls):
             row["error"] = f"skipped: math stores the N x N matrix (seqlen > {args.memory_math_max})"
         else:
             try:
-                row.update(measure_memory(make, seqlen, dtype))
+                with environment_of(name):
+                    row.update(measure_memory(make, seqlen, dtype))
             except torch.cuda.OutOfMemoryError:
                 row["error"] = "out of memory"
             except Exception as e:
@@ -590,7 +616,9 @@ def parse_args(argv=None):
     p.add_argument("--causal", choices=("both", "true", "false"), default="both")
     p.add_argument("--impls", type=parse_list, default=None,
                    help=f"comma subset of {','.join(ALL_IMPLS)} (default all; "
-                        f"with --memory: {','.join(MEMORY_IMPLS)})")
+                        f"with --memory: {','.join(MEMORY_IMPLS)}); {OURS}@VAR=value[+VAR=value] "
+                        f"adds our kernels under run-time switches (e.g. {OURS}@CUFLASH_SM90=tma), "
+                        f"compared with {OURS} in the same run")
     p.add_argument("--layouts", type=parse_list, default=["bhnd"],
                    help="comma list of bhnd,bnhd (bnhd: [B,N,H,D] storage passed as "
                         ".transpose(1,2) views to every impl); default bhnd")
@@ -619,7 +647,8 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
 
     args.impls = args.impls or list(MEMORY_IMPLS if args.memory else ALL_IMPLS)
-    unknown = set(args.impls) - set(ALL_IMPLS)
+    unknown = {name for name in args.impls if name not in ALL_IMPLS
+               and not (name.startswith(OURS + "@") and split_variant(name)[1])}
     bad_layouts = set(args.layouts) - set(LAYOUTS)
     if unknown:
         p.error(f"unknown impls {sorted(unknown)}; choose from {', '.join(ALL_IMPLS)}")
@@ -643,7 +672,8 @@ def main(argv=None):
         log("error: no CUDA device: this benchmark needs a GPU")
         return 1
     torch.manual_seed(0)
-    impls = load_impls([name for name in ALL_IMPLS if name in args.impls])
+    variants = [name for name in args.impls if name not in ALL_IMPLS]
+    impls = load_impls([name for name in ALL_IMPLS if name in args.impls] + variants)
     env = environment()
     log(env_line(env))
     path = output_path(args.out, env, args.tag)
