@@ -5,7 +5,8 @@ warp-specialized flash_fwd_sm90_tma.cuh (TMA producer, two consumer warpgroups).
 under both (the `mode` fixture). The same accuracy rule as every path, over the shapes that
 stress the tiles (one query, ragged blocks, rows that see no key), the masks, GQA, varlen and the
 [B, N, H, D] layout; the profiler shows which kernel ran, and CUFLASH_SM90=0 switches back to the
-sm_80-class kernel."""
+sm_80-class kernel. CUFLASH_SM90=features (experimental) adds softcap, ALiBi, attn_mask and
+dropout to the cp.async kernel."""
 import pytest
 import torch
 
@@ -47,6 +48,27 @@ def test_other_cases_keep_the_sm80_kernel():
     assert "flash_fwd_sm90" not in forward_kernels(32)  # bucket 32
     assert "flash_fwd_sm90" not in forward_kernels(96)  # bucket 96
     assert "flash_fwd_sm90" not in forward_kernels(64, softcap=30.0)  # feature path
+
+
+def with_features(mode, monkeypatch):
+    monkeypatch.setenv("CUFLASH_SM90", "tma,features" if mode == "tma" else "features")
+
+
+def test_feature_path_taken(mode, monkeypatch):
+    with_features(mode, monkeypatch)
+    names = forward_kernels(64, softcap=30.0)
+    assert "flash_fwd_sm90_kernel<" in names and "true>" in names and "tma" not in names, names
+
+
+@pytest.mark.parametrize("dtype", LOW, ids=IDS)
+@pytest.mark.parametrize("d", [64, 128, 256])
+def test_features(dtype, d, mode, monkeypatch):
+    """GQA, a window, softcap, ALiBi and dropout together; float and bool attn_masks."""
+    with_features(mode, monkeypatch)
+    check_dense("cuda", dtype, 2, 8, 2, 150, 300, d, causal=True, bottom_right=True, window=(60, -1),
+                softcap=20.0, alibi="batch", dropout_p=0.2)
+    check_dense("cuda", dtype, 2, 4, 2, 130, 77, d, attn_mask=("float", "B1LS"))
+    check_dense("cuda", dtype, 1, 2, 2, 200, 333, d, attn_mask=("bool", "B1LS"))
 
 
 def test_varlen_never_takes_tma():

@@ -48,13 +48,14 @@ cudaError_t run_flash_fwd(const FlashFwdParams& p, cudaStream_t stream) {
     if constexpr (sm90::kFwdHeadDim<kHeadDim>) {
       const sm90::Sm90Forward hopper = sm90::sm90_forward(p);
       cudaError_t status = cudaSuccess;
-      if (hopper == sm90::Sm90Forward::kTma && sm90::launch_fwd_sm90_tma<T, kHeadDim>(p, stream, &status))
-        return status;
-      if (hopper != sm90::Sm90Forward::kOff) {
-        using K = sm90::FwdSm90Kernel<T, kHeadDim>;
-        return launch(sm90::flash_fwd_sm90_kernel<T, kHeadDim>, dim3(ceil_div(sh.seqlen_q, K::kBlockM), sh.heads_q, sh.batch),
-                      K::kThreads, K::kSmemBytes, stream, p);
-      }
+      if (hopper.tma && sm90::launch_fwd_sm90_tma<T, kHeadDim>(p, stream, &status)) return status;
+      if (hopper.on)
+        return with_feature_path(p, [&](auto features) {
+          using K = sm90::FwdSm90Kernel<T, kHeadDim, features()>;
+          return launch(sm90::flash_fwd_sm90_kernel<T, kHeadDim, features()>,
+                        dim3(ceil_div(sh.seqlen_q, K::kBlockM), sh.heads_q, sh.batch), K::kThreads, K::kSmemBytes,
+                        stream, p);
+        });
     }
     using K = FwdKernel<T, kHeadDim>;
     const dim3 grid(ceil_div(sh.seqlen_q, K::kBlockM), sh.heads_q, sh.batch);

@@ -25,14 +25,15 @@ namespace cuflash::sm90 {
 template <int kHeadDim>
 constexpr bool kFwdHeadDim = kHeadDim == 64 || kHeadDim == 128 || kHeadDim == 256;
 
-template <typename T, int kHeadDim>
+template <typename T, int kHeadDim, bool kFeatures = false>
 struct FwdSm90Kernel {
   static constexpr int kWarpgroups = 2, kThreads = 128 * kWarpgroups, kBlockM = 64 * kWarpgroups;
   // Keys per step: S (kBlockN / 2 floats per thread) beside O (kHeadDim / 2). At 64, 64 keys
   // keep S, P and O within 128 registers, so that two CTAs (16 warps) share an SM: +21-27% on
-  // the H200. At 128 the same costs 16-21% (benchmarks/NOTES.md): one CTA, 128 keys.
+  // the H200 (the feature path's score code does not fit 128: one CTA). At 128 the same costs
+  // 16-21% (benchmarks/NOTES.md): one CTA, 128 keys.
   static constexpr int kBlockN = kHeadDim == 128 ? 128 : 64;
-  static constexpr int kMinBlocksPerSm = kHeadDim == 64 ? 2 : 1;
+  static constexpr int kMinBlocksPerSm = kHeadDim == 64 && !kFeatures ? 2 : 1;
   static constexpr int kQBytes = kBlockM * kHeadDim * 2, kKVBytes = kBlockN * kHeadDim * 2;
   // + 1024: the swizzle atoms must start on 1024-byte boundaries; the base is aligned by hand.
   static constexpr int kSmemBytes = kQBytes + 4 * kKVBytes + 1024;
@@ -89,11 +90,13 @@ __device__ __forceinline__ void issue_pv(WarpAcc<kHeadDim>& o, const uint32_t (&
   wgmma_commit();
 }
 
-template <typename T, int kHeadDim>
-__global__ void __launch_bounds__(FwdSm90Kernel<T, kHeadDim>::kThreads, FwdSm90Kernel<T, kHeadDim>::kMinBlocksPerSm)
+// kFeatures: softcap, ALiBi, attn_mask or dropout may be on, as in the sm_80 kernel.
+template <typename T, int kHeadDim, bool kFeatures>
+__global__ void __launch_bounds__(FwdSm90Kernel<T, kHeadDim, kFeatures>::kThreads,
+                                  FwdSm90Kernel<T, kHeadDim, kFeatures>::kMinBlocksPerSm)
     flash_fwd_sm90_kernel(const FlashFwdParams p) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
-  using K = FwdSm90Kernel<T, kHeadDim>;
+  using K = FwdSm90Kernel<T, kHeadDim, kFeatures>;
   constexpr int kBlockM = K::kBlockM, kBlockN = K::kBlockN, kThreads = K::kThreads;
   extern __shared__ char smem_raw[];
   unsigned char* smem = reinterpret_cast<unsigned char*>(
@@ -130,6 +133,8 @@ __global__ void __launch_bounds__(FwdSm90Kernel<T, kHeadDim>::kThreads, FwdSm90K
   o.zero();
   OnlineSoftmax softmax;
   const ScoreMod<T> mod(p, b, h);
+  const bool dropout = kFeatures && p.dropout.p > 0.0;
+  const DropoutRng rng = dropout ? make_dropout_rng(p.dropout) : DropoutRng{};
 
   if (n_blocks.end > n_blocks.begin) {
     load_panels_async<kBlockM, kHeadDim, kThreads>(sQ, q + m_start * p.q_strides.row, p.q_strides.row,
@@ -154,8 +159,16 @@ __global__ void __launch_bounds__(FwdSm90Kernel<T, kHeadDim>::kThreads, FwdSm90K
       issue_qk<T, kHeadDim, kBlockM * 128>(s, desc_q, desc_k0 + ((buf * K::kKVBytes) >> 4));
       wgmma_wait<0>();
 
-      scores_from_qk<false>(s, mod, p.mask, seq, row0, n_block * kBlockN, lane);
+      scores_from_qk<kFeatures>(s, mod, p.mask, seq, row0, n_block * kBlockN, lane);
       softmax.rescale_and_exp(s, o);
+      if (dropout) {  // the softmax sums every probability; only the kept ones reach P V
+        float z[kBlockN / 8][4];
+        dropout_factors<false, kBlockN>(z, rng, b, h, sh.heads_q, row0, n_block * kBlockN, lane);
+#pragma unroll
+        for (int j = 0; j < kBlockN / 8; ++j)
+#pragma unroll
+          for (int e = 0; e < 4; ++e) s.v[j][e] *= z[j][e];
+      }
 
       uint32_t pa[kBlockN / 16][4];
 #pragma unroll
@@ -177,32 +190,45 @@ __global__ void __launch_bounds__(FwdSm90Kernel<T, kHeadDim>::kThreads, FwdSm90K
 #endif
 }
 
-// Which Hopper forward runs p: none (the sm_80-class kernel) unless this is an sm_90a build on a
-// compute capability 9.0 device and the attention is plain; then this file's kernel, or with
-// CUFLASH_SM90=tma the experimental warp-specialized one (flash_fwd_sm90_tma.cuh) where TMA can
-// address the inputs. CUFLASH_SM90=0 switches both off. Read at every call.
-enum class Sm90Forward { kOff, kCpAsync, kTma };
+// Which Hopper forward runs p. None (the sm_80-class kernel) unless this is an sm_90a build on a
+// compute capability 9.0 device; then this file's kernel for plain attention. CUFLASH_SM90 (read
+// at every call): "0" switches the Hopper forward off; a comma list turns on experimental parts
+// not yet validated on a GPU: "tma" the warp-specialized kernel (flash_fwd_sm90_tma.cuh, plain
+// attention that TMA can address), "features" this kernel's feature path (softcap, ALiBi,
+// attn_mask, dropout; otherwise those run the sm_80-class kernel).
+struct Sm90Forward {
+  bool on = false, tma = false;
+};
+inline bool env_list_has(const char* list, const char* item) {
+  const size_t n = std::strlen(item);
+  for (const char* at = list; (at = std::strstr(at, item)) != nullptr; at += n)
+    if ((at == list || at[-1] == ',') && (at[n] == '\0' || at[n] == ',')) return true;
+  return false;
+}
 inline Sm90Forward sm90_forward(const FlashFwdParams& p) {
+  Sm90Forward choice;
 #ifdef CUFLASH_SM90A_BUILT
-  if (needs_feature_path(p)) return Sm90Forward::kOff;
   const char* env = std::getenv("CUFLASH_SM90");
-  if (env != nullptr && std::strcmp(env, "0") == 0) return Sm90Forward::kOff;
+  if (env == nullptr) env = "";
+  if (std::strcmp(env, "0") == 0) return choice;
+  const bool features = needs_feature_path(p);
+  if (features && !env_list_has(env, "features")) return choice;
   constexpr int kMaxDevices = 64;
   static std::atomic<int> is_sm90[kMaxDevices] = {};  // 0 unknown, 1 yes, 2 no
   int device = 0;
-  if (cudaGetDevice(&device) != cudaSuccess || device >= kMaxDevices) return Sm90Forward::kOff;
+  if (cudaGetDevice(&device) != cudaSuccess || device >= kMaxDevices) return choice;
   if (is_sm90[device].load(std::memory_order_relaxed) == 0) {
     int major = 0, minor = 0;
     cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device);
     cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, device);
     is_sm90[device].store(major == 9 && minor == 0 ? 1 : 2, std::memory_order_relaxed);
   }
-  if (is_sm90[device].load(std::memory_order_relaxed) != 1) return Sm90Forward::kOff;
-  return env != nullptr && std::strcmp(env, "tma") == 0 ? Sm90Forward::kTma : Sm90Forward::kCpAsync;
+  choice.on = is_sm90[device].load(std::memory_order_relaxed) == 1;
+  choice.tma = choice.on && !features && env_list_has(env, "tma");
 #else
   (void)p;
-  return Sm90Forward::kOff;
 #endif
+  return choice;
 }
 
 }  // namespace cuflash::sm90
