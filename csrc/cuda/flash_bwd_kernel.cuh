@@ -27,6 +27,31 @@ __device__ __forceinline__ float lse_to_log2(float lse) {
   return lse == -INFINITY ? INFINITY : lse * kLog2e;
 }
 
+// lse (scaled log2) and delta of this lane's two rows (row0 + lane / 4, + 8) of a warp tile;
+// rows past the sequence get lse +inf (P = 0) and delta 0.
+__device__ __forceinline__ void lane_row_stats(const FlashBwdParams& p, const Sequence& seq, int b, int h, int row0,
+                                               int lane, float (&lse2)[2], float (&delta)[2]) {
+  const int64_t stats = stats_offset(p.stats_strides, seq, b, h);
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    const int row = row0 + (lane >> 2) + 8 * r;
+    const bool valid = row < seq.seqlen_q;
+    lse2[r] = valid ? lse_to_log2(static_cast<const float*>(p.lse)[stats + row]) : INFINITY;
+    delta[r] = valid ? static_cast<const float*>(p.delta)[stats + row] : 0.f;
+  }
+}
+// The same for rows m0 .. m0 + kRows of head h into shared memory, by all kThreads threads.
+template <int kRows, int kThreads>
+__device__ __forceinline__ void block_row_stats(const FlashBwdParams& p, const Sequence& seq, int b, int h, int m0,
+                                                int tid, float* lse2, float* delta) {
+  const int64_t stats = stats_offset(p.stats_strides, seq, b, h) + m0;
+  for (int i = tid; i < kRows; i += kThreads) {
+    const bool valid = m0 + i < seq.seqlen_q;
+    lse2[i] = valid ? lse_to_log2(static_cast<const float*>(p.lse)[stats + i]) : INFINITY;
+    delta[i] = valid ? static_cast<const float*>(p.delta)[stats + i] : 0.f;
+  }
+}
+
 // One warp per query row: delta = sum_d dO * O (minus dlse, the gradient of the returned lse,
 // which enters dS = P * (dP - delta) the same way).
 template <typename T, typename Acc>
@@ -101,16 +126,8 @@ __global__ void __launch_bounds__(BwdDqKernel<T, kHeadDim>::kThreads)
   const T* dout = row_at<const T>(p.dout, p.dout_strides, seq, true, b, h, 0);
   const T* k = row_at<const T>(p.k, p.k_strides, seq, false, b, h_kv, 0);
   const T* v = row_at<const T>(p.v, p.v_strides, seq, false, b, h_kv, 0);
-  const int64_t stats = stats_offset(p.stats_strides, seq, b, h);
-
   float lse2[2], delta[2];
-#pragma unroll
-  for (int r = 0; r < 2; ++r) {
-    const int row = row0 + (lane >> 2) + 8 * r;
-    const bool valid = row < seq.seqlen_q;
-    lse2[r] = valid ? lse_to_log2(static_cast<const float*>(p.lse)[stats + row]) : INFINITY;
-    delta[r] = valid ? static_cast<const float*>(p.delta)[stats + row] : 0.f;
-  }
+  lane_row_stats(p, seq, b, h, row0, lane, lse2, delta);
 
   auto load_kv = [&](int n_block, int buf) {
     const int n0 = n_block * kBlockN, rows = seq.seqlen_k - n0;
@@ -217,12 +234,7 @@ __global__ void __launch_bounds__(BwdDkvKernel<T, kHeadDim>::kThreads)
     const T* dout = row_at<const T>(p.dout, p.dout_strides, seq, true, b, h, m0);
     sQ(buf).template load_async<kThreads>(q, p.q_strides.row, rows, sh.head_dim, tid);
     sdO(buf).template load_async<kThreads>(dout, p.dout_strides.row, rows, sh.head_dim, tid);
-    const int64_t stats = stats_offset(p.stats_strides, seq, b, h) + m0;
-    for (int i = tid; i < kBlockM; i += kThreads) {
-      const bool valid = m0 + i < seq.seqlen_q;
-      sLse2[buf * kBlockM + i] = valid ? lse_to_log2(static_cast<const float*>(p.lse)[stats + i]) : INFINITY;
-      sDelta[buf * kBlockM + i] = valid ? static_cast<const float*>(p.delta)[stats + i] : 0.f;
-    }
+    block_row_stats<kBlockM, kThreads>(p, seq, b, h, m0, tid, sLse2 + buf * kBlockM, sDelta + buf * kBlockM);
   };
 
   // dQ += dS K for this step's queries (head h, rows m0..) over the CTA's keys. Each warp holds

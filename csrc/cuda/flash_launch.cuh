@@ -8,6 +8,7 @@
 #include "flash_fwd_kernel.cuh"
 #include "flash_launch.h"
 #include "flash_simt_kernel.cuh"
+#include "sm90/flash_bwd_sm90.cuh"
 #include "sm90/flash_fwd_sm90.cuh"
 #include "sm90/flash_fwd_sm90_tma.cuh"
 
@@ -46,10 +47,10 @@ cudaError_t run_flash_fwd(const FlashFwdParams& p, cudaStream_t stream) {
     return launch(flash_fwd_simt_kernel<T, kHeadDim / 32>, grid, 32 * simt::kWarps, 0, stream, p);
   } else {
     if constexpr (sm90::kFwdHeadDim<kHeadDim>) {
-      const sm90::Sm90Forward hopper = sm90::sm90_forward(p);
+      const sm90::Sm90Paths hopper = sm90::sm90_paths(p);
       cudaError_t status = cudaSuccess;
       if (hopper.tma && sm90::launch_fwd_sm90_tma<T, kHeadDim>(p, stream, &status)) return status;
-      if (hopper.on)
+      if (hopper.fwd)
         return with_feature_path(p, [&](auto features) {
           using K = sm90::FwdSm90Kernel<T, kHeadDim, features()>;
           return launch(sm90::flash_fwd_sm90_kernel<T, kHeadDim, features()>,
@@ -81,6 +82,9 @@ cudaError_t run_flash_bwd(const FlashBwdParams& p, cudaStream_t stream) {
                   dim3(ceil_div(sh.seqlen_k, simt::kWarps), sh.heads_kv, sh.batch), kThreads, 0, stream, p);
   } else {
     const bool accum_dq = p.dq_accum != nullptr;
+    if constexpr (sm90::kBwdHeadDim<kHeadDim>) {
+      if (!accum_dq && sm90::sm90_paths(p).bwd) return sm90::run_bwd_sm90<T, kHeadDim>(p, stream);
+    }
     err = with_feature_path(p, [&](auto features) {
       constexpr bool kFeatures = features();
       cudaError_t e = cudaSuccess;

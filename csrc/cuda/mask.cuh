@@ -173,6 +173,22 @@ __device__ __forceinline__ void ds_from_dp(WarpAcc<kN>& dp, const WarpAcc<kN>& p
     for (int e = 0; e < 4; ++e) dp.v[j][e] = probs.v[j][e] * (dp.v[j][e] - delta(j, e));
 }
 
+// probs_from_qk's values in another order: every element first, then the mask zeroes the hidden
+// ones. Branch-free over s, which lets ptxas keep wgmma accumulators where the wgmma wrote them
+// (the two-branch form makes it serialize the Hopper kernels' wgmmas, C7511).
+template <bool kTransposed, int kN, class Lse2>
+__device__ __forceinline__ void probs_then_mask(WarpAcc<kN>& s, float scale_log2, const MaskParams& m,
+                                                const Sequence& seq, int row0, int col0, int lane, Lse2&& lse2) {
+#pragma unroll
+  for (int j = 0; j < kN / 8; ++j)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) s.v[j][e] = fast_exp2(__fmul_rn(s.v[j][e], scale_log2) - lse2(j, e));
+  if (tile_needs_mask<kTransposed, kN>(m, seq, row0, col0))
+    for_each_element<kTransposed>(s, row0, col0, lane, [&](float& x, int i, int k, int, int) {
+      if (!is_visible(m, seq, i, k)) x = 0.f;
+    });
+}
+
 // With softcap, ALiBi, attn_mask or dropout, one pass over raw q.k (s) and dP (dp):
 //   s  <- P * z                          (the operand of dV)
 //   dp <- P * (dP * z - delta) * dcap    (dS, the operand of dQ and dK)

@@ -190,14 +190,15 @@ __global__ void __launch_bounds__(FwdSm90Kernel<T, kHeadDim, kFeatures>::kThread
 #endif
 }
 
-// Which Hopper forward runs p. None (the sm_80-class kernel) unless this is an sm_90a build on a
-// compute capability 9.0 device; then this file's kernel for plain attention. CUFLASH_SM90 (read
-// at every call): "0" switches the Hopper forward off; a comma list turns on experimental parts
-// not yet validated on a GPU: "tma" the warp-specialized kernel (flash_fwd_sm90_tma.cuh, plain
-// attention that TMA can address), "features" this kernel's feature path (softcap, ALiBi,
-// attn_mask, dropout; otherwise those run the sm_80-class kernel).
-struct Sm90Forward {
-  bool on = false, tma = false;
+// Which Hopper kernels run p. None (the sm_80-class kernels) unless this is an sm_90a build on a
+// compute capability 9.0 device; then this file's forward for plain attention. CUFLASH_SM90 (read
+// at every call): "0" switches the Hopper kernels off; a comma list turns on experimental parts
+// not yet validated on a GPU: "tma" the warp-specialized forward (flash_fwd_sm90_tma.cuh, plain
+// attention that TMA can address), "features" this file's forward with softcap, ALiBi, attn_mask
+// and dropout (otherwise those run the sm_80-class kernel), "bwd" the Hopper backward
+// (flash_bwd_sm90.cuh, plain attention).
+struct Sm90Paths {
+  bool fwd = false, tma = false, bwd = false;
 };
 inline bool env_list_has(const char* list, const char* item) {
   const size_t n = std::strlen(item);
@@ -205,8 +206,8 @@ inline bool env_list_has(const char* list, const char* item) {
     if ((at == list || at[-1] == ',') && (at[n] == '\0' || at[n] == ',')) return true;
   return false;
 }
-inline Sm90Forward sm90_forward(const FlashFwdParams& p) {
-  Sm90Forward choice;
+inline Sm90Paths sm90_paths(const AttentionParams& p) {
+  Sm90Paths choice;
 #ifdef CUFLASH_SM90A_BUILT
   const char* env = std::getenv("CUFLASH_SM90");
   if (env == nullptr) env = "";
@@ -223,8 +224,9 @@ inline Sm90Forward sm90_forward(const FlashFwdParams& p) {
     cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, device);
     is_sm90[device].store(major == 9 && minor == 0 ? 1 : 2, std::memory_order_relaxed);
   }
-  choice.on = is_sm90[device].load(std::memory_order_relaxed) == 1;
-  choice.tma = choice.on && !features && env_list_has(env, "tma");
+  choice.fwd = is_sm90[device].load(std::memory_order_relaxed) == 1;
+  choice.tma = choice.fwd && !features && env_list_has(env, "tma");
+  choice.bwd = choice.fwd && !features && env_list_has(env, "bwd");
 #else
   (void)p;
 #endif

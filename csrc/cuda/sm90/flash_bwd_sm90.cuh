@@ -1,0 +1,245 @@
+// Backward attention on Hopper warpgroup MMAs, EXPERIMENTAL: CUFLASH_SM90=bwd selects it for
+// plain 16-bit attention at head-dim buckets 64 and 128; it has not run on a GPU yet.
+//
+// The two deterministic kernels of flash_bwd_kernel.cuh, with every matmul a wgmma: the
+// products with both operands in shared memory (S = Q K^T, dP = dO V^T and their transposes)
+// are issue_qk's pattern, the ones with an accumulator turned into the A operand (dQ += dS K,
+// dV += P^T dO, dK += dS^T Q) issue_pv's, B transposed by the wgmma (MN-major). A warpgroup owns
+// 64 rows (queries in the dQ kernel, keys in the dK/dV kernel); each warp's share of an
+// accumulator is a WarpAcc, so the masks (probs_then_mask), ds_from_dp and the stores are the sm_80
+// kernels'. Tiles are loaded by cp.async into the swizzled panels, double-buffered.
+#pragma once
+#include "../flash_bwd_kernel.cuh"
+#include "flash_fwd_sm90.cuh"
+
+namespace cuflash::sm90 {
+
+template <int kHeadDim>
+constexpr bool kBwdHeadDim = kHeadDim == 64 || kHeadDim == 128;
+
+template <typename T, int kHeadDim>
+struct BwdSm90Kernel {
+  static constexpr int kWarpgroups = 2, kThreads = 128 * kWarpgroups;
+  static constexpr int kResident = 64 * kWarpgroups;  // rows a CTA keeps: queries (dQ), keys (dK/dV)
+  static constexpr int kStreamed = 64;                // rows per step of the other side
+  static constexpr int kResidentBytes = kResident * kHeadDim * 2, kStreamedBytes = kStreamed * kHeadDim * 2;
+  // Two resident tiles (Q and dO, or K and V), two double-buffered streamed ones, and for the
+  // dK/dV kernel the streamed queries' lse and delta ([2][kStreamed] each); + 1024 for alignment.
+  static constexpr int kSmemBytes = 2 * kResidentBytes + 4 * kStreamedBytes + 4 * kStreamed * 4 + 1024;
+};
+
+__device__ __forceinline__ unsigned char* align_1024(char* p) {
+  return reinterpret_cast<unsigned char*>((reinterpret_cast<uintptr_t>(p) + 1023) & ~static_cast<uintptr_t>(1023));
+}
+
+// dQ: queries resident (64 per warpgroup), keys streamed: S = Q K^T, dP = dO V^T,
+// dS = P (dP - delta), dQ += dS K.
+template <typename T, int kHeadDim>
+__global__ void __launch_bounds__(BwdSm90Kernel<T, kHeadDim>::kThreads, 1)
+    flash_bwd_dq_sm90_kernel(const FlashBwdParams p) {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  using K = BwdSm90Kernel<T, kHeadDim>;
+  constexpr int kBlockM = K::kResident, kBlockN = K::kStreamed, kThreads = K::kThreads;
+  extern __shared__ char smem_raw[];
+  unsigned char* smem = align_1024(smem_raw);
+  unsigned char* sQ = smem;
+  unsigned char* sdO = smem + K::kResidentBytes;
+  auto sK = [&](int buf) { return smem + 2 * K::kResidentBytes + buf * K::kStreamedBytes; };
+  auto sV = [&](int buf) { return smem + 2 * K::kResidentBytes + (2 + buf) * K::kStreamedBytes; };
+
+  const AttentionShape& sh = p.shape;
+  const int m_block = query_block_longest_first(), h = blockIdx.y, b = blockIdx.z;
+  const int h_kv = h / (sh.heads_q / sh.heads_kv);
+  const int tid = threadIdx.x, warpgroup = tid / 128, lane = tid % 32;
+  const int m_start = m_block * kBlockM, warp_row = 16 * (tid / 32), row0 = m_start + warp_row;
+  const Sequence seq = sequence_of(p, b);
+  if (m_start >= seq.seqlen_q) return;
+
+  const T* q = row_at<const T>(p.q, p.q_strides, seq, true, b, h, 0);
+  const T* dout = row_at<const T>(p.dout, p.dout_strides, seq, true, b, h, 0);
+  const T* k = row_at<const T>(p.k, p.k_strides, seq, false, b, h_kv, 0);
+  const T* v = row_at<const T>(p.v, p.v_strides, seq, false, b, h_kv, 0);
+  float lse2[2], delta[2];
+  lane_row_stats(p, seq, b, h, row0, lane, lse2, delta);
+  auto load_kv = [&](int n_block, int buf) {
+    const int n0 = n_block * kBlockN, rows = seq.seqlen_k - n0;
+    load_panels_async<kBlockN, kHeadDim, kThreads>(sK(buf), k + n0 * p.k_strides.row, p.k_strides.row, rows,
+                                                   sh.head_dim, tid);
+    load_panels_async<kBlockN, kHeadDim, kThreads>(sV(buf), v + n0 * p.v_strides.row, p.v_strides.row, rows,
+                                                   sh.head_dim, tid);
+  };
+
+  const float scale_log2 = static_cast<float>(p.scale) * kLog2e;
+  const Range n_blocks = key_blocks(p.mask, seq, m_start, min(m_start + kBlockM, seq.seqlen_q), kBlockN);
+  WarpAcc<kHeadDim> dq;
+  dq.zero();
+  if (n_blocks.end > n_blocks.begin) {
+    const int rows = seq.seqlen_q - m_start;
+    load_panels_async<kBlockM, kHeadDim, kThreads>(sQ, q + m_start * p.q_strides.row, p.q_strides.row, rows,
+                                                   sh.head_dim, tid);
+    load_panels_async<kBlockM, kHeadDim, kThreads>(sdO, dout + m_start * p.dout_strides.row, p.dout_strides.row,
+                                                   rows, sh.head_dim, tid);
+    load_kv(n_blocks.begin, 0);
+    cp_async_commit();
+    const uint32_t my_rows = warpgroup * 64 * 128;
+    const uint64_t desc_q = smem_desc_k_major_sw128(sQ, my_rows), desc_do = smem_desc_k_major_sw128(sdO, my_rows);
+    auto step_bytes = [&](int buf) { return static_cast<uint64_t>((buf * K::kStreamedBytes) >> 4); };
+    const uint64_t desc_k0 = smem_desc_k_major_sw128(sK(0)), desc_v0 = smem_desc_k_major_sw128(sV(0));
+    const uint64_t desc_k0_mn = smem_desc_mn_major_sw128(sK(0), 0, kBlockN * 128);
+    for (int n_block = n_blocks.begin, buf = 0; n_block < n_blocks.end; ++n_block, buf ^= 1) {
+      cp_async_wait_all();
+      fence_async_shared();
+      __syncthreads();
+      if (n_block + 1 < n_blocks.end) load_kv(n_block + 1, buf ^ 1);
+      cp_async_commit();
+
+      WarpAcc<kBlockN> s, dp;
+      wgmma_fence();
+      issue_qk<T, kHeadDim, kBlockM * 128>(s, desc_q, desc_k0 + step_bytes(buf));
+      issue_qk<T, kHeadDim, kBlockM * 128>(dp, desc_do, desc_v0 + step_bytes(buf));
+      wgmma_wait<0>();
+      auto row_lse2 = [&](int, int e) { return lse2[e >> 1]; };
+      auto row_delta = [&](int, int e) { return delta[e >> 1]; };
+      probs_then_mask<false>(s, scale_log2, p.mask, seq, row0, n_block * kBlockN, lane, row_lse2);
+      ds_from_dp(dp, s, row_delta);
+      uint32_t ds[kBlockN / 16][4];
+#pragma unroll
+      for (int kk = 0; kk < kBlockN / 16; ++kk) dp.template to_a<T>(ds[kk], kk);
+      wgmma_fence();
+      issue_pv<T, kHeadDim, kBlockN>(dq, ds, desc_k0_mn + step_bytes(buf));
+      wgmma_wait<0>();
+    }
+  }
+  __syncthreads();  // every warpgroup's wgmmas are done with the tiles the staging overwrites
+  const SmemTile<T, kBlockM, kHeadDim> stage{reinterpret_cast<T*>(smem)};
+  const float row_scale[2] = {static_cast<float>(p.scale), static_cast<float>(p.scale)};
+  T* dq_out = row_at<T>(p.dq, p.dq_strides, seq, true, b, h, 0);
+  warp_store_rows<T, kHeadDim>(dq, row_scale, stage, warp_row, dq_out + row0 * p.dq_strides.row, p.dq_strides.row,
+                               seq.seqlen_q - row0, sh.head_dim, lane);
+#endif
+}
+
+// dK and dV: keys resident (64 per warpgroup), the queries of every query head of the key's
+// group streamed (GQA sums here, no atomics): S^T = K Q^T, dP^T = V dO^T, dV += P^T dO,
+// dS^T = P^T (dP^T - delta), dK += dS^T Q.
+template <typename T, int kHeadDim>
+__global__ void __launch_bounds__(BwdSm90Kernel<T, kHeadDim>::kThreads, 1)
+    flash_bwd_dkdv_sm90_kernel(const FlashBwdParams p) {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  using K = BwdSm90Kernel<T, kHeadDim>;
+  constexpr int kBlockN = K::kResident, kBlockM = K::kStreamed, kThreads = K::kThreads;
+  extern __shared__ char smem_raw[];
+  unsigned char* smem = align_1024(smem_raw);
+  unsigned char* sK = smem;
+  unsigned char* sV = smem + K::kResidentBytes;
+  auto sQ = [&](int buf) { return smem + 2 * K::kResidentBytes + buf * K::kStreamedBytes; };
+  auto sdO = [&](int buf) { return smem + 2 * K::kResidentBytes + (2 + buf) * K::kStreamedBytes; };
+  float* sLse2 = reinterpret_cast<float*>(smem + 2 * K::kResidentBytes + 4 * K::kStreamedBytes);  // [2][kBlockM]
+  float* sDelta = sLse2 + 2 * kBlockM;                                                            // [2][kBlockM]
+
+  const AttentionShape& sh = p.shape;
+  const int n_block = blockIdx.x, h_kv = blockIdx.y, b = blockIdx.z;
+  const int group = sh.heads_q / sh.heads_kv;
+  const int tid = threadIdx.x, warpgroup = tid / 128, lane = tid % 32;
+  const int n_start = n_block * kBlockN, warp_row = 16 * (tid / 32), key0 = n_start + warp_row;
+  const Sequence seq = sequence_of(p, b);
+  if (n_start >= seq.seqlen_k) return;
+
+  const T* k = row_at<const T>(p.k, p.k_strides, seq, false, b, h_kv, 0);
+  const T* v = row_at<const T>(p.v, p.v_strides, seq, false, b, h_kv, 0);
+  // Step t: query head h_kv * group + t / per_head, block m.begin + t % per_head.
+  const Range m = query_blocks(p.mask, seq, n_start, min(n_start + kBlockN, seq.seqlen_k), kBlockM);
+  const int per_head = m.end - m.begin, steps = per_head * group;
+  auto head_of = [&](int step) { return h_kv * group + step / per_head; };
+  auto block_of = [&](int step) { return m.begin + step % per_head; };
+  auto load_queries = [&](int step, int buf) {
+    const int h = head_of(step), m0 = block_of(step) * kBlockM, rows = seq.seqlen_q - m0;
+    const T* q = row_at<const T>(p.q, p.q_strides, seq, true, b, h, m0);
+    const T* dout = row_at<const T>(p.dout, p.dout_strides, seq, true, b, h, m0);
+    load_panels_async<kBlockM, kHeadDim, kThreads>(sQ(buf), q, p.q_strides.row, rows, sh.head_dim, tid);
+    load_panels_async<kBlockM, kHeadDim, kThreads>(sdO(buf), dout, p.dout_strides.row, rows, sh.head_dim, tid);
+    block_row_stats<kBlockM, kThreads>(p, seq, b, h, m0, tid, sLse2 + buf * kBlockM, sDelta + buf * kBlockM);
+  };
+
+  const float scale_log2 = static_cast<float>(p.scale) * kLog2e;
+  WarpAcc<kHeadDim> dk, dv;
+  dk.zero();
+  dv.zero();
+  if (steps > 0) {
+    const int rows = seq.seqlen_k - n_start;
+    load_panels_async<kBlockN, kHeadDim, kThreads>(sK, k + n_start * p.k_strides.row, p.k_strides.row, rows,
+                                                   sh.head_dim, tid);
+    load_panels_async<kBlockN, kHeadDim, kThreads>(sV, v + n_start * p.v_strides.row, p.v_strides.row, rows,
+                                                   sh.head_dim, tid);
+    load_queries(0, 0);
+    cp_async_commit();
+    const uint32_t my_rows = warpgroup * 64 * 128;
+    const uint64_t desc_k = smem_desc_k_major_sw128(sK, my_rows), desc_v = smem_desc_k_major_sw128(sV, my_rows);
+    auto step_bytes = [&](int buf) { return static_cast<uint64_t>((buf * K::kStreamedBytes) >> 4); };
+    const uint64_t desc_q0 = smem_desc_k_major_sw128(sQ(0)), desc_do0 = smem_desc_k_major_sw128(sdO(0));
+    const uint64_t desc_q0_mn = smem_desc_mn_major_sw128(sQ(0), 0, kBlockM * 128);
+    const uint64_t desc_do0_mn = smem_desc_mn_major_sw128(sdO(0), 0, kBlockM * 128);
+    for (int step = 0, buf = 0; step < steps; ++step, buf ^= 1) {
+      cp_async_wait_all();
+      fence_async_shared();
+      __syncthreads();  // this step's tiles landed (and its lse, delta); the other buffer is free
+      if (step + 1 < steps) load_queries(step + 1, buf ^ 1);
+      cp_async_commit();
+
+      const int m0 = block_of(step) * kBlockM;
+      const float* lse2 = sLse2 + buf * kBlockM;
+      const float* delta = sDelta + buf * kBlockM;
+      WarpAcc<kBlockM> s, dp;  // S^T and dP^T: this warp's 16 keys x kBlockM queries
+      wgmma_fence();
+      issue_qk<T, kHeadDim, kBlockN * 128>(s, desc_k, desc_q0 + step_bytes(buf));
+      issue_qk<T, kHeadDim, kBlockN * 128>(dp, desc_v, desc_do0 + step_bytes(buf));
+      wgmma_wait<0>();
+      auto col_lse2 = [&](int j, int e) { return lse2[WarpAcc<kBlockM>::col_of(j, e, lane)]; };
+      auto col_delta = [&](int j, int e) { return delta[WarpAcc<kBlockM>::col_of(j, e, lane)]; };
+      probs_then_mask<true>(s, scale_log2, p.mask, seq, key0, m0, lane, col_lse2);
+      uint32_t pt[kBlockM / 16][4], dst[kBlockM / 16][4];
+#pragma unroll
+      for (int kk = 0; kk < kBlockM / 16; ++kk) s.template to_a<T>(pt[kk], kk);
+      wgmma_fence();
+      issue_pv<T, kHeadDim, kBlockM>(dv, pt, desc_do0_mn + step_bytes(buf));  // runs while dS is formed
+      ds_from_dp(dp, s, col_delta);
+#pragma unroll
+      for (int kk = 0; kk < kBlockM / 16; ++kk) dp.template to_a<T>(dst[kk], kk);
+      wgmma_fence();
+      issue_pv<T, kHeadDim, kBlockM>(dk, dst, desc_q0_mn + step_bytes(buf));
+      wgmma_wait<0>();
+    }
+  }
+  __syncthreads();  // every warpgroup's wgmmas are done with the tiles the staging overwrites
+  const SmemTile<T, kBlockN, kHeadDim> stage{reinterpret_cast<T*>(smem)};
+  const int rows_valid = seq.seqlen_k - key0;
+  const float dk_scale[2] = {static_cast<float>(p.scale), static_cast<float>(p.scale)}, dv_scale[2] = {1.f, 1.f};
+  T* dk_out = row_at<T>(p.dk, p.dk_strides, seq, false, b, h_kv, key0);
+  T* dv_out = row_at<T>(p.dv, p.dv_strides, seq, false, b, h_kv, key0);
+  // Each warp stages through its own rows only, dK then dV (warp_store_rows syncs the warp).
+  warp_store_rows<T, kHeadDim>(dk, dk_scale, stage, warp_row, dk_out, p.dk_strides.row, rows_valid, sh.head_dim,
+                               lane);
+  warp_store_rows<T, kHeadDim>(dv, dv_scale, stage, warp_row, dv_out, p.dv_strides.row, rows_valid, sh.head_dim,
+                               lane);
+#endif
+}
+
+// Launches the two Hopper backward kernels (after the delta kernel).
+template <typename T, int kHeadDim>
+cudaError_t run_bwd_sm90(const FlashBwdParams& p, cudaStream_t stream) {
+  using K = BwdSm90Kernel<T, kHeadDim>;
+  const AttentionShape& sh = p.shape;
+  auto launch_kernel = [&](auto kernel, dim3 grid) {
+    cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, K::kSmemBytes);
+    if (err != cudaSuccess || grid.x == 0) return err;
+    kernel<<<grid, K::kThreads, K::kSmemBytes, stream>>>(p);
+    return cudaGetLastError();
+  };
+  const int blocks_q = (sh.seqlen_q + K::kResident - 1) / K::kResident;
+  const int blocks_k = (sh.seqlen_k + K::kResident - 1) / K::kResident;
+  const cudaError_t err = launch_kernel(flash_bwd_dq_sm90_kernel<T, kHeadDim>, dim3(blocks_q, sh.heads_q, sh.batch));
+  if (err != cudaSuccess) return err;
+  return launch_kernel(flash_bwd_dkdv_sm90_kernel<T, kHeadDim>, dim3(blocks_k, sh.heads_kv, sh.batch));
+}
+
+}  // namespace cuflash::sm90

@@ -1,0 +1,80 @@
+"""The Hopper backward (csrc/cuda/sm90/flash_bwd_sm90.cuh: the two deterministic kernels with
+wgmma), EXPERIMENTAL: CUFLASH_SM90=bwd selects it for plain 16-bit attention at head-dim buckets
+64 and 128 on a compute capability 9.0 GPU of an sm_90a build. The same accuracy rule as every
+path over the shapes that stress its tiles, the masks, GQA (dK/dV summed over a group's query
+heads) and varlen; bitwise reproducible; the profiler shows which kernels ran."""
+import pytest
+import torch
+
+from conftest import HAS_CUDA, cuda_kernels
+from test_features import check_dense, check_varlen
+
+SM90 = HAS_CUDA and torch.cuda.get_device_capability() == (9, 0)
+pytestmark = pytest.mark.skipif(not SM90, reason="needs a compute capability 9.0 GPU")
+LOW = [torch.float16, torch.bfloat16]
+IDS = ["fp16", "bf16"]
+
+
+@pytest.fixture(autouse=True)
+def hopper_backward(monkeypatch):
+    monkeypatch.setenv("CUFLASH_SM90", "bwd")  # read by the op at every call
+
+
+def backward_kernels(d, **kw):
+    q, k, v = (torch.randn(1, 2, 100, d, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
+    out, _ = torch.ops.cuflash_attn.fwd(q, k, v, None, False, False, **kw)
+    return cuda_kernels(lambda: torch.autograd.grad(out, (q, k, v), torch.ones_like(out)))
+
+
+@pytest.mark.parametrize("d", [40, 64, 100, 128])
+def test_path_taken(d):
+    names = backward_kernels(d)
+    assert "flash_bwd_dq_sm90_kernel<" in names and "flash_bwd_dkdv_sm90_kernel<" in names, names
+
+
+def test_other_cases_keep_the_sm80_kernels():
+    for d, kw in [(32, {}), (256, {}), (64, {"softcap": 30.0})]:
+        names = backward_kernels(d, **kw)
+        assert "sm90" not in names and "flash_bwd_dq_kernel" in names, (d, kw, names)
+
+
+@pytest.mark.parametrize("dtype", LOW, ids=IDS)
+@pytest.mark.parametrize("d", [40, 64, 100, 128])
+@pytest.mark.parametrize("nq,nk", [(1, 1), (1, 300), (77, 200), (200, 77), (128, 128), (257, 513)])
+@pytest.mark.parametrize("causal,bottom_right", [(False, False), (True, False), (True, True)],
+                         ids=["none", "top_left", "bottom_right"])
+def test_matches_reference(dtype, d, nq, nk, causal, bottom_right):
+    check_dense("cuda", dtype, 2, 2, 2, nq, nk, d, causal=causal, bottom_right=bottom_right)
+
+
+@pytest.mark.parametrize("dtype", LOW, ids=IDS)
+@pytest.mark.parametrize("d", [64, 128])
+def test_gqa_and_window(dtype, d):
+    check_dense("cuda", dtype, 2, 8, 2, 300, 700, d, causal=True, bottom_right=True, window=(130, -1))
+    check_dense("cuda", dtype, 1, 4, 1, 500, 260, d, window=(40, 70))
+
+
+@pytest.mark.parametrize("dtype", LOW, ids=IDS)
+@pytest.mark.parametrize("d", [64, 128])
+def test_varlen(dtype, d):
+    check_varlen("cuda", dtype, [70, 0, 129, 300], [90, 12, 0, 257], 4, 2, d, causal=True, bottom_right=True)
+
+
+@pytest.mark.parametrize("d", [64, 128])
+def test_bitwise_reproducible_and_close_to_sm80(d, monkeypatch):
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, 4, 1500, d, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+               for _ in range(3))
+    dout = torch.randn_like(q)
+
+    def grads():
+        o, _ = torch.ops.cuflash_attn.fwd(q, k, v, None, True, False)
+        return torch.autograd.grad(o, (q, k, v), dout)
+
+    first, second = grads(), grads()
+    for a, b in zip(first, second):
+        assert torch.equal(a, b)
+    monkeypatch.setenv("CUFLASH_SM90", "")
+    sm80 = grads()
+    for name, a, b in zip("qkv", first, sm80):
+        assert (a.float() - b.float()).abs().max().item() < 5e-2 * b.float().abs().max().item(), name
