@@ -104,7 +104,7 @@ def test_varlen(dtype, d):
 
 @pytest.mark.parametrize("d", [64, 128, 256])
 @pytest.mark.parametrize("layout", ["bhnd", "bnhd"])
-def test_agrees_with_sm80_kernel(d, layout, monkeypatch):
+def test_agrees_with_sm80_kernel(d, layout, mode, monkeypatch):
     """Both kernels on the same large input: equal to within bfloat16 rounding of P. bnhd:
     [B, N, H, D] storage passed as transposed views (row stride H * D, head stride D)."""
     torch.manual_seed(0)
@@ -112,6 +112,8 @@ def test_agrees_with_sm80_kernel(d, layout, monkeypatch):
     q, k, v = (torch.randn(*shape, device="cuda", dtype=torch.bfloat16) for _ in range(3))
     if layout == "bnhd":
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))
+    names = cuda_kernels(lambda: torch.ops.cuflash_attn.fwd(q, k, v, None, True, False))
+    assert KERNEL[mode] + "<" in names, f"{layout}: the {mode} kernel did not run: {names}"
     out90, lse90 = torch.ops.cuflash_attn.fwd(q, k, v, None, True, False)
     monkeypatch.setenv("CUFLASH_SM90", "0")
     out80, lse80 = torch.ops.cuflash_attn.fwd(q, k, v, None, True, False)

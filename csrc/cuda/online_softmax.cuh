@@ -15,14 +15,13 @@ struct OnlineSoftmax {
   template <int kN, int kD>
   __device__ __forceinline__ void rescale_and_exp(WarpAcc<kN>& s, WarpAcc<kD>& o) {
     float alpha[2];
-    exp_rows<true>(s, alpha, o);
+    exp_rows<true>(s, alpha, &o);
   }
   // The same with o left alone: alpha gets each row's factor, for rescale_rows once whatever
   // still accumulates into o (an asynchronous P V) is done.
   template <int kN>
   __device__ __forceinline__ void exp_and_rescale_factor(WarpAcc<kN>& s, float (&alpha)[2]) {
-    WarpAcc<8>* unused = nullptr;
-    exp_rows<false>(s, alpha, *unused);
+    exp_rows<false>(s, alpha, static_cast<WarpAcc<8>*>(nullptr));
   }
   template <int kD>
   __device__ __forceinline__ static void rescale_rows(WarpAcc<kD>& o, const float (&alpha)[2]) {
@@ -39,8 +38,9 @@ struct OnlineSoftmax {
       o.v[j][2 * r + 1] *= alpha;
     }
   }
+  // o: rescaled when kRescale (then not null), untouched otherwise.
   template <bool kRescale, int kN, int kD>
-  __device__ __forceinline__ void exp_rows(WarpAcc<kN>& s, float (&alpha)[2], WarpAcc<kD>& o) {
+  __device__ __forceinline__ void exp_rows(WarpAcc<kN>& s, float (&alpha)[2], WarpAcc<kD>* o) {
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
       float mx = row_max[r];
@@ -61,7 +61,7 @@ struct OnlineSoftmax {
           sum += s.v[j][e];
         }
       row_sum[r] = row_sum[r] * a + sum;
-      if constexpr (kRescale) rescale_row(o, r, a);
+      if constexpr (kRescale) rescale_row(*o, r, a);
     }
   }
 
