@@ -3,7 +3,10 @@
 // 128-byte-swizzled shared memory, and C is compared with a double-precision product. Twice: with
 // the tiles stored by the threads (swizzle128_offset), and loaded by TMA (128B-swizzled tensor
 // maps) on an mbarrier, which must lay them out the same way. Then the P V pattern of attention:
-// C = A B with A (64 x 64) in registers and B (64 x 128, two 64-column panels) MN-major.
+// C = A B with A (64 x 64) in registers and B (64 x 128, two 64-column panels) MN-major. Last,
+// the attention tensor maps of csrc/cuda/sm90/tma_maps.h (the experimental TMA forward's): a
+// box of 64 columns x 128 rows of one head of a [2][3][100][40] tensor stored [B, H, N, D] and
+// [B, N, H, D], which must land as a swizzled panel with zeros past row 100 and column 40.
 // Exit status 0: it matches; 1: it does not; 2: no usable GPU. Run by tests/test_sm90_probe.py.
 #include <cuda.h>  // CUtensorMap and its enums (types only: the encoder comes from the runtime)
 #include <cudaTypedefs.h>
@@ -15,6 +18,7 @@
 #include <random>
 #include <vector>
 
+#include "cuda/sm90/tma_maps.h"
 #include "cuda/sm90/wgmma.cuh"
 
 namespace {
@@ -99,6 +103,69 @@ __global__ void __launch_bounds__(128) gemm_ab_registers(const __nv_bfloat16* a,
   for (int i = 0; i < 64; ++i) c[wgmma_acc_row(t, i) * kN2 + wgmma_acc_col(t, i)] = d[i];
 }
 
+// One 64 x 128 box of an attention map at (0, 0, head, batch) into a panel, copied out as
+// [128][64] (read back through panel_offset).
+constexpr int kBoxRows = 128;
+__global__ void __launch_bounds__(128) load_attention_box(const __grid_constant__ CUtensorMap map, int head,
+                                                          int batch, __nv_bfloat16* out) {
+  using namespace cuflash::sm90;
+  __shared__ __align__(1024) unsigned char tile[kBoxRows * 128];
+  __shared__ __align__(8) uint64_t bar;
+  if (threadIdx.x == 0) {
+    mbarrier_init(&bar, 1);
+    fence_barrier_init();
+  }
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    mbarrier_arrive_expect_tx(&bar, sizeof(tile));
+    tma_load_4d(tile, &map, &bar, 0, 0, head, batch);
+  }
+  mbarrier_wait(&bar, 0);
+  for (int i = threadIdx.x; i < kBoxRows * 64; i += 128)
+    out[i] = *reinterpret_cast<const __nv_bfloat16*>(tile + panel_offset<kBoxRows>(i / 64, i % 64));
+}
+
+// The box of head 2, batch 1 of x[b][h][n][d], small integers (exact in bf16) that differ from
+// one neighbour to the next along every dimension, stored [B, H, N, D] or [B, N, H, D].
+bool check_attention_map(bool bnhd) {
+  constexpr int kB = 2, kH = 3, kN = 100, kD = 40;
+  std::vector<__nv_bfloat16> x(kB * kH * kN * kD);
+  cuflash::TensorStrides st;
+  st.batch = kH * kN * kD;
+  st.head = bnhd ? kD : kN * kD;
+  st.row = bnhd ? kH * kD : kD;
+  auto value = [](int b, int h, int n, int d) { return static_cast<float>((b * 7 + h * 13 + n * 3 + d * 5) % 251 - 125); };
+  for (int b = 0; b < kB; ++b)
+    for (int h = 0; h < kH; ++h)
+      for (int n = 0; n < kN; ++n)
+        for (int d = 0; d < kD; ++d) x[b * st.batch + h * st.head + n * st.row + d] = __float2bfloat16(value(b, h, n, d));
+  __nv_bfloat16 *x_dev, *out_dev;
+  cudaMalloc(&x_dev, x.size() * sizeof(x[0]));
+  cudaMalloc(&out_dev, kBoxRows * 64 * sizeof(x[0]));
+  cudaMemcpy(x_dev, x.data(), x.size() * sizeof(x[0]), cudaMemcpyHostToDevice);
+  cudaMemset(out_dev, 0xFF, kBoxRows * 64 * sizeof(x[0]));
+  const char* how = bnhd ? "[B, N, H, D]" : "[B, H, N, D]";
+  CUtensorMap map;
+  if (!cuflash::sm90::encode_attention_map(&map, x_dev, true, st, kB, kH, kN, kD, kBoxRows)) {
+    std::printf("wgmma_probe (attention map %s): encode_attention_map refused it\n", how);
+    return false;
+  }
+  load_attention_box<<<1, 128>>>(map, 2, 1, out_dev);
+  std::vector<__nv_bfloat16> out(kBoxRows * 64);
+  const cudaError_t err = cudaDeviceSynchronize();
+  cudaMemcpy(out.data(), out_dev, out.size() * sizeof(out[0]), cudaMemcpyDeviceToHost);
+  int bad = 0;
+  for (int n = 0; n < kBoxRows; ++n)
+    for (int d = 0; d < 64; ++d) {
+      const float want = n < kN && d < kD ? value(1, 2, n, d) : 0.f;
+      if (__bfloat162float(out[n * 64 + d]) != want) ++bad;
+    }
+  const bool ok = err == cudaSuccess && bad == 0;
+  std::printf("wgmma_probe (attention map %s): 64 x 128 box of a [2][3][100][40] tensor, %d wrong%s: %s\n", how, bad,
+              err == cudaSuccess ? "" : " (kernel failed)", ok ? "ok" : "MISMATCH");
+  return ok;
+}
+
 // A [rows, 64] bfloat16 row-major matrix as one 64 x rows box, 128B-swizzled.
 bool make_map(CUtensorMap* map, void* data, int rows) {
   void* fn = nullptr;
@@ -178,5 +245,7 @@ int main() {
   cudaMemset(c_dev, 0xFF, kM * kN2 * sizeof(float));
   gemm_ab_registers<<<1, 128>>>(a_dev, b_dev, c_dev);
   ok = check("A in registers, B MN-major", a, b, c_dev, kN2, false) && ok;
+  ok = check_attention_map(false) && ok;
+  ok = check_attention_map(true) && ok;
   return ok ? 0 : 1;
 }
