@@ -35,4 +35,5 @@ def test_compiles_without_serialized_wgmma(probe):
 def test_wgmma_matches_double_product(probe):
     exe, _ = probe
     run = subprocess.run([str(exe)], capture_output=True, text=True, timeout=120)
+    print(run.stdout)  # one line per check (pytest -s, or -rA, shows them)
     assert run.returncode == 0, run.stdout + run.stderr
