@@ -105,14 +105,7 @@ __global__ void __launch_bounds__(FwdKernel<T, kHeadDim>::kThreads)
       for (int m = 0; m < kMT; ++m) {
         scores_from_qk<kFeatures>(s[m], mod, p.mask, seq, row0 + 16 * m, n0, lane);
         softmax[m].rescale_and_exp(s[m], o[m]);
-        if (dropout) {  // the softmax sums every probability; only the kept ones reach P V
-          float z[kBlockN / 8][4];
-          dropout_factors<false, kBlockN>(z, rng, b, h, sh.heads_q, row0 + 16 * m, n0, lane);
-#pragma unroll
-          for (int j = 0; j < kBlockN / 8; ++j)
-#pragma unroll
-            for (int e = 0; e < 4; ++e) s[m].v[j][e] *= z[j][e];
-        }
+        if (dropout) apply_dropout(s[m], rng, b, h, sh.heads_q, row0 + 16 * m, n0, lane);
       }
       warp_gemm_rb<T, kBlockN, kHeadDim, kMT>(o, s, sV(buf), 0, lane);
     }

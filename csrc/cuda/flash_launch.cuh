@@ -16,16 +16,16 @@ namespace cuflash {
 
 inline int ceil_div(int a, int b) { return (a + b - 1) / b; }
 
-template <typename Kernel, typename Params>
+template <typename Kernel, typename... Args>
 cudaError_t launch(Kernel kernel, dim3 grid, int threads, int smem_bytes, cudaStream_t stream,
-                   const Params& p) {
+                   const Args&... args) {
   if (grid.x == 0) return cudaSuccess;
   if (smem_bytes > 48 * 1024) {
     const cudaError_t err =
         cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem_bytes);
     if (err != cudaSuccess) return err;
   }
-  kernel<<<grid, threads, smem_bytes, stream>>>(p);
+  kernel<<<grid, threads, smem_bytes, stream>>>(args...);
   return cudaGetLastError();
 }
 
@@ -48,8 +48,13 @@ cudaError_t run_flash_fwd(const FlashFwdParams& p, cudaStream_t stream) {
   } else {
     if constexpr (sm90::kFwdHeadDim<kHeadDim>) {
       const sm90::Sm90Paths hopper = sm90::sm90_paths(p);
-      cudaError_t status = cudaSuccess;
-      if (hopper.tma && sm90::launch_fwd_sm90_tma<T, kHeadDim>(p, stream, &status)) return status;
+      sm90::AttentionTmaMaps maps;
+      if (hopper.tma && sm90::encode_fwd_tma_maps<T, kHeadDim>(p, &maps)) {
+        using K = sm90::FwdSm90TmaKernel<T, kHeadDim>;
+        return launch(sm90::flash_fwd_sm90_tma_kernel<T, kHeadDim>,
+                      dim3(ceil_div(sh.seqlen_q, K::kBlockM), sh.heads_q, sh.batch), K::kThreads, K::kSmemBytes,
+                      stream, p, maps.q, maps.k, maps.v);
+      }
       if (hopper.fwd)
         return with_feature_path(p, [&](auto features) {
           using K = sm90::FwdSm90Kernel<T, kHeadDim, features()>;
@@ -83,7 +88,16 @@ cudaError_t run_flash_bwd(const FlashBwdParams& p, cudaStream_t stream) {
   } else {
     const bool accum_dq = p.dq_accum != nullptr;
     if constexpr (sm90::kBwdHeadDim<kHeadDim>) {
-      if (!accum_dq && sm90::sm90_paths(p).bwd) return sm90::run_bwd_sm90<T, kHeadDim>(p, stream);
+      if (!accum_dq && sm90::sm90_paths(p).bwd) {
+        using K = sm90::BwdSm90Kernel<T, kHeadDim>;
+        err = launch(sm90::flash_bwd_dq_sm90_kernel<T, kHeadDim>,
+                     dim3(ceil_div(sh.seqlen_q, K::kResident), sh.heads_q, sh.batch), K::kThreads, K::kSmemBytes,
+                     stream, p);
+        if (err != cudaSuccess) return err;
+        return launch(sm90::flash_bwd_dkdv_sm90_kernel<T, kHeadDim>,
+                      dim3(ceil_div(sh.seqlen_k, K::kResident), sh.heads_kv, sh.batch), K::kThreads, K::kSmemBytes,
+                      stream, p);
+      }
     }
     err = with_feature_path(p, [&](auto features) {
       constexpr bool kFeatures = features();

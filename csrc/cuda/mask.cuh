@@ -144,6 +144,19 @@ __device__ __forceinline__ void dropout_factors(float (&z)[kN / 8][4], const Dro
     }
 }
 
+// Forward: P (rows queries, columns keys) times its dropout factors. The softmax has summed every
+// probability; only the kept ones reach P V.
+template <int kN>
+__device__ __forceinline__ void apply_dropout(WarpAcc<kN>& p, const DropoutRng& rng, int b, int h, int heads, int row0,
+                                              int col0, int lane) {
+  float z[kN / 8][4];
+  dropout_factors<false, kN>(z, rng, b, h, heads, row0, col0, lane);
+#pragma unroll
+  for (int j = 0; j < kN / 8; ++j)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) p.v[j][e] *= z[j][e];
+}
+
 // The backward's elementwise steps. lse2 and delta are indexed by the tile element (j, e)
 // through accessors (the two tile orientations store them differently).
 //

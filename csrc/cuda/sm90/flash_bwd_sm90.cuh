@@ -28,10 +28,6 @@ struct BwdSm90Kernel {
   static constexpr int kSmemBytes = 2 * kResidentBytes + 4 * kStreamedBytes + 4 * kStreamed * 4 + 1024;
 };
 
-__device__ __forceinline__ unsigned char* align_1024(char* p) {
-  return reinterpret_cast<unsigned char*>((reinterpret_cast<uintptr_t>(p) + 1023) & ~static_cast<uintptr_t>(1023));
-}
-
 // dQ: queries resident (64 per warpgroup), keys streamed: S = Q K^T, dP = dO V^T,
 // dS = P (dP - delta), dQ += dS K.
 template <typename T, int kHeadDim>
@@ -222,24 +218,6 @@ __global__ void __launch_bounds__(BwdSm90Kernel<T, kHeadDim>::kThreads, 1)
   warp_store_rows<T, kHeadDim>(dv, dv_scale, stage, warp_row, dv_out, p.dv_strides.row, rows_valid, sh.head_dim,
                                lane);
 #endif
-}
-
-// Launches the two Hopper backward kernels (after the delta kernel).
-template <typename T, int kHeadDim>
-cudaError_t run_bwd_sm90(const FlashBwdParams& p, cudaStream_t stream) {
-  using K = BwdSm90Kernel<T, kHeadDim>;
-  const AttentionShape& sh = p.shape;
-  auto launch_kernel = [&](auto kernel, dim3 grid) {
-    cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, K::kSmemBytes);
-    if (err != cudaSuccess || grid.x == 0) return err;
-    kernel<<<grid, K::kThreads, K::kSmemBytes, stream>>>(p);
-    return cudaGetLastError();
-  };
-  const int blocks_q = (sh.seqlen_q + K::kResident - 1) / K::kResident;
-  const int blocks_k = (sh.seqlen_k + K::kResident - 1) / K::kResident;
-  const cudaError_t err = launch_kernel(flash_bwd_dq_sm90_kernel<T, kHeadDim>, dim3(blocks_q, sh.heads_q, sh.batch));
-  if (err != cudaSuccess) return err;
-  return launch_kernel(flash_bwd_dkdv_sm90_kernel<T, kHeadDim>, dim3(blocks_k, sh.heads_kv, sh.batch));
 }
 
 }  // namespace cuflash::sm90

@@ -5,8 +5,8 @@
 // O += P V, whose B (V, [key][d]) the wgmma transposes. Masks, the online softmax and the output
 // are the sm_80 kernel's, on the same accumulator layout (a warp's share of a 64 x N wgmma
 // accumulator is a WarpAcc<N>). Loads are cp.async by every thread, as in the sm_80 kernel.
-// Plain attention only (mask.cuh's needs_feature_path false): with softcap, ALiBi, attn_mask or
-// dropout the sm_80-class kernel runs.
+// kFeatures (softcap, ALiBi, attn_mask, dropout) is experimental: sm90_paths below keeps those on
+// the sm_80-class kernel unless CUFLASH_SM90 lists "features".
 #pragma once
 #include <cuda_runtime.h>
 #include <atomic>
@@ -25,7 +25,7 @@ namespace cuflash::sm90 {
 template <int kHeadDim>
 constexpr bool kFwdHeadDim = kHeadDim == 64 || kHeadDim == 128 || kHeadDim == 256;
 
-template <typename T, int kHeadDim, bool kFeatures = false>
+template <typename T, int kHeadDim, bool kFeatures>
 struct FwdSm90Kernel {
   static constexpr int kWarpgroups = 2, kThreads = 128 * kWarpgroups, kBlockM = 64 * kWarpgroups;
   // Keys per step: S (kBlockN / 2 floats per thread) beside O (kHeadDim / 2). At 64, 64 keys
@@ -99,8 +99,7 @@ __global__ void __launch_bounds__(FwdSm90Kernel<T, kHeadDim, kFeatures>::kThread
   using K = FwdSm90Kernel<T, kHeadDim, kFeatures>;
   constexpr int kBlockM = K::kBlockM, kBlockN = K::kBlockN, kThreads = K::kThreads;
   extern __shared__ char smem_raw[];
-  unsigned char* smem = reinterpret_cast<unsigned char*>(
-      (reinterpret_cast<uintptr_t>(smem_raw) + 1023) & ~static_cast<uintptr_t>(1023));
+  unsigned char* smem = align_1024(smem_raw);
   unsigned char* sQ = smem;
   auto sK = [&](int buf) { return smem + K::kQBytes + buf * K::kKVBytes; };
   auto sV = [&](int buf) { return smem + K::kQBytes + (2 + buf) * K::kKVBytes; };
@@ -161,14 +160,7 @@ __global__ void __launch_bounds__(FwdSm90Kernel<T, kHeadDim, kFeatures>::kThread
 
       scores_from_qk<kFeatures>(s, mod, p.mask, seq, row0, n_block * kBlockN, lane);
       softmax.rescale_and_exp(s, o);
-      if (dropout) {  // the softmax sums every probability; only the kept ones reach P V
-        float z[kBlockN / 8][4];
-        dropout_factors<false, kBlockN>(z, rng, b, h, sh.heads_q, row0, n_block * kBlockN, lane);
-#pragma unroll
-        for (int j = 0; j < kBlockN / 8; ++j)
-#pragma unroll
-          for (int e = 0; e < 4; ++e) s.v[j][e] *= z[j][e];
-      }
+      if (dropout) apply_dropout(s, rng, b, h, sh.heads_q, row0, n_block * kBlockN, lane);
 
       uint32_t pa[kBlockN / 16][4];
 #pragma unroll

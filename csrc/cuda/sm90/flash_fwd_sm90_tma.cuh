@@ -40,8 +40,7 @@ __global__ void __launch_bounds__(FwdSm90TmaKernel<T, kHeadDim>::kThreads, 1)
   constexpr int kBlockM = K::kBlockM, kBlockN = K::kBlockN, kStages = K::kStages;
   constexpr int kPanels = kHeadDim / 64, kConsumerThreads = 128 * K::kConsumers;
   extern __shared__ char smem_raw[];
-  unsigned char* smem = reinterpret_cast<unsigned char*>(
-      (reinterpret_cast<uintptr_t>(smem_raw) + 1023) & ~static_cast<uintptr_t>(1023));
+  unsigned char* smem = align_1024(smem_raw);
   unsigned char* sQ = smem;
   auto sK = [&](int stage) { return smem + K::kQBytes + stage * K::kKVBytes; };
   auto sV = [&](int stage) { return smem + K::kQBytes + (kStages + stage) * K::kKVBytes; };
@@ -196,30 +195,23 @@ __global__ void __launch_bounds__(FwdSm90TmaKernel<T, kHeadDim>::kThreads, 1)
 #endif
 }
 
-// Launches the TMA kernel for p if TMA can address its inputs (dense, 16-byte aligned, no zero
-// strides); false, with nothing launched, otherwise.
+// The tensor maps of q, k and v for the TMA kernel; false where TMA cannot address them (packed
+// sequences, alignment, zero strides): the cp.async kernel runs then.
+struct AttentionTmaMaps {
+  CUtensorMap q, k, v;
+};
 template <typename T, int kHeadDim>
-bool launch_fwd_sm90_tma(const FlashFwdParams& p, cudaStream_t stream, cudaError_t* status) {
+bool encode_fwd_tma_maps(const FlashFwdParams& p, AttentionTmaMaps* maps) {
   using K = FwdSm90TmaKernel<T, kHeadDim>;
   const AttentionShape& sh = p.shape;
   if (p.varlen.cu_seqlens_q != nullptr) return false;
   constexpr bool kBf16 = std::is_same_v<T, __nv_bfloat16>;
-  CUtensorMap map_q, map_k, map_v;
-  if (!encode_attention_map(&map_q, p.q, kBf16, p.q_strides, sh.batch, sh.heads_q, sh.seqlen_q, sh.head_dim,
-                            K::kBlockM) ||
-      !encode_attention_map(&map_k, p.k, kBf16, p.k_strides, sh.batch, sh.heads_kv, sh.seqlen_k, sh.head_dim,
-                            K::kBlockN) ||
-      !encode_attention_map(&map_v, p.v, kBf16, p.v_strides, sh.batch, sh.heads_kv, sh.seqlen_k, sh.head_dim,
-                            K::kBlockN))
-    return false;
-  const dim3 grid((sh.seqlen_q + K::kBlockM - 1) / K::kBlockM, sh.heads_q, sh.batch);
-  auto kernel = flash_fwd_sm90_tma_kernel<T, kHeadDim>;
-  *status = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, K::kSmemBytes);
-  if (*status == cudaSuccess) {
-    kernel<<<grid, K::kThreads, K::kSmemBytes, stream>>>(p, map_q, map_k, map_v);
-    *status = cudaGetLastError();
-  }
-  return true;
+  return encode_attention_map(&maps->q, p.q, kBf16, p.q_strides, sh.batch, sh.heads_q, sh.seqlen_q, sh.head_dim,
+                              K::kBlockM) &&
+         encode_attention_map(&maps->k, p.k, kBf16, p.k_strides, sh.batch, sh.heads_kv, sh.seqlen_k, sh.head_dim,
+                              K::kBlockN) &&
+         encode_attention_map(&maps->v, p.v, kBf16, p.v_strides, sh.batch, sh.heads_kv, sh.seqlen_k, sh.head_dim,
+                              K::kBlockN);
 }
 
 }  // namespace cuflash::sm90

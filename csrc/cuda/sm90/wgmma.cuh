@@ -23,6 +23,12 @@ __host__ __device__ constexpr uint32_t panel_offset(int row, int col) {
   return static_cast<uint32_t>(col / 64) * (kRows * 128) + swizzle128_offset(row, col % 64);
 }
 
+// Dynamic shared memory rounded up to the 1024-byte boundary the swizzle atoms start on (kernels
+// ask for 1024 bytes more than they use).
+__device__ __forceinline__ unsigned char* align_1024(char* p) {
+  return reinterpret_cast<unsigned char*>((reinterpret_cast<uintptr_t>(p) + 1023) & ~static_cast<uintptr_t>(1023));
+}
+
 // The wgmma shared-memory descriptor (PTX ISA, "Matrix Descriptor Format"): start address,
 // leading-dimension byte offset, stride-dimension byte offset, all >> 4, and the swizzle mode in
 // bits 62-63 (1: 128B). Tiles here are panels of 64 16-bit columns (128-byte rows, 8-row atoms
