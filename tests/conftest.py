@@ -6,6 +6,8 @@ import torch
 import cuflash_attn  # noqa: F401  (registers torch.ops.cuflash_attn for every test module)
 
 HAS_CUDA = torch.cuda.is_available()
+# The Hopper kernels (csrc/cuda/sm90) run on compute capability 9.0 only.
+IS_SM90 = HAS_CUDA and torch.cuda.get_device_capability() == (9, 0)
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU"))]
 requires_cuda = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
 

@@ -4,6 +4,7 @@ import math
 import torch
 
 LOW_PRECISION = (torch.float16, torch.bfloat16)
+LOW_PRECISION_IDS = ("fp16", "bf16")  # pytest ids for LOW_PRECISION
 
 
 def attention_reference(q, k, v, causal=False, scale=None, bottom_right=False, dtype=torch.float64, *,

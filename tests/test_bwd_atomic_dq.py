@@ -5,11 +5,10 @@ import pytest
 import torch
 
 from conftest import HAS_CUDA, cuda_kernels
+from reference import LOW_PRECISION, LOW_PRECISION_IDS
 from test_features import check_dense, check_varlen
 
 pytestmark = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
-LOW = [torch.float16, torch.bfloat16]
-IDS = ["fp16", "bf16"]
 
 
 @pytest.fixture(autouse=True)
@@ -17,7 +16,7 @@ def atomic_dq(monkeypatch):
     monkeypatch.setenv("CUFLASH_BWD_DQ", "atomic")  # read by the op at every call
 
 
-@pytest.mark.parametrize("dtype", LOW, ids=IDS)
+@pytest.mark.parametrize("dtype", LOW_PRECISION, ids=LOW_PRECISION_IDS)
 @pytest.mark.parametrize("d", [32, 59, 64, 96, 128, 160, 192, 224, 256])
 @pytest.mark.parametrize("nq,nk", [(1, 1), (77, 200), (200, 77), (257, 513)])
 @pytest.mark.parametrize("causal,bottom_right", [(False, False), (True, False), (True, True)],
@@ -26,7 +25,7 @@ def test_matches_reference(dtype, d, nq, nk, causal, bottom_right):
     check_dense("cuda", dtype, 2, 2, 2, nq, nk, d, causal=causal, bottom_right=bottom_right)
 
 
-@pytest.mark.parametrize("dtype", LOW, ids=IDS)
+@pytest.mark.parametrize("dtype", LOW_PRECISION, ids=LOW_PRECISION_IDS)
 @pytest.mark.parametrize("d", [64, 128, 256])
 def test_features(dtype, d):
     """GQA (each key block adds to dQ of 4 query heads), a window, softcap, ALiBi and dropout."""
@@ -34,7 +33,7 @@ def test_features(dtype, d):
                 softcap=20.0, alibi="batch", dropout_p=0.2)
 
 
-@pytest.mark.parametrize("dtype", LOW, ids=IDS)
+@pytest.mark.parametrize("dtype", LOW_PRECISION, ids=LOW_PRECISION_IDS)
 def test_varlen(dtype):
     check_varlen("cuda", dtype, [70, 0, 129, 300], [90, 12, 0, 257], 4, 2, 128, causal=True, bottom_right=True)
 

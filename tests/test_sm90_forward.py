@@ -10,13 +10,11 @@ dropout to the cp.async kernel."""
 import pytest
 import torch
 
-from conftest import HAS_CUDA, cuda_kernels
+from conftest import IS_SM90, cuda_kernels
+from reference import LOW_PRECISION, LOW_PRECISION_IDS
 from test_features import check_dense, check_varlen
 
-SM90 = HAS_CUDA and torch.cuda.get_device_capability() == (9, 0)
-pytestmark = pytest.mark.skipif(not SM90, reason="needs a compute capability 9.0 GPU")
-LOW = [torch.float16, torch.bfloat16]
-IDS = ["fp16", "bf16"]
+pytestmark = pytest.mark.skipif(not IS_SM90, reason="needs a compute capability 9.0 GPU")
 KERNEL = {"cpasync": "flash_fwd_sm90_kernel", "tma": "flash_fwd_sm90_tma_kernel"}
 
 
@@ -60,7 +58,7 @@ def test_feature_path_taken(mode, monkeypatch):
     assert "flash_fwd_sm90_kernel<" in names and "true>" in names and "tma" not in names, names
 
 
-@pytest.mark.parametrize("dtype", LOW, ids=IDS)
+@pytest.mark.parametrize("dtype", LOW_PRECISION, ids=LOW_PRECISION_IDS)
 @pytest.mark.parametrize("d", [64, 128, 256])
 def test_features(dtype, d, mode, monkeypatch):
     """GQA, a window, softcap, ALiBi and dropout together; float and bool attn_masks."""
@@ -80,7 +78,7 @@ def test_varlen_never_takes_tma():
     assert "flash_fwd_sm90_kernel<" in names and "tma" not in names, names
 
 
-@pytest.mark.parametrize("dtype", LOW, ids=IDS)
+@pytest.mark.parametrize("dtype", LOW_PRECISION, ids=LOW_PRECISION_IDS)
 @pytest.mark.parametrize("d", [40, 64, 100, 128, 240, 256])
 @pytest.mark.parametrize("nq,nk", [(1, 1), (1, 1000), (77, 200), (200, 77), (128, 128), (257, 513), (1000, 1000)])
 @pytest.mark.parametrize("causal,bottom_right", [(False, False), (True, False), (True, True)],
@@ -89,14 +87,14 @@ def test_matches_reference(dtype, d, nq, nk, causal, bottom_right):
     check_dense("cuda", dtype, 2, 2, 2, nq, nk, d, causal=causal, bottom_right=bottom_right)
 
 
-@pytest.mark.parametrize("dtype", LOW, ids=IDS)
+@pytest.mark.parametrize("dtype", LOW_PRECISION, ids=LOW_PRECISION_IDS)
 @pytest.mark.parametrize("d", [64, 128, 256])
 def test_gqa_and_window(dtype, d):
     check_dense("cuda", dtype, 2, 8, 2, 300, 700, d, causal=True, bottom_right=True, window=(130, -1))
     check_dense("cuda", dtype, 1, 4, 1, 500, 260, d, window=(40, 70))
 
 
-@pytest.mark.parametrize("dtype", LOW, ids=IDS)
+@pytest.mark.parametrize("dtype", LOW_PRECISION, ids=LOW_PRECISION_IDS)
 @pytest.mark.parametrize("d", [64, 128, 256])
 def test_varlen(dtype, d):
     check_varlen("cuda", dtype, [70, 0, 129, 300], [90, 12, 0, 257], 4, 2, d, causal=True, bottom_right=True)

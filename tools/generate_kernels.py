@@ -113,12 +113,10 @@ def main():
     for stale in OUT_DIR.glob("*.cu"):
         if stale.name not in wanted:
             stale.unlink()
-    for name, body in files:
-        path = OUT_DIR / name
+    # Unchanged files keep their timestamps, so ninja rebuilds nothing for them.
+    for path, body in [(OUT_DIR / name, body) for name, body in files] + [(WGMMA_HEADER, wgmma_instructions())]:
         if not path.exists() or path.read_text() != body:
             path.write_text(body)
-    if not WGMMA_HEADER.exists() or WGMMA_HEADER.read_text() != wgmma_instructions():
-        WGMMA_HEADER.write_text(wgmma_instructions())
     print(f"{len(files)} files in {OUT_DIR}, and {WGMMA_HEADER.name}")
 
 
