@@ -1,0 +1,60 @@
+#!/usr/bin/env bash
+# One device call for the experimental Hopper kernels (CUFLASH_SM90=tma, features, bwd): build
+# (sm_90a, head dims 64,128,256), the wgmma/TMA probe, then their tests in parallel processes,
+# each under a time limit (a wrong mbarrier phase hangs a kernel, it does not fail it), then
+# the benchmark of the variants beside the default kernels and the SDPA peers.
+#   GPU_SM90_BENCH="..."   bench_attention.py arguments ("" skips the benchmark)
+#   GPU_SM90_LIMIT_S=300   seconds each test process may run
+# Logs come back as $OUT/logs.tar.gz, results as $OUT/*.md/json.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-gpu_out}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1 MAX_JOBS=${MAX_JOBS:-$(nproc)}
+export CUFLASH_CUDA_ARCHS=${CUFLASH_CUDA_ARCHS:-9.0a} CUFLASH_HEAD_DIMS=${CUFLASH_HEAD_DIMS:-64,128,256}
+LIMIT=${GPU_SM90_LIMIT_S:-300}
+start=$(date +%s)
+if ! ls cuflash_attn/_C*.so >/dev/null 2>&1; then
+  bash scripts/setup.sh > "$OUT/build.log" 2>&1 || { tail -n 40 "$OUT/build.log"; exit 1; }
+fi
+echo "build: $(( $(date +%s) - start )) s"
+status=0
+timeout --kill-after=5 120 python3 -m pytest -s -q -p no:cacheprovider tests/test_sm90_probe.py > "$OUT/probe.log" 2>&1 \
+  || status=1
+grep -vE '^\s*$' "$OUT/probe.log" | tail -n 30
+# name|CUFLASH_SM90|test files|-k expression. The forward file sets CUFLASH_SM90 itself (its
+# cp.async and tma modes); the others run under the listed value.
+runs=(
+  "forward||tests/test_sm90_forward.py|"
+  "backward|bwd|tests/test_sm90_backward.py|"
+  "features|features|tests/test_features.py tests/test_attn_mask.py|"
+  "all_on|tma,features,bwd|tests/test_accuracy.py tests/test_edge_cases.py|cuda and not test_random_sweep"
+)
+pids=()
+for run in "${runs[@]}"; do
+  IFS='|' read -r name value files kexpr <<< "$run"
+  (
+    if [ -n "$value" ]; then export CUFLASH_SM90=$value; fi
+    # shellcheck disable=SC2086  # files is a list
+    timeout --kill-after=5 "$LIMIT" python3 -m pytest $files -k "${kexpr}" -q -rfE --maxfail=20 \
+      -p no:cacheprovider > "$OUT/$name.log" 2>&1
+  ) &
+  pids+=($!)
+done
+for ((i = 0; i < ${#runs[@]}; i++)); do
+  wait "${pids[$i]}"; rc=$?
+  name=${runs[$i]%%|*}
+  (( rc != 0 )) && status=1
+  echo "$name (exit $rc$( (( rc == 124 || rc == 137 )) && echo ', TIMED OUT')): $(tail -n 1 "$OUT/$name.log")"
+  grep -E '^(FAILED|ERROR)' "$OUT/$name.log" | head -n 15
+done
+echo "tests: $(( $(date +%s) - start )) s"
+if [ -n "${GPU_SM90_BENCH-}" ]; then
+  # shellcheck disable=SC2086  # the arguments are a list
+  timeout --kill-after=5 "${GPU_SM90_BENCH_LIMIT_S:-200}" python3 benchmarks/bench_attention.py $GPU_SM90_BENCH \
+    --out "$OUT" > "$OUT/bench.log" 2>&1
+  echo "bench exit $?"; tail -n 60 "$OUT/bench.log"
+fi
+tar czf "$OUT/logs.tar.gz" -C "$OUT" $(cd "$OUT" && ls -- *.log 2>/dev/null) && (cd "$OUT" && rm -f -- *.log)
+echo "total: $(( $(date +%s) - start )) s"
+exit $status
