@@ -9,13 +9,12 @@
 #include <torch/library.h>
 
 #include <cmath>
-#include <cstdlib>
-#include <cstring>
 #include <limits>
 #include <string>
 
 #include "cpu/flash_cpu.h"
 #include "cuda/flash_launch.h"
+#include "cuda/run_switches.h"
 #include "flash_params.h"
 
 // `import cuflash_attn._C` loads this library, which registers the ops below.
@@ -121,6 +120,8 @@ void check_cu_seqlens(const Tensor& cu, const char* name, const Tensor& q, int64
 }
 
 AttentionShape check_qkv(const Tensor& q, const Tensor& k, const Tensor& v, const Options& o) {
+  const std::string bad_switch = run_switch_error();
+  TORCH_CHECK_VALUE(bad_switch.empty(), "cuflash_attn: ", bad_switch);
   const bool varlen = o.varlen();
   TORCH_CHECK_VALUE(o.cu_seqlens_q.has_value() == o.cu_seqlens_k.has_value(),
                     "cuflash_attn: cu_seqlens_q and cu_seqlens_k must be given together");
@@ -548,8 +549,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> bwd(const Tensor& dout, const Tensor&
   // CUFLASH_BWD_DQ=atomic: dQ added by the dK/dV kernel with fp32 atomics (flash_bwd_kernel.cuh),
   // for the tensor-core kernels and without the attn_mask gradient (which the dQ kernel writes).
   Tensor dq_accum;
-  const char* dq_mode = std::getenv("CUFLASH_BWD_DQ");
-  if (q.is_cuda() && layout.tensor_cores && !attn_mask_grad && dq_mode && std::strcmp(dq_mode, "atomic") == 0) {
+  if (q.is_cuda() && layout.tensor_cores && !attn_mask_grad && dq_atomic_switch()) {
     dq_accum = at::zeros(dq_k.sizes(), dq_k.options().dtype(at::kFloat));
     p.dq_accum = dq_accum.data_ptr();
     p.dq_accum_strides = strides_of(dq_accum);

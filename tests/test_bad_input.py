@@ -100,6 +100,29 @@ def test_bwd_rejects_bad_stats_and_shapes(device):
         ops.bwd(dout, q, k, v, out, lse, lse[:1])
 
 
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("variable,value", [("CUFLASH_SM90", "tma,wgmma"), ("CUFLASH_SM90", "1"),
+                                            ("CUFLASH_SM90", "tma,"), ("CUFLASH_BWD_DQ", "atomics")])
+def test_run_switch_naming_nothing_is_refused(device, variable, value, monkeypatch):
+    """A misspelt switch is an error at the next call, not a silent default."""
+    q, k, v = good(device)
+    out, lse = ops.fwd(q, k, v)
+    monkeypatch.setenv(variable, value)
+    with pytest.raises(ValueError, match=rf"environment variable {variable} must be .*, got \"{value}\""):
+        ops.fwd(q, k, v)
+    with pytest.raises(ValueError, match=rf"environment variable {variable} must be"):
+        ops.bwd(torch.randn_like(out), q, k, v, out, lse)
+
+
+@pytest.mark.parametrize("variable,value", [("CUFLASH_SM90", ""), ("CUFLASH_SM90", "0"), ("CUFLASH_SM90", "cpasync"),
+                                            ("CUFLASH_SM90", "features,bwd,tma"), ("CUFLASH_BWD_DQ", "atomic")])
+def test_run_switch_values_are_accepted(variable, value, monkeypatch):
+    q, k, v = good()
+    monkeypatch.setenv(variable, value)
+    out, lse = ops.fwd(q, k, v)
+    ops.bwd(torch.randn_like(out), q, k, v, out, lse)
+
+
 @requires_cuda
 def test_mixed_devices():
     q, k, v = good("cuda")

@@ -1,12 +1,12 @@
 """The Hopper forwards, which plain 16-bit attention at head-dim buckets 64, 128 and 256 takes on a
-compute capability 9.0 GPU of an sm_90a build: csrc/cuda/sm90/flash_fwd_sm90.cuh (wgmma from
-swizzled shared memory, cp.async loads; the default) and, with CUFLASH_SM90=tma, the experimental
-warp-specialized flash_fwd_sm90_tma.cuh (TMA producer, two consumer warpgroups). Every test runs
-under both (the `mode` fixture). The same accuracy rule as every path, over the shapes that
-stress the tiles (one query, ragged blocks, rows that see no key), the masks, GQA, varlen and the
-[B, N, H, D] layout; the profiler shows which kernel ran, and CUFLASH_SM90=0 switches back to the
-sm_80-class kernel. CUFLASH_SM90=features (experimental) adds softcap, ALiBi, attn_mask and
-dropout to the cp.async kernel."""
+compute capability 9.0 GPU of an sm_90a build: the warp-specialized flash_fwd_sm90_tma.cuh (TMA
+producer, two consumer warpgroups; the default) and csrc/cuda/sm90/flash_fwd_sm90.cuh (wgmma from
+swizzled shared memory, cp.async loads; CUFLASH_SM90=cpasync, and what varlen and inputs TMA
+cannot address take). Every test runs under both (the `mode` fixture). The same accuracy rule as
+every path, over the shapes that stress the tiles (one query, ragged blocks, rows that see no
+key), the masks, GQA, varlen and the [B, N, H, D] layout; the profiler shows which kernel ran,
+and CUFLASH_SM90=0 switches back to the sm_80-class kernel. CUFLASH_SM90=features (experimental)
+adds softcap, ALiBi, attn_mask and dropout to the cp.async kernel."""
 import pytest
 import torch
 
@@ -20,10 +20,7 @@ KERNEL = {"cpasync": "flash_fwd_sm90_kernel", "tma": "flash_fwd_sm90_tma_kernel"
 
 @pytest.fixture(params=["cpasync", "tma"], autouse=True)
 def mode(request, monkeypatch):
-    if request.param == "tma":
-        monkeypatch.setenv("CUFLASH_SM90", "tma")  # read by the op at every call
-    else:
-        monkeypatch.delenv("CUFLASH_SM90", raising=False)
+    monkeypatch.setenv("CUFLASH_SM90", request.param)  # read by the op at every call
     return request.param
 
 
@@ -46,6 +43,17 @@ def test_other_cases_keep_the_sm80_kernel():
     assert "flash_fwd_sm90" not in forward_kernels(32)  # bucket 32
     assert "flash_fwd_sm90" not in forward_kernels(96)  # bucket 96
     assert "flash_fwd_sm90" not in forward_kernels(64, softcap=30.0)  # feature path
+
+
+def test_default_parts(monkeypatch):
+    """Unset: the TMA forward and the Hopper backward."""
+    monkeypatch.delenv("CUFLASH_SM90")
+    q, k, v = (torch.randn(1, 2, 100, 128, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+               for _ in range(3))
+    names = cuda_kernels(lambda: torch.autograd.grad(torch.ops.cuflash_attn.fwd(q, k, v, None, False, False)[0].sum(),
+                                                     (q, k, v)))
+    assert all(f"{kernel}<" in names for kernel in
+               ("flash_fwd_sm90_tma_kernel", "flash_bwd_dq_sm90_kernel", "flash_bwd_dkdv_sm90_kernel")), names
 
 
 def with_features(mode, monkeypatch):

@@ -13,6 +13,7 @@
 #include <utility>
 
 #include "../cuda/flash_launch.h"
+#include "../cuda/run_switches.h"
 #include "../flash_params.h"
 #include "fill_kernels.h"
 
@@ -110,6 +111,8 @@ Error check_config(const AttentionConfig& c) {
   if (q_elems >= kMaxSpan || k_elems >= kMaxSpan)
     return fail(Error::INVALID_DIMENSION, "q and k must have fewer than 2^62 elements");
   if (!std::isfinite(c.scale)) return fail(Error::INVALID_ARGUMENT, "scale must be finite, got ", c.scale);
+  if (const std::string bad_switch = run_switch_error(); !bad_switch.empty())
+    return fail(Error::INVALID_ARGUMENT, bad_switch.c_str());
   if (c.window_left < -1 || c.window_right < -1)
     return fail(Error::INVALID_ARGUMENT, "window_left and window_right must be >= -1 (-1: unbounded), got ",
                 c.window_left, " and ", c.window_right);

@@ -323,6 +323,16 @@ TEST_P(Validation, BadScalarsAndWindows) {
   expect_both([](auto& c) { c.window_right = -5; }, E::INVALID_ARGUMENT, "window_left and window_right");
 }
 
+TEST_P(Validation, RunSwitchNamingNothingIsRefused) {  // csrc/cuda/run_switches.h
+  for (const auto& [variable, value] : {std::pair{"CUFLASH_SM90", "tma,wgmma"}, {"CUFLASH_SM90", "1"},
+                                        {"CUFLASH_BWD_DQ", "atomics"}}) {
+    SCOPED_TRACE(std::string(variable) + "=" + value);
+    setenv(variable, value, 1);
+    expect_both([](auto&) {}, E::INVALID_ARGUMENT, std::string("environment variable ") + variable);
+    unsetenv(variable);
+  }
+}
+
 TEST_P(Validation, WindowsOfAnySizeAreAccepted) {
   for (const auto& [left, right] : {std::pair{0, 0}, {-1, 0}, {0, -1}, {std::numeric_limits<int>::max(), 3},
                                     {2, std::numeric_limits<int>::max()}}) {

@@ -1,5 +1,5 @@
-// Backward attention on Hopper warpgroup MMAs, EXPERIMENTAL: CUFLASH_SM90=bwd selects it for
-// plain 16-bit attention at head-dim buckets 64 and 128; it has not run on a GPU yet.
+// Backward attention on Hopper warpgroup MMAs: the default for plain 16-bit attention at head-dim
+// buckets 64 and 128 (run_switches.h; speed in benchmarks/NOTES.md).
 //
 // The two deterministic kernels of flash_bwd_kernel.cuh, with every matmul a wgmma: the
 // products with both operands in shared memory (S = Q K^T, dP = dO V^T and their transposes)

@@ -1,4 +1,5 @@
-// Forward attention on Hopper warpgroup MMAs (wgmma, sm_90a): issue 9's first kernel.
+// Forward attention on Hopper warpgroup MMAs (wgmma, sm_90a), cp.async loads: what plain attention
+// takes where the TMA kernel (flash_fwd_sm90_tma.cuh) cannot address the input, e.g. varlen.
 // One CTA per (kBlockM = 128 query rows, head, batch): two warpgroups of 64 rows each. Q and
 // the double-buffered K/V tiles sit in shared memory in the 128-byte-swizzled panels wgmma reads
 // (panel_offset); S = Q K^T reads both from there, P stays in registers as the A operand of
@@ -10,13 +11,12 @@
 #pragma once
 #include <cuda_runtime.h>
 #include <atomic>
-#include <cstdlib>
-#include <cstring>
 #include "../../flash_params.h"
 #include "../flash_fwd_kernel.cuh"  // store_out_and_lse
 #include "../mask.cuh"
 #include "../mma_sm80.cuh"
 #include "../online_softmax.cuh"
+#include "../run_switches.h"
 #include "wgmma.cuh"
 
 namespace cuflash::sm90 {
@@ -182,30 +182,18 @@ __global__ void __launch_bounds__(FwdSm90Kernel<T, kHeadDim, kFeatures>::kThread
 #endif
 }
 
-// Which Hopper kernels run p. None (the sm_80-class kernels) unless this is an sm_90a build on a
-// compute capability 9.0 device; then this file's forward for plain attention. CUFLASH_SM90 (read
-// at every call): "0" switches the Hopper kernels off; a comma list turns on experimental parts
-// not yet validated on a GPU: "tma" the warp-specialized forward (flash_fwd_sm90_tma.cuh, plain
-// attention that TMA can address), "features" this file's forward with softcap, ALiBi, attn_mask
-// and dropout (otherwise those run the sm_80-class kernel), "bwd" the Hopper backward
-// (flash_bwd_sm90.cuh, plain attention).
+// Which Hopper kernels run p: none (the sm_80-class kernels) unless this is an sm_90a build on a
+// compute capability 9.0 device; then the parts CUFLASH_SM90 selects (run_switches.h).
 struct Sm90Paths {
   bool fwd = false, tma = false, bwd = false;
 };
-inline bool env_list_has(const char* list, const char* item) {
-  const size_t n = std::strlen(item);
-  for (const char* at = list; (at = std::strstr(at, item)) != nullptr; at += n)
-    if ((at == list || at[-1] == ',') && (at[n] == '\0' || at[n] == ',')) return true;
-  return false;
-}
 inline Sm90Paths sm90_paths(const AttentionParams& p) {
   Sm90Paths choice;
 #ifdef CUFLASH_SM90A_BUILT
-  const char* env = std::getenv("CUFLASH_SM90");
-  if (env == nullptr) env = "";
-  if (std::strcmp(env, "0") == 0) return choice;
+  const Sm90Switch wanted = sm90_switch();
+  if (!wanted.on) return choice;
   const bool features = needs_feature_path(p);
-  if (features && !env_list_has(env, "features")) return choice;
+  if (features && !wanted.features) return choice;
   constexpr int kMaxDevices = 64;
   static std::atomic<int> is_sm90[kMaxDevices] = {};  // 0 unknown, 1 yes, 2 no
   int device = 0;
@@ -217,8 +205,8 @@ inline Sm90Paths sm90_paths(const AttentionParams& p) {
     is_sm90[device].store(major == 9 && minor == 0 ? 1 : 2, std::memory_order_relaxed);
   }
   choice.fwd = is_sm90[device].load(std::memory_order_relaxed) == 1;
-  choice.tma = choice.fwd && !features && env_list_has(env, "tma");
-  choice.bwd = choice.fwd && !features && env_list_has(env, "bwd");
+  choice.tma = choice.fwd && !features && wanted.tma;
+  choice.bwd = choice.fwd && !features && wanted.bwd;
 #else
   (void)p;
 #endif

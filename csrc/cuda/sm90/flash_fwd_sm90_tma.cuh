@@ -1,5 +1,5 @@
-// Forward attention on Hopper, warp-specialized (FlashAttention-3's structure), EXPERIMENTAL:
-// CUFLASH_SM90=tma selects it; it has not run on a GPU yet (see benchmarks/NOTES.md).
+// Forward attention on Hopper, warp-specialized (FlashAttention-3's structure): the default for
+// plain 16-bit attention that TMA can address (run_switches.h; speed in benchmarks/NOTES.md).
 //
 // CTA = 3 warpgroups. The producer (warpgroup 0, 24 registers per thread after setmaxnreg) has
 // one thread that loads Q once and K and V tiles through a 2-stage ring by TMA (128B-swizzled

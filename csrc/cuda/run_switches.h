@@ -1,0 +1,77 @@
+// The run-time switches: environment variables read at every call, so that tests and benchmarks
+// compare kernels within one process. Plain C++: the kernel launchers read them, and both API
+// layers (torch_ops.cpp, api/flash_attention.cpp) refuse a value that names nothing.
+//
+//   CUFLASH_SM90    which Hopper kernels run (sm_90a builds on a compute capability 9.0 GPU):
+//     unset or ""   the default parts, "tma,bwd"
+//     "0"           none: the sm_80-class kernels
+//     a comma list  exactly the parts named; the cp.async Hopper forward runs plain attention
+//                   wherever "tma" is not named or TMA cannot address the input:
+//       cpasync     no other part
+//       tma         the warp-specialized TMA forward, plain attention (flash_fwd_sm90_tma.cuh)
+//       bwd         the wgmma backward, plain attention (flash_bwd_sm90.cuh)
+//       features    softcap, ALiBi, attn_mask and dropout in the cp.async Hopper forward
+//                   (otherwise those take the sm_80-class forward)
+//   CUFLASH_BWD_DQ  unset or "": dQ by its own kernel; "atomic": added by the dK/dV kernel with
+//                   fp32 atomics (the sm_80-class backward, without the attn_mask gradient)
+#pragma once
+#include <cstdlib>
+#include <cstring>
+#include <string>
+
+namespace cuflash {
+
+struct Sm90Switch {
+  bool on = true, tma = true, bwd = true, features = false;
+};
+
+// value (null: unset) -> *out; false if value names something else.
+inline bool parse_sm90_switch(const char* value, Sm90Switch* out) {
+  Sm90Switch s;
+  if (value != nullptr && *value != '\0') {
+    s.tma = s.bwd = false;
+    if (std::strcmp(value, "0") == 0) {
+      s.on = false;
+    } else {
+      for (const char* at = value;;) {
+        const char* end = std::strchr(at, ',');
+        const size_t n = end ? static_cast<size_t>(end - at) : std::strlen(at);
+        auto is = [&](const char* name) { return std::strlen(name) == n && std::strncmp(at, name, n) == 0; };
+        if (is("tma")) s.tma = true;
+        else if (is("bwd")) s.bwd = true;
+        else if (is("features")) s.features = true;
+        else if (!is("cpasync")) return false;
+        if (!end) break;
+        at = end + 1;
+      }
+    }
+  }
+  *out = s;
+  return true;
+}
+
+inline Sm90Switch sm90_switch() {
+  Sm90Switch s;
+  if (!parse_sm90_switch(std::getenv("CUFLASH_SM90"), &s)) s.on = false;  // the API layers refused it
+  return s;
+}
+
+inline bool dq_atomic_switch() {
+  const char* value = std::getenv("CUFLASH_BWD_DQ");
+  return value != nullptr && std::strcmp(value, "atomic") == 0;
+}
+
+// The message for a switch set to something it does not name, or "" if both are valid.
+inline std::string run_switch_error() {
+  Sm90Switch unused;
+  const char* sm90 = std::getenv("CUFLASH_SM90");
+  if (!parse_sm90_switch(sm90, &unused))
+    return std::string("environment variable CUFLASH_SM90 must be unset, empty, \"0\" or a comma list of cpasync, "
+                       "tma, bwd and features, got \"") + sm90 + "\"";
+  const char* dq = std::getenv("CUFLASH_BWD_DQ");
+  if (dq != nullptr && *dq != '\0' && std::strcmp(dq, "atomic") != 0)
+    return std::string("environment variable CUFLASH_BWD_DQ must be unset, empty or \"atomic\", got \"") + dq + "\"";
+  return "";
+}
+
+}  // namespace cuflash
