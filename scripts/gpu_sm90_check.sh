@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# One device call for the experimental Hopper kernels (CUFLASH_SM90=tma, features, bwd): build
-# (sm_90a, head dims 64,128,256), the wgmma/TMA probe, then their tests in parallel processes,
+# One device call for the Hopper kernels (CUFLASH_SM90 parts: tma, bwd, the experimental
+# features): build (sm_90a, every head dim), the wgmma/TMA probe, then their tests in parallel processes,
 # each under a time limit (a wrong mbarrier phase hangs a kernel, it does not fail it), then
 # the benchmark of the variants beside the default kernels and the SDPA peers.
 #   GPU_SM90_BENCH="..."   bench_attention.py arguments ("" skips the benchmark)
@@ -11,7 +11,7 @@ cd "$(dirname "$0")/.."
 OUT=${OUT:-gpu_out}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 MAX_JOBS=${MAX_JOBS:-$(nproc)}
-export CUFLASH_CUDA_ARCHS=${CUFLASH_CUDA_ARCHS:-9.0a} CUFLASH_HEAD_DIMS=${CUFLASH_HEAD_DIMS:-64,128,256}
+export CUFLASH_CUDA_ARCHS=${CUFLASH_CUDA_ARCHS:-9.0a}
 LIMIT=${GPU_SM90_LIMIT_S:-300}
 start=$(date +%s)
 if ! ls cuflash_attn/_C*.so >/dev/null 2>&1; then

@@ -95,6 +95,32 @@ def test_matches_reference(dtype, d, nq, nk, causal, bottom_right):
     check_dense("cuda", dtype, 2, 2, 2, nq, nk, d, causal=causal, bottom_right=bottom_right)
 
 
+@pytest.mark.parametrize("d", [64, 128, 256])
+@pytest.mark.parametrize("nq,nk,causal,wide", [(100, 100, False, False), (100, 2048, False, True),
+                                               (2048, 2048, True, False), (4096, 4096, True, True)])
+def test_tma_tile_choice(d, nq, nk, causal, wide, mode):
+    """The TMA kernel takes its wide tile (head dims 64 and 256) where the middle query row sees
+    2048 keys or more."""
+    if mode != "tma":
+        pytest.skip("the TMA kernel's tiles")
+    q = torch.randn(1, 1, nq, d, device="cuda", dtype=torch.bfloat16)
+    k, v = (torch.randn(1, 1, nk, d, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    names = cuda_kernels(lambda: torch.ops.cuflash_attn.fwd(q, k, v, None, causal, False))
+    expected = "true" if wide and d != 128 else "false"
+    assert f"flash_fwd_sm90_tma_kernel<__nv_bfloat16, {d}, {expected}>" in names, names
+
+
+@pytest.mark.parametrize("dtype", LOW_PRECISION, ids=LOW_PRECISION_IDS)
+@pytest.mark.parametrize("d", [64, 256])
+def test_wide_tile_matches_reference(dtype, d):
+    """Shapes that take the wide tile, ragged against its 192 query rows and 80 keys."""
+    check_dense("cuda", dtype, 1, 2, 2, 1, 2100, d)
+    check_dense("cuda", dtype, 1, 4, 2, 333, 2100, d)
+    check_dense("cuda", dtype, 1, 2, 1, 300, 2300, d, causal=True, bottom_right=True)
+    check_dense("cuda", dtype, 1, 2, 2, 4200, 4200, d, causal=True)
+    check_dense("cuda", dtype, 1, 2, 2, 1500, 3000, d, window=(2100, -1))
+
+
 @pytest.mark.parametrize("dtype", LOW_PRECISION, ids=LOW_PRECISION_IDS)
 @pytest.mark.parametrize("d", [64, 128, 256])
 def test_gqa_and_window(dtype, d):

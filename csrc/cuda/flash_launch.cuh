@@ -39,6 +39,26 @@ cudaError_t with_feature_path(const AttentionParams& p, F&& f) {
   return f(std::false_type{});
 }
 
+// The TMA forward, with the wide tile where it pays; false (nothing launched) where TMA cannot
+// address p, varlen included: a box would read past a packed sequence's end.
+template <typename T, int kHeadDim>
+bool launch_fwd_tma(const FlashFwdParams& p, cudaStream_t stream, cudaError_t* err) {
+  if (p.varlen.cu_seqlens_q != nullptr) return false;
+  auto run = [&](auto wide) {
+    constexpr bool kWide = decltype(wide)::value;
+    using K = sm90::FwdSm90TmaKernel<T, kHeadDim, kWide>;
+    sm90::AttentionTmaMaps maps;
+    if (!sm90::encode_fwd_tma_maps<T, kHeadDim, kWide>(p, &maps)) return false;
+    *err = launch(sm90::flash_fwd_sm90_tma_kernel<T, kHeadDim, kWide>,
+                  dim3(ceil_div(p.shape.seqlen_q, K::kBlockM), p.shape.heads_q, p.shape.batch), K::kThreads,
+                  K::kSmemBytes, stream, p, maps.q, maps.k, maps.v);
+    return true;
+  };
+  if constexpr (sm90::FwdSm90TmaKernel<T, kHeadDim, false>::kHasWide)
+    if (sm90::wide_tile_pays(p)) return run(std::true_type{});
+  return run(std::false_type{});
+}
+
 template <typename T, int kHeadDim>
 cudaError_t run_flash_fwd(const FlashFwdParams& p, cudaStream_t stream) {
   const AttentionShape& sh = p.shape;
@@ -48,13 +68,8 @@ cudaError_t run_flash_fwd(const FlashFwdParams& p, cudaStream_t stream) {
   } else {
     if constexpr (sm90::kFwdHeadDim<kHeadDim>) {
       const sm90::Sm90Paths hopper = sm90::sm90_paths(p);
-      sm90::AttentionTmaMaps maps;
-      if (hopper.tma && sm90::encode_fwd_tma_maps<T, kHeadDim>(p, &maps)) {
-        using K = sm90::FwdSm90TmaKernel<T, kHeadDim>;
-        return launch(sm90::flash_fwd_sm90_tma_kernel<T, kHeadDim>,
-                      dim3(ceil_div(sh.seqlen_q, K::kBlockM), sh.heads_q, sh.batch), K::kThreads, K::kSmemBytes,
-                      stream, p, maps.q, maps.k, maps.v);
-      }
+      cudaError_t err;
+      if (hopper.tma && launch_fwd_tma<T, kHeadDim>(p, stream, &err)) return err;
       if (hopper.fwd)
         return with_feature_path(p, [&](auto features) {
           using K = sm90::FwdSm90Kernel<T, kHeadDim, features()>;

@@ -1,15 +1,15 @@
 // Forward attention on Hopper, warp-specialized (FlashAttention-3's structure): the default for
 // plain 16-bit attention that TMA can address (run_switches.h; speed in benchmarks/NOTES.md).
 //
-// CTA = 3 warpgroups. The producer (warpgroup 0, 24 registers per thread after setmaxnreg) has
-// one thread that loads Q once and K and V tiles through a 2-stage ring by TMA (128B-swizzled
-// boxes, the panels wgmma reads), each stage with a "full" mbarrier (TMA bytes) and an "empty"
-// one (an arrival from each consumer warp once its wgmmas have read the stage). The two
-// consumer warpgroups (240 registers) own 64 query rows each: at step t they issue
+// CTA = 1 + 2 or 3 warpgroups. The producer (warpgroup 0, 24 or 32 registers per thread after
+// setmaxnreg) has one thread that loads Q once and K and V tiles through a 2-stage ring by TMA
+// (128B-swizzled boxes, the panels wgmma reads), each stage with a "full" mbarrier (TMA bytes)
+// and an "empty" one (an arrival from each consumer warp once its wgmmas have read the stage).
+// The consumer warpgroups (240 or 160 registers) own 64 query rows each: at step t they issue
 // S_t = Q K_t^T and O += P_{t-1} V_{t-1} together and run the softmax of S_t while the latter
-// runs on the tensor cores; and the two take turns issuing (ping-pong), so that one's softmax
-// overlaps the other's matmuls. No load addresses, cp.async or block-wide barriers in the
-// consumers: that is what the cp.async kernel (flash_fwd_sm90.cuh) was short of.
+// runs on the tensor cores; and they take turns issuing, so that one's softmax overlaps the
+// others' matmuls. No load addresses, cp.async or block-wide barriers in the consumers: that is
+// what the cp.async kernel (flash_fwd_sm90.cuh) was short of.
 // Dense inputs only (no cu_seqlens: a TMA box would read past a packed sequence's end).
 #pragma once
 #include <type_traits>
@@ -18,25 +18,36 @@
 
 namespace cuflash::sm90 {
 
-template <typename T, int kHeadDim>
+// Tiles. The narrow ones suit query rows that see up to a couple of thousand keys; kWide,
+// FlashAttention-3's tiles for 16-bit inputs, is faster beyond (benchmarks/NOTES.md, 2026-12-01):
+// at head dim 64 three consumer warpgroups (192 query rows) share the producer, so that more
+// softmax hides under the matmuls; at 256, 80 keys a step (what two stages of K and V leave room
+// for beside Q). Head dim 128 has one tile.
+template <typename T, int kHeadDim, bool kWide>
 struct FwdSm90TmaKernel {
-  static constexpr int kConsumers = 2, kThreads = 128 * (kConsumers + 1), kBlockM = 64 * kConsumers;
-  static constexpr int kBlockN = kHeadDim <= 128 ? 128 : 64;
+  static constexpr bool kHasWide = kHeadDim != 128;
+  static_assert(kHasWide || !kWide, "one tile at head dim 128");
+  static constexpr int kConsumers = kWide && kHeadDim <= 64 ? 3 : 2;
+  static constexpr int kThreads = 128 * (kConsumers + 1), kBlockM = 64 * kConsumers;
+  static constexpr int kBlockN = kHeadDim <= 128 ? 128 : (kWide ? 80 : 64);
   static constexpr int kStages = 2;
   static constexpr int kQBytes = kBlockM * kHeadDim * 2, kKVBytes = kBlockN * kHeadDim * 2;
   // Barriers: Q full, then per stage K full, V full, K empty, V empty.
   static constexpr int kBarriers = 1 + 4 * kStages;
   // + 1024: the swizzle atoms must start on 1024-byte boundaries; the base is aligned by hand.
   static constexpr int kSmemBytes = kQBytes + 2 * kStages * kKVBytes + kBarriers * 8 + 1024;
-  static constexpr int kProducerRegs = 24, kConsumerRegs = 240;
+  // setmaxnreg: the producer's registers go to the consumers (65536 per SM in all).
+  static constexpr int kProducerRegs = kConsumers == 2 ? 24 : 32, kConsumerRegs = kConsumers == 2 ? 240 : 160;
+  static_assert(128 * (kProducerRegs + kConsumers * kConsumerRegs) <= 65536, "register file");
+  static_assert(kSmemBytes <= 227 * 1024, "shared memory per block");
 };
 
-template <typename T, int kHeadDim>
-__global__ void __launch_bounds__(FwdSm90TmaKernel<T, kHeadDim>::kThreads, 1)
+template <typename T, int kHeadDim, bool kWide>
+__global__ void __launch_bounds__(FwdSm90TmaKernel<T, kHeadDim, kWide>::kThreads, 1)
     flash_fwd_sm90_tma_kernel(const FlashFwdParams p, const __grid_constant__ CUtensorMap map_q,
                               const __grid_constant__ CUtensorMap map_k, const __grid_constant__ CUtensorMap map_v) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
-  using K = FwdSm90TmaKernel<T, kHeadDim>;
+  using K = FwdSm90TmaKernel<T, kHeadDim, kWide>;
   constexpr int kBlockM = K::kBlockM, kBlockN = K::kBlockN, kStages = K::kStages;
   constexpr int kPanels = kHeadDim / 64, kConsumerThreads = 128 * K::kConsumers;
   extern __shared__ char smem_raw[];
@@ -120,18 +131,13 @@ __global__ void __launch_bounds__(FwdSm90TmaKernel<T, kHeadDim>::kThreads, 1)
     auto desc_v = [&](int stage) { return opaque(desc_v0) + ((stage * K::kKVBytes) >> 4); };
     auto wait_v = [&](int step) { mbarrier_wait(&v_full[step % kStages], (step / kStages) & 1); };
     uint32_t pa[kBlockN / 16][4];  // P of the previous step, the A operand of its P V
-    // Ping-pong: the consumers take turns issuing their wgmmas (named barriers 2 and 3, each
-    // a consumer's turn), so that one's softmax runs while the other's matmuls hold the tensor
-    // cores. Consumer 0 goes first.
-    auto my_turn = [&] {
-      if (consumer == 0) named_barrier_sync<2, kConsumerThreads>();
-      else named_barrier_sync<3, kConsumerThreads>();
-    };
-    auto your_turn = [&] {
-      if (consumer == 0) named_barrier_arrive<3, kConsumerThreads>();
-      else named_barrier_arrive<2, kConsumerThreads>();
-    };
-    if (consumer == 1) named_barrier_arrive<2, kConsumerThreads>();
+    // Turns: the consumers take turns issuing their wgmmas, in a ring (named barrier 2 + c is
+    // consumer c's turn, signalled by the consumer before it), so that one's softmax runs while
+    // another's matmuls hold the tensor cores. Consumer 0 goes first.
+    constexpr int kTurnThreads = 2 * 128;  // the warpgroup that waits and the one that signals
+    auto my_turn = [&] { named_barrier_sync<kTurnThreads>(2 + consumer); };
+    auto your_turn = [&] { named_barrier_arrive<kTurnThreads>(2 + (consumer + 1) % K::kConsumers); };
+    if (consumer == K::kConsumers - 1) named_barrier_arrive<kTurnThreads>(2);
     // P of S (the raw q.k of step t) as the next P V's A operand; alpha: the rescale of O.
     auto softmax_step = [&](WarpAcc<kBlockN>& s, int t, float (&alpha)[2]) {
       scores_from_qk<false>(s, mod, p.mask, seq, row0, block_of(t) * kBlockN, lane);
@@ -175,7 +181,7 @@ __global__ void __launch_bounds__(FwdSm90TmaKernel<T, kHeadDim>::kThreads, 1)
       OnlineSoftmax::rescale_rows(o, alpha);
       to_pa(s);
     }
-    // Consumer 1's last turn signal is taken here, so no barrier is left half-arrived at exit.
+    // The last consumer's last turn signal is taken here, so no barrier is left half-arrived.
     if (consumer == 0) my_turn();
     wait_v(steps - 1);
     wgmma_fence();
@@ -184,7 +190,7 @@ __global__ void __launch_bounds__(FwdSm90TmaKernel<T, kHeadDim>::kThreads, 1)
   }
 
   // The output, staged through shared memory once both consumers' wgmmas are done reading it.
-  named_barrier_sync<1, kConsumerThreads>();
+  named_barrier_sync<kConsumerThreads>(1);
   const SmemTile<T, kBlockM, kHeadDim> stage_tile{reinterpret_cast<T*>(smem)};
   static_assert(SmemTile<T, kBlockM, kHeadDim>::kElems * sizeof(T) <= K::kQBytes + 2 * kStages * K::kKVBytes,
                 "staging fits");
@@ -195,16 +201,24 @@ __global__ void __launch_bounds__(FwdSm90TmaKernel<T, kHeadDim>::kThreads, 1)
 #endif
 }
 
-// The tensor maps of q, k and v for the TMA kernel; false where TMA cannot address them (packed
-// sequences, alignment, zero strides): the cp.async kernel runs then.
+// Whether the wide tile pays for dense p: its middle query row sees 2048 keys or more (under a
+// causal mask or a window, the mean over the rows is about the middle row's).
+inline bool wide_tile_pays(const FlashFwdParams& p) {
+  const Sequence s = sequence_of(p, 0);
+  const int middle = s.seqlen_q / 2;
+  const Range keys = visible_keys(p.mask, s, middle, middle + 1);
+  return keys.end - keys.begin >= 2048;
+}
+
+// The tensor maps of q, k and v for the TMA kernel of dense p; false where TMA cannot address
+// them (alignment, zero strides): the cp.async kernel runs then.
 struct AttentionTmaMaps {
   CUtensorMap q, k, v;
 };
-template <typename T, int kHeadDim>
+template <typename T, int kHeadDim, bool kWide>
 bool encode_fwd_tma_maps(const FlashFwdParams& p, AttentionTmaMaps* maps) {
-  using K = FwdSm90TmaKernel<T, kHeadDim>;
+  using K = FwdSm90TmaKernel<T, kHeadDim, kWide>;
   const AttentionShape& sh = p.shape;
-  if (p.varlen.cu_seqlens_q != nullptr) return false;
   constexpr bool kBf16 = std::is_same_v<T, __nv_bfloat16>;
   return encode_attention_map(&maps->q, p.q, kBf16, p.q_strides, sh.batch, sh.heads_q, sh.seqlen_q, sh.head_dim,
                               K::kBlockM) &&

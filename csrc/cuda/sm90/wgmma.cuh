@@ -117,16 +117,16 @@ __device__ __forceinline__ void tma_load_4d(void* dst, const void* tensor_map, u
 __device__ __forceinline__ void mbarrier_arrive(uint64_t* bar) {
   asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" ::"r"(smem_u32(bar)) : "memory");
 }
-// A barrier among kThreads threads (a multiple of 32) of the CTA, kId 1-15 (0 is __syncthreads).
-template <int kId, int kThreads>
-__device__ __forceinline__ void named_barrier_sync() {
-  asm volatile("bar.sync %0, %1;\n" ::"n"(kId), "n"(kThreads) : "memory");
+// A barrier among kThreads threads (a multiple of 32) of the CTA, id 1-15 (0 is __syncthreads).
+template <int kThreads>
+__device__ __forceinline__ void named_barrier_sync(int id) {
+  asm volatile("bar.sync %0, %1;\n" ::"r"(id), "n"(kThreads) : "memory");
 }
 // Arrives at a named barrier without waiting: with named_barrier_sync of other threads on the
-// same id, one side signals the other (threads counts both sides).
-template <int kId, int kThreads>
-__device__ __forceinline__ void named_barrier_arrive() {
-  asm volatile("bar.arrive %0, %1;\n" ::"n"(kId), "n"(kThreads) : "memory");
+// same id, one side signals the other (kThreads counts both sides).
+template <int kThreads>
+__device__ __forceinline__ void named_barrier_arrive(int id) {
+  asm volatile("bar.arrive %0, %1;\n" ::"r"(id), "n"(kThreads) : "memory");
 }
 // Warp-specialized kernels move registers from the producer warpgroup to the consumers; every
 // thread of the warpgroup executes it.
