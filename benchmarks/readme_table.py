@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Rewrites README.md's speed table from the newest committed H100 results JSON.
+"""Rewrites README.md's speed table from the newest committed H100-class (H100, H200) results JSON.
 
     python3 benchmarks/readme_table.py            # rewrite the block in README.md
     python3 benchmarks/readme_table.py --check    # exit 1 if the block is out of date
@@ -39,15 +39,17 @@ def standard_rows(results):
 
 
 def newest_results(directory, gpu):
-    """The results JSON of the latest date whose GPU name contains `gpu` and that has our bf16
-    bhnd timings (file dates, not mtimes: a checkout's mtimes mean nothing)."""
+    """The results JSON of the latest date whose GPU name contains one of the comma-separated
+    names in `gpu` and that has our bf16 bhnd timings (file dates, not mtimes: a checkout's
+    mtimes mean nothing)."""
     candidates = []
     for path in sorted(Path(directory).glob("*.json")):
         try:
             results = json.loads(path.read_text())
         except (OSError, ValueError):
             continue
-        if gpu.lower() not in results.get("env", {}).get("gpu", "").lower():
+        name = results.get("env", {}).get("gpu", "").lower()
+        if not any(g.strip().lower() in name for g in gpu.split(",")):
             continue
         ours = sum(timed(impls.get(OURS)) for impls in standard_rows(results).values())
         if ours:
@@ -139,7 +141,7 @@ def main(argv=None):
     p.add_argument("--print", action="store_true", help="print the block; change nothing")
     p.add_argument("--json", type=Path, default=None, help="results JSON (default: the newest for --gpu)")
     p.add_argument("--results", type=Path, default=RESULTS_DIR, help="where to look for it")
-    p.add_argument("--gpu", default="H100", help="GPU name substring (default H100)")
+    p.add_argument("--gpu", default="H100,H200", help="GPU name substrings, any of them (default H100,H200)")
     p.add_argument("--readme", type=Path, default=README)
     args = p.parse_args(argv)
     json_path = (args.json or newest_results(args.results, args.gpu)).resolve()
