@@ -6,7 +6,7 @@ cannot address take). Every test runs under both (the `mode` fixture). The same 
 every path, over the shapes that stress the tiles (one query, ragged blocks, rows that see no
 key), the masks, GQA, varlen and the [B, N, H, D] layout; the profiler shows which kernel ran,
 and CUFLASH_SM90=0 switches back to the sm_80-class kernel. CUFLASH_SM90=features (experimental)
-adds softcap, ALiBi, attn_mask and dropout to the cp.async kernel."""
+adds softcap, ALiBi, attn_mask and dropout to both kernels."""
 import pytest
 import torch
 
@@ -60,10 +60,18 @@ def with_features(mode, monkeypatch):
     monkeypatch.setenv("CUFLASH_SM90", "tma,features" if mode == "tma" else "features")
 
 
-def test_feature_path_taken(mode, monkeypatch):
+@pytest.mark.parametrize("d", [64, 128, 256])
+def test_feature_path_taken(d, mode, monkeypatch):
+    """The mode's kernel with kFeatures (the TMA one on its narrow tile, however long the rows)."""
     with_features(mode, monkeypatch)
-    names = forward_kernels(64, softcap=30.0)
-    assert "flash_fwd_sm90_kernel<" in names and "true>" in names and "tma" not in names, names
+    names = forward_kernels(d, softcap=30.0)
+    expected = f"flash_fwd_sm90_kernel<__nv_bfloat16, {d}, true>" if mode == "cpasync" else \
+        f"flash_fwd_sm90_tma_kernel<__nv_bfloat16, {d}, false, true>"
+    assert expected in names, names
+    q = torch.randn(1, 1, 100, d, device="cuda", dtype=torch.bfloat16)
+    k, v = (torch.randn(1, 1, 4096, d, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    names = cuda_kernels(lambda: torch.ops.cuflash_attn.fwd(q, k, v, None, False, False, softcap=30.0))
+    assert expected in names, names
 
 
 @pytest.mark.parametrize("dtype", LOW_PRECISION, ids=LOW_PRECISION_IDS)
@@ -75,6 +83,7 @@ def test_features(dtype, d, mode, monkeypatch):
                 softcap=20.0, alibi="batch", dropout_p=0.2)
     check_dense("cuda", dtype, 2, 4, 2, 130, 77, d, attn_mask=("float", "B1LS"))
     check_dense("cuda", dtype, 1, 2, 2, 200, 333, d, attn_mask=("bool", "B1LS"))
+    check_dense("cuda", dtype, 1, 2, 1, 200, 2100, d, softcap=15.0, alibi="batch", dropout_p=0.1)  # long rows
 
 
 def test_varlen_never_takes_tma():
@@ -107,7 +116,7 @@ def test_tma_tile_choice(d, nq, nk, causal, wide, mode):
     k, v = (torch.randn(1, 1, nk, d, device="cuda", dtype=torch.bfloat16) for _ in range(2))
     names = cuda_kernels(lambda: torch.ops.cuflash_attn.fwd(q, k, v, None, causal, False))
     expected = "true" if wide and d != 128 else "false"
-    assert f"flash_fwd_sm90_tma_kernel<__nv_bfloat16, {d}, {expected}>" in names, names
+    assert f"flash_fwd_sm90_tma_kernel<__nv_bfloat16, {d}, {expected}, false>" in names, names
 
 
 @pytest.mark.parametrize("dtype", LOW_PRECISION, ids=LOW_PRECISION_IDS)

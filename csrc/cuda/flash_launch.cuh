@@ -39,24 +39,26 @@ cudaError_t with_feature_path(const AttentionParams& p, F&& f) {
   return f(std::false_type{});
 }
 
-// The TMA forward, with the wide tile where it pays; false (nothing launched) where TMA cannot
-// address p, varlen included: a box would read past a packed sequence's end.
+// The TMA forward, with the wide tile where it pays (plain attention only); false (nothing
+// launched) where TMA cannot address p, varlen included: a box would read past a packed
+// sequence's end.
 template <typename T, int kHeadDim>
 bool launch_fwd_tma(const FlashFwdParams& p, cudaStream_t stream, cudaError_t* err) {
   if (p.varlen.cu_seqlens_q != nullptr) return false;
-  auto run = [&](auto wide) {
-    constexpr bool kWide = decltype(wide)::value;
+  auto run = [&](auto wide, auto features) {
+    constexpr bool kWide = decltype(wide)::value, kFeatures = decltype(features)::value;
     using K = sm90::FwdSm90TmaKernel<T, kHeadDim, kWide>;
     sm90::AttentionTmaMaps maps;
     if (!sm90::encode_fwd_tma_maps<T, kHeadDim, kWide>(p, &maps)) return false;
-    *err = launch(sm90::flash_fwd_sm90_tma_kernel<T, kHeadDim, kWide>,
+    *err = launch(sm90::flash_fwd_sm90_tma_kernel<T, kHeadDim, kWide, kFeatures>,
                   dim3(ceil_div(p.shape.seqlen_q, K::kBlockM), p.shape.heads_q, p.shape.batch), K::kThreads,
                   K::kSmemBytes, stream, p, maps.q, maps.k, maps.v);
     return true;
   };
+  if (needs_feature_path(p)) return run(std::false_type{}, std::true_type{});
   if constexpr (sm90::FwdSm90TmaKernel<T, kHeadDim, false>::kHasWide)
-    if (sm90::wide_tile_pays(p)) return run(std::true_type{});
-  return run(std::false_type{});
+    if (sm90::wide_tile_pays(p)) return run(std::true_type{}, std::false_type{});
+  return run(std::false_type{}, std::false_type{});
 }
 
 template <typename T, int kHeadDim>

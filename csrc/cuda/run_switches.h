@@ -10,8 +10,8 @@
 //       cpasync     no other part
 //       tma         the warp-specialized TMA forward, plain attention (flash_fwd_sm90_tma.cuh)
 //       bwd         the wgmma backward, plain attention (flash_bwd_sm90.cuh)
-//       features    softcap, ALiBi, attn_mask and dropout in the cp.async Hopper forward
-//                   (otherwise those take the sm_80-class forward)
+//       features    softcap, ALiBi, attn_mask and dropout in the Hopper forwards (the TMA one
+//                   where "tma" is listed too; otherwise those take the sm_80-class forward)
 //   CUFLASH_BWD_DQ  unset or "": dQ by its own kernel; "atomic": added by the dK/dV kernel with
 //                   fp32 atomics (the sm_80-class backward, without the attn_mask gradient)
 #pragma once

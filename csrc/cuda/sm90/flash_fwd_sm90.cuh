@@ -7,7 +7,8 @@
 // are the sm_80 kernel's, on the same accumulator layout (a warp's share of a 64 x N wgmma
 // accumulator is a WarpAcc<N>). Loads are cp.async by every thread, as in the sm_80 kernel.
 // kFeatures (softcap, ALiBi, attn_mask, dropout) is experimental: sm90_paths below keeps those on
-// the sm_80-class kernel unless CUFLASH_SM90 lists "features".
+// the sm_80-class kernel unless CUFLASH_SM90 lists "features" (then this kernel runs them, or the
+// TMA one where "tma" is listed too).
 #pragma once
 #include <cuda_runtime.h>
 #include <atomic>
@@ -205,7 +206,7 @@ inline Sm90Paths sm90_paths(const AttentionParams& p) {
     is_sm90[device].store(major == 9 && minor == 0 ? 1 : 2, std::memory_order_relaxed);
   }
   choice.fwd = is_sm90[device].load(std::memory_order_relaxed) == 1;
-  choice.tma = choice.fwd && !features && wanted.tma;
+  choice.tma = choice.fwd && wanted.tma;
   choice.bwd = choice.fwd && !features && wanted.bwd;
 #else
   (void)p;

@@ -42,7 +42,9 @@ struct FwdSm90TmaKernel {
   static_assert(kSmemBytes <= 227 * 1024, "shared memory per block");
 };
 
-template <typename T, int kHeadDim, bool kWide>
+// kFeatures: softcap, ALiBi, attn_mask or dropout may be on (EXPERIMENTAL, CUFLASH_SM90 lists
+// "features"), in the consumers' softmax step as in the other forwards.
+template <typename T, int kHeadDim, bool kWide, bool kFeatures>
 __global__ void __launch_bounds__(FwdSm90TmaKernel<T, kHeadDim, kWide>::kThreads, 1)
     flash_fwd_sm90_tma_kernel(const FlashFwdParams p, const __grid_constant__ CUtensorMap map_q,
                               const __grid_constant__ CUtensorMap map_k, const __grid_constant__ CUtensorMap map_v) {
@@ -117,6 +119,8 @@ __global__ void __launch_bounds__(FwdSm90TmaKernel<T, kHeadDim, kWide>::kThreads
   o.zero();
   OnlineSoftmax softmax;
   const ScoreMod<T> mod(p, b, h);
+  const bool dropout = kFeatures && p.dropout.p > 0.0;
+  const DropoutRng rng = dropout ? make_dropout_rng(p.dropout) : DropoutRng{};
   if (steps > 0) {
     const uint64_t desc_q = smem_desc_k_major_sw128(sQ, consumer * 64 * 128);
     const uint64_t desc_k0 = smem_desc_k_major_sw128(sK(0));
@@ -139,9 +143,12 @@ __global__ void __launch_bounds__(FwdSm90TmaKernel<T, kHeadDim, kWide>::kThreads
     auto your_turn = [&] { named_barrier_arrive<kTurnThreads>(2 + (consumer + 1) % K::kConsumers); };
     if (consumer == K::kConsumers - 1) named_barrier_arrive<kTurnThreads>(2);
     // P of S (the raw q.k of step t) as the next P V's A operand; alpha: the rescale of O.
+    // Dropout after the softmax has summed every probability: only the kept ones reach P V.
     auto softmax_step = [&](WarpAcc<kBlockN>& s, int t, float (&alpha)[2]) {
-      scores_from_qk<false>(s, mod, p.mask, seq, row0, block_of(t) * kBlockN, lane);
+      const int col0 = block_of(t) * kBlockN;
+      scores_from_qk<kFeatures>(s, mod, p.mask, seq, row0, col0, lane);
       softmax.exp_and_rescale_factor(s, alpha);
+      if (dropout) apply_dropout(s, rng, b, h, sh.heads_q, row0, col0, lane);
     };
     auto to_pa = [&](const WarpAcc<kBlockN>& s) {
 #pragma unroll

@@ -1,0 +1,77 @@
+#!/usr/bin/env python3
+"""Forward speed of the feature path (softcap, ALiBi, dropout) on each kernel that runs it.
+
+    python3 benchmarks/bench_features.py [--head-dims 64,128,256] [--seqlens 2048,8192]
+
+For every shape and feature set, our forward under each CUFLASH_SM90 value in --variants (read at
+every call, csrc/cuda/run_switches.h): by default "" (features on the sm_80-class forward, plain
+attention on the Hopper ones), "bwd,features" (features on the cp.async Hopper forward) and
+"tma,bwd,features" (on the TMA forward).
+Prints a markdown table of TFLOP/s, each variant against the first, and each feature set
+against plain attention under the same variant (issue 9 asks features to cost at most 10%).
+Standard shapes as bench_attention.py's (batch * seqlen = 16384, heads = 2048 / D, bf16)."""
+import argparse
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import bench_attention as bench  # noqa: E402
+
+FEATURES = {
+    "plain": {},
+    "softcap": {"softcap": 30.0},
+    "alibi": {"alibi": True},
+    "dropout": {"dropout_p": 0.1},
+}
+
+
+def forward(q, k, v, causal, options):
+    kw = dict(options)
+    if kw.pop("alibi", False):
+        kw["alibi_slopes"] = torch.rand(q.shape[1], device=q.device, dtype=torch.float32)
+    return lambda: torch.ops.cuflash_attn.fwd(q, k, v, None, causal, False, **kw)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--head-dims", type=lambda s: bench.parse_list(s, int), default=[64, 128, 256])
+    p.add_argument("--seqlens", type=lambda s: bench.parse_list(s, int), default=[2048, 8192])
+    p.add_argument("--variants", type=lambda s: s.split(";"), default=["", "bwd,features", "tma,bwd,features"],
+                   help="CUFLASH_SM90 values, ';'-separated (default: ';bwd,features;tma,bwd,features')")
+    p.add_argument("--warmup-ms", type=float, default=10.0)
+    p.add_argument("--rep-ms", type=float, default=50.0)
+    args = p.parse_args(argv)
+    bench.import_cuflash_attn()
+    timer = bench.make_timer(args.warmup_ms, args.rep_ms)
+    names = [v or "unset" for v in args.variants]
+    print(f"{bench.env_line(bench.environment())}\n")
+    header = ["D", "causal", "N", "features"] + [f"{n} TFLOP/s" for n in names]
+    header += [f"{n} / {names[0]}" for n in names[1:]] + [f"{n}: / plain" for n in names]
+    print("| " + " | ".join(header) + " |\n|" + "---|" * len(header))
+    for d in args.head_dims:
+        for n in args.seqlens:
+            batch, heads = max(1, 16384 // n), 2048 // d
+            q, k, v = (torch.randn(batch, heads, n, d, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+            for causal in (False, True):
+                flops = bench.fwd_flops(batch, heads, n, n, d, causal)
+                plain = {}
+                for feature, options in FEATURES.items():
+                    speeds = []
+                    for variant in args.variants:
+                        os.environ["CUFLASH_SM90"] = variant
+                        speeds.append(bench.tflops(flops, timer(forward(q, k, v, causal, options))))
+                    if feature == "plain":
+                        plain = speeds
+                    row = [str(d), "yes" if causal else "no", str(n), feature] + [f"{s:.0f}" for s in speeds]
+                    row += [f"{s / speeds[0]:.2f}x" for s in speeds[1:]]
+                    row += [f"{s / b:.2f}x" for s, b in zip(speeds, plain)]
+                    print("| " + " | ".join(row) + " |", flush=True)
+    os.environ.pop("CUFLASH_SM90", None)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
