@@ -102,7 +102,8 @@ def test_bwd_rejects_bad_stats_and_shapes(device):
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("variable,value", [("CUFLASH_SM90", "tma,wgmma"), ("CUFLASH_SM90", "1"),
-                                            ("CUFLASH_SM90", "tma,"), ("CUFLASH_BWD_DQ", "atomics")])
+                                            ("CUFLASH_SM90", "tma,"), ("CUFLASH_BWD_DQ", "atomics"),
+                                            ("CUFLASH_DEBUG", "yes")])
 def test_run_switch_naming_nothing_is_refused(device, variable, value, monkeypatch):
     """A misspelt switch is an error at the next call, not a silent default."""
     q, k, v = good(device)
@@ -115,7 +116,8 @@ def test_run_switch_naming_nothing_is_refused(device, variable, value, monkeypat
 
 
 @pytest.mark.parametrize("variable,value", [("CUFLASH_SM90", ""), ("CUFLASH_SM90", "0"), ("CUFLASH_SM90", "cpasync"),
-                                            ("CUFLASH_SM90", "features,bwd,tma"), ("CUFLASH_BWD_DQ", "atomic")])
+                                            ("CUFLASH_SM90", "features,bwd,tma"), ("CUFLASH_BWD_DQ", "atomic"),
+                                            ("CUFLASH_DEBUG", "0"), ("CUFLASH_DEBUG", "1")])
 def test_run_switch_values_are_accepted(variable, value, monkeypatch):
     q, k, v = good()
     monkeypatch.setenv(variable, value)

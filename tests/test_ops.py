@@ -198,3 +198,21 @@ def test_lse_gradient(device):
     q, k, v = qkv(device, torch.float64, b=1, h=2, nq=7, nk=10, d=8)
     fn = lambda q, k, v: cuflash_attn.flash_attention(q, k, v, return_lse=True)[1]  # noqa: E731
     assert torch.autograd.gradcheck(fn, (q, k, v))
+
+
+@requires_cuda
+def test_debug_switch_names_each_launch(monkeypatch, capfd):
+    """CUFLASH_DEBUG=1: a stderr line per kernel launch, naming it (which path ran)."""
+    q, k, v = (torch.randn(1, 2, 100, 64, device="cuda", dtype=torch.float16, requires_grad=True) for _ in range(3))
+    monkeypatch.setenv("CUFLASH_DEBUG", "1")
+    out, _ = torch.ops.cuflash_attn.fwd(q, k, v, None, True, False)
+    out.sum().backward()
+    torch.cuda.synchronize()
+    lines = [line for line in capfd.readouterr().err.splitlines() if line.startswith("cuflash_attn: ")]
+    assert any("flash_fwd" in line and "<__half, 64" in line for line in lines), lines
+    assert any("flash_bwd_dq" in line for line in lines) and any("flash_bwd_dkdv" in line for line in lines), lines
+    assert all("grid (" in line and "threads" in line for line in lines), lines
+    monkeypatch.setenv("CUFLASH_DEBUG", "0")
+    torch.ops.cuflash_attn.fwd(q, k, v, None, True, False)
+    torch.cuda.synchronize()
+    assert "cuflash_attn: " not in capfd.readouterr().err

@@ -56,6 +56,15 @@ def test_default_parts(monkeypatch):
                ("flash_fwd_sm90_tma_kernel", "flash_bwd_dq_sm90_kernel", "flash_bwd_dkdv_sm90_kernel")), names
 
 
+def test_fallback_is_visible_in_debug_mode(monkeypatch, capfd):
+    """Softcap without the experimental "features" part runs the sm_80-class forward, and
+    CUFLASH_DEBUG=1 says so."""
+    monkeypatch.setenv("CUFLASH_DEBUG", "1")
+    forward_kernels(64, softcap=30.0)
+    err = capfd.readouterr().err
+    assert "cuflash::flash_fwd_kernel<__nv_bfloat16, 64, true>" in err and "sm90" not in err, err
+
+
 def with_features(mode, monkeypatch):
     monkeypatch.setenv("CUFLASH_SM90", "tma,features" if mode == "tma" else "features")
 

@@ -2,12 +2,16 @@
 // generated file in instantiations/. float16/bfloat16 run the tensor-core kernels,
 // float32/float64 the exact CUDA-core kernels.
 #pragma once
+#include <cxxabi.h>
+#include <cstdio>
+#include <cstdlib>
 #include <cuda_runtime.h>
 #include <type_traits>
 #include "flash_bwd_kernel.cuh"
 #include "flash_fwd_kernel.cuh"
 #include "flash_launch.h"
 #include "flash_simt_kernel.cuh"
+#include "run_switches.h"
 #include "sm90/flash_bwd_sm90.cuh"
 #include "sm90/flash_fwd_sm90.cuh"
 #include "sm90/flash_fwd_sm90_tma.cuh"
@@ -16,10 +20,23 @@ namespace cuflash {
 
 inline int ceil_div(int a, int b) { return (a + b - 1) / b; }
 
+// CUFLASH_DEBUG=1: the launch on stderr, the kernel by its demangled name (its template
+// arguments say which path and tile ran).
+inline void print_launch(const void* kernel, dim3 grid, int threads, int smem_bytes) {
+  const char* name = nullptr;
+  if (cudaFuncGetName(&name, kernel) != cudaSuccess || name == nullptr) name = "(unnamed kernel)";
+  int status = -1;
+  char* readable = abi::__cxa_demangle(name, nullptr, nullptr, &status);
+  std::fprintf(stderr, "cuflash_attn: %s, grid (%u, %u, %u), %d threads, %d bytes of shared memory\n",
+               status == 0 && readable != nullptr ? readable : name, grid.x, grid.y, grid.z, threads, smem_bytes);
+  std::free(readable);
+}
+
 template <typename Kernel, typename... Args>
 cudaError_t launch(Kernel kernel, dim3 grid, int threads, int smem_bytes, cudaStream_t stream,
                    const Args&... args) {
   if (grid.x == 0) return cudaSuccess;
+  if (debug_switch()) print_launch(reinterpret_cast<const void*>(kernel), grid, threads, smem_bytes);
   if (smem_bytes > 48 * 1024) {
     const cudaError_t err =
         cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem_bytes);

@@ -14,6 +14,9 @@
 //                   where "tma" is listed too; otherwise those take the sm_80-class forward)
 //   CUFLASH_BWD_DQ  unset or "": dQ by its own kernel; "atomic": added by the dK/dV kernel with
 //                   fp32 atomics (the sm_80-class backward, without the attn_mask gradient)
+//   CUFLASH_DEBUG   "1": one line on stderr per kernel launch, naming the kernel (so a fallback
+//                   to the sm_80-class kernels is visible), its grid and shared memory; unset,
+//                   "" or "0": quiet
 #pragma once
 #include <cstdlib>
 #include <cstring>
@@ -61,7 +64,12 @@ inline bool dq_atomic_switch() {
   return value != nullptr && std::strcmp(value, "atomic") == 0;
 }
 
-// The message for a switch set to something it does not name, or "" if both are valid.
+inline bool debug_switch() {
+  const char* value = std::getenv("CUFLASH_DEBUG");
+  return value != nullptr && std::strcmp(value, "1") == 0;
+}
+
+// The message for a switch set to something it does not name, or "" if all are valid.
 inline std::string run_switch_error() {
   Sm90Switch unused;
   const char* sm90 = std::getenv("CUFLASH_SM90");
@@ -71,6 +79,10 @@ inline std::string run_switch_error() {
   const char* dq = std::getenv("CUFLASH_BWD_DQ");
   if (dq != nullptr && *dq != '\0' && std::strcmp(dq, "atomic") != 0)
     return std::string("environment variable CUFLASH_BWD_DQ must be unset, empty or \"atomic\", got \"") + dq + "\"";
+  const char* debug = std::getenv("CUFLASH_DEBUG");
+  if (debug != nullptr && *debug != '\0' && std::strcmp(debug, "0") != 0 && std::strcmp(debug, "1") != 0)
+    return std::string("environment variable CUFLASH_DEBUG must be unset, empty, \"0\" or \"1\", got \"") + debug +
+           "\"";
   return "";
 }
 
