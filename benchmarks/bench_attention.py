@@ -173,6 +173,19 @@ def parse_list(text, cast=str):
     return [cast(x.strip()) for x in text.split(",") if x.strip()]
 
 
+def parse_impls(text):
+    """--impls: comma-separated names, where a variant's switch value may hold commas itself
+    (cuflash_attn@CUFLASH_SM90=tma,features): a piece that names no implementation continues
+    the variant before it."""
+    impls = []
+    for piece in parse_list(text):
+        if impls and "@" in impls[-1] and split_variant(piece)[0] not in IMPL_FACTORIES:
+            impls[-1] += "," + piece
+        else:
+            impls.append(piece)
+    return impls
+
+
 def parse_dtype(text):
     key = DTYPE_ALIASES.get(text.lower(), text.lower())
     if key not in DTYPES:
@@ -614,10 +627,10 @@ def parse_args(argv=None):
                    help=f"comma list (default {','.join(map(str, SEQLENS))}); "
                         f"batch = {TOTAL_TOKENS} // seqlen")
     p.add_argument("--causal", choices=("both", "true", "false"), default="both")
-    p.add_argument("--impls", type=parse_list, default=None,
+    p.add_argument("--impls", type=parse_impls, default=None,
                    help=f"comma subset of {','.join(ALL_IMPLS)} (default all; "
                         f"with --memory: {','.join(MEMORY_IMPLS)}); {OURS}@VAR=value[+VAR=value] "
-                        f"adds our kernels under run-time switches (e.g. {OURS}@CUFLASH_SM90=tma), "
+                        f"adds our kernels under run-time switches (e.g. {OURS}@CUFLASH_SM90=tma,features), "
                         f"compared with {OURS} in the same run")
     p.add_argument("--layouts", type=parse_list, default=["bhnd"],
                    help="comma list of bhnd,bnhd (bnhd: [B,N,H,D] storage passed as "

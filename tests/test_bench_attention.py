@@ -34,3 +34,11 @@ def test_unknown_impls_are_refused(name):
 def test_variants_are_accepted():
     args = bench.parse_args(["--impls", "cuflash_attn,cuflash_attn@CUFLASH_SM90=tma", "--quick"])
     assert args.impls == ["cuflash_attn", "cuflash_attn@CUFLASH_SM90=tma"]
+
+
+def test_variant_values_may_hold_commas():
+    args = bench.parse_args(["--impls", "cuflash_attn@CUFLASH_SM90=tma,features+CUFLASH_DEBUG=0,sdpa_cudnn,"
+                                        "cuflash_attn@CUFLASH_SM90=0", "--quick"])
+    assert args.impls == ["cuflash_attn@CUFLASH_SM90=tma,features+CUFLASH_DEBUG=0", "sdpa_cudnn",
+                          "cuflash_attn@CUFLASH_SM90=0"]
+    assert bench.split_variant(args.impls[0])[1] == {"CUFLASH_SM90": "tma,features", "CUFLASH_DEBUG": "0"}
