@@ -59,15 +59,14 @@ inline Sm90Switch sm90_switch() {
   return s;
 }
 
-inline bool dq_atomic_switch() {
-  const char* value = std::getenv("CUFLASH_BWD_DQ");
-  return value != nullptr && std::strcmp(value, "atomic") == 0;
+// Whether environment variable name is set to exactly value.
+inline bool env_is(const char* name, const char* value) {
+  const char* set = std::getenv(name);
+  return set != nullptr && std::strcmp(set, value) == 0;
 }
 
-inline bool debug_switch() {
-  const char* value = std::getenv("CUFLASH_DEBUG");
-  return value != nullptr && std::strcmp(value, "1") == 0;
-}
+inline bool dq_atomic_switch() { return env_is("CUFLASH_BWD_DQ", "atomic"); }
+inline bool debug_switch() { return env_is("CUFLASH_DEBUG", "1"); }
 
 // The message for a switch set to something it does not name, or "" if all are valid.
 inline std::string run_switch_error() {
@@ -76,13 +75,16 @@ inline std::string run_switch_error() {
   if (!parse_sm90_switch(sm90, &unused))
     return std::string("environment variable CUFLASH_SM90 must be unset, empty, \"0\" or a comma list of cpasync, "
                        "tma, bwd and features, got \"") + sm90 + "\"";
-  const char* dq = std::getenv("CUFLASH_BWD_DQ");
-  if (dq != nullptr && *dq != '\0' && std::strcmp(dq, "atomic") != 0)
-    return std::string("environment variable CUFLASH_BWD_DQ must be unset, empty or \"atomic\", got \"") + dq + "\"";
-  const char* debug = std::getenv("CUFLASH_DEBUG");
-  if (debug != nullptr && *debug != '\0' && std::strcmp(debug, "0") != 0 && std::strcmp(debug, "1") != 0)
-    return std::string("environment variable CUFLASH_DEBUG must be unset, empty, \"0\" or \"1\", got \"") + debug +
-           "\"";
+  // The one-value switches: unset, empty or one of the values listed (as the message spells them).
+  struct OneOf {
+    const char *name, *values[2], *spelled;
+  };
+  for (const OneOf& v : {OneOf{"CUFLASH_BWD_DQ", {"atomic", "atomic"}, "unset, empty or \"atomic\""},
+                         OneOf{"CUFLASH_DEBUG", {"0", "1"}, "unset, empty, \"0\" or \"1\""}}) {
+    const char* set = std::getenv(v.name);
+    if (set != nullptr && *set != '\0' && std::strcmp(set, v.values[0]) != 0 && std::strcmp(set, v.values[1]) != 0)
+      return std::string("environment variable ") + v.name + " must be " + v.spelled + ", got \"" + set + "\"";
+  }
   return "";
 }
 
