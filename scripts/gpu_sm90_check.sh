@@ -4,6 +4,7 @@
 # each under a time limit (a wrong mbarrier phase hangs a kernel, it does not fail it), then
 # the benchmark of the variants beside the default kernels and the SDPA peers.
 #   GPU_SM90_BENCH="..."   bench_attention.py arguments ("" skips the benchmark)
+#   GPU_SM90_BENCH_FEATURES="..."   bench_features.py arguments (unset or "" skips it)
 #   GPU_SM90_LIMIT_S=300   seconds each test process may run
 # Logs come back as $OUT/logs.tar.gz, results as $OUT/*.md/json.
 set -uo pipefail
@@ -28,6 +29,8 @@ runs=(
   "forward||tests/test_sm90_forward.py|"
   "backward|bwd|tests/test_sm90_backward.py|"
   "features|features|tests/test_features.py tests/test_attn_mask.py|"
+  "tma_features|tma,features|tests/test_features.py tests/test_attn_mask.py|"
+  "debug||tests/test_ops.py|debug"
   "all_on|tma,features,bwd|tests/test_accuracy.py tests/test_edge_cases.py|cuda and not test_random_sweep"
 )
 pids=()
@@ -54,6 +57,12 @@ if [ -n "${GPU_SM90_BENCH-}" ]; then
   timeout --kill-after=5 "${GPU_SM90_BENCH_LIMIT_S:-200}" python3 benchmarks/bench_attention.py $GPU_SM90_BENCH \
     --out "$OUT" > "$OUT/bench.log" 2>&1
   echo "bench exit $?"; tail -n 60 "$OUT/bench.log"
+fi
+if [ -n "${GPU_SM90_BENCH_FEATURES-}" ]; then
+  # shellcheck disable=SC2086  # the arguments are a list
+  timeout --kill-after=5 "${GPU_SM90_BENCH_LIMIT_S:-200}" python3 benchmarks/bench_features.py $GPU_SM90_BENCH_FEATURES \
+    > "$OUT/bench_features.md" 2> "$OUT/bench_features.log"
+  echo "bench_features exit $?"; cat "$OUT/bench_features.md"
 fi
 tar czf "$OUT/logs.tar.gz" -C "$OUT" $(cd "$OUT" && ls -- *.log 2>/dev/null) && (cd "$OUT" && rm -f -- *.log)
 echo "total: $(( $(date +%s) - start )) s"
