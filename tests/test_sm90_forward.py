@@ -15,13 +15,21 @@ from reference import LOW_PRECISION, LOW_PRECISION_IDS
 from test_features import check_dense, check_varlen
 
 pytestmark = pytest.mark.skipif(not IS_SM90, reason="needs a compute capability 9.0 GPU")
-KERNEL = {"cpasync": "flash_fwd_sm90_kernel", "tma": "flash_fwd_sm90_tma_kernel"}
+KERNEL = {"cpasync": "flash_fwd_sm90_kernel", "tma": "flash_fwd_sm90_tma_kernel",
+          "persistent": "flash_fwd_sm90_tma_kernel"}
+SWITCH = {"cpasync": "cpasync", "tma": "tma", "persistent": "tma,persistent"}  # CUFLASH_SM90 per mode
 
 
-@pytest.fixture(params=["cpasync", "tma"], autouse=True)
+@pytest.fixture(params=["cpasync", "tma", "persistent"], autouse=True)
 def mode(request, monkeypatch):
-    monkeypatch.setenv("CUFLASH_SM90", request.param)  # read by the op at every call
+    monkeypatch.setenv("CUFLASH_SM90", SWITCH[request.param])  # read by the op at every call
     return request.param
+
+
+def tma_kernel(d, wide=False, features=False, persistent=False):
+    """The TMA kernel's name as the profiler shows it."""
+    flags = ", ".join(str(f).lower() for f in (wide and d != 128, features, persistent and d <= 128))
+    return f"flash_fwd_sm90_tma_kernel<__nv_bfloat16, {d}, {flags}>"
 
 
 def forward_kernels(d, dtype=torch.bfloat16, **kw):
@@ -66,7 +74,7 @@ def test_fallback_is_visible_in_debug_mode(monkeypatch, capfd):
 
 
 def with_features(mode, monkeypatch):
-    monkeypatch.setenv("CUFLASH_SM90", "tma,features" if mode == "tma" else "features")
+    monkeypatch.setenv("CUFLASH_SM90", "features" if mode == "cpasync" else SWITCH[mode] + ",features")
 
 
 @pytest.mark.parametrize("d", [64, 128, 256])
@@ -75,7 +83,7 @@ def test_feature_path_taken(d, mode, monkeypatch):
     with_features(mode, monkeypatch)
     names = forward_kernels(d, softcap=30.0)
     expected = f"flash_fwd_sm90_kernel<__nv_bfloat16, {d}, true>" if mode == "cpasync" else \
-        f"flash_fwd_sm90_tma_kernel<__nv_bfloat16, {d}, false, true>"
+        tma_kernel(d, features=True)
     assert expected in names, names
     q = torch.randn(1, 1, 100, d, device="cuda", dtype=torch.bfloat16)
     k, v = (torch.randn(1, 1, 4096, d, device="cuda", dtype=torch.bfloat16) for _ in range(2))
@@ -119,13 +127,25 @@ def test_matches_reference(dtype, d, nq, nk, causal, bottom_right):
 def test_tma_tile_choice(d, nq, nk, causal, wide, mode):
     """The TMA kernel takes its wide tile (head dims 64 and 256) where the middle query row sees
     2048 keys or more."""
-    if mode != "tma":
+    if mode == "cpasync":
         pytest.skip("the TMA kernel's tiles")
     q = torch.randn(1, 1, nq, d, device="cuda", dtype=torch.bfloat16)
     k, v = (torch.randn(1, 1, nk, d, device="cuda", dtype=torch.bfloat16) for _ in range(2))
     names = cuda_kernels(lambda: torch.ops.cuflash_attn.fwd(q, k, v, None, causal, False))
-    expected = "true" if wide and d != 128 else "false"
-    assert f"flash_fwd_sm90_tma_kernel<__nv_bfloat16, {d}, {expected}, false>" in names, names
+    assert tma_kernel(d, wide=wide, persistent=mode == "persistent") in names, names
+
+
+@pytest.mark.parametrize("dtype", LOW_PRECISION, ids=LOW_PRECISION_IDS)
+@pytest.mark.parametrize("d", [64, 128])
+def test_persistent_ctas_walk_many_tiles(dtype, d, mode):
+    """More tiles than SMs, so each persistent CTA takes several: of different lengths (causal),
+    with no key at all (bottom-right causal with more queries than keys), the wide tile's and
+    the narrow one's, GQA."""
+    if mode != "persistent":
+        pytest.skip("persistent CTAs")
+    check_dense("cuda", dtype, 8, 16, 4, 700, 77, d, causal=True, bottom_right=True)
+    check_dense("cuda", dtype, 4, 12, 3, 1000, 1000, d, causal=True)
+    check_dense("cuda", dtype, 2, 8, 8, 300, 2500, d)
 
 
 @pytest.mark.parametrize("dtype", LOW_PRECISION, ids=LOW_PRECISION_IDS)

@@ -3,6 +3,8 @@
 // float32/float64 the exact CUDA-core kernels.
 #pragma once
 #include <cxxabi.h>
+#include <algorithm>
+#include <atomic>
 #include <cstdio>
 #include <cstdlib>
 #include <cuda_runtime.h>
@@ -56,26 +58,51 @@ cudaError_t with_feature_path(const AttentionParams& p, F&& f) {
   return f(std::false_type{});
 }
 
-// The TMA forward, with the wide tile where it pays (plain attention only); false (nothing
-// launched) where TMA cannot address p, varlen included: a box would read past a packed
-// sequence's end.
+// Streaming multiprocessors of the current device (cached per device).
+inline int multiprocessor_count() {
+  constexpr int kMaxDevices = 64;
+  static std::atomic<int> count[kMaxDevices] = {};
+  int device = 0;
+  if (cudaGetDevice(&device) != cudaSuccess || device >= kMaxDevices) return 1;
+  if (count[device].load(std::memory_order_relaxed) == 0) {
+    int sms = 0;
+    if (cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device) != cudaSuccess || sms < 1) return 1;
+    count[device].store(sms, std::memory_order_relaxed);
+  }
+  return count[device].load(std::memory_order_relaxed);
+}
+
+// The TMA forward, with the wide tile where it pays (plain attention only), persistent where
+// asked for; false (nothing launched) where TMA cannot address p, varlen included: a box would
+// read past a packed sequence's end.
 template <typename T, int kHeadDim>
-bool launch_fwd_tma(const FlashFwdParams& p, cudaStream_t stream, cudaError_t* err) {
+bool launch_fwd_tma(const FlashFwdParams& p, bool persistent, cudaStream_t stream, cudaError_t* err) {
   if (p.varlen.cu_seqlens_q != nullptr) return false;
-  auto run = [&](auto wide, auto features) {
+  const AttentionShape& sh = p.shape;
+  auto run = [&](auto wide, auto features, auto persist) {
     constexpr bool kWide = decltype(wide)::value, kFeatures = decltype(features)::value;
-    using K = sm90::FwdSm90TmaKernel<T, kHeadDim, kWide>;
+    constexpr bool kPersistent = decltype(persist)::value;
+    using K = sm90::FwdSm90TmaKernel<T, kHeadDim, kWide, kPersistent>;
     sm90::AttentionTmaMaps maps;
     if (!sm90::encode_fwd_tma_maps<T, kHeadDim, kWide>(p, &maps)) return false;
-    *err = launch(sm90::flash_fwd_sm90_tma_kernel<T, kHeadDim, kWide, kFeatures>,
-                  dim3(ceil_div(p.shape.seqlen_q, K::kBlockM), p.shape.heads_q, p.shape.batch), K::kThreads,
+    const int m_blocks = ceil_div(sh.seqlen_q, K::kBlockM);
+    const dim3 grid = kPersistent
+        ? dim3(static_cast<unsigned>(std::min<int64_t>(int64_t{m_blocks} * sh.heads_q * sh.batch, multiprocessor_count())))
+        : dim3(m_blocks, sh.heads_q, sh.batch);
+    *err = launch(sm90::flash_fwd_sm90_tma_kernel<T, kHeadDim, kWide, kFeatures, kPersistent>, grid, K::kThreads,
                   K::kSmemBytes, stream, p, maps.q, maps.k, maps.v);
     return true;
   };
-  if (needs_feature_path(p)) return run(std::false_type{}, std::true_type{});
-  if constexpr (sm90::FwdSm90TmaKernel<T, kHeadDim, false>::kHasWide)
-    if (sm90::wide_tile_pays(p)) return run(std::true_type{}, std::false_type{});
-  return run(std::false_type{}, std::false_type{});
+  using Plain = sm90::FwdSm90TmaKernel<T, kHeadDim, false>;
+  if (needs_feature_path(p)) return run(std::false_type{}, std::true_type{}, std::false_type{});
+  auto with_tile = [&](auto persist) {
+    if constexpr (Plain::kHasWide)
+      if (sm90::wide_tile_pays(p)) return run(std::true_type{}, std::false_type{}, persist);
+    return run(std::false_type{}, std::false_type{}, persist);
+  };
+  if constexpr (Plain::kHasPersistent)
+    if (persistent) return with_tile(std::true_type{});
+  return with_tile(std::false_type{});
 }
 
 template <typename T, int kHeadDim>
@@ -88,7 +115,7 @@ cudaError_t run_flash_fwd(const FlashFwdParams& p, cudaStream_t stream) {
     if constexpr (sm90::kFwdHeadDim<kHeadDim>) {
       const sm90::Sm90Paths hopper = sm90::sm90_paths(p);
       cudaError_t err;
-      if (hopper.tma && launch_fwd_tma<T, kHeadDim>(p, stream, &err)) return err;
+      if (hopper.tma && launch_fwd_tma<T, kHeadDim>(p, hopper.persistent, stream, &err)) return err;
       if (hopper.fwd)
         return with_feature_path(p, [&](auto features) {
           using K = sm90::FwdSm90Kernel<T, kHeadDim, features()>;

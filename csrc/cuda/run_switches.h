@@ -10,6 +10,8 @@
 //       cpasync     no other part
 //       tma         the warp-specialized TMA forward, plain attention (flash_fwd_sm90_tma.cuh)
 //       bwd         the wgmma backward, plain attention (flash_bwd_sm90.cuh)
+//       persistent  with tma: one CTA per SM walking tiles, head dims up to 128, plain attention
+//                   (experimental)
 //       features    softcap, ALiBi, attn_mask and dropout in the Hopper forwards (the TMA one
 //                   where "tma" is listed too; otherwise those take the sm_80-class forward)
 //   CUFLASH_BWD_DQ  unset or "": dQ by its own kernel; "atomic": added by the dK/dV kernel with
@@ -25,7 +27,7 @@
 namespace cuflash {
 
 struct Sm90Switch {
-  bool on = true, tma = true, bwd = true, features = false;
+  bool on = true, tma = true, bwd = true, features = false, persistent = false;
 };
 
 // value (null: unset) -> *out; false if value names something else.
@@ -43,6 +45,7 @@ inline bool parse_sm90_switch(const char* value, Sm90Switch* out) {
         if (is("tma")) s.tma = true;
         else if (is("bwd")) s.bwd = true;
         else if (is("features")) s.features = true;
+        else if (is("persistent")) s.persistent = true;
         else if (!is("cpasync")) return false;
         if (!end) break;
         at = end + 1;
@@ -74,7 +77,7 @@ inline std::string run_switch_error() {
   const char* sm90 = std::getenv("CUFLASH_SM90");
   if (!parse_sm90_switch(sm90, &unused))
     return std::string("environment variable CUFLASH_SM90 must be unset, empty, \"0\" or a comma list of cpasync, "
-                       "tma, bwd and features, got \"") + sm90 + "\"";
+                       "tma, bwd, features and persistent, got \"") + sm90 + "\"";
   // The one-value switches: unset, empty or one of the values listed (as the message spells them).
   struct OneOf {
     const char *name, *values[2], *spelled;

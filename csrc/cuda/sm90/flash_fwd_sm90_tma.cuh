@@ -23,33 +23,48 @@ namespace cuflash::sm90 {
 // at head dim 64 three consumer warpgroups (192 query rows) share the producer, so that more
 // softmax hides under the matmuls; at 256, 80 keys a step (what two stages of K and V leave room
 // for beside Q). Head dim 128 has one tile.
-template <typename T, int kHeadDim, bool kWide>
+// kPersistent (EXPERIMENTAL, CUFLASH_SM90 lists "persistent"; head dims up to 128): one CTA per
+// SM walks tiles (query block, head, batch) longest first, loading the next tile's K, V and Q
+// while the last one's P V and output run, with O staged in a buffer of its own (the padded
+// staging tile does not fit in Q's buffer; at D=256 it does not fit at all).
+template <typename T, int kHeadDim, bool kWide, bool kPersistent = false>
 struct FwdSm90TmaKernel {
-  static constexpr bool kHasWide = kHeadDim != 128;
+  static constexpr bool kHasWide = kHeadDim != 128, kHasPersistent = kHeadDim <= 128;
   static_assert(kHasWide || !kWide, "one tile at head dim 128");
+  static_assert(kHasPersistent || !kPersistent, "no room to stage O beside the tiles at head dim 256");
   static constexpr int kConsumers = kWide && kHeadDim <= 64 ? 3 : 2;
   static constexpr int kThreads = 128 * (kConsumers + 1), kBlockM = 64 * kConsumers;
   static constexpr int kBlockN = kHeadDim <= 128 ? 128 : (kWide ? 80 : 64);
   static constexpr int kStages = 2;
   static constexpr int kQBytes = kBlockM * kHeadDim * 2, kKVBytes = kBlockN * kHeadDim * 2;
-  // Barriers: Q full, then per stage K full, V full, K empty, V empty.
-  static constexpr int kBarriers = 1 + 4 * kStages;
+  static constexpr int kStagingBytes = kPersistent ? SmemTile<T, kBlockM, kHeadDim>::kElems * 2 : 0;
+  // Barriers: Q full, Q empty, then per stage K full, V full, K empty, V empty.
+  static constexpr int kBarriers = 2 + 4 * kStages;
   // + 1024: the swizzle atoms must start on 1024-byte boundaries; the base is aligned by hand.
-  static constexpr int kSmemBytes = kQBytes + 2 * kStages * kKVBytes + kBarriers * 8 + 1024;
+  static constexpr int kSmemBytes = kQBytes + 2 * kStages * kKVBytes + kStagingBytes + kBarriers * 8 + 1024;
   // setmaxnreg: the producer's registers go to the consumers (65536 per SM in all).
   static constexpr int kProducerRegs = kConsumers == 2 ? 24 : 32, kConsumerRegs = kConsumers == 2 ? 240 : 160;
   static_assert(128 * (kProducerRegs + kConsumers * kConsumerRegs) <= 65536, "register file");
   static_assert(kSmemBytes <= 227 * 1024, "shared memory per block");
 };
 
+// One tile's work: its query block, head and batch, and the key blocks its rows see.
+struct TmaTile {
+  int m_start, h, b, h_kv;
+  Sequence seq;
+  Range n_blocks;
+  __device__ int steps() const { return n_blocks.end - n_blocks.begin; }
+  __device__ int block_of(int step) const { return n_blocks.end - 1 - step; }  // last block first
+};
+
 // kFeatures: softcap, ALiBi, attn_mask or dropout may be on (EXPERIMENTAL, CUFLASH_SM90 lists
 // "features"), in the consumers' softmax step as in the other forwards.
-template <typename T, int kHeadDim, bool kWide, bool kFeatures>
-__global__ void __launch_bounds__(FwdSm90TmaKernel<T, kHeadDim, kWide>::kThreads, 1)
+template <typename T, int kHeadDim, bool kWide, bool kFeatures, bool kPersistent>
+__global__ void __launch_bounds__(FwdSm90TmaKernel<T, kHeadDim, kWide, kPersistent>::kThreads, 1)
     flash_fwd_sm90_tma_kernel(const FlashFwdParams p, const __grid_constant__ CUtensorMap map_q,
                               const __grid_constant__ CUtensorMap map_k, const __grid_constant__ CUtensorMap map_v) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
-  using K = FwdSm90TmaKernel<T, kHeadDim, kWide>;
+  using K = FwdSm90TmaKernel<T, kHeadDim, kWide, kPersistent>;
   constexpr int kBlockM = K::kBlockM, kBlockN = K::kBlockN, kStages = K::kStages;
   constexpr int kPanels = kHeadDim / 64, kConsumerThreads = 128 * K::kConsumers;
   extern __shared__ char smem_raw[];
@@ -57,154 +72,211 @@ __global__ void __launch_bounds__(FwdSm90TmaKernel<T, kHeadDim, kWide>::kThreads
   unsigned char* sQ = smem;
   auto sK = [&](int stage) { return smem + K::kQBytes + stage * K::kKVBytes; };
   auto sV = [&](int stage) { return smem + K::kQBytes + (kStages + stage) * K::kKVBytes; };
-  uint64_t* q_full = reinterpret_cast<uint64_t*>(smem + K::kQBytes + 2 * kStages * K::kKVBytes);
-  uint64_t* k_full = q_full + 1;
+  unsigned char* staging = smem + K::kQBytes + 2 * kStages * K::kKVBytes;  // persistent only
+  uint64_t* q_full = reinterpret_cast<uint64_t*>(staging + K::kStagingBytes);
+  uint64_t* q_empty = q_full + 1;
+  uint64_t* k_full = q_full + 2;
   uint64_t* v_full = k_full + kStages;
   uint64_t* k_empty = v_full + kStages;
   uint64_t* v_empty = k_empty + kStages;
 
   const AttentionShape& sh = p.shape;
-  const int m_block = query_block_longest_first(), h = blockIdx.y, b = blockIdx.z;
-  const int h_kv = h / (sh.heads_q / sh.heads_kv);
   const int tid = threadIdx.x, warpgroup = tid / 128, lane = tid % 32;
-  const int m_start = m_block * kBlockM;
-  const Sequence seq = sequence_of(p, b);
-  if (m_start >= seq.seqlen_q) return;
-  const Range n_blocks = key_blocks(p.mask, seq, m_start, min(m_start + kBlockM, seq.seqlen_q), kBlockN);
-  const int steps = n_blocks.end - n_blocks.begin;
-  auto block_of = [&](int step) { return n_blocks.end - 1 - step; };  // last block first
-  if (p.tile_counters && tid == 0) count_tiles(p.tile_counters, seq, n_blocks, kBlockM, kBlockN);
+  // Tiles: the grid's one, or, persistent, every gridDim.x-th of all (query block, head, batch),
+  // query blocks descending (the longest first under a causal mask).
+  const int m_blocks = (sh.seqlen_q + kBlockM - 1) / kBlockM, heads_batches = sh.heads_q * sh.batch;
+  const int num_tiles = kPersistent ? m_blocks * heads_batches : 1;
+  const int first_tile = kPersistent ? static_cast<int>(blockIdx.x) : 0;
+  const int tile_stride = kPersistent ? static_cast<int>(gridDim.x) : 1;
+  auto tile_at = [&](int index) {
+    TmaTile t;
+    int m_block;
+    if constexpr (kPersistent) {
+      m_block = m_blocks - 1 - index / heads_batches;
+      t.h = index % heads_batches % sh.heads_q;
+      t.b = index % heads_batches / sh.heads_q;
+    } else {
+      m_block = query_block_longest_first();
+      t.h = blockIdx.y;
+      t.b = blockIdx.z;
+    }
+    t.h_kv = t.h / (sh.heads_q / sh.heads_kv);
+    t.m_start = m_block * kBlockM;
+    t.seq = sequence_of(p, t.b);
+    t.n_blocks = key_blocks(p.mask, t.seq, t.m_start, min(t.m_start + kBlockM, t.seq.seqlen_q), kBlockN);
+    return t;
+  };
 
   if (tid == 0) {
     mbarrier_init(q_full, 1);
+    mbarrier_init(q_empty, kConsumerThreads / 32);  // one arrival per consumer warp
     for (int s = 0; s < kStages; ++s) {
       mbarrier_init(&k_full[s], 1);
       mbarrier_init(&v_full[s], 1);
-      mbarrier_init(&k_empty[s], kConsumerThreads / 32);  // one arrival per consumer warp
+      mbarrier_init(&k_empty[s], kConsumerThreads / 32);
       mbarrier_init(&v_empty[s], kConsumerThreads / 32);
     }
     fence_barrier_init();
   }
   __syncthreads();
 
+  // K/V steps are counted over all of a CTA's tiles: global step g uses stage g % kStages, in
+  // its (g / kStages)-th use.
   if (warpgroup == 0) {  // producer
     setmaxnreg_dec<K::kProducerRegs>();
-    if (tid != 0 || steps == 0) return;
-    mbarrier_arrive_expect_tx(q_full, K::kQBytes);
+    if (tid != 0) return;
+    int step = 0;
+    for (int index = first_tile, iteration = 0; index < num_tiles; index += tile_stride, ++iteration) {
+      const TmaTile tile = tile_at(index);
+      const int steps = tile.steps();
+      if (p.tile_counters) count_tiles(p.tile_counters, tile.seq, tile.n_blocks, kBlockM, kBlockN);
+      auto load = [&](const CUtensorMap* map, unsigned char* dst, uint64_t* full, int t) {
+        mbarrier_arrive_expect_tx(full, K::kKVBytes);
 #pragma unroll
-    for (int panel = 0; panel < kPanels; ++panel)
-      tma_load_4d(sQ + panel * kBlockM * 128, &map_q, q_full, panel * 64, m_start, h, b);
-    auto load = [&](const CUtensorMap* map, unsigned char* tile, uint64_t* full, int step) {
-      mbarrier_arrive_expect_tx(full, K::kKVBytes);
+        for (int panel = 0; panel < kPanels; ++panel)
+          tma_load_4d(dst + panel * kBlockN * 128, map, full, panel * 64, tile.block_of(t) * kBlockN, tile.h_kv,
+                      tile.b);
+      };
+      auto load_step = [&](int t) {
+        const int g = step + t, stage = g % kStages, use = g / kStages;
+        // The stage's previous tiles (step g - kStages) were released by every consumer warp.
+        if (g >= kStages) mbarrier_wait(&k_empty[stage], (use - 1) & 1);
+        load(&map_k, sK(stage), &k_full[stage], t);
+        if (g >= kStages) mbarrier_wait(&v_empty[stage], (use - 1) & 1);
+        load(&map_v, sV(stage), &v_full[stage], t);
+      };
+      // After the first tile, the first stages' loads (which wait only on the previous tile's
+      // releases) go out before Q, whose buffer the previous tile's consumers may still be reading.
+      const int early = iteration == 0 ? 0 : min(steps, kStages);
+      for (int t = 0; t < early; ++t) load_step(t);
+      if (iteration > 0) mbarrier_wait(q_empty, (iteration - 1) & 1);
+      if (steps > 0) {
+        mbarrier_arrive_expect_tx(q_full, K::kQBytes);
 #pragma unroll
-      for (int panel = 0; panel < kPanels; ++panel)
-        tma_load_4d(tile + panel * kBlockN * 128, map, full, panel * 64, block_of(step) * kBlockN, h_kv, b);
-    };
-    for (int t = 0; t < steps; ++t) {
-      const int stage = t % kStages, use = t / kStages;
-      // The stage's previous tiles (step t - kStages) were released by every consumer warp.
-      if (t >= kStages) mbarrier_wait(&k_empty[stage], (use - 1) & 1);
-      load(&map_k, sK(stage), &k_full[stage], t);
-      if (t >= kStages) mbarrier_wait(&v_empty[stage], (use - 1) & 1);
-      load(&map_v, sV(stage), &v_full[stage], t);
+        for (int panel = 0; panel < kPanels; ++panel)
+          tma_load_4d(sQ + panel * kBlockM * 128, &map_q, q_full, panel * 64, tile.m_start, tile.h, tile.b);
+      }
+      for (int t = early; t < steps; ++t) load_step(t);
+      step += steps;
     }
     return;
   }
 
-  // Consumers: warpgroup c = 1, 2 owns rows 64 (c - 1) .. of the CTA's tile; this warp 16 of them.
+  // Consumers: warpgroup c = 1, 2 (, 3) owns rows 64 (c - 1) .. of a tile; this warp 16 of them.
   setmaxnreg_inc<K::kConsumerRegs>();
   const int consumer = warpgroup - 1;
-  const int warp_row = 16 * ((tid - 128) / 32), row0 = m_start + warp_row;
-  WarpAcc<kHeadDim> o;
-  o.zero();
-  OnlineSoftmax softmax;
-  const ScoreMod<T> mod(p, b, h);
+  const int warp_row = 16 * ((tid - 128) / 32);
+  const uint64_t desc_q = smem_desc_k_major_sw128(sQ, consumer * 64 * 128);
+  const uint64_t desc_k0 = smem_desc_k_major_sw128(sK(0));
+  const uint64_t desc_v0 = smem_desc_mn_major_sw128(sV(0), 0, kBlockN * 128);
+  // Descriptors pass through an empty asm each step, so that the compiler adds the per-step
+  // offsets there instead of keeping every offset descriptor live across the loop (ptxas: 96 B
+  // spilled at D=128 otherwise, the K descriptors reloaded from local memory every step).
+  auto opaque = [](uint64_t desc) {
+    asm volatile("" : "+l"(desc));
+    return desc;
+  };
+  auto desc_k = [&](int stage) { return opaque(desc_k0) + ((stage * K::kKVBytes) >> 4); };
+  auto desc_v = [&](int stage) { return opaque(desc_v0) + ((stage * K::kKVBytes) >> 4); };
+  // Turns: the consumers take turns issuing their wgmmas, in a ring (named barrier 2 + c is
+  // consumer c's turn, signalled by the consumer before it), so that one's softmax runs while
+  // another's matmuls hold the tensor cores. Consumer 0 goes first in every tile.
+  constexpr int kTurnThreads = 2 * 128;  // the warpgroup that waits and the one that signals
+  auto my_turn = [&] { named_barrier_sync<kTurnThreads>(2 + consumer); };
+  auto your_turn = [&] { named_barrier_arrive<kTurnThreads>(2 + (consumer + 1) % K::kConsumers); };
+  auto release_q = [&] {  // persistent: this warp's wgmmas are done reading Q
+    __syncwarp();
+    if (lane == 0) mbarrier_arrive(q_empty);
+  };
   const bool dropout = kFeatures && p.dropout.p > 0.0;
   const DropoutRng rng = dropout ? make_dropout_rng(p.dropout) : DropoutRng{};
-  if (steps > 0) {
-    const uint64_t desc_q = smem_desc_k_major_sw128(sQ, consumer * 64 * 128);
-    const uint64_t desc_k0 = smem_desc_k_major_sw128(sK(0));
-    const uint64_t desc_v0 = smem_desc_mn_major_sw128(sV(0), 0, kBlockN * 128);
-    // Descriptors pass through an empty asm each step, so that the compiler adds the per-step
-    // offsets there instead of keeping every offset descriptor live across the loop (ptxas: 96 B
-    // spilled at D=128 otherwise, the K descriptors reloaded from local memory every step).
-    auto opaque = [](uint64_t desc) {
-      asm volatile("" : "+l"(desc));
-      return desc;
-    };
-    auto desc_v = [&](int stage) { return opaque(desc_v0) + ((stage * K::kKVBytes) >> 4); };
-    auto wait_v = [&](int step) { mbarrier_wait(&v_full[step % kStages], (step / kStages) & 1); };
-    uint32_t pa[kBlockN / 16][4];  // P of the previous step, the A operand of its P V
-    // Turns: the consumers take turns issuing their wgmmas, in a ring (named barrier 2 + c is
-    // consumer c's turn, signalled by the consumer before it), so that one's softmax runs while
-    // another's matmuls hold the tensor cores. Consumer 0 goes first.
-    constexpr int kTurnThreads = 2 * 128;  // the warpgroup that waits and the one that signals
-    auto my_turn = [&] { named_barrier_sync<kTurnThreads>(2 + consumer); };
-    auto your_turn = [&] { named_barrier_arrive<kTurnThreads>(2 + (consumer + 1) % K::kConsumers); };
-    if (consumer == K::kConsumers - 1) named_barrier_arrive<kTurnThreads>(2);
-    // P of S (the raw q.k of step t) as the next P V's A operand; alpha: the rescale of O.
-    // Dropout after the softmax has summed every probability: only the kept ones reach P V.
-    auto softmax_step = [&](WarpAcc<kBlockN>& s, int t, float (&alpha)[2]) {
-      const int col0 = block_of(t) * kBlockN;
-      scores_from_qk<kFeatures>(s, mod, p.mask, seq, row0, col0, lane);
-      softmax.exp_and_rescale_factor(s, alpha);
-      if (dropout) apply_dropout(s, rng, b, h, sh.heads_q, row0, col0, lane);
-    };
-    auto to_pa = [&](const WarpAcc<kBlockN>& s) {
+  int step = 0, q_loads = 0;
+  for (int index = first_tile; index < num_tiles; index += tile_stride) {
+    const TmaTile tile = tile_at(index);
+    const int steps = tile.steps(), row0 = tile.m_start + warp_row;
+    WarpAcc<kHeadDim> o;
+    o.zero();
+    OnlineSoftmax softmax;
+    const ScoreMod<T> mod(p, tile.b, tile.h);
+    if (steps > 0) {
+      auto full_parity = [&](int t) { return ((step + t) / kStages) & 1; };
+      auto stage_of = [&](int t) { return (step + t) % kStages; };
+      auto wait_v = [&](int t) { mbarrier_wait(&v_full[stage_of(t)], full_parity(t)); };
+      uint32_t pa[kBlockN / 16][4];  // P of the previous step, the A operand of its P V
+      // P of S (the raw q.k of step t) as the next P V's A operand; alpha: the rescale of O.
+      // Dropout after the softmax has summed every probability: only the kept ones reach P V.
+      auto softmax_step = [&](WarpAcc<kBlockN>& s, int t, float (&alpha)[2]) {
+        const int col0 = tile.block_of(t) * kBlockN;
+        scores_from_qk<kFeatures>(s, mod, p.mask, tile.seq, row0, col0, lane);
+        softmax.exp_and_rescale_factor(s, alpha);
+        if (dropout) apply_dropout(s, rng, tile.b, tile.h, sh.heads_q, row0, col0, lane);
+      };
+      auto to_pa = [&](const WarpAcc<kBlockN>& s) {
 #pragma unroll
-      for (int kk = 0; kk < kBlockN / 16; ++kk) s.template to_a<T>(pa[kk], kk);
-    };
-    auto desc_k = [&](int stage) { return opaque(desc_k0) + ((stage * K::kKVBytes) >> 4); };
-    mbarrier_wait(q_full, 0);
-    {  // step 0: S only
-      mbarrier_wait(&k_full[0], 0);
-      WarpAcc<kBlockN> s;
-      my_turn();
+        for (int kk = 0; kk < kBlockN / 16; ++kk) s.template to_a<T>(pa[kk], kk);
+      };
+      mbarrier_wait(q_full, q_loads++ & 1);
+      // The last consumer's first signal of the tile: after its q_full wait, so that it cannot
+      // meet on barrier 2 the previous tile's last signal, which consumer 0 takes at that tile's end.
+      if (consumer == K::kConsumers - 1) named_barrier_arrive<kTurnThreads>(2);
+      {  // step 0: S only
+        mbarrier_wait(&k_full[stage_of(0)], full_parity(0));
+        WarpAcc<kBlockN> s;
+        my_turn();
+        wgmma_fence();
+        issue_qk<T, kHeadDim, kBlockM * 128>(s, opaque(desc_q), desc_k(stage_of(0)));
+        your_turn();
+        wgmma_wait<0>();
+        if (lane == 0) mbarrier_arrive(&k_empty[stage_of(0)]);  // this warp's wgmmas have read K
+        float alpha[2];
+        softmax_step(s, 0, alpha);  // O is still 0: nothing to rescale
+        to_pa(s);
+      }
+      for (int t = 1; t < steps; ++t) {
+        mbarrier_wait(&k_full[stage_of(t)], full_parity(t));
+        wait_v(t - 1);
+        WarpAcc<kBlockN> s;
+        my_turn();
+        wgmma_fence();
+        issue_qk<T, kHeadDim, kBlockM * 128>(s, opaque(desc_q), desc_k(stage_of(t)));
+        issue_pv<T, kHeadDim, kBlockN>(o, pa, desc_v(stage_of(t - 1)));
+        your_turn();
+        wgmma_wait<1>();  // S_t done; P_{t-1} V_{t-1} may still run
+        if (lane == 0) mbarrier_arrive(&k_empty[stage_of(t)]);
+        float alpha[2];
+        softmax_step(s, t, alpha);
+        wgmma_wait<0>();  // O and pa are free again
+        if (lane == 0) mbarrier_arrive(&v_empty[stage_of(t - 1)]);
+        OnlineSoftmax::rescale_rows(o, alpha);
+        to_pa(s);
+      }
+      // The last consumer's last turn signal is taken here, so no barrier is left half-arrived.
+      if (consumer == 0) my_turn();
+      // Every S of the tile is done: Q may be replaced. Only after consumer 0's last turn above,
+      // since the next tile's first signal on barrier 2 waits for the next Q.
+      if constexpr (kPersistent) release_q();
+      wait_v(steps - 1);
       wgmma_fence();
-      issue_qk<T, kHeadDim, kBlockM * 128>(s, opaque(desc_q), desc_k(0));
-      your_turn();
+      issue_pv<T, kHeadDim, kBlockN>(o, pa, desc_v(stage_of(steps - 1)));
       wgmma_wait<0>();
-      if (lane == 0) mbarrier_arrive(&k_empty[0]);  // this warp's wgmmas have read K_0
-      float alpha[2];
-      softmax_step(s, 0, alpha);  // O is still 0: nothing to rescale
-      to_pa(s);
+      if (lane == 0) mbarrier_arrive(&v_empty[stage_of(steps - 1)]);
+      step += steps;
+    } else if constexpr (kPersistent) {
+      release_q();
     }
-    for (int t = 1; t < steps; ++t) {
-      const int stage = t % kStages;
-      mbarrier_wait(&k_full[stage], (t / kStages) & 1);
-      wait_v(t - 1);
-      WarpAcc<kBlockN> s;
-      my_turn();
-      wgmma_fence();
-      issue_qk<T, kHeadDim, kBlockM * 128>(s, opaque(desc_q), desc_k(stage));
-      issue_pv<T, kHeadDim, kBlockN>(o, pa, desc_v((t - 1) % kStages));
-      your_turn();
-      wgmma_wait<1>();  // S_t done; P_{t-1} V_{t-1} may still run
-      if (lane == 0) mbarrier_arrive(&k_empty[stage]);
-      float alpha[2];
-      softmax_step(s, t, alpha);
-      wgmma_wait<0>();  // O and pa are free again
-      if (lane == 0) mbarrier_arrive(&v_empty[(t - 1) % kStages]);
-      OnlineSoftmax::rescale_rows(o, alpha);
-      to_pa(s);
-    }
-    // The last consumer's last turn signal is taken here, so no barrier is left half-arrived.
-    if (consumer == 0) my_turn();
-    wait_v(steps - 1);
-    wgmma_fence();
-    issue_pv<T, kHeadDim, kBlockN>(o, pa, desc_v((steps - 1) % kStages));
-    wgmma_wait<0>();
-  }
 
-  // The output, staged through shared memory once both consumers' wgmmas are done reading it.
-  named_barrier_sync<kConsumerThreads>(1);
-  const SmemTile<T, kBlockM, kHeadDim> stage_tile{reinterpret_cast<T*>(smem)};
-  static_assert(SmemTile<T, kBlockM, kHeadDim>::kElems * sizeof(T) <= K::kQBytes + 2 * kStages * K::kKVBytes,
-                "staging fits");
-  T* out = row_at<T>(p.out, p.out_strides, seq, true, b, h, 0);
-  float* lse_out = static_cast<float*>(p.lse) + stats_offset(p.stats_strides, seq, b, h);
-  store_out_and_lse(o, softmax, stage_tile, warp_row, out, p.out_strides.row, lse_out, row0, seq.seqlen_q,
-                    sh.head_dim, lane);
+    // The output, staged through shared memory: persistent, its own buffer (each warp its own
+    // rows); otherwise the tiles' buffers, once every consumer's wgmmas are done reading them.
+    if constexpr (kPersistent) __syncwarp();  // the previous tile's staging reads are done
+    else named_barrier_sync<kConsumerThreads>(1);
+    const SmemTile<T, kBlockM, kHeadDim> stage_tile{reinterpret_cast<T*>(kPersistent ? staging : smem)};
+    static_assert(SmemTile<T, kBlockM, kHeadDim>::kElems * sizeof(T) <= K::kQBytes + 2 * kStages * K::kKVBytes,
+                  "staging fits");
+    T* out = row_at<T>(p.out, p.out_strides, tile.seq, true, tile.b, tile.h, 0);
+    float* lse_out = static_cast<float*>(p.lse) + stats_offset(p.stats_strides, tile.seq, tile.b, tile.h);
+    store_out_and_lse(o, softmax, stage_tile, warp_row, out, p.out_strides.row, lse_out, row0,
+                      tile.seq.seqlen_q, sh.head_dim, lane);
+  }
 #endif
 }
 
