@@ -125,7 +125,7 @@ __global__ void __launch_bounds__(FwdSm90TmaKernel<T, kHeadDim, kWide, kPersiste
   if (warpgroup == 0) {  // producer
     setmaxnreg_dec<K::kProducerRegs>();
     if (tid != 0) return;
-    int step = 0;
+    int step = 0, q_loads = 0;
     for (int index = first_tile, iteration = 0; index < num_tiles; index += tile_stride, ++iteration) {
       const TmaTile tile = tile_at(index);
       const int steps = tile.steps();
@@ -149,8 +149,11 @@ __global__ void __launch_bounds__(FwdSm90TmaKernel<T, kHeadDim, kWide, kPersiste
       // releases) go out before Q, whose buffer the previous tile's consumers may still be reading.
       const int early = iteration == 0 ? 0 : min(steps, kStages);
       for (int t = 0; t < early; ++t) load_step(t);
-      if (iteration > 0) mbarrier_wait(q_empty, (iteration - 1) & 1);
       if (steps > 0) {
+        // Q's buffer was released by every consumer warp of the previous tile that loaded Q
+        // (consumers release only tiles with steps, so q_empty never runs two phases ahead).
+        if (q_loads > 0) mbarrier_wait(q_empty, (q_loads - 1) & 1);
+        ++q_loads;
         mbarrier_arrive_expect_tx(q_full, K::kQBytes);
 #pragma unroll
         for (int panel = 0; panel < kPanels; ++panel)
@@ -261,8 +264,6 @@ __global__ void __launch_bounds__(FwdSm90TmaKernel<T, kHeadDim, kWide, kPersiste
       wgmma_wait<0>();
       if (lane == 0) mbarrier_arrive(&v_empty[stage_of(steps - 1)]);
       step += steps;
-    } else if constexpr (kPersistent) {
-      release_q();
     }
 
     // The output, staged through shared memory: persistent, its own buffer (each warp its own
