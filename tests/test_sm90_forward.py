@@ -2,11 +2,12 @@
 compute capability 9.0 GPU of an sm_90a build: the warp-specialized flash_fwd_sm90_tma.cuh (TMA
 producer, two consumer warpgroups; the default) and csrc/cuda/sm90/flash_fwd_sm90.cuh (wgmma from
 swizzled shared memory, cp.async loads; CUFLASH_SM90=cpasync, and what varlen and inputs TMA
-cannot address take). Every test runs under both (the `mode` fixture). The same accuracy rule as
+cannot address take), and the TMA one as a persistent kernel (CUFLASH_SM90=tma,persistent,
+experimental, head dims up to 128). Every test runs under each of the three (the `mode` fixture). The same accuracy rule as
 every path, over the shapes that stress the tiles (one query, ragged blocks, rows that see no
 key), the masks, GQA, varlen and the [B, N, H, D] layout; the profiler shows which kernel ran,
 and CUFLASH_SM90=0 switches back to the sm_80-class kernel. CUFLASH_SM90=features (experimental)
-adds softcap, ALiBi, attn_mask and dropout to both kernels."""
+adds softcap, ALiBi, attn_mask and dropout to the cp.async and TMA kernels."""
 import pytest
 import torch
 
@@ -32,6 +33,10 @@ def tma_kernel(d, wide=False, features=False, persistent=False):
     return f"flash_fwd_sm90_tma_kernel<__nv_bfloat16, {d}, {flags}>"
 
 
+def bucket(d):
+    return 64 if d <= 64 else 128 if d <= 128 else 256
+
+
 def forward_kernels(d, dtype=torch.bfloat16, **kw):
     q, k, v = (torch.randn(1, 2, 100, d, device="cuda", dtype=dtype) for _ in range(3))
     return cuda_kernels(lambda: torch.ops.cuflash_attn.fwd(q, k, v, None, False, False, **kw))
@@ -42,6 +47,8 @@ def test_path_taken(d, mode, monkeypatch):
     names = forward_kernels(d)
     if KERNEL[mode] + "<" not in names:
         pytest.fail(f"the {mode} Hopper forward did not run (an sm_90a build?): {names}")
+    if mode == "persistent":  # its own instantiation up to 128; the one-tile-per-CTA kernel past
+        assert tma_kernel(bucket(d), persistent=True) in names, names
     monkeypatch.setenv("CUFLASH_SM90", "0")
     names = forward_kernels(d)
     assert "flash_fwd_sm90" not in names and "flash_fwd_kernel" in names, names
@@ -146,6 +153,7 @@ def test_persistent_ctas_walk_many_tiles(dtype, d, mode):
     check_dense("cuda", dtype, 8, 16, 4, 700, 77, d, causal=True, bottom_right=True)
     check_dense("cuda", dtype, 4, 12, 3, 1000, 1000, d, causal=True)
     check_dense("cuda", dtype, 2, 8, 8, 300, 2500, d)
+    check_dense("cuda", dtype, 4, 16, 16, 1000, 2500, d)  # wide at 64: 384 tiles of 192 rows
 
 
 @pytest.mark.parametrize("dtype", LOW_PRECISION, ids=LOW_PRECISION_IDS)
@@ -184,6 +192,8 @@ def test_agrees_with_sm80_kernel(d, layout, mode, monkeypatch):
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))
     names = cuda_kernels(lambda: torch.ops.cuflash_attn.fwd(q, k, v, None, True, False))
     assert KERNEL[mode] + "<" in names, f"{layout}: the {mode} kernel did not run: {names}"
+    if mode == "persistent" and d <= 128:
+        assert tma_kernel(d, persistent=True) in names, names
     out90, lse90 = torch.ops.cuflash_attn.fwd(q, k, v, None, True, False)
     monkeypatch.setenv("CUFLASH_SM90", "0")
     out80, lse80 = torch.ops.cuflash_attn.fwd(q, k, v, None, True, False)

@@ -37,7 +37,7 @@ struct FwdSm90TmaKernel {
   static constexpr int kBlockN = kHeadDim <= 128 ? 128 : (kWide ? 80 : 64);
   static constexpr int kStages = 2;
   static constexpr int kQBytes = kBlockM * kHeadDim * 2, kKVBytes = kBlockN * kHeadDim * 2;
-  static constexpr int kStagingBytes = kPersistent ? SmemTile<T, kBlockM, kHeadDim>::kElems * 2 : 0;
+  static constexpr int kStagingBytes = kPersistent ? SmemTile<T, kBlockM, kHeadDim>::kElems * int(sizeof(T)) : 0;
   // Barriers: Q full, Q empty, then per stage K full, V full, K empty, V empty.
   static constexpr int kBarriers = 2 + 4 * kStages;
   // + 1024: the swizzle atoms must start on 1024-byte boundaries; the base is aligned by hand.
