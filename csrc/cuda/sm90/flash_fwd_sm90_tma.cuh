@@ -82,19 +82,29 @@ __global__ void __launch_bounds__(FwdSm90TmaKernel<T, kHeadDim, kWide, kPersiste
 
   const AttentionShape& sh = p.shape;
   const int tid = threadIdx.x, warpgroup = tid / 128, lane = tid % 32;
-  // Tiles: the grid's one, or, persistent, every gridDim.x-th of all (query block, head, batch),
-  // query blocks descending (the longest first under a causal mask).
+  // Tiles: the grid's one, or, persistent, every gridDim.x-th of all (query block, head, batch).
+  // Persistent order: sections of (head, batch) pairs whose K and V fit together in L2
+  // (kL2Bytes), one section after another, so that the CTAs in flight re-read K/V from L2 as the
+  // 3-D grid's do; inside a section query blocks descending (the longest first under a causal
+  // mask), then the section's heads.
+  constexpr int64_t kL2Bytes = 32 << 20;
   const int m_blocks = (sh.seqlen_q + kBlockM - 1) / kBlockM, heads_batches = sh.heads_q * sh.batch;
   const int num_tiles = kPersistent ? m_blocks * heads_batches : 1;
   const int first_tile = kPersistent ? static_cast<int>(blockIdx.x) : 0;
   const int tile_stride = kPersistent ? static_cast<int>(gridDim.x) : 1;
+  const int64_t kv_bytes_per_head = int64_t{2} * sh.seqlen_k * kHeadDim * static_cast<int64_t>(sizeof(T));
+  const int section_heads =
+      static_cast<int>(max(int64_t{1}, min(int64_t{heads_batches}, kL2Bytes / max(int64_t{1}, kv_bytes_per_head))));
   auto tile_at = [&](int index) {
     TmaTile t;
     int m_block;
     if constexpr (kPersistent) {
-      m_block = m_blocks - 1 - index / heads_batches;
-      t.h = index % heads_batches % sh.heads_q;
-      t.b = index % heads_batches / sh.heads_q;
+      const int section = index / (m_blocks * section_heads), local = index - section * m_blocks * section_heads;
+      const int heads_here = min(section_heads, heads_batches - section * section_heads);
+      m_block = m_blocks - 1 - local / heads_here;
+      const int head_batch = section * section_heads + local % heads_here;
+      t.h = head_batch % sh.heads_q;
+      t.b = head_batch / sh.heads_q;
     } else {
       m_block = query_block_longest_first();
       t.h = blockIdx.y;
