@@ -43,8 +43,46 @@ __device__ __forceinline__ void count_tiles(unsigned long long* counters, const 
   atomicMax(counters + 3, static_cast<unsigned long long>(block_n));
 }
 
+// i + diagonal - k, ALiBi's distance, of the elements (j, e) of a warp tile, in float: the
+// fragment layout puts element (j, e) at a lane-independent offset from element (0, 0), so one
+// conversion per tile and a constant per element (exact below 2^24).
+template <bool kTransposed, int kN>
+struct TileDistance {
+  float base;  // element (0, 0)'s
+  __device__ __forceinline__ TileDistance(const Sequence& s, int row0, int col0, int lane) {
+    const int row = row0 + WarpAcc<kN>::row_of(0, lane), col = col0 + WarpAcc<kN>::col_of(0, 0, lane);
+    base = static_cast<float>(kTransposed ? col + s.diagonal - row : row + s.diagonal - col);
+  }
+  __device__ __forceinline__ float operator()(int j, int e) const {
+    const int dr = WarpAcc<kN>::row_of(e, 0), dc = WarpAcc<kN>::col_of(j, e, 0);
+    return base + static_cast<float>(kTransposed ? dc - dr : dr - dc);
+  }
+};
+
+// Visits every element of a warp tile with its (query, key) indices.
+template <bool kTransposed, int kN, class F>
+__device__ __forceinline__ void for_each_element(WarpAcc<kN>& t, int row0, int col0, int lane, F&& f) {
+#pragma unroll
+  for (int j = 0; j < kN / 8; ++j)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      const int row = row0 + WarpAcc<kN>::row_of(e, lane), col = col0 + WarpAcc<kN>::col_of(j, e, lane);
+      f(t.v[j][e], kTransposed ? col : row, kTransposed ? row : col, j, e);
+    }
+}
+template <int kN, class F>
+__device__ __forceinline__ void for_each_value(WarpAcc<kN>& t, F&& f) {
+#pragma unroll
+  for (int j = 0; j < kN / 8; ++j)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) f(t.v[j][e], j, e);
+}
+
 // What turns q.k into the scaled-log2 score of one (sequence, head): scale, softcap, ALiBi,
-// attn_mask (whose float elements have type T, the kernel's).
+// attn_mask (whose float elements have type T, the kernel's). The forward applies it a tile at
+// a time (scores), the backward an element at a time (operator()); both through the same
+// element steps, rounded explicitly, so that the backward recomputes the forward's scores bit
+// for bit.
 template <typename T>
 struct ScoreMod {
   float scale_log2;  // scale * log2(e): the whole job without softcap, ALiBi and attn_mask
@@ -64,36 +102,60 @@ struct ScoreMod {
   }
   __device__ __forceinline__ bool plain() const { return !softcap && !alibi && !mask.data; }
 
-  // The scaled-log2 score of q.k = raw for query i, key j; *dcap receives d(score)/d(scale q.k)
-  // (1 - t^2 with softcap, else 1).
-  __device__ __forceinline__ float operator()(float raw, const Sequence& s, int i, int j, float* dcap) const {
+  // The element steps. t: tanh(q.k * cap_in) with softcap.
+  __device__ __forceinline__ float capped(float raw, float* t) const {
+    *t = fast_tanh(__fmul_rn(raw, cap_in));
+    return __fmul_rn(cap_out, *t);
+  }
+  __device__ __forceinline__ float scaled(float raw) const {
+    return __fmul_rn(raw, scale_log2);  // rounded as in the forward (see probs_from_qk)
+  }
+  __device__ __forceinline__ float with_alibi(float x, float distance) const {
+    return __fmaf_rn(-alibi_log2, fabsf(distance), x);
+  }
+  // Elements past the sequence (tile padding) are masked by is_visible or never stored.
+  __device__ __forceinline__ float with_mask(float x, const Sequence& s, int i, int j) const {
+    return i < s.seqlen_q && j < s.seqlen_k ? __fmaf_rn(mask.bias<float, T>(i, j), kLog2e, x) : x;
+  }
+
+  // Forward: the raw q.k of a warp tile become its scores, a pass over the tile per feature (a
+  // branch per tile, not per element).
+  template <int kN>
+  __device__ __forceinline__ void scores(WarpAcc<kN>& t, const Sequence& s, int row0, int col0, int lane) const {
+    if (softcap) {
+      for_each_value(t, [&](float& x, int, int) {
+        float unused;
+        x = capped(x, &unused);
+      });
+    } else {
+      for_each_value(t, [&](float& x, int, int) { x = scaled(x); });
+    }
+    if (alibi) {
+      const TileDistance<false, kN> distance(s, row0, col0, lane);
+      for_each_value(t, [&](float& x, int j, int e) { x = with_alibi(x, distance(j, e)); });
+    }
+    if (mask.data)
+      for_each_element<false>(t, row0, col0, lane, [&](float& x, int i, int k, int, int) { x = with_mask(x, s, i, k); });
+  }
+
+  // Backward: the score of q.k = raw for query i, key j at ALiBi distance `distance`; *dcap
+  // receives d(score)/d(scale q.k) (1 - t^2 with softcap, else 1).
+  __device__ __forceinline__ float operator()(float raw, float distance, const Sequence& s, int i, int j,
+                                              float* dcap) const {
     float x;
     if (softcap) {
-      const float t = tanhf(raw * cap_in);
+      float t;
+      x = capped(raw, &t);
       *dcap = 1.f - t * t;
-      x = cap_out * t;
     } else {
       *dcap = 1.f;
-      x = __fmul_rn(raw, scale_log2);  // rounded as in the forward (see probs_from_qk)
+      x = scaled(raw);
     }
-    if (alibi) x += alibi_bias(alibi_log2, s, i, j);
-    // Elements past the sequence (tile padding) are masked by is_visible or never stored.
-    if (mask.data && i < s.seqlen_q && j < s.seqlen_k) x += mask.bias<float, T>(i, j) * kLog2e;
+    if (alibi) x = with_alibi(x, distance);
+    if (mask.data) x = with_mask(x, s, i, j);
     return x;
   }
 };
-
-// Visits every element of a warp tile with its (query, key) indices.
-template <bool kTransposed, int kN, class F>
-__device__ __forceinline__ void for_each_element(WarpAcc<kN>& t, int row0, int col0, int lane, F&& f) {
-#pragma unroll
-  for (int j = 0; j < kN / 8; ++j)
-#pragma unroll
-    for (int e = 0; e < 4; ++e) {
-      const int row = row0 + WarpAcc<kN>::row_of(e, lane), col = col0 + WarpAcc<kN>::col_of(j, e, lane);
-      f(t.v[j][e], kTransposed ? col : row, kTransposed ? row : col, j, e);
-    }
-}
 
 // Whether a 16-row warp tile (rows row0.., columns col0..col0 + kN) needs the element mask.
 template <bool kTransposed, int kN>
@@ -108,10 +170,7 @@ template <bool kFeatures, int kN, typename T>
 __device__ __forceinline__ void scores_from_qk(WarpAcc<kN>& t, const ScoreMod<T>& mod, const MaskParams& m,
                                                const Sequence& s, int row0, int col0, int lane) {
   if (kFeatures && !mod.plain()) {
-    for_each_element<false>(t, row0, col0, lane, [&](float& x, int i, int k, int, int) {
-      float unused;
-      x = mod(x, s, i, k, &unused);
-    });
+    mod.scores(t, s, row0, col0, lane);
   } else {
 #pragma unroll
     for (int j = 0; j < kN / 8; ++j)
@@ -224,9 +283,10 @@ __device__ __forceinline__ void probs_and_ds_with_features(WarpAcc<kN>& s, WarpA
 #pragma unroll
       for (int e = 0; e < 4; ++e) z[j][e] = 1.f;
   }
+  const TileDistance<kTransposed, kN> distance(seq, row0, col0, lane);
   for_each_element<kTransposed>(s, row0, col0, lane, [&](float& x, int i, int k, int j, int e) {
     float dcap;
-    const float score = mod(x, seq, i, k, &dcap);
+    const float score = mod(x, distance(j, e), seq, i, k, &dcap);
     const float prob = masked && !is_visible(m, seq, i, k) ? 0.f : fast_exp2(score - lse2(j, e));
     if (kWithDs) {
       const float ds = prob * (dp.v[j][e] * z[j][e] - delta(j, e));
