@@ -32,6 +32,8 @@ def forward(q, k, v, causal, options):
     kw = dict(options)
     if kw.pop("alibi", False):
         kw["alibi_slopes"] = torch.rand(q.shape[1], device=q.device, dtype=torch.float32)
+    if kw.get("dropout_p", 0.0) > 0.0:
+        kw["rng_state"] = torch.tensor([0, 0], device=q.device, dtype=torch.int64)  # [seed, offset]
     return lambda: torch.ops.cuflash_attn.fwd(q, k, v, None, causal, False, **kw)
 
 

@@ -28,8 +28,8 @@ grep -vE '^\s*$' "$OUT/probe.log" | tail -n 30
 runs=(
   "forward||tests/test_sm90_forward.py|"
   "backward|bwd|tests/test_sm90_backward.py|"
-  "features|features|tests/test_features.py tests/test_attn_mask.py|"
-  "tma_features|tma,features|tests/test_features.py tests/test_attn_mask.py|"
+  "features|features|tests/test_features.py tests/test_attn_mask.py|cuda"
+  "tma_features|tma,features|tests/test_features.py tests/test_attn_mask.py|cuda"
   "debug||tests/test_ops.py|debug"
   "all_on|tma,features,bwd|tests/test_accuracy.py tests/test_edge_cases.py|cuda and not test_random_sweep"
 )
