@@ -4,9 +4,8 @@
     python3 benchmarks/bench_features.py [--head-dims 64,128,256] [--seqlens 2048,8192]
 
 For every shape and feature set, our forward under each CUFLASH_SM90 value in --variants (read at
-every call, csrc/cuda/run_switches.h): by default "" (features on the sm_80-class forward, plain
-attention on the Hopper ones), "bwd,features" (features on the cp.async Hopper forward) and
-"tma,bwd,features" (on the TMA forward).
+every call, csrc/cuda/run_switches.h): by default "" (the defaults: features on the TMA forward),
+"0" (the sm_80-class forward) and "bwd,features" (the cp.async Hopper forward, which varlen takes).
 Prints a markdown table of TFLOP/s, each variant against the first, and each feature set
 against plain attention under the same variant (issue 9 asks features to cost at most 10%).
 Standard shapes as bench_attention.py's (batch * seqlen = 16384, heads = 2048 / D, bf16)."""
@@ -41,8 +40,8 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--head-dims", type=lambda s: bench.parse_list(s, int), default=[64, 128, 256])
     p.add_argument("--seqlens", type=lambda s: bench.parse_list(s, int), default=[2048, 8192])
-    p.add_argument("--variants", type=lambda s: s.split(";"), default=["", "bwd,features", "tma,bwd,features"],
-                   help="CUFLASH_SM90 values, ';'-separated (default: ';bwd,features;tma,bwd,features')")
+    p.add_argument("--variants", type=lambda s: s.split(";"), default=["", "0", "bwd,features"],
+                   help="CUFLASH_SM90 values, ';'-separated (default: ';0;bwd,features')")
     p.add_argument("--warmup-ms", type=float, default=10.0)
     p.add_argument("--rep-ms", type=float, default=50.0)
     args = p.parse_args(argv)

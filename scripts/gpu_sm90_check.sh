@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# One device call for the Hopper kernels (CUFLASH_SM90 parts: tma, bwd, the experimental
-# features): build (sm_90a, every head dim), the wgmma/TMA probe, then their tests in parallel processes,
+# One device call for the Hopper kernels (CUFLASH_SM90 parts: tma, bwd, features, persistent,
+# cpasync): build (sm_90a, every head dim), the wgmma/TMA probe, then their tests in parallel processes,
 # each under a time limit (a wrong mbarrier phase hangs a kernel, it does not fail it), then
 # the benchmark of the variants beside the default kernels and the SDPA peers.
 #   GPU_SM90_BENCH="..."   bench_attention.py arguments ("" skips the benchmark)
@@ -24,14 +24,14 @@ timeout --kill-after=5 120 python3 -m pytest -s -q -p no:cacheprovider tests/tes
   || status=1
 grep -vE '^\s*$' "$OUT/probe.log" | tail -n 30
 # name|CUFLASH_SM90|test files|-k expression. The forward file sets CUFLASH_SM90 itself (its
-# cp.async and tma modes); the others run under the listed value.
+# cp.async, tma and persistent modes); the others run under the listed value (none: the defaults).
 runs=(
   "forward||tests/test_sm90_forward.py|"
   "backward|bwd|tests/test_sm90_backward.py|"
   "features|features|tests/test_features.py tests/test_attn_mask.py|cuda"
   "tma_features|tma,features|tests/test_features.py tests/test_attn_mask.py|cuda"
   "debug||tests/test_ops.py|debug"
-  "all_on|tma,features,bwd|tests/test_accuracy.py tests/test_edge_cases.py|cuda and not test_random_sweep"
+  "defaults||tests/test_accuracy.py tests/test_edge_cases.py|cuda and not test_random_sweep"
 )
 pids=()
 for run in "${runs[@]}"; do

@@ -2,12 +2,13 @@
 compute capability 9.0 GPU of an sm_90a build: the warp-specialized flash_fwd_sm90_tma.cuh (TMA
 producer, two consumer warpgroups; the default) and csrc/cuda/sm90/flash_fwd_sm90.cuh (wgmma from
 swizzled shared memory, cp.async loads; CUFLASH_SM90=cpasync, and what varlen and inputs TMA
-cannot address take), and the TMA one as a persistent kernel (CUFLASH_SM90=tma,persistent,
-experimental, head dims up to 128). Every test runs under each of the three (the `mode` fixture). The same accuracy rule as
+cannot address take), and the TMA one as a persistent kernel (CUFLASH_SM90=tma,persistent; by
+default on short rows at head dims up to 128). Every test runs under each of the three (the
+`mode` fixture). The same accuracy rule as
 every path, over the shapes that stress the tiles (one query, ragged blocks, rows that see no
 key), the masks, GQA, varlen and the [B, N, H, D] layout; the profiler shows which kernel ran,
-and CUFLASH_SM90=0 switches back to the sm_80-class kernel. CUFLASH_SM90=features (experimental)
-adds softcap, ALiBi, attn_mask and dropout to the cp.async and TMA kernels."""
+and CUFLASH_SM90=0 switches back to the sm_80-class kernel. The "features" part (a default) adds
+softcap, ALiBi, attn_mask and dropout to the cp.async and TMA kernels."""
 import pytest
 import torch
 
@@ -18,6 +19,7 @@ from test_features import check_dense, check_varlen
 pytestmark = pytest.mark.skipif(not IS_SM90, reason="needs a compute capability 9.0 GPU")
 KERNEL = {"cpasync": "flash_fwd_sm90_kernel", "tma": "flash_fwd_sm90_tma_kernel",
           "persistent": "flash_fwd_sm90_tma_kernel"}
+KERNEL_DTYPE = {torch.bfloat16: "__nv_bfloat16", torch.float16: "__half"}  # as the profiler names T
 SWITCH = {"cpasync": "cpasync", "tma": "tma", "persistent": "tma,persistent"}  # CUFLASH_SM90 per mode
 
 
@@ -27,10 +29,10 @@ def mode(request, monkeypatch):
     return request.param
 
 
-def tma_kernel(d, wide=False, features=False, persistent=False):
+def tma_kernel(d, wide=False, features=False, persistent=False, dtype=torch.bfloat16):
     """The TMA kernel's name as the profiler shows it."""
     flags = ", ".join(str(f).lower() for f in (wide and d != 128, features, persistent and d <= 128))
-    return f"flash_fwd_sm90_tma_kernel<__nv_bfloat16, {d}, {flags}>"
+    return f"flash_fwd_sm90_tma_kernel<{KERNEL_DTYPE[dtype]}, {d}, {flags}>"
 
 
 def bucket(d):
@@ -61,18 +63,20 @@ def test_other_cases_keep_the_sm80_kernel():
 
 
 def test_default_parts(monkeypatch):
-    """Unset: the TMA forward and the Hopper backward."""
+    """Unset: the TMA forward (persistent on short rows, with the features too) and the Hopper
+    backward."""
     monkeypatch.delenv("CUFLASH_SM90")
     q, k, v = (torch.randn(1, 2, 100, 128, device="cuda", dtype=torch.bfloat16, requires_grad=True)
                for _ in range(3))
     names = cuda_kernels(lambda: torch.autograd.grad(torch.ops.cuflash_attn.fwd(q, k, v, None, False, False)[0].sum(),
                                                      (q, k, v)))
-    assert all(f"{kernel}<" in names for kernel in
-               ("flash_fwd_sm90_tma_kernel", "flash_bwd_dq_sm90_kernel", "flash_bwd_dkdv_sm90_kernel")), names
+    assert tma_kernel(128, persistent=True) in names, names
+    assert all(f"{kernel}<" in names for kernel in ("flash_bwd_dq_sm90_kernel", "flash_bwd_dkdv_sm90_kernel")), names
+    assert tma_kernel(128, features=True) in forward_kernels(128, softcap=30.0)
 
 
 def test_fallback_is_visible_in_debug_mode(monkeypatch, capfd):
-    """Softcap without the experimental "features" part runs the sm_80-class forward, and
+    """Softcap without the "features" part runs the sm_80-class forward, and
     CUFLASH_DEBUG=1 says so."""
     monkeypatch.setenv("CUFLASH_DEBUG", "1")
     forward_kernels(64, softcap=30.0)
@@ -133,28 +137,33 @@ def test_matches_reference(dtype, d, nq, nk, causal, bottom_right):
                                                (2048, 2048, True, False), (4096, 4096, True, True)])
 def test_tma_tile_choice(d, nq, nk, causal, wide, mode):
     """The TMA kernel takes its wide tile (head dims 64 and 256) where the middle query row sees
-    2048 keys or more."""
+    2048 keys or more (wide: such long rows), the persistent kernel (head dims up to 128) where it
+    sees fewer."""
     if mode == "cpasync":
         pytest.skip("the TMA kernel's tiles")
     q = torch.randn(1, 1, nq, d, device="cuda", dtype=torch.bfloat16)
     k, v = (torch.randn(1, 1, nk, d, device="cuda", dtype=torch.bfloat16) for _ in range(2))
     names = cuda_kernels(lambda: torch.ops.cuflash_attn.fwd(q, k, v, None, causal, False))
-    assert tma_kernel(d, wide=wide, persistent=mode == "persistent") in names, names
+    assert tma_kernel(d, wide=wide, persistent=mode == "persistent" and not wide) in names, names
 
 
 @pytest.mark.parametrize("dtype", LOW_PRECISION, ids=LOW_PRECISION_IDS)
 @pytest.mark.parametrize("d", [64, 128])
 def test_persistent_ctas_walk_many_tiles(dtype, d, mode):
     """More tiles than SMs, so each persistent CTA takes several: of different lengths (causal),
-    with no key at all (bottom-right causal with more queries than keys), the wide tile's and
-    the narrow one's, GQA."""
+    with no key at all (bottom-right causal with more queries than keys), GQA, and K/V past the
+    kernel's 32 MB L2 section (ragged sections of heads). Short rows, which the persistent kernel
+    takes."""
     if mode != "persistent":
         pytest.skip("persistent CTAs")
-    check_dense("cuda", dtype, 8, 16, 4, 700, 77, d, causal=True, bottom_right=True)
-    check_dense("cuda", dtype, 4, 12, 3, 1000, 1000, d, causal=True)
-    check_dense("cuda", dtype, 2, 8, 8, 300, 2500, d)
-    # wide at 64: 384 tiles of 192 rows; K/V past the 32 MB L2 section: ragged sections of heads
-    check_dense("cuda", dtype, 4, 16, 16, 1000, 2500, d)
+    shapes = [(8, 16, 4, 700, 77, True, True), (4, 12, 3, 1000, 1000, True, False),
+              (2, 8, 8, 300, 1900, False, False), (8, 16, 16, 1500, 1500, True, False)]
+    for batch, heads_q, heads_kv, nq, nk, causal, bottom_right in shapes:
+        q = torch.randn(batch, heads_q, nq, d, device="cuda", dtype=dtype)
+        k, v = (torch.randn(batch, heads_kv, nk, d, device="cuda", dtype=dtype) for _ in range(2))
+        names = cuda_kernels(lambda: torch.ops.cuflash_attn.fwd(q, k, v, None, causal, bottom_right))
+        assert tma_kernel(d, persistent=True, dtype=dtype) in names, names
+        check_dense("cuda", dtype, batch, heads_q, heads_kv, nq, nk, d, causal=causal, bottom_right=bottom_right)
 
 
 @pytest.mark.parametrize("dtype", LOW_PRECISION, ids=LOW_PRECISION_IDS)

@@ -72,9 +72,10 @@ inline int multiprocessor_count() {
   return count[device].load(std::memory_order_relaxed);
 }
 
-// The TMA forward, with the wide tile where it pays (plain attention only), persistent where
-// asked for; false (nothing launched) where TMA cannot address p, varlen included: a box would
-// read past a packed sequence's end.
+// The TMA forward for plain attention: long rows take the wide tile where there is one, short
+// rows the persistent kernel where asked for and built (sm90::long_rows); false (nothing
+// launched) where TMA cannot address p, varlen included: a box would read past a packed
+// sequence's end.
 template <typename T, int kHeadDim>
 bool launch_fwd_tma(const FlashFwdParams& p, bool persistent, cudaStream_t stream, cudaError_t* err) {
   if (p.varlen.cu_seqlens_q != nullptr) return false;
@@ -94,15 +95,15 @@ bool launch_fwd_tma(const FlashFwdParams& p, bool persistent, cudaStream_t strea
     return true;
   };
   using Plain = sm90::FwdSm90TmaKernel<T, kHeadDim, false>;
-  if (needs_feature_path(p)) return run(std::false_type{}, std::true_type{}, std::false_type{});
-  auto with_tile = [&](auto persist) {
-    if constexpr (Plain::kHasWide)
-      if (sm90::wide_tile_pays(p)) return run(std::true_type{}, std::false_type{}, persist);
-    return run(std::false_type{}, std::false_type{}, persist);
-  };
+  constexpr std::false_type no{};
+  constexpr std::true_type yes{};
+  if (needs_feature_path(p)) return run(no, yes, no);
+  const bool long_rows = sm90::long_rows(p);
+  if constexpr (Plain::kHasWide)
+    if (long_rows) return run(yes, no, no);
   if constexpr (Plain::kHasPersistent)
-    if (persistent) return with_tile(std::true_type{});
-  return with_tile(std::false_type{});
+    if (persistent && !long_rows) return run(no, no, yes);
+  return run(no, no, no);
 }
 
 template <typename T, int kHeadDim>

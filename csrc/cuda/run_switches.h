@@ -3,17 +3,18 @@
 // layers (torch_ops.cpp, api/flash_attention.cpp) refuse a value that names nothing.
 //
 //   CUFLASH_SM90    which Hopper kernels run (sm_90a builds on a compute capability 9.0 GPU):
-//     unset or ""   the default parts, "tma,bwd"
+//     unset or ""   the default parts, "tma,bwd,features,persistent"
 //     "0"           none: the sm_80-class kernels
 //     a comma list  exactly the parts named; the cp.async Hopper forward runs plain attention
 //                   wherever "tma" is not named or TMA cannot address the input:
 //       cpasync     no other part
 //       tma         the warp-specialized TMA forward, plain attention (flash_fwd_sm90_tma.cuh)
 //       bwd         the wgmma backward, plain attention (flash_bwd_sm90.cuh)
-//       persistent  with tma: one CTA per SM walking tiles, head dims up to 128, plain attention
-//                   (experimental)
+//       persistent  with tma: the persistent TMA forward (one CTA per SM walking tiles) for
+//                   plain attention on short rows (the middle query row sees fewer than 2048
+//                   keys), head dims up to 128
 //       features    softcap, ALiBi, attn_mask and dropout in the Hopper forwards (the TMA one
-//                   where "tma" is listed too; otherwise those take the sm_80-class forward)
+//                   where "tma" is listed too); without it those take the sm_80-class forward
 //   CUFLASH_BWD_DQ  unset or "": dQ by its own kernel; "atomic": added by the dK/dV kernel with
 //                   fp32 atomics (the sm_80-class backward, without the attn_mask gradient)
 //   CUFLASH_DEBUG   "1": one line on stderr per kernel launch, naming the kernel (so a fallback
@@ -27,14 +28,14 @@
 namespace cuflash {
 
 struct Sm90Switch {
-  bool on = true, tma = true, bwd = true, features = false, persistent = false;
+  bool on = true, tma = true, bwd = true, features = true, persistent = true;
 };
 
 // value (null: unset) -> *out; false if value names something else.
 inline bool parse_sm90_switch(const char* value, Sm90Switch* out) {
   Sm90Switch s;
   if (value != nullptr && *value != '\0') {
-    s.tma = s.bwd = false;
+    s.tma = s.bwd = s.features = s.persistent = false;
     if (std::strcmp(value, "0") == 0) {
       s.on = false;
     } else {

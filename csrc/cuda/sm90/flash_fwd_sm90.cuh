@@ -6,9 +6,8 @@
 // O += P V, whose B (V, [key][d]) the wgmma transposes. Masks, the online softmax and the output
 // are the sm_80 kernel's, on the same accumulator layout (a warp's share of a 64 x N wgmma
 // accumulator is a WarpAcc<N>). Loads are cp.async by every thread, as in the sm_80 kernel.
-// kFeatures (softcap, ALiBi, attn_mask, dropout) is experimental: sm90_paths below keeps those on
-// the sm_80-class kernel unless CUFLASH_SM90 lists "features" (then this kernel runs them, or the
-// TMA one where "tma" is listed too).
+// kFeatures: softcap, ALiBi, attn_mask, dropout (CUFLASH_SM90's "features" part, a default; the
+// TMA kernel runs them where it can address the input).
 #pragma once
 #include <cuda_runtime.h>
 #include <atomic>

@@ -23,10 +23,11 @@ namespace cuflash::sm90 {
 // at head dim 64 three consumer warpgroups (192 query rows) share the producer, so that more
 // softmax hides under the matmuls; at 256, 80 keys a step (what two stages of K and V leave room
 // for beside Q). Head dim 128 has one tile.
-// kPersistent (EXPERIMENTAL, CUFLASH_SM90 lists "persistent"; head dims up to 128): one CTA per
-// SM walks tiles (query block, head, batch) longest first, loading the next tile's K, V and Q
-// while the last one's P V and output run, with O staged in a buffer of its own (the padded
-// staging tile does not fit in Q's buffer; at D=256 it does not fit at all).
+// kPersistent (CUFLASH_SM90's "persistent" part, a default; head dims up to 128, short rows): one
+// CTA per SM walks tiles (query block, head, batch), loading the next tile's K, V and Q while the
+// last one's P V and output run, with O staged in a buffer of its own (the padded staging tile
+// does not fit in Q's buffer; at D=256 it does not fit at all). It pays where tiles are short,
+// so that the 3-D grid's per-CTA prologue and epilogue show (benchmarks/NOTES.md).
 template <typename T, int kHeadDim, bool kWide, bool kPersistent = false>
 struct FwdSm90TmaKernel {
   static constexpr bool kHasWide = kHeadDim != 128, kHasPersistent = kHeadDim <= 128;
@@ -57,8 +58,8 @@ struct TmaTile {
   __device__ int block_of(int step) const { return n_blocks.end - 1 - step; }  // last block first
 };
 
-// kFeatures: softcap, ALiBi, attn_mask or dropout may be on (EXPERIMENTAL, CUFLASH_SM90 lists
-// "features"), in the consumers' softmax step as in the other forwards.
+// kFeatures: softcap, ALiBi, attn_mask or dropout may be on (CUFLASH_SM90's "features" part, a
+// default), in the consumers' softmax step as in the other forwards.
 template <typename T, int kHeadDim, bool kWide, bool kFeatures, bool kPersistent>
 __global__ void __launch_bounds__(FwdSm90TmaKernel<T, kHeadDim, kWide, kPersistent>::kThreads, 1)
     flash_fwd_sm90_tma_kernel(const FlashFwdParams p, const __grid_constant__ CUtensorMap map_q,
@@ -291,9 +292,10 @@ __global__ void __launch_bounds__(FwdSm90TmaKernel<T, kHeadDim, kWide, kPersiste
 #endif
 }
 
-// Whether the wide tile pays for dense p: its middle query row sees 2048 keys or more (under a
-// causal mask or a window, the mean over the rows is about the middle row's).
-inline bool wide_tile_pays(const FlashFwdParams& p) {
+// Whether dense p has long rows: its middle query row sees 2048 keys or more (under a causal
+// mask or a window, the mean over the rows is about the middle row's). There the wide tile
+// pays and the persistent kernel does not (benchmarks/NOTES.md).
+inline bool long_rows(const FlashFwdParams& p) {
   const Sequence s = sequence_of(p, 0);
   const int middle = s.seqlen_q / 2;
   const Range keys = visible_keys(p.mask, s, middle, middle + 1);
