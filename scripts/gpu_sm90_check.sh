@@ -28,6 +28,7 @@ grep -vE '^\s*$' "$OUT/probe.log" | tail -n 30
 runs=(
   "forward||tests/test_sm90_forward.py|"
   "backward|bwd|tests/test_sm90_backward.py|"
+  "atomic_dq||tests/test_bwd_atomic_dq.py|"
   "features|features|tests/test_features.py tests/test_attn_mask.py|cuda"
   "tma_features|tma,features|tests/test_features.py tests/test_attn_mask.py|cuda"
   "debug||tests/test_ops.py|debug"

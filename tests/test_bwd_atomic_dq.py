@@ -1,10 +1,11 @@
 """CUFLASH_BWD_DQ=atomic: the tensor-core backward in one kernel (the dK/dV one), which adds dQ
-with fp32 atomics (flash_bwd_kernel.cuh). The same accuracy rule as the deterministic path, over
+with fp32 atomics (flash_bwd_kernel.cuh; on Hopper flash_bwd_sm90.cuh's, for plain attention at
+head dims up to 128). The same accuracy rule as the deterministic path, over
 every head-dim bucket and the features; the profiler shows which kernels ran."""
 import pytest
 import torch
 
-from conftest import HAS_CUDA, cuda_kernels
+from conftest import HAS_CUDA, IS_SM90, cuda_kernels
 from reference import LOW_PRECISION, LOW_PRECISION_IDS
 from test_features import check_dense, check_varlen
 
@@ -38,6 +39,16 @@ def test_varlen(dtype):
     check_varlen("cuda", dtype, [70, 0, 129, 300], [90, 12, 0, 257], 4, 2, 128, causal=True, bottom_right=True)
 
 
+@pytest.mark.parametrize("dtype", LOW_PRECISION, ids=LOW_PRECISION_IDS)
+@pytest.mark.parametrize("d", [64, 128])
+def test_many_blocks(dtype, d):
+    """Many key blocks adding to the same dQ rows (each CTA starting at its own query block), GQA,
+    both causal alignments, ragged blocks."""
+    check_dense("cuda", dtype, 2, 8, 2, 1000, 1100, d)
+    check_dense("cuda", dtype, 2, 4, 4, 777, 1300, d, causal=True, bottom_right=True)
+    check_dense("cuda", dtype, 1, 4, 1, 1300, 777, d, causal=True)
+
+
 @pytest.mark.parametrize("kind", ["bool", "float"])
 def test_attn_mask(kind):
     """A float mask's gradient needs the dQ kernel (it writes the score gradients): that case
@@ -51,6 +62,9 @@ def test_path_taken(monkeypatch):
     out, _ = torch.ops.cuflash_attn.fwd(q, k, v, None, False, False)
     names = cuda_kernels(lambda: torch.autograd.grad(out, (q, k, v), torch.ones_like(out), retain_graph=True))
     assert "flash_bwd_dq_convert_kernel" in names and "flash_bwd_dq_kernel" not in names, names
+    if IS_SM90:  # the Hopper dK/dV kernel with dQ, where the build has it (sm_90a)
+        assert "flash_bwd_dkdv_sm90_kernel<__nv_bfloat16, 64, true>" in names, names
+        assert "flash_bwd_dq_sm90_kernel" not in names, names
     monkeypatch.delenv("CUFLASH_BWD_DQ")
     names = cuda_kernels(lambda: torch.autograd.grad(out, (q, k, v), torch.ones_like(out)))
     dq_kernel = any(f"{kernel}<" in names for kernel in ("flash_bwd_dq_kernel", "flash_bwd_dq_sm90_kernel"))

@@ -73,9 +73,10 @@ def dispatch():
 def wgmma_instructions():
     lines = [HEADER.rstrip("\n"),
              "// wgmma.mma_async.sync.aligned.m64nNk16.f32.<T>.<T>: d (64 x N fp32, N / 2 per thread, the",
-             "// layout of wgmma_acc_row/col) = or += A B. ss: A and B from shared memory (descriptors), both",
-             "// K-major; rs: A from registers (mma.m16n8k16 A fragments, warp w holding rows 16w..), B from",
-             "// shared memory MN-major (transposed). accumulate == 0 overwrites d.",
+             "// layout of wgmma_acc_row/col) = or += A B. ss: A and B from shared memory (descriptors), A",
+             "// K-major, B K-major (kTransB 0) or MN-major (1); rs: A from registers (mma.m16n8k16 A",
+             "// fragments, warp w holding rows 16w..), B from shared memory MN-major (transposed).",
+             "// accumulate == 0 overwrites d.",
              "#pragma once", "#include <cuda_bf16.h>", "#include <cuda_fp16.h>", "#include <cstdint>", "",
              "namespace cuflash::sm90 {", "", "template <typename T, int N>", "struct Wgmma;", ""]
     for cpp_type, ptx in WGMMA_TYPES.items():
@@ -86,12 +87,13 @@ def wgmma_instructions():
             inst = f"wgmma.mma_async.sync.aligned.m64n{n}k16.f32.{ptx}.{ptx} "
             lines += [f"template <>", f"struct Wgmma<{cpp_type}, {n}> {{",
                       f"  static constexpr int kAccRegs = {regs};",
+                      f"  template <int kTransB = 0>",
                       f"  __device__ __forceinline__ static void ss(float (&d)[{regs}], uint64_t desc_a, uint64_t desc_b,",
                       f"                                            int accumulate) {{",
                       f'    asm volatile("{{\\n.reg .pred p;\\nsetp.ne.b32 p, %{regs + 2}, 0;\\n"',
-                      f'                 "{inst}{acc}, %{regs}, %{regs + 1}, p, 1, 1, 0, 0;\\n}}\\n"',
+                      f'                 "{inst}{acc}, %{regs}, %{regs + 1}, p, 1, 1, 0, %{regs + 3};\\n}}\\n"',
                       f"                 : {outs}",
-                      f'                 : "l"(desc_a), "l"(desc_b), "r"(accumulate));', "  }",
+                      f'                 : "l"(desc_a), "l"(desc_b), "r"(accumulate), "n"(kTransB));', "  }",
                       f"  __device__ __forceinline__ static void rs(float (&d)[{regs}], const uint32_t (&a)[4], uint64_t desc_b,",
                       f"                                            int accumulate) {{",
                       f'    asm volatile("{{\\n.reg .pred p;\\nsetp.ne.b32 p, %{regs + 5}, 0;\\n"',

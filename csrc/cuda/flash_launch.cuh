@@ -149,15 +149,24 @@ cudaError_t run_flash_bwd(const FlashBwdParams& p, cudaStream_t stream) {
                   dim3(ceil_div(sh.seqlen_k, simt::kWarps), sh.heads_kv, sh.batch), kThreads, 0, stream, p);
   } else {
     const bool accum_dq = p.dq_accum != nullptr;
+    auto convert_dq = [&] {
+      return launch(flash_bwd_dq_convert_kernel<T>, dim3(ceil_div(sh.seqlen_q, 4), sh.heads_q, sh.batch), 128, 0,
+                    stream, p);
+    };
     if constexpr (sm90::kBwdHeadDim<kHeadDim>) {
-      if (!accum_dq && sm90::sm90_paths(p).bwd) {
+      if (sm90::sm90_paths(p).bwd) {
         using K = sm90::BwdSm90Kernel<T, kHeadDim>;
+        const dim3 key_grid(ceil_div(sh.seqlen_k, K::kResident), sh.heads_kv, sh.batch);
+        if (accum_dq) {
+          err = launch(sm90::flash_bwd_dkdv_sm90_kernel<T, kHeadDim, true>, key_grid, K::kThreads,
+                       K::kSmemBytes + K::kDsBytes, stream, p);
+          return err != cudaSuccess ? err : convert_dq();
+        }
         err = launch(sm90::flash_bwd_dq_sm90_kernel<T, kHeadDim>,
                      dim3(ceil_div(sh.seqlen_q, K::kResident), sh.heads_q, sh.batch), K::kThreads, K::kSmemBytes,
                      stream, p);
         if (err != cudaSuccess) return err;
-        return launch(sm90::flash_bwd_dkdv_sm90_kernel<T, kHeadDim>,
-                      dim3(ceil_div(sh.seqlen_k, K::kResident), sh.heads_kv, sh.batch), K::kThreads, K::kSmemBytes,
+        return launch(sm90::flash_bwd_dkdv_sm90_kernel<T, kHeadDim, false>, key_grid, K::kThreads, K::kSmemBytes,
                       stream, p);
       }
     }
@@ -188,8 +197,7 @@ cudaError_t run_flash_bwd(const FlashBwdParams& p, cudaStream_t stream) {
       return e;
     });
     if (err != cudaSuccess || !accum_dq) return err;
-    return launch(flash_bwd_dq_convert_kernel<T>, dim3(ceil_div(sh.seqlen_q, 4), sh.heads_q, sh.batch), 128, 0,
-                  stream, p);
+    return convert_dq();
   }
 }
 

@@ -8,6 +8,9 @@
 // 64 rows (queries in the dQ kernel, keys in the dK/dV kernel); each warp's share of an
 // accumulator is a WarpAcc, so the masks (probs_then_mask), ds_from_dp and the stores are the sm_80
 // kernels'. Tiles are loaded by cp.async into the swizzled panels, double-buffered.
+// With p.dq_accum (CUFLASH_BWD_DQ=atomic: 5 matmuls instead of 7, not bitwise reproducible) only
+// the dK/dV kernel runs (kAccumDq): it stages each step's dS in shared memory and adds dQ = dS K
+// to the fp32 buffer with vector atomics; flash_bwd_dq_convert_kernel writes dq.
 #pragma once
 #include "../flash_bwd_kernel.cuh"
 #include "flash_fwd_sm90.cuh"
@@ -26,7 +29,42 @@ struct BwdSm90Kernel {
   // Two resident tiles (Q and dO, or K and V), two double-buffered streamed ones, and for the
   // dK/dV kernel the streamed queries' lse and delta ([2][kStreamed] each); + 1024 for alignment.
   static constexpr int kSmemBytes = 2 * kResidentBytes + 4 * kStreamedBytes + 4 * kStreamed * 4 + 1024;
+  // kAccumDq: one step's dS, [kStreamed queries][kResident keys] in 64-key panels, more.
+  static constexpr int kDsBytes = kStreamed * kResident * 2;
+  // dQ = dS K split between the warpgroups: at head dim 128 by columns (warpgroup w: 64 of them,
+  // over all 128 keys), at 64 by keys (warpgroup w: its own 64 keys, every column); both are one
+  // 64 x 64 wgmma accumulator per warpgroup and step.
+  static constexpr bool kDqSplitColumns = kHeadDim == 128;
 };
+
+// dQ part (64 queries x 64 columns) = dS K for one warpgroup: A = dS from shared memory
+// ([query][key] panels, K-major; kSteps k-steps of 16 keys), B = the resident K tile, MN-major
+// (keys down, head dim across). One wgmma group.
+template <typename T, int kSteps>
+__device__ __forceinline__ void issue_ds_k(WarpAcc<64>& dq, uint64_t desc_ds, uint64_t desc_k) {
+  constexpr int kDsPanelBytes = 64 * 128;  // 64 query rows of 64 keys
+#pragma unroll
+  for (int kk = 0; kk < kSteps; ++kk)
+    Wgmma<T, 64>::template ss<1>(acc_regs<64>(dq, 0), desc_ds + (((kk / 4) * kDsPanelBytes + (kk % 4) * 32) >> 4),
+                                 desc_k + ((kk * 2048) >> 4), kk > 0);
+  wgmma_commit();
+}
+
+// acc[row][col] += v for a warp's WarpAcc<64> (16 rows from row0, columns from col0), rows
+// below `rows` and columns below `cols` only; pairs of adjacent columns in one vector atomic.
+__device__ __forceinline__ void red_add_rows(float* acc, int64_t row_stride, const WarpAcc<64>& v, int row0, int col0,
+                                             int rows, int cols, int lane) {
+#pragma unroll
+  for (int j = 0; j < 8; ++j)
+#pragma unroll
+    for (int half = 0; half < 2; ++half) {
+      const int row = row0 + WarpAcc<64>::row_of(2 * half, lane), col = col0 + WarpAcc<64>::col_of(j, 2 * half, lane);
+      if (row < rows && col < cols)
+        asm volatile("red.global.add.v2.f32 [%0], {%1, %2};\n" ::"l"(acc + row * row_stride + col),
+                     "f"(v.v[j][2 * half]), "f"(v.v[j][2 * half + 1])
+                     : "memory");
+    }
+}
 
 // dQ: queries resident (64 per warpgroup), keys streamed: S = Q K^T, dP = dO V^T,
 // dS = P (dP - delta), dQ += dS K.
@@ -118,7 +156,7 @@ __global__ void __launch_bounds__(BwdSm90Kernel<T, kHeadDim>::kThreads, 1)
 // dK and dV: keys resident (64 per warpgroup), the queries of every query head of the key's
 // group streamed (GQA sums here, no atomics): S^T = K Q^T, dP^T = V dO^T, dV += P^T dO,
 // dS^T = P^T (dP^T - delta), dK += dS^T Q.
-template <typename T, int kHeadDim>
+template <typename T, int kHeadDim, bool kAccumDq>
 __global__ void __launch_bounds__(BwdSm90Kernel<T, kHeadDim>::kThreads, 1)
     flash_bwd_dkdv_sm90_kernel(const FlashBwdParams p) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
@@ -130,8 +168,9 @@ __global__ void __launch_bounds__(BwdSm90Kernel<T, kHeadDim>::kThreads, 1)
   unsigned char* sV = smem + K::kResidentBytes;
   auto sQ = [&](int buf) { return smem + 2 * K::kResidentBytes + buf * K::kStreamedBytes; };
   auto sdO = [&](int buf) { return smem + 2 * K::kResidentBytes + (2 + buf) * K::kStreamedBytes; };
-  float* sLse2 = reinterpret_cast<float*>(smem + 2 * K::kResidentBytes + 4 * K::kStreamedBytes);  // [2][kBlockM]
-  float* sDelta = sLse2 + 2 * kBlockM;                                                            // [2][kBlockM]
+  unsigned char* sdS = smem + 2 * K::kResidentBytes + 4 * K::kStreamedBytes;   // kAccumDq only
+  float* sLse2 = reinterpret_cast<float*>(sdS + (kAccumDq ? K::kDsBytes : 0));  // [2][kBlockM]
+  float* sDelta = sLse2 + 2 * kBlockM;                                        // [2][kBlockM]
 
   const AttentionShape& sh = p.shape;
   const int n_block = blockIdx.x, h_kv = blockIdx.y, b = blockIdx.z;
@@ -147,7 +186,11 @@ __global__ void __launch_bounds__(BwdSm90Kernel<T, kHeadDim>::kThreads, 1)
   const Range m = query_blocks(p.mask, seq, n_start, min(n_start + kBlockN, seq.seqlen_k), kBlockM);
   const int per_head = m.end - m.begin, steps = per_head * group;
   auto head_of = [&](int step) { return h_kv * group + step / per_head; };
-  auto block_of = [&](int step) { return m.begin + step % per_head; };
+  // With kAccumDq each CTA starts at its own query block, so that the CTAs of a head do not all
+  // add to the same dQ rows at once.
+  auto block_of = [&](int step) {
+    return m.begin + (kAccumDq ? (step % per_head + n_block) % per_head : step % per_head);
+  };
   auto load_queries = [&](int step, int buf) {
     const int h = head_of(step), m0 = block_of(step) * kBlockM, rows = seq.seqlen_q - m0;
     const T* q = row_at<const T>(p.q, p.q_strides, seq, true, b, h, m0);
@@ -201,9 +244,39 @@ __global__ void __launch_bounds__(BwdSm90Kernel<T, kHeadDim>::kThreads, 1)
       ds_from_dp(dp, s, col_delta);
 #pragma unroll
       for (int kk = 0; kk < kBlockM / 16; ++kk) dp.template to_a<T>(dst[kk], kk);
+      if constexpr (kAccumDq) {
+        // dS^T (this warp's 16 keys x kBlockM queries, packed in dst as to_a left it) into sdS as
+        // [query][key]: element pairs along the queries go to two rows.
+#pragma unroll
+        for (int kk = 0; kk < kBlockM / 16; ++kk)
+#pragma unroll
+          for (int i = 0; i < 4; ++i) {
+            const int j = 2 * kk + i / 2, e = 2 * (i % 2);
+            const int key = warp_row + WarpAcc<kBlockM>::row_of(e, lane), query = WarpAcc<kBlockM>::col_of(j, e, lane);
+            *reinterpret_cast<uint16_t*>(sdS + panel_offset<kBlockM>(query, key)) = dst[kk][i] & 0xffffu;
+            *reinterpret_cast<uint16_t*>(sdS + panel_offset<kBlockM>(query + 1, key)) = dst[kk][i] >> 16;
+          }
+        fence_async_shared();  // the wgmma (async proxy) reads what these stores wrote
+      }
       wgmma_fence();
       issue_pv<T, kHeadDim, kBlockM>(dk, dst, desc_q0_mn + step_bytes(buf));
-      wgmma_wait<0>();
+      wgmma_wait<0>();  // with kAccumDq too: dst dies here, before dQ's accumulator lives
+      if constexpr (kAccumDq) {
+        __syncthreads();       // both warpgroups' keys are in
+        constexpr bool kSplitColumns = K::kDqSplitColumns;
+        const int col0 = kSplitColumns ? 64 * warpgroup : 0;
+        const uint64_t desc_ds = smem_desc_k_major_sw128(sdS, kSplitColumns ? 0 : warpgroup * 64 * 128);
+        const uint64_t desc_kb = smem_desc_mn_major_sw128(
+            sK, kSplitColumns ? warpgroup * kBlockN * 128 : warpgroup * 64 * 128, kBlockN * 128);
+        WarpAcc<64> dq;
+        wgmma_fence();
+        issue_ds_k<T, kSplitColumns ? kBlockN / 16 : 4>(dq, desc_ds, desc_kb);
+        wgmma_wait<0>();
+        const int h = head_of(step);
+        float* acc = row_at<float>(p.dq_accum, p.dq_accum_strides, seq, true, b, h, m0);
+        red_add_rows(acc, p.dq_accum_strides.row, dq, 16 * ((tid % 128) / 32), col0, seq.seqlen_q - m0, sh.head_dim,
+                     lane);
+      }
     }
   }
   __syncthreads();  // every warpgroup's wgmmas are done with the tiles the staging overwrites
