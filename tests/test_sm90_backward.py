@@ -1,6 +1,7 @@
 """The Hopper backward (csrc/cuda/sm90/flash_bwd_sm90.cuh: the two deterministic kernels with
 wgmma), on by default (CUFLASH_SM90 unset, or a list naming bwd) for plain 16-bit attention at
-head-dim buckets 64 and 128 on a compute capability 9.0 GPU of an sm_90a build. The same accuracy rule as every
+head-dim buckets 64, 128 and 256 (dK and dV in two launches there) on a compute capability 9.0
+GPU of an sm_90a build. The same accuracy rule as every
 path over the shapes that stress its tiles, the masks, GQA (dK/dV summed over a group's query
 heads) and varlen; bitwise reproducible; the profiler shows which kernels ran."""
 import pytest
@@ -24,20 +25,23 @@ def backward_kernels(d, **kw):
     return cuda_kernels(lambda: torch.autograd.grad(out, (q, k, v), torch.ones_like(out)))
 
 
-@pytest.mark.parametrize("d", [40, 64, 100, 128])
+@pytest.mark.parametrize("d", [40, 64, 100, 128, 240, 256])
 def test_path_taken(d):
     names = backward_kernels(d)
     assert "flash_bwd_dq_sm90_kernel<" in names and "flash_bwd_dkdv_sm90_kernel<" in names, names
+    if d > 128:  # dK and dV in two launches
+        assert all(f"flash_bwd_dkdv_sm90_kernel<__nv_bfloat16, 256, false, {parts}>" in names
+                   for parts in ("true, false", "false, true")), names
 
 
 def test_other_cases_keep_the_sm80_kernels():
-    for d, kw in [(32, {}), (256, {}), (64, {"softcap": 30.0})]:
+    for d, kw in [(32, {}), (160, {}), (64, {"softcap": 30.0})]:
         names = backward_kernels(d, **kw)
         assert "sm90" not in names and "flash_bwd_dq_kernel" in names, (d, kw, names)
 
 
 @pytest.mark.parametrize("dtype", LOW_PRECISION, ids=LOW_PRECISION_IDS)
-@pytest.mark.parametrize("d", [40, 64, 100, 128])
+@pytest.mark.parametrize("d", [40, 64, 100, 128, 240, 256])
 @pytest.mark.parametrize("nq,nk", [(1, 1), (1, 300), (77, 200), (200, 77), (128, 128), (257, 513)])
 @pytest.mark.parametrize("causal,bottom_right", [(False, False), (True, False), (True, True)],
                          ids=["none", "top_left", "bottom_right"])
@@ -46,19 +50,19 @@ def test_matches_reference(dtype, d, nq, nk, causal, bottom_right):
 
 
 @pytest.mark.parametrize("dtype", LOW_PRECISION, ids=LOW_PRECISION_IDS)
-@pytest.mark.parametrize("d", [64, 128])
+@pytest.mark.parametrize("d", [64, 128, 256])
 def test_gqa_and_window(dtype, d):
     check_dense("cuda", dtype, 2, 8, 2, 300, 700, d, causal=True, bottom_right=True, window=(130, -1))
     check_dense("cuda", dtype, 1, 4, 1, 500, 260, d, window=(40, 70))
 
 
 @pytest.mark.parametrize("dtype", LOW_PRECISION, ids=LOW_PRECISION_IDS)
-@pytest.mark.parametrize("d", [64, 128])
+@pytest.mark.parametrize("d", [64, 128, 256])
 def test_varlen(dtype, d):
     check_varlen("cuda", dtype, [70, 0, 129, 300], [90, 12, 0, 257], 4, 2, d, causal=True, bottom_right=True)
 
 
-@pytest.mark.parametrize("d", [64, 128])
+@pytest.mark.parametrize("d", [64, 128, 256])
 def test_bitwise_reproducible_and_close_to_sm80(d, monkeypatch):
     torch.manual_seed(0)
     q, k, v = (torch.randn(2, 4, 1500, d, device="cuda", dtype=torch.bfloat16, requires_grad=True)

@@ -154,20 +154,31 @@ cudaError_t run_flash_bwd(const FlashBwdParams& p, cudaStream_t stream) {
                     stream, p);
     };
     if constexpr (sm90::kBwdHeadDim<kHeadDim>) {
-      if (sm90::sm90_paths(p).bwd) {
-        using K = sm90::BwdSm90Kernel<T, kHeadDim>;
+      using K = sm90::BwdSm90Kernel<T, kHeadDim>;
+      // dQ by atomics comes with dK in 64-row steps: not at head dim 256 (the sm_80-class kernels).
+      if (sm90::sm90_paths(p).bwd && !(accum_dq && K::kSplitDkDv)) {
         const dim3 key_grid(ceil_div(sh.seqlen_k, K::kResident), sh.heads_kv, sh.batch);
-        if (accum_dq) {
-          err = launch(sm90::flash_bwd_dkdv_sm90_kernel<T, kHeadDim, true>, key_grid, K::kThreads,
-                       K::kSmemBytes + K::kDsBytes, stream, p);
-          return err != cudaSuccess ? err : convert_dq();
+        if constexpr (!K::kSplitDkDv) {
+          if (accum_dq) {
+            err = launch(sm90::flash_bwd_dkdv_sm90_kernel<T, kHeadDim, true>, key_grid, K::kThreads,
+                         K::kSmemBytes + K::kDsBytes, stream, p);
+            return err != cudaSuccess ? err : convert_dq();
+          }
         }
         err = launch(sm90::flash_bwd_dq_sm90_kernel<T, kHeadDim>,
                      dim3(ceil_div(sh.seqlen_q, K::kResident), sh.heads_q, sh.batch), K::kThreads, K::kSmemBytes,
                      stream, p);
         if (err != cudaSuccess) return err;
-        return launch(sm90::flash_bwd_dkdv_sm90_kernel<T, kHeadDim, false>, key_grid, K::kThreads, K::kSmemBytes,
-                      stream, p);
+        if constexpr (K::kSplitDkDv) {
+          err = launch(sm90::flash_bwd_dkdv_sm90_kernel<T, kHeadDim, false, true, false>, key_grid, K::kThreads,
+                       K::kSmemBytes, stream, p);
+          if (err != cudaSuccess) return err;
+          return launch(sm90::flash_bwd_dkdv_sm90_kernel<T, kHeadDim, false, false, true>, key_grid, K::kThreads,
+                        K::kSmemBytes, stream, p);
+        } else {
+          return launch(sm90::flash_bwd_dkdv_sm90_kernel<T, kHeadDim, false>, key_grid, K::kThreads, K::kSmemBytes,
+                        stream, p);
+        }
       }
     }
     err = with_feature_path(p, [&](auto features) {

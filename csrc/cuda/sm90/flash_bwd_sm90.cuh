@@ -1,5 +1,5 @@
 // Backward attention on Hopper warpgroup MMAs: the default for plain 16-bit attention at head-dim
-// buckets 64 and 128 (run_switches.h; speed in benchmarks/NOTES.md).
+// buckets 64, 128 and 256 (run_switches.h; speed in benchmarks/NOTES.md).
 //
 // The two deterministic kernels of flash_bwd_kernel.cuh, with every matmul a wgmma: the
 // products with both operands in shared memory (S = Q K^T, dP = dO V^T and their transposes)
@@ -8,6 +8,9 @@
 // 64 rows (queries in the dQ kernel, keys in the dK/dV kernel); each warp's share of an
 // accumulator is a WarpAcc, so the masks (probs_then_mask), ds_from_dp and the stores are the sm_80
 // kernels'. Tiles are loaded by cp.async into the swizzled panels, double-buffered.
+// Head dim 256: 32 streamed rows a step (the resident tiles take 128 KB of shared memory), and
+// dK and dV in two launches of the dK/dV kernel (kWithDk, kWithDv), since one 64 x 256
+// accumulator is 128 registers per thread.
 // With p.dq_accum (CUFLASH_BWD_DQ=atomic: 5 matmuls instead of 7, not bitwise reproducible) only
 // the dK/dV kernel runs (kAccumDq): it stages each step's dS in shared memory and adds dQ = dS K
 // to the fp32 buffer with vector atomics; flash_bwd_dq_convert_kernel writes dq.
@@ -18,17 +21,19 @@
 namespace cuflash::sm90 {
 
 template <int kHeadDim>
-constexpr bool kBwdHeadDim = kHeadDim == 64 || kHeadDim == 128;
+constexpr bool kBwdHeadDim = kHeadDim == 64 || kHeadDim == 128 || kHeadDim == 256;
 
 template <typename T, int kHeadDim>
 struct BwdSm90Kernel {
   static constexpr int kWarpgroups = 2, kThreads = 128 * kWarpgroups;
   static constexpr int kResident = 64 * kWarpgroups;  // rows a CTA keeps: queries (dQ), keys (dK/dV)
-  static constexpr int kStreamed = 64;                // rows per step of the other side
+  static constexpr int kStreamed = kHeadDim <= 128 ? 64 : 32;  // rows per step of the other side
+  static constexpr bool kSplitDkDv = kHeadDim > 128;           // dK and dV in two launches
   static constexpr int kResidentBytes = kResident * kHeadDim * 2, kStreamedBytes = kStreamed * kHeadDim * 2;
   // Two resident tiles (Q and dO, or K and V), two double-buffered streamed ones, and for the
   // dK/dV kernel the streamed queries' lse and delta ([2][kStreamed] each); + 1024 for alignment.
   static constexpr int kSmemBytes = 2 * kResidentBytes + 4 * kStreamedBytes + 4 * kStreamed * 4 + 1024;
+  static_assert(kSmemBytes <= 227 * 1024, "shared memory per block");
   // kAccumDq: one step's dS, [kStreamed queries][kResident keys] in 64-key panels, more.
   static constexpr int kDsBytes = kStreamed * kResident * 2;
   // dQ = dS K split between the warpgroups: at head dim 128 by columns (warpgroup w: 64 of them,
@@ -156,11 +161,14 @@ __global__ void __launch_bounds__(BwdSm90Kernel<T, kHeadDim>::kThreads, 1)
 // dK and dV: keys resident (64 per warpgroup), the queries of every query head of the key's
 // group streamed (GQA sums here, no atomics): S^T = K Q^T, dP^T = V dO^T, dV += P^T dO,
 // dS^T = P^T (dP^T - delta), dK += dS^T Q.
-template <typename T, int kHeadDim, bool kAccumDq>
+// kWithDk, kWithDv: which of the two it computes (both but at head dim 256); kAccumDq needs dK.
+template <typename T, int kHeadDim, bool kAccumDq, bool kWithDk = true, bool kWithDv = true>
 __global__ void __launch_bounds__(BwdSm90Kernel<T, kHeadDim>::kThreads, 1)
     flash_bwd_dkdv_sm90_kernel(const FlashBwdParams p) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
   using K = BwdSm90Kernel<T, kHeadDim>;
+  static_assert(kWithDk || kWithDv, "something to compute");
+  static_assert(!kAccumDq || (kWithDk && kHeadDim <= 128), "dQ comes with dK, in 64-row steps");
   constexpr int kBlockN = K::kResident, kBlockM = K::kStreamed, kThreads = K::kThreads;
   extern __shared__ char smem_raw[];
   unsigned char* smem = align_1024(smem_raw);
@@ -208,8 +216,9 @@ __global__ void __launch_bounds__(BwdSm90Kernel<T, kHeadDim>::kThreads, 1)
     const int rows = seq.seqlen_k - n_start;
     load_panels_async<kBlockN, kHeadDim, kThreads>(sK, k + n_start * p.k_strides.row, p.k_strides.row, rows,
                                                    sh.head_dim, tid);
-    load_panels_async<kBlockN, kHeadDim, kThreads>(sV, v + n_start * p.v_strides.row, p.v_strides.row, rows,
-                                                   sh.head_dim, tid);
+    if constexpr (kWithDk)  // dP needs V; dV alone does not
+      load_panels_async<kBlockN, kHeadDim, kThreads>(sV, v + n_start * p.v_strides.row, p.v_strides.row, rows,
+                                                     sh.head_dim, tid);
     load_queries(0, 0);
     cp_async_commit();
     const uint32_t my_rows = warpgroup * 64 * 128;
@@ -231,51 +240,57 @@ __global__ void __launch_bounds__(BwdSm90Kernel<T, kHeadDim>::kThreads, 1)
       WarpAcc<kBlockM> s, dp;  // S^T and dP^T: this warp's 16 keys x kBlockM queries
       wgmma_fence();
       issue_qk<T, kHeadDim, kBlockN * 128>(s, desc_k, desc_q0 + step_bytes(buf));
-      issue_qk<T, kHeadDim, kBlockN * 128>(dp, desc_v, desc_do0 + step_bytes(buf));
+      if constexpr (kWithDk) issue_qk<T, kHeadDim, kBlockN * 128>(dp, desc_v, desc_do0 + step_bytes(buf));
       wgmma_wait<0>();
       auto col_lse2 = [&](int j, int e) { return lse2[WarpAcc<kBlockM>::col_of(j, e, lane)]; };
       auto col_delta = [&](int j, int e) { return delta[WarpAcc<kBlockM>::col_of(j, e, lane)]; };
       probs_then_mask<true>(s, scale_log2, p.mask, seq, key0, m0, lane, col_lse2);
       uint32_t pt[kBlockM / 16][4], dst[kBlockM / 16][4];
+      if constexpr (kWithDv) {
 #pragma unroll
-      for (int kk = 0; kk < kBlockM / 16; ++kk) s.template to_a<T>(pt[kk], kk);
-      wgmma_fence();
-      issue_pv<T, kHeadDim, kBlockM>(dv, pt, desc_do0_mn + step_bytes(buf));  // runs while dS is formed
-      ds_from_dp(dp, s, col_delta);
-#pragma unroll
-      for (int kk = 0; kk < kBlockM / 16; ++kk) dp.template to_a<T>(dst[kk], kk);
-      if constexpr (kAccumDq) {
-        // dS^T (this warp's 16 keys x kBlockM queries, packed in dst as to_a left it) into sdS as
-        // [query][key]: element pairs along the queries go to two rows.
-#pragma unroll
-        for (int kk = 0; kk < kBlockM / 16; ++kk)
-#pragma unroll
-          for (int i = 0; i < 4; ++i) {
-            const int j = 2 * kk + i / 2, e = 2 * (i % 2);
-            const int key = warp_row + WarpAcc<kBlockM>::row_of(e, lane), query = WarpAcc<kBlockM>::col_of(j, e, lane);
-            *reinterpret_cast<uint16_t*>(sdS + panel_offset<kBlockM>(query, key)) = dst[kk][i] & 0xffffu;
-            *reinterpret_cast<uint16_t*>(sdS + panel_offset<kBlockM>(query + 1, key)) = dst[kk][i] >> 16;
-          }
-        fence_async_shared();  // the wgmma (async proxy) reads what these stores wrote
-      }
-      wgmma_fence();
-      issue_pv<T, kHeadDim, kBlockM>(dk, dst, desc_q0_mn + step_bytes(buf));
-      wgmma_wait<0>();  // with kAccumDq too: dst dies here, before dQ's accumulator lives
-      if constexpr (kAccumDq) {
-        __syncthreads();       // both warpgroups' keys are in
-        constexpr bool kSplitColumns = K::kDqSplitColumns;
-        const int col0 = kSplitColumns ? 64 * warpgroup : 0;
-        const uint64_t desc_ds = smem_desc_k_major_sw128(sdS, kSplitColumns ? 0 : warpgroup * 64 * 128);
-        const uint64_t desc_kb = smem_desc_mn_major_sw128(
-            sK, kSplitColumns ? warpgroup * kBlockN * 128 : warpgroup * 64 * 128, kBlockN * 128);
-        WarpAcc<64> dq;
+        for (int kk = 0; kk < kBlockM / 16; ++kk) s.template to_a<T>(pt[kk], kk);
         wgmma_fence();
-        issue_ds_k<T, kSplitColumns ? kBlockN / 16 : 4>(dq, desc_ds, desc_kb);
-        wgmma_wait<0>();
-        const int h = head_of(step);
-        float* acc = row_at<float>(p.dq_accum, p.dq_accum_strides, seq, true, b, h, m0);
-        red_add_rows(acc, p.dq_accum_strides.row, dq, 16 * ((tid % 128) / 32), col0, seq.seqlen_q - m0, sh.head_dim,
-                     lane);
+        issue_pv<T, kHeadDim, kBlockM>(dv, pt, desc_do0_mn + step_bytes(buf));  // runs while dS is formed
+      }
+      if constexpr (kWithDk) {
+        ds_from_dp(dp, s, col_delta);
+#pragma unroll
+        for (int kk = 0; kk < kBlockM / 16; ++kk) dp.template to_a<T>(dst[kk], kk);
+        if constexpr (kAccumDq) {
+          // dS^T (this warp's 16 keys x kBlockM queries, packed in dst as to_a left it) into sdS as
+          // [query][key]: element pairs along the queries go to two rows.
+#pragma unroll
+          for (int kk = 0; kk < kBlockM / 16; ++kk)
+#pragma unroll
+            for (int i = 0; i < 4; ++i) {
+              const int j = 2 * kk + i / 2, e = 2 * (i % 2);
+              const int key = warp_row + WarpAcc<kBlockM>::row_of(e, lane), query = WarpAcc<kBlockM>::col_of(j, e, lane);
+              *reinterpret_cast<uint16_t*>(sdS + panel_offset<kBlockM>(query, key)) = dst[kk][i] & 0xffffu;
+              *reinterpret_cast<uint16_t*>(sdS + panel_offset<kBlockM>(query + 1, key)) = dst[kk][i] >> 16;
+            }
+          fence_async_shared();  // the wgmma (async proxy) reads what these stores wrote
+        }
+        wgmma_fence();
+        issue_pv<T, kHeadDim, kBlockM>(dk, dst, desc_q0_mn + step_bytes(buf));
+        wgmma_wait<0>();  // with kAccumDq too: dst dies here, before dQ's accumulator lives
+        if constexpr (kAccumDq) {
+          __syncthreads();       // both warpgroups' keys are in
+          constexpr bool kSplitColumns = K::kDqSplitColumns;
+          const int col0 = kSplitColumns ? 64 * warpgroup : 0;
+          const uint64_t desc_ds = smem_desc_k_major_sw128(sdS, kSplitColumns ? 0 : warpgroup * 64 * 128);
+          const uint64_t desc_kb = smem_desc_mn_major_sw128(
+              sK, kSplitColumns ? warpgroup * kBlockN * 128 : warpgroup * 64 * 128, kBlockN * 128);
+          WarpAcc<64> dq;
+          wgmma_fence();
+          issue_ds_k<T, kSplitColumns ? kBlockN / 16 : 4>(dq, desc_ds, desc_kb);
+          wgmma_wait<0>();
+          const int h = head_of(step);
+          float* acc = row_at<float>(p.dq_accum, p.dq_accum_strides, seq, true, b, h, m0);
+          red_add_rows(acc, p.dq_accum_strides.row, dq, 16 * ((tid % 128) / 32), col0, seq.seqlen_q - m0, sh.head_dim,
+                       lane);
+        }
+      } else {
+        wgmma_wait<0>();  // dV's
       }
     }
   }
@@ -286,10 +301,12 @@ __global__ void __launch_bounds__(BwdSm90Kernel<T, kHeadDim>::kThreads, 1)
   T* dk_out = row_at<T>(p.dk, p.dk_strides, seq, false, b, h_kv, key0);
   T* dv_out = row_at<T>(p.dv, p.dv_strides, seq, false, b, h_kv, key0);
   // Each warp stages through its own rows only, dK then dV (warp_store_rows syncs the warp).
-  warp_store_rows<T, kHeadDim>(dk, dk_scale, stage, warp_row, dk_out, p.dk_strides.row, rows_valid, sh.head_dim,
-                               lane);
-  warp_store_rows<T, kHeadDim>(dv, dv_scale, stage, warp_row, dv_out, p.dv_strides.row, rows_valid, sh.head_dim,
-                               lane);
+  if constexpr (kWithDk)
+    warp_store_rows<T, kHeadDim>(dk, dk_scale, stage, warp_row, dk_out, p.dk_strides.row, rows_valid, sh.head_dim,
+                                 lane);
+  if constexpr (kWithDv)
+    warp_store_rows<T, kHeadDim>(dv, dv_scale, stage, warp_row, dv_out, p.dv_strides.row, rows_valid, sh.head_dim,
+                                 lane);
 #endif
 }
 
