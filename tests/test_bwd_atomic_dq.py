@@ -63,7 +63,7 @@ def test_path_taken(monkeypatch):
     names = cuda_kernels(lambda: torch.autograd.grad(out, (q, k, v), torch.ones_like(out), retain_graph=True))
     assert "flash_bwd_dq_convert_kernel" in names and "flash_bwd_dq_kernel" not in names, names
     if IS_SM90:  # the Hopper dK/dV kernel with dQ, where the build has it (sm_90a)
-        assert "flash_bwd_dkdv_sm90_kernel<__nv_bfloat16, 64, true>" in names, names
+        assert "flash_bwd_dkdv_sm90_kernel<__nv_bfloat16, 64, true, true, true>" in names, names
         assert "flash_bwd_dq_sm90_kernel" not in names, names
     monkeypatch.delenv("CUFLASH_BWD_DQ")
     names = cuda_kernels(lambda: torch.autograd.grad(out, (q, k, v), torch.ones_like(out)))
