@@ -87,9 +87,9 @@ bool launch_fwd_tma(const FlashFwdParams& p, bool persistent, cudaStream_t strea
     sm90::AttentionTmaMaps maps;
     if (!sm90::encode_fwd_tma_maps<T, kHeadDim, kWide>(p, &maps)) return false;
     const int m_blocks = ceil_div(sh.seqlen_q, K::kBlockM);
-    const dim3 grid = kPersistent
-        ? dim3(static_cast<unsigned>(std::min<int64_t>(int64_t{m_blocks} * sh.heads_q * sh.batch, multiprocessor_count())))
-        : dim3(m_blocks, sh.heads_q, sh.batch);
+    const int64_t tiles = int64_t{m_blocks} * sh.heads_q * sh.batch;
+    const dim3 grid = kPersistent ? dim3(static_cast<unsigned>(std::min<int64_t>(tiles, multiprocessor_count())))
+                                  : dim3(m_blocks, sh.heads_q, sh.batch);
     *err = launch(sm90::flash_fwd_sm90_tma_kernel<T, kHeadDim, kWide, kFeatures, kPersistent>, grid, K::kThreads,
                   K::kSmemBytes, stream, p, maps.q, maps.k, maps.v);
     return true;

@@ -135,7 +135,8 @@ struct ScoreMod {
       for_each_value(t, [&](float& x, int j, int e) { x = with_alibi(x, distance(j, e)); });
     }
     if (mask.data)
-      for_each_element<false>(t, row0, col0, lane, [&](float& x, int i, int k, int, int) { x = with_mask(x, s, i, k); });
+      for_each_element<false>(t, row0, col0, lane,
+                              [&](float& x, int i, int k, int, int) { x = with_mask(x, s, i, k); });
   }
 
   // Backward: the score of q.k = raw for query i, key j at ALiBi distance `distance`; *dcap

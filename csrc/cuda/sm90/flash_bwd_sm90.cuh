@@ -264,7 +264,8 @@ __global__ void __launch_bounds__(BwdSm90Kernel<T, kHeadDim>::kThreads, 1)
 #pragma unroll
             for (int i = 0; i < 4; ++i) {
               const int j = 2 * kk + i / 2, e = 2 * (i % 2);
-              const int key = warp_row + WarpAcc<kBlockM>::row_of(e, lane), query = WarpAcc<kBlockM>::col_of(j, e, lane);
+              const int key = warp_row + WarpAcc<kBlockM>::row_of(e, lane);
+              const int query = WarpAcc<kBlockM>::col_of(j, e, lane);
               *reinterpret_cast<uint16_t*>(sdS + panel_offset<kBlockM>(query, key)) = dst[kk][i] & 0xffffu;
               *reinterpret_cast<uint16_t*>(sdS + panel_offset<kBlockM>(query + 1, key)) = dst[kk][i] >> 16;
             }
@@ -274,7 +275,7 @@ __global__ void __launch_bounds__(BwdSm90Kernel<T, kHeadDim>::kThreads, 1)
         issue_pv<T, kHeadDim, kBlockM>(dk, dst, desc_q0_mn + step_bytes(buf));
         wgmma_wait<0>();  // with kAccumDq too: dst dies here, before dQ's accumulator lives
         if constexpr (kAccumDq) {
-          __syncthreads();       // both warpgroups' keys are in
+          __syncthreads();  // both warpgroups' keys are in
           constexpr bool kSplitColumns = K::kDqSplitColumns;
           const int col0 = kSplitColumns ? 64 * warpgroup : 0;
           const uint64_t desc_ds = smem_desc_k_major_sw128(sdS, kSplitColumns ? 0 : warpgroup * 64 * 128);
