@@ -167,9 +167,22 @@ cudaError_t run_flash_bwd(const FlashBwdParams& p, cudaStream_t stream) {
             return err != cudaSuccess ? err : convert_dq();
           }
         }
-        err = launch(sm90::flash_bwd_dq_sm90_kernel<T, kHeadDim>,
-                     dim3(ceil_div(sh.seqlen_q, K::kResident), sh.heads_q, sh.batch), K::kThreads, K::kSmemBytes,
-                     stream, p);
+        auto launch_dq = [&] {
+          if constexpr (!K::kSplitDkDv) {
+            if (hopper.bwd_ws) {  // the warp-specialized dQ kernel where TMA can address the inputs
+              using Ws = sm90::BwdDqSm90TmaKernel<T, kHeadDim>;
+              sm90::BackwardTmaMaps maps;
+              if (sm90::encode_bwd_tma_maps<T, Ws>(p, &maps))
+                return launch(sm90::flash_bwd_dq_sm90_tma_kernel<T, kHeadDim>,
+                              dim3(ceil_div(sh.seqlen_q, Ws::kBlockM), sh.heads_q, sh.batch), Ws::kThreads,
+                              Ws::kSmemBytes, stream, p, maps.q, maps.dout, maps.k, maps.v);
+            }
+          }
+          return launch(sm90::flash_bwd_dq_sm90_kernel<T, kHeadDim>,
+                        dim3(ceil_div(sh.seqlen_q, K::kResident), sh.heads_q, sh.batch), K::kThreads, K::kSmemBytes,
+                        stream, p);
+        };
+        err = launch_dq();
         if (err != cudaSuccess) return err;
         if constexpr (K::kSplitDkDv) {
           err = launch(sm90::flash_bwd_dkdv_sm90_kernel<T, kHeadDim, false, true, false>, key_grid, K::kThreads,
@@ -181,7 +194,7 @@ cudaError_t run_flash_bwd(const FlashBwdParams& p, cudaStream_t stream) {
           if (hopper.bwd_ws) {  // the warp-specialized dK/dV kernel where TMA can address the inputs
             using Ws = sm90::BwdDkvSm90TmaKernel<T, kHeadDim>;
             sm90::BackwardTmaMaps maps;
-            if (sm90::encode_bwd_tma_maps<T, kHeadDim>(p, &maps))
+            if (sm90::encode_bwd_tma_maps<T, Ws>(p, &maps))
               return launch(sm90::flash_bwd_dkdv_sm90_tma_kernel<T, kHeadDim>,
                             dim3(ceil_div(sh.seqlen_k, Ws::kBlockN), sh.heads_kv, sh.batch), Ws::kThreads,
                             Ws::kSmemBytes, stream, p, maps.q, maps.dout, maps.k, maps.v);
