@@ -117,6 +117,7 @@ def test_run_switch_naming_nothing_is_refused(device, variable, value, monkeypat
 
 @pytest.mark.parametrize("variable,value", [("CUFLASH_SM90", ""), ("CUFLASH_SM90", "0"), ("CUFLASH_SM90", "cpasync"),
                                             ("CUFLASH_SM90", "features,bwd,tma"), ("CUFLASH_SM90", "tma,persistent"),
+                                            ("CUFLASH_SM90", "bwd,bwdws"),
                                             ("CUFLASH_BWD_DQ", "atomic"),
                                             ("CUFLASH_DEBUG", "0"), ("CUFLASH_DEBUG", "1")])
 def test_run_switch_values_are_accepted(variable, value, monkeypatch):

@@ -14,9 +14,12 @@ from test_features import check_dense, check_varlen
 pytestmark = pytest.mark.skipif(not IS_SM90, reason="needs a compute capability 9.0 GPU")
 
 
-@pytest.fixture(autouse=True)
-def hopper_backward(monkeypatch):
-    monkeypatch.setenv("CUFLASH_SM90", "bwd")  # read by the op at every call
+@pytest.fixture(params=["bwd", "bwd,bwdws"], ids=["cpasync", "ws"], autouse=True)
+def hopper_backward(request, monkeypatch):
+    """Every test under the cp.async dK/dV kernel and the warp-specialized one (bwdws,
+    experimental: head dims up to 128)."""
+    monkeypatch.setenv("CUFLASH_SM90", request.param)  # read by the op at every call
+    return request.param
 
 
 def backward_kernels(d, **kw):
@@ -26,9 +29,12 @@ def backward_kernels(d, **kw):
 
 
 @pytest.mark.parametrize("d", [40, 64, 100, 128, 240, 256])
-def test_path_taken(d):
+def test_path_taken(d, hopper_backward):
     names = backward_kernels(d)
-    assert "flash_bwd_dq_sm90_kernel<" in names and "flash_bwd_dkdv_sm90_kernel<" in names, names
+    ws = hopper_backward == "bwd,bwdws" and d <= 128
+    kernels = ["flash_bwd_dq_sm90_tma_kernel<", "flash_bwd_dkdv_sm90_tma_kernel<"] if ws else \
+        ["flash_bwd_dq_sm90_kernel<", "flash_bwd_dkdv_sm90_kernel<"]
+    assert all(kernel in names for kernel in kernels), names
     if d > 128:  # dK and dV in two launches
         assert all(f"flash_bwd_dkdv_sm90_kernel<__nv_bfloat16, 256, false, {parts}>" in names
                    for parts in ("true, false", "false, true")), names

@@ -16,6 +16,7 @@
 #include "run_switches.h"
 #include "sm90/flash_bwd_sm90.cuh"
 #include "sm90/flash_fwd_sm90.cuh"
+#include "sm90/flash_bwd_sm90_tma.cuh"
 #include "sm90/flash_fwd_sm90_tma.cuh"
 
 namespace cuflash {
@@ -156,7 +157,8 @@ cudaError_t run_flash_bwd(const FlashBwdParams& p, cudaStream_t stream) {
     if constexpr (sm90::kBwdHeadDim<kHeadDim>) {
       using K = sm90::BwdSm90Kernel<T, kHeadDim>;
       // dQ by atomics comes with dK in 64-row steps: not at head dim 256 (the sm_80-class kernels).
-      if (sm90::sm90_paths(p).bwd && !(accum_dq && K::kSplitDkDv)) {
+      const sm90::Sm90Paths hopper = sm90::sm90_paths(p);
+      if (hopper.bwd && !(accum_dq && K::kSplitDkDv)) {
         const dim3 key_grid(ceil_div(sh.seqlen_k, K::kResident), sh.heads_kv, sh.batch);
         if constexpr (!K::kSplitDkDv) {
           if (accum_dq) {
@@ -165,9 +167,22 @@ cudaError_t run_flash_bwd(const FlashBwdParams& p, cudaStream_t stream) {
             return err != cudaSuccess ? err : convert_dq();
           }
         }
-        err = launch(sm90::flash_bwd_dq_sm90_kernel<T, kHeadDim>,
-                     dim3(ceil_div(sh.seqlen_q, K::kResident), sh.heads_q, sh.batch), K::kThreads, K::kSmemBytes,
-                     stream, p);
+        auto launch_dq = [&] {
+          if constexpr (!K::kSplitDkDv) {
+            if (hopper.bwd_ws) {  // the warp-specialized dQ kernel where TMA can address the inputs
+              using Ws = sm90::BwdDqSm90TmaKernel<T, kHeadDim>;
+              sm90::BackwardTmaMaps maps;
+              if (sm90::encode_bwd_tma_maps<T, Ws>(p, &maps))
+                return launch(sm90::flash_bwd_dq_sm90_tma_kernel<T, kHeadDim>,
+                              dim3(ceil_div(sh.seqlen_q, Ws::kBlockM), sh.heads_q, sh.batch), Ws::kThreads,
+                              Ws::kSmemBytes, stream, p, maps.q, maps.dout, maps.k, maps.v);
+            }
+          }
+          return launch(sm90::flash_bwd_dq_sm90_kernel<T, kHeadDim>,
+                        dim3(ceil_div(sh.seqlen_q, K::kResident), sh.heads_q, sh.batch), K::kThreads, K::kSmemBytes,
+                        stream, p);
+        };
+        err = launch_dq();
         if (err != cudaSuccess) return err;
         if constexpr (K::kSplitDkDv) {
           err = launch(sm90::flash_bwd_dkdv_sm90_kernel<T, kHeadDim, false, true, false>, key_grid, K::kThreads,
@@ -176,6 +191,14 @@ cudaError_t run_flash_bwd(const FlashBwdParams& p, cudaStream_t stream) {
           return launch(sm90::flash_bwd_dkdv_sm90_kernel<T, kHeadDim, false, false, true>, key_grid, K::kThreads,
                         K::kSmemBytes, stream, p);
         } else {
+          if (hopper.bwd_ws) {  // the warp-specialized dK/dV kernel where TMA can address the inputs
+            using Ws = sm90::BwdDkvSm90TmaKernel<T, kHeadDim>;
+            sm90::BackwardTmaMaps maps;
+            if (sm90::encode_bwd_tma_maps<T, Ws>(p, &maps))
+              return launch(sm90::flash_bwd_dkdv_sm90_tma_kernel<T, kHeadDim>,
+                            dim3(ceil_div(sh.seqlen_k, Ws::kBlockN), sh.heads_kv, sh.batch), Ws::kThreads,
+                            Ws::kSmemBytes, stream, p, maps.q, maps.dout, maps.k, maps.v);
+          }
           return launch(sm90::flash_bwd_dkdv_sm90_kernel<T, kHeadDim, false>, key_grid, K::kThreads, K::kSmemBytes,
                         stream, p);
         }

@@ -13,6 +13,8 @@
 //       persistent  with tma: the persistent TMA forward (one CTA per SM walking tiles) for
 //                   plain attention on short rows (the middle query row sees fewer than 2048
 //                   keys), head dims up to 128
+//       bwdws       with bwd: the warp-specialized TMA dK/dV kernel (flash_bwd_sm90_tma.cuh),
+//                   head dims up to 128 (experimental, not a default)
 //       features    softcap, ALiBi, attn_mask and dropout in the Hopper forwards (the TMA one
 //                   where "tma" is listed too); without it those take the sm_80-class forward
 //   CUFLASH_BWD_DQ  unset or "": dQ by its own kernel; "atomic": added by the dK/dV kernel with
@@ -28,7 +30,7 @@
 namespace cuflash {
 
 struct Sm90Switch {
-  bool on = true, tma = true, bwd = true, features = true, persistent = true;
+  bool on = true, tma = true, bwd = true, features = true, persistent = true, bwd_ws = false;
 };
 
 // value (null: unset) -> *out; false if value names something else.
@@ -47,6 +49,7 @@ inline bool parse_sm90_switch(const char* value, Sm90Switch* out) {
         else if (is("bwd")) s.bwd = true;
         else if (is("features")) s.features = true;
         else if (is("persistent")) s.persistent = true;
+        else if (is("bwdws")) s.bwd_ws = true;
         else if (!is("cpasync")) return false;
         if (!end) break;
         at = end + 1;
@@ -78,7 +81,7 @@ inline std::string run_switch_error() {
   const char* sm90 = std::getenv("CUFLASH_SM90");
   if (!parse_sm90_switch(sm90, &unused))
     return std::string("environment variable CUFLASH_SM90 must be unset, empty, \"0\" or a comma list of cpasync, "
-                       "tma, bwd, features and persistent, got \"") + sm90 + "\"";
+                       "tma, bwd, bwdws, features and persistent, got \"") + sm90 + "\"";
   // The one-value switches: unset, empty or one of the values listed (as the message spells them).
   struct OneOf {
     const char *name, *values[2], *spelled;

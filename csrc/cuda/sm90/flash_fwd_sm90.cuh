@@ -185,7 +185,7 @@ __global__ void __launch_bounds__(FwdSm90Kernel<T, kHeadDim, kFeatures>::kThread
 // Which Hopper kernels run p: none (the sm_80-class kernels) unless this is an sm_90a build on a
 // compute capability 9.0 device; then the parts CUFLASH_SM90 selects (run_switches.h).
 struct Sm90Paths {
-  bool fwd = false, tma = false, persistent = false, bwd = false;
+  bool fwd = false, tma = false, persistent = false, bwd = false, bwd_ws = false;
 };
 inline Sm90Paths sm90_paths(const AttentionParams& p) {
   Sm90Paths choice;
@@ -208,6 +208,7 @@ inline Sm90Paths sm90_paths(const AttentionParams& p) {
   choice.tma = choice.fwd && wanted.tma;
   choice.persistent = choice.tma && !features && wanted.persistent;
   choice.bwd = choice.fwd && !features && wanted.bwd;
+  choice.bwd_ws = choice.bwd && wanted.bwd_ws;
 #else
   (void)p;
 #endif

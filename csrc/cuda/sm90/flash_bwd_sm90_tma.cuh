@@ -1,0 +1,321 @@
+// The Hopper backward kernels, warp-specialized (EXPERIMENTAL: CUFLASH_SM90 lists "bwdws"; head
+// dims up to 128, plain attention). The arithmetic is flash_bwd_sm90.cuh's; the loads move to a
+// producer warpgroup, as in the TMA forward: one thread loads the resident tiles once and each
+// step's streamed tiles by TMA into a 2-stage ring. The consumers (two warpgroups, 64 rows each)
+// wait on the stage's "full" mbarrier and release it on its "empty" one, with no block-wide
+// barrier per step: the cp.async kernels' __syncthreads kept both warpgroups in lockstep, so that
+// one's exp2 and dS never overlapped the other's wgmmas.
+//   dK/dV: keys resident, Q and dO streamed; a second producer warp stages each step's lse and
+//          delta (the streamed queries').
+//   dQ:    queries resident (their lse and delta in registers), K and V streamed.
+#pragma once
+#include <type_traits>
+#include "flash_bwd_sm90.cuh"
+#include "tma_maps.h"
+
+namespace cuflash::sm90 {
+
+// The dQ kernel's shape: 128 resident queries, 64 streamed keys a step.
+template <typename T, int kHeadDim>
+struct BwdDqSm90TmaKernel {
+  static_assert(kHeadDim <= 128, "one 64 x 128 accumulator for dQ");
+  static constexpr int kConsumers = 2, kThreads = 128 * (kConsumers + 1), kConsumerThreads = 128 * kConsumers;
+  static constexpr int kBlockM = 64 * kConsumers;  // resident queries
+  static constexpr int kBlockN = 64;               // streamed keys per step
+  static constexpr int kStages = 2;
+  static constexpr int kQBytes = kBlockM * kHeadDim * 2, kKVBytes = kBlockN * kHeadDim * 2;
+  // Barriers: Q/dO full, then per stage full (TMA bytes) and empty (consumer warps).
+  static constexpr int kBarriers = 1 + 2 * kStages;
+  static constexpr int kSmemBytes = 2 * kQBytes + 2 * kStages * kKVBytes + kBarriers * 8 + 1024;
+  static constexpr int kProducerRegs = 24, kConsumerRegs = 240;
+  static_assert(kSmemBytes <= 227 * 1024, "shared memory per block");
+};
+
+template <typename T, int kHeadDim>
+__global__ void __launch_bounds__(BwdDqSm90TmaKernel<T, kHeadDim>::kThreads, 1)
+    flash_bwd_dq_sm90_tma_kernel(const FlashBwdParams p, const __grid_constant__ CUtensorMap map_q,
+                                 const __grid_constant__ CUtensorMap map_dout, const __grid_constant__ CUtensorMap map_k,
+                                 const __grid_constant__ CUtensorMap map_v) {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  using K = BwdDqSm90TmaKernel<T, kHeadDim>;
+  constexpr int kBlockM = K::kBlockM, kBlockN = K::kBlockN, kStages = K::kStages, kPanels = kHeadDim / 64;
+  extern __shared__ char smem_raw[];
+  unsigned char* smem = align_1024(smem_raw);
+  unsigned char* sQ = smem;
+  unsigned char* sdO = smem + K::kQBytes;
+  auto sK = [&](int stage) { return smem + 2 * K::kQBytes + stage * K::kKVBytes; };
+  auto sV = [&](int stage) { return smem + 2 * K::kQBytes + (kStages + stage) * K::kKVBytes; };
+  uint64_t* q_full = reinterpret_cast<uint64_t*>(smem + 2 * K::kQBytes + 2 * kStages * K::kKVBytes);
+  uint64_t* full = q_full + 1;
+  uint64_t* empty = full + kStages;
+
+  const AttentionShape& sh = p.shape;
+  const int m_block = query_block_longest_first(), h = blockIdx.y, b = blockIdx.z;
+  const int h_kv = h / (sh.heads_q / sh.heads_kv);
+  const int tid = threadIdx.x, warpgroup = tid / 128, lane = tid % 32;
+  const int m_start = m_block * kBlockM;
+  const Sequence seq = sequence_of(p, b);
+  if (m_start >= seq.seqlen_q) return;
+  const Range n_blocks = key_blocks(p.mask, seq, m_start, min(m_start + kBlockM, seq.seqlen_q), kBlockN);
+  const int steps = n_blocks.end - n_blocks.begin;
+
+  if (tid == 0) {
+    mbarrier_init(q_full, 1);
+    for (int s = 0; s < kStages; ++s) {
+      mbarrier_init(&full[s], 1);
+      mbarrier_init(&empty[s], K::kConsumerThreads / 32);  // one arrival per consumer warp
+    }
+    fence_barrier_init();
+  }
+  __syncthreads();
+
+  if (warpgroup == 0) {  // producer: one thread
+    setmaxnreg_dec<K::kProducerRegs>();
+    if (tid != 0 || steps == 0) return;
+    mbarrier_arrive_expect_tx(q_full, 2 * K::kQBytes);
+#pragma unroll
+    for (int panel = 0; panel < kPanels; ++panel) {
+      tma_load_4d(sQ + panel * kBlockM * 128, &map_q, q_full, panel * 64, m_start, h, b);
+      tma_load_4d(sdO + panel * kBlockM * 128, &map_dout, q_full, panel * 64, m_start, h, b);
+    }
+    for (int step = 0; step < steps; ++step) {
+      const int stage = step % kStages, use = step / kStages, n0 = (n_blocks.begin + step) * kBlockN;
+      if (step >= kStages) mbarrier_wait(&empty[stage], (use - 1) & 1);
+      mbarrier_arrive_expect_tx(&full[stage], 2 * K::kKVBytes);
+#pragma unroll
+      for (int panel = 0; panel < kPanels; ++panel) {
+        tma_load_4d(sK(stage) + panel * kBlockN * 128, &map_k, &full[stage], panel * 64, n0, h_kv, b);
+        tma_load_4d(sV(stage) + panel * kBlockN * 128, &map_v, &full[stage], panel * 64, n0, h_kv, b);
+      }
+    }
+    return;
+  }
+
+  // Consumers: warpgroup c = 1, 2 owns queries 64 (c - 1) .. of the block; this warp 16 of them.
+  setmaxnreg_inc<K::kConsumerRegs>();
+  const int consumer = warpgroup - 1;
+  const int warp_row = 16 * ((tid - 128) / 32), row0 = m_start + warp_row;
+  float lse2[2], delta[2];
+  lane_row_stats(p, seq, b, h, row0, lane, lse2, delta);
+  const uint32_t my_rows = consumer * 64 * 128;
+  const uint64_t desc_q = smem_desc_k_major_sw128(sQ, my_rows), desc_do = smem_desc_k_major_sw128(sdO, my_rows);
+  auto stage_bytes = [&](int stage) { return static_cast<uint64_t>((stage * K::kKVBytes) >> 4); };
+  const uint64_t desc_k0 = smem_desc_k_major_sw128(sK(0)), desc_v0 = smem_desc_k_major_sw128(sV(0));
+  const uint64_t desc_k0_mn = smem_desc_mn_major_sw128(sK(0), 0, kBlockN * 128);
+  const float scale_log2 = static_cast<float>(p.scale) * kLog2e;
+  WarpAcc<kHeadDim> dq;
+  dq.zero();
+  if (steps > 0) mbarrier_wait(q_full, 0);
+  for (int step = 0; step < steps; ++step) {
+    const int stage = step % kStages, n_block = n_blocks.begin + step;
+    mbarrier_wait(&full[stage], (step / kStages) & 1);
+    WarpAcc<kBlockN> s, dp;
+    wgmma_fence();
+    issue_qk<T, kHeadDim, kBlockM * 128>(s, desc_q, desc_k0 + stage_bytes(stage));
+    issue_qk<T, kHeadDim, kBlockM * 128>(dp, desc_do, desc_v0 + stage_bytes(stage));
+    wgmma_wait<0>();
+    auto row_lse2 = [&](int, int e) { return lse2[e >> 1]; };
+    auto row_delta = [&](int, int e) { return delta[e >> 1]; };
+    probs_then_mask<false>(s, scale_log2, p.mask, seq, row0, n_block * kBlockN, lane, row_lse2);
+    ds_from_dp(dp, s, row_delta);
+    uint32_t ds[kBlockN / 16][4];
+#pragma unroll
+    for (int kk = 0; kk < kBlockN / 16; ++kk) dp.template to_a<T>(ds[kk], kk);
+    wgmma_fence();
+    issue_pv<T, kHeadDim, kBlockN>(dq, ds, desc_k0_mn + stage_bytes(stage));
+    wgmma_wait<0>();
+    __syncwarp();
+    if (lane == 0) mbarrier_arrive(&empty[stage]);  // this warp is done with the stage
+  }
+
+  // The output, staged through the Q/dO tiles once both consumers' wgmmas are done reading them.
+  named_barrier_sync<K::kConsumerThreads>(1);
+  const SmemTile<T, kBlockM, kHeadDim> stage_tile{reinterpret_cast<T*>(smem)};
+  static_assert(SmemTile<T, kBlockM, kHeadDim>::kElems * sizeof(T) <= 2 * K::kQBytes + 2 * kStages * K::kKVBytes,
+                "staging fits");
+  const float row_scale[2] = {static_cast<float>(p.scale), static_cast<float>(p.scale)};
+  T* dq_out = row_at<T>(p.dq, p.dq_strides, seq, true, b, h, 0);
+  warp_store_rows<T, kHeadDim>(dq, row_scale, stage_tile, warp_row, dq_out + row0 * p.dq_strides.row,
+                               p.dq_strides.row, seq.seqlen_q - row0, sh.head_dim, lane);
+#endif
+}
+
+template <typename T, int kHeadDim>
+struct BwdDkvSm90TmaKernel {
+  static_assert(kHeadDim <= 128, "one 64 x 128 accumulator each for dK and dV");
+  static constexpr int kConsumers = 2, kThreads = 128 * (kConsumers + 1), kConsumerThreads = 128 * kConsumers;
+  static constexpr int kBlockN = 64 * kConsumers;  // resident keys
+  static constexpr int kBlockM = 64;               // streamed queries per step
+  static constexpr int kStages = 2;
+  static constexpr int kKVBytes = kBlockN * kHeadDim * 2, kQBytes = kBlockM * kHeadDim * 2;
+  static constexpr int kStatsBytes = 2 * kStages * kBlockM * 4;  // lse2 and delta per stage
+  // Barriers: K/V full, then per stage full (TMA bytes + the stats warp) and empty (consumer warps).
+  static constexpr int kBarriers = 1 + 2 * kStages;
+  static constexpr int kSmemBytes = 2 * kKVBytes + 2 * kStages * kQBytes + kStatsBytes + kBarriers * 8 + 1024;
+  static constexpr int kProducerRegs = 24, kConsumerRegs = 240;
+  static_assert(128 * (kProducerRegs + kConsumers * kConsumerRegs) <= 65536, "register file");
+  static_assert(kSmemBytes <= 227 * 1024, "shared memory per block");
+};
+
+template <typename T, int kHeadDim>
+__global__ void __launch_bounds__(BwdDkvSm90TmaKernel<T, kHeadDim>::kThreads, 1)
+    flash_bwd_dkdv_sm90_tma_kernel(const FlashBwdParams p, const __grid_constant__ CUtensorMap map_q,
+                                   const __grid_constant__ CUtensorMap map_dout,
+                                   const __grid_constant__ CUtensorMap map_k,
+                                   const __grid_constant__ CUtensorMap map_v) {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  using K = BwdDkvSm90TmaKernel<T, kHeadDim>;
+  constexpr int kBlockN = K::kBlockN, kBlockM = K::kBlockM, kStages = K::kStages, kPanels = kHeadDim / 64;
+  extern __shared__ char smem_raw[];
+  unsigned char* smem = align_1024(smem_raw);
+  unsigned char* sK = smem;
+  unsigned char* sV = smem + K::kKVBytes;
+  auto sQ = [&](int stage) { return smem + 2 * K::kKVBytes + stage * K::kQBytes; };
+  auto sdO = [&](int stage) { return smem + 2 * K::kKVBytes + (kStages + stage) * K::kQBytes; };
+  float* sLse2 = reinterpret_cast<float*>(smem + 2 * K::kKVBytes + 2 * kStages * K::kQBytes);  // [kStages][kBlockM]
+  float* sDelta = sLse2 + kStages * kBlockM;                                                  // [kStages][kBlockM]
+  uint64_t* kv_full = reinterpret_cast<uint64_t*>(sDelta + kStages * kBlockM);
+  uint64_t* full = kv_full + 1;
+  uint64_t* empty = full + kStages;
+
+  const AttentionShape& sh = p.shape;
+  const int n_block = blockIdx.x, h_kv = blockIdx.y, b = blockIdx.z;
+  const int group = sh.heads_q / sh.heads_kv;
+  const int tid = threadIdx.x, warpgroup = tid / 128, lane = tid % 32;
+  const int n_start = n_block * kBlockN;
+  const Sequence seq = sequence_of(p, b);
+  if (n_start >= seq.seqlen_k) return;
+  // Step t: query head h_kv * group + t / per_head, block m.begin + t % per_head (as the cp.async kernel).
+  const Range m = query_blocks(p.mask, seq, n_start, min(n_start + kBlockN, seq.seqlen_k), kBlockM);
+  const int per_head = m.end - m.begin, steps = per_head * group;
+  auto head_of = [&](int step) { return h_kv * group + step / per_head; };
+  auto block_of = [&](int step) { return m.begin + step % per_head; };
+
+  if (tid == 0) {
+    mbarrier_init(kv_full, 1);
+    for (int s = 0; s < kStages; ++s) {
+      mbarrier_init(&full[s], 2);                          // the TMA thread's and the stats warp's arrivals
+      mbarrier_init(&empty[s], K::kConsumerThreads / 32);  // one arrival per consumer warp
+    }
+    fence_barrier_init();
+  }
+  __syncthreads();
+
+  if (warpgroup == 0) {  // producer
+    setmaxnreg_dec<K::kProducerRegs>();
+    const int warp = tid / 32;
+    if (warp == 0 && lane == 0) {  // TMA
+      if (steps > 0) {
+        mbarrier_arrive_expect_tx(kv_full, 2 * K::kKVBytes);
+#pragma unroll
+        for (int panel = 0; panel < kPanels; ++panel) {
+          tma_load_4d(sK + panel * kBlockN * 128, &map_k, kv_full, panel * 64, n_start, h_kv, b);
+          tma_load_4d(sV + panel * kBlockN * 128, &map_v, kv_full, panel * 64, n_start, h_kv, b);
+        }
+      }
+      for (int step = 0; step < steps; ++step) {
+        const int stage = step % kStages, use = step / kStages;
+        if (step >= kStages) mbarrier_wait(&empty[stage], (use - 1) & 1);
+        const int h = head_of(step), m0 = block_of(step) * kBlockM;
+        mbarrier_arrive_expect_tx(&full[stage], 2 * K::kQBytes);
+#pragma unroll
+        for (int panel = 0; panel < kPanels; ++panel) {
+          tma_load_4d(sQ(stage) + panel * kBlockM * 128, &map_q, &full[stage], panel * 64, m0, h, b);
+          tma_load_4d(sdO(stage) + panel * kBlockM * 128, &map_dout, &full[stage], panel * 64, m0, h, b);
+        }
+      }
+    } else if (warp == 1) {  // lse (as log2) and delta of each step's queries
+      for (int step = 0; step < steps; ++step) {
+        const int stage = step % kStages, use = step / kStages;
+        if (step >= kStages) mbarrier_wait(&empty[stage], (use - 1) & 1);
+        block_row_stats<kBlockM, 32>(p, seq, b, head_of(step), block_of(step) * kBlockM, lane,
+                                     sLse2 + stage * kBlockM, sDelta + stage * kBlockM);
+        __syncwarp();  // every lane's stores before lane 0's arrival releases them
+        if (lane == 0) mbarrier_arrive(&full[stage]);
+      }
+    }
+    return;
+  }
+
+  // Consumers: warpgroup c = 1, 2 owns keys 64 (c - 1) .. of the block; this warp 16 of them.
+  setmaxnreg_inc<K::kConsumerRegs>();
+  const int consumer = warpgroup - 1;
+  const int warp_row = 16 * ((tid - 128) / 32), key0 = n_start + warp_row;
+  const uint32_t my_rows = consumer * 64 * 128;
+  const uint64_t desc_k = smem_desc_k_major_sw128(sK, my_rows), desc_v = smem_desc_k_major_sw128(sV, my_rows);
+  auto stage_bytes = [&](int stage) { return static_cast<uint64_t>((stage * K::kQBytes) >> 4); };
+  const uint64_t desc_q0 = smem_desc_k_major_sw128(sQ(0)), desc_do0 = smem_desc_k_major_sw128(sdO(0));
+  const uint64_t desc_q0_mn = smem_desc_mn_major_sw128(sQ(0), 0, kBlockM * 128);
+  const uint64_t desc_do0_mn = smem_desc_mn_major_sw128(sdO(0), 0, kBlockM * 128);
+  const float scale_log2 = static_cast<float>(p.scale) * kLog2e;
+  WarpAcc<kHeadDim> dk, dv;
+  dk.zero();
+  dv.zero();
+  if (steps > 0) mbarrier_wait(kv_full, 0);
+  for (int step = 0; step < steps; ++step) {
+    const int stage = step % kStages;
+    const int m0 = block_of(step) * kBlockM;
+    const float* lse2 = sLse2 + stage * kBlockM;
+    const float* delta = sDelta + stage * kBlockM;
+    mbarrier_wait(&full[stage], (step / kStages) & 1);
+    WarpAcc<kBlockM> s, dp;  // S^T and dP^T: this warp's 16 keys x kBlockM queries
+    wgmma_fence();
+    issue_qk<T, kHeadDim, kBlockN * 128>(s, desc_k, desc_q0 + stage_bytes(stage));
+    issue_qk<T, kHeadDim, kBlockN * 128>(dp, desc_v, desc_do0 + stage_bytes(stage));
+    wgmma_wait<0>();
+    auto col_lse2 = [&](int j, int e) { return lse2[WarpAcc<kBlockM>::col_of(j, e, lane)]; };
+    auto col_delta = [&](int j, int e) { return delta[WarpAcc<kBlockM>::col_of(j, e, lane)]; };
+    probs_then_mask<true>(s, scale_log2, p.mask, seq, key0, m0, lane, col_lse2);
+    uint32_t pt[kBlockM / 16][4], dst[kBlockM / 16][4];
+#pragma unroll
+    for (int kk = 0; kk < kBlockM / 16; ++kk) s.template to_a<T>(pt[kk], kk);
+    wgmma_fence();
+    issue_pv<T, kHeadDim, kBlockM>(dv, pt, desc_do0_mn + stage_bytes(stage));  // runs while dS is formed
+    ds_from_dp(dp, s, col_delta);
+#pragma unroll
+    for (int kk = 0; kk < kBlockM / 16; ++kk) dp.template to_a<T>(dst[kk], kk);
+    wgmma_fence();
+    issue_pv<T, kHeadDim, kBlockM>(dk, dst, desc_q0_mn + stage_bytes(stage));
+    wgmma_wait<0>();
+    __syncwarp();
+    if (lane == 0) mbarrier_arrive(&empty[stage]);  // this warp is done with the stage (tiles and stats)
+  }
+
+  // The output, staged through the K/V tiles once both consumers' wgmmas are done reading them.
+  named_barrier_sync<K::kConsumerThreads>(1);
+  const SmemTile<T, kBlockN, kHeadDim> stage_tile{reinterpret_cast<T*>(smem)};
+  static_assert(SmemTile<T, kBlockN, kHeadDim>::kElems * sizeof(T) <= 2 * K::kKVBytes + 2 * kStages * K::kQBytes,
+                "staging fits");
+  const int rows_valid = seq.seqlen_k - key0;
+  const float dk_scale[2] = {static_cast<float>(p.scale), static_cast<float>(p.scale)}, dv_scale[2] = {1.f, 1.f};
+  T* dk_out = row_at<T>(p.dk, p.dk_strides, seq, false, b, h_kv, key0);
+  T* dv_out = row_at<T>(p.dv, p.dv_strides, seq, false, b, h_kv, key0);
+  warp_store_rows<T, kHeadDim>(dk, dk_scale, stage_tile, warp_row, dk_out, p.dk_strides.row, rows_valid,
+                               sh.head_dim, lane);
+  warp_store_rows<T, kHeadDim>(dv, dv_scale, stage_tile, warp_row, dv_out, p.dv_strides.row, rows_valid,
+                               sh.head_dim, lane);
+#endif
+}
+
+// The tensor maps of q, dout, k and v for kernel K (one of the two above: their boxes differ);
+// false where TMA cannot address them (alignment, zero strides, varlen): the cp.async kernels run
+// then.
+struct BackwardTmaMaps {
+  CUtensorMap q, dout, k, v;
+};
+template <typename T, class K>
+bool encode_bwd_tma_maps(const FlashBwdParams& p, BackwardTmaMaps* maps) {
+  const AttentionShape& sh = p.shape;
+  if (p.varlen.cu_seqlens_q != nullptr) return false;  // a box would read past a packed sequence's end
+  constexpr bool kBf16 = std::is_same_v<T, __nv_bfloat16>;
+  return encode_attention_map(&maps->q, p.q, kBf16, p.q_strides, sh.batch, sh.heads_q, sh.seqlen_q, sh.head_dim,
+                              K::kBlockM) &&
+         encode_attention_map(&maps->dout, p.dout, kBf16, p.dout_strides, sh.batch, sh.heads_q, sh.seqlen_q,
+                              sh.head_dim, K::kBlockM) &&
+         encode_attention_map(&maps->k, p.k, kBf16, p.k_strides, sh.batch, sh.heads_kv, sh.seqlen_k, sh.head_dim,
+                              K::kBlockN) &&
+         encode_attention_map(&maps->v, p.v, kBf16, p.v_strides, sh.batch, sh.heads_kv, sh.seqlen_k, sh.head_dim,
+                              K::kBlockN);
+}
+
+}  // namespace cuflash::sm90
