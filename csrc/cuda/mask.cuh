@@ -184,22 +184,35 @@ __device__ __forceinline__ void scores_from_qk(WarpAcc<kN>& t, const ScoreMod<T>
     });
 }
 
-// Dropout keep factors (0 or 1 / (1 - p)) of a warp tile: z[j][e] for element (j, e). Each
-// thread holds column pairs (2c, 2c + 1) of its rows, which one Philox call serves.
+// Dropout keep factors (0 or 1 / (1 - p)) of a warp tile: z[j][e] for element (j, e). One Philox
+// call draws a 2 x 2 block of (query, key) elements (DropoutRng::block). A thread holds column
+// pairs (2c, 2c + 1) of row r and r + 8; the block's other row is lane ^ 4's (row0 is even). So
+// the two lanes split the calls: this lane draws the blocks of tiles j + odd, lane ^ 4 those of
+// j + !odd, and each hands the other its two words by a shuffle: half the Philox work, the same
+// mask.
 template <bool kTransposed, int kN>
 __device__ __forceinline__ void dropout_factors(float (&z)[kN / 8][4], const DropoutRng& rng, int b, int h,
                                                 int heads, int row0, int col0, int lane) {
+  static_assert(kN % 16 == 0, "tiles in pairs");
+  const int odd = (lane >> 2) & 1;  // this lane's rows are odd
+  auto factor = [&](uint32_t u) { return u >= rng.threshold ? rng.keep_scale : 0.f; };
 #pragma unroll
-  for (int j = 0; j < kN / 8; ++j)
+  for (int j = 0; j < kN / 8; j += 2)
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
-      const int row = row0 + WarpAcc<kN>::row_of(2 * r, lane), col = col0 + WarpAcc<kN>::col_of(j, 2 * r, lane);
+      const int row = row0 + WarpAcc<kN>::row_of(2 * r, lane);
+      const int col = col0 + WarpAcc<kN>::col_of(j, 2 * r, lane) + 8 * odd;  // in tile j + odd
       const int i = kTransposed ? col : row, k = kTransposed ? row : col;
       const Philox4 draw = rng.block(b, h, heads, i, k);
 #pragma unroll
       for (int c = 0; c < 2; ++c) {
-        const uint32_t u = kTransposed ? DropoutRng::pick(draw, i + c, k) : DropoutRng::pick(draw, i, k + c);
-        z[j][2 * r + c] = u >= rng.threshold ? rng.keep_scale : 0.f;
+        // This lane's element of tile j + odd, and lane ^ 4's (the other row) of the same block.
+        const uint32_t mine = kTransposed ? DropoutRng::pick(draw, i + c, k) : DropoutRng::pick(draw, i, k + c);
+        const uint32_t theirs =
+            kTransposed ? DropoutRng::pick(draw, i + c, k ^ 1) : DropoutRng::pick(draw, i ^ 1, k + c);
+        const uint32_t got = __shfl_xor_sync(0xffffffffu, theirs, 4);  // this lane's of tile j + !odd
+        z[j][2 * r + c] = factor(odd ? got : mine);
+        z[j + 1][2 * r + c] = factor(odd ? mine : got);
       }
     }
 }
