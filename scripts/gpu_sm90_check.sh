@@ -31,6 +31,7 @@ runs=(
   "atomic_dq||tests/test_bwd_atomic_dq.py|"
   "features|features|tests/test_features.py tests/test_attn_mask.py|cuda"
   "tma_features|tma,features|tests/test_features.py tests/test_attn_mask.py|cuda"
+  "sm80_features|0|tests/test_features.py tests/test_attn_mask.py|cuda"
   "debug||tests/test_ops.py|debug"
   "defaults||tests/test_accuracy.py tests/test_edge_cases.py|cuda and not test_random_sweep"
 )
