@@ -1,14 +1,16 @@
 #!/usr/bin/env python3
-"""Forward speed of the feature path (softcap, ALiBi, dropout) on each kernel that runs it.
+"""Speed of the feature path (softcap, ALiBi, dropout) on each kernel that runs it.
 
-    python3 benchmarks/bench_features.py [--head-dims 64,128,256] [--seqlens 2048,8192]
+    python3 benchmarks/bench_features.py [--head-dims 64,128,256] [--seqlens 2048,8192] [--backward]
 
 For every shape and feature set, our forward under each CUFLASH_SM90 value in --variants (read at
 every call, csrc/cuda/run_switches.h): by default "" (the defaults: features on the TMA forward),
 "0" (the sm_80-class forward) and "bwd,features" (the cp.async Hopper forward, which varlen takes).
 Prints a markdown table of TFLOP/s, each variant against the first, and each feature set
 against plain attention under the same variant (issue 9 asks features to cost at most 10%).
-Standard shapes as bench_attention.py's (batch * seqlen = 16384, heads = 2048 / D, bf16)."""
+Standard shapes as bench_attention.py's (batch * seqlen = 16384, heads = 2048 / D, bf16).
+--backward times forward + backward instead (3.5x the forward's FLOPs), the backward being the
+sm_80-class kernels' wherever a feature is on."""
 import argparse
 import os
 import sys
@@ -27,13 +29,22 @@ FEATURES = {
 }
 
 
-def forward(q, k, v, causal, options):
+def step(q, k, v, causal, options, backward):
+    """One forward (or forward + backward) of our op with the feature options."""
     kw = dict(options)
     if kw.pop("alibi", False):
         kw["alibi_slopes"] = torch.rand(q.shape[1], device=q.device, dtype=torch.float32)
     if kw.get("dropout_p", 0.0) > 0.0:
         kw["rng_state"] = torch.tensor([0, 0], device=q.device, dtype=torch.int64)  # [seed, offset]
-    return lambda: torch.ops.cuflash_attn.fwd(q, k, v, None, causal, False, **kw)
+    if not backward:
+        return lambda: torch.ops.cuflash_attn.fwd(q, k, v, None, causal, False, **kw)
+    qg, kg, vg = (t.detach().requires_grad_() for t in (q, k, v))
+    dout = torch.randn_like(q)
+
+    def forward_backward():
+        out, _ = torch.ops.cuflash_attn.fwd(qg, kg, vg, None, causal, False, **kw)
+        torch.autograd.grad(out, (qg, kg, vg), dout)
+    return forward_backward
 
 
 def main(argv=None):
@@ -44,11 +55,12 @@ def main(argv=None):
                    help="CUFLASH_SM90 values, ';'-separated (default: ';0;bwd,features')")
     p.add_argument("--warmup-ms", type=float, default=10.0)
     p.add_argument("--rep-ms", type=float, default=50.0)
+    p.add_argument("--backward", action="store_true", help="time forward + backward")
     args = p.parse_args(argv)
     bench.import_cuflash_attn()
     timer = bench.make_timer(args.warmup_ms, args.rep_ms)
     names = [v or "unset" for v in args.variants]
-    print(f"{bench.env_line(bench.environment())}\n")
+    print(f"{bench.env_line(bench.environment())}; {'forward + backward' if args.backward else 'forward'}\n")
     header = ["D", "causal", "N", "features"] + [f"{n} TFLOP/s" for n in names]
     header += [f"{n} / {names[0]}" for n in names[1:]] + [f"{n}: / plain" for n in names]
     print("| " + " | ".join(header) + " |\n|" + "---|" * len(header))
@@ -57,13 +69,13 @@ def main(argv=None):
             batch, heads = max(1, 16384 // n), 2048 // d
             q, k, v = (torch.randn(batch, heads, n, d, device="cuda", dtype=torch.bfloat16) for _ in range(3))
             for causal in (False, True):
-                flops = bench.fwd_flops(batch, heads, n, n, d, causal)
+                flops = bench.fwd_flops(batch, heads, n, n, d, causal) * (3.5 if args.backward else 1.0)
                 plain = {}
                 for feature, options in FEATURES.items():
                     speeds = []
                     for variant in args.variants:
                         os.environ["CUFLASH_SM90"] = variant
-                        speeds.append(bench.tflops(flops, timer(forward(q, k, v, causal, options))))
+                        speeds.append(bench.tflops(flops, timer(step(q, k, v, causal, options, args.backward))))
                     if feature == "plain":
                         plain = speeds
                     row = [str(d), "yes" if causal else "no", str(n), feature] + [f"{s:.0f}" for s in speeds]
