@@ -12,9 +12,16 @@ from test_features import check_dense, check_varlen
 pytestmark = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
 
 
-@pytest.fixture(autouse=True)
-def atomic_dq(monkeypatch):
+WS_PARTS = "tma,bwd,bwdws,features,persistent"  # the defaults and the warp-specialized backward
+
+
+@pytest.fixture(params=["", WS_PARTS], ids=["default", "ws"], autouse=True)
+def atomic_dq(request, monkeypatch):
+    """Every test under the default kernels and with the warp-specialized backward (bwdws,
+    experimental: the fused dK/dV/dQ kernel at head dims up to 128)."""
     monkeypatch.setenv("CUFLASH_BWD_DQ", "atomic")  # read by the op at every call
+    monkeypatch.setenv("CUFLASH_SM90", request.param)
+    return request.param
 
 
 @pytest.mark.parametrize("dtype", LOW_PRECISION, ids=LOW_PRECISION_IDS)
@@ -56,16 +63,19 @@ def test_attn_mask(kind):
     check_dense("cuda", torch.bfloat16, 2, 4, 2, 130, 77, 64, attn_mask=(kind, "B1LS"))
 
 
-def test_path_taken(monkeypatch):
+def test_path_taken(monkeypatch, atomic_dq):
     q, k, v = (torch.randn(1, 2, 100, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True)
                for _ in range(3))
     out, _ = torch.ops.cuflash_attn.fwd(q, k, v, None, False, False)
     names = cuda_kernels(lambda: torch.autograd.grad(out, (q, k, v), torch.ones_like(out), retain_graph=True))
     assert "flash_bwd_dq_convert_kernel" in names and "flash_bwd_dq_kernel" not in names, names
     if IS_SM90:  # the Hopper dK/dV kernel with dQ, where the build has it (sm_90a)
-        assert "flash_bwd_dkdv_sm90_kernel<__nv_bfloat16, 64, true, true, true>" in names, names
+        expected = "flash_bwd_dkdv_sm90_tma_kernel<__nv_bfloat16, 64, true>" if atomic_dq == WS_PARTS else \
+            "flash_bwd_dkdv_sm90_kernel<__nv_bfloat16, 64, true, true, true>"
+        assert expected in names, names
         assert "flash_bwd_dq_sm90_kernel" not in names, names
     monkeypatch.delenv("CUFLASH_BWD_DQ")
     names = cuda_kernels(lambda: torch.autograd.grad(out, (q, k, v), torch.ones_like(out)))
-    dq_kernel = any(f"{kernel}<" in names for kernel in ("flash_bwd_dq_kernel", "flash_bwd_dq_sm90_kernel"))
+    dq_kernel = any(f"{kernel}<" in names for kernel in ("flash_bwd_dq_kernel", "flash_bwd_dq_sm90_kernel",
+                                                        "flash_bwd_dq_sm90_tma_kernel"))
     assert dq_kernel and "flash_bwd_dq_convert_kernel" not in names, names  # the sm90 one on Hopper

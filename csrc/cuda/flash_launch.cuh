@@ -162,8 +162,18 @@ cudaError_t run_flash_bwd(const FlashBwdParams& p, cudaStream_t stream) {
         const dim3 key_grid(ceil_div(sh.seqlen_k, K::kResident), sh.heads_kv, sh.batch);
         if constexpr (!K::kSplitDkDv) {
           if (accum_dq) {
-            err = launch(sm90::flash_bwd_dkdv_sm90_kernel<T, kHeadDim, true>, key_grid, K::kThreads,
-                         K::kSmemBytes + K::kDsBytes, stream, p);
+            err = cudaErrorNotReady;  // not launched yet
+            if (hopper.bwd_ws) {  // the warp-specialized one, dQ drained by bulk reduce-adds
+              using Ws = sm90::BwdDkvSm90TmaKernel<T, kHeadDim, true>;
+              sm90::BackwardTmaMaps maps;
+              if (sm90::encode_bwd_tma_maps<T, Ws>(p, &maps))
+                err = launch(sm90::flash_bwd_dkdv_sm90_tma_kernel<T, kHeadDim, true>,
+                             dim3(ceil_div(sh.seqlen_k, Ws::kBlockN), sh.heads_kv, sh.batch), Ws::kThreads,
+                             Ws::kSmemBytes, stream, p, maps.q, maps.dout, maps.k, maps.v);
+            }
+            if (err == cudaErrorNotReady)
+              err = launch(sm90::flash_bwd_dkdv_sm90_kernel<T, kHeadDim, true>, key_grid, K::kThreads,
+                           K::kSmemBytes + K::kDsBytes, stream, p);
             return err != cudaSuccess ? err : convert_dq();
           }
         }
@@ -195,7 +205,7 @@ cudaError_t run_flash_bwd(const FlashBwdParams& p, cudaStream_t stream) {
             using Ws = sm90::BwdDkvSm90TmaKernel<T, kHeadDim>;
             sm90::BackwardTmaMaps maps;
             if (sm90::encode_bwd_tma_maps<T, Ws>(p, &maps))
-              return launch(sm90::flash_bwd_dkdv_sm90_tma_kernel<T, kHeadDim>,
+              return launch(sm90::flash_bwd_dkdv_sm90_tma_kernel<T, kHeadDim, false>,
                             dim3(ceil_div(sh.seqlen_k, Ws::kBlockN), sh.heads_kv, sh.batch), Ws::kThreads,
                             Ws::kSmemBytes, stream, p, maps.q, maps.dout, maps.k, maps.v);
           }

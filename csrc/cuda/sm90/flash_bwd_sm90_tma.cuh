@@ -6,7 +6,10 @@
 // barrier per step: the cp.async kernels' __syncthreads kept both warpgroups in lockstep, so that
 // one's exp2 and dS never overlapped the other's wgmmas.
 //   dK/dV: keys resident, Q and dO streamed; a second producer warp stages each step's lse and
-//          delta (the streamed queries').
+//          delta (the streamed queries'). kAccumDq (with p.dq_accum, CUFLASH_BWD_DQ=atomic): dQ
+//          too, FlashAttention-3's way: each consumer warpgroup stages its keys' dS, computes
+//          its dQ part = dS K over them into an fp32 buffer, and a third producer warp drains
+//          that buffer into dq_accum with bulk reduce-adds, off the consumers' path.
 //   dQ:    queries resident (their lse and delta in registers), K and V streamed.
 #pragma once
 #include <type_traits>
@@ -140,7 +143,7 @@ __global__ void __launch_bounds__(BwdDqSm90TmaKernel<T, kHeadDim>::kThreads, 1)
 #endif
 }
 
-template <typename T, int kHeadDim>
+template <typename T, int kHeadDim, bool kAccumDq = false>
 struct BwdDkvSm90TmaKernel {
   static_assert(kHeadDim <= 128, "one 64 x 128 accumulator each for dK and dV");
   static constexpr int kConsumers = 2, kThreads = 128 * (kConsumers + 1), kConsumerThreads = 128 * kConsumers;
@@ -149,22 +152,27 @@ struct BwdDkvSm90TmaKernel {
   static constexpr int kStages = 2;
   static constexpr int kKVBytes = kBlockN * kHeadDim * 2, kQBytes = kBlockM * kHeadDim * 2;
   static constexpr int kStatsBytes = 2 * kStages * kBlockM * 4;  // lse2 and delta per stage
-  // Barriers: K/V full, then per stage full (TMA bytes + the stats warp) and empty (consumer warps).
-  static constexpr int kBarriers = 1 + 2 * kStages;
-  static constexpr int kSmemBytes = 2 * kKVBytes + 2 * kStages * kQBytes + kStatsBytes + kBarriers * 8 + 1024;
+  // kAccumDq: each consumer's dS ([query][key], one 64-key panel) and fp32 dQ part ([row][col]).
+  static constexpr int kDsBytes = kAccumDq ? kConsumers * kBlockM * 64 * 2 : 0;
+  static constexpr int kDqBytes = kAccumDq ? kConsumers * kBlockM * kHeadDim * 4 : 0;
+  // Barriers: K/V full, then per stage full (TMA bytes + the stats warp) and empty (consumer
+  // warps); kAccumDq: per consumer dq_full (its warps) and dq_empty (the drain warp).
+  static constexpr int kBarriers = 1 + 2 * kStages + (kAccumDq ? 2 * kConsumers : 0);
+  static constexpr int kSmemBytes =
+      2 * kKVBytes + 2 * kStages * kQBytes + kDsBytes + kDqBytes + kStatsBytes + kBarriers * 8 + 1024;
   static constexpr int kProducerRegs = 24, kConsumerRegs = 240;
   static_assert(128 * (kProducerRegs + kConsumers * kConsumerRegs) <= 65536, "register file");
   static_assert(kSmemBytes <= 227 * 1024, "shared memory per block");
 };
 
-template <typename T, int kHeadDim>
-__global__ void __launch_bounds__(BwdDkvSm90TmaKernel<T, kHeadDim>::kThreads, 1)
+template <typename T, int kHeadDim, bool kAccumDq>
+__global__ void __launch_bounds__(BwdDkvSm90TmaKernel<T, kHeadDim, kAccumDq>::kThreads, 1)
     flash_bwd_dkdv_sm90_tma_kernel(const FlashBwdParams p, const __grid_constant__ CUtensorMap map_q,
                                    const __grid_constant__ CUtensorMap map_dout,
                                    const __grid_constant__ CUtensorMap map_k,
                                    const __grid_constant__ CUtensorMap map_v) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
-  using K = BwdDkvSm90TmaKernel<T, kHeadDim>;
+  using K = BwdDkvSm90TmaKernel<T, kHeadDim, kAccumDq>;
   constexpr int kBlockN = K::kBlockN, kBlockM = K::kBlockM, kStages = K::kStages, kPanels = kHeadDim / 64;
   extern __shared__ char smem_raw[];
   unsigned char* smem = align_1024(smem_raw);
@@ -172,11 +180,15 @@ __global__ void __launch_bounds__(BwdDkvSm90TmaKernel<T, kHeadDim>::kThreads, 1)
   unsigned char* sV = smem + K::kKVBytes;
   auto sQ = [&](int stage) { return smem + 2 * K::kKVBytes + stage * K::kQBytes; };
   auto sdO = [&](int stage) { return smem + 2 * K::kKVBytes + (kStages + stage) * K::kQBytes; };
-  float* sLse2 = reinterpret_cast<float*>(smem + 2 * K::kKVBytes + 2 * kStages * K::kQBytes);  // [kStages][kBlockM]
-  float* sDelta = sLse2 + kStages * kBlockM;                                                  // [kStages][kBlockM]
+  unsigned char* sdS = smem + 2 * K::kKVBytes + 2 * kStages * K::kQBytes;  // kAccumDq: [consumer] panels
+  float* sdQ = reinterpret_cast<float*>(sdS + K::kDsBytes);                 // kAccumDq: [consumer][row][col]
+  float* sLse2 = reinterpret_cast<float*>(sdS + K::kDsBytes + K::kDqBytes);  // [kStages][kBlockM]
+  float* sDelta = sLse2 + kStages * kBlockM;                                // [kStages][kBlockM]
   uint64_t* kv_full = reinterpret_cast<uint64_t*>(sDelta + kStages * kBlockM);
   uint64_t* full = kv_full + 1;
   uint64_t* empty = full + kStages;
+  uint64_t* dq_full = empty + kStages;           // kAccumDq
+  uint64_t* dq_empty = dq_full + K::kConsumers;  // kAccumDq
 
   const AttentionShape& sh = p.shape;
   const int n_block = blockIdx.x, h_kv = blockIdx.y, b = blockIdx.z;
@@ -197,6 +209,11 @@ __global__ void __launch_bounds__(BwdDkvSm90TmaKernel<T, kHeadDim>::kThreads, 1)
       mbarrier_init(&full[s], 2);                          // the TMA thread's and the stats warp's arrivals
       mbarrier_init(&empty[s], K::kConsumerThreads / 32);  // one arrival per consumer warp
     }
+    if constexpr (kAccumDq)
+      for (int c = 0; c < K::kConsumers; ++c) {
+        mbarrier_init(&dq_full[c], 4);  // the consumer's warps
+        mbarrier_init(&dq_empty[c], 1);
+      }
     fence_barrier_init();
   }
   __syncthreads();
@@ -204,6 +221,28 @@ __global__ void __launch_bounds__(BwdDkvSm90TmaKernel<T, kHeadDim>::kThreads, 1)
   if (warpgroup == 0) {  // producer
     setmaxnreg_dec<K::kProducerRegs>();
     const int warp = tid / 32;
+    if constexpr (kAccumDq) {
+      if (warp == 2) {  // the dQ drain: each consumer's part, row by row, added to dq_accum in L2
+        for (int step = 0; step < steps; ++step) {
+          const int m0 = block_of(step) * kBlockM, rows = min(kBlockM, seq.seqlen_q - m0);
+          float* acc = row_at<float>(p.dq_accum, p.dq_accum_strides, seq, true, b, head_of(step), m0);
+          for (int c = 0; c < K::kConsumers; ++c) {
+            mbarrier_wait(&dq_full[c], step & 1);
+            for (int r = lane; r < rows; r += 32)
+              asm volatile("cp.reduce.async.bulk.global.shared::cta.bulk_group.add.f32 [%0], [%1], %2;\n" ::"l"(
+                               acc + r * p.dq_accum_strides.row),
+                           "r"(smem_u32(sdQ + (c * kBlockM + r) * kHeadDim)), "r"(sh.head_dim * 4)
+                           : "memory");
+            asm volatile("cp.async.bulk.commit_group;\n" ::: "memory");
+            asm volatile("cp.async.bulk.wait_group.read 0;\n" ::: "memory");  // this lane's reads of the buffer
+            __syncwarp();
+            if (lane == 0) mbarrier_arrive(&dq_empty[c]);
+          }
+        }
+        asm volatile("cp.async.bulk.wait_group 0;\n" ::: "memory");  // the adds themselves
+        return;
+      }
+    }
     if (warp == 0 && lane == 0) {  // TMA
       if (steps > 0) {
         mbarrier_arrive_expect_tx(kv_full, 2 * K::kKVBytes);
@@ -275,8 +314,48 @@ __global__ void __launch_bounds__(BwdDkvSm90TmaKernel<T, kHeadDim>::kThreads, 1)
 #pragma unroll
     for (int kk = 0; kk < kBlockM / 16; ++kk) dp.template to_a<T>(dst[kk], kk);
     wgmma_fence();
+    if constexpr (kAccumDq) {
+      // dS^T (this warp's 16 keys x kBlockM queries, packed in dst) into this consumer's panel
+      // as [query][key], the A operand of its dQ part.
+      unsigned char* my_ds = sdS + consumer * kBlockM * 128;
+#pragma unroll
+      for (int kk = 0; kk < kBlockM / 16; ++kk)
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+          const int j = 2 * kk + i / 2, e = 2 * (i % 2);
+          const int key = warp_row % 64 + WarpAcc<kBlockM>::row_of(e, lane);
+          const int query = WarpAcc<kBlockM>::col_of(j, e, lane);
+          *reinterpret_cast<uint16_t*>(my_ds + swizzle128_offset(query, key)) = dst[kk][i] & 0xffffu;
+          *reinterpret_cast<uint16_t*>(my_ds + swizzle128_offset(query + 1, key)) = dst[kk][i] >> 16;
+        }
+      fence_async_shared();  // the wgmma (async proxy) reads what these stores wrote
+    }
+    wgmma_fence();
     issue_pv<T, kHeadDim, kBlockM>(dk, dst, desc_q0_mn + stage_bytes(stage));
-    wgmma_wait<0>();
+    wgmma_wait<0>();  // with kAccumDq: dst dies before dQ's accumulator lives
+    if constexpr (kAccumDq) {
+      named_barrier_sync<128>(2 + consumer);  // the consumer's four warps wrote its dS panel
+      if (step > 0) mbarrier_wait(&dq_empty[consumer], (step - 1) & 1);  // the drain read the last part
+      WarpAcc<kHeadDim> dq;
+      wgmma_fence();
+      issue_ds_k<T, 4, kHeadDim>(dq, smem_desc_k_major_sw128(sdS, consumer * kBlockM * 128),
+                                 smem_desc_mn_major_sw128(sK, my_rows, kBlockN * 128));
+      wgmma_wait<0>();
+      // The part, unscaled, into this consumer's buffer as rows of kHeadDim floats.
+      float* my_dq = sdQ + consumer * kBlockM * kHeadDim;
+#pragma unroll
+      for (int j = 0; j < kHeadDim / 8; ++j)
+#pragma unroll
+        for (int half = 0; half < 2; ++half) {
+          const int row = warp_row % 64 + WarpAcc<kHeadDim>::row_of(2 * half, lane);
+          const int col = WarpAcc<kHeadDim>::col_of(j, 2 * half, lane);
+          *reinterpret_cast<float2*>(my_dq + row * kHeadDim + col) =
+              make_float2(dq.v[j][2 * half], dq.v[j][2 * half + 1]);
+        }
+      fence_async_shared();  // the bulk reduce (async proxy) reads what these stores wrote
+      __syncwarp();
+      if (lane == 0) mbarrier_arrive(&dq_full[consumer]);
+    }
     __syncwarp();
     if (lane == 0) mbarrier_arrive(&empty[stage]);  // this warp is done with the stage (tiles and stats)
   }
