@@ -154,7 +154,9 @@ struct BwdDkvSm90TmaKernel {
   static constexpr int kStatsBytes = 2 * kStages * kBlockM * 4;  // lse2 and delta per stage
   // kAccumDq: each consumer's dS ([query][key], one 64-key panel) and fp32 dQ part ([row][col]).
   static constexpr int kDsBytes = kAccumDq ? kConsumers * kBlockM * 64 * 2 : 0;
-  static constexpr int kDqBytes = kAccumDq ? kConsumers * kBlockM * kHeadDim * 4 : 0;
+  // dQ rows padded by 16 bytes: the fragment stores of 8 rows would hit one bank group otherwise.
+  static constexpr int kDqRowFloats = kHeadDim + 4;
+  static constexpr int kDqBytes = kAccumDq ? kConsumers * kBlockM * kDqRowFloats * 4 : 0;
   // Barriers: K/V full, then per stage full (TMA bytes + the stats warp) and empty (consumer
   // warps); kAccumDq: per consumer dq_full (its warps) and dq_empty (the drain warp).
   static constexpr int kBarriers = 1 + 2 * kStages + (kAccumDq ? 2 * kConsumers : 0);
@@ -201,7 +203,11 @@ __global__ void __launch_bounds__(BwdDkvSm90TmaKernel<T, kHeadDim, kAccumDq>::kT
   const Range m = query_blocks(p.mask, seq, n_start, min(n_start + kBlockN, seq.seqlen_k), kBlockM);
   const int per_head = m.end - m.begin, steps = per_head * group;
   auto head_of = [&](int step) { return h_kv * group + step / per_head; };
-  auto block_of = [&](int step) { return m.begin + step % per_head; };
+  // With kAccumDq each CTA starts at its own query block, so that the CTAs of a head do not all
+  // add to the same dq_accum rows at once.
+  auto block_of = [&](int step) {
+    return m.begin + (kAccumDq ? (step % per_head + n_block) % per_head : step % per_head);
+  };
 
   if (tid == 0) {
     mbarrier_init(kv_full, 1);
@@ -231,7 +237,7 @@ __global__ void __launch_bounds__(BwdDkvSm90TmaKernel<T, kHeadDim, kAccumDq>::kT
             for (int r = lane; r < rows; r += 32)
               asm volatile("cp.reduce.async.bulk.global.shared::cta.bulk_group.add.f32 [%0], [%1], %2;\n" ::"l"(
                                acc + r * p.dq_accum_strides.row),
-                           "r"(smem_u32(sdQ + (c * kBlockM + r) * kHeadDim)), "r"(sh.head_dim * 4)
+                           "r"(smem_u32(sdQ + (c * kBlockM + r) * K::kDqRowFloats)), "r"(sh.head_dim * 4)
                            : "memory");
             asm volatile("cp.async.bulk.commit_group;\n" ::: "memory");
             asm volatile("cp.async.bulk.wait_group.read 0;\n" ::: "memory");  // this lane's reads of the buffer
@@ -318,6 +324,8 @@ __global__ void __launch_bounds__(BwdDkvSm90TmaKernel<T, kHeadDim, kAccumDq>::kT
       // dS^T (this warp's 16 keys x kBlockM queries, packed in dst) into this consumer's panel
       // as [query][key], the A operand of its dQ part.
       unsigned char* my_ds = sdS + consumer * kBlockM * 128;
+      // Every warp of this consumer is past the last step's dQ wgmma, which read the whole panel.
+      if (step > 0) named_barrier_sync<128>(2 + consumer);
 #pragma unroll
       for (int kk = 0; kk < kBlockM / 16; ++kk)
 #pragma unroll
@@ -334,6 +342,8 @@ __global__ void __launch_bounds__(BwdDkvSm90TmaKernel<T, kHeadDim, kAccumDq>::kT
     issue_pv<T, kHeadDim, kBlockM>(dk, dst, desc_q0_mn + stage_bytes(stage));
     wgmma_wait<0>();  // with kAccumDq: dst dies before dQ's accumulator lives
     if constexpr (kAccumDq) {
+      __syncwarp();
+      if (lane == 0) mbarrier_arrive(&empty[stage]);  // the dQ part reads no Q, dO or stats
       named_barrier_sync<128>(2 + consumer);  // the consumer's four warps wrote its dS panel
       if (step > 0) mbarrier_wait(&dq_empty[consumer], (step - 1) & 1);  // the drain read the last part
       WarpAcc<kHeadDim> dq;
@@ -342,22 +352,23 @@ __global__ void __launch_bounds__(BwdDkvSm90TmaKernel<T, kHeadDim, kAccumDq>::kT
                                  smem_desc_mn_major_sw128(sK, my_rows, kBlockN * 128));
       wgmma_wait<0>();
       // The part, unscaled, into this consumer's buffer as rows of kHeadDim floats.
-      float* my_dq = sdQ + consumer * kBlockM * kHeadDim;
+      float* my_dq = sdQ + consumer * kBlockM * K::kDqRowFloats;
 #pragma unroll
       for (int j = 0; j < kHeadDim / 8; ++j)
 #pragma unroll
         for (int half = 0; half < 2; ++half) {
           const int row = warp_row % 64 + WarpAcc<kHeadDim>::row_of(2 * half, lane);
           const int col = WarpAcc<kHeadDim>::col_of(j, 2 * half, lane);
-          *reinterpret_cast<float2*>(my_dq + row * kHeadDim + col) =
+          *reinterpret_cast<float2*>(my_dq + row * K::kDqRowFloats + col) =
               make_float2(dq.v[j][2 * half], dq.v[j][2 * half + 1]);
         }
       fence_async_shared();  // the bulk reduce (async proxy) reads what these stores wrote
       __syncwarp();
       if (lane == 0) mbarrier_arrive(&dq_full[consumer]);
+    } else {
+      __syncwarp();
+      if (lane == 0) mbarrier_arrive(&empty[stage]);  // this warp is done with the stage (tiles and stats)
     }
-    __syncwarp();
-    if (lane == 0) mbarrier_arrive(&empty[stage]);  // this warp is done with the stage (tiles and stats)
   }
 
   // The output, staged through the K/V tiles once both consumers' wgmmas are done reading them.
