@@ -4,13 +4,13 @@
 #pragma once
 #include <cxxabi.h>
 #include <algorithm>
-#include <atomic>
 #include <cstdio>
 #include <cstdlib>
 #include <cuda_runtime.h>
 #include <type_traits>
 #include "flash_bwd_kernel.cuh"
 #include "flash_fwd_kernel.cuh"
+#include "device_attributes.h"
 #include "flash_launch.h"
 #include "flash_simt_kernel.cuh"
 #include "run_switches.h"
@@ -59,20 +59,6 @@ cudaError_t with_feature_path(const AttentionParams& p, F&& f) {
   return f(std::false_type{});
 }
 
-// Streaming multiprocessors of the current device (cached per device).
-inline int multiprocessor_count() {
-  constexpr int kMaxDevices = 64;
-  static std::atomic<int> count[kMaxDevices] = {};
-  int device = 0;
-  if (cudaGetDevice(&device) != cudaSuccess || device >= kMaxDevices) return 1;
-  if (count[device].load(std::memory_order_relaxed) == 0) {
-    int sms = 0;
-    if (cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device) != cudaSuccess || sms < 1) return 1;
-    count[device].store(sms, std::memory_order_relaxed);
-  }
-  return count[device].load(std::memory_order_relaxed);
-}
-
 // The TMA forward for plain attention: long rows take the wide tile where there is one, short
 // rows the persistent kernel where asked for and built (sm90::long_rows); false (nothing
 // launched) where TMA cannot address p, varlen included: a box would read past a packed
@@ -89,7 +75,8 @@ bool launch_fwd_tma(const FlashFwdParams& p, bool persistent, cudaStream_t strea
     if (!sm90::encode_fwd_tma_maps<T, kHeadDim, kWide>(p, &maps)) return false;
     const int m_blocks = ceil_div(sh.seqlen_q, K::kBlockM);
     const int64_t tiles = int64_t{m_blocks} * sh.heads_q * sh.batch;
-    const dim3 grid = kPersistent ? dim3(static_cast<unsigned>(std::min<int64_t>(tiles, multiprocessor_count())))
+    const int sms = std::max(1, device_attribute<cudaDevAttrMultiProcessorCount>(1));
+    const dim3 grid = kPersistent ? dim3(static_cast<unsigned>(std::min<int64_t>(tiles, sms)))
                                   : dim3(m_blocks, sh.heads_q, sh.batch);
     *err = launch(sm90::flash_fwd_sm90_tma_kernel<T, kHeadDim, kWide, kFeatures, kPersistent>, grid, K::kThreads,
                   K::kSmemBytes, stream, p, maps.q, maps.k, maps.v);

@@ -10,8 +10,8 @@
 // TMA kernel runs them where it can address the input).
 #pragma once
 #include <cuda_runtime.h>
-#include <atomic>
 #include "../../flash_params.h"
+#include "../device_attributes.h"
 #include "../flash_fwd_kernel.cuh"  // store_out_and_lse
 #include "../mask.cuh"
 #include "../mma_sm80.cuh"
@@ -194,19 +194,10 @@ inline Sm90Paths sm90_paths(const AttentionParams& p) {
   if (!wanted.on) return choice;
   const bool features = needs_feature_path(p);
   if (features && !wanted.features) return choice;
-  constexpr int kMaxDevices = 64;
-  static std::atomic<int> is_sm90[kMaxDevices] = {};  // 0 unknown, 1 yes, 2 no
-  int device = 0;
-  if (cudaGetDevice(&device) != cudaSuccess || device >= kMaxDevices) return choice;
-  if (is_sm90[device].load(std::memory_order_relaxed) == 0) {
-    int major = 0, minor = 0;
-    cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device);
-    cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, device);
-    is_sm90[device].store(major == 9 && minor == 0 ? 1 : 2, std::memory_order_relaxed);
-  }
-  choice.fwd = is_sm90[device].load(std::memory_order_relaxed) == 1;
+  choice.fwd = device_attribute<cudaDevAttrComputeCapabilityMajor>(0) == 9 &&
+               device_attribute<cudaDevAttrComputeCapabilityMinor>(-1) == 0;
   choice.tma = choice.fwd && wanted.tma;
-  choice.persistent = choice.tma && !features && wanted.persistent;
+  choice.persistent = choice.tma && wanted.persistent;  // plain attention only: launch_fwd_tma
   choice.bwd = choice.fwd && !features && wanted.bwd;
   choice.bwd_ws = choice.bwd && wanted.bwd_ws;
 #else
