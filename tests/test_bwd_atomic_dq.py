@@ -12,13 +12,13 @@ from test_features import check_dense, check_varlen
 pytestmark = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
 
 
-WS_PARTS = "tma,bwd,bwdws,features,persistent"  # the defaults and the warp-specialized backward
+CPASYNC_PARTS = "tma,bwd,features,persistent"  # the defaults less bwdws
 
 
-@pytest.fixture(params=["", WS_PARTS], ids=["default", "ws"], autouse=True)
+@pytest.fixture(params=[CPASYNC_PARTS, ""], ids=["cpasync", "ws"], autouse=True)
 def atomic_dq(request, monkeypatch):
-    """Every test under the default kernels and with the warp-specialized backward (bwdws,
-    experimental: the fused dK/dV/dQ kernel at head dims up to 128)."""
+    """Every test under the cp.async dK/dV kernel with dQ (bwdws left out) and under the
+    defaults: the fused warp-specialized kernel at head dims up to 128."""
     monkeypatch.setenv("CUFLASH_BWD_DQ", "atomic")  # read by the op at every call
     monkeypatch.setenv("CUFLASH_SM90", request.param)
     return request.param
@@ -70,7 +70,7 @@ def test_path_taken(monkeypatch, atomic_dq):
     names = cuda_kernels(lambda: torch.autograd.grad(out, (q, k, v), torch.ones_like(out), retain_graph=True))
     assert "flash_bwd_dq_convert_kernel" in names and "flash_bwd_dq_kernel" not in names, names
     if IS_SM90:  # the Hopper dK/dV kernel with dQ, where the build has it (sm_90a)
-        expected = "flash_bwd_dkdv_sm90_tma_kernel<__nv_bfloat16, 64, true>" if atomic_dq == WS_PARTS else \
+        expected = "flash_bwd_dkdv_sm90_tma_kernel<__nv_bfloat16, 64, true>" if atomic_dq == "" else \
             "flash_bwd_dkdv_sm90_kernel<__nv_bfloat16, 64, true, true, true>"
         assert expected in names, names
         assert "flash_bwd_dq_sm90_kernel" not in names, names

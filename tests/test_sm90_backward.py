@@ -1,7 +1,8 @@
-"""The Hopper backward (csrc/cuda/sm90/flash_bwd_sm90.cuh: the two deterministic kernels with
-wgmma), on by default (CUFLASH_SM90 unset, or a list naming bwd) for plain 16-bit attention at
-head-dim buckets 64, 128 and 256 (dK and dV in two launches there) on a compute capability 9.0
-GPU of an sm_90a build. The same accuracy rule as every
+"""The Hopper backward, on by default (CUFLASH_SM90 unset, or a list naming bwd) for plain 16-bit
+attention at head-dim buckets 64, 128 and 256 on a compute capability 9.0 GPU of an sm_90a
+build: the two deterministic wgmma kernels, warp-specialized with TMA loads up to D=128
+(flash_bwd_sm90_tma.cuh, the default part bwdws), with cp.async loads otherwise or without
+bwdws (flash_bwd_sm90.cuh; dK and dV in two launches at D=256). The same accuracy rule as every
 path over the shapes that stress its tiles, the masks, GQA (dK/dV summed over a group's query
 heads) and varlen; bitwise reproducible; the profiler shows which kernels ran."""
 import pytest
@@ -14,10 +15,10 @@ from test_features import check_dense, check_varlen
 pytestmark = pytest.mark.skipif(not IS_SM90, reason="needs a compute capability 9.0 GPU")
 
 
-@pytest.fixture(params=["bwd", "bwd,bwdws"], ids=["cpasync", "ws"], autouse=True)
+@pytest.fixture(params=["bwd", ""], ids=["cpasync", "ws"], autouse=True)
 def hopper_backward(request, monkeypatch):
-    """Every test under the cp.async dK/dV kernel and the warp-specialized one (bwdws,
-    experimental: head dims up to 128)."""
+    """Every test under the cp.async kernels ("bwd" alone) and the defaults, which take the
+    warp-specialized TMA ones (bwdws) at head dims up to 128."""
     monkeypatch.setenv("CUFLASH_SM90", request.param)  # read by the op at every call
     return request.param
 
@@ -31,7 +32,7 @@ def backward_kernels(d, **kw):
 @pytest.mark.parametrize("d", [40, 64, 100, 128, 240, 256])
 def test_path_taken(d, hopper_backward):
     names = backward_kernels(d)
-    ws = hopper_backward == "bwd,bwdws" and d <= 128
+    ws = hopper_backward == "" and d <= 128
     kernels = ["flash_bwd_dq_sm90_tma_kernel<", "flash_bwd_dkdv_sm90_tma_kernel<"] if ws else \
         ["flash_bwd_dq_sm90_kernel<", "flash_bwd_dkdv_sm90_kernel<"]
     assert all(kernel in names for kernel in kernels), names

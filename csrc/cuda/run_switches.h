@@ -3,7 +3,7 @@
 // layers (torch_ops.cpp, api/flash_attention.cpp) refuse a value that names nothing.
 //
 //   CUFLASH_SM90    which Hopper kernels run (sm_90a builds on a compute capability 9.0 GPU):
-//     unset or ""   the default parts, "tma,bwd,features,persistent"
+//     unset or ""   the default parts, "tma,bwd,bwdws,features,persistent"
 //     "0"           none: the sm_80-class kernels
 //     a comma list  exactly the parts named; the cp.async Hopper forward runs plain attention
 //                   wherever "tma" is not named or TMA cannot address the input:
@@ -13,8 +13,9 @@
 //       persistent  with tma: the persistent TMA forward (one CTA per SM walking tiles) for
 //                   plain attention on short rows (the middle query row sees fewer than 2048
 //                   keys), head dims up to 128
-//       bwdws       with bwd: the warp-specialized TMA dK/dV kernel (flash_bwd_sm90_tma.cuh),
-//                   head dims up to 128 (experimental, not a default)
+//       bwdws       with bwd: the warp-specialized TMA dQ and dK/dV kernels
+//                   (flash_bwd_sm90_tma.cuh) where TMA can address the inputs, head dims up
+//                   to 128; with CUFLASH_BWD_DQ=atomic the fused one (dQ by bulk reduce-adds)
 //       features    softcap, ALiBi, attn_mask and dropout in the Hopper forwards (the TMA one
 //                   where "tma" is listed too); without it those take the sm_80-class forward
 //   CUFLASH_BWD_DQ  unset or "": dQ by its own kernel; "atomic": added by the dK/dV kernel with
@@ -30,14 +31,14 @@
 namespace cuflash {
 
 struct Sm90Switch {
-  bool on = true, tma = true, bwd = true, features = true, persistent = true, bwd_ws = false;
+  bool on = true, tma = true, bwd = true, features = true, persistent = true, bwd_ws = true;
 };
 
 // value (null: unset) -> *out; false if value names something else.
 inline bool parse_sm90_switch(const char* value, Sm90Switch* out) {
   Sm90Switch s;
   if (value != nullptr && *value != '\0') {
-    s.tma = s.bwd = s.features = s.persistent = false;
+    s.tma = s.bwd = s.features = s.persistent = s.bwd_ws = false;
     if (std::strcmp(value, "0") == 0) {
       s.on = false;
     } else {
