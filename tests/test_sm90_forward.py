@@ -63,15 +63,16 @@ def test_other_cases_keep_the_sm80_kernel():
 
 
 def test_default_parts(monkeypatch):
-    """Unset: the TMA forward (persistent on short rows, with the features too) and the Hopper
-    backward."""
+    """Unset: the TMA forward (persistent on short rows, with the features too) and the
+    warp-specialized Hopper backward."""
     monkeypatch.delenv("CUFLASH_SM90")
     q, k, v = (torch.randn(1, 2, 100, 128, device="cuda", dtype=torch.bfloat16, requires_grad=True)
                for _ in range(3))
     names = cuda_kernels(lambda: torch.autograd.grad(torch.ops.cuflash_attn.fwd(q, k, v, None, False, False)[0].sum(),
                                                      (q, k, v)))
     assert tma_kernel(128, persistent=True) in names, names
-    assert all(f"{kernel}<" in names for kernel in ("flash_bwd_dq_sm90_kernel", "flash_bwd_dkdv_sm90_kernel")), names
+    backward = ("flash_bwd_dq_sm90_tma_kernel", "flash_bwd_dkdv_sm90_tma_kernel")
+    assert all(f"{kernel}<" in names for kernel in backward), names
     assert tma_kernel(128, features=True) in forward_kernels(128, softcap=30.0)
 
 
