@@ -7,9 +7,11 @@
 // one's exp2 and dS never overlapped the other's wgmmas.
 //   dK/dV: keys resident, Q and dO streamed; a second producer warp stages each step's lse and
 //          delta (the streamed queries'). kAccumDq (with p.dq_accum, CUFLASH_BWD_DQ=atomic): dQ
-//          too, FlashAttention-3's way: each consumer warpgroup stages its keys' dS, computes
-//          its dQ part = dS K over them into an fp32 buffer, and a third producer warp drains
-//          that buffer into dq_accum with bulk reduce-adds, off the consumers' path.
+//          too, FlashAttention-3's way: both consumer warpgroups stage their keys' dS in one
+//          [query][key] buffer (two, alternating by step), then dQ part = dS K over all 128
+//          keys is one 64 x 64 wgmma a warpgroup (at D=128 each takes 64 columns, at D=64 the
+//          two take turns by step) issued beside dK's, into an fp32 buffer that a third
+//          producer warp drains into dq_accum with bulk reduce-adds, off the consumers' path.
 //   dQ:    queries resident (their lse and delta in registers), K and V streamed.
 #pragma once
 #include <type_traits>
@@ -152,10 +154,16 @@ struct BwdDkvSm90TmaKernel {
   static constexpr int kStages = 2;
   static constexpr int kKVBytes = kBlockN * kHeadDim * 2, kQBytes = kBlockM * kHeadDim * 2;
   static constexpr int kStatsBytes = 2 * kStages * kBlockM * 4;  // lse2 and delta per stage
-  // kAccumDq: each consumer's dS ([query][key], one 64-key panel) and fp32 dQ part ([row][col]).
-  static constexpr int kDsBytes = kAccumDq ? kConsumers * kBlockM * 64 * 2 : 0;
+  // kAccumDq: dS ([query][key] as two 64-key panels, one per consumer) in two buffers, the step's
+  // parity picking one, so that a step's stores never wait for the other consumer's dQ wgmma of
+  // the step before; and each consumer's fp32 dQ part ([row][64 columns]).
+  static constexpr int kDsBufferBytes = kBlockM * kBlockN * 2;
+  static constexpr int kDsBytes = kAccumDq ? 2 * kDsBufferBytes : 0;
+  // Which dQ columns a consumer computes: the panel of its index at D=128; at D=64 the one panel,
+  // by the consumer whose index is the step's parity.
+  static constexpr bool kDqByColumns = kHeadDim == 128;
   // dQ rows padded by 16 bytes: the fragment stores of 8 rows would hit one bank group otherwise.
-  static constexpr int kDqRowFloats = kHeadDim + 4;
+  static constexpr int kDqRowFloats = 64 + 4;
   static constexpr int kDqBytes = kAccumDq ? kConsumers * kBlockM * kDqRowFloats * 4 : 0;
   // Barriers: K/V full, then per stage full (TMA bytes + the stats warp) and empty (consumer
   // warps); kAccumDq: per consumer dq_full (its warps) and dq_empty (the drain warp).
@@ -182,7 +190,7 @@ __global__ void __launch_bounds__(BwdDkvSm90TmaKernel<T, kHeadDim, kAccumDq>::kT
   unsigned char* sV = smem + K::kKVBytes;
   auto sQ = [&](int stage) { return smem + 2 * K::kKVBytes + stage * K::kQBytes; };
   auto sdO = [&](int stage) { return smem + 2 * K::kKVBytes + (kStages + stage) * K::kQBytes; };
-  unsigned char* sdS = smem + 2 * K::kKVBytes + 2 * kStages * K::kQBytes;  // kAccumDq: [consumer] panels
+  unsigned char* sdS = smem + 2 * K::kKVBytes + 2 * kStages * K::kQBytes;  // kAccumDq: [buffer][consumer] panels
   float* sdQ = reinterpret_cast<float*>(sdS + K::kDsBytes);                 // kAccumDq: [consumer][row][col]
   float* sLse2 = reinterpret_cast<float*>(sdS + K::kDsBytes + K::kDqBytes);  // [kStages][kBlockM]
   float* sDelta = sLse2 + kStages * kBlockM;                                // [kStages][kBlockM]
@@ -208,6 +216,9 @@ __global__ void __launch_bounds__(BwdDkvSm90TmaKernel<T, kHeadDim, kAccumDq>::kT
   auto block_of = [&](int step) {
     return m.begin + (kAccumDq ? (step % per_head + n_block) % per_head : step % per_head);
   };
+  // kAccumDq: whether consumer c computes a dQ part at step, and which use of its buffer that is.
+  auto makes_dq = [&](int c, int step) { return K::kDqByColumns || c == (step & 1); };
+  auto dq_use = [&](int step) { return K::kDqByColumns ? step : step >> 1; };
 
   if (tid == 0) {
     mbarrier_init(kv_full, 1);
@@ -233,11 +244,13 @@ __global__ void __launch_bounds__(BwdDkvSm90TmaKernel<T, kHeadDim, kAccumDq>::kT
           const int m0 = block_of(step) * kBlockM, rows = min(kBlockM, seq.seqlen_q - m0);
           float* acc = row_at<float>(p.dq_accum, p.dq_accum_strides, seq, true, b, head_of(step), m0);
           for (int c = 0; c < K::kConsumers; ++c) {
-            mbarrier_wait(&dq_full[c], step & 1);
+            if (!makes_dq(c, step)) continue;
+            const int col0 = K::kDqByColumns ? 64 * c : 0, bytes = 4 * min(64, sh.head_dim - col0);
+            mbarrier_wait(&dq_full[c], dq_use(step) & 1);
             for (int r = lane; r < rows; r += 32)
               asm volatile("cp.reduce.async.bulk.global.shared::cta.bulk_group.add.f32 [%0], [%1], %2;\n" ::"l"(
-                               acc + r * p.dq_accum_strides.row),
-                           "r"(smem_u32(sdQ + (c * kBlockM + r) * K::kDqRowFloats)), "r"(sh.head_dim * 4)
+                               acc + r * p.dq_accum_strides.row + col0),
+                           "r"(smem_u32(sdQ + (c * kBlockM + r) * K::kDqRowFloats)), "r"(bytes)
                            : "memory");
             asm volatile("cp.async.bulk.commit_group;\n" ::: "memory");
             asm volatile("cp.async.bulk.wait_group.read 0;\n" ::: "memory");  // this lane's reads of the buffer
@@ -319,53 +332,59 @@ __global__ void __launch_bounds__(BwdDkvSm90TmaKernel<T, kHeadDim, kAccumDq>::kT
     ds_from_dp(dp, s, col_delta);
 #pragma unroll
     for (int kk = 0; kk < kBlockM / 16; ++kk) dp.template to_a<T>(dst[kk], kk);
-    wgmma_fence();
     if constexpr (kAccumDq) {
-      // dS^T (this warp's 16 keys x kBlockM queries, packed in dst) into this consumer's panel
-      // as [query][key], the A operand of its dQ part.
-      unsigned char* my_ds = sdS + consumer * kBlockM * 128;
-      // Every warp of this consumer is past the last step's dQ wgmma, which read the whole panel.
-      if (step > 0) named_barrier_sync<128>(2 + consumer);
+      // dS^T (this warp's 16 keys x kBlockM queries, packed in dst) into this consumer's panel of
+      // the step's buffer as [query][key], the A operand of the dQ parts. The buffer was last
+      // read by the dQ wgmmas of step - 2, which both consumers waited for before the barrier
+      // of step - 1.
+      // dst[kk] is four 8 x 8 fragments (keys down, queries across: 0-7 x 0-7, 8-15 x 0-7, 0-7 x
+      // 8-15, 8-15 x 8-15 of the 16 x 16 block kk); stored transposed, fragment i's query q
+      // is 8 keys in a row of the panel, the row this lane (8 i + q) addresses.
+      const int fragment = lane / 8, q = lane % 8;
+      const uint32_t my_ds = smem_u32(sdS + (step & 1) * K::kDsBufferBytes + consumer * kBlockM * 128) +
+                             swizzle128_offset(8 * (fragment / 2) + q, warp_row % 64 + 8 * (fragment % 2));
 #pragma unroll
-      for (int kk = 0; kk < kBlockM / 16; ++kk)
-#pragma unroll
-        for (int i = 0; i < 4; ++i) {
-          const int j = 2 * kk + i / 2, e = 2 * (i % 2);
-          const int key = warp_row % 64 + WarpAcc<kBlockM>::row_of(e, lane);
-          const int query = WarpAcc<kBlockM>::col_of(j, e, lane);
-          *reinterpret_cast<uint16_t*>(my_ds + swizzle128_offset(query, key)) = dst[kk][i] & 0xffffu;
-          *reinterpret_cast<uint16_t*>(my_ds + swizzle128_offset(query + 1, key)) = dst[kk][i] >> 16;
-        }
-      fence_async_shared();  // the wgmma (async proxy) reads what these stores wrote
+      for (int kk = 0; kk < kBlockM / 16; ++kk) stmatrix_x4_trans(my_ds + kk * 16 * 128, dst[kk]);
+      fence_async_shared();                        // the wgmma (async proxy) reads these stores
+      named_barrier_sync<K::kConsumerThreads>(2);  // both consumers' panels are in the buffer
     }
     wgmma_fence();
     issue_pv<T, kHeadDim, kBlockM>(dk, dst, desc_q0_mn + stage_bytes(stage));
-    wgmma_wait<0>();  // with kAccumDq: dst dies before dQ's accumulator lives
     if constexpr (kAccumDq) {
+      const bool with_dq = makes_dq(consumer, step);
+      WarpAcc<64> dq;  // this consumer's part: 64 queries x 64 columns (col0 ..), unscaled
+      // At D=64 dK's wgmmas are waited for before the ones in the branch: ptxas serializes
+      // wgmmas whose accumulators are in flight across a divergent path (C7520).
+      if constexpr (!K::kDqByColumns) wgmma_wait<0>();
+      if (with_dq) {
+        const int col0 = K::kDqByColumns ? 64 * consumer : 0;
+        wgmma_fence();
+        issue_ds_k<T, kBlockN / 16>(dq, smem_desc_k_major_sw128(sdS, (step & 1) * K::kDsBufferBytes),
+                                    smem_desc_mn_major_sw128(sK, (col0 / 64) * kBlockN * 128, kBlockN * 128));
+        if constexpr (!K::kDqByColumns) wgmma_wait<0>();
+      }
+      if constexpr (K::kDqByColumns) wgmma_wait<0>();
       __syncwarp();
-      if (lane == 0) mbarrier_arrive(&empty[stage]);  // the dQ part reads no Q, dO or stats
-      named_barrier_sync<128>(2 + consumer);  // the consumer's four warps wrote its dS panel
-      if (step > 0) mbarrier_wait(&dq_empty[consumer], (step - 1) & 1);  // the drain read the last part
-      WarpAcc<kHeadDim> dq;
-      wgmma_fence();
-      issue_ds_k<T, 4, kHeadDim>(dq, smem_desc_k_major_sw128(sdS, consumer * kBlockM * 128),
-                                 smem_desc_mn_major_sw128(sK, my_rows, kBlockN * 128));
-      wgmma_wait<0>();
-      // The part, unscaled, into this consumer's buffer as rows of kHeadDim floats.
-      float* my_dq = sdQ + consumer * kBlockM * K::kDqRowFloats;
+      if (lane == 0) mbarrier_arrive(&empty[stage]);  // this warp is done with the stage (tiles and stats)
+      if (with_dq) {
+        const int use = dq_use(step);
+        if (use > 0) mbarrier_wait(&dq_empty[consumer], (use - 1) & 1);  // the drain read the last part
+        float* my_dq = sdQ + consumer * kBlockM * K::kDqRowFloats;
 #pragma unroll
-      for (int j = 0; j < kHeadDim / 8; ++j)
+        for (int j = 0; j < 8; ++j)
 #pragma unroll
-        for (int half = 0; half < 2; ++half) {
-          const int row = warp_row % 64 + WarpAcc<kHeadDim>::row_of(2 * half, lane);
-          const int col = WarpAcc<kHeadDim>::col_of(j, 2 * half, lane);
-          *reinterpret_cast<float2*>(my_dq + row * K::kDqRowFloats + col) =
-              make_float2(dq.v[j][2 * half], dq.v[j][2 * half + 1]);
-        }
-      fence_async_shared();  // the bulk reduce (async proxy) reads what these stores wrote
-      __syncwarp();
-      if (lane == 0) mbarrier_arrive(&dq_full[consumer]);
+          for (int half = 0; half < 2; ++half) {
+            const int row = warp_row % 64 + WarpAcc<64>::row_of(2 * half, lane);
+            const int col = WarpAcc<64>::col_of(j, 2 * half, lane);
+            *reinterpret_cast<float2*>(my_dq + row * K::kDqRowFloats + col) =
+                make_float2(dq.v[j][2 * half], dq.v[j][2 * half + 1]);
+          }
+        fence_async_shared();  // the bulk reduce (async proxy) reads what these stores wrote
+        __syncwarp();
+        if (lane == 0) mbarrier_arrive(&dq_full[consumer]);
+      }
     } else {
+      wgmma_wait<0>();
       __syncwarp();
       if (lane == 0) mbarrier_arrive(&empty[stage]);  // this warp is done with the stage (tiles and stats)
     }

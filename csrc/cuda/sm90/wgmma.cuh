@@ -128,6 +128,15 @@ template <int kThreads>
 __device__ __forceinline__ void named_barrier_arrive(int id) {
   asm volatile("bar.arrive %0, %1;\n" ::"r"(id), "n"(kThreads) : "memory");
 }
+// Four 8 x 8 matrices of 16-bit elements stored transposed (stmatrix .trans): register i holds
+// matrix i in the mma fragment layout (lane l: row l / 4, columns 2 (l % 4) and the next), and
+// lane l gives the shared address of row l % 8 of stored matrix l / 8 (16 contiguous bytes): that
+// row is column l % 8 of the fragment.
+__device__ __forceinline__ void stmatrix_x4_trans(uint32_t addr, const uint32_t (&r)[4]) {
+  asm volatile("stmatrix.sync.aligned.m8n8.x4.trans.shared.b16 [%0], {%1, %2, %3, %4};\n" ::"r"(addr), "r"(r[0]),
+               "r"(r[1]), "r"(r[2]), "r"(r[3])
+               : "memory");
+}
 // Warp-specialized kernels move registers from the producer warpgroup to the consumers; every
 // thread of the warpgroup executes it.
 template <int kRegs>
