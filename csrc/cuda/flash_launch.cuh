@@ -152,11 +152,11 @@ cudaError_t run_flash_bwd(const FlashBwdParams& p, cudaStream_t stream) {
             err = cudaErrorNotReady;  // not launched yet
             if (hopper.bwd_ws) {  // the warp-specialized one, dQ drained by bulk reduce-adds
               using Ws = sm90::BwdDkvSm90TmaKernel<T, kHeadDim, true>;
-              sm90::BackwardTmaMaps maps;
+              sm90::BackwardTmaMaps maps{};
               if (sm90::encode_bwd_tma_maps<T, Ws>(p, &maps))
                 err = launch(sm90::flash_bwd_dkdv_sm90_tma_kernel<T, kHeadDim, true>,
                              dim3(ceil_div(sh.seqlen_k, Ws::kBlockN), sh.heads_kv, sh.batch), Ws::kThreads,
-                             Ws::kSmemBytes, stream, p, maps.q, maps.dout, maps.k, maps.v);
+                             Ws::kSmemBytes, stream, p, maps.q, maps.dout, maps.k, maps.v, maps.dq_accum);
             }
             if (err == cudaErrorNotReady)
               err = launch(sm90::flash_bwd_dkdv_sm90_kernel<T, kHeadDim, true>, key_grid, K::kThreads,
@@ -168,7 +168,7 @@ cudaError_t run_flash_bwd(const FlashBwdParams& p, cudaStream_t stream) {
           if constexpr (!K::kSplitDkDv) {
             if (hopper.bwd_ws) {  // the warp-specialized dQ kernel where TMA can address the inputs
               using Ws = sm90::BwdDqSm90TmaKernel<T, kHeadDim>;
-              sm90::BackwardTmaMaps maps;
+              sm90::BackwardTmaMaps maps{};
               if (sm90::encode_bwd_tma_maps<T, Ws>(p, &maps))
                 return launch(sm90::flash_bwd_dq_sm90_tma_kernel<T, kHeadDim>,
                               dim3(ceil_div(sh.seqlen_q, Ws::kBlockM), sh.heads_q, sh.batch), Ws::kThreads,
@@ -190,11 +190,11 @@ cudaError_t run_flash_bwd(const FlashBwdParams& p, cudaStream_t stream) {
         } else {
           if (hopper.bwd_ws) {  // the warp-specialized dK/dV kernel where TMA can address the inputs
             using Ws = sm90::BwdDkvSm90TmaKernel<T, kHeadDim>;
-            sm90::BackwardTmaMaps maps;
+            sm90::BackwardTmaMaps maps{};
             if (sm90::encode_bwd_tma_maps<T, Ws>(p, &maps))
               return launch(sm90::flash_bwd_dkdv_sm90_tma_kernel<T, kHeadDim, false>,
                             dim3(ceil_div(sh.seqlen_k, Ws::kBlockN), sh.heads_kv, sh.batch), Ws::kThreads,
-                            Ws::kSmemBytes, stream, p, maps.q, maps.dout, maps.k, maps.v);
+                            Ws::kSmemBytes, stream, p, maps.q, maps.dout, maps.k, maps.v, maps.dq_accum);
           }
           return launch(sm90::flash_bwd_dkdv_sm90_kernel<T, kHeadDim, false>, key_grid, K::kThreads, K::kSmemBytes,
                         stream, p);

@@ -11,7 +11,8 @@
 //          [query][key] buffer (two, alternating by step), then dQ part = dS K over all 128
 //          keys is one 64 x 64 wgmma a warpgroup (at D=128 each takes 64 columns, at D=64 the
 //          two take turns by step) issued beside dK's, into an fp32 buffer that a third
-//          producer warp drains into dq_accum with bulk reduce-adds, off the consumers' path.
+//          producer warp adds to dq_accum by TMA reduce (two 64 x 32 boxes a part), off the
+//          consumers' path.
 //   dQ:    queries resident (their lse and delta in registers), K and V streamed.
 #pragma once
 #include <type_traits>
@@ -162,9 +163,10 @@ struct BwdDkvSm90TmaKernel {
   // Which dQ columns a consumer computes: the panel of its index at D=128; at D=64 the one panel,
   // by the consumer whose index is the step's parity.
   static constexpr bool kDqByColumns = kHeadDim == 128;
-  // dQ rows padded by 16 bytes: the fragment stores of 8 rows would hit one bank group otherwise.
-  static constexpr int kDqRowFloats = 64 + 4;
-  static constexpr int kDqBytes = kAccumDq ? kConsumers * kBlockM * kDqRowFloats * 4 : 0;
+  // A dQ part: 64 rows x 64 columns as two 128B-swizzled panels of 32 columns, the boxes of the
+  // dq_accum map (the swizzle also spreads the fragment stores over the banks).
+  static constexpr int kDqPanelBytes = kBlockM * 32 * 4, kDqPartBytes = 2 * kDqPanelBytes;
+  static constexpr int kDqBytes = kAccumDq ? kConsumers * kDqPartBytes : 0;
   // Barriers: K/V full, then per stage full (TMA bytes + the stats warp) and empty (consumer
   // warps); kAccumDq: per consumer dq_full (its warps) and dq_empty (the drain warp).
   static constexpr int kBarriers = 1 + 2 * kStages + (kAccumDq ? 2 * kConsumers : 0);
@@ -180,7 +182,8 @@ __global__ void __launch_bounds__(BwdDkvSm90TmaKernel<T, kHeadDim, kAccumDq>::kT
     flash_bwd_dkdv_sm90_tma_kernel(const FlashBwdParams p, const __grid_constant__ CUtensorMap map_q,
                                    const __grid_constant__ CUtensorMap map_dout,
                                    const __grid_constant__ CUtensorMap map_k,
-                                   const __grid_constant__ CUtensorMap map_v) {
+                                   const __grid_constant__ CUtensorMap map_v,
+                                   const __grid_constant__ CUtensorMap map_dq_accum) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
   using K = BwdDkvSm90TmaKernel<T, kHeadDim, kAccumDq>;
   constexpr int kBlockN = K::kBlockN, kBlockM = K::kBlockM, kStages = K::kStages, kPanels = kHeadDim / 64;
@@ -191,7 +194,7 @@ __global__ void __launch_bounds__(BwdDkvSm90TmaKernel<T, kHeadDim, kAccumDq>::kT
   auto sQ = [&](int stage) { return smem + 2 * K::kKVBytes + stage * K::kQBytes; };
   auto sdO = [&](int stage) { return smem + 2 * K::kKVBytes + (kStages + stage) * K::kQBytes; };
   unsigned char* sdS = smem + 2 * K::kKVBytes + 2 * kStages * K::kQBytes;  // kAccumDq: [buffer][consumer] panels
-  float* sdQ = reinterpret_cast<float*>(sdS + K::kDsBytes);                 // kAccumDq: [consumer][row][col]
+  unsigned char* sdQ = sdS + K::kDsBytes;                                   // kAccumDq: [consumer][panel]
   float* sLse2 = reinterpret_cast<float*>(sdS + K::kDsBytes + K::kDqBytes);  // [kStages][kBlockM]
   float* sDelta = sLse2 + kStages * kBlockM;                                // [kStages][kBlockM]
   uint64_t* kv_full = reinterpret_cast<uint64_t*>(sDelta + kStages * kBlockM);
@@ -239,26 +242,22 @@ __global__ void __launch_bounds__(BwdDkvSm90TmaKernel<T, kHeadDim, kAccumDq>::kT
     setmaxnreg_dec<K::kProducerRegs>();
     const int warp = tid / 32;
     if constexpr (kAccumDq) {
-      if (warp == 2) {  // the dQ drain: each consumer's part, row by row, added to dq_accum in L2
-        for (int step = 0; step < steps; ++step) {
-          const int m0 = block_of(step) * kBlockM, rows = min(kBlockM, seq.seqlen_q - m0);
-          float* acc = row_at<float>(p.dq_accum, p.dq_accum_strides, seq, true, b, head_of(step), m0);
-          for (int c = 0; c < K::kConsumers; ++c) {
-            if (!makes_dq(c, step)) continue;
-            const int col0 = K::kDqByColumns ? 64 * c : 0, bytes = 4 * min(64, sh.head_dim - col0);
-            mbarrier_wait(&dq_full[c], dq_use(step) & 1);
-            for (int r = lane; r < rows; r += 32)
-              asm volatile("cp.reduce.async.bulk.global.shared::cta.bulk_group.add.f32 [%0], [%1], %2;\n" ::"l"(
-                               acc + r * p.dq_accum_strides.row + col0),
-                           "r"(smem_u32(sdQ + (c * kBlockM + r) * K::kDqRowFloats)), "r"(bytes)
-                           : "memory");
-            asm volatile("cp.async.bulk.commit_group;\n" ::: "memory");
-            asm volatile("cp.async.bulk.wait_group.read 0;\n" ::: "memory");  // this lane's reads of the buffer
-            __syncwarp();
-            if (lane == 0) mbarrier_arrive(&dq_empty[c]);
-          }
+      if (warp == 2) {  // the dQ drain: each consumer's part added to dq_accum in L2 by TMA reduce
+        if (lane == 0) {
+          for (int step = 0; step < steps; ++step)
+            for (int c = 0; c < K::kConsumers; ++c) {
+              if (!makes_dq(c, step)) continue;
+              mbarrier_wait(&dq_full[c], dq_use(step) & 1);
+              const int col0 = K::kDqByColumns ? 64 * c : 0;
+              for (int panel = 0; panel < 2; ++panel)  // rows past seqlen_q, columns past head_dim: dropped
+                tma_reduce_add_4d(&map_dq_accum, sdQ + c * K::kDqPartBytes + panel * K::kDqPanelBytes,
+                                  col0 + 32 * panel, block_of(step) * kBlockM, head_of(step), b);
+              bulk_commit_group();
+              bulk_wait_group_read<0>();  // the part is read: the consumer may overwrite it
+              mbarrier_arrive(&dq_empty[c]);
+            }
+          bulk_wait_group_all();  // the adds themselves, before the CTA's shared memory goes
         }
-        asm volatile("cp.async.bulk.wait_group 0;\n" ::: "memory");  // the adds themselves
         return;
       }
     }
@@ -369,14 +368,16 @@ __global__ void __launch_bounds__(BwdDkvSm90TmaKernel<T, kHeadDim, kAccumDq>::kT
       if (with_dq) {
         const int use = dq_use(step);
         if (use > 0) mbarrier_wait(&dq_empty[consumer], (use - 1) & 1);  // the drain read the last part
-        float* my_dq = sdQ + consumer * kBlockM * K::kDqRowFloats;
+        unsigned char* my_dq = sdQ + consumer * K::kDqPartBytes;
 #pragma unroll
         for (int j = 0; j < 8; ++j)
 #pragma unroll
           for (int half = 0; half < 2; ++half) {
+            // (row, col) in panel col / 32: 128-byte rows of 32 floats, 16-byte chunk c at c ^ (row % 8).
             const int row = warp_row % 64 + WarpAcc<64>::row_of(2 * half, lane);
-            const int col = WarpAcc<64>::col_of(j, 2 * half, lane);
-            *reinterpret_cast<float2*>(my_dq + row * K::kDqRowFloats + col) =
+            const int col = WarpAcc<64>::col_of(j, 2 * half, lane) % 32;
+            *reinterpret_cast<float2*>(my_dq + (j / 4) * K::kDqPanelBytes + row * 128 +
+                                       (((col / 4) ^ (row % 8)) * 16) + (col % 4) * 4) =
                 make_float2(dq.v[j][2 * half], dq.v[j][2 * half + 1]);
           }
         fence_async_shared();  // the bulk reduce (async proxy) reads what these stores wrote
@@ -406,17 +407,22 @@ __global__ void __launch_bounds__(BwdDkvSm90TmaKernel<T, kHeadDim, kAccumDq>::kT
 #endif
 }
 
-// The tensor maps of q, dout, k and v for kernel K (one of the two above: their boxes differ);
-// false where TMA cannot address them (alignment, zero strides, varlen): the cp.async kernels run
-// then.
+// The tensor maps of q, dout, k and v for kernel K (one of the two above: their boxes differ),
+// and of dq_accum where there is one; false where TMA cannot address them (alignment, zero
+// strides, varlen): the cp.async kernels run then.
 struct BackwardTmaMaps {
   CUtensorMap q, dout, k, v;
+  CUtensorMap dq_accum;  // with p.dq_accum (the fused dK/dV kernel's TMA reduce); unused otherwise
 };
 template <typename T, class K>
 bool encode_bwd_tma_maps(const FlashBwdParams& p, BackwardTmaMaps* maps) {
   const AttentionShape& sh = p.shape;
   if (p.varlen.cu_seqlens_q != nullptr) return false;  // a box would read past a packed sequence's end
   constexpr bool kBf16 = std::is_same_v<T, __nv_bfloat16>;
+  if (p.dq_accum != nullptr && !encode_rows_map(&maps->dq_accum, p.dq_accum, CU_TENSOR_MAP_DATA_TYPE_FLOAT32, 4,
+                                                p.dq_accum_strides, sh.batch, sh.heads_q, sh.seqlen_q, sh.head_dim,
+                                                K::kBlockM))
+    return false;
   return encode_attention_map(&maps->q, p.q, kBf16, p.q_strides, sh.batch, sh.heads_q, sh.seqlen_q, sh.head_dim,
                               K::kBlockM) &&
          encode_attention_map(&maps->dout, p.dout, kBf16, p.dout_strides, sh.batch, sh.heads_q, sh.seqlen_q,

@@ -24,30 +24,38 @@ inline PFN_cuTensorMapEncodeTiled_v12000 tensor_map_encoder() {
   return encoder;
 }
 
-// A [batch][heads][rows][head_dim] 16-bit tensor (strides in elements, the last dimension
-// contiguous) as a 4-d map (column, row, head, batch) whose box is one 128B-swizzled panel: 64
-// columns x box_rows rows of one head. Boxes past the rows or columns read zeros. False where TMA
-// cannot address the tensor (alignment, a zero stride): the caller loads another way.
-inline bool encode_attention_map(CUtensorMap* map, const void* base, bool bf16, const TensorStrides& strides,
-                                 int batch, int heads, int rows, int head_dim, int box_rows) {
+// A [batch][heads][rows][cols] tensor of elem_bytes-byte elements (strides in elements, the
+// last dimension contiguous) as a 4-d map (column, row, head, batch) whose box is one
+// 128B-swizzled panel: 128 bytes of columns x box_rows rows of one head. Boxes past the rows or
+// columns read zeros (and reductions into them are dropped). False where TMA cannot address the
+// tensor (alignment, a zero stride): the caller goes another way.
+inline bool encode_rows_map(CUtensorMap* map, const void* base, CUtensorMapDataType type, int elem_bytes,
+                            const TensorStrides& strides, int batch, int heads, int rows, int cols, int box_rows) {
   const PFN_cuTensorMapEncodeTiled_v12000 encode = tensor_map_encoder();
-  if (encode == nullptr || reinterpret_cast<uintptr_t>(base) % 16 != 0 || head_dim % 8 != 0) return false;
+  if (encode == nullptr || reinterpret_cast<uintptr_t>(base) % 16 != 0 || (cols * elem_bytes) % 16 != 0) return false;
   const int64_t sizes[3] = {rows, heads, batch};
   const int64_t element_strides[3] = {strides.row, strides.head, strides.batch};
   cuuint64_t byte_strides[3];
   for (int i = 0; i < 3; ++i) {
-    int64_t bytes = element_strides[i] * 2;
+    int64_t bytes = element_strides[i] * elem_bytes;
     if (sizes[i] == 1 && bytes <= 0) bytes = 16;  // never stepped along: any valid stride
     if (bytes <= 0 || bytes % 16 != 0 || bytes >= (int64_t{1} << 40)) return false;
     byte_strides[i] = static_cast<cuuint64_t>(bytes);
   }
-  const cuuint64_t dims[4] = {static_cast<cuuint64_t>(head_dim), static_cast<cuuint64_t>(rows),
+  const cuuint64_t dims[4] = {static_cast<cuuint64_t>(cols), static_cast<cuuint64_t>(rows),
                               static_cast<cuuint64_t>(heads), static_cast<cuuint64_t>(batch)};
-  const cuuint32_t box[4] = {64, static_cast<cuuint32_t>(box_rows), 1, 1}, steps[4] = {1, 1, 1, 1};
-  return encode(map, bf16 ? CU_TENSOR_MAP_DATA_TYPE_BFLOAT16 : CU_TENSOR_MAP_DATA_TYPE_FLOAT16, 4,
-                const_cast<void*>(base), dims, byte_strides, box, steps, CU_TENSOR_MAP_INTERLEAVE_NONE,
+  const cuuint32_t box[4] = {static_cast<cuuint32_t>(128 / elem_bytes), static_cast<cuuint32_t>(box_rows), 1, 1};
+  const cuuint32_t steps[4] = {1, 1, 1, 1};
+  return encode(map, type, 4, const_cast<void*>(base), dims, byte_strides, box, steps, CU_TENSOR_MAP_INTERLEAVE_NONE,
                 CU_TENSOR_MAP_SWIZZLE_128B, CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
                 CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) == CUDA_SUCCESS;
+}
+
+// q, k, v, out and their gradients: 16-bit, boxes of 64 columns (head_dim a multiple of 8).
+inline bool encode_attention_map(CUtensorMap* map, const void* base, bool bf16, const TensorStrides& strides,
+                                 int batch, int heads, int rows, int head_dim, int box_rows) {
+  return encode_rows_map(map, base, bf16 ? CU_TENSOR_MAP_DATA_TYPE_BFLOAT16 : CU_TENSOR_MAP_DATA_TYPE_FLOAT16, 2,
+                         strides, batch, heads, rows, head_dim, box_rows);
 }
 
 }  // namespace cuflash::sm90
