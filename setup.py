@@ -46,7 +46,8 @@ def kernel_sources():
 os.environ.setdefault("MAX_JOBS", str(os.cpu_count() or 1))
 cu_files, defines = kernel_sources()
 sources = [str(p.relative_to(ROOT)) for p in
-           [CSRC / "torch_ops.cpp", CSRC / "cpu" / "flash_cpu.cpp", CSRC / "cuda" / "dropout_mask.cu", *cu_files]]
+           [CSRC / "torch_ops.cpp", CSRC / "cpu" / "flash_cpu.cpp", CSRC / "cuda" / "dropout_mask.cu",
+            CSRC / "cuda" / "backward_choice.cu", *cu_files]]
 
 setup(
     packages=find_packages(include=["cuflash_attn", "cuflash_attn.*"]),

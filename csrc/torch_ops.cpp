@@ -438,7 +438,7 @@ std::tuple<Tensor, Tensor> fwd(const Tensor& q, const Tensor& k, const Tensor& v
                                double softcap, const std::optional<Tensor>& alibi_slopes, double dropout_p,
                                const std::optional<Tensor>& rng_state, const std::optional<Tensor>& cu_seqlens_q,
                                const std::optional<Tensor>& cu_seqlens_k, int64_t max_seqlen_q, int64_t max_seqlen_k,
-                               const std::optional<Tensor>& attn_mask) {
+                               const std::optional<Tensor>& attn_mask, bool /*deterministic: the backward's*/) {
   return fwd_impl(q, k, v,
                   make_options(scale, is_causal, bottom_right, window_left, window_right, softcap, alibi_slopes,
                                dropout_p, rng_state, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, attn_mask),
@@ -494,7 +494,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> bwd(const Tensor& dout, const Tensor&
                                        const std::optional<Tensor>& cu_seqlens_q,
                                        const std::optional<Tensor>& cu_seqlens_k, int64_t max_seqlen_q,
                                        int64_t max_seqlen_k, const std::optional<Tensor>& attn_mask,
-                                       bool attn_mask_grad) {
+                                       bool deterministic, bool attn_mask_grad) {
   const Options o = make_options(scale, is_causal, bottom_right, window_left, window_right, softcap, alibi_slopes,
                                  dropout_p, rng_state, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
                                  attn_mask);
@@ -546,10 +546,12 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> bwd(const Tensor& dout, const Tensor&
   p.dq_strides = strides_of(dq_k);
   p.dk_strides = strides_of(dk_k);
   p.dv_strides = strides_of(dv_k);
-  // CUFLASH_BWD_DQ=atomic: dQ added by the dK/dV kernel with fp32 atomics (flash_bwd_kernel.cuh),
-  // for the tensor-core kernels and without the attn_mask gradient (which the dQ kernel writes).
+  // dQ added by the dK/dV kernel with fp32 atomics, for the tensor-core kernels and without the
+  // attn_mask gradient (which the dQ kernel writes): where deterministic=False and that is faster
+  // (prefers_atomic_dq), or everywhere under CUFLASH_BWD_DQ=atomic.
   Tensor dq_accum;
-  if (q.is_cuda() && layout.tensor_cores && !attn_mask_grad && dq_atomic_switch()) {
+  if (q.is_cuda() && layout.tensor_cores && !attn_mask_grad &&
+      (dq_atomic_switch() || (!deterministic && prefers_atomic_dq(p)))) {
     dq_accum = at::zeros(dq_k.sizes(), dq_k.options().dtype(at::kFloat));
     p.dq_accum = dq_accum.data_ptr();
     p.dq_accum_strides = strides_of(dq_accum);
@@ -608,11 +610,13 @@ Tensor dropout_mask(const Tensor& rng_state, double dropout_p, int64_t batch, in
 // is_causal sets window_right to 0. max_seqlen 0 means not known (the packed length bounds it).
 // attn_mask (torch's: boolean, True takes part, or added to the scores) broadcasts to
 // [batch, heads_q, seqlen_q, seqlen_k]; it combines with every other option but cu_seqlens.
+// deterministic (the backward's; the forward always is): True, dq is bitwise reproducible; False,
+// dq may be added up with atomics where that is faster (on Hopper, head dims up to 128).
 #define CUFLASH_OPTIONS                                                                                       \
   "float? scale=None, bool is_causal=False, bool bottom_right=False, int window_left=-1, "                 \
   "int window_right=-1, float softcap=0.0, Tensor? alibi_slopes=None, float dropout_p=0.0, "               \
   "Tensor? rng_state=None, Tensor? cu_seqlens_q=None, Tensor? cu_seqlens_k=None, SymInt max_seqlen_q=0, " \
-  "SymInt max_seqlen_k=0, Tensor? attn_mask=None"
+  "SymInt max_seqlen_k=0, Tensor? attn_mask=None, bool deterministic=True"
 
 TORCH_LIBRARY(cuflash_attn, m) {
   m.def("fwd(Tensor q, Tensor k, Tensor v, " CUFLASH_OPTIONS ") -> (Tensor out, Tensor lse)");

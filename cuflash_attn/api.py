@@ -12,7 +12,8 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: b
                     scale: Optional[float] = None, return_lse: bool = False, *,
                     window_size: Tuple[int, int] = (-1, -1), softcap: float = 0.0,
                     alibi_slopes: Optional[torch.Tensor] = None, dropout_p: float = 0.0,
-                    bottom_right: bool = False, attn_mask: Optional[torch.Tensor] = None):
+                    bottom_right: bool = False, attn_mask: Optional[torch.Tensor] = None,
+                    deterministic: bool = True):
     """Exact attention softmax(q k^T * scale) v, forward and backward, on CPU or CUDA.
 
     q: [batch, heads_q, seqlen_q, head_dim]; k, v: [batch, heads_kv, seqlen_k, head_dim] with
@@ -31,7 +32,9 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: b
     q's dtype and added to the scores), of any shape that broadcasts to [batch, heads_q, seqlen_q,
     seqlen_k], read in place; a float mask that requires grad gets its gradient. dropout_p drops
     probabilities with torch's generator (seeded by torch.manual_seed); the backward regenerates
-    the same mask.
+    the same mask. deterministic=True (the default) makes every gradient bitwise reproducible;
+    False lets the backward add dq up with atomics where that is faster (on Hopper, head dims up
+    to 128).
 
     Returns out (the layout of q), and with return_lse=True also the logsumexp of the scores,
     [batch, heads_q, seqlen_q] in float32 (float64 for float64 inputs); -inf for a query row that
@@ -48,7 +51,8 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: b
     window_left, window_right = _window(window_size)
     rng_state = new_rng_state(q.device) if dropout_p > 0.0 else None
     out, lse = _ops.fwd(q, k, v, scale, bool(causal), bool(bottom_right), window_left, window_right,
-                        float(softcap), alibi_slopes, float(dropout_p), rng_state, attn_mask=attn_mask)
+                        float(softcap), alibi_slopes, float(dropout_p), rng_state, attn_mask=attn_mask,
+                        deterministic=bool(deterministic))
     return (out, lse) if return_lse else out
 
 

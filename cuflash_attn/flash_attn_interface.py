@@ -6,9 +6,10 @@ values, so that changing the import is the whole switch:
 
 or, for code that imports flash_attn itself, `cuflash_attn.flash_attn_interface.install()`
 before that import. Beyond flash_attn: float32 and float64, CPU tensors, torch.compile without
-graph breaks. Causal masks, windows and ALiBi are aligned bottom-right, as in flash_attn. The
-backward is deterministic (no atomics) unless the experimental CUFLASH_BWD_DQ=atomic is set, so
-`deterministic` changes nothing.
+graph breaks. Causal masks, windows and ALiBi are aligned bottom-right, as in flash_attn.
+`deterministic` is flash_attn's: with the default False the backward may add dq up with atomics
+where that is faster (on Hopper, head dims up to 128), so dq is not bitwise reproducible there;
+True keeps every gradient bitwise reproducible.
 """
 import sys
 
@@ -41,7 +42,7 @@ def _unpack(name, t, dims):
     return t.unbind(axis)
 
 
-def _attention(q, k, v, dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes,
+def _attention(q, k, v, dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes, deterministic,
                return_attn_probs, varlen=None):
     """varlen: None for padded inputs, else (cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)."""
     for name, t in (("q", q), ("k", k), ("v", v)):
@@ -64,7 +65,7 @@ def _attention(q, k, v, dropout_p, softmax_scale, causal, window_size, softcap, 
         qk, kk, vk = (t.transpose(1, 2) for t in (q, k, v))
     out, lse = _ops.fwd(qk, kk, vk, softmax_scale, bool(causal), True, window_left, window_right, float(softcap),
                         alibi_slopes, float(dropout_p), rng_state, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
-                        max_seqlen_k)
+                        max_seqlen_k, deterministic=bool(deterministic))
     if varlen is None:
         out = out.transpose(1, 2)
     if not return_attn_probs:
@@ -135,7 +136,7 @@ def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, wi
     """q: [batch, seqlen_q, heads_q, head_dim]; k, v: [batch, seqlen_k, heads_kv, head_dim]. Returns
     out [batch, seqlen_q, heads_q, head_dim], and with return_attn_probs also softmax_lse
     [batch, heads_q, seqlen_q] (float32) and S_dmask (tests only)."""
-    return _attention(q, k, v, dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes,
+    return _attention(q, k, v, dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes, deterministic,
                       return_attn_probs)
 
 
@@ -143,7 +144,7 @@ def flash_attn_qkvpacked_func(qkv, dropout_p=0.0, softmax_scale=None, causal=Fal
                               softcap=0.0, alibi_slopes=None, deterministic=False, return_attn_probs=False):
     """qkv: [batch, seqlen, 3, heads, head_dim] (views into it, no copy)."""
     q, k, v = _unpack("qkv", qkv, ("batch", "seqlen", "3", "heads", "head_dim"))
-    return _attention(q, k, v, dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes,
+    return _attention(q, k, v, dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes, deterministic,
                       return_attn_probs)
 
 
@@ -151,7 +152,7 @@ def flash_attn_kvpacked_func(q, kv, dropout_p=0.0, softmax_scale=None, causal=Fa
                              softcap=0.0, alibi_slopes=None, deterministic=False, return_attn_probs=False):
     """q: [batch, seqlen_q, heads_q, head_dim]; kv: [batch, seqlen_k, 2, heads_kv, head_dim]."""
     k, v = _unpack("kv", kv, ("batch", "seqlen_k", "2", "heads_kv", "head_dim"))
-    return _attention(q, k, v, dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes,
+    return _attention(q, k, v, dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes, deterministic,
                       return_attn_probs)
 
 
@@ -164,7 +165,7 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
     return_attn_probs also softmax_lse [heads_q, total_q] and S_dmask."""
     if block_table is not None:
         raise NotImplementedError("cuflash_attn: block_table (a paged KV cache) is not supported")
-    return _attention(q, k, v, dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes,
+    return _attention(q, k, v, dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes, deterministic,
                       return_attn_probs, (cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k))
 
 
@@ -173,7 +174,7 @@ def flash_attn_varlen_qkvpacked_func(qkv, cu_seqlens, max_seqlen, dropout_p=0.0,
                                      return_attn_probs=False):
     """qkv: [total, 3, heads, head_dim]."""
     q, k, v = _unpack("qkv", qkv, ("total_tokens", "3", "heads", "head_dim"))
-    return _attention(q, k, v, dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes,
+    return _attention(q, k, v, dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes, deterministic,
                       return_attn_probs, (cu_seqlens, cu_seqlens, max_seqlen, max_seqlen))
 
 
@@ -182,7 +183,7 @@ def flash_attn_varlen_kvpacked_func(q, kv, cu_seqlens_q, cu_seqlens_k, max_seqle
                                     alibi_slopes=None, deterministic=False, return_attn_probs=False):
     """q: [total_q, heads_q, head_dim]; kv: [total_k, 2, heads_kv, head_dim]."""
     k, v = _unpack("kv", kv, ("total_tokens_k", "2", "heads_kv", "head_dim"))
-    return _attention(q, k, v, dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes,
+    return _attention(q, k, v, dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes, deterministic,
                       return_attn_probs, (cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k))
 
 

@@ -81,10 +81,12 @@ def compare(dtype, got, ref, pt):
         assert_close_to_reference(name, g, r, p, dtype, factor=3, lse=ref[1])
 
 
-def check_dense(device, dtype, batch, heads_q, heads_kv, nq, nk, d, seed=0, attn_mask=None, **features):
+def check_dense(device, dtype, batch, heads_q, heads_kv, nq, nk, d, seed=0, attn_mask=None, deterministic=True,
+                **features):
     """attn_mask (on `device`) gets its gradient checked too when it requires grad; a pair
     (kind, MASK_SHAPES name) stands for make_mask's random mask of that kind and shape, float
-    ones with a gradient unless constant along the keys (whose gradient is 0 up to rounding)."""
+    ones with a gradient unless constant along the keys (whose gradient is 0 up to rounding).
+    deterministic is the op's (False: dq may be added up with atomics)."""
     if isinstance(attn_mask, tuple):
         kind, shape = attn_mask
         size = MASK_SHAPES[shape](batch, heads_q, nq, nk)
@@ -99,7 +101,7 @@ def check_dense(device, dtype, batch, heads_q, heads_kv, nq, nk, d, seed=0, attn
     q.requires_grad_(), k.requires_grad_(), v.requires_grad_()
     inputs = [q, k, v] + ([attn_mask] if attn_mask is not None and attn_mask.requires_grad else [])
     with poisoned_and_unmodified(q, k, v, dout, *([] if attn_mask is None else [attn_mask])):
-        out, lse = fwd(q, k, v, **op, attn_mask=attn_mask)
+        out, lse = fwd(q, k, v, **op, attn_mask=attn_mask, deterministic=deterministic)
         grads = torch.autograd.grad(out, inputs, dout)
     ref = reference_grads(q, k, v, dout, torch.float64, ref_options, keep, attn_mask)
     pt = reference_grads(q, k, v, dout, dtype, ref_options, keep, attn_mask) if dtype in LOW_PRECISION else ref

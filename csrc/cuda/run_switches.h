@@ -15,11 +15,12 @@
 //                   keys), head dims up to 128
 //       bwdws       with bwd: the warp-specialized TMA dQ and dK/dV kernels
 //                   (flash_bwd_sm90_tma.cuh) where TMA can address the inputs, head dims up
-//                   to 128; with CUFLASH_BWD_DQ=atomic the fused one (dQ by bulk reduce-adds)
+//                   to 128; with dQ by atomics the fused one (dQ added by TMA reduce)
 //       features    softcap, ALiBi, attn_mask and dropout in the Hopper forwards (the TMA one
 //                   where "tma" is listed too); without it those take the sm_80-class forward
-//   CUFLASH_BWD_DQ  unset or "": dQ by its own kernel; "atomic": added by the dK/dV kernel with
-//                   fp32 atomics (the sm_80-class backward, without the attn_mask gradient)
+//   CUFLASH_BWD_DQ  unset or "": dQ by its own kernel, unless the op's deterministic=False picks
+//                   atomics (prefers_atomic_dq); "atomic": added by the dK/dV kernel with fp32
+//                   atomics wherever it can be (not with the attn_mask gradient)
 //   CUFLASH_DEBUG   "1": one line on stderr per kernel launch, naming the kernel (so a fallback
 //                   to the sm_80-class kernels is visible), its grid and shared memory; unset,
 //                   "" or "0": quiet

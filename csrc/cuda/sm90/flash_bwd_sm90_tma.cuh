@@ -1,4 +1,4 @@
-// The Hopper backward kernels, warp-specialized (EXPERIMENTAL: CUFLASH_SM90 lists "bwdws"; head
+// The Hopper backward kernels, warp-specialized (the default part "bwdws" of CUFLASH_SM90; head
 // dims up to 128, plain attention). The arithmetic is flash_bwd_sm90.cuh's; the loads move to a
 // producer warpgroup, as in the TMA forward: one thread loads the resident tiles once and each
 // step's streamed tiles by TMA into a 2-stage ring. The consumers (two warpgroups, 64 rows each)

@@ -292,15 +292,17 @@ __global__ void __launch_bounds__(FwdSm90TmaKernel<T, kHeadDim, kWide, kPersiste
 #endif
 }
 
-// Whether dense p has long rows: its middle query row sees 2048 keys or more (under a causal
-// mask or a window, the mean over the rows is about the middle row's). There the wide tile
-// pays and the persistent kernel does not (benchmarks/NOTES.md).
-inline bool long_rows(const FlashFwdParams& p) {
+// How many keys the middle query row of dense p sees (under a causal mask or a window, the mean
+// over the rows is about the middle row's): the kernel choices that depend on row length use it.
+inline int middle_row_keys(const AttentionParams& p) {
   const Sequence s = sequence_of(p, 0);
   const int middle = s.seqlen_q / 2;
   const Range keys = visible_keys(p.mask, s, middle, middle + 1);
-  return keys.end - keys.begin >= 2048;
+  return keys.end - keys.begin;
 }
+// Whether dense p has long rows (2048 keys or more): there the wide tile pays and the persistent
+// kernel does not (benchmarks/NOTES.md).
+inline bool long_rows(const FlashFwdParams& p) { return middle_row_keys(p) >= 2048; }
 
 // The tensor maps of q, k and v for the TMA kernel of dense p; false where TMA cannot address
 // them (alignment, zero strides): the cp.async kernel runs then.

@@ -1,0 +1,79 @@
+"""The deterministic option (the backward's): True (the default of torch.ops.cuflash_attn and
+flash_attention) keeps every gradient bitwise reproducible; False (flash_attn's default) lets the
+backward add dq up with atomics where that is faster: on an sm_90a build on a compute
+capability 9.0 GPU, the fused warp-specialized kernel for plain 16-bit attention at head-dim
+buckets 64 and 128 (at 128 from 1024 keys seen by the middle query row). Elsewhere False changes
+nothing."""
+import pytest
+import torch
+
+from conftest import DEVICES, HAS_CUDA, IS_SM90, cuda_kernels
+from reference import LOW_PRECISION, LOW_PRECISION_IDS
+from test_features import check_dense
+
+import cuflash_attn
+from cuflash_attn.flash_attn_interface import flash_attn_func
+
+FUSED = "flash_bwd_dkdv_sm90_tma_kernel<__nv_bfloat16, {d}, true>"
+
+
+@pytest.fixture(autouse=True)
+def default_switches(monkeypatch):
+    """The choice under test is the option's, not the switches'."""
+    monkeypatch.delenv("CUFLASH_BWD_DQ", raising=False)
+    monkeypatch.delenv("CUFLASH_SM90", raising=False)
+
+
+def grads(q, k, v, **options):
+    out = cuflash_attn.flash_attention(q, k, v, **options)
+    return torch.autograd.grad(out, (q, k, v), torch.ones_like(out))
+
+
+def inputs(device, dtype, n, d, heads=2):
+    torch.manual_seed(0)
+    return [torch.randn(1, heads, n, d, device=device, dtype=dtype, requires_grad=True) for _ in range(3)]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_false_is_accepted_and_true_is_bitwise_reproducible(device):
+    q, k, v = inputs(device, torch.float32 if device == "cpu" else torch.bfloat16, 100, 64)
+    first, again = grads(q, k, v, causal=True), grads(q, k, v, causal=True, deterministic=True)
+    assert all(torch.equal(a, b) for a, b in zip(first, again))
+    loose = grads(q, k, v, causal=True, deterministic=False)
+    if device == "cpu":  # no atomics on the CPU
+        assert all(torch.equal(a, b) for a, b in zip(first, loose))
+
+
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
+@pytest.mark.parametrize("dtype", LOW_PRECISION, ids=LOW_PRECISION_IDS)
+@pytest.mark.parametrize("d", [40, 64, 128])
+@pytest.mark.parametrize("nq,nk", [(77, 200), (1100, 1300), (1300, 1100)])
+@pytest.mark.parametrize("causal", [False, True])
+def test_false_matches_reference(dtype, d, nq, nk, causal):
+    """The same accuracy rule as the deterministic path; GQA (a key block adds to four query
+    heads' dq), bottom-right causal."""
+    check_dense("cuda", dtype, 2, 8, 2, nq, nk, d, causal=causal, bottom_right=True, deterministic=False)
+
+
+@pytest.mark.skipif(not IS_SM90, reason="needs a compute capability 9.0 GPU")
+@pytest.mark.parametrize("d,n,fused", [(64, 100, True), (128, 100, False), (128, 2048, True), (256, 2048, False)])
+def test_which_kernel(d, n, fused):
+    q, k, v = inputs("cuda", torch.bfloat16, n, d)
+    names = cuda_kernels(lambda: grads(q, k, v, deterministic=False))
+    assert (FUSED.format(d=d) in names) == fused, names
+    assert ("flash_bwd_dq_convert_kernel" in names) == fused, names
+    names = cuda_kernels(lambda: grads(q, k, v))  # deterministic: never dq by atomics
+    assert FUSED.format(d=d) not in names and "flash_bwd_dq_convert_kernel" not in names, names
+
+
+@pytest.mark.skipif(not IS_SM90, reason="needs a compute capability 9.0 GPU")
+def test_flash_attn_default_is_not_deterministic():
+    """flash_attn_func's deterministic=False (its default) takes the fused kernel; True does not."""
+    q, k, v = (t.transpose(1, 2) for t in inputs("cuda", torch.bfloat16, 300, 64))
+
+    def run(**kw):
+        out = flash_attn_func(q, k, v, causal=True, **kw)
+        torch.autograd.grad(out, (q, k, v), torch.ones_like(out))
+
+    assert FUSED.format(d=64) in cuda_kernels(run)
+    assert FUSED.format(d=64) not in cuda_kernels(lambda: run(deterministic=True))
