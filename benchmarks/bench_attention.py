@@ -43,8 +43,9 @@ MEMORY_BATCH, MEMORY_HEADS, MEMORY_HEAD_DIM, MEMORY_DTYPE = 1, 16, 128, "bf16"
 MEMORY_IMPLS = ("cuflash_attn", "sdpa_cudnn", "sdpa_math")
 
 OURS = "cuflash_attn"
-ALL_IMPLS = (OURS, "sdpa_flash", "sdpa_cudnn", "sdpa_efficient", "sdpa_math")
-SHORT_NAMES = {OURS: "ours", "sdpa_flash": "flash", "sdpa_cudnn": "cudnn",
+OURS_NONDET = "cuflash_attn_nondet"  # ours with deterministic=False: dq may be added up with atomics
+ALL_IMPLS = (OURS, OURS_NONDET, "sdpa_flash", "sdpa_cudnn", "sdpa_efficient", "sdpa_math")
+SHORT_NAMES = {OURS: "ours", OURS_NONDET: "ours nondet", "sdpa_flash": "flash", "sdpa_cudnn": "cudnn",
                "sdpa_efficient": "efficient", "sdpa_math": "math"}
 LAYOUTS = ("bhnd", "bnhd")
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32,
@@ -77,11 +78,12 @@ def import_cuflash_attn():
     return cuflash_attn
 
 
-def _ours_factory():
+def _ours_factory(deterministic=True):
     cuflash_attn = import_cuflash_attn()
 
     def make(causal):
-        return lambda q, k, v: cuflash_attn.flash_attention(q, k, v, causal=causal, scale=None)
+        return lambda q, k, v: cuflash_attn.flash_attention(q, k, v, causal=causal, scale=None,
+                                                            deterministic=deterministic)
     return make
 
 
@@ -100,6 +102,7 @@ def _sdpa_factory(backend_name):
 
 IMPL_FACTORIES = {
     OURS: _ours_factory,
+    OURS_NONDET: lambda: _ours_factory(deterministic=False),
     "sdpa_flash": lambda: _sdpa_factory("FLASH_ATTENTION"),
     "sdpa_cudnn": lambda: _sdpa_factory("CUDNN_ATTENTION"),
     "sdpa_efficient": lambda: _sdpa_factory("EFFICIENT_ATTENTION"),

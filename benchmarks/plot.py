@@ -15,7 +15,7 @@ from pathlib import Path
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 OURS = "cuflash_attn"
-IMPL_ORDER = (OURS, "sdpa_flash", "sdpa_cudnn", "sdpa_efficient", "sdpa_math")
+IMPL_ORDER = (OURS, "sdpa_flash", "sdpa_cudnn", "sdpa_efficient", "sdpa_math", "cuflash_attn_nondet")
 PASSES = {"fwd": ("fwd_tflops", "forward"), "bwd": ("bwd_tflops", "backward")}
 
 

@@ -19,3 +19,20 @@ def test_check_notices_a_stale_block(tmp_path):
     text = readme.read_text()
     assert "old table" not in text and "| D | causal | N |" in text and text.endswith("\nrest\n")
     assert readme_table.main(["--check", "--readme", str(readme)]) == 0
+
+
+def test_nondet_columns(tmp_path):
+    """Rows of ours with deterministic=False (bench_attention's cuflash_attn_nondet) add its
+    backward and its ratios to the peers; without them the table has no such columns."""
+    env = {"gpu": "G", "torch": "t", "cuda": "c", "cudnn": "d", "date": "x", "commit": "abc"}
+
+    def row(impl, fwd, bwd):
+        return {"impl": impl, "dtype": "bfloat16", "layout": "bhnd", "head_dim": 64, "causal": False,
+                "seqlen_q": 1024, "fwd_tflops": fwd, "bwd_tflops": bwd}
+    rows = [row("cuflash_attn", 300.0, 200.0), row("sdpa_flash", 250.0, 220.0), row("sdpa_cudnn", 400.0, 320.0)]
+    plain = readme_table.render({"env": env, "rows": rows}, tmp_path / "r.json", tmp_path / "README.md")
+    assert "nondet" not in plain
+    text = readme_table.render({"env": env, "rows": rows + [row("cuflash_attn_nondet", 301.0, 240.0)]},
+                               tmp_path / "r.json", tmp_path / "README.md")
+    assert "| 64 | no | 1024 | 300 | 200 | 1.20x | 0.91x | 0.75x | 0.62x | 240 | 1.09x | 0.75x |" in text, text
+    assert "cuDNN 0.75-0.75x forward, 0.62-0.62x backward (0.75-0.75x nondet)" in text.replace("\n", " "), text
