@@ -29,6 +29,7 @@ runs=(
   "forward||tests/test_sm90_forward.py|"
   "backward|bwd|tests/test_sm90_backward.py|"
   "atomic_dq||tests/test_bwd_atomic_dq.py|"
+  "deterministic||tests/test_deterministic.py|"
   "features|features|tests/test_features.py tests/test_attn_mask.py|cuda"
   "tma_features|tma,features|tests/test_features.py tests/test_attn_mask.py|cuda"
   "sm80_features|0|tests/test_features.py tests/test_attn_mask.py|cuda"
