@@ -10,6 +10,7 @@
 
 #include <cmath>
 #include <limits>
+#include <optional>
 #include <string>
 
 #include "cpu/flash_cpu.h"
@@ -546,12 +547,17 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> bwd(const Tensor& dout, const Tensor&
   p.dq_strides = strides_of(dq_k);
   p.dk_strides = strides_of(dk_k);
   p.dv_strides = strides_of(dv_k);
-  // dQ added by the dK/dV kernel with fp32 atomics, for the tensor-core kernels and without the
-  // attn_mask gradient (which the dQ kernel writes): where deterministic=False and that is faster
-  // (prefers_atomic_dq), or everywhere under CUFLASH_BWD_DQ=atomic.
+  // q's device for the kernel choice (its compute capability) and the launches.
+  std::optional<c10::cuda::CUDAGuard> guard;
+  if (q.is_cuda()) guard.emplace(q.device());
+  // dQ added up in an fp32 buffer by the dK/dV kernel (atomics; the fused Hopper kernel's TMA
+  // reduce-adds), for the tensor-core kernels and without the attn_mask gradient (which the dQ
+  // kernel writes): where deterministic=False (and torch's deterministic mode is off) and that is
+  // faster (prefers_atomic_dq), or everywhere under the CUFLASH_BWD_DQ=atomic switch.
   Tensor dq_accum;
+  const bool may_use_atomics = !deterministic && !at::globalContext().deterministicAlgorithms();
   if (q.is_cuda() && layout.tensor_cores && !attn_mask_grad &&
-      (dq_atomic_switch() || (!deterministic && prefers_atomic_dq(p)))) {
+      (dq_atomic_switch() || (may_use_atomics && prefers_atomic_dq(p)))) {
     dq_accum = at::zeros(dq_k.sizes(), dq_k.options().dtype(at::kFloat));
     p.dq_accum = dq_accum.data_ptr();
     p.dq_accum_strides = strides_of(dq_accum);
@@ -559,7 +565,6 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> bwd(const Tensor& dout, const Tensor&
 
   if (q.is_cuda()) {
     padded_head_dim_bucket(q, layout.head_dim);
-    const c10::cuda::CUDAGuard guard(q.device());
     check_cuda(run_flash_bwd_cuda(p, at::cuda::getCurrentCUDAStream()));
   } else {
     at::parallel_for(0, int64_t{sh.batch} * sh.heads_kv, 1, [&](int64_t begin, int64_t end) {
@@ -610,8 +615,10 @@ Tensor dropout_mask(const Tensor& rng_state, double dropout_p, int64_t batch, in
 // is_causal sets window_right to 0. max_seqlen 0 means not known (the packed length bounds it).
 // attn_mask (torch's: boolean, True takes part, or added to the scores) broadcasts to
 // [batch, heads_q, seqlen_q, seqlen_k]; it combines with every other option but cu_seqlens.
-// deterministic (the backward's; the forward always is): True, dq is bitwise reproducible; False,
-// dq may be added up with atomics where that is faster (on Hopper, head dims up to 128).
+// deterministic (the backward's; the forward always is): True, dq is bitwise reproducible (but
+// under the CUFLASH_BWD_DQ=atomic switch); False, dq may be added up with atomics where that is
+// faster (prefers_atomic_dq: Hopper, head dims 33-64 and 97-128), unless torch's deterministic
+// mode (torch.use_deterministic_algorithms) is on.
 #define CUFLASH_OPTIONS                                                                                       \
   "float? scale=None, bool is_causal=False, bool bottom_right=False, int window_left=-1, "                 \
   "int window_right=-1, float softcap=0.0, Tensor? alibi_slopes=None, float dropout_p=0.0, "               \

@@ -33,8 +33,8 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: b
     seqlen_k], read in place; a float mask that requires grad gets its gradient. dropout_p drops
     probabilities with torch's generator (seeded by torch.manual_seed); the backward regenerates
     the same mask. deterministic=True (the default) makes every gradient bitwise reproducible;
-    False lets the backward add dq up with atomics where that is faster (on Hopper, head dims up
-    to 128).
+    False lets the backward add dq up with atomics where that is faster (on Hopper, head dims
+    33-64 and 97-128), unless torch.use_deterministic_algorithms(True) is in effect.
 
     Returns out (the layout of q), and with return_lse=True also the logsumexp of the scores,
     [batch, heads_q, seqlen_q] in float32 (float64 for float64 inputs); -inf for a query row that

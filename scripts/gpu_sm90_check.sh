@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# One device call for the Hopper kernels (CUFLASH_SM90 parts: tma, bwd, features, persistent,
-# cpasync): build (sm_90a, every head dim), the wgmma/TMA probe, then their tests in parallel processes,
+# One device call for the Hopper kernels (CUFLASH_SM90 parts: tma, bwd, bwdws, features,
+# persistent, cpasync): build (sm_90a, every head dim), the wgmma/TMA probe, then their tests in parallel processes,
 # each under a time limit (a wrong mbarrier phase hangs a kernel, it does not fail it), then
 # the benchmark of the variants beside the default kernels and the SDPA peers.
 #   GPU_SM90_BENCH="..."   bench_attention.py arguments ("" skips the benchmark)
@@ -23,8 +23,9 @@ status=0
 timeout --kill-after=5 120 python3 -m pytest -s -q -p no:cacheprovider tests/test_sm90_probe.py > "$OUT/probe.log" 2>&1 \
   || status=1
 grep -vE '^\s*$' "$OUT/probe.log" | tail -n 30
-# name|CUFLASH_SM90|test files|-k expression. The forward file sets CUFLASH_SM90 itself (its
-# cp.async, tma and persistent modes); the others run under the listed value (none: the defaults).
+# name|CUFLASH_SM90|test files|-k expression. test_sm90_forward, test_sm90_backward,
+# test_bwd_atomic_dq and test_deterministic set CUFLASH_SM90 themselves (their modes); the others
+# run under the listed value (none: the defaults).
 runs=(
   "forward||tests/test_sm90_forward.py|"
   "backward|bwd|tests/test_sm90_backward.py|"

@@ -2,8 +2,8 @@
 flash_attention) keeps every gradient bitwise reproducible; False (flash_attn's default) lets the
 backward add dq up with atomics where that is faster: on an sm_90a build on a compute
 capability 9.0 GPU, the fused warp-specialized kernel for plain 16-bit attention at head-dim
-buckets 64 and 128 (at 128 from 1024 keys seen by the middle query row). Elsewhere False changes
-nothing."""
+buckets 64 and 128 (at 128 from 1024 keys seen by the middle query row). Elsewhere, and under
+torch.use_deterministic_algorithms(True), False changes nothing."""
 import pytest
 import torch
 
@@ -55,15 +55,46 @@ def test_false_matches_reference(dtype, d, nq, nk, causal):
     check_dense("cuda", dtype, 2, 8, 2, nq, nk, d, causal=causal, bottom_right=True, deterministic=False)
 
 
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
+@pytest.mark.parametrize("dtype", LOW_PRECISION, ids=LOW_PRECISION_IDS)
+@pytest.mark.parametrize("d", [64, 128])
+def test_false_matches_reference_long_causal_rows(dtype, d):
+    """Causal rows long enough for the fused kernel at D=128 too (the middle row sees 1200 keys)."""
+    check_dense("cuda", dtype, 1, 4, 2, 2200, 2300, d, causal=True, bottom_right=True, deterministic=False)
+
+
 @pytest.mark.skipif(not IS_SM90, reason="needs a compute capability 9.0 GPU")
-@pytest.mark.parametrize("d,n,fused", [(64, 100, True), (128, 100, False), (128, 2048, True), (256, 2048, False)])
-def test_which_kernel(d, n, fused):
+@pytest.mark.parametrize("d,n,causal,fused", [(64, 100, False, True), (128, 100, False, False),
+                                              (128, 2048, False, True), (128, 2048, True, True),
+                                              (128, 1024, True, False), (256, 2048, False, False)])
+def test_which_kernel(d, n, causal, fused):
     q, k, v = inputs("cuda", torch.bfloat16, n, d)
-    names = cuda_kernels(lambda: grads(q, k, v, deterministic=False))
+    names = cuda_kernels(lambda: grads(q, k, v, causal=causal, deterministic=False))
     assert (FUSED.format(d=d) in names) == fused, names
     assert ("flash_bwd_dq_convert_kernel" in names) == fused, names
-    names = cuda_kernels(lambda: grads(q, k, v))  # deterministic: never dq by atomics
+    names = cuda_kernels(lambda: grads(q, k, v, causal=causal))  # deterministic: never dq by atomics
     assert FUSED.format(d=d) not in names and "flash_bwd_dq_convert_kernel" not in names, names
+
+
+@pytest.mark.skipif(not IS_SM90, reason="needs a compute capability 9.0 GPU")
+def test_torch_deterministic_mode_wins():
+    q, k, v = inputs("cuda", torch.bfloat16, 300, 64)
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    try:
+        names = cuda_kernels(lambda: grads(q, k, v, deterministic=False))
+    finally:
+        torch.use_deterministic_algorithms(False)
+    assert FUSED.format(d=64) not in names and "flash_bwd_dq_convert_kernel" not in names, names
+
+
+@pytest.mark.skipif(not IS_SM90, reason="needs a compute capability 9.0 GPU")
+def test_inputs_tma_cannot_address_keep_the_pair():
+    """k and v broadcast over the heads (zero stride): no tensor map, so no fused kernel; the
+    one-kernel cp.async path would be slower than the deterministic pair, which runs instead."""
+    q, k, v = inputs("cuda", torch.bfloat16, 300, 64)
+    k1, v1 = (t[:, :1].detach().expand(-1, 2, -1, -1).requires_grad_() for t in (k, v))
+    names = cuda_kernels(lambda: grads(q, k1, v1, deterministic=False))
+    assert FUSED.format(d=64) not in names and "flash_bwd_dq_convert_kernel" not in names, names
 
 
 @pytest.mark.skipif(not IS_SM90, reason="needs a compute capability 9.0 GPU")

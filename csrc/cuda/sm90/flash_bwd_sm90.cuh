@@ -11,7 +11,8 @@
 // Head dim 256: 32 streamed rows a step (the resident tiles take 128 KB of shared memory), and
 // dK and dV in two launches of the dK/dV kernel (kWithDk, kWithDv), since one 64 x 256
 // accumulator is 128 registers per thread.
-// With p.dq_accum (CUFLASH_BWD_DQ=atomic: 5 matmuls instead of 7, not bitwise reproducible) only
+// With p.dq_accum (deterministic=False or CUFLASH_BWD_DQ=atomic: 5 matmuls instead of 7, not
+// bitwise reproducible; where TMA cannot address the inputs) only
 // the dK/dV kernel runs (kAccumDq): it stages each step's dS in shared memory and adds dQ = dS K
 // to the fp32 buffer with vector atomics; flash_bwd_dq_convert_kernel writes dq.
 #pragma once

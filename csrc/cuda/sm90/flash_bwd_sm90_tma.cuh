@@ -6,7 +6,7 @@
 // barrier per step: the cp.async kernels' __syncthreads kept both warpgroups in lockstep, so that
 // one's exp2 and dS never overlapped the other's wgmmas.
 //   dK/dV: keys resident, Q and dO streamed; a second producer warp stages each step's lse and
-//          delta (the streamed queries'). kAccumDq (with p.dq_accum, CUFLASH_BWD_DQ=atomic): dQ
+//          delta (the streamed queries'). kAccumDq (with p.dq_accum: deterministic=False): dQ
 //          too, FlashAttention-3's way: both consumer warpgroups stage their keys' dS in one
 //          [query][key] buffer (two, alternating by step), then dQ part = dS K over all 128
 //          keys is one 64 x 64 wgmma a warpgroup (at D=128 each takes 64 columns, at D=64 the
