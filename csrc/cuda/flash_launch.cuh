@@ -149,18 +149,17 @@ cudaError_t run_flash_bwd(const FlashBwdParams& p, cudaStream_t stream) {
         const dim3 key_grid(ceil_div(sh.seqlen_k, K::kResident), sh.heads_kv, sh.batch);
         if constexpr (!K::kSplitDkDv) {
           if (accum_dq) {
-            err = cudaErrorNotReady;  // not launched yet
-            if (hopper.bwd_ws) {  // the warp-specialized one, dQ drained by bulk reduce-adds
-              using Ws = sm90::BwdDkvSm90TmaKernel<T, kHeadDim, true>;
-              sm90::BackwardTmaMaps maps{};
-              if (sm90::encode_bwd_tma_maps<T, Ws>(p, &maps))
-                err = launch(sm90::flash_bwd_dkdv_sm90_tma_kernel<T, kHeadDim, true>,
-                             dim3(ceil_div(sh.seqlen_k, Ws::kBlockN), sh.heads_kv, sh.batch), Ws::kThreads,
-                             Ws::kSmemBytes, stream, p, maps.q, maps.dout, maps.k, maps.v, maps.dq_accum);
-            }
-            if (err == cudaErrorNotReady)
+            using Ws = sm90::BwdDkvSm90TmaKernel<T, kHeadDim, true>;
+            sm90::BackwardTmaMaps maps{};
+            if (hopper.bwd_ws && sm90::encode_bwd_tma_maps<T, Ws>(p, &maps)) {
+              // the fused warp-specialized kernel, dQ added by TMA reduce
+              err = launch(sm90::flash_bwd_dkdv_sm90_tma_kernel<T, kHeadDim, true>,
+                           dim3(ceil_div(sh.seqlen_k, Ws::kBlockN), sh.heads_kv, sh.batch), Ws::kThreads,
+                           Ws::kSmemBytes, stream, p, maps.q, maps.dout, maps.k, maps.v, maps.dq_accum);
+            } else {
               err = launch(sm90::flash_bwd_dkdv_sm90_kernel<T, kHeadDim, true>, key_grid, K::kThreads,
                            K::kSmemBytes + K::kDsBytes, stream, p);
+            }
             return err != cudaSuccess ? err : convert_dq();
           }
         }
