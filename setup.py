@@ -44,6 +44,9 @@ def kernel_sources():
 
 
 os.environ.setdefault("MAX_JOBS", str(os.cpu_count() or 1))
+# CUFLASH_PTXAS_VERBOSE=1: ptxas's report of every kernel in the build log (registers, spills,
+# and a note for each wgmma it had to serialize, which scripts/setup.sh refuses).
+ptxas_flags = ["-Xptxas=-v"] if os.environ.get("CUFLASH_PTXAS_VERBOSE") == "1" else []
 cu_files, defines = kernel_sources()
 sources = [str(p.relative_to(ROOT)) for p in
            [CSRC / "torch_ops.cpp", CSRC / "cpu" / "flash_cpu.cpp", CSRC / "cuda" / "dropout_mask.cu",
@@ -57,7 +60,7 @@ setup(
             sources,
             extra_compile_args={
                 "cxx": ["-O3", "-std=c++17", *defines],
-                "nvcc": ["-O3", "-std=c++17", "--expt-relaxed-constexpr", *defines,
+                "nvcc": ["-O3", "-std=c++17", "--expt-relaxed-constexpr", *defines, *ptxas_flags,
                          *gencode_flags(os.environ.get("CUFLASH_CUDA_ARCHS", "8.0;9.0a"))],
             },
             py_limited_api=False,

@@ -23,3 +23,11 @@ command -v nvcc >/dev/null || { echo "nvcc not found: install the CUDA toolkit (
 mkdir -p build
 echo "building cuflash_attn._C (log: build/setup.log)"
 "$PYTHON" setup.py build_ext --inplace > build/setup.log 2>&1 || { tail -n 60 build/setup.log; exit 1; }
+# A wgmma that ptxas serialized (its C75xx notes, in the log with CUFLASH_PTXAS_VERBOSE=1, which
+# scripts/test.sh sets) loses the overlap the Hopper kernels are built on: refuse the build.
+serialized="wgmma.mma_async instructions are serialized"
+if grep -q "$serialized" build/setup.log; then
+  grep "$serialized" build/setup.log | sort -u | head -n 20 >&2
+  echo "ptxas serialized wgmma instructions (above; build/setup.log names the kernels)" >&2
+  exit 1
+fi

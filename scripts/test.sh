@@ -3,7 +3,7 @@
 # then the C++ API's (scripts/cpp_test.sh) where cmake is installed.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-bash scripts/setup.sh
+CUFLASH_PTXAS_VERBOSE=${CUFLASH_PTXAS_VERBOSE:-1} bash scripts/setup.sh  # and no serialized wgmma
 status=0
 "${PYTHON:-python3}" -m pytest tests -q -p no:cacheprovider "$@" || status=$?
 # One CUDA target and one head-dim bucket keep the CMake build short (about 1.5 minutes on 2
