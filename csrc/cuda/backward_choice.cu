@@ -10,15 +10,6 @@
 #include "sm90/flash_fwd_sm90_tma.cuh"  // middle_row_keys
 
 namespace cuflash {
-namespace {
-
-template <typename T, int kHeadDim>
-bool fused_kernel_runs(const FlashBwdParams& p) {
-  sm90::BackwardTmaMaps maps{};  // the fused kernel's maps, but dq_accum's (p has none yet)
-  return sm90::encode_bwd_tma_maps<T, sm90::BwdDkvSm90TmaKernel<T, kHeadDim, true>>(p, &maps);
-}
-
-}  // namespace
 
 bool prefers_atomic_dq(const FlashBwdParams& p) {
   if (p.dtype != DType::kFloat16 && p.dtype != DType::kBFloat16) return false;
@@ -27,9 +18,7 @@ bool prefers_atomic_dq(const FlashBwdParams& p) {
   if (bucket != 64 && bucket != 128) return false;
   if (!sm90::sm90_paths(p).bwd_ws) return false;
   if (bucket == 128 && sm90::middle_row_keys(p) < 1024) return false;
-  const bool bf16 = p.dtype == DType::kBFloat16;
-  if (bucket == 64) return bf16 ? fused_kernel_runs<__nv_bfloat16, 64>(p) : fused_kernel_runs<__half, 64>(p);
-  return bf16 ? fused_kernel_runs<__nv_bfloat16, 128>(p) : fused_kernel_runs<__half, 128>(p);
+  return sm90::bwd_tma_addressable(p);  // the launch encodes the maps (no second encoding here)
 }
 
 }  // namespace cuflash

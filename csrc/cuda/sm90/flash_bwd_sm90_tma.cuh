@@ -414,10 +414,21 @@ struct BackwardTmaMaps {
   CUtensorMap q, dout, k, v;
   CUtensorMap dq_accum;  // with p.dq_accum (the fused dK/dV kernel's TMA reduce); unused otherwise
 };
+// Whether TMA can address q, dout, k and v of p: not varlen (a box would read past a packed
+// sequence's end), aligned, no zero stride. Integer checks only: prefers_atomic_dq asks it before
+// any map is encoded.
+inline bool bwd_tma_addressable(const FlashBwdParams& p) {
+  const AttentionShape& sh = p.shape;
+  return p.varlen.cu_seqlens_q == nullptr &&
+         tma_can_address(p.q, 2, p.q_strides, sh.batch, sh.heads_q, sh.seqlen_q, sh.head_dim) &&
+         tma_can_address(p.dout, 2, p.dout_strides, sh.batch, sh.heads_q, sh.seqlen_q, sh.head_dim) &&
+         tma_can_address(p.k, 2, p.k_strides, sh.batch, sh.heads_kv, sh.seqlen_k, sh.head_dim) &&
+         tma_can_address(p.v, 2, p.v_strides, sh.batch, sh.heads_kv, sh.seqlen_k, sh.head_dim);
+}
 template <typename T, class K>
 bool encode_bwd_tma_maps(const FlashBwdParams& p, BackwardTmaMaps* maps) {
   const AttentionShape& sh = p.shape;
-  if (p.varlen.cu_seqlens_q != nullptr) return false;  // a box would read past a packed sequence's end
+  if (!bwd_tma_addressable(p)) return false;
   constexpr bool kBf16 = std::is_same_v<T, __nv_bfloat16>;
   if (p.dq_accum != nullptr && !encode_rows_map(&maps->dq_accum, p.dq_accum, CU_TENSOR_MAP_DATA_TYPE_FLOAT32, 4,
                                                 p.dq_accum_strides, sh.batch, sh.heads_q, sh.seqlen_q, sh.head_dim,

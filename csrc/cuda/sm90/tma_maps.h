@@ -24,24 +24,34 @@ inline PFN_cuTensorMapEncodeTiled_v12000 tensor_map_encoder() {
   return encoder;
 }
 
-// A [batch][heads][rows][cols] tensor of elem_bytes-byte elements (strides in elements, the
-// last dimension contiguous) as a 4-d map (column, row, head, batch) whose box is one
-// 128B-swizzled panel: 128 bytes of columns x box_rows rows of one head. Boxes past the rows or
-// columns read zeros (and reductions into them are dropped). False where TMA cannot address the
-// tensor (alignment, a zero stride): the caller goes another way.
-inline bool encode_rows_map(CUtensorMap* map, const void* base, CUtensorMapDataType type, int elem_bytes,
-                            const TensorStrides& strides, int batch, int heads, int rows, int cols, int box_rows) {
-  const PFN_cuTensorMapEncodeTiled_v12000 encode = tensor_map_encoder();
-  if (encode == nullptr || reinterpret_cast<uintptr_t>(base) % 16 != 0 || (cols * elem_bytes) % 16 != 0) return false;
+// Whether TMA can address a [batch][heads][rows][cols] tensor of elem_bytes-byte elements
+// (strides in elements, the last dimension contiguous): the encoder is there, the base and the
+// rows are 16-byte aligned, no stride is zero. Its byte strides (row, head, batch) go to
+// *byte_strides.
+inline bool tma_can_address(const void* base, int elem_bytes, const TensorStrides& strides, int batch, int heads,
+                            int rows, int cols, cuuint64_t (*byte_strides)[3] = nullptr) {
+  if (tensor_map_encoder() == nullptr || reinterpret_cast<uintptr_t>(base) % 16 != 0 || (cols * elem_bytes) % 16 != 0)
+    return false;
   const int64_t sizes[3] = {rows, heads, batch};
   const int64_t element_strides[3] = {strides.row, strides.head, strides.batch};
-  cuuint64_t byte_strides[3];
   for (int i = 0; i < 3; ++i) {
     int64_t bytes = element_strides[i] * elem_bytes;
     if (sizes[i] == 1 && bytes <= 0) bytes = 16;  // never stepped along: any valid stride
     if (bytes <= 0 || bytes % 16 != 0 || bytes >= (int64_t{1} << 40)) return false;
-    byte_strides[i] = static_cast<cuuint64_t>(bytes);
+    if (byte_strides != nullptr) (*byte_strides)[i] = static_cast<cuuint64_t>(bytes);
   }
+  return true;
+}
+
+// Such a tensor as a 4-d map (column, row, head, batch) whose box is one 128B-swizzled panel:
+// 128 bytes of columns x box_rows rows of one head. Boxes past the rows or columns read zeros
+// (and reductions into them are dropped). False where TMA cannot address the tensor: the caller
+// goes another way.
+inline bool encode_rows_map(CUtensorMap* map, const void* base, CUtensorMapDataType type, int elem_bytes,
+                            const TensorStrides& strides, int batch, int heads, int rows, int cols, int box_rows) {
+  cuuint64_t byte_strides[3];
+  if (!tma_can_address(base, elem_bytes, strides, batch, heads, rows, cols, &byte_strides)) return false;
+  const PFN_cuTensorMapEncodeTiled_v12000 encode = tensor_map_encoder();
   const cuuint64_t dims[4] = {static_cast<cuuint64_t>(cols), static_cast<cuuint64_t>(rows),
                               static_cast<cuuint64_t>(heads), static_cast<cuuint64_t>(batch)};
   const cuuint32_t box[4] = {static_cast<cuuint32_t>(128 / elem_bytes), static_cast<cuuint32_t>(box_rows), 1, 1};
