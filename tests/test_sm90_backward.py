@@ -18,7 +18,7 @@ pytestmark = pytest.mark.skipif(not IS_SM90, reason="needs a compute capability 
 @pytest.fixture(params=["bwd", ""], ids=["cpasync", "ws"], autouse=True)
 def hopper_backward(request, monkeypatch):
     """Every test under the cp.async kernels ("bwd" alone) and the defaults, which take the
-    warp-specialized TMA ones (bwdws) at head dims up to 128."""
+    warp-specialized TMA ones (bwdws)."""
     monkeypatch.setenv("CUFLASH_SM90", request.param)  # read by the op at every call
     return request.param
 
@@ -32,13 +32,13 @@ def backward_kernels(d, **kw):
 @pytest.mark.parametrize("d", [40, 64, 100, 128, 240, 256])
 def test_path_taken(d, hopper_backward):
     names = backward_kernels(d)
-    ws = hopper_backward == "" and d <= 128
-    kernels = ["flash_bwd_dq_sm90_tma_kernel<", "flash_bwd_dkdv_sm90_tma_kernel<"] if ws else \
-        ["flash_bwd_dq_sm90_kernel<", "flash_bwd_dkdv_sm90_kernel<"]
-    assert all(kernel in names for kernel in kernels), names
-    if d > 128:  # dK and dV in two launches
-        assert all(f"flash_bwd_dkdv_sm90_kernel<__nv_bfloat16, 256, false, {parts}>" in names
-                   for parts in ("true, false", "false, true")), names
+    ws = hopper_backward == ""
+    dq, dkdv = ("flash_bwd_dq_sm90_tma_kernel", "flash_bwd_dkdv_sm90_tma_kernel") if ws else \
+        ("flash_bwd_dq_sm90_kernel", "flash_bwd_dkdv_sm90_kernel")
+    assert f"{dq}<" in names, names
+    bucket = 64 if d <= 64 else 128 if d <= 128 else 256
+    launches = ("true, false", "false, true") if d > 128 else ("true, true",)  # dK and dV in two at 256
+    assert all(f"{dkdv}<__nv_bfloat16, {bucket}, false, {parts}>" in names for parts in launches), names
 
 
 def test_other_cases_keep_the_sm80_kernels():

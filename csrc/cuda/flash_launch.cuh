@@ -153,7 +153,7 @@ cudaError_t run_flash_bwd(const FlashBwdParams& p, cudaStream_t stream) {
             sm90::BackwardTmaMaps maps{};
             if (hopper.bwd_ws && sm90::encode_bwd_tma_maps<T, Ws>(p, &maps)) {
               // the fused warp-specialized kernel, dQ added by TMA reduce
-              err = launch(sm90::flash_bwd_dkdv_sm90_tma_kernel<T, kHeadDim, true>,
+              err = launch(sm90::flash_bwd_dkdv_sm90_tma_kernel<T, kHeadDim, true, true, true>,
                            dim3(ceil_div(sh.seqlen_k, Ws::kBlockN), sh.heads_kv, sh.batch), Ws::kThreads,
                            Ws::kSmemBytes, stream, p, maps.q, maps.dout, maps.k, maps.v, maps.dq_accum);
             } else {
@@ -164,15 +164,13 @@ cudaError_t run_flash_bwd(const FlashBwdParams& p, cudaStream_t stream) {
           }
         }
         auto launch_dq = [&] {
-          if constexpr (!K::kSplitDkDv) {
-            if (hopper.bwd_ws) {  // the warp-specialized dQ kernel where TMA can address the inputs
-              using Ws = sm90::BwdDqSm90TmaKernel<T, kHeadDim>;
-              sm90::BackwardTmaMaps maps{};
-              if (sm90::encode_bwd_tma_maps<T, Ws>(p, &maps))
-                return launch(sm90::flash_bwd_dq_sm90_tma_kernel<T, kHeadDim>,
-                              dim3(ceil_div(sh.seqlen_q, Ws::kBlockM), sh.heads_q, sh.batch), Ws::kThreads,
-                              Ws::kSmemBytes, stream, p, maps.q, maps.dout, maps.k, maps.v);
-            }
+          if (hopper.bwd_ws) {  // the warp-specialized dQ kernel where TMA can address the inputs
+            using Ws = sm90::BwdDqSm90TmaKernel<T, kHeadDim>;
+            sm90::BackwardTmaMaps maps{};
+            if (sm90::encode_bwd_tma_maps<T, Ws>(p, &maps))
+              return launch(sm90::flash_bwd_dq_sm90_tma_kernel<T, kHeadDim>,
+                            dim3(ceil_div(sh.seqlen_q, Ws::kBlockM), sh.heads_q, sh.batch), Ws::kThreads,
+                            Ws::kSmemBytes, stream, p, maps.q, maps.dout, maps.k, maps.v);
           }
           return launch(sm90::flash_bwd_dq_sm90_kernel<T, kHeadDim>,
                         dim3(ceil_div(sh.seqlen_q, K::kResident), sh.heads_q, sh.batch), K::kThreads, K::kSmemBytes,
@@ -180,23 +178,26 @@ cudaError_t run_flash_bwd(const FlashBwdParams& p, cudaStream_t stream) {
         };
         err = launch_dq();
         if (err != cudaSuccess) return err;
-        if constexpr (K::kSplitDkDv) {
-          err = launch(sm90::flash_bwd_dkdv_sm90_kernel<T, kHeadDim, false, true, false>, key_grid, K::kThreads,
-                       K::kSmemBytes, stream, p);
-          if (err != cudaSuccess) return err;
-          return launch(sm90::flash_bwd_dkdv_sm90_kernel<T, kHeadDim, false, false, true>, key_grid, K::kThreads,
-                        K::kSmemBytes, stream, p);
-        } else {
+        // dK and dV: one launch, or at head dim 256 two (kSplitDkDv: dK, then dV).
+        auto launch_dkdv = [&](auto with_dk, auto with_dv) {
+          constexpr bool kWithDk = decltype(with_dk)::value, kWithDv = decltype(with_dv)::value;
           if (hopper.bwd_ws) {  // the warp-specialized dK/dV kernel where TMA can address the inputs
-            using Ws = sm90::BwdDkvSm90TmaKernel<T, kHeadDim>;
+            using Ws = sm90::BwdDkvSm90TmaKernel<T, kHeadDim, false, kWithDk, kWithDv>;
             sm90::BackwardTmaMaps maps{};
             if (sm90::encode_bwd_tma_maps<T, Ws>(p, &maps))
-              return launch(sm90::flash_bwd_dkdv_sm90_tma_kernel<T, kHeadDim, false>,
+              return launch(sm90::flash_bwd_dkdv_sm90_tma_kernel<T, kHeadDim, false, kWithDk, kWithDv>,
                             dim3(ceil_div(sh.seqlen_k, Ws::kBlockN), sh.heads_kv, sh.batch), Ws::kThreads,
                             Ws::kSmemBytes, stream, p, maps.q, maps.dout, maps.k, maps.v, maps.dq_accum);
           }
-          return launch(sm90::flash_bwd_dkdv_sm90_kernel<T, kHeadDim, false>, key_grid, K::kThreads, K::kSmemBytes,
-                        stream, p);
+          return launch(sm90::flash_bwd_dkdv_sm90_kernel<T, kHeadDim, false, kWithDk, kWithDv>, key_grid, K::kThreads,
+                        K::kSmemBytes, stream, p);
+        };
+        if constexpr (K::kSplitDkDv) {
+          err = launch_dkdv(std::true_type{}, std::false_type{});
+          if (err != cudaSuccess) return err;
+          return launch_dkdv(std::false_type{}, std::true_type{});
+        } else {
+          return launch_dkdv(std::true_type{}, std::true_type{});
         }
       }
     }

@@ -14,8 +14,8 @@
 //                   plain attention on short rows (the middle query row sees fewer than 2048
 //                   keys), head dims up to 128
 //       bwdws       with bwd: the warp-specialized TMA dQ and dK/dV kernels
-//                   (flash_bwd_sm90_tma.cuh) where TMA can address the inputs, head dims up
-//                   to 128; with dQ by atomics the fused one (dQ added by TMA reduce)
+//                   (flash_bwd_sm90_tma.cuh) where TMA can address the inputs; with dQ by
+//                   atomics (head dims up to 128) the fused one (dQ added by TMA reduce)
 //       features    softcap, ALiBi, attn_mask and dropout in the Hopper forwards (the TMA one
 //                   where "tma" is listed too); without it those take the sm_80-class forward
 //   CUFLASH_BWD_DQ  unset or "": dQ by its own kernel, unless the op's deterministic=False picks

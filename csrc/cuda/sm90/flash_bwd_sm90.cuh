@@ -23,12 +23,16 @@ namespace cuflash::sm90 {
 
 template <int kHeadDim>
 constexpr bool kBwdHeadDim = kHeadDim == 64 || kHeadDim == 128 || kHeadDim == 256;
+// Rows streamed per step (the other side's are resident, 128): 64, but 32 at head dim 256, where
+// the two resident tiles take 128 KB of shared memory.
+template <int kHeadDim>
+constexpr int kBwdStreamedRows = kHeadDim <= 128 ? 64 : 32;
 
 template <typename T, int kHeadDim>
 struct BwdSm90Kernel {
   static constexpr int kWarpgroups = 2, kThreads = 128 * kWarpgroups;
   static constexpr int kResident = 64 * kWarpgroups;  // rows a CTA keeps: queries (dQ), keys (dK/dV)
-  static constexpr int kStreamed = kHeadDim <= 128 ? 64 : 32;  // rows per step of the other side
+  static constexpr int kStreamed = kBwdStreamedRows<kHeadDim>;  // rows per step of the other side
   static constexpr bool kSplitDkDv = kHeadDim > 128;           // dK and dV in two launches
   static constexpr int kResidentBytes = kResident * kHeadDim * 2, kStreamedBytes = kStreamed * kHeadDim * 2;
   // Two resident tiles (Q and dO, or K and V), two double-buffered streamed ones, and for the

@@ -1,5 +1,6 @@
-// The Hopper backward kernels, warp-specialized (the default part "bwdws" of CUFLASH_SM90; head
-// dims up to 128, plain attention). The arithmetic is flash_bwd_sm90.cuh's; the loads move to a
+// The Hopper backward kernels, warp-specialized (the default part "bwdws" of CUFLASH_SM90; plain
+// attention). The arithmetic is flash_bwd_sm90.cuh's (at head dim 256 too: 32 streamed rows a
+// step, dK and dV in two launches); the loads move to a
 // producer warpgroup, as in the TMA forward: one thread loads the resident tiles once and each
 // step's streamed tiles by TMA into a 2-stage ring. The consumers (two warpgroups, 64 rows each)
 // wait on the stage's "full" mbarrier and release it on its "empty" one, with no block-wide
@@ -21,13 +22,13 @@
 
 namespace cuflash::sm90 {
 
-// The dQ kernel's shape: 128 resident queries, 64 streamed keys a step.
+// The dQ kernel's shape: 128 resident queries, 64 (32) streamed keys a step.
 template <typename T, int kHeadDim>
 struct BwdDqSm90TmaKernel {
-  static_assert(kHeadDim <= 128, "one 64 x 128 accumulator for dQ");
+  static_assert(kBwdHeadDim<kHeadDim>, "a Hopper backward head dim");
   static constexpr int kConsumers = 2, kThreads = 128 * (kConsumers + 1), kConsumerThreads = 128 * kConsumers;
-  static constexpr int kBlockM = 64 * kConsumers;  // resident queries
-  static constexpr int kBlockN = 64;               // streamed keys per step
+  static constexpr int kBlockM = 64 * kConsumers;              // resident queries
+  static constexpr int kBlockN = kBwdStreamedRows<kHeadDim>;  // streamed keys per step
   static constexpr int kStages = 2;
   static constexpr int kQBytes = kBlockM * kHeadDim * 2, kKVBytes = kBlockN * kHeadDim * 2;
   // Barriers: Q/dO full, then per stage full (TMA bytes) and empty (consumer warps).
@@ -146,12 +147,18 @@ __global__ void __launch_bounds__(BwdDqSm90TmaKernel<T, kHeadDim>::kThreads, 1)
 #endif
 }
 
-template <typename T, int kHeadDim, bool kAccumDq = false>
+// kWithDk, kWithDv: which of the two it computes (both but at head dim 256, where one 64 x 256
+// accumulator is 128 registers per thread: two launches, the dV one loading no V and computing no
+// dP, as the cp.async kernel).
+template <typename T, int kHeadDim, bool kAccumDq = false, bool kWithDk = true, bool kWithDv = true>
 struct BwdDkvSm90TmaKernel {
-  static_assert(kHeadDim <= 128, "one 64 x 128 accumulator each for dK and dV");
+  static_assert(kBwdHeadDim<kHeadDim>, "a Hopper backward head dim");
+  static_assert(kWithDk || kWithDv, "something to compute");
+  static_assert(kWithDk && kWithDv ? kHeadDim <= 128 : kHeadDim > 128, "dK and dV together up to head dim 128");
+  static_assert(!kAccumDq || kHeadDim <= 128, "dQ comes with dK and dV, in 64-row steps");
   static constexpr int kConsumers = 2, kThreads = 128 * (kConsumers + 1), kConsumerThreads = 128 * kConsumers;
-  static constexpr int kBlockN = 64 * kConsumers;  // resident keys
-  static constexpr int kBlockM = 64;               // streamed queries per step
+  static constexpr int kBlockN = 64 * kConsumers;              // resident keys
+  static constexpr int kBlockM = kBwdStreamedRows<kHeadDim>;  // streamed queries per step
   static constexpr int kStages = 2;
   static constexpr int kKVBytes = kBlockN * kHeadDim * 2, kQBytes = kBlockM * kHeadDim * 2;
   static constexpr int kStatsBytes = 2 * kStages * kBlockM * 4;  // lse2 and delta per stage
@@ -177,15 +184,15 @@ struct BwdDkvSm90TmaKernel {
   static_assert(kSmemBytes <= 227 * 1024, "shared memory per block");
 };
 
-template <typename T, int kHeadDim, bool kAccumDq>
-__global__ void __launch_bounds__(BwdDkvSm90TmaKernel<T, kHeadDim, kAccumDq>::kThreads, 1)
+template <typename T, int kHeadDim, bool kAccumDq, bool kWithDk, bool kWithDv>
+__global__ void __launch_bounds__(BwdDkvSm90TmaKernel<T, kHeadDim, kAccumDq, kWithDk, kWithDv>::kThreads, 1)
     flash_bwd_dkdv_sm90_tma_kernel(const FlashBwdParams p, const __grid_constant__ CUtensorMap map_q,
                                    const __grid_constant__ CUtensorMap map_dout,
                                    const __grid_constant__ CUtensorMap map_k,
                                    const __grid_constant__ CUtensorMap map_v,
                                    const __grid_constant__ CUtensorMap map_dq_accum) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
-  using K = BwdDkvSm90TmaKernel<T, kHeadDim, kAccumDq>;
+  using K = BwdDkvSm90TmaKernel<T, kHeadDim, kAccumDq, kWithDk, kWithDv>;
   constexpr int kBlockN = K::kBlockN, kBlockM = K::kBlockM, kStages = K::kStages, kPanels = kHeadDim / 64;
   extern __shared__ char smem_raw[];
   unsigned char* smem = align_1024(smem_raw);
@@ -263,11 +270,11 @@ __global__ void __launch_bounds__(BwdDkvSm90TmaKernel<T, kHeadDim, kAccumDq>::kT
     }
     if (warp == 0 && lane == 0) {  // TMA
       if (steps > 0) {
-        mbarrier_arrive_expect_tx(kv_full, 2 * K::kKVBytes);
+        mbarrier_arrive_expect_tx(kv_full, (kWithDk ? 2 : 1) * K::kKVBytes);  // dP needs V; dV alone does not
 #pragma unroll
         for (int panel = 0; panel < kPanels; ++panel) {
           tma_load_4d(sK + panel * kBlockN * 128, &map_k, kv_full, panel * 64, n_start, h_kv, b);
-          tma_load_4d(sV + panel * kBlockN * 128, &map_v, kv_full, panel * 64, n_start, h_kv, b);
+          if constexpr (kWithDk) tma_load_4d(sV + panel * kBlockN * 128, &map_v, kv_full, panel * 64, n_start, h_kv, b);
         }
       }
       for (int step = 0; step < steps; ++step) {
@@ -318,17 +325,31 @@ __global__ void __launch_bounds__(BwdDkvSm90TmaKernel<T, kHeadDim, kAccumDq>::kT
     WarpAcc<kBlockM> s, dp;  // S^T and dP^T: this warp's 16 keys x kBlockM queries
     wgmma_fence();
     issue_qk<T, kHeadDim, kBlockN * 128>(s, desc_k, desc_q0 + stage_bytes(stage));
-    issue_qk<T, kHeadDim, kBlockN * 128>(dp, desc_v, desc_do0 + stage_bytes(stage));
+    if constexpr (kWithDk) issue_qk<T, kHeadDim, kBlockN * 128>(dp, desc_v, desc_do0 + stage_bytes(stage));
+    // Both waited for here: waiting for S alone, the exponentials beside dP, measured 3-5% slower
+    // at head dim 64 (benchmarks/NOTES.md, 2026-12-01).
     wgmma_wait<0>();
     auto col_lse2 = [&](int j, int e) { return lse2[WarpAcc<kBlockM>::col_of(j, e, lane)]; };
     auto col_delta = [&](int j, int e) { return delta[WarpAcc<kBlockM>::col_of(j, e, lane)]; };
     probs_then_mask<true>(s, scale_log2, p.mask, seq, key0, m0, lane, col_lse2);
-    uint32_t pt[kBlockM / 16][4], dst[kBlockM / 16][4];
+    auto release_stage = [&] {  // this warp is done with the stage (tiles and stats)
+      __syncwarp();
+      if (lane == 0) mbarrier_arrive(&empty[stage]);
+    };
+    if constexpr (kWithDv) {
+      uint32_t pt[kBlockM / 16][4];
 #pragma unroll
-    for (int kk = 0; kk < kBlockM / 16; ++kk) s.template to_a<T>(pt[kk], kk);
-    wgmma_fence();
-    issue_pv<T, kHeadDim, kBlockM>(dv, pt, desc_do0_mn + stage_bytes(stage));  // runs while dS is formed
+      for (int kk = 0; kk < kBlockM / 16; ++kk) s.template to_a<T>(pt[kk], kk);
+      wgmma_fence();
+      issue_pv<T, kHeadDim, kBlockM>(dv, pt, desc_do0_mn + stage_bytes(stage));  // runs while dS is formed
+    }
+    if constexpr (!kWithDk) {
+      wgmma_wait<0>();
+      release_stage();
+      continue;
+    }
     ds_from_dp(dp, s, col_delta);
+    uint32_t dst[kBlockM / 16][4];
 #pragma unroll
     for (int kk = 0; kk < kBlockM / 16; ++kk) dp.template to_a<T>(dst[kk], kk);
     if constexpr (kAccumDq) {
@@ -363,8 +384,7 @@ __global__ void __launch_bounds__(BwdDkvSm90TmaKernel<T, kHeadDim, kAccumDq>::kT
         if constexpr (!K::kDqByColumns) wgmma_wait<0>();
       }
       if constexpr (K::kDqByColumns) wgmma_wait<0>();
-      __syncwarp();
-      if (lane == 0) mbarrier_arrive(&empty[stage]);  // this warp is done with the stage (tiles and stats)
+      release_stage();
       if (with_dq) {
         const int use = dq_use(step);
         if (use > 0) mbarrier_wait(&dq_empty[consumer], (use - 1) & 1);  // the drain read the last part
@@ -386,8 +406,7 @@ __global__ void __launch_bounds__(BwdDkvSm90TmaKernel<T, kHeadDim, kAccumDq>::kT
       }
     } else {
       wgmma_wait<0>();
-      __syncwarp();
-      if (lane == 0) mbarrier_arrive(&empty[stage]);  // this warp is done with the stage (tiles and stats)
+      release_stage();
     }
   }
 
@@ -400,10 +419,12 @@ __global__ void __launch_bounds__(BwdDkvSm90TmaKernel<T, kHeadDim, kAccumDq>::kT
   const float dk_scale[2] = {static_cast<float>(p.scale), static_cast<float>(p.scale)}, dv_scale[2] = {1.f, 1.f};
   T* dk_out = row_at<T>(p.dk, p.dk_strides, seq, false, b, h_kv, key0);
   T* dv_out = row_at<T>(p.dv, p.dv_strides, seq, false, b, h_kv, key0);
-  warp_store_rows<T, kHeadDim>(dk, dk_scale, stage_tile, warp_row, dk_out, p.dk_strides.row, rows_valid,
-                               sh.head_dim, lane);
-  warp_store_rows<T, kHeadDim>(dv, dv_scale, stage_tile, warp_row, dv_out, p.dv_strides.row, rows_valid,
-                               sh.head_dim, lane);
+  if constexpr (kWithDk)
+    warp_store_rows<T, kHeadDim>(dk, dk_scale, stage_tile, warp_row, dk_out, p.dk_strides.row, rows_valid,
+                                 sh.head_dim, lane);
+  if constexpr (kWithDv)
+    warp_store_rows<T, kHeadDim>(dv, dv_scale, stage_tile, warp_row, dv_out, p.dv_strides.row, rows_valid,
+                                 sh.head_dim, lane);
 #endif
 }
 
