@@ -6,6 +6,9 @@
 #   GPU_SM90_BENCH="..."   bench_attention.py arguments ("" skips the benchmark)
 #   GPU_SM90_BENCH_FEATURES="..."   bench_features.py arguments (unset or "" skips it)
 #   GPU_SM90_LIMIT_S=300   seconds each test process may run
+#   GPU_SM90_GROUPS="forward,bad_input"   run only the test groups named (default: all of them)
+#   GPU_SM90_NCU="..."   scripts/ncu_backward.sh's environment (e.g. NCU_SHAPE=2,32,8192,64) to
+#                        profile the backward at the end (unset: no profile)
 # Logs come back as $OUT/logs.tar.gz, results as $OUT/*.md/json.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -36,7 +39,15 @@ runs=(
   "sm80_features|0|tests/test_features.py tests/test_attn_mask.py|cuda"
   "debug||tests/test_ops.py|debug"
   "defaults||tests/test_accuracy.py tests/test_edge_cases.py|cuda and not test_random_sweep"
+  "bad_input||tests/test_bad_input.py tests/test_ops.py|"
 )
+if [ -n "${GPU_SM90_GROUPS-}" ]; then
+  chosen=()
+  for run in "${runs[@]}"; do
+    [[ ",$GPU_SM90_GROUPS," == *",${run%%|*},"* ]] && chosen+=("$run")
+  done
+  runs=("${chosen[@]}")
+fi
 pids=()
 for run in "${runs[@]}"; do
   IFS='|' read -r name value files kexpr <<< "$run"
@@ -67,6 +78,11 @@ if [ -n "${GPU_SM90_BENCH_FEATURES-}" ]; then
   timeout --kill-after=5 "${GPU_SM90_BENCH_LIMIT_S:-200}" python3 benchmarks/bench_features.py $GPU_SM90_BENCH_FEATURES \
     > "$OUT/bench_features.md" 2> "$OUT/bench_features.log"
   echo "bench_features exit $?"; cat "$OUT/bench_features.md"
+fi
+if [ -n "${GPU_SM90_NCU-}" ]; then
+  # shellcheck disable=SC2086  # NAME=value pairs
+  env $GPU_SM90_NCU OUT="$OUT" timeout --kill-after=5 200 bash scripts/ncu_backward.sh > "$OUT/ncu_summary.log" 2>&1
+  echo "ncu exit $?"; tail -n 80 "$OUT/ncu_summary.log"
 fi
 tar czf "$OUT/logs.tar.gz" -C "$OUT" $(cd "$OUT" && ls -- *.log 2>/dev/null) && (cd "$OUT" && rm -f -- *.log)
 echo "total: $(( $(date +%s) - start )) s"

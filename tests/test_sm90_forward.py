@@ -2,8 +2,9 @@
 compute capability 9.0 GPU of an sm_90a build: the warp-specialized flash_fwd_sm90_tma.cuh (TMA
 producer, two consumer warpgroups; the default) and csrc/cuda/sm90/flash_fwd_sm90.cuh (wgmma from
 swizzled shared memory, cp.async loads; CUFLASH_SM90=cpasync, and what varlen and inputs TMA
-cannot address take), and the TMA one as a persistent kernel (CUFLASH_SM90=tma,persistent; by
-default on short rows at head dims up to 128). Every test runs under each of the three (the
+cannot address take), the TMA one as a persistent kernel (CUFLASH_SM90=tma,persistent; by
+default on short rows at head dims up to 128), and the TMA one on its wide tile at every length
+(CUFLASH_FWD_TILE=wide; by default on long rows). Every test runs under each of the four (the
 `mode` fixture). The same accuracy rule as
 every path, over the shapes that stress the tiles (one query, ragged blocks, rows that see no
 key), the masks, GQA, varlen and the [B, N, H, D] layout; the profiler shows which kernel ran,
@@ -18,20 +19,22 @@ from test_features import check_dense, check_varlen
 
 pytestmark = pytest.mark.skipif(not IS_SM90, reason="needs a compute capability 9.0 GPU")
 KERNEL = {"cpasync": "flash_fwd_sm90_kernel", "tma": "flash_fwd_sm90_tma_kernel",
-          "persistent": "flash_fwd_sm90_tma_kernel"}
+          "persistent": "flash_fwd_sm90_tma_kernel", "wide": "flash_fwd_sm90_tma_kernel"}
 KERNEL_DTYPE = {torch.bfloat16: "__nv_bfloat16", torch.float16: "__half"}  # as the profiler names T
-SWITCH = {"cpasync": "cpasync", "tma": "tma", "persistent": "tma,persistent"}  # CUFLASH_SM90 per mode
+SWITCH = {"cpasync": "cpasync", "tma": "tma", "persistent": "tma,persistent", "wide": "tma"}  # CUFLASH_SM90
 
 
-@pytest.fixture(params=["cpasync", "tma", "persistent"], autouse=True)
+@pytest.fixture(params=["cpasync", "tma", "persistent", "wide"], autouse=True)
 def mode(request, monkeypatch):
     monkeypatch.setenv("CUFLASH_SM90", SWITCH[request.param])  # read by the op at every call
+    if request.param == "wide":
+        monkeypatch.setenv("CUFLASH_FWD_TILE", "wide")
     return request.param
 
 
 def tma_kernel(d, wide=False, features=False, persistent=False, dtype=torch.bfloat16):
     """The TMA kernel's name as the profiler shows it."""
-    flags = ", ".join(str(f).lower() for f in (wide and d != 128, features, persistent and d <= 128))
+    flags = ", ".join(str(f).lower() for f in (wide, features, persistent and d <= 128))
     return f"flash_fwd_sm90_tma_kernel<{KERNEL_DTYPE[dtype]}, {d}, {flags}>"
 
 
@@ -51,6 +54,8 @@ def test_path_taken(d, mode, monkeypatch):
         pytest.fail(f"the {mode} Hopper forward did not run (an sm_90a build?): {names}")
     if mode == "persistent":  # its own instantiation up to 128; the one-tile-per-CTA kernel past
         assert tma_kernel(bucket(d), persistent=True) in names, names
+    if mode == "wide":
+        assert tma_kernel(bucket(d), wide=True) in names, names
     monkeypatch.setenv("CUFLASH_SM90", "0")
     names = forward_kernels(d)
     assert "flash_fwd_sm90" not in names and "flash_fwd_kernel" in names, names
@@ -66,6 +71,7 @@ def test_default_parts(monkeypatch):
     """Unset: the TMA forward (persistent on short rows, with the features too) and the
     warp-specialized Hopper backward."""
     monkeypatch.delenv("CUFLASH_SM90")
+    monkeypatch.delenv("CUFLASH_FWD_TILE", raising=False)
     q, k, v = (torch.randn(1, 2, 100, 128, device="cuda", dtype=torch.bfloat16, requires_grad=True)
                for _ in range(3))
     names = cuda_kernels(lambda: torch.autograd.grad(torch.ops.cuflash_attn.fwd(q, k, v, None, False, False)[0].sum(),
@@ -134,18 +140,26 @@ def test_matches_reference(dtype, d, nq, nk, causal, bottom_right):
 
 
 @pytest.mark.parametrize("d", [64, 128, 256])
-@pytest.mark.parametrize("nq,nk,causal,wide", [(100, 100, False, False), (100, 2048, False, True),
-                                               (2048, 2048, True, False), (4096, 4096, True, True)])
-def test_tma_tile_choice(d, nq, nk, causal, wide, mode):
-    """The TMA kernel takes its wide tile (head dims 64 and 256) where the middle query row sees
-    2048 keys or more (wide: such long rows), the persistent kernel (head dims up to 128) where it
-    sees fewer."""
+@pytest.mark.parametrize("nq,nk,causal,keys", [(100, 100, False, 100), (100, 2048, False, 2048),
+                                               (2048, 2048, True, 1024), (4096, 4096, True, 2048),
+                                               (100, 4096, False, 4096)])
+def test_tma_tile_choice(d, nq, nk, causal, keys, mode, monkeypatch):
+    """The TMA kernel takes its wide tile where the middle query row sees 2048 keys or more (4096
+    at head dim 128), the persistent kernel (head dims up to 128) where it sees fewer than 2048;
+    CUFLASH_FWD_TILE names the tile at every length."""
+    wide = keys >= (4096 if d == 128 else 2048)
     if mode == "cpasync":
         pytest.skip("the TMA kernel's tiles")
+    if mode == "wide":
+        wide = True
+    elif mode == "tma" and wide:  # "narrow" overrides the long rows' choice
+        monkeypatch.setenv("CUFLASH_FWD_TILE", "narrow")
+        wide = False
     q = torch.randn(1, 1, nq, d, device="cuda", dtype=torch.bfloat16)
     k, v = (torch.randn(1, 1, nk, d, device="cuda", dtype=torch.bfloat16) for _ in range(2))
     names = cuda_kernels(lambda: torch.ops.cuflash_attn.fwd(q, k, v, None, causal, False))
-    assert tma_kernel(d, wide=wide, persistent=mode == "persistent" and not wide) in names, names
+    persistent = mode == "persistent" and keys < 2048
+    assert tma_kernel(d, wide=wide, persistent=persistent and not wide) in names, names
 
 
 @pytest.mark.parametrize("dtype", LOW_PRECISION, ids=LOW_PRECISION_IDS)
@@ -168,9 +182,10 @@ def test_persistent_ctas_walk_many_tiles(dtype, d, mode):
 
 
 @pytest.mark.parametrize("dtype", LOW_PRECISION, ids=LOW_PRECISION_IDS)
-@pytest.mark.parametrize("d", [64, 256])
+@pytest.mark.parametrize("d", [64, 128, 256])
 def test_wide_tile_matches_reference(dtype, d):
-    """Shapes that take the wide tile, ragged against its 192 query rows and 80 keys."""
+    """Long rows, ragged against the wide tile's 192 query rows (D=64) and 192 or 80 keys (D=128,
+    256): the wide tile by default at D=64 and 256, at D=128 in the "wide" mode."""
     check_dense("cuda", dtype, 1, 2, 2, 1, 2100, d)
     check_dense("cuda", dtype, 1, 4, 2, 333, 2100, d)
     check_dense("cuda", dtype, 1, 2, 1, 300, 2300, d, causal=True, bottom_right=True)

@@ -59,10 +59,10 @@ cudaError_t with_feature_path(const AttentionParams& p, F&& f) {
   return f(std::false_type{});
 }
 
-// The TMA forward for plain attention: long rows take the wide tile where there is one, short
-// rows the persistent kernel where asked for and built (sm90::long_rows); false (nothing
-// launched) where TMA cannot address p, varlen included: a box would read past a packed
-// sequence's end.
+// The TMA forward for plain attention: long rows take the wide tile (sm90::wide_rows), short rows
+// the persistent kernel where asked for and built (sm90::long_rows); CUFLASH_FWD_TILE overrides
+// the tile. False (nothing launched) where TMA cannot address p, varlen included: a box would
+// read past a packed sequence's end.
 template <typename T, int kHeadDim>
 bool launch_fwd_tma(const FlashFwdParams& p, bool persistent, cudaStream_t stream, cudaError_t* err) {
   if (p.varlen.cu_seqlens_q != nullptr) return false;
@@ -86,11 +86,11 @@ bool launch_fwd_tma(const FlashFwdParams& p, bool persistent, cudaStream_t strea
   constexpr std::false_type no{};
   constexpr std::true_type yes{};
   if (needs_feature_path(p)) return run(no, yes, no);
-  const bool long_rows = sm90::long_rows(p);
-  if constexpr (Plain::kHasWide)
-    if (long_rows) return run(yes, no, no);
+  const FwdTileSwitch tile = fwd_tile_switch();
+  if (tile == FwdTileSwitch::kWide || (tile == FwdTileSwitch::kAuto && sm90::wide_rows<kHeadDim>(p)))
+    return run(yes, no, no);
   if constexpr (Plain::kHasPersistent)
-    if (persistent && !long_rows) return run(no, no, yes);
+    if (persistent && !sm90::long_rows(p)) return run(no, no, yes);
   return run(no, no, no);
 }
 

@@ -21,6 +21,9 @@
 //   CUFLASH_BWD_DQ  unset or "": dQ by its own kernel, unless the op's deterministic=False picks
 //                   atomics (prefers_atomic_dq); "atomic": added by the dK/dV kernel with fp32
 //                   atomics wherever it can be (not with the attn_mask gradient)
+//   CUFLASH_FWD_TILE  the TMA forward's tile for plain attention: unset or "", the wide one on
+//                   long rows (sm90::wide_rows in flash_fwd_sm90_tma.cuh);
+//                   "wide" or "narrow": that one at every length (tests and benchmarks)
 //   CUFLASH_DEBUG   "1": one line on stderr per kernel launch, naming the kernel (so a fallback
 //                   to the sm_80-class kernels is visible), its grid and shared memory; unset,
 //                   "" or "0": quiet
@@ -75,6 +78,12 @@ inline bool env_is(const char* name, const char* value) {
 }
 
 inline bool dq_atomic_switch() { return env_is("CUFLASH_BWD_DQ", "atomic"); }
+enum class FwdTileSwitch { kAuto, kWide, kNarrow };
+inline FwdTileSwitch fwd_tile_switch() {
+  return env_is("CUFLASH_FWD_TILE", "wide") ? FwdTileSwitch::kWide
+         : env_is("CUFLASH_FWD_TILE", "narrow") ? FwdTileSwitch::kNarrow
+                                                 : FwdTileSwitch::kAuto;
+}
 inline bool debug_switch() { return env_is("CUFLASH_DEBUG", "1"); }
 
 // The message for a switch set to something it does not name, or "" if all are valid.
@@ -89,6 +98,7 @@ inline std::string run_switch_error() {
     const char *name, *values[2], *spelled;
   };
   for (const OneOf& v : {OneOf{"CUFLASH_BWD_DQ", {"atomic", "atomic"}, "unset, empty or \"atomic\""},
+                         OneOf{"CUFLASH_FWD_TILE", {"wide", "narrow"}, "unset, empty, \"wide\" or \"narrow\""},
                          OneOf{"CUFLASH_DEBUG", {"0", "1"}, "unset, empty, \"0\" or \"1\""}}) {
     const char* set = std::getenv(v.name);
     if (set != nullptr && *set != '\0' && std::strcmp(set, v.values[0]) != 0 && std::strcmp(set, v.values[1]) != 0)

@@ -18,11 +18,11 @@
 
 namespace cuflash::sm90 {
 
-// Tiles. The narrow ones suit query rows that see up to a couple of thousand keys; kWide,
-// FlashAttention-3's tiles for 16-bit inputs, is faster beyond (benchmarks/NOTES.md, 2026-12-01):
+// Tiles. The narrow ones suit query rows that see up to a few thousand keys; kWide, close to
+// FlashAttention-3's tiles for 16-bit inputs, is faster beyond (wide_rows; benchmarks/NOTES.md):
 // at head dim 64 three consumer warpgroups (192 query rows) share the producer, so that more
-// softmax hides under the matmuls; at 256, 80 keys a step (what two stages of K and V leave room
-// for beside Q). Head dim 128 has one tile.
+// softmax hides under the matmuls; at 128 and 256, 192 and 80 keys a step (what two stages of K
+// and V leave room for beside Q): fewer steps, each a longer run of wgmmas.
 // kPersistent (CUFLASH_SM90's "persistent" part, a default; head dims up to 128, short rows): one
 // CTA per SM walks tiles (query block, head, batch), loading the next tile's K, V and Q while the
 // last one's P V and output run, with O staged in a buffer of its own (the padded staging tile
@@ -30,12 +30,11 @@ namespace cuflash::sm90 {
 // so that the 3-D grid's per-CTA prologue and epilogue show (benchmarks/NOTES.md).
 template <typename T, int kHeadDim, bool kWide, bool kPersistent = false>
 struct FwdSm90TmaKernel {
-  static constexpr bool kHasWide = kHeadDim != 128, kHasPersistent = kHeadDim <= 128;
-  static_assert(kHasWide || !kWide, "one tile at head dim 128");
+  static constexpr bool kHasPersistent = kHeadDim <= 128;
   static_assert(kHasPersistent || !kPersistent, "no room to stage O beside the tiles at head dim 256");
   static constexpr int kConsumers = kWide && kHeadDim <= 64 ? 3 : 2;
   static constexpr int kThreads = 128 * (kConsumers + 1), kBlockM = 64 * kConsumers;
-  static constexpr int kBlockN = kHeadDim <= 128 ? 128 : (kWide ? 80 : 64);
+  static constexpr int kBlockN = kHeadDim <= 64 ? 128 : kHeadDim <= 128 ? (kWide ? 192 : 128) : (kWide ? 80 : 64);
   static constexpr int kStages = 2;
   static constexpr int kQBytes = kBlockM * kHeadDim * 2, kKVBytes = kBlockN * kHeadDim * 2;
   static constexpr int kStagingBytes = kPersistent ? SmemTile<T, kBlockM, kHeadDim>::kElems * int(sizeof(T)) : 0;
@@ -300,9 +299,16 @@ inline int middle_row_keys(const AttentionParams& p) {
   const Range keys = visible_keys(p.mask, s, middle, middle + 1);
   return keys.end - keys.begin;
 }
-// Whether dense p has long rows (2048 keys or more): there the wide tile pays and the persistent
-// kernel does not (benchmarks/NOTES.md).
+// Whether dense p has long rows (2048 keys or more): there the persistent kernel does not pay
+// (benchmarks/NOTES.md).
 inline bool long_rows(const FlashFwdParams& p) { return middle_row_keys(p) >= 2048; }
+// Where the wide tile pays (benchmarks/NOTES.md, 2026-12-01): rows of 2048 keys, but 4096 at head
+// dim 128, whose wide tile loses 3-9% at 2048 (192 keys a step: the last step's share of idle
+// keys and the longer pipeline fill).
+template <int kHeadDim>
+bool wide_rows(const FlashFwdParams& p) {
+  return middle_row_keys(p) >= (kHeadDim == 128 ? 4096 : 2048);
+}
 
 // The tensor maps of q, k and v for the TMA kernel of dense p; false where TMA cannot address
 // them (alignment, zero strides): the cp.async kernel runs then.
