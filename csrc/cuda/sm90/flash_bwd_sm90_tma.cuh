@@ -179,7 +179,9 @@ struct BwdDkvSm90TmaKernel {
   static constexpr int kBarriers = 1 + 2 * kStages + (kAccumDq ? 2 * kConsumers : 0);
   static constexpr int kSmemBytes =
       2 * kKVBytes + 2 * kStages * kQBytes + kDsBytes + kDqBytes + kStatsBytes + kBarriers * 8 + 1024;
-  static constexpr int kProducerRegs = 24, kConsumerRegs = 240;
+  // The producer's loop (TMA coordinates per step, the stats warp's rows) spills at 24 registers;
+  // the consumers can spare 8 but at head dim 128 (where ptxas would serialize the wgmmas).
+  static constexpr int kProducerRegs = kHeadDim != 128 ? 40 : 24, kConsumerRegs = kHeadDim != 128 ? 232 : 240;
   static_assert(128 * (kProducerRegs + kConsumers * kConsumerRegs) <= 65536, "register file");
   static_assert(kSmemBytes <= 227 * 1024, "shared memory per block");
 };
