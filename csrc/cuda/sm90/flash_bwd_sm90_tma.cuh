@@ -35,6 +35,7 @@ struct BwdDqSm90TmaKernel {
   static constexpr int kBarriers = 1 + 2 * kStages;
   static constexpr int kSmemBytes = 2 * kQBytes + 2 * kStages * kKVBytes + kBarriers * 8 + 1024;
   static constexpr int kProducerRegs = 24, kConsumerRegs = 240;
+  static_assert(fits_launch_registers<kThreads>(kProducerRegs, kConsumerRegs), "setmaxnreg's split");
   static_assert(kSmemBytes <= 227 * 1024, "shared memory per block");
 };
 
@@ -182,7 +183,7 @@ struct BwdDkvSm90TmaKernel {
   // The producer's loop (TMA coordinates per step, the stats warp's rows) spills at 24 registers;
   // the consumers can spare 8 but at head dim 128 (where ptxas would serialize the wgmmas).
   static constexpr int kProducerRegs = kHeadDim != 128 ? 40 : 24, kConsumerRegs = kHeadDim != 128 ? 232 : 240;
-  static_assert(128 * (kProducerRegs + kConsumers * kConsumerRegs) <= 65536, "register file");
+  static_assert(fits_launch_registers<kThreads>(kProducerRegs, kConsumerRegs), "setmaxnreg's split");
   static_assert(kSmemBytes <= 227 * 1024, "shared memory per block");
 };
 
@@ -230,6 +231,9 @@ __global__ void __launch_bounds__(BwdDkvSm90TmaKernel<T, kHeadDim, kAccumDq, kWi
   };
   // kAccumDq: whether consumer c computes a dQ part at step, and which use of its buffer that is.
   auto makes_dq = [&](int c, int step) { return K::kDqByColumns || c == (step & 1); };
+  // kAccumDq: the named barrier on which consumer c announces its dS panel of step (ids 2-5: one
+  // per buffer and consumer, each used by c's arrival and the other's wait; 1 is the epilogue's).
+  auto ds_barrier = [](int step, int c) { return 2 + 2 * (step & 1) + c; };
   auto dq_use = [&](int step) { return K::kDqByColumns ? step : step >> 1; };
 
   if (tid == 0) {
@@ -357,8 +361,8 @@ __global__ void __launch_bounds__(BwdDkvSm90TmaKernel<T, kHeadDim, kAccumDq, kWi
     if constexpr (kAccumDq) {
       // dS^T (this warp's 16 keys x kBlockM queries, packed in dst) into this consumer's panel of
       // the step's buffer as [query][key], the A operand of the dQ parts. The buffer was last
-      // read by the dQ wgmmas of step - 2, which both consumers waited for before the barrier
-      // of step - 1.
+      // read by the dQ wgmmas of step - 2, which each consumer waited for before its arrival of
+      // step - 1, which this one waited for.
       // dst[kk] is four 8 x 8 fragments (keys down, queries across: 0-7 x 0-7, 8-15 x 0-7, 0-7 x
       // 8-15, 8-15 x 8-15 of the 16 x 16 block kk); stored transposed, fragment i's query q
       // is 8 keys in a row of the panel, the row this lane (8 i + q) addresses.
@@ -367,8 +371,10 @@ __global__ void __launch_bounds__(BwdDkvSm90TmaKernel<T, kHeadDim, kAccumDq, kWi
                              swizzle128_offset(8 * (fragment / 2) + q, warp_row % 64 + 8 * (fragment % 2));
 #pragma unroll
       for (int kk = 0; kk < kBlockM / 16; ++kk) stmatrix_x4_trans(my_ds + kk * 16 * 128, dst[kk]);
-      fence_async_shared();                        // the wgmma (async proxy) reads these stores
-      named_barrier_sync<K::kConsumerThreads>(2);  // both consumers' panels are in the buffer
+      fence_async_shared();  // the wgmma (async proxy) reads these stores
+      // This panel is in: an arrival, not a wait, so that dK's wgmmas go out at once (no lockstep
+      // between the consumers); the other's panel is waited for just before dQ.
+      named_barrier_arrive<K::kConsumerThreads>(ds_barrier(step, consumer));
     }
     wgmma_fence();
     issue_pv<T, kHeadDim, kBlockM>(dk, dst, desc_q0_mn + stage_bytes(stage));
@@ -378,6 +384,9 @@ __global__ void __launch_bounds__(BwdDkvSm90TmaKernel<T, kHeadDim, kAccumDq, kWi
       // At D=64 dK's wgmmas are waited for before the ones in the branch: ptxas serializes
       // wgmmas whose accumulators are in flight across a divergent path (C7520).
       if constexpr (!K::kDqByColumns) wgmma_wait<0>();
+      // The other consumer's panel is in (also when this one makes no dQ part: the wait orders
+      // this step's stores after the other's dQ wgmmas of step - 2, see above).
+      named_barrier_sync<K::kConsumerThreads>(ds_barrier(step, 1 - consumer));
       if (with_dq) {
         const int col0 = K::kDqByColumns ? 64 * consumer : 0;
         wgmma_fence();

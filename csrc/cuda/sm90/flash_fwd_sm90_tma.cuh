@@ -44,7 +44,7 @@ struct FwdSm90TmaKernel {
   static constexpr int kSmemBytes = kQBytes + 2 * kStages * kKVBytes + kStagingBytes + kBarriers * 8 + 1024;
   // setmaxnreg: the producer's registers go to the consumers (65536 per SM in all).
   static constexpr int kProducerRegs = kConsumers == 2 ? 24 : 32, kConsumerRegs = kConsumers == 2 ? 240 : 160;
-  static_assert(128 * (kProducerRegs + kConsumers * kConsumerRegs) <= 65536, "register file");
+  static_assert(fits_launch_registers<kThreads>(kProducerRegs, kConsumerRegs), "setmaxnreg's split");
   static_assert(kSmemBytes <= 227 * 1024, "shared memory per block");
 };
 
