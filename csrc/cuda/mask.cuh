@@ -59,6 +59,39 @@ struct TileDistance {
   }
 };
 
+// is_visible for the elements (j, e) of a warp tile whose mask is not trivial (tile_needs_mask):
+// each of the lane's two rows gets its visible columns once, as bounds relative to the lane's
+// element (0, 0), so that an element's test is two comparisons against a compile-time column
+// offset instead of is_visible's subtraction and four comparisons (the diagonal tiles of short
+// causal rows were ALU-bound on it: benchmarks/NOTES.md, 2026-12-01). Rows are queries (the keys
+// they see, visible_keys) or, kTransposed, keys (the queries that see them: is_visible's bounds
+// without a seqlen_q limit, columns past the tile counting as past any window).
+template <bool kTransposed, int kN>
+struct TileVisibility {
+  int lo[2], hi[2];  // row half e / 2: offsets c = col - (this lane's column of (0, 0)) in [lo, hi)
+  __device__ __forceinline__ TileVisibility(const MaskParams& m, const Sequence& s, int row0, int col0, int lane) {
+    const int base = col0 + WarpAcc<kN>::col_of(0, 0, lane);
+#pragma unroll
+    for (int half = 0; half < 2; ++half) {
+      const int row = row0 + WarpAcc<kN>::row_of(2 * half, lane);
+      Range cols;
+      if (kTransposed) {  // row = key k: queries i with k - i - diagonal in [-window_left, window_right]
+        cols.begin = m.window_right >= 0 ? row - s.diagonal - m.window_right : 0;
+        cols.end = m.window_left >= 0 ? row - s.diagonal + m.window_left + 1 : col0 + kN;
+        if (row >= s.seqlen_k || cols.end < cols.begin) cols.end = cols.begin;
+      } else {
+        cols = visible_keys(m, s, row, row + 1);
+      }
+      lo[half] = cols.begin - base;
+      hi[half] = cols.end - base;
+    }
+  }
+  __device__ __forceinline__ bool operator()(int j, int e) const {
+    const int c = WarpAcc<kN>::col_of(j, e, 0);
+    return c >= lo[e >> 1] && c < hi[e >> 1];
+  }
+};
+
 // Visits every element of a warp tile with its (query, key) indices.
 template <bool kTransposed, int kN, class F>
 __device__ __forceinline__ void for_each_element(WarpAcc<kN>& t, int row0, int col0, int lane, F&& f) {
@@ -178,10 +211,12 @@ __device__ __forceinline__ void scores_from_qk(WarpAcc<kN>& t, const ScoreMod<T>
 #pragma unroll
       for (int e = 0; e < 4; ++e) t.v[j][e] *= mod.scale_log2;
   }
-  if (tile_needs_mask<false, kN>(m, s, row0, col0))
-    for_each_element<false>(t, row0, col0, lane, [&](float& x, int i, int k, int, int) {
-      if (!is_visible(m, s, i, k)) x = -INFINITY;
+  if (tile_needs_mask<false, kN>(m, s, row0, col0)) {
+    const TileVisibility<false, kN> visible(m, s, row0, col0, lane);
+    for_each_value(t, [&](float& x, int j, int e) {
+      if (!visible(j, e)) x = -INFINITY;
     });
+  }
 }
 
 // Dropout keep factors (0 or 1 / (1 - p)) of a warp tile: z[j][e] for element (j, e). One Philox
@@ -240,8 +275,9 @@ template <bool kTransposed, int kN, class Lse2>
 __device__ __forceinline__ void probs_from_qk(WarpAcc<kN>& s, float scale_log2, const MaskParams& m,
                                               const Sequence& seq, int row0, int col0, int lane, Lse2&& lse2) {
   if (tile_needs_mask<kTransposed, kN>(m, seq, row0, col0)) {
-    for_each_element<kTransposed>(s, row0, col0, lane, [&](float& x, int i, int k, int j, int e) {
-      x = is_visible(m, seq, i, k) ? fast_exp2(__fmul_rn(x, scale_log2) - lse2(j, e)) : 0.f;
+    const TileVisibility<kTransposed, kN> visible(m, seq, row0, col0, lane);
+    for_each_value(s, [&](float& x, int j, int e) {
+      x = visible(j, e) ? fast_exp2(__fmul_rn(x, scale_log2) - lse2(j, e)) : 0.f;
     });
   } else {
 #pragma unroll
@@ -269,10 +305,12 @@ __device__ __forceinline__ void probs_then_mask(WarpAcc<kN>& s, float scale_log2
   for (int j = 0; j < kN / 8; ++j)
 #pragma unroll
     for (int e = 0; e < 4; ++e) s.v[j][e] = fast_exp2(__fmul_rn(s.v[j][e], scale_log2) - lse2(j, e));
-  if (tile_needs_mask<kTransposed, kN>(m, seq, row0, col0))
-    for_each_element<kTransposed>(s, row0, col0, lane, [&](float& x, int i, int k, int, int) {
-      if (!is_visible(m, seq, i, k)) x = 0.f;
+  if (tile_needs_mask<kTransposed, kN>(m, seq, row0, col0)) {
+    const TileVisibility<kTransposed, kN> visible(m, seq, row0, col0, lane);
+    for_each_value(s, [&](float& x, int j, int e) {
+      if (!visible(j, e)) x = 0.f;
     });
+  }
 }
 
 // With softcap, ALiBi, attn_mask or dropout, one pass over raw q.k (s) and dP (dp):
