@@ -65,13 +65,13 @@ struct TileDistance {
 // offset instead of is_visible's subtraction and four comparisons (the diagonal tiles of short
 // causal rows were ALU-bound on it: benchmarks/NOTES.md, 2026-12-01). Rows are queries (the keys
 // they see, visible_keys) or, kTransposed, keys (the queries that see them: is_visible's bounds
-// without a seqlen_q limit, columns past the tile counting as past any window).
+// without a seqlen_q limit, columns past the tile counting as past any window). Host too:
+// tests/cpp/test_mask_tiles.cu checks it against is_visible element by element.
 template <bool kTransposed, int kN>
 struct TileVisibility {
   int lo[2], hi[2];  // row half e / 2: offsets c = col - (this lane's column of (0, 0)) in [lo, hi)
-  __device__ __forceinline__ TileVisibility(const MaskParams& m, const Sequence& s, int row0, int col0, int lane) {
+  CUFLASH_HD TileVisibility(const MaskParams& m, const Sequence& s, int row0, int col0, int lane) {
     const int base = col0 + WarpAcc<kN>::col_of(0, 0, lane);
-#pragma unroll
     for (int half = 0; half < 2; ++half) {
       const int row = row0 + WarpAcc<kN>::row_of(2 * half, lane);
       Range cols;
@@ -86,7 +86,7 @@ struct TileVisibility {
       hi[half] = cols.end - base;
     }
   }
-  __device__ __forceinline__ bool operator()(int j, int e) const {
+  CUFLASH_HD bool operator()(int j, int e) const {
     const int c = WarpAcc<kN>::col_of(j, e, 0);
     return c >= lo[e >> 1] && c < hi[e >> 1];
   }

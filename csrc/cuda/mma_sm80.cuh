@@ -149,9 +149,10 @@ struct WarpAcc {
     a[2] = MmaOperand<T>::pack(v[2 * kk + 1][0], v[2 * kk + 1][1]);
     a[3] = MmaOperand<T>::pack(v[2 * kk + 1][2], v[2 * kk + 1][3]);
   }
-  // Row (0..15) and column of element e of tile j for this lane.
-  __device__ __forceinline__ static int row_of(int e, int lane) { return (lane >> 2) + 8 * (e >> 1); }
-  __device__ __forceinline__ static int col_of(int j, int e, int lane) {
+  // Row (0..15) and column of element e of tile j for this lane (host too: tests/cpp checks the
+  // masks' use of them).
+  __host__ __device__ __forceinline__ static int row_of(int e, int lane) { return (lane >> 2) + 8 * (e >> 1); }
+  __host__ __device__ __forceinline__ static int col_of(int j, int e, int lane) {
     return 8 * j + 2 * (lane & 3) + (e & 1);
   }
 };
