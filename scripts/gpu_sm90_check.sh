@@ -39,13 +39,14 @@ runs=(
   "sm80_features|0|tests/test_features.py tests/test_attn_mask.py|cuda"
   "debug||tests/test_ops.py|debug"
   "defaults||tests/test_accuracy.py tests/test_edge_cases.py|cuda and not test_random_sweep"
-  "bad_input||tests/test_bad_input.py tests/test_ops.py|"
+  "bad_input||tests/test_bad_input.py tests/test_ops.py|not debug"
 )
 if [ -n "${GPU_SM90_GROUPS-}" ]; then
   chosen=()
   for run in "${runs[@]}"; do
     [[ ",$GPU_SM90_GROUPS," == *",${run%%|*},"* ]] && chosen+=("$run")
   done
+  (( ${#chosen[@]} > 0 )) || { echo "GPU_SM90_GROUPS=$GPU_SM90_GROUPS names no test group" >&2; exit 2; }
   runs=("${chosen[@]}")
 fi
 pids=()

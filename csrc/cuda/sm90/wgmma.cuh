@@ -159,8 +159,9 @@ __device__ __forceinline__ void stmatrix_x4_trans(uint32_t addr, const uint32_t 
 // Warp-specialized kernels move registers from the producer warpgroup to the consumers; every
 // thread of the warpgroup executes it.
 // The pool they share is what the CTA (one per SM, __launch_bounds__(kThreads, 1)) holds at
-// launch: 65536 / kThreads per thread, rounded down to a multiple of 8. A split asking for more
-// than that makes setmaxnreg.inc wait forever.
+// launch: 65536 / kThreads per thread, rounded down to a multiple of 8 (what ptxas gives these
+// kernels, whose register use exceeds it before the split; a -maxrregcount below it would break
+// this). A split asking for more than that makes setmaxnreg.inc wait forever.
 template <int kThreads>
 constexpr bool fits_launch_registers(int producer_regs, int consumer_regs) {
   constexpr int kLaunchRegs = (65536 / kThreads / 8) * 8 < 248 ? (65536 / kThreads / 8) * 8 : 248;
