@@ -70,7 +70,7 @@ def test_path_taken(monkeypatch, atomic_dq):
     names = cuda_kernels(lambda: torch.autograd.grad(out, (q, k, v), torch.ones_like(out), retain_graph=True))
     assert "flash_bwd_dq_convert_kernel" in names and "flash_bwd_dq_kernel" not in names, names
     if IS_SM90:  # the Hopper dK/dV kernel with dQ, where the build has it (sm_90a)
-        expected = "flash_bwd_dkdv_sm90_tma_kernel<__nv_bfloat16, 64, true, true, true>" if atomic_dq == "" else \
+        expected = "flash_bwd_dkdv_sm90_tma_kernel<__nv_bfloat16, 64, true, true, true, false>" if atomic_dq == "" else \
             "flash_bwd_dkdv_sm90_kernel<__nv_bfloat16, 64, true, true, true>"
         assert expected in names, names
         assert "flash_bwd_dq_sm90_kernel" not in names, names

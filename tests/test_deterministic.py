@@ -14,7 +14,7 @@ from test_features import check_dense
 import cuflash_attn
 from cuflash_attn.flash_attn_interface import flash_attn_func
 
-FUSED = "flash_bwd_dkdv_sm90_tma_kernel<__nv_bfloat16, {d}, true, true, true>"
+FUSED = "flash_bwd_dkdv_sm90_tma_kernel<__nv_bfloat16, {d}, true, true, true, false>"
 
 
 @pytest.fixture(autouse=True)

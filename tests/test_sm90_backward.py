@@ -15,11 +15,14 @@ from test_features import check_dense, check_varlen
 pytestmark = pytest.mark.skipif(not IS_SM90, reason="needs a compute capability 9.0 GPU")
 
 
-@pytest.fixture(params=["bwd", ""], ids=["cpasync", "ws"], autouse=True)
+@pytest.fixture(params=["bwd", "", "wide"], ids=["cpasync", "ws", "wide"], autouse=True)
 def hopper_backward(request, monkeypatch):
-    """Every test under the cp.async kernels ("bwd" alone) and the defaults, which take the
-    warp-specialized TMA ones (bwdws)."""
-    monkeypatch.setenv("CUFLASH_SM90", request.param)  # read by the op at every call
+    """Every test under the cp.async kernels ("bwd" alone), the defaults, which take the
+    warp-specialized TMA ones (bwdws), and those with CUFLASH_BWD_TILE=wide (128-query steps in
+    the dK/dV kernel at head dim 64; experimental)."""
+    monkeypatch.setenv("CUFLASH_SM90", "" if request.param == "wide" else request.param)  # read at every call
+    if request.param == "wide":
+        monkeypatch.setenv("CUFLASH_BWD_TILE", "wide")
     return request.param
 
 
@@ -32,13 +35,15 @@ def backward_kernels(d, **kw):
 @pytest.mark.parametrize("d", [40, 64, 100, 128, 240, 256])
 def test_path_taken(d, hopper_backward):
     names = backward_kernels(d)
-    ws = hopper_backward == ""
+    ws = hopper_backward != "bwd"
     dq, dkdv = ("flash_bwd_dq_sm90_tma_kernel", "flash_bwd_dkdv_sm90_tma_kernel") if ws else \
         ("flash_bwd_dq_sm90_kernel", "flash_bwd_dkdv_sm90_kernel")
     assert f"{dq}<" in names, names
     bucket = 64 if d <= 64 else 128 if d <= 128 else 256
     launches = ("true, false", "false, true") if d > 128 else ("true, true",)  # dK and dV in two at 256
-    assert all(f"{dkdv}<__nv_bfloat16, {bucket}, false, {parts}>" in names for parts in launches), names
+    # The warp-specialized kernel's last argument: 128-query steps (wide, head dim 64 only).
+    wide = ("" if not ws else ", true" if hopper_backward == "wide" and bucket == 64 else ", false")
+    assert all(f"{dkdv}<__nv_bfloat16, {bucket}, false, {parts}{wide}>" in names for parts in launches), names
 
 
 def test_other_cases_keep_the_sm80_kernels():

@@ -153,7 +153,7 @@ cudaError_t run_flash_bwd(const FlashBwdParams& p, cudaStream_t stream) {
             sm90::BackwardTmaMaps maps{};
             if (hopper.bwd_ws && sm90::encode_bwd_tma_maps<T, Ws>(p, &maps)) {
               // the fused warp-specialized kernel, dQ added by TMA reduce
-              err = launch(sm90::flash_bwd_dkdv_sm90_tma_kernel<T, kHeadDim, true, true, true>,
+              err = launch(sm90::flash_bwd_dkdv_sm90_tma_kernel<T, kHeadDim, true, true, true, false>,
                            dim3(ceil_div(sh.seqlen_k, Ws::kBlockN), sh.heads_kv, sh.batch), Ws::kThreads,
                            Ws::kSmemBytes, stream, p, maps.q, maps.dout, maps.k, maps.v, maps.dq_accum);
             } else {
@@ -178,26 +178,32 @@ cudaError_t run_flash_bwd(const FlashBwdParams& p, cudaStream_t stream) {
         };
         err = launch_dq();
         if (err != cudaSuccess) return err;
-        // dK and dV: one launch, or at head dim 256 two (kSplitDkDv: dK, then dV).
-        auto launch_dkdv = [&](auto with_dk, auto with_dv) {
+        // dK and dV: one launch, or at head dim 256 two (kSplitDkDv: dK, then dV); wide: the
+        // warp-specialized kernel's 128-query steps (CUFLASH_BWD_TILE=wide, head dim 64).
+        auto launch_dkdv = [&](auto with_dk, auto with_dv, auto wide) {
           constexpr bool kWithDk = decltype(with_dk)::value, kWithDv = decltype(with_dv)::value;
+          constexpr bool kWide = decltype(wide)::value;
           if (hopper.bwd_ws) {  // the warp-specialized dK/dV kernel where TMA can address the inputs
-            using Ws = sm90::BwdDkvSm90TmaKernel<T, kHeadDim, false, kWithDk, kWithDv>;
+            using Ws = sm90::BwdDkvSm90TmaKernel<T, kHeadDim, false, kWithDk, kWithDv, kWide>;
             sm90::BackwardTmaMaps maps{};
             if (sm90::encode_bwd_tma_maps<T, Ws>(p, &maps))
-              return launch(sm90::flash_bwd_dkdv_sm90_tma_kernel<T, kHeadDim, false, kWithDk, kWithDv>,
+              return launch(sm90::flash_bwd_dkdv_sm90_tma_kernel<T, kHeadDim, false, kWithDk, kWithDv, kWide>,
                             dim3(ceil_div(sh.seqlen_k, Ws::kBlockN), sh.heads_kv, sh.batch), Ws::kThreads,
                             Ws::kSmemBytes, stream, p, maps.q, maps.dout, maps.k, maps.v, maps.dq_accum);
           }
           return launch(sm90::flash_bwd_dkdv_sm90_kernel<T, kHeadDim, false, kWithDk, kWithDv>, key_grid, K::kThreads,
                         K::kSmemBytes, stream, p);
         };
+        constexpr std::true_type yes{};
+        constexpr std::false_type no{};
         if constexpr (K::kSplitDkDv) {
-          err = launch_dkdv(std::true_type{}, std::false_type{});
+          err = launch_dkdv(yes, no, no);
           if (err != cudaSuccess) return err;
-          return launch_dkdv(std::false_type{}, std::true_type{});
+          return launch_dkdv(no, yes, no);
         } else {
-          return launch_dkdv(std::true_type{}, std::true_type{});
+          if constexpr (kHeadDim == 64)
+            if (bwd_wide_steps_switch()) return launch_dkdv(yes, yes, yes);
+          return launch_dkdv(yes, yes, no);
         }
       }
     }
