@@ -22,6 +22,8 @@ def hopper_backward(request, monkeypatch):
     the dK/dV kernel at head dim 64; experimental)."""
     monkeypatch.setenv("CUFLASH_SM90", "" if request.param == "wide" else request.param)  # read at every call
     if request.param == "wide":
+        if getattr(request.node, "callspec", None) and request.node.callspec.params.get("d", 64) > 64:
+            pytest.skip("the wide steps are head dim 64's (the ws mode covers the others)")
         monkeypatch.setenv("CUFLASH_BWD_TILE", "wide")
     return request.param
 

@@ -77,6 +77,7 @@ TEST(MaskTiles, QueryRowsMatchIsVisible) {  // the forward's scores, the dQ kern
 TEST(MaskTiles, KeyRowsMatchIsVisible) {  // the dK/dV kernels' transposed tiles
   check_all<true, 32>();
   check_all<true, 64>();
+  check_all<true, 128>();  // CUFLASH_BWD_TILE=wide's 128-query steps
 }
 
 }  // namespace

@@ -185,6 +185,7 @@ struct BwdDkvSm90TmaKernel {
   // kWideSteps: each consumer's P^T and dS^T, 64 keys x kBlockM queries as 64-query panels.
   static constexpr int kOperandPanelBytes = 64 * 128, kOperandBytes = 64 * kBlockM * 2;
   static constexpr int kOperandsBytes = kWideSteps ? 2 * kConsumers * kOperandBytes : 0;
+  static_assert(kOperandPanelBytes == 64 * 128, "issue_ds_k's A panels: 64 rows of 128 bytes");
   // Barriers: K/V full, then per stage full (TMA bytes + the stats warp) and empty (consumer
   // warps); kAccumDq: per consumer dq_full (its warps) and dq_empty (the drain warp).
   static constexpr int kBarriers = 1 + 2 * kStages + (kAccumDq ? 2 * kConsumers : 0);
