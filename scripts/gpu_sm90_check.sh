@@ -38,7 +38,8 @@ runs=(
   "tma_features|tma,features|tests/test_features.py tests/test_attn_mask.py|cuda"
   "sm80_features|0|tests/test_features.py tests/test_attn_mask.py|cuda"
   "debug||tests/test_ops.py|debug"
-  "defaults||tests/test_accuracy.py tests/test_edge_cases.py|cuda and not test_random_sweep"
+  "defaults||tests/test_accuracy.py|cuda and not test_random_sweep"
+  "edge_cases||tests/test_edge_cases.py|cuda"
   "bad_input||tests/test_bad_input.py tests/test_ops.py|not debug"
 )
 if [ -n "${GPU_SM90_GROUPS-}" ]; then
