@@ -12,16 +12,14 @@ namespace cuflash {
 constexpr float kLog2e = 1.4426950408889634f;
 
 // Block indices [begin, end) of the key blocks (block_n keys each) that queries
-// [row_begin, row_end) see.
-__device__ __forceinline__ Range key_blocks(const MaskParams& m, const Sequence& s, int row_begin, int row_end,
-                                            int block_n) {
+// [row_begin, row_end) see. (Host too, as tile_needs_mask: tests/cpp/test_mask_tiles.cu.)
+CUFLASH_HD Range key_blocks(const MaskParams& m, const Sequence& s, int row_begin, int row_end, int block_n) {
   const Range keys = visible_keys(m, s, row_begin, row_end);
   if (keys.end <= keys.begin) return {0, 0};
   return {keys.begin / block_n, (keys.end + block_n - 1) / block_n};
 }
 // Block indices of the query blocks that keys [key_begin, key_end) are visible to.
-__device__ __forceinline__ Range query_blocks(const MaskParams& m, const Sequence& s, int key_begin, int key_end,
-                                              int block_m) {
+CUFLASH_HD Range query_blocks(const MaskParams& m, const Sequence& s, int key_begin, int key_end, int block_m) {
   const Range rows = visible_queries(m, s, key_begin, key_end);
   if (rows.end <= rows.begin) return {0, 0};
   return {rows.begin / block_m, (rows.end + block_m - 1) / block_m};
@@ -193,7 +191,7 @@ struct ScoreMod {
 
 // Whether a 16-row warp tile (rows row0.., columns col0..col0 + kN) needs the element mask.
 template <bool kTransposed, int kN>
-__device__ __forceinline__ bool tile_needs_mask(const MaskParams& m, const Sequence& s, int row0, int col0) {
+CUFLASH_HD bool tile_needs_mask(const MaskParams& m, const Sequence& s, int row0, int col0) {
   if (kTransposed) return !block_fully_visible(m, s, col0, col0 + kN, row0, row0 + 16);
   return !block_fully_visible(m, s, row0, row0 + 16, col0, col0 + kN);
 }

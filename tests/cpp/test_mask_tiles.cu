@@ -1,7 +1,12 @@
-// The tensor-core kernels' mask of a warp tile (TileVisibility in csrc/cuda/mask.cuh: per-row
-// column bounds) against the rule every kernel family follows (is_visible in attention_math.h),
-// element by element, on the host: every lane and element of tiles that cross the diagonal, the
-// window edges and the sequence ends, in both tile orientations (rows are queries, or keys).
+// The tensor-core kernels' masking shortcuts (csrc/cuda/mask.cuh) against the rule every kernel
+// family follows (is_visible in attention_math.h), on the host:
+//  - TileVisibility (a warp tile's per-row column bounds), element by element: every lane and
+//    element of tiles that cross the diagonal, the window edges and the sequence ends, in both
+//    tile orientations (rows are queries, or keys);
+//  - key_blocks and query_blocks (the blocks a CTA visits): no visible element outside them, and
+//    their first and last blocks hold one;
+//  - tile_needs_mask (false: the element mask is skipped): only for tiles with every element
+//    visible.
 #include <gtest/gtest.h>
 #include <string>
 #include <vector>
@@ -18,18 +23,27 @@ struct Case {
   int window_left, window_right;  // -1: unbounded (causal is window_right = 0)
 };
 
-// Every element of every tile of kN columns (rows 16 at a time, as a warp holds them) over the
-// sequence and one tile past it; returns the first mismatch, or "".
-template <bool kTransposed, int kN>
-std::string first_mismatch(const Case& c) {
-  MaskParams m;
-  m.bottom_right = c.bottom_right;
-  m.window_left = c.window_left;
-  m.window_right = c.window_right;
+Sequence sequence(const Case& c) {
   Sequence s{};
   s.seqlen_q = c.seqlen_q;
   s.seqlen_k = c.seqlen_k;
   s.diagonal = c.bottom_right ? c.seqlen_k - c.seqlen_q : 0;
+  return s;
+}
+MaskParams mask(const Case& c) {
+  MaskParams m;
+  m.bottom_right = c.bottom_right;
+  m.window_left = c.window_left;
+  m.window_right = c.window_right;
+  return m;
+}
+
+// Every element of every tile of kN columns (rows 16 at a time, as a warp holds them) over the
+// sequence and one tile past it; returns the first mismatch, or "".
+template <bool kTransposed, int kN>
+std::string first_mismatch(const Case& c) {
+  const MaskParams m = mask(c);
+  const Sequence s = sequence(c);
   using Acc = cuflash::WarpAcc<kN>;
   const int rows = kTransposed ? c.seqlen_k : c.seqlen_q, cols = kTransposed ? c.seqlen_q : c.seqlen_k;
   for (int row0 = 0; row0 < rows + 16; row0 += 16)
@@ -58,6 +72,58 @@ std::vector<Case> cases() {
   return all;
 }
 
+// The blocks (block rows of one side, blocks of block_cols of the other) that key_blocks or
+// query_blocks (kByKeys: rows are keys) gives each block of rows: first mismatch, or "".
+template <bool kByKeys>
+std::string block_range_mismatch(const Case& c, int block_rows, int block_cols) {
+  const MaskParams m = mask(c);
+  const Sequence s = sequence(c);
+  const int rows = kByKeys ? c.seqlen_k : c.seqlen_q, cols = kByKeys ? c.seqlen_q : c.seqlen_k;
+  auto visible = [&](int row, int col) { return kByKeys ? cuflash::is_visible(m, s, col, row)
+                                                        : cuflash::is_visible(m, s, row, col); };
+  for (int r0 = 0; r0 < rows; r0 += block_rows) {
+    const int r1 = r0 + block_rows < rows ? r0 + block_rows : rows;
+    const cuflash::Range blocks = kByKeys ? cuflash::query_blocks(m, s, r0, r1, block_cols)
+                                          : cuflash::key_blocks(m, s, r0, r1, block_cols);
+    const std::string where = "rows " + std::to_string(r0) + ".." + std::to_string(r1) + ", blocks " +
+                              std::to_string(blocks.begin) + ".." + std::to_string(blocks.end);
+    int first = -1, last = -1;  // the first and last blocks holding a visible element
+    for (int row = r0; row < r1; ++row)
+      for (int col = 0; col < cols; ++col)
+        if (visible(row, col)) {
+          const int block = col / block_cols;
+          if (block < blocks.begin || block >= blocks.end)
+            return where + ": visible (" + std::to_string(row) + ", " + std::to_string(col) + ") left out";
+          first = first < 0 || block < first ? block : first;
+          last = block > last ? block : last;
+        }
+    if (first < 0 ? blocks.end > blocks.begin : (first != blocks.begin || last != blocks.end - 1))
+      return where + ": visits blocks without a visible element";
+  }
+  return "";
+}
+
+// tile_needs_mask false for a 16-row tile with an element hidden: first such tile, or "".
+template <bool kTransposed, int kN>
+std::string unmasked_tile_mismatch(const Case& c) {
+  const MaskParams m = mask(c);
+  const Sequence s = sequence(c);
+  const int rows = kTransposed ? c.seqlen_k : c.seqlen_q, cols = kTransposed ? c.seqlen_q : c.seqlen_k;
+  for (int row0 = 0; row0 < rows; row0 += 16)
+    for (int col0 = 0; col0 < cols; col0 += kN) {
+      if (cuflash::tile_needs_mask<kTransposed, kN>(m, s, row0, col0)) continue;
+      for (int r = row0; r < row0 + 16; ++r)
+        for (int col = col0; col < col0 + kN; ++col) {
+          const int query = kTransposed ? col : r, key = kTransposed ? r : col;
+          // Rows past the sequence are never stored; a key row past seqlen_k is hidden.
+          if ((kTransposed ? r < c.seqlen_k : r < c.seqlen_q) && !cuflash::is_visible(m, s, query, key))
+            return "tile at " + std::to_string(row0) + ", " + std::to_string(col0) + " hides (query " +
+                   std::to_string(query) + ", key " + std::to_string(key) + ")";
+        }
+    }
+  return "";
+}
+
 template <bool kTransposed, int kN>
 void check_all() {
   for (const Case& c : cases()) {
@@ -72,6 +138,30 @@ TEST(MaskTiles, QueryRowsMatchIsVisible) {  // the forward's scores, the dQ kern
   check_all<false, 64>();
   check_all<false, 80>();
   check_all<false, 128>();
+}
+
+TEST(MaskTiles, BlockRangesCoverEveryVisibleElement) {  // the CTAs' loops over key or query blocks
+  for (const Case& c : cases())
+    for (const auto& b : {std::pair{128, 64}, {128, 128}, {192, 128}, {128, 192}, {128, 80}, {64, 32}, {128, 176}}) {
+      SCOPED_TRACE("seqlen_q " + std::to_string(c.seqlen_q) + ", seqlen_k " + std::to_string(c.seqlen_k) +
+                   (c.bottom_right ? ", bottom-right" : ", top-left") + ", window (" +
+                   std::to_string(c.window_left) + ", " + std::to_string(c.window_right) + "), blocks " +
+                   std::to_string(b.first) + " x " + std::to_string(b.second));
+      EXPECT_EQ(block_range_mismatch<false>(c, b.first, b.second), "");
+      EXPECT_EQ(block_range_mismatch<true>(c, b.first, b.second), "");
+    }
+}
+
+TEST(MaskTiles, UnmaskedTilesHideNothing) {  // tile_needs_mask's shortcut
+  for (const Case& c : cases()) {
+    SCOPED_TRACE("seqlen_q " + std::to_string(c.seqlen_q) + ", seqlen_k " + std::to_string(c.seqlen_k) +
+                 (c.bottom_right ? ", bottom-right" : ", top-left") + ", window (" + std::to_string(c.window_left) +
+                 ", " + std::to_string(c.window_right) + ")");
+    EXPECT_EQ((unmasked_tile_mismatch<false, 64>(c)), "");
+    EXPECT_EQ((unmasked_tile_mismatch<false, 128>(c)), "");
+    EXPECT_EQ((unmasked_tile_mismatch<true, 64>(c)), "");
+    EXPECT_EQ((unmasked_tile_mismatch<true, 128>(c)), "");
+  }
 }
 
 TEST(MaskTiles, KeyRowsMatchIsVisible) {  // the dK/dV kernels' transposed tiles
