@@ -153,9 +153,7 @@ __global__ void __launch_bounds__(BwdDqSm90TmaKernel<T, kHeadDim>::kThreads, 1)
 // dP, as the cp.async kernel).
 // kWideSteps (CUFLASH_BWD_TILE=wide, head dim 64, EXPERIMENTAL: built, not yet run on a GPU): 128
 // streamed queries a step, FlashAttention-3's head-dim-64 tile, so that each step's wgmmas are
-// twice as long. P^T and dS^T then go through shared memory ([key][query] panels per consumer)
-// to ss wgmmas: with them packed in registers as A operands beside S^T, dP^T, dK and dV (192
-// registers of accumulators) ptxas serializes every wgmma (C7512).
+// twice as long (S^T and dP^T 64 registers each); the step's order changes to fit (below).
 template <typename T, int kHeadDim, bool kAccumDq = false, bool kWithDk = true, bool kWithDv = true,
           bool kWideSteps = false>
 struct BwdDkvSm90TmaKernel {
@@ -182,15 +180,11 @@ struct BwdDkvSm90TmaKernel {
   // dq_accum map (the swizzle also spreads the fragment stores over the banks).
   static constexpr int kDqPanelBytes = kBlockM * 32 * 4, kDqPartBytes = 2 * kDqPanelBytes;
   static constexpr int kDqBytes = kAccumDq ? kConsumers * kDqPartBytes : 0;
-  // kWideSteps: each consumer's P^T and dS^T, 64 keys x kBlockM queries as 64-query panels.
-  static constexpr int kOperandPanelBytes = 64 * 128, kOperandBytes = 64 * kBlockM * 2;
-  static constexpr int kOperandsBytes = kWideSteps ? 2 * kConsumers * kOperandBytes : 0;
-  static_assert(kOperandPanelBytes == 64 * 128, "issue_ds_k's A panels: 64 rows of 128 bytes");
   // Barriers: K/V full, then per stage full (TMA bytes + the stats warp) and empty (consumer
   // warps); kAccumDq: per consumer dq_full (its warps) and dq_empty (the drain warp).
   static constexpr int kBarriers = 1 + 2 * kStages + (kAccumDq ? 2 * kConsumers : 0);
   static constexpr int kSmemBytes =
-      2 * kKVBytes + 2 * kStages * kQBytes + kDsBytes + kDqBytes + kOperandsBytes + kStatsBytes + kBarriers * 8 + 1024;
+      2 * kKVBytes + 2 * kStages * kQBytes + kDsBytes + kDqBytes + kStatsBytes + kBarriers * 8 + 1024;
   // The producer's loop (TMA coordinates per step, the stats warp's rows) spills at 24 registers;
   // the consumers can spare 8 but at head dim 128 (where ptxas would serialize the wgmmas).
   static constexpr int kProducerRegs = kHeadDim != 128 ? 40 : 24, kConsumerRegs = kHeadDim != 128 ? 232 : 240;
@@ -216,8 +210,7 @@ __global__ void __launch_bounds__(BwdDkvSm90TmaKernel<T, kHeadDim, kAccumDq, kWi
   auto sdO = [&](int stage) { return smem + 2 * K::kKVBytes + (kStages + stage) * K::kQBytes; };
   unsigned char* sdS = smem + 2 * K::kKVBytes + 2 * kStages * K::kQBytes;  // kAccumDq: [buffer][consumer] panels
   unsigned char* sdQ = sdS + K::kDsBytes;                                   // kAccumDq: [consumer][panel]
-  unsigned char* sOperands = sdQ + K::kDqBytes;  // kWideSteps: [P^T, dS^T][consumer] panels
-  float* sLse2 = reinterpret_cast<float*>(sOperands + K::kOperandsBytes);  // [kStages][kBlockM]
+  float* sLse2 = reinterpret_cast<float*>(sdS + K::kDsBytes + K::kDqBytes);  // [kStages][kBlockM]
   float* sDelta = sLse2 + kStages * kBlockM;                                // [kStages][kBlockM]
   uint64_t* kv_full = reinterpret_cast<uint64_t*>(sDelta + kStages * kBlockM);
   uint64_t* full = kv_full + 1;
@@ -355,34 +348,19 @@ __global__ void __launch_bounds__(BwdDkvSm90TmaKernel<T, kHeadDim, kAccumDq, kWi
       if (lane == 0) mbarrier_arrive(&empty[stage]);
     };
     if constexpr (kWideSteps) {
-      // P^T, then dS^T, into this consumer's [key][query] panels, each read by an ss wgmma once
-      // the consumer's four warps have stored it (the panels' last reader, this consumer's
-      // wgmmas of the step before, was waited for). stmatrix: lane l addresses row l % 8 of
-      // matrix l / 8 of a k-step's fragment, key 8 (l / 8 % 2) + l % 8 of the warp's 16 and
-      // queries 8 (l / 16) onward.
-      const int matrix = lane / 8, key_row = warp_row % 64 + 8 * (matrix % 2) + lane % 8;
-      auto operand_offset = [&](int which) { return (which * K::kConsumers + consumer) * K::kOperandBytes; };
-      auto store_operand = [&](const WarpAcc<kBlockM>& t, int which) {
-        const uint32_t base = smem_u32(sOperands + operand_offset(which));
-#pragma unroll
-        for (int kk = 0; kk < kBlockM / 16; ++kk) {
-          uint32_t a[4];
-          t.template to_a<T>(a, kk);
-          stmatrix_x4(base + (kk / 4) * K::kOperandPanelBytes + swizzle128_offset(key_row, 16 * (kk % 4) + 8 * (matrix / 2)),
-                      a);
-        }
-        fence_async_shared();                    // the wgmma (async proxy) reads these stores
-        named_barrier_sync<128>(2 + consumer);  // the consumer's four warps
-      };
-      store_operand(s, 0);
-      wgmma_fence();
-      issue_ds_k<T, kBlockM / 16, kHeadDim, true>(dv, smem_desc_k_major_sw128(sOperands, operand_offset(0)),
-                                            desc_do0_mn + stage_bytes(stage));  // runs while dS is formed
+      // FlashAttention-3's order for its head-dim-64 tile: dS first, then P^T and dS^T packed as
+      // A operands, so that S^T and dP^T (64 fp32 registers each) are dead before the rs wgmmas
+      // go out; issuing dV before dS is formed (below) keeps both alive beside P^T, and ptxas
+      // then serializes every wgmma of the kernel (C7512).
       ds_from_dp(dp, s, col_delta);
-      store_operand(dp, 1);
+      uint32_t pt[kBlockM / 16][4], dst[kBlockM / 16][4];
+#pragma unroll
+      for (int kk = 0; kk < kBlockM / 16; ++kk) s.template to_a<T>(pt[kk], kk);
+#pragma unroll
+      for (int kk = 0; kk < kBlockM / 16; ++kk) dp.template to_a<T>(dst[kk], kk);
       wgmma_fence();
-      issue_ds_k<T, kBlockM / 16, kHeadDim, true>(dk, smem_desc_k_major_sw128(sOperands, operand_offset(1)),
-                                            desc_q0_mn + stage_bytes(stage));
+      issue_pv<T, kHeadDim, kBlockM>(dv, pt, desc_do0_mn + stage_bytes(stage));
+      issue_pv<T, kHeadDim, kBlockM>(dk, dst, desc_q0_mn + stage_bytes(stage));
       wgmma_wait<0>();
       release_stage();
       continue;

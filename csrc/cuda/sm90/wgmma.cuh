@@ -156,13 +156,6 @@ __device__ __forceinline__ void stmatrix_x4_trans(uint32_t addr, const uint32_t 
                "r"(r[1]), "r"(r[2]), "r"(r[3])
                : "memory");
 }
-// The same four matrices stored as they are (stmatrix, no .trans): lane l gives the address of row
-// l % 8 of matrix l / 8, which is row l % 8 of the fragment.
-__device__ __forceinline__ void stmatrix_x4(uint32_t addr, const uint32_t (&r)[4]) {
-  asm volatile("stmatrix.sync.aligned.m8n8.x4.shared.b16 [%0], {%1, %2, %3, %4};\n" ::"r"(addr), "r"(r[0]), "r"(r[1]),
-               "r"(r[2]), "r"(r[3])
-               : "memory");
-}
 // Warp-specialized kernels move registers from the producer warpgroup to the consumers; every
 // thread of the warpgroup executes it.
 // The pool they share is what the CTA (one per SM, __launch_bounds__(kThreads, 1)) holds at
