@@ -348,10 +348,11 @@ __global__ void __launch_bounds__(BwdDkvSm90TmaKernel<T, kHeadDim, kAccumDq, kWi
       if (lane == 0) mbarrier_arrive(&empty[stage]);
     };
     if constexpr (kWideSteps) {
-      // FlashAttention-3's order for its head-dim-64 tile: dS first, then P^T and dS^T packed as
-      // A operands, so that S^T and dP^T (64 fp32 registers each) are dead before the rs wgmmas
-      // go out; issuing dV before dS is formed (below) keeps both alive beside P^T, and ptxas
-      // then serializes every wgmma of the kernel (C7512).
+      // FlashAttention-3's order for its head-dim-64 tile: dS first, then P^T and dS^T both
+      // packed as A operands, so that S^T and dP^T (64 fp32 registers each) are dead before any
+      // rs wgmma goes out. The default order below (dV issued before dS is formed), or even dV
+      // issued between dS and packing dS^T (tried as a way to share that code), keeps fp32
+      // values alive beside P^T in flight, and ptxas then serializes every wgmma (C7512).
       ds_from_dp(dp, s, col_delta);
       uint32_t pt[kBlockM / 16][4], dst[kBlockM / 16][4];
 #pragma unroll
