@@ -15,16 +15,16 @@ from test_features import check_dense, check_varlen
 pytestmark = pytest.mark.skipif(not IS_SM90, reason="needs a compute capability 9.0 GPU")
 
 
-@pytest.fixture(params=["bwd", "", "wide"], ids=["cpasync", "ws", "wide"], autouse=True)
+@pytest.fixture(params=["bwd", "", "narrow"], ids=["cpasync", "ws", "narrow"], autouse=True)
 def hopper_backward(request, monkeypatch):
     """Every test under the cp.async kernels ("bwd" alone), the defaults, which take the
-    warp-specialized TMA ones (bwdws), and those with CUFLASH_BWD_TILE=wide (128-query steps in
-    the dK/dV kernel at head dim 64; experimental)."""
-    monkeypatch.setenv("CUFLASH_SM90", "" if request.param == "wide" else request.param)  # read at every call
-    if request.param == "wide":
+    warp-specialized TMA ones (bwdws; 128-query steps in the dK/dV kernel at head dim 64), and
+    those with CUFLASH_BWD_TILE=narrow (64-query steps there too)."""
+    monkeypatch.setenv("CUFLASH_SM90", "" if request.param == "narrow" else request.param)  # read at every call
+    if request.param == "narrow":
         if getattr(request.node, "callspec", None) and request.node.callspec.params.get("d", 64) > 64:
-            pytest.skip("the wide steps are head dim 64's (the ws mode covers the others)")
-        monkeypatch.setenv("CUFLASH_BWD_TILE", "wide")
+            pytest.skip("the steps differ at head dim 64 only (the ws mode covers the others)")
+        monkeypatch.setenv("CUFLASH_BWD_TILE", "narrow")
     return request.param
 
 
@@ -43,8 +43,8 @@ def test_path_taken(d, hopper_backward):
     assert f"{dq}<" in names, names
     bucket = 64 if d <= 64 else 128 if d <= 128 else 256
     launches = ("true, false", "false, true") if d > 128 else ("true, true",)  # dK and dV in two at 256
-    # The warp-specialized kernel's last argument: 128-query steps (wide, head dim 64 only).
-    wide = ("" if not ws else ", true" if hopper_backward == "wide" and bucket == 64 else ", false")
+    # The warp-specialized kernel's last argument: 128-query steps (head dim 64, unless narrow).
+    wide = ("" if not ws else ", true" if hopper_backward != "narrow" and bucket == 64 else ", false")
     assert all(f"{dkdv}<__nv_bfloat16, {bucket}, false, {parts}{wide}>" in names for parts in launches), names
 
 

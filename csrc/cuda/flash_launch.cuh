@@ -179,7 +179,7 @@ cudaError_t run_flash_bwd(const FlashBwdParams& p, cudaStream_t stream) {
         err = launch_dq();
         if (err != cudaSuccess) return err;
         // dK and dV: one launch, or at head dim 256 two (kSplitDkDv: dK, then dV); wide: the
-        // warp-specialized kernel's 128-query steps (CUFLASH_BWD_TILE=wide, head dim 64).
+        // warp-specialized kernel's 128-query steps (head dim 64, unless CUFLASH_BWD_TILE=narrow).
         auto launch_dkdv = [&](auto with_dk, auto with_dv, auto wide) {
           constexpr bool kWithDk = decltype(with_dk)::value, kWithDv = decltype(with_dv)::value;
           constexpr bool kWide = decltype(wide)::value;
@@ -202,7 +202,7 @@ cudaError_t run_flash_bwd(const FlashBwdParams& p, cudaStream_t stream) {
           return launch_dkdv(no, yes, no);
         } else {
           if constexpr (kHeadDim == 64)
-            if (bwd_wide_steps_switch()) return launch_dkdv(yes, yes, yes);
+            if (!bwd_narrow_steps_switch()) return launch_dkdv(yes, yes, yes);
           return launch_dkdv(yes, yes, no);
         }
       }

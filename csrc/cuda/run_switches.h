@@ -24,9 +24,9 @@
 //   CUFLASH_FWD_TILE  the TMA forward's tile for plain attention: unset or "", the wide one on
 //                   long rows (sm90::wide_rows in flash_fwd_sm90_tma.cuh);
 //                   "wide" or "narrow": that one at every length (tests and benchmarks)
-//   CUFLASH_BWD_TILE  "wide": the warp-specialized dK/dV kernel at head dim 64 with 128 queries a
-//                   step (EXPERIMENTAL, not yet run on a GPU; flash_bwd_sm90_tma.cuh); unset, ""
-//                   or "narrow": 64 a step
+//   CUFLASH_BWD_TILE  the warp-specialized dK/dV kernel's streamed queries a step at head dim 64
+//                   (flash_bwd_sm90_tma.cuh): unset, "" or "wide": 128; "narrow": 64 (tests and
+//                   benchmarks)
 //   CUFLASH_DEBUG   "1": one line on stderr per kernel launch, naming the kernel (so a fallback
 //                   to the sm_80-class kernels is visible), its grid and shared memory; unset,
 //                   "" or "0": quiet
@@ -81,7 +81,7 @@ inline bool env_is(const char* name, const char* value) {
 }
 
 inline bool dq_atomic_switch() { return env_is("CUFLASH_BWD_DQ", "atomic"); }
-inline bool bwd_wide_steps_switch() { return env_is("CUFLASH_BWD_TILE", "wide"); }
+inline bool bwd_narrow_steps_switch() { return env_is("CUFLASH_BWD_TILE", "narrow"); }
 enum class FwdTileSwitch { kAuto, kWide, kNarrow };
 inline FwdTileSwitch fwd_tile_switch() {
   return env_is("CUFLASH_FWD_TILE", "wide") ? FwdTileSwitch::kWide

@@ -167,7 +167,7 @@ TEST(MaskTiles, UnmaskedTilesHideNothing) {  // tile_needs_mask's shortcut
 TEST(MaskTiles, KeyRowsMatchIsVisible) {  // the dK/dV kernels' transposed tiles
   check_all<true, 32>();
   check_all<true, 64>();
-  check_all<true, 128>();  // CUFLASH_BWD_TILE=wide's 128-query steps
+  check_all<true, 128>();  // the head-dim-64 dK/dV kernel's 128-query steps
 }
 
 }  // namespace
