@@ -282,9 +282,11 @@ StatsStrides stats_strides_of(const Tensor& stats, bool varlen) {
   return {stats.size(1) * stats.size(2), stats.size(2)};
 }
 
-// Tensors as a kernel family can read or write them. The tensor-core kernels move 16-byte rows,
-// so they need 16-byte aligned rows and a head_dim padded to a multiple of 8; the exact CUDA
-// kernels and the CPU kernels need a contiguous last dimension. Anything else is copied (and
+// Tensors as a kernel family can read or write them. The tensor-core kernels (CUDA float16,
+// bfloat16 and float32) move 16-byte rows, so they need 16-byte aligned rows and a head_dim
+// padded to a multiple of 8 (float32 keeps that layout for the CUDA-core kernels too, which
+// CUFLASH_FP32 or the device's shared memory can pick at launch); the CUDA float64 and CPU
+// kernels need a contiguous last dimension. Anything else is copied (and
 // CPU float16/bfloat16 is computed in float32).
 struct KernelLayout {
   at::ScalarType dtype;
@@ -324,7 +326,7 @@ KernelLayout layout_for(const Tensor& q) {
   const at::ScalarType t = q.scalar_type();
   const int64_t d = q.size(-1);
   if (!q.is_cuda()) return {t == at::kDouble ? at::kDouble : at::kFloat, d, false};
-  const bool tc = t == at::kHalf || t == at::kBFloat16;
+  const bool tc = t == at::kHalf || t == at::kBFloat16 || t == at::kFloat;
   return {t, tc ? (d + 7) / 8 * 8 : d, tc};
 }
 
@@ -551,12 +553,13 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> bwd(const Tensor& dout, const Tensor&
   std::optional<c10::cuda::CUDAGuard> guard;
   if (q.is_cuda()) guard.emplace(q.device());
   // dQ added up in an fp32 buffer by the dK/dV kernel (atomics; the fused Hopper kernel's TMA
-  // reduce-adds), for the tensor-core kernels and without the attn_mask gradient (which the dQ
+  // reduce-adds), for the 16-bit tensor-core kernels and without the attn_mask gradient (which the dQ
   // kernel writes): where deterministic=False (and torch's deterministic mode is off) and that is
   // faster (prefers_atomic_dq), or everywhere under the CUFLASH_BWD_DQ=atomic switch.
   Tensor dq_accum;
   const bool may_use_atomics = !deterministic && !at::globalContext().deterministicAlgorithms();
-  if (q.is_cuda() && layout.tensor_cores && !attn_mask_grad &&
+  const bool sixteen_bit = layout.dtype == at::kHalf || layout.dtype == at::kBFloat16;
+  if (q.is_cuda() && sixteen_bit && !attn_mask_grad &&
       (dq_atomic_switch() || (may_use_atomics && prefers_atomic_dq(p)))) {
     dq_accum = at::zeros(dq_k.sizes(), dq_k.options().dtype(at::kFloat));
     p.dq_accum = dq_accum.data_ptr();

@@ -39,6 +39,7 @@ runs=(
   "sm80_features|0|tests/test_features.py tests/test_attn_mask.py|cuda"
   "debug||tests/test_ops.py|debug"
   "defaults||tests/test_accuracy.py|cuda and not test_random_sweep"
+  "fp32||tests/test_fp32_paths.py|"
   "edge_cases||tests/test_edge_cases.py|cuda"
   "bad_input||tests/test_bad_input.py tests/test_ops.py|not debug"
 )

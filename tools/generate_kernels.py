@@ -14,7 +14,8 @@ EXACT_HEAD_DIMS = [32, 64, 128, 256]  # one warp lane per 32 columns
 DTYPES = {
     "fp16": ("__half", "kFloat16", "sm80", TENSOR_CORE_HEAD_DIMS),
     "bf16": ("__nv_bfloat16", "kBFloat16", "sm80", TENSOR_CORE_HEAD_DIMS),
-    "fp32": ("float", "kFloat32", "simt", EXACT_HEAD_DIMS),
+    # float32: the tensor-core kernels in 3xTF32 and the exact CUDA-core ones (CUFLASH_FP32)
+    "fp32": ("float", "kFloat32", "sm80", EXACT_HEAD_DIMS),
     "fp64": ("double", "kFloat64", "simt", EXACT_HEAD_DIMS),
 }
 DIRECTIONS = ["fwd", "bwd"]

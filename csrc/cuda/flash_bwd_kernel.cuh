@@ -73,12 +73,6 @@ __global__ void __launch_bounds__(128) flash_bwd_delta_kernel(const FlashBwdPara
   }
 }
 
-template <typename T>
-__device__ __forceinline__ T from_float(float x) {
-  if constexpr (std::is_same_v<T, __half>) return __float2half_rn(x);
-  else return __float2bfloat16_rn(x);
-}
-
 // One warp per query row: dq = scale * dq_accum, in dq's type and layout.
 template <typename T>
 __global__ void __launch_bounds__(128) flash_bwd_dq_convert_kernel(const FlashBwdParams p) {
@@ -94,7 +88,7 @@ __global__ void __launch_bounds__(128) flash_bwd_dq_convert_kernel(const FlashBw
 
 template <typename T, int kHeadDim>
 struct BwdDqKernel {
-  using Tile = BwdTile<kHeadDim>;
+  using Tile = BwdTile<kHeadDim, sizeof(T)>;
   static constexpr int kThreads = 32 * Tile::kWarps;
   static constexpr int kBlockM = Tile::kDqBlockM, kBlockN = Tile::kDqBlockN;
   using QTile = SmemTile<T, kBlockM, kHeadDim>;
@@ -181,7 +175,7 @@ __global__ void __launch_bounds__(BwdDqKernel<T, kHeadDim>::kThreads)
 
 template <typename T, int kHeadDim>
 struct BwdDkvKernel {
-  using Tile = BwdTile<kHeadDim>;
+  using Tile = BwdTile<kHeadDim, sizeof(T)>;
   static constexpr int kThreads = 32 * Tile::kWarps;
   static constexpr int kBlockM = Tile::kDkvBlockM, kBlockN = Tile::kDkvBlockN;
   using KVTile = SmemTile<T, kBlockN, kHeadDim>;

@@ -13,7 +13,7 @@ namespace cuflash {
 
 template <typename T, int kHeadDim>
 struct FwdKernel {
-  using Tile = FwdTile<kHeadDim>;
+  using Tile = FwdTile<kHeadDim, sizeof(T)>;
   static constexpr int kWarps = Tile::kWarps, kThreads = 32 * kWarps, kMTiles = Tile::kMTiles;
   static constexpr int kBlockM = Tile::kBlockM, kBlockN = Tile::kBlockN;
   using QTile = SmemTile<T, kBlockM, kHeadDim>;

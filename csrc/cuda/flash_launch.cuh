@@ -1,6 +1,7 @@
 // Launch templates: one per (dtype, head-dim bucket), explicitly instantiated once per
-// generated file in instantiations/. float16/bfloat16 run the tensor-core kernels,
-// float32/float64 the exact CUDA-core kernels.
+// generated file in instantiations/. float16/bfloat16 run the tensor-core kernels (the Hopper
+// ones where they apply), float32 the sm_80-class tensor-core kernels in 3xTF32 (or the exact
+// CUDA-core kernels: fp32_on_tensor_cores), float64 the exact CUDA-core kernels.
 #pragma once
 #include <cxxabi.h>
 #include <algorithm>
@@ -49,8 +50,52 @@ cudaError_t launch(Kernel kernel, dim3 grid, int threads, int smem_bytes, cudaSt
   return cudaGetLastError();
 }
 
-template <typename T>
-constexpr bool kExactPath = std::is_same_v<T, float> || std::is_same_v<T, double>;
+// Whether the tensor-core kernels' 16-byte row copies can address a tensor: a 16-byte aligned
+// start and strides (the torch glue lays float32 out so; the C++ API accepts 4-byte alignment).
+inline bool rows_of_16_bytes(const void* data, const TensorStrides& s, int elem_bytes) {
+  auto aligned = [&](int64_t stride) { return stride * elem_bytes % 16 == 0; };
+  return reinterpret_cast<uintptr_t>(data) % 16 == 0 && aligned(s.batch) && aligned(s.head) && aligned(s.row);
+}
+inline bool tensor_core_layout(const FlashFwdParams& p, int elem_bytes) {
+  return p.shape.head_dim % 8 == 0 && rows_of_16_bytes(p.q, p.q_strides, elem_bytes) &&
+         rows_of_16_bytes(p.k, p.k_strides, elem_bytes) && rows_of_16_bytes(p.v, p.v_strides, elem_bytes) &&
+         rows_of_16_bytes(p.out, p.out_strides, elem_bytes);
+}
+inline bool tensor_core_layout(const FlashBwdParams& p, int elem_bytes) {
+  return p.shape.head_dim % 8 == 0 && rows_of_16_bytes(p.q, p.q_strides, elem_bytes) &&
+         rows_of_16_bytes(p.k, p.k_strides, elem_bytes) && rows_of_16_bytes(p.v, p.v_strides, elem_bytes) &&
+         rows_of_16_bytes(p.dout, p.dout_strides, elem_bytes) && rows_of_16_bytes(p.dq, p.dq_strides, elem_bytes) &&
+         rows_of_16_bytes(p.dk, p.dk_strides, elem_bytes) && rows_of_16_bytes(p.dv, p.dv_strides, elem_bytes);
+}
+
+// float32: the tensor-core kernels (3xTF32, mma_sm80.cuh) unless CUFLASH_FP32=exact asks for
+// the CUDA-core ones, where the tensors are not laid out for them (tensor_core_layout), or where
+// the tiles' shared memory (smem_bytes, the most any kernel of the launch takes) exceeds what
+// the device grants a block (head dim 256 off Hopper).
+template <class Params>
+bool fp32_on_tensor_cores(const Params& p, int smem_bytes) {
+  return !fp32_exact_switch() && tensor_core_layout(p, sizeof(float)) &&
+         smem_bytes <= device_attribute<cudaDevAttrMaxSharedMemoryPerBlockOptin>(48 * 1024);
+}
+
+template <typename T, int kHeadDim>
+cudaError_t run_flash_fwd_simt(const FlashFwdParams& p, cudaStream_t stream) {
+  const AttentionShape& sh = p.shape;
+  const dim3 grid(ceil_div(sh.seqlen_q, simt::kWarps), sh.heads_q, sh.batch);
+  return launch(flash_fwd_simt_kernel<T, kHeadDim / 32>, grid, 32 * simt::kWarps, 0, stream, p);
+}
+
+// After the delta kernel: dQ, then dK and dV.
+template <typename T, int kHeadDim>
+cudaError_t run_flash_bwd_simt(const FlashBwdParams& p, cudaStream_t stream) {
+  const AttentionShape& sh = p.shape;
+  constexpr int kChunks = kHeadDim / 32, kThreads = 32 * simt::kWarps;
+  const cudaError_t err = launch(flash_bwd_dq_simt_kernel<T, kChunks>,
+                                 dim3(ceil_div(sh.seqlen_q, simt::kWarps), sh.heads_q, sh.batch), kThreads, 0, stream, p);
+  if (err != cudaSuccess) return err;
+  return launch(flash_bwd_dkdv_simt_kernel<T, kChunks>, dim3(ceil_div(sh.seqlen_k, simt::kWarps), sh.heads_kv, sh.batch),
+                kThreads, 0, stream, p);
+}
 
 // Calls f(std::bool_constant<kFeatures>) for the kernels' feature path or plain path.
 template <class F>
@@ -97,11 +142,12 @@ bool launch_fwd_tma(const FlashFwdParams& p, bool persistent, cudaStream_t strea
 template <typename T, int kHeadDim>
 cudaError_t run_flash_fwd(const FlashFwdParams& p, cudaStream_t stream) {
   const AttentionShape& sh = p.shape;
-  if constexpr (kExactPath<T>) {
-    const dim3 grid(ceil_div(sh.seqlen_q, simt::kWarps), sh.heads_q, sh.batch);
-    return launch(flash_fwd_simt_kernel<T, kHeadDim / 32>, grid, 32 * simt::kWarps, 0, stream, p);
+  if constexpr (std::is_same_v<T, double>) {
+    return run_flash_fwd_simt<T, kHeadDim>(p, stream);
   } else {
-    if constexpr (sm90::kFwdHeadDim<kHeadDim>) {
+    if constexpr (std::is_same_v<T, float>) {
+      if (!fp32_on_tensor_cores(p, FwdKernel<T, kHeadDim>::kSmemBytes)) return run_flash_fwd_simt<T, kHeadDim>(p, stream);
+    } else if constexpr (sm90::kFwdHeadDim<kHeadDim>) {
       const sm90::Sm90Paths hopper = sm90::sm90_paths(p);
       cudaError_t err;
       if (hopper.tma && launch_fwd_tma<T, kHeadDim>(p, hopper.persistent, stream, &err)) return err;
@@ -128,20 +174,19 @@ cudaError_t run_flash_bwd(const FlashBwdParams& p, cudaStream_t stream) {
   cudaError_t err = launch(flash_bwd_delta_kernel<T, Acc>, dim3(ceil_div(sh.seqlen_q, 4), sh.heads_q, sh.batch),
                            128, 0, stream, p);
   if (err != cudaSuccess) return err;
-  if constexpr (kExactPath<T>) {
-    constexpr int kChunks = kHeadDim / 32, kThreads = 32 * simt::kWarps;
-    err = launch(flash_bwd_dq_simt_kernel<T, kChunks>, dim3(ceil_div(sh.seqlen_q, simt::kWarps), sh.heads_q, sh.batch),
-                 kThreads, 0, stream, p);
-    if (err != cudaSuccess) return err;
-    return launch(flash_bwd_dkdv_simt_kernel<T, kChunks>,
-                  dim3(ceil_div(sh.seqlen_k, simt::kWarps), sh.heads_kv, sh.batch), kThreads, 0, stream, p);
+  if constexpr (std::is_same_v<T, double>) {
+    return run_flash_bwd_simt<T, kHeadDim>(p, stream);
   } else {
+    if constexpr (std::is_same_v<T, float>) {
+      const int smem = std::max(BwdDqKernel<T, kHeadDim>::kSmemBytes, BwdDkvKernel<T, kHeadDim>::kSmemBytes);
+      if (!fp32_on_tensor_cores(p, smem)) return run_flash_bwd_simt<T, kHeadDim>(p, stream);
+    }
     const bool accum_dq = p.dq_accum != nullptr;
     auto convert_dq = [&] {
       return launch(flash_bwd_dq_convert_kernel<T>, dim3(ceil_div(sh.seqlen_q, 4), sh.heads_q, sh.batch), 128, 0,
                     stream, p);
     };
-    if constexpr (sm90::kBwdHeadDim<kHeadDim>) {
+    if constexpr (!std::is_same_v<T, float> && sm90::kBwdHeadDim<kHeadDim>) {
       using K = sm90::BwdSm90Kernel<T, kHeadDim>;
       // dQ by atomics comes with dK in 64-row steps: not at head dim 256 (the sm_80-class kernels).
       const sm90::Sm90Paths hopper = sm90::sm90_paths(p);
@@ -219,7 +264,7 @@ cudaError_t run_flash_bwd(const FlashBwdParams& p, cudaStream_t stream) {
       }
       using Dkv = BwdDkvKernel<T, kHeadDim>;
       const dim3 grid(ceil_div(sh.seqlen_k, Dkv::kBlockN), sh.heads_kv, sh.batch);
-      constexpr bool kSplit = BwdTile<kHeadDim>::kSplitDkDv;  // then dQ comes with dK, which computes dS
+      constexpr bool kSplit = BwdTile<kHeadDim, sizeof(T)>::kSplitDkDv;  // then dQ comes with dK, which computes dS
       auto launch_dk = [&](auto accum) {
         constexpr bool kAccumDq = decltype(accum)::value;
         return launch(flash_bwd_dkdv_kernel<T, kHeadDim, kFeatures, true, !kSplit, kAccumDq>, grid, Dkv::kThreads,

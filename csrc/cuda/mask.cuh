@@ -133,9 +133,11 @@ struct ScoreMod {
   }
   __device__ __forceinline__ bool plain() const { return !softcap && !alibi && !mask.data; }
 
-  // The element steps. t: tanh(q.k * cap_in) with softcap.
+  // The element steps. t: tanh(q.k * cap_in) with softcap (float inputs: tanhf, fast_tanh's
+  // 2^-11 being the 16-bit operands' rounding, not fp32's).
   __device__ __forceinline__ float capped(float raw, float* t) const {
-    *t = fast_tanh(__fmul_rn(raw, cap_in));
+    if constexpr (std::is_same_v<T, float>) *t = tanhf(__fmul_rn(raw, cap_in));
+    else *t = fast_tanh(__fmul_rn(raw, cap_in));
     return __fmul_rn(cap_out, *t);
   }
   __device__ __forceinline__ float scaled(float raw) const {

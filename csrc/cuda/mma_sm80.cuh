@@ -1,10 +1,14 @@
 // Warp-level tensor-core primitives for sm_80 and later: cp.async, ldmatrix and
 // mma.sync.m16n8k16 with fp32 accumulation. Fragment layouts follow the PTX ISA
 // ("Matrix fragments for mma.m16n8k16"): g = lane / 4 is a row, t = lane % 4 a column pair.
+// float operands run mma.sync.m16n8k8.tf32 three times per product (3xTF32: x = big + small,
+// both TF32, and a b ~ big_a big_b + big_a small_b + small_a big_b), fp32's accuracy within a
+// few ulp per product at a third of TF32's rate; the kernels see the same k16 steps for every T.
 #pragma once
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cstdint>
+#include <type_traits>
 
 namespace cuflash {
 
@@ -34,10 +38,21 @@ __device__ __forceinline__ void ldmatrix_x4_trans(uint32_t (&r)[4], const void* 
                : "r"(smem_addr(smem)));
 }
 
+// MmaOperand<T>: AFrag, a 16 x 16 A fragment (one k16 step); BFrag, the B fragments of two
+// n-tiles over the same k16 step; mma_pair(d0, d1, a, b): d0 += A B(n-tile 0), d1 += A B(n-tile 1).
 template <typename T>
 struct MmaOperand;
+template <typename T>
+struct MmaOperand16 {  // __half and __nv_bfloat16: b[0..1] n-tile 0, b[2..3] n-tile 1
+  using AFrag = uint32_t[4];
+  using BFrag = uint32_t[4];
+  __device__ __forceinline__ static void mma_pair(float (&d0)[4], float (&d1)[4], const AFrag& a, const BFrag& b) {
+    MmaOperand<T>::mma(d0, a, b[0], b[1]);
+    MmaOperand<T>::mma(d1, a, b[2], b[3]);
+  }
+};
 template <>
-struct MmaOperand<__half> {
+struct MmaOperand<__half> : MmaOperand16<__half> {
   __device__ __forceinline__ static uint32_t pack(float lo, float hi) {
     __half2 h = __floats2half2_rn(lo, hi);
     return *reinterpret_cast<uint32_t*>(&h);
@@ -53,7 +68,7 @@ struct MmaOperand<__half> {
   }
 };
 template <>
-struct MmaOperand<__nv_bfloat16> {
+struct MmaOperand<__nv_bfloat16> : MmaOperand16<__nv_bfloat16> {
   __device__ __forceinline__ static uint32_t pack(float lo, float hi) {
     __nv_bfloat162 h = __floats2bfloat162_rn(lo, hi);
     return *reinterpret_cast<uint32_t*>(&h);
@@ -67,6 +82,81 @@ struct MmaOperand<__nv_bfloat16> {
         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
   }
 };
+
+// float: each k16 step is two k8 halves. Within a k8 slice, logical column c of A (row of B) is
+// physical column 2c (c < 4) or 2(c - 4) + 1: thread t's A elements are then columns 2t and
+// 2t + 1, adjacent in shared memory (one 8-byte load) and exactly the two columns an fp32
+// accumulator's C fragment gives thread t, so P turns into an A fragment with no shuffle. B's
+// rows follow the same order; the product sums over the same k either way.
+// The split in three instructions (cvt.rna.tf32.f32 is a dozen, which made the kernels
+// ALU-bound): big is x plus half a TF32 ulp, its low 13 bits left for the tensor cores to drop
+// (x rounded half away from zero); small = x - big exactly (|small| <= 2^-11 |x|), left for them
+// to truncate (2^-10 of small). Each product is then within about 2^-20 of a b; a NaN x makes
+// small NaN. CUTLASS's 3xTF32 (round_half_ulp_truncate) passes the same unmasked operands.
+struct Tf32Split {
+  uint32_t big, small;
+};
+__device__ __forceinline__ Tf32Split split_tf32(float x) {
+  const uint32_t big = __float_as_uint(x) + 0x1000u;
+  return {big, __float_as_uint(x - __uint_as_float(big & 0xffffe000u))};
+}
+template <>
+struct MmaOperand<float> {
+  struct AFrag {
+    Tf32Split a[2][4];  // [k8 half][PTX a0..a3]: (g, 2t), (g + 8, 2t), (g, 2t + 1), (g + 8, 2t + 1)
+  };
+  struct BFrag {
+    Tf32Split b[2][2][2];  // [n-tile][k8 half][PTX b0, b1]: rows 2t and 2t + 1, column g
+  };
+  // d = A B + (kAccumulate ? d : 0).
+  template <bool kAccumulate = true>
+  __device__ __forceinline__ static void mma_k8(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+    if constexpr (kAccumulate)
+      asm volatile(
+          "mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, "
+          "{%8, %9}, {%0, %1, %2, %3};\n"
+          : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+          : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+    else
+      asm volatile(
+          "mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, "
+          "{%8, %9}, {%10, %10, %10, %10};\n"
+          : "=f"(d[0]), "=f"(d[1]), "=f"(d[2]), "=f"(d[3])
+          : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1), "f"(0.f));
+  }
+  // The tensor cores round each mma's sum toward zero: d would drift by up to an ulp per mma,
+  // all in one direction (about 200 of them for a 500-key dQ: 1e-5 relative). So each k16
+  // step's six products (the small ones first) go into a fresh sum t, added to d rounded to
+  // nearest: d drifts by t's truncations, which are |t| / |d| smaller.
+  __device__ __forceinline__ static void mma(float (&d)[4], const AFrag& a, const BFrag& b, int n) {
+    float t[4];
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const Tf32Split(&x)[4] = a.a[h];
+      const Tf32Split(&y)[2] = b.b[n][h];
+      const uint32_t big[4] = {x[0].big, x[1].big, x[2].big, x[3].big};
+      const uint32_t small[4] = {x[0].small, x[1].small, x[2].small, x[3].small};
+      if (h == 0) mma_k8<false>(t, small, y[0].big, y[1].big);
+      else mma_k8(t, small, y[0].big, y[1].big);
+      mma_k8(t, big, y[0].small, y[1].small);
+      mma_k8(t, big, y[0].big, y[1].big);
+    }
+#pragma unroll
+    for (int i = 0; i < 4; ++i) d[i] += t[i];
+  }
+  __device__ __forceinline__ static void mma_pair(float (&d0)[4], float (&d1)[4], const AFrag& a, const BFrag& b) {
+    mma(d0, a, b, 0);
+    mma(d1, a, b, 1);
+  }
+};
+
+// An element of type T from an fp32 value (round to nearest).
+template <typename T>
+__device__ __forceinline__ T from_float(float x) {
+  if constexpr (std::is_same_v<T, float>) return x;
+  else if constexpr (std::is_same_v<T, __half>) return __float2half_rn(x);
+  else return __float2bfloat16_rn(x);
+}
 
 __device__ __forceinline__ float fast_exp2(float x) {
   float y;
@@ -91,12 +181,17 @@ __device__ __forceinline__ float quad_sum(float x) {
   return x + __shfl_xor_sync(0xffffffffu, x, 2);
 }
 
-// A row-major tile in shared memory, rows padded by 16 bytes so that the 8 row addresses of
-// an ldmatrix (and the 16-byte cp.async writes) fall in distinct banks.
+// A row-major tile in shared memory, rows padded by 8 elements so that the 8 row addresses of
+// an ldmatrix (and the 16-byte cp.async writes) fall in distinct banks; with float, rows 8 words
+// apart mod 32, so that the 8-byte A and [n][k] B loads of a half-warp (4 rows) do too.
 template <typename T, int kRows, int kCols>
 struct SmemTile {
   static constexpr int kStride = kCols + 8;
   static constexpr int kElems = kRows * kStride;
+  static constexpr int kChunk = 16 / sizeof(T);  // elements per 16-byte copy
+  static constexpr bool kTf32 = std::is_same_v<T, float>;
+  using AFrag = typename MmaOperand<T>::AFrag;
+  using BFrag = typename MmaOperand<T>::BFrag;
   T* ptr;
   __device__ __forceinline__ T* at(int row, int col) const { return ptr + row * kStride + col; }
 
@@ -105,26 +200,58 @@ struct SmemTile {
   template <int kThreads>
   __device__ __forceinline__ void load_async(const T* gmem, int64_t row_stride, int rows_valid,
                                              int cols_valid, int tid) const {
-    constexpr int kChunksPerRow = kCols / 8;
+    constexpr int kChunksPerRow = kCols / kChunk;
     for (int c = tid; c < kRows * kChunksPerRow; c += kThreads) {
-      const int r = c / kChunksPerRow, col = (c % kChunksPerRow) * 8;
+      const int r = c / kChunksPerRow, col = (c % kChunksPerRow) * kChunk;
       const bool valid = r < rows_valid && col < cols_valid;
       cp_async_16(at(r, col), valid ? gmem + r * row_stride + col : gmem, valid);
     }
   }
 
+  // float: elements (row, col) and (row, col + 1), split; one 8-byte load.
+  __device__ __forceinline__ void split_pair(int row, int col, Tf32Split& first, Tf32Split& second) const {
+    const float2 x = *reinterpret_cast<const float2*>(at(row, col));
+    first = split_tf32(x.x);
+    second = split_tf32(x.y);
+  }
   // A fragment (16x16, rows r0.., cols c0..) of this row-major tile.
-  __device__ __forceinline__ void load_a(uint32_t (&a)[4], int r0, int c0, int lane) const {
-    ldmatrix_x4(a, at(r0 + (lane & 7) + ((lane >> 3) & 1) * 8, c0 + (lane >> 4) * 8));
+  __device__ __forceinline__ void load_a(AFrag& a, int r0, int c0, int lane) const {
+    if constexpr (kTf32) {
+#pragma unroll
+      for (int h = 0; h < 2; ++h)
+#pragma unroll
+        for (int r = 0; r < 2; ++r)
+          split_pair(r0 + (lane >> 2) + 8 * r, c0 + 8 * h + 2 * (lane & 3), a.a[h][r], a.a[h][r + 2]);
+    } else {
+      ldmatrix_x4(a, at(r0 + (lane & 7) + ((lane >> 3) & 1) * 8, c0 + (lane >> 4) * 8));
+    }
   }
   // B fragments for two n-tiles (n0.., n0+8..) over k = c0..c0+15 when this tile is [n][k]
   // (B = tile^T): b[0..1] for n-tile n0, b[2..3] for n-tile n0 + 8.
-  __device__ __forceinline__ void load_b_nk(uint32_t (&b)[4], int n0, int c0, int lane) const {
-    ldmatrix_x4(b, at(n0 + (lane & 7) + (lane >> 4) * 8, c0 + ((lane >> 3) & 1) * 8));
+  __device__ __forceinline__ void load_b_nk(BFrag& b, int n0, int c0, int lane) const {
+    if constexpr (kTf32) {
+#pragma unroll
+      for (int n = 0; n < 2; ++n)
+#pragma unroll
+        for (int h = 0; h < 2; ++h)
+          split_pair(n0 + 8 * n + (lane >> 2), c0 + 8 * h + 2 * (lane & 3), b.b[n][h][0], b.b[n][h][1]);
+    } else {
+      ldmatrix_x4(b, at(n0 + (lane & 7) + (lane >> 4) * 8, c0 + ((lane >> 3) & 1) * 8));
+    }
   }
   // The same when this tile is [k][n] (B = tile): k = r0..r0+15, n-tiles n0 and n0 + 8.
-  __device__ __forceinline__ void load_b_kn(uint32_t (&b)[4], int r0, int n0, int lane) const {
-    ldmatrix_x4_trans(b, at(r0 + (lane & 7) + ((lane >> 3) & 1) * 8, n0 + (lane >> 4) * 8));
+  __device__ __forceinline__ void load_b_kn(BFrag& b, int r0, int n0, int lane) const {
+    if constexpr (kTf32) {
+#pragma unroll
+      for (int n = 0; n < 2; ++n)
+#pragma unroll
+        for (int h = 0; h < 2; ++h)
+#pragma unroll
+          for (int e = 0; e < 2; ++e)
+            b.b[n][h][e] = split_tf32(*at(r0 + 8 * h + 2 * (lane & 3) + e, n0 + 8 * n + (lane >> 2)));
+    } else {
+      ldmatrix_x4_trans(b, at(r0 + (lane & 7) + ((lane >> 3) & 1) * 8, n0 + (lane >> 4) * 8));
+    }
   }
 };
 
@@ -141,13 +268,25 @@ struct WarpAcc {
       for (int e = 0; e < 4; ++e) v[j][e] = 0.f;
   }
   // The A fragment for k-step kk (columns 16kk..16kk+15) of this accumulator, rounded to T:
-  // the C layout of two adjacent n-tiles is the A layout of one k-step.
+  // the C layout of two adjacent n-tiles is the A layout of one k-step (float: of two k8 halves,
+  // in the column order of MmaOperand<float>).
   template <typename T>
-  __device__ __forceinline__ void to_a(uint32_t (&a)[4], int kk) const {
-    a[0] = MmaOperand<T>::pack(v[2 * kk][0], v[2 * kk][1]);
-    a[1] = MmaOperand<T>::pack(v[2 * kk][2], v[2 * kk][3]);
-    a[2] = MmaOperand<T>::pack(v[2 * kk + 1][0], v[2 * kk + 1][1]);
-    a[3] = MmaOperand<T>::pack(v[2 * kk + 1][2], v[2 * kk + 1][3]);
+  __device__ __forceinline__ void to_a(typename MmaOperand<T>::AFrag& a, int kk) const {
+    if constexpr (std::is_same_v<T, float>) {
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        const float(&c)[4] = v[2 * kk + h];
+        a.a[h][0] = split_tf32(c[0]);
+        a.a[h][1] = split_tf32(c[2]);
+        a.a[h][2] = split_tf32(c[1]);
+        a.a[h][3] = split_tf32(c[3]);
+      }
+    } else {
+      a[0] = MmaOperand<T>::pack(v[2 * kk][0], v[2 * kk][1]);
+      a[1] = MmaOperand<T>::pack(v[2 * kk][2], v[2 * kk][3]);
+      a[2] = MmaOperand<T>::pack(v[2 * kk + 1][0], v[2 * kk + 1][1]);
+      a[3] = MmaOperand<T>::pack(v[2 * kk + 1][2], v[2 * kk + 1][3]);
+    }
   }
   // Row (0..15) and column of element e of tile j for this lane (host too: tests/cpp checks the
   // masks' use of them).
@@ -165,18 +304,15 @@ __device__ __forceinline__ void warp_gemm_smem_a(WarpAcc<kN> (&acc)[kM], const T
                                                  LoadB&& load_b, int lane) {
 #pragma unroll
   for (int kk = 0; kk < kK / 16; ++kk) {
-    uint32_t a[kM][4];
+    typename MmaOperand<T>::AFrag a[kM];
 #pragma unroll
     for (int m = 0; m < kM; ++m) a_tile.load_a(a[m], a_row0 + 16 * m, kk * 16, lane);
 #pragma unroll
     for (int nn = 0; nn < kN / 16; ++nn) {
-      uint32_t b[4];
+      typename MmaOperand<T>::BFrag b;
       load_b(b, kk, nn);
 #pragma unroll
-      for (int m = 0; m < kM; ++m) {
-        MmaOperand<T>::mma(acc[m].v[2 * nn], a[m], b[0], b[1]);
-        MmaOperand<T>::mma(acc[m].v[2 * nn + 1], a[m], b[2], b[3]);
-      }
+      for (int m = 0; m < kM; ++m) MmaOperand<T>::mma_pair(acc[m].v[2 * nn], acc[m].v[2 * nn + 1], a[m], b);
     }
   }
 }
@@ -187,7 +323,7 @@ __device__ __forceinline__ void warp_gemm_abt(WarpAcc<kN> (&acc)[kM], const Tile
                                               const TileB& b_tile, int b_row0, int lane) {
   warp_gemm_smem_a<T, kK, kN, kM>(
       acc, a_tile, a_row0,
-      [&](uint32_t(&b)[4], int kk, int nn) { b_tile.load_b_nk(b, b_row0 + nn * 16, kk * 16, lane); }, lane);
+      [&](auto& b, int kk, int nn) { b_tile.load_b_nk(b, b_row0 + nn * 16, kk * 16, lane); }, lane);
 }
 template <typename T, int kK, int kN, class TileA, class TileB>
 __device__ __forceinline__ void warp_gemm_abt(WarpAcc<kN>& acc, const TileA& a_tile, int a_row0,
@@ -202,18 +338,15 @@ __device__ __forceinline__ void warp_gemm_rb(WarpAcc<kN> (&acc)[kM], const WarpA
                                              const TileB& b_tile, int b_row0, int lane) {
 #pragma unroll
   for (int kk = 0; kk < kK / 16; ++kk) {
-    uint32_t a[kM][4];
+    typename MmaOperand<T>::AFrag a[kM];
 #pragma unroll
     for (int m = 0; m < kM; ++m) p[m].template to_a<T>(a[m], kk);
 #pragma unroll
     for (int nn = 0; nn < kN / 16; ++nn) {
-      uint32_t b[4];
+      typename MmaOperand<T>::BFrag b;
       b_tile.load_b_kn(b, b_row0 + kk * 16, nn * 16, lane);
 #pragma unroll
-      for (int m = 0; m < kM; ++m) {
-        MmaOperand<T>::mma(acc[m].v[2 * nn], a[m], b[0], b[1]);
-        MmaOperand<T>::mma(acc[m].v[2 * nn + 1], a[m], b[2], b[3]);
-      }
+      for (int m = 0; m < kM; ++m) MmaOperand<T>::mma_pair(acc[m].v[2 * nn], acc[m].v[2 * nn + 1], a[m], b);
     }
   }
 }
@@ -231,7 +364,7 @@ __device__ __forceinline__ void warp_gemm_ab(WarpAcc<kN> (&acc)[kM], const TileA
                                              const TileB& b_tile, int b_col0, int lane) {
   warp_gemm_smem_a<T, kK, kN, kM>(
       acc, a_tile, a_row0,
-      [&](uint32_t(&b)[4], int kk, int nn) { b_tile.load_b_kn(b, kk * 16, b_col0 + nn * 16, lane); }, lane);
+      [&](auto& b, int kk, int nn) { b_tile.load_b_kn(b, kk * 16, b_col0 + nn * 16, lane); }, lane);
 }
 
 // Stores a warp's 16 x kCols accumulator (scaled per row) into its rows of an smem tile,
@@ -246,15 +379,15 @@ __device__ __forceinline__ void warp_store_rows(const WarpAcc<kCols>& acc, const
   for (int j = 0; j < kCols / 8; ++j)
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
-      const uint32_t packed =
-          MmaOperand<T>::pack(acc.v[j][2 * h] * row_scale[h], acc.v[j][2 * h + 1] * row_scale[h]);
-      *reinterpret_cast<uint32_t*>(tile.at(tile_row0 + (lane >> 2) + 8 * h, 8 * j + 2 * (lane & 3))) =
-          packed;
+      const float lo = acc.v[j][2 * h] * row_scale[h], hi = acc.v[j][2 * h + 1] * row_scale[h];
+      T* at = tile.at(tile_row0 + (lane >> 2) + 8 * h, 8 * j + 2 * (lane & 3));
+      if constexpr (std::is_same_v<T, float>) *reinterpret_cast<float2*>(at) = make_float2(lo, hi);
+      else *reinterpret_cast<uint32_t*>(at) = MmaOperand<T>::pack(lo, hi);
     }
   __syncwarp();
-  constexpr int kChunksPerRow = kCols / 8;
+  constexpr int kChunk = 16 / sizeof(T), kChunksPerRow = kCols / kChunk;
   for (int c = lane; c < 16 * kChunksPerRow; c += 32) {
-    const int r = c / kChunksPerRow, col = (c % kChunksPerRow) * 8;
+    const int r = c / kChunksPerRow, col = (c % kChunksPerRow) * kChunk;
     if (r < rows_valid && col < cols_valid)
       *reinterpret_cast<uint4*>(gmem + r * row_stride + col) =
           *reinterpret_cast<const uint4*>(tile.at(tile_row0 + r, col));

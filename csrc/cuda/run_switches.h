@@ -27,6 +27,9 @@
 //   CUFLASH_BWD_TILE  the warp-specialized dK/dV kernel's streamed queries a step at head dim 64
 //                   (flash_bwd_sm90_tma.cuh): unset, "" or "wide": 128; "narrow": 64 (tests and
 //                   benchmarks)
+//   CUFLASH_FP32    float32 on CUDA: unset, "" or "3xtf32": the tensor-core kernels with each
+//                   product split into three TF32 ones (mma_sm80.cuh), where their shared memory
+//                   fits the device; "exact": the CUDA-core kernels (flash_simt_kernel.cuh)
 //   CUFLASH_DEBUG   "1": one line on stderr per kernel launch, naming the kernel (so a fallback
 //                   to the sm_80-class kernels is visible), its grid and shared memory; unset,
 //                   "" or "0": quiet
@@ -81,6 +84,7 @@ inline bool env_is(const char* name, const char* value) {
 }
 
 inline bool dq_atomic_switch() { return env_is("CUFLASH_BWD_DQ", "atomic"); }
+inline bool fp32_exact_switch() { return env_is("CUFLASH_FP32", "exact"); }
 inline bool bwd_narrow_steps_switch() { return env_is("CUFLASH_BWD_TILE", "narrow"); }
 enum class FwdTileSwitch { kAuto, kWide, kNarrow };
 inline FwdTileSwitch fwd_tile_switch() {
@@ -104,6 +108,7 @@ inline std::string run_switch_error() {
   for (const OneOf& v : {OneOf{"CUFLASH_BWD_DQ", {"atomic", "atomic"}, "unset, empty or \"atomic\""},
                          OneOf{"CUFLASH_FWD_TILE", {"wide", "narrow"}, "unset, empty, \"wide\" or \"narrow\""},
                          OneOf{"CUFLASH_BWD_TILE", {"wide", "narrow"}, "unset, empty, \"wide\" or \"narrow\""},
+                         OneOf{"CUFLASH_FP32", {"exact", "3xtf32"}, "unset, empty, \"exact\" or \"3xtf32\""},
                          OneOf{"CUFLASH_DEBUG", {"0", "1"}, "unset, empty, \"0\" or \"1\""}}) {
     const char* set = std::getenv(v.name);
     if (set != nullptr && *set != '\0' && std::strcmp(set, v.values[0]) != 0 && std::strcmp(set, v.values[1]) != 0)

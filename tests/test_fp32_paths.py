@@ -1,0 +1,93 @@
+"""float32 on CUDA runs two kernel families: by default the sm_80-class tensor-core kernels with
+each product split into three TF32 ones (3xTF32, csrc/cuda/mma_sm80.cuh), and under
+CUFLASH_FP32=exact the CUDA-core kernels (flash_simt_kernel.cuh). Both are held to the float32
+accuracy rule (1e-5 relative, no TF32) over the shapes that stress the tiles (ragged ends, one
+row, causal both ways, GQA, every head-dim bucket), the features and varlen; and the kernels
+that ran are the ones the switch names."""
+import pytest
+import torch
+
+from conftest import HAS_CUDA, IS_SM90, cuda_kernels
+from test_accuracy import check_against_reference
+from test_features import check_dense, check_varlen
+
+pytestmark = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
+
+
+@pytest.fixture(params=["", "exact"], ids=["3xtf32", "exact"], autouse=True)
+def fp32_path(request, monkeypatch):
+    monkeypatch.setenv("CUFLASH_FP32", request.param)  # read at every call
+    return request.param
+
+
+def kernels_of(d, q_offset=0):
+    """The kernels of a forward and backward at head dim d; q_offset > 0 starts q that many
+    elements into its storage (a layout the tensor-core kernels cannot address)."""
+    make = lambda: torch.randn(1, 2, 100, d, device="cuda", dtype=torch.float32)  # noqa: E731
+    q, k, v = make(), make(), make()
+    out, lse = torch.ops.cuflash_attn.fwd(q, k, v, None, False, False)
+    dout = torch.randn_like(out)
+    if q_offset:
+        q = torch.randn(q.numel() + q_offset, device="cuda")[q_offset:].view_as(q)
+    return cuda_kernels(lambda: (torch.ops.cuflash_attn.fwd(q, k, v, None, False, False),
+                                 torch.ops.cuflash_attn.bwd(dout, q, k, v, out, lse)))
+
+
+@pytest.mark.parametrize("d", [16, 40, 64, 100, 128, 200, 256])
+def test_path_taken(d, fp32_path):
+    names = kernels_of(d)
+    bucket = 32 if d <= 32 else 64 if d <= 64 else 128 if d <= 128 else 256
+    tensor_fwd = f"flash_fwd_kernel<float, {bucket}, false>"
+    tensor_bwd = (f"flash_bwd_dq_kernel<float, {bucket}, false>", "flash_bwd_dkdv_kernel<float")
+    if fp32_path == "exact":
+        assert "flash_fwd_simt_kernel<float" in names and "flash_bwd_dkdv_simt_kernel<float" in names, names
+        assert tensor_fwd not in names and tensor_bwd[0] not in names, names
+        return
+    assert tensor_fwd in names and "flash_fwd_simt_kernel" not in names, names
+    # The head-dim-256 backward's tiles take 203 KB of shared memory: Hopper's, not every GPU's.
+    if bucket < 256 or IS_SM90:
+        assert all(name in names for name in tensor_bwd) and "simt" not in names, names
+
+
+def test_unaligned_inputs_are_copied_onto_the_tensor_cores(fp32_path):
+    """q starting 4 bytes into its storage: the torch glue copies it to an aligned tensor, so the
+    default still runs the tensor-core kernels (the kernels' own check, tensor_core_layout, is
+    for the C++ API, which passes such pointers through)."""
+    if fp32_path == "exact":
+        pytest.skip("the tensor-core kernels' case")
+    names = kernels_of(64, q_offset=1)
+    assert "flash_fwd_kernel<float, 64, false>" in names and "simt" not in names, names
+
+
+@pytest.mark.parametrize("d", [16, 40, 64, 128, 256])
+@pytest.mark.parametrize("nq,nk", [(1, 1), (1, 300), (77, 200), (200, 77), (128, 128), (257, 513)])
+@pytest.mark.parametrize("causal,bottom_right", [(False, False), (True, False), (True, True)],
+                         ids=["full", "causal", "causal_br"])
+def test_accuracy(d, nq, nk, causal, bottom_right):
+    check_dense("cuda", torch.float32, 2, 2, 2, nq, nk, d, causal=causal, bottom_right=bottom_right)
+
+
+@pytest.mark.parametrize("heads_q,heads_kv", [(4, 2), (6, 1)])
+def test_gqa(heads_q, heads_kv):
+    check_dense("cuda", torch.float32, 2, heads_q, heads_kv, 77, 130, 64, causal=True, bottom_right=True)
+
+
+@pytest.mark.parametrize("features", [dict(softcap=10.0), dict(alibi="batch", causal=True),
+                                      dict(window=(20, 5)), dict(dropout_p=0.2),
+                                      dict(attn_mask=("float", "B1LS")), dict(attn_mask=("bool", "BHLS"))],
+                         ids=["softcap", "alibi", "window", "dropout", "float_mask", "bool_mask"])
+@pytest.mark.parametrize("d", [64, 128])
+def test_features(features, d):
+    check_dense("cuda", torch.float32, 2, 4, 2, 130, 77, d, **features)
+
+
+def test_varlen():
+    check_varlen("cuda", torch.float32, [70, 0, 129], [90, 12, 64], 4, 1, 96, causal=True, bottom_right=True,
+                 window=(20, -1), softcap=10.0, alibi="batch", dropout_p=0.2)
+
+
+def test_large_scores_keep_the_fp32_bound():
+    """Inputs 3x larger (scores up to ~40): 3xTF32's products keep fp32's relative error, so the
+    1e-5 bound holds where one TF32 product (2^-11 each) would not."""
+    layout = lambda n, device, dtype: (3 * torch.randn(1, 2, n, 64, dtype=torch.float64)).to(device, dtype)  # noqa: E731
+    check_against_reference("cuda", torch.float32, 1, 2, 200, 300, 64, "none", layout=layout)
