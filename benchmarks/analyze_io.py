@@ -138,17 +138,20 @@ def _strip_comments(text):
 
 
 def parse_tile_structs(text):
-    """{struct name: [(member, expression), ...]} of `template <int kHeadDim> struct X {...}`."""
+    """{struct name: [(member, expression), ...]} of `template <int kHeadDim[, int kElemBytes]>
+    struct X {...}`."""
     text = _strip_comments(text)
     structs = {}
-    for m in re.finditer(r"template\s*<\s*int\s+kHeadDim\s*>\s*struct\s+(\w+)\s*\{(.*?)\n\s*\};", text, re.S):
+    for m in re.finditer(r"template\s*<\s*int\s+kHeadDim\s*(?:,\s*int\s+kElemBytes\s*)?>\s*struct\s+(\w+)\s*\{(.*?)\n\s*\};",
+                         text, re.S):
         members = re.findall(r"static\s+constexpr\s+(?:int|bool)\s+(\w+)\s*=\s*([^;]+);", m.group(2))
         structs[m.group(1)] = [(name, " ".join(expr.split())) for name, expr in members]
     return structs
 
 
-def tile_shapes(head_dim_bucket, text=None):
-    """{"FwdTile": {"kBlockM": 64, ...}, "BwdTile": {...}} for one head-dim bucket."""
+def tile_shapes(head_dim_bucket, text=None, elem_bytes=2):
+    """{"FwdTile": {"kBlockM": 64, ...}, "BwdTile": {...}} for one head-dim bucket and element
+    size (2: float16/bfloat16, 4: float32's 3xTF32 tiles)."""
     text = TILE_SHAPES_H.read_text() if text is None else text
     structs = parse_tile_structs(text)
     for needed in ("FwdTile", "BwdTile"):
@@ -156,20 +159,21 @@ def tile_shapes(head_dim_bucket, text=None):
             raise ValueError(f"{TILE_SHAPES_H}: struct {needed} not found; update benchmarks/analyze_io.py")
     out = {}
     for struct, members in structs.items():
-        names = {"kHeadDim": head_dim_bucket}
+        names = {"kHeadDim": head_dim_bucket, "kElemBytes": elem_bytes}
         for name, expr in members:
             try:
                 names[name] = eval_cpp_expr(expr, names)
             except ValueError as e:
                 raise ValueError(f"{TILE_SHAPES_H}: {struct}::{name}: {e}; update "
                                  "benchmarks/analyze_io.py's evaluator") from None
-        del names["kHeadDim"]
+        del names["kHeadDim"], names["kElemBytes"]
         out[struct] = names
     return out
 
 
 def simt_rows_per_cta(text=None):
-    """The exact (fp32/fp64) kernels: one warp per row, simt::kWarps rows per CTA."""
+    """The exact (fp64; fp32 under CUFLASH_FP32=exact) kernels: one warp per row, simt::kWarps rows
+    per CTA."""
     text = _strip_comments(SIMT_KERNEL_CUH.read_text() if text is None else text)
     m = re.search(r"namespace\s+simt\s*\{.*?constexpr\s+int\s+kWarps\s*=\s*(\d+)\s*;", text, re.S)
     if not m:
@@ -265,12 +269,12 @@ def tiled_kernels(cfg, dlse=False):
     dtype, nq, nk, d = cfg["dtype"], cfg["seqlen_q"], cfg["seqlen_k"], cfg["head_dim"]
     bh, e, s = cfg["batch"] * cfg["heads"], ELEM_BYTES[dtype], STATS_BYTES[dtype]
     row, causal = d * e, cfg["causal"]
-    if dtype in ("fp32", "fp64"):
+    if dtype == "fp64":
         r = simt_rows_per_cta()  # CTA of r warps = r rows; its warps' loads of one row meet in L1
         tiles = {"fwd": (r, 1), "dq": (r, 1), "dkdv": (1, r), "split": False}
         suffix = "_simt"
     else:
-        t = tile_shapes(head_dim_bucket(dtype, d))
+        t = tile_shapes(head_dim_bucket(dtype, d), elem_bytes=e)
         f, b = t["FwdTile"], t["BwdTile"]
         tiles = {"fwd": (f["kBlockM"], f["kBlockN"]), "dq": (b["kDqBlockM"], b["kDqBlockN"]),
                  "dkdv": (b["kDkvBlockM"], b["kDkvBlockN"]), "split": bool(b["kSplitDkDv"])}

@@ -91,8 +91,9 @@ def test_tile_header_parser():
     """
     assert aio.tile_shapes(256, header) == {"FwdTile": {"kWarps": 4, "kBlockM": 64, "kBlockN": 64},
                                           "BwdTile": {"kSplitDkDv": True}}
-    real = aio.tile_shapes(128)  # the repository's header parses
+    real = aio.tile_shapes(128)  # the repository's header parses, for both element sizes
     assert real["FwdTile"]["kBlockM"] > 0 and real["BwdTile"]["kDkvBlockN"] > 0
+    assert aio.tile_shapes(128, elem_bytes=4)["BwdTile"]["kDqBlockN"] > 0
     assert aio.simt_rows_per_cta() > 0
     assert aio.head_dim_bucket("bf16", 80) == 96 and aio.head_dim_bucket("fp32", 80) == 128
 

@@ -43,7 +43,7 @@ __device__ __forceinline__ void store_out_and_lse(const WarpAcc<kHeadDim>& o, co
 // kFeatures: softcap, ALiBi, attn_mask or dropout may be on (mask.cuh's needs_feature_path); without it
 // the kernel keeps only what plain attention needs in registers.
 template <typename T, int kHeadDim, bool kFeatures>
-__global__ void __launch_bounds__(FwdKernel<T, kHeadDim>::kThreads)
+__global__ void __launch_bounds__(FwdKernel<T, kHeadDim>::kThreads, FwdKernel<T, kHeadDim>::Tile::kMinBlocks)
     flash_fwd_kernel(const FlashFwdParams p) {
   using K = FwdKernel<T, kHeadDim>;
   constexpr int kBlockM = K::kBlockM, kBlockN = K::kBlockN, kThreads = K::kThreads, kMT = K::kMTiles;

@@ -15,26 +15,30 @@ struct FwdTile {
   static constexpr int kMTiles = kElemBytes == 2 && kHeadDim <= 128 ? 2 : 1;
   static constexpr int kBlockM = 16 * kMTiles * kWarps;  // query rows per CTA
   // Keys per iteration: the S accumulators (kBlockN / 2 floats per thread per row tile) must
-  // fit beside the O accumulators (at 128 two of 64 keys spill); float32 at 256: 16, so that
-  // Q and two K/V buffers fit an A100's 163 KiB.
-  static constexpr int kBlockN = kHeadDim <= 64 ? 64 : kElemBytes == 4 && kHeadDim > 128 ? 16 : 32;
+  // fit beside the O accumulators (at 128 two of 64 keys spill). float32: 32 up to head dim 64,
+  // 16 above, so that three CTAs fit an SM's shared memory (kMinBlocks; 55-70 KiB each).
+  static constexpr int kBlockN = kElemBytes == 4 ? (kHeadDim <= 64 ? 32 : 16) : kHeadDim <= 64 ? 64 : 32;
+  // float32 up to head dim 128: three CTAs an SM (the tiles' shared memory allows it), registers
+  // capped to fit (168; 12-44 bytes spill in the plain kernels).
+  static constexpr int kMinBlocks = kElemBytes == 4 && kHeadDim <= 128 ? 3 : 1;
 };
 
 template <int kHeadDim, int kElemBytes>
 struct BwdTile {
   static constexpr int kWarps = 4;
-  // float32 streams half the rows of 16-bit types above head dim 32: at 64 for registers (64
-  // streamed rows spill 200-300 bytes), above for shared memory (two resident and four streamed
-  // tiles at twice the bytes: 139 KiB at 128, 203 KiB at 256, an H100's; elsewhere that head
-  // dim runs the CUDA-core kernels).
-  static constexpr int kStreamDivisor = kElemBytes == 4 && kHeadDim > 32 ? 2 : 1;
+  // float32 streams 32 rows a step up to head dim 64, 16 above (twice the bytes per element, and
+  // the 3xTF32 operands' registers: 64 rows spill 200-300 bytes in the dK/dV kernel at 64, 32
+  // spill 400 at 128, and the dQ kernel's 139 KiB at 128 would leave one CTA an SM). Head dim 256
+  // takes 203 KiB, an H100's; elsewhere it runs the CUDA-core kernels.
+  static constexpr bool kFloat32 = kElemBytes == 4;
+  static constexpr int kFloat32Rows = kHeadDim <= 64 ? 32 : 16;
   // dQ kernel: queries resident (16 per warp), keys streamed.
   static constexpr int kDqBlockM = 16 * kWarps;
-  static constexpr int kDqBlockN = (kHeadDim <= 128 ? 64 : 32) / kStreamDivisor;
+  static constexpr int kDqBlockN = kFloat32 ? kFloat32Rows : kHeadDim <= 128 ? 64 : 32;
   // dK/dV kernel: keys resident (16 per warp), queries streamed. Above 128, dK and dV
   // accumulators together would spill, so dK and dV are computed by two launches.
   static constexpr int kDkvBlockN = 16 * kWarps;
-  static constexpr int kDkvBlockM = (kHeadDim <= 64 ? 64 : 32) / kStreamDivisor;
+  static constexpr int kDkvBlockM = kFloat32 ? kFloat32Rows : kHeadDim <= 64 ? 64 : 32;
   static constexpr bool kSplitDkDv = kHeadDim > 128;
 };
 
