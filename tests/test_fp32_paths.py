@@ -4,14 +4,33 @@ CUFLASH_FP32=exact the CUDA-core kernels (flash_simt_kernel.cuh). Both are held 
 accuracy rule (1e-5 relative, no TF32) over the shapes that stress the tiles (ragged ends, one
 row, causal both ways, GQA, every head-dim bucket), the features and varlen; and the kernels
 that ran are the ones the switch names."""
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
-from conftest import HAS_CUDA, IS_SM90, cuda_kernels
+from conftest import HAS_CUDA, cuda_kernels
 from test_accuracy import check_against_reference
 from test_features import check_dense, check_varlen
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+import analyze_io  # noqa: E402  (reads csrc/cuda/tile_shapes.h)
+
 pytestmark = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
+
+
+def tiles_fit(bucket):
+    """(forward, backward): whether float32's tiles at this head-dim bucket fit this GPU's shared
+    memory per block (flash_launch.cuh's fp32_on_tensor_cores): the kernels' shared memory from
+    tile_shapes.h's float32 tiles, rows padded by 8 elements as SmemTile's."""
+    tiles = analyze_io.tile_shapes(bucket, elem_bytes=4)
+    f, b, row = tiles["FwdTile"], tiles["BwdTile"], (bucket + 8) * 4
+    forward = (f["kBlockM"] + 4 * f["kBlockN"]) * row
+    dq = (2 * b["kDqBlockM"] + 4 * b["kDqBlockN"]) * row
+    dkdv = (2 * b["kDkvBlockN"] + 4 * b["kDkvBlockM"]) * row + 4 * b["kDkvBlockM"] * 4  # + lse, delta
+    limit = torch.cuda.get_device_properties(torch.cuda.current_device()).shared_memory_per_block_optin
+    return forward <= limit, max(dq, dkdv) <= limit
 
 
 @pytest.fixture(params=["", "exact"], ids=["3xtf32", "exact"], autouse=True)
@@ -43,10 +62,10 @@ def test_path_taken(d, fp32_path):
         assert "flash_fwd_simt_kernel<float" in names and "flash_bwd_dkdv_simt_kernel<float" in names, names
         assert tensor_fwd not in names and tensor_bwd[0] not in names, names
         return
-    assert tensor_fwd in names and "flash_fwd_simt_kernel" not in names, names
-    # The head-dim-256 backward's tiles take 203 KB of shared memory: Hopper's, not every GPU's.
-    if bucket < 256 or IS_SM90:
-        assert all(name in names for name in tensor_bwd) and "simt" not in names, names
+    fwd_fits, bwd_fits = tiles_fit(bucket)  # 203 KiB at 256 backward: an H100's, not an A100's
+    assert (tensor_fwd in names) == fwd_fits and ("flash_fwd_simt_kernel" in names) != fwd_fits, names
+    assert all(name in names for name in tensor_bwd) == bwd_fits, names
+    assert ("flash_bwd_dkdv_simt_kernel" in names) != bwd_fits, names
 
 
 def test_unaligned_inputs_are_copied_onto_the_tensor_cores(fp32_path):

@@ -71,7 +71,7 @@ inline bool tensor_core_layout(const FlashBwdParams& p, int elem_bytes) {
 // float32: the tensor-core kernels (3xTF32, mma_sm80.cuh) unless CUFLASH_FP32=exact asks for
 // the CUDA-core ones, where the tensors are not laid out for them (tensor_core_layout), or where
 // the tiles' shared memory (smem_bytes, the most any kernel of the launch takes) exceeds what
-// the device grants a block (head dim 256 off Hopper).
+// the device grants a block (tile_shapes.h: head dim 256 on an A100, above 64 on sm_86/89).
 template <class Params>
 bool fp32_on_tensor_cores(const Params& p, int smem_bytes) {
   return !fp32_exact_switch() && tensor_core_layout(p, sizeof(float)) &&

@@ -92,6 +92,7 @@ struct MmaOperand<__nv_bfloat16> : MmaOperand16<__nv_bfloat16> {
 // ALU-bound): big is x plus half a TF32 ulp, its low 13 bits left for the tensor cores to drop
 // (x rounded half away from zero); small = x - big exactly (|small| <= 2^-11 |x|), left for them
 // to truncate (2^-10 of small). Each product is then within about 2^-20 of a b; a NaN x makes
+// small NaN. An infinite x (unsupported input) or one within 2^-12 of FLT_MAX gives big = inf and
 // small NaN. CUTLASS's 3xTF32 (round_half_ulp_truncate) passes the same unmasked operands.
 struct Tf32Split {
   uint32_t big, small;

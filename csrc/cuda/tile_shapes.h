@@ -28,8 +28,9 @@ struct BwdTile {
   static constexpr int kWarps = 4;
   // float32 streams 32 rows a step up to head dim 64, 16 above (twice the bytes per element, and
   // the 3xTF32 operands' registers: 64 rows spill 200-300 bytes in the dK/dV kernel at 64, 32
-  // spill 400 at 128, and the dQ kernel's 139 KiB at 128 would leave one CTA an SM). Head dim 256
-  // takes 203 KiB, an H100's; elsewhere it runs the CUDA-core kernels.
+  // spill 400 at 128, and the dQ kernel's 139 KiB at 128 would leave one CTA an SM). The backward
+  // takes 104 KiB at 128 and 203 KiB at 256 (the forward 135 at 256): where a GPU grants a block
+  // less (A100 163, sm_86/89 99), float32 runs the CUDA-core kernels there.
   static constexpr bool kFloat32 = kElemBytes == 4;
   static constexpr int kFloat32Rows = kHeadDim <= 64 ? 32 : 16;
   // dQ kernel: queries resident (16 per warp), keys streamed.

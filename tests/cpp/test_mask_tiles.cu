@@ -135,6 +135,8 @@ void check_all() {
 }
 
 TEST(MaskTiles, QueryRowsMatchIsVisible) {  // the forward's scores, the dQ kernels' probabilities
+  check_all<false, 16>();  // float32's key blocks (16 and 32)
+  check_all<false, 32>();
   check_all<false, 64>();
   check_all<false, 80>();
   check_all<false, 128>();
@@ -142,7 +144,7 @@ TEST(MaskTiles, QueryRowsMatchIsVisible) {  // the forward's scores, the dQ kern
 
 TEST(MaskTiles, BlockRangesCoverEveryVisibleElement) {  // the CTAs' loops over key or query blocks
   for (const Case& c : cases())
-    for (const auto& b : {std::pair{128, 64}, {128, 128}, {192, 128}, {128, 192}, {128, 80}, {64, 32}, {128, 176}}) {
+    for (const auto& b : {std::pair{128, 64}, {128, 128}, {192, 128}, {128, 192}, {128, 80}, {64, 32}, {128, 176}, {64, 16}}) {
       SCOPED_TRACE("seqlen_q " + std::to_string(c.seqlen_q) + ", seqlen_k " + std::to_string(c.seqlen_k) +
                    (c.bottom_right ? ", bottom-right" : ", top-left") + ", window (" +
                    std::to_string(c.window_left) + ", " + std::to_string(c.window_right) + "), blocks " +
@@ -157,14 +159,19 @@ TEST(MaskTiles, UnmaskedTilesHideNothing) {  // tile_needs_mask's shortcut
     SCOPED_TRACE("seqlen_q " + std::to_string(c.seqlen_q) + ", seqlen_k " + std::to_string(c.seqlen_k) +
                  (c.bottom_right ? ", bottom-right" : ", top-left") + ", window (" + std::to_string(c.window_left) +
                  ", " + std::to_string(c.window_right) + ")");
+    EXPECT_EQ((unmasked_tile_mismatch<false, 16>(c)), "");  // float32's key blocks
+    EXPECT_EQ((unmasked_tile_mismatch<false, 32>(c)), "");
     EXPECT_EQ((unmasked_tile_mismatch<false, 64>(c)), "");
     EXPECT_EQ((unmasked_tile_mismatch<false, 128>(c)), "");
+    EXPECT_EQ((unmasked_tile_mismatch<true, 16>(c)), "");  // float32's query steps
+    EXPECT_EQ((unmasked_tile_mismatch<true, 32>(c)), "");
     EXPECT_EQ((unmasked_tile_mismatch<true, 64>(c)), "");
     EXPECT_EQ((unmasked_tile_mismatch<true, 128>(c)), "");
   }
 }
 
 TEST(MaskTiles, KeyRowsMatchIsVisible) {  // the dK/dV kernels' transposed tiles
+  check_all<true, 16>();  // float32's query steps above head dim 64
   check_all<true, 32>();
   check_all<true, 64>();
   check_all<true, 128>();  // the head-dim-64 dK/dV kernel's 128-query steps
