@@ -632,7 +632,7 @@ def parse_args(argv=None):
     p.add_argument("--causal", choices=("both", "true", "false"), default="both")
     p.add_argument("--impls", type=parse_impls, default=None,
                    help=f"comma subset of {','.join(ALL_IMPLS)} (default all; "
-                        f"with --memory: {','.join(MEMORY_IMPLS)}); {OURS}@VAR=value[+VAR=value] "
+                        f"with --memory: {','.join(MEMORY_IMPLS)}); {OURS}[_nondet]@VAR=value[+VAR=value] "
                         f"adds our kernels under run-time switches (e.g. {OURS}@CUFLASH_SM90=tma,features), "
                         f"compared with {OURS} in the same run")
     p.add_argument("--layouts", type=parse_list, default=["bhnd"],
@@ -664,7 +664,7 @@ def parse_args(argv=None):
 
     args.impls = args.impls or list(MEMORY_IMPLS if args.memory else ALL_IMPLS)
     unknown = {name for name in args.impls if name not in ALL_IMPLS
-               and not (name.startswith(OURS + "@") and split_variant(name)[1])}
+               and not (split_variant(name)[0] in (OURS, OURS_NONDET) and split_variant(name)[1])}
     bad_layouts = set(args.layouts) - set(LAYOUTS)
     if unknown:
         p.error(f"unknown impls {sorted(unknown)}; choose from {', '.join(ALL_IMPLS)}")

@@ -34,6 +34,8 @@ def test_unknown_impls_are_refused(name):
 def test_variants_are_accepted():
     args = bench.parse_args(["--impls", "cuflash_attn,cuflash_attn@CUFLASH_SM90=tma", "--quick"])
     assert args.impls == ["cuflash_attn", "cuflash_attn@CUFLASH_SM90=tma"]
+    args = bench.parse_args(["--impls", "cuflash_attn_nondet@CUFLASH_BWD_FUSED_TILE=wide", "--quick"])
+    assert args.impls == ["cuflash_attn_nondet@CUFLASH_BWD_FUSED_TILE=wide"]
 
 
 def test_variant_values_may_hold_commas():

@@ -15,12 +15,18 @@ pytestmark = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
 CPASYNC_PARTS = "tma,bwd,features,persistent"  # the defaults less bwdws
 
 
-@pytest.fixture(params=[CPASYNC_PARTS, ""], ids=["cpasync", "ws"], autouse=True)
+@pytest.fixture(params=[CPASYNC_PARTS, "", "wide"], ids=["cpasync", "ws", "wide"], autouse=True)
 def atomic_dq(request, monkeypatch):
-    """Every test under the cp.async dK/dV kernel with dQ (bwdws left out) and under the
-    defaults: the fused warp-specialized kernel at head dims up to 128."""
+    """Every test under the cp.async dK/dV kernel with dQ (bwdws left out), under the defaults
+    (the fused warp-specialized kernel at head dims up to 128), and with that kernel's 128-query
+    steps at head dim 64 (CUFLASH_BWD_FUSED_TILE=wide, experimental)."""
     monkeypatch.setenv("CUFLASH_BWD_DQ", "atomic")  # read by the op at every call
-    monkeypatch.setenv("CUFLASH_SM90", request.param)
+    monkeypatch.setenv("CUFLASH_SM90", "" if request.param == "wide" else request.param)
+    if request.param == "wide":
+        d = getattr(request.node, "callspec", None) and request.node.callspec.params.get("d")
+        if d is not None and not 32 < d <= 64:
+            pytest.skip("the wide steps are head dim 64's (the ws mode covers the others)")
+        monkeypatch.setenv("CUFLASH_BWD_FUSED_TILE", "wide")
     return request.param
 
 
@@ -70,8 +76,9 @@ def test_path_taken(monkeypatch, atomic_dq):
     names = cuda_kernels(lambda: torch.autograd.grad(out, (q, k, v), torch.ones_like(out), retain_graph=True))
     assert "flash_bwd_dq_convert_kernel" in names and "flash_bwd_dq_kernel" not in names, names
     if IS_SM90:  # the Hopper dK/dV kernel with dQ, where the build has it (sm_90a)
-        expected = "flash_bwd_dkdv_sm90_tma_kernel<__nv_bfloat16, 64, true, true, true, false>" if atomic_dq == "" else \
-            "flash_bwd_dkdv_sm90_kernel<__nv_bfloat16, 64, true, true, true>"
+        expected = {"": "flash_bwd_dkdv_sm90_tma_kernel<__nv_bfloat16, 64, true, true, true, false>",
+                    "wide": "flash_bwd_dkdv_sm90_tma_kernel<__nv_bfloat16, 64, true, true, true, true>",
+                    CPASYNC_PARTS: "flash_bwd_dkdv_sm90_kernel<__nv_bfloat16, 64, true, true, true>"}[atomic_dq]
         assert expected in names, names
         assert "flash_bwd_dq_sm90_kernel" not in names, names
     monkeypatch.delenv("CUFLASH_BWD_DQ")

@@ -194,14 +194,25 @@ cudaError_t run_flash_bwd(const FlashBwdParams& p, cudaStream_t stream) {
         const dim3 key_grid(ceil_div(sh.seqlen_k, K::kResident), sh.heads_kv, sh.batch);
         if constexpr (!K::kSplitDkDv) {
           if (accum_dq) {
-            using Ws = sm90::BwdDkvSm90TmaKernel<T, kHeadDim, true>;
-            sm90::BackwardTmaMaps maps{};
-            if (hopper.bwd_ws && sm90::encode_bwd_tma_maps<T, Ws>(p, &maps)) {
-              // the fused warp-specialized kernel, dQ added by TMA reduce
-              err = launch(sm90::flash_bwd_dkdv_sm90_tma_kernel<T, kHeadDim, true, true, true, false>,
+            // the fused warp-specialized kernel, dQ added by TMA reduce; wide: its 128-query steps
+            // (head dim 64, CUFLASH_BWD_FUSED_TILE=wide: EXPERIMENTAL, not yet run on a GPU)
+            auto launch_fused = [&](auto wide) {
+              constexpr bool kWide = decltype(wide)::value;
+              using Ws = sm90::BwdDkvSm90TmaKernel<T, kHeadDim, true, true, true, kWide>;
+              sm90::BackwardTmaMaps maps{};
+              if (!sm90::encode_bwd_tma_maps<T, Ws>(p, &maps)) return false;
+              err = launch(sm90::flash_bwd_dkdv_sm90_tma_kernel<T, kHeadDim, true, true, true, kWide>,
                            dim3(ceil_div(sh.seqlen_k, Ws::kBlockN), sh.heads_kv, sh.batch), Ws::kThreads,
                            Ws::kSmemBytes, stream, p, maps.q, maps.dout, maps.k, maps.v, maps.dq_accum);
-            } else {
+              return true;
+            };
+            bool launched = false;
+            if (hopper.bwd_ws) {
+              if constexpr (kHeadDim == 64)  // the wide steps' head dim
+                if (bwd_fused_wide_steps_switch()) launched = launch_fused(std::true_type{});
+              if (!launched) launched = launch_fused(std::false_type{});
+            }
+            if (!launched) {
               err = launch(sm90::flash_bwd_dkdv_sm90_kernel<T, kHeadDim, true>, key_grid, K::kThreads,
                            K::kSmemBytes + K::kDsBytes, stream, p);
             }

@@ -27,6 +27,10 @@
 //   CUFLASH_BWD_TILE  the warp-specialized dK/dV kernel's streamed queries a step at head dim 64
 //                   (flash_bwd_sm90_tma.cuh): unset, "" or "wide": 128; "narrow": 64 (tests and
 //                   benchmarks)
+//   CUFLASH_BWD_FUSED_TILE  "wide": the fused warp-specialized backward (dQ by TMA reduce,
+//                   deterministic=False) at head dim 64 with 128 queries a step, each consumer's
+//                   dQ part 64 of its rows (EXPERIMENTAL, built but not yet run on a GPU); unset,
+//                   "" or "narrow": 64 a step
 //   CUFLASH_FP32    float32 on CUDA: unset, "" or "3xtf32": the tensor-core kernels with each
 //                   product split into three TF32 ones (mma_sm80.cuh), where their shared memory
 //                   fits the device; "exact": the CUDA-core kernels (flash_simt_kernel.cuh)
@@ -84,6 +88,7 @@ inline bool env_is(const char* name, const char* value) {
 }
 
 inline bool dq_atomic_switch() { return env_is("CUFLASH_BWD_DQ", "atomic"); }
+inline bool bwd_fused_wide_steps_switch() { return env_is("CUFLASH_BWD_FUSED_TILE", "wide"); }
 inline bool fp32_exact_switch() { return env_is("CUFLASH_FP32", "exact"); }
 inline bool bwd_narrow_steps_switch() { return env_is("CUFLASH_BWD_TILE", "narrow"); }
 enum class FwdTileSwitch { kAuto, kWide, kNarrow };
@@ -108,6 +113,7 @@ inline std::string run_switch_error() {
   for (const OneOf& v : {OneOf{"CUFLASH_BWD_DQ", {"atomic", "atomic"}, "unset, empty or \"atomic\""},
                          OneOf{"CUFLASH_FWD_TILE", {"wide", "narrow"}, "unset, empty, \"wide\" or \"narrow\""},
                          OneOf{"CUFLASH_BWD_TILE", {"wide", "narrow"}, "unset, empty, \"wide\" or \"narrow\""},
+                         OneOf{"CUFLASH_BWD_FUSED_TILE", {"wide", "narrow"}, "unset, empty, \"wide\" or \"narrow\""},
                          OneOf{"CUFLASH_FP32", {"exact", "3xtf32"}, "unset, empty, \"exact\" or \"3xtf32\""},
                          OneOf{"CUFLASH_DEBUG", {"0", "1"}, "unset, empty, \"0\" or \"1\""}}) {
     const char* set = std::getenv(v.name);

@@ -50,9 +50,9 @@ struct BwdSm90Kernel {
 // dQ part (64 queries x kN columns) = dS K for one warpgroup: A = dS from shared memory
 // ([query][key] panels, K-major; kSteps k-steps of 16 keys), B = the resident K tile, MN-major
 // (keys down, head dim across). One wgmma group.
-template <typename T, int kSteps, int kN = 64>
+// kDsPanelBytes: the bytes of one 64-key panel of dS (its query rows x 128).
+template <typename T, int kSteps, int kN = 64, int kDsPanelBytes = 64 * 128>
 __device__ __forceinline__ void issue_ds_k(WarpAcc<kN>& dq, uint64_t desc_ds, uint64_t desc_k) {
-  constexpr int kDsPanelBytes = 64 * 128;  // 64 query rows of 64 keys
 #pragma unroll
   for (int kk = 0; kk < kSteps; ++kk)
     Wgmma<T, kN>::template ss<1>(acc_regs<kN>(dq, 0), desc_ds + (((kk / 4) * kDsPanelBytes + (kk % 4) * 32) >> 4),

@@ -22,6 +22,9 @@
 
 namespace cuflash::sm90 {
 
+// The fused kernel's dQ parts (and so the dq_accum map's boxes): 64 query rows each.
+constexpr int kDqPartRows = 64;
+
 // The dQ kernel's shape: 128 resident queries, 64 (32) streamed keys a step.
 template <typename T, int kHeadDim>
 struct BwdDqSm90TmaKernel {
@@ -151,7 +154,8 @@ __global__ void __launch_bounds__(BwdDqSm90TmaKernel<T, kHeadDim>::kThreads, 1)
 // kWithDk, kWithDv: which of the two it computes (both but at head dim 256, where one 64 x 256
 // accumulator is 128 registers per thread: two launches, the dV one loading no V and computing no
 // dP, as the cp.async kernel).
-// kWideSteps (head dim 64's default; CUFLASH_BWD_TILE=narrow turns it off): 128
+// kWideSteps (head dim 64's default; CUFLASH_BWD_TILE=narrow turns it off; with kAccumDq,
+// EXPERIMENTAL, built but not yet run on a GPU: CUFLASH_BWD_FUSED_TILE=wide): 128
 // streamed queries a step, FlashAttention-3's head-dim-64 tile, so that each step's wgmmas are
 // twice as long (S^T and dP^T 64 registers each); the step's order changes to fit (below).
 template <typename T, int kHeadDim, bool kAccumDq = false, bool kWithDk = true, bool kWithDv = true,
@@ -161,7 +165,7 @@ struct BwdDkvSm90TmaKernel {
   static_assert(kWithDk || kWithDv, "something to compute");
   static_assert(kWithDk && kWithDv ? kHeadDim <= 128 : kHeadDim > 128, "dK and dV together up to head dim 128");
   static_assert(!kAccumDq || kHeadDim <= 128, "dQ comes with dK and dV, in 64-row steps");
-  static_assert(!kWideSteps || (kHeadDim == 64 && !kAccumDq && kWithDk && kWithDv), "wide steps: head dim 64, dK and dV");
+  static_assert(!kWideSteps || (kHeadDim == 64 && kWithDk && kWithDv), "wide steps: head dim 64, dK and dV");
   static constexpr int kConsumers = 2, kThreads = 128 * (kConsumers + 1), kConsumerThreads = 128 * kConsumers;
   static constexpr int kBlockN = 64 * kConsumers;              // resident keys
   static constexpr int kBlockM = kWideSteps ? 128 : kBwdStreamedRows<kHeadDim>;  // streamed queries per step
@@ -173,12 +177,14 @@ struct BwdDkvSm90TmaKernel {
   // the step before; and each consumer's fp32 dQ part ([row][64 columns]).
   static constexpr int kDsBufferBytes = kBlockM * kBlockN * 2;
   static constexpr int kDsBytes = kAccumDq ? 2 * kDsBufferBytes : 0;
-  // Which dQ columns a consumer computes: the panel of its index at D=128; at D=64 the one panel,
-  // by the consumer whose index is the step's parity.
-  static constexpr bool kDqByColumns = kHeadDim == 128;
+  // Which dQ part a consumer computes: the 64 columns of its index at D=128; with wide steps the
+  // 64 query rows of its index (FlashAttention-3's split at D=64); at D=64 otherwise the whole
+  // 64 x 64, by the consumer whose index is the step's parity.
+  static constexpr bool kDqByColumns = kHeadDim == 128, kDqByRows = kWideSteps;
+  static constexpr bool kDqEveryStep = kDqByColumns || kDqByRows;
   // A dQ part: 64 rows x 64 columns as two 128B-swizzled panels of 32 columns, the boxes of the
   // dq_accum map (the swizzle also spreads the fragment stores over the banks).
-  static constexpr int kDqPanelBytes = kBlockM * 32 * 4, kDqPartBytes = 2 * kDqPanelBytes;
+  static constexpr int kDqPanelBytes = kDqPartRows * 32 * 4, kDqPartBytes = 2 * kDqPanelBytes;
   static constexpr int kDqBytes = kAccumDq ? kConsumers * kDqPartBytes : 0;
   // Barriers: K/V full, then per stage full (TMA bytes + the stats warp) and empty (consumer
   // warps); kAccumDq: per consumer dq_full (its warps) and dq_empty (the drain warp).
@@ -235,11 +241,11 @@ __global__ void __launch_bounds__(BwdDkvSm90TmaKernel<T, kHeadDim, kAccumDq, kWi
     return m.begin + (kAccumDq ? (step % per_head + n_block) % per_head : step % per_head);
   };
   // kAccumDq: whether consumer c computes a dQ part at step, and which use of its buffer that is.
-  auto makes_dq = [&](int c, int step) { return K::kDqByColumns || c == (step & 1); };
+  auto makes_dq = [&](int c, int step) { return K::kDqEveryStep || c == (step & 1); };
   // kAccumDq: the named barrier on which consumer c announces its dS panel of step (ids 2-5: one
   // per buffer and consumer, each used by c's arrival and the other's wait; 1 is the epilogue's).
   auto ds_barrier = [](int step, int c) { return 2 + 2 * (step & 1) + c; };
-  auto dq_use = [&](int step) { return K::kDqByColumns ? step : step >> 1; };
+  auto dq_use = [&](int step) { return K::kDqEveryStep ? step : step >> 1; };
 
   if (tid == 0) {
     mbarrier_init(kv_full, 1);
@@ -266,10 +272,10 @@ __global__ void __launch_bounds__(BwdDkvSm90TmaKernel<T, kHeadDim, kAccumDq, kWi
             for (int c = 0; c < K::kConsumers; ++c) {
               if (!makes_dq(c, step)) continue;
               mbarrier_wait(&dq_full[c], dq_use(step) & 1);
-              const int col0 = K::kDqByColumns ? 64 * c : 0;
+              const int col0 = K::kDqByColumns ? 64 * c : 0, row0 = K::kDqByRows ? 64 * c : 0;
               for (int panel = 0; panel < 2; ++panel)  // rows past seqlen_q, columns past head_dim: dropped
                 tma_reduce_add_4d(&map_dq_accum, sdQ + c * K::kDqPartBytes + panel * K::kDqPanelBytes,
-                                  col0 + 32 * panel, block_of(step) * kBlockM, head_of(step), b);
+                                  col0 + 32 * panel, block_of(step) * kBlockM + row0, head_of(step), b);
               bulk_commit_group();
               bulk_wait_group_read<0>();  // the part is read: the consumer may overwrite it
               mbarrier_arrive(&dq_empty[c]);
@@ -347,46 +353,11 @@ __global__ void __launch_bounds__(BwdDkvSm90TmaKernel<T, kHeadDim, kAccumDq, kWi
       __syncwarp();
       if (lane == 0) mbarrier_arrive(&empty[stage]);
     };
-    if constexpr (kWideSteps) {
-      // FlashAttention-3's order for its head-dim-64 tile: dS first, then P^T and dS^T both
-      // packed as A operands, so that S^T and dP^T (64 fp32 registers each) are dead before any
-      // rs wgmma goes out. The default order below (dV issued before dS is formed), or even dV
-      // issued between dS and packing dS^T (tried as a way to share that code), keeps fp32
-      // values alive beside P^T in flight, and ptxas then serializes every wgmma (C7512).
-      ds_from_dp(dp, s, col_delta);
-      uint32_t pt[kBlockM / 16][4], dst[kBlockM / 16][4];
-#pragma unroll
-      for (int kk = 0; kk < kBlockM / 16; ++kk) s.template to_a<T>(pt[kk], kk);
-#pragma unroll
-      for (int kk = 0; kk < kBlockM / 16; ++kk) dp.template to_a<T>(dst[kk], kk);
-      wgmma_fence();
-      issue_pv<T, kHeadDim, kBlockM>(dv, pt, desc_do0_mn + stage_bytes(stage));
-      issue_pv<T, kHeadDim, kBlockM>(dk, dst, desc_q0_mn + stage_bytes(stage));
-      wgmma_wait<0>();
-      release_stage();
-      continue;
-    }
-    if constexpr (kWithDv) {
-      uint32_t pt[kBlockM / 16][4];
-#pragma unroll
-      for (int kk = 0; kk < kBlockM / 16; ++kk) s.template to_a<T>(pt[kk], kk);
-      wgmma_fence();
-      issue_pv<T, kHeadDim, kBlockM>(dv, pt, desc_do0_mn + stage_bytes(stage));  // runs while dS is formed
-    }
-    if constexpr (!kWithDk) {
-      wgmma_wait<0>();
-      release_stage();
-      continue;
-    }
-    ds_from_dp(dp, s, col_delta);
-    uint32_t dst[kBlockM / 16][4];
-#pragma unroll
-    for (int kk = 0; kk < kBlockM / 16; ++kk) dp.template to_a<T>(dst[kk], kk);
-    if constexpr (kAccumDq) {
-      // dS^T (this warp's 16 keys x kBlockM queries, packed in dst) into this consumer's panel of
-      // the step's buffer as [query][key], the A operand of the dQ parts. The buffer was last
-      // read by the dQ wgmmas of step - 2, which each consumer waited for before its arrival of
-      // step - 1, which this one waited for.
+    // kAccumDq: dS^T (this warp's 16 keys x kBlockM queries, packed in dst) into this consumer's
+    // panel of the step's buffer as [query][key], the A operand of the dQ parts. The buffer was
+    // last read by the dQ wgmmas of step - 2, which each consumer waited for before its arrival
+    // of step - 1, which this one waited for.
+    auto store_ds_panel = [&](const uint32_t(&dst)[kBlockM / 16][4]) {
       // dst[kk] is four 8 x 8 fragments (keys down, queries across: 0-7 x 0-7, 8-15 x 0-7, 0-7 x
       // 8-15, 8-15 x 8-15 of the 16 x 16 block kk); stored transposed, fragment i's query q
       // is 8 keys in a row of the panel, the row this lane (8 i + q) addresses.
@@ -399,26 +370,63 @@ __global__ void __launch_bounds__(BwdDkvSm90TmaKernel<T, kHeadDim, kAccumDq, kWi
       // This panel is in: an arrival, not a wait, so that dK's wgmmas go out at once (no lockstep
       // between the consumers); the other's panel is waited for just before dQ.
       named_barrier_arrive<K::kConsumerThreads>(ds_barrier(step, consumer));
+    };
+    if constexpr (kWideSteps) {
+      // FlashAttention-3's order for its head-dim-64 tile: dS first, then P^T and dS^T both
+      // packed as A operands, so that S^T and dP^T (64 fp32 registers each) are dead before any
+      // rs wgmma goes out. The default order below (dV issued before dS is formed), or even dV
+      // issued between dS and packing dS^T (tried as a way to share that code), keeps fp32
+      // values alive beside P^T in flight, and ptxas then serializes every wgmma (C7512).
+      ds_from_dp(dp, s, col_delta);
+      uint32_t pt[kBlockM / 16][4], dst[kBlockM / 16][4];
+#pragma unroll
+      for (int kk = 0; kk < kBlockM / 16; ++kk) s.template to_a<T>(pt[kk], kk);
+#pragma unroll
+      for (int kk = 0; kk < kBlockM / 16; ++kk) dp.template to_a<T>(dst[kk], kk);
+      if constexpr (kAccumDq) store_ds_panel(dst);
+      wgmma_fence();
+      issue_pv<T, kHeadDim, kBlockM>(dv, pt, desc_do0_mn + stage_bytes(stage));
+      issue_pv<T, kHeadDim, kBlockM>(dk, dst, desc_q0_mn + stage_bytes(stage));
+    } else {
+      if constexpr (kWithDv) {
+        uint32_t pt[kBlockM / 16][4];
+#pragma unroll
+        for (int kk = 0; kk < kBlockM / 16; ++kk) s.template to_a<T>(pt[kk], kk);
+        wgmma_fence();
+        issue_pv<T, kHeadDim, kBlockM>(dv, pt, desc_do0_mn + stage_bytes(stage));  // runs while dS is formed
+      }
+      if constexpr (!kWithDk) {
+        wgmma_wait<0>();
+        release_stage();
+        continue;
+      }
+      ds_from_dp(dp, s, col_delta);
+      uint32_t dst[kBlockM / 16][4];
+#pragma unroll
+      for (int kk = 0; kk < kBlockM / 16; ++kk) dp.template to_a<T>(dst[kk], kk);
+      if constexpr (kAccumDq) store_ds_panel(dst);
+      wgmma_fence();
+      issue_pv<T, kHeadDim, kBlockM>(dk, dst, desc_q0_mn + stage_bytes(stage));
     }
-    wgmma_fence();
-    issue_pv<T, kHeadDim, kBlockM>(dk, dst, desc_q0_mn + stage_bytes(stage));
     if constexpr (kAccumDq) {
       const bool with_dq = makes_dq(consumer, step);
-      WarpAcc<64> dq;  // this consumer's part: 64 queries x 64 columns (col0 ..), unscaled
-      // At D=64 dK's wgmmas are waited for before the ones in the branch: ptxas serializes
-      // wgmmas whose accumulators are in flight across a divergent path (C7520).
-      if constexpr (!K::kDqByColumns) wgmma_wait<0>();
+      WarpAcc<64> dq;  // this consumer's part: 64 queries (row0 ..) x 64 columns (col0 ..), unscaled
+      // Where the consumers take turns, dK's wgmmas are waited for before the ones in the branch:
+      // ptxas serializes wgmmas whose accumulators are in flight across a divergent path (C7520).
+      if constexpr (!K::kDqEveryStep) wgmma_wait<0>();
       // The other consumer's panel is in (also when this one makes no dQ part: the wait orders
       // this step's stores after the other's dQ wgmmas of step - 2, see above).
       named_barrier_sync<K::kConsumerThreads>(ds_barrier(step, 1 - consumer));
       if (with_dq) {
         const int col0 = K::kDqByColumns ? 64 * consumer : 0;
+        const int rows = K::kDqByRows ? consumer * 64 * 128 : 0;  // this part's query rows in each panel
         wgmma_fence();
-        issue_ds_k<T, kBlockN / 16>(dq, smem_desc_k_major_sw128(sdS, (step & 1) * K::kDsBufferBytes),
-                                    smem_desc_mn_major_sw128(sK, (col0 / 64) * kBlockN * 128, kBlockN * 128));
-        if constexpr (!K::kDqByColumns) wgmma_wait<0>();
+        issue_ds_k<T, kBlockN / 16, 64, kBlockM * 128>(
+            dq, smem_desc_k_major_sw128(sdS, (step & 1) * K::kDsBufferBytes + rows),
+            smem_desc_mn_major_sw128(sK, (col0 / 64) * kBlockN * 128, kBlockN * 128));
+        if constexpr (!K::kDqEveryStep) wgmma_wait<0>();
       }
-      if constexpr (K::kDqByColumns) wgmma_wait<0>();
+      if constexpr (K::kDqEveryStep) wgmma_wait<0>();
       release_stage();
       if (with_dq) {
         const int use = dq_use(step);
@@ -488,7 +496,7 @@ bool encode_bwd_tma_maps(const FlashBwdParams& p, BackwardTmaMaps* maps) {
   constexpr bool kBf16 = std::is_same_v<T, __nv_bfloat16>;
   if (p.dq_accum != nullptr && !encode_rows_map(&maps->dq_accum, p.dq_accum, CU_TENSOR_MAP_DATA_TYPE_FLOAT32, 4,
                                                 p.dq_accum_strides, sh.batch, sh.heads_q, sh.seqlen_q, sh.head_dim,
-                                                K::kBlockM))
+                                                kDqPartRows))
     return false;
   return encode_attention_map(&maps->q, p.q, kBf16, p.q_strides, sh.batch, sh.heads_q, sh.seqlen_q, sh.head_dim,
                               K::kBlockM) &&
