@@ -11,7 +11,8 @@
 //          too, FlashAttention-3's way: both consumer warpgroups stage their keys' dS in one
 //          [query][key] buffer (two, alternating by step), then dQ part = dS K over all 128
 //          keys is one 64 x 64 wgmma a warpgroup (at D=128 each takes 64 columns, at D=64 the
-//          two take turns by step) issued beside dK's, into an fp32 buffer that a third
+//          two take turns by step, or with 128-query steps each takes 64 of the rows) issued
+//          beside dK's, into an fp32 buffer that a third
 //          producer warp adds to dq_accum by TMA reduce (two 64 x 32 boxes a part), off the
 //          consumers' path.
 //   dQ:    queries resident (their lse and delta in registers), K and V streamed.
@@ -164,7 +165,7 @@ struct BwdDkvSm90TmaKernel {
   static_assert(kBwdHeadDim<kHeadDim>, "a Hopper backward head dim");
   static_assert(kWithDk || kWithDv, "something to compute");
   static_assert(kWithDk && kWithDv ? kHeadDim <= 128 : kHeadDim > 128, "dK and dV together up to head dim 128");
-  static_assert(!kAccumDq || kHeadDim <= 128, "dQ comes with dK and dV, in 64-row steps");
+  static_assert(!kAccumDq || kHeadDim <= 128, "dQ comes with dK and dV, in 64-row parts");
   static_assert(!kWideSteps || (kHeadDim == 64 && kWithDk && kWithDv), "wide steps: head dim 64, dK and dV");
   static constexpr int kConsumers = 2, kThreads = 128 * (kConsumers + 1), kConsumerThreads = 128 * kConsumers;
   static constexpr int kBlockN = 64 * kConsumers;              // resident keys
