@@ -23,6 +23,14 @@ def _exact_fp32():
     torch.backends.cuda.matmul.allow_tf32 = old
 
 
+def skip_outside_head_dim_64(request, why):
+    """For a fixture's mode that only changes the kernels of the head-dim-64 bucket: skip the test
+    when its "d" parameter (if any) lies outside (32, 64]."""
+    d = getattr(request.node, "callspec", None) and request.node.callspec.params.get("d")
+    if d is not None and not 32 < d <= 64:
+        pytest.skip(why)
+
+
 def poison_cuda_allocator(nbytes):
     """Fill a cached block with NaN and free it, so that an op allocating its outputs next
     likely receives NaN-filled memory: an element the kernel fails to write then fails."""

@@ -5,7 +5,7 @@ every head-dim bucket and the features; the profiler shows which kernels ran."""
 import pytest
 import torch
 
-from conftest import HAS_CUDA, IS_SM90, cuda_kernels
+from conftest import HAS_CUDA, IS_SM90, cuda_kernels, skip_outside_head_dim_64
 from reference import LOW_PRECISION, LOW_PRECISION_IDS
 from test_features import check_dense, check_varlen
 
@@ -23,9 +23,7 @@ def atomic_dq(request, monkeypatch):
     monkeypatch.setenv("CUFLASH_BWD_DQ", "atomic")  # read by the op at every call
     monkeypatch.setenv("CUFLASH_SM90", "" if request.param == "wide" else request.param)
     if request.param == "wide":
-        d = getattr(request.node, "callspec", None) and request.node.callspec.params.get("d")
-        if d is not None and not 32 < d <= 64:
-            pytest.skip("the wide steps are head dim 64's (the ws mode covers the others)")
+        skip_outside_head_dim_64(request, "the wide steps are head dim 64's (the ws mode covers the others)")
         monkeypatch.setenv("CUFLASH_BWD_FUSED_TILE", "wide")
     return request.param
 

@@ -8,7 +8,7 @@ heads) and varlen; bitwise reproducible; the profiler shows which kernels ran.""
 import pytest
 import torch
 
-from conftest import IS_SM90, cuda_kernels
+from conftest import IS_SM90, cuda_kernels, skip_outside_head_dim_64
 from reference import LOW_PRECISION, LOW_PRECISION_IDS
 from test_features import check_dense, check_varlen
 
@@ -22,8 +22,7 @@ def hopper_backward(request, monkeypatch):
     those with CUFLASH_BWD_TILE=narrow (64-query steps there too)."""
     monkeypatch.setenv("CUFLASH_SM90", "" if request.param == "narrow" else request.param)  # read at every call
     if request.param == "narrow":
-        if getattr(request.node, "callspec", None) and request.node.callspec.params.get("d", 64) > 64:
-            pytest.skip("the steps differ at head dim 64 only (the ws mode covers the others)")
+        skip_outside_head_dim_64(request, "the steps differ at head dim 64 only (the ws mode covers the others)")
         monkeypatch.setenv("CUFLASH_BWD_TILE", "narrow")
     return request.param
 

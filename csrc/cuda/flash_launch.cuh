@@ -56,16 +56,18 @@ inline bool rows_of_16_bytes(const void* data, const TensorStrides& s, int elem_
   auto aligned = [&](int64_t stride) { return stride * elem_bytes % 16 == 0; };
   return reinterpret_cast<uintptr_t>(data) % 16 == 0 && aligned(s.batch) && aligned(s.head) && aligned(s.row);
 }
-inline bool tensor_core_layout(const FlashFwdParams& p, int elem_bytes) {
+// The inputs (and head_dim) of either direction; the overloads add the direction's other tensors.
+inline bool tensor_core_inputs(const AttentionParams& p, int elem_bytes) {
   return p.shape.head_dim % 8 == 0 && rows_of_16_bytes(p.q, p.q_strides, elem_bytes) &&
-         rows_of_16_bytes(p.k, p.k_strides, elem_bytes) && rows_of_16_bytes(p.v, p.v_strides, elem_bytes) &&
-         rows_of_16_bytes(p.out, p.out_strides, elem_bytes);
+         rows_of_16_bytes(p.k, p.k_strides, elem_bytes) && rows_of_16_bytes(p.v, p.v_strides, elem_bytes);
+}
+inline bool tensor_core_layout(const FlashFwdParams& p, int elem_bytes) {
+  return tensor_core_inputs(p, elem_bytes) && rows_of_16_bytes(p.out, p.out_strides, elem_bytes);
 }
 inline bool tensor_core_layout(const FlashBwdParams& p, int elem_bytes) {
-  return p.shape.head_dim % 8 == 0 && rows_of_16_bytes(p.q, p.q_strides, elem_bytes) &&
-         rows_of_16_bytes(p.k, p.k_strides, elem_bytes) && rows_of_16_bytes(p.v, p.v_strides, elem_bytes) &&
-         rows_of_16_bytes(p.dout, p.dout_strides, elem_bytes) && rows_of_16_bytes(p.dq, p.dq_strides, elem_bytes) &&
-         rows_of_16_bytes(p.dk, p.dk_strides, elem_bytes) && rows_of_16_bytes(p.dv, p.dv_strides, elem_bytes);
+  return tensor_core_inputs(p, elem_bytes) && rows_of_16_bytes(p.dout, p.dout_strides, elem_bytes) &&
+         rows_of_16_bytes(p.dq, p.dq_strides, elem_bytes) && rows_of_16_bytes(p.dk, p.dk_strides, elem_bytes) &&
+         rows_of_16_bytes(p.dv, p.dv_strides, elem_bytes);
 }
 
 // float32: the tensor-core kernels (3xTF32, mma_sm80.cuh) unless CUFLASH_FP32=exact asks for
@@ -192,30 +194,33 @@ cudaError_t run_flash_bwd(const FlashBwdParams& p, cudaStream_t stream) {
       const sm90::Sm90Paths hopper = sm90::sm90_paths(p);
       if (hopper.bwd && !(accum_dq && K::kSplitDkDv)) {
         const dim3 key_grid(ceil_div(sh.seqlen_k, K::kResident), sh.heads_kv, sh.batch);
+        constexpr std::true_type yes{};
+        constexpr std::false_type no{};
+        // The warp-specialized dK/dV kernel (the bwdws part), where TMA can address the inputs:
+        // true with err its launch's, false (nothing launched) otherwise. accum: dQ too, added by
+        // TMA reduce (the fused kernel); wide: 128-query steps (head dim 64).
+        auto launch_dkdv_ws = [&](auto accum, auto with_dk, auto with_dv, auto wide) {
+          constexpr bool kAccum = decltype(accum)::value, kWithDk = decltype(with_dk)::value;
+          constexpr bool kWithDv = decltype(with_dv)::value, kWide = decltype(wide)::value;
+          if (!hopper.bwd_ws) return false;
+          using Ws = sm90::BwdDkvSm90TmaKernel<T, kHeadDim, kAccum, kWithDk, kWithDv, kWide>;
+          sm90::BackwardTmaMaps maps{};
+          if (!sm90::encode_bwd_tma_maps<T, Ws>(p, &maps)) return false;
+          err = launch(sm90::flash_bwd_dkdv_sm90_tma_kernel<T, kHeadDim, kAccum, kWithDk, kWithDv, kWide>,
+                       dim3(ceil_div(sh.seqlen_k, Ws::kBlockN), sh.heads_kv, sh.batch), Ws::kThreads,
+                       Ws::kSmemBytes, stream, p, maps.q, maps.dout, maps.k, maps.v, maps.dq_accum);
+          return true;
+        };
         if constexpr (!K::kSplitDkDv) {
           if (accum_dq) {
-            // the fused warp-specialized kernel, dQ added by TMA reduce; wide: its 128-query steps
-            // (head dim 64, CUFLASH_BWD_FUSED_TILE=wide: EXPERIMENTAL, not yet run on a GPU)
-            auto launch_fused = [&](auto wide) {
-              constexpr bool kWide = decltype(wide)::value;
-              using Ws = sm90::BwdDkvSm90TmaKernel<T, kHeadDim, true, true, true, kWide>;
-              sm90::BackwardTmaMaps maps{};
-              if (!sm90::encode_bwd_tma_maps<T, Ws>(p, &maps)) return false;
-              err = launch(sm90::flash_bwd_dkdv_sm90_tma_kernel<T, kHeadDim, true, true, true, kWide>,
-                           dim3(ceil_div(sh.seqlen_k, Ws::kBlockN), sh.heads_kv, sh.batch), Ws::kThreads,
-                           Ws::kSmemBytes, stream, p, maps.q, maps.dout, maps.k, maps.v, maps.dq_accum);
-              return true;
-            };
+            // The fused kernel; its 128-query steps at head dim 64 under CUFLASH_BWD_FUSED_TILE=wide
+            // (EXPERIMENTAL, not yet run on a GPU); else the cp.async one.
             bool launched = false;
-            if (hopper.bwd_ws) {
-              if constexpr (kHeadDim == 64)  // the wide steps' head dim
-                if (bwd_fused_wide_steps_switch()) launched = launch_fused(std::true_type{});
-              if (!launched) launched = launch_fused(std::false_type{});
-            }
-            if (!launched) {
+            if constexpr (kHeadDim == 64)
+              if (bwd_fused_wide_steps_switch()) launched = launch_dkdv_ws(yes, yes, yes, yes);
+            if (!launched && !launch_dkdv_ws(yes, yes, yes, no))
               err = launch(sm90::flash_bwd_dkdv_sm90_kernel<T, kHeadDim, true>, key_grid, K::kThreads,
                            K::kSmemBytes + K::kDsBytes, stream, p);
-            }
             return err != cudaSuccess ? err : convert_dq();
           }
         }
@@ -237,21 +242,11 @@ cudaError_t run_flash_bwd(const FlashBwdParams& p, cudaStream_t stream) {
         // dK and dV: one launch, or at head dim 256 two (kSplitDkDv: dK, then dV); wide: the
         // warp-specialized kernel's 128-query steps (head dim 64, unless CUFLASH_BWD_TILE=narrow).
         auto launch_dkdv = [&](auto with_dk, auto with_dv, auto wide) {
+          if (launch_dkdv_ws(no, with_dk, with_dv, wide)) return err;
           constexpr bool kWithDk = decltype(with_dk)::value, kWithDv = decltype(with_dv)::value;
-          constexpr bool kWide = decltype(wide)::value;
-          if (hopper.bwd_ws) {  // the warp-specialized dK/dV kernel where TMA can address the inputs
-            using Ws = sm90::BwdDkvSm90TmaKernel<T, kHeadDim, false, kWithDk, kWithDv, kWide>;
-            sm90::BackwardTmaMaps maps{};
-            if (sm90::encode_bwd_tma_maps<T, Ws>(p, &maps))
-              return launch(sm90::flash_bwd_dkdv_sm90_tma_kernel<T, kHeadDim, false, kWithDk, kWithDv, kWide>,
-                            dim3(ceil_div(sh.seqlen_k, Ws::kBlockN), sh.heads_kv, sh.batch), Ws::kThreads,
-                            Ws::kSmemBytes, stream, p, maps.q, maps.dout, maps.k, maps.v, maps.dq_accum);
-          }
           return launch(sm90::flash_bwd_dkdv_sm90_kernel<T, kHeadDim, false, kWithDk, kWithDv>, key_grid, K::kThreads,
                         K::kSmemBytes, stream, p);
         };
-        constexpr std::true_type yes{};
-        constexpr std::false_type no{};
         if constexpr (K::kSplitDkDv) {
           err = launch_dkdv(yes, no, no);
           if (err != cudaSuccess) return err;

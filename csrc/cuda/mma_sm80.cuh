@@ -386,9 +386,9 @@ __device__ __forceinline__ void warp_store_rows(const WarpAcc<kCols>& acc, const
       else *reinterpret_cast<uint32_t*>(at) = MmaOperand<T>::pack(lo, hi);
     }
   __syncwarp();
-  constexpr int kChunk = 16 / sizeof(T), kChunksPerRow = kCols / kChunk;
+  constexpr int kChunksPerRow = kCols / Tile::kChunk;
   for (int c = lane; c < 16 * kChunksPerRow; c += 32) {
-    const int r = c / kChunksPerRow, col = (c % kChunksPerRow) * kChunk;
+    const int r = c / kChunksPerRow, col = (c % kChunksPerRow) * Tile::kChunk;
     if (r < rows_valid && col < cols_valid)
       *reinterpret_cast<uint4*>(gmem + r * row_stride + col) =
           *reinterpret_cast<const uint4*>(tile.at(tile_row0 + r, col));
