@@ -18,8 +18,9 @@ CPASYNC_PARTS = "tma,bwd,features,persistent"  # the defaults less bwdws
 @pytest.fixture(params=[CPASYNC_PARTS, "", "wide"], ids=["cpasync", "ws", "wide"], autouse=True)
 def atomic_dq(request, monkeypatch):
     """Every test under the cp.async dK/dV kernel with dQ (bwdws left out), under the defaults
-    (the fused warp-specialized kernel at head dims up to 128), and with that kernel's 128-query
-    steps at head dim 64 (CUFLASH_BWD_FUSED_TILE=wide, experimental)."""
+    (the fused warp-specialized kernel at head dims up to 128; its 64-query steps on the tests'
+    short columns), and with that kernel's 128-query steps at head dim 64 at every length
+    (CUFLASH_BWD_FUSED_TILE=wide)."""
     monkeypatch.setenv("CUFLASH_BWD_DQ", "atomic")  # read by the op at every call
     monkeypatch.setenv("CUFLASH_SM90", "" if request.param == "wide" else request.param)
     if request.param == "wide":
@@ -84,3 +85,20 @@ def test_path_taken(monkeypatch, atomic_dq):
     dq_kernel = any(f"{kernel}<" in names for kernel in ("flash_bwd_dq_kernel", "flash_bwd_dq_sm90_kernel",
                                                         "flash_bwd_dq_sm90_tma_kernel"))
     assert dq_kernel and "flash_bwd_dq_convert_kernel" not in names, names  # the sm90 one on Hopper
+
+
+@pytest.mark.skipif(not IS_SM90, reason="the fused warp-specialized kernel is sm_90a's")
+@pytest.mark.parametrize("switch,n,wide", [("", 1000, False), ("", 1024, True), ("narrow", 4096, False),
+                                           ("wide", 100, True)])
+def test_fused_steps_by_length(switch, n, wide, monkeypatch, atomic_dq):
+    """The fused head-dim-64 kernel takes 128-query steps from 1024 keys a middle row
+    (fused_wide_steps_pay), 64 below; CUFLASH_BWD_FUSED_TILE picks one at every length."""
+    if atomic_dq != "":
+        pytest.skip("the defaults' kernel; the mode sets its own switches")
+    monkeypatch.setenv("CUFLASH_BWD_FUSED_TILE", switch)
+    q, k, v = (torch.randn(1, 1, n, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+               for _ in range(3))
+    out, _ = torch.ops.cuflash_attn.fwd(q, k, v, None, False, False)
+    names = cuda_kernels(lambda: torch.autograd.grad(out, (q, k, v), torch.ones_like(out)))
+    expected = f"flash_bwd_dkdv_sm90_tma_kernel<__nv_bfloat16, 64, true, true, true, {str(wide).lower()}>"
+    assert expected in names, names

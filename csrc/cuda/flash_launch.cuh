@@ -133,8 +133,8 @@ bool launch_fwd_tma(const FlashFwdParams& p, bool persistent, cudaStream_t strea
   constexpr std::false_type no{};
   constexpr std::true_type yes{};
   if (needs_feature_path(p)) return run(no, yes, no);
-  const FwdTileSwitch tile = fwd_tile_switch();
-  if (tile == FwdTileSwitch::kWide || (tile == FwdTileSwitch::kAuto && sm90::wide_rows<kHeadDim>(p)))
+  const TileSwitch tile = fwd_tile_switch();
+  if (tile == TileSwitch::kWide || (tile == TileSwitch::kAuto && sm90::wide_rows<kHeadDim>(p)))
     return run(yes, no, no);
   if constexpr (Plain::kHasPersistent)
     if (persistent && !sm90::long_rows(p)) return run(no, no, yes);
@@ -168,6 +168,11 @@ cudaError_t run_flash_fwd(const FlashFwdParams& p, cudaStream_t stream) {
     });
   }
 }
+
+// Where the fused head-dim-64 backward's 128-query steps pay (benchmarks/NOTES.md, H200): from
+// 1024 keys seen by the middle query row (+1-20% at 2048-16384; at 512 the four-step columns
+// lose 6-7% to the longer pipeline fill). Square attention's middle key column sees as many queries.
+inline bool fused_wide_steps_pay(const FlashBwdParams& p) { return sm90::middle_row_keys(p) >= 1024; }
 
 template <typename T, int kHeadDim>
 cudaError_t run_flash_bwd(const FlashBwdParams& p, cudaStream_t stream) {
@@ -213,11 +218,14 @@ cudaError_t run_flash_bwd(const FlashBwdParams& p, cudaStream_t stream) {
         };
         if constexpr (!K::kSplitDkDv) {
           if (accum_dq) {
-            // The fused kernel; its 128-query steps at head dim 64 under CUFLASH_BWD_FUSED_TILE=wide
-            // (EXPERIMENTAL, not yet run on a GPU); else the cp.async one.
+            // The fused kernel (at head dim 64 with 128-query steps where they pay), else the
+            // cp.async one.
             bool launched = false;
-            if constexpr (kHeadDim == 64)
-              if (bwd_fused_wide_steps_switch()) launched = launch_dkdv_ws(yes, yes, yes, yes);
+            if constexpr (kHeadDim == 64) {
+              const TileSwitch tile = bwd_fused_tile_switch();
+              if (tile == TileSwitch::kWide || (tile == TileSwitch::kAuto && fused_wide_steps_pay(p)))
+                launched = launch_dkdv_ws(yes, yes, yes, yes);
+            }
             if (!launched && !launch_dkdv_ws(yes, yes, yes, no))
               err = launch(sm90::flash_bwd_dkdv_sm90_kernel<T, kHeadDim, true>, key_grid, K::kThreads,
                            K::kSmemBytes + K::kDsBytes, stream, p);

@@ -27,10 +27,10 @@
 //   CUFLASH_BWD_TILE  the warp-specialized dK/dV kernel's streamed queries a step at head dim 64
 //                   (flash_bwd_sm90_tma.cuh): unset, "" or "wide": 128; "narrow": 64 (tests and
 //                   benchmarks)
-//   CUFLASH_BWD_FUSED_TILE  "wide": the fused warp-specialized backward (dQ by TMA reduce,
-//                   deterministic=False) at head dim 64 with 128 queries a step, each consumer's
-//                   dQ part 64 of its rows (EXPERIMENTAL, built but not yet run on a GPU); unset,
-//                   "" or "narrow": 64 a step
+//   CUFLASH_BWD_FUSED_TILE  the fused warp-specialized backward's (dQ by TMA reduce,
+//                   deterministic=False) streamed queries a step at head dim 64: unset or "",
+//                   128 on long columns (fused_wide_steps_pay in flash_launch.cuh), else 64;
+//                   "wide" or "narrow": 128 or 64 at every length (tests and benchmarks)
 //   CUFLASH_FP32    float32 on CUDA: unset, "" or "3xtf32": the tensor-core kernels with each
 //                   product split into three TF32 ones (mma_sm80.cuh), where their shared memory
 //                   fits the device; "exact": the CUDA-core kernels (flash_simt_kernel.cuh)
@@ -88,15 +88,15 @@ inline bool env_is(const char* name, const char* value) {
 }
 
 inline bool dq_atomic_switch() { return env_is("CUFLASH_BWD_DQ", "atomic"); }
-inline bool bwd_fused_wide_steps_switch() { return env_is("CUFLASH_BWD_FUSED_TILE", "wide"); }
 inline bool fp32_exact_switch() { return env_is("CUFLASH_FP32", "exact"); }
 inline bool bwd_narrow_steps_switch() { return env_is("CUFLASH_BWD_TILE", "narrow"); }
-enum class FwdTileSwitch { kAuto, kWide, kNarrow };
-inline FwdTileSwitch fwd_tile_switch() {
-  return env_is("CUFLASH_FWD_TILE", "wide") ? FwdTileSwitch::kWide
-         : env_is("CUFLASH_FWD_TILE", "narrow") ? FwdTileSwitch::kNarrow
-                                                 : FwdTileSwitch::kAuto;
+// The tile switches: unset or "" picks by shape (kAuto), "wide" or "narrow" one tile everywhere.
+enum class TileSwitch { kAuto, kWide, kNarrow };
+inline TileSwitch tile_switch(const char* name) {
+  return env_is(name, "wide") ? TileSwitch::kWide : env_is(name, "narrow") ? TileSwitch::kNarrow : TileSwitch::kAuto;
 }
+inline TileSwitch fwd_tile_switch() { return tile_switch("CUFLASH_FWD_TILE"); }
+inline TileSwitch bwd_fused_tile_switch() { return tile_switch("CUFLASH_BWD_FUSED_TILE"); }
 inline bool debug_switch() { return env_is("CUFLASH_DEBUG", "1"); }
 
 // The message for a switch set to something it does not name, or "" if all are valid.

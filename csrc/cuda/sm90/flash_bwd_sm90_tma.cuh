@@ -155,9 +155,8 @@ __global__ void __launch_bounds__(BwdDqSm90TmaKernel<T, kHeadDim>::kThreads, 1)
 // kWithDk, kWithDv: which of the two it computes (both but at head dim 256, where one 64 x 256
 // accumulator is 128 registers per thread: two launches, the dV one loading no V and computing no
 // dP, as the cp.async kernel).
-// kWideSteps (head dim 64's default; CUFLASH_BWD_TILE=narrow turns it off; with kAccumDq,
-// EXPERIMENTAL, built but not yet run on a GPU: CUFLASH_BWD_FUSED_TILE=wide): 128
-// streamed queries a step, FlashAttention-3's head-dim-64 tile, so that each step's wgmmas are
+// kWideSteps (head dim 64's default; CUFLASH_BWD_TILE=narrow turns it off; with kAccumDq, on
+// long columns: fused_wide_steps_pay, CUFLASH_BWD_FUSED_TILE): 128 streamed queries a step, FlashAttention-3's head-dim-64 tile, so that each step's wgmmas are
 // twice as long (S^T and dP^T 64 registers each); the step's order changes to fit (below).
 template <typename T, int kHeadDim, bool kAccumDq = false, bool kWithDk = true, bool kWithDv = true,
           bool kWideSteps = false>
