@@ -49,6 +49,14 @@ CUFLASH_HD Sequence sequence_of(const AttentionParams& p, int b) {
   return s;
 }
 
+// FlashBwdParams::dq_semaphores: the counter of (batch b, query head h, query block `block`; a
+// kernel's blocks are 64 rows or more, so there is one for each), and how many there are with
+// the tile counter (the last).
+CUFLASH_HD int64_t dq_semaphore_index(const AttentionShape& sh, int b, int h, int block) {
+  return (int64_t{b} * sh.heads_q + h) * ((sh.seqlen_q + 63) / 64) + block;
+}
+CUFLASH_HD int64_t dq_semaphore_count(const AttentionShape& sh) { return dq_semaphore_index(sh, sh.batch, 0, 0) + 1; }
+
 // Offset of row `row` of (sequence b, head h) in a tensor with strides t.
 CUFLASH_HD int64_t row_offset(const TensorStrides& t, const Sequence& s, bool is_q, int b, int h, int row) {
   return b * t.batch + h * t.head + ((is_q ? s.q_row0 : s.k_row0) + row) * t.row;

@@ -134,9 +134,14 @@ struct FlashBwdParams : AttentionParams {
   void* dscores = nullptr;
   // Optional, float32, zeroed, laid out like dq (dq_accum_strides): the tensor-core backward then
   // runs one kernel, the dK/dV one, which also adds each key block's share of dQ / scale here
-  // with atomics (not bitwise reproducible: the order of the adds varies), and a small kernel
-  // writes dq from it. Null: a separate dQ kernel, deterministic. Not with dscores.
+  // with atomics (not bitwise reproducible: the order of the adds varies, unless dq_semaphores),
+  // and a small kernel writes dq from it. Null: a separate dQ kernel, deterministic. Not with dscores.
   void* dq_accum = nullptr;
+  // Optional with dq_accum, int32, zeroed, dq_semaphore_count(shape) of them (attention_math.h): the fused Hopper
+  // kernel then adds each query block's dQ shares in a fixed order (key blocks from the last
+  // down, FlashAttention-3's deterministic mode), so dq is bitwise reproducible. One counter per
+  // (batch, query head, 64-row query block), then one that hands the CTAs their tiles in launch order.
+  int* dq_semaphores = nullptr;
   TensorStrides out_strides, dout_strides, dq_strides, dk_strides, dv_strides, dq_accum_strides;
 };
 

@@ -16,6 +16,7 @@
 #include "cpu/flash_cpu.h"
 #include "cuda/flash_launch.h"
 #include "cuda/run_switches.h"
+#include "attention_math.h"
 #include "flash_params.h"
 
 // `import cuflash_attn._C` loads this library, which registers the ops below.
@@ -554,16 +555,28 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> bwd(const Tensor& dout, const Tensor&
   if (q.is_cuda()) guard.emplace(q.device());
   // dQ added up in an fp32 buffer by the dK/dV kernel (atomics; the fused Hopper kernel's TMA
   // reduce-adds), for the 16-bit tensor-core kernels and without the attn_mask gradient (which the dQ
-  // kernel writes): where deterministic=False (and torch's deterministic mode is off) and that is
-  // faster (prefers_atomic_dq), or everywhere under the CUFLASH_BWD_DQ=atomic switch.
-  Tensor dq_accum;
+  // kernel writes): unordered where deterministic=False (and torch's deterministic mode is off)
+  // and that is faster (prefers_atomic_dq), or everywhere under CUFLASH_BWD_DQ=atomic; else in a
+  // fixed order (dq_semaphores: reproducible) where that is faster than the pair of kernels
+  // (prefers_ordered_dq), or wherever the fused kernel runs under CUFLASH_BWD_DQ=ordered.
+  Tensor dq_accum, dq_semaphores;
   const bool may_use_atomics = !deterministic && !at::globalContext().deterministicAlgorithms();
   const bool sixteen_bit = layout.dtype == at::kHalf || layout.dtype == at::kBFloat16;
-  if (q.is_cuda() && sixteen_bit && !attn_mask_grad &&
-      (dq_atomic_switch() || (may_use_atomics && prefers_atomic_dq(p)))) {
-    dq_accum = at::zeros(dq_k.sizes(), dq_k.options().dtype(at::kFloat));
-    p.dq_accum = dq_accum.data_ptr();
-    p.dq_accum_strides = strides_of(dq_accum);
+  if (q.is_cuda() && sixteen_bit && !attn_mask_grad) {
+    const DqSwitch route = dq_switch();
+    const bool atomic =
+        route == DqSwitch::kAtomic || (route == DqSwitch::kAuto && may_use_atomics && prefers_atomic_dq(p));
+    const bool ordered = !atomic && (route == DqSwitch::kOrdered ? fused_backward_runs(p)
+                                                                 : route == DqSwitch::kAuto && prefers_ordered_dq(p));
+    if (atomic || ordered) {
+      dq_accum = at::zeros(dq_k.sizes(), dq_k.options().dtype(at::kFloat));
+      p.dq_accum = dq_accum.data_ptr();
+      p.dq_accum_strides = strides_of(dq_accum);
+    }
+    if (ordered) {
+      dq_semaphores = at::zeros({dq_semaphore_count(p.shape)}, dq_k.options().dtype(at::kInt));
+      p.dq_semaphores = dq_semaphores.data_ptr<int>();
+    }
   }
 
   if (q.is_cuda()) {

@@ -7,14 +7,13 @@ torch.use_deterministic_algorithms(True), False changes nothing."""
 import pytest
 import torch
 
-from conftest import DEVICES, HAS_CUDA, IS_SM90, cuda_kernels
+from conftest import DEVICES, HAS_CUDA, IS_SM90, cuda_kernels, fused_backward_kernel
 from reference import LOW_PRECISION, LOW_PRECISION_IDS
 from test_features import check_dense
 
 import cuflash_attn
 from cuflash_attn.flash_attn_interface import flash_attn_func
 
-FUSED = "flash_bwd_dkdv_sm90_tma_kernel<__nv_bfloat16, {d}, true, true, true, false>"
 
 
 @pytest.fixture(autouse=True)
@@ -22,6 +21,7 @@ def default_switches(monkeypatch):
     """The choice under test is the option's, not the switches'."""
     monkeypatch.delenv("CUFLASH_BWD_DQ", raising=False)
     monkeypatch.delenv("CUFLASH_SM90", raising=False)
+    monkeypatch.delenv("CUFLASH_BWD_FUSED_TILE", raising=False)
 
 
 def grads(q, k, v, **options):
@@ -70,10 +70,10 @@ def test_false_matches_reference_long_causal_rows(dtype, d):
 def test_which_kernel(d, n, causal, fused):
     q, k, v = inputs("cuda", torch.bfloat16, n, d)
     names = cuda_kernels(lambda: grads(q, k, v, causal=causal, deterministic=False))
-    assert (FUSED.format(d=d) in names) == fused, names
+    assert (fused_backward_kernel(d) in names) == fused, names
     assert ("flash_bwd_dq_convert_kernel" in names) == fused, names
     names = cuda_kernels(lambda: grads(q, k, v, causal=causal))  # deterministic: never dq by atomics
-    assert FUSED.format(d=d) not in names and "flash_bwd_dq_convert_kernel" not in names, names
+    assert fused_backward_kernel(d) not in names and "flash_bwd_dq_convert_kernel" not in names, names
 
 
 @pytest.mark.skipif(not IS_SM90, reason="needs a compute capability 9.0 GPU")
@@ -84,7 +84,7 @@ def test_torch_deterministic_mode_wins():
         names = cuda_kernels(lambda: grads(q, k, v, deterministic=False))
     finally:
         torch.use_deterministic_algorithms(False)
-    assert FUSED.format(d=64) not in names and "flash_bwd_dq_convert_kernel" not in names, names
+    assert fused_backward_kernel(64) not in names and "flash_bwd_dq_convert_kernel" not in names, names
 
 
 @pytest.mark.skipif(not IS_SM90, reason="needs a compute capability 9.0 GPU")
@@ -94,7 +94,7 @@ def test_inputs_tma_cannot_address_keep_the_pair():
     q, k, v = inputs("cuda", torch.bfloat16, 300, 64)
     k1, v1 = (t[:, :1].detach().expand(-1, 2, -1, -1).requires_grad_() for t in (k, v))
     names = cuda_kernels(lambda: grads(q, k1, v1, deterministic=False))
-    assert FUSED.format(d=64) not in names and "flash_bwd_dq_convert_kernel" not in names, names
+    assert fused_backward_kernel(64) not in names and "flash_bwd_dq_convert_kernel" not in names, names
 
 
 @pytest.mark.skipif(not IS_SM90, reason="needs a compute capability 9.0 GPU")
@@ -106,5 +106,80 @@ def test_flash_attn_default_is_not_deterministic():
         out = flash_attn_func(q, k, v, causal=True, **kw)
         torch.autograd.grad(out, (q, k, v), torch.ones_like(out))
 
-    assert FUSED.format(d=64) in cuda_kernels(run)
-    assert FUSED.format(d=64) not in cuda_kernels(lambda: run(deterministic=True))
+    assert fused_backward_kernel(64) in cuda_kernels(run)
+    assert fused_backward_kernel(64) not in cuda_kernels(lambda: run(deterministic=True))
+
+
+# CUFLASH_BWD_DQ=ordered: deterministic backwards run the fused kernel, which adds each query
+# block's dQ shares in one order (key blocks from the last down, each waiting for its turn on a
+# counter): reproducible bit for bit, at the fused kernel's speed.
+ORDERED_STEPS = [(64, False), (64, True), (128, False)]
+ORDERED_STEP_IDS = ["d64", "d64_wide", "d128"]
+
+
+@pytest.mark.skipif(not IS_SM90, reason="needs a compute capability 9.0 GPU")
+@pytest.mark.parametrize("d,wide", ORDERED_STEPS, ids=ORDERED_STEP_IDS)
+@pytest.mark.parametrize("causal", [False, True])
+def test_ordered_adds_are_bitwise_reproducible(d, wide, causal, monkeypatch):
+    """GQA (a key block adds to four query heads), 14 key blocks a query block, bottom-right
+    causal (key blocks that see no query); five backwards agree bit for bit."""
+    monkeypatch.setenv("CUFLASH_BWD_DQ", "ordered")
+    monkeypatch.setenv("CUFLASH_BWD_FUSED_TILE", "wide" if wide else "narrow")
+    torch.manual_seed(0)
+    q = torch.randn(2, 8, 1500, d, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    k, v = (torch.randn(2, 2, 1700, d, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(2))
+    names = cuda_kernels(lambda: grads(q, k, v, causal=causal, bottom_right=True))
+    assert fused_backward_kernel(d, wide=wide, ordered=True) in names, names
+    first = grads(q, k, v, causal=causal, bottom_right=True)
+    for _ in range(4):
+        again = grads(q, k, v, causal=causal, bottom_right=True)
+        assert all(torch.equal(a, b) for a, b in zip(first, again))
+
+
+@pytest.mark.skipif(not IS_SM90, reason="needs a compute capability 9.0 GPU")
+@pytest.mark.parametrize("dtype", LOW_PRECISION, ids=LOW_PRECISION_IDS)
+@pytest.mark.parametrize("d,wide", ORDERED_STEPS + [(40, False)], ids=ORDERED_STEP_IDS + ["d40"])
+@pytest.mark.parametrize("nq,nk", [(77, 200), (1100, 1300), (1300, 1100)])
+@pytest.mark.parametrize("causal,bottom_right", [(False, False), (True, False), (True, True)],
+                         ids=["none", "top_left", "bottom_right"])
+def test_ordered_adds_match_reference(dtype, d, wide, nq, nk, causal, bottom_right, monkeypatch):
+    """The accuracy rule of every backward, under each mask's order of the key blocks."""
+    monkeypatch.setenv("CUFLASH_BWD_DQ", "ordered")
+    monkeypatch.setenv("CUFLASH_BWD_FUSED_TILE", "wide" if wide else "narrow")
+    check_dense("cuda", dtype, 2, 8, 2, nq, nk, d, causal=causal, bottom_right=bottom_right)
+
+
+@pytest.mark.skipif(not IS_SM90, reason="needs a compute capability 9.0 GPU")
+@pytest.mark.parametrize("d,wide", ORDERED_STEPS, ids=ORDERED_STEP_IDS)
+def test_ordered_adds_with_more_key_blocks_than_sms(d, wide, monkeypatch):
+    """One head of 40000 keys: 313 key blocks, more CTAs than an H100 holds at once, each
+    waiting for later key blocks' turns (no deadlock: a CTA only waits for CTAs that took their
+    tiles before it). Checked against the pair of kernels and for reproducibility."""
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(1, 1, 40000, d, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+               for _ in range(3))
+    monkeypatch.setenv("CUFLASH_BWD_DQ", "separate")
+    pair = grads(q, k, v)
+    monkeypatch.setenv("CUFLASH_BWD_DQ", "ordered")
+    monkeypatch.setenv("CUFLASH_BWD_FUSED_TILE", "wide" if wide else "narrow")
+    first, again = grads(q, k, v), grads(q, k, v)
+    assert all(torch.equal(a, b) for a, b in zip(first, again))
+    for ours, theirs in zip(first, pair):
+        assert (ours.float() - theirs.float()).abs().max() <= 1e-2 * theirs.float().abs().max()
+
+
+@pytest.mark.skipif(not IS_SM90, reason="needs a compute capability 9.0 GPU")
+def test_ordered_switch_leaves_other_paths_alone(monkeypatch):
+    """Where the fused kernel cannot run (head dim 256, a float attn_mask's gradient, k and v
+    broadcast over the heads), CUFLASH_BWD_DQ=ordered keeps the pair; deterministic=False keeps
+    unordered adds where it picks them."""
+    monkeypatch.setenv("CUFLASH_BWD_DQ", "ordered")
+    q, k, v = inputs("cuda", torch.bfloat16, 300, 256)
+    names = cuda_kernels(lambda: grads(q, k, v))
+    assert "flash_bwd_dq_convert_kernel" not in names, names
+    q, k, v = inputs("cuda", torch.bfloat16, 300, 64)
+    k1, v1 = (t[:, :1].detach().expand(-1, 2, -1, -1).requires_grad_() for t in (k, v))
+    names = cuda_kernels(lambda: grads(q, k1, v1))
+    assert "flash_bwd_dq_convert_kernel" not in names, names
+    names = cuda_kernels(lambda: grads(q, k, v, deterministic=False))
+    assert fused_backward_kernel(64) in names, names

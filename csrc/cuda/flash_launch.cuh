@@ -203,18 +203,25 @@ cudaError_t run_flash_bwd(const FlashBwdParams& p, cudaStream_t stream) {
         constexpr std::false_type no{};
         // The warp-specialized dK/dV kernel (the bwdws part), where TMA can address the inputs:
         // true with err its launch's, false (nothing launched) otherwise. accum: dQ too, added by
-        // TMA reduce (the fused kernel); wide: 128-query steps (head dim 64).
+        // TMA reduce (the fused kernel), in a fixed order with p.dq_semaphores; wide: 128-query
+        // steps (head dim 64).
         auto launch_dkdv_ws = [&](auto accum, auto with_dk, auto with_dv, auto wide) {
           constexpr bool kAccum = decltype(accum)::value, kWithDk = decltype(with_dk)::value;
           constexpr bool kWithDv = decltype(with_dv)::value, kWide = decltype(wide)::value;
           if (!hopper.bwd_ws) return false;
-          using Ws = sm90::BwdDkvSm90TmaKernel<T, kHeadDim, kAccum, kWithDk, kWithDv, kWide>;
           sm90::BackwardTmaMaps maps{};
-          if (!sm90::encode_bwd_tma_maps<T, Ws>(p, &maps)) return false;
-          err = launch(sm90::flash_bwd_dkdv_sm90_tma_kernel<T, kHeadDim, kAccum, kWithDk, kWithDv, kWide>,
-                       dim3(ceil_div(sh.seqlen_k, Ws::kBlockN), sh.heads_kv, sh.batch), Ws::kThreads,
-                       Ws::kSmemBytes, stream, p, maps.q, maps.dout, maps.k, maps.v, maps.dq_accum);
-          return true;
+          auto go = [&](auto ordered) {
+            constexpr bool kOrdered = decltype(ordered)::value;
+            using Ws = sm90::BwdDkvSm90TmaKernel<T, kHeadDim, kAccum, kWithDk, kWithDv, kWide, kOrdered>;
+            if (!sm90::encode_bwd_tma_maps<T, Ws>(p, &maps)) return false;
+            err = launch(sm90::flash_bwd_dkdv_sm90_tma_kernel<T, kHeadDim, kAccum, kWithDk, kWithDv, kWide, kOrdered>,
+                         dim3(ceil_div(sh.seqlen_k, Ws::kBlockN), sh.heads_kv, sh.batch), Ws::kThreads,
+                         Ws::kSmemBytes, stream, p, maps.q, maps.dout, maps.k, maps.v, maps.dq_accum);
+            return true;
+          };
+          if constexpr (kAccum)
+            if (p.dq_semaphores != nullptr) return go(yes);
+          return go(no);
         };
         if constexpr (!K::kSplitDkDv) {
           if (accum_dq) {
@@ -226,9 +233,11 @@ cudaError_t run_flash_bwd(const FlashBwdParams& p, cudaStream_t stream) {
               if (tile == TileSwitch::kWide || (tile == TileSwitch::kAuto && fused_wide_steps_pay(p)))
                 launched = launch_dkdv_ws(yes, yes, yes, yes);
             }
-            if (!launched && !launch_dkdv_ws(yes, yes, yes, no))
+            if (!launched && !launch_dkdv_ws(yes, yes, yes, no)) {
+              if (p.dq_semaphores != nullptr) return cudaErrorNotSupported;  // ordered adds are its alone
               err = launch(sm90::flash_bwd_dkdv_sm90_kernel<T, kHeadDim, true>, key_grid, K::kThreads,
                            K::kSmemBytes + K::kDsBytes, stream, p);
+            }
             return err != cudaSuccess ? err : convert_dq();
           }
         }
@@ -266,6 +275,7 @@ cudaError_t run_flash_bwd(const FlashBwdParams& p, cudaStream_t stream) {
         }
       }
     }
+    if (p.dq_semaphores != nullptr) return cudaErrorNotSupported;  // ordered adds: the fused Hopper kernel's
     err = with_feature_path(p, [&](auto features) {
       constexpr bool kFeatures = features();
       cudaError_t e = cudaSuccess;

@@ -12,9 +12,14 @@ int cuda_head_dim_bucket(DType dtype, int head_dim);
 cudaError_t run_flash_fwd_cuda(const FlashFwdParams& p, cudaStream_t stream);
 cudaError_t run_flash_bwd_cuda(const FlashBwdParams& p, cudaStream_t stream);
 
+// Whether p's backward, given a dq_accum, runs the fused Hopper kernel (which can also order its adds).
+bool fused_backward_runs(const FlashBwdParams& p);
 // Whether a backward allowed to be non-deterministic should add dq with atomics (give p a
 // zeroed dq_accum): where that runs the fused Hopper kernel and measured faster.
 bool prefers_atomic_dq(const FlashBwdParams& p);
+// Whether a deterministic backward should run the fused Hopper kernel with ordered adds (give p
+// a zeroed dq_accum and dq_semaphores): where it runs and measured faster than the pair.
+bool prefers_ordered_dq(const FlashBwdParams& p);
 
 // Writes the dropout keep-mask the kernels use for d, bool [batch, heads, seqlen_q, seqlen_k].
 cudaError_t dropout_keep_mask_cuda(const DropoutParams& d, int batch, int heads, int seqlen_q, int seqlen_k,

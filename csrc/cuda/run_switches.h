@@ -19,8 +19,11 @@
 //       features    softcap, ALiBi, attn_mask and dropout in the Hopper forwards (the TMA one
 //                   where "tma" is listed too); without it those take the sm_80-class forward
 //   CUFLASH_BWD_DQ  unset or "": dQ by its own kernel, unless the op's deterministic=False picks
-//                   atomics (prefers_atomic_dq); "atomic": added by the dK/dV kernel with fp32
-//                   atomics wherever it can be (not with the attn_mask gradient)
+//                   atomics (prefers_atomic_dq) or ordered adds are faster (prefers_ordered_dq);
+//                   "atomic": added by the dK/dV kernel with fp32 atomics wherever it can be (not
+//                   with the attn_mask gradient); "ordered": deterministic calls add it in the
+//                   fused Hopper kernel in a fixed order wherever that runs (fused_backward_runs);
+//                   "separate": its own kernel everywhere (tests and benchmarks)
 //   CUFLASH_FWD_TILE  the TMA forward's tile for plain attention: unset or "", the wide one on
 //                   long rows (sm90::wide_rows in flash_fwd_sm90_tma.cuh);
 //                   "wide" or "narrow": that one at every length (tests and benchmarks)
@@ -87,7 +90,13 @@ inline bool env_is(const char* name, const char* value) {
   return set != nullptr && std::strcmp(set, value) == 0;
 }
 
-inline bool dq_atomic_switch() { return env_is("CUFLASH_BWD_DQ", "atomic"); }
+enum class DqSwitch { kAuto, kAtomic, kOrdered, kSeparate };
+inline DqSwitch dq_switch() {
+  return env_is("CUFLASH_BWD_DQ", "atomic")     ? DqSwitch::kAtomic
+         : env_is("CUFLASH_BWD_DQ", "ordered")  ? DqSwitch::kOrdered
+         : env_is("CUFLASH_BWD_DQ", "separate") ? DqSwitch::kSeparate
+                                                : DqSwitch::kAuto;
+}
 inline bool fp32_exact_switch() { return env_is("CUFLASH_FP32", "exact"); }
 inline bool bwd_narrow_steps_switch() { return env_is("CUFLASH_BWD_TILE", "narrow"); }
 // The tile switches: unset or "" picks by shape (kAuto), "wide" or "narrow" one tile everywhere.
@@ -108,16 +117,20 @@ inline std::string run_switch_error() {
                        "tma, bwd, bwdws, features and persistent, got \"") + sm90 + "\"";
   // The one-value switches: unset, empty or one of the values listed (as the message spells them).
   struct OneOf {
-    const char *name, *values[2], *spelled;
+    const char *name, *values[3], *spelled;  // values: unused ones null
   };
-  for (const OneOf& v : {OneOf{"CUFLASH_BWD_DQ", {"atomic", "atomic"}, "unset, empty or \"atomic\""},
+  for (const OneOf& v : {OneOf{"CUFLASH_BWD_DQ", {"atomic", "ordered", "separate"},
+                               "unset, empty, \"atomic\", \"ordered\" or \"separate\""},
                          OneOf{"CUFLASH_FWD_TILE", {"wide", "narrow"}, "unset, empty, \"wide\" or \"narrow\""},
                          OneOf{"CUFLASH_BWD_TILE", {"wide", "narrow"}, "unset, empty, \"wide\" or \"narrow\""},
                          OneOf{"CUFLASH_BWD_FUSED_TILE", {"wide", "narrow"}, "unset, empty, \"wide\" or \"narrow\""},
                          OneOf{"CUFLASH_FP32", {"exact", "3xtf32"}, "unset, empty, \"exact\" or \"3xtf32\""},
                          OneOf{"CUFLASH_DEBUG", {"0", "1"}, "unset, empty, \"0\" or \"1\""}}) {
     const char* set = std::getenv(v.name);
-    if (set != nullptr && *set != '\0' && std::strcmp(set, v.values[0]) != 0 && std::strcmp(set, v.values[1]) != 0)
+    if (set == nullptr || *set == '\0') continue;
+    bool named = false;
+    for (const char* value : v.values) named = named || (value != nullptr && std::strcmp(set, value) == 0);
+    if (!named)
       return std::string("environment variable ") + v.name + " must be " + v.spelled + ", got \"" + set + "\"";
   }
   return "";

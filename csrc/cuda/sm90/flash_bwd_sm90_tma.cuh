@@ -14,7 +14,7 @@
 //          two take turns by step, or with 128-query steps each takes 64 of the rows) issued
 //          beside dK's, into an fp32 buffer that a third
 //          producer warp adds to dq_accum by TMA reduce (two 64 x 32 boxes a part), off the
-//          consumers' path.
+//          consumers' path; with kOrderedDq in a fixed order, for a reproducible dQ.
 //   dQ:    queries resident (their lse and delta in registers), K and V streamed.
 #pragma once
 #include <type_traits>
@@ -156,16 +156,19 @@ __global__ void __launch_bounds__(BwdDqSm90TmaKernel<T, kHeadDim>::kThreads, 1)
 // accumulator is 128 registers per thread: two launches, the dV one loading no V and computing no
 // dP, as the cp.async kernel).
 // kWideSteps (head dim 64's default; CUFLASH_BWD_TILE=narrow turns it off; with kAccumDq, on
-// long columns: fused_wide_steps_pay, CUFLASH_BWD_FUSED_TILE): 128 streamed queries a step, FlashAttention-3's head-dim-64 tile, so that each step's wgmmas are
-// twice as long (S^T and dP^T 64 registers each); the step's order changes to fit (below).
+// long columns: fused_wide_steps_pay, CUFLASH_BWD_FUSED_TILE): 128 streamed queries a step,
+// FlashAttention-3's head-dim-64 tile, so that each step's wgmmas are twice as long (S^T and dP^T
+// 64 registers each); the step's order changes to fit (below).
+// kOrderedDq (with kAccumDq, p.dq_semaphores: deterministic): the dQ adds in a fixed order (below).
 template <typename T, int kHeadDim, bool kAccumDq = false, bool kWithDk = true, bool kWithDv = true,
-          bool kWideSteps = false>
+          bool kWideSteps = false, bool kOrderedDq = false>
 struct BwdDkvSm90TmaKernel {
   static_assert(kBwdHeadDim<kHeadDim>, "a Hopper backward head dim");
   static_assert(kWithDk || kWithDv, "something to compute");
   static_assert(kWithDk && kWithDv ? kHeadDim <= 128 : kHeadDim > 128, "dK and dV together up to head dim 128");
   static_assert(!kAccumDq || kHeadDim <= 128, "dQ comes with dK and dV, in 64-row parts");
   static_assert(!kWideSteps || (kHeadDim == 64 && kWithDk && kWithDv), "wide steps: head dim 64, dK and dV");
+  static_assert(!kOrderedDq || kAccumDq, "ordered adds of dQ");
   static constexpr int kConsumers = 2, kThreads = 128 * (kConsumers + 1), kConsumerThreads = 128 * kConsumers;
   static constexpr int kBlockN = 64 * kConsumers;              // resident keys
   static constexpr int kBlockM = kWideSteps ? 128 : kBwdStreamedRows<kHeadDim>;  // streamed queries per step
@@ -189,8 +192,9 @@ struct BwdDkvSm90TmaKernel {
   // Barriers: K/V full, then per stage full (TMA bytes + the stats warp) and empty (consumer
   // warps); kAccumDq: per consumer dq_full (its warps) and dq_empty (the drain warp).
   static constexpr int kBarriers = 1 + 2 * kStages + (kAccumDq ? 2 * kConsumers : 0);
-  static constexpr int kSmemBytes =
-      2 * kKVBytes + 2 * kStages * kQBytes + kDsBytes + kDqBytes + kStatsBytes + kBarriers * 8 + 1024;
+  // kOrderedDq: and the CTA's tile (16 bytes).
+  static constexpr int kSmemBytes = 2 * kKVBytes + 2 * kStages * kQBytes + kDsBytes + kDqBytes + kStatsBytes +
+                                    kBarriers * 8 + (kOrderedDq ? 16 : 0) + 1024;
   // The producer's loop (TMA coordinates per step, the stats warp's rows) spills at 24 registers;
   // the consumers can spare 8 but at head dim 128 (where ptxas would serialize the wgmmas).
   static constexpr int kProducerRegs = kHeadDim != 128 ? 40 : 24, kConsumerRegs = kHeadDim != 128 ? 232 : 240;
@@ -198,15 +202,16 @@ struct BwdDkvSm90TmaKernel {
   static_assert(kSmemBytes <= 227 * 1024, "shared memory per block");
 };
 
-template <typename T, int kHeadDim, bool kAccumDq, bool kWithDk, bool kWithDv, bool kWideSteps>
-__global__ void __launch_bounds__(BwdDkvSm90TmaKernel<T, kHeadDim, kAccumDq, kWithDk, kWithDv, kWideSteps>::kThreads, 1)
+template <typename T, int kHeadDim, bool kAccumDq, bool kWithDk, bool kWithDv, bool kWideSteps, bool kOrderedDq>
+__global__ void __launch_bounds__(
+    BwdDkvSm90TmaKernel<T, kHeadDim, kAccumDq, kWithDk, kWithDv, kWideSteps, kOrderedDq>::kThreads, 1)
     flash_bwd_dkdv_sm90_tma_kernel(const FlashBwdParams p, const __grid_constant__ CUtensorMap map_q,
                                    const __grid_constant__ CUtensorMap map_dout,
                                    const __grid_constant__ CUtensorMap map_k,
                                    const __grid_constant__ CUtensorMap map_v,
                                    const __grid_constant__ CUtensorMap map_dq_accum) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
-  using K = BwdDkvSm90TmaKernel<T, kHeadDim, kAccumDq, kWithDk, kWithDv, kWideSteps>;
+  using K = BwdDkvSm90TmaKernel<T, kHeadDim, kAccumDq, kWithDk, kWithDv, kWideSteps, kOrderedDq>;
   constexpr int kBlockN = K::kBlockN, kBlockM = K::kBlockM, kStages = K::kStages, kPanels = kHeadDim / 64;
   extern __shared__ char smem_raw[];
   unsigned char* smem = align_1024(smem_raw);
@@ -223,11 +228,26 @@ __global__ void __launch_bounds__(BwdDkvSm90TmaKernel<T, kHeadDim, kAccumDq, kWi
   uint64_t* empty = full + kStages;
   uint64_t* dq_full = empty + kStages;           // kAccumDq
   uint64_t* dq_empty = dq_full + K::kConsumers;  // kAccumDq
+  int* tile_slot = reinterpret_cast<int*>(dq_empty + K::kConsumers);  // kOrderedDq
 
   const AttentionShape& sh = p.shape;
-  const int n_block = blockIdx.x, h_kv = blockIdx.y, b = blockIdx.z;
-  const int group = sh.heads_q / sh.heads_kv;
   const int tid = threadIdx.x, warpgroup = tid / 128, lane = tid % 32;
+  // kOrderedDq (p.dq_semaphores, deterministic): every query block takes its dQ shares from the
+  // key blocks in one order, the last first (each step's parts added, complete, then the block's
+  // counter raised; the next key block waits for its turn on it). The CTAs take their tiles from a
+  // counter, in that order within a head: a CTA only waits for CTAs that started before it, so
+  // none waits for one that cannot get an SM. They all visit their query blocks in the same order
+  // (no stagger): under a causal mask key block n then reaches each block one step after n + 1.
+  int n_block = blockIdx.x, h_kv = blockIdx.y, b = blockIdx.z;
+  if constexpr (kOrderedDq) {
+    if (tid == 0) *tile_slot = atomicAdd(p.dq_semaphores + dq_semaphore_count(sh) - 1, 1);
+    __syncthreads();
+    const int tile = *tile_slot;
+    n_block = gridDim.x - 1 - tile % gridDim.x;
+    h_kv = tile / gridDim.x % gridDim.y;
+    b = tile / (gridDim.x * gridDim.y);
+  }
+  const int group = sh.heads_q / sh.heads_kv;
   const int n_start = n_block * kBlockN;
   const Sequence seq = sequence_of(p, b);
   if (n_start >= seq.seqlen_k) return;
@@ -235,10 +255,10 @@ __global__ void __launch_bounds__(BwdDkvSm90TmaKernel<T, kHeadDim, kAccumDq, kWi
   const Range m = query_blocks(p.mask, seq, n_start, min(n_start + kBlockN, seq.seqlen_k), kBlockM);
   const int per_head = m.end - m.begin, steps = per_head * group;
   auto head_of = [&](int step) { return h_kv * group + step / per_head; };
-  // With kAccumDq each CTA starts at its own query block, so that the CTAs of a head do not all
-  // add to the same dq_accum rows at once.
+  // With unordered adds each CTA starts at its own query block, so that the CTAs of a head do not
+  // all add to the same dq_accum rows at once.
   auto block_of = [&](int step) {
-    return m.begin + (kAccumDq ? (step % per_head + n_block) % per_head : step % per_head);
+    return m.begin + (kAccumDq && !kOrderedDq ? (step % per_head + n_block) % per_head : step % per_head);
   };
   // kAccumDq: whether consumer c computes a dQ part at step, and which use of its buffer that is.
   auto makes_dq = [&](int c, int step) { return K::kDqEveryStep || c == (step & 1); };
@@ -268,18 +288,35 @@ __global__ void __launch_bounds__(BwdDkvSm90TmaKernel<T, kHeadDim, kAccumDq, kWi
     if constexpr (kAccumDq) {
       if (warp == 2) {  // the dQ drain: each consumer's part added to dq_accum in L2 by TMA reduce
         if (lane == 0) {
-          for (int step = 0; step < steps; ++step)
+          for (int step = 0; step < steps; ++step) {
+            const int h = head_of(step), block = block_of(step);
+            int* counter = nullptr;
+            if constexpr (kOrderedDq) {  // this key block's turn: after every later key block that adds to this one
+              counter = p.dq_semaphores + dq_semaphore_index(sh, b, h, block);
+              const int row0 = block * kBlockM;
+              const Range keys = visible_keys(p.mask, seq, row0, min(row0 + kBlockM, seq.seqlen_q));
+              const int turn = (keys.end - 1) / kBlockN - n_block;
+              while (load_acquire_gpu(counter) != turn) {
+              }
+              fence_async_global();  // the earlier adds, acquired, before this CTA's bulk reduce
+            }
             for (int c = 0; c < K::kConsumers; ++c) {
               if (!makes_dq(c, step)) continue;
               mbarrier_wait(&dq_full[c], dq_use(step) & 1);
               const int col0 = K::kDqByColumns ? 64 * c : 0, row0 = K::kDqByRows ? 64 * c : 0;
               for (int panel = 0; panel < 2; ++panel)  // rows past seqlen_q, columns past head_dim: dropped
                 tma_reduce_add_4d(&map_dq_accum, sdQ + c * K::kDqPartBytes + panel * K::kDqPanelBytes,
-                                  col0 + 32 * panel, block_of(step) * kBlockM + row0, head_of(step), b);
+                                  col0 + 32 * panel, block * kBlockM + row0, h, b);
               bulk_commit_group();
               bulk_wait_group_read<0>();  // the part is read: the consumer may overwrite it
               mbarrier_arrive(&dq_empty[c]);
             }
+            if constexpr (kOrderedDq) {  // the step's adds done, then the next key block's turn
+              bulk_wait_group_all();
+              fence_async_global();
+              add_release_gpu(counter, 1);
+            }
+          }
           bulk_wait_group_all();  // the adds themselves, before the CTA's shared memory goes
         }
         return;

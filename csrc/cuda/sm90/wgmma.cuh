@@ -64,6 +64,18 @@ __device__ __forceinline__ void wgmma_wait() {
 }
 // Generic-proxy writes to shared memory (st.shared) made visible to the async proxy (wgmma, TMA).
 __device__ __forceinline__ void fence_async_shared() { asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory"); }
+// The same between the proxies for global memory: this thread's completed bulk (TMA) writes
+// before its later generic release, and its generic acquire before its later bulk operations.
+__device__ __forceinline__ void fence_async_global() { asm volatile("fence.proxy.async.global;\n" ::: "memory"); }
+// A counter in global memory shared by CTAs: read with acquire, added to with release (gpu scope).
+__device__ __forceinline__ int load_acquire_gpu(const int* counter) {
+  int value;
+  asm volatile("ld.acquire.gpu.global.s32 %0, [%1];\n" : "=r"(value) : "l"(counter) : "memory");
+  return value;
+}
+__device__ __forceinline__ void add_release_gpu(int* counter, int value) {
+  asm volatile("red.release.gpu.global.add.s32 [%0], %1;\n" ::"l"(counter), "r"(value) : "memory");
+}
 
 // mbarrier (shared memory, 8 bytes) and TMA: a tile load signals the barrier with its bytes
 // (complete_tx); waiters spin on the barrier's phase parity.
