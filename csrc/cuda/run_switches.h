@@ -21,9 +21,9 @@
 //   CUFLASH_BWD_DQ  unset or "": dQ by its own kernel, unless the op's deterministic=False picks
 //                   atomics (prefers_atomic_dq) or ordered adds are faster (prefers_ordered_dq);
 //                   "atomic": added by the dK/dV kernel with fp32 atomics wherever it can be (not
-//                   with the attn_mask gradient); "ordered": deterministic calls add it in the
-//                   fused Hopper kernel in a fixed order wherever that runs (fused_backward_runs);
-//                   "separate": its own kernel everywhere (tests and benchmarks)
+//                   with the attn_mask gradient); "ordered": added by the fused Hopper kernel in a
+//                   fixed order (reproducible) wherever that runs (fused_backward_runs), whatever
+//                   deterministic says; "separate": its own kernel everywhere (tests and benchmarks)
 //   CUFLASH_FWD_TILE  the TMA forward's tile for plain attention: unset or "", the wide one on
 //                   long rows (sm90::wide_rows in flash_fwd_sm90_tma.cuh);
 //                   "wide" or "narrow": that one at every length (tests and benchmarks)

@@ -152,6 +152,26 @@ __global__ void __launch_bounds__(BwdDqSm90TmaKernel<T, kHeadDim>::kThreads, 1)
 #endif
 }
 
+// kOrderedDq's tile order: the CTA that takes tile `tile` computes key block n_block of head h_kv
+// of batch b. The heads go in groups whose q, dO and dq_accum fit in about half an H100's L2;
+// within a group, the last key block of every head, then the one before, and so on. A key block
+// thus starts after the one it waits for, not beside it: with every CTA of a head started at
+// once, each waits for the adds of all the key blocks after it, one by one (head by head, the
+// first version ran 10-20% behind the unordered adds; benchmarks/NOTES.md).
+template <int kHeadDim>
+__device__ __forceinline__ void ordered_tile(const FlashBwdParams& p, int tile, int* n_block, int* h_kv, int* b) {
+  const AttentionShape& sh = p.shape;
+  const int blocks = gridDim.x, heads = gridDim.y * gridDim.z;
+  const int64_t head_bytes = int64_t{sh.heads_q / sh.heads_kv} * sh.seqlen_q * kHeadDim * (2 + 2 + 4);
+  const int group_heads = static_cast<int>(max(int64_t{1}, min(int64_t{heads}, (int64_t{24} << 20) / head_bytes)));
+  const int group = tile / (group_heads * blocks), first = group * group_heads;
+  const int in_group = tile - first * blocks, width = min(group_heads, heads - first);
+  const int head = first + in_group % width;
+  *n_block = blocks - 1 - in_group / width;
+  *h_kv = head % gridDim.y;
+  *b = head / gridDim.y;
+}
+
 // kWithDk, kWithDv: which of the two it computes (both but at head dim 256, where one 64 x 256
 // accumulator is 128 registers per thread: two launches, the dV one loading no V and computing no
 // dP, as the cp.async kernel).
@@ -235,17 +255,15 @@ __global__ void __launch_bounds__(
   // kOrderedDq (p.dq_semaphores, deterministic): every query block takes its dQ shares from the
   // key blocks in one order, the last first (each step's parts added, complete, then the block's
   // counter raised; the next key block waits for its turn on it). The CTAs take their tiles from a
-  // counter, in that order within a head: a CTA only waits for CTAs that started before it, so
-  // none waits for one that cannot get an SM. They all visit their query blocks in the same order
-  // (no stagger): under a causal mask key block n then reaches each block one step after n + 1.
+  // counter, so that a CTA only waits for CTAs that started before it (none waits for one that
+  // cannot get an SM), in the order ordered_tile gives: key block by key block over a group of heads.
+  // They visit their query blocks in the same order (no stagger): under a causal mask key block n
+  // then reaches each block one step after n + 1.
   int n_block = blockIdx.x, h_kv = blockIdx.y, b = blockIdx.z;
   if constexpr (kOrderedDq) {
     if (tid == 0) *tile_slot = atomicAdd(p.dq_semaphores + dq_semaphore_count(sh) - 1, 1);
     __syncthreads();
-    const int tile = *tile_slot;
-    n_block = gridDim.x - 1 - tile % gridDim.x;
-    h_kv = tile / gridDim.x % gridDim.y;
-    b = tile / (gridDim.x * gridDim.y);
+    ordered_tile<kHeadDim>(p, *tile_slot, &n_block, &h_kv, &b);
   }
   const int group = sh.heads_q / sh.heads_kv;
   const int n_start = n_block * kBlockN;
