@@ -555,19 +555,18 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> bwd(const Tensor& dout, const Tensor&
   if (q.is_cuda()) guard.emplace(q.device());
   // dQ added up in an fp32 buffer by the dK/dV kernel (atomics; the fused Hopper kernel's TMA
   // reduce-adds), for the 16-bit tensor-core kernels and without the attn_mask gradient (which the dQ
-  // kernel writes): unordered where deterministic=False (and torch's deterministic mode is off)
-  // and that is faster (prefers_atomic_dq), or everywhere under CUFLASH_BWD_DQ=atomic; else in a
-  // fixed order (dq_semaphores: reproducible) where that is faster than the pair of kernels
-  // (prefers_ordered_dq), or wherever the fused kernel runs under CUFLASH_BWD_DQ=ordered.
+  // kernel writes), where the fused kernel is faster than the pair (prefers_fused_backward):
+  // unordered where deterministic=False and torch's deterministic mode is off, else in a fixed
+  // order (dq_semaphores: reproducible). CUFLASH_BWD_DQ forces a route: unordered adds wherever
+  // the dK/dV kernel can add, ordered ones wherever the fused kernel runs, or the pair.
   Tensor dq_accum, dq_semaphores;
   const bool may_use_atomics = !deterministic && !at::globalContext().deterministicAlgorithms();
   const bool sixteen_bit = layout.dtype == at::kHalf || layout.dtype == at::kBFloat16;
   if (q.is_cuda() && sixteen_bit && !attn_mask_grad) {
     const DqSwitch route = dq_switch();
-    const bool atomic =
-        route == DqSwitch::kAtomic || (route == DqSwitch::kAuto && may_use_atomics && prefers_atomic_dq(p));
-    const bool ordered = !atomic && (route == DqSwitch::kOrdered ? fused_backward_runs(p)
-                                                                 : route == DqSwitch::kAuto && prefers_ordered_dq(p));
+    const bool fused = route == DqSwitch::kAuto && prefers_fused_backward(p);
+    const bool atomic = route == DqSwitch::kAtomic || (fused && may_use_atomics);
+    const bool ordered = (route == DqSwitch::kOrdered && fused_backward_runs(p)) || (fused && !may_use_atomics);
     if (atomic || ordered) {
       dq_accum = at::zeros(dq_k.sizes(), dq_k.options().dtype(at::kFloat));
       p.dq_accum = dq_accum.data_ptr();
@@ -632,9 +631,10 @@ Tensor dropout_mask(const Tensor& rng_state, double dropout_p, int64_t batch, in
 // attn_mask (torch's: boolean, True takes part, or added to the scores) broadcasts to
 // [batch, heads_q, seqlen_q, seqlen_k]; it combines with every other option but cu_seqlens.
 // deterministic (the backward's; the forward always is): True, dq is bitwise reproducible (but
-// under the CUFLASH_BWD_DQ=atomic switch); False, dq may be added up with atomics where that is
-// faster (prefers_atomic_dq: Hopper, head dims 33-64 and 97-128), unless torch's deterministic
-// mode (torch.use_deterministic_algorithms) is on.
+// under the CUFLASH_BWD_DQ=atomic switch; where the fused Hopper kernel is faster than the pair,
+// prefers_fused_backward: Hopper, head dims 33-64 and 97-128, it adds dq up in a fixed order);
+// False, that kernel adds it up with atomics instead, unless torch's deterministic mode
+// (torch.use_deterministic_algorithms) is on.
 #define CUFLASH_OPTIONS                                                                                       \
   "float? scale=None, bool is_causal=False, bool bottom_right=False, int window_left=-1, "                 \
   "int window_right=-1, float softcap=0.0, Tensor? alibi_slopes=None, float dropout_p=0.0, "               \

@@ -1,9 +1,10 @@
 """The deterministic option (the backward's): True (the default of torch.ops.cuflash_attn and
 flash_attention) keeps every gradient bitwise reproducible; False (flash_attn's default) lets the
-backward add dq up with atomics where that is faster: on an sm_90a build on a compute
-capability 9.0 GPU, the fused warp-specialized kernel for plain 16-bit attention at head-dim
-buckets 64 and 128 (at 128 from 1024 keys seen by the middle query row). Elsewhere, and under
-torch.use_deterministic_algorithms(True), False changes nothing."""
+backward add dq up with atomics. Both run the fused warp-specialized kernel where it is faster
+than the pair of kernels (on an sm_90a build on a compute capability 9.0 GPU, plain 16-bit
+attention at head-dim buckets 64 and 128, at 128 from 1024 keys seen by the middle query row):
+True makes it add each query block's dq shares in a fixed order, False with atomics. Elsewhere,
+and under torch.use_deterministic_algorithms(True), False changes nothing."""
 import pytest
 import torch
 
@@ -69,11 +70,11 @@ def test_false_matches_reference_long_causal_rows(dtype, d):
                                               (128, 1024, True, False), (256, 2048, False, False)])
 def test_which_kernel(d, n, causal, fused):
     q, k, v = inputs("cuda", torch.bfloat16, n, d)
-    names = cuda_kernels(lambda: grads(q, k, v, causal=causal, deterministic=False))
-    assert (fused_backward_kernel(d) in names) == fused, names
-    assert ("flash_bwd_dq_convert_kernel" in names) == fused, names
-    names = cuda_kernels(lambda: grads(q, k, v, causal=causal))  # deterministic: never dq by atomics
-    assert fused_backward_kernel(d) not in names and "flash_bwd_dq_convert_kernel" not in names, names
+    for deterministic in (False, True):
+        names = cuda_kernels(lambda: grads(q, k, v, causal=causal, deterministic=deterministic))
+        assert (fused_backward_kernel(d, ordered=deterministic) in names) == fused, names
+        assert fused_backward_kernel(d, ordered=not deterministic) not in names, names
+        assert ("flash_bwd_dq_convert_kernel" in names) == fused, names
 
 
 @pytest.mark.skipif(not IS_SM90, reason="needs a compute capability 9.0 GPU")
@@ -84,7 +85,7 @@ def test_torch_deterministic_mode_wins():
         names = cuda_kernels(lambda: grads(q, k, v, deterministic=False))
     finally:
         torch.use_deterministic_algorithms(False)
-    assert fused_backward_kernel(64) not in names and "flash_bwd_dq_convert_kernel" not in names, names
+    assert fused_backward_kernel(64) not in names and fused_backward_kernel(64, ordered=True) in names, names
 
 
 @pytest.mark.skipif(not IS_SM90, reason="needs a compute capability 9.0 GPU")
@@ -93,13 +94,15 @@ def test_inputs_tma_cannot_address_keep_the_pair():
     one-kernel cp.async path would be slower than the deterministic pair, which runs instead."""
     q, k, v = inputs("cuda", torch.bfloat16, 300, 64)
     k1, v1 = (t[:, :1].detach().expand(-1, 2, -1, -1).requires_grad_() for t in (k, v))
-    names = cuda_kernels(lambda: grads(q, k1, v1, deterministic=False))
-    assert fused_backward_kernel(64) not in names and "flash_bwd_dq_convert_kernel" not in names, names
+    for deterministic in (False, True):
+        names = cuda_kernels(lambda: grads(q, k1, v1, deterministic=deterministic))
+        assert "flash_bwd_dkdv_sm90_tma_kernel" not in names and "flash_bwd_dq_convert_kernel" not in names, names
 
 
 @pytest.mark.skipif(not IS_SM90, reason="needs a compute capability 9.0 GPU")
 def test_flash_attn_default_is_not_deterministic():
-    """flash_attn_func's deterministic=False (its default) takes the fused kernel; True does not."""
+    """flash_attn_func's deterministic=False (its default) takes the fused kernel's atomics; True
+    its ordered adds."""
     q, k, v = (t.transpose(1, 2) for t in inputs("cuda", torch.bfloat16, 300, 64))
 
     def run(**kw):
@@ -107,12 +110,12 @@ def test_flash_attn_default_is_not_deterministic():
         torch.autograd.grad(out, (q, k, v), torch.ones_like(out))
 
     assert fused_backward_kernel(64) in cuda_kernels(run)
-    assert fused_backward_kernel(64) not in cuda_kernels(lambda: run(deterministic=True))
+    assert fused_backward_kernel(64, ordered=True) in cuda_kernels(lambda: run(deterministic=True))
 
 
-# CUFLASH_BWD_DQ=ordered: deterministic backwards run the fused kernel, which adds each query
-# block's dQ shares in one order (key blocks from the last down, each waiting for its turn on a
-# counter): reproducible bit for bit, at the fused kernel's speed.
+# Ordered adds (deterministic backwards where the fused kernel is faster; everywhere it runs under
+# CUFLASH_BWD_DQ=ordered): each query block's dq shares in one order (key blocks from the last
+# down, each waiting for its turn on a counter), reproducible bit for bit.
 ORDERED_STEPS = [(64, False), (64, True), (128, False)]
 ORDERED_STEP_IDS = ["d64", "d64_wide", "d128"]
 

@@ -1,10 +1,12 @@
 // The backward's dQ route (flash_launch.h): the fused warp-specialized Hopper kernel
 // (flash_bwd_sm90_tma.cuh: plain 16-bit attention, head-dim buckets 64 and 128, the bwdws part of
-// CUFLASH_SM90, inputs TMA can address) adds dQ up in fp32 itself, unordered (atomics) or in a
-// fixed order (deterministic); elsewhere the one-kernel paths are slower than the pair of kernels.
-// Unordered, it measured faster than the deterministic pair (benchmarks/NOTES.md, H200) at every
-// row length at D=64; at D=128 from 1024 keys seen by the middle query row (0.90x at 256, 1.00x at
-// 512, 1.02-1.13x from 1024).
+// CUFLASH_SM90, inputs TMA can address) adds dQ up in fp32 itself, unordered (atomics,
+// deterministic=False) or in a fixed order (deterministic); elsewhere the one-kernel paths are
+// slower than the pair of kernels. Where it measured faster than the pair (benchmarks/NOTES.md,
+// H200): unordered, every row length at D=64, and at D=128 from 1024 keys seen by the middle
+// query row (0.90x at 256, 1.00x at 512, 1.02-1.13x from 1024); ordered, the same: at D=64
+// 1.17-1.28x non-causal, 0.99x causal at 512 and 2048, 1.08x at 8192; at D=128 1.06-1.08x
+// non-causal from 2048, 1.00-1.06x causal, 0.87-0.97x at 512.
 #include "flash_launch.h"
 #include "sm90/flash_bwd_sm90_tma.cuh"
 #include "sm90/flash_fwd_sm90_tma.cuh"  // middle_row_keys
@@ -20,13 +22,9 @@ bool fused_backward_runs(const FlashBwdParams& p) {
   return sm90::bwd_tma_addressable(p);  // the launch encodes the maps (no second encoding here)
 }
 
-bool prefers_atomic_dq(const FlashBwdParams& p) {
+bool prefers_fused_backward(const FlashBwdParams& p) {
   if (!fused_backward_runs(p)) return false;
   return cuda_head_dim_bucket(p.dtype, p.shape.head_dim) != 128 || sm90::middle_row_keys(p) >= 1024;
-}
-
-bool prefers_ordered_dq(const FlashBwdParams& /*p*/) {
-  return false;  // EXPERIMENTAL until measured: CUFLASH_BWD_DQ=ordered
 }
 
 }  // namespace cuflash

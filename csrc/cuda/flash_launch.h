@@ -14,12 +14,9 @@ cudaError_t run_flash_bwd_cuda(const FlashBwdParams& p, cudaStream_t stream);
 
 // Whether p's backward, given a dq_accum, runs the fused Hopper kernel (which can also order its adds).
 bool fused_backward_runs(const FlashBwdParams& p);
-// Whether a backward allowed to be non-deterministic should add dq with atomics (give p a
-// zeroed dq_accum): where that runs the fused Hopper kernel and measured faster.
-bool prefers_atomic_dq(const FlashBwdParams& p);
-// Whether a deterministic backward should run the fused Hopper kernel with ordered adds (give p
-// a zeroed dq_accum and dq_semaphores): where it runs and measured faster than the pair.
-bool prefers_ordered_dq(const FlashBwdParams& p);
+// Whether p's backward should run the fused Hopper kernel (give p a zeroed dq_accum, and
+// dq_semaphores for a deterministic one): where it runs and measured faster than the pair.
+bool prefers_fused_backward(const FlashBwdParams& p);
 
 // Writes the dropout keep-mask the kernels use for d, bool [batch, heads, seqlen_q, seqlen_k].
 cudaError_t dropout_keep_mask_cuda(const DropoutParams& d, int batch, int heads, int seqlen_q, int seqlen_k,

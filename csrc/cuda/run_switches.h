@@ -18,8 +18,8 @@
 //                   atomics (head dims up to 128) the fused one (dQ added by TMA reduce)
 //       features    softcap, ALiBi, attn_mask and dropout in the Hopper forwards (the TMA one
 //                   where "tma" is listed too); without it those take the sm_80-class forward
-//   CUFLASH_BWD_DQ  unset or "": dQ by its own kernel, unless the op's deterministic=False picks
-//                   atomics (prefers_atomic_dq) or ordered adds are faster (prefers_ordered_dq);
+//   CUFLASH_BWD_DQ  unset or "": dQ by its own kernel, unless the fused Hopper kernel is faster
+//                   (prefers_fused_backward), with atomics where the op's deterministic=False;
 //                   "atomic": added by the dK/dV kernel with fp32 atomics wherever it can be (not
 //                   with the attn_mask gradient); "ordered": added by the fused Hopper kernel in a
 //                   fixed order (reproducible) wherever that runs (fused_backward_runs), whatever

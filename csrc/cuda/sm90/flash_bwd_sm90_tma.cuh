@@ -534,7 +534,7 @@ struct BackwardTmaMaps {
   CUtensorMap dq_accum;  // with p.dq_accum (the fused dK/dV kernel's TMA reduce); unused otherwise
 };
 // Whether TMA can address q, dout, k and v of p: not varlen (a box would read past a packed
-// sequence's end), aligned, no zero stride. Integer checks only: prefers_atomic_dq asks it before
+// sequence's end), aligned, no zero stride. Integer checks only: fused_backward_runs asks it before
 // any map is encoded.
 inline bool bwd_tma_addressable(const FlashBwdParams& p) {
   const AttentionShape& sh = p.shape;
