@@ -79,11 +79,13 @@ def test_path_taken(monkeypatch, atomic_dq):
                     CPASYNC_PARTS: "flash_bwd_dkdv_sm90_kernel<__nv_bfloat16, 64, true, true, true>"}[atomic_dq]
         assert expected in names, names
         assert "flash_bwd_dq_sm90_kernel" not in names, names
-    monkeypatch.delenv("CUFLASH_BWD_DQ")
+    monkeypatch.delenv("CUFLASH_BWD_DQ")  # deterministic: ordered adds in the fused kernel, else the pair
     names = cuda_kernels(lambda: torch.autograd.grad(out, (q, k, v), torch.ones_like(out)))
-    dq_kernel = any(f"{kernel}<" in names for kernel in ("flash_bwd_dq_kernel", "flash_bwd_dq_sm90_kernel",
-                                                        "flash_bwd_dq_sm90_tma_kernel"))
-    assert dq_kernel and "flash_bwd_dq_convert_kernel" not in names, names  # the sm90 one on Hopper
+    if IS_SM90 and atomic_dq != CPASYNC_PARTS:
+        assert fused_backward_kernel(64, ordered=True) in names, names
+    else:
+        dq_kernel = any(f"{kernel}<" in names for kernel in ("flash_bwd_dq_kernel", "flash_bwd_dq_sm90_kernel"))
+        assert dq_kernel and "flash_bwd_dq_convert_kernel" not in names, names
 
 
 @pytest.mark.skipif(not IS_SM90, reason="the fused warp-specialized kernel is sm_90a's")

@@ -19,8 +19,10 @@ pytestmark = pytest.mark.skipif(not IS_SM90, reason="needs a compute capability 
 def hopper_backward(request, monkeypatch):
     """Every test under the cp.async kernels ("bwd" alone), the defaults, which take the
     warp-specialized TMA ones (bwdws; 128-query steps in the dK/dV kernel at head dim 64), and
-    those with CUFLASH_BWD_TILE=narrow (64-query steps there too)."""
+    those with CUFLASH_BWD_TILE=narrow (64-query steps there too). The pair of kernels each time
+    (CUFLASH_BWD_DQ=separate): test_deterministic.py and test_bwd_atomic_dq.py cover the fused one."""
     monkeypatch.setenv("CUFLASH_SM90", "" if request.param == "narrow" else request.param)  # read at every call
+    monkeypatch.setenv("CUFLASH_BWD_DQ", "separate")
     if request.param == "narrow":
         skip_outside_head_dim_64(request, "the steps differ at head dim 64 only (the ws mode covers the others)")
         monkeypatch.setenv("CUFLASH_BWD_TILE", "narrow")
