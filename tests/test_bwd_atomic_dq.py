@@ -82,7 +82,7 @@ def test_path_taken(monkeypatch, atomic_dq):
     monkeypatch.delenv("CUFLASH_BWD_DQ")  # deterministic: ordered adds in the fused kernel, else the pair
     names = cuda_kernels(lambda: torch.autograd.grad(out, (q, k, v), torch.ones_like(out)))
     if IS_SM90 and atomic_dq != CPASYNC_PARTS:
-        assert fused_backward_kernel(64, ordered=True) in names, names
+        assert fused_backward_kernel(64, wide=atomic_dq == "wide", ordered=True) in names, names
     else:
         dq_kernel = any(f"{kernel}<" in names for kernel in ("flash_bwd_dq_kernel", "flash_bwd_dq_sm90_kernel"))
         assert dq_kernel and "flash_bwd_dq_convert_kernel" not in names, names

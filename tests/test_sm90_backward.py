@@ -44,8 +44,9 @@ def test_path_taken(d, hopper_backward):
     assert f"{dq}<" in names, names
     bucket = 64 if d <= 64 else 128 if d <= 128 else 256
     launches = ("true, false", "false, true") if d > 128 else ("true, true",)  # dK and dV in two at 256
-    # The warp-specialized kernel's last argument: 128-query steps (head dim 64, unless narrow).
-    wide = ("" if not ws else ", true" if hopper_backward != "narrow" and bucket == 64 else ", false")
+    # The warp-specialized kernel's last arguments: 128-query steps (head dim 64, unless narrow),
+    # ordered dQ adds (never: no dQ here).
+    wide = ("" if not ws else ", true, false" if hopper_backward != "narrow" and bucket == 64 else ", false, false")
     assert all(f"{dkdv}<__nv_bfloat16, {bucket}, false, {parts}{wide}>" in names for parts in launches), names
 
 
