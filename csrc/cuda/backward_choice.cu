@@ -5,8 +5,8 @@
 // slower than the pair of kernels. Where it measured faster than the pair (benchmarks/NOTES.md,
 // H200): unordered, every row length at D=64, and at D=128 from 1024 keys seen by the middle
 // query row (0.90x at 256, 1.00x at 512, 1.02-1.13x from 1024); ordered, the same: at D=64
-// 1.17-1.28x non-causal, 0.99x causal at 512 and 2048, 1.08x at 8192; at D=128 1.06-1.08x
-// non-causal from 2048, 1.00-1.06x causal, 0.87-0.97x at 512.
+// 1.15-1.28x without a mask, causal 0.98-1.01x up to 2048 and 1.07-1.08x from 8192; at D=128
+// 1.03-1.08x from 1024 without a mask, causal 0.99-1.03x from 2048, 0.87-0.97x at 512.
 #include "flash_launch.h"
 #include "sm90/flash_bwd_sm90_tma.cuh"
 #include "sm90/flash_fwd_sm90_tma.cuh"  // middle_row_keys

@@ -162,7 +162,7 @@ template <int kHeadDim>
 __device__ __forceinline__ void ordered_tile(const FlashBwdParams& p, int tile, int* n_block, int* h_kv, int* b) {
   const AttentionShape& sh = p.shape;
   const int blocks = gridDim.x, heads = gridDim.y * gridDim.z;
-  const int64_t head_bytes = int64_t{sh.heads_q / sh.heads_kv} * sh.seqlen_q * kHeadDim * (2 + 2 + 4);
+  const int64_t head_bytes = int64_t{sh.heads_q / sh.heads_kv} * max(sh.seqlen_q, 1) * kHeadDim * (2 + 2 + 4);
   const int group_heads = static_cast<int>(max(int64_t{1}, min(int64_t{heads}, (int64_t{24} << 20) / head_bytes)));
   const int group = tile / (group_heads * blocks), first = group * group_heads;
   const int in_group = tile - first * blocks, width = min(group_heads, heads - first);
