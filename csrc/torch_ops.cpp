@@ -575,6 +575,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> bwd(const Tensor& dout, const Tensor&
     if (ordered) {
       dq_semaphores = at::zeros({dq_semaphore_count(p.shape)}, dq_k.options().dtype(at::kInt));
       p.dq_semaphores = dq_semaphores.data_ptr<int>();
+      p.dq_adds_ascending = dq_adds_ascending_switch();
     }
   }
 
