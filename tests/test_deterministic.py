@@ -16,7 +16,6 @@ import cuflash_attn
 from cuflash_attn.flash_attn_interface import flash_attn_func
 
 
-
 @pytest.fixture(autouse=True)
 def default_switches(monkeypatch):
     """The choice under test is the option's, not the switches'."""
@@ -133,18 +132,18 @@ def dq_order(request, monkeypatch):
 @pytest.mark.parametrize("d,wide", ORDERED_STEPS, ids=ORDERED_STEP_IDS)
 @pytest.mark.parametrize("causal", [False, True])
 def test_ordered_adds_are_bitwise_reproducible(d, wide, causal, dq_order, monkeypatch):
-    """GQA (a key block adds to four query heads), 14 key blocks a query block, bottom-right
-    causal (key blocks that see no query); five backwards agree bit for bit."""
+    """GQA (a key block adds to four query heads), 14 key blocks a query block, top-left causal
+    with more keys than queries (key blocks that see no query); five backwards agree bit for bit."""
     monkeypatch.setenv("CUFLASH_BWD_DQ", "ordered")
     monkeypatch.setenv("CUFLASH_BWD_FUSED_TILE", "wide" if wide else "narrow")
     torch.manual_seed(0)
     q = torch.randn(2, 8, 1500, d, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     k, v = (torch.randn(2, 2, 1700, d, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(2))
-    names = cuda_kernels(lambda: grads(q, k, v, causal=causal, bottom_right=True))
+    names = cuda_kernels(lambda: grads(q, k, v, causal=causal))
     assert fused_backward_kernel(d, wide=wide, ordered=True) in names, names
-    first = grads(q, k, v, causal=causal, bottom_right=True)
+    first = grads(q, k, v, causal=causal)
     for _ in range(4):
-        again = grads(q, k, v, causal=causal, bottom_right=True)
+        again = grads(q, k, v, causal=causal)
         assert all(torch.equal(a, b) for a, b in zip(first, again))
 
 
@@ -166,8 +165,9 @@ def test_ordered_adds_match_reference(dtype, d, wide, nq, nk, causal, bottom_rig
 @pytest.mark.parametrize("causal", [False, True])
 def test_ordered_adds_with_more_key_blocks_than_sms(d, wide, causal, dq_order, monkeypatch):
     """One head of 40000 keys, with and without a causal mask: 313 key blocks, more CTAs than an
-    H100 holds at once, each waiting for other key blocks' turns (no deadlock: a CTA only waits for CTAs that took their
-    tiles before it). Checked against the pair of kernels and for reproducibility."""
+    H100 holds at once, each waiting for other key blocks' turns (no deadlock: a CTA only waits
+    for CTAs that took their tiles before it). Checked against the pair of kernels and for
+    reproducibility."""
     torch.manual_seed(0)
     q, k, v = (torch.randn(1, 1, 40000, d, device="cuda", dtype=torch.bfloat16, requires_grad=True)
                for _ in range(3))
