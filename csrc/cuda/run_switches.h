@@ -33,8 +33,8 @@
 //   CUFLASH_BWD_TILE  the warp-specialized dK/dV kernel's streamed queries a step at head dim 64
 //                   (flash_bwd_sm90_tma.cuh): unset, "" or "wide": 128; "narrow": 64 (tests and
 //                   benchmarks)
-//   CUFLASH_BWD_FUSED_TILE  the fused warp-specialized backward's (dQ by TMA reduce,
-//                   deterministic=False) streamed queries a step at head dim 64: unset or "",
+//   CUFLASH_BWD_FUSED_TILE  the fused warp-specialized backward's (dQ by TMA reduce)
+//                   streamed queries a step at head dim 64: unset or "",
 //                   128 on long columns (fused_wide_steps_pay in flash_launch.cuh), else 64;
 //                   "wide" or "narrow": 128 or 64 at every length (tests and benchmarks)
 //   CUFLASH_FP32    float32 on CUDA: unset, "" or "3xtf32": the tensor-core kernels with each
