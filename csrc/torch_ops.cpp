@@ -559,7 +559,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> bwd(const Tensor& dout, const Tensor&
   // unordered where deterministic=False and torch's deterministic mode is off, else in a fixed
   // order (dq_semaphores: reproducible). CUFLASH_BWD_DQ forces a route: unordered adds wherever
   // the dK/dV kernel can add, ordered ones wherever the fused kernel runs, or the pair.
-  Tensor dq_accum, dq_semaphores;
+  Tensor dq_accum;
   const bool may_use_atomics = !deterministic && !at::globalContext().deterministicAlgorithms();
   const bool sixteen_bit = layout.dtype == at::kHalf || layout.dtype == at::kBFloat16;
   if (q.is_cuda() && sixteen_bit && !attn_mask_grad) {
@@ -568,14 +568,18 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> bwd(const Tensor& dout, const Tensor&
     const bool atomic = route == DqSwitch::kAtomic || (fused && may_use_atomics);
     const bool ordered = (route == DqSwitch::kOrdered && fused_backward_runs(p)) || (fused && !may_use_atomics);
     if (atomic || ordered) {
-      dq_accum = at::zeros(dq_k.sizes(), dq_k.options().dtype(at::kFloat));
+      // One zeroed allocation (one memset): dq_accum, then the int32 counters of ordered adds
+      // (zero bits either way).
+      const int64_t accum_elems = dq_k.numel();
+      const Tensor zeroed = at::zeros({accum_elems + (ordered ? dq_semaphore_count(p.shape) : 0)},
+                                      dq_k.options().dtype(at::kFloat));
+      dq_accum = zeroed.narrow(0, 0, accum_elems).view(dq_k.sizes());
       p.dq_accum = dq_accum.data_ptr();
       p.dq_accum_strides = strides_of(dq_accum);
-    }
-    if (ordered) {
-      dq_semaphores = at::zeros({dq_semaphore_count(p.shape)}, dq_k.options().dtype(at::kInt));
-      p.dq_semaphores = dq_semaphores.data_ptr<int>();
-      p.dq_adds_ascending = dq_adds_ascending_switch();
+      if (ordered) {
+        p.dq_semaphores = reinterpret_cast<int*>(zeroed.data_ptr<float>() + accum_elems);
+        p.dq_adds_ascending = dq_adds_ascending_switch();
+      }
     }
   }
 
