@@ -133,9 +133,7 @@ bool launch_fwd_tma(const FlashFwdParams& p, bool persistent, cudaStream_t strea
   constexpr std::false_type no{};
   constexpr std::true_type yes{};
   if (needs_feature_path(p)) return run(no, yes, no);
-  const TileSwitch tile = fwd_tile_switch();
-  if (tile == TileSwitch::kWide || (tile == TileSwitch::kAuto && sm90::wide_rows<kHeadDim>(p)))
-    return run(yes, no, no);
+  if (fwd_wide_tile(sm90::wide_rows<kHeadDim>(p))) return run(yes, no, no);
   if constexpr (Plain::kHasPersistent)
     if (persistent && !sm90::long_rows(p)) return run(no, no, yes);
   return run(no, no, no);
@@ -228,11 +226,8 @@ cudaError_t run_flash_bwd(const FlashBwdParams& p, cudaStream_t stream) {
             // The fused kernel (at head dim 64 with 128-query steps where they pay), else the
             // cp.async one.
             bool launched = false;
-            if constexpr (kHeadDim == 64) {
-              const TileSwitch tile = bwd_fused_tile_switch();
-              if (tile == TileSwitch::kWide || (tile == TileSwitch::kAuto && fused_wide_steps_pay(p)))
-                launched = launch_dkdv_ws(yes, yes, yes, yes);
-            }
+            if constexpr (kHeadDim == 64)
+              if (bwd_fused_wide_steps(fused_wide_steps_pay(p))) launched = launch_dkdv_ws(yes, yes, yes, yes);
             if (!launched && !launch_dkdv_ws(yes, yes, yes, no)) {
               if (p.dq_semaphores != nullptr) return cudaErrorNotSupported;  // ordered adds are its alone
               err = launch(sm90::flash_bwd_dkdv_sm90_kernel<T, kHeadDim, true>, key_grid, K::kThreads,
@@ -270,7 +265,7 @@ cudaError_t run_flash_bwd(const FlashBwdParams& p, cudaStream_t stream) {
           return launch_dkdv(no, yes, no);
         } else {
           if constexpr (kHeadDim == 64)
-            if (!bwd_narrow_steps_switch()) return launch_dkdv(yes, yes, yes);
+            if (bwd_wide_steps(true)) return launch_dkdv(yes, yes, yes);
           return launch_dkdv(yes, yes, no);
         }
       }

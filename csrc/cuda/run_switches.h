@@ -102,14 +102,14 @@ inline DqSwitch dq_switch() {
 }
 inline bool dq_adds_ascending_switch() { return env_is("CUFLASH_BWD_DQ_ORDER", "ascending"); }
 inline bool fp32_exact_switch() { return env_is("CUFLASH_FP32", "exact"); }
-inline bool bwd_narrow_steps_switch() { return env_is("CUFLASH_BWD_TILE", "narrow"); }
-// The tile switches: unset or "" picks by shape (kAuto), "wide" or "narrow" one tile everywhere.
-enum class TileSwitch { kAuto, kWide, kNarrow };
-inline TileSwitch tile_switch(const char* name) {
-  return env_is(name, "wide") ? TileSwitch::kWide : env_is(name, "narrow") ? TileSwitch::kNarrow : TileSwitch::kAuto;
+// The tile switches: "wide" or "narrow" pick that tile at every shape; unset or "" leave it to
+// `pays`, the shape's choice.
+inline bool wide_tile_switch(const char* name, bool pays) {
+  return env_is(name, "wide") || (!env_is(name, "narrow") && pays);
 }
-inline TileSwitch fwd_tile_switch() { return tile_switch("CUFLASH_FWD_TILE"); }
-inline TileSwitch bwd_fused_tile_switch() { return tile_switch("CUFLASH_BWD_FUSED_TILE"); }
+inline bool fwd_wide_tile(bool pays) { return wide_tile_switch("CUFLASH_FWD_TILE", pays); }
+inline bool bwd_wide_steps(bool pays) { return wide_tile_switch("CUFLASH_BWD_TILE", pays); }
+inline bool bwd_fused_wide_steps(bool pays) { return wide_tile_switch("CUFLASH_BWD_FUSED_TILE", pays); }
 inline bool debug_switch() { return env_is("CUFLASH_DEBUG", "1"); }
 
 // The message for a switch set to something it does not name, or "" if all are valid.
