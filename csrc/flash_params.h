@@ -137,10 +137,11 @@ struct FlashBwdParams : AttentionParams {
   // with atomics (not bitwise reproducible: the order of the adds varies, unless dq_semaphores),
   // and a small kernel writes dq from it. Null: a separate dQ kernel, deterministic. Not with dscores.
   void* dq_accum = nullptr;
-  // Optional with dq_accum, int32, zeroed, dq_semaphore_count(shape) of them (attention_math.h): the fused Hopper
-  // kernel then adds each query block's dQ shares in a fixed order (key blocks from the last
-  // down, FlashAttention-3's deterministic mode), so dq is bitwise reproducible. One counter per
-  // (batch, query head, 64-row query block), then one that hands the CTAs their tiles in launch order.
+  // Optional with dq_accum, int32, zeroed, dq_semaphore_count(shape) of them (attention_math.h):
+  // the fused Hopper kernel then adds each query block's dQ shares in a fixed order (key blocks
+  // from the last down, FlashAttention-3's deterministic mode), so dq is bitwise reproducible.
+  // One counter per (batch, query head, 64-row query block), then one that hands the CTAs their
+  // tiles in launch order.
   int* dq_semaphores = nullptr;
   // With dq_semaphores: the key blocks' order, the first one first (ascending, EXPERIMENTAL:
   // CUFLASH_BWD_DQ_ORDER) rather than the last one first.

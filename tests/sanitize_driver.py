@@ -3,8 +3,9 @@
 Every CUDA kernel family runs forward and backward on tiny shapes: the tensor-core kernels
 (float16, bfloat16: forward, delta, dQ, dK/dV) at head dims 59 (zero-padded to 64), 64, 128 and
 256 (dK and dV in two launches), float32 (the same kernels in 3xTF32; under CUFLASH_FP32=exact
-the *_simt ones) and float64 (the CUDA-core *_simt kernels) at head dims 32, 59 and 256; seqlens that are not multiples of any tile, seqlen 1, causal off, top-left and
-bottom-right (with rows that see no key), batch and heads 1-2, a [B, N, H, D] strided layout,
+the *_simt ones) and float64 (the CUDA-core *_simt kernels) at head dims 32, 59 and 256; seqlens
+that are not multiples of any tile, seqlen 1, causal off, top-left and bottom-right (with rows
+that see no key), batch and heads 1-2, a [B, N, H, D] strided layout,
 and the backward with the gradient of the returned lse. Every case is checked against the
 float64 reference with the accuracy rule, so a clean sanitizer run is also a correctness run.
 
