@@ -7,8 +7,8 @@
 #   GPU_SM90_BENCH_FEATURES="..."   bench_features.py arguments (unset or "" skips it)
 #   GPU_SM90_LIMIT_S=300   seconds each test process may run
 #   GPU_SM90_GROUPS="forward,bad_input"   run only the test groups named (default: all of them)
-#   GPU_SM90_NCU="..."   scripts/ncu_backward.sh's environment (e.g. NCU_SHAPE=2,32,8192,64) to
-#                        profile the backward at the end (unset: no profile)
+#   GPU_SM90_NCU="..."   scripts/ncu_profile.sh's cases (e.g. "bwd:2,32,8192,64:0 fwd:16,16,1024,128:1")
+#                        to profile at the end (unset: no profile)
 # Logs come back as $OUT/logs.tar.gz, results as $OUT/*.md/json.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -83,9 +83,8 @@ if [ -n "${GPU_SM90_BENCH_FEATURES-}" ]; then
   echo "bench_features exit $?"; cat "$OUT/bench_features.md"
 fi
 if [ -n "${GPU_SM90_NCU-}" ]; then
-  # shellcheck disable=SC2086  # NAME=value pairs
-  env $GPU_SM90_NCU OUT="$OUT" timeout --kill-after=5 200 bash scripts/ncu_backward.sh > "$OUT/ncu_summary.log" 2>&1
-  echo "ncu exit $?"; tail -n 80 "$OUT/ncu_summary.log"
+  NCU_CASES="$GPU_SM90_NCU" OUT="$OUT" timeout --kill-after=5 240 bash scripts/ncu_profile.sh > "$OUT/ncu.log" 2>&1
+  echo "ncu exit $?"; tail -n 80 "$OUT/ncu.log"
 fi
 tar czf "$OUT/logs.tar.gz" -C "$OUT" $(cd "$OUT" && ls -- *.log 2>/dev/null) && (cd "$OUT" && rm -f -- *.log)
 echo "total: $(( $(date +%s) - start )) s"
