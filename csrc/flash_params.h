@@ -143,9 +143,6 @@ struct FlashBwdParams : AttentionParams {
   // One counter per (batch, query head, 64-row query block), then one that hands the CTAs their
   // tiles in launch order.
   int* dq_semaphores = nullptr;
-  // With dq_semaphores: the key blocks' order, the first one first (ascending, EXPERIMENTAL:
-  // CUFLASH_BWD_DQ_ORDER) rather than the last one first.
-  bool dq_adds_ascending = false;
   TensorStrides out_strides, dout_strides, dq_strides, dk_strides, dv_strides, dq_accum_strides;
 };
 

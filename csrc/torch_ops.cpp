@@ -576,10 +576,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> bwd(const Tensor& dout, const Tensor&
       dq_accum = zeroed.narrow(0, 0, accum_elems).view(dq_k.sizes());
       p.dq_accum = dq_accum.data_ptr();
       p.dq_accum_strides = strides_of(dq_accum);
-      if (ordered) {
-        p.dq_semaphores = reinterpret_cast<int*>(zeroed.data_ptr<float>() + accum_elems);
-        p.dq_adds_ascending = dq_adds_ascending_switch();
-      }
+      if (ordered) p.dq_semaphores = reinterpret_cast<int*>(zeroed.data_ptr<float>() + accum_elems);
     }
   }
 

@@ -24,7 +24,7 @@ def tables(lines):
             if header:
                 yield title, header, rows
                 header, rows = None, []
-            title = " ".join(fields)[:200]
+            title = " ".join(fields)[:400]
     if header:
         yield title, header, rows
 
@@ -40,7 +40,11 @@ def main():
     path, top = sys.argv[1], int(sys.argv[2]) if len(sys.argv) > 2 else 40
     with gzip.open(path, "rt") as f:
         text = f.read()
+    printed = set()
     for title, header, rows in tables(io.StringIO(text)):
+        if (title, len(rows)) in printed:  # the source page can list a kernel twice
+            continue
+        printed.add((title, len(rows)))
         samples = next((i for i, h in enumerate(header) if h.startswith("Warp Stall Sampling (All")), None)
         source = header.index("Source")
         if samples is None:

@@ -105,7 +105,6 @@ def test_bwd_rejects_bad_stats_and_shapes(device):
                                             ("CUFLASH_SM90", "tma,"), ("CUFLASH_BWD_DQ", "atomics"),
                                             ("CUFLASH_FWD_TILE", "wider"), ("CUFLASH_BWD_TILE", "1"),
                                             ("CUFLASH_FP32", "tf32"), ("CUFLASH_BWD_FUSED_TILE", "on"),
-                                            ("CUFLASH_BWD_DQ_ORDER", "up"),
                                             ("CUFLASH_DEBUG", "yes")])
 def test_run_switch_naming_nothing_is_refused(device, variable, value, monkeypatch):
     """A misspelt switch is an error at the next call, not a silent default."""
@@ -122,8 +121,7 @@ def test_run_switch_naming_nothing_is_refused(device, variable, value, monkeypat
                                             ("CUFLASH_SM90", "features,bwd,tma"), ("CUFLASH_SM90", "tma,persistent"),
                                             ("CUFLASH_SM90", "bwd,bwdws"),
                                             ("CUFLASH_BWD_DQ", "atomic"), ("CUFLASH_BWD_DQ", "ordered"),
-                                            ("CUFLASH_BWD_DQ", "separate"), ("CUFLASH_BWD_DQ_ORDER", "ascending"),
-                                            ("CUFLASH_BWD_DQ_ORDER", "descending"),
+                                            ("CUFLASH_BWD_DQ", "separate"),
                                             ("CUFLASH_FWD_TILE", "wide"), ("CUFLASH_FWD_TILE", "narrow"),
                                             ("CUFLASH_BWD_TILE", "wide"), ("CUFLASH_BWD_TILE", "narrow"),
                                             ("CUFLASH_BWD_FUSED_TILE", "wide"), ("CUFLASH_BWD_FUSED_TILE", "narrow"),

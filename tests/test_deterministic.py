@@ -22,7 +22,6 @@ def default_switches(monkeypatch):
     monkeypatch.delenv("CUFLASH_BWD_DQ", raising=False)
     monkeypatch.delenv("CUFLASH_SM90", raising=False)
     monkeypatch.delenv("CUFLASH_BWD_FUSED_TILE", raising=False)
-    monkeypatch.delenv("CUFLASH_BWD_DQ_ORDER", raising=False)
 
 
 def grads(q, k, v, **options):
@@ -120,18 +119,10 @@ ORDERED_STEPS = [(64, False), (64, True), (128, False)]
 ORDERED_STEP_IDS = ["d64", "d64_wide", "d128"]
 
 
-@pytest.fixture(params=["descending", "ascending"])
-def dq_order(request, monkeypatch):
-    """The key blocks' order: the last first (the default), or the first first (EXPERIMENTAL,
-    CUFLASH_BWD_DQ_ORDER=ascending: the longest causal key blocks go first)."""
-    monkeypatch.setenv("CUFLASH_BWD_DQ_ORDER", request.param)
-    return request.param
-
-
 @pytest.mark.skipif(not IS_SM90, reason="needs a compute capability 9.0 GPU")
 @pytest.mark.parametrize("d,wide", ORDERED_STEPS, ids=ORDERED_STEP_IDS)
 @pytest.mark.parametrize("causal", [False, True])
-def test_ordered_adds_are_bitwise_reproducible(d, wide, causal, dq_order, monkeypatch):
+def test_ordered_adds_are_bitwise_reproducible(d, wide, causal, monkeypatch):
     """GQA (a key block adds to four query heads), 14 key blocks a query block, top-left causal
     with more keys than queries (key blocks that see no query); five backwards agree bit for bit."""
     monkeypatch.setenv("CUFLASH_BWD_DQ", "ordered")
@@ -153,7 +144,7 @@ def test_ordered_adds_are_bitwise_reproducible(d, wide, causal, dq_order, monkey
 @pytest.mark.parametrize("nq,nk", [(77, 200), (1100, 1300), (1300, 1100)])
 @pytest.mark.parametrize("causal,bottom_right", [(False, False), (True, False), (True, True)],
                          ids=["none", "top_left", "bottom_right"])
-def test_ordered_adds_match_reference(dtype, d, wide, nq, nk, causal, bottom_right, dq_order, monkeypatch):
+def test_ordered_adds_match_reference(dtype, d, wide, nq, nk, causal, bottom_right, monkeypatch):
     """The accuracy rule of every backward, under each mask's order of the key blocks."""
     monkeypatch.setenv("CUFLASH_BWD_DQ", "ordered")
     monkeypatch.setenv("CUFLASH_BWD_FUSED_TILE", "wide" if wide else "narrow")
@@ -163,7 +154,7 @@ def test_ordered_adds_match_reference(dtype, d, wide, nq, nk, causal, bottom_rig
 @pytest.mark.skipif(not IS_SM90, reason="needs a compute capability 9.0 GPU")
 @pytest.mark.parametrize("d,wide", ORDERED_STEPS, ids=ORDERED_STEP_IDS)
 @pytest.mark.parametrize("causal", [False, True])
-def test_ordered_adds_with_more_key_blocks_than_sms(d, wide, causal, dq_order, monkeypatch):
+def test_ordered_adds_with_more_key_blocks_than_sms(d, wide, causal, monkeypatch):
     """One head of 40000 keys, with and without a causal mask: 313 key blocks, more CTAs than an
     H100 holds at once, each waiting for other key blocks' turns (no deadlock: a CTA only waits
     for CTAs that took their tiles before it). Checked against the pair of kernels and for

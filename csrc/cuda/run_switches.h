@@ -24,9 +24,6 @@
 //                   with the attn_mask gradient); "ordered": added by the fused Hopper kernel in a
 //                   fixed order (reproducible) wherever that runs (fused_backward_runs), whatever
 //                   deterministic says; "separate": its own kernel everywhere (tests and benchmarks)
-//   CUFLASH_BWD_DQ_ORDER  the ordered adds' key block order: unset, "" or "descending": the last
-//                   first; "ascending": the first first, the longest key blocks of a causal mask
-//                   first (EXPERIMENTAL, built but not yet run on a GPU)
 //   CUFLASH_FWD_TILE  the TMA forward's tile for plain attention: unset or "", the wide one on
 //                   long rows (sm90::wide_rows in flash_fwd_sm90_tma.cuh);
 //                   "wide" or "narrow": that one at every length (tests and benchmarks)
@@ -100,7 +97,6 @@ inline DqSwitch dq_switch() {
          : env_is("CUFLASH_BWD_DQ", "separate") ? DqSwitch::kSeparate
                                                 : DqSwitch::kAuto;
 }
-inline bool dq_adds_ascending_switch() { return env_is("CUFLASH_BWD_DQ_ORDER", "ascending"); }
 inline bool fp32_exact_switch() { return env_is("CUFLASH_FP32", "exact"); }
 // The tile switches: "wide" or "narrow" pick that tile at every shape; unset or "" leave it to
 // `pays`, the shape's choice.
@@ -125,8 +121,6 @@ inline std::string run_switch_error() {
   };
   for (const OneOf& v : {OneOf{"CUFLASH_BWD_DQ", {"atomic", "ordered", "separate"},
                                "unset, empty, \"atomic\", \"ordered\" or \"separate\""},
-                         OneOf{"CUFLASH_BWD_DQ_ORDER", {"descending", "ascending"},
-                               "unset, empty, \"descending\" or \"ascending\""},
                          OneOf{"CUFLASH_FWD_TILE", {"wide", "narrow"}, "unset, empty, \"wide\" or \"narrow\""},
                          OneOf{"CUFLASH_BWD_TILE", {"wide", "narrow"}, "unset, empty, \"wide\" or \"narrow\""},
                          OneOf{"CUFLASH_BWD_FUSED_TILE", {"wide", "narrow"}, "unset, empty, \"wide\" or \"narrow\""},

@@ -154,8 +154,8 @@ __global__ void __launch_bounds__(BwdDqSm90TmaKernel<T, kHeadDim>::kThreads, 1)
 
 // kOrderedDq's tile order: the CTA that takes tile `tile` computes key block n_block of head h_kv
 // of batch b. The heads go in groups whose q, dO and dq_accum fit in about half an H100's L2;
-// within a group, the last key block of every head, then the one before, and so on (the first,
-// then the second... with p.dq_adds_ascending). A key block thus starts after the one it waits
+// within a group, the last key block of every head, then the one before, and so on. A key block
+// thus starts after the one it waits
 // for, not beside it: with every CTA of a head started at once, each waits for the adds of all
 // the key blocks after it, one by one (head by head, the first version ran 10-20% behind the
 // unordered adds; benchmarks/NOTES.md).
@@ -168,7 +168,7 @@ __device__ __forceinline__ void ordered_tile(const FlashBwdParams& p, int tile, 
   const int group = tile / (group_heads * blocks), first = group * group_heads;
   const int in_group = tile - first * blocks, width = min(group_heads, heads - first);
   const int head = first + in_group % width, level = in_group / width;
-  *n_block = p.dq_adds_ascending ? level : blocks - 1 - level;
+  *n_block = blocks - 1 - level;
   *h_kv = head % gridDim.y;
   *b = head / gridDim.y;
 }
@@ -259,8 +259,9 @@ __global__ void __launch_bounds__(
   // counter, so that a CTA only waits for CTAs that started before it (none waits for one that
   // cannot get an SM), in the order ordered_tile gives: key block by key block over a group of heads.
   // They visit their query blocks in the same order (no stagger): under a causal mask key block n
-  // then reaches each block one step after n + 1. (Ascending, EXPERIMENTAL: one step before n - 1,
-  // which waits unless n started a step after n - 1; but the longest key blocks go first.)
+  // then reaches each block one step after n + 1. (The first key block first, which starts the
+  // longest causal key blocks first, ran 15-35% slower: block n reaches each query block a step
+  // before n - 1 does and waits for it; benchmarks/NOTES.md.)
   int n_block = blockIdx.x, h_kv = blockIdx.y, b = blockIdx.z;
   if constexpr (kOrderedDq) {
     if (tid == 0) {
@@ -318,8 +319,7 @@ __global__ void __launch_bounds__(
               counter = p.dq_semaphores + dq_semaphore_index(sh, b, h, block);
               const int row0 = block * kBlockM;
               const Range keys = visible_keys(p.mask, seq, row0, min(row0 + kBlockM, seq.seqlen_q));
-              const int turn =
-                  p.dq_adds_ascending ? n_block - keys.begin / kBlockN : (keys.end - 1) / kBlockN - n_block;
+              const int turn = (keys.end - 1) / kBlockN - n_block;
               while (load_acquire_gpu(counter) != turn) {
               }
               fence_async_global();  // the earlier adds, acquired, before this CTA's bulk reduce
