@@ -12,6 +12,7 @@
 #include <type_traits>
 #include <utility>
 
+#include "../attention_math.h"
 #include "../cuda/flash_launch.h"
 #include "../cuda/run_switches.h"
 #include "../flash_params.h"
@@ -71,6 +72,12 @@ const char* name_of(DataType t) {
 }
 DType kernel_dtype(DataType t) {
   return t == DataType::FLOAT32 ? DType::kFloat32 : t == DataType::FLOAT16 ? DType::kFloat16 : DType::kBFloat16;
+}
+// flash_attention_supports: a valid dtype, head_dim in 1..256 (a multiple of 8 on the tensor
+// cores), a bucket this build has.
+bool supported(DataType dtype, int head_dim) {
+  return is_valid(dtype) && head_dim >= 1 && head_dim <= kMaxHeadDim &&
+         (!on_tensor_cores(dtype) || head_dim % 8 == 0) && cuda_head_dim_bucket(kernel_dtype(dtype), head_dim) > 0;
 }
 
 template <typename T>
@@ -294,6 +301,35 @@ FlashBwdParams make_params(const FlashAttentionBackwardArgs& a, void* delta) {
   return p;
 }
 
+// ---- The backward's workspace --------------------------------------------------------------
+// delta (batch * heads_q * seqlen_q floats), then, where the fused Hopper backward has kernels
+// (fused_backward_built_for), its fp32 dQ accumulator ([batch][heads_q][seqlen_q][head_dim], 16
+// bytes in) and the counters of its ordered adds (the C API's backward is deterministic), zeroed
+// by each backward that takes that kernel (prefers_fused_backward: where it beats the pair).
+struct WorkspaceLayout {
+  Wide delta_bytes = 0, accum_offset = 0, accum_elems = 0, counters = 0;
+  Wide accum_bytes() const { return (accum_elems + counters) * 4; }  // dq_accum and the int32 counters
+  Wide total() const { return accum_elems == 0 ? delta_bytes : accum_offset + accum_bytes(); }
+};
+
+WorkspaceLayout workspace_layout(const AttentionConfig& c) {
+  WorkspaceLayout w;
+  if (c.batch_size <= 0 || c.num_heads_q <= 0 || c.seqlen_q <= 0) return w;
+  const Wide rows = Wide{c.batch_size} * c.num_heads_q * c.seqlen_q;
+  w.delta_bytes = rows * sizeof(float);
+  if (supported(c.dtype, c.head_dim) &&
+      fused_backward_built_for(kernel_dtype(c.dtype), c.head_dim)) {
+    w.accum_offset = (w.delta_bytes + 15) / 16 * 16;
+    w.accum_elems = rows * c.head_dim;
+    AttentionShape sh;
+    sh.batch = c.batch_size;
+    sh.heads_q = c.num_heads_q;
+    sh.seqlen_q = c.seqlen_q;
+    w.counters = dq_semaphore_count(sh);
+  }
+  return w;
+}
+
 // ---- Entry points -----------------------------------------------------------------------------
 
 Error zero(const TensorArg& t, DataType dtype, cudaStream_t stream) {
@@ -345,13 +381,29 @@ Error backward(const FlashAttentionBackwardArgs& a, cudaStream_t stream) {
       if (Error e = zero(*t, a.dtype, stream); e != Error::SUCCESS) return e;
     return succeed();
   }
-  void* delta = a.workspace;
-  if (delta == nullptr)
-    if (cudaError_t err = cudaMallocAsync(&delta, workspace_bytes, stream); err != cudaSuccess)
+  FlashBwdParams p = make_params(a, nullptr);
+  const WorkspaceLayout layout = workspace_layout(a);
+  const bool fused = layout.accum_elems > 0 && prefers_fused_backward(p);
+  void* workspace = a.workspace;
+  if (workspace == nullptr) {  // what this call takes, no more
+    const size_t bytes = static_cast<size_t>(fused ? layout.total() : layout.delta_bytes);
+    if (cudaError_t err = cudaMallocAsync(&workspace, bytes, stream); err != cudaSuccess)
       return cuda_failure(err, "cudaMallocAsync of the backward's workspace");
-  cudaError_t err = run_flash_bwd_cuda(make_params(a, delta), stream);
+  }
+  p.delta = workspace;
+  cudaError_t err = cudaSuccess;
+  if (fused) {  // dQ added up by the dK/dV kernel in fp32, in a fixed order, then converted
+    char* accum = static_cast<char*>(workspace) + static_cast<size_t>(layout.accum_offset);
+    err = cudaMemsetAsync(accum, 0, static_cast<size_t>(layout.accum_bytes()), stream);
+    p.dq_accum = accum;
+    p.dq_accum_strides.row = a.head_dim;
+    p.dq_accum_strides.head = p.dq_accum_strides.row * a.seqlen_q;
+    p.dq_accum_strides.batch = p.dq_accum_strides.head * a.num_heads_q;
+    p.dq_semaphores = reinterpret_cast<int*>(accum) + static_cast<size_t>(layout.accum_elems);
+  }
+  if (err == cudaSuccess) err = run_flash_bwd_cuda(p, stream);
   if (a.workspace == nullptr) {
-    const cudaError_t free_err = cudaFreeAsync(delta, stream);
+    const cudaError_t free_err = cudaFreeAsync(workspace, stream);
     if (err == cudaSuccess) err = free_err;
   }
   return err == cudaSuccess ? succeed() : cuda_failure(err, "the backward kernel launch");
@@ -433,16 +485,12 @@ FlashAttentionError flash_attention_backward(const FlashAttentionBackwardArgs& a
 }
 
 size_t flash_attention_backward_workspace_size(const AttentionConfig& c) {
-  if (c.batch_size <= 0 || c.num_heads_q <= 0 || c.seqlen_q <= 0) return 0;
   // Sizes the API accepts keep this below 2^63; larger ones saturate (and are rejected anyway).
-  const Wide bytes = Wide{c.batch_size} * c.num_heads_q * c.seqlen_q * sizeof(float);
+  const Wide bytes = workspace_layout(c).total();
   return bytes < Wide{SIZE_MAX} ? static_cast<size_t>(bytes) : SIZE_MAX;
 }
 
-bool flash_attention_supports(DataType dtype, int head_dim) {
-  return is_valid(dtype) && head_dim >= 1 && head_dim <= kMaxHeadDim &&
-         (!on_tensor_cores(dtype) || head_dim % 8 == 0) && cuda_head_dim_bucket(kernel_dtype(dtype), head_dim) > 0;
-}
+bool flash_attention_supports(DataType dtype, int head_dim) { return supported(dtype, head_dim); }
 
 #define CUFLASH_SIMPLE_FORMS(T)                                                                                     \
   FlashAttentionError flash_attention_forward(const T* Q, const T* K, const T* V, T* O, float* L, int batch_size,   \

@@ -13,11 +13,15 @@
 
 namespace cuflash {
 
+bool fused_backward_built_for(DType dtype, int head_dim) {
+  if (dtype != DType::kFloat16 && dtype != DType::kBFloat16) return false;
+  const int bucket = cuda_head_dim_bucket(dtype, head_dim);
+  return bucket == 64 || bucket == 128;
+}
+
 bool fused_backward_runs(const FlashBwdParams& p) {
-  if (p.dtype != DType::kFloat16 && p.dtype != DType::kBFloat16) return false;
+  if (!fused_backward_built_for(p.dtype, p.shape.head_dim)) return false;
   if (p.dscores != nullptr) return false;
-  const int bucket = cuda_head_dim_bucket(p.dtype, p.shape.head_dim);
-  if (bucket != 64 && bucket != 128) return false;
   if (!sm90::sm90_paths(p).bwd_ws) return false;
   return sm90::bwd_tma_addressable(p);  // the launch encodes the maps (no second encoding here)
 }

@@ -12,6 +12,9 @@ int cuda_head_dim_bucket(DType dtype, int head_dim);
 cudaError_t run_flash_fwd_cuda(const FlashFwdParams& p, cudaStream_t stream);
 cudaError_t run_flash_bwd_cuda(const FlashBwdParams& p, cudaStream_t stream);
 
+// Whether the fused Hopper backward has kernels for dtype and head_dim (16-bit, head-dim buckets
+// 64 and 128), whatever the device and the tensors.
+bool fused_backward_built_for(DType dtype, int head_dim);
 // Whether p's backward, given a dq_accum, runs the fused Hopper kernel (which can also order its adds).
 bool fused_backward_runs(const FlashBwdParams& p);
 // Whether p's backward should run the fused Hopper kernel (give p a zeroed dq_accum, and

@@ -3,6 +3,7 @@
 // CUDA device: every test skips without one.
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstring>
 #include <limits>
@@ -139,11 +140,15 @@ bool same_bytes(const std::vector<T>& a, const std::vector<T>& b) {
 }
 
 // TESTING.md: fp16/bf16 within factor * (the pt baseline's error) + one rounding; fp32 within
-// 1e-5 of the largest reference value.
+// 1e-5 of the largest reference value, or where the reference is exactly zero of zero_ref_scale
+// (tests/reference.py's accuracy_bound: dq and dk cancel exactly when every row sees one key, and
+// fp32 on tensor cores computes dP and delta by different routes; the check's largest gradient).
 void expect_close(const char* name, const std::vector<double>& got, const std::vector<double>& ref,
-                  const std::vector<double>& pt, DataType dtype, double factor, Rounding round) {
+                  const std::vector<double>& pt, DataType dtype, double factor, Rounding round,
+                  double zero_ref_scale = 0) {
   const double err = max_abs_diff(got, ref);
-  const double bound = dtype == DataType::FLOAT32 ? 1e-5 * std::max(max_abs(ref), 1e-30)
+  const double magnitude = max_abs(ref) > 0 ? max_abs(ref) : zero_ref_scale;
+  const double bound = dtype == DataType::FLOAT32 ? 1e-5 * std::max(magnitude, 1e-30)
                                                   : factor * max_abs_diff(pt, ref) + rounding_floor(ref, round);
   EXPECT_LE(err, bound) << name << ": max error " << err << " above the bound " << bound;
 }
@@ -240,9 +245,13 @@ void run_case(const Case& c) {
   const std::vector<float> lse_host = download<float>(lse_dev);
   expect_close("out", to_logical(download<T>(o_dev), qs, B, Hq, Nq, D), ref.out, pt.out, c.dtype, 2, round_to<T>);
   expect_lse_close(std::vector<double>(lse_host.begin(), lse_host.end()), ref.lse, c.dtype);
-  expect_close("dq", to_logical(download<T>(dq_dev), qs, B, Hq, Nq, D), ref.dq, pt.dq, c.dtype, 3, round_to<T>);
-  expect_close("dk", to_logical(download<T>(dk_dev), ks, B, Hkv, Nk, D), ref.dk, pt.dk, c.dtype, 3, round_to<T>);
-  expect_close("dv", to_logical(download<T>(dv_dev), ks, B, Hkv, Nk, D), ref.dv, pt.dv, c.dtype, 3, round_to<T>);
+  const double gradient_scale = std::max({max_abs(ref.dq), max_abs(ref.dk), max_abs(ref.dv)});
+  expect_close("dq", to_logical(download<T>(dq_dev), qs, B, Hq, Nq, D), ref.dq, pt.dq, c.dtype, 3, round_to<T>,
+               gradient_scale);
+  expect_close("dk", to_logical(download<T>(dk_dev), ks, B, Hkv, Nk, D), ref.dk, pt.dk, c.dtype, 3, round_to<T>,
+               gradient_scale);
+  expect_close("dv", to_logical(download<T>(dv_dev), ks, B, Hkv, Nk, D), ref.dv, pt.dv, c.dtype, 3, round_to<T>,
+               gradient_scale);
 }
 
 TEST_P(Accuracy, MatchesFloat64Reference) {

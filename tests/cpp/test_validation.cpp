@@ -441,8 +441,14 @@ TEST_P(Validation, BadLayouts) {
 
 TEST_P(Validation, Workspace) {
   FlashAttentionBackwardArgs b = bwd;
+  // delta; at 16 bits also the fused Hopper backward's fp32 dQ and one counter per (batch, head,
+  // 64-row query block) plus one, 16 bytes after delta.
+  const size_t rows = size_t(b.batch_size) * b.num_heads_q * b.seqlen_q;
+  const size_t counters = size_t(b.batch_size) * b.num_heads_q * ((b.seqlen_q + 63) / 64) + 1;
   EXPECT_EQ(cuflash::flash_attention_backward_workspace_size(b),
-            size_t(b.batch_size) * b.num_heads_q * b.seqlen_q * sizeof(float));
+            GetParam() == DataType::FLOAT32 ? rows * sizeof(float)
+                                            : (rows * sizeof(float) + 15) / 16 * 16 +
+                                                  (rows * b.head_dim + counters) * sizeof(float));
   b.workspace = mem.next();
   b.workspace_bytes = cuflash::flash_attention_backward_workspace_size(b) - 1;
   expect_error(cuflash::flash_attention_backward(b), E::INVALID_ARGUMENT, "workspace_bytes must be at least");
