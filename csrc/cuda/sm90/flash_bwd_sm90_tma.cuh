@@ -155,10 +155,9 @@ __global__ void __launch_bounds__(BwdDqSm90TmaKernel<T, kHeadDim>::kThreads, 1)
 // kOrderedDq's tile order: the CTA that takes tile `tile` computes key block n_block of head h_kv
 // of batch b. The heads go in groups whose q, dO and dq_accum fit in about half an H100's L2;
 // within a group, the last key block of every head, then the one before, and so on. A key block
-// thus starts after the one it waits
-// for, not beside it: with every CTA of a head started at once, each waits for the adds of all
-// the key blocks after it, one by one (head by head, the first version ran 10-20% behind the
-// unordered adds; benchmarks/NOTES.md).
+// thus starts after the one it waits for, not beside it: with every CTA of a head started at
+// once, each waits for the adds of all the key blocks after it, one by one (head by head, the
+// first version ran 10-20% behind the unordered adds; benchmarks/NOTES.md).
 template <int kHeadDim>
 __device__ __forceinline__ void ordered_tile(const FlashBwdParams& p, int tile, int* n_block, int* h_kv, int* b) {
   const AttentionShape& sh = p.shape;
@@ -260,7 +259,7 @@ __global__ void __launch_bounds__(
   // cannot get an SM), in the order ordered_tile gives: key block by key block over a group of heads.
   // They visit their query blocks in the same order (no stagger): under a causal mask key block n
   // then reaches each block one step after n + 1. (The first key block first, which starts the
-  // longest causal key blocks first, ran 15-35% slower: block n reaches each query block a step
+  // longest causal key blocks first, ran 7-35% slower: block n reaches each query block a step
   // before n - 1 does and waits for it; benchmarks/NOTES.md.)
   int n_block = blockIdx.x, h_kv = blockIdx.y, b = blockIdx.z;
   if constexpr (kOrderedDq) {
