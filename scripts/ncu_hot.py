@@ -61,6 +61,21 @@ def main():
                 by_reason[header[i]] += number(r[i])
         print("by opcode: " + ", ".join(f"{op} {100 * s / total:.1f}%" for op, s in by_op.most_common(14)))
         print("by reason: " + ", ".join(f"{why} {100 * s / total:.1f}%" for why, s in by_reason.most_common(8)))
+        # The main loop: the instructions sharing the most common execution count (the loop body
+        # runs once a warp-step), where the warps doing the work spend their time.
+        executed = header.index("Instructions Executed") if "Instructions Executed" in header else None
+        counts = Counter(number(r[executed]) for r in rows) if executed is not None else Counter()
+        body_count = max((c for c, n in counts.items() if c > 0 and n > 100), key=lambda c: counts[c], default=None)
+        if body_count is not None:
+            body = [r for r in rows if number(r[executed]) == body_count]
+            body_total = sum(number(r[samples]) for r in body) or 1.0
+            body_reasons = Counter()
+            for r in body:
+                for i in reasons:
+                    body_reasons[header[i]] += number(r[i])
+            print(f"loop: {len(body)} instructions run {body_count:.0f} times, {100 * body_total / total:.0f}% of "
+                  "the samples; by reason: " +
+                  ", ".join(f"{why} {100 * s / body_total:.1f}%" for why, s in body_reasons.most_common(8)))
         for r in sorted(rows, key=lambda r: -number(r[samples]))[:top]:
             lead = sorted(((number(r[i]), header[i]) for i in reasons), reverse=True)[:3]
             why = ", ".join(f"{name} {100 * s / max(number(r[samples]), 1):.0f}%" for s, name in lead if s > 0)
