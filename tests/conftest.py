@@ -23,11 +23,11 @@ def _exact_fp32():
     torch.backends.cuda.matmul.allow_tf32 = old
 
 
-def skip_outside_head_dim_64(request, why):
-    """For a fixture's mode that only changes the kernels of the head-dim-64 bucket: skip the test
-    when its "d" parameter (if any) lies outside (32, 64]."""
+def skip_outside_head_dim_bucket(request, bucket, why):
+    """For a fixture's mode that only changes the kernels of one head-dim bucket (64: (32, 64],
+    128: (96, 128]): skip the test when its "d" parameter (if any) lies outside it."""
     d = getattr(request.node, "callspec", None) and request.node.callspec.params.get("d")
-    if d is not None and not 32 < d <= 64:
+    if d is not None and not {64: 32, 128: 96}[bucket] < d <= bucket:
         pytest.skip(why)
 
 
@@ -80,8 +80,9 @@ def cuda_kernels(fn):
     return " ".join(e.name for e in prof.events())
 
 
-def fused_backward_kernel(d, wide=False, ordered=False):
+def fused_backward_kernel(d, wide=False, ordered=False, lagged=False):
     """The profiler's name of the fused warp-specialized Hopper backward (dK, dV and dQ in one
-    kernel) for bf16 at head-dim bucket d: 128-query steps (wide), ordered dQ adds."""
-    flags = ", ".join(str(flag).lower() for flag in (True, True, True, wide, ordered))
+    kernel) for bf16 at head-dim bucket d: 128-query steps (wide), ordered dQ adds, the dS
+    exchange a step late (lagged, CUFLASH_BWD_DQ_LAG=1)."""
+    flags = ", ".join(str(flag).lower() for flag in (True, True, True, wide, ordered, lagged))
     return f"flash_bwd_dkdv_sm90_tma_kernel<__nv_bfloat16, {d}, {flags}>"

@@ -8,7 +8,7 @@ heads) and varlen; bitwise reproducible; the profiler shows which kernels ran.""
 import pytest
 import torch
 
-from conftest import IS_SM90, cuda_kernels, skip_outside_head_dim_64
+from conftest import IS_SM90, cuda_kernels, skip_outside_head_dim_bucket
 from reference import LOW_PRECISION, LOW_PRECISION_IDS
 from test_features import check_dense, check_varlen
 
@@ -24,7 +24,7 @@ def hopper_backward(request, monkeypatch):
     monkeypatch.setenv("CUFLASH_SM90", "" if request.param == "narrow" else request.param)  # read at every call
     monkeypatch.setenv("CUFLASH_BWD_DQ", "separate")
     if request.param == "narrow":
-        skip_outside_head_dim_64(request, "the steps differ at head dim 64 only (the ws mode covers the others)")
+        skip_outside_head_dim_bucket(request, 64, "the steps differ at head dim 64 only (the ws mode covers the others)")
         monkeypatch.setenv("CUFLASH_BWD_TILE", "narrow")
     return request.param
 

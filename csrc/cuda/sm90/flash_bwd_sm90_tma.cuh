@@ -180,8 +180,13 @@ __device__ __forceinline__ void ordered_tile(const FlashBwdParams& p, int tile, 
 // FlashAttention-3's head-dim-64 tile, so that each step's wgmmas are twice as long (S^T and dP^T
 // 64 registers each); the step's order changes to fit (below).
 // kOrderedDq (with kAccumDq, p.dq_semaphores: deterministic): the dQ adds in a fixed order (below).
+// kLaggedDq (EXPERIMENTAL, CUFLASH_BWD_DQ_LAG=1, the fused head-dim-128 kernel; NOT YET RUN on a
+// GPU): step t's dQ part is computed at step t + 1, so that a consumer waits for the other's dS
+// panel of the step before (three dS buffers) rather than of its own step: the two consumers may
+// then run up to a step apart, one's exponentials beside the other's wgmmas, where the same-step
+// exchange keeps them in phase (benchmarks/NOTES.md, "Where the fused backward's time goes").
 template <typename T, int kHeadDim, bool kAccumDq = false, bool kWithDk = true, bool kWithDv = true,
-          bool kWideSteps = false, bool kOrderedDq = false>
+          bool kWideSteps = false, bool kOrderedDq = false, bool kLaggedDq = false>
 struct BwdDkvSm90TmaKernel {
   static_assert(kBwdHeadDim<kHeadDim>, "a Hopper backward head dim");
   static_assert(kWithDk || kWithDv, "something to compute");
@@ -189,17 +194,19 @@ struct BwdDkvSm90TmaKernel {
   static_assert(!kAccumDq || kHeadDim <= 128, "dQ comes with dK and dV, in 64-row parts");
   static_assert(!kWideSteps || (kHeadDim == 64 && kWithDk && kWithDv), "wide steps: head dim 64, dK and dV");
   static_assert(!kOrderedDq || kAccumDq, "ordered adds of dQ");
+  static_assert(!kLaggedDq || (kAccumDq && kHeadDim == 128 && !kWideSteps), "lagged dQ: the fused head-dim-128 kernel");
   static constexpr int kConsumers = 2, kThreads = 128 * (kConsumers + 1), kConsumerThreads = 128 * kConsumers;
   static constexpr int kBlockN = 64 * kConsumers;              // resident keys
   static constexpr int kBlockM = kWideSteps ? 128 : kBwdStreamedRows<kHeadDim>;  // streamed queries per step
   static constexpr int kStages = 2;
   static constexpr int kKVBytes = kBlockN * kHeadDim * 2, kQBytes = kBlockM * kHeadDim * 2;
   static constexpr int kStatsBytes = 2 * kStages * kBlockM * 4;  // lse2 and delta per stage
-  // kAccumDq: dS ([query][key] as two 64-key panels, one per consumer) in two buffers, the step's
-  // parity picking one, so that a step's stores never wait for the other consumer's dQ wgmma of
-  // the step before; and each consumer's fp32 dQ part ([row][64 columns]).
+  // kAccumDq: dS ([query][key] as two 64-key panels, one per consumer) in two buffers (three with
+  // kLaggedDq), step % buffers picking one, so that a step's stores never wait for the other
+  // consumer's dQ wgmma of the step before; and each consumer's fp32 dQ part ([row][64 columns]).
+  static constexpr int kDsBuffers = kLaggedDq ? 3 : 2;
   static constexpr int kDsBufferBytes = kBlockM * kBlockN * 2;
-  static constexpr int kDsBytes = kAccumDq ? 2 * kDsBufferBytes : 0;
+  static constexpr int kDsBytes = kAccumDq ? kDsBuffers * kDsBufferBytes : 0;
   // Which dQ part a consumer computes: the 64 columns of its index at D=128; with wide steps the
   // 64 query rows of its index (FlashAttention-3's split at D=64); at D=64 otherwise the whole
   // 64 x 64, by the consumer whose index is the step's parity.
@@ -222,16 +229,17 @@ struct BwdDkvSm90TmaKernel {
   static_assert(kSmemBytes <= 227 * 1024, "shared memory per block");
 };
 
-template <typename T, int kHeadDim, bool kAccumDq, bool kWithDk, bool kWithDv, bool kWideSteps, bool kOrderedDq>
+template <typename T, int kHeadDim, bool kAccumDq, bool kWithDk, bool kWithDv, bool kWideSteps, bool kOrderedDq,
+          bool kLaggedDq>
 __global__ void __launch_bounds__(
-    BwdDkvSm90TmaKernel<T, kHeadDim, kAccumDq, kWithDk, kWithDv, kWideSteps, kOrderedDq>::kThreads, 1)
+    BwdDkvSm90TmaKernel<T, kHeadDim, kAccumDq, kWithDk, kWithDv, kWideSteps, kOrderedDq, kLaggedDq>::kThreads, 1)
     flash_bwd_dkdv_sm90_tma_kernel(const FlashBwdParams p, const __grid_constant__ CUtensorMap map_q,
                                    const __grid_constant__ CUtensorMap map_dout,
                                    const __grid_constant__ CUtensorMap map_k,
                                    const __grid_constant__ CUtensorMap map_v,
                                    const __grid_constant__ CUtensorMap map_dq_accum) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
-  using K = BwdDkvSm90TmaKernel<T, kHeadDim, kAccumDq, kWithDk, kWithDv, kWideSteps, kOrderedDq>;
+  using K = BwdDkvSm90TmaKernel<T, kHeadDim, kAccumDq, kWithDk, kWithDv, kWideSteps, kOrderedDq, kLaggedDq>;
   constexpr int kBlockN = K::kBlockN, kBlockM = K::kBlockM, kStages = K::kStages, kPanels = kHeadDim / 64;
   extern __shared__ char smem_raw[];
   unsigned char* smem = align_1024(smem_raw);
@@ -285,9 +293,11 @@ __global__ void __launch_bounds__(
   };
   // kAccumDq: whether consumer c computes a dQ part at step, and which use of its buffer that is.
   auto makes_dq = [&](int c, int step) { return K::kDqEveryStep || c == (step & 1); };
-  // kAccumDq: the named barrier on which consumer c announces its dS panel of step (ids 2-5: one
-  // per buffer and consumer, each used by c's arrival and the other's wait; 1 is the epilogue's).
-  auto ds_barrier = [](int step, int c) { return 2 + 2 * (step & 1) + c; };
+  // kAccumDq: the named barrier on which consumer c announces its dS panel of step (ids 2-5, or 2-7
+  // with three buffers: one per buffer and consumer, each used by c's arrival and the other's
+  // wait; 1 is the epilogue's).
+  auto ds_buffer = [](int step) { return (step + K::kDsBuffers) % K::kDsBuffers; };  // step >= -1
+  auto ds_barrier = [&](int step, int c) { return 2 + 2 * ds_buffer(step) + c; };
   auto dq_use = [&](int step) { return K::kDqEveryStep ? step : step >> 1; };
 
   if (tid == 0) {
@@ -392,6 +402,37 @@ __global__ void __launch_bounds__(
   WarpAcc<kHeadDim> dk, dv;
   dk.zero();
   dv.zero();
+  // kAccumDq: this consumer's dQ part of step `part` (64 queries x 64 columns, unscaled), issued
+  // from that step's dS buffer as one wgmma group; and, complete, staged for the drain warp.
+  auto issue_dq_part = [&](WarpAcc<64>& dq, int part) {
+    const int col0 = K::kDqByColumns ? 64 * consumer : 0;
+    const int rows = K::kDqByRows ? consumer * 64 * 128 : 0;  // this part's query rows in each panel
+    wgmma_fence();
+    issue_ds_k<T, kBlockN / 16, 64, kBlockM * 128>(
+        dq, smem_desc_k_major_sw128(sdS, ds_buffer(part) * K::kDsBufferBytes + rows),
+        smem_desc_mn_major_sw128(sK, (col0 / 64) * kBlockN * 128, kBlockN * 128));
+  };
+  auto store_dq_part = [&](const WarpAcc<64>& dq, int part) {
+    const int use = dq_use(part);
+    if (use > 0) mbarrier_wait(&dq_empty[consumer], (use - 1) & 1);  // the drain read the last part
+    unsigned char* my_dq = sdQ + consumer * K::kDqPartBytes;
+#pragma unroll
+    for (int j = 0; j < 8; ++j)
+#pragma unroll
+      for (int half = 0; half < 2; ++half) {
+        // (row, col) in panel col / 32: 128-byte rows of 32 floats, 16-byte chunk c at c ^ (row % 8).
+        const int row = warp_row % 64 + WarpAcc<64>::row_of(2 * half, lane);
+        const int col = WarpAcc<64>::col_of(j, 2 * half, lane) % 32;
+        *reinterpret_cast<float2*>(my_dq + (j / 4) * K::kDqPanelBytes + row * 128 + (((col / 4) ^ (row % 8)) * 16) +
+                                   (col % 4) * 4) = make_float2(dq.v[j][2 * half], dq.v[j][2 * half + 1]);
+      }
+    fence_async_shared();  // the bulk reduce (async proxy) reads what these stores wrote
+    __syncwarp();
+    if (lane == 0) mbarrier_arrive(&dq_full[consumer]);
+  };
+  // kLaggedDq: an arrival for "step -1", which the other consumer's first stores wait for.
+  if constexpr (kLaggedDq)
+    if (steps > 0) named_barrier_arrive<K::kConsumerThreads>(ds_barrier(-1, consumer));
   if (steps > 0) mbarrier_wait(kv_full, 0);
   for (int step = 0; step < steps; ++step) {
     const int stage = step % kStages;
@@ -416,19 +457,22 @@ __global__ void __launch_bounds__(
     // kAccumDq: dS^T (this warp's 16 keys x kBlockM queries, packed in dst) into this consumer's
     // panel of the step's buffer as [query][key], the A operand of the dQ parts. The buffer was
     // last read by the dQ wgmmas of step - 2, which each consumer waited for before its arrival
-    // of step - 1, which this one waited for.
+    // of step - 1, which this one waited for (lagged: of step - 3, issued at step - 2, waited for
+    // before the other's arrival of step - 1, which this one waits for here, before its stores).
     auto store_ds_panel = [&](const uint32_t(&dst)[kBlockM / 16][4]) {
+      if constexpr (kLaggedDq) named_barrier_sync<K::kConsumerThreads>(ds_barrier(step - 1, 1 - consumer));
       // dst[kk] is four 8 x 8 fragments (keys down, queries across: 0-7 x 0-7, 8-15 x 0-7, 0-7 x
       // 8-15, 8-15 x 8-15 of the 16 x 16 block kk); stored transposed, fragment i's query q
       // is 8 keys in a row of the panel, the row this lane (8 i + q) addresses.
       const int fragment = lane / 8, q = lane % 8;
-      const uint32_t my_ds = smem_u32(sdS + (step & 1) * K::kDsBufferBytes + consumer * kBlockM * 128) +
+      const uint32_t my_ds = smem_u32(sdS + ds_buffer(step) * K::kDsBufferBytes + consumer * kBlockM * 128) +
                              swizzle128_offset(8 * (fragment / 2) + q, warp_row % 64 + 8 * (fragment % 2));
 #pragma unroll
       for (int kk = 0; kk < kBlockM / 16; ++kk) stmatrix_x4_trans(my_ds + kk * 16 * 128, dst[kk]);
       fence_async_shared();  // the wgmma (async proxy) reads these stores
       // This panel is in: an arrival, not a wait, so that dK's wgmmas go out at once (no lockstep
-      // between the consumers); the other's panel is waited for just before dQ.
+      // between the consumers); the other's panel is waited for just before dQ (lagged: before
+      // this consumer's next panel).
       named_barrier_arrive<K::kConsumerThreads>(ds_barrier(step, consumer));
     };
     if constexpr (kWideSteps) {
@@ -468,7 +512,16 @@ __global__ void __launch_bounds__(
       wgmma_fence();
       issue_pv<T, kHeadDim, kBlockM>(dk, dst, desc_q0_mn + stage_bytes(stage));
     }
-    if constexpr (kAccumDq) {
+    if constexpr (kAccumDq && kLaggedDq) {
+      // Step - 1's part: both panels are in (the other's waited for before this step's stores).
+      // At step 0 the part is computed from the unused third buffer and dropped, so that no
+      // branch divides the wgmmas in flight (ptxas would serialize them, C7520).
+      WarpAcc<64> dq;
+      issue_dq_part(dq, step - 1);
+      wgmma_wait<0>();
+      release_stage();
+      if (step > 0) store_dq_part(dq, step - 1);
+    } else if constexpr (kAccumDq) {
       const bool with_dq = makes_dq(consumer, step);
       WarpAcc<64> dq;  // this consumer's part: 64 queries (row0 ..) x 64 columns (col0 ..), unscaled
       // Where the consumers take turns, dK's wgmmas are waited for before the ones in the branch:
@@ -478,38 +531,25 @@ __global__ void __launch_bounds__(
       // this step's stores after the other's dQ wgmmas of step - 2, see above).
       named_barrier_sync<K::kConsumerThreads>(ds_barrier(step, 1 - consumer));
       if (with_dq) {
-        const int col0 = K::kDqByColumns ? 64 * consumer : 0;
-        const int rows = K::kDqByRows ? consumer * 64 * 128 : 0;  // this part's query rows in each panel
-        wgmma_fence();
-        issue_ds_k<T, kBlockN / 16, 64, kBlockM * 128>(
-            dq, smem_desc_k_major_sw128(sdS, (step & 1) * K::kDsBufferBytes + rows),
-            smem_desc_mn_major_sw128(sK, (col0 / 64) * kBlockN * 128, kBlockN * 128));
+        issue_dq_part(dq, step);
         if constexpr (!K::kDqEveryStep) wgmma_wait<0>();
       }
       if constexpr (K::kDqEveryStep) wgmma_wait<0>();
       release_stage();
-      if (with_dq) {
-        const int use = dq_use(step);
-        if (use > 0) mbarrier_wait(&dq_empty[consumer], (use - 1) & 1);  // the drain read the last part
-        unsigned char* my_dq = sdQ + consumer * K::kDqPartBytes;
-#pragma unroll
-        for (int j = 0; j < 8; ++j)
-#pragma unroll
-          for (int half = 0; half < 2; ++half) {
-            // (row, col) in panel col / 32: 128-byte rows of 32 floats, 16-byte chunk c at c ^ (row % 8).
-            const int row = warp_row % 64 + WarpAcc<64>::row_of(2 * half, lane);
-            const int col = WarpAcc<64>::col_of(j, 2 * half, lane) % 32;
-            *reinterpret_cast<float2*>(my_dq + (j / 4) * K::kDqPanelBytes + row * 128 +
-                                       (((col / 4) ^ (row % 8)) * 16) + (col % 4) * 4) =
-                make_float2(dq.v[j][2 * half], dq.v[j][2 * half + 1]);
-          }
-        fence_async_shared();  // the bulk reduce (async proxy) reads what these stores wrote
-        __syncwarp();
-        if (lane == 0) mbarrier_arrive(&dq_full[consumer]);
-      }
+      if (with_dq) store_dq_part(dq, step);
     } else {
       wgmma_wait<0>();
       release_stage();
+    }
+  }
+
+  if constexpr (kLaggedDq) {
+    if (steps > 0) {  // the last step's part (its dS panels consumed by the wait: none left arrived)
+      named_barrier_sync<K::kConsumerThreads>(ds_barrier(steps - 1, 1 - consumer));
+      WarpAcc<64> dq;
+      issue_dq_part(dq, steps - 1);
+      wgmma_wait<0>();
+      store_dq_part(dq, steps - 1);
     }
   }
 
