@@ -268,18 +268,20 @@ INSTANTIATE_TEST_SUITE_P(CApi, Accuracy, ::testing::ValuesIn(all_cases()),
 
 // ---- Properties of the launches: determinism and CUDA graphs ----------------------------------
 
-// One bfloat16 problem on the device, run through the simple form.
+// One causal bfloat16 problem on the device (by default 2 x 4 heads of 257 x 64: three key
+// blocks adding to each query block's dQ), run through the simple form.
 struct DeviceProblem {
-  static constexpr int B = 2, H = 4, N = 257, D = 64;
-  static constexpr size_t kElems = size_t(B) * H * N * D;
   using T = __nv_bfloat16;
-  DeviceBuffer q, k, v, dout, o{kElems * sizeof(T)}, lse{size_t(B) * H * N * sizeof(float)}, dq{kElems * sizeof(T)},
-      dk{kElems * sizeof(T)}, dv{kElems * sizeof(T)};
+  const int B, H, N, D;
+  const size_t elems = size_t(B) * H * N * D;
+  DeviceBuffer q, k, v, dout, o{elems * sizeof(T)}, lse{size_t(B) * H * N * sizeof(float)}, dq{elems * sizeof(T)},
+      dk{elems * sizeof(T)}, dv{elems * sizeof(T)};
 
-  DeviceProblem() {
+  explicit DeviceProblem(int batch = 2, int heads = 4, int seqlen = 257, int head_dim = 64)
+      : B(batch), H(heads), N(seqlen), D(head_dim) {
     std::mt19937_64 rng(7);
     const Strides s = cuflash::bhsd_strides(H, N, D);
-    auto make = [&] { return upload(to_storage<T>(random_tensor<T>(rng, kElems), s, B, H, N, D)); };
+    auto make = [&] { return upload(to_storage<T>(random_tensor<T>(rng, elems), s, B, H, N, D)); };
     q = make(), k = make(), v = make(), dout = make();
   }
   FlashAttentionError forward(cudaStream_t stream) {
@@ -291,8 +293,9 @@ struct DeviceProblem {
                                              lse.as<const float>(), dout.as<const T>(), dq.as<T>(), dk.as<T>(),
                                              dv.as<T>(), B, H, N, D, 0.125f, true, stream);
   }
-  std::vector<std::vector<uint16_t>> results() const {
-    return {download<uint16_t>(o), download<uint16_t>(dq), download<uint16_t>(dk), download<uint16_t>(dv)};
+  std::vector<std::vector<uint16_t>> results() const {  // bit patterns (lse's floats as 16-bit halves)
+    return {download<uint16_t>(o), download<uint16_t>(lse), download<uint16_t>(dq), download<uint16_t>(dk),
+            download<uint16_t>(dv)};
   }
 };
 
@@ -302,8 +305,23 @@ TEST(CApiLaunch, BackwardIsDeterministic) {
   ASSERT_EQ(run.forward(nullptr), FlashAttentionError::SUCCESS) << cuflash::get_last_error_message();
   ASSERT_EQ(run.backward(nullptr), FlashAttentionError::SUCCESS) << cuflash::get_last_error_message();
   const auto first = run.results();
-  for (int repeat = 0; repeat < 20; ++repeat) {
+  for (int repeat = 0; repeat < 50; ++repeat) {  // TESTING.md: 50 repeats
     run.dq.poison(), run.dk.poison(), run.dv.poison();
+    ASSERT_EQ(run.backward(nullptr), FlashAttentionError::SUCCESS) << cuflash::get_last_error_message();
+    ASSERT_EQ(run.results(), first) << "repeat " << repeat << " differs";
+  }
+}
+
+// TESTING.md's race test: a large batch (every SM busy, many CTAs adding to each dQ block in
+// turn), forward and backward 250 times, every output bitwise equal to the first run's.
+TEST(CApiLaunch, LargeBatchRaceTest) {
+  CUFLASH_REQUIRE_CUDA();
+  DeviceProblem run(32, 8, 640, 64);
+  ASSERT_EQ(run.forward(nullptr), FlashAttentionError::SUCCESS) << cuflash::get_last_error_message();
+  ASSERT_EQ(run.backward(nullptr), FlashAttentionError::SUCCESS) << cuflash::get_last_error_message();
+  const auto first = run.results();
+  for (int repeat = 0; repeat < 250; ++repeat) {
+    ASSERT_EQ(run.forward(nullptr), FlashAttentionError::SUCCESS) << cuflash::get_last_error_message();
     ASSERT_EQ(run.backward(nullptr), FlashAttentionError::SUCCESS) << cuflash::get_last_error_message();
     ASSERT_EQ(run.results(), first) << "repeat " << repeat << " differs";
   }
