@@ -568,15 +568,12 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> bwd(const Tensor& dout, const Tensor&
     const bool atomic = route == DqSwitch::kAtomic || (fused && may_use_atomics);
     const bool ordered = (route == DqSwitch::kOrdered && fused_backward_runs(p)) || (fused && !may_use_atomics);
     if (atomic || ordered) {
-      // One zeroed allocation (one memset): dq_accum, then the int32 counters of ordered adds
-      // (zero bits either way).
       const int64_t accum_elems = dq_k.numel();
-      const Tensor zeroed = at::zeros({accum_elems + (ordered ? dq_semaphore_count(p.shape) : 0)},
-                                      dq_k.options().dtype(at::kFloat));
+      const Tensor zeroed =
+          at::zeros({fused_dq_scratch_elems(p.shape, accum_elems, ordered)}, dq_k.options().dtype(at::kFloat));
       dq_accum = zeroed.narrow(0, 0, accum_elems).view(dq_k.sizes());
-      p.dq_accum = dq_accum.data_ptr();
+      set_fused_dq_scratch(p, zeroed.data_ptr(), accum_elems, ordered);
       p.dq_accum_strides = strides_of(dq_accum);
-      if (ordered) p.dq_semaphores = reinterpret_cast<int*>(zeroed.data_ptr<float>() + accum_elems);
     }
   }
 

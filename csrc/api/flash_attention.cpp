@@ -283,7 +283,7 @@ FlashFwdParams make_params(const FlashAttentionForwardArgs& a) {
   return p;
 }
 
-FlashBwdParams make_params(const FlashAttentionBackwardArgs& a, void* delta) {
+FlashBwdParams make_params(const FlashAttentionBackwardArgs& a) {  // delta: the workspace's, set by the caller
   FlashBwdParams p;
   set_common(p, a);
   p.out = a.o;
@@ -292,7 +292,6 @@ FlashBwdParams make_params(const FlashAttentionBackwardArgs& a, void* delta) {
   p.dq = a.dq;
   p.dk = a.dk;
   p.dv = a.dv;
-  p.delta = delta;
   p.out_strides = to_kernel(a.o_strides);
   p.dout_strides = to_kernel(a.d_o_strides);
   p.dq_strides = to_kernel(a.dq_strides);
@@ -308,8 +307,9 @@ FlashBwdParams make_params(const FlashAttentionBackwardArgs& a, void* delta) {
 // by each backward that takes that kernel (prefers_fused_backward: where it beats the pair).
 struct WorkspaceLayout {
   Wide delta_bytes = 0, accum_offset = 0, accum_elems = 0, counters = 0;
-  Wide accum_bytes() const { return (accum_elems + counters) * 4; }  // dq_accum and the int32 counters
-  Wide total() const { return accum_elems == 0 ? delta_bytes : accum_offset + accum_bytes(); }
+  // fused_dq_scratch_elems's block (dq_accum, then the counters), in Wide: any config may be asked.
+  Wide scratch_bytes() const { return (accum_elems + counters) * 4; }
+  Wide total() const { return accum_elems == 0 ? delta_bytes : accum_offset + scratch_bytes(); }
 };
 
 WorkspaceLayout workspace_layout(const AttentionConfig& c) {
@@ -381,7 +381,7 @@ Error backward(const FlashAttentionBackwardArgs& a, cudaStream_t stream) {
       if (Error e = zero(*t, a.dtype, stream); e != Error::SUCCESS) return e;
     return succeed();
   }
-  FlashBwdParams p = make_params(a, nullptr);
+  FlashBwdParams p = make_params(a);
   const WorkspaceLayout layout = workspace_layout(a);
   const bool fused = layout.accum_elems > 0 && prefers_fused_backward(p);
   void* workspace = a.workspace;
@@ -393,13 +393,12 @@ Error backward(const FlashAttentionBackwardArgs& a, cudaStream_t stream) {
   p.delta = workspace;
   cudaError_t err = cudaSuccess;
   if (fused) {  // dQ added up by the dK/dV kernel in fp32, in a fixed order, then converted
-    char* accum = static_cast<char*>(workspace) + static_cast<size_t>(layout.accum_offset);
-    err = cudaMemsetAsync(accum, 0, static_cast<size_t>(layout.accum_bytes()), stream);
-    p.dq_accum = accum;
+    char* scratch = static_cast<char*>(workspace) + static_cast<size_t>(layout.accum_offset);
+    err = cudaMemsetAsync(scratch, 0, static_cast<size_t>(layout.scratch_bytes()), stream);
+    set_fused_dq_scratch(p, scratch, static_cast<int64_t>(layout.accum_elems), true);
     p.dq_accum_strides.row = a.head_dim;
     p.dq_accum_strides.head = p.dq_accum_strides.row * a.seqlen_q;
     p.dq_accum_strides.batch = p.dq_accum_strides.head * a.num_heads_q;
-    p.dq_semaphores = reinterpret_cast<int*>(accum) + static_cast<size_t>(layout.accum_elems);
   }
   if (err == cudaSuccess) err = run_flash_bwd_cuda(p, stream);
   if (a.workspace == nullptr) {
