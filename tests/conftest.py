@@ -80,9 +80,8 @@ def cuda_kernels(fn):
     return " ".join(e.name for e in prof.events())
 
 
-def fused_backward_kernel(d, wide=False, ordered=False, lagged=False):
+def fused_backward_kernel(d, wide=False, ordered=False):
     """The profiler's name of the fused warp-specialized Hopper backward (dK, dV and dQ in one
-    kernel) for bf16 at head-dim bucket d: 128-query steps (wide), ordered dQ adds, the dS
-    exchange a step late (lagged, CUFLASH_BWD_DQ_LAG=1)."""
-    flags = ", ".join(str(flag).lower() for flag in (True, True, True, wide, ordered, lagged))
+    kernel) for bf16 at head-dim bucket d: 128-query steps (wide), ordered dQ adds."""
+    flags = ", ".join(str(flag).lower() for flag in (True, True, True, wide, ordered))
     return f"flash_bwd_dkdv_sm90_tma_kernel<__nv_bfloat16, {d}, {flags}>"

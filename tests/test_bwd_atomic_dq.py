@@ -15,22 +15,17 @@ pytestmark = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
 CPASYNC_PARTS = "tma,bwd,features,persistent"  # the defaults less bwdws
 
 
-@pytest.fixture(params=[CPASYNC_PARTS, "", "wide", "lagged"], ids=["cpasync", "ws", "wide", "lagged"],
-                autouse=True)
+@pytest.fixture(params=[CPASYNC_PARTS, "", "wide"], ids=["cpasync", "ws", "wide"], autouse=True)
 def atomic_dq(request, monkeypatch):
     """Every test under the cp.async dK/dV kernel with dQ (bwdws left out), under the defaults
     (the fused warp-specialized kernel at head dims up to 128; its 64-query steps on the tests'
-    short columns), with that kernel's 128-query steps at head dim 64 at every length
-    (CUFLASH_BWD_FUSED_TILE=wide), and with its dS exchange a step late at head dim 128
-    (CUFLASH_BWD_DQ_LAG=1)."""
+    short columns), and with that kernel's 128-query steps at head dim 64 at every length
+    (CUFLASH_BWD_FUSED_TILE=wide)."""
     monkeypatch.setenv("CUFLASH_BWD_DQ", "atomic")  # read by the op at every call
-    monkeypatch.setenv("CUFLASH_SM90", "" if request.param in ("wide", "lagged") else request.param)
-    monkeypatch.setenv("CUFLASH_BWD_DQ_LAG", "1" if request.param == "lagged" else "0")
+    monkeypatch.setenv("CUFLASH_SM90", "" if request.param == "wide" else request.param)
     if request.param == "wide":
         skip_outside_head_dim_bucket(request, 64, "the wide steps are head dim 64's (the ws mode covers the others)")
         monkeypatch.setenv("CUFLASH_BWD_FUSED_TILE", "wide")
-    if request.param == "lagged":
-        skip_outside_head_dim_bucket(request, 128, "the lagged exchange is head dim 128's")
     return request.param
 
 
@@ -74,8 +69,6 @@ def test_attn_mask(kind):
 
 
 def test_path_taken(monkeypatch, atomic_dq):
-    if atomic_dq == "lagged":
-        pytest.skip("head dim 64 (test_lagged_path_taken checks the lagged kernel)")
     q, k, v = (torch.randn(1, 2, 100, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True)
                for _ in range(3))
     out, _ = torch.ops.cuflash_attn.fwd(q, k, v, None, False, False)
@@ -93,22 +86,6 @@ def test_path_taken(monkeypatch, atomic_dq):
     else:
         dq_kernel = any(f"{kernel}<" in names for kernel in ("flash_bwd_dq_kernel", "flash_bwd_dq_sm90_kernel"))
         assert dq_kernel and "flash_bwd_dq_convert_kernel" not in names, names
-
-
-@pytest.mark.skipif(not IS_SM90, reason="the fused warp-specialized kernel is sm_90a's")
-def test_lagged_path_taken(monkeypatch, atomic_dq):
-    """CUFLASH_BWD_DQ_LAG=1 runs the lagged fused kernel at head dim 128, unordered (atomic) and
-    ordered; "0" the same-step one."""
-    if atomic_dq not in ("", "lagged"):
-        pytest.skip("the fused kernel's modes")
-    q, k, v = (torch.randn(1, 2, 300, 128, device="cuda", dtype=torch.bfloat16, requires_grad=True)
-               for _ in range(3))
-    out, _ = torch.ops.cuflash_attn.fwd(q, k, v, None, True, False)
-    lagged = atomic_dq == "lagged"
-    for route, ordered in (("atomic", False), ("ordered", True)):
-        monkeypatch.setenv("CUFLASH_BWD_DQ", route)
-        names = cuda_kernels(lambda: torch.autograd.grad(out, (q, k, v), torch.ones_like(out), retain_graph=True))
-        assert fused_backward_kernel(128, ordered=ordered, lagged=lagged) in names, names
 
 
 @pytest.mark.skipif(not IS_SM90, reason="the fused warp-specialized kernel is sm_90a's")

@@ -22,7 +22,6 @@ def default_switches(monkeypatch):
     monkeypatch.delenv("CUFLASH_BWD_DQ", raising=False)
     monkeypatch.delenv("CUFLASH_SM90", raising=False)
     monkeypatch.delenv("CUFLASH_BWD_FUSED_TILE", raising=False)
-    monkeypatch.delenv("CUFLASH_BWD_DQ_LAG", raising=False)
 
 
 def grads(q, k, v, **options):
@@ -116,29 +115,23 @@ def test_flash_attn_default_is_not_deterministic():
 # Ordered adds (deterministic backwards where the fused kernel is faster; everywhere it runs under
 # CUFLASH_BWD_DQ=ordered): each query block's dq shares in one order (key blocks from the last
 # down, each waiting for its turn on a counter), reproducible bit for bit.
-# (head dim, 128-query steps, the dS exchange a step late (CUFLASH_BWD_DQ_LAG=1)).
-ORDERED_STEPS = [(64, False, False), (64, True, False), (128, False, False), (128, False, True)]
-ORDERED_STEP_IDS = ["d64", "d64_wide", "d128", "d128_lagged"]
-
-
-def use_ordered_steps(monkeypatch, wide, lagged):
-    monkeypatch.setenv("CUFLASH_BWD_DQ", "ordered")
-    monkeypatch.setenv("CUFLASH_BWD_FUSED_TILE", "wide" if wide else "narrow")
-    monkeypatch.setenv("CUFLASH_BWD_DQ_LAG", "1" if lagged else "0")
+ORDERED_STEPS = [(64, False), (64, True), (128, False)]
+ORDERED_STEP_IDS = ["d64", "d64_wide", "d128"]
 
 
 @pytest.mark.skipif(not IS_SM90, reason="needs a compute capability 9.0 GPU")
-@pytest.mark.parametrize("d,wide,lagged", ORDERED_STEPS, ids=ORDERED_STEP_IDS)
+@pytest.mark.parametrize("d,wide", ORDERED_STEPS, ids=ORDERED_STEP_IDS)
 @pytest.mark.parametrize("causal", [False, True])
-def test_ordered_adds_are_bitwise_reproducible(d, wide, lagged, causal, monkeypatch):
+def test_ordered_adds_are_bitwise_reproducible(d, wide, causal, monkeypatch):
     """GQA (a key block adds to four query heads), 14 key blocks a query block, top-left causal
     with more keys than queries (key blocks that see no query); five backwards agree bit for bit."""
-    use_ordered_steps(monkeypatch, wide, lagged)
+    monkeypatch.setenv("CUFLASH_BWD_DQ", "ordered")
+    monkeypatch.setenv("CUFLASH_BWD_FUSED_TILE", "wide" if wide else "narrow")
     torch.manual_seed(0)
     q = torch.randn(2, 8, 1500, d, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     k, v = (torch.randn(2, 2, 1700, d, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(2))
     names = cuda_kernels(lambda: grads(q, k, v, causal=causal))
-    assert fused_backward_kernel(d, wide=wide, ordered=True, lagged=lagged) in names, names
+    assert fused_backward_kernel(d, wide=wide, ordered=True) in names, names
     first = grads(q, k, v, causal=causal)
     for _ in range(4):
         again = grads(q, k, v, causal=causal)
@@ -147,20 +140,21 @@ def test_ordered_adds_are_bitwise_reproducible(d, wide, lagged, causal, monkeypa
 
 @pytest.mark.skipif(not IS_SM90, reason="needs a compute capability 9.0 GPU")
 @pytest.mark.parametrize("dtype", LOW_PRECISION, ids=LOW_PRECISION_IDS)
-@pytest.mark.parametrize("d,wide,lagged", ORDERED_STEPS + [(40, False, False)], ids=ORDERED_STEP_IDS + ["d40"])
+@pytest.mark.parametrize("d,wide", ORDERED_STEPS + [(40, False)], ids=ORDERED_STEP_IDS + ["d40"])
 @pytest.mark.parametrize("nq,nk", [(77, 200), (1100, 1300), (1300, 1100)])
 @pytest.mark.parametrize("causal,bottom_right", [(False, False), (True, False), (True, True)],
                          ids=["none", "top_left", "bottom_right"])
-def test_ordered_adds_match_reference(dtype, d, wide, lagged, nq, nk, causal, bottom_right, monkeypatch):
+def test_ordered_adds_match_reference(dtype, d, wide, nq, nk, causal, bottom_right, monkeypatch):
     """The accuracy rule of every backward, under each mask's order of the key blocks."""
-    use_ordered_steps(monkeypatch, wide, lagged)
+    monkeypatch.setenv("CUFLASH_BWD_DQ", "ordered")
+    monkeypatch.setenv("CUFLASH_BWD_FUSED_TILE", "wide" if wide else "narrow")
     check_dense("cuda", dtype, 2, 8, 2, nq, nk, d, causal=causal, bottom_right=bottom_right)
 
 
 @pytest.mark.skipif(not IS_SM90, reason="needs a compute capability 9.0 GPU")
-@pytest.mark.parametrize("d,wide,lagged", ORDERED_STEPS, ids=ORDERED_STEP_IDS)
+@pytest.mark.parametrize("d,wide", ORDERED_STEPS, ids=ORDERED_STEP_IDS)
 @pytest.mark.parametrize("causal", [False, True])
-def test_ordered_adds_with_more_key_blocks_than_sms(d, wide, lagged, causal, monkeypatch):
+def test_ordered_adds_with_more_key_blocks_than_sms(d, wide, causal, monkeypatch):
     """One head of 40000 keys, with and without a causal mask: 313 key blocks, more CTAs than an
     H100 holds at once, each waiting for other key blocks' turns (no deadlock: a CTA only waits
     for CTAs that took their tiles before it). Checked against the pair of kernels and for
@@ -170,7 +164,8 @@ def test_ordered_adds_with_more_key_blocks_than_sms(d, wide, lagged, causal, mon
                for _ in range(3))
     monkeypatch.setenv("CUFLASH_BWD_DQ", "separate")
     pair = grads(q, k, v, causal=causal)
-    use_ordered_steps(monkeypatch, wide, lagged)
+    monkeypatch.setenv("CUFLASH_BWD_DQ", "ordered")
+    monkeypatch.setenv("CUFLASH_BWD_FUSED_TILE", "wide" if wide else "narrow")
     first, again = grads(q, k, v, causal=causal), grads(q, k, v, causal=causal)
     assert all(torch.equal(a, b) for a, b in zip(first, again))
     for ours, theirs in zip(first, pair):

@@ -208,25 +208,18 @@ cudaError_t run_flash_bwd(const FlashBwdParams& p, cudaStream_t stream) {
           constexpr bool kWithDv = decltype(with_dv)::value, kWide = decltype(wide)::value;
           if (!hopper.bwd_ws) return false;
           sm90::BackwardTmaMaps maps{};
-          auto go = [&](auto ordered, auto lagged) {
-            constexpr bool kOrdered = decltype(ordered)::value, kLagged = decltype(lagged)::value;
-            using Ws = sm90::BwdDkvSm90TmaKernel<T, kHeadDim, kAccum, kWithDk, kWithDv, kWide, kOrdered, kLagged>;
+          auto go = [&](auto ordered) {
+            constexpr bool kOrdered = decltype(ordered)::value;
+            using Ws = sm90::BwdDkvSm90TmaKernel<T, kHeadDim, kAccum, kWithDk, kWithDv, kWide, kOrdered>;
             if (!sm90::encode_bwd_tma_maps<T, Ws>(p, &maps)) return false;
-            err = launch(sm90::flash_bwd_dkdv_sm90_tma_kernel<T, kHeadDim, kAccum, kWithDk, kWithDv, kWide, kOrdered,
-                                                               kLagged>,
+            err = launch(sm90::flash_bwd_dkdv_sm90_tma_kernel<T, kHeadDim, kAccum, kWithDk, kWithDv, kWide, kOrdered>,
                          dim3(ceil_div(sh.seqlen_k, Ws::kBlockN), sh.heads_kv, sh.batch), Ws::kThreads,
                          Ws::kSmemBytes, stream, p, maps.q, maps.dout, maps.k, maps.v, maps.dq_accum);
             return true;
           };
-          // The lagged dS exchange (EXPERIMENTAL, CUFLASH_BWD_DQ_LAG=1): the fused head-dim-128 kernel.
-          auto go_exchange = [&](auto ordered) {
-            if constexpr (kAccum && kHeadDim == 128 && !kWide)
-              if (bwd_lagged_dq_switch()) return go(ordered, yes);
-            return go(ordered, no);
-          };
           if constexpr (kAccum)
-            if (p.dq_semaphores != nullptr) return go_exchange(yes);
-          return go_exchange(no);
+            if (p.dq_semaphores != nullptr) return go(yes);
+          return go(no);
         };
         if constexpr (!K::kSplitDkDv) {
           if (accum_dq) {

@@ -24,9 +24,6 @@
 //                   with the attn_mask gradient); "ordered": added by the fused Hopper kernel in a
 //                   fixed order (reproducible) wherever that runs (fused_backward_runs), whatever
 //                   deterministic says; "separate": its own kernel everywhere (tests and benchmarks)
-//   CUFLASH_BWD_DQ_LAG  "1": the fused head-dim-128 backward exchanges its consumers' dS a step
-//                   late (kLaggedDq in flash_bwd_sm90_tma.cuh; EXPERIMENTAL, built but not yet
-//                   run on a GPU); unset, "" or "0": within the step
 //   CUFLASH_FWD_TILE  the TMA forward's tile for plain attention: unset or "", the wide one on
 //                   long rows (sm90::wide_rows in flash_fwd_sm90_tma.cuh);
 //                   "wide" or "narrow": that one at every length (tests and benchmarks)
@@ -101,7 +98,6 @@ inline DqSwitch dq_switch() {
                                                 : DqSwitch::kAuto;
 }
 inline bool fp32_exact_switch() { return env_is("CUFLASH_FP32", "exact"); }
-inline bool bwd_lagged_dq_switch() { return env_is("CUFLASH_BWD_DQ_LAG", "1"); }
 // The tile switches: "wide" or "narrow" pick that tile at every shape; unset or "" leave it to
 // `pays`, the shape's choice.
 inline bool wide_tile_switch(const char* name, bool pays) {
@@ -129,7 +125,6 @@ inline std::string run_switch_error() {
                          OneOf{"CUFLASH_BWD_TILE", {"wide", "narrow"}, "unset, empty, \"wide\" or \"narrow\""},
                          OneOf{"CUFLASH_BWD_FUSED_TILE", {"wide", "narrow"}, "unset, empty, \"wide\" or \"narrow\""},
                          OneOf{"CUFLASH_FP32", {"exact", "3xtf32"}, "unset, empty, \"exact\" or \"3xtf32\""},
-                         OneOf{"CUFLASH_BWD_DQ_LAG", {"0", "1"}, "unset, empty, \"0\" or \"1\""},
                          OneOf{"CUFLASH_DEBUG", {"0", "1"}, "unset, empty, \"0\" or \"1\""}}) {
     const char* set = std::getenv(v.name);
     if (set == nullptr || *set == '\0') continue;

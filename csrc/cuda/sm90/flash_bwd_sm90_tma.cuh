@@ -180,13 +180,8 @@ __device__ __forceinline__ void ordered_tile(const FlashBwdParams& p, int tile, 
 // FlashAttention-3's head-dim-64 tile, so that each step's wgmmas are twice as long (S^T and dP^T
 // 64 registers each); the step's order changes to fit (below).
 // kOrderedDq (with kAccumDq, p.dq_semaphores: deterministic): the dQ adds in a fixed order (below).
-// kLaggedDq (EXPERIMENTAL, CUFLASH_BWD_DQ_LAG=1, the fused head-dim-128 kernel; NOT YET RUN on a
-// GPU): step t's dQ part is computed at step t + 1, so that a consumer waits for the other's dS
-// panel of the step before (three dS buffers) rather than of its own step: the two consumers may
-// then run up to a step apart, one's exponentials beside the other's wgmmas, where the same-step
-// exchange keeps them in phase (benchmarks/NOTES.md, "Where the fused backward's time goes").
 template <typename T, int kHeadDim, bool kAccumDq = false, bool kWithDk = true, bool kWithDv = true,
-          bool kWideSteps = false, bool kOrderedDq = false, bool kLaggedDq = false>
+          bool kWideSteps = false, bool kOrderedDq = false>
 struct BwdDkvSm90TmaKernel {
   static_assert(kBwdHeadDim<kHeadDim>, "a Hopper backward head dim");
   static_assert(kWithDk || kWithDv, "something to compute");
@@ -194,19 +189,17 @@ struct BwdDkvSm90TmaKernel {
   static_assert(!kAccumDq || kHeadDim <= 128, "dQ comes with dK and dV, in 64-row parts");
   static_assert(!kWideSteps || (kHeadDim == 64 && kWithDk && kWithDv), "wide steps: head dim 64, dK and dV");
   static_assert(!kOrderedDq || kAccumDq, "ordered adds of dQ");
-  static_assert(!kLaggedDq || (kAccumDq && kHeadDim == 128 && !kWideSteps), "lagged dQ: the fused head-dim-128 kernel");
   static constexpr int kConsumers = 2, kThreads = 128 * (kConsumers + 1), kConsumerThreads = 128 * kConsumers;
   static constexpr int kBlockN = 64 * kConsumers;              // resident keys
   static constexpr int kBlockM = kWideSteps ? 128 : kBwdStreamedRows<kHeadDim>;  // streamed queries per step
   static constexpr int kStages = 2;
   static constexpr int kKVBytes = kBlockN * kHeadDim * 2, kQBytes = kBlockM * kHeadDim * 2;
   static constexpr int kStatsBytes = 2 * kStages * kBlockM * 4;  // lse2 and delta per stage
-  // kAccumDq: dS ([query][key] as two 64-key panels, one per consumer) in two buffers (three with
-  // kLaggedDq), step % buffers picking one, so that a step's stores never wait for the other
-  // consumer's dQ wgmma of the step before; and each consumer's fp32 dQ part ([row][64 columns]).
-  static constexpr int kDsBuffers = kLaggedDq ? 3 : 2;
+  // kAccumDq: dS ([query][key] as two 64-key panels, one per consumer) in two buffers, the step's
+  // parity picking one, so that a step's stores never wait for the other consumer's dQ wgmma of
+  // the step before; and each consumer's fp32 dQ part ([row][64 columns]).
   static constexpr int kDsBufferBytes = kBlockM * kBlockN * 2;
-  static constexpr int kDsBytes = kAccumDq ? kDsBuffers * kDsBufferBytes : 0;
+  static constexpr int kDsBytes = kAccumDq ? 2 * kDsBufferBytes : 0;
   // Which dQ part a consumer computes: the 64 columns of its index at D=128; with wide steps the
   // 64 query rows of its index (FlashAttention-3's split at D=64); at D=64 otherwise the whole
   // 64 x 64, by the consumer whose index is the step's parity.
@@ -229,17 +222,16 @@ struct BwdDkvSm90TmaKernel {
   static_assert(kSmemBytes <= 227 * 1024, "shared memory per block");
 };
 
-template <typename T, int kHeadDim, bool kAccumDq, bool kWithDk, bool kWithDv, bool kWideSteps, bool kOrderedDq,
-          bool kLaggedDq>
+template <typename T, int kHeadDim, bool kAccumDq, bool kWithDk, bool kWithDv, bool kWideSteps, bool kOrderedDq>
 __global__ void __launch_bounds__(
-    BwdDkvSm90TmaKernel<T, kHeadDim, kAccumDq, kWithDk, kWithDv, kWideSteps, kOrderedDq, kLaggedDq>::kThreads, 1)
+    BwdDkvSm90TmaKernel<T, kHeadDim, kAccumDq, kWithDk, kWithDv, kWideSteps, kOrderedDq>::kThreads, 1)
     flash_bwd_dkdv_sm90_tma_kernel(const FlashBwdParams p, const __grid_constant__ CUtensorMap map_q,
                                    const __grid_constant__ CUtensorMap map_dout,
                                    const __grid_constant__ CUtensorMap map_k,
                                    const __grid_constant__ CUtensorMap map_v,
                                    const __grid_constant__ CUtensorMap map_dq_accum) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
-  using K = BwdDkvSm90TmaKernel<T, kHeadDim, kAccumDq, kWithDk, kWithDv, kWideSteps, kOrderedDq, kLaggedDq>;
+  using K = BwdDkvSm90TmaKernel<T, kHeadDim, kAccumDq, kWithDk, kWithDv, kWideSteps, kOrderedDq>;
   constexpr int kBlockN = K::kBlockN, kBlockM = K::kBlockM, kStages = K::kStages, kPanels = kHeadDim / 64;
   extern __shared__ char smem_raw[];
   unsigned char* smem = align_1024(smem_raw);
@@ -293,10 +285,10 @@ __global__ void __launch_bounds__(
   };
   // kAccumDq: whether consumer c computes a dQ part at step, and which use of its buffer that is.
   auto makes_dq = [&](int c, int step) { return K::kDqEveryStep || c == (step & 1); };
-  // kAccumDq: the named barrier on which consumer c announces its dS panel of step (ids 2-5, or 2-7
-  // with three buffers: one per buffer and consumer, each used by c's arrival and the other's
-  // wait; 1 is the epilogue's).
-  auto ds_buffer = [](int step) { return (step + K::kDsBuffers) % K::kDsBuffers; };  // step >= -1
+  // kAccumDq: the dS buffer of step, and the named barrier on which consumer c announces its panel
+  // of it (ids 2-5: one per buffer and consumer, each used by c's arrival and the other's wait; 1
+  // is the epilogue's).
+  auto ds_buffer = [](int step) { return step & 1; };
   auto ds_barrier = [&](int step, int c) { return 2 + 2 * ds_buffer(step) + c; };
   auto dq_use = [&](int step) { return K::kDqEveryStep ? step : step >> 1; };
 
@@ -430,9 +422,6 @@ __global__ void __launch_bounds__(
     __syncwarp();
     if (lane == 0) mbarrier_arrive(&dq_full[consumer]);
   };
-  // kLaggedDq: an arrival for "step -1", which the other consumer's first stores wait for.
-  if constexpr (kLaggedDq)
-    if (steps > 0) named_barrier_arrive<K::kConsumerThreads>(ds_barrier(-1, consumer));
   if (steps > 0) mbarrier_wait(kv_full, 0);
   for (int step = 0; step < steps; ++step) {
     const int stage = step % kStages;
@@ -457,10 +446,8 @@ __global__ void __launch_bounds__(
     // kAccumDq: dS^T (this warp's 16 keys x kBlockM queries, packed in dst) into this consumer's
     // panel of the step's buffer as [query][key], the A operand of the dQ parts. The buffer was
     // last read by the dQ wgmmas of step - 2, which each consumer waited for before its arrival
-    // of step - 1, which this one waited for (lagged: of step - 3, issued at step - 2, waited for
-    // before the other's arrival of step - 1, which this one waits for here, before its stores).
+    // of step - 1, which this one waited for.
     auto store_ds_panel = [&](const uint32_t(&dst)[kBlockM / 16][4]) {
-      if constexpr (kLaggedDq) named_barrier_sync<K::kConsumerThreads>(ds_barrier(step - 1, 1 - consumer));
       // dst[kk] is four 8 x 8 fragments (keys down, queries across: 0-7 x 0-7, 8-15 x 0-7, 0-7 x
       // 8-15, 8-15 x 8-15 of the 16 x 16 block kk); stored transposed, fragment i's query q
       // is 8 keys in a row of the panel, the row this lane (8 i + q) addresses.
@@ -471,8 +458,7 @@ __global__ void __launch_bounds__(
       for (int kk = 0; kk < kBlockM / 16; ++kk) stmatrix_x4_trans(my_ds + kk * 16 * 128, dst[kk]);
       fence_async_shared();  // the wgmma (async proxy) reads these stores
       // This panel is in: an arrival, not a wait, so that dK's wgmmas go out at once (no lockstep
-      // between the consumers); the other's panel is waited for just before dQ (lagged: before
-      // this consumer's next panel).
+      // between the consumers); the other's panel is waited for just before dQ.
       named_barrier_arrive<K::kConsumerThreads>(ds_barrier(step, consumer));
     };
     if constexpr (kWideSteps) {
@@ -512,16 +498,7 @@ __global__ void __launch_bounds__(
       wgmma_fence();
       issue_pv<T, kHeadDim, kBlockM>(dk, dst, desc_q0_mn + stage_bytes(stage));
     }
-    if constexpr (kAccumDq && kLaggedDq) {
-      // Step - 1's part: both panels are in (the other's waited for before this step's stores).
-      // At step 0 the part is computed from the unused third buffer and dropped, so that no
-      // branch divides the wgmmas in flight (ptxas would serialize them, C7520).
-      WarpAcc<64> dq;
-      issue_dq_part(dq, step - 1);
-      wgmma_wait<0>();
-      release_stage();
-      if (step > 0) store_dq_part(dq, step - 1);
-    } else if constexpr (kAccumDq) {
+    if constexpr (kAccumDq) {
       const bool with_dq = makes_dq(consumer, step);
       WarpAcc<64> dq;  // this consumer's part: 64 queries (row0 ..) x 64 columns (col0 ..), unscaled
       // Where the consumers take turns, dK's wgmmas are waited for before the ones in the branch:
@@ -540,16 +517,6 @@ __global__ void __launch_bounds__(
     } else {
       wgmma_wait<0>();
       release_stage();
-    }
-  }
-
-  if constexpr (kLaggedDq) {
-    if (steps > 0) {  // the last step's part (its dS panels consumed by the wait: none left arrived)
-      named_barrier_sync<K::kConsumerThreads>(ds_barrier(steps - 1, 1 - consumer));
-      WarpAcc<64> dq;
-      issue_dq_part(dq, steps - 1);
-      wgmma_wait<0>();
-      store_dq_part(dq, steps - 1);
     }
   }
 
