@@ -56,15 +56,16 @@ CUFLASH_HD int64_t dq_semaphore_index(const AttentionShape& sh, int b, int h, in
   return (int64_t{b} * sh.heads_q + h) * ((sh.seqlen_q + 63) / 64) + block;
 }
 CUFLASH_HD int64_t dq_semaphore_count(const AttentionShape& sh) { return dq_semaphore_index(sh, sh.batch, 0, 0) + 1; }
-// The fused backward's scratch, one zeroed block of 4-byte elements: dq_accum (accum_elems
-// floats), then with ordered adds its int32 counters (zero bits either way, so one memset).
+// The fused backward's scratch, one block of 4-byte elements: dq_accum (accum_elems floats), then
+// with ordered adds its int32 counters.
 inline int64_t fused_dq_scratch_elems(const AttentionShape& sh, int64_t accum_elems, bool ordered) {
   return accum_elems + (ordered ? dq_semaphore_count(sh) : 0);
 }
-// p's dq_accum (strides left to the caller) and dq_semaphores in that block.
-inline void set_fused_dq_scratch(FlashBwdParams& p, void* zeroed, int64_t accum_elems, bool ordered) {
-  p.dq_accum = zeroed;
-  p.dq_semaphores = ordered ? reinterpret_cast<int*>(static_cast<float*>(zeroed) + accum_elems) : nullptr;
+// p's dq_accum (strides left to the caller; zeroed by flash_bwd_delta_kernel) and dq_semaphores
+// (zeroed by the caller) in that block.
+inline void set_fused_dq_scratch(FlashBwdParams& p, void* scratch, int64_t accum_elems, bool ordered) {
+  p.dq_accum = scratch;
+  p.dq_semaphores = ordered ? reinterpret_cast<int*>(static_cast<float*>(scratch) + accum_elems) : nullptr;
 }
 
 // Offset of row `row` of (sequence b, head h) in a tensor with strides t.

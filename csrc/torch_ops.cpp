@@ -568,11 +568,14 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> bwd(const Tensor& dout, const Tensor&
     const bool atomic = route == DqSwitch::kAtomic || (fused && may_use_atomics);
     const bool ordered = (route == DqSwitch::kOrdered && fused_backward_runs(p)) || (fused && !may_use_atomics);
     if (atomic || ordered) {
+      // dq_accum is zeroed by the backward's first kernel (flash_bwd_delta_kernel); the ordered
+      // adds' counters here.
       const int64_t accum_elems = dq_k.numel();
-      const Tensor zeroed =
-          at::zeros({fused_dq_scratch_elems(p.shape, accum_elems, ordered)}, dq_k.options().dtype(at::kFloat));
-      dq_accum = zeroed.narrow(0, 0, accum_elems).view(dq_k.sizes());
-      set_fused_dq_scratch(p, zeroed.data_ptr(), accum_elems, ordered);
+      const Tensor scratch =
+          at::empty({fused_dq_scratch_elems(p.shape, accum_elems, ordered)}, dq_k.options().dtype(at::kFloat));
+      scratch.narrow(0, accum_elems, scratch.numel() - accum_elems).zero_();
+      dq_accum = scratch.narrow(0, 0, accum_elems).view(dq_k.sizes());
+      set_fused_dq_scratch(p, scratch.data_ptr(), accum_elems, ordered);
       p.dq_accum_strides = strides_of(dq_accum);
     }
   }

@@ -5,6 +5,7 @@ every head-dim bucket and the features; the profiler shows which kernels ran."""
 import pytest
 import torch
 
+import cuflash_attn
 from conftest import HAS_CUDA, IS_SM90, cuda_kernels, fused_backward_kernel, skip_outside_head_dim_bucket
 from reference import LOW_PRECISION, LOW_PRECISION_IDS
 from test_features import check_dense, check_varlen
@@ -66,6 +67,34 @@ def test_attn_mask(kind):
     """A float mask's gradient needs the dQ kernel (it writes the score gradients): that case
     runs the deterministic path."""
     check_dense("cuda", torch.bfloat16, 2, 4, 2, 130, 77, 64, attn_mask=(kind, "B1LS"))
+
+
+@pytest.mark.parametrize("route", ["atomic", "ordered"])
+@pytest.mark.parametrize("d", [64, 128])
+@pytest.mark.parametrize("causal", [False, True])
+def test_dq_buffer_starts_from_garbage(route, d, causal, monkeypatch, atomic_dq):
+    """The fp32 dQ buffer comes from torch.empty and is zeroed by the backward's first kernel
+    (flash_bwd_delta_kernel): carved from memory full of NaN, it gives the pair of kernels'
+    gradients. (The ordered route runs where the fused kernel does, else the pair.)"""
+    torch.manual_seed(0)
+    q = torch.randn(2, 4, 700, d, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    k, v = (torch.randn(2, 2, 900, d, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(2))
+    dout = torch.randn_like(q)
+
+    def grads():
+        out = cuflash_attn.flash_attention(q, k, v, causal=causal)
+        return torch.autograd.grad(out, (q, k, v), dout)
+    monkeypatch.setenv("CUFLASH_BWD_DQ", "separate")
+    expected = grads()
+    monkeypatch.setenv("CUFLASH_BWD_DQ", route)
+    for _ in range(2):
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()  # the cache's only free block is the NaN one below
+        torch.full((64 << 20,), float("nan"), device="cuda")  # 256 MB, freed at once
+        ours = grads()
+        for name, a, b in zip("qkv", ours, expected):
+            assert torch.isfinite(a).all(), f"d{name} has non-finite values"
+            assert (a.float() - b.float()).abs().max() <= 2e-2 * b.float().abs().max(), name
 
 
 def test_path_taken(monkeypatch, atomic_dq):

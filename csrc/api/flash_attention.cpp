@@ -303,8 +303,8 @@ FlashBwdParams make_params(const FlashAttentionBackwardArgs& a) {  // delta: the
 // ---- The backward's workspace --------------------------------------------------------------
 // delta (batch * heads_q * seqlen_q floats), then, where the fused Hopper backward has kernels
 // (fused_backward_built_for), its fp32 dQ accumulator ([batch][heads_q][seqlen_q][head_dim], 16
-// bytes in) and the counters of its ordered adds (the C API's backward is deterministic), zeroed
-// by each backward that takes that kernel (prefers_fused_backward: where it beats the pair).
+// bytes in) and the counters of its ordered adds (the C API's backward is deterministic), used by
+// each backward that takes that kernel (prefers_fused_backward: where it beats the pair).
 struct WorkspaceLayout {
   Wide delta_bytes = 0, accum_offset = 0, accum_elems = 0, counters = 0;
   // fused_dq_scratch_elems's block (dq_accum, then the counters), in Wide: any config may be asked.
@@ -394,7 +394,9 @@ Error backward(const FlashAttentionBackwardArgs& a, cudaStream_t stream) {
   cudaError_t err = cudaSuccess;
   if (fused) {  // dQ added up by the dK/dV kernel in fp32, in a fixed order, then converted
     char* scratch = static_cast<char*>(workspace) + static_cast<size_t>(layout.accum_offset);
-    err = cudaMemsetAsync(scratch, 0, static_cast<size_t>(layout.scratch_bytes()), stream);
+    // The ordered adds' counters; dq_accum is zeroed by the backward's first kernel.
+    err = cudaMemsetAsync(scratch + static_cast<size_t>(layout.accum_elems) * 4, 0,
+                          static_cast<size_t>(layout.counters) * 4, stream);
     set_fused_dq_scratch(p, scratch, static_cast<int64_t>(layout.accum_elems), true);
     p.dq_accum_strides.row = a.head_dim;
     p.dq_accum_strides.head = p.dq_accum_strides.row * a.seqlen_q;

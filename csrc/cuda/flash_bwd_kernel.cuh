@@ -7,7 +7,8 @@
 //                                                     dV += (P z)^T dO, dK += dS^T Q
 // Both keep every operand of their matmuls in the layouts mma wants, so P and dS go from
 // the accumulators straight back into registers as A operands, never through shared memory.
-// delta = rowsum(dO * O) - dlse is computed first by a small kernel. z is the dropout factor.
+// delta = rowsum(dO * O) - dlse is computed first by a small kernel (which also zeroes
+// p.dq_accum). z is the dropout factor.
 // With p.dq_accum (5 matmuls instead of 7, not bitwise reproducible), the dQ kernel is not run:
 // the dK/dV kernel stages dS in shared memory and adds dQ += dS K to an fp32 buffer with atomics,
 // and flash_bwd_dq_convert_kernel writes dq from it.
@@ -52,38 +53,82 @@ __device__ __forceinline__ void block_row_stats(const FlashBwdParams& p, const S
   }
 }
 
-// One warp per query row: delta = sum_d dO * O (minus dlse, the gradient of the returned lse,
-// which enters dS = P * (dP - delta) the same way).
-template <typename T, typename Acc>
-__global__ void __launch_bounds__(128) flash_bwd_delta_kernel(const FlashBwdParams p) {
-  const int row = blockIdx.x * 4 + threadIdx.x / 32, lane = threadIdx.x % 32;
+// The backward's row kernels (delta, the dQ conversion) give each query row a group of lanes,
+// each lane a chunk of kVec elements at a time: 16 bytes where every row they touch starts
+// 16-byte aligned (the launch checks), so that a warp reads whole 128-byte lines (head dim 64 in
+// 16 bits: 8 lanes a row, four rows a warp), else kVec = 1. One warp a row with scalar loads
+// ran at a quarter (head dim 64) to a half (128) of HBM's bandwidth (benchmarks/NOTES.md).
+constexpr int kRowKernelThreads = 256;
+// Lanes a row: enough for one chunk each, a power of two up to a warp.
+__host__ __device__ inline int row_lanes(int head_dim, int vec) {
+  const int chunks = (head_dim + vec - 1) / vec;
+  int lanes = 1;
+  while (lanes < chunks && lanes < 32) lanes *= 2;
+  return lanes;
+}
+__host__ __device__ inline int rows_per_row_block(int head_dim, int vec) {
+  return kRowKernelThreads / row_lanes(head_dim, vec);
+}
+// kVec elements of T, loaded and stored as one (or, past 16 bytes, a few 16-byte) accesses.
+template <typename T, int kVec>
+struct alignas(sizeof(T) * kVec > 16 ? 16 : sizeof(T) * kVec) Chunk {
+  T v[kVec];
+};
+
+// delta = sum_d dO * O (minus dlse, the gradient of the returned lse, which enters dS = P (dP -
+// delta) the same way); and, with p.dq_accum, that row of the fp32 dQ buffer zeroed, since this
+// kernel runs before any that add to it (one pass instead of a separate fill).
+template <typename T, typename Acc, int kVec>
+__global__ void __launch_bounds__(kRowKernelThreads) flash_bwd_delta_kernel(const FlashBwdParams p) {
+  const int head_dim = p.shape.head_dim, lanes = row_lanes(head_dim, kVec);
+  const int row = blockIdx.x * (kRowKernelThreads / lanes) + threadIdx.x / lanes, lane = threadIdx.x % lanes;
   const int h = blockIdx.y, b = blockIdx.z;
   const Sequence seq = sequence_of(p, b);
-  if (row >= seq.seqlen_q) return;
-  const T* o = row_at<const T>(p.out, p.out_strides, seq, true, b, h, row);
-  const T* dout = row_at<const T>(p.dout, p.dout_strides, seq, true, b, h, row);
+  const bool valid = row < seq.seqlen_q;  // no early return: the sum's shuffles span the warp
   Acc sum = 0;
-  for (int d = lane; d < p.shape.head_dim; d += 32) sum += to_acc<Acc>(o[d]) * to_acc<Acc>(dout[d]);
+  if (valid) {
+    const auto* o = reinterpret_cast<const Chunk<T, kVec>*>(row_at<const T>(p.out, p.out_strides, seq, true, b, h, row));
+    const auto* dout =
+        reinterpret_cast<const Chunk<T, kVec>*>(row_at<const T>(p.dout, p.dout_strides, seq, true, b, h, row));
+    for (int c = lane; c < head_dim / kVec; c += lanes) {
+      const Chunk<T, kVec> x = o[c], y = dout[c];
 #pragma unroll
-  for (int off = 16; off > 0; off /= 2) sum += __shfl_xor_sync(0xffffffffu, sum, off);
-  if (lane == 0) {
+      for (int i = 0; i < kVec; ++i) sum += to_acc<Acc>(x.v[i]) * to_acc<Acc>(y.v[i]);
+    }
+    if (p.dq_accum != nullptr) {
+      constexpr int kFloats = kVec < 4 ? kVec : 4;  // 16 bytes of fp32 at a time where aligned
+      auto* acc = reinterpret_cast<Chunk<float, kFloats>*>(
+          row_at<float>(p.dq_accum, p.dq_accum_strides, seq, true, b, h, row));
+      for (int c = lane; c < head_dim / kFloats; c += lanes) acc[c] = Chunk<float, kFloats>{};
+    }
+  }
+  for (int offset = lanes / 2; offset > 0; offset /= 2) sum += __shfl_xor_sync(0xffffffffu, sum, offset);
+  if (valid && lane == 0) {
     const int64_t idx = stats_offset(p.stats_strides, seq, b, h) + row;
     if (p.dlse) sum -= static_cast<const Acc*>(p.dlse)[idx];
     static_cast<Acc*>(p.delta)[idx] = sum;
   }
 }
 
-// One warp per query row: dq = scale * dq_accum, in dq's type and layout.
-template <typename T>
-__global__ void __launch_bounds__(128) flash_bwd_dq_convert_kernel(const FlashBwdParams p) {
-  const int row = blockIdx.x * 4 + threadIdx.x / 32, lane = threadIdx.x % 32;
+// dq = scale * dq_accum, in dq's type and layout.
+template <typename T, int kVec>
+__global__ void __launch_bounds__(kRowKernelThreads) flash_bwd_dq_convert_kernel(const FlashBwdParams p) {
+  const int head_dim = p.shape.head_dim, lanes = row_lanes(head_dim, kVec);
+  const int row = blockIdx.x * (kRowKernelThreads / lanes) + threadIdx.x / lanes, lane = threadIdx.x % lanes;
   const int h = blockIdx.y, b = blockIdx.z;
   const Sequence seq = sequence_of(p, b);
   if (row >= seq.seqlen_q) return;
-  const float* acc = row_at<const float>(p.dq_accum, p.dq_accum_strides, seq, true, b, h, row);
-  T* dq = row_at<T>(p.dq, p.dq_strides, seq, true, b, h, row);
+  const auto* acc = reinterpret_cast<const Chunk<float, kVec>*>(
+      row_at<const float>(p.dq_accum, p.dq_accum_strides, seq, true, b, h, row));
+  auto* dq = reinterpret_cast<Chunk<T, kVec>*>(row_at<T>(p.dq, p.dq_strides, seq, true, b, h, row));
   const float scale = static_cast<float>(p.scale);
-  for (int d = lane; d < p.shape.head_dim; d += 32) dq[d] = from_float<T>(acc[d] * scale);
+  for (int c = lane; c < head_dim / kVec; c += lanes) {
+    const Chunk<float, kVec> a = acc[c];
+    Chunk<T, kVec> out;
+#pragma unroll
+    for (int i = 0; i < kVec; ++i) out.v[i] = from_float<T>(a.v[i] * scale);
+    dq[c] = out;
+  }
 }
 
 template <typename T, int kHeadDim>

@@ -172,12 +172,26 @@ cudaError_t run_flash_fwd(const FlashFwdParams& p, cudaStream_t stream) {
 // lose 6-7% to the longer pipeline fill). Square attention's middle key column sees as many queries.
 inline bool fused_wide_steps_pay(const FlashBwdParams& p) { return sm90::middle_row_keys(p) >= 1024; }
 
+// A row kernel (flash_bwd_kernel.cuh) over every query row, kVec elements a lane at a time.
+template <int kVec, typename Kernel>
+cudaError_t launch_row_kernel(Kernel kernel, const FlashBwdParams& p, cudaStream_t stream) {
+  const AttentionShape& sh = p.shape;
+  const dim3 grid(ceil_div(sh.seqlen_q, rows_per_row_block(sh.head_dim, kVec)), sh.heads_q, sh.batch);
+  return launch(kernel, grid, kRowKernelThreads, 0, stream, p);
+}
+
 template <typename T, int kHeadDim>
 cudaError_t run_flash_bwd(const FlashBwdParams& p, cudaStream_t stream) {
   const AttentionShape& sh = p.shape;
   using Acc = std::conditional_t<std::is_same_v<T, double>, double, float>;
-  cudaError_t err = launch(flash_bwd_delta_kernel<T, Acc>, dim3(ceil_div(sh.seqlen_q, 4), sh.heads_q, sh.batch),
-                           128, 0, stream, p);
+  // The row kernels in 16-byte chunks where every row they touch allows.
+  constexpr int kVec = 16 / sizeof(T);
+  const bool rows_in_chunks = sh.head_dim * sizeof(T) % 16 == 0;
+  const bool delta_chunked = rows_in_chunks && rows_of_16_bytes(p.out, p.out_strides, sizeof(T)) &&
+                             rows_of_16_bytes(p.dout, p.dout_strides, sizeof(T)) &&
+                             (p.dq_accum == nullptr || rows_of_16_bytes(p.dq_accum, p.dq_accum_strides, 4));
+  cudaError_t err = delta_chunked ? launch_row_kernel<kVec>(flash_bwd_delta_kernel<T, Acc, kVec>, p, stream)
+                                  : launch_row_kernel<1>(flash_bwd_delta_kernel<T, Acc, 1>, p, stream);
   if (err != cudaSuccess) return err;
   if constexpr (std::is_same_v<T, double>) {
     return run_flash_bwd_simt<T, kHeadDim>(p, stream);
@@ -188,8 +202,10 @@ cudaError_t run_flash_bwd(const FlashBwdParams& p, cudaStream_t stream) {
     }
     const bool accum_dq = p.dq_accum != nullptr;
     auto convert_dq = [&] {
-      return launch(flash_bwd_dq_convert_kernel<T>, dim3(ceil_div(sh.seqlen_q, 4), sh.heads_q, sh.batch), 128, 0,
-                    stream, p);
+      const bool chunked = rows_in_chunks && rows_of_16_bytes(p.dq_accum, p.dq_accum_strides, 4) &&
+                           rows_of_16_bytes(p.dq, p.dq_strides, sizeof(T));
+      return chunked ? launch_row_kernel<kVec>(flash_bwd_dq_convert_kernel<T, kVec>, p, stream)
+                     : launch_row_kernel<1>(flash_bwd_dq_convert_kernel<T, 1>, p, stream);
     };
     if constexpr (!std::is_same_v<T, float> && sm90::kBwdHeadDim<kHeadDim>) {
       using K = sm90::BwdSm90Kernel<T, kHeadDim>;
