@@ -75,6 +75,8 @@ def _fwd_setup_context(ctx, inputs, output):
 
 def _fwd_backward(ctx, dout, dlse):
     q, k, v, out, lse, *tensors = ctx.saved_tensors
+    if dout is None:  # only lse was used
+        dout = torch.zeros_like(out)
     options = dict(ctx.scalar_options, **dict(zip(_OPTION_TENSORS, tensors)))
     dq, dk, dv, dmask = _ops.bwd(dout, q, k, v, out, lse, dlse, **options, attn_mask_grad=ctx.attn_mask_grad)
     grads = [dq, dk, dv] + [None] * len(_OPTION_NAMES)
@@ -83,7 +85,43 @@ def _fwd_backward(ctx, dout, dlse):
     return tuple(grads)
 
 
-torch.library.register_autograd("cuflash_attn::fwd", _fwd_backward, setup_context=_fwd_setup_context)
+# The forward's autograd kernel: what torch.library.register_autograd would register, less its
+# per-call fill_defaults (which walks the schema's 18 arguments in Python, rebuilding the argument
+# list at each step: about 300 us a call on the host, more than a short problem's kernels take on
+# the GPU; benchmarks/NOTES.md, "The host's time per call"). The dispatcher drops trailing
+# arguments equal to their defaults; they are put back from a tuple made once.
+_FWD_DEFAULTS = tuple(a.default_value for a in _ops.fwd.default._schema.arguments)
+
+
+def _redispatch_fwd(keyset, args):
+    with torch._C._AutoDispatchBelowAutograd():
+        return _ops.fwd.default.redispatch(keyset & torch._C._after_autograd_keyset, *args)
+
+
+class _FwdFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, keyset, *args):
+        output = _redispatch_fwd(keyset, args)
+        _fwd_setup_context(ctx, args, output)
+        # An unused output's gradient stays None rather than a tensor of zeros (dlse, almost
+        # always): no fill, and the backward skips subtracting it.
+        ctx.set_materialize_grads(False)
+        return output
+
+    @staticmethod
+    def backward(ctx, dout, dlse):
+        return (None, *_fwd_backward(ctx, dout, dlse))
+
+
+def _fwd_autograd(keyset, *args):
+    args = args + _FWD_DEFAULTS[len(args):]
+    if torch.is_grad_enabled() and torch._C._any_requires_grad(*args):
+        return _FwdFunction.apply(keyset, *args)
+    return _redispatch_fwd(keyset, args)
+
+
+_lib = torch.library.Library("cuflash_attn", "IMPL")  # noqa: TOR901  (the Autograd key, as register_autograd)
+_lib.impl("fwd", _fwd_autograd, "Autograd", with_keyset=True)
 
 
 def _bwd_setup_context(ctx, inputs, output):
