@@ -125,8 +125,10 @@ bool launch_fwd_tma(const FlashFwdParams& p, bool persistent, cudaStream_t strea
     const int sms = std::max(1, device_attribute<cudaDevAttrMultiProcessorCount>(1));
     const dim3 grid = kPersistent ? dim3(static_cast<unsigned>(std::min<int64_t>(tiles, sms)))
                                   : dim3(m_blocks, sh.heads_q, sh.batch);
+    FlashFwdParams kernel_params = p;
+    kernel_params.prefetch_next_tile = kPersistent && fwd_prefetch_switch();
     *err = launch(sm90::flash_fwd_sm90_tma_kernel<T, kHeadDim, kWide, kFeatures, kPersistent>, grid, K::kThreads,
-                  K::kSmemBytes, stream, p, maps.q, maps.k, maps.v);
+                  K::kSmemBytes, stream, kernel_params, maps.q, maps.k, maps.v);
     return true;
   };
   using Plain = sm90::FwdSm90TmaKernel<T, kHeadDim, false>;

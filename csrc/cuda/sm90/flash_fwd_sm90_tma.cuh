@@ -95,23 +95,33 @@ __global__ void __launch_bounds__(FwdSm90TmaKernel<T, kHeadDim, kWide, kPersiste
   const int64_t kv_bytes_per_head = int64_t{2} * sh.seqlen_k * kHeadDim * static_cast<int64_t>(sizeof(T));
   const int section_heads =
       static_cast<int>(max(int64_t{1}, min(int64_t{heads_batches}, kL2Bytes / max(int64_t{1}, kv_bytes_per_head))));
-  auto tile_at = [&](int index) {
-    TmaTile t;
-    int m_block;
+  // A tile's (query block, head, batch).
+  struct TilePlace {
+    int m_block, h, b;
+  };
+  auto place_of = [&](int index) {
+    TilePlace t;
     if constexpr (kPersistent) {
       const int section = index / (m_blocks * section_heads), local = index - section * m_blocks * section_heads;
       const int heads_here = min(section_heads, heads_batches - section * section_heads);
-      m_block = m_blocks - 1 - local / heads_here;
+      t.m_block = m_blocks - 1 - local / heads_here;
       const int head_batch = section * section_heads + local % heads_here;
       t.h = head_batch % sh.heads_q;
       t.b = head_batch / sh.heads_q;
     } else {
-      m_block = query_block_longest_first();
+      t.m_block = query_block_longest_first();
       t.h = blockIdx.y;
       t.b = blockIdx.z;
     }
+    return t;
+  };
+  auto tile_at = [&](int index) {
+    TmaTile t;
+    const TilePlace place = place_of(index);
+    t.h = place.h;
+    t.b = place.b;
     t.h_kv = t.h / (sh.heads_q / sh.heads_kv);
-    t.m_start = m_block * kBlockM;
+    t.m_start = place.m_block * kBlockM;
     t.seq = sequence_of(p, t.b);
     t.n_blocks = key_blocks(p.mask, t.seq, t.m_start, min(t.m_start + kBlockM, t.seq.seqlen_q), kBlockN);
     return t;
@@ -147,18 +157,28 @@ __global__ void __launch_bounds__(FwdSm90TmaKernel<T, kHeadDim, kWide, kPersiste
           tma_load_4d(dst + panel * kBlockN * 128, map, full, panel * 64, tile.block_of(t) * kBlockN, tile.h_kv,
                       tile.b);
       };
-      auto load_step = [&](int t) {
+      // The stage's previous tiles (step g - kStages) were released by every consumer warp.
+      auto load_k = [&](int t) {
         const int g = step + t, stage = g % kStages, use = g / kStages;
-        // The stage's previous tiles (step g - kStages) were released by every consumer warp.
         if (g >= kStages) mbarrier_wait(&k_empty[stage], (use - 1) & 1);
         load(&map_k, sK(stage), &k_full[stage], t);
+      };
+      auto load_v = [&](int t) {
+        const int g = step + t, stage = g % kStages, use = g / kStages;
         if (g >= kStages) mbarrier_wait(&v_empty[stage], (use - 1) & 1);
         load(&map_v, sV(stage), &v_full[stage], t);
       };
       // After the first tile, the first stages' loads (which wait only on the previous tile's
       // releases) go out before Q, whose buffer the previous tile's consumers may still be reading.
+      // With prefetch_next_tile, Q also goes before the one of them that waits for the previous
+      // tile's last P V (V of step kStages - 1 reuses the last step's stage), which the consumers
+      // run after releasing Q.
       const int early = iteration == 0 ? 0 : min(steps, kStages);
-      for (int t = 0; t < early; ++t) load_step(t);
+      const bool q_before_last_v = kPersistent && p.prefetch_next_tile && early == kStages;
+      for (int t = 0; t < early; ++t) {
+        load_k(t);
+        if (!(q_before_last_v && t == kStages - 1)) load_v(t);
+      }
       if (steps > 0) {
         // Q's buffer was released by every consumer warp of the previous tile that loaded Q
         // (consumers release only tiles with steps, so q_empty never runs two phases ahead).
@@ -169,7 +189,19 @@ __global__ void __launch_bounds__(FwdSm90TmaKernel<T, kHeadDim, kWide, kPersiste
         for (int panel = 0; panel < kPanels; ++panel)
           tma_load_4d(sQ + panel * kBlockM * 128, &map_q, q_full, panel * 64, tile.m_start, tile.h, tile.b);
       }
-      for (int t = early; t < steps; ++t) load_step(t);
+      if (q_before_last_v) load_v(kStages - 1);
+      // The next tile's Q (read once: from DRAM, where K and V are mostly L2 hits) into L2 now, a
+      // tile ahead of its load, which otherwise waits out DRAM's latency at the tile boundary.
+      if (kPersistent && p.prefetch_next_tile && index + tile_stride < num_tiles) {
+        const TilePlace next = place_of(index + tile_stride);
+#pragma unroll
+        for (int panel = 0; panel < kPanels; ++panel)
+          tma_prefetch_4d(&map_q, panel * 64, next.m_block * kBlockM, next.h, next.b);
+      }
+      for (int t = early; t < steps; ++t) {
+        load_k(t);
+        load_v(t);
+      }
       step += steps;
     }
     return;

@@ -125,6 +125,13 @@ __device__ __forceinline__ void tma_load_4d(void* dst, const void* tensor_map, u
       "l"(tensor_map), "r"(c0), "r"(c1), "r"(c2), "r"(c3), "r"(smem_u32(bar))
       : "memory");
 }
+// Fetches the same box into L2 only (no shared memory, no barrier): a later tma_load_4d of it
+// then waits for L2 rather than DRAM.
+__device__ __forceinline__ void tma_prefetch_4d(const void* tensor_map, int c0, int c1, int c2, int c3) {
+  asm volatile("cp.async.bulk.prefetch.tensor.4d.L2.global.tile [%0, {%1, %2, %3, %4}];\n" ::"l"(tensor_map),
+               "r"(c0), "r"(c1), "r"(c2), "r"(c3)
+               : "memory");
+}
 // Adds a box of shared memory src (laid out as the map's box) to `tensor_map`'s tensor at (c0, c1,
 // c2, c3), f32 adds done in L2 (TMA reduce); a bulk group of the issuing thread
 // (bulk_commit_group, bulk_wait_group_read).
