@@ -120,7 +120,7 @@ def _fwd_autograd(keyset, *args):
     return _redispatch_fwd(keyset, args)
 
 
-_lib = torch.library.Library("cuflash_attn", "IMPL")  # noqa: TOR901  (the Autograd key, as register_autograd)
+_lib = torch.library.Library("cuflash_attn", "IMPL")  # the Autograd key, where register_autograd registers
 _lib.impl("fwd", _fwd_autograd, "Autograd", with_keyset=True)
 
 

@@ -7,6 +7,10 @@
 #   GPU_SM90_BENCH_FEATURES="..."   bench_features.py arguments (unset or "" skips it)
 #   GPU_SM90_LIMIT_S=300   seconds each test process may run
 #   GPU_SM90_GROUPS="forward,bad_input"   run only the test groups named (default: all of them)
+#   GPU_SM90_BREAKDOWN="..."   benchmarks/kernel_breakdown.py arguments: each kernel's time in a
+#                        forward + backward (unset: none)
+#   GPU_SM90_HOST="..."   benchmarks/host_overhead.py arguments ("-" for its defaults): host time
+#                        per call (unset: none)
 #   GPU_SM90_NCU="..."   scripts/ncu_profile.sh's cases (e.g. "bwd:2,32,8192,64:0 fwd:16,16,1024,128:1")
 #                        to profile at the end (unset: no profile)
 # Logs come back as $OUT/logs.tar.gz, results as $OUT/*.md/json.
@@ -81,6 +85,18 @@ if [ -n "${GPU_SM90_BENCH_FEATURES-}" ]; then
   timeout --kill-after=5 "${GPU_SM90_BENCH_LIMIT_S:-200}" python3 benchmarks/bench_features.py $GPU_SM90_BENCH_FEATURES \
     > "$OUT/bench_features.md" 2> "$OUT/bench_features.log"
   echo "bench_features exit $?"; cat "$OUT/bench_features.md"
+fi
+if [ -n "${GPU_SM90_BREAKDOWN-}" ]; then
+  # shellcheck disable=SC2086  # the arguments are a list
+  timeout --kill-after=5 150 python3 benchmarks/kernel_breakdown.py $GPU_SM90_BREAKDOWN \
+    > "$OUT/kernel_breakdown.md" 2> "$OUT/kernel_breakdown.log"
+  echo "kernel_breakdown exit $?"; cat "$OUT/kernel_breakdown.md"
+fi
+if [ -n "${GPU_SM90_HOST-}" ]; then
+  # shellcheck disable=SC2086  # the arguments are a list
+  timeout --kill-after=5 150 python3 benchmarks/host_overhead.py ${GPU_SM90_HOST#-} \
+    > "$OUT/host_overhead.md" 2> "$OUT/host_overhead.log"
+  echo "host_overhead exit $?"; head -n 20 "$OUT/host_overhead.md"
 fi
 if [ -n "${GPU_SM90_NCU-}" ]; then
   NCU_CASES="$GPU_SM90_NCU" OUT="$OUT" timeout --kill-after=5 240 bash scripts/ncu_profile.sh > "$OUT/ncu.log" 2>&1
