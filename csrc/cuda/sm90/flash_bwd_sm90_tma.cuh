@@ -407,16 +407,23 @@ __global__ void __launch_bounds__(
   auto store_dq_part = [&](const WarpAcc<64>& dq, int part) {
     const int use = dq_use(part);
     if (use > 0) mbarrier_wait(&dq_empty[consumer], (use - 1) & 1);  // the drain read the last part
-    unsigned char* my_dq = sdQ + consumer * K::kDqPartBytes;
+    // Ordered: the lane's base passes through an empty asm at each call, so that its sixteen
+    // addresses are recomputed here (a few integer ops) rather than kept live across the loop
+    // (ptxas spilled them, reloaded every step: ordered spills 208/312 -> 80/144 bytes at head
+    // dim 128, 148/236 -> 56/120 at 64 wide; the unordered kernels spill more that way).
+    uint32_t lane_base = smem_u32(sdQ + consumer * K::kDqPartBytes) + (warp_row % 64) * 128;
+    int my_lane = lane;
+    if constexpr (kOrderedDq) asm volatile("" : "+r"(lane_base), "+r"(my_lane));
 #pragma unroll
     for (int j = 0; j < 8; ++j)
 #pragma unroll
       for (int half = 0; half < 2; ++half) {
         // (row, col) in panel col / 32: 128-byte rows of 32 floats, 16-byte chunk c at c ^ (row % 8).
-        const int row = warp_row % 64 + WarpAcc<64>::row_of(2 * half, lane);
-        const int col = WarpAcc<64>::col_of(j, 2 * half, lane) % 32;
-        *reinterpret_cast<float2*>(my_dq + (j / 4) * K::kDqPanelBytes + row * 128 + (((col / 4) ^ (row % 8)) * 16) +
-                                   (col % 4) * 4) = make_float2(dq.v[j][2 * half], dq.v[j][2 * half + 1]);
+        const int row = WarpAcc<64>::row_of(2 * half, my_lane);  // within the warp's 16 rows
+        const int col = WarpAcc<64>::col_of(j, 2 * half, my_lane) % 32;
+        st_shared_f32x2(lane_base + (j / 4) * K::kDqPanelBytes + row * 128 + (((col / 4) ^ (row % 8)) * 16) +
+                            (col % 4) * 4,
+                        dq.v[j][2 * half], dq.v[j][2 * half + 1]);
       }
     fence_async_shared();  // the bulk reduce (async proxy) reads what these stores wrote
     __syncwarp();
