@@ -45,6 +45,7 @@ CUFLASH_HD Sequence sequence_of(const AttentionParams& p, int b) {
     s.seqlen_q = p.shape.seqlen_q;
     s.seqlen_k = p.shape.seqlen_k;
   }
+  if (p.varlen.seqused_k) s.seqlen_k = min_int(max_int(p.varlen.seqused_k[b], 0), s.seqlen_k);
   s.diagonal = p.mask.bottom_right ? s.seqlen_k - s.seqlen_q : 0;
   return s;
 }

@@ -91,6 +91,9 @@ struct VarlenParams {
   const int* cu_seqlens_q = nullptr;  // int32 [batch + 1], or null for padded batches
   const int* cu_seqlens_k = nullptr;
   int total_q = 0, total_k = 0;  // rows of the packed tensors
+  // Optional, int32 [batch]: how many of sequence b's keys take part (its first ones; clamped to
+  // [0, its length]), for padded and packed batches alike: a KV cache's filled length.
+  const int* seqused_k = nullptr;
 };
 
 // What the forward and the backward share.

@@ -69,6 +69,7 @@ struct Options {
   std::optional<Tensor> cu_seqlens_q, cu_seqlens_k;
   int64_t max_seqlen_q = 0, max_seqlen_k = 0;
   std::optional<Tensor> attn_mask;
+  std::optional<Tensor> seqused_k;
   bool varlen() const { return cu_seqlens_q.has_value(); }
 };
 
@@ -254,6 +255,17 @@ std::vector<Tensor> fill_features(AttentionParams& p, const Options& o, const Te
     p.varlen.total_q = static_cast<int>(q.size(0));
     p.varlen.total_k = static_cast<int>(k.size(0));
   }
+  if (o.seqused_k) {
+    const Tensor& u = *o.seqused_k;
+    TORCH_CHECK_TYPE(u.scalar_type() == at::kInt, "cuflash_attn: seqused_k must have dtype int32, got ",
+                     u.scalar_type());
+    TORCH_CHECK_VALUE(u.dim() == 1 && u.size(0) == p.shape.batch, "cuflash_attn: seqused_k must have shape [batch] = [",
+                      num(int64_t{p.shape.batch}), "], got ", shape(u.sizes()));
+    TORCH_CHECK_VALUE(u.device() == q.device(), "cuflash_attn: seqused_k must be on the same device as q (",
+                      q.device(), "), got ", u.device());
+    keep.push_back(u.contiguous());
+    p.varlen.seqused_k = keep.back().data_ptr<int>();
+  }
   return keep;
 }
 
@@ -431,10 +443,11 @@ Options make_options(std::optional<double> scale, bool is_causal, bool bottom_ri
                      int64_t window_right, double softcap, const std::optional<Tensor>& alibi_slopes,
                      double dropout_p, const std::optional<Tensor>& rng_state,
                      const std::optional<Tensor>& cu_seqlens_q, const std::optional<Tensor>& cu_seqlens_k,
-                     int64_t max_seqlen_q, int64_t max_seqlen_k, const std::optional<Tensor>& attn_mask) {
-  return Options{scale,        is_causal,    bottom_right, window_left,  window_right,
-                 softcap,      alibi_slopes, dropout_p,    rng_state,    cu_seqlens_q,
-                 cu_seqlens_k, max_seqlen_q, max_seqlen_k, attn_mask};
+                     int64_t max_seqlen_q, int64_t max_seqlen_k, const std::optional<Tensor>& attn_mask,
+                     const std::optional<Tensor>& seqused_k) {
+  return Options{scale,        is_causal,    bottom_right, window_left, window_right, softcap,
+                 alibi_slopes, dropout_p,    rng_state,    cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+                 max_seqlen_k, attn_mask,    seqused_k};
 }
 
 std::tuple<Tensor, Tensor> fwd(const Tensor& q, const Tensor& k, const Tensor& v, std::optional<double> scale,
@@ -442,10 +455,12 @@ std::tuple<Tensor, Tensor> fwd(const Tensor& q, const Tensor& k, const Tensor& v
                                double softcap, const std::optional<Tensor>& alibi_slopes, double dropout_p,
                                const std::optional<Tensor>& rng_state, const std::optional<Tensor>& cu_seqlens_q,
                                const std::optional<Tensor>& cu_seqlens_k, int64_t max_seqlen_q, int64_t max_seqlen_k,
-                               const std::optional<Tensor>& attn_mask, bool /*deterministic: the backward's*/) {
+                               const std::optional<Tensor>& attn_mask, bool /*deterministic: the backward's*/,
+                               const std::optional<Tensor>& seqused_k) {
   return fwd_impl(q, k, v,
                   make_options(scale, is_causal, bottom_right, window_left, window_right, softcap, alibi_slopes,
-                               dropout_p, rng_state, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, attn_mask),
+                               dropout_p, rng_state, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, attn_mask,
+                               seqused_k),
                   nullptr);
 }
 
@@ -461,7 +476,8 @@ Tensor fwd_tile_counts(const Tensor& q, const Tensor& k, const Tensor& v, bool i
   Tensor counters = at::zeros({4}, q.options().dtype(at::kLong));
   fwd_impl(q, k, v,
            make_options(std::nullopt, is_causal, bottom_right, window_left, window_right, 0.0, std::nullopt, 0.0,
-                        std::nullopt, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, std::nullopt),
+                        std::nullopt, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, std::nullopt,
+                        std::nullopt),
            reinterpret_cast<unsigned long long*>(counters.data_ptr<int64_t>()));
   return counters;
 }
@@ -498,10 +514,11 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> bwd(const Tensor& dout, const Tensor&
                                        const std::optional<Tensor>& cu_seqlens_q,
                                        const std::optional<Tensor>& cu_seqlens_k, int64_t max_seqlen_q,
                                        int64_t max_seqlen_k, const std::optional<Tensor>& attn_mask,
-                                       bool deterministic, bool attn_mask_grad) {
+                                       bool deterministic, const std::optional<Tensor>& seqused_k,
+                                       bool attn_mask_grad) {
   const Options o = make_options(scale, is_causal, bottom_right, window_left, window_right, softcap, alibi_slopes,
                                  dropout_p, rng_state, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-                                 attn_mask);
+                                 attn_mask, seqused_k);
   TORCH_CHECK_VALUE(!attn_mask_grad || (attn_mask && attn_mask->is_floating_point()),
                     "cuflash_attn: attn_mask_grad needs a floating-point attn_mask");
   const AttentionShape sh = check_qkv(q, k, v, o);
@@ -530,7 +547,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> bwd(const Tensor& dout, const Tensor&
   }
   const Tensor outk = layout.input(out), doutk = layout.input(dout);
   Tensor dq_k = layout.output(dq), dk_k = layout.output(dk), dv_k = layout.output(dv);
-  if (o.varlen()) {  // packed: rows no sequence covers get gradient 0
+  if (o.varlen() || o.seqused_k) {  // rows no sequence covers (packed), keys past seqused_k: gradient 0
     dq_k.zero_();
     dk_k.zero_();
     dv_k.zero_();
@@ -641,7 +658,7 @@ Tensor dropout_mask(const Tensor& rng_state, double dropout_p, int64_t batch, in
   "float? scale=None, bool is_causal=False, bool bottom_right=False, int window_left=-1, "                 \
   "int window_right=-1, float softcap=0.0, Tensor? alibi_slopes=None, float dropout_p=0.0, "               \
   "Tensor? rng_state=None, Tensor? cu_seqlens_q=None, Tensor? cu_seqlens_k=None, SymInt max_seqlen_q=0, " \
-  "SymInt max_seqlen_k=0, Tensor? attn_mask=None, bool deterministic=True"
+  "SymInt max_seqlen_k=0, Tensor? attn_mask=None, bool deterministic=True, Tensor? seqused_k=None"
 
 TORCH_LIBRARY(cuflash_attn, m) {
   m.def("fwd(Tensor q, Tensor k, Tensor v, " CUFLASH_OPTIONS ") -> (Tensor out, Tensor lse)");

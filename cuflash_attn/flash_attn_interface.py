@@ -187,6 +187,102 @@ def flash_attn_varlen_kvpacked_func(q, kv, cu_seqlens_q, cu_seqlens_k, max_seqle
     return _attention(q, k, v, dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes, deterministic,
                       return_attn_probs, (cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k))
 
+_CACHE = ("batch_cache", "seqlen_cache", "heads_kv", "head_dim")
+
+
+def _cache_lengths(cache_seqlens, batch, seqlen_cache, seqlen_new, device):
+    """cache_seqlens (an int, or int32 [batch]) as an int32 tensor on device; with new keys to
+    append (seqlen_new > 0), checked to leave room for them (a tensor's check reads it back: one
+    host sync, the price of an append that cannot write out of bounds)."""
+    if isinstance(cache_seqlens, bool) or not isinstance(cache_seqlens, (int, torch.Tensor)):
+        raise TypeError(f"cuflash_attn: cache_seqlens must be an int or an int32 tensor [batch], got "
+                        f"{type(cache_seqlens).__name__}")
+    if isinstance(cache_seqlens, int):
+        if not 0 <= cache_seqlens <= seqlen_cache - seqlen_new:
+            raise ValueError(f"cuflash_attn: cache_seqlens must be in [0, {seqlen_cache - seqlen_new}] (seqlen_cache "
+                             f"{seqlen_cache} less the {seqlen_new} new keys), got {cache_seqlens}")
+        return torch.full((batch,), cache_seqlens, dtype=torch.int32, device=device)
+    if cache_seqlens.dtype != torch.int32 or tuple(cache_seqlens.shape) != (batch,):
+        raise ValueError(f"cuflash_attn: cache_seqlens must be an int32 tensor [batch] = [{batch}], got "
+                         f"{cache_seqlens.dtype} {tuple(cache_seqlens.shape)}")
+    if cache_seqlens.device != device:
+        raise ValueError(f"cuflash_attn: cache_seqlens must be on q's device ({device}), got {cache_seqlens.device}")
+    if seqlen_new > 0 and batch > 0:
+        low, high = (int(x) for x in torch.aminmax(cache_seqlens))
+        if low < 0 or high > seqlen_cache - seqlen_new:
+            raise ValueError(f"cuflash_attn: cache_seqlens must be in [0, {seqlen_cache - seqlen_new}] (seqlen_cache "
+                             f"{seqlen_cache} less the {seqlen_new} new keys), got values in [{low}, {high}]")
+    return cache_seqlens
+
+
+def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None, rotary_sin=None,
+                            cache_seqlens=None, cache_batch_idx=None, cache_leftpad=None, block_table=None,
+                            softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0,
+                            rotary_interleaved=True, alibi_slopes=None, num_splits=0, return_softmax_lse=False):
+    """Attention of q over a KV cache, for incremental decoding. q: [batch, seqlen_q, heads_q,
+    head_dim]; k_cache, v_cache: [batch_cache, seqlen_cache, heads_kv, head_dim]; cache_seqlens:
+    an int or int32 [batch], the keys each sequence has in the cache (None: all of them). With k
+    and v ([batch, seqlen_new, heads_kv, head_dim]) they are first written into the caches, in
+    place, at cache_seqlens .. cache_seqlens + seqlen_new, and attended to. cache_batch_idx (int32
+    [batch]): the cache row of each sequence (then the cache rows are gathered, a copy). Causal
+    masks and windows are aligned bottom-right to each sequence's keys. Returns out [batch,
+    seqlen_q, heads_q, head_dim], and with return_softmax_lse also lse [batch, heads_q, seqlen_q].
+    Not supported (NotImplementedError): block_table (a paged cache), cache_leftpad, rotary_cos
+    and rotary_sin (apply the rotary embedding to q and k first); num_splits is a hint, ignored."""
+    for name, given in (("block_table", block_table), ("cache_leftpad", cache_leftpad),
+                        ("rotary_cos", rotary_cos), ("rotary_sin", rotary_sin)):
+        if given is not None:
+            raise NotImplementedError(f"cuflash_attn: flash_attn_with_kvcache does not support {name}")
+    _check_tensor("q", q, _PADDED)
+    _check_tensor("k_cache", k_cache, _CACHE)
+    _check_tensor("v_cache", v_cache, _CACHE)
+    if k_cache.shape != v_cache.shape:
+        raise ValueError(f"cuflash_attn: k_cache and v_cache must have the same shape, got {tuple(k_cache.shape)} and "
+                         f"{tuple(v_cache.shape)}")
+    if (k is None) != (v is None):
+        raise ValueError("cuflash_attn: k and v must be given together")
+    _check_scalars("softmax_scale", softmax_scale, softcap, 0.0, alibi_slopes)
+    window_left, window_right = _window(window_size)
+    batch, seqlen_cache = q.shape[0], k_cache.shape[1]
+    rows = None
+    if cache_batch_idx is not None:
+        _check_tensor("cache_batch_idx", cache_batch_idx, ("batch",))
+        if cache_batch_idx.dtype != torch.int32 or cache_batch_idx.shape[0] != batch:
+            raise ValueError(f"cuflash_attn: cache_batch_idx must be an int32 tensor [batch] = [{batch}], got "
+                             f"{cache_batch_idx.dtype} {tuple(cache_batch_idx.shape)}")
+        rows = cache_batch_idx.to(device=k_cache.device, dtype=torch.long)
+    elif k_cache.shape[0] != batch:
+        raise ValueError(f"cuflash_attn: k_cache must have batch_cache = batch ({batch}) without cache_batch_idx, got "
+                         f"{k_cache.shape[0]}")
+    seqlen_new = 0
+    if k is not None:
+        for name, new, cache in (("k", k, k_cache), ("v", v, v_cache)):
+            _check_tensor(name, new, ("batch", "seqlen_new", "heads_kv", "head_dim"))
+            if new.shape[0] != batch or new.shape[2:] != cache.shape[2:] or new.dtype != cache.dtype:
+                raise ValueError(f"cuflash_attn: {name} must be [batch, seqlen_new, heads_kv, head_dim] = [{batch}, "
+                                 f"seqlen_new, {cache.shape[2]}, {cache.shape[3]}] in {name}_cache's dtype "
+                                 f"{cache.dtype}, got {tuple(new.shape)} {new.dtype}")
+        if k.shape[1] != v.shape[1]:
+            raise ValueError(f"cuflash_attn: k and v must have the same seqlen_new, got {k.shape[1]} and {v.shape[1]}")
+        seqlen_new = k.shape[1]
+        if cache_seqlens is None:
+            raise ValueError("cuflash_attn: k and v are written at cache_seqlens, which must be given")
+    used = None
+    if cache_seqlens is not None:
+        lengths = _cache_lengths(cache_seqlens, batch, seqlen_cache, seqlen_new, q.device)
+        if seqlen_new > 0:  # the new keys into the caches, in place
+            cache_rows = (rows if rows is not None else torch.arange(batch, device=k_cache.device))[:, None]
+            positions = lengths.to(device=k_cache.device, dtype=torch.long)[:, None] + \
+                torch.arange(seqlen_new, device=k_cache.device)
+            k_cache[cache_rows, positions] = k
+            v_cache[cache_rows, positions] = v
+        used = lengths + seqlen_new
+    kc, vc = (k_cache, v_cache) if rows is None else (k_cache.index_select(0, rows), v_cache.index_select(0, rows))
+    out, lse = _ops.fwd(q.transpose(1, 2), kc.transpose(1, 2), vc.transpose(1, 2), softmax_scale, bool(causal), True,
+                        window_left, window_right, float(softcap), alibi_slopes, seqused_k=used)
+    out = out.transpose(1, 2)
+    return (out, lse) if return_softmax_lse else out
+
 
 def install() -> None:
     """Makes `import flash_attn` and `import flash_attn.flash_attn_interface` give this module
@@ -198,4 +294,5 @@ def install() -> None:
 
 
 __all__ = ["flash_attn_func", "flash_attn_qkvpacked_func", "flash_attn_kvpacked_func", "flash_attn_varlen_func",
-           "flash_attn_varlen_qkvpacked_func", "flash_attn_varlen_kvpacked_func", "install"]
+           "flash_attn_varlen_qkvpacked_func", "flash_attn_varlen_kvpacked_func", "flash_attn_with_kvcache",
+           "install"]

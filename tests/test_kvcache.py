@@ -1,0 +1,156 @@
+"""seqused_k (how many of each sequence's keys take part) and flash_attn_with_kvcache on it: against
+float64 attention over each sequence's used keys, with the same accuracy rule as every path; the
+in-place append into the caches; and the arguments it refuses."""
+import pytest
+import torch
+
+from conftest import DEVICES, HAS_CUDA
+from cuflash_attn.flash_attn_interface import flash_attn_with_kvcache
+from reference import LOW_PRECISION, assert_close_to_reference, assert_lse_close, attention_reference
+
+ops = torch.ops.cuflash_attn
+DTYPES = [torch.float64, torch.float32] + [pytest.param(t, marks=pytest.mark.skipif(not HAS_CUDA, reason="CUDA"))
+                                           for t in LOW_PRECISION]
+
+
+def per_sequence_reference(q, k, v, used, causal, dtype, dout=None):
+    """out, lse (and dq, dk, dv with dout) in dtype, sequence b over its first used[b] keys
+    (bottom-right aligned); keys past them get gradient 0."""
+    outs, lses, grads = [], [], [[], [], []]
+    for b in range(q.shape[0]):
+        n = int(used[b])
+        qb, kb, vb = (t[b:b + 1].detach().to(dtype).requires_grad_(dout is not None) for t in (q, k[:, :, :n], v[:, :, :n]))
+        out, lse = attention_reference(qb, kb, vb, causal, bottom_right=True, dtype=dtype)
+        outs.append(out)
+        lses.append(lse)
+        if dout is not None:
+            dqb, dkb, dvb = torch.autograd.grad(out, (qb, kb, vb), dout[b:b + 1].to(dtype))
+            pad = (0, 0, 0, k.shape[2] - n)
+            grads[0].append(dqb)
+            grads[1].append(torch.nn.functional.pad(dkb, pad))
+            grads[2].append(torch.nn.functional.pad(dvb, pad))
+    results = [torch.cat(outs), torch.cat(lses)]
+    return results + [torch.cat(g) for g in grads] if dout is not None else results
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("d", [64, 128])
+@pytest.mark.parametrize("causal", [False, True])
+def test_seqused_k_matches_reference(device, dtype, d, causal):
+    """Padded batch, GQA; sequences using none, some, all and more than all (clamped) of the keys,
+    with more queries than used keys under the causal mask (rows that see no key); forward and
+    backward (keys past the used ones: gradient 0)."""
+    if device == "cpu" and dtype in LOW_PRECISION:
+        pytest.skip("the low-precision kernels are CUDA's")
+    torch.manual_seed(0)
+    nq, nk = 37, 300
+    q = torch.randn(5, 4, nq, d, device=device, dtype=dtype, requires_grad=True)
+    k, v = (torch.randn(5, 2, nk, d, device=device, dtype=dtype, requires_grad=True) for _ in range(2))
+    used = torch.tensor([0, 1, 150, 300, 1000], dtype=torch.int32, device=device)
+    clamped = used.clamp(max=nk)
+    dout = torch.randn_like(q)
+    out, lse = ops.fwd(q, k, v, None, causal, True, seqused_k=used)
+    got = (out, lse, *torch.autograd.grad(out, (q, k, v), dout))
+    ref = per_sequence_reference(q, k, v, clamped, causal, torch.float64, dout)
+    pt = per_sequence_reference(q, k, v, clamped, causal, dtype, dout)
+    assert_lse_close(got[1], ref[1], dtype)
+    for name, g, r, p in zip(("out", "dq", "dk", "dv"), got[:1] + got[2:], ref[:1] + ref[2:], pt[:1] + pt[2:]):
+        assert_close_to_reference(name, g, r, p, dtype, factor=2 if name == "out" else 3)
+    assert not got[3][2, :, 150:].any() and not got[4][0].any()  # dk, dv of keys past the used ones
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_seqused_k_is_checked(device):
+    q, k, v = (torch.randn(2, 2, 8, 16, device=device) for _ in range(3))
+    for bad, error, match in ((torch.tensor([3, 4], device=device), TypeError, "seqused_k must have dtype int32"),
+                              (torch.tensor([3], dtype=torch.int32, device=device), ValueError, r"shape \[batch\]"),
+                              (torch.tensor([[3, 4]], dtype=torch.int32, device=device), ValueError, "seqused_k")):
+        with pytest.raises(error, match=match):
+            ops.fwd(q, k, v, seqused_k=bad)
+    if HAS_CUDA:
+        other = "cpu" if device == "cuda" else "cuda"
+        with pytest.raises(ValueError, match="seqused_k must be on the same device as q"):
+            ops.fwd(q, k, v, seqused_k=torch.tensor([3, 4], dtype=torch.int32, device=other))
+
+
+def cache_case(device, dtype, batch=3, seqlen_cache=40, heads_kv=2, heads_q=4, d=64, seqlen_q=3, seqlen_new=3):
+    torch.manual_seed(1)
+    q = torch.randn(batch, seqlen_q, heads_q, d, device=device, dtype=dtype)
+    k_cache, v_cache = (torch.randn(batch, seqlen_cache, heads_kv, d, device=device, dtype=dtype) for _ in range(2))
+    k, v = (torch.randn(batch, seqlen_new, heads_kv, d, device=device, dtype=dtype) for _ in range(2))
+    return q, k_cache, v_cache, k, v
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("lengths", ["int", "tensor"])
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("batch_idx", [False, True])
+def test_kvcache_appends_and_attends(device, dtype, lengths, causal, batch_idx):
+    """k and v written into the caches at cache_seqlens (nothing else in them changes), then q
+    attends to each sequence's keys up to the new ones; cache_batch_idx picks the cache rows."""
+    if device == "cpu" and dtype in LOW_PRECISION:
+        pytest.skip("the low-precision kernels are CUDA's")
+    q, k_cache, v_cache, k, v = cache_case(device, dtype)
+    batch, seqlen_new = q.shape[0], k.shape[1]
+    cache_seqlens = 5 if lengths == "int" else torch.tensor([0, 17, 37], dtype=torch.int32, device=device)
+    idx = torch.tensor([2, 0, 1], dtype=torch.int32, device=device) if batch_idx else None
+    rows = idx.long().tolist() if batch_idx else list(range(batch))
+    starts = [cache_seqlens] * batch if lengths == "int" else cache_seqlens.tolist()
+    k_before, v_before = k_cache.clone(), v_cache.clone()
+    out, lse = flash_attn_with_kvcache(q, k_cache, v_cache, k, v, cache_seqlens=cache_seqlens, cache_batch_idx=idx,
+                                       causal=causal, return_softmax_lse=True)
+    expected_k, expected_v = k_before.clone(), v_before.clone()
+    for b, (row, start) in enumerate(zip(rows, starts)):
+        expected_k[row, start:start + seqlen_new] = k[b]
+        expected_v[row, start:start + seqlen_new] = v[b]
+    assert torch.equal(k_cache, expected_k) and torch.equal(v_cache, expected_v)
+    kc, vc = (t[rows].transpose(1, 2) for t in (expected_k, expected_v))
+    used = torch.tensor([s + seqlen_new for s in starts])
+    ref = per_sequence_reference(q.transpose(1, 2), kc, vc, used, causal, torch.float64)
+    pt = per_sequence_reference(q.transpose(1, 2), kc, vc, used, causal, dtype)
+    assert_close_to_reference("out", out.transpose(1, 2), ref[0], pt[0], dtype, factor=2)
+    assert_lse_close(lse, ref[1], dtype)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_kvcache_without_new_keys(device):
+    """No k, v: attention over the first cache_seqlens keys (or all of them when None); the
+    caches are not written."""
+    q, k_cache, v_cache, _, _ = cache_case(device, torch.float64)
+    before = k_cache.clone(), v_cache.clone()
+    lengths = torch.tensor([1, 40, 9], dtype=torch.int32, device=device)
+    for cache_seqlens, used in ((lengths, lengths.tolist()), (None, [40] * 3)):
+        out = flash_attn_with_kvcache(q, k_cache, v_cache, cache_seqlens=cache_seqlens, causal=True)
+        ref = per_sequence_reference(q.transpose(1, 2), k_cache.transpose(1, 2), v_cache.transpose(1, 2), used, True,
+                                     torch.float64)
+        assert_close_to_reference("out", out.transpose(1, 2), ref[0], ref[0], torch.float64, factor=2)
+    assert torch.equal(k_cache, before[0]) and torch.equal(v_cache, before[1])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_kvcache_refuses(device):
+    q, k_cache, v_cache, k, v = cache_case(device, torch.float32)
+    before = k_cache.clone()
+    cases = [
+        (dict(block_table=torch.zeros(3, 1, dtype=torch.int32)), NotImplementedError, "block_table"),
+        (dict(cache_leftpad=torch.zeros(3, dtype=torch.int32)), NotImplementedError, "cache_leftpad"),
+        (dict(rotary_cos=torch.zeros(40, 32), rotary_sin=torch.zeros(40, 32)), NotImplementedError, "rotary_cos"),
+        (dict(k=k), ValueError, "k and v must be given together"),
+        (dict(k=k, v=v), ValueError, "which must be given"),
+        (dict(k=k, v=v, cache_seqlens=38), ValueError, r"cache_seqlens must be in \[0, 37\]"),
+        (dict(k=k, v=v, cache_seqlens=-1), ValueError, "cache_seqlens must be in"),
+        (dict(k=k, v=v, cache_seqlens=torch.tensor([0, 38, 1], dtype=torch.int32, device=device)), ValueError,
+         r"values in \[0, 38\]"),
+        (dict(cache_seqlens=torch.tensor([1, 2, 3], device=device)), ValueError, "cache_seqlens must be an int32"),
+        (dict(cache_seqlens=2.0), TypeError, "cache_seqlens must be an int"),
+        (dict(k=k.double(), v=v, cache_seqlens=1), ValueError, "k must be"),
+        (dict(cache_batch_idx=torch.tensor([0, 1], dtype=torch.int32, device=device)), ValueError, "cache_batch_idx"),
+    ]
+    for kwargs, error, match in cases:
+        with pytest.raises(error, match=match):
+            flash_attn_with_kvcache(q, k_cache, v_cache, **kwargs)
+    with pytest.raises(ValueError, match="k_cache and v_cache must have the same shape"):
+        flash_attn_with_kvcache(q, k_cache, v_cache[:, :20])
+    assert torch.equal(k_cache, before), "a refused call wrote the cache"
