@@ -46,6 +46,7 @@ runs=(
   "fp32||tests/test_fp32_paths.py|"
   "edge_cases||tests/test_edge_cases.py|cuda"
   "bad_input||tests/test_bad_input.py tests/test_ops.py|not debug"
+  "kvcache||tests/test_kvcache.py|"
 )
 if [ -n "${GPU_SM90_GROUPS-}" ]; then
   chosen=()
