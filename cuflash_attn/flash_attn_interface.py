@@ -190,29 +190,59 @@ def flash_attn_varlen_kvpacked_func(q, kv, cu_seqlens_q, cu_seqlens_k, max_seqle
 _CACHE = ("batch_cache", "seqlen_cache", "heads_kv", "head_dim")
 
 
-def _cache_lengths(cache_seqlens, batch, seqlen_cache, seqlen_new, device):
-    """cache_seqlens (an int, or int32 [batch]) as an int32 tensor on device; with new keys to
-    append (seqlen_new > 0), checked to leave room for them (a tensor's check reads it back: one
-    host sync, the price of an append that cannot write out of bounds)."""
+def _cache_lengths(cache_seqlens, batch, seqlen_cache, seqlen_new, device, need_max):
+    """cache_seqlens (an int, or int32 [batch]) as an int32 tensor on device, and its largest value
+    where need_max or new keys are appended (a tensor's is read back: one host sync, the price of
+    an append, or rotary positions, that cannot index out of bounds), else None; with new keys,
+    checked to leave room for them."""
     if isinstance(cache_seqlens, bool) or not isinstance(cache_seqlens, (int, torch.Tensor)):
         raise TypeError(f"cuflash_attn: cache_seqlens must be an int or an int32 tensor [batch], got "
                         f"{type(cache_seqlens).__name__}")
+    room = f"[0, {seqlen_cache - seqlen_new}] (seqlen_cache {seqlen_cache} less the {seqlen_new} new keys)"
     if isinstance(cache_seqlens, int):
         if not 0 <= cache_seqlens <= seqlen_cache - seqlen_new:
-            raise ValueError(f"cuflash_attn: cache_seqlens must be in [0, {seqlen_cache - seqlen_new}] (seqlen_cache "
-                             f"{seqlen_cache} less the {seqlen_new} new keys), got {cache_seqlens}")
-        return torch.full((batch,), cache_seqlens, dtype=torch.int32, device=device)
+            raise ValueError(f"cuflash_attn: cache_seqlens must be in {room}, got {cache_seqlens}")
+        return torch.full((batch,), cache_seqlens, dtype=torch.int32, device=device), cache_seqlens
     if cache_seqlens.dtype != torch.int32 or tuple(cache_seqlens.shape) != (batch,):
         raise ValueError(f"cuflash_attn: cache_seqlens must be an int32 tensor [batch] = [{batch}], got "
                          f"{cache_seqlens.dtype} {tuple(cache_seqlens.shape)}")
     if cache_seqlens.device != device:
         raise ValueError(f"cuflash_attn: cache_seqlens must be on q's device ({device}), got {cache_seqlens.device}")
-    if seqlen_new > 0 and batch > 0:
-        low, high = (int(x) for x in torch.aminmax(cache_seqlens))
-        if low < 0 or high > seqlen_cache - seqlen_new:
-            raise ValueError(f"cuflash_attn: cache_seqlens must be in [0, {seqlen_cache - seqlen_new}] (seqlen_cache "
-                             f"{seqlen_cache} less the {seqlen_new} new keys), got values in [{low}, {high}]")
-    return cache_seqlens
+    if batch == 0 or not (need_max or seqlen_new > 0):
+        return cache_seqlens, None
+    low, high = (int(x) for x in torch.aminmax(cache_seqlens))
+    if seqlen_new > 0 and (low < 0 or high > seqlen_cache - seqlen_new):
+        raise ValueError(f"cuflash_attn: cache_seqlens must be in {room}, got values in [{low}, {high}]")
+    return cache_seqlens, high
+
+
+def _rotary(x, cos, sin, positions, interleaved):
+    """x [batch, seqlen, heads, head_dim] rotated at positions [batch, seqlen], as flash_attn's
+    apply_rotary_emb: its first 2 * cos.shape[1] dimensions, in pairs (2i, 2i + 1) when
+    interleaved (GPT-J), else (i, i + cos.shape[1]) (GPT-NeoX), computed in float32 (float64 for
+    float64 inputs) and rounded once to x's dtype."""
+    compute = torch.float64 if x.dtype == torch.float64 else torch.float32
+    half = cos.shape[1]
+    c, s = (t.to(compute)[positions][:, :, None, :] for t in (cos, sin))  # [batch, seqlen, 1, half]
+    rot = x[..., :2 * half].to(compute)
+    x1, x2 = (rot[..., 0::2], rot[..., 1::2]) if interleaved else (rot[..., :half], rot[..., half:])
+    r1, r2 = x1 * c - x2 * s, x1 * s + x2 * c
+    rotated = torch.stack((r1, r2), dim=-1).flatten(-2) if interleaved else torch.cat((r1, r2), dim=-1)
+    return torch.cat((rotated.to(x.dtype), x[..., 2 * half:]), dim=-1)
+
+
+def _check_rotary(rotary_cos, rotary_sin, head_dim, device):
+    if (rotary_cos is None) != (rotary_sin is None):
+        raise ValueError("cuflash_attn: rotary_cos and rotary_sin must be given together")
+    for name, t in (("rotary_cos", rotary_cos), ("rotary_sin", rotary_sin)):
+        _check_tensor(name, t, ("seqlen_ro", "rotary_dim / 2"))
+        if not t.is_floating_point() or t.device != device:
+            raise ValueError(f"cuflash_attn: {name} must be a floating-point tensor on q's device ({device}), got "
+                             f"{t.dtype} on {t.device}")
+    if rotary_cos.shape != rotary_sin.shape or not 0 < 2 * rotary_cos.shape[1] <= head_dim:
+        raise ValueError(f"cuflash_attn: rotary_cos and rotary_sin must both be [seqlen_ro, rotary_dim / 2] with "
+                         f"rotary_dim <= head_dim ({head_dim}), got {tuple(rotary_cos.shape)} and "
+                         f"{tuple(rotary_sin.shape)}")
 
 
 def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None, rotary_sin=None,
@@ -223,14 +253,16 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
     head_dim]; k_cache, v_cache: [batch_cache, seqlen_cache, heads_kv, head_dim]; cache_seqlens:
     an int or int32 [batch], the keys each sequence has in the cache (None: all of them). With k
     and v ([batch, seqlen_new, heads_kv, head_dim]) they are first written into the caches, in
-    place, at cache_seqlens .. cache_seqlens + seqlen_new, and attended to. cache_batch_idx (int32
-    [batch]): the cache row of each sequence (then the cache rows are gathered, a copy). Causal
-    masks and windows are aligned bottom-right to each sequence's keys. Returns out [batch,
-    seqlen_q, heads_q, head_dim], and with return_softmax_lse also lse [batch, heads_q, seqlen_q].
-    Not supported (NotImplementedError): block_table (a paged cache), cache_leftpad, rotary_cos
-    and rotary_sin (apply the rotary embedding to q and k first); num_splits is a hint, ignored."""
-    for name, given in (("block_table", block_table), ("cache_leftpad", cache_leftpad),
-                        ("rotary_cos", rotary_cos), ("rotary_sin", rotary_sin)):
+    place, at cache_seqlens .. cache_seqlens + seqlen_new, and attended to. rotary_cos, rotary_sin
+    ([seqlen_ro, rotary_dim / 2]): k rotated at positions cache_seqlens + i before it is written, q
+    at cache_seqlens + i when causal or windowed, else at cache_seqlens (flash_attn's rule;
+    rotary_interleaved picks the pairs). cache_batch_idx (int32 [batch]): the cache row of each
+    sequence (then the cache rows are gathered, a copy). Causal masks and windows are aligned
+    bottom-right to each sequence's keys. Returns out [batch, seqlen_q, heads_q, head_dim], and
+    with return_softmax_lse also lse [batch, heads_q, seqlen_q]. Not supported
+    (NotImplementedError): block_table (a paged cache) and cache_leftpad; num_splits is a hint,
+    ignored."""
+    for name, given in (("block_table", block_table), ("cache_leftpad", cache_leftpad)):
         if given is not None:
             raise NotImplementedError(f"cuflash_attn: flash_attn_with_kvcache does not support {name}")
     _check_tensor("q", q, _PADDED)
@@ -243,7 +275,10 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
         raise ValueError("cuflash_attn: k and v must be given together")
     _check_scalars("softmax_scale", softmax_scale, softcap, 0.0, alibi_slopes)
     window_left, window_right = _window(window_size)
-    batch, seqlen_cache = q.shape[0], k_cache.shape[1]
+    rotary = rotary_cos is not None or rotary_sin is not None
+    if rotary:
+        _check_rotary(rotary_cos, rotary_sin, q.shape[-1], q.device)
+    batch, seqlen_q, seqlen_cache = q.shape[0], q.shape[1], k_cache.shape[1]
     rows = None
     if cache_batch_idx is not None:
         _check_tensor("cache_batch_idx", cache_batch_idx, ("batch",))
@@ -268,15 +303,29 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
         if cache_seqlens is None:
             raise ValueError("cuflash_attn: k and v are written at cache_seqlens, which must be given")
     used = None
+    lengths, high = torch.zeros(batch, dtype=torch.int32, device=q.device), 0
     if cache_seqlens is not None:
-        lengths = _cache_lengths(cache_seqlens, batch, seqlen_cache, seqlen_new, q.device)
-        if seqlen_new > 0:  # the new keys into the caches, in place
-            cache_rows = (rows if rows is not None else torch.arange(batch, device=k_cache.device))[:, None]
-            positions = lengths.to(device=k_cache.device, dtype=torch.long)[:, None] + \
-                torch.arange(seqlen_new, device=k_cache.device)
-            k_cache[cache_rows, positions] = k
-            v_cache[cache_rows, positions] = v
+        lengths, high = _cache_lengths(cache_seqlens, batch, seqlen_cache, seqlen_new, q.device, rotary)
         used = lengths + seqlen_new
+    if rotary:
+        # Positions past the table would index out of it: checked against the largest length.
+        q_steps = seqlen_q if causal or window_left >= 0 or window_right >= 0 else 1
+        last = (high or 0) + max(seqlen_new, q_steps) - 1
+        if batch > 0 and last >= rotary_cos.shape[0]:
+            raise ValueError(f"cuflash_attn: rotary_cos and rotary_sin have {rotary_cos.shape[0]} positions, and "
+                             f"position {last} is needed (cache_seqlens + the new or query tokens)")
+        offsets = lengths.long()[:, None]
+        q_positions = offsets + (torch.arange(seqlen_q, device=q.device) if q_steps > 1 else 0)
+        q = _rotary(q, rotary_cos, rotary_sin, q_positions.expand(batch, seqlen_q), rotary_interleaved)
+        if k is not None:
+            k = _rotary(k, rotary_cos, rotary_sin, offsets + torch.arange(seqlen_new, device=q.device),
+                        rotary_interleaved)
+    if seqlen_new > 0:  # the new keys into the caches, in place
+        cache_rows = (rows if rows is not None else torch.arange(batch, device=k_cache.device))[:, None]
+        positions = lengths.to(device=k_cache.device, dtype=torch.long)[:, None] + \
+            torch.arange(seqlen_new, device=k_cache.device)
+        k_cache[cache_rows, positions] = k
+        v_cache[cache_rows, positions] = v
     kc, vc = (k_cache, v_cache) if rows is None else (k_cache.index_select(0, rows), v_cache.index_select(0, rows))
     out, lse = _ops.fwd(q.transpose(1, 2), kc.transpose(1, 2), vc.transpose(1, 2), softmax_scale, bool(causal), True,
                         window_left, window_right, float(softcap), alibi_slopes, seqused_k=used)

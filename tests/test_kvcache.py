@@ -1,6 +1,7 @@
 """seqused_k (how many of each sequence's keys take part) and flash_attn_with_kvcache on it: against
 float64 attention over each sequence's used keys, with the same accuracy rule as every path; the
-in-place append into the caches; and the arguments it refuses."""
+in-place append into the caches; the rotary embedding (against complex multiplication); and the
+arguments it refuses."""
 import pytest
 import torch
 
@@ -136,7 +137,11 @@ def test_kvcache_refuses(device):
     cases = [
         (dict(block_table=torch.zeros(3, 1, dtype=torch.int32)), NotImplementedError, "block_table"),
         (dict(cache_leftpad=torch.zeros(3, dtype=torch.int32)), NotImplementedError, "cache_leftpad"),
-        (dict(rotary_cos=torch.zeros(40, 32), rotary_sin=torch.zeros(40, 32)), NotImplementedError, "rotary_cos"),
+        (dict(rotary_cos=torch.zeros(40, 16, device=device)), ValueError, "rotary_cos and rotary_sin must be given"),
+        (dict(rotary_cos=torch.zeros(40, 40, device=device), rotary_sin=torch.zeros(40, 40, device=device)),
+         ValueError, r"rotary_dim <= head_dim \(64\)"),
+        (dict(k=k, v=v, cache_seqlens=36, rotary_cos=torch.zeros(38, 16, device=device),
+              rotary_sin=torch.zeros(38, 16, device=device)), ValueError, "position 38 is needed"),
         (dict(k=k), ValueError, "k and v must be given together"),
         (dict(k=k, v=v), ValueError, "which must be given"),
         (dict(k=k, v=v, cache_seqlens=38), ValueError, r"cache_seqlens must be in \[0, 37\]"),
@@ -154,3 +159,55 @@ def test_kvcache_refuses(device):
     with pytest.raises(ValueError, match="k_cache and v_cache must have the same shape"):
         flash_attn_with_kvcache(q, k_cache, v_cache[:, :20])
     assert torch.equal(k_cache, before), "a refused call wrote the cache"
+
+
+def rotate_reference(x, cos, sin, positions, interleaved):
+    """flash_attn's rotary embedding as complex multiplication, in float64: x [batch, seqlen,
+    heads, head_dim] at positions [batch, seqlen]; pairs (2i, 2i + 1) or (i, i + half)."""
+    half = cos.shape[1]
+    x = x.double()
+    angle = torch.complex(cos.double(), sin.double())[positions][:, :, None, :]
+    pairs = x[..., :2 * half]
+    if interleaved:
+        z = torch.complex(pairs[..., 0::2], pairs[..., 1::2]) * angle
+        rotated = torch.stack((z.real, z.imag), dim=-1).flatten(-2)
+    else:
+        z = torch.complex(pairs[..., :half], pairs[..., half:]) * angle
+        rotated = torch.cat((z.real, z.imag), dim=-1)
+    return torch.cat((rotated, x[..., 2 * half:]), dim=-1)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("interleaved", [True, False])
+@pytest.mark.parametrize("causal", [False, True])
+def test_kvcache_rotary(device, dtype, interleaved, causal):
+    """k rotated at cache_seqlens + i before it is written; q at cache_seqlens + i when causal,
+    else at cache_seqlens; a rotary_dim below head_dim leaves the rest as it is."""
+    if device == "cpu" and dtype in LOW_PRECISION:
+        pytest.skip("the low-precision kernels are CUDA's")
+    q, k_cache, v_cache, k, v = cache_case(device, dtype)
+    batch, seqlen_q, seqlen_new = q.shape[0], q.shape[1], k.shape[1]
+    theta = torch.arange(60, dtype=torch.float64)[:, None] * 0.1 ** torch.linspace(0, 4, 24, dtype=torch.float64)
+    cos, sin = (f(theta).to(device=device, dtype=torch.float32) for f in (torch.cos, torch.sin))  # rotary_dim 48
+    cache_seqlens = torch.tensor([0, 11, 37], dtype=torch.int32, device=device)
+    k_before, v_before = k_cache.clone(), v_cache.clone()
+    out = flash_attn_with_kvcache(q, k_cache, v_cache, k, v, cos, sin, cache_seqlens=cache_seqlens, causal=causal,
+                                  rotary_interleaved=interleaved)
+    offsets = cache_seqlens.long()[:, None]
+    k_rot = rotate_reference(k, cos, sin, offsets + torch.arange(seqlen_new, device=device), interleaved)
+    q_positions = offsets + (torch.arange(seqlen_q, device=device) if causal else torch.zeros(seqlen_q, dtype=torch.long,
+                                                                                              device=device))
+    q_rot = rotate_reference(q, cos, sin, q_positions, interleaved)
+    expected_k = k_before.double()
+    for b, start in enumerate(cache_seqlens.tolist()):
+        expected_k[b, start:start + seqlen_new] = k_rot[b]
+        assert torch.equal(v_cache[b, start:start + seqlen_new], v[b])
+    tol = 1e-12 if dtype == torch.float64 else 1e-5 if dtype == torch.float32 else 1e-2
+    assert (k_cache.double() - expected_k).abs().max().item() <= tol * expected_k.abs().max().item()
+    used = (cache_seqlens + seqlen_new).tolist()
+    ref = per_sequence_reference(q_rot.transpose(1, 2), expected_k.transpose(1, 2), v_cache.double().transpose(1, 2),
+                                 used, causal, torch.float64)
+    pt = per_sequence_reference(q_rot.to(dtype).transpose(1, 2), k_cache.transpose(1, 2), v_cache.transpose(1, 2),
+                                used, causal, dtype)
+    assert_close_to_reference("out", out.transpose(1, 2), ref[0], pt[0], dtype, factor=2)
