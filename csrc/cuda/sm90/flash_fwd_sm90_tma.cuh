@@ -28,11 +28,18 @@ namespace cuflash::sm90 {
 // last one's P V and output run, with O staged in a buffer of its own (the padded staging tile
 // does not fit in Q's buffer; at D=256 it does not fit at all). It pays where tiles are short,
 // so that the 3-D grid's per-CTA prologue and epilogue show (benchmarks/NOTES.md).
-template <typename T, int kHeadDim, bool kWide, bool kPersistent = false>
+// kSmallCtas (EXPERIMENTAL, CUFLASH_FWD_SMALL_CTAS=1, the persistent kernel at head dim 64; NOT
+// YET RUN on a GPU): one consumer warpgroup (64 query rows) a CTA and two CTAs an SM, cuDNN's
+// 64 x 128 tile: the two CTAs' tile boundaries (the first S alone, the Q load, the epilogue) and
+// softmaxes overlap the other's matmuls without turn-taking, where one CTA's two consumers meet
+// their tile boundaries together. K and V are loaded once per 64 rows instead of 128.
+template <typename T, int kHeadDim, bool kWide, bool kPersistent = false, bool kSmallCtas = false>
 struct FwdSm90TmaKernel {
   static constexpr bool kHasPersistent = kHeadDim <= 128;
   static_assert(kHasPersistent || !kPersistent, "no room to stage O beside the tiles at head dim 256");
-  static constexpr int kConsumers = kWide && kHeadDim <= 64 ? 3 : 2;
+  static_assert(!kSmallCtas || (kPersistent && !kWide && kHeadDim == 64), "small CTAs: the persistent D=64 kernel");
+  static constexpr int kCtasPerSm = kSmallCtas ? 2 : 1;
+  static constexpr int kConsumers = kSmallCtas ? 1 : kWide && kHeadDim <= 64 ? 3 : 2;
   static constexpr int kThreads = 128 * (kConsumers + 1), kBlockM = 64 * kConsumers;
   static constexpr int kBlockN = kHeadDim <= 64 ? 128 : kHeadDim <= 128 ? (kWide ? 192 : 128) : (kWide ? 80 : 64);
   static constexpr int kStages = 2;
@@ -43,9 +50,10 @@ struct FwdSm90TmaKernel {
   // + 1024: the swizzle atoms must start on 1024-byte boundaries; the base is aligned by hand.
   static constexpr int kSmemBytes = kQBytes + 2 * kStages * kKVBytes + kStagingBytes + kBarriers * 8 + 1024;
   // setmaxnreg: the producer's registers go to the consumers (65536 per SM in all).
-  static constexpr int kProducerRegs = kConsumers == 2 ? 24 : 32, kConsumerRegs = kConsumers == 2 ? 240 : 160;
-  static_assert(fits_launch_registers<kThreads>(kProducerRegs, kConsumerRegs), "setmaxnreg's split");
-  static_assert(kSmemBytes <= 227 * 1024, "shared memory per block");
+  static constexpr int kProducerRegs = kConsumers == 3 ? 32 : 24;
+  static constexpr int kConsumerRegs = kConsumers == 3 ? 160 : kConsumers == 2 ? 240 : 232;
+  static_assert(fits_launch_registers<kThreads, kCtasPerSm>(kProducerRegs, kConsumerRegs), "setmaxnreg's split");
+  static_assert(kSmemBytes <= 227 * 1024 && kCtasPerSm * (kSmemBytes + 1024) <= 228 * 1024, "shared memory");
 };
 
 // One tile's work: its query block, head and batch, and the key blocks its rows see.
@@ -59,12 +67,13 @@ struct TmaTile {
 
 // kFeatures: softcap, ALiBi, attn_mask or dropout may be on (CUFLASH_SM90's "features" part, a
 // default), in the consumers' softmax step as in the other forwards.
-template <typename T, int kHeadDim, bool kWide, bool kFeatures, bool kPersistent>
-__global__ void __launch_bounds__(FwdSm90TmaKernel<T, kHeadDim, kWide, kPersistent>::kThreads, 1)
+template <typename T, int kHeadDim, bool kWide, bool kFeatures, bool kPersistent, bool kSmallCtas>
+__global__ void __launch_bounds__(FwdSm90TmaKernel<T, kHeadDim, kWide, kPersistent, kSmallCtas>::kThreads,
+                                  FwdSm90TmaKernel<T, kHeadDim, kWide, kPersistent, kSmallCtas>::kCtasPerSm)
     flash_fwd_sm90_tma_kernel(const FlashFwdParams p, const __grid_constant__ CUtensorMap map_q,
                               const __grid_constant__ CUtensorMap map_k, const __grid_constant__ CUtensorMap map_v) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
-  using K = FwdSm90TmaKernel<T, kHeadDim, kWide, kPersistent>;
+  using K = FwdSm90TmaKernel<T, kHeadDim, kWide, kPersistent, kSmallCtas>;
   constexpr int kBlockM = K::kBlockM, kBlockN = K::kBlockN, kStages = K::kStages;
   constexpr int kPanels = kHeadDim / 64, kConsumerThreads = 128 * K::kConsumers;
   extern __shared__ char smem_raw[];
@@ -225,10 +234,16 @@ __global__ void __launch_bounds__(FwdSm90TmaKernel<T, kHeadDim, kWide, kPersiste
   auto desc_v = [&](int stage) { return opaque(desc_v0) + ((stage * K::kKVBytes) >> 4); };
   // Turns: the consumers take turns issuing their wgmmas, in a ring (named barrier 2 + c is
   // consumer c's turn, signalled by the consumer before it), so that one's softmax runs while
-  // another's matmuls hold the tensor cores. Consumer 0 goes first in every tile.
+  // another's matmuls hold the tensor cores. Consumer 0 goes first in every tile. (kSmallCtas:
+  // one consumer, no turns; the other CTA on the SM is the one it alternates with.)
+  constexpr bool kTurns = K::kConsumers > 1;
   constexpr int kTurnThreads = 2 * 128;  // the warpgroup that waits and the one that signals
-  auto my_turn = [&] { named_barrier_sync<kTurnThreads>(2 + consumer); };
-  auto your_turn = [&] { named_barrier_arrive<kTurnThreads>(2 + (consumer + 1) % K::kConsumers); };
+  auto my_turn = [&] {
+    if constexpr (kTurns) named_barrier_sync<kTurnThreads>(2 + consumer);
+  };
+  auto your_turn = [&] {
+    if constexpr (kTurns) named_barrier_arrive<kTurnThreads>(2 + (consumer + 1) % K::kConsumers);
+  };
   auto release_q = [&] {  // persistent: this warp's wgmmas are done reading Q
     __syncwarp();
     if (lane == 0) mbarrier_arrive(q_empty);
@@ -263,7 +278,7 @@ __global__ void __launch_bounds__(FwdSm90TmaKernel<T, kHeadDim, kWide, kPersiste
       mbarrier_wait(q_full, q_loads++ & 1);
       // The last consumer's first signal of the tile: after its q_full wait, so that it cannot
       // meet on barrier 2 the previous tile's last signal, which consumer 0 takes at that tile's end.
-      if (consumer == K::kConsumers - 1) named_barrier_arrive<kTurnThreads>(2);
+      if (kTurns && consumer == K::kConsumers - 1) named_barrier_arrive<kTurnThreads>(2);
       {  // step 0: S only
         mbarrier_wait(&k_full[stage_of(0)], full_parity(0));
         WarpAcc<kBlockN> s;
@@ -347,9 +362,9 @@ bool wide_rows(const FlashFwdParams& p) {
 struct AttentionTmaMaps {
   CUtensorMap q, k, v;
 };
-template <typename T, int kHeadDim, bool kWide>
+// K: the kernel's FwdSm90TmaKernel (its tile is the boxes').
+template <typename T, class K>
 bool encode_fwd_tma_maps(const FlashFwdParams& p, AttentionTmaMaps* maps) {
-  using K = FwdSm90TmaKernel<T, kHeadDim, kWide>;
   const AttentionShape& sh = p.shape;
   constexpr bool kBf16 = std::is_same_v<T, __nv_bfloat16>;
   return encode_attention_map(&maps->q, p.q, kBf16, p.q_strides, sh.batch, sh.heads_q, sh.seqlen_q, sh.head_dim,

@@ -182,13 +182,15 @@ __device__ __forceinline__ void stmatrix_x4_trans(uint32_t addr, const uint32_t 
 }
 // Warp-specialized kernels move registers from the producer warpgroup to the consumers; every
 // thread of the warpgroup executes it.
-// The pool they share is what the CTA (one per SM, __launch_bounds__(kThreads, 1)) holds at
-// launch: 65536 / kThreads per thread, rounded down to a multiple of 8 (what ptxas gives these
-// kernels, whose register use exceeds it before the split; a -maxrregcount below it would break
-// this). A split asking for more than that makes setmaxnreg.inc wait forever.
-template <int kThreads>
+// The pool they share is what the CTA (kCtasPerSm of them an SM, __launch_bounds__(kThreads,
+// kCtasPerSm)) holds at launch: 65536 / (kThreads * kCtasPerSm) per thread, rounded down to a
+// multiple of 8 (what ptxas gives these kernels, whose register use exceeds it before the split;
+// a -maxrregcount below it would break this). A split asking for more than that makes
+// setmaxnreg.inc wait forever.
+template <int kThreads, int kCtasPerSm = 1>
 constexpr bool fits_launch_registers(int producer_regs, int consumer_regs) {
-  constexpr int kLaunchRegs = (65536 / kThreads / 8) * 8 < 248 ? (65536 / kThreads / 8) * 8 : 248;
+  constexpr int kPerThread = (65536 / (kThreads * kCtasPerSm) / 8) * 8;
+  constexpr int kLaunchRegs = kPerThread < 248 ? kPerThread : 248;
   return 128 * (producer_regs + (kThreads / 128 - 1) * consumer_regs) <= kThreads * kLaunchRegs;
 }
 template <int kRegs>
