@@ -127,8 +127,13 @@ bool launch_fwd_tma(const FlashFwdParams& p, bool persistent, cudaStream_t strea
     const dim3 grid = kPersistent ? dim3(static_cast<unsigned>(ctas)) : dim3(m_blocks, sh.heads_q, sh.batch);
     FlashFwdParams kernel_params = p;
     kernel_params.prefetch_next_tile = kPersistent && fwd_prefetch_switch();
-    *err = launch(sm90::flash_fwd_sm90_tma_kernel<T, kHeadDim, kWide, kFeatures, kPersistent, kSmall>, grid,
-                  K::kThreads, K::kSmemBytes, stream, kernel_params, maps.q, maps.k, maps.v);
+    const auto kernel = sm90::flash_fwd_sm90_tma_kernel<T, kHeadDim, kWide, kFeatures, kPersistent, kSmall>;
+    if constexpr (kSmall) {  // two CTAs an SM need the largest shared-memory carveout
+      *err = cudaFuncSetAttribute(kernel, cudaFuncAttributePreferredSharedMemoryCarveout,
+                                  cudaSharedmemCarveoutMaxShared);
+      if (*err != cudaSuccess) return true;
+    }
+    *err = launch(kernel, grid, K::kThreads, K::kSmemBytes, stream, kernel_params, maps.q, maps.k, maps.v);
     return true;
   };
   using Plain = sm90::FwdSm90TmaKernel<T, kHeadDim, false>;
