@@ -13,7 +13,7 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: b
                     window_size: Tuple[int, int] = (-1, -1), softcap: float = 0.0,
                     alibi_slopes: Optional[torch.Tensor] = None, dropout_p: float = 0.0,
                     bottom_right: bool = False, attn_mask: Optional[torch.Tensor] = None,
-                    deterministic: bool = True):
+                    deterministic: bool = True, seqused_k: Optional[torch.Tensor] = None):
     """Exact attention softmax(q k^T * scale) v, forward and backward, on CPU or CUDA.
 
     q: [batch, heads_q, seqlen_q, head_dim]; k, v: [batch, heads_kv, seqlen_k, head_dim] with
@@ -34,7 +34,10 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: b
     probabilities with torch's generator (seeded by torch.manual_seed); the backward regenerates
     the same mask. deterministic=True (the default) makes every gradient bitwise reproducible;
     False lets the backward add dq up with atomics where that is faster (on Hopper, head dims
-    33-64 and 97-128), unless torch.use_deterministic_algorithms(True) is in effect.
+    33-64 and 97-128), unless torch.use_deterministic_algorithms(True) is in effect. seqused_k
+    (int32 [batch], on q's device): how many of each sequence's keys take part, its first ones
+    (clamped to seqlen_k; masks and ALiBi align to them; the others get gradient 0), a padded
+    batch's key lengths or a KV cache's filled lengths, without reading the rest.
 
     Returns out (the layout of q), and with return_lse=True also the logsumexp of the scores,
     [batch, heads_q, seqlen_q] in float32 (float64 for float64 inputs); -inf for a query row that
@@ -52,7 +55,7 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: b
     rng_state = new_rng_state(q.device) if dropout_p > 0.0 else None
     out, lse = _ops.fwd(q, k, v, scale, bool(causal), bool(bottom_right), window_left, window_right,
                         float(softcap), alibi_slopes, float(dropout_p), rng_state, attn_mask=attn_mask,
-                        deterministic=bool(deterministic))
+                        deterministic=bool(deterministic), seqused_k=seqused_k)
     return (out, lse) if return_lse else out
 
 

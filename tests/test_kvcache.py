@@ -211,3 +211,20 @@ def test_kvcache_rotary(device, dtype, interleaved, causal):
     pt = per_sequence_reference(q_rot.to(dtype).transpose(1, 2), k_cache.transpose(1, 2), v_cache.transpose(1, 2),
                                 used, causal, dtype)
     assert_close_to_reference("out", out.transpose(1, 2), ref[0], pt[0], dtype, factor=2)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_flash_attention_takes_seqused_k(device):
+    """The public function passes seqused_k through, and its autograd saves it for the backward
+    (key padding without reading the padding)."""
+    import cuflash_attn
+    torch.manual_seed(2)
+    q = torch.randn(3, 4, 20, 32, device=device, dtype=torch.float64, requires_grad=True)
+    k, v = (torch.randn(3, 2, 50, 32, device=device, dtype=torch.float64, requires_grad=True) for _ in range(2))
+    used = torch.tensor([50, 21, 1], dtype=torch.int32, device=device)
+    dout = torch.randn_like(q)
+    out = cuflash_attn.flash_attention(q, k, v, causal=True, bottom_right=True, seqused_k=used)
+    got = (out, *torch.autograd.grad(out, (q, k, v), dout))
+    ref = per_sequence_reference(q, k, v, used, True, torch.float64, dout)
+    for name, g, r in zip(("out", "dq", "dk", "dv"), got, ref[:1] + ref[2:]):
+        assert_close_to_reference(name, g, r, r, torch.float64, factor=2)
