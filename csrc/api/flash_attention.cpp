@@ -217,7 +217,8 @@ Error check_tensors(const Args& a, const std::array<TensorArg, N>& tensors) {
 // Every pointer must be memory the current device can read: a kernel reading host memory would
 // fault and poison the context, so it is refused here instead.
 template <size_t N>
-Error check_device_memory(const std::array<TensorArg, N>& tensors, const void* lse, bool lse_used) {
+Error check_device_memory(const std::array<TensorArg, N>& tensors, const void* lse, bool lse_used,
+                          const int* seqused_k) {
   int device = 0;
   if (cudaError_t err = cudaGetDevice(&device); err != cudaSuccess) return cuda_failure(err, "cudaGetDevice");
   auto check = [&](const char* name, const void* ptr) -> Error {
@@ -246,6 +247,8 @@ Error check_device_memory(const std::array<TensorArg, N>& tensors, const void* l
   for (const TensorArg& t : tensors)
     if (t.elements() > 0)
       if (Error e = check(t.name, t.data); e != Error::SUCCESS) return e;
+  if (seqused_k != nullptr)
+    if (Error e = check("seqused_k", seqused_k); e != Error::SUCCESS) return e;
   return lse_used ? check("lse", lse) : Error::SUCCESS;
 }
 
@@ -272,6 +275,7 @@ void set_common(AttentionParams& p, const Args& a) {
   p.v_strides = to_kernel(a.v_strides);
   p.stats_strides.batch = int64_t{a.num_heads_q} * a.seqlen_q;  // lse and delta: [batch, heads_q, seqlen_q]
   p.stats_strides.head = a.seqlen_q;
+  p.varlen.seqused_k = a.seqused_k;
 }
 
 FlashFwdParams make_params(const FlashAttentionForwardArgs& a) {
@@ -345,7 +349,7 @@ Error forward(const FlashAttentionForwardArgs& a, cudaStream_t stream) {
                                             key_like("v", a.v, a.v_strides, a, false), o};
   if (Error e = check_tensors(a, tensors); e != Error::SUCCESS) return e;
   if (a.batch_size == 0 || a.num_heads_q == 0 || a.seqlen_q == 0) return succeed();
-  if (Error e = check_device_memory(tensors, a.lse, true); e != Error::SUCCESS) return e;
+  if (Error e = check_device_memory(tensors, a.lse, true, a.seqused_k); e != Error::SUCCESS) return e;
 
   if (a.seqlen_k == 0) {  // no keys: output 0, logsumexp of an empty set
     if (Error e = zero(o, a.dtype, stream); e != Error::SUCCESS) return e;
@@ -374,12 +378,16 @@ Error backward(const FlashAttentionBackwardArgs& a, cudaStream_t stream) {
       return fail(Error::INVALID_ALIGNMENT, "workspace must be 16-byte aligned");
   }
   if (a.batch_size == 0 || a.num_heads_q == 0) return succeed();
-  if (Error e = check_device_memory(tensors, a.lse, a.seqlen_q > 0); e != Error::SUCCESS) return e;
+  if (Error e = check_device_memory(tensors, a.lse, a.seqlen_q > 0, a.seqused_k); e != Error::SUCCESS) return e;
 
   if (a.seqlen_q == 0 || a.seqlen_k == 0) {  // no query sees a key: every gradient is 0
     for (const TensorArg* t : {&dq, &dk, &dv})
       if (Error e = zero(*t, a.dtype, stream); e != Error::SUCCESS) return e;
     return succeed();
+  }
+  if (a.seqused_k != nullptr) {  // keys past a sequence's used ones get gradient 0 (no kernel writes them)
+    for (const TensorArg* t : {&dq, &dk, &dv})
+      if (Error e = zero(*t, a.dtype, stream); e != Error::SUCCESS) return e;
   }
   FlashBwdParams p = make_params(a);
   const WorkspaceLayout layout = workspace_layout(a);

@@ -130,6 +130,10 @@ struct AttentionConfig {
   bool causal_bottom_right = false;  // the diagonal's alignment, for causal masks and windows
   int window_left = -1;
   int window_right = -1;
+  // Optional device memory, int32 [batch_size]: how many of each sequence's keys take part, its
+  // first ones (clamped to [0, seqlen_k]; the diagonal above aligns to that count), e.g. a KV
+  // cache's filled lengths; keys past them get gradient 0. Null: all seqlen_k keys.
+  const int* seqused_k = nullptr;
 };
 
 struct FlashAttentionForwardArgs : AttentionConfig {

@@ -6,8 +6,14 @@
 
 namespace cuflash_test {
 
-bool Problem::visible(int i, int j) const {
-  const int diagonal = bottom_right ? seqlen_k - seqlen_q : 0;
+int Problem::used_keys(int b) const {
+  return seqused_k.empty() ? seqlen_k : std::min(std::max(seqused_k[b], 0), seqlen_k);
+}
+
+bool Problem::visible(int b, int i, int j) const {
+  const int used = used_keys(b);
+  if (j >= used) return false;
+  const int diagonal = bottom_right ? used - seqlen_q : 0;
   const int rel = j - i - diagonal;
   const int right = causal ? 0 : window_right;
   return (right < 0 || rel <= right) && (window_left < 0 || -rel <= window_left);
@@ -47,7 +53,7 @@ Attention attention(const Problem& p, const std::vector<double>& q, const std::v
         const double* dOi = &dout[(q0 + i) * D];
         double m = -std::numeric_limits<double>::infinity();
         for (int j = 0; j < Nk; ++j) {
-          if (!p.visible(i, j)) continue;
+          if (!p.visible(b, i, j)) continue;
           Acc dot = 0;
           for (int d = 0; d < D; ++d) dot += Acc(Qi[d]) * Acc(k_scaled[size_t(j) * D + d]);
           s[j] = R(dot);
@@ -55,9 +61,9 @@ Attention attention(const Problem& p, const std::vector<double>& q, const std::v
         }
         if (m == -std::numeric_limits<double>::infinity()) continue;  // sees no key: zeros, lse -inf
         Acc sum = 0;
-        for (int j = 0; j < Nk; ++j) sum += p.visible(i, j) ? std::exp(Acc(s[j] - m)) : Acc(0);
+        for (int j = 0; j < Nk; ++j) sum += p.visible(b, i, j) ? std::exp(Acc(s[j] - m)) : Acc(0);
         r.lse[q0 + i] = m + std::log(double(sum));
-        for (int j = 0; j < Nk; ++j) prob[j] = p.visible(i, j) ? R(std::exp(Acc(s[j] - m)) / sum) : 0.0;
+        for (int j = 0; j < Nk; ++j) prob[j] = p.visible(b, i, j) ? R(std::exp(Acc(s[j] - m)) / sum) : 0.0;
         double* Oi = &r.out[(q0 + i) * D];
         for (int d = 0; d < D; ++d) {
           Acc acc = 0;

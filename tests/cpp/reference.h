@@ -9,9 +9,12 @@ struct Problem {
   double scale = 0.125;
   bool causal = false, bottom_right = false;
   int window_left = -1, window_right = -1;
+  std::vector<int> seqused_k;  // per sequence, the keys that take part (empty: all)
 
-  // Whether query i sees key j (the API's rule: flash_attention.h, AttentionConfig).
-  bool visible(int i, int j) const;
+  // The keys sequence b uses (seqused_k clamped to [0, seqlen_k]).
+  int used_keys(int b) const;
+  // Whether query i of sequence b sees key j (the API's rule: flash_attention.h, AttentionConfig).
+  bool visible(int b, int i, int j) const;
 };
 
 // Logical [batch, heads, seqlen, head_dim] tensors (lse: [batch, heads_q, seqlen_q]), dense.

@@ -39,6 +39,10 @@ std::string name_of(const Case& c) {
   if (p.causal) n += p.bottom_right ? "_causal_br" : "_causal";
   if (p.window_left >= 0 || p.window_right >= 0)
     n += "_window" + std::to_string(int64_t{p.window_left} + 1) + "_" + std::to_string(int64_t{p.window_right} + 1);
+  if (!p.seqused_k.empty()) {
+    n += "_used";
+    for (int u : p.seqused_k) n += "_" + std::to_string(u);
+  }
   if (c.bshd) n += "_bshd";
   if (c.user_workspace) n += "_workspace_stream";
   return n;
@@ -88,6 +92,9 @@ std::vector<Case> all_cases() {
       c.p.window_left = c.p.window_right = std::numeric_limits<int>::max();
     });
     add(problem(2, 2, 2, 300, 300, 64), causal, [](Case& c) { c.user_workspace = true; });
+    // seqused_k: no keys, some, and more than seqlen_k (clamped) for a sequence; a decoding step.
+    add(problem(3, 2, 2, 40, 200, 64), causal, bottom_right, [](Case& c) { c.p.seqused_k = {0, 77, 500}; });
+    add(problem(2, 4, 2, 1, 300, 128), [](Case& c) { c.p.seqused_k = {1, 256}; });
     add(problem(1, 2, 2, 50, 0, 64));  // no keys: output 0, lse -inf, no attention launch
     add(problem(1, 2, 2, 0, 50, 64));  // no queries: dk = dv = 0
   }
@@ -190,6 +197,7 @@ void run_case(const Case& c) {
   const DeviceBuffer o_dev(q_elems * sizeof(T)), dq_dev(q_elems * sizeof(T)), dk_dev(k_elems * sizeof(T)),
       dv_dev(k_elems * sizeof(T)), lse_dev(size_t(B) * Hq * Nq * sizeof(float));
   for (const DeviceBuffer* out : {&o_dev, &dq_dev, &dk_dev, &dv_dev, &lse_dev}) out->poison();
+  const DeviceBuffer seqused_dev = p.seqused_k.empty() ? DeviceBuffer() : upload(p.seqused_k);
 
   cudaStream_t stream = nullptr;
   DeviceBuffer workspace;
@@ -210,6 +218,7 @@ void run_case(const Case& c) {
     f.scale = static_cast<float>(p.scale);
     f.causal = p.causal, f.causal_bottom_right = p.bottom_right;
     f.window_left = p.window_left, f.window_right = p.window_right;
+    f.seqused_k = p.seqused_k.empty() ? nullptr : seqused_dev.as<const int>();
     f.q = q_dev.get(), f.k = k_dev.get(), f.v = v_dev.get(), f.o = o_dev.get(), f.lse = lse_dev.as<float>();
     f.q_strides = f.o_strides = qs;
     f.k_strides = f.v_strides = ks;
