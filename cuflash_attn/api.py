@@ -36,8 +36,9 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: b
     False lets the backward add dq up with atomics where that is faster (on Hopper, head dims
     33-64 and 97-128), unless torch.use_deterministic_algorithms(True) is in effect. seqused_k
     (int32 [batch], on q's device): how many of each sequence's keys take part, its first ones
-    (clamped to seqlen_k; masks and ALiBi align to them; the others get gradient 0), a padded
-    batch's key lengths or a KV cache's filled lengths, without reading the rest.
+    (clamped to seqlen_k; with bottom_right, masks and ALiBi align to that count; the others get
+    gradient 0), a padded batch's key lengths or a KV cache's filled lengths, without reading
+    the rest.
 
     Returns out (the layout of q), and with return_lse=True also the logsumexp of the scores,
     [batch, heads_q, seqlen_q] in float32 (float64 for float64 inputs); -inf for a query row that
