@@ -564,6 +564,14 @@ TEST(CudaChecks, HostMemoryIsRejected) {
   std::vector<char> host(Memory::kBytes + 16);
   f.v = reinterpret_cast<void*>((reinterpret_cast<uintptr_t>(host.data()) + 15) / 16 * 16);
   expect_error(cuflash::flash_attention_forward(f), E::INVALID_ARGUMENT, "v is host memory");
+  // seqused_k too, forward and backward.
+  f = forward_args(mem, DataType::FLOAT16);
+  std::vector<int> used(size_t(f.batch_size), f.seqlen_k);
+  f.seqused_k = used.data();
+  expect_error(cuflash::flash_attention_forward(f), E::INVALID_ARGUMENT, "seqused_k is host memory");
+  FlashAttentionBackwardArgs b = backward_args(mem, DataType::BFLOAT16);
+  b.seqused_k = used.data();
+  expect_error(cuflash::flash_attention_backward(b), E::INVALID_ARGUMENT, "seqused_k is host memory");
 }
 
 TEST(CudaChecks, PinnedAndManagedMemoryAreAccepted) {
