@@ -228,3 +228,26 @@ def test_flash_attention_takes_seqused_k(device):
     ref = per_sequence_reference(q, k, v, used, True, torch.float64, dout)
     for name, g, r in zip(("out", "dq", "dk", "dv"), got, ref[:1] + ref[2:]):
         assert_close_to_reference(name, g, r, r, torch.float64, factor=2)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_seqused_k_with_packed_sequences(device):
+    """Packed (cu_seqlens) batches: seqused_k counts from each sequence's first key, clamped to its
+    length; against float64 attention over each sequence's used keys."""
+    torch.manual_seed(3)
+    lens_q, lens_k, used = [5, 0, 9], [12, 7, 4], [3, 5, 10]
+    cu_q = torch.tensor([0, 5, 5, 14], dtype=torch.int32, device=device)
+    cu_k = torch.tensor([0, 12, 19, 23], dtype=torch.int32, device=device)
+    q = torch.randn(14, 2, 16, device=device, dtype=torch.float64)
+    k, v = (torch.randn(23, 1, 16, device=device, dtype=torch.float64) for _ in range(2))
+    out, lse = ops.fwd(q, k, v, None, True, True, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k,
+                       seqused_k=torch.tensor(used, dtype=torch.int32, device=device))
+    for b in range(3):
+        q0, k0 = int(cu_q[b]), int(cu_k[b])
+        n = min(used[b], lens_k[b])
+        qb = q[q0:q0 + lens_q[b]].transpose(0, 1)[None]
+        kb, vb = (t[k0:k0 + n].transpose(0, 1)[None] for t in (k, v))
+        ref_out, ref_lse = attention_reference(qb, kb, vb, True, bottom_right=True)
+        got = out[q0:q0 + lens_q[b]].transpose(0, 1)[None]
+        assert_close_to_reference(f"out[{b}]", got, ref_out, ref_out, torch.float64, factor=2)
+        assert_lse_close(lse[:, q0:q0 + lens_q[b]][None], ref_lse, torch.float64)
