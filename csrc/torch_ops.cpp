@@ -547,8 +547,10 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> bwd(const Tensor& dout, const Tensor&
   }
   const Tensor outk = layout.input(out), doutk = layout.input(dout);
   Tensor dq_k = layout.output(dq), dk_k = layout.output(dk), dv_k = layout.output(dv);
-  if (o.varlen() || o.seqused_k) {  // rows no sequence covers (packed), keys past seqused_k: gradient 0
-    dq_k.zero_();
+  // Rows no sequence covers (packed) and keys past seqused_k get gradient 0: no kernel writes
+  // them (every query row of a sequence gets its dq, keys or none).
+  if (o.varlen()) dq_k.zero_();
+  if (o.varlen() || o.seqused_k) {
     dk_k.zero_();
     dv_k.zero_();
   }

@@ -302,15 +302,16 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
         seqlen_new = k.shape[1]
         if cache_seqlens is None:
             raise ValueError("cuflash_attn: k and v are written at cache_seqlens, which must be given")
-    used = None
-    lengths, high = torch.zeros(batch, dtype=torch.int32, device=q.device), 0
+    used = lengths = high = None
     if cache_seqlens is not None:
         lengths, high = _cache_lengths(cache_seqlens, batch, seqlen_cache, seqlen_new, q.device, rotary)
         used = lengths + seqlen_new
     if rotary:
+        if lengths is None:  # no cache_seqlens: positions from 0
+            lengths, high = torch.zeros(batch, dtype=torch.int32, device=q.device), 0
         # Positions past the table would index out of it: checked against the largest length.
         q_steps = seqlen_q if causal or window_left >= 0 or window_right >= 0 else 1
-        last = (high or 0) + max(seqlen_new, q_steps) - 1
+        last = high + max(seqlen_new, q_steps) - 1 if high is not None else 0
         if batch > 0 and last >= rotary_cos.shape[0]:
             raise ValueError(f"cuflash_attn: rotary_cos and rotary_sin have {rotary_cos.shape[0]} positions, and "
                              f"position {last} is needed (cache_seqlens + the new or query tokens)")

@@ -386,7 +386,7 @@ Error backward(const FlashAttentionBackwardArgs& a, cudaStream_t stream) {
     return succeed();
   }
   if (a.seqused_k != nullptr) {  // keys past a sequence's used ones get gradient 0 (no kernel writes them)
-    for (const TensorArg* t : {&dq, &dk, &dv})
+    for (const TensorArg* t : {&dk, &dv})
       if (Error e = zero(*t, a.dtype, stream); e != Error::SUCCESS) return e;
   }
   FlashBwdParams p = make_params(a);

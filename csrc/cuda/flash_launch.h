@@ -17,7 +17,7 @@ cudaError_t run_flash_bwd_cuda(const FlashBwdParams& p, cudaStream_t stream);
 bool fused_backward_built_for(DType dtype, int head_dim);
 // Whether p's backward, given a dq_accum, runs the fused Hopper kernel (which can also order its adds).
 bool fused_backward_runs(const FlashBwdParams& p);
-// Whether p's backward should run the fused Hopper kernel (give p a zeroed dq_accum, and
+// Whether p's backward should run the fused Hopper kernel (give p a dq_accum, and zeroed
 // dq_semaphores for a deterministic one): where it runs and measured faster than the pair.
 bool prefers_fused_backward(const FlashBwdParams& p);
 

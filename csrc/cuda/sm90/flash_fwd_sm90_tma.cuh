@@ -166,17 +166,15 @@ __global__ void __launch_bounds__(FwdSm90TmaKernel<T, kHeadDim, kWide, kPersiste
           tma_load_4d(dst + panel * kBlockN * 128, map, full, panel * 64, tile.block_of(t) * kBlockN, tile.h_kv,
                       tile.b);
       };
-      // The stage's previous tiles (step g - kStages) were released by every consumer warp.
-      auto load_k = [&](int t) {
+      // K or V of step t into its stage, once the stage's previous use (step g - kStages) was
+      // released by every consumer warp.
+      auto load_into_stage = [&](const CUtensorMap* map, auto buffer, uint64_t* full, uint64_t* empty, int t) {
         const int g = step + t, stage = g % kStages, use = g / kStages;
-        if (g >= kStages) mbarrier_wait(&k_empty[stage], (use - 1) & 1);
-        load(&map_k, sK(stage), &k_full[stage], t);
+        if (g >= kStages) mbarrier_wait(&empty[stage], (use - 1) & 1);
+        load(map, buffer(stage), &full[stage], t);
       };
-      auto load_v = [&](int t) {
-        const int g = step + t, stage = g % kStages, use = g / kStages;
-        if (g >= kStages) mbarrier_wait(&v_empty[stage], (use - 1) & 1);
-        load(&map_v, sV(stage), &v_full[stage], t);
-      };
+      auto load_k = [&](int t) { load_into_stage(&map_k, sK, k_full, k_empty, t); };
+      auto load_v = [&](int t) { load_into_stage(&map_v, sV, v_full, v_empty, t); };
       // After the first tile, the first stages' loads (which wait only on the previous tile's
       // releases) go out before Q, whose buffer the previous tile's consumers may still be reading.
       // With prefetch_next_tile, Q also goes before the one of them that waits for the previous
