@@ -120,9 +120,6 @@ struct FlashFwdParams : AttentionParams {
   // Debug: when set (int64 [4], zeroed), the tensor-core forward adds the key tiles it computed
   // and the ones it skipped as wholly masked, over all its CTAs, and stores its block_m, block_n.
   unsigned long long* tile_counters = nullptr;
-  // EXPERIMENTAL (CUFLASH_FWD_PREFETCH=1, NOT YET RUN on a GPU): the persistent TMA forward's
-  // producer prefetches each next tile's Q into L2 (flash_fwd_sm90_tma.cuh).
-  bool prefetch_next_tile = false;
 };
 
 struct FlashBwdParams : AttentionParams {

@@ -4,9 +4,8 @@ producer, two consumer warpgroups; the default) and csrc/cuda/sm90/flash_fwd_sm9
 swizzled shared memory, cp.async loads; CUFLASH_SM90=cpasync, and what varlen and inputs TMA
 cannot address take), the TMA one as a persistent kernel (CUFLASH_SM90=tma,persistent; by
 default on short rows at head dims up to 128), and the TMA one on its wide tile at every length
-(CUFLASH_FWD_TILE=wide; by default on long rows). Every test runs under each of these, and the
-persistent one with CUFLASH_FWD_PREFETCH=1 and with CUFLASH_FWD_SMALL_CTAS=1 (the `mode`
-fixture). The same accuracy rule as every path, over the shapes that stress the tiles (one
+(CUFLASH_FWD_TILE=wide; by default on long rows). Every test runs under each of the four (the
+`mode` fixture). The same accuracy rule as every path, over the shapes that stress the tiles (one
 query, ragged blocks, rows that see no key), the masks, GQA, varlen and the [B, N, H, D] layout;
 the profiler shows which kernel ran, and CUFLASH_SM90=0 switches back to the sm_80-class kernel.
 The "features" part (a default) adds softcap, ALiBi, attn_mask and dropout to the cp.async and
@@ -20,33 +19,22 @@ from test_features import check_dense, check_varlen
 
 pytestmark = pytest.mark.skipif(not IS_SM90, reason="needs a compute capability 9.0 GPU")
 KERNEL = {"cpasync": "flash_fwd_sm90_kernel", "tma": "flash_fwd_sm90_tma_kernel",
-          "persistent": "flash_fwd_sm90_tma_kernel", "prefetch": "flash_fwd_sm90_tma_kernel",
-          "small": "flash_fwd_sm90_tma_kernel", "wide": "flash_fwd_sm90_tma_kernel"}
+          "persistent": "flash_fwd_sm90_tma_kernel", "wide": "flash_fwd_sm90_tma_kernel"}
 KERNEL_DTYPE = {torch.bfloat16: "__nv_bfloat16", torch.float16: "__half"}  # as the profiler names T
-SWITCH = {"cpasync": "cpasync", "tma": "tma", "persistent": "tma,persistent", "prefetch": "tma,persistent",
-          "small": "tma,persistent", "wide": "tma"}  # CUFLASH_SM90
-PERSISTENT_MODES = ("persistent", "prefetch", "small")
+SWITCH = {"cpasync": "cpasync", "tma": "tma", "persistent": "tma,persistent", "wide": "tma"}  # CUFLASH_SM90
 
 
-@pytest.fixture(params=["cpasync", "tma", "persistent", "prefetch", "small", "wide"], autouse=True)
+@pytest.fixture(params=["cpasync", "tma", "persistent", "wide"], autouse=True)
 def mode(request, monkeypatch):
-    """prefetch: the persistent kernel with CUFLASH_FWD_PREFETCH=1 (EXPERIMENTAL: each next
-    tile's Q prefetched into L2, and loaded before the V load that waits for the last P V).
-    small: with CUFLASH_FWD_SMALL_CTAS=1 (EXPERIMENTAL: at head dim 64, two CTAs an SM of one
-    consumer warpgroup each)."""
     monkeypatch.setenv("CUFLASH_SM90", SWITCH[request.param])  # read by the op at every call
-    monkeypatch.setenv("CUFLASH_FWD_PREFETCH", "1" if request.param == "prefetch" else "0")
-    monkeypatch.setenv("CUFLASH_FWD_SMALL_CTAS", "1" if request.param == "small" else "0")
     if request.param == "wide":
         monkeypatch.setenv("CUFLASH_FWD_TILE", "wide")
     return request.param
 
 
-def tma_kernel(d, wide=False, features=False, persistent=False, dtype=torch.bfloat16, small=False):
-    """The TMA kernel's name as the profiler shows it (small: the two-CTA persistent kernel, head
-    dim 64 only)."""
-    persistent = persistent and d <= 128
-    flags = ", ".join(str(f).lower() for f in (wide, features, persistent, small and persistent and d == 64))
+def tma_kernel(d, wide=False, features=False, persistent=False, dtype=torch.bfloat16):
+    """The TMA kernel's name as the profiler shows it."""
+    flags = ", ".join(str(f).lower() for f in (wide, features, persistent and d <= 128))
     return f"flash_fwd_sm90_tma_kernel<{KERNEL_DTYPE[dtype]}, {d}, {flags}>"
 
 
@@ -64,8 +52,8 @@ def test_path_taken(d, mode, monkeypatch):
     names = forward_kernels(d)
     if KERNEL[mode] + "<" not in names:
         pytest.fail(f"the {mode} Hopper forward did not run (an sm_90a build?): {names}")
-    if mode in PERSISTENT_MODES:  # its own instantiation up to 128; the one-tile-per-CTA kernel past
-        assert tma_kernel(bucket(d), persistent=True, small=mode == "small") in names, names
+    if mode == "persistent":  # its own instantiation up to 128; the one-tile-per-CTA kernel past
+        assert tma_kernel(bucket(d), persistent=True) in names, names
     if mode == "wide":
         assert tma_kernel(bucket(d), wide=True) in names, names
     monkeypatch.setenv("CUFLASH_SM90", "0")
@@ -170,8 +158,8 @@ def test_tma_tile_choice(d, nq, nk, causal, keys, mode, monkeypatch):
     q = torch.randn(1, 1, nq, d, device="cuda", dtype=torch.bfloat16)
     k, v = (torch.randn(1, 1, nk, d, device="cuda", dtype=torch.bfloat16) for _ in range(2))
     names = cuda_kernels(lambda: torch.ops.cuflash_attn.fwd(q, k, v, None, causal, False))
-    persistent = mode in PERSISTENT_MODES and keys < 2048
-    assert tma_kernel(d, wide=wide, persistent=persistent and not wide, small=mode == "small") in names, names
+    persistent = mode == "persistent" and keys < 2048
+    assert tma_kernel(d, wide=wide, persistent=persistent and not wide) in names, names
 
 
 @pytest.mark.parametrize("dtype", LOW_PRECISION, ids=LOW_PRECISION_IDS)
@@ -181,7 +169,7 @@ def test_persistent_ctas_walk_many_tiles(dtype, d, mode):
     with no key at all (bottom-right causal with more queries than keys), GQA, and K/V past the
     kernel's 32 MB L2 section (ragged sections of heads). Short rows, which the persistent kernel
     takes."""
-    if mode not in PERSISTENT_MODES:
+    if mode != "persistent":
         pytest.skip("persistent CTAs")
     shapes = [(8, 16, 4, 700, 77, True, True), (4, 12, 3, 1000, 1000, True, False),
               (2, 8, 8, 300, 1900, False, False), (8, 16, 16, 1500, 1500, True, False)]
@@ -189,7 +177,7 @@ def test_persistent_ctas_walk_many_tiles(dtype, d, mode):
         q = torch.randn(batch, heads_q, nq, d, device="cuda", dtype=dtype)
         k, v = (torch.randn(batch, heads_kv, nk, d, device="cuda", dtype=dtype) for _ in range(2))
         names = cuda_kernels(lambda: torch.ops.cuflash_attn.fwd(q, k, v, None, causal, bottom_right))
-        assert tma_kernel(d, persistent=True, dtype=dtype, small=mode == "small") in names, names
+        assert tma_kernel(d, persistent=True, dtype=dtype) in names, names
         check_dense("cuda", dtype, batch, heads_q, heads_kv, nq, nk, d, causal=causal, bottom_right=bottom_right)
 
 
@@ -230,8 +218,8 @@ def test_agrees_with_sm80_kernel(d, layout, mode, monkeypatch):
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))
     names = cuda_kernels(lambda: torch.ops.cuflash_attn.fwd(q, k, v, None, True, False))
     assert KERNEL[mode] + "<" in names, f"{layout}: the {mode} kernel did not run: {names}"
-    if mode in PERSISTENT_MODES and d <= 128:
-        assert tma_kernel(d, persistent=True, small=mode == "small") in names, names
+    if mode == "persistent" and d <= 128:
+        assert tma_kernel(d, persistent=True) in names, names
     out90, lse90 = torch.ops.cuflash_attn.fwd(q, k, v, None, True, False)
     monkeypatch.setenv("CUFLASH_SM90", "0")
     out80, lse80 = torch.ops.cuflash_attn.fwd(q, k, v, None, True, False)

@@ -114,42 +114,29 @@ template <typename T, int kHeadDim>
 bool launch_fwd_tma(const FlashFwdParams& p, bool persistent, cudaStream_t stream, cudaError_t* err) {
   if (p.varlen.cu_seqlens_q != nullptr) return false;
   const AttentionShape& sh = p.shape;
-  auto run = [&](auto wide, auto features, auto persist, auto small) {
+  auto run = [&](auto wide, auto features, auto persist) {
     constexpr bool kWide = decltype(wide)::value, kFeatures = decltype(features)::value;
-    constexpr bool kPersistent = decltype(persist)::value, kSmall = decltype(small)::value;
-    using K = sm90::FwdSm90TmaKernel<T, kHeadDim, kWide, kPersistent, kSmall>;
+    constexpr bool kPersistent = decltype(persist)::value;
+    using K = sm90::FwdSm90TmaKernel<T, kHeadDim, kWide, kPersistent>;
     sm90::AttentionTmaMaps maps;
-    if (!sm90::encode_fwd_tma_maps<T, K>(p, &maps)) return false;
+    if (!sm90::encode_fwd_tma_maps<T, kHeadDim, kWide>(p, &maps)) return false;
     const int m_blocks = ceil_div(sh.seqlen_q, K::kBlockM);
     const int64_t tiles = int64_t{m_blocks} * sh.heads_q * sh.batch;
     const int sms = std::max(1, device_attribute<cudaDevAttrMultiProcessorCount>(1));
-    const int64_t ctas = std::min<int64_t>(tiles, int64_t{sms} * K::kCtasPerSm);
-    const dim3 grid = kPersistent ? dim3(static_cast<unsigned>(ctas)) : dim3(m_blocks, sh.heads_q, sh.batch);
-    FlashFwdParams kernel_params = p;
-    kernel_params.prefetch_next_tile = kPersistent && fwd_prefetch_switch();
-    const auto kernel = sm90::flash_fwd_sm90_tma_kernel<T, kHeadDim, kWide, kFeatures, kPersistent, kSmall>;
-    if constexpr (kSmall) {  // two CTAs an SM need the largest shared-memory carveout
-      *err = cudaFuncSetAttribute(kernel, cudaFuncAttributePreferredSharedMemoryCarveout,
-                                  cudaSharedmemCarveoutMaxShared);
-      if (*err != cudaSuccess) return true;
-    }
-    *err = launch(kernel, grid, K::kThreads, K::kSmemBytes, stream, kernel_params, maps.q, maps.k, maps.v);
+    const dim3 grid = kPersistent ? dim3(static_cast<unsigned>(std::min<int64_t>(tiles, sms)))
+                                  : dim3(m_blocks, sh.heads_q, sh.batch);
+    *err = launch(sm90::flash_fwd_sm90_tma_kernel<T, kHeadDim, kWide, kFeatures, kPersistent>, grid, K::kThreads,
+                  K::kSmemBytes, stream, p, maps.q, maps.k, maps.v);
     return true;
   };
   using Plain = sm90::FwdSm90TmaKernel<T, kHeadDim, false>;
   constexpr std::false_type no{};
   constexpr std::true_type yes{};
-  if (needs_feature_path(p)) return run(no, yes, no, no);
-  if (fwd_wide_tile(sm90::wide_rows<kHeadDim>(p))) return run(yes, no, no, no);
-  if constexpr (Plain::kHasPersistent) {
-    if (persistent && !sm90::long_rows(p)) {
-      // EXPERIMENTAL (CUFLASH_FWD_SMALL_CTAS=1): two one-consumer CTAs an SM at head dim 64.
-      if constexpr (kHeadDim == 64)
-        if (fwd_small_ctas_switch()) return run(no, no, yes, yes);
-      return run(no, no, yes, no);
-    }
-  }
-  return run(no, no, no, no);
+  if (needs_feature_path(p)) return run(no, yes, no);
+  if (fwd_wide_tile(sm90::wide_rows<kHeadDim>(p))) return run(yes, no, no);
+  if constexpr (Plain::kHasPersistent)
+    if (persistent && !sm90::long_rows(p)) return run(no, no, yes);
+  return run(no, no, no);
 }
 
 template <typename T, int kHeadDim>

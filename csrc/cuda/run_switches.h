@@ -37,12 +37,6 @@
 //   CUFLASH_FP32    float32 on CUDA: unset, "" or "3xtf32": the tensor-core kernels with each
 //                   product split into three TF32 ones (mma_sm80.cuh), where their shared memory
 //                   fits the device; "exact": the CUDA-core kernels (flash_simt_kernel.cuh)
-//   CUFLASH_FWD_PREFETCH  "1": the persistent TMA forward prefetches each next tile's Q into L2
-//                   and loads it before the V load that waits for the last P V (EXPERIMENTAL,
-//                   built but not yet run on a GPU); unset, "" or "0": not
-//   CUFLASH_FWD_SMALL_CTAS  "1": the persistent TMA forward at head dim 64 as two CTAs an SM of
-//                   one consumer warpgroup each (kSmallCtas; EXPERIMENTAL, built but not yet run
-//                   on a GPU); unset, "" or "0": one CTA of two
 //   CUFLASH_DEBUG   "1": one line on stderr per kernel launch, naming the kernel (so a fallback
 //                   to the sm_80-class kernels is visible), its grid and shared memory; unset,
 //                   "" or "0": quiet
@@ -113,8 +107,6 @@ inline bool fwd_wide_tile(bool pays) { return wide_tile_switch("CUFLASH_FWD_TILE
 inline bool bwd_wide_steps(bool pays) { return wide_tile_switch("CUFLASH_BWD_TILE", pays); }
 inline bool bwd_fused_wide_steps(bool pays) { return wide_tile_switch("CUFLASH_BWD_FUSED_TILE", pays); }
 inline bool debug_switch() { return env_is("CUFLASH_DEBUG", "1"); }
-inline bool fwd_prefetch_switch() { return env_is("CUFLASH_FWD_PREFETCH", "1"); }
-inline bool fwd_small_ctas_switch() { return env_is("CUFLASH_FWD_SMALL_CTAS", "1"); }
 
 // The message for a switch set to something it does not name, or "" if all are valid.
 inline std::string run_switch_error() {
@@ -133,8 +125,6 @@ inline std::string run_switch_error() {
                          OneOf{"CUFLASH_BWD_TILE", {"wide", "narrow"}, "unset, empty, \"wide\" or \"narrow\""},
                          OneOf{"CUFLASH_BWD_FUSED_TILE", {"wide", "narrow"}, "unset, empty, \"wide\" or \"narrow\""},
                          OneOf{"CUFLASH_FP32", {"exact", "3xtf32"}, "unset, empty, \"exact\" or \"3xtf32\""},
-                         OneOf{"CUFLASH_FWD_PREFETCH", {"0", "1"}, "unset, empty, \"0\" or \"1\""},
-                         OneOf{"CUFLASH_FWD_SMALL_CTAS", {"0", "1"}, "unset, empty, \"0\" or \"1\""},
                          OneOf{"CUFLASH_DEBUG", {"0", "1"}, "unset, empty, \"0\" or \"1\""}}) {
     const char* set = std::getenv(v.name);
     if (set == nullptr || *set == '\0') continue;

@@ -28,18 +28,11 @@ namespace cuflash::sm90 {
 // last one's P V and output run, with O staged in a buffer of its own (the padded staging tile
 // does not fit in Q's buffer; at D=256 it does not fit at all). It pays where tiles are short,
 // so that the 3-D grid's per-CTA prologue and epilogue show (benchmarks/NOTES.md).
-// kSmallCtas (EXPERIMENTAL, CUFLASH_FWD_SMALL_CTAS=1, the persistent kernel at head dim 64; NOT
-// YET RUN on a GPU): one consumer warpgroup (64 query rows) a CTA and two CTAs an SM, cuDNN's
-// 64 x 128 tile: the two CTAs' tile boundaries (the first S alone, the Q load, the epilogue) and
-// softmaxes overlap the other's matmuls without turn-taking, where one CTA's two consumers meet
-// their tile boundaries together. K and V are loaded once per 64 rows instead of 128.
-template <typename T, int kHeadDim, bool kWide, bool kPersistent = false, bool kSmallCtas = false>
+template <typename T, int kHeadDim, bool kWide, bool kPersistent = false>
 struct FwdSm90TmaKernel {
   static constexpr bool kHasPersistent = kHeadDim <= 128;
   static_assert(kHasPersistent || !kPersistent, "no room to stage O beside the tiles at head dim 256");
-  static_assert(!kSmallCtas || (kPersistent && !kWide && kHeadDim == 64), "small CTAs: the persistent D=64 kernel");
-  static constexpr int kCtasPerSm = kSmallCtas ? 2 : 1;
-  static constexpr int kConsumers = kSmallCtas ? 1 : kWide && kHeadDim <= 64 ? 3 : 2;
+  static constexpr int kConsumers = kWide && kHeadDim <= 64 ? 3 : 2;
   static constexpr int kThreads = 128 * (kConsumers + 1), kBlockM = 64 * kConsumers;
   static constexpr int kBlockN = kHeadDim <= 64 ? 128 : kHeadDim <= 128 ? (kWide ? 192 : 128) : (kWide ? 80 : 64);
   static constexpr int kStages = 2;
@@ -50,10 +43,9 @@ struct FwdSm90TmaKernel {
   // + 1024: the swizzle atoms must start on 1024-byte boundaries; the base is aligned by hand.
   static constexpr int kSmemBytes = kQBytes + 2 * kStages * kKVBytes + kStagingBytes + kBarriers * 8 + 1024;
   // setmaxnreg: the producer's registers go to the consumers (65536 per SM in all).
-  static constexpr int kProducerRegs = kConsumers == 3 ? 32 : 24;
-  static constexpr int kConsumerRegs = kConsumers == 3 ? 160 : kConsumers == 2 ? 240 : 232;
-  static_assert(fits_launch_registers<kThreads, kCtasPerSm>(kProducerRegs, kConsumerRegs), "setmaxnreg's split");
-  static_assert(kSmemBytes <= 227 * 1024 && kCtasPerSm * (kSmemBytes + 1024) <= 228 * 1024, "shared memory");
+  static constexpr int kProducerRegs = kConsumers == 2 ? 24 : 32, kConsumerRegs = kConsumers == 2 ? 240 : 160;
+  static_assert(fits_launch_registers<kThreads>(kProducerRegs, kConsumerRegs), "setmaxnreg's split");
+  static_assert(kSmemBytes <= 227 * 1024, "shared memory per block");
 };
 
 // One tile's work: its query block, head and batch, and the key blocks its rows see.
@@ -67,13 +59,12 @@ struct TmaTile {
 
 // kFeatures: softcap, ALiBi, attn_mask or dropout may be on (CUFLASH_SM90's "features" part, a
 // default), in the consumers' softmax step as in the other forwards.
-template <typename T, int kHeadDim, bool kWide, bool kFeatures, bool kPersistent, bool kSmallCtas>
-__global__ void __launch_bounds__(FwdSm90TmaKernel<T, kHeadDim, kWide, kPersistent, kSmallCtas>::kThreads,
-                                  FwdSm90TmaKernel<T, kHeadDim, kWide, kPersistent, kSmallCtas>::kCtasPerSm)
+template <typename T, int kHeadDim, bool kWide, bool kFeatures, bool kPersistent>
+__global__ void __launch_bounds__(FwdSm90TmaKernel<T, kHeadDim, kWide, kPersistent>::kThreads, 1)
     flash_fwd_sm90_tma_kernel(const FlashFwdParams p, const __grid_constant__ CUtensorMap map_q,
                               const __grid_constant__ CUtensorMap map_k, const __grid_constant__ CUtensorMap map_v) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
-  using K = FwdSm90TmaKernel<T, kHeadDim, kWide, kPersistent, kSmallCtas>;
+  using K = FwdSm90TmaKernel<T, kHeadDim, kWide, kPersistent>;
   constexpr int kBlockM = K::kBlockM, kBlockN = K::kBlockN, kStages = K::kStages;
   constexpr int kPanels = kHeadDim / 64, kConsumerThreads = 128 * K::kConsumers;
   extern __shared__ char smem_raw[];
@@ -104,33 +95,23 @@ __global__ void __launch_bounds__(FwdSm90TmaKernel<T, kHeadDim, kWide, kPersiste
   const int64_t kv_bytes_per_head = int64_t{2} * sh.seqlen_k * kHeadDim * static_cast<int64_t>(sizeof(T));
   const int section_heads =
       static_cast<int>(max(int64_t{1}, min(int64_t{heads_batches}, kL2Bytes / max(int64_t{1}, kv_bytes_per_head))));
-  // A tile's (query block, head, batch).
-  struct TilePlace {
-    int m_block, h, b;
-  };
-  auto place_of = [&](int index) {
-    TilePlace t;
+  auto tile_at = [&](int index) {
+    TmaTile t;
+    int m_block;
     if constexpr (kPersistent) {
       const int section = index / (m_blocks * section_heads), local = index - section * m_blocks * section_heads;
       const int heads_here = min(section_heads, heads_batches - section * section_heads);
-      t.m_block = m_blocks - 1 - local / heads_here;
+      m_block = m_blocks - 1 - local / heads_here;
       const int head_batch = section * section_heads + local % heads_here;
       t.h = head_batch % sh.heads_q;
       t.b = head_batch / sh.heads_q;
     } else {
-      t.m_block = query_block_longest_first();
+      m_block = query_block_longest_first();
       t.h = blockIdx.y;
       t.b = blockIdx.z;
     }
-    return t;
-  };
-  auto tile_at = [&](int index) {
-    TmaTile t;
-    const TilePlace place = place_of(index);
-    t.h = place.h;
-    t.b = place.b;
     t.h_kv = t.h / (sh.heads_q / sh.heads_kv);
-    t.m_start = place.m_block * kBlockM;
+    t.m_start = m_block * kBlockM;
     t.seq = sequence_of(p, t.b);
     t.n_blocks = key_blocks(p.mask, t.seq, t.m_start, min(t.m_start + kBlockM, t.seq.seqlen_q), kBlockN);
     return t;
@@ -166,26 +147,18 @@ __global__ void __launch_bounds__(FwdSm90TmaKernel<T, kHeadDim, kWide, kPersiste
           tma_load_4d(dst + panel * kBlockN * 128, map, full, panel * 64, tile.block_of(t) * kBlockN, tile.h_kv,
                       tile.b);
       };
-      // K or V of step t into its stage, once the stage's previous use (step g - kStages) was
-      // released by every consumer warp.
-      auto load_into_stage = [&](const CUtensorMap* map, auto buffer, uint64_t* full, uint64_t* empty, int t) {
+      auto load_step = [&](int t) {
         const int g = step + t, stage = g % kStages, use = g / kStages;
-        if (g >= kStages) mbarrier_wait(&empty[stage], (use - 1) & 1);
-        load(map, buffer(stage), &full[stage], t);
+        // The stage's previous tiles (step g - kStages) were released by every consumer warp.
+        if (g >= kStages) mbarrier_wait(&k_empty[stage], (use - 1) & 1);
+        load(&map_k, sK(stage), &k_full[stage], t);
+        if (g >= kStages) mbarrier_wait(&v_empty[stage], (use - 1) & 1);
+        load(&map_v, sV(stage), &v_full[stage], t);
       };
-      auto load_k = [&](int t) { load_into_stage(&map_k, sK, k_full, k_empty, t); };
-      auto load_v = [&](int t) { load_into_stage(&map_v, sV, v_full, v_empty, t); };
       // After the first tile, the first stages' loads (which wait only on the previous tile's
       // releases) go out before Q, whose buffer the previous tile's consumers may still be reading.
-      // With prefetch_next_tile, Q also goes before the one of them that waits for the previous
-      // tile's last P V (V of step kStages - 1 reuses the last step's stage), which the consumers
-      // run after releasing Q.
       const int early = iteration == 0 ? 0 : min(steps, kStages);
-      const bool q_before_last_v = kPersistent && p.prefetch_next_tile && early == kStages;
-      for (int t = 0; t < early; ++t) {
-        load_k(t);
-        if (!(q_before_last_v && t == kStages - 1)) load_v(t);
-      }
+      for (int t = 0; t < early; ++t) load_step(t);
       if (steps > 0) {
         // Q's buffer was released by every consumer warp of the previous tile that loaded Q
         // (consumers release only tiles with steps, so q_empty never runs two phases ahead).
@@ -196,19 +169,7 @@ __global__ void __launch_bounds__(FwdSm90TmaKernel<T, kHeadDim, kWide, kPersiste
         for (int panel = 0; panel < kPanels; ++panel)
           tma_load_4d(sQ + panel * kBlockM * 128, &map_q, q_full, panel * 64, tile.m_start, tile.h, tile.b);
       }
-      if (q_before_last_v) load_v(kStages - 1);
-      // The next tile's Q (read once: from DRAM, where K and V are mostly L2 hits) into L2 now, a
-      // tile ahead of its load, which otherwise waits out DRAM's latency at the tile boundary.
-      if (kPersistent && p.prefetch_next_tile && index + tile_stride < num_tiles) {
-        const TilePlace next = place_of(index + tile_stride);
-#pragma unroll
-        for (int panel = 0; panel < kPanels; ++panel)
-          tma_prefetch_4d(&map_q, panel * 64, next.m_block * kBlockM, next.h, next.b);
-      }
-      for (int t = early; t < steps; ++t) {
-        load_k(t);
-        load_v(t);
-      }
+      for (int t = early; t < steps; ++t) load_step(t);
       step += steps;
     }
     return;
@@ -232,16 +193,10 @@ __global__ void __launch_bounds__(FwdSm90TmaKernel<T, kHeadDim, kWide, kPersiste
   auto desc_v = [&](int stage) { return opaque(desc_v0) + ((stage * K::kKVBytes) >> 4); };
   // Turns: the consumers take turns issuing their wgmmas, in a ring (named barrier 2 + c is
   // consumer c's turn, signalled by the consumer before it), so that one's softmax runs while
-  // another's matmuls hold the tensor cores. Consumer 0 goes first in every tile. (kSmallCtas:
-  // one consumer, no turns; the other CTA on the SM is the one it alternates with.)
-  constexpr bool kTurns = K::kConsumers > 1;
+  // another's matmuls hold the tensor cores. Consumer 0 goes first in every tile.
   constexpr int kTurnThreads = 2 * 128;  // the warpgroup that waits and the one that signals
-  auto my_turn = [&] {
-    if constexpr (kTurns) named_barrier_sync<kTurnThreads>(2 + consumer);
-  };
-  auto your_turn = [&] {
-    if constexpr (kTurns) named_barrier_arrive<kTurnThreads>(2 + (consumer + 1) % K::kConsumers);
-  };
+  auto my_turn = [&] { named_barrier_sync<kTurnThreads>(2 + consumer); };
+  auto your_turn = [&] { named_barrier_arrive<kTurnThreads>(2 + (consumer + 1) % K::kConsumers); };
   auto release_q = [&] {  // persistent: this warp's wgmmas are done reading Q
     __syncwarp();
     if (lane == 0) mbarrier_arrive(q_empty);
@@ -276,7 +231,7 @@ __global__ void __launch_bounds__(FwdSm90TmaKernel<T, kHeadDim, kWide, kPersiste
       mbarrier_wait(q_full, q_loads++ & 1);
       // The last consumer's first signal of the tile: after its q_full wait, so that it cannot
       // meet on barrier 2 the previous tile's last signal, which consumer 0 takes at that tile's end.
-      if (kTurns && consumer == K::kConsumers - 1) named_barrier_arrive<kTurnThreads>(2);
+      if (consumer == K::kConsumers - 1) named_barrier_arrive<kTurnThreads>(2);
       {  // step 0: S only
         mbarrier_wait(&k_full[stage_of(0)], full_parity(0));
         WarpAcc<kBlockN> s;
@@ -360,9 +315,9 @@ bool wide_rows(const FlashFwdParams& p) {
 struct AttentionTmaMaps {
   CUtensorMap q, k, v;
 };
-// K: the kernel's FwdSm90TmaKernel (its tile is the boxes').
-template <typename T, class K>
+template <typename T, int kHeadDim, bool kWide>
 bool encode_fwd_tma_maps(const FlashFwdParams& p, AttentionTmaMaps* maps) {
+  using K = FwdSm90TmaKernel<T, kHeadDim, kWide>;
   const AttentionShape& sh = p.shape;
   constexpr bool kBf16 = std::is_same_v<T, __nv_bfloat16>;
   return encode_attention_map(&maps->q, p.q, kBf16, p.q_strides, sh.batch, sh.heads_q, sh.seqlen_q, sh.head_dim,

@@ -130,13 +130,6 @@ __device__ __forceinline__ void tma_load_4d(void* dst, const void* tensor_map, u
       "l"(tensor_map), "r"(c0), "r"(c1), "r"(c2), "r"(c3), "r"(smem_u32(bar))
       : "memory");
 }
-// Fetches the same box into L2 only (no shared memory, no barrier): a later tma_load_4d of it
-// then waits for L2 rather than DRAM.
-__device__ __forceinline__ void tma_prefetch_4d(const void* tensor_map, int c0, int c1, int c2, int c3) {
-  asm volatile("cp.async.bulk.prefetch.tensor.4d.L2.global.tile [%0, {%1, %2, %3, %4}];\n" ::"l"(tensor_map),
-               "r"(c0), "r"(c1), "r"(c2), "r"(c3)
-               : "memory");
-}
 // Adds a box of shared memory src (laid out as the map's box) to `tensor_map`'s tensor at (c0, c1,
 // c2, c3), f32 adds done in L2 (TMA reduce); a bulk group of the issuing thread
 // (bulk_commit_group, bulk_wait_group_read).
@@ -182,15 +175,13 @@ __device__ __forceinline__ void stmatrix_x4_trans(uint32_t addr, const uint32_t 
 }
 // Warp-specialized kernels move registers from the producer warpgroup to the consumers; every
 // thread of the warpgroup executes it.
-// The pool they share is what the CTA (kCtasPerSm of them an SM, __launch_bounds__(kThreads,
-// kCtasPerSm)) holds at launch: 65536 / (kThreads * kCtasPerSm) per thread, rounded down to a
-// multiple of 8 (what ptxas gives these kernels, whose register use exceeds it before the split;
-// a -maxrregcount below it would break this). A split asking for more than that makes
-// setmaxnreg.inc wait forever.
-template <int kThreads, int kCtasPerSm = 1>
+// The pool they share is what the CTA (one per SM, __launch_bounds__(kThreads, 1)) holds at
+// launch: 65536 / kThreads per thread, rounded down to a multiple of 8 (what ptxas gives these
+// kernels, whose register use exceeds it before the split; a -maxrregcount below it would break
+// this). A split asking for more than that makes setmaxnreg.inc wait forever.
+template <int kThreads>
 constexpr bool fits_launch_registers(int producer_regs, int consumer_regs) {
-  constexpr int kPerThread = (65536 / (kThreads * kCtasPerSm) / 8) * 8;
-  constexpr int kLaunchRegs = kPerThread < 248 ? kPerThread : 248;
+  constexpr int kLaunchRegs = (65536 / kThreads / 8) * 8 < 248 ? (65536 / kThreads / 8) * 8 : 248;
   return 128 * (producer_regs + (kThreads / 128 - 1) * consumer_regs) <= kThreads * kLaunchRegs;
 }
 template <int kRegs>
