@@ -293,8 +293,11 @@ __global__ void __launch_bounds__(FwdSm90TmaKernel<T, kHeadDim, kWide, kPersiste
 
 // How many keys the middle query row of dense p sees (under a causal mask or a window, the mean
 // over the rows is about the middle row's): the kernel choices that depend on row length use it.
+// Host code: seqused_k is device memory, so the grid's key count stands in for it.
 inline int middle_row_keys(const AttentionParams& p) {
-  const Sequence s = sequence_of(p, 0);
+  AttentionParams grid = p;
+  grid.varlen.seqused_k = nullptr;
+  const Sequence s = sequence_of(grid, 0);
   const int middle = s.seqlen_q / 2;
   const Range keys = visible_keys(p.mask, s, middle, middle + 1);
   return keys.end - keys.begin;
