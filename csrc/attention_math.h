@@ -32,20 +32,18 @@ struct Sequence {
 
 CUFLASH_HD Sequence sequence_of(const AttentionParams& p, int b) {
   Sequence s;
-  if (p.varlen.cu_seqlens_q) {
-    const VarlenParams& v = p.varlen;
-    const int q0 = min_int(max_int(v.cu_seqlens_q[b], 0), v.total_q);
-    const int k0 = min_int(max_int(v.cu_seqlens_k[b], 0), v.total_k);
-    s.q_row0 = q0;
-    s.k_row0 = k0;
-    s.seqlen_q = min_int(min_int(max_int(v.cu_seqlens_q[b + 1], q0), v.total_q) - q0, p.shape.seqlen_q);
-    s.seqlen_k = min_int(min_int(max_int(v.cu_seqlens_k[b + 1], k0), v.total_k) - k0, p.shape.seqlen_k);
-  } else {
-    s.q_row0 = s.k_row0 = 0;
-    s.seqlen_q = p.shape.seqlen_q;
-    s.seqlen_k = p.shape.seqlen_k;
-  }
-  if (p.varlen.seqused_k) s.seqlen_k = min_int(max_int(p.varlen.seqused_k[b], 0), s.seqlen_k);
+  const VarlenParams& v = p.varlen;
+  // Sequence b's rows of a packed tensor of `total` rows, clamped to it and to the grid's `rows`;
+  // a padded one's are the grid's.
+  auto rows_of = [b](const int* cu_seqlens, int total, int rows, int64_t& row0, int& count) {
+    const int first = cu_seqlens ? min_int(max_int(cu_seqlens[b], 0), total) : 0;
+    row0 = first;
+    count = cu_seqlens ? min_int(min_int(max_int(cu_seqlens[b + 1], first), total) - first, rows) : rows;
+  };
+  rows_of(v.cu_seqlens_q, v.total_q, p.shape.seqlen_q, s.q_row0, s.seqlen_q);
+  // Packed queries come with packed keys, or with a paged cache (each sequence's keys from 0).
+  rows_of(v.cu_seqlens_k, v.total_k, p.shape.seqlen_k, s.k_row0, s.seqlen_k);
+  if (v.seqused_k) s.seqlen_k = min_int(max_int(p.varlen.seqused_k[b], 0), s.seqlen_k);
   s.diagonal = p.mask.bottom_right ? s.seqlen_k - s.seqlen_q : 0;
   return s;
 }
@@ -77,6 +75,26 @@ CUFLASH_HD int64_t row_offset(const TensorStrides& t, const Sequence& s, bool is
 template <typename T, typename Base>
 CUFLASH_HD T* row_at(Base* base, const TensorStrides& t, const Sequence& s, bool is_q, int b, int h, int row) {
   return static_cast<T*>(base) + row_offset(t, s, is_q, b, h, row);
+}
+// The forward's key reads, paged or not: key j of (sequence b, head h) in k or v (strides t) is
+// at key_rows(...) + key_offset(..., j) (the rows after it, to the end of its page, are the next
+// keys). The kernels that load a block of keys at a time keep key_rows and add key_offset.
+template <typename T, typename Base>
+CUFLASH_HD T* key_rows(const AttentionParams& p, Base* base, const TensorStrides& t, const Sequence& s, int b,
+                       int h) {
+  if (p.paged.block_table == nullptr) return row_at<T>(base, t, s, false, b, h, 0);
+  return static_cast<T*>(base) + h * t.head;
+}
+CUFLASH_HD int64_t key_offset(const AttentionParams& p, const TensorStrides& t, int b, int j) {
+  const PagedKvParams& pg = p.paged;
+  if (pg.block_table == nullptr) return j * t.row;
+  const int page = min_int(max_int(pg.block_table[b * pg.table_stride + j / pg.page_size], 0), pg.num_pages - 1);
+  return page * t.batch + int64_t{j % pg.page_size} * t.row;
+}
+template <typename T, typename Base>
+CUFLASH_HD T* key_row_at(const AttentionParams& p, Base* base, const TensorStrides& t, const Sequence& s, int b,
+                         int h, int j) {
+  return key_rows<T>(p, base, t, s, b, h) + key_offset(p, t, b, j);
 }
 CUFLASH_HD int64_t stats_offset(const StatsStrides& t, const Sequence& s, int b, int h) {
   return b * t.batch + h * t.head + s.q_row0;

@@ -96,6 +96,18 @@ struct VarlenParams {
   const int* seqused_k = nullptr;
 };
 
+// A paged KV cache (the forward only): k and v hold num_pages pages of page_size rows (their
+// batch stride is a page's), and sequence b's key j lies in row j % page_size of page
+// block_table[b * table_stride + j / page_size]. page_size is a multiple of kPageSizeMultiple
+// (flash_attn 2's rule), so a key tile of any kernel lies in one page. Entries out of [0, num_pages) are clamped (unchecked on CUDA:
+// that would need a synchronization), so they never reach past memory.
+constexpr int kPageSizeMultiple = 256;
+struct PagedKvParams {
+  const int* block_table = nullptr;  // int32 [batch, pages a sequence], or null: no paging
+  int64_t table_stride = 0;
+  int page_size = 0, num_pages = 0;
+};
+
 // What the forward and the backward share.
 struct AttentionParams {
   DType dtype = DType::kFloat16;
@@ -104,6 +116,7 @@ struct AttentionParams {
   ScoreParams score;
   DropoutParams dropout;
   VarlenParams varlen;
+  PagedKvParams paged;
   double scale = 1.0;  // softmax scale applied to q.k
 
   const void* q = nullptr;  // [B, Hq, Nq, D]

@@ -8,6 +8,7 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cmath>
 #include <limits>
 #include <optional>
@@ -70,7 +71,10 @@ struct Options {
   int64_t max_seqlen_q = 0, max_seqlen_k = 0;
   std::optional<Tensor> attn_mask;
   std::optional<Tensor> seqused_k;
+  std::optional<Tensor> block_table;
+  // Packed queries (cu_seqlens_q); their keys are packed too (cu_seqlens_k) or paged.
   bool varlen() const { return cu_seqlens_q.has_value(); }
+  bool paged() const { return block_table.has_value(); }
 };
 
 void check_attention_tensor(const Tensor& t, const char* name, bool varlen) {
@@ -122,28 +126,81 @@ void check_cu_seqlens(const Tensor& cu, const char* name, const Tensor& q, int64
                     ", past the ", num(total), " rows of the packed tensor");
 }
 
+// A paged cache's block table, int32 [batch, pages a sequence], against k ([num_pages, heads,
+// page_size, head_dim]); returns the keys a sequence can have (the table's width in pages). On
+// the CPU the pages each sequence uses (all of its row, or the first seqused_k keys' worth) are
+// checked to be pages of k; on CUDA that would cost a synchronization: the kernels clamp them.
+int check_block_table(const Tensor& table, const Tensor& q, const Tensor& k, int64_t batch,
+                      const std::optional<Tensor>& seqused_k) {
+  TORCH_CHECK_TYPE(table.scalar_type() == at::kInt, "cuflash_attn: block_table must have dtype int32, got ",
+                   table.scalar_type());
+  TORCH_CHECK_VALUE(table.device() == q.device(), "cuflash_attn: block_table must be on the same device as q (",
+                    q.device(), "), got ", table.device());
+  TORCH_CHECK_VALUE(table.dim() == 2 && table.size(0) == batch, "cuflash_attn: block_table must have shape ",
+                    "[batch, pages a sequence] = [", num(batch), ", ...], got ", shape(table.sizes()));
+  const int64_t page_size = k.size(2), num_pages = k.size(0);
+  TORCH_CHECK_VALUE(page_size > 0 && page_size % kPageSizeMultiple == 0, "cuflash_attn: with block_table, k's ",
+                    "page_size (its dimension 2) must be a positive multiple of ", num(int64_t{kPageSizeMultiple}),
+                    ", got ", num(page_size));
+  const int64_t keys = table.size(1) * page_size;
+  TORCH_CHECK_VALUE(keys <= std::numeric_limits<int>::max(), "cuflash_attn: block_table's pages hold ", num(keys),
+                    " keys a sequence, more than 2^31 - 1");
+  if (table.is_cpu() && (!seqused_k || seqused_k->is_cpu())) {
+    const Tensor t = table.contiguous();
+    const Tensor used = seqused_k ? seqused_k->contiguous() : Tensor();
+    for (int64_t b = 0; b < batch; ++b) {
+      int64_t n = keys;
+      if (used.defined() && used.dim() == 1 && used.size(0) == batch && used.scalar_type() == at::kInt)
+        n = std::clamp<int64_t>(used.data_ptr<int>()[b], 0, keys);
+      for (int64_t i = 0; i < (n + page_size - 1) / page_size; ++i) {
+        const int page = t.data_ptr<int>()[b * t.size(1) + i];
+        TORCH_CHECK_VALUE(page >= 0 && page < num_pages, "cuflash_attn: block_table[", num(b), "][", num(i), "] = ",
+                          num(int64_t{page}), " is not a page of k (it has ", num(num_pages), ")");
+      }
+    }
+  }
+  return static_cast<int>(keys);
+}
+
 AttentionShape check_qkv(const Tensor& q, const Tensor& k, const Tensor& v, const Options& o) {
   const std::string bad_switch = run_switch_error();
   TORCH_CHECK_VALUE(bad_switch.empty(), "cuflash_attn: ", bad_switch);
-  const bool varlen = o.varlen();
-  TORCH_CHECK_VALUE(o.cu_seqlens_q.has_value() == o.cu_seqlens_k.has_value(),
-                    "cuflash_attn: cu_seqlens_q and cu_seqlens_k must be given together");
+  const bool varlen = o.varlen(), paged = o.paged();
+  if (paged) {
+    TORCH_CHECK_VALUE(!o.cu_seqlens_k.has_value(), "cuflash_attn: with block_table, cu_seqlens_k cannot be given: ",
+                      "each sequence's keys start at its first page, and seqused_k says how many it has");
+    TORCH_CHECK_VALUE(o.max_seqlen_k == 0, "cuflash_attn: with block_table, max_seqlen_k must be 0 (the table's ",
+                      "width sets the keys), got ", num(o.max_seqlen_k));
+    for (const auto& [t, name] : {std::pair{&k, "k"}, std::pair{&v, "v"}})
+      TORCH_CHECK_VALUE(!t->defined() || t->dim() == 4, "cuflash_attn: with block_table, ", name,
+                        " must have 4 dimensions [num_pages, heads, page_size, head_dim], got ", num(t->dim()),
+                        " (shape ", shape(t->sizes()), ")");
+  } else {
+    TORCH_CHECK_VALUE(o.cu_seqlens_q.has_value() == o.cu_seqlens_k.has_value(),
+                      "cuflash_attn: cu_seqlens_q and cu_seqlens_k must be given together");
+  }
+  const bool packed_kv = varlen && !paged;
   check_attention_tensor(q, "q", varlen);
-  check_attention_tensor(k, "k", varlen);
-  check_attention_tensor(v, "v", varlen);
+  check_attention_tensor(k, "k", packed_kv);
+  check_attention_tensor(v, "v", packed_kv);
   check_same_kind(k, "k", q);
   check_same_kind(v, "v", q);
-  // Padded inputs are [batch, heads, seqlen, head_dim]; packed ones [total_tokens, heads, head_dim].
-  const int64_t hd = 1, rows = varlen ? 0 : 2;
-  if (!varlen) {
+  // Padded inputs are [batch, heads, seqlen, head_dim]; packed ones [total_tokens, heads, head_dim];
+  // a paged cache's [num_pages, heads, page_size, head_dim].
+  const int64_t hd = 1, rows = varlen ? 0 : 2, k_rows = packed_kv ? 0 : 2;
+  if (paged) {
+    TORCH_CHECK_VALUE(k.size(0) == v.size(0), "cuflash_attn: k and v must have the same num_pages, got ",
+                      num(k.size(0)), " and ", num(v.size(0)));
+  } else if (!varlen) {
     TORCH_CHECK_VALUE(k.size(0) == q.size(0) && v.size(0) == q.size(0),
                       "cuflash_attn: q, k and v must have the same batch size, got ", num(q.size(0)), ", ",
                       num(k.size(0)), " and ", num(v.size(0)));
   }
   TORCH_CHECK_VALUE(k.size(hd) == v.size(hd), "cuflash_attn: k and v must have the same number of heads, got ",
                     num(k.size(hd)), " and ", num(v.size(hd)));
-  TORCH_CHECK_VALUE(k.size(rows) == v.size(rows), "cuflash_attn: k and v must have the same ",
-                    varlen ? "total_tokens" : "seqlen", ", got ", num(k.size(rows)), " and ", num(v.size(rows)));
+  TORCH_CHECK_VALUE(k.size(k_rows) == v.size(k_rows), "cuflash_attn: k and v must have the same ",
+                    packed_kv ? "total_tokens" : paged ? "page_size" : "seqlen", ", got ", num(k.size(k_rows)),
+                    " and ", num(v.size(k_rows)));
   TORCH_CHECK_VALUE(k.size(-1) == q.size(-1) && v.size(-1) == q.size(-1),
                     "cuflash_attn: q, k and v must have the same head_dim, got ", num(q.size(-1)), ", ",
                     num(k.size(-1)), " and ", num(v.size(-1)));
@@ -155,7 +212,7 @@ AttentionShape check_qkv(const Tensor& q, const Tensor& k, const Tensor& v, cons
   TORCH_CHECK_VALUE(head_dim >= 1 && head_dim <= kMaxHeadDim, "cuflash_attn: head_dim must be in [1, ",
                     num(kMaxHeadDim), "], got ", num(head_dim));
   constexpr int64_t kMaxInt = std::numeric_limits<int>::max();
-  TORCH_CHECK_VALUE(q.size(rows) <= kMaxInt && k.size(rows) <= kMaxInt, "cuflash_attn: ",
+  TORCH_CHECK_VALUE(q.size(rows) <= kMaxInt && k.size(k_rows) <= kMaxInt && k.size(0) <= kMaxInt, "cuflash_attn: ",
                     varlen ? "total_tokens" : "seqlen", " must be below 2^31");
 
   AttentionShape sh;
@@ -163,22 +220,28 @@ AttentionShape check_qkv(const Tensor& q, const Tensor& k, const Tensor& v, cons
   sh.heads_kv = static_cast<int>(heads_kv);
   sh.head_dim = static_cast<int>(head_dim);
   if (varlen) {
-    const int64_t total_q = q.size(0), total_k = k.size(0);
+    const int64_t total_q = q.size(0);
     TORCH_CHECK_VALUE(o.max_seqlen_q >= 0 && o.max_seqlen_k >= 0,
                       "cuflash_attn: max_seqlen_q and max_seqlen_k must be >= 0 (0: not known), got ",
                       num(o.max_seqlen_q), " and ", num(o.max_seqlen_k));
     check_cu_seqlens(*o.cu_seqlens_q, "cu_seqlens_q", q, total_q, o.max_seqlen_q);
+    sh.batch = static_cast<int>(o.cu_seqlens_q->size(0) - 1);
+    // The grid covers max_seqlen rows; without one, the packed length bounds every sequence.
+    sh.seqlen_q = static_cast<int>(o.max_seqlen_q > 0 ? std::min(o.max_seqlen_q, total_q) : total_q);
+  } else {
+    sh.batch = static_cast<int>(q.size(0));
+    sh.seqlen_q = static_cast<int>(q.size(2));
+  }
+  if (paged) {
+    sh.seqlen_k = check_block_table(*o.block_table, q, k, sh.batch, o.seqused_k);
+  } else if (varlen) {
+    const int64_t total_k = k.size(0);
     check_cu_seqlens(*o.cu_seqlens_k, "cu_seqlens_k", q, total_k, o.max_seqlen_k);
     TORCH_CHECK_VALUE(o.cu_seqlens_q->size(0) == o.cu_seqlens_k->size(0),
                       "cuflash_attn: cu_seqlens_q and cu_seqlens_k must have the same length (batch + 1), got ",
                       num(o.cu_seqlens_q->size(0)), " and ", num(o.cu_seqlens_k->size(0)));
-    sh.batch = static_cast<int>(o.cu_seqlens_q->size(0) - 1);
-    // The grid covers max_seqlen rows; without one, the packed length bounds every sequence.
-    sh.seqlen_q = static_cast<int>(o.max_seqlen_q > 0 ? std::min(o.max_seqlen_q, total_q) : total_q);
     sh.seqlen_k = static_cast<int>(o.max_seqlen_k > 0 ? std::min(o.max_seqlen_k, total_k) : total_k);
   } else {
-    sh.batch = static_cast<int>(q.size(0));
-    sh.seqlen_q = static_cast<int>(q.size(2));
     sh.seqlen_k = static_cast<int>(k.size(2));
   }
   if (q.is_cuda()) {
@@ -250,9 +313,11 @@ std::vector<Tensor> fill_features(AttentionParams& p, const Options& o, const Te
   if (o.varlen()) {
     keep.push_back(o.cu_seqlens_q->contiguous());
     p.varlen.cu_seqlens_q = keep.back().data_ptr<int>();
+    p.varlen.total_q = static_cast<int>(q.size(0));
+  }
+  if (o.cu_seqlens_k) {
     keep.push_back(o.cu_seqlens_k->contiguous());
     p.varlen.cu_seqlens_k = keep.back().data_ptr<int>();
-    p.varlen.total_q = static_cast<int>(q.size(0));
     p.varlen.total_k = static_cast<int>(k.size(0));
   }
   if (o.seqused_k) {
@@ -265,6 +330,13 @@ std::vector<Tensor> fill_features(AttentionParams& p, const Options& o, const Te
                       q.device(), "), got ", u.device());
     keep.push_back(u.contiguous());
     p.varlen.seqused_k = keep.back().data_ptr<int>();
+  }
+  if (o.paged()) {  // its shape was checked by check_qkv
+    keep.push_back(o.block_table->contiguous());
+    p.paged.block_table = keep.back().data_ptr<int>();
+    p.paged.table_stride = o.block_table->size(1);
+    p.paged.page_size = static_cast<int>(k.size(2));
+    p.paged.num_pages = static_cast<int>(k.size(0));
   }
   return keep;
 }
@@ -444,10 +516,10 @@ Options make_options(std::optional<double> scale, bool is_causal, bool bottom_ri
                      double dropout_p, const std::optional<Tensor>& rng_state,
                      const std::optional<Tensor>& cu_seqlens_q, const std::optional<Tensor>& cu_seqlens_k,
                      int64_t max_seqlen_q, int64_t max_seqlen_k, const std::optional<Tensor>& attn_mask,
-                     const std::optional<Tensor>& seqused_k) {
+                     const std::optional<Tensor>& seqused_k, const std::optional<Tensor>& block_table) {
   return Options{scale,        is_causal,    bottom_right, window_left, window_right, softcap,
                  alibi_slopes, dropout_p,    rng_state,    cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
-                 max_seqlen_k, attn_mask,    seqused_k};
+                 max_seqlen_k, attn_mask,    seqused_k,    block_table};
 }
 
 std::tuple<Tensor, Tensor> fwd(const Tensor& q, const Tensor& k, const Tensor& v, std::optional<double> scale,
@@ -456,11 +528,11 @@ std::tuple<Tensor, Tensor> fwd(const Tensor& q, const Tensor& k, const Tensor& v
                                const std::optional<Tensor>& rng_state, const std::optional<Tensor>& cu_seqlens_q,
                                const std::optional<Tensor>& cu_seqlens_k, int64_t max_seqlen_q, int64_t max_seqlen_k,
                                const std::optional<Tensor>& attn_mask, bool /*deterministic: the backward's*/,
-                               const std::optional<Tensor>& seqused_k) {
+                               const std::optional<Tensor>& seqused_k, const std::optional<Tensor>& block_table) {
   return fwd_impl(q, k, v,
                   make_options(scale, is_causal, bottom_right, window_left, window_right, softcap, alibi_slopes,
                                dropout_p, rng_state, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, attn_mask,
-                               seqused_k),
+                               seqused_k, block_table),
                   nullptr);
 }
 
@@ -477,7 +549,7 @@ Tensor fwd_tile_counts(const Tensor& q, const Tensor& k, const Tensor& v, bool i
   fwd_impl(q, k, v,
            make_options(std::nullopt, is_causal, bottom_right, window_left, window_right, 0.0, std::nullopt, 0.0,
                         std::nullopt, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, std::nullopt,
-                        std::nullopt),
+                        std::nullopt, std::nullopt),
            reinterpret_cast<unsigned long long*>(counters.data_ptr<int64_t>()));
   return counters;
 }
@@ -515,10 +587,12 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> bwd(const Tensor& dout, const Tensor&
                                        const std::optional<Tensor>& cu_seqlens_k, int64_t max_seqlen_q,
                                        int64_t max_seqlen_k, const std::optional<Tensor>& attn_mask,
                                        bool deterministic, const std::optional<Tensor>& seqused_k,
-                                       bool attn_mask_grad) {
+                                       const std::optional<Tensor>& block_table, bool attn_mask_grad) {
   const Options o = make_options(scale, is_causal, bottom_right, window_left, window_right, softcap, alibi_slopes,
                                  dropout_p, rng_state, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-                                 attn_mask, seqused_k);
+                                 attn_mask, seqused_k, block_table);
+  TORCH_CHECK_NOT_IMPLEMENTED(!o.paged(), "cuflash_attn: a paged KV cache (block_table) has no backward: it is ",
+                              "for inference (call under torch.no_grad(), or with k and v that do not require grad)");
   TORCH_CHECK_VALUE(!attn_mask_grad || (attn_mask && attn_mask->is_floating_point()),
                     "cuflash_attn: attn_mask_grad needs a floating-point attn_mask");
   const AttentionShape sh = check_qkv(q, k, v, o);
@@ -651,6 +725,11 @@ Tensor dropout_mask(const Tensor& rng_state, double dropout_p, int64_t batch, in
 // is_causal sets window_right to 0. max_seqlen 0 means not known (the packed length bounds it).
 // attn_mask (torch's: boolean, True takes part, or added to the scores) broadcasts to
 // [batch, heads_q, seqlen_q, seqlen_k]; it combines with every other option but cu_seqlens.
+// seqused_k (int32 [batch]): how many of each sequence's keys take part, its first ones.
+// block_table (int32 [batch, pages a sequence]; the forward only): k and v are a paged cache
+// [num_pages, heads_kv, page_size, head_dim], page_size a multiple of 256, and sequence b's key j
+// is row j % page_size of page block_table[b][j / page_size]; queries may be packed
+// (cu_seqlens_q, without cu_seqlens_k: seqused_k gives the key counts).
 // deterministic (the backward's; the forward always is): True, dq is bitwise reproducible (but
 // under the CUFLASH_BWD_DQ=atomic switch; where the fused Hopper kernel is faster than the pair,
 // prefers_fused_backward: Hopper, head dims 33-64 and 97-128, it adds dq up in a fixed order);
@@ -660,7 +739,8 @@ Tensor dropout_mask(const Tensor& rng_state, double dropout_p, int64_t batch, in
   "float? scale=None, bool is_causal=False, bool bottom_right=False, int window_left=-1, "                 \
   "int window_right=-1, float softcap=0.0, Tensor? alibi_slopes=None, float dropout_p=0.0, "               \
   "Tensor? rng_state=None, Tensor? cu_seqlens_q=None, Tensor? cu_seqlens_k=None, SymInt max_seqlen_q=0, " \
-  "SymInt max_seqlen_k=0, Tensor? attn_mask=None, bool deterministic=True, Tensor? seqused_k=None"
+  "SymInt max_seqlen_k=0, Tensor? attn_mask=None, bool deterministic=True, Tensor? seqused_k=None, "     \
+  "Tensor? block_table=None"
 
 TORCH_LIBRARY(cuflash_attn, m) {
   m.def("fwd(Tensor q, Tensor k, Tensor v, " CUFLASH_OPTIONS ") -> (Tensor out, Tensor lse)");

@@ -163,9 +163,13 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
     """q: [total_q, heads_q, head_dim]; k, v: [total_k, heads_kv, head_dim]; cu_seqlens_q/k: int32
     [batch + 1] offsets of the sequences; max_seqlen_q/k: ints (or tensors: then no host sync, and
     the packed lengths bound the grid). Returns out [total_q, heads_q, head_dim], and with
-    return_attn_probs also softmax_lse [heads_q, total_q] and S_dmask."""
+    return_attn_probs also softmax_lse [heads_q, total_q] and S_dmask. With block_table (int32
+    [batch, max_num_blocks_per_seq]; inference only, no backward) k and v are a paged cache
+    [num_blocks, page_block_size, heads_kv, head_dim], page_block_size a multiple of 256, sequence
+    b's keys its first cu_seqlens_k[b + 1] - cu_seqlens_k[b] rows of pages block_table[b]."""
     if block_table is not None:
-        raise NotImplementedError("cuflash_attn: block_table (a paged KV cache) is not supported")
+        return _varlen_paged(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, block_table, dropout_p,
+                             softmax_scale, causal, window_size, softcap, alibi_slopes, return_attn_probs)
     return _attention(q, k, v, dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes, deterministic,
                       return_attn_probs, (cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k))
 
@@ -188,6 +192,41 @@ def flash_attn_varlen_kvpacked_func(q, kv, cu_seqlens_q, cu_seqlens_k, max_seqle
                       return_attn_probs, (cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k))
 
 _CACHE = ("batch_cache", "seqlen_cache", "heads_kv", "head_dim")
+_PAGE_SIZE_MULTIPLE = 256  # the kernels' rule for a paged cache (kPageSizeMultiple, csrc/flash_params.h)
+_PAGED_CACHE = ("num_blocks", "page_block_size", "heads_kv", "head_dim")
+
+
+def _check_block_table(block_table, batch):
+    _check_tensor("block_table", block_table, ("batch", "max_num_blocks_per_seq"))
+    if block_table.dtype != torch.int32 or block_table.shape[0] != batch:
+        raise ValueError(f"cuflash_attn: block_table must be an int32 tensor [batch = {batch}, "
+                         f"max_num_blocks_per_seq], got {block_table.dtype} {tuple(block_table.shape)}")
+
+
+def _varlen_paged(q, k_cache, v_cache, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, block_table, dropout_p,
+                  softmax_scale, causal, window_size, softcap, alibi_slopes, return_attn_probs):
+    """flash_attn_varlen_func over a paged cache: the op takes the key counts as seqused_k."""
+    _check_tensor("q", q, _PACKED)
+    for name, t in (("k", k_cache), ("v", v_cache)):
+        _check_tensor(name, t, _PAGED_CACHE)
+    for name, cu in (("cu_seqlens_q", cu_seqlens_q), ("cu_seqlens_k", cu_seqlens_k)):
+        _check_tensor(name, cu, ("batch + 1",))
+    if cu_seqlens_k.dtype != torch.int32 or cu_seqlens_k.shape != cu_seqlens_q.shape:
+        raise ValueError(f"cuflash_attn: cu_seqlens_k must be an int32 tensor of cu_seqlens_q's shape "
+                         f"{tuple(cu_seqlens_q.shape)}, got {cu_seqlens_k.dtype} {tuple(cu_seqlens_k.shape)}")
+    _check_block_table(block_table, cu_seqlens_q.shape[0] - 1)
+    if return_attn_probs:
+        raise NotImplementedError("cuflash_attn: return_attn_probs is not supported with block_table")
+    if dropout_p != 0.0:
+        raise ValueError(f"cuflash_attn: dropout_p must be 0 with block_table (inference only), got {dropout_p}")
+    _check_scalars("softmax_scale", softmax_scale, softcap, 0.0, alibi_slopes)
+    window_left, window_right = _window(window_size)
+    max_seqlen_q = max_seqlen_q if isinstance(max_seqlen_q, int) else 0
+    used = cu_seqlens_k[1:] - cu_seqlens_k[:-1]
+    out, _ = _ops.fwd(q, k_cache.transpose(1, 2), v_cache.transpose(1, 2), softmax_scale, bool(causal), True,
+                      window_left, window_right, float(softcap), alibi_slopes, cu_seqlens_q=cu_seqlens_q,
+                      max_seqlen_q=max_seqlen_q, seqused_k=used, block_table=block_table)
+    return out
 
 
 def _cache_lengths(cache_seqlens, batch, seqlen_cache, seqlen_new, device, need_max):
@@ -251,23 +290,26 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
                             rotary_interleaved=True, alibi_slopes=None, num_splits=0, return_softmax_lse=False):
     """Attention of q over a KV cache, for incremental decoding. q: [batch, seqlen_q, heads_q,
     head_dim]; k_cache, v_cache: [batch_cache, seqlen_cache, heads_kv, head_dim]; cache_seqlens:
-    an int or int32 [batch], the keys each sequence has in the cache (None: all of them). With k
+    an int or int32 [batch], the keys each sequence has in the cache (None: all of them). With
+    block_table (int32 [batch, max_num_blocks_per_seq]) the caches are paged, [num_blocks,
+    page_block_size, heads_kv, head_dim] with page_block_size a multiple of 256: sequence b's key
+    j is row j % page_block_size of block block_table[b][j // page_block_size]. With k
     and v ([batch, seqlen_new, heads_kv, head_dim]) they are first written into the caches, in
     place, at cache_seqlens .. cache_seqlens + seqlen_new, and attended to. rotary_cos, rotary_sin
     ([seqlen_ro, rotary_dim / 2]): k rotated at positions cache_seqlens + i before it is written, q
     at cache_seqlens + i when causal or windowed, else at cache_seqlens (flash_attn's rule;
     rotary_interleaved picks the pairs). cache_batch_idx (int32 [batch]): the cache row of each
-    sequence (then the cache rows are gathered, a copy). Causal masks and windows are aligned
+    sequence (read in place as one page each where seqlen_cache is a multiple of 256, else gathered
+    first, a copy). Causal masks and windows are aligned
     bottom-right to each sequence's keys. Returns out [batch, seqlen_q, heads_q, head_dim], and
     with return_softmax_lse also lse [batch, heads_q, seqlen_q]. Not supported
-    (NotImplementedError): block_table (a paged cache) and cache_leftpad; num_splits is a hint,
-    ignored."""
-    for name, given in (("block_table", block_table), ("cache_leftpad", cache_leftpad)):
-        if given is not None:
-            raise NotImplementedError(f"cuflash_attn: flash_attn_with_kvcache does not support {name}")
+    (NotImplementedError): cache_leftpad; num_splits is a hint, ignored."""
+    if cache_leftpad is not None:
+        raise NotImplementedError("cuflash_attn: flash_attn_with_kvcache does not support cache_leftpad")
+    paged = block_table is not None
     _check_tensor("q", q, _PADDED)
-    _check_tensor("k_cache", k_cache, _CACHE)
-    _check_tensor("v_cache", v_cache, _CACHE)
+    _check_tensor("k_cache", k_cache, _PAGED_CACHE if paged else _CACHE)
+    _check_tensor("v_cache", v_cache, _PAGED_CACHE if paged else _CACHE)
     if k_cache.shape != v_cache.shape:
         raise ValueError(f"cuflash_attn: k_cache and v_cache must have the same shape, got {tuple(k_cache.shape)} and "
                          f"{tuple(v_cache.shape)}")
@@ -280,7 +322,13 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
         _check_rotary(rotary_cos, rotary_sin, q.shape[-1], q.device)
     batch, seqlen_q, seqlen_cache = q.shape[0], q.shape[1], k_cache.shape[1]
     rows = None
-    if cache_batch_idx is not None:
+    if paged:
+        _check_block_table(block_table, batch)
+        if cache_batch_idx is not None:
+            raise ValueError("cuflash_attn: cache_batch_idx cannot be given with block_table (the table picks each "
+                             "sequence's blocks)")
+        seqlen_cache = block_table.shape[1] * k_cache.shape[1]  # the keys a sequence's blocks hold
+    elif cache_batch_idx is not None:
         _check_tensor("cache_batch_idx", cache_batch_idx, ("batch",))
         if cache_batch_idx.dtype != torch.int32 or cache_batch_idx.shape[0] != batch:
             raise ValueError(f"cuflash_attn: cache_batch_idx must be an int32 tensor [batch] = [{batch}], got "
@@ -325,11 +373,25 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
         cache_rows = (rows if rows is not None else torch.arange(batch, device=k_cache.device))[:, None]
         positions = lengths.to(device=k_cache.device, dtype=torch.long)[:, None] + \
             torch.arange(seqlen_new, device=k_cache.device)
+        if paged:  # row positions % page of the blocks the table names for them
+            page = k_cache.shape[1]
+            cache_rows = block_table.to(k_cache.device).long().gather(1, positions // page)
+            low, high = (int(x) for x in torch.aminmax(cache_rows)) if batch > 0 else (0, 0)
+            if low < 0 or high >= k_cache.shape[0]:  # an index past the cache would fault on CUDA
+                raise ValueError(f"cuflash_attn: block_table names blocks in [{low}, {high}] for the new keys, and "
+                                 f"k_cache has {k_cache.shape[0]}")
+            positions = positions % page
         k_cache[cache_rows, positions] = k
         v_cache[cache_rows, positions] = v
-    kc, vc = (k_cache, v_cache) if rows is None else (k_cache.index_select(0, rows), v_cache.index_select(0, rows))
+    kc, vc = k_cache, v_cache
+    if rows is not None:
+        if seqlen_cache % _PAGE_SIZE_MULTIPLE == 0:  # each cache row one page: read in place
+            block_table = cache_batch_idx.to(q.device).view(batch, 1)
+        else:
+            kc, vc = k_cache.index_select(0, rows), v_cache.index_select(0, rows)
     out, lse = _ops.fwd(q.transpose(1, 2), kc.transpose(1, 2), vc.transpose(1, 2), softmax_scale, bool(causal), True,
-                        window_left, window_right, float(softcap), alibi_slopes, seqused_k=used)
+                        window_left, window_right, float(softcap), alibi_slopes, seqused_k=used,
+                        block_table=block_table)
     out = out.transpose(1, 2)
     return (out, lse) if return_softmax_lse else out
 

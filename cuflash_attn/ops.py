@@ -29,7 +29,8 @@ def _empty_stats(q: torch.Tensor, varlen: bool) -> torch.Tensor:
 @torch.library.register_fake("cuflash_attn::fwd")
 def _fwd_fake(q, k, v, scale=None, is_causal=False, bottom_right=False, window_left=-1, window_right=-1,
               softcap=0.0, alibi_slopes=None, dropout_p=0.0, rng_state=None, cu_seqlens_q=None,
-              cu_seqlens_k=None, max_seqlen_q=0, max_seqlen_k=0, attn_mask=None, deterministic=True, seqused_k=None):
+              cu_seqlens_k=None, max_seqlen_q=0, max_seqlen_k=0, attn_mask=None, deterministic=True, seqused_k=None,
+              block_table=None):
     varlen = cu_seqlens_q is not None
     torch._check(q.dim() == (3 if varlen else 4), lambda: "cuflash_attn: q has the wrong number of dimensions")
     return _empty_like_input(q), _empty_stats(q, varlen)
@@ -39,7 +40,7 @@ def _fwd_fake(q, k, v, scale=None, is_causal=False, bottom_right=False, window_l
 def _bwd_fake(dout, q, k, v, out, lse, dlse=None, scale=None, is_causal=False, bottom_right=False,
               window_left=-1, window_right=-1, softcap=0.0, alibi_slopes=None, dropout_p=0.0, rng_state=None,
               cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q=0, max_seqlen_k=0, attn_mask=None,
-              deterministic=True, seqused_k=None, attn_mask_grad=False):
+              deterministic=True, seqused_k=None, block_table=None, attn_mask_grad=False):
     dattn_mask = attn_mask.new_empty(attn_mask.shape) if attn_mask_grad else q.new_empty((0,))
     return _empty_like_input(q), _empty_like_input(k), _empty_like_input(v), dattn_mask
 
@@ -58,8 +59,10 @@ def _fwd_tile_counts_fake(q, k, v, is_causal=False, bottom_right=False, window_l
 # fwd's options (its inputs after q, k, v), named as the schema in csrc/torch_ops.cpp names them;
 # the tensors among them are saved for the backward, which takes the same options.
 _OPTION_NAMES = tuple(a.name for a in _ops.fwd.default._schema.arguments[3:])
-_OPTION_TENSORS = ("alibi_slopes", "rng_state", "cu_seqlens_q", "cu_seqlens_k", "attn_mask", "seqused_k")
+_OPTION_TENSORS = ("alibi_slopes", "rng_state", "cu_seqlens_q", "cu_seqlens_k", "attn_mask", "seqused_k",
+                   "block_table")
 _ATTN_MASK_INPUT = 3 + _OPTION_NAMES.index("attn_mask")  # its position among fwd's inputs
+_BLOCK_TABLE_INPUT = 3 + _OPTION_NAMES.index("block_table")
 
 
 def _fwd_setup_context(ctx, inputs, output):
@@ -116,6 +119,10 @@ class _FwdFunction(torch.autograd.Function):
 def _fwd_autograd(keyset, *args):
     args = args + _FWD_DEFAULTS[len(args):]
     if torch.is_grad_enabled() and torch._C._any_requires_grad(*args):
+        if args[_BLOCK_TABLE_INPUT] is not None:  # refused now, not at the backward
+            raise NotImplementedError(
+                "cuflash_attn: a paged KV cache (block_table) has no backward: it is for inference (call under "
+                "torch.no_grad(), or with inputs that do not require grad)")
         return _FwdFunction.apply(keyset, *args)
     return _redispatch_fwd(keyset, args)
 

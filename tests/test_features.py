@@ -357,8 +357,6 @@ def test_flash_attn_api_layouts_and_packing(device):
     out_kv = fa.flash_attn_varlen_kvpacked_func(flat(q), torch.stack((flat(k), flat(v)), 1), cu, cu, n, n,
                                                 causal=True)
     assert torch.equal(out_qkv, out_varlen) and torch.equal(out_kv, out_varlen)
-    with pytest.raises(NotImplementedError, match="block_table"):
-        fa.flash_attn_varlen_func(flat(q), flat(k), flat(v), cu, cu, n, n, block_table=cu)
 
 
 @pytest.mark.parametrize("device", DEVICES)

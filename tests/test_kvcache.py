@@ -88,12 +88,14 @@ def cache_case(device, dtype, batch=3, seqlen_cache=40, heads_kv=2, heads_q=4, d
 @pytest.mark.parametrize("lengths", ["int", "tensor"])
 @pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("batch_idx", [False, True])
-def test_kvcache_appends_and_attends(device, dtype, lengths, causal, batch_idx):
+@pytest.mark.parametrize("seqlen_cache", [40, 256])
+def test_kvcache_appends_and_attends(device, dtype, lengths, causal, batch_idx, seqlen_cache):
     """k and v written into the caches at cache_seqlens (nothing else in them changes), then q
-    attends to each sequence's keys up to the new ones; cache_batch_idx picks the cache rows."""
+    attends to each sequence's keys up to the new ones; cache_batch_idx picks the cache rows
+    (gathered at 40 rows, read in place as pages at 256)."""
     if device == "cpu" and dtype in LOW_PRECISION:
         pytest.skip("the low-precision kernels are CUDA's")
-    q, k_cache, v_cache, k, v = cache_case(device, dtype)
+    q, k_cache, v_cache, k, v = cache_case(device, dtype, seqlen_cache=seqlen_cache)
     batch, seqlen_new = q.shape[0], k.shape[1]
     cache_seqlens = 5 if lengths == "int" else torch.tensor([0, 17, 37], dtype=torch.int32, device=device)
     idx = torch.tensor([2, 0, 1], dtype=torch.int32, device=device) if batch_idx else None
@@ -135,7 +137,6 @@ def test_kvcache_refuses(device):
     q, k_cache, v_cache, k, v = cache_case(device, torch.float32)
     before = k_cache.clone()
     cases = [
-        (dict(block_table=torch.zeros(3, 1, dtype=torch.int32)), NotImplementedError, "block_table"),
         (dict(cache_leftpad=torch.zeros(3, dtype=torch.int32)), NotImplementedError, "cache_leftpad"),
         (dict(rotary_cos=torch.zeros(40, 16, device=device)), ValueError, "rotary_cos and rotary_sin must be given"),
         (dict(rotary_cos=torch.zeros(40, 40, device=device), rotary_sin=torch.zeros(40, 40, device=device)),

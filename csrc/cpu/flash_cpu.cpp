@@ -49,7 +49,7 @@ void flash_fwd_cpu(const FlashFwdParams& p, int64_t bh_begin, int64_t bh_end) {
         const int count = std::min(kKeyTile, keys.end - j0);
         T tile_max = row_max;
         for (int jj = 0; jj < count; ++jj) {
-          const T qk = dot(q, row_at<const T>(p.k, p.k_strides, s, false, b, hk, j0 + jj), D);
+          const T qk = dot(q, key_row_at<const T>(p, p.k, p.k_strides, s, b, hk, j0 + jj), D);
           scores[jj] = score(s, qk, i, j0 + jj, &unused);
           tile_max = std::fmax(tile_max, scores[jj]);
         }
@@ -62,7 +62,7 @@ void flash_fwd_cpu(const FlashFwdParams& p, int64_t bh_begin, int64_t bh_end) {
           row_sum += prob;  // the softmax's denominator counts dropped probabilities too
           const int j = j0 + jj;
           const T weight = !dropout ? prob : rng.keep(b, h, sh.heads_q, i, j) ? prob * keep_scale : T(0);
-          axpy(weight, row_at<const T>(p.v, p.v_strides, s, false, b, hk, j), acc.data(), D);
+          axpy(weight, key_row_at<const T>(p, p.v, p.v_strides, s, b, hk, j), acc.data(), D);
         }
         row_max = tile_max;
       }

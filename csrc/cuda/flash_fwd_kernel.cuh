@@ -63,15 +63,19 @@ __global__ void __launch_bounds__(FwdKernel<T, kHeadDim>::kThreads, FwdKernel<T,
   if (m_start >= seq.seqlen_q) return;  // a packed sequence shorter than the grid
 
   const T* q = row_at<const T>(p.q, p.q_strides, seq, true, b, h, 0);
-  const T* k = row_at<const T>(p.k, p.k_strides, seq, false, b, h_kv, 0);
-  const T* v = row_at<const T>(p.v, p.v_strides, seq, false, b, h_kv, 0);
+  const T* k = key_rows<const T>(p, p.k, p.k_strides, seq, b, h_kv);
+  const T* v = key_rows<const T>(p, p.v, p.v_strides, seq, b, h_kv);
   const Range n_blocks = key_blocks(p.mask, seq, m_start, min(m_start + kBlockM, seq.seqlen_q), kBlockN);
   if (p.tile_counters && tid == 0) count_tiles(p.tile_counters, seq, n_blocks, kBlockM, kBlockN);
 
+  // A block's rows are consecutive (in one page of a paged cache: page_size % kBlockN == 0).
+  static_assert(kPageSizeMultiple % kBlockN == 0, "a key block lies in one page");
   auto load_kv = [&](int n_block, int buf) {
     const int n0 = n_block * kBlockN, rows = seq.seqlen_k - n0;
-    sK(buf).template load_async<kThreads>(k + n0 * p.k_strides.row, p.k_strides.row, rows, sh.head_dim, tid);
-    sV(buf).template load_async<kThreads>(v + n0 * p.v_strides.row, p.v_strides.row, rows, sh.head_dim, tid);
+    sK(buf).template load_async<kThreads>(k + key_offset(p, p.k_strides, b, n0), p.k_strides.row, rows,
+                                          sh.head_dim, tid);
+    sV(buf).template load_async<kThreads>(v + key_offset(p, p.v_strides, b, n0), p.v_strides.row, rows,
+                                          sh.head_dim, tid);
   };
 
   // Row tile m of this warp holds query rows row0 + 16 m ..

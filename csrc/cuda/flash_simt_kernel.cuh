@@ -84,7 +84,7 @@ __global__ void __launch_bounds__(32 * simt::kWarps) flash_fwd_simt_kernel(const
     const int count = min(32, keys.end - j0);
     T my_score = -INFINITY;
     for (int jj = 0; jj < count; ++jj) {
-      kv.load(row_at<const T>(p.k, p.k_strides, seq, false, b, h_kv, j0 + jj), sh.head_dim, lane);
+      kv.load(key_row_at<const T>(p, p.k, p.k_strides, seq, b, h_kv, j0 + jj), sh.head_dim, lane);
       const T s = score(seq, q.dot(kv), row, j0 + jj, &unused);
       if (lane == jj) my_score = s;
     }
@@ -98,7 +98,7 @@ __global__ void __launch_bounds__(32 * simt::kWarps) flash_fwd_simt_kernel(const
 #pragma unroll
     for (int c = 0; c < kChunks; ++c) o.x[c] *= alpha;
     for (int jj = 0; jj < count; ++jj) {
-      kv.load(row_at<const T>(p.v, p.v_strides, seq, false, b, h_kv, j0 + jj), sh.head_dim, lane);
+      kv.load(key_row_at<const T>(p, p.v, p.v_strides, seq, b, h_kv, j0 + jj), sh.head_dim, lane);
       o.axpy(__shfl_sync(kFull, prob, jj), kv);
     }
   }

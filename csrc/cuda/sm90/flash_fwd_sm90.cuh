@@ -113,17 +113,19 @@ __global__ void __launch_bounds__(FwdSm90Kernel<T, kHeadDim, kFeatures>::kThread
   if (m_start >= seq.seqlen_q) return;
 
   const T* q = row_at<const T>(p.q, p.q_strides, seq, true, b, h, 0);
-  const T* k = row_at<const T>(p.k, p.k_strides, seq, false, b, h_kv, 0);
-  const T* v = row_at<const T>(p.v, p.v_strides, seq, false, b, h_kv, 0);
+  const T* k = key_rows<const T>(p, p.k, p.k_strides, seq, b, h_kv);
+  const T* v = key_rows<const T>(p, p.v, p.v_strides, seq, b, h_kv);
   const Range n_blocks = key_blocks(p.mask, seq, m_start, min(m_start + kBlockM, seq.seqlen_q), kBlockN);
   if (p.tile_counters && tid == 0) count_tiles(p.tile_counters, seq, n_blocks, kBlockM, kBlockN);
 
+  // A block's rows are consecutive (in one page of a paged cache: page_size % kBlockN == 0).
+  static_assert(kPageSizeMultiple % kBlockN == 0, "a key block lies in one page");
   auto load_kv = [&](int n_block, int buf) {
     const int n0 = n_block * kBlockN, rows = seq.seqlen_k - n0;
-    load_panels_async<kBlockN, kHeadDim, kThreads>(sK(buf), k + n0 * p.k_strides.row, p.k_strides.row, rows,
-                                                   sh.head_dim, tid);
-    load_panels_async<kBlockN, kHeadDim, kThreads>(sV(buf), v + n0 * p.v_strides.row, p.v_strides.row, rows,
-                                                   sh.head_dim, tid);
+    load_panels_async<kBlockN, kHeadDim, kThreads>(sK(buf), k + key_offset(p, p.k_strides, b, n0), p.k_strides.row,
+                                                   rows, sh.head_dim, tid);
+    load_panels_async<kBlockN, kHeadDim, kThreads>(sV(buf), v + key_offset(p, p.v_strides, b, n0), p.v_strides.row,
+                                                   rows, sh.head_dim, tid);
   };
 
   // This warp's 16 rows: rows 16 (tid / 32) .. of the CTA's tile (warpgroup g: rows 64 g ..).
@@ -196,7 +198,8 @@ inline Sm90Paths sm90_paths(const AttentionParams& p) {
   if (features && !wanted.features) return choice;
   choice.fwd = device_attribute<cudaDevAttrComputeCapabilityMajor>(0) == 9 &&
                device_attribute<cudaDevAttrComputeCapabilityMinor>(-1) == 0;
-  choice.tma = choice.fwd && wanted.tma;
+  // TMA's boxes address k and v by (batch, row): not a paged cache's pages (the cp.async kernel).
+  choice.tma = choice.fwd && wanted.tma && p.paged.block_table == nullptr;
   choice.persistent = choice.tma && wanted.persistent;  // plain attention only: launch_fwd_tma
   choice.bwd = choice.fwd && !features && wanted.bwd;
   choice.bwd_ws = choice.bwd && wanted.bwd_ws;

@@ -293,10 +293,10 @@ __global__ void __launch_bounds__(FwdSm90TmaKernel<T, kHeadDim, kWide, kPersiste
 
 // How many keys the middle query row of dense p sees (under a causal mask or a window, the mean
 // over the rows is about the middle row's): the kernel choices that depend on row length use it.
-// Host code: seqused_k is device memory, so the grid's key count stands in for it.
+// Host code: cu_seqlens and seqused_k are device memory, so the grid's lengths stand in for them.
 inline int middle_row_keys(const AttentionParams& p) {
   AttentionParams grid = p;
-  grid.varlen.seqused_k = nullptr;
+  grid.varlen = VarlenParams{};
   const Sequence s = sequence_of(grid, 0);
   const int middle = s.seqlen_q / 2;
   const Range keys = visible_keys(p.mask, s, middle, middle + 1);
