@@ -11,6 +11,8 @@
 #                        forward + backward (unset: none)
 #   GPU_SM90_HOST="..."   benchmarks/host_overhead.py arguments ("-" for its defaults): host time
 #                        per call (unset: none)
+#   GPU_SM90_DECODE="..."   benchmarks/bench_decode.py arguments ("-" for its defaults): decoding
+#                        against a KV cache, contiguous and paged (unset: none)
 #   GPU_SM90_NCU="..."   scripts/ncu_profile.sh's cases (e.g. "bwd:2,32,8192,64:0 fwd:16,16,1024,128:1")
 #                        to profile at the end (unset: no profile)
 # Logs come back as $OUT/logs.tar.gz, results as $OUT/*.md/json.
@@ -98,6 +100,12 @@ if [ -n "${GPU_SM90_HOST-}" ]; then
   timeout --kill-after=5 150 python3 benchmarks/host_overhead.py ${GPU_SM90_HOST#-} \
     > "$OUT/host_overhead.md" 2> "$OUT/host_overhead.log"
   echo "host_overhead exit $?"; head -n 20 "$OUT/host_overhead.md"
+fi
+if [ -n "${GPU_SM90_DECODE-}" ]; then
+  # shellcheck disable=SC2086  # the arguments are a list
+  timeout --kill-after=5 150 python3 benchmarks/bench_decode.py ${GPU_SM90_DECODE#-} \
+    > "$OUT/decode.md" 2> "$OUT/decode.log"
+  echo "decode exit $?"; cat "$OUT/decode.md"
 fi
 if [ -n "${GPU_SM90_NCU-}" ]; then
   NCU_CASES="$GPU_SM90_NCU" OUT="$OUT" timeout --kill-after=5 240 bash scripts/ncu_profile.sh > "$OUT/ncu.log" 2>&1
