@@ -133,6 +133,14 @@ struct FlashFwdParams : AttentionParams {
   // Debug: when set (int64 [4], zeroed), the tensor-core forward adds the key tiles it computed
   // and the ones it skipped as wholly masked, over all its CTAs, and stores its block_m, block_n.
   unsigned long long* tile_counters = nullptr;
+  // Split-KV (decoding: too few query blocks to fill the GPU; the sm_80-class tensor-core kernel):
+  // the key blocks of each (query block, head, sequence) are dealt into num_splits ranges, one
+  // CTA each, which write their partial output (normalized over their keys) and its logsumexp,
+  // row (split, b, h, i) at ((split * batch + b) * heads_q + h) * shape.seqlen_q + i of
+  // out_partial (head_dim floats a row) and lse_partial; a combine kernel merges them.
+  int num_splits = 1;
+  float* out_partial = nullptr;
+  float* lse_partial = nullptr;
 };
 
 struct FlashBwdParams : AttentionParams {

@@ -72,6 +72,7 @@ struct Options {
   std::optional<Tensor> attn_mask;
   std::optional<Tensor> seqused_k;
   std::optional<Tensor> block_table;
+  int64_t num_splits = 1;
   // Packed queries (cu_seqlens_q); their keys are packed too (cu_seqlens_k) or paged.
   bool varlen() const { return cu_seqlens_q.has_value(); }
   bool paged() const { return block_table.has_value(); }
@@ -500,6 +501,15 @@ std::tuple<Tensor, Tensor> fwd_impl(const Tensor& q, const Tensor& k, const Tens
   if (q.is_cuda()) {
     padded_head_dim_bucket(q, layout.head_dim);
     const c10::cuda::CUDAGuard guard(q.device());
+    p.num_splits = fwd_num_splits(p, static_cast<int>(std::min<int64_t>(o.num_splits, kMaxFwdSplits)));
+    Tensor out_partial, lse_partial;  // split-KV's, alive until the kernels have run (stream order)
+    if (p.num_splits > 1) {
+      const at::TensorOptions f32 = q.options().dtype(at::kFloat);
+      lse_partial = at::empty({p.num_splits, sh.batch, sh.heads_q, sh.seqlen_q}, f32);
+      out_partial = at::empty({p.num_splits, sh.batch, sh.heads_q, sh.seqlen_q, layout.head_dim}, f32);
+      p.out_partial = out_partial.data_ptr<float>();
+      p.lse_partial = lse_partial.data_ptr<float>();
+    }
     check_cuda(run_flash_fwd_cuda(p, at::cuda::getCurrentCUDAStream()));
   } else {
     at::parallel_for(0, int64_t{sh.batch} * sh.heads_q, 1, [&](int64_t begin, int64_t end) {
@@ -516,10 +526,13 @@ Options make_options(std::optional<double> scale, bool is_causal, bool bottom_ri
                      double dropout_p, const std::optional<Tensor>& rng_state,
                      const std::optional<Tensor>& cu_seqlens_q, const std::optional<Tensor>& cu_seqlens_k,
                      int64_t max_seqlen_q, int64_t max_seqlen_k, const std::optional<Tensor>& attn_mask,
-                     const std::optional<Tensor>& seqused_k, const std::optional<Tensor>& block_table) {
+                     const std::optional<Tensor>& seqused_k, const std::optional<Tensor>& block_table,
+                     int64_t num_splits) {
+  TORCH_CHECK_VALUE(num_splits >= 0, "cuflash_attn: num_splits must be >= 0 (0: chosen, 1: none), got ",
+                    num(num_splits));
   return Options{scale,        is_causal,    bottom_right, window_left, window_right, softcap,
                  alibi_slopes, dropout_p,    rng_state,    cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
-                 max_seqlen_k, attn_mask,    seqused_k,    block_table};
+                 max_seqlen_k, attn_mask,    seqused_k,    block_table,  num_splits};
 }
 
 std::tuple<Tensor, Tensor> fwd(const Tensor& q, const Tensor& k, const Tensor& v, std::optional<double> scale,
@@ -528,11 +541,12 @@ std::tuple<Tensor, Tensor> fwd(const Tensor& q, const Tensor& k, const Tensor& v
                                const std::optional<Tensor>& rng_state, const std::optional<Tensor>& cu_seqlens_q,
                                const std::optional<Tensor>& cu_seqlens_k, int64_t max_seqlen_q, int64_t max_seqlen_k,
                                const std::optional<Tensor>& attn_mask, bool /*deterministic: the backward's*/,
-                               const std::optional<Tensor>& seqused_k, const std::optional<Tensor>& block_table) {
+                               const std::optional<Tensor>& seqused_k, const std::optional<Tensor>& block_table,
+                               int64_t num_splits) {
   return fwd_impl(q, k, v,
                   make_options(scale, is_causal, bottom_right, window_left, window_right, softcap, alibi_slopes,
                                dropout_p, rng_state, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, attn_mask,
-                               seqused_k, block_table),
+                               seqused_k, block_table, num_splits),
                   nullptr);
 }
 
@@ -549,7 +563,7 @@ Tensor fwd_tile_counts(const Tensor& q, const Tensor& k, const Tensor& v, bool i
   fwd_impl(q, k, v,
            make_options(std::nullopt, is_causal, bottom_right, window_left, window_right, 0.0, std::nullopt, 0.0,
                         std::nullopt, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, std::nullopt,
-                        std::nullopt, std::nullopt),
+                        std::nullopt, std::nullopt, 1),
            reinterpret_cast<unsigned long long*>(counters.data_ptr<int64_t>()));
   return counters;
 }
@@ -587,10 +601,11 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> bwd(const Tensor& dout, const Tensor&
                                        const std::optional<Tensor>& cu_seqlens_k, int64_t max_seqlen_q,
                                        int64_t max_seqlen_k, const std::optional<Tensor>& attn_mask,
                                        bool deterministic, const std::optional<Tensor>& seqused_k,
-                                       const std::optional<Tensor>& block_table, bool attn_mask_grad) {
+                                       const std::optional<Tensor>& block_table, int64_t num_splits,
+                                       bool attn_mask_grad) {
   const Options o = make_options(scale, is_causal, bottom_right, window_left, window_right, softcap, alibi_slopes,
                                  dropout_p, rng_state, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-                                 attn_mask, seqused_k, block_table);
+                                 attn_mask, seqused_k, block_table, num_splits);
   TORCH_CHECK_NOT_IMPLEMENTED(!o.paged(), "cuflash_attn: a paged KV cache (block_table) has no backward: it is ",
                               "for inference (call under torch.no_grad(), or with k and v that do not require grad)");
   TORCH_CHECK_VALUE(!attn_mask_grad || (attn_mask && attn_mask->is_floating_point()),
@@ -730,6 +745,10 @@ Tensor dropout_mask(const Tensor& rng_state, double dropout_p, int64_t batch, in
 // [num_pages, heads_kv, page_size, head_dim], page_size a multiple of 256, and sequence b's key j
 // is row j % page_size of page block_table[b][j / page_size]; queries may be packed
 // (cu_seqlens_q, without cu_seqlens_k: seqused_k gives the key counts).
+// num_splits (the forward's, on CUDA for 16-bit inputs; the backward ignores it): 1, each row's
+// keys in one CTA; n > 1, dealt into n CTAs (capped at the key blocks) whose partial outputs a
+// combine kernel merges (split-KV, for decoding); 0, chosen: split where one query block a
+// sequence leaves SMs idle.
 // deterministic (the backward's; the forward always is): True, dq is bitwise reproducible (but
 // under the CUFLASH_BWD_DQ=atomic switch; where the fused Hopper kernel is faster than the pair,
 // prefers_fused_backward: Hopper, head dims 33-64 and 97-128, it adds dq up in a fixed order);
@@ -740,7 +759,7 @@ Tensor dropout_mask(const Tensor& rng_state, double dropout_p, int64_t batch, in
   "int window_right=-1, float softcap=0.0, Tensor? alibi_slopes=None, float dropout_p=0.0, "               \
   "Tensor? rng_state=None, Tensor? cu_seqlens_q=None, Tensor? cu_seqlens_k=None, SymInt max_seqlen_q=0, " \
   "SymInt max_seqlen_k=0, Tensor? attn_mask=None, bool deterministic=True, Tensor? seqused_k=None, "     \
-  "Tensor? block_table=None"
+  "Tensor? block_table=None, int num_splits=1"
 
 TORCH_LIBRARY(cuflash_attn, m) {
   m.def("fwd(Tensor q, Tensor k, Tensor v, " CUFLASH_OPTIONS ") -> (Tensor out, Tensor lse)");

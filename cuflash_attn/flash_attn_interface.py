@@ -303,9 +303,13 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
     first, a copy). Causal masks and windows are aligned
     bottom-right to each sequence's keys. Returns out [batch, seqlen_q, heads_q, head_dim], and
     with return_softmax_lse also lse [batch, heads_q, seqlen_q]. Not supported
-    (NotImplementedError): cache_leftpad; num_splits is a hint, ignored."""
+    (NotImplementedError): cache_leftpad. num_splits (flash_attn's): 0 chooses how many CTAs share a
+    row's keys (split-KV, on CUDA for 16-bit inputs, where a few query tokens a sequence would
+    leave SMs idle), 1 never splits, n > 1 splits n ways (capped at the key blocks)."""
     if cache_leftpad is not None:
         raise NotImplementedError("cuflash_attn: flash_attn_with_kvcache does not support cache_leftpad")
+    if isinstance(num_splits, bool) or not isinstance(num_splits, int) or num_splits < 0:
+        raise ValueError(f"cuflash_attn: num_splits must be an int >= 0 (0: chosen), got {num_splits!r}")
     paged = block_table is not None
     _check_tensor("q", q, _PADDED)
     _check_tensor("k_cache", k_cache, _PAGED_CACHE if paged else _CACHE)
@@ -391,7 +395,7 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
             kc, vc = k_cache.index_select(0, rows), v_cache.index_select(0, rows)
     out, lse = _ops.fwd(q.transpose(1, 2), kc.transpose(1, 2), vc.transpose(1, 2), softmax_scale, bool(causal), True,
                         window_left, window_right, float(softcap), alibi_slopes, seqused_k=used,
-                        block_table=block_table)
+                        block_table=block_table, num_splits=num_splits)
     out = out.transpose(1, 2)
     return (out, lse) if return_softmax_lse else out
 

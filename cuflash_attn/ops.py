@@ -30,7 +30,7 @@ def _empty_stats(q: torch.Tensor, varlen: bool) -> torch.Tensor:
 def _fwd_fake(q, k, v, scale=None, is_causal=False, bottom_right=False, window_left=-1, window_right=-1,
               softcap=0.0, alibi_slopes=None, dropout_p=0.0, rng_state=None, cu_seqlens_q=None,
               cu_seqlens_k=None, max_seqlen_q=0, max_seqlen_k=0, attn_mask=None, deterministic=True, seqused_k=None,
-              block_table=None):
+              block_table=None, num_splits=1):
     varlen = cu_seqlens_q is not None
     torch._check(q.dim() == (3 if varlen else 4), lambda: "cuflash_attn: q has the wrong number of dimensions")
     return _empty_like_input(q), _empty_stats(q, varlen)
@@ -40,7 +40,7 @@ def _fwd_fake(q, k, v, scale=None, is_causal=False, bottom_right=False, window_l
 def _bwd_fake(dout, q, k, v, out, lse, dlse=None, scale=None, is_causal=False, bottom_right=False,
               window_left=-1, window_right=-1, softcap=0.0, alibi_slopes=None, dropout_p=0.0, rng_state=None,
               cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q=0, max_seqlen_k=0, attn_mask=None,
-              deterministic=True, seqused_k=None, block_table=None, attn_mask_grad=False):
+              deterministic=True, seqused_k=None, block_table=None, num_splits=1, attn_mask_grad=False):
     dattn_mask = attn_mask.new_empty(attn_mask.shape) if attn_mask_grad else q.new_empty((0,))
     return _empty_like_input(q), _empty_like_input(k), _empty_like_input(v), dattn_mask
 

@@ -42,6 +42,43 @@ __device__ __forceinline__ void store_out_and_lse(const WarpAcc<kHeadDim>& o, co
 
 // kFeatures: softcap, ALiBi, attn_mask or dropout may be on (mask.cuh's needs_feature_path); without it
 // the kernel keeps only what plain attention needs in registers.
+// Split-KV (FlashFwdParams::num_splits): row i of (split, b, h) in out_partial and lse_partial.
+__host__ __device__ inline int64_t partial_row(const FlashFwdParams& p, int split, int b, int h, int i) {
+  return ((int64_t{split} * p.shape.batch + b) * p.shape.heads_q + h) * p.shape.seqlen_q + i;
+}
+// Split `split` of num_splits of a CTA's key blocks: consecutive ranges of equal length (the last
+// ones shorter or empty).
+__device__ __forceinline__ Range split_of(Range blocks, int split, int num_splits) {
+  const int per = (blocks.end - blocks.begin + num_splits - 1) / num_splits;
+  const int begin = min(blocks.begin + split * per, blocks.end);
+  return Range{begin, min(begin + per, blocks.end)};
+}
+
+// A warp's 16 finished rows of one split: out = O / rowsum over the split's keys (float32, from
+// registers) and the logsumexp of each row (-inf where the split saw no key).
+template <int kHeadDim>
+__device__ __forceinline__ void store_partial(const WarpAcc<kHeadDim>& o, const OnlineSoftmax& softmax,
+                                              const FlashFwdParams& p, int split, int b, int h, int row0,
+                                              int seqlen_q, int lane) {
+  float inv_l[2], lse[2];
+  softmax.finalize(inv_l, lse);
+  const int head_dim = p.shape.head_dim;
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    const int row = row0 + (lane >> 2) + 8 * r;
+    if (row >= seqlen_q) continue;
+    const int64_t at = partial_row(p, split, b, h, row);
+    float* out = p.out_partial + at * head_dim;
+#pragma unroll
+    for (int j = 0; j < kHeadDim / 8; ++j) {
+      const int col = 8 * j + 2 * (lane & 3);
+      if (col < head_dim)
+        *reinterpret_cast<float2*>(out + col) = make_float2(o.v[j][2 * r] * inv_l[r], o.v[j][2 * r + 1] * inv_l[r]);
+    }
+    if ((lane & 3) == 0) p.lse_partial[at] = lse[r];
+  }
+}
+
 template <typename T, int kHeadDim, bool kFeatures>
 __global__ void __launch_bounds__(FwdKernel<T, kHeadDim>::kThreads, FwdKernel<T, kHeadDim>::Tile::kMinBlocks)
     flash_fwd_kernel(const FlashFwdParams p) {
@@ -55,7 +92,9 @@ __global__ void __launch_bounds__(FwdKernel<T, kHeadDim>::kThreads, FwdKernel<T,
   auto sV = [&](int buf) { return typename K::KVTile{kv_base + (2 + buf) * K::KVTile::kElems}; };
 
   const AttentionShape& sh = p.shape;
-  const int m_block = query_block_longest_first(), h = blockIdx.y, b = blockIdx.z;
+  // Split-KV: grid z holds (sequence, split) pairs.
+  const int m_block = query_block_longest_first(), h = blockIdx.y;
+  const int b = blockIdx.z / p.num_splits, split = blockIdx.z % p.num_splits;
   const int h_kv = h / (sh.heads_q / sh.heads_kv);
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
   const int m_start = m_block * kBlockM;
@@ -65,7 +104,8 @@ __global__ void __launch_bounds__(FwdKernel<T, kHeadDim>::kThreads, FwdKernel<T,
   const T* q = row_at<const T>(p.q, p.q_strides, seq, true, b, h, 0);
   const T* k = key_rows<const T>(p, p.k, p.k_strides, seq, b, h_kv);
   const T* v = key_rows<const T>(p, p.v, p.v_strides, seq, b, h_kv);
-  const Range n_blocks = key_blocks(p.mask, seq, m_start, min(m_start + kBlockM, seq.seqlen_q), kBlockN);
+  Range n_blocks = key_blocks(p.mask, seq, m_start, min(m_start + kBlockM, seq.seqlen_q), kBlockN);
+  if (p.num_splits > 1) n_blocks = split_of(n_blocks, split, p.num_splits);
   if (p.tile_counters && tid == 0) count_tiles(p.tile_counters, seq, n_blocks, kBlockM, kBlockN);
 
   // A block's rows are consecutive (in one page of a paged cache: page_size % kBlockN == 0).
@@ -115,6 +155,11 @@ __global__ void __launch_bounds__(FwdKernel<T, kHeadDim>::kThreads, FwdKernel<T,
     }
   }
 
+  if (p.num_splits > 1) {
+#pragma unroll
+    for (int m = 0; m < kMT; ++m) store_partial(o[m], softmax[m], p, split, b, h, row0 + 16 * m, seq.seqlen_q, lane);
+    return;
+  }
   T* out = row_at<T>(p.out, p.out_strides, seq, true, b, h, 0);
   float* lse_out = static_cast<float*>(p.lse) + stats_offset(p.stats_strides, seq, b, h);
   // Each warp reuses its own rows of sQ (read only by this warp) to stage the output.
@@ -122,6 +167,38 @@ __global__ void __launch_bounds__(FwdKernel<T, kHeadDim>::kThreads, FwdKernel<T,
   for (int m = 0; m < kMT; ++m)
     store_out_and_lse(o[m], softmax[m], sQ, warp_row + 16 * m, out, p.out_strides.row, lse_out, row0 + 16 * m,
                       seq.seqlen_q, sh.head_dim, lane);
+}
+
+// Split-KV's merge: row i of (b, h) is sum_s exp(lse_s - lse) out_s with lse = log sum_s
+// exp(lse_s); one warp a row, the splits' weights in lanes (a pass of 32 at a time).
+constexpr int kCombineRowsPerBlock = 4;
+template <typename T>
+__global__ void __launch_bounds__(32 * kCombineRowsPerBlock) flash_fwd_combine_kernel(const FlashFwdParams p) {
+  const int row = blockIdx.x * kCombineRowsPerBlock + threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int h = blockIdx.y, b = blockIdx.z, splits = p.num_splits, head_dim = p.shape.head_dim;
+  const Sequence seq = sequence_of(p, b);
+  if (row >= seq.seqlen_q) return;
+  auto lse_of = [&](int s) { return s < splits ? p.lse_partial[partial_row(p, s, b, h, row)] : -INFINITY; };
+  float top = -INFINITY;
+  for (int s0 = 0; s0 < splits; s0 += 32) top = fmaxf(top, lse_of(s0 + lane));
+  for (int offset = 16; offset > 0; offset /= 2) top = fmaxf(top, __shfl_xor_sync(0xffffffffu, top, offset));
+  // No split saw a key: lse -inf and out 0, as the unsplit kernel writes (exp(-inf - -inf) is NaN).
+  const float base = top == -INFINITY ? 0.f : top;
+  float sum = 0.f;
+  for (int s0 = 0; s0 < splits; s0 += 32) sum += expf(lse_of(s0 + lane) - base);
+  for (int offset = 16; offset > 0; offset /= 2) sum += __shfl_xor_sync(0xffffffffu, sum, offset);
+  const float lse = sum != 0.f ? base + logf(sum) : -INFINITY;  // NaN propagates
+  T* out = row_at<T>(p.out, p.out_strides, seq, true, b, h, row);
+  for (int col = lane; col < head_dim; col += 32) {
+    float acc = 0.f;
+    for (int s = 0; s < splits; ++s) {
+      const int64_t at = partial_row(p, s, b, h, row);
+      const float weight = sum != 0.f ? expf(p.lse_partial[at] - lse) : 0.f;
+      if (weight != 0.f) acc += weight * p.out_partial[at * head_dim + col];
+    }
+    out[col] = from_float<T>(acc);
+  }
+  if (lane == 0) static_cast<float*>(p.lse)[stats_offset(p.stats_strides, seq, b, h) + row] = lse;
 }
 
 }  // namespace cuflash

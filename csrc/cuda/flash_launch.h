@@ -10,6 +10,13 @@ namespace cuflash {
 int cuda_head_dim_bucket(DType dtype, int head_dim);
 
 cudaError_t run_flash_fwd_cuda(const FlashFwdParams& p, cudaStream_t stream);
+
+// Split-KV (FlashFwdParams::num_splits): the splits p's forward takes, for `requested` (1: none;
+// 0: chosen, where a few query blocks would leave SMs idle; n: n, capped at p's key blocks and
+// kMaxFwdSplits). Only 16-bit inputs split (the sm_80-class kernel): 1 otherwise. The caller
+// provides out_partial and lse_partial where it returns more than 1.
+constexpr int kMaxFwdSplits = 128;
+int fwd_num_splits(const FlashFwdParams& p, int requested);
 cudaError_t run_flash_bwd_cuda(const FlashBwdParams& p, cudaStream_t stream);
 
 // Whether the fused Hopper backward has kernels for dtype and head_dim (16-bit, head-dim buckets

@@ -1,0 +1,73 @@
+// The forward's split-KV choice (flash_launch.h): how many CTAs share a row's keys. Splitting
+// pays where a few query blocks cannot fill the GPU (decoding: a few query tokens a sequence over
+// a long KV cache), at the price of a float32 partial output per split and a combine kernel.
+#include <algorithm>
+#include <utility>
+#include <vector>
+#include "device_attributes.h"
+#include "flash_launch.h"
+#include "tile_shapes.h"
+
+namespace cuflash {
+namespace {
+
+// The sm_80-class forward's tile (query rows, keys a block) for 16-bit inputs at a bucket.
+template <int kHeadDim>
+std::pair<int, int> tile_16bit() {
+  return {FwdTile<kHeadDim, 2>::kBlockM, FwdTile<kHeadDim, 2>::kBlockN};
+}
+std::pair<int, int> tile_16bit(int bucket) {
+  switch (bucket) {
+    case 32: return tile_16bit<32>();
+    case 64: return tile_16bit<64>();
+    case 96: return tile_16bit<96>();
+    case 128: return tile_16bit<128>();
+    case 160: return tile_16bit<160>();
+    case 192: return tile_16bit<192>();
+    case 224: return tile_16bit<224>();
+    default: return tile_16bit<256>();
+  }
+}
+
+// FlashAttention-2's rule: the fewest splits whose wave efficiency (CTAs over whole waves of the
+// SMs) is within 85% of the best, among split counts that change the blocks a split takes.
+int splits_for_waves(int64_t ctas, int sms, int key_blocks, int cap) {
+  auto blocks_each = [&](int s) { return (key_blocks + s - 1) / s; };
+  auto eligible = [&](int s) { return s == 1 || blocks_each(s) != blocks_each(s - 1); };
+  std::vector<double> efficiency(cap + 1, 0.0);
+  double best = 0.0;
+  for (int s = 1; s <= cap; ++s) {
+    if (!eligible(s)) continue;
+    const double waves = static_cast<double>(ctas * s) / sms;
+    efficiency[s] = waves / static_cast<double>(static_cast<int64_t>(waves + 0.999999));
+    best = std::max(best, efficiency[s]);
+  }
+  for (int s = 1; s <= cap; ++s)
+    if (eligible(s) && efficiency[s] >= 0.85 * best) return s;
+  return 1;
+}
+
+}  // namespace
+
+int fwd_num_splits(const FlashFwdParams& p, int requested) {
+  // The split kernel is the 16-bit sm_80-class one; the debug tile counts count unsplit CTAs.
+  if (requested == 1 || p.tile_counters != nullptr) return 1;
+  if (p.dtype != DType::kFloat16 && p.dtype != DType::kBFloat16) return 1;
+  const int bucket = cuda_head_dim_bucket(p.dtype, p.shape.head_dim);
+  if (bucket == 0) return 1;
+  const auto [block_m, block_n] = tile_16bit(bucket);
+  const AttentionShape& sh = p.shape;
+  const int key_blocks = (sh.seqlen_k + block_n - 1) / block_n;
+  // Grid z holds batch x splits (at most 65535).
+  const int cap = std::min({kMaxFwdSplits, key_blocks, 65535 / std::max(sh.batch, 1)});
+  if (cap <= 1) return 1;
+  if (requested > 1) return std::min(requested, cap);
+  // Automatic (requested 0): one query block a sequence, and fewer CTAs than 80% of the SMs.
+  if (sh.seqlen_q > block_m) return 1;
+  const int sms = std::max(1, device_attribute<cudaDevAttrMultiProcessorCount>(1));
+  const int64_t ctas = int64_t{sh.heads_q} * sh.batch;
+  if (ctas * 5 >= int64_t{sms} * 4) return 1;
+  return splits_for_waves(ctas, sms, key_blocks, std::min(cap, sms));
+}
+
+}  // namespace cuflash
