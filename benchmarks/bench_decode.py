@@ -2,7 +2,8 @@
 """Decoding against a KV cache: a few query tokens a sequence over cache_seqlens keys, the shape
 of incremental generation, where the K/V reads are the work (memory bound). For each cache
 length: ours through flash_attn_with_kvcache over a contiguous cache, over a paged one (blocks of
-256 in a shuffled order) and with cache_batch_idx, beside torch SDPA over the same keys (GQA
+256 in a shuffled order), with cache_batch_idx, and unsplit (num_splits=1; the others choose their
+split-KV), beside torch SDPA over the same keys (GQA
 expanded by SDPA's enable_gqa). Reports microseconds a call and the K/V bytes read a second.
 
     python3 benchmarks/bench_decode.py --batch 8 --heads 32,8 --head-dim 128 --seqlens 1024,4096,16384
@@ -36,6 +37,8 @@ def cases(batch, heads_q, heads_kv, head_dim, seqlen, seqlen_q, dtype, dev="cuda
     causal = seqlen_q > 1
     return {
         "ours contiguous": lambda: flash_attn_with_kvcache(q, k_cache, v_cache, cache_seqlens=lengths, causal=causal),
+        "ours unsplit": lambda: flash_attn_with_kvcache(q, k_cache, v_cache, cache_seqlens=lengths, causal=causal,
+                                                        num_splits=1),
         "ours paged": lambda: flash_attn_with_kvcache(q, k_paged, v_paged, cache_seqlens=lengths,
                                                       block_table=block_table, causal=causal),
         "ours cache_batch_idx": lambda: flash_attn_with_kvcache(q, k_cache, v_cache, cache_seqlens=lengths,
