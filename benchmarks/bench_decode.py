@@ -3,8 +3,8 @@
 of incremental generation, where the K/V reads are the work (memory bound). For each cache
 length: ours through flash_attn_with_kvcache over a contiguous cache, over a paged one (blocks of
 256 in a shuffled order), with cache_batch_idx, and unsplit (num_splits=1; the others choose their
-split-KV), beside torch SDPA over the same keys (GQA
-expanded by SDPA's enable_gqa). Reports microseconds a call and the K/V bytes read a second.
+split-KV), beside torch SDPA over the same keys (GQA expanded by SDPA's enable_gqa). Reports
+microseconds a call and the K/V bytes read a second.
 
     python3 benchmarks/bench_decode.py --batch 8 --heads 32,8 --head-dim 128 --seqlens 1024,4096,16384
 """
