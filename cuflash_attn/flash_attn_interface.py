@@ -300,14 +300,14 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
     at cache_seqlens + i when causal or windowed, else at cache_seqlens (flash_attn's rule;
     rotary_interleaved picks the pairs). cache_batch_idx (int32 [batch]): the cache row of each
     sequence (read in place as one page each where seqlen_cache is a multiple of 256, else gathered
-    first, a copy). Causal masks and windows are aligned
-    bottom-right to each sequence's keys. Returns out [batch, seqlen_q, heads_q, head_dim], and
-    with return_softmax_lse also lse [batch, heads_q, seqlen_q]. Not supported
-    (NotImplementedError): cache_leftpad. num_splits (flash_attn's): 0 chooses how many CTAs share a
-    row's keys (split-KV, on CUDA for 16-bit inputs, where a few query tokens a sequence would
-    leave SMs idle), 1 never splits, n > 1 splits n ways (capped at the key blocks)."""
-    if cache_leftpad is not None:
-        raise NotImplementedError("cuflash_attn: flash_attn_with_kvcache does not support cache_leftpad")
+    first, a copy). cache_leftpad (int32 [batch]): where each sequence's keys start in its cache
+    row (left padding): keys before it take no part (a key-padding mask read in place; positions,
+    the rotary embedding's and the append's, stay cache indices, as in flash_attn). Causal masks
+    and windows are aligned bottom-right to each sequence's last key. Returns out [batch,
+    seqlen_q, heads_q, head_dim], and with return_softmax_lse also lse [batch, heads_q, seqlen_q].
+    num_splits (flash_attn's): 0 chooses how many CTAs share a row's keys (split-KV, on CUDA for
+    16-bit inputs, where a few query tokens a sequence would leave SMs idle), 1 never splits,
+    n > 1 splits n ways (capped at the key blocks)."""
     if isinstance(num_splits, bool) or not isinstance(num_splits, int) or num_splits < 0:
         raise ValueError(f"cuflash_attn: num_splits must be an int >= 0 (0: chosen), got {num_splits!r}")
     paged = block_table is not None
@@ -325,6 +325,12 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
     if rotary:
         _check_rotary(rotary_cos, rotary_sin, q.shape[-1], q.device)
     batch, seqlen_q, seqlen_cache = q.shape[0], q.shape[1], k_cache.shape[1]
+    if cache_leftpad is not None:
+        _check_tensor("cache_leftpad", cache_leftpad, ("batch",))
+        if cache_leftpad.dtype != torch.int32 or cache_leftpad.shape[0] != batch or cache_leftpad.device != q.device:
+            raise ValueError(f"cuflash_attn: cache_leftpad must be an int32 tensor [batch] = [{batch}] on q's device "
+                             f"({q.device}), got {cache_leftpad.dtype} {tuple(cache_leftpad.shape)} on "
+                             f"{cache_leftpad.device}")
     rows = None
     if paged:
         _check_block_table(block_table, batch)
@@ -387,6 +393,11 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
             positions = positions % page
         k_cache[cache_rows, positions] = k
         v_cache[cache_rows, positions] = v
+    # Left padding: keys before cache_leftpad masked, [batch, 1, 1, keys] read through broadcast
+    # strides (the alignment to each sequence's last key is the same with or without it).
+    key_padding = None
+    if cache_leftpad is not None:
+        key_padding = torch.arange(seqlen_cache, device=q.device) >= cache_leftpad[:, None, None, None]
     kc, vc = k_cache, v_cache
     if rows is not None:
         if seqlen_cache % _PAGE_SIZE_MULTIPLE == 0:  # each cache row one page: read in place
@@ -394,8 +405,8 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
         else:
             kc, vc = k_cache.index_select(0, rows), v_cache.index_select(0, rows)
     out, lse = _ops.fwd(q.transpose(1, 2), kc.transpose(1, 2), vc.transpose(1, 2), softmax_scale, bool(causal), True,
-                        window_left, window_right, float(softcap), alibi_slopes, seqused_k=used,
-                        block_table=block_table, num_splits=num_splits)
+                        window_left, window_right, float(softcap), alibi_slopes, attn_mask=key_padding,
+                        seqused_k=used, block_table=block_table, num_splits=num_splits)
     out = out.transpose(1, 2)
     return (out, lse) if return_softmax_lse else out
 

@@ -137,7 +137,8 @@ def test_kvcache_refuses(device):
     q, k_cache, v_cache, k, v = cache_case(device, torch.float32)
     before = k_cache.clone()
     cases = [
-        (dict(cache_leftpad=torch.zeros(3, dtype=torch.int32)), NotImplementedError, "cache_leftpad"),
+        (dict(cache_leftpad=torch.zeros(3, dtype=torch.int64, device=device)), ValueError, "cache_leftpad must be an int32"),
+        (dict(cache_leftpad=torch.zeros(2, dtype=torch.int32, device=device)), ValueError, "cache_leftpad must be"),
         (dict(rotary_cos=torch.zeros(40, 16, device=device)), ValueError, "rotary_cos and rotary_sin must be given"),
         (dict(rotary_cos=torch.zeros(40, 40, device=device), rotary_sin=torch.zeros(40, 40, device=device)),
          ValueError, r"rotary_dim <= head_dim \(64\)"),
@@ -252,3 +253,35 @@ def test_seqused_k_with_packed_sequences(device):
         got = out[q0:q0 + lens_q[b]].transpose(0, 1)[None]
         assert_close_to_reference(f"out[{b}]", got, ref_out, ref_out, torch.float64, factor=2)
         assert_lse_close(lse[:, q0:q0 + lens_q[b]][None], ref_lse, torch.float64)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("paged", [False, True])
+def test_kvcache_leftpad(device, dtype, causal, paged):
+    """cache_leftpad: sequence b's keys are cache positions leftpad[b] .. cache_seqlens[b] +
+    seqlen_new (the new keys written at cache_seqlens, as without it); the causal mask aligned to
+    its last key; a left pad past every key leaves rows that see none (lse -inf, output 0)."""
+    if device == "cpu" and dtype in LOW_PRECISION:
+        pytest.skip("the low-precision kernels are CUDA's")
+    seqlen_cache = 256 if paged else 40
+    q, k_cache, v_cache, k, v = cache_case(device, dtype, seqlen_cache=seqlen_cache)
+    cache_seqlens = torch.tensor([4, 17, 30], dtype=torch.int32, device=device)
+    leftpad = torch.tensor([0, 9, 40], dtype=torch.int32, device=device)
+    block_table = None
+    if paged:  # the cache rows as pages, in another order
+        block_table = torch.tensor([[2], [0], [1]], dtype=torch.int32, device=device)
+        k_cache, v_cache = k_cache[[1, 2, 0]].clone(), v_cache[[1, 2, 0]].clone()
+    out, lse = flash_attn_with_kvcache(q, k_cache, v_cache, k, v, cache_seqlens=cache_seqlens, cache_leftpad=leftpad,
+                                       block_table=block_table, causal=causal, return_softmax_lse=True)
+    rows = [2, 0, 1] if paged else [0, 1, 2]
+    for b, (start, end) in enumerate(zip(leftpad.tolist(), (cache_seqlens + k.shape[1]).tolist())):
+        qb = q[b:b + 1].transpose(1, 2)
+        kb, vb = (t[rows[b]:rows[b] + 1, start:end].transpose(1, 2) for t in (k_cache, v_cache))
+        ref, ref_lse = attention_reference(qb, kb, vb, causal, bottom_right=True)
+        pt, _ = attention_reference(qb, kb, vb, causal, bottom_right=True, dtype=dtype)
+        assert_close_to_reference(f"out[{b}]", out[b:b + 1].transpose(1, 2), ref, pt, dtype, factor=2)
+        assert_lse_close(lse[b:b + 1], ref_lse, dtype)
+    assert torch.isneginf(lse[2]).all() and not out[2].any()
+    assert torch.equal(k_cache[rows[1], 17:20], k[1])
