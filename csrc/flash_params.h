@@ -136,7 +136,7 @@ struct FlashFwdParams : AttentionParams {
   // Split-KV (decoding: too few query blocks to fill the GPU; the sm_80-class tensor-core kernel):
   // the key blocks of each (query block, head, sequence) are dealt into num_splits ranges, one
   // CTA each, which write their partial output (normalized over their keys) and its logsumexp,
-  // row (split, b, h, i) at ((split * batch + b) * heads_q + h) * shape.seqlen_q + i of
+  // rows [splits, batch, heads_q, shape.seqlen_q] (packed: [splits, heads_q, total_q]) of
   // out_partial (head_dim floats a row) and lse_partial; a combine kernel merges them.
   int num_splits = 1;
   float* out_partial = nullptr;

@@ -146,13 +146,15 @@ int check_block_table(const Tensor& table, const Tensor& q, const Tensor& k, int
   const int64_t keys = table.size(1) * page_size;
   TORCH_CHECK_VALUE(keys <= std::numeric_limits<int>::max(), "cuflash_attn: block_table's pages hold ", num(keys),
                     " keys a sequence, more than 2^31 - 1");
-  if (table.is_cpu() && (!seqused_k || seqused_k->is_cpu())) {
+  // (A malformed seqused_k is reported by fill_features: no entry is checked against it here.)
+  const bool used_ok = !seqused_k || (seqused_k->is_cpu() && seqused_k->dim() == 1 && seqused_k->size(0) == batch &&
+                                      seqused_k->scalar_type() == at::kInt);
+  if (table.is_cpu() && used_ok) {
     const Tensor t = table.contiguous();
     const Tensor used = seqused_k ? seqused_k->contiguous() : Tensor();
     for (int64_t b = 0; b < batch; ++b) {
       int64_t n = keys;
-      if (used.defined() && used.dim() == 1 && used.size(0) == batch && used.scalar_type() == at::kInt)
-        n = std::clamp<int64_t>(used.data_ptr<int>()[b], 0, keys);
+      if (used.defined()) n = std::clamp<int64_t>(used.data_ptr<int>()[b], 0, keys);
       for (int64_t i = 0; i < (n + page_size - 1) / page_size; ++i) {
         const int page = t.data_ptr<int>()[b * t.size(1) + i];
         TORCH_CHECK_VALUE(page >= 0 && page < num_pages, "cuflash_attn: block_table[", num(b), "][", num(i), "] = ",
@@ -472,8 +474,30 @@ std::vector<Tensor> fill_common(AttentionParams& p, AttentionShape sh, const Opt
   return keep;
 }
 
+// Decoding with grouped-query heads: one query a sequence that sees every key, and G query heads a
+// KV head. The G queries of a group become G rows of one head (FlashAttention-2's swap), so that
+// one CTA reads its KV head once for all of them instead of G CTAs reading it each. Only where
+// every row would see the same keys and nothing depends on the query's head or row (no ALiBi,
+// attn_mask, dropout; no window, and causal only aligned bottom-right). CUDA only: the CPU
+// kernels share out (batch, query head) pairs among threads, which the swap would make fewer.
+bool decoding_groups_swap(const Tensor& q, const Tensor& k, const Options& o) {
+  if (!q.is_cuda() || o.varlen() || q.dim() != 4 || k.dim() != 4 || q.size(2) != 1 || k.size(1) == 0 || q.size(1) <= k.size(1))
+    return false;
+  const bool sees_every_key = o.window_left < 0 && (o.bottom_right || (!o.is_causal && o.window_right < 0));
+  return sees_every_key && !o.alibi_slopes && !o.attn_mask && o.dropout_p == 0.0;
+}
+
 std::tuple<Tensor, Tensor> fwd_impl(const Tensor& q, const Tensor& k, const Tensor& v, const Options& o,
                                     unsigned long long* tile_counters) {
+  if (tile_counters == nullptr && q.defined() && k.defined() && decoding_groups_swap(q, k, o)) {
+    check_qkv(q, k, v, o);  // q's shape as given
+    const int64_t batch = q.size(0), heads_kv = k.size(1), group = q.size(1) / heads_kv;
+    Options rows = o;  // every key is seen: no mask
+    rows.is_causal = false;
+    rows.window_left = rows.window_right = -1;
+    auto [out, lse] = fwd_impl(q.reshape({batch, heads_kv, group, q.size(3)}), k, v, rows, nullptr);
+    return {out.reshape(q.sizes()), lse.reshape({batch, q.size(1), 1})};
+  }
   const AttentionShape sh = check_qkv(q, k, v, o);
   Tensor out = empty_like_input(q);
   Tensor lse = empty_stats(q, o.varlen());
@@ -505,8 +529,11 @@ std::tuple<Tensor, Tensor> fwd_impl(const Tensor& q, const Tensor& k, const Tens
     Tensor out_partial, lse_partial;  // split-KV's, alive until the kernels have run (stream order)
     if (p.num_splits > 1) {
       const at::TensorOptions f32 = q.options().dtype(at::kFloat);
-      lse_partial = at::empty({p.num_splits, sh.batch, sh.heads_q, sh.seqlen_q}, f32);
-      out_partial = at::empty({p.num_splits, sh.batch, sh.heads_q, sh.seqlen_q, layout.head_dim}, f32);
+      std::vector<int64_t> rows = {p.num_splits, sh.batch, sh.heads_q, sh.seqlen_q};  // partial_row's layout
+      if (o.varlen()) rows = {p.num_splits, sh.heads_q, q.size(0)};
+      lse_partial = at::empty(rows, f32);
+      rows.push_back(layout.head_dim);
+      out_partial = at::empty(rows, f32);
       p.out_partial = out_partial.data_ptr<float>();
       p.lse_partial = lse_partial.data_ptr<float>();
     }

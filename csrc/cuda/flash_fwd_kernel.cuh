@@ -42,8 +42,11 @@ __device__ __forceinline__ void store_out_and_lse(const WarpAcc<kHeadDim>& o, co
 
 // kFeatures: softcap, ALiBi, attn_mask or dropout may be on (mask.cuh's needs_feature_path); without it
 // the kernel keeps only what plain attention needs in registers.
-// Split-KV (FlashFwdParams::num_splits): row i of (split, b, h) in out_partial and lse_partial.
-__host__ __device__ inline int64_t partial_row(const FlashFwdParams& p, int split, int b, int h, int i) {
+// Split-KV (FlashFwdParams::num_splits): row i of sequence s, head h, split `split` in out_partial
+// and lse_partial: padded [splits, batch, heads_q, seqlen_q], packed [splits, heads_q, total_q].
+__host__ __device__ inline int64_t partial_row(const FlashFwdParams& p, const Sequence& s, int split, int b, int h,
+                                               int i) {
+  if (p.varlen.cu_seqlens_q) return (int64_t{split} * p.shape.heads_q + h) * p.varlen.total_q + s.q_row0 + i;
   return ((int64_t{split} * p.shape.batch + b) * p.shape.heads_q + h) * p.shape.seqlen_q + i;
 }
 // Split `split` of num_splits of a CTA's key blocks: consecutive ranges of equal length (the last
@@ -58,16 +61,16 @@ __device__ __forceinline__ Range split_of(Range blocks, int split, int num_split
 // registers) and the logsumexp of each row (-inf where the split saw no key).
 template <int kHeadDim>
 __device__ __forceinline__ void store_partial(const WarpAcc<kHeadDim>& o, const OnlineSoftmax& softmax,
-                                              const FlashFwdParams& p, int split, int b, int h, int row0,
-                                              int seqlen_q, int lane) {
+                                              const FlashFwdParams& p, const Sequence& seq, int split, int b,
+                                              int h, int row0, int lane) {
   float inv_l[2], lse[2];
   softmax.finalize(inv_l, lse);
   const int head_dim = p.shape.head_dim;
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
     const int row = row0 + (lane >> 2) + 8 * r;
-    if (row >= seqlen_q) continue;
-    const int64_t at = partial_row(p, split, b, h, row);
+    if (row >= seq.seqlen_q) continue;
+    const int64_t at = partial_row(p, seq, split, b, h, row);
     float* out = p.out_partial + at * head_dim;
 #pragma unroll
     for (int j = 0; j < kHeadDim / 8; ++j) {
@@ -139,6 +142,9 @@ __global__ void __launch_bounds__(FwdKernel<T, kHeadDim>::kThreads, FwdKernel<T,
       __syncthreads();  // this block's K/V landed; every warp is done with the other buffer
       if (n_block > n_blocks.begin) load_kv(n_block - 1, buf ^ 1);
       cp_async_commit();
+      // A warp whose rows all lie past the sequence's end (a ragged last block; decoding's few
+      // rows) skips the math: nothing of it is stored, and no barrier is inside.
+      if (row0 >= seq.seqlen_q) continue;
 
       WarpAcc<kBlockN> s[kMT];
 #pragma unroll
@@ -157,7 +163,7 @@ __global__ void __launch_bounds__(FwdKernel<T, kHeadDim>::kThreads, FwdKernel<T,
 
   if (p.num_splits > 1) {
 #pragma unroll
-    for (int m = 0; m < kMT; ++m) store_partial(o[m], softmax[m], p, split, b, h, row0 + 16 * m, seq.seqlen_q, lane);
+    for (int m = 0; m < kMT; ++m) store_partial(o[m], softmax[m], p, seq, split, b, h, row0 + 16 * m, lane);
     return;
   }
   T* out = row_at<T>(p.out, p.out_strides, seq, true, b, h, 0);
@@ -178,7 +184,7 @@ __global__ void __launch_bounds__(32 * kCombineRowsPerBlock) flash_fwd_combine_k
   const int h = blockIdx.y, b = blockIdx.z, splits = p.num_splits, head_dim = p.shape.head_dim;
   const Sequence seq = sequence_of(p, b);
   if (row >= seq.seqlen_q) return;
-  auto lse_of = [&](int s) { return s < splits ? p.lse_partial[partial_row(p, s, b, h, row)] : -INFINITY; };
+  auto lse_of = [&](int s) { return s < splits ? p.lse_partial[partial_row(p, seq, s, b, h, row)] : -INFINITY; };
   float top = -INFINITY;
   for (int s0 = 0; s0 < splits; s0 += 32) top = fmaxf(top, lse_of(s0 + lane));
   for (int offset = 16; offset > 0; offset /= 2) top = fmaxf(top, __shfl_xor_sync(0xffffffffu, top, offset));
@@ -192,7 +198,7 @@ __global__ void __launch_bounds__(32 * kCombineRowsPerBlock) flash_fwd_combine_k
   for (int col = lane; col < head_dim; col += 32) {
     float acc = 0.f;
     for (int s = 0; s < splits; ++s) {
-      const int64_t at = partial_row(p, s, b, h, row);
+      const int64_t at = partial_row(p, seq, s, b, h, row);
       const float weight = sum != 0.f ? expf(p.lse_partial[at] - lse) : 0.f;
       if (weight != 0.f) acc += weight * p.out_partial[at * head_dim + col];
     }

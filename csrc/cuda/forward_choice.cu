@@ -30,15 +30,15 @@ std::pair<int, int> tile_16bit(int bucket) {
 }
 
 // FlashAttention-2's rule: the fewest splits whose wave efficiency (CTAs over whole waves of the
-// SMs) is within 85% of the best, among split counts that change the blocks a split takes.
-int splits_for_waves(int64_t ctas, int sms, int key_blocks, int cap) {
+// slots) is within 85% of the best, among split counts that change the blocks a split takes.
+int splits_for_waves(int64_t ctas, int slots, int key_blocks, int cap) {
   auto blocks_each = [&](int s) { return (key_blocks + s - 1) / s; };
   auto eligible = [&](int s) { return s == 1 || blocks_each(s) != blocks_each(s - 1); };
   std::vector<double> efficiency(cap + 1, 0.0);
   double best = 0.0;
   for (int s = 1; s <= cap; ++s) {
     if (!eligible(s)) continue;
-    const double waves = static_cast<double>(ctas * s) / sms;
+    const double waves = static_cast<double>(ctas * s) / slots;
     efficiency[s] = waves / static_cast<double>(static_cast<int64_t>(waves + 0.999999));
     best = std::max(best, efficiency[s]);
   }
@@ -62,12 +62,14 @@ int fwd_num_splits(const FlashFwdParams& p, int requested) {
   const int cap = std::min({kMaxFwdSplits, key_blocks, 65535 / std::max(sh.batch, 1)});
   if (cap <= 1) return 1;
   if (requested > 1) return std::min(requested, cap);
-  // Automatic (requested 0): one query block a sequence, and fewer CTAs than 80% of the SMs.
+  // Automatic (requested 0): one query block a sequence, and fewer CTAs than 80% of the slots
+  // (two CTAs of the kernel fit an SM: 128 threads of up to 255 registers, as FlashAttention-2
+  // counts for its split kernel).
   if (sh.seqlen_q > block_m) return 1;
-  const int sms = std::max(1, device_attribute<cudaDevAttrMultiProcessorCount>(1));
+  const int slots = 2 * std::max(1, device_attribute<cudaDevAttrMultiProcessorCount>(1));
   const int64_t ctas = int64_t{sh.heads_q} * sh.batch;
-  if (ctas * 5 >= int64_t{sms} * 4) return 1;
-  return splits_for_waves(ctas, sms, key_blocks, std::min(cap, sms));
+  if (ctas * 5 >= int64_t{slots} * 4) return 1;
+  return splits_for_waves(ctas, slots, key_blocks, std::min(cap, slots));
 }
 
 }  // namespace cuflash
