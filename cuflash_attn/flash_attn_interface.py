@@ -196,11 +196,16 @@ _PAGE_SIZE_MULTIPLE = 256  # the kernels' rule for a paged cache (kPageSizeMulti
 _PAGED_CACHE = ("num_blocks", "page_block_size", "heads_kv", "head_dim")
 
 
-def _check_block_table(block_table, batch):
+def _check_block_table(block_table, batch, k_cache, device):
+    """The op checks these too, but flash_attn_with_kvcache writes the cache first."""
     _check_tensor("block_table", block_table, ("batch", "max_num_blocks_per_seq"))
-    if block_table.dtype != torch.int32 or block_table.shape[0] != batch:
+    if block_table.dtype != torch.int32 or block_table.shape[0] != batch or block_table.device != device:
         raise ValueError(f"cuflash_attn: block_table must be an int32 tensor [batch = {batch}, "
-                         f"max_num_blocks_per_seq], got {block_table.dtype} {tuple(block_table.shape)}")
+                         f"max_num_blocks_per_seq] on q's device ({device}), got {block_table.dtype} "
+                         f"{tuple(block_table.shape)} on {block_table.device}")
+    if k_cache.shape[1] == 0 or k_cache.shape[1] % _PAGE_SIZE_MULTIPLE:
+        raise ValueError(f"cuflash_attn: with block_table, page_block_size (the caches' dimension 1) must be a "
+                         f"positive multiple of {_PAGE_SIZE_MULTIPLE}, got {k_cache.shape[1]}")
 
 
 def _varlen_paged(q, k_cache, v_cache, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, block_table, dropout_p,
@@ -214,7 +219,7 @@ def _varlen_paged(q, k_cache, v_cache, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
     if cu_seqlens_k.dtype != torch.int32 or cu_seqlens_k.shape != cu_seqlens_q.shape:
         raise ValueError(f"cuflash_attn: cu_seqlens_k must be an int32 tensor of cu_seqlens_q's shape "
                          f"{tuple(cu_seqlens_q.shape)}, got {cu_seqlens_k.dtype} {tuple(cu_seqlens_k.shape)}")
-    _check_block_table(block_table, cu_seqlens_q.shape[0] - 1)
+    _check_block_table(block_table, cu_seqlens_q.shape[0] - 1, k_cache, q.device)
     if return_attn_probs:
         raise NotImplementedError("cuflash_attn: return_attn_probs is not supported with block_table")
     if dropout_p != 0.0:
@@ -319,6 +324,13 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
                          f"{tuple(v_cache.shape)}")
     if (k is None) != (v is None):
         raise ValueError("cuflash_attn: k and v must be given together")
+    # What the op would refuse only after the new keys were written into the caches.
+    heads_kv = k_cache.shape[2]
+    if k_cache.dtype != q.dtype or k_cache.device != q.device or k_cache.shape[3] != q.shape[3] or \
+            heads_kv == 0 or q.shape[2] % heads_kv:
+        raise ValueError(f"cuflash_attn: k_cache must hold q's dtype ({q.dtype}), device ({q.device}) and head_dim "
+                         f"({q.shape[3]}), with heads_kv dividing q's heads ({q.shape[2]}); got {k_cache.dtype} on "
+                         f"{k_cache.device}, shape {tuple(k_cache.shape)}")
     _check_scalars("softmax_scale", softmax_scale, softcap, 0.0, alibi_slopes)
     window_left, window_right = _window(window_size)
     rotary = rotary_cos is not None or rotary_sin is not None
@@ -333,17 +345,25 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
                              f"{cache_leftpad.device}")
     rows = None
     if paged:
-        _check_block_table(block_table, batch)
+        _check_block_table(block_table, batch, k_cache, q.device)
         if cache_batch_idx is not None:
             raise ValueError("cuflash_attn: cache_batch_idx cannot be given with block_table (the table picks each "
                              "sequence's blocks)")
         seqlen_cache = block_table.shape[1] * k_cache.shape[1]  # the keys a sequence's blocks hold
     elif cache_batch_idx is not None:
         _check_tensor("cache_batch_idx", cache_batch_idx, ("batch",))
-        if cache_batch_idx.dtype != torch.int32 or cache_batch_idx.shape[0] != batch:
-            raise ValueError(f"cuflash_attn: cache_batch_idx must be an int32 tensor [batch] = [{batch}], got "
-                             f"{cache_batch_idx.dtype} {tuple(cache_batch_idx.shape)}")
-        rows = cache_batch_idx.to(device=k_cache.device, dtype=torch.long)
+        if cache_batch_idx.dtype != torch.int32 or cache_batch_idx.shape[0] != batch or \
+                cache_batch_idx.device != q.device:
+            raise ValueError(f"cuflash_attn: cache_batch_idx must be an int32 tensor [batch] = [{batch}] on q's device "
+                             f"({q.device}), got {cache_batch_idx.dtype} {tuple(cache_batch_idx.shape)} on "
+                             f"{cache_batch_idx.device}")
+        # Checked where that costs no synchronization (on CUDA an index past the cache is clamped).
+        if not cache_batch_idx.is_cuda and batch > 0:
+            low, high = (int(x) for x in torch.aminmax(cache_batch_idx))
+            if low < 0 or high >= k_cache.shape[0]:
+                raise ValueError(f"cuflash_attn: cache_batch_idx must be in [0, {k_cache.shape[0]}) (batch_cache), "
+                                 f"got values in [{low}, {high}]")
+        rows = cache_batch_idx.long()
     elif k_cache.shape[0] != batch:
         raise ValueError(f"cuflash_attn: k_cache must have batch_cache = batch ({batch}) without cache_batch_idx, got "
                          f"{k_cache.shape[0]}")
@@ -379,7 +399,25 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
         if k is not None:
             k = _rotary(k, rotary_cos, rotary_sin, offsets + torch.arange(seqlen_new, device=q.device),
                         rotary_interleaved)
+    # Left padding: keys before cache_leftpad masked, [batch, 1, 1, keys] read through broadcast
+    # strides (the alignment to each sequence's last key is the same with or without it).
+    key_padding = None
+    if cache_leftpad is not None:
+        key_padding = torch.arange(seqlen_cache, device=q.device) >= cache_leftpad[:, None, None, None]
+
+    def attend(queries, kc, vc, table):
+        return _ops.fwd(queries.transpose(1, 2), kc.transpose(1, 2), vc.transpose(1, 2), softmax_scale, bool(causal),
+                        True, window_left, window_right, float(softcap), alibi_slopes, attn_mask=key_padding,
+                        seqused_k=used, block_table=table, num_splits=num_splits)
+
     if seqlen_new > 0:  # the new keys into the caches, in place
+        # First the op's own checks of every argument, so that a call it refuses writes nothing: a
+        # call with no queries checks them all and computes nothing (the cache rows of
+        # cache_batch_idx stood in for by a view of the first).
+        if rows is None:
+            attend(q[:, :0], k_cache, v_cache, block_table)
+        elif k_cache.shape[0] > 0:
+            attend(q[:, :0], *(t[:1].expand(batch, *t.shape[1:]) for t in (k_cache, v_cache)), None)
         cache_rows = (rows if rows is not None else torch.arange(batch, device=k_cache.device))[:, None]
         positions = lengths.to(device=k_cache.device, dtype=torch.long)[:, None] + \
             torch.arange(seqlen_new, device=k_cache.device)
@@ -393,20 +431,16 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
             positions = positions % page
         k_cache[cache_rows, positions] = k
         v_cache[cache_rows, positions] = v
-    # Left padding: keys before cache_leftpad masked, [batch, 1, 1, keys] read through broadcast
-    # strides (the alignment to each sequence's last key is the same with or without it).
-    key_padding = None
-    if cache_leftpad is not None:
-        key_padding = torch.arange(seqlen_cache, device=q.device) >= cache_leftpad[:, None, None, None]
     kc, vc = k_cache, v_cache
     if rows is not None:
-        if seqlen_cache % _PAGE_SIZE_MULTIPLE == 0:  # each cache row one page: read in place
-            block_table = cache_batch_idx.to(q.device).view(batch, 1)
+        # Each cache row one page, read in place, where the page rule allows and no gradient is
+        # asked for (a paged cache has no backward); else the rows gathered, a copy.
+        wants_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k_cache, v_cache))
+        if seqlen_cache > 0 and seqlen_cache % _PAGE_SIZE_MULTIPLE == 0 and not wants_grad:
+            block_table = cache_batch_idx.view(batch, 1)
         else:
             kc, vc = k_cache.index_select(0, rows), v_cache.index_select(0, rows)
-    out, lse = _ops.fwd(q.transpose(1, 2), kc.transpose(1, 2), vc.transpose(1, 2), softmax_scale, bool(causal), True,
-                        window_left, window_right, float(softcap), alibi_slopes, attn_mask=key_padding,
-                        seqused_k=used, block_table=block_table, num_splits=num_splits)
+    out, lse = attend(q, kc, vc, block_table)
     out = out.transpose(1, 2)
     return (out, lse) if return_softmax_lse else out
 

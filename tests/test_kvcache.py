@@ -154,12 +154,23 @@ def test_kvcache_refuses(device):
         (dict(cache_seqlens=2.0), TypeError, "cache_seqlens must be an int"),
         (dict(k=k.double(), v=v, cache_seqlens=1), ValueError, "k must be"),
         (dict(cache_batch_idx=torch.tensor([0, 1], dtype=torch.int32, device=device)), ValueError, "cache_batch_idx"),
+        # the op's own checks run before the append
+        (dict(k=k, v=v, cache_seqlens=1, softmax_scale=float("nan")), ValueError, "scale must be a finite number"),
+        (dict(k=k, v=v, cache_seqlens=1, window_size=(-3, 0)), ValueError, "window_left and window_right"),
     ]
     for kwargs, error, match in cases:
         with pytest.raises(error, match=match):
             flash_attn_with_kvcache(q, k_cache, v_cache, **kwargs)
     with pytest.raises(ValueError, match="k_cache and v_cache must have the same shape"):
         flash_attn_with_kvcache(q, k_cache, v_cache[:, :20])
+    with pytest.raises(ValueError, match="k_cache must hold q's dtype"):  # refused before the append
+        flash_attn_with_kvcache(q.double(), k_cache, v_cache, k, v, cache_seqlens=1)
+    with pytest.raises(ValueError, match="heads_kv dividing"):
+        flash_attn_with_kvcache(q[:, :, :3], k_cache, v_cache, k, v, cache_seqlens=1)
+    if device == "cpu":  # on CUDA an index past the cache is clamped (no synchronization)
+        with pytest.raises(ValueError, match=r"cache_batch_idx must be in \[0, 3\)"):
+            flash_attn_with_kvcache(q, k_cache, v_cache, k, v, cache_seqlens=1,
+                                    cache_batch_idx=torch.tensor([0, 3, 1], dtype=torch.int32))
     assert torch.equal(k_cache, before), "a refused call wrote the cache"
 
 
@@ -285,3 +296,37 @@ def test_kvcache_leftpad(device, dtype, causal, paged):
         assert_lse_close(lse[b:b + 1], ref_lse, dtype)
     assert torch.isneginf(lse[2]).all() and not out[2].any()
     assert torch.equal(k_cache[rows[1], 17:20], k[1])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("layout", ["bhnd", "bnhd"])
+def test_decoding_with_grouped_heads(device, dtype, layout):
+    """One query a sequence and 4 query heads a KV head: on CUDA the op runs each group's queries
+    as rows of one head (the decoding swap; verified on the CPU with the swap enabled there too).
+    Against float64 attention, and against the same call with an
+    all-True attn_mask (which keeps the heads apart) to rounding; out and lse in q's shape, the
+    output in q's layout; causal aligned bottom-right sees every key, seqused_k and softcap kept."""
+    if device == "cpu" and dtype in LOW_PRECISION:
+        pytest.skip("the low-precision kernels are CUDA's")
+    torch.manual_seed(5)
+    q = torch.randn(3, 8, 1, 64, device=device, dtype=dtype)
+    if layout == "bnhd":
+        q = q.transpose(1, 2).contiguous().transpose(1, 2)
+    k, v = (torch.randn(3, 2, 90, 64, device=device, dtype=dtype) for _ in range(2))
+    used = torch.tensor([90, 1, 40], dtype=torch.int32, device=device)
+    out, lse = ops.fwd(q, k, v, None, True, True, softcap=30.0, seqused_k=used)
+    assert out.shape == q.shape and out.stride() == q.stride() and lse.shape == (3, 8, 1)
+    kept, kept_lse = ops.fwd(q, k, v, None, True, True, softcap=30.0, seqused_k=used,
+                             attn_mask=torch.ones(1, 1, 1, 90, dtype=torch.bool, device=device))
+    tol = 1e-12 if dtype == torch.float64 else 1e-5 if dtype == torch.float32 else 1e-2
+    assert (out.double() - kept.double()).abs().max().item() <= tol
+    torch.testing.assert_close(lse, kept_lse, atol=1e-5, rtol=1e-6)
+    for b in range(3):
+        n = int(used[b])
+        ref, ref_lse = attention_reference(q[b:b + 1], k[b:b + 1, :, :n], v[b:b + 1, :, :n], True, bottom_right=True,
+                                           softcap=30.0)
+        pt, _ = attention_reference(q[b:b + 1], k[b:b + 1, :, :n], v[b:b + 1, :, :n], True, bottom_right=True,
+                                    softcap=30.0, dtype=dtype)
+        assert_close_to_reference(f"out[{b}]", out[b:b + 1], ref, pt, dtype, factor=2)
+        assert_lse_close(lse[b:b + 1], ref_lse, dtype)

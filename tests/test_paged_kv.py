@@ -126,9 +126,11 @@ def test_varlen_func_paged(device):
     cu_k = torch.tensor([0, 100, 100 + 2 * PAGE], dtype=torch.int32, device=device)
     q = torch.randn(8, 4, 32, device=device, dtype=torch.float64)
     out = flash_attn_varlen_func(q, k_cache, v_cache, cu_q, cu_k, 5, 2 * PAGE, causal=True, block_table=table)
-    expected = ops.fwd(q, k_pages, v_pages, None, True, True, cu_seqlens_q=cu_q, max_seqlen_q=5,
-                       seqused_k=torch.tensor([100, 2 * PAGE], dtype=torch.int32, device=device), block_table=table)[0]
-    assert torch.equal(out, expected)
+    k, v = gathered(k_pages, table, 2), gathered(v_pages, table, 2)
+    for b, (q0, q1, n) in enumerate(((0, 3, 100), (3, 8, 2 * PAGE))):
+        qb = q[q0:q1].transpose(0, 1)[None]
+        ref, _ = attention_reference(qb, k[b:b + 1, :, :n], v[b:b + 1, :, :n], True, bottom_right=True)
+        assert_close_to_reference(f"out[{b}]", out[q0:q1].transpose(0, 1)[None], ref, ref, torch.float64, factor=2)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -187,9 +189,15 @@ def test_kvcache_paged_refuses(device):
         (dict(cache_batch_idx=idx), ValueError, "cache_batch_idx cannot be given with block_table"),
         (dict(block_table=table.long()), ValueError, "block_table must be an int32 tensor"),
         # position 2 * PAGE is in the table's third (unused, -1) column
-        (dict(k=k_new, v=v_new, cache_seqlens=2 * PAGE), ValueError, r"block_table names blocks in \[-1, -1\]"),
+        # (the CPU op names the entry; on CUDA the append's own check of the blocks it writes)
+        (dict(k=k_new, v=v_new, cache_seqlens=2 * PAGE), ValueError,
+         r"block_table(\[0\]\[2\] = -1 is not a page of k| names blocks in \[-1, -1\])"),
         (dict(k=k_new, v=v_new, cache_seqlens=3 * PAGE), ValueError, "cache_seqlens must be in"),
     ]
+    if HAS_CUDA:  # the op would refuse it only after the append
+        other = "cpu" if device == "cuda" else "cuda"
+        cases.append((dict(k=k_new, v=v_new, cache_seqlens=1, block_table=table.to(other)), ValueError,
+                      "block_table must be an int32 tensor .* on q's device"))
     for kwargs, error, match in cases:
         kwargs.setdefault("block_table", table)
         with pytest.raises(error, match=match):
@@ -197,6 +205,11 @@ def test_kvcache_paged_refuses(device):
     with pytest.raises(ValueError, match="4-dimensional"):
         flash_attn_with_kvcache(q, k_cache[0], v_cache[0], block_table=table)
     assert torch.equal(k_cache, before), "a refused call wrote the cache"
+    small = k_cache[:, :128].clone()  # blocks of 128 rows: refused before anything is written
+    small_before = small.clone()
+    with pytest.raises(ValueError, match="page_block_size .* must be a positive multiple of 256, got 128"):
+        flash_attn_with_kvcache(q, small, small, k_new, v_new, cache_seqlens=1, block_table=table)
+    assert torch.equal(small, small_before), "a refused call wrote the cache"
 
 
 @pytest.mark.parametrize("device", DEVICES)
