@@ -234,11 +234,12 @@ def _varlen_paged(q, k_cache, v_cache, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
     return out
 
 
-def _cache_lengths(cache_seqlens, batch, seqlen_cache, seqlen_new, device, need_max):
+def _cache_lengths(cache_seqlens, batch, seqlen_cache, seqlen_new, device, need_max, can_sync):
     """cache_seqlens (an int, or int32 [batch]) as an int32 tensor on device, and its largest value
     where need_max or new keys are appended (a tensor's is read back: one host sync, the price of
     an append, or rotary positions, that cannot index out of bounds), else None; with new keys,
-    checked to leave room for them."""
+    checked to leave room for them. Without can_sync (CUDA graph capture) a tensor is not read
+    back: None, and the caller clamps what it indexes with it."""
     if isinstance(cache_seqlens, bool) or not isinstance(cache_seqlens, (int, torch.Tensor)):
         raise TypeError(f"cuflash_attn: cache_seqlens must be an int or an int32 tensor [batch], got "
                         f"{type(cache_seqlens).__name__}")
@@ -252,7 +253,7 @@ def _cache_lengths(cache_seqlens, batch, seqlen_cache, seqlen_new, device, need_
                          f"{cache_seqlens.dtype} {tuple(cache_seqlens.shape)}")
     if cache_seqlens.device != device:
         raise ValueError(f"cuflash_attn: cache_seqlens must be on q's device ({device}), got {cache_seqlens.device}")
-    if batch == 0 or not (need_max or seqlen_new > 0):
+    if batch == 0 or not can_sync or not (need_max or seqlen_new > 0):
         return cache_seqlens, None
     low, high = (int(x) for x in torch.aminmax(cache_seqlens))
     if seqlen_new > 0 and (low < 0 or high > seqlen_cache - seqlen_new):
@@ -305,7 +306,9 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
     at cache_seqlens + i when causal or windowed, else at cache_seqlens (flash_attn's rule;
     rotary_interleaved picks the pairs). cache_batch_idx (int32 [batch]): the cache row of each
     sequence (read in place as one page each where seqlen_cache is a multiple of 256, else gathered
-    first, a copy). cache_leftpad (int32 [batch]): where each sequence's keys start in its cache
+    first, a copy). Under CUDA graph capture nothing is read back to the host: cache_seqlens past
+    the room for the new keys, rotary positions past the table and block ids past the cache are
+    clamped into them instead of refused (as cache_batch_idx always is on CUDA). cache_leftpad (int32 [batch]): where each sequence's keys start in its cache
     row (left padding): keys before it take no part (a key-padding mask read in place; positions,
     the rotary embedding's and the append's, stay cache indices, as in flash_attn). Causal masks
     and windows are aligned bottom-right to each sequence's last key. Returns out [batch,
@@ -317,6 +320,7 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
         raise ValueError(f"cuflash_attn: num_splits must be an int >= 0 (0: chosen), got {num_splits!r}")
     paged = block_table is not None
     _check_tensor("q", q, _PADDED)
+    capturing = q.is_cuda and torch.cuda.is_current_stream_capturing()  # then no host sync
     _check_tensor("k_cache", k_cache, _PAGED_CACHE if paged else _CACHE)
     _check_tensor("v_cache", v_cache, _PAGED_CACHE if paged else _CACHE)
     if k_cache.shape != v_cache.shape:
@@ -357,13 +361,16 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
             raise ValueError(f"cuflash_attn: cache_batch_idx must be an int32 tensor [batch] = [{batch}] on q's device "
                              f"({q.device}), got {cache_batch_idx.dtype} {tuple(cache_batch_idx.shape)} on "
                              f"{cache_batch_idx.device}")
-        # Checked where that costs no synchronization (on CUDA an index past the cache is clamped).
+        # Checked where that costs no synchronization; on CUDA an index past the cache is clamped.
+        rows = cache_batch_idx.long()
         if not cache_batch_idx.is_cuda and batch > 0:
             low, high = (int(x) for x in torch.aminmax(cache_batch_idx))
             if low < 0 or high >= k_cache.shape[0]:
                 raise ValueError(f"cuflash_attn: cache_batch_idx must be in [0, {k_cache.shape[0]}) (batch_cache), "
                                  f"got values in [{low}, {high}]")
-        rows = cache_batch_idx.long()
+        elif k_cache.shape[0] > 0:
+            rows = rows.clamp(0, k_cache.shape[0] - 1)
+            cache_batch_idx = rows.int()
     elif k_cache.shape[0] != batch:
         raise ValueError(f"cuflash_attn: k_cache must have batch_cache = batch ({batch}) without cache_batch_idx, got "
                          f"{k_cache.shape[0]}")
@@ -382,7 +389,8 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
             raise ValueError("cuflash_attn: k and v are written at cache_seqlens, which must be given")
     used = lengths = high = None
     if cache_seqlens is not None:
-        lengths, high = _cache_lengths(cache_seqlens, batch, seqlen_cache, seqlen_new, q.device, rotary)
+        lengths, high = _cache_lengths(cache_seqlens, batch, seqlen_cache, seqlen_new, q.device, rotary,
+                                       not capturing)
         used = lengths + seqlen_new
     if rotary:
         if lengths is None:  # no cache_seqlens: positions from 0
@@ -395,10 +403,12 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
                              f"position {last} is needed (cache_seqlens + the new or query tokens)")
         offsets = lengths.long()[:, None]
         q_positions = offsets + (torch.arange(seqlen_q, device=q.device) if q_steps > 1 else 0)
+        k_positions = offsets + torch.arange(seqlen_new, device=q.device)
+        if high is None:  # not read back (graph capture): positions clamped into the table
+            q_positions, k_positions = (t.clamp(0, rotary_cos.shape[0] - 1) for t in (q_positions, k_positions))
         q = _rotary(q, rotary_cos, rotary_sin, q_positions.expand(batch, seqlen_q), rotary_interleaved)
         if k is not None:
-            k = _rotary(k, rotary_cos, rotary_sin, offsets + torch.arange(seqlen_new, device=q.device),
-                        rotary_interleaved)
+            k = _rotary(k, rotary_cos, rotary_sin, k_positions, rotary_interleaved)
     # Left padding: keys before cache_leftpad masked, [batch, 1, 1, keys] read through broadcast
     # strides (the alignment to each sequence's last key is the same with or without it).
     key_padding = None
@@ -421,13 +431,18 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
         cache_rows = (rows if rows is not None else torch.arange(batch, device=k_cache.device))[:, None]
         positions = lengths.to(device=k_cache.device, dtype=torch.long)[:, None] + \
             torch.arange(seqlen_new, device=k_cache.device)
+        if capturing:  # lengths not read back: positions clamped into the cache
+            positions = positions.clamp(0, seqlen_cache - 1)
         if paged:  # row positions % page of the blocks the table names for them
             page = k_cache.shape[1]
-            cache_rows = block_table.to(k_cache.device).long().gather(1, positions // page)
-            low, high = (int(x) for x in torch.aminmax(cache_rows)) if batch > 0 else (0, 0)
-            if low < 0 or high >= k_cache.shape[0]:  # an index past the cache would fault on CUDA
-                raise ValueError(f"cuflash_attn: block_table names blocks in [{low}, {high}] for the new keys, and "
-                                 f"k_cache has {k_cache.shape[0]}")
+            cache_rows = block_table.long().gather(1, positions // page)
+            if capturing:
+                cache_rows = cache_rows.clamp(0, k_cache.shape[0] - 1)
+            else:  # an index past the cache would fault on CUDA
+                low, high = (int(x) for x in torch.aminmax(cache_rows)) if batch > 0 else (0, 0)
+                if low < 0 or high >= k_cache.shape[0]:
+                    raise ValueError(f"cuflash_attn: block_table names blocks in [{low}, {high}] for the new keys, "
+                                     f"and k_cache has {k_cache.shape[0]}")
             positions = positions % page
         k_cache[cache_rows, positions] = k
         v_cache[cache_rows, positions] = v
