@@ -154,9 +154,6 @@ __global__ void __launch_bounds__(FwdSm90Kernel<T, kHeadDim, kFeatures>::kThread
       __syncthreads();       // every thread's part landed; every warpgroup is done with the other buffer
       if (n_block > n_blocks.begin) load_kv(n_block - 1, buf ^ 1);
       cp_async_commit();
-      // A warpgroup whose rows all lie past the sequence's end skips the math (as in the sm_80
-      // kernel; its wgmmas are its own, and no barrier is inside).
-      if (m_start + 64 * warpgroup >= seq.seqlen_q) continue;
 
       WarpAcc<kBlockN> s;
       wgmma_fence();
