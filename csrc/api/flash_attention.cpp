@@ -4,6 +4,7 @@
 // same way on a machine without a GPU.
 #include "cuflash/flash_attention.h"
 
+#include <algorithm>
 #include <array>
 #include <cmath>
 #include <cstdint>
@@ -218,7 +219,7 @@ Error check_tensors(const Args& a, const std::array<TensorArg, N>& tensors) {
 // fault and poison the context, so it is refused here instead.
 template <size_t N>
 Error check_device_memory(const std::array<TensorArg, N>& tensors, const void* lse, bool lse_used,
-                          const int* seqused_k) {
+                          const int* seqused_k, const int* block_table = nullptr) {
   int device = 0;
   if (cudaError_t err = cudaGetDevice(&device); err != cudaSuccess) return cuda_failure(err, "cudaGetDevice");
   auto check = [&](const char* name, const void* ptr) -> Error {
@@ -249,6 +250,8 @@ Error check_device_memory(const std::array<TensorArg, N>& tensors, const void* l
       if (Error e = check(t.name, t.data); e != Error::SUCCESS) return e;
   if (seqused_k != nullptr)
     if (Error e = check("seqused_k", seqused_k); e != Error::SUCCESS) return e;
+  if (block_table != nullptr)
+    if (Error e = check("block_table", block_table); e != Error::SUCCESS) return e;
   return lse_used ? check("lse", lse) : Error::SUCCESS;
 }
 
@@ -284,7 +287,24 @@ FlashFwdParams make_params(const FlashAttentionForwardArgs& a) {
   p.out = a.o;
   p.lse = a.lse;
   p.out_strides = to_kernel(a.o_strides);
+  if (a.block_table != nullptr)
+    p.paged = {a.block_table, a.block_table_stride, a.page_size, a.num_pages};
   return p;
+}
+
+// The forward's paged-cache and split arguments (the tensors' extents are check_tensor's).
+Error check_paged_and_splits(const FlashAttentionForwardArgs& a) {
+  if (a.num_splits < 0)
+    return fail(Error::INVALID_ARGUMENT, "num_splits must be >= 0 (0: chosen, 1: none), got ", a.num_splits);
+  if (a.block_table == nullptr) return Error::SUCCESS;
+  if (a.page_size <= 0 || a.page_size % kPageSizeMultiple != 0)
+    return fail(Error::INVALID_ARGUMENT, "with block_table, page_size must be a positive multiple of ",
+                kPageSizeMultiple, ", got ", a.page_size);
+  if (a.num_pages <= 0) return fail(Error::INVALID_ARGUMENT, "with block_table, num_pages must be > 0, got ", a.num_pages);
+  if (a.block_table_stride < 0 || Wide{a.block_table_stride} * a.page_size < a.seqlen_k)
+    return fail(Error::INVALID_ARGUMENT, "block_table_stride (", a.block_table_stride, ") pages of page_size (",
+                a.page_size, ") must hold seqlen_k (", a.seqlen_k, ") keys");
+  return Error::SUCCESS;
 }
 
 FlashBwdParams make_params(const FlashAttentionBackwardArgs& a) {  // delta: the workspace's, set by the caller
@@ -343,13 +363,19 @@ Error zero(const TensorArg& t, DataType dtype, cudaStream_t stream) {
 }
 
 Error forward(const FlashAttentionForwardArgs& a, cudaStream_t stream) {
+  if (Error e = check_paged_and_splits(a); e != Error::SUCCESS) return e;
   const TensorArg o = query_like("o", a.o, a.o_strides, a, true);
+  // A paged cache's k and v: num_pages pages of page_size rows.
+  auto keys = [&](const char* name, const void* data, const Strides& s) {
+    TensorArg t = key_like(name, data, s, a, false);
+    if (a.block_table != nullptr) t.batch = a.num_pages, t.rows = a.page_size;
+    return t;
+  };
   const std::array<TensorArg, 4> tensors = {query_like("q", a.q, a.q_strides, a, false),
-                                            key_like("k", a.k, a.k_strides, a, false),
-                                            key_like("v", a.v, a.v_strides, a, false), o};
+                                            keys("k", a.k, a.k_strides), keys("v", a.v, a.v_strides), o};
   if (Error e = check_tensors(a, tensors); e != Error::SUCCESS) return e;
   if (a.batch_size == 0 || a.num_heads_q == 0 || a.seqlen_q == 0) return succeed();
-  if (Error e = check_device_memory(tensors, a.lse, true, a.seqused_k); e != Error::SUCCESS) return e;
+  if (Error e = check_device_memory(tensors, a.lse, true, a.seqused_k, a.block_table); e != Error::SUCCESS) return e;
 
   if (a.seqlen_k == 0) {  // no keys: output 0, logsumexp of an empty set
     if (Error e = zero(o, a.dtype, stream); e != Error::SUCCESS) return e;
@@ -357,7 +383,22 @@ Error forward(const FlashAttentionForwardArgs& a, cudaStream_t stream) {
     const cudaError_t err = fill_floats(a.lse, rows, -INFINITY, stream);
     return err == cudaSuccess ? succeed() : cuda_failure(err, "filling lse");
   }
-  const cudaError_t err = run_flash_fwd_cuda(make_params(a), stream);
+  FlashFwdParams p = make_params(a);
+  p.num_splits = fwd_num_splits(p, std::min(a.num_splits, kMaxFwdSplits));
+  void* partials = nullptr;  // split-KV's: out_partial, then lse_partial (FlashFwdParams)
+  if (p.num_splits > 1) {
+    const size_t rows = size_t(p.num_splits) * a.batch_size * a.num_heads_q * a.seqlen_q;
+    if (cudaError_t err = cudaMallocAsync(&partials, rows * (a.head_dim + 1) * sizeof(float), stream);
+        err != cudaSuccess)
+      return cuda_failure(err, "cudaMallocAsync of the split forward's partial outputs");
+    p.out_partial = static_cast<float*>(partials);
+    p.lse_partial = p.out_partial + rows * a.head_dim;
+  }
+  cudaError_t err = run_flash_fwd_cuda(p, stream);
+  if (partials != nullptr) {
+    const cudaError_t free_err = cudaFreeAsync(partials, stream);
+    if (err == cudaSuccess) err = free_err;
+  }
   return err == cudaSuccess ? succeed() : cuda_failure(err, "the forward kernel launch");
 }
 

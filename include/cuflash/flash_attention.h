@@ -143,6 +143,21 @@ struct FlashAttentionForwardArgs : AttentionConfig {
   void* o = nullptr;        // [batch, num_heads_q, seqlen_q, head_dim]
   float* lse = nullptr;     // [batch, num_heads_q, seqlen_q] contiguous
   Strides q_strides, k_strides, v_strides, o_strides;
+  // Optional, a paged KV cache (decoding): k and v hold num_pages pages of page_size rows, a page
+  // where a batch entry would be ([num_pages, num_heads_kv, page_size, head_dim] through
+  // k_strides and v_strides), and sequence b's key j is row j % page_size of page
+  // block_table[b * block_table_stride + j / page_size] (device int32; entries outside
+  // [0, num_pages) are clamped, not checked). page_size is a multiple of 256, and
+  // block_table_stride * page_size at least seqlen_k.
+  const int* block_table = nullptr;
+  int block_table_stride = 0;
+  int page_size = 0;
+  int num_pages = 0;
+  // Split-KV (float16 and bfloat16; for decoding): 1, each row's keys in one CTA; n > 1, dealt into
+  // n CTAs (capped at the key blocks) whose partial outputs a second kernel merges, in scratch
+  // allocated stream-ordered (cudaMallocAsync); 0, chosen: split where one query block a sequence
+  // would leave SMs idle.
+  int num_splits = 1;
 };
 
 struct FlashAttentionBackwardArgs : AttentionConfig {

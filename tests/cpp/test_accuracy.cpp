@@ -275,6 +275,70 @@ TEST_P(Accuracy, MatchesFloat64Reference) {
 INSTANTIATE_TEST_SUITE_P(CApi, Accuracy, ::testing::ValuesIn(all_cases()),
                          [](const ::testing::TestParamInfo<Case>& info) { return name_of(info.param); });
 
+// ---- A paged KV cache and split-KV (the forward's) ---------------------------------------------
+
+// The keys of each sequence dealt into pages of 256 rows in a shuffled order (block_table), the
+// used lengths partial pages; the forward unsplit, split 3 ways, and chosen (num_splits 0),
+// against the float64 reference over the logical (unpaged) keys.
+TEST(PagedCache, ForwardMatchesFloat64Reference) {
+  CUFLASH_REQUIRE_CUDA();
+  using T = __nv_bfloat16;
+  constexpr int kPage = 256;
+  Problem p = problem(2, 4, 2, 3, 2 * kPage, 64);
+  p.causal = p.bottom_right = true;
+  p.seqused_k = {kPage + 30, 17};
+  if (!cuflash::flash_attention_supports(DataType::BFLOAT16, p.head_dim)) GTEST_SKIP() << "head_dim not built";
+  const int B = p.batch, Hq = p.heads_q, Hkv = p.heads_kv, Nq = p.seqlen_q, Nk = p.seqlen_k, D = p.head_dim;
+  const int pages_each = Nk / kPage, num_pages = B * pages_each + 1;  // one page no sequence names
+  std::mt19937_64 rng(11);
+  const std::vector<double> q = random_tensor<T>(rng, size_t(B) * Hq * Nq * D),
+                            k = random_tensor<T>(rng, size_t(B) * Hkv * Nk * D),
+                            v = random_tensor<T>(rng, size_t(B) * Hkv * Nk * D);
+  std::vector<int> table(size_t(B) * pages_each);
+  for (size_t i = 0; i < table.size(); ++i) table[i] = static_cast<int>((i * 3 + 1) % num_pages);
+  // Pages [num_pages][Hkv][kPage][D]: logical key j of sequence b at page table[b][j / kPage].
+  const Strides page_strides = cuflash::bhsd_strides(Hkv, kPage, D);
+  std::vector<T> k_pages(size_t(num_pages) * Hkv * kPage * D), v_pages(k_pages.size());
+  for (int b = 0; b < B; ++b)
+    for (int h = 0; h < Hkv; ++h)
+      for (int j = 0; j < Nk; ++j)
+        for (int d = 0; d < D; ++d) {
+          const size_t logical = ((size_t(b) * Hkv + h) * Nk + j) * D + d;
+          const size_t paged = size_t(table[size_t(b) * pages_each + j / kPage]) * page_strides.batch +
+                               size_t(h) * page_strides.head + size_t(j % kPage) * page_strides.row + d;
+          k_pages[paged] = Element<T>::from(k[logical]);
+          v_pages[paged] = Element<T>::from(v[logical]);
+        }
+  const Strides qs = cuflash::bhsd_strides(Hq, Nq, D);
+  const DeviceBuffer q_dev = upload(to_storage<T>(q, qs, B, Hq, Nq, D)), k_dev = upload(k_pages),
+                     v_dev = upload(v_pages), table_dev = upload(table), used_dev = upload(p.seqused_k);
+  const std::vector<double> no_dout(q.size(), 0.0);
+  const Attention ref = attention_reference(p, q, k, v, no_dout, no_rounding);
+  const Attention pt = attention_reference(p, q, k, v, no_dout, round_to<T>);
+  for (int splits : {1, 3, 0}) {
+    SCOPED_TRACE("num_splits " + std::to_string(splits));
+    const DeviceBuffer o_dev(q.size() * sizeof(T)), lse_dev(size_t(B) * Hq * Nq * sizeof(float));
+    o_dev.poison(), lse_dev.poison();
+    FlashAttentionForwardArgs f;
+    f.dtype = DataType::BFLOAT16;
+    f.batch_size = B, f.num_heads_q = Hq, f.num_heads_kv = Hkv, f.seqlen_q = Nq, f.seqlen_k = Nk, f.head_dim = D;
+    f.scale = static_cast<float>(p.scale);
+    f.causal = f.causal_bottom_right = true;
+    f.seqused_k = used_dev.as<const int>();
+    f.block_table = table_dev.as<const int>(), f.block_table_stride = pages_each;
+    f.page_size = kPage, f.num_pages = num_pages, f.num_splits = splits;
+    f.q = q_dev.get(), f.k = k_dev.get(), f.v = v_dev.get(), f.o = o_dev.get(), f.lse = lse_dev.as<float>();
+    f.q_strides = f.o_strides = qs;
+    f.k_strides = f.v_strides = page_strides;
+    ASSERT_EQ(cuflash::flash_attention_forward(f), FlashAttentionError::SUCCESS) << cuflash::get_last_error_message();
+    ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
+    expect_close("out", to_logical(download<T>(o_dev), qs, B, Hq, Nq, D), ref.out, pt.out, DataType::BFLOAT16, 2,
+                 round_to<T>);
+    const std::vector<float> lse = download<float>(lse_dev);
+    expect_lse_close(std::vector<double>(lse.begin(), lse.end()), ref.lse, DataType::BFLOAT16);
+  }
+}
+
 // ---- Properties of the launches: determinism and CUDA graphs ----------------------------------
 
 // One causal bfloat16 problem on the device (by default 2 x 4 heads of 257 x 64: three key

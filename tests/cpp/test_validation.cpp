@@ -323,6 +323,33 @@ TEST_P(Validation, BadScalarsAndWindows) {
   expect_both([](auto& c) { c.window_right = -5; }, E::INVALID_ARGUMENT, "window_left and window_right");
 }
 
+// A paged KV cache and split-KV (the forward's): their arguments, and the pages as k's extent.
+TEST_P(Validation, PagedCacheAndSplits) {
+  FlashAttentionForwardArgs paged = fwd;
+  const int table[2] = {0, 1};  // never read: every call below fails or runs without a GPU first
+  paged.block_table = table, paged.block_table_stride = 1, paged.page_size = 256, paged.num_pages = 2;
+  paged.k_strides = paged.v_strides = cuflash::bhsd_strides(paged.num_heads_kv, 256, paged.head_dim);
+  auto expect = [&](const std::function<void(FlashAttentionForwardArgs&)>& change, const std::string& mention) {
+    FlashAttentionForwardArgs f = paged;
+    change(f);
+    expect_error(cuflash::flash_attention_forward(f), E::INVALID_ARGUMENT, mention);
+  };
+  expect([](auto& f) { f.page_size = 100; }, "page_size must be a positive multiple of 256, got 100");
+  expect([](auto& f) { f.page_size = 0; }, "page_size must be a positive multiple of 256");
+  expect([](auto& f) { f.num_pages = 0; }, "num_pages must be > 0");
+  expect([](auto& f) { f.block_table_stride = 0; }, "must hold seqlen_k (24) keys");
+  expect([](auto& f) { f.seqlen_k = 300; }, "block_table_stride (1) pages of page_size (256) must hold seqlen_k");
+  expect([](auto& f) { f.num_splits = -1; }, "num_splits must be >= 0");
+  {  // k spans num_pages pages of page_size rows: a negative page stride is named as k's batch stride
+    FlashAttentionForwardArgs f = paged;
+    f.k_strides.batch = -1;
+    expect_error(cuflash::flash_attention_forward(f), E::INVALID_LAYOUT, "k's batch stride must be >= 0");
+  }
+  if (!mem.device()) {  // the table in host memory is refused on a GPU (CudaChecks); here: no CUDA
+    EXPECT_EQ(cuflash::flash_attention_forward(paged), E::CUDA_ERROR) << cuflash::get_last_error_message();
+  }
+}
+
 TEST_P(Validation, RunSwitchNamingNothingIsRefused) {  // csrc/cuda/run_switches.h
   for (const auto& [variable, value] : {std::pair{"CUFLASH_SM90", "tma,wgmma"}, {"CUFLASH_SM90", "1"},
                                         {"CUFLASH_BWD_DQ", "atomics"}, {"CUFLASH_FWD_TILE", "wider"},
@@ -569,6 +596,11 @@ TEST(CudaChecks, HostMemoryIsRejected) {
   std::vector<int> used(size_t(f.batch_size), f.seqlen_k);
   f.seqused_k = used.data();
   expect_error(cuflash::flash_attention_forward(f), E::INVALID_ARGUMENT, "seqused_k is host memory");
+  f = forward_args(mem, DataType::FLOAT16);  // a paged cache's table too
+  std::vector<int> table(size_t(f.batch_size), 0);
+  f.block_table = table.data(), f.block_table_stride = 1, f.page_size = 256, f.num_pages = 1;
+  f.k_strides = f.v_strides = cuflash::bhsd_strides(f.num_heads_kv, 256, f.head_dim);
+  expect_error(cuflash::flash_attention_forward(f), E::INVALID_ARGUMENT, "block_table is host memory");
   FlashAttentionBackwardArgs b = backward_args(mem, DataType::BFLOAT16);
   b.seqused_k = used.data();
   expect_error(cuflash::flash_attention_backward(b), E::INVALID_ARGUMENT, "seqused_k is host memory");
