@@ -40,8 +40,6 @@ __device__ __forceinline__ void store_out_and_lse(const WarpAcc<kHeadDim>& o, co
   }
 }
 
-// kFeatures: softcap, ALiBi, attn_mask or dropout may be on (mask.cuh's needs_feature_path); without it
-// the kernel keeps only what plain attention needs in registers.
 // Split-KV (FlashFwdParams::num_splits): row i of sequence s, head h, split `split` in out_partial
 // and lse_partial: padded [splits, batch, heads_q, seqlen_q], packed [splits, heads_q, total_q].
 __host__ __device__ inline int64_t partial_row(const FlashFwdParams& p, const Sequence& s, int split, int b, int h,
@@ -82,6 +80,8 @@ __device__ __forceinline__ void store_partial(const WarpAcc<kHeadDim>& o, const 
   }
 }
 
+// kFeatures: softcap, ALiBi, attn_mask or dropout may be on (mask.cuh's needs_feature_path); without it
+// the kernel keeps only what plain attention needs in registers.
 template <typename T, int kHeadDim, bool kFeatures>
 __global__ void __launch_bounds__(FwdKernel<T, kHeadDim>::kThreads, FwdKernel<T, kHeadDim>::Tile::kMinBlocks)
     flash_fwd_kernel(const FlashFwdParams p) {
