@@ -308,9 +308,10 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
     sequence (read in place as one page each where seqlen_cache is a multiple of 256, else gathered
     first, a copy). Under CUDA graph capture nothing is read back to the host: cache_seqlens past
     the room for the new keys, rotary positions past the table and block ids past the cache are
-    clamped into them instead of refused (as cache_batch_idx always is on CUDA). cache_leftpad (int32 [batch]): where each sequence's keys start in its cache
-    row (left padding): keys before it take no part (a key-padding mask read in place; positions,
-    the rotary embedding's and the append's, stay cache indices, as in flash_attn). Causal masks
+    clamped into them instead of refused (as cache_batch_idx always is on CUDA). cache_leftpad
+    (int32 [batch]): where each sequence's keys start in its cache row (left padding): keys
+    before it take no part (a key-padding mask read in place; positions, the rotary embedding's
+    and the append's, stay cache indices, as in flash_attn). Causal masks
     and windows are aligned bottom-right to each sequence's last key. Returns out [batch,
     seqlen_q, heads_q, head_dim], and with return_softmax_lse also lse [batch, heads_q, seqlen_q].
     num_splits (flash_attn's): 0 chooses how many CTAs share a row's keys (split-KV, on CUDA for
