@@ -99,8 +99,9 @@ struct VarlenParams {
 // A paged KV cache (the forward only): k and v hold num_pages pages of page_size rows (their
 // batch stride is a page's), and sequence b's key j lies in row j % page_size of page
 // block_table[b * table_stride + j / page_size]. page_size is a multiple of kPageSizeMultiple
-// (flash_attn 2's rule), so a key tile of any kernel lies in one page. Entries out of [0, num_pages) are clamped (unchecked on CUDA:
-// that would need a synchronization), so they never reach past memory.
+// (flash_attn 2's rule), so a key tile of any kernel lies in one page. Entries out of
+// [0, num_pages) are clamped (unchecked on CUDA: that would need a synchronization), so they
+// never reach past memory.
 constexpr int kPageSizeMultiple = 256;
 struct PagedKvParams {
   const int* block_table = nullptr;  // int32 [batch, pages a sequence], or null: no paging

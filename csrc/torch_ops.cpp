@@ -481,7 +481,8 @@ std::vector<Tensor> fill_common(AttentionParams& p, AttentionShape sh, const Opt
 // attn_mask, dropout; no window, and causal only aligned bottom-right). CUDA only: the CPU
 // kernels share out (batch, query head) pairs among threads, which the swap would make fewer.
 bool decoding_groups_swap(const Tensor& q, const Tensor& k, const Options& o) {
-  if (!q.is_cuda() || o.varlen() || q.dim() != 4 || k.dim() != 4 || q.size(2) != 1 || k.size(1) == 0 || q.size(1) <= k.size(1))
+  if (!q.is_cuda() || o.varlen() || q.dim() != 4 || k.dim() != 4 || q.size(2) != 1 || k.size(1) == 0 ||
+      q.size(1) <= k.size(1))
     return false;
   const bool sees_every_key = o.window_left < 0 && (o.bottom_right || (!o.is_causal && o.window_right < 0));
   return sees_every_key && !o.alibi_slopes && !o.attn_mask && o.dropout_p == 0.0;
