@@ -376,3 +376,29 @@ def test_kvcache_in_cuda_graph(paged):
         restore()
         assert torch.equal(step(), replayed)
         assert torch.equal(k_cache, replayed_k)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_seqused_k_never_reads_unused_keys(device, dtype):
+    """Keys past seqused_k take no part even when they hold NaN and Inf (a cache's unused rows):
+    out, lse and every gradient bitwise what finite rows there give (on Hopper the TMA kernels,
+    whose boxes would read those rows, step aside for seqused_k)."""
+    if device == "cpu" and dtype in LOW_PRECISION:
+        pytest.skip("the low-precision kernels are CUDA's")
+    torch.manual_seed(7)
+    q = torch.randn(2, 4, 20, 64, device=device, dtype=dtype)
+    k, v = (torch.randn(2, 2, 200, 64, device=device, dtype=dtype) for _ in range(2))
+    dout = torch.randn_like(q)
+    used = torch.tensor([77, 130], dtype=torch.int32, device=device)
+    poisoned_k, poisoned_v = k.clone(), v.clone()
+    for b, n in enumerate(used.tolist()):
+        poisoned_k[b, :, n:] = float("nan")
+        poisoned_v[b, :, n:] = float("inf")
+    results = []
+    for kk, vv in ((k, v), (poisoned_k, poisoned_v)):
+        qq, kk, vv = (t.clone().requires_grad_() for t in (q, kk, vv))
+        out, lse = ops.fwd(qq, kk, vv, None, True, True, seqused_k=used)
+        results.append((out, lse, *torch.autograd.grad(out, (qq, kk, vv), dout)))
+    for name, clean, poisoned in zip(("out", "lse", "dq", "dk", "dv"), *results):
+        assert torch.equal(clean, poisoned), name

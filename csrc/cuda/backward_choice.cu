@@ -22,10 +22,7 @@ bool fused_backward_built_for(DType dtype, int head_dim) {
 bool fused_backward_runs(const FlashBwdParams& p) {
   if (!fused_backward_built_for(p.dtype, p.shape.head_dim)) return false;
   if (p.dscores != nullptr) return false;
-  // seqused_k: key blocks past a sequence's used keys end at once; the ordered adds' turns are
-  // not checked against that (NOT YET RUN on a GPU), so the pair of kernels takes it.
-  if (p.varlen.seqused_k != nullptr) return false;
-  if (!sm90::sm90_paths(p).bwd_ws) return false;
+  if (!sm90::sm90_paths(p).bwd_ws) return false;  // (not with seqused_k: sm90_paths)
   return sm90::bwd_tma_addressable(p);  // the launch encodes the maps (no second encoding here)
 }
 

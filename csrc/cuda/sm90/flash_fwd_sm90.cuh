@@ -198,11 +198,15 @@ inline Sm90Paths sm90_paths(const AttentionParams& p) {
   if (features && !wanted.features) return choice;
   choice.fwd = device_attribute<cudaDevAttrComputeCapabilityMajor>(0) == 9 &&
                device_attribute<cudaDevAttrComputeCapabilityMinor>(-1) == 0;
-  // TMA's boxes address k and v by (batch, row): not a paged cache's pages (the cp.async kernel).
-  choice.tma = choice.fwd && wanted.tma && p.paged.block_table == nullptr;
+  // TMA boxes read whole key blocks of one tensor: not a paged cache's pages, and past a
+  // sequence's seqused_k they read the rows after its keys (their scores are masked, but a NaN or
+  // Inf left in a cache's unused rows would still reach P V, dP and dQ as 0 x NaN). The cp.async
+  // kernels, which zero-fill every row past the keys, take both.
+  const bool whole_key_blocks = p.paged.block_table == nullptr && p.varlen.seqused_k == nullptr;
+  choice.tma = choice.fwd && wanted.tma && whole_key_blocks;
   choice.persistent = choice.tma && wanted.persistent;  // plain attention only: launch_fwd_tma
   choice.bwd = choice.fwd && !features && wanted.bwd;
-  choice.bwd_ws = choice.bwd && wanted.bwd_ws;
+  choice.bwd_ws = choice.bwd && wanted.bwd_ws && whole_key_blocks;
 #else
   (void)p;
 #endif
