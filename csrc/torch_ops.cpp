@@ -491,13 +491,15 @@ bool decoding_groups_swap(const Tensor& q, const Tensor& k, const Options& o) {
 std::tuple<Tensor, Tensor> fwd_impl(const Tensor& q, const Tensor& k, const Tensor& v, const Options& o,
                                     unsigned long long* tile_counters) {
   if (tile_counters == nullptr && q.defined() && k.defined() && decoding_groups_swap(q, k, o)) {
-    check_qkv(q, k, v, o);  // q's shape as given
+    make_mask(o, check_qkv(q, k, v, o));  // the arguments as given, windows included
     const int64_t batch = q.size(0), heads_kv = k.size(1), group = q.size(1) / heads_kv;
     Options rows = o;  // every key is seen: no mask
     rows.is_causal = false;
     rows.window_left = rows.window_right = -1;
     auto [out, lse] = fwd_impl(q.reshape({batch, heads_kv, group, q.size(3)}), k, v, rows, nullptr);
-    return {out.reshape(q.sizes()), lse.reshape({batch, q.size(1), 1})};
+    // Not views (reshape's would be views of tensors made here, which autograd refuses to let
+    // the caller modify in place): the same memory, as new tensors.
+    return {at::_unsafe_view(out, q.sizes()), at::_unsafe_view(lse, {batch, q.size(1), 1})};
   }
   const AttentionShape sh = check_qkv(q, k, v, o);
   Tensor out = empty_like_input(q);
@@ -506,6 +508,7 @@ std::tuple<Tensor, Tensor> fwd_impl(const Tensor& q, const Tensor& k, const Tens
   const Tensor qk = layout.input(q), kk = layout.input(k), vk = layout.input(v);
   FlashFwdParams p;
   const std::vector<Tensor> keep = fill_common(p, sh, o, layout, q, k, qk, kk, vk, lse);
+  if (q.is_cuda()) padded_head_dim_bucket(q, layout.head_dim);  // before any early return
   if (out.numel() == 0) return {out, lse};
   constexpr double kInf = std::numeric_limits<double>::infinity();
   if (k.numel() == 0) {  // nothing to attend to: output 0, logsumexp of an empty set
@@ -524,7 +527,6 @@ std::tuple<Tensor, Tensor> fwd_impl(const Tensor& q, const Tensor& k, const Tens
   p.tile_counters = tile_counters;
 
   if (q.is_cuda()) {
-    padded_head_dim_bucket(q, layout.head_dim);
     const c10::cuda::CUDAGuard guard(q.device());
     p.num_splits = fwd_num_splits(p, static_cast<int>(std::min<int64_t>(o.num_splits, kMaxFwdSplits)));
     Tensor out_partial, lse_partial;  // split-KV's, alive until the kernels have run (stream order)

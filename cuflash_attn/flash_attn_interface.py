@@ -379,15 +379,22 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
     if k is not None:
         for name, new, cache in (("k", k, k_cache), ("v", v, v_cache)):
             _check_tensor(name, new, ("batch", "seqlen_new", "heads_kv", "head_dim"))
-            if new.shape[0] != batch or new.shape[2:] != cache.shape[2:] or new.dtype != cache.dtype:
+            if new.shape[0] != batch or new.shape[2:] != cache.shape[2:] or new.dtype != cache.dtype or \
+                    new.device != cache.device:
                 raise ValueError(f"cuflash_attn: {name} must be [batch, seqlen_new, heads_kv, head_dim] = [{batch}, "
                                  f"seqlen_new, {cache.shape[2]}, {cache.shape[3]}] in {name}_cache's dtype "
-                                 f"{cache.dtype}, got {tuple(new.shape)} {new.dtype}")
+                                 f"{cache.dtype} and device {cache.device}, got {tuple(new.shape)} {new.dtype} on "
+                                 f"{new.device}")
         if k.shape[1] != v.shape[1]:
             raise ValueError(f"cuflash_attn: k and v must have the same seqlen_new, got {k.shape[1]} and {v.shape[1]}")
         seqlen_new = k.shape[1]
         if cache_seqlens is None:
             raise ValueError("cuflash_attn: k and v are written at cache_seqlens, which must be given")
+        if seqlen_new > seqlen_cache:  # (checked here too: under graph capture lengths are not read back)
+            raise ValueError(f"cuflash_attn: the {seqlen_new} new keys do not fit the cache's {seqlen_cache}")
+        if paged and torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v, k_cache, v_cache)):
+            raise NotImplementedError("cuflash_attn: a paged KV cache (block_table) has no backward: it is for "
+                                      "inference (call under torch.no_grad())")
     used = lengths = high = None
     if cache_seqlens is not None:
         lengths, high = _cache_lengths(cache_seqlens, batch, seqlen_cache, seqlen_new, q.device, rotary,

@@ -167,6 +167,10 @@ def test_kvcache_refuses(device):
         flash_attn_with_kvcache(q.double(), k_cache, v_cache, k, v, cache_seqlens=1)
     with pytest.raises(ValueError, match="heads_kv dividing"):
         flash_attn_with_kvcache(q[:, :, :3], k_cache, v_cache, k, v, cache_seqlens=1)
+    if HAS_CUDA:  # new values on another device than the cache
+        other = "cpu" if device == "cuda" else "cuda"
+        with pytest.raises(ValueError, match="v must be .* and device"):
+            flash_attn_with_kvcache(q, k_cache, v_cache, k, v.to(other), cache_seqlens=1)
     if device == "cpu":  # on CUDA an index past the cache is clamped (no synchronization)
         with pytest.raises(ValueError, match=r"cache_batch_idx must be in \[0, 3\)"):
             flash_attn_with_kvcache(q, k_cache, v_cache, k, v, cache_seqlens=1,
@@ -300,19 +304,20 @@ def test_kvcache_leftpad(device, dtype, causal, paged):
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("layout", ["bhnd", "bnhd"])
+@pytest.mark.parametrize("layout", ["bhnd", "hbnd"])
 def test_decoding_with_grouped_heads(device, dtype, layout):
     """One query a sequence and 4 query heads a KV head: on CUDA the op runs each group's queries
-    as rows of one head (the decoding swap; verified on the CPU with the swap enabled there too).
-    Against float64 attention, and against the same call with an
-    all-True attn_mask (which keeps the heads apart) to rounding; out and lse in q's shape, the
-    output in q's layout; causal aligned bottom-right sees every key, seqused_k and softcap kept."""
+    as rows of one head (the decoding swap; the CPU checks the plain path). Against float64
+    attention, and against the same call with an all-True attn_mask (which keeps the heads apart)
+    to rounding; out and lse in q's shape, the output in q's layout (heads outermost in
+    "hbnd") and modifiable in place under autograd; causal aligned bottom-right sees every key,
+    seqused_k and softcap kept; a bad window is refused as on any other shape."""
     if device == "cpu" and dtype in LOW_PRECISION:
         pytest.skip("the low-precision kernels are CUDA's")
     torch.manual_seed(5)
     q = torch.randn(3, 8, 1, 64, device=device, dtype=dtype)
-    if layout == "bnhd":
-        q = q.transpose(1, 2).contiguous().transpose(1, 2)
+    if layout == "hbnd":
+        q = q.transpose(0, 1).contiguous().transpose(0, 1)
     k, v = (torch.randn(3, 2, 90, 64, device=device, dtype=dtype) for _ in range(2))
     used = torch.tensor([90, 1, 40], dtype=torch.int32, device=device)
     out, lse = ops.fwd(q, k, v, None, True, True, softcap=30.0, seqused_k=used)
@@ -330,6 +335,10 @@ def test_decoding_with_grouped_heads(device, dtype, layout):
                                     softcap=30.0, dtype=dtype)
         assert_close_to_reference(f"out[{b}]", out[b:b + 1], ref, pt, dtype, factor=2)
         assert_lse_close(lse[b:b + 1], ref_lse, dtype)
+    with pytest.raises(ValueError, match="window_left and window_right must be >= -1"):
+        ops.fwd(q, k, v, None, True, True, -3, 0)
+    with_grad = ops.fwd(q.clone().requires_grad_(), k, v, None, True, True)[0]
+    with_grad.mul_(2)  # an output, not a view made inside the op (autograd refuses those in place)
 
 
 @pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
