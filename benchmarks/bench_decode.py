@@ -21,6 +21,14 @@ import bench_attention as bench  # noqa: E402  (the timer, the environment line)
 PAGE = 256
 
 
+def with_env(env, fn):
+    """fn run with the environment variables env set (the kernel switches are read at each call)."""
+    def run():
+        with bench.environment_of("@" + "+".join(f"{k}={v}" for k, v in env.items())):
+            return fn()
+    return run
+
+
 def cases(batch, heads_q, heads_kv, head_dim, seqlen, seqlen_q, dtype, dev="cuda"):
     """name -> a function running one decoding step; all read the same keys."""
     from cuflash_attn.flash_attn_interface import flash_attn_with_kvcache
@@ -39,6 +47,10 @@ def cases(batch, heads_q, heads_kv, head_dim, seqlen, seqlen_q, dtype, dev="cuda
         "ours contiguous": lambda: flash_attn_with_kvcache(q, k_cache, v_cache, cache_seqlens=lengths, causal=causal),
         "ours unsplit": lambda: flash_attn_with_kvcache(q, k_cache, v_cache, cache_seqlens=lengths, causal=causal,
                                                         num_splits=1),
+        # The same on the sm_80-class kernel (the split one's; on Hopper the unsplit step runs the
+        # cp.async wgmma kernel): which of the two a decoding step should take.
+        "ours unsplit sm80": with_env({"CUFLASH_SM90": "0"}, lambda: flash_attn_with_kvcache(
+            q, k_cache, v_cache, cache_seqlens=lengths, causal=causal, num_splits=1)),
         "ours paged": lambda: flash_attn_with_kvcache(q, k_paged, v_paged, cache_seqlens=lengths,
                                                       block_table=block_table, causal=causal),
         "ours cache_batch_idx": lambda: flash_attn_with_kvcache(q, k_cache, v_cache, cache_seqlens=lengths,
