@@ -13,7 +13,7 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: b
                     window_size: Tuple[int, int] = (-1, -1), softcap: float = 0.0,
                     alibi_slopes: Optional[torch.Tensor] = None, dropout_p: float = 0.0,
                     bottom_right: bool = False, attn_mask: Optional[torch.Tensor] = None,
-                    deterministic: bool = True, seqused_k: Optional[torch.Tensor] = None):
+                    deterministic: bool = True, seqused_k: Optional[torch.Tensor] = None, num_splits: int = 1):
     """Exact attention softmax(q k^T * scale) v, forward and backward, on CPU or CUDA.
 
     q: [batch, heads_q, seqlen_q, head_dim]; k, v: [batch, heads_kv, seqlen_k, head_dim] with
@@ -38,7 +38,9 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: b
     (int32 [batch], on q's device): how many of each sequence's keys take part, its first ones
     (clamped to seqlen_k; with bottom_right, masks and ALiBi align to that count; the others get
     gradient 0), a padded batch's key lengths or a KV cache's filled lengths, without reading
-    the rest.
+    the rest. num_splits (the forward's; CUDA, float16/bfloat16): 1 (the default), each row's keys
+    in one CTA; n > 1, split among n CTAs whose partial outputs are merged (split-KV); 0, split
+    where one query block a sequence would leave SMs idle (decoding).
 
     Returns out (the layout of q), and with return_lse=True also the logsumexp of the scores,
     [batch, heads_q, seqlen_q] in float32 (float64 for float64 inputs); -inf for a query row that
@@ -53,10 +55,12 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: b
         raise TypeError(f"cuflash_attn: attn_mask must be a boolean or floating-point tensor, got "
                         f"{type(attn_mask).__name__}")
     window_left, window_right = _window(window_size)
+    if isinstance(num_splits, bool) or not isinstance(num_splits, numbers.Integral):
+        raise TypeError(f"cuflash_attn: num_splits must be an int, got {type(num_splits).__name__}")
     rng_state = new_rng_state(q.device) if dropout_p > 0.0 else None
     out, lse = _ops.fwd(q, k, v, scale, bool(causal), bool(bottom_right), window_left, window_right,
                         float(softcap), alibi_slopes, float(dropout_p), rng_state, attn_mask=attn_mask,
-                        deterministic=bool(deterministic), seqused_k=seqused_k)
+                        deterministic=bool(deterministic), seqused_k=seqused_k, num_splits=int(num_splits))
     return (out, lse) if return_lse else out
 
 

@@ -115,6 +115,11 @@ def test_num_splits_checked(device):
     with pytest.raises(ValueError, match="num_splits must be >= 0"):
         ops.fwd(q, k, v, num_splits=-1)
     assert torch.equal(ops.fwd(q, k, v, num_splits=4)[0], ops.fwd(q, k, v)[0])
+    import cuflash_attn
+    with pytest.raises(TypeError, match="num_splits must be an int"):
+        cuflash_attn.flash_attention(q, k, v, num_splits=2.0)
+    with pytest.raises(ValueError, match="num_splits must be >= 0"):
+        cuflash_attn.flash_attention(q, k, v, num_splits=-2)
     cache = torch.randn(1, 8, 2, 32, device=device, dtype=torch.float64)
     for bad in (-1, 1.5, True):
         with pytest.raises(ValueError, match="num_splits must be an int >= 0"):
