@@ -389,10 +389,15 @@ Error forward(const FlashAttentionForwardArgs& a, cudaStream_t stream) {
   if (p.num_splits > 1) {
     const size_t rows = size_t(p.num_splits) * a.batch_size * a.num_heads_q * a.seqlen_q;
     if (cudaError_t err = cudaMallocAsync(&partials, rows * (a.head_dim + 1) * sizeof(float), stream);
-        err != cudaSuccess)
-      return cuda_failure(err, "cudaMallocAsync of the split forward's partial outputs");
-    p.out_partial = static_cast<float*>(partials);
-    p.lse_partial = p.out_partial + rows * a.head_dim;
+        err != cudaSuccess) {
+      if (a.num_splits != 0) return cuda_failure(err, "cudaMallocAsync of the split forward's partial outputs");
+      cudaGetLastError();  // a split this call chose for itself: without its scratch, none
+      partials = nullptr;
+      p.num_splits = 1;
+    } else {
+      p.out_partial = static_cast<float*>(partials);
+      p.lse_partial = p.out_partial + rows * a.head_dim;
+    }
   }
   cudaError_t err = run_flash_fwd_cuda(p, stream);
   if (partials != nullptr) {
