@@ -156,7 +156,7 @@ struct FlashAttentionForwardArgs : AttentionConfig {
   // Split-KV (float16 and bfloat16; for decoding): 1, each row's keys in one CTA; n > 1, dealt into
   // n CTAs (capped at the key blocks) whose partial outputs a second kernel merges, in scratch
   // allocated stream-ordered (cudaMallocAsync); 0, chosen: split where one query block a sequence
-  // would leave SMs idle.
+  // would leave SMs idle (and not where that scratch cannot be allocated).
   int num_splits = 1;
 };
 
