@@ -88,8 +88,15 @@ def test_split_keys_merge_to_the_whole(device, dtype, seed, batch, heads, nq, nk
     (ref_out, ref_lse), (pt_out, _) = reference_and_baseline(q, k, v, None, causal, False, None)
     assert_lse_close(lse, ref_lse, dtype)
     # Each half is within the rule (factor 2) against its own baseline; the merge is a convex
-    # combination of the halves, so factor 4 leaves room for their baselines differing from the whole's.
-    assert_close_to_reference("merged out", out, ref_out, pt_out, dtype, factor=4)
+    # combination of the halves, so factor 4 leaves room for their baselines differing from the
+    # whole's. The halves' errors are relative to their own magnitudes, which a whole that cancels
+    # to near zero can be far below (seed 224, fp32, d=1, 224 keys split after the first: halves
+    # of 0.3 merging to 4e-4): the rule's bound on the weighted halves is added.
+    halves = (l1.double() - lse).exp()[..., None] * o1.double().abs() + \
+        (l2.double() - lse).exp()[..., None] * o2.double().abs()
+    bound = accuracy_bound(ref_out, pt_out, dtype, 4) + accuracy_bound(halves, halves, dtype, 4)
+    assert not torch.isnan(out).any(), "merged out: NaN"
+    assert max_err(out, ref_out) <= bound, f"merged out: max error {max_err(out, ref_out):.3e} > bound {bound:.3e}"
 
 
 @pytest.mark.parametrize("device", DEVICES)
