@@ -139,33 +139,17 @@ bool launch_fwd_tma(const FlashFwdParams& p, bool persistent, cudaStream_t strea
   return run(no, no, no);
 }
 
-// Split-KV (FlashFwdParams::num_splits > 1; 16-bit): the sm_80-class kernel over (query blocks,
-// heads, sequences x splits), then the combine kernel.
-template <typename T, int kHeadDim>
-cudaError_t run_flash_fwd_split(const FlashFwdParams& p, cudaStream_t stream) {
-  const AttentionShape& sh = p.shape;
-  using K = FwdKernel<T, kHeadDim>;
-  const dim3 grid(ceil_div(sh.seqlen_q, K::kBlockM), sh.heads_q, sh.batch * p.num_splits);
-  const cudaError_t err = with_feature_path(p, [&](auto features) {
-    return launch(flash_fwd_kernel<T, kHeadDim, features()>, grid, K::kThreads, K::kSmemBytes, stream, p);
-  });
-  if (err != cudaSuccess) return err;
-  return launch(flash_fwd_combine_kernel<T>, dim3(ceil_div(sh.seqlen_q, kCombineRowsPerBlock), sh.heads_q, sh.batch),
-                32 * kCombineRowsPerBlock, 0, stream, p);
-}
-
 template <typename T, int kHeadDim>
 cudaError_t run_flash_fwd(const FlashFwdParams& p, cudaStream_t stream) {
   const AttentionShape& sh = p.shape;
   if constexpr (std::is_same_v<T, double>) {
     return run_flash_fwd_simt<T, kHeadDim>(p, stream);
   } else {
-    if constexpr (!std::is_same_v<T, float>)
-      if (p.num_splits > 1) return run_flash_fwd_split<T, kHeadDim>(p, stream);
     if constexpr (std::is_same_v<T, float>) {
       if (!fp32_on_tensor_cores(p, FwdKernel<T, kHeadDim>::kSmemBytes)) return run_flash_fwd_simt<T, kHeadDim>(p, stream);
     } else if constexpr (sm90::kFwdHeadDim<kHeadDim>) {
-      const sm90::Sm90Paths hopper = sm90::sm90_paths(p);
+      // Split-KV (num_splits > 1, 16-bit only) runs on the sm_80-class kernel below.
+      const sm90::Sm90Paths hopper = p.num_splits == 1 ? sm90::sm90_paths(p) : sm90::Sm90Paths{};
       cudaError_t err;
       if (hopper.tma && launch_fwd_tma<T, kHeadDim>(p, hopper.persistent, stream, &err)) return err;
       if (hopper.fwd)
@@ -176,11 +160,15 @@ cudaError_t run_flash_fwd(const FlashFwdParams& p, cudaStream_t stream) {
                         stream, p);
         });
     }
+    // Grid z: sequences x splits; with splits, the combine kernel merges the partial outputs.
     using K = FwdKernel<T, kHeadDim>;
-    const dim3 grid(ceil_div(sh.seqlen_q, K::kBlockM), sh.heads_q, sh.batch);
-    return with_feature_path(p, [&](auto features) {
+    const dim3 grid(ceil_div(sh.seqlen_q, K::kBlockM), sh.heads_q, sh.batch * p.num_splits);
+    const cudaError_t err = with_feature_path(p, [&](auto features) {
       return launch(flash_fwd_kernel<T, kHeadDim, features()>, grid, K::kThreads, K::kSmemBytes, stream, p);
     });
+    if (err != cudaSuccess || p.num_splits == 1) return err;
+    return launch(flash_fwd_combine_kernel<T>, dim3(ceil_div(sh.seqlen_q, kCombineRowsPerBlock), sh.heads_q, sh.batch),
+                  32 * kCombineRowsPerBlock, 0, stream, p);
   }
 }
 
