@@ -194,16 +194,21 @@ __global__ void __launch_bounds__(32 * kCombineRowsPerBlock) flash_fwd_combine_k
   for (int s0 = 0; s0 < splits; s0 += 32) sum += expf(lse_of(s0 + lane) - base);
   for (int offset = 16; offset > 0; offset /= 2) sum += __shfl_xor_sync(0xffffffffu, sum, offset);
   const float lse = sum != 0.f ? base + logf(sum) : -INFINITY;  // NaN propagates
-  T* out = row_at<T>(p.out, p.out_strides, seq, true, b, h, row);
-  for (int col = lane; col < head_dim; col += 32) {
-    float acc = 0.f;
-    for (int s = 0; s < splits; ++s) {
-      const int64_t at = partial_row(p, seq, s, b, h, row);
-      const float weight = sum != 0.f ? expf(p.lse_partial[at] - lse) : 0.f;
-      if (weight != 0.f) acc += weight * p.out_partial[at * head_dim + col];
-    }
-    out[col] = from_float<T>(acc);
+  // Each split's weight once, then its share of this lane's columns (head_dim <= 256: 8 a lane).
+  constexpr int kColsPerLane = 256 / 32;
+  float acc[kColsPerLane] = {};
+  for (int s = 0; s < splits; ++s) {
+    const int64_t at = partial_row(p, seq, s, b, h, row);
+    const float weight = sum != 0.f ? expf(p.lse_partial[at] - lse) : 0.f;
+    if (weight == 0.f) continue;  // (NaN goes on: it propagates)
+#pragma unroll
+    for (int c = 0; c < kColsPerLane; ++c)
+      if (lane + 32 * c < head_dim) acc[c] += weight * p.out_partial[at * head_dim + lane + 32 * c];
   }
+  T* out = row_at<T>(p.out, p.out_strides, seq, true, b, h, row);
+#pragma unroll
+  for (int c = 0; c < kColsPerLane; ++c)
+    if (lane + 32 * c < head_dim) out[lane + 32 * c] = from_float<T>(acc[c]);
   if (lane == 0) static_cast<float*>(p.lse)[stats_offset(p.stats_strides, seq, b, h) + row] = lse;
 }
 
