@@ -146,10 +146,8 @@ int check_block_table(const Tensor& table, const Tensor& q, const Tensor& k, int
   const int64_t keys = table.size(1) * page_size;
   TORCH_CHECK_VALUE(keys <= std::numeric_limits<int>::max(), "cuflash_attn: block_table's pages hold ", num(keys),
                     " keys a sequence, more than 2^31 - 1");
-  // (A malformed seqused_k is reported by fill_features: no entry is checked against it here.)
-  const bool used_ok = !seqused_k || (seqused_k->is_cpu() && seqused_k->dim() == 1 && seqused_k->size(0) == batch &&
-                                      seqused_k->scalar_type() == at::kInt);
-  if (table.is_cpu() && used_ok) {
+  // (seqused_k was checked by check_qkv; it is on q's device.)
+  if (table.is_cpu()) {
     const Tensor t = table.contiguous();
     const Tensor used = seqused_k ? seqused_k->contiguous() : Tensor();
     for (int64_t b = 0; b < batch; ++b) {
@@ -234,6 +232,15 @@ AttentionShape check_qkv(const Tensor& q, const Tensor& k, const Tensor& v, cons
   } else {
     sh.batch = static_cast<int>(q.size(0));
     sh.seqlen_q = static_cast<int>(q.size(2));
+  }
+  if (o.seqused_k) {
+    const Tensor& u = *o.seqused_k;
+    TORCH_CHECK_TYPE(u.scalar_type() == at::kInt, "cuflash_attn: seqused_k must have dtype int32, got ",
+                     u.scalar_type());
+    TORCH_CHECK_VALUE(u.dim() == 1 && u.size(0) == sh.batch, "cuflash_attn: seqused_k must have shape [batch] = [",
+                      num(int64_t{sh.batch}), "], got ", shape(u.sizes()));
+    TORCH_CHECK_VALUE(u.device() == q.device(), "cuflash_attn: seqused_k must be on the same device as q (",
+                      q.device(), "), got ", u.device());
   }
   if (paged) {
     sh.seqlen_k = check_block_table(*o.block_table, q, k, sh.batch, o.seqused_k);
@@ -323,15 +330,8 @@ std::vector<Tensor> fill_features(AttentionParams& p, const Options& o, const Te
     p.varlen.cu_seqlens_k = keep.back().data_ptr<int>();
     p.varlen.total_k = static_cast<int>(k.size(0));
   }
-  if (o.seqused_k) {
-    const Tensor& u = *o.seqused_k;
-    TORCH_CHECK_TYPE(u.scalar_type() == at::kInt, "cuflash_attn: seqused_k must have dtype int32, got ",
-                     u.scalar_type());
-    TORCH_CHECK_VALUE(u.dim() == 1 && u.size(0) == p.shape.batch, "cuflash_attn: seqused_k must have shape [batch] = [",
-                      num(int64_t{p.shape.batch}), "], got ", shape(u.sizes()));
-    TORCH_CHECK_VALUE(u.device() == q.device(), "cuflash_attn: seqused_k must be on the same device as q (",
-                      q.device(), "), got ", u.device());
-    keep.push_back(u.contiguous());
+  if (o.seqused_k) {  // checked by check_qkv
+    keep.push_back(o.seqused_k->contiguous());
     p.varlen.seqused_k = keep.back().data_ptr<int>();
   }
   if (o.paged()) {  // its shape was checked by check_qkv
