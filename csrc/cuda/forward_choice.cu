@@ -2,6 +2,7 @@
 // pays where a few query blocks cannot fill the GPU (decoding: a few query tokens a sequence over
 // a long KV cache), at the price of a float32 partial output per split and a combine kernel.
 #include <algorithm>
+#include <utility>
 #include <vector>
 #include "device_attributes.h"
 #include "flash_launch.h"
@@ -9,6 +10,24 @@
 
 namespace cuflash {
 namespace {
+
+// The sm_80-class forward's tile (query rows, keys a block) for 16-bit inputs at a bucket.
+template <int kHeadDim>
+std::pair<int, int> tile_16bit() {
+  return {FwdTile<kHeadDim, 2>::kBlockM, FwdTile<kHeadDim, 2>::kBlockN};
+}
+std::pair<int, int> tile_16bit(int bucket) {
+  switch (bucket) {
+    case 32: return tile_16bit<32>();
+    case 64: return tile_16bit<64>();
+    case 96: return tile_16bit<96>();
+    case 128: return tile_16bit<128>();
+    case 160: return tile_16bit<160>();
+    case 192: return tile_16bit<192>();
+    case 224: return tile_16bit<224>();
+    default: return tile_16bit<256>();
+  }
+}
 
 // FlashAttention-2's rule: the fewest splits whose wave efficiency (CTAs over whole waves of the
 // slots) is within 85% of the best, among split counts that change the blocks a split takes.
@@ -36,8 +55,7 @@ int fwd_num_splits(const FlashFwdParams& p, int requested) {
   if (p.dtype != DType::kFloat16 && p.dtype != DType::kBFloat16) return 1;
   const int bucket = cuda_head_dim_bucket(p.dtype, p.shape.head_dim);
   if (bucket == 0) return 1;
-  const FwdTileShape tile = fwd_tile_shape(bucket, 2);  // the sm_80-class kernel's, 16-bit
-  const int block_m = tile.block_m, block_n = tile.block_n;
+  const auto [block_m, block_n] = tile_16bit(bucket);
   const AttentionShape& sh = p.shape;
   const int key_blocks = (sh.seqlen_k + block_n - 1) / block_n;
   // Grid z holds batch x splits (at most 65535).

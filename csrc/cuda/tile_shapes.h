@@ -5,32 +5,19 @@
 
 namespace cuflash {
 
-// The forward's tile (query rows, keys a step) for a head-dim bucket and element size, also
-// asked at run time (forward_choice.cu's split-KV choice).
-struct FwdTileShape {
-  int m_tiles, block_m, block_n;
-};
-constexpr FwdTileShape fwd_tile_shape(int head_dim, int elem_bytes) {
-  // 16-row tiles per warp (4 warps): two share every K and V fragment read from shared memory
-  // (half the shared-memory traffic per flop), as long as their O accumulators (head_dim / 2
-  // floats per thread each) fit in registers. float32: one (its 3xTF32 operands and per-step
-  // sums take the registers of the second).
-  const int m_tiles = elem_bytes == 2 && head_dim <= 128 ? 2 : 1;
-  // Keys per iteration: the S accumulators (block_n / 2 floats per thread per row tile) must
-  // fit beside the O accumulators (at 128 two of 64 keys spill). float32: 32 up to head dim 64,
-  // 16 above, so that three CTAs fit an SM's shared memory (kMinBlocks; 55-70 KiB each).
-  const int block_n = elem_bytes == 4 ? (head_dim <= 64 ? 32 : 16) : head_dim <= 64 ? 64 : 32;
-  return {m_tiles, 16 * m_tiles * 4, block_n};
-}
-
 template <int kHeadDim, int kElemBytes>
 struct FwdTile {
   static constexpr int kWarps = 4;
-  static constexpr FwdTileShape kShape = fwd_tile_shape(kHeadDim, kElemBytes);
-  static constexpr int kMTiles = kShape.m_tiles;
-  static constexpr int kBlockM = kShape.block_m;  // query rows per CTA (16 * kMTiles * kWarps)
-  static constexpr int kBlockN = kShape.block_n;
-  static_assert(kBlockM == 16 * kMTiles * kWarps, "fwd_tile_shape's warps");
+  // 16-row tiles per warp: two share every K and V fragment read from shared memory (half the
+  // shared-memory traffic per flop), as long as their O accumulators (kHeadDim / 2 floats per
+  // thread each) fit in registers.
+  // float32: one (its 3xTF32 operands and per-step sums take the registers of the second).
+  static constexpr int kMTiles = kElemBytes == 2 && kHeadDim <= 128 ? 2 : 1;
+  static constexpr int kBlockM = 16 * kMTiles * kWarps;  // query rows per CTA
+  // Keys per iteration: the S accumulators (kBlockN / 2 floats per thread per row tile) must
+  // fit beside the O accumulators (at 128 two of 64 keys spill). float32: 32 up to head dim 64,
+  // 16 above, so that three CTAs fit an SM's shared memory (kMinBlocks; 55-70 KiB each).
+  static constexpr int kBlockN = kElemBytes == 4 ? (kHeadDim <= 64 ? 32 : 16) : kHeadDim <= 64 ? 64 : 32;
   // float32 up to head dim 128: three CTAs an SM (the tiles' shared memory allows it), registers
   // capped to fit (168; 12-44 bytes spill in the plain kernels).
   static constexpr int kMinBlocks = kElemBytes == 4 && kHeadDim <= 128 ? 3 : 1;
