@@ -6,7 +6,9 @@ Every CUDA kernel family runs forward and backward on tiny shapes: the tensor-co
 the *_simt ones) and float64 (the CUDA-core *_simt kernels) at head dims 32, 59 and 256; seqlens
 that are not multiples of any tile, seqlen 1, causal off, top-left and bottom-right (with rows
 that see no key), batch and heads 1-2, a [B, N, H, D] strided layout,
-and the backward with the gradient of the returned lse. Every case is checked against the
+and the backward with the gradient of the returned lse; the KV-cache forward: paged keys (with
+seqused_k and flash_attn_with_kvcache's appends), split-KV and its combine kernel (with
+features, paged keys and packed queries), and a decoding step (grouped heads as rows). Every case is checked against the
 float64 reference with the accuracy rule, so a clean sanitizer run is also a correctness run.
 
     python3 tests/sanitize_driver.py [--list] [--only REGEX] [--case DESCRIPTION] [--device cpu]
@@ -30,6 +32,7 @@ import torch  # noqa: E402
 from reference import LOW_PRECISION, assert_close_to_reference, assert_lse_close, reference_results  # noqa: E402
 from test_accuracy import check_against_reference  # noqa: E402
 from test_features import check_dense, check_varlen  # noqa: E402
+from test_kvcache import per_sequence_reference  # noqa: E402
 
 F16, BF16, F32, F64 = torch.float16, torch.bfloat16, torch.float32, torch.float64
 NAMES = {F16: "fp16", BF16: "bf16", F32: "fp32", F64: "fp64"}
@@ -58,6 +61,12 @@ def cases():
         out += [(dtype, 64, 3, 4, 0, 0, "bottom_right", "varlen")]
         # attn_mask: a float key-padding mask with its gradient, a boolean [Nq, Nk] one with GQA.
         out += [(dtype, 64, 2, 2, 77, 130, "none", "float_mask"), (dtype, 128, 2, 4, 130, 77, "top_left", "bool_mask")]
+    # The KV-cache forward (16-bit; shapes are the named tests'): paged reads, split-KV and the
+    # combine kernel, a decoding step whose grouped heads run as rows of one head.
+    for dtype in (F16, BF16):
+        out += [(dtype, 128, 4, 4, 37, 512, "bottom_right", "paged"), (dtype, 64, 3, 2, 4, 512, "bottom_right", "paged_append"),
+                (dtype, 64, 2, 4, 2, 512, "bottom_right", "split_paged"), (dtype, 64, 2, 4, 3, 600, "none", "split_features"),
+                (dtype, 128, 2, 8, 1, 700, "bottom_right", "decode")]
     return out
 
 
@@ -90,9 +99,40 @@ def check_with_lse_gradient(device, dtype, d, b, h, nq, nk, causal, seed=0):
         assert_close_to_reference(name, got, r, p, dtype, factor=3)
 
 
+def check_decode(device, dtype, d, batch, heads_q, cache_keys, num_splits):
+    """One query token a sequence, grouped heads (4 a KV head), cache lengths cache_keys and fewer."""
+    from cuflash_attn.flash_attn_interface import flash_attn_with_kvcache
+    torch.manual_seed(5)
+    q = torch.randn(batch, 1, heads_q, d, device=device, dtype=dtype)
+    k_cache, v_cache = (torch.randn(batch, cache_keys, heads_q // 4, d, device=device, dtype=dtype) for _ in range(2))
+    used = torch.tensor([cache_keys - 37 * b for b in range(batch)], dtype=torch.int32, device=device)
+    out, lse = flash_attn_with_kvcache(q, k_cache, v_cache, cache_seqlens=used, num_splits=num_splits,
+                                       return_softmax_lse=True)
+    k, v = k_cache.transpose(1, 2), v_cache.transpose(1, 2)
+    ref = per_sequence_reference(q.transpose(1, 2), k, v, used, False, torch.float64)
+    pt = per_sequence_reference(q.transpose(1, 2), k, v, used, False, dtype)
+    assert_close_to_reference("out", out.transpose(1, 2), ref[0], pt[0], dtype, factor=2)
+    assert_lse_close(lse, ref[1], dtype)
+
+
 def run_case(case, device):
     dtype, d, b, h, nq, nk, causal, variant = case
-    if variant == "features":  # GQA 4/2, window, softcap, ALiBi per batch, dropout
+    if variant == "paged":
+        import test_paged_kv
+        test_paged_kv.test_paged_matches_reference(device, dtype, d, causal != "none")
+    elif variant == "paged_append":
+        import test_paged_kv
+        test_paged_kv.test_kvcache_paged_appends_and_attends(device, dtype)
+    elif variant == "split_paged":
+        import test_split_kv
+        test_split_kv.test_split_with_seqused_k_paged_and_packed(dtype)
+    elif variant == "split_features":
+        import test_split_kv
+        test_split_kv.test_split_with_features(dtype)
+    elif variant == "decode":
+        for num_splits in (0, 1, 5):
+            check_decode(device, dtype, d, b, h, nk, num_splits)
+    elif variant == "features":  # GQA 4/2, window, softcap, ALiBi per batch, dropout
         check_dense(device, dtype, b, h, h // 2, nq, nk, d, causal=causal != "none", bottom_right=True,
                     window=(40, -1), softcap=15.0, alibi="batch", dropout_p=0.2)
     elif variant == "window":
