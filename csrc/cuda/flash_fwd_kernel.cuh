@@ -4,6 +4,7 @@
 // buffer anywhere. Only the key blocks the mask leaves visible are visited (attention_math.h).
 #pragma once
 #include "../flash_params.h"
+#include "flash_launch.h"
 #include "mask.cuh"
 #include "mma_sm80.cuh"
 #include "online_softmax.cuh"
@@ -11,9 +12,10 @@
 
 namespace cuflash {
 
-template <typename T, int kHeadDim>
+// Tile: FwdTile, or FwdSplitTile for split-KV's launches (flash_launch.cuh's SplitTile).
+template <typename T, int kHeadDim, class TileShape = FwdTile<kHeadDim, sizeof(T)>>
 struct FwdKernel {
-  using Tile = FwdTile<kHeadDim, sizeof(T)>;
+  using Tile = TileShape;
   static constexpr int kWarps = Tile::kWarps, kThreads = 32 * kWarps, kMTiles = Tile::kMTiles;
   static constexpr int kBlockM = Tile::kBlockM, kBlockN = Tile::kBlockN;
   using QTile = SmemTile<T, kBlockM, kHeadDim>;
@@ -82,10 +84,10 @@ __device__ __forceinline__ void store_partial(const WarpAcc<kHeadDim>& o, const 
 
 // kFeatures: softcap, ALiBi, attn_mask or dropout may be on (mask.cuh's needs_feature_path); without it
 // the kernel keeps only what plain attention needs in registers.
-template <typename T, int kHeadDim, bool kFeatures>
-__global__ void __launch_bounds__(FwdKernel<T, kHeadDim>::kThreads, FwdKernel<T, kHeadDim>::Tile::kMinBlocks)
+template <typename T, int kHeadDim, bool kFeatures, class Tile = FwdTile<kHeadDim, sizeof(T)>>
+__global__ void __launch_bounds__(FwdKernel<T, kHeadDim, Tile>::kThreads, Tile::kMinBlocks)
     flash_fwd_kernel(const FlashFwdParams p) {
-  using K = FwdKernel<T, kHeadDim>;
+  using K = FwdKernel<T, kHeadDim, Tile>;
   constexpr int kBlockM = K::kBlockM, kBlockN = K::kBlockN, kThreads = K::kThreads, kMT = K::kMTiles;
   extern __shared__ __align__(16) char smem[];
   const typename K::QTile sQ{reinterpret_cast<T*>(smem)};
@@ -176,7 +178,9 @@ __global__ void __launch_bounds__(FwdKernel<T, kHeadDim>::kThreads, FwdKernel<T,
 }
 
 // Split-KV's merge: row i of (b, h) is sum_s exp(lse_s - lse) out_s with lse = log sum_s
-// exp(lse_s); one warp a row, the splits' weights in lanes (a pass of 32 at a time).
+// exp(lse_s); one warp a row. Every lane holds the weights of splits lane, lane + 32, ..., so the
+// loads of the splits' partial rows do not wait on one another (a decoding step's few rows give
+// the GPU a few warps: their loads in flight are all the bandwidth it gets).
 constexpr int kCombineRowsPerBlock = 4;
 template <typename T>
 __global__ void __launch_bounds__(32 * kCombineRowsPerBlock) flash_fwd_combine_kernel(const FlashFwdParams p) {
@@ -184,26 +188,50 @@ __global__ void __launch_bounds__(32 * kCombineRowsPerBlock) flash_fwd_combine_k
   const int h = blockIdx.y, b = blockIdx.z, splits = p.num_splits, head_dim = p.shape.head_dim;
   const Sequence seq = sequence_of(p, b);
   if (row >= seq.seqlen_q) return;
-  auto lse_of = [&](int s) { return s < splits ? p.lse_partial[partial_row(p, seq, s, b, h, row)] : -INFINITY; };
+  static_assert(kMaxFwdSplits % 32 == 0, "a lane holds whole passes of splits");
+  constexpr int kSplitsPerLane = kMaxFwdSplits / 32;
+  const int64_t first = partial_row(p, seq, 0, b, h, row);
+  const int64_t split_stride = partial_row(p, seq, 1, b, h, row) - first;
+  float lse_of[kSplitsPerLane];
   float top = -INFINITY;
-  for (int s0 = 0; s0 < splits; s0 += 32) top = fmaxf(top, lse_of(s0 + lane));
+#pragma unroll
+  for (int i = 0; i < kSplitsPerLane; ++i) {
+    const int s = lane + 32 * i;
+    lse_of[i] = s < splits ? p.lse_partial[first + s * split_stride] : -INFINITY;
+    top = fmaxf(top, lse_of[i]);
+  }
   for (int offset = 16; offset > 0; offset /= 2) top = fmaxf(top, __shfl_xor_sync(0xffffffffu, top, offset));
   // No split saw a key: lse -inf and out 0, as the unsplit kernel writes (exp(-inf - -inf) is NaN).
   const float base = top == -INFINITY ? 0.f : top;
   float sum = 0.f;
-  for (int s0 = 0; s0 < splits; s0 += 32) sum += expf(lse_of(s0 + lane) - base);
+#pragma unroll
+  for (int i = 0; i < kSplitsPerLane; ++i) sum += expf(lse_of[i] - base);
   for (int offset = 16; offset > 0; offset /= 2) sum += __shfl_xor_sync(0xffffffffu, sum, offset);
   const float lse = sum != 0.f ? base + logf(sum) : -INFINITY;  // NaN propagates
-  // Each split's weight once, then its share of this lane's columns (head_dim <= 256: 8 a lane).
+  float weight_of[kSplitsPerLane];
+#pragma unroll
+  for (int i = 0; i < kSplitsPerLane; ++i) weight_of[i] = sum != 0.f ? expf(lse_of[i] - lse) : 0.f;
+  // This lane's columns (head_dim <= 256: 8 a lane). A split of weight 0 (no key) adds nothing,
+  // whatever its row holds; NaN weights go on (they propagate).
   constexpr int kColsPerLane = 256 / 32;
   float acc[kColsPerLane] = {};
-  for (int s = 0; s < splits; ++s) {
-    const int64_t at = partial_row(p, seq, s, b, h, row);
-    const float weight = sum != 0.f ? expf(p.lse_partial[at] - lse) : 0.f;
-    if (weight == 0.f) continue;  // (NaN goes on: it propagates)
+  const float* partial = p.out_partial + first * head_dim;
 #pragma unroll
-    for (int c = 0; c < kColsPerLane; ++c)
-      if (lane + 32 * c < head_dim) acc[c] += weight * p.out_partial[at * head_dim + lane + 32 * c];
+  for (int i = 0; i < kSplitsPerLane; ++i) {
+    if (32 * i >= splits) break;
+#pragma unroll 8
+    for (int j = 0; j < 32; ++j) {
+      const int s = 32 * i + j;
+      if (s >= splits) break;
+      const float weight = __shfl_sync(0xffffffffu, weight_of[i], j);
+      const float* split_row = partial + s * split_stride * head_dim;
+#pragma unroll
+      for (int c = 0; c < kColsPerLane; ++c)
+        if (lane + 32 * c < head_dim) {
+          const float x = split_row[lane + 32 * c];
+          acc[c] = weight != 0.f ? fmaf(weight, x, acc[c]) : acc[c];
+        }
+    }
   }
   T* out = row_at<T>(p.out, p.out_strides, seq, true, b, h, row);
 #pragma unroll

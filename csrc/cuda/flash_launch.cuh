@@ -139,6 +139,13 @@ bool launch_fwd_tma(const FlashFwdParams& p, bool persistent, cudaStream_t strea
   return run(no, no, no);
 }
 
+// The sm_80-class forward's tile for split-KV launches: FwdSplitTile where it differs from
+// FwdTile (16-bit up to head dim 128), else FwdTile's own kernel (no second instantiation).
+template <typename T, int kHeadDim>
+using SplitTile = std::conditional_t<sizeof(T) == 2 && (FwdSplitTile<kHeadDim>::kBlockM != FwdTile<kHeadDim, 2>::kBlockM ||
+                                                        FwdSplitTile<kHeadDim>::kBlockN != FwdTile<kHeadDim, 2>::kBlockN),
+                                     FwdSplitTile<kHeadDim>, FwdTile<kHeadDim, sizeof(T)>>;
+
 template <typename T, int kHeadDim>
 cudaError_t run_flash_fwd(const FlashFwdParams& p, cudaStream_t stream) {
   const AttentionShape& sh = p.shape;
@@ -161,12 +168,17 @@ cudaError_t run_flash_fwd(const FlashFwdParams& p, cudaStream_t stream) {
         });
     }
     // Grid z: sequences x splits; with splits, the combine kernel merges the partial outputs.
-    using K = FwdKernel<T, kHeadDim>;
-    const dim3 grid(ceil_div(sh.seqlen_q, K::kBlockM), sh.heads_q, sh.batch * p.num_splits);
-    const cudaError_t err = with_feature_path(p, [&](auto features) {
-      return launch(flash_fwd_kernel<T, kHeadDim, features()>, grid, K::kThreads, K::kSmemBytes, stream, p);
-    });
-    if (err != cudaSuccess || p.num_splits == 1) return err;
+    auto run_tile = [&](auto tile) {
+      using Tile = decltype(tile);
+      using K = FwdKernel<T, kHeadDim, Tile>;
+      const dim3 grid(ceil_div(sh.seqlen_q, K::kBlockM), sh.heads_q, sh.batch * p.num_splits);
+      return with_feature_path(p, [&](auto features) {
+        return launch(flash_fwd_kernel<T, kHeadDim, features(), Tile>, grid, K::kThreads, K::kSmemBytes, stream, p);
+      });
+    };
+    if (p.num_splits == 1) return run_tile(FwdTile<kHeadDim, sizeof(T)>{});
+    const cudaError_t err = run_tile(SplitTile<T, kHeadDim>{});
+    if (err != cudaSuccess) return err;
     return launch(flash_fwd_combine_kernel<T>, dim3(ceil_div(sh.seqlen_q, kCombineRowsPerBlock), sh.heads_q, sh.batch),
                   32 * kCombineRowsPerBlock, 0, stream, p);
   }

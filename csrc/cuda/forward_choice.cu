@@ -11,10 +11,10 @@
 namespace cuflash {
 namespace {
 
-// The sm_80-class forward's tile (query rows, keys a block) for 16-bit inputs at a bucket.
+// The split kernel's tile (query rows, keys a block) for 16-bit inputs at a bucket.
 template <int kHeadDim>
 std::pair<int, int> tile_16bit() {
-  return {FwdTile<kHeadDim, 2>::kBlockM, FwdTile<kHeadDim, 2>::kBlockN};
+  return {FwdSplitTile<kHeadDim>::kBlockM, FwdSplitTile<kHeadDim>::kBlockN};
 }
 std::pair<int, int> tile_16bit(int bucket) {
   switch (bucket) {

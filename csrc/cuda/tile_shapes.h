@@ -23,6 +23,20 @@ struct FwdTile {
   static constexpr int kMinBlocks = kElemBytes == 4 && kHeadDim <= 128 ? 3 : 1;
 };
 
+// Split-KV's forward (16-bit; decoding: a few query rows a sequence over a long cache, the K/V
+// stream the whole cost): one 16-row tile a warp, as a decoding step fills a few rows, so O's
+// registers leave room for more keys a block: 32 KiB of K and V a block at every head dim up to
+// 256, twice FwdTile's in flight a CTA up to 128 (FlashAttention-2's split kernel takes 64 rows
+// too). Above 128 it is FwdTile's.
+template <int kHeadDim>
+struct FwdSplitTile {
+  static constexpr int kWarps = 4;
+  static constexpr int kMTiles = 1;
+  static constexpr int kBlockM = 16 * kMTiles * kWarps;
+  static constexpr int kBlockN = kHeadDim <= 64 ? 128 : kHeadDim <= 128 ? 64 : 32;
+  static constexpr int kMinBlocks = 1;
+};
+
 template <int kHeadDim, int kElemBytes>
 struct BwdTile {
   static constexpr int kWarps = 4;
