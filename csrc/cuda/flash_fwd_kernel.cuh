@@ -211,26 +211,31 @@ __global__ void __launch_bounds__(32 * kCombineRowsPerBlock) flash_fwd_combine_k
   float weight_of[kSplitsPerLane];
 #pragma unroll
   for (int i = 0; i < kSplitsPerLane; ++i) weight_of[i] = sum != 0.f ? expf(lse_of[i] - lse) : 0.f;
-  // This lane's columns (head_dim <= 256: 8 a lane). A split of weight 0 (no key) adds nothing,
-  // whatever its row holds; NaN weights go on (they propagate).
-  constexpr int kColsPerLane = 256 / 32;
+  // This lane's columns (head_dim <= 256: 8 a lane), kBatch splits at a time: their loads all
+  // issue before the first add (no branch between them: splits past the last reread the last,
+  // at weight 0). A split of weight 0 (no key) adds nothing, whatever its row holds; NaN
+  // weights go on (they propagate).
+  constexpr int kColsPerLane = 256 / 32, kBatch = 8;
   float acc[kColsPerLane] = {};
   const float* partial = p.out_partial + first * head_dim;
 #pragma unroll
   for (int i = 0; i < kSplitsPerLane; ++i) {
     if (32 * i >= splits) break;
-#pragma unroll 8
-    for (int j = 0; j < 32; ++j) {
-      const int s = 32 * i + j;
-      if (s >= splits) break;
-      const float weight = __shfl_sync(0xffffffffu, weight_of[i], j);
-      const float* split_row = partial + s * split_stride * head_dim;
+#pragma unroll 1
+    for (int j0 = 0; j0 < 32 && 32 * i + j0 < splits; j0 += kBatch) {
+      float x[kBatch][kColsPerLane];
 #pragma unroll
-      for (int c = 0; c < kColsPerLane; ++c)
-        if (lane + 32 * c < head_dim) {
-          const float x = split_row[lane + 32 * c];
-          acc[c] = weight != 0.f ? fmaf(weight, x, acc[c]) : acc[c];
-        }
+      for (int u = 0; u < kBatch; ++u) {
+        const float* split_row = partial + min(32 * i + j0 + u, splits - 1) * split_stride * head_dim;
+#pragma unroll
+        for (int c = 0; c < kColsPerLane; ++c) x[u][c] = lane + 32 * c < head_dim ? split_row[lane + 32 * c] : 0.f;
+      }
+#pragma unroll
+      for (int u = 0; u < kBatch; ++u) {
+        const float weight = __shfl_sync(0xffffffffu, weight_of[i], j0 + u);
+#pragma unroll
+        for (int c = 0; c < kColsPerLane; ++c) acc[c] = weight != 0.f ? fmaf(weight, x[u][c], acc[c]) : acc[c];
+      }
     }
   }
   T* out = row_at<T>(p.out, p.out_strides, seq, true, b, h, row);
