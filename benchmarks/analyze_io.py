@@ -151,14 +151,16 @@ def parse_tile_structs(text):
 
 def tile_shapes(head_dim_bucket, text=None, elem_bytes=2):
     """{"FwdTile": {"kBlockM": 64, ...}, "BwdTile": {...}} for one head-dim bucket and element
-    size (2: float16/bfloat16, 4: float32's 3xTF32 tiles)."""
+    size (2: float16/bfloat16, 4: float32's 3xTF32 tiles): the tiles this model counts (the
+    header's other structs, split-KV's tile, are not evaluated)."""
     text = TILE_SHAPES_H.read_text() if text is None else text
     structs = parse_tile_structs(text)
     for needed in ("FwdTile", "BwdTile"):
         if needed not in structs:
             raise ValueError(f"{TILE_SHAPES_H}: struct {needed} not found; update benchmarks/analyze_io.py")
     out = {}
-    for struct, members in structs.items():
+    for struct in ("FwdTile", "BwdTile"):
+        members = structs[struct]
         names = {"kHeadDim": head_dim_bucket, "kElemBytes": elem_bytes}
         for name, expr in members:
             try:

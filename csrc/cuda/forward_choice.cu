@@ -2,7 +2,6 @@
 // pays where a few query blocks cannot fill the GPU (decoding: a few query tokens a sequence over
 // a long KV cache), at the price of a float32 partial output per split and a combine kernel.
 #include <algorithm>
-#include <utility>
 #include <vector>
 #include "device_attributes.h"
 #include "flash_launch.h"
@@ -10,24 +9,6 @@
 
 namespace cuflash {
 namespace {
-
-// The split kernel's tile (query rows, keys a block) for 16-bit inputs at a bucket.
-template <int kHeadDim>
-std::pair<int, int> tile_16bit() {
-  return {FwdSplitTile<kHeadDim>::kBlockM, FwdSplitTile<kHeadDim>::kBlockN};
-}
-std::pair<int, int> tile_16bit(int bucket) {
-  switch (bucket) {
-    case 32: return tile_16bit<32>();
-    case 64: return tile_16bit<64>();
-    case 96: return tile_16bit<96>();
-    case 128: return tile_16bit<128>();
-    case 160: return tile_16bit<160>();
-    case 192: return tile_16bit<192>();
-    case 224: return tile_16bit<224>();
-    default: return tile_16bit<256>();
-  }
-}
 
 // FlashAttention-2's rule: the fewest splits whose wave efficiency (CTAs over whole waves of the
 // slots) is within 85% of the best, among split counts that change the blocks a split takes.
@@ -55,7 +36,7 @@ int fwd_num_splits(const FlashFwdParams& p, int requested) {
   if (p.dtype != DType::kFloat16 && p.dtype != DType::kBFloat16) return 1;
   const int bucket = cuda_head_dim_bucket(p.dtype, p.shape.head_dim);
   if (bucket == 0) return 1;
-  const auto [block_m, block_n] = tile_16bit(bucket);
+  const int block_m = kFwdSplitBlockM, block_n = fwd_split_block_n(bucket);  // the split kernel's tile
   const AttentionShape& sh = p.shape;
   const int key_blocks = (sh.seqlen_k + block_n - 1) / block_n;
   // Grid z holds batch x splits (at most 65535).

@@ -28,12 +28,15 @@ struct FwdTile {
 // registers leave room for more keys a block: 32 KiB of K and V a block at every head dim up to
 // 256, twice FwdTile's in flight a CTA up to 128 (FlashAttention-2's split kernel takes 64 rows
 // too). Above 128 it is FwdTile's.
+// (The same rows at every head dim; forward_choice.cu reads the keys a block at run time.)
+constexpr int kFwdSplitBlockM = 64;
+constexpr int fwd_split_block_n(int head_dim) { return head_dim <= 64 ? 128 : head_dim <= 128 ? 64 : 32; }
 template <int kHeadDim>
 struct FwdSplitTile {
   static constexpr int kWarps = 4;
-  static constexpr int kMTiles = 1;
-  static constexpr int kBlockM = 16 * kMTiles * kWarps;
-  static constexpr int kBlockN = kHeadDim <= 64 ? 128 : kHeadDim <= 128 ? 64 : 32;
+  static constexpr int kMTiles = kFwdSplitBlockM / (16 * kWarps);
+  static constexpr int kBlockM = kFwdSplitBlockM;
+  static constexpr int kBlockN = fwd_split_block_n(kHeadDim);
   static constexpr int kMinBlocks = 1;
 };
 
