@@ -178,9 +178,10 @@ __global__ void __launch_bounds__(FwdKernel<T, kHeadDim, Tile>::kThreads, Tile::
 }
 
 // Split-KV's merge: row i of (b, h) is sum_s exp(lse_s - lse) out_s with lse = log sum_s
-// exp(lse_s); one warp a row. Every lane holds the weights of splits lane, lane + 32, ..., so the
-// loads of the splits' partial rows do not wait on one another (a decoding step's few rows give
-// the GPU a few warps: their loads in flight are all the bandwidth it gets).
+// exp(lse_s); one warp a row. A decoding step's few rows are a few warps on the whole GPU, so
+// their loads in flight are all the bandwidth it gets: every lane holds the weights of splits
+// lane, lane + 32, ..., and the partial rows are read 8 splits at a time with no branch between
+// the loads (benchmarks/NOTES.md, "Decoding": ptxas still issues them near their adds).
 constexpr int kCombineRowsPerBlock = 4;
 template <typename T>
 __global__ void __launch_bounds__(32 * kCombineRowsPerBlock) flash_fwd_combine_kernel(const FlashFwdParams p) {

@@ -25,9 +25,9 @@ struct FwdTile {
 
 // Split-KV's forward (16-bit; decoding: a few query rows a sequence over a long cache, the K/V
 // stream the whole cost): one 16-row tile a warp, as a decoding step fills a few rows, so O's
-// registers leave room for more keys a block: 32 KiB of K and V a block at every head dim up to
-// 256, twice FwdTile's in flight a CTA up to 128 (FlashAttention-2's split kernel takes 64 rows
-// too). Above 128 it is FwdTile's.
+// registers leave room for more keys a block: 32 KiB of K and V a block at head dims 64, 128
+// and 256, twice FwdTile's bytes in flight a CTA up to 128 (FlashAttention-2's split kernel takes
+// 64 rows too). Above 128 it is FwdTile's.
 // (The same rows at every head dim; forward_choice.cu reads the keys a block at run time.)
 constexpr int kFwdSplitBlockM = 64;
 constexpr int fwd_split_block_n(int head_dim) { return head_dim <= 64 ? 128 : head_dim <= 128 ? 64 : 32; }
