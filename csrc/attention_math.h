@@ -44,7 +44,7 @@ CUFLASH_HD Sequence sequence_of(const AttentionParams& p, int b) {
   // Packed queries come with packed keys, or with a paged cache (each sequence's keys from 0).
   rows_of(v.cu_seqlens_k, v.total_k, p.shape.seqlen_k, s.k_row0, s.seqlen_k);
   if (v.seqused_k) s.seqlen_k = min_int(max_int(p.varlen.seqused_k[b], 0), s.seqlen_k);
-  s.diagonal = p.mask.bottom_right ? s.seqlen_k - s.seqlen_q : 0;
+  s.diagonal = p.mask.bottom_right ? s.seqlen_k - s.seqlen_q / p.mask.rows_per_query : 0;
   return s;
 }
 
@@ -100,36 +100,44 @@ CUFLASH_HD int64_t stats_offset(const StatsStrides& t, const Sequence& s, int b,
   return b * t.batch + h * t.head + s.q_row0;
 }
 
-// Keys [first, end) that queries [row_begin, row_end) can see, for row_begin < row_end.
+// The query of row `row` (MaskParams::rows_per_query).
+CUFLASH_HD int query_of_row(const MaskParams& m, int row) {
+  return m.rows_per_query == 1 ? row : row / m.rows_per_query;
+}
+
+// Keys [first, end) that rows [row_begin, row_end) can see, for row_begin < row_end.
 struct Range {
   int begin, end;
 };
 CUFLASH_HD Range visible_keys(const MaskParams& m, const Sequence& s, int row_begin, int row_end) {
+  const int first = query_of_row(m, row_begin), last = query_of_row(m, row_end - 1);
   Range r{0, s.seqlen_k};
-  if (m.window_left >= 0) r.begin = max_int(0, row_begin + s.diagonal - m.window_left);
-  if (m.window_right >= 0) r.end = min_int(s.seqlen_k, row_end - 1 + s.diagonal + m.window_right + 1);
+  if (m.window_left >= 0) r.begin = max_int(0, first + s.diagonal - m.window_left);
+  if (m.window_right >= 0) r.end = min_int(s.seqlen_k, last + s.diagonal + m.window_right + 1);
   if (r.end < r.begin) r.end = r.begin;
   return r;
 }
-// Queries [first, end) that keys [key_begin, key_end) are visible to.
+// Rows [first, end) that keys [key_begin, key_end) are visible to.
 CUFLASH_HD Range visible_queries(const MaskParams& m, const Sequence& s, int key_begin, int key_end) {
-  Range r{0, s.seqlen_q};
+  const int group = m.rows_per_query, queries = s.seqlen_q / group;
+  Range r{0, queries};
   if (m.window_right >= 0) r.begin = max_int(0, key_begin - s.diagonal - m.window_right);
-  if (m.window_left >= 0) r.end = min_int(s.seqlen_q, key_end - 1 - s.diagonal + m.window_left + 1);
+  if (m.window_left >= 0) r.end = min_int(queries, key_end - 1 - s.diagonal + m.window_left + 1);
   if (r.end < r.begin) r.end = r.begin;
-  return r;
+  return Range{r.begin * group, r.end * group};
 }
-CUFLASH_HD bool is_visible(const MaskParams& m, const Sequence& s, int i, int j) {
-  const int rel = j - i - s.diagonal;
+CUFLASH_HD bool is_visible(const MaskParams& m, const Sequence& s, int row, int j) {
+  const int rel = j - query_of_row(m, row) - s.diagonal;
   return j < s.seqlen_k && (m.window_right < 0 || rel <= m.window_right) &&
          (m.window_left < 0 || -rel <= m.window_left);
 }
-// Whether every key in [key_begin, key_end) is visible to every query in [row_begin, row_end).
+// Whether every key in [key_begin, key_end) is visible to every row in [row_begin, row_end).
 CUFLASH_HD bool block_fully_visible(const MaskParams& m, const Sequence& s, int row_begin, int row_end,
                                     int key_begin, int key_end) {
+  const int first = query_of_row(m, row_begin), last = query_of_row(m, row_end - 1);
   return key_end <= s.seqlen_k &&
-         (m.window_right < 0 || key_end - 1 - (row_begin + s.diagonal) <= m.window_right) &&
-         (m.window_left < 0 || (row_end - 1 + s.diagonal) - key_begin <= m.window_left);
+         (m.window_right < 0 || key_end - 1 - (first + s.diagonal) <= m.window_right) &&
+         (m.window_left < 0 || (last + s.diagonal) - key_begin <= m.window_left);
 }
 
 CUFLASH_HD float alibi_slope(const ScoreParams& sp, int b, int h) {

@@ -34,10 +34,13 @@ struct AttentionShape {
 // flash_attn's rule). Key j is visible iff
 //   diagonal - window_left <= j - i <= diagonal + window_right
 // with a negative window meaning unbounded on that side. Causal is window_right = 0.
+// rows_per_query (the forward only; torch_ops.cpp's grouped heads packed as rows): row r of q is
+// query r / rows_per_query (seqlen_q counts rows), the G query heads of a KV head interleaved.
 struct MaskParams {
   bool bottom_right = false;
   int window_left = -1;
   int window_right = -1;
+  int rows_per_query = 1;
 };
 
 // MaskParams for a mask as the APIs spell it (causal sets the right edge to 0). A window edge at

@@ -73,6 +73,7 @@ struct Options {
   std::optional<Tensor> seqused_k;
   std::optional<Tensor> block_table;
   int64_t num_splits = 1;
+  int64_t rows_per_query = 1;  // not an argument: group_packing's (MaskParams::rows_per_query)
   // Packed queries (cu_seqlens_q); their keys are packed too (cu_seqlens_k) or paged.
   bool varlen() const { return cu_seqlens_q.has_value(); }
   bool paged() const { return block_table.has_value(); }
@@ -273,7 +274,9 @@ MaskParams make_mask(const Options& o, const AttentionShape& sh) {
   TORCH_CHECK_VALUE(o.window_left >= -1 && o.window_right >= -1,
                     "cuflash_attn: window_left and window_right must be >= -1 (-1: unbounded), got ",
                     num(o.window_left), " and ", num(o.window_right));
-  return make_mask_params(o.bottom_right, o.is_causal, o.window_left, o.window_right, sh.seqlen_q, sh.seqlen_k);
+  MaskParams m = make_mask_params(o.bottom_right, o.is_causal, o.window_left, o.window_right, sh.seqlen_q, sh.seqlen_k);
+  m.rows_per_query = static_cast<int>(o.rows_per_query);
+  return m;
 }
 
 void check_dropout_p(double p) {
@@ -474,32 +477,58 @@ std::vector<Tensor> fill_common(AttentionParams& p, AttentionShape sh, const Opt
   return keep;
 }
 
-// Decoding with grouped-query heads: one query a sequence that sees every key, and G query heads a
-// KV head. The G queries of a group become G rows of one head (FlashAttention-2's swap), so that
-// one CTA reads its KV head once for all of them instead of G CTAs reading it each. Only where
-// every row would see the same keys and nothing depends on the query's head or row (no ALiBi,
-// attn_mask, dropout; no window, and causal only aligned bottom-right). CUDA only: the CPU
-// kernels share out (batch, query head) pairs among threads, which the swap would make fewer.
-bool decoding_groups_swap(const Tensor& q, const Tensor& k, const Options& o) {
-  if (!q.is_cuda() || o.varlen() || q.dim() != 4 || k.dim() != 4 || q.size(2) != 1 || k.size(1) == 0 ||
-      q.size(1) <= k.size(1))
-    return false;
+// Grouped-query heads as rows of their KV head (CUFLASH_PACK_GQA, run_switches.h): the G query
+// heads of a KV head become G rows of one head a query, so that one CTA reads its KV head once
+// for all of them instead of G CTAs reading it each; on padded batches where nothing depends on
+// the query's head (no ALiBi, attn_mask, dropout). CUDA only by default: the CPU kernels share
+// out (batch, query head) pairs among threads, which packing would make fewer.
+enum class GroupPacking { kNone, kOneQuery, kRows };
+GroupPacking group_packing(const Tensor& q, const Tensor& k, const Options& o) {
+  const PackGqaSwitch mode = pack_gqa_switch();
+  if (mode == PackGqaSwitch::kNever || (!q.is_cuda() && mode != PackGqaSwitch::kAlways) || o.varlen() ||
+      q.dim() != 4 || k.dim() != 4 || k.size(1) == 0 || q.size(1) <= k.size(1) || q.size(1) % k.size(1) != 0 ||
+      o.alibi_slopes || o.attn_mask || o.dropout_p != 0.0)
+    return GroupPacking::kNone;
+  // One query a sequence that sees every key (no window; causal only aligned bottom-right):
+  // FlashAttention-2's swap, a view, no mask.
   const bool sees_every_key = o.window_left < 0 && (o.bottom_right || (!o.is_causal && o.window_right < 0));
-  return sees_every_key && !o.alibi_slopes && !o.attn_mask && o.dropout_p == 0.0;
+  if (q.size(2) == 1 && sees_every_key) return GroupPacking::kOneQuery;
+  // Several queries (FlashAttention-3's PackGQA): rows r = i * G + g of copies of q and out, the
+  // mask taking query r / G (MaskParams::rows_per_query). Not measured yet: only where asked.
+  return mode == PackGqaSwitch::kAlways && q.size(2) > 0 ? GroupPacking::kRows : GroupPacking::kNone;
 }
 
 std::tuple<Tensor, Tensor> fwd_impl(const Tensor& q, const Tensor& k, const Tensor& v, const Options& o,
                                     unsigned long long* tile_counters) {
-  if (tile_counters == nullptr && q.defined() && k.defined() && decoding_groups_swap(q, k, o)) {
+  const GroupPacking packing =
+      tile_counters == nullptr && q.defined() && k.defined() ? group_packing(q, k, o) : GroupPacking::kNone;
+  if (packing != GroupPacking::kNone) {
     make_mask(o, check_qkv(q, k, v, o));  // the arguments as given, windows included
     const int64_t batch = q.size(0), heads_kv = k.size(1), group = q.size(1) / heads_kv;
-    Options rows = o;  // every key is seen: no mask
-    rows.is_causal = false;
-    rows.window_left = rows.window_right = -1;
-    auto [out, lse] = fwd_impl(q.reshape({batch, heads_kv, group, q.size(3)}), k, v, rows, nullptr);
-    // Not views (reshape's would be views of tensors made here, which autograd refuses to let
-    // the caller modify in place): the same memory, as new tensors.
-    return {at::_unsafe_view(out, q.sizes()), at::_unsafe_view(lse, {batch, q.size(1), 1})};
+    const int64_t queries = q.size(2), head_dim = q.size(3);
+    if (packing == GroupPacking::kOneQuery) {
+      Options rows = o;  // every key is seen: no mask
+      rows.is_causal = false;
+      rows.window_left = rows.window_right = -1;
+      auto [out, lse] = fwd_impl(q.reshape({batch, heads_kv, group, head_dim}), k, v, rows, nullptr);
+      // Not views (reshape's would be views of tensors made here, which autograd refuses to let
+      // the caller modify in place): the same memory, as new tensors.
+      return {at::_unsafe_view(out, q.sizes()), at::_unsafe_view(lse, {batch, q.size(1), 1})};
+    }
+    Options rows = o;
+    rows.rows_per_query = group;
+    TORCH_CHECK_VALUE(queries * group <= std::numeric_limits<int>::max(), "cuflash_attn: ", num(queries),
+                      " queries of ", num(group), " grouped heads are more rows than 2^31 - 1");
+    // q [B, Hkv * G, N, D] -> rows [B, Hkv, N * G, D] (a copy: i and g are not one stride).
+    const Tensor q_rows =
+        q.reshape({batch, heads_kv, group, queries, head_dim}).transpose(2, 3).reshape({batch, heads_kv, queries * group, head_dim});
+    auto [out_rows, lse_rows] = fwd_impl(q_rows, k, v, rows, nullptr);
+    Tensor out = empty_like_input(q);
+    Tensor lse = empty_stats(q, false);
+    out.view({batch, heads_kv, group, queries, head_dim})
+        .copy_(out_rows.reshape({batch, heads_kv, queries, group, head_dim}).transpose(2, 3));
+    lse.view({batch, heads_kv, group, queries}).copy_(lse_rows.reshape({batch, heads_kv, queries, group}).transpose(2, 3));
+    return {out, lse};
   }
   const AttentionShape sh = check_qkv(q, k, v, o);
   Tensor out = empty_like_input(q);

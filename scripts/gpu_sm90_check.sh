@@ -48,7 +48,7 @@ runs=(
   "fp32||tests/test_fp32_paths.py|"
   "edge_cases||tests/test_edge_cases.py|cuda"
   "bad_input||tests/test_bad_input.py tests/test_ops.py|not debug"
-  "kvcache||tests/test_kvcache.py tests/test_paged_kv.py tests/test_split_kv.py|"
+  "kvcache||tests/test_kvcache.py tests/test_paged_kv.py tests/test_split_kv.py tests/test_pack_gqa.py|"
 )
 if [ -n "${GPU_SM90_GROUPS-}" ]; then
   chosen=()

@@ -8,7 +8,8 @@ that are not multiples of any tile, seqlen 1, causal off, top-left and bottom-ri
 that see no key), batch and heads 1-2, a [B, N, H, D] strided layout,
 and the backward with the gradient of the returned lse; the KV-cache forward: paged keys (with
 seqused_k and flash_attn_with_kvcache's appends), split-KV and its combine kernel (with
-features, paged keys and packed queries), and a decoding step (grouped heads as rows). Every case is checked against the
+features, paged keys and packed queries), and decoding steps (grouped heads as rows; four
+causal tokens a step packed under CUFLASH_PACK_GQA=1). Every case is checked against the
 float64 reference with the accuracy rule, so a clean sanitizer run is also a correctness run.
 
     python3 tests/sanitize_driver.py [--list] [--only REGEX] [--case DESCRIPTION] [--device cpu]
@@ -18,6 +19,7 @@ float64 reference with the accuracy rule, so a clean sanitizer run is also a cor
 Exit status: 0 all cases pass, 3 a case failed (or none ran), 2 no GPU.
 """
 import argparse
+import os
 import re
 import sys
 import time
@@ -66,7 +68,8 @@ def cases():
     for dtype in (F16, BF16):
         out += [(dtype, 128, 4, 4, 37, 512, "bottom_right", "paged"), (dtype, 64, 3, 2, 4, 512, "bottom_right", "paged_append"),
                 (dtype, 64, 2, 4, 2, 512, "bottom_right", "split_paged"), (dtype, 64, 2, 4, 3, 600, "none", "split_features"),
-                (dtype, 128, 2, 8, 1, 700, "bottom_right", "decode")]
+                (dtype, 128, 2, 8, 1, 700, "bottom_right", "decode"),
+                (dtype, 128, 2, 8, 4, 700, "bottom_right", "packed")]
     return out
 
 
@@ -99,18 +102,20 @@ def check_with_lse_gradient(device, dtype, d, b, h, nq, nk, causal, seed=0):
         assert_close_to_reference(name, got, r, p, dtype, factor=3)
 
 
-def check_decode(device, dtype, d, batch, heads_q, cache_keys, num_splits):
-    """One query token a sequence, grouped heads (4 a KV head), cache lengths cache_keys and fewer."""
+def check_decode(device, dtype, d, batch, heads_q, cache_keys, num_splits, tokens=1):
+    """tokens query tokens a sequence (causal past one), grouped heads (4 a KV head), cache lengths
+    cache_keys and fewer."""
     from cuflash_attn.flash_attn_interface import flash_attn_with_kvcache
     torch.manual_seed(5)
-    q = torch.randn(batch, 1, heads_q, d, device=device, dtype=dtype)
+    q = torch.randn(batch, tokens, heads_q, d, device=device, dtype=dtype)
     k_cache, v_cache = (torch.randn(batch, cache_keys, heads_q // 4, d, device=device, dtype=dtype) for _ in range(2))
     used = torch.tensor([cache_keys - 37 * b for b in range(batch)], dtype=torch.int32, device=device)
+    causal = tokens > 1
     out, lse = flash_attn_with_kvcache(q, k_cache, v_cache, cache_seqlens=used, num_splits=num_splits,
-                                       return_softmax_lse=True)
+                                       causal=causal, return_softmax_lse=True)
     k, v = k_cache.transpose(1, 2), v_cache.transpose(1, 2)
-    ref = per_sequence_reference(q.transpose(1, 2), k, v, used, False, torch.float64)
-    pt = per_sequence_reference(q.transpose(1, 2), k, v, used, False, dtype)
+    ref = per_sequence_reference(q.transpose(1, 2), k, v, used, causal, torch.float64)
+    pt = per_sequence_reference(q.transpose(1, 2), k, v, used, causal, dtype)
     assert_close_to_reference("out", out.transpose(1, 2), ref[0], pt[0], dtype, factor=2)
     assert_lse_close(lse, ref[1], dtype)
 
@@ -132,6 +137,16 @@ def run_case(case, device):
     elif variant == "decode":
         for num_splits in (0, 1, 5):
             check_decode(device, dtype, d, b, h, nk, num_splits)
+    elif variant == "packed":
+        saved = os.environ.get("CUFLASH_PACK_GQA")
+        os.environ["CUFLASH_PACK_GQA"] = "1"
+        try:
+            for num_splits in (0, 1, 5):
+                check_decode(device, dtype, d, b, h, nk, num_splits, tokens=nq)
+        finally:
+            os.environ.pop("CUFLASH_PACK_GQA")
+            if saved is not None:
+                os.environ["CUFLASH_PACK_GQA"] = saved
     elif variant == "features":  # GQA 4/2, window, softcap, ALiBi per batch, dropout
         check_dense(device, dtype, b, h, h // 2, nq, nk, d, causal=causal != "none", bottom_right=True,
                     window=(40, -1), softcap=15.0, alibi="batch", dropout_p=0.2)

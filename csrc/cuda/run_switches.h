@@ -40,6 +40,10 @@
 //   CUFLASH_DEBUG   "1": one line on stderr per kernel launch, naming the kernel (so a fallback
 //                   to the sm_80-class kernels is visible), its grid and shared memory; unset,
 //                   "" or "0": quiet
+//   CUFLASH_PACK_GQA  the forward's grouped query heads as rows of their KV head (torch_ops.cpp's
+//                   group_packing; each KV head read once): unset or "", one query token a
+//                   sequence on CUDA (decoding); "1": several tokens too, and on the CPU (tests;
+//                   not yet measured on a GPU); "0": never (tests and benchmarks)
 #pragma once
 #include <cstdlib>
 #include <cstring>
@@ -107,6 +111,12 @@ inline bool fwd_wide_tile(bool pays) { return wide_tile_switch("CUFLASH_FWD_TILE
 inline bool bwd_wide_steps(bool pays) { return wide_tile_switch("CUFLASH_BWD_TILE", pays); }
 inline bool bwd_fused_wide_steps(bool pays) { return wide_tile_switch("CUFLASH_BWD_FUSED_TILE", pays); }
 inline bool debug_switch() { return env_is("CUFLASH_DEBUG", "1"); }
+enum class PackGqaSwitch { kDefault, kAlways, kNever };
+inline PackGqaSwitch pack_gqa_switch() {
+  return env_is("CUFLASH_PACK_GQA", "1") ? PackGqaSwitch::kAlways
+         : env_is("CUFLASH_PACK_GQA", "0") ? PackGqaSwitch::kNever
+                                           : PackGqaSwitch::kDefault;
+}
 
 // The message for a switch set to something it does not name, or "" if all are valid.
 inline std::string run_switch_error() {
@@ -125,7 +135,8 @@ inline std::string run_switch_error() {
                          OneOf{"CUFLASH_BWD_TILE", {"wide", "narrow"}, "unset, empty, \"wide\" or \"narrow\""},
                          OneOf{"CUFLASH_BWD_FUSED_TILE", {"wide", "narrow"}, "unset, empty, \"wide\" or \"narrow\""},
                          OneOf{"CUFLASH_FP32", {"exact", "3xtf32"}, "unset, empty, \"exact\" or \"3xtf32\""},
-                         OneOf{"CUFLASH_DEBUG", {"0", "1"}, "unset, empty, \"0\" or \"1\""}}) {
+                         OneOf{"CUFLASH_DEBUG", {"0", "1"}, "unset, empty, \"0\" or \"1\""},
+                         OneOf{"CUFLASH_PACK_GQA", {"0", "1"}, "unset, empty, \"0\" or \"1\""}}) {
     const char* set = std::getenv(v.name);
     if (set == nullptr || *set == '\0') continue;
     bool named = false;

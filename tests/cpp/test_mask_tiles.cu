@@ -7,6 +7,8 @@
 //    their first and last blocks hold one;
 //  - tile_needs_mask (false: the element mask is skipped): only for tiles with every element
 //    visible.
+// Query rows also as packed grouped heads (MaskParams::rows_per_query: row r is query r / G; the
+// forward only, so not for tiles whose rows are keys).
 #include <gtest/gtest.h>
 #include <string>
 #include <vector>
@@ -21,13 +23,14 @@ struct Case {
   int seqlen_q, seqlen_k;
   bool bottom_right;
   int window_left, window_right;  // -1: unbounded (causal is window_right = 0)
+  int group = 1;                   // rows a query (seqlen_q counts rows)
 };
 
 Sequence sequence(const Case& c) {
   Sequence s{};
   s.seqlen_q = c.seqlen_q;
   s.seqlen_k = c.seqlen_k;
-  s.diagonal = c.bottom_right ? c.seqlen_k - c.seqlen_q : 0;
+  s.diagonal = c.bottom_right ? c.seqlen_k - c.seqlen_q / c.group : 0;
   return s;
 }
 MaskParams mask(const Case& c) {
@@ -35,7 +38,13 @@ MaskParams mask(const Case& c) {
   m.bottom_right = c.bottom_right;
   m.window_left = c.window_left;
   m.window_right = c.window_right;
+  m.rows_per_query = c.group;
   return m;
+}
+std::string describe(const Case& c) {
+  return "seqlen_q " + std::to_string(c.seqlen_q) + ", seqlen_k " + std::to_string(c.seqlen_k) +
+         (c.bottom_right ? ", bottom-right" : ", top-left") + ", window (" + std::to_string(c.window_left) + ", " +
+         std::to_string(c.window_right) + "), " + std::to_string(c.group) + " rows a query";
 }
 
 // Every element of every tile of kN columns (rows 16 at a time, as a warp holds them) over the
@@ -62,13 +71,24 @@ std::string first_mismatch(const Case& c) {
   return "";
 }
 
+const int kWindows[][2] = {{-1, -1}, {-1, 0}, {0, 0}, {5, 0}, {17, 3}, {-1, 40}, {100, -1}, {3, -1}, {0, -1}};
 std::vector<Case> cases() {
   std::vector<Case> all;
   const int lengths[][2] = {{1, 1}, {77, 200}, {200, 77}, {130, 130}, {1, 300}, {300, 1}, {0, 50}};
-  const int windows[][2] = {{-1, -1}, {-1, 0}, {0, 0}, {5, 0}, {17, 3}, {-1, 40}, {100, -1}, {3, -1}, {0, -1}};
   for (const auto& n : lengths)
     for (bool bottom_right : {false, true})
-      for (const auto& w : windows) all.push_back({n[0], n[1], bottom_right, w[0], w[1]});
+      for (const auto& w : kWindows) all.push_back({n[0], n[1], bottom_right, w[0], w[1]});
+  return all;
+}
+// Query rows of packed grouped heads: the cases above with 3 and 8 rows a query.
+std::vector<Case> query_row_cases() {
+  std::vector<Case> all = cases();
+  const int lengths[][2] = {{3, 1}, {12, 77}, {231, 200}, {24, 5}, {40, 300}};
+  for (int group : {3, 8})
+    for (const auto& n : lengths)
+      for (bool bottom_right : {false, true})
+        for (const auto& w : kWindows)
+          if (n[0] % group == 0) all.push_back({n[0], n[1], bottom_right, w[0], w[1], group});
   return all;
 }
 
@@ -126,10 +146,8 @@ std::string unmasked_tile_mismatch(const Case& c) {
 
 template <bool kTransposed, int kN>
 void check_all() {
-  for (const Case& c : cases()) {
-    SCOPED_TRACE("seqlen_q " + std::to_string(c.seqlen_q) + ", seqlen_k " + std::to_string(c.seqlen_k) +
-                 (c.bottom_right ? ", bottom-right" : ", top-left") + ", window (" + std::to_string(c.window_left) +
-                 ", " + std::to_string(c.window_right) + ")");
+  for (const Case& c : kTransposed ? cases() : query_row_cases()) {
+    SCOPED_TRACE(describe(c));
     EXPECT_EQ((first_mismatch<kTransposed, kN>(c)), "");
   }
 }
@@ -143,26 +161,22 @@ TEST(MaskTiles, QueryRowsMatchIsVisible) {  // the forward's scores, the dQ kern
 }
 
 TEST(MaskTiles, BlockRangesCoverEveryVisibleElement) {  // the CTAs' loops over key or query blocks
-  for (const Case& c : cases())
+  for (const Case& c : query_row_cases())
     for (const auto& b : {std::pair{128, 64}, {128, 128}, {192, 128}, {128, 192}, {128, 80}, {64, 32}, {128, 176}, {64, 16}}) {
-      SCOPED_TRACE("seqlen_q " + std::to_string(c.seqlen_q) + ", seqlen_k " + std::to_string(c.seqlen_k) +
-                   (c.bottom_right ? ", bottom-right" : ", top-left") + ", window (" +
-                   std::to_string(c.window_left) + ", " + std::to_string(c.window_right) + "), blocks " +
-                   std::to_string(b.first) + " x " + std::to_string(b.second));
+      SCOPED_TRACE(describe(c) + ", blocks " + std::to_string(b.first) + " x " + std::to_string(b.second));
       EXPECT_EQ(block_range_mismatch<false>(c, b.first, b.second), "");
-      EXPECT_EQ(block_range_mismatch<true>(c, b.first, b.second), "");
+      if (c.group == 1) EXPECT_EQ(block_range_mismatch<true>(c, b.first, b.second), "");
     }
 }
 
 TEST(MaskTiles, UnmaskedTilesHideNothing) {  // tile_needs_mask's shortcut
-  for (const Case& c : cases()) {
-    SCOPED_TRACE("seqlen_q " + std::to_string(c.seqlen_q) + ", seqlen_k " + std::to_string(c.seqlen_k) +
-                 (c.bottom_right ? ", bottom-right" : ", top-left") + ", window (" + std::to_string(c.window_left) +
-                 ", " + std::to_string(c.window_right) + ")");
+  for (const Case& c : query_row_cases()) {
+    SCOPED_TRACE(describe(c));
     EXPECT_EQ((unmasked_tile_mismatch<false, 16>(c)), "");  // float32's key blocks
     EXPECT_EQ((unmasked_tile_mismatch<false, 32>(c)), "");
     EXPECT_EQ((unmasked_tile_mismatch<false, 64>(c)), "");
     EXPECT_EQ((unmasked_tile_mismatch<false, 128>(c)), "");
+    if (c.group > 1) continue;  // rows are keys below
     EXPECT_EQ((unmasked_tile_mismatch<true, 16>(c)), "");  // float32's query steps
     EXPECT_EQ((unmasked_tile_mismatch<true, 32>(c)), "");
     EXPECT_EQ((unmasked_tile_mismatch<true, 64>(c)), "");
