@@ -44,7 +44,8 @@ CUFLASH_HD Sequence sequence_of(const AttentionParams& p, int b) {
   // Packed queries come with packed keys, or with a paged cache (each sequence's keys from 0).
   rows_of(v.cu_seqlens_k, v.total_k, p.shape.seqlen_k, s.k_row0, s.seqlen_k);
   if (v.seqused_k) s.seqlen_k = min_int(max_int(p.varlen.seqused_k[b], 0), s.seqlen_k);
-  s.diagonal = p.mask.bottom_right ? s.seqlen_k - s.seqlen_q / p.mask.rows_per_query : 0;
+  const int queries = p.mask.rows_per_query == 1 ? s.seqlen_q : s.seqlen_q / p.mask.rows_per_query;
+  s.diagonal = p.mask.bottom_right ? s.seqlen_k - queries : 0;
   return s;
 }
 
@@ -117,14 +118,14 @@ CUFLASH_HD Range visible_keys(const MaskParams& m, const Sequence& s, int row_be
   if (r.end < r.begin) r.end = r.begin;
   return r;
 }
-// Rows [first, end) that keys [key_begin, key_end) are visible to.
+// Queries [first, end) that keys [key_begin, key_end) are visible to (the backward's key-side
+// tiles, as mask.cuh's transposed TileVisibility: rows_per_query 1, never packed).
 CUFLASH_HD Range visible_queries(const MaskParams& m, const Sequence& s, int key_begin, int key_end) {
-  const int group = m.rows_per_query, queries = s.seqlen_q / group;
-  Range r{0, queries};
+  Range r{0, s.seqlen_q};
   if (m.window_right >= 0) r.begin = max_int(0, key_begin - s.diagonal - m.window_right);
-  if (m.window_left >= 0) r.end = min_int(queries, key_end - 1 - s.diagonal + m.window_left + 1);
+  if (m.window_left >= 0) r.end = min_int(s.seqlen_q, key_end - 1 - s.diagonal + m.window_left + 1);
   if (r.end < r.begin) r.end = r.begin;
-  return Range{r.begin * group, r.end * group};
+  return r;
 }
 CUFLASH_HD bool is_visible(const MaskParams& m, const Sequence& s, int row, int j) {
   const int rel = j - query_of_row(m, row) - s.diagonal;

@@ -274,7 +274,8 @@ MaskParams make_mask(const Options& o, const AttentionShape& sh) {
   TORCH_CHECK_VALUE(o.window_left >= -1 && o.window_right >= -1,
                     "cuflash_attn: window_left and window_right must be >= -1 (-1: unbounded), got ",
                     num(o.window_left), " and ", num(o.window_right));
-  MaskParams m = make_mask_params(o.bottom_right, o.is_causal, o.window_left, o.window_right, sh.seqlen_q, sh.seqlen_k);
+  MaskParams m = make_mask_params(o.bottom_right, o.is_causal, o.window_left, o.window_right,
+                                  sh.seqlen_q / o.rows_per_query, sh.seqlen_k);  // queries, not rows
   m.rows_per_query = static_cast<int>(o.rows_per_query);
   return m;
 }

@@ -31,12 +31,13 @@ def packed(monkeypatch, on):
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("nq,nk", [(3, 50), (7, 300), (5, 2), (1, 40)])
+@pytest.mark.parametrize("nq,nk", [(3, 50), (7, 300), (5, 2), (1, 40), (50, 200)])
 @pytest.mark.parametrize("mask", ["none", "top_left", "bottom_right", "window", "window_top_left"])
-@pytest.mark.parametrize("group", [2, 4])
+@pytest.mark.parametrize("group", [2, 3, 4])
 def test_packed_rows_match_reference(monkeypatch, device, dtype, nq, nk, mask, group):
     """Every alignment (top-left with more queries than keys leaves rows that see none: lse -inf,
-    out 0), windows on both sides, softcap; a [B, N, H, D] q (the packing's copy is a gather)."""
+    out 0), windows on both sides, softcap; a [B, N, H, D] q (the packing's copy is a gather);
+    150 rows of 3 a query (several query blocks, queries split across tiles)."""
     if device == "cpu" and dtype in LOW_PRECISION:
         pytest.skip("the low-precision kernels are CUDA's")
     torch.manual_seed(nq * 100 + nk + group)
@@ -60,6 +61,23 @@ def test_packed_rows_match_reference(monkeypatch, device, dtype, nq, nk, mask, g
                                                                      if n > 1]
     torch.testing.assert_close(out, whole, atol=1e-12 if dtype == torch.float64 else 4e-3, rtol=0)
     torch.testing.assert_close(lse, whole_lse, atol=1e-12 if dtype == torch.float64 else 1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("num_splits", [0, 1, 3])
+def test_packed_multi_query_attention_and_splits(monkeypatch, device, num_splits):
+    """One KV head for 8 query heads (q's rows then a view, not a copy), causal, over 600 keys,
+    split-KV on CUDA (the combine kernel merging packed rows; the CPU ignores num_splits)."""
+    dtype = torch.bfloat16 if device == "cuda" else torch.float64
+    torch.manual_seed(8)
+    q = torch.randn(2, 8, 5, 64, device=device, dtype=dtype)
+    k, v = (torch.randn(2, 1, 600, 64, device=device, dtype=dtype) for _ in range(2))
+    packed(monkeypatch, True)
+    out, lse = ops.fwd(q, k, v, None, True, True, num_splits=num_splits)
+    ref, ref_lse = attention_reference(q, k, v, True, bottom_right=True)
+    pt, _ = attention_reference(q, k, v, True, bottom_right=True, dtype=dtype)
+    assert_close_to_reference("out", out, ref, pt, dtype, factor=2)
+    assert_lse_close(lse, ref_lse, dtype)
 
 
 def test_packing_runs_only_where_asked(monkeypatch):

@@ -26,13 +26,6 @@ struct Case {
   int group = 1;                   // rows a query (seqlen_q counts rows)
 };
 
-Sequence sequence(const Case& c) {
-  Sequence s{};
-  s.seqlen_q = c.seqlen_q;
-  s.seqlen_k = c.seqlen_k;
-  s.diagonal = c.bottom_right ? c.seqlen_k - c.seqlen_q / c.group : 0;
-  return s;
-}
 MaskParams mask(const Case& c) {
   MaskParams m;
   m.bottom_right = c.bottom_right;
@@ -40,6 +33,22 @@ MaskParams mask(const Case& c) {
   m.window_right = c.window_right;
   m.rows_per_query = c.group;
   return m;
+}
+Sequence sequence(const Case& c) {  // as the kernels get it
+  cuflash::AttentionParams p;
+  p.shape.batch = 1;
+  p.shape.seqlen_q = c.seqlen_q;
+  p.shape.seqlen_k = c.seqlen_k;
+  p.mask = mask(c);
+  return cuflash::sequence_of(p, 0);
+}
+// The rule (is_visible) for one query a row: packed rows are checked against their query of the
+// unpacked sequence, so that the row -> query mapping is tested too.
+bool visible(const Case& c, int row, int key) {
+  Case unpacked = c;
+  unpacked.seqlen_q = c.seqlen_q / c.group;
+  unpacked.group = 1;
+  return cuflash::is_visible(mask(unpacked), sequence(unpacked), row / c.group, key);
 }
 std::string describe(const Case& c) {
   return "seqlen_q " + std::to_string(c.seqlen_q) + ", seqlen_k " + std::to_string(c.seqlen_k) +
@@ -58,12 +67,12 @@ std::string first_mismatch(const Case& c) {
   for (int row0 = 0; row0 < rows + 16; row0 += 16)
     for (int col0 = 0; col0 < cols + kN; col0 += kN)
       for (int lane = 0; lane < 32; ++lane) {
-        const cuflash::TileVisibility<kTransposed, kN> visible(m, s, row0, col0, lane);
+        const cuflash::TileVisibility<kTransposed, kN> tile(m, s, row0, col0, lane);
         for (int j = 0; j < kN / 8; ++j)
           for (int e = 0; e < 4; ++e) {
             const int row = row0 + Acc::row_of(e, lane), col = col0 + Acc::col_of(j, e, lane);
             const int query = kTransposed ? col : row, key = kTransposed ? row : col;
-            if (visible(j, e) != cuflash::is_visible(m, s, query, key))
+            if (tile(j, e) != visible(c, query, key))
               return "query " + std::to_string(query) + ", key " + std::to_string(key) + " (tile at " +
                      std::to_string(row0) + ", " + std::to_string(col0) + ", lane " + std::to_string(lane) + ")";
           }
@@ -99,8 +108,7 @@ std::string block_range_mismatch(const Case& c, int block_rows, int block_cols) 
   const MaskParams m = mask(c);
   const Sequence s = sequence(c);
   const int rows = kByKeys ? c.seqlen_k : c.seqlen_q, cols = kByKeys ? c.seqlen_q : c.seqlen_k;
-  auto visible = [&](int row, int col) { return kByKeys ? cuflash::is_visible(m, s, col, row)
-                                                        : cuflash::is_visible(m, s, row, col); };
+  auto visible_at = [&](int row, int col) { return kByKeys ? visible(c, col, row) : visible(c, row, col); };
   for (int r0 = 0; r0 < rows; r0 += block_rows) {
     const int r1 = r0 + block_rows < rows ? r0 + block_rows : rows;
     const cuflash::Range blocks = kByKeys ? cuflash::query_blocks(m, s, r0, r1, block_cols)
@@ -110,7 +118,7 @@ std::string block_range_mismatch(const Case& c, int block_rows, int block_cols) 
     int first = -1, last = -1;  // the first and last blocks holding a visible element
     for (int row = r0; row < r1; ++row)
       for (int col = 0; col < cols; ++col)
-        if (visible(row, col)) {
+        if (visible_at(row, col)) {
           const int block = col / block_cols;
           if (block < blocks.begin || block >= blocks.end)
             return where + ": visible (" + std::to_string(row) + ", " + std::to_string(col) + ") left out";
@@ -136,7 +144,7 @@ std::string unmasked_tile_mismatch(const Case& c) {
         for (int col = col0; col < col0 + kN; ++col) {
           const int query = kTransposed ? col : r, key = kTransposed ? r : col;
           // Rows past the sequence are never stored; a key row past seqlen_k is hidden.
-          if ((kTransposed ? r < c.seqlen_k : r < c.seqlen_q) && !cuflash::is_visible(m, s, query, key))
+          if ((kTransposed ? r < c.seqlen_k : r < c.seqlen_q) && !visible(c, query, key))
             return "tile at " + std::to_string(row0) + ", " + std::to_string(col0) + " hides (query " +
                    std::to_string(query) + ", key " + std::to_string(key) + ")";
         }
