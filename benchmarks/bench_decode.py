@@ -3,7 +3,8 @@
 of incremental generation, where the K/V reads are the work (memory bound). For each cache
 length: ours through flash_attn_with_kvcache over a contiguous cache, over a paged one (blocks of
 256 in a shuffled order), with cache_batch_idx, and unsplit (num_splits=1; the others choose their
-split-KV), beside torch SDPA over the same keys (GQA expanded by SDPA's enable_gqa). Reports
+split-KV), with several tokens a step also with grouped heads packed as rows
+(CUFLASH_PACK_GQA=1), beside torch SDPA over the same keys (GQA expanded by SDPA's enable_gqa). Reports
 microseconds a call replayed from a CUDA graph (the GPU's time, as a serving loop that captures
 its steps sees it) with the K/V bytes read a second, and the eager call's microseconds (host
 time included where it exceeds the GPU's).
@@ -45,7 +46,7 @@ def cases(batch, heads_q, heads_kv, head_dim, seqlen, seqlen_q, dtype, dev="cuda
     batch_idx = torch.randperm(batch, device=dev).to(torch.int32)
     qt, kt, vt = q.transpose(1, 2), k_cache.transpose(1, 2), v_cache.transpose(1, 2)
     causal = seqlen_q > 1
-    return {
+    steps = {
         "ours contiguous": lambda: flash_attn_with_kvcache(q, k_cache, v_cache, cache_seqlens=lengths, causal=causal),
         "ours unsplit": lambda: flash_attn_with_kvcache(q, k_cache, v_cache, cache_seqlens=lengths, causal=causal,
                                                         num_splits=1),
@@ -60,6 +61,9 @@ def cases(batch, heads_q, heads_kv, head_dim, seqlen, seqlen_q, dtype, dev="cuda
         # SDPA's causal mask is top-left: for seqlen_q > 1 it is not the decoding mask, so none.
         "sdpa": lambda: F.scaled_dot_product_attention(qt, kt, vt, enable_gqa=True),
     }
+    if seqlen_q > 1:  # grouped heads packed as rows (one token a step packs by default)
+        steps["ours packed"] = with_env({"CUFLASH_PACK_GQA": "1"}, steps["ours contiguous"])
+    return steps
 
 
 def graphed(fn):
