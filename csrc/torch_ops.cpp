@@ -521,14 +521,16 @@ std::tuple<Tensor, Tensor> fwd_impl(const Tensor& q, const Tensor& k, const Tens
     TORCH_CHECK_VALUE(queries * group <= std::numeric_limits<int>::max(), "cuflash_attn: ", num(queries),
                       " queries of ", num(group), " grouped heads are more rows than 2^31 - 1");
     // q [B, Hkv * G, N, D] -> rows [B, Hkv, N * G, D] (a copy: i and g are not one stride).
-    const Tensor q_rows =
-        q.reshape({batch, heads_kv, group, queries, head_dim}).transpose(2, 3).reshape({batch, heads_kv, queries * group, head_dim});
+    const Tensor q_rows = q.reshape({batch, heads_kv, group, queries, head_dim})
+                              .transpose(2, 3)
+                              .reshape({batch, heads_kv, queries * group, head_dim});
     auto [out_rows, lse_rows] = fwd_impl(q_rows, k, v, rows, nullptr);
     Tensor out = empty_like_input(q);
     Tensor lse = empty_stats(q, false);
     out.view({batch, heads_kv, group, queries, head_dim})
         .copy_(out_rows.reshape({batch, heads_kv, queries, group, head_dim}).transpose(2, 3));
-    lse.view({batch, heads_kv, group, queries}).copy_(lse_rows.reshape({batch, heads_kv, queries, group}).transpose(2, 3));
+    lse.view({batch, heads_kv, group, queries})
+        .copy_(lse_rows.reshape({batch, heads_kv, queries, group}).transpose(2, 3));
     return {out, lse};
   }
   const AttentionShape sh = check_qkv(q, k, v, o);

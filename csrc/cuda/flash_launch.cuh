@@ -142,9 +142,11 @@ bool launch_fwd_tma(const FlashFwdParams& p, bool persistent, cudaStream_t strea
 // The sm_80-class forward's tile for split-KV launches: FwdSplitTile where it differs from
 // FwdTile (16-bit up to head dim 128), else FwdTile's own kernel (no second instantiation).
 template <typename T, int kHeadDim>
-using SplitTile = std::conditional_t<sizeof(T) == 2 && (FwdSplitTile<kHeadDim>::kBlockM != FwdTile<kHeadDim, 2>::kBlockM ||
-                                                        FwdSplitTile<kHeadDim>::kBlockN != FwdTile<kHeadDim, 2>::kBlockN),
-                                     FwdSplitTile<kHeadDim>, FwdTile<kHeadDim, sizeof(T)>>;
+constexpr bool kOwnSplitTile = sizeof(T) == 2 && (FwdSplitTile<kHeadDim>::kBlockM != FwdTile<kHeadDim, 2>::kBlockM ||
+                                                  FwdSplitTile<kHeadDim>::kBlockN != FwdTile<kHeadDim, 2>::kBlockN);
+template <typename T, int kHeadDim>
+using SplitTile =
+    std::conditional_t<kOwnSplitTile<T, kHeadDim>, FwdSplitTile<kHeadDim>, FwdTile<kHeadDim, sizeof(T)>>;
 
 template <typename T, int kHeadDim>
 cudaError_t run_flash_fwd(const FlashFwdParams& p, cudaStream_t stream) {
@@ -173,7 +175,8 @@ cudaError_t run_flash_fwd(const FlashFwdParams& p, cudaStream_t stream) {
       using K = FwdKernel<T, kHeadDim, Tile>;
       const dim3 grid(ceil_div(sh.seqlen_q, K::kBlockM), sh.heads_q, sh.batch * p.num_splits);
       return with_feature_path(p, [&](auto features) {
-        return launch(flash_fwd_kernel<T, kHeadDim, features(), Tile>, grid, K::kThreads, K::kSmemBytes, stream, p);
+        return launch(flash_fwd_kernel<T, kHeadDim, features(), Tile>, grid, K::kThreads, K::kSmemBytes, stream,
+                      p);
       });
     };
     if (p.num_splits == 1) return run_tile(FwdTile<kHeadDim, sizeof(T)>{});
