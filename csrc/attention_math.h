@@ -105,6 +105,12 @@ CUFLASH_HD int64_t stats_offset(const StatsStrides& t, const Sequence& s, int b,
 CUFLASH_HD int query_of_row(const MaskParams& m, int row) {
   return m.rows_per_query == 1 ? row : row / m.rows_per_query;
 }
+// The backward's mask: never packed, and rows_per_query a compile-time 1 in its kernels, so that
+// query_of_row's test folds away there.
+CUFLASH_HD MaskParams unpacked_mask(MaskParams m) {
+  m.rows_per_query = 1;
+  return m;
+}
 
 // Keys [first, end) that rows [row_begin, row_end) can see, for row_begin < row_end.
 struct Range {

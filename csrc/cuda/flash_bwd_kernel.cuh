@@ -179,7 +179,8 @@ __global__ void __launch_bounds__(BwdDqKernel<T, kHeadDim>::kThreads)
   const DropoutRng rng = dropout ? make_dropout_rng(p.dropout) : DropoutRng{};
   // The score gradients (for attn_mask's) come from this kernel: it visits every score once.
   float* dscores = kFeatures && p.dscores ? static_cast<float*>(p.dscores) + dscores_offset(sh, b, h, 0) : nullptr;
-  const Range n_blocks = key_blocks(p.mask, seq, m_start, min(m_start + kBlockM, seq.seqlen_q), kBlockN);
+  const MaskParams mask = unpacked_mask(p.mask);  // rows_per_query a compile-time 1
+  const Range n_blocks = key_blocks(mask, seq, m_start, min(m_start + kBlockM, seq.seqlen_q), kBlockN);
   WarpAcc<kHeadDim> dq;
   dq.zero();
   if (n_blocks.end > n_blocks.begin) {
@@ -203,10 +204,10 @@ __global__ void __launch_bounds__(BwdDqKernel<T, kHeadDim>::kThreads)
       auto row_lse2 = [&](int, int e) { return lse2[e >> 1]; };
       auto row_delta = [&](int, int e) { return delta[e >> 1]; };
       if constexpr (kFeatures) {
-        probs_and_ds_with_features<false, true>(s, dp, mod, p.mask, seq, dropout, rng, b, h, sh.heads_q, row0,
+        probs_and_ds_with_features<false, true>(s, dp, mod, mask, seq, dropout, rng, b, h, sh.heads_q, row0,
                                                 n_block * kBlockN, lane, row_lse2, row_delta, dscores, sh.seqlen_k);
       } else {
-        probs_from_qk<false>(s, mod.scale_log2, p.mask, seq, row0, n_block * kBlockN, lane, row_lse2);
+        probs_from_qk<false>(s, mod.scale_log2, mask, seq, row0, n_block * kBlockN, lane, row_lse2);
         ds_from_dp(dp, s, row_delta);
       }
       warp_gemm_rb<T, kBlockN, kHeadDim>(dq, dp, sK(buf), 0, lane);
@@ -262,7 +263,8 @@ __global__ void __launch_bounds__(BwdDkvKernel<T, kHeadDim>::kThreads)
   const T* v = row_at<const T>(p.v, p.v_strides, seq, false, b, h_kv, 0);
   // The query blocks these keys are visible to, for each query head of the group in turn: step
   // t is head h_kv * group + t / per_head, block m.begin + t % per_head.
-  const Range m = query_blocks(p.mask, seq, n_start, min(n_start + kBlockN, seq.seqlen_k), kBlockM);
+  const MaskParams mask = unpacked_mask(p.mask);  // rows_per_query a compile-time 1
+  const Range m = query_blocks(mask, seq, n_start, min(n_start + kBlockN, seq.seqlen_k), kBlockM);
   const int per_head = m.end - m.begin, steps = per_head * group;
   auto head_of = [&](int step) { return h_kv * group + step / per_head; };
   auto block_of = [&](int step) { return m.begin + step % per_head; };
@@ -341,12 +343,12 @@ __global__ void __launch_bounds__(BwdDkvKernel<T, kHeadDim>::kThreads)
           warp_gemm_abt<T, kHeadDim, kBlockM>(dp, sV, warp * 16, sdO(buf), 0, lane);
         }
         // s becomes (P z)^T, dp becomes dS^T.
-        probs_and_ds_with_features<true, kComputeDk>(s, dp, ScoreMod<T>(p, b, h), p.mask, seq, dropout, rng, b, h,
+        probs_and_ds_with_features<true, kComputeDk>(s, dp, ScoreMod<T>(p, b, h), mask, seq, dropout, rng, b, h,
                                                      sh.heads_q, key0, m0, lane, col_lse2, col_delta);
         if (kComputeDv) warp_gemm_rb<T, kBlockM, kHeadDim>(dv, s, sdO(buf), 0, lane);
       } else {
         // P^T feeds dV before dP^T is computed, so the two tiles are never live together.
-        probs_from_qk<true>(s, static_cast<float>(p.scale) * kLog2e, p.mask, seq, key0, m0, lane, col_lse2);
+        probs_from_qk<true>(s, static_cast<float>(p.scale) * kLog2e, mask, seq, key0, m0, lane, col_lse2);
         if (kComputeDv) warp_gemm_rb<T, kBlockM, kHeadDim>(dv, s, sdO(buf), 0, lane);
         if (kComputeDk) {
           dp.zero();

@@ -130,7 +130,8 @@ __global__ void __launch_bounds__(32 * simt::kWarps) flash_bwd_dq_simt_kernel(co
   dout.load(row_at<const T>(p.dout, p.dout_strides, seq, true, b, h, row), sh.head_dim, lane);
   dq.zero();
   T* dscores = p.dscores ? static_cast<T*>(p.dscores) + dscores_offset(sh, b, h, row) : nullptr;
-  const Range keys = lse == -INFINITY ? Range{0, 0} : visible_keys(p.mask, seq, row, row + 1);
+  const MaskParams mask = unpacked_mask(p.mask);  // rows_per_query a compile-time 1
+  const Range keys = lse == -INFINITY ? Range{0, 0} : visible_keys(mask, seq, row, row + 1);
   for (int j = keys.begin; j < keys.end; ++j) {
     k.load(row_at<const T>(p.k, p.k_strides, seq, false, b, h_kv, j), sh.head_dim, lane);
     v.load(row_at<const T>(p.v, p.v_strides, seq, false, b, h_kv, j), sh.head_dim, lane);
@@ -163,7 +164,8 @@ __global__ void __launch_bounds__(32 * simt::kWarps) flash_bwd_dkdv_simt_kernel(
   v.load(row_at<const T>(p.v, p.v_strides, seq, false, b, h_kv, key), sh.head_dim, lane);
   dk.zero();
   dv.zero();
-  const Range rows = visible_queries(p.mask, seq, key, key + 1);
+  const MaskParams mask = unpacked_mask(p.mask);  // rows_per_query a compile-time 1
+  const Range rows = visible_queries(mask, seq, key, key + 1);
   for (int h = h_kv * group; h < (h_kv + 1) * group; ++h) {
     const ExactScore<T> score(p, b, h);
     const int64_t stats = stats_offset(p.stats_strides, seq, b, h);

@@ -114,7 +114,8 @@ __global__ void __launch_bounds__(BwdSm90Kernel<T, kHeadDim>::kThreads, 1)
   };
 
   const float scale_log2 = static_cast<float>(p.scale) * kLog2e;
-  const Range n_blocks = key_blocks(p.mask, seq, m_start, min(m_start + kBlockM, seq.seqlen_q), kBlockN);
+  const MaskParams mask = unpacked_mask(p.mask);  // rows_per_query a compile-time 1
+  const Range n_blocks = key_blocks(mask, seq, m_start, min(m_start + kBlockM, seq.seqlen_q), kBlockN);
   WarpAcc<kHeadDim> dq;
   dq.zero();
   if (n_blocks.end > n_blocks.begin) {
@@ -144,7 +145,7 @@ __global__ void __launch_bounds__(BwdSm90Kernel<T, kHeadDim>::kThreads, 1)
       wgmma_wait<0>();
       auto row_lse2 = [&](int, int e) { return lse2[e >> 1]; };
       auto row_delta = [&](int, int e) { return delta[e >> 1]; };
-      probs_then_mask<false>(s, scale_log2, p.mask, seq, row0, n_block * kBlockN, lane, row_lse2);
+      probs_then_mask<false>(s, scale_log2, mask, seq, row0, n_block * kBlockN, lane, row_lse2);
       ds_from_dp(dp, s, row_delta);
       uint32_t ds[kBlockN / 16][4];
 #pragma unroll
@@ -196,7 +197,8 @@ __global__ void __launch_bounds__(BwdSm90Kernel<T, kHeadDim>::kThreads, 1)
   const T* k = row_at<const T>(p.k, p.k_strides, seq, false, b, h_kv, 0);
   const T* v = row_at<const T>(p.v, p.v_strides, seq, false, b, h_kv, 0);
   // Step t: query head h_kv * group + t / per_head, block m.begin + t % per_head.
-  const Range m = query_blocks(p.mask, seq, n_start, min(n_start + kBlockN, seq.seqlen_k), kBlockM);
+  const MaskParams mask = unpacked_mask(p.mask);  // rows_per_query a compile-time 1
+  const Range m = query_blocks(mask, seq, n_start, min(n_start + kBlockN, seq.seqlen_k), kBlockM);
   const int per_head = m.end - m.begin, steps = per_head * group;
   auto head_of = [&](int step) { return h_kv * group + step / per_head; };
   // With kAccumDq each CTA starts at its own query block, so that the CTAs of a head do not all
@@ -249,7 +251,7 @@ __global__ void __launch_bounds__(BwdSm90Kernel<T, kHeadDim>::kThreads, 1)
       wgmma_wait<0>();
       auto col_lse2 = [&](int j, int e) { return lse2[WarpAcc<kBlockM>::col_of(j, e, lane)]; };
       auto col_delta = [&](int j, int e) { return delta[WarpAcc<kBlockM>::col_of(j, e, lane)]; };
-      probs_then_mask<true>(s, scale_log2, p.mask, seq, key0, m0, lane, col_lse2);
+      probs_then_mask<true>(s, scale_log2, mask, seq, key0, m0, lane, col_lse2);
       uint32_t pt[kBlockM / 16][4], dst[kBlockM / 16][4];
       if constexpr (kWithDv) {
 #pragma unroll

@@ -68,7 +68,8 @@ __global__ void __launch_bounds__(BwdDqSm90TmaKernel<T, kHeadDim>::kThreads, 1)
   const int m_start = m_block * kBlockM;
   const Sequence seq = sequence_of(p, b);
   if (m_start >= seq.seqlen_q) return;
-  const Range n_blocks = key_blocks(p.mask, seq, m_start, min(m_start + kBlockM, seq.seqlen_q), kBlockN);
+  const MaskParams mask = unpacked_mask(p.mask);  // rows_per_query a compile-time 1
+  const Range n_blocks = key_blocks(mask, seq, m_start, min(m_start + kBlockM, seq.seqlen_q), kBlockN);
   const int steps = n_blocks.end - n_blocks.begin;
 
   if (tid == 0) {
@@ -128,7 +129,7 @@ __global__ void __launch_bounds__(BwdDqSm90TmaKernel<T, kHeadDim>::kThreads, 1)
     wgmma_wait<0>();
     auto row_lse2 = [&](int, int e) { return lse2[e >> 1]; };
     auto row_delta = [&](int, int e) { return delta[e >> 1]; };
-    probs_then_mask<false>(s, scale_log2, p.mask, seq, row0, n_block * kBlockN, lane, row_lse2);
+    probs_then_mask<false>(s, scale_log2, mask, seq, row0, n_block * kBlockN, lane, row_lse2);
     ds_from_dp(dp, s, row_delta);
     uint32_t ds[kBlockN / 16][4];
 #pragma unroll
@@ -275,7 +276,8 @@ __global__ void __launch_bounds__(
   const Sequence seq = sequence_of(p, b);
   if (n_start >= seq.seqlen_k) return;
   // Step t: query head h_kv * group + t / per_head, block m.begin + t % per_head (as the cp.async kernel).
-  const Range m = query_blocks(p.mask, seq, n_start, min(n_start + kBlockN, seq.seqlen_k), kBlockM);
+  const MaskParams mask = unpacked_mask(p.mask);  // rows_per_query a compile-time 1
+  const Range m = query_blocks(mask, seq, n_start, min(n_start + kBlockN, seq.seqlen_k), kBlockM);
   const int per_head = m.end - m.begin, steps = per_head * group;
   auto head_of = [&](int step) { return h_kv * group + step / per_head; };
   // With unordered adds each CTA starts at its own query block, so that the CTAs of a head do not
@@ -319,7 +321,7 @@ __global__ void __launch_bounds__(
             if constexpr (kOrderedDq) {  // this key block's turn: after every later (earlier) key block that adds here
               counter = p.dq_semaphores + dq_semaphore_index(sh, b, h, block);
               const int row0 = block * kBlockM;
-              const Range keys = visible_keys(p.mask, seq, row0, min(row0 + kBlockM, seq.seqlen_q));
+              const Range keys = visible_keys(mask, seq, row0, min(row0 + kBlockM, seq.seqlen_q));
               const int turn = (keys.end - 1) / kBlockN - n_block;
               while (load_acquire_gpu(counter) != turn) {
               }
@@ -445,7 +447,7 @@ __global__ void __launch_bounds__(
     wgmma_wait<0>();
     auto col_lse2 = [&](int j, int e) { return lse2[WarpAcc<kBlockM>::col_of(j, e, lane)]; };
     auto col_delta = [&](int j, int e) { return delta[WarpAcc<kBlockM>::col_of(j, e, lane)]; };
-    probs_then_mask<true>(s, scale_log2, p.mask, seq, key0, m0, lane, col_lse2);
+    probs_then_mask<true>(s, scale_log2, mask, seq, key0, m0, lane, col_lse2);
     auto release_stage = [&] {  // this warp is done with the stage (tiles and stats)
       __syncwarp();
       if (lane == 0) mbarrier_arrive(&empty[stage]);
