@@ -22,6 +22,11 @@ namespace cuflash {
 CUFLASH_HD int min_int(int a, int b) { return a < b ? a : b; }
 CUFLASH_HD int max_int(int a, int b) { return a > b ? a : b; }
 
+// The query of row `row` (MaskParams::rows_per_query).
+CUFLASH_HD int query_of_row(const MaskParams& m, int row) {
+  return m.rows_per_query == 1 ? row : row / m.rows_per_query;
+}
+
 // Sequence b of a batch: its lengths, where its rows start in the packed tensors (0 for padded
 // batches) and its diagonal.
 struct Sequence {
@@ -44,8 +49,7 @@ CUFLASH_HD Sequence sequence_of(const AttentionParams& p, int b) {
   // Packed queries come with packed keys, or with a paged cache (each sequence's keys from 0).
   rows_of(v.cu_seqlens_k, v.total_k, p.shape.seqlen_k, s.k_row0, s.seqlen_k);
   if (v.seqused_k) s.seqlen_k = min_int(max_int(p.varlen.seqused_k[b], 0), s.seqlen_k);
-  const int queries = p.mask.rows_per_query == 1 ? s.seqlen_q : s.seqlen_q / p.mask.rows_per_query;
-  s.diagonal = p.mask.bottom_right ? s.seqlen_k - queries : 0;
+  s.diagonal = p.mask.bottom_right ? s.seqlen_k - query_of_row(p.mask, s.seqlen_q) : 0;
   return s;
 }
 
@@ -101,10 +105,6 @@ CUFLASH_HD int64_t stats_offset(const StatsStrides& t, const Sequence& s, int b,
   return b * t.batch + h * t.head + s.q_row0;
 }
 
-// The query of row `row` (MaskParams::rows_per_query).
-CUFLASH_HD int query_of_row(const MaskParams& m, int row) {
-  return m.rows_per_query == 1 ? row : row / m.rows_per_query;
-}
 // The backward's mask: never packed, and rows_per_query a compile-time 1 in its kernels, so that
 // query_of_row's test folds away there.
 CUFLASH_HD MaskParams unpacked_mask(MaskParams m) {

@@ -485,11 +485,11 @@ std::vector<Tensor> fill_common(AttentionParams& p, AttentionShape sh, const Opt
 // out (batch, query head) pairs among threads, which packing would make fewer.
 enum class GroupPacking { kNone, kOneQuery, kRows };
 GroupPacking group_packing(const Tensor& q, const Tensor& k, const Options& o) {
-  const PackGqaSwitch mode = pack_gqa_switch();
-  if (mode == PackGqaSwitch::kNever || (!q.is_cuda() && mode != PackGqaSwitch::kAlways) || o.varlen() ||
-      q.dim() != 4 || k.dim() != 4 || k.size(1) == 0 || q.size(1) <= k.size(1) || q.size(1) % k.size(1) != 0 ||
-      o.alibi_slopes || o.attn_mask || o.dropout_p != 0.0)
+  if (o.varlen() || q.dim() != 4 || k.dim() != 4 || k.size(1) == 0 || q.size(1) <= k.size(1) ||
+      q.size(1) % k.size(1) != 0 || o.alibi_slopes || o.attn_mask || o.dropout_p != 0.0)
     return GroupPacking::kNone;
+  const PackGqaSwitch mode = pack_gqa_switch();  // (read only for grouped heads: every forward asks)
+  if (mode == PackGqaSwitch::kNever || (!q.is_cuda() && mode != PackGqaSwitch::kAlways)) return GroupPacking::kNone;
   // One query a sequence that sees every key (no window; causal only aligned bottom-right):
   // FlashAttention-2's swap, a view, no mask.
   const bool sees_every_key = o.window_left < 0 && (o.bottom_right || (!o.is_causal && o.window_right < 0));
