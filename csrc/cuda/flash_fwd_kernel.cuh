@@ -179,9 +179,9 @@ __global__ void __launch_bounds__(FwdKernel<T, kHeadDim, Tile>::kThreads, Tile::
 
 // Split-KV's merge: row i of (b, h) is sum_s exp(lse_s - lse) out_s with lse = log sum_s
 // exp(lse_s); one warp a row. A decoding step's few rows are a few warps on the whole GPU, so
-// their loads in flight are all the bandwidth it gets: every lane holds the weights of splits
-// lane, lane + 32, ..., and the partial rows are read 8 splits at a time with no branch between
-// the loads (benchmarks/NOTES.md, "Decoding": ptxas still issues them near their adds).
+// their loads in flight are all the bandwidth it gets: the lanes are 8 groups of 4, group g
+// reads splits g, g + 8, ... (a split's row in one go: float4s, each lane a quarter of it), and
+// the groups' sums meet through shuffles. Every lane holds the weights of splits lane, lane + 32...
 constexpr int kCombineRowsPerBlock = 4;
 template <typename T>
 __global__ void __launch_bounds__(32 * kCombineRowsPerBlock) flash_fwd_combine_kernel(const FlashFwdParams p) {
@@ -212,37 +212,60 @@ __global__ void __launch_bounds__(32 * kCombineRowsPerBlock) flash_fwd_combine_k
   float weight_of[kSplitsPerLane];
 #pragma unroll
   for (int i = 0; i < kSplitsPerLane; ++i) weight_of[i] = sum != 0.f ? expf(lse_of[i] - lse) : 0.f;
-  // This lane's columns (head_dim <= 256: 8 a lane), kBatch splits at a time: their loads all
-  // issue before the first add (no branch between them: splits past the last reread the last,
-  // at weight 0). A split of weight 0 (no key) adds nothing, whatever its row holds; NaN
-  // weights go on (they propagate).
-  constexpr int kColsPerLane = 256 / 32, kBatch = 8;
-  float acc[kColsPerLane] = {};
-  const float* partial = p.out_partial + first * head_dim;
+
+  // head_dim is a multiple of 8 on the tensor-core kernels (16-byte rows), so a row is float4s:
+  // lane `part` of a group takes float4s part, part + 4, ... (head_dim <= 256: 16 a lane).
+  constexpr int kGroups = 8, kGroupLanes = 32 / kGroups, kVecsPerLane = 256 / 4 / kGroupLanes;
+  const int group = lane / kGroupLanes, part = lane % kGroupLanes;
+  const int vecs = head_dim / 4, vecs_per_lane = (vecs + kGroupLanes - 1) / kGroupLanes;
+  const float4* partial = reinterpret_cast<const float4*>(p.out_partial + first * head_dim);
+  float4 acc[kVecsPerLane];
 #pragma unroll
-  for (int i = 0; i < kSplitsPerLane; ++i) {
-    if (32 * i >= splits) break;
-#pragma unroll 1
-    for (int j0 = 0; j0 < 32 && 32 * i + j0 < splits; j0 += kBatch) {
-      float x[kBatch][kColsPerLane];
+  for (int t = 0; t < kVecsPerLane; ++t) acc[t] = make_float4(0.f, 0.f, 0.f, 0.f);
+  for (int s0 = 0; s0 < splits; s0 += kGroups) {
+    const int s = s0 + group;
+    // Split s's weight is lane s % 32's weight_of[s / 32]. A split of weight 0 (past the last,
+    // or no key) adds nothing, whatever its row holds; NaN weights go on (they propagate).
+    float weight = 0.f;
 #pragma unroll
-      for (int u = 0; u < kBatch; ++u) {
-        const float* split_row = partial + min(32 * i + j0 + u, splits - 1) * split_stride * head_dim;
-#pragma unroll
-        for (int c = 0; c < kColsPerLane; ++c) x[u][c] = lane + 32 * c < head_dim ? split_row[lane + 32 * c] : 0.f;
-      }
-#pragma unroll
-      for (int u = 0; u < kBatch; ++u) {
-        const float weight = __shfl_sync(0xffffffffu, weight_of[i], j0 + u);
-#pragma unroll
-        for (int c = 0; c < kColsPerLane; ++c) acc[c] = weight != 0.f ? fmaf(weight, x[u][c], acc[c]) : acc[c];
-      }
+    for (int i = 0; i < kSplitsPerLane; ++i) {
+      const float w = __shfl_sync(0xffffffffu, weight_of[i], s % 32);
+      if (s / 32 == i) weight = w;
     }
+    if (s >= splits || weight == 0.f) continue;
+    const float4* split_row = partial + s * split_stride * vecs;
+    float4 x[kVecsPerLane];
+#pragma unroll
+    for (int t = 0; t < kVecsPerLane; ++t)
+      if (t < vecs_per_lane && part + kGroupLanes * t < vecs) x[t] = split_row[part + kGroupLanes * t];
+#pragma unroll
+    for (int t = 0; t < kVecsPerLane; ++t)
+      if (t < vecs_per_lane && part + kGroupLanes * t < vecs) {
+        acc[t].x = fmaf(weight, x[t].x, acc[t].x);
+        acc[t].y = fmaf(weight, x[t].y, acc[t].y);
+        acc[t].z = fmaf(weight, x[t].z, acc[t].z);
+        acc[t].w = fmaf(weight, x[t].w, acc[t].w);
+      }
   }
+  // The groups' sums (lanes of one part across groups: xor 4, 8, 16), then group 0 stores.
   T* out = row_at<T>(p.out, p.out_strides, seq, true, b, h, row);
 #pragma unroll
-  for (int c = 0; c < kColsPerLane; ++c)
-    if (lane + 32 * c < head_dim) out[lane + 32 * c] = from_float<T>(acc[c]);
+  for (int t = 0; t < kVecsPerLane; ++t) {
+    if (t >= vecs_per_lane) break;  // warp-uniform
+    for (int offset = kGroupLanes; offset < 32; offset *= 2) {
+      acc[t].x += __shfl_xor_sync(0xffffffffu, acc[t].x, offset);
+      acc[t].y += __shfl_xor_sync(0xffffffffu, acc[t].y, offset);
+      acc[t].z += __shfl_xor_sync(0xffffffffu, acc[t].z, offset);
+      acc[t].w += __shfl_xor_sync(0xffffffffu, acc[t].w, offset);
+    }
+    const int col = 4 * (part + kGroupLanes * t);
+    if (group == 0 && col < head_dim) {
+      out[col] = from_float<T>(acc[t].x);
+      out[col + 1] = from_float<T>(acc[t].y);
+      out[col + 2] = from_float<T>(acc[t].z);
+      out[col + 3] = from_float<T>(acc[t].w);
+    }
+  }
   if (lane == 0) static_cast<float*>(p.lse)[stats_offset(p.stats_strides, seq, b, h) + row] = lse;
 }
 
