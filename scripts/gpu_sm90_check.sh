@@ -29,6 +29,8 @@ if ! ls cuflash_attn/_C*.so >/dev/null 2>&1; then
 fi
 echo "build: $(( $(date +%s) - start )) s"
 status=0
+# A benchmark's arguments: "-" stands for none (its defaults).
+args_of() { [ "$1" = - ] || printf '%s' "$1"; }
 timeout --kill-after=5 120 python3 -m pytest -s -q -p no:cacheprovider tests/test_sm90_probe.py > "$OUT/probe.log" 2>&1 \
   || status=1
 grep -vE '^\s*$' "$OUT/probe.log" | tail -n 30
@@ -96,14 +98,14 @@ if [ -n "${GPU_SM90_BREAKDOWN-}" ]; then
   echo "kernel_breakdown exit $?"; cat "$OUT/kernel_breakdown.md"
 fi
 if [ -n "${GPU_SM90_HOST-}" ]; then
-  # shellcheck disable=SC2086  # the arguments are a list
-  timeout --kill-after=5 150 python3 benchmarks/host_overhead.py ${GPU_SM90_HOST#-} \
+  # shellcheck disable=SC2046  # the arguments are a list
+  timeout --kill-after=5 150 python3 benchmarks/host_overhead.py $(args_of "$GPU_SM90_HOST") \
     > "$OUT/host_overhead.md" 2> "$OUT/host_overhead.log"
   echo "host_overhead exit $?"; head -n 20 "$OUT/host_overhead.md"
 fi
 if [ -n "${GPU_SM90_DECODE-}" ]; then
-  # shellcheck disable=SC2086  # the arguments are a list
-  timeout --kill-after=5 150 python3 benchmarks/bench_decode.py ${GPU_SM90_DECODE#-} \
+  # shellcheck disable=SC2046  # the arguments are a list
+  timeout --kill-after=5 150 python3 benchmarks/bench_decode.py $(args_of "$GPU_SM90_DECODE") \
     > "$OUT/decode.md" 2> "$OUT/decode.log"
   echo "decode exit $?"; cat "$OUT/decode.md"
 fi

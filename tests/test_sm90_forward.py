@@ -88,7 +88,7 @@ def test_fallback_is_visible_in_debug_mode(monkeypatch, capfd):
     monkeypatch.setenv("CUFLASH_DEBUG", "1")
     forward_kernels(64, softcap=30.0)
     err = capfd.readouterr().err
-    assert "cuflash::flash_fwd_kernel<__nv_bfloat16, 64, true>" in err and "sm90" not in err, err
+    assert "cuflash::flash_fwd_kernel<__nv_bfloat16, 64, true, " in err and "sm90" not in err, err
 
 
 def with_features(mode, monkeypatch):
