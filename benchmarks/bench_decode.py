@@ -3,8 +3,8 @@
 of incremental generation, where the K/V reads are the work (memory bound). For each cache
 length: ours through flash_attn_with_kvcache over a contiguous cache, over a paged one (blocks of
 256 in a shuffled order), with cache_batch_idx, and unsplit (num_splits=1; the others choose their
-split-KV), with several tokens a step also with grouped heads packed as rows
-(CUFLASH_PACK_GQA=1), beside torch SDPA over the same keys (GQA expanded by SDPA's enable_gqa). Reports
+split-KV), with several tokens a step also with grouped heads packed as rows and not
+(CUFLASH_PACK_GQA=1 and 0), beside torch SDPA over the same keys (GQA expanded by SDPA's enable_gqa). Reports
 microseconds a call replayed from a CUDA graph (the GPU's time, as a serving loop that captures
 its steps sees it) with the K/V bytes read a second, and the eager call's microseconds (host
 time included where it exceeds the GPU's).
@@ -61,8 +61,9 @@ def cases(batch, heads_q, heads_kv, head_dim, seqlen, seqlen_q, dtype, dev="cuda
         # SDPA's causal mask is top-left: for seqlen_q > 1 it is not the decoding mask, so none.
         "sdpa": lambda: F.scaled_dot_product_attention(qt, kt, vt, enable_gqa=True),
     }
-    if seqlen_q > 1:  # grouped heads packed as rows (one token a step packs by default)
+    if seqlen_q > 1:  # grouped heads packed as rows or not (the default packs a few tokens)
         steps["ours packed"] = with_env({"CUFLASH_PACK_GQA": "1"}, steps["ours contiguous"])
+        steps["ours unpacked"] = with_env({"CUFLASH_PACK_GQA": "0"}, steps["ours contiguous"])
     return steps
 
 

@@ -14,8 +14,8 @@ from test_kvcache import per_sequence_reference
 from test_paged_kv import PAGE, gathered, paged_case
 
 ops = torch.ops.cuflash_attn
-DTYPES = [torch.float64] + [pytest.param(t, marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA"))
-                            for t in LOW_PRECISION]
+DTYPES = [torch.float64, torch.float32] + [
+    pytest.param(t, marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA")) for t in LOW_PRECISION]
 
 
 def op_names(fn):
@@ -98,6 +98,20 @@ def test_packing_runs_only_where_asked(monkeypatch):
     assert copies() == 0
     monkeypatch.delenv("CUFLASH_PACK_GQA")
     assert copies() == 0
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA")
+@pytest.mark.parametrize("queries,group,packs", [(4, 4, True), (2, 8, True), (64, 4, True), (128, 4, False),
+                                                 (256, 2, False), (1000, 4, False)])
+def test_cuda_packs_by_default_where_tiles_would_be_empty(monkeypatch, queries, group, packs):
+    """Unset, CUDA packs several queries where a head's queries fill its 128-row query tiles
+    poorly and the group's rows fill them better (FlashAttention-3's rule): a step of a few
+    tokens, not a prompt."""
+    monkeypatch.delenv("CUFLASH_PACK_GQA", raising=False)
+    q = torch.randn(1, 2 * group, queries, 64, device="cuda", dtype=torch.bfloat16)
+    k, v = (torch.randn(1, 2, 300, 64, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    names = op_names(lambda: ops.fwd(q, k, v, None, True, True))
+    assert (names.count("aten::copy_") >= 3) == packs, names
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -41,9 +41,10 @@
 //                   to the sm_80-class kernels is visible), its grid and shared memory; unset,
 //                   "" or "0": quiet
 //   CUFLASH_PACK_GQA  the forward's grouped query heads as rows of their KV head (torch_ops.cpp's
-//                   group_packing; each KV head read once): unset or "", one query token a
-//                   sequence on CUDA (decoding); "1": several tokens too, and on the CPU (tests;
-//                   not yet measured on a GPU); "0": never (tests and benchmarks)
+//                   group_packing; each KV head read once): unset or "", on CUDA where a
+//                   head's queries would leave its query tiles mostly empty (decoding steps of
+//                   a few tokens); "1": always, and on the CPU (tests); "0": never (tests and
+//                   benchmarks)
 #pragma once
 #include <cstdlib>
 #include <cstring>
