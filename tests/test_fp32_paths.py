@@ -56,7 +56,7 @@ def kernels_of(d, q_offset=0):
 def test_path_taken(d, fp32_path):
     names = kernels_of(d)
     bucket = 32 if d <= 32 else 64 if d <= 64 else 128 if d <= 128 else 256
-    tensor_fwd = f"flash_fwd_kernel<float, {bucket}, false>"
+    tensor_fwd = f"flash_fwd_kernel<float, {bucket}, false, "  # then its tile
     tensor_bwd = (f"flash_bwd_dq_kernel<float, {bucket}, false>", "flash_bwd_dkdv_kernel<float")
     if fp32_path == "exact":
         assert "flash_fwd_simt_kernel<float" in names and "flash_bwd_dkdv_simt_kernel<float" in names, names
@@ -75,7 +75,7 @@ def test_unaligned_inputs_are_copied_onto_the_tensor_cores(fp32_path):
     if fp32_path == "exact":
         pytest.skip("the tensor-core kernels' case")
     names = kernels_of(64, q_offset=1)
-    assert "flash_fwd_kernel<float, 64, false>" in names and "simt" not in names, names
+    assert "flash_fwd_kernel<float, 64, false, " in names and "simt" not in names, names
 
 
 @pytest.mark.parametrize("d", [16, 40, 64, 128, 256])
