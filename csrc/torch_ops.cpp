@@ -497,16 +497,18 @@ GroupPacking group_packing(const Tensor& q, const Tensor& k, const Options& o) {
   // Several queries (FlashAttention-3's PackGQA): rows r = i * G + g of copies of q and out, the
   // mask taking query r / G (MaskParams::rows_per_query). By default where a head's queries would
   // leave its 128-row query tiles mostly empty and the group's rows fill them better (FA3's
-  // rule): a step of a few tokens then reads each KV head once, not G times (4 tokens, 4096
-  // keys: 170 -> 65 us, benchmarks/NOTES.md); longer query blocks gain nothing for the copies.
+  // rule), up to two tiles of rows: a step of a few tokens then reads each KV head once, not G
+  // times (4 tokens, 4096 keys: 170 -> 65 us; 64 tokens 170 -> 119), while 100 tokens and more
+  // measured slower packed (benchmarks/NOTES.md, "Decoding several tokens").
   if (q.size(2) == 0) return GroupPacking::kNone;
   if (mode == PackGqaSwitch::kAlways) return GroupPacking::kRows;
-  const int64_t group = q.size(1) / k.size(1);
-  const auto tile_fill = [](int64_t rows) {
-    constexpr int64_t kTileRows = 128;
-    return static_cast<double>(rows) / static_cast<double>((rows + kTileRows - 1) / kTileRows * kTileRows);
+  constexpr int64_t kTileRows = 128;
+  const int64_t queries = q.size(2), rows = queries * (q.size(1) / k.size(1));
+  const auto tile_fill = [](int64_t n) {
+    return static_cast<double>(n) / static_cast<double>((n + kTileRows - 1) / kTileRows * kTileRows);
   };
-  return tile_fill(q.size(2)) < 0.9 * tile_fill(q.size(2) * group) ? GroupPacking::kRows : GroupPacking::kNone;
+  return rows <= 2 * kTileRows && tile_fill(queries) < 0.9 * tile_fill(rows) ? GroupPacking::kRows
+                                                                            : GroupPacking::kNone;
 }
 
 std::tuple<Tensor, Tensor> fwd_impl(const Tensor& q, const Tensor& k, const Tensor& v, const Options& o,

@@ -1,6 +1,7 @@
 """The calls scripts/ncu_profile.sh profiles: NCU_CASES, each pass:batch,heads,seqlen,head_dim:causal[:det]
-(bf16), or dec:batch,heads_q,cache_keys,head_dim:heads_kv (one decoding step of
-flash_attn_with_kvcache, split-KV chosen as by default). Only the pass named runs inside the NVTX
+(bf16), or dec:batch,heads_q,cache_keys,head_dim:heads_kv[:tokens[:packed|unpacked]] (one decoding
+step of flash_attn_with_kvcache, causal for several tokens, split-KV chosen as by default, grouped
+heads packed as rows by default or as named: CUFLASH_PACK_GQA 1 or 0). Only the pass named runs inside the NVTX
 range "profiled", which ncu filters on."""
 import os
 
@@ -16,13 +17,19 @@ for case in os.environ["NCU_CASES"].split():
     if which == "dec":
         from cuflash_attn.flash_attn_interface import flash_attn_with_kvcache
         heads_kv = int(fields[2])
-        q = torch.randn(b, 1, h, d, device="cuda", dtype=torch.bfloat16)
+        tokens = int(fields[3]) if len(fields) > 3 else 1
+        os.environ.pop("CUFLASH_PACK_GQA", None)
+        if len(fields) > 4:
+            os.environ["CUFLASH_PACK_GQA"] = {"packed": "1", "unpacked": "0"}[fields[4]]
+        q = torch.randn(b, tokens, h, d, device="cuda", dtype=torch.bfloat16)
         k_cache, v_cache = (torch.randn(b, n, heads_kv, d, device="cuda", dtype=torch.bfloat16) for _ in range(2))
         lengths = torch.full((b,), n, dtype=torch.int32, device="cuda")
-        flash_attn_with_kvcache(q, k_cache, v_cache, cache_seqlens=lengths)  # loads the kernels
-        torch.cuda.nvtx.range_push("profiled")
-        flash_attn_with_kvcache(q, k_cache, v_cache, cache_seqlens=lengths)
-        torch.cuda.nvtx.range_pop()
+        for profiled in (False, True):  # the first call loads the kernels
+            if profiled:
+                torch.cuda.nvtx.range_push("profiled")
+            flash_attn_with_kvcache(q, k_cache, v_cache, cache_seqlens=lengths, causal=tokens > 1)
+            if profiled:
+                torch.cuda.nvtx.range_pop()
         torch.cuda.synchronize()
         print(case, "ran", flush=True)
         continue
