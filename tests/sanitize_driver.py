@@ -9,7 +9,8 @@ that see no key), batch and heads 1-2, a [B, N, H, D] strided layout,
 and the backward with the gradient of the returned lse; the KV-cache forward: paged keys (with
 seqused_k and flash_attn_with_kvcache's appends), split-KV and its combine kernel (with
 features, paged keys and packed queries), and decoding steps (grouped heads as rows; four
-causal tokens a step packed under CUFLASH_PACK_GQA=1). Every case is checked against the
+causal tokens a step packed under CUFLASH_PACK_GQA=1; 130 unsplit on the TMA forwards under
+CUFLASH_SM90's "seqused" part). Every case is checked against the
 float64 reference with the accuracy rule, so a clean sanitizer run is also a correctness run.
 
     python3 tests/sanitize_driver.py [--list] [--only REGEX] [--case DESCRIPTION] [--device cpu]
@@ -19,6 +20,7 @@ float64 reference with the accuracy rule, so a clean sanitizer run is also a cor
 Exit status: 0 all cases pass, 3 a case failed (or none ran), 2 no GPU.
 """
 import argparse
+import contextlib
 import os
 import re
 import sys
@@ -69,7 +71,8 @@ def cases():
         out += [(dtype, 128, 4, 4, 37, 512, "bottom_right", "paged"), (dtype, 64, 3, 2, 4, 512, "bottom_right", "paged_append"),
                 (dtype, 64, 2, 4, 2, 512, "bottom_right", "split_paged"), (dtype, 64, 2, 4, 3, 600, "none", "split_features"),
                 (dtype, 128, 2, 8, 1, 700, "bottom_right", "decode"),
-                (dtype, 128, 2, 8, 4, 700, "bottom_right", "packed")]
+                (dtype, 128, 2, 8, 4, 700, "bottom_right", "packed"),
+                (dtype, 128, 2, 8, 130, 700, "bottom_right", "seqused_tma")]
     return out
 
 
@@ -120,6 +123,19 @@ def check_decode(device, dtype, d, batch, heads_q, cache_keys, num_splits, token
     assert_lse_close(lse, ref[1], dtype)
 
 
+@contextlib.contextmanager
+def environment(name, value):
+    """Environment variable name set to value inside the block (the run-time switches)."""
+    saved = os.environ.get(name)
+    os.environ[name] = value
+    try:
+        yield
+    finally:
+        os.environ.pop(name)
+        if saved is not None:
+            os.environ[name] = saved
+
+
 def run_case(case, device):
     dtype, d, b, h, nq, nk, causal, variant = case
     if variant == "paged":
@@ -138,15 +154,13 @@ def run_case(case, device):
         for num_splits in (0, 1, 5):
             check_decode(device, dtype, d, b, h, nk, num_splits)
     elif variant == "packed":
-        saved = os.environ.get("CUFLASH_PACK_GQA")
-        os.environ["CUFLASH_PACK_GQA"] = "1"
-        try:
+        with environment("CUFLASH_PACK_GQA", "1"):
             for num_splits in (0, 1, 5):
                 check_decode(device, dtype, d, b, h, nk, num_splits, tokens=nq)
-        finally:
-            os.environ.pop("CUFLASH_PACK_GQA")
-            if saved is not None:
-                os.environ["CUFLASH_PACK_GQA"] = saved
+    elif variant == "seqused_tma":  # unsplit: the TMA forwards, persistent and not, over seqused_k
+        for parts in ("tma,persistent,seqused", "tma,seqused"):
+            with environment("CUFLASH_SM90", parts):
+                check_decode(device, dtype, d, b, h, nk, 1, tokens=nq)
     elif variant == "features":  # GQA 4/2, window, softcap, ALiBi per batch, dropout
         check_dense(device, dtype, b, h, h // 2, nq, nk, d, causal=causal != "none", bottom_right=True,
                     window=(40, -1), softcap=15.0, alibi="batch", dropout_p=0.2)

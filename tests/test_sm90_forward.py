@@ -14,8 +14,9 @@ import pytest
 import torch
 
 from conftest import IS_SM90, cuda_kernels
-from reference import LOW_PRECISION, LOW_PRECISION_IDS
+from reference import LOW_PRECISION, LOW_PRECISION_IDS, assert_close_to_reference, assert_lse_close
 from test_features import check_dense, check_varlen
+from test_kvcache import per_sequence_reference
 
 pytestmark = pytest.mark.skipif(not IS_SM90, reason="needs a compute capability 9.0 GPU")
 KERNEL = {"cpasync": "flash_fwd_sm90_kernel", "tma": "flash_fwd_sm90_tma_kernel",
@@ -59,6 +60,40 @@ def test_path_taken(d, mode, monkeypatch):
     monkeypatch.setenv("CUFLASH_SM90", "0")
     names = forward_kernels(d)
     assert "flash_fwd_sm90" not in names and "flash_fwd_kernel" in names, names
+
+
+@pytest.mark.parametrize("d", [64, 128, 256])
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("nq", [1, 20, 300])
+def test_seqused_k_on_tma_ignores_stale_rows(d, causal, nq, mode, monkeypatch):
+    """Under the "seqused" part the TMA forwards take seqused_k (a KV cache's keys in use): a
+    sequence's last key block runs past its keys into rows TMA reads with it, which hold NaN and
+    Inf here and change nothing (bitwise the finite case's); against float64 per sequence, for
+    lengths of no key, part of a block of 64, 80, 128 or 192 keys, and all of them (the block past
+    the tensor's rows: TMA's zeros)."""
+    monkeypatch.setenv("CUFLASH_SM90", SWITCH[mode] + ",seqused")
+    torch.manual_seed(d + nq)
+    q = torch.randn(4, 4, nq, d, device="cuda", dtype=torch.bfloat16)
+    k, v = (torch.randn(4, 2, 700, d, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    used = torch.tensor([77, 0, 640, 700], dtype=torch.int32, device="cuda")
+    poisoned_k, poisoned_v = k.clone(), v.clone()
+    for b, n in enumerate(used.tolist()):
+        poisoned_k[b, :, n:] = float("nan")
+        poisoned_v[b, :, n:] = float("inf")
+    results = [torch.ops.cuflash_attn.fwd(q, kk, vv, None, causal, True, seqused_k=used)
+               for kk, vv in ((k, v), (poisoned_k, poisoned_v))]
+    for name, clean, poisoned in zip(("out", "lse"), *results):
+        assert torch.equal(clean, poisoned), name
+    ref = per_sequence_reference(q, k, v, used, causal, torch.float64)
+    pt = per_sequence_reference(q, k, v, used, causal, torch.bfloat16)
+    assert_close_to_reference("out", results[0][0], ref[0], pt[0], torch.bfloat16, factor=2)
+    assert_lse_close(results[0][1], ref[1], torch.bfloat16)
+    names = cuda_kernels(lambda: torch.ops.cuflash_attn.fwd(q, k, v, None, causal, True, seqused_k=used))
+    assert (KERNEL[mode] + "<") in names, names
+    monkeypatch.setenv("CUFLASH_SM90", SWITCH[mode])  # without the part: the cp.async kernel
+    if mode != "cpasync":
+        names = cuda_kernels(lambda: torch.ops.cuflash_attn.fwd(q, k, v, None, causal, True, seqused_k=used))
+        assert "flash_fwd_sm90_tma_kernel" not in names and "flash_fwd_sm90_kernel<" in names, names
 
 
 def test_other_cases_keep_the_sm80_kernel():

@@ -201,9 +201,11 @@ inline Sm90Paths sm90_paths(const AttentionParams& p) {
   // TMA boxes read whole key blocks of one tensor: not a paged cache's pages, and past a
   // sequence's seqused_k they read the rows after its keys (their scores are masked, but a NaN or
   // Inf left in a cache's unused rows would still reach P V, dP and dQ as 0 x NaN). The cp.async
-  // kernels, which zero-fill every row past the keys, take both.
-  const bool whole_key_blocks = p.paged.block_table == nullptr && p.varlen.seqused_k == nullptr;
-  choice.tma = choice.fwd && wanted.tma && whole_key_blocks;
+  // kernels, which zero-fill every row past the keys, take both; the TMA forward takes seqused_k
+  // under the "seqused" part, zeroing those rows of V in shared memory.
+  const bool paged = p.paged.block_table != nullptr, seqused = p.varlen.seqused_k != nullptr;
+  const bool whole_key_blocks = !paged && !seqused;
+  choice.tma = choice.fwd && wanted.tma && !paged && (!seqused || wanted.tma_seqused);
   choice.persistent = choice.tma && wanted.persistent;  // plain attention only: launch_fwd_tma
   choice.bwd = choice.fwd && !features && wanted.bwd;
   choice.bwd_ws = choice.bwd && wanted.bwd_ws && whole_key_blocks;

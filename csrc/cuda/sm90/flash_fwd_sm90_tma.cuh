@@ -10,7 +10,9 @@
 // runs on the tensor cores; and they take turns issuing, so that one's softmax overlaps the
 // others' matmuls. No load addresses, cp.async or block-wide barriers in the consumers: that is
 // what the cp.async kernel (flash_fwd_sm90.cuh) was short of.
-// Dense inputs only (no cu_seqlens: a TMA box would read past a packed sequence's end).
+// Dense inputs only (no cu_seqlens: a TMA box would read past a packed sequence's end); with
+// seqused_k only under CUFLASH_SM90's "seqused" part (not yet measured: the rows past a
+// sequence's keys are zeroed in shared memory, below).
 #pragma once
 #include <type_traits>
 #include "flash_fwd_sm90.cuh"
@@ -47,6 +49,18 @@ struct FwdSm90TmaKernel {
   static_assert(fits_launch_registers<kThreads>(kProducerRegs, kConsumerRegs), "setmaxnreg's split");
   static_assert(kSmemBytes <= 227 * 1024, "shared memory per block");
 };
+
+// Rows [first_row, kRows) of kPanels 128-byte-swizzled panels of kRows rows (a K or V stage as
+// TMA writes it) set to zero, by `threads` threads (this one `thread`). The swizzle permutes a
+// row's 16-byte chunks within the row, so whole rows are whole 128-byte runs.
+template <int kPanels, int kRows>
+__device__ __forceinline__ void zero_rows_of_panels(unsigned char* panels, int first_row, int thread, int threads) {
+  const int chunks_per_panel = (kRows - first_row) * 8;
+  for (int c = thread; c < kPanels * chunks_per_panel; c += threads) {
+    const int panel = c / chunks_per_panel, chunk = c - panel * chunks_per_panel;
+    *reinterpret_cast<uint4*>(panels + panel * kRows * 128 + first_row * 128 + chunk * 16) = make_uint4(0, 0, 0, 0);
+  }
+}
 
 // One tile's work: its query block, head and batch, and the key blocks its rows see.
 struct TmaTile {
@@ -232,6 +246,18 @@ __global__ void __launch_bounds__(FwdSm90TmaKernel<T, kHeadDim, kWide, kPersiste
       // The last consumer's first signal of the tile: after its q_full wait, so that it cannot
       // meet on barrier 2 the previous tile's last signal, which consumer 0 takes at that tile's end.
       if (consumer == K::kConsumers - 1) named_barrier_arrive<kTurnThreads>(2);
+      // seqused_k (CUFLASH_SM90's "seqused" part): the first step's block, the sequence's last,
+      // may run past its keys into rows the tensor holds but the sequence does not use (a KV
+      // cache's), which TMA reads like any other (past the tensor's rows it fills zeros). Their
+      // scores are masked, but P V would still take 0 x NaN from a stale or uninitialized row:
+      // the consumers zero those rows of V first, a share each, before any P V of the tile.
+      const int used_rows = tile.seq.seqlen_k - tile.block_of(0) * kBlockN;  // > 0: the block has a key
+      if (p.varlen.seqused_k != nullptr && used_rows < kBlockN) {  // the same for every consumer
+        wait_v(0);
+        zero_rows_of_panels<kPanels, kBlockN>(sV(stage_of(0)), used_rows, tid - 128, kConsumerThreads);
+        fence_async_shared();  // these generic-proxy writes before the wgmmas' (async proxy) reads
+        named_barrier_sync<kConsumerThreads>(1);
+      }
       {  // step 0: S only
         mbarrier_wait(&k_full[stage_of(0)], full_parity(0));
         WarpAcc<kBlockN> s;
