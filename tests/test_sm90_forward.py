@@ -17,6 +17,7 @@ from conftest import IS_SM90, cuda_kernels
 from reference import LOW_PRECISION, LOW_PRECISION_IDS, assert_close_to_reference, assert_lse_close
 from test_features import check_dense, check_varlen
 from test_kvcache import per_sequence_reference
+from test_paged_kv import PAGE, gathered, paged_case
 
 pytestmark = pytest.mark.skipif(not IS_SM90, reason="needs a compute capability 9.0 GPU")
 KERNEL = {"cpasync": "flash_fwd_sm90_kernel", "tma": "flash_fwd_sm90_tma_kernel",
@@ -66,12 +67,12 @@ def test_path_taken(d, mode, monkeypatch):
 @pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("nq", [1, 20, 300])
 def test_seqused_k_on_tma_ignores_stale_rows(d, causal, nq, mode, monkeypatch):
-    """Under the "seqused" part the TMA forwards take seqused_k (a KV cache's keys in use): a
-    sequence's last key block runs past its keys into rows TMA reads with it, which hold NaN and
-    Inf here and change nothing (bitwise the finite case's); against float64 per sequence, for
-    lengths of no key, part of a block of 64, 80, 128 or 192 keys, and all of them (the block past
-    the tensor's rows: TMA's zeros)."""
-    monkeypatch.setenv("CUFLASH_SM90", SWITCH[mode] + ",seqused")
+    """Under the "kvcache" part the TMA forwards (their narrow tiles) take seqused_k (a KV cache's
+    keys in use): a sequence's last key block runs past its keys into rows TMA reads with it,
+    which hold NaN and Inf here and change nothing (bitwise the finite case's); against float64
+    per sequence, for lengths of no key, part of a block of 64 or 128 keys, and all of them (the
+    block past the tensor's rows: TMA's zeros)."""
+    monkeypatch.setenv("CUFLASH_SM90", SWITCH[mode] + ",kvcache")
     torch.manual_seed(d + nq)
     q = torch.randn(4, 4, nq, d, device="cuda", dtype=torch.bfloat16)
     k, v = (torch.randn(4, 2, 700, d, device="cuda", dtype=torch.bfloat16) for _ in range(2))
@@ -94,6 +95,36 @@ def test_seqused_k_on_tma_ignores_stale_rows(d, causal, nq, mode, monkeypatch):
     if mode != "cpasync":
         names = cuda_kernels(lambda: torch.ops.cuflash_attn.fwd(q, k, v, None, causal, True, seqused_k=used))
         assert "flash_fwd_sm90_tma_kernel" not in names and "flash_fwd_sm90_kernel<" in names, names
+
+
+@pytest.mark.parametrize("d", [64, 128, 256])
+@pytest.mark.parametrize("causal", [False, True])
+def test_paged_cache_on_tma(d, causal, mode, monkeypatch):
+    """Under the "kvcache" part the TMA forwards read a paged cache page by page (the block
+    table's pages in a shuffled order, clamped ids never read), every row a sequence does not use
+    NaN or Inf; bitwise the finite case's, against float64 over the gathered keys."""
+    monkeypatch.setenv("CUFLASH_SM90", SWITCH[mode] + ",kvcache")
+    k_pages, v_pages, table = paged_case("cuda", torch.bfloat16, d)
+    q = torch.randn(4, 4, 37, d, device="cuda", dtype=torch.bfloat16)
+    used = torch.tensor([0, 30, PAGE + 5, 2 * PAGE], dtype=torch.int32, device="cuda")
+    keep = torch.zeros(k_pages.shape[0], PAGE, dtype=torch.bool, device="cuda")  # the rows in use
+    for b, n in enumerate(used.tolist()):
+        for j in range(0, n, PAGE):
+            keep[table[b, j // PAGE], :min(PAGE, n - j)] = True
+    poisoned_k = torch.where(keep[:, None, :, None], k_pages, float("nan"))
+    poisoned_v = torch.where(keep[:, None, :, None], v_pages, float("inf"))
+    results = [torch.ops.cuflash_attn.fwd(q, kk, vv, None, causal, True, seqused_k=used, block_table=table)
+               for kk, vv in ((k_pages, v_pages), (poisoned_k, poisoned_v))]
+    for name, clean, poisoned in zip(("out", "lse"), *results):
+        assert torch.equal(clean, poisoned), name
+    k, v = gathered(k_pages, table, 2), gathered(v_pages, table, 2)
+    ref = per_sequence_reference(q, k, v, used, causal, torch.float64)
+    pt = per_sequence_reference(q, k, v, used, causal, torch.bfloat16)
+    assert_close_to_reference("out", results[0][0], ref[0], pt[0], torch.bfloat16, factor=2)
+    assert_lse_close(results[0][1], ref[1], torch.bfloat16)
+    names = cuda_kernels(lambda: torch.ops.cuflash_attn.fwd(q, k_pages, v_pages, None, causal, True, seqused_k=used,
+                                                            block_table=table))
+    assert (KERNEL[mode] + "<") in names, names
 
 
 def test_other_cases_keep_the_sm80_kernel():

@@ -18,9 +18,10 @@
 //                   atomics (head dims up to 128) the fused one (dQ added by TMA reduce)
 //       features    softcap, ALiBi, attn_mask and dropout in the Hopper forwards (the TMA one
 //                   where "tma" is listed too); without it those take the sm_80-class forward
-//       seqused     with tma, not a default: the TMA forward for seqused_k too (a KV cache's
-//                   keys in use; the rows past them zeroed in shared memory), where otherwise
-//                   the cp.async forward runs
+//       kvcache     with tma, not a default: the TMA forward for KV caches too, seqused_k
+//                   (the rows past a sequence's keys zeroed in shared memory) and paged ones
+//                   (the narrow tiles: a key block within a page), where otherwise the cp.async
+//                   forward runs
 //   CUFLASH_BWD_DQ  unset or "": dQ by its own kernel, unless the fused Hopper kernel is faster
 //                   (prefers_fused_backward), with atomics where the op's deterministic=False;
 //                   "atomic": added by the dK/dV kernel with fp32 atomics wherever it can be (not
@@ -57,7 +58,7 @@ namespace cuflash {
 
 struct Sm90Switch {
   bool on = true, tma = true, bwd = true, features = true, persistent = true, bwd_ws = true;
-  bool tma_seqused = false;  // not a default part (yet): unmeasured
+  bool tma_kv_cache = false;  // not a default part (yet): unmeasured
 };
 
 // value (null: unset) -> *out; false if value names something else.
@@ -77,7 +78,7 @@ inline bool parse_sm90_switch(const char* value, Sm90Switch* out) {
         else if (is("features")) s.features = true;
         else if (is("persistent")) s.persistent = true;
         else if (is("bwdws")) s.bwd_ws = true;
-        else if (is("seqused")) s.tma_seqused = true;
+        else if (is("kvcache")) s.tma_kv_cache = true;
         else if (!is("cpasync")) return false;
         if (!end) break;
         at = end + 1;
@@ -130,7 +131,7 @@ inline std::string run_switch_error() {
   const char* sm90 = std::getenv("CUFLASH_SM90");
   if (!parse_sm90_switch(sm90, &unused))
     return std::string("environment variable CUFLASH_SM90 must be unset, empty, \"0\" or a comma list of cpasync, "
-                       "tma, bwd, bwdws, features, persistent and seqused, got \"") + sm90 + "\"";
+                       "tma, bwd, bwdws, features, persistent and kvcache, got \"") + sm90 + "\"";
   // The one-value switches: unset, empty or one of the values listed (as the message spells them).
   struct OneOf {
     const char *name, *values[3], *spelled;  // values: unused ones null

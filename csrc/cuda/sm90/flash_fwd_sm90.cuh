@@ -201,11 +201,11 @@ inline Sm90Paths sm90_paths(const AttentionParams& p) {
   // TMA boxes read whole key blocks of one tensor: not a paged cache's pages, and past a
   // sequence's seqused_k they read the rows after its keys (their scores are masked, but a NaN or
   // Inf left in a cache's unused rows would still reach P V, dP and dQ as 0 x NaN). The cp.async
-  // kernels, which zero-fill every row past the keys, take both; the TMA forward takes seqused_k
-  // under the "seqused" part, zeroing those rows of V in shared memory.
+  // kernels, which zero-fill every row past the keys, take both; the TMA forward takes both under
+  // the "kvcache" part, zeroing those rows of V in shared memory and addressing pages.
   const bool paged = p.paged.block_table != nullptr, seqused = p.varlen.seqused_k != nullptr;
   const bool whole_key_blocks = !paged && !seqused;
-  choice.tma = choice.fwd && wanted.tma && !paged && (!seqused || wanted.tma_seqused);
+  choice.tma = choice.fwd && wanted.tma && (whole_key_blocks || wanted.tma_kv_cache);
   choice.persistent = choice.tma && wanted.persistent;  // plain attention only: launch_fwd_tma
   choice.bwd = choice.fwd && !features && wanted.bwd;
   choice.bwd_ws = choice.bwd && wanted.bwd_ws && whole_key_blocks;

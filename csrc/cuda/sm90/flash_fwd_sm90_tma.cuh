@@ -11,8 +11,8 @@
 // others' matmuls. No load addresses, cp.async or block-wide barriers in the consumers: that is
 // what the cp.async kernel (flash_fwd_sm90.cuh) was short of.
 // Dense inputs only (no cu_seqlens: a TMA box would read past a packed sequence's end); with
-// seqused_k only under CUFLASH_SM90's "seqused" part (not yet measured: the rows past a
-// sequence's keys are zeroed in shared memory, below).
+// seqused_k and paged caches only under CUFLASH_SM90's "kvcache" part (not yet measured: the
+// rows past a sequence's keys are zeroed in shared memory, pages addressed by the producer).
 #pragma once
 #include <type_traits>
 #include "flash_fwd_sm90.cuh"
@@ -60,6 +60,19 @@ __device__ __forceinline__ void zero_rows_of_panels(unsigned char* panels, int f
     const int panel = c / chunks_per_panel, chunk = c - panel * chunks_per_panel;
     *reinterpret_cast<uint4*>(panels + panel * kRows * 128 + first_row * 128 + chunk * 16) = make_uint4(0, 0, 0, 0);
   }
+}
+
+// Where TMA finds the key block starting at key j of sequence b: row j of batch b, or in a paged
+// cache row j % page_size of page block_table[b][j / page_size] (clamped into the cache, as
+// key_offset does). A block never straddles pages: page_size is a multiple of 256, and KV-cache
+// launches take the narrow tiles, whose key blocks (128 or 64) divide it (launch_fwd_tma).
+struct KeyBlockAt {
+  int row, batch;
+};
+__device__ __forceinline__ KeyBlockAt key_block_at(const PagedKvParams& pg, int b, int j) {
+  if (pg.block_table == nullptr) return {j, b};
+  const int page = min(max(pg.block_table[b * pg.table_stride + j / pg.page_size], 0), pg.num_pages - 1);
+  return {j % pg.page_size, page};
 }
 
 // One tile's work: its query block, head and batch, and the key blocks its rows see.
@@ -154,20 +167,22 @@ __global__ void __launch_bounds__(FwdSm90TmaKernel<T, kHeadDim, kWide, kPersiste
       const TmaTile tile = tile_at(index);
       const int steps = tile.steps();
       if (p.tile_counters) count_tiles(p.tile_counters, tile.seq, tile.n_blocks, kBlockM, kBlockN);
-      auto load = [&](const CUtensorMap* map, unsigned char* dst, uint64_t* full, int t) {
+      auto load = [&](const CUtensorMap* map, unsigned char* dst, uint64_t* full, KeyBlockAt at) {
         mbarrier_arrive_expect_tx(full, K::kKVBytes);
 #pragma unroll
         for (int panel = 0; panel < kPanels; ++panel)
-          tma_load_4d(dst + panel * kBlockN * 128, map, full, panel * 64, tile.block_of(t) * kBlockN, tile.h_kv,
-                      tile.b);
+          tma_load_4d(dst + panel * kBlockN * 128, map, full, panel * 64, at.row, tile.h_kv, at.batch);
       };
       auto load_step = [&](int t) {
         const int g = step + t, stage = g % kStages, use = g / kStages;
+        // (KV caches take the narrow tiles only: the wide ones stay as they were.)
+        const int key0 = tile.block_of(t) * kBlockN;
+        const KeyBlockAt at = kWide ? KeyBlockAt{key0, tile.b} : key_block_at(p.paged, tile.b, key0);
         // The stage's previous tiles (step g - kStages) were released by every consumer warp.
         if (g >= kStages) mbarrier_wait(&k_empty[stage], (use - 1) & 1);
-        load(&map_k, sK(stage), &k_full[stage], t);
+        load(&map_k, sK(stage), &k_full[stage], at);
         if (g >= kStages) mbarrier_wait(&v_empty[stage], (use - 1) & 1);
-        load(&map_v, sV(stage), &v_full[stage], t);
+        load(&map_v, sV(stage), &v_full[stage], at);
       };
       // After the first tile, the first stages' loads (which wait only on the previous tile's
       // releases) go out before Q, whose buffer the previous tile's consumers may still be reading.
@@ -246,13 +261,13 @@ __global__ void __launch_bounds__(FwdSm90TmaKernel<T, kHeadDim, kWide, kPersiste
       // The last consumer's first signal of the tile: after its q_full wait, so that it cannot
       // meet on barrier 2 the previous tile's last signal, which consumer 0 takes at that tile's end.
       if (consumer == K::kConsumers - 1) named_barrier_arrive<kTurnThreads>(2);
-      // seqused_k (CUFLASH_SM90's "seqused" part): the first step's block, the sequence's last,
+      // seqused_k (CUFLASH_SM90's "kvcache" part): the first step's block, the sequence's last,
       // may run past its keys into rows the tensor holds but the sequence does not use (a KV
       // cache's), which TMA reads like any other (past the tensor's rows it fills zeros). Their
       // scores are masked, but P V would still take 0 x NaN from a stale or uninitialized row:
       // the consumers zero those rows of V first, a share each, before any P V of the tile.
       const int used_rows = tile.seq.seqlen_k - tile.block_of(0) * kBlockN;  // > 0: the block has a key
-      if (p.varlen.seqused_k != nullptr && used_rows < kBlockN) {  // the same for every consumer
+      if (!kWide && p.varlen.seqused_k != nullptr && used_rows < kBlockN) {  // the same for every consumer
         wait_v(0);
         zero_rows_of_panels<kPanels, kBlockN>(sV(stage_of(0)), used_rows, tid - 128, kConsumerThreads);
         fence_async_shared();  // these generic-proxy writes before the wgmmas' (async proxy) reads
@@ -344,16 +359,20 @@ bool wide_rows(const FlashFwdParams& p) {
 struct AttentionTmaMaps {
   CUtensorMap q, k, v;
 };
+// A paged cache's k and v are [num_pages, heads_kv, page_size, head_dim]: pages in the batch
+// dimension, a page's rows in the row one.
 template <typename T, int kHeadDim, bool kWide>
 bool encode_fwd_tma_maps(const FlashFwdParams& p, AttentionTmaMaps* maps) {
   using K = FwdSm90TmaKernel<T, kHeadDim, kWide>;
   const AttentionShape& sh = p.shape;
   constexpr bool kBf16 = std::is_same_v<T, __nv_bfloat16>;
+  const bool paged = p.paged.block_table != nullptr;
+  const int kv_batch = paged ? p.paged.num_pages : sh.batch, kv_rows = paged ? p.paged.page_size : sh.seqlen_k;
   return encode_attention_map(&maps->q, p.q, kBf16, p.q_strides, sh.batch, sh.heads_q, sh.seqlen_q, sh.head_dim,
                               K::kBlockM) &&
-         encode_attention_map(&maps->k, p.k, kBf16, p.k_strides, sh.batch, sh.heads_kv, sh.seqlen_k, sh.head_dim,
+         encode_attention_map(&maps->k, p.k, kBf16, p.k_strides, kv_batch, sh.heads_kv, kv_rows, sh.head_dim,
                               K::kBlockN) &&
-         encode_attention_map(&maps->v, p.v, kBf16, p.v_strides, sh.batch, sh.heads_kv, sh.seqlen_k, sh.head_dim,
+         encode_attention_map(&maps->v, p.v, kBf16, p.v_strides, kv_batch, sh.heads_kv, kv_rows, sh.head_dim,
                               K::kBlockN);
 }
 
