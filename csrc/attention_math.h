@@ -90,11 +90,21 @@ CUFLASH_HD T* key_rows(const AttentionParams& p, Base* base, const TensorStrides
   if (p.paged.block_table == nullptr) return row_at<T>(base, t, s, false, b, h, 0);
   return static_cast<T*>(base) + h * t.head;
 }
-CUFLASH_HD int64_t key_offset(const AttentionParams& p, const TensorStrides& t, int b, int j) {
-  const PagedKvParams& pg = p.paged;
-  if (pg.block_table == nullptr) return j * t.row;
+// Key j of sequence b as (row, batch) of k or v: row j of batch b, or in a paged cache row
+// j % page_size of page block_table[b][j / page_size], the page id clamped into the cache (the TMA
+// forward addresses its boxes by it).
+struct KeyAt {
+  int row, batch;
+};
+CUFLASH_HD KeyAt key_at(const PagedKvParams& pg, int b, int j) {
+  if (pg.block_table == nullptr) return {j, b};
   const int page = min_int(max_int(pg.block_table[b * pg.table_stride + j / pg.page_size], 0), pg.num_pages - 1);
-  return page * t.batch + int64_t{j % pg.page_size} * t.row;
+  return {j % pg.page_size, page};
+}
+CUFLASH_HD int64_t key_offset(const AttentionParams& p, const TensorStrides& t, int b, int j) {
+  if (p.paged.block_table == nullptr) return j * t.row;
+  const KeyAt at = key_at(p.paged, b, j);
+  return at.batch * t.batch + int64_t{at.row} * t.row;
 }
 template <typename T, typename Base>
 CUFLASH_HD T* key_row_at(const AttentionParams& p, Base* base, const TensorStrides& t, const Sequence& s, int b,

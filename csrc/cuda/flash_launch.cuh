@@ -133,8 +133,8 @@ bool launch_fwd_tma(const FlashFwdParams& p, bool persistent, cudaStream_t strea
   constexpr std::false_type no{};
   constexpr std::true_type yes{};
   // KV caches (CUFLASH_SM90's "kvcache" part) take the narrow tiles only, which handle them: a
-  // paged cache's key blocks (128 or 64 keys) then divide every page size (multiples of 256), and
-  // the wide kernels stay as they were.
+  // paged cache's key blocks (128 or 64 keys) then divide every page size (multiples of 256:
+  // no block straddles pages), and the wide kernels stay as they were.
   const bool kv_cache = p.paged.block_table != nullptr || p.varlen.seqused_k != nullptr;
   if (p.paged.block_table != nullptr && p.paged.page_size % Plain::kBlockN != 0) return false;
   if (needs_feature_path(p)) return run(no, yes, no);

@@ -62,19 +62,6 @@ __device__ __forceinline__ void zero_rows_of_panels(unsigned char* panels, int f
   }
 }
 
-// Where TMA finds the key block starting at key j of sequence b: row j of batch b, or in a paged
-// cache row j % page_size of page block_table[b][j / page_size] (clamped into the cache, as
-// key_offset does). A block never straddles pages: page_size is a multiple of 256, and KV-cache
-// launches take the narrow tiles, whose key blocks (128 or 64) divide it (launch_fwd_tma).
-struct KeyBlockAt {
-  int row, batch;
-};
-__device__ __forceinline__ KeyBlockAt key_block_at(const PagedKvParams& pg, int b, int j) {
-  if (pg.block_table == nullptr) return {j, b};
-  const int page = min(max(pg.block_table[b * pg.table_stride + j / pg.page_size], 0), pg.num_pages - 1);
-  return {j % pg.page_size, page};
-}
-
 // One tile's work: its query block, head and batch, and the key blocks its rows see.
 struct TmaTile {
   int m_start, h, b, h_kv;
@@ -167,7 +154,7 @@ __global__ void __launch_bounds__(FwdSm90TmaKernel<T, kHeadDim, kWide, kPersiste
       const TmaTile tile = tile_at(index);
       const int steps = tile.steps();
       if (p.tile_counters) count_tiles(p.tile_counters, tile.seq, tile.n_blocks, kBlockM, kBlockN);
-      auto load = [&](const CUtensorMap* map, unsigned char* dst, uint64_t* full, KeyBlockAt at) {
+      auto load = [&](const CUtensorMap* map, unsigned char* dst, uint64_t* full, KeyAt at) {
         mbarrier_arrive_expect_tx(full, K::kKVBytes);
 #pragma unroll
         for (int panel = 0; panel < kPanels; ++panel)
@@ -175,9 +162,11 @@ __global__ void __launch_bounds__(FwdSm90TmaKernel<T, kHeadDim, kWide, kPersiste
       };
       auto load_step = [&](int t) {
         const int g = step + t, stage = g % kStages, use = g / kStages;
-        // (KV caches take the narrow tiles only: the wide ones stay as they were.)
+        // A key block's first key (attention_math.h's key_at: in a paged cache, the page and the row
+        // in it). A block never straddles pages: page_size is a multiple of 256, and KV caches take
+        // the narrow tiles, whose blocks (128 or 64 keys) divide it; the wide ones stay as they were.
         const int key0 = tile.block_of(t) * kBlockN;
-        const KeyBlockAt at = kWide ? KeyBlockAt{key0, tile.b} : key_block_at(p.paged, tile.b, key0);
+        const KeyAt at = kWide ? KeyAt{key0, tile.b} : key_at(p.paged, tile.b, key0);
         // The stage's previous tiles (step g - kStages) were released by every consumer warp.
         if (g >= kStages) mbarrier_wait(&k_empty[stage], (use - 1) & 1);
         load(&map_k, sK(stage), &k_full[stage], at);
