@@ -9,8 +9,8 @@ that see no key), batch and heads 1-2, a [B, N, H, D] strided layout,
 and the backward with the gradient of the returned lse; the KV-cache forward: paged keys (with
 seqused_k and flash_attn_with_kvcache's appends), split-KV and its combine kernel (with
 features, paged keys and packed queries), and decoding steps (grouped heads as rows; four
-causal tokens a step packed under CUFLASH_PACK_GQA=1; 130 unsplit on the TMA forwards under
-CUFLASH_SM90's "kvcache" part, over contiguous and paged caches). Every case is checked against the
+causal tokens a step packed under CUFLASH_PACK_GQA=1; 130 unsplit and one split 5 ways on the
+TMA forwards under CUFLASH_SM90's "kvcache" part, over contiguous and paged caches). Every case is checked against the
 float64 reference with the accuracy rule, so a clean sanitizer run is also a correctness run.
 
     python3 tests/sanitize_driver.py [--list] [--only REGEX] [--case DESCRIPTION] [--device cpu]
@@ -160,11 +160,12 @@ def run_case(case, device):
         with environment("CUFLASH_PACK_GQA", "1"):
             for num_splits in (0, 1, 5):
                 check_decode(device, dtype, d, b, h, nk, num_splits, tokens=nq)
-    elif variant == "kvcache_tma":  # unsplit: the TMA forwards, persistent and not, over KV caches
+    elif variant == "kvcache_tma":  # the TMA forwards, persistent and not, over KV caches; splits
         import test_paged_kv
         for parts in ("tma,persistent,kvcache", "tma,kvcache"):
             with environment("CUFLASH_SM90", parts):
                 check_decode(device, dtype, d, b, h, nk, 1, tokens=nq)
+                check_decode(device, dtype, d, b, h, nk, 5)  # one token, 5 splits
                 test_paged_kv.test_paged_matches_reference(device, dtype, d, True)
     elif variant == "features":  # GQA 4/2, window, softcap, ALiBi per batch, dropout
         check_dense(device, dtype, b, h, h // 2, nq, nk, d, causal=causal != "none", bottom_right=True,

@@ -6,7 +6,7 @@ shape (the profiler shows the combine kernel ran); the argument's checks."""
 import pytest
 import torch
 
-from conftest import DEVICES, HAS_CUDA, cuda_kernels
+from conftest import DEVICES, HAS_CUDA, IS_SM90, cuda_kernels
 from cuflash_attn.flash_attn_interface import flash_attn_with_kvcache
 from reference import LOW_PRECISION, LOW_PRECISION_IDS, assert_close_to_reference, assert_lse_close, attention_reference
 from test_kvcache import per_sequence_reference
@@ -14,6 +14,17 @@ from test_kvcache import per_sequence_reference
 ops = torch.ops.cuflash_attn
 requires_cuda = pytest.mark.skipif(not HAS_CUDA, reason="split-KV is CUDA's")
 COMBINE = "flash_fwd_combine_kernel"
+# The kernels that run the splits: the sm_80-class one (the default), or under CUFLASH_SM90's
+# "kvcache" part the plain TMA forward (softcap and the other features keep the sm_80-class one).
+KVCACHE_PARTS = "tma,bwd,bwdws,features,persistent,kvcache"
+SPLIT_KERNEL = {"sm80": "flash_fwd_kernel<", "tma": "flash_fwd_sm90_tma_kernel<"}
+
+
+@pytest.fixture(params=["sm80", pytest.param("tma", marks=pytest.mark.skipif(not IS_SM90, reason="needs an sm_90 GPU"))])
+def split_kernel(request, monkeypatch):
+    if request.param == "tma":
+        monkeypatch.setenv("CUFLASH_SM90", KVCACHE_PARTS)
+    return request.param
 
 
 @requires_cuda
@@ -21,15 +32,15 @@ COMBINE = "flash_fwd_combine_kernel"
 @pytest.mark.parametrize("d", [64, 128, 256])
 @pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("num_splits", [2, 3, 7, 128])
-def test_split_matches_reference(dtype, d, causal, num_splits):
+def test_split_matches_reference(dtype, d, causal, num_splits, split_kernel):
     """GQA; 5 queries over 700 keys (a ragged last block), a window that leaves most splits of
-    a row empty under the causal mask; the combine kernel ran."""
+    a row empty under the causal mask; the split kernel and the combine kernel ran."""
     torch.manual_seed(0)
     q = torch.randn(2, 4, 5, d, device="cuda", dtype=dtype)
     k, v = (torch.randn(2, 2, 700, d, device="cuda", dtype=dtype) for _ in range(2))
     window = (90, -1) if causal else (-1, -1)
     names = cuda_kernels(lambda: ops.fwd(q, k, v, None, causal, True, window[0], window[1], num_splits=num_splits))
-    assert COMBINE in names, names
+    assert COMBINE in names and SPLIT_KERNEL[split_kernel] in names, names
     out, lse = ops.fwd(q, k, v, None, causal, True, window[0], window[1], num_splits=num_splits)
     ref, ref_lse = attention_reference(q, k, v, causal, bottom_right=True, window=window)
     pt, _ = attention_reference(q, k, v, causal, bottom_right=True, window=window, dtype=dtype)
@@ -39,7 +50,7 @@ def test_split_matches_reference(dtype, d, causal, num_splits):
 
 @requires_cuda
 @pytest.mark.parametrize("dtype", LOW_PRECISION, ids=LOW_PRECISION_IDS)
-def test_split_with_features(dtype):
+def test_split_with_features(dtype, split_kernel):
     """softcap, ALiBi, a boolean attn_mask and dropout (the same keep-mask as the unsplit kernel:
     the draw depends on (b, h, i, j) only) against the unsplit forward's result, and rows whose
     every key is masked (lse -inf, output 0)."""
@@ -62,14 +73,18 @@ def test_split_with_features(dtype):
 
 @requires_cuda
 @pytest.mark.parametrize("dtype", LOW_PRECISION, ids=LOW_PRECISION_IDS)
-def test_split_with_seqused_k_paged_and_packed(dtype):
-    """seqused_k over a paged cache (two blocks of 256 a sequence), and packed queries."""
+def test_split_with_seqused_k_paged_and_packed(dtype, split_kernel):
+    """seqused_k over a paged cache (two blocks of 256 a sequence; the split kernel ran), and
+    packed queries (the sm_80-class kernel: TMA takes no cu_seqlens)."""
     torch.manual_seed(2)
     k_pages, v_pages = (torch.randn(5, 2, 256, 64, device="cuda", dtype=dtype) for _ in range(2))
     table = torch.tensor([[3, 0], [1, 4]], dtype=torch.int32, device="cuda")
     used = torch.tensor([300, 17], dtype=torch.int32, device="cuda")
     q = torch.randn(2, 4, 2, 64, device="cuda", dtype=dtype)
     out, lse = ops.fwd(q, k_pages, v_pages, None, True, True, seqused_k=used, block_table=table, num_splits=4)
+    names = cuda_kernels(lambda: ops.fwd(q, k_pages, v_pages, None, True, True, seqused_k=used, block_table=table,
+                                         num_splits=4))
+    assert COMBINE in names and SPLIT_KERNEL[split_kernel] in names, names
     k, v = (t[table.long()].permute(0, 2, 1, 3, 4).flatten(2, 3) for t in (k_pages, v_pages))
     ref = per_sequence_reference(q, k, v, used, True, torch.float64)
     pt = per_sequence_reference(q, k, v, used, True, dtype)
@@ -88,14 +103,14 @@ def test_split_with_seqused_k_paged_and_packed(dtype):
 
 
 @requires_cuda
-def test_decoding_splits_by_itself():
+def test_decoding_splits_by_itself(split_kernel):
     """num_splits=0 on a decoding shape (one query token, few heads, a long cache) splits, and
     flash_attn_with_kvcache's default does the same; a prefill shape does not."""
     torch.manual_seed(3)
     q = torch.randn(1, 1, 4, 128, device="cuda", dtype=torch.bfloat16)
     k_cache, v_cache = (torch.randn(1, 8192, 2, 128, device="cuda", dtype=torch.bfloat16) for _ in range(2))
     names = cuda_kernels(lambda: flash_attn_with_kvcache(q, k_cache, v_cache, cache_seqlens=5000))
-    assert COMBINE in names, names
+    assert COMBINE in names and SPLIT_KERNEL[split_kernel] in names, names
     out = flash_attn_with_kvcache(q, k_cache, v_cache, cache_seqlens=5000)
     ref, _ = attention_reference(*(t.transpose(1, 2) for t in (q, k_cache[:, :5000], v_cache[:, :5000])))
     pt, _ = attention_reference(*(t.transpose(1, 2) for t in (q, k_cache[:, :5000], v_cache[:, :5000])),

@@ -124,7 +124,7 @@ bool launch_fwd_tma(const FlashFwdParams& p, bool persistent, cudaStream_t strea
     const int64_t tiles = int64_t{m_blocks} * sh.heads_q * sh.batch;
     const int sms = std::max(1, device_attribute<cudaDevAttrMultiProcessorCount>(1));
     const dim3 grid = kPersistent ? dim3(static_cast<unsigned>(std::min<int64_t>(tiles, sms)))
-                                  : dim3(m_blocks, sh.heads_q, sh.batch);
+                                  : dim3(m_blocks, sh.heads_q, sh.batch * p.num_splits);
     *err = launch(sm90::flash_fwd_sm90_tma_kernel<T, kHeadDim, kWide, kFeatures, kPersistent>, grid, K::kThreads,
                   K::kSmemBytes, stream, p, maps.q, maps.k, maps.v);
     return true;
@@ -135,12 +135,14 @@ bool launch_fwd_tma(const FlashFwdParams& p, bool persistent, cudaStream_t strea
   // KV caches (CUFLASH_SM90's "kvcache" part) take the narrow tiles only, which handle them: a
   // paged cache's key blocks (128 or 64 keys) then divide every page size (multiples of 256:
   // no block straddles pages), and the wide kernels stay as they were.
+  // Split-KV runs on the plain narrow kernel only (one tile a CTA; kMaySplit).
   const bool kv_cache = p.paged.block_table != nullptr || p.varlen.seqused_k != nullptr;
+  const bool split = p.num_splits > 1;
   if (p.paged.block_table != nullptr && p.paged.page_size % Plain::kBlockN != 0) return false;
-  if (needs_feature_path(p)) return run(no, yes, no);
-  if (!kv_cache && fwd_wide_tile(sm90::wide_rows<kHeadDim>(p))) return run(yes, no, no);
+  if (needs_feature_path(p)) return !split && run(no, yes, no);
+  if (!kv_cache && !split && fwd_wide_tile(sm90::wide_rows<kHeadDim>(p))) return run(yes, no, no);
   if constexpr (Plain::kHasPersistent)
-    if (persistent && !sm90::long_rows(p)) return run(no, no, yes);
+    if (persistent && !split && !sm90::long_rows(p)) return run(no, no, yes);
   return run(no, no, no);
 }
 
@@ -153,6 +155,14 @@ template <typename T, int kHeadDim>
 using SplitTile =
     std::conditional_t<kOwnSplitTile<T, kHeadDim>, FwdSplitTile<kHeadDim>, FwdTile<kHeadDim, sizeof(T)>>;
 
+// Split-KV's second launch: the combine kernel merging the splits' partial outputs.
+template <typename T>
+cudaError_t launch_combine(const FlashFwdParams& p, cudaStream_t stream) {
+  const AttentionShape& sh = p.shape;
+  return launch(flash_fwd_combine_kernel<T>, dim3(ceil_div(sh.seqlen_q, kCombineRowsPerBlock), sh.heads_q, sh.batch),
+                32 * kCombineRowsPerBlock, 0, stream, p);
+}
+
 template <typename T, int kHeadDim>
 cudaError_t run_flash_fwd(const FlashFwdParams& p, cudaStream_t stream) {
   const AttentionShape& sh = p.shape;
@@ -162,11 +172,15 @@ cudaError_t run_flash_fwd(const FlashFwdParams& p, cudaStream_t stream) {
     if constexpr (std::is_same_v<T, float>) {
       if (!fp32_on_tensor_cores(p, FwdKernel<T, kHeadDim>::kSmemBytes)) return run_flash_fwd_simt<T, kHeadDim>(p, stream);
     } else if constexpr (sm90::kFwdHeadDim<kHeadDim>) {
-      // Split-KV (num_splits > 1, 16-bit only) runs on the sm_80-class kernel below.
-      const sm90::Sm90Paths hopper = p.num_splits == 1 ? sm90::sm90_paths(p) : sm90::Sm90Paths{};
+      // Split-KV (num_splits > 1, 16-bit only) runs on the TMA forward under the "kvcache" part,
+      // else on the sm_80-class kernel below.
+      const bool split = p.num_splits > 1;
+      const sm90::Sm90Paths hopper = sm90::sm90_paths(p);
       cudaError_t err;
-      if (hopper.tma && launch_fwd_tma<T, kHeadDim>(p, hopper.persistent, stream, &err)) return err;
-      if (hopper.fwd)
+      const bool tma = hopper.tma && (!split || hopper.tma_splits);
+      if (tma && launch_fwd_tma<T, kHeadDim>(p, hopper.persistent, stream, &err))
+        return err != cudaSuccess || !split ? err : launch_combine<T>(p, stream);
+      if (hopper.fwd && !split)
         return with_feature_path(p, [&](auto features) {
           using K = sm90::FwdSm90Kernel<T, kHeadDim, features()>;
           return launch(sm90::flash_fwd_sm90_kernel<T, kHeadDim, features()>,
@@ -186,9 +200,7 @@ cudaError_t run_flash_fwd(const FlashFwdParams& p, cudaStream_t stream) {
     };
     if (p.num_splits == 1) return run_tile(FwdTile<kHeadDim, sizeof(T)>{});
     const cudaError_t err = run_tile(SplitTile<T, kHeadDim>{});
-    if (err != cudaSuccess) return err;
-    return launch(flash_fwd_combine_kernel<T>, dim3(ceil_div(sh.seqlen_q, kCombineRowsPerBlock), sh.heads_q, sh.batch),
-                  32 * kCombineRowsPerBlock, 0, stream, p);
+    return err != cudaSuccess ? err : launch_combine<T>(p, stream);
   }
 }
 

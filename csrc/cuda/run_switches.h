@@ -21,7 +21,8 @@
 //       kvcache     with tma, not a default: the TMA forward for KV caches too, seqused_k
 //                   (the rows past a sequence's keys zeroed in shared memory) and paged ones
 //                   (the narrow tiles: a key block within a page), where otherwise the cp.async
-//                   forward runs
+//                   forward runs; and split-KV without the features on the plain narrow TMA
+//                   kernel, where otherwise the sm_80-class one runs
 //   CUFLASH_BWD_DQ  unset or "": dQ by its own kernel, unless the fused Hopper kernel is faster
 //                   (prefers_fused_backward), with atomics where the op's deterministic=False;
 //                   "atomic": added by the dK/dV kernel with fp32 atomics wherever it can be (not

@@ -62,9 +62,9 @@ __device__ __forceinline__ void zero_rows_of_panels(unsigned char* panels, int f
   }
 }
 
-// One tile's work: its query block, head and batch, and the key blocks its rows see.
+// One tile's work: its query block, head and batch (and split), and the key blocks its rows see.
 struct TmaTile {
-  int m_start, h, b, h_kv;
+  int m_start, h, b, h_kv, split;
   Sequence seq;
   Range n_blocks;
   __device__ int steps() const { return n_blocks.end - n_blocks.begin; }
@@ -80,6 +80,9 @@ __global__ void __launch_bounds__(FwdSm90TmaKernel<T, kHeadDim, kWide, kPersiste
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
   using K = FwdSm90TmaKernel<T, kHeadDim, kWide, kPersistent>;
   constexpr int kBlockM = K::kBlockM, kBlockN = K::kBlockN, kStages = K::kStages;
+  // Split-KV: the plain narrow kernel, one tile a CTA, only (launch_fwd_tma): the others' code
+  // stays as it was.
+  constexpr bool kMaySplit = !kWide && !kPersistent && !kFeatures;
   constexpr int kPanels = kHeadDim / 64, kConsumerThreads = 128 * K::kConsumers;
   extern __shared__ char smem_raw[];
   unsigned char* smem = align_1024(smem_raw);
@@ -124,10 +127,18 @@ __global__ void __launch_bounds__(FwdSm90TmaKernel<T, kHeadDim, kWide, kPersiste
       t.h = blockIdx.y;
       t.b = blockIdx.z;
     }
+    t.split = 0;
+    // Split-KV (kMaySplit; the "kvcache" part): grid z holds (sequence, split) pairs, and a
+    // split takes its share of the key blocks (split_of).
+    if (kMaySplit && p.num_splits > 1) {
+      t.split = t.b % p.num_splits;
+      t.b /= p.num_splits;
+    }
     t.h_kv = t.h / (sh.heads_q / sh.heads_kv);
     t.m_start = m_block * kBlockM;
     t.seq = sequence_of(p, t.b);
     t.n_blocks = key_blocks(p.mask, t.seq, t.m_start, min(t.m_start + kBlockM, t.seq.seqlen_q), kBlockN);
+    if (kMaySplit && p.num_splits > 1) t.n_blocks = split_of(t.n_blocks, t.split, p.num_splits);
     return t;
   };
 
@@ -306,6 +317,12 @@ __global__ void __launch_bounds__(FwdSm90TmaKernel<T, kHeadDim, kWide, kPersiste
       step += steps;
     }
 
+    // Split-KV: this split's rows in float32 from registers, for the combine kernel (every
+    // consumer alike: no barrier skipped halfway).
+    if (kMaySplit && p.num_splits > 1) {
+      store_partial(o, softmax, p, tile.seq, tile.split, tile.b, tile.h, row0, lane);
+      continue;
+    }
     // The output, staged through shared memory: persistent, its own buffer (each warp its own
     // rows); otherwise the tiles' buffers, once every consumer's wgmmas are done reading them.
     if constexpr (kPersistent) __syncwarp();  // the previous tile's staging reads are done
