@@ -8,7 +8,7 @@
 //  - tile_needs_mask (false: the element mask is skipped): only for tiles with every element
 //    visible.
 // Query rows also as packed grouped heads (MaskParams::rows_per_query: row r is query r / G; the
-// forward only, so not for tiles whose rows are keys).
+// forward only, so not for tiles whose rows are keys). And a paged cache's key addressing.
 #include <gtest/gtest.h>
 #include <string>
 #include <vector>
@@ -197,6 +197,38 @@ TEST(MaskTiles, KeyRowsMatchIsVisible) {  // the dK/dV kernels' transposed tiles
   check_all<true, 32>();
   check_all<true, 64>();
   check_all<true, 128>();  // the head-dim-64 dK/dV kernel's 128-query steps
+}
+
+// attention_math.h's key_at (the TMA forward's page and row of a key block) and key_offset (the
+// cp.async kernels' element offset): key j of sequence b in a paged cache is row j % page_size of
+// page block_table[b][j / page_size], ids clamped into the cache; without a table, row j of b.
+TEST(PagedKeys, KeyAtAndKeyOffsetFollowTheTable) {
+  const int page = 256, pages = 5, width = 3;
+  const std::vector<int> table = {3, 0, -1,   // sequence 0; -1: clamped to page 0
+                                  4, 9, 1};  // sequence 1; 9: clamped to page 4
+  cuflash::AttentionParams p;
+  cuflash::TensorStrides t;
+  t.row = 7;
+  t.batch = 7 * page * 2;  // pages of [2 heads][page rows][7]
+  for (int b = 0; b < 2; ++b)
+    for (int j = 0; j < width * page; j += 37) {
+      EXPECT_EQ(cuflash::key_at(p.paged, b, j).row, j);  // no table
+      EXPECT_EQ(cuflash::key_at(p.paged, b, j).batch, b);
+      EXPECT_EQ(cuflash::key_offset(p, t, b, j), int64_t{j} * t.row);
+    }
+  p.paged.block_table = table.data();
+  p.paged.table_stride = width;
+  p.paged.page_size = page;
+  p.paged.num_pages = pages;
+  for (int b = 0; b < 2; ++b)
+    for (int j = 0; j < width * page; j += 37) {
+      SCOPED_TRACE("sequence " + std::to_string(b) + ", key " + std::to_string(j));
+      const int id = table[b * width + j / page], want = id < 0 ? 0 : id >= pages ? pages - 1 : id;
+      const cuflash::KeyAt at = cuflash::key_at(p.paged, b, j);
+      EXPECT_EQ(at.batch, want);
+      EXPECT_EQ(at.row, j % page);
+      EXPECT_EQ(cuflash::key_offset(p, t, b, j), int64_t{want} * t.batch + int64_t{j % page} * t.row);
+    }
 }
 
 }  // namespace
