@@ -3,8 +3,9 @@
 of incremental generation, where the K/V reads are the work (memory bound). For each cache
 length: ours through flash_attn_with_kvcache over a contiguous cache, over a paged one (blocks of
 256 in a shuffled order), with cache_batch_idx, and unsplit (num_splits=1; the others choose their
-split-KV), both under CUFLASH_SM90's "kvcache" part (the TMA forward over KV caches), with several tokens a step also with grouped heads packed as rows and not
-(CUFLASH_PACK_GQA=1 and 0), beside torch SDPA over the same keys (GQA expanded by SDPA's enable_gqa). Reports
+split-KV), these also under CUFLASH_SM90's "kvcache" part (the TMA forward over KV caches), with
+several tokens a step also with grouped heads packed as rows and not (CUFLASH_PACK_GQA=1 and 0),
+beside torch SDPA over the same keys (GQA expanded by SDPA's enable_gqa). Reports
 microseconds a call replayed from a CUDA graph (the GPU's time, as a serving loop that captures
 its steps sees it) with the K/V bytes read a second, and the eager call's microseconds (host
 time included where it exceeds the GPU's).

@@ -20,7 +20,7 @@ KVCACHE_PARTS = "tma,bwd,bwdws,features,persistent,kvcache"
 SPLIT_KERNEL = {"sm80": "flash_fwd_kernel<", "tma": "flash_fwd_sm90_tma_kernel<"}
 
 
-@pytest.fixture(params=["sm80", pytest.param("tma", marks=pytest.mark.skipif(not IS_SM90, reason="needs an sm_90 GPU"))])
+@pytest.fixture(params=["sm80", pytest.param("tma", marks=pytest.mark.skipif(not IS_SM90, reason="sm_90 only"))])
 def split_kernel(request, monkeypatch):
     if request.param == "tma":
         monkeypatch.setenv("CUFLASH_SM90", KVCACHE_PARTS)
