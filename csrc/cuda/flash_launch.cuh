@@ -138,7 +138,6 @@ bool launch_fwd_tma(const FlashFwdParams& p, bool persistent, cudaStream_t strea
   // Split-KV runs on the plain narrow kernel only (one tile a CTA; kMaySplit).
   const bool kv_cache = p.paged.block_table != nullptr || p.varlen.seqused_k != nullptr;
   const bool split = p.num_splits > 1;
-  if (p.paged.block_table != nullptr && p.paged.page_size % Plain::kBlockN != 0) return false;
   if (needs_feature_path(p)) return !split && run(no, yes, no);
   if (!kv_cache && !split && fwd_wide_tile(sm90::wide_rows<kHeadDim>(p))) return run(yes, no, no);
   if constexpr (Plain::kHasPersistent)
