@@ -120,8 +120,9 @@ def split_variant(name):
 
 
 @contextlib.contextmanager
-def environment_of(name):
-    _, env = split_variant(name)
+def switches_set(env):
+    """The environment variables env ({name: value}) set inside the block, restored after (the
+    run-time switches are read at each call)."""
     saved = {key: os.environ.get(key) for key in env}
     os.environ.update(env)
     try:
@@ -132,6 +133,11 @@ def environment_of(name):
                 os.environ.pop(key, None)
             else:
                 os.environ[key] = value
+
+
+def environment_of(name):
+    """The switches of a variant name (split_variant) set inside the block."""
+    return switches_set(split_variant(name)[1])
 
 
 def load_impls(names):

@@ -28,7 +28,7 @@ PAGE = 256
 def with_env(env, fn):
     """fn run with the environment variables env set (the kernel switches are read at each call)."""
     def run():
-        with bench.environment_of("@" + "+".join(f"{k}={v}" for k, v in env.items())):
+        with bench.switches_set(env):
             return fn()
     return run
 

@@ -20,8 +20,6 @@ float64 reference with the accuracy rule, so a clean sanitizer run is also a cor
 Exit status: 0 all cases pass, 3 a case failed (or none ran), 2 no GPU.
 """
 import argparse
-import contextlib
-import os
 import re
 import sys
 import time
@@ -29,8 +27,9 @@ import traceback
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-sys.path[:0] = [str(HERE), str(HERE.parent)]
+sys.path[:0] = [str(HERE), str(HERE.parent), str(HERE.parent / "benchmarks")]
 
+import bench_attention as bench  # noqa: E402  (switches_set: run-time switches in a block)
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
@@ -124,19 +123,6 @@ def check_decode(device, dtype, d, batch, heads_q, cache_keys, num_splits, token
     assert_lse_close(lse, ref[1], dtype)
 
 
-@contextlib.contextmanager
-def environment(name, value):
-    """Environment variable name set to value inside the block (the run-time switches)."""
-    saved = os.environ.get(name)
-    os.environ[name] = value
-    try:
-        yield
-    finally:
-        os.environ.pop(name)
-        if saved is not None:
-            os.environ[name] = saved
-
-
 def run_case(case, device):
     dtype, d, b, h, nq, nk, causal, variant = case
     if device == "cpu" and dtype in LOW_PRECISION:
@@ -157,13 +143,13 @@ def run_case(case, device):
         for num_splits in (0, 1, 5):
             check_decode(device, dtype, d, b, h, nk, num_splits)
     elif variant == "packed":
-        with environment("CUFLASH_PACK_GQA", "1"):
+        with bench.switches_set({"CUFLASH_PACK_GQA": "1"}):
             for num_splits in (0, 1, 5):
                 check_decode(device, dtype, d, b, h, nk, num_splits, tokens=nq)
     elif variant == "kvcache_tma":  # the TMA forwards, persistent and not, over KV caches; splits
         import test_paged_kv
         for parts in ("tma,persistent,kvcache", "tma,kvcache"):
-            with environment("CUFLASH_SM90", parts):
+            with bench.switches_set({"CUFLASH_SM90": parts}):
                 check_decode(device, dtype, d, b, h, nk, 1, tokens=nq)
                 check_decode(device, dtype, d, b, h, nk, 5)  # one token, 5 splits
                 test_paged_kv.test_paged_matches_reference(device, dtype, d, True)
