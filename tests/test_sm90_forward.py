@@ -63,6 +63,26 @@ def test_path_taken(d, mode, monkeypatch):
     assert "flash_fwd_sm90" not in names and "flash_fwd_kernel" in names, names
 
 
+def check_kv_cache_on_tma(mode, q, k, v, poisoned_k, poisoned_v, causal, used, gathered_kv=None, **options):
+    """ops.fwd over a KV cache (seqused_k = used; options: a block table) bitwise equal with the
+    rows it does not use poisoned, against float64 per sequence over gathered_kv (default: k, v);
+    the mode's kernel ran."""
+    def run(kk, vv):
+        return torch.ops.cuflash_attn.fwd(q, kk, vv, None, causal, True, seqused_k=used, **options)
+
+    results = [run(k, v), run(poisoned_k, poisoned_v)]
+    for name, clean, poisoned in zip(("out", "lse"), *results):
+        assert torch.equal(clean, poisoned), name
+    ref_k, ref_v = gathered_kv or (k, v)
+    ref = per_sequence_reference(q, ref_k, ref_v, used, causal, torch.float64)
+    pt = per_sequence_reference(q, ref_k, ref_v, used, causal, torch.bfloat16)
+    assert_close_to_reference("out", results[0][0], ref[0], pt[0], torch.bfloat16, factor=2)
+    assert_lse_close(results[0][1], ref[1], torch.bfloat16)
+    names = cuda_kernels(lambda: run(k, v))
+    assert (KERNEL[mode] + "<") in names, names
+    return run
+
+
 @pytest.mark.parametrize("d", [64, 128, 256])
 @pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("nq", [1, 20, 300])
@@ -81,19 +101,10 @@ def test_seqused_k_on_tma_ignores_stale_rows(d, causal, nq, mode, monkeypatch):
     for b, n in enumerate(used.tolist()):
         poisoned_k[b, :, n:] = float("nan")
         poisoned_v[b, :, n:] = float("inf")
-    results = [torch.ops.cuflash_attn.fwd(q, kk, vv, None, causal, True, seqused_k=used)
-               for kk, vv in ((k, v), (poisoned_k, poisoned_v))]
-    for name, clean, poisoned in zip(("out", "lse"), *results):
-        assert torch.equal(clean, poisoned), name
-    ref = per_sequence_reference(q, k, v, used, causal, torch.float64)
-    pt = per_sequence_reference(q, k, v, used, causal, torch.bfloat16)
-    assert_close_to_reference("out", results[0][0], ref[0], pt[0], torch.bfloat16, factor=2)
-    assert_lse_close(results[0][1], ref[1], torch.bfloat16)
-    names = cuda_kernels(lambda: torch.ops.cuflash_attn.fwd(q, k, v, None, causal, True, seqused_k=used))
-    assert (KERNEL[mode] + "<") in names, names
+    run = check_kv_cache_on_tma(mode, q, k, v, poisoned_k, poisoned_v, causal, used)
     monkeypatch.setenv("CUFLASH_SM90", SWITCH[mode])  # without the part: the cp.async kernel
     if mode != "cpasync":
-        names = cuda_kernels(lambda: torch.ops.cuflash_attn.fwd(q, k, v, None, causal, True, seqused_k=used))
+        names = cuda_kernels(lambda: run(k, v))
         assert "flash_fwd_sm90_tma_kernel" not in names and "flash_fwd_sm90_kernel<" in names, names
 
 
@@ -113,18 +124,8 @@ def test_paged_cache_on_tma(d, causal, mode, monkeypatch):
             keep[table[b, j // PAGE], :min(PAGE, n - j)] = True
     poisoned_k = torch.where(keep[:, None, :, None], k_pages, float("nan"))
     poisoned_v = torch.where(keep[:, None, :, None], v_pages, float("inf"))
-    results = [torch.ops.cuflash_attn.fwd(q, kk, vv, None, causal, True, seqused_k=used, block_table=table)
-               for kk, vv in ((k_pages, v_pages), (poisoned_k, poisoned_v))]
-    for name, clean, poisoned in zip(("out", "lse"), *results):
-        assert torch.equal(clean, poisoned), name
-    k, v = gathered(k_pages, table, 2), gathered(v_pages, table, 2)
-    ref = per_sequence_reference(q, k, v, used, causal, torch.float64)
-    pt = per_sequence_reference(q, k, v, used, causal, torch.bfloat16)
-    assert_close_to_reference("out", results[0][0], ref[0], pt[0], torch.bfloat16, factor=2)
-    assert_lse_close(results[0][1], ref[1], torch.bfloat16)
-    names = cuda_kernels(lambda: torch.ops.cuflash_attn.fwd(q, k_pages, v_pages, None, causal, True, seqused_k=used,
-                                                            block_table=table))
-    assert (KERNEL[mode] + "<") in names, names
+    check_kv_cache_on_tma(mode, q, k_pages, v_pages, poisoned_k, poisoned_v, causal, used,
+                          gathered_kv=(gathered(k_pages, table, 2), gathered(v_pages, table, 2)), block_table=table)
 
 
 def test_other_cases_keep_the_sm80_kernel():
