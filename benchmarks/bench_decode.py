@@ -3,7 +3,8 @@
 of incremental generation, where the K/V reads are the work (memory bound). For each cache
 length: ours through flash_attn_with_kvcache over a contiguous cache, over a paged one (blocks of
 256 in a shuffled order), with cache_batch_idx, and unsplit (num_splits=1; the others choose their
-split-KV), these also under CUFLASH_SM90's "kvcache" part (the TMA forward over KV caches), with
+split-KV), the unsplit step without CUFLASH_SM90's "kvcache" part (the cp.async forward in place
+of the TMA one) and the split step under its "splits" part (on the TMA forward), with
 several tokens a step also with grouped heads packed as rows and not (CUFLASH_PACK_GQA=1 and 0),
 beside torch SDPA over the same keys (GQA expanded by SDPA's enable_gqa). Reports
 microseconds a call replayed from a CUDA graph (the GPU's time, as a serving loop that captures
@@ -62,11 +63,11 @@ def cases(batch, heads_q, heads_kv, head_dim, seqlen, seqlen_q, dtype, dev="cuda
         # SDPA's causal mask is top-left: for seqlen_q > 1 it is not the decoding mask, so none.
         "sdpa": lambda: F.scaled_dot_product_attention(qt, kt, vt, enable_gqa=True),
     }
-    # The TMA forward over KV caches (CUFLASH_SM90's "kvcache" part, not a default yet): where the
-    # step runs unsplit, in place of the cp.async one.
-    kv_cache_tma = {"CUFLASH_SM90": "tma,bwd,bwdws,features,persistent,kvcache"}
-    for name in ("ours contiguous", "ours unsplit", "ours paged"):
-        steps[name + " kvcache tma"] = with_env(kv_cache_tma, steps[name])
+    # The Hopper alternatives to the defaults: the unsplit step on the cp.async forward (without
+    # the "kvcache" part), the split step on the TMA forward (the "splits" part, not a default).
+    plain_parts = "tma,bwd,bwdws,features,persistent"
+    steps["ours unsplit cpasync"] = with_env({"CUFLASH_SM90": plain_parts}, steps["ours unsplit"])
+    steps["ours tma splits"] = with_env({"CUFLASH_SM90": plain_parts + ",kvcache,splits"}, steps["ours contiguous"])
     if seqlen_q > 1:  # grouped heads packed as rows or not (the default packs a few tokens)
         steps["ours packed"] = with_env({"CUFLASH_PACK_GQA": "1"}, steps["ours contiguous"])
         steps["ours unpacked"] = with_env({"CUFLASH_PACK_GQA": "0"}, steps["ours contiguous"])

@@ -10,7 +10,7 @@ and the backward with the gradient of the returned lse; the KV-cache forward: pa
 seqused_k and flash_attn_with_kvcache's appends), split-KV and its combine kernel (with
 features, paged keys and packed queries), and decoding steps (grouped heads as rows; four
 causal tokens a step packed under CUFLASH_PACK_GQA=1; 130 unsplit and one split 5 ways on the
-TMA forwards under CUFLASH_SM90's "kvcache" part, over contiguous and paged caches). Every case is checked against the
+TMA forwards (CUFLASH_SM90's "kvcache" part, a default; the splits under its "splits" part), over contiguous and paged caches). Every case is checked against the
 float64 reference with the accuracy rule, so a clean sanitizer run is also a correctness run.
 
     python3 tests/sanitize_driver.py [--list] [--only REGEX] [--case DESCRIPTION] [--device cpu]
@@ -135,10 +135,10 @@ def run_case(case, device):
         test_paged_kv.test_kvcache_paged_appends_and_attends(device, dtype)
     elif variant == "split_paged":
         import test_split_kv
-        test_split_kv.test_split_with_seqused_k_paged_and_packed(dtype)
+        test_split_kv.test_split_with_seqused_k_paged_and_packed(dtype, "sm80")
     elif variant == "split_features":
         import test_split_kv
-        test_split_kv.test_split_with_features(dtype)
+        test_split_kv.test_split_with_features(dtype, "sm80")
     elif variant == "decode":
         for num_splits in (0, 1, 5):
             check_decode(device, dtype, d, b, h, nk, num_splits)
@@ -148,7 +148,7 @@ def run_case(case, device):
                 check_decode(device, dtype, d, b, h, nk, num_splits, tokens=nq)
     elif variant == "kvcache_tma":  # the TMA forwards, persistent and not, over KV caches; splits
         import test_paged_kv
-        for parts in ("tma,persistent,kvcache", "tma,kvcache"):
+        for parts in ("tma,persistent,kvcache", "tma,kvcache,splits"):
             with bench.switches_set({"CUFLASH_SM90": parts}):
                 check_decode(device, dtype, d, b, h, nk, 1, tokens=nq)
                 check_decode(device, dtype, d, b, h, nk, 5)  # one token, 5 splits

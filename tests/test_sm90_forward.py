@@ -87,11 +87,12 @@ def check_kv_cache_on_tma(mode, q, k, v, poisoned_k, poisoned_v, causal, used, g
 @pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("nq", [1, 20, 300])
 def test_seqused_k_on_tma_ignores_stale_rows(d, causal, nq, mode, monkeypatch):
-    """Under the "kvcache" part the TMA forwards (their narrow tiles) take seqused_k (a KV cache's
-    keys in use): a sequence's last key block runs past its keys into rows TMA reads with it,
-    which hold NaN and Inf here and change nothing (bitwise the finite case's); against float64
-    per sequence, for lengths of no key, part of a block of 64 or 128 keys, and all of them (the
-    block past the tensor's rows: TMA's zeros)."""
+    """Under the "kvcache" part (a default) the TMA forwards (their narrow tiles) take seqused_k
+    (a KV cache's keys in use): a sequence's last key block runs past its keys into rows TMA reads
+    with it, which hold NaN and Inf here and change nothing (bitwise the finite case's); against
+    float64 per sequence, for lengths of no key, part of a block of 64 or 128 keys, and all of
+    them (the block past the tensor's rows: TMA's zeros). Without the part the cp.async kernel
+    runs; with no CUFLASH_SM90 the TMA one."""
     monkeypatch.setenv("CUFLASH_SM90", SWITCH[mode] + ",kvcache")
     torch.manual_seed(d + nq)
     q = torch.randn(4, 4, nq, d, device="cuda", dtype=torch.bfloat16)
@@ -106,12 +107,14 @@ def test_seqused_k_on_tma_ignores_stale_rows(d, causal, nq, mode, monkeypatch):
     if mode != "cpasync":
         names = cuda_kernels(lambda: run(k, v))
         assert "flash_fwd_sm90_tma_kernel" not in names and "flash_fwd_sm90_kernel<" in names, names
+    monkeypatch.delenv("CUFLASH_SM90")
+    assert "flash_fwd_sm90_tma_kernel<" in cuda_kernels(lambda: run(k, v))
 
 
 @pytest.mark.parametrize("d", [64, 128, 256])
 @pytest.mark.parametrize("causal", [False, True])
 def test_paged_cache_on_tma(d, causal, mode, monkeypatch):
-    """Under the "kvcache" part the TMA forwards read a paged cache page by page (the block
+    """Under the "kvcache" part (a default) the TMA forwards read a paged cache page by page (the block
     table's pages in a shuffled order, clamped ids never read), every row a sequence does not use
     NaN or Inf; bitwise the finite case's, against float64 over the gathered keys."""
     monkeypatch.setenv("CUFLASH_SM90", SWITCH[mode] + ",kvcache")

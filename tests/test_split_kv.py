@@ -15,15 +15,15 @@ ops = torch.ops.cuflash_attn
 requires_cuda = pytest.mark.skipif(not HAS_CUDA, reason="split-KV is CUDA's")
 COMBINE = "flash_fwd_combine_kernel"
 # The kernels that run the splits: the sm_80-class one (the default), or under CUFLASH_SM90's
-# "kvcache" part the plain TMA forward (softcap and the other features keep the sm_80-class one).
-KVCACHE_PARTS = "tma,bwd,bwdws,features,persistent,kvcache"
+# "splits" part the plain TMA forward (softcap and the other features keep the sm_80-class one).
+TMA_SPLIT_PARTS = "tma,bwd,bwdws,features,persistent,kvcache,splits"
 SPLIT_KERNEL = {"sm80": "flash_fwd_kernel<", "tma": "flash_fwd_sm90_tma_kernel<"}
 
 
 @pytest.fixture(params=["sm80", pytest.param("tma", marks=pytest.mark.skipif(not IS_SM90, reason="sm_90 only"))])
 def split_kernel(request, monkeypatch):
     if request.param == "tma":
-        monkeypatch.setenv("CUFLASH_SM90", KVCACHE_PARTS)
+        monkeypatch.setenv("CUFLASH_SM90", TMA_SPLIT_PARTS)
     return request.param
 
 

@@ -171,7 +171,7 @@ cudaError_t run_flash_fwd(const FlashFwdParams& p, cudaStream_t stream) {
     if constexpr (std::is_same_v<T, float>) {
       if (!fp32_on_tensor_cores(p, FwdKernel<T, kHeadDim>::kSmemBytes)) return run_flash_fwd_simt<T, kHeadDim>(p, stream);
     } else if constexpr (sm90::kFwdHeadDim<kHeadDim>) {
-      // Split-KV (num_splits > 1, 16-bit only) runs on the TMA forward under the "kvcache" part,
+      // Split-KV (num_splits > 1, 16-bit only) runs on the TMA forward under the "splits" part,
       // else on the sm_80-class kernel below.
       const bool split = p.num_splits > 1;
       const sm90::Sm90Paths hopper = sm90::sm90_paths(p);

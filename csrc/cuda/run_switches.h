@@ -3,7 +3,7 @@
 // layers (torch_ops.cpp, api/flash_attention.cpp) refuse a value that names nothing.
 //
 //   CUFLASH_SM90    which Hopper kernels run (sm_90a builds on a compute capability 9.0 GPU):
-//     unset or ""   the default parts, "tma,bwd,bwdws,features,persistent"
+//     unset or ""   the default parts, "tma,bwd,bwdws,features,persistent,kvcache"
 //     "0"           none: the sm_80-class kernels
 //     a comma list  exactly the parts named; the cp.async Hopper forward runs plain attention
 //                   wherever "tma" is not named or TMA cannot address the input:
@@ -18,11 +18,12 @@
 //                   atomics (head dims up to 128) the fused one (dQ added by TMA reduce)
 //       features    softcap, ALiBi, attn_mask and dropout in the Hopper forwards (the TMA one
 //                   where "tma" is listed too); without it those take the sm_80-class forward
-//       kvcache     with tma, not a default: the TMA forward for KV caches too, seqused_k
-//                   (the rows past a sequence's keys zeroed in shared memory) and paged ones
-//                   (the narrow tiles: a key block within a page), where otherwise the cp.async
-//                   forward runs; and split-KV without the features on the plain narrow TMA
-//                   kernel, where otherwise the sm_80-class one runs
+//       kvcache     with tma: the TMA forward for KV caches too, seqused_k (the rows past a
+//                   sequence's keys zeroed in shared memory) and paged ones (the narrow tiles:
+//                   a key block within a page), where otherwise the cp.async forward runs
+//       splits      with tma, not a default: split-KV without the features on the plain narrow
+//                   TMA kernel, where otherwise the sm_80-class one runs (1.5-3 us slower a
+//                   one-token step at batch 1 on the H200: benchmarks/NOTES.md)
 //   CUFLASH_BWD_DQ  unset or "": dQ by its own kernel, unless the fused Hopper kernel is faster
 //                   (prefers_fused_backward), with atomics where the op's deterministic=False;
 //                   "atomic": added by the dK/dV kernel with fp32 atomics wherever it can be (not
@@ -59,14 +60,15 @@ namespace cuflash {
 
 struct Sm90Switch {
   bool on = true, tma = true, bwd = true, features = true, persistent = true, bwd_ws = true;
-  bool tma_kv_cache = false;  // not a default part (yet): unmeasured
+  bool tma_kv_cache = true;
+  bool tma_splits = false;  // not a default part: slower than the sm_80-class split kernel
 };
 
 // value (null: unset) -> *out; false if value names something else.
 inline bool parse_sm90_switch(const char* value, Sm90Switch* out) {
   Sm90Switch s;
   if (value != nullptr && *value != '\0') {
-    s.tma = s.bwd = s.features = s.persistent = s.bwd_ws = false;
+    s.tma = s.bwd = s.features = s.persistent = s.bwd_ws = s.tma_kv_cache = false;
     if (std::strcmp(value, "0") == 0) {
       s.on = false;
     } else {
@@ -80,6 +82,7 @@ inline bool parse_sm90_switch(const char* value, Sm90Switch* out) {
         else if (is("persistent")) s.persistent = true;
         else if (is("bwdws")) s.bwd_ws = true;
         else if (is("kvcache")) s.tma_kv_cache = true;
+        else if (is("splits")) s.tma_splits = true;
         else if (!is("cpasync")) return false;
         if (!end) break;
         at = end + 1;
@@ -132,7 +135,7 @@ inline std::string run_switch_error() {
   const char* sm90 = std::getenv("CUFLASH_SM90");
   if (!parse_sm90_switch(sm90, &unused))
     return std::string("environment variable CUFLASH_SM90 must be unset, empty, \"0\" or a comma list of cpasync, "
-                       "tma, bwd, bwdws, features, persistent and kvcache, got \"") + sm90 + "\"";
+                       "tma, bwd, bwdws, features, persistent, kvcache and splits, got \"") + sm90 + "\"";
   // The one-value switches: unset, empty or one of the values listed (as the message spells them).
   struct OneOf {
     const char *name, *values[3], *spelled;  // values: unused ones null

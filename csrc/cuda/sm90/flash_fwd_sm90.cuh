@@ -188,7 +188,7 @@ __global__ void __launch_bounds__(FwdSm90Kernel<T, kHeadDim, kFeatures>::kThread
 // compute capability 9.0 device; then the parts CUFLASH_SM90 selects (run_switches.h).
 struct Sm90Paths {
   bool fwd = false, tma = false, persistent = false, bwd = false, bwd_ws = false;
-  bool tma_splits = false;  // split-KV on the TMA forward (the "kvcache" part)
+  bool tma_splits = false;  // split-KV on the TMA forward (the "splits" part)
 };
 inline Sm90Paths sm90_paths(const AttentionParams& p) {
   Sm90Paths choice;
@@ -203,12 +203,12 @@ inline Sm90Paths sm90_paths(const AttentionParams& p) {
   // sequence's seqused_k they read the rows after its keys (their scores are masked, but a NaN or
   // Inf left in a cache's unused rows would still reach P V, dP and dQ as 0 x NaN). The cp.async
   // kernels, which zero-fill every row past the keys, take both; the TMA forward takes both under
-  // the "kvcache" part, zeroing those rows of V in shared memory and addressing pages.
+  // the "kvcache" part (a default), zeroing those rows of V in shared memory and addressing pages.
   const bool paged = p.paged.block_table != nullptr, seqused = p.varlen.seqused_k != nullptr;
   const bool whole_key_blocks = !paged && !seqused;
   choice.tma = choice.fwd && wanted.tma && (whole_key_blocks || wanted.tma_kv_cache);
   choice.persistent = choice.tma && wanted.persistent;  // plain attention only: launch_fwd_tma
-  choice.tma_splits = choice.tma && wanted.tma_kv_cache;
+  choice.tma_splits = choice.tma && wanted.tma_splits;
   choice.bwd = choice.fwd && !features && wanted.bwd;
   choice.bwd_ws = choice.bwd && wanted.bwd_ws && whole_key_blocks;
 #else

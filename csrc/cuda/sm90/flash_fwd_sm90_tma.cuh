@@ -11,8 +11,8 @@
 // others' matmuls. No load addresses, cp.async or block-wide barriers in the consumers: that is
 // what the cp.async kernel (flash_fwd_sm90.cuh) was short of.
 // Dense inputs only (no cu_seqlens: a TMA box would read past a packed sequence's end); with
-// seqused_k and paged caches only under CUFLASH_SM90's "kvcache" part (not yet measured: the
-// rows past a sequence's keys are zeroed in shared memory, pages addressed by the producer).
+// seqused_k and paged caches under CUFLASH_SM90's "kvcache" part (a default: the rows past a
+// sequence's keys are zeroed in shared memory, pages addressed by the producer).
 #pragma once
 #include <type_traits>
 #include "flash_fwd_sm90.cuh"
@@ -129,7 +129,7 @@ __global__ void __launch_bounds__(FwdSm90TmaKernel<T, kHeadDim, kWide, kPersiste
       t.b = blockIdx.z;
     }
     t.split = 0;
-    // Split-KV (kMaySplit; the "kvcache" part): grid z holds (sequence, split) pairs, and a
+    // Split-KV (kMaySplit; the "splits" part): grid z holds (sequence, split) pairs, and a
     // split takes its share of the key blocks (split_of).
     if (kMaySplit && p.num_splits > 1) {
       t.split = t.b % p.num_splits;
