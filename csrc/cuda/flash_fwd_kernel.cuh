@@ -178,95 +178,92 @@ __global__ void __launch_bounds__(FwdKernel<T, kHeadDim, Tile>::kThreads, Tile::
 }
 
 // Split-KV's merge: row i of (b, h) is sum_s exp(lse_s - lse) out_s with lse = log sum_s
-// exp(lse_s); one warp a row. A decoding step's few rows are a few warps on the whole GPU, so
-// their loads in flight are all the bandwidth it gets: the lanes are 8 groups of 4, group g
-// reads splits g, g + 8, ... (a split's row in one go: float4s, each lane a quarter of it), and
-// the groups' sums meet through shuffles. Every lane holds the weights of splits lane, lane + 32...
-constexpr int kCombineRowsPerBlock = 4;
+// exp(lse_s). A decoding step has a few rows (32 at batch 1), so the kernel's time is its
+// dependent trips to memory: a row a CTA, one trip for the splits' lse (a split a thread), one
+// for their partial rows (a thread a float4 column of a few splits: ptxas issues a thread's
+// loads one at a time, each beside its adds, so the splits are spread over many threads), then
+// the shares summed through shared memory in a fixed order.
+constexpr int kCombineThreads = 512;
 template <typename T>
-__global__ void __launch_bounds__(32 * kCombineRowsPerBlock) flash_fwd_combine_kernel(const FlashFwdParams p) {
-  const int row = blockIdx.x * kCombineRowsPerBlock + threadIdx.x / 32, lane = threadIdx.x % 32;
-  const int h = blockIdx.y, b = blockIdx.z, splits = p.num_splits, head_dim = p.shape.head_dim;
+__global__ void __launch_bounds__(kCombineThreads) flash_fwd_combine_kernel(const FlashFwdParams p) {
+  static_assert(kMaxFwdSplits <= kCombineThreads, "a split's lse a thread");
+  constexpr int kWarps = kCombineThreads / 32, kUnroll = 4;
+  __shared__ float weight_of[kMaxFwdSplits];
+  __shared__ float warp_top[kWarps], warp_sum[kWarps];
+  __shared__ float4 shares[kCombineThreads];
+  const int row = blockIdx.x, h = blockIdx.y, b = blockIdx.z, splits = p.num_splits, head_dim = p.shape.head_dim;
+  const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
   const Sequence seq = sequence_of(p, b);
-  if (row >= seq.seqlen_q) return;
-  static_assert(kMaxFwdSplits % 32 == 0, "a lane holds whole passes of splits");
-  constexpr int kSplitsPerLane = kMaxFwdSplits / 32;
+  if (row >= seq.seqlen_q) return;  // the whole CTA
   const int64_t first = partial_row(p, seq, 0, b, h, row);
   const int64_t split_stride = partial_row(p, seq, 1, b, h, row) - first;
-  float lse_of[kSplitsPerLane];
-  float top = -INFINITY;
-#pragma unroll
-  for (int i = 0; i < kSplitsPerLane; ++i) {
-    const int s = lane + 32 * i;
-    lse_of[i] = s < splits ? p.lse_partial[first + s * split_stride] : -INFINITY;
-    top = fmaxf(top, lse_of[i]);
-  }
+  const float lse_s = tid < splits ? p.lse_partial[first + tid * split_stride] : -INFINITY;
+  float top = lse_s;
   for (int offset = 16; offset > 0; offset /= 2) top = fmaxf(top, __shfl_xor_sync(0xffffffffu, top, offset));
+  if (lane == 0) warp_top[warp] = top;
+  __syncthreads();
+#pragma unroll
+  for (int w = 0; w < kWarps; ++w) top = fmaxf(top, warp_top[w]);
   // No split saw a key: lse -inf and out 0, as the unsplit kernel writes (exp(-inf - -inf) is NaN).
   const float base = top == -INFINITY ? 0.f : top;
-  float sum = 0.f;
-#pragma unroll
-  for (int i = 0; i < kSplitsPerLane; ++i) sum += expf(lse_of[i] - base);
+  float sum = expf(lse_s - base);
   for (int offset = 16; offset > 0; offset /= 2) sum += __shfl_xor_sync(0xffffffffu, sum, offset);
+  if (lane == 0) warp_sum[warp] = sum;
+  __syncthreads();
+  sum = 0.f;
+#pragma unroll
+  for (int w = 0; w < kWarps; ++w) sum += warp_sum[w];
   const float lse = sum != 0.f ? base + logf(sum) : -INFINITY;  // NaN propagates
-  float weight_of[kSplitsPerLane];
-#pragma unroll
-  for (int i = 0; i < kSplitsPerLane; ++i) weight_of[i] = sum != 0.f ? expf(lse_of[i] - lse) : 0.f;
+  if (tid < splits) weight_of[tid] = sum != 0.f ? expf(lse_s - lse) : 0.f;
+  if (tid == 0) static_cast<float*>(p.lse)[stats_offset(p.stats_strides, seq, b, h) + row] = lse;
+  __syncthreads();
 
-  // head_dim is a multiple of 8 on the tensor-core kernels (16-byte rows), so a row is float4s:
-  // lane `part` of a group takes float4s part, part + 4, ... (head_dim <= 256: 16 a lane).
-  constexpr int kGroups = 8, kGroupLanes = 32 / kGroups, kVecsPerLane = 256 / 4 / kGroupLanes;
-  const int group = lane / kGroupLanes, part = lane % kGroupLanes;
-  const int vecs = head_dim / 4, vecs_per_lane = (vecs + kGroupLanes - 1) / kGroupLanes;
-  const float4* partial = reinterpret_cast<const float4*>(p.out_partial + first * head_dim);
-  float4 acc[kVecsPerLane];
+  // head_dim is a multiple of 8 on the tensor-core kernels (16-byte rows) and at most 256, so a
+  // row is up to 64 float4s: thread (group, part) sums column part of splits group, group +
+  // groups, ... (at D=128: 16 groups, 2 splits each of a 28-way split).
+  static_assert(256 / 4 * 2 <= kCombineThreads, "two groups at least");
+  const int vecs = head_dim / 4, groups = kCombineThreads / vecs, part = tid % vecs, group = tid / vecs;
+  float4 acc = make_float4(0.f, 0.f, 0.f, 0.f);
+  if (group < groups) {
+    const float4* column = reinterpret_cast<const float4*>(p.out_partial + first * head_dim) + part;
+    for (int s0 = group; s0 < splits; s0 += kUnroll * groups) {
+      float weight[kUnroll];
+      float4 x[kUnroll];
 #pragma unroll
-  for (int t = 0; t < kVecsPerLane; ++t) acc[t] = make_float4(0.f, 0.f, 0.f, 0.f);
-  for (int s0 = 0; s0 < splits; s0 += kGroups) {
-    const int s = s0 + group;
-    // Split s's weight is lane s % 32's weight_of[s / 32]. A split of weight 0 (past the last,
-    // or no key) adds nothing, whatever its row holds; NaN weights go on (they propagate).
-    float weight = 0.f;
-#pragma unroll
-    for (int i = 0; i < kSplitsPerLane; ++i) {
-      const float w = __shfl_sync(0xffffffffu, weight_of[i], s % 32);
-      if (s / 32 == i) weight = w;
-    }
-    if (s >= splits || weight == 0.f) continue;
-    const float4* split_row = partial + s * split_stride * vecs;
-    float4 x[kVecsPerLane];
-#pragma unroll
-    for (int t = 0; t < kVecsPerLane; ++t)
-      if (t < vecs_per_lane && part + kGroupLanes * t < vecs) x[t] = split_row[part + kGroupLanes * t];
-#pragma unroll
-    for (int t = 0; t < kVecsPerLane; ++t)
-      if (t < vecs_per_lane && part + kGroupLanes * t < vecs) {
-        acc[t].x = fmaf(weight, x[t].x, acc[t].x);
-        acc[t].y = fmaf(weight, x[t].y, acc[t].y);
-        acc[t].z = fmaf(weight, x[t].z, acc[t].z);
-        acc[t].w = fmaf(weight, x[t].w, acc[t].w);
+      for (int u = 0; u < kUnroll; ++u) {
+        // A split of weight 0 (no key, or past the last: the last one's row read again) adds
+        // nothing, whatever its row holds; NaN weights go on (they propagate). The loads do not
+        // depend on the weights, so that all of them are in flight at once.
+        const int s = min(s0 + u * groups, splits - 1);
+        const float w = weight_of[s];
+        weight[u] = s0 + u * groups < splits ? w : 0.f;
+        x[u] = __ldg(column + s * split_stride * vecs);
       }
-  }
-  // The groups' sums (lanes of one part across groups: xor 4, 8, 16), then group 0 stores.
-  T* out = row_at<T>(p.out, p.out_strides, seq, true, b, h, row);
 #pragma unroll
-  for (int t = 0; t < kVecsPerLane; ++t) {
-    if (t >= vecs_per_lane) break;  // warp-uniform
-    for (int offset = kGroupLanes; offset < 32; offset *= 2) {
-      acc[t].x += __shfl_xor_sync(0xffffffffu, acc[t].x, offset);
-      acc[t].y += __shfl_xor_sync(0xffffffffu, acc[t].y, offset);
-      acc[t].z += __shfl_xor_sync(0xffffffffu, acc[t].z, offset);
-      acc[t].w += __shfl_xor_sync(0xffffffffu, acc[t].w, offset);
-    }
-    const int col = 4 * (part + kGroupLanes * t);
-    if (group == 0 && col < head_dim) {
-      out[col] = from_float<T>(acc[t].x);
-      out[col + 1] = from_float<T>(acc[t].y);
-      out[col + 2] = from_float<T>(acc[t].z);
-      out[col + 3] = from_float<T>(acc[t].w);
+      for (int u = 0; u < kUnroll; ++u)
+        if (weight[u] != 0.f) {
+          acc.x = fmaf(weight[u], x[u].x, acc.x);
+          acc.y = fmaf(weight[u], x[u].y, acc.y);
+          acc.z = fmaf(weight[u], x[u].z, acc.z);
+          acc.w = fmaf(weight[u], x[u].w, acc.w);
+        }
     }
   }
-  if (lane == 0) static_cast<float*>(p.lse)[stats_offset(p.stats_strides, seq, b, h) + row] = lse;
+  shares[tid] = acc;
+  __syncthreads();
+  if (group != 0) return;
+  for (int g = 1; g < groups; ++g) {
+    const float4 other = shares[g * vecs + part];
+    acc.x += other.x;
+    acc.y += other.y;
+    acc.z += other.z;
+    acc.w += other.w;
+  }
+  T* out = row_at<T>(p.out, p.out_strides, seq, true, b, h, row) + 4 * part;
+  out[0] = from_float<T>(acc.x);
+  out[1] = from_float<T>(acc.y);
+  out[2] = from_float<T>(acc.z);
+  out[3] = from_float<T>(acc.w);
 }
 
 }  // namespace cuflash

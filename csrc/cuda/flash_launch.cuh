@@ -158,8 +158,7 @@ using SplitTile =
 template <typename T>
 cudaError_t launch_combine(const FlashFwdParams& p, cudaStream_t stream) {
   const AttentionShape& sh = p.shape;
-  return launch(flash_fwd_combine_kernel<T>, dim3(ceil_div(sh.seqlen_q, kCombineRowsPerBlock), sh.heads_q, sh.batch),
-                32 * kCombineRowsPerBlock, 0, stream, p);
+  return launch(flash_fwd_combine_kernel<T>, dim3(sh.seqlen_q, sh.heads_q, sh.batch), kCombineThreads, 0, stream, p);
 }
 
 template <typename T, int kHeadDim>

@@ -5,6 +5,7 @@
 #include <vector>
 #include "device_attributes.h"
 #include "flash_launch.h"
+#include "sm90/flash_fwd_sm90_tma.cuh"
 #include "tile_shapes.h"
 
 namespace cuflash {
@@ -28,26 +29,44 @@ int splits_for_waves(int64_t ctas, int slots, int key_blocks, int cap) {
   return 1;
 }
 
+// The kernel that runs the splits, as the count sees it: its tile and how many of its CTAs an SM
+// holds. The plain narrow TMA forward under CUFLASH_SM90's "splits" part (flash_launch.cuh: not
+// with the features) holds an SM alone (384 threads of up to 240 registers); the sm_80-class
+// split kernel two CTAs an SM (128 threads of up to 255 registers, as FlashAttention-2 counts
+// for its split kernel).
+struct SplitKernelShape {
+  int block_m, block_n, ctas_per_sm;
+};
+template <int kHeadDim>
+SplitKernelShape tma_split_shape() {
+  static_assert(sm90::kFwdHeadDim<kHeadDim>, "a head dim the TMA forward is built for (split_kernel_shape's list)");
+  using K = sm90::FwdSm90TmaKernel<__nv_bfloat16, kHeadDim, false>;
+  return {K::kBlockM, K::kBlockN, 1};
+}
+SplitKernelShape split_kernel_shape(const FlashFwdParams& p, int bucket) {
+  if ((bucket == 64 || bucket == 128 || bucket == 256) && sm90::sm90_paths(p).tma_splits && !needs_feature_path(p))
+    return bucket == 64 ? tma_split_shape<64>() : bucket == 128 ? tma_split_shape<128>() : tma_split_shape<256>();
+  return {kFwdSplitBlockM, fwd_split_block_n(bucket), 2};
+}
+
 }  // namespace
 
 int fwd_num_splits(const FlashFwdParams& p, int requested) {
-  // The split kernel is the 16-bit sm_80-class one; the debug tile counts count unsplit CTAs.
+  // The split kernels are 16-bit ones; the debug tile counts count unsplit CTAs.
   if (requested == 1 || p.tile_counters != nullptr) return 1;
   if (p.dtype != DType::kFloat16 && p.dtype != DType::kBFloat16) return 1;
   const int bucket = cuda_head_dim_bucket(p.dtype, p.shape.head_dim);
   if (bucket == 0) return 1;
-  const int block_m = kFwdSplitBlockM, block_n = fwd_split_block_n(bucket);  // the split kernel's tile
+  const SplitKernelShape kernel = split_kernel_shape(p, bucket);
   const AttentionShape& sh = p.shape;
-  const int key_blocks = (sh.seqlen_k + block_n - 1) / block_n;
+  const int key_blocks = (sh.seqlen_k + kernel.block_n - 1) / kernel.block_n;
   // Grid z holds batch x splits (at most 65535).
   const int cap = std::min({kMaxFwdSplits, key_blocks, 65535 / std::max(sh.batch, 1)});
   if (cap <= 1) return 1;
   if (requested > 1) return std::min(requested, cap);
-  // Automatic (requested 0): one query block a sequence, and fewer CTAs than 80% of the slots
-  // (two CTAs of the kernel fit an SM: 128 threads of up to 255 registers, as FlashAttention-2
-  // counts for its split kernel).
-  if (sh.seqlen_q > block_m) return 1;
-  const int slots = 2 * std::max(1, device_attribute<cudaDevAttrMultiProcessorCount>(1));
+  // Automatic (requested 0): one query block a sequence, and fewer CTAs than 80% of the slots.
+  if (sh.seqlen_q > kernel.block_m) return 1;
+  const int slots = kernel.ctas_per_sm * std::max(1, device_attribute<cudaDevAttrMultiProcessorCount>(1));
   const int64_t ctas = int64_t{sh.heads_q} * sh.batch;
   if (ctas * 5 >= int64_t{slots} * 4) return 1;
   return splits_for_waves(ctas, slots, key_blocks, std::min(cap, slots));
