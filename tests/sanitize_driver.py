@@ -10,8 +10,9 @@ and the backward with the gradient of the returned lse; the KV-cache forward: pa
 seqused_k and flash_attn_with_kvcache's appends), split-KV and its combine kernel (with
 features, paged keys and packed queries), and decoding steps (grouped heads as rows; four
 causal tokens a step packed under CUFLASH_PACK_GQA=1; 130 unsplit and one split 5 ways on the
-TMA forwards (CUFLASH_SM90's "kvcache" part, a default; the splits under its "splits" part), over contiguous and paged caches). Every case is checked against the
-float64 reference with the accuracy rule, so a clean sanitizer run is also a correctness run.
+TMA forwards (CUFLASH_SM90's "kvcache" part, a default; the splits under its "splits" part),
+over contiguous and paged caches). Every case is checked against the float64 reference with the
+accuracy rule, so a clean sanitizer run is also a correctness run.
 
     python3 tests/sanitize_driver.py [--list] [--only REGEX] [--case DESCRIPTION] [--device cpu]
 
