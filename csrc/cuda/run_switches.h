@@ -22,8 +22,8 @@
 //                   sequence's keys zeroed in shared memory) and paged ones (the narrow tiles:
 //                   a key block within a page), where otherwise the cp.async forward runs
 //       splits      with tma, not a default: split-KV without the features on the plain narrow
-//                   TMA kernel, where otherwise the sm_80-class one runs (1.5-3 us slower a
-//                   one-token step at batch 1 on the H200: benchmarks/NOTES.md)
+//                   TMA kernel, where otherwise the sm_80-class one runs (H200, one token at
+//                   batch 1: 9% faster over 16384 keys, slower up to 4096; benchmarks/NOTES.md)
 //   CUFLASH_BWD_DQ  unset or "": dQ by its own kernel, unless the fused Hopper kernel is faster
 //                   (prefers_fused_backward), with atomics where the op's deterministic=False;
 //                   "atomic": added by the dK/dV kernel with fp32 atomics wherever it can be (not
@@ -61,7 +61,7 @@ namespace cuflash {
 struct Sm90Switch {
   bool on = true, tma = true, bwd = true, features = true, persistent = true, bwd_ws = true;
   bool tma_kv_cache = true;
-  bool tma_splits = false;  // not a default part: slower than the sm_80-class split kernel
+  bool tma_splits = false;  // not a default part: faster than the sm_80-class split kernel on long caches only
 };
 
 // value (null: unset) -> *out; false if value names something else.
