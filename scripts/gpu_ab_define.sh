@@ -2,7 +2,8 @@
 # One device call for a compile-time experiment: build as the tree is (A), benchmark; rebuild the
 # files named with an extra nvcc define (B, through nvcc's NVCC_APPEND_FLAGS), run the tests
 # named under it, benchmark again. Between the two, optionally the sanitizer over A.
-#   AB_DEFINE="-DCUFLASH_FWD_PERSISTENT_D64_STAGES=4"   the B build's extra flags (required)
+#   AB_DEFINE="-DSOME_KNOB=4"   the B build's extra flags (required; the source reads the macro,
+#                        its default defined under #ifndef)
 #   AB_FILES="csrc/cuda/instantiations/flash_fwd_hdim64_*_sm80.cu"   the sources B recompiles
 #   AB_BENCH="--dtypes bf16 --head-dims 64 ..."   bench_attention.py arguments for both
 #   AB_TESTS="tests/test_sm90_forward.py -k persistent"   pytest arguments run under B ("" none)

@@ -136,7 +136,7 @@ def run_case(case, device):
         test_paged_kv.test_kvcache_paged_appends_and_attends(device, dtype)
     elif variant == "split_paged":
         import test_split_kv
-        test_split_kv.test_split_with_seqused_k_paged_and_packed(dtype, "sm80")
+        test_split_kv.check_split_paged_and_packed(dtype)
     elif variant == "split_features":
         import test_split_kv
         test_split_kv.test_split_with_features(dtype, "sm80")

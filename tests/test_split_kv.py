@@ -74,17 +74,26 @@ def test_split_with_features(dtype, split_kernel):
 @requires_cuda
 @pytest.mark.parametrize("dtype", LOW_PRECISION, ids=LOW_PRECISION_IDS)
 def test_split_with_seqused_k_paged_and_packed(dtype, split_kernel):
-    """seqused_k over a paged cache (two blocks of 256 a sequence; the split kernel ran), and
-    packed queries (the sm_80-class kernel: TMA takes no cu_seqlens)."""
+    """check_split_paged_and_packed; its paged step ran the split kernel and the combine kernel."""
+    names = cuda_kernels(check_split_paged_and_packed(dtype))
+    assert COMBINE in names and SPLIT_KERNEL[split_kernel] in names, names
+
+
+def check_split_paged_and_packed(dtype):
+    """seqused_k over a paged cache (two blocks of 256 a sequence) and packed queries (the
+    sm_80-class kernel: TMA takes no cu_seqlens), split, against float64; returns the paged
+    step (the kernel-name check needs the profiler, which compute-sanitizer displaces:
+    sanitize_driver calls this alone)."""
     torch.manual_seed(2)
     k_pages, v_pages = (torch.randn(5, 2, 256, 64, device="cuda", dtype=dtype) for _ in range(2))
     table = torch.tensor([[3, 0], [1, 4]], dtype=torch.int32, device="cuda")
     used = torch.tensor([300, 17], dtype=torch.int32, device="cuda")
     q = torch.randn(2, 4, 2, 64, device="cuda", dtype=dtype)
-    out, lse = ops.fwd(q, k_pages, v_pages, None, True, True, seqused_k=used, block_table=table, num_splits=4)
-    names = cuda_kernels(lambda: ops.fwd(q, k_pages, v_pages, None, True, True, seqused_k=used, block_table=table,
-                                         num_splits=4))
-    assert COMBINE in names and SPLIT_KERNEL[split_kernel] in names, names
+
+    def paged_step():
+        return ops.fwd(q, k_pages, v_pages, None, True, True, seqused_k=used, block_table=table, num_splits=4)
+
+    out, lse = paged_step()
     k, v = (t[table.long()].permute(0, 2, 1, 3, 4).flatten(2, 3) for t in (k_pages, v_pages))
     ref = per_sequence_reference(q, k, v, used, True, torch.float64)
     pt = per_sequence_reference(q, k, v, used, True, dtype)
@@ -100,6 +109,7 @@ def test_split_with_seqused_k_paged_and_packed(dtype, split_kernel):
         ref_b, _ = attention_reference(qb, k[b:b + 1, :, :n], v[b:b + 1, :, :n], True, bottom_right=True)
         pt_b, _ = attention_reference(qb, k[b:b + 1, :, :n], v[b:b + 1, :, :n], True, bottom_right=True, dtype=dtype)
         assert_close_to_reference(f"out[{b}]", got[q0:q1].transpose(0, 1)[None], ref_b, pt_b, dtype, factor=2)
+    return paged_step
 
 
 @requires_cuda

@@ -30,11 +30,6 @@ namespace cuflash::sm90 {
 // last one's P V and output run, with O staged in a buffer of its own (the padded staging tile
 // does not fit in Q's buffer; at D=256 it does not fit at all). It pays where tiles are short,
 // so that the 3-D grid's per-CTA prologue and epilogue show (benchmarks/NOTES.md).
-// Experiment knob (benchmarks/NOTES.md, tenth session): the persistent head-dim-64 kernel's K/V
-// stages, so that its producer runs further into the next tile (nvcc -D...=4; 2 as before).
-#ifndef CUFLASH_FWD_PERSISTENT_D64_STAGES
-#define CUFLASH_FWD_PERSISTENT_D64_STAGES 2
-#endif
 template <typename T, int kHeadDim, bool kWide, bool kPersistent = false>
 struct FwdSm90TmaKernel {
   static constexpr bool kHasPersistent = kHeadDim <= 128;
@@ -42,7 +37,7 @@ struct FwdSm90TmaKernel {
   static constexpr int kConsumers = kWide && kHeadDim <= 64 ? 3 : 2;
   static constexpr int kThreads = 128 * (kConsumers + 1), kBlockM = 64 * kConsumers;
   static constexpr int kBlockN = kHeadDim <= 64 ? 128 : kHeadDim <= 128 ? (kWide ? 192 : 128) : (kWide ? 80 : 64);
-  static constexpr int kStages = kPersistent && kHeadDim <= 64 ? CUFLASH_FWD_PERSISTENT_D64_STAGES : 2;
+  static constexpr int kStages = 2;
   static constexpr int kQBytes = kBlockM * kHeadDim * 2, kKVBytes = kBlockN * kHeadDim * 2;
   static constexpr int kStagingBytes = kPersistent ? SmemTile<T, kBlockM, kHeadDim>::kElems * int(sizeof(T)) : 0;
   // Barriers: Q full, Q empty, then per stage K full, V full, K empty, V empty.
