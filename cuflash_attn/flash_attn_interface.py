@@ -399,7 +399,7 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
     if cache_seqlens is not None:
         lengths, high = _cache_lengths(cache_seqlens, batch, seqlen_cache, seqlen_new, q.device, rotary,
                                        not capturing)
-        used = lengths + seqlen_new
+        used = lengths + seqlen_new if seqlen_new > 0 else lengths  # (an add is a kernel launch on CUDA)
     if rotary:
         if lengths is None:  # no cache_seqlens: positions from 0
             lengths, high = torch.zeros(batch, dtype=torch.int32, device=q.device), 0

@@ -6,7 +6,9 @@
 #                        its default defined under #ifndef)
 #   AB_FILES="csrc/cuda/instantiations/flash_fwd_hdim64_*_sm80.cu"   the sources B recompiles
 #   AB_BENCH="--dtypes bf16 --head-dims 64 ..."   bench_attention.py arguments for both
-#   AB_TESTS="tests/test_sm90_forward.py -k persistent"   pytest arguments run under B ("" none)
+#   AB_TESTS="tests/test_sm90_forward.py -k persistent"   pytest arguments run under B ("" none;
+#                        if they fail, B is not benchmarked)
+#   AB_TEST_LIMIT_S=300  seconds the tests under B may run (a wrong mbarrier phase hangs a kernel)
 #   AB_SANITIZE_TOOLS="memcheck synccheck"   scripts/sanitize.sh over A first ("" none)
 # Results: $OUT/<gpu>-<date>-A.md/json and -B.md/json; logs as $OUT/logs.tar.gz.
 set -uo pipefail
@@ -34,12 +36,15 @@ NVCC_APPEND_FLAGS="$AB_DEFINE" bash scripts/setup.sh > "$OUT/build_B.log" 2>&1 |
 echo "build B ($AB_DEFINE): $(( $(date +%s) - start )) s"
 if [ -n "${AB_TESTS-}" ]; then
   # shellcheck disable=SC2086  # AB_TESTS is an argument list
-  timeout --kill-after=5 300 python3 -m pytest $AB_TESTS -q -rfE -p no:cacheprovider > "$OUT/tests_B.log" 2>&1 || status=1
+  timeout --kill-after=5 "${AB_TEST_LIMIT_S:-300}" python3 -m pytest $AB_TESTS -q -rfE -p no:cacheprovider \
+    > "$OUT/tests_B.log" 2>&1 || status=1
   echo "tests under B: $(tail -n 1 "$OUT/tests_B.log")"
   grep -E '^(FAILED|ERROR)' "$OUT/tests_B.log" | head -n 15
 fi
-# shellcheck disable=SC2086
-python3 benchmarks/bench_attention.py ${AB_BENCH-} --out "$OUT" --tag B > "$OUT/bench_B.log" 2>&1 || status=1
-tail -n 30 "$OUT/bench_A.log" "$OUT/bench_B.log"
+if (( status == 0 )); then
+  # shellcheck disable=SC2086
+  python3 benchmarks/bench_attention.py ${AB_BENCH-} --out "$OUT" --tag B > "$OUT/bench_B.log" 2>&1 || status=1
+fi
+tail -n 30 "$OUT"/bench_*.log
 tar czf "$OUT/logs.tar.gz" -C "$OUT" $(cd "$OUT" && ls -- *.log 2>/dev/null) && (cd "$OUT" && rm -f -- *.log)
 exit $status

@@ -92,10 +92,11 @@ def test_seqused_k_on_tma_ignores_stale_rows(d, causal, nq, mode, monkeypatch):
     with it, which hold NaN and Inf here and change nothing (bitwise the finite case's); against
     float64 per sequence, for lengths of no key, part of a block of 64 or 128 keys, and all of
     them (the block past the tensor's rows: TMA's zeros). Without the part the cp.async kernel
-    runs; with no CUFLASH_SM90 the TMA one."""
+    runs; with no CUFLASH_SM90 the TMA one. 16 query heads: at 300 queries more tiles than SMs,
+    so persistent CTAs walk several (each tile's V rows zeroed after the previous tile's end)."""
     monkeypatch.setenv("CUFLASH_SM90", SWITCH[mode] + ",kvcache")
     torch.manual_seed(d + nq)
-    q = torch.randn(4, 4, nq, d, device="cuda", dtype=torch.bfloat16)
+    q = torch.randn(4, 16, nq, d, device="cuda", dtype=torch.bfloat16)
     k, v = (torch.randn(4, 2, 700, d, device="cuda", dtype=torch.bfloat16) for _ in range(2))
     used = torch.tensor([77, 0, 640, 700], dtype=torch.int32, device="cuda")
     poisoned_k, poisoned_v = k.clone(), v.clone()
