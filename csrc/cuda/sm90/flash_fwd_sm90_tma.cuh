@@ -30,13 +30,6 @@ namespace cuflash::sm90 {
 // last one's P V and output run, with O staged in a buffer of its own (the padded staging tile
 // does not fit in Q's buffer; at D=256 it does not fit at all). It pays where tiles are short,
 // so that the 3-D grid's per-CTA prologue and epilogue show (benchmarks/NOTES.md).
-// kChained (persistent at head dim 64; CUFLASH_FWD_CHAINED=1 builds it, an experiment): tiles
-// chained, each tile's last P V issued beside the next tile's first S (two Q buffers), and the
-// tile's output stored while the other consumer's wgmmas run, so that neither end of a tile
-// leaves the tensor cores idle (benchmarks/NOTES.md, tenth session).
-#ifndef CUFLASH_FWD_CHAINED
-#define CUFLASH_FWD_CHAINED 0
-#endif
 template <typename T, int kHeadDim, bool kWide, bool kPersistent = false>
 struct FwdSm90TmaKernel {
   static constexpr bool kHasPersistent = kHeadDim <= 128;
@@ -45,16 +38,12 @@ struct FwdSm90TmaKernel {
   static constexpr int kThreads = 128 * (kConsumers + 1), kBlockM = 64 * kConsumers;
   static constexpr int kBlockN = kHeadDim <= 64 ? 128 : kHeadDim <= 128 ? (kWide ? 192 : 128) : (kWide ? 80 : 64);
   static constexpr int kStages = 2;
-  static constexpr bool kChained = kPersistent && kHeadDim <= 64 && CUFLASH_FWD_CHAINED;
-  static constexpr int kQBuffers = kChained ? 2 : 1;
   static constexpr int kQBytes = kBlockM * kHeadDim * 2, kKVBytes = kBlockN * kHeadDim * 2;
   static constexpr int kStagingBytes = kPersistent ? SmemTile<T, kBlockM, kHeadDim>::kElems * int(sizeof(T)) : 0;
-  // Barriers: per Q buffer Q full, then per Q buffer Q empty, then per stage K full, V full,
-  // K empty, V empty.
-  static constexpr int kBarriers = 2 * kQBuffers + 4 * kStages;
+  // Barriers: Q full, Q empty, then per stage K full, V full, K empty, V empty.
+  static constexpr int kBarriers = 2 + 4 * kStages;
   // + 1024: the swizzle atoms must start on 1024-byte boundaries; the base is aligned by hand.
-  static constexpr int kSmemBytes =
-      kQBuffers * kQBytes + 2 * kStages * kKVBytes + kStagingBytes + kBarriers * 8 + 1024;
+  static constexpr int kSmemBytes = kQBytes + 2 * kStages * kKVBytes + kStagingBytes + kBarriers * 8 + 1024;
   // setmaxnreg: the producer's registers go to the consumers (65536 per SM in all).
   static constexpr int kProducerRegs = kConsumers == 2 ? 24 : 32, kConsumerRegs = kConsumers == 2 ? 240 : 160;
   static_assert(fits_launch_registers<kThreads>(kProducerRegs, kConsumerRegs), "setmaxnreg's split");
@@ -98,14 +87,13 @@ __global__ void __launch_bounds__(FwdSm90TmaKernel<T, kHeadDim, kWide, kPersiste
   constexpr int kPanels = kHeadDim / 64, kConsumerThreads = 128 * K::kConsumers;
   extern __shared__ char smem_raw[];
   unsigned char* smem = align_1024(smem_raw);
-  constexpr int kQBuffers = K::kQBuffers, kQAllBytes = kQBuffers * K::kQBytes;
-  auto sQ = [&](int buffer) { return smem + buffer * K::kQBytes; };
-  auto sK = [&](int stage) { return smem + kQAllBytes + stage * K::kKVBytes; };
-  auto sV = [&](int stage) { return smem + kQAllBytes + (kStages + stage) * K::kKVBytes; };
-  unsigned char* staging = smem + kQAllBytes + 2 * kStages * K::kKVBytes;  // persistent only
+  unsigned char* sQ = smem;
+  auto sK = [&](int stage) { return smem + K::kQBytes + stage * K::kKVBytes; };
+  auto sV = [&](int stage) { return smem + K::kQBytes + (kStages + stage) * K::kKVBytes; };
+  unsigned char* staging = smem + K::kQBytes + 2 * kStages * K::kKVBytes;  // persistent only
   uint64_t* q_full = reinterpret_cast<uint64_t*>(staging + K::kStagingBytes);
-  uint64_t* q_empty = q_full + kQBuffers;
-  uint64_t* k_full = q_full + 2 * kQBuffers;
+  uint64_t* q_empty = q_full + 1;
+  uint64_t* k_full = q_full + 2;
   uint64_t* v_full = k_full + kStages;
   uint64_t* k_empty = v_full + kStages;
   uint64_t* v_empty = k_empty + kStages;
@@ -156,10 +144,8 @@ __global__ void __launch_bounds__(FwdSm90TmaKernel<T, kHeadDim, kWide, kPersiste
   };
 
   if (tid == 0) {
-    for (int buffer = 0; buffer < kQBuffers; ++buffer) {
-      mbarrier_init(&q_full[buffer], 1);
-      mbarrier_init(&q_empty[buffer], kConsumerThreads / 32);  // one arrival per consumer warp
-    }
+    mbarrier_init(q_full, 1);
+    mbarrier_init(q_empty, kConsumerThreads / 32);  // one arrival per consumer warp
     for (int s = 0; s < kStages; ++s) {
       mbarrier_init(&k_full[s], 1);
       mbarrier_init(&v_full[s], 1);
@@ -201,21 +187,17 @@ __global__ void __launch_bounds__(FwdSm90TmaKernel<T, kHeadDim, kWide, kPersiste
       };
       // After the first tile, the first stages' loads (which wait only on the previous tile's
       // releases) go out before Q, whose buffer the previous tile's consumers may still be reading.
-      // Chained, Q goes first: its buffer was released a tile earlier, and the consumers wait for
-      // it before the previous tile's last P V, which the second stage's load waits for.
-      const int early = iteration == 0 || K::kChained ? 0 : min(steps, kStages);
+      const int early = iteration == 0 ? 0 : min(steps, kStages);
       for (int t = 0; t < early; ++t) load_step(t);
       if (steps > 0) {
-        // Q's buffer was released by every consumer warp of the tile that last loaded it
+        // Q's buffer was released by every consumer warp of the previous tile that loaded Q
         // (consumers release only tiles with steps, so q_empty never runs two phases ahead).
-        const int buffer = q_loads % kQBuffers, use = q_loads / kQBuffers;
-        if (use > 0) mbarrier_wait(&q_empty[buffer], (use - 1) & 1);
+        if (q_loads > 0) mbarrier_wait(q_empty, (q_loads - 1) & 1);
         ++q_loads;
-        mbarrier_arrive_expect_tx(&q_full[buffer], K::kQBytes);
+        mbarrier_arrive_expect_tx(q_full, K::kQBytes);
 #pragma unroll
         for (int panel = 0; panel < kPanels; ++panel)
-          tma_load_4d(sQ(buffer) + panel * kBlockM * 128, &map_q, &q_full[buffer], panel * 64, tile.m_start, tile.h,
-                      tile.b);
+          tma_load_4d(sQ + panel * kBlockM * 128, &map_q, q_full, panel * 64, tile.m_start, tile.h, tile.b);
       }
       for (int t = early; t < steps; ++t) load_step(t);
       step += steps;
@@ -227,7 +209,7 @@ __global__ void __launch_bounds__(FwdSm90TmaKernel<T, kHeadDim, kWide, kPersiste
   setmaxnreg_inc<K::kConsumerRegs>();
   const int consumer = warpgroup - 1;
   const int warp_row = 16 * ((tid - 128) / 32);
-  const uint64_t desc_q0 = smem_desc_k_major_sw128(sQ(0), consumer * 64 * 128);
+  const uint64_t desc_q = smem_desc_k_major_sw128(sQ, consumer * 64 * 128);
   const uint64_t desc_k0 = smem_desc_k_major_sw128(sK(0));
   const uint64_t desc_v0 = smem_desc_mn_major_sw128(sV(0), 0, kBlockN * 128);
   // Descriptors pass through an empty asm each step, so that the compiler adds the per-step
@@ -237,85 +219,49 @@ __global__ void __launch_bounds__(FwdSm90TmaKernel<T, kHeadDim, kWide, kPersiste
     asm volatile("" : "+l"(desc));
     return desc;
   };
-  auto desc_q = [&](int buffer) { return opaque(desc_q0) + ((buffer * K::kQBytes) >> 4); };
   auto desc_k = [&](int stage) { return opaque(desc_k0) + ((stage * K::kKVBytes) >> 4); };
   auto desc_v = [&](int stage) { return opaque(desc_v0) + ((stage * K::kKVBytes) >> 4); };
   // Turns: the consumers take turns issuing their wgmmas, in a ring (named barrier 2 + c is
   // consumer c's turn, signalled by the consumer before it), so that one's softmax runs while
-  // another's matmuls hold the tensor cores. Consumer 0 goes first in every tile. The ring is
-  // started (the last consumer's first signal) and closed (consumer 0 takes the last one) in
-  // each tile, or, chained, once for the whole walk: with two Q buffers nothing would keep the
-  // last consumer's first signal of a tile from meeting the previous tile's last one.
+  // another's matmuls hold the tensor cores. Consumer 0 goes first in every tile.
   constexpr int kTurnThreads = 2 * 128;  // the warpgroup that waits and the one that signals
   auto my_turn = [&] { named_barrier_sync<kTurnThreads>(2 + consumer); };
   auto your_turn = [&] { named_barrier_arrive<kTurnThreads>(2 + (consumer + 1) % K::kConsumers); };
-  auto release_q = [&](int buffer) {  // persistent: this warp's wgmmas are done reading Q
+  auto release_q = [&] {  // persistent: this warp's wgmmas are done reading Q
     __syncwarp();
-    if (lane == 0) mbarrier_arrive(&q_empty[buffer]);
-  };
-  int q_loads = 0;
-  auto wait_q = [&] {  // the next tile's Q: its buffer
-    const int buffer = q_loads % kQBuffers;
-    mbarrier_wait(&q_full[buffer], (q_loads / kQBuffers) & 1);
-    ++q_loads;
-    return buffer;
+    if (lane == 0) mbarrier_arrive(q_empty);
   };
   const bool dropout = kFeatures && p.dropout.p > 0.0;
   const DropoutRng rng = dropout ? make_dropout_rng(p.dropout) : DropoutRng{};
-  // P of S (the raw q.k of step t of tile `at`, its score mod and softmax state) as the next
-  // P V's A operand; alpha: the rescale of O. Dropout after the softmax has summed every
-  // probability: only the kept ones reach P V.
-  auto softmax_step = [&](const TmaTile& at, int row0, const ScoreMod<T>& mod, OnlineSoftmax& state,
-                          WarpAcc<kBlockN>& s, int t, float (&alpha)[2]) {
-    const int col0 = at.block_of(t) * kBlockN;
-    scores_from_qk<kFeatures>(s, mod, p.mask, at.seq, row0, col0, lane);
-    state.exp_and_rescale_factor(s, alpha);
-    if (dropout) apply_dropout(s, rng, at.b, at.h, sh.heads_q, row0, col0, lane);
-  };
-  uint32_t pa[kBlockN / 16][4];  // P of the previous step, the A operand of its P V
-  auto to_pa = [&](const WarpAcc<kBlockN>& s) {
-#pragma unroll
-    for (int kk = 0; kk < kBlockN / 16; ++kk) s.template to_a<T>(pa[kk], kk);
-  };
-  // The output, staged through shared memory: persistent, its own buffer (each warp its own
-  // rows); otherwise the tiles' buffers, once every consumer's wgmmas are done reading them.
-  auto store_output = [&](const TmaTile& at, int row0, const WarpAcc<kHeadDim>& out_acc, const OnlineSoftmax& state) {
-    if constexpr (kPersistent) __syncwarp();  // the previous tile's staging reads are done
-    else named_barrier_sync<kConsumerThreads>(1);
-    const SmemTile<T, kBlockM, kHeadDim> stage_tile{reinterpret_cast<T*>(kPersistent ? staging : smem)};
-    static_assert(SmemTile<T, kBlockM, kHeadDim>::kElems * sizeof(T) <= kQAllBytes + 2 * kStages * K::kKVBytes,
-                  "staging fits");
-    T* out = row_at<T>(p.out, p.out_strides, at.seq, true, at.b, at.h, 0);
-    float* lse_out = static_cast<float*>(p.lse) + stats_offset(p.stats_strides, at.seq, at.b, at.h);
-    store_out_and_lse(out_acc, state, stage_tile, warp_row, out, p.out_strides.row, lse_out, row0, at.seq.seqlen_q,
-                      sh.head_dim, lane);
-  };
-  WarpAcc<kHeadDim> o;
-  OnlineSoftmax softmax;
-  int step = 0, q_buffer = 0;
-  bool chained_in = false;  // kChained: this tile's first S ran in the previous tile's last step
-  if (K::kChained && consumer == K::kConsumers - 1) named_barrier_arrive<kTurnThreads>(2);
+  int step = 0, q_loads = 0;
   for (int index = first_tile; index < num_tiles; index += tile_stride) {
     const TmaTile tile = tile_at(index);
     const int steps = tile.steps(), row0 = tile.m_start + warp_row;
+    WarpAcc<kHeadDim> o;
+    o.zero();
+    OnlineSoftmax softmax;
     const ScoreMod<T> mod(p, tile.b, tile.h);
-    const bool fresh = !K::kChained || !chained_in;  // (a constant unless chained)
-    if (fresh) {
-      o.zero();
-      softmax = OnlineSoftmax{};
-    }
-    bool chained_out = false;  // kChained: the next tile's first S runs in this tile's last step
     if (steps > 0) {
       auto full_parity = [&](int t) { return ((step + t) / kStages) & 1; };
       auto stage_of = [&](int t) { return (step + t) % kStages; };
       auto wait_v = [&](int t) { mbarrier_wait(&v_full[stage_of(t)], full_parity(t)); };
-      if (fresh) {
-        q_buffer = wait_q();
-        // The last consumer's first signal of the tile: after its q_full wait, so that it cannot
-        // meet on barrier 2 the previous tile's last signal, which consumer 0 takes at that
-        // tile's end.
-        if (!K::kChained && consumer == K::kConsumers - 1) named_barrier_arrive<kTurnThreads>(2);
-      }
+      uint32_t pa[kBlockN / 16][4];  // P of the previous step, the A operand of its P V
+      // P of S (the raw q.k of step t) as the next P V's A operand; alpha: the rescale of O.
+      // Dropout after the softmax has summed every probability: only the kept ones reach P V.
+      auto softmax_step = [&](WarpAcc<kBlockN>& s, int t, float (&alpha)[2]) {
+        const int col0 = tile.block_of(t) * kBlockN;
+        scores_from_qk<kFeatures>(s, mod, p.mask, tile.seq, row0, col0, lane);
+        softmax.exp_and_rescale_factor(s, alpha);
+        if (dropout) apply_dropout(s, rng, tile.b, tile.h, sh.heads_q, row0, col0, lane);
+      };
+      auto to_pa = [&](const WarpAcc<kBlockN>& s) {
+#pragma unroll
+        for (int kk = 0; kk < kBlockN / 16; ++kk) s.template to_a<T>(pa[kk], kk);
+      };
+      mbarrier_wait(q_full, q_loads++ & 1);
+      // The last consumer's first signal of the tile: after its q_full wait, so that it cannot
+      // meet on barrier 2 the previous tile's last signal, which consumer 0 takes at that tile's end.
+      if (consumer == K::kConsumers - 1) named_barrier_arrive<kTurnThreads>(2);
       // seqused_k (CUFLASH_SM90's "kvcache" part): the first step's block, the sequence's last,
       // may run past its keys into rows the tensor holds but the sequence does not use (a KV
       // cache's), which TMA reads like any other (past the tensor's rows it fills zeros). Their
@@ -328,17 +274,17 @@ __global__ void __launch_bounds__(FwdSm90TmaKernel<T, kHeadDim, kWide, kPersiste
         fence_async_shared();  // these generic-proxy writes before the wgmmas' (async proxy) reads
         named_barrier_sync<kConsumerThreads>(1);
       }
-      if (fresh) {  // step 0: S only
+      {  // step 0: S only
         mbarrier_wait(&k_full[stage_of(0)], full_parity(0));
         WarpAcc<kBlockN> s;
         my_turn();
         wgmma_fence();
-        issue_qk<T, kHeadDim, kBlockM * 128>(s, desc_q(q_buffer), desc_k(stage_of(0)));
+        issue_qk<T, kHeadDim, kBlockM * 128>(s, opaque(desc_q), desc_k(stage_of(0)));
         your_turn();
         wgmma_wait<0>();
         if (lane == 0) mbarrier_arrive(&k_empty[stage_of(0)]);  // this warp's wgmmas have read K
         float alpha[2];
-        softmax_step(tile, row0, mod, softmax, s, 0, alpha);  // O is still 0: nothing to rescale
+        softmax_step(s, 0, alpha);  // O is still 0: nothing to rescale
         to_pa(s);
       }
       for (int t = 1; t < steps; ++t) {
@@ -347,76 +293,49 @@ __global__ void __launch_bounds__(FwdSm90TmaKernel<T, kHeadDim, kWide, kPersiste
         WarpAcc<kBlockN> s;
         my_turn();
         wgmma_fence();
-        issue_qk<T, kHeadDim, kBlockM * 128>(s, desc_q(q_buffer), desc_k(stage_of(t)));
+        issue_qk<T, kHeadDim, kBlockM * 128>(s, opaque(desc_q), desc_k(stage_of(t)));
         issue_pv<T, kHeadDim, kBlockN>(o, pa, desc_v(stage_of(t - 1)));
         your_turn();
         wgmma_wait<1>();  // S_t done; P_{t-1} V_{t-1} may still run
         if (lane == 0) mbarrier_arrive(&k_empty[stage_of(t)]);
         float alpha[2];
-        softmax_step(tile, row0, mod, softmax, s, t, alpha);
+        softmax_step(s, t, alpha);
         wgmma_wait<0>();  // O and pa are free again
         if (lane == 0) mbarrier_arrive(&v_empty[stage_of(t - 1)]);
         OnlineSoftmax::rescale_rows(o, alpha);
         to_pa(s);
       }
-      // The tile's last P V: alone, or chained beside the next tile's first S (the next tile in
-      // this CTA's walk, if it has a key block).
-      TmaTile next{};
-      if constexpr (K::kChained) {
-        if (index + tile_stride < num_tiles) {
-          next = tile_at(index + tile_stride);
-          chained_out = next.steps() > 0;
-        }
-      }
-      if (!K::kChained || !chained_out) {
-        // The last consumer's last turn signal is taken here, so no barrier is left half-arrived.
-        if (!K::kChained && consumer == 0) my_turn();
-        // Every S of the tile is done: Q may be replaced. Only after consumer 0's last turn above,
-        // since the next tile's first signal on barrier 2 waits for the next Q.
-        if constexpr (kPersistent) release_q(q_buffer);
-        wait_v(steps - 1);
-        wgmma_fence();
-        issue_pv<T, kHeadDim, kBlockN>(o, pa, desc_v(stage_of(steps - 1)));
-        wgmma_wait<0>();
-        if (lane == 0) mbarrier_arrive(&v_empty[stage_of(steps - 1)]);
-      } else {
-        release_q(q_buffer);  // every S of the tile is done (the next Q is in the other buffer)
-        const int next_buffer = wait_q();
-        mbarrier_wait(&k_full[stage_of(steps)], full_parity(steps));  // the next tile's first key block
-        wait_v(steps - 1);
-        WarpAcc<kBlockN> s;
-        my_turn();
-        wgmma_fence();
-        issue_qk<T, kHeadDim, kBlockM * 128>(s, desc_q(next_buffer), desc_k(stage_of(steps)));
-        issue_pv<T, kHeadDim, kBlockN>(o, pa, desc_v(stage_of(steps - 1)));
-        your_turn();
-        wgmma_wait<1>();  // the next tile's S done; this tile's last P V may still run
-        if (lane == 0) mbarrier_arrive(&k_empty[stage_of(steps)]);
-        OnlineSoftmax next_softmax;
-        float alpha[2];
-        softmax_step(next, next.m_start + warp_row, ScoreMod<T>(p, next.b, next.h), next_softmax, s, 0, alpha);
-        wgmma_wait<0>();
-        if (lane == 0) mbarrier_arrive(&v_empty[stage_of(steps - 1)]);
-        to_pa(s);
-        // This tile's output while the other consumer's wgmmas run; then the next tile's state.
-        store_output(tile, row0, o, softmax);
-        o.zero();
-        softmax = next_softmax;
-        q_buffer = next_buffer;
-      }
+      // The last consumer's last turn signal is taken here, so no barrier is left half-arrived.
+      if (consumer == 0) my_turn();
+      // Every S of the tile is done: Q may be replaced. Only after consumer 0's last turn above,
+      // since the next tile's first signal on barrier 2 waits for the next Q.
+      if constexpr (kPersistent) release_q();
+      wait_v(steps - 1);
+      wgmma_fence();
+      issue_pv<T, kHeadDim, kBlockN>(o, pa, desc_v(stage_of(steps - 1)));
+      wgmma_wait<0>();
+      if (lane == 0) mbarrier_arrive(&v_empty[stage_of(steps - 1)]);
       step += steps;
     }
-    const bool stored = chained_out;
-    chained_in = chained_out;
+
     // Split-KV: this split's rows in float32 from registers, for the combine kernel (every
     // consumer alike: no barrier skipped halfway).
     if (kMaySplit && p.num_splits > 1) {
       store_partial(o, softmax, p, tile.seq, tile.split, tile.b, tile.h, row0, lane);
       continue;
     }
-    if (!K::kChained || !stored) store_output(tile, row0, o, softmax);
+    // The output, staged through shared memory: persistent, its own buffer (each warp its own
+    // rows); otherwise the tiles' buffers, once every consumer's wgmmas are done reading them.
+    if constexpr (kPersistent) __syncwarp();  // the previous tile's staging reads are done
+    else named_barrier_sync<kConsumerThreads>(1);
+    const SmemTile<T, kBlockM, kHeadDim> stage_tile{reinterpret_cast<T*>(kPersistent ? staging : smem)};
+    static_assert(SmemTile<T, kBlockM, kHeadDim>::kElems * sizeof(T) <= K::kQBytes + 2 * kStages * K::kKVBytes,
+                  "staging fits");
+    T* out = row_at<T>(p.out, p.out_strides, tile.seq, true, tile.b, tile.h, 0);
+    float* lse_out = static_cast<float*>(p.lse) + stats_offset(p.stats_strides, tile.seq, tile.b, tile.h);
+    store_out_and_lse(o, softmax, stage_tile, warp_row, out, p.out_strides.row, lse_out, row0,
+                      tile.seq.seqlen_q, sh.head_dim, lane);
   }
-  if (K::kChained && consumer == 0) my_turn();  // the walk's last signal
 #endif
 }
 
