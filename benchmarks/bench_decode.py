@@ -53,7 +53,7 @@ def cases(batch, heads_q, heads_kv, head_dim, seqlen, seqlen_q, dtype, dev="cuda
         "ours unsplit": lambda: flash_attn_with_kvcache(q, k_cache, v_cache, cache_seqlens=lengths, causal=causal,
                                                         num_splits=1),
         # The same on the sm_80-class kernel (the split one's; on Hopper the unsplit step runs the
-        # cp.async wgmma kernel): which of the two a decoding step should take.
+        # TMA forward): which of the two a decoding step should take.
         "ours unsplit sm80": with_env({"CUFLASH_SM90": "0"}, lambda: flash_attn_with_kvcache(
             q, k_cache, v_cache, cache_seqlens=lengths, causal=causal, num_splits=1)),
         "ours paged": lambda: flash_attn_with_kvcache(q, k_paged, v_paged, cache_seqlens=lengths,

@@ -137,7 +137,8 @@ struct FlashFwdParams : AttentionParams {
   // Debug: when set (int64 [4], zeroed), the tensor-core forward adds the key tiles it computed
   // and the ones it skipped as wholly masked, over all its CTAs, and stores its block_m, block_n.
   unsigned long long* tile_counters = nullptr;
-  // Split-KV (decoding: too few query blocks to fill the GPU; the sm_80-class tensor-core kernel):
+  // Split-KV (decoding: too few query blocks to fill the GPU; the sm_80-class tensor-core kernel,
+  // or the TMA forward under CUFLASH_SM90's "splits" part):
   // the key blocks of each (query block, head, sequence) are dealt into num_splits ranges, one
   // CTA each, which write their partial output (normalized over their keys) and its logsumexp,
   // rows [splits, batch, heads_q, shape.seqlen_q] (packed: [splits, heads_q, total_q]) of

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One device call for the Hopper kernels (CUFLASH_SM90 parts: tma, bwd, bwdws, features,
-# persistent, cpasync): build (sm_90a, every head dim), the wgmma/TMA probe, then their tests in parallel processes,
+# persistent, kvcache, splits, cpasync): build (sm_90a, every head dim), the wgmma/TMA probe, then their tests in parallel processes,
 # each under a time limit (a wrong mbarrier phase hangs a kernel, it does not fail it), then
 # the benchmark of the variants beside the default kernels and the SDPA peers.
 #   GPU_SM90_BENCH="..."   bench_attention.py arguments ("" skips the benchmark)

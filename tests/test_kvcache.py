@@ -133,6 +133,26 @@ def test_kvcache_without_new_keys(device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+def test_kvcache_gradient_survives_a_changed_cache_seqlens(device):
+    """With no new keys, a step that asks for no gradient reads cache_seqlens itself (no copy); one
+    that does saves its own copy, so a caller advancing cache_seqlens in place before the
+    backward (a decoding loop's habit) changes nothing: the gradients are those of the lengths
+    at the call, against float64."""
+    q, k_cache, v_cache, _, _ = cache_case(device, torch.float64)
+    q, k_cache, v_cache = (t.clone().requires_grad_() for t in (q, k_cache, v_cache))
+    lengths = torch.tensor([1, 40, 9], dtype=torch.int32, device=device)
+    used = lengths.tolist()
+    out = flash_attn_with_kvcache(q, k_cache, v_cache, cache_seqlens=lengths, causal=True)
+    lengths += 1
+    dout = torch.randn_like(out)
+    got = torch.autograd.grad(out, (q, k_cache, v_cache), dout)
+    ref = per_sequence_reference(q.transpose(1, 2), k_cache.transpose(1, 2), v_cache.transpose(1, 2), used, True,
+                                 torch.float64, dout.transpose(1, 2))
+    for name, g, r in zip(("dq", "dk", "dv"), got, ref[2:]):
+        assert_close_to_reference(name, g.transpose(1, 2), r, r, torch.float64, factor=2)
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_kvcache_refuses(device):
     q, k_cache, v_cache, k, v = cache_case(device, torch.float32)
     before = k_cache.clone()

@@ -13,7 +13,8 @@ cudaError_t run_flash_fwd_cuda(const FlashFwdParams& p, cudaStream_t stream);
 
 // Split-KV (FlashFwdParams::num_splits): the splits p's forward takes, for `requested` (1: none;
 // 0: chosen, where a few query blocks would leave SMs idle; n: n, capped at p's key blocks and
-// kMaxFwdSplits). Only 16-bit inputs split (the sm_80-class kernel): 1 otherwise. The caller
+// kMaxFwdSplits). Only 16-bit inputs split (the sm_80-class kernel, or on Hopper the TMA forward
+// under CUFLASH_SM90's "splits" part): 1 otherwise. The caller
 // provides out_partial and lse_partial where it returns more than 1.
 constexpr int kMaxFwdSplits = 128;
 int fwd_num_splits(const FlashFwdParams& p, int requested);
