@@ -106,6 +106,13 @@ cudaError_t with_feature_path(const AttentionParams& p, F&& f) {
   return f(std::false_type{});
 }
 
+// Experiment (benchmarks/NOTES.md, tenth session): short rows at head dim 64 on the persistent
+// kernel with the wide tile (192 query rows, three consumers: FlashAttention-3's shape there),
+// built with -DCUFLASH_FWD_PERSISTENT_WIDE=1.
+#ifndef CUFLASH_FWD_PERSISTENT_WIDE
+#define CUFLASH_FWD_PERSISTENT_WIDE 0
+#endif
+
 // The TMA forward for plain attention: long rows take the wide tile (sm90::wide_rows), short rows
 // the persistent kernel where asked for and built (sm90::long_rows); CUFLASH_FWD_TILE overrides
 // the tile. False (nothing launched) where TMA cannot address p, varlen included: a box would
@@ -140,8 +147,13 @@ bool launch_fwd_tma(const FlashFwdParams& p, bool persistent, cudaStream_t strea
   const bool split = p.num_splits > 1;
   if (needs_feature_path(p)) return !split && run(no, yes, no);
   if (!kv_cache && !split && fwd_wide_tile(sm90::wide_rows<kHeadDim>(p))) return run(yes, no, no);
-  if constexpr (Plain::kHasPersistent)
-    if (persistent && !split && !sm90::long_rows(p)) return run(no, no, yes);
+  if constexpr (Plain::kHasPersistent) {
+    if (persistent && !split && !sm90::long_rows(p)) {
+      if constexpr (CUFLASH_FWD_PERSISTENT_WIDE && kHeadDim == 64)
+        if (!kv_cache) return run(yes, no, yes);
+      return run(no, no, yes);
+    }
+  }
   return run(no, no, no);
 }
 
