@@ -30,6 +30,9 @@ namespace cuflash::sm90 {
 // last one's P V and output run, with O staged in a buffer of its own (the padded staging tile
 // does not fit in Q's buffer; at D=256 it does not fit at all). It pays where tiles are short,
 // so that the 3-D grid's per-CTA prologue and epilogue show (benchmarks/NOTES.md).
+#ifndef CUFLASH_FWD_RING_ONCE
+#define CUFLASH_FWD_RING_ONCE 0  // an experiment's switch (the consumers' turn ring, below)
+#endif
 template <typename T, int kHeadDim, bool kWide, bool kPersistent = false>
 struct FwdSm90TmaKernel {
   static constexpr bool kHasPersistent = kHeadDim <= 128;
@@ -227,6 +230,12 @@ __global__ void __launch_bounds__(FwdSm90TmaKernel<T, kHeadDim, kWide, kPersiste
   constexpr int kTurnThreads = 2 * 128;  // the warpgroup that waits and the one that signals
   auto my_turn = [&] { named_barrier_sync<kTurnThreads>(2 + consumer); };
   auto your_turn = [&] { named_barrier_arrive<kTurnThreads>(2 + (consumer + 1) % K::kConsumers); };
+  // Experiment (benchmarks/NOTES.md, tenth session; -DCUFLASH_FWD_RING_ONCE=1): FlashAttention-3's
+  // ring, started once and closed once for the CTA's whole walk, with each tile's first S
+  // issued by every consumer at once, outside it (the ring orders only the steps that pair an
+  // S with a P V).
+  constexpr bool kRingOnce = CUFLASH_FWD_RING_ONCE;
+  if (kRingOnce && consumer == K::kConsumers - 1) named_barrier_arrive<kTurnThreads>(2);
   auto release_q = [&] {  // persistent: this warp's wgmmas are done reading Q
     __syncwarp();
     if (lane == 0) mbarrier_arrive(q_empty);
@@ -261,7 +270,7 @@ __global__ void __launch_bounds__(FwdSm90TmaKernel<T, kHeadDim, kWide, kPersiste
       mbarrier_wait(q_full, q_loads++ & 1);
       // The last consumer's first signal of the tile: after its q_full wait, so that it cannot
       // meet on barrier 2 the previous tile's last signal, which consumer 0 takes at that tile's end.
-      if (consumer == K::kConsumers - 1) named_barrier_arrive<kTurnThreads>(2);
+      if (!kRingOnce && consumer == K::kConsumers - 1) named_barrier_arrive<kTurnThreads>(2);
       // seqused_k (CUFLASH_SM90's "kvcache" part): the first step's block, the sequence's last,
       // may run past its keys into rows the tensor holds but the sequence does not use (a KV
       // cache's), which TMA reads like any other (past the tensor's rows it fills zeros). Their
@@ -277,10 +286,10 @@ __global__ void __launch_bounds__(FwdSm90TmaKernel<T, kHeadDim, kWide, kPersiste
       {  // step 0: S only
         mbarrier_wait(&k_full[stage_of(0)], full_parity(0));
         WarpAcc<kBlockN> s;
-        my_turn();
+        if (!kRingOnce) my_turn();
         wgmma_fence();
         issue_qk<T, kHeadDim, kBlockM * 128>(s, opaque(desc_q), desc_k(stage_of(0)));
-        your_turn();
+        if (!kRingOnce) your_turn();
         wgmma_wait<0>();
         if (lane == 0) mbarrier_arrive(&k_empty[stage_of(0)]);  // this warp's wgmmas have read K
         float alpha[2];
@@ -306,7 +315,7 @@ __global__ void __launch_bounds__(FwdSm90TmaKernel<T, kHeadDim, kWide, kPersiste
         to_pa(s);
       }
       // The last consumer's last turn signal is taken here, so no barrier is left half-arrived.
-      if (consumer == 0) my_turn();
+      if (!kRingOnce && consumer == 0) my_turn();
       // Every S of the tile is done: Q may be replaced. Only after consumer 0's last turn above,
       // since the next tile's first signal on barrier 2 waits for the next Q.
       if constexpr (kPersistent) release_q();
@@ -336,6 +345,7 @@ __global__ void __launch_bounds__(FwdSm90TmaKernel<T, kHeadDim, kWide, kPersiste
     store_out_and_lse(o, softmax, stage_tile, warp_row, out, p.out_strides.row, lse_out, row0,
                       tile.seq.seqlen_q, sh.head_dim, lane);
   }
+  if (kRingOnce && consumer == 0) my_turn();  // the walk's last signal
 #endif
 }
 
