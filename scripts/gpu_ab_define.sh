@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One device call for a compile-time experiment: build as the tree is (A), benchmark; rebuild the
 # files named with an extra nvcc define (B, through nvcc's NVCC_APPEND_FLAGS), run the tests
-# named under it, benchmark again; then touch the files again, so that the next build is A.
+# named under it, benchmark again; then touch the files again and remove the extension, so that
+# the next build is A (a later command of the same call runs scripts/setup.sh first).
 # Between the two, optionally the sanitizer over A.
 #   AB_DEFINE="-DSOME_KNOB=4"   the B build's extra flags (required; the source reads the macro,
 #                        its default defined under #ifndef)
