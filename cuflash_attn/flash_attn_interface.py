@@ -25,12 +25,13 @@ _PACKED = ("total_tokens", "heads", "head_dim")
 
 def _check_tensor(name, t, dims):
     """t must be a tensor with the dimensions named by dims (the op checks the sizes)."""
+    if isinstance(t, torch.Tensor) and t.dim() == len(dims):
+        return  # (before any message is formatted: this runs on every call)
     layout = f"[{', '.join(dims)}]"
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"cuflash_attn: {name} must be a tensor {layout}, got {type(t).__name__}")
-    if t.dim() != len(dims):
-        raise ValueError(f"cuflash_attn: {name} must be a {len(dims)}-dimensional tensor {layout}, got shape "
-                         f"{tuple(t.shape)}")
+    raise ValueError(f"cuflash_attn: {name} must be a {len(dims)}-dimensional tensor {layout}, got shape "
+                     f"{tuple(t.shape)}")
 
 
 def _unpack(name, t, dims):
@@ -243,10 +244,12 @@ def _cache_lengths(cache_seqlens, batch, seqlen_cache, seqlen_new, device, need_
     if isinstance(cache_seqlens, bool) or not isinstance(cache_seqlens, (int, torch.Tensor)):
         raise TypeError(f"cuflash_attn: cache_seqlens must be an int or an int32 tensor [batch], got "
                         f"{type(cache_seqlens).__name__}")
-    room = f"[0, {seqlen_cache - seqlen_new}] (seqlen_cache {seqlen_cache} less the {seqlen_new} new keys)"
+    def room():  # (formatted only for a message)
+        return f"[0, {seqlen_cache - seqlen_new}] (seqlen_cache {seqlen_cache} less the {seqlen_new} new keys)"
+
     if isinstance(cache_seqlens, int):
         if not 0 <= cache_seqlens <= seqlen_cache - seqlen_new:
-            raise ValueError(f"cuflash_attn: cache_seqlens must be in {room}, got {cache_seqlens}")
+            raise ValueError(f"cuflash_attn: cache_seqlens must be in {room()}, got {cache_seqlens}")
         return torch.full((batch,), cache_seqlens, dtype=torch.int32, device=device), cache_seqlens
     if cache_seqlens.dtype != torch.int32 or tuple(cache_seqlens.shape) != (batch,):
         raise ValueError(f"cuflash_attn: cache_seqlens must be an int32 tensor [batch] = [{batch}], got "
@@ -257,7 +260,7 @@ def _cache_lengths(cache_seqlens, batch, seqlen_cache, seqlen_new, device, need_
         return cache_seqlens, None
     low, high = (int(x) for x in torch.aminmax(cache_seqlens))
     if seqlen_new > 0 and (low < 0 or high > seqlen_cache - seqlen_new):
-        raise ValueError(f"cuflash_attn: cache_seqlens must be in {room}, got values in [{low}, {high}]")
+        raise ValueError(f"cuflash_attn: cache_seqlens must be in {room()}, got values in [{low}, {high}]")
     return cache_seqlens, high
 
 

@@ -33,6 +33,9 @@ namespace cuflash::sm90 {
 #ifndef CUFLASH_FWD_RING_ONCE
 #define CUFLASH_FWD_RING_ONCE 0  // an experiment's switch (the consumers' turn ring, below)
 #endif
+#ifndef CUFLASH_FWD_Q_EARLY
+#define CUFLASH_FWD_Q_EARLY 0  // an experiment's switch (the producer's order at a tile's start, below)
+#endif
 template <typename T, int kHeadDim, bool kWide, bool kPersistent = false>
 struct FwdSm90TmaKernel {
   static constexpr bool kHasPersistent = kHeadDim <= 128;
@@ -190,7 +193,10 @@ __global__ void __launch_bounds__(FwdSm90TmaKernel<T, kHeadDim, kWide, kPersiste
       };
       // After the first tile, the first stages' loads (which wait only on the previous tile's
       // releases) go out before Q, whose buffer the previous tile's consumers may still be reading.
-      const int early = iteration == 0 ? 0 : min(steps, kStages);
+      // Experiment (-DCUFLASH_FWD_Q_EARLY=1; benchmarks/NOTES.md, tenth session): only the stages
+      // the previous tile released before its last step, since the last stage's V is released
+      // only after that tile's last P V, which would hold Q's load back until then.
+      const int early = iteration == 0 ? 0 : min(steps, CUFLASH_FWD_Q_EARLY ? kStages - 1 : kStages);
       for (int t = 0; t < early; ++t) load_step(t);
       if (steps > 0) {
         // Q's buffer was released by every consumer warp of the previous tile that loaded Q
