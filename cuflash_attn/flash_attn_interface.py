@@ -404,8 +404,9 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
                                        not capturing)
         # cache_seqlens itself where no key is appended (an add is a kernel launch on CUDA),
         # unless a backward will read it: then a copy the caller cannot change before it runs.
-        keeps_it = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k_cache, v_cache))
-        used = lengths + seqlen_new if seqlen_new > 0 or keeps_it else lengths
+        appends_or_keeps_it = seqlen_new > 0 or torch.is_grad_enabled() and any(
+            t.requires_grad for t in (q, k_cache, v_cache))
+        used = lengths + seqlen_new if appends_or_keeps_it else lengths
     if rotary:
         if lengths is None:  # no cache_seqlens: positions from 0
             lengths, high = torch.zeros(batch, dtype=torch.int32, device=q.device), 0

@@ -16,12 +16,8 @@
 #   AB_TEST_LIMIT_S=300  seconds the tests under B may run (a wrong mbarrier phase hangs a kernel)
 #   AB_SANITIZE_TOOLS="memcheck synccheck"   scripts/sanitize.sh over A first ("" none)
 # Results: $OUT/<gpu>-<date>-a.md/json and -b.md/json; logs as $OUT/logs.tar.gz.
-set -uo pipefail
-cd "$(dirname "$0")/.."
-OUT=${OUT:-gpu_out}
-mkdir -p "$OUT"
-export PYTHONUNBUFFERED=1 MAX_JOBS=${MAX_JOBS:-$(nproc)}
-export CUFLASH_CUDA_ARCHS=${CUFLASH_CUDA_ARCHS:-9.0a}
+# shellcheck source=scripts/device_call_env.sh
+source "$(dirname "$0")/device_call_env.sh"
 : "${AB_DEFINE:?AB_DEFINE names the flags of build B}"
 : "${AB_FILES:?AB_FILES names the sources build B recompiles}"
 shopt -s nullglob
@@ -30,9 +26,6 @@ files=(${AB_FILES})
 shopt -u nullglob
 (( ${#files[@]} > 0 )) || { echo "AB_FILES=$AB_FILES matches no file" >&2; exit 2; }
 # The device may keep an earlier call's objects: the files are touched so that A is built as is.
-archive_logs() {
-  tar czf "$OUT/logs.tar.gz" -C "$OUT" $(cd "$OUT" && ls -- *.log 2>/dev/null) && (cd "$OUT" && rm -f -- *.log)
-}
 build() {  # build NAME [extra nvcc flags]
   local start
   start=$(date +%s)

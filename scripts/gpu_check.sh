@@ -5,12 +5,8 @@
 #   GPU_CHECK_SWEEP_SHARDS=3             processes for the random sweep, beside the suite
 #   GPU_CHECK_PROCS=4                    processes for the rest of the suite (files dealt out)
 #   GPU_CHECK_BENCH="--quick"            benchmark arguments ("" skips the benchmark)
-set -uo pipefail
-cd "$(dirname "$0")/.."
-OUT=${OUT:-gpu_out}
-mkdir -p "$OUT"
-export PYTHONUNBUFFERED=1 MAX_JOBS=${MAX_JOBS:-$(nproc)}
-export CUFLASH_CUDA_ARCHS=${CUFLASH_CUDA_ARCHS:-9.0a}
+# shellcheck source=scripts/device_call_env.sh
+source "$(dirname "$0")/device_call_env.sh"
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv | tee "$OUT/env.txt"
 start=$(date +%s)
 bash scripts/setup.sh > "$OUT/build.log" 2>&1 || { tail -n 40 "$OUT/build.log"; exit 1; }
@@ -69,6 +65,5 @@ if [ -n "${GPU_CHECK_BENCH-}" ]; then
   python3 benchmarks/bench_attention.py $GPU_CHECK_BENCH --out "$OUT" > "$OUT/bench.log" 2>&1
   tail -n 60 "$OUT/bench.log"
 fi
-# The device tool brings back at most 8 files: the logs travel as one archive.
-tar czf "$OUT/logs.tar.gz" -C "$OUT" $(cd "$OUT" && ls -- *.log *.txt 2>/dev/null) && (cd "$OUT" && rm -f -- *.log *.txt)
+archive_logs "*.log" "*.txt"
 exit $status

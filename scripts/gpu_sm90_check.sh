@@ -16,12 +16,8 @@
 #   GPU_SM90_NCU="..."   scripts/ncu_profile.sh's cases (e.g. "bwd:2,32,8192,64:0 fwd:16,16,1024,128:1")
 #                        to profile at the end (unset: no profile)
 # Logs come back as $OUT/logs.tar.gz, results as $OUT/*.md/json.
-set -uo pipefail
-cd "$(dirname "$0")/.."
-OUT=${OUT:-gpu_out}
-mkdir -p "$OUT"
-export PYTHONUNBUFFERED=1 MAX_JOBS=${MAX_JOBS:-$(nproc)}
-export CUFLASH_CUDA_ARCHS=${CUFLASH_CUDA_ARCHS:-9.0a}
+# shellcheck source=scripts/device_call_env.sh
+source "$(dirname "$0")/device_call_env.sh"
 LIMIT=${GPU_SM90_LIMIT_S:-300}
 start=$(date +%s)
 if ! ls cuflash_attn/_C*.so >/dev/null 2>&1; then
@@ -113,6 +109,6 @@ if [ -n "${GPU_SM90_NCU-}" ]; then
   NCU_CASES="$GPU_SM90_NCU" OUT="$OUT" timeout --kill-after=5 240 bash scripts/ncu_profile.sh > "$OUT/ncu.log" 2>&1
   echo "ncu exit $?"; tail -n 80 "$OUT/ncu.log"
 fi
-tar czf "$OUT/logs.tar.gz" -C "$OUT" $(cd "$OUT" && ls -- *.log 2>/dev/null) && (cd "$OUT" && rm -f -- *.log)
+archive_logs
 echo "total: $(( $(date +%s) - start )) s"
 exit $status

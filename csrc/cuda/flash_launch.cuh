@@ -142,10 +142,11 @@ bool launch_fwd_tma(const FlashFwdParams& p, bool persistent, cudaStream_t strea
   // KV caches (CUFLASH_SM90's "kvcache" part) take the narrow tiles only, which handle them: a
   // paged cache's key blocks (128 or 64 keys) then divide every page size (multiples of 256:
   // no block straddles pages), and the wide kernels stay as they were.
-  // Split-KV runs on the plain narrow kernel only (one tile a CTA; kMaySplit).
+  // Split-KV runs on the plain narrow kernel only (one tile a CTA; kMaySplit; sm90_paths keeps
+  // the features' splits away).
   const bool kv_cache = p.paged.block_table != nullptr || p.varlen.seqused_k != nullptr;
   const bool split = p.num_splits > 1;
-  if (needs_feature_path(p)) return !split && run(no, yes, no);
+  if (needs_feature_path(p)) return run(no, yes, no);
   if (!kv_cache && !split && fwd_wide_tile(sm90::wide_rows<kHeadDim>(p))) return run(yes, no, no);
   if constexpr (Plain::kHasPersistent) {
     if (persistent && !split && !sm90::long_rows(p)) {

@@ -30,10 +30,10 @@ int splits_for_waves(int64_t ctas, int slots, int key_blocks, int cap) {
 }
 
 // The kernel that runs the splits, as the count sees it: its tile and how many of its CTAs an SM
-// holds. The plain narrow TMA forward under CUFLASH_SM90's "splits" part (flash_launch.cuh: not
-// with the features, nor packed queries, which TMA does not address) holds an SM alone (384
-// threads of up to 240 registers); the sm_80-class split kernel two CTAs an SM (128 threads of
-// up to 255 registers, as FlashAttention-2 counts for its split kernel).
+// holds. The plain narrow TMA forward where CUFLASH_SM90's "splits" part has it run them
+// (sm90_paths' tma_splits) holds an SM alone (384 threads of up to 240 registers); the
+// sm_80-class split kernel two CTAs an SM (128 threads of up to 255 registers, as
+// FlashAttention-2 counts for its split kernel).
 struct SplitKernelShape {
   int block_m, block_n, ctas_per_sm;
 };
@@ -44,8 +44,7 @@ SplitKernelShape tma_split_shape() {
   return {K::kBlockM, K::kBlockN, 1};
 }
 SplitKernelShape split_kernel_shape(const FlashFwdParams& p, int bucket) {
-  const bool tma = sm90::sm90_paths(p).tma_splits && !needs_feature_path(p) && p.varlen.cu_seqlens_q == nullptr;
-  if ((bucket == 64 || bucket == 128 || bucket == 256) && tma)
+  if ((bucket == 64 || bucket == 128 || bucket == 256) && sm90::sm90_paths(p).tma_splits)
     return bucket == 64 ? tma_split_shape<64>() : bucket == 128 ? tma_split_shape<128>() : tma_split_shape<256>();
   return {kFwdSplitBlockM, fwd_split_block_n(bucket), 2};
 }

@@ -188,7 +188,7 @@ __global__ void __launch_bounds__(FwdSm90Kernel<T, kHeadDim, kFeatures>::kThread
 // compute capability 9.0 device; then the parts CUFLASH_SM90 selects (run_switches.h).
 struct Sm90Paths {
   bool fwd = false, tma = false, persistent = false, bwd = false, bwd_ws = false;
-  bool tma_splits = false;  // split-KV on the TMA forward (the "splits" part)
+  bool tma_splits = false;  // split-KV on the TMA forward (the "splits" part), where it can run
 };
 inline Sm90Paths sm90_paths(const AttentionParams& p) {
   Sm90Paths choice;
@@ -208,7 +208,9 @@ inline Sm90Paths sm90_paths(const AttentionParams& p) {
   const bool whole_key_blocks = !paged && !seqused;
   choice.tma = choice.fwd && wanted.tma && (whole_key_blocks || wanted.tma_kv_cache);
   choice.persistent = choice.tma && wanted.persistent;  // plain attention only: launch_fwd_tma
-  choice.tma_splits = choice.tma && wanted.tma_splits;
+  // Split-KV runs on the plain narrow TMA kernel only (kMaySplit): not with the features, nor
+  // with packed queries, which TMA does not address (launch_fwd_tma).
+  choice.tma_splits = choice.tma && wanted.tma_splits && !features && p.varlen.cu_seqlens_q == nullptr;
   choice.bwd = choice.fwd && !features && wanted.bwd;
   choice.bwd_ws = choice.bwd && wanted.bwd_ws && whole_key_blocks;
 #else
