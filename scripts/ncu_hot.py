@@ -1,7 +1,7 @@
 """Each kernel's hottest SASS instructions from Nsight Compute's source page
 (`ncu -i R --page source --csv --print-source sass`, gzipped), by warp stall samples: the
-instructions where warps wait most, with their leading stall reasons, and the samples summed by
-opcode. Usage: python3 scripts/ncu_hot.py ncu_sass.csv.gz [top]"""
+instructions where warps wait most, with their leading stall reasons, the samples summed by
+opcode and by execution count (prologue, loop, epilogue). Usage: python3 scripts/ncu_hot.py ncu_sass.csv.gz [top]"""
 import csv
 import gzip
 import io
@@ -61,21 +61,30 @@ def main():
                 by_reason[header[i]] += number(r[i])
         print("by opcode: " + ", ".join(f"{op} {100 * s / total:.1f}%" for op, s in by_op.most_common(14)))
         print("by reason: " + ", ".join(f"{why} {100 * s / total:.1f}%" for why, s in by_reason.most_common(8)))
-        # The main loop: the instructions sharing the most common execution count (the loop body
-        # runs once a warp-step), where the warps doing the work spend their time.
+        # Where the time goes by how often code runs: each execution count (a loop body runs its
+        # trip count times the prologue's count), and runs of consecutive instructions sharing
+        # one (a tile's prologue, the loop, the epilogue), in address order.
         executed = header.index("Instructions Executed") if "Instructions Executed" in header else None
-        counts = Counter(number(r[executed]) for r in rows) if executed is not None else Counter()
-        body_count = max((c for c, n in counts.items() if c > 0 and n > 100), key=lambda c: counts[c], default=None)
-        if body_count is not None:
-            body = [r for r in rows if number(r[executed]) == body_count]
-            body_total = sum(number(r[samples]) for r in body) or 1.0
-            body_reasons = Counter()
-            for r in body:
-                for i in reasons:
-                    body_reasons[header[i]] += number(r[i])
-            print(f"loop: {len(body)} instructions run {body_count:.0f} times, {100 * body_total / total:.0f}% of "
-                  "the samples; by reason: " +
-                  ", ".join(f"{why} {100 * s / body_total:.1f}%" for why, s in body_reasons.most_common(8)))
+        if executed is not None:
+            by_count, instructions = Counter(), Counter()
+            for r in rows:
+                by_count[number(r[executed])] += number(r[samples])
+                instructions[number(r[executed])] += 1
+            print("by execution count: " + ", ".join(f"{c:.0f} x {instructions[c]} instructions {100 * s / total:.1f}%"
+                                                    for c, s in by_count.most_common(6)))
+            runs = []
+            for r in rows:
+                count = number(r[executed])
+                if runs and runs[-1][0] == count:
+                    runs[-1][2] += number(r[samples])
+                    runs[-1][3] += 1
+                    runs[-1][4] = r[0]
+                else:
+                    runs.append([count, r[0], number(r[samples]), 1, r[0]])
+            print("runs of one execution count holding >= 0.5% of the samples (first-last address):")
+            for count, first, s, n, last in runs:
+                if s / total >= 0.005:
+                    print(f"  {first[-5:]:>5}-{last[-5:]:<5} {n:4d} instructions x {count:.0f}: {100 * s / total:5.1f}%")
         for r in sorted(rows, key=lambda r: -number(r[samples]))[:top]:
             lead = sorted(((number(r[i]), header[i]) for i in reasons), reverse=True)[:3]
             why = ", ".join(f"{name} {100 * s / max(number(r[samples]), 1):.0f}%" for s, name in lead if s > 0)

@@ -44,6 +44,11 @@ def bucket(d):
     return 64 if d <= 64 else 128 if d <= 128 else 256
 
 
+def persistent_wide(d, masked):
+    """Whether the persistent kernel runs on its wide tile: head-dim bucket 64 without a mask."""
+    return bucket(d) == 64 and not masked
+
+
 def forward_kernels(d, dtype=torch.bfloat16, **kw):
     q, k, v = (torch.randn(1, 2, 100, d, device="cuda", dtype=dtype) for _ in range(3))
     return cuda_kernels(lambda: torch.ops.cuflash_attn.fwd(q, k, v, None, False, False, **kw))
@@ -55,7 +60,7 @@ def test_path_taken(d, mode, monkeypatch):
     if KERNEL[mode] + "<" not in names:
         pytest.fail(f"the {mode} Hopper forward did not run (an sm_90a build?): {names}")
     if mode == "persistent":  # its own instantiation up to 128; the one-tile-per-CTA kernel past
-        assert tma_kernel(bucket(d), persistent=True) in names, names
+        assert tma_kernel(bucket(d), wide=persistent_wide(d, False), persistent=True) in names, names
     if mode == "wide":
         assert tma_kernel(bucket(d), wide=True) in names, names
     monkeypatch.setenv("CUFLASH_SM90", "0")
@@ -216,8 +221,9 @@ def test_matches_reference(dtype, d, nq, nk, causal, bottom_right):
                                                (100, 4096, False, 4096)])
 def test_tma_tile_choice(d, nq, nk, causal, keys, mode, monkeypatch):
     """The TMA kernel takes its wide tile where the middle query row sees 2048 keys or more (4096
-    at head dim 128), the persistent kernel (head dims up to 128) where it sees fewer than 2048;
-    CUFLASH_FWD_TILE names the tile at every length."""
+    at head dim 128), the persistent kernel (head dims up to 128) where it sees fewer than 2048,
+    on the wide tile at head dim 64 without a mask; CUFLASH_FWD_TILE names the tile at every
+    length."""
     wide = keys >= (4096 if d == 128 else 2048)
     if mode == "cpasync":
         pytest.skip("the TMA kernel's tiles")
@@ -230,7 +236,8 @@ def test_tma_tile_choice(d, nq, nk, causal, keys, mode, monkeypatch):
     k, v = (torch.randn(1, 1, nk, d, device="cuda", dtype=torch.bfloat16) for _ in range(2))
     names = cuda_kernels(lambda: torch.ops.cuflash_attn.fwd(q, k, v, None, causal, False))
     persistent = mode == "persistent" and keys < 2048
-    assert tma_kernel(d, wide=wide, persistent=persistent and not wide) in names, names
+    wide = wide or (persistent and persistent_wide(d, causal))
+    assert tma_kernel(d, wide=wide, persistent=persistent) in names, names
 
 
 @pytest.mark.parametrize("dtype", LOW_PRECISION, ids=LOW_PRECISION_IDS)
@@ -239,17 +246,17 @@ def test_persistent_ctas_walk_many_tiles(dtype, d, mode):
     """More tiles than SMs, so each persistent CTA takes several: of different lengths (causal),
     with no key at all (bottom-right causal with more queries than keys), GQA, and K/V past the
     kernel's 32 MB L2 section (ragged sections of heads). Short rows, which the persistent kernel
-    takes (on either tile: test_path_taken pins the default's, and an experiment builds the wide
-    one there)."""
+    takes (at head dim 64 on the wide tile where no mask is set)."""
     if mode != "persistent":
         pytest.skip("persistent CTAs")
     shapes = [(8, 16, 4, 700, 77, True, True), (4, 12, 3, 1000, 1000, True, False),
-              (2, 8, 8, 300, 1900, False, False), (8, 16, 16, 1500, 1500, True, False)]
+              (2, 8, 8, 300, 1900, False, False), (8, 16, 16, 1500, 1500, True, False),
+              (8, 16, 4, 700, 500, False, False)]
     for batch, heads_q, heads_kv, nq, nk, causal, bottom_right in shapes:
         q = torch.randn(batch, heads_q, nq, d, device="cuda", dtype=dtype)
         k, v = (torch.randn(batch, heads_kv, nk, d, device="cuda", dtype=dtype) for _ in range(2))
         names = cuda_kernels(lambda: torch.ops.cuflash_attn.fwd(q, k, v, None, causal, bottom_right))
-        assert any(tma_kernel(d, wide, persistent=True, dtype=dtype) in names for wide in (False, True)), names
+        assert tma_kernel(d, persistent_wide(d, causal), persistent=True, dtype=dtype) in names, names
         check_dense("cuda", dtype, batch, heads_q, heads_kv, nq, nk, d, causal=causal, bottom_right=bottom_right)
 
 

@@ -106,16 +106,9 @@ cudaError_t with_feature_path(const AttentionParams& p, F&& f) {
   return f(std::false_type{});
 }
 
-// Experiment (benchmarks/NOTES.md, tenth session): short rows at head dim 64 on the persistent
-// kernel with the wide tile (192 query rows, three consumers: FlashAttention-3's shape there),
-// built with -DCUFLASH_FWD_PERSISTENT_WIDE=1.
-#ifndef CUFLASH_FWD_PERSISTENT_WIDE
-#define CUFLASH_FWD_PERSISTENT_WIDE 0
-#endif
-
 // The TMA forward for plain attention: long rows take the wide tile (sm90::wide_rows), short rows
-// the persistent kernel where asked for and built (sm90::long_rows); CUFLASH_FWD_TILE overrides
-// the tile. False (nothing launched) where TMA cannot address p, varlen included: a box would
+// the persistent kernel where asked for and built (sm90::long_rows), at head dim 64 on the wide
+// tile where no mask is set (sm90::persistent_wide_pays); CUFLASH_FWD_TILE overrides the tile. False (nothing launched) where TMA cannot address p, varlen included: a box would
 // read past a packed sequence's end.
 template <typename T, int kHeadDim>
 bool launch_fwd_tma(const FlashFwdParams& p, bool persistent, cudaStream_t stream, cudaError_t* err) {
@@ -147,14 +140,14 @@ bool launch_fwd_tma(const FlashFwdParams& p, bool persistent, cudaStream_t strea
   const bool kv_cache = p.paged.block_table != nullptr || p.varlen.seqused_k != nullptr;
   const bool split = p.num_splits > 1;
   if (needs_feature_path(p)) return run(no, yes, no);
-  if (!kv_cache && !split && fwd_wide_tile(sm90::wide_rows<kHeadDim>(p))) return run(yes, no, no);
-  if constexpr (Plain::kHasPersistent) {
-    if (persistent && !split && !sm90::long_rows(p)) {
-      if constexpr (CUFLASH_FWD_PERSISTENT_WIDE && kHeadDim == 64)
-        if (!kv_cache) return run(yes, no, yes);
-      return run(no, no, yes);
-    }
+  const bool short_rows = Plain::kHasPersistent && persistent && !split && !sm90::long_rows(p);
+  if (!kv_cache && !split) {
+    if constexpr (kHeadDim == 64)  // the one head dim with a wide persistent kernel (smem)
+      if (short_rows && fwd_wide_tile(sm90::persistent_wide_pays(p))) return run(yes, no, yes);
+    if (fwd_wide_tile(sm90::wide_rows<kHeadDim>(p))) return run(yes, no, no);
   }
+  if constexpr (Plain::kHasPersistent)
+    if (short_rows) return run(no, no, yes);
   return run(no, no, no);
 }
 

@@ -29,13 +29,8 @@ namespace cuflash::sm90 {
 // CTA per SM walks tiles (query block, head, batch), loading the next tile's K, V and Q while the
 // last one's P V and output run, with O staged in a buffer of its own (the padded staging tile
 // does not fit in Q's buffer; at D=256 it does not fit at all). It pays where tiles are short,
-// so that the 3-D grid's per-CTA prologue and epilogue show (benchmarks/NOTES.md).
-#ifndef CUFLASH_FWD_RING_ONCE
-#define CUFLASH_FWD_RING_ONCE 0  // an experiment's switch (the consumers' turn ring, below)
-#endif
-#ifndef CUFLASH_FWD_Q_EARLY
-#define CUFLASH_FWD_Q_EARLY 0  // an experiment's switch (the producer's order at a tile's start, below)
-#endif
+// so that the 3-D grid's per-CTA prologue and epilogue show (benchmarks/NOTES.md); at D=64 on
+// the wide tile too, where no mask is set (persistent_wide_pays).
 template <typename T, int kHeadDim, bool kWide, bool kPersistent = false>
 struct FwdSm90TmaKernel {
   static constexpr bool kHasPersistent = kHeadDim <= 128;
@@ -193,10 +188,7 @@ __global__ void __launch_bounds__(FwdSm90TmaKernel<T, kHeadDim, kWide, kPersiste
       };
       // After the first tile, the first stages' loads (which wait only on the previous tile's
       // releases) go out before Q, whose buffer the previous tile's consumers may still be reading.
-      // Experiment (-DCUFLASH_FWD_Q_EARLY=1; benchmarks/NOTES.md, tenth session): only the stages
-      // the previous tile released before its last step, since the last stage's V is released
-      // only after that tile's last P V, which would hold Q's load back until then.
-      const int early = iteration == 0 ? 0 : min(steps, CUFLASH_FWD_Q_EARLY ? kStages - 1 : kStages);
+      const int early = iteration == 0 ? 0 : min(steps, kStages);
       for (int t = 0; t < early; ++t) load_step(t);
       if (steps > 0) {
         // Q's buffer was released by every consumer warp of the previous tile that loaded Q
@@ -236,12 +228,6 @@ __global__ void __launch_bounds__(FwdSm90TmaKernel<T, kHeadDim, kWide, kPersiste
   constexpr int kTurnThreads = 2 * 128;  // the warpgroup that waits and the one that signals
   auto my_turn = [&] { named_barrier_sync<kTurnThreads>(2 + consumer); };
   auto your_turn = [&] { named_barrier_arrive<kTurnThreads>(2 + (consumer + 1) % K::kConsumers); };
-  // Experiment (benchmarks/NOTES.md, tenth session; -DCUFLASH_FWD_RING_ONCE=1): FlashAttention-3's
-  // ring, started once and closed once for the CTA's whole walk, with each tile's first S
-  // issued by every consumer at once, outside it (the ring orders only the steps that pair an
-  // S with a P V).
-  constexpr bool kRingOnce = CUFLASH_FWD_RING_ONCE;
-  if (kRingOnce && consumer == K::kConsumers - 1) named_barrier_arrive<kTurnThreads>(2);
   auto release_q = [&] {  // persistent: this warp's wgmmas are done reading Q
     __syncwarp();
     if (lane == 0) mbarrier_arrive(q_empty);
@@ -276,7 +262,7 @@ __global__ void __launch_bounds__(FwdSm90TmaKernel<T, kHeadDim, kWide, kPersiste
       mbarrier_wait(q_full, q_loads++ & 1);
       // The last consumer's first signal of the tile: after its q_full wait, so that it cannot
       // meet on barrier 2 the previous tile's last signal, which consumer 0 takes at that tile's end.
-      if (!kRingOnce && consumer == K::kConsumers - 1) named_barrier_arrive<kTurnThreads>(2);
+      if (consumer == K::kConsumers - 1) named_barrier_arrive<kTurnThreads>(2);
       // seqused_k (CUFLASH_SM90's "kvcache" part): the first step's block, the sequence's last,
       // may run past its keys into rows the tensor holds but the sequence does not use (a KV
       // cache's), which TMA reads like any other (past the tensor's rows it fills zeros). Their
@@ -292,10 +278,10 @@ __global__ void __launch_bounds__(FwdSm90TmaKernel<T, kHeadDim, kWide, kPersiste
       {  // step 0: S only
         mbarrier_wait(&k_full[stage_of(0)], full_parity(0));
         WarpAcc<kBlockN> s;
-        if (!kRingOnce) my_turn();
+        my_turn();
         wgmma_fence();
         issue_qk<T, kHeadDim, kBlockM * 128>(s, opaque(desc_q), desc_k(stage_of(0)));
-        if (!kRingOnce) your_turn();
+        your_turn();
         wgmma_wait<0>();
         if (lane == 0) mbarrier_arrive(&k_empty[stage_of(0)]);  // this warp's wgmmas have read K
         float alpha[2];
@@ -321,7 +307,7 @@ __global__ void __launch_bounds__(FwdSm90TmaKernel<T, kHeadDim, kWide, kPersiste
         to_pa(s);
       }
       // The last consumer's last turn signal is taken here, so no barrier is left half-arrived.
-      if (!kRingOnce && consumer == 0) my_turn();
+      if (consumer == 0) my_turn();
       // Every S of the tile is done: Q may be replaced. Only after consumer 0's last turn above,
       // since the next tile's first signal on barrier 2 waits for the next Q.
       if constexpr (kPersistent) release_q();
@@ -351,7 +337,6 @@ __global__ void __launch_bounds__(FwdSm90TmaKernel<T, kHeadDim, kWide, kPersiste
     store_out_and_lse(o, softmax, stage_tile, warp_row, out, p.out_strides.row, lse_out, row0,
                       tile.seq.seqlen_q, sh.head_dim, lane);
   }
-  if (kRingOnce && consumer == 0) my_turn();  // the walk's last signal
 #endif
 }
 
@@ -376,6 +361,11 @@ template <int kHeadDim>
 bool wide_rows(const FlashFwdParams& p) {
   return middle_row_keys(p) >= (kHeadDim == 128 ? 4096 : 2048);
 }
+
+// Where the persistent kernel at head dim 64 (short rows) takes the wide tile: no mask (H200,
+// benchmarks/NOTES.md, 2026-12-02: +3-4% at 512 and 1024 keys; causal 7-10% slower, its
+// diagonal tiles' masked share being larger on 192 rows).
+inline bool persistent_wide_pays(const FlashFwdParams& p) { return p.mask.window_left < 0 && p.mask.window_right < 0; }
 
 // The tensor maps of q, k and v for the TMA kernel of dense p; false where TMA cannot address
 // them (alignment, zero strides): the cp.async kernel runs then.
