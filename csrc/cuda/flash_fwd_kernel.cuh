@@ -23,6 +23,17 @@ struct FwdKernel {
   static constexpr int kSmemBytes = (QTile::kElems + 4 * KVTile::kElems) * sizeof(T);
 };
 
+// The logsumexp of a warp's 16 rows (first row row0 of the sequence; OnlineSoftmax::finalize's).
+__device__ __forceinline__ void store_lse(const float (&lse)[2], float* lse_out, int row0, int seqlen_q, int lane) {
+  if ((lane & 3) == 0) {
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      const int row = row0 + (lane >> 2) + 8 * r;
+      if (row < seqlen_q) lse_out[row] = lse[r];
+    }
+  }
+}
+
 // A warp's 16 finished rows (first row row0 of the sequence): out = O / rowsum, staged through
 // rows stage_row.. of an smem tile, and the logsumexp of each row.
 template <typename T, int kHeadDim, class Tile>
@@ -33,13 +44,7 @@ __device__ __forceinline__ void store_out_and_lse(const WarpAcc<kHeadDim>& o, co
   softmax.finalize(inv_l, lse);
   warp_store_rows<T, kHeadDim>(o, inv_l, stage, stage_row, out + row0 * out_row_stride, out_row_stride,
                                seqlen_q - row0, head_dim, lane);
-  if ((lane & 3) == 0) {
-#pragma unroll
-    for (int r = 0; r < 2; ++r) {
-      const int row = row0 + (lane >> 2) + 8 * r;
-      if (row < seqlen_q) lse_out[row] = lse[r];
-    }
-  }
+  store_lse(lse, lse_out, row0, seqlen_q, lane);
 }
 
 // Split-KV (FlashFwdParams::num_splits): row i of sequence s, head h, split `split` in out_partial

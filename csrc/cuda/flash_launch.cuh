@@ -126,7 +126,7 @@ bool launch_fwd_tma(const FlashFwdParams& p, bool persistent, cudaStream_t strea
     const dim3 grid = kPersistent ? dim3(static_cast<unsigned>(std::min<int64_t>(tiles, sms)))
                                   : dim3(m_blocks, sh.heads_q, sh.batch * p.num_splits);
     *err = launch(sm90::flash_fwd_sm90_tma_kernel<T, kHeadDim, kWide, kFeatures, kPersistent>, grid, K::kThreads,
-                  K::kSmemBytes, stream, p, maps.q, maps.k, maps.v);
+                  K::kSmemBytes, stream, p, maps.q, maps.k, maps.v, maps.o);
     return true;
   };
   using Plain = sm90::FwdSm90TmaKernel<T, kHeadDim, false>;

@@ -31,6 +31,12 @@ namespace cuflash::sm90 {
 // does not fit in Q's buffer; at D=256 it does not fit at all). It pays where tiles are short,
 // so that the 3-D grid's per-CTA prologue and epilogue show (benchmarks/NOTES.md); at D=64 on
 // the wide tile too, where no mask is set (persistent_wide_pays).
+// Experiment (-DCUFLASH_FWD_TMA_STORE_O=1; benchmarks/NOTES.md, eleventh session): the output
+// written by TMA from a 128B-swizzled staging tile, each consumer's rows by one bulk store,
+// instead of every warp reading its padded staging rows back and storing them with checks.
+#ifndef CUFLASH_FWD_TMA_STORE_O
+#define CUFLASH_FWD_TMA_STORE_O 0
+#endif
 template <typename T, int kHeadDim, bool kWide, bool kPersistent = false>
 struct FwdSm90TmaKernel {
   static constexpr bool kHasPersistent = kHeadDim <= 128;
@@ -40,7 +46,12 @@ struct FwdSm90TmaKernel {
   static constexpr int kBlockN = kHeadDim <= 64 ? 128 : kHeadDim <= 128 ? (kWide ? 192 : 128) : (kWide ? 80 : 64);
   static constexpr int kStages = 2;
   static constexpr int kQBytes = kBlockM * kHeadDim * 2, kKVBytes = kBlockN * kHeadDim * 2;
-  static constexpr int kStagingBytes = kPersistent ? SmemTile<T, kBlockM, kHeadDim>::kElems * int(sizeof(T)) : 0;
+  static constexpr bool kTmaStoreO = CUFLASH_FWD_TMA_STORE_O;
+  // The output's staging tile: by TMA store, Q's layout (kQBytes: panels of 64 columns, 128B
+  // swizzled), in Q's buffer unless persistent (the next tile's Q may be loading there);
+  // otherwise the padded tile every warp reads back, in the tiles' buffers unless persistent.
+  static constexpr int kStagingBytes =
+      !kPersistent ? 0 : kTmaStoreO ? kQBytes : SmemTile<T, kBlockM, kHeadDim>::kElems * int(sizeof(T));
   // Barriers: Q full, Q empty, then per stage K full, V full, K empty, V empty.
   static constexpr int kBarriers = 2 + 4 * kStages;
   // + 1024: the swizzle atoms must start on 1024-byte boundaries; the base is aligned by hand.
@@ -77,7 +88,8 @@ struct TmaTile {
 template <typename T, int kHeadDim, bool kWide, bool kFeatures, bool kPersistent>
 __global__ void __launch_bounds__(FwdSm90TmaKernel<T, kHeadDim, kWide, kPersistent>::kThreads, 1)
     flash_fwd_sm90_tma_kernel(const FlashFwdParams p, const __grid_constant__ CUtensorMap map_q,
-                              const __grid_constant__ CUtensorMap map_k, const __grid_constant__ CUtensorMap map_v) {
+                              const __grid_constant__ CUtensorMap map_k, const __grid_constant__ CUtensorMap map_v,
+                              const __grid_constant__ CUtensorMap map_o) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
   using K = FwdSm90TmaKernel<T, kHeadDim, kWide, kPersistent>;
   constexpr int kBlockM = K::kBlockM, kBlockN = K::kBlockN, kStages = K::kStages;
@@ -325,18 +337,54 @@ __global__ void __launch_bounds__(FwdSm90TmaKernel<T, kHeadDim, kWide, kPersiste
       store_partial(o, softmax, p, tile.seq, tile.split, tile.b, tile.h, row0, lane);
       continue;
     }
-    // The output, staged through shared memory: persistent, its own buffer (each warp its own
-    // rows); otherwise the tiles' buffers, once every consumer's wgmmas are done reading them.
-    if constexpr (kPersistent) __syncwarp();  // the previous tile's staging reads are done
-    else named_barrier_sync<kConsumerThreads>(1);
-    const SmemTile<T, kBlockM, kHeadDim> stage_tile{reinterpret_cast<T*>(kPersistent ? staging : smem)};
-    static_assert(SmemTile<T, kBlockM, kHeadDim>::kElems * sizeof(T) <= K::kQBytes + 2 * kStages * K::kKVBytes,
-                  "staging fits");
-    T* out = row_at<T>(p.out, p.out_strides, tile.seq, true, tile.b, tile.h, 0);
     float* lse_out = static_cast<float*>(p.lse) + stats_offset(p.stats_strides, tile.seq, tile.b, tile.h);
-    store_out_and_lse(o, softmax, stage_tile, warp_row, out, p.out_strides.row, lse_out, row0,
-                      tile.seq.seqlen_q, sh.head_dim, lane);
+    if constexpr (K::kTmaStoreO) {
+      // The output by TMA: this consumer's rows written into the staging tile as TMA stores it
+      // (a row's 16-byte chunk c at c ^ (row % 8): a warp's 32-bit writes hit 32 banks), then
+      // one bulk store a panel by the consumer's first thread. Persistent, the staging tile is
+      // its own buffer, free once the previous tile's store has read it; otherwise this
+      // consumer's rows of Q's buffer, free once its four warps' wgmmas are done with Q.
+      unsigned char* stage = kPersistent ? staging : sQ;
+      const bool first_thread = tid % 128 == 0;
+      const int epilogue_barrier = 2 + K::kConsumers + consumer;  // after the turns' barriers
+      if (kPersistent && first_thread) bulk_wait_group_read<0>();
+      named_barrier_sync<128>(epilogue_barrier);
+      float inv_l[2], lse[2];
+      softmax.finalize(inv_l, lse);
+      // This lane's rows are warp_row + lane / 4 (+ 8): row % 8 is lane / 4 for both.
+      const uint32_t lane_at = smem_u32(stage) + (warp_row + (lane >> 2)) * 128 + 4 * (lane & 3);
+      const uint32_t swizzle = (lane >> 2) << 4;
+#pragma unroll
+      for (int j = 0; j < kHeadDim / 8; ++j)
+#pragma unroll
+        for (int h = 0; h < 2; ++h)
+          st_shared_u32(lane_at + (j / 8) * kBlockM * 128 + h * 8 * 128 + (((j % 8) << 4) ^ swizzle),
+                        MmaOperand<T>::pack(o.v[j][2 * h] * inv_l[h], o.v[j][2 * h + 1] * inv_l[h]));
+      fence_async_shared();  // these writes before the bulk store's (async proxy) reads
+      named_barrier_sync<128>(epilogue_barrier);
+      if (first_thread && tile.m_start + 64 * consumer < tile.seq.seqlen_q) {
+#pragma unroll
+        for (int panel = 0; panel < kPanels; ++panel)
+          tma_store_4d(&map_o, stage + panel * kBlockM * 128 + consumer * 64 * 128, panel * 64,
+                       tile.m_start + 64 * consumer, tile.h, tile.b);
+        bulk_commit_group();
+      }
+      store_lse(lse, lse_out, row0, tile.seq.seqlen_q, lane);
+    } else {
+      // The output, staged through shared memory: persistent, its own buffer (each warp its own
+      // rows); otherwise the tiles' buffers, once every consumer's wgmmas are done reading them.
+      if constexpr (kPersistent) __syncwarp();  // the previous tile's staging reads are done
+      else named_barrier_sync<kConsumerThreads>(1);
+      const SmemTile<T, kBlockM, kHeadDim> stage_tile{reinterpret_cast<T*>(kPersistent ? staging : smem)};
+      static_assert(SmemTile<T, kBlockM, kHeadDim>::kElems * sizeof(T) <= K::kQBytes + 2 * kStages * K::kKVBytes,
+                    "staging fits");
+      T* out = row_at<T>(p.out, p.out_strides, tile.seq, true, tile.b, tile.h, 0);
+      store_out_and_lse(o, softmax, stage_tile, warp_row, out, p.out_strides.row, lse_out, row0,
+                        tile.seq.seqlen_q, sh.head_dim, lane);
+    }
   }
+  // The last bulk stores have read the staging tile before the CTA's shared memory goes.
+  if (K::kTmaStoreO && tid % 128 == 0) bulk_wait_group_read<0>();
 #endif
 }
 
@@ -370,7 +418,7 @@ inline bool persistent_wide_pays(const FlashFwdParams& p) { return p.mask.window
 // The tensor maps of q, k and v for the TMA kernel of dense p; false where TMA cannot address
 // them (alignment, zero strides): the cp.async kernel runs then.
 struct AttentionTmaMaps {
-  CUtensorMap q, k, v;
+  CUtensorMap q, k, v, o{};  // o: encoded where the kernel stores its output by TMA (kTmaStoreO)
 };
 // A paged cache's k and v are [num_pages, heads_kv, page_size, head_dim]: pages in the batch
 // dimension, a page's rows in the row one.
@@ -386,7 +434,10 @@ bool encode_fwd_tma_maps(const FlashFwdParams& p, AttentionTmaMaps* maps) {
          encode_attention_map(&maps->k, p.k, kBf16, p.k_strides, kv_batch, sh.heads_kv, kv_rows, sh.head_dim,
                               K::kBlockN) &&
          encode_attention_map(&maps->v, p.v, kBf16, p.v_strides, kv_batch, sh.heads_kv, kv_rows, sh.head_dim,
-                              K::kBlockN);
+                              K::kBlockN) &&
+         (!K::kTmaStoreO ||  // a consumer's 64 rows a box
+          encode_attention_map(&maps->o, p.out, kBf16, p.out_strides, sh.batch, sh.heads_q, sh.seqlen_q, sh.head_dim,
+                               64));
 }
 
 }  // namespace cuflash::sm90
