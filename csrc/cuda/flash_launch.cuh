@@ -119,7 +119,7 @@ bool launch_fwd_tma(const FlashFwdParams& p, bool persistent, cudaStream_t strea
     constexpr bool kPersistent = decltype(persist)::value;
     using K = sm90::FwdSm90TmaKernel<T, kHeadDim, kWide, kPersistent>;
     sm90::AttentionTmaMaps maps;
-    if (!sm90::encode_fwd_tma_maps<T, kHeadDim, kWide>(p, &maps)) return false;
+    if (!sm90::encode_fwd_tma_maps<T, kHeadDim, kWide>(p, !kFeatures, &maps)) return false;
     const int m_blocks = ceil_div(sh.seqlen_q, K::kBlockM);
     const int64_t tiles = int64_t{m_blocks} * sh.heads_q * sh.batch;
     const int sms = std::max(1, device_attribute<cudaDevAttrMultiProcessorCount>(1));

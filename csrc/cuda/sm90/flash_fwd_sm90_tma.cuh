@@ -9,7 +9,8 @@
 // S_t = Q K_t^T and O += P_{t-1} V_{t-1} together and run the softmax of S_t while the latter
 // runs on the tensor cores; and they take turns issuing, so that one's softmax overlaps the
 // others' matmuls. No load addresses, cp.async or block-wide barriers in the consumers: that is
-// what the cp.async kernel (flash_fwd_sm90.cuh) was short of.
+// what the cp.async kernel (flash_fwd_sm90.cuh) was short of. Each consumer's output leaves by
+// a TMA store from shared memory.
 // Dense inputs only (no cu_seqlens: a TMA box would read past a packed sequence's end); with
 // seqused_k and paged caches under CUFLASH_SM90's "kvcache" part (a default: the rows past a
 // sequence's keys are zeroed in shared memory, pages addressed by the producer).
@@ -27,16 +28,10 @@ namespace cuflash::sm90 {
 // and V leave room for beside Q): fewer steps, each a longer run of wgmmas.
 // kPersistent (CUFLASH_SM90's "persistent" part, a default; head dims up to 128, short rows): one
 // CTA per SM walks tiles (query block, head, batch), loading the next tile's K, V and Q while the
-// last one's P V and output run, with O staged in a buffer of its own (the padded staging tile
-// does not fit in Q's buffer; at D=256 it does not fit at all). It pays where tiles are short,
+// last one's P V and output run, with O staged in a buffer of its own (Q's buffer takes the
+// next tile's Q; at D=256 there is no room for it). It pays where tiles are short,
 // so that the 3-D grid's per-CTA prologue and epilogue show (benchmarks/NOTES.md); at D=64 on
 // the wide tile too, where no mask is set (persistent_wide_pays).
-// Experiment (-DCUFLASH_FWD_TMA_STORE_O=1; benchmarks/NOTES.md, eleventh session): the output
-// written by TMA from a 128B-swizzled staging tile, each consumer's rows by one bulk store,
-// instead of every warp reading its padded staging rows back and storing them with checks.
-#ifndef CUFLASH_FWD_TMA_STORE_O
-#define CUFLASH_FWD_TMA_STORE_O 0
-#endif
 template <typename T, int kHeadDim, bool kWide, bool kPersistent = false>
 struct FwdSm90TmaKernel {
   static constexpr bool kHasPersistent = kHeadDim <= 128;
@@ -46,12 +41,8 @@ struct FwdSm90TmaKernel {
   static constexpr int kBlockN = kHeadDim <= 64 ? 128 : kHeadDim <= 128 ? (kWide ? 192 : 128) : (kWide ? 80 : 64);
   static constexpr int kStages = 2;
   static constexpr int kQBytes = kBlockM * kHeadDim * 2, kKVBytes = kBlockN * kHeadDim * 2;
-  static constexpr bool kTmaStoreO = CUFLASH_FWD_TMA_STORE_O;
-  // The output's staging tile: by TMA store, Q's layout (kQBytes: panels of 64 columns, 128B
-  // swizzled), in Q's buffer unless persistent (the next tile's Q may be loading there);
-  // otherwise the padded tile every warp reads back, in the tiles' buffers unless persistent.
-  static constexpr int kStagingBytes =
-      !kPersistent ? 0 : kTmaStoreO ? kQBytes : SmemTile<T, kBlockM, kHeadDim>::kElems * int(sizeof(T));
+  // The persistent kernel's staging tile for the output's TMA store: Q's layout (kernel below).
+  static constexpr int kStagingBytes = kPersistent ? kQBytes : 0;
   // Barriers: Q full, Q empty, then per stage K full, V full, K empty, V empty.
   static constexpr int kBarriers = 2 + 4 * kStages;
   // + 1024: the swizzle atoms must start on 1024-byte boundaries; the base is aligned by hand.
@@ -96,6 +87,11 @@ __global__ void __launch_bounds__(FwdSm90TmaKernel<T, kHeadDim, kWide, kPersiste
   // Split-KV: the plain narrow kernel, one tile a CTA, only (launch_fwd_tma): the others' code
   // stays as it was.
   constexpr bool kMaySplit = !kWide && !kPersistent && !kFeatures;
+  // The output by TMA store (FlashAttention-3's epilogue; 1-4% faster than each warp's checked
+  // stores on the H200, benchmarks/NOTES.md); the features kernels, not yet measured with it,
+  // keep the padded staging tile (the persistent kernel is plain attention only).
+  constexpr bool kTmaStoreO = !kFeatures;
+  static_assert(kTmaStoreO || !kPersistent, "the persistent kernel's staging tile is the TMA store's");
   static_assert(kWide || kPageSizeMultiple % kBlockN == 0, "a key block lies in one page (key_at)");
   constexpr int kPanels = kHeadDim / 64, kConsumerThreads = 128 * K::kConsumers;
   extern __shared__ char smem_raw[];
@@ -338,7 +334,7 @@ __global__ void __launch_bounds__(FwdSm90TmaKernel<T, kHeadDim, kWide, kPersiste
       continue;
     }
     float* lse_out = static_cast<float*>(p.lse) + stats_offset(p.stats_strides, tile.seq, tile.b, tile.h);
-    if constexpr (K::kTmaStoreO) {
+    if constexpr (kTmaStoreO) {
       // The output by TMA: this consumer's rows written into the staging tile as TMA stores it
       // (a row's 16-byte chunk c at c ^ (row % 8): a warp's 32-bit writes hit 32 banks), then
       // one bulk store a panel by the consumer's first thread. Persistent, the staging tile is
@@ -371,11 +367,10 @@ __global__ void __launch_bounds__(FwdSm90TmaKernel<T, kHeadDim, kWide, kPersiste
       }
       store_lse(lse, lse_out, row0, tile.seq.seqlen_q, lane);
     } else {
-      // The output, staged through shared memory: persistent, its own buffer (each warp its own
-      // rows); otherwise the tiles' buffers, once every consumer's wgmmas are done reading them.
-      if constexpr (kPersistent) __syncwarp();  // the previous tile's staging reads are done
-      else named_barrier_sync<kConsumerThreads>(1);
-      const SmemTile<T, kBlockM, kHeadDim> stage_tile{reinterpret_cast<T*>(kPersistent ? staging : smem)};
+      // The output, staged through the tiles' buffers once every consumer's wgmmas are done
+      // reading them.
+      named_barrier_sync<kConsumerThreads>(1);
+      const SmemTile<T, kBlockM, kHeadDim> stage_tile{reinterpret_cast<T*>(smem)};
       static_assert(SmemTile<T, kBlockM, kHeadDim>::kElems * sizeof(T) <= K::kQBytes + 2 * kStages * K::kKVBytes,
                     "staging fits");
       T* out = row_at<T>(p.out, p.out_strides, tile.seq, true, tile.b, tile.h, 0);
@@ -384,7 +379,7 @@ __global__ void __launch_bounds__(FwdSm90TmaKernel<T, kHeadDim, kWide, kPersiste
     }
   }
   // The last bulk stores have read the staging tile before the CTA's shared memory goes.
-  if (K::kTmaStoreO && tid % 128 == 0) bulk_wait_group_read<0>();
+  if (kTmaStoreO && tid % 128 == 0) bulk_wait_group_read<0>();
 #endif
 }
 
@@ -415,15 +410,16 @@ bool wide_rows(const FlashFwdParams& p) {
 // diagonal tiles' masked share being larger on 192 rows).
 inline bool persistent_wide_pays(const FlashFwdParams& p) { return p.mask.window_left < 0 && p.mask.window_right < 0; }
 
-// The tensor maps of q, k and v for the TMA kernel of dense p; false where TMA cannot address
-// them (alignment, zero strides): the cp.async kernel runs then.
+// The tensor maps of q, k and v (and out where the kernel stores it by TMA: store_out) for the
+// TMA kernel of dense p; false where TMA cannot address them (alignment, zero strides): the
+// cp.async kernel runs then.
 struct AttentionTmaMaps {
-  CUtensorMap q, k, v, o{};  // o: encoded where the kernel stores its output by TMA (kTmaStoreO)
+  CUtensorMap q, k, v, o{};  // o: where the kernel stores its output by TMA (kTmaStoreO), 64-row boxes
 };
 // A paged cache's k and v are [num_pages, heads_kv, page_size, head_dim]: pages in the batch
 // dimension, a page's rows in the row one.
 template <typename T, int kHeadDim, bool kWide>
-bool encode_fwd_tma_maps(const FlashFwdParams& p, AttentionTmaMaps* maps) {
+bool encode_fwd_tma_maps(const FlashFwdParams& p, bool store_out, AttentionTmaMaps* maps) {
   using K = FwdSm90TmaKernel<T, kHeadDim, kWide>;
   const AttentionShape& sh = p.shape;
   constexpr bool kBf16 = std::is_same_v<T, __nv_bfloat16>;
@@ -435,7 +431,7 @@ bool encode_fwd_tma_maps(const FlashFwdParams& p, AttentionTmaMaps* maps) {
                               K::kBlockN) &&
          encode_attention_map(&maps->v, p.v, kBf16, p.v_strides, kv_batch, sh.heads_kv, kv_rows, sh.head_dim,
                               K::kBlockN) &&
-         (!K::kTmaStoreO ||  // a consumer's 64 rows a box
+         (!store_out ||  // a consumer's 64 rows a box
           encode_attention_map(&maps->o, p.out, kBf16, p.out_strides, sh.batch, sh.heads_q, sh.seqlen_q, sh.head_dim,
                                64));
 }
