@@ -11,6 +11,8 @@
 #                        csrc/cuda/forward_choice.cu too if it changes the forward's tiles)
 #   AB_BENCH="--dtypes bf16 --head-dims 64 ..."   bench_attention.py arguments for both (split on
 #                        spaces: no quoted arguments)
+#   AB_BENCH_FEATURES="--head-dims 64,128"   bench_features.py arguments for both
+#                        (unset: not run; split on spaces); tables to $OUT/features_A.md and -B.md
 #   AB_TESTS="tests/test_sm90_forward.py -k persistent"   pytest arguments run under B ("" none;
 #                        split on spaces; if they fail, B is not benchmarked)
 #   AB_TEST_LIMIT_S=300  seconds the tests under B may run (a wrong mbarrier phase hangs a kernel)
@@ -38,6 +40,12 @@ status=0
 build A
 # shellcheck disable=SC2086  # AB_BENCH is an argument list
 python3 benchmarks/bench_attention.py ${AB_BENCH-} --out "$OUT" --tag A > "$OUT/bench_A.log" 2>&1 || status=1
+bench_features() {  # bench_features TAG
+  # shellcheck disable=SC2086  # AB_BENCH_FEATURES is an argument list
+  [ -z "${AB_BENCH_FEATURES+set}" ] || python3 benchmarks/bench_features.py $AB_BENCH_FEATURES \
+    > "$OUT/features_$1.md" 2> "$OUT/bench_features_$1.log" || status=1
+}
+bench_features A
 if [ -n "${AB_SANITIZE_TOOLS-}" ]; then
   OUT="$OUT" SANITIZE_SKIP_BUILD=1 SANITIZE_TOOLS="$AB_SANITIZE_TOOLS" bash scripts/sanitize.sh > "$OUT/sanitize.log" 2>&1 \
     || status=1
@@ -55,6 +63,7 @@ fi
 if (( tests_ok )); then
   # shellcheck disable=SC2086
   python3 benchmarks/bench_attention.py ${AB_BENCH-} --out "$OUT" --tag B > "$OUT/bench_B.log" 2>&1 || status=1
+  bench_features B
 fi
 # The next build is A again (and scripts that build only without an extension, e.g.
 # gpu_sm90_check.sh, build one).

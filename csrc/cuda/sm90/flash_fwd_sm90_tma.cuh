@@ -17,6 +17,7 @@
 #pragma once
 #include <type_traits>
 #include "flash_fwd_sm90.cuh"
+#include "tile_walk.h"
 #include "tma_maps.h"
 
 namespace cuflash::sm90 {
@@ -32,6 +33,21 @@ namespace cuflash::sm90 {
 // next tile's Q; at D=256 there is no room for it). It pays where tiles are short,
 // so that the 3-D grid's per-CTA prologue and epilogue show (benchmarks/NOTES.md); at D=64 on
 // the wide tile too, where no mask is set (persistent_wide_pays).
+// Experiment (-DCUFLASH_FWD_TILE_WALK=1; benchmarks/NOTES.md, eleventh session): the persistent
+// walk's tile decoded by the host-built TileWalk (tile_walk.h: divisions by multiply and shift)
+// instead of five integer divisions a tile in every warp.
+#ifndef CUFLASH_FWD_TILE_WALK
+#define CUFLASH_FWD_TILE_WALK 0
+#endif
+// The output by TMA store (FlashAttention-3's epilogue; 1-4% faster than each warp's checked
+// stores on the H200, benchmarks/NOTES.md); the features kernels, not yet measured with it,
+// keep the padded staging tile (experiment: -DCUFLASH_FWD_FEATURES_TMA_STORE=1 gives it to
+// them too). The persistent kernel is plain attention only.
+#ifndef CUFLASH_FWD_FEATURES_TMA_STORE
+#define CUFLASH_FWD_FEATURES_TMA_STORE 0
+#endif
+template <bool kFeatures>
+constexpr bool kFwdTmaStoreO = !kFeatures || CUFLASH_FWD_FEATURES_TMA_STORE;
 template <typename T, int kHeadDim, bool kWide, bool kPersistent = false>
 struct FwdSm90TmaKernel {
   static constexpr bool kHasPersistent = kHeadDim <= 128;
@@ -80,17 +96,14 @@ template <typename T, int kHeadDim, bool kWide, bool kFeatures, bool kPersistent
 __global__ void __launch_bounds__(FwdSm90TmaKernel<T, kHeadDim, kWide, kPersistent>::kThreads, 1)
     flash_fwd_sm90_tma_kernel(const FlashFwdParams p, const __grid_constant__ CUtensorMap map_q,
                               const __grid_constant__ CUtensorMap map_k, const __grid_constant__ CUtensorMap map_v,
-                              const __grid_constant__ CUtensorMap map_o) {
+                              const __grid_constant__ CUtensorMap map_o, const TileWalk walk) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
   using K = FwdSm90TmaKernel<T, kHeadDim, kWide, kPersistent>;
   constexpr int kBlockM = K::kBlockM, kBlockN = K::kBlockN, kStages = K::kStages;
   // Split-KV: the plain narrow kernel, one tile a CTA, only (launch_fwd_tma): the others' code
   // stays as it was.
   constexpr bool kMaySplit = !kWide && !kPersistent && !kFeatures;
-  // The output by TMA store (FlashAttention-3's epilogue; 1-4% faster than each warp's checked
-  // stores on the H200, benchmarks/NOTES.md); the features kernels, not yet measured with it,
-  // keep the padded staging tile (the persistent kernel is plain attention only).
-  constexpr bool kTmaStoreO = !kFeatures;
+  constexpr bool kTmaStoreO = kFwdTmaStoreO<kFeatures>;
   static_assert(kTmaStoreO || !kPersistent, "the persistent kernel's staging tile is the TMA store's");
   static_assert(kWide || kPageSizeMultiple % kBlockN == 0, "a key block lies in one page (key_at)");
   constexpr int kPanels = kHeadDim / 64, kConsumerThreads = 128 * K::kConsumers;
@@ -109,12 +122,9 @@ __global__ void __launch_bounds__(FwdSm90TmaKernel<T, kHeadDim, kWide, kPersiste
 
   const AttentionShape& sh = p.shape;
   const int tid = threadIdx.x, warpgroup = tid / 128, lane = tid % 32;
-  // Tiles: the grid's one, or, persistent, every gridDim.x-th of all (query block, head, batch).
-  // Persistent order: sections of (head, batch) pairs whose K and V fit together in L2
-  // (kL2Bytes), one section after another, so that the CTAs in flight re-read K/V from L2 as the
-  // 3-D grid's do; inside a section query blocks descending (the longest first under a causal
-  // mask), then the section's heads.
-  constexpr int64_t kL2Bytes = 32 << 20;
+  // Tiles: the grid's one, or, persistent, every gridDim.x-th of all (query block, head, batch),
+  // in TileWalk's order (tile_walk.h).
+  constexpr int64_t kL2Bytes = kWalkL2Bytes;
   const int m_blocks = (sh.seqlen_q + kBlockM - 1) / kBlockM, heads_batches = sh.heads_q * sh.batch;
   const int num_tiles = kPersistent ? m_blocks * heads_batches : 1;
   const int first_tile = kPersistent ? static_cast<int>(blockIdx.x) : 0;
@@ -125,7 +135,9 @@ __global__ void __launch_bounds__(FwdSm90TmaKernel<T, kHeadDim, kWide, kPersiste
   auto tile_at = [&](int index) {
     TmaTile t;
     int m_block;
-    if constexpr (kPersistent) {
+    if constexpr (kPersistent && CUFLASH_FWD_TILE_WALK) {
+      walk.tile(index, &m_block, &t.h, &t.b);
+    } else if constexpr (kPersistent) {
       const int section = index / (m_blocks * section_heads), local = index - section * m_blocks * section_heads;
       const int heads_here = min(section_heads, heads_batches - section * section_heads);
       m_block = m_blocks - 1 - local / heads_here;
@@ -144,7 +156,7 @@ __global__ void __launch_bounds__(FwdSm90TmaKernel<T, kHeadDim, kWide, kPersiste
       t.split = t.b % p.num_splits;
       t.b /= p.num_splits;
     }
-    t.h_kv = t.h / (sh.heads_q / sh.heads_kv);
+    t.h_kv = CUFLASH_FWD_TILE_WALK ? walk.kv_head(t.h) : t.h / (sh.heads_q / sh.heads_kv);
     t.m_start = m_block * kBlockM;
     t.seq = sequence_of(p, t.b);
     t.n_blocks = key_blocks(p.mask, t.seq, t.m_start, min(t.m_start + kBlockM, t.seq.seqlen_q), kBlockN);
