@@ -44,9 +44,10 @@ def bucket(d):
     return 64 if d <= 64 else 128 if d <= 128 else 256
 
 
-def persistent_wide(d, masked):
-    """Whether the persistent kernel runs on its wide tile: head-dim bucket 64 without a mask."""
-    return bucket(d) == 64 and not masked
+def persistent_wide(d, masked, nq=1000):
+    """Whether the persistent kernel runs on its wide tile: head-dim bucket 64 without a mask, more
+    than 128 query rows."""
+    return bucket(d) == 64 and not masked and nq > 128
 
 
 def forward_kernels(d, dtype=torch.bfloat16, **kw):
@@ -60,7 +61,7 @@ def test_path_taken(d, mode, monkeypatch):
     if KERNEL[mode] + "<" not in names:
         pytest.fail(f"the {mode} Hopper forward did not run (an sm_90a build?): {names}")
     if mode == "persistent":  # its own instantiation up to 128; the one-tile-per-CTA kernel past
-        assert tma_kernel(bucket(d), wide=persistent_wide(d, False), persistent=True) in names, names
+        assert tma_kernel(bucket(d), wide=persistent_wide(d, False, nq=100), persistent=True) in names, names
     if mode == "wide":
         assert tma_kernel(bucket(d), wide=True) in names, names
     monkeypatch.setenv("CUFLASH_SM90", "0")
@@ -216,14 +217,14 @@ def test_matches_reference(dtype, d, nq, nk, causal, bottom_right):
 
 
 @pytest.mark.parametrize("d", [64, 128, 256])
-@pytest.mark.parametrize("nq,nk,causal,keys", [(100, 100, False, 100), (100, 2048, False, 2048),
-                                               (2048, 2048, True, 1024), (4096, 4096, True, 2048),
-                                               (100, 4096, False, 4096)])
+@pytest.mark.parametrize("nq,nk,causal,keys", [(100, 100, False, 100), (300, 300, False, 300),
+                                               (100, 2048, False, 2048), (2048, 2048, True, 1024),
+                                               (4096, 4096, True, 2048), (100, 4096, False, 4096)])
 def test_tma_tile_choice(d, nq, nk, causal, keys, mode, monkeypatch):
     """The TMA kernel takes its wide tile where the middle query row sees 2048 keys or more (4096
     at head dim 128), the persistent kernel (head dims up to 128) where it sees fewer than 2048,
-    on the wide tile at head dim 64 without a mask; CUFLASH_FWD_TILE names the tile at every
-    length."""
+    on the wide tile at head dim 64 without a mask past 128 query rows; CUFLASH_FWD_TILE names
+    the tile at every length."""
     wide = keys >= (4096 if d == 128 else 2048)
     if mode == "cpasync":
         pytest.skip("the TMA kernel's tiles")
@@ -236,19 +237,22 @@ def test_tma_tile_choice(d, nq, nk, causal, keys, mode, monkeypatch):
     k, v = (torch.randn(1, 1, nk, d, device="cuda", dtype=torch.bfloat16) for _ in range(2))
     names = cuda_kernels(lambda: torch.ops.cuflash_attn.fwd(q, k, v, None, causal, False))
     persistent = mode == "persistent" and keys < 2048
-    wide = wide or (persistent and persistent_wide(d, causal))
+    wide = wide or (persistent and persistent_wide(d, causal, nq))
     assert tma_kernel(d, wide=wide, persistent=persistent) in names, names
 
 
 @pytest.mark.parametrize("dtype", LOW_PRECISION, ids=LOW_PRECISION_IDS)
-@pytest.mark.parametrize("d", [64, 128])
-def test_persistent_ctas_walk_many_tiles(dtype, d, mode):
+@pytest.mark.parametrize("d,tile", [(64, None), (64, "wide"), (64, "narrow"), (128, None)])
+def test_persistent_ctas_walk_many_tiles(dtype, d, tile, mode, monkeypatch):
     """More tiles than SMs, so each persistent CTA takes several: of different lengths (causal),
     with no key at all (bottom-right causal with more queries than keys), GQA, and K/V past the
     kernel's 32 MB L2 section (ragged sections of heads). Short rows, which the persistent kernel
-    takes (at head dim 64 on the wide tile where no mask is set)."""
+    takes (at head dim 64 on the wide tile where no mask is set; CUFLASH_FWD_TILE puts every
+    shape on one tile there)."""
     if mode != "persistent":
         pytest.skip("persistent CTAs")
+    if tile:
+        monkeypatch.setenv("CUFLASH_FWD_TILE", tile)
     shapes = [(8, 16, 4, 700, 77, True, True), (4, 12, 3, 1000, 1000, True, False),
               (2, 8, 8, 300, 1900, False, False), (8, 16, 16, 1500, 1500, True, False),
               (8, 16, 4, 700, 500, False, False)]
@@ -256,7 +260,8 @@ def test_persistent_ctas_walk_many_tiles(dtype, d, mode):
         q = torch.randn(batch, heads_q, nq, d, device="cuda", dtype=dtype)
         k, v = (torch.randn(batch, heads_kv, nk, d, device="cuda", dtype=dtype) for _ in range(2))
         names = cuda_kernels(lambda: torch.ops.cuflash_attn.fwd(q, k, v, None, causal, bottom_right))
-        assert tma_kernel(d, persistent_wide(d, causal), persistent=True, dtype=dtype) in names, names
+        wide = {None: persistent_wide(d, causal, nq), "wide": True, "narrow": False}[tile]
+        assert tma_kernel(d, wide, persistent=True, dtype=dtype) in names, names
         check_dense("cuda", dtype, batch, heads_q, heads_kv, nq, nk, d, causal=causal, bottom_right=bottom_right)
 
 

@@ -32,7 +32,8 @@
 //                   deterministic says; "separate": its own kernel everywhere (tests and benchmarks)
 //   CUFLASH_FWD_TILE  the TMA forward's tile for plain attention: unset or "", the wide one on
 //                   long rows (sm90::wide_rows in flash_fwd_sm90_tma.cuh) and in the persistent
-//                   kernel at head dim 64 without a mask (sm90::persistent_wide_pays);
+//                   kernel at head dim 64 without a mask past 128 query rows
+//                   (sm90::persistent_wide_pays);
 //                   "wide" or "narrow": that one at every length (tests and benchmarks)
 //   CUFLASH_BWD_TILE  the warp-specialized dK/dV kernel's streamed queries a step at head dim 64
 //                   (flash_bwd_sm90_tma.cuh): unset, "" or "wide": 128; "narrow": 64 (tests and

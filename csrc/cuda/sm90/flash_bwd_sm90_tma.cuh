@@ -26,6 +26,14 @@ namespace cuflash::sm90 {
 // The fused kernel's dQ parts (and so the dq_accum map's boxes): 64 query rows each.
 constexpr int kDqPartRows = 64;
 
+// Experiment (-DCUFLASH_BWD_TMA_STORE_DKV=1; benchmarks/NOTES.md, eleventh session): the dK/dV
+// kernel's dK and dV written by TMA store from K's and V's buffers (the forward's epilogue: 1-4%
+// there), each consumer's 64 key rows of a panel a box (the maps' boxes: kDkvStoreRows).
+#ifndef CUFLASH_BWD_TMA_STORE_DKV
+#define CUFLASH_BWD_TMA_STORE_DKV 0
+#endif
+constexpr int kDkvStoreRows = 64;
+
 // The dQ kernel's shape: 128 resident queries, 64 (32) streamed keys a step.
 template <typename T, int kHeadDim>
 struct BwdDqSm90TmaKernel {
@@ -230,7 +238,9 @@ __global__ void __launch_bounds__(
                                    const __grid_constant__ CUtensorMap map_dout,
                                    const __grid_constant__ CUtensorMap map_k,
                                    const __grid_constant__ CUtensorMap map_v,
-                                   const __grid_constant__ CUtensorMap map_dq_accum) {
+                                   const __grid_constant__ CUtensorMap map_dq_accum,
+                                   const __grid_constant__ CUtensorMap map_dk,
+                                   const __grid_constant__ CUtensorMap map_dv) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
   using K = BwdDkvSm90TmaKernel<T, kHeadDim, kAccumDq, kWithDk, kWithDv, kWideSteps, kOrderedDq>;
   constexpr int kBlockN = K::kBlockN, kBlockM = K::kBlockM, kStages = K::kStages, kPanels = kHeadDim / 64;
@@ -531,6 +541,40 @@ __global__ void __launch_bounds__(
 
   // The output, staged through the K/V tiles once both consumers' wgmmas are done reading them.
   named_barrier_sync<K::kConsumerThreads>(1);
+#if CUFLASH_BWD_TMA_STORE_DKV
+  // dK into K's buffer and dV into V's, in the layout TMA loaded them (a row's 16-byte chunk c at
+  // c ^ (row % 8): a warp's 32-bit writes hit 32 banks; this lane's rows warp_row + lane / 4 (+ 8)
+  // share row % 8), this consumer's 64 rows of every panel; then its first thread's bulk stores
+  // (rows past seqlen_k are not written), read before the CTA's shared memory goes.
+  static_assert(kDkvStoreRows == 64, "a consumer's rows a box");
+  const uint32_t swizzle = (lane >> 2) << 4;
+  auto stage_rows = [&](const WarpAcc<kHeadDim>& acc, unsigned char* buffer, float scale) {
+    const uint32_t lane_at = smem_u32(buffer) + (warp_row + (lane >> 2)) * 128 + 4 * (lane & 3);
+#pragma unroll
+    for (int j = 0; j < kHeadDim / 8; ++j)
+#pragma unroll
+      for (int h = 0; h < 2; ++h)
+        st_shared_u32(lane_at + (j / 8) * kBlockN * 128 + h * 8 * 128 + (((j % 8) << 4) ^ swizzle),
+                      MmaOperand<T>::pack(acc.v[j][2 * h] * scale, acc.v[j][2 * h + 1] * scale));
+  };
+  if constexpr (kWithDk) stage_rows(dk, sK, static_cast<float>(p.scale));
+  if constexpr (kWithDv) stage_rows(dv, sV, 1.f);
+  fence_async_shared();  // these writes before the bulk stores' (async proxy) reads
+  named_barrier_sync<128>(6 + consumer);  // after the epilogue's 1 and the dS barriers' 2-5
+  const int rows0 = n_start + 64 * consumer;
+  if (tid % 128 == 0 && rows0 < seq.seqlen_k) {
+#pragma unroll
+    for (int panel = 0; panel < kPanels; ++panel) {
+      const int offset = panel * kBlockN * 128 + consumer * 64 * 128;
+      if constexpr (kWithDk) tma_store_4d(&map_dk, sK + offset, panel * 64, rows0, h_kv, b);
+      if constexpr (kWithDv) tma_store_4d(&map_dv, sV + offset, panel * 64, rows0, h_kv, b);
+    }
+    bulk_commit_group();
+    bulk_wait_group_read<0>();
+  }
+#else
+  (void)map_dk;
+  (void)map_dv;
   const SmemTile<T, kBlockN, kHeadDim> stage_tile{reinterpret_cast<T*>(smem)};
   static_assert(SmemTile<T, kBlockN, kHeadDim>::kElems * sizeof(T) <= 2 * K::kKVBytes + 2 * kStages * K::kQBytes,
                 "staging fits");
@@ -545,6 +589,7 @@ __global__ void __launch_bounds__(
     warp_store_rows<T, kHeadDim>(dv, dv_scale, stage_tile, warp_row, dv_out, p.dv_strides.row, rows_valid,
                                  sh.head_dim, lane);
 #endif
+#endif
 }
 
 // The tensor maps of q, dout, k and v for kernel K (one of the two above: their boxes differ),
@@ -553,6 +598,7 @@ __global__ void __launch_bounds__(
 struct BackwardTmaMaps {
   CUtensorMap q, dout, k, v;
   CUtensorMap dq_accum;  // with p.dq_accum (the fused dK/dV kernel's TMA reduce); unused otherwise
+  CUtensorMap dk, dv;    // the dK/dV kernel's outputs, where it stores them by TMA (encode_dkdv_maps)
 };
 // Whether TMA can address q, dout, k and v of p: not varlen (a box would read past a packed
 // sequence's end), aligned, no zero stride. Integer checks only: fused_backward_runs asks it before
@@ -563,7 +609,10 @@ inline bool bwd_tma_addressable(const FlashBwdParams& p) {
          tma_can_address(p.q, 2, p.q_strides, sh.batch, sh.heads_q, sh.seqlen_q, sh.head_dim) &&
          tma_can_address(p.dout, 2, p.dout_strides, sh.batch, sh.heads_q, sh.seqlen_q, sh.head_dim) &&
          tma_can_address(p.k, 2, p.k_strides, sh.batch, sh.heads_kv, sh.seqlen_k, sh.head_dim) &&
-         tma_can_address(p.v, 2, p.v_strides, sh.batch, sh.heads_kv, sh.seqlen_k, sh.head_dim);
+         tma_can_address(p.v, 2, p.v_strides, sh.batch, sh.heads_kv, sh.seqlen_k, sh.head_dim) &&
+         (!CUFLASH_BWD_TMA_STORE_DKV ||  // and the dK/dV kernel's outputs, where it stores them by TMA
+          (tma_can_address(p.dk, 2, p.dk_strides, sh.batch, sh.heads_kv, sh.seqlen_k, sh.head_dim) &&
+           tma_can_address(p.dv, 2, p.dv_strides, sh.batch, sh.heads_kv, sh.seqlen_k, sh.head_dim)));
 }
 template <typename T, class K>
 bool encode_bwd_tma_maps(const FlashBwdParams& p, BackwardTmaMaps* maps) {
@@ -582,6 +631,15 @@ bool encode_bwd_tma_maps(const FlashBwdParams& p, BackwardTmaMaps* maps) {
                               K::kBlockN) &&
          encode_attention_map(&maps->v, p.v, kBf16, p.v_strides, sh.batch, sh.heads_kv, sh.seqlen_k, sh.head_dim,
                               K::kBlockN);
+}
+
+// The dK/dV kernel's output maps (CUFLASH_BWD_TMA_STORE_DKV): a consumer's 64 rows a box.
+inline bool encode_dkdv_maps(const FlashBwdParams& p, bool bf16, BackwardTmaMaps* maps) {
+  const AttentionShape& sh = p.shape;
+  return encode_attention_map(&maps->dk, p.dk, bf16, p.dk_strides, sh.batch, sh.heads_kv, sh.seqlen_k, sh.head_dim,
+                              kDkvStoreRows) &&
+         encode_attention_map(&maps->dv, p.dv, bf16, p.dv_strides, sh.batch, sh.heads_kv, sh.seqlen_k, sh.head_dim,
+                              kDkvStoreRows);
 }
 
 }  // namespace cuflash::sm90

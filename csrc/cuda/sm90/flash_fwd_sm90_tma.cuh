@@ -419,8 +419,11 @@ bool wide_rows(const FlashFwdParams& p) {
 
 // Where the persistent kernel at head dim 64 (short rows) takes the wide tile: no mask (H200,
 // benchmarks/NOTES.md, 2026-12-02: +3-4% at 512 and 1024 keys; causal 7-10% slower, its
-// diagonal tiles' masked share being larger on 192 rows).
-inline bool persistent_wide_pays(const FlashFwdParams& p) { return p.mask.window_left < 0 && p.mask.window_right < 0; }
+// diagonal tiles' masked share being larger on 192 rows), and more than 128 query rows (up to
+// 128 the narrow tile is one block too, without the wide one's padded third of rows).
+inline bool persistent_wide_pays(const FlashFwdParams& p) {
+  return p.mask.window_left < 0 && p.mask.window_right < 0 && p.shape.seqlen_q > 128;
+}
 
 // The tensor maps of q, k and v (and out where the kernel stores it by TMA: store_out) for the
 // TMA kernel of dense p; false where TMA cannot address them (alignment, zero strides): the
