@@ -108,8 +108,9 @@ cudaError_t with_feature_path(const AttentionParams& p, F&& f) {
 
 // The TMA forward for plain attention: long rows take the wide tile (sm90::wide_rows), short rows
 // the persistent kernel where asked for and built (sm90::long_rows), at head dim 64 on the wide
-// tile where no mask is set (sm90::persistent_wide_pays); CUFLASH_FWD_TILE overrides the tile. False (nothing launched) where TMA cannot address p, varlen included: a box would
-// read past a packed sequence's end.
+// tile where sm90::persistent_wide_pays; CUFLASH_FWD_TILE overrides the tile. False (nothing
+// launched) where TMA cannot address p, varlen included: a box would read past a packed
+// sequence's end.
 template <typename T, int kHeadDim>
 bool launch_fwd_tma(const FlashFwdParams& p, bool persistent, cudaStream_t stream, cudaError_t* err) {
   if (p.varlen.cu_seqlens_q != nullptr) return false;
