@@ -126,8 +126,11 @@ bool launch_fwd_tma(const FlashFwdParams& p, bool persistent, cudaStream_t strea
     const int sms = std::max(1, device_attribute<cudaDevAttrMultiProcessorCount>(1));
     const dim3 grid = kPersistent ? dim3(static_cast<unsigned>(std::min<int64_t>(tiles, sms)))
                                   : dim3(m_blocks, sh.heads_q, sh.batch * p.num_splits);
-    const sm90::TileWalk walk = sm90::make_tile_walk(
-        m_blocks, sh.heads_q, sh.heads_kv, sh.batch, int64_t{2} * sh.seqlen_k * kHeadDim * int64_t{sizeof(T)});
+    // Built only where the kernel reads it (the experiment's define): not on every call's host path.
+    const sm90::TileWalk walk =
+        CUFLASH_FWD_TILE_WALK ? sm90::make_tile_walk(m_blocks, sh.heads_q, sh.heads_kv, sh.batch,
+                                                     int64_t{2} * sh.seqlen_k * kHeadDim * int64_t{sizeof(T)})
+                              : sm90::TileWalk{};
     *err = launch(sm90::flash_fwd_sm90_tma_kernel<T, kHeadDim, kWide, kFeatures, kPersistent>, grid, K::kThreads,
                   K::kSmemBytes, stream, p, maps.q, maps.k, maps.v, maps.o, walk);
     return true;

@@ -541,24 +541,14 @@ __global__ void __launch_bounds__(
 
   // The output, staged through the K/V tiles once both consumers' wgmmas are done reading them.
   named_barrier_sync<K::kConsumerThreads>(1);
+  const float dk_scale[2] = {static_cast<float>(p.scale), static_cast<float>(p.scale)}, dv_scale[2] = {1.f, 1.f};
 #if CUFLASH_BWD_TMA_STORE_DKV
-  // dK into K's buffer and dV into V's, in the layout TMA loaded them (a row's 16-byte chunk c at
-  // c ^ (row % 8): a warp's 32-bit writes hit 32 banks; this lane's rows warp_row + lane / 4 (+ 8)
-  // share row % 8), this consumer's 64 rows of every panel; then its first thread's bulk stores
-  // (rows past seqlen_k are not written), read before the CTA's shared memory goes.
+  // dK into K's buffer and dV into V's, in the layout TMA loaded them, this consumer's 64 rows
+  // of every panel; then its first thread's bulk stores (rows past seqlen_k are not written),
+  // read before the CTA's shared memory goes.
   static_assert(kDkvStoreRows == 64, "a consumer's rows a box");
-  const uint32_t swizzle = (lane >> 2) << 4;
-  auto stage_rows = [&](const WarpAcc<kHeadDim>& acc, unsigned char* buffer, float scale) {
-    const uint32_t lane_at = smem_u32(buffer) + (warp_row + (lane >> 2)) * 128 + 4 * (lane & 3);
-#pragma unroll
-    for (int j = 0; j < kHeadDim / 8; ++j)
-#pragma unroll
-      for (int h = 0; h < 2; ++h)
-        st_shared_u32(lane_at + (j / 8) * kBlockN * 128 + h * 8 * 128 + (((j % 8) << 4) ^ swizzle),
-                      MmaOperand<T>::pack(acc.v[j][2 * h] * scale, acc.v[j][2 * h + 1] * scale));
-  };
-  if constexpr (kWithDk) stage_rows(dk, sK, static_cast<float>(p.scale));
-  if constexpr (kWithDv) stage_rows(dv, sV, 1.f);
+  if constexpr (kWithDk) stage_rows_for_tma<T, kBlockN>(dk, dk_scale, sK, warp_row, lane);
+  if constexpr (kWithDv) stage_rows_for_tma<T, kBlockN>(dv, dv_scale, sV, warp_row, lane);
   fence_async_shared();  // these writes before the bulk stores' (async proxy) reads
   named_barrier_sync<128>(6 + consumer);  // after the epilogue's 1 and the dS barriers' 2-5
   const int rows0 = n_start + 64 * consumer;
@@ -579,7 +569,6 @@ __global__ void __launch_bounds__(
   static_assert(SmemTile<T, kBlockN, kHeadDim>::kElems * sizeof(T) <= 2 * K::kKVBytes + 2 * kStages * K::kQBytes,
                 "staging fits");
   const int rows_valid = seq.seqlen_k - key0;
-  const float dk_scale[2] = {static_cast<float>(p.scale), static_cast<float>(p.scale)}, dv_scale[2] = {1.f, 1.f};
   T* dk_out = row_at<T>(p.dk, p.dk_strides, seq, false, b, h_kv, key0);
   T* dv_out = row_at<T>(p.dv, p.dv_strides, seq, false, b, h_kv, key0);
   if constexpr (kWithDk)

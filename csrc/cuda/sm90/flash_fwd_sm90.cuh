@@ -184,6 +184,23 @@ __global__ void __launch_bounds__(FwdSm90Kernel<T, kHeadDim, kFeatures>::kThread
 #endif
 }
 
+// A warp's 16 finished accumulator rows (rows row0.. of a tile of kRows rows), times scale[0]
+// (the lane's row row0 + lane / 4) and scale[1] (+ 8), as T into 64-column panels laid out as TMA
+// loads and stores them (panel_offset: each of the warp's 32-bit writes on its own bank), for a
+// bulk tensor store (the TMA forward's output, the dK/dV kernel's dK and dV).
+template <typename T, int kRows, int kCols>
+__device__ __forceinline__ void stage_rows_for_tma(const WarpAcc<kCols>& acc, const float (&scale)[2],
+                                                   const unsigned char* tile, int row0, int lane) {
+  const uint32_t base = smem_u32(tile);
+  const int row = row0 + (lane >> 2);  // and row + 8, 1024 bytes on: the same swizzle
+#pragma unroll
+  for (int j = 0; j < kCols / 8; ++j)
+#pragma unroll
+    for (int h = 0; h < 2; ++h)
+      st_shared_u32(base + panel_offset<kRows>(row, 8 * j + 2 * (lane & 3)) + h * 8 * 128,
+                    MmaOperand<T>::pack(acc.v[j][2 * h] * scale[h], acc.v[j][2 * h + 1] * scale[h]));
+}
+
 // Which Hopper kernels run p: none (the sm_80-class kernels) unless this is an sm_90a build on a
 // compute capability 9.0 device; then the parts CUFLASH_SM90 selects (run_switches.h).
 struct Sm90Paths {

@@ -347,9 +347,8 @@ __global__ void __launch_bounds__(FwdSm90TmaKernel<T, kHeadDim, kWide, kPersiste
     }
     float* lse_out = static_cast<float*>(p.lse) + stats_offset(p.stats_strides, tile.seq, tile.b, tile.h);
     if constexpr (kTmaStoreO) {
-      // The output by TMA: this consumer's rows written into the staging tile as TMA stores it
-      // (a row's 16-byte chunk c at c ^ (row % 8): a warp's 32-bit writes hit 32 banks), then
-      // one bulk store a panel by the consumer's first thread. Persistent, the staging tile is
+      // The output by TMA: this consumer's rows written into the staging tile as TMA stores it,
+      // then one bulk store a panel by the consumer's first thread. Persistent, the staging tile is
       // its own buffer, free once the previous tile's store has read it; otherwise this
       // consumer's rows of Q's buffer, free once its four warps' wgmmas are done with Q.
       unsigned char* stage = kPersistent ? staging : sQ;
@@ -359,15 +358,7 @@ __global__ void __launch_bounds__(FwdSm90TmaKernel<T, kHeadDim, kWide, kPersiste
       named_barrier_sync<128>(epilogue_barrier);
       float inv_l[2], lse[2];
       softmax.finalize(inv_l, lse);
-      // This lane's rows are warp_row + lane / 4 (+ 8): row % 8 is lane / 4 for both.
-      const uint32_t lane_at = smem_u32(stage) + (warp_row + (lane >> 2)) * 128 + 4 * (lane & 3);
-      const uint32_t swizzle = (lane >> 2) << 4;
-#pragma unroll
-      for (int j = 0; j < kHeadDim / 8; ++j)
-#pragma unroll
-        for (int h = 0; h < 2; ++h)
-          st_shared_u32(lane_at + (j / 8) * kBlockM * 128 + h * 8 * 128 + (((j % 8) << 4) ^ swizzle),
-                        MmaOperand<T>::pack(o.v[j][2 * h] * inv_l[h], o.v[j][2 * h + 1] * inv_l[h]));
+      stage_rows_for_tma<T, kBlockM>(o, inv_l, stage, warp_row, lane);
       fence_async_shared();  // these writes before the bulk store's (async proxy) reads
       named_barrier_sync<128>(epilogue_barrier);
       if (first_thread && tile.m_start + 64 * consumer < tile.seq.seqlen_q) {
