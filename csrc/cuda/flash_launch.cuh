@@ -275,12 +275,15 @@ cudaError_t run_flash_bwd(const FlashBwdParams& p, cudaStream_t stream) {
             constexpr bool kOrdered = decltype(ordered)::value;
             using Ws = sm90::BwdDkvSm90TmaKernel<T, kHeadDim, kAccum, kWithDk, kWithDv, kWide, kOrdered>;
             if (!sm90::encode_bwd_tma_maps<T, Ws>(p, &maps)) return false;
-            if (CUFLASH_BWD_TMA_STORE_DKV && !sm90::encode_dkdv_maps(p, std::is_same_v<T, __nv_bfloat16>, &maps))
+            if (Ws::kTmaStoreDkv && !sm90::encode_dkdv_maps(p, std::is_same_v<T, __nv_bfloat16>, &maps))
               return false;
+            const dim3 tiles(ceil_div(sh.seqlen_k, Ws::kBlockN), sh.heads_kv, sh.batch);
+            const int64_t num_tiles = int64_t{tiles.x} * tiles.y * tiles.z;
+            const int sms = std::max(1, device_attribute<cudaDevAttrMultiProcessorCount>(1));
+            const dim3 grid = Ws::kPersistent ? dim3(static_cast<unsigned>(std::min<int64_t>(num_tiles, sms))) : tiles;
             err = launch(sm90::flash_bwd_dkdv_sm90_tma_kernel<T, kHeadDim, kAccum, kWithDk, kWithDv, kWide, kOrdered>,
-                         dim3(ceil_div(sh.seqlen_k, Ws::kBlockN), sh.heads_kv, sh.batch), Ws::kThreads,
-                         Ws::kSmemBytes, stream, p, maps.q, maps.dout, maps.k, maps.v, maps.dq_accum, maps.dk,
-                         maps.dv);
+                         grid, Ws::kThreads, Ws::kSmemBytes, stream, p, maps.q, maps.dout, maps.k, maps.v,
+                         maps.dq_accum, maps.dk, maps.dv);
             return true;
           };
           if constexpr (kAccum)

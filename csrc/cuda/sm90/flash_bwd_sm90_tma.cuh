@@ -26,13 +26,15 @@ namespace cuflash::sm90 {
 // The fused kernel's dQ parts (and so the dq_accum map's boxes): 64 query rows each.
 constexpr int kDqPartRows = 64;
 
-// Experiment (-DCUFLASH_BWD_TMA_STORE_DKV=1; benchmarks/NOTES.md, eleventh session): the dK/dV
-// kernel's dK and dV written by TMA store from K's and V's buffers (the forward's epilogue: 1-4%
-// there), each consumer's 64 key rows of a panel a box (the maps' boxes: kDkvStoreRows).
-#ifndef CUFLASH_BWD_TMA_STORE_DKV
-#define CUFLASH_BWD_TMA_STORE_DKV 0
-#endif
+// The persistent dK/dV kernel's dK and dV by TMA store: each consumer's 64 key rows of a panel a
+// box (the maps' boxes).
 constexpr int kDkvStoreRows = 64;
+
+// Where the dK/dV kernel is persistent (BwdDkvSm90TmaKernel::kPersistent): the deterministic fused
+// kernel at head dim 64 (benchmarks/NOTES.md, twelfth session, H200: +7-16% at 512-1024 keys,
+// -1% to +4% at 4096). Not the unordered one (its static walk ran causal 14-28% slower than the
+// hardware's scheduling of a full grid) nor head dim 128 (-3% to +3%).
+constexpr bool bwd_dkdv_persistent(int head_dim, bool ordered_dq) { return ordered_dq && head_dim == 64; }
 
 // The dQ kernel's shape: 128 resident queries, 64 (32) streamed keys a step.
 template <typename T, int kHeadDim>
@@ -162,23 +164,23 @@ __global__ void __launch_bounds__(BwdDqSm90TmaKernel<T, kHeadDim>::kThreads, 1)
 }
 
 // kOrderedDq's tile order: the CTA that takes tile `tile` computes key block n_block of head h_kv
-// of batch b. The heads go in groups whose q, dO and dq_accum fit in about half an H100's L2;
+// of batch b (blocks key blocks a head, heads (K/V head, batch) pairs). The heads go in groups whose q, dO and dq_accum fit in about half an H100's L2;
 // within a group, the last key block of every head, then the one before, and so on. A key block
 // thus starts after the one it waits for, not beside it: with every CTA of a head started at
 // once, each waits for the adds of all the key blocks after it, one by one (head by head, the
 // first version ran 10-20% behind the unordered adds; benchmarks/NOTES.md).
 template <int kHeadDim>
-__device__ __forceinline__ void ordered_tile(const FlashBwdParams& p, int tile, int* n_block, int* h_kv, int* b) {
+__device__ __forceinline__ void ordered_tile(const FlashBwdParams& p, int tile, int blocks, int heads, int* n_block,
+                                             int* h_kv, int* b) {
   const AttentionShape& sh = p.shape;
-  const int blocks = gridDim.x, heads = gridDim.y * gridDim.z;
   const int64_t head_bytes = int64_t{sh.heads_q / sh.heads_kv} * max(sh.seqlen_q, 1) * kHeadDim * (2 + 2 + 4);
   const int group_heads = static_cast<int>(max(int64_t{1}, min(int64_t{heads}, (int64_t{24} << 20) / head_bytes)));
   const int group = tile / (group_heads * blocks), first = group * group_heads;
   const int in_group = tile - first * blocks, width = min(group_heads, heads - first);
   const int head = first + in_group % width, level = in_group / width;
   *n_block = blocks - 1 - level;
-  *h_kv = head % gridDim.y;
-  *b = head / gridDim.y;
+  *h_kv = head % sh.heads_kv;
+  *b = head / sh.heads_kv;
 }
 
 // kWithDk, kWithDv: which of the two it computes (both but at head dim 256, where one 64 x 256
@@ -198,6 +200,11 @@ struct BwdDkvSm90TmaKernel {
   static_assert(!kAccumDq || kHeadDim <= 128, "dQ comes with dK and dV, in 64-row parts");
   static_assert(!kWideSteps || (kHeadDim == 64 && kWithDk && kWithDv), "wide steps: head dim 64, dK and dV");
   static_assert(!kOrderedDq || kAccumDq, "ordered adds of dQ");
+  // As persistent CTAs (the kernel below), dK and dV stored by TMA: the next tile's K and V load
+  // waits only for the bulk stores to have read their buffers. (The TMA store alone, in the
+  // kernels that are not persistent, measured -5% to +1%: benchmarks/NOTES.md.)
+  static constexpr bool kPersistent = bwd_dkdv_persistent(kHeadDim, kOrderedDq);
+  static constexpr bool kTmaStoreDkv = kPersistent;
   static constexpr int kConsumers = 2, kThreads = 128 * (kConsumers + 1), kConsumerThreads = 128 * kConsumers;
   static constexpr int kBlockN = 64 * kConsumers;              // resident keys
   static constexpr int kBlockM = kWideSteps ? 128 : kBwdStreamedRows<kHeadDim>;  // streamed queries per step
@@ -219,17 +226,41 @@ struct BwdDkvSm90TmaKernel {
   static constexpr int kDqPanelBytes = kDqPartRows * 32 * 4, kDqPartBytes = 2 * kDqPanelBytes;
   static constexpr int kDqBytes = kAccumDq ? kConsumers * kDqPartBytes : 0;
   // Barriers: K/V full, then per stage full (TMA bytes + the stats warp) and empty (consumer
-  // warps); kAccumDq: per consumer dq_full (its warps) and dq_empty (the drain warp).
-  static constexpr int kBarriers = 1 + 2 * kStages + (kAccumDq ? 2 * kConsumers : 0);
-  // kOrderedDq: and the CTA's tile (16 bytes).
+  // warps); kAccumDq: per consumer dq_full (its warps) and dq_empty (the drain warp); kPersistent:
+  // K/V empty, and the tile ring's two full and two empty.
+  static constexpr int kBarriers = 1 + 2 * kStages + (kAccumDq ? 2 * kConsumers : 0) + (kPersistent ? 5 : 0);
+  // kOrderedDq: and the CTA's tile (16 bytes); kPersistent: the ring's two slots (32 bytes).
   static constexpr int kSmemBytes = 2 * kKVBytes + 2 * kStages * kQBytes + kDsBytes + kDqBytes + kStatsBytes +
-                                    kBarriers * 8 + (kOrderedDq ? 16 : 0) + 1024;
+                                    kBarriers * 8 + (kPersistent ? 32 : kOrderedDq ? 16 : 0) + 1024;
   // The producer's loop (TMA coordinates per step, the stats warp's rows) spills at 24 registers;
   // the consumers can spare 8 but at head dim 128 (where ptxas would serialize the wgmmas).
   static constexpr int kProducerRegs = kHeadDim != 128 ? 40 : 24, kConsumerRegs = kHeadDim != 128 ? 232 : 240;
   static_assert(fits_launch_registers<kThreads>(kProducerRegs, kConsumerRegs), "setmaxnreg's split");
   static_assert(kSmemBytes <= 227 * 1024, "shared memory per block");
 };
+
+// One tile of the dK/dV kernel: a key block of a K/V head of a sequence, and its steps: step t
+// takes query head h_kv * group + t / per_head, block m.begin + t % per_head (as the cp.async
+// kernel).
+struct DkvTile {
+  int n_block, h_kv, b, n_start;
+  Sequence seq;
+  Range m;
+  int per_head, steps;
+};
+template <int kBlockN, int kBlockM>
+__device__ __forceinline__ DkvTile dkv_tile(const FlashBwdParams& p, const MaskParams& mask, int n_block, int h_kv,
+                                            int b) {
+  DkvTile t;
+  t.n_block = n_block, t.h_kv = h_kv, t.b = b, t.n_start = n_block * kBlockN;
+  t.seq = sequence_of(p, b);
+  t.m = t.n_start < t.seq.seqlen_k
+            ? query_blocks(mask, t.seq, t.n_start, min(t.n_start + kBlockN, t.seq.seqlen_k), kBlockM)
+            : Range{0, 0};
+  t.per_head = t.m.end - t.m.begin;
+  t.steps = t.per_head * (p.shape.heads_q / p.shape.heads_kv);
+  return t;
+}
 
 template <typename T, int kHeadDim, bool kAccumDq, bool kWithDk, bool kWithDv, bool kWideSteps, bool kOrderedDq>
 __global__ void __launch_bounds__(
@@ -244,6 +275,7 @@ __global__ void __launch_bounds__(
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
   using K = BwdDkvSm90TmaKernel<T, kHeadDim, kAccumDq, kWithDk, kWithDv, kWideSteps, kOrderedDq>;
   constexpr int kBlockN = K::kBlockN, kBlockM = K::kBlockM, kStages = K::kStages, kPanels = kHeadDim / 64;
+  constexpr bool kPersistent = K::kPersistent;
   extern __shared__ char smem_raw[];
   unsigned char* smem = align_1024(smem_raw);
   unsigned char* sK = smem;
@@ -259,10 +291,15 @@ __global__ void __launch_bounds__(
   uint64_t* empty = full + kStages;
   uint64_t* dq_full = empty + kStages;           // kAccumDq
   uint64_t* dq_empty = dq_full + K::kConsumers;  // kAccumDq
-  int* tile_slot = reinterpret_cast<int*>(dq_empty + K::kConsumers);  // kOrderedDq
+  uint64_t* kv_empty = dq_empty + K::kConsumers;  // kPersistent: the epilogue's stores read K and V
+  uint64_t* tile_full = kv_empty + 1;             // kPersistent: [2] the tile ring's slots
+  uint64_t* tile_empty = tile_full + 2;           // kPersistent: [2]
+  int* tile_slot = reinterpret_cast<int*>(kPersistent ? tile_empty + 2 : dq_empty + K::kConsumers);  // [2][4]
 
   const AttentionShape& sh = p.shape;
   const int tid = threadIdx.x, warpgroup = tid / 128, lane = tid % 32;
+  const int group = sh.heads_q / sh.heads_kv;
+  const MaskParams mask = unpacked_mask(p.mask);  // rows_per_query a compile-time 1
   // kOrderedDq (p.dq_semaphores, deterministic): every query block takes its dQ shares from the
   // key blocks in one order, the last first (each step's parts added, complete, then the block's
   // counter raised; the next key block waits for its turn on it). The CTAs take their tiles from a
@@ -272,37 +309,84 @@ __global__ void __launch_bounds__(
   // then reaches each block one step after n + 1. (The first key block first, which starts the
   // longest causal key blocks first, ran 7-35% slower: block n reaches each query block a step
   // before n - 1 does and waits for it; benchmarks/NOTES.md.)
-  int n_block = blockIdx.x, h_kv = blockIdx.y, b = blockIdx.z;
-  if constexpr (kOrderedDq) {
-    if (tid == 0) {
-      const int tile = atomicAdd(p.dq_semaphores + dq_semaphore_count(sh) - 1, 1);
-      ordered_tile<kHeadDim>(p, tile, &tile_slot[0], &tile_slot[1], &tile_slot[2]);
+  // kPersistent (bwd_dkdv_persistent): one CTA an SM walks tiles, the TMA
+  // thread taking each (the counter's next, or every gridDim.x-th of the grid's order) and
+  // publishing it in a two-slot ring that every role reads (tile_full, tile_empty); the Q/dO
+  // ring, the stats and the dQ drain run on across tiles (global step g), so that the next
+  // tile's first loads go out during this tile's last steps and epilogue; K and V wait for the
+  // epilogue's stores to have read their buffers (kv_empty).
+  const int key_blocks_per_head = (sh.seqlen_k + kBlockN - 1) / kBlockN;
+  const int num_tiles = key_blocks_per_head * sh.heads_kv * sh.batch;
+  DkvTile first_tile{};
+  if constexpr (!kPersistent) {
+    int n_block = blockIdx.x, h_kv = blockIdx.y, b = blockIdx.z;
+    if constexpr (kOrderedDq) {
+      if (tid == 0) {
+        const int tile = atomicAdd(p.dq_semaphores + dq_semaphore_count(sh) - 1, 1);
+        ordered_tile<kHeadDim>(p, tile, key_blocks_per_head, sh.heads_kv * sh.batch, &tile_slot[0], &tile_slot[1],
+                               &tile_slot[2]);
+      }
+      __syncthreads();
+      n_block = tile_slot[0], h_kv = tile_slot[1], b = tile_slot[2];
     }
-    __syncthreads();
-    n_block = tile_slot[0], h_kv = tile_slot[1], b = tile_slot[2];
+    first_tile = dkv_tile<kBlockN, kBlockM>(p, mask, n_block, h_kv, b);
+    if (first_tile.n_start >= first_tile.seq.seqlen_k) return;
   }
-  const int group = sh.heads_q / sh.heads_kv;
-  const int n_start = n_block * kBlockN;
-  const Sequence seq = sequence_of(p, b);
-  if (n_start >= seq.seqlen_k) return;
-  // Step t: query head h_kv * group + t / per_head, block m.begin + t % per_head (as the cp.async kernel).
-  const MaskParams mask = unpacked_mask(p.mask);  // rows_per_query a compile-time 1
-  const Range m = query_blocks(mask, seq, n_start, min(n_start + kBlockN, seq.seqlen_k), kBlockM);
-  const int per_head = m.end - m.begin, steps = per_head * group;
-  auto head_of = [&](int step) { return h_kv * group + step / per_head; };
+  // Tile i of this CTA's walk into *tile; false past its last. The TMA thread (kPublish) takes and
+  // publishes it; the others read it, a whole warp (kWarp: lane 0 arrives on tile_empty after the
+  // warp's reads) or one thread (kLane: the drain warp's, whose other lanes have left).
+  enum Reader { kPublish, kWarp, kLane };
+  auto next_tile = [&](int i, Reader reader, DkvTile* tile) {
+    if constexpr (!kPersistent) {
+      *tile = first_tile;
+      return i == 0;
+    } else {
+      const int slot = i & 1;
+      int* fields = tile_slot + 4 * slot;
+      if (reader == kPublish) {
+        if (i >= 2) mbarrier_wait(&tile_empty[slot], ((i >> 1) - 1) & 1);
+        const int index = kOrderedDq ? atomicAdd(p.dq_semaphores + dq_semaphore_count(sh) - 1, 1)
+                                     : static_cast<int>(blockIdx.x) + i * static_cast<int>(gridDim.x);
+        fields[3] = index < num_tiles;
+        if (index < num_tiles) {
+          if constexpr (kOrderedDq) {
+            ordered_tile<kHeadDim>(p, index, key_blocks_per_head, sh.heads_kv * sh.batch, &fields[0], &fields[1],
+                                   &fields[2]);
+          } else {  // the grid's order: key blocks, then K/V heads, then sequences
+            const int head_batch = index / key_blocks_per_head;
+            fields[0] = index - head_batch * key_blocks_per_head;
+            fields[1] = head_batch % sh.heads_kv;
+            fields[2] = head_batch / sh.heads_kv;
+          }
+        }
+        mbarrier_arrive(&tile_full[slot]);  // release: the fields before it
+      } else {
+        mbarrier_wait(&tile_full[slot], (i >> 1) & 1);
+      }
+      const bool valid = fields[3] != 0;
+      const int n_block = fields[0], h_kv = fields[1], b = fields[2];
+      if (reader == kWarp) __syncwarp();
+      if (reader != kPublish && lane == 0) mbarrier_arrive(&tile_empty[slot]);
+      if (valid) *tile = dkv_tile<kBlockN, kBlockM>(p, mask, n_block, h_kv, b);
+      return valid;
+    }
+  };
+  auto head_of = [&](const DkvTile& t, int step) { return t.h_kv * group + step / t.per_head; };
   // With unordered adds each CTA starts at its own query block, so that the CTAs of a head do not
   // all add to the same dq_accum rows at once.
-  auto block_of = [&](int step) {
-    return m.begin + (kAccumDq && !kOrderedDq ? (step % per_head + n_block) % per_head : step % per_head);
+  auto block_of = [&](const DkvTile& t, int step) {
+    return t.m.begin +
+           (kAccumDq && !kOrderedDq ? (step % t.per_head + t.n_block) % t.per_head : step % t.per_head);
   };
-  // kAccumDq: whether consumer c computes a dQ part at step, and which use of its buffer that is.
-  auto makes_dq = [&](int c, int step) { return K::kDqEveryStep || c == (step & 1); };
-  // kAccumDq: the dS buffer of step, and the named barrier on which consumer c announces its panel
-  // of it (ids 2-5: one per buffer and consumer, each used by c's arrival and the other's wait; 1
-  // is the epilogue's).
-  auto ds_buffer = [](int step) { return step & 1; };
-  auto ds_barrier = [&](int step, int c) { return 2 + 2 * ds_buffer(step) + c; };
-  auto dq_use = [&](int step) { return K::kDqEveryStep ? step : step >> 1; };
+  // kAccumDq: whether consumer c computes a dQ part at global step g, and which use of its buffer
+  // that is.
+  auto makes_dq = [&](int c, int g) { return K::kDqEveryStep || c == (g & 1); };
+  // kAccumDq: the dS buffer of global step g, and the named barrier on which consumer c announces
+  // its panel of it (ids 2-5: one per buffer and consumer, each used by c's arrival and the other's
+  // wait; 1 is the epilogue's).
+  auto ds_buffer = [](int g) { return g & 1; };
+  auto ds_barrier = [&](int g, int c) { return 2 + 2 * ds_buffer(g) + c; };
+  auto dq_use = [&](int g) { return K::kDqEveryStep ? g : g >> 1; };
 
   if (tid == 0) {
     mbarrier_init(kv_full, 1);
@@ -315,6 +399,13 @@ __global__ void __launch_bounds__(
         mbarrier_init(&dq_full[c], 4);  // the consumer's warps
         mbarrier_init(&dq_empty[c], 1);
       }
+    if constexpr (kPersistent) {
+      mbarrier_init(kv_empty, K::kConsumers);  // each consumer's storing thread
+      for (int s = 0; s < 2; ++s) {
+        mbarrier_init(&tile_full[s], 1);
+        mbarrier_init(&tile_empty[s], 2 + K::kConsumerThreads / 32);  // the stats and drain warps, the consumer warps
+      }
+    }
     fence_barrier_init();
   }
   __syncthreads();
@@ -325,33 +416,36 @@ __global__ void __launch_bounds__(
     if constexpr (kAccumDq) {
       if (warp == 2) {  // the dQ drain: each consumer's part added to dq_accum in L2 by TMA reduce
         if (lane == 0) {
-          for (int step = 0; step < steps; ++step) {
-            const int h = head_of(step), block = block_of(step);
-            int* counter = nullptr;
-            if constexpr (kOrderedDq) {  // this key block's turn: after every later (earlier) key block that adds here
-              counter = p.dq_semaphores + dq_semaphore_index(sh, b, h, block);
-              const int row0 = block * kBlockM;
-              const Range keys = visible_keys(mask, seq, row0, min(row0 + kBlockM, seq.seqlen_q));
-              const int turn = (keys.end - 1) / kBlockN - n_block;
-              while (load_acquire_gpu(counter) != turn) {
+          DkvTile tile;
+          for (int i = 0, g = 0; next_tile(i, kLane, &tile); ++i, g += tile.steps) {
+            for (int step = 0; step < tile.steps; ++step) {
+              const int h = head_of(tile, step), block = block_of(tile, step);
+              int* counter = nullptr;
+              if constexpr (kOrderedDq) {  // this key block's turn: after every later (earlier) key block that adds here
+                counter = p.dq_semaphores + dq_semaphore_index(sh, tile.b, h, block);
+                const int row0 = block * kBlockM;
+                const Range keys = visible_keys(mask, tile.seq, row0, min(row0 + kBlockM, tile.seq.seqlen_q));
+                const int turn = (keys.end - 1) / kBlockN - tile.n_block;
+                while (load_acquire_gpu(counter) != turn) {
+                }
+                fence_async_global();  // the earlier adds, acquired, before this CTA's bulk reduce
               }
-              fence_async_global();  // the earlier adds, acquired, before this CTA's bulk reduce
-            }
-            for (int c = 0; c < K::kConsumers; ++c) {
-              if (!makes_dq(c, step)) continue;
-              mbarrier_wait(&dq_full[c], dq_use(step) & 1);
-              const int col0 = K::kDqByColumns ? 64 * c : 0, row0 = K::kDqByRows ? 64 * c : 0;
-              for (int panel = 0; panel < 2; ++panel)  // rows past seqlen_q, columns past head_dim: dropped
-                tma_reduce_add_4d(&map_dq_accum, sdQ + c * K::kDqPartBytes + panel * K::kDqPanelBytes,
-                                  col0 + 32 * panel, block * kBlockM + row0, h, b);
-              bulk_commit_group();
-              bulk_wait_group_read<0>();  // the part is read: the consumer may overwrite it
-              mbarrier_arrive(&dq_empty[c]);
-            }
-            if constexpr (kOrderedDq) {  // the step's adds done, then the next key block's turn
-              bulk_wait_group_all();
-              fence_async_global();
-              add_release_gpu(counter, 1);
+              for (int c = 0; c < K::kConsumers; ++c) {
+                if (!makes_dq(c, g + step)) continue;
+                mbarrier_wait(&dq_full[c], dq_use(g + step) & 1);
+                const int col0 = K::kDqByColumns ? 64 * c : 0, row0 = K::kDqByRows ? 64 * c : 0;
+                for (int panel = 0; panel < 2; ++panel)  // rows past seqlen_q, columns past head_dim: dropped
+                  tma_reduce_add_4d(&map_dq_accum, sdQ + c * K::kDqPartBytes + panel * K::kDqPanelBytes,
+                                    col0 + 32 * panel, block * kBlockM + row0, h, tile.b);
+                bulk_commit_group();
+                bulk_wait_group_read<0>();  // the part is read: the consumer may overwrite it
+                mbarrier_arrive(&dq_empty[c]);
+              }
+              if constexpr (kOrderedDq) {  // the step's adds done, then the next key block's turn
+                bulk_wait_group_all();
+                fence_async_global();
+                add_release_gpu(counter, 1);
+              }
             }
           }
           bulk_wait_group_all();  // the adds themselves, before the CTA's shared memory goes
@@ -360,33 +454,51 @@ __global__ void __launch_bounds__(
       }
     }
     if (warp == 0 && lane == 0) {  // TMA
-      if (steps > 0) {
-        mbarrier_arrive_expect_tx(kv_full, (kWithDk ? 2 : 1) * K::kKVBytes);  // dP needs V; dV alone does not
+      DkvTile tile;
+      for (int i = 0, g = 0; next_tile(i, kPublish, &tile); ++i, g += tile.steps) {
+        auto load_step = [&](int step) {
+          const int stage = (g + step) % kStages, use = (g + step) / kStages;
+          if (g + step >= kStages) mbarrier_wait(&empty[stage], (use - 1) & 1);
+          const int h = head_of(tile, step), m0 = block_of(tile, step) * kBlockM;
+          mbarrier_arrive_expect_tx(&full[stage], 2 * K::kQBytes);
 #pragma unroll
-        for (int panel = 0; panel < kPanels; ++panel) {
-          tma_load_4d(sK + panel * kBlockN * 128, &map_k, kv_full, panel * 64, n_start, h_kv, b);
-          if constexpr (kWithDk) tma_load_4d(sV + panel * kBlockN * 128, &map_v, kv_full, panel * 64, n_start, h_kv, b);
-        }
-      }
-      for (int step = 0; step < steps; ++step) {
-        const int stage = step % kStages, use = step / kStages;
-        if (step >= kStages) mbarrier_wait(&empty[stage], (use - 1) & 1);
-        const int h = head_of(step), m0 = block_of(step) * kBlockM;
-        mbarrier_arrive_expect_tx(&full[stage], 2 * K::kQBytes);
+          for (int panel = 0; panel < kPanels; ++panel) {
+            tma_load_4d(sQ(stage) + panel * kBlockM * 128, &map_q, &full[stage], panel * 64, m0, h, tile.b);
+            tma_load_4d(sdO(stage) + panel * kBlockM * 128, &map_dout, &full[stage], panel * 64, m0, h, tile.b);
+          }
+        };
+        // Persistent: the first steps' Q and dO (their stages freed by the last tile's last steps)
+        // before K and V, which wait for the last tile's epilogue to have stored from their buffers.
+        const int early = kPersistent && i > 0 ? min(tile.steps, kStages) : 0;
+        for (int step = 0; step < early; ++step) load_step(step);
+        if (kPersistent && i > 0) mbarrier_wait(kv_empty, (i - 1) & 1);  // every tile's epilogue, in turn
+        if (tile.steps > 0) {
+          mbarrier_arrive_expect_tx(kv_full, (kWithDk ? 2 : 1) * K::kKVBytes);  // dP needs V; dV alone does not
 #pragma unroll
-        for (int panel = 0; panel < kPanels; ++panel) {
-          tma_load_4d(sQ(stage) + panel * kBlockM * 128, &map_q, &full[stage], panel * 64, m0, h, b);
-          tma_load_4d(sdO(stage) + panel * kBlockM * 128, &map_dout, &full[stage], panel * 64, m0, h, b);
+          for (int panel = 0; panel < kPanels; ++panel) {
+            tma_load_4d(sK + panel * kBlockN * 128, &map_k, kv_full, panel * 64, tile.n_start, tile.h_kv, tile.b);
+            if constexpr (kWithDk)
+              tma_load_4d(sV + panel * kBlockN * 128, &map_v, kv_full, panel * 64, tile.n_start, tile.h_kv, tile.b);
+          }
+        } else if constexpr (kPersistent) {
+          // A tile without steps still stages zeros in K's and V's buffers and arrives on kv_empty:
+          // its consumers wait here for this thread to have passed the last tile's kv_empty phase,
+          // or kv_empty could complete twice before that wait and the wait never pass.
+          mbarrier_arrive(kv_full);
         }
+        for (int step = early; step < tile.steps; ++step) load_step(step);
       }
     } else if (warp == 1) {  // lse (as log2) and delta of each step's queries
-      for (int step = 0; step < steps; ++step) {
-        const int stage = step % kStages, use = step / kStages;
-        if (step >= kStages) mbarrier_wait(&empty[stage], (use - 1) & 1);
-        block_row_stats<kBlockM, 32>(p, seq, b, head_of(step), block_of(step) * kBlockM, lane,
-                                     sLse2 + stage * kBlockM, sDelta + stage * kBlockM);
-        __syncwarp();  // every lane's stores before lane 0's arrival releases them
-        if (lane == 0) mbarrier_arrive(&full[stage]);
+      DkvTile tile;
+      for (int i = 0, g = 0; next_tile(i, kWarp, &tile); ++i, g += tile.steps) {
+        for (int step = 0; step < tile.steps; ++step) {
+          const int stage = (g + step) % kStages, use = (g + step) / kStages;
+          if (g + step >= kStages) mbarrier_wait(&empty[stage], (use - 1) & 1);
+          block_row_stats<kBlockM, 32>(p, tile.seq, tile.b, head_of(tile, step), block_of(tile, step) * kBlockM, lane,
+                                       sLse2 + stage * kBlockM, sDelta + stage * kBlockM);
+          __syncwarp();  // every lane's stores before lane 0's arrival releases them
+          if (lane == 0) mbarrier_arrive(&full[stage]);
+        }
       }
     }
     return;
@@ -395,7 +507,7 @@ __global__ void __launch_bounds__(
   // Consumers: warpgroup c = 1, 2 owns keys 64 (c - 1) .. of the block; this warp 16 of them.
   setmaxnreg_inc<K::kConsumerRegs>();
   const int consumer = warpgroup - 1;
-  const int warp_row = 16 * ((tid - 128) / 32), key0 = n_start + warp_row;
+  const int warp_row = 16 * ((tid - 128) / 32);
   const uint32_t my_rows = consumer * 64 * 128;
   const uint64_t desc_k = smem_desc_k_major_sw128(sK, my_rows), desc_v = smem_desc_k_major_sw128(sV, my_rows);
   auto stage_bytes = [&](int stage) { return static_cast<uint64_t>((stage * K::kQBytes) >> 4); };
@@ -403,9 +515,6 @@ __global__ void __launch_bounds__(
   const uint64_t desc_q0_mn = smem_desc_mn_major_sw128(sQ(0), 0, kBlockM * 128);
   const uint64_t desc_do0_mn = smem_desc_mn_major_sw128(sdO(0), 0, kBlockM * 128);
   const float scale_log2 = static_cast<float>(p.scale) * kLog2e;
-  WarpAcc<kHeadDim> dk, dv;
-  dk.zero();
-  dv.zero();
   // kAccumDq: this consumer's dQ part of step `part` (64 queries x 64 columns, unscaled), issued
   // from that step's dS buffer as one wgmma group; and, complete, staged for the drain warp.
   auto issue_dq_part = [&](WarpAcc<64>& dq, int part) {
@@ -441,143 +550,152 @@ __global__ void __launch_bounds__(
     __syncwarp();
     if (lane == 0) mbarrier_arrive(&dq_full[consumer]);
   };
-  if (steps > 0) mbarrier_wait(kv_full, 0);
-  for (int step = 0; step < steps; ++step) {
-    const int stage = step % kStages;
-    const int m0 = block_of(step) * kBlockM;
-    const float* lse2 = sLse2 + stage * kBlockM;
-    const float* delta = sDelta + stage * kBlockM;
-    mbarrier_wait(&full[stage], (step / kStages) & 1);
-    WarpAcc<kBlockM> s, dp;  // S^T and dP^T: this warp's 16 keys x kBlockM queries
-    wgmma_fence();
-    issue_qk<T, kHeadDim, kBlockN * 128>(s, desc_k, desc_q0 + stage_bytes(stage));
-    if constexpr (kWithDk) issue_qk<T, kHeadDim, kBlockN * 128>(dp, desc_v, desc_do0 + stage_bytes(stage));
-    // Both waited for here: waiting for S alone, the exponentials beside dP, measured 3-5% slower
-    // at head dim 64 (benchmarks/NOTES.md, 2026-12-01).
-    wgmma_wait<0>();
-    auto col_lse2 = [&](int j, int e) { return lse2[WarpAcc<kBlockM>::col_of(j, e, lane)]; };
-    auto col_delta = [&](int j, int e) { return delta[WarpAcc<kBlockM>::col_of(j, e, lane)]; };
-    probs_then_mask<true>(s, scale_log2, mask, seq, key0, m0, lane, col_lse2);
-    auto release_stage = [&] {  // this warp is done with the stage (tiles and stats)
-      __syncwarp();
-      if (lane == 0) mbarrier_arrive(&empty[stage]);
-    };
-    // kAccumDq: dS^T (this warp's 16 keys x kBlockM queries, packed in dst) into this consumer's
-    // panel of the step's buffer as [query][key], the A operand of the dQ parts. The buffer was
-    // last read by the dQ wgmmas of step - 2, which each consumer waited for before its arrival
-    // of step - 1, which this one waited for.
-    auto store_ds_panel = [&](const uint32_t(&dst)[kBlockM / 16][4]) {
-      // dst[kk] is four 8 x 8 fragments (keys down, queries across: 0-7 x 0-7, 8-15 x 0-7, 0-7 x
-      // 8-15, 8-15 x 8-15 of the 16 x 16 block kk); stored transposed, fragment i's query q
-      // is 8 keys in a row of the panel, the row this lane (8 i + q) addresses.
-      const int fragment = lane / 8, q = lane % 8;
-      const uint32_t my_ds = smem_u32(sdS + ds_buffer(step) * K::kDsBufferBytes + consumer * kBlockM * 128) +
-                             swizzle128_offset(8 * (fragment / 2) + q, warp_row % 64 + 8 * (fragment % 2));
-#pragma unroll
-      for (int kk = 0; kk < kBlockM / 16; ++kk) stmatrix_x4_trans(my_ds + kk * 16 * 128, dst[kk]);
-      fence_async_shared();  // the wgmma (async proxy) reads these stores
-      // This panel is in: an arrival, not a wait, so that dK's wgmmas go out at once (no lockstep
-      // between the consumers); the other's panel is waited for just before dQ.
-      named_barrier_arrive<K::kConsumerThreads>(ds_barrier(step, consumer));
-    };
-    if constexpr (kWideSteps) {
-      // FlashAttention-3's order for its head-dim-64 tile: dS first, then P^T and dS^T both
-      // packed as A operands, so that S^T and dP^T (64 fp32 registers each) are dead before any
-      // rs wgmma goes out. The default order below (dV issued before dS is formed), or even dV
-      // issued between dS and packing dS^T (tried as a way to share that code), keeps fp32
-      // values alive beside P^T in flight, and ptxas then serializes every wgmma (C7512).
-      ds_from_dp(dp, s, col_delta);
-      uint32_t pt[kBlockM / 16][4], dst[kBlockM / 16][4];
-#pragma unroll
-      for (int kk = 0; kk < kBlockM / 16; ++kk) s.template to_a<T>(pt[kk], kk);
-#pragma unroll
-      for (int kk = 0; kk < kBlockM / 16; ++kk) dp.template to_a<T>(dst[kk], kk);
-      if constexpr (kAccumDq) store_ds_panel(dst);
+  DkvTile tile;
+  for (int i = 0, g = 0, kv_loads = 0; next_tile(i, kWarp, &tile); ++i, g += tile.steps) {
+    const int key0 = tile.n_start + warp_row;
+    WarpAcc<kHeadDim> dk, dv;
+    dk.zero();
+    dv.zero();
+    if (kPersistent || tile.steps > 0) mbarrier_wait(kv_full, kv_loads++ & 1);  // persistent: every tile
+    for (int step = 0; step < tile.steps; ++step) {
+      const int gs = g + step;  // the global step: the Q/dO ring's, the dS buffers' and dQ parts'
+      const int stage = gs % kStages;
+      const int m0 = block_of(tile, step) * kBlockM;
+      const float* lse2 = sLse2 + stage * kBlockM;
+      const float* delta = sDelta + stage * kBlockM;
+      mbarrier_wait(&full[stage], (gs / kStages) & 1);
+      WarpAcc<kBlockM> s, dp;  // S^T and dP^T: this warp's 16 keys x kBlockM queries
       wgmma_fence();
-      issue_pv<T, kHeadDim, kBlockM>(dv, pt, desc_do0_mn + stage_bytes(stage));
-      issue_pv<T, kHeadDim, kBlockM>(dk, dst, desc_q0_mn + stage_bytes(stage));
-    } else {
-      if constexpr (kWithDv) {
-        uint32_t pt[kBlockM / 16][4];
+      issue_qk<T, kHeadDim, kBlockN * 128>(s, desc_k, desc_q0 + stage_bytes(stage));
+      if constexpr (kWithDk) issue_qk<T, kHeadDim, kBlockN * 128>(dp, desc_v, desc_do0 + stage_bytes(stage));
+      // Both waited for here: waiting for S alone, the exponentials beside dP, measured 3-5% slower
+      // at head dim 64 (benchmarks/NOTES.md, 2026-12-01).
+      wgmma_wait<0>();
+      auto col_lse2 = [&](int j, int e) { return lse2[WarpAcc<kBlockM>::col_of(j, e, lane)]; };
+      auto col_delta = [&](int j, int e) { return delta[WarpAcc<kBlockM>::col_of(j, e, lane)]; };
+      probs_then_mask<true>(s, scale_log2, mask, tile.seq, key0, m0, lane, col_lse2);
+      auto release_stage = [&] {  // this warp is done with the stage (tiles and stats)
+        __syncwarp();
+        if (lane == 0) mbarrier_arrive(&empty[stage]);
+      };
+      // kAccumDq: dS^T (this warp's 16 keys x kBlockM queries, packed in dst) into this consumer's
+      // panel of the step's buffer as [query][key], the A operand of the dQ parts. The buffer was
+      // last read by the dQ wgmmas of step - 2, which each consumer waited for before its arrival
+      // of step - 1, which this one waited for.
+      auto store_ds_panel = [&](const uint32_t(&dst)[kBlockM / 16][4]) {
+        // dst[kk] is four 8 x 8 fragments (keys down, queries across: 0-7 x 0-7, 8-15 x 0-7, 0-7 x
+        // 8-15, 8-15 x 8-15 of the 16 x 16 block kk); stored transposed, fragment i's query q
+        // is 8 keys in a row of the panel, the row this lane (8 i + q) addresses.
+        const int fragment = lane / 8, q = lane % 8;
+        const uint32_t my_ds = smem_u32(sdS + ds_buffer(gs) * K::kDsBufferBytes + consumer * kBlockM * 128) +
+                               swizzle128_offset(8 * (fragment / 2) + q, warp_row % 64 + 8 * (fragment % 2));
+#pragma unroll
+        for (int kk = 0; kk < kBlockM / 16; ++kk) stmatrix_x4_trans(my_ds + kk * 16 * 128, dst[kk]);
+        fence_async_shared();  // the wgmma (async proxy) reads these stores
+        // This panel is in: an arrival, not a wait, so that dK's wgmmas go out at once (no lockstep
+        // between the consumers); the other's panel is waited for just before dQ.
+        named_barrier_arrive<K::kConsumerThreads>(ds_barrier(gs, consumer));
+      };
+      if constexpr (kWideSteps) {
+        // FlashAttention-3's order for its head-dim-64 tile: dS first, then P^T and dS^T both
+        // packed as A operands, so that S^T and dP^T (64 fp32 registers each) are dead before any
+        // rs wgmma goes out. The default order below (dV issued before dS is formed), or even dV
+        // issued between dS and packing dS^T (tried as a way to share that code), keeps fp32
+        // values alive beside P^T in flight, and ptxas then serializes every wgmma (C7512).
+        ds_from_dp(dp, s, col_delta);
+        uint32_t pt[kBlockM / 16][4], dst[kBlockM / 16][4];
 #pragma unroll
         for (int kk = 0; kk < kBlockM / 16; ++kk) s.template to_a<T>(pt[kk], kk);
+#pragma unroll
+        for (int kk = 0; kk < kBlockM / 16; ++kk) dp.template to_a<T>(dst[kk], kk);
+        if constexpr (kAccumDq) store_ds_panel(dst);
         wgmma_fence();
-        issue_pv<T, kHeadDim, kBlockM>(dv, pt, desc_do0_mn + stage_bytes(stage));  // runs while dS is formed
+        issue_pv<T, kHeadDim, kBlockM>(dv, pt, desc_do0_mn + stage_bytes(stage));
+        issue_pv<T, kHeadDim, kBlockM>(dk, dst, desc_q0_mn + stage_bytes(stage));
+      } else {
+        if constexpr (kWithDv) {
+          uint32_t pt[kBlockM / 16][4];
+#pragma unroll
+          for (int kk = 0; kk < kBlockM / 16; ++kk) s.template to_a<T>(pt[kk], kk);
+          wgmma_fence();
+          issue_pv<T, kHeadDim, kBlockM>(dv, pt, desc_do0_mn + stage_bytes(stage));  // runs while dS is formed
+        }
+        if constexpr (!kWithDk) {
+          wgmma_wait<0>();
+          release_stage();
+          continue;
+        }
+        ds_from_dp(dp, s, col_delta);
+        uint32_t dst[kBlockM / 16][4];
+#pragma unroll
+        for (int kk = 0; kk < kBlockM / 16; ++kk) dp.template to_a<T>(dst[kk], kk);
+        if constexpr (kAccumDq) store_ds_panel(dst);
+        wgmma_fence();
+        issue_pv<T, kHeadDim, kBlockM>(dk, dst, desc_q0_mn + stage_bytes(stage));
       }
-      if constexpr (!kWithDk) {
+      if constexpr (kAccumDq) {
+        const bool with_dq = makes_dq(consumer, gs);
+        WarpAcc<64> dq;  // this consumer's part: 64 queries (row0 ..) x 64 columns (col0 ..), unscaled
+        // Where the consumers take turns, dK's wgmmas are waited for before the ones in the branch:
+        // ptxas serializes wgmmas whose accumulators are in flight across a divergent path (C7520).
+        if constexpr (!K::kDqEveryStep) wgmma_wait<0>();
+        // The other consumer's panel is in (also when this one makes no dQ part: the wait orders
+        // this step's stores after the other's dQ wgmmas of step - 2, see above).
+        named_barrier_sync<K::kConsumerThreads>(ds_barrier(gs, 1 - consumer));
+        if (with_dq) {
+          issue_dq_part(dq, gs);
+          if constexpr (!K::kDqEveryStep) wgmma_wait<0>();
+        }
+        if constexpr (K::kDqEveryStep) wgmma_wait<0>();
+        release_stage();
+        if (with_dq) store_dq_part(dq, gs);
+      } else {
         wgmma_wait<0>();
         release_stage();
-        continue;
       }
-      ds_from_dp(dp, s, col_delta);
-      uint32_t dst[kBlockM / 16][4];
-#pragma unroll
-      for (int kk = 0; kk < kBlockM / 16; ++kk) dp.template to_a<T>(dst[kk], kk);
-      if constexpr (kAccumDq) store_ds_panel(dst);
-      wgmma_fence();
-      issue_pv<T, kHeadDim, kBlockM>(dk, dst, desc_q0_mn + stage_bytes(stage));
     }
-    if constexpr (kAccumDq) {
-      const bool with_dq = makes_dq(consumer, step);
-      WarpAcc<64> dq;  // this consumer's part: 64 queries (row0 ..) x 64 columns (col0 ..), unscaled
-      // Where the consumers take turns, dK's wgmmas are waited for before the ones in the branch:
-      // ptxas serializes wgmmas whose accumulators are in flight across a divergent path (C7520).
-      if constexpr (!K::kDqEveryStep) wgmma_wait<0>();
-      // The other consumer's panel is in (also when this one makes no dQ part: the wait orders
-      // this step's stores after the other's dQ wgmmas of step - 2, see above).
-      named_barrier_sync<K::kConsumerThreads>(ds_barrier(step, 1 - consumer));
-      if (with_dq) {
-        issue_dq_part(dq, step);
-        if constexpr (!K::kDqEveryStep) wgmma_wait<0>();
-      }
-      if constexpr (K::kDqEveryStep) wgmma_wait<0>();
-      release_stage();
-      if (with_dq) store_dq_part(dq, step);
-    } else {
-      wgmma_wait<0>();
-      release_stage();
-    }
-  }
 
-  // The output, staged through the K/V tiles once both consumers' wgmmas are done reading them.
-  named_barrier_sync<K::kConsumerThreads>(1);
-  const float dk_scale[2] = {static_cast<float>(p.scale), static_cast<float>(p.scale)}, dv_scale[2] = {1.f, 1.f};
-#if CUFLASH_BWD_TMA_STORE_DKV
-  // dK into K's buffer and dV into V's, in the layout TMA loaded them, this consumer's 64 rows
-  // of every panel; then its first thread's bulk stores (rows past seqlen_k are not written),
-  // read before the CTA's shared memory goes.
-  static_assert(kDkvStoreRows == 64, "a consumer's rows a box");
-  if constexpr (kWithDk) stage_rows_for_tma<T, kBlockN>(dk, dk_scale, sK, warp_row, lane);
-  if constexpr (kWithDv) stage_rows_for_tma<T, kBlockN>(dv, dv_scale, sV, warp_row, lane);
-  fence_async_shared();  // these writes before the bulk stores' (async proxy) reads
-  named_barrier_sync<128>(6 + consumer);  // after the epilogue's 1 and the dS barriers' 2-5
-  const int rows0 = n_start + 64 * consumer;
-  if (tid % 128 == 0 && rows0 < seq.seqlen_k) {
+    // The output, staged through the K/V tiles once both consumers' wgmmas are done reading them.
+    named_barrier_sync<K::kConsumerThreads>(1);
+    const float dk_scale[2] = {static_cast<float>(p.scale), static_cast<float>(p.scale)}, dv_scale[2] = {1.f, 1.f};
+    if constexpr (K::kTmaStoreDkv) {
+      // dK into K's buffer and dV into V's, in the layout TMA loaded them, this consumer's 64 rows
+      // of every panel; then its first thread's bulk stores (rows past seqlen_k are not written),
+      // read before the CTA's shared memory goes.
+      static_assert(kDkvStoreRows == 64, "a consumer's rows a box");
+      if constexpr (kWithDk) stage_rows_for_tma<T, kBlockN>(dk, dk_scale, sK, warp_row, lane);
+      if constexpr (kWithDv) stage_rows_for_tma<T, kBlockN>(dv, dv_scale, sV, warp_row, lane);
+      fence_async_shared();  // these writes before the bulk stores' (async proxy) reads
+      named_barrier_sync<128>(6 + consumer);  // after the epilogue's 1 and the dS barriers' 2-5
+      const int rows0 = tile.n_start + 64 * consumer;
+      if (tid % 128 == 0) {
+        if (rows0 < tile.seq.seqlen_k) {
 #pragma unroll
-    for (int panel = 0; panel < kPanels; ++panel) {
-      const int offset = panel * kBlockN * 128 + consumer * 64 * 128;
-      if constexpr (kWithDk) tma_store_4d(&map_dk, sK + offset, panel * 64, rows0, h_kv, b);
-      if constexpr (kWithDv) tma_store_4d(&map_dv, sV + offset, panel * 64, rows0, h_kv, b);
+          for (int panel = 0; panel < kPanels; ++panel) {
+            const int offset = panel * kBlockN * 128 + consumer * 64 * 128;
+            if constexpr (kWithDk) tma_store_4d(&map_dk, sK + offset, panel * 64, rows0, tile.h_kv, tile.b);
+            if constexpr (kWithDv) tma_store_4d(&map_dv, sV + offset, panel * 64, rows0, tile.h_kv, tile.b);
+          }
+          bulk_commit_group();
+          bulk_wait_group_read<0>();
+        }
+        if constexpr (kPersistent) mbarrier_arrive(kv_empty);  // K's and V's buffers may take the next tile's
+      }
+    } else {
+      const SmemTile<T, kBlockN, kHeadDim> stage_tile{reinterpret_cast<T*>(smem)};
+      static_assert(SmemTile<T, kBlockN, kHeadDim>::kElems * sizeof(T) <= 2 * K::kKVBytes + 2 * kStages * K::kQBytes,
+                    "staging fits");
+      const int rows_valid = tile.seq.seqlen_k - key0;
+      T* dk_out = row_at<T>(p.dk, p.dk_strides, tile.seq, false, tile.b, tile.h_kv, key0);
+      T* dv_out = row_at<T>(p.dv, p.dv_strides, tile.seq, false, tile.b, tile.h_kv, key0);
+      if constexpr (kWithDk)
+        warp_store_rows<T, kHeadDim>(dk, dk_scale, stage_tile, warp_row, dk_out, p.dk_strides.row, rows_valid,
+                                     sh.head_dim, lane);
+      if constexpr (kWithDv)
+        warp_store_rows<T, kHeadDim>(dv, dv_scale, stage_tile, warp_row, dv_out, p.dv_strides.row, rows_valid,
+                                     sh.head_dim, lane);
     }
-    bulk_commit_group();
-    bulk_wait_group_read<0>();
   }
-#else
-  (void)map_dk;
-  (void)map_dv;
-  const SmemTile<T, kBlockN, kHeadDim> stage_tile{reinterpret_cast<T*>(smem)};
-  static_assert(SmemTile<T, kBlockN, kHeadDim>::kElems * sizeof(T) <= 2 * K::kKVBytes + 2 * kStages * K::kQBytes,
-                "staging fits");
-  const int rows_valid = seq.seqlen_k - key0;
-  T* dk_out = row_at<T>(p.dk, p.dk_strides, seq, false, b, h_kv, key0);
-  T* dv_out = row_at<T>(p.dv, p.dv_strides, seq, false, b, h_kv, key0);
-  if constexpr (kWithDk)
-    warp_store_rows<T, kHeadDim>(dk, dk_scale, stage_tile, warp_row, dk_out, p.dk_strides.row, rows_valid,
-                                 sh.head_dim, lane);
-  if constexpr (kWithDv)
-    warp_store_rows<T, kHeadDim>(dv, dv_scale, stage_tile, warp_row, dv_out, p.dv_strides.row, rows_valid,
-                                 sh.head_dim, lane);
-#endif
 #endif
 }
 
@@ -589,24 +707,24 @@ struct BackwardTmaMaps {
   CUtensorMap dq_accum;  // with p.dq_accum (the fused dK/dV kernel's TMA reduce); unused otherwise
   CUtensorMap dk, dv;    // the dK/dV kernel's outputs, where it stores them by TMA (encode_dkdv_maps)
 };
-// Whether TMA can address q, dout, k and v of p: not varlen (a box would read past a packed
-// sequence's end), aligned, no zero stride. Integer checks only: fused_backward_runs asks it before
-// any map is encoded.
-inline bool bwd_tma_addressable(const FlashBwdParams& p) {
+// Whether TMA can address q, dout, k and v of p, and dk and dv where stored by TMA (dkdv_stores):
+// not varlen (a box would read past a packed sequence's end), aligned, no zero stride. Integer
+// checks only: fused_backward_runs asks it before any map is encoded.
+inline bool bwd_tma_addressable(const FlashBwdParams& p, bool dkdv_stores) {
   const AttentionShape& sh = p.shape;
   return p.varlen.cu_seqlens_q == nullptr &&
          tma_can_address(p.q, 2, p.q_strides, sh.batch, sh.heads_q, sh.seqlen_q, sh.head_dim) &&
          tma_can_address(p.dout, 2, p.dout_strides, sh.batch, sh.heads_q, sh.seqlen_q, sh.head_dim) &&
          tma_can_address(p.k, 2, p.k_strides, sh.batch, sh.heads_kv, sh.seqlen_k, sh.head_dim) &&
          tma_can_address(p.v, 2, p.v_strides, sh.batch, sh.heads_kv, sh.seqlen_k, sh.head_dim) &&
-         (!CUFLASH_BWD_TMA_STORE_DKV ||  // and the dK/dV kernel's outputs, where it stores them by TMA
+         (!dkdv_stores ||
           (tma_can_address(p.dk, 2, p.dk_strides, sh.batch, sh.heads_kv, sh.seqlen_k, sh.head_dim) &&
            tma_can_address(p.dv, 2, p.dv_strides, sh.batch, sh.heads_kv, sh.seqlen_k, sh.head_dim)));
 }
 template <typename T, class K>
 bool encode_bwd_tma_maps(const FlashBwdParams& p, BackwardTmaMaps* maps) {
   const AttentionShape& sh = p.shape;
-  if (!bwd_tma_addressable(p)) return false;
+  if (!bwd_tma_addressable(p, false)) return false;  // dk and dv: encode_dkdv_maps
   constexpr bool kBf16 = std::is_same_v<T, __nv_bfloat16>;
   if (p.dq_accum != nullptr && !encode_rows_map(&maps->dq_accum, p.dq_accum, CU_TENSOR_MAP_DATA_TYPE_FLOAT32, 4,
                                                 p.dq_accum_strides, sh.batch, sh.heads_q, sh.seqlen_q, sh.head_dim,
@@ -622,7 +740,7 @@ bool encode_bwd_tma_maps(const FlashBwdParams& p, BackwardTmaMaps* maps) {
                               K::kBlockN);
 }
 
-// The dK/dV kernel's output maps (CUFLASH_BWD_TMA_STORE_DKV): a consumer's 64 rows a box.
+// The dK/dV kernel's output maps (kTmaStoreDkv): a consumer's 64 rows a box.
 inline bool encode_dkdv_maps(const FlashBwdParams& p, bool bf16, BackwardTmaMaps* maps) {
   const AttentionShape& sh = p.shape;
   return encode_attention_map(&maps->dk, p.dk, bf16, p.dk_strides, sh.batch, sh.heads_kv, sh.seqlen_k, sh.head_dim,
