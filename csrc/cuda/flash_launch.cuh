@@ -120,17 +120,14 @@ bool launch_fwd_tma(const FlashFwdParams& p, bool persistent, cudaStream_t strea
     constexpr bool kPersistent = decltype(persist)::value;
     using K = sm90::FwdSm90TmaKernel<T, kHeadDim, kWide, kPersistent>;
     sm90::AttentionTmaMaps maps;
-    if (!sm90::encode_fwd_tma_maps<T, kHeadDim, kWide>(p, sm90::kFwdTmaStoreO<kFeatures>, &maps)) return false;
+    if (!sm90::encode_fwd_tma_maps<T, kHeadDim, kWide>(p, &maps)) return false;
     const int m_blocks = ceil_div(sh.seqlen_q, K::kBlockM);
     const int64_t tiles = int64_t{m_blocks} * sh.heads_q * sh.batch;
     const int sms = std::max(1, device_attribute<cudaDevAttrMultiProcessorCount>(1));
     const dim3 grid = kPersistent ? dim3(static_cast<unsigned>(std::min<int64_t>(tiles, sms)))
                                   : dim3(m_blocks, sh.heads_q, sh.batch * p.num_splits);
-    // Built only where the kernel reads it (the experiment's define): not on every call's host path.
-    const sm90::TileWalk walk =
-        CUFLASH_FWD_TILE_WALK ? sm90::make_tile_walk(m_blocks, sh.heads_q, sh.heads_kv, sh.batch,
-                                                     int64_t{2} * sh.seqlen_k * kHeadDim * int64_t{sizeof(T)})
-                              : sm90::TileWalk{};
+    const sm90::TileWalk walk = sm90::make_tile_walk(m_blocks, sh.heads_q, sh.heads_kv, sh.batch,
+                                                     int64_t{2} * sh.seqlen_k * kHeadDim * int64_t{sizeof(T)});
     *err = launch(sm90::flash_fwd_sm90_tma_kernel<T, kHeadDim, kWide, kFeatures, kPersistent>, grid, K::kThreads,
                   K::kSmemBytes, stream, p, maps.q, maps.k, maps.v, maps.o, walk);
     return true;

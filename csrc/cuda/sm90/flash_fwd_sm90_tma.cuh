@@ -33,21 +33,11 @@ namespace cuflash::sm90 {
 // next tile's Q; at D=256 there is no room for it). It pays where tiles are short,
 // so that the 3-D grid's per-CTA prologue and epilogue show (benchmarks/NOTES.md); at D=64 on
 // the wide tile too, where no mask is set (persistent_wide_pays).
-// Experiment (-DCUFLASH_FWD_TILE_WALK=1; benchmarks/NOTES.md, eleventh session): the persistent
-// walk's tile decoded by the host-built TileWalk (tile_walk.h: divisions by multiply and shift)
-// instead of five integer divisions a tile in every warp.
-#ifndef CUFLASH_FWD_TILE_WALK
-#define CUFLASH_FWD_TILE_WALK 0
-#endif
-// The output by TMA store (FlashAttention-3's epilogue; 1-4% faster than each warp's checked
-// stores on the H200, benchmarks/NOTES.md); the features kernels, not yet measured with it,
-// keep the padded staging tile (experiment: -DCUFLASH_FWD_FEATURES_TMA_STORE=1 gives it to
-// them too). The persistent kernel is plain attention only.
-#ifndef CUFLASH_FWD_FEATURES_TMA_STORE
-#define CUFLASH_FWD_FEATURES_TMA_STORE 0
-#endif
-template <bool kFeatures>
-constexpr bool kFwdTmaStoreO = !kFeatures || CUFLASH_FWD_FEATURES_TMA_STORE;
+// The persistent walk's tile is decoded by the host-built TileWalk (tile_walk.h: divisions by
+// multiply and shift), not five integer divisions a tile in every warp: +1-4% at 512-1024 keys
+// (benchmarks/NOTES.md, twelfth session). The output goes out by TMA store (FlashAttention-3's
+// epilogue): 1-4% faster than each warp's checked stores for plain attention, 0-6% with the
+// features (softcap, ALiBi, dropout) on the H200.
 template <typename T, int kHeadDim, bool kWide, bool kPersistent = false>
 struct FwdSm90TmaKernel {
   static constexpr bool kHasPersistent = kHeadDim <= 128;
@@ -103,8 +93,6 @@ __global__ void __launch_bounds__(FwdSm90TmaKernel<T, kHeadDim, kWide, kPersiste
   // Split-KV: the plain narrow kernel, one tile a CTA, only (launch_fwd_tma): the others' code
   // stays as it was.
   constexpr bool kMaySplit = !kWide && !kPersistent && !kFeatures;
-  constexpr bool kTmaStoreO = kFwdTmaStoreO<kFeatures>;
-  static_assert(kTmaStoreO || !kPersistent, "the persistent kernel's staging tile is the TMA store's");
   static_assert(kWide || kPageSizeMultiple % kBlockN == 0, "a key block lies in one page (key_at)");
   constexpr int kPanels = kHeadDim / 64, kConsumerThreads = 128 * K::kConsumers;
   extern __shared__ char smem_raw[];
@@ -124,26 +112,15 @@ __global__ void __launch_bounds__(FwdSm90TmaKernel<T, kHeadDim, kWide, kPersiste
   const int tid = threadIdx.x, warpgroup = tid / 128, lane = tid % 32;
   // Tiles: the grid's one, or, persistent, every gridDim.x-th of all (query block, head, batch),
   // in TileWalk's order (tile_walk.h).
-  constexpr int64_t kL2Bytes = kWalkL2Bytes;
   const int m_blocks = (sh.seqlen_q + kBlockM - 1) / kBlockM, heads_batches = sh.heads_q * sh.batch;
   const int num_tiles = kPersistent ? m_blocks * heads_batches : 1;
   const int first_tile = kPersistent ? static_cast<int>(blockIdx.x) : 0;
   const int tile_stride = kPersistent ? static_cast<int>(gridDim.x) : 1;
-  const int64_t kv_bytes_per_head = int64_t{2} * sh.seqlen_k * kHeadDim * static_cast<int64_t>(sizeof(T));
-  const int section_heads =
-      static_cast<int>(max(int64_t{1}, min(int64_t{heads_batches}, kL2Bytes / max(int64_t{1}, kv_bytes_per_head))));
   auto tile_at = [&](int index) {
     TmaTile t;
     int m_block;
-    if constexpr (kPersistent && CUFLASH_FWD_TILE_WALK) {
+    if constexpr (kPersistent) {
       walk.tile(index, &m_block, &t.h, &t.b);
-    } else if constexpr (kPersistent) {
-      const int section = index / (m_blocks * section_heads), local = index - section * m_blocks * section_heads;
-      const int heads_here = min(section_heads, heads_batches - section * section_heads);
-      m_block = m_blocks - 1 - local / heads_here;
-      const int head_batch = section * section_heads + local % heads_here;
-      t.h = head_batch % sh.heads_q;
-      t.b = head_batch / sh.heads_q;
     } else {
       m_block = query_block_longest_first();
       t.h = blockIdx.y;
@@ -156,7 +133,7 @@ __global__ void __launch_bounds__(FwdSm90TmaKernel<T, kHeadDim, kWide, kPersiste
       t.split = t.b % p.num_splits;
       t.b /= p.num_splits;
     }
-    t.h_kv = CUFLASH_FWD_TILE_WALK ? walk.kv_head(t.h) : t.h / (sh.heads_q / sh.heads_kv);
+    t.h_kv = walk.kv_head(t.h);
     t.m_start = m_block * kBlockM;
     t.seq = sequence_of(p, t.b);
     t.n_blocks = key_blocks(p.mask, t.seq, t.m_start, min(t.m_start + kBlockM, t.seq.seqlen_q), kBlockN);
@@ -346,43 +323,31 @@ __global__ void __launch_bounds__(FwdSm90TmaKernel<T, kHeadDim, kWide, kPersiste
       continue;
     }
     float* lse_out = static_cast<float*>(p.lse) + stats_offset(p.stats_strides, tile.seq, tile.b, tile.h);
-    if constexpr (kTmaStoreO) {
-      // The output by TMA: this consumer's rows written into the staging tile as TMA stores it,
-      // then one bulk store a panel by the consumer's first thread. Persistent, the staging tile is
-      // its own buffer, free once the previous tile's store has read it; otherwise this
-      // consumer's rows of Q's buffer, free once its four warps' wgmmas are done with Q.
-      unsigned char* stage = kPersistent ? staging : sQ;
-      const bool first_thread = tid % 128 == 0;
-      const int epilogue_barrier = 2 + K::kConsumers + consumer;  // after the turns' barriers
-      if (kPersistent && first_thread) bulk_wait_group_read<0>();
-      named_barrier_sync<128>(epilogue_barrier);
-      float inv_l[2], lse[2];
-      softmax.finalize(inv_l, lse);
-      stage_rows_for_tma<T, kBlockM>(o, inv_l, stage, warp_row, lane);
-      fence_async_shared();  // these writes before the bulk store's (async proxy) reads
-      named_barrier_sync<128>(epilogue_barrier);
-      if (first_thread && tile.m_start + 64 * consumer < tile.seq.seqlen_q) {
+    // The output by TMA: this consumer's rows written into the staging tile as TMA stores it,
+    // then one bulk store a panel by the consumer's first thread. Persistent, the staging tile is
+    // its own buffer, free once the previous tile's store has read it; otherwise this
+    // consumer's rows of Q's buffer, free once its four warps' wgmmas are done with Q.
+    unsigned char* stage = kPersistent ? staging : sQ;
+    const bool first_thread = tid % 128 == 0;
+    const int epilogue_barrier = 2 + K::kConsumers + consumer;  // after the turns' barriers
+    if (kPersistent && first_thread) bulk_wait_group_read<0>();
+    named_barrier_sync<128>(epilogue_barrier);
+    float inv_l[2], lse[2];
+    softmax.finalize(inv_l, lse);
+    stage_rows_for_tma<T, kBlockM>(o, inv_l, stage, warp_row, lane);
+    fence_async_shared();  // these writes before the bulk store's (async proxy) reads
+    named_barrier_sync<128>(epilogue_barrier);
+    if (first_thread && tile.m_start + 64 * consumer < tile.seq.seqlen_q) {
 #pragma unroll
-        for (int panel = 0; panel < kPanels; ++panel)
-          tma_store_4d(&map_o, stage + panel * kBlockM * 128 + consumer * 64 * 128, panel * 64,
-                       tile.m_start + 64 * consumer, tile.h, tile.b);
-        bulk_commit_group();
-      }
-      store_lse(lse, lse_out, row0, tile.seq.seqlen_q, lane);
-    } else {
-      // The output, staged through the tiles' buffers once every consumer's wgmmas are done
-      // reading them.
-      named_barrier_sync<kConsumerThreads>(1);
-      const SmemTile<T, kBlockM, kHeadDim> stage_tile{reinterpret_cast<T*>(smem)};
-      static_assert(SmemTile<T, kBlockM, kHeadDim>::kElems * sizeof(T) <= K::kQBytes + 2 * kStages * K::kKVBytes,
-                    "staging fits");
-      T* out = row_at<T>(p.out, p.out_strides, tile.seq, true, tile.b, tile.h, 0);
-      store_out_and_lse(o, softmax, stage_tile, warp_row, out, p.out_strides.row, lse_out, row0,
-                        tile.seq.seqlen_q, sh.head_dim, lane);
+      for (int panel = 0; panel < kPanels; ++panel)
+        tma_store_4d(&map_o, stage + panel * kBlockM * 128 + consumer * 64 * 128, panel * 64,
+                     tile.m_start + 64 * consumer, tile.h, tile.b);
+      bulk_commit_group();
     }
+    store_lse(lse, lse_out, row0, tile.seq.seqlen_q, lane);
   }
   // The last bulk stores have read the staging tile before the CTA's shared memory goes.
-  if (kTmaStoreO && tid % 128 == 0) bulk_wait_group_read<0>();
+  if (tid % 128 == 0) bulk_wait_group_read<0>();
 #endif
 }
 
@@ -416,16 +381,15 @@ inline bool persistent_wide_pays(const FlashFwdParams& p) {
   return p.mask.window_left < 0 && p.mask.window_right < 0 && p.shape.seqlen_q > 128;
 }
 
-// The tensor maps of q, k and v (and out where the kernel stores it by TMA: store_out) for the
-// TMA kernel of dense p; false where TMA cannot address them (alignment, zero strides): the
+// The tensor maps of q, k, v and out for the TMA kernel of dense p; false where TMA cannot address them (alignment, zero strides): the
 // cp.async kernel runs then.
 struct AttentionTmaMaps {
-  CUtensorMap q, k, v, o{};  // o: where the kernel stores its output by TMA (kTmaStoreO), 64-row boxes
+  CUtensorMap q, k, v, o;  // o: 64-row boxes (a consumer's rows)
 };
 // A paged cache's k and v are [num_pages, heads_kv, page_size, head_dim]: pages in the batch
 // dimension, a page's rows in the row one.
 template <typename T, int kHeadDim, bool kWide>
-bool encode_fwd_tma_maps(const FlashFwdParams& p, bool store_out, AttentionTmaMaps* maps) {
+bool encode_fwd_tma_maps(const FlashFwdParams& p, AttentionTmaMaps* maps) {
   using K = FwdSm90TmaKernel<T, kHeadDim, kWide>;
   const AttentionShape& sh = p.shape;
   constexpr bool kBf16 = std::is_same_v<T, __nv_bfloat16>;
@@ -437,9 +401,8 @@ bool encode_fwd_tma_maps(const FlashFwdParams& p, bool store_out, AttentionTmaMa
                               K::kBlockN) &&
          encode_attention_map(&maps->v, p.v, kBf16, p.v_strides, kv_batch, sh.heads_kv, kv_rows, sh.head_dim,
                               K::kBlockN) &&
-         (!store_out ||  // a consumer's 64 rows a box
-          encode_attention_map(&maps->o, p.out, kBf16, p.out_strides, sh.batch, sh.heads_q, sh.seqlen_q, sh.head_dim,
-                               64));
+         encode_attention_map(&maps->o, p.out, kBf16, p.out_strides, sh.batch, sh.heads_q, sh.seqlen_q, sh.head_dim,
+                              64);
 }
 
 }  // namespace cuflash::sm90
