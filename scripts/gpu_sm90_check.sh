@@ -45,6 +45,7 @@ runs=(
   "defaults||tests/test_accuracy.py|cuda and not test_random_sweep"
   "fp32||tests/test_fp32_paths.py|"
   "edge_cases||tests/test_edge_cases.py|cuda"
+  "outputs_written||tests/test_outputs_written.py|"
   "bad_input||tests/test_bad_input.py tests/test_ops.py|not debug"
   "kvcache||tests/test_kvcache.py tests/test_paged_kv.py tests/test_split_kv.py tests/test_pack_gqa.py|"
 )

@@ -1,0 +1,83 @@
+"""Every element of every output is written by the kernels: with torch's deterministic mode
+filling uninitialized memory (torch.empty's, which the op's outputs and scratch come from) with
+NaN, finite inputs must give no NaN anywhere. Covers the Hopper kernels whose outputs leave by
+TMA store (the forward's, and the persistent deterministic backward's dK and dV), where
+compute-sanitizer's initcheck reported reads of unwritten memory that a NaN-free result could
+not tell from its own limits, and the KV-cache and split-KV paths, whose outputs come from
+several kernels."""
+import pytest
+import torch
+
+from conftest import HAS_CUDA, IS_SM90
+from reference import LOW_PRECISION, LOW_PRECISION_IDS
+
+import cuflash_attn
+from cuflash_attn.flash_attn_interface import flash_attn_with_kvcache
+
+pytestmark = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
+
+# CUFLASH_SM90 choices: the defaults, and the TMA forward over KV caches with and without splits
+# (the sm_90 parts that are not defaults).
+KVCACHE_PARTS = [None,
+                 pytest.param("tma,persistent,kvcache", marks=pytest.mark.skipif(not IS_SM90, reason="sm_90 only")),
+                 pytest.param("tma,kvcache,splits", marks=pytest.mark.skipif(not IS_SM90, reason="sm_90 only"))]
+
+
+@pytest.fixture(autouse=True)
+def nan_filled_empty():
+    """torch.empty returns NaN-filled memory for the test's duration (warn_only: torch's own
+    nondeterministic ops stay allowed)."""
+    enabled, warn_only = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
+    fill = torch.utils.deterministic.fill_uninitialized_memory
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.utils.deterministic.fill_uninitialized_memory = True
+    yield
+    torch.utils.deterministic.fill_uninitialized_memory = fill
+    torch.use_deterministic_algorithms(enabled, warn_only=warn_only)
+
+
+def assert_no_nan(**tensors):
+    for name, t in tensors.items():
+        assert not torch.isnan(t).any(), f"{name}: NaN, an element no kernel wrote"
+
+
+def test_fill_is_in_effect():
+    """The premise: torch.empty's memory is NaN here (otherwise the tests below prove nothing)."""
+    assert torch.isnan(torch.empty(1024, device="cuda", dtype=torch.bfloat16)).all()
+
+
+@pytest.mark.parametrize("dtype", LOW_PRECISION, ids=LOW_PRECISION_IDS)
+@pytest.mark.parametrize("d", [64, 128, 256])
+@pytest.mark.parametrize("n", [300, 1000])  # short rows: the persistent forward; longer: the wide tile
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("softcap", [0.0, 20.0])  # the features kernels
+def test_forward_and_backward_outputs(dtype, d, n, causal, softcap):
+    """Out, lse, dq, dk, dv; grouped heads (dk, dv summed over the group); the deterministic
+    backward (the persistent kernel at head dim 64) and the unordered one."""
+    torch.manual_seed(0)
+    q = torch.randn(2, 4, n, d, device="cuda", dtype=dtype, requires_grad=True)
+    k, v = (torch.randn(2, 2, n + 37, d, device="cuda", dtype=dtype, requires_grad=True) for _ in range(2))
+    for deterministic in (True, False):
+        out, lse = cuflash_attn.flash_attention(q, k, v, causal=causal, softcap=softcap, return_lse=True,
+                                                deterministic=deterministic)
+        dq, dk, dv = torch.autograd.grad(out, (q, k, v), torch.randn_like(out))
+        assert_no_nan(out=out, lse=lse, dq=dq, dk=dk, dv=dv)
+
+
+@pytest.mark.parametrize("parts", KVCACHE_PARTS)
+@pytest.mark.parametrize("d", [64, 128])
+@pytest.mark.parametrize("tokens,num_splits", [(1, 1), (1, 5), (5, 0), (130, 1)])
+def test_kvcache_outputs(parts, d, tokens, num_splits, monkeypatch):
+    """Decoding and chunked prefill over a cache whose sequences use fewer keys than it holds
+    (cache_seqlens), grouped heads, contiguous."""
+    if parts is not None:
+        monkeypatch.setenv("CUFLASH_SM90", parts)
+    torch.manual_seed(0)
+    batch, heads_q, heads_kv, cache_keys = 3, 8, 2, 700
+    q = torch.randn(batch, tokens, heads_q, d, device="cuda", dtype=torch.bfloat16)
+    k_cache, v_cache = (torch.randn(batch, cache_keys, heads_kv, d, device="cuda", dtype=torch.bfloat16)
+                        for _ in range(2))
+    used = torch.tensor([cache_keys - 37 * b for b in range(batch)], dtype=torch.int32, device="cuda")
+    out, lse = flash_attn_with_kvcache(q, k_cache, v_cache, cache_seqlens=used, num_splits=num_splits,
+                                       causal=tokens > 1, return_softmax_lse=True)
+    assert_no_nan(out=out, lse=lse)
