@@ -271,6 +271,8 @@ cudaError_t run_flash_bwd(const FlashBwdParams& p, cudaStream_t stream) {
           auto go = [&](auto ordered) {
             constexpr bool kOrdered = decltype(ordered)::value;
             using Ws = sm90::BwdDkvSm90TmaKernel<T, kHeadDim, kAccum, kWithDk, kWithDv, kWide, kOrdered>;
+            // Its CTAs take their tiles from tile_counter (set_fused_dq_scratch sets it with dq_accum).
+            if ((kOrdered || Ws::kPersistent) && p.tile_counter == nullptr) return false;
             if (!sm90::encode_bwd_tma_maps<T, Ws>(p, &maps)) return false;
             if (Ws::kTmaStoreDkv && !sm90::encode_dkdv_maps(p, std::is_same_v<T, __nv_bfloat16>, &maps))
               return false;

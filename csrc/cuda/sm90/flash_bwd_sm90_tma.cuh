@@ -30,11 +30,17 @@ constexpr int kDqPartRows = 64;
 // box (the maps' boxes).
 constexpr int kDkvStoreRows = 64;
 
-// Where the dK/dV kernel is persistent (BwdDkvSm90TmaKernel::kPersistent): the deterministic fused
-// kernel at head dim 64 (benchmarks/NOTES.md, twelfth session, H200: +7-16% at 512-1024 keys,
-// -1% to +4% at 4096). Not the unordered one (its static walk ran causal 14-28% slower than the
-// hardware's scheduling of a full grid) nor head dim 128 (-3% to +3%).
-constexpr bool bwd_dkdv_persistent(int head_dim, bool ordered_dq) { return ordered_dq && head_dim == 64; }
+// Where the fused dK/dV/dQ kernel is persistent (BwdDkvSm90TmaKernel::kPersistent): the deterministic
+// one at head dim 64 (benchmarks/NOTES.md, twelfth session, H200: +7-16% at 512-1024 keys,
+// -1% to +4% at 4096). Not head dim 128 (-3% to +3%). The unordered one walking every
+// gridDim.x-th tile ran causal 14-28% slower than the hardware's scheduling of a full grid;
+// experiment (-DCUFLASH_BWD_PERSISTENT_UNORDERED=1): it too, its tiles from tile_counter.
+#ifndef CUFLASH_BWD_PERSISTENT_UNORDERED
+#define CUFLASH_BWD_PERSISTENT_UNORDERED 0
+#endif
+constexpr bool bwd_dkdv_persistent(int head_dim, bool ordered_dq) {
+  return head_dim == 64 && (ordered_dq || CUFLASH_BWD_PERSISTENT_UNORDERED);
+}
 
 // The dQ kernel's shape: 128 resident queries, 64 (32) streamed keys a step.
 template <typename T, int kHeadDim>
@@ -203,7 +209,7 @@ struct BwdDkvSm90TmaKernel {
   // As persistent CTAs (the kernel below), dK and dV stored by TMA: the next tile's K and V load
   // waits only for the bulk stores to have read their buffers. (The TMA store alone, in the
   // kernels that are not persistent, measured -5% to +1%: benchmarks/NOTES.md.)
-  static constexpr bool kPersistent = bwd_dkdv_persistent(kHeadDim, kOrderedDq);
+  static constexpr bool kPersistent = kAccumDq && bwd_dkdv_persistent(kHeadDim, kOrderedDq);
   static constexpr bool kTmaStoreDkv = kPersistent;
   static constexpr int kConsumers = 2, kThreads = 128 * (kConsumers + 1), kConsumerThreads = 128 * kConsumers;
   static constexpr int kBlockN = 64 * kConsumers;              // resident keys
@@ -310,7 +316,7 @@ __global__ void __launch_bounds__(
   // longest causal key blocks first, ran 7-35% slower: block n reaches each query block a step
   // before n - 1 does and waits for it; benchmarks/NOTES.md.)
   // kPersistent (bwd_dkdv_persistent): one CTA an SM walks tiles, the TMA
-  // thread taking each (the counter's next, or every gridDim.x-th of the grid's order) and
+  // thread taking each (tile_counter's next: ordered_tile's order, or the grid's) and
   // publishing it in a two-slot ring that every role reads (tile_full, tile_empty); the Q/dO
   // ring, the stats and the dQ drain run on across tiles (global step g), so that the next
   // tile's first loads go out during this tile's last steps and epilogue; K and V wait for the
@@ -322,7 +328,7 @@ __global__ void __launch_bounds__(
     int n_block = blockIdx.x, h_kv = blockIdx.y, b = blockIdx.z;
     if constexpr (kOrderedDq) {
       if (tid == 0) {
-        const int tile = atomicAdd(p.dq_semaphores + dq_semaphore_count(sh) - 1, 1);
+        const int tile = atomicAdd(p.tile_counter, 1);
         ordered_tile<kHeadDim>(p, tile, key_blocks_per_head, sh.heads_kv * sh.batch, &tile_slot[0], &tile_slot[1],
                                &tile_slot[2]);
       }
@@ -345,8 +351,7 @@ __global__ void __launch_bounds__(
       int* fields = tile_slot + 4 * slot;
       if (reader == kPublish) {
         if (i >= 2) mbarrier_wait(&tile_empty[slot], ((i >> 1) - 1) & 1);
-        const int index = kOrderedDq ? atomicAdd(p.dq_semaphores + dq_semaphore_count(sh) - 1, 1)
-                                     : static_cast<int>(blockIdx.x) + i * static_cast<int>(gridDim.x);
+        const int index = atomicAdd(p.tile_counter, 1);
         fields[3] = index < num_tiles;
         if (index < num_tiles) {
           if constexpr (kOrderedDq) {
