@@ -55,23 +55,23 @@ CUFLASH_HD Sequence sequence_of(const AttentionParams& p, int b) {
 
 // FlashBwdParams::dq_semaphores: the counter of (batch b, query head h, query block `block`; a
 // kernel's blocks are 64 rows or more, so there is one for each), and how many there are with
-// tile_counter (the last).
+// dkdv_tile_counter (the last).
 CUFLASH_HD int64_t dq_semaphore_index(const AttentionShape& sh, int b, int h, int block) {
   return (int64_t{b} * sh.heads_q + h) * ((sh.seqlen_q + 63) / 64) + block;
 }
 CUFLASH_HD int64_t dq_semaphore_count(const AttentionShape& sh) { return dq_semaphore_index(sh, sh.batch, 0, 0) + 1; }
 // The fused backward's scratch, one block of 4-byte elements: dq_accum (accum_elems floats), then
-// its int32 counters: with ordered adds dq_semaphores (tile_counter their last), else tile_counter.
+// its int32 counters: with ordered adds dq_semaphores (dkdv_tile_counter their last), else dkdv_tile_counter.
 inline int64_t fused_dq_scratch_elems(const AttentionShape& sh, int64_t accum_elems, bool ordered) {
   return accum_elems + (ordered ? dq_semaphore_count(sh) : 1);
 }
 // p's dq_accum (strides left to the caller; zeroed by flash_bwd_delta_kernel), dq_semaphores and
-// tile_counter (zeroed by the caller) in that block.
+// dkdv_tile_counter (zeroed by the caller) in that block.
 inline void set_fused_dq_scratch(FlashBwdParams& p, void* scratch, int64_t accum_elems, bool ordered) {
   int* counters = reinterpret_cast<int*>(static_cast<float*>(scratch) + accum_elems);
   p.dq_accum = scratch;
   p.dq_semaphores = ordered ? counters : nullptr;
-  p.tile_counter = counters + (ordered ? dq_semaphore_count(p.shape) - 1 : 0);
+  p.dkdv_tile_counter = counters + (ordered ? dq_semaphore_count(p.shape) - 1 : 0);
 }
 
 // Offset of row `row` of (sequence b, head h) in a tensor with strides t.

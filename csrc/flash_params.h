@@ -169,12 +169,12 @@ struct FlashBwdParams : AttentionParams {
   // Optional with dq_accum, int32, zeroed, dq_semaphore_count(shape) of them (attention_math.h):
   // the fused Hopper kernel then adds each query block's dQ shares in a fixed order (key blocks
   // from the last down, FlashAttention-3's deterministic mode), so dq is bitwise reproducible.
-  // One counter per (batch, query head, 64-row query block), then tile_counter.
+  // One counter per (batch, query head, 64-row query block), then dkdv_tile_counter.
   int* dq_semaphores = nullptr;
   // Optional with dq_accum, int32, zeroed: hands the fused Hopper kernel's CTAs their tiles in the
   // order they ask (ordered adds: a CTA waits only for CTAs that started before it; persistent
   // CTAs: a dynamic walk). With dq_semaphores, their last.
-  int* tile_counter = nullptr;
+  int* dkdv_tile_counter = nullptr;
   TensorStrides out_strides, dout_strides, dq_strides, dk_strides, dv_strides, dq_accum_strides;
 };
 

@@ -173,6 +173,28 @@ def test_ordered_adds_with_more_key_blocks_than_sms(d, wide, causal, monkeypatch
 
 
 @pytest.mark.skipif(not IS_SM90, reason="needs a compute capability 9.0 GPU")
+@pytest.mark.parametrize("d,wide", [(64, False), (64, True)], ids=["d64", "d64_wide"])
+@pytest.mark.parametrize("nq,nk,window", [(300, 60, (16, 0)), (64, 1050, (20, 20)), (1000, 1050, (30, 5))],
+                         ids=["keys_one_consumer", "key_blocks_no_query", "window"])
+def test_persistent_ordered_tiles_without_work(d, wide, nq, nk, window, monkeypatch):
+    """The persistent ordered kernel (head dim 64) over tiles that leave a role idle: 60 keys (the
+    second consumer's 64 rows hold none: it stores nothing), a window that leaves most key blocks
+    without a query (tiles of no step), and 1050 keys (26 in the last block). 48 heads a side, so
+    some CTAs take several tiles. Against float64, and bit for bit over three backwards."""
+    monkeypatch.setenv("CUFLASH_BWD_DQ", "ordered")
+    monkeypatch.setenv("CUFLASH_BWD_FUSED_TILE", "wide" if wide else "narrow")
+    check_dense("cuda", torch.bfloat16, 2, 24, 8, nq, nk, d, window=window)
+    torch.manual_seed(0)
+    q = torch.randn(2, 24, nq, d, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    k, v = (torch.randn(2, 8, nk, d, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(2))
+    names = cuda_kernels(lambda: grads(q, k, v, window_size=window))
+    assert fused_backward_kernel(d, wide=wide, ordered=True) in names, names
+    first = grads(q, k, v, window_size=window)
+    for _ in range(2):
+        assert all(torch.equal(a, b) for a, b in zip(first, grads(q, k, v, window_size=window)))
+
+
+@pytest.mark.skipif(not IS_SM90, reason="needs a compute capability 9.0 GPU")
 def test_ordered_switch_leaves_other_paths_alone(monkeypatch):
     """Where the fused kernel cannot run (head dim 256, k and v broadcast over the heads),
     CUFLASH_BWD_DQ=ordered keeps the pair; where it runs, it orders the adds of

@@ -106,11 +106,11 @@ cudaError_t with_feature_path(const AttentionParams& p, F&& f) {
   return f(std::false_type{});
 }
 
-// The TMA forward for plain attention: long rows take the wide tile (sm90::wide_rows), short rows
-// the persistent kernel where asked for and built (sm90::long_rows), at head dim 64 on the wide
-// tile where sm90::persistent_wide_pays; CUFLASH_FWD_TILE overrides the tile. False (nothing
-// launched) where TMA cannot address p, varlen included: a box would read past a packed
-// sequence's end.
+// The TMA forward (plain attention, or the features kernel: with_feature_path): long rows take
+// the wide tile (sm90::wide_rows), short rows the persistent kernel where asked for and built
+// (sm90::long_rows), at head dim 64 on the wide tile where sm90::persistent_wide_pays;
+// CUFLASH_FWD_TILE overrides the tile. False (nothing launched) where TMA cannot address p,
+// varlen included: a box would read past a packed sequence's end.
 template <typename T, int kHeadDim>
 bool launch_fwd_tma(const FlashFwdParams& p, bool persistent, cudaStream_t stream, cudaError_t* err) {
   if (p.varlen.cu_seqlens_q != nullptr) return false;
@@ -271,8 +271,9 @@ cudaError_t run_flash_bwd(const FlashBwdParams& p, cudaStream_t stream) {
           auto go = [&](auto ordered) {
             constexpr bool kOrdered = decltype(ordered)::value;
             using Ws = sm90::BwdDkvSm90TmaKernel<T, kHeadDim, kAccum, kWithDk, kWithDv, kWide, kOrdered>;
-            // Its CTAs take their tiles from tile_counter (set_fused_dq_scratch sets it with dq_accum).
-            if ((kOrdered || Ws::kPersistent) && p.tile_counter == nullptr) return false;
+            // Its CTAs take their tiles from dkdv_tile_counter (set_fused_dq_scratch sets it with
+            // dq_accum); a caller that gives none gets the other kernels.
+            if ((kOrdered || Ws::kPersistent) && p.dkdv_tile_counter == nullptr) return false;
             if (!sm90::encode_bwd_tma_maps<T, Ws>(p, &maps)) return false;
             if (Ws::kTmaStoreDkv && !sm90::encode_dkdv_maps(p, std::is_same_v<T, __nv_bfloat16>, &maps))
               return false;

@@ -23,10 +23,13 @@ cudaError_t run_flash_bwd_cuda(const FlashBwdParams& p, cudaStream_t stream);
 // Whether the fused Hopper backward has kernels for dtype and head_dim (16-bit, head-dim buckets
 // 64 and 128), whatever the device and the tensors.
 bool fused_backward_built_for(DType dtype, int head_dim);
-// Whether p's backward, given a dq_accum, runs the fused Hopper kernel (which can also order its adds).
+// Whether p's backward, given a dq_accum, runs the fused Hopper kernel (which can also order its
+// adds). Conservative at head-dim bucket 64: dk and dv must be TMA-addressable there (the ordered
+// kernel stores them by TMA), for the unordered route too.
 bool fused_backward_runs(const FlashBwdParams& p);
-// Whether p's backward should run the fused Hopper kernel (give p a dq_accum, and zeroed
-// dq_semaphores for a deterministic one): where it runs and measured faster than the pair.
+// Whether p's backward should run the fused Hopper kernel (give p its scratch through
+// set_fused_dq_scratch: dq_accum, dkdv_tile_counter, and dq_semaphores for a deterministic one):
+// where it runs and measured faster than the pair.
 bool prefers_fused_backward(const FlashBwdParams& p);
 
 // Writes the dropout keep-mask the kernels use for d, bool [batch, heads, seqlen_q, seqlen_k].

@@ -34,7 +34,7 @@ constexpr int kDkvStoreRows = 64;
 // one at head dim 64 (benchmarks/NOTES.md, twelfth session, H200: +7-16% at 512-1024 keys,
 // -1% to +4% at 4096). Not head dim 128 (-3% to +3%). The unordered one walking every
 // gridDim.x-th tile ran causal 14-28% slower than the hardware's scheduling of a full grid;
-// experiment (-DCUFLASH_BWD_PERSISTENT_UNORDERED=1): it too, its tiles from tile_counter.
+// experiment (-DCUFLASH_BWD_PERSISTENT_UNORDERED=1): it too, its tiles from dkdv_tile_counter.
 #ifndef CUFLASH_BWD_PERSISTENT_UNORDERED
 #define CUFLASH_BWD_PERSISTENT_UNORDERED 0
 #endif
@@ -316,7 +316,7 @@ __global__ void __launch_bounds__(
   // longest causal key blocks first, ran 7-35% slower: block n reaches each query block a step
   // before n - 1 does and waits for it; benchmarks/NOTES.md.)
   // kPersistent (bwd_dkdv_persistent): one CTA an SM walks tiles, the TMA
-  // thread taking each (tile_counter's next: ordered_tile's order, or the grid's) and
+  // thread taking each (dkdv_tile_counter's next: ordered_tile's order, or the grid's) and
   // publishing it in a two-slot ring that every role reads (tile_full, tile_empty); the Q/dO
   // ring, the stats and the dQ drain run on across tiles (global step g), so that the next
   // tile's first loads go out during this tile's last steps and epilogue; K and V wait for the
@@ -328,7 +328,7 @@ __global__ void __launch_bounds__(
     int n_block = blockIdx.x, h_kv = blockIdx.y, b = blockIdx.z;
     if constexpr (kOrderedDq) {
       if (tid == 0) {
-        const int tile = atomicAdd(p.tile_counter, 1);
+        const int tile = atomicAdd(p.dkdv_tile_counter, 1);
         ordered_tile<kHeadDim>(p, tile, key_blocks_per_head, sh.heads_kv * sh.batch, &tile_slot[0], &tile_slot[1],
                                &tile_slot[2]);
       }
@@ -351,7 +351,7 @@ __global__ void __launch_bounds__(
       int* fields = tile_slot + 4 * slot;
       if (reader == kPublish) {
         if (i >= 2) mbarrier_wait(&tile_empty[slot], ((i >> 1) - 1) & 1);
-        const int index = atomicAdd(p.tile_counter, 1);
+        const int index = atomicAdd(p.dkdv_tile_counter, 1);
         fields[3] = index < num_tiles;
         if (index < num_tiles) {
           if constexpr (kOrderedDq) {
@@ -666,7 +666,8 @@ __global__ void __launch_bounds__(
     if constexpr (K::kTmaStoreDkv) {
       // dK into K's buffer and dV into V's, in the layout TMA loaded them, this consumer's 64 rows
       // of every panel; then its first thread's bulk stores (rows past seqlen_k are not written),
-      // read before the CTA's shared memory goes.
+      // read before the CTA's shared memory goes (persistent: before the next tile's K and V load,
+      // kv_empty).
       static_assert(kDkvStoreRows == 64, "a consumer's rows a box");
       if constexpr (kWithDk) stage_rows_for_tma<T, kBlockN>(dk, dk_scale, sK, warp_row, lane);
       if constexpr (kWithDv) stage_rows_for_tma<T, kBlockN>(dv, dv_scale, sV, warp_row, lane);

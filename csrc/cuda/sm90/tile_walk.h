@@ -1,6 +1,6 @@
 // The persistent TMA forward's walk over its tiles (query block, head, batch), decoded from a
-// tile's index with divisors fixed at launch: built on the host, read by every warp at every
-// tile (the plain integer divisions cost ~5% of a short-row tile's consumer time: the profile
+// tile's index with divisors fixed at launch (and every TMA forward's K/V head of a query head):
+// built on the host, read by every warp at every tile (the plain integer divisions cost ~5% of a short-row tile's consumer time: the profile
 // in benchmarks/NOTES.md). Host and device code (tests/cpp/test_tile_walk.cu checks it).
 #pragma once
 #include <cstdint>
