@@ -51,6 +51,12 @@ SplitKernelShape split_kernel_shape(const FlashFwdParams& p, int bucket) {
 
 }  // namespace
 
+bool fwd_takes_walk_counter(const FlashFwdParams& p) {
+  // Causal sets window_right to 0: a mask is a bounded window edge.
+  return sm90::FwdSm90TmaKernel<__nv_bfloat16, 64, false, true>::kDynamicWalk &&
+         (p.mask.window_left >= 0 || p.mask.window_right >= 0);
+}
+
 int fwd_num_splits(const FlashFwdParams& p, int requested) {
   // The split kernels are 16-bit ones; the debug tile counts count unsplit CTAs.
   if (requested == 1 || p.tile_counters != nullptr) return 1;
