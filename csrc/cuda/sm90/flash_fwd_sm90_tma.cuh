@@ -56,7 +56,8 @@ struct FwdSm90TmaKernel {
   static constexpr int kQBytes = kBlockM * kHeadDim * 2, kKVBytes = kBlockN * kHeadDim * 2;
   // The persistent kernel's staging tile for the output's TMA store: Q's layout (kernel below).
   static constexpr int kStagingBytes = kPersistent ? kQBytes : 0;
-  static constexpr bool kDynamicWalk = kPersistent && CUFLASH_FWD_DYNAMIC_WALK;
+  // The narrow tile only: the wide persistent one runs without a mask (persistent_wide_pays).
+  static constexpr bool kDynamicWalk = kPersistent && !kWide && CUFLASH_FWD_DYNAMIC_WALK;
   // Barriers: Q full, Q empty, then per stage K full, V full, K empty, V empty; kDynamicWalk: the
   // tile ring's two full and two empty (and its two slots, 8 bytes).
   static constexpr int kBarriers = 2 + 4 * kStages + (kDynamicWalk ? 4 : 0);
