@@ -45,6 +45,13 @@ namespace cuflash::sm90 {
 #ifndef CUFLASH_FWD_DYNAMIC_WALK
 #define CUFLASH_FWD_DYNAMIC_WALK 0
 #endif
+// Experiment (-DCUFLASH_FWD_HALF_DIAGONAL=1; benchmarks/NOTES.md, twelfth session): at head dim
+// 64 without the features, a consumer whose 64 rows see no key of the right half of a tile's
+// first key block (a causal tile's diagonal block: the upper consumer's) computes S and its
+// softmax over the left half only, the rest of P zero (short causal rows are ALU-bound).
+#ifndef CUFLASH_FWD_HALF_DIAGONAL
+#define CUFLASH_FWD_HALF_DIAGONAL 0
+#endif
 template <typename T, int kHeadDim, bool kWide, bool kPersistent = false>
 struct FwdSm90TmaKernel {
   static constexpr bool kHasPersistent = kHeadDim <= 128;
@@ -104,6 +111,8 @@ __global__ void __launch_bounds__(FwdSm90TmaKernel<T, kHeadDim, kWide, kPersiste
   // Split-KV: the plain narrow kernel, one tile a CTA, only (launch_fwd_tma): the others' code
   // stays as it was.
   constexpr bool kMaySplit = !kWide && !kPersistent && !kFeatures;
+  // Head dim 64 only: issue_qk takes K's panel stride from S's width, right for one panel only.
+  constexpr bool kHalfDiagonal = CUFLASH_FWD_HALF_DIAGONAL && kHeadDim == 64 && !kFeatures;
   static_assert(kWide || kPageSizeMultiple % kBlockN == 0, "a key block lies in one page (key_at)");
   constexpr int kPanels = kHeadDim / 64, kConsumerThreads = 128 * K::kConsumers;
   extern __shared__ char smem_raw[];
@@ -289,15 +298,23 @@ __global__ void __launch_bounds__(FwdSm90TmaKernel<T, kHeadDim, kWide, kPersiste
       uint32_t pa[kBlockN / 16][4];  // P of the previous step, the A operand of its P V
       // P of S (the raw q.k of step t) as the next P V's A operand; alpha: the rescale of O.
       // Dropout after the softmax has summed every probability: only the kept ones reach P V.
-      auto softmax_step = [&](WarpAcc<kBlockN>& s, int t, float (&alpha)[2]) {
+      auto softmax_step = [&](auto& s, int t, float (&alpha)[2]) {
         const int col0 = tile.block_of(t) * kBlockN;
         scores_from_qk<kFeatures>(s, mod, p.mask, tile.seq, row0, col0, lane);
         softmax.exp_and_rescale_factor(s, alpha);
         if (dropout) apply_dropout(s, rng, tile.b, tile.h, sh.heads_q, row0, col0, lane);
       };
-      auto to_pa = [&](const WarpAcc<kBlockN>& s) {
+      auto to_pa = [&](const auto& s) {  // a WarpAcc of kBlockN columns, or of the left half (the rest of P 0)
+        constexpr int kCols = std::remove_reference_t<decltype(s)>::kTiles * 8;
 #pragma unroll
-        for (int kk = 0; kk < kBlockN / 16; ++kk) s.template to_a<T>(pa[kk], kk);
+        for (int kk = 0; kk < kBlockN / 16; ++kk) {
+          if (kk < kCols / 16) {
+            s.template to_a<T>(pa[kk], kk);
+          } else {
+#pragma unroll
+            for (int r = 0; r < 4; ++r) pa[kk][r] = 0u;
+          }
+        }
       };
       mbarrier_wait(q_full, q_loads++ & 1);
       // The last consumer's first signal of the tile: after its q_full wait, so that it cannot
@@ -317,16 +334,34 @@ __global__ void __launch_bounds__(FwdSm90TmaKernel<T, kHeadDim, kWide, kPersiste
       }
       {  // step 0: S only
         mbarrier_wait(&k_full[stage_of(0)], full_parity(0));
-        WarpAcc<kBlockN> s;
-        my_turn();
-        wgmma_fence();
-        issue_qk<T, kHeadDim, kBlockM * 128>(s, opaque(desc_q), desc_k(stage_of(0)));
-        your_turn();
-        wgmma_wait<0>();
-        if (lane == 0) mbarrier_arrive(&k_empty[stage_of(0)]);  // this warp's wgmmas have read K
-        float alpha[2];
-        softmax_step(s, 0, alpha);  // O is still 0: nothing to rescale
-        to_pa(s);
+        auto first_step = [&](auto& s) {  // s: S's accumulator, kBlockN columns or the left half
+          my_turn();
+          wgmma_fence();
+          issue_qk<T, kHeadDim, kBlockM * 128>(s, opaque(desc_q), desc_k(stage_of(0)));
+          your_turn();
+          wgmma_wait<0>();
+          if (lane == 0) mbarrier_arrive(&k_empty[stage_of(0)]);  // this warp's wgmmas have read K
+          float alpha[2];
+          softmax_step(s, 0, alpha);  // O is still 0: nothing to rescale
+          to_pa(s);
+        };
+        if constexpr (kHalfDiagonal) {
+          // This consumer's rows see no key of the block's right half. The test must stay uniform over
+          // the warpgroup (the wgmma is the warpgroup's): consumer and tile fields only.
+          const int rows_begin = tile.m_start + 64 * consumer;
+          const int rows_end = min(rows_begin + 64, tile.seq.seqlen_q);
+          if (rows_begin < rows_end && visible_keys(p.mask, tile.seq, rows_begin, rows_end).end <=
+                                           tile.block_of(0) * kBlockN + kBlockN / 2) {
+            WarpAcc<kBlockN / 2> s;
+            first_step(s);
+          } else {
+            WarpAcc<kBlockN> s;
+            first_step(s);
+          }
+        } else {
+          WarpAcc<kBlockN> s;
+          first_step(s);
+        }
       }
       for (int t = 1; t < steps; ++t) {
         mbarrier_wait(&k_full[stage_of(t)], full_parity(t));
