@@ -62,15 +62,15 @@ __device__ __forceinline__ float (&acc_regs(WarpAcc<kCols>& acc, int n0))[N / 2]
 }
 
 // S = Q K^T for one warpgroup's 64 rows (desc_q: its rows of the Q panels, kQPanelBytes apart;
-// desc_k: a K tile of kBlockN rows): K = kHeadDim in steps of 16, 4 per 64-column panel (+32
-// bytes each). Issued and committed as one wgmma group.
-template <typename T, int kHeadDim, int kQPanelBytes, int kBlockN>
+// desc_k: the first kBlockN rows of a K tile of kKRows rows): K = kHeadDim in steps of 16, 4 per
+// 64-column panel (+32 bytes each). Issued and committed as one wgmma group.
+template <typename T, int kHeadDim, int kQPanelBytes, int kBlockN, int kKRows = kBlockN>
 __device__ __forceinline__ void issue_qk(WarpAcc<kBlockN>& s, uint64_t desc_q, uint64_t desc_k) {
 #pragma unroll
   for (int kk = 0; kk < kHeadDim / 16; ++kk) {
     const uint32_t in_panel = (kk % 4) * 32;
     Wgmma<T, kBlockN>::ss(acc_regs<kBlockN>(s, 0), desc_q + (((kk / 4) * kQPanelBytes + in_panel) >> 4),
-                          desc_k + (((kk / 4) * (kBlockN * 128) + in_panel) >> 4), kk > 0);
+                          desc_k + (((kk / 4) * (kKRows * 128) + in_panel) >> 4), kk > 0);
   }
   wgmma_commit();
 }

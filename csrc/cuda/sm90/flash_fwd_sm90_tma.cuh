@@ -45,8 +45,8 @@ namespace cuflash::sm90 {
 #ifndef CUFLASH_FWD_DYNAMIC_WALK
 #define CUFLASH_FWD_DYNAMIC_WALK 0
 #endif
-// Experiment (-DCUFLASH_FWD_HALF_DIAGONAL=1; benchmarks/NOTES.md, twelfth session): at head dim
-// 64 without the features, a consumer whose 64 rows see no key of the right half of a tile's
+// Experiment (-DCUFLASH_FWD_HALF_DIAGONAL=1; benchmarks/NOTES.md, twelfth session): with 128-key
+// blocks, without the features, a consumer whose 64 rows see no key of the right half of a tile's
 // first key block (a causal tile's diagonal block: the upper consumer's) computes S and its
 // softmax over the left half only, the rest of P zero (short causal rows are ALU-bound).
 #ifndef CUFLASH_FWD_HALF_DIAGONAL
@@ -111,8 +111,8 @@ __global__ void __launch_bounds__(FwdSm90TmaKernel<T, kHeadDim, kWide, kPersiste
   // Split-KV: the plain narrow kernel, one tile a CTA, only (launch_fwd_tma): the others' code
   // stays as it was.
   constexpr bool kMaySplit = !kWide && !kPersistent && !kFeatures;
-  // Head dim 64 only: issue_qk takes K's panel stride from S's width, right for one panel only.
-  constexpr bool kHalfDiagonal = CUFLASH_FWD_HALF_DIAGONAL && kHeadDim == 64 && !kFeatures;
+  // 128-key blocks (the narrow tiles, and D=64's wide one): halves of 64 keys.
+  constexpr bool kHalfDiagonal = CUFLASH_FWD_HALF_DIAGONAL && kBlockN == 128 && !kFeatures;
   static_assert(kWide || kPageSizeMultiple % kBlockN == 0, "a key block lies in one page (key_at)");
   constexpr int kPanels = kHeadDim / 64, kConsumerThreads = 128 * K::kConsumers;
   extern __shared__ char smem_raw[];
@@ -337,7 +337,8 @@ __global__ void __launch_bounds__(FwdSm90TmaKernel<T, kHeadDim, kWide, kPersiste
         auto first_step = [&](auto& s) {  // s: S's accumulator, kBlockN columns or the left half
           my_turn();
           wgmma_fence();
-          issue_qk<T, kHeadDim, kBlockM * 128>(s, opaque(desc_q), desc_k(stage_of(0)));
+          constexpr int kCols = std::remove_reference_t<decltype(s)>::kTiles * 8;
+          issue_qk<T, kHeadDim, kBlockM * 128, kCols, kBlockN>(s, opaque(desc_q), desc_k(stage_of(0)));
           your_turn();
           wgmma_wait<0>();
           if (lane == 0) mbarrier_arrive(&k_empty[stage_of(0)]);  // this warp's wgmmas have read K
