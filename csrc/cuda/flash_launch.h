@@ -19,7 +19,8 @@ cudaError_t run_flash_fwd_cuda(const FlashFwdParams& p, cudaStream_t stream);
 constexpr int kMaxFwdSplits = 128;
 int fwd_num_splits(const FlashFwdParams& p, int requested);
 // Whether p's forward takes a zeroed int32 counter (FlashFwdParams::fwd_walk_counter) for the
-// persistent TMA forward's dynamic walk: under a mask, where the experiment is built in.
+// persistent TMA forward's dynamic walk: under a mask, where the experiment is built in (one
+// memset a masked call in that build, whichever kernel runs).
 bool fwd_takes_walk_counter(const FlashFwdParams& p);
 cudaError_t run_flash_bwd_cuda(const FlashBwdParams& p, cudaStream_t stream);
 

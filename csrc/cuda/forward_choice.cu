@@ -52,13 +52,9 @@ SplitKernelShape split_kernel_shape(const FlashFwdParams& p, int bucket) {
 }  // namespace
 
 bool fwd_takes_walk_counter(const FlashFwdParams& p) {
-  if (!sm90::FwdSm90TmaKernel<__nv_bfloat16, 64, false, true>::kDynamicWalk) return false;
-  // Where the persistent kernel (plain 16-bit attention, head dims up to 128, short rows, no
-  // split) runs under a mask (causal sets window_right to 0: a mask is a bounded window edge).
-  const bool masked = p.mask.window_left >= 0 || p.mask.window_right >= 0;
-  const bool sixteen_bit = p.dtype == DType::kFloat16 || p.dtype == DType::kBFloat16;
-  return masked && sixteen_bit && p.num_splits == 1 && cuda_head_dim_bucket(p.dtype, p.shape.head_dim) <= 128 &&
-         !needs_feature_path(p) && sm90::sm90_paths(p).persistent && !sm90::long_rows(p);
+  // Under a mask (causal sets window_right to 0: a bounded window edge); launch_fwd_tma alone
+  // decides whether the persistent kernel runs, the others ignore the counter.
+  return CUFLASH_FWD_DYNAMIC_WALK && (p.mask.window_left >= 0 || p.mask.window_right >= 0);
 }
 
 int fwd_num_splits(const FlashFwdParams& p, int requested) {

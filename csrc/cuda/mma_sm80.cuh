@@ -260,7 +260,7 @@ struct SmemTile {
 // acc[j][0..1] is row g, columns 8j + 2t + {0,1}; acc[j][2..3] is row g + 8.
 template <int kCols>
 struct WarpAcc {
-  static constexpr int kTiles = kCols / 8;
+  static constexpr int kColumns = kCols, kTiles = kCols / 8;
   float v[kTiles][4];
   __device__ __forceinline__ void zero() {
 #pragma unroll

@@ -135,8 +135,7 @@ __global__ void __launch_bounds__(FwdSm90TmaKernel<T, kHeadDim, kWide, kPersiste
   const int tid = threadIdx.x, warpgroup = tid / 128, lane = tid % 32;
   // Tiles: the grid's one, or, persistent, every gridDim.x-th of all (query block, head, batch),
   // in TileWalk's order (tile_walk.h).
-  const int m_blocks = (sh.seqlen_q + kBlockM - 1) / kBlockM, heads_batches = sh.heads_q * sh.batch;
-  const int num_tiles = kPersistent ? m_blocks * heads_batches : 1;
+  const int num_tiles = kPersistent ? walk.num_tiles : 1;
   const int first_tile = kPersistent ? static_cast<int>(blockIdx.x) : 0;
   const int tile_stride = kPersistent ? static_cast<int>(gridDim.x) : 1;
   const bool dynamic = K::kDynamicWalk && p.fwd_walk_counter != nullptr;
@@ -305,7 +304,7 @@ __global__ void __launch_bounds__(FwdSm90TmaKernel<T, kHeadDim, kWide, kPersiste
         if (dropout) apply_dropout(s, rng, tile.b, tile.h, sh.heads_q, row0, col0, lane);
       };
       auto to_pa = [&](const auto& s) {  // a WarpAcc of kBlockN columns, or of the left half (the rest of P 0)
-        constexpr int kCols = std::remove_reference_t<decltype(s)>::kTiles * 8;
+        constexpr int kCols = std::remove_reference_t<decltype(s)>::kColumns;
 #pragma unroll
         for (int kk = 0; kk < kBlockN / 16; ++kk) {
           if (kk < kCols / 16) {
@@ -337,7 +336,7 @@ __global__ void __launch_bounds__(FwdSm90TmaKernel<T, kHeadDim, kWide, kPersiste
         auto first_step = [&](auto& s) {  // s: S's accumulator, kBlockN columns or the left half
           my_turn();
           wgmma_fence();
-          constexpr int kCols = std::remove_reference_t<decltype(s)>::kTiles * 8;
+          constexpr int kCols = std::remove_reference_t<decltype(s)>::kColumns;
           issue_qk<T, kHeadDim, kBlockM * 128, kCols, kBlockN>(s, opaque(desc_q), desc_k(stage_of(0)));
           your_turn();
           wgmma_wait<0>();
