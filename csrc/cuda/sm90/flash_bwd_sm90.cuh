@@ -76,6 +76,31 @@ __device__ __forceinline__ void red_add_rows(float* acc, int64_t row_stride, con
     }
 }
 
+// One key block's share of dQ for a warp's 16 query rows (both dQ kernels' step): S = Q K^T and
+// dP = dO V^T recomputed, dS = P (dP - delta), dq += dS K (K's tile read MN-major).
+// kBlockM: the resident query rows (the Q and dO tiles' panel height).
+template <typename T, int kHeadDim, int kBlockM, int kBlockN>
+__device__ __forceinline__ void add_dq_part(WarpAcc<kHeadDim>& dq, uint64_t desc_q, uint64_t desc_do, uint64_t desc_k,
+                                            uint64_t desc_v, uint64_t desc_k_mn, const float (&lse2)[2],
+                                            const float (&delta)[2], float scale_log2, const MaskParams& mask,
+                                            const Sequence& seq, int row0, int n_block, int lane) {
+  WarpAcc<kBlockN> s, dp;
+  wgmma_fence();
+  issue_qk<T, kHeadDim, kBlockM * 128>(s, desc_q, desc_k);
+  issue_qk<T, kHeadDim, kBlockM * 128>(dp, desc_do, desc_v);
+  wgmma_wait<0>();
+  auto row_lse2 = [&](int, int e) { return lse2[e >> 1]; };
+  auto row_delta = [&](int, int e) { return delta[e >> 1]; };
+  probs_then_mask<false>(s, scale_log2, mask, seq, row0, n_block * kBlockN, lane, row_lse2);
+  ds_from_dp(dp, s, row_delta);
+  uint32_t ds[kBlockN / 16][4];
+#pragma unroll
+  for (int kk = 0; kk < kBlockN / 16; ++kk) dp.template to_a<T>(ds[kk], kk);
+  wgmma_fence();
+  issue_pv<T, kHeadDim, kBlockN>(dq, ds, desc_k_mn);
+  wgmma_wait<0>();
+}
+
 // dQ: queries resident (64 per warpgroup), keys streamed: S = Q K^T, dP = dO V^T,
 // dS = P (dP - delta), dQ += dS K.
 template <typename T, int kHeadDim>
@@ -138,21 +163,9 @@ __global__ void __launch_bounds__(BwdSm90Kernel<T, kHeadDim>::kThreads, 1)
       if (n_block + 1 < n_blocks.end) load_kv(n_block + 1, buf ^ 1);
       cp_async_commit();
 
-      WarpAcc<kBlockN> s, dp;
-      wgmma_fence();
-      issue_qk<T, kHeadDim, kBlockM * 128>(s, desc_q, desc_k0 + step_bytes(buf));
-      issue_qk<T, kHeadDim, kBlockM * 128>(dp, desc_do, desc_v0 + step_bytes(buf));
-      wgmma_wait<0>();
-      auto row_lse2 = [&](int, int e) { return lse2[e >> 1]; };
-      auto row_delta = [&](int, int e) { return delta[e >> 1]; };
-      probs_then_mask<false>(s, scale_log2, mask, seq, row0, n_block * kBlockN, lane, row_lse2);
-      ds_from_dp(dp, s, row_delta);
-      uint32_t ds[kBlockN / 16][4];
-#pragma unroll
-      for (int kk = 0; kk < kBlockN / 16; ++kk) dp.template to_a<T>(ds[kk], kk);
-      wgmma_fence();
-      issue_pv<T, kHeadDim, kBlockN>(dq, ds, desc_k0_mn + step_bytes(buf));
-      wgmma_wait<0>();
+      add_dq_part<T, kHeadDim, kBlockM, kBlockN>(dq, desc_q, desc_do, desc_k0 + step_bytes(buf),
+                                                 desc_v0 + step_bytes(buf), desc_k0_mn + step_bytes(buf), lse2,
+                                                 delta, scale_log2, mask, seq, row0, n_block, lane);
     }
   }
   __syncthreads();  // every warpgroup's wgmmas are done with the tiles the staging overwrites

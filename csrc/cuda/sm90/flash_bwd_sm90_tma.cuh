@@ -138,21 +138,9 @@ __global__ void __launch_bounds__(BwdDqSm90TmaKernel<T, kHeadDim>::kThreads, 1)
   for (int step = 0; step < steps; ++step) {
     const int stage = step % kStages, n_block = n_blocks.begin + step;
     mbarrier_wait(&full[stage], (step / kStages) & 1);
-    WarpAcc<kBlockN> s, dp;
-    wgmma_fence();
-    issue_qk<T, kHeadDim, kBlockM * 128>(s, desc_q, desc_k0 + stage_bytes(stage));
-    issue_qk<T, kHeadDim, kBlockM * 128>(dp, desc_do, desc_v0 + stage_bytes(stage));
-    wgmma_wait<0>();
-    auto row_lse2 = [&](int, int e) { return lse2[e >> 1]; };
-    auto row_delta = [&](int, int e) { return delta[e >> 1]; };
-    probs_then_mask<false>(s, scale_log2, mask, seq, row0, n_block * kBlockN, lane, row_lse2);
-    ds_from_dp(dp, s, row_delta);
-    uint32_t ds[kBlockN / 16][4];
-#pragma unroll
-    for (int kk = 0; kk < kBlockN / 16; ++kk) dp.template to_a<T>(ds[kk], kk);
-    wgmma_fence();
-    issue_pv<T, kHeadDim, kBlockN>(dq, ds, desc_k0_mn + stage_bytes(stage));
-    wgmma_wait<0>();
+    add_dq_part<T, kHeadDim, kBlockM, kBlockN>(dq, desc_q, desc_do, desc_k0 + stage_bytes(stage),
+                                               desc_v0 + stage_bytes(stage), desc_k0_mn + stage_bytes(stage), lse2,
+                                               delta, scale_log2, mask, seq, row0, n_block, lane);
     __syncwarp();
     if (lane == 0) mbarrier_arrive(&empty[stage]);  // this warp is done with the stage
   }
