@@ -137,9 +137,6 @@ struct FlashFwdParams : AttentionParams {
   // Debug: when set (int64 [4], zeroed), the tensor-core forward adds the key tiles it computed
   // and the ones it skipped as wholly masked, over all its CTAs, and stores its block_m, block_n.
   unsigned long long* tile_counters = nullptr;
-  // Optional, int32, zeroed (fwd_takes_walk_counter): the persistent TMA forward's CTAs take their
-  // tiles from it in turn (a dynamic walk) instead of every gridDim.x-th.
-  int* fwd_walk_counter = nullptr;
   // Split-KV (decoding: too few query blocks to fill the GPU; the sm_80-class tensor-core kernel,
   // or the TMA forward under CUFLASH_SM90's "splits" part):
   // the key blocks of each (query block, head, sequence) are dealt into num_splits ranges, one

@@ -573,11 +573,6 @@ std::tuple<Tensor, Tensor> fwd_impl(const Tensor& q, const Tensor& k, const Tens
   if (q.is_cuda()) {
     const c10::cuda::CUDAGuard guard(q.device());
     p.num_splits = fwd_num_splits(p, static_cast<int>(std::min<int64_t>(o.num_splits, kMaxFwdSplits)));
-    Tensor walk_counter;  // the persistent forward's dynamic walk, alive until its kernel has run
-    if (fwd_takes_walk_counter(p)) {
-      walk_counter = at::zeros({1}, q.options().dtype(at::kInt));
-      p.fwd_walk_counter = walk_counter.data_ptr<int>();
-    }
     Tensor out_partial, lse_partial;  // split-KV's, alive until the kernels have run (stream order)
     if (p.num_splits > 1) {
       const at::TensorOptions f32 = q.options().dtype(at::kFloat);

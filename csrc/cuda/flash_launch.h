@@ -18,10 +18,6 @@ cudaError_t run_flash_fwd_cuda(const FlashFwdParams& p, cudaStream_t stream);
 // provides out_partial and lse_partial where it returns more than 1.
 constexpr int kMaxFwdSplits = 128;
 int fwd_num_splits(const FlashFwdParams& p, int requested);
-// Whether p's forward takes a zeroed int32 counter (FlashFwdParams::fwd_walk_counter) for the
-// persistent TMA forward's dynamic walk: under a mask, where the experiment is built in (one
-// memset a masked call in that build, whichever kernel runs).
-bool fwd_takes_walk_counter(const FlashFwdParams& p);
 cudaError_t run_flash_bwd_cuda(const FlashBwdParams& p, cudaStream_t stream);
 
 // Whether the fused Hopper backward has kernels for dtype and head_dim (16-bit, head-dim buckets

@@ -51,12 +51,6 @@ SplitKernelShape split_kernel_shape(const FlashFwdParams& p, int bucket) {
 
 }  // namespace
 
-bool fwd_takes_walk_counter(const FlashFwdParams& p) {
-  // Under a mask (causal sets window_right to 0: a bounded window edge); launch_fwd_tma alone
-  // decides whether the persistent kernel runs, the others ignore the counter.
-  return CUFLASH_FWD_DYNAMIC_WALK && (p.mask.window_left >= 0 || p.mask.window_right >= 0);
-}
-
 int fwd_num_splits(const FlashFwdParams& p, int requested) {
   // The split kernels are 16-bit ones; the debug tile counts count unsplit CTAs.
   if (requested == 1 || p.tile_counters != nullptr) return 1;

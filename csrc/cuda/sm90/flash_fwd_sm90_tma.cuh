@@ -38,20 +38,11 @@ namespace cuflash::sm90 {
 // (benchmarks/NOTES.md, twelfth session). The output goes out by TMA store (FlashAttention-3's
 // epilogue): 1-4% faster than each warp's checked stores for plain attention, 0-6% with the
 // features (softcap, ALiBi, dropout) on the H200.
-// Experiment (-DCUFLASH_FWD_DYNAMIC_WALK=1; benchmarks/NOTES.md, twelfth session): under a mask
-// the persistent walk's tiles differ in length, and every gridDim.x-th of them leaves SMs idle at
-// the end (simulated: 3% at D=64, 12-14% at D=128 causal, 1024-2048 keys); with it the TMA thread
-// takes each tile from p.fwd_walk_counter, where the host gives one (fwd_takes_walk_counter).
-#ifndef CUFLASH_FWD_DYNAMIC_WALK
-#define CUFLASH_FWD_DYNAMIC_WALK 0
-#endif
-// Experiment (-DCUFLASH_FWD_HALF_DIAGONAL=1; benchmarks/NOTES.md, twelfth session): with 128-key
-// blocks, without the features, a consumer whose 64 rows see no key of the right half of a tile's
-// first key block (a causal tile's diagonal block: the upper consumer's) computes S and its
-// softmax over the left half only, the rest of P zero (short causal rows are ALU-bound).
-#ifndef CUFLASH_FWD_HALF_DIAGONAL
-#define CUFLASH_FWD_HALF_DIAGONAL 0
-#endif
+// The diagonal block's empty half: at head dim 64 (128-key blocks), without the features, a
+// consumer whose 64 rows see no key of the right half of a tile's first key block (a causal
+// tile's diagonal block: the upper consumer's) computes S and its softmax over the left half
+// only, the rest of P zero (short causal rows are ALU-bound): causal +4%/+3%/+1% at 512/1024/2048
+// keys on the H200; at head dim 128 -2% to +2%, so not there (benchmarks/NOTES.md, thirteenth session).
 template <typename T, int kHeadDim, bool kWide, bool kPersistent = false>
 struct FwdSm90TmaKernel {
   static constexpr bool kHasPersistent = kHeadDim <= 128;
@@ -63,14 +54,11 @@ struct FwdSm90TmaKernel {
   static constexpr int kQBytes = kBlockM * kHeadDim * 2, kKVBytes = kBlockN * kHeadDim * 2;
   // The persistent kernel's staging tile for the output's TMA store: Q's layout (kernel below).
   static constexpr int kStagingBytes = kPersistent ? kQBytes : 0;
-  // The narrow tile only: the wide persistent one runs without a mask (persistent_wide_pays).
-  static constexpr bool kDynamicWalk = kPersistent && !kWide && CUFLASH_FWD_DYNAMIC_WALK;
-  // Barriers: Q full, Q empty, then per stage K full, V full, K empty, V empty; kDynamicWalk: the
-  // tile ring's two full and two empty (and its two slots, 8 bytes).
-  static constexpr int kBarriers = 2 + 4 * kStages + (kDynamicWalk ? 4 : 0);
+  // Barriers: Q full, Q empty, then per stage K full, V full, K empty, V empty.
+  static constexpr int kBarriers = 2 + 4 * kStages;
   // + 1024: the swizzle atoms must start on 1024-byte boundaries; the base is aligned by hand.
   static constexpr int kSmemBytes =
-      kQBytes + 2 * kStages * kKVBytes + kStagingBytes + kBarriers * 8 + (kDynamicWalk ? 8 : 0) + 1024;
+      kQBytes + 2 * kStages * kKVBytes + kStagingBytes + kBarriers * 8 + 1024;
   // setmaxnreg: the producer's registers go to the consumers (65536 per SM in all).
   static constexpr int kProducerRegs = kConsumers == 2 ? 24 : 32, kConsumerRegs = kConsumers == 2 ? 240 : 160;
   static_assert(fits_launch_registers<kThreads>(kProducerRegs, kConsumerRegs), "setmaxnreg's split");
@@ -112,7 +100,7 @@ __global__ void __launch_bounds__(FwdSm90TmaKernel<T, kHeadDim, kWide, kPersiste
   // stays as it was.
   constexpr bool kMaySplit = !kWide && !kPersistent && !kFeatures;
   // 128-key blocks (the narrow tiles, and D=64's wide one): halves of 64 keys.
-  constexpr bool kHalfDiagonal = CUFLASH_FWD_HALF_DIAGONAL && kBlockN == 128 && !kFeatures;
+  constexpr bool kHalfDiagonal = kHeadDim == 64 && kBlockN == 128 && !kFeatures;
   static_assert(kWide || kPageSizeMultiple % kBlockN == 0, "a key block lies in one page (key_at)");
   constexpr int kPanels = kHeadDim / 64, kConsumerThreads = 128 * K::kConsumers;
   extern __shared__ char smem_raw[];
@@ -127,9 +115,6 @@ __global__ void __launch_bounds__(FwdSm90TmaKernel<T, kHeadDim, kWide, kPersiste
   uint64_t* v_full = k_full + kStages;
   uint64_t* k_empty = v_full + kStages;
   uint64_t* v_empty = k_empty + kStages;
-  uint64_t* tile_full = v_empty + kStages;  // K::kDynamicWalk: [2] the tile ring's slots
-  uint64_t* tile_empty = tile_full + 2;     // K::kDynamicWalk: [2]
-  int* tile_slot = reinterpret_cast<int*>(tile_empty + 2);
 
   const AttentionShape& sh = p.shape;
   const int tid = threadIdx.x, warpgroup = tid / 128, lane = tid % 32;
@@ -138,26 +123,6 @@ __global__ void __launch_bounds__(FwdSm90TmaKernel<T, kHeadDim, kWide, kPersiste
   const int num_tiles = kPersistent ? walk.num_tiles : 1;
   const int first_tile = kPersistent ? static_cast<int>(blockIdx.x) : 0;
   const int tile_stride = kPersistent ? static_cast<int>(gridDim.x) : 1;
-  const bool dynamic = K::kDynamicWalk && p.fwd_walk_counter != nullptr;
-  // The index of tile i of this CTA's walk (num_tiles or more: past its last): every
-  // tile_stride-th, or, dynamic, the counter's next, which the TMA thread (publish) takes and
-  // writes into a two-slot ring that every consumer warp reads (tile_full, tile_empty).
-  auto walk_index = [&](int i, bool publish) {
-    if (!dynamic) return first_tile + i * tile_stride;
-    const int slot = i & 1;
-    if (publish) {
-      if (i >= 2) mbarrier_wait(&tile_empty[slot], ((i >> 1) - 1) & 1);
-      const int index = atomicAdd(p.fwd_walk_counter, 1);
-      tile_slot[slot] = index;
-      mbarrier_arrive(&tile_full[slot]);  // release: the slot's write before it
-      return index;
-    }
-    mbarrier_wait(&tile_full[slot], (i >> 1) & 1);
-    const int index = tile_slot[slot];
-    __syncwarp();
-    if (lane == 0) mbarrier_arrive(&tile_empty[slot]);
-    return index;
-  };
   auto tile_at = [&](int index) {
     TmaTile t;
     int m_block;
@@ -192,11 +157,6 @@ __global__ void __launch_bounds__(FwdSm90TmaKernel<T, kHeadDim, kWide, kPersiste
       mbarrier_init(&k_empty[s], kConsumerThreads / 32);
       mbarrier_init(&v_empty[s], kConsumerThreads / 32);
     }
-    if constexpr (K::kDynamicWalk)
-      for (int s = 0; s < 2; ++s) {
-        mbarrier_init(&tile_full[s], 1);                       // the TMA thread's
-        mbarrier_init(&tile_empty[s], kConsumerThreads / 32);  // one arrival per consumer warp
-      }
     fence_barrier_init();
   }
   __syncthreads();
@@ -207,9 +167,7 @@ __global__ void __launch_bounds__(FwdSm90TmaKernel<T, kHeadDim, kWide, kPersiste
     setmaxnreg_dec<K::kProducerRegs>();
     if (tid != 0) return;
     int step = 0, q_loads = 0;
-    for (int iteration = 0;; ++iteration) {
-      const int index = walk_index(iteration, true);
-      if (index >= num_tiles) break;
+    for (int index = first_tile, iteration = 0; index < num_tiles; index += tile_stride, ++iteration) {
       const TmaTile tile = tile_at(index);
       const int steps = tile.steps();
       if (p.tile_counters) count_tiles(p.tile_counters, tile.seq, tile.n_blocks, kBlockM, kBlockN);
@@ -281,9 +239,7 @@ __global__ void __launch_bounds__(FwdSm90TmaKernel<T, kHeadDim, kWide, kPersiste
   const bool dropout = kFeatures && p.dropout.p > 0.0;
   const DropoutRng rng = dropout ? make_dropout_rng(p.dropout) : DropoutRng{};
   int step = 0, q_loads = 0;
-  for (int i = 0;; ++i) {
-    const int index = walk_index(i, false);
-    if (index >= num_tiles) break;
+  for (int index = first_tile; index < num_tiles; index += tile_stride) {
     const TmaTile tile = tile_at(index);
     const int steps = tile.steps(), row0 = tile.m_start + warp_row;
     WarpAcc<kHeadDim> o;
