@@ -23,10 +23,10 @@ bool fused_backward_runs(const FlashBwdParams& p) {
   if (!fused_backward_built_for(p.dtype, p.shape.head_dim)) return false;
   if (p.dscores != nullptr) return false;
   if (!sm90::sm90_paths(p).bwd_ws) return false;  // (not with seqused_k: sm90_paths)
-  // The launch encodes the maps (no second encoding here); dk and dv where the ordered kernel, the
-  // deterministic route's alone, stores them by TMA (asked before the route is chosen).
+  // The launch encodes the maps (no second encoding here); dk and dv where the persistent kernel
+  // stores them by TMA (both routes' at head dim 64).
   const int bucket = cuda_head_dim_bucket(p.dtype, p.shape.head_dim);
-  return sm90::bwd_tma_addressable(p, sm90::bwd_dkdv_persistent(bucket, true));
+  return sm90::bwd_tma_addressable(p, sm90::bwd_dkdv_persistent(bucket));
 }
 
 bool prefers_fused_backward(const FlashBwdParams& p) {

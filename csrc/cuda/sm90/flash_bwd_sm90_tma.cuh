@@ -30,17 +30,12 @@ constexpr int kDqPartRows = 64;
 // box (the maps' boxes).
 constexpr int kDkvStoreRows = 64;
 
-// Where the fused dK/dV/dQ kernel is persistent (BwdDkvSm90TmaKernel::kPersistent): the deterministic
-// one at head dim 64 (benchmarks/NOTES.md, twelfth session, H200: +7-16% at 512-1024 keys,
-// -1% to +4% at 4096). Not head dim 128 (-3% to +3%). The unordered one walking every
-// gridDim.x-th tile ran causal 14-28% slower than the hardware's scheduling of a full grid;
-// experiment (-DCUFLASH_BWD_PERSISTENT_UNORDERED=1): it too, its tiles from dkdv_tile_counter.
-#ifndef CUFLASH_BWD_PERSISTENT_UNORDERED
-#define CUFLASH_BWD_PERSISTENT_UNORDERED 0
-#endif
-constexpr bool bwd_dkdv_persistent(int head_dim, bool ordered_dq) {
-  return head_dim == 64 && (ordered_dq || CUFLASH_BWD_PERSISTENT_UNORDERED);
-}
+// Where the fused dK/dV/dQ kernel is persistent (BwdDkvSm90TmaKernel::kPersistent), its tiles taken
+// from dkdv_tile_counter in turn: at head dim 64, both orders (benchmarks/NOTES.md, H200: the
+// deterministic one +7-16% at 512-1024 keys, -1% to +4% at 4096, twelfth session; the unordered
+// one +5-13%, -3% at 4096, thirteenth). Not head dim 128 (-3% to +3%). (An unordered walk of every
+// gridDim.x-th tile ran causal 14-28% slower than the hardware's scheduling of a full grid.)
+constexpr bool bwd_dkdv_persistent(int head_dim) { return head_dim == 64; }
 
 // The dQ kernel's shape: 128 resident queries, 64 (32) streamed keys a step.
 template <typename T, int kHeadDim>
@@ -197,7 +192,7 @@ struct BwdDkvSm90TmaKernel {
   // As persistent CTAs (the kernel below), dK and dV stored by TMA: the next tile's K and V load
   // waits only for the bulk stores to have read their buffers. (The TMA store alone, in the
   // kernels that are not persistent, measured -5% to +1%: benchmarks/NOTES.md.)
-  static constexpr bool kPersistent = kAccumDq && bwd_dkdv_persistent(kHeadDim, kOrderedDq);
+  static constexpr bool kPersistent = kAccumDq && bwd_dkdv_persistent(kHeadDim);
   static constexpr bool kTmaStoreDkv = kPersistent;
   static constexpr int kConsumers = 2, kThreads = 128 * (kConsumers + 1), kConsumerThreads = 128 * kConsumers;
   static constexpr int kBlockN = 64 * kConsumers;              // resident keys
