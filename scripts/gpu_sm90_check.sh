@@ -13,6 +13,8 @@
 #                        per call (unset: none)
 #   GPU_SM90_DECODE="..."   benchmarks/bench_decode.py arguments ("-" for its defaults): decoding
 #                        against a KV cache, contiguous and paged (unset: none)
+#   GPU_SM90_SANITIZE="memcheck synccheck"   scripts/sanitize.sh's tools over the extension as built,
+#                        after the tests (unset: none); its logs join logs.tar.gz
 #   GPU_SM90_NCU="..."   scripts/ncu_profile.sh's cases (e.g. "bwd:2,32,8192,64:0 fwd:16,16,1024,128:1")
 #                        to profile at the end (unset: no profile)
 # Logs come back as $OUT/logs.tar.gz, results as $OUT/*.md/json.
@@ -105,6 +107,14 @@ if [ -n "${GPU_SM90_DECODE-}" ]; then
   timeout --kill-after=5 150 python3 benchmarks/bench_decode.py $(args_of "$GPU_SM90_DECODE") \
     > "$OUT/decode.md" 2> "$OUT/decode.log"
   echo "decode exit $?"; cat "$OUT/decode.md"
+fi
+if [ -n "${GPU_SM90_SANITIZE-}" ]; then
+  # Its own folder: sanitize.sh writes <tool>.log, which must not overwrite a test group's log.
+  OUT="$OUT/sanitize" SANITIZE_SKIP_BUILD=1 SANITIZE_TOOLS="$GPU_SM90_SANITIZE" bash scripts/sanitize.sh \
+    > "$OUT/sanitize.log" 2>&1 || status=1
+  grep -E "errors|cases|not run" "$OUT/sanitize.log"
+  for f in "$OUT"/sanitize/*.log; do [ -e "$f" ] && mv "$f" "$OUT/sanitize_$(basename "$f")"; done
+  rmdir "$OUT/sanitize" 2>/dev/null
 fi
 if [ -n "${GPU_SM90_NCU-}" ]; then
   NCU_CASES="$GPU_SM90_NCU" OUT="$OUT" timeout --kill-after=5 240 bash scripts/ncu_profile.sh > "$OUT/ncu.log" 2>&1
