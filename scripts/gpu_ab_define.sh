@@ -17,8 +17,8 @@
 #                        split on spaces; if they fail, B is not benchmarked)
 #   AB_TEST_LIMIT_S=300  seconds the tests under B may run (a wrong mbarrier phase hangs a kernel)
 #   AB_SANITIZE_TOOLS="memcheck synccheck"   scripts/sanitize.sh over A first ("" none)
-#   AB_SKIP_A=1          neither build nor benchmark A: a second experiment in the same call,
-#                        against the first one's A (same files, same benchmark arguments)
+#   AB_SKIP_A=1          neither build, benchmark nor sanitize A: a second experiment in the same
+#                        call, against the first one's A (same files, same benchmark arguments)
 # Results: $OUT/<gpu>-<date>-a.md/json and -b.md/json; logs as $OUT/logs.tar.gz.
 # shellcheck source=scripts/device_call_env.sh
 source "$(dirname "$0")/device_call_env.sh"
@@ -49,11 +49,11 @@ if [ "${AB_SKIP_A:-0}" != 1 ]; then
   # shellcheck disable=SC2086  # AB_BENCH is an argument list
   python3 benchmarks/bench_attention.py ${AB_BENCH-} --out "$OUT" --tag A > "$OUT/bench_A.log" 2>&1 || status=1
   bench_features A
-fi
-if [ -n "${AB_SANITIZE_TOOLS-}" ]; then
-  OUT="$OUT" SANITIZE_SKIP_BUILD=1 SANITIZE_TOOLS="$AB_SANITIZE_TOOLS" bash scripts/sanitize.sh > "$OUT/sanitize.log" 2>&1 \
-    || status=1
-  grep -E "errors|cases" "$OUT/sanitize.log"
+  if [ -n "${AB_SANITIZE_TOOLS-}" ]; then
+    OUT="$OUT" SANITIZE_SKIP_BUILD=1 SANITIZE_TOOLS="$AB_SANITIZE_TOOLS" bash scripts/sanitize.sh > "$OUT/sanitize.log" 2>&1 \
+      || status=1
+    grep -E "errors|cases" "$OUT/sanitize.log"
+  fi
 fi
 build B "$AB_DEFINE"
 tests_ok=1
