@@ -5,17 +5,29 @@ For each configuration, bytes moved through device memory by:
   standard  attention that stores S and P (the paper's Algorithms 0 and 3: S, P, dP, dS are
             N x N and go through HBM), element size of the input dtype
   min       every input read once, every output written once (a floor, not a kernel)
-  tiled     our kernels, counting every global load and store as an HBM access: K and V are
-            read once per query block (forward, dQ kernel), Q, dO, lse, delta once per key
-            block (dK/dV kernel); tile sizes are parsed from csrc/cuda/tile_shapes.h
+  tiled     the kernels our ops launch on one GPU architecture (--arch; the `path` column says
+            which kernels: sm80, the sm_80-class tensor-core kernels, simt, the exact ones, or
+            sm90_tma, Hopper's warp-specialized ones, chosen as flash_launch.cuh chooses them with
+            the default switches), counting every global load and store as an HBM access: K and
+            V read once per query block (forward, dQ kernel), Q, dO, lse, delta once per key
+            block (dK/dV kernel; on Hopper's fused backward with dQ added to an fp32 buffer by
+            TMA reduce-add, a read and a write of it per key block); tile sizes and route rules
+            parsed from the headers (csrc/cuda/tile_shapes.h, csrc/cuda/sm90/*.cuh, the choice
+            functions)
   measured  (--measure, on a GPU with Nsight Compute) dram__bytes_read.sum and
-            dram__bytes_write.sum, caches flushed before each kernel
+            dram__bytes_write.sum summed over every one of our kernels of the pass, caches flushed
+            before each kernel; measured / tiled only where the kernels measured are the ones
+            modeled. Every kernel ncu profiles must be one whose role we know (KERNEL_NAME): an
+            unknown one stops the run, as dropping Hopper's kernels silently once measured the
+            forward at 0 bytes (2026-12-02, H200).
 
     python3 benchmarks/analyze_io.py                    # the model table (no GPU needed)
+    python3 benchmarks/analyze_io.py --arch sm80        # the sm_80-class kernels' model
     python3 benchmarks/analyze_io.py --measure          # + ncu: <gpu>-<date>-io.{md,json}
 """
 import argparse
 import csv
+import functools
 import io
 import json
 import re
@@ -27,14 +39,22 @@ from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 RESULTS_DIR = REPO_ROOT / "benchmarks" / "results"
-TILE_SHAPES_H = REPO_ROOT / "csrc" / "cuda" / "tile_shapes.h"
-SIMT_KERNEL_CUH = REPO_ROOT / "csrc" / "cuda" / "flash_simt_kernel.cuh"
+CUDA_DIR = REPO_ROOT / "csrc" / "cuda"
+TILE_SHAPES_H = CUDA_DIR / "tile_shapes.h"
+SIMT_KERNEL_CUH = CUDA_DIR / "flash_simt_kernel.cuh"
+FLASH_LAUNCH_CUH = CUDA_DIR / "flash_launch.cuh"
+BACKWARD_CHOICE_CU = CUDA_DIR / "backward_choice.cu"
+SM90_FWD_CUH = CUDA_DIR / "sm90" / "flash_fwd_sm90.cuh"
+SM90_FWD_TMA_CUH = CUDA_DIR / "sm90" / "flash_fwd_sm90_tma.cuh"
+SM90_BWD_CUH = CUDA_DIR / "sm90" / "flash_bwd_sm90.cuh"
+SM90_BWD_TMA_CUH = CUDA_DIR / "sm90" / "flash_bwd_sm90_tma.cuh"
 GENERATE_KERNELS = REPO_ROOT / "tools" / "generate_kernels.py"
 
 TOTAL_TOKENS, HIDDEN = 16384, 2048  # PERF.md's standard table
 HEAD_DIMS, SEQLENS = (64, 128), (2048, 8192)
 ELEM_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4, "fp64": 8}
 STATS_BYTES = {"bf16": 4, "fp16": 4, "fp32": 4, "fp64": 8}  # lse and delta
+ACCUM_BYTES = 4  # dq_accum, the fused backward's fp32 dQ
 TORCH_DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32", "fp64": "float64"}
 METRICS = ("dram__bytes_read.sum", "dram__bytes_write.sum")
 NVTX_TAG = "cuflash_io"
@@ -59,9 +79,26 @@ def _tokens(expr):
     return out
 
 
-def eval_cpp_expr(expr, names):
-    """Evaluates the integer/bool C++ subset that tile_shapes.h uses: literals, names, unary
-    ! and -, * / % + -, comparisons, && ||, and ?: (right-associative)."""
+def _expand_variable_templates(expr, names, templates):
+    """`kBwdStreamedRows<kHeadDim>` -> its value, for templates {name: (parameter, expression)}
+    (`template <int P> constexpr int name = expression;`): the tokenizer would read the angle
+    brackets as comparisons."""
+    if not templates:
+        return expr
+    pattern = re.compile(r"\b(" + "|".join(map(re.escape, templates)) + r")\s*<([^<>]*)>")
+
+    def value(m):
+        param, body = templates[m.group(1)]
+        v = eval_cpp_expr(body, {param: eval_cpp_expr(m.group(2), names, templates)}, templates)
+        return f"({str(v).lower() if isinstance(v, bool) else v})"
+    return pattern.sub(value, expr)
+
+
+def eval_cpp_expr(expr, names, templates=None):
+    """Evaluates the integer/bool C++ subset that the tile structs use: literals, names, unary
+    ! and -, * / % + -, comparisons, && ||, ?: (right-associative), and one-int-parameter
+    variable templates (templates: see _expand_variable_templates)."""
+    expr = _expand_variable_templates(expr, names, templates)
     toks, i = _tokens(expr), 0
 
     def peek():
@@ -137,40 +174,118 @@ def _strip_comments(text):
     return re.sub(r"//[^\n]*|/\*.*?\*/", "", text, flags=re.S)
 
 
+@functools.lru_cache(maxsize=None)
+def _source(path):
+    return _strip_comments(Path(path).read_text())
+
+
+def _split_top_level(text, sep=","):
+    """text split at `sep` outside parentheses: `int a = f(x, y), b = 2` declares a and b."""
+    parts, depth, start = [], 0, 0
+    for i, ch in enumerate(text):
+        depth += ch == "("
+        depth -= ch == ")"
+        if ch == sep and depth == 0:
+            parts.append(text[start:i])
+            start = i + 1
+    return parts + [text[start:]]
+
+
 def parse_tile_structs(text):
-    """{struct name: [(member, expression), ...]} of `template <int kHeadDim[, int kElemBytes]>
-    struct X {...}`."""
+    """{struct name: [(member, expression), ...]} of every `template <...> struct X {...}`'s
+    `static constexpr int|bool` members (several declarators to a statement allowed)."""
     text = _strip_comments(text)
     structs = {}
-    for m in re.finditer(r"template\s*<\s*int\s+kHeadDim\s*(?:,\s*int\s+kElemBytes\s*)?>\s*struct\s+(\w+)\s*\{(.*?)\n\s*\};",
-                         text, re.S):
-        members = re.findall(r"static\s+constexpr\s+(?:int|bool)\s+(\w+)\s*=\s*([^;]+);", m.group(2))
-        structs[m.group(1)] = [(name, " ".join(expr.split())) for name, expr in members]
+    for m in re.finditer(r"template\s*<[^<>]*>\s*struct\s+(\w+)\s*\{(.*?)\n\s*\};", text, re.S):
+        members = []
+        for decl in re.findall(r"static\s+constexpr\s+(?:int|bool)\s+([^;]+);", m.group(2)):
+            for part in _split_top_level(decl):
+                name, _, expr = part.partition("=")
+                members.append((name.strip(), " ".join(expr.split())))
+        structs[m.group(1)] = members
     return structs
+
+
+def parse_variable_templates(text):
+    """{name: (parameter, expression)} of `template <int P> constexpr int|bool name = expr;`."""
+    return {name: (param, " ".join(expr.split())) for param, name, expr in re.findall(
+        r"template\s*<\s*int\s+(\w+)\s*>\s*constexpr\s+(?:int|bool)\s+(\w+)\s*=\s*([^;]+);",
+        _strip_comments(text))}
+
+
+def evaluate_members(members, names, where, wanted=None, templates=None):
+    """The members' values, in order, given the template arguments `names`. A member the
+    evaluator cannot read (a function call, say) is left out unless it is `wanted` (None: every
+    member), where it raises."""
+    values, errors = dict(names), {}
+    for name, expr in members:
+        try:
+            values[name] = eval_cpp_expr(expr, values, templates)
+        except ValueError as e:
+            errors[name] = e
+    for name in (wanted if wanted is not None else [n for n, _ in members]):
+        if name not in values:
+            why = errors.get(name, "not a static constexpr member")
+            raise ValueError(f"{where}::{name}: {why}; update benchmarks/analyze_io.py's evaluator")
+    return {name: values[name] for name, _ in members if name in values}
 
 
 def tile_shapes(head_dim_bucket, text=None, elem_bytes=2):
     """{"FwdTile": {"kBlockM": 64, ...}, "BwdTile": {...}} for one head-dim bucket and element
-    size (2: float16/bfloat16, 4: float32's 3xTF32 tiles): the tiles this model counts (the
-    header's other structs, split-KV's tile, are not evaluated)."""
+    size (2: float16/bfloat16, 4: float32's 3xTF32 tiles): the sm_80-class kernels' tiles that
+    this model counts (the header's other structs, split-KV's tile, are not evaluated)."""
     text = TILE_SHAPES_H.read_text() if text is None else text
     structs = parse_tile_structs(text)
-    for needed in ("FwdTile", "BwdTile"):
-        if needed not in structs:
-            raise ValueError(f"{TILE_SHAPES_H}: struct {needed} not found; update benchmarks/analyze_io.py")
     out = {}
     for struct in ("FwdTile", "BwdTile"):
-        members = structs[struct]
-        names = {"kHeadDim": head_dim_bucket, "kElemBytes": elem_bytes}
-        for name, expr in members:
-            try:
-                names[name] = eval_cpp_expr(expr, names)
-            except ValueError as e:
-                raise ValueError(f"{TILE_SHAPES_H}: {struct}::{name}: {e}; update "
-                                 "benchmarks/analyze_io.py's evaluator") from None
-        del names["kHeadDim"], names["kElemBytes"]
-        out[struct] = names
+        if struct not in structs:
+            raise ValueError(f"{TILE_SHAPES_H}: struct {struct} not found; update benchmarks/analyze_io.py")
+        out[struct] = evaluate_members(structs[struct], {"kHeadDim": head_dim_bucket, "kElemBytes": elem_bytes},
+                                       f"{TILE_SHAPES_H}: {struct}")
     return out
+
+
+def sm90_variable_templates():
+    """kFwdHeadDim, kBwdHeadDim, kBwdStreamedRows, ... of the Hopper headers."""
+    return {**parse_variable_templates(_source(SM90_FWD_CUH)), **parse_variable_templates(_source(SM90_BWD_CUH))}
+
+
+def sm90_constants(path, struct, wanted, **template_args):
+    """Members `wanted` of the Hopper kernel struct `struct` in `path` for the template
+    arguments given (bools and ints by the header's parameter names; T, the element type, is
+    not read)."""
+    structs = parse_tile_structs(_source(path))
+    if struct not in structs:
+        raise ValueError(f"{path}: struct {struct} not found; update benchmarks/analyze_io.py")
+    values = evaluate_members(structs[struct], template_args, f"{path}: {struct}", wanted,
+                              sm90_variable_templates())
+    return {name: values[name] for name in wanted}
+
+
+# The host-side route rules (flash_launch.cuh, backward_choice.cu, flash_fwd_sm90_tma.cuh) are
+# evaluated from their source: a predicate's last `return` expression, its terms of p renamed
+# to the values a configuration gives them.
+HOST_TERMS = {r"(?:sm90::)?middle_row_keys\(p\)": "middle_row_keys",
+              r"cuda_head_dim_bucket\(p\.dtype,\s*p\.shape\.head_dim\)": "bucket",
+              r"p\.shape\.seqlen_q": "seqlen_q", r"p\.mask\.window_left": "window_left",
+              r"p\.mask\.window_right": "window_right"}
+
+
+def host_predicate(path, function, values):
+    """The value of `bool function(...)`'s last return expression in `path` (a body without
+    nested braces) for `values` (HOST_TERMS' names, kHeadDim, locals such as bucket)."""
+    m = re.search(rf"\bbool\s+{function}\s*\([^)]*\)\s*\{{([^{{}}]*)\}}", _source(path))
+    returns = re.findall(r"return\s+([^;]+);", m.group(1)) if m else []
+    if not returns:
+        raise ValueError(f"{path}: bool {function}(...) {{ ... return ...; }} not found; "
+                         "update benchmarks/analyze_io.py")
+    expr = returns[-1]
+    for term, name in HOST_TERMS.items():
+        expr = re.sub(term, name, expr)
+    try:
+        return bool(eval_cpp_expr(expr, values))
+    except ValueError as e:
+        raise ValueError(f"{path}: {function}: {e}; update benchmarks/analyze_io.py's HOST_TERMS") from None
 
 
 def simt_rows_per_cta(text=None):
@@ -265,47 +380,154 @@ def min_model(cfg):
     return {"fwd": _rw(fwd["read"] * bh, fwd["write"] * bh), "bwd": _rw(bwd["read"] * bh, bwd["write"] * bh)}
 
 
-def tiled_kernels(cfg, dlse=False):
-    """Our launches, in order, each {"phase", "kernel", "read", "write"}, with the tile sizes
-    they use. dlse: the backward was given a gradient of lse (autograd passes zeros)."""
-    dtype, nq, nk, d = cfg["dtype"], cfg["seqlen_q"], cfg["seqlen_k"], cfg["head_dim"]
-    bh, e, s = cfg["batch"] * cfg["heads"], ELEM_BYTES[dtype], STATS_BYTES[dtype]
-    row, causal = d * e, cfg["causal"]
+def middle_row_keys(cfg):
+    """sm90::middle_row_keys (flash_fwd_sm90_tma.cuh) for a dense configuration: the keys its
+    middle query row sees (top-left causal), what the Hopper route rules compare."""
+    middle = cfg["seqlen_q"] // 2
+    return min(cfg["seqlen_k"], middle + 1) if cfg["causal"] else cfg["seqlen_k"]
+
+
+def _kernel(name, tile, variant=""):
+    return {"kernel": name, "tile": tile, "variant": variant}
+
+
+def sm80_kernels(cfg):
+    """The sm_80-class kernels' launches (flash_launch.cuh's run_flash_fwd / run_flash_bwd off
+    Hopper, and on it for float32; float64 the exact simt ones): {"fwd": kernel, "dq": kernel,
+    "dkdv": [kernel, ...], "accum_dq": False}; a dK/dV kernel's "dk", "dv": what it computes."""
+    dtype, d = cfg["dtype"], cfg["head_dim"]
     if dtype == "fp64":
         r = simt_rows_per_cta()  # CTA of r warps = r rows; its warps' loads of one row meet in L1
-        tiles = {"fwd": (r, 1), "dq": (r, 1), "dkdv": (1, r), "split": False}
-        suffix = "_simt"
+        return {"fwd": _kernel("flash_fwd_simt_kernel", (r, 1)), "dq": _kernel("flash_bwd_dq_simt_kernel", (r, 1)),
+                "dkdv": [{**_kernel("flash_bwd_dkdv_simt_kernel", (1, r)), "dk": True, "dv": True}],
+                "accum_dq": False}
+    t = tile_shapes(head_dim_bucket(dtype, d), elem_bytes=ELEM_BYTES[dtype])
+    f, b = t["FwdTile"], t["BwdTile"]
+    dkdv_tile = (b["kDkvBlockM"], b["kDkvBlockN"])
+    if b["kSplitDkDv"]:  # dK, then dV
+        dkdv = [{**_kernel("flash_bwd_dkdv_kernel", dkdv_tile, "dK"), "dk": True, "dv": False},
+                {**_kernel("flash_bwd_dkdv_kernel", dkdv_tile, "dV"), "dk": False, "dv": True}]
     else:
-        t = tile_shapes(head_dim_bucket(dtype, d), elem_bytes=e)
-        f, b = t["FwdTile"], t["BwdTile"]
-        tiles = {"fwd": (f["kBlockM"], f["kBlockN"]), "dq": (b["kDqBlockM"], b["kDqBlockN"]),
-                 "dkdv": (b["kDkvBlockM"], b["kDkvBlockN"]), "split": bool(b["kSplitDkDv"])}
-        suffix = ""
+        dkdv = [{**_kernel("flash_bwd_dkdv_kernel", dkdv_tile), "dk": True, "dv": True}]
+    return {"fwd": _kernel("flash_fwd_kernel", (f["kBlockM"], f["kBlockN"])),
+            "dq": _kernel("flash_bwd_dq_kernel", (b["kDqBlockM"], b["kDqBlockN"])), "dkdv": dkdv,
+            "accum_dq": False}
+
+
+def sm90_forward(cfg, bucket):
+    """The TMA forward's tile, as launch_fwd_tma (flash_launch.cuh) picks it for plain dense
+    attention with the default switches."""
+    values = {"middle_row_keys": middle_row_keys(cfg), "seqlen_q": cfg["seqlen_q"], "kHeadDim": bucket,
+              "window_left": -1, "window_right": 0 if cfg["causal"] else -1}  # causal: a window (-1, 0)
+
+    def tile(wide, persistent):
+        return sm90_constants(SM90_FWD_TMA_CUH, "FwdSm90TmaKernel", ("kBlockM", "kBlockN", "kHasPersistent"),
+                              kHeadDim=bucket, kWide=wide, kPersistent=persistent)
+
+    short_rows = tile(False, False)["kHasPersistent"] and not host_predicate(SM90_FWD_TMA_CUH, "long_rows", values)
+    # launch_fwd_tma's order; head dim 64 is the one with a wide persistent kernel (`if constexpr`).
+    if bucket == 64 and short_rows and host_predicate(SM90_FWD_TMA_CUH, "persistent_wide_pays", values):
+        wide, persistent = True, True
+    elif host_predicate(SM90_FWD_TMA_CUH, "wide_rows", values):
+        wide, persistent = True, False
+    else:
+        wide, persistent = False, short_rows
+    t = tile(wide, persistent)
+    variant = ("wide" if wide else "narrow") + (", persistent" if persistent else "")
+    return _kernel("flash_fwd_sm90_tma_kernel", (t["kBlockM"], t["kBlockN"]), variant)
+
+
+def sm90_backward(cfg, bucket):
+    """The warp-specialized Hopper backward, as run_flash_bwd (flash_launch.cuh) and
+    prefers_fused_backward (backward_choice.cu) pick it with the default switches, either
+    deterministic setting (ordered or unordered adds move the same bytes here): the fused dK/dV/dQ
+    kernel, dQ added to dq_accum by TMA reduce-add, then dq_convert; else the dQ kernel and the
+    dK/dV kernel (two launches, dK then dV, where BwdSm90Kernel::kSplitDkDv)."""
+    values = {"middle_row_keys": middle_row_keys(cfg), "bucket": bucket, "kHeadDim": bucket}
+
+    def dkdv_tile(accum, with_dk, with_dv, wide):
+        t = sm90_constants(SM90_BWD_TMA_CUH, "BwdDkvSm90TmaKernel", ("kBlockM", "kBlockN"), kHeadDim=bucket,
+                           kAccumDq=accum, kWithDk=with_dk, kWithDv=with_dv, kWideSteps=wide, kOrderedDq=False)
+        return t["kBlockM"], t["kBlockN"]
+
+    if (host_predicate(BACKWARD_CHOICE_CU, "fused_backward_built_for", values)
+            and host_predicate(BACKWARD_CHOICE_CU, "prefers_fused_backward", values)):
+        # run_flash_bwd: 128-query steps (kWideSteps) at head dim 64 only, `if constexpr`
+        wide = bucket == 64 and host_predicate(FLASH_LAUNCH_CUH, "fused_wide_steps_pay", values)
+        dkdv = _kernel("flash_bwd_dkdv_sm90_tma_kernel", dkdv_tile(True, True, True, wide),
+                       ("wide steps, " if wide else "") + "fused dQ")
+        return {"dq": None, "dkdv": [{**dkdv, "dk": True, "dv": True}], "accum_dq": True}
+    t = sm90_constants(SM90_BWD_TMA_CUH, "BwdDqSm90TmaKernel", ("kBlockM", "kBlockN"), kHeadDim=bucket)
+    dq = _kernel("flash_bwd_dq_sm90_tma_kernel", (t["kBlockM"], t["kBlockN"]))
+    if sm90_constants(SM90_BWD_CUH, "BwdSm90Kernel", ("kSplitDkDv",), kHeadDim=bucket)["kSplitDkDv"]:
+        dkdv = [{**_kernel("flash_bwd_dkdv_sm90_tma_kernel", dkdv_tile(False, True, False, False), "dK"),
+                 "dk": True, "dv": False},
+                {**_kernel("flash_bwd_dkdv_sm90_tma_kernel", dkdv_tile(False, False, True, False), "dV"),
+                 "dk": False, "dv": True}]
+    else:
+        wide = bucket == 64  # bwd_wide_steps(true): CUFLASH_BWD_TILE's default
+        dkdv = [{**_kernel("flash_bwd_dkdv_sm90_tma_kernel", dkdv_tile(False, True, True, wide),
+                           "wide steps" if wide else ""), "dk": True, "dv": True}]
+    return {"dq": dq, "dkdv": dkdv, "accum_dq": False}
+
+
+ARCHS = ("sm90", "sm80")  # sm90: an sm_90a build on a compute capability 9.0 GPU (H100, H200)
+
+
+def kernel_choice(cfg, arch):
+    """The kernels our forward and backward ops launch for cfg on `arch` (ARCHS): plain dense
+    attention, the default switches (run_switches.h), inputs TMA can address."""
+    if arch not in ARCHS:
+        raise ValueError(f"arch {arch!r}: one of {ARCHS}")
+    plan = sm80_kernels(cfg)
+    if arch == "sm90" and cfg["dtype"] in ("bf16", "fp16"):  # the Hopper kernels are 16-bit ones
+        bucket = head_dim_bucket(cfg["dtype"], cfg["head_dim"])
+        variables = sm90_variable_templates()
+        if eval_cpp_expr(f"kFwdHeadDim<{bucket}>", {}, variables):
+            plan["fwd"] = sm90_forward(cfg, bucket)
+        if eval_cpp_expr(f"kBwdHeadDim<{bucket}>", {}, variables):
+            plan.update(sm90_backward(cfg, bucket))
+    return plan
+
+
+def tiled_kernels(cfg, arch, dlse=False):
+    """Our launches on `arch`, in order, each {"phase", "kernel", "tile", "variant", "read",
+    "write"}, with the tile sizes they use. dlse: the backward was given a gradient of lse
+    (autograd passes zeros)."""
+    dtype, nq, nk, d = cfg["dtype"], cfg["seqlen_q"], cfg["seqlen_k"], cfg["head_dim"]
+    bh, e, s = cfg["batch"] * cfg["heads"], ELEM_BYTES[dtype], STATS_BYTES[dtype]
+    row, accum_row, causal = d * e, d * ACCUM_BYTES, cfg["causal"]
+    plan = kernel_choice(cfg, arch)
     launches = []
 
-    def launch(phase, kernel, read, write, tile=None):
-        launches.append({"phase": phase, "kernel": kernel, "tile": tile,
-                         "read": int(read * bh), "write": int(write * bh)})
+    def launch(phase, kernel, read, write):
+        launches.append({"phase": phase, "kernel": kernel["kernel"], "tile": kernel["tile"],
+                         "variant": kernel["variant"], "read": int(read * bh), "write": int(write * bh)})
 
-    q_rows, kv_rows = stream_keys(nq, nk, *tiles["fwd"], causal)
-    launch("fwd", f"flash_fwd{suffix}_kernel", q_rows * row + 2 * kv_rows * row, nq * row + nq * s,
-           tiles["fwd"])
-    launch("bwd", "flash_bwd_delta_kernel", 2 * nq * row + (nq * s if dlse else 0), nq * s)
-    q_rows, kv_rows = stream_keys(nq, nk, *tiles["dq"], causal)
-    launch("bwd", f"flash_bwd_dq{suffix}_kernel", 2 * q_rows * row + 2 * nq * s + 2 * kv_rows * row,
-           nq * row, tiles["dq"])
-    k_rows, q_rows = stream_queries(nq, nk, *tiles["dkdv"], causal)
-    streamed = q_rows * (2 * row + 2 * s)  # Q, dO, lse, delta per key block
-    if tiles["split"]:  # dK launch reads K and V; dV launch reads K only
-        launch("bwd", f"flash_bwd_dkdv{suffix}_kernel", 2 * k_rows * row + streamed, nk * row, tiles["dkdv"])
-        launch("bwd", f"flash_bwd_dkdv{suffix}_kernel", k_rows * row + streamed, nk * row, tiles["dkdv"])
-    else:
-        launch("bwd", f"flash_bwd_dkdv{suffix}_kernel", 2 * k_rows * row + streamed, 2 * nk * row, tiles["dkdv"])
-    return launches, tiles
+    fwd = plan["fwd"]
+    q_rows, kv_rows = stream_keys(nq, nk, *fwd["tile"], causal)
+    launch("fwd", fwd, q_rows * row + 2 * kv_rows * row, nq * row + nq * s)
+    # delta = rowsum(out * dout); with dq_accum it also zeroes that (flash_bwd_delta_kernel).
+    launch("bwd", _kernel("flash_bwd_delta_kernel", None), 2 * nq * row + (nq * s if dlse else 0),
+           nq * s + (nq * accum_row if plan["accum_dq"] else 0))
+    if plan["dq"]:
+        q_rows, kv_rows = stream_keys(nq, nk, *plan["dq"]["tile"], causal)
+        launch("bwd", plan["dq"], 2 * q_rows * row + 2 * nq * s + 2 * kv_rows * row, nq * row)
+    for dkdv in plan["dkdv"]:
+        k_rows, q_rows = stream_queries(nq, nk, *dkdv["tile"], causal)
+        streamed = q_rows * (2 * row + 2 * s)  # Q, dO, lse, delta per key block
+        # K always; V for dP, which dK needs (a dV-only launch loads none)
+        resident = k_rows * row * (2 if dkdv["dk"] else 1)
+        # the fused kernel: each key block reduce-adds its dQ part for every query row it streams
+        accum = q_rows * accum_row if plan["accum_dq"] else 0
+        launch("bwd", dkdv, resident + streamed + accum, nk * row * (dkdv["dk"] + dkdv["dv"]) + accum)
+    if plan["accum_dq"]:
+        launch("bwd", _kernel("flash_bwd_dq_convert_kernel", None), nq * accum_row, nq * row)
+    return launches
 
 
-def tiled_model(cfg, dlse=False):
-    launches, _ = tiled_kernels(cfg, dlse)
+def tiled_model(cfg, arch, dlse=False):
+    launches = tiled_kernels(cfg, arch, dlse)
     return {phase: _add(*[k for k in launches if k["phase"] == phase]) for phase in ("fwd", "bwd")}
 
 
@@ -385,18 +607,69 @@ def parse_ncu_csv(text, metrics=METRICS):
     return [kernels[k] for k in sorted(kernels)]
 
 
-KERNEL_ROLE = re.compile(r"flash_(fwd|bwd_delta|bwd_dq|bwd_dkdv)(?:_simt)?_kernel")
+# What ncu profiles (--kernel-name regex:...): every kernel of ours a forward or backward
+# launches; a test checks that it catches each `__global__` flash_*_kernel in csrc/cuda.
+NCU_KERNEL_FILTER = r"flash_(fwd|bwd)"
+# Our kernels' names: flash_<role>[_<family>]_kernel. family: none, the sm_80-class tensor-core
+# kernels, or for the row kernels (delta, dq_convert, fwd_combine) every family's; simt, the exact
+# ones; sm90, Hopper's cp.async ones; sm90_tma, Hopper's warp-specialized ones.
+KERNEL_NAME = re.compile(r"flash_(?P<role>fwd_combine|fwd|bwd_delta|bwd_dq_convert|bwd_dq|bwd_dkdv)"
+                         r"(?:_(?P<family>simt|sm90_tma|sm90))?_kernel")
+SHARED_ROLES = ("fwd_combine", "bwd_delta", "bwd_dq_convert")  # one kernel for every family
+KERNEL_FUNCTION = re.compile(r"\bflash_\w+")  # in a demangled name: after `cuflash::` and before `<` or `(`
 NVTX_RANGE = re.compile(rf"{NVTX_TAG}\[([^\]/]+)/(fwd|bwd)\]")
 
 
+def source_kernel_names():
+    """The `__global__` kernels' names in csrc/cuda."""
+    return sorted({name for path in sorted(CUDA_DIR.rglob("*.cu*"))
+                   for name in re.findall(r"__global__[^;{]*?\b(\w+_kernel)\s*\(", _source(path))})
+
+
+def short_name(function):
+    return function[:-len("_kernel")] if function.endswith("_kernel") else function
+
+
+def classify_kernel(name):
+    """{"function", "role", "family", "phase"} of a kernel name as ncu prints it (demangled, or
+    the function alone); None where it is not one the ncu filter profiles. A name the filter
+    profiles but KERNEL_NAME does not know raises: its bytes would otherwise go uncounted."""
+    if not re.search(NCU_KERNEL_FILTER, name):
+        return None
+    m = KERNEL_FUNCTION.search(name)
+    role = KERNEL_NAME.fullmatch(m.group(0)) if m else None
+    if not role:
+        raise ValueError(f"kernel {name!r} matches the ncu filter {NCU_KERNEL_FILTER!r} but no role in "
+                         "KERNEL_NAME (benchmarks/analyze_io.py): give it one, so that its bytes count in its pass")
+    kind = role.group("role")
+    family = role.group("family") or ("any" if kind in SHARED_ROLES else "sm80")
+    return {"function": m.group(0), "role": kind, "family": family, "phase": "fwd" if kind.startswith("fwd") else "bwd"}
+
+
+def kernels_path(functions):
+    """The kernel families of a pass's kernels (the row kernels shared by every family left
+    out): "sm90_tma", "sm80", "simt", or several joined by "+"."""
+    families = []
+    for f in functions:
+        c = classify_kernel(f)
+        if c and c["family"] != "any" and c["family"] not in families:
+            families.append(c["family"])
+    return "+".join(families) or "-"
+
+
 def attribute(kernels, configs, nvtx_names=None):
-    """{config key: {"fwd": [kernel, ...], "bwd": [...]}}. By the NVTX range each kernel ran in
-    (nvtx_names: id -> renamed kernel name) where every kernel has one; otherwise by order: the
-    driver runs, per config in order, the forward op then the backward op, so a forward kernel
-    that follows a backward one starts the next config."""
+    """{config key: {"fwd": [kernel, ...], "bwd": [...]}}, each kernel with classify_kernel's
+    fields added. By the NVTX range each kernel ran in (nvtx_names: id -> renamed kernel name)
+    where every kernel has one; otherwise by order: the driver runs, per config in order, the
+    forward op then the backward op, so a forward kernel that follows a backward one starts the
+    next config."""
     keys = [config_key(c) for c in configs]
     out = {k: {"fwd": [], "bwd": []} for k in keys}
-    ours = [k for k in kernels if KERNEL_ROLE.search(k["kernel"])]
+    ours = []
+    for k in kernels:
+        role = classify_kernel(k["kernel"])
+        if role:
+            ours.append({**k, **role})
     ranges = {}
     for k in ours:
         m = NVTX_RANGE.search((nvtx_names or {}).get(k["id"], ""))
@@ -409,7 +682,7 @@ def attribute(kernels, configs, nvtx_names=None):
         return out, "nvtx"
     index, prev_phase = -1, "bwd"
     for k in ours:
-        phase = "fwd" if KERNEL_ROLE.search(k["kernel"]).group(1) == "fwd" else "bwd"
+        phase = k["phase"]
         if phase == "fwd" and prev_phase == "bwd":
             index += 1
         if index >= len(keys):
@@ -493,7 +766,7 @@ def measure(configs, ncu, timeout):
         # reader); clocks left as they are (this workplace's rule for lent GPUs).
         run([ncu, "--clock-control", "none", "--cache-control", "all", "--nvtx",
              "--metrics", ",".join(METRICS), "--kernel-name-base", "demangled",
-             "--kernel-name", "regex:flash_(fwd|bwd)", "-f", "-o", str(report),
+             "--kernel-name", f"regex:{NCU_KERNEL_FILTER}", "-f", "-o", str(report),
              sys.executable, str(Path(__file__).resolve()), "--driver", str(cfg_path)], timeout, "ncu")
         rep = str(report) + ".ncu-rep"
         export = [ncu, "--import", rep, "--csv", "--page", "details", "--print-units", "base"]
@@ -523,22 +796,36 @@ def ratio(a, b):
     return "-" if a is None or not b else f"{a / b:.3g}"
 
 
-def analyze(configs, groups=None):
-    """One record per config: the models per phase, and what was measured if groups is given."""
+def measured_arch(groups):
+    """"sm90" where a Hopper kernel ran (an sm_90a build on a 9.0 GPU), else "sm80": the kernel
+    choice the model follows for a measured run."""
+    return "sm90" if any(k["family"].startswith("sm90") for passes in groups.values()
+                         for kernels in passes.values() for k in kernels) else "sm80"
+
+
+def analyze(configs, groups=None, arch="sm90"):
+    """One record per config: the models per phase (tiled: the kernels our ops launch on
+    `arch`), and what was measured if groups is given."""
     records = []
     for cfg in configs:
-        launches, tiles = tiled_kernels(cfg)
-        rec = {**cfg, "tiles": tiles, "phases": {}, "kernels": launches}
-        std, low, tiled = standard_model(cfg), min_model(cfg), tiled_model(cfg)
+        launches = tiled_kernels(cfg, arch)
+        rec = {**cfg, "arch": arch, "phases": {}}
+        std, low = standard_model(cfg), min_model(cfg)
         for phase in ("fwd", "bwd"):
-            p = {"standard": std[phase], "min": low[phase], "tiled": tiled[phase]}
+            modeled = [k for k in launches if k["phase"] == phase]
+            p = {"standard": std[phase], "min": low[phase], "tiled": _add(*modeled),
+                 "path": kernels_path([k["kernel"] for k in modeled]), "kernels": modeled}
             if groups is not None:
                 measured = groups[config_key(cfg)][phase]
+                functions = [k["function"] for k in measured]
                 p["measured"] = {
                     "read": sum(k.get(METRICS[0]) or 0 for k in measured),
                     "write": sum(k.get(METRICS[1]) or 0 for k in measured),
-                    "kernels": [{"kernel": k["kernel"], "grid": k["grid"], "read": k.get(METRICS[0]),
-                                 "write": k.get(METRICS[1])} for k in measured]}
+                    "path": kernels_path(functions),
+                    # the model describes these bytes only where it counts the same launches
+                    "same_kernels": functions == [k["kernel"] for k in modeled],
+                    "kernels": [{"kernel": k["function"], "name": k["kernel"], "grid": k["grid"],
+                                 "read": k.get(METRICS[0]), "write": k.get(METRICS[1])} for k in measured]}
             rec["phases"][phase] = p
         records.append(rec)
     return records
@@ -548,39 +835,61 @@ def total(rw):
     return rw["read"] + rw["write"]
 
 
+def kernel_list(functions):
+    """"flash_bwd_delta, flash_bwd_dkdv x2": short names, a repeated launch counted."""
+    runs = []
+    for f in map(short_name, functions):
+        if runs and runs[-1][0] == f:
+            runs[-1][1] += 1
+        else:
+            runs.append([f, 1])
+    return ", ".join(f if n == 1 else f"{f} x{n}" for f, n in runs) or "(none)"
+
+
 def io_table(records):
     measured = any("measured" in p for r in records for p in r["phases"].values())
-    head = ["D", "causal", "N", "B x H", "pass", "standard GB", "min GB", "tiled GB",
+    head = ["D", "causal", "N", "B x H", "pass", "path", "standard GB", "min GB", "tiled GB",
             "tiled / min", "standard / tiled"]
     if measured:
-        head += ["measured read GB", "measured write GB", "measured / tiled", "measured / min"]
+        head += ["measured kernels", "measured read GB", "measured write GB", "measured / tiled",
+                 "measured / min"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in records:
         for phase, p in r["phases"].items():
             std, low, tiled = total(p["standard"]), total(p["min"]), total(p["tiled"])
             cells = [str(r["head_dim"]), "yes" if r["causal"] else "no", str(r["seqlen_q"]),
-                     f"{r['batch']} x {r['heads']}", phase, gb(std), gb(low), gb(tiled),
+                     f"{r['batch']} x {r['heads']}", phase, p["path"], gb(std), gb(low), gb(tiled),
                      ratio(tiled, low), ratio(std, tiled)]
             if measured:
                 m = p.get("measured")
                 mt = total(m) if m else None
-                cells += [gb(m and m["read"]), gb(m and m["write"]), ratio(mt, tiled), ratio(mt, low)]
+                cells += [kernel_list([k["kernel"] for k in m["kernels"]]) if m else "-",
+                          gb(m and m["read"]), gb(m and m["write"]),
+                          ratio(mt, tiled) if m and m["same_kernels"] else "-", ratio(mt, low)]
             lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
 def kernel_table(records):
-    head = ["D", "causal", "N", "kernel", "tile (M x N)", "tiled read GB", "tiled write GB",
+    """Per launch: the model's, beside the measured one where the launches are the same; else
+    the model's rows, then the measured kernels' (tile: "not modeled")."""
+    head = ["D", "causal", "N", "pass", "kernel", "tile (M x N)", "tiled read GB", "tiled write GB",
             "measured read GB", "measured write GB"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in records:
-        measured = [k for phase in ("fwd", "bwd") for k in r["phases"][phase].get("measured", {}).get("kernels", [])]
-        for i, k in enumerate(r["kernels"]):
-            m = measured[i] if i < len(measured) else {}
-            tile = f"{k['tile'][0]} x {k['tile'][1]}" if k["tile"] else "-"
-            lines.append("| " + " | ".join([str(r["head_dim"]), "yes" if r["causal"] else "no",
-                                            str(r["seqlen_q"]), k["kernel"], tile, gb(k["read"]),
-                                            gb(k["write"]), gb(m.get("read")), gb(m.get("write"))]) + " |")
+        shape = [str(r["head_dim"]), "yes" if r["causal"] else "no", str(r["seqlen_q"])]
+        for phase, p in r["phases"].items():
+            m = p.get("measured")
+            paired = m["kernels"] if m and m["same_kernels"] else []
+            for i, k in enumerate(p["kernels"]):
+                got = paired[i] if paired else {}
+                name = short_name(k["kernel"]) + (f" ({k['variant']})" if k["variant"] else "")
+                tile = f"{k['tile'][0]} x {k['tile'][1]}" if k["tile"] else "-"
+                lines.append("| " + " | ".join(shape + [phase, name, tile, gb(k["read"]), gb(k["write"]),
+                                                        gb(got.get("read")), gb(got.get("write"))]) + " |")
+            for got in (m["kernels"] if m and not paired else []):
+                lines.append("| " + " | ".join(shape + [phase, short_name(got["kernel"]), "not modeled", "-", "-",
+                                                        gb(got["read"]), gb(got["write"])]) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -591,17 +900,28 @@ EXPLANATION = """\
   writes dV, dP, dS, dQ, dK. N x N elements at the input's element size, full even when causal.
 - **min**: each input read once and each output written once (forward: q, k, v -> out, lse;
   backward: q, k, v, out, dout, lse -> dq, dk, dv). No kernel moves less.
-- **tiled**: our kernels' global loads and stores, each counted as an HBM access (the paper's
-  accounting, Theorem 2), with the tile sizes of `csrc/cuda/tile_shapes.h`: the forward reads
-  Q once and K, V once per query block (ceil(N / BM) times; causal about half); the backward's
-  delta kernel reads out and dout; the dQ kernel reads Q, dO, lse, delta once and K, V once per
-  query block; the dK/dV kernel reads K, V once and Q, dO, lse, delta once per key block
-  (above D = 128, dK and dV are two launches that both stream Q, dO, lse, delta).
+- **tiled**: the kernels named in **path** (and per kernel below), as our ops pick them for the
+  shape with the default switches on the model's GPU: **sm90_tma**, Hopper's warp-specialized
+  kernels (16-bit, head-dim buckets 64, 128, 256; `csrc/cuda/sm90/`), **sm80**, the sm_80-class
+  tensor-core kernels (other GPUs; on Hopper float32 and the other buckets), **simt**, float64's.
+  Their global loads and stores each count as an HBM access (the paper's accounting, Theorem 2),
+  with the tile sizes of the headers (`tile_shapes.h`, `sm90/*.cuh`): the forward reads Q once
+  and K, V once per query block (ceil(N / BM) times; causal about half); the backward's delta
+  kernel reads out and dout; a dQ kernel reads Q, dO, lse, delta once and K, V once per query
+  block; a dK/dV kernel reads K, V once and Q, dO, lse, delta once per key block (at D = 256,
+  dK and dV are two launches that both stream Q, dO, lse, delta). Hopper's fused backward
+  (D = 64; D = 128 from 1024 keys a row) has no dQ kernel: its dK/dV kernel adds each key
+  block's dQ part to an fp32 buffer by TMA reduce-add (a read and a write of 4 D bytes per
+  streamed query row and key block, counted as HBM traffic though the adds happen in L2), which
+  the delta kernel zeroes and dq_convert turns into dq.
   Per pass, standard / tiled is about 2 BM / D (S and P cost 4 N^2 elements, the K/V re-reads
-  2 N D (N / BM)): with our 64-row query tiles the tiled count is below the standard one only
-  for D < 128, and what makes the tiled kernels cheap in DRAM is the L2 (next line).
+  2 N D (N / BM)): with 64-row query tiles (the sm_80-class dQ kernel's) the tiled count is
+  below the standard one only for D < 128, and what makes the tiled kernels cheap in DRAM is
+  the L2 (next line).
 - **measured**: Nsight Compute's `dram__bytes_read.sum` and `dram__bytes_write.sum`, summed
-  over our kernels of each pass, L2 flushed before each kernel. Far below **tiled**, near
+  over every one of our kernels of each pass (**measured kernels**; a kernel the script cannot
+  place stops the run), L2 flushed before each kernel. measured / tiled is shown only where
+  those are the launches modeled (same kernels, same order); else "-". Far below **tiled**, near
   **min**: the CTAs of one (batch, head) run at the same time (blockIdx.x varies fastest) and
   their repeated K/V (or Q/dO) reads hit in L2 (50 MB on an H100; one head's K and V are
   2 N D bytes x 2, 0.5 MB at N = 2048, D = 64), so DRAM sees about one read of each. Measured
@@ -620,9 +940,11 @@ def render_markdown(records, env=None, how=None):
                      f"to passes by {how}.\n")
     else:
         parts.append("Model only (no measurement: run with --measure on a GPU with Nsight Compute).\n")
+    arch = ", ".join(sorted({r["arch"] for r in records}))
     parts.append("`benchmarks/analyze_io.py`. GB = 1e9 bytes; each pass once (fwd: our forward op; "
                  "bwd: our backward op), dtype " + ", ".join(sorted({r["dtype"] for r in records}))
-                 + ", layout [B, H, N, D].\n")
+                 + f", layout [B, H, N, D]; tiled: the kernels our ops launch on {arch} "
+                 "(**path**).\n")
     parts.append(io_table(records))
     parts.append(EXPLANATION)
     parts.append("## Per kernel\n\n" + kernel_table(records))
@@ -641,6 +963,10 @@ def parse_args(argv=None):
     p.add_argument("--dtype", choices=sorted(ELEM_BYTES), default="bf16")
     p.add_argument("--tokens", type=int, default=TOTAL_TOKENS,
                    help=f"batch = tokens // seqlen (default {TOTAL_TOKENS}, PERF.md's standard table)")
+    p.add_argument("--arch", choices=ARCHS, default="sm90",
+                   help="the GPU whose kernel choice the tiled model follows: sm90, H100/H200 with an "
+                        "sm_90a build (default); sm80, any other (or Hopper under CUFLASH_SM90=0). With "
+                        "--measure, taken from the kernels that ran")
     p.add_argument("--measure", action="store_true",
                    help="profile our kernels with Nsight Compute (needs a GPU and ncu) and write "
                         "<gpu>-<date>-io.md/.json under --out")
@@ -659,20 +985,21 @@ def main(argv=None):
     configs = configurations(args.dtype, [int(x) for x in args.head_dims.split(",") if x],
                              [int(x) for x in args.seqlens.split(",") if x], causals, args.tokens)
     if not args.measure:
-        print(render_markdown(analyze(configs)))
+        print(render_markdown(analyze(configs, arch=args.arch)))
         return 0
     ncu = find_ncu(args.ncu)
     if ncu is None:
         print("error: ncu (Nsight Compute) not found; pass --ncu PATH", file=sys.stderr)
         return 2
     env, groups, how = measure(configs, ncu, args.timeout)
-    records = analyze(configs, groups)
+    arch = measured_arch(groups)
+    records = analyze(configs, groups, arch)
     markdown = render_markdown(records, env, how)
     from bench_attention import slug
     args.out.mkdir(parents=True, exist_ok=True)
     stem = args.out / f"{slug(env['gpu'])}-{env['date']}-io"
-    stem.with_suffix(".json").write_text(json.dumps({"env": env, "attributed_by": how, "configs": records},
-                                                    indent=1) + "\n")
+    run_record = {"env": env, "attributed_by": how, "arch": arch, "configs": records}
+    stem.with_suffix(".json").write_text(json.dumps(run_record, indent=1) + "\n")
     stem.with_suffix(".md").write_text(markdown)
     print(markdown)
     print(f"wrote {stem}.json and {stem}.md", file=sys.stderr)

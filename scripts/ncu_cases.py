@@ -1,5 +1,5 @@
 """The calls scripts/ncu_profile.sh profiles: NCU_CASES, each pass:batch,heads,seqlen,head_dim:causal[:det]
-(bf16), or dec:batch,heads_q,cache_keys,head_dim:heads_kv[:tokens[:packed|unpacked]] (one decoding
+(bf16; pass fwd, bwd, or cudnn_fwd, cudnn_bwd: torch SDPA's cuDNN backend on the same shape), or dec:batch,heads_q,cache_keys,head_dim:heads_kv[:tokens[:packed|unpacked]] (one decoding
 step of flash_attn_with_kvcache, causal for several tokens, split-KV chosen as by default, grouped
 heads packed as rows by default or as named: CUFLASH_PACK_GQA 1 or 0). Only the pass named runs inside the NVTX
 range "profiled", which ncu filters on."""
@@ -35,6 +35,26 @@ for case in os.environ["NCU_CASES"].split():
         continue
     causal, det = fields[2] == "1", fields[3:] == ["det"]
     q, k, v, dout = (torch.randn(b, h, n, d, device="cuda", dtype=torch.bfloat16) for _ in range(4))
+    if which in ("cudnn_fwd", "cudnn_bwd"):  # the peer on the same inputs (its kernels' names hold "sm90")
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+        q, k, v = (t.requires_grad_(which == "cudnn_bwd") for t in (q, k, v))
+        with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
+            for profiled in (False, True):  # the first call plans and loads the kernels
+                if profiled and which == "cudnn_fwd":
+                    torch.cuda.nvtx.range_push("profiled")
+                out = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=causal)
+                if profiled and which == "cudnn_fwd":
+                    torch.cuda.nvtx.range_pop()
+                if which == "cudnn_bwd":
+                    if profiled:
+                        torch.cuda.nvtx.range_push("profiled")
+                    out.backward(dout)
+                    if profiled:
+                        torch.cuda.nvtx.range_pop()
+                    q.grad = k.grad = v.grad = None
+        torch.cuda.synchronize()
+        print(case, "ran", flush=True)
+        continue
     if which == "fwd":
         torch.cuda.nvtx.range_push("profiled")
     out, lse = ops.fwd(q, k, v, None, causal, False, deterministic=det)
