@@ -46,11 +46,15 @@ for case in os.environ["NCU_CASES"].split():
                 if profiled and which == "cudnn_fwd":
                     torch.cuda.nvtx.range_pop()
                 if which == "cudnn_bwd":
-                    if profiled:
-                        torch.cuda.nvtx.range_push("profiled")
+                    if profiled:  # autograd runs the backward on a thread of its own: the range there
+                        def push(_grad_outputs):
+                            torch.cuda.nvtx.range_push("profiled")
+
+                        def pop(_grads):
+                            torch.cuda.nvtx.range_pop()
+                        out.grad_fn.register_prehook(push)
+                        torch.autograd.graph.register_multi_grad_hook((q, k, v), pop)
                     out.backward(dout)
-                    if profiled:
-                        torch.cuda.nvtx.range_pop()
                     q.grad = k.grad = v.grad = None
         torch.cuda.synchronize()
         print(case, "ran", flush=True)
