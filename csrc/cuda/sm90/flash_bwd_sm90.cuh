@@ -119,7 +119,7 @@ __global__ void __launch_bounds__(BwdSm90Kernel<T, kHeadDim>::kThreads, 1)
   const AttentionShape& sh = p.shape;
   const int m_block = query_block_longest_first(), h = blockIdx.y, b = blockIdx.z;
   const int h_kv = h / (sh.heads_q / sh.heads_kv);
-  const int tid = threadIdx.x, warpgroup = tid / 128, lane = tid % 32;
+  const int tid = threadIdx.x, warpgroup = warpgroup_index(), lane = tid % 32;
   const int m_start = m_block * kBlockM, warp_row = 16 * (tid / 32), row0 = m_start + warp_row;
   const Sequence seq = sequence_of(p, b);
   if (m_start >= seq.seqlen_q) return;
@@ -202,7 +202,7 @@ __global__ void __launch_bounds__(BwdSm90Kernel<T, kHeadDim>::kThreads, 1)
   const AttentionShape& sh = p.shape;
   const int n_block = blockIdx.x, h_kv = blockIdx.y, b = blockIdx.z;
   const int group = sh.heads_q / sh.heads_kv;
-  const int tid = threadIdx.x, warpgroup = tid / 128, lane = tid % 32;
+  const int tid = threadIdx.x, warpgroup = warpgroup_index(), lane = tid % 32;
   const int n_start = n_block * kBlockN, warp_row = 16 * (tid / 32), key0 = n_start + warp_row;
   const Sequence seq = sequence_of(p, b);
   if (n_start >= seq.seqlen_k) return;

@@ -75,7 +75,7 @@ __global__ void __launch_bounds__(BwdDqSm90TmaKernel<T, kHeadDim>::kThreads, 1)
   const AttentionShape& sh = p.shape;
   const int m_block = query_block_longest_first(), h = blockIdx.y, b = blockIdx.z;
   const int h_kv = h / (sh.heads_q / sh.heads_kv);
-  const int tid = threadIdx.x, warpgroup = tid / 128, lane = tid % 32;
+  const int tid = threadIdx.x, warpgroup = warpgroup_index(), lane = tid % 32;
   const int m_start = m_block * kBlockM;
   const Sequence seq = sequence_of(p, b);
   if (m_start >= seq.seqlen_q) return;
@@ -286,7 +286,7 @@ __global__ void __launch_bounds__(
   int* tile_slot = reinterpret_cast<int*>(kPersistent ? tile_empty + 2 : dq_empty + K::kConsumers);  // [2][4]
 
   const AttentionShape& sh = p.shape;
-  const int tid = threadIdx.x, warpgroup = tid / 128, lane = tid % 32;
+  const int tid = threadIdx.x, warpgroup = warpgroup_index(), lane = tid % 32;
   const int group = sh.heads_q / sh.heads_kv;
   const MaskParams mask = unpacked_mask(p.mask);  // rows_per_query a compile-time 1
   // kOrderedDq (p.dq_semaphores, deterministic): every query block takes its dQ shares from the

@@ -107,7 +107,7 @@ __global__ void __launch_bounds__(FwdSm90Kernel<T, kHeadDim, kFeatures>::kThread
   const AttentionShape& sh = p.shape;
   const int m_block = query_block_longest_first(), h = blockIdx.y, b = blockIdx.z;
   const int h_kv = h / (sh.heads_q / sh.heads_kv);
-  const int tid = threadIdx.x, warpgroup = tid / 128, lane = tid % 32;
+  const int tid = threadIdx.x, warpgroup = warpgroup_index(), lane = tid % 32;
   const int m_start = m_block * kBlockM;
   const Sequence seq = sequence_of(p, b);
   if (m_start >= seq.seqlen_q) return;

@@ -118,7 +118,7 @@ __global__ void __launch_bounds__(FwdSm90TmaKernel<T, kHeadDim, kWide, kPersiste
   uint64_t* v_empty = k_empty + kStages;
 
   const AttentionShape& sh = p.shape;
-  const int tid = threadIdx.x, warpgroup = tid / 128, lane = tid % 32;
+  const int tid = threadIdx.x, warpgroup = warpgroup_index(), lane = tid % 32;
   // Tiles: the grid's one, or, persistent, every gridDim.x-th of all (query block, head, batch),
   // in TileWalk's order (tile_walk.h).
   const int num_tiles = kPersistent ? walk.num_tiles : 1;
