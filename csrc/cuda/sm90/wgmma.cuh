@@ -23,20 +23,13 @@ __host__ __device__ constexpr uint32_t panel_offset(int row, int col) {
   return static_cast<uint32_t>(col / 64) * (kRows * 128) + swizzle128_offset(row, col % 64);
 }
 
-// This thread's warpgroup (threadIdx.x / 128). CUFLASH_UNIFORM_WARPGROUP (an experiment, 0 by
-// default): broadcast from lane 0, so that the compiler knows it is the same across the warp and
-// keeps what is computed from it (a consumer's wgmma descriptors) in uniform registers, rather
-// than per-thread ones moved by R2UR before every wgmma (the D=128 backward's loop, Nsight: IMAD
-// and R2UR 26% of its stall samples).
-#ifndef CUFLASH_UNIFORM_WARPGROUP
-#define CUFLASH_UNIFORM_WARPGROUP 0
-#endif
+// This thread's warpgroup (threadIdx.x / 128), broadcast from lane 0 (as CUTLASS's
+// canonical_warp_group_idx) so that the compiler knows it is the same across the warp and keeps
+// what is computed from it (a consumer's wgmma descriptors) in uniform registers, not per-thread
+// ones moved by R2UR before every wgmma: H200, bf16, backward +1-6% (D=128 nondet +3-6%),
+// forward D=64 +1-6% (benchmarks/NOTES.md, fourteenth session).
 __device__ __forceinline__ int warpgroup_index() {
-#if CUFLASH_UNIFORM_WARPGROUP
   return __shfl_sync(0xffffffffu, static_cast<int>(threadIdx.x) / 128, 0);
-#else
-  return static_cast<int>(threadIdx.x) / 128;
-#endif
 }
 
 // Dynamic shared memory rounded up to the 1024-byte boundary the swizzle atoms start on (kernels
