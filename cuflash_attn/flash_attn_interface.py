@@ -217,9 +217,19 @@ def _varlen_paged(q, k_cache, v_cache, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
         _check_tensor(name, t, _PAGED_CACHE)
     for name, cu in (("cu_seqlens_q", cu_seqlens_q), ("cu_seqlens_k", cu_seqlens_k)):
         _check_tensor(name, cu, ("batch + 1",))
-    if cu_seqlens_k.dtype != torch.int32 or cu_seqlens_k.shape != cu_seqlens_q.shape:
+    if cu_seqlens_k.dtype != torch.int32 or cu_seqlens_k.shape != cu_seqlens_q.shape or \
+            cu_seqlens_k.device != q.device:
         raise ValueError(f"cuflash_attn: cu_seqlens_k must be an int32 tensor of cu_seqlens_q's shape "
-                         f"{tuple(cu_seqlens_q.shape)}, got {cu_seqlens_k.dtype} {tuple(cu_seqlens_k.shape)}")
+                         f"{tuple(cu_seqlens_q.shape)} on q's device ({q.device}), got {cu_seqlens_k.dtype} "
+                         f"{tuple(cu_seqlens_k.shape)} on {cu_seqlens_k.device}")
+    # Its differences are the key counts (the op would clamp a negative one to 0): checked on the
+    # CPU, as the op checks offsets (on CUDA that would synchronize), outside torch.compile's tracing.
+    if not cu_seqlens_k.is_cuda and cu_seqlens_k.numel() > 1 and not torch.compiler.is_compiling():
+        steps = (cu_seqlens_k[1:] < cu_seqlens_k[:-1]).nonzero()
+        if steps.numel():
+            b = int(steps[0])
+            raise ValueError(f"cuflash_attn: cu_seqlens_k must be non-decreasing, got {int(cu_seqlens_k[b])} then "
+                             f"{int(cu_seqlens_k[b + 1])} at index {b}")
     _check_block_table(block_table, cu_seqlens_q.shape[0] - 1, k_cache, q.device)
     if return_attn_probs:
         raise NotImplementedError("cuflash_attn: return_attn_probs is not supported with block_table")

@@ -83,21 +83,33 @@ def test_ops_reject_none_tensors(device, i, name):
         ops.bwd(*replace([torch.randn_like(out), q, k, v, out, lse], i, None))
 
 
+BWD_CASES = [
+    # (id, the argument broken, how, exception type, message pattern)
+    ("lse float64", "lse", lambda t: t.double(), TypeError, r"lse must have dtype Float, got Double"),
+    ("lse shape", "lse", lambda t: t[:, :, :3], ValueError, r"lse must have shape \[batch, heads, seqlen_q\]"),
+    ("dout shape", "dout", lambda t: t[:, :, :3], ValueError, r"dout must have the shape of q"),
+    ("dout float64", "dout", lambda t: t.double(), TypeError,
+     r"dout must have the same dtype as q \(Float\), got Double"),
+    ("dout int32", "dout", lambda t: t.int(), TypeError,
+     r"dout must be a CUDA or CPU tensor of dtype float16, bfloat16, float32 or float64, got Int"),
+    ("dout rank 3", "dout", lambda t: t[0], ValueError, r"dout must have 4 dimensions"),
+    ("out float64", "out", lambda t: t.double(), TypeError, r"out must have the same dtype as q"),
+    ("out shape", "out", lambda t: t[:, :, :3], ValueError,
+     r"out must have the shape of q \[2, 4, 16, 32\], got \[2, 4, 3, 32\]"),
+    ("dlse shape", "dlse", lambda t: t[:1], ValueError, r"dlse must have shape"),
+    ("dlse float64", "dlse", lambda t: t.double(), TypeError, r"dlse must have dtype Float, got Double"),
+]
+
+
 @pytest.mark.parametrize("device", DEVICES)
-def test_bwd_rejects_bad_stats_and_shapes(device):
+@pytest.mark.parametrize("name,argument,breaker,exc,pattern", BWD_CASES, ids=[c[0] for c in BWD_CASES])
+def test_bwd_rejects_bad_stats_and_shapes(device, name, argument, breaker, exc, pattern):
     q, k, v = good(device)
     out, lse = ops.fwd(q, k, v)
-    dout = torch.randn_like(out)
-    with pytest.raises(TypeError, match=r"lse must have dtype Float, got Double"):
-        ops.bwd(dout, q, k, v, out, lse.double())
-    with pytest.raises(ValueError, match=r"lse must have shape \[batch, heads, seqlen_q\]"):
-        ops.bwd(dout, q, k, v, out, lse[:, :, :3])
-    with pytest.raises(ValueError, match=r"dout must have the shape of q"):
-        ops.bwd(dout[:, :, :3], q, k, v, out, lse)
-    with pytest.raises(TypeError, match=r"out must have the same dtype as q"):
-        ops.bwd(dout, q, k, v, out.double(), lse)
-    with pytest.raises(ValueError, match=r"dlse must have shape"):
-        ops.bwd(dout, q, k, v, out, lse, lse[:1])
+    args = dict(dout=torch.randn_like(out), q=q, k=k, v=v, out=out, lse=lse, dlse=torch.randn_like(lse))
+    args[argument] = breaker(args[argument])
+    with pytest.raises(exc, match=pattern):
+        ops.bwd(**args)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -225,6 +237,9 @@ VARLEN_CPU_CASES = [
     ("decreasing", dict(cu_seqlens_q=torch.tensor([0, 12, 5], dtype=torch.int32),
                         cu_seqlens_k=torch.tensor([0, 10, 30], dtype=torch.int32)), ValueError,
      r"cu_seqlens_q must be non-decreasing, got 12 then 5 at index 1"),
+    ("decreasing k", dict(cu_seqlens_q=torch.tensor([0, 10, 20], dtype=torch.int32),
+                          cu_seqlens_k=torch.tensor([0, 30, 10], dtype=torch.int32)), ValueError,
+     r"cu_seqlens_k must be non-decreasing, got 30 then 10 at index 1"),
     ("past the end", dict(cu_seqlens_k=torch.tensor([0, 31], dtype=torch.int32), max_seqlen_k=0), ValueError,
      r"cu_seqlens_k ends at 31, past the 30 rows"),
     ("max_seqlen too small", dict(max_seqlen_q=10), ValueError,
@@ -477,6 +492,12 @@ def _fa_cpu_value_cases():
     return [
         ("varlen: decreasing", lambda x: fa.flash_attn_varlen_func(x.tq, x.tk, x.tv, i32(0, 8, 6), x.cu_k, 8, 8),
          ValueError, r"cu_seqlens_q must be non-decreasing, got 8 then 6 at index 1"),
+        ("varlen: cu_seqlens_k decreasing",
+         lambda x: fa.flash_attn_varlen_func(x.tq, x.tk, x.tv, x.cu_q, i32(0, 8, 6), 6, 8), ValueError,
+         r"cu_seqlens_k must be non-decreasing, got 8 then 6 at index 1"),
+        ("varlen_kvpacked: cu_seqlens_k decreasing",
+         lambda x: fa.flash_attn_varlen_kvpacked_func(x.tq, x.tkv, x.cu_q, i32(0, 16, 8), 6, 16), ValueError,
+         r"cu_seqlens_k must be non-decreasing, got 16 then 8 at index 1"),
         ("varlen: negative start", lambda x: fa.flash_attn_varlen_func(x.tq, x.tk, x.tv, i32(-1, 6, 12), x.cu_k, 7, 8),
          ValueError, r"cu_seqlens_q\[0\] must be >= 0, got -1"),
         ("varlen: past the end", lambda x: fa.flash_attn_varlen_func(x.tq, x.tk, x.tv, x.cu_q, i32(0, 8, 17), 6, 9),

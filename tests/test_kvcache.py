@@ -2,6 +2,8 @@
 float64 attention over each sequence's used keys, with the same accuracy rule as every path; the
 in-place append into the caches; the rotary embedding (against complex multiplication); and the
 arguments it refuses."""
+from types import SimpleNamespace
+
 import pytest
 import torch
 
@@ -196,6 +198,58 @@ def test_kvcache_refuses(device):
             flash_attn_with_kvcache(q, k_cache, v_cache, k, v, cache_seqlens=1,
                                     cache_batch_idx=torch.tensor([0, 3, 1], dtype=torch.int32))
     assert torch.equal(k_cache, before), "a refused call wrote the cache"
+
+
+def _every(x, f):
+    """q, k_cache, v_cache, k and v, each through f."""
+    return {name: f(t) for name, t in vars(x).items() if isinstance(t, torch.Tensor)}
+
+
+def _on_q(x, *shape, dtype=torch.float32):
+    return torch.ones(shape, dtype=dtype, device=x.q.device)
+
+
+KVCACHE_TENSOR_CASES = [
+    # (id, the arguments replaced, from the good ones x (k and v appended at cache_seqlens=1),
+    # exception type, message pattern)
+    ("int32 q and caches", lambda x: _every(x, torch.Tensor.int), TypeError,
+     r"q must be a CUDA or CPU tensor of dtype float16, bfloat16, float32 or float64, got Int"),
+    ("rank 3 q", lambda x: dict(q=x.q[0]), ValueError,
+     r"q must be a 4-dimensional tensor \[batch, seqlen, heads, head_dim\], got shape \(3, 4, 64\)"),
+    ("rank 5 q", lambda x: dict(q=x.q[None]), ValueError, r"q must be a 4-dimensional tensor"),
+    ("cache batch 2", lambda x: dict(k_cache=x.k_cache[:2], v_cache=x.v_cache[:2]), ValueError,
+     r"k_cache must have batch_cache = batch \(3\) without cache_batch_idx, got 2"),
+    ("head_dim 257", lambda x: _every(x, lambda t: t.repeat(1, 1, 1, 5)[..., :257]), ValueError,
+     r"head_dim must be in \[1, 256\], got 257"),
+    ("head_dim 0", lambda x: _every(x, lambda t: t[..., :0]), ValueError, r"head_dim must be in \[1, 256\], got 0"),
+    ("int32 rotary_cos", lambda x: dict(rotary_cos=_on_q(x, 40, 16, dtype=torch.int32), rotary_sin=_on_q(x, 40, 16)),
+     ValueError, r"rotary_cos must be a floating-point tensor on q's device \(.*\), got torch.int32"),
+    ("bool rotary_sin", lambda x: dict(rotary_cos=_on_q(x, 40, 16), rotary_sin=_on_q(x, 40, 16, dtype=torch.bool)),
+     ValueError, r"rotary_sin must be a floating-point tensor on q's device \(.*\), got torch.bool"),
+    ("float cache_seqlens", lambda x: dict(cache_seqlens=_on_q(x, 3)), ValueError,
+     r"cache_seqlens must be an int32 tensor \[batch\] = \[3\], got torch.float32 \(3,\)"),
+    ("cache_seqlens [2]", lambda x: dict(cache_seqlens=_on_q(x, 2, dtype=torch.int32)), ValueError,
+     r"cache_seqlens must be an int32 tensor \[batch\] = \[3\], got torch.int32 \(2,\)"),
+    ("cache_seqlens [3, 1]", lambda x: dict(cache_seqlens=_on_q(x, 3, 1, dtype=torch.int32)), ValueError,
+     r"cache_seqlens must be an int32 tensor \[batch\] = \[3\], got torch.int32 \(3, 1\)"),
+    ("0-d cache_seqlens", lambda x: dict(cache_seqlens=_on_q(x, dtype=torch.int32)), ValueError,
+     r"cache_seqlens must be an int32 tensor \[batch\] = \[3\], got torch.int32 \(\)"),
+]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("name,arguments,exc,pattern", KVCACHE_TENSOR_CASES, ids=[c[0] for c in KVCACHE_TENSOR_CASES])
+def test_kvcache_refuses_bad_tensors(device, name, arguments, exc, pattern):
+    """Refused before the append: the caches are left as they were."""
+    q, k_cache, v_cache, k, v = cache_case(device, torch.float32)
+    kwargs = dict(q=q, k_cache=k_cache, v_cache=v_cache, k=k, v=v, cache_seqlens=1)
+    flash_attn_with_kvcache(**dict(kwargs, k_cache=k_cache.clone(), v_cache=v_cache.clone()))  # taken
+    kwargs.update(arguments(SimpleNamespace(**kwargs)))
+    caches = [kwargs["k_cache"], kwargs["v_cache"]]
+    before = [t.clone() for t in caches]
+    with pytest.raises(exc, match=pattern):
+        flash_attn_with_kvcache(**kwargs)
+    assert all(torch.equal(t, b) for t, b in zip(caches, before)), "a refused call wrote the cache"
 
 
 def rotate_reference(x, cos, sin, positions, interleaved):

@@ -3,10 +3,12 @@ page_size, head_dim] that each sequence's row of the block table strings togethe
 attention over the keys the table names (gathered in order), with the accuracy rule of every
 path; through ops.fwd, flash_attn_with_kvcache (the new keys written into the named pages) and
 flash_attn_varlen_func; and the arguments it refuses."""
+from types import SimpleNamespace
+
 import pytest
 import torch
 
-from conftest import DEVICES, HAS_CUDA
+from conftest import DEVICES, HAS_CUDA, requires_cuda
 from cuflash_attn.flash_attn_interface import flash_attn_varlen_func, flash_attn_with_kvcache
 from reference import LOW_PRECISION, assert_close_to_reference, assert_lse_close, attention_reference
 from test_kvcache import per_sequence_reference
@@ -162,6 +164,66 @@ def test_paged_refuses(device):
         ops.fwd(q, k_pages, v_pages, block_table=table)
     with pytest.raises(NotImplementedError, match="has no backward"):
         ops.bwd(q, q, k_pages, v_pages, q, torch.zeros(2, 2, 5, device=device), block_table=table)
+
+
+def _other_device(x):
+    return "cpu" if x.q.is_cuda else "cuda"
+
+
+VARLEN_PAGED_CASES = [
+    # (id, the arguments replaced, from the good ones x, exception type, message pattern)
+    ("int64 block_table", lambda x: dict(block_table=x.block_table.long()), ValueError,
+     r"block_table must be an int32 tensor \[batch = 2, max_num_blocks_per_seq\] on q's device \(.*\), "
+     r"got torch.int64 \(2, 3\)"),
+    ("block_table batch 1", lambda x: dict(block_table=x.block_table[:1]), ValueError,
+     r"block_table must be an int32 tensor \[batch = 2, .*got torch.int32 \(1, 3\)"),
+    ("1-d block_table", lambda x: dict(block_table=x.block_table[0]), ValueError,
+     r"block_table must be a 2-dimensional tensor \[batch, max_num_blocks_per_seq\], got shape \(3,\)"),
+    ("list block_table", lambda x: dict(block_table=x.block_table.tolist()), TypeError,
+     r"block_table must be a tensor \[batch, max_num_blocks_per_seq\], got list"),
+    pytest.param("block_table on the other device", lambda x: dict(block_table=x.block_table.to(_other_device(x))),
+                 ValueError, r"block_table must be an int32 tensor .* on q's device", marks=requires_cuda),
+    ("page_block_size 128", lambda x: dict(k=x.k[:, :128], v=x.v[:, :128]), ValueError,
+     r"page_block_size \(the caches' dimension 1\) must be a positive multiple of 256, got 128"),
+    ("page_block_size 384", lambda x: dict(k=torch.cat((x.k, x.k[:, :128]), 1), v=torch.cat((x.v, x.v[:, :128]), 1)),
+     ValueError, r"page_block_size .* must be a positive multiple of 256, got 384"),
+    ("3-d k", lambda x: dict(k=x.k[0]), ValueError,
+     r"k must be a 4-dimensional tensor \[num_blocks, page_block_size, heads_kv, head_dim\]"),
+    ("dropout_p 0.1", lambda x: dict(dropout_p=0.1), ValueError,
+     r"dropout_p must be 0 with block_table \(inference only\), got 0.1"),
+    ("return_attn_probs", lambda x: dict(return_attn_probs=True), NotImplementedError,
+     r"return_attn_probs is not supported with block_table"),
+    ("int64 cu_seqlens_k", lambda x: dict(cu_seqlens_k=x.cu_seqlens_k.long()), ValueError,
+     r"cu_seqlens_k must be an int32 tensor of cu_seqlens_q's shape \(3,\) on q's device \(.*\), got torch.int64"),
+    ("cu_seqlens_k of another length", lambda x: dict(cu_seqlens_k=x.cu_seqlens_k[:2]), ValueError,
+     r"cu_seqlens_k must be an int32 tensor of cu_seqlens_q's shape \(3,\) .*got torch.int32 \(2,\)"),
+    pytest.param("cu_seqlens_k on the other device",
+                 lambda x: dict(cu_seqlens_k=x.cu_seqlens_k.to(_other_device(x))), ValueError,
+                 r"cu_seqlens_k must be an int32 tensor of cu_seqlens_q's shape \(3,\) on q's device",
+                 marks=requires_cuda),
+]
+# Offsets are checked on the CPU only (on CUDA that would synchronize; a negative key count is clamped to 0).
+VARLEN_PAGED_CPU_CASES = [
+    ("cu_seqlens_k decreasing", lambda x: dict(cu_seqlens_k=torch.tensor([0, 100, 50], dtype=torch.int32)),
+     ValueError, r"cu_seqlens_k must be non-decreasing, got 100 then 50 at index 1"),
+]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("name,arguments,exc,pattern", VARLEN_PAGED_CASES + VARLEN_PAGED_CPU_CASES,
+                         ids=[getattr(c, "values", c)[0] for c in VARLEN_PAGED_CASES + VARLEN_PAGED_CPU_CASES])
+def test_varlen_func_paged_refuses(device, name, arguments, exc, pattern):
+    if device != "cpu" and name in [c[0] for c in VARLEN_PAGED_CPU_CASES]:
+        pytest.skip("offsets are validated on the CPU only")
+    k_pages, v_pages, table = paged_case(device, torch.float32, 32, batch=2)
+    kwargs = dict(q=torch.randn(8, 4, 32, device=device), k=k_pages.transpose(1, 2), v=v_pages.transpose(1, 2),
+                  cu_seqlens_q=torch.tensor([0, 3, 8], dtype=torch.int32, device=device),
+                  cu_seqlens_k=torch.tensor([0, 100, 100 + 2 * PAGE], dtype=torch.int32, device=device),
+                  max_seqlen_q=5, max_seqlen_k=2 * PAGE, block_table=table)
+    flash_attn_varlen_func(**kwargs)  # the good arguments are taken
+    kwargs.update(arguments(SimpleNamespace(**kwargs)))
+    with pytest.raises(exc, match=pattern):
+        flash_attn_varlen_func(**kwargs)
 
 
 def test_paged_table_entries_checked_on_cpu():
