@@ -235,6 +235,119 @@ def test_dropout_follows_torch_seed(device):
     assert not torch.equal(a, c)
 
 
+# The public wrappers draw their rng_state from torch's generator themselves and must hand that
+# same state to the backward (autograd's saved tensors). Each entry: (call(q, k, v, dropout_p,
+# causal) -> out for q, k, v in [B, H, N, D]; the reference's bottom_right for its causal).
+def _call_flash_attention(q, k, v, dropout_p, causal):
+    import cuflash_attn
+    return cuflash_attn.flash_attention(q, k, v, causal=causal, dropout_p=dropout_p)
+
+
+def _call_flash_attn_func(q, k, v, dropout_p, causal):
+    from cuflash_attn import flash_attn_interface as fa
+    # flash_attn's layout [B, N, H, D]; its causal is aligned bottom-right.
+    return fa.flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), dropout_p=dropout_p,
+                              causal=causal).transpose(1, 2)
+
+
+def _call_sdpa(q, k, v, dropout_p, causal):
+    import cuflash_attn
+    import torch.nn.functional as F
+    before = cuflash_attn.sdpa_stats()
+    with cuflash_attn.enable():
+        out = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=causal,
+                                             enable_gqa=q.shape[1] != k.shape[1])
+    after = cuflash_attn.sdpa_stats()
+    # 0 < dropout_p < 1 runs on the kernels (README: only dropout_p = 1 falls back to torch).
+    assert after["cuflash_attn"] == before["cuflash_attn"] + 1 and after["fallback"] == before["fallback"], \
+        f"SDPA with dropout_p={dropout_p} did not run on cuflash_attn's kernels: {before} -> {after}"
+    return out
+
+
+DROPOUT_WRAPPERS = {
+    "flash_attention": (_call_flash_attention, False),
+    "flash_attn_func": (_call_flash_attn_func, True),
+    "sdpa_enabled": (_call_sdpa, False),
+}
+
+
+def _wrapper_dropout_masks(device, seed, calls, dropout_p, batch, heads_q, nq, nk):
+    """The keep-masks of the wrappers' first `calls` dropout calls after torch.manual_seed(seed):
+    each call draws its [seed, offset] with new_rng_state from torch's generator on the device
+    (README: "a counter-based Philox stream seeded from torch's generator")."""
+    from cuflash_attn.ops import new_rng_state
+    torch.manual_seed(seed)
+    states = [new_rng_state(torch.device(device)) for _ in range(calls)]
+    return [torch.ops.cuflash_attn.dropout_mask(s, dropout_p, batch, heads_q, nq, nk) for s in states]
+
+
+def _wrapper_inputs(device, dtype, batch, heads_q, heads_kv, nq, nk, d, seed):
+    g = torch.Generator().manual_seed(seed + 101)  # not torch's default generator: dropout draws from that
+    make = lambda h, n: torch.randn(batch, h, n, d, generator=g, dtype=torch.float64).to(device, dtype)  # noqa: E731
+    q, k, v = make(heads_q, nq), make(heads_kv, nk), make(heads_kv, nk)
+    return q.requires_grad_(), k.requires_grad_(), v.requires_grad_(), make(heads_q, nq)
+
+
+def _compare_wrapper(dtype, out, grads, ref, pt):
+    assert_close_to_reference("out", out, ref[0], pt[0], dtype, factor=2, lse=ref[1])
+    scale = gradient_scale(ref[2:5])
+    for name, g, r, p in zip(("dq", "dk", "dv"), grads, ref[2:5], pt[2:5]):
+        assert_close_to_reference(name, g, r, p, dtype, factor=3, lse=ref[1], zero_ref_scale=scale)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("wrapper", list(DROPOUT_WRAPPERS))
+@pytest.mark.parametrize("causal", [False, True])
+def test_dropout_wrappers_backward_uses_the_forwards_mask(device, dtype, wrapper, causal):
+    """flash_attention, flash_attn_func and SDPA under enable() with 0 < dropout_p < 1: out and
+    the gradients against the float64 reference with the keep-mask the forward's rng_state gives
+    (re-derived from torch's generator), so a backward that regenerates its mask from any other
+    state (a fresh draw, none, another call's) fails on dq, dk and dv."""
+    call, bottom_right = DROPOUT_WRAPPERS[wrapper]
+    batch, heads_q, heads_kv, nq, nk, d, p = 2, 4, 2, 37, 53, 32, 0.3
+    q, k, v, dout = _wrapper_inputs(device, dtype, batch, heads_q, heads_kv, nq, nk, d, seed=3)
+    torch.manual_seed(1234)
+    out = call(q, k, v, p, causal)
+    grads = torch.autograd.grad(out, (q, k, v), dout)
+    keep, = _wrapper_dropout_masks(device, 1234, 1, p, batch, heads_q, nq, nk)
+    assert not keep.all() and keep.any()
+    ref_options = dict(causal=causal, bottom_right=bottom_right, dropout_p=p)
+    ref = reference_grads(q, k, v, dout, torch.float64, ref_options, keep)
+    pt = reference_grads(q, k, v, dout, dtype, ref_options, keep) if dtype in LOW_PRECISION else ref
+    _compare_wrapper(dtype, out, grads, ref, pt)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("wrapper", list(DROPOUT_WRAPPERS))
+def test_dropout_wrappers_two_calls_keep_their_own_masks(device, wrapper):
+    """Two dropout calls before one backward (a model with two attention layers, or activation
+    checkpointing's order): each call's backward uses its own forward's state, not the last one
+    drawn nor a shared one."""
+    call, bottom_right = DROPOUT_WRAPPERS[wrapper]
+    batch, heads_q, heads_kv, nq, nk, d, p = 1, 2, 1, 29, 41, 16, 0.4
+    dtype = torch.float64
+    q, k, v, dout = _wrapper_inputs(device, dtype, batch, heads_q, heads_kv, nq, nk, d, seed=5)
+    dout2 = torch.randn(dout.shape, generator=torch.Generator().manual_seed(77), dtype=dtype).to(device)
+    torch.manual_seed(99)
+    out1 = call(q, k, v, p, True)
+    out2 = call(q * 0.5, k, v, p, True)
+    grads = torch.autograd.grad((out1, out2), (q, k, v), (dout, dout2))
+    keep1, keep2 = _wrapper_dropout_masks(device, 99, 2, p, batch, heads_q, nq, nk)
+    assert not torch.equal(keep1, keep2)
+    ref_options = dict(causal=True, bottom_right=bottom_right, dropout_p=p)
+    qh = (q.detach() * 0.5).requires_grad_()
+    ref1 = reference_grads(q, k, v, dout, dtype, ref_options, keep1)
+    # The second call's reference through q * 0.5: its dq is half the gradient at q * 0.5.
+    ref2 = reference_grads(qh, k, v, dout2, dtype, ref_options, keep2)
+    assert_close_to_reference("out1", out1, ref1[0], ref1[0], dtype, factor=2, lse=ref1[1])
+    assert_close_to_reference("out2", out2, ref2[0], ref2[0], dtype, factor=2, lse=ref2[1])
+    want = (ref1[2] + 0.5 * ref2[2], ref1[3] + ref2[3], ref1[4] + ref2[4])
+    scale = gradient_scale(want)
+    for name, g, r in zip(("dq", "dk", "dv"), grads, want):
+        assert_close_to_reference(name, g, r, r, dtype, factor=3, zero_ref_scale=scale)
+
+
 # ---- variable length ----
 
 def check_varlen(device, dtype, lens_q, lens_k, heads_q, heads_kv, d, seed=0, max_seqlen=True, **features):
