@@ -12,7 +12,7 @@ import cuflash_attn
 from conftest import ALL_DTYPES, DEVICES, cuda_kernels, poisoned_and_unmodified
 from cuflash_attn.fallback import TORCH_SDPA
 from cuflash_attn import flash_attn_interface as fa
-from reference import reference_results
+from reference import assert_close_to_reference, assert_lse_close, attention_reference, reference_results
 
 def _bshd(t):
     """[batch, heads, seqlen, head_dim] <-> [batch, seqlen, heads, head_dim] (a view)."""
@@ -361,3 +361,188 @@ def test_flash_attn_varlen_zero_length_sequences(device):
         torch.testing.assert_close(g, w)
     no_keys = slice(starts_q[1], starts_q[2])
     assert torch.all(out[no_keys] == 0) and torch.isneginf(lse[:, no_keys]).all() and torch.all(grads[0][no_keys] == 0)
+
+
+# flash_attn_with_kvcache: q [batch, seqlen_q, heads, head_dim] over caches [batch, seqlen_cache,
+# heads_kv, head_dim]. KVCACHE_ENTRY_POINTS call it on the [batch, heads, seqlen, head_dim] inputs
+# of ENTRY_POINTS (keys k, v; causal bottom-right), the keys given three ways, each returning
+# (out, lse) in that layout: the whole cache (no cache_seqlens); a cache 3 rows longer (random
+# rows past the keys) with cache_seqlens; and the last keys (up to 2) appended as new k, v at
+# cache_seqlens into such a cache.
+_SPARE_ROWS = 3
+
+
+def _cache_with_room(t, keys):
+    """t [batch, heads_kv, nk, head_dim] -> a fresh cache [batch, nk + _SPARE_ROWS, heads_kv,
+    head_dim] holding its first `keys` keys, random rows after them."""
+    cache = torch.randn(t.shape[0], t.shape[2] + _SPARE_ROWS, t.shape[1], t.shape[3], device=t.device).to(t.dtype)
+    cache[:, :keys] = _bshd(t)[:, :keys]
+    return cache
+
+
+def _kvcache(mode):
+    def attend(q, k, v, causal, num_splits=0):
+        b, nk = q.shape[0], k.shape[2]
+        kw = dict(causal=causal, num_splits=num_splits, return_softmax_lse=True)
+        if mode == "cache":
+            k_cache, v_cache = _bshd(k), _bshd(v)
+        else:
+            new = min(nk, 2) if mode == "append" else 0
+            k_cache, v_cache = (_cache_with_room(t, nk - new) for t in (k, v))
+            kw["cache_seqlens"] = torch.full((b,), nk - new, dtype=torch.int32, device=q.device)
+            if new:
+                kw.update(k=_bshd(k)[:, nk - new:], v=_bshd(v)[:, nk - new:])
+        out, lse = fa.flash_attn_with_kvcache(_bshd(q), k_cache, v_cache, **kw)
+        return _bshd(out), lse
+    return attend
+
+
+KVCACHE_ENTRY_POINTS = {f"flash_attn_with_kvcache_{m}": _kvcache(m) for m in ("cache", "seqlens", "append")}
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", ALL_DTYPES)
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("lengths", [[0, 5, 0, 9], [0, 0, 0, 0]], ids=["some_empty", "all_empty"])
+def test_kvcache_zero_cache_seqlens(device, dtype, causal, lengths):
+    """flash_attn_with_kvcache without new keys, cache_seqlens 0 for some batch rows: those rows
+    see no key (output 0, lse -inf, no NaN, and on CUDA no attention kernel where every row is
+    empty); the others are the float64 reference over their first cache_seqlens keys (the
+    accuracy rule), unaffected by the empty rows. Catches a length of 0 read as "the whole
+    cache", a NaN from an empty softmax, and empty rows shifting the others' keys."""
+    nq, ncache, heads_q, heads_kv, d = 3, 12, 4, 2, 32
+    q = torch.randn(len(lengths), nq, heads_q, d, device=device, dtype=dtype)
+    k_cache, v_cache = (torch.randn(len(lengths), ncache, heads_kv, d, device=device, dtype=dtype) for _ in range(2))
+    seqlens = torch.tensor(lengths, dtype=torch.int32, device=device)
+    attend = lambda: fa.flash_attn_with_kvcache(q, k_cache, v_cache, cache_seqlens=seqlens, causal=causal,  # noqa: E731
+                                                return_softmax_lse=True)
+    out, lse = _without_attention_kernels(device, attend) if not any(lengths) else attend()
+    assert out.shape == q.shape and lse.shape == (len(lengths), heads_q, nq)
+    assert not torch.isnan(out).any() and not torch.isnan(lse).any()
+    for b, n in enumerate(lengths):
+        if n == 0:
+            assert torch.all(out[b] == 0), f"batch row {b}: cache_seqlens 0 but output not 0"
+            assert torch.isneginf(lse[b]).all(), f"batch row {b}: cache_seqlens 0 but lse not -inf"
+            continue
+        args = [_bshd(t[b:b + 1]) for t in (q, k_cache[:, :n], v_cache[:, :n])]
+        ref, ref_lse = attention_reference(*args, causal=causal, bottom_right=True)
+        pt, _ = attention_reference(*args, causal=causal, bottom_right=True, dtype=dtype)
+        assert_close_to_reference(f"out[{b}]", _bshd(out[b:b + 1]), ref, pt, dtype, factor=2, lse=ref_lse)
+        assert_lse_close(lse[b:b + 1], ref_lse, dtype)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("new_keys", [0, 2])
+@pytest.mark.parametrize("shape_q,shape_cache", [((0, 5, 2, 32), (0, 7, 2, 32)), ((2, 0, 2, 32), (2, 7, 2, 32)),
+                                                 ((2, 0, 4, 32), (2, 7, 2, 32)), ((0, 0, 2, 32), (0, 7, 2, 32))])
+def test_kvcache_empty_outputs(device, new_keys, shape_q, shape_cache):
+    """flash_attn_with_kvcache with batch 0 or seqlen_q 0: out [batch, seqlen_q, heads_q, head_dim]
+    and lse [batch, heads_q, seqlen_q], empty, no error, and (on CUDA) no attention kernel
+    launched. New keys are still written into the caches at cache_seqlens (flash_attn's append)
+    and nothing else in them changes."""
+    b, _, heads_kv, d = shape_cache
+    q = torch.randn(shape_q, device=device)
+    k_cache, v_cache = (torch.randn(shape_cache, device=device) for _ in range(2))
+    seqlens = torch.arange(b, dtype=torch.int32, device=device) + 1
+    kw = {}
+    if new_keys:
+        kw = dict(k=torch.randn(b, new_keys, heads_kv, d, device=device), v=torch.randn(b, new_keys, heads_kv, d,
+                                                                                         device=device))
+    want_k, want_v = k_cache.clone(), v_cache.clone()
+    for i in range(b):
+        for name, want in (("k", want_k), ("v", want_v)):
+            if new_keys:
+                want[i, i + 1:i + 1 + new_keys] = kw[name][i]
+    out, lse = _without_attention_kernels(device, lambda: fa.flash_attn_with_kvcache(
+        q, k_cache, v_cache, cache_seqlens=seqlens, return_softmax_lse=True, **kw))
+    assert out.shape == q.shape and out.dtype == q.dtype
+    assert lse.shape == (shape_q[0], shape_q[2], shape_q[1])
+    assert torch.equal(k_cache, want_k) and torch.equal(v_cache, want_v)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("entry", list(KVCACHE_ENTRY_POINTS))
+@pytest.mark.parametrize("dtype,value", [(torch.bfloat16, 133120.0), (torch.float16, 256.0)])
+def test_kvcache_huge_equal_inputs_are_finite(device, entry, dtype, value):
+    """test_huge_equal_inputs_are_finite for flash_attn_with_kvcache (forward: decoding)."""
+    q = torch.full((1, 2, 100, 64), value, device=device, dtype=dtype)
+    out, lse = KVCACHE_ENTRY_POINTS[entry](q, q, q, True)
+    assert torch.isfinite(out).all() and torch.isfinite(lse).all()
+    assert torch.all(out == value)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("entry", list(KVCACHE_ENTRY_POINTS))
+@pytest.mark.parametrize("num_splits", [0, 3])
+def test_kvcache_large_magnitude_fp16_is_finite(device, entry, num_splits):
+    """|x| ~ 1e4 in fp16 (scores ~ 1e8 / 8: fp32 accumulation needed): a finite output, within the
+    accuracy rule of the float64 reference, for the split-KV path too."""
+    q, k, v = (torch.randn(2, 2, n, 64, device=device).mul(1e4).half() for n in (4, 128, 128))
+    out, lse = KVCACHE_ENTRY_POINTS[entry](q, k, v, False, num_splits=num_splits)
+    assert torch.isfinite(out).all() and torch.isfinite(lse).all()
+    ref, ref_lse = attention_reference(q, k, v)
+    pt, _ = attention_reference(q, k, v, dtype=torch.float32)  # (in fp16 the scores overflow: the baseline in fp32)
+    assert_close_to_reference("out", out, ref, pt, torch.float16, factor=2, lse=ref_lse)
+    assert_lse_close(lse, ref_lse, torch.float16)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("entry", list(KVCACHE_ENTRY_POINTS))
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("num_splits", [0, 1, 7])
+def test_kvcache_uniform_attention_over_many_keys(device, entry, dtype, num_splits):
+    """test_uniform_attention_over_50k_keys for flash_attn_with_kvcache (50k keys on CUDA, 8k on CPU,
+    which has no split-KV), num_splits chosen, 1 and 7: out = mean of v, lse = log(keys). Catches
+    split-KV partial results combined with wrong weights or a split's keys dropped or counted twice."""
+    nk = 50_000 if device == "cuda" else 8_000
+    q = torch.zeros(2, 2, 4, 64, device=device, dtype=dtype)
+    k = torch.zeros(2, 1, nk, 64, device=device, dtype=dtype)
+    v = torch.randn(2, 1, nk, 64, device=device, dtype=dtype)
+    out, lse = KVCACHE_ENTRY_POINTS[entry](q, k, v, False, num_splits=num_splits)
+    mean = v.double().mean(dim=2, keepdim=True).expand_as(out)
+    tol = 1e-2 if dtype == torch.bfloat16 else 1e-5
+    assert (out.double() - mean).abs().max().item() < tol
+    assert (lse.double() - math.log(nk)).abs().max().item() < 1e-4
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32, torch.float64])
+@pytest.mark.parametrize("num_splits", [0, 3])
+@pytest.mark.parametrize("where", ["cache", "new", "past_seqlens"])
+def test_kvcache_nan_key_reaches_affected_rows_only(device, dtype, num_splits, where):
+    """A NaN in one key of batch row 1 (of 3), causal, 4 queries over 300 keys (cache_seqlens 297 +
+    3 new keys where where == "new"): "cache" puts it in key 298 of the cache, "new" in the
+    second new key (key 298 once appended), so query rows 2 and 3 attend to it and 0 and 1
+    (bottom-right: up to keys 296, 297) do not; "past_seqlens" puts it in the cache past the keys
+    (which no row reads). The rows that attend to it are NaN in out and lse; every other row,
+    in batch row 1 and in the others, is bitwise what the call without the NaN gives. Catches a
+    NaN key lost, a NaN spread through a split's combine or across batch rows, and masked or
+    unused cache rows read into the scores."""
+    b, nq, nk, heads_q, heads_kv, d, pos = 3, 4, 300, 2, 1, 64, 298
+    new = 3 if where == "new" else 0
+    q = torch.randn(b, nq, heads_q, d, device=device, dtype=dtype)
+    k_cache, v_cache = (torch.randn(b, nk + 8, heads_kv, d, device=device, dtype=dtype) for _ in range(2))
+    k_new, v_new = (torch.randn(b, new, heads_kv, d, device=device, dtype=dtype) for _ in range(2))
+    seqlens = torch.full((b,), nk - new, dtype=torch.int32, device=device)
+
+    def run(k_cache, k_new):
+        kw = dict(k=k_new.clone(), v=v_new.clone()) if new else {}
+        return fa.flash_attn_with_kvcache(q, k_cache.clone(), v_cache.clone(), cache_seqlens=seqlens, causal=True,
+                                          num_splits=num_splits, return_softmax_lse=True, **kw)
+
+    clean_out, clean_lse = run(k_cache, k_new)
+    if where == "new":
+        k_new[1, pos - (nk - new), 0, 5] = math.nan
+    else:
+        k_cache[1, pos if where == "cache" else nk + 2, 0, 5] = math.nan
+    out, lse = run(k_cache, k_new)
+    reached = torch.zeros(b, nq, dtype=torch.bool)  # [batch, query row]
+    if where != "past_seqlens":
+        reached[1, 2:] = True
+    reached = reached.to(device)
+    for name, got, want in (("out", out, clean_out), ("lse", lse.transpose(1, 2), clean_lse.transpose(1, 2))):
+        got, want = got.reshape(b, nq, -1), want.reshape(b, nq, -1)  # [batch, query row, heads (x head_dim)]
+        has_nan = torch.isnan(got).all(dim=-1)
+        assert torch.equal(has_nan, reached), f"{name}: NaN rows {has_nan.nonzero().tolist()}, expected " \
+                                              f"{reached.nonzero().tolist()}"
+        assert torch.equal(got[~reached], want[~reached]), f"{name}: a row that does not see the NaN changed"
