@@ -80,6 +80,20 @@ def cuda_kernels(fn):
     return " ".join(e.name for e in prof.events())
 
 
+def sdpa_on_kernels(q, k, v, **kwargs):
+    """torch.nn.functional.scaled_dot_product_attention after cuflash_attn.enable(), checked to have
+    run cuflash_attn's kernels (one more call counted, no fallback to torch's SDPA); GQA where k
+    has fewer heads than q."""
+    before = cuflash_attn.sdpa_stats()
+    with cuflash_attn.enable():
+        out = torch.nn.functional.scaled_dot_product_attention(q, k, v, enable_gqa=q.shape[-3] != k.shape[-3],
+                                                               **kwargs)
+    after = cuflash_attn.sdpa_stats()
+    assert after["cuflash_attn"] == before["cuflash_attn"] + 1 and after["fallback"] == before["fallback"], \
+        f"torch's SDPA ran, not the kernels: {before} -> {after}"
+    return out
+
+
 def fused_backward_kernel(d, wide=False, ordered=False):
     """The profiler's name of the fused warp-specialized Hopper backward (dK, dV and dQ in one
     kernel) for bf16 at head-dim bucket d: 128-query steps (wide), ordered dQ adds."""

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from conftest import HAS_CUDA, poisoned_and_unmodified
+from conftest import HAS_CUDA, poisoned_and_unmodified, sdpa_on_kernels
 from reference import LOW_PRECISION, assert_close_to_reference, assert_lse_close, attention_reference, gradient_scale
 
 DTYPES = [torch.float16, torch.bfloat16, torch.float32, torch.float64]
@@ -251,17 +251,8 @@ def _call_flash_attn_func(q, k, v, dropout_p, causal):
 
 
 def _call_sdpa(q, k, v, dropout_p, causal):
-    import cuflash_attn
-    import torch.nn.functional as F
-    before = cuflash_attn.sdpa_stats()
-    with cuflash_attn.enable():
-        out = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=causal,
-                                             enable_gqa=q.shape[1] != k.shape[1])
-    after = cuflash_attn.sdpa_stats()
     # 0 < dropout_p < 1 runs on the kernels (README: only dropout_p = 1 falls back to torch).
-    assert after["cuflash_attn"] == before["cuflash_attn"] + 1 and after["fallback"] == before["fallback"], \
-        f"SDPA with dropout_p={dropout_p} did not run on cuflash_attn's kernels: {before} -> {after}"
-    return out
+    return sdpa_on_kernels(q, k, v, dropout_p=dropout_p, is_causal=causal)
 
 
 DROPOUT_WRAPPERS = {
