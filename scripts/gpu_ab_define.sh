@@ -17,6 +17,8 @@
 #                        split on spaces; if they fail, B is not benchmarked)
 #   AB_TEST_LIMIT_S=300  seconds the tests under B may run (a wrong mbarrier phase hangs a kernel)
 #   AB_SANITIZE_TOOLS="memcheck synccheck"   scripts/sanitize.sh over A first ("" none)
+#   AB_SANITIZE_B_TOOLS="racecheck"   scripts/sanitize.sh over B, after its tests (logs in
+#                        sanitize_B/; SANITIZE_BUDGET_S and the other SANITIZE_ knobs apply)
 #   AB_SKIP_A=1          neither build, benchmark nor sanitize A: a second experiment in the same
 #                        call, against the first one's A (same files, same benchmark arguments)
 # Results: $OUT/<gpu>-<date>-a.md/json and -b.md/json; logs as $OUT/logs.tar.gz.
@@ -69,10 +71,15 @@ if (( tests_ok )); then
   python3 benchmarks/bench_attention.py ${AB_BENCH-} --out "$OUT" --tag B > "$OUT/bench_B.log" 2>&1 || status=1
   bench_features B
 fi
+if [ -n "${AB_SANITIZE_B_TOOLS-}" ]; then
+  OUT="$OUT/sanitize_B" SANITIZE_SKIP_BUILD=1 SANITIZE_TOOLS="$AB_SANITIZE_B_TOOLS" bash scripts/sanitize.sh \
+    > "$OUT/sanitize_B.log" 2>&1 || status=1
+  grep -vE '^=========' "$OUT/sanitize_B.log" | tail -n 12
+fi
 # The next build is A again (and scripts that build only without an extension, e.g.
 # gpu_sm90_check.sh, build one).
 touch -c "${files[@]}"
 rm -f cuflash_attn/_C*.so
 tail -n 30 "$OUT"/bench_*.log
-archive_logs
+archive_logs "*.log" "sanitize_B/*.log"
 exit $status

@@ -289,6 +289,11 @@ __global__ void __launch_bounds__(
   const int tid = threadIdx.x, warpgroup = warpgroup_index(), lane = tid % 32;
   const int group = sh.heads_q / sh.heads_kv;
   const MaskParams mask = unpacked_mask(p.mask);  // rows_per_query a compile-time 1
+  // A warp hands the generic shared-memory values it read or wrote (the stats, the tile ring's
+  // fields) to another role through an mbarrier by an arrival from every lane, each lane's own
+  // accesses released by its own arrival (as CUTLASS's pipelines do), not lane 0's after
+  // __syncwarp, whose ordering compute-sanitizer's racecheck does not follow (it reported the
+  // stats as races; benchmarks/NOTES.md).
   // kOrderedDq (p.dq_semaphores, deterministic): every query block takes its dQ shares from the
   // key blocks in one order, the last first (each step's parts added, complete, then the block's
   // counter raised; the next key block waits for its turn on it). The CTAs take their tiles from a
@@ -322,8 +327,8 @@ __global__ void __launch_bounds__(
     if (first_tile.n_start >= first_tile.seq.seqlen_k) return;
   }
   // Tile i of this CTA's walk into *tile; false past its last. The TMA thread (kPublish) takes and
-  // publishes it; the others read it, a whole warp (kWarp: lane 0 arrives on tile_empty after the
-  // warp's reads) or one thread (kLane: the drain warp's, whose other lanes have left).
+  // publishes it; the others read it, a whole warp (kWarp: every lane arrives on tile_empty after
+  // its reads) or one thread (kLane: the drain warp's, whose other lanes have left).
   enum Reader { kPublish, kWarp, kLane };
   auto next_tile = [&](int i, Reader reader, DkvTile* tile) {
     if constexpr (!kPersistent) {
@@ -353,8 +358,7 @@ __global__ void __launch_bounds__(
       }
       const bool valid = fields[3] != 0;
       const int n_block = fields[0], h_kv = fields[1], b = fields[2];
-      if (reader == kWarp) __syncwarp();
-      if (reader != kPublish && lane == 0) mbarrier_arrive(&tile_empty[slot]);
+      if (reader != kPublish) mbarrier_arrive(&tile_empty[slot]);  // every lane of a kWarp reader
       if (valid) *tile = dkv_tile<kBlockN, kBlockM>(p, mask, n_block, h_kv, b);
       return valid;
     }
@@ -379,8 +383,8 @@ __global__ void __launch_bounds__(
   if (tid == 0) {
     mbarrier_init(kv_full, 1);
     for (int s = 0; s < kStages; ++s) {
-      mbarrier_init(&full[s], 2);                          // the TMA thread's and the stats warp's arrivals
-      mbarrier_init(&empty[s], K::kConsumerThreads / 32);  // one arrival per consumer warp
+      mbarrier_init(&full[s], 1 + 32);                  // the TMA thread, the stats warp's lanes
+      mbarrier_init(&empty[s], K::kConsumerThreads);  // every consumer thread
     }
     if constexpr (kAccumDq)
       for (int c = 0; c < K::kConsumers; ++c) {
@@ -391,7 +395,7 @@ __global__ void __launch_bounds__(
       mbarrier_init(kv_empty, K::kConsumers);  // each consumer's storing thread
       for (int s = 0; s < 2; ++s) {
         mbarrier_init(&tile_full[s], 1);
-        mbarrier_init(&tile_empty[s], 2 + K::kConsumerThreads / 32);  // the stats and drain warps, the consumer warps
+        mbarrier_init(&tile_empty[s], 1 + 32 + K::kConsumerThreads);  // the drain thread, stats warp, consumers
       }
     }
     fence_barrier_init();
@@ -484,8 +488,7 @@ __global__ void __launch_bounds__(
           if (g + step >= kStages) mbarrier_wait(&empty[stage], (use - 1) & 1);
           block_row_stats<kBlockM, 32>(p, tile.seq, tile.b, head_of(tile, step), block_of(tile, step) * kBlockM, lane,
                                        sLse2 + stage * kBlockM, sDelta + stage * kBlockM);
-          __syncwarp();  // every lane's stores before lane 0's arrival releases them
-          if (lane == 0) mbarrier_arrive(&full[stage]);
+          mbarrier_arrive(&full[stage]);
         }
       }
     }
@@ -562,9 +565,8 @@ __global__ void __launch_bounds__(
       auto col_lse2 = [&](int j, int e) { return lse2[WarpAcc<kBlockM>::col_of(j, e, lane)]; };
       auto col_delta = [&](int j, int e) { return delta[WarpAcc<kBlockM>::col_of(j, e, lane)]; };
       probs_then_mask<true>(s, scale_log2, mask, tile.seq, key0, m0, lane, col_lse2);
-      auto release_stage = [&] {  // this warp is done with the stage (tiles and stats)
-        __syncwarp();
-        if (lane == 0) mbarrier_arrive(&empty[stage]);
+      auto release_stage = [&] {  // this thread is done with the stage (tiles and stats)
+        mbarrier_arrive(&empty[stage]);
       };
       // kAccumDq: dS^T (this warp's 16 keys x kBlockM queries, packed in dst) into this consumer's
       // panel of the step's buffer as [query][key], the A operand of the dQ parts. The buffer was
