@@ -5,10 +5,11 @@ Every CUDA kernel family runs forward and backward on tiny shapes: the tensor-co
 256 (dK and dV in two launches), float32 (the same kernels in 3xTF32; under CUFLASH_FP32=exact
 the *_simt ones) and float64 (the CUDA-core *_simt kernels) at head dims 32, 59 and 256; seqlens
 that are not multiples of any tile, seqlen 1, causal off, top-left and bottom-right (with rows
-that see no key), batch and heads 1-2, a [B, N, H, D] strided layout,
-and the backward with the gradient of the returned lse; the KV-cache forward: paged keys (with
-seqused_k and flash_attn_with_kvcache's appends), split-KV and its combine kernel (with
-features, paged keys and packed queries), and decoding steps (grouped heads as rows; four
+that see no key), batch and heads 1-2, a [B, N, H, D] strided layout, the backward with the
+gradient of the returned lse, and with deterministic=False (the fused Hopper backward's
+unordered dQ adds) and past 1024 keys (its head-dim-128 routes); the KV-cache forward: paged
+keys (with seqused_k and flash_attn_with_kvcache's appends), split-KV and its combine kernel
+(with features, paged keys and packed queries), and decoding steps (grouped heads as rows; four
 causal tokens a step packed under CUFLASH_PACK_GQA=1; 130 unsplit and one split 5 ways on the
 TMA forwards (CUFLASH_SM90's "kvcache" part, a default; the splits under its "splits" part),
 over contiguous and paged caches). Every case is checked against the float64 reference with the
@@ -54,6 +55,11 @@ def cases():
                     (dtype, d, 2, 1, 200, 77, "bottom_right", "dlse"),  # rows 0..122 see no key
                     (dtype, d, 1, 1, 129, 300, "none", "")]
         out += [(dtype, 64, 1, 1, 1, 1, "none", ""), (dtype, 64, 2, 2, 150, 150, "top_left", "bnhd")]
+    # The fused Hopper backward's other routes: unordered dQ adds (deterministic=False: narrow and
+    # wide query steps at head dim 64, head dim 128 past 1024 keys a row) and the ordered one at
+    # head dim 128, which runs from 1024 keys seen by the middle query row.
+    out += [(F16, 64, 1, 2, 77, 300, "top_left", "nondet"), (F16, 64, 2, 2, 150, 1100, "none", "nondet"),
+            (BF16, 128, 1, 2, 130, 1100, "none", "nondet"), (BF16, 128, 1, 2, 130, 1100, "bottom_right", "")]
     for dtype in (F32, F64):
         for d in (59, 256):
             out += [(dtype, d, 1, 2, 77, 200, "top_left", ""), (dtype, d, 2, 1, 200, 77, "bottom_right", "dlse")]
@@ -157,6 +163,9 @@ def run_case(case, device):
     elif variant == "features":  # GQA 4/2, window, softcap, ALiBi per batch, dropout
         check_dense(device, dtype, b, h, h // 2, nq, nk, d, causal=causal != "none", bottom_right=True,
                     window=(40, -1), softcap=15.0, alibi="batch", dropout_p=0.2)
+    elif variant == "nondet":
+        check_dense(device, dtype, b, h, h, nq, nk, d, causal=causal != "none", bottom_right=causal == "bottom_right",
+                    deterministic=False)
     elif variant == "window":
         check_dense(device, dtype, b, h, 1, nq, nk, d, window=(9, 4), bottom_right=False)
     elif variant == "varlen":

@@ -109,7 +109,8 @@ def _flash_attn_func_bhsd(q, k, v, **options):
 
 # Options of the flash_attn functions at once (bottom-right causal, a window, softcap; the
 # gradchecks add ALiBi): no query row is left without a key with nq <= nk, so lse stays finite.
-FA_OPTIONS = dict(causal=True, window_size=(5, 0), softcap=8.0)
+# deterministic=True (flash_attn's default is False) so that CUDA graph replays compare bitwise.
+FA_OPTIONS = dict(causal=True, window_size=(5, 0), softcap=8.0, deterministic=True)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -260,15 +261,15 @@ def test_torch_compile_reduce_overhead():
 
 
 @requires_cuda
-def test_cuda_graph_capture_and_replay_bitwise():
-    q, k, v = qkv("cuda", torch.bfloat16, b=2, h=4, nq=300, nk=300, d=64)
-    dout = torch.randn(2, 4, 300, 64, device="cuda", dtype=torch.bfloat16)
-
-    def step():
-        out = cuflash_attn.flash_attention(q, k, v, causal=True)
-        return (out, *torch.autograd.grad(out, (q, k, v), dout))
-
-    assert_cuda_graph_replays_bitwise(step)
+@pytest.mark.parametrize("entry", list(COMPILED))
+def test_cuda_graph_capture_and_replay_bitwise(entry):
+    """Each entry point (flash_attn_func with GQA, a window, softcap and lse; the varlen one with
+    its cu_seqlens made on the GPU) forward and backward in a CUDA graph: no host sync or
+    allocation outside torch's allocator during capture (capture raises), and replays equal eager."""
+    q, k, v = (qkv("cuda", torch.bfloat16, b=2, h=4, nq=300, nk=300, d=64) if entry == "flash_attention"
+               else gqa_qkv("cuda", torch.bfloat16, nq=300, nk=300, d=64))
+    fn = COMPILED[entry]
+    assert_cuda_graph_replays_bitwise(lambda: _loss_and_grads(fn, q, k, v))
 
 
 @requires_cuda

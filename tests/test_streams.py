@@ -1,10 +1,12 @@
 """Streams and devices: forward and backward launched interleaved on 8 concurrent CUDA streams
-equal the serial results bitwise (the kernels use the current stream and share no state), and
-inputs on a GPU other than the current device run on that GPU with the same results."""
+equal the serial results bitwise (the kernels use the current stream and share no state), every
+entry point's kernels wait for work pending on the current stream, and inputs on a GPU other than
+the current device run on that GPU with the same results."""
 import pytest
 import torch
 
 import cuflash_attn
+from cuflash_attn import flash_attn_interface as fa
 from conftest import requires_cuda
 
 pytestmark = requires_cuda
@@ -86,3 +88,63 @@ def test_inputs_on_a_gpu_other_than_the_current_device(i):
     for name, a, b in zip(("out", "lse", "dq", "dk", "dv"), got, expected):
         assert a.device == torch.device("cuda:1"), f"{name} is on {a.device}"
         assert torch.equal(a, b), f"{name} computed with cuda:0 current differs"
+
+
+def _attend_padded(q, k, v, dout):
+    out, lse = cuflash_attn.flash_attention(q, k, v, causal=True, return_lse=True)
+    return (out, lse, *torch.autograd.grad(out, (q, k, v), dout))
+
+
+def _attend_packed(q, k, v, dout, cu_seqlens):
+    out = fa.flash_attn_varlen_func(q, k, v, cu_seqlens, cu_seqlens, 300, 300, causal=True)
+    return (out, *torch.autograd.grad(out, (q, k, v), dout))
+
+
+def _attend_cache(q, k_cache, v_cache, k_new, v_new, cache_seqlens):
+    out, lse = fa.flash_attn_with_kvcache(q, k_cache, v_cache, k=k_new, v=v_new, cache_seqlens=cache_seqlens,
+                                          causal=True, return_softmax_lse=True)
+    return out, lse, k_cache, v_cache  # the new keys are appended in place
+
+
+def _stream_entry(name):
+    """The entry point's call and its inputs (float ones that take gradients first)."""
+    g = torch.Generator().manual_seed(7)
+    rand = lambda *shape: torch.randn(*shape, generator=g).to("cuda", torch.bfloat16)  # noqa: E731
+    if name == "flash_attention":
+        return _attend_padded, [rand(2, 4, 700, 64) for _ in range(4)], 3
+    if name == "flash_attn_varlen_func":
+        cu_seqlens = torch.tensor([0, 300, 300, 555], dtype=torch.int32, device="cuda")
+        return _attend_packed, [rand(555, 4, 128) for _ in range(4)] + [cu_seqlens], 3
+    cache_seqlens = torch.tensor([5, 900, 0], dtype=torch.int32, device="cuda")
+    return (_attend_cache, [rand(3, 2, 8, 128), rand(3, 1024, 2, 128), rand(3, 1024, 2, 128), rand(3, 2, 2, 128),
+                            rand(3, 2, 2, 128), cache_seqlens], 0)
+
+
+@pytest.mark.parametrize("name", ["flash_attention", "flash_attn_varlen_func", "flash_attn_with_kvcache"])
+def test_kernels_run_on_the_current_stream_behind_its_pending_work(name):
+    """Inputs written on a side stream behind ~30 ms of spinning (torch.cuda._sleep), the call
+    made on that stream at once: the forward and backward (autograd runs it on the forward's
+    stream) must read them after the copy and equal a serial run bitwise. A kernel launched on
+    another stream (the legacy default one, or a stream of the library's own: torch's are
+    non-blocking, so neither waits) would run during the spin and read the NaN or zero lengths
+    written before it. The stream test above cannot catch that: its inputs are ready before
+    any stream starts."""
+    call, inputs, with_grad = _stream_entry(name)
+    fresh = lambda ts: [t.clone().requires_grad_(i < with_grad) for i, t in enumerate(ts)]  # noqa: E731
+    expected = call(*fresh(inputs))
+    torch.cuda.synchronize()
+
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())  # inputs made on the current stream
+    with torch.cuda.stream(stream):
+        late = [torch.empty_like(t) for t in inputs]
+        for t in late:
+            t.fill_(float("nan") if t.is_floating_point() else 0)
+        torch.cuda._sleep(50_000_000)
+        for t, source in zip(late, inputs):
+            t.copy_(source)
+        got = call(*[t.requires_grad_(i < with_grad) for i, t in enumerate(late)])
+    torch.cuda.current_stream().wait_stream(stream)
+    torch.cuda.synchronize()
+    for i, (a, b) in enumerate(zip(got, expected)):
+        assert torch.equal(a, b), f"{name}: result {i} differs from the serial run's"
