@@ -6,8 +6,8 @@ import torch
 import torch.nn.functional as F
 
 import cuflash_attn
-from conftest import DEVICES, assert_cuda_graph_replays_bitwise, requires_cuda
-from cuflash_attn.flash_attn_interface import flash_attn_func, flash_attn_varlen_func
+from conftest import DEVICES, assert_cuda_graph_replays_bitwise, requires_cuda, sdpa_on_kernels
+from cuflash_attn.flash_attn_interface import flash_attn_func, flash_attn_varlen_func, flash_attn_with_kvcache
 
 ops = torch.ops.cuflash_attn
 
@@ -310,6 +310,62 @@ def test_race_large_batch_250_repeats():
     for _ in range(250):
         for a, b in zip(first, run()):
             assert torch.equal(a, b)
+
+
+def _race_entry(name):
+    """A large-batch call of a public entry point: a function of no arguments returning its
+    outputs (out, lse where the entry returns it, and the gradients where it has a backward,
+    deterministic=True), each call recomputing all of them."""
+    g = torch.Generator().manual_seed(3)
+    rand = lambda *shape: torch.randn(*shape, generator=g).to("cuda", torch.float16)  # noqa: E731
+    if name == "flash_attn_func":  # [B, N, H, D], GQA, bottom-right causal with a window
+        q, k, v = (rand(96, 256, h, 64).requires_grad_() for h in (8, 2, 2))
+        dout = rand(96, 256, 8, 64)
+
+        def run():
+            out, lse, _ = flash_attn_func(q, k, v, causal=True, window_size=(100, 0), deterministic=True,
+                                          return_attn_probs=True)
+            return (out, lse, *torch.autograd.grad(out, (q, k, v), dout))
+    elif name == "flash_attn_varlen_func":  # 200 sequences of 0-300 keys packed
+        lengths = torch.randint(0, 300, (200,), generator=g)
+        cu = torch.nn.functional.pad(lengths.cumsum(0), (1, 0)).to("cuda", torch.int32)
+        q, k, v = (rand(int(lengths.sum()), 4, 128).requires_grad_() for _ in range(3))
+        dout = rand(*q.shape)
+
+        def run():
+            out = flash_attn_varlen_func(q, k, v, cu, cu, 300, 300, causal=True, deterministic=True)
+            return (out, *torch.autograd.grad(out, (q, k, v), dout))
+    elif name == "flash_attn_with_kvcache":  # 64 decoding steps of 4 tokens over paged keys, split 5 ways
+        q = rand(64, 4, 8, 128)
+        k_cache, v_cache = rand(64 * 8, 256, 2, 128), rand(64 * 8, 256, 2, 128)
+        block_table = torch.randperm(64 * 8, generator=g).reshape(64, 8).to("cuda", torch.int32)
+        seqlens = torch.randint(1, 8 * 256, (64,), generator=g).to("cuda", torch.int32)
+
+        def run():
+            return flash_attn_with_kvcache(q, k_cache, v_cache, cache_seqlens=seqlens, block_table=block_table,
+                                           causal=True, num_splits=5, return_softmax_lse=True)
+    else:  # the SDPA drop-in, GQA
+        q, k, v = (rand(96, h, 256, 64).requires_grad_() for h in (8, 2, 2))
+        dout = rand(96, 8, 256, 64)
+
+        def run():
+            out = sdpa_on_kernels(q, k, v, is_causal=True)
+            return (out, *torch.autograd.grad(out, (q, k, v), dout))
+    return run
+
+
+@requires_cuda
+@pytest.mark.parametrize("name", ["flash_attn_func", "flash_attn_varlen_func", "flash_attn_with_kvcache", "sdpa"])
+def test_race_large_batch_250_repeats_every_entry_point(name):
+    """The race test of every public entry point beside the op's above: a large batch (a grid
+    of thousands of CTAs), 250 repeats bitwise equal to the first, gradients included (the
+    fused backward's ordered dQ adds; GQA's summed dK/dV), and the split-KV combine over a
+    paged cache."""
+    run = _race_entry(name)
+    first = run()
+    for _ in range(250):
+        for i, (a, b) in enumerate(zip(first, run())):
+            assert torch.equal(a, b), f"{name}: result {i} differs between repeats"
 
 
 @pytest.mark.parametrize("device", DEVICES)
