@@ -223,6 +223,40 @@ def test_raises_what_torch_raises(route, name, args, kwargs):
     assert cuflash_attn.sdpa_stats() == {"cuflash_attn": 0, "fallback": {}}
 
 
+def _mixed_device_cases():
+    """(id, args, kwargs) with CUDA and CPU tensors in one call (built on first use: CUDA ones)."""
+    q, k, v = qkv("cuda")
+    mask = torch.rand(16, 24) > 0.3
+    return [("key on the CPU", (q, k.cpu(), v), {}), ("value on the CPU", (q, k, v.cpu()), {}),
+            ("query on the CPU", (q.cpu(), k, v), {}), ("attn_mask on the CPU", (q, k, v), dict(attn_mask=mask)),
+            ("float attn_mask on the CPU", (q, k, v), dict(attn_mask=mask.float())),
+            ("GQA, key on the CPU", (q, k[:, :2].cpu(), v[:, :2]), dict(enable_gqa=True))]
+
+
+MIXED_DEVICE_IDS = ["key", "value", "query", "bool_mask", "float_mask", "gqa_key"]
+
+
+@requires_cuda
+@pytest.mark.parametrize("route", list(SDPA_ROUTES))
+@pytest.mark.parametrize("case", range(len(MIXED_DEVICE_IDS)), ids=MIXED_DEVICE_IDS)
+def test_mixed_devices_raise_what_torch_raises(route, case):
+    """A CUDA query with a CPU key, value or mask (or the reverse): the exception torch's SDPA
+    raises, type and message, never a kernel reading host memory, nothing counted as ours; where
+    torch accepts the mix (its own device moves), the same result as torch's."""
+    _, args, kwargs = _mixed_device_cases()[case]
+    try:
+        expected, torch_error = TORCH_SDPA(*args, **kwargs), None
+    except Exception as error:  # noqa: BLE001  (whatever torch raises is the expectation)
+        torch_error = error
+    if torch_error is None:
+        torch.testing.assert_close(SDPA_ROUTES[route](*args, **kwargs), expected)
+        return
+    with pytest.raises(type(torch_error)) as got:
+        SDPA_ROUTES[route](*args, **kwargs)
+    assert str(got.value).replace("cuflash_attn.", "") == str(torch_error).replace("torch._C._nn.", "")
+    assert cuflash_attn.sdpa_stats()["cuflash_attn"] == 0
+
+
 OWN_ERROR_CASES = [
     ("dropout_p -0.1", dict(dropout_p=-0.1), r"dropout_p must be in \[0, 1\], got -0.1"),
     ("dropout_p 1.5", dict(dropout_p=1.5), r"dropout_p must be in \[0, 1\], got 1.5"),
