@@ -17,6 +17,8 @@
 #   SANITIZE_EACH_CASE=1           one sanitizer process per case (slower: a process and a CUDA
 #                                  context each), so that a case that stops the tool does not hide
 #                                  the others, and the cases that fail are named
+#   SANITIZE_TOOL_ARGS="--racecheck-report all"   more compute-sanitizer options, for every
+#                                  tool run (split on spaces)
 #   SANITIZE_SKIP_BUILD=1          use the extension as built; otherwise scripts/setup.sh builds it
 #                                  (incremental; CUFLASH_HEAD_DIMS=64,128,256 is all the sweep needs,
 #                                  and new objects get -lineinfo so reports name source lines)
@@ -64,8 +66,9 @@ for tool in $TOOLS; do
   tool_filter=("${filter_args[@]+"${filter_args[@]}"}")
   [ "$tool" = initcheck ] && tool_filter=(--check-api-memory-access no)
   run_tool() {  # the driver's arguments; the time left to the deadline
+    # shellcheck disable=SC2086  # SANITIZE_TOOL_ARGS is split on purpose
     timeout --signal=INT --kill-after=30 "$(( deadline - $(date +%s) ))" "$SANITIZER" --tool "$tool" \
-      --error-exitcode 1 ${tool_filter[@]+"${tool_filter[@]}"} python3 tests/sanitize_driver.py "$@"
+      --error-exitcode 1 ${tool_filter[@]+"${tool_filter[@]}"} ${SANITIZE_TOOL_ARGS:-} python3 tests/sanitize_driver.py "$@"
   }
   failed_cases=()
   processes=1
