@@ -97,6 +97,13 @@ std::vector<Case> all_cases() {
     add(problem(2, 4, 2, 1, 300, 128), [](Case& c) { c.p.seqused_k = {1, 256}; });
     add(problem(1, 2, 2, 50, 0, 64));  // no keys: output 0, lse -inf, no attention launch
     add(problem(1, 2, 2, 0, 50, 64));  // no queries: dk = dv = 0
+    // shared/TESTING.md's (seqlen_q, seqlen_k) list, without a mask and bottom-right causal (rows
+    // with no key where seqlen_q > seqlen_k), grouped-query.
+    for (auto [nq, nk] : {std::pair{1, 1}, {1, 239}, {3, 799}, {113, 203}, {127, 513}, {128, 217}, {256, 512},
+                          {512, 256}, {1023, 1024}, {1024, 1023}, {2048, 2048}, {239, 1}, {799, 3}}) {
+      add(problem(1, 2, 1, nq, nk, 64));
+      add(problem(1, 2, 1, nq, nk, 64), causal, bottom_right);
+    }
   }
   return cases;
 }
