@@ -215,7 +215,7 @@ struct BwdDkvSm90TmaKernel {
   static constexpr int kDqPanelBytes = kDqPartRows * 32 * 4, kDqPartBytes = 2 * kDqPanelBytes;
   static constexpr int kDqBytes = kAccumDq ? kConsumers * kDqPartBytes : 0;
   // Barriers: K/V full, then per stage full (TMA bytes + the stats warp) and empty (consumer
-  // warps); kAccumDq: per consumer dq_full (its warps) and dq_empty (the drain warp); kPersistent:
+  // threads); kAccumDq: per consumer dq_full (its warps) and dq_empty (the drain warp); kPersistent:
   // K/V empty, and the tile ring's two full and two empty.
   static constexpr int kBarriers = 1 + 2 * kStages + (kAccumDq ? 2 * kConsumers : 0) + (kPersistent ? 5 : 0);
   // kOrderedDq: and the CTA's tile (16 bytes); kPersistent: the ring's two slots (32 bytes).
@@ -289,11 +289,6 @@ __global__ void __launch_bounds__(
   const int tid = threadIdx.x, warpgroup = warpgroup_index(), lane = tid % 32;
   const int group = sh.heads_q / sh.heads_kv;
   const MaskParams mask = unpacked_mask(p.mask);  // rows_per_query a compile-time 1
-  // A warp hands the generic shared-memory values it read or wrote (the stats, the tile ring's
-  // fields) to another role through an mbarrier by an arrival from every lane, each lane's own
-  // accesses released by its own arrival (as CUTLASS's pipelines do), not lane 0's after
-  // __syncwarp, whose ordering compute-sanitizer's racecheck does not follow (it reported the
-  // stats as races; benchmarks/NOTES.md).
   // kOrderedDq (p.dq_semaphores, deterministic): every query block takes its dQ shares from the
   // key blocks in one order, the last first (each step's parts added, complete, then the block's
   // counter raised; the next key block waits for its turn on it). The CTAs take their tiles from a
@@ -380,10 +375,15 @@ __global__ void __launch_bounds__(
   auto ds_barrier = [&](int g, int c) { return 2 + 2 * ds_buffer(g) + c; };
   auto dq_use = [&](int g) { return K::kDqEveryStep ? g : g >> 1; };
 
+  // A warp hands the generic shared-memory values it read or wrote (the stats, the tile ring's
+  // fields) to another role through an mbarrier by an arrival from every lane, each lane's own
+  // accesses released by its own arrival (as CUTLASS's pipelines do), not lane 0's after
+  // __syncwarp, whose ordering compute-sanitizer's racecheck does not follow (it reported the
+  // stats as races; benchmarks/NOTES.md).
   if (tid == 0) {
     mbarrier_init(kv_full, 1);
     for (int s = 0; s < kStages; ++s) {
-      mbarrier_init(&full[s], 1 + 32);                  // the TMA thread, the stats warp's lanes
+      mbarrier_init(&full[s], 1 + 32);                // the TMA thread, the stats warp's lanes
       mbarrier_init(&empty[s], K::kConsumerThreads);  // every consumer thread
     }
     if constexpr (kAccumDq)
