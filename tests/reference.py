@@ -5,6 +5,10 @@ import torch
 
 LOW_PRECISION = (torch.float16, torch.bfloat16)
 LOW_PRECISION_IDS = ("fp16", "bf16")  # pytest ids for LOW_PRECISION
+# Where attention_reference computes in a low-precision dtype (the `pt` baseline); None: on the
+# inputs' device. tests/sanitize_driver.py sets "cpu": under compute-sanitizer's racecheck, torch's
+# own float16 matmuls on a Hopper GPU (cuBLAS) stop the tool with an internal error.
+LOW_PRECISION_BASELINE_DEVICE = None
 
 
 def attention_reference(q, k, v, causal=False, scale=None, bottom_right=False, dtype=torch.float64, *,
@@ -19,6 +23,13 @@ def attention_reference(q, k, v, causal=False, scale=None, bottom_right=False, d
     kept ones scaled by 1 / (1 - dropout_p). Masks are -inf; a query row that sees no key gives
     output 0 and lse -inf, as cuflash_attn documents."""
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    if dtype in LOW_PRECISION and LOW_PRECISION_BASELINE_DEVICE not in (None, q.device.type):
+        device = q.device
+        out, lse = attention_reference(*(t.to(LOW_PRECISION_BASELINE_DEVICE) for t in (q, k, v)), causal, scale,
+                                       bottom_right, dtype, window=window, softcap=softcap,
+                                       alibi_slopes=alibi_slopes, dropout_keep=dropout_keep, dropout_p=dropout_p,
+                                       attn_mask=attn_mask)
+        return out.to(device), lse.to(device)
     q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
     group = q.shape[1] // k.shape[1]
     k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)

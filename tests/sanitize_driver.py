@@ -35,6 +35,7 @@ import bench_attention as bench  # noqa: E402  (switches_set: run-time switches 
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
+import reference  # noqa: E402
 from reference import LOW_PRECISION, assert_close_to_reference, assert_lse_close, reference_results  # noqa: E402
 from test_accuracy import check_against_reference  # noqa: E402
 from test_features import check_dense, check_varlen  # noqa: E402
@@ -190,7 +191,12 @@ def main():
     parser.add_argument("--only", default="", help="run the cases whose description matches this regex")
     parser.add_argument("--case", default=None, help="run the one case with exactly this description")
     parser.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
+    parser.add_argument("--baseline-on-device", action="store_true",
+                        help="compute the float16/bfloat16 baselines with torch's ops on the GPU (by default on the "
+                             "CPU: on a Hopper GPU racecheck stops with an internal error in torch's float16 matmuls)")
     args = parser.parse_args()
+    if not args.baseline_on_device:
+        reference.LOW_PRECISION_BASELINE_DEVICE = "cpu"
     selected = [c for c in cases() if re.search(args.only, describe(c)) and args.case in (None, describe(c))]
     if args.list:
         print("\n".join(describe(c) for c in selected))
