@@ -5,10 +5,12 @@ import torch
 
 LOW_PRECISION = (torch.float16, torch.bfloat16)
 LOW_PRECISION_IDS = ("fp16", "bf16")  # pytest ids for LOW_PRECISION
-# Where attention_reference computes in a low-precision dtype (the `pt` baseline); None: on the
-# inputs' device. tests/sanitize_driver.py sets "cpu": under compute-sanitizer's racecheck, torch's
-# own float16 matmuls on a Hopper GPU (cuBLAS) stop the tool with an internal error.
-LOW_PRECISION_BASELINE_DEVICE = None
+# Where attention_reference computes (the float64 reference and the low-precision `pt` baseline);
+# None: on the inputs' device. tests/sanitize_driver.py sets "cpu": under compute-sanitizer's
+# racecheck, torch's own float16 matmuls on a Hopper GPU (cuBLAS) stop the tool with an internal
+# error (H200, 2026-12-02), and initcheck, which must watch every kernel, runs far faster without
+# the references' kernels.
+REFERENCE_DEVICE = None
 
 
 def attention_reference(q, k, v, causal=False, scale=None, bottom_right=False, dtype=torch.float64, *,
@@ -23,9 +25,9 @@ def attention_reference(q, k, v, causal=False, scale=None, bottom_right=False, d
     kept ones scaled by 1 / (1 - dropout_p). Masks are -inf; a query row that sees no key gives
     output 0 and lse -inf, as cuflash_attn documents."""
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
-    if dtype in LOW_PRECISION and LOW_PRECISION_BASELINE_DEVICE not in (None, q.device.type):
+    if REFERENCE_DEVICE not in (None, q.device.type):
         device = q.device
-        out, lse = attention_reference(*(t.to(LOW_PRECISION_BASELINE_DEVICE) for t in (q, k, v)), causal, scale,
+        out, lse = attention_reference(*(t.to(REFERENCE_DEVICE) for t in (q, k, v)), causal, scale,
                                        bottom_right, dtype, window=window, softcap=softcap,
                                        alibi_slopes=alibi_slopes, dropout_keep=dropout_keep, dropout_p=dropout_p,
                                        attn_mask=attn_mask)

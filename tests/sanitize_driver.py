@@ -191,12 +191,13 @@ def main():
     parser.add_argument("--only", default="", help="run the cases whose description matches this regex")
     parser.add_argument("--case", default=None, help="run the one case with exactly this description")
     parser.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
-    parser.add_argument("--baseline-on-device", action="store_true",
-                        help="compute the float16/bfloat16 baselines with torch's ops on the GPU (by default on the "
-                             "CPU: on a Hopper GPU racecheck stops with an internal error in torch's float16 matmuls)")
+    parser.add_argument("--reference-on-device", action="store_true",
+                        help="compute the references (float64, and the float16/bfloat16 baselines) with torch's ops "
+                             "on the GPU; by default on the CPU: on a Hopper GPU racecheck stops with an internal "
+                             "error in torch's float16 matmuls, and initcheck watches fewer kernels")
     args = parser.parse_args()
-    if not args.baseline_on_device:
-        reference.LOW_PRECISION_BASELINE_DEVICE = "cpu"
+    if not args.reference_on_device:
+        reference.REFERENCE_DEVICE = "cpu"
     selected = [c for c in cases() if re.search(args.only, describe(c)) and args.case in (None, describe(c))]
     if args.list:
         print("\n".join(describe(c) for c in selected))
