@@ -60,18 +60,23 @@ for tool in $TOOLS; do
   # initcheck must watch every kernel: with a filter it does not see the writes of torch's own
   # kernels (randn, the padding copy) and reports our reads of that memory as uninitialized.
   # Nor does it check cudaMemcpy/cudaMemset (--check-api-memory-access no): those are torch's
-  # own copies (the float64 reference's clones, of memory whose writes initcheck did not see),
-  # reported with a host backtrace each, so many that an eleventh-session run over six KV-cache
-  # cases did not finish in 120 s; our kernels' reads of unwritten memory are still reported.
-  # Nor host backtraces (each of torch's kernel launches would save one, and torch's copies of
-  # outputs written by TMA store, which initcheck does not see, are reported: see below), with
-  # every report printed, so that each can be told ours or torch's.
+  # own copies (the float64 reference's clones, of memory whose writes initcheck did not see).
+  # Nor does it see TMA's bulk stores: on a Hopper GPU our forward's output, written so, was
+  # reported 47,428 times as read uninitialized (H200, 2026-12-03: by our delta kernel and by
+  # torch's copies), so initcheck runs the driver --without-tma (the sm_80-class kernels, every
+  # store a generic one; memcheck and tests/test_outputs_written.py, which fills every output
+  # with NaN first, cover the TMA kernels' writes) and every report counts.
   tool_filter=("${filter_args[@]+"${filter_args[@]}"}")
-  [ "$tool" = initcheck ] && tool_filter=(--check-api-memory-access no --show-backtrace no --print-limit 1000000)
+  tool_driver_args=()
+  if [ "$tool" = initcheck ]; then
+    tool_filter=(--check-api-memory-access no --show-backtrace no)
+    tool_driver_args=(--without-tma)
+  fi
   run_tool() {  # the driver's arguments; the time left to the deadline
     # shellcheck disable=SC2086  # SANITIZE_TOOL_ARGS is split on purpose
     timeout --signal=INT --kill-after=30 "$(( deadline - $(date +%s) ))" "$SANITIZER" --tool "$tool" \
-      --error-exitcode 1 ${tool_filter[@]+"${tool_filter[@]}"} ${SANITIZE_TOOL_ARGS:-} python3 tests/sanitize_driver.py "$@"
+      --error-exitcode 1 ${tool_filter[@]+"${tool_filter[@]}"} ${SANITIZE_TOOL_ARGS:-} python3 tests/sanitize_driver.py \
+      ${tool_driver_args[@]+"${tool_driver_args[@]}"} "$@"
   }
   failed_cases=()
   processes=1
@@ -104,22 +109,6 @@ for tool in $TOOLS; do
     errors=$(( ${errors:-0} > e ? ${errors:-0} : e ))
     warnings=", $w warnings"
     if [ "$w" -gt 0 ] && [ "$rc" -eq 0 ]; then rc=1; fi
-  fi
-  if [ "$tool" = initcheck ] && [ -n "$errors" ]; then
-    # Unfiltered, initcheck also reports torch's own copies of memory it never wrote (clone of
-    # an empty tensor: "cudaMemcpy source"); only reports inside cuflash's kernels count.
-    ours=$(grep -A1 -E 'Uninitialized __global__' "$log" | grep -cE 'at (void )?cuflash::' || true)
-    printed=$(grep -cE 'Uninitialized __global__' "$log" || true)
-    if [ "$printed" != "$errors" ]; then
-      echo "initcheck: $printed of $errors reports printed: the rest cannot be told ours or torch's"
-      rc=1
-    elif [ "$errors" != "$ours" ]; then
-      echo "initcheck: $(( errors - ours )) reports outside cuflash's kernels (torch's copies), not counted"
-      errors=$ours
-      # Clean when every driver process finished with no failed case (one per case, or one).
-      clean=$(grep -E '^sanitize_driver:' "$log" | grep -c ', 0 failed' || true)
-      if [ "$ours" = 0 ] && [ "$clean" = "$processes" ]; then rc=0; fi
-    fi
   fi
   driver=$(grep -E '^sanitize_driver:' "$log" | tail -n 1)
   if [ "$rc" -ne 0 ] && [ ${#failed_cases[@]} -gt 0 ]; then

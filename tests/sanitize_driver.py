@@ -22,6 +22,7 @@ accuracy rule, so a clean sanitizer run is also a correctness run.
 Exit status: 0 all cases pass, 3 a case failed (or none ran), 2 no GPU.
 """
 import argparse
+import os
 import re
 import sys
 import time
@@ -154,6 +155,8 @@ def run_case(case, device):
         with bench.switches_set({"CUFLASH_PACK_GQA": "1"}):
             for num_splits in (0, 1, 5):
                 check_decode(device, dtype, d, b, h, nk, num_splits, tokens=nq)
+    elif variant == "kvcache_tma" and os.environ.get("CUFLASH_SM90") == "0":
+        pytest.skip("the Hopper kernels are off (--without-tma)")
     elif variant == "kvcache_tma":  # the TMA forwards, persistent and not, over KV caches; splits
         import test_paged_kv
         for parts in ("tma,persistent,kvcache", "tma,kvcache,splits"):
@@ -195,7 +198,12 @@ def main():
                         help="compute the references (float64, and the float16/bfloat16 baselines) with torch's ops "
                              "on the GPU; by default on the CPU: on a Hopper GPU racecheck stops with an internal "
                              "error in torch's float16 matmuls, and initcheck watches fewer kernels")
+    parser.add_argument("--without-tma", action="store_true",
+                        help="the Hopper kernels off (CUFLASH_SM90=0), the cases that ask for them skipped: for "
+                             "initcheck, which does not see TMA's bulk stores")
     args = parser.parse_args()
+    if args.without_tma:
+        os.environ["CUFLASH_SM90"] = "0"
     if not args.reference_on_device:
         reference.REFERENCE_DEVICE = "cpu"
     selected = [c for c in cases() if re.search(args.only, describe(c)) and args.case in (None, describe(c))]
