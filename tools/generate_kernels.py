@@ -22,8 +22,9 @@ DIRECTIONS = ["fwd", "bwd"]
 OUT_DIR = Path(__file__).resolve().parent.parent / "csrc" / "cuda" / "instantiations"
 WGMMA_HEADER = OUT_DIR.parent / "sm90" / "wgmma_instructions.cuh"
 # Hopper path: wgmma.mma_async m64nNk16 with fp32 accumulators, per 16-bit type (PTX spelling)
-# and N. PTX names every accumulator register, so these are written out here.
-WGMMA_TYPES = {"__nv_bfloat16": "bf16", "__half": "f16"}
+# and N. PTX names every accumulator register, so these are written out here. float: TF32
+# (m64nNk8, both operands K-major: PTX has no transpose for it), for 3xTF32 float32.
+WGMMA_TYPES = {"__nv_bfloat16": "bf16", "__half": "f16", "float": "tf32"}
 # 32: the backward's streamed rows at head dim 256; 80 and 192: the TMA forward's wide key tiles
 # at head dims 256 and 128.
 WGMMA_N = [32, 64, 80, 128, 192]
@@ -79,28 +80,37 @@ def wgmma_instructions():
              "// layout of wgmma_acc_row/col) = or += A B. ss: A and B from shared memory (descriptors), A",
              "// K-major, B K-major (kTransB 0) or MN-major (1); rs: A from registers (mma.m16n8k16 A",
              "// fragments, warp w holding rows 16w..), B from shared memory MN-major (transposed).",
-             "// accumulate == 0 overwrites d.",
+             "// float: m64nNk8.f32.tf32.tf32 (kK 8), the tensor cores reading the top 19 bits of each",
+             "// float; A and B K-major only (ss with kTransB 0; rs: mma.m16n8k8 tf32 A fragments, B",
+             "// K-major). accumulate == 0 overwrites d.",
              "#pragma once", "#include <cuda_bf16.h>", "#include <cuda_fp16.h>", "#include <cstdint>", "",
              "namespace cuflash::sm90 {", "", "template <typename T, int N>", "struct Wgmma;", ""]
     for cpp_type, ptx in WGMMA_TYPES.items():
+        tf32 = ptx == "tf32"
         for n in WGMMA_N:
             regs = n // 2
             acc = "{" + ", ".join(f"%{i}" for i in range(regs)) + "}"
             outs = ", ".join(f'"+f"(d[{i}])' for i in range(regs))
-            inst = f"wgmma.mma_async.sync.aligned.m64n{n}k16.f32.{ptx}.{ptx} "
+            inst = f"wgmma.mma_async.sync.aligned.m64n{n}k{8 if tf32 else 16}.f32.{ptx}.{ptx} "
+            # The immediates after the predicate: scale A, scale B (and for 16-bit types the
+            # transposes of A and B, which TF32 does not take).
+            ss_tail = "p, 1, 1" if tf32 else f"p, 1, 1, 0, %{regs + 3}"
+            rs_tail = "p, 1, 1" if tf32 else "p, 1, 1, 1"
+            ss_trans = ["    static_assert(kTransB == 0, \"TF32 reads both operands K-major\");"] if tf32 else []
+            ss_inputs = '"l"(desc_a), "l"(desc_b), "r"(accumulate)' + ("" if tf32 else ', "n"(kTransB)')
             lines += [f"template <>", f"struct Wgmma<{cpp_type}, {n}> {{",
-                      f"  static constexpr int kAccRegs = {regs};",
+                      f"  static constexpr int kAccRegs = {regs}, kK = {8 if tf32 else 16};",
                       f"  template <int kTransB = 0>",
                       f"  __device__ __forceinline__ static void ss(float (&d)[{regs}], uint64_t desc_a, uint64_t desc_b,",
-                      f"                                            int accumulate) {{",
+                      f"                                            int accumulate) {{", *ss_trans,
                       f'    asm volatile("{{\\n.reg .pred p;\\nsetp.ne.b32 p, %{regs + 2}, 0;\\n"',
-                      f'                 "{inst}{acc}, %{regs}, %{regs + 1}, p, 1, 1, 0, %{regs + 3};\\n}}\\n"',
+                      f'                 "{inst}{acc}, %{regs}, %{regs + 1}, {ss_tail};\\n}}\\n"',
                       f"                 : {outs}",
-                      f'                 : "l"(desc_a), "l"(desc_b), "r"(accumulate), "n"(kTransB));', "  }",
+                      f"                 : {ss_inputs});", "  }",
                       f"  __device__ __forceinline__ static void rs(float (&d)[{regs}], const uint32_t (&a)[4], uint64_t desc_b,",
                       f"                                            int accumulate) {{",
                       f'    asm volatile("{{\\n.reg .pred p;\\nsetp.ne.b32 p, %{regs + 5}, 0;\\n"',
-                      f'                 "{inst}{acc}, {{%{regs}, %{regs + 1}, %{regs + 2}, %{regs + 3}}}, %{regs + 4}, p, 1, 1, 1;\\n}}\\n"',
+                      f'                 "{inst}{acc}, {{%{regs}, %{regs + 1}, %{regs + 2}, %{regs + 3}}}, %{regs + 4}, {rs_tail};\\n}}\\n"',
                       f"                 : {outs}",
                       f'                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b), "r"(accumulate));',
                       "  }", "};", ""]

@@ -7,17 +7,26 @@
 // the attention tensor maps of csrc/cuda/sm90/tma_maps.h (the experimental TMA forward's): a
 // box of 64 columns x 128 rows of one head of a [2][3][100][40] tensor stored [B, H, N, D] and
 // [B, N, H, D], which must land as a swizzled panel with zeros past row 100 and column 40.
+// Then float32 on TF32 wgmmas (m64n64k8, both operands K-major, 32 floats a swizzled row), the
+// building block of a Hopper float32 path: C = A B^T in 3xTF32, A in registers split big and
+// small (split_tf32, as the sm_80-class kernels) and B stored raw (its big part: the tensor cores
+// drop the low 13 bits) and as its small part; the same with A from shared memory (1xTF32, the
+// descriptor check); and the accumulator's drift over 1024 k (TF32 products exact, the sums the
+// tensor cores' own).
 // Exit status 0: it matches; 1: it does not; 2: no usable GPU. Run by tests/test_sm90_probe.py.
 #include <cuda.h>  // CUtensorMap and its enums (types only: the encoder comes from the runtime)
 #include <cudaTypedefs.h>
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdio>
+#include <cstring>
 #include <random>
 #include <vector>
 
+#include "cuda/mma_sm80.cuh"  // split_tf32
 #include "cuda/sm90/tma_maps.h"
 #include "cuda/sm90/wgmma.cuh"
 
@@ -101,6 +110,80 @@ __global__ void __launch_bounds__(128) gemm_ab_registers(const __nv_bfloat16* a,
   wgmma_commit();
   wgmma_wait<0>();
   for (int i = 0; i < 64; ++i) c[wgmma_acc_row(t, i) * kN2 + wgmma_acc_col(t, i)] = d[i];
+}
+
+// float32 on TF32 wgmmas, 64 x 64 x 64. B [kN][kK] row-major, stored K-major (two 32-float panels)
+// raw and as small = b - b with its low 13 bits cleared (exact). c3: A B^T in 3xTF32 with A from
+// registers (the mma.m16n8k8 tf32 A fragments of each warp's 16 rows: a0 (g, t), a1 (g + 8, t),
+// a2 (g, t + 4), a3 (g + 8, t + 4) of each k8 slice); c1: 1xTF32, A raw from shared memory.
+__global__ void __launch_bounds__(128) gemm_abt_tf32(const float* a, const float* b, float* c3, float* c1) {
+  using namespace cuflash::sm90;
+  __shared__ __align__(1024) unsigned char sa[kM * kK * 4], sb[kN * kK * 4], sb_small[kN * kK * 4];
+  for (int i = threadIdx.x; i < kN * kK; i += 128) {
+    const float x = b[i];
+    const uint32_t at = panel_offset<kN, 4>(i / kK, i % kK);
+    *reinterpret_cast<float*>(sb + at) = x;
+    *reinterpret_cast<float*>(sb_small + at) = x - __uint_as_float(__float_as_uint(x) & 0xffffe000u);
+  }
+  for (int i = threadIdx.x; i < kM * kK; i += 128) *reinterpret_cast<float*>(sa + panel_offset<kM, 4>(i / kK, i % kK)) = a[i];
+  fence_async_shared();
+  __syncthreads();
+  const int t = threadIdx.x, lane = t % 32, row = 16 * (t / 32) + lane / 4, col = lane % 4;
+  uint32_t big[kK / 8][4], small[kK / 8][4];
+  for (int k = 0; k < kK / 8; ++k)
+    for (int r = 0; r < 4; ++r) {
+      const cuflash::Tf32Split x = cuflash::split_tf32(a[(row + 8 * (r % 2)) * kK + 8 * k + col + 4 * (r / 2)]);
+      big[k][r] = x.big;
+      small[k][r] = x.small;
+    }
+  // k8 slice k of a [rows][64] float tile: panel k / 4, +32 bytes a slice within it.
+  auto desc = [](const unsigned char* tile, int rows, int k) {
+    return smem_desc_k_major_sw128(tile, (k / 4) * rows * 128 + (k % 4) * 32);
+  };
+  float d3[32], d1[32];
+  for (int i = 0; i < 32; ++i) d3[i] = d1[i] = 0.f;
+  wgmma_fence();
+#pragma unroll
+  for (int k = 0; k < kK / 8; ++k) {  // the small products first
+    Wgmma<float, 64>::rs(d3, small[k], desc(sb, kN, k), 1);
+    Wgmma<float, 64>::rs(d3, big[k], desc(sb_small, kN, k), 1);
+    Wgmma<float, 64>::rs(d3, big[k], desc(sb, kN, k), 1);
+    Wgmma<float, 64>::ss(d1, desc(sa, kM, k), desc(sb, kN, k), 1);
+  }
+  wgmma_commit();
+  wgmma_wait<0>();
+  for (int i = 0; i < 32; ++i) {
+    c3[wgmma_acc_row(t, i) * kN + wgmma_acc_col(t, i)] = d3[i];
+    c1[wgmma_acc_row(t, i) * kN + wgmma_acc_col(t, i)] = d1[i];
+  }
+}
+
+// The accumulator over kDriftK = 1024 k: A [kM][kDriftK], B [kN][kDriftK] whose products are
+// exact in fp32 (TF32 values), loaded 64 k at a time into shared memory and accumulated by
+// 1xTF32 wgmmas, with no fresh sums: what an attention loop's O += P V would see.
+constexpr int kDriftK = 1024;
+__global__ void __launch_bounds__(128) gemm_abt_tf32_long(const float* a, const float* b, float* c) {
+  using namespace cuflash::sm90;
+  __shared__ __align__(1024) unsigned char sa[kM * kK * 4], sb[kN * kK * 4];
+  float d[32];
+  for (float& x : d) x = 0.f;
+  for (int k0 = 0; k0 < kDriftK; k0 += kK) {
+    for (int i = threadIdx.x; i < kM * kK; i += 128)
+      *reinterpret_cast<float*>(sa + panel_offset<kM, 4>(i / kK, i % kK)) = a[(i / kK) * kDriftK + k0 + i % kK];
+    for (int i = threadIdx.x; i < kN * kK; i += 128)
+      *reinterpret_cast<float*>(sb + panel_offset<kN, 4>(i / kK, i % kK)) = b[(i / kK) * kDriftK + k0 + i % kK];
+    fence_async_shared();
+    __syncthreads();
+    wgmma_fence();
+#pragma unroll
+    for (int k = 0; k < kK / 8; ++k)
+      Wgmma<float, 64>::ss(d, smem_desc_k_major_sw128(sa, (k / 4) * kM * 128 + (k % 4) * 32),
+                           smem_desc_k_major_sw128(sb, (k / 4) * kN * 128 + (k % 4) * 32), 1);
+    wgmma_commit();
+    wgmma_wait<0>();
+    __syncthreads();  // every warp's wgmmas have read the tiles before they are refilled
+  }
+  for (int i = 0; i < 32; ++i) c[wgmma_acc_row(threadIdx.x, i) * kN + wgmma_acc_col(threadIdx.x, i)] = d[i];
 }
 
 // One 64 x 128 box of an attention map at (0, 0, head, batch) into a panel, copied out as
@@ -210,6 +293,77 @@ bool check(const char* how, const std::vector<__nv_bfloat16>& a, const std::vect
               b_transposed ? "^T" : "", n, worst, bad_row, bad_col, ok ? "ok" : "MISMATCH");
   return ok;
 }
+// max |c - ref| / max |ref| of a 64 x kN float result against the double product of a [kM][k]
+// and b [kN][k] (row-major), and the host's own float sum (rounded to nearest each add) likewise.
+struct Tf32Errors {
+  double device, host_float;
+};
+Tf32Errors tf32_errors(const std::vector<float>& a, const std::vector<float>& b, const std::vector<float>& c, int k) {
+  double worst = 0, worst_host = 0, scale = 0;
+  for (int i = 0; i < kM; ++i)
+    for (int j = 0; j < kN; ++j) {
+      double ref = 0;
+      float host = 0.f;
+      for (int x = 0; x < k; ++x) {
+        ref += double(a[i * k + x]) * double(b[j * k + x]);
+        host += a[i * k + x] * b[j * k + x];
+      }
+      scale = std::max(scale, std::abs(ref));
+      worst = std::max(worst, std::isnan(c[i * kN + j]) ? INFINITY : std::abs(c[i * kN + j] - ref));
+      worst_host = std::max(worst_host, std::abs(double(host) - ref));
+    }
+  return {worst / scale, worst_host / scale};
+}
+
+bool check_tf32() {
+  std::mt19937 rng(2);
+  std::normal_distribution<float> normal;
+  std::vector<float> a(kM * kK), b(kN * kK);
+  for (auto& x : a) x = normal(rng);
+  for (auto& x : b) x = normal(rng);
+  float *a_dev, *b_dev, *c_dev;
+  cudaMalloc(&a_dev, kM * kDriftK * sizeof(float));
+  cudaMalloc(&b_dev, kN * kDriftK * sizeof(float));
+  cudaMalloc(&c_dev, 2 * kM * kN * sizeof(float));
+  cudaMemcpy(a_dev, a.data(), a.size() * sizeof(float), cudaMemcpyHostToDevice);
+  cudaMemcpy(b_dev, b.data(), b.size() * sizeof(float), cudaMemcpyHostToDevice);
+  cudaMemset(c_dev, 0xFF, 2 * kM * kN * sizeof(float));
+  gemm_abt_tf32<<<1, 128>>>(a_dev, b_dev, c_dev, c_dev + kM * kN);
+  cudaError_t err = cudaDeviceSynchronize();
+  std::vector<float> c(2 * kM * kN);
+  cudaMemcpy(c.data(), c_dev, c.size() * sizeof(float), cudaMemcpyDeviceToHost);
+  const Tf32Errors three = tf32_errors(a, b, std::vector<float>(c.begin(), c.begin() + kM * kN), kK);
+  const Tf32Errors one = tf32_errors(a, b, std::vector<float>(c.begin() + kM * kN, c.end()), kK);
+  // shared/TESTING.md's float32 rule (1e-5 of max |ref|) for 3xTF32; 1xTF32 keeps 11 bits of
+  // each operand (~1e-3), so a 3xTF32 result no better than it means the small parts went astray.
+  bool ok = err == cudaSuccess && three.device <= 1e-5 && one.device <= 3e-3 && three.device * 10 < one.device;
+  std::printf("wgmma_probe (TF32): C = A B^T 64x64x64 float, 3xTF32 (A in registers) max error %.3g of max |C|, "
+              "1xTF32 (A in shared memory) %.3g, float on the host %.3g%s: %s\n",
+              three.device, one.device, three.host_float, err == cudaSuccess ? "" : " (kernel failed)",
+              ok ? "ok" : "MISMATCH");
+  // The drift: TF32-exact inputs (their products exact in fp32), 1024 k in the accumulator.
+  std::vector<float> la(kM * kDriftK), lb(kN * kDriftK);
+  auto tf32 = [](float x) { uint32_t u; std::memcpy(&u, &x, 4); u &= 0xffffe000u; std::memcpy(&x, &u, 4); return x; };
+  for (auto& x : la) x = tf32(normal(rng));
+  for (auto& x : lb) x = tf32(normal(rng));
+  cudaMemcpy(a_dev, la.data(), la.size() * sizeof(float), cudaMemcpyHostToDevice);
+  cudaMemcpy(b_dev, lb.data(), lb.size() * sizeof(float), cudaMemcpyHostToDevice);
+  cudaMemset(c_dev, 0xFF, kM * kN * sizeof(float));
+  gemm_abt_tf32_long<<<1, 128>>>(a_dev, b_dev, c_dev);
+  err = cudaDeviceSynchronize();
+  cudaMemcpy(c.data(), c_dev, kM * kN * sizeof(float), cudaMemcpyDeviceToHost);
+  const Tf32Errors drift = tf32_errors(la, lb, std::vector<float>(c.begin(), c.begin() + kM * kN), kDriftK);
+  // Reported, not judged beyond a loose bound: how far the tensor cores' own sums drift decides
+  // whether a float32 kernel needs fresh sums a step (as the sm_80-class 3xTF32 kernels do).
+  const bool drift_ok = err == cudaSuccess && drift.device <= 1e-4;
+  std::printf("wgmma_probe (TF32 accumulator): 1024 exact products summed by wgmma, max error %.3g of max |C| "
+              "(float on the host, rounded each add: %.3g)%s: %s\n",
+              drift.device, drift.host_float, err == cudaSuccess ? "" : " (kernel failed)", drift_ok ? "ok" : "MISMATCH");
+  cudaFree(a_dev);
+  cudaFree(b_dev);
+  cudaFree(c_dev);
+  return ok && drift_ok;
+}
 }  // namespace
 
 int main() {
@@ -248,5 +402,6 @@ int main() {
   ok = check("A in registers, B MN-major", a, b, c_dev, kN2, false) && ok;
   ok = check_attention_map(false) && ok;
   ok = check_attention_map(true) && ok;
+  ok = check_tf32() && ok;
   return ok ? 0 : 1;
 }

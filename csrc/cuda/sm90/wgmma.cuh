@@ -11,16 +11,21 @@ namespace cuflash::sm90 {
 
 // 128-byte swizzle (CUTLASS's Swizzle<3,4,3>): in a tile of 128-byte rows whose 8-row atoms
 // start on 1024-byte boundaries, the 16-byte chunk c of row r lives at chunk c ^ (r % 8).
-// Byte offset of element (row, col) of a K-major tile of 16-bit elements, 64 per row.
+// Byte offset of element (row, col) of a K-major tile of kElemBytes-byte elements, 128 bytes per
+// row: 64 16-bit elements, or 32 floats (read by TF32 wgmmas, whose k8 step is 32 bytes as a k16
+// step of 16-bit elements).
+template <int kElemBytes = 2>
 __host__ __device__ constexpr uint32_t swizzle128_offset(int row, int col) {
-  const uint32_t chunk = static_cast<uint32_t>(col) / 8, within = static_cast<uint32_t>(col) % 8;
-  return static_cast<uint32_t>(row) * 128 + ((chunk ^ (static_cast<uint32_t>(row) % 8)) * 16) + within * 2;
+  constexpr uint32_t kPerChunk = 16 / kElemBytes;
+  const uint32_t chunk = static_cast<uint32_t>(col) / kPerChunk, within = static_cast<uint32_t>(col) % kPerChunk;
+  return static_cast<uint32_t>(row) * 128 + ((chunk ^ (static_cast<uint32_t>(row) % 8)) * 16) + within * kElemBytes;
 }
-// The same in a tile of kRows rows and any multiple of 64 columns, stored as 64-column panels of
-// kRows * 128 bytes one after the other (the layout both descriptor kinds below read).
-template <int kRows>
+// The same in a tile of kRows rows and any number of 128-byte panels (64 16-bit columns, 32
+// floats), stored one after the other (the layout both descriptor kinds below read).
+template <int kRows, int kElemBytes = 2>
 __host__ __device__ constexpr uint32_t panel_offset(int row, int col) {
-  return static_cast<uint32_t>(col / 64) * (kRows * 128) + swizzle128_offset(row, col % 64);
+  constexpr int kPanelCols = 128 / kElemBytes;
+  return static_cast<uint32_t>(col / kPanelCols) * (kRows * 128) + swizzle128_offset<kElemBytes>(row, col % kPanelCols);
 }
 
 // This thread's warpgroup (threadIdx.x / 128), broadcast from lane 0 (as CUTLASS's
@@ -36,6 +41,17 @@ __device__ __forceinline__ int warpgroup_index() {
 // ask for 1024 bytes more than they use).
 __device__ __forceinline__ unsigned char* align_1024(char* p) {
   return reinterpret_cast<unsigned char*>((reinterpret_cast<uintptr_t>(p) + 1023) & ~static_cast<uintptr_t>(1023));
+}
+
+// The same for 4-byte elements (float, read by TF32 wgmmas): 32 per 128-byte row, so that a
+// k8 step is +32 bytes as a k16 step of 16-bit elements, and panels hold 32 columns.
+__host__ __device__ constexpr uint32_t swizzle128_offset_f32(int row, int col) {
+  const uint32_t chunk = static_cast<uint32_t>(col) / 4, within = static_cast<uint32_t>(col) % 4;
+  return static_cast<uint32_t>(row) * 128 + ((chunk ^ (static_cast<uint32_t>(row) % 8)) * 16) + within * 4;
+}
+template <int kRows>
+__host__ __device__ constexpr uint32_t panel_offset_f32(int row, int col) {
+  return static_cast<uint32_t>(col / 32) * (kRows * 128) + swizzle128_offset_f32(row, col % 32);
 }
 
 // The wgmma shared-memory descriptor (PTX ISA, "Matrix Descriptor Format"): start address,
