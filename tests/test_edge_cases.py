@@ -31,20 +31,20 @@ def _equal_shapes(q, k):
 
 
 def _flash_attn_padded(function):
-    def attend(q, k, v, causal):
-        out, lse, _ = function(*(_bshd(t) for t in (q, k, v)), causal=causal, return_attn_probs=True)
+    def attend(q, k, v, causal, **kw):
+        out, lse, _ = function(*(_bshd(t) for t in (q, k, v)), causal=causal, return_attn_probs=True, **kw)
         return _bshd(out), lse
     return attend
 
 
 def _flash_attn_varlen(function):
     """A varlen function on a padded batch packed into [batch * seqlen, heads, head_dim]."""
-    def attend(q, k, v, causal):
+    def attend(q, k, v, causal, **kw):
         b, h, nq, d = q.shape
         nk = k.shape[2]
         offsets = lambda n: torch.arange(b + 1, dtype=torch.int32, device=q.device) * n  # noqa: E731
         out, lse, _ = function(_packed(q), _packed(k), _packed(v), offsets(nq), offsets(nk), nq, nk, causal=causal,
-                               return_attn_probs=True)
+                               return_attn_probs=True, **kw)
         return _bshd(out.reshape(b, nq, h, d)), lse.reshape(h, b, nq).transpose(0, 1)
     return attend
 
@@ -66,10 +66,11 @@ def _sdpa(q, k, v, causal):
 
 
 # Every Python entry point on [batch, heads, seqlen, head_dim] inputs, returning (out, lse
-# [batch, heads, seqlen_q] or None); all but SDPA align causal masks bottom-right (flash_attn's rule).
+# [batch, heads, seqlen_q] or None); all but SDPA align causal masks bottom-right (flash_attn's
+# rule), and take window_size as a keyword.
 ENTRY_POINTS = {
-    "flash_attention": lambda q, k, v, causal: cuflash_attn.flash_attention(q, k, v, causal, return_lse=True,
-                                                                            bottom_right=True),
+    "flash_attention": lambda q, k, v, causal, **kw: cuflash_attn.flash_attention(q, k, v, causal, return_lse=True,
+                                                                                  bottom_right=True, **kw),
     "flash_attn_func": _flash_attn_padded(fa.flash_attn_func),
     "flash_attn_kvpacked_func": _flash_attn_padded(
         lambda q, k, v, **kw: fa.flash_attn_kvpacked_func(q, torch.stack((k, v), 2), **kw)),
@@ -90,11 +91,25 @@ BOTTOM_RIGHT_ENTRY_POINTS = [e for e in ENTRY_POINTS if e not in TOP_LEFT]
 def test_fully_masked_rows(device, entry, dtype):
     """Bottom-right causal with nq > nk: the first nq - nk rows see no key. Their output is 0,
     their lse -inf (documented), their gradients 0, and nothing is NaN."""
+    _check_first_rows_see_no_key(device, entry, dtype, 70 - 20, causal=True)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("entry", BOTTOM_RIGHT_ENTRY_POINTS)
+@pytest.mark.parametrize("dtype", ALL_DTYPES)
+def test_rows_outside_the_window_see_no_key(device, entry, dtype):
+    """A window alone, no causal mask: bottom-right aligned, 70 queries over 20 keys, query i sees
+    keys i - 55 .. i - 45 under window (5, 5), so the first 45 rows see none: the same answers."""
+    _check_first_rows_see_no_key(device, entry, dtype, 45, causal=False, window_size=(5, 5))
+
+
+def _check_first_rows_see_no_key(device, entry, dtype, empty, causal, **kw):
+    """70 queries over 20 keys, of which the first `empty` rows see no key: their output 0, lse
+    -inf, dq 0; every other row's lse finite; no NaN anywhere."""
     nq, nk = 70, 20
     q, k, v = (torch.randn(1, 2, n, 64, device=device, dtype=dtype, requires_grad=True) for n in (nq, nk, nk))
-    out, lse = ENTRY_POINTS[entry](q, k, v, True)
+    out, lse = ENTRY_POINTS[entry](q, k, v, causal, **kw)
     dq, dk, dv = torch.autograd.grad(out, (q, k, v), torch.randn_like(out))
-    empty = nq - nk
     assert torch.all(out[:, :, :empty] == 0)
     assert torch.all(torch.isneginf(lse[:, :, :empty])) and torch.all(torch.isfinite(lse[:, :, empty:]))
     assert torch.all(dq[:, :, :empty] == 0)
