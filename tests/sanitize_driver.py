@@ -3,7 +3,10 @@
 Every CUDA kernel family runs forward and backward on tiny shapes: the tensor-core kernels
 (float16, bfloat16: forward, delta, dQ, dK/dV) at head dims 59 (zero-padded to 64), 64, 128 and
 256 (dK and dV in two launches), float32 (the same kernels in 3xTF32; under CUFLASH_FP32=exact
-the *_simt ones) and float64 (the CUDA-core *_simt kernels) at head dims 32, 59 and 256; seqlens
+the *_simt ones) and float64 (the CUDA-core *_simt kernels) at head dims 32, 59 and 256; under
+run-time switches, the kernels no default reaches at these sizes (the cp.async Hopper forward
+and wgmma backward, dQ by its own TMA kernel or by atomics, the TMA forward's wide tiles, the
+narrow dK/dV steps at head dim 64); seqlens
 that are not multiples of any tile, seqlen 1, causal off, top-left and bottom-right (with rows
 that see no key), batch and heads 1-2, a [B, N, H, D] strided layout, the backward with the
 gradient of the returned lse, and with deterministic=False (the fused Hopper backward's
@@ -49,7 +52,8 @@ NAMES = {F16: "fp16", BF16: "bf16", F32: "fp32", F64: "fp64"}
 def cases():
     """(dtype, head_dim, batch, heads, seqlen_q, seqlen_k, causal, variant); variant is "",
     "dlse" (backward with the lse's gradient too), "bnhd" ([B, N, H, D] views), "features",
-    "window" or "varlen" (test_features.py's checks), "float_mask" or "bool_mask" (attn_mask)."""
+    "window" or "varlen" (test_features.py's checks), "float_mask" or "bool_mask" (attn_mask),
+    "env:NAME=VALUE" (the plain check under that run-time switch), or a KV-cache check."""
     out = []
     for dtype in (F16, BF16):
         for d in (59, 64, 128, 256):
@@ -74,6 +78,19 @@ def cases():
         out += [(dtype, 64, 3, 4, 0, 0, "bottom_right", "varlen")]
         # attn_mask: a float key-padding mask with its gradient, a boolean [Nq, Nk] one with GQA.
         out += [(dtype, 64, 2, 2, 77, 130, "none", "float_mask"), (dtype, 128, 2, 4, 130, 77, "top_left", "bool_mask")]
+    # Kernels that only a run-time switch (csrc/cuda/run_switches.h) reaches at these sizes: the
+    # float32 CUDA-core kernels, the cp.async Hopper forward and wgmma backward, dQ by its own TMA
+    # kernel or by atomics, the TMA forward's wide tiles (long rows only by default), the dK/dV
+    # kernel's narrow steps at head dim 64.
+    for d, first, second in ((59, 77, 200), (256, 200, 77)):
+        out += [(F32, d, 1, 2, first, second, "top_left", "env:CUFLASH_FP32=exact")]
+    for dtype, d in ((BF16, 64), (F16, 128), (BF16, 256)):
+        out += [(dtype, d, 1, 2, 77, 200, "top_left", "env:CUFLASH_SM90=cpasync,bwd"),
+                (dtype, d, 1, 2, 77, 300, "bottom_right", "env:CUFLASH_FWD_TILE=wide")]
+    for dtype, d in ((BF16, 64), (F16, 128)):
+        out += [(dtype, d, 2, 2, 150, 300, "none", "env:CUFLASH_BWD_DQ=separate"),
+                (dtype, d, 2, 2, 150, 300, "top_left", "env:CUFLASH_BWD_DQ=atomic")]
+    out += [(F16, 64, 1, 2, 130, 300, "top_left", "env:CUFLASH_BWD_TILE=narrow")]
     # The KV-cache forward (16-bit; shapes are the named tests'): paged reads, split-KV and the
     # combine kernel, a decoding step whose grouped heads run as rows of one head.
     for dtype in (F16, BF16):
@@ -179,6 +196,10 @@ def run_case(case, device):
         kind = variant.split("_")[0]
         check_dense(device, dtype, b, h, h // 2 if kind == "bool" else h, nq, nk, d,
                     attn_mask=(kind, "B11S" if kind == "float" else "LS"), causal=causal != "none")
+    elif variant.startswith("env:"):  # NAME=VALUE: the plain check under that switch
+        name, value = variant[len("env:"):].split("=", 1)
+        with bench.switches_set({name: value}):
+            check_against_reference(device, dtype, b, h, nq, nk, d, causal)
     elif variant == "dlse":
         check_with_lse_gradient(device, dtype, d, b, h, nq, nk, causal)
     else:
