@@ -4,6 +4,7 @@ import pytest
 import torch
 
 import cuflash_attn  # noqa: F401  (registers torch.ops.cuflash_attn for every test module)
+from cuflash_attn import flash_attn_interface as fa
 
 HAS_CUDA = torch.cuda.is_available()
 # The Hopper kernels (csrc/cuda/sm90) run on compute capability 9.0 only.
@@ -99,3 +100,58 @@ def fused_backward_kernel(d, wide=False, ordered=False):
     kernel) for bf16 at head-dim bucket d: 128-query steps (wide), ordered dQ adds."""
     flags = ", ".join(str(flag).lower() for flag in (True, True, True, wide, ordered))
     return f"flash_bwd_dkdv_sm90_tma_kernel<__nv_bfloat16, {d}, {flags}>"
+
+
+# The public entry points that entry_call runs (tests/test_ops.py: determinism and the race test;
+# tests/test_streams.py: concurrent streams).
+ENTRIES = ["ops.fwd", "flash_attn_func", "flash_attn_varlen_func", "flash_attn_with_kvcache", "sdpa"]
+
+
+def entry_call(name, device, batch):
+    """A call of a public entry point over `batch` sequences: a function of no arguments returning
+    its outputs (out, lse where the entry returns it, and the gradients where it has a backward,
+    deterministic=True), each call recomputing all of them. float16 on CUDA, float32 on the CPU."""
+    g = torch.Generator().manual_seed(3)
+    dtype = torch.float16 if device == "cuda" else torch.float32
+    rand = lambda *shape: torch.randn(*shape, generator=g).to(device, dtype)  # noqa: E731
+    if name == "ops.fwd":  # dq too: on Hopper the fused backward adds it up, in a fixed order
+        q, k, v = (rand(batch, 4, 256, 64).requires_grad_() for _ in range(3))
+        dout = rand(batch, 4, 256, 64)
+
+        def run():
+            out, lse = torch.ops.cuflash_attn.fwd(q, k, v, None, False, False)
+            return (out, lse, *torch.autograd.grad(out, (q, k, v), dout))
+    elif name == "flash_attn_func":  # [B, N, H, D], GQA, bottom-right causal with a window
+        q, k, v = (rand(batch, 256, h, 64).requires_grad_() for h in (8, 2, 2))
+        dout = rand(batch, 256, 8, 64)
+
+        def run():
+            out, lse, _ = fa.flash_attn_func(q, k, v, causal=True, window_size=(100, 0), deterministic=True,
+                                             return_attn_probs=True)
+            return (out, lse, *torch.autograd.grad(out, (q, k, v), dout))
+    elif name == "flash_attn_varlen_func":  # sequences of 0-300 keys packed
+        lengths = torch.randint(0, 300, (batch,), generator=g)
+        cu = torch.nn.functional.pad(lengths.cumsum(0), (1, 0)).to(device, torch.int32)
+        q, k, v = (rand(int(lengths.sum()), 4, 128).requires_grad_() for _ in range(3))
+        dout = rand(*q.shape)
+
+        def run():
+            out = fa.flash_attn_varlen_func(q, k, v, cu, cu, 300, 300, causal=True, deterministic=True)
+            return (out, *torch.autograd.grad(out, (q, k, v), dout))
+    elif name == "flash_attn_with_kvcache":  # decoding steps of 4 tokens over paged keys, split 5 ways
+        q = rand(batch, 4, 8, 128)
+        k_cache, v_cache = rand(batch * 8, 256, 2, 128), rand(batch * 8, 256, 2, 128)
+        block_table = torch.randperm(batch * 8, generator=g).reshape(batch, 8).to(device, torch.int32)
+        seqlens = torch.randint(1, 8 * 256, (batch,), generator=g).to(device, torch.int32)
+
+        def run():
+            return fa.flash_attn_with_kvcache(q, k_cache, v_cache, cache_seqlens=seqlens, block_table=block_table,
+                                              causal=True, num_splits=5, return_softmax_lse=True)
+    else:  # the SDPA drop-in, GQA
+        q, k, v = (rand(batch, h, 256, 64).requires_grad_() for h in (8, 2, 2))
+        dout = rand(batch, 8, 256, 64)
+
+        def run():
+            out = sdpa_on_kernels(q, k, v, is_causal=True)
+            return (out, *torch.autograd.grad(out, (q, k, v), dout))
+    return run

@@ -6,8 +6,8 @@ import torch
 import torch.nn.functional as F
 
 import cuflash_attn
-from conftest import DEVICES, assert_cuda_graph_replays_bitwise, requires_cuda, sdpa_on_kernels
-from cuflash_attn.flash_attn_interface import flash_attn_func, flash_attn_varlen_func, flash_attn_with_kvcache
+from conftest import DEVICES, ENTRIES, assert_cuda_graph_replays_bitwise, entry_call, requires_cuda
+from cuflash_attn.flash_attn_interface import flash_attn_func, flash_attn_varlen_func
 
 ops = torch.ops.cuflash_attn
 
@@ -284,60 +284,9 @@ def test_non_default_stream():
     assert torch.equal(expected, got)
 
 
-ENTRIES = ["ops.fwd", "flash_attn_func", "flash_attn_varlen_func", "flash_attn_with_kvcache", "sdpa"]
 # The race test's batches: grids of thousands of CTAs.
 RACE_BATCH = {"ops.fwd": 200, "flash_attn_func": 96, "flash_attn_varlen_func": 200, "flash_attn_with_kvcache": 64,
               "sdpa": 96}
-
-
-def _entry_call(name, device, batch):
-    """A call of a public entry point over `batch` sequences: a function of no arguments returning
-    its outputs (out, lse where the entry returns it, and the gradients where it has a backward,
-    deterministic=True), each call recomputing all of them. float16 on CUDA, float32 on the CPU."""
-    g = torch.Generator().manual_seed(3)
-    dtype = torch.float16 if device == "cuda" else torch.float32
-    rand = lambda *shape: torch.randn(*shape, generator=g).to(device, dtype)  # noqa: E731
-    if name == "ops.fwd":  # dq too: on Hopper the fused backward adds it up, in a fixed order
-        q, k, v = (rand(batch, 4, 256, 64).requires_grad_() for _ in range(3))
-        dout = rand(batch, 4, 256, 64)
-
-        def run():
-            out, lse = ops.fwd(q, k, v, None, False, False)
-            return (out, lse, *torch.autograd.grad(out, (q, k, v), dout))
-    elif name == "flash_attn_func":  # [B, N, H, D], GQA, bottom-right causal with a window
-        q, k, v = (rand(batch, 256, h, 64).requires_grad_() for h in (8, 2, 2))
-        dout = rand(batch, 256, 8, 64)
-
-        def run():
-            out, lse, _ = flash_attn_func(q, k, v, causal=True, window_size=(100, 0), deterministic=True,
-                                          return_attn_probs=True)
-            return (out, lse, *torch.autograd.grad(out, (q, k, v), dout))
-    elif name == "flash_attn_varlen_func":  # sequences of 0-300 keys packed
-        lengths = torch.randint(0, 300, (batch,), generator=g)
-        cu = torch.nn.functional.pad(lengths.cumsum(0), (1, 0)).to(device, torch.int32)
-        q, k, v = (rand(int(lengths.sum()), 4, 128).requires_grad_() for _ in range(3))
-        dout = rand(*q.shape)
-
-        def run():
-            out = flash_attn_varlen_func(q, k, v, cu, cu, 300, 300, causal=True, deterministic=True)
-            return (out, *torch.autograd.grad(out, (q, k, v), dout))
-    elif name == "flash_attn_with_kvcache":  # decoding steps of 4 tokens over paged keys, split 5 ways
-        q = rand(batch, 4, 8, 128)
-        k_cache, v_cache = rand(batch * 8, 256, 2, 128), rand(batch * 8, 256, 2, 128)
-        block_table = torch.randperm(batch * 8, generator=g).reshape(batch, 8).to(device, torch.int32)
-        seqlens = torch.randint(1, 8 * 256, (batch,), generator=g).to(device, torch.int32)
-
-        def run():
-            return flash_attn_with_kvcache(q, k_cache, v_cache, cache_seqlens=seqlens, block_table=block_table,
-                                           causal=True, num_splits=5, return_softmax_lse=True)
-    else:  # the SDPA drop-in, GQA
-        q, k, v = (rand(batch, h, 256, 64).requires_grad_() for h in (8, 2, 2))
-        dout = rand(batch, 8, 256, 64)
-
-        def run():
-            out = sdpa_on_kernels(q, k, v, is_causal=True)
-            return (out, *torch.autograd.grad(out, (q, k, v), dout))
-    return run
 
 
 def _assert_repeats_equal(name, run, repeats):
@@ -352,7 +301,7 @@ def _assert_repeats_equal(name, run, repeats):
 def test_deterministic_50_repeats(device, name):
     """shared/TESTING.md's determinism: every public entry point's outputs and gradients
     (deterministic=True where the entry takes it) bitwise equal over 50 repeats, on each device."""
-    _assert_repeats_equal(name, _entry_call(name, device, 3), 50)
+    _assert_repeats_equal(name, entry_call(name, device, 3), 50)
 
 
 @requires_cuda
@@ -361,7 +310,7 @@ def test_race_large_batch_250_repeats(name):
     """The race test of every public entry point: a large batch (a grid of thousands of CTAs),
     250 repeats bitwise equal to the first, gradients included (the fused backward's ordered dQ
     adds; GQA's summed dK/dV), and the split-KV combine over a paged cache."""
-    _assert_repeats_equal(name, _entry_call(name, "cuda", RACE_BATCH[name]), 250)
+    _assert_repeats_equal(name, entry_call(name, "cuda", RACE_BATCH[name]), 250)
 
 
 @pytest.mark.parametrize("device", DEVICES)

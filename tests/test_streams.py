@@ -7,7 +7,7 @@ import torch
 
 import cuflash_attn
 from cuflash_attn import flash_attn_interface as fa
-from conftest import requires_cuda
+from conftest import ENTRIES, entry_call, requires_cuda
 
 pytestmark = requires_cuda
 
@@ -70,6 +70,31 @@ def test_eight_concurrent_streams_match_serial_bitwise():
         for i, (got, expected) in enumerate(zip(results, serial)):
             for name, a, b in zip(("out", "lse", "dq", "dk", "dv"), got, expected):
                 assert torch.equal(a, b), f"case {i} {STREAM_CASES[i]}: {name} on a side stream differs from serial"
+    torch.cuda.synchronize()
+
+
+def test_every_entry_point_on_eight_concurrent_streams_matches_serial():
+    """The public entry points (conftest's entry_call: the op with its backward, flash_attn_func
+    with GQA and a window, the varlen one, the KV cache with paged keys split 5 ways, the SDPA
+    drop-in), each on its own stream, 8 at once, equal their serial results bitwise."""
+    calls = [entry_call(ENTRIES[i % len(ENTRIES)], "cuda", 4 + i) for i in range(8)]
+    serial = [call() for call in calls]
+    torch.cuda.synchronize()
+    main = torch.cuda.current_stream()
+    streams = [torch.cuda.Stream() for _ in calls]
+    for _ in range(3):
+        results = []
+        for stream, call in zip(streams, calls):
+            stream.wait_stream(main)
+            with torch.cuda.stream(stream):
+                results.append(call())
+        for stream, result in zip(streams, results):
+            main.wait_stream(stream)
+            for t in result:  # made on `stream`, read (and freed) on the main stream
+                t.record_stream(main)
+        for i, (got, expected) in enumerate(zip(results, serial)):
+            for j, (a, b) in enumerate(zip(got, expected)):
+                assert torch.equal(a, b), f"{ENTRIES[i % len(ENTRIES)]} on stream {i}: result {j} differs from serial"
     torch.cuda.synchronize()
 
 
