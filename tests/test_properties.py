@@ -7,7 +7,9 @@ GPU is present) on CUDA:
 - causality: changing the keys and values a causal row cannot see leaves that row's output, lse
   and dq bitwise unchanged;
 - tiling: moving where the key tiles start, or (CUDA) moving to a head-dim bucket with other
-  tile shapes, changes the results by no more than the accuracy rule allows.
+  tile shapes, or switching to other tiles or kernels for the same problem (the run-time
+  switches of csrc/cuda/run_switches.h), changes the results by no more than the accuracy rule
+  allows.
 
 Every test draws CUFLASH_HYPOTHESIS_EXAMPLES examples (default 25) per device. A failure prints
 the falsifying example, whose `seed` makes the inputs; `--hypothesis-seed=N` replays a whole run.
@@ -189,3 +191,38 @@ def test_cuda_head_dim_bucket_does_not_change_results(dtype, seed, batch, heads,
     for name, i, factor in COMPARED:
         assert torch.all(padded[i][..., d:] == 0), f"{name}: padded columns are not 0"
         assert_within(name, padded[i][..., :d], plain[i], ref[i], pt[i], dtype, factor, gradient_scale(ref[2:]))
+
+
+# Run-time switches (csrc/cuda/run_switches.h) that pick other tiles or kernels for the same
+# problem: the TMA forward's wide or narrow key tiles, the dK/dV kernels' query steps at head dim
+# 64, dQ by its own kernel, the sm_80-class kernels, the cp.async Hopper ones.
+KERNEL_SWITCHES = [{"CUFLASH_FWD_TILE": "wide"}, {"CUFLASH_FWD_TILE": "narrow"}, {"CUFLASH_BWD_TILE": "narrow"},
+                   {"CUFLASH_BWD_FUSED_TILE": "wide"}, {"CUFLASH_BWD_FUSED_TILE": "narrow"},
+                   {"CUFLASH_BWD_DQ": "separate"}, {"CUFLASH_SM90": "0"}, {"CUFLASH_SM90": "cpasync,bwd"}]
+
+
+@requires_cuda
+@PROPERTY
+@given(dtype=st.sampled_from([torch.float16, torch.bfloat16, torch.float32]), seed=SEEDS, batch=SMALL, heads=SMALL,
+       nq=st.integers(1, 600), nk=st.integers(1, 600), d=st.sampled_from([40, 64, 128, 256]),
+       causal=st.sampled_from(["none", "top_left", "bottom_right"]), switches=st.sampled_from(KERNEL_SWITCHES))
+def test_cuda_kernel_switches_do_not_change_results(dtype, seed, batch, heads, nq, nk, d, causal, switches):
+    """The same problem with the default kernels and under one switch: both within the accuracy
+    rule of the float64 reference, so within twice its bound of each other."""
+    is_causal, bottom_right = causal != "none", causal == "bottom_right"
+    q, k, v, dout = make_inputs("cuda", dtype, seed, batch, heads, nq, nk, d)
+    plain = run_op(q, k, v, dout, None, is_causal, bottom_right)
+    saved = {name: os.environ.get(name) for name in switches}
+    os.environ.update(switches)
+    try:
+        switched = run_op(q, k, v, dout, None, is_causal, bottom_right)
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+    ref, pt = reference_and_baseline(q, k, v, dout, is_causal, bottom_right, None)
+    assert_lse_close(switched[1], ref[1], dtype)
+    for name, i, factor in COMPARED:
+        assert_within(name, switched[i], plain[i], ref[i], pt[i], dtype, factor, gradient_scale(ref[2:]))
