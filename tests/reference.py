@@ -8,7 +8,7 @@ LOW_PRECISION_IDS = ("fp16", "bf16")  # pytest ids for LOW_PRECISION
 # Where attention_reference computes (the float64 reference and the low-precision `pt` baseline);
 # None: on the inputs' device. tests/sanitize_driver.py sets "cpu": under compute-sanitizer's
 # racecheck, torch's own float16 matmuls on a Hopper GPU (cuBLAS) stop the tool with an internal
-# error (H200, 2026-12-02), and initcheck, which must watch every kernel, runs far faster without
+# error (H200, 2026-12-03), and initcheck, which must watch every kernel, runs far faster without
 # the references' kernels.
 REFERENCE_DEVICE = None
 
