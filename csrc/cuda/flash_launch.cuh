@@ -18,6 +18,7 @@
 #include "sm90/flash_bwd_sm90.cuh"
 #include "sm90/flash_fwd_sm90.cuh"
 #include "sm90/flash_bwd_sm90_tma.cuh"
+#include "sm90/flash_fwd_sm90_fp32.cuh"
 #include "sm90/flash_fwd_sm90_tma.cuh"
 
 namespace cuflash {
@@ -178,6 +179,13 @@ cudaError_t run_flash_fwd(const FlashFwdParams& p, cudaStream_t stream) {
   } else {
     if constexpr (std::is_same_v<T, float>) {
       if (!fp32_on_tensor_cores(p, FwdKernel<T, kHeadDim>::kSmemBytes)) return run_flash_fwd_simt<T, kHeadDim>(p, stream);
+      // CUFLASH_FP32=wgmma: Hopper's TF32 wgmmas for plain attention at head dim 64, unsplit.
+      if constexpr (kHeadDim == 64)
+        if (fp32_wgmma_switch() && sm90::sm90_paths(p).fwd && !needs_feature_path(p) && p.num_splits == 1) {
+          using K = sm90::FwdSm90Fp32Kernel;
+          return launch(sm90::flash_fwd_sm90_fp32_kernel, dim3(ceil_div(sh.seqlen_q, K::kBlockM), sh.heads_q, sh.batch),
+                        K::kThreads, K::kSmemBytes, stream, p);
+        }
     } else if constexpr (sm90::kFwdHeadDim<kHeadDim>) {
       // Split-KV (num_splits > 1, 16-bit only) runs on the TMA forward under the "splits" part,
       // else on the sm_80-class kernel below.

@@ -44,7 +44,10 @@
 //                   "wide" or "narrow": 128 or 64 at every length (tests and benchmarks)
 //   CUFLASH_FP32    float32 on CUDA: unset, "" or "3xtf32": the tensor-core kernels with each
 //                   product split into three TF32 ones (mma_sm80.cuh), where their shared memory
-//                   fits the device; "exact": the CUDA-core kernels (flash_simt_kernel.cuh)
+//                   fits the device; "exact": the CUDA-core kernels (flash_simt_kernel.cuh);
+//                   "wgmma" (not a default; built, not yet run): the forward of plain attention
+//                   at head dims 33-64 on Hopper's TF32 wgmmas, 3xTF32 (sm90/flash_fwd_sm90_fp32.cuh),
+//                   the rest as "3xtf32"
 //   CUFLASH_DEBUG   "1": one line on stderr per kernel launch, naming the kernel (so a fallback
 //                   to the sm_80-class kernels is visible), its grid and shared memory; unset,
 //                   "" or "0": quiet
@@ -115,6 +118,7 @@ inline DqSwitch dq_switch() {
                                                 : DqSwitch::kAuto;
 }
 inline bool fp32_exact_switch() { return env_is("CUFLASH_FP32", "exact"); }
+inline bool fp32_wgmma_switch() { return env_is("CUFLASH_FP32", "wgmma"); }
 // The tile switches: "wide" or "narrow" pick that tile at every shape; unset or "" leave it to
 // `pays`, the shape's choice.
 inline bool wide_tile_switch(const char* name, bool pays) {
@@ -147,7 +151,8 @@ inline std::string run_switch_error() {
                          OneOf{"CUFLASH_FWD_TILE", {"wide", "narrow"}, "unset, empty, \"wide\" or \"narrow\""},
                          OneOf{"CUFLASH_BWD_TILE", {"wide", "narrow"}, "unset, empty, \"wide\" or \"narrow\""},
                          OneOf{"CUFLASH_BWD_FUSED_TILE", {"wide", "narrow"}, "unset, empty, \"wide\" or \"narrow\""},
-                         OneOf{"CUFLASH_FP32", {"exact", "3xtf32"}, "unset, empty, \"exact\" or \"3xtf32\""},
+                         OneOf{"CUFLASH_FP32", {"exact", "3xtf32", "wgmma"},
+                               "unset, empty, \"exact\", \"3xtf32\" or \"wgmma\""},
                          OneOf{"CUFLASH_DEBUG", {"0", "1"}, "unset, empty, \"0\" or \"1\""},
                          OneOf{"CUFLASH_PACK_GQA", {"0", "1"}, "unset, empty, \"0\" or \"1\""}}) {
     const char* set = std::getenv(v.name);

@@ -54,6 +54,31 @@ __device__ __forceinline__ void load_panels_async(unsigned char* tile, const T* 
   }
 }
 
+// One CTA's tile of a cp.async Hopper forward (this one and the float32 one): its query block
+// (longest first), head and batch, the sequence, the first rows of its q, k and v (a paged
+// cache's through key_offset), and the key blocks its rows see; counted where p asks.
+template <typename T, int kBlockM, int kBlockN>
+struct CpAsyncTile {
+  int h, b, m_start;
+  Sequence seq;
+  const T *q, *k, *v;
+  Range n_blocks;
+  __device__ explicit CpAsyncTile(const FlashFwdParams& p) {
+    const AttentionShape& sh = p.shape;
+    h = blockIdx.y;
+    b = blockIdx.z;
+    const int h_kv = h / (sh.heads_q / sh.heads_kv);
+    m_start = query_block_longest_first() * kBlockM;
+    seq = sequence_of(p, b);
+    q = row_at<const T>(p.q, p.q_strides, seq, true, b, h, 0);
+    k = key_rows<const T>(p, p.k, p.k_strides, seq, b, h_kv);
+    v = key_rows<const T>(p, p.v, p.v_strides, seq, b, h_kv);
+    n_blocks = key_blocks(p.mask, seq, m_start, min(m_start + kBlockM, seq.seqlen_q), kBlockN);
+  }
+  // No query row: the CTA returns (before count_tiles, as it always has).
+  __device__ bool empty() const { return m_start >= seq.seqlen_q; }
+};
+
 // The fp32 accumulator of a WarpAcc as the register list of a wgmma with N columns, starting at
 // column n0 (a multiple of N).
 template <int N, int kCols>
@@ -105,17 +130,13 @@ __global__ void __launch_bounds__(FwdSm90Kernel<T, kHeadDim, kFeatures>::kThread
   auto sV = [&](int buf) { return smem + K::kQBytes + (2 + buf) * K::kKVBytes; };
 
   const AttentionShape& sh = p.shape;
-  const int m_block = query_block_longest_first(), h = blockIdx.y, b = blockIdx.z;
-  const int h_kv = h / (sh.heads_q / sh.heads_kv);
+  const CpAsyncTile<T, kBlockM, kBlockN> t(p);
+  if (t.empty()) return;
+  const int h = t.h, b = t.b, m_start = t.m_start;
+  const Sequence& seq = t.seq;
+  const T *q = t.q, *k = t.k, *v = t.v;
+  const Range n_blocks = t.n_blocks;
   const int tid = threadIdx.x, warpgroup = warpgroup_index(), lane = tid % 32;
-  const int m_start = m_block * kBlockM;
-  const Sequence seq = sequence_of(p, b);
-  if (m_start >= seq.seqlen_q) return;
-
-  const T* q = row_at<const T>(p.q, p.q_strides, seq, true, b, h, 0);
-  const T* k = key_rows<const T>(p, p.k, p.k_strides, seq, b, h_kv);
-  const T* v = key_rows<const T>(p, p.v, p.v_strides, seq, b, h_kv);
-  const Range n_blocks = key_blocks(p.mask, seq, m_start, min(m_start + kBlockM, seq.seqlen_q), kBlockN);
   if (p.tile_counters && tid == 0) count_tiles(p.tile_counters, seq, n_blocks, kBlockM, kBlockN);
 
   // A block's rows are consecutive (in one page of a paged cache: page_size % kBlockN == 0).
