@@ -112,7 +112,7 @@ def entry_call(name, device, batch):
     its outputs (out, lse where the entry returns it, and the gradients where it has a backward,
     deterministic=True), each call recomputing all of them. float16 on CUDA, float32 on the CPU."""
     g = torch.Generator().manual_seed(3)
-    dtype = torch.float16 if device == "cuda" else torch.float32
+    dtype = torch.float16 if torch.device(device).type == "cuda" else torch.float32
     rand = lambda *shape: torch.randn(*shape, generator=g).to(device, dtype)  # noqa: E731
     if name == "ops.fwd":  # dq too: on Hopper the fused backward adds it up, in a fixed order
         q, k, v = (rand(batch, 4, 256, 64).requires_grad_() for _ in range(3))

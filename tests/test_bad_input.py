@@ -167,9 +167,26 @@ def test_mixed_devices():
 
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
 def test_two_gpus():
+    """A tensor on another GPU than q's: each entry point names it (the SDPA drop-in raises what
+    torch's raises: tests/test_sdpa_dropin.py)."""
     q, k, v = good("cuda:0")
-    with pytest.raises(ValueError, match=r"k must be on the same device as q"):
-        cuflash_attn.flash_attention(q, k.to("cuda:1"), v)
+    out, lse = ops.fwd(q, k, v)
+    x = _fa_inputs("cuda:0")
+    other = lambda t: t.to("cuda:1")  # noqa: E731
+    cases = [
+        (lambda: cuflash_attn.flash_attention(q, other(k), v), r"k must be on the same device as q \(cuda:0\), got cuda:1"),
+        (lambda: ops.fwd(q, k, other(v)), r"v must be on the same device as q \(cuda:0\), got cuda:1"),
+        (lambda: ops.bwd(other(torch.randn_like(out)), q, k, v, out, lse),
+         r"dout must be on the same device as q \(cuda:0\), got cuda:1"),
+        (lambda: fa.flash_attn_func(x.q, other(x.k), x.v), r"k must be on the same device as q \(cuda:0\), got cuda:1"),
+        (lambda: fa.flash_attn_varlen_func(x.tq, x.tk, x.tv, x.cu_q, other(x.cu_k), 6, 8),
+         r"cu_seqlens_k must be on the same device as q \(cuda:0\), got cuda:1"),
+        (lambda: fa.flash_attn_with_kvcache(x.q, other(x.k), other(x.v)),
+         r"k_cache must hold q's dtype \(torch.float32\), device \(cuda:0\)"),
+    ]
+    for call, pattern in cases:
+        with pytest.raises(ValueError, match=pattern):
+            call()
 
 
 # scaled_dot_product_attention raises what torch's raises: tests/test_sdpa_dropin.py.

@@ -173,3 +173,17 @@ def test_kernels_run_on_the_current_stream_behind_its_pending_work(name):
     torch.cuda.synchronize()
     for i, (a, b) in enumerate(zip(got, expected)):
         assert torch.equal(a, b), f"{name}: result {i} differs from the serial run's"
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
+@pytest.mark.parametrize("name", ENTRIES)
+def test_every_entry_point_on_a_gpu_other_than_the_current_device(name):
+    """conftest's entry_call with its inputs on cuda:1 while cuda:0 is current: results on cuda:1,
+    bitwise equal to the same call with cuda:1 current."""
+    call = entry_call(name, "cuda:1", 3)
+    with torch.cuda.device(1):
+        expected = call()
+    got = call()
+    for i, (a, b) in enumerate(zip(got, expected)):
+        assert a.device == torch.device("cuda:1"), f"{name}: result {i} on {a.device}"
+        assert torch.equal(a, b), f"{name}: result {i} differs with cuda:0 current"
