@@ -95,6 +95,7 @@ def cases():
     # combine kernel, a decoding step whose grouped heads run as rows of one head.
     for dtype in (F16, BF16):
         out += [(dtype, 128, 4, 4, 37, 512, "bottom_right", "paged"), (dtype, 64, 3, 2, 4, 512, "bottom_right", "paged_append"),
+                (dtype, 64, 3, 2, 5, 256, "none", "paged_bad_table"),
                 (dtype, 64, 2, 4, 2, 512, "bottom_right", "split_paged"), (dtype, 64, 2, 4, 3, 600, "none", "split_features"),
                 (dtype, 128, 2, 8, 1, 700, "bottom_right", "decode"),
                 (dtype, 128, 2, 8, 4, 700, "bottom_right", "packed"),
@@ -156,6 +157,9 @@ def run_case(case, device):
     if variant == "paged":
         import test_paged_kv
         test_paged_kv.test_paged_matches_reference(device, dtype, d, causal != "none")
+    elif variant == "paged_bad_table":  # entries that are not pages, clamped by the kernels
+        import test_paged_kv
+        test_paged_kv.test_paged_table_entries_out_of_range_stay_in_bounds_on_cuda(dtype)
     elif variant == "paged_append":
         import test_paged_kv
         test_paged_kv.test_kvcache_paged_appends_and_attends(device, dtype)

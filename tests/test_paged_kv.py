@@ -239,6 +239,27 @@ def test_paged_table_entries_checked_on_cpu():
     ops.fwd(q, k_pages, v_pages, seqused_k=used, block_table=table)
 
 
+@requires_cuda
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32], ids=["fp16", "fp32"])
+def test_paged_table_entries_out_of_range_stay_in_bounds_on_cuda(dtype):
+    """On CUDA an entry that is not a page of k (past the pages, negative, huge) is clamped into
+    the cache by the kernels (attention_math.h's key_at), so nothing is read outside k and v: the
+    outputs are finite, and the entries that are pages give the reference's rows. (Under
+    compute-sanitizer's memcheck: tests/sanitize_driver.py's "paged_bad_table" case.)"""
+    k_pages, v_pages, table = paged_case("cuda", dtype, 64, batch=3, num_pages=6, width=2)
+    q = torch.randn(3, 2, 5, 64, device="cuda", dtype=dtype)
+    used = torch.full((3,), PAGE, dtype=torch.int32, device="cuda")  # each sequence reads its first page
+    good = table.clone()
+    table[1, 0], table[2, 0] = 6, -7
+    out, lse = ops.fwd(q, k_pages, v_pages, seqused_k=used, block_table=table)
+    fa_out = flash_attn_with_kvcache(q.transpose(1, 2), k_pages.transpose(1, 2), v_pages.transpose(1, 2),
+                                     cache_seqlens=used, block_table=table)
+    torch.cuda.synchronize()
+    assert torch.isfinite(out).all() and torch.isfinite(lse).all() and torch.isfinite(fa_out).all()
+    want, _ = ops.fwd(q, k_pages, v_pages, seqused_k=used, block_table=good)
+    torch.testing.assert_close(out[:1], want[:1], rtol=0, atol=0, msg="sequence 0's pages are in range")
+
+
 @pytest.mark.parametrize("device", DEVICES)
 def test_kvcache_paged_refuses(device):
     k_pages, v_pages, table = paged_case(device, torch.float32, 32, batch=2)
