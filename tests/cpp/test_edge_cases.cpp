@@ -1,11 +1,12 @@
 // shared/TESTING.md's edge cases through the C++ API (rows that see no key and empty problems are
 // in test_accuracy.cpp): huge equal inputs, |x| ~ 1e4 in float16, uniform attention over 50k
-// keys, NaN in one key. Needs a CUDA device: every test skips without one.
+// keys, a NaN in q, k or v. Needs a CUDA device: every test skips without one.
 #include <gtest/gtest.h>
 
 #include <cmath>
 #include <limits>
 #include <random>
+#include <string>
 #include <vector>
 
 #include "cuflash/flash_attention.h"
@@ -135,23 +136,81 @@ TEST(CApiEdge, UniformAttentionOver50kKeys) {
   }
 }
 
-TEST(CApiEdge, NanReachesTheRowsThatSeeItOnly) {
-  CUFLASH_REQUIRE_CUDA();
-  if (!cuflash::flash_attention_supports(DataType::FLOAT16, kD)) GTEST_SKIP() << "head_dim 64 not compiled";
-  const int N = 150, bad_key = 70;
+// A NaN in row 300 of q, k or v (512 rows, causal), as tests/test_edge_cases.py's
+// test_nan_propagates_to_affected_rows_only: it reaches the rows that attend to it (out, lse, dq;
+// the key rows of dk and dv that those rows reach), and every other row below 192 (no tile of the
+// kernels holds both: a tile's products also carry NaN to its other rows, 0 x NaN) has no NaN,
+// with out and lse bitwise what the clean inputs give. Rows from 192 on that the NaN does not
+// reach mathematically may hold it (the README's NaN guarantee).
+struct NanCase {
+  DataType dtype;
+  char where;  // 'q', 'k' or 'v'
+};
+
+// Whether row i of `part` is reached by the NaN (tests/test_edge_cases.py's _reached_by_nan).
+bool reached_by_nan(char where, const std::string& part, int i, int pos) {
+  if (where == 'q') return part == "dk" || part == "dv" ? i <= pos : i == pos;
+  if (where == 'k') return part == "dk" || part == "dv" ? true : i >= pos;
+  if (part == "lse" || part == "dv") return false;  // v: P stays finite, and dv has no v in it
+  return part == "dk" ? true : i >= pos;
+}
+
+template <typename T>
+void check_nan_rows(char where) {
+  const int N = 512, pos = 300, exact_below = 192;
   const size_t n = size_t(N) * kD;
-  const std::vector<double> q = normal(n, 1.0, 8), v = normal(n, 1.0, 9), dout = normal(n, 1.0, 10);
-  std::vector<double> k = normal(n, 1.0, 11);
-  const Results clean = run<half>(1, N, N, true, q, k, v, dout);
-  k[size_t(bad_key) * kD + 3] = std::numeric_limits<double>::quiet_NaN();
-  const Results r = run<half>(1, N, N, true, q, k, v, dout);
-  for (int i = 0; i < N; ++i)  // causal: rows from bad_key on see the NaN key, rows before it do not
-    for (int d = 0; d < kD; ++d) {
-      const double got = r.out[size_t(i) * kD + d];
-      if (i >= bad_key) ASSERT_TRUE(std::isnan(got)) << "row " << i << " sees the NaN key";
-      else ASSERT_EQ(got, clean.out[size_t(i) * kD + d]) << "row " << i << " does not see it";
+  std::vector<double> q = normal(n, 1.0, 21), k = normal(n, 1.0, 22), v = normal(n, 1.0, 23);
+  const std::vector<double> dout = normal(n, 1.0, 24);
+  const Results clean = run<T>(1, N, N, true, q, k, v, dout);
+  std::vector<double>& poisoned = where == 'q' ? q : where == 'k' ? k : v;
+  poisoned[size_t(pos) * kD + 3] = std::numeric_limits<double>::quiet_NaN();
+  const Results r = run<T>(1, N, N, true, q, k, v, dout);
+  struct Part {
+    std::string name;
+    const std::vector<double>&got, &clean;
+    int width;
+  };
+  for (const Part& part : {Part{"out", r.out, clean.out, kD}, Part{"lse", r.lse, clean.lse, 1},
+                           Part{"dq", r.dq, clean.dq, kD}, Part{"dk", r.dk, clean.dk, kD}, Part{"dv", r.dv, clean.dv, kD}})
+    for (int i = 0; i < N; ++i) {
+      bool has_nan = false;
+      for (int d = 0; d < part.width; ++d) has_nan = has_nan || std::isnan(part.got[size_t(i) * part.width + d]);
+      if (reached_by_nan(where, part.name, i, pos)) {
+        ASSERT_TRUE(has_nan) << part.name << " row " << i << " is reached by the NaN in " << where;
+      } else if (i < exact_below) {
+        for (int d = 0; d < part.width; ++d) {
+          const double got = part.got[size_t(i) * part.width + d];
+          ASSERT_TRUE(std::isfinite(got)) << part.name << " row " << i << " is not reached by the NaN in " << where;
+          if (part.name == "out" || part.name == "lse") {
+            ASSERT_EQ(got, part.clean[size_t(i) * part.width + d]) << part.name << " row " << i << " changed";
+          }
+        }
+      }
     }
 }
+
+class CApiNan : public ::testing::TestWithParam<NanCase> {};
+
+TEST_P(CApiNan, ReachesTheRowsThatSeeItOnly) {
+  CUFLASH_REQUIRE_CUDA();
+  const NanCase c = GetParam();
+  if (!cuflash::flash_attention_supports(c.dtype, kD)) GTEST_SKIP() << "head_dim 64 not compiled";
+  if (c.dtype == DataType::FLOAT16) check_nan_rows<half>(c.where);
+  else if (c.dtype == DataType::BFLOAT16) check_nan_rows<__nv_bfloat16>(c.where);
+  else check_nan_rows<float>(c.where);
+}
+
+INSTANTIATE_TEST_SUITE_P(, CApiNan,
+                         ::testing::Values(NanCase{DataType::FLOAT16, 'k'}, NanCase{DataType::FLOAT16, 'q'},
+                                           NanCase{DataType::FLOAT16, 'v'}, NanCase{DataType::BFLOAT16, 'k'},
+                                           NanCase{DataType::BFLOAT16, 'v'}, NanCase{DataType::FLOAT32, 'q'},
+                                           NanCase{DataType::FLOAT32, 'k'}, NanCase{DataType::FLOAT32, 'v'}),
+                         [](const ::testing::TestParamInfo<NanCase>& info) {
+                           const char* type = info.param.dtype == DataType::FLOAT16    ? "fp16"
+                                              : info.param.dtype == DataType::BFLOAT16 ? "bf16"
+                                                                                       : "fp32";
+                           return std::string(type) + "_nan_in_" + info.param.where;
+                         });
 
 }  // namespace
 }  // namespace cuflash_test
