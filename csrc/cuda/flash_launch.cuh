@@ -182,9 +182,10 @@ cudaError_t run_flash_fwd(const FlashFwdParams& p, cudaStream_t stream) {
       // CUFLASH_FP32=wgmma: Hopper's TF32 wgmmas for plain attention at head dim 64, unsplit.
       if constexpr (kHeadDim == 64)
         if (fp32_wgmma_switch() && sm90::sm90_paths(p).fwd && !needs_feature_path(p) && p.num_splits == 1) {
-          using K = sm90::FwdSm90Fp32Kernel;
-          return launch(sm90::flash_fwd_sm90_fp32_kernel, dim3(ceil_div(sh.seqlen_q, K::kBlockM), sh.heads_q, sh.batch),
-                        K::kThreads, K::kSmemBytes, stream, p);
+          using K = sm90::FwdSm90Fp32Kernel<kHeadDim>;
+          return launch(sm90::flash_fwd_sm90_fp32_kernel<kHeadDim>,
+                        dim3(ceil_div(sh.seqlen_q, K::kBlockM), sh.heads_q, sh.batch), K::kThreads, K::kSmemBytes,
+                        stream, p);
         }
     } else if constexpr (sm90::kFwdHeadDim<kHeadDim>) {
       // Split-KV (num_splits > 1, 16-bit only) runs on the TMA forward under the "splits" part,

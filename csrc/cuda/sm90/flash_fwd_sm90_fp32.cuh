@@ -23,8 +23,11 @@
 
 namespace cuflash::sm90 {
 
+// A template (head dim 64 its one instance), so that only the float32 head-dim-64 file compiles it.
+template <int kHeadDim_>
 struct FwdSm90Fp32Kernel {
-  static constexpr int kHeadDim = 64, kWarpgroups = 2, kThreads = 128 * kWarpgroups, kBlockM = 64 * kWarpgroups;
+  static_assert(kHeadDim_ == 64, "head dim 64 only (the register budget: benchmarks/NOTES.md)");
+  static constexpr int kHeadDim = kHeadDim_, kWarpgroups = 2, kThreads = 128 * kWarpgroups, kBlockM = 64 * kWarpgroups;
   static constexpr int kBlockN = 64;
   // A K tile, K's small part, V^T and V^T's small part: 64 x 64 floats (two 32-float panels) each,
   // double-buffered. + 1024: the swizzle atoms' alignment.
@@ -45,9 +48,11 @@ __device__ __forceinline__ float tf32_truncated(float x) { return __uint_as_floa
 // t + 4 column 2t + 1.
 __device__ __forceinline__ int key_slot(int key) { return (key & ~7) | ((key & 7) >> 1) | ((key & 1) << 2); }
 
-__global__ void __launch_bounds__(FwdSm90Fp32Kernel::kThreads, 1) flash_fwd_sm90_fp32_kernel(const FlashFwdParams p) {
+template <int kHeadDim_>
+__global__ void __launch_bounds__(FwdSm90Fp32Kernel<kHeadDim_>::kThreads, 1)
+    flash_fwd_sm90_fp32_kernel(const FlashFwdParams p) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
-  using K = FwdSm90Fp32Kernel;
+  using K = FwdSm90Fp32Kernel<kHeadDim_>;
   constexpr int kBlockM = K::kBlockM, kBlockN = K::kBlockN, kHeadDim = K::kHeadDim, kThreads = K::kThreads;
   extern __shared__ char smem_raw[];
   unsigned char* smem = align_1024(smem_raw);
