@@ -104,7 +104,13 @@ __global__ void __launch_bounds__(FwdSm90Fp32Kernel<kHeadDim_>::kThreads, 1)
   };
   // V's rows from global memory (4 floats a load), written transposed, keys in key_slot order,
   // with their small parts; keys past the sequence's and columns past head_dim as 0 (P V
-  // multiplies padded keys by P = 0, which must not meet a NaN).
+  // multiplies padded keys by P = 0, which must not meet a NaN). A warp takes 32 keys of the same
+  // 4 columns, so that each of its stores is one 128-byte row of V^T: no bank conflict.
+  auto v_chunk_at = [&](int i, int* key, int* col) {
+    const int c = tid + i * kThreads;
+    *key = c % kBlockN;
+    *col = (c / kBlockN) * 4;
+  };
   auto load_v_transposed = [&](int n_block, int buf) {
     const int n0 = n_block * kBlockN, rows = seq.seqlen_k - n0;
     const float* src = v + key_offset(p, p.v_strides, b, n0);
@@ -112,14 +118,14 @@ __global__ void __launch_bounds__(FwdSm90Fp32Kernel<kHeadDim_>::kThreads, 1)
 #pragma unroll
     for (int i = 0; i < kChunksPerThread; ++i) {
       int key, col;
-      chunk_at(i, &key, &col);
+      v_chunk_at(i, &key, &col);
       x[i] = key < rows && col < sh.head_dim ? *reinterpret_cast<const float4*>(src + key * p.v_strides.row + col)
                                              : make_float4(0.f, 0.f, 0.f, 0.f);
     }
 #pragma unroll
     for (int i = 0; i < kChunksPerThread; ++i) {
       int key, col;
-      chunk_at(i, &key, &col);
+      v_chunk_at(i, &key, &col);
       const float values[4] = {x[i].x, x[i].y, x[i].z, x[i].w};
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
@@ -155,6 +161,7 @@ __global__ void __launch_bounds__(FwdSm90Fp32Kernel<kHeadDim_>::kThreads, 1)
 
     for (int n_block = n_blocks.end - 1, buf = 0; n_block >= n_blocks.begin; --n_block, buf ^= 1) {
       cp_async_wait_all();
+      asm volatile("" ::: "memory");  // the loads of write_k_small stay after the wait
       write_k_small(buf);
       fence_async_shared();  // this thread's generic and cp.async writes, visible to the wgmmas
       __syncthreads();       // every thread's part written; both warpgroups done with buf ^ 1
