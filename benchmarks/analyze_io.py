@@ -612,9 +612,10 @@ def parse_ncu_csv(text, metrics=METRICS):
 NCU_KERNEL_FILTER = r"flash_(fwd|bwd)"
 # Our kernels' names: flash_<role>[_<family>]_kernel. family: none, the sm_80-class tensor-core
 # kernels, or for the row kernels (delta, dq_convert, fwd_combine) every family's; simt, the exact
-# ones; sm90, Hopper's cp.async ones; sm90_tma, Hopper's warp-specialized ones.
+# ones; sm90, Hopper's cp.async ones; sm90_tma, Hopper's warp-specialized ones; sm90_fp32, Hopper's
+# float32 forward on TF32 wgmmas (CUFLASH_FP32=wgmma).
 KERNEL_NAME = re.compile(r"flash_(?P<role>fwd_combine|fwd|bwd_delta|bwd_dq_convert|bwd_dq|bwd_dkdv)"
-                         r"(?:_(?P<family>simt|sm90_tma|sm90))?_kernel")
+                         r"(?:_(?P<family>simt|sm90_tma|sm90_fp32|sm90))?_kernel")
 SHARED_ROLES = ("fwd_combine", "bwd_delta", "bwd_dq_convert")  # one kernel for every family
 KERNEL_FUNCTION = re.compile(r"\bflash_\w+")  # in a demangled name: after `cuflash::` and before `<` or `(`
 NVTX_RANGE = re.compile(rf"{NVTX_TAG}\[([^\]/]+)/(fwd|bwd)\]")
