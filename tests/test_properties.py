@@ -16,6 +16,8 @@ the falsifying example, whose `seed` makes the inputs; `--hypothesis-seed=N` rep
 """
 import math
 import os
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -25,6 +27,9 @@ from hypothesis import strategies as st
 from conftest import ALL_DTYPES, DEVICES, requires_cuda
 from reference import (LOW_PRECISION, accuracy_bound, assert_close_to_reference, assert_lse_close, gradient_scale,
                        max_err, reference_results)
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+from bench_attention import switches_set  # noqa: E402  (run-time switches in a block)
 
 ops = torch.ops.cuflash_attn
 
@@ -212,16 +217,8 @@ def test_cuda_kernel_switches_do_not_change_results(dtype, seed, batch, heads, n
     is_causal, bottom_right = causal != "none", causal == "bottom_right"
     q, k, v, dout = make_inputs("cuda", dtype, seed, batch, heads, nq, nk, d)
     plain = run_op(q, k, v, dout, None, is_causal, bottom_right)
-    saved = {name: os.environ.get(name) for name in switches}
-    os.environ.update(switches)
-    try:
+    with switches_set(switches):
         switched = run_op(q, k, v, dout, None, is_causal, bottom_right)
-    finally:
-        for name, value in saved.items():
-            if value is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = value
     ref, pt = reference_and_baseline(q, k, v, dout, is_causal, bottom_right, None)
     assert_lse_close(switched[1], ref[1], dtype)
     for name, i, factor in COMPARED:

@@ -97,10 +97,15 @@ struct MmaOperand<__nv_bfloat16> : MmaOperand16<__nv_bfloat16> {
 struct Tf32Split {
   uint32_t big, small;
 };
+// x with its low 13 bits cleared: the TF32 value the tensor cores read of it.
+__device__ __forceinline__ float tf32_truncated(float x) { return __uint_as_float(__float_as_uint(x) & 0xffffe000u); }
 __device__ __forceinline__ Tf32Split split_tf32(float x) {
   const uint32_t big = __float_as_uint(x) + 0x1000u;
-  return {big, __float_as_uint(x - __uint_as_float(big & 0xffffe000u))};
+  return {big, __float_as_uint(x - tf32_truncated(__uint_as_float(big)))};
 }
+// The part of x a tensor core drops when x is passed raw (as a big part): x - tf32_truncated(x),
+// exact; the small operand of 3xTF32 for a raw big one.
+__device__ __forceinline__ float tf32_dropped(float x) { return x - tf32_truncated(x); }
 template <>
 struct MmaOperand<float> {
   struct AFrag {

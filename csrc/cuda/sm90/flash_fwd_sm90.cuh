@@ -77,6 +77,19 @@ struct CpAsyncTile {
   }
   // No query row: the CTA returns (before count_tiles, as it always has).
   __device__ bool empty() const { return m_start >= seq.seqlen_q; }
+  // The output and lse of this warp's rows (warp_row.. of the tile), staged through the CTA's
+  // shared memory (smem, kSmemBytes with 1024 of alignment slack), which the caller is done with.
+  template <int kSmemBytes, int kHeadDim>
+  __device__ void store_output(const FlashFwdParams& p, const WarpAcc<kHeadDim>& o, const OnlineSoftmax& softmax,
+                               unsigned char* smem, int warp_row, int lane) const {
+    __syncthreads();
+    const SmemTile<T, kBlockM, kHeadDim> stage{reinterpret_cast<T*>(smem)};
+    static_assert(SmemTile<T, kBlockM, kHeadDim>::kElems * sizeof(T) <= kSmemBytes - 1024, "staging fits");
+    T* out = row_at<T>(p.out, p.out_strides, seq, true, b, h, 0);
+    float* lse_out = static_cast<float*>(p.lse) + stats_offset(p.stats_strides, seq, b, h);
+    store_out_and_lse(o, softmax, stage, warp_row, out, p.out_strides.row, lse_out, m_start + warp_row, seq.seqlen_q,
+                      p.shape.head_dim, lane);
+  }
 };
 
 // The fp32 accumulator of a WarpAcc as the register list of a wgmma with N columns, starting at
@@ -195,13 +208,7 @@ __global__ void __launch_bounds__(FwdSm90Kernel<T, kHeadDim, kFeatures>::kThread
   }
 
   // The output, staged through shared memory (now free) as in the sm_80 kernel.
-  __syncthreads();
-  const SmemTile<T, kBlockM, kHeadDim> stage{reinterpret_cast<T*>(smem)};
-  static_assert(SmemTile<T, kBlockM, kHeadDim>::kElems * sizeof(T) <= K::kSmemBytes - 1024, "staging fits");
-  T* out = row_at<T>(p.out, p.out_strides, seq, true, b, h, 0);
-  float* lse_out = static_cast<float*>(p.lse) + stats_offset(p.stats_strides, seq, b, h);
-  store_out_and_lse(o, softmax, stage, warp_row, out, p.out_strides.row, lse_out, row0, seq.seqlen_q, sh.head_dim,
-                    lane);
+  t.template store_output<K::kSmemBytes>(p, o, softmax, smem, warp_row, lane);
 #endif
 }
 

@@ -41,9 +41,6 @@ __device__ __forceinline__ uint64_t fp32_tile_desc(const unsigned char* tile, in
   return smem_desc_k_major_sw128(tile, (j / 4) * 64 * 128 + (j % 4) * 32);
 }
 
-// x with its low 13 bits cleared (what the tensor cores read of it) and the exact rest.
-__device__ __forceinline__ float tf32_truncated(float x) { return __uint_as_float(__float_as_uint(x) & 0xffffe000u); }
-
 // Where key k of an 8-key group sits in V^T: the A fragment's slot t holds P's column 2t, slot
 // t + 4 column 2t + 1.
 __device__ __forceinline__ int key_slot(int key) { return (key & ~7) | ((key & 7) >> 1) | ((key & 1) << 2); }
@@ -62,9 +59,7 @@ __global__ void __launch_bounds__(FwdSm90Fp32Kernel<kHeadDim_>::kThreads, 1)
   const AttentionShape& sh = p.shape;
   const CpAsyncTile<float, kBlockM, kBlockN> t(p);
   if (t.empty()) return;
-  const int h = t.h, b = t.b, m_start = t.m_start;
   const Sequence& seq = t.seq;
-  const float *q = t.q, *k = t.k, *v = t.v;
   const Range n_blocks = t.n_blocks;
   const int tid = threadIdx.x, lane = tid % 32;
   if (p.tile_counters && tid == 0) count_tiles(p.tile_counters, seq, n_blocks, kBlockM, kBlockN);
@@ -80,7 +75,7 @@ __global__ void __launch_bounds__(FwdSm90Fp32Kernel<kHeadDim_>::kThreads, 1)
   };
   auto load_k = [&](int n_block, int buf) {
     const int n0 = n_block * kBlockN, rows = seq.seqlen_k - n0;
-    const float* src = k + key_offset(p, p.k_strides, b, n0);
+    const float* src = t.k + key_offset(p, p.k_strides, t.b, n0);
 #pragma unroll
     for (int i = 0; i < kChunksPerThread; ++i) {
       int r, col;
@@ -98,8 +93,7 @@ __global__ void __launch_bounds__(FwdSm90Fp32Kernel<kHeadDim_>::kThreads, 1)
       const uint32_t at = panel_offset<kBlockN, 4>(r, col);
       const float4 x = *reinterpret_cast<const float4*>(tile(kK, buf) + at);
       *reinterpret_cast<float4*>(tile(kKSmall, buf) + at) =
-          make_float4(x.x - tf32_truncated(x.x), x.y - tf32_truncated(x.y), x.z - tf32_truncated(x.z),
-                      x.w - tf32_truncated(x.w));
+          make_float4(tf32_dropped(x.x), tf32_dropped(x.y), tf32_dropped(x.z), tf32_dropped(x.w));
     }
   };
   // V's rows from global memory (4 floats a load), written transposed, keys in key_slot order,
@@ -113,7 +107,7 @@ __global__ void __launch_bounds__(FwdSm90Fp32Kernel<kHeadDim_>::kThreads, 1)
   };
   auto load_v_transposed = [&](int n_block, int buf) {
     const int n0 = n_block * kBlockN, rows = seq.seqlen_k - n0;
-    const float* src = v + key_offset(p, p.v_strides, b, n0);
+    const float* src = t.v + key_offset(p, p.v_strides, t.b, n0);
     float4 x[kChunksPerThread];
 #pragma unroll
     for (int i = 0; i < kChunksPerThread; ++i) {
@@ -131,18 +125,18 @@ __global__ void __launch_bounds__(FwdSm90Fp32Kernel<kHeadDim_>::kThreads, 1)
       for (int e = 0; e < 4; ++e) {
         const uint32_t at = panel_offset<kHeadDim, 4>(col + e, key_slot(key));
         *reinterpret_cast<float*>(tile(kVt, buf) + at) = values[e];
-        *reinterpret_cast<float*>(tile(kVtSmall, buf) + at) = values[e] - tf32_truncated(values[e]);
+        *reinterpret_cast<float*>(tile(kVtSmall, buf) + at) = tf32_dropped(values[e]);
       }
     }
   };
 
   // This warp's 16 rows (warpgroup g: rows 64 g ..); lane: rows g = lane / 4 and g + 8, k columns
   // t = lane % 4 and t + 4 of each k8 group: Q's A fragments, split, loaded once.
-  const int warp_row = 16 * (tid / 32), row0 = m_start + warp_row;
+  const int warp_row = 16 * (tid / 32), row0 = t.m_start + warp_row;
   WarpAcc<kHeadDim> o;
   o.zero();
   OnlineSoftmax softmax;
-  const ScoreMod<float> mod(p, b, h);
+  const ScoreMod<float> mod(p, t.b, t.h);
 
   if (n_blocks.end > n_blocks.begin) {
     load_k(n_blocks.end - 1, 0);  // keys last block first, as the other forwards
@@ -153,7 +147,7 @@ __global__ void __launch_bounds__(FwdSm90Fp32Kernel<kHeadDim_>::kThreads, 1)
 #pragma unroll
       for (int r = 0; r < 4; ++r) {
         const int row = row0 + (lane >> 2) + 8 * (r & 1), col = 8 * j + (lane & 3) + 4 * (r >> 1);
-        const Tf32Split x = split_tf32(row < seq.seqlen_q && col < sh.head_dim ? q[row * p.q_strides.row + col] : 0.f);
+        const Tf32Split x = split_tf32(row < seq.seqlen_q && col < sh.head_dim ? t.q[row * p.q_strides.row + col] : 0.f);
         q_big[j][r] = x.big;
         q_small[j][r] = x.small;
       }
@@ -217,13 +211,7 @@ __global__ void __launch_bounds__(FwdSm90Fp32Kernel<kHeadDim_>::kThreads, 1)
   }
 
   // The output, staged through shared memory (now free) as in the other forwards.
-  __syncthreads();
-  const SmemTile<float, kBlockM, kHeadDim> stage{reinterpret_cast<float*>(smem)};
-  static_assert(SmemTile<float, kBlockM, kHeadDim>::kElems * sizeof(float) <= K::kSmemBytes - 1024, "staging fits");
-  float* out = row_at<float>(p.out, p.out_strides, seq, true, b, h, 0);
-  float* lse_out = static_cast<float*>(p.lse) + stats_offset(p.stats_strides, seq, b, h);
-  store_out_and_lse(o, softmax, stage, warp_row, out, p.out_strides.row, lse_out, row0, seq.seqlen_q, sh.head_dim,
-                    lane);
+  t.template store_output<K::kSmemBytes>(p, o, softmax, smem, warp_row, lane);
 #endif
 }
 
