@@ -1,5 +1,5 @@
 // float32 forward attention on Hopper's TF32 wgmmas in 3xTF32 (CUFLASH_FP32=wgmma; not a
-// default: built, not yet run on a GPU). Head dim 64, plain attention (masks and windows; no
+// default, see S's sums below). Head dim 64, plain attention (masks and windows; no
 // softcap, ALiBi, attn_mask or dropout), one CTA per (128 query rows, head, batch): two
 // warpgroups of 64 rows, as the cp.async Hopper forward (flash_fwd_sm90.cuh), whose masks, online
 // softmax and output this kernel shares.
@@ -7,9 +7,11 @@
 // TF32 wgmmas read both operands K-major (tests/sm90/wgmma_probe.cu checks the layouts; the
 // design and its register and memory budgets: benchmarks/NOTES.md, sixteenth session):
 //   S = Q K^T: A = Q from registers, split once a tile into big and small TF32 parts
-//     (split_tf32); B = K as loaded (its big part: the tensor cores drop the low 13 bits) and K's
-//     small part, written beside it in shared memory. Three products a k8 step, the small ones
-//     first: small_q K + big_q small_k + big_q K.
+//     (split_tf32); B = K, split in shared memory by the thread whose cp.async loaded it: the
+//     rounded big part in place, the small part beside it. Three products a k8 step, the small
+//     ones first: small_q K + big_q small_k + big_q K. (K as loaded, its low bits dropped by the
+//     tensor cores, would leave a small part up to 2^-10 |k| where rounding leaves 2^-11: dQ's
+//     error at scores near 40 went 1.3x past the float32 bound, tests/test_fp32_paths.py.)
 //   O += P V: A = P from registers, split likewise. The accumulator gives a lane columns 2t and
 //     2t + 1 of each 8-key group, where an A fragment wants t and t + 4: so V^T (B, [d][key],
 //     keys the k dimension) stores each group's keys in the order 0 2 4 6 1 3 5 7, and P's
@@ -66,7 +68,7 @@ __global__ void __launch_bounds__(FwdSm90Fp32Kernel<kHeadDim_>::kThreads, 1)
   static_assert(kPageSizeMultiple % kBlockN == 0, "a key block lies in one page");
 
   // K's rows by cp.async into the swizzled panels (columns past head_dim zero); 16 chunks of 4
-  // floats a row, 4 chunks a thread. The same thread later writes its chunks' small parts.
+  // floats a row, 4 chunks a thread. The same thread later splits its chunks (split_k).
   constexpr int kChunksPerThread = kBlockN * kHeadDim / 4 / kThreads;
   auto chunk_at = [&](int i, int* row, int* col) {
     const int c = tid + i * kThreads;
@@ -85,15 +87,17 @@ __global__ void __launch_bounds__(FwdSm90Fp32Kernel<kHeadDim_>::kThreads, 1)
                   valid);
     }
   };
-  auto write_k_small = [&](int buf) {  // after this thread's cp.async chunks landed
+  auto split_k = [&](int buf) {  // after this thread's cp.async chunks landed
 #pragma unroll
     for (int i = 0; i < kChunksPerThread; ++i) {
       int r, col;
       chunk_at(i, &r, &col);
       const uint32_t at = panel_offset<kBlockN, 4>(r, col);
-      const float4 x = *reinterpret_cast<const float4*>(tile(kK, buf) + at);
-      *reinterpret_cast<float4*>(tile(kKSmall, buf) + at) =
-          make_float4(tf32_dropped(x.x), tf32_dropped(x.y), tf32_dropped(x.z), tf32_dropped(x.w));
+      const uint4 x = *reinterpret_cast<const uint4*>(tile(kK, buf) + at);
+      const Tf32Split s[4] = {split_tf32(__uint_as_float(x.x)), split_tf32(__uint_as_float(x.y)),
+                              split_tf32(__uint_as_float(x.z)), split_tf32(__uint_as_float(x.w))};
+      *reinterpret_cast<uint4*>(tile(kK, buf) + at) = make_uint4(s[0].big, s[1].big, s[2].big, s[3].big);
+      *reinterpret_cast<uint4*>(tile(kKSmall, buf) + at) = make_uint4(s[0].small, s[1].small, s[2].small, s[3].small);
     }
   };
   // V's rows from global memory (4 floats a load), written transposed, keys in key_slot order,
@@ -124,8 +128,9 @@ __global__ void __launch_bounds__(FwdSm90Fp32Kernel<kHeadDim_>::kThreads, 1)
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
         const uint32_t at = panel_offset<kHeadDim, 4>(col + e, key_slot(key));
-        *reinterpret_cast<float*>(tile(kVt, buf) + at) = values[e];
-        *reinterpret_cast<float*>(tile(kVtSmall, buf) + at) = tf32_dropped(values[e]);
+        const Tf32Split x = split_tf32(values[e]);
+        *reinterpret_cast<uint32_t*>(tile(kVt, buf) + at) = x.big;
+        *reinterpret_cast<uint32_t*>(tile(kVtSmall, buf) + at) = x.small;
       }
     }
   };
@@ -155,25 +160,37 @@ __global__ void __launch_bounds__(FwdSm90Fp32Kernel<kHeadDim_>::kThreads, 1)
 
     for (int n_block = n_blocks.end - 1, buf = 0; n_block >= n_blocks.begin; --n_block, buf ^= 1) {
       cp_async_wait_all();
-      asm volatile("" ::: "memory");  // the loads of write_k_small stay after the wait
-      write_k_small(buf);
+      asm volatile("" ::: "memory");  // split_k's loads stay after the wait
+      split_k(buf);
       fence_async_shared();  // this thread's generic and cp.async writes, visible to the wgmmas
       __syncthreads();       // every thread's part written; both warpgroups done with buf ^ 1
       const bool next = n_block > n_blocks.begin;
       if (next) load_k(n_block - 1, buf ^ 1);
       cp_async_commit();
 
-      WarpAcc<kBlockN> s;
+      // S in two fresh sums, head dims 0-31 and 32-63, added by FADD: the tensor cores truncate
+      // each wgmma's sum, and at scores near 40 an ulp of S is a relative error of P (24
+      // truncations in one sum put dK 1.06x past the float32 bound, tests/test_fp32_paths.py).
+      // Still 4x the mma.sync kernel's error there (its sums: 16 head dims; measured by
+      // benchmarks/fp32_error_margin.py, benchmarks/NOTES.md): so not the default. Four sums
+      // here spill (three accumulators) or serialize the wgmmas (two, one reused).
+      WarpAcc<kBlockN> s, s_upper;
       wgmma_fence();
 #pragma unroll
       for (int j = 0; j < kHeadDim / 8; ++j) {
-        Wgmma<float, kBlockN>::rs(acc_regs<kBlockN>(s, 0), q_small[j], fp32_tile_desc(tile(kK, buf), j), j > 0);
-        Wgmma<float, kBlockN>::rs(acc_regs<kBlockN>(s, 0), q_big[j], fp32_tile_desc(tile(kKSmall, buf), j), 1);
-        Wgmma<float, kBlockN>::rs(acc_regs<kBlockN>(s, 0), q_big[j], fp32_tile_desc(tile(kK, buf), j), 1);
+        float(&acc)[kBlockN / 2] = acc_regs<kBlockN>(j < kHeadDim / 16 ? s : s_upper, 0);
+        const bool accumulate = j % (kHeadDim / 16) > 0;
+        Wgmma<float, kBlockN>::rs(acc, q_small[j], fp32_tile_desc(tile(kK, buf), j), accumulate);
+        Wgmma<float, kBlockN>::rs(acc, q_big[j], fp32_tile_desc(tile(kKSmall, buf), j), 1);
+        Wgmma<float, kBlockN>::rs(acc, q_big[j], fp32_tile_desc(tile(kK, buf), j), 1);
       }
       wgmma_commit();
       if (next) load_v_transposed(n_block - 1, buf ^ 1);  // while S runs on the tensor cores
       wgmma_wait<0>();
+#pragma unroll
+      for (int j = 0; j < kBlockN / 8; ++j)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) s.v[j][e] += s_upper.v[j][e];
 
       scores_from_qk<false>(s, mod, p.mask, seq, row0, n_block * kBlockN, lane);
       softmax.rescale_and_exp(s, o);
