@@ -46,7 +46,7 @@
 //                   product split into three TF32 ones (mma_sm80.cuh), where their shared memory
 //                   fits the device; "exact": the CUDA-core kernels (flash_simt_kernel.cuh);
 //                   "wgmma": the forward of plain attention at head dims 33-64 on Hopper's TF32
-//                   wgmmas, 3xTF32 (sm90/flash_fwd_sm90_fp32.cuh; 1.4-1.6x faster, within the
+//                   wgmmas, 3xTF32 (sm90/flash_fwd_sm90_fp32.cuh; 1.35-1.6x faster, within the
 //                   float32 rule but 4x the error at large scores: not a default), the rest as
 //                   "3xtf32"
 //   CUFLASH_DEBUG   "1": one line on stderr per kernel launch, naming the kernel (so a fallback
