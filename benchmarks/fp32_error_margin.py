@@ -1,11 +1,10 @@
-"""How close each float32 CUDA path comes to the accuracy rule (1e-5 x max|reference|, tests/
-reference.py): max|got - ref| / (1e-5 max|ref|) for out and the gradients, over seeds, at inputs
+"""How close each float32 CUDA path comes to the accuracy rule (tests/reference.py's
+accuracy_bound: 1e-5 x max|reference|): max|got - ref| / bound for out and the gradients, over seeds, at inputs
 of unit scale and 3x (scores up to ~40, where an absolute error in S is a relative error of P).
 A ratio above 1 fails the rule. Paths: CUFLASH_FP32 values (run-time switches, read at each call).
 
   python3 benchmarks/fp32_error_margin.py [--seeds 8] [--head-dim 64] [--paths ,wgmma]"""
 import argparse
-import os
 import sys
 from pathlib import Path
 
@@ -14,20 +13,21 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 import cuflash_attn  # noqa: E402,F401  (registers the ops)
-from reference import attention_reference  # noqa: E402
+from bench_attention import switches_set  # noqa: E402
+from reference import accuracy_bound, attention_reference, max_err  # noqa: E402
 
 
 def ratios(path, seed, scale, d, nq=200, nk=300):
-    os.environ["CUFLASH_FP32"] = path
     torch.manual_seed(seed)
     q, k, v, dout = (scale * torch.randn(1, 2, n, d, dtype=torch.float64) for n in (nq, nk, nk, nq))
     got_in = [t.cuda().float().requires_grad_() for t in (q, k, v)]
-    out, _ = torch.ops.cuflash_attn.fwd(*got_in, None, False, False)
-    got = (out, *torch.autograd.grad(out, got_in, dout.cuda().float()))
+    with switches_set({"CUFLASH_FP32": path}):
+        out, _ = torch.ops.cuflash_attn.fwd(*got_in, None, False, False)
+        got = (out, *torch.autograd.grad(out, got_in, dout.cuda().float()))
     ref_in = [t.requires_grad_() for t in (q, k, v)]
     ref_out, _ = attention_reference(*ref_in)
     ref = (ref_out, *torch.autograd.grad(ref_out, ref_in, dout))
-    return [((g.double().cpu() - r).abs().max() / (1e-5 * r.abs().max())).item() for g, r in zip(got, ref)]
+    return [max_err(g.cpu(), r) / accuracy_bound(r, r, torch.float32, factor=1) for g, r in zip(got, ref)]
 
 
 def main():
@@ -37,7 +37,7 @@ def main():
     parser.add_argument("--paths", default=",wgmma", help="comma-separated CUFLASH_FP32 values ('' the default)")
     args = parser.parse_args()
     print(f"{torch.cuda.get_device_name()}, head dim {args.head_dim}, 200 x 300, {args.seeds} seeds: "
-          "max over seeds of error / (1e-5 max|ref|)")
+          "max over seeds of error / bound")
     print(f"{'CUFLASH_FP32':>12} {'scale':>5} {'out':>6} {'dq':>6} {'dk':>6} {'dv':>6}")
     for path in args.paths.split(","):
         for scale in (1.0, 3.0):

@@ -273,6 +273,13 @@ struct WarpAcc {
 #pragma unroll
       for (int e = 0; e < 4; ++e) v[j][e] = 0.f;
   }
+  // this += other, by FADD (rounded to nearest: a fresh tensor-core sum folded in).
+  __device__ __forceinline__ void add(const WarpAcc& other) {
+#pragma unroll
+    for (int j = 0; j < kTiles; ++j)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) v[j][e] += other.v[j][e];
+  }
   // The A fragment for k-step kk (columns 16kk..16kk+15) of this accumulator, rounded to T:
   // the C layout of two adjacent n-tiles is the A layout of one k-step (float: of two k8 halves,
   // in the column order of MmaOperand<float>).

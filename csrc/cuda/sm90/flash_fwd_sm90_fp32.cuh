@@ -187,10 +187,7 @@ __global__ void __launch_bounds__(FwdSm90Fp32Kernel<kHeadDim_>::kThreads, 1)
       wgmma_commit();
       if (next) load_v_transposed(n_block - 1, buf ^ 1);  // while S runs on the tensor cores
       wgmma_wait<0>();
-#pragma unroll
-      for (int j = 0; j < kBlockN / 8; ++j)
-#pragma unroll
-        for (int e = 0; e < 4; ++e) s.v[j][e] += s_upper.v[j][e];
+      s.add(s_upper);
 
       scores_from_qk<false>(s, mod, p.mask, seq, row0, n_block * kBlockN, lane);
       softmax.rescale_and_exp(s, o);
@@ -220,10 +217,7 @@ __global__ void __launch_bounds__(FwdSm90Fp32Kernel<kHeadDim_>::kThreads, 1)
       }
       wgmma_commit();
       wgmma_wait<0>();
-#pragma unroll
-      for (int j = 0; j < kHeadDim / 8; ++j)
-#pragma unroll
-        for (int e = 0; e < 4; ++e) o.v[j][e] += o_step.v[j][e];
+      o.add(o_step);
     }
   }
 
