@@ -3,7 +3,7 @@ accuracy_bound: 1e-5 x max|reference|): max|got - ref| / bound for out and the g
 of unit scale and 3x (scores up to ~40, where an absolute error in S is a relative error of P).
 A ratio above 1 fails the rule. Paths: CUFLASH_FP32 values (run-time switches, read at each call).
 
-  python3 benchmarks/fp32_error_margin.py [--seeds 8] [--head-dim 64] [--paths ,wgmma]"""
+  python3 benchmarks/fp32_error_margin.py [--seeds 8] [--head-dim 64] [--paths ,3xtf32]"""
 import argparse
 import sys
 from pathlib import Path
@@ -34,7 +34,7 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seeds", type=int, default=8)
     parser.add_argument("--head-dim", type=int, default=64)
-    parser.add_argument("--paths", default=",wgmma", help="comma-separated CUFLASH_FP32 values ('' the default)")
+    parser.add_argument("--paths", default=",3xtf32", help="comma-separated CUFLASH_FP32 values ('' the default)")
     args = parser.parse_args()
     print(f"{torch.cuda.get_device_name()}, head dim {args.head_dim}, 200 x 300, {args.seeds} seeds: "
           "max over seeds of error / bound")

@@ -2,11 +2,11 @@
 
 Every CUDA kernel family runs forward and backward on tiny shapes: the tensor-core kernels
 (float16, bfloat16: forward, delta, dQ, dK/dV) at head dims 59 (zero-padded to 64), 64, 128 and
-256 (dK and dV in two launches), float32 (the same kernels in 3xTF32; under CUFLASH_FP32=exact
-the *_simt ones) and float64 (the CUDA-core *_simt kernels) at head dims 32, 59 and 256; under
-run-time switches, the kernels no default reaches at these sizes (the cp.async Hopper forward
+256 (dK and dV in two launches), float32 (the same kernels in 3xTF32, on Hopper the forward at
+head dim 59 on TF32 wgmmas; under CUFLASH_FP32=exact the *_simt ones) and float64 (the
+CUDA-core *_simt kernels) at head dims 32, 59 and 256; under run-time switches, the kernels no default reaches at these sizes (the cp.async Hopper forward
 and wgmma backward, dQ by its own TMA kernel or by atomics, the TMA forward's wide tiles, the
-narrow dK/dV steps at head dim 64, the float32 forward on TF32 wgmmas); seqlens
+narrow dK/dV steps at head dim 64, Hopper's float32 mma.sync forward at head dims 33-64); seqlens
 that are not multiples of any tile, seqlen 1, causal off, top-left and bottom-right (with rows
 that see no key), batch and heads 1-2, a [B, N, H, D] strided layout, the backward with the
 gradient of the returned lse, and with deterministic=False (the fused Hopper backward's
@@ -84,9 +84,10 @@ def cases():
     # kernel's narrow steps at head dim 64.
     for d, first, second in ((59, 77, 200), (256, 200, 77)):
         out += [(F32, d, 1, 2, first, second, "top_left", "env:CUFLASH_FP32=exact")]
-    # The float32 forward on Hopper's TF32 wgmmas (CUFLASH_FP32=wgmma, head dims 33-64).
-    out += [(F32, 64, 1, 2, 77, 200, "top_left", "env:CUFLASH_FP32=wgmma"),
-            (F32, 40, 2, 1, 200, 77, "bottom_right", "env:CUFLASH_FP32=wgmma")]
+    # float32 at head dims 33-64 on the mma.sync kernels (CUFLASH_FP32=3xtf32): Hopper's default
+    # there is the TF32 wgmma forward, which the head-dim-59 cases above reach.
+    out += [(F32, 64, 1, 2, 77, 200, "top_left", "env:CUFLASH_FP32=3xtf32"),
+            (F32, 40, 2, 1, 200, 77, "bottom_right", "env:CUFLASH_FP32=3xtf32")]
     for dtype, d in ((BF16, 64), (F16, 128), (BF16, 256)):
         out += [(dtype, d, 1, 2, 77, 200, "top_left", "env:CUFLASH_SM90=cpasync,bwd"),
                 (dtype, d, 1, 2, 77, 300, "bottom_right", "env:CUFLASH_FWD_TILE=wide")]

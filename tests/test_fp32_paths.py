@@ -1,8 +1,8 @@
-"""float32 on CUDA runs two kernel families: by default the sm_80-class tensor-core kernels with
-each product split into three TF32 ones (3xTF32, csrc/cuda/mma_sm80.cuh), and under
-CUFLASH_FP32=exact the CUDA-core kernels (flash_simt_kernel.cuh); under CUFLASH_FP32=wgmma the
-forward of plain attention at head dims 33-64 runs on Hopper's TF32 wgmmas in 3xTF32
-(sm90/flash_fwd_sm90_fp32.cuh), the rest as by default. All are held to the float32
+"""float32 on CUDA runs three kernel families: by default the sm_80-class tensor-core kernels with
+each product split into three TF32 ones (3xTF32, csrc/cuda/mma_sm80.cuh), and on Hopper the
+forward of plain attention at head dims 33-64 on TF32 wgmmas in 3xTF32 (sm90/flash_fwd_sm90_fp32.cuh);
+under CUFLASH_FP32=3xtf32 the sm_80-class kernels there too; under CUFLASH_FP32=exact the
+CUDA-core kernels (flash_simt_kernel.cuh). All are held to the float32
 accuracy rule (1e-5 relative, no TF32) over the shapes that stress the tiles (ragged ends, one
 row, causal both ways, GQA, every head-dim bucket), the features and varlen; and the kernels
 that ran are the ones the switch names."""
@@ -35,7 +35,7 @@ def tiles_fit(bucket):
     return forward <= limit, max(dq, dkdv) <= limit
 
 
-@pytest.fixture(params=["", "exact", "wgmma"], ids=["3xtf32", "exact", "wgmma"], autouse=True)
+@pytest.fixture(params=["", "exact", "3xtf32"], ids=["default", "exact", "mma_sync"], autouse=True)
 def fp32_path(request, monkeypatch):
     monkeypatch.setenv("CUFLASH_FP32", request.param)  # read at every call
     return request.param
@@ -65,7 +65,7 @@ def test_path_taken(d, fp32_path):
         assert tensor_fwd not in names and tensor_bwd[0] not in names, names
         return
     fwd_fits, bwd_fits = tiles_fit(bucket)  # 203 KiB at 256 backward: an H100's, not an A100's
-    on_wgmma = fp32_path == "wgmma" and IS_SM90 and bucket == 64  # the forward only
+    on_wgmma = fp32_path == "" and IS_SM90 and bucket == 64  # the forward only
     assert ("flash_fwd_sm90_fp32_kernel" in names) == on_wgmma, names
     assert (tensor_fwd in names) == (fwd_fits and not on_wgmma), names
     assert ("flash_fwd_simt_kernel" in names) != fwd_fits, names
@@ -80,7 +80,7 @@ def test_unaligned_inputs_are_copied_onto_the_tensor_cores(fp32_path):
     if fp32_path == "exact":
         pytest.skip("the tensor-core kernels' case")
     names = kernels_of(64, q_offset=1)
-    wgmma = fp32_path == "wgmma" and IS_SM90
+    wgmma = fp32_path == "" and IS_SM90
     forward = "flash_fwd_sm90_fp32_kernel" if wgmma else "flash_fwd_kernel<float, 64, false, "
     assert forward in names and "simt" not in names, names
 
@@ -113,8 +113,8 @@ def test_varlen():
 
 
 def test_varlen_plain():
-    """Packed sequences (an empty one included) without the features: on Hopper's float32 forward
-    under CUFLASH_FP32=wgmma at head dim 64."""
+    """Packed sequences (an empty one included) without the features: on Hopper's float32 wgmma
+    forward by default at head dim 64."""
     check_varlen("cuda", torch.float32, [70, 0, 129], [90, 12, 64], 4, 1, 64, causal=True, bottom_right=True,
                  window=(20, -1))
 

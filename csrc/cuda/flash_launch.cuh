@@ -179,9 +179,10 @@ cudaError_t run_flash_fwd(const FlashFwdParams& p, cudaStream_t stream) {
   } else {
     if constexpr (std::is_same_v<T, float>) {
       if (!fp32_on_tensor_cores(p, FwdKernel<T, kHeadDim>::kSmemBytes)) return run_flash_fwd_simt<T, kHeadDim>(p, stream);
-      // CUFLASH_FP32=wgmma: Hopper's TF32 wgmmas for plain attention at head dim 64, unsplit.
+      // Hopper's TF32 wgmmas for plain attention at head dim 64, unsplit (unless
+      // CUFLASH_FP32=3xtf32 asks for the mma.sync kernel).
       if constexpr (kHeadDim == 64)
-        if (fp32_wgmma_switch() && sm90::sm90_paths(p).fwd && !needs_feature_path(p) && p.num_splits == 1) {
+        if (!fp32_mma_sync_switch() && sm90::sm90_paths(p).fwd && !needs_feature_path(p) && p.num_splits == 1) {
           using K = sm90::FwdSm90Fp32Kernel<kHeadDim>;
           return launch(sm90::flash_fwd_sm90_fp32_kernel<kHeadDim>,
                         dim3(ceil_div(sh.seqlen_q, K::kBlockM), sh.heads_q, sh.batch), K::kThreads, K::kSmemBytes,

@@ -42,13 +42,12 @@
 //                   streamed queries a step at head dim 64: unset or "",
 //                   128 on long columns (fused_wide_steps_pay in flash_launch.cuh), else 64;
 //                   "wide" or "narrow": 128 or 64 at every length (tests and benchmarks)
-//   CUFLASH_FP32    float32 on CUDA: unset, "" or "3xtf32": the tensor-core kernels with each
+//   CUFLASH_FP32    float32 on CUDA: unset, "" or "wgmma": the tensor-core kernels with each
 //                   product split into three TF32 ones (mma_sm80.cuh), where their shared memory
-//                   fits the device; "exact": the CUDA-core kernels (flash_simt_kernel.cuh);
-//                   "wgmma": the forward of plain attention at head dims 33-64 on Hopper's TF32
-//                   wgmmas, 3xTF32 (sm90/flash_fwd_sm90_fp32.cuh; 1.35-1.6x faster, within the
-//                   float32 rule but 4x the error at large scores: not a default), the rest as
-//                   "3xtf32"
+//                   fits the device, and on Hopper the forward of plain attention at head dims
+//                   33-64 on TF32 wgmmas, 3xTF32 too (sm90/flash_fwd_sm90_fp32.cuh, 1.28-1.45x
+//                   the mma.sync kernel's speed at the same error); "3xtf32": the mma.sync
+//                   kernels there too; "exact": the CUDA-core kernels (flash_simt_kernel.cuh)
 //   CUFLASH_DEBUG   "1": one line on stderr per kernel launch, naming the kernel (so a fallback
 //                   to the sm_80-class kernels is visible), its grid and shared memory; unset,
 //                   "" or "0": quiet
@@ -119,7 +118,7 @@ inline DqSwitch dq_switch() {
                                                 : DqSwitch::kAuto;
 }
 inline bool fp32_exact_switch() { return env_is("CUFLASH_FP32", "exact"); }
-inline bool fp32_wgmma_switch() { return env_is("CUFLASH_FP32", "wgmma"); }
+inline bool fp32_mma_sync_switch() { return env_is("CUFLASH_FP32", "3xtf32"); }
 // The tile switches: "wide" or "narrow" pick that tile at every shape; unset or "" leave it to
 // `pays`, the shape's choice.
 inline bool wide_tile_switch(const char* name, bool pays) {

@@ -1,13 +1,15 @@
-// float32 forward attention on Hopper's TF32 wgmmas in 3xTF32 (CUFLASH_FP32=wgmma; not a
-// default, see S's sums below). Head dim 64, plain attention (masks and windows; no
+// float32 forward attention on Hopper's TF32 wgmmas in 3xTF32: the float32 default at head dims
+// 33-64 on Hopper (CUFLASH_FP32=3xtf32 runs the mma.sync kernel instead; its error and this
+// kernel's: benchmarks/fp32_error_margin.py). Head dim 64, plain attention (masks and windows; no
 // softcap, ALiBi, attn_mask or dropout), one CTA per (128 query rows, head, batch): two
 // warpgroups of 64 rows, as the cp.async Hopper forward (flash_fwd_sm90.cuh), whose masks, online
 // softmax and output this kernel shares.
 //
 // TF32 wgmmas read both operands K-major (tests/sm90/wgmma_probe.cu checks the layouts; the
 // design and its register and memory budgets: benchmarks/NOTES.md, sixteenth session):
-//   S = Q K^T: A = Q from registers, split once a tile into big and small TF32 parts
-//     (split_tf32); B = K, split in shared memory by the thread whose cp.async loaded it: the
+//   S = Q K^T: A = Q, split once a tile into big and small TF32 parts (split_tf32), the small
+//     part in registers (rs), the big one in shared memory (ss: the registers it frees hold
+//     S's four sums, below); B = K, split in shared memory by the thread whose cp.async loaded it: the
 //     rounded big part in place, the small part beside it. Three products a k8 step, the small
 //     ones first: small_q K + big_q small_k + big_q K. (K as loaded, its low bits dropped by the
 //     tensor cores, would leave a small part up to 2^-10 |k| where rounding leaves 2^-11: dQ's
@@ -32,9 +34,10 @@ struct FwdSm90Fp32Kernel {
   static constexpr int kHeadDim = kHeadDim_, kWarpgroups = 2, kThreads = 128 * kWarpgroups, kBlockM = 64 * kWarpgroups;
   static constexpr int kBlockN = 64;
   // A K tile, K's small part, V^T and V^T's small part: 64 x 64 floats (two 32-float panels) each,
-  // double-buffered. + 1024: the swizzle atoms' alignment.
+  // double-buffered; and each warpgroup's Q rows' big parts, one tile each. + 1024: the swizzle
+  // atoms' alignment.
   static constexpr int kTileBytes = kBlockN * kHeadDim * 4;
-  static constexpr int kSmemBytes = 8 * kTileBytes + 1024;
+  static constexpr int kSmemBytes = 10 * kTileBytes + 1024;
   static_assert(kSmemBytes <= 227 * 1024, "shared memory per block");
 };
 
@@ -56,7 +59,7 @@ __global__ void __launch_bounds__(FwdSm90Fp32Kernel<kHeadDim_>::kThreads, 1)
   extern __shared__ char smem_raw[];
   unsigned char* smem = align_1024(smem_raw);
   auto tile = [&](int which, int buf) { return smem + (2 * which + buf) * K::kTileBytes; };
-  enum { kK, kKSmall, kVt, kVtSmall };
+  enum { kK, kKSmall, kVt, kVtSmall, kQBig };  // kQBig's "buf": the warpgroup
 
   const AttentionShape& sh = p.shape;
   const CpAsyncTile<float, kBlockM, kBlockN> t(p);
@@ -146,14 +149,17 @@ __global__ void __launch_bounds__(FwdSm90Fp32Kernel<kHeadDim_>::kThreads, 1)
   if (n_blocks.end > n_blocks.begin) {
     load_k(n_blocks.end - 1, 0);  // keys last block first, as the other forwards
     cp_async_commit();
-    uint32_t q_big[kHeadDim / 8][4], q_small[kHeadDim / 8][4];
+    uint32_t q_small[kHeadDim / 8][4];
+    // Q's big parts in this warpgroup's tile (64 rows, as K's), read by S's ss wgmmas.
+    const int warpgroup = warpgroup_index();  // warp-uniform: the descriptors stay in uniform registers
+    unsigned char* q_big = tile(kQBig, warpgroup);
 #pragma unroll
     for (int j = 0; j < kHeadDim / 8; ++j)
 #pragma unroll
       for (int r = 0; r < 4; ++r) {
         const int row = row0 + (lane >> 2) + 8 * (r & 1), col = 8 * j + (lane & 3) + 4 * (r >> 1);
         const Tf32Split x = split_tf32(row < seq.seqlen_q && col < sh.head_dim ? t.q[row * p.q_strides.row + col] : 0.f);
-        q_big[j][r] = x.big;
+        *reinterpret_cast<uint32_t*>(q_big + panel_offset<64, 4>(row - t.m_start - 64 * warpgroup, col)) = x.big;
         q_small[j][r] = x.small;
       }
     load_v_transposed(n_blocks.end - 1, 0);
@@ -168,26 +174,40 @@ __global__ void __launch_bounds__(FwdSm90Fp32Kernel<kHeadDim_>::kThreads, 1)
       if (next) load_k(n_block - 1, buf ^ 1);
       cp_async_commit();
 
-      // S in two fresh sums, head dims 0-31 and 32-63, added by FADD: the tensor cores truncate
-      // each wgmma's sum, and at scores near 40 an ulp of S is a relative error of P (24
-      // truncations in one sum put dK 1.06x past the float32 bound, tests/test_fp32_paths.py).
-      // Still 4x the mma.sync kernel's error there (its sums: 16 head dims; measured by
-      // benchmarks/fp32_error_margin.py, benchmarks/NOTES.md): so not the default. Four sums
-      // here spill (three accumulators) or serialize the wgmmas (two, one reused).
-      WarpAcc<kBlockN> s, s_upper;
-      wgmma_fence();
+      // S in four fresh sums of 16 head dims (six wgmmas each, as the mma.sync kernel's k16
+      // steps), added by FADD: the tensor cores truncate each wgmma's sum toward zero, and at
+      // scores near 40 an ulp of S is a relative error of P (one sum of 24 wgmmas put dK 1.06x
+      // past the float32 bound, two of 12 at 0.97x, four of 6 at 0.23x as the mma.sync kernel:
+      // benchmarks/fp32_error_margin.py). Three sums in flight: registers freed by Q's big part
+      // in shared memory (ss).
+      WarpAcc<kBlockN> s, s_b, s_c, s_d;  // four accumulators (ptxas: s_d gets registers of its own)
+      auto qk_chunk = [&](WarpAcc<kBlockN>& acc, int chunk) {
 #pragma unroll
-      for (int j = 0; j < kHeadDim / 8; ++j) {
-        float(&acc)[kBlockN / 2] = acc_regs<kBlockN>(j < kHeadDim / 16 ? s : s_upper, 0);
-        const bool accumulate = j % (kHeadDim / 16) > 0;
-        Wgmma<float, kBlockN>::rs(acc, q_small[j], fp32_tile_desc(tile(kK, buf), j), accumulate);
-        Wgmma<float, kBlockN>::rs(acc, q_big[j], fp32_tile_desc(tile(kKSmall, buf), j), 1);
-        Wgmma<float, kBlockN>::rs(acc, q_big[j], fp32_tile_desc(tile(kK, buf), j), 1);
-      }
+        for (int j = 2 * chunk; j < 2 * chunk + 2; ++j) {
+          Wgmma<float, kBlockN>::rs(acc_regs<kBlockN>(acc, 0), q_small[j], fp32_tile_desc(tile(kK, buf), j),
+                                    j > 2 * chunk);
+          Wgmma<float, kBlockN>::ss(acc_regs<kBlockN>(acc, 0), fp32_tile_desc(q_big, j),
+                                    fp32_tile_desc(tile(kKSmall, buf), j), 1);
+          Wgmma<float, kBlockN>::ss(acc_regs<kBlockN>(acc, 0), fp32_tile_desc(q_big, j),
+                                    fp32_tile_desc(tile(kK, buf), j), 1);
+        }
+      };
+      static_assert(kHeadDim == 64, "four 16-dim sums");
+      wgmma_fence();
+      qk_chunk(s, 0);
+      qk_chunk(s_b, 1);
+      wgmma_commit();
+      qk_chunk(s_c, 2);
+      wgmma_commit();
+      wgmma_wait<1>();
+      s.add(s_b);
+      wgmma_fence();
+      qk_chunk(s_d, 3);
       wgmma_commit();
       if (next) load_v_transposed(n_block - 1, buf ^ 1);  // while S runs on the tensor cores
       wgmma_wait<0>();
-      s.add(s_upper);
+      s.add(s_c);
+      s.add(s_d);
 
       scores_from_qk<false>(s, mod, p.mask, seq, row0, n_block * kBlockN, lane);
       softmax.rescale_and_exp(s, o);
