@@ -316,7 +316,10 @@ __global__ void __launch_bounds__(
                                &tile_slot[2]);
       }
       __syncthreads();
-      n_block = tile_slot[0], h_kv = tile_slot[1], b = tile_slot[2];
+      // Warp-uniform, as blockIdx is: what the consumers compute from the tile (its sequence, query
+      // blocks, step counters) stays in uniform registers, not in their own, which spilled
+      // (benchmarks/NOTES.md, eighteenth session).
+      n_block = warp_uniform(tile_slot[0]), h_kv = warp_uniform(tile_slot[1]), b = warp_uniform(tile_slot[2]);
     }
     first_tile = dkv_tile<kBlockN, kBlockM>(p, mask, n_block, h_kv, b);
     if (first_tile.n_start >= first_tile.seq.seqlen_k) return;
@@ -351,8 +354,11 @@ __global__ void __launch_bounds__(
       } else {
         mbarrier_wait(&tile_full[slot], (i >> 1) & 1);
       }
-      const bool valid = fields[3] != 0;
-      const int n_block = fields[0], h_kv = fields[1], b = fields[2];
+      const bool uniform = reader == kWarp;  // a whole warp reads: warp-uniform, as above
+      const bool valid = (uniform ? warp_uniform(fields[3]) : fields[3]) != 0;
+      const int n_block = uniform ? warp_uniform(fields[0]) : fields[0];
+      const int h_kv = uniform ? warp_uniform(fields[1]) : fields[1];
+      const int b = uniform ? warp_uniform(fields[2]) : fields[2];
       if (reader != kPublish) mbarrier_arrive(&tile_empty[slot]);  // every lane of a kWarp reader
       if (valid) *tile = dkv_tile<kBlockN, kBlockM>(p, mask, n_block, h_kv, b);
       return valid;
@@ -498,7 +504,7 @@ __global__ void __launch_bounds__(
   // Consumers: warpgroup c = 1, 2 owns keys 64 (c - 1) .. of the block; this warp 16 of them.
   setmaxnreg_inc<K::kConsumerRegs>();
   const int consumer = warpgroup - 1;
-  const int warp_row = 16 * ((tid - 128) / 32);
+  const int warp_row = warp_uniform(16 * ((tid - 128) / 32));  // uniform too: 11 -> 3 reloads a step (ordered, D=128)
   const uint32_t my_rows = consumer * 64 * 128;
   const uint64_t desc_k = smem_desc_k_major_sw128(sK, my_rows), desc_v = smem_desc_k_major_sw128(sV, my_rows);
   auto stage_bytes = [&](int stage) { return static_cast<uint64_t>((stage * K::kQBytes) >> 4); };

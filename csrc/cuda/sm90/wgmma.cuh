@@ -28,14 +28,16 @@ __host__ __device__ constexpr uint32_t panel_offset(int row, int col) {
   return static_cast<uint32_t>(col / kPanelCols) * (kRows * 128) + swizzle128_offset<kElemBytes>(row, col % kPanelCols);
 }
 
-// This thread's warpgroup (threadIdx.x / 128), broadcast from lane 0 (as CUTLASS's
+// x, which every lane of the (whole, converged) warp holds, broadcast from lane 0 (as CUTLASS's
 // canonical_warp_group_idx) so that the compiler knows it is the same across the warp and keeps
-// what is computed from it (a consumer's wgmma descriptors) in uniform registers, not per-thread
-// ones moved by R2UR before every wgmma: H200, bf16, backward +1-6% (D=128 nondet +3-6%),
-// forward D=64 +1-6% (benchmarks/NOTES.md, fourteenth session).
-__device__ __forceinline__ int warpgroup_index() {
-  return __shfl_sync(0xffffffffu, static_cast<int>(threadIdx.x) / 128, 0);
-}
+// what is computed from it in uniform registers, not per-thread ones (which count against the
+// thread's budget, and are moved by R2UR before every wgmma that reads them).
+__device__ __forceinline__ int warp_uniform(int x) { return __shfl_sync(0xffffffffu, x, 0); }
+
+// This thread's warpgroup (threadIdx.x / 128), uniform (a consumer's wgmma descriptors are computed
+// from it): H200, bf16, backward +1-6% (D=128 nondet +3-6%), forward D=64 +1-6%
+// (benchmarks/NOTES.md, fourteenth session).
+__device__ __forceinline__ int warpgroup_index() { return warp_uniform(static_cast<int>(threadIdx.x) / 128); }
 
 // Dynamic shared memory rounded up to the 1024-byte boundary the swizzle atoms start on (kernels
 // ask for 1024 bytes more than they use).
