@@ -218,7 +218,7 @@ struct BwdDkvSm90TmaKernel {
   // threads); kAccumDq: per consumer dq_full (its warps) and dq_empty (the drain warp); kPersistent:
   // K/V empty, and the tile ring's two full and two empty.
   static constexpr int kBarriers = 1 + 2 * kStages + (kAccumDq ? 2 * kConsumers : 0) + (kPersistent ? 5 : 0);
-  // kOrderedDq: and the CTA's tile (16 bytes); kPersistent: the ring's two slots (32 bytes).
+  // kOrderedDq: and the CTA's tile index (16 bytes); kPersistent: the ring's two slots (32 bytes).
   static constexpr int kSmemBytes = 2 * kKVBytes + 2 * kStages * kQBytes + kDsBytes + kDqBytes + kStatsBytes +
                                     kBarriers * 8 + (kPersistent ? 32 : kOrderedDq ? 16 : 0) + 1024;
   // The producer's loop (TMA coordinates per step, the stats warp's rows) spills at 24 registers;
@@ -310,16 +310,15 @@ __global__ void __launch_bounds__(
   if constexpr (!kPersistent) {
     int n_block = blockIdx.x, h_kv = blockIdx.y, b = blockIdx.z;
     if constexpr (kOrderedDq) {
-      if (tid == 0) {
-        const int tile = atomicAdd(p.dkdv_tile_counter, 1);
-        ordered_tile<kHeadDim>(p, tile, key_blocks_per_head, sh.heads_kv * sh.batch, &tile_slot[0], &tile_slot[1],
-                               &tile_slot[2]);
-      }
+      // The CTA's first thread takes the tile's index; every thread then computes the tile from it
+      // (warp-uniform, as blockIdx is). Computed by that thread alone (a branch holding
+      // ordered_tile's 64-bit division, a call), ptxas kept the consumers' step counter and so
+      // their Q/dO descriptors in per-thread registers: 60 R2UR and 3 reloads a step, 812
+      // instructions against 685 (benchmarks/NOTES.md, eighteenth session).
+      if (tid == 0) tile_slot[0] = atomicAdd(p.dkdv_tile_counter, 1);
       __syncthreads();
-      // Warp-uniform, as blockIdx is: what the consumers compute from the tile (its sequence, query
-      // blocks, step counters) stays in uniform registers, not in their own, which spilled
-      // (benchmarks/NOTES.md, eighteenth session).
-      n_block = warp_uniform(tile_slot[0]), h_kv = warp_uniform(tile_slot[1]), b = warp_uniform(tile_slot[2]);
+      ordered_tile<kHeadDim>(p, warp_uniform(tile_slot[0]), key_blocks_per_head, sh.heads_kv * sh.batch, &n_block,
+                             &h_kv, &b);
     }
     first_tile = dkv_tile<kBlockN, kBlockM>(p, mask, n_block, h_kv, b);
     if (first_tile.n_start >= first_tile.seq.seqlen_k) return;
