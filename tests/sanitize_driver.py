@@ -1,22 +1,22 @@
 """The reduced sweep that scripts/sanitize.sh runs under compute-sanitizer (not a pytest module).
 
 Every CUDA kernel family runs forward and backward on tiny shapes: the tensor-core kernels
-(float16, bfloat16: forward, delta, dQ, dK/dV) at head dims 59 (zero-padded to 64), 64, 128 and
-256 (dK and dV in two launches), float32 (the same kernels in 3xTF32, on Hopper the forward at
-head dim 59 on TF32 wgmmas; under CUFLASH_FP32=exact the *_simt ones) and float64 (the
-CUDA-core *_simt kernels) at head dims 32, 59 and 256; under run-time switches, the kernels no default reaches at these sizes (the cp.async Hopper forward
-and wgmma backward, dQ by its own TMA kernel or by atomics, the TMA forward's wide tiles, the
-narrow dK/dV steps at head dim 64, Hopper's float32 mma.sync forward at head dims 33-64); seqlens
-that are not multiples of any tile, seqlen 1, causal off, top-left and bottom-right (with rows
-that see no key), batch and heads 1-2, a [B, N, H, D] strided layout, the backward with the
-gradient of the returned lse, and with deterministic=False (the fused Hopper backward's
-unordered dQ adds) and past 1024 keys (its head-dim-128 routes); the KV-cache forward: paged
-keys (with seqused_k and flash_attn_with_kvcache's appends), split-KV and its combine kernel
-(with features, paged keys and packed queries), and decoding steps (grouped heads as rows; four
-causal tokens a step packed under CUFLASH_PACK_GQA=1; 130 unsplit and one split 5 ways on the
-TMA forwards (CUFLASH_SM90's "kvcache" part, a default; the splits under its "splits" part),
-over contiguous and paged caches). Every case is checked against the float64 reference with the
-accuracy rule, so a clean sanitizer run is also a correctness run.
+(float16, bfloat16: forward, delta, dQ, dK/dV) at head dims 59 (zero-padded to 64), 64, 128 and 256
+(dK and dV in two launches), float32 (the same kernels in 3xTF32, on Hopper the forward at head dim
+59 on TF32 wgmmas; under CUFLASH_FP32=exact the *_simt ones) and float64 (the CUDA-core *_simt
+kernels) at head dims 32, 59 and 256; under run-time switches, the kernels no default reaches at
+these sizes (the cp.async Hopper forward and wgmma backward, dQ by its own TMA kernel or by
+atomics, the TMA forward's wide tiles, the narrow dK/dV steps at head dim 64, Hopper's float32
+mma.sync forward at head dims 33-64); seqlens that are not multiples of any tile, seqlen 1, causal
+off, top-left and bottom-right (with rows that see no key), batch and heads 1-2, a [B, N, H, D]
+strided layout, the backward with the gradient of the returned lse, and with deterministic=False
+(the fused Hopper backward's unordered dQ adds) and past 1024 keys (its head-dim-128 routes); the
+KV-cache forward: paged keys (with seqused_k and flash_attn_with_kvcache's appends), split-KV and
+its combine kernel (with features, paged keys and packed queries), and decoding steps (grouped
+heads as rows; four causal tokens a step packed under CUFLASH_PACK_GQA=1; 130 unsplit and one split
+5 ways on the TMA forwards (CUFLASH_SM90's "kvcache" part, a default; the splits under its "splits"
+part), over contiguous and paged caches). Every case is checked against the float64 reference with
+the accuracy rule, so a clean sanitizer run is also a correctness run.
 
     python3 tests/sanitize_driver.py [--list] [--only REGEX] [--case DESCRIPTION] [--device cpu]
 

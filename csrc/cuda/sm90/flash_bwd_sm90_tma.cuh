@@ -503,7 +503,7 @@ __global__ void __launch_bounds__(
   // Consumers: warpgroup c = 1, 2 owns keys 64 (c - 1) .. of the block; this warp 16 of them.
   setmaxnreg_inc<K::kConsumerRegs>();
   const int consumer = warpgroup - 1;
-  const int warp_row = warp_uniform(16 * ((tid - 128) / 32));  // uniform too: 11 -> 3 reloads a step (ordered, D=128)
+  const int warp_row = warp_uniform(16 * ((tid - 128) / 32));  // uniform too (fewer reloads: NOTES)
   const uint32_t my_rows = consumer * 64 * 128;
   const uint64_t desc_k = smem_desc_k_major_sw128(sK, my_rows), desc_v = smem_desc_k_major_sw128(sV, my_rows);
   auto stage_bytes = [&](int stage) { return static_cast<uint64_t>((stage * K::kQBytes) >> 4); };

@@ -8,8 +8,8 @@
 // TF32 wgmmas read both operands K-major (tests/sm90/wgmma_probe.cu checks the layouts; the
 // design and its register and memory budgets: benchmarks/NOTES.md, sixteenth session):
 //   S = Q K^T: A = Q, split once a tile into big and small TF32 parts (split_tf32), the small
-//     part in registers (rs), the big one in shared memory (ss: the registers it frees hold
-//     S's four sums, below); B = K, split in shared memory by the thread whose cp.async loaded it: the
+//     part in registers (rs), the big one in shared memory (ss: the registers it frees hold S's
+//     four sums, below); B = K, split in shared memory by the thread whose cp.async loaded it: the
 //     rounded big part in place, the small part beside it. Three products a k8 step, the small
 //     ones first: small_q K + big_q small_k + big_q K. (K as loaded, its low bits dropped by the
 //     tensor cores, would leave a small part up to 2^-10 |k| where rounding leaves 2^-11: dQ's
