@@ -103,9 +103,6 @@ __device__ __forceinline__ Tf32Split split_tf32(float x) {
   const uint32_t big = __float_as_uint(x) + 0x1000u;
   return {big, __float_as_uint(x - tf32_truncated(__uint_as_float(big)))};
 }
-// The part of x a tensor core drops when x is passed raw (as a big part): x - tf32_truncated(x),
-// exact; the small operand of 3xTF32 for a raw big one.
-__device__ __forceinline__ float tf32_dropped(float x) { return x - tf32_truncated(x); }
 template <>
 struct MmaOperand<float> {
   struct AFrag {

@@ -26,7 +26,7 @@
 #include <random>
 #include <vector>
 
-#include "cuda/mma_sm80.cuh"  // split_tf32, tf32_dropped
+#include "cuda/mma_sm80.cuh"  // split_tf32, tf32_truncated
 #include "cuda/sm90/tma_maps.h"
 #include "cuda/sm90/wgmma.cuh"
 
@@ -123,7 +123,7 @@ __global__ void __launch_bounds__(128) gemm_abt_tf32(const float* a, const float
     const float x = b[i];
     const uint32_t at = panel_offset<kN, 4>(i / kK, i % kK);
     *reinterpret_cast<float*>(sb + at) = x;
-    *reinterpret_cast<float*>(sb_small + at) = cuflash::tf32_dropped(x);
+    *reinterpret_cast<float*>(sb_small + at) = x - cuflash::tf32_truncated(x);  // exact
   }
   for (int i = threadIdx.x; i < kM * kK; i += 128) *reinterpret_cast<float*>(sa + panel_offset<kM, 4>(i / kK, i % kK)) = a[i];
   fence_async_shared();

@@ -353,11 +353,10 @@ __global__ void __launch_bounds__(
       } else {
         mbarrier_wait(&tile_full[slot], (i >> 1) & 1);
       }
-      const bool uniform = reader == kWarp;  // a whole warp reads: warp-uniform, as above
-      const bool valid = (uniform ? warp_uniform(fields[3]) : fields[3]) != 0;
-      const int n_block = uniform ? warp_uniform(fields[0]) : fields[0];
-      const int h_kv = uniform ? warp_uniform(fields[1]) : fields[1];
-      const int b = uniform ? warp_uniform(fields[2]) : fields[2];
+      // A whole warp reads: warp-uniform, as above.
+      auto field = [&](int f) { return reader == kWarp ? warp_uniform(fields[f]) : fields[f]; };
+      const bool valid = field(3) != 0;
+      const int n_block = field(0), h_kv = field(1), b = field(2);
       if (reader != kPublish) mbarrier_arrive(&tile_empty[slot]);  // every lane of a kWarp reader
       if (valid) *tile = dkv_tile<kBlockN, kBlockM>(p, mask, n_block, h_kv, b);
       return valid;
