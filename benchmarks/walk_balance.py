@@ -6,7 +6,9 @@ its key blocks plus `--tile-cost` blocks of per-tile work. Standard table shapes
 16384, heads = 2048 / D), causal top-left. benchmarks/NOTES.md ("a dynamic walk under a mask"):
 the dynamic walk it favoured measured 0-2% faster at D=128 where it predicted 12-14% less
 imbalance, and was removed; the model's tile cost overstates the real spread, or the walk's own
-costs ate the gain."""
+costs ate the gain. Since the nineteenth session the launcher rates the static walk's sections by
+this model itself (csrc/cuda/sm90/tile_walk.h's walk_section_heads) and takes the best; this
+script still shows the 32 MB sections of before."""
 import argparse
 import heapq
 

@@ -68,19 +68,21 @@ def test_split_dkdv_above_128():
 
 
 def test_hopper_forward_by_hand():
-    # D = 64, 2048 keys a row: the wide TMA tile (three consumer warpgroups, 192 query rows,
-    # 128 keys a step; flash_fwd_sm90_tma.cuh), not tile_shapes.h's.
+    # D = 64, 2048 keys a row without a mask: the wide TMA tile (three consumer warpgroups, 192
+    # query rows, 128 keys a step; flash_fwd_sm90_tma.cuh), not tile_shapes.h's, persistent.
     c = cfg(2048, 64, batch=2, heads=3)
     fwd = aio.tiled_kernels(c, "sm90")[0]
-    assert (fwd["kernel"], fwd["tile"], fwd["variant"]) == ("flash_fwd_sm90_tma_kernel", (192, 128), "wide")
+    assert (fwd["kernel"], fwd["tile"], fwd["variant"]) == ("flash_fwd_sm90_tma_kernel", (192, 128), "wide, persistent")
     row, q_blocks = 64 * 2, -(-2048 // 192)
     assert fwd["read"] == 6 * (2048 * row + q_blocks * 2048 * 2 * row)
     # causal: the middle row sees 1025 keys: short rows, the narrow persistent kernel
     fwd = aio.tiled_kernels(cfg(2048, 64, causal=True), "sm90")[0]
     assert (fwd["tile"], fwd["variant"]) == ((128, 128), "narrow, persistent")
-    # D = 128 takes the wide tile (192 keys a step) from 4096 keys a row only
-    assert aio.tiled_kernels(cfg(2048, 128), "sm90")[0]["variant"] == "narrow"
-    assert aio.tiled_kernels(cfg(4096, 128), "sm90")[0]["tile"] == (128, 192)
+    # D = 128 takes the wide tile (192 keys a step, the 3-D grid) from 4096 keys a row only
+    assert aio.tiled_kernels(cfg(2048, 128), "sm90")[0]["variant"] == "narrow, persistent"
+    assert aio.tiled_kernels(cfg(4096, 128), "sm90")[0]["variant"] == "wide"
+    assert aio.tiled_kernels(cfg(4096, 128, causal=True), "sm90")[0]["variant"] == "narrow"
+    assert aio.tiled_kernels(cfg(4096, 64, causal=True), "sm90")[0]["variant"] == "wide"
 
 
 def test_hopper_fused_backward_by_hand():

@@ -50,6 +50,17 @@ def persistent_wide(d, masked, nq=1000):
     return bucket(d) == 64 and not masked and nq > 128
 
 
+def persistent_rows(d, nq, keys, causal):
+    """Whether the persistent kernel takes a dense call (head-dim buckets 64 and 128): rows of fewer
+    than 2048 keys; without a mask longer ones too, on the wide tile at head dim 64 (past 128 query
+    rows), below the wide tile's 4096 keys at 128."""
+    if keys < 2048:
+        return bucket(d) <= 128
+    if causal:
+        return False
+    return persistent_wide(d, False, nq) if bucket(d) == 64 else bucket(d) == 128 and keys < 4096
+
+
 def forward_kernels(d, dtype=torch.bfloat16, **kw):
     q, k, v = (torch.randn(1, 2, 100, d, device="cuda", dtype=dtype) for _ in range(3))
     return cuda_kernels(lambda: torch.ops.cuflash_attn.fwd(q, k, v, None, False, False, **kw))
@@ -222,9 +233,9 @@ def test_matches_reference(dtype, d, nq, nk, causal, bottom_right):
                                                (4096, 4096, True, 2048), (100, 4096, False, 4096)])
 def test_tma_tile_choice(d, nq, nk, causal, keys, mode, monkeypatch):
     """The TMA kernel takes its wide tile where the middle query row sees 2048 keys or more (4096
-    at head dim 128), the persistent kernel (head dims up to 128) where it sees fewer than 2048,
-    on the wide tile at head dim 64 without a mask past 128 query rows; CUFLASH_FWD_TILE names
-    the tile at every length."""
+    at head dim 128), the persistent kernel (head dims up to 128) where it sees fewer than 2048
+    and without a mask beyond (persistent_rows), on the wide tile at head dim 64 without a mask
+    past 128 query rows; CUFLASH_FWD_TILE names the tile at every length."""
     wide = keys >= (4096 if d == 128 else 2048)
     if mode == "cpasync":
         pytest.skip("the TMA kernel's tiles")
@@ -236,7 +247,7 @@ def test_tma_tile_choice(d, nq, nk, causal, keys, mode, monkeypatch):
     q = torch.randn(1, 1, nq, d, device="cuda", dtype=torch.bfloat16)
     k, v = (torch.randn(1, 1, nk, d, device="cuda", dtype=torch.bfloat16) for _ in range(2))
     names = cuda_kernels(lambda: torch.ops.cuflash_attn.fwd(q, k, v, None, causal, False))
-    persistent = mode == "persistent" and keys < 2048
+    persistent = mode == "persistent" and persistent_rows(d, nq, keys, causal)
     wide = wide or (persistent and persistent_wide(d, causal, nq))
     assert tma_kernel(d, wide=wide, persistent=persistent) in names, names
 
@@ -245,17 +256,17 @@ def test_tma_tile_choice(d, nq, nk, causal, keys, mode, monkeypatch):
 @pytest.mark.parametrize("d,tile", [(64, None), (64, "wide"), (64, "narrow"), (128, None)])
 def test_persistent_ctas_walk_many_tiles(dtype, d, tile, mode, monkeypatch):
     """More tiles than SMs, so each persistent CTA takes several: of different lengths (causal),
-    with no key at all (bottom-right causal with more queries than keys), GQA, and K/V past the
-    kernel's 32 MB L2 section (ragged sections of heads). Short rows, which the persistent kernel
-    takes (at head dim 64 on the wide tile where no mask is set; CUFLASH_FWD_TILE puts every
-    shape on one tile there)."""
+    with no key at all (bottom-right causal with more queries than keys), GQA, and sections of
+    heads as the walk's model picks them (ragged ones). Short rows, and long ones without a mask,
+    which the persistent kernel takes (at head dim 64 on the wide tile where no mask is set;
+    CUFLASH_FWD_TILE puts every shape on one tile there)."""
     if mode != "persistent":
         pytest.skip("persistent CTAs")
     if tile:
         monkeypatch.setenv("CUFLASH_FWD_TILE", tile)
     shapes = [(8, 16, 4, 700, 77, True, True), (4, 12, 3, 1000, 1000, True, False),
               (2, 8, 8, 300, 1900, False, False), (8, 16, 16, 1500, 1500, True, False),
-              (8, 16, 4, 700, 500, False, False)]
+              (8, 16, 4, 700, 500, False, False), (2, 8, 8, 600, 3000, False, False)]
     for batch, heads_q, heads_kv, nq, nk, causal, bottom_right in shapes:
         q = torch.randn(batch, heads_q, nq, d, device="cuda", dtype=dtype)
         k, v = (torch.randn(batch, heads_kv, nk, d, device="cuda", dtype=dtype) for _ in range(2))

@@ -108,8 +108,9 @@ cudaError_t with_feature_path(const AttentionParams& p, F&& f) {
 }
 
 // The TMA forward (plain attention, or the features kernel: with_feature_path): long rows take
-// the wide tile (sm90::wide_rows), short rows the persistent kernel where asked for and built
-// (sm90::long_rows), at head dim 64 on the wide tile where sm90::persistent_wide_pays;
+// the wide tile (sm90::wide_rows), short rows, and long ones without a mask up to the wide
+// tile's length, the persistent kernel where asked for and built (sm90::persistent_rows), at
+// head dim 64 on the wide tile where sm90::persistent_wide_pays;
 // CUFLASH_FWD_TILE overrides the tile. False (nothing launched) where TMA cannot address p,
 // varlen included: a box would read past a packed sequence's end.
 template <typename T, int kHeadDim>
@@ -125,10 +126,11 @@ bool launch_fwd_tma(const FlashFwdParams& p, bool persistent, cudaStream_t strea
     const int m_blocks = ceil_div(sh.seqlen_q, K::kBlockM);
     const int64_t tiles = int64_t{m_blocks} * sh.heads_q * sh.batch;
     const int sms = std::max(1, device_attribute<cudaDevAttrMultiProcessorCount>(1));
-    const dim3 grid = kPersistent ? dim3(static_cast<unsigned>(std::min<int64_t>(tiles, sms)))
-                                  : dim3(m_blocks, sh.heads_q, sh.batch * p.num_splits);
-    const sm90::TileWalk walk = sm90::make_tile_walk(m_blocks, sh.heads_q, sh.heads_kv, sh.batch,
-                                                     int64_t{2} * sh.seqlen_k * kHeadDim * int64_t{sizeof(T)});
+    const int ctas = static_cast<int>(std::min<int64_t>(tiles, sms));
+    const dim3 grid = kPersistent ? dim3(static_cast<unsigned>(ctas)) : dim3(m_blocks, sh.heads_q, sh.batch * p.num_splits);
+    const int64_t kv_bytes_per_pair = int64_t{2} * sh.seqlen_k * kHeadDim * int64_t{sizeof(T)};
+    const int section_heads = kPersistent ? fwd_walk_section_heads(p, K::kBlockM, K::kBlockN, ctas, kv_bytes_per_pair) : 1;
+    const sm90::TileWalk walk = sm90::make_tile_walk(m_blocks, sh.heads_q, sh.heads_kv, sh.batch, section_heads);
     *err = launch(sm90::flash_fwd_sm90_tma_kernel<T, kHeadDim, kWide, kFeatures, kPersistent>, grid, K::kThreads,
                   K::kSmemBytes, stream, p, maps.q, maps.k, maps.v, maps.o, walk);
     return true;
@@ -144,14 +146,15 @@ bool launch_fwd_tma(const FlashFwdParams& p, bool persistent, cudaStream_t strea
   const bool kv_cache = p.paged.block_table != nullptr || p.varlen.seqused_k != nullptr;
   const bool split = p.num_splits > 1;
   if (needs_feature_path(p)) return run(no, yes, no);
-  const bool short_rows = Plain::kHasPersistent && persistent && !split && !sm90::long_rows(p);
+  const bool persistent_walk = Plain::kHasPersistent && persistent && !split &&
+                               (kv_cache ? !sm90::long_rows(p) : sm90::persistent_rows<kHeadDim>(p));
   if (!kv_cache && !split) {
     if constexpr (kHeadDim == 64)  // the one head dim with a wide persistent kernel (smem)
-      if (short_rows && fwd_wide_tile(sm90::persistent_wide_pays(p))) return run(yes, no, yes);
+      if (persistent_walk && fwd_wide_tile(sm90::persistent_wide_pays(p))) return run(yes, no, yes);
     if (fwd_wide_tile(sm90::wide_rows<kHeadDim>(p))) return run(yes, no, no);
   }
   if constexpr (Plain::kHasPersistent)
-    if (short_rows) return run(no, no, yes);
+    if (persistent_walk) return run(no, no, yes);
   return run(no, no, no);
 }
 

@@ -1,8 +1,13 @@
-// The forward's split-KV choice (flash_launch.h): how many CTAs share a row's keys. Splitting
-// pays where a few query blocks cannot fill the GPU (decoding: a few query tokens a sequence over
-// a long KV cache), at the price of a float32 partial output per split and a combine kernel.
+// The forward's host-side choices (flash_launch.h). Split-KV: how many CTAs share a row's keys.
+// Splitting pays where a few query blocks cannot fill the GPU (decoding: a few query tokens a
+// sequence over a long KV cache), at the price of a float32 partial output per split and a
+// combine kernel. The persistent TMA forward's walk: its L2 sections.
 #include <algorithm>
+#include <map>
+#include <mutex>
+#include <tuple>
 #include <vector>
+#include "mask.cuh"
 #include "device_attributes.h"
 #include "flash_launch.h"
 #include "sm90/flash_fwd_sm90_tma.cuh"
@@ -72,4 +77,36 @@ int fwd_num_splits(const FlashFwdParams& p, int requested) {
   return splits_for_waves(ctas, slots, key_blocks, std::min(cap, slots));
 }
 
+int fwd_walk_section_heads(const FlashFwdParams& p, int block_m, int block_n, int ctas, int64_t kv_bytes_per_pair) {
+  const AttentionShape& sh = p.shape;
+  const int heads_batches = sh.heads_q * sh.batch;
+  using Key = std::tuple<int, int, int, int, bool, int, int, int, int, int, int64_t>;
+  const Key key{sh.seqlen_q,        sh.seqlen_k, p.mask.window_left, p.mask.window_right, p.mask.bottom_right,
+                p.mask.rows_per_query, block_m,  block_n,            heads_batches,      ctas,
+                kv_bytes_per_pair};
+  static std::mutex mutex;
+  static std::map<Key, int> chosen;
+  {
+    const std::lock_guard<std::mutex> lock(mutex);
+    const auto it = chosen.find(key);
+    if (it != chosen.end()) return it->second;
+  }
+  // The grid's sequence: the TMA forward takes dense inputs (a KV cache's seqused_k is device
+  // memory; its lengths only reorder the walk).
+  AttentionParams grid = p;
+  grid.varlen = VarlenParams{};
+  const Sequence seq = sequence_of(grid, 0);
+  std::vector<int> tile_steps;
+  for (int m_start = 0; m_start < sh.seqlen_q; m_start += block_m) {
+    const Range blocks = key_blocks(p.mask, seq, m_start, std::min(m_start + block_m, sh.seqlen_q), block_n);
+    tile_steps.push_back(std::max(0, blocks.end - blocks.begin));
+  }
+  const int heads = sm90::walk_section_heads(tile_steps, heads_batches, ctas, kv_bytes_per_pair);
+  const std::lock_guard<std::mutex> lock(mutex);
+  if (chosen.size() >= 4096) chosen.clear();  // bounded: a long run of new shapes starts over
+  chosen.emplace(key, heads);
+  return heads;
+}
+
 }  // namespace cuflash
+

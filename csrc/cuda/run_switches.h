@@ -12,7 +12,8 @@
 //       bwd         the wgmma backward, plain attention (flash_bwd_sm90.cuh)
 //       persistent  with tma: the persistent TMA forward (one CTA per SM walking tiles) for
 //                   plain attention on short rows (the middle query row sees fewer than 2048
-//                   keys), head dims up to 128
+//                   keys), and without a mask on longer ones up to the wide tile's length
+//                   (sm90::persistent_rows), head dims up to 128
 //       bwdws       with bwd: the warp-specialized TMA dQ and dK/dV kernels
 //                   (flash_bwd_sm90_tma.cuh) where TMA can address the inputs; with dQ by
 //                   atomics (head dims up to 128) the fused one (dQ added by TMA reduce)

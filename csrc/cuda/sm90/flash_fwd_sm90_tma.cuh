@@ -27,8 +27,8 @@ namespace cuflash::sm90 {
 // at head dim 64 three consumer warpgroups (192 query rows) share the producer, so that more
 // softmax hides under the matmuls; at 128 and 256, 192 and 80 keys a step (what two stages of K
 // and V leave room for beside Q): fewer steps, each a longer run of wgmmas.
-// kPersistent (CUFLASH_SM90's "persistent" part, a default; head dims up to 128, short rows): one
-// CTA per SM walks tiles (query block, head, batch), loading the next tile's K, V and Q while the
+// kPersistent (CUFLASH_SM90's "persistent" part, a default; head dims up to 128, short rows, and
+// long ones without a mask: persistent_rows): one CTA per SM walks tiles (query block, head, batch), loading the next tile's K, V and Q while the
 // last one's P V and output run, with O staged in a buffer of its own (Q's buffer takes the
 // next tile's Q; at D=256 there is no room for it). It pays where tiles are short,
 // so that the 3-D grid's per-CTA prologue and epilogue show (benchmarks/NOTES.md); at D=64 on
@@ -414,6 +414,19 @@ bool wide_rows(const FlashFwdParams& p) {
 // 128 the narrow tile is one block too, without the wide one's padded third of rows).
 inline bool persistent_wide_pays(const FlashFwdParams& p) {
   return p.mask.window_left < 0 && p.mask.window_right < 0 && p.shape.seqlen_q > 128;
+}
+
+// Where the persistent kernel runs dense p (plain attention without a KV cache): short rows, and
+// without a mask longer rows too where it has the tile they would take: at head dim 64 the wide
+// one (persistent_wide_pays), at 128 the narrow one below wide_rows' length. Tiles of one length
+// leave the static walk nothing to balance; the persistent kernel then saves the 3-D grid's
+// per-CTA prologue and epilogue at any length (H200, nineteenth session: +3-6% at head dim 64
+// from 2048 to 16384 keys, +8% at 128 with 2048 keys). Under a causal mask long rows lose (-6%
+// and -14% at 16384 keys: the static walk's balance; benchmarks/NOTES.md).
+template <int kHeadDim>
+bool persistent_rows(const FlashFwdParams& p) {
+  return !long_rows(p) || (kHeadDim == 64 ? persistent_wide_pays(p)
+                                          : p.mask.window_left < 0 && p.mask.window_right < 0 && !wide_rows<kHeadDim>(p));
 }
 
 // The tensor maps of q, k, v and out for the TMA kernel of dense p; false where TMA cannot address them (alignment, zero strides): the
