@@ -13,6 +13,7 @@ plots and the peak memory of the same JSON.
 import argparse
 import json
 import os
+import re
 import sys
 import textwrap
 from pathlib import Path
@@ -42,9 +43,13 @@ def standard_rows(results):
 def newest_results(directory, gpu):
     """The results JSON of the latest date whose GPU name contains one of the comma-separated
     names in `gpu` and that has our bf16 bhnd timings (file dates, not mtimes: a checkout's
-    mtimes mean nothing); on one date an H100's (the GPU of the peers' published figures) first."""
+    mtimes mean nothing); on one date an H100's (the GPU of the peers' published figures) first.
+    Only untagged runs (<gpu>-<date>.json): a tagged one (bench_attention.py --tag) is an A/B
+    run or a check of a few rows."""
     candidates = []
     for path in sorted(Path(directory).glob("*.json")):
+        if not re.search(r"-\d{4}-\d{2}-\d{2}$", path.stem):
+            continue
         try:
             results = json.loads(path.read_text())
         except (OSError, ValueError):

@@ -36,3 +36,20 @@ def test_nondet_columns(tmp_path):
                                tmp_path / "r.json", tmp_path / "README.md")
     assert "| 64 | no | 1024 | 300 | 200 | 1.20x | 0.91x | 0.75x | 0.62x | 240 | 1.09x | 0.75x |" in text, text
     assert "cuDNN 0.75-0.75x forward, 0.62-0.62x backward (0.75-0.75x nondet)" in text.replace("\n", " "), text
+
+
+def test_newest_untagged_run_is_taken(tmp_path):
+    """The table comes from the newest untagged run (<gpu>-<date>.json); a tagged one, newer or
+    not, is an A/B run or a check of a few rows (bench_attention.py --tag) and is passed over."""
+    import json
+
+    def results(date):
+        rows = [{"impl": "cuflash_attn", "dtype": "bfloat16", "layout": "bhnd", "head_dim": 64, "causal": False,
+                 "seqlen_q": 1024, "fwd_tflops": 1.0, "bwd_tflops": 1.0}]
+        return {"env": {"gpu": "NVIDIA H100 80GB HBM3", "date": date}, "rows": rows}
+    (tmp_path / "nvidia-h100-80gb-hbm3-2026-01-01.json").write_text(json.dumps(results("2026-01-01")))
+    (tmp_path / "nvidia-h100-80gb-hbm3-2026-01-02-ab.json").write_text(json.dumps(results("2026-01-02")))
+    newest = readme_table.newest_results(tmp_path, "H100")
+    assert newest.name == "nvidia-h100-80gb-hbm3-2026-01-01.json"
+    (tmp_path / "nvidia-h100-80gb-hbm3-2026-01-03.json").write_text(json.dumps(results("2026-01-03")))
+    assert readme_table.newest_results(tmp_path, "H100").name == "nvidia-h100-80gb-hbm3-2026-01-03.json"
