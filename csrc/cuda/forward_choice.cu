@@ -7,9 +7,9 @@
 #include <mutex>
 #include <tuple>
 #include <vector>
-#include "mask.cuh"
 #include "device_attributes.h"
 #include "flash_launch.h"
+#include "mask.cuh"
 #include "sm90/flash_fwd_sm90_tma.cuh"
 #include "tile_shapes.h"
 
@@ -109,4 +109,3 @@ int fwd_walk_section_heads(const FlashFwdParams& p, int block_m, int block_n, in
 }
 
 }  // namespace cuflash
-

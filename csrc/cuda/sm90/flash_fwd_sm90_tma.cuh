@@ -28,9 +28,10 @@ namespace cuflash::sm90 {
 // softmax hides under the matmuls; at 128 and 256, 192 and 80 keys a step (what two stages of K
 // and V leave room for beside Q): fewer steps, each a longer run of wgmmas.
 // kPersistent (CUFLASH_SM90's "persistent" part, a default; head dims up to 128, short rows, and
-// long ones without a mask: persistent_rows): one CTA per SM walks tiles (query block, head, batch), loading the next tile's K, V and Q while the
-// last one's P V and output run, with O staged in a buffer of its own (Q's buffer takes the
-// next tile's Q; at D=256 there is no room for it). It pays where tiles are short,
+// long ones without a mask: persistent_rows): one CTA per SM walks tiles (query block, head,
+// batch), loading the next tile's K, V and Q while the last one's P V and output run, with O
+// staged in a buffer of its own (Q's buffer takes the next tile's Q; at D=256 there is no room
+// for it). It pays where tiles are short,
 // so that the 3-D grid's per-CTA prologue and epilogue show (benchmarks/NOTES.md); at D=64 on
 // the wide tile too, where no mask is set (persistent_wide_pays).
 // The persistent walk's tile is decoded by the host-built TileWalk (tile_walk.h: divisions by
@@ -421,8 +422,8 @@ inline bool persistent_wide_pays(const FlashFwdParams& p) {
 // one (persistent_wide_pays), at 128 the narrow one below wide_rows' length. Tiles of one length
 // leave the static walk nothing to balance; the persistent kernel then saves the 3-D grid's
 // per-CTA prologue and epilogue at any length (H200, nineteenth session: +3-6% at head dim 64
-// from 2048 to 16384 keys, +8% at 128 with 2048 keys). Under a causal mask long rows lose (-6%
-// and -14% at 16384 keys: the static walk's balance; benchmarks/NOTES.md).
+// from 2048 to 16384 keys, +2-8% at 128 with 2048 keys over two runs). Under a causal mask long
+// rows lose (-6% and -14% at 16384 keys: the static walk's balance; benchmarks/NOTES.md).
 template <int kHeadDim>
 bool persistent_rows(const FlashFwdParams& p) {
   return !long_rows(p) || (kHeadDim == 64 ? persistent_wide_pays(p)
