@@ -95,6 +95,10 @@ def cases():
         out += [(dtype, d, 2, 2, 150, 300, "none", "env:CUFLASH_BWD_DQ=separate"),
                 (dtype, d, 2, 2, 150, 300, "top_left", "env:CUFLASH_BWD_DQ=atomic")]
     out += [(F16, 64, 1, 2, 130, 300, "top_left", "env:CUFLASH_BWD_TILE=narrow")]
+    # The wide tile at head dim 128 on short rows (CUFLASH_FWD_TILE=wide): more tiles than SMs, the
+    # first query block of each head seeing no key; persistent CTAs walking several tiles through
+    # the Q-staged epilogue in a CUFLASH_FWD_PERSISTENT_WIDE128 build, the 3-D grid otherwise.
+    out += [(F16, 128, 4, 16, 300, 150, "bottom_right", "env:CUFLASH_FWD_TILE=wide")]
     # The KV-cache forward (16-bit; shapes are the named tests'): paged reads, split-KV and the
     # combine kernel, a decoding step whose grouped heads run as rows of one head.
     for dtype in (F16, BF16):

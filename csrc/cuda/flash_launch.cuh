@@ -146,11 +146,18 @@ bool launch_fwd_tma(const FlashFwdParams& p, bool persistent, cudaStream_t strea
   const bool kv_cache = p.paged.block_table != nullptr || p.varlen.seqused_k != nullptr;
   const bool split = p.num_splits > 1;
   if (needs_feature_path(p)) return run(no, yes, no);
-  const bool persistent_walk = Plain::kHasPersistent && persistent && !split &&
-                               (kv_cache ? !sm90::long_rows(p) : sm90::persistent_rows<kHeadDim>(p));
+  // CUFLASH_FWD_PERSISTENT_WIDE128 (an experiment): unmasked rows at head dim 128 persistent at
+  // every length, on the wide tile where wide_rows.
+  constexpr bool kWidePersistent128 = kHeadDim == 128 && sm90::kFwdPersistentWide128;
+  const bool unmasked = p.mask.window_left < 0 && p.mask.window_right < 0;
+  const bool persistent_walk =
+      Plain::kHasPersistent && persistent && !split &&
+      (kv_cache ? !sm90::long_rows(p) : sm90::persistent_rows<kHeadDim>(p) || (kWidePersistent128 && unmasked));
   if (!kv_cache && !split) {
-    if constexpr (kHeadDim == 64)  // the one head dim with a wide persistent kernel (smem)
-      if (persistent_walk && fwd_wide_tile(sm90::persistent_wide_pays(p))) return run(yes, no, yes);
+    if constexpr (kHeadDim == 64 || kWidePersistent128) {  // the head dims with a wide persistent kernel
+      const bool wide = kHeadDim == 64 ? sm90::persistent_wide_pays(p) : sm90::wide_rows<kHeadDim>(p);
+      if (persistent_walk && fwd_wide_tile(wide)) return run(yes, no, yes);
+    }
     if (fwd_wide_tile(sm90::wide_rows<kHeadDim>(p))) return run(yes, no, no);
   }
   if constexpr (Plain::kHasPersistent)

@@ -31,9 +31,9 @@ namespace cuflash::sm90 {
 // long ones without a mask: persistent_rows): one CTA per SM walks tiles (query block, head,
 // batch), loading the next tile's K, V and Q while the last one's P V and output run, with O
 // staged in a buffer of its own (Q's buffer takes the next tile's Q; at D=256 there is no room
-// for it). It pays where tiles are short,
-// so that the 3-D grid's per-CTA prologue and epilogue show (benchmarks/NOTES.md); at D=64 on
-// the wide tile too, where no mask is set (persistent_wide_pays).
+// for it, nor at D=128 on the wide tile: kStageInQ, an experiment). It pays where tiles are
+// short, so that the 3-D grid's per-CTA prologue and epilogue show (benchmarks/NOTES.md); at
+// D=64 on the wide tile too, where no mask is set (persistent_wide_pays).
 // The persistent walk's tile is decoded by the host-built TileWalk (tile_walk.h: divisions by
 // multiply and shift), not five integer divisions a tile in every warp: +1-4% at 512-1024 keys
 // (benchmarks/NOTES.md, twelfth session). The output goes out by TMA store (FlashAttention-3's
@@ -44,6 +44,13 @@ namespace cuflash::sm90 {
 // tile's diagonal block: the upper consumer's) computes S and its softmax over the left half
 // only, the rest of P zero (short causal rows are ALU-bound): causal +4%/+3%/+1% at 512/1024/2048
 // keys on the H200; at head dim 128 -2% to +2%, so not there (benchmarks/NOTES.md, thirteenth session).
+// CUFLASH_FWD_PERSISTENT_WIDE128=1 (an experiment, not built by default): the persistent kernel
+// at head dim 128 on the wide tile too, for unmasked rows of 4096 keys and more (launch_fwd_tma).
+#ifndef CUFLASH_FWD_PERSISTENT_WIDE128
+#define CUFLASH_FWD_PERSISTENT_WIDE128 0
+#endif
+constexpr bool kFwdPersistentWide128 = CUFLASH_FWD_PERSISTENT_WIDE128 != 0;
+
 template <typename T, int kHeadDim, bool kWide, bool kPersistent = false>
 struct FwdSm90TmaKernel {
   static constexpr bool kHasPersistent = kHeadDim <= 128;
@@ -54,7 +61,11 @@ struct FwdSm90TmaKernel {
   static constexpr int kStages = 2;
   static constexpr int kQBytes = kBlockM * kHeadDim * 2, kKVBytes = kBlockN * kHeadDim * 2;
   // The persistent kernel's staging tile for the output's TMA store: Q's layout (kernel below).
-  static constexpr int kStagingBytes = kPersistent ? kQBytes : 0;
+  // kStageInQ: at head dim 128 on the wide tile two stages of 192-key K and V leave no room for
+  // it: each consumer stages its output in its own rows of Q's buffer, as the 3-D grid's kernel
+  // does, and Q is released (one arrival per consumer) once the output's store has read them.
+  static constexpr bool kStageInQ = kPersistent && kWide && kHeadDim == 128;
+  static constexpr int kStagingBytes = kPersistent && !kStageInQ ? kQBytes : 0;
   // Barriers: Q full, Q empty, then per stage K full, V full, K empty, V empty.
   static constexpr int kBarriers = 2 + 4 * kStages;
   // + 1024: the swizzle atoms must start on 1024-byte boundaries; the base is aligned by hand.
@@ -152,7 +163,9 @@ __global__ void __launch_bounds__(FwdSm90TmaKernel<T, kHeadDim, kWide, kPersiste
 
   if (tid == 0) {
     mbarrier_init(q_full, 1);
-    mbarrier_init(q_empty, kConsumerThreads / 32);  // one arrival per consumer warp
+    // One arrival per consumer warp (its wgmmas are done with Q), or kStageInQ per consumer (its
+    // output's store has read its rows).
+    mbarrier_init(q_empty, K::kStageInQ ? K::kConsumers : kConsumerThreads / 32);
     for (int s = 0; s < kStages; ++s) {
       mbarrier_init(&k_full[s], 1);
       mbarrier_init(&v_full[s], 1);
@@ -196,9 +209,11 @@ __global__ void __launch_bounds__(FwdSm90TmaKernel<T, kHeadDim, kWide, kPersiste
       // releases) go out before Q, whose buffer the previous tile's consumers may still be reading.
       const int early = iteration == 0 ? 0 : min(steps, kStages);
       for (int t = 0; t < early; ++t) load_step(t);
-      if (steps > 0) {
+      if (steps > 0 || K::kStageInQ) {
         // Q's buffer was released by every consumer warp of the previous tile that loaded Q
-        // (consumers release only tiles with steps, so q_empty never runs two phases ahead).
+        // (consumers release only tiles with steps, so q_empty never runs two phases ahead;
+        // kStageInQ: every tile loads Q, and each consumer releases it once its output's store
+        // has read its rows of the buffer).
         if (q_loads > 0) mbarrier_wait(q_empty, (q_loads - 1) & 1);
         ++q_loads;
         mbarrier_arrive_expect_tx(q_full, K::kQBytes);
@@ -343,7 +358,7 @@ __global__ void __launch_bounds__(FwdSm90TmaKernel<T, kHeadDim, kWide, kPersiste
       if (consumer == 0) my_turn();
       // Every S of the tile is done: Q may be replaced. Only after consumer 0's last turn above,
       // since the next tile's first signal on barrier 2 waits for the next Q.
-      if constexpr (kPersistent) release_q();
+      if constexpr (kPersistent && !K::kStageInQ) release_q();
       wait_v(steps - 1);
       wgmma_fence();
       issue_pv<T, kHeadDim, kBlockN>(o, pa, desc_v(stage_of(steps - 1)));
@@ -352,6 +367,9 @@ __global__ void __launch_bounds__(FwdSm90TmaKernel<T, kHeadDim, kWide, kPersiste
       step += steps;
     }
 
+    // kStageInQ: a tile without keys has its Q loaded too (above), which the staging below
+    // must not meet halfway.
+    if (K::kStageInQ && steps == 0) mbarrier_wait(q_full, q_loads++ & 1);
     // Split-KV: this split's rows in float32 from registers, for the combine kernel (every
     // consumer alike: no barrier skipped halfway).
     if (kMaySplit && p.num_splits > 1) {
@@ -361,12 +379,12 @@ __global__ void __launch_bounds__(FwdSm90TmaKernel<T, kHeadDim, kWide, kPersiste
     float* lse_out = static_cast<float*>(p.lse) + stats_offset(p.stats_strides, tile.seq, tile.b, tile.h);
     // The output by TMA: this consumer's rows written into the staging tile as TMA stores it,
     // then one bulk store a panel by the consumer's first thread. Persistent, the staging tile is
-    // its own buffer, free once the previous tile's store has read it; otherwise this
-    // consumer's rows of Q's buffer, free once its four warps' wgmmas are done with Q.
-    unsigned char* stage = kPersistent ? staging : sQ;
+    // its own buffer, free once the previous tile's store has read it; otherwise (and kStageInQ)
+    // this consumer's rows of Q's buffer, free once its four warps' wgmmas are done with Q.
+    unsigned char* stage = kPersistent && !K::kStageInQ ? staging : sQ;
     const bool first_thread = tid % 128 == 0;
     const int epilogue_barrier = 2 + K::kConsumers + consumer;  // after the turns' barriers
-    if (kPersistent && first_thread) bulk_wait_group_read<0>();
+    if (kPersistent && !K::kStageInQ && first_thread) bulk_wait_group_read<0>();
     named_barrier_sync<128>(epilogue_barrier);
     float inv_l[2], lse[2];
     softmax.finalize(inv_l, lse);
@@ -379,6 +397,10 @@ __global__ void __launch_bounds__(FwdSm90TmaKernel<T, kHeadDim, kWide, kPersiste
         tma_store_4d(&map_o, stage + panel * kBlockM * 128 + consumer * 64 * 128, panel * 64,
                      tile.m_start + 64 * consumer, tile.h, tile.b);
       bulk_commit_group();
+    }
+    if (K::kStageInQ && first_thread) {  // the store has read this consumer's rows: Q may come
+      bulk_wait_group_read<0>();
+      mbarrier_arrive(q_empty);
     }
     store_lse(lse, lse_out, row0, tile.seq.seqlen_q, lane);
   }
