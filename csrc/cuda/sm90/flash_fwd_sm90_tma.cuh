@@ -50,6 +50,18 @@ namespace cuflash::sm90 {
 #define CUFLASH_FWD_PERSISTENT_WIDE128 0
 #endif
 constexpr bool kFwdPersistentWide128 = CUFLASH_FWD_PERSISTENT_WIDE128 != 0;
+// CUFLASH_FWD_DYNAMIC_WALK=1 (an experiment, not built by default): under a mask the narrow
+// persistent kernel's CTAs draw their tiles from a counter instead of taking every gridDim.x-th
+// (tiles of unequal lengths: the static walk leaves SMs idle at the end, -14% causal at D=128 and
+// 16384 keys), and masked long rows take that kernel too (launch_fwd_tma). Each CTA draws its
+// next tile's index as it starts a tile, a tile ahead (FlashAttention-3's dynamic scheduler), and
+// hands it to the TMA thread and the consumer warps through a two-slot ring in shared memory. The
+// counter is the launch stream's (TileWalk::counter_slot; fwd_walk_counter_slot says why a
+// stream's) and resets itself: no memset per call (benchmarks/NOTES.md, twentieth session).
+#ifndef CUFLASH_FWD_DYNAMIC_WALK
+#define CUFLASH_FWD_DYNAMIC_WALK 0
+#endif
+constexpr bool kFwdDynamicWalk = CUFLASH_FWD_DYNAMIC_WALK != 0;
 
 template <typename T, int kHeadDim, bool kWide, bool kPersistent = false>
 struct FwdSm90TmaKernel {
@@ -66,11 +78,15 @@ struct FwdSm90TmaKernel {
   // does, and Q is released (one arrival per consumer) once the output's store has read them.
   static constexpr bool kStageInQ = kPersistent && kWide && kHeadDim == 128;
   static constexpr int kStagingBytes = kPersistent && !kStageInQ ? kQBytes : 0;
-  // Barriers: Q full, Q empty, then per stage K full, V full, K empty, V empty.
-  static constexpr int kBarriers = 2 + 4 * kStages;
+  // CUFLASH_FWD_DYNAMIC_WALK: the narrow persistent kernel (the one masked rows take) may walk
+  // dynamically.
+  static constexpr bool kDynamicWalk = kFwdDynamicWalk && kPersistent && !kWide;
+  // Barriers: Q full, Q empty, then per stage K full, V full, K empty, V empty; kDynamicWalk: the
+  // tile ring's two full and two empty and the draw request, then the ring's two slots (8 bytes).
+  static constexpr int kBarriers = 2 + 4 * kStages + (kDynamicWalk ? 5 : 0);
   // + 1024: the swizzle atoms must start on 1024-byte boundaries; the base is aligned by hand.
   static constexpr int kSmemBytes =
-      kQBytes + 2 * kStages * kKVBytes + kStagingBytes + kBarriers * 8 + 1024;
+      kQBytes + 2 * kStages * kKVBytes + kStagingBytes + kBarriers * 8 + (kDynamicWalk ? 8 : 0) + 1024;
   // setmaxnreg: the producer's registers go to the consumers (65536 per SM in all).
   static constexpr int kProducerRegs = kConsumers == 2 ? 24 : 32, kConsumerRegs = kConsumers == 2 ? 240 : 160;
   static_assert(fits_launch_registers<kThreads>(kProducerRegs, kConsumerRegs), "setmaxnreg's split");
@@ -128,6 +144,10 @@ __global__ void __launch_bounds__(FwdSm90TmaKernel<T, kHeadDim, kWide, kPersiste
   uint64_t* v_full = k_full + kStages;
   uint64_t* k_empty = v_full + kStages;
   uint64_t* v_empty = k_empty + kStages;
+  uint64_t* tile_full = v_empty + kStages;  // K::kDynamicWalk: [2] the tile ring's slots written
+  uint64_t* tile_empty = tile_full + 2;     // K::kDynamicWalk: [2] read by the TMA thread and consumer warps
+  uint64_t* draw_request = tile_empty + 2;  // K::kDynamicWalk: the TMA thread has started a tile
+  int* tile_slot = reinterpret_cast<int*>(draw_request + 1);  // K::kDynamicWalk: [2]
 
   const AttentionShape& sh = p.shape;
   const int tid = threadIdx.x, warpgroup = warpgroup_index(), lane = tid % 32;
@@ -136,6 +156,28 @@ __global__ void __launch_bounds__(FwdSm90TmaKernel<T, kHeadDim, kWide, kPersiste
   const int num_tiles = kPersistent ? walk.num_tiles : 1;
   const int first_tile = kPersistent ? static_cast<int>(blockIdx.x) : 0;
   const int tile_stride = kPersistent ? static_cast<int>(gridDim.x) : 1;
+  // Dynamic (K::kDynamicWalk, a counter slot given): this kernel's counter for the launch's
+  // stream, zero when the module loads and left at zero by every launch (the drawing thread).
+  const bool dynamic = K::kDynamicWalk && walk.counter_slot >= 0;
+  // The index of tile i + 1 of this CTA's walk (num_tiles or more: past its end), for the TMA
+  // thread and the consumer warps after tile i (index): every tile_stride-th, or, dynamic, what
+  // the drawing thread (the producer below) wrote in the ring's slot i % 2, which each reader
+  // releases once read (a consumer warp's broadcast warp-uniform, as its static index is).
+  auto next_index = [&](int index, int i, bool tma_thread) {
+    if constexpr (!K::kDynamicWalk) return index + tile_stride;
+    if (!dynamic) return index + tile_stride;
+    const int slot = i & 1;
+    mbarrier_wait(&tile_full[slot], (i >> 1) & 1);
+    const int read = static_cast<int>(ld_shared_u32(smem_u32(&tile_slot[slot])));
+    if (tma_thread) {
+      mbarrier_arrive(&tile_empty[slot]);
+      return read;
+    }
+    const int next = warp_uniform(read);
+    __syncwarp();
+    if (lane == 0) mbarrier_arrive(&tile_empty[slot]);
+    return next;
+  };
   auto tile_at = [&](int index) {
     TmaTile t;
     int m_block;
@@ -172,6 +214,13 @@ __global__ void __launch_bounds__(FwdSm90TmaKernel<T, kHeadDim, kWide, kPersiste
       mbarrier_init(&k_empty[s], kConsumerThreads / 32);
       mbarrier_init(&v_empty[s], kConsumerThreads / 32);
     }
+    if constexpr (K::kDynamicWalk) {
+      for (int s = 0; s < 2; ++s) {
+        mbarrier_init(&tile_full[s], 1);                           // the drawing thread's
+        mbarrier_init(&tile_empty[s], 1 + kConsumerThreads / 32);  // the TMA thread, each consumer warp
+      }
+      mbarrier_init(draw_request, 1);  // the TMA thread's, at the start of each tile
+    }
     fence_barrier_init();
   }
   __syncthreads();
@@ -180,9 +229,41 @@ __global__ void __launch_bounds__(FwdSm90TmaKernel<T, kHeadDim, kWide, kPersiste
   // its (g / kStages)-th use.
   if (warpgroup == 0) {  // producer
     setmaxnreg_dec<K::kProducerRegs>();
+    if constexpr (K::kDynamicWalk) {
+      // The drawing thread (dynamic; warp 1's first, beside the TMA thread's warp): at the start
+      // of the TMA thread's tile j it draws a ticket, ticket t being tile tile_stride + t (the
+      // first tile_stride tiles are the CTAs' first), and publishes tile j + 1's index in slot
+      // j % 2. The atomic's round trip thus runs under tile j's loads, in a thread of its own:
+      // the TMA thread, whose 24 registers hold a tile's loads, waits for nothing but the slot
+      // at the end of the tile (drawing there, its ticket live across the loads, spilled).
+      // Chosen by its warp, warp-uniform, not by tid == 32: so ptxas knows that the two threads
+      // never share a warp and keeps the TMA thread's loop state in uniform registers (a branch
+      // on tid spilled 92 B of the TMA thread's).
+      if (warp_uniform(tid / 32) == 1) {
+        // Every CTA has a first tile (the grid is at most the tile count), hence a draw request.
+        if (!dynamic || lane != 0 || first_tile >= num_tiles) return;
+        static int walk_counters[kWalkCounterSlots];
+        unsigned* counter = reinterpret_cast<unsigned*>(walk_counters + walk.counter_slot);
+        for (int j = 0;; ++j) {
+          const int slot = j & 1;
+          mbarrier_wait(draw_request, j & 1);
+          if (j >= 2) mbarrier_wait(&tile_empty[slot], ((j >> 1) - 1) & 1);
+          // Every CTA draws until it draws past the last tile, once past it each: num_tiles draws
+          // in a launch, tickets 0 to num_tiles - 1. atomicInc wraps the last of them to 0, so
+          // the counter is back at zero when the launch ends, for the next one on the stream
+          // (stream order); no draw of this launch comes after it.
+          const int next = tile_stride + static_cast<int>(atomicInc(counter, static_cast<unsigned>(num_tiles - 1)));
+          st_shared_u32(smem_u32(&tile_slot[slot]), static_cast<uint32_t>(next));
+          mbarrier_arrive(&tile_full[slot]);  // release: the slot's write before it
+          if (next >= num_tiles) return;
+        }
+      }
+    }
     if (tid != 0) return;
     int step = 0, q_loads = 0;
-    for (int index = first_tile, iteration = 0; index < num_tiles; index += tile_stride, ++iteration) {
+    for (int index = first_tile, iteration = 0; index < num_tiles;
+         index = next_index(index, iteration, true), ++iteration) {
+      if (dynamic) mbarrier_arrive(draw_request);  // the next tile's draw goes out now
       const TmaTile tile = tile_at(index);
       const int steps = tile.steps();
       if (p.tile_counters) count_tiles(p.tile_counters, tile.seq, tile.n_blocks, kBlockM, kBlockN);
@@ -256,7 +337,7 @@ __global__ void __launch_bounds__(FwdSm90TmaKernel<T, kHeadDim, kWide, kPersiste
   const bool dropout = kFeatures && p.dropout.p > 0.0;
   const DropoutRng rng = dropout ? make_dropout_rng(p.dropout) : DropoutRng{};
   int step = 0, q_loads = 0;
-  for (int index = first_tile; index < num_tiles; index += tile_stride) {
+  for (int index = first_tile, i = 0; index < num_tiles; index = next_index(index, i, false), ++i) {
     const TmaTile tile = tile_at(index);
     const int steps = tile.steps(), row0 = tile.m_start + warp_row;
     WarpAcc<kHeadDim> o;

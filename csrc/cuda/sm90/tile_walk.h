@@ -46,6 +46,10 @@ struct TileWalk {
   FastDivmod pairs_in_last;       // the last section's pairs (fewer where they do not divide)
   FastDivmod heads_q;             // a pair's head and batch
   FastDivmod heads_per_kv_head;   // GQA: a query head's K/V head
+  // CUFLASH_FWD_DYNAMIC_WALK: the launch stream's slot of the kernel's tile counters
+  // (flash_fwd_sm90_tma.cuh's walk_counters; fwd_walk_counter_slot), or -1: the static walk.
+  // Last, so that the kernels' other parameters keep their offsets.
+  int counter_slot = -1;
 
   // Tile `index`'s query block, query head and batch.
   CUFLASH_HD void tile(int index, int* m_block, int* h, int* b) const {
@@ -65,6 +69,10 @@ struct TileWalk {
   }
   CUFLASH_HD int kv_head(int h) const { return heads_per_kv_head.div(h); }
 };
+
+// CUFLASH_FWD_DYNAMIC_WALK: how many streams of a device may walk dynamically at once, each with
+// its own tile counter (TileWalk::counter_slot); streams past them walk statically.
+constexpr int kWalkCounterSlots = 256;
 
 // How much of L2 a section's K and V may take at most.
 constexpr int64_t kWalkL2Bytes = 32 << 20;
