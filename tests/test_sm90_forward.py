@@ -280,6 +280,50 @@ def test_persistent_ctas_walk_many_tiles(dtype, d, tile, mode, monkeypatch):
         check_dense("cuda", dtype, batch, heads_q, heads_kv, nq, nk, d, causal=causal, bottom_right=bottom_right)
 
 
+@pytest.mark.parametrize("d", [64, 128])
+def test_masked_walks_on_streams_at_once(d, mode):
+    """Masked forwards (short rows on the persistent kernel; long ones too in a
+    CUFLASH_FWD_DYNAMIC_WALK build, which draws their tiles from a counter per stream) on four
+    streams at once, and a captured one replayed beside them (a graph walks statically): each
+    output bitwise the one a lone call gives, so that no walk took another's tiles."""
+    if mode != "persistent":
+        pytest.skip("persistent CTAs")
+    torch.manual_seed(0)
+    shapes = [(4, 8, 1000, 1000, True, False, None), (8, 16, 300, 300, True, False, None),
+              (2, 8, 700, 1900, False, False, (600, -1)), (2, 4, 900, 600, True, True, None),
+              (1, 8, 4200, 4200, True, False, None)]
+    cases = []
+    for batch, heads, nq, nk, causal, bottom_right, window in shapes:
+        q = torch.randn(batch, heads, nq, d, device="cuda", dtype=torch.bfloat16)
+        k, v = (torch.randn(batch, heads, nk, d, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+        left, right = window or (-1, -1)
+        cases.append(lambda q=q, k=k, v=v, c=causal, br=bottom_right, lw=left, rw=right: torch.ops.cuflash_attn.fwd(
+            q, k, v, None, c, br, window_left=lw, window_right=rw)[0])
+    alone = [call() for call in cases]
+    graph, replayed = torch.cuda.CUDAGraph(), None
+    warmup = torch.cuda.Stream()
+    warmup.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(warmup):
+        cases[0]()
+    torch.cuda.current_stream().wait_stream(warmup)
+    with torch.cuda.graph(graph):
+        replayed = cases[0]()
+    streams = [torch.cuda.Stream() for _ in range(4)]
+    torch.cuda.synchronize()
+    results = []
+    for _ in range(3):
+        graph.replay()
+        for i, stream in enumerate(streams):
+            with torch.cuda.stream(stream):
+                for j in range(len(cases)):
+                    index = (i + j) % len(cases)
+                    results.append((index, cases[index]()))
+    torch.cuda.synchronize()
+    assert torch.equal(replayed, alone[0])
+    for index, out in results:
+        assert torch.equal(out, alone[index]), index
+
+
 @pytest.mark.parametrize("dtype", LOW_PRECISION, ids=LOW_PRECISION_IDS)
 @pytest.mark.parametrize("d", [64, 128, 256])
 def test_wide_tile_matches_reference(dtype, d):
