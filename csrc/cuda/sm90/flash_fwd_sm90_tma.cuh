@@ -57,7 +57,7 @@ constexpr bool kFwdPersistentWide128 = CUFLASH_FWD_PERSISTENT_WIDE128 != 0;
 // next tile's index as it starts a tile, a tile ahead (FlashAttention-3's dynamic scheduler), and
 // hands it to the TMA thread and the consumer warps through a two-slot ring in shared memory. The
 // counter is the launch stream's (TileWalk::counter_slot; fwd_walk_counter_slot says why a
-// stream's) and resets itself: no memset per call (benchmarks/NOTES.md, twentieth session).
+// stream's) and resets itself: no memset per call (benchmarks/NOTES.md, nineteenth session).
 #ifndef CUFLASH_FWD_DYNAMIC_WALK
 #define CUFLASH_FWD_DYNAMIC_WALK 0
 #endif
