@@ -168,6 +168,8 @@ __global__ void __launch_bounds__(FwdSm90TmaKernel<T, kHeadDim, kWide, kPersiste
     if (!dynamic) return index + tile_stride;
     const int slot = i & 1;
     mbarrier_wait(&tile_full[slot], (i >> 1) & 1);
+    // By ld.shared / st.shared, not the plain accesses of the backward's ring: with those, ptxas
+    // spilled the dynamic kernel's producer (76-84 B stored, 148-164 B loaded; nineteenth session).
     const int read = static_cast<int>(ld_shared_u32(smem_u32(&tile_slot[slot])));
     if (tma_thread) {
       mbarrier_arrive(&tile_empty[slot]);
