@@ -96,11 +96,10 @@ def cases():
                 (dtype, d, 2, 2, 150, 300, "top_left", "env:CUFLASH_BWD_DQ=atomic")]
     out += [(F16, 64, 1, 2, 130, 300, "top_left", "env:CUFLASH_BWD_TILE=narrow")]
     # The wide tile at head dim 128 on short rows (CUFLASH_FWD_TILE=wide): more tiles than SMs, the
-    # first query block of each head seeing no key; persistent CTAs walking several tiles through
-    # the Q-staged epilogue in a CUFLASH_FWD_PERSISTENT_WIDE128 build, the 3-D grid otherwise.
+    # first query block of each head seeing no key (the 3-D grid: the wide tile at 128 is not
+    # persistent).
     out += [(F16, 128, 4, 16, 300, 150, "bottom_right", "env:CUFLASH_FWD_TILE=wide")]
-    # Masked persistent CTAs walking several tiles of unequal lengths (192 tiles, more than SMs): from
-    # the stream's tile counter in a CUFLASH_FWD_DYNAMIC_WALK build, every gridDim.x-th otherwise.
+    # Masked persistent CTAs walking several tiles of unequal lengths (192 tiles, more than SMs).
     out += [(BF16, 64, 4, 16, 300, 300, "top_left", ""), (F16, 128, 4, 16, 300, 300, "top_left", "")]
     # The KV-cache forward (16-bit; shapes are the named tests'): paged reads, split-KV and the
     # combine kernel, a decoding step whose grouped heads run as rows of one head.

@@ -253,7 +253,7 @@ def test_tma_tile_choice(d, nq, nk, causal, keys, mode, monkeypatch):
 
 
 @pytest.mark.parametrize("dtype", LOW_PRECISION, ids=LOW_PRECISION_IDS)
-@pytest.mark.parametrize("d,tile", [(64, None), (64, "wide"), (64, "narrow"), (128, None), (128, "wide")])
+@pytest.mark.parametrize("d,tile", [(64, None), (64, "wide"), (64, "narrow"), (128, None)])
 def test_persistent_ctas_walk_many_tiles(dtype, d, tile, mode, monkeypatch):
     """More tiles than SMs, so each persistent CTA takes several: of different lengths (causal),
     with no key at all (bottom-right causal with more queries than keys), GQA, and sections of
@@ -272,20 +272,15 @@ def test_persistent_ctas_walk_many_tiles(dtype, d, tile, mode, monkeypatch):
         k, v = (torch.randn(batch, heads_kv, nk, d, device="cuda", dtype=dtype) for _ in range(2))
         names = cuda_kernels(lambda: torch.ops.cuflash_attn.fwd(q, k, v, None, causal, bottom_right))
         wide = {None: persistent_wide(d, causal, nq), "wide": True, "narrow": False}[tile]
-        # The wide tile at head dim 128 is persistent only in a CUFLASH_FWD_PERSISTENT_WIDE128
-        # build (the Q-staged epilogue, zero-key tiles included); the 3-D grid's otherwise.
-        either = d == 128 and wide
-        assert (tma_kernel(d, wide, persistent=True, dtype=dtype) in names or
-                either and tma_kernel(d, wide, persistent=False, dtype=dtype) in names), names
+        assert tma_kernel(d, wide, persistent=True, dtype=dtype) in names, names
         check_dense("cuda", dtype, batch, heads_q, heads_kv, nq, nk, d, causal=causal, bottom_right=bottom_right)
 
 
 @pytest.mark.parametrize("d", [64, 128])
 def test_masked_walks_on_streams_at_once(d, mode):
-    """Masked forwards (short rows on the persistent kernel; long ones too in a
-    CUFLASH_FWD_DYNAMIC_WALK build, which draws their tiles from a counter per stream) on four
-    streams at once, and a captured one replayed beside them (a graph walks statically): each
-    output bitwise the one a lone call gives, so that no walk took another's tiles."""
+    """Masked forwards (short rows on the persistent kernel, long ones on the 3-D grid) on four
+    streams at once, and a captured one replayed beside them: each output bitwise the one a lone
+    call gives, so that no walk took another's tiles."""
     if mode != "persistent":
         pytest.skip("persistent CTAs")
     torch.manual_seed(0)
@@ -334,8 +329,8 @@ def test_wide_tile_matches_reference(dtype, d):
     check_dense("cuda", dtype, 1, 2, 1, 300, 2300, d, causal=True, bottom_right=True)
     check_dense("cuda", dtype, 1, 2, 2, 4200, 4200, d, causal=True)
     check_dense("cuda", dtype, 1, 2, 2, 1500, 3000, d, window=(2100, -1))
-    # More tiles than SMs on unmasked long rows: persistent CTAs walk several (at head dim 64, and
-    # at 128 on the wide tile in a CUFLASH_FWD_PERSISTENT_WIDE128 build).
+    # More tiles than SMs on unmasked long rows: persistent CTAs walk several (at head dim 64; at
+    # 128 and 256 the wide tile's 3-D grid).
     check_dense("cuda", dtype, 2, 12, 4, 1100, 4100, d)
 
 

@@ -117,7 +117,6 @@ template <typename T, int kHeadDim>
 bool launch_fwd_tma(const FlashFwdParams& p, bool persistent, cudaStream_t stream, cudaError_t* err) {
   if (p.varlen.cu_seqlens_q != nullptr) return false;
   const AttentionShape& sh = p.shape;
-  int walk_slot = -1;  // CUFLASH_FWD_DYNAMIC_WALK: the stream's tile counter (below)
   auto run = [&](auto wide, auto features, auto persist) {
     constexpr bool kWide = decltype(wide)::value, kFeatures = decltype(features)::value;
     constexpr bool kPersistent = decltype(persist)::value;
@@ -130,11 +129,8 @@ bool launch_fwd_tma(const FlashFwdParams& p, bool persistent, cudaStream_t strea
     const int ctas = static_cast<int>(std::min<int64_t>(tiles, sms));
     const dim3 grid = kPersistent ? dim3(static_cast<unsigned>(ctas)) : dim3(m_blocks, sh.heads_q, sh.batch * p.num_splits);
     const int64_t kv_bytes_per_pair = int64_t{2} * sh.seqlen_k * kHeadDim * int64_t{sizeof(T)};
-    const bool dynamic = K::kDynamicWalk && walk_slot >= 0;
-    const int section_heads =
-        kPersistent ? fwd_walk_section_heads(p, K::kBlockM, K::kBlockN, ctas, kv_bytes_per_pair, dynamic) : 1;
-    sm90::TileWalk walk = sm90::make_tile_walk(m_blocks, sh.heads_q, sh.heads_kv, sh.batch, section_heads);
-    if (dynamic) walk.counter_slot = walk_slot;
+    const int section_heads = kPersistent ? fwd_walk_section_heads(p, K::kBlockM, K::kBlockN, ctas, kv_bytes_per_pair) : 1;
+    const sm90::TileWalk walk = sm90::make_tile_walk(m_blocks, sh.heads_q, sh.heads_kv, sh.batch, section_heads);
     *err = launch(sm90::flash_fwd_sm90_tma_kernel<T, kHeadDim, kWide, kFeatures, kPersistent>, grid, K::kThreads,
                   K::kSmemBytes, stream, p, maps.q, maps.k, maps.v, maps.o, walk);
     return true;
@@ -150,29 +146,15 @@ bool launch_fwd_tma(const FlashFwdParams& p, bool persistent, cudaStream_t strea
   const bool kv_cache = p.paged.block_table != nullptr || p.varlen.seqused_k != nullptr;
   const bool split = p.num_splits > 1;
   if (needs_feature_path(p)) return run(no, yes, no);
-  // CUFLASH_FWD_PERSISTENT_WIDE128 (an experiment): unmasked rows at head dim 128 persistent at
-  // every length, on the wide tile where wide_rows.
-  constexpr bool kWidePersistent128 = kHeadDim == 128 && sm90::kFwdPersistentWide128;
-  const bool unmasked = p.mask.window_left < 0 && p.mask.window_right < 0;
-  const bool persistent_walk =
-      Plain::kHasPersistent && persistent && !split &&
-      (kv_cache ? !sm90::long_rows(p) : sm90::persistent_rows<kHeadDim>(p) || (kWidePersistent128 && unmasked));
-  // CUFLASH_FWD_DYNAMIC_WALK (an experiment): under a mask the narrow persistent kernel draws its
-  // tiles from the stream's counter where the stream has one (fwd_walk_counter_slot), and then
-  // takes masked long rows too, at head dims 64 and 128 (statically walked, their tiles, up to
-  // 128 key blocks apart, lost 6% and 14% at 16384 keys), unless CUFLASH_FWD_TILE=wide.
-  if (sm90::kFwdDynamicWalk && Plain::kHasPersistent && persistent && !split && !unmasked)
-    walk_slot = fwd_walk_counter_slot(stream);
-  const bool dynamic_long_rows = walk_slot >= 0 && !kv_cache && sm90::long_rows(p) && !fwd_wide_tile(false);
+  const bool persistent_walk = Plain::kHasPersistent && persistent && !split &&
+                               (kv_cache ? !sm90::long_rows(p) : sm90::persistent_rows<kHeadDim>(p));
   if (!kv_cache && !split) {
-    if constexpr (kHeadDim == 64 || kWidePersistent128) {  // the head dims with a wide persistent kernel
-      const bool wide = kHeadDim == 64 ? sm90::persistent_wide_pays(p) : sm90::wide_rows<kHeadDim>(p);
-      if (persistent_walk && fwd_wide_tile(wide)) return run(yes, no, yes);
-    }
-    if (!dynamic_long_rows && fwd_wide_tile(sm90::wide_rows<kHeadDim>(p))) return run(yes, no, no);
+    if constexpr (kHeadDim == 64)  // the one head dim with a wide persistent kernel (smem)
+      if (persistent_walk && fwd_wide_tile(sm90::persistent_wide_pays(p))) return run(yes, no, yes);
+    if (fwd_wide_tile(sm90::wide_rows<kHeadDim>(p))) return run(yes, no, no);
   }
   if constexpr (Plain::kHasPersistent)
-    if (persistent_walk || dynamic_long_rows) return run(no, no, yes);
+    if (persistent_walk) return run(no, no, yes);
   return run(no, no, no);
 }
 

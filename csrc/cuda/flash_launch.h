@@ -20,14 +20,8 @@ constexpr int kMaxFwdSplits = 128;
 int fwd_num_splits(const FlashFwdParams& p, int requested);
 // The persistent TMA forward's section of (head, batch) pairs for dense p walked by `ctas` CTAs
 // on tiles of block_m queries and block_n keys (sm90/tile_walk.h's walk_section_heads; its
-// model walks every tile, so each shape's answer is remembered); dynamic_walk: for the walk
-// from a counter (CUFLASH_FWD_DYNAMIC_WALK).
-int fwd_walk_section_heads(const FlashFwdParams& p, int block_m, int block_n, int ctas, int64_t kv_bytes_per_pair,
-                           bool dynamic_walk = false);
-// CUFLASH_FWD_DYNAMIC_WALK: the tile counter of `stream` on the current device (an index into
-// each persistent TMA forward kernel's counters: TileWalk::counter_slot), or -1 where it has
-// none: the static walk then.
-int fwd_walk_counter_slot(cudaStream_t stream);
+// model walks every tile, so each shape's answer is remembered).
+int fwd_walk_section_heads(const FlashFwdParams& p, int block_m, int block_n, int ctas, int64_t kv_bytes_per_pair);
 cudaError_t run_flash_bwd_cuda(const FlashBwdParams& p, cudaStream_t stream);
 
 // Whether the fused Hopper backward has kernels for dtype and head_dim (16-bit, head-dim buckets

@@ -5,7 +5,6 @@
 #include <algorithm>
 #include <map>
 #include <mutex>
-#include <thread>
 #include <tuple>
 #include <vector>
 #include "device_attributes.h"
@@ -78,17 +77,16 @@ int fwd_num_splits(const FlashFwdParams& p, int requested) {
   return splits_for_waves(ctas, slots, key_blocks, std::min(cap, slots));
 }
 
-int fwd_walk_section_heads(const FlashFwdParams& p, int block_m, int block_n, int ctas, int64_t kv_bytes_per_pair,
-                           bool dynamic_walk) {
+int fwd_walk_section_heads(const FlashFwdParams& p, int block_m, int block_n, int ctas, int64_t kv_bytes_per_pair) {
   // Without a mask every tile sees every key (tiles of one length: a pair a section, as
   // walk_section_heads says), so the common call skips the lock and the lookup below.
   if (p.mask.window_left < 0 && p.mask.window_right < 0) return 1;
   const AttentionShape& sh = p.shape;
   const int heads_batches = sh.heads_q * sh.batch;
-  using Key = std::tuple<int, int, int, int, bool, int, int, int, int, int, int64_t, bool>;
+  using Key = std::tuple<int, int, int, int, bool, int, int, int, int, int, int64_t>;
   const Key key{sh.seqlen_q,        sh.seqlen_k, p.mask.window_left, p.mask.window_right, p.mask.bottom_right,
                 p.mask.rows_per_query, block_m,  block_n,            heads_batches,      ctas,
-                kv_bytes_per_pair,  dynamic_walk};
+                kv_bytes_per_pair};
   static std::mutex mutex;
   static std::map<Key, int> chosen;
   {
@@ -106,50 +104,11 @@ int fwd_walk_section_heads(const FlashFwdParams& p, int block_m, int block_n, in
     const Range blocks = key_blocks(p.mask, seq, m_start, std::min(m_start + block_m, sh.seqlen_q), block_n);
     tile_steps.push_back(std::max(0, blocks.end - blocks.begin));
   }
-  const int heads = sm90::walk_section_heads(tile_steps, heads_batches, ctas, kv_bytes_per_pair, dynamic_walk);
+  const int heads = sm90::walk_section_heads(tile_steps, heads_batches, ctas, kv_bytes_per_pair);
   const std::lock_guard<std::mutex> lock(mutex);
   if (chosen.size() >= 4096) chosen.clear();  // bounded: a long run of new shapes starts over
   chosen.emplace(key, heads);
   return heads;
-}
-
-// A dynamic walk's counter must be used by one launch at a time: a second launch drawing from
-// it while the first runs would take the first's tickets (tiles skipped in both). Launches on
-// one stream run one after the other, so each stream has its own counter, a slot of every
-// persistent TMA forward kernel's static array (zero at module load; each launch leaves its slot
-// at zero, see the kernel's drawing thread): no allocation, no memset. A stream is told apart by
-// cudaStreamGetId (unique for the life of the program, unlike a handle, which a new stream may
-// reuse while a destroyed stream's work still runs), per device; cudaStreamPerThread by the
-// calling thread too (each host thread's is its own stream). Not for a stream being captured: a
-// graph's launches may run on other streams, or beside the captured stream's later launches, so
-// they walk statically. Past kWalkCounterSlots streams on a device, the static walk too.
-int fwd_walk_counter_slot(cudaStream_t stream) {
-#if CUDART_VERSION >= 12000
-  cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
-  unsigned long long stream_id = 0;
-  int device = 0;
-  if (cudaStreamIsCapturing(stream, &capture) != cudaSuccess || capture != cudaStreamCaptureStatusNone ||
-      cudaStreamGetId(stream, &stream_id) != cudaSuccess || cudaGetDevice(&device) != cudaSuccess) {
-    cudaGetLastError();  // (a query's failure) the static walk, as the launch would run without it
-    return -1;
-  }
-  const std::thread::id thread = stream == cudaStreamPerThread ? std::this_thread::get_id() : std::thread::id{};
-  using Key = std::tuple<int, unsigned long long, std::thread::id>;
-  static std::mutex mutex;
-  static std::map<Key, int> slots;
-  static std::map<int, int> slots_taken;  // per device
-  const std::lock_guard<std::mutex> lock(mutex);
-  const Key key{device, stream_id, thread};
-  const auto it = slots.find(key);
-  if (it != slots.end()) return it->second;
-  int& taken = slots_taken[device];
-  if (taken >= sm90::kWalkCounterSlots) return -1;
-  slots.emplace(key, taken);
-  return taken++;
-#else
-  (void)stream;
-  return -1;
-#endif
 }
 
 }  // namespace cuflash

@@ -2,7 +2,7 @@
 // against integer division over divisors and dividends up to 2^31 - 1, TileWalk's decode
 // against the order written out with plain divisions (L2 sections of (head, batch) pairs, the last
 // one ragged; query blocks descending inside a section), every tile exactly once, and the choice
-// of the section against a walk worked by hand, for the static walk and the dynamic one.
+// of the section against a walk worked by hand.
 #include <gtest/gtest.h>
 #include <algorithm>
 #include <climits>
@@ -17,7 +17,6 @@ using cuflash::sm90::FastDivmod;
 using cuflash::sm90::make_tile_walk;
 using cuflash::sm90::TileWalk;
 using cuflash::sm90::walk_imbalance;
-using cuflash::sm90::walk_imbalance_dynamic;
 using cuflash::sm90::walk_section_heads;
 
 std::vector<int> divisors() {
@@ -103,28 +102,6 @@ TEST(TileWalk, ImbalanceOfAWalkByHand) {
   EXPECT_DOUBLE_EQ(walk_imbalance(steps, 4, 2, 100), 1.2);  // more CTAs than tiles: a tile each, 3 against 2.5
 }
 
-// The dynamic walk's model (CUFLASH_FWD_DYNAMIC_WALK): CTA c starts on tile c and draws its next
-// tile as it starts one. The walk above, a pair a section (3 2 3 2 3 2 3 2), 2 CTAs: CTA 0 runs
-// 3 3 2 2, drawing at 0, 3, 6, 8; CTA 1 2 3 3 2, drawing at 0, 2, 5, 8: both end at 10. Tiles
-// of 10 and 1 (steps 9 and 0), 2 pairs: a pair a section (10 1 10 1), both CTAs draw at 0, CTA 0
-// the second 10 (20 against 2: a greedy walk drawing at the end would give 11 and 11); two pairs
-// (10 10 1 1): 11 and 11.
-TEST(TileWalk, ImbalanceOfADynamicWalkByHand) {
-  EXPECT_DOUBLE_EQ(walk_imbalance_dynamic({1, 2}, 4, 1, 2), 1.0);
-  EXPECT_DOUBLE_EQ(walk_imbalance_dynamic({1, 2}, 4, 4, 2), 1.0);
-  EXPECT_DOUBLE_EQ(walk_imbalance_dynamic({0, 9}, 2, 1, 2), 20.0 * 2 / 22);
-  EXPECT_DOUBLE_EQ(walk_imbalance_dynamic({0, 9}, 2, 2, 2), 1.0);
-  EXPECT_DOUBLE_EQ(walk_imbalance_dynamic({1, 2}, 4, 2, 100), 1.2);  // a tile each, as the static walk
-  // Causal, 16384 keys at head dim 128 (128 query blocks of 1 to 128 key blocks, 16 pairs, 132
-  // CTAs): the static walk's best section is 15% over the mean, the dynamic walk's within 2%.
-  std::vector<int> causal;
-  for (int m = 1; m <= 128; ++m) causal.push_back(m);
-  const int64_t pair_bytes = int64_t{2} * 16384 * 128 * 2;
-  const int dynamic_heads = walk_section_heads(causal, 16, 132, pair_bytes, true);
-  EXPECT_LT(walk_imbalance_dynamic(causal, 16, dynamic_heads, 132), 1.02);
-  EXPECT_GT(walk_imbalance(causal, 16, walk_section_heads(causal, 16, 132, pair_bytes), 132), 1.1);
-}
-
 TEST(TileWalk, SectionChoice) {
   constexpr int64_t kMiB = int64_t{1} << 20;
   // Tiles of one length: a pair a section, whatever fits in L2.
@@ -144,9 +121,6 @@ TEST(TileWalk, SectionChoice) {
   EXPECT_LT(walk_imbalance(causal, 256, chosen, 132), 1.05);
   // More tiles than the model walks: the largest section.
   EXPECT_EQ(walk_section_heads(causal, 100000, 132, 512 << 10), 64);
-  // Rated as the dynamic walk: tiles of 10 and 1, 2 pairs of 16 MiB, 2 CTAs: candidates 1 and 2
-  // rated 1.82 and 1.0 (ImbalanceOfADynamicWalkByHand).
-  EXPECT_EQ(walk_section_heads({0, 9}, 2, 2, 16 * kMiB, true), 2);
 }
 
 }  // namespace

@@ -31,9 +31,9 @@ namespace cuflash::sm90 {
 // long ones without a mask: persistent_rows): one CTA per SM walks tiles (query block, head,
 // batch), loading the next tile's K, V and Q while the last one's P V and output run, with O
 // staged in a buffer of its own (Q's buffer takes the next tile's Q; at D=256 there is no room
-// for it, nor at D=128 on the wide tile: kStageInQ, an experiment). It pays where tiles are
-// short, so that the 3-D grid's per-CTA prologue and epilogue show (benchmarks/NOTES.md); at
-// D=64 on the wide tile too, where no mask is set (persistent_wide_pays).
+// for it, nor at D=128 on the wide tile). It pays where tiles are short, so that the 3-D grid's
+// per-CTA prologue and epilogue show (benchmarks/NOTES.md); at D=64 on the wide tile too, where
+// no mask is set (persistent_wide_pays).
 // The persistent walk's tile is decoded by the host-built TileWalk (tile_walk.h: divisions by
 // multiply and shift), not five integer divisions a tile in every warp: +1-4% at 512-1024 keys
 // (benchmarks/NOTES.md, twelfth session). The output goes out by TMA store (FlashAttention-3's
@@ -44,25 +44,6 @@ namespace cuflash::sm90 {
 // tile's diagonal block: the upper consumer's) computes S and its softmax over the left half
 // only, the rest of P zero (short causal rows are ALU-bound): causal +4%/+3%/+1% at 512/1024/2048
 // keys on the H200; at head dim 128 -2% to +2%, so not there (benchmarks/NOTES.md, thirteenth session).
-// CUFLASH_FWD_PERSISTENT_WIDE128=1 (an experiment, not built by default): the persistent kernel
-// at head dim 128 on the wide tile too, for unmasked rows of 4096 keys and more (launch_fwd_tma).
-#ifndef CUFLASH_FWD_PERSISTENT_WIDE128
-#define CUFLASH_FWD_PERSISTENT_WIDE128 0
-#endif
-constexpr bool kFwdPersistentWide128 = CUFLASH_FWD_PERSISTENT_WIDE128 != 0;
-// CUFLASH_FWD_DYNAMIC_WALK=1 (an experiment, not built by default): under a mask the narrow
-// persistent kernel's CTAs draw their tiles from a counter instead of taking every gridDim.x-th
-// (tiles of unequal lengths: the static walk leaves SMs idle at the end, -14% causal at D=128 and
-// 16384 keys), and masked long rows take that kernel too (launch_fwd_tma). Each CTA draws its
-// next tile's index as it starts a tile, a tile ahead (FlashAttention-3's dynamic scheduler), and
-// hands it to the TMA thread and the consumer warps through a two-slot ring in shared memory. The
-// counter is the launch stream's (TileWalk::counter_slot; fwd_walk_counter_slot says why a
-// stream's) and resets itself: no memset per call (benchmarks/NOTES.md, nineteenth session).
-#ifndef CUFLASH_FWD_DYNAMIC_WALK
-#define CUFLASH_FWD_DYNAMIC_WALK 0
-#endif
-constexpr bool kFwdDynamicWalk = CUFLASH_FWD_DYNAMIC_WALK != 0;
-
 template <typename T, int kHeadDim, bool kWide, bool kPersistent = false>
 struct FwdSm90TmaKernel {
   static constexpr bool kHasPersistent = kHeadDim <= 128;
@@ -73,20 +54,12 @@ struct FwdSm90TmaKernel {
   static constexpr int kStages = 2;
   static constexpr int kQBytes = kBlockM * kHeadDim * 2, kKVBytes = kBlockN * kHeadDim * 2;
   // The persistent kernel's staging tile for the output's TMA store: Q's layout (kernel below).
-  // kStageInQ: at head dim 128 on the wide tile two stages of 192-key K and V leave no room for
-  // it: each consumer stages its output in its own rows of Q's buffer, as the 3-D grid's kernel
-  // does, and Q is released (one arrival per consumer) once the output's store has read them.
-  static constexpr bool kStageInQ = kPersistent && kWide && kHeadDim == 128;
-  static constexpr int kStagingBytes = kPersistent && !kStageInQ ? kQBytes : 0;
-  // CUFLASH_FWD_DYNAMIC_WALK: the narrow persistent kernel (the one masked rows take) may walk
-  // dynamically.
-  static constexpr bool kDynamicWalk = kFwdDynamicWalk && kPersistent && !kWide;
-  // Barriers: Q full, Q empty, then per stage K full, V full, K empty, V empty; kDynamicWalk: the
-  // tile ring's two full and two empty and the draw request, then the ring's two slots (8 bytes).
-  static constexpr int kBarriers = 2 + 4 * kStages + (kDynamicWalk ? 5 : 0);
+  static constexpr int kStagingBytes = kPersistent ? kQBytes : 0;
+  // Barriers: Q full, Q empty, then per stage K full, V full, K empty, V empty.
+  static constexpr int kBarriers = 2 + 4 * kStages;
   // + 1024: the swizzle atoms must start on 1024-byte boundaries; the base is aligned by hand.
   static constexpr int kSmemBytes =
-      kQBytes + 2 * kStages * kKVBytes + kStagingBytes + kBarriers * 8 + (kDynamicWalk ? 8 : 0) + 1024;
+      kQBytes + 2 * kStages * kKVBytes + kStagingBytes + kBarriers * 8 + 1024;
   // setmaxnreg: the producer's registers go to the consumers (65536 per SM in all).
   static constexpr int kProducerRegs = kConsumers == 2 ? 24 : 32, kConsumerRegs = kConsumers == 2 ? 240 : 160;
   static_assert(fits_launch_registers<kThreads>(kProducerRegs, kConsumerRegs), "setmaxnreg's split");
@@ -144,10 +117,6 @@ __global__ void __launch_bounds__(FwdSm90TmaKernel<T, kHeadDim, kWide, kPersiste
   uint64_t* v_full = k_full + kStages;
   uint64_t* k_empty = v_full + kStages;
   uint64_t* v_empty = k_empty + kStages;
-  uint64_t* tile_full = v_empty + kStages;  // K::kDynamicWalk: [2] the tile ring's slots written
-  uint64_t* tile_empty = tile_full + 2;     // K::kDynamicWalk: [2] read by the TMA thread and consumer warps
-  uint64_t* draw_request = tile_empty + 2;  // K::kDynamicWalk: the TMA thread has started a tile
-  int* tile_slot = reinterpret_cast<int*>(draw_request + 1);  // K::kDynamicWalk: [2]
 
   const AttentionShape& sh = p.shape;
   const int tid = threadIdx.x, warpgroup = warpgroup_index(), lane = tid % 32;
@@ -156,30 +125,6 @@ __global__ void __launch_bounds__(FwdSm90TmaKernel<T, kHeadDim, kWide, kPersiste
   const int num_tiles = kPersistent ? walk.num_tiles : 1;
   const int first_tile = kPersistent ? static_cast<int>(blockIdx.x) : 0;
   const int tile_stride = kPersistent ? static_cast<int>(gridDim.x) : 1;
-  // Dynamic (K::kDynamicWalk, a counter slot given): this kernel's counter for the launch's
-  // stream, zero when the module loads and left at zero by every launch (the drawing thread).
-  const bool dynamic = K::kDynamicWalk && walk.counter_slot >= 0;
-  // The index of tile i + 1 of this CTA's walk (num_tiles or more: past its end), for the TMA
-  // thread and the consumer warps after tile i (index): every tile_stride-th, or, dynamic, what
-  // the drawing thread (the producer below) wrote in the ring's slot i % 2, which each reader
-  // releases once read (a consumer warp's broadcast warp-uniform, as its static index is).
-  auto next_index = [&](int index, int i, bool tma_thread) {
-    if constexpr (!K::kDynamicWalk) return index + tile_stride;
-    if (!dynamic) return index + tile_stride;
-    const int slot = i & 1;
-    mbarrier_wait(&tile_full[slot], (i >> 1) & 1);
-    // By ld.shared / st.shared, not the plain accesses of the backward's ring: with those, ptxas
-    // spilled the dynamic kernel's producer (76-84 B stored, 148-164 B loaded; nineteenth session).
-    const int read = static_cast<int>(ld_shared_u32(smem_u32(&tile_slot[slot])));
-    if (tma_thread) {
-      mbarrier_arrive(&tile_empty[slot]);
-      return read;
-    }
-    const int next = warp_uniform(read);
-    __syncwarp();
-    if (lane == 0) mbarrier_arrive(&tile_empty[slot]);
-    return next;
-  };
   auto tile_at = [&](int index) {
     TmaTile t;
     int m_block;
@@ -207,21 +152,12 @@ __global__ void __launch_bounds__(FwdSm90TmaKernel<T, kHeadDim, kWide, kPersiste
 
   if (tid == 0) {
     mbarrier_init(q_full, 1);
-    // One arrival per consumer warp (its wgmmas are done with Q), or kStageInQ per consumer (its
-    // output's store has read its rows).
-    mbarrier_init(q_empty, K::kStageInQ ? K::kConsumers : kConsumerThreads / 32);
+    mbarrier_init(q_empty, kConsumerThreads / 32);  // one arrival per consumer warp
     for (int s = 0; s < kStages; ++s) {
       mbarrier_init(&k_full[s], 1);
       mbarrier_init(&v_full[s], 1);
       mbarrier_init(&k_empty[s], kConsumerThreads / 32);
       mbarrier_init(&v_empty[s], kConsumerThreads / 32);
-    }
-    if constexpr (K::kDynamicWalk) {
-      for (int s = 0; s < 2; ++s) {
-        mbarrier_init(&tile_full[s], 1);                           // the drawing thread's
-        mbarrier_init(&tile_empty[s], 1 + kConsumerThreads / 32);  // the TMA thread, each consumer warp
-      }
-      mbarrier_init(draw_request, 1);  // the TMA thread's, at the start of each tile
     }
     fence_barrier_init();
   }
@@ -231,41 +167,9 @@ __global__ void __launch_bounds__(FwdSm90TmaKernel<T, kHeadDim, kWide, kPersiste
   // its (g / kStages)-th use.
   if (warpgroup == 0) {  // producer
     setmaxnreg_dec<K::kProducerRegs>();
-    if constexpr (K::kDynamicWalk) {
-      // The drawing thread (dynamic; warp 1's first, beside the TMA thread's warp): at the start
-      // of the TMA thread's tile j it draws a ticket, ticket t being tile tile_stride + t (the
-      // first tile_stride tiles are the CTAs' first), and publishes tile j + 1's index in slot
-      // j % 2. The atomic's round trip thus runs under tile j's loads, in a thread of its own:
-      // the TMA thread, whose 24 registers hold a tile's loads, waits for nothing but the slot
-      // at the end of the tile (drawing there, its ticket live across the loads, spilled).
-      // Chosen by its warp, warp-uniform, not by tid == 32: so ptxas knows that the two threads
-      // never share a warp and keeps the TMA thread's loop state in uniform registers (a branch
-      // on tid spilled 92 B of the TMA thread's).
-      if (warp_uniform(tid / 32) == 1) {
-        // Every CTA has a first tile (the grid is at most the tile count), hence a draw request.
-        if (!dynamic || lane != 0 || first_tile >= num_tiles) return;
-        static int walk_counters[kWalkCounterSlots];
-        unsigned* counter = reinterpret_cast<unsigned*>(walk_counters + walk.counter_slot);
-        for (int j = 0;; ++j) {
-          const int slot = j & 1;
-          mbarrier_wait(draw_request, j & 1);
-          if (j >= 2) mbarrier_wait(&tile_empty[slot], ((j >> 1) - 1) & 1);
-          // Every CTA draws until it draws past the last tile, once past it each: num_tiles draws
-          // in a launch, tickets 0 to num_tiles - 1. atomicInc wraps the last of them to 0, so
-          // the counter is back at zero when the launch ends, for the next one on the stream
-          // (stream order); no draw of this launch comes after it.
-          const int next = tile_stride + static_cast<int>(atomicInc(counter, static_cast<unsigned>(num_tiles - 1)));
-          st_shared_u32(smem_u32(&tile_slot[slot]), static_cast<uint32_t>(next));
-          mbarrier_arrive(&tile_full[slot]);  // release: the slot's write before it
-          if (next >= num_tiles) return;
-        }
-      }
-    }
     if (tid != 0) return;
     int step = 0, q_loads = 0;
-    for (int index = first_tile, iteration = 0; index < num_tiles;
-         index = next_index(index, iteration, true), ++iteration) {
-      if (dynamic) mbarrier_arrive(draw_request);  // the next tile's draw goes out now
+    for (int index = first_tile, iteration = 0; index < num_tiles; index += tile_stride, ++iteration) {
       const TmaTile tile = tile_at(index);
       const int steps = tile.steps();
       if (p.tile_counters) count_tiles(p.tile_counters, tile.seq, tile.n_blocks, kBlockM, kBlockN);
@@ -292,11 +196,9 @@ __global__ void __launch_bounds__(FwdSm90TmaKernel<T, kHeadDim, kWide, kPersiste
       // releases) go out before Q, whose buffer the previous tile's consumers may still be reading.
       const int early = iteration == 0 ? 0 : min(steps, kStages);
       for (int t = 0; t < early; ++t) load_step(t);
-      if (steps > 0 || K::kStageInQ) {
+      if (steps > 0) {
         // Q's buffer was released by every consumer warp of the previous tile that loaded Q
-        // (consumers release only tiles with steps, so q_empty never runs two phases ahead;
-        // kStageInQ: every tile loads Q, and each consumer releases it once its output's store
-        // has read its rows of the buffer).
+        // (consumers release only tiles with steps, so q_empty never runs two phases ahead).
         if (q_loads > 0) mbarrier_wait(q_empty, (q_loads - 1) & 1);
         ++q_loads;
         mbarrier_arrive_expect_tx(q_full, K::kQBytes);
@@ -339,7 +241,7 @@ __global__ void __launch_bounds__(FwdSm90TmaKernel<T, kHeadDim, kWide, kPersiste
   const bool dropout = kFeatures && p.dropout.p > 0.0;
   const DropoutRng rng = dropout ? make_dropout_rng(p.dropout) : DropoutRng{};
   int step = 0, q_loads = 0;
-  for (int index = first_tile, i = 0; index < num_tiles; index = next_index(index, i, false), ++i) {
+  for (int index = first_tile; index < num_tiles; index += tile_stride) {
     const TmaTile tile = tile_at(index);
     const int steps = tile.steps(), row0 = tile.m_start + warp_row;
     WarpAcc<kHeadDim> o;
@@ -441,7 +343,7 @@ __global__ void __launch_bounds__(FwdSm90TmaKernel<T, kHeadDim, kWide, kPersiste
       if (consumer == 0) my_turn();
       // Every S of the tile is done: Q may be replaced. Only after consumer 0's last turn above,
       // since the next tile's first signal on barrier 2 waits for the next Q.
-      if constexpr (kPersistent && !K::kStageInQ) release_q();
+      if constexpr (kPersistent) release_q();
       wait_v(steps - 1);
       wgmma_fence();
       issue_pv<T, kHeadDim, kBlockN>(o, pa, desc_v(stage_of(steps - 1)));
@@ -450,9 +352,6 @@ __global__ void __launch_bounds__(FwdSm90TmaKernel<T, kHeadDim, kWide, kPersiste
       step += steps;
     }
 
-    // kStageInQ: a tile without keys has its Q loaded too (above), which the staging below
-    // must not meet halfway.
-    if (K::kStageInQ && steps == 0) mbarrier_wait(q_full, q_loads++ & 1);
     // Split-KV: this split's rows in float32 from registers, for the combine kernel (every
     // consumer alike: no barrier skipped halfway).
     if (kMaySplit && p.num_splits > 1) {
@@ -462,12 +361,12 @@ __global__ void __launch_bounds__(FwdSm90TmaKernel<T, kHeadDim, kWide, kPersiste
     float* lse_out = static_cast<float*>(p.lse) + stats_offset(p.stats_strides, tile.seq, tile.b, tile.h);
     // The output by TMA: this consumer's rows written into the staging tile as TMA stores it,
     // then one bulk store a panel by the consumer's first thread. Persistent, the staging tile is
-    // its own buffer, free once the previous tile's store has read it; otherwise (and kStageInQ)
-    // this consumer's rows of Q's buffer, free once its four warps' wgmmas are done with Q.
-    unsigned char* stage = kPersistent && !K::kStageInQ ? staging : sQ;
+    // its own buffer, free once the previous tile's store has read it; otherwise this
+    // consumer's rows of Q's buffer, free once its four warps' wgmmas are done with Q.
+    unsigned char* stage = kPersistent ? staging : sQ;
     const bool first_thread = tid % 128 == 0;
     const int epilogue_barrier = 2 + K::kConsumers + consumer;  // after the turns' barriers
-    if (kPersistent && !K::kStageInQ && first_thread) bulk_wait_group_read<0>();
+    if (kPersistent && first_thread) bulk_wait_group_read<0>();
     named_barrier_sync<128>(epilogue_barrier);
     float inv_l[2], lse[2];
     softmax.finalize(inv_l, lse);
@@ -480,10 +379,6 @@ __global__ void __launch_bounds__(FwdSm90TmaKernel<T, kHeadDim, kWide, kPersiste
         tma_store_4d(&map_o, stage + panel * kBlockM * 128 + consumer * 64 * 128, panel * 64,
                      tile.m_start + 64 * consumer, tile.h, tile.b);
       bulk_commit_group();
-    }
-    if (K::kStageInQ && first_thread) {  // the store has read this consumer's rows: Q may come
-      bulk_wait_group_read<0>();
-      mbarrier_arrive(q_empty);
     }
     store_lse(lse, lse_out, row0, tile.seq.seqlen_q, lane);
   }

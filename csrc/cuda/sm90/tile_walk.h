@@ -4,7 +4,6 @@
 // in benchmarks/NOTES.md). Host and device code (tests/cpp/test_tile_walk.cu checks it).
 #pragma once
 #include <cstdint>
-#include <queue>
 #include <vector>
 #include "../../attention_math.h"
 
@@ -46,10 +45,6 @@ struct TileWalk {
   FastDivmod pairs_in_last;       // the last section's pairs (fewer where they do not divide)
   FastDivmod heads_q;             // a pair's head and batch
   FastDivmod heads_per_kv_head;   // GQA: a query head's K/V head
-  // CUFLASH_FWD_DYNAMIC_WALK: the launch stream's slot of the kernel's tile counters
-  // (flash_fwd_sm90_tma.cuh's walk_counters; fwd_walk_counter_slot), or -1: the static walk.
-  // Last, so that the kernels' other parameters keep their offsets.
-  int counter_slot = -1;
 
   // Tile `index`'s query block, query head and batch.
   CUFLASH_HD void tile(int index, int* m_block, int* h, int* b) const {
@@ -70,10 +65,6 @@ struct TileWalk {
   CUFLASH_HD int kv_head(int h) const { return heads_per_kv_head.div(h); }
 };
 
-// CUFLASH_FWD_DYNAMIC_WALK: how many streams of a device may walk dynamically at once, each with
-// its own tile counter (TileWalk::counter_slot); streams past them walk statically.
-constexpr int kWalkCounterSlots = 256;
-
 // How much of L2 a section's K and V may take at most.
 constexpr int64_t kWalkL2Bytes = 32 << 20;
 
@@ -92,69 +83,31 @@ inline TileWalk make_tile_walk(int m_blocks, int heads_q, int heads_kv, int batc
   return w;
 }
 
-// Calls cost(c) for each tile of the walk's order (L2 sections of section_heads pairs, query
-// blocks descending inside one, then the section's pairs), c its key blocks plus one (the
-// per-tile work). tile_steps[m]: query block m's key blocks.
-template <class F>
-void for_each_walk_cost(const std::vector<int>& tile_steps, int heads_batches, int section_heads, F&& cost) {
-  const int m_blocks = static_cast<int>(tile_steps.size());
-  for (int first = 0; first < heads_batches; first += section_heads) {
-    const int pairs = heads_batches - first < section_heads ? heads_batches - first : section_heads;
-    for (int from_last = 0; from_last < m_blocks; ++from_last)
-      for (int pair = 0; pair < pairs; ++pair) cost(tile_steps[m_blocks - 1 - from_last] + 1);
-  }
-}
-
 // A model of the static walk's balance (CTA c takes tiles c, c + ctas, c + 2 ctas, ... of the
-// order above): the busiest CTA's work over the mean. On the H200 it ranked the causal section
-// sizes as their speeds did (benchmarks/NOTES.md, nineteenth session).
+// order above): the busiest CTA's work over the mean, a tile costing its key blocks plus one
+// (the per-tile work). tile_steps[m]: query block m's key blocks. On the H200 it ranked the
+// causal section sizes as their speeds did (benchmarks/NOTES.md, nineteenth session).
 inline double walk_imbalance(const std::vector<int>& tile_steps, int heads_batches, int section_heads, int ctas) {
-  const int64_t tiles = int64_t{static_cast<int>(tile_steps.size())} * heads_batches;
+  const int m_blocks = static_cast<int>(tile_steps.size());
+  const int64_t tiles = int64_t{m_blocks} * heads_batches;
   const int slots = static_cast<int>(tiles < ctas ? tiles : ctas);
   std::vector<int64_t> work(slots, 0);
   int64_t total = 0;
   int cta = 0;
-  for_each_walk_cost(tile_steps, heads_batches, section_heads, [&](int cost) {
-    work[cta] += cost;
-    total += cost;
-    if (++cta == slots) cta = 0;
-  });
+  for (int first = 0; first < heads_batches; first += section_heads) {
+    const int pairs = heads_batches - first < section_heads ? heads_batches - first : section_heads;
+    for (int from_last = 0; from_last < m_blocks; ++from_last) {
+      const int cost = tile_steps[m_blocks - 1 - from_last] + 1;
+      for (int pair = 0; pair < pairs; ++pair) {
+        work[cta] += cost;
+        total += cost;
+        if (++cta == slots) cta = 0;
+      }
+    }
+  }
   int64_t busiest = 0;
   for (int64_t w : work) busiest = w > busiest ? w : busiest;
   return total > 0 ? static_cast<double>(busiest) * slots / static_cast<double>(total) : 1.0;
-}
-
-// The same for the dynamic walk (CUFLASH_FWD_DYNAMIC_WALK): CTA c starts on tile c and, at the
-// start of each of its tiles, draws its next one from a counter (a tile ahead, as the kernel's
-// producer does), so the tiles past the first ctas go out in the order the CTAs start their
-// tiles, not the order they finish them: the last draws can still go to a CTA that has a long
-// tile left (ties: the lower CTA first). The last CTA's finish over the mean.
-inline double walk_imbalance_dynamic(const std::vector<int>& tile_steps, int heads_batches, int section_heads,
-                                     int ctas) {
-  std::vector<int> costs;
-  for_each_walk_cost(tile_steps, heads_batches, section_heads, [&](int cost) { costs.push_back(cost); });
-  const int slots = static_cast<int>(static_cast<int64_t>(costs.size()) < ctas ? costs.size() : ctas);
-  if (slots == 0) return 1.0;
-  struct Running {  // a CTA's current tile: when it started, what it costs
-    int64_t start;
-    int cta, cost;
-    bool operator>(const Running& o) const { return start != o.start ? start > o.start : cta > o.cta; }
-  };
-  std::priority_queue<Running, std::vector<Running>, std::greater<Running>> by_start;
-  int64_t total = 0, finish = 0;
-  for (int c = 0; c < slots; ++c) by_start.push({0, c, costs[c]});
-  for (int cost : costs) total += cost;
-  size_t next = static_cast<size_t>(slots);
-  while (!by_start.empty()) {
-    const Running r = by_start.top();
-    by_start.pop();
-    if (next < costs.size()) {
-      by_start.push({r.start + r.cost, r.cta, costs[next++]});
-    } else {
-      finish = r.start + r.cost > finish ? r.start + r.cost : finish;
-    }
-  }
-  return total > 0 ? static_cast<double>(finish) * slots / static_cast<double>(total) : 1.0;
 }
 
 // The pairs a section holds, for tiles of tile_steps[m] key blocks walked by `ctas` CTAs, where
@@ -165,10 +118,9 @@ inline double walk_imbalance_dynamic(const std::vector<int>& tile_steps, int hea
 // mask): the static walk's balance depends on how the section's length meets the CTA count, so
 // the section (a fraction of what fits in kWalkL2Bytes) is the one walk_imbalance rates best,
 // the smaller on a tie (fewer K/V bytes in flight). Walks of more than kModelledTiles tiles
-// (many rounds: balanced at any section) take the largest. dynamic: rated as the dynamic walk
-// (walk_imbalance_dynamic), which balances any order but the last tiles drawn.
+// (many rounds: balanced at any section) take the largest.
 inline int walk_section_heads(const std::vector<int>& tile_steps, int heads_batches, int ctas,
-                              int64_t kv_bytes_per_pair, bool dynamic = false) {
+                              int64_t kv_bytes_per_pair) {
   bool equal = true;
   for (int s : tile_steps) equal = equal && s == tile_steps.front();
   if (equal) return 1;
@@ -183,8 +135,7 @@ inline int walk_section_heads(const std::vector<int>& tile_steps, int heads_batc
     const int64_t scaled = (int64_t{largest} * n + 16) / 32;
     const int heads = static_cast<int>(scaled < 1 ? 1 : scaled);
     if (heads == best) continue;
-    const double imbalance = dynamic ? walk_imbalance_dynamic(tile_steps, heads_batches, heads, ctas)
-                                     : walk_imbalance(tile_steps, heads_batches, heads, ctas);
+    const double imbalance = walk_imbalance(tile_steps, heads_batches, heads, ctas);
     if (best == 0 || imbalance < best_imbalance - 0.005) {
       best = heads;
       best_imbalance = imbalance;
