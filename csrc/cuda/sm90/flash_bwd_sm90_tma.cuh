@@ -35,7 +35,15 @@ constexpr int kDkvStoreRows = 64;
 // deterministic one +7-16% at 512-1024 keys, -1% to +4% at 4096, twelfth session; the unordered
 // one +5-13%, -3% at 4096, thirteenth). Not head dim 128 (-3% to +3%). (An unordered walk of every
 // gridDim.x-th tile ran causal 14-28% slower than the hardware's scheduling of a full grid.)
-constexpr bool bwd_dkdv_persistent(int head_dim) { return head_dim == 64; }
+// CUFLASH_BWD_PERSISTENT128=1 (an experiment, not built by default): head dim 128 too, measured
+// at 308 B of spill in the twelfth session; the consumers' tile values made uniform since
+// (eighteenth session) took the grid kernel's spill from 68 to 8 B (benchmarks/NOTES.md).
+#ifndef CUFLASH_BWD_PERSISTENT128
+#define CUFLASH_BWD_PERSISTENT128 0
+#endif
+constexpr bool bwd_dkdv_persistent(int head_dim) {
+  return head_dim == 64 || (CUFLASH_BWD_PERSISTENT128 != 0 && head_dim == 128);
+}
 
 // The dQ kernel's shape: 128 resident queries, 64 (32) streamed keys a step.
 template <typename T, int kHeadDim>
