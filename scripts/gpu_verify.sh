@@ -7,6 +7,9 @@
 # three parts' output), $OUT/check/logs.tar.gz (the suite's), $OUT/san.tar.gz (each tool's).
 #   VERIFY_LIMIT_S=560   seconds for the whole call; each part gets what is left
 #   GPU_CHECK_PROCS, GPU_CHECK_SWEEP_SHARDS, SANITIZE_TOOLS ... pass through
+#   NVCC_APPEND_FLAGS="-DSOME_EXPERIMENT=1"   (read by nvcc itself) checks an experiment's build
+#                        whole; on a fresh machine only: ninja does not rebuild objects for a
+#                        changed environment
 # shellcheck source=scripts/device_call_env.sh
 source "$(dirname "$0")/device_call_env.sh"
 limit=${VERIFY_LIMIT_S:-560}
