@@ -268,7 +268,8 @@ def sm90_constants(path, struct, wanted, **template_args):
 HOST_TERMS = {r"(?:sm90::)?middle_row_keys\(p\)": "middle_row_keys",
               r"cuda_head_dim_bucket\(p\.dtype,\s*p\.shape\.head_dim\)": "bucket",
               r"p\.shape\.seqlen_q": "seqlen_q", r"p\.mask\.window_left": "window_left",
-              r"p\.mask\.window_right": "window_right", r"(?:sm90::)?long_rows\(p\)": "long_rows",
+              r"p\.mask\.window_right": "window_right", r"(?:sm90::)?unmasked\(p\)": "unmasked",
+              r"(?:sm90::)?long_rows\(p\)": "long_rows",
               r"(?:sm90::)?wide_rows<kHeadDim>\(p\)": "wide_rows",
               r"(?:sm90::)?persistent_wide_pays\(p\)": "persistent_wide_pays"}
 
@@ -426,7 +427,7 @@ def sm90_forward(cfg, bucket):
         return sm90_constants(SM90_FWD_TMA_CUH, "FwdSm90TmaKernel", ("kBlockM", "kBlockN", "kHasPersistent"),
                               kHeadDim=bucket, kWide=wide, kPersistent=persistent)
 
-    for predicate in ("long_rows", "wide_rows", "persistent_wide_pays"):  # persistent_rows' terms
+    for predicate in ("unmasked", "long_rows", "wide_rows", "persistent_wide_pays"):  # persistent_rows' terms
         values[predicate] = host_predicate(SM90_FWD_TMA_CUH, predicate, values)
     walk = tile(False, False)["kHasPersistent"] and host_predicate(SM90_FWD_TMA_CUH, "persistent_rows", values)
     # launch_fwd_tma's order; head dim 64 is the one with a wide persistent kernel (`if constexpr`).

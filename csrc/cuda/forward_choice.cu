@@ -80,7 +80,7 @@ int fwd_num_splits(const FlashFwdParams& p, int requested) {
 int fwd_walk_section_heads(const FlashFwdParams& p, int block_m, int block_n, int ctas, int64_t kv_bytes_per_pair) {
   // Without a mask every tile sees every key (tiles of one length: a pair a section, as
   // walk_section_heads says), so the common call skips the lock and the lookup below.
-  if (p.mask.window_left < 0 && p.mask.window_right < 0) return 1;
+  if (sm90::unmasked(p)) return 1;
   const AttentionShape& sh = p.shape;
   const int heads_batches = sh.heads_q * sh.batch;
   using Key = std::tuple<int, int, int, int, bool, int, int, int, int, int, int64_t>;

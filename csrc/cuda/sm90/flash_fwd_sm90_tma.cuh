@@ -409,12 +409,15 @@ bool wide_rows(const FlashFwdParams& p) {
   return middle_row_keys(p) >= (kHeadDim == 128 ? 4096 : 2048);
 }
 
+// Whether dense p has no mask (no window: causal is one), so that every tile sees every key.
+inline bool unmasked(const FlashFwdParams& p) { return p.mask.window_left < 0 && p.mask.window_right < 0; }
+
 // Where the persistent kernel at head dim 64 (short rows) takes the wide tile: no mask (H200,
 // benchmarks/NOTES.md, 2026-12-02: +3-4% at 512 and 1024 keys; causal 7-10% slower, its
 // diagonal tiles' masked share being larger on 192 rows), and more than 128 query rows (up to
 // 128 the narrow tile is one block too, without the wide one's padded third of rows).
 inline bool persistent_wide_pays(const FlashFwdParams& p) {
-  return p.mask.window_left < 0 && p.mask.window_right < 0 && p.shape.seqlen_q > 128;
+  return unmasked(p) && p.shape.seqlen_q > 128;
 }
 
 // Where the persistent kernel runs dense p (plain attention without a KV cache): short rows, and
@@ -426,8 +429,7 @@ inline bool persistent_wide_pays(const FlashFwdParams& p) {
 // rows lose (-6% and -14% at 16384 keys: the static walk's balance; benchmarks/NOTES.md).
 template <int kHeadDim>
 bool persistent_rows(const FlashFwdParams& p) {
-  return !long_rows(p) || (kHeadDim == 64 ? persistent_wide_pays(p)
-                                          : p.mask.window_left < 0 && p.mask.window_right < 0 && !wide_rows<kHeadDim>(p));
+  return !long_rows(p) || (kHeadDim == 64 ? persistent_wide_pays(p) : unmasked(p) && !wide_rows<kHeadDim>(p));
 }
 
 // The tensor maps of q, k, v and out for the TMA kernel of dense p; false where TMA cannot address them (alignment, zero strides): the

@@ -128,13 +128,15 @@ inline int walk_section_heads(const std::vector<int>& tile_steps, int heads_batc
   const int largest = static_cast<int>(fit < 1 ? 1 : fit < heads_batches ? fit : heads_batches);
   constexpr int64_t kModelledTiles = 1 << 16;
   if (int64_t{heads_batches} * static_cast<int64_t>(tile_steps.size()) > kModelledTiles) return largest;
-  int best = 0;
+  int best = 0, last = 0;
   double best_imbalance = 0.0;
-  // Fractions of the largest in 32nds, ascending: 1/32, 1/16, 1/8, 3/16, 1/4, 3/8, 1/2, 3/4, 1.
+  // Fractions of the largest in 32nds, ascending: 1/32, 1/16, 1/8, 3/16, 1/4, 3/8, 1/2, 3/4, 1
+  // (rounded, so neighbours may coincide: each count rated once).
   for (int n : {1, 2, 4, 6, 8, 12, 16, 24, 32}) {
     const int64_t scaled = (int64_t{largest} * n + 16) / 32;
     const int heads = static_cast<int>(scaled < 1 ? 1 : scaled);
-    if (heads == best) continue;
+    if (heads == last) continue;
+    last = heads;
     const double imbalance = walk_imbalance(tile_steps, heads_batches, heads, ctas);
     if (best == 0 || imbalance < best_imbalance - 0.005) {
       best = heads;
