@@ -916,7 +916,7 @@ EXPLANATION = """\
   kernel reads out and dout; a dQ kernel reads Q, dO, lse, delta once and K, V once per query
   block; a dK/dV kernel reads K, V once and Q, dO, lse, delta once per key block (at D = 256,
   dK and dV are two launches that both stream Q, dO, lse, delta). Hopper's fused backward
-  (D = 64; D = 128 from 1024 keys a row) has no dQ kernel: its dK/dV kernel adds each key
+  (D = 64; D = 128 from 512 keys a row) has no dQ kernel: its dK/dV kernel adds each key
   block's dQ part to an fp32 buffer by TMA reduce-add (a read and a write of 4 D bytes per
   streamed query row and key block, counted as HBM traffic though the adds happen in L2), which
   the delta kernel zeroes and dq_convert turns into dq.

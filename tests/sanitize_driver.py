@@ -10,7 +10,7 @@ atomics, the TMA forward's wide tiles, the narrow dK/dV steps at head dim 64, Ho
 mma.sync forward at head dims 33-64); seqlens that are not multiples of any tile, seqlen 1, causal
 off, top-left and bottom-right (with rows that see no key), batch and heads 1-2, a [B, N, H, D]
 strided layout, the backward with the gradient of the returned lse, and with deterministic=False
-(the fused Hopper backward's unordered dQ adds) and past 1024 keys (its head-dim-128 routes); the
+(the fused Hopper backward's unordered dQ adds) and past 512 keys (its head-dim-128 routes); the
 KV-cache forward: paged keys (with seqused_k and flash_attn_with_kvcache's appends), split-KV and
 its combine kernel (with features, paged keys and packed queries), and decoding steps (grouped
 heads as rows; four causal tokens a step packed under CUFLASH_PACK_GQA=1; 130 unsplit and one split
@@ -62,8 +62,8 @@ def cases():
                     (dtype, d, 1, 1, 129, 300, "none", "")]
         out += [(dtype, 64, 1, 1, 1, 1, "none", ""), (dtype, 64, 2, 2, 150, 150, "top_left", "bnhd")]
     # The fused Hopper backward's other routes: unordered dQ adds (deterministic=False: narrow and
-    # wide query steps at head dim 64, head dim 128 past 1024 keys a row) and the ordered one at
-    # head dim 128, which runs from 1024 keys seen by the middle query row.
+    # wide query steps at head dim 64, head dim 128 past 512 keys a row) and the ordered one at
+    # head dim 128, which runs from 512 keys seen by the middle query row.
     out += [(F16, 64, 1, 2, 77, 300, "top_left", "nondet"), (F16, 64, 2, 2, 150, 1100, "none", "nondet"),
             (BF16, 128, 1, 2, 130, 1100, "none", "nondet"), (BF16, 128, 1, 2, 130, 1100, "bottom_right", "")]
     for dtype in (F32, F64):

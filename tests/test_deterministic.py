@@ -2,7 +2,7 @@
 flash_attention) keeps every gradient bitwise reproducible; False (flash_attn's default) lets the
 backward add dq up with atomics. Both run the fused warp-specialized kernel where it is faster
 than the pair of kernels (on an sm_90a build on a compute capability 9.0 GPU, plain 16-bit
-attention at head-dim buckets 64 and 128, at 128 from 1024 keys seen by the middle query row):
+attention at head-dim buckets 64 and 128, at 128 from 512 keys seen by the middle query row):
 True makes it add each query block's dq shares in a fixed order, False with atomics. Elsewhere,
 and under torch.use_deterministic_algorithms(True), False changes nothing."""
 import pytest
@@ -66,7 +66,8 @@ def test_false_matches_reference_long_causal_rows(dtype, d):
 @pytest.mark.skipif(not IS_SM90, reason="needs a compute capability 9.0 GPU")
 @pytest.mark.parametrize("d,n,causal,fused", [(64, 100, False, True), (128, 100, False, False),
                                               (128, 2048, False, True), (128, 2048, True, True),
-                                              (128, 1024, True, False), (256, 2048, False, False)])
+                                              (128, 512, False, True), (128, 1024, True, True),
+                                              (128, 512, True, False), (256, 2048, False, False)])
 def test_which_kernel(d, n, causal, fused):
     q, k, v = inputs("cuda", torch.bfloat16, n, d)
     for deterministic in (False, True):
@@ -173,11 +174,11 @@ def test_ordered_adds_with_more_key_blocks_than_sms(d, wide, causal, monkeypatch
 
 
 @pytest.mark.skipif(not IS_SM90, reason="needs a compute capability 9.0 GPU")
-@pytest.mark.parametrize("d,wide", [(64, False), (64, True)], ids=["d64", "d64_wide"])
+@pytest.mark.parametrize("d,wide", ORDERED_STEPS, ids=ORDERED_STEP_IDS)
 @pytest.mark.parametrize("nq,nk,window", [(300, 60, (16, 0)), (64, 1050, (20, 20)), (1000, 1050, (30, 5))],
                          ids=["keys_one_consumer", "key_blocks_no_query", "window"])
 def test_persistent_ordered_tiles_without_work(d, wide, nq, nk, window, monkeypatch):
-    """The persistent ordered kernel (head dim 64) over tiles that leave a role idle: 60 keys (the
+    """The persistent ordered kernel over tiles that leave a role idle: 60 keys (the
     second consumer's 64 rows hold none: it stores nothing), a window that leaves most key blocks
     without a query (tiles of no step), and 1050 keys (26 in the last block). 48 heads a side, so
     some CTAs take several tiles. Against float64, and bit for bit over three backwards."""

@@ -3,10 +3,10 @@
 // CUFLASH_SM90, inputs TMA can address) adds dQ up in fp32 itself, unordered (atomics,
 // deterministic=False) or in a fixed order (deterministic); elsewhere the one-kernel paths are
 // slower than the pair of kernels. Where it measured faster than the pair (benchmarks/NOTES.md,
-// H200): unordered, every row length at D=64, and at D=128 from 1024 keys seen by the middle
-// query row (0.90x at 256, 1.00x at 512, 1.02-1.13x from 1024); ordered, the same: at D=64
-// 1.15-1.28x without a mask, causal 0.98-1.01x up to 2048 and 1.07-1.08x from 8192; at D=128
-// 1.03-1.08x from 1024 without a mask, causal 0.99-1.03x from 2048, 0.87-0.97x at 512.
+// H200, bf16): at D=64 every row length, both orders (ordered 1.15-1.28x without a mask, causal
+// 0.98-1.01x up to 2048 and 1.07-1.08x from 8192); at D=128 (persistent since the twenty-first
+// session) from 512 keys seen by the middle query row: ordered 1.05-1.11x at 512 keys without a
+// mask and 1.04-1.08x causal at 1024 (middle row 513 keys), even (0.98-1.01x) causal at 512.
 #include "flash_launch.h"
 #include "sm90/flash_bwd_sm90_tma.cuh"
 #include "sm90/flash_fwd_sm90_tma.cuh"  // middle_row_keys
@@ -23,15 +23,14 @@ bool fused_backward_runs(const FlashBwdParams& p) {
   if (!fused_backward_built_for(p.dtype, p.shape.head_dim)) return false;
   if (p.dscores != nullptr) return false;
   if (!sm90::sm90_paths(p).bwd_ws) return false;  // (not with seqused_k: sm90_paths)
-  // The launch encodes the maps (no second encoding here); dk and dv where the persistent kernel
-  // stores them by TMA (both routes' at head dim 64).
-  const int bucket = cuda_head_dim_bucket(p.dtype, p.shape.head_dim);
-  return sm90::bwd_tma_addressable(p, sm90::bwd_dkdv_persistent(bucket));
+  // The launch encodes the maps (no second encoding here); dk and dv too, which the persistent
+  // kernel stores by TMA.
+  return sm90::bwd_tma_addressable(p, /*dkdv_stores=*/true);
 }
 
 bool prefers_fused_backward(const FlashBwdParams& p) {
   if (!fused_backward_runs(p)) return false;
-  return cuda_head_dim_bucket(p.dtype, p.shape.head_dim) != 128 || sm90::middle_row_keys(p) >= 1024;
+  return cuda_head_dim_bucket(p.dtype, p.shape.head_dim) != 128 || sm90::middle_row_keys(p) >= 512;
 }
 
 }  // namespace cuflash

@@ -286,7 +286,7 @@ cudaError_t run_flash_bwd(const FlashBwdParams& p, cudaStream_t stream) {
             using Ws = sm90::BwdDkvSm90TmaKernel<T, kHeadDim, kAccum, kWithDk, kWithDv, kWide, kOrdered>;
             // Its CTAs take their tiles from dkdv_tile_counter (set_fused_dq_scratch sets it with
             // dq_accum); a caller that gives none gets the other kernels.
-            if ((kOrdered || Ws::kPersistent) && p.dkdv_tile_counter == nullptr) return false;
+            if (Ws::kPersistent && p.dkdv_tile_counter == nullptr) return false;
             if (!sm90::encode_bwd_tma_maps<T, Ws>(p, &maps)) return false;
             if (Ws::kTmaStoreDkv && !sm90::encode_dkdv_maps(p, std::is_same_v<T, __nv_bfloat16>, &maps))
               return false;

@@ -30,21 +30,6 @@ constexpr int kDqPartRows = 64;
 // box (the maps' boxes).
 constexpr int kDkvStoreRows = 64;
 
-// Where the fused dK/dV/dQ kernel is persistent (BwdDkvSm90TmaKernel::kPersistent), its tiles taken
-// from dkdv_tile_counter in turn: at head dim 64, both orders (benchmarks/NOTES.md, H200: the
-// deterministic one +7-16% at 512-1024 keys, -1% to +4% at 4096, twelfth session; the unordered
-// one +5-13%, -3% at 4096, thirteenth). Not head dim 128 (-3% to +3%). (An unordered walk of every
-// gridDim.x-th tile ran causal 14-28% slower than the hardware's scheduling of a full grid.)
-// CUFLASH_BWD_PERSISTENT128=1 (an experiment, not built by default): head dim 128 too, measured
-// at 308 B of spill in the twelfth session; the consumers' tile values made uniform since
-// (eighteenth session) took the grid kernel's spill from 68 to 8 B (benchmarks/NOTES.md).
-#ifndef CUFLASH_BWD_PERSISTENT128
-#define CUFLASH_BWD_PERSISTENT128 0
-#endif
-constexpr bool bwd_dkdv_persistent(int head_dim) {
-  return head_dim == 64 || (CUFLASH_BWD_PERSISTENT128 != 0 && head_dim == 128);
-}
-
 // The dQ kernel's shape: 128 resident queries, 64 (32) streamed keys a step.
 template <typename T, int kHeadDim>
 struct BwdDqSm90TmaKernel {
@@ -197,10 +182,14 @@ struct BwdDkvSm90TmaKernel {
   static_assert(!kAccumDq || kHeadDim <= 128, "dQ comes with dK and dV, in 64-row parts");
   static_assert(!kWideSteps || (kHeadDim == 64 && kWithDk && kWithDv), "wide steps: head dim 64, dK and dV");
   static_assert(!kOrderedDq || kAccumDq, "ordered adds of dQ");
-  // As persistent CTAs (the kernel below), dK and dV stored by TMA: the next tile's K and V load
-  // waits only for the bulk stores to have read their buffers. (The TMA store alone, in the
-  // kernels that are not persistent, measured -5% to +1%: benchmarks/NOTES.md.)
-  static constexpr bool kPersistent = kAccumDq && bwd_dkdv_persistent(kHeadDim);
+  // The fused kernel (kAccumDq) runs persistent CTAs, its tiles taken from dkdv_tile_counter in
+  // turn (benchmarks/NOTES.md, H200: at head dim 64 the ordered one +7-16% at 512-1024 keys, -1%
+  // to +4% at 4096, the unordered one +5-13%; at 128, once its consumers stopped spilling, -1% to
+  // +6% ordered and +3-7% unordered at 1024-16384 keys). (An unordered walk of every gridDim.x-th
+  // tile ran causal 14-28% slower than the hardware's scheduling of a full grid.) dK and dV then
+  // go out by TMA store: the next tile's K and V load waits only for the bulk stores to have read
+  // their buffers. (The TMA store alone, in kernels that were not persistent, measured -5% to +1%.)
+  static constexpr bool kPersistent = kAccumDq;
   static constexpr bool kTmaStoreDkv = kPersistent;
   static constexpr int kConsumers = 2, kThreads = 128 * (kConsumers + 1), kConsumerThreads = 128 * kConsumers;
   static constexpr int kBlockN = 64 * kConsumers;              // resident keys
@@ -226,9 +215,9 @@ struct BwdDkvSm90TmaKernel {
   // threads); kAccumDq: per consumer dq_full (its warps) and dq_empty (the drain warp); kPersistent:
   // K/V empty, and the tile ring's two full and two empty.
   static constexpr int kBarriers = 1 + 2 * kStages + (kAccumDq ? 2 * kConsumers : 0) + (kPersistent ? 5 : 0);
-  // kOrderedDq: and the CTA's tile index (16 bytes); kPersistent: the ring's two slots (32 bytes).
+  // kPersistent: and the tile ring's two slots (32 bytes).
   static constexpr int kSmemBytes = 2 * kKVBytes + 2 * kStages * kQBytes + kDsBytes + kDqBytes + kStatsBytes +
-                                    kBarriers * 8 + (kPersistent ? 32 : kOrderedDq ? 16 : 0) + 1024;
+                                    kBarriers * 8 + (kPersistent ? 32 : 0) + 1024;
   // The producer's loop (TMA coordinates per step, the stats warp's rows) spills at 24 registers;
   // the consumers can spare 8 but at head dim 128 (where ptxas would serialize the wgmmas).
   static constexpr int kProducerRegs = kHeadDim != 128 ? 40 : 24, kConsumerRegs = kHeadDim != 128 ? 232 : 240;
@@ -291,7 +280,7 @@ __global__ void __launch_bounds__(
   uint64_t* kv_empty = dq_empty + K::kConsumers;  // kPersistent: the epilogue's stores read K and V
   uint64_t* tile_full = kv_empty + 1;             // kPersistent: [2] the tile ring's slots
   uint64_t* tile_empty = tile_full + 2;           // kPersistent: [2]
-  int* tile_slot = reinterpret_cast<int*>(kPersistent ? tile_empty + 2 : dq_empty + K::kConsumers);  // [2][4]
+  int* tile_slot = reinterpret_cast<int*>(tile_empty + 2);  // kPersistent: [2][4]
 
   const AttentionShape& sh = p.shape;
   const int tid = threadIdx.x, warpgroup = warpgroup_index(), lane = tid % 32;
@@ -306,29 +295,17 @@ __global__ void __launch_bounds__(
   // then reaches each block one step after n + 1. (The first key block first, which starts the
   // longest causal key blocks first, ran 7-35% slower: block n reaches each query block a step
   // before n - 1 does and waits for it; benchmarks/NOTES.md.)
-  // kPersistent (bwd_dkdv_persistent): one CTA an SM walks tiles, the TMA
-  // thread taking each (dkdv_tile_counter's next: ordered_tile's order, or the grid's) and
-  // publishing it in a two-slot ring that every role reads (tile_full, tile_empty); the Q/dO
-  // ring, the stats and the dQ drain run on across tiles (global step g), so that the next
-  // tile's first loads go out during this tile's last steps and epilogue; K and V wait for the
-  // epilogue's stores to have read their buffers (kv_empty).
+  // kPersistent: one CTA an SM walks tiles, the TMA thread taking each (dkdv_tile_counter's
+  // next: ordered_tile's order, or the grid's) and publishing it in a two-slot ring that every
+  // role reads (tile_full, tile_empty); the Q/dO ring, the stats and the dQ drain run on across
+  // tiles (global step g), so that the next tile's first loads go out during this tile's last
+  // steps and epilogue; K and V wait for the epilogue's stores to have read their buffers
+  // (kv_empty). Otherwise (the pair's dK/dV kernel) a CTA a tile, its blockIdx.
   const int key_blocks_per_head = (sh.seqlen_k + kBlockN - 1) / kBlockN;
   const int num_tiles = key_blocks_per_head * sh.heads_kv * sh.batch;
   DkvTile first_tile{};
   if constexpr (!kPersistent) {
-    int n_block = blockIdx.x, h_kv = blockIdx.y, b = blockIdx.z;
-    if constexpr (kOrderedDq) {
-      // The CTA's first thread takes the tile's index; every thread then computes the tile from it
-      // (warp-uniform, as blockIdx is). Computed by that thread alone (a branch holding
-      // ordered_tile's 64-bit division, a call), ptxas kept the consumers' step counter and so
-      // their Q/dO descriptors in per-thread registers: 60 R2UR and 3 reloads a step, 812
-      // instructions against 685 (benchmarks/NOTES.md, eighteenth session).
-      if (tid == 0) tile_slot[0] = atomicAdd(p.dkdv_tile_counter, 1);
-      __syncthreads();
-      ordered_tile<kHeadDim>(p, warp_uniform(tile_slot[0]), key_blocks_per_head, sh.heads_kv * sh.batch, &n_block,
-                             &h_kv, &b);
-    }
-    first_tile = dkv_tile<kBlockN, kBlockM>(p, mask, n_block, h_kv, b);
+    first_tile = dkv_tile<kBlockN, kBlockM>(p, mask, blockIdx.x, blockIdx.y, blockIdx.z);
     if (first_tile.n_start >= first_tile.seq.seqlen_k) return;
   }
   // Tile i of this CTA's walk into *tile; false past its last. The TMA thread (kPublish) takes and
