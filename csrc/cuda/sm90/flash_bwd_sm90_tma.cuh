@@ -184,11 +184,12 @@ struct BwdDkvSm90TmaKernel {
   static_assert(!kOrderedDq || kAccumDq, "ordered adds of dQ");
   // The fused kernel (kAccumDq) runs persistent CTAs, its tiles taken from dkdv_tile_counter in
   // turn (benchmarks/NOTES.md, H200: at head dim 64 the ordered one +7-16% at 512-1024 keys, -1%
-  // to +4% at 4096, the unordered one +5-13%; at 128, once its consumers stopped spilling, -1% to
-  // +6% ordered and +3-7% unordered at 1024-16384 keys). (An unordered walk of every gridDim.x-th
-  // tile ran causal 14-28% slower than the hardware's scheduling of a full grid.) dK and dV then
-  // go out by TMA store: the next tile's K and V load waits only for the bulk stores to have read
-  // their buffers. (The TMA store alone, in kernels that were not persistent, measured -5% to +1%.)
+  // to +4% at 4096, the unordered one +5-13%; at 128, once its consumers stopped spilling, +0.4%
+  // to +6% ordered and +3-7% unordered at 1024-16384 keys, causal from 2048). (An unordered walk
+  // of every gridDim.x-th tile ran causal 14-28% slower than the hardware's scheduling of a full
+  // grid.) dK and dV then go out by TMA store: the next tile's K and V load waits only for the
+  // bulk stores to have read their buffers. (The TMA store alone, in kernels that were not
+  // persistent, measured -5% to +1%.)
   static constexpr bool kPersistent = kAccumDq;
   static constexpr bool kTmaStoreDkv = kPersistent;
   static constexpr int kConsumers = 2, kThreads = 128 * (kConsumers + 1), kConsumerThreads = 128 * kConsumers;
