@@ -3,7 +3,8 @@
 
 Standard table: batch * seqlen = 16384 tokens, hidden 2048 (heads = 2048 // head_dim),
 head_dim in {64, 128, 256}, seqlen 512..16384, causal and not, bf16. Every implementation runs
-in the same process on the same inputs; results go to
+in the same process on the same inputs, timed in --rounds rounds interleaved with the others'
+(the median of its rounds is its figure; each round's are in the JSON); results go to
 benchmarks/results/<gpu-slug>-<YYYY-MM-DD>.json (and a .md table next to it).
 
     python3 benchmarks/bench_attention.py                 # the standard table
@@ -329,38 +330,102 @@ def probe(fn, q, k, v, dout):
 # ---------------------------------------------------------------------------------------------
 # The standard table.
 
-def measure_row(make, shape, causal, dtype, layout, timer):
-    """Timings and peak memory of one implementation on one configuration (a dict)."""
+def base_row(name, shape, causal, dtype, layout):
     batch, heads, seqlen, head_dim = shape
-    fn = make(causal)
-    q, k, v, dout = make_inputs(batch, heads, seqlen, head_dim, dtype, layout)
-    probe(fn, q, k, v, dout)
-    peak = peak_mib(fwdbwd_step(fn, q, k, v, dout))
-    fwd_ms = timer(fwd_step(fn, q, k, v))
-    fwdbwd_ms = timer(fwdbwd_step(fn, q, k, v, dout))
+    return {"impl": name, "dtype": dtype_name(dtype), "layout": layout, "batch": batch,
+            "heads": heads, "seqlen_q": seqlen, "seqlen_k": seqlen, "head_dim": head_dim,
+            "causal": causal}
+
+
+def prepare_row(name, make, shape, causal, dtype, layout, inputs, skip_math_above):
+    """(row, steps): the row with its peak memory, and its (forward, forward+backward) steps on
+    the shared inputs (q, k, v, dout) to time; steps None where it failed or is skipped
+    (row["error"] says why)."""
+    row = base_row(name, shape, causal, dtype, layout)
+    if isinstance(make, str):
+        return {**row, "error": make}, None
+    if name == "sdpa_math" and skip_math_above is not None and shape[2] > skip_math_above:
+        return {**row, "error": f"skipped: math stores the N x N matrix (seqlen > {skip_math_above})"}, None
+    q, k, v, dout = inputs
+    try:
+        with environment_of(name):
+            fn = make(causal)
+            probe(fn, q, k, v, dout)
+            row["peak_mib"] = peak_mib(fwdbwd_step(fn, q, k, v, dout))
+    except Exception as e:
+        return {**row, "error": first_line(e)}, None
+    return row, (fwd_step(fn, q, k, v), fwdbwd_step(fn, q, k, v, dout))
+
+
+def interleaved_timings(steps, timer, rounds):
+    """{name: ([forward ms a round], [forward+backward ms a round]) or the error's line}: each
+    implementation timed once a round, the order rotated a place each round, so that a slow
+    spell of the machine (a backward of 0.1 ms is mostly host launches: four runs of one route
+    read 149-199 TFLOP/s on an H200) lands on one round of several implementations, not on all
+    rounds of one; the caller takes the medians."""
+    names = list(steps)
+    samples = {name: ([], []) for name in names}
+    for r in range(rounds):
+        for i in range(len(names)):
+            name = names[(i + r) % len(names)]
+            if not isinstance(samples[name], tuple):
+                continue  # failed in an earlier round
+            fwd, fwdbwd = steps[name]
+            try:
+                with environment_of(name):
+                    samples[name][0].append(timer(fwd))
+                    samples[name][1].append(timer(fwdbwd))
+            except Exception as e:
+                samples[name] = first_line(e)
+    return samples
+
+
+def timed_fields(fwd_rounds, fwdbwd_rounds, shape, causal):
+    """A row's timings from its rounds: the medians (backward = forward+backward less forward; each
+    round's too, in bwd_ms_rounds)."""
+    batch, heads, seqlen, head_dim = shape
+    fwd_ms, fwdbwd_ms = statistics.median(fwd_rounds), statistics.median(fwdbwd_rounds)
     bwd_ms = fwdbwd_ms - fwd_ms
     flops = fwd_flops(batch, heads, seqlen, seqlen, head_dim, causal)
     return {"fwd_ms": fwd_ms, "bwd_ms": bwd_ms, "fwdbwd_ms": fwdbwd_ms,
             "fwd_tflops": tflops(flops, fwd_ms), "bwd_tflops": tflops(2.5 * flops, bwd_ms),
-            "peak_mib": peak}
+            "fwd_ms_rounds": list(fwd_rounds), "fwdbwd_ms_rounds": list(fwdbwd_rounds),
+            "bwd_ms_rounds": [b - f for f, b in zip(fwd_rounds, fwdbwd_rounds)]}
 
 
-def run_one(name, make, shape, causal, dtype, layout, timer, skip_math_above):
-    batch, heads, seqlen, head_dim = shape
-    row = {"impl": name, "dtype": dtype_name(dtype), "layout": layout, "batch": batch,
-           "heads": heads, "seqlen_q": seqlen, "seqlen_k": seqlen, "head_dim": head_dim,
-           "causal": causal}
-    if isinstance(make, str):
-        return {**row, "error": make}
-    if name == "sdpa_math" and skip_math_above is not None and seqlen > skip_math_above:
-        return {**row, "error": f"skipped: math stores the N x N matrix (seqlen > {skip_math_above})"}
-    try:
-        with environment_of(name):
-            row.update(measure_row(make, shape, causal, dtype, layout, timer))
-    except Exception as e:
-        row["error"] = first_line(e)
+def measure_configuration(impls, shape, causal, dtype, layout, timer, rounds, skip_math_above):
+    """Every implementation's row on one configuration, on the same inputs."""
+    inputs = make_inputs(*shape, dtype, layout)
+    prepared = [prepare_row(name, make, shape, causal, dtype, layout, inputs, skip_math_above)
+                for name, make in impls.items()]
+    samples = interleaved_timings({row["impl"]: steps for row, steps in prepared if steps is not None},
+                                  timer, rounds)
+    rows = []
+    for row, _ in prepared:
+        got = samples.get(row["impl"])
+        if isinstance(got, str):
+            row["error"] = got
+        elif got is not None:
+            row.update(timed_fields(*got, shape, causal))
+        rows.append(row)
+    del prepared, inputs
     free_memory()
-    return row
+    return rows
+
+
+def warm_up_gpu(seconds=0.5):
+    """Matmuls for a while before the first timing: an idle GPU starts at its lowest clocks (an
+    H200 read 345 MHz), which the first implementation's warm-up alone may not lift."""
+    a = torch.randn(4096, 4096, device="cuda", dtype=torch.bfloat16)
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    while True:
+        for _ in range(20):
+            a @ a
+        end.record()
+        end.synchronize()
+        if start.elapsed_time(end) >= seconds * 1e3:
+            return
 
 
 def configurations(dtypes, layouts, head_dims, seqlens, causals):
@@ -392,11 +457,12 @@ def describe(dtype, layout, shape, causal):
 def run_standard(args, impls, timer):
     configs = configurations([DTYPES[d] for d in args.dtypes], args.layouts, args.head_dims,
                              args.seqlens, args.causals)
+    warm_up_gpu()
     rows = []
     for i, (dtype, layout, shape, causal) in progress(configs):
         log(f"[{i}/{len(configs)}] {describe(dtype, layout, shape, causal)}")
-        for name, make in impls.items():
-            row = run_one(name, make, shape, causal, dtype, layout, timer, args.skip_math_above)
+        for row in measure_configuration(impls, shape, causal, dtype, layout, timer, args.rounds,
+                                         args.skip_math_above):
             log("    " + summarize(row))
             rows.append(row)
     return rows
@@ -455,13 +521,19 @@ def run_memory(args, impls):
 # Environment, output files and the markdown tables.
 
 def git_commit():
-    # The device tool's copy of the tree can carry a stale .git: callers there pass the commit.
+    """HEAD, with "+changes" where tracked files differ from it. The device tool's copy of the
+    tree can carry a stale .git (its HEAD an older commit, the files the newer ones: "+changes"
+    then says so); callers there may pass the commit in CUFLASH_BENCH_COMMIT."""
     if os.environ.get("CUFLASH_BENCH_COMMIT"):
         return os.environ["CUFLASH_BENCH_COMMIT"]
     try:
         out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True,
                              text=True, timeout=10)
-        return out.stdout.strip() if out.returncode == 0 and out.stdout.strip() else "unknown"
+        if out.returncode != 0 or not out.stdout.strip():
+            return "unknown"
+        dirty = subprocess.run(["git", "diff", "--quiet", "HEAD", "--"], cwd=REPO_ROOT,
+                               capture_output=True, timeout=30).returncode == 1
+        return out.stdout.strip() + ("+changes" if dirty else "")
     except Exception:
         return "unknown"
 
@@ -483,8 +555,9 @@ def output_path(out_dir, env, tag):
 
 
 def env_line(env):
+    commit = env["commit"][:12] + ("+changes" if env["commit"].endswith("+changes") else "")
     return (f"{env['gpu']}, torch {env['torch']}, CUDA {env['cuda']}, cuDNN {env['cudnn']}, "
-            f"{env['date']}, commit {env['commit'][:12]}")
+            f"{env['date']}, commit {commit}")
 
 
 def fmt_tflops(x):
@@ -656,8 +729,11 @@ def parse_args(argv=None):
     p.add_argument("--skip-math-above", type=int, default=4096, metavar="N",
                    help="skip sdpa_math when seqlen > N, recording an error row (default 4096; "
                         "-1: never skip)")
-    p.add_argument("--warmup-ms", type=float, default=25.0, help="warm-up per timing (default 25)")
-    p.add_argument("--rep-ms", type=float, default=100.0, help="repeats per timing (default 100)")
+    p.add_argument("--warmup-ms", type=float, default=10.0, help="warm-up per timing (default 10)")
+    p.add_argument("--rep-ms", type=float, default=40.0, help="repeats per timing (default 40)")
+    p.add_argument("--rounds", type=int, default=3,
+                   help="timings of each implementation, interleaved with the others' in a rotating "
+                        "order; the row is their median (default 3)")
     p.add_argument("--out", type=Path, default=RESULTS_DIR,
                    help="output directory (default benchmarks/results)")
     p.add_argument("--tag", default=None,
@@ -680,6 +756,8 @@ def parse_args(argv=None):
     args.head_dims = args.head_dims or list(QUICK_HEAD_DIMS if args.quick else HEAD_DIMS)
     args.seqlens = args.seqlens or list(QUICK_SEQLENS if args.quick else SEQLENS)
     args.causals = {"both": [False, True], "true": [True], "false": [False]}[args.causal]
+    if args.rounds < 1:
+        p.error(f"--rounds {args.rounds}: must be at least 1")
     if args.skip_math_above is not None and args.skip_math_above < 0:
         args.skip_math_above = None
     for d in args.head_dims:

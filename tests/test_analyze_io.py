@@ -100,9 +100,12 @@ def test_hopper_fused_backward_by_hand():
     assert dkdv["read"] == 2 * n * row + key_blocks * n * (2 * row + 2 * 4 + accum_row)
     assert dkdv["write"] == 2 * n * row + key_blocks * n * accum_row
     assert (convert["read"], convert["write"]) == (n * accum_row, n * row)
-    # D = 128 below 512 keys a row: the dQ kernel and the dK/dV kernel, no dq_accum
+    # D = 128 below 512 keys a row: the dQ kernel and the dK/dV kernel, no dq_accum; from 512 the
+    # fused kernel
     assert [k["kernel"] for k in aio.tiled_kernels(cfg(256, 128), "sm90")[1:]] == [
         "flash_bwd_delta_kernel", "flash_bwd_dq_sm90_tma_kernel", "flash_bwd_dkdv_sm90_tma_kernel"]
+    assert [k["kernel"] for k in aio.tiled_kernels(cfg(512, 128), "sm90")[1:]] == [
+        "flash_bwd_delta_kernel", "flash_bwd_dkdv_sm90_tma_kernel", "flash_bwd_dq_convert_kernel"]
     # float32 and head dims without a Hopper kernel: the sm_80-class kernels on Hopper too
     for c in (cfg(512, 64, dtype="fp32"), cfg(512, 96)):
         assert aio.tiled_kernels(c, "sm90") == aio.tiled_kernels(c, "sm80")

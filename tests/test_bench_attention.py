@@ -1,6 +1,7 @@
 """benchmarks/bench_attention.py's harness, CPU only: implementation variants under run-time
 switches (cuflash_attn@VAR=value) parse, set their environment for their own measurement only,
-and unknown names are refused."""
+and unknown names are refused; a configuration's implementations are timed in interleaved rounds
+(a rotating order), each row the median of its rounds."""
 import os
 import sys
 from pathlib import Path
@@ -44,3 +45,97 @@ def test_variant_values_may_hold_commas():
     assert args.impls == ["cuflash_attn@CUFLASH_SM90=tma,features+CUFLASH_DEBUG=0", "sdpa_cudnn",
                           "cuflash_attn@CUFLASH_SM90=0"]
     assert bench.split_variant(args.impls[0])[1] == {"CUFLASH_SM90": "tma,features", "CUFLASH_DEBUG": "0"}
+
+
+def test_rounds_interleave_in_a_rotating_order_and_keep_each_timing():
+    calls = []
+
+    def step(name, kind):
+        return lambda: calls.append((name, kind))
+
+    steps = {name: (step(name, "fwd"), step(name, "fwdbwd")) for name in ("a", "b", "c")}
+    times = iter(range(1, 100))
+
+    def timer(fn):
+        fn()
+        return float(next(times))
+
+    samples = bench.interleaved_timings(steps, timer, rounds=3)
+    order = [name for name, kind in calls if kind == "fwd"]
+    assert order == ["a", "b", "c", "b", "c", "a", "c", "a", "b"]
+    assert all(kind == "fwdbwd" and name == fwd_name for (fwd_name, _), (name, kind)
+               in zip(calls[::2], calls[1::2]))
+    assert samples["a"] == ([1.0, 11.0, 15.0], [2.0, 12.0, 16.0])
+    assert samples["c"] == ([5.0, 9.0, 13.0], [6.0, 10.0, 14.0])
+
+
+def test_a_failing_implementation_is_dropped_from_later_rounds():
+    ran = []
+
+    def failing():
+        raise RuntimeError("launch failed\nmore")
+
+    steps = {"ok": (lambda: ran.append("ok"), lambda: None), "bad": (failing, failing)}
+
+    def timer(fn):
+        fn()
+        return 1.0
+
+    samples = bench.interleaved_timings(steps, timer, rounds=3)
+    assert samples["bad"] == "launch failed"
+    assert samples["ok"] == ([1.0] * 3, [1.0] * 3) and ran == ["ok"] * 3
+
+
+def test_a_row_is_the_median_of_its_rounds():
+    # B=1, H=1, N=1000, D=64 non-causal: 4 * 1000^2 * 64 FLOPs forward, 2.5 times that backward
+    row = bench.timed_fields([1.0, 9.0, 2.0], [3.0, 30.0, 5.0], (1, 1, 1000, 64), False)
+    assert (row["fwd_ms"], row["fwdbwd_ms"], row["bwd_ms"]) == (2.0, 5.0, 3.0)
+    assert row["fwd_tflops"] == pytest.approx(4 * 1000**2 * 64 / 2e-3 / 1e12)
+    assert row["bwd_tflops"] == pytest.approx(2.5 * 4 * 1000**2 * 64 / 3e-3 / 1e12)
+    assert row["fwd_ms_rounds"] == [1.0, 9.0, 2.0]
+
+
+def test_rounds_must_be_positive():
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--rounds", "0"])
+    assert bench.parse_args([]).rounds == 3
+
+
+def test_a_configuration_times_every_implementation_under_its_own_switches(monkeypatch):
+    """measure_configuration with the CUDA parts stubbed: a variant's switch is set while it is
+    prepared and while it is timed, never for the others; failures, skips and implementations
+    that did not load come back as error rows, in the order given."""
+    monkeypatch.delenv("CUFLASH_BWD_DQ", raising=False)
+    monkeypatch.setattr(bench, "make_inputs", lambda *a: ("q", "k", "v", "dout"))
+    monkeypatch.setattr(bench, "probe", lambda fn, *a: fn())
+    monkeypatch.setattr(bench, "peak_mib", lambda step: 1.0)
+    monkeypatch.setattr(bench, "free_memory", lambda: None)
+    monkeypatch.setattr(bench, "fwd_step", lambda fn, *inputs: fn)
+    monkeypatch.setattr(bench, "fwdbwd_step", lambda fn, *inputs: fn)
+    seen = []
+
+    def make(causal):
+        def fn(*args):
+            seen.append(os.environ.get("CUFLASH_BWD_DQ"))
+        return fn
+
+    def broken(causal):
+        raise RuntimeError("no kernel")
+
+    impls = {"cuflash_attn": make, "cuflash_attn@CUFLASH_BWD_DQ=ordered": make, "sdpa_flash": broken,
+             "sdpa_efficient": "import failed: x", "sdpa_math": make}
+    timings = iter(float(i) for i in range(1, 100))
+
+    def timer(step):
+        step()
+        return next(timings)
+
+    rows = bench.measure_configuration(impls, (1, 2, 8192, 64), False, bench.torch.bfloat16, "bhnd", timer,
+                                       rounds=2, skip_math_above=4096)
+    assert [r["impl"] for r in rows] == list(impls)
+    assert rows[2]["error"] == "no kernel" and rows[3]["error"] == "import failed: x"
+    assert rows[4]["error"].startswith("skipped")
+    assert "error" not in rows[0] and len(rows[0]["fwd_ms_rounds"]) == 2 and rows[0]["peak_mib"] == 1.0
+    # probe once each, then two steps a round each, two rounds; the variant's calls see its switch
+    assert seen.count("ordered") == 1 + 2 * 2 and seen.count(None) == 1 + 2 * 2
+    assert "CUFLASH_BWD_DQ" not in os.environ

@@ -5,8 +5,9 @@
 // slower than the pair of kernels. Where it measured faster than the pair (benchmarks/NOTES.md,
 // H200, bf16): at D=64 every row length, both orders (ordered 1.15-1.28x without a mask, causal
 // 0.98-1.01x up to 2048 and 1.07-1.08x from 8192); at D=128 (persistent since the twenty-first
-// session) from 512 keys seen by the middle query row: ordered 1.05-1.11x at 512 keys without a
-// mask and 1.04-1.08x causal at 1024 (middle row 513 keys), even (0.98-1.01x) causal at 512.
+// session) from 512 keys seen by the middle query row: ordered against the pair 1.04-1.10x causal
+// at 1024 keys (middle row 513) in all five runs; at 512 without a mask 1.05-1.14x in four runs,
+// 0.87x in one (short rows are noisy: benchmarks/NOTES.md); even (0.98-1.01x) causal at 512.
 #include "flash_launch.h"
 #include "sm90/flash_bwd_sm90_tma.cuh"
 #include "sm90/flash_fwd_sm90_tma.cuh"  // middle_row_keys

@@ -28,8 +28,7 @@ cudaError_t run_flash_bwd_cuda(const FlashBwdParams& p, cudaStream_t stream);
 // 64 and 128), whatever the device and the tensors.
 bool fused_backward_built_for(DType dtype, int head_dim);
 // Whether p's backward, given a dq_accum, runs the fused Hopper kernel (which can also order its
-// adds). Conservative at head-dim bucket 64: dk and dv must be TMA-addressable there (the ordered
-// kernel stores them by TMA), for the unordered route too.
+// adds). dk and dv must be TMA-addressable too (the persistent fused kernel stores them by TMA).
 bool fused_backward_runs(const FlashBwdParams& p);
 // Whether p's backward should run the fused Hopper kernel (give p its scratch through
 // set_fused_dq_scratch: dq_accum, dkdv_tile_counter, and dq_semaphores for a deterministic one):

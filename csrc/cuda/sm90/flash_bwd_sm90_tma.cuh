@@ -512,7 +512,8 @@ __global__ void __launch_bounds__(
     // Ordered: the lane's base passes through an empty asm at each call, so that its sixteen
     // addresses are recomputed here (a few integer ops) rather than kept live across the loop
     // (ptxas spilled them, reloaded every step: ordered spills 208/312 -> 80/144 bytes at head
-    // dim 128, 148/236 -> 56/120 at 64 wide; the unordered kernels spill more that way).
+    // dim 128, 148/236 -> 56/120 at 64 wide, measured before the kernels were persistent and
+    // their tile values uniform; the unordered kernels spill more that way).
     uint32_t lane_base = smem_u32(sdQ + consumer * K::kDqPartBytes) + (warp_row % 64) * 128;
     int my_lane = lane;
     if constexpr (kOrderedDq) asm volatile("" : "+r"(lane_base), "+r"(my_lane));
