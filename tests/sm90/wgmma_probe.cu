@@ -12,7 +12,10 @@
 // small (split_tf32, as the sm_80-class kernels) and B stored raw (its big part: the tensor cores
 // drop the low 13 bits) and as its small part; the same with A from shared memory (1xTF32, the
 // descriptor check); and the accumulator's drift over 1024 k (TF32 products exact, the sums the
-// tensor cores' own).
+// tensor cores' own). Last, the operand patterns of the planned fused head-dim-256 backward
+// (benchmarks/NOTES.md's build plan): a 40-key slice of an 80-row K-major tile (m64n40k16), A read
+// MN-major (the instruction's trans-a) against a K-major 80-row B (dV^T = dO^T P), and A and B
+// both MN-major over 80 K-rows (dQ = dS K, dS stored [key][query]).
 // Exit status 0: it matches; 1: it does not; 2: no usable GPU. Run by tests/test_sm90_probe.py.
 #include <cuda.h>  // CUtensorMap and its enums (types only: the encoder comes from the runtime)
 #include <cudaTypedefs.h>
@@ -23,6 +26,7 @@
 #include <cmath>
 #include <cstdio>
 #include <cstring>
+#include <functional>
 #include <random>
 #include <vector>
 
@@ -186,6 +190,78 @@ __global__ void __launch_bounds__(128) gemm_abt_tf32_long(const float* a, const 
   for (int i = 0; i < 32; ++i) c[wgmma_acc_row(threadIdx.x, i) * kN + wgmma_acc_col(threadIdx.x, i)] = d[i];
 }
 
+// The head-dim-256 backward's patterns, each 64 x kCols bfloat16 row-major inputs stored one
+// 128B-swizzled panel (swizzle128_offset, row by row); C [64][n] row-major.
+constexpr int kKeys = 80;
+template <int kRows>
+__device__ void store_panel(unsigned char* tile, const __nv_bfloat16* x) {
+  for (int i = threadIdx.x; i < kRows * 64; i += 128)
+    *reinterpret_cast<__nv_bfloat16*>(tile + cuflash::sm90::swizzle128_offset(i / 64, i % 64)) = x[i];
+}
+template <int kN, int kRegs>
+__device__ void store_acc(const float (&d)[kRegs], float* c) {
+  for (int i = 0; i < kRegs; ++i) c[cuflash::sm90::wgmma_acc_row(threadIdx.x, i) * kN + cuflash::sm90::wgmma_acc_col(threadIdx.x, i)] = d[i];
+}
+// S's slice: C [64][40] = A B^T, A [64][64], B rows 40..79 of b [80][64] (an 80-row K-major tile
+// whose second warpgroup's keys start at row 40: 5 swizzle atoms on).
+__global__ void __launch_bounds__(128) gemm_key_slice(const __nv_bfloat16* a, const __nv_bfloat16* b, float* c) {
+  using namespace cuflash::sm90;
+  __shared__ __align__(1024) unsigned char sa[kM * 128], sb[kKeys * 128];
+  store_panel<kM>(sa, a);
+  store_panel<kKeys>(sb, b);
+  fence_async_shared();
+  __syncthreads();
+  float d[20];
+  for (float& x : d) x = 0.f;
+  wgmma_fence();
+#pragma unroll
+  for (int k = 0; k < kK / 16; ++k)
+    Wgmma<__nv_bfloat16, 40>::ss(d, smem_desc_k_major_sw128(sa, 32 * k), smem_desc_k_major_sw128(sb, 40 * 128 + 32 * k), k > 0);
+  wgmma_commit();
+  wgmma_wait<0>();
+  store_acc<40>(d, c);
+}
+// dV^T = dO^T P: C [64][80] = X^T Y^T, x [64 k][64 m] (dO as stored, [query][head dim]) read
+// MN-major, y [80 n][64 k] (P^T, [key][query]) K-major; k16 steps of 16 rows (2048 bytes) of x.
+__global__ void __launch_bounds__(128) gemm_mn_major_a(const __nv_bfloat16* x, const __nv_bfloat16* y, float* c) {
+  using namespace cuflash::sm90;
+  __shared__ __align__(1024) unsigned char sx[kK * 128], sy[kKeys * 128];
+  store_panel<kK>(sx, x);
+  store_panel<kKeys>(sy, y);
+  fence_async_shared();
+  __syncthreads();
+  float d[40];
+  for (float& v : d) v = 0.f;
+  wgmma_fence();
+#pragma unroll
+  for (int k = 0; k < kK / 16; ++k)
+    Wgmma<__nv_bfloat16, 80>::ss<0, 1>(d, smem_desc_mn_major_sw128(sx, 2048 * k, kK * 128), smem_desc_k_major_sw128(sy, 32 * k),
+                                       k > 0);
+  wgmma_commit();
+  wgmma_wait<0>();
+  store_acc<kKeys>(d, c);
+}
+// dQ = dS K: C [64][64] = X^T Y, x [80 k][64 m] (dS^T, [key][query]) and y [80 k][64 n] (K,
+// [key][head dim]) both MN-major; five k16 steps of 2048 bytes.
+__global__ void __launch_bounds__(128) gemm_mn_major_ab(const __nv_bfloat16* x, const __nv_bfloat16* y, float* c) {
+  using namespace cuflash::sm90;
+  __shared__ __align__(1024) unsigned char sx[kKeys * 128], sy[kKeys * 128];
+  store_panel<kKeys>(sx, x);
+  store_panel<kKeys>(sy, y);
+  fence_async_shared();
+  __syncthreads();
+  float d[32];
+  for (float& v : d) v = 0.f;
+  wgmma_fence();
+#pragma unroll
+  for (int k = 0; k < kKeys / 16; ++k)
+    Wgmma<__nv_bfloat16, 64>::ss<1, 1>(d, smem_desc_mn_major_sw128(sx, 2048 * k, kKeys * 128),
+                                       smem_desc_mn_major_sw128(sy, 2048 * k, kKeys * 128), k > 0);
+  wgmma_commit();
+  wgmma_wait<0>();
+  store_acc<64>(d, c);
+}
+
 // One 64 x 128 box of an attention map at (0, 0, head, batch) into a panel, copied out as
 // [128][64] (read back through panel_offset).
 constexpr int kBoxRows = 128;
@@ -293,6 +369,62 @@ bool check(const char* how, const std::vector<__nv_bfloat16>& a, const std::vect
               b_transposed ? "^T" : "", n, worst, bad_row, bad_col, ok ? "ok" : "MISMATCH");
   return ok;
 }
+// C [64][n] against the double product sum_k a(m, k) b(k, n); prints one line.
+bool check_product(const char* how, int n, int k, const std::function<float(int, int)>& a,
+                   const std::function<float(int, int)>& b, float* c_dev) {
+  const cudaError_t err = cudaDeviceSynchronize();
+  std::vector<float> c(kM * n);
+  cudaMemcpy(c.data(), c_dev, c.size() * sizeof(float), cudaMemcpyDeviceToHost);
+  double worst = 0;
+  for (int i = 0; i < kM; ++i)
+    for (int j = 0; j < n; ++j) {
+      double ref = 0;
+      for (int x = 0; x < k; ++x) ref += double(a(i, x)) * double(b(x, j));
+      worst = std::max(worst, std::isnan(c[i * n + j]) ? INFINITY : std::abs(c[i * n + j] - ref));
+    }
+  const bool ok = err == cudaSuccess && worst <= 1e-3;  // exact bf16 products, fp32 sums of <= 80
+  std::printf("wgmma_probe (%s): 64x%dx%d bf16, max error %.3g%s: %s\n", how, n, k, worst,
+              err == cudaSuccess ? "" : " (kernel failed)", ok ? "ok" : "MISMATCH");
+  return ok;
+}
+
+// The head-dim-256 backward's three patterns on random inputs.
+bool check_hdim256_patterns() {
+  std::mt19937 rng(3);
+  std::normal_distribution<float> normal;
+  auto random_bf16 = [&](int count) {
+    std::vector<__nv_bfloat16> v(count);
+    for (auto& x : v) x = __float2bfloat16(normal(rng));
+    return v;
+  };
+  const std::vector<__nv_bfloat16> x = random_bf16(kKeys * 64), y = random_bf16(kKeys * 64);
+  auto at = [](const std::vector<__nv_bfloat16>& v, int row, int col) { return __bfloat162float(v[row * 64 + col]); };
+  __nv_bfloat16 *x_dev, *y_dev;
+  float* c_dev;
+  cudaMalloc(&x_dev, x.size() * sizeof(x[0]));
+  cudaMalloc(&y_dev, y.size() * sizeof(y[0]));
+  cudaMalloc(&c_dev, kM * kKeys * sizeof(float));
+  cudaMemcpy(x_dev, x.data(), x.size() * sizeof(x[0]), cudaMemcpyHostToDevice);
+  cudaMemcpy(y_dev, y.data(), y.size() * sizeof(y[0]), cudaMemcpyHostToDevice);
+  cudaMemset(c_dev, 0xFF, kM * kKeys * sizeof(float));
+  gemm_key_slice<<<1, 128>>>(x_dev, y_dev, c_dev);
+  bool ok = check_product("m64n40k16, B rows 40-79 of an 80-row tile", 40, kK,
+                          [&](int m, int k) { return at(x, m, k); }, [&](int k, int n) { return at(y, 40 + n, k); },
+                          c_dev);
+  cudaMemset(c_dev, 0xFF, kM * kKeys * sizeof(float));
+  gemm_mn_major_a<<<1, 128>>>(x_dev, y_dev, c_dev);
+  ok = check_product("A MN-major (trans-a), B K-major 80 rows: dO^T P", kKeys, kK,
+                     [&](int m, int k) { return at(x, k, m); }, [&](int k, int n) { return at(y, n, k); }, c_dev) && ok;
+  cudaMemset(c_dev, 0xFF, kM * kKeys * sizeof(float));
+  gemm_mn_major_ab<<<1, 128>>>(x_dev, y_dev, c_dev);
+  ok = check_product("A and B MN-major over 80 K-rows: dS K", 64, kKeys,
+                     [&](int m, int k) { return at(x, k, m); }, [&](int k, int n) { return at(y, k, n); }, c_dev) && ok;
+  cudaFree(x_dev);
+  cudaFree(y_dev);
+  cudaFree(c_dev);
+  return ok;
+}
+
 // max |c - ref| / max |ref| of a 64 x kN float result against the double product of a [kM][k]
 // and b [kN][k] (row-major), and the host's own float sum (rounded to nearest each add) likewise.
 struct Tf32Errors {
@@ -403,5 +535,6 @@ int main() {
   ok = check_attention_map(false) && ok;
   ok = check_attention_map(true) && ok;
   ok = check_tf32() && ok;
+  ok = check_hdim256_patterns() && ok;
   return ok ? 0 : 1;
 }
