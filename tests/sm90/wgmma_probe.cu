@@ -15,7 +15,8 @@
 // tensor cores' own). Last, the operand patterns of the planned fused head-dim-256 backward
 // (benchmarks/NOTES.md's build plan): a 40-key slice of an 80-row K-major tile (m64n40k16), A read
 // MN-major (the instruction's trans-a) against a K-major 80-row B (dV^T = dO^T P), and A and B
-// both MN-major over 80 K-rows (dQ = dS K, dS stored [key][query]).
+// both MN-major over 80 K-rows (dQ = dS K, dS stored [key][query]); and a 64 x 40 accumulator
+// stored transposed by stmatrix (x4, x4, x2) as rows 40-79 of an 80-row [key][query] panel (P^T).
 // Exit status 0: it matches; 1: it does not; 2: no usable GPU. Run by tests/test_sm90_probe.py.
 #include <cuda.h>  // CUtensorMap and its enums (types only: the encoder comes from the runtime)
 #include <cudaTypedefs.h>
@@ -262,6 +263,45 @@ __global__ void __launch_bounds__(128) gemm_mn_major_ab(const __nv_bfloat16* x, 
   store_acc<64>(d, c);
 }
 
+// P^T's store: the 64 x 40 accumulator of gemm_key_slice (queries down, keys across) packed to
+// bfloat16 and stored transposed into rows 40-79 of an 80-row panel, [key][query]: n8 tile j, half
+// h (rows 8h of the warp's 16) is fragment 2j + h; stored, its column q is key 40 + 8j + q, whose
+// 8 queries from 16w + 8h lie contiguous. out: the panel read back row-major [80][64].
+__global__ void __launch_bounds__(128) key_rows_by_stmatrix(const __nv_bfloat16* a, const __nv_bfloat16* b,
+                                                           __nv_bfloat16* out) {
+  using namespace cuflash::sm90;
+  __shared__ __align__(1024) unsigned char sa[kM * 128], sb[kKeys * 128], st[kKeys * 128];
+  store_panel<kM>(sa, a);
+  store_panel<kKeys>(sb, b);
+  for (int i = threadIdx.x; i < kKeys * 128 / 4; i += 128) reinterpret_cast<uint32_t*>(st)[i] = 0;
+  fence_async_shared();
+  __syncthreads();
+  float d[20];
+  for (float& x : d) x = 0.f;
+  wgmma_fence();
+#pragma unroll
+  for (int k = 0; k < kK / 16; ++k)
+    Wgmma<__nv_bfloat16, 40>::ss(d, smem_desc_k_major_sw128(sa, 32 * k), smem_desc_k_major_sw128(sb, 40 * 128 + 32 * k), k > 0);
+  wgmma_commit();
+  wgmma_wait<0>();
+  uint32_t f[10];
+  for (int m = 0; m < 10; ++m) {
+    const __nv_bfloat162 v = __floats2bfloat162_rn(d[4 * (m / 2) + 2 * (m % 2)], d[4 * (m / 2) + 2 * (m % 2) + 1]);
+    f[m] = *reinterpret_cast<const uint32_t*>(&v);
+  }
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+  auto address = [&](int m) {  // this lane's row of stored fragment m
+    return static_cast<uint32_t>(__cvta_generic_to_shared(st)) +
+           swizzle128_offset(40 + 8 * (m / 2) + lane % 8, 16 * warp + 8 * (m % 2));
+  };
+  stmatrix_x4_trans(address(lane / 8), {f[0], f[1], f[2], f[3]});
+  stmatrix_x4_trans(address(4 + lane / 8), {f[4], f[5], f[6], f[7]});
+  stmatrix_x2_trans(address(8 + (lane / 8) % 2), {f[8], f[9]});
+  __syncthreads();
+  for (int i = threadIdx.x; i < kKeys * 64; i += 128)
+    out[i] = *reinterpret_cast<const __nv_bfloat16*>(st + swizzle128_offset(i / 64, i % 64));
+}
+
 // One 64 x 128 box of an attention map at (0, 0, head, batch) into a panel, copied out as
 // [128][64] (read back through panel_offset).
 constexpr int kBoxRows = 128;
@@ -419,10 +459,30 @@ bool check_hdim256_patterns() {
   gemm_mn_major_ab<<<1, 128>>>(x_dev, y_dev, c_dev);
   ok = check_product("A and B MN-major over 80 K-rows: dS K", 64, kKeys,
                      [&](int m, int k) { return at(x, k, m); }, [&](int k, int n) { return at(y, k, n); }, c_dev) && ok;
+  // P^T by stmatrix: rows 40-79 the slice's product transposed (one bfloat16 rounding), 0-39 zero.
+  __nv_bfloat16* out_dev;
+  cudaMalloc(&out_dev, kKeys * 64 * sizeof(__nv_bfloat16));
+  cudaMemset(out_dev, 0xFF, kKeys * 64 * sizeof(__nv_bfloat16));
+  key_rows_by_stmatrix<<<1, 128>>>(x_dev, y_dev, out_dev);
+  const cudaError_t err = cudaDeviceSynchronize();
+  std::vector<__nv_bfloat16> out(kKeys * 64);
+  cudaMemcpy(out.data(), out_dev, out.size() * sizeof(out[0]), cudaMemcpyDeviceToHost);
+  int bad = 0;
+  for (int key = 0; key < kKeys; ++key)
+    for (int q = 0; q < 64; ++q) {
+      double ref = 0;
+      for (int k = 0; key >= 40 && k < kK; ++k) ref += double(at(x, q, k)) * double(at(y, key, k));
+      const double got = __bfloat162float(out[key * 64 + q]);
+      if (!(std::abs(got - ref) <= std::abs(ref) / 128 + 1e-3)) ++bad;  // bfloat16: 8 bits
+    }
+  const bool stored = err == cudaSuccess && bad == 0;
+  std::printf("wgmma_probe (stmatrix .trans x4, x4, x2: a 64x40 accumulator as rows 40-79 of [key][query]): "
+              "%d wrong%s: %s\n", bad, err == cudaSuccess ? "" : " (kernel failed)", stored ? "ok" : "MISMATCH");
+  cudaFree(out_dev);
   cudaFree(x_dev);
   cudaFree(y_dev);
   cudaFree(c_dev);
-  return ok;
+  return ok && stored;
 }
 
 // max |c - ref| / max |ref| of a 64 x kN float result against the double product of a [kM][k]

@@ -212,6 +212,12 @@ __device__ __forceinline__ void stmatrix_x4_trans(uint32_t addr, const uint32_t 
                "r"(r[1]), "r"(r[2]), "r"(r[3])
                : "memory");
 }
+// The same for two matrices (lanes 0-15 give the addresses): the odd fifth 8-column tile of a
+// 40-column accumulator.
+__device__ __forceinline__ void stmatrix_x2_trans(uint32_t addr, const uint32_t (&r)[2]) {
+  asm volatile("stmatrix.sync.aligned.m8n8.x2.trans.shared.b16 [%0], {%1, %2};\n" ::"r"(addr), "r"(r[0]), "r"(r[1])
+               : "memory");
+}
 // Warp-specialized kernels move registers from the producer warpgroup to the consumers; every
 // thread of the warpgroup executes it.
 // The pool they share is what the CTA (one per SM, __launch_bounds__(kThreads, 1)) holds at
