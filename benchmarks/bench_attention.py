@@ -556,8 +556,9 @@ def output_path(out_dir, env, tag):
 
 def env_line(env):
     commit = env["commit"][:12] + ("+changes" if env["commit"].endswith("+changes") else "")
+    runs = f", the median of {len(env['combined_from'])} runs" if env.get("combined_from") else ""
     return (f"{env['gpu']}, torch {env['torch']}, CUDA {env['cuda']}, cuDNN {env['cudnn']}, "
-            f"{env['date']}, commit {commit}")
+            f"{env['date']}, commit {commit}{runs}")
 
 
 def fmt_tflops(x):

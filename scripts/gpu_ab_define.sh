@@ -21,7 +21,13 @@
 #                        sanitize_B/; SANITIZE_BUDGET_S and the other SANITIZE_ knobs apply)
 #   AB_SKIP_A=1          neither build, benchmark nor sanitize A: a second experiment in the same
 #                        call, against the first one's A (same files, same benchmark arguments)
-# Results: $OUT/<gpu>-<date>-a.md/json and -b.md/json; logs as $OUT/logs.tar.gz.
+#   AB_ROUNDS=2          benchmark processes per build, alternated A B A B (the builds' extension
+#                        files swapped in turn), combined by benchmarks/combine_runs.py: a slow
+#                        spell of the machine between processes (an unchanged forward moved -8%
+#                        to +2% between A and B, twenty-first session) then lands on a run of
+#                        each build. 1: one each, as before. bench_features.py runs once each.
+# Results: $OUT/<gpu>-<date>-a.md/json and -b.md/json (each the median of its runs; the runs'
+# own as -a1, -b1, ...); logs as $OUT/logs.tar.gz.
 # shellcheck source=scripts/device_call_env.sh
 source "$(dirname "$0")/device_call_env.sh"
 : "${AB_DEFINE:?AB_DEFINE names the flags of build B}"
@@ -41,15 +47,25 @@ build() {  # build NAME [extra nvcc flags]
   echo "build $1${2:+ ($2)}: $(( $(date +%s) - start )) s"
 }
 status=0
+rounds=${AB_ROUNDS:-2}
+stash=/tmp/cuflash_ab_extensions  # the A and B builds' extension files, for the later rounds
+mkdir -p "$stash"
+keep_extension() { cp "$(ls cuflash_attn/_C*.so)" "$stash/$1.so"; }
+use_extension() { cp "$stash/$1.so" "$(ls cuflash_attn/_C*.so)"; }
+bench() {  # bench TAG (A1, B2, ...)
+  # shellcheck disable=SC2086  # AB_BENCH is an argument list
+  python3 benchmarks/bench_attention.py ${AB_BENCH-} --out "$OUT" --tag "$1" > "$OUT/bench_$1.log" 2>&1 || status=1
+}
 bench_features() {  # bench_features TAG
   # shellcheck disable=SC2086  # AB_BENCH_FEATURES is an argument list
   [ -z "${AB_BENCH_FEATURES+set}" ] || python3 benchmarks/bench_features.py $AB_BENCH_FEATURES \
     > "$OUT/features_$1.md" 2> "$OUT/bench_features_$1.log" || status=1
 }
 if [ "${AB_SKIP_A:-0}" != 1 ]; then
+  rm -f "$stash/A.so"
   build A
-  # shellcheck disable=SC2086  # AB_BENCH is an argument list
-  python3 benchmarks/bench_attention.py ${AB_BENCH-} --out "$OUT" --tag A > "$OUT/bench_A.log" 2>&1 || status=1
+  keep_extension A
+  bench A1
   bench_features A
   if [ -n "${AB_SANITIZE_TOOLS-}" ]; then
     OUT="$OUT" SANITIZE_SKIP_BUILD=1 SANITIZE_TOOLS="$AB_SANITIZE_TOOLS" bash scripts/sanitize.sh > "$OUT/sanitize.log" 2>&1 \
@@ -67,8 +83,8 @@ if [ -n "${AB_TESTS-}" ]; then
   grep -E '^(FAILED|ERROR)' "$OUT/tests_B.log" | head -n 15
 fi
 if (( tests_ok )); then
-  # shellcheck disable=SC2086
-  python3 benchmarks/bench_attention.py ${AB_BENCH-} --out "$OUT" --tag B > "$OUT/bench_B.log" 2>&1 || status=1
+  keep_extension B
+  bench B1
   bench_features B
 fi
 if [ -n "${AB_SANITIZE_B_TOOLS-}" ]; then
@@ -76,10 +92,24 @@ if [ -n "${AB_SANITIZE_B_TOOLS-}" ]; then
     > "$OUT/sanitize_B.log" 2>&1 || status=1
   grep -vE '^=========' "$OUT/sanitize_B.log" | tail -n 12
 fi
+if (( tests_ok )); then
+  for (( r = 2; r <= rounds; ++r )); do
+    if [ "${AB_SKIP_A:-0}" != 1 ]; then use_extension A; bench "A$r"; fi
+    use_extension B
+    bench "B$r"
+  done
+  # One file per build, as before: -a and -b, each the median of its runs.
+  for tag in a b; do
+    mapfile -t runs < <(ls "$OUT"/*-"$tag"[0-9]*.json 2>/dev/null)
+    (( ${#runs[@]} == 0 )) || python3 benchmarks/combine_runs.py "${runs[0]%-"$tag"[0-9]*.json}-$tag.json" "${runs[@]}" \
+      || status=1
+  done
+fi
 # The next build is A again (and scripts that build only without an extension, e.g.
 # gpu_sm90_check.sh, build one).
 touch -c "${files[@]}"
 rm -f cuflash_attn/_C*.so
-tail -n 30 "$OUT"/bench_*.log
+for f in "$OUT"/bench_*.log; do grep -q '^wrote ' "$f" || { echo "== $f"; tail -n 8 "$f"; }; done  # failed runs
+for f in "$OUT"/*-[ab].md; do echo "== $f"; tail -n 16 "$f"; done
 archive_logs "*.log" "sanitize_B/*.log"
 exit $status

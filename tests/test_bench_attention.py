@@ -2,6 +2,7 @@
 switches (cuflash_attn@VAR=value) parse, set their environment for their own measurement only,
 and unknown names are refused; a configuration's implementations are timed in interleaved rounds
 (a rotating order), each row the median of its rounds."""
+import json
 import os
 import sys
 from pathlib import Path
@@ -139,3 +140,30 @@ def test_a_configuration_times_every_implementation_under_its_own_switches(monke
     # probe once each, then two steps a round each, two rounds; the variant's calls see its switch
     assert seen.count("ordered") == 1 + 2 * 2 and seen.count(None) == 1 + 2 * 2
     assert "CUFLASH_BWD_DQ" not in os.environ
+
+
+def test_runs_combine_into_the_median_of_all_their_rounds(tmp_path):
+    import combine_runs
+
+    def row(impl, fwd, fwdbwd, **extra):
+        r = {"impl": impl, "dtype": "bfloat16", "layout": "bhnd", "batch": 1, "heads": 1, "seqlen_q": 1000,
+             "seqlen_k": 1000, "head_dim": 64, "causal": False, "peak_mib": extra.pop("peak", 1.0)}
+        if fwd is None:
+            return {**r, "error": "no kernel"}
+        return {**r, "fwd_ms": fwd[0], "fwdbwd_ms": fwdbwd[0], "fwd_ms_rounds": fwd, "fwdbwd_ms_rounds": fwdbwd}
+
+    env = {"gpu": "NVIDIA H200", "torch": "2", "cuda": "13.0", "cudnn": "9", "date": "2026-12-04", "commit": "abc"}
+    runs = [{"env": env, "rows": [row("ours", [1.0, 2.0, 9.0], [3.0, 4.0, 30.0]), row("peer", None, None)]},
+            {"env": env, "rows": [row("ours", [3.0, 4.0, 5.0], [6.0, 7.0, 8.0], peak=2.0), row("peer", [1.0], [2.0])]}]
+    paths = []
+    for i, run in enumerate(runs):
+        paths.append(tmp_path / f"run{i}.json")
+        paths[-1].write_text(json.dumps(run))
+    assert combine_runs.main([str(tmp_path / "both.json")] + [str(p) for p in paths]) == 0
+    both = json.loads((tmp_path / "both.json").read_text())
+    ours, peer = both["rows"]
+    assert (ours["fwd_ms"], ours["fwdbwd_ms"], ours["bwd_ms"]) == (3.5, 6.5, 3.0)  # medians of six rounds
+    assert ours["runs"] == 2 and ours["peak_mib"] == 2.0 and len(ours["fwd_ms_rounds"]) == 6
+    assert peer["error"] == "no kernel"  # one run failed: the row says so
+    assert both["env"]["combined_from"] == ["run0.json", "run1.json"]
+    assert "the median of 2 runs" in (tmp_path / "both.md").read_text()
