@@ -395,7 +395,11 @@ def timed_fields(fwd_rounds, fwdbwd_rounds, shape, causal):
 
 def measure_configuration(impls, shape, causal, dtype, layout, timer, rounds, skip_math_above):
     """Every implementation's row on one configuration, on the same inputs."""
-    inputs = make_inputs(*shape, dtype, layout)
+    try:
+        inputs = make_inputs(*shape, dtype, layout)
+    except Exception as e:  # e.g. out of memory: every row says so
+        free_memory()
+        return [{**base_row(name, shape, causal, dtype, layout), "error": f"inputs: {first_line(e)}"} for name in impls]
     prepared = [prepare_row(name, make, shape, causal, dtype, layout, inputs, skip_math_above)
                 for name, make in impls.items()]
     samples = interleaved_timings({row["impl"]: steps for row, steps in prepared if steps is not None},

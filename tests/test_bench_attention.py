@@ -167,3 +167,16 @@ def test_runs_combine_into_the_median_of_all_their_rounds(tmp_path):
     assert peer["error"] == "no kernel"  # one run failed: the row says so
     assert both["env"]["combined_from"] == ["run0.json", "run1.json"]
     assert "the median of 2 runs" in (tmp_path / "both.md").read_text()
+
+
+def test_inputs_that_cannot_be_made_give_every_row_the_error(monkeypatch):
+    def out_of_memory(*args):
+        raise RuntimeError("CUDA out of memory. Tried to allocate 9 GiB")
+
+    monkeypatch.setattr(bench, "make_inputs", out_of_memory)
+    monkeypatch.setattr(bench, "free_memory", lambda: None)
+    rows = bench.measure_configuration({"cuflash_attn": lambda causal: None, "sdpa_flash": "import failed: x"},
+                                       (1, 2, 8192, 64), True, bench.torch.float16, "bnhd", None, 3, None)
+    assert [r["impl"] for r in rows] == ["cuflash_attn", "sdpa_flash"]
+    assert all(r["error"] == "inputs: CUDA out of memory. Tried to allocate 9 GiB" for r in rows)
+    assert rows[0]["layout"] == "bnhd" and rows[0]["dtype"] == "float16" and rows[0]["causal"] is True
