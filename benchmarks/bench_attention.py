@@ -357,24 +357,24 @@ def prepare_row(name, make, shape, causal, dtype, layout, inputs, skip_math_abov
     return row, (fwd_step(fn, q, k, v), fwdbwd_step(fn, q, k, v, dout))
 
 
-def interleaved_timings(steps, timer, rounds):
-    """{name: ([forward ms a round], [forward+backward ms a round]) or the error's line}: each
-    implementation timed once a round, the order rotated a place each round, so that a slow
-    spell of the machine (a backward of 0.1 ms is mostly host launches: four runs of one route
-    read 149-199 TFLOP/s on an H200) lands on one round of several implementations, not on all
-    rounds of one; the caller takes the medians."""
+def interleaved_timings(steps, timer, rounds, environment=environment_of):
+    """{name: (a list of ms a round for each of its steps) or the error's line}, steps being
+    {name: (step, ...)} (here: the forward, the forward+backward): each name's steps timed once a
+    round under environment(name), the order rotated a place each round, so that a slow spell of
+    the machine (a backward of 0.1 ms is mostly host launches: four runs of one route read
+    149-199 TFLOP/s on an H200) lands on one round of several implementations, not on all rounds
+    of one; the caller takes the medians."""
     names = list(steps)
-    samples = {name: ([], []) for name in names}
+    samples = {name: tuple([] for _ in steps[name]) for name in names}
     for r in range(rounds):
         for i in range(len(names)):
             name = names[(i + r) % len(names)]
             if not isinstance(samples[name], tuple):
                 continue  # failed in an earlier round
-            fwd, fwdbwd = steps[name]
             try:
-                with environment_of(name):
-                    samples[name][0].append(timer(fwd))
-                    samples[name][1].append(timer(fwdbwd))
+                with environment(name):
+                    for times, fn in zip(samples[name], steps[name]):
+                        times.append(timer(fn))
             except Exception as e:
                 samples[name] = first_line(e)
     return samples

@@ -8,11 +8,13 @@ every call, csrc/cuda/run_switches.h): by default "" (the defaults: features on 
 "0" (the sm_80-class forward) and "bwd,features" (the cp.async Hopper forward, which varlen takes).
 Prints a markdown table of TFLOP/s, each variant against the first, and each feature set
 against plain attention under the same variant (issue 9 asks features to cost at most 10%).
+A shape's feature sets and variants are timed in --rounds interleaved rounds (the order rotated),
+each figure the median of its rounds (bench_attention.interleaved_timings).
 Standard shapes as bench_attention.py's (batch * seqlen = 16384, heads = 2048 / D, bf16).
 --backward times forward + backward instead (3.5x the forward's FLOPs), the backward being the
 sm_80-class kernels' wherever a feature is on."""
 import argparse
-import os
+import statistics
 import sys
 from pathlib import Path
 
@@ -54,9 +56,12 @@ def main(argv=None):
     p.add_argument("--variants", type=lambda s: s.split(";"), default=["", "0", "bwd,features"],
                    help="CUFLASH_SM90 values, ';'-separated (default: ';0;bwd,features')")
     p.add_argument("--warmup-ms", type=float, default=10.0)
-    p.add_argument("--rep-ms", type=float, default=50.0)
+    p.add_argument("--rep-ms", type=float, default=40.0)
+    p.add_argument("--rounds", type=int, default=3, help="interleaved timings of each cell (default 3)")
     p.add_argument("--backward", action="store_true", help="time forward + backward")
     args = p.parse_args(argv)
+    if args.rounds < 1:
+        p.error(f"--rounds {args.rounds}: must be at least 1")
     bench.import_cuflash_attn()
     timer = bench.make_timer(args.warmup_ms, args.rep_ms)
     names = [v or "unset" for v in args.variants]
@@ -70,20 +75,24 @@ def main(argv=None):
             q, k, v = (torch.randn(batch, heads, n, d, device="cuda", dtype=torch.bfloat16) for _ in range(3))
             for causal in (False, True):
                 flops = bench.fwd_flops(batch, heads, n, n, d, causal) * (3.5 if args.backward else 1.0)
-                plain = {}
-                for feature, options in FEATURES.items():
-                    speeds = []
-                    for variant in args.variants:
-                        os.environ["CUFLASH_SM90"] = variant
-                        speeds.append(bench.tflops(flops, timer(step(q, k, v, causal, options, args.backward))))
-                    if feature == "plain":
-                        plain = speeds
-                    row = [str(d), "yes" if causal else "no", str(n), feature] + [f"{s:.0f}" for s in speeds]
-                    row += [f"{s / speeds[0]:.2f}x" for s in speeds[1:]]
-                    row += [f"{s / b:.2f}x" for s, b in zip(speeds, plain)]
+                cells = {(feature, variant): (step(q, k, v, causal, options, args.backward),)
+                         for feature, options in FEATURES.items() for variant in args.variants}
+                samples = bench.interleaved_timings(
+                    cells, timer, args.rounds, environment=lambda cell: bench.switches_set({"CUFLASH_SM90": cell[1]}))
+                speeds = {cell: bench.tflops(flops, statistics.median(got[0])) if isinstance(got, tuple) else None
+                          for cell, got in samples.items()}
+                for feature in FEATURES:
+                    row = [str(d), "yes" if causal else "no", str(n), feature]
+                    mine = [speeds[(feature, v)] for v in args.variants]
+                    plain = [speeds[("plain", v)] for v in args.variants]
+                    row += [f"{s:.0f}" if s else "error" for s in mine]
+                    row += [ratio(s, mine[0]) for s in mine[1:]] + [ratio(s, b) for s, b in zip(mine, plain)]
                     print("| " + " | ".join(row) + " |", flush=True)
-    os.environ.pop("CUFLASH_SM90", None)
     return 0
+
+
+def ratio(mine, base):
+    return f"{mine / base:.2f}x" if mine and base else "-"
 
 
 if __name__ == "__main__":

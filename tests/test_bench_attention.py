@@ -180,3 +180,21 @@ def test_inputs_that_cannot_be_made_give_every_row_the_error(monkeypatch):
     assert [r["impl"] for r in rows] == ["cuflash_attn", "sdpa_flash"]
     assert all(r["error"] == "inputs: CUDA out of memory. Tried to allocate 9 GiB" for r in rows)
     assert rows[0]["layout"] == "bnhd" and rows[0]["dtype"] == "float16" and rows[0]["causal"] is True
+
+
+def test_rounds_take_any_number_of_steps_under_a_given_environment(monkeypatch):
+    """bench_features.py's use: one step a cell, cells named (feature, variant), the variant's
+    CUFLASH_SM90 set by the environment function while its step is timed."""
+    monkeypatch.delenv("CUFLASH_SM90", raising=False)
+    seen = []
+    cells = {(feature, variant): (lambda: seen.append(os.environ.get("CUFLASH_SM90")),)
+             for feature in ("plain", "softcap") for variant in ("", "0")}
+
+    def timer(fn):
+        fn()
+        return 2.0
+
+    samples = bench.interleaved_timings(cells, timer, 2,
+                                        environment=lambda cell: bench.switches_set({"CUFLASH_SM90": cell[1]}))
+    assert all(got == ([2.0, 2.0],) for got in samples.values())
+    assert sorted(seen) == ["", "", "", "", "0", "0", "0", "0"] and "CUFLASH_SM90" not in os.environ
