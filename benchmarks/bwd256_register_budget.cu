@@ -13,6 +13,7 @@
 // then cuobjdump -sass: STL/LDL after the consumers' USETMAXREG, and whether each HGMMA waits.
 #include <cuda_bf16.h>
 
+#include "cuda/mma_sm80.cuh"  // MmaOperand<T>::pack
 #include "cuda/sm90/wgmma.cuh"
 #include "cuda/sm90/wgmma_instructions.cuh"
 
@@ -32,19 +33,7 @@ static_assert(fits_launch_registers<384>(24, 240), "setmaxnreg's split");
 // box free (8 + c) and full (10 + c; the drain warp's side).
 enum : int { kPready = 2, kDsReady = 4, kDone = 6, kDqEmpty = 8, kDqFull = 10 };
 
-__device__ __forceinline__ uint32_t pack(float a, float b) {
-  const __nv_bfloat162 v = __floats2bfloat162_rn(a, b);
-  return *reinterpret_cast<const uint32_t*>(&v);
-}
-// A 64 x 40 accumulator (packed pairs f[2j + h]: n8 tile j, rows 8h of the warp's 16) into rows
-// 40c.. of a [key][query] panel.
-__device__ __forceinline__ void store_transposed(uint32_t panel, int c, const uint32_t (&f)[10]) {
-  const int lane = threadIdx.x % 32, warp = (threadIdx.x / 32) % 4;
-  auto address = [&](int m) { return panel + swizzle128_offset(40 * c + 8 * (m / 2) + lane % 8, 16 * warp + 8 * (m % 2)); };
-  stmatrix_x4_trans(address(lane / 8), {f[0], f[1], f[2], f[3]});
-  stmatrix_x4_trans(address(4 + lane / 8), {f[4], f[5], f[6], f[7]});
-  stmatrix_x2_trans(address(8 + (lane / 8) % 2), {f[8], f[9]});
-}
+using cuflash::MmaOperand;
 // One dQ slice (64 queries x 64 columns) out as two boxes of 32 columns, each handed to the drain.
 __device__ __forceinline__ void store_dq_slice(uint32_t box, int c, const float (&dq)[32]) {
   const int lane = threadIdx.x % 32, row = 16 * ((threadIdx.x / 32) % 4) + lane / 4;
@@ -56,9 +45,7 @@ __device__ __forceinline__ void store_dq_slice(uint32_t box, int c, const float 
 #pragma unroll
       for (int r = 0; r < 2; ++r) {
         const float* v = &dq[4 * (4 * half + j) + 2 * r];
-        st_shared_f32x2(box + (row + 8 * r) * 128 + ((((8 * j + 2 * (lane % 4)) / 4) ^ ((row + 8 * r) % 8)) * 16) +
-                            (2 * (lane % 4)) % 4 * 4,
-                        v[0], v[1]);
+        st_shared_f32x2(box + swizzle128_offset_f32(row + 8 * r, 8 * j + 2 * (lane % 4)), v[0], v[1]);
       }
     fence_async_shared();
     named_barrier_arrive<160>(kDqFull + c);
@@ -173,14 +160,14 @@ __global__ void __launch_bounds__(384, 1)
     for (int m = 0; m < 10; ++m) {
       const int i = 4 * (m / 2) + 2 * (m % 2);
       const float delta = m % 2 ? delta_hi : delta_lo;
-      p_packed[m] = pack(s[i], s[i + 1]);
-      ds_packed[m] = pack(s[i] * (dp[i] - delta), s[i + 1] * (dp[i + 1] - delta));
+      p_packed[m] = MmaOperand<T>::pack(s[i], s[i + 1]);
+      ds_packed[m] = MmaOperand<T>::pack(s[i] * (dp[i] - delta), s[i + 1] * (dp[i + 1] - delta));
     }
     if (g > 0) named_barrier_sync<256>(kDone + (1 - c));  // the other warpgroup read step g - 1's P^T, dS^T
-    store_transposed(pt, c, p_packed);
+    stmatrix_acc40_trans(pt, 40 * c, p_packed);
     fence_async_shared();
     named_barrier_arrive<256>(kPready + c);
-    store_transposed(dst, c, ds_packed);
+    stmatrix_acc40_trans(dst, 40 * c, ds_packed);
     fence_async_shared();
     named_barrier_arrive<256>(kDsReady + c);
     named_barrier_sync<256>(kPready + (1 - c));

@@ -39,30 +39,50 @@ namespace {
 constexpr int kM = 64, kN = 64, kK = 64;
 constexpr int kN2 = 128;  // columns of B and C in the register-A product
 
+// Inputs [rows][64] bfloat16 row-major, stored as one 128B-swizzled panel (swizzle128_offset, row
+// by row); results C [64][n] row-major.
+constexpr int kKeys = 80;
+template <int kRows>
+__device__ void store_panel(unsigned char* tile, const __nv_bfloat16* x) {
+  for (int i = threadIdx.x; i < kRows * 64; i += 128)
+    *reinterpret_cast<__nv_bfloat16*>(tile + cuflash::sm90::swizzle128_offset(i / 64, i % 64)) = x[i];
+}
+template <int kN, int kRegs>
+__device__ void store_acc(const float (&d)[kRegs], float* c) {
+  for (int i = 0; i < kRegs; ++i) c[cuflash::sm90::wgmma_acc_row(threadIdx.x, i) * kN + cuflash::sm90::wgmma_acc_col(threadIdx.x, i)] = d[i];
+}
+// x and y into their panels, visible to the wgmmas.
+template <int kRowsX, int kRowsY>
+__device__ void load_panels(unsigned char* sx, const __nv_bfloat16* x, unsigned char* sy, const __nv_bfloat16* y) {
+  store_panel<kRowsX>(sx, x);
+  store_panel<kRowsY>(sy, y);
+  cuflash::sm90::fence_async_shared();
+  __syncthreads();
+}
+// d = the product issue(d) adds up: one wgmma group, waited for.
+template <int kRegs, class Issue>
+__device__ void wgmma_product(float (&d)[kRegs], Issue issue) {
+  for (float& v : d) v = 0.f;
+  cuflash::sm90::wgmma_fence();
+  issue(d);
+  cuflash::sm90::wgmma_commit();
+  cuflash::sm90::wgmma_wait<0>();
+}
 // C = A B^T from the swizzled tiles sa, sb; every thread of the warpgroup stores its share.
 __device__ void wgmma_and_store(const unsigned char* sa, const unsigned char* sb, float* c) {
   using namespace cuflash::sm90;
-  const int t = threadIdx.x;
   float d[32];
-  for (float& x : d) x = 0.f;
-  wgmma_fence();
+  wgmma_product(d, [&](float (&acc)[32]) {
 #pragma unroll
-  for (int k = 0; k < kK / 16; ++k)
-    Wgmma<__nv_bfloat16, 64>::ss(d, smem_desc_k_major_sw128(sa, 32 * k), smem_desc_k_major_sw128(sb, 32 * k), k > 0);
-  wgmma_commit();
-  wgmma_wait<0>();
-  for (int i = 0; i < 32; ++i) c[wgmma_acc_row(t, i) * kN + wgmma_acc_col(t, i)] = d[i];
+    for (int k = 0; k < kK / 16; ++k)
+      Wgmma<__nv_bfloat16, 64>::ss(acc, smem_desc_k_major_sw128(sa, 32 * k), smem_desc_k_major_sw128(sb, 32 * k), k > 0);
+  });
+  store_acc<kN>(d, c);
 }
 
 __global__ void __launch_bounds__(128) gemm_abt(const __nv_bfloat16* a, const __nv_bfloat16* b, float* c) {
-  using namespace cuflash::sm90;
   __shared__ __align__(1024) unsigned char sa[kM * 128], sb[kN * 128];
-  for (int i = threadIdx.x; i < kM * kK; i += 128)
-    *reinterpret_cast<__nv_bfloat16*>(sa + swizzle128_offset(i / kK, i % kK)) = a[i];
-  for (int i = threadIdx.x; i < kN * kK; i += 128)
-    *reinterpret_cast<__nv_bfloat16*>(sb + swizzle128_offset(i / kK, i % kK)) = b[i];
-  fence_async_shared();
-  __syncthreads();
+  load_panels<kM, kN>(sa, a, sb, b);
   wgmma_and_store(sa, sb, c);
 }
 
@@ -191,35 +211,22 @@ __global__ void __launch_bounds__(128) gemm_abt_tf32_long(const float* a, const 
   for (int i = 0; i < 32; ++i) c[wgmma_acc_row(threadIdx.x, i) * kN + wgmma_acc_col(threadIdx.x, i)] = d[i];
 }
 
-// The head-dim-256 backward's patterns, each 64 x kCols bfloat16 row-major inputs stored one
-// 128B-swizzled panel (swizzle128_offset, row by row); C [64][n] row-major.
-constexpr int kKeys = 80;
-template <int kRows>
-__device__ void store_panel(unsigned char* tile, const __nv_bfloat16* x) {
-  for (int i = threadIdx.x; i < kRows * 64; i += 128)
-    *reinterpret_cast<__nv_bfloat16*>(tile + cuflash::sm90::swizzle128_offset(i / 64, i % 64)) = x[i];
-}
-template <int kN, int kRegs>
-__device__ void store_acc(const float (&d)[kRegs], float* c) {
-  for (int i = 0; i < kRegs; ++i) c[cuflash::sm90::wgmma_acc_row(threadIdx.x, i) * kN + cuflash::sm90::wgmma_acc_col(threadIdx.x, i)] = d[i];
-}
-// S's slice: C [64][40] = A B^T, A [64][64], B rows 40..79 of b [80][64] (an 80-row K-major tile
-// whose second warpgroup's keys start at row 40: 5 swizzle atoms on).
-__global__ void __launch_bounds__(128) gemm_key_slice(const __nv_bfloat16* a, const __nv_bfloat16* b, float* c) {
+// S's slice: d [64][40] = A B^T, A sa [64][64], B rows 40..79 of sb [80][64] (an 80-row K-major
+// tile whose second warpgroup's keys start at row 40: 5 swizzle atoms on).
+__device__ void key_slice(const unsigned char* sa, const unsigned char* sb, float (&d)[20]) {
   using namespace cuflash::sm90;
-  __shared__ __align__(1024) unsigned char sa[kM * 128], sb[kKeys * 128];
-  store_panel<kM>(sa, a);
-  store_panel<kKeys>(sb, b);
-  fence_async_shared();
-  __syncthreads();
-  float d[20];
-  for (float& x : d) x = 0.f;
-  wgmma_fence();
+  wgmma_product(d, [&](float (&acc)[20]) {
 #pragma unroll
-  for (int k = 0; k < kK / 16; ++k)
-    Wgmma<__nv_bfloat16, 40>::ss(d, smem_desc_k_major_sw128(sa, 32 * k), smem_desc_k_major_sw128(sb, 40 * 128 + 32 * k), k > 0);
-  wgmma_commit();
-  wgmma_wait<0>();
+    for (int k = 0; k < kK / 16; ++k)
+      Wgmma<__nv_bfloat16, 40>::ss(acc, smem_desc_k_major_sw128(sa, 32 * k), smem_desc_k_major_sw128(sb, 40 * 128 + 32 * k),
+                                   k > 0);
+  });
+}
+__global__ void __launch_bounds__(128) gemm_key_slice(const __nv_bfloat16* a, const __nv_bfloat16* b, float* c) {
+  __shared__ __align__(1024) unsigned char sa[kM * 128], sb[kKeys * 128];
+  load_panels<kM, kKeys>(sa, a, sb, b);
+  float d[20];
+  key_slice(sa, sb, d);
   store_acc<40>(d, c);
 }
 // dV^T = dO^T P: C [64][80] = X^T Y^T, x [64 k][64 m] (dO as stored, [query][head dim]) read
@@ -227,19 +234,14 @@ __global__ void __launch_bounds__(128) gemm_key_slice(const __nv_bfloat16* a, co
 __global__ void __launch_bounds__(128) gemm_mn_major_a(const __nv_bfloat16* x, const __nv_bfloat16* y, float* c) {
   using namespace cuflash::sm90;
   __shared__ __align__(1024) unsigned char sx[kK * 128], sy[kKeys * 128];
-  store_panel<kK>(sx, x);
-  store_panel<kKeys>(sy, y);
-  fence_async_shared();
-  __syncthreads();
+  load_panels<kK, kKeys>(sx, x, sy, y);
   float d[40];
-  for (float& v : d) v = 0.f;
-  wgmma_fence();
+  wgmma_product(d, [&](float (&acc)[40]) {
 #pragma unroll
-  for (int k = 0; k < kK / 16; ++k)
-    Wgmma<__nv_bfloat16, 80>::ss<0, 1>(d, smem_desc_mn_major_sw128(sx, 2048 * k, kK * 128), smem_desc_k_major_sw128(sy, 32 * k),
-                                       k > 0);
-  wgmma_commit();
-  wgmma_wait<0>();
+    for (int k = 0; k < kK / 16; ++k)
+      Wgmma<__nv_bfloat16, 80>::ss<0, 1>(acc, smem_desc_mn_major_sw128(sx, 2048 * k, kK * 128),
+                                         smem_desc_k_major_sw128(sy, 32 * k), k > 0);
+  });
   store_acc<kKeys>(d, c);
 }
 // dQ = dS K: C [64][64] = X^T Y, x [80 k][64 m] (dS^T, [key][query]) and y [80 k][64 n] (K,
@@ -247,56 +249,32 @@ __global__ void __launch_bounds__(128) gemm_mn_major_a(const __nv_bfloat16* x, c
 __global__ void __launch_bounds__(128) gemm_mn_major_ab(const __nv_bfloat16* x, const __nv_bfloat16* y, float* c) {
   using namespace cuflash::sm90;
   __shared__ __align__(1024) unsigned char sx[kKeys * 128], sy[kKeys * 128];
-  store_panel<kKeys>(sx, x);
-  store_panel<kKeys>(sy, y);
-  fence_async_shared();
-  __syncthreads();
+  load_panels<kKeys, kKeys>(sx, x, sy, y);
   float d[32];
-  for (float& v : d) v = 0.f;
-  wgmma_fence();
+  wgmma_product(d, [&](float (&acc)[32]) {
 #pragma unroll
-  for (int k = 0; k < kKeys / 16; ++k)
-    Wgmma<__nv_bfloat16, 64>::ss<1, 1>(d, smem_desc_mn_major_sw128(sx, 2048 * k, kKeys * 128),
-                                       smem_desc_mn_major_sw128(sy, 2048 * k, kKeys * 128), k > 0);
-  wgmma_commit();
-  wgmma_wait<0>();
+    for (int k = 0; k < kKeys / 16; ++k)
+      Wgmma<__nv_bfloat16, 64>::ss<1, 1>(acc, smem_desc_mn_major_sw128(sx, 2048 * k, kKeys * 128),
+                                         smem_desc_mn_major_sw128(sy, 2048 * k, kKeys * 128), k > 0);
+  });
   store_acc<64>(d, c);
 }
 
-// P^T's store: the 64 x 40 accumulator of gemm_key_slice (queries down, keys across) packed to
-// bfloat16 and stored transposed into rows 40-79 of an 80-row panel, [key][query]: n8 tile j, half
-// h (rows 8h of the warp's 16) is fragment 2j + h; stored, its column q is key 40 + 8j + q, whose
-// 8 queries from 16w + 8h lie contiguous. out: the panel read back row-major [80][64].
+// P^T's store: gemm_key_slice's 64 x 40 accumulator packed to bfloat16 and stored transposed into
+// rows 40-79 of an 80-row [key][query] panel (stmatrix_acc40_trans). out: the panel read back
+// row-major [80][64].
 __global__ void __launch_bounds__(128) key_rows_by_stmatrix(const __nv_bfloat16* a, const __nv_bfloat16* b,
                                                            __nv_bfloat16* out) {
   using namespace cuflash::sm90;
   __shared__ __align__(1024) unsigned char sa[kM * 128], sb[kKeys * 128], st[kKeys * 128];
-  store_panel<kM>(sa, a);
-  store_panel<kKeys>(sb, b);
   for (int i = threadIdx.x; i < kKeys * 128 / 4; i += 128) reinterpret_cast<uint32_t*>(st)[i] = 0;
-  fence_async_shared();
-  __syncthreads();
+  load_panels<kM, kKeys>(sa, a, sb, b);
   float d[20];
-  for (float& x : d) x = 0.f;
-  wgmma_fence();
-#pragma unroll
-  for (int k = 0; k < kK / 16; ++k)
-    Wgmma<__nv_bfloat16, 40>::ss(d, smem_desc_k_major_sw128(sa, 32 * k), smem_desc_k_major_sw128(sb, 40 * 128 + 32 * k), k > 0);
-  wgmma_commit();
-  wgmma_wait<0>();
+  key_slice(sa, sb, d);
   uint32_t f[10];
-  for (int m = 0; m < 10; ++m) {
-    const __nv_bfloat162 v = __floats2bfloat162_rn(d[4 * (m / 2) + 2 * (m % 2)], d[4 * (m / 2) + 2 * (m % 2) + 1]);
-    f[m] = *reinterpret_cast<const uint32_t*>(&v);
-  }
-  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
-  auto address = [&](int m) {  // this lane's row of stored fragment m
-    return static_cast<uint32_t>(__cvta_generic_to_shared(st)) +
-           swizzle128_offset(40 + 8 * (m / 2) + lane % 8, 16 * warp + 8 * (m % 2));
-  };
-  stmatrix_x4_trans(address(lane / 8), {f[0], f[1], f[2], f[3]});
-  stmatrix_x4_trans(address(4 + lane / 8), {f[4], f[5], f[6], f[7]});
-  stmatrix_x2_trans(address(8 + (lane / 8) % 2), {f[8], f[9]});
+  for (int m = 0; m < 10; ++m)
+    f[m] = cuflash::MmaOperand<__nv_bfloat16>::pack(d[4 * (m / 2) + 2 * (m % 2)], d[4 * (m / 2) + 2 * (m % 2) + 1]);
+  stmatrix_acc40_trans(smem_u32(st), 40, f);
   __syncthreads();
   for (int i = threadIdx.x; i < kKeys * 64; i += 128)
     out[i] = *reinterpret_cast<const __nv_bfloat16*>(st + swizzle128_offset(i / 64, i % 64));

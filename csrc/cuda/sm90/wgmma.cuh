@@ -218,6 +218,19 @@ __device__ __forceinline__ void stmatrix_x2_trans(uint32_t addr, const uint32_t 
   asm volatile("stmatrix.sync.aligned.m8n8.x2.trans.shared.b16 [%0], {%1, %2};\n" ::"r"(addr), "r"(r[0]), "r"(r[1])
                : "memory");
 }
+// A warpgroup's 64 x 40 accumulator, packed to 16-bit pairs (f[2j + h]: n8 tile j, rows 8h.. of
+// each warp's 16, the mma fragment layout), stored transposed as rows row0..row0 + 39 of a
+// 128B-swizzled panel at shared address panel: stored row row0 + 8j + q is accumulator column
+// 8j + q, its 8 rows from 16 w + 8 h contiguous (the planned head-dim-256 backward's P^T, dS^T).
+__device__ __forceinline__ void stmatrix_acc40_trans(uint32_t panel, int row0, const uint32_t (&f)[10]) {
+  const int lane = threadIdx.x % 32, warp = (threadIdx.x / 32) % 4;
+  auto address = [&](int m) {  // this lane's row of stored fragment m
+    return panel + swizzle128_offset(row0 + 8 * (m / 2) + lane % 8, 16 * warp + 8 * (m % 2));
+  };
+  stmatrix_x4_trans(address(lane / 8), {f[0], f[1], f[2], f[3]});
+  stmatrix_x4_trans(address(4 + lane / 8), {f[4], f[5], f[6], f[7]});
+  stmatrix_x2_trans(address(8 + (lane / 8) % 2), {f[8], f[9]});
+}
 // Warp-specialized kernels move registers from the producer warpgroup to the consumers; every
 // thread of the warpgroup executes it.
 // The pool they share is what the CTA (one per SM, __launch_bounds__(kThreads, 1)) holds at
