@@ -3,11 +3,10 @@
 # (sm_90a, head dims 64,128,256), then runs, in this order, each step whose estimate fits in
 # what is left of the budget (step 1 always runs):
 #   1. bf16 standard table, [B, H, N, D]: all of PERF.md's shapes, every SDPA peer,
-#      ours with deterministic=False too (116 s on an H200 without it; three interleaved
-#      rounds since the twenty-first session: a model of do_bench says +40%)          ~200 s
+#      ours with deterministic=False too, three interleaved rounds (140 s on an H200)  ~150 s
 #   2. peak memory against seqlen                                                     ~40 s
 #   3. analyze_io.py --measure: Nsight Compute DRAM bytes, D 64,128 x N 2048,8192     ~90 s
-#   4. fp16 spot check: D 64,128,256 x N 1024,4096, causal and not                    ~50 s
+#   4. fp16 spot check: D 64,128,256 x N 1024,4096, causal and not (63 s, H200)       ~65 s
 #   5. bf16 [B, N, H, D] views (bnhd), the same subset                                ~50 s
 #   6. fp32: D 64,128 x N 1024,4096, non-causal; ours, efficient, math (flash and
 #      cuDNN refuse fp32)                                                             ~80 s
@@ -74,10 +73,10 @@ if ! ls cuflash_attn/_C*.so >/dev/null 2>&1; then
 fi
 
 BENCH="python3 benchmarks/bench_attention.py --out $WORK --merge"
-step 1 bench_bf16 200 $BENCH --dtypes bf16
+step 1 bench_bf16 150 $BENCH --dtypes bf16
 step 2 memory 40 $BENCH --memory
 step 3 io 90 python3 benchmarks/analyze_io.py --measure --out "$WORK" --timeout 240
-step 4 bench_fp16 50 $BENCH --dtypes fp16 --head-dims 64,128,256 --seqlens 1024,4096
+step 4 bench_fp16 65 $BENCH --dtypes fp16 --head-dims 64,128,256 --seqlens 1024,4096
 step 5 bench_bnhd 50 $BENCH --dtypes bf16 --layouts bnhd --head-dims 64,128,256 --seqlens 1024,4096
 step 6 bench_fp32 80 $BENCH --dtypes fp32 --head-dims 64,128 --seqlens 1024,4096 --causal false \
   --impls cuflash_attn,sdpa_efficient,sdpa_math
