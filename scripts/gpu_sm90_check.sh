@@ -7,6 +7,8 @@
 #   GPU_SM90_BENCH_FEATURES="..."   bench_features.py arguments (unset or "" skips it)
 #   GPU_SM90_LIMIT_S=300   seconds each test process may run
 #   GPU_SM90_GROUPS="forward,bad_input"   run only the test groups named (default: all of them)
+#   GPU_SM90_K="256"     a pytest -k expression every group's tests must match too (e.g. the head dim
+#                        of a CUFLASH_HEAD_DIMS=256 build)
 #   GPU_SM90_BREAKDOWN="..."   benchmarks/kernel_breakdown.py arguments: each kernel's time in a
 #                        forward + backward (unset: none)
 #   GPU_SM90_HOST="..."   benchmarks/host_overhead.py arguments ("-" for its defaults): host time
@@ -62,6 +64,7 @@ fi
 pids=()
 for run in "${runs[@]}"; do
   IFS='|' read -r name value files kexpr <<< "$run"
+  if [ -n "${GPU_SM90_K-}" ]; then kexpr="${kexpr:+($kexpr) and }($GPU_SM90_K)"; fi
   (
     if [ -n "$value" ]; then export CUFLASH_SM90=$value; fi
     # shellcheck disable=SC2086  # files is a list

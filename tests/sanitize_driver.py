@@ -94,6 +94,9 @@ def cases():
     for dtype, d in ((BF16, 64), (F16, 128)):
         out += [(dtype, d, 2, 2, 150, 300, "none", "env:CUFLASH_BWD_DQ=separate"),
                 (dtype, d, 2, 2, 150, 300, "top_left", "env:CUFLASH_BWD_DQ=atomic")]
+    # The fused head-dim-256 backward (its own kernel), both orders of the dQ adds.
+    out += [(BF16, 256, 1, 4, 130, 300, "none", "env:CUFLASH_BWD_DQ=ordered"),
+            (F16, 256, 2, 2, 150, 170, "top_left", "env:CUFLASH_BWD_DQ=atomic")]
     out += [(F16, 64, 1, 2, 130, 300, "top_left", "env:CUFLASH_BWD_TILE=narrow")]
     # The wide tile at head dim 128 on short rows (CUFLASH_FWD_TILE=wide): more tiles than SMs, the
     # first query block of each head seeing no key (the 3-D grid: the wide tile at 128 is not

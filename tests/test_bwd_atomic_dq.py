@@ -1,6 +1,6 @@
 """CUFLASH_BWD_DQ=atomic: the tensor-core backward in one kernel (the dK/dV one), which adds dQ
 with fp32 atomics (flash_bwd_kernel.cuh; on Hopper flash_bwd_sm90.cuh's, for plain attention at
-head dims up to 128). The same accuracy rule as the deterministic path, over
+head dims up to 128, and the fused warp-specialized kernels' TMA reduce-adds, at 256 too). The same accuracy rule as the deterministic path, over
 every head-dim bucket and the features; the profiler shows which kernels ran."""
 import pytest
 import torch
@@ -53,7 +53,7 @@ def test_varlen(dtype):
 
 
 @pytest.mark.parametrize("dtype", LOW_PRECISION, ids=LOW_PRECISION_IDS)
-@pytest.mark.parametrize("d", [64, 128])
+@pytest.mark.parametrize("d", [64, 128, 256])
 def test_many_blocks(dtype, d):
     """Many key blocks adding to the same dQ rows (each CTA starting at its own query block), GQA,
     both causal alignments, ragged blocks."""
@@ -70,7 +70,7 @@ def test_attn_mask(kind):
 
 
 @pytest.mark.parametrize("route", ["atomic", "ordered"])
-@pytest.mark.parametrize("d", [64, 128])
+@pytest.mark.parametrize("d", [64, 128, 256])
 @pytest.mark.parametrize("causal", [False, True])
 def test_dq_buffer_starts_from_garbage(route, d, causal, monkeypatch, atomic_dq):
     """The fp32 dQ buffer comes from torch.empty and is zeroed by the backward's first kernel

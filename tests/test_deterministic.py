@@ -116,8 +116,8 @@ def test_flash_attn_default_is_not_deterministic():
 # Ordered adds (deterministic backwards where the fused kernel is faster; everywhere it runs under
 # CUFLASH_BWD_DQ=ordered): each query block's dq shares in one order (key blocks from the last
 # down, each waiting for its turn on a counter), reproducible bit for bit.
-ORDERED_STEPS = [(64, False), (64, True), (128, False)]
-ORDERED_STEP_IDS = ["d64", "d64_wide", "d128"]
+ORDERED_STEPS = [(64, False), (64, True), (128, False), (256, False)]
+ORDERED_STEP_IDS = ["d64", "d64_wide", "d128", "d256"]
 
 
 @pytest.mark.skipif(not IS_SM90, reason="needs a compute capability 9.0 GPU")
@@ -197,11 +197,11 @@ def test_persistent_ordered_tiles_without_work(d, wide, nq, nk, window, monkeypa
 
 @pytest.mark.skipif(not IS_SM90, reason="needs a compute capability 9.0 GPU")
 def test_ordered_switch_leaves_other_paths_alone(monkeypatch):
-    """Where the fused kernel cannot run (head dim 256, k and v broadcast over the heads),
+    """Where the fused kernel cannot run (head dim 224, k and v broadcast over the heads),
     CUFLASH_BWD_DQ=ordered keeps the pair; where it runs, it orders the adds of
     deterministic=False calls too."""
     monkeypatch.setenv("CUFLASH_BWD_DQ", "ordered")
-    q, k, v = inputs("cuda", torch.bfloat16, 300, 256)
+    q, k, v = inputs("cuda", torch.bfloat16, 300, 224)
     names = cuda_kernels(lambda: grads(q, k, v))
     assert "flash_bwd_dq_convert_kernel" not in names, names
     q, k, v = inputs("cuda", torch.bfloat16, 300, 64)

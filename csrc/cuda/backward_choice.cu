@@ -1,13 +1,14 @@
 // The backward's dQ route (flash_launch.h): the fused warp-specialized Hopper kernel
-// (flash_bwd_sm90_tma.cuh: plain 16-bit attention, head-dim buckets 64 and 128, the bwdws part of
-// CUFLASH_SM90, inputs TMA can address) adds dQ up in fp32 itself, unordered (atomics,
-// deterministic=False) or in a fixed order (deterministic); elsewhere the one-kernel paths are
-// slower than the pair of kernels. Where it measured faster than the pair (benchmarks/NOTES.md,
-// H200, bf16): at D=64 every row length, both orders (ordered 1.15-1.28x without a mask, causal
-// 0.98-1.01x up to 2048 and 1.07-1.08x from 8192); at D=128 (persistent since the twenty-first
-// session) from 512 keys seen by the middle query row: ordered against the pair 1.04-1.10x causal
-// at 1024 keys (middle row 513) in all five runs; at 512 without a mask 1.05-1.14x in four runs,
-// 0.87x in one (short rows are noisy: benchmarks/NOTES.md); even (0.98-1.01x) causal at 512.
+// (flash_bwd_sm90_tma.cuh at head-dim buckets 64 and 128, flash_bwd_sm90_fused256.cuh at 256;
+// plain 16-bit attention, the bwdws part of CUFLASH_SM90, inputs TMA can address) adds dQ up in
+// fp32 itself, unordered (atomics, deterministic=False) or in a fixed order (deterministic);
+// elsewhere the one-kernel paths are slower than the pair of kernels. Where it measured faster
+// than the pair (benchmarks/NOTES.md, H200, bf16): at D=64 every row length, both orders (ordered
+// 1.15-1.28x without a mask, causal 0.98-1.01x up to 2048 and 1.07-1.08x from 8192); at D=128
+// (persistent since the twenty-first session) from 512 keys seen by the middle query row: ordered
+// against the pair 1.04-1.10x causal at 1024 keys (middle row 513) in all five runs; at 512
+// without a mask 1.05-1.14x in four runs, 0.87x in one (short rows are noisy: benchmarks/NOTES.md);
+// even (0.98-1.01x) causal at 512.
 #include "flash_launch.h"
 #include "sm90/flash_bwd_sm90_tma.cuh"
 #include "sm90/flash_fwd_sm90_tma.cuh"  // middle_row_keys
@@ -17,7 +18,7 @@ namespace cuflash {
 bool fused_backward_built_for(DType dtype, int head_dim) {
   if (dtype != DType::kFloat16 && dtype != DType::kBFloat16) return false;
   const int bucket = cuda_head_dim_bucket(dtype, head_dim);
-  return bucket == 64 || bucket == 128;
+  return bucket == 64 || bucket == 128 || bucket == 256;
 }
 
 bool fused_backward_runs(const FlashBwdParams& p) {
@@ -31,7 +32,9 @@ bool fused_backward_runs(const FlashBwdParams& p) {
 
 bool prefers_fused_backward(const FlashBwdParams& p) {
   if (!fused_backward_runs(p)) return false;
-  return cuda_head_dim_bucket(p.dtype, p.shape.head_dim) != 128 || sm90::middle_row_keys(p) >= 512;
+  const int bucket = cuda_head_dim_bucket(p.dtype, p.shape.head_dim);
+  if (bucket == 256) return false;  // not measured yet (CUFLASH_BWD_DQ=ordered or atomic routes it)
+  return bucket != 128 || sm90::middle_row_keys(p) >= 512;
 }
 
 }  // namespace cuflash

@@ -16,6 +16,7 @@
 #include "flash_simt_kernel.cuh"
 #include "run_switches.h"
 #include "sm90/flash_bwd_sm90.cuh"
+#include "sm90/flash_bwd_sm90_fused256.cuh"
 #include "sm90/flash_fwd_sm90.cuh"
 #include "sm90/flash_bwd_sm90_tma.cuh"
 #include "sm90/flash_fwd_sm90_fp32.cuh"
@@ -237,6 +238,30 @@ cudaError_t launch_row_kernel(Kernel kernel, const FlashBwdParams& p, cudaStream
   return launch(kernel, grid, kRowKernelThreads, 0, stream, p);
 }
 
+// The fused head-dim-256 Hopper backward (sm90/flash_bwd_sm90_fused256.cuh; its dQ adds in a
+// fixed order with p.dq_semaphores): true with *err its launch's, false (nothing launched) where
+// it cannot run (no tile counter, inputs TMA cannot address).
+template <typename T>
+bool launch_bwd_fused256(const FlashBwdParams& p, cudaStream_t stream, cudaError_t* err) {
+  if (p.dkdv_tile_counter == nullptr) return false;
+  auto go = [&](auto ordered) {
+    constexpr bool kOrdered = decltype(ordered)::value;
+    using Fused = sm90::BwdFused256Kernel<T, kOrdered>;
+    sm90::BackwardTmaMaps maps{};
+    if (!sm90::encode_bwd_tma_maps<T, Fused>(p, &maps) ||
+        !sm90::encode_dkdv_maps(p, std::is_same_v<T, __nv_bfloat16>, &maps, Fused::kBlockN))
+      return false;
+    const AttentionShape& sh = p.shape;
+    const int64_t num_tiles = int64_t{ceil_div(sh.seqlen_k, Fused::kBlockN)} * sh.heads_kv * sh.batch;
+    const int sms = std::max(1, device_attribute<cudaDevAttrMultiProcessorCount>(1));
+    *err = launch(sm90::flash_bwd_fused256_sm90_kernel<T, kOrdered>,
+                  dim3(static_cast<unsigned>(std::min<int64_t>(num_tiles, sms))), Fused::kThreads, Fused::kSmemBytes,
+                  stream, p, maps.q, maps.dout, maps.k, maps.v, maps.dq_accum, maps.dk, maps.dv);
+    return true;
+  };
+  return p.dq_semaphores != nullptr ? go(std::true_type{}) : go(std::false_type{});
+}
+
 template <typename T, int kHeadDim>
 cudaError_t run_flash_bwd(const FlashBwdParams& p, cudaStream_t stream) {
   const AttentionShape& sh = p.shape;
@@ -266,8 +291,12 @@ cudaError_t run_flash_bwd(const FlashBwdParams& p, cudaStream_t stream) {
     };
     if constexpr (!std::is_same_v<T, float> && sm90::kBwdHeadDim<kHeadDim>) {
       using K = sm90::BwdSm90Kernel<T, kHeadDim>;
-      // dQ by atomics comes with dK in 64-row steps: not at head dim 256 (the sm_80-class kernels).
       const sm90::Sm90Paths hopper = sm90::sm90_paths(p);
+      // dQ added up at head dim 256: the fused kernel where it runs, else the sm_80-class kernels
+      // (the dK/dV kernels below take dQ in 64-row steps, not at 256).
+      if constexpr (K::kSplitDkDv)
+        if (accum_dq && hopper.bwd_ws && launch_bwd_fused256<T>(p, stream, &err))
+          return err != cudaSuccess ? err : convert_dq();
       if (hopper.bwd && !(accum_dq && K::kSplitDkDv)) {
         const dim3 key_grid(ceil_div(sh.seqlen_k, K::kResident), sh.heads_kv, sh.batch);
         constexpr std::true_type yes{};

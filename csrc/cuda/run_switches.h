@@ -16,7 +16,8 @@
 //                   (sm90::persistent_rows), head dims up to 128
 //       bwdws       with bwd: the warp-specialized TMA dQ and dK/dV kernels
 //                   (flash_bwd_sm90_tma.cuh) where TMA can address the inputs; with dQ by
-//                   atomics (head dims up to 128) the fused one (dQ added by TMA reduce)
+//                   atomics the fused one (dQ added by TMA reduce; head dim 256's own,
+//                   flash_bwd_sm90_fused256.cuh)
 //       features    softcap, ALiBi, attn_mask and dropout in the Hopper forwards (the TMA one
 //                   where "tma" is listed too); without it those take the sm_80-class forward
 //       kvcache     with tma: the TMA forward for KV caches too, seqused_k (the rows past a

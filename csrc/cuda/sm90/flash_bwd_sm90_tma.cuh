@@ -234,6 +234,12 @@ struct DkvTile {
   Sequence seq;
   Range m;
   int per_head, steps;
+  __device__ __forceinline__ int head(int step, int group) const { return h_kv * group + step / per_head; }
+  // staggered (unordered dQ adds): each key block starts at its own query block, so that the
+  // CTAs of a head do not all add to the same dq_accum rows at once.
+  __device__ __forceinline__ int block(int step, bool staggered) const {
+    return m.begin + (staggered ? (step % per_head + n_block) % per_head : step % per_head);
+  }
 };
 template <int kBlockN, int kBlockM>
 __device__ __forceinline__ DkvTile dkv_tile(const FlashBwdParams& p, const MaskParams& mask, int n_block, int h_kv,
@@ -247,6 +253,74 @@ __device__ __forceinline__ DkvTile dkv_tile(const FlashBwdParams& p, const MaskP
   t.per_head = t.m.end - t.m.begin;
   t.steps = t.per_head * (p.shape.heads_q / p.shape.heads_kv);
   return t;
+}
+
+// The persistent kernels' tile walk: one CTA an SM, the TMA thread taking each tile from
+// dkdv_tile_counter (ordered_tile's order with kOrderedDq, else the grid's: key blocks, then K/V
+// heads, then sequences) and publishing it in a two-slot ring (full, empty) that every role
+// reads. next(i, reader, tile): tile i of this CTA's walk into *tile, false past its last; the
+// TMA thread (kPublish) takes and publishes it, the others read it, a whole warp (kWarp: every
+// lane arrives on empty after its reads) or one thread (kLane).
+template <int kBlockN, int kBlockM, int kHeadDim, bool kOrderedDq>
+struct DkvTileRing {
+  uint64_t* full;   // [2]
+  uint64_t* empty;  // [2]
+  int* slots;       // [2][4]: n_block, h_kv, b, valid
+  int key_blocks_per_head, num_tiles;
+  enum Reader { kPublish, kWarp, kLane };
+  __device__ __forceinline__ DkvTileRing(const FlashBwdParams& p, uint64_t* full_, uint64_t* empty_, int* slots_)
+      : full(full_), empty(empty_), slots(slots_) {
+    key_blocks_per_head = (p.shape.seqlen_k + kBlockN - 1) / kBlockN;
+    num_tiles = key_blocks_per_head * p.shape.heads_kv * p.shape.batch;
+  }
+  __device__ __forceinline__ bool next(const FlashBwdParams& p, const MaskParams& mask, int i, Reader reader,
+                                       DkvTile* tile) const {
+    const AttentionShape& sh = p.shape;
+    const int slot = i & 1;
+    int* fields = slots + 4 * slot;
+    if (reader == kPublish) {
+      if (i >= 2) mbarrier_wait(&empty[slot], ((i >> 1) - 1) & 1);
+      const int index = atomicAdd(p.dkdv_tile_counter, 1);
+      fields[3] = index < num_tiles;
+      if (index < num_tiles) {
+        if constexpr (kOrderedDq) {
+          ordered_tile<kHeadDim>(p, index, key_blocks_per_head, sh.heads_kv * sh.batch, &fields[0], &fields[1],
+                                 &fields[2]);
+        } else {
+          const int head_batch = index / key_blocks_per_head;
+          fields[0] = index - head_batch * key_blocks_per_head;
+          fields[1] = head_batch % sh.heads_kv;
+          fields[2] = head_batch / sh.heads_kv;
+        }
+      }
+      mbarrier_arrive(&full[slot]);  // release: the fields before it
+    } else {
+      mbarrier_wait(&full[slot], (i >> 1) & 1);
+    }
+    // A whole warp reads: warp-uniform, as above.
+    auto field = [&](int f) { return reader == kWarp ? warp_uniform(fields[f]) : fields[f]; };
+    const bool valid = field(3) != 0;
+    const int n_block = field(0), h_kv = field(1), b = field(2);
+    if (reader != kPublish) mbarrier_arrive(&empty[slot]);  // every lane of a kWarp reader
+    if (valid) *tile = dkv_tile<kBlockN, kBlockM>(p, mask, n_block, h_kv, b);
+    return valid;
+  }
+};
+
+// Ordered dQ adds: waits until it is key block tile.n_block's turn to add to query block `block`
+// of head h (after every later key block that adds there), and returns that block's counter, which
+// the caller raises by one once its adds are complete (add_release_gpu).
+template <int kBlockN, int kBlockM>
+__device__ __forceinline__ int* wait_for_dq_turn(const FlashBwdParams& p, const MaskParams& mask, const DkvTile& tile,
+                                                 int h, int block) {
+  int* counter = p.dq_semaphores + dq_semaphore_index(p.shape, tile.b, h, block);
+  const int row0 = block * kBlockM;
+  const Range keys = visible_keys(mask, tile.seq, row0, min(row0 + kBlockM, tile.seq.seqlen_q));
+  const int turn = (keys.end - 1) / kBlockN - tile.n_block;
+  while (load_acquire_gpu(counter) != turn) {
+  }
+  fence_async_global();  // the earlier adds, acquired, before this CTA's bulk reduce
+  return counter;
 }
 
 template <typename T, int kHeadDim, bool kAccumDq, bool kWithDk, bool kWithDv, bool kWideSteps, bool kOrderedDq>
@@ -302,59 +376,25 @@ __global__ void __launch_bounds__(
   // tiles (global step g), so that the next tile's first loads go out during this tile's last
   // steps and epilogue; K and V wait for the epilogue's stores to have read their buffers
   // (kv_empty). Otherwise (the pair's dK/dV kernel) a CTA a tile, its blockIdx.
-  const int key_blocks_per_head = (sh.seqlen_k + kBlockN - 1) / kBlockN;
-  const int num_tiles = key_blocks_per_head * sh.heads_kv * sh.batch;
+  using Ring = DkvTileRing<kBlockN, kBlockM, kHeadDim, kOrderedDq>;
+  const Ring ring(p, tile_full, tile_empty, tile_slot);
   DkvTile first_tile{};
   if constexpr (!kPersistent) {
     first_tile = dkv_tile<kBlockN, kBlockM>(p, mask, blockIdx.x, blockIdx.y, blockIdx.z);
     if (first_tile.n_start >= first_tile.seq.seqlen_k) return;
   }
-  // Tile i of this CTA's walk into *tile; false past its last. The TMA thread (kPublish) takes and
-  // publishes it; the others read it, a whole warp (kWarp: every lane arrives on tile_empty after
-  // its reads) or one thread (kLane: the drain warp's, whose other lanes have left).
-  enum Reader { kPublish, kWarp, kLane };
-  auto next_tile = [&](int i, Reader reader, DkvTile* tile) {
+  // Tile i of this CTA's walk (DkvTileRing), or its one tile (its blockIdx).
+  auto next_tile = [&](int i, typename Ring::Reader reader, DkvTile* tile) {
     if constexpr (!kPersistent) {
       *tile = first_tile;
       return i == 0;
     } else {
-      const int slot = i & 1;
-      int* fields = tile_slot + 4 * slot;
-      if (reader == kPublish) {
-        if (i >= 2) mbarrier_wait(&tile_empty[slot], ((i >> 1) - 1) & 1);
-        const int index = atomicAdd(p.dkdv_tile_counter, 1);
-        fields[3] = index < num_tiles;
-        if (index < num_tiles) {
-          if constexpr (kOrderedDq) {
-            ordered_tile<kHeadDim>(p, index, key_blocks_per_head, sh.heads_kv * sh.batch, &fields[0], &fields[1],
-                                   &fields[2]);
-          } else {  // the grid's order: key blocks, then K/V heads, then sequences
-            const int head_batch = index / key_blocks_per_head;
-            fields[0] = index - head_batch * key_blocks_per_head;
-            fields[1] = head_batch % sh.heads_kv;
-            fields[2] = head_batch / sh.heads_kv;
-          }
-        }
-        mbarrier_arrive(&tile_full[slot]);  // release: the fields before it
-      } else {
-        mbarrier_wait(&tile_full[slot], (i >> 1) & 1);
-      }
-      // A whole warp reads: warp-uniform, as above.
-      auto field = [&](int f) { return reader == kWarp ? warp_uniform(fields[f]) : fields[f]; };
-      const bool valid = field(3) != 0;
-      const int n_block = field(0), h_kv = field(1), b = field(2);
-      if (reader != kPublish) mbarrier_arrive(&tile_empty[slot]);  // every lane of a kWarp reader
-      if (valid) *tile = dkv_tile<kBlockN, kBlockM>(p, mask, n_block, h_kv, b);
-      return valid;
+      return ring.next(p, mask, i, reader, tile);
     }
   };
-  auto head_of = [&](const DkvTile& t, int step) { return t.h_kv * group + step / t.per_head; };
-  // With unordered adds each CTA starts at its own query block, so that the CTAs of a head do not
-  // all add to the same dq_accum rows at once.
-  auto block_of = [&](const DkvTile& t, int step) {
-    return t.m.begin +
-           (kAccumDq && !kOrderedDq ? (step % t.per_head + t.n_block) % t.per_head : step % t.per_head);
-  };
+  constexpr auto kPublish = Ring::kPublish, kWarp = Ring::kWarp, kLane = Ring::kLane;
+  auto head_of = [&](const DkvTile& t, int step) { return t.head(step, group); };
+  auto block_of = [&](const DkvTile& t, int step) { return t.block(step, kAccumDq && !kOrderedDq); };
   // kAccumDq: whether consumer c computes a dQ part at global step g, and which use of its buffer
   // that is.
   auto makes_dq = [&](int c, int g) { return K::kDqEveryStep || c == (g & 1); };
@@ -403,15 +443,7 @@ __global__ void __launch_bounds__(
             for (int step = 0; step < tile.steps; ++step) {
               const int h = head_of(tile, step), block = block_of(tile, step);
               int* counter = nullptr;
-              if constexpr (kOrderedDq) {  // this key block's turn: after every later (earlier) key block that adds here
-                counter = p.dq_semaphores + dq_semaphore_index(sh, tile.b, h, block);
-                const int row0 = block * kBlockM;
-                const Range keys = visible_keys(mask, tile.seq, row0, min(row0 + kBlockM, tile.seq.seqlen_q));
-                const int turn = (keys.end - 1) / kBlockN - tile.n_block;
-                while (load_acquire_gpu(counter) != turn) {
-                }
-                fence_async_global();  // the earlier adds, acquired, before this CTA's bulk reduce
-              }
+              if constexpr (kOrderedDq) counter = wait_for_dq_turn<kBlockN, kBlockM>(p, mask, tile, h, block);
               for (int c = 0; c < K::kConsumers; ++c) {
                 if (!makes_dq(c, g + step)) continue;
                 mbarrier_wait(&dq_full[c], dq_use(g + step) & 1);
@@ -722,13 +754,15 @@ bool encode_bwd_tma_maps(const FlashBwdParams& p, BackwardTmaMaps* maps) {
                               K::kBlockN);
 }
 
-// The dK/dV kernel's output maps (kTmaStoreDkv): a consumer's 64 rows a box.
-inline bool encode_dkdv_maps(const FlashBwdParams& p, bool bf16, BackwardTmaMaps* maps) {
+// The dK/dV kernels' output maps (kTmaStoreDkv; the head-dim-256 fused kernel): box_rows a box
+// (a consumer's 64, or the fused head-dim-256 kernel's whole 80-key tile).
+inline bool encode_dkdv_maps(const FlashBwdParams& p, bool bf16, BackwardTmaMaps* maps,
+                             int box_rows = kDkvStoreRows) {
   const AttentionShape& sh = p.shape;
   return encode_attention_map(&maps->dk, p.dk, bf16, p.dk_strides, sh.batch, sh.heads_kv, sh.seqlen_k, sh.head_dim,
-                              kDkvStoreRows) &&
+                              box_rows) &&
          encode_attention_map(&maps->dv, p.dv, bf16, p.dv_strides, sh.batch, sh.heads_kv, sh.seqlen_k, sh.head_dim,
-                              kDkvStoreRows);
+                              box_rows);
 }
 
 }  // namespace cuflash::sm90

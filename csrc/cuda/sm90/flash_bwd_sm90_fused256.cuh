@@ -1,0 +1,374 @@
+// The fused Hopper backward at head dim 256 (dQ added up in fp32 by TMA reduce, unordered or in
+// a fixed order; plain 16-bit attention, inputs TMA can address; benchmarks/NOTES.md, "Head dim
+// 256 backward: a build plan"): one warp-specialized kernel of 5 matmuls a step where the pair
+// runs three launches of 8 (dQ; dK; dV). FlashAttention-3's hdim-256 tile: 80 resident keys, 64
+// streamed queries a step, two consumer warpgroups and a producer one, Q double-buffered, dO not.
+// At 256 a 64 x 256 fp32 accumulator is 128 registers a thread, so each consumer holds half of
+// the head dims of dK and dV, transposed (dK^T, dV^T: head dims 128c.. x 80 keys, two 64-row
+// slices each, 160 registers), and computes S and dP for 40 of the keys (64 queries x 40). P and
+// dS reach the other consumer through shared memory, stored transposed ([key][query], one
+// 128B-swizzled panel each, stmatrix .trans), the B operand of dV^T = dO^T P and dK^T = Q^T dS
+// and the (MN-major) A operand of dQ = dS K. dQ: each consumer's 128 head dims in two 64-column
+// slices, each out in two 64 x 32 fp32 boxes through one shared slot a consumer, which a drain
+// warp of the producer adds to dq_accum by TMA reduce (FlashAttention-3 adds with atomics from
+// the consumers here; ours keeps them off the consumers' path and allows the fixed order).
+// Hand-offs between the warpgroups on named barriers, not mbarrier spin loops, so that no branch
+// runs while wgmmas are in flight (ptxas serializes them then).
+#pragma once
+#include "flash_bwd_sm90_tma.cuh"
+
+namespace cuflash::sm90 {
+
+template <typename T, bool kOrderedDq>
+struct BwdFused256Kernel {
+  static constexpr int kHeadDim = 256, kPanels = kHeadDim / 64;
+  static constexpr int kConsumers = 2, kThreads = 128 * (kConsumers + 1), kConsumerThreads = 128 * kConsumers;
+  static constexpr int kBlockN = 80;  // resident keys: S and dP 40 a consumer
+  static constexpr int kBlockM = 64;  // streamed queries a step (a dq_semaphores block)
+  static constexpr int kKeysPerConsumer = kBlockN / kConsumers;
+  static constexpr int kQStages = 2;
+  static constexpr int kKPanelBytes = kBlockN * 128, kQPanelBytes = kBlockM * 128;
+  static constexpr int kKVBytes = kPanels * kKPanelBytes, kQBytes = kPanels * kQPanelBytes;
+  static constexpr int kPdsBytes = kBlockN * 128;  // P^T or dS^T: [key][query], one panel
+  static constexpr int kDqBoxBytes = kDqPartRows * 32 * 4;  // a dq_accum map box: 64 queries x 32 floats
+  static constexpr int kStatsBytes = kQStages * 2 * kBlockM * 4;  // lse2, delta per Q stage
+  // kv_full, kv_empty, q_full[2], q_empty[2], do_full, do_empty, tile_full[2], tile_empty[2].
+  static constexpr int kBarriers = 2 + 2 * kQStages + 2 + 4;
+  static constexpr int kSmemBytes = 2 * kKVBytes + (kQStages + 1) * kQBytes + 2 * kPdsBytes +
+                                    kConsumers * kDqBoxBytes + kStatsBytes + kBarriers * 8 + 32 + 1024;
+  static constexpr int kProducerRegs = 24, kConsumerRegs = 240;
+  static_assert(fits_launch_registers<kThreads>(kProducerRegs, kConsumerRegs), "setmaxnreg's split");
+  static_assert(kSmemBytes <= 227 * 1024, "shared memory per block");
+  static_assert(kBlockM == kDqPartRows, "the dq_accum map's boxes are one step's queries");
+  // Named barriers (0 is __syncthreads): both consumers at a tile's end (the epilogue); consumer
+  // c's P^T rows in (kPReady + c) and dS^T rows in (kDsReady + c), waited for by the other; c done
+  // with a step's wgmmas (kStepDone + c), before the other overwrites its rows of P^T and dS^T; c's
+  // epilogue stores (kDkvStore + c); c's dQ box full (kDqFull + c) and free (kDqEmpty + c), with
+  // the drain warp (160 threads).
+  enum : int { kEpilogue = 1, kPReady = 2, kDsReady = 4, kStepDone = 6, kDkvStore = 8, kDqFull = 10, kDqEmpty = 12 };
+};
+
+template <typename T, bool kOrderedDq>
+__global__ void __launch_bounds__(BwdFused256Kernel<T, kOrderedDq>::kThreads, 1)
+    flash_bwd_fused256_sm90_kernel(const FlashBwdParams p, const __grid_constant__ CUtensorMap map_q,
+                                   const __grid_constant__ CUtensorMap map_dout,
+                                   const __grid_constant__ CUtensorMap map_k,
+                                   const __grid_constant__ CUtensorMap map_v,
+                                   const __grid_constant__ CUtensorMap map_dq_accum,
+                                   const __grid_constant__ CUtensorMap map_dk,
+                                   const __grid_constant__ CUtensorMap map_dv) {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  using K = BwdFused256Kernel<T, kOrderedDq>;
+  constexpr int kBlockN = K::kBlockN, kBlockM = K::kBlockM, kPanels = K::kPanels;
+  constexpr int kKPanelBytes = K::kKPanelBytes, kQPanelBytes = K::kQPanelBytes;
+  extern __shared__ char smem_raw[];
+  unsigned char* smem = align_1024(smem_raw);
+  unsigned char* sK = smem;
+  unsigned char* sV = sK + K::kKVBytes;
+  unsigned char* sQ = sV + K::kKVBytes;  // [kQStages]
+  unsigned char* sdO = sQ + K::kQStages * K::kQBytes;
+  unsigned char* sPt = sdO + K::kQBytes;
+  unsigned char* sdSt = sPt + K::kPdsBytes;
+  unsigned char* sdQ = sdSt + K::kPdsBytes;                          // [consumer] one box
+  float* sStats = reinterpret_cast<float*>(sdQ + K::kConsumers * K::kDqBoxBytes);  // [stage][lse2, delta][64]
+  uint64_t* kv_full = reinterpret_cast<uint64_t*>(sStats + K::kQStages * 2 * kBlockM);
+  uint64_t* kv_empty = kv_full + 1;
+  uint64_t* q_full = kv_empty + 1;  // [kQStages]
+  uint64_t* q_empty = q_full + K::kQStages;
+  uint64_t* do_full = q_empty + K::kQStages;
+  uint64_t* do_empty = do_full + 1;
+  uint64_t* tile_full = do_empty + 1;  // [2]
+  uint64_t* tile_empty = tile_full + 2;
+  int* tile_slot = reinterpret_cast<int*>(tile_empty + 2);
+
+  const AttentionShape& sh = p.shape;
+  const int tid = threadIdx.x, warpgroup = warpgroup_index(), lane = tid % 32;
+  const int group = sh.heads_q / sh.heads_kv;
+  const MaskParams mask = unpacked_mask(p.mask);  // rows_per_query a compile-time 1
+  // Persistent CTAs, tiles in DkvTileRing's order, the Q/dO ring, stats and drain running on
+  // across tiles (global step g), ordered adds as the head-dim-64/128 fused kernel's
+  // (flash_bwd_sm90_tma.cuh).
+  using Ring = DkvTileRing<kBlockN, kBlockM, K::kHeadDim, kOrderedDq>;
+  const Ring ring(p, tile_full, tile_empty, tile_slot);
+  auto block_of = [&](const DkvTile& t, int step) { return t.block(step, !kOrderedDq); };
+
+  if (tid == 0) {
+    mbarrier_init(kv_full, 1);
+    mbarrier_init(kv_empty, K::kConsumers);  // each consumer's storing thread
+    for (int s = 0; s < K::kQStages; ++s) {
+      mbarrier_init(&q_full[s], 1 + 32);                // the TMA thread, the stats warp's lanes
+      mbarrier_init(&q_empty[s], K::kConsumerThreads);  // every consumer thread
+    }
+    mbarrier_init(do_full, 1);
+    mbarrier_init(do_empty, K::kConsumerThreads);
+    for (int s = 0; s < 2; ++s) {
+      mbarrier_init(&tile_full[s], 1);
+      mbarrier_init(&tile_empty[s], 32 + 32 + K::kConsumerThreads);  // the stats and drain warps, consumers
+    }
+    fence_barrier_init();
+  }
+  __syncthreads();
+
+  if (warpgroup == 0) {  // producer
+    setmaxnreg_dec<K::kProducerRegs>();
+    const int warp = tid / 32;
+    if (warp == 2) {  // the dQ drain, a whole warp (named barriers count warps): boxes to dq_accum
+      DkvTile tile;
+      for (int i = 0; ring.next(p, mask, i, Ring::kWarp, &tile); ++i) {
+        for (int step = 0; step < tile.steps; ++step) {
+          const int h = tile.head(step, group), block = block_of(tile, step);
+          int* counter = nullptr;
+          if constexpr (kOrderedDq) {
+            if (lane == 0) counter = wait_for_dq_turn<kBlockN, kBlockM>(p, mask, tile, h, block);
+            __syncwarp();
+          }
+          // Each consumer's boxes in its order: slice 0 columns 0-31, 32-63, slice 1 the same.
+#pragma unroll 1
+          for (int box = 0; box < 4; ++box)
+#pragma unroll 1
+            for (int c = 0; c < K::kConsumers; ++c) {
+              // c's slot is free (the box before this one read), signalled just before this box is
+              // waited for, so that every signal has its wait (none after the last box).
+              named_barrier_arrive<160>(K::kDqEmpty + c);
+              named_barrier_sync<160>(K::kDqFull + c);
+              if (lane == 0) {  // rows past seqlen_q, columns past head_dim: dropped
+                tma_reduce_add_4d(&map_dq_accum, sdQ + c * K::kDqBoxBytes, 128 * c + 32 * box, block * kBlockM, h,
+                                  tile.b);
+                bulk_commit_group();
+                bulk_wait_group_read<0>();
+              }
+              __syncwarp();
+            }
+          if constexpr (kOrderedDq) {  // the step's adds done, then the next key block's turn
+            if (lane == 0) {
+              bulk_wait_group_all();
+              fence_async_global();
+              add_release_gpu(counter, 1);
+            }
+            __syncwarp();
+          }
+        }
+      }
+      if (lane == 0) bulk_wait_group_all();  // the adds themselves, before the CTA's shared memory goes
+    } else if (warp == 0 && lane == 0) {  // TMA
+      DkvTile tile;
+      for (int i = 0, g = 0; ring.next(p, mask, i, Ring::kPublish, &tile); ++i, g += tile.steps) {
+        // Step s's Q (after the consumers released its stage, two steps back) and dO (one step back).
+        auto load_step = [&](int step) {
+          const int gs = g + step, stage = gs % K::kQStages;
+          const int h = tile.head(step, group), m0 = block_of(tile, step) * kBlockM;
+          if (gs >= K::kQStages) mbarrier_wait(&q_empty[stage], ((gs / K::kQStages) - 1) & 1);
+          mbarrier_arrive_expect_tx(&q_full[stage], K::kQBytes);
+#pragma unroll
+          for (int panel = 0; panel < kPanels; ++panel)
+            tma_load_4d(sQ + stage * K::kQBytes + panel * kQPanelBytes, &map_q, &q_full[stage], panel * 64, m0, h,
+                        tile.b);
+          if (gs >= 1) mbarrier_wait(do_empty, (gs - 1) & 1);
+          mbarrier_arrive_expect_tx(do_full, K::kQBytes);
+#pragma unroll
+          for (int panel = 0; panel < kPanels; ++panel)
+            tma_load_4d(sdO + panel * kQPanelBytes, &map_dout, do_full, panel * 64, m0, h, tile.b);
+        };
+        // The first step's Q and dO before K and V, which wait for the last tile's epilogue to
+        // have stored from their buffers.
+        const int early = i > 0 ? min(tile.steps, 1) : 0;
+        for (int step = 0; step < early; ++step) load_step(step);
+        if (i > 0) mbarrier_wait(kv_empty, (i - 1) & 1);
+        if (tile.steps > 0) {
+          mbarrier_arrive_expect_tx(kv_full, 2 * K::kKVBytes);
+#pragma unroll
+          for (int panel = 0; panel < kPanels; ++panel) {
+            tma_load_4d(sK + panel * kKPanelBytes, &map_k, kv_full, panel * 64, tile.n_start, tile.h_kv, tile.b);
+            tma_load_4d(sV + panel * kKPanelBytes, &map_v, kv_full, panel * 64, tile.n_start, tile.h_kv, tile.b);
+          }
+        } else {
+          // A tile without steps still stores zeros for its keys (as the head-dim-64/128 kernel).
+          mbarrier_arrive(kv_full);
+        }
+        for (int step = early; step < tile.steps; ++step) load_step(step);
+      }
+    } else if (warp == 1) {  // lse (as log2) and delta of each step's queries, in the step's Q stage
+      DkvTile tile;
+      for (int i = 0, g = 0; ring.next(p, mask, i, Ring::kWarp, &tile); ++i, g += tile.steps) {
+        for (int step = 0; step < tile.steps; ++step) {
+          const int gs = g + step, stage = gs % K::kQStages;
+          if (gs >= K::kQStages) mbarrier_wait(&q_empty[stage], ((gs / K::kQStages) - 1) & 1);
+          float* stats = sStats + stage * 2 * kBlockM;
+          block_row_stats<kBlockM, 32>(p, tile.seq, tile.b, tile.head(step, group), block_of(tile, step) * kBlockM,
+                                       lane, stats, stats + kBlockM);
+          mbarrier_arrive(&q_full[stage]);
+        }
+      }
+    }
+    return;
+  }
+
+  // Consumers: warpgroup c = 1, 2; consumer c computes S and dP for keys 40c.. of the tile and
+  // dK^T, dV^T, dQ for head dims 128c.. .
+  setmaxnreg_inc<K::kConsumerRegs>();
+  const int consumer = warpgroup - 1;
+  const int warp_row = warp_uniform(16 * ((tid % 128) / 32));  // this warp's 16 rows of a 64-row tile
+  // Descriptors: one base per operand, the consumer's rows or panels in it, each k-step's offset an
+  // immediate and the Q stage's added (building them per k-step from a pointer spilled 420-460
+  // bytes: benchmarks/NOTES.md, the register model).
+  auto at = [](uint64_t desc, uint32_t bytes) { return desc + (bytes >> 4); };
+  const uint32_t my_keys = K::kKeysPerConsumer * consumer * 128;
+  const uint64_t k_rows = smem_desc_k_major_sw128(sK, my_keys), v_rows = smem_desc_k_major_sw128(sV, my_keys);
+  const uint64_t q_rows = smem_desc_k_major_sw128(sQ), do_rows = smem_desc_k_major_sw128(sdO);
+  const uint64_t q_cols = smem_desc_mn_major_sw128(sQ, 2 * consumer * kQPanelBytes, kQPanelBytes);
+  const uint64_t do_cols = smem_desc_mn_major_sw128(sdO, 2 * consumer * kQPanelBytes, kQPanelBytes);
+  const uint64_t k_cols = smem_desc_mn_major_sw128(sK, 2 * consumer * kKPanelBytes, kKPanelBytes);
+  const uint64_t pt_rows = smem_desc_k_major_sw128(sPt), dst_rows = smem_desc_k_major_sw128(sdSt);
+  const uint64_t dst_cols = smem_desc_mn_major_sw128(sdSt, 0, K::kPdsBytes);
+  const uint32_t pt_panel = smem_u32(sPt), dst_panel = smem_u32(sdSt);
+  const uint32_t dq_box = smem_u32(sdQ + consumer * K::kDqBoxBytes);
+  const float scale_log2 = static_cast<float>(p.scale) * kLog2e;
+  // One 64 x 64 slice of dQ out as two boxes of 32 columns, each handed to the drain warp once it
+  // has read the one before. No branch here: dK^T's wgmmas are in flight (ptxas serializes
+  // wgmmas across divergent paths, C7520).
+  auto store_dq_slice = [&](const WarpAcc<64>& dq) {
+#pragma unroll
+    for (int half = 0; half < 2; ++half) {
+      named_barrier_sync<160>(K::kDqEmpty + consumer);
+#pragma unroll
+      for (int j = 0; j < 4; ++j)
+#pragma unroll
+        for (int r = 0; r < 2; ++r) {
+          const int row = warp_row + WarpAcc<64>::row_of(2 * r, lane);
+          const int col = WarpAcc<64>::col_of(4 * half + j, 2 * r, lane) % 32;
+          st_shared_f32x2(dq_box + swizzle128_offset_f32(row, col), dq.v[4 * half + j][2 * r],
+                          dq.v[4 * half + j][2 * r + 1]);
+        }
+      fence_async_shared();  // the bulk reduce (async proxy) reads these stores
+      named_barrier_arrive<160>(K::kDqFull + consumer);
+    }
+  };
+  // A 64-row accumulator's 16-bit pairs in stmatrix_acc40_trans's order, times scale: n8 tiles
+  // 5 half .. 5 half + 4.
+  auto pack40 = [](const auto& acc, int half, float scale, uint32_t (&f)[10]) {
+#pragma unroll
+    for (int j = 0; j < 5; ++j)
+#pragma unroll
+      for (int h = 0; h < 2; ++h)
+        f[2 * j + h] = MmaOperand<T>::pack(acc.v[5 * half + j][2 * h] * scale, acc.v[5 * half + j][2 * h + 1] * scale);
+  };
+
+  DkvTile tile;
+  for (int i = 0, g = 0; ring.next(p, mask, i, Ring::kWarp, &tile); ++i, g += tile.steps) {
+    WarpAcc<kBlockN> dkt[2], dvt[2];  // dK^T, dV^T: head dims 128c + 64 slice.., the tile's 80 keys
+#pragma unroll
+    for (int slice = 0; slice < 2; ++slice) dkt[slice].zero(), dvt[slice].zero();
+    mbarrier_wait(kv_full, i & 1);
+    for (int step = 0; step < tile.steps; ++step) {
+      const int gs = g + step, stage = gs % K::kQStages;
+      const uint32_t q_stage = stage * K::kQBytes;
+      const int row0 = block_of(tile, step) * kBlockM + warp_row;
+      WarpAcc<K::kKeysPerConsumer> s, dp;  // 64 queries x this consumer's 40 keys
+      // Both tiles waited for before either product goes out (a spin loop between two wgmma
+      // groups makes ptxas fence them: C7519).
+      mbarrier_wait(&q_full[stage], (gs / K::kQStages) & 1);
+      mbarrier_wait(do_full, gs & 1);
+      wgmma_fence();
+      issue_qk<T, K::kHeadDim, kQPanelBytes, K::kKeysPerConsumer, kBlockN>(s, at(q_rows, q_stage), k_rows);
+      issue_qk<T, K::kHeadDim, kQPanelBytes, K::kKeysPerConsumer, kBlockN>(dp, do_rows, v_rows);
+      const float* stats = sStats + stage * 2 * kBlockM;
+      float lse2[2], delta[2];
+#pragma unroll
+      for (int r = 0; r < 2; ++r) {
+        lse2[r] = stats[warp_row + WarpAcc<64>::row_of(2 * r, lane)];
+        delta[r] = stats[kBlockM + warp_row + WarpAcc<64>::row_of(2 * r, lane)];
+      }
+      wgmma_wait<1>();
+      auto row_lse2 = [&](int, int e) { return lse2[e >> 1]; };
+      auto row_delta = [&](int, int e) { return delta[e >> 1]; };
+      probs_then_mask<false>(s, scale_log2, mask, tile.seq, row0, tile.n_start + K::kKeysPerConsumer * consumer, lane,
+                             row_lse2);
+      wgmma_wait<0>();
+      ds_from_dp(dp, s, row_delta);
+      uint32_t p_pairs[10], ds_pairs[10];
+      pack40(s, 0, 1.f, p_pairs);
+      pack40(dp, 0, 1.f, ds_pairs);
+      // P^T and dS^T rows 40c..: the other consumer's wgmmas of the step before are done with them.
+      if (step > 0) named_barrier_sync<K::kConsumerThreads>(K::kStepDone + 1 - consumer);
+      stmatrix_acc40_trans(pt_panel, K::kKeysPerConsumer * consumer, p_pairs);
+      fence_async_shared();  // the wgmmas (async proxy) read these stores
+      named_barrier_arrive<K::kConsumerThreads>(K::kPReady + consumer);
+      stmatrix_acc40_trans(dst_panel, K::kKeysPerConsumer * consumer, ds_pairs);
+      fence_async_shared();
+      named_barrier_arrive<K::kConsumerThreads>(K::kDsReady + consumer);
+      named_barrier_sync<K::kConsumerThreads>(K::kPReady + 1 - consumer);
+      // dV^T += dO^T P: A = dO's panels 2c, 2c + 1 MN-major (16 queries a k-step, +2048 bytes), B =
+      // P^T K-major (80 key rows, +32 bytes a k-step).
+      wgmma_fence();
+#pragma unroll
+      for (int slice = 0; slice < 2; ++slice)
+#pragma unroll
+        for (int kk = 0; kk < kBlockM / 16; ++kk)
+          Wgmma<T, kBlockN>::template ss<0, 1>(acc_regs<kBlockN>(dvt[slice], 0),
+                                               at(do_cols, slice * kQPanelBytes + kk * 2048), at(pt_rows, kk * 32), 1);
+      wgmma_commit();
+      named_barrier_sync<K::kConsumerThreads>(K::kDsReady + 1 - consumer);
+      // dQ slice = dS K (A = dS^T MN-major, B = K's panel MN-major, 16 keys a k-step) and dK^T
+      // slice += Q^T dS (as dV^T), by slices, each dQ slice stored while the next products run.
+      WarpAcc<64> dq;
+#pragma unroll
+      for (int slice = 0; slice < 2; ++slice) {
+        if (slice > 0) wgmma_fence();
+#pragma unroll
+        for (int kk = 0; kk < kBlockN / 16; ++kk)
+          Wgmma<T, 64>::template ss<1, 1>(acc_regs<64>(dq, 0), at(dst_cols, kk * 2048),
+                                          at(k_cols, slice * kKPanelBytes + kk * 2048), kk > 0);
+        wgmma_commit();
+#pragma unroll
+        for (int kk = 0; kk < kBlockM / 16; ++kk)
+          Wgmma<T, kBlockN>::template ss<0, 1>(acc_regs<kBlockN>(dkt[slice], 0),
+                                               at(q_cols, q_stage + slice * kQPanelBytes + kk * 2048),
+                                               at(dst_rows, kk * 32), 1);
+        wgmma_commit();
+        wgmma_wait<1>();  // this dQ slice (and, at slice 0, dV^T: dO is free)
+        if (slice == 0) mbarrier_arrive(do_empty);
+        store_dq_slice(dq);
+      }
+      wgmma_wait<0>();
+      mbarrier_arrive(&q_empty[stage]);  // Q and its stats
+      if (step + 1 < tile.steps) named_barrier_arrive<K::kConsumerThreads>(K::kStepDone + consumer);
+    }
+
+    // dK^T (times the softmax scale) and dV^T transposed into K's and V's panels 2c, 2c + 1 as
+    // [key][head dim], once both consumers' wgmmas are done reading them; then this consumer's
+    // first thread's bulk stores (80-row boxes; rows past seqlen_k not written), read before the
+    // next tile's K and V load (kv_empty).
+    named_barrier_sync<K::kConsumerThreads>(K::kEpilogue);
+    const float dk_scale = static_cast<float>(p.scale);
+#pragma unroll
+    for (int slice = 0; slice < 2; ++slice) {
+      const uint32_t panel = (2 * consumer + slice) * kKPanelBytes;
+#pragma unroll
+      for (int half = 0; half < 2; ++half) {
+        uint32_t f[10];
+        pack40(dkt[slice], half, dk_scale, f);
+        stmatrix_acc40_trans(smem_u32(sK) + panel, 40 * half, f);
+        pack40(dvt[slice], half, 1.f, f);
+        stmatrix_acc40_trans(smem_u32(sV) + panel, 40 * half, f);
+      }
+    }
+    fence_async_shared();  // these writes before the bulk stores' (async proxy) reads
+    named_barrier_sync<128>(K::kDkvStore + consumer);
+    if (tid % 128 == 0) {
+      if (tile.n_start < tile.seq.seqlen_k) {
+#pragma unroll
+        for (int slice = 0; slice < 2; ++slice) {
+          const int panel = 2 * consumer + slice;
+          tma_store_4d(&map_dk, sK + panel * kKPanelBytes, panel * 64, tile.n_start, tile.h_kv, tile.b);
+          tma_store_4d(&map_dv, sV + panel * kKPanelBytes, panel * 64, tile.n_start, tile.h_kv, tile.b);
+        }
+        bulk_commit_group();
+        bulk_wait_group_read<0>();
+      }
+      mbarrier_arrive(kv_empty);  // K's and V's buffers may take the next tile's
+    }
+  }
+#endif
+}
+
+}  // namespace cuflash::sm90
