@@ -9,9 +9,10 @@
 // dS reach the other consumer through shared memory, stored transposed ([key][query], one
 // 128B-swizzled panel each, stmatrix .trans), the B operand of dV^T = dO^T P and dK^T = Q^T dS
 // and the (MN-major) A operand of dQ = dS K. dQ: each consumer's 128 head dims in two 64-column
-// slices, each out in two 64 x 32 fp32 boxes through one shared slot a consumer, which a drain
-// warp of the producer adds to dq_accum by TMA reduce (FlashAttention-3 adds with atomics from
-// the consumers here; ours keeps them off the consumers' path and allows the fixed order).
+// slices, each out in two 64 x 32 fp32 boxes through a ring of three shared slots, from which a
+// drain warp of the producer adds them to dq_accum by TMA reduce (FlashAttention-3 adds with
+// atomics from the consumers here; ours keeps them off the consumers' path and allows the fixed
+// order).
 // Hand-offs between the warpgroups on named barriers, not mbarrier spin loops, so that no branch
 // runs while wgmmas are in flight (ptxas serializes them then).
 #pragma once
@@ -31,11 +32,16 @@ struct BwdFused256Kernel {
   static constexpr int kKVBytes = kPanels * kKPanelBytes, kQBytes = kPanels * kQPanelBytes;
   static constexpr int kPdsBytes = kBlockN * 128;  // P^T or dS^T: [key][query], one panel
   static constexpr int kDqBoxBytes = kDqPartRows * 32 * 4;  // a dq_accum map box: 64 queries x 32 floats
+  // The boxes' ring: a step's 8 boxes in a fixed order (consumer 0's first, consumer 1's first,
+  // consumer 0's second, ...), box j in slot j % 3. With one slot a consumer each waited for the
+  // drain's read of its last box before storing the next: 34% of the consumers' stall samples
+  // (benchmarks/NOTES.md); three slots leave the drain two boxes to read each one in.
+  static constexpr int kDqSlots = 3, kDqBoxesPerStep = 8;
   static constexpr int kStatsBytes = kQStages * 2 * kBlockM * 4;  // lse2, delta per Q stage
   // kv_full, kv_empty, q_full[2], q_empty[2], do_full, do_empty, tile_full[2], tile_empty[2].
   static constexpr int kBarriers = 2 + 2 * kQStages + 2 + 4;
   static constexpr int kSmemBytes = 2 * kKVBytes + (kQStages + 1) * kQBytes + 2 * kPdsBytes +
-                                    kConsumers * kDqBoxBytes + kStatsBytes + kBarriers * 8 + 32 + 1024;
+                                    kDqSlots * kDqBoxBytes + kStatsBytes + kBarriers * 8 + 32 + 1024;
   static constexpr int kProducerRegs = 24, kConsumerRegs = 240;
   static_assert(fits_launch_registers<kThreads>(kProducerRegs, kConsumerRegs), "setmaxnreg's split");
   static_assert(kSmemBytes <= 227 * 1024, "shared memory per block");
@@ -43,9 +49,10 @@ struct BwdFused256Kernel {
   // Named barriers (0 is __syncthreads): both consumers at a tile's end (the epilogue); consumer
   // c's P^T rows in (kPReady + c) and dS^T rows in (kDsReady + c), waited for by the other; c done
   // with a step's wgmmas (kStepDone + c), before the other overwrites its rows of P^T and dS^T; c's
-  // epilogue stores (kDkvStore + c); c's dQ box full (kDqFull + c) and free (kDqEmpty + c), with
-  // the drain warp (160 threads).
-  enum : int { kEpilogue = 1, kPReady = 2, kDsReady = 4, kStepDone = 6, kDkvStore = 8, kDqFull = 10, kDqEmpty = 12 };
+  // epilogue stores (kDkvStore + c); a dQ slot's box stored (kDqFull + slot) and free (kDqEmpty +
+  // slot), between the storing consumer and the drain warp (160 threads).
+  enum : int { kEpilogue = 1, kPReady = 2, kDsReady = 4, kStepDone = 6, kDkvStore = 8, kDqFull = 10, kDqEmpty = 13 };
+  static_assert(kDqEmpty + kDqSlots <= 16, "named barrier ids");
 };
 
 template <typename T, bool kOrderedDq>
@@ -69,8 +76,8 @@ __global__ void __launch_bounds__(BwdFused256Kernel<T, kOrderedDq>::kThreads, 1)
   unsigned char* sdO = sQ + K::kQStages * K::kQBytes;
   unsigned char* sPt = sdO + K::kQBytes;
   unsigned char* sdSt = sPt + K::kPdsBytes;
-  unsigned char* sdQ = sdSt + K::kPdsBytes;                          // [consumer] one box
-  float* sStats = reinterpret_cast<float*>(sdQ + K::kConsumers * K::kDqBoxBytes);  // [stage][lse2, delta][64]
+  unsigned char* sdQ = sdSt + K::kPdsBytes;                          // [kDqSlots] boxes
+  float* sStats = reinterpret_cast<float*>(sdQ + K::kDqSlots * K::kDqBoxBytes);  // [stage][lse2, delta][64]
   uint64_t* kv_full = reinterpret_cast<uint64_t*>(sStats + K::kQStages * 2 * kBlockM);
   uint64_t* kv_empty = kv_full + 1;
   uint64_t* q_full = kv_empty + 1;  // [kQStages]
@@ -114,7 +121,7 @@ __global__ void __launch_bounds__(BwdFused256Kernel<T, kOrderedDq>::kThreads, 1)
     const int warp = tid / 32;
     if (warp == 2) {  // the dQ drain, a whole warp (named barriers count warps): boxes to dq_accum
       DkvTile tile;
-      for (int i = 0; ring.next(p, mask, i, Ring::kWarp, &tile); ++i) {
+      for (int i = 0, g = 0; ring.next(p, mask, i, Ring::kWarp, &tile); ++i, g += tile.steps) {
         for (int step = 0; step < tile.steps; ++step) {
           const int h = tile.head(step, group), block = block_of(tile, step);
           int* counter = nullptr;
@@ -122,23 +129,23 @@ __global__ void __launch_bounds__(BwdFused256Kernel<T, kOrderedDq>::kThreads, 1)
             if (lane == 0) counter = wait_for_dq_turn<kBlockN, kBlockM>(p, mask, tile, h, block);
             __syncwarp();
           }
-          // Each consumer's boxes in its order: slice 0 columns 0-31, 32-63, slice 1 the same.
+          // Box b of the step: consumer b % 2's box b / 2 (its slice b / 4, columns 32 ((b / 2) % 2)..).
 #pragma unroll 1
-          for (int box = 0; box < 4; ++box)
-#pragma unroll 1
-            for (int c = 0; c < K::kConsumers; ++c) {
-              // c's slot is free (the box before this one read), signalled just before this box is
-              // waited for, so that every signal has its wait (none after the last box).
-              named_barrier_arrive<160>(K::kDqEmpty + c);
-              named_barrier_sync<160>(K::kDqFull + c);
-              if (lane == 0) {  // rows past seqlen_q, columns past head_dim: dropped
-                tma_reduce_add_4d(&map_dq_accum, sdQ + c * K::kDqBoxBytes, 128 * c + 32 * box, block * kBlockM, h,
-                                  tile.b);
-                bulk_commit_group();
-                bulk_wait_group_read<0>();
-              }
-              __syncwarp();
+          for (int b = 0; b < K::kDqBoxesPerStep; ++b) {
+            const int slot = (K::kDqBoxesPerStep * (g + step) + b) % K::kDqSlots;
+            // The slot's last box read (the two after it may still be), then free: signalled just
+            // before this box is waited for, so that every signal has its wait (none after the last).
+            if (lane == 0) bulk_wait_group_read<K::kDqSlots - 1>();
+            __syncwarp();
+            named_barrier_arrive<160>(K::kDqEmpty + slot);
+            named_barrier_sync<160>(K::kDqFull + slot);
+            if (lane == 0) {  // rows past seqlen_q, columns past head_dim: dropped
+              tma_reduce_add_4d(&map_dq_accum, sdQ + slot * K::kDqBoxBytes, 128 * (b % 2) + 32 * (b / 2),
+                                block * kBlockM, h, tile.b);
+              bulk_commit_group();
             }
+            __syncwarp();
+          }
           if constexpr (kOrderedDq) {  // the step's adds done, then the next key block's turn
             if (lane == 0) {
               bulk_wait_group_all();
@@ -221,15 +228,17 @@ __global__ void __launch_bounds__(BwdFused256Kernel<T, kOrderedDq>::kThreads, 1)
   const uint64_t pt_rows = smem_desc_k_major_sw128(sPt), dst_rows = smem_desc_k_major_sw128(sdSt);
   const uint64_t dst_cols = smem_desc_mn_major_sw128(sdSt, 0, K::kPdsBytes);
   const uint32_t pt_panel = smem_u32(sPt), dst_panel = smem_u32(sdSt);
-  const uint32_t dq_box = smem_u32(sdQ + consumer * K::kDqBoxBytes);
+  const uint32_t dq_slots = smem_u32(sdQ);
   const float scale_log2 = static_cast<float>(p.scale) * kLog2e;
-  // One 64 x 64 slice of dQ out as two boxes of 32 columns, each handed to the drain warp once it
-  // has read the one before. No branch here: dK^T's wgmmas are in flight (ptxas serializes
-  // wgmmas across divergent paths, C7520).
-  auto store_dq_slice = [&](const WarpAcc<64>& dq) {
+  // Slice `slice` of global step gs's dQ (64 x 64) out as two boxes of 32 columns, each into its
+  // slot of the ring once the drain has read that slot's last box. No branch here: dK^T's wgmmas
+  // are in flight (ptxas serializes wgmmas across divergent paths, C7520).
+  auto store_dq_slice = [&](const WarpAcc<64>& dq, int gs, int slice) {
 #pragma unroll
     for (int half = 0; half < 2; ++half) {
-      named_barrier_sync<160>(K::kDqEmpty + consumer);
+      const int slot = (K::kDqBoxesPerStep * gs + 2 * (2 * slice + half) + consumer) % K::kDqSlots;
+      const uint32_t dq_box = dq_slots + slot * K::kDqBoxBytes;
+      named_barrier_sync<160>(K::kDqEmpty + slot);
 #pragma unroll
       for (int j = 0; j < 4; ++j)
 #pragma unroll
@@ -240,7 +249,7 @@ __global__ void __launch_bounds__(BwdFused256Kernel<T, kOrderedDq>::kThreads, 1)
                           dq.v[4 * half + j][2 * r + 1]);
         }
       fence_async_shared();  // the bulk reduce (async proxy) reads these stores
-      named_barrier_arrive<160>(K::kDqFull + consumer);
+      named_barrier_arrive<160>(K::kDqFull + slot);
     }
   };
   // A 64-row accumulator's 16-bit pairs in stmatrix_acc40_trans's order, times scale: n8 tiles
@@ -327,7 +336,7 @@ __global__ void __launch_bounds__(BwdFused256Kernel<T, kOrderedDq>::kThreads, 1)
         wgmma_commit();
         wgmma_wait<1>();  // this dQ slice (and, at slice 0, dV^T: dO is free)
         if (slice == 0) mbarrier_arrive(do_empty);
-        store_dq_slice(dq);
+        store_dq_slice(dq, gs, slice);
       }
       wgmma_wait<0>();
       mbarrier_arrive(&q_empty[stage]);  // Q and its stats
