@@ -48,6 +48,7 @@ SM90_FWD_CUH = CUDA_DIR / "sm90" / "flash_fwd_sm90.cuh"
 SM90_FWD_TMA_CUH = CUDA_DIR / "sm90" / "flash_fwd_sm90_tma.cuh"
 SM90_BWD_CUH = CUDA_DIR / "sm90" / "flash_bwd_sm90.cuh"
 SM90_BWD_TMA_CUH = CUDA_DIR / "sm90" / "flash_bwd_sm90_tma.cuh"
+SM90_BWD_FUSED256_CUH = CUDA_DIR / "sm90" / "flash_bwd_sm90_fused256.cuh"
 GENERATE_KERNELS = REPO_ROOT / "tools" / "generate_kernels.py"
 
 TOTAL_TOKENS, HIDDEN = 16384, 2048  # PERF.md's standard table
@@ -455,16 +456,20 @@ def sm90_backward(cfg, bucket):
                            kAccumDq=accum, kWithDk=with_dk, kWithDv=with_dv, kWideSteps=wide, kOrderedDq=False)
         return t["kBlockM"], t["kBlockN"]
 
+    split_dkdv = sm90_constants(SM90_BWD_CUH, "BwdSm90Kernel", ("kSplitDkDv",), kHeadDim=bucket)["kSplitDkDv"]
     if (host_predicate(BACKWARD_CHOICE_CU, "fused_backward_built_for", values)
             and host_predicate(BACKWARD_CHOICE_CU, "prefers_fused_backward", values)):
-        # run_flash_bwd: 128-query steps (kWideSteps) at head dim 64 only, `if constexpr`
-        wide = bucket == 64 and host_predicate(FLASH_LAUNCH_CUH, "fused_wide_steps_pay", values)
-        dkdv = _kernel("flash_bwd_dkdv_sm90_tma_kernel", dkdv_tile(True, True, True, wide),
-                       ("wide steps, " if wide else "") + "fused dQ")
+        if split_dkdv:  # run_flash_bwd: head dim 256's own fused kernel (launch_bwd_fused256)
+            t = sm90_constants(SM90_BWD_FUSED256_CUH, "BwdFused256Kernel", ("kBlockM", "kBlockN"), kOrderedDq=False)
+            dkdv = _kernel("flash_bwd_fused_sm90_tma_kernel", (t["kBlockM"], t["kBlockN"]), "fused dQ")
+        else:  # 128-query steps (kWideSteps) at head dim 64 only, `if constexpr`
+            wide = bucket == 64 and host_predicate(FLASH_LAUNCH_CUH, "fused_wide_steps_pay", values)
+            dkdv = _kernel("flash_bwd_dkdv_sm90_tma_kernel", dkdv_tile(True, True, True, wide),
+                           ("wide steps, " if wide else "") + "fused dQ")
         return {"dq": None, "dkdv": [{**dkdv, "dk": True, "dv": True}], "accum_dq": True}
     t = sm90_constants(SM90_BWD_TMA_CUH, "BwdDqSm90TmaKernel", ("kBlockM", "kBlockN"), kHeadDim=bucket)
     dq = _kernel("flash_bwd_dq_sm90_tma_kernel", (t["kBlockM"], t["kBlockN"]))
-    if sm90_constants(SM90_BWD_CUH, "BwdSm90Kernel", ("kSplitDkDv",), kHeadDim=bucket)["kSplitDkDv"]:
+    if split_dkdv:
         dkdv = [{**_kernel("flash_bwd_dkdv_sm90_tma_kernel", dkdv_tile(False, True, False, False), "dK"),
                  "dk": True, "dv": False},
                 {**_kernel("flash_bwd_dkdv_sm90_tma_kernel", dkdv_tile(False, False, True, False), "dV"),
@@ -619,7 +624,7 @@ NCU_KERNEL_FILTER = r"flash_(fwd|bwd)"
 # kernels, or for the row kernels (delta, dq_convert, fwd_combine) every family's; simt, the exact
 # ones; sm90, Hopper's cp.async ones; sm90_tma, Hopper's warp-specialized ones; sm90_fp32, Hopper's
 # float32 forward on TF32 wgmmas (CUFLASH_FP32=wgmma).
-KERNEL_NAME = re.compile(r"flash_(?P<role>fwd_combine|fwd|bwd_delta|bwd_dq_convert|bwd_dq|bwd_dkdv)"
+KERNEL_NAME = re.compile(r"flash_(?P<role>fwd_combine|fwd|bwd_delta|bwd_dq_convert|bwd_dq|bwd_dkdv|bwd_fused)"
                          r"(?:_(?P<family>simt|sm90_tma|sm90_fp32|sm90))?_kernel")
 SHARED_ROLES = ("fwd_combine", "bwd_delta", "bwd_dq_convert")  # one kernel for every family
 KERNEL_FUNCTION = re.compile(r"\bflash_\w+")  # in a demangled name: after `cuflash::` and before `<` or `(`

@@ -100,7 +100,7 @@ def fused_backward_kernel(d, wide=False, ordered=False):
     kernel) for bf16 at head-dim bucket d: 128-query steps (wide, head dim 64), ordered dQ adds.
     Head dim 256 has its own kernel (flash_bwd_sm90_fused256.cuh)."""
     if d == 256:
-        return f"flash_bwd_fused256_sm90_kernel<__nv_bfloat16, {str(ordered).lower()}>"
+        return f"flash_bwd_fused_sm90_tma_kernel<__nv_bfloat16, {str(ordered).lower()}>"
     flags = ", ".join(str(flag).lower() for flag in (True, True, True, wide, ordered))
     return f"flash_bwd_dkdv_sm90_tma_kernel<__nv_bfloat16, {d}, {flags}>"
 

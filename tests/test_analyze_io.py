@@ -61,10 +61,14 @@ def test_tiled_forward_uses_the_header_tiles():
 
 
 def test_split_dkdv_above_128():
-    for arch in aio.ARCHS:
-        dkdv = [k for k in aio.tiled_kernels(cfg(512, 256), arch) if k["kernel"].startswith("flash_bwd_dkdv")]
-        assert [k["variant"] for k in dkdv] == ["dK", "dV"]
-        assert dkdv[0]["read"] - dkdv[1]["read"] == 512 * 256 * 2  # V, once
+    """The sm_80-class kernels split dK and dV above head dim 128; Hopper runs its fused head-dim-256
+    kernel there (80 keys x 64 queries, flash_bwd_sm90_fused256.cuh), dQ added up."""
+    dkdv = [k for k in aio.tiled_kernels(cfg(512, 256), "sm80") if k["kernel"].startswith("flash_bwd_dkdv")]
+    assert [k["variant"] for k in dkdv] == ["dK", "dV"]
+    assert dkdv[0]["read"] - dkdv[1]["read"] == 512 * 256 * 2  # V, once
+    bwd = [(k["kernel"], k["tile"], k["variant"]) for k in aio.tiled_kernels(cfg(512, 256), "sm90")[1:]]
+    assert bwd == [("flash_bwd_delta_kernel", bwd[0][1], ""), ("flash_bwd_fused_sm90_tma_kernel", (64, 80), "fused dQ"),
+                   ("flash_bwd_dq_convert_kernel", bwd[2][1], "")], bwd
 
 
 def test_hopper_forward_by_hand():

@@ -67,7 +67,8 @@ def test_false_matches_reference_long_causal_rows(dtype, d):
 @pytest.mark.parametrize("d,n,causal,fused", [(64, 100, False, True), (128, 100, False, False),
                                               (128, 2048, False, True), (128, 2048, True, True),
                                               (128, 512, False, True), (128, 1024, True, True),
-                                              (128, 512, True, False), (256, 2048, False, False)])
+                                              (128, 512, True, False), (256, 2048, False, True),
+                                              (256, 1024, True, True)])
 def test_which_kernel(d, n, causal, fused):
     q, k, v = inputs("cuda", torch.bfloat16, n, d)
     for deterministic in (False, True):

@@ -8,7 +8,8 @@
 // (persistent since the twenty-first session) from 512 keys seen by the middle query row: ordered
 // against the pair 1.04-1.10x causal at 1024 keys (middle row 513) in all five runs; at 512
 // without a mask 1.05-1.14x in four runs, 0.87x in one (short rows are noisy: benchmarks/NOTES.md);
-// even (0.98-1.01x) causal at 512.
+// even (0.98-1.01x) causal at 512; at D=256 (its own kernel, twenty-second session; one run at
+// 1024, 4096 and 16384 keys) ordered 1.03-1.17x, unordered 1.11-1.16x, causal or not.
 #include "flash_launch.h"
 #include "sm90/flash_bwd_sm90_tma.cuh"
 #include "sm90/flash_fwd_sm90_tma.cuh"  // middle_row_keys
@@ -32,9 +33,7 @@ bool fused_backward_runs(const FlashBwdParams& p) {
 
 bool prefers_fused_backward(const FlashBwdParams& p) {
   if (!fused_backward_runs(p)) return false;
-  const int bucket = cuda_head_dim_bucket(p.dtype, p.shape.head_dim);
-  if (bucket == 256) return false;  // not measured yet (CUFLASH_BWD_DQ=ordered or atomic routes it)
-  return bucket != 128 || sm90::middle_row_keys(p) >= 512;
+  return cuda_head_dim_bucket(p.dtype, p.shape.head_dim) != 128 || sm90::middle_row_keys(p) >= 512;
 }
 
 }  // namespace cuflash

@@ -254,7 +254,7 @@ bool launch_bwd_fused256(const FlashBwdParams& p, cudaStream_t stream, cudaError
     const AttentionShape& sh = p.shape;
     const int64_t num_tiles = int64_t{ceil_div(sh.seqlen_k, Fused::kBlockN)} * sh.heads_kv * sh.batch;
     const int sms = std::max(1, device_attribute<cudaDevAttrMultiProcessorCount>(1));
-    *err = launch(sm90::flash_bwd_fused256_sm90_kernel<T, kOrdered>,
+    *err = launch(sm90::flash_bwd_fused_sm90_tma_kernel<T, kOrdered>,
                   dim3(static_cast<unsigned>(std::min<int64_t>(num_tiles, sms))), Fused::kThreads, Fused::kSmemBytes,
                   stream, p, maps.q, maps.dout, maps.k, maps.v, maps.dq_accum, maps.dk, maps.dv);
     return true;

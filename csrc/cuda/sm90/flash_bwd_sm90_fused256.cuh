@@ -57,7 +57,7 @@ struct BwdFused256Kernel {
 
 template <typename T, bool kOrderedDq>
 __global__ void __launch_bounds__(BwdFused256Kernel<T, kOrderedDq>::kThreads, 1)
-    flash_bwd_fused256_sm90_kernel(const FlashBwdParams p, const __grid_constant__ CUtensorMap map_q,
+    flash_bwd_fused_sm90_tma_kernel(const FlashBwdParams p, const __grid_constant__ CUtensorMap map_q,
                                    const __grid_constant__ CUtensorMap map_dout,
                                    const __grid_constant__ CUtensorMap map_k,
                                    const __grid_constant__ CUtensorMap map_v,
