@@ -9,7 +9,7 @@
 // against the pair 1.04-1.10x causal at 1024 keys (middle row 513) in all five runs; at 512
 // without a mask 1.05-1.14x in four runs, 0.87x in one (short rows are noisy: benchmarks/NOTES.md);
 // even (0.98-1.01x) causal at 512; at D=256 (its own kernel, twenty-second session; one run at
-// 1024, 4096 and 16384 keys) ordered 1.03-1.17x, unordered 1.11-1.16x, causal or not.
+// 1024, 4096 and 16384 keys) ordered 1.03-1.17x, unordered 1.10-1.16x, causal or not.
 #include "flash_launch.h"
 #include "sm90/flash_bwd_sm90_tma.cuh"
 #include "sm90/flash_fwd_sm90_tma.cuh"  // middle_row_keys
