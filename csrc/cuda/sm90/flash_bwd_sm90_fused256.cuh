@@ -58,12 +58,12 @@ struct BwdFused256Kernel {
 template <typename T, bool kOrderedDq>
 __global__ void __launch_bounds__(BwdFused256Kernel<T, kOrderedDq>::kThreads, 1)
     flash_bwd_fused_sm90_tma_kernel(const FlashBwdParams p, const __grid_constant__ CUtensorMap map_q,
-                                   const __grid_constant__ CUtensorMap map_dout,
-                                   const __grid_constant__ CUtensorMap map_k,
-                                   const __grid_constant__ CUtensorMap map_v,
-                                   const __grid_constant__ CUtensorMap map_dq_accum,
-                                   const __grid_constant__ CUtensorMap map_dk,
-                                   const __grid_constant__ CUtensorMap map_dv) {
+                                    const __grid_constant__ CUtensorMap map_dout,
+                                    const __grid_constant__ CUtensorMap map_k,
+                                    const __grid_constant__ CUtensorMap map_v,
+                                    const __grid_constant__ CUtensorMap map_dq_accum,
+                                    const __grid_constant__ CUtensorMap map_dk,
+                                    const __grid_constant__ CUtensorMap map_dv) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
   using K = BwdFused256Kernel<T, kOrderedDq>;
   constexpr int kBlockN = K::kBlockN, kBlockM = K::kBlockM, kPanels = K::kPanels;
