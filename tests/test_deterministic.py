@@ -46,7 +46,7 @@ def test_false_is_accepted_and_true_is_bitwise_reproducible(device):
 
 @pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
 @pytest.mark.parametrize("dtype", LOW_PRECISION, ids=LOW_PRECISION_IDS)
-@pytest.mark.parametrize("d", [40, 64, 128])
+@pytest.mark.parametrize("d", [40, 64, 128, 256])
 @pytest.mark.parametrize("nq,nk", [(77, 200), (1100, 1300), (1300, 1100)])
 @pytest.mark.parametrize("causal", [False, True])
 def test_false_matches_reference(dtype, d, nq, nk, causal):

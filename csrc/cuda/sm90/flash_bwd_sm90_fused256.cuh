@@ -18,6 +18,13 @@
 #pragma once
 #include "flash_bwd_sm90_tma.cuh"
 
+// Experiment (benchmarks/NOTES.md, "Head dim 256: the fused backward built"), not measured yet:
+// the unordered kernel adds dQ from the consumers' registers with vector atomics, as
+// FlashAttention-3 does at this head dim, no slots and no drain.
+#ifndef CUFLASH_BWD256_DQ_REDS
+#define CUFLASH_BWD256_DQ_REDS 0
+#endif
+
 namespace cuflash::sm90 {
 
 template <typename T, bool kOrderedDq>
@@ -37,6 +44,7 @@ struct BwdFused256Kernel {
   // drain's read of its last box before storing the next: 34% of the consumers' stall samples
   // (benchmarks/NOTES.md); three slots leave the drain two boxes to read each one in.
   static constexpr int kDqSlots = 3, kDqBoxesPerStep = 8;
+  static constexpr bool kDqReds = CUFLASH_BWD256_DQ_REDS && !kOrderedDq;  // the experiment above
   static constexpr int kStatsBytes = kQStages * 2 * kBlockM * 4;  // lse2, delta per Q stage
   // kv_full, kv_empty, q_full[2], q_empty[2], do_full, do_empty, tile_full[2], tile_empty[2].
   static constexpr int kBarriers = 2 + 2 * kQStages + 2 + 4;
@@ -110,7 +118,8 @@ __global__ void __launch_bounds__(BwdFused256Kernel<T, kOrderedDq>::kThreads, 1)
     mbarrier_init(do_empty, K::kConsumerThreads);
     for (int s = 0; s < 2; ++s) {
       mbarrier_init(&tile_full[s], 1);
-      mbarrier_init(&tile_empty[s], 32 + 32 + K::kConsumerThreads);  // the stats and drain warps, consumers
+      // The stats and drain warps, the consumers.
+      mbarrier_init(&tile_empty[s], 32 + (K::kDqReds ? 0 : 32) + K::kConsumerThreads);
     }
     fence_barrier_init();
   }
@@ -119,7 +128,7 @@ __global__ void __launch_bounds__(BwdFused256Kernel<T, kOrderedDq>::kThreads, 1)
   if (warpgroup == 0) {  // producer
     setmaxnreg_dec<K::kProducerRegs>();
     const int warp = tid / 32;
-    if (warp == 2) {  // the dQ drain, a whole warp (named barriers count warps): boxes to dq_accum
+    if (warp == 2 && !K::kDqReds) {  // the dQ drain, a whole warp (named barriers count warps): boxes to dq_accum
       DkvTile tile;
       for (int i = 0, g = 0; ring.next(p, mask, i, Ring::kWarp, &tile); ++i, g += tile.steps) {
         for (int step = 0; step < tile.steps; ++step) {
@@ -233,23 +242,38 @@ __global__ void __launch_bounds__(BwdFused256Kernel<T, kOrderedDq>::kThreads, 1)
   // Slice `slice` of global step gs's dQ (64 x 64) out as two boxes of 32 columns, each into its
   // slot of the ring once the drain has read that slot's last box. No branch here: dK^T's wgmmas
   // are in flight (ptxas serializes wgmmas across divergent paths, C7520).
-  auto store_dq_slice = [&](const WarpAcc<64>& dq, int gs, int slice) {
+  // kDqReds: added to dq_accum instead, at the lane's two rows (lane_rows[0], [1]: this lane's
+  // columns of the step's rows warp_row + lane / 4 and + 8, null past seqlen_q), the columns as
+  // immediate offsets; columns past head_dim (a multiple of 8: whole n8 tiles) left out.
+  auto store_dq_slice = [&](const WarpAcc<64>& dq, int gs, int slice, float* const (&lane_rows)[2]) {
+    if constexpr (K::kDqReds) {
+      const int col0 = 128 * consumer + 64 * slice;
 #pragma unroll
-    for (int half = 0; half < 2; ++half) {
-      const int slot = (K::kDqBoxesPerStep * gs + 2 * (2 * slice + half) + consumer) % K::kDqSlots;
-      const uint32_t dq_box = dq_slots + slot * K::kDqBoxBytes;
-      named_barrier_sync<160>(K::kDqEmpty + slot);
+      for (int j = 0; j < 8; ++j)
 #pragma unroll
-      for (int j = 0; j < 4; ++j)
+        for (int r = 0; r < 2; ++r)
+          if (lane_rows[r] != nullptr && col0 + 8 * j < sh.head_dim)
+            asm volatile("red.global.add.v2.f32 [%0], {%1, %2};\n" ::"l"(lane_rows[r] + col0 + 8 * j),
+                         "f"(dq.v[j][2 * r]), "f"(dq.v[j][2 * r + 1])
+                         : "memory");
+    } else {
 #pragma unroll
-        for (int r = 0; r < 2; ++r) {
-          const int row = warp_row + WarpAcc<64>::row_of(2 * r, lane);
-          const int col = WarpAcc<64>::col_of(4 * half + j, 2 * r, lane) % 32;
-          st_shared_f32x2(dq_box + swizzle128_offset_f32(row, col), dq.v[4 * half + j][2 * r],
-                          dq.v[4 * half + j][2 * r + 1]);
-        }
-      fence_async_shared();  // the bulk reduce (async proxy) reads these stores
-      named_barrier_arrive<160>(K::kDqFull + slot);
+      for (int half = 0; half < 2; ++half) {
+        const int slot = (K::kDqBoxesPerStep * gs + 2 * (2 * slice + half) + consumer) % K::kDqSlots;
+        const uint32_t dq_box = dq_slots + slot * K::kDqBoxBytes;
+        named_barrier_sync<160>(K::kDqEmpty + slot);
+#pragma unroll
+        for (int j = 0; j < 4; ++j)
+#pragma unroll
+          for (int r = 0; r < 2; ++r) {
+            const int row = warp_row + WarpAcc<64>::row_of(2 * r, lane);
+            const int col = WarpAcc<64>::col_of(4 * half + j, 2 * r, lane) % 32;
+            st_shared_f32x2(dq_box + swizzle128_offset_f32(row, col), dq.v[4 * half + j][2 * r],
+                            dq.v[4 * half + j][2 * r + 1]);
+          }
+        fence_async_shared();  // the bulk reduce (async proxy) reads these stores
+        named_barrier_arrive<160>(K::kDqFull + slot);
+      }
     }
   };
   // A 64-row accumulator's 16-bit pairs in stmatrix_acc40_trans's order, times scale: n8 tiles
@@ -320,6 +344,15 @@ __global__ void __launch_bounds__(BwdFused256Kernel<T, kOrderedDq>::kThreads, 1)
       // dQ slice = dS K (A = dS^T MN-major, B = K's panel MN-major, 16 keys a k-step) and dK^T
       // slice += Q^T dS (as dV^T), by slices, each dQ slice stored while the next products run.
       WarpAcc<64> dq;
+      float* lane_rows[2] = {nullptr, nullptr};  // kDqReds
+      if constexpr (K::kDqReds) {
+        float* rows = row_at<float>(p.dq_accum, p.dq_accum_strides, tile.seq, true, tile.b, tile.head(step, group),
+                                    row0 + WarpAcc<64>::row_of(0, lane));
+        rows += WarpAcc<64>::col_of(0, 0, lane);
+#pragma unroll
+        for (int r = 0; r < 2; ++r)
+          if (row0 + WarpAcc<64>::row_of(2 * r, lane) < tile.seq.seqlen_q) lane_rows[r] = rows + r * 8 * p.dq_accum_strides.row;
+      }
 #pragma unroll
       for (int slice = 0; slice < 2; ++slice) {
         if (slice > 0) wgmma_fence();
@@ -336,7 +369,7 @@ __global__ void __launch_bounds__(BwdFused256Kernel<T, kOrderedDq>::kThreads, 1)
         wgmma_commit();
         wgmma_wait<1>();  // this dQ slice (and, at slice 0, dV^T: dO is free)
         if (slice == 0) mbarrier_arrive(do_empty);
-        store_dq_slice(dq, gs, slice);
+        store_dq_slice(dq, gs, slice, lane_rows);
       }
       wgmma_wait<0>();
       mbarrier_arrive(&q_empty[stage]);  // Q and its stats
