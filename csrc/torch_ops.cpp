@@ -825,8 +825,8 @@ Tensor dropout_mask(const Tensor& rng_state, double dropout_p, int64_t batch, in
 // sequence leaves SMs idle.
 // deterministic (the backward's; the forward always is): True, dq is bitwise reproducible (but
 // under the CUFLASH_BWD_DQ=atomic switch; where the fused Hopper kernel is faster than the pair,
-// prefers_fused_backward: Hopper, head dims 33-64 and 97-128, it adds dq up in a fixed order);
-// False, that kernel adds it up with atomics instead, unless torch's deterministic mode
+// prefers_fused_backward: Hopper, head dims 33-64, 97-128 and 225-256, it adds dq up in a fixed
+// order); False, that kernel adds it up with atomics instead, unless torch's deterministic mode
 // (torch.use_deterministic_algorithms) is on.
 #define CUFLASH_OPTIONS                                                                                       \
   "float? scale=None, bool is_causal=False, bool bottom_right=False, int window_left=-1, "                 \

@@ -36,7 +36,7 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: b
     probabilities with torch's generator (seeded by torch.manual_seed); the backward regenerates
     the same mask. deterministic=True (the default) makes every gradient bitwise reproducible;
     False lets the backward add dq up with atomics where that is faster (on Hopper, head dims
-    33-64 and 97-128), unless torch.use_deterministic_algorithms(True) is in effect. seqused_k
+    33-64, 97-128 and 225-256), unless torch.use_deterministic_algorithms(True) is in effect. seqused_k
     (int32 [batch], on q's device): how many of each sequence's keys take part, its first ones
     (clamped to seqlen_k; with bottom_right, masks and ALiBi align to that count; the others get
     gradient 0), a padded batch's key lengths or a KV cache's filled lengths, without reading

@@ -8,7 +8,7 @@ or, for code that imports flash_attn itself, `cuflash_attn.flash_attn_interface.
 before that import. Beyond flash_attn: float32 and float64, CPU tensors, torch.compile without
 graph breaks. Causal masks, windows and ALiBi are aligned bottom-right, as in flash_attn.
 `deterministic` is flash_attn's: with the default False the backward may add dq up with atomics
-where that is faster (on Hopper, head dims 33-64 and 97-128), so dq is not bitwise reproducible
+where that is faster (on Hopper, head dims 33-64, 97-128 and 225-256), so dq is not bitwise reproducible
 there (unless torch.use_deterministic_algorithms(True) is in effect); True keeps every gradient
 bitwise reproducible.
 """

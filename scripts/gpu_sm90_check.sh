@@ -76,6 +76,8 @@ done
 for ((i = 0; i < ${#runs[@]}; i++)); do
   wait "${pids[$i]}"; rc=$?
   name=${runs[$i]%%|*}
+  # Under GPU_SM90_K a group may select no test (pytest's exit status 5): not a failure.
+  if (( rc == 5 )) && [ -n "${GPU_SM90_K-}" ]; then rc=0; fi
   (( rc != 0 )) && status=1
   echo "$name (exit $rc$( (( rc == 124 || rc == 137 )) && echo ', TIMED OUT')): $(tail -n 1 "$OUT/$name.log")"
   grep -E '^(FAILED|ERROR)' "$OUT/$name.log" | head -n 15

@@ -1,7 +1,8 @@
-"""CUFLASH_BWD_DQ=atomic: the tensor-core backward in one kernel (the dK/dV one), which adds dQ
-with fp32 atomics (flash_bwd_kernel.cuh; on Hopper flash_bwd_sm90.cuh's, for plain attention at
-head dims up to 128, and the fused warp-specialized kernels' TMA reduce-adds, at 256 too). The same accuracy rule as the deterministic path, over
-every head-dim bucket and the features; the profiler shows which kernels ran."""
+"""CUFLASH_BWD_DQ=atomic: the tensor-core backward in one kernel, which adds dQ up in fp32: the
+dK/dV one with atomics (flash_bwd_kernel.cuh; on Hopper flash_bwd_sm90.cuh's, for plain attention
+at head dims up to 128) or, on Hopper, the fused warp-specialized kernels with TMA reduce-adds
+(head-dim buckets 64, 128 and 256). The same accuracy rule as the deterministic path, over every
+head-dim bucket and the features; the profiler shows which kernels ran."""
 import pytest
 import torch
 
@@ -19,8 +20,8 @@ CPASYNC_PARTS = "tma,bwd,features,persistent,kvcache"  # the defaults less bwdws
 @pytest.fixture(params=[CPASYNC_PARTS, "", "wide"], ids=["cpasync", "ws", "wide"], autouse=True)
 def atomic_dq(request, monkeypatch):
     """Every test under the cp.async dK/dV kernel with dQ (bwdws left out), under the defaults
-    (the fused warp-specialized kernel at head dims up to 128; its 64-query steps on the tests'
-    short columns), and with that kernel's 128-query steps at head dim 64 at every length
+    (the fused warp-specialized kernels at head-dim buckets 64, 128 and 256; at 64 its 64-query
+    steps on the tests' short columns), and with that kernel's 128-query steps at head dim 64 at every length
     (CUFLASH_BWD_FUSED_TILE=wide)."""
     monkeypatch.setenv("CUFLASH_BWD_DQ", "atomic")  # read by the op at every call
     monkeypatch.setenv("CUFLASH_SM90", "" if request.param == "wide" else request.param)
@@ -31,7 +32,7 @@ def atomic_dq(request, monkeypatch):
 
 
 @pytest.mark.parametrize("dtype", LOW_PRECISION, ids=LOW_PRECISION_IDS)
-@pytest.mark.parametrize("d", [32, 59, 64, 96, 128, 160, 192, 224, 256])
+@pytest.mark.parametrize("d", [32, 59, 64, 96, 128, 160, 192, 224, 240, 256])
 @pytest.mark.parametrize("nq,nk", [(1, 1), (77, 200), (200, 77), (257, 513)])
 @pytest.mark.parametrize("causal,bottom_right", [(False, False), (True, False), (True, True)],
                          ids=["none", "top_left", "bottom_right"])

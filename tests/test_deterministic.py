@@ -2,7 +2,7 @@
 flash_attention) keeps every gradient bitwise reproducible; False (flash_attn's default) lets the
 backward add dq up with atomics. Both run the fused warp-specialized kernel where it is faster
 than the pair of kernels (on an sm_90a build on a compute capability 9.0 GPU, plain 16-bit
-attention at head-dim buckets 64 and 128, at 128 from 512 keys seen by the middle query row):
+attention at head-dim buckets 64, 128 and 256, at 128 from 512 keys seen by the middle query row):
 True makes it add each query block's dq shares in a fixed order, False with atomics. Elsewhere,
 and under torch.use_deterministic_algorithms(True), False changes nothing."""
 import pytest
@@ -142,7 +142,8 @@ def test_ordered_adds_are_bitwise_reproducible(d, wide, causal, monkeypatch):
 
 @pytest.mark.skipif(not IS_SM90, reason="needs a compute capability 9.0 GPU")
 @pytest.mark.parametrize("dtype", LOW_PRECISION, ids=LOW_PRECISION_IDS)
-@pytest.mark.parametrize("d,wide", ORDERED_STEPS + [(40, False)], ids=ORDERED_STEP_IDS + ["d40"])
+@pytest.mark.parametrize("d,wide", ORDERED_STEPS + [(40, False), (240, False)],
+                         ids=ORDERED_STEP_IDS + ["d40", "d240"])
 @pytest.mark.parametrize("nq,nk", [(77, 200), (1100, 1300), (1300, 1100)])
 @pytest.mark.parametrize("causal,bottom_right", [(False, False), (True, False), (True, True)],
                          ids=["none", "top_left", "bottom_right"])
@@ -176,13 +177,16 @@ def test_ordered_adds_with_more_key_blocks_than_sms(d, wide, causal, monkeypatch
 
 @pytest.mark.skipif(not IS_SM90, reason="needs a compute capability 9.0 GPU")
 @pytest.mark.parametrize("d,wide", ORDERED_STEPS, ids=ORDERED_STEP_IDS)
-@pytest.mark.parametrize("nq,nk,window", [(300, 60, (16, 0)), (64, 1050, (20, 20)), (1000, 1050, (30, 5))],
-                         ids=["keys_one_consumer", "key_blocks_no_query", "window"])
+@pytest.mark.parametrize("nq,nk,window", [(300, 60, (16, 0)), (300, 30, (16, 0)), (64, 1050, (20, 20)),
+                                          (1000, 1050, (30, 5))],
+                         ids=["keys_one_consumer", "keys_first_rows", "key_blocks_no_query", "window"])
 def test_persistent_ordered_tiles_without_work(d, wide, nq, nk, window, monkeypatch):
-    """The persistent ordered kernel over tiles that leave a role idle: 60 keys (the
-    second consumer's 64 rows hold none: it stores nothing), a window that leaves most key blocks
-    without a query (tiles of no step), and 1050 keys (26 in the last block). 48 heads a side, so
-    some CTAs take several tiles. Against float64, and bit for bit over three backwards."""
+    """The persistent ordered kernel over tiles that leave a role idle: 60 keys (at head dims 64
+    and 128 the second consumer's 64 rows hold none: it stores nothing; at 256, 80-key tiles, it
+    has 20 of its 40) and 30 (at 256 too the second consumer's keys all past the end), a window
+    that leaves most key blocks without a query (tiles of no step), and 1050 keys (26 in the last
+    block, 10 at 256). 48 heads a side, so some CTAs take several tiles. Against float64, and bit
+    for bit over three backwards."""
     monkeypatch.setenv("CUFLASH_BWD_DQ", "ordered")
     monkeypatch.setenv("CUFLASH_BWD_FUSED_TILE", "wide" if wide else "narrow")
     check_dense("cuda", torch.bfloat16, 2, 24, 8, nq, nk, d, window=window)

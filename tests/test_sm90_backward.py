@@ -1,8 +1,10 @@
 """The Hopper backward, on by default (CUFLASH_SM90 unset, or a list naming bwd) for plain 16-bit
 attention at head-dim buckets 64, 128 and 256 on a compute capability 9.0 GPU of an sm_90a
-build: the two deterministic wgmma kernels, warp-specialized with TMA loads up to D=128
-(flash_bwd_sm90_tma.cuh, the default part bwdws), with cp.async loads otherwise or without
-bwdws (flash_bwd_sm90.cuh; dK and dV in two launches at D=256). The same accuracy rule as every
+build: the pair of wgmma kernels (dQ; dK and dV), warp-specialized with TMA loads where TMA can
+address the inputs (flash_bwd_sm90_tma.cuh, the default part bwdws), with cp.async loads otherwise
+or without bwdws (flash_bwd_sm90.cuh; dK and dV in two launches at D=256). The fused one-kernel
+backward, the default where it is faster, has its tests in test_deterministic.py and
+test_bwd_atomic_dq.py. The same accuracy rule as every
 path over the shapes that stress its tiles, the masks, GQA (dK/dV summed over a group's query
 heads) and varlen; bitwise reproducible; the profiler shows which kernels ran."""
 import pytest

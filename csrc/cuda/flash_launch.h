@@ -25,7 +25,7 @@ int fwd_walk_section_heads(const FlashFwdParams& p, int block_m, int block_n, in
 cudaError_t run_flash_bwd_cuda(const FlashBwdParams& p, cudaStream_t stream);
 
 // Whether the fused Hopper backward has kernels for dtype and head_dim (16-bit, head-dim buckets
-// 64 and 128), whatever the device and the tensors.
+// 64, 128 and 256), whatever the device and the tensors.
 bool fused_backward_built_for(DType dtype, int head_dim);
 // Whether p's backward, given a dq_accum, runs the fused Hopper kernel (which can also order its
 // adds). dk and dv must be TMA-addressable too (the persistent fused kernel stores them by TMA).

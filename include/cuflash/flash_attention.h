@@ -184,7 +184,7 @@ CUFLASH_API FlashAttentionError flash_attention_backward(const FlashAttentionBac
                                                          cudaStream_t stream = nullptr);
 
 // Bytes of workspace the backward of `config` needs: batch * num_heads_q * seqlen_q floats, and
-// for float16 and bfloat16 at head dims 33-64 and 97-128 also an fp32 copy of dQ plus
+// for float16 and bfloat16 at head dims 33-64, 97-128 and 225-256 also an fp32 copy of dQ plus
 // num_heads_q * batch * ceil(seqlen_q / 64) + 1 int32 counters: on Hopper GPUs the backward
 // there adds dQ up in one kernel, in a fixed order (reproducible), where that is faster. (The
 // workspace the call allocates itself, with workspace null, holds only what it uses.)

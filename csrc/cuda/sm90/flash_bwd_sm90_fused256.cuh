@@ -156,11 +156,7 @@ __global__ void __launch_bounds__(BwdFused256Kernel<T, kOrderedDq>::kThreads, 1)
             __syncwarp();
           }
           if constexpr (kOrderedDq) {  // the step's adds done, then the next key block's turn
-            if (lane == 0) {
-              bulk_wait_group_all();
-              fence_async_global();
-              add_release_gpu(counter, 1);
-            }
+            if (lane == 0) pass_dq_turn(counter);
             __syncwarp();
           }
         }

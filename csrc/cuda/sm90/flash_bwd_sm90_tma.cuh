@@ -14,7 +14,9 @@
 //          two take turns by step, or with 128-query steps each takes 64 of the rows) issued
 //          beside dK's, into an fp32 buffer that a third
 //          producer warp adds to dq_accum by TMA reduce (two 64 x 32 boxes a part), off the
-//          consumers' path; with kOrderedDq in a fixed order, for a reproducible dQ.
+//          consumers' path; with kOrderedDq in a fixed order, for a reproducible dQ. (Head dim
+//          256 has its own fused kernel, flash_bwd_sm90_fused256.cuh, which shares this file's
+//          tile ring, DkvTileRing, and ordered adds.)
 //   dQ:    queries resident (their lse and delta in registers), K and V streamed.
 #pragma once
 #include <type_traits>
@@ -322,6 +324,12 @@ __device__ __forceinline__ int* wait_for_dq_turn(const FlashBwdParams& p, const 
   fence_async_global();  // the earlier adds, acquired, before this CTA's bulk reduce
   return counter;
 }
+// Its end: this thread's bulk adds complete, then the next key block's turn on the counter.
+__device__ __forceinline__ void pass_dq_turn(int* counter) {
+  bulk_wait_group_all();
+  fence_async_global();
+  add_release_gpu(counter, 1);
+}
 
 template <typename T, int kHeadDim, bool kAccumDq, bool kWithDk, bool kWithDv, bool kWideSteps, bool kOrderedDq>
 __global__ void __launch_bounds__(
@@ -455,11 +463,7 @@ __global__ void __launch_bounds__(
                 bulk_wait_group_read<0>();  // the part is read: the consumer may overwrite it
                 mbarrier_arrive(&dq_empty[c]);
               }
-              if constexpr (kOrderedDq) {  // the step's adds done, then the next key block's turn
-                bulk_wait_group_all();
-                fence_async_global();
-                add_release_gpu(counter, 1);
-              }
+              if constexpr (kOrderedDq) pass_dq_turn(counter);  // the step's adds done
             }
           }
           bulk_wait_group_all();  // the adds themselves, before the CTA's shared memory goes
@@ -713,7 +717,8 @@ __global__ void __launch_bounds__(
 #endif
 }
 
-// The tensor maps of q, dout, k and v for kernel K (one of the two above: their boxes differ),
+// The tensor maps of q, dout, k and v for kernel K (one of the two above, or the head-dim-256
+// fused one, flash_bwd_sm90_fused256.cuh: their boxes differ),
 // and of dq_accum where there is one; false where TMA cannot address them (alignment, zero
 // strides, varlen): the cp.async kernels run then.
 struct BackwardTmaMaps {
