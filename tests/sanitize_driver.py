@@ -10,7 +10,8 @@ atomics, the TMA forward's wide tiles, the narrow dK/dV steps at head dim 64, Ho
 mma.sync forward at head dims 33-64); seqlens that are not multiples of any tile, seqlen 1, causal
 off, top-left and bottom-right (with rows that see no key), batch and heads 1-2, a [B, N, H, D]
 strided layout, the backward with the gradient of the returned lse, and with deterministic=False
-(the fused Hopper backward's unordered dQ adds) and past 512 keys (its head-dim-128 routes); the
+(the fused Hopper backward's unordered dQ adds) and past 512 keys (its head-dim-128 routes), and
+head dim 256's fused kernel under CUFLASH_BWD_DQ=ordered and =atomic; the
 KV-cache forward: paged keys (with seqused_k and flash_attn_with_kvcache's appends), split-KV and
 its combine kernel (with features, paged keys and packed queries), and decoding steps (grouped
 heads as rows; four causal tokens a step packed under CUFLASH_PACK_GQA=1; 130 unsplit and one split
