@@ -494,6 +494,26 @@ TEST_P(Validation, Workspace) {
   expect_accepted(cuflash::flash_attention_backward(b), mem);
 }
 
+// The fused Hopper backward's fp32 dQ and counters are in the workspace of every 16-bit config at
+// the head dims it has kernels for (buckets 64, 128 and 256: head dims 33-64, 97-128, 225-256),
+// whatever the device; float32 and the other head dims need delta alone. Host arithmetic only.
+TEST(Workspace, FusedBackwardHeadDims) {
+  AttentionConfig c;
+  c.batch_size = 2, c.num_heads_q = 3, c.num_heads_kv = 3, c.seqlen_q = 130, c.seqlen_k = 70, c.scale = 0.1f;
+  const size_t rows = size_t(c.batch_size) * c.num_heads_q * c.seqlen_q;
+  const size_t counters = size_t(c.batch_size) * c.num_heads_q * ((c.seqlen_q + 63) / 64) + 1;
+  for (DataType dtype : {DataType::FLOAT16, DataType::BFLOAT16, DataType::FLOAT32})
+    for (int d : {32, 40, 64, 72, 96, 104, 128, 136, 224, 232, 256}) {
+      c.dtype = dtype, c.head_dim = d;
+      if (!cuflash::flash_attention_supports(dtype, d)) continue;  // not compiled (CUFLASH_HEAD_DIMS)
+      const bool fused = dtype != DataType::FLOAT32 && ((d > 32 && d <= 64) || (d > 96 && d <= 128) || d > 224);
+      EXPECT_EQ(cuflash::flash_attention_backward_workspace_size(c),
+                fused ? (rows * sizeof(float) + 15) / 16 * 16 + (rows * d + counters) * sizeof(float)
+                      : rows * sizeof(float))
+          << dtype_name(dtype) << " head_dim " << d;
+    }
+}
+
 INSTANTIATE_TEST_SUITE_P(CApi, Validation,
                          ::testing::Values(DataType::FLOAT32, DataType::FLOAT16, DataType::BFLOAT16),
                          [](const ::testing::TestParamInfo<DataType>& info) { return dtype_name(info.param); });
