@@ -19,8 +19,11 @@
 #include "flash_bwd_sm90_tma.cuh"
 
 // Experiment (benchmarks/NOTES.md, "Head dim 256: the fused backward built"), not measured yet:
-// the unordered kernel adds dQ from the consumers' registers with vector atomics, as
-// FlashAttention-3 does at this head dim, no slots and no drain.
+// the consumers add dQ from their registers with vector atomics, as FlashAttention-3 does at this
+// head dim, no slots; unordered, no drain; ordered, the drain warp only passes the turns: it waits
+// for a step's turn and lets the consumers' atomics go (a named barrier), and releases the turn
+// once every consumer thread has fenced its atomics (a fence deferred to the next step, after its
+// first wgmmas are issued, so that it waits beside them).
 #ifndef CUFLASH_BWD256_DQ_REDS
 #define CUFLASH_BWD256_DQ_REDS 0
 #endif
@@ -44,7 +47,7 @@ struct BwdFused256Kernel {
   // drain's read of its last box before storing the next: 34% of the consumers' stall samples
   // (benchmarks/NOTES.md); three slots leave the drain two boxes to read each one in.
   static constexpr int kDqSlots = 3, kDqBoxesPerStep = 8;
-  static constexpr bool kDqReds = CUFLASH_BWD256_DQ_REDS && !kOrderedDq;  // the experiment above
+  static constexpr bool kDqReds = CUFLASH_BWD256_DQ_REDS;  // the experiment above
   static constexpr int kStatsBytes = kQStages * 2 * kBlockM * 4;  // lse2, delta per Q stage
   // kv_full, kv_empty, q_full[2], q_empty[2], do_full, do_empty, tile_full[2], tile_empty[2].
   static constexpr int kBarriers = 2 + 2 * kQStages + 2 + 4;
@@ -61,6 +64,9 @@ struct BwdFused256Kernel {
   // slot), between the storing consumer and the drain warp (160 threads).
   enum : int { kEpilogue = 1, kPReady = 2, kDsReady = 4, kStepDone = 6, kDkvStore = 8, kDqFull = 10, kDqEmpty = 13 };
   static_assert(kDqEmpty + kDqSlots <= 16, "named barrier ids");
+  // kDqReds && kOrderedDq (no slots): the drain lets a step's atomics go (kDqGo), the consumers
+  // tell it the last step's are performed (kDqDone); both consumers and the drain warp.
+  enum : int { kDqGo = 10, kDqDone = 11, kTurnThreads = kConsumerThreads + 32 };
 };
 
 template <typename T, bool kOrderedDq>
@@ -119,7 +125,7 @@ __global__ void __launch_bounds__(BwdFused256Kernel<T, kOrderedDq>::kThreads, 1)
     for (int s = 0; s < 2; ++s) {
       mbarrier_init(&tile_full[s], 1);
       // The stats and drain warps, the consumers.
-      mbarrier_init(&tile_empty[s], 32 + (K::kDqReds ? 0 : 32) + K::kConsumerThreads);
+      mbarrier_init(&tile_empty[s], 32 + (K::kDqReds && !kOrderedDq ? 0 : 32) + K::kConsumerThreads);
     }
     fence_barrier_init();
   }
@@ -128,7 +134,25 @@ __global__ void __launch_bounds__(BwdFused256Kernel<T, kOrderedDq>::kThreads, 1)
   if (warpgroup == 0) {  // producer
     setmaxnreg_dec<K::kProducerRegs>();
     const int warp = tid / 32;
-    if (warp == 2 && !K::kDqReds) {  // the dQ drain, a whole warp (named barriers count warps): boxes to dq_accum
+    if (warp == 2 && K::kDqReds && kOrderedDq) {  // the experiment's ordered turns (above)
+      DkvTile tile;
+      int* last = nullptr;  // the counter of the step before, released once its atomics are performed
+      auto pass_last_turn = [&] {
+        named_barrier_sync<K::kTurnThreads>(K::kDqDone);
+        if (lane == 0 && last != nullptr) add_release_gpu(last, 1);
+        __syncwarp();
+      };
+      for (int i = 0; ring.next(p, mask, i, Ring::kWarp, &tile); ++i)
+        for (int step = 0; step < tile.steps; ++step) {
+          // Released before this step's turn is waited for: a later tile of this CTA may wait for it.
+          pass_last_turn();
+          if (lane == 0)
+            last = wait_for_dq_turn<kBlockN, kBlockM>(p, mask, tile, tile.head(step, group), block_of(tile, step));
+          __syncwarp();
+          named_barrier_arrive<K::kTurnThreads>(K::kDqGo);
+        }
+      pass_last_turn();  // the consumers' last fence
+    } else if (warp == 2 && !K::kDqReds) {  // the dQ drain, a whole warp (named barriers count warps): boxes to dq_accum
       DkvTile tile;
       for (int i = 0, g = 0; ring.next(p, mask, i, Ring::kWarp, &tile); ++i, g += tile.steps) {
         for (int step = 0; step < tile.steps; ++step) {
@@ -243,6 +267,8 @@ __global__ void __launch_bounds__(BwdFused256Kernel<T, kOrderedDq>::kThreads, 1)
   // immediate offsets; columns past head_dim (a multiple of 8: whole n8 tiles) left out.
   auto store_dq_slice = [&](const WarpAcc<64>& dq, int gs, int slice, float* const (&lane_rows)[2]) {
     if constexpr (K::kDqReds) {
+      if constexpr (kOrderedDq)
+        if (slice == 0) named_barrier_sync<K::kTurnThreads>(K::kDqGo);  // this step's turn (unrolled: no branch)
       const int col0 = 128 * consumer + 64 * slice;
 #pragma unroll
       for (int j = 0; j < 8; ++j)
@@ -300,6 +326,10 @@ __global__ void __launch_bounds__(BwdFused256Kernel<T, kOrderedDq>::kThreads, 1)
       wgmma_fence();
       issue_qk<T, K::kHeadDim, kQPanelBytes, K::kKeysPerConsumer, kBlockN>(s, at(q_rows, q_stage), k_rows);
       issue_qk<T, K::kHeadDim, kQPanelBytes, K::kKeysPerConsumer, kBlockN>(dp, do_rows, v_rows);
+      if constexpr (K::kDqReds && kOrderedDq) {  // the step before's atomics performed, beside S and dP
+        asm volatile("fence.acq_rel.gpu;\n" ::: "memory");
+        named_barrier_arrive<K::kTurnThreads>(K::kDqDone);
+      }
       const float* stats = sStats + stage * 2 * kBlockM;
       float lse2[2], delta[2];
 #pragma unroll
@@ -405,6 +435,10 @@ __global__ void __launch_bounds__(BwdFused256Kernel<T, kOrderedDq>::kThreads, 1)
       }
       mbarrier_arrive(kv_empty);  // K's and V's buffers may take the next tile's
     }
+  }
+  if constexpr (K::kDqReds && kOrderedDq) {  // the last step's atomics performed
+    asm volatile("fence.acq_rel.gpu;\n" ::: "memory");
+    named_barrier_arrive<K::kTurnThreads>(K::kDqDone);
   }
 #endif
 }
