@@ -26,8 +26,8 @@
 #                        spell of the machine between processes (an unchanged forward moved -8%
 #                        to +2% between A and B, twenty-first session) then lands on a run of
 #                        each build. 1: one each, as before. bench_features.py runs once each.
-# Results: $OUT/<gpu>-<date>-a.md/json and -b.md/json (each the median of its runs; the runs'
-# own as -a1, -b1, ...); logs as $OUT/logs.tar.gz.
+# Results: $OUT/<gpu>-<date>-a.md/json and -b.md/json (each the median of its runs); logs and
+# the runs' own tables (-a1, -b1, ...) as $OUT/logs.tar.gz.
 # shellcheck source=scripts/device_call_env.sh
 source "$(dirname "$0")/device_call_env.sh"
 : "${AB_DEFINE:?AB_DEFINE names the flags of build B}"
@@ -77,9 +77,9 @@ build B "$AB_DEFINE"
 tests_ok=1
 if [ -n "${AB_TESTS-}" ]; then
   # shellcheck disable=SC2086  # AB_TESTS is an argument list
-  timeout --kill-after=5 "${AB_TEST_LIMIT_S:-300}" python3 -m pytest $AB_TESTS -q -rfE -p no:cacheprovider \
+  timeout --kill-after=5 "${AB_TEST_LIMIT_S:-300}" python3 -m pytest $AB_TESTS -v -rfE -p no:cacheprovider \
     > "$OUT/tests_B.log" 2>&1 || { tests_ok=0; status=1; }
-  echo "tests under B: $(tail -n 1 "$OUT/tests_B.log")"
+  echo "tests under B: $(tail -n 1 "$OUT/tests_B.log")"  # verbose: a hang's last line names its test
   grep -E '^(FAILED|ERROR)' "$OUT/tests_B.log" | head -n 15
 fi
 if (( tests_ok )); then
@@ -111,5 +111,6 @@ touch -c "${files[@]}"
 rm -f cuflash_attn/_C*.so
 for f in "$OUT"/bench_*.log; do grep -q '^wrote ' "$f" || { echo "== $f"; tail -n 8 "$f"; }; done  # failed runs
 for f in "$OUT"/*-[ab].md; do echo "== $f"; tail -n 16 "$f"; done
-archive_logs "*.log" "sanitize_B/*.log"
+# The runs' own tables travel in the archive: the device brings back at most 8 files.
+archive_logs "*.log" "sanitize_B/*.log" "*-[ab][0-9]*.json" "*-[ab][0-9]*.md"
 exit $status
