@@ -52,10 +52,11 @@ struct BwdFused256Kernel {
   // (benchmarks/NOTES.md); three slots leave the drain two boxes to read each one in.
   // kDqSplit: consumer c's boxes (4 a slice: its 32-column halves of the two 32-row halves, the
   // rows' warps storing) in its slots 3c.., drained by warp 2 + c; the full signal an mbarrier.
-  static constexpr int kDqSlots = kDqSplit ? 6 : 3, kDqBoxesPerStep = 8;  // kDqSplit: a consumer's
+  static constexpr int kDqSlots = kDqSplit ? 6 : 3, kDqBoxesPerStep = 8;  // kDqSplit: boxes a consumer's step
   static constexpr int kDqDrains = kDqSplit ? 2 : 1, kDqRing = kDqSlots / kDqDrains;
   static constexpr int kStatsBytes = kQStages * 2 * kBlockM * 4;  // lse2, delta per Q stage
-  // kv_full, kv_empty, q_full[2], q_empty[2], do_full, do_empty, tile_full[2], tile_empty[2].
+  // kv_full, kv_empty, q_full[2], q_empty[2], do_full, do_empty, tile_full[2], tile_empty[2], and
+  // kDqSplit's dq_full[kDqSlots].
   static constexpr int kBarriers = 2 + 2 * kQStages + 2 + 4 + (kDqSplit ? kDqSlots : 0);
   static constexpr int kSmemBytes = 2 * kKVBytes + (kQStages + 1) * kQBytes + 2 * kPdsBytes +
                                     kDqSlots * kDqBoxBytes + kStatsBytes + kBarriers * 8 + 32 + 1024;
@@ -67,7 +68,8 @@ struct BwdFused256Kernel {
   // c's P^T rows in (kPReady + c) and dS^T rows in (kDsReady + c), waited for by the other; c done
   // with a step's wgmmas (kStepDone + c), before the other overwrites its rows of P^T and dS^T; c's
   // epilogue stores (kDkvStore + c); a dQ slot's box stored (kDqFull + slot) and free (kDqEmpty +
-  // slot), between the storing consumer and the drain warp (160 threads).
+  // slot), between the storing consumer and the drain warp (160 threads; kDqSplit: the box full on
+  // the dq_full mbarrier, free on kDqEmpty + slot between the box's two warps and its drain, 96).
   enum : int { kEpilogue = 1, kPReady = 2, kDsReady = 4, kStepDone = 6, kDkvStore = 8, kDqFull = 10,
                kDqEmpty = kDqSplit ? 10 : 13 };
   // The threads of a slot's empty barrier: the drain warp and the box's storing warps.
