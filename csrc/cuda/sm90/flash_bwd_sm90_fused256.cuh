@@ -263,20 +263,15 @@ __global__ void __launch_bounds__(BwdFused256Kernel<T, kOrderedDq>::kThreads, 1)
   // Slice `slice` of global step gs's dQ (64 x 64) out as two boxes of 32 columns, each into its
   // slot of the ring once the drain has read that slot's last box. No branch here: dK^T's wgmmas
   // are in flight (ptxas serializes wgmmas across divergent paths, C7520).
-  // kDqSplit: this warp's box of the two 32-row ones, in this consumer's ring.
+  // kDqSplit: this warp's box of the two 32-row ones, in this consumer's ring. The box and slot
+  // numbering is the drain's (above): box b of a step is 4 slice + 2 half + (consumer, or with
+  // kDqSplit the box's 32-row half).
   auto store_dq_slice = [&](const WarpAcc<64>& dq, int gs, int slice) {
     if constexpr (K::kDqBound) return;
-    // kDqSplit: box 4 slice + 2 half + warp_row / 32 of the consumer's step, its slot from the
-    // step's first by a compare (ring of 3: 4 slice + 2 half is 0, 2, 1, 0 modulo 3).
-    const int first_slot = (K::kDqBoxesPerStep * gs + warp_row / 32) % K::kDqRing;
 #pragma unroll
     for (int half = 0; half < 2; ++half) {
-      int slot = (K::kDqBoxesPerStep * gs + 2 * (2 * slice + half) + consumer) % K::kDqSlots;
-      if constexpr (K::kDqSplit) {
-        static_assert(K::kDqRing == 3 && K::kDqBoxesPerStep == 8, "the ring's order below");
-        const int next = first_slot + (4 * slice + 2 * half) % 3;
-        slot = K::kDqRing * consumer + (next >= 3 ? next - 3 : next);
-      }
+      const int box = K::kDqBoxesPerStep * gs + 4 * slice + 2 * half + (K::kDqSplit ? warp_row / 32 : consumer);
+      const int slot = K::kDqRing * (K::kDqSplit ? consumer : 0) + box % K::kDqRing;
       const uint32_t dq_box = dq_slots + slot * K::kDqBoxBytes;
       named_barrier_sync<K::kDqEmptyThreads>(K::kDqEmpty + slot);
 #pragma unroll
