@@ -248,7 +248,7 @@ bool launch_bwd_fused256(const FlashBwdParams& p, cudaStream_t stream, cudaError
     constexpr bool kOrdered = decltype(ordered)::value;
     using Fused = sm90::BwdFused256Kernel<T, kOrdered>;
     sm90::BackwardTmaMaps maps{};
-    if (!sm90::encode_bwd_tma_maps<T, Fused>(p, &maps, Fused::kDqBoxRows) ||
+    if (!sm90::encode_bwd_tma_maps<T, Fused>(p, &maps) ||
         !sm90::encode_dkdv_maps(p, std::is_same_v<T, __nv_bfloat16>, &maps, Fused::kBlockN))
       return false;
     const AttentionShape& sh = p.shape;

@@ -18,14 +18,11 @@
 #pragma once
 #include "flash_bwd_sm90_tma.cuh"
 
-// Experiments (benchmarks/NOTES.md, "Head dim 256: what the dQ path costs"). CUFLASH_BWD256_DQ_SPLIT=1
-// (not measured yet): each consumer its own ring of three 32-row boxes (4 KiB) and its own drain
-// warp (warps 2 and 3), so that neither consumer's dQ stores wait for the other's through one
-// drain's fixed order. CUFLASH_BWD256_DQ_BOUND=1, a measurement only (dQ is wrong): no dQ leaves
-// the consumers; the backward ran 1.5-1.7x faster so (H200), what the dQ path's waits cost.
-#ifndef CUFLASH_BWD256_DQ_SPLIT
-#define CUFLASH_BWD256_DQ_SPLIT 0
-#endif
+// Measurements (benchmarks/NOTES.md, "Head dim 256: what the dQ path costs"; dQ is wrong under
+// them): CUFLASH_BWD256_DQ_BOUND=1, no dQ leaves the consumers (the backward ran 1.5-1.7x faster
+// so on the H200); =2, the consumers store their boxes and the drain takes them but adds nothing
+// (the shared-memory path and its waits without the global traffic); =3, the drain stores the
+// boxes by TMA instead of adding them (the same bytes to L2 without the reduction).
 #ifndef CUFLASH_BWD256_DQ_BOUND
 #define CUFLASH_BWD256_DQ_BOUND 0
 #endif
@@ -43,37 +40,29 @@ struct BwdFused256Kernel {
   static constexpr int kKPanelBytes = kBlockN * 128, kQPanelBytes = kBlockM * 128;
   static constexpr int kKVBytes = kPanels * kKPanelBytes, kQBytes = kPanels * kQPanelBytes;
   static constexpr int kPdsBytes = kBlockN * 128;  // P^T or dS^T: [key][query], one panel
-  static constexpr bool kDqSplit = CUFLASH_BWD256_DQ_SPLIT, kDqBound = CUFLASH_BWD256_DQ_BOUND;
-  static constexpr int kDqBoxRows = kDqSplit ? 32 : kDqPartRows;  // the dq_accum map's box: these x 32 floats
-  static constexpr int kDqBoxBytes = kDqBoxRows * 32 * 4;
+  static constexpr int kDqBound = CUFLASH_BWD256_DQ_BOUND;  // the measurements above
+  static constexpr int kDqBoxBytes = kDqPartRows * 32 * 4;  // a dq_accum map box: 64 queries x 32 floats
   // The boxes' ring: a step's 8 boxes in a fixed order (consumer 0's first, consumer 1's first,
   // consumer 0's second, ...), box j in slot j % 3. With one slot a consumer each waited for the
   // drain's read of its last box before storing the next: 34% of the consumers' stall samples
   // (benchmarks/NOTES.md); three slots leave the drain two boxes to read each one in.
-  // kDqSplit: consumer c's boxes (4 a slice: its 32-column halves of the two 32-row halves, the
-  // rows' warps storing) in its slots 3c.., drained by warp 2 + c; the full signal an mbarrier.
-  static constexpr int kDqSlots = kDqSplit ? 6 : 3, kDqBoxesPerStep = 8;  // kDqSplit: boxes a consumer's step
-  static constexpr int kDqDrains = kDqSplit ? 2 : 1, kDqRing = kDqSlots / kDqDrains;
+  // (Each consumer its own ring and drain warp measured 5-9% slower: benchmarks/NOTES.md.)
+  static constexpr int kDqSlots = 3, kDqBoxesPerStep = 8;
   static constexpr int kStatsBytes = kQStages * 2 * kBlockM * 4;  // lse2, delta per Q stage
-  // kv_full, kv_empty, q_full[2], q_empty[2], do_full, do_empty, tile_full[2], tile_empty[2], and
-  // kDqSplit's dq_full[kDqSlots].
-  static constexpr int kBarriers = 2 + 2 * kQStages + 2 + 4 + (kDqSplit ? kDqSlots : 0);
+  // kv_full, kv_empty, q_full[2], q_empty[2], do_full, do_empty, tile_full[2], tile_empty[2].
+  static constexpr int kBarriers = 2 + 2 * kQStages + 2 + 4;
   static constexpr int kSmemBytes = 2 * kKVBytes + (kQStages + 1) * kQBytes + 2 * kPdsBytes +
                                     kDqSlots * kDqBoxBytes + kStatsBytes + kBarriers * 8 + 32 + 1024;
   static constexpr int kProducerRegs = 24, kConsumerRegs = 240;
   static_assert(fits_launch_registers<kThreads>(kProducerRegs, kConsumerRegs), "setmaxnreg's split");
   static_assert(kSmemBytes <= 227 * 1024, "shared memory per block");
-  static_assert(kBlockM == kDqPartRows && kBlockM % kDqBoxRows == 0, "the dq_accum map's boxes: a step's queries");
+  static_assert(kBlockM == kDqPartRows, "the dq_accum map's boxes are one step's queries");
   // Named barriers (0 is __syncthreads): both consumers at a tile's end (the epilogue); consumer
   // c's P^T rows in (kPReady + c) and dS^T rows in (kDsReady + c), waited for by the other; c done
   // with a step's wgmmas (kStepDone + c), before the other overwrites its rows of P^T and dS^T; c's
   // epilogue stores (kDkvStore + c); a dQ slot's box stored (kDqFull + slot) and free (kDqEmpty +
-  // slot), between the storing consumer and the drain warp (160 threads; kDqSplit: the box full on
-  // the dq_full mbarrier, free on kDqEmpty + slot between the box's two warps and its drain, 96).
-  enum : int { kEpilogue = 1, kPReady = 2, kDsReady = 4, kStepDone = 6, kDkvStore = 8, kDqFull = 10,
-               kDqEmpty = kDqSplit ? 10 : 13 };
-  // The threads of a slot's empty barrier: the drain warp and the box's storing warps.
-  static constexpr int kDqEmptyThreads = 32 + 128 * kDqBoxRows / 64;
+  // slot), between the storing consumer and the drain warp (160 threads).
+  enum : int { kEpilogue = 1, kPReady = 2, kDsReady = 4, kStepDone = 6, kDkvStore = 8, kDqFull = 10, kDqEmpty = 13 };
   static_assert(kDqEmpty + kDqSlots <= 16, "named barrier ids");
 };
 
@@ -108,8 +97,7 @@ __global__ void __launch_bounds__(BwdFused256Kernel<T, kOrderedDq>::kThreads, 1)
   uint64_t* do_empty = do_full + 1;
   uint64_t* tile_full = do_empty + 1;  // [2]
   uint64_t* tile_empty = tile_full + 2;
-  uint64_t* dq_full = tile_empty + 2;  // [kDqSlots] where kDqSplit
-  int* tile_slot = reinterpret_cast<int*>(dq_full + (K::kDqSplit ? K::kDqSlots : 0));
+  int* tile_slot = reinterpret_cast<int*>(tile_empty + 2);
 
   const AttentionShape& sh = p.shape;
   const int tid = threadIdx.x, warpgroup = warpgroup_index(), lane = tid % 32;
@@ -134,10 +122,8 @@ __global__ void __launch_bounds__(BwdFused256Kernel<T, kOrderedDq>::kThreads, 1)
     for (int s = 0; s < 2; ++s) {
       mbarrier_init(&tile_full[s], 1);
       // The stats and drain warps, the consumers.
-      mbarrier_init(&tile_empty[s], 32 + 32 * K::kDqDrains + K::kConsumerThreads);
+      mbarrier_init(&tile_empty[s], 32 + 32 + K::kConsumerThreads);
     }
-    if constexpr (K::kDqSplit)
-      for (int s = 0; s < K::kDqSlots; ++s) mbarrier_init(&dq_full[s], 128 * K::kDqBoxRows / 64);
     fence_barrier_init();
   }
   __syncthreads();
@@ -145,37 +131,32 @@ __global__ void __launch_bounds__(BwdFused256Kernel<T, kOrderedDq>::kThreads, 1)
   if (warpgroup == 0) {  // producer
     setmaxnreg_dec<K::kProducerRegs>();
     const int warp = tid / 32;
-    if (warp == 2 || (K::kDqSplit && warp == 3)) {  // the dQ drain, a whole warp (named barriers count warps)
-      const int drained = K::kDqSplit ? warp - 2 : 0;  // kDqSplit: consumer `drained`'s boxes, else both
+    if (warp == 2) {  // the dQ drain, a whole warp (named barriers count warps): boxes to dq_accum
       DkvTile tile;
       for (int i = 0, g = 0; ring.next(p, mask, i, Ring::kWarp, &tile); ++i, g += tile.steps) {
         for (int step = 0; step < tile.steps; ++step) {
           const int h = tile.head(step, group), block = block_of(tile, step);
           int* counter = nullptr;
           if constexpr (kOrderedDq) {
-            if (lane == 0) counter = wait_for_dq_turn<kBlockN, kBlockM, K::kDqDrains>(p, mask, tile, h, block);
+            if (lane == 0) counter = wait_for_dq_turn<kBlockN, kBlockM>(p, mask, tile, h, block);
             __syncwarp();
           }
           // Box b of the step: consumer b % 2's box b / 2 (its slice b / 4, columns 32 ((b / 2) % 2)..).
-          // kDqSplit: box b of the consumer's step: its slice b / 4, columns 32 ((b / 2) % 2).., rows
-          // 32 (b % 2)...
 #pragma unroll 1
-          for (int b = 0; b < (K::kDqBound ? 0 : K::kDqBoxesPerStep); ++b) {
-            const int box = K::kDqBoxesPerStep * (g + step) + b;
-            const int slot = K::kDqRing * drained + box % K::kDqRing;
+          for (int b = 0; b < (K::kDqBound == 1 ? 0 : K::kDqBoxesPerStep); ++b) {
+            const int slot = (K::kDqBoxesPerStep * (g + step) + b) % K::kDqSlots;
             // The slot's last box read (the two after it may still be), then free: signalled just
             // before this box is waited for, so that every signal has its wait (none after the last).
-            if (lane == 0) bulk_wait_group_read<K::kDqRing - 1>();
+            if (lane == 0) bulk_wait_group_read<K::kDqSlots - 1>();
             __syncwarp();
-            named_barrier_arrive<K::kDqEmptyThreads>(K::kDqEmpty + slot);
-            if constexpr (K::kDqSplit)
-              mbarrier_wait(&dq_full[slot], (box / K::kDqRing) & 1);
-            else
-              named_barrier_sync<160>(K::kDqFull + slot);
-            const int col = K::kDqSplit ? 128 * drained + 32 * (b / 2) : 128 * (b % 2) + 32 * (b / 2);
-            const int row = block * kBlockM + (K::kDqSplit ? 32 * (b % 2) : 0);
-            if (lane == 0) {  // rows past seqlen_q, columns past head_dim: dropped
-              tma_reduce_add_4d(&map_dq_accum, sdQ + slot * K::kDqBoxBytes, col, row, h, tile.b);
+            named_barrier_arrive<160>(K::kDqEmpty + slot);
+            named_barrier_sync<160>(K::kDqFull + slot);
+            const int col = 128 * (b % 2) + 32 * (b / 2), row = block * kBlockM;
+            if (lane == 0 && K::kDqBound != 2) {  // rows past seqlen_q, columns past head_dim: dropped
+              if constexpr (K::kDqBound == 3)
+                tma_store_4d(&map_dq_accum, sdQ + slot * K::kDqBoxBytes, col, row, h, tile.b);
+              else
+                tma_reduce_add_4d(&map_dq_accum, sdQ + slot * K::kDqBoxBytes, col, row, h, tile.b);
               bulk_commit_group();
             }
             __syncwarp();
@@ -263,31 +244,25 @@ __global__ void __launch_bounds__(BwdFused256Kernel<T, kOrderedDq>::kThreads, 1)
   // Slice `slice` of global step gs's dQ (64 x 64) out as two boxes of 32 columns, each into its
   // slot of the ring once the drain has read that slot's last box. No branch here: dK^T's wgmmas
   // are in flight (ptxas serializes wgmmas across divergent paths, C7520).
-  // kDqSplit: this warp's box of the two 32-row ones, in this consumer's ring. The box and slot
-  // numbering is the drain's (above): box b of a step is 4 slice + 2 half + (consumer, or with
-  // kDqSplit the box's 32-row half).
+  // The box and slot numbering is the drain's (above): box b of a step is 4 slice + 2 half + consumer.
   auto store_dq_slice = [&](const WarpAcc<64>& dq, int gs, int slice) {
-    if constexpr (K::kDqBound) return;
+    if constexpr (K::kDqBound == 1) return;
 #pragma unroll
     for (int half = 0; half < 2; ++half) {
-      const int box = K::kDqBoxesPerStep * gs + 4 * slice + 2 * half + (K::kDqSplit ? warp_row / 32 : consumer);
-      const int slot = K::kDqRing * (K::kDqSplit ? consumer : 0) + box % K::kDqRing;
+      const int slot = (K::kDqBoxesPerStep * gs + 4 * slice + 2 * half + consumer) % K::kDqSlots;
       const uint32_t dq_box = dq_slots + slot * K::kDqBoxBytes;
-      named_barrier_sync<K::kDqEmptyThreads>(K::kDqEmpty + slot);
+      named_barrier_sync<160>(K::kDqEmpty + slot);
 #pragma unroll
       for (int j = 0; j < 4; ++j)
 #pragma unroll
         for (int r = 0; r < 2; ++r) {
-          const int row = (K::kDqSplit ? warp_row % 32 : warp_row) + WarpAcc<64>::row_of(2 * r, lane);
+          const int row = warp_row + WarpAcc<64>::row_of(2 * r, lane);
           const int col = WarpAcc<64>::col_of(4 * half + j, 2 * r, lane) % 32;
           st_shared_f32x2(dq_box + swizzle128_offset_f32(row, col), dq.v[4 * half + j][2 * r],
                           dq.v[4 * half + j][2 * r + 1]);
         }
       fence_async_shared();  // the bulk reduce (async proxy) reads these stores
-      if constexpr (K::kDqSplit)
-        mbarrier_arrive(&dq_full[slot]);
-      else
-        named_barrier_arrive<160>(K::kDqFull + slot);
+      named_barrier_arrive<160>(K::kDqFull + slot);
     }
   };
   // A 64-row accumulator's 16-bit pairs in stmatrix_acc40_trans's order, times scale: n8 tiles

@@ -311,21 +311,15 @@ struct DkvTileRing {
 
 // Ordered dQ adds: waits until it is key block tile.n_block's turn to add to query block `block`
 // of head h (after every later key block that adds there), and returns that block's counter, which
-// each of the key block's kPasses adders (drain warps, each its own columns) raises by one once its
-// adds are complete (add_release_gpu).
-template <int kBlockN, int kBlockM, int kPasses = 1>
+// the caller raises by one once its adds are complete (add_release_gpu).
+template <int kBlockN, int kBlockM>
 __device__ __forceinline__ int* wait_for_dq_turn(const FlashBwdParams& p, const MaskParams& mask, const DkvTile& tile,
                                                  int h, int block) {
   int* counter = p.dq_semaphores + dq_semaphore_index(p.shape, tile.b, h, block);
   const int row0 = block * kBlockM;
   const Range keys = visible_keys(mask, tile.seq, row0, min(row0 + kBlockM, tile.seq.seqlen_q));
-  const int turn = ((keys.end - 1) / kBlockN - tile.n_block) * kPasses;
-  if constexpr (kPasses == 1) {
-    while (load_acquire_gpu(counter) != turn) {
-    }
-  } else {  // an adder of this key block may have passed already (a wait for equality hung)
-    while (load_acquire_gpu(counter) < turn) {
-    }
+  const int turn = (keys.end - 1) / kBlockN - tile.n_block;
+  while (load_acquire_gpu(counter) != turn) {
   }
   fence_async_global();  // the earlier adds, acquired, before this CTA's bulk reduce
   return counter;
@@ -747,13 +741,13 @@ inline bool bwd_tma_addressable(const FlashBwdParams& p, bool dkdv_stores) {
            tma_can_address(p.dv, 2, p.dv_strides, sh.batch, sh.heads_kv, sh.seqlen_k, sh.head_dim)));
 }
 template <typename T, class K>
-bool encode_bwd_tma_maps(const FlashBwdParams& p, BackwardTmaMaps* maps, int dq_box_rows = kDqPartRows) {
+bool encode_bwd_tma_maps(const FlashBwdParams& p, BackwardTmaMaps* maps) {
   const AttentionShape& sh = p.shape;
   if (!bwd_tma_addressable(p, false)) return false;  // dk and dv: encode_dkdv_maps
   constexpr bool kBf16 = std::is_same_v<T, __nv_bfloat16>;
   if (p.dq_accum != nullptr && !encode_rows_map(&maps->dq_accum, p.dq_accum, CU_TENSOR_MAP_DATA_TYPE_FLOAT32, 4,
                                                 p.dq_accum_strides, sh.batch, sh.heads_q, sh.seqlen_q, sh.head_dim,
-                                                dq_box_rows))
+                                                kDqPartRows))
     return false;
   return encode_attention_map(&maps->q, p.q, kBf16, p.q_strides, sh.batch, sh.heads_q, sh.seqlen_q, sh.head_dim,
                               K::kBlockM) &&
