@@ -26,6 +26,12 @@
 #ifndef CUFLASH_BWD256_DQ_BOUND
 #define CUFLASH_BWD256_DQ_BOUND 0
 #endif
+// Experiment (benchmarks/NOTES.md), not measured yet: both dQ slices' products issued before the
+// first slice's boxes are stored, so that the tensor cores have dQ's second slice and both dK^T
+// slices to run while the consumer waits for the ring's slots (two dQ accumulators live).
+#ifndef CUFLASH_BWD256_DQ_AHEAD
+#define CUFLASH_BWD256_DQ_AHEAD 0
+#endif
 
 namespace cuflash::sm90 {
 
@@ -332,6 +338,32 @@ __global__ void __launch_bounds__(BwdFused256Kernel<T, kOrderedDq>::kThreads, 1)
       named_barrier_sync<K::kConsumerThreads>(K::kDsReady + 1 - consumer);
       // dQ slice = dS K (A = dS^T MN-major, B = K's panel MN-major, 16 keys a k-step) and dK^T
       // slice += Q^T dS (as dV^T), by slices, each dQ slice stored while the next products run.
+      if constexpr (CUFLASH_BWD256_DQ_AHEAD) {
+        WarpAcc<64> dq[2];
+#pragma unroll
+        for (int slice = 0; slice < 2; ++slice) {
+#pragma unroll
+          for (int kk = 0; kk < kBlockN / 16; ++kk)
+            Wgmma<T, 64>::template ss<1, 1>(acc_regs<64>(dq[slice], 0), at(dst_cols, kk * 2048),
+                                            at(k_cols, slice * kKPanelBytes + kk * 2048), kk > 0);
+          wgmma_commit();
+#pragma unroll
+          for (int kk = 0; kk < kBlockM / 16; ++kk)
+            Wgmma<T, kBlockN>::template ss<0, 1>(acc_regs<kBlockN>(dkt[slice], 0),
+                                                 at(q_cols, q_stage + slice * kQPanelBytes + kk * 2048),
+                                                 at(dst_rows, kk * 32), 1);
+          wgmma_commit();
+        }
+        wgmma_wait<3>();  // dV^T and dQ's first slice
+        mbarrier_arrive(do_empty);
+        store_dq_slice(dq[0], gs, 0);
+        wgmma_wait<1>();  // dK^T's first slice and dQ's second
+        store_dq_slice(dq[1], gs, 1);
+        wgmma_wait<0>();
+        mbarrier_arrive(&q_empty[stage]);  // Q and its stats
+        if (step + 1 < tile.steps) named_barrier_arrive<K::kConsumerThreads>(K::kStepDone + consumer);
+        continue;
+      }
       WarpAcc<64> dq;
 #pragma unroll
       for (int slice = 0; slice < 2; ++slice) {
