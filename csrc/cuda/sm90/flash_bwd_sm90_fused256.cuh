@@ -26,11 +26,11 @@
 #ifndef CUFLASH_BWD256_DQ_BOUND
 #define CUFLASH_BWD256_DQ_BOUND 0
 #endif
-// Experiment (benchmarks/NOTES.md), not measured yet: both dQ slices' products issued before the
-// first slice's boxes are stored, so that the tensor cores have dQ's second slice and both dK^T
-// slices to run while the consumer waits for the ring's slots (two dQ accumulators live).
-#ifndef CUFLASH_BWD256_DQ_AHEAD
-#define CUFLASH_BWD256_DQ_AHEAD 0
+// Experiment (benchmarks/NOTES.md), not measured yet: the drain frees a slot for the box after
+// the one it waits for (once the box two before that is read), so that a consumer's next box need
+// not wait for the other consumer's box to be stored; a tile's first box is freed as before.
+#ifndef CUFLASH_BWD256_DQ_EARLY_EMPTY
+#define CUFLASH_BWD256_DQ_EARLY_EMPTY 0
 #endif
 
 namespace cuflash::sm90 {
@@ -153,9 +153,19 @@ __global__ void __launch_bounds__(BwdFused256Kernel<T, kOrderedDq>::kThreads, 1)
             const int slot = (K::kDqBoxesPerStep * (g + step) + b) % K::kDqSlots;
             // The slot's last box read (the two after it may still be), then free: signalled just
             // before this box is waited for, so that every signal has its wait (none after the last).
-            if (lane == 0) bulk_wait_group_read<K::kDqSlots - 1>();
-            __syncwarp();
-            named_barrier_arrive<160>(K::kDqEmpty + slot);
+            const int in_tile = K::kDqBoxesPerStep * step + b;  // this box's index in the tile
+            if (!CUFLASH_BWD256_DQ_EARLY_EMPTY || in_tile == 0) {
+              if (lane == 0) bulk_wait_group_read<K::kDqSlots - 1>();
+              __syncwarp();
+              named_barrier_arrive<160>(K::kDqEmpty + slot);
+            }
+            // EARLY_EMPTY: the next box's slot, once the box before this one is the only read in
+            // flight (the slot held the box two before this one), if the tile has a next box.
+            if (CUFLASH_BWD256_DQ_EARLY_EMPTY && in_tile + 1 < K::kDqBoxesPerStep * tile.steps) {
+              if (lane == 0) bulk_wait_group_read<K::kDqSlots - 2>();
+              __syncwarp();
+              named_barrier_arrive<160>(K::kDqEmpty + (slot + 1) % K::kDqSlots);
+            }
             named_barrier_sync<160>(K::kDqFull + slot);
             const int col = 128 * (b % 2) + 32 * (b / 2), row = block * kBlockM;
             if (lane == 0 && K::kDqBound != 2) {  // rows past seqlen_q, columns past head_dim: dropped
@@ -338,32 +348,6 @@ __global__ void __launch_bounds__(BwdFused256Kernel<T, kOrderedDq>::kThreads, 1)
       named_barrier_sync<K::kConsumerThreads>(K::kDsReady + 1 - consumer);
       // dQ slice = dS K (A = dS^T MN-major, B = K's panel MN-major, 16 keys a k-step) and dK^T
       // slice += Q^T dS (as dV^T), by slices, each dQ slice stored while the next products run.
-      if constexpr (CUFLASH_BWD256_DQ_AHEAD) {
-        WarpAcc<64> dq[2];
-#pragma unroll
-        for (int slice = 0; slice < 2; ++slice) {
-#pragma unroll
-          for (int kk = 0; kk < kBlockN / 16; ++kk)
-            Wgmma<T, 64>::template ss<1, 1>(acc_regs<64>(dq[slice], 0), at(dst_cols, kk * 2048),
-                                            at(k_cols, slice * kKPanelBytes + kk * 2048), kk > 0);
-          wgmma_commit();
-#pragma unroll
-          for (int kk = 0; kk < kBlockM / 16; ++kk)
-            Wgmma<T, kBlockN>::template ss<0, 1>(acc_regs<kBlockN>(dkt[slice], 0),
-                                                 at(q_cols, q_stage + slice * kQPanelBytes + kk * 2048),
-                                                 at(dst_rows, kk * 32), 1);
-          wgmma_commit();
-        }
-        wgmma_wait<3>();  // dV^T and dQ's first slice
-        mbarrier_arrive(do_empty);
-        store_dq_slice(dq[0], gs, 0);
-        wgmma_wait<1>();  // dK^T's first slice and dQ's second
-        store_dq_slice(dq[1], gs, 1);
-        wgmma_wait<0>();
-        mbarrier_arrive(&q_empty[stage]);  // Q and its stats
-        if (step + 1 < tile.steps) named_barrier_arrive<K::kConsumerThreads>(K::kStepDone + consumer);
-        continue;
-      }
       WarpAcc<64> dq;
 #pragma unroll
       for (int slice = 0; slice < 2; ++slice) {

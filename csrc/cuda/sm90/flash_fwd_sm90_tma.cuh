@@ -20,12 +20,6 @@
 #include "tile_walk.h"
 #include "tma_maps.h"
 
-// Experiment (benchmarks/NOTES.md, "Idle consumers"), not measured yet: a consumer whose 64 rows
-// all lie past the sequence's end does no math, only its share of the barriers.
-#ifndef CUFLASH_FWD_IDLE_CONSUMERS
-#define CUFLASH_FWD_IDLE_CONSUMERS 0
-#endif
-
 namespace cuflash::sm90 {
 
 // Tiles. The narrow ones suit query rows that see up to a few thousand keys; kWide, close to
@@ -254,11 +248,6 @@ __global__ void __launch_bounds__(FwdSm90TmaKernel<T, kHeadDim, kWide, kPersiste
     o.zero();
     OnlineSoftmax softmax;
     const ScoreMod<T> mod(p, tile.b, tile.h);
-    // Idle: this consumer's rows all lie past the sequence's end (on the wide tile at head dim 64
-    // the last 64 or 128 of a head's last 192 rows when seqlen_q is 512 or 1024): no wgmma, no
-    // softmax, no output, only its arrivals and turns, so that the other consumers have the
-    // tensor cores and the ALUs to themselves. Uniform over the warpgroup (consumer and tile).
-    const bool idle = CUFLASH_FWD_IDLE_CONSUMERS && tile.m_start + 64 * consumer >= tile.seq.seqlen_q;
     if (steps > 0) {
       auto full_parity = [&](int t) { return ((step + t) / kStages) & 1; };
       auto stage_of = [&](int t) { return (step + t) % kStages; };
@@ -299,21 +288,6 @@ __global__ void __launch_bounds__(FwdSm90TmaKernel<T, kHeadDim, kWide, kPersiste
         zero_rows_of_panels<kPanels, kBlockN>(sV(stage_of(0)), used_rows, tid - 128, kConsumerThreads);
         fence_async_shared();  // these generic-proxy writes before the wgmmas' (async proxy) reads
         named_barrier_sync<kConsumerThreads>(1);
-      }
-      if (idle) {  // the steps' waits, turns and releases (consumer 0 is never idle: its rows start the tile)
-        for (int t = 0; t < steps; ++t) {
-          mbarrier_wait(&k_full[stage_of(t)], full_parity(t));
-          if (t > 0) wait_v(t - 1);
-          my_turn();
-          your_turn();
-          if (lane == 0) mbarrier_arrive(&k_empty[stage_of(t)]);
-          if (t > 0 && lane == 0) mbarrier_arrive(&v_empty[stage_of(t - 1)]);
-        }
-        if constexpr (kPersistent) release_q();
-        wait_v(steps - 1);
-        if (lane == 0) mbarrier_arrive(&v_empty[stage_of(steps - 1)]);
-        step += steps;
-        continue;  // no output: its rows lie past the end
       }
       {  // step 0: S only
         mbarrier_wait(&k_full[stage_of(0)], full_parity(0));
