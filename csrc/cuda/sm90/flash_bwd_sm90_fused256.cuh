@@ -28,7 +28,10 @@
 #endif
 // Experiment (benchmarks/NOTES.md), not measured yet: the drain frees a slot for the box after
 // the one it waits for (once the box two before that is read), so that a consumer's next box need
-// not wait for the other consumer's box to be stored; a tile's first box is freed as before.
+// not wait for the other consumer's box to be stored; a tile's first box is freed as before. The
+// free signal is then the consumer's own barrier, not the slot's: with a box of slack, the other
+// consumer could reach a slot's barrier first and take the phase meant for this one (its first
+// run raced so, and hung synccheck).
 #ifndef CUFLASH_BWD256_DQ_EARLY_EMPTY
 #define CUFLASH_BWD256_DQ_EARLY_EMPTY 0
 #endif
@@ -54,6 +57,7 @@ struct BwdFused256Kernel {
   // (benchmarks/NOTES.md); three slots leave the drain two boxes to read each one in.
   // (Each consumer its own ring and drain warp measured 5-9% slower: benchmarks/NOTES.md.)
   static constexpr int kDqSlots = 3, kDqBoxesPerStep = 8;
+  static constexpr bool kDqEarlyEmpty = CUFLASH_BWD256_DQ_EARLY_EMPTY;  // the experiment above
   static constexpr int kStatsBytes = kQStages * 2 * kBlockM * 4;  // lse2, delta per Q stage
   // kv_full, kv_empty, q_full[2], q_empty[2], do_full, do_empty, tile_full[2], tile_empty[2].
   static constexpr int kBarriers = 2 + 2 * kQStages + 2 + 4;
@@ -67,7 +71,8 @@ struct BwdFused256Kernel {
   // c's P^T rows in (kPReady + c) and dS^T rows in (kDsReady + c), waited for by the other; c done
   // with a step's wgmmas (kStepDone + c), before the other overwrites its rows of P^T and dS^T; c's
   // epilogue stores (kDkvStore + c); a dQ slot's box stored (kDqFull + slot) and free (kDqEmpty +
-  // slot), between the storing consumer and the drain warp (160 threads).
+  // slot; kDqEarlyEmpty: kDqEmpty + consumer), between the storing consumer and the drain warp
+  // (160 threads).
   enum : int { kEpilogue = 1, kPReady = 2, kDsReady = 4, kStepDone = 6, kDkvStore = 8, kDqFull = 10, kDqEmpty = 13 };
   static_assert(kDqEmpty + kDqSlots <= 16, "named barrier ids");
 };
@@ -154,17 +159,18 @@ __global__ void __launch_bounds__(BwdFused256Kernel<T, kOrderedDq>::kThreads, 1)
             // The slot's last box read (the two after it may still be), then free: signalled just
             // before this box is waited for, so that every signal has its wait (none after the last).
             const int in_tile = K::kDqBoxesPerStep * step + b;  // this box's index in the tile
-            if (!CUFLASH_BWD256_DQ_EARLY_EMPTY || in_tile == 0) {
+            if (!K::kDqEarlyEmpty || in_tile == 0) {
               if (lane == 0) bulk_wait_group_read<K::kDqSlots - 1>();
               __syncwarp();
-              named_barrier_arrive<160>(K::kDqEmpty + slot);
+              named_barrier_arrive<160>(K::kDqEmpty + (K::kDqEarlyEmpty ? b % 2 : slot));
             }
-            // EARLY_EMPTY: the next box's slot, once the box before this one is the only read in
-            // flight (the slot held the box two before this one), if the tile has a next box.
-            if (CUFLASH_BWD256_DQ_EARLY_EMPTY && in_tile + 1 < K::kDqBoxesPerStep * tile.steps) {
+            // kDqEarlyEmpty: the next box's slot, once the box before this one is the only read in
+            // flight (the slot held the box two before this one), if the tile has a next box; the
+            // signal goes to that box's consumer, (b + 1) % 2, whose last box (two before) is stored.
+            if (K::kDqEarlyEmpty && in_tile + 1 < K::kDqBoxesPerStep * tile.steps) {
               if (lane == 0) bulk_wait_group_read<K::kDqSlots - 2>();
               __syncwarp();
-              named_barrier_arrive<160>(K::kDqEmpty + (slot + 1) % K::kDqSlots);
+              named_barrier_arrive<160>(K::kDqEmpty + (b + 1) % 2);
             }
             named_barrier_sync<160>(K::kDqFull + slot);
             const int col = 128 * (b % 2) + 32 * (b / 2), row = block * kBlockM;
@@ -267,7 +273,7 @@ __global__ void __launch_bounds__(BwdFused256Kernel<T, kOrderedDq>::kThreads, 1)
     for (int half = 0; half < 2; ++half) {
       const int slot = (K::kDqBoxesPerStep * gs + 4 * slice + 2 * half + consumer) % K::kDqSlots;
       const uint32_t dq_box = dq_slots + slot * K::kDqBoxBytes;
-      named_barrier_sync<160>(K::kDqEmpty + slot);
+      named_barrier_sync<160>(K::kDqEmpty + (K::kDqEarlyEmpty ? consumer : slot));
 #pragma unroll
       for (int j = 0; j < 4; ++j)
 #pragma unroll
