@@ -223,8 +223,8 @@ struct BwdDkvSm90TmaKernel {
   static constexpr int kDqPanelBytes = kDqPartRows * 32 * 4, kDqPartBytes = 2 * kDqPanelBytes;
   // Barriers: K/V full, then per stage full (TMA bytes + the stats warp) and empty (consumer
   // threads); kAccumDq: per dQ buffer dq_full (its consumer's warps) and dq_empty (the drain
-  // thread); kPersistent: K/V empty, and the tile ring's two full and two empty.
-  // kPersistent: and the tile ring's two slots (32 bytes).
+  // thread); kPersistent: K/V empty, and the tile ring's two full and two empty, and its two
+  // slots (32 bytes).
   static constexpr int kSmemBytesWithoutDq = 2 * kKVBytes + 2 * kStages * kQBytes + kDsBytes + kStatsBytes +
                                              (1 + 2 * kStages + (kPersistent ? 5 : 0)) * 8 + (kPersistent ? 32 : 0) + 1024;
   static constexpr int kDqBufferBytes = kConsumers * (kDqPartBytes + 2 * 8);  // a buffer a consumer, its barriers
