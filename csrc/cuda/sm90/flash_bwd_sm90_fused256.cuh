@@ -55,7 +55,7 @@ struct BwdFused256Kernel {
   // consumer 0's second, ...), box j in slot j % 3. With one slot a consumer each waited for the
   // drain's read of its last box before storing the next: 34% of the consumers' stall samples
   // (benchmarks/NOTES.md); three slots leave the drain two boxes to read each one in.
-  // (Each consumer its own ring and drain warp measured 5-9% slower: benchmarks/NOTES.md.)
+  // (Each consumer its own ring and drain warp measured 4-9% slower: benchmarks/NOTES.md.)
   static constexpr int kDqSlots = 3, kDqBoxesPerStep = 8;
   static constexpr bool kDqEarlyEmpty = CUFLASH_BWD256_DQ_EARLY_EMPTY;  // the experiment above
   static constexpr int kStatsBytes = kQStages * 2 * kBlockM * 4;  // lse2, delta per Q stage
