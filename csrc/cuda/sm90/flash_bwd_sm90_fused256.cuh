@@ -26,16 +26,6 @@
 #ifndef CUFLASH_BWD256_DQ_BOUND
 #define CUFLASH_BWD256_DQ_BOUND 0
 #endif
-// Experiment (benchmarks/NOTES.md), not measured yet: the drain frees a slot for the box after
-// the one it waits for (once the box two before that is read), so that a consumer's next box need
-// not wait for the other consumer's box to be stored; a tile's first box is freed as before. The
-// free signal is then the consumer's own barrier, not the slot's: with a box of slack, the other
-// consumer could reach a slot's barrier first and take the phase meant for this one (its first
-// run raced so, and hung synccheck).
-#ifndef CUFLASH_BWD256_DQ_EARLY_EMPTY
-#define CUFLASH_BWD256_DQ_EARLY_EMPTY 0
-#endif
-
 namespace cuflash::sm90 {
 
 template <typename T, bool kOrderedDq>
@@ -56,8 +46,12 @@ struct BwdFused256Kernel {
   // drain's read of its last box before storing the next: 34% of the consumers' stall samples
   // (benchmarks/NOTES.md); three slots leave the drain two boxes to read each one in.
   // (Each consumer its own ring and drain warp measured 4-9% slower: benchmarks/NOTES.md.)
+  // The drain frees a slot for the box after the one it waits for (once the box two before that
+  // is read), so that a consumer's next box need not wait for the other consumer's box to be
+  // stored: 1.03-1.13x the backward (benchmarks/NOTES.md). The free signal is the consumer's own
+  // barrier, not the slot's: with a box of slack, the other consumer could reach a slot's barrier
+  // first and take the phase meant for this one (a first build raced so).
   static constexpr int kDqSlots = 3, kDqBoxesPerStep = 8;
-  static constexpr bool kDqEarlyEmpty = CUFLASH_BWD256_DQ_EARLY_EMPTY;  // the experiment above
   static constexpr int kStatsBytes = kQStages * 2 * kBlockM * 4;  // lse2, delta per Q stage
   // kv_full, kv_empty, q_full[2], q_empty[2], do_full, do_empty, tile_full[2], tile_empty[2].
   static constexpr int kBarriers = 2 + 2 * kQStages + 2 + 4;
@@ -70,11 +64,11 @@ struct BwdFused256Kernel {
   // Named barriers (0 is __syncthreads): both consumers at a tile's end (the epilogue); consumer
   // c's P^T rows in (kPReady + c) and dS^T rows in (kDsReady + c), waited for by the other; c done
   // with a step's wgmmas (kStepDone + c), before the other overwrites its rows of P^T and dS^T; c's
-  // epilogue stores (kDkvStore + c); a dQ slot's box stored (kDqFull + slot) and free (kDqEmpty +
-  // slot; kDqEarlyEmpty: kDqEmpty + consumer), between the storing consumer and the drain warp
+  // epilogue stores (kDkvStore + c); a dQ slot's box stored (kDqFull + slot) and free for consumer c's
+  // next box (kDqEmpty + c), between the storing consumer and the drain warp
   // (160 threads).
   enum : int { kEpilogue = 1, kPReady = 2, kDsReady = 4, kStepDone = 6, kDkvStore = 8, kDqFull = 10, kDqEmpty = 13 };
-  static_assert(kDqEmpty + kDqSlots <= 16, "named barrier ids");
+  static_assert(kDqFull + kDqSlots <= kDqEmpty && kDqEmpty + kConsumers <= 16, "named barrier ids");
 };
 
 template <typename T, bool kOrderedDq>
@@ -156,18 +150,17 @@ __global__ void __launch_bounds__(BwdFused256Kernel<T, kOrderedDq>::kThreads, 1)
 #pragma unroll 1
           for (int b = 0; b < (K::kDqBound == 1 ? 0 : K::kDqBoxesPerStep); ++b) {
             const int slot = (K::kDqBoxesPerStep * (g + step) + b) % K::kDqSlots;
-            // The slot's last box read (the two after it may still be), then free: signalled just
-            // before this box is waited for, so that every signal has its wait (none after the last).
+            // Free the slot of the next box (the one two before it read; only the box before
+            // this one may still be in flight), for that box's consumer, (b + 1) % 2: every
+            // signal has its wait, so none after the tile's last box. A tile's first box waits
+            // for every read of its slot's box three before.
             const int in_tile = K::kDqBoxesPerStep * step + b;  // this box's index in the tile
-            if (!K::kDqEarlyEmpty || in_tile == 0) {
+            if (in_tile == 0) {
               if (lane == 0) bulk_wait_group_read<K::kDqSlots - 1>();
               __syncwarp();
-              named_barrier_arrive<160>(K::kDqEmpty + (K::kDqEarlyEmpty ? b % 2 : slot));
+              named_barrier_arrive<160>(K::kDqEmpty + 0);
             }
-            // kDqEarlyEmpty: the next box's slot, once the box before this one is the only read in
-            // flight (the slot held the box two before this one), if the tile has a next box; the
-            // signal goes to that box's consumer, (b + 1) % 2, whose last box (two before) is stored.
-            if (K::kDqEarlyEmpty && in_tile + 1 < K::kDqBoxesPerStep * tile.steps) {
+            if (in_tile + 1 < K::kDqBoxesPerStep * tile.steps) {
               if (lane == 0) bulk_wait_group_read<K::kDqSlots - 2>();
               __syncwarp();
               named_barrier_arrive<160>(K::kDqEmpty + (b + 1) % 2);
@@ -273,7 +266,7 @@ __global__ void __launch_bounds__(BwdFused256Kernel<T, kOrderedDq>::kThreads, 1)
     for (int half = 0; half < 2; ++half) {
       const int slot = (K::kDqBoxesPerStep * gs + 4 * slice + 2 * half + consumer) % K::kDqSlots;
       const uint32_t dq_box = dq_slots + slot * K::kDqBoxBytes;
-      named_barrier_sync<160>(K::kDqEmpty + (K::kDqEarlyEmpty ? consumer : slot));
+      named_barrier_sync<160>(K::kDqEmpty + consumer);
 #pragma unroll
       for (int j = 0; j < 4; ++j)
 #pragma unroll
