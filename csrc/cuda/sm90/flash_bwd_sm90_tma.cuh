@@ -23,14 +23,6 @@
 #include "flash_bwd_sm90.cuh"
 #include "tma_maps.h"
 
-// Experiment (benchmarks/NOTES.md, "The fused backward's dQ parts double-buffered"), not measured
-// yet: each consumer stages its dQ parts in two buffers where shared memory holds them (head dim
-// 128, 64 on the narrow steps), so that it stores a part while the drain still reads its last one
-// or waits for the ordered turn; the drain then frees a part once the next one's reduce is out.
-#ifndef CUFLASH_BWD_DQ_DOUBLE
-#define CUFLASH_BWD_DQ_DOUBLE 0
-#endif
-
 namespace cuflash::sm90 {
 
 // The fused kernel's dQ parts (and so the dq_accum map's boxes): 64 query rows each.
@@ -221,19 +213,13 @@ struct BwdDkvSm90TmaKernel {
   // A dQ part: 64 rows x 64 columns as two 128B-swizzled panels of 32 columns, the boxes of the
   // dq_accum map (the swizzle also spreads the fragment stores over the banks).
   static constexpr int kDqPanelBytes = kDqPartRows * 32 * 4, kDqPartBytes = 2 * kDqPanelBytes;
+  static constexpr int kDqBytes = kAccumDq ? kConsumers * kDqPartBytes : 0;
   // Barriers: K/V full, then per stage full (TMA bytes + the stats warp) and empty (consumer
-  // threads); kAccumDq: per dQ buffer dq_full (its consumer's warps) and dq_empty (the drain
-  // thread); kPersistent: K/V empty, and the tile ring's two full and two empty, and its two
-  // slots (32 bytes).
-  static constexpr int kSmemBytesWithoutDq = 2 * kKVBytes + 2 * kStages * kQBytes + kDsBytes + kStatsBytes +
-                                             (1 + 2 * kStages + (kPersistent ? 5 : 0)) * 8 + (kPersistent ? 32 : 0) + 1024;
-  static constexpr int kDqBufferBytes = kConsumers * (kDqPartBytes + 2 * 8);  // a buffer a consumer, its barriers
-  // kAccumDq: the dQ parts' buffers a consumer (CUFLASH_BWD_DQ_DOUBLE: two where they fit).
-  static constexpr int kDqBuffers =
-      CUFLASH_BWD_DQ_DOUBLE && kSmemBytesWithoutDq + 2 * kDqBufferBytes <= 227 * 1024 ? 2 : 1;
-  static constexpr int kDqBytes = kAccumDq ? kConsumers * kDqBuffers * kDqPartBytes : 0;
-  static constexpr int kBarriers = 1 + 2 * kStages + (kAccumDq ? 2 * kConsumers * kDqBuffers : 0) + (kPersistent ? 5 : 0);
-  static constexpr int kSmemBytes = kSmemBytesWithoutDq + (kAccumDq ? kDqBuffers * kDqBufferBytes : 0);
+  // threads); kAccumDq: per consumer dq_full (its warps) and dq_empty (the drain warp); kPersistent:
+  // K/V empty, and the tile ring's two full and two empty, and its two slots (32 bytes).
+  static constexpr int kBarriers = 1 + 2 * kStages + (kAccumDq ? 2 * kConsumers : 0) + (kPersistent ? 5 : 0);
+  static constexpr int kSmemBytes = 2 * kKVBytes + 2 * kStages * kQBytes + kDsBytes + kDqBytes + kStatsBytes +
+                                    kBarriers * 8 + (kPersistent ? 32 : 0) + 1024;
   // The producer's loop (TMA coordinates per step, the stats warp's rows) spills at 24 registers;
   // the consumers can spare 8 but at head dim 128 (where ptxas would serialize the wgmmas).
   static constexpr int kProducerRegs = kHeadDim != 128 ? 40 : 24, kConsumerRegs = kHeadDim != 128 ? 232 : 240;
@@ -365,15 +351,15 @@ __global__ void __launch_bounds__(
   auto sQ = [&](int stage) { return smem + 2 * K::kKVBytes + stage * K::kQBytes; };
   auto sdO = [&](int stage) { return smem + 2 * K::kKVBytes + (kStages + stage) * K::kQBytes; };
   unsigned char* sdS = smem + 2 * K::kKVBytes + 2 * kStages * K::kQBytes;  // kAccumDq: [buffer][consumer] panels
-  unsigned char* sdQ = sdS + K::kDsBytes;                                   // kAccumDq: [consumer][buffer][panel]
+  unsigned char* sdQ = sdS + K::kDsBytes;                                   // kAccumDq: [consumer][panel]
   float* sLse2 = reinterpret_cast<float*>(sdS + K::kDsBytes + K::kDqBytes);  // [kStages][kBlockM]
   float* sDelta = sLse2 + kStages * kBlockM;                                // [kStages][kBlockM]
   uint64_t* kv_full = reinterpret_cast<uint64_t*>(sDelta + kStages * kBlockM);
   uint64_t* full = kv_full + 1;
   uint64_t* empty = full + kStages;
-  uint64_t* dq_full = empty + kStages;                           // kAccumDq: [consumer][buffer]
-  uint64_t* dq_empty = dq_full + K::kConsumers * K::kDqBuffers;  // kAccumDq: [consumer][buffer]
-  uint64_t* kv_empty = dq_empty + K::kConsumers * K::kDqBuffers;  // kPersistent: the epilogue's stores read K and V
+  uint64_t* dq_full = empty + kStages;           // kAccumDq
+  uint64_t* dq_empty = dq_full + K::kConsumers;  // kAccumDq
+  uint64_t* kv_empty = dq_empty + K::kConsumers;  // kPersistent: the epilogue's stores read K and V
   uint64_t* tile_full = kv_empty + 1;             // kPersistent: [2] the tile ring's slots
   uint64_t* tile_empty = tile_full + 2;           // kPersistent: [2]
   int* tile_slot = reinterpret_cast<int*>(tile_empty + 2);  // kPersistent: [2][4]
@@ -425,8 +411,6 @@ __global__ void __launch_bounds__(
   auto ds_buffer = [](int g) { return g & 1; };
   auto ds_barrier = [&](int g, int c) { return 2 + 2 * ds_buffer(g) + c; };
   auto dq_use = [&](int g) { return K::kDqEveryStep ? g : g >> 1; };
-  // kAccumDq: consumer c's buffer (its index in dq_full, dq_empty and sdQ's parts) of dQ use u.
-  auto dq_slot = [&](int c, int u) { return c * K::kDqBuffers + u % K::kDqBuffers; };
 
   // A warp hands the generic shared-memory values it read or wrote (the stats, the tile ring's
   // fields) to another role through an mbarrier by an arrival from every lane, each lane's own
@@ -440,9 +424,9 @@ __global__ void __launch_bounds__(
       mbarrier_init(&empty[s], K::kConsumerThreads);  // every consumer thread
     }
     if constexpr (kAccumDq)
-      for (int b = 0; b < K::kConsumers * K::kDqBuffers; ++b) {
-        mbarrier_init(&dq_full[b], 4);  // the consumer's warps
-        mbarrier_init(&dq_empty[b], 1);
+      for (int c = 0; c < K::kConsumers; ++c) {
+        mbarrier_init(&dq_full[c], 4);  // the consumer's warps
+        mbarrier_init(&dq_empty[c], 1);
       }
     if constexpr (kPersistent) {
       mbarrier_init(kv_empty, K::kConsumers);  // each consumer's storing thread
@@ -462,7 +446,6 @@ __global__ void __launch_bounds__(
       if (warp == 2) {  // the dQ drain: each consumer's part added to dq_accum in L2 by TMA reduce
         if (lane == 0) {
           DkvTile tile;
-          int reading = -1;  // two buffers: the slot of the last part out, whose read may still run
           for (int i = 0, g = 0; next_tile(i, kLane, &tile); ++i, g += tile.steps) {
             for (int step = 0; step < tile.steps; ++step) {
               const int h = head_of(tile, step), block = block_of(tile, step);
@@ -470,33 +453,16 @@ __global__ void __launch_bounds__(
               if constexpr (kOrderedDq) counter = wait_for_dq_turn<kBlockN, kBlockM>(p, mask, tile, h, block);
               for (int c = 0; c < K::kConsumers; ++c) {
                 if (!makes_dq(c, g + step)) continue;
-                const int use = dq_use(g + step), slot = dq_slot(c, use);
-                mbarrier_wait(&dq_full[slot], (use / K::kDqBuffers) & 1);
+                mbarrier_wait(&dq_full[c], dq_use(g + step) & 1);
                 const int col0 = K::kDqByColumns ? 64 * c : 0, row0 = K::kDqByRows ? 64 * c : 0;
                 for (int panel = 0; panel < 2; ++panel)  // rows past seqlen_q, columns past head_dim: dropped
-                  tma_reduce_add_4d(&map_dq_accum, sdQ + slot * K::kDqPartBytes + panel * K::kDqPanelBytes,
+                  tma_reduce_add_4d(&map_dq_accum, sdQ + c * K::kDqPartBytes + panel * K::kDqPanelBytes,
                                     col0 + 32 * panel, block * kBlockM + row0, h, tile.b);
                 bulk_commit_group();
-                if constexpr (K::kDqBuffers == 1) {
-                  bulk_wait_group_read<0>();  // the part is read: the consumer may overwrite it
-                  mbarrier_arrive(&dq_empty[slot]);
-                } else {
-                  // The part before is read (this one may still be): its buffer is free. (The last
-                  // part's buffer is never freed: nothing waits for it.)
-                  if (reading >= 0) {
-                    bulk_wait_group_read<1>();
-                    mbarrier_arrive(&dq_empty[reading]);
-                  }
-                  reading = slot;
-                }
+                bulk_wait_group_read<0>();  // the part is read: the consumer may overwrite it
+                mbarrier_arrive(&dq_empty[c]);
               }
-              if constexpr (kOrderedDq) {
-                pass_dq_turn(counter);  // the step's adds done (so read too)
-                if (K::kDqBuffers > 1 && reading >= 0) {
-                  mbarrier_arrive(&dq_empty[reading]);
-                  reading = -1;
-                }
-              }
+              if constexpr (kOrderedDq) pass_dq_turn(counter);  // the step's adds done
             }
           }
           bulk_wait_group_all();  // the adds themselves, before the CTA's shared memory goes
@@ -576,14 +542,14 @@ __global__ void __launch_bounds__(
         smem_desc_mn_major_sw128(sK, (col0 / 64) * kBlockN * 128, kBlockN * 128));
   };
   auto store_dq_part = [&](const WarpAcc<64>& dq, int part) {
-    const int use = dq_use(part), slot = dq_slot(consumer, use), round = use / K::kDqBuffers;
-    if (round > 0) mbarrier_wait(&dq_empty[slot], (round - 1) & 1);  // the drain read this buffer's last part
+    const int use = dq_use(part);
+    if (use > 0) mbarrier_wait(&dq_empty[consumer], (use - 1) & 1);  // the drain read the last part
     // Ordered: the lane's base passes through an empty asm at each call, so that its sixteen
     // addresses are recomputed here (a few integer ops) rather than kept live across the loop
     // (ptxas spilled them, reloaded every step: ordered spills 208/312 -> 80/144 bytes at head
     // dim 128, 148/236 -> 56/120 at 64 wide, measured before the kernels were persistent and
     // their tile values uniform; the unordered kernels spill more that way).
-    uint32_t lane_base = smem_u32(sdQ + slot * K::kDqPartBytes) + (warp_row % 64) * 128;
+    uint32_t lane_base = smem_u32(sdQ + consumer * K::kDqPartBytes) + (warp_row % 64) * 128;
     int my_lane = lane;
     if constexpr (kOrderedDq) asm volatile("" : "+r"(lane_base), "+r"(my_lane));
 #pragma unroll
@@ -599,7 +565,7 @@ __global__ void __launch_bounds__(
       }
     fence_async_shared();  // the bulk reduce (async proxy) reads what these stores wrote
     __syncwarp();
-    if (lane == 0) mbarrier_arrive(&dq_full[slot]);
+    if (lane == 0) mbarrier_arrive(&dq_full[consumer]);
   };
   DkvTile tile;
   for (int i = 0, g = 0, kv_loads = 0; next_tile(i, kWarp, &tile); ++i, g += tile.steps) {
