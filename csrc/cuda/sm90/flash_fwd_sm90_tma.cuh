@@ -20,13 +20,6 @@
 #include "tile_walk.h"
 #include "tma_maps.h"
 
-// Experiment (benchmarks/NOTES.md, "The forward without turns"), not measured yet: the consumers
-// issue their wgmmas whenever ready, without the turn ring (named barriers 2..), which ties each
-// consumer's step to the others' (the short-row tile is bound by each consumer's own chain).
-#ifndef CUFLASH_FWD_NO_TURNS
-#define CUFLASH_FWD_NO_TURNS 0
-#endif
-
 namespace cuflash::sm90 {
 
 // Tiles. The narrow ones suit query rows that see up to a few thousand keys; kWide, close to
@@ -239,13 +232,8 @@ __global__ void __launch_bounds__(FwdSm90TmaKernel<T, kHeadDim, kWide, kPersiste
   // consumer c's turn, signalled by the consumer before it), so that one's softmax runs while
   // another's matmuls hold the tensor cores. Consumer 0 goes first in every tile.
   constexpr int kTurnThreads = 2 * 128;  // the warpgroup that waits and the one that signals
-  constexpr bool kTurns = !CUFLASH_FWD_NO_TURNS;
-  auto my_turn = [&] {
-    if constexpr (kTurns) named_barrier_sync<kTurnThreads>(2 + consumer);
-  };
-  auto your_turn = [&] {
-    if constexpr (kTurns) named_barrier_arrive<kTurnThreads>(2 + (consumer + 1) % K::kConsumers);
-  };
+  auto my_turn = [&] { named_barrier_sync<kTurnThreads>(2 + consumer); };
+  auto your_turn = [&] { named_barrier_arrive<kTurnThreads>(2 + (consumer + 1) % K::kConsumers); };
   auto release_q = [&] {  // persistent: this warp's wgmmas are done reading Q
     __syncwarp();
     if (lane == 0) mbarrier_arrive(q_empty);
@@ -288,7 +276,7 @@ __global__ void __launch_bounds__(FwdSm90TmaKernel<T, kHeadDim, kWide, kPersiste
       mbarrier_wait(q_full, q_loads++ & 1);
       // The last consumer's first signal of the tile: after its q_full wait, so that it cannot
       // meet on barrier 2 the previous tile's last signal, which consumer 0 takes at that tile's end.
-      if (kTurns && consumer == K::kConsumers - 1) named_barrier_arrive<kTurnThreads>(2);
+      if (consumer == K::kConsumers - 1) named_barrier_arrive<kTurnThreads>(2);
       // seqused_k (CUFLASH_SM90's "kvcache" part): the first step's block, the sequence's last,
       // may run past its keys into rows the tensor holds but the sequence does not use (a KV
       // cache's), which TMA reads like any other (past the tensor's rows it fills zeros). Their
