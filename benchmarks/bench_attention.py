@@ -22,6 +22,7 @@ import re
 import statistics
 import subprocess
 import sys
+import tempfile
 import warnings
 from pathlib import Path
 
@@ -527,7 +528,8 @@ def run_memory(args, impls):
 def git_commit():
     """HEAD, with "+changes" where tracked files differ from it. The device tool's copy of the
     tree can carry a stale .git (its HEAD an older commit, the files the newer ones: "+changes"
-    then says so); callers there may pass the commit in CUFLASH_BENCH_COMMIT."""
+    then says so, and the environment's "tree", working_tree(), names the files); callers there
+    may pass the commit in CUFLASH_BENCH_COMMIT."""
     if os.environ.get("CUFLASH_BENCH_COMMIT"):
         return os.environ["CUFLASH_BENCH_COMMIT"]
     try:
@@ -542,11 +544,28 @@ def git_commit():
         return "unknown"
 
 
+def working_tree():
+    """The git tree hash of the files as they are (tracked and untracked, .gitignore applied),
+    through a scratch index: the commit whose tree it is (`git log --format='%h %T'`) is what
+    ran, whatever HEAD says. None where git cannot tell."""
+    try:
+        with tempfile.TemporaryDirectory() as scratch:
+            env = dict(os.environ, GIT_INDEX_FILE=os.path.join(scratch, "index"))
+            for args in (["add", "-A"], ["write-tree"]):
+                out = subprocess.run(["git", *args], cwd=REPO_ROOT, env=env, capture_output=True,
+                                     text=True, timeout=60)
+                if out.returncode != 0:
+                    return None
+            return out.stdout.strip() or None
+    except Exception:
+        return None
+
+
 def environment():
     cudnn = torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None
     return {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__,
             "cuda": torch.version.cuda, "cudnn": str(cudnn) if cudnn else "none",
-            "date": datetime.date.today().isoformat(), "commit": git_commit()}
+            "date": datetime.date.today().isoformat(), "commit": git_commit(), "tree": working_tree()}
 
 
 def slug(text):
@@ -560,6 +579,8 @@ def output_path(out_dir, env, tag):
 
 def env_line(env):
     commit = env["commit"][:12] + ("+changes" if env["commit"].endswith("+changes") else "")
+    if env["commit"].endswith("+changes") and env.get("tree"):
+        commit += f" (tree {env['tree'][:12]})"
     runs = f", the median of {len(env['combined_from'])} runs" if env.get("combined_from") else ""
     return (f"{env['gpu']}, torch {env['torch']}, CUDA {env['cuda']}, cuDNN {env['cudnn']}, "
             f"{env['date']}, commit {commit}{runs}")
