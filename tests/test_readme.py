@@ -1,7 +1,10 @@
 """README.md's speed table is the one benchmarks/readme_table.py generates from the committed
 results. CPU only."""
+import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
 import readme_table  # noqa: E402
@@ -53,3 +56,19 @@ def test_newest_untagged_run_is_taken(tmp_path):
     assert newest.name == "nvidia-h100-80gb-hbm3-2026-01-01.json"
     (tmp_path / "nvidia-h100-80gb-hbm3-2026-01-03.json").write_text(json.dumps(results("2026-01-03")))
     assert readme_table.newest_results(tmp_path, "H100").name == "nvidia-h100-80gb-hbm3-2026-01-03.json"
+
+
+def test_a_stale_device_checkout_is_named_by_its_tree():
+    """On the device the copy's .git may be an older commit ("+changes"): the recorded tree of the
+    files names the commit that ran; a tree of no commit leaves the label as it was."""
+    root = Path(__file__).resolve().parent.parent
+
+    def git(*args):
+        return subprocess.run(["git", *args], cwd=root, capture_output=True, text=True).stdout.strip()
+    head, tree = git("rev-parse", "HEAD"), git("rev-parse", "HEAD^{tree}")
+    if not head or not tree:
+        pytest.skip("not a git checkout")
+    old = "0123456789abcdef0123456789abcdef01234567+changes"
+    assert readme_table.run_commit({"commit": old, "tree": tree}) == head[:12]
+    assert readme_table.run_commit({"commit": old, "tree": "f" * 40}) == "0123456789ab+changes"
+    assert readme_table.run_commit({"commit": head}) == head[:12]
