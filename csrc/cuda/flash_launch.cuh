@@ -8,7 +8,10 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cuda_runtime.h>
+#include <map>
+#include <mutex>
 #include <type_traits>
+#include <utility>
 #include "flash_bwd_kernel.cuh"
 #include "flash_fwd_kernel.cuh"
 #include "device_attributes.h"
@@ -38,16 +41,32 @@ inline void print_launch(const void* kernel, dim3 grid, int threads, int smem_by
   std::free(readable);
 }
 
+// A kernel's dynamic shared memory limit raised to smem_bytes on the current device, where it
+// is more than the 48 KiB default: once per kernel, device and size, not at every launch (the
+// runtime call took 4.5 us of host time a launch, two a forward + backward: benchmarks/NOTES.md,
+// "Short causal rows"). (A cudaDeviceReset would drop the attributes behind this record.)
+inline cudaError_t reserve_shared_memory(const void* kernel, int smem_bytes) {
+  if (smem_bytes <= 48 * 1024) return cudaSuccess;
+  int device = 0;
+  if (const cudaError_t err = cudaGetDevice(&device); err != cudaSuccess) return err;
+  static std::mutex mutex;
+  static std::map<std::pair<const void*, int>, int> reserved;  // (kernel, device) -> bytes
+  const std::lock_guard<std::mutex> lock(mutex);
+  int& bytes = reserved[{kernel, device}];
+  if (bytes >= smem_bytes) return cudaSuccess;
+  const cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem_bytes);
+  if (err == cudaSuccess) bytes = smem_bytes;
+  return err;
+}
+
 template <typename Kernel, typename... Args>
 cudaError_t launch(Kernel kernel, dim3 grid, int threads, int smem_bytes, cudaStream_t stream,
                    const Args&... args) {
   if (grid.x == 0) return cudaSuccess;
   if (debug_switch()) print_launch(reinterpret_cast<const void*>(kernel), grid, threads, smem_bytes);
-  if (smem_bytes > 48 * 1024) {
-    const cudaError_t err =
-        cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem_bytes);
-    if (err != cudaSuccess) return err;
-  }
+  if (const cudaError_t err = reserve_shared_memory(reinterpret_cast<const void*>(kernel), smem_bytes);
+      err != cudaSuccess)
+    return err;
   kernel<<<grid, threads, smem_bytes, stream>>>(args...);
   return cudaGetLastError();
 }
