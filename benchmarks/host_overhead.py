@@ -19,6 +19,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_attention as bench  # noqa: E402  (the implementations, the inputs)
 
+SLEEP_CYCLES = 1_000_000_000  # host_only_us's sleep kernel: about 0.5 s at Hopper's clocks
+
 
 def host_only_us(step, calls):
     """The host's own time per call, at any problem size: the calls are issued behind a sleep
@@ -39,9 +41,6 @@ def host_only_us(step, calls):
     host_s = time.perf_counter() - began
     torch.cuda.synchronize()
     return host_s / calls * 1e6 if host_s < 0.8 * start.elapsed_time(end) / 1e3 else None
-
-
-SLEEP_CYCLES = 1_000_000_000  # about 0.5 s at Hopper's clocks
 
 
 def per_call_us(step, calls):

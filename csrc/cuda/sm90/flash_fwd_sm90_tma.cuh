@@ -347,6 +347,9 @@ __global__ void __launch_bounds__(FwdSm90TmaKernel<T, kHeadDim, kWide, kPersiste
   auto first_step = [&](const TmaTile& tl, int g0, int q_buffer, auto closing, int last_stage, auto&& close) {
     constexpr bool kClosing = decltype(closing)::value;
     const int stage = g0 % kStages;
+    // Made here and again for the tile's steps, not once held across both: a few scalar loads,
+    // against registers (ptxas: one ScoreMod a tile spills 20/20 B in the D=64 wide persistent
+    // kernel, 40/40 in the D=128 features one, against 4/12 and 32/28).
     const ScoreMod<T> mod(p, tl.b, tl.h);
     mbarrier_wait(&k_full[stage], (g0 / kStages) & 1);
     auto with_s = [&](auto& s) {  // s: S's accumulator, kBlockN columns or the left half
