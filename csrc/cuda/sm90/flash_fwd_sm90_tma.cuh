@@ -20,14 +20,6 @@
 #include "tile_walk.h"
 #include "tma_maps.h"
 
-// Experiment (benchmarks/NOTES.md, "The persistent forward: the next tile's first S under this
-// tile's last P V"), not measured yet: Q in two buffers (the second where the output's staging
-// tile was; the output staged in its tile's own Q buffer), so that the next tile's first S and
-// softmax run while this tile's last P V does, and the epilogue after them.
-#ifndef CUFLASH_FWD_TILE_OVERLAP
-#define CUFLASH_FWD_TILE_OVERLAP 0
-#endif
-
 namespace cuflash::sm90 {
 
 // Tiles. The narrow ones suit query rows that see up to a few thousand keys; kWide, close to
@@ -61,16 +53,13 @@ struct FwdSm90TmaKernel {
   static constexpr int kBlockN = kHeadDim <= 64 ? 128 : kHeadDim <= 128 ? (kWide ? 192 : 128) : (kWide ? 80 : 64);
   static constexpr int kStages = 2;
   static constexpr int kQBytes = kBlockM * kHeadDim * 2, kKVBytes = kBlockN * kHeadDim * 2;
-  // CUFLASH_FWD_TILE_OVERLAP (persistent only): two Q buffers, a tile's output staged in its own.
-  static constexpr bool kTileOverlap = kPersistent && CUFLASH_FWD_TILE_OVERLAP;
-  static constexpr int kQBuffers = kTileOverlap ? 2 : 1;
   // The persistent kernel's staging tile for the output's TMA store: Q's layout (kernel below).
-  static constexpr int kStagingBytes = kPersistent && !kTileOverlap ? kQBytes : 0;
-  // Barriers: per Q buffer full, then empty, then per stage K full, V full, K empty, V empty.
-  static constexpr int kBarriers = 2 * kQBuffers + 4 * kStages;
+  static constexpr int kStagingBytes = kPersistent ? kQBytes : 0;
+  // Barriers: Q full, Q empty, then per stage K full, V full, K empty, V empty.
+  static constexpr int kBarriers = 2 + 4 * kStages;
   // + 1024: the swizzle atoms must start on 1024-byte boundaries; the base is aligned by hand.
   static constexpr int kSmemBytes =
-      kQBuffers * kQBytes + 2 * kStages * kKVBytes + kStagingBytes + kBarriers * 8 + 1024;
+      kQBytes + 2 * kStages * kKVBytes + kStagingBytes + kBarriers * 8 + 1024;
   // setmaxnreg: the producer's registers go to the consumers (65536 per SM in all).
   static constexpr int kProducerRegs = kConsumers == 2 ? 24 : 32, kConsumerRegs = kConsumers == 2 ? 240 : 160;
   static_assert(fits_launch_registers<kThreads>(kProducerRegs, kConsumerRegs), "setmaxnreg's split");
@@ -118,15 +107,13 @@ __global__ void __launch_bounds__(FwdSm90TmaKernel<T, kHeadDim, kWide, kPersiste
   constexpr int kPanels = kHeadDim / 64, kConsumerThreads = 128 * K::kConsumers;
   extern __shared__ char smem_raw[];
   unsigned char* smem = align_1024(smem_raw);
-  constexpr int kQBuffers = K::kQBuffers;
-  auto sQ = [&](int buffer) { return smem + buffer * K::kQBytes; };
-  unsigned char* sKV = smem + kQBuffers * K::kQBytes;
-  auto sK = [&](int stage) { return sKV + stage * K::kKVBytes; };
-  auto sV = [&](int stage) { return sKV + (kStages + stage) * K::kKVBytes; };
-  unsigned char* staging = sKV + 2 * kStages * K::kKVBytes;  // persistent without kTileOverlap only
-  uint64_t* q_full = reinterpret_cast<uint64_t*>(staging + K::kStagingBytes);  // [kQBuffers]
-  uint64_t* q_empty = q_full + kQBuffers;                                      // [kQBuffers]
-  uint64_t* k_full = q_empty + kQBuffers;
+  unsigned char* sQ = smem;
+  auto sK = [&](int stage) { return smem + K::kQBytes + stage * K::kKVBytes; };
+  auto sV = [&](int stage) { return smem + K::kQBytes + (kStages + stage) * K::kKVBytes; };
+  unsigned char* staging = smem + K::kQBytes + 2 * kStages * K::kKVBytes;  // persistent only
+  uint64_t* q_full = reinterpret_cast<uint64_t*>(staging + K::kStagingBytes);
+  uint64_t* q_empty = q_full + 1;
+  uint64_t* k_full = q_full + 2;
   uint64_t* v_full = k_full + kStages;
   uint64_t* k_empty = v_full + kStages;
   uint64_t* v_empty = k_empty + kStages;
@@ -164,12 +151,8 @@ __global__ void __launch_bounds__(FwdSm90TmaKernel<T, kHeadDim, kWide, kPersiste
   };
 
   if (tid == 0) {
-    for (int b = 0; b < kQBuffers; ++b) {
-      mbarrier_init(&q_full[b], 1);
-      // One arrival per consumer warp once its wgmmas have read Q; kTileOverlap: per consumer,
-      // once its output's store has read the buffer.
-      mbarrier_init(&q_empty[b], K::kTileOverlap ? K::kConsumers : kConsumerThreads / 32);
-    }
+    mbarrier_init(q_full, 1);
+    mbarrier_init(q_empty, kConsumerThreads / 32);  // one arrival per consumer warp
     for (int s = 0; s < kStages; ++s) {
       mbarrier_init(&k_full[s], 1);
       mbarrier_init(&v_full[s], 1);
@@ -186,16 +169,6 @@ __global__ void __launch_bounds__(FwdSm90TmaKernel<T, kHeadDim, kWide, kPersiste
     setmaxnreg_dec<K::kProducerRegs>();
     if (tid != 0) return;
     int step = 0, q_loads = 0;
-    // The CTA's n-th Q, tl's, into buffer n % kQBuffers, once every consumer released the buffer's
-    // last one (consumers release only tiles that loaded Q, so q_empty never runs two phases ahead).
-    auto load_q = [&](const TmaTile& tl, int n) {
-      const int buffer = n % kQBuffers;
-      if (n >= kQBuffers) mbarrier_wait(&q_empty[buffer], (n / kQBuffers - 1) & 1);
-      mbarrier_arrive_expect_tx(&q_full[buffer], K::kQBytes);
-#pragma unroll
-      for (int panel = 0; panel < kPanels; ++panel)
-        tma_load_4d(sQ(buffer) + panel * kBlockM * 128, &map_q, &q_full[buffer], panel * 64, tl.m_start, tl.h, tl.b);
-    };
     for (int index = first_tile, iteration = 0; index < num_tiles; index += tile_stride, ++iteration) {
       const TmaTile tile = tile_at(index);
       const int steps = tile.steps();
@@ -219,23 +192,21 @@ __global__ void __launch_bounds__(FwdSm90TmaKernel<T, kHeadDim, kWide, kPersiste
         if (g >= kStages) mbarrier_wait(&v_empty[stage], (use - 1) & 1);
         load(&map_v, sV(stage), &v_full[stage], at);
       };
-      if constexpr (K::kTileOverlap) {
-        // Every tile's Q (the consumers stage its output in the buffer, steps or none); the next
-        // tile's once this one's first stages are out, so that it is in before this tile ends
-        // (its buffer is freed by the tile before this one, early in this one).
-        if (iteration == 0) load_q(tile, q_loads++);
-        const int early = min(steps, kStages);
-        for (int t = 0; t < early; ++t) load_step(t);
-        if (index + tile_stride < num_tiles) load_q(tile_at(index + tile_stride), q_loads++);
-        for (int t = early; t < steps; ++t) load_step(t);
-      } else {
-        // After the first tile, the first stages' loads (which wait only on the previous tile's
-        // releases) go out before Q, whose buffer the previous tile's consumers may still be reading.
-        const int early = iteration == 0 ? 0 : min(steps, kStages);
-        for (int t = 0; t < early; ++t) load_step(t);
-        if (steps > 0) load_q(tile, q_loads++);
-        for (int t = early; t < steps; ++t) load_step(t);
+      // After the first tile, the first stages' loads (which wait only on the previous tile's
+      // releases) go out before Q, whose buffer the previous tile's consumers may still be reading.
+      const int early = iteration == 0 ? 0 : min(steps, kStages);
+      for (int t = 0; t < early; ++t) load_step(t);
+      if (steps > 0) {
+        // Q's buffer was released by every consumer warp of the previous tile that loaded Q
+        // (consumers release only tiles with steps, so q_empty never runs two phases ahead).
+        if (q_loads > 0) mbarrier_wait(q_empty, (q_loads - 1) & 1);
+        ++q_loads;
+        mbarrier_arrive_expect_tx(q_full, K::kQBytes);
+#pragma unroll
+        for (int panel = 0; panel < kPanels; ++panel)
+          tma_load_4d(sQ + panel * kBlockM * 128, &map_q, q_full, panel * 64, tile.m_start, tile.h, tile.b);
       }
+      for (int t = early; t < steps; ++t) load_step(t);
       step += steps;
     }
     return;
@@ -245,8 +216,7 @@ __global__ void __launch_bounds__(FwdSm90TmaKernel<T, kHeadDim, kWide, kPersiste
   setmaxnreg_inc<K::kConsumerRegs>();
   const int consumer = warpgroup - 1;
   const int warp_row = 16 * ((tid - 128) / 32);
-  const bool first_thread = tid % 128 == 0;
-  const uint64_t desc_q0 = smem_desc_k_major_sw128(sQ(0), consumer * 64 * 128);
+  const uint64_t desc_q = smem_desc_k_major_sw128(sQ, consumer * 64 * 128);
   const uint64_t desc_k0 = smem_desc_k_major_sw128(sK(0));
   const uint64_t desc_v0 = smem_desc_mn_major_sw128(sV(0), 0, kBlockN * 128);
   // Descriptors pass through an empty asm each step, so that the compiler adds the per-step
@@ -256,7 +226,6 @@ __global__ void __launch_bounds__(FwdSm90TmaKernel<T, kHeadDim, kWide, kPersiste
     asm volatile("" : "+l"(desc));
     return desc;
   };
-  auto desc_q = [&](int buffer) { return opaque(desc_q0) + ((buffer * K::kQBytes) >> 4); };
   auto desc_k = [&](int stage) { return opaque(desc_k0) + ((stage * K::kKVBytes) >> 4); };
   auto desc_v = [&](int stage) { return opaque(desc_v0) + ((stage * K::kKVBytes) >> 4); };
   // Turns: the consumers take turns issuing their wgmmas, in a ring (named barrier 2 + c is
@@ -269,153 +238,42 @@ __global__ void __launch_bounds__(FwdSm90TmaKernel<T, kHeadDim, kWide, kPersiste
     __syncwarp();
     if (lane == 0) mbarrier_arrive(q_empty);
   };
-  // kTileOverlap: the Q buffer the last epilogue staged this consumer's output in (-1: none),
-  // released to the producer once the output's store has read it: early in the next tile.
-  int staged_q = -1;
-  auto release_staged_q = [&] {
-    if constexpr (K::kTileOverlap) {
-      if (staged_q >= 0) {
-        if (first_thread) {
-          bulk_wait_group_read<0>();
-          mbarrier_arrive(&q_empty[staged_q]);
-        }
-        staged_q = -1;
-      }
-    }
-  };
   const bool dropout = kFeatures && p.dropout.p > 0.0;
   const DropoutRng rng = dropout ? make_dropout_rng(p.dropout) : DropoutRng{};
-  WarpAcc<kHeadDim> o;
-  OnlineSoftmax softmax;
-  uint32_t pa[kBlockN / 16][4];  // P of the previous step, the A operand of its P V
-  // P of S (the raw q.k of tile tl's step t) as the next P V's A operand; alpha: the rescale of O.
-  // Dropout after the softmax has summed every probability: only the kept ones reach P V.
-  auto softmax_step = [&](auto& s, const TmaTile& tl, const ScoreMod<T>& mod, OnlineSoftmax& sm, int t,
-                          float (&alpha)[2]) {
-    const int col0 = tl.block_of(t) * kBlockN, row0 = tl.m_start + warp_row;
-    scores_from_qk<kFeatures>(s, mod, p.mask, tl.seq, row0, col0, lane);
-    sm.exp_and_rescale_factor(s, alpha);
-    if (dropout) apply_dropout(s, rng, tl.b, tl.h, sh.heads_q, row0, col0, lane);
-  };
-  auto to_pa = [&](const auto& s) {  // a WarpAcc of kBlockN columns, or of the left half (the rest of P 0)
-    constexpr int kCols = std::remove_reference_t<decltype(s)>::kColumns;
-#pragma unroll
-    for (int kk = 0; kk < kBlockN / 16; ++kk) {
-      if (kk < kCols / 16) {
-        s.template to_a<T>(pa[kk], kk);
-      } else {
-#pragma unroll
-        for (int r = 0; r < 4; ++r) pa[kk][r] = 0u;
-      }
-    }
-  };
-  // The output of tile tl (in o, its softmax's sums in `softmax`) by TMA: this consumer's rows
-  // written into a staging tile as TMA stores it, then one bulk store a panel by the consumer's
-  // first thread. The staging tile: persistent, a buffer of its own, free once the previous
-  // tile's store has read it; kTileOverlap, the tile's own Q buffer (q_buffer); otherwise this
-  // consumer's rows of Q's buffer, free once its four warps' wgmmas are done with Q.
-  auto store_output = [&](const TmaTile& tl, int q_buffer) {
-    const int row0 = tl.m_start + warp_row;
-    float* lse_out = static_cast<float*>(p.lse) + stats_offset(p.stats_strides, tl.seq, tl.b, tl.h);
-    unsigned char* stage = K::kTileOverlap ? sQ(q_buffer) : kPersistent ? staging : sQ(0);
-    const int epilogue_barrier = 2 + K::kConsumers + consumer;  // after the turns' barriers
-    if constexpr (K::kTileOverlap) {
-      release_staged_q();  // the tile before's store, from the other buffer
-    } else if (kPersistent && first_thread) {
-      bulk_wait_group_read<0>();
-    }
-    named_barrier_sync<128>(epilogue_barrier);
-    float inv_l[2], lse[2];
-    softmax.finalize(inv_l, lse);
-    stage_rows_for_tma<T, kBlockM>(o, inv_l, stage, warp_row, lane);
-    fence_async_shared();  // these writes before the bulk store's (async proxy) reads
-    named_barrier_sync<128>(epilogue_barrier);
-    if (first_thread && tl.m_start + 64 * consumer < tl.seq.seqlen_q) {
-#pragma unroll
-      for (int panel = 0; panel < kPanels; ++panel)
-        tma_store_4d(&map_o, stage + panel * kBlockM * 128 + consumer * 64 * 128, panel * 64,
-                     tl.m_start + 64 * consumer, tl.h, tl.b);
-      bulk_commit_group();
-    }
-    store_lse(lse, lse_out, row0, tl.seq.seqlen_q, lane);
-    if constexpr (K::kTileOverlap) staged_q = q_buffer;
-  };
-  // Step 0 of tile tl (global step g0, Q in q_buffer): S only. kTileOverlap, `closing` (a
-  // std::true_type): with the current tile's last P V issued behind that S (V's stage
-  // last_stage), so that the new tile's first S and softmax run under it; its output is then
-  // stored (close) before o starts over.
-  auto first_step = [&](const TmaTile& tl, int g0, int q_buffer, auto closing, int last_stage, auto&& close) {
-    constexpr bool kClosing = decltype(closing)::value;
-    const int stage = g0 % kStages;
-    // Made here and again for the tile's steps, not once held across both: a few scalar loads,
-    // against registers (ptxas: one ScoreMod a tile spills 20/20 B in the D=64 wide persistent
-    // kernel, 40/40 in the D=128 features one, against 4/12 and 32/28).
-    const ScoreMod<T> mod(p, tl.b, tl.h);
-    mbarrier_wait(&k_full[stage], (g0 / kStages) & 1);
-    auto with_s = [&](auto& s) {  // s: S's accumulator, kBlockN columns or the left half
-      my_turn();
-      wgmma_fence();
-      constexpr int kCols = std::remove_reference_t<decltype(s)>::kColumns;
-      issue_qk<T, kHeadDim, kBlockM * 128, kCols, kBlockN>(s, desc_q(q_buffer), desc_k(stage));
-      if constexpr (kClosing) issue_pv<T, kHeadDim, kBlockN>(o, pa, desc_v(last_stage));
-      your_turn();
-      if constexpr (kClosing) {
-        wgmma_wait<1>();  // S done; the last P V may still run
-      } else {
-        wgmma_wait<0>();
-      }
-      if (lane == 0) mbarrier_arrive(&k_empty[stage]);  // this warp's wgmmas have read K
-      float alpha[2];
-      if constexpr (kClosing) {
-        OnlineSoftmax next;
-        softmax_step(s, tl, mod, next, 0, alpha);  // O is still 0: nothing to rescale
-        wgmma_wait<0>();
-        if (lane == 0) mbarrier_arrive(&v_empty[last_stage]);
-        to_pa(s);  // pa is free again; s dies before the epilogue
-        close();
-        o.zero();
-        softmax = next;
-      } else {
-        softmax_step(s, tl, mod, softmax, 0, alpha);
-        to_pa(s);
-      }
-    };
-    if constexpr (kHalfDiagonal) {
-      // This consumer's rows see no key of the block's right half. The test must stay uniform over
-      // the warpgroup (the wgmma is the warpgroup's): consumer and tile fields only.
-      const int rows_begin = tl.m_start + 64 * consumer;
-      const int rows_end = min(rows_begin + 64, tl.seq.seqlen_q);
-      if (rows_begin < rows_end &&
-          visible_keys(p.mask, tl.seq, rows_begin, rows_end).end <= tl.block_of(0) * kBlockN + kBlockN / 2) {
-        WarpAcc<kBlockN / 2> s;
-        with_s(s);
-      } else {
-        WarpAcc<kBlockN> s;
-        with_s(s);
-      }
-    } else {
-      WarpAcc<kBlockN> s;
-      with_s(s);
-    }
-  };
-  // kTileOverlap: the current tile's step 0 ran at the end of the tile before (first_step closing).
-  bool started = false;
   int step = 0, q_loads = 0;
-  TmaTile tile;
-  if (first_tile < num_tiles) tile = tile_at(first_tile);
-  for (int index = first_tile; index < num_tiles;) {
+  for (int index = first_tile; index < num_tiles; index += tile_stride) {
+    const TmaTile tile = tile_at(index);
     const int steps = tile.steps(), row0 = tile.m_start + warp_row;
-    const int q_buffer = q_loads % kQBuffers;
-    const bool loads_q = K::kTileOverlap || steps > 0;
-    auto full_parity = [&](int t) { return ((step + t) / kStages) & 1; };
-    auto stage_of = [&](int t) { return (step + t) % kStages; };
-    auto wait_v = [&](int t) { mbarrier_wait(&v_full[stage_of(t)], full_parity(t)); };
-    if (!started) {
-      o.zero();
-      softmax = OnlineSoftmax{};
-      if (loads_q) mbarrier_wait(&q_full[q_buffer], (q_loads / kQBuffers) & 1);
-    }
-    if (steps > 0 && !started) {
+    WarpAcc<kHeadDim> o;
+    o.zero();
+    OnlineSoftmax softmax;
+    const ScoreMod<T> mod(p, tile.b, tile.h);
+    if (steps > 0) {
+      auto full_parity = [&](int t) { return ((step + t) / kStages) & 1; };
+      auto stage_of = [&](int t) { return (step + t) % kStages; };
+      auto wait_v = [&](int t) { mbarrier_wait(&v_full[stage_of(t)], full_parity(t)); };
+      uint32_t pa[kBlockN / 16][4];  // P of the previous step, the A operand of its P V
+      // P of S (the raw q.k of step t) as the next P V's A operand; alpha: the rescale of O.
+      // Dropout after the softmax has summed every probability: only the kept ones reach P V.
+      auto softmax_step = [&](auto& s, int t, float (&alpha)[2]) {
+        const int col0 = tile.block_of(t) * kBlockN;
+        scores_from_qk<kFeatures>(s, mod, p.mask, tile.seq, row0, col0, lane);
+        softmax.exp_and_rescale_factor(s, alpha);
+        if (dropout) apply_dropout(s, rng, tile.b, tile.h, sh.heads_q, row0, col0, lane);
+      };
+      auto to_pa = [&](const auto& s) {  // a WarpAcc of kBlockN columns, or of the left half (the rest of P 0)
+        constexpr int kCols = std::remove_reference_t<decltype(s)>::kColumns;
+#pragma unroll
+        for (int kk = 0; kk < kBlockN / 16; ++kk) {
+          if (kk < kCols / 16) {
+            s.template to_a<T>(pa[kk], kk);
+          } else {
+#pragma unroll
+            for (int r = 0; r < 4; ++r) pa[kk][r] = 0u;
+          }
+        }
+      };
+      mbarrier_wait(q_full, q_loads++ & 1);
       // The last consumer's first signal of the tile: after its q_full wait, so that it cannot
       // meet on barrier 2 the previous tile's last signal, which consumer 0 takes at that tile's end.
       if (consumer == K::kConsumers - 1) named_barrier_arrive<kTurnThreads>(2);
@@ -431,75 +289,98 @@ __global__ void __launch_bounds__(FwdSm90TmaKernel<T, kHeadDim, kWide, kPersiste
         fence_async_shared();  // these generic-proxy writes before the wgmmas' (async proxy) reads
         named_barrier_sync<kConsumerThreads>(1);
       }
-      first_step(tile, step, q_buffer, std::false_type{}, 0, [] {});
-    }
-    if (steps > 0) {
-      const ScoreMod<T> mod(p, tile.b, tile.h);
+      {  // step 0: S only
+        mbarrier_wait(&k_full[stage_of(0)], full_parity(0));
+        auto first_step = [&](auto& s) {  // s: S's accumulator, kBlockN columns or the left half
+          my_turn();
+          wgmma_fence();
+          constexpr int kCols = std::remove_reference_t<decltype(s)>::kColumns;
+          issue_qk<T, kHeadDim, kBlockM * 128, kCols, kBlockN>(s, opaque(desc_q), desc_k(stage_of(0)));
+          your_turn();
+          wgmma_wait<0>();
+          if (lane == 0) mbarrier_arrive(&k_empty[stage_of(0)]);  // this warp's wgmmas have read K
+          float alpha[2];
+          softmax_step(s, 0, alpha);  // O is still 0: nothing to rescale
+          to_pa(s);
+        };
+        if constexpr (kHalfDiagonal) {
+          // This consumer's rows see no key of the block's right half. The test must stay uniform over
+          // the warpgroup (the wgmma is the warpgroup's): consumer and tile fields only.
+          const int rows_begin = tile.m_start + 64 * consumer;
+          const int rows_end = min(rows_begin + 64, tile.seq.seqlen_q);
+          if (rows_begin < rows_end && visible_keys(p.mask, tile.seq, rows_begin, rows_end).end <=
+                                           tile.block_of(0) * kBlockN + kBlockN / 2) {
+            WarpAcc<kBlockN / 2> s;
+            first_step(s);
+          } else {
+            WarpAcc<kBlockN> s;
+            first_step(s);
+          }
+        } else {
+          WarpAcc<kBlockN> s;
+          first_step(s);
+        }
+      }
       for (int t = 1; t < steps; ++t) {
         mbarrier_wait(&k_full[stage_of(t)], full_parity(t));
         wait_v(t - 1);
         WarpAcc<kBlockN> s;
         my_turn();
         wgmma_fence();
-        issue_qk<T, kHeadDim, kBlockM * 128>(s, desc_q(q_buffer), desc_k(stage_of(t)));
+        issue_qk<T, kHeadDim, kBlockM * 128>(s, opaque(desc_q), desc_k(stage_of(t)));
         issue_pv<T, kHeadDim, kBlockN>(o, pa, desc_v(stage_of(t - 1)));
         your_turn();
-        release_staged_q();  // kTileOverlap: the last tile's Q buffer, its output out by now
         wgmma_wait<1>();  // S_t done; P_{t-1} V_{t-1} may still run
         if (lane == 0) mbarrier_arrive(&k_empty[stage_of(t)]);
         float alpha[2];
-        softmax_step(s, tile, mod, softmax, t, alpha);
+        softmax_step(s, t, alpha);
         wgmma_wait<0>();  // O and pa are free again
         if (lane == 0) mbarrier_arrive(&v_empty[stage_of(t - 1)]);
         OnlineSoftmax::rescale_rows(o, alpha);
         to_pa(s);
       }
-    }
-    const int next_index = index + tile_stride;
-    TmaTile next;
-    bool overlap = false;  // the next tile's step 0 under this one's last P V (kTileOverlap)
-    if constexpr (K::kTileOverlap) {
-      if (next_index < num_tiles) next = tile_at(next_index);
-      // Not with seqused_k: its V rows are zeroed before a tile's first P V, by every consumer.
-      overlap = steps > 0 && next_index < num_tiles && next.steps() > 0 && p.varlen.seqused_k == nullptr;
-    }
-    if (overlap) {
-      release_staged_q();  // the producer may be waiting for it to load the next Q
-      const int next_buffer = (q_loads + 1) % kQBuffers;
-      mbarrier_wait(&q_full[next_buffer], ((q_loads + 1) / kQBuffers) & 1);
+      // The last consumer's last turn signal is taken here, so no barrier is left half-arrived.
+      if (consumer == 0) my_turn();
+      // Every S of the tile is done: Q may be replaced. Only after consumer 0's last turn above,
+      // since the next tile's first signal on barrier 2 waits for the next Q.
+      if constexpr (kPersistent) release_q();
       wait_v(steps - 1);
-      first_step(next, step + steps, next_buffer, std::true_type{}, stage_of(steps - 1),
-                 [&] { store_output(tile, q_buffer); });
-    } else {
-      if (steps > 0) {
-        // The last consumer's last turn signal is taken here, so no barrier is left half-arrived.
-        if (consumer == 0) my_turn();
-        // Every S of the tile is done: Q may be replaced. Only after consumer 0's last turn above,
-        // since the next tile's first signal on barrier 2 waits for the next Q.
-        if constexpr (kPersistent && !K::kTileOverlap) release_q();
-        wait_v(steps - 1);
-        wgmma_fence();
-        issue_pv<T, kHeadDim, kBlockN>(o, pa, desc_v(stage_of(steps - 1)));
-        wgmma_wait<0>();
-        if (lane == 0) mbarrier_arrive(&v_empty[stage_of(steps - 1)]);
-      }
-      // Split-KV: this split's rows in float32 from registers, for the combine kernel (every
-      // consumer alike: no barrier skipped halfway).
-      if (kMaySplit && p.num_splits > 1) {
-        store_partial(o, softmax, p, tile.seq, tile.split, tile.b, tile.h, row0, lane);
-      } else {
-        store_output(tile, q_buffer);
-      }
+      wgmma_fence();
+      issue_pv<T, kHeadDim, kBlockN>(o, pa, desc_v(stage_of(steps - 1)));
+      wgmma_wait<0>();
+      if (lane == 0) mbarrier_arrive(&v_empty[stage_of(steps - 1)]);
+      step += steps;
     }
-    started = overlap;
-    step += steps;
-    q_loads += loads_q;
-    index = next_index;
-    if constexpr (K::kTileOverlap) {
-      tile = next;
-    } else if (index < num_tiles) {
-      tile = tile_at(index);
+
+    // Split-KV: this split's rows in float32 from registers, for the combine kernel (every
+    // consumer alike: no barrier skipped halfway).
+    if (kMaySplit && p.num_splits > 1) {
+      store_partial(o, softmax, p, tile.seq, tile.split, tile.b, tile.h, row0, lane);
+      continue;
     }
+    float* lse_out = static_cast<float*>(p.lse) + stats_offset(p.stats_strides, tile.seq, tile.b, tile.h);
+    // The output by TMA: this consumer's rows written into the staging tile as TMA stores it,
+    // then one bulk store a panel by the consumer's first thread. Persistent, the staging tile is
+    // its own buffer, free once the previous tile's store has read it; otherwise this
+    // consumer's rows of Q's buffer, free once its four warps' wgmmas are done with Q.
+    unsigned char* stage = kPersistent ? staging : sQ;
+    const bool first_thread = tid % 128 == 0;
+    const int epilogue_barrier = 2 + K::kConsumers + consumer;  // after the turns' barriers
+    if (kPersistent && first_thread) bulk_wait_group_read<0>();
+    named_barrier_sync<128>(epilogue_barrier);
+    float inv_l[2], lse[2];
+    softmax.finalize(inv_l, lse);
+    stage_rows_for_tma<T, kBlockM>(o, inv_l, stage, warp_row, lane);
+    fence_async_shared();  // these writes before the bulk store's (async proxy) reads
+    named_barrier_sync<128>(epilogue_barrier);
+    if (first_thread && tile.m_start + 64 * consumer < tile.seq.seqlen_q) {
+#pragma unroll
+      for (int panel = 0; panel < kPanels; ++panel)
+        tma_store_4d(&map_o, stage + panel * kBlockM * 128 + consumer * 64 * 128, panel * 64,
+                     tile.m_start + 64 * consumer, tile.h, tile.b);
+      bulk_commit_group();
+    }
+    store_lse(lse, lse_out, row0, tile.seq.seqlen_q, lane);
   }
   // The last bulk stores have read the staging tile before the CTA's shared memory goes.
   if (tid % 128 == 0) bulk_wait_group_read<0>();
