@@ -57,54 +57,72 @@ def _fwd_tile_counts_fake(q, k, v, is_causal=False, bottom_right=False, window_l
 
 
 # fwd's options (its inputs after q, k, v), named as the schema in csrc/torch_ops.cpp names them;
-# the tensors among them are saved for the backward, which takes the same options.
+# bwd takes the same options in the same order after (dout, q, k, v, out, lse, dlse), then
+# attn_mask_grad. The tensors among them are saved for the backward.
 _OPTION_NAMES = tuple(a.name for a in _ops.fwd.default._schema.arguments[3:])
-_OPTION_TENSORS = ("alibi_slopes", "rng_state", "cu_seqlens_q", "cu_seqlens_k", "attn_mask", "seqused_k",
-                   "block_table")
-_ATTN_MASK_INPUT = 3 + _OPTION_NAMES.index("attn_mask")  # its position among fwd's inputs
-_BLOCK_TABLE_INPUT = 3 + _OPTION_NAMES.index("block_table")
+_BWD_OPTION_NAMES = tuple(a.name for a in _ops.bwd.default._schema.arguments[7:-1])
+assert _BWD_OPTION_NAMES == _OPTION_NAMES, "csrc/torch_ops.cpp: bwd's options must be fwd's, in fwd's order"
+_OPTION_TENSORS = tuple(i for i, a in enumerate(_ops.fwd.default._schema.arguments[3:])
+                        if a.type.isSubtypeOf(torch._C.OptionalType.ofTensor()))
+_ATTN_MASK_OPTION = _OPTION_NAMES.index("attn_mask")
+_BLOCK_TABLE_INPUT = 3 + _OPTION_NAMES.index("block_table")  # its position among fwd's inputs
+
+# The host's time is a short problem's limit (benchmarks/NOTES.md, "The host's time per call"):
+# the autograd wiring below is written for it. The forward's and the backward's autograd
+# kernels are registered by hand, not by torch.library.register_autograd, whose per-call
+# fill_defaults walks the schema's arguments in Python (about 300 us a call); the backward
+# passes bwd's arguments by position and, outside create_graph, calls it below autograd.
 
 
 def _fwd_setup_context(ctx, inputs, output):
     q, k, v, *options = inputs
     out, lse = output
-    opts = dict(zip(_OPTION_NAMES, options))
+    tensor_slots = tuple(i for i in _OPTION_TENSORS if options[i] is not None)
     # A float attn_mask that requires grad (a learned bias) gets one.
-    attn_mask = opts.get("attn_mask")
+    attn_mask = options[_ATTN_MASK_OPTION]
     ctx.attn_mask_grad = attn_mask is not None and attn_mask.requires_grad
-    ctx.save_for_backward(q, k, v, out, lse, *(opts.pop(n, None) for n in _OPTION_TENSORS))
-    ctx.scalar_options = opts
+    ctx.save_for_backward(q, k, v, out, lse, *(options[i] for i in tensor_slots))
+    for i in tensor_slots:  # held by save_for_backward (which checks they were not modified)
+        options[i] = None
+    ctx.options = options
+    ctx.tensor_slots = tensor_slots
 
 
 def _fwd_backward(ctx, dout, dlse):
     q, k, v, out, lse, *tensors = ctx.saved_tensors
+    options = ctx.options
+    if tensors:
+        options = list(options)
+        for i, t in zip(ctx.tensor_slots, tensors):
+            options[i] = t
     if dout is None:  # only lse was used
         dout = torch.zeros_like(out)
-    options = dict(ctx.scalar_options, **dict(zip(_OPTION_TENSORS, tensors)))
-    dq, dk, dv, dmask = _ops.bwd(dout, q, k, v, out, lse, dlse, **options, attn_mask_grad=ctx.attn_mask_grad)
+    args = (dout, q, k, v, out, lse, dlse, *options, ctx.attn_mask_grad)
+    if torch.is_grad_enabled():  # create_graph: through bwd's autograd kernel, whose backward raises
+        dq, dk, dv, dmask = _ops.bwd.default(*args)
+    else:
+        with torch._C._AutoDispatchBelowAutograd():
+            dq, dk, dv, dmask = _ops.bwd.default(*args)
     grads = [dq, dk, dv] + [None] * len(_OPTION_NAMES)
     if ctx.attn_mask_grad:
-        grads[_ATTN_MASK_INPUT] = dmask
+        grads[3 + _ATTN_MASK_OPTION] = dmask
     return tuple(grads)
 
 
-# The forward's autograd kernel: what torch.library.register_autograd would register, less its
-# per-call fill_defaults (which walks the schema's 18 arguments in Python, rebuilding the argument
-# list at each step: about 300 us a call on the host, more than a short problem's kernels take on
-# the GPU; benchmarks/NOTES.md, "The host's time per call"). The dispatcher drops trailing
-# arguments equal to their defaults; they are put back from a tuple made once.
+# The dispatcher drops trailing arguments equal to their defaults; the forward puts them back
+# (its setup_context reads every option) from a tuple made once.
 _FWD_DEFAULTS = tuple(a.default_value for a in _ops.fwd.default._schema.arguments)
 
 
-def _redispatch_fwd(keyset, args):
+def _redispatch(op, keyset, args):
     with torch._C._AutoDispatchBelowAutograd():
-        return _ops.fwd.default.redispatch(keyset & torch._C._after_autograd_keyset, *args)
+        return op.redispatch(keyset & torch._C._after_autograd_keyset, *args)
 
 
 class _FwdFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, keyset, *args):
-        output = _redispatch_fwd(keyset, args)
+        output = _redispatch(_ops.fwd.default, keyset, args)
         _fwd_setup_context(ctx, args, output)
         # An unused output's gradient stays None rather than a tensor of zeros (dlse, almost
         # always): no fill, and the backward skips subtracting it.
@@ -124,23 +142,32 @@ def _fwd_autograd(keyset, *args):
                 "cuflash_attn: a paged KV cache (block_table) has no backward: it is for inference (call under "
                 "torch.no_grad(), or with inputs that do not require grad)")
         return _FwdFunction.apply(keyset, *args)
-    return _redispatch_fwd(keyset, args)
+    return _redispatch(_ops.fwd.default, keyset, args)
+
+
+class _BwdFunction(torch.autograd.Function):
+    """bwd called on inputs that require grad (create_graph=True): its outputs carry a backward
+    that refuses."""
+
+    @staticmethod
+    def forward(ctx, keyset, *args):
+        return _redispatch(_ops.bwd.default, keyset, args)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        raise NotImplementedError(
+            "cuflash_attn: double backward (the gradient of the attention backward) is not supported")
+
+
+def _bwd_autograd(keyset, *args):
+    if torch.is_grad_enabled() and torch._C._any_requires_grad(*args):
+        return _BwdFunction.apply(keyset, *args)
+    return _redispatch(_ops.bwd.default, keyset, args)
 
 
 _lib = torch.library.Library("cuflash_attn", "IMPL")  # the Autograd key, where register_autograd registers
 _lib.impl("fwd", _fwd_autograd, "Autograd", with_keyset=True)
-
-
-def _bwd_setup_context(ctx, inputs, output):
-    pass
-
-
-def _bwd_backward(ctx, *grads):
-    raise NotImplementedError(
-        "cuflash_attn: double backward (the gradient of the attention backward) is not supported")
-
-
-torch.library.register_autograd("cuflash_attn::bwd", _bwd_backward, setup_context=_bwd_setup_context)
+_lib.impl("bwd", _bwd_autograd, "Autograd", with_keyset=True)
 
 
 def new_rng_state(device: torch.device) -> torch.Tensor:
