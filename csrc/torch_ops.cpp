@@ -6,11 +6,14 @@
 #include <ATen/Parallel.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
+#include <torch/csrc/autograd/custom_function.h>
 #include <torch/library.h>
 
 #include <algorithm>
 #include <cmath>
+#include <cstdlib>
 #include <limits>
+#include <memory>
 #include <optional>
 #include <string>
 
@@ -804,6 +807,197 @@ Tensor dropout_mask(const Tensor& rng_state, double dropout_p, int64_t batch, in
   return keep;
 }
 
+// ---- Autograd (experiment: CUFLASH_AUTOGRAD=cpp) ------------------------------------------------
+// The ops' autograd in C++: fwd saves q, k, v, out and lse (and the option tensors), and its
+// backward node calls bwd, which recomputes attention from lse. cuflash_attn/ops.py wires the
+// same in Python (the default); with CUFLASH_AUTOGRAD=cpp set before the library loads, these
+// kernels take the Autograd key instead. Why: a Python node runs on the autograd engine's device
+// thread under the GIL, and our autograd.grad took 100-130 us more host time than cuDNN's C++
+// node at 512 keys (benchmarks/NOTES.md, "The host's time a forward + backward at 512 keys").
+
+// The schemas' signatures as the dispatcher calls them (max_seqlen as SymInts, as torch.compile
+// traces them).
+using FwdOpSignature = std::tuple<Tensor, Tensor>(
+    const Tensor&, const Tensor&, const Tensor&, std::optional<double>, bool, bool, int64_t, int64_t, double,
+    const std::optional<Tensor>&, double, const std::optional<Tensor>&, const std::optional<Tensor>&,
+    const std::optional<Tensor>&, c10::SymInt, c10::SymInt, const std::optional<Tensor>&, bool,
+    const std::optional<Tensor>&, const std::optional<Tensor>&, int64_t);
+using BwdOpSignature = std::tuple<Tensor, Tensor, Tensor, Tensor>(
+    const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&,
+    const std::optional<Tensor>&, std::optional<double>, bool, bool, int64_t, int64_t, double,
+    const std::optional<Tensor>&, double, const std::optional<Tensor>&, const std::optional<Tensor>&,
+    const std::optional<Tensor>&, c10::SymInt, c10::SymInt, const std::optional<Tensor>&, bool,
+    const std::optional<Tensor>&, const std::optional<Tensor>&, int64_t, bool);
+
+const c10::TypedOperatorHandle<FwdOpSignature>& fwd_op() {
+  static const auto op =
+      c10::Dispatcher::singleton().findSchemaOrThrow("cuflash_attn::fwd", "").typed<FwdOpSignature>();
+  return op;
+}
+const c10::TypedOperatorHandle<BwdOpSignature>& bwd_op() {
+  static const auto op =
+      c10::Dispatcher::singleton().findSchemaOrThrow("cuflash_attn::bwd", "").typed<BwdOpSignature>();
+  return op;
+}
+
+// fwd's options after q, k, v, as one value: what the backward node passes on to bwd. Not
+// Options (above): these are the schema's arguments as the dispatcher takes them again
+// (max_seqlen as SymInts, deterministic), to call the ops with, not what the glue reads.
+struct AttentionOptions {  // (the schema's defaults)
+  std::optional<double> scale;
+  bool is_causal = false, bottom_right = false;
+  int64_t window_left = -1, window_right = -1;
+  double softcap = 0.0;
+  std::optional<Tensor> alibi_slopes;
+  double dropout_p = 0.0;
+  std::optional<Tensor> rng_state, cu_seqlens_q, cu_seqlens_k;
+  c10::SymInt max_seqlen_q = 0, max_seqlen_k = 0;
+  std::optional<Tensor> attn_mask;
+  bool deterministic = true;
+  std::optional<Tensor> seqused_k, block_table;
+  int64_t num_splits = 1;
+
+  std::tuple<Tensor, Tensor> call_fwd(const Tensor& q, const Tensor& k, const Tensor& v) const {
+    return fwd_op().call(q, k, v, scale, is_causal, bottom_right, window_left, window_right, softcap, alibi_slopes,
+                         dropout_p, rng_state, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, attn_mask,
+                         deterministic, seqused_k, block_table, num_splits);
+  }
+  std::tuple<Tensor, Tensor, Tensor, Tensor> call_bwd(const Tensor& dout, const Tensor& q, const Tensor& k,
+                                                      const Tensor& v, const Tensor& out, const Tensor& lse,
+                                                      const std::optional<Tensor>& dlse, bool attn_mask_grad) const {
+    return bwd_op().call(dout, q, k, v, out, lse, dlse, scale, is_causal, bottom_right, window_left, window_right,
+                         softcap, alibi_slopes, dropout_p, rng_state, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+                         max_seqlen_k, attn_mask, deterministic, seqused_k, block_table, num_splits, attn_mask_grad);
+  }
+};
+
+std::optional<Tensor> defined_or_none(const Tensor& t) { return t.defined() ? std::optional<Tensor>(t) : std::nullopt; }
+
+// The attention node. Its inputs are q, k, v and attn_mask (a float mask that requires grad gets
+// its gradient); the other option tensors are saved, not differentiated.
+struct AttentionFunction : public torch::autograd::Function<AttentionFunction> {
+  static torch::autograd::variable_list forward(torch::autograd::AutogradContext* ctx, const Tensor& q,
+                                                const Tensor& k, const Tensor& v,
+                                                const std::optional<Tensor>& attn_mask, const AttentionOptions& o) {
+    auto [out, lse] = [&] {
+      at::AutoDispatchBelowADInplaceOrView below_autograd;
+      return o.call_fwd(q, k, v);
+    }();
+    // The option tensors are saved with the rest (SavedVariable: a modification in place between
+    // the forward and the backward is reported), and rebuilt from there.
+    ctx->save_for_backward({q, k, v, out, lse, o.alibi_slopes.value_or(Tensor()), o.rng_state.value_or(Tensor()),
+                            o.cu_seqlens_q.value_or(Tensor()), o.cu_seqlens_k.value_or(Tensor()),
+                            attn_mask.value_or(Tensor()), o.seqused_k.value_or(Tensor())});
+    ctx->saved_data["attn_mask_grad"] = attn_mask.has_value() && attn_mask->requires_grad();
+    c10::impl::GenericList scalars(c10::AnyType::get());
+    for (c10::IValue x : {c10::IValue(o.scale), c10::IValue(o.is_causal), c10::IValue(o.bottom_right),
+                          c10::IValue(o.window_left), c10::IValue(o.window_right), c10::IValue(o.softcap),
+                          c10::IValue(o.dropout_p), c10::IValue(o.max_seqlen_q), c10::IValue(o.max_seqlen_k),
+                          c10::IValue(o.deterministic), c10::IValue(o.num_splits)})
+      scalars.push_back(std::move(x));
+    ctx->saved_data["options"] = std::move(scalars);
+    // An unused output's gradient stays undefined rather than zeros (dlse, almost always).
+    ctx->set_materialize_grads(false);
+    return {out, lse};
+  }
+
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
+                                                 torch::autograd::variable_list grads) {
+    const torch::autograd::variable_list saved = ctx->get_saved_variables();
+    const Tensor &q = saved[0], &k = saved[1], &v = saved[2], &out = saved[3], &lse = saved[4];
+    const c10::impl::GenericList scalars = ctx->saved_data["options"].toList();
+    AttentionOptions o;  // the scalars in the order forward stored them; block_table none (no backward)
+    o.scale = scalars.get(0).toOptional<double>();
+    o.is_causal = scalars.get(1).toBool();
+    o.bottom_right = scalars.get(2).toBool();
+    o.window_left = scalars.get(3).toInt();
+    o.window_right = scalars.get(4).toInt();
+    o.softcap = scalars.get(5).toDouble();
+    o.dropout_p = scalars.get(6).toDouble();
+    o.max_seqlen_q = scalars.get(7).toSymInt();
+    o.max_seqlen_k = scalars.get(8).toSymInt();
+    o.deterministic = scalars.get(9).toBool();
+    o.num_splits = scalars.get(10).toInt();
+    o.alibi_slopes = defined_or_none(saved[5]);
+    o.rng_state = defined_or_none(saved[6]);
+    o.cu_seqlens_q = defined_or_none(saved[7]);
+    o.cu_seqlens_k = defined_or_none(saved[8]);
+    o.attn_mask = defined_or_none(saved[9]);
+    o.seqused_k = defined_or_none(saved[10]);
+    const bool attn_mask_grad = ctx->saved_data["attn_mask_grad"].toBool();
+    const Tensor dout = grads[0].defined() ? grads[0] : at::zeros_like(out);  // only lse was used
+    // Through bwd's own autograd kernel: under create_graph its outputs refuse a double backward.
+    auto [dq, dk, dv, dmask] = o.call_bwd(dout, q, k, v, out, lse, defined_or_none(grads[1]), attn_mask_grad);
+    return {dq, dk, dv, attn_mask_grad ? dmask : Tensor(), Tensor()};
+  }
+
+};
+
+std::tuple<Tensor, Tensor> fwd_autograd(const Tensor& q, const Tensor& k, const Tensor& v, std::optional<double> scale,
+                                        bool is_causal, bool bottom_right, int64_t window_left, int64_t window_right,
+                                        double softcap, const std::optional<Tensor>& alibi_slopes, double dropout_p,
+                                        const std::optional<Tensor>& rng_state,
+                                        const std::optional<Tensor>& cu_seqlens_q,
+                                        const std::optional<Tensor>& cu_seqlens_k, c10::SymInt max_seqlen_q,
+                                        c10::SymInt max_seqlen_k, const std::optional<Tensor>& attn_mask,
+                                        bool deterministic, const std::optional<Tensor>& seqused_k,
+                                        const std::optional<Tensor>& block_table, int64_t num_splits) {
+  AttentionOptions o{scale,         is_causal,    bottom_right, window_left,  window_right,
+                     softcap,       alibi_slopes, dropout_p,    rng_state,    cu_seqlens_q,
+                     cu_seqlens_k,  std::move(max_seqlen_q), std::move(max_seqlen_k), attn_mask, deterministic,
+                     seqused_k,     block_table,  num_splits};
+  const bool grad = at::GradMode::is_enabled() && (q.requires_grad() || k.requires_grad() || v.requires_grad() ||
+                                                   (attn_mask && attn_mask->requires_grad()));
+  if (!grad) {
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
+    return o.call_fwd(q, k, v);
+  }
+  TORCH_CHECK_NOT_IMPLEMENTED(!block_table, "cuflash_attn: a paged KV cache (block_table) has no backward: it is for ",
+                              "inference (call under torch.no_grad(), or with inputs that do not require grad)");
+  const torch::autograd::variable_list outs = AttentionFunction::apply(q, k, v, attn_mask, std::move(o));
+  return {outs[0], outs[1]};
+}
+
+// bwd on inputs that require grad (create_graph=True): its outputs carry a backward that refuses.
+struct RefusedDoubleBackward : public torch::autograd::Function<RefusedDoubleBackward> {
+  template <typename Compute>
+  static torch::autograd::variable_list forward(torch::autograd::AutogradContext*, const Tensor& dout,
+                                                const Tensor& q, const Tensor& k, const Tensor& v,
+                                                const Tensor& out, const Tensor& lse, const Compute& compute) {
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
+    auto [dq, dk, dv, dmask] = compute();
+    return {dq, dk, dv, dmask};
+  }
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext*, torch::autograd::variable_list) {
+    TORCH_CHECK_NOT_IMPLEMENTED(false,
+                                "cuflash_attn: double backward (the gradient of the attention backward) is not supported");
+    return {};
+  }
+};
+
+std::tuple<Tensor, Tensor, Tensor, Tensor> bwd_autograd(
+    const Tensor& dout, const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& out, const Tensor& lse,
+    const std::optional<Tensor>& dlse, std::optional<double> scale, bool is_causal, bool bottom_right,
+    int64_t window_left, int64_t window_right, double softcap, const std::optional<Tensor>& alibi_slopes,
+    double dropout_p, const std::optional<Tensor>& rng_state, const std::optional<Tensor>& cu_seqlens_q,
+    const std::optional<Tensor>& cu_seqlens_k, c10::SymInt max_seqlen_q, c10::SymInt max_seqlen_k,
+    const std::optional<Tensor>& attn_mask, bool deterministic, const std::optional<Tensor>& seqused_k,
+    const std::optional<Tensor>& block_table, int64_t num_splits, bool attn_mask_grad) {
+  const AttentionOptions o{scale,         is_causal,    bottom_right, window_left,  window_right,
+                           softcap,       alibi_slopes, dropout_p,    rng_state,    cu_seqlens_q,
+                           cu_seqlens_k,  std::move(max_seqlen_q), std::move(max_seqlen_k), attn_mask, deterministic,
+                           seqused_k,     block_table,  num_splits};
+  auto compute = [&] { return o.call_bwd(dout, q, k, v, out, lse, dlse, attn_mask_grad); };
+  const bool grad = at::GradMode::is_enabled() && (dout.requires_grad() || q.requires_grad() || k.requires_grad() ||
+                                                   v.requires_grad() || out.requires_grad() || lse.requires_grad());
+  if (!grad) {
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
+    return compute();
+  }
+  const torch::autograd::variable_list outs = RefusedDoubleBackward::apply(dout, q, k, v, out, lse, compute);
+  return {outs[0], outs[1], outs[2], outs[3]};
+}
+
 }  // namespace
 
 // The options, in the order every op takes them. Inputs are [batch, heads, seqlen, head_dim],
@@ -846,6 +1040,22 @@ TORCH_LIBRARY(cuflash_attn, m) {
         "int window_left=-1, int window_right=-1, Tensor? cu_seqlens_q=None, Tensor? cu_seqlens_k=None, "
         "SymInt max_seqlen_q=0, SymInt max_seqlen_k=0) -> Tensor");
 }
+
+namespace {
+// CUFLASH_AUTOGRAD=cpp: the C++ autograd kernels above (else cuflash_attn/ops.py registers its own).
+const bool kCppAutograd = [] {
+  const char* set = std::getenv("CUFLASH_AUTOGRAD");
+  return set != nullptr && std::string(set) == "cpp";
+}();
+const std::unique_ptr<torch::Library> cpp_autograd_registration = [] {
+  if (!kCppAutograd) return std::unique_ptr<torch::Library>();
+  auto lib = std::make_unique<torch::Library>(torch::Library::IMPL, "cuflash_attn", c10::DispatchKey::Autograd,
+                                              __FILE__, __LINE__);
+  lib->impl("fwd", &fwd_autograd);
+  lib->impl("bwd", &bwd_autograd);
+  return lib;
+}();
+}  // namespace
 
 TORCH_LIBRARY_IMPL(cuflash_attn, CPU, m) {
   m.impl("fwd", &fwd);
