@@ -873,12 +873,23 @@ struct AttentionOptions {  // (the schema's defaults)
 
 std::optional<Tensor> defined_or_none(const Tensor& t) { return t.defined() ? std::optional<Tensor>(t) : std::nullopt; }
 
-// The attention node. Its inputs are q, k, v and attn_mask (a float mask that requires grad gets
-// its gradient); the other option tensors are saved, not differentiated.
+bool requires_grad(const Tensor& t) { return t.requires_grad(); }
+bool requires_grad(const std::optional<Tensor>& t) { return t && t->requires_grad(); }
+// Whether autograd records a call on these inputs (ops.py's torch._C._any_requires_grad).
+template <typename... Tensors>
+bool records_grad(const Tensors&... tensors) {
+  return at::GradMode::is_enabled() && (requires_grad(tensors) || ...);
+}
+
+// The attention node. Its inputs are q, k, v, attn_mask (a float mask that requires grad gets
+// its gradient) and alibi_slopes (none: as ops.py's node, it is an input without a gradient);
+// the other option tensors (integers) are saved, not inputs.
 struct AttentionFunction : public torch::autograd::Function<AttentionFunction> {
   static torch::autograd::variable_list forward(torch::autograd::AutogradContext* ctx, const Tensor& q,
                                                 const Tensor& k, const Tensor& v,
-                                                const std::optional<Tensor>& attn_mask, const AttentionOptions& o) {
+                                                const std::optional<Tensor>& attn_mask,
+                                                const std::optional<Tensor>& /*alibi_slopes: o's*/,
+                                                const AttentionOptions& o) {
     auto [out, lse] = [&] {
       at::AutoDispatchBelowADInplaceOrView below_autograd;
       return o.call_fwd(q, k, v);
@@ -926,9 +937,14 @@ struct AttentionFunction : public torch::autograd::Function<AttentionFunction> {
     o.seqused_k = defined_or_none(saved[10]);
     const bool attn_mask_grad = ctx->saved_data["attn_mask_grad"].toBool();
     const Tensor dout = grads[0].defined() ? grads[0] : at::zeros_like(out);  // only lse was used
-    // Through bwd's own autograd kernel: under create_graph its outputs refuse a double backward.
-    auto [dq, dk, dv, dmask] = o.call_bwd(dout, q, k, v, out, lse, defined_or_none(grads[1]), attn_mask_grad);
-    return {dq, dk, dv, attn_mask_grad ? dmask : Tensor(), Tensor()};
+    auto call_bwd = [&] { return o.call_bwd(dout, q, k, v, out, lse, defined_or_none(grads[1]), attn_mask_grad); };
+    // Under create_graph through bwd's own autograd kernel, whose outputs refuse a double backward.
+    auto [dq, dk, dv, dmask] = [&] {
+      if (at::GradMode::is_enabled()) return call_bwd();
+      at::AutoDispatchBelowADInplaceOrView below_autograd;
+      return call_bwd();
+    }();
+    return {dq, dk, dv, attn_mask_grad ? dmask : Tensor(), Tensor(), Tensor()};
   }
 
 };
@@ -946,24 +962,27 @@ std::tuple<Tensor, Tensor> fwd_autograd(const Tensor& q, const Tensor& k, const 
                      softcap,       alibi_slopes, dropout_p,    rng_state,    cu_seqlens_q,
                      cu_seqlens_k,  std::move(max_seqlen_q), std::move(max_seqlen_k), attn_mask, deterministic,
                      seqused_k,     block_table,  num_splits};
-  const bool grad = at::GradMode::is_enabled() && (q.requires_grad() || k.requires_grad() || v.requires_grad() ||
-                                                   (attn_mask && attn_mask->requires_grad()));
-  if (!grad) {
+  if (!records_grad(q, k, v, attn_mask, alibi_slopes)) {
     at::AutoDispatchBelowADInplaceOrView below_autograd;
     return o.call_fwd(q, k, v);
   }
   TORCH_CHECK_NOT_IMPLEMENTED(!block_table, "cuflash_attn: a paged KV cache (block_table) has no backward: it is for ",
                               "inference (call under torch.no_grad(), or with inputs that do not require grad)");
-  const torch::autograd::variable_list outs = AttentionFunction::apply(q, k, v, attn_mask, std::move(o));
+  const torch::autograd::variable_list outs = AttentionFunction::apply(q, k, v, attn_mask, alibi_slopes, std::move(o));
   return {outs[0], outs[1]};
 }
 
-// bwd on inputs that require grad (create_graph=True): its outputs carry a backward that refuses.
+// bwd on inputs that require grad (create_graph=True): its outputs carry a backward that refuses,
+// whichever input the double backward reaches (dlse and attn_mask too).
 struct RefusedDoubleBackward : public torch::autograd::Function<RefusedDoubleBackward> {
   template <typename Compute>
-  static torch::autograd::variable_list forward(torch::autograd::AutogradContext*, const Tensor& dout,
-                                                const Tensor& q, const Tensor& k, const Tensor& v,
-                                                const Tensor& out, const Tensor& lse, const Compute& compute) {
+  static torch::autograd::variable_list forward(torch::autograd::AutogradContext*, const Tensor& /*dout*/,
+                                                const Tensor& /*q*/, const Tensor& /*k*/, const Tensor& /*v*/,
+                                                const Tensor& /*out*/, const Tensor& /*lse*/,
+                                                const std::optional<Tensor>& /*dlse*/,
+                                                const std::optional<Tensor>& /*attn_mask*/,
+                                                const std::optional<Tensor>& /*alibi_slopes*/,
+                                                const Compute& compute) {
     at::AutoDispatchBelowADInplaceOrView below_autograd;
     auto [dq, dk, dv, dmask] = compute();
     return {dq, dk, dv, dmask};
@@ -988,13 +1007,12 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> bwd_autograd(
                            cu_seqlens_k,  std::move(max_seqlen_q), std::move(max_seqlen_k), attn_mask, deterministic,
                            seqused_k,     block_table,  num_splits};
   auto compute = [&] { return o.call_bwd(dout, q, k, v, out, lse, dlse, attn_mask_grad); };
-  const bool grad = at::GradMode::is_enabled() && (dout.requires_grad() || q.requires_grad() || k.requires_grad() ||
-                                                   v.requires_grad() || out.requires_grad() || lse.requires_grad());
-  if (!grad) {
+  if (!records_grad(dout, q, k, v, out, lse, dlse, attn_mask, alibi_slopes)) {
     at::AutoDispatchBelowADInplaceOrView below_autograd;
     return compute();
   }
-  const torch::autograd::variable_list outs = RefusedDoubleBackward::apply(dout, q, k, v, out, lse, compute);
+  const torch::autograd::variable_list outs =
+      RefusedDoubleBackward::apply(dout, q, k, v, out, lse, dlse, attn_mask, alibi_slopes, compute);
   return {outs[0], outs[1], outs[2], outs[3]};
 }
 

@@ -4,8 +4,6 @@ The forward saves out and lse; the backward calls the registered backward op, wh
 recomputes attention from lse (and, with dropout, regenerates the same keep-mask from the
 saved rng_state). The ops themselves are defined in csrc/torch_ops.cpp.
 """
-import os
-
 import torch
 
 from . import _C  # noqa: F401  (loading the library registers torch.ops.cuflash_attn)
@@ -167,9 +165,9 @@ def _bwd_autograd(keyset, *args):
     return _redispatch(_ops.bwd.default, keyset, args)
 
 
-# CUFLASH_AUTOGRAD=cpp (an experiment, read when the library loads): csrc/torch_ops.cpp's C++
-# autograd kernels take the Autograd key instead of these.
-if os.environ.get("CUFLASH_AUTOGRAD") != "cpp":
+# CUFLASH_AUTOGRAD=cpp (an experiment, read by the library when it loads): csrc/torch_ops.cpp's
+# C++ autograd kernels took the Autograd key; these only where it did not.
+if not torch._C._dispatch_has_kernel_for_dispatch_key("cuflash_attn::fwd", "Autograd"):
     _lib = torch.library.Library("cuflash_attn", "IMPL")  # the Autograd key, where register_autograd registers
     _lib.impl("fwd", _fwd_autograd, "Autograd", with_keyset=True)
     _lib.impl("bwd", _bwd_autograd, "Autograd", with_keyset=True)

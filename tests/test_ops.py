@@ -343,6 +343,18 @@ def test_debug_switch_names_each_launch(monkeypatch, capfd):
     assert "cuflash_attn: " not in capfd.readouterr().err
 
 
+@pytest.mark.parametrize("device", DEVICES)
+def test_double_backward_through_lse_raises(device):
+    """A double backward that reaches bwd only through dlse (lse's gradient feeds dq) refuses
+    too, rather than answering None."""
+    q, k, v = qkv(device, torch.float64, b=1, h=1, nq=4, nk=5, d=8)
+    x = torch.randn(1, 1, 4, device=device, dtype=torch.float64, requires_grad=True)
+    out, lse = cuflash_attn.flash_attention(q, k, v, return_lse=True)
+    (dq,) = torch.autograd.grad(out.sum() + (x * lse.square()).sum(), q, create_graph=True)
+    with pytest.raises(NotImplementedError, match="double backward"):
+        torch.autograd.grad(dq.sum(), x)
+
+
 def test_autograd_wiring_in_use():
     """The graph's node is the wiring CUFLASH_AUTOGRAD names: ops.py's Python function, or with
     cpp the C++ one."""
