@@ -814,99 +814,68 @@ Tensor dropout_mask(const Tensor& rng_state, double dropout_p, int64_t batch, in
 // kernels take the Autograd key instead. Why: a Python node runs on the autograd engine's device
 // thread under the GIL, and our autograd.grad took 100-130 us more host time than cuDNN's C++
 // node at 512 keys (benchmarks/NOTES.md, "The host's time a forward + backward at 512 keys").
+// The kernels are boxed, as ops.py's are: they take the ops' arguments as the dispatcher's stack
+// and call the ops again with them, so no C++ signature repeats the schemas'. fwd's arguments
+// are (q, k, v, options...), bwd's (dout, q, k, v, out, lse, dlse, options..., attn_mask_grad):
+// the same options in the same order (the schemas below; ops.py checks it when it loads).
 
-// The schemas' signatures as the dispatcher calls them (max_seqlen as SymInts, as torch.compile
-// traces them).
-using FwdOpSignature = std::tuple<Tensor, Tensor>(
-    const Tensor&, const Tensor&, const Tensor&, std::optional<double>, bool, bool, int64_t, int64_t, double,
-    const std::optional<Tensor>&, double, const std::optional<Tensor>&, const std::optional<Tensor>&,
-    const std::optional<Tensor>&, c10::SymInt, c10::SymInt, const std::optional<Tensor>&, bool,
-    const std::optional<Tensor>&, const std::optional<Tensor>&, int64_t);
-using BwdOpSignature = std::tuple<Tensor, Tensor, Tensor, Tensor>(
-    const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&,
-    const std::optional<Tensor>&, std::optional<double>, bool, bool, int64_t, int64_t, double,
-    const std::optional<Tensor>&, double, const std::optional<Tensor>&, const std::optional<Tensor>&,
-    const std::optional<Tensor>&, c10::SymInt, c10::SymInt, const std::optional<Tensor>&, bool,
-    const std::optional<Tensor>&, const std::optional<Tensor>&, int64_t, bool);
+using torch::jit::Stack;
+constexpr size_t kFwdLeading = 3;  // q, k, v
 
-const c10::TypedOperatorHandle<FwdOpSignature>& fwd_op() {
-  static const auto op =
-      c10::Dispatcher::singleton().findSchemaOrThrow("cuflash_attn::fwd", "").typed<FwdOpSignature>();
+const c10::OperatorHandle& fwd_op() {
+  static const c10::OperatorHandle op = c10::Dispatcher::singleton().findSchemaOrThrow("cuflash_attn::fwd", "");
   return op;
 }
-const c10::TypedOperatorHandle<BwdOpSignature>& bwd_op() {
-  static const auto op =
-      c10::Dispatcher::singleton().findSchemaOrThrow("cuflash_attn::bwd", "").typed<BwdOpSignature>();
+const c10::OperatorHandle& bwd_op() {
+  static const c10::OperatorHandle op = c10::Dispatcher::singleton().findSchemaOrThrow("cuflash_attn::bwd", "");
   return op;
 }
+size_t fwd_argument(const char* name) { return *fwd_op().schema().argumentIndexWithName(name); }
 
-// fwd's options after q, k, v, as one value: what the backward node passes on to bwd. Not
-// Options (above): these are the schema's arguments as the dispatcher takes them again
-// (max_seqlen as SymInts, deterministic), to call the ops with, not what the glue reads.
-struct AttentionOptions {  // (the schema's defaults)
-  std::optional<double> scale;
-  bool is_causal = false, bottom_right = false;
-  int64_t window_left = -1, window_right = -1;
-  double softcap = 0.0;
-  std::optional<Tensor> alibi_slopes;
-  double dropout_p = 0.0;
-  std::optional<Tensor> rng_state, cu_seqlens_q, cu_seqlens_k;
-  c10::SymInt max_seqlen_q = 0, max_seqlen_k = 0;
-  std::optional<Tensor> attn_mask;
-  bool deterministic = true;
-  std::optional<Tensor> seqused_k, block_table;
-  int64_t num_splits = 1;
-
-  std::tuple<Tensor, Tensor> call_fwd(const Tensor& q, const Tensor& k, const Tensor& v) const {
-    return fwd_op().call(q, k, v, scale, is_causal, bottom_right, window_left, window_right, softcap, alibi_slopes,
-                         dropout_p, rng_state, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, attn_mask,
-                         deterministic, seqused_k, block_table, num_splits);
-  }
-  std::tuple<Tensor, Tensor, Tensor, Tensor> call_bwd(const Tensor& dout, const Tensor& q, const Tensor& k,
-                                                      const Tensor& v, const Tensor& out, const Tensor& lse,
-                                                      const std::optional<Tensor>& dlse, bool attn_mask_grad) const {
-    return bwd_op().call(dout, q, k, v, out, lse, dlse, scale, is_causal, bottom_right, window_left, window_right,
-                         softcap, alibi_slopes, dropout_p, rng_state, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
-                         max_seqlen_k, attn_mask, deterministic, seqused_k, block_table, num_splits, attn_mask_grad);
-  }
-};
-
-std::optional<Tensor> defined_or_none(const Tensor& t) { return t.defined() ? std::optional<Tensor>(t) : std::nullopt; }
-
-bool requires_grad(const Tensor& t) { return t.requires_grad(); }
-bool requires_grad(const std::optional<Tensor>& t) { return t && t->requires_grad(); }
-// Whether autograd records a call on these inputs (ops.py's torch._C._any_requires_grad).
-template <typename... Tensors>
-bool records_grad(const Tensors&... tensors) {
-  return at::GradMode::is_enabled() && (requires_grad(tensors) || ...);
+// op on the arguments in `stack` (its results there after), below the Autograd key.
+void call_below_autograd(const c10::OperatorHandle& op, Stack* stack) {
+  at::AutoDispatchBelowADInplaceOrView below_autograd;
+  op.callBoxed(stack);
 }
 
-// The attention node. Its inputs are q, k, v, attn_mask (a float mask that requires grad gets
-// its gradient) and alibi_slopes (none: as ops.py's node, it is an input without a gradient);
-// the other option tensors (integers) are saved, not inputs.
+// The tensors among a call's arguments, in order: the node's inputs.
+std::vector<Tensor> tensors_of(c10::ArrayRef<c10::IValue> args) {
+  std::vector<Tensor> tensors;
+  for (const c10::IValue& a : args)
+    if (a.isTensor()) tensors.push_back(a.toTensor());
+  return tensors;
+}
+// Whether autograd records a call on them (ops.py's torch._C._any_requires_grad).
+bool records_grad(const std::vector<Tensor>& inputs) {
+  return at::GradMode::is_enabled() &&
+         std::any_of(inputs.begin(), inputs.end(), [](const Tensor& t) { return t.requires_grad(); });
+}
+
+// The attention node. Its inputs are the tensors among fwd's arguments, as ops.py's node's:
+// q, k, v and a float attn_mask that requires grad get gradients, the others none.
 struct AttentionFunction : public torch::autograd::Function<AttentionFunction> {
-  static torch::autograd::variable_list forward(torch::autograd::AutogradContext* ctx, const Tensor& q,
-                                                const Tensor& k, const Tensor& v,
-                                                const std::optional<Tensor>& attn_mask,
-                                                const std::optional<Tensor>& /*alibi_slopes: o's*/,
-                                                const AttentionOptions& o) {
-    auto [out, lse] = [&] {
-      at::AutoDispatchBelowADInplaceOrView below_autograd;
-      return o.call_fwd(q, k, v);
-    }();
-    // The option tensors are saved with the rest (SavedVariable: a modification in place between
-    // the forward and the backward is reported), and rebuilt from there.
-    ctx->save_for_backward({q, k, v, out, lse, o.alibi_slopes.value_or(Tensor()), o.rng_state.value_or(Tensor()),
-                            o.cu_seqlens_q.value_or(Tensor()), o.cu_seqlens_k.value_or(Tensor()),
-                            attn_mask.value_or(Tensor()), o.seqused_k.value_or(Tensor())});
-    ctx->saved_data["attn_mask_grad"] = attn_mask.has_value() && attn_mask->requires_grad();
-    c10::impl::GenericList scalars(c10::AnyType::get());
-    for (c10::IValue x : {c10::IValue(o.scale), c10::IValue(o.is_causal), c10::IValue(o.bottom_right),
-                          c10::IValue(o.window_left), c10::IValue(o.window_right), c10::IValue(o.softcap),
-                          c10::IValue(o.dropout_p), c10::IValue(o.max_seqlen_q), c10::IValue(o.max_seqlen_k),
-                          c10::IValue(o.deterministic), c10::IValue(o.num_splits)})
-      scalars.push_back(std::move(x));
-    ctx->saved_data["options"] = std::move(scalars);
+  static torch::autograd::variable_list forward(torch::autograd::AutogradContext* ctx, at::TensorList /*inputs*/,
+                                                std::vector<c10::IValue> args) {
+    Stack stack = args;
+    call_below_autograd(fwd_op(), &stack);
+    const Tensor out = stack[0].toTensor(), lse = stack[1].toTensor();
+    const c10::IValue& attn_mask = args[fwd_argument("attn_mask")];
+    ctx->saved_data["attn_mask_grad"] = attn_mask.isTensor() && attn_mask.toTensor().requires_grad();
+    // The tensors are saved (SavedVariable: a modification in place between the forward and the
+    // backward is reported), their places in the arguments kept empty until the backward.
+    std::vector<Tensor> saved{out, lse};
+    std::vector<int64_t> slots;
+    for (size_t i = 0; i < args.size(); ++i) {
+      if (!args[i].isTensor()) continue;
+      saved.push_back(args[i].toTensor());
+      slots.push_back(static_cast<int64_t>(i));
+      args[i] = c10::IValue();
+    }
+    ctx->save_for_backward(saved);
+    ctx->saved_data["tensor_slots"] = std::move(slots);
+    c10::impl::GenericList kept(c10::AnyType::get());
+    for (c10::IValue& a : args) kept.push_back(std::move(a));
+    ctx->saved_data["arguments"] = std::move(kept);
     // An unused output's gradient stays undefined rather than zeros (dlse, almost always).
     ctx->set_materialize_grads(false);
     return {out, lse};
@@ -915,77 +884,50 @@ struct AttentionFunction : public torch::autograd::Function<AttentionFunction> {
   static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
                                                  torch::autograd::variable_list grads) {
     const torch::autograd::variable_list saved = ctx->get_saved_variables();
-    const Tensor &q = saved[0], &k = saved[1], &v = saved[2], &out = saved[3], &lse = saved[4];
-    const c10::impl::GenericList scalars = ctx->saved_data["options"].toList();
-    AttentionOptions o;  // the scalars in the order forward stored them; block_table none (no backward)
-    o.scale = scalars.get(0).toOptional<double>();
-    o.is_causal = scalars.get(1).toBool();
-    o.bottom_right = scalars.get(2).toBool();
-    o.window_left = scalars.get(3).toInt();
-    o.window_right = scalars.get(4).toInt();
-    o.softcap = scalars.get(5).toDouble();
-    o.dropout_p = scalars.get(6).toDouble();
-    o.max_seqlen_q = scalars.get(7).toSymInt();
-    o.max_seqlen_k = scalars.get(8).toSymInt();
-    o.deterministic = scalars.get(9).toBool();
-    o.num_splits = scalars.get(10).toInt();
-    o.alibi_slopes = defined_or_none(saved[5]);
-    o.rng_state = defined_or_none(saved[6]);
-    o.cu_seqlens_q = defined_or_none(saved[7]);
-    o.cu_seqlens_k = defined_or_none(saved[8]);
-    o.attn_mask = defined_or_none(saved[9]);
-    o.seqused_k = defined_or_none(saved[10]);
+    const Tensor &out = saved[0], &lse = saved[1];
+    std::vector<c10::IValue> args = ctx->saved_data["arguments"].toList().vec();
+    const std::vector<int64_t> slots = ctx->saved_data["tensor_slots"].toIntVector();
+    for (size_t j = 0; j < slots.size(); ++j) args[slots[j]] = saved[2 + j];
     const bool attn_mask_grad = ctx->saved_data["attn_mask_grad"].toBool();
-    const Tensor dout = grads[0].defined() ? grads[0] : at::zeros_like(out);  // only lse was used
-    auto call_bwd = [&] { return o.call_bwd(dout, q, k, v, out, lse, defined_or_none(grads[1]), attn_mask_grad); };
+    Stack stack{grads[0].defined() ? grads[0] : at::zeros_like(out),  // undefined: only lse was used
+                args[0], args[1], args[2], out, lse,
+                grads[1].defined() ? c10::IValue(grads[1]) : c10::IValue()};
+    stack.insert(stack.end(), args.begin() + kFwdLeading, args.end());
+    stack.emplace_back(attn_mask_grad);
     // Under create_graph through bwd's own autograd kernel, whose outputs refuse a double backward.
-    auto [dq, dk, dv, dmask] = [&] {
-      if (at::GradMode::is_enabled()) return call_bwd();
-      at::AutoDispatchBelowADInplaceOrView below_autograd;
-      return call_bwd();
-    }();
-    return {dq, dk, dv, attn_mask_grad ? dmask : Tensor(), Tensor(), Tensor()};
+    if (at::GradMode::is_enabled()) bwd_op().callBoxed(&stack);
+    else call_below_autograd(bwd_op(), &stack);
+    // One gradient for each input (the tensors among the arguments), then none for the arguments.
+    const size_t attn_mask = fwd_argument("attn_mask");
+    torch::autograd::variable_list input_grads;
+    for (const int64_t slot : slots) {
+      if (slot < 3) input_grads.push_back(stack[slot].toTensor());  // dq, dk, dv
+      else input_grads.push_back(attn_mask_grad && slot == static_cast<int64_t>(attn_mask) ? stack[3].toTensor()
+                                                                                          : Tensor());
+    }
+    input_grads.emplace_back();
+    return input_grads;
   }
-
 };
 
-std::tuple<Tensor, Tensor> fwd_autograd(const Tensor& q, const Tensor& k, const Tensor& v, std::optional<double> scale,
-                                        bool is_causal, bool bottom_right, int64_t window_left, int64_t window_right,
-                                        double softcap, const std::optional<Tensor>& alibi_slopes, double dropout_p,
-                                        const std::optional<Tensor>& rng_state,
-                                        const std::optional<Tensor>& cu_seqlens_q,
-                                        const std::optional<Tensor>& cu_seqlens_k, c10::SymInt max_seqlen_q,
-                                        c10::SymInt max_seqlen_k, const std::optional<Tensor>& attn_mask,
-                                        bool deterministic, const std::optional<Tensor>& seqused_k,
-                                        const std::optional<Tensor>& block_table, int64_t num_splits) {
-  AttentionOptions o{scale,         is_causal,    bottom_right, window_left,  window_right,
-                     softcap,       alibi_slopes, dropout_p,    rng_state,    cu_seqlens_q,
-                     cu_seqlens_k,  std::move(max_seqlen_q), std::move(max_seqlen_k), attn_mask, deterministic,
-                     seqused_k,     block_table,  num_splits};
-  if (!records_grad(q, k, v, attn_mask, alibi_slopes)) {
-    at::AutoDispatchBelowADInplaceOrView below_autograd;
-    return o.call_fwd(q, k, v);
-  }
-  TORCH_CHECK_NOT_IMPLEMENTED(!block_table, "cuflash_attn: a paged KV cache (block_table) has no backward: it is for ",
-                              "inference (call under torch.no_grad(), or with inputs that do not require grad)");
-  const torch::autograd::variable_list outs = AttentionFunction::apply(q, k, v, attn_mask, alibi_slopes, std::move(o));
-  return {outs[0], outs[1]};
+void fwd_autograd(const c10::OperatorHandle& op, Stack* stack) {
+  const size_t n = op.schema().arguments().size();
+  const std::vector<Tensor> inputs = tensors_of(torch::jit::last(*stack, n));
+  if (!records_grad(inputs)) return call_below_autograd(op, stack);
+  TORCH_CHECK_NOT_IMPLEMENTED(torch::jit::peek(*stack, fwd_argument("block_table"), n).isNone(),
+                              "cuflash_attn: a paged KV cache (block_table) has no backward: it is for inference "
+                              "(call under torch.no_grad(), or with inputs that do not require grad)");
+  const torch::autograd::variable_list outs = AttentionFunction::apply(at::TensorList(inputs), torch::jit::pop(*stack, n));
+  torch::jit::push(*stack, outs[0], outs[1]);
 }
 
 // bwd on inputs that require grad (create_graph=True): its outputs carry a backward that refuses,
-// whichever input the double backward reaches (dlse and attn_mask too).
+// whichever input the double backward reaches (its inputs are every tensor among the arguments).
 struct RefusedDoubleBackward : public torch::autograd::Function<RefusedDoubleBackward> {
-  template <typename Compute>
-  static torch::autograd::variable_list forward(torch::autograd::AutogradContext*, const Tensor& /*dout*/,
-                                                const Tensor& /*q*/, const Tensor& /*k*/, const Tensor& /*v*/,
-                                                const Tensor& /*out*/, const Tensor& /*lse*/,
-                                                const std::optional<Tensor>& /*dlse*/,
-                                                const std::optional<Tensor>& /*attn_mask*/,
-                                                const std::optional<Tensor>& /*alibi_slopes*/,
-                                                const Compute& compute) {
-    at::AutoDispatchBelowADInplaceOrView below_autograd;
-    auto [dq, dk, dv, dmask] = compute();
-    return {dq, dk, dv, dmask};
+  static torch::autograd::variable_list forward(torch::autograd::AutogradContext*, at::TensorList /*inputs*/,
+                                                Stack stack) {
+    call_below_autograd(bwd_op(), &stack);
+    return {stack[0].toTensor(), stack[1].toTensor(), stack[2].toTensor(), stack[3].toTensor()};
   }
   static torch::autograd::variable_list backward(torch::autograd::AutogradContext*, torch::autograd::variable_list) {
     TORCH_CHECK_NOT_IMPLEMENTED(false,
@@ -994,26 +936,13 @@ struct RefusedDoubleBackward : public torch::autograd::Function<RefusedDoubleBac
   }
 };
 
-std::tuple<Tensor, Tensor, Tensor, Tensor> bwd_autograd(
-    const Tensor& dout, const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& out, const Tensor& lse,
-    const std::optional<Tensor>& dlse, std::optional<double> scale, bool is_causal, bool bottom_right,
-    int64_t window_left, int64_t window_right, double softcap, const std::optional<Tensor>& alibi_slopes,
-    double dropout_p, const std::optional<Tensor>& rng_state, const std::optional<Tensor>& cu_seqlens_q,
-    const std::optional<Tensor>& cu_seqlens_k, c10::SymInt max_seqlen_q, c10::SymInt max_seqlen_k,
-    const std::optional<Tensor>& attn_mask, bool deterministic, const std::optional<Tensor>& seqused_k,
-    const std::optional<Tensor>& block_table, int64_t num_splits, bool attn_mask_grad) {
-  const AttentionOptions o{scale,         is_causal,    bottom_right, window_left,  window_right,
-                           softcap,       alibi_slopes, dropout_p,    rng_state,    cu_seqlens_q,
-                           cu_seqlens_k,  std::move(max_seqlen_q), std::move(max_seqlen_k), attn_mask, deterministic,
-                           seqused_k,     block_table,  num_splits};
-  auto compute = [&] { return o.call_bwd(dout, q, k, v, out, lse, dlse, attn_mask_grad); };
-  if (!records_grad(dout, q, k, v, out, lse, dlse, attn_mask, alibi_slopes)) {
-    at::AutoDispatchBelowADInplaceOrView below_autograd;
-    return compute();
-  }
+void bwd_autograd(const c10::OperatorHandle& op, Stack* stack) {
+  const size_t n = op.schema().arguments().size();
+  const std::vector<Tensor> inputs = tensors_of(torch::jit::last(*stack, n));
+  if (!records_grad(inputs)) return call_below_autograd(op, stack);
   const torch::autograd::variable_list outs =
-      RefusedDoubleBackward::apply(dout, q, k, v, out, lse, dlse, attn_mask, alibi_slopes, compute);
-  return {outs[0], outs[1], outs[2], outs[3]};
+      RefusedDoubleBackward::apply(at::TensorList(inputs), torch::jit::pop(*stack, n));
+  torch::jit::push(*stack, outs[0], outs[1], outs[2], outs[3]);
 }
 
 }  // namespace
@@ -1069,8 +998,8 @@ const std::unique_ptr<torch::Library> cpp_autograd_registration = [] {
   if (!kCppAutograd) return std::unique_ptr<torch::Library>();
   auto lib = std::make_unique<torch::Library>(torch::Library::IMPL, "cuflash_attn", c10::DispatchKey::Autograd,
                                               __FILE__, __LINE__);
-  lib->impl("fwd", &fwd_autograd);
-  lib->impl("bwd", &bwd_autograd);
+  lib->impl("fwd", torch::CppFunction::makeFromBoxedFunction<&fwd_autograd>());
+  lib->impl("bwd", torch::CppFunction::makeFromBoxedFunction<&bwd_autograd>());
   return lib;
 }();
 }  // namespace
