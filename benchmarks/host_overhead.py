@@ -11,7 +11,6 @@ for the host and a benchmark's timings are the host's.
     python3 benchmarks/host_overhead.py --shape 32,16,512,128 --parts   # each piece's host time
 """
 import argparse
-import os
 import statistics
 import sys
 import time
@@ -188,14 +187,12 @@ def main():
     q, k, v, dout = bench.make_inputs(batch, heads, seqlen, head_dim, torch.bfloat16, "bhnd")
     if args.parts:
         print(f"# Host-only time of each piece, {torch.cuda.get_device_name()}, bf16 B={batch} H={heads} "
-              f"N={seqlen} D={head_dim}, the median of 5 windows of 50 calls, autograd wiring "
-              f"{os.environ.get('CUFLASH_AUTOGRAD') or 'python'} (CUFLASH_AUTOGRAD)\n")
+              f"N={seqlen} D={head_dim}, the median of 5 windows of 50 calls\n")
         parts(q, k, v, dout, 50)
         return
     impls = bench.load_impls(bench.parse_impls(args.impls))
     print(f"# Host time per call, {torch.cuda.get_device_name()}, bf16 B={batch} H={heads} N={seqlen} "
-          f"D={head_dim}, {args.calls} calls, our autograd wiring {os.environ.get('CUFLASH_AUTOGRAD') or 'python'} "
-          f"(CUFLASH_AUTOGRAD)\n")
+          f"D={head_dim}, {args.calls} calls\n")
     print("fwd us, fwd+bwd us: the wall time a call over back-to-back calls (the host's or the GPU's, whichever\n"
           "is longer); host-only: the host's own time a call, the GPU kept busy (\"waits\": a call waited for\n"
           "the GPU)\n")

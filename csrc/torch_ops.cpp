@@ -6,14 +6,11 @@
 #include <ATen/Parallel.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
-#include <torch/csrc/autograd/custom_function.h>
 #include <torch/library.h>
 
 #include <algorithm>
 #include <cmath>
-#include <cstdlib>
 #include <limits>
-#include <memory>
 #include <optional>
 #include <string>
 
@@ -807,144 +804,6 @@ Tensor dropout_mask(const Tensor& rng_state, double dropout_p, int64_t batch, in
   return keep;
 }
 
-// ---- Autograd (experiment: CUFLASH_AUTOGRAD=cpp) ------------------------------------------------
-// The ops' autograd in C++: fwd saves q, k, v, out and lse (and the option tensors), and its
-// backward node calls bwd, which recomputes attention from lse. cuflash_attn/ops.py wires the
-// same in Python (the default); with CUFLASH_AUTOGRAD=cpp set before the library loads, these
-// kernels take the Autograd key instead. Why: a Python node runs on the autograd engine's device
-// thread under the GIL, and our autograd.grad took 100-130 us more host time than cuDNN's C++
-// node at 512 keys (benchmarks/NOTES.md, "The host's time a forward + backward at 512 keys").
-// The kernels are boxed, as ops.py's are: they take the ops' arguments as the dispatcher's stack
-// and call the ops again with them, so no C++ signature repeats the schemas'. fwd's arguments
-// are (q, k, v, options...), bwd's (dout, q, k, v, out, lse, dlse, options..., attn_mask_grad):
-// the same options in the same order (the schemas below; ops.py checks it when it loads).
-
-using torch::jit::Stack;
-constexpr size_t kFwdLeading = 3;  // q, k, v
-
-const c10::OperatorHandle& fwd_op() {
-  static const c10::OperatorHandle op = c10::Dispatcher::singleton().findSchemaOrThrow("cuflash_attn::fwd", "");
-  return op;
-}
-const c10::OperatorHandle& bwd_op() {
-  static const c10::OperatorHandle op = c10::Dispatcher::singleton().findSchemaOrThrow("cuflash_attn::bwd", "");
-  return op;
-}
-size_t fwd_argument(const char* name) { return *fwd_op().schema().argumentIndexWithName(name); }
-
-// op on the arguments in `stack` (its results there after), below the Autograd key.
-void call_below_autograd(const c10::OperatorHandle& op, Stack* stack) {
-  at::AutoDispatchBelowADInplaceOrView below_autograd;
-  op.callBoxed(stack);
-}
-
-// The tensors among a call's arguments, in order: the node's inputs.
-std::vector<Tensor> tensors_of(c10::ArrayRef<c10::IValue> args) {
-  std::vector<Tensor> tensors;
-  for (const c10::IValue& a : args)
-    if (a.isTensor()) tensors.push_back(a.toTensor());
-  return tensors;
-}
-// Whether autograd records a call on them (ops.py's torch._C._any_requires_grad).
-bool records_grad(const std::vector<Tensor>& inputs) {
-  return at::GradMode::is_enabled() &&
-         std::any_of(inputs.begin(), inputs.end(), [](const Tensor& t) { return t.requires_grad(); });
-}
-
-// The attention node. Its inputs are the tensors among fwd's arguments, as ops.py's node's:
-// q, k, v and a float attn_mask that requires grad get gradients, the others none.
-struct AttentionFunction : public torch::autograd::Function<AttentionFunction> {
-  static torch::autograd::variable_list forward(torch::autograd::AutogradContext* ctx, at::TensorList /*inputs*/,
-                                                std::vector<c10::IValue> args) {
-    Stack stack = args;
-    call_below_autograd(fwd_op(), &stack);
-    const Tensor out = stack[0].toTensor(), lse = stack[1].toTensor();
-    const c10::IValue& attn_mask = args[fwd_argument("attn_mask")];
-    ctx->saved_data["attn_mask_grad"] = attn_mask.isTensor() && attn_mask.toTensor().requires_grad();
-    // The tensors are saved (SavedVariable: a modification in place between the forward and the
-    // backward is reported), their places in the arguments kept empty until the backward.
-    std::vector<Tensor> saved{out, lse};
-    std::vector<int64_t> slots;
-    for (size_t i = 0; i < args.size(); ++i) {
-      if (!args[i].isTensor()) continue;
-      saved.push_back(args[i].toTensor());
-      slots.push_back(static_cast<int64_t>(i));
-      args[i] = c10::IValue();
-    }
-    ctx->save_for_backward(saved);
-    ctx->saved_data["tensor_slots"] = std::move(slots);
-    c10::impl::GenericList kept(c10::AnyType::get());
-    for (c10::IValue& a : args) kept.push_back(std::move(a));
-    ctx->saved_data["arguments"] = std::move(kept);
-    // An unused output's gradient stays undefined rather than zeros (dlse, almost always).
-    ctx->set_materialize_grads(false);
-    return {out, lse};
-  }
-
-  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
-                                                 torch::autograd::variable_list grads) {
-    const torch::autograd::variable_list saved = ctx->get_saved_variables();
-    const Tensor &out = saved[0], &lse = saved[1];
-    std::vector<c10::IValue> args = ctx->saved_data["arguments"].toList().vec();
-    const std::vector<int64_t> slots = ctx->saved_data["tensor_slots"].toIntVector();
-    for (size_t j = 0; j < slots.size(); ++j) args[slots[j]] = saved[2 + j];
-    const bool attn_mask_grad = ctx->saved_data["attn_mask_grad"].toBool();
-    Stack stack{grads[0].defined() ? grads[0] : at::zeros_like(out),  // undefined: only lse was used
-                args[0], args[1], args[2], out, lse,
-                grads[1].defined() ? c10::IValue(grads[1]) : c10::IValue()};
-    stack.insert(stack.end(), args.begin() + kFwdLeading, args.end());
-    stack.emplace_back(attn_mask_grad);
-    // Under create_graph through bwd's own autograd kernel, whose outputs refuse a double backward.
-    if (at::GradMode::is_enabled()) bwd_op().callBoxed(&stack);
-    else call_below_autograd(bwd_op(), &stack);
-    // One gradient for each input (the tensors among the arguments), then none for the arguments.
-    const size_t attn_mask = fwd_argument("attn_mask");
-    torch::autograd::variable_list input_grads;
-    for (const int64_t slot : slots) {
-      if (slot < 3) input_grads.push_back(stack[slot].toTensor());  // dq, dk, dv
-      else input_grads.push_back(attn_mask_grad && slot == static_cast<int64_t>(attn_mask) ? stack[3].toTensor()
-                                                                                          : Tensor());
-    }
-    input_grads.emplace_back();
-    return input_grads;
-  }
-};
-
-void fwd_autograd(const c10::OperatorHandle& op, Stack* stack) {
-  const size_t n = op.schema().arguments().size();
-  const std::vector<Tensor> inputs = tensors_of(torch::jit::last(*stack, n));
-  if (!records_grad(inputs)) return call_below_autograd(op, stack);
-  TORCH_CHECK_NOT_IMPLEMENTED(torch::jit::peek(*stack, fwd_argument("block_table"), n).isNone(),
-                              "cuflash_attn: a paged KV cache (block_table) has no backward: it is for inference "
-                              "(call under torch.no_grad(), or with inputs that do not require grad)");
-  const torch::autograd::variable_list outs = AttentionFunction::apply(at::TensorList(inputs), torch::jit::pop(*stack, n));
-  torch::jit::push(*stack, outs[0], outs[1]);
-}
-
-// bwd on inputs that require grad (create_graph=True): its outputs carry a backward that refuses,
-// whichever input the double backward reaches (its inputs are every tensor among the arguments).
-struct RefusedDoubleBackward : public torch::autograd::Function<RefusedDoubleBackward> {
-  static torch::autograd::variable_list forward(torch::autograd::AutogradContext*, at::TensorList /*inputs*/,
-                                                Stack stack) {
-    call_below_autograd(bwd_op(), &stack);
-    return {stack[0].toTensor(), stack[1].toTensor(), stack[2].toTensor(), stack[3].toTensor()};
-  }
-  static torch::autograd::variable_list backward(torch::autograd::AutogradContext*, torch::autograd::variable_list) {
-    TORCH_CHECK_NOT_IMPLEMENTED(false,
-                                "cuflash_attn: double backward (the gradient of the attention backward) is not supported");
-    return {};
-  }
-};
-
-void bwd_autograd(const c10::OperatorHandle& op, Stack* stack) {
-  const size_t n = op.schema().arguments().size();
-  const std::vector<Tensor> inputs = tensors_of(torch::jit::last(*stack, n));
-  if (!records_grad(inputs)) return call_below_autograd(op, stack);
-  const torch::autograd::variable_list outs =
-      RefusedDoubleBackward::apply(at::TensorList(inputs), torch::jit::pop(*stack, n));
-  torch::jit::push(*stack, outs[0], outs[1], outs[2], outs[3]);
-}
-
 }  // namespace
 
 // The options, in the order every op takes them. Inputs are [batch, heads, seqlen, head_dim],
@@ -987,22 +846,6 @@ TORCH_LIBRARY(cuflash_attn, m) {
         "int window_left=-1, int window_right=-1, Tensor? cu_seqlens_q=None, Tensor? cu_seqlens_k=None, "
         "SymInt max_seqlen_q=0, SymInt max_seqlen_k=0) -> Tensor");
 }
-
-namespace {
-// CUFLASH_AUTOGRAD=cpp: the C++ autograd kernels above (else cuflash_attn/ops.py registers its own).
-const bool kCppAutograd = [] {
-  const char* set = std::getenv("CUFLASH_AUTOGRAD");
-  return set != nullptr && std::string(set) == "cpp";
-}();
-const std::unique_ptr<torch::Library> cpp_autograd_registration = [] {
-  if (!kCppAutograd) return std::unique_ptr<torch::Library>();
-  auto lib = std::make_unique<torch::Library>(torch::Library::IMPL, "cuflash_attn", c10::DispatchKey::Autograd,
-                                              __FILE__, __LINE__);
-  lib->impl("fwd", torch::CppFunction::makeFromBoxedFunction<&fwd_autograd>());
-  lib->impl("bwd", torch::CppFunction::makeFromBoxedFunction<&bwd_autograd>());
-  return lib;
-}();
-}  // namespace
 
 TORCH_LIBRARY_IMPL(cuflash_attn, CPU, m) {
   m.impl("fwd", &fwd);

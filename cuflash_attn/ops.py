@@ -165,12 +165,9 @@ def _bwd_autograd(keyset, *args):
     return _redispatch(_ops.bwd.default, keyset, args)
 
 
-# CUFLASH_AUTOGRAD=cpp (an experiment, read by the library when it loads): csrc/torch_ops.cpp's
-# C++ autograd kernels took the Autograd key; these only where it did not.
-if not torch._C._dispatch_has_kernel_for_dispatch_key("cuflash_attn::fwd", "Autograd"):
-    _lib = torch.library.Library("cuflash_attn", "IMPL")  # the Autograd key, where register_autograd registers
-    _lib.impl("fwd", _fwd_autograd, "Autograd", with_keyset=True)
-    _lib.impl("bwd", _bwd_autograd, "Autograd", with_keyset=True)
+_lib = torch.library.Library("cuflash_attn", "IMPL")  # the Autograd key, where register_autograd registers
+_lib.impl("fwd", _fwd_autograd, "Autograd", with_keyset=True)
+_lib.impl("bwd", _bwd_autograd, "Autograd", with_keyset=True)
 
 
 def new_rng_state(device: torch.device) -> torch.Tensor:

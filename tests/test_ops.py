@@ -1,9 +1,5 @@
 """Operator checks: opcheck, gradcheck, torch.compile, CUDA graphs, streams, determinism."""
-import os
-import subprocess
-import sys
 import warnings
-from pathlib import Path
 
 import pytest
 import torch
@@ -354,29 +350,3 @@ def test_double_backward_through_lse_raises(device):
     with pytest.raises(NotImplementedError, match="double backward"):
         torch.autograd.grad(dq.sum(), x)
 
-
-def test_autograd_wiring_in_use():
-    """The graph's node is the wiring CUFLASH_AUTOGRAD names: ops.py's Python function, or with
-    cpp the C++ one."""
-    out = cuflash_attn.flash_attention(*qkv("cpu", torch.float64, nq=4, nk=5, d=8))
-    expected = "CppFunction" if os.environ.get("CUFLASH_AUTOGRAD") == "cpp" else "_FwdFunctionBackward"
-    assert type(out.grad_fn).__name__ == expected
-
-
-def test_cpp_autograd_experiment():
-    """CUFLASH_AUTOGRAD=cpp (csrc/torch_ops.cpp's C++ autograd kernels, an experiment against
-    cuflash_attn/ops.py's Python ones, read when the library loads): this file's opcheck,
-    gradcheck, double-backward, lse, torch.compile, CUDA-graph and stream tests and the learned
-    mask's gradient tests, in a process of its own (test_autograd_wiring_in_use among them: the
-    C++ node is the one tested)."""
-    if os.environ.get("CUFLASH_AUTOGRAD") == "cpp":
-        pytest.skip("this process is the one that runs them")
-    tests = Path(__file__).resolve().parent
-    select = "(opcheck or gradcheck or double_backward or lse_gradient or compile or cuda_graph or stream " \
-             "or grad or wiring) and not cpp_autograd"
-    result = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(tests / "test_ops.py"),
-         str(tests / "test_attn_mask.py"), "-k", select],
-        env={**os.environ, "CUFLASH_AUTOGRAD": "cpp"}, cwd=tests.parent, capture_output=True, text=True)
-    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
-    assert " passed" in result.stdout.splitlines()[-1], result.stdout[-2000:]

@@ -335,6 +335,17 @@ def test_wide_tile_matches_reference(dtype, d):
 
 
 @pytest.mark.parametrize("dtype", LOW_PRECISION, ids=LOW_PRECISION_IDS)
+@pytest.mark.parametrize("d", [64, 128])
+def test_consumers_past_the_last_query_row(dtype, d):
+    """Query lengths whose last query block leaves one or two consumer warpgroups (64 rows each)
+    without a row: 512 and 448 on the 192-row wide tile, 64 and 300 on the 128-row one, 1000 on
+    both; with more tiles than SMs, so that persistent CTAs walk several such blocks."""
+    for batch, heads, nq, nk, causal in [(4, 16, 512, 512, False), (4, 16, 448, 700, True), (2, 16, 1000, 1000, False),
+                                         (8, 8, 64, 600, False), (8, 8, 300, 300, True)]:
+        check_dense("cuda", dtype, batch, heads, heads, nq, nk, d, causal=causal)
+
+
+@pytest.mark.parametrize("dtype", LOW_PRECISION, ids=LOW_PRECISION_IDS)
 @pytest.mark.parametrize("d", [64, 128, 256])
 def test_gqa_and_window(dtype, d):
     check_dense("cuda", dtype, 2, 8, 2, 300, 700, d, causal=True, bottom_right=True, window=(130, -1))
