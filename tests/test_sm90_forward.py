@@ -14,7 +14,8 @@ import pytest
 import torch
 
 from conftest import IS_SM90, cuda_kernels
-from reference import LOW_PRECISION, LOW_PRECISION_IDS, assert_close_to_reference, assert_lse_close
+from reference import (LOW_PRECISION, LOW_PRECISION_IDS, assert_close_to_reference, assert_lse_close,
+                       attention_reference)
 from test_features import check_dense, check_varlen
 from test_kvcache import per_sequence_reference
 from test_paged_kv import PAGE, gathered, paged_case
@@ -343,6 +344,23 @@ def test_consumers_past_the_last_query_row(dtype, d):
     for batch, heads, nq, nk, causal in [(4, 16, 512, 512, False), (4, 16, 448, 700, True), (2, 16, 1000, 1000, False),
                                          (8, 8, 64, 600, False), (8, 8, 300, 300, True)]:
         check_dense("cuda", dtype, batch, heads, heads, nq, nk, d, causal=causal)
+
+
+@pytest.mark.parametrize("dtype", LOW_PRECISION, ids=LOW_PRECISION_IDS)
+@pytest.mark.parametrize("d", [64, 128])
+@pytest.mark.parametrize("scale", [-0.3, 0.0, 1e-30, 0.125, 2.0, 40.0])
+def test_scales(dtype, d, scale):
+    """Softmax scales of either sign and zero (torch's SDPA takes any finite one), tiny ones and
+    large ones, whose scores pass 2^8 in log2 units, under a causal mask: where a kernel folds a
+    positive scale into the exponent, the others go elsewhere and large products are rounded
+    first."""
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, 4, 300, d, device="cuda", dtype=dtype) for _ in range(3))
+    out, lse = torch.ops.cuflash_attn.fwd(q, k, v, scale, True)
+    ref_out, ref_lse = attention_reference(q, k, v, causal=True, scale=scale)
+    pt_out, _ = attention_reference(q, k, v, causal=True, scale=scale, dtype=dtype)
+    assert_close_to_reference("out", out, ref_out, pt_out, dtype, factor=2, lse=ref_lse)
+    assert_lse_close(lse, ref_lse, dtype)
 
 
 @pytest.mark.parametrize("dtype", LOW_PRECISION, ids=LOW_PRECISION_IDS)

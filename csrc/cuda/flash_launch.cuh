@@ -136,6 +136,7 @@ cudaError_t with_feature_path(const AttentionParams& p, F&& f) {
 template <typename T, int kHeadDim>
 bool launch_fwd_tma(const FlashFwdParams& p, bool persistent, cudaStream_t stream, cudaError_t* err) {
   if (p.varlen.cu_seqlens_q != nullptr) return false;
+  if (CUFLASH_FWD_FOLD_SCALE && !needs_feature_path(p) && !sm90::folds_scale_safely(p)) return false;
   const AttentionShape& sh = p.shape;
   auto run = [&](auto wide, auto features, auto persist) {
     constexpr bool kWide = decltype(wide)::value, kFeatures = decltype(features)::value;

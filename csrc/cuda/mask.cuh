@@ -198,6 +198,18 @@ CUFLASH_HD bool tile_needs_mask(const MaskParams& m, const Sequence& s, int row0
   return !block_fully_visible(m, s, row0, row0 + 16, col0, col0 + kN);
 }
 
+// -inf in `t` where the mask hides the score (forward), on the tiles that need the element mask.
+template <int kN>
+__device__ __forceinline__ void mask_scores(WarpAcc<kN>& t, const MaskParams& m, const Sequence& s, int row0, int col0,
+                                            int lane) {
+  if (tile_needs_mask<false, kN>(m, s, row0, col0)) {
+    const TileVisibility<false, kN> visible(m, s, row0, col0, lane);
+    for_each_value(t, [&](float& x, int j, int e) {
+      if (!visible(j, e)) x = -INFINITY;
+    });
+  }
+}
+
 // Raw q.k in `t` becomes the scaled-log2 score, -inf where masked (forward). Without kFeatures
 // (no softcap or ALiBi) the score is q.k * scale_log2.
 template <bool kFeatures, int kN, typename T>
@@ -211,12 +223,7 @@ __device__ __forceinline__ void scores_from_qk(WarpAcc<kN>& t, const ScoreMod<T>
 #pragma unroll
       for (int e = 0; e < 4; ++e) t.v[j][e] *= mod.scale_log2;
   }
-  if (tile_needs_mask<false, kN>(m, s, row0, col0)) {
-    const TileVisibility<false, kN> visible(m, s, row0, col0, lane);
-    for_each_value(t, [&](float& x, int j, int e) {
-      if (!visible(j, e)) x = -INFINITY;
-    });
-  }
+  mask_scores(t, m, s, row0, col0, lane);
 }
 
 // Dropout keep factors (0 or 1 / (1 - p)) of a warp tile: z[j][e] for element (j, e). One Philox

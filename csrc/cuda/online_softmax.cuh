@@ -23,6 +23,36 @@ struct OnlineSoftmax {
   __device__ __forceinline__ void exp_and_rescale_factor(WarpAcc<kN>& s, float (&alpha)[2]) {
     exp_rows<false>(s, alpha, static_cast<WarpAcc<8>*>(nullptr));
   }
+  // The same from raw q.k (masked ones -inf) and a positive scale_log2 folded into the
+  // exponent's argument: p = exp2(fma(s, scale_log2, -max)), one FFMA a score where exp_rows
+  // takes a multiply and a subtraction (FlashAttention-3's form). The max is fl(raw max *
+  // scale_log2), the scaled scores' max as exp_rows keeps it (rounding is monotonic). For the
+  // row's maximum the FFMA returns the rounding error of that product instead of 0: at most 2^-17
+  // below |max| = 2^8 (scores up to 177 nats), so that p stays 1 in 16 bits and the sum's
+  // share of it is lost in rounding. From there (and at the extreme-value tests' scores, where
+  // that error would overflow or vanish) the warp rounds the product first, as exp_rows does.
+  template <int kN>
+  __device__ __forceinline__ void exp_folded_and_rescale_factor(WarpAcc<kN>& s, float scale_log2,
+                                                                float (&alpha)[2]) {
+    float base[2];
+    bool moderate = true;
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      float mx = -INFINITY;
+#pragma unroll
+      for (int j = 0; j < kN / 8; ++j) mx = fmaxf(mx, fmaxf(s.v[j][2 * r], s.v[j][2 * r + 1]));
+      mx = fmaxf(row_max[r], quad_max(mx) * scale_log2);
+      base[r] = mx == -INFINITY ? 0.f : mx;
+      alpha[r] = fast_exp2(row_max[r] - base[r]);
+      row_max[r] = mx;
+      moderate = moderate && fabsf(base[r]) < 0x1p8f;
+    }
+    if (__all_sync(0xffffffffu, moderate)) {
+      exp_and_sum(s, alpha, [&](float x, int r) { return fast_exp2(__fmaf_rn(x, scale_log2, -base[r])); });
+    } else {
+      exp_and_sum(s, alpha, [&](float x, int r) { return fast_exp2(__fmul_rn(x, scale_log2) - base[r]); });
+    }
+  }
   template <int kD>
   __device__ __forceinline__ static void rescale_rows(WarpAcc<kD>& o, const float (&alpha)[2]) {
 #pragma unroll
@@ -36,6 +66,22 @@ struct OnlineSoftmax {
     for (int j = 0; j < kD / 8; ++j) {
       o.v[j][2 * r] *= alpha;
       o.v[j][2 * r + 1] *= alpha;
+    }
+  }
+  // p = exp_of(s, row) for every score, each row's sum rescaled by alpha and added to.
+  template <int kN, class ExpOf>
+  __device__ __forceinline__ void exp_and_sum(WarpAcc<kN>& s, const float (&alpha)[2], ExpOf exp_of) {
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      float sum = 0.f;
+#pragma unroll
+      for (int j = 0; j < kN / 8; ++j)
+#pragma unroll
+        for (int e = 2 * r; e < 2 * r + 2; ++e) {
+          s.v[j][e] = exp_of(s.v[j][e], r);
+          sum += s.v[j][e];
+        }
+      row_sum[r] = row_sum[r] * alpha[r] + sum;
     }
   }
   // o: rescaled when kRescale (then not null), untouched otherwise.

@@ -20,6 +20,12 @@
 #include "tile_walk.h"
 #include "tma_maps.h"
 
+// Experiment (an A/B build's define; benchmarks/NOTES.md): the plain kernels fold the softmax
+// scale into the exponent's argument (OnlineSoftmax::exp_folded_and_rescale_factor).
+#ifndef CUFLASH_FWD_FOLD_SCALE
+#define CUFLASH_FWD_FOLD_SCALE 0
+#endif
+
 namespace cuflash::sm90 {
 
 // Tiles. The narrow ones suit query rows that see up to a few thousand keys; kWide, close to
@@ -103,6 +109,7 @@ __global__ void __launch_bounds__(FwdSm90TmaKernel<T, kHeadDim, kWide, kPersiste
   // The diagonal block's empty half (above): head dim 64, whose 128-key blocks (narrow and wide
   // tiles) halve into 64 keys.
   constexpr bool kHalfDiagonal = kHeadDim == 64 && kBlockN == 128 && !kFeatures;
+  constexpr bool kFoldScale = CUFLASH_FWD_FOLD_SCALE && !kFeatures;  // (a positive scale: folds_scale_safely)
   static_assert(kWide || kPageSizeMultiple % kBlockN == 0, "a key block lies in one page (key_at)");
   constexpr int kPanels = kHeadDim / 64, kConsumerThreads = 128 * K::kConsumers;
   extern __shared__ char smem_raw[];
@@ -257,8 +264,13 @@ __global__ void __launch_bounds__(FwdSm90TmaKernel<T, kHeadDim, kWide, kPersiste
       // Dropout after the softmax has summed every probability: only the kept ones reach P V.
       auto softmax_step = [&](auto& s, int t, float (&alpha)[2]) {
         const int col0 = tile.block_of(t) * kBlockN;
-        scores_from_qk<kFeatures>(s, mod, p.mask, tile.seq, row0, col0, lane);
-        softmax.exp_and_rescale_factor(s, alpha);
+        if constexpr (kFoldScale) {
+          mask_scores(s, p.mask, tile.seq, row0, col0, lane);  // raw q.k, -inf where masked
+          softmax.exp_folded_and_rescale_factor(s, mod.scale_log2, alpha);
+        } else {
+          scores_from_qk<kFeatures>(s, mod, p.mask, tile.seq, row0, col0, lane);
+          softmax.exp_and_rescale_factor(s, alpha);
+        }
         if (dropout) apply_dropout(s, rng, tile.b, tile.h, sh.heads_q, row0, col0, lane);
       };
       auto to_pa = [&](const auto& s) {  // a WarpAcc of kBlockN columns, or of the left half (the rest of P 0)
@@ -408,6 +420,11 @@ template <int kHeadDim>
 bool wide_rows(const FlashFwdParams& p) {
   return middle_row_keys(p) >= (kHeadDim == 128 ? 4096 : 2048);
 }
+
+// Whether the plain kernels may fold p's scale into the exponent (kFoldScale): a positive one,
+// as the kernels compute it (a zero or negative scale orders the scores otherwise, and would
+// meet the mask's -inf; those take the cp.async or sm_80-class kernels).
+inline bool folds_scale_safely(const FlashFwdParams& p) { return static_cast<float>(p.scale) * kLog2e > 0.f; }
 
 // Whether dense p has no mask (no window: causal is one), so that every tile sees every key.
 inline bool unmasked(const FlashFwdParams& p) { return p.mask.window_left < 0 && p.mask.window_right < 0; }
