@@ -10,6 +10,8 @@ query, ragged blocks, rows that see no key), the masks, GQA, varlen and the [B, 
 the profiler shows which kernel ran, and CUFLASH_SM90=0 switches back to the sm_80-class kernel.
 The "features" part (a default) adds softcap, ALiBi, attn_mask and dropout to the cp.async and
 TMA kernels."""
+import math
+
 import pytest
 import torch
 
@@ -346,21 +348,69 @@ def test_consumers_past_the_last_query_row(dtype, d):
         check_dense("cuda", dtype, batch, heads, heads, nq, nk, d, causal=causal)
 
 
+def flash_rounding_baseline(q, k, v, scale, causal=False):
+    """The output a correct flash kernel's roundings give: scores and softmax in float32, P rounded
+    to the input dtype for P V, its sum kept in float32. The accuracy rule's baseline for large
+    scales, where attention_reference in the input dtype (the scale rounded into k) errs by more
+    than the output's size."""
+    s = (q.float() @ k.float().transpose(-1, -2)) * scale
+    if causal:
+        s = s.masked_fill(torch.ones_like(s, dtype=torch.bool).triu(1), -torch.inf)
+    p = torch.exp(s - s.amax(-1, keepdim=True))
+    return (p.to(q.dtype).float() @ v.float()) / p.sum(-1, keepdim=True)
+
+
+def check_against_reference(out, lse, q, k, v, scale, causal=False, lse_rtol=1e-4):
+    ref_out, ref_lse = attention_reference(q, k, v, causal=causal, scale=scale)
+    baseline = flash_rounding_baseline(q, k, v, scale, causal)
+    assert_close_to_reference("out", out, ref_out, baseline, q.dtype, factor=2, lse=ref_lse)
+    rel = (lse.double() - ref_lse).abs() / ref_lse.abs().clamp(min=1.0)
+    assert rel.max().item() < lse_rtol, rel.max().item()
+
+
 @pytest.mark.parametrize("dtype", LOW_PRECISION, ids=LOW_PRECISION_IDS)
 @pytest.mark.parametrize("d", [64, 128])
 @pytest.mark.parametrize("scale", [-0.3, 0.0, 1e-30, 0.125, 2.0, 40.0])
 def test_scales(dtype, d, scale):
     """Softmax scales of either sign and zero (torch's SDPA takes any finite one), tiny ones and
-    large ones, whose scores pass 2^8 in log2 units, under a causal mask: where a kernel folds a
+    large ones (scores past 2^8 in log2 units at 40), under a causal mask: where a kernel folds a
     positive scale into the exponent, the others go elsewhere and large products are rounded
     first."""
     torch.manual_seed(0)
     q, k, v = (torch.randn(2, 4, 300, d, device="cuda", dtype=dtype) for _ in range(3))
     out, lse = torch.ops.cuflash_attn.fwd(q, k, v, scale, True)
-    ref_out, ref_lse = attention_reference(q, k, v, causal=True, scale=scale)
-    pt_out, _ = attention_reference(q, k, v, causal=True, scale=scale, dtype=dtype)
-    assert_close_to_reference("out", out, ref_out, pt_out, dtype, factor=2, lse=ref_lse)
-    assert_lse_close(lse, ref_lse, dtype)
+    check_against_reference(out, lse, q, k, v, scale, causal=True)
+
+
+@pytest.mark.parametrize("dtype", LOW_PRECISION, ids=LOW_PRECISION_IDS)
+@pytest.mark.parametrize("d", [64, 128])
+def test_scores_straddling_2_to_the_8(dtype, d):
+    """Row maxima of 241-276 in log2 units, 16-row groups (a warp's rows) alternately all below
+    2^8 and straddling it, over a few effective keys a row: the folded exponent and the
+    rounded-first one side by side in one tile."""
+    torch.manual_seed(0)
+    n, scale = 256, 0.5
+    i = torch.arange(n)
+    row_max = torch.where(i % 32 < 16, 250.0, torch.where(i % 2 == 0, 240.0, 272.0)).double()
+    unit = torch.ones(d, dtype=torch.float64) / d**0.5
+    q = ((row_max / (scale * math.log2(math.e)))[:, None] * unit).expand(1, 2, n, d)
+    decay = 1 - 0.002 * torch.arange(n, dtype=torch.float64)
+    k = decay[:, None] * unit + 0.01 * torch.randn(1, 2, n, d, dtype=torch.float64)
+    v = torch.randn(1, 2, n, d, dtype=torch.float64)
+    q, k, v = (t.to("cuda", dtype).contiguous() for t in (q, k, v))
+    out, lse = torch.ops.cuflash_attn.fwd(q, k, v, scale, False)
+    check_against_reference(out, lse, q, k, v, scale, lse_rtol=1e-5)
+
+
+@pytest.mark.parametrize("d", [64, 128])
+def test_negative_scale_split_kv(d):
+    """A negative scale on split-KV (a few queries over many keys): whichever kernel takes it
+    splits it and combines the parts right."""
+    torch.manual_seed(0)
+    q = torch.randn(2, 4, 16, d, device="cuda", dtype=torch.bfloat16)
+    k, v = (torch.randn(2, 4, 2048, d, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    out, lse = torch.ops.cuflash_attn.fwd(q, k, v, -0.3, False, num_splits=4)
+    check_against_reference(out, lse, q, k, v, -0.3)
 
 
 @pytest.mark.parametrize("dtype", LOW_PRECISION, ids=LOW_PRECISION_IDS)

@@ -28,9 +28,10 @@ struct OnlineSoftmax {
   // takes a multiply and a subtraction (FlashAttention-3's form). The max is fl(raw max *
   // scale_log2), the scaled scores' max as exp_rows keeps it (rounding is monotonic). For the
   // row's maximum the FFMA returns the rounding error of that product instead of 0: at most 2^-17
-  // below |max| = 2^8 (scores up to 177 nats), so that p stays 1 in 16 bits and the sum's
-  // share of it is lost in rounding. From there (and at the extreme-value tests' scores, where
-  // that error would overflow or vanish) the warp rounds the product first, as exp_rows does.
+  // below |max| = 2^8 (scores up to 177 nats), so that its p, 1 +- 2^-17 ln 2, is still 1 in 16
+  // bits (the float sum keeps the difference, which the logsumexp then accounts for). From there
+  // (and at the extreme-value tests' scores, where that error would overflow or vanish) the warp
+  // rounds the product first, as exp_rows does.
   template <int kN>
   __device__ __forceinline__ void exp_folded_and_rescale_factor(WarpAcc<kN>& s, float scale_log2,
                                                                 float (&alpha)[2]) {

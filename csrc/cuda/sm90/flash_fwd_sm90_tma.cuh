@@ -15,6 +15,7 @@
 // seqused_k and paged caches under CUFLASH_SM90's "kvcache" part (a default: the rows past a
 // sequence's keys are zeroed in shared memory, pages addressed by the producer).
 #pragma once
+#include <limits>
 #include <type_traits>
 #include "flash_fwd_sm90.cuh"
 #include "tile_walk.h"
@@ -422,9 +423,12 @@ bool wide_rows(const FlashFwdParams& p) {
 }
 
 // Whether the plain kernels may fold p's scale into the exponent (kFoldScale): a positive one,
-// as the kernels compute it (a zero or negative scale orders the scores otherwise, and would
-// meet the mask's -inf; those take the cp.async or sm_80-class kernels).
-inline bool folds_scale_safely(const FlashFwdParams& p) { return static_cast<float>(p.scale) * kLog2e > 0.f; }
+// as the kernels compute it, and normal (no flush to zero could make it 0 there). A zero or
+// negative scale orders the scores otherwise and would meet the mask's -inf: those take the
+// cp.async or sm_80-class kernels.
+inline bool folds_scale_safely(const FlashFwdParams& p) {
+  return static_cast<float>(p.scale) * kLog2e >= std::numeric_limits<float>::min();
+}
 
 // Whether dense p has no mask (no window: causal is one), so that every tile sees every key.
 inline bool unmasked(const FlashFwdParams& p) { return p.mask.window_left < 0 && p.mask.window_right < 0; }
