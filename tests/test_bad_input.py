@@ -132,6 +132,7 @@ def test_run_switch_naming_nothing_is_refused(device, variable, value, monkeypat
 @pytest.mark.parametrize("variable,value", [("CUFLASH_SM90", ""), ("CUFLASH_SM90", "0"), ("CUFLASH_SM90", "cpasync"),
                                             ("CUFLASH_SM90", "features,bwd,tma"), ("CUFLASH_SM90", "tma,persistent"),
                                             ("CUFLASH_SM90", "bwd,bwdws"), ("CUFLASH_SM90", "tma,kvcache,splits"),
+                                            ("CUFLASH_SM90", "tma,varlen"),
                                             ("CUFLASH_BWD_DQ", "atomic"), ("CUFLASH_BWD_DQ", "ordered"),
                                             ("CUFLASH_BWD_DQ", "separate"),
                                             ("CUFLASH_FWD_TILE", "wide"), ("CUFLASH_FWD_TILE", "narrow"),

@@ -213,12 +213,61 @@ def test_features(dtype, d, mode, monkeypatch):
 
 
 def test_varlen_never_takes_tma():
-    """A TMA box would read past a packed sequence's end: varlen runs the cp.async kernel."""
+    """Without the "varlen" part (not a default) packed sequences run the cp.async kernel."""
     q, k, v = (torch.randn(300, 2, 64, device="cuda", dtype=torch.bfloat16) for _ in range(3))
     cu = torch.tensor([0, 100, 300], device="cuda", dtype=torch.int32)
     names = cuda_kernels(lambda: torch.ops.cuflash_attn.fwd(q, k, v, None, False, False, cu_seqlens_q=cu,
                                                             cu_seqlens_k=cu, max_seqlen_q=200, max_seqlen_k=200))
     assert "flash_fwd_sm90_kernel<" in names and "tma" not in names, names
+
+
+VARLEN_TMA_LENGTHS = [([5, 0, 130, 64], [7, 3, 130, 0]), ([1], [1]), ([200, 33, 0], [100, 333, 0]),
+                      ([300, 129, 700], [300, 129, 700]), ([64, 1000], [1000, 64])]
+
+
+@pytest.mark.parametrize("dtype", LOW_PRECISION, ids=LOW_PRECISION_IDS)
+@pytest.mark.parametrize("d", [64, 128, 256])
+@pytest.mark.parametrize("lens", VARLEN_TMA_LENGTHS, ids=[f"lens{i}" for i in range(len(VARLEN_TMA_LENGTHS))])
+@pytest.mark.parametrize("causal", [False, True])
+def test_varlen_on_tma(dtype, d, lens, causal, mode, monkeypatch):
+    """Packed sequences on the TMA forward (the "varlen" part): empty ones, one token, keys ending
+    inside a key block (the next sequence's rows read and their V zeroed), query blocks past a
+    short sequence's end (an empty tile), GQA and bottom-right causal."""
+    if mode != "tma":
+        pytest.skip("one run: the part is set here")
+    monkeypatch.setenv("CUFLASH_SM90", "tma,varlen")
+    lens_q, lens_k = lens
+    cu_q, cu_k = (torch.tensor([0, *torch.tensor(n).cumsum(0).tolist()], dtype=torch.int32, device="cuda")
+                  for n in (lens_q, lens_k))
+    q = torch.randn(sum(lens_q), 4, d, device="cuda", dtype=dtype)
+    k, v = (torch.randn(sum(lens_k), 2, d, device="cuda", dtype=dtype) for _ in range(2))
+    names = cuda_kernels(lambda: torch.ops.cuflash_attn.fwd(
+        q, k, v, None, causal, True, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, max_seqlen_q=max(lens_q),
+        max_seqlen_k=max(lens_k)))
+    assert tma_kernel(d, dtype=dtype) in names, names
+    check_varlen("cuda", dtype, lens_q, lens_k, 4, 2, d, causal=causal, bottom_right=True)
+
+
+def test_varlen_on_tma_keeps_sequences_apart(mode, monkeypatch):
+    """A sequence's last key block reads the next sequence's rows: NaN there (in q, k and v) must
+    not reach the first sequence's output, which matches its own reference."""
+    if mode != "tma":
+        pytest.skip("one run: the part is set here")
+    monkeypatch.setenv("CUFLASH_SM90", "tma,varlen")
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(300, 2, 64, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+    for t in (q, k, v):
+        t[100:] = float("nan")
+    cu = torch.tensor([0, 100, 300], device="cuda", dtype=torch.int32)
+    out, lse = torch.ops.cuflash_attn.fwd(q, k, v, None, False, False, cu_seqlens_q=cu, cu_seqlens_k=cu,
+                                          max_seqlen_q=200, max_seqlen_k=200)
+    first = [t[:100].transpose(0, 1)[None] for t in (q, k, v)]
+    ref_out, ref_lse = attention_reference(*first)
+    pt_out, _ = attention_reference(*first, dtype=torch.bfloat16)
+    assert_close_to_reference("out", out[:100].transpose(0, 1)[None], ref_out, pt_out, torch.bfloat16, factor=2,
+                              lse=ref_lse)
+    assert_lse_close(lse[:, :100][None], ref_lse, torch.bfloat16)
+    assert torch.isnan(out[100:]).all()
 
 
 @pytest.mark.parametrize("dtype", LOW_PRECISION, ids=LOW_PRECISION_IDS)

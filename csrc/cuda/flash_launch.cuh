@@ -131,11 +131,12 @@ cudaError_t with_feature_path(const AttentionParams& p, F&& f) {
 // the wide tile (sm90::wide_rows), short rows, and long ones without a mask up to the wide
 // tile's length, the persistent kernel where asked for and built (sm90::persistent_rows), at
 // head dim 64 on the wide tile where sm90::persistent_wide_pays;
-// CUFLASH_FWD_TILE overrides the tile. False (nothing launched) where TMA cannot address p,
-// varlen included: a box would read past a packed sequence's end.
+// CUFLASH_FWD_TILE overrides the tile. Packed sequences (cu_seqlens) only under the "varlen"
+// part, on the plain narrow kernel. False (nothing launched) where TMA cannot address p.
 template <typename T, int kHeadDim>
-bool launch_fwd_tma(const FlashFwdParams& p, bool persistent, cudaStream_t stream, cudaError_t* err) {
-  if (p.varlen.cu_seqlens_q != nullptr) return false;
+bool launch_fwd_tma(const FlashFwdParams& p, const sm90::Sm90Paths& hopper, cudaStream_t stream, cudaError_t* err) {
+  const bool packed = p.varlen.cu_seqlens_q != nullptr;
+  if (packed && (!hopper.tma_varlen || p.num_splits > 1)) return false;
   if (CUFLASH_FWD_FOLD_SCALE && !needs_feature_path(p) && !sm90::folds_scale_safely(p)) return false;
   const AttentionShape& sh = p.shape;
   auto run = [&](auto wide, auto features, auto persist) {
@@ -167,7 +168,8 @@ bool launch_fwd_tma(const FlashFwdParams& p, bool persistent, cudaStream_t strea
   const bool kv_cache = p.paged.block_table != nullptr || p.varlen.seqused_k != nullptr;
   const bool split = p.num_splits > 1;
   if (needs_feature_path(p)) return run(no, yes, no);
-  const bool persistent_walk = Plain::kHasPersistent && persistent && !split &&
+  if (packed) return run(no, no, no);
+  const bool persistent_walk = Plain::kHasPersistent && hopper.persistent && !split &&
                                (kv_cache ? !sm90::long_rows(p) : sm90::persistent_rows<kHeadDim>(p));
   if (!kv_cache && !split) {
     if constexpr (kHeadDim == 64)  // the one head dim with a wide persistent kernel (smem)
@@ -219,7 +221,7 @@ cudaError_t run_flash_fwd(const FlashFwdParams& p, cudaStream_t stream) {
       const sm90::Sm90Paths hopper = sm90::sm90_paths(p);
       cudaError_t err;
       const bool tma = hopper.tma && (!split || hopper.tma_splits);
-      if (tma && launch_fwd_tma<T, kHeadDim>(p, hopper.persistent, stream, &err))
+      if (tma && launch_fwd_tma<T, kHeadDim>(p, hopper, stream, &err))
         return err != cudaSuccess || !split ? err : launch_combine<T>(p, stream);
       if (hopper.fwd && !split)
         return with_feature_path(p, [&](auto features) {

@@ -26,6 +26,9 @@
 //       splits      with tma, not a default: split-KV without the features on the plain narrow
 //                   TMA kernel, where otherwise the sm_80-class one runs (H200, one token at
 //                   batch 1: 9% faster over 16384 keys, slower up to 4096; benchmarks/NOTES.md)
+//       varlen      with tma, not a default (not yet measured): packed sequences (cu_seqlens)
+//                   without the features on the plain narrow TMA kernel, where otherwise the
+//                   cp.async forward runs
 //   CUFLASH_BWD_DQ  unset or "": dQ by its own kernel, unless the fused Hopper kernel is faster
 //                   (prefers_fused_backward), with atomics where the op's deterministic=False;
 //                   "atomic": added by the dK/dV kernel with fp32 atomics wherever it can be (not
@@ -69,6 +72,7 @@ struct Sm90Switch {
   bool on = true, tma = true, bwd = true, features = true, persistent = true, bwd_ws = true;
   bool tma_kv_cache = true;
   bool tma_splits = false;  // not a default part: faster than the sm_80-class split kernel on long caches only
+  bool tma_varlen = false;  // not a default part: packed sequences on the TMA forward, not yet measured
 };
 
 // value (null: unset) -> *out; false if value names something else.
@@ -90,6 +94,7 @@ inline bool parse_sm90_switch(const char* value, Sm90Switch* out) {
         else if (is("bwdws")) s.bwd_ws = true;
         else if (is("kvcache")) s.tma_kv_cache = true;
         else if (is("splits")) s.tma_splits = true;
+        else if (is("varlen")) s.tma_varlen = true;
         else if (!is("cpasync")) return false;
         if (!end) break;
         at = end + 1;

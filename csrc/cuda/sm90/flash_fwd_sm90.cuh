@@ -234,6 +234,7 @@ __device__ __forceinline__ void stage_rows_for_tma(const WarpAcc<kCols>& acc, co
 struct Sm90Paths {
   bool fwd = false, tma = false, persistent = false, bwd = false, bwd_ws = false;
   bool tma_splits = false;  // split-KV on the TMA forward (the "splits" part), where it can run
+  bool tma_varlen = false;  // packed sequences on the TMA forward (the "varlen" part), where it can run
 };
 inline Sm90Paths sm90_paths(const AttentionParams& p) {
   Sm90Paths choice;
@@ -256,6 +257,9 @@ inline Sm90Paths sm90_paths(const AttentionParams& p) {
   // Split-KV runs on the plain narrow TMA kernel only (kMaySplit): not with the features, nor
   // with packed queries, which TMA does not address (launch_fwd_tma).
   choice.tma_splits = choice.tma && wanted.tma_splits && !features && p.varlen.cu_seqlens_q == nullptr;
+  // Packed sequences on the plain narrow TMA kernel (kMayPack): not with the features, nor a
+  // paged cache (packed queries over pages); not split (tma_splits, launch_fwd_tma).
+  choice.tma_varlen = choice.tma && wanted.tma_varlen && !features && !paged;
   choice.bwd = choice.fwd && !features && wanted.bwd;
   choice.bwd_ws = choice.bwd && wanted.bwd_ws && whole_key_blocks;
 #else

@@ -11,9 +11,12 @@
 // others' matmuls. No load addresses, cp.async or block-wide barriers in the consumers: that is
 // what the cp.async kernel (flash_fwd_sm90.cuh) was short of. Each consumer's output leaves by
 // a TMA store from shared memory.
-// Dense inputs only (no cu_seqlens: a TMA box would read past a packed sequence's end); with
-// seqused_k and paged caches under CUFLASH_SM90's "kvcache" part (a default: the rows past a
-// sequence's keys are zeroed in shared memory, pages addressed by the producer).
+// Dense inputs; with seqused_k and paged caches under CUFLASH_SM90's "kvcache" part (a default:
+// the rows past a sequence's keys are zeroed in shared memory, pages addressed by the producer);
+// packed sequences (cu_seqlens) under its "varlen" part (not a default; the plain narrow kernel,
+// kMayPack): the boxes read from a sequence's first row, past its end into the next sequence's
+// rows, whose keys' V rows are zeroed as seqused_k's are and whose query rows are not stored (the
+// output by checked stores, not a TMA box that would write into the next sequence).
 #pragma once
 #include <limits>
 #include <type_traits>
@@ -85,6 +88,24 @@ __device__ __forceinline__ void zero_rows_of_panels(unsigned char* panels, int f
   }
 }
 
+// A consumer's 64 staged rows (stage_rows_for_tma's panels of kRows rows) to out, by the
+// consumer's 128 threads, 16 bytes each: tile rows m_start + 64 consumer.. below seqlen_q and
+// columns below head_dim only (packed sequences: the rows after a sequence's end are the next
+// sequence's). out: the sequence's row 0 of its head; row_stride in elements.
+template <typename T, int kRows, int kPanels>
+__device__ __forceinline__ void store_staged_rows(const unsigned char* stage, int consumer, T* out, int64_t row_stride,
+                                                  int m_start, int seqlen_q, int head_dim, int thread) {
+  constexpr int kChunksPerRow = kPanels * 8;
+  const int first = m_start + 64 * consumer;
+#pragma unroll
+  for (int i = 0; i < 64 * kChunksPerRow / 128; ++i) {
+    const int c = thread + 128 * i, r = c / kChunksPerRow, col = (c % kChunksPerRow) * 8;
+    if (first + r < seqlen_q && col < head_dim)
+      *reinterpret_cast<uint4*>(out + (first + r) * row_stride + col) =
+          *reinterpret_cast<const uint4*>(stage + panel_offset<kRows>(64 * consumer + r, col));
+  }
+}
+
 // One tile's work: its query block, head and batch (and split), and the key blocks its rows see.
 struct TmaTile {
   int m_start, h, b, h_kv, split;
@@ -107,6 +128,9 @@ __global__ void __launch_bounds__(FwdSm90TmaKernel<T, kHeadDim, kWide, kPersiste
   // Split-KV: the plain narrow kernel, one tile a CTA, only (launch_fwd_tma): the others' code
   // stays as it was.
   constexpr bool kMaySplit = !kWide && !kPersistent && !kFeatures;
+  // Packed sequences (the "varlen" part) run on the plain narrow kernel only (launch_fwd_tma).
+  constexpr bool kMayPack = !kWide && !kPersistent && !kFeatures;
+  const bool packed = kMayPack && p.varlen.cu_seqlens_q != nullptr;
   // The diagonal block's empty half (above): head dim 64, whose 128-key blocks (narrow and wide
   // tiles) halve into 64 keys.
   constexpr bool kHalfDiagonal = kHeadDim == 64 && kBlockN == 128 && !kFeatures;
@@ -154,6 +178,7 @@ __global__ void __launch_bounds__(FwdSm90TmaKernel<T, kHeadDim, kWide, kPersiste
     t.m_start = m_block * kBlockM;
     t.seq = sequence_of(p, t.b);
     t.n_blocks = key_blocks(p.mask, t.seq, t.m_start, min(t.m_start + kBlockM, t.seq.seqlen_q), kBlockN);
+    if (packed && t.m_start >= t.seq.seqlen_q) t.n_blocks = Range{0, 0};  // a sequence shorter than the grid
     if (kMaySplit && p.num_splits > 1) t.n_blocks = split_of(t.n_blocks, t.split, p.num_splits);
     return t;
   };
@@ -193,7 +218,9 @@ __global__ void __launch_bounds__(FwdSm90TmaKernel<T, kHeadDim, kWide, kPersiste
         // in it). A block never straddles pages: page_size is a multiple of 256, and KV caches take
         // the narrow tiles, whose blocks (128 or 64 keys) divide it; the wide ones stay as they were.
         const int key0 = tile.block_of(t) * kBlockN;
-        const KeyAt at = kWide ? KeyAt{key0, tile.b} : key_at(p.paged, tile.b, key0);
+        const KeyAt at = kWide    ? KeyAt{key0, tile.b}
+                         : packed ? KeyAt{static_cast<int>(tile.seq.k_row0) + key0, 0}
+                                  : key_at(p.paged, tile.b, key0);
         // The stage's previous tiles (step g - kStages) were released by every consumer warp.
         if (g >= kStages) mbarrier_wait(&k_empty[stage], (use - 1) & 1);
         load(&map_k, sK(stage), &k_full[stage], at);
@@ -212,7 +239,9 @@ __global__ void __launch_bounds__(FwdSm90TmaKernel<T, kHeadDim, kWide, kPersiste
         mbarrier_arrive_expect_tx(q_full, K::kQBytes);
 #pragma unroll
         for (int panel = 0; panel < kPanels; ++panel)
-          tma_load_4d(sQ + panel * kBlockM * 128, &map_q, q_full, panel * 64, tile.m_start, tile.h, tile.b);
+          tma_load_4d(sQ + panel * kBlockM * 128, &map_q, q_full, panel * 64,
+                      packed ? static_cast<int>(tile.seq.q_row0) + tile.m_start : tile.m_start, tile.h,
+                      packed ? 0 : tile.b);
       }
       for (int t = early; t < steps; ++t) load_step(t);
       step += steps;
@@ -296,7 +325,8 @@ __global__ void __launch_bounds__(FwdSm90TmaKernel<T, kHeadDim, kWide, kPersiste
       // scores are masked, but P V would still take 0 x NaN from a stale or uninitialized row:
       // the consumers zero those rows of V first, a share each, before any P V of the tile.
       const int used_rows = tile.seq.seqlen_k - tile.block_of(0) * kBlockN;  // > 0: the block has a key
-      if (!kWide && p.varlen.seqused_k != nullptr && used_rows < kBlockN) {  // the same for every consumer
+      const bool keys_end_in_block = p.varlen.seqused_k != nullptr || packed;  // else TMA reads zeros there
+      if (!kWide && keys_end_in_block && used_rows < kBlockN) {  // the same for every consumer
         wait_v(0);
         zero_rows_of_panels<kPanels, kBlockN>(sV(stage_of(0)), used_rows, tid - 128, kConsumerThreads);
         fence_async_shared();  // these generic-proxy writes before the wgmmas' (async proxy) reads
@@ -386,7 +416,11 @@ __global__ void __launch_bounds__(FwdSm90TmaKernel<T, kHeadDim, kWide, kPersiste
     stage_rows_for_tma<T, kBlockM>(o, inv_l, stage, warp_row, lane);
     fence_async_shared();  // these writes before the bulk store's (async proxy) reads
     named_barrier_sync<128>(epilogue_barrier);
-    if (first_thread && tile.m_start + 64 * consumer < tile.seq.seqlen_q) {
+    if (packed) {
+      T* out = row_at<T>(p.out, p.out_strides, tile.seq, true, tile.b, tile.h, 0);
+      store_staged_rows<T, kBlockM, kPanels>(stage, consumer, out, p.out_strides.row, tile.m_start, tile.seq.seqlen_q,
+                                             sh.head_dim, tid % 128);
+    } else if (first_thread && tile.m_start + 64 * consumer < tile.seq.seqlen_q) {
 #pragma unroll
       for (int panel = 0; panel < kPanels; ++panel)
         tma_store_4d(&map_o, stage + panel * kBlockM * 128 + consumer * 64 * 128, panel * 64,
@@ -459,22 +493,25 @@ struct AttentionTmaMaps {
   CUtensorMap q, k, v, o;  // o: 64-row boxes (a consumer's rows)
 };
 // A paged cache's k and v are [num_pages, heads_kv, page_size, head_dim]: pages in the batch
-// dimension, a page's rows in the row one.
+// dimension, a page's rows in the row one; packed sequences' q, k, v and out are
+// [total, heads, head_dim]: one batch of all their rows.
 template <typename T, int kHeadDim, bool kWide>
 bool encode_fwd_tma_maps(const FlashFwdParams& p, AttentionTmaMaps* maps) {
   using K = FwdSm90TmaKernel<T, kHeadDim, kWide>;
   const AttentionShape& sh = p.shape;
   constexpr bool kBf16 = std::is_same_v<T, __nv_bfloat16>;
-  const bool paged = p.paged.block_table != nullptr;
-  const int kv_batch = paged ? p.paged.num_pages : sh.batch, kv_rows = paged ? p.paged.page_size : sh.seqlen_k;
-  return encode_attention_map(&maps->q, p.q, kBf16, p.q_strides, sh.batch, sh.heads_q, sh.seqlen_q, sh.head_dim,
+  const bool paged = p.paged.block_table != nullptr, packed_q = p.varlen.cu_seqlens_q != nullptr;
+  const bool packed_k = p.varlen.cu_seqlens_k != nullptr;
+  const int q_batch = packed_q ? 1 : sh.batch, q_rows = packed_q ? p.varlen.total_q : sh.seqlen_q;
+  const int kv_batch = paged ? p.paged.num_pages : packed_k ? 1 : sh.batch;
+  const int kv_rows = paged ? p.paged.page_size : packed_k ? p.varlen.total_k : sh.seqlen_k;
+  return encode_attention_map(&maps->q, p.q, kBf16, p.q_strides, q_batch, sh.heads_q, q_rows, sh.head_dim,
                               K::kBlockM) &&
          encode_attention_map(&maps->k, p.k, kBf16, p.k_strides, kv_batch, sh.heads_kv, kv_rows, sh.head_dim,
                               K::kBlockN) &&
          encode_attention_map(&maps->v, p.v, kBf16, p.v_strides, kv_batch, sh.heads_kv, kv_rows, sh.head_dim,
                               K::kBlockN) &&
-         encode_attention_map(&maps->o, p.out, kBf16, p.out_strides, sh.batch, sh.heads_q, sh.seqlen_q, sh.head_dim,
-                              64);
+         encode_attention_map(&maps->o, p.out, kBf16, p.out_strides, q_batch, sh.heads_q, q_rows, sh.head_dim, 64);
 }
 
 }  // namespace cuflash::sm90
