@@ -16,7 +16,8 @@ KV-cache forward: paged keys (with seqused_k and flash_attn_with_kvcache's appen
 its combine kernel (with features, paged keys and packed queries), and decoding steps (grouped
 heads as rows; four causal tokens a step packed under CUFLASH_PACK_GQA=1; 130 unsplit and one split
 5 ways on the TMA forwards (CUFLASH_SM90's "kvcache" part, a default; the splits under its "splits"
-part), over contiguous and paged caches); packed sequences on the TMA forward (its "varlen" part). Every case is checked against the float64 reference with
+part), over contiguous and paged caches); packed sequences on the TMA forward (its "varlen"
+part). Every case is checked against the float64 reference with
 the accuracy rule, so a clean sanitizer run is also a correctness run.
 
     python3 tests/sanitize_driver.py [--list] [--only REGEX] [--case DESCRIPTION] [--device cpu]

@@ -249,25 +249,32 @@ def test_varlen_on_tma(dtype, d, lens, causal, mode, monkeypatch):
 
 
 def test_varlen_on_tma_keeps_sequences_apart(mode, monkeypatch):
-    """A sequence's last key block reads the next sequence's rows: NaN there (in q, k and v) must
-    not reach the first sequence's output, which matches its own reference."""
+    """Each sequence's last key and query blocks read the next one's rows: NaN in the middle
+    sequence's q, k and v must not reach the first or the last one's output (each matching its
+    own reference), and the rows after the last sequence, which the op zero-fills, must stay 0
+    (lse -inf): no store past a sequence's end."""
     if mode != "tma":
         pytest.skip("one run: the part is set here")
     monkeypatch.setenv("CUFLASH_SM90", "tma,varlen")
     torch.manual_seed(0)
-    q, k, v = (torch.randn(300, 2, 64, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+    total = 330  # sequences of 100, 150 and 50 rows, then 30 that none covers
+    q, k, v = (torch.randn(total, 2, 64, device="cuda", dtype=torch.bfloat16) for _ in range(3))
     for t in (q, k, v):
-        t[100:] = float("nan")
-    cu = torch.tensor([0, 100, 300], device="cuda", dtype=torch.int32)
-    out, lse = torch.ops.cuflash_attn.fwd(q, k, v, None, False, False, cu_seqlens_q=cu, cu_seqlens_k=cu,
-                                          max_seqlen_q=200, max_seqlen_k=200)
-    first = [t[:100].transpose(0, 1)[None] for t in (q, k, v)]
-    ref_out, ref_lse = attention_reference(*first)
-    pt_out, _ = attention_reference(*first, dtype=torch.bfloat16)
-    assert_close_to_reference("out", out[:100].transpose(0, 1)[None], ref_out, pt_out, torch.bfloat16, factor=2,
-                              lse=ref_lse)
-    assert_lse_close(lse[:, :100][None], ref_lse, torch.bfloat16)
-    assert torch.isnan(out[100:]).all()
+        t[100:250] = float("nan")
+    cu = torch.tensor([0, 100, 250, 300], device="cuda", dtype=torch.int32)
+    call = lambda: torch.ops.cuflash_attn.fwd(q, k, v, None, False, False, cu_seqlens_q=cu,  # noqa: E731
+                                              cu_seqlens_k=cu, max_seqlen_q=150, max_seqlen_k=150)
+    assert tma_kernel(64) in cuda_kernels(call)
+    out, lse = call()
+    for rows in (slice(0, 100), slice(250, 300)):
+        seq = [t[rows].transpose(0, 1)[None] for t in (q, k, v)]
+        ref_out, ref_lse = attention_reference(*seq)
+        pt_out, _ = attention_reference(*seq, dtype=torch.bfloat16)
+        assert_close_to_reference("out", out[rows].transpose(0, 1)[None], ref_out, pt_out, torch.bfloat16, factor=2,
+                                  lse=ref_lse)
+        assert_lse_close(lse[:, rows][None], ref_lse, torch.bfloat16)
+    assert torch.isnan(out[100:250]).all()
+    assert torch.all(out[300:] == 0) and torch.all(torch.isneginf(lse[:, 300:]))
 
 
 @pytest.mark.parametrize("dtype", LOW_PRECISION, ids=LOW_PRECISION_IDS)

@@ -205,7 +205,9 @@ __global__ void __launch_bounds__(FwdSm90TmaKernel<T, kHeadDim, kWide, kPersiste
     for (int index = first_tile, iteration = 0; index < num_tiles; index += tile_stride, ++iteration) {
       const TmaTile tile = tile_at(index);
       const int steps = tile.steps();
-      if (p.tile_counters) count_tiles(p.tile_counters, tile.seq, tile.n_blocks, kBlockM, kBlockN);
+      // (A query block past a packed sequence's end is no tile, as in the other kernels.)
+      if (p.tile_counters && !(packed && tile.m_start >= tile.seq.seqlen_q))
+        count_tiles(p.tile_counters, tile.seq, tile.n_blocks, kBlockM, kBlockN);
       auto load = [&](const CUtensorMap* map, unsigned char* dst, uint64_t* full, KeyAt at) {
         mbarrier_arrive_expect_tx(full, K::kKVBytes);
 #pragma unroll
