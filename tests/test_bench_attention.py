@@ -198,3 +198,15 @@ def test_rounds_take_any_number_of_steps_under_a_given_environment(monkeypatch):
                                         environment=lambda cell: bench.switches_set({"CUFLASH_SM90": cell[1]}))
     assert all(got == ([2.0, 2.0],) for got in samples.values())
     assert sorted(seen) == ["", "", "", "", "0", "0", "0", "0"] and "CUFLASH_SM90" not in os.environ
+
+
+def test_varlen_bench_lengths_and_variant_names(monkeypatch):
+    """bench_varlen.py's sets of lengths (LxN: N sequences of L tokens), and its cells' names,
+    which set their CUFLASH_SM90 value (commas included) through environment_of."""
+    import bench_varlen
+    assert bench_varlen.parse_lengths("2048x2;5,7x3") == [[2048, 2048], [5, 7, 7, 7]]
+    monkeypatch.delenv("CUFLASH_SM90", raising=False)
+    with bench.environment_of("@CUFLASH_SM90=tma,kvcache,varlen"):
+        assert os.environ["CUFLASH_SM90"] == "tma,kvcache,varlen"
+    with bench.environment_of("defaults"):
+        assert "CUFLASH_SM90" not in os.environ

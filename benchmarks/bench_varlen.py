@@ -1,0 +1,95 @@
+#!/usr/bin/env python3
+"""Speed of packed sequences (cu_seqlens, flash_attn_varlen_func's inputs) on each Hopper forward.
+
+    python3 benchmarks/bench_varlen.py [--head-dims 64,128,256] [--lengths "2048x8;512,1024,3000,4096"]
+
+For every set of sequence lengths (a "LxN" item is N sequences of L tokens; 16384 tokens in the
+default sets) and head dim, our forward on the packed batch under each CUFLASH_SM90 value in
+--variants: by default the defaults (packed sequences on the cp.async Hopper forward) and the
+defaults plus the "varlen" part (the TMA forward); and, where every sequence has one length, the
+same tokens as a dense [B, H, N, D] batch under the defaults (the TMA forward's own speed, the
+ceiling for the packed path). bf16, heads = 2048 / D (GQA off), causal and not; TFLOP/s counts
+each sequence's own FLOPs. The cells of a shape are timed in --rounds interleaved rounds
+(bench_attention.interleaved_timings), each figure their median."""
+import argparse
+import statistics
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import bench_attention as bench  # noqa: E402
+
+DEFAULT_PARTS = "tma,bwd,bwdws,features,persistent,kvcache"  # csrc/cuda/run_switches.h's defaults
+
+
+def parse_lengths(text):
+    """'2048x8;512,1024' -> [[2048] * 8, [512, 1024]]."""
+    sets = []
+    for item in text.split(";"):
+        lengths = []
+        for part in item.split(","):
+            length, _, count = part.partition("x")
+            lengths += [int(length)] * int(count or 1)
+        sets.append(lengths)
+    return sets
+
+
+def packed_call(lengths, heads, d, causal):
+    total = sum(lengths)
+    q, k, v = (torch.randn(total, heads, d, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+    cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], device="cuda", dtype=torch.int32)
+    longest = max(lengths)
+    return lambda: torch.ops.cuflash_attn.fwd(q, k, v, None, causal, False, cu_seqlens_q=cu, cu_seqlens_k=cu,
+                                              max_seqlen_q=longest, max_seqlen_k=longest)
+
+
+def dense_call(length, batch, heads, d, causal):
+    q, k, v = (torch.randn(batch, heads, length, d, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+    return lambda: torch.ops.cuflash_attn.fwd(q, k, v, None, causal, False)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--head-dims", type=lambda s: bench.parse_list(s, int), default=[64, 128])
+    p.add_argument("--lengths", type=parse_lengths, default=parse_lengths("2048x8;512x32;300,1000,3000,700,5000,6384"),
+                   help="';'-separated sets of sequence lengths, LxN for N of length L")
+    p.add_argument("--variants", type=lambda s: s.split(";"), default=["", DEFAULT_PARTS + ",varlen"],
+                   help="CUFLASH_SM90 values, ';'-separated (default: the defaults; the defaults + varlen)")
+    p.add_argument("--warmup-ms", type=float, default=10.0)
+    p.add_argument("--rep-ms", type=float, default=40.0)
+    p.add_argument("--rounds", type=int, default=3, help="interleaved timings of each cell (default 3)")
+    args = p.parse_args(argv)
+    if args.rounds < 1:
+        p.error(f"--rounds {args.rounds}: must be at least 1")
+    bench.import_cuflash_attn()
+    timer = bench.make_timer(args.warmup_ms, args.rep_ms)
+    names = [v or "defaults" for v in args.variants]
+    print(f"{bench.env_line(bench.environment())}; forward, packed sequences\n")
+    header = ["D", "causal", "lengths"] + [f"{n} TFLOP/s" for n in names] + ["dense TFLOP/s"]
+    header += [f"{n} / {names[0]}" for n in names[1:]] + [f"{names[-1]} / dense"]
+    print("| " + " | ".join(header) + " |\n|" + "---|" * len(header))
+    for d in args.head_dims:
+        heads = 2048 // d
+        for lengths in args.lengths:
+            described = ",".join(f"{n}x{lengths.count(n)}" for n in sorted(set(lengths)))
+            for causal in (False, True):
+                flops = sum(bench.fwd_flops(1, heads, n, n, d, causal) for n in lengths)
+                steps = {f"@CUFLASH_SM90={v}" if v else "defaults": (packed_call(lengths, heads, d, causal),)
+                         for v in args.variants}
+                if len(set(lengths)) == 1:
+                    steps["dense"] = (dense_call(lengths[0], len(lengths), heads, d, causal),)
+                samples = bench.interleaved_timings(steps, timer, args.rounds)
+                tf = {}
+                for name, rounds in samples.items():
+                    tf[name] = bench.tflops(flops, statistics.median(rounds[0])) if isinstance(rounds, tuple) else None
+                cells = [tf[f"@CUFLASH_SM90={v}" if v else "defaults"] for v in args.variants] + [tf.get("dense")]
+                ratios = [a / cells[0] if a and cells[0] else None for a in cells[1:-1]]
+                ratios.append(cells[-2] / cells[-1] if cells[-2] and cells[-1] else None)
+                text = [f"{c:.0f}" if c else "-" for c in cells] + [f"{r:.2f}x" if r else "-" for r in ratios]
+                print(f"| {d} | {'yes' if causal else 'no'} | {described} | " + " | ".join(text) + " |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
