@@ -358,6 +358,21 @@ def prepare_row(name, make, shape, causal, dtype, layout, inputs, skip_math_abov
     return row, (fwd_step(fn, q, k, v), fwdbwd_step(fn, q, k, v, dout))
 
 
+def add_timing_arguments(parser):
+    """--warmup-ms, --rep-ms and --rounds, as this file's and the other interleaved benchmarks'
+    command lines take them (check_timing_arguments after parsing)."""
+    parser.add_argument("--warmup-ms", type=float, default=10.0, help="warm-up per timing (default 10)")
+    parser.add_argument("--rep-ms", type=float, default=40.0, help="repeats per timing (default 40)")
+    parser.add_argument("--rounds", type=int, default=3,
+                        help="timings of each cell, interleaved with the others' in a rotating order; each "
+                             "figure is their median (default 3)")
+
+
+def check_timing_arguments(parser, args):
+    if args.rounds < 1:
+        parser.error(f"--rounds {args.rounds}: must be at least 1")
+
+
 def interleaved_timings(steps, timer, rounds, environment=environment_of):
     """{name: (a list of ms a round for each of its steps) or the error's line}, steps being
     {name: (step, ...)} (here: the forward, the forward+backward): each name's steps timed once a
@@ -755,11 +770,7 @@ def parse_args(argv=None):
     p.add_argument("--skip-math-above", type=int, default=4096, metavar="N",
                    help="skip sdpa_math when seqlen > N, recording an error row (default 4096; "
                         "-1: never skip)")
-    p.add_argument("--warmup-ms", type=float, default=10.0, help="warm-up per timing (default 10)")
-    p.add_argument("--rep-ms", type=float, default=40.0, help="repeats per timing (default 40)")
-    p.add_argument("--rounds", type=int, default=3,
-                   help="timings of each implementation, interleaved with the others' in a rotating "
-                        "order; the row is their median (default 3)")
+    add_timing_arguments(p)
     p.add_argument("--out", type=Path, default=RESULTS_DIR,
                    help="output directory (default benchmarks/results)")
     p.add_argument("--tag", default=None,
@@ -782,8 +793,7 @@ def parse_args(argv=None):
     args.head_dims = args.head_dims or list(QUICK_HEAD_DIMS if args.quick else HEAD_DIMS)
     args.seqlens = args.seqlens or list(QUICK_SEQLENS if args.quick else SEQLENS)
     args.causals = {"both": [False, True], "true": [True], "false": [False]}[args.causal]
-    if args.rounds < 1:
-        p.error(f"--rounds {args.rounds}: must be at least 1")
+    check_timing_arguments(p, args)
     if args.skip_math_above is not None and args.skip_math_above < 0:
         args.skip_math_above = None
     for d in args.head_dims:

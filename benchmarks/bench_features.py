@@ -55,13 +55,10 @@ def main(argv=None):
     p.add_argument("--seqlens", type=lambda s: bench.parse_list(s, int), default=[2048, 8192])
     p.add_argument("--variants", type=lambda s: s.split(";"), default=["", "0", "bwd,features"],
                    help="CUFLASH_SM90 values, ';'-separated (default: ';0;bwd,features')")
-    p.add_argument("--warmup-ms", type=float, default=10.0)
-    p.add_argument("--rep-ms", type=float, default=40.0)
-    p.add_argument("--rounds", type=int, default=3, help="interleaved timings of each cell (default 3)")
+    bench.add_timing_arguments(p)
     p.add_argument("--backward", action="store_true", help="time forward + backward")
     args = p.parse_args(argv)
-    if args.rounds < 1:
-        p.error(f"--rounds {args.rounds}: must be at least 1")
+    bench.check_timing_arguments(p, args)
     bench.import_cuflash_attn()
     timer = bench.make_timer(args.warmup_ms, args.rep_ms)
     names = [v or "unset" for v in args.variants]

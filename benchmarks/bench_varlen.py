@@ -57,12 +57,9 @@ def main(argv=None):
                    help="';'-separated sets of sequence lengths, LxN for N of length L")
     p.add_argument("--variants", type=lambda s: s.split(";"), default=["", DEFAULT_PARTS + ",varlen"],
                    help="CUFLASH_SM90 values, ';'-separated (default: the defaults; the defaults + varlen)")
-    p.add_argument("--warmup-ms", type=float, default=10.0)
-    p.add_argument("--rep-ms", type=float, default=40.0)
-    p.add_argument("--rounds", type=int, default=3, help="interleaved timings of each cell (default 3)")
+    bench.add_timing_arguments(p)
     args = p.parse_args(argv)
-    if args.rounds < 1:
-        p.error(f"--rounds {args.rounds}: must be at least 1")
+    bench.check_timing_arguments(p, args)
     bench.import_cuflash_attn()
     timer = bench.make_timer(args.warmup_ms, args.rep_ms)
     names = [v or "defaults" for v in args.variants]
