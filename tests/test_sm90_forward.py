@@ -248,6 +248,19 @@ def test_varlen_on_tma(dtype, d, lens, causal, mode, monkeypatch):
     check_varlen("cuda", dtype, lens_q, lens_k, 4, 2, d, causal=causal, bottom_right=True)
 
 
+@pytest.mark.parametrize("d", [64, 128])
+def test_varlen_on_tma_windows_and_unknown_lengths(d, mode, monkeypatch):
+    """Packed sequences on the TMA forward with a sliding window (key blocks from inside the
+    sequence), and with max_seqlen not given (the grid from the packed length: most query
+    blocks empty)."""
+    if mode != "tma":
+        pytest.skip("one run: the part is set here")
+    monkeypatch.setenv("CUFLASH_SM90", "tma,varlen")
+    lens_q, lens_k = [300, 0, 129, 700], [300, 40, 129, 500]
+    check_varlen("cuda", torch.bfloat16, lens_q, lens_k, 4, 2, d, window=(100, 20), bottom_right=True)
+    check_varlen("cuda", torch.bfloat16, lens_q, lens_k, 4, 2, d, max_seqlen=False, causal=True)
+
+
 def test_varlen_on_tma_keeps_sequences_apart(mode, monkeypatch):
     """Each sequence's last key and query blocks read the next one's rows: NaN in the middle
     sequence's q, k and v must not reach the first or the last one's output (each matching its
