@@ -39,19 +39,17 @@ struct OnlineSoftmax {
     bool moderate = true;
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
-      float mx = -INFINITY;
-#pragma unroll
-      for (int j = 0; j < kN / 8; ++j) mx = fmaxf(mx, fmaxf(s.v[j][2 * r], s.v[j][2 * r + 1]));
-      mx = fmaxf(row_max[r], quad_max(mx) * scale_log2);
-      base[r] = mx == -INFINITY ? 0.f : mx;
-      alpha[r] = fast_exp2(row_max[r] - base[r]);
-      row_max[r] = mx;
+      base[r] = advance_max(r, fmaxf(row_max[r], row_max_of(s, r, -INFINITY) * scale_log2), alpha[r]);
       moderate = moderate && fabsf(base[r]) < 0x1p8f;
     }
     if (__all_sync(0xffffffffu, moderate)) {
-      exp_and_sum(s, alpha, [&](float x, int r) { return fast_exp2(__fmaf_rn(x, scale_log2, -base[r])); });
+#pragma unroll
+      for (int r = 0; r < 2; ++r)
+        exp_and_sum_row(s, r, alpha[r], [&](float x) { return fast_exp2(__fmaf_rn(x, scale_log2, -base[r])); });
     } else {
-      exp_and_sum(s, alpha, [&](float x, int r) { return fast_exp2(__fmul_rn(x, scale_log2) - base[r]); });
+#pragma unroll
+      for (int r = 0; r < 2; ++r)
+        exp_and_sum_row(s, r, alpha[r], [&](float x) { return fast_exp2(__fmul_rn(x, scale_log2) - base[r]); });
     }
   }
   template <int kD>
@@ -69,46 +67,44 @@ struct OnlineSoftmax {
       o.v[j][2 * r + 1] *= alpha;
     }
   }
-  // p = exp_of(s, row) for every score, each row's sum rescaled by alpha and added to.
+  // The quad's largest of row r's values in s and init.
+  template <int kN>
+  __device__ __forceinline__ static float row_max_of(const WarpAcc<kN>& s, int r, float init) {
+    float mx = init;
+#pragma unroll
+    for (int j = 0; j < kN / 8; ++j) mx = fmaxf(mx, fmaxf(s.v[j][2 * r], s.v[j][2 * r + 1]));
+    return quad_max(mx);
+  }
+  // Row r's running max becomes mx; returns the exponents' base and sets alpha, the rescale of
+  // what was summed before. A row with nothing visible yet keeps max -inf; exp2 against base 0
+  // then gives p = 0.
+  __device__ __forceinline__ float advance_max(int r, float mx, float& alpha) {
+    const float base = mx == -INFINITY ? 0.f : mx;
+    alpha = fast_exp2(row_max[r] - base);
+    row_max[r] = mx;
+    return base;
+  }
+  // p = exp_of(score) for row r's scores, its sum rescaled by alpha and added to.
   template <int kN, class ExpOf>
-  __device__ __forceinline__ void exp_and_sum(WarpAcc<kN>& s, const float (&alpha)[2], ExpOf exp_of) {
+  __device__ __forceinline__ void exp_and_sum_row(WarpAcc<kN>& s, int r, float alpha, ExpOf exp_of) {
+    float sum = 0.f;
 #pragma unroll
-    for (int r = 0; r < 2; ++r) {
-      float sum = 0.f;
+    for (int j = 0; j < kN / 8; ++j)
 #pragma unroll
-      for (int j = 0; j < kN / 8; ++j)
-#pragma unroll
-        for (int e = 2 * r; e < 2 * r + 2; ++e) {
-          s.v[j][e] = exp_of(s.v[j][e], r);
-          sum += s.v[j][e];
-        }
-      row_sum[r] = row_sum[r] * alpha[r] + sum;
-    }
+      for (int e = 2 * r; e < 2 * r + 2; ++e) {
+        s.v[j][e] = exp_of(s.v[j][e]);
+        sum += s.v[j][e];
+      }
+    row_sum[r] = row_sum[r] * alpha + sum;
   }
   // o: rescaled when kRescale (then not null), untouched otherwise.
   template <bool kRescale, int kN, int kD>
   __device__ __forceinline__ void exp_rows(WarpAcc<kN>& s, float (&alpha)[2], WarpAcc<kD>* o) {
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
-      float mx = row_max[r];
-#pragma unroll
-      for (int j = 0; j < kN / 8; ++j) mx = fmaxf(mx, fmaxf(s.v[j][2 * r], s.v[j][2 * r + 1]));
-      mx = quad_max(mx);
-      // A row with nothing visible yet keeps max -inf; exp2 against 0 then gives p = 0.
-      const float base = mx == -INFINITY ? 0.f : mx;
-      const float a = fast_exp2(row_max[r] - base);
-      alpha[r] = a;
-      row_max[r] = mx;
-      float sum = 0.f;
-#pragma unroll
-      for (int j = 0; j < kN / 8; ++j)
-#pragma unroll
-        for (int e = 2 * r; e < 2 * r + 2; ++e) {
-          s.v[j][e] = fast_exp2(s.v[j][e] - base);
-          sum += s.v[j][e];
-        }
-      row_sum[r] = row_sum[r] * a + sum;
-      if constexpr (kRescale) rescale_row(*o, r, a);
+      const float base = advance_max(r, row_max_of(s, r, row_max[r]), alpha[r]);
+      exp_and_sum_row(s, r, alpha[r], [&](float x) { return fast_exp2(x - base); });
+      if constexpr (kRescale) rescale_row(*o, r, alpha[r]);
     }
   }
 
