@@ -373,6 +373,20 @@ def check_timing_arguments(parser, args):
         parser.error(f"--rounds {args.rounds}: must be at least 1")
 
 
+def parse_timed_command_line(parser, argv):
+    """An interleaved benchmark of our op (bench_features.py, bench_varlen.py): its arguments
+    parsed and checked, the library loaded; (args, the timer)."""
+    args = parser.parse_args(argv)
+    check_timing_arguments(parser, args)
+    import_cuflash_attn()
+    return args, make_timer(args.warmup_ms, args.rep_ms)
+
+
+def markdown_header(head):
+    """A markdown table's header and rule lines."""
+    return "| " + " | ".join(head) + " |\n|" + "---|" * len(head)
+
+
 def interleaved_timings(steps, timer, rounds, environment=environment_of):
     """{name: (a list of ms a round for each of its steps) or the error's line}, steps being
     {name: (step, ...)} (here: the forward, the forward+backward): each name's steps timed once a

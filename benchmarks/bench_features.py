@@ -57,15 +57,12 @@ def main(argv=None):
                    help="CUFLASH_SM90 values, ';'-separated (default: ';0;bwd,features')")
     bench.add_timing_arguments(p)
     p.add_argument("--backward", action="store_true", help="time forward + backward")
-    args = p.parse_args(argv)
-    bench.check_timing_arguments(p, args)
-    bench.import_cuflash_attn()
-    timer = bench.make_timer(args.warmup_ms, args.rep_ms)
+    args, timer = bench.parse_timed_command_line(p, argv)
     names = [v or "unset" for v in args.variants]
     print(f"{bench.env_line(bench.environment())}; {'forward + backward' if args.backward else 'forward'}\n")
     header = ["D", "causal", "N", "features"] + [f"{n} TFLOP/s" for n in names]
     header += [f"{n} / {names[0]}" for n in names[1:]] + [f"{n}: / plain" for n in names]
-    print("| " + " | ".join(header) + " |\n|" + "---|" * len(header))
+    print(bench.markdown_header(header))
     for d in args.head_dims:
         for n in args.seqlens:
             batch, heads = max(1, 16384 // n), 2048 // d

@@ -58,15 +58,12 @@ def main(argv=None):
     p.add_argument("--variants", type=lambda s: s.split(";"), default=["", DEFAULT_PARTS + ",varlen"],
                    help="CUFLASH_SM90 values, ';'-separated (default: the defaults; the defaults + varlen)")
     bench.add_timing_arguments(p)
-    args = p.parse_args(argv)
-    bench.check_timing_arguments(p, args)
-    bench.import_cuflash_attn()
-    timer = bench.make_timer(args.warmup_ms, args.rep_ms)
+    args, timer = bench.parse_timed_command_line(p, argv)
     names = [v or "defaults" for v in args.variants]
     print(f"{bench.env_line(bench.environment())}; forward, packed sequences\n")
     header = ["D", "causal", "lengths"] + [f"{n} TFLOP/s" for n in names] + ["dense TFLOP/s"]
     header += [f"{n} / {names[0]}" for n in names[1:]] + [f"{names[-1]} / dense"]
-    print("| " + " | ".join(header) + " |\n|" + "---|" * len(header))
+    print(bench.markdown_header(header))
     for d in args.head_dims:
         heads = 2048 // d
         for lengths in args.lengths:
