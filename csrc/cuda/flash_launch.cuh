@@ -137,7 +137,6 @@ template <typename T, int kHeadDim>
 bool launch_fwd_tma(const FlashFwdParams& p, const sm90::Sm90Paths& hopper, cudaStream_t stream, cudaError_t* err) {
   const bool packed = p.varlen.cu_seqlens_q != nullptr;
   if (packed && (!hopper.tma_varlen || p.num_splits > 1)) return false;
-  if (CUFLASH_FWD_FOLD_SCALE && !needs_feature_path(p) && !sm90::folds_scale_safely(p)) return false;
   const AttentionShape& sh = p.shape;
   auto run = [&](auto wide, auto features, auto persist) {
     constexpr bool kWide = decltype(wide)::value, kFeatures = decltype(features)::value;
@@ -168,6 +167,7 @@ bool launch_fwd_tma(const FlashFwdParams& p, const sm90::Sm90Paths& hopper, cuda
   const bool kv_cache = p.paged.block_table != nullptr || p.varlen.seqused_k != nullptr;
   const bool split = p.num_splits > 1;
   if (needs_feature_path(p)) return run(no, yes, no);
+  if (CUFLASH_FWD_FOLD_SCALE && !sm90::folds_scale_safely(p)) return false;  // the plain kernels fold it
   if (packed) return run(no, no, no);
   const bool persistent_walk = Plain::kHasPersistent && hopper.persistent && !split &&
                                (kv_cache ? !sm90::long_rows(p) : sm90::persistent_rows<kHeadDim>(p));

@@ -113,6 +113,8 @@ struct TmaTile {
   Range n_blocks;
   __device__ int steps() const { return n_blocks.end - n_blocks.begin; }
   __device__ int block_of(int step) const { return n_blocks.end - 1 - step; }  // last block first
+  // No query row (a packed sequence shorter than the grid), as the cp.async kernel's tile says.
+  __device__ bool empty() const { return m_start >= seq.seqlen_q; }
 };
 
 // kFeatures: softcap, ALiBi, attn_mask or dropout may be on (CUFLASH_SM90's "features" part, a
@@ -178,7 +180,7 @@ __global__ void __launch_bounds__(FwdSm90TmaKernel<T, kHeadDim, kWide, kPersiste
     t.m_start = m_block * kBlockM;
     t.seq = sequence_of(p, t.b);
     t.n_blocks = key_blocks(p.mask, t.seq, t.m_start, min(t.m_start + kBlockM, t.seq.seqlen_q), kBlockN);
-    if (packed && t.m_start >= t.seq.seqlen_q) t.n_blocks = Range{0, 0};  // a sequence shorter than the grid
+    if (packed && t.empty()) t.n_blocks = Range{0, 0};
     if (kMaySplit && p.num_splits > 1) t.n_blocks = split_of(t.n_blocks, t.split, p.num_splits);
     return t;
   };
@@ -205,8 +207,8 @@ __global__ void __launch_bounds__(FwdSm90TmaKernel<T, kHeadDim, kWide, kPersiste
     for (int index = first_tile, iteration = 0; index < num_tiles; index += tile_stride, ++iteration) {
       const TmaTile tile = tile_at(index);
       const int steps = tile.steps();
-      // (A query block past a packed sequence's end is no tile, as in the other kernels.)
-      if (p.tile_counters && !(packed && tile.m_start >= tile.seq.seqlen_q))
+      // (An empty query block is no tile, as in the other kernels; dense tiles never are.)
+      if (p.tile_counters && !(packed && tile.empty()))
         count_tiles(p.tile_counters, tile.seq, tile.n_blocks, kBlockM, kBlockN);
       auto load = [&](const CUtensorMap* map, unsigned char* dst, uint64_t* full, KeyAt at) {
         mbarrier_arrive_expect_tx(full, K::kKVBytes);
