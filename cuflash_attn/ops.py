@@ -114,6 +114,11 @@ def _fwd_backward(ctx, dout, dlse):
 _FWD_DEFAULTS = tuple(a.default_value for a in _ops.fwd.default._schema.arguments)
 
 
+def _records_grad(args):
+    """Whether autograd records a call on args (the Autograd kernels' test)."""
+    return torch.is_grad_enabled() and torch._C._any_requires_grad(*args)
+
+
 def _redispatch(op, keyset, args):
     with torch._C._AutoDispatchBelowAutograd():
         return op.redispatch(keyset & torch._C._after_autograd_keyset, *args)
@@ -136,7 +141,7 @@ class _FwdFunction(torch.autograd.Function):
 
 def _fwd_autograd(keyset, *args):
     args = args + _FWD_DEFAULTS[len(args):]
-    if torch.is_grad_enabled() and torch._C._any_requires_grad(*args):
+    if _records_grad(args):
         if args[_BLOCK_TABLE_INPUT] is not None:  # refused now, not at the backward
             raise NotImplementedError(
                 "cuflash_attn: a paged KV cache (block_table) has no backward: it is for inference (call under "
@@ -160,7 +165,7 @@ class _BwdFunction(torch.autograd.Function):
 
 
 def _bwd_autograd(keyset, *args):
-    if torch.is_grad_enabled() and torch._C._any_requires_grad(*args):
+    if _records_grad(args):
         return _BwdFunction.apply(keyset, *args)
     return _redispatch(_ops.bwd.default, keyset, args)
 

@@ -194,7 +194,7 @@ def run_case(case, device):
         with bench.switches_set({"CUFLASH_PACK_GQA": "1"}):
             for num_splits in (0, 1, 5):
                 check_decode(device, dtype, d, b, h, nk, num_splits, tokens=nq)
-    elif variant == "kvcache_tma" and os.environ.get("CUFLASH_SM90") == "0":
+    elif variant in ("kvcache_tma", "varlen_tma") and os.environ.get("CUFLASH_SM90") == "0":
         pytest.skip("the Hopper kernels are off (--without-tma)")
     elif variant == "kvcache_tma":  # the TMA forwards, persistent and not, over KV caches; splits
         import test_paged_kv
@@ -211,8 +211,6 @@ def run_case(case, device):
                     deterministic=False)
     elif variant == "window":
         check_dense(device, dtype, b, h, 1, nq, nk, d, window=(9, 4), bottom_right=False)
-    elif variant == "varlen_tma" and os.environ.get("CUFLASH_SM90") == "0":
-        pytest.skip("the Hopper kernels are off (--without-tma)")
     elif variant == "varlen_tma":
         with bench.switches_set({"CUFLASH_SM90": "tma,varlen"}):
             check_varlen(device, dtype, [70, 0, 129, 200], [90, 12, 0, 130], h, 2, d, causal=causal != "none",

@@ -221,6 +221,14 @@ def test_varlen_never_takes_tma():
     assert "flash_fwd_sm90_kernel<" in names and "tma" not in names, names
 
 
+@pytest.fixture
+def varlen_part(mode, monkeypatch):
+    """The "varlen" part (not a default) set for the test, in one of the modes' runs only."""
+    if mode != "tma":
+        pytest.skip("one run: the part is set here")
+    monkeypatch.setenv("CUFLASH_SM90", "tma,varlen")
+
+
 VARLEN_TMA_LENGTHS = [([5, 0, 130, 64], [7, 3, 130, 0]), ([1], [1]), ([200, 33, 0], [100, 333, 0]),
                       ([300, 129, 700], [300, 129, 700]), ([64, 1000], [1000, 64])]
 
@@ -229,46 +237,31 @@ VARLEN_TMA_LENGTHS = [([5, 0, 130, 64], [7, 3, 130, 0]), ([1], [1]), ([200, 33, 
 @pytest.mark.parametrize("d", [64, 128, 256])
 @pytest.mark.parametrize("lens", VARLEN_TMA_LENGTHS, ids=[f"lens{i}" for i in range(len(VARLEN_TMA_LENGTHS))])
 @pytest.mark.parametrize("causal", [False, True])
-def test_varlen_on_tma(dtype, d, lens, causal, mode, monkeypatch):
+def test_varlen_on_tma(dtype, d, lens, causal, varlen_part):
     """Packed sequences on the TMA forward (the "varlen" part): empty ones, one token, keys ending
     inside a key block (the next sequence's rows read and their V zeroed), query blocks past a
     short sequence's end (an empty tile), GQA and bottom-right causal."""
-    if mode != "tma":
-        pytest.skip("one run: the part is set here")
-    monkeypatch.setenv("CUFLASH_SM90", "tma,varlen")
     lens_q, lens_k = lens
-    cu_q, cu_k = (torch.tensor([0, *torch.tensor(n).cumsum(0).tolist()], dtype=torch.int32, device="cuda")
-                  for n in (lens_q, lens_k))
-    q = torch.randn(sum(lens_q), 4, d, device="cuda", dtype=dtype)
-    k, v = (torch.randn(sum(lens_k), 2, d, device="cuda", dtype=dtype) for _ in range(2))
-    names = cuda_kernels(lambda: torch.ops.cuflash_attn.fwd(
-        q, k, v, None, causal, True, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, max_seqlen_q=max(lens_q),
-        max_seqlen_k=max(lens_k)))
-    assert tma_kernel(d, dtype=dtype) in names, names
-    check_varlen("cuda", dtype, lens_q, lens_k, 4, 2, d, causal=causal, bottom_right=True)
+    names = cuda_kernels(lambda: check_varlen("cuda", dtype, lens_q, lens_k, 4, 2, d, causal=causal,
+                                              bottom_right=True))
+    assert tma_kernel(d, dtype=dtype) in names
 
 
 @pytest.mark.parametrize("d", [64, 128])
-def test_varlen_on_tma_windows_and_unknown_lengths(d, mode, monkeypatch):
+def test_varlen_on_tma_windows_and_unknown_lengths(d, varlen_part):
     """Packed sequences on the TMA forward with a sliding window (key blocks from inside the
     sequence), and with max_seqlen not given (the grid from the packed length: most query
     blocks empty)."""
-    if mode != "tma":
-        pytest.skip("one run: the part is set here")
-    monkeypatch.setenv("CUFLASH_SM90", "tma,varlen")
     lens_q, lens_k = [300, 0, 129, 700], [300, 40, 129, 500]
     check_varlen("cuda", torch.bfloat16, lens_q, lens_k, 4, 2, d, window=(100, 20), bottom_right=True)
     check_varlen("cuda", torch.bfloat16, lens_q, lens_k, 4, 2, d, max_seqlen=False, causal=True)
 
 
-def test_varlen_on_tma_keeps_sequences_apart(mode, monkeypatch):
+def test_varlen_on_tma_keeps_sequences_apart(varlen_part):
     """Each sequence's last key and query blocks read the next one's rows: NaN in the middle
     sequence's q, k and v must not reach the first or the last one's output (each matching its
     own reference), and the rows after the last sequence, which the op zero-fills, must stay 0
     (lse -inf): no store past a sequence's end."""
-    if mode != "tma":
-        pytest.skip("one run: the part is set here")
-    monkeypatch.setenv("CUFLASH_SM90", "tma,varlen")
     torch.manual_seed(0)
     total = 330  # sequences of 100, 150 and 50 rows, then 30 that none covers
     q, k, v = (torch.randn(total, 2, 64, device="cuda", dtype=torch.bfloat16) for _ in range(3))
