@@ -167,7 +167,7 @@ bool launch_fwd_tma(const FlashFwdParams& p, const sm90::Sm90Paths& hopper, cuda
   const bool kv_cache = p.paged.block_table != nullptr || p.varlen.seqused_k != nullptr;
   const bool split = p.num_splits > 1;
   if (needs_feature_path(p)) return run(no, yes, no);
-  if (CUFLASH_FWD_FOLD_SCALE && !sm90::folds_scale_safely(p)) return false;  // the plain kernels fold it
+  if (!sm90::folds_scale_safely(p)) return false;  // the plain kernels fold it
   if (packed) return run(no, no, no);
   const bool persistent_walk = Plain::kHasPersistent && hopper.persistent && !split &&
                                (kv_cache ? !sm90::long_rows(p) : sm90::persistent_rows<kHeadDim>(p));

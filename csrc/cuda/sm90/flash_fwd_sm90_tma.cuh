@@ -13,8 +13,8 @@
 // a TMA store from shared memory.
 // Dense inputs; with seqused_k and paged caches under CUFLASH_SM90's "kvcache" part (a default:
 // the rows past a sequence's keys are zeroed in shared memory, pages addressed by the producer);
-// packed sequences (cu_seqlens) under its "varlen" part (not a default; the plain narrow kernel,
-// kMayPack): the boxes read from a sequence's first row, past its end into the next sequence's
+// packed sequences (cu_seqlens) under its "varlen" part (by default where it pays,
+// sm90::packed_tma_pays; the plain narrow kernel, kMayPack): the boxes read from a sequence's first row, past its end into the next sequence's
 // rows, whose keys' V rows are zeroed as seqused_k's are and whose query rows are not stored (the
 // output by checked stores, not a TMA box that would write into the next sequence).
 #pragma once
@@ -23,12 +23,6 @@
 #include "flash_fwd_sm90.cuh"
 #include "tile_walk.h"
 #include "tma_maps.h"
-
-// Experiment (an A/B build's define; benchmarks/NOTES.md): the plain kernels fold the softmax
-// scale into the exponent's argument (OnlineSoftmax::exp_folded_and_rescale_factor).
-#ifndef CUFLASH_FWD_FOLD_SCALE
-#define CUFLASH_FWD_FOLD_SCALE 0
-#endif
 
 namespace cuflash::sm90 {
 
@@ -136,7 +130,10 @@ __global__ void __launch_bounds__(FwdSm90TmaKernel<T, kHeadDim, kWide, kPersiste
   // The diagonal block's empty half (above): head dim 64, whose 128-key blocks (narrow and wide
   // tiles) halve into 64 keys.
   constexpr bool kHalfDiagonal = kHeadDim == 64 && kBlockN == 128 && !kFeatures;
-  constexpr bool kFoldScale = CUFLASH_FWD_FOLD_SCALE && !kFeatures;  // (a positive scale: folds_scale_safely)
+  // The plain kernels fold the softmax scale into the exponent's argument, one FFMA a score
+  // (OnlineSoftmax::exp_folded_and_rescale_factor; H200, benchmarks/NOTES.md: +1-6%); a positive
+  // scale only (folds_scale_safely). The features' score mods need the scaled scores first.
+  constexpr bool kFoldScale = !kFeatures;
   static_assert(kWide || kPageSizeMultiple % kBlockN == 0, "a key block lies in one page (key_at)");
   constexpr int kPanels = kHeadDim / 64, kConsumerThreads = 128 * K::kConsumers;
   extern __shared__ char smem_raw[];
