@@ -5,8 +5,9 @@
 
 For every set of sequence lengths (a "LxN" item is N sequences of L tokens; 16384 tokens in the
 default sets) and head dim, our forward on the packed batch under each CUFLASH_SM90 value in
---variants: by default the defaults (packed sequences on the cp.async Hopper forward) and the
-defaults plus the "varlen" part (the TMA forward); and, where every sequence has one length, the
+--variants: by default the default parts less "varlen" (packed sequences on the cp.async Hopper
+forward), the defaults (the TMA forward where sm90::packed_tma_pays) and the default parts with
+"varlen" named (the TMA forward at every shape); and, where every sequence has one length, the
 same tokens as a dense [B, H, N, D] batch under the defaults (the TMA forward's own speed, the
 ceiling for the packed path). bf16, heads = 2048 / D (GQA off), causal and not; TFLOP/s counts
 each sequence's own FLOPs. The cells of a shape are timed in --rounds interleaved rounds
@@ -21,7 +22,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_attention as bench  # noqa: E402
 
-DEFAULT_PARTS = "tma,bwd,bwdws,features,persistent,kvcache"  # csrc/cuda/run_switches.h's defaults
+# csrc/cuda/run_switches.h's default parts less "varlen" (packed sequences on the cp.async forward)
+DEFAULT_PARTS = "tma,bwd,bwdws,features,persistent,kvcache"
 
 
 def parse_lengths(text):
@@ -55,11 +57,13 @@ def main(argv=None):
     p.add_argument("--head-dims", type=lambda s: bench.parse_list(s, int), default=[64, 128])
     p.add_argument("--lengths", type=parse_lengths, default=parse_lengths("2048x8;512x32;300,1000,3000,700,5000,6384"),
                    help="';'-separated sets of sequence lengths, LxN for N of length L")
-    p.add_argument("--variants", type=lambda s: s.split(";"), default=["", DEFAULT_PARTS + ",varlen"],
-                   help="CUFLASH_SM90 values, ';'-separated (default: the defaults; the defaults + varlen)")
+    p.add_argument("--variants", type=lambda s: s.split(";"), default=[DEFAULT_PARTS, "", DEFAULT_PARTS + ",varlen"],
+                   help="CUFLASH_SM90 values, ';'-separated, the first the ratios' base (default: the "
+                        "default parts less varlen; the defaults; the default parts with varlen)")
     bench.add_timing_arguments(p)
     args, timer = bench.parse_timed_command_line(p, argv)
-    names = [v or "defaults" for v in args.variants]
+    short_names = {"": "defaults", DEFAULT_PARTS: "less varlen", DEFAULT_PARTS + ",varlen": "varlen named"}
+    names = [short_names.get(v, v) for v in args.variants]
     print(f"{bench.env_line(bench.environment())}; forward, packed sequences\n")
     header = ["D", "causal", "lengths"] + [f"{n} TFLOP/s" for n in names] + ["dense TFLOP/s"]
     header += [f"{n} / {names[0]}" for n in names[1:]] + [f"{names[-1]} / dense"]

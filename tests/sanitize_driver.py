@@ -115,7 +115,7 @@ def cases():
                 (dtype, 128, 2, 8, 1, 700, "bottom_right", "decode"),
                 (dtype, 128, 2, 8, 4, 700, "bottom_right", "packed"),
                 (dtype, 128, 2, 8, 130, 700, "bottom_right", "kvcache_tma")]
-    # Packed sequences on the TMA forward (CUFLASH_SM90's "varlen" part, not a default): keys ending
+    # Packed sequences on the TMA forward (CUFLASH_SM90's "varlen" part, named): keys ending
     # inside a key block (the next sequence's rows read, their V zeroed), empty sequences.
     out += [(BF16, d, 4, 4, 0, 0, "bottom_right", "varlen_tma") for d in (64, 128, 256)]
     return out

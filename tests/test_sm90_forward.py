@@ -223,7 +223,7 @@ def test_varlen_never_takes_tma():
 
 @pytest.fixture
 def varlen_part(mode, monkeypatch):
-    """The "varlen" part (not a default) set for the test, in one of the modes' runs only."""
+    """The "varlen" part named (at every shape) for the test, in one of the modes' runs only."""
     if mode != "tma":
         pytest.skip("one run: the part is set here")
     monkeypatch.setenv("CUFLASH_SM90", "tma,varlen")
@@ -255,6 +255,25 @@ def test_varlen_on_tma_windows_and_unknown_lengths(d, varlen_part):
     lens_q, lens_k = [300, 0, 129, 700], [300, 40, 129, 500]
     check_varlen("cuda", torch.bfloat16, lens_q, lens_k, 4, 2, d, window=(100, 20), bottom_right=True)
     check_varlen("cuda", torch.bfloat16, lens_q, lens_k, 4, 2, d, max_seqlen=False, causal=True)
+
+
+@pytest.mark.parametrize("d,longest,on_tma", [(64, 1000, False), (64, 2048, True), (40, 3000, True), (100, 300, True),
+                                              (256, 300, True)])
+def test_varlen_default_choice(d, longest, on_tma, mode, monkeypatch):
+    """Under the defaults packed sequences take the TMA forward where it is the faster
+    (sm90::packed_tma_pays: past head dim 64, or from 2048 tokens a sequence), else the cp.async
+    one."""
+    if mode != "tma":
+        pytest.skip("one run: the defaults are set here")
+    monkeypatch.delenv("CUFLASH_SM90")
+    lens = [longest, 100]
+    q, k, v = (torch.randn(sum(lens), 2, d, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+    cu = torch.tensor([0, lens[0], sum(lens)], device="cuda", dtype=torch.int32)
+    names = cuda_kernels(lambda: torch.ops.cuflash_attn.fwd(q, k, v, None, True, False, cu_seqlens_q=cu,
+                                                            cu_seqlens_k=cu, max_seqlen_q=longest,
+                                                            max_seqlen_k=longest))
+    assert (tma_kernel(bucket(d)) in names) == on_tma, names
+    assert on_tma or KERNEL["cpasync"] + "<" in names, names
 
 
 def test_varlen_on_tma_keeps_sequences_apart(varlen_part):
