@@ -6,8 +6,8 @@
 For every set of sequence lengths (a "LxN" item is N sequences of L tokens; 16384 tokens in the
 default sets) and head dim, our forward on the packed batch under each CUFLASH_SM90 value in
 --variants: by default the default parts less "varlen" (packed sequences on the cp.async Hopper
-forward), the defaults (the TMA forward where sm90::packed_tma_pays) and the default parts with
-"varlen" named (the TMA forward at every shape); and, where every sequence has one length, the
+forward) and the defaults (the TMA forward, persistent where a dense batch of the longest
+sequence would be); and, where every sequence has one length, the
 same tokens as a dense [B, H, N, D] batch under the defaults (the TMA forward's own speed, the
 ceiling for the packed path). bf16, heads = 2048 / D (GQA off), causal and not; TFLOP/s counts
 each sequence's own FLOPs. The cells of a shape are timed in --rounds interleaved rounds
@@ -23,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_attention as bench  # noqa: E402
 
 # csrc/cuda/run_switches.h's default parts less "varlen" (packed sequences on the cp.async forward)
-DEFAULT_PARTS = "tma,bwd,bwdws,features,persistent,kvcache"
+LESS_VARLEN = "tma,bwd,bwdws,features,persistent,kvcache"
 
 
 def parse_lengths(text):
@@ -57,12 +57,12 @@ def main(argv=None):
     p.add_argument("--head-dims", type=lambda s: bench.parse_list(s, int), default=[64, 128])
     p.add_argument("--lengths", type=parse_lengths, default=parse_lengths("2048x8;512x32;300,1000,3000,700,5000,6384"),
                    help="';'-separated sets of sequence lengths, LxN for N of length L")
-    p.add_argument("--variants", type=lambda s: s.split(";"), default=[DEFAULT_PARTS, "", DEFAULT_PARTS + ",varlen"],
+    p.add_argument("--variants", type=lambda s: s.split(";"), default=[LESS_VARLEN, ""],
                    help="CUFLASH_SM90 values, ';'-separated, the first the ratios' base (default: the "
-                        "default parts less varlen; the defaults; the default parts with varlen)")
+                        "default parts less varlen; the defaults)")
     bench.add_timing_arguments(p)
     args, timer = bench.parse_timed_command_line(p, argv)
-    short_names = {"": "defaults", DEFAULT_PARTS: "less varlen", DEFAULT_PARTS + ",varlen": "varlen named"}
+    short_names = {"": "defaults", LESS_VARLEN: "less varlen"}
     names = [short_names.get(v, v) for v in args.variants]
     print(f"{bench.env_line(bench.environment())}; forward, packed sequences\n")
     header = ["D", "causal", "lengths"] + [f"{n} TFLOP/s" for n in names] + ["dense TFLOP/s"]

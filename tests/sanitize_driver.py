@@ -16,8 +16,8 @@ KV-cache forward: paged keys (with seqused_k and flash_attn_with_kvcache's appen
 its combine kernel (with features, paged keys and packed queries), and decoding steps (grouped
 heads as rows; four causal tokens a step packed under CUFLASH_PACK_GQA=1; 130 unsplit and one split
 5 ways on the TMA forwards (CUFLASH_SM90's "kvcache" part, a default; the splits under its "splits"
-part), over contiguous and paged caches); packed sequences on the TMA forward (its "varlen"
-part). Every case is checked against the float64 reference with
+part), over contiguous and paged caches); packed sequences on the TMA forwards, persistent and
+not (its "varlen" part). Every case is checked against the float64 reference with
 the accuracy rule, so a clean sanitizer run is also a correctness run.
 
     python3 tests/sanitize_driver.py [--list] [--only REGEX] [--case DESCRIPTION] [--device cpu]
@@ -115,7 +115,7 @@ def cases():
                 (dtype, 128, 2, 8, 1, 700, "bottom_right", "decode"),
                 (dtype, 128, 2, 8, 4, 700, "bottom_right", "packed"),
                 (dtype, 128, 2, 8, 130, 700, "bottom_right", "kvcache_tma")]
-    # Packed sequences on the TMA forward (CUFLASH_SM90's "varlen" part, named): keys ending
+    # Packed sequences on the TMA forwards (CUFLASH_SM90's "varlen" part, named): keys ending
     # inside a key block (the next sequence's rows read, their V zeroed), empty sequences.
     out += [(BF16, d, 4, 4, 0, 0, "bottom_right", "varlen_tma") for d in (64, 128, 256)]
     return out
@@ -211,10 +211,11 @@ def run_case(case, device):
                     deterministic=False)
     elif variant == "window":
         check_dense(device, dtype, b, h, 1, nq, nk, d, window=(9, 4), bottom_right=False)
-    elif variant == "varlen_tma":
-        with bench.switches_set({"CUFLASH_SM90": "tma,varlen"}):
-            check_varlen(device, dtype, [70, 0, 129, 200], [90, 12, 0, 130], h, 2, d, causal=causal != "none",
-                         bottom_right=True)
+    elif variant == "varlen_tma":  # the TMA forwards over packed sequences, persistent and not
+        for parts in ("tma,varlen", "tma,persistent,varlen"):
+            with bench.switches_set({"CUFLASH_SM90": parts}):
+                check_varlen(device, dtype, [70, 0, 129, 200], [90, 12, 0, 130], h, 2, d, causal=causal != "none",
+                             bottom_right=True)
     elif variant == "varlen":
         check_varlen(device, dtype, [70, 0, 129], [90, 12, 0], h, 2, d, causal=True, bottom_right=True,
                      softcap=10.0, dropout_p=0.1)

@@ -14,7 +14,7 @@ from test_features import check_dense, check_varlen
 pytestmark = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
 
 
-CPASYNC_PARTS = "tma,bwd,features,persistent,kvcache"  # the defaults less bwdws
+CPASYNC_PARTS = "tma,bwd,features,persistent,kvcache,varlen"  # the defaults less bwdws
 
 
 @pytest.fixture(params=[CPASYNC_PARTS, "", "wide"], ids=["cpasync", "ws", "wide"], autouse=True)

@@ -1,8 +1,8 @@
 """The Hopper forwards, which plain 16-bit attention at head-dim buckets 64, 128 and 256 takes on a
 compute capability 9.0 GPU of an sm_90a build: the warp-specialized flash_fwd_sm90_tma.cuh (TMA
 producer, two consumer warpgroups; the default) and csrc/cuda/sm90/flash_fwd_sm90.cuh (wgmma from
-swizzled shared memory, cp.async loads; CUFLASH_SM90=cpasync, and what varlen and inputs TMA
-cannot address take), the TMA one as a persistent kernel (CUFLASH_SM90=tma,persistent; by
+swizzled shared memory, cp.async loads; CUFLASH_SM90=cpasync, and what inputs TMA cannot
+address take), the TMA one as a persistent kernel (CUFLASH_SM90=tma,persistent; by
 default on short rows at head dims up to 128), and the TMA one on its wide tile at every length
 (CUFLASH_FWD_TILE=wide; by default on long rows). Every test runs under each of the four (the
 `mode` fixture). The same accuracy rule as every path, over the shapes that stress the tiles (one
@@ -213,7 +213,7 @@ def test_features(dtype, d, mode, monkeypatch):
 
 
 def test_varlen_never_takes_tma():
-    """Without the "varlen" part (not a default) packed sequences run the cp.async kernel."""
+    """With "varlen" left out of CUFLASH_SM90's list packed sequences run the cp.async kernel."""
     q, k, v = (torch.randn(300, 2, 64, device="cuda", dtype=torch.bfloat16) for _ in range(3))
     cu = torch.tensor([0, 100, 300], device="cuda", dtype=torch.int32)
     names = cuda_kernels(lambda: torch.ops.cuflash_attn.fwd(q, k, v, None, False, False, cu_seqlens_q=cu,
@@ -221,12 +221,17 @@ def test_varlen_never_takes_tma():
     assert "flash_fwd_sm90_kernel<" in names and "tma" not in names, names
 
 
-@pytest.fixture
-def varlen_part(mode, monkeypatch):
-    """The "varlen" part named (at every shape) for the test, in one of the modes' runs only."""
+@pytest.fixture(params=["narrow", "persistent"])
+def varlen_part(request, mode, monkeypatch):
+    """The "varlen" part named (at every shape) for the test, in one of the modes' runs only, with
+    or without the persistent kernel (which takes packed sequences where it would take a dense
+    batch of the longest one's length: these tests' short ones, at head dims up to 128). Returns
+    whether the persistent part is on."""
     if mode != "tma":
         pytest.skip("one run: the part is set here")
-    monkeypatch.setenv("CUFLASH_SM90", "tma,varlen")
+    persistent = request.param == "persistent"
+    monkeypatch.setenv("CUFLASH_SM90", "tma,persistent,varlen" if persistent else "tma,varlen")
+    return persistent
 
 
 VARLEN_TMA_LENGTHS = [([5, 0, 130, 64], [7, 3, 130, 0]), ([1], [1]), ([200, 33, 0], [100, 333, 0]),
@@ -244,7 +249,7 @@ def test_varlen_on_tma(dtype, d, lens, causal, varlen_part):
     lens_q, lens_k = lens
     names = cuda_kernels(lambda: check_varlen("cuda", dtype, lens_q, lens_k, 4, 2, d, causal=causal,
                                               bottom_right=True))
-    assert tma_kernel(d, dtype=dtype) in names
+    assert tma_kernel(d, dtype=dtype, persistent=varlen_part) in names, names
 
 
 @pytest.mark.parametrize("d", [64, 128])
@@ -257,12 +262,12 @@ def test_varlen_on_tma_windows_and_unknown_lengths(d, varlen_part):
     check_varlen("cuda", torch.bfloat16, lens_q, lens_k, 4, 2, d, max_seqlen=False, causal=True)
 
 
-@pytest.mark.parametrize("d,longest,on_tma", [(64, 1000, False), (64, 2048, True), (40, 3000, True), (100, 300, True),
-                                              (256, 300, True)])
-def test_varlen_default_choice(d, longest, on_tma, mode, monkeypatch):
-    """Under the defaults packed sequences take the TMA forward where it is the faster
-    (sm90::packed_tma_pays: past head dim 64, or from 2048 tokens a sequence), else the cp.async
-    one."""
+@pytest.mark.parametrize("d,longest,persistent", [(40, 1000, True), (64, 3000, True), (100, 300, True),
+                                                  (128, 6000, False), (256, 300, False)])
+def test_varlen_default_choice(d, longest, persistent, mode, monkeypatch):
+    """Under the defaults packed sequences take the TMA forward (causal here), persistent up to
+    head dim 128 where a dense batch of the longest sequence would be (its middle row sees fewer
+    than 2048 keys)."""
     if mode != "tma":
         pytest.skip("one run: the defaults are set here")
     monkeypatch.delenv("CUFLASH_SM90")
@@ -272,8 +277,7 @@ def test_varlen_default_choice(d, longest, on_tma, mode, monkeypatch):
     names = cuda_kernels(lambda: torch.ops.cuflash_attn.fwd(q, k, v, None, True, False, cu_seqlens_q=cu,
                                                             cu_seqlens_k=cu, max_seqlen_q=longest,
                                                             max_seqlen_k=longest))
-    assert (tma_kernel(bucket(d)) in names) == on_tma, names
-    assert on_tma or KERNEL["cpasync"] + "<" in names, names
+    assert tma_kernel(bucket(d), persistent=persistent) in names, names
 
 
 def test_varlen_on_tma_keeps_sequences_apart(varlen_part):
@@ -289,7 +293,7 @@ def test_varlen_on_tma_keeps_sequences_apart(varlen_part):
     cu = torch.tensor([0, 100, 250, 300], device="cuda", dtype=torch.int32)
     call = lambda: torch.ops.cuflash_attn.fwd(q, k, v, None, False, False, cu_seqlens_q=cu,  # noqa: E731
                                               cu_seqlens_k=cu, max_seqlen_q=150, max_seqlen_k=150)
-    assert tma_kernel(64) in cuda_kernels(call)
+    assert tma_kernel(64, persistent=varlen_part) in cuda_kernels(call)
     out, lse = call()
     for rows in (slice(0, 100), slice(250, 300)):
         seq = [t[rows].transpose(0, 1)[None] for t in (q, k, v)]

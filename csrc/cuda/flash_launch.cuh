@@ -132,7 +132,7 @@ cudaError_t with_feature_path(const AttentionParams& p, F&& f) {
 // tile's length, the persistent kernel where asked for and built (sm90::persistent_rows), at
 // head dim 64 on the wide tile where sm90::persistent_wide_pays;
 // CUFLASH_FWD_TILE overrides the tile. Packed sequences (cu_seqlens) only under the "varlen"
-// part, on the plain narrow kernel. False (nothing launched) where TMA cannot address p.
+// part, on the plain narrow kernels. False (nothing launched) where TMA cannot address p.
 template <typename T, int kHeadDim>
 bool launch_fwd_tma(const FlashFwdParams& p, const sm90::Sm90Paths& hopper, cudaStream_t stream, cudaError_t* err) {
   const bool packed = p.varlen.cu_seqlens_q != nullptr;
@@ -168,9 +168,15 @@ bool launch_fwd_tma(const FlashFwdParams& p, const sm90::Sm90Paths& hopper, cuda
   const bool split = p.num_splits > 1;
   if (needs_feature_path(p)) return run(no, yes, no);
   if (!sm90::folds_scale_safely(p)) return false;  // the plain kernels fold it
-  if (packed) return run(no, no, no);
   const bool persistent_walk = Plain::kHasPersistent && hopper.persistent && !split &&
                                (kv_cache ? !sm90::long_rows(p) : sm90::persistent_rows<kHeadDim>(p));
+  // Packed sequences: the narrow tiles (kMayPack), persistent where a dense batch of the longest
+  // sequence's length would be (the grid's lengths, max_seqlen_q and _k, stand in for each one's).
+  if (packed) {
+    if constexpr (Plain::kHasPersistent)
+      if (persistent_walk) return run(no, no, yes);
+    return run(no, no, no);
+  }
   if (!kv_cache && !split) {
     if constexpr (kHeadDim == 64)  // the one head dim with a wide persistent kernel (smem)
       if (persistent_walk && fwd_wide_tile(sm90::persistent_wide_pays(p))) return run(yes, no, yes);

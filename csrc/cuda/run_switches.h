@@ -3,8 +3,7 @@
 // layers (torch_ops.cpp, api/flash_attention.cpp) refuse a value that names nothing.
 //
 //   CUFLASH_SM90    which Hopper kernels run (sm_90a builds on a compute capability 9.0 GPU):
-//     unset or ""   the default parts, "tma,bwd,bwdws,features,persistent,kvcache", and
-//                   "varlen" where it pays (sm90::packed_tma_pays)
+//     unset or ""   the default parts, "tma,bwd,bwdws,features,persistent,kvcache,varlen"
 //     "0"           none: the sm_80-class kernels
 //     a comma list  exactly the parts named; the cp.async Hopper forward runs plain attention
 //                   wherever "tma" is not named or TMA cannot address the input:
@@ -28,9 +27,8 @@
 //                   TMA kernel, where otherwise the sm_80-class one runs (H200, one token at
 //                   batch 1: 9% faster over 16384 keys, slower up to 4096; benchmarks/NOTES.md)
 //       varlen      with tma: packed sequences (cu_seqlens) without the features on the
-//                   plain narrow TMA kernel, where otherwise the cp.async forward runs; by
-//                   default only where it is the faster (sm90::packed_tma_pays: not at head
-//                   dims up to 64 below 2048 tokens a sequence), named here at every shape
+//                   plain narrow TMA kernels (persistent with "persistent" where a dense batch
+//                   of the longest sequence would be), where otherwise the cp.async forward runs
 //   CUFLASH_BWD_DQ  unset or "": dQ by its own kernel, unless the fused Hopper kernel is faster
 //                   (prefers_fused_backward), with atomics where the op's deterministic=False;
 //                   "atomic": added by the dK/dV kernel with fp32 atomics wherever it can be (not
@@ -74,16 +72,14 @@ struct Sm90Switch {
   bool on = true, tma = true, bwd = true, features = true, persistent = true, bwd_ws = true;
   bool tma_kv_cache = true;
   bool tma_splits = false;  // not a default part: faster than the sm_80-class split kernel on long caches only
-  // Packed sequences on the TMA forward: by default where it pays, named (tests, benchmarks) everywhere.
-  enum class Use { kOff, kWherePays, kEverywhere } tma_varlen = Use::kWherePays;
+  bool tma_varlen = true;
 };
 
 // value (null: unset) -> *out; false if value names something else.
 inline bool parse_sm90_switch(const char* value, Sm90Switch* out) {
   Sm90Switch s;
   if (value != nullptr && *value != '\0') {
-    s.tma = s.bwd = s.features = s.persistent = s.bwd_ws = s.tma_kv_cache = false;
-    s.tma_varlen = Sm90Switch::Use::kOff;
+    s.tma = s.bwd = s.features = s.persistent = s.bwd_ws = s.tma_kv_cache = s.tma_varlen = false;
     if (std::strcmp(value, "0") == 0) {
       s.on = false;
     } else {
@@ -98,7 +94,7 @@ inline bool parse_sm90_switch(const char* value, Sm90Switch* out) {
         else if (is("bwdws")) s.bwd_ws = true;
         else if (is("kvcache")) s.tma_kv_cache = true;
         else if (is("splits")) s.tma_splits = true;
-        else if (is("varlen")) s.tma_varlen = Sm90Switch::Use::kEverywhere;
+        else if (is("varlen")) s.tma_varlen = true;
         else if (!is("cpasync")) return false;
         if (!end) break;
         at = end + 1;

@@ -229,12 +229,6 @@ __device__ __forceinline__ void stage_rows_for_tma(const WarpAcc<kCols>& acc, co
                     MmaOperand<T>::pack(acc.v[j][2 * h] * scale[h], acc.v[j][2 * h + 1] * scale[h]));
 }
 
-// Where packed sequences (cu_seqlens) run faster on the TMA forward than on the cp.async one
-// (H200, bf16, benchmarks/NOTES.md: 1.19-1.38x at head dim 128 on sequences of 512 to 6384
-// tokens; at head dims up to 64 1.09-1.12x from 2048 tokens, 0.89-0.92x at 512): past head dim 64,
-// or sequences of 2048 tokens or more (max_seqlen_q, else the packed length).
-inline bool packed_tma_pays(const AttentionParams& p) { return p.shape.head_dim > 64 || p.shape.seqlen_q >= 2048; }
-
 // Which Hopper kernels run p: none (the sm_80-class kernels) unless this is an sm_90a build on a
 // compute capability 9.0 device; then the parts CUFLASH_SM90 selects (run_switches.h).
 struct Sm90Paths {
@@ -261,13 +255,11 @@ inline Sm90Paths sm90_paths(const AttentionParams& p) {
   choice.tma = choice.fwd && wanted.tma && (whole_key_blocks || wanted.tma_kv_cache);
   choice.persistent = choice.tma && wanted.persistent;  // plain attention only: launch_fwd_tma
   // Split-KV runs on the plain narrow TMA kernel only (kMaySplit): not with the features, nor
-  // with packed queries, which TMA does not address (launch_fwd_tma).
+  // with packed queries (the kernel's splits and packed coordinates do not meet: launch_fwd_tma).
   choice.tma_splits = choice.tma && wanted.tma_splits && !features && p.varlen.cu_seqlens_q == nullptr;
-  // Packed sequences on the plain narrow TMA kernel (kMayPack): not with the features, nor a
+  // Packed sequences on the plain narrow TMA kernels (kMayPack): not with the features, nor a
   // paged cache (packed queries over pages); not split (tma_splits, launch_fwd_tma).
-  const bool varlen_wanted = wanted.tma_varlen == Sm90Switch::Use::kEverywhere ||
-                             (wanted.tma_varlen == Sm90Switch::Use::kWherePays && packed_tma_pays(p));
-  choice.tma_varlen = choice.tma && varlen_wanted && !features && !paged;
+  choice.tma_varlen = choice.tma && wanted.tma_varlen && !features && !paged;
   choice.bwd = choice.fwd && !features && wanted.bwd;
   choice.bwd_ws = choice.bwd && wanted.bwd_ws && whole_key_blocks;
 #else

@@ -13,10 +13,11 @@
 // a TMA store from shared memory.
 // Dense inputs; with seqused_k and paged caches under CUFLASH_SM90's "kvcache" part (a default:
 // the rows past a sequence's keys are zeroed in shared memory, pages addressed by the producer);
-// packed sequences (cu_seqlens) under its "varlen" part (by default where it pays,
-// sm90::packed_tma_pays; the plain narrow kernel, kMayPack): the boxes read from a sequence's first row, past its end into the next sequence's
-// rows, whose keys' V rows are zeroed as seqused_k's are and whose query rows are not stored (the
-// output by checked stores, not a TMA box that would write into the next sequence).
+// packed sequences (cu_seqlens) under its "varlen" part (a default; the plain narrow kernels,
+// persistent or not, kMayPack): the boxes read
+// from a sequence's first row, past its end into the next sequence's rows, whose keys' V rows
+// are zeroed as seqused_k's are and whose query rows are not stored (the output by checked
+// stores, not a TMA box that would write into the next sequence).
 #pragma once
 #include <limits>
 #include <type_traits>
@@ -124,8 +125,9 @@ __global__ void __launch_bounds__(FwdSm90TmaKernel<T, kHeadDim, kWide, kPersiste
   // Split-KV: the plain narrow kernel, one tile a CTA, only (launch_fwd_tma): the others' code
   // stays as it was.
   constexpr bool kMaySplit = !kWide && !kPersistent && !kFeatures;
-  // Packed sequences (the "varlen" part) run on the plain narrow kernel only (launch_fwd_tma).
-  constexpr bool kMayPack = !kWide && !kPersistent && !kFeatures;
+  // Packed sequences (the "varlen" part) run on the plain narrow kernels only, persistent or
+  // not (launch_fwd_tma).
+  constexpr bool kMayPack = !kWide && !kFeatures;
   const bool packed = kMayPack && p.varlen.cu_seqlens_q != nullptr;
   // The diagonal block's empty half (above): head dim 64, whose 128-key blocks (narrow and wide
   // tiles) halve into 64 keys.
