@@ -13,6 +13,9 @@
 #                        spaces: no quoted arguments)
 #   AB_BENCH_FEATURES="--head-dims 64,128"   bench_features.py arguments for both
 #                        (unset: not run; split on spaces); tables to $OUT/features_A.md and -B.md
+#   AB_BENCH_VARLEN="--head-dims 64,128"   bench_varlen.py's, likewise (packed sequences);
+#                        tables to $OUT/varlen_A.md and -B.md (not with AB_BENCH_FEATURES: the
+#                        device brings back at most 8 files)
 #   AB_TESTS="tests/test_sm90_forward.py -k persistent"   pytest arguments run under B ("" none;
 #                        split on spaces; if they fail, B is not benchmarked)
 #   AB_TEST_LIMIT_S=300  seconds the tests under B may run (a wrong mbarrier phase hangs a kernel)
@@ -25,7 +28,8 @@
 #                        files swapped in turn), combined by benchmarks/combine_runs.py: a slow
 #                        spell of the machine between processes (an unchanged forward moved -8%
 #                        to +2% between A and B, twenty-first session) then lands on a run of
-#                        each build. 1: one each, as before. bench_features.py runs once each.
+#                        each build. 1: one each, as before. bench_features.py and
+#                        bench_varlen.py run once each.
 # Results: $OUT/<gpu>-<date>-a.md/json and -b.md/json (each the median of its runs); logs and
 # the runs' own tables (-a1, -b1, ...) as $OUT/logs.tar.gz.
 # shellcheck source=scripts/device_call_env.sh
@@ -56,17 +60,20 @@ bench() {  # bench TAG (A1, B2, ...)
   # shellcheck disable=SC2086  # AB_BENCH is an argument list
   python3 benchmarks/bench_attention.py ${AB_BENCH-} --out "$OUT" --tag "$1" > "$OUT/bench_$1.log" 2>&1 || status=1
 }
-bench_features() {  # bench_features TAG
-  # shellcheck disable=SC2086  # AB_BENCH_FEATURES is an argument list
+bench_others() {  # bench_others TAG: bench_features.py and bench_varlen.py, where asked for
+  # shellcheck disable=SC2086  # their arguments are lists
   [ -z "${AB_BENCH_FEATURES+set}" ] || python3 benchmarks/bench_features.py $AB_BENCH_FEATURES \
     > "$OUT/features_$1.md" 2> "$OUT/bench_features_$1.log" || status=1
+  # shellcheck disable=SC2086
+  [ -z "${AB_BENCH_VARLEN+set}" ] || python3 benchmarks/bench_varlen.py $AB_BENCH_VARLEN \
+    > "$OUT/varlen_$1.md" 2> "$OUT/bench_varlen_$1.log" || status=1
 }
 if [ "${AB_SKIP_A:-0}" != 1 ]; then
   rm -f "$stash/A.so"
   build A
   keep_extension A
   bench A1
-  bench_features A
+  bench_others A
   if [ -n "${AB_SANITIZE_TOOLS-}" ]; then
     OUT="$OUT" SANITIZE_SKIP_BUILD=1 SANITIZE_TOOLS="$AB_SANITIZE_TOOLS" bash scripts/sanitize.sh > "$OUT/sanitize.log" 2>&1 \
       || status=1
@@ -85,7 +92,7 @@ fi
 if (( tests_ok )); then
   keep_extension B
   bench B1
-  bench_features B
+  bench_others B
 fi
 if [ -n "${AB_SANITIZE_B_TOOLS-}" ]; then
   OUT="$OUT/sanitize_B" SANITIZE_SKIP_BUILD=1 SANITIZE_TOOLS="$AB_SANITIZE_B_TOOLS" bash scripts/sanitize.sh \
