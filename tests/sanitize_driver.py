@@ -118,6 +118,7 @@ def cases():
     # Packed sequences on the TMA forwards (CUFLASH_SM90's "varlen" part, named): keys ending
     # inside a key block (the next sequence's rows read, their V zeroed), empty sequences.
     out += [(BF16, d, 4, 4, 0, 0, "bottom_right", "varlen_tma") for d in (64, 128, 256)]
+    out += [(BF16, 128, 4, 48, 0, 0, "bottom_right", "varlen_tma")]  # 384 tiles: CTAs walk several
     return out
 
 

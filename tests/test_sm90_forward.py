@@ -252,6 +252,19 @@ def test_varlen_on_tma(dtype, d, lens, causal, varlen_part):
     assert tma_kernel(d, dtype=dtype, persistent=varlen_part) in names, names
 
 
+@pytest.mark.parametrize("d", [40, 64, 100, 128])
+@pytest.mark.parametrize("causal", [False, True])
+def test_varlen_on_tma_many_tiles(d, causal, varlen_part):
+    """More tiles than the GPU has SMs (8 query blocks x 16 heads x 8 sequences): the persistent
+    CTAs walk several packed tiles each, real and empty ones in turn (the staging tile, Q's
+    buffer and the K/V ring reused across them); head dims below the tile's (40 on 64, 100 on
+    128: the stores' columns)."""
+    lens = [700, 513, 64, 0, 300, 1000, 129, 640]
+    names = cuda_kernels(lambda: check_varlen("cuda", torch.bfloat16, lens, lens, 16, 4, d, causal=causal,
+                                              bottom_right=True))
+    assert tma_kernel(bucket(d), persistent=varlen_part) in names, names
+
+
 @pytest.mark.parametrize("d", [64, 128])
 def test_varlen_on_tma_windows_and_unknown_lengths(d, varlen_part):
     """Packed sequences on the TMA forward with a sliding window (key blocks from inside the

@@ -8,6 +8,7 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cuda_runtime.h>
+#include <limits>
 #include <map>
 #include <mutex>
 #include <type_traits>
@@ -168,7 +169,11 @@ bool launch_fwd_tma(const FlashFwdParams& p, const sm90::Sm90Paths& hopper, cuda
   const bool split = p.num_splits > 1;
   if (needs_feature_path(p)) return run(no, yes, no);
   if (!sm90::folds_scale_safely(p)) return false;  // the plain kernels fold it
-  const bool persistent_walk = Plain::kHasPersistent && hopper.persistent && !split &&
+  // The walk counts tiles in an int, and a CTA's index steps a grid past the last (TileWalk): a
+  // packed batch's grid without max_seqlen_q (its total length a sequence) can pass that.
+  const int64_t narrow_tiles = int64_t{ceil_div(sh.seqlen_q, Plain::kBlockM)} * sh.heads_q * sh.batch;
+  const bool walk_fits = narrow_tiles <= std::numeric_limits<int>::max() / 2;
+  const bool persistent_walk = Plain::kHasPersistent && hopper.persistent && !split && walk_fits &&
                                (kv_cache ? !sm90::long_rows(p) : sm90::persistent_rows<kHeadDim>(p));
   // Packed sequences: the narrow tiles (kMayPack), persistent where a dense batch of the longest
   // sequence's length would be (the grid's lengths, max_seqlen_q and _k, stand in for each one's).
