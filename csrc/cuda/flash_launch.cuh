@@ -136,9 +136,13 @@ cudaError_t with_feature_path(const AttentionParams& p, F&& f) {
 // part, on the plain narrow kernels. False (nothing launched) where TMA cannot address p.
 template <typename T, int kHeadDim>
 bool launch_fwd_tma(const FlashFwdParams& p, const sm90::Sm90Paths& hopper, cudaStream_t stream, cudaError_t* err) {
+  const AttentionShape& sh = p.shape;
   const bool packed = p.varlen.cu_seqlens_q != nullptr;
   if (packed && (!hopper.tma_varlen || p.num_splits > 1)) return false;
-  const AttentionShape& sh = p.shape;
+  // A packed grid from the total length (max_seqlen_q not given: most query blocks lie past
+  // their sequence's end) stays on the cp.async kernel, as before the "varlen" part: the TMA
+  // kernels run an epilogue for each such empty tile (not measured; benchmarks/NOTES.md).
+  if (packed && sh.batch > 1 && sh.seqlen_q >= p.varlen.total_q) return false;
   auto run = [&](auto wide, auto features, auto persist) {
     constexpr bool kWide = decltype(wide)::value, kFeatures = decltype(features)::value;
     constexpr bool kPersistent = decltype(persist)::value;
