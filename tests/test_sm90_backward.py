@@ -12,7 +12,8 @@ import torch
 
 from conftest import IS_SM90, cuda_kernels, skip_outside_head_dim_bucket
 from reference import LOW_PRECISION, LOW_PRECISION_IDS
-from test_features import check_dense, check_varlen
+from test_features import check_dense, check_varlen, compare, reference_grads
+from test_sm90_forward import straddling_inputs
 
 pytestmark = pytest.mark.skipif(not IS_SM90, reason="needs a compute capability 9.0 GPU")
 
@@ -79,6 +80,24 @@ def test_gqa_and_window(dtype, d):
 @pytest.mark.parametrize("d", [64, 128, 256])
 def test_varlen(dtype, d):
     check_varlen("cuda", dtype, [70, 0, 129, 300], [90, 12, 0, 257], 4, 2, d, causal=True, bottom_right=True)
+
+
+@pytest.mark.parametrize("dtype", LOW_PRECISION, ids=LOW_PRECISION_IDS)
+@pytest.mark.parametrize("d", [64, 128, 256])
+def test_scores_straddling_2_to_the_8(dtype, d):
+    """Row maxima of 240-272 in log2 units (test_sm90_forward.straddling_inputs): the recomputed
+    probabilities from the scaled score's exact product (one FFMA) and rounded first, where a
+    warp's lse reach 2^8, side by side in one tile (the backward's fold,
+    -DCUFLASH_BWD_FOLD_SCALE=1; without it, the rounded form throughout)."""
+    scale = 0.5
+    q, k, v, dout = straddling_inputs(dtype, d, scale)
+    qg, kg, vg = (t.clone().requires_grad_() for t in (q, k, v))
+    out, lse = torch.ops.cuflash_attn.fwd(qg, kg, vg, scale, False)
+    grads = torch.autograd.grad(out, (qg, kg, vg), dout)
+    options = {"scale": scale}
+    ref = reference_grads(q, k, v, dout, torch.float64, options, None)
+    pt = reference_grads(q, k, v, dout, dtype, options, None)
+    compare(dtype, (out, lse, *grads), ref, pt)
 
 
 @pytest.mark.parametrize("d", [64, 128, 256])

@@ -484,22 +484,28 @@ def test_scales(dtype, d, scale):
     check_against_reference(out, lse, q, k, v, scale, causal=True)
 
 
-@pytest.mark.parametrize("dtype", LOW_PRECISION, ids=LOW_PRECISION_IDS)
-@pytest.mark.parametrize("d", [64, 128])
-def test_scores_straddling_2_to_the_8(dtype, d):
-    """Row maxima of 241-276 in log2 units, 16-row groups (a warp's rows) alternately all below
-    2^8 and straddling it, over a few effective keys a row: the folded exponent and the
-    rounded-first one side by side in one tile."""
+def straddling_inputs(dtype, d, scale, n=256):
+    """q, k, v and dout (CUDA, dtype, [1, 2, n, d]) whose rows' largest scores (times scale and
+    log2 e) are 240-272, in 16-row groups (a warp's rows) alternately all below 2^8 and
+    straddling it, over a few effective keys a row."""
     torch.manual_seed(0)
-    n, scale = 256, 0.5
     i = torch.arange(n)
     row_max = torch.where(i % 32 < 16, 250.0, torch.where(i % 2 == 0, 240.0, 272.0)).double()
     unit = torch.ones(d, dtype=torch.float64) / d**0.5
     q = ((row_max / (scale * math.log2(math.e)))[:, None] * unit).expand(1, 2, n, d)
     decay = 1 - 0.002 * torch.arange(n, dtype=torch.float64)
     k = decay[:, None] * unit + 0.01 * torch.randn(1, 2, n, d, dtype=torch.float64)
-    v = torch.randn(1, 2, n, d, dtype=torch.float64)
-    q, k, v = (t.to("cuda", dtype).contiguous() for t in (q, k, v))
+    v, dout = (torch.randn(1, 2, n, d, dtype=torch.float64) for _ in range(2))
+    return tuple(t.to("cuda", dtype).contiguous() for t in (q, k, v, dout))
+
+
+@pytest.mark.parametrize("dtype", LOW_PRECISION, ids=LOW_PRECISION_IDS)
+@pytest.mark.parametrize("d", [64, 128])
+def test_scores_straddling_2_to_the_8(dtype, d):
+    """Row maxima of 240-272 in log2 units (straddling_inputs): the folded exponent and the
+    rounded-first one side by side in one tile."""
+    scale = 0.5
+    q, k, v, _ = straddling_inputs(dtype, d, scale)
     out, lse = torch.ops.cuflash_attn.fwd(q, k, v, scale, False)
     check_against_reference(out, lse, q, k, v, scale, lse_rtol=1e-5)
 
