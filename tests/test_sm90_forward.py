@@ -486,7 +486,7 @@ def test_scales(dtype, d, scale):
 
 def straddling_inputs(dtype, d, scale, n=256):
     """q, k, v and dout (CUDA, dtype, [1, 2, n, d]) whose rows' largest scores (times scale and
-    log2 e) are 240-272, in 16-row groups (a warp's rows) alternately all below 2^8 and
+    log2 e) are about 240-277, in 16-row groups (a warp's rows) alternately all below 2^8 and
     straddling it, over a few effective keys a row."""
     torch.manual_seed(0)
     i = torch.arange(n)
@@ -502,7 +502,7 @@ def straddling_inputs(dtype, d, scale, n=256):
 @pytest.mark.parametrize("dtype", LOW_PRECISION, ids=LOW_PRECISION_IDS)
 @pytest.mark.parametrize("d", [64, 128])
 def test_scores_straddling_2_to_the_8(dtype, d):
-    """Row maxima of 240-272 in log2 units (straddling_inputs): the folded exponent and the
+    """Row maxima of about 240-277 in log2 units (straddling_inputs): the folded exponent and the
     rounded-first one side by side in one tile."""
     scale = 0.5
     q, k, v, _ = straddling_inputs(dtype, d, scale)

@@ -316,7 +316,7 @@ __device__ __forceinline__ void probs_then_mask(WarpAcc<kN>& s, float scale_log2
 #if CUFLASH_BWD_FOLD_SCALE
   // exp2(fma(s, c, -lse2)), one FFMA a score, where every lse2 of the warp is below 2^8 in
   // magnitude or +inf (a row past the sequence): the exact product then differs from the
-  // forward's rounded one by at most 2^-16 in the exponent; past it (extreme scores) by enough
+  // forward's rounded one by at most 2^-15 in the exponent; past it (extreme scores) by enough
   // to overflow it, and the product is rounded first as without the experiment.
   bool moderate = true;
 #pragma unroll
