@@ -173,8 +173,9 @@ bool launch_fwd_tma(const FlashFwdParams& p, const sm90::Sm90Paths& hopper, cuda
   const bool split = p.num_splits > 1;
   if (needs_feature_path(p)) return run(no, yes, no);
   if (!sm90::folds_scale_safely(p)) return false;  // the plain kernels fold it
-  // The walk counts tiles in an int, and a CTA's index steps a grid past the last (TileWalk): a
-  // packed batch's grid without max_seqlen_q (its total length a sequence) can pass that.
+  // The walk counts tiles in an int, and a CTA's index steps a grid past the last (TileWalk):
+  // a packed grid from the total length could pass that (declined above); kept so that no
+  // other grid can.
   const int64_t narrow_tiles = int64_t{ceil_div(sh.seqlen_q, Plain::kBlockM)} * sh.heads_q * sh.batch;
   const bool walk_fits = narrow_tiles <= std::numeric_limits<int>::max() / 2;
   const bool persistent_walk = Plain::kHasPersistent && hopper.persistent && !split && walk_fits &&
