@@ -212,12 +212,19 @@ def test_features(dtype, d, mode, monkeypatch):
     check_dense("cuda", dtype, 1, 2, 1, 200, 2100, d, softcap=15.0, alibi="batch", dropout_p=0.1)  # long rows
 
 
+def packed_forward_kernels(lens, d, causal=False):
+    """The kernels a forward over packed bf16 sequences of these lengths (2 heads) launches."""
+    q, k, v = (torch.randn(sum(lens), 2, d, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+    cu = torch.tensor([0, *torch.tensor(lens).cumsum(0).tolist()], device="cuda", dtype=torch.int32)
+    longest = max(lens)
+    return cuda_kernels(lambda: torch.ops.cuflash_attn.fwd(q, k, v, None, causal, False, cu_seqlens_q=cu,
+                                                           cu_seqlens_k=cu, max_seqlen_q=longest,
+                                                           max_seqlen_k=longest))
+
+
 def test_varlen_never_takes_tma():
     """With "varlen" left out of CUFLASH_SM90's list packed sequences run the cp.async kernel."""
-    q, k, v = (torch.randn(300, 2, 64, device="cuda", dtype=torch.bfloat16) for _ in range(3))
-    cu = torch.tensor([0, 100, 300], device="cuda", dtype=torch.int32)
-    names = cuda_kernels(lambda: torch.ops.cuflash_attn.fwd(q, k, v, None, False, False, cu_seqlens_q=cu,
-                                                            cu_seqlens_k=cu, max_seqlen_q=200, max_seqlen_k=200))
+    names = packed_forward_kernels([100, 200], 64)
     assert "flash_fwd_sm90_kernel<" in names and "tma" not in names, names
 
 
@@ -269,7 +276,7 @@ def test_varlen_on_tma_many_tiles(d, causal, varlen_part):
 def test_varlen_on_tma_windows_and_unknown_lengths(d, varlen_part):
     """Packed sequences on the TMA forward with a sliding window (key blocks from inside the
     sequence); with max_seqlen not given (the grid from the packed length: most query blocks
-    empty) on the cp.async one (launch_fwd_tma declines such a grid)."""
+    empty) on the cp.async one (sm90_paths declines such a grid)."""
     lens_q, lens_k = [300, 0, 129, 700], [300, 40, 129, 500]
     names = cuda_kernels(lambda: check_varlen("cuda", torch.bfloat16, lens_q, lens_k, 4, 2, d, window=(100, 20),
                                               bottom_right=True))
@@ -288,12 +295,7 @@ def test_varlen_default_choice(d, longest, persistent, mode, monkeypatch):
     if mode != "tma":
         pytest.skip("one run: the defaults are set here")
     monkeypatch.delenv("CUFLASH_SM90")
-    lens = [longest, 100]
-    q, k, v = (torch.randn(sum(lens), 2, d, device="cuda", dtype=torch.bfloat16) for _ in range(3))
-    cu = torch.tensor([0, lens[0], sum(lens)], device="cuda", dtype=torch.int32)
-    names = cuda_kernels(lambda: torch.ops.cuflash_attn.fwd(q, k, v, None, True, False, cu_seqlens_q=cu,
-                                                            cu_seqlens_k=cu, max_seqlen_q=longest,
-                                                            max_seqlen_k=longest))
+    names = packed_forward_kernels([longest, 100], d, causal=True)
     assert tma_kernel(bucket(d), persistent=persistent) in names, names
 
 

@@ -8,7 +8,6 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cuda_runtime.h>
-#include <limits>
 #include <map>
 #include <mutex>
 #include <type_traits>
@@ -139,10 +138,6 @@ bool launch_fwd_tma(const FlashFwdParams& p, const sm90::Sm90Paths& hopper, cuda
   const AttentionShape& sh = p.shape;
   const bool packed = p.varlen.cu_seqlens_q != nullptr;
   if (packed && (!hopper.tma_varlen || p.num_splits > 1)) return false;
-  // A packed grid from the total length (max_seqlen_q not given: most query blocks lie past
-  // their sequence's end) stays on the cp.async kernel, as before the "varlen" part: the TMA
-  // kernels run an epilogue for each such empty tile (not measured; benchmarks/NOTES.md).
-  if (packed && sh.batch > 1 && sh.seqlen_q >= p.varlen.total_q) return false;
   auto run = [&](auto wide, auto features, auto persist) {
     constexpr bool kWide = decltype(wide)::value, kFeatures = decltype(features)::value;
     constexpr bool kPersistent = decltype(persist)::value;
@@ -173,12 +168,7 @@ bool launch_fwd_tma(const FlashFwdParams& p, const sm90::Sm90Paths& hopper, cuda
   const bool split = p.num_splits > 1;
   if (needs_feature_path(p)) return run(no, yes, no);
   if (!sm90::folds_scale_safely(p)) return false;  // the plain kernels fold it
-  // The walk counts tiles in an int, and a CTA's index steps a grid past the last (TileWalk):
-  // a packed grid from the total length could pass that (declined above); kept so that no
-  // other grid can.
-  const int64_t narrow_tiles = int64_t{ceil_div(sh.seqlen_q, Plain::kBlockM)} * sh.heads_q * sh.batch;
-  const bool walk_fits = narrow_tiles <= std::numeric_limits<int>::max() / 2;
-  const bool persistent_walk = Plain::kHasPersistent && hopper.persistent && !split && walk_fits &&
+  const bool persistent_walk = Plain::kHasPersistent && hopper.persistent && !split &&
                                (kv_cache ? !sm90::long_rows(p) : sm90::persistent_rows<kHeadDim>(p));
   // Packed sequences: the narrow tiles (kMayPack), persistent where a dense batch of the longest
   // sequence's length would be (the grid's lengths, max_seqlen_q and _k, stand in for each one's).

@@ -331,18 +331,14 @@ __device__ __forceinline__ void probs_then_mask(WarpAcc<kN>& s, float scale_log2
     for (int j = 0; j < kN / 8; ++j)
 #pragma unroll
       for (int e = 0; e < 4; ++e) s.v[j][e] = fast_exp2(__fmaf_rn(s.v[j][e], scale_log2, -lse2(j, e)));
-  } else {
+  } else  // the rounded-first loop below, the default's
+#endif
+  {
 #pragma unroll
     for (int j = 0; j < kN / 8; ++j)
 #pragma unroll
       for (int e = 0; e < 4; ++e) s.v[j][e] = fast_exp2(__fmul_rn(s.v[j][e], scale_log2) - lse2(j, e));
   }
-#else
-#pragma unroll
-  for (int j = 0; j < kN / 8; ++j)
-#pragma unroll
-    for (int e = 0; e < 4; ++e) s.v[j][e] = fast_exp2(__fmul_rn(s.v[j][e], scale_log2) - lse2(j, e));
-#endif
   if (tile_needs_mask<kTransposed, kN>(m, seq, row0, col0)) {
     const TileVisibility<kTransposed, kN> visible(m, seq, row0, col0, lane);
     for_each_value(s, [&](float& x, int j, int e) {

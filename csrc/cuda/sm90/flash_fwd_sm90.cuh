@@ -258,8 +258,13 @@ inline Sm90Paths sm90_paths(const AttentionParams& p) {
   // with packed queries (the kernel's splits and packed coordinates do not meet: launch_fwd_tma).
   choice.tma_splits = choice.tma && wanted.tma_splits && !features && p.varlen.cu_seqlens_q == nullptr;
   // Packed sequences on the plain narrow TMA kernels (kMayPack): not with the features, nor a
-  // paged cache (packed queries over pages); not split (tma_splits, launch_fwd_tma).
-  choice.tma_varlen = choice.tma && wanted.tma_varlen && !features && !paged;
+  // paged cache (packed queries over pages); not split (tma_splits, launch_fwd_tma). Nor a grid
+  // from the total length (max_seqlen_q not given: most query blocks past their sequence's end),
+  // which stays on the cp.async kernel as before the part: the TMA kernels run an epilogue for
+  // each such empty tile (not measured; benchmarks/NOTES.md), and TileWalk counts tiles in an int.
+  const bool total_length_grid = p.varlen.cu_seqlens_q != nullptr && p.shape.batch > 1 &&
+                                 p.shape.seqlen_q >= p.varlen.total_q;
+  choice.tma_varlen = choice.tma && wanted.tma_varlen && !features && !paged && !total_length_grid;
   choice.bwd = choice.fwd && !features && wanted.bwd;
   choice.bwd_ws = choice.bwd && wanted.bwd_ws && whole_key_blocks;
 #else

@@ -424,34 +424,29 @@ __global__ void __launch_bounds__(FwdSm90TmaKernel<T, kHeadDim, kWide, kPersiste
     stage_rows_for_tma<T, kBlockM>(o, inv_l, stage, warp_row, lane);
     fence_async_shared();  // these writes before the bulk store's (async proxy) reads
     named_barrier_sync<128>(epilogue_barrier);
+    // Packed, a box would write into the next sequence's rows past a sequence's end: the checked
+    // stores there (everywhere, unless the experiment stores a consumer's 64 rows that all lie
+    // inside the sequence by TMA: the same test for its 128 threads).
+    auto store_checked = [&] {
+      T* out = row_at<T>(p.out, p.out_strides, tile.seq, true, tile.b, tile.h, 0);
+      store_staged_rows<T, kBlockM, kPanels>(stage, consumer, out, p.out_strides.row, tile.m_start, tile.seq.seqlen_q,
+                                             sh.head_dim, tid % 128);
+    };
+    auto store_box = [&](int row, int batch) {
+#pragma unroll
+      for (int panel = 0; panel < kPanels; ++panel)
+        tma_store_4d(&map_o, stage + panel * kBlockM * 128 + consumer * 64 * 128, panel * 64, row, tile.h, batch);
+      bulk_commit_group();
+    };
 #if CUFLASH_FWD_PACKED_TMA_STORE
-    // A packed sequence's box would write into the next sequence's rows past its end: there the
-    // checked stores; the box where the consumer's 64 rows all lie inside the sequence (the same
-    // test for its 128 threads).
     const int first_row = tile.m_start + 64 * consumer;
-    if (packed && first_row + 64 > tile.seq.seqlen_q) {
-      T* out = row_at<T>(p.out, p.out_strides, tile.seq, true, tile.b, tile.h, 0);
-      store_staged_rows<T, kBlockM, kPanels>(stage, consumer, out, p.out_strides.row, tile.m_start, tile.seq.seqlen_q,
-                                             sh.head_dim, tid % 128);
-    } else if (first_thread && first_row < tile.seq.seqlen_q) {
-#pragma unroll
-      for (int panel = 0; panel < kPanels; ++panel)
-        tma_store_4d(&map_o, stage + panel * kBlockM * 128 + consumer * 64 * 128, panel * 64,
-                     packed ? static_cast<int>(tile.seq.q_row0) + first_row : first_row, tile.h, packed ? 0 : tile.b);
-      bulk_commit_group();
-    }
+    if (packed && first_row + 64 > tile.seq.seqlen_q) store_checked();
+    else if (first_thread && first_row < tile.seq.seqlen_q)
+      store_box(packed ? static_cast<int>(tile.seq.q_row0) + first_row : first_row, packed ? 0 : tile.b);
 #else
-    if (packed) {
-      T* out = row_at<T>(p.out, p.out_strides, tile.seq, true, tile.b, tile.h, 0);
-      store_staged_rows<T, kBlockM, kPanels>(stage, consumer, out, p.out_strides.row, tile.m_start, tile.seq.seqlen_q,
-                                             sh.head_dim, tid % 128);
-    } else if (first_thread && tile.m_start + 64 * consumer < tile.seq.seqlen_q) {
-#pragma unroll
-      for (int panel = 0; panel < kPanels; ++panel)
-        tma_store_4d(&map_o, stage + panel * kBlockM * 128 + consumer * 64 * 128, panel * 64,
-                     tile.m_start + 64 * consumer, tile.h, tile.b);
-      bulk_commit_group();
-    }
+    if (packed) store_checked();
+    else if (first_thread && tile.m_start + 64 * consumer < tile.seq.seqlen_q)
+      store_box(tile.m_start + 64 * consumer, tile.b);
 #endif
     store_lse(lse, lse_out, row0, tile.seq.seqlen_q, lane);
   }
