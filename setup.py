@@ -50,7 +50,8 @@ ptxas_flags = ["-Xptxas=-v"] if os.environ.get("CUFLASH_PTXAS_VERBOSE") == "1" e
 cu_files, defines = kernel_sources()
 sources = [str(p.relative_to(ROOT)) for p in
            [CSRC / "torch_ops.cpp", CSRC / "cpu" / "flash_cpu.cpp", CSRC / "cuda" / "dropout_mask.cu",
-            CSRC / "cuda" / "backward_choice.cu", CSRC / "cuda" / "forward_choice.cu", *cu_files]]
+            CSRC / "cuda" / "packed_gaps.cu", CSRC / "cuda" / "backward_choice.cu",
+            CSRC / "cuda" / "forward_choice.cu", *cu_files]]
 
 setup(
     packages=find_packages(include=["cuflash_attn", "cuflash_attn.*"]),

@@ -35,19 +35,21 @@ struct Sequence {
   int diagonal;            // query i faces key i + diagonal
 };
 
+// Sequence b's rows of a packed tensor of `total` rows, clamped to it and to the grid's `rows`
+// (the kernels write no others: the glue fills the rest, flash_launch.h's fill_packed_gaps on
+// CUDA); a padded one's (no cu_seqlens) are the grid's.
+CUFLASH_HD void packed_rows_of(const int* cu_seqlens, int b, int total, int rows, int64_t& row0, int& count) {
+  const int first = cu_seqlens ? min_int(max_int(cu_seqlens[b], 0), total) : 0;
+  row0 = first;
+  count = cu_seqlens ? min_int(min_int(max_int(cu_seqlens[b + 1], first), total) - first, rows) : rows;
+}
+
 CUFLASH_HD Sequence sequence_of(const AttentionParams& p, int b) {
   Sequence s;
   const VarlenParams& v = p.varlen;
-  // Sequence b's rows of a packed tensor of `total` rows, clamped to it and to the grid's `rows`;
-  // a padded one's are the grid's.
-  auto rows_of = [b](const int* cu_seqlens, int total, int rows, int64_t& row0, int& count) {
-    const int first = cu_seqlens ? min_int(max_int(cu_seqlens[b], 0), total) : 0;
-    row0 = first;
-    count = cu_seqlens ? min_int(min_int(max_int(cu_seqlens[b + 1], first), total) - first, rows) : rows;
-  };
-  rows_of(v.cu_seqlens_q, v.total_q, p.shape.seqlen_q, s.q_row0, s.seqlen_q);
+  packed_rows_of(v.cu_seqlens_q, b, v.total_q, p.shape.seqlen_q, s.q_row0, s.seqlen_q);
   // Packed queries come with packed keys, or with a paged cache (each sequence's keys from 0).
-  rows_of(v.cu_seqlens_k, v.total_k, p.shape.seqlen_k, s.k_row0, s.seqlen_k);
+  packed_rows_of(v.cu_seqlens_k, b, v.total_k, p.shape.seqlen_k, s.k_row0, s.seqlen_k);
   if (v.seqused_k) s.seqlen_k = min_int(max_int(p.varlen.seqused_k[b], 0), s.seqlen_k);
   s.diagonal = p.mask.bottom_right ? s.seqlen_k - query_of_row(p.mask, s.seqlen_q) : 0;
   return s;

@@ -561,7 +561,9 @@ std::tuple<Tensor, Tensor> fwd_impl(const Tensor& q, const Tensor& k, const Tens
     return {out, lse};
   }
   Tensor out_k = layout.output(out);
-  if (o.varlen()) {  // packed: rows no sequence covers are rows that see no key
+  // Packed: rows no sequence covers are rows that see no key (out 0, lse -inf); on CUDA only
+  // those rows are written (fill_packed_gaps), the usual batch having none.
+  if (o.varlen() && !q.is_cuda()) {
     out_k.zero_();
     lse.fill_(-kInf);
   }
@@ -572,6 +574,14 @@ std::tuple<Tensor, Tensor> fwd_impl(const Tensor& q, const Tensor& k, const Tens
 
   if (q.is_cuda()) {
     const c10::cuda::CUDAGuard guard(q.device());
+    if (o.varlen()) {
+      const GapFill fills[] = {
+          {p.out, p.out_strides.row, p.out_strides.head, sh.heads_q, sh.head_dim,
+           static_cast<int>(out_k.element_size()), 0.0},
+          {p.lse, 1, p.stats_strides.head, sh.heads_q, 1, static_cast<int>(lse.element_size()), -kInf}};
+      check_cuda(fill_packed_gaps(p.varlen.cu_seqlens_q, sh.batch, p.varlen.total_q, sh.seqlen_q, fills, 2,
+                                  at::cuda::getCurrentCUDAStream()));
+    }
     p.num_splits = fwd_num_splits(p, static_cast<int>(std::min<int64_t>(o.num_splits, kMaxFwdSplits)));
     Tensor out_partial, lse_partial;  // split-KV's, alive until the kernels have run (stream order)
     if (p.num_splits > 1) {
@@ -711,9 +721,11 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> bwd(const Tensor& dout, const Tensor&
   const Tensor outk = layout.input(out), doutk = layout.input(dout);
   Tensor dq_k = layout.output(dq), dk_k = layout.output(dk), dv_k = layout.output(dv);
   // Rows no sequence covers (packed) and keys past seqused_k get gradient 0: no kernel writes
-  // them (every query row of a sequence gets its dq, keys or none).
-  if (o.varlen()) dq_k.zero_();
-  if (o.varlen() || o.seqused_k) {
+  // them (every query row of a sequence gets its dq, keys or none). On CUDA, packed, only those
+  // rows are written (fill_packed_gaps, below).
+  const bool zero_packed = o.varlen() && !q.is_cuda();
+  if (zero_packed) dq_k.zero_();
+  if (zero_packed || o.seqused_k) {
     dk_k.zero_();
     dv_k.zero_();
   }
@@ -764,7 +776,20 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> bwd(const Tensor& dout, const Tensor&
 
   if (q.is_cuda()) {
     padded_head_dim_bucket(q, layout.head_dim);
-    check_cuda(run_flash_bwd_cuda(p, at::cuda::getCurrentCUDAStream()));
+    const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+    if (o.varlen()) {
+      const int elem_bytes = static_cast<int>(dq_k.element_size());
+      const GapFill dq_fill[] = {{p.dq, p.dq_strides.row, p.dq_strides.head, sh.heads_q, sh.head_dim, elem_bytes}};
+      check_cuda(fill_packed_gaps(p.varlen.cu_seqlens_q, sh.batch, p.varlen.total_q, sh.seqlen_q, dq_fill, 1, stream));
+      if (!o.seqused_k) {  // (else zeroed whole, above)
+        const GapFill dkdv_fill[] = {
+            {p.dk, p.dk_strides.row, p.dk_strides.head, sh.heads_kv, sh.head_dim, elem_bytes},
+            {p.dv, p.dv_strides.row, p.dv_strides.head, sh.heads_kv, sh.head_dim, elem_bytes}};
+        check_cuda(fill_packed_gaps(p.varlen.cu_seqlens_k, sh.batch, p.varlen.total_k, sh.seqlen_k, dkdv_fill, 2,
+                                    stream));
+      }
+    }
+    check_cuda(run_flash_bwd_cuda(p, stream));
   } else {
     at::parallel_for(0, int64_t{sh.batch} * sh.heads_kv, 1, [&](int64_t begin, int64_t end) {
       if (layout.dtype == at::kDouble) flash_bwd_cpu<double>(p, begin, end);

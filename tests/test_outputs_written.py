@@ -4,11 +4,12 @@ NaN, finite inputs must give no NaN anywhere. Covers the Hopper kernels whose ou
 TMA store (the forward's, and the persistent deterministic backward's dK and dV), where
 compute-sanitizer's initcheck reported reads of unwritten memory that a NaN-free result could
 not tell from its own limits, and the KV-cache and split-KV paths, whose outputs come from
-several kernels."""
+several kernels, and packed sequences, whose rows no sequence covers only a small kernel
+writes (fill_packed_gaps)."""
 import pytest
 import torch
 
-from conftest import HAS_CUDA, IS_SM90
+from conftest import ALL_DTYPES, HAS_CUDA, IS_SM90
 from reference import LOW_PRECISION, LOW_PRECISION_IDS
 
 import cuflash_attn
@@ -21,6 +22,11 @@ pytestmark = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
 KVCACHE_PARTS = [None,
                  pytest.param("tma,persistent,kvcache", marks=pytest.mark.skipif(not IS_SM90, reason="sm_90 only")),
                  pytest.param("tma,kvcache,splits", marks=pytest.mark.skipif(not IS_SM90, reason="sm_90 only"))]
+
+# Packed sequences: the defaults (on sm_90, the TMA forward) and the cp.async Hopper forward
+# (CUFLASH_SM90's default parts less "varlen").
+PACKED_PARTS = [None, pytest.param("tma,bwd,bwdws,features,persistent,kvcache",
+                                   marks=pytest.mark.skipif(not IS_SM90, reason="sm_90 only"))]
 
 
 @pytest.fixture(autouse=True)
@@ -81,3 +87,43 @@ def test_kvcache_outputs(parts, d, tokens, num_splits, monkeypatch):
     out, lse = flash_attn_with_kvcache(q, k_cache, v_cache, cache_seqlens=used, num_splits=num_splits,
                                        causal=tokens > 1, return_softmax_lse=True)
     assert_no_nan(out=out, lse=lse)
+
+
+def packed_rows(offsets, b, total, max_rows):
+    """attention_math.h's packed_rows_of: sequence b's first row and row count, clamped to the
+    packed tensor's rows and to the grid's (max_seqlen)."""
+    first = min(max(offsets[b], 0), total)
+    return first, min(min(max(offsets[b + 1], first), total) - first, max_rows)
+
+
+@pytest.mark.parametrize("parts", PACKED_PARTS)
+@pytest.mark.parametrize("dtype", ALL_DTYPES, ids=["fp16", "bf16", "fp32", "fp64"])
+@pytest.mark.parametrize("offsets,max_seqlen", [
+    ([0, 100, 250, 300], 150),  # 30 spare rows after the last sequence
+    ([20, 20, 120, 300], 128),  # rows before the first; an empty sequence; one longer than max_seqlen
+    ([40, 12, 200, 500], 100),  # offsets that go back and past the end (unchecked on CUDA)
+], ids=["spare_rows", "gaps", "bad_offsets"])
+@pytest.mark.parametrize("num_splits", [1, 3])
+def test_packed_outputs(parts, dtype, offsets, max_seqlen, num_splits, monkeypatch):
+    """Every row no sequence covers reads 0 (lse -inf; dq, dk and dv 0 too), and no other row is
+    left unwritten, by the forward (split or not) and the backward (deterministic or not)."""
+    if parts is not None:
+        monkeypatch.setenv("CUFLASH_SM90", parts)
+    torch.manual_seed(0)
+    total = 330
+    q, k, v, dout = (torch.randn(total, 4, 64, device="cuda", dtype=dtype) for _ in range(4))
+    cu = torch.tensor(offsets, device="cuda", dtype=torch.int32)
+    packed = dict(cu_seqlens_q=cu, cu_seqlens_k=cu, max_seqlen_q=max_seqlen, max_seqlen_k=max_seqlen)
+    out, lse = torch.ops.cuflash_attn.fwd(q, k, v, num_splits=num_splits, **packed)
+    covered = torch.zeros(total, dtype=torch.bool, device="cuda")
+    for b in range(len(offsets) - 1):
+        first, count = packed_rows(offsets, b, total, max_seqlen)
+        covered[first:first + count] = True
+    assert torch.all(out[~covered] == 0), "a row no sequence covers is not 0"
+    assert torch.all(torch.isneginf(lse[:, ~covered])), "a row no sequence covers has lse other than -inf"
+    assert_no_nan(out=out[covered], lse=lse[:, covered])
+    for deterministic in (True, False):
+        dq, dk, dv, _ = torch.ops.cuflash_attn.bwd(dout, q, k, v, out, lse, deterministic=deterministic, **packed)
+        for name, grad in (("dq", dq), ("dk", dk), ("dv", dv)):
+            assert torch.all(grad[~covered] == 0), f"{name}: a row no sequence covers is not 0"
+            assert_no_nan(**{name: grad[covered]})
