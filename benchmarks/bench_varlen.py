@@ -8,8 +8,9 @@ default sets) and head dim, our forward on the packed batch under each CUFLASH_S
 --variants: by default the default parts less "varlen" (packed sequences on the cp.async Hopper
 forward) and the defaults (the TMA forward, persistent where a dense batch of the longest
 sequence would be); and, where every sequence has one length, the
-same tokens as a dense [B, H, N, D] batch under the defaults (the TMA forward's own speed, the
-ceiling for the packed path). bf16, heads = 2048 / D (GQA off), causal and not; TFLOP/s counts
+same tokens as a dense batch under the defaults, in the [B, H, N, D] layout (the TMA forward's own
+speed, the ceiling for the packed path) and in [B, N, H, D] (a packed tensor's row strides: what
+the layout alone costs). bf16, heads = 2048 / D (GQA off), causal and not; TFLOP/s counts
 each sequence's own FLOPs. The cells of a shape are timed in --rounds interleaved rounds
 (bench_attention.interleaved_timings), each figure their median."""
 import argparse
@@ -47,8 +48,11 @@ def packed_call(lengths, heads, d, causal):
                                               max_seqlen_q=longest, max_seqlen_k=longest)
 
 
-def dense_call(length, batch, heads, d, causal):
-    q, k, v = (torch.randn(batch, heads, length, d, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+def dense_call(length, batch, heads, d, causal, layout="bhnd"):
+    shape = (batch, heads, length, d) if layout == "bhnd" else (batch, length, heads, d)
+    q, k, v = (torch.randn(*shape, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+    if layout == "bnhd":
+        q, k, v = (t.transpose(1, 2) for t in (q, k, v))
     return lambda: torch.ops.cuflash_attn.fwd(q, k, v, None, causal, False)
 
 
@@ -65,8 +69,8 @@ def main(argv=None):
     short_names = {"": "defaults", LESS_VARLEN: "less varlen"}
     names = [short_names.get(v, v) for v in args.variants]
     print(f"{bench.env_line(bench.environment())}; forward, packed sequences\n")
-    header = ["D", "causal", "lengths"] + [f"{n} TFLOP/s" for n in names] + ["dense TFLOP/s"]
-    header += [f"{n} / {names[0]}" for n in names[1:]] + [f"{names[-1]} / dense"]
+    header = ["D", "causal", "lengths"] + [f"{n} TFLOP/s" for n in names] + ["dense TFLOP/s", "dense bnhd TFLOP/s"]
+    header += [f"{n} / {names[0]}" for n in names[1:]] + [f"{names[-1]} / dense", f"{names[-1]} / dense bnhd"]
     print(bench.markdown_header(header))
     for d in args.head_dims:
         heads = 2048 // d
@@ -77,14 +81,18 @@ def main(argv=None):
                 steps = {f"@CUFLASH_SM90={v}" if v else "defaults": (packed_call(lengths, heads, d, causal),)
                          for v in args.variants}
                 if len(set(lengths)) == 1:
-                    steps["dense"] = (dense_call(lengths[0], len(lengths), heads, d, causal),)
+                    for layout in ("bhnd", "bnhd"):
+                        name = "dense" if layout == "bhnd" else "dense bnhd"
+                        steps[name] = (dense_call(lengths[0], len(lengths), heads, d, causal, layout),)
                 samples = bench.interleaved_timings(steps, timer, args.rounds)
                 tf = {}
                 for name, rounds in samples.items():
                     tf[name] = bench.tflops(flops, statistics.median(rounds[0])) if isinstance(rounds, tuple) else None
-                cells = [tf[f"@CUFLASH_SM90={v}" if v else "defaults"] for v in args.variants] + [tf.get("dense")]
-                ratios = [a / cells[0] if a and cells[0] else None for a in cells[1:-1]]
-                ratios.append(cells[-2] / cells[-1] if cells[-2] and cells[-1] else None)
+                packed = [tf[f"@CUFLASH_SM90={v}" if v else "defaults"] for v in args.variants]
+                dense = [tf.get("dense"), tf.get("dense bnhd")]
+                cells = packed + dense
+                ratios = [a / packed[0] if a and packed[0] else None for a in packed[1:]]
+                ratios += [packed[-1] / c if packed[-1] and c else None for c in dense]
                 text = [f"{c:.0f}" if c else "-" for c in cells] + [f"{r:.2f}x" if r else "-" for r in ratios]
                 print(f"| {d} | {'yes' if causal else 'no'} | {described} | " + " | ".join(text) + " |", flush=True)
 

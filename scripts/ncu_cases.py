@@ -1,6 +1,7 @@
 """The calls scripts/ncu_profile.sh profiles: NCU_CASES, each
 pass:batch,heads,seqlen,head_dim:causal[:det] (bf16; pass fwd, bwd, or cudnn_fwd, cudnn_bwd: torch
-SDPA's cuDNN backend on the same shape), or dec:batch,heads_q,cache_keys,head_dim:heads_kv[:tokens[:packed|unpacked]]
+SDPA's cuDNN backend on the same shape; fwd_bnhd: the forward on [B, N, H, D] tensors; fwd_packed:
+the forward on the same tokens packed, batch sequences of seqlen tokens in cu_seqlens), or dec:batch,heads_q,cache_keys,head_dim:heads_kv[:tokens[:packed|unpacked]]
 (one decoding step of flash_attn_with_kvcache, causal for several tokens, split-KV chosen as by
 default, grouped heads packed as rows by default or as named: CUFLASH_PACK_GQA 1 or 0). Only the
 pass named runs inside the NVTX range "profiled", which ncu filters on."""
@@ -36,6 +37,24 @@ for case in os.environ["NCU_CASES"].split():
         continue
     causal, det = fields[2] == "1", fields[3:] == ["det"]
     q, k, v, dout = (torch.randn(b, h, n, d, device="cuda", dtype=torch.bfloat16) for _ in range(4))
+    if which in ("fwd_bnhd", "fwd_packed"):  # rows H * D apart, as a packed tensor's
+        q, k, v = (torch.randn(b, n, h, d, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+        packed = {}
+        if which == "fwd_packed":
+            q, k, v = (t.view(b * n, h, d) for t in (q, k, v))
+            cu = torch.arange(0, (b + 1) * n, n, device="cuda", dtype=torch.int32)
+            packed = dict(cu_seqlens_q=cu, cu_seqlens_k=cu, max_seqlen_q=n, max_seqlen_k=n)
+        else:
+            q, k, v = (t.transpose(1, 2) for t in (q, k, v))
+        for profiled in (False, True):  # the first call loads the kernels
+            if profiled:
+                torch.cuda.nvtx.range_push("profiled")
+            ops.fwd(q, k, v, None, causal, False, **packed)
+            if profiled:
+                torch.cuda.nvtx.range_pop()
+        torch.cuda.synchronize()
+        print(case, "ran", flush=True)
+        continue
     if which in ("cudnn_fwd", "cudnn_bwd"):  # the peer on the same inputs (its kernels' names hold "sm90")
         from torch.nn.attention import SDPBackend, sdpa_kernel
         q, k, v = (t.requires_grad_(which == "cudnn_bwd") for t in (q, k, v))
