@@ -85,10 +85,10 @@ def test_varlen(dtype, d):
 @pytest.mark.parametrize("dtype", LOW_PRECISION, ids=LOW_PRECISION_IDS)
 @pytest.mark.parametrize("d", [64, 128, 256])
 def test_scores_straddling_2_to_the_8(dtype, d):
-    """Row maxima of about 240-277 in log2 units (test_sm90_forward.straddling_inputs): the
-    recomputed probabilities from the scaled score's exact product (one FFMA) and rounded first,
-    where a warp's lse reach 2^8, side by side in one tile (the backward's fold,
-    -DCUFLASH_BWD_FOLD_SCALE=1; without it, the rounded form throughout)."""
+    """Row maxima of about 240-277 in log2 units (test_sm90_forward.straddling_inputs), where
+    the forward folds the scale into the exponent's argument in some rows and rounds the scaled
+    score first in others: the backward's recomputed probabilities (rounded first throughout)
+    agree with either."""
     scale = 0.5
     q, k, v, dout = straddling_inputs(dtype, d, scale)
     qg, kg, vg = (t.clone().requires_grad_() for t in (q, k, v))

@@ -4,11 +4,6 @@
 // that cross a mask edge pay for the mask; tiles wholly outside it are never visited.
 #pragma once
 #include <math.h>
-// Experiment (an A/B build's define; benchmarks/NOTES.md): probs_then_mask folds the softmax
-// scale into the exponent's argument where a warp's lse are moderate.
-#ifndef CUFLASH_BWD_FOLD_SCALE
-#define CUFLASH_BWD_FOLD_SCALE 0
-#endif
 #include "../attention_math.h"
 #include "mma_sm80.cuh"
 
@@ -313,32 +308,10 @@ __device__ __forceinline__ void ds_from_dp(WarpAcc<kN>& dp, const WarpAcc<kN>& p
 template <bool kTransposed, int kN, class Lse2>
 __device__ __forceinline__ void probs_then_mask(WarpAcc<kN>& s, float scale_log2, const MaskParams& m,
                                                 const Sequence& seq, int row0, int col0, int lane, Lse2&& lse2) {
-#if CUFLASH_BWD_FOLD_SCALE
-  // exp2(fma(s, c, -lse2)), one FFMA a score, where every lse2 of the warp is below 2^8 in
-  // magnitude or +inf (a row past the sequence): the exact product then differs from the
-  // forward's rounded one by at most 2^-15 in the exponent; past it (extreme scores) by enough
-  // to overflow it, and the product is rounded first as without the experiment.
-  bool moderate = true;
 #pragma unroll
   for (int j = 0; j < kN / 8; ++j)
 #pragma unroll
-    for (int e = 0; e < 4; ++e) {
-      const float l = lse2(j, e);
-      moderate = moderate && (fabsf(l) < 0x1p8f || l == INFINITY);
-    }
-  if (__all_sync(0xffffffffu, moderate)) {
-#pragma unroll
-    for (int j = 0; j < kN / 8; ++j)
-#pragma unroll
-      for (int e = 0; e < 4; ++e) s.v[j][e] = fast_exp2(__fmaf_rn(s.v[j][e], scale_log2, -lse2(j, e)));
-  } else  // the rounded-first loop below, the default's
-#endif
-  {
-#pragma unroll
-    for (int j = 0; j < kN / 8; ++j)
-#pragma unroll
-      for (int e = 0; e < 4; ++e) s.v[j][e] = fast_exp2(__fmul_rn(s.v[j][e], scale_log2) - lse2(j, e));
-  }
+    for (int e = 0; e < 4; ++e) s.v[j][e] = fast_exp2(__fmul_rn(s.v[j][e], scale_log2) - lse2(j, e));
   if (tile_needs_mask<kTransposed, kN>(m, seq, row0, col0)) {
     const TileVisibility<kTransposed, kN> visible(m, seq, row0, col0, lane);
     for_each_value(s, [&](float& x, int j, int e) {
