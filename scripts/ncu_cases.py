@@ -1,7 +1,8 @@
 """The calls scripts/ncu_profile.sh profiles: NCU_CASES, each
 pass:batch,heads,seqlen,head_dim:causal[:det] (bf16; pass fwd, bwd, or cudnn_fwd, cudnn_bwd: torch
 SDPA's cuDNN backend on the same shape; fwd_bnhd: the forward on [B, N, H, D] tensors; fwd_packed:
-the forward on the same tokens packed, batch sequences of seqlen tokens in cu_seqlens), or dec:batch,heads_q,cache_keys,head_dim:heads_kv[:tokens[:packed|unpacked]]
+the forward on the same tokens packed, batch sequences of seqlen tokens in cu_seqlens), or
+dec:batch,heads_q,cache_keys,head_dim:heads_kv[:tokens[:packed|unpacked]]
 (one decoding step of flash_attn_with_kvcache, causal for several tokens, split-KV chosen as by
 default, grouped heads packed as rows by default or as named: CUFLASH_PACK_GQA 1 or 0). Only the
 pass named runs inside the NVTX range "profiled", which ncu filters on."""
