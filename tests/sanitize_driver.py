@@ -17,7 +17,8 @@ its combine kernel (with features, paged keys and packed queries), and decoding 
 heads as rows; four causal tokens a step packed under CUFLASH_PACK_GQA=1; 130 unsplit and one split
 5 ways on the TMA forwards (CUFLASH_SM90's "kvcache" part, a default; the splits under its "splits"
 part), over contiguous and paged caches); packed sequences on the TMA forwards, persistent and
-not (its "varlen" part). Every case is checked against the float64 reference with
+not (its "varlen" part), and on the TMA backward, the pair and the fused kernel's two dQ orders
+(its "bwdvarlen" part, not a default). Every case is checked against the float64 reference with
 the accuracy rule, so a clean sanitizer run is also a correctness run.
 
     python3 tests/sanitize_driver.py [--list] [--only REGEX] [--case DESCRIPTION] [--device cpu]
@@ -119,6 +120,9 @@ def cases():
     # inside a key block (the next sequence's rows read, their V zeroed), empty sequences.
     out += [(BF16, d, 4, 4, 0, 0, "bottom_right", "varlen_tma") for d in (64, 128, 256)]
     out += [(BF16, 128, 4, 48, 0, 0, "bottom_right", "varlen_tma")]  # 384 tiles: CTAs walk several
+    # Packed sequences on the TMA backward (its "bwdvarlen" part): boxes past a sequence's end
+    # (their rows zeroed in shared memory, dK and dV stored row by row there), empty sequences.
+    out += [(BF16, d, 4, 4, 0, 0, "bottom_right", "varlen_bwd_tma") for d in (64, 128)]
     return out
 
 
@@ -195,7 +199,7 @@ def run_case(case, device):
         with bench.switches_set({"CUFLASH_PACK_GQA": "1"}):
             for num_splits in (0, 1, 5):
                 check_decode(device, dtype, d, b, h, nk, num_splits, tokens=nq)
-    elif variant in ("kvcache_tma", "varlen_tma") and os.environ.get("CUFLASH_SM90") == "0":
+    elif variant in ("kvcache_tma", "varlen_tma", "varlen_bwd_tma") and os.environ.get("CUFLASH_SM90") == "0":
         pytest.skip("the Hopper kernels are off (--without-tma)")
     elif variant == "kvcache_tma":  # the TMA forwards, persistent and not, over KV caches; splits
         import test_paged_kv
@@ -217,6 +221,14 @@ def run_case(case, device):
             with bench.switches_set({"CUFLASH_SM90": parts}):
                 check_varlen(device, dtype, [70, 0, 129, 200], [90, 12, 0, 130], h, 2, d, causal=causal != "none",
                              bottom_right=True)
+    elif variant == "varlen_bwd_tma":  # the TMA backward over packed sequences: the pair, the fused kernel's orders
+        parts = "tma,bwd,bwdws,persistent,varlen,bwdvarlen"
+        for dq in ("separate", "ordered", "atomic"):
+            steps = "CUFLASH_BWD_TILE" if dq == "separate" else "CUFLASH_BWD_FUSED_TILE"
+            for step in ("wide", "narrow") if d == 64 else ("",):  # 128- or 64-query steps
+                with bench.switches_set({"CUFLASH_SM90": parts, "CUFLASH_BWD_DQ": dq, steps: step}):
+                    check_varlen(device, dtype, [70, 0, 129, 200], [90, 12, 0, 130], h, 2, d,
+                                 causal=causal != "none", bottom_right=True)
     elif variant == "varlen":
         check_varlen(device, dtype, [70, 0, 129], [90, 12, 0], h, 2, d, causal=True, bottom_right=True,
                      softcap=10.0, dropout_p=0.1)

@@ -23,10 +23,11 @@ KVCACHE_PARTS = [None,
                  pytest.param("tma,persistent,kvcache", marks=pytest.mark.skipif(not IS_SM90, reason="sm_90 only")),
                  pytest.param("tma,kvcache,splits", marks=pytest.mark.skipif(not IS_SM90, reason="sm_90 only"))]
 
-# Packed sequences: the defaults (on sm_90, the TMA forward) and the cp.async Hopper forward
-# (CUFLASH_SM90's default parts less "varlen").
-PACKED_PARTS = [None, pytest.param("tma,bwd,bwdws,features,persistent,kvcache",
-                                   marks=pytest.mark.skipif(not IS_SM90, reason="sm_90 only"))]
+# Packed sequences: the defaults (on sm_90, the TMA forward), the cp.async Hopper forward
+# (CUFLASH_SM90's default parts less "varlen") and the TMA backward too ("bwdvarlen").
+PACKED_PARTS = [None] + [pytest.param(parts, marks=pytest.mark.skipif(not IS_SM90, reason="sm_90 only"))
+                         for parts in ("tma,bwd,bwdws,features,persistent,kvcache",
+                                       "tma,bwd,bwdws,features,persistent,kvcache,varlen,bwdvarlen")]
 
 
 @pytest.fixture(autouse=True)
@@ -106,7 +107,8 @@ def packed_rows(offsets, b, total, max_rows):
 @pytest.mark.parametrize("num_splits", [1, 3])
 def test_packed_outputs(parts, dtype, offsets, max_seqlen, num_splits, monkeypatch):
     """Every row no sequence covers reads 0 (lse -inf; dq, dk and dv 0 too), and no other row is
-    left unwritten, by the forward (split or not) and the backward (deterministic or not)."""
+    left unwritten, by the forward (split or not) and the backward (the fused kernel, dQ in order
+    or not, and the pair)."""
     if parts is not None:
         monkeypatch.setenv("CUFLASH_SM90", parts)
     torch.manual_seed(0)
@@ -122,7 +124,9 @@ def test_packed_outputs(parts, dtype, offsets, max_seqlen, num_splits, monkeypat
     assert torch.all(out[~covered] == 0), "a row no sequence covers is not 0"
     assert torch.all(torch.isneginf(lse[:, ~covered])), "a row no sequence covers has lse other than -inf"
     assert_no_nan(out=out[covered], lse=lse[:, covered])
-    for deterministic in (True, False):
+    # The fused backward (dQ added in order, or not) and the pair of kernels.
+    for deterministic, dq_route in ((True, ""), (False, ""), (True, "separate")):
+        monkeypatch.setenv("CUFLASH_BWD_DQ", dq_route)
         dq, dk, dv, _ = torch.ops.cuflash_attn.bwd(dout, q, k, v, out, lse, deterministic=deterministic, **packed)
         for name, grad in (("dq", dq), ("dk", dk), ("dv", dv)):
             assert torch.all(grad[~covered] == 0), f"{name}: a row no sequence covers is not 0"

@@ -28,7 +28,8 @@ bool fused_backward_runs(const FlashBwdParams& p) {
   if (!sm90::sm90_paths(p).bwd_ws) return false;  // (not with seqused_k: sm90_paths)
   // The launch encodes the maps (no second encoding here); dk and dv too, which the persistent
   // kernel stores by TMA.
-  return sm90::bwd_tma_addressable(p, /*dkdv_stores=*/true);
+  return sm90::bwd_tma_addressable(p, /*dkdv_stores=*/true,
+                                   sm90::bwd_may_pack(cuda_head_dim_bucket(p.dtype, p.shape.head_dim)));
 }
 
 bool prefers_fused_backward(const FlashBwdParams& p) {

@@ -29,6 +29,9 @@
 //       varlen      with tma: packed sequences (cu_seqlens) without the features on the
 //                   plain narrow TMA kernels (persistent with "persistent" where a dense batch
 //                   of the longest sequence would be), where otherwise the cp.async forward runs
+//       bwdvarlen   with bwdws, not a default (built, not yet run on a GPU): packed sequences
+//                   on the warp-specialized TMA backward at head dims 33-64 and 97-128 (the dQ
+//                   and dK/dV kernels and the fused one), where otherwise the cp.async one runs
 //   CUFLASH_BWD_DQ  unset or "": dQ by its own kernel, unless the fused Hopper kernel is faster
 //                   (prefers_fused_backward), with atomics where the op's deterministic=False;
 //                   "atomic": added by the dK/dV kernel with fp32 atomics wherever it can be (not
@@ -73,6 +76,7 @@ struct Sm90Switch {
   bool tma_kv_cache = true;
   bool tma_splits = false;  // not a default part: faster than the sm_80-class split kernel on long caches only
   bool tma_varlen = true;
+  bool bwd_varlen = false;  // not a default: not yet run on a GPU
 };
 
 // value (null: unset) -> *out; false if value names something else.
@@ -95,6 +99,7 @@ inline bool parse_sm90_switch(const char* value, Sm90Switch* out) {
         else if (is("kvcache")) s.tma_kv_cache = true;
         else if (is("splits")) s.tma_splits = true;
         else if (is("varlen")) s.tma_varlen = true;
+        else if (is("bwdvarlen")) s.bwd_varlen = true;
         else if (!is("cpasync")) return false;
         if (!end) break;
         at = end + 1;
@@ -148,7 +153,7 @@ inline std::string run_switch_error() {
   const char* sm90 = std::getenv("CUFLASH_SM90");
   if (!parse_sm90_switch(sm90, &unused))
     return std::string("environment variable CUFLASH_SM90 must be unset, empty, \"0\" or a comma list of cpasync, "
-                       "tma, bwd, bwdws, features, persistent, kvcache, splits and varlen, got \"") + sm90 + "\"";
+                       "tma, bwd, bwdws, features, persistent, kvcache, splits, varlen and bwdvarlen, got \"") + sm90 + "\"";
   // The one-value switches: unset, empty or one of the values listed (as the message spells them).
   struct OneOf {
     const char *name, *values[3], *spelled;  // values: unused ones null

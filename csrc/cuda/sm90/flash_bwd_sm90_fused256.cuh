@@ -31,6 +31,7 @@ namespace cuflash::sm90 {
 template <typename T, bool kOrderedDq>
 struct BwdFused256Kernel {
   static constexpr int kHeadDim = 256, kPanels = kHeadDim / 64;
+  static constexpr bool kMayPack = bwd_may_pack(kHeadDim);  // false: packed sequences take the cp.async kernels
   static constexpr int kConsumers = 2, kThreads = 128 * (kConsumers + 1), kConsumerThreads = 128 * kConsumers;
   static constexpr int kBlockN = 80;  // resident keys: S and dP 40 a consumer
   static constexpr int kBlockM = 64;  // streamed queries a step (a dq_semaphores block)

@@ -28,6 +28,15 @@ namespace cuflash::sm90 {
 // The fused kernel's dQ parts (and so the dq_accum map's boxes): 64 query rows each.
 constexpr int kDqPartRows = 64;
 
+// Packed sequences (cu_seqlens; CUFLASH_SM90's "bwdvarlen" part) on the dQ and dK/dV kernels of
+// head-dim buckets 64 and 128 (kMayPack), not on the head-dim-256 ones. Their tensors are one batch
+// of all the sequences' rows (bwd_map_rows), a box starting at its sequence's row. Where a box
+// reads past a sequence's end, the rows of another sequence it brought are zeroed in shared
+// memory before any wgmma reads them (zero_rows_of_panels), so that they meet the masks as the
+// zeros TMA fills past a padded batch's rows do, and a NaN or Inf of another sequence cannot
+// reach this one's gradients as 0 x NaN; no box is stored past a sequence's end.
+constexpr bool bwd_may_pack(int head_dim) { return head_dim <= 128; }
+
 // The persistent dK/dV kernel's dK and dV by TMA store: each consumer's 64 key rows of a panel a
 // box (the maps' boxes).
 constexpr int kDkvStoreRows = 64;
@@ -36,6 +45,7 @@ constexpr int kDkvStoreRows = 64;
 template <typename T, int kHeadDim>
 struct BwdDqSm90TmaKernel {
   static_assert(kBwdHeadDim<kHeadDim>, "a Hopper backward head dim");
+  static constexpr bool kMayPack = bwd_may_pack(kHeadDim);
   static constexpr int kConsumers = 2, kThreads = 128 * (kConsumers + 1), kConsumerThreads = 128 * kConsumers;
   static constexpr int kBlockM = 64 * kConsumers;              // resident queries
   static constexpr int kBlockN = kBwdStreamedRows<kHeadDim>;  // streamed keys per step
@@ -49,7 +59,9 @@ struct BwdDqSm90TmaKernel {
   static_assert(kSmemBytes <= 227 * 1024, "shared memory per block");
 };
 
-template <typename T, int kHeadDim>
+// kPacked: packed sequences (kMayPack, above); a kernel of its own, so that the padded batches'
+// kernels stay as they were.
+template <typename T, int kHeadDim, bool kPacked>
 __global__ void __launch_bounds__(BwdDqSm90TmaKernel<T, kHeadDim>::kThreads, 1)
     flash_bwd_dq_sm90_tma_kernel(const FlashBwdParams p, const __grid_constant__ CUtensorMap map_q,
                                  const __grid_constant__ CUtensorMap map_dout, const __grid_constant__ CUtensorMap map_k,
@@ -77,6 +89,10 @@ __global__ void __launch_bounds__(BwdDqSm90TmaKernel<T, kHeadDim>::kThreads, 1)
   const MaskParams mask = unpacked_mask(p.mask);  // rows_per_query a compile-time 1
   const Range n_blocks = key_blocks(mask, seq, m_start, min(m_start + kBlockM, seq.seqlen_q), kBlockN);
   const int steps = n_blocks.end - n_blocks.begin;
+  // Packed: the boxes at the sequence's rows of the one batch.
+  static_assert(!kPacked || K::kMayPack, "packed sequences at this head dim");
+  constexpr bool packed = kPacked;
+  const int box_batch = packed ? 0 : b;
 
   if (tid == 0) {
     mbarrier_init(q_full, 1);
@@ -91,20 +107,22 @@ __global__ void __launch_bounds__(BwdDqSm90TmaKernel<T, kHeadDim>::kThreads, 1)
   if (warpgroup == 0) {  // producer: one thread
     setmaxnreg_dec<K::kProducerRegs>();
     if (tid != 0 || steps == 0) return;
+    const int q_row = packed ? static_cast<int>(seq.q_row0) + m_start : m_start;
+    const int k_row0 = packed ? static_cast<int>(seq.k_row0) : 0;
     mbarrier_arrive_expect_tx(q_full, 2 * K::kQBytes);
 #pragma unroll
     for (int panel = 0; panel < kPanels; ++panel) {
-      tma_load_4d(sQ + panel * kBlockM * 128, &map_q, q_full, panel * 64, m_start, h, b);
-      tma_load_4d(sdO + panel * kBlockM * 128, &map_dout, q_full, panel * 64, m_start, h, b);
+      tma_load_4d(sQ + panel * kBlockM * 128, &map_q, q_full, panel * 64, q_row, h, box_batch);
+      tma_load_4d(sdO + panel * kBlockM * 128, &map_dout, q_full, panel * 64, q_row, h, box_batch);
     }
     for (int step = 0; step < steps; ++step) {
-      const int stage = step % kStages, use = step / kStages, n0 = (n_blocks.begin + step) * kBlockN;
+      const int stage = step % kStages, use = step / kStages, n0 = k_row0 + (n_blocks.begin + step) * kBlockN;
       if (step >= kStages) mbarrier_wait(&empty[stage], (use - 1) & 1);
       mbarrier_arrive_expect_tx(&full[stage], 2 * K::kKVBytes);
 #pragma unroll
       for (int panel = 0; panel < kPanels; ++panel) {
-        tma_load_4d(sK(stage) + panel * kBlockN * 128, &map_k, &full[stage], panel * 64, n0, h_kv, b);
-        tma_load_4d(sV(stage) + panel * kBlockN * 128, &map_v, &full[stage], panel * 64, n0, h_kv, b);
+        tma_load_4d(sK(stage) + panel * kBlockN * 128, &map_k, &full[stage], panel * 64, n0, h_kv, box_batch);
+        tma_load_4d(sV(stage) + panel * kBlockN * 128, &map_v, &full[stage], panel * 64, n0, h_kv, box_batch);
       }
     }
     return;
@@ -128,6 +146,16 @@ __global__ void __launch_bounds__(BwdDqSm90TmaKernel<T, kHeadDim>::kThreads, 1)
   for (int step = 0; step < steps; ++step) {
     const int stage = step % kStages, n_block = n_blocks.begin + step;
     mbarrier_wait(&full[stage], (step / kStages) & 1);
+    // Packed: the block past the sequence's last key (its masked scores' dP and dS K would take
+    // another sequence's V and K). The Q and dO rows past its last query feed only dq rows that
+    // are not stored.
+    const int keys_in_block = seq.seqlen_k - n_block * kBlockN;  // > 0: the block has a key
+    if (packed && keys_in_block < kBlockN) {  // the same for both consumers
+      zero_rows_of_panels<kPanels, kBlockN>(sK(stage), keys_in_block, tid - 128, K::kConsumerThreads);
+      zero_rows_of_panels<kPanels, kBlockN>(sV(stage), keys_in_block, tid - 128, K::kConsumerThreads);
+      fence_async_shared();  // these generic-proxy writes before the wgmmas' (async proxy) reads
+      named_barrier_sync<K::kConsumerThreads>(2);
+    }
     add_dq_part<T, kHeadDim, kBlockM, kBlockN>(dq, desc_q, desc_do, desc_k0 + stage_bytes(stage),
                                                desc_v0 + stage_bytes(stage), desc_k0_mn + stage_bytes(stage), lse2,
                                                delta, scale_log2, mask, seq, row0, n_block, lane);
@@ -179,6 +207,7 @@ template <typename T, int kHeadDim, bool kAccumDq = false, bool kWithDk = true, 
           bool kWideSteps = false, bool kOrderedDq = false>
 struct BwdDkvSm90TmaKernel {
   static_assert(kBwdHeadDim<kHeadDim>, "a Hopper backward head dim");
+  static constexpr bool kMayPack = bwd_may_pack(kHeadDim);
   static_assert(kWithDk || kWithDv, "something to compute");
   static_assert(kWithDk && kWithDv ? kHeadDim <= 128 : kHeadDim > 128, "dK and dV together up to head dim 128");
   static_assert(!kAccumDq || kHeadDim <= 128, "dQ comes with dK and dV, in 64-row parts");
@@ -330,7 +359,9 @@ __device__ __forceinline__ void pass_dq_turn(int* counter) {
   add_release_gpu(counter, 1);
 }
 
-template <typename T, int kHeadDim, bool kAccumDq, bool kWithDk, bool kWithDv, bool kWideSteps, bool kOrderedDq>
+// kPacked: packed sequences, as the dQ kernel's.
+template <typename T, int kHeadDim, bool kAccumDq, bool kWithDk, bool kWithDv, bool kWideSteps, bool kOrderedDq,
+          bool kPacked>
 __global__ void __launch_bounds__(
     BwdDkvSm90TmaKernel<T, kHeadDim, kAccumDq, kWithDk, kWithDv, kWideSteps, kOrderedDq>::kThreads, 1)
     flash_bwd_dkdv_sm90_tma_kernel(const FlashBwdParams p, const __grid_constant__ CUtensorMap map_q,
@@ -368,6 +399,12 @@ __global__ void __launch_bounds__(
   const int tid = threadIdx.x, warpgroup = warpgroup_index(), lane = tid % 32;
   const int group = sh.heads_q / sh.heads_kv;
   const MaskParams mask = unpacked_mask(p.mask);  // rows_per_query a compile-time 1
+  // Packed: a tile's boxes at its sequence's rows of the one batch.
+  static_assert(!kPacked || K::kMayPack, "packed sequences at this head dim");
+  constexpr bool packed = kPacked;
+  // (Of values, not of the tile by reference: that changed the padded batches' fused kernels' code.)
+  auto box_row = [](int64_t sequence_row0, int row) { return packed ? static_cast<int>(sequence_row0) + row : row; };
+  auto box_batch = [](int b) { return packed ? 0 : b; };
   // kOrderedDq (p.dq_semaphores, deterministic): every query block takes its dQ shares from the
   // key blocks in one order, the last first (each step's parts added, complete, then the block's
   // counter raised; the next key block waits for its turn on it). The CTAs take their tiles from a
@@ -455,9 +492,11 @@ __global__ void __launch_bounds__(
                 if (!makes_dq(c, g + step)) continue;
                 mbarrier_wait(&dq_full[c], dq_use(g + step) & 1);
                 const int col0 = K::kDqByColumns ? 64 * c : 0, row0 = K::kDqByRows ? 64 * c : 0;
-                for (int panel = 0; panel < 2; ++panel)  // rows past seqlen_q, columns past head_dim: dropped
+                // Rows past seqlen_q: dropped, or packed, zeros added to the next sequence's rows.
+                for (int panel = 0; panel < 2; ++panel)  // columns past head_dim: dropped
                   tma_reduce_add_4d(&map_dq_accum, sdQ + c * K::kDqPartBytes + panel * K::kDqPanelBytes,
-                                    col0 + 32 * panel, block * kBlockM + row0, h, tile.b);
+                                    col0 + 32 * panel, box_row(tile.seq.q_row0, block * kBlockM + row0), h,
+                                    box_batch(tile.b));
                 bulk_commit_group();
                 bulk_wait_group_read<0>();  // the part is read: the consumer may overwrite it
                 mbarrier_arrive(&dq_empty[c]);
@@ -480,8 +519,10 @@ __global__ void __launch_bounds__(
           mbarrier_arrive_expect_tx(&full[stage], 2 * K::kQBytes);
 #pragma unroll
           for (int panel = 0; panel < kPanels; ++panel) {
-            tma_load_4d(sQ(stage) + panel * kBlockM * 128, &map_q, &full[stage], panel * 64, m0, h, tile.b);
-            tma_load_4d(sdO(stage) + panel * kBlockM * 128, &map_dout, &full[stage], panel * 64, m0, h, tile.b);
+            tma_load_4d(sQ(stage) + panel * kBlockM * 128, &map_q, &full[stage], panel * 64,
+                        box_row(tile.seq.q_row0, m0), h, box_batch(tile.b));
+            tma_load_4d(sdO(stage) + panel * kBlockM * 128, &map_dout, &full[stage], panel * 64,
+                        box_row(tile.seq.q_row0, m0), h, box_batch(tile.b));
           }
         };
         // Persistent: the first steps' Q and dO (their stages freed by the last tile's last steps)
@@ -493,9 +534,11 @@ __global__ void __launch_bounds__(
           mbarrier_arrive_expect_tx(kv_full, (kWithDk ? 2 : 1) * K::kKVBytes);  // dP needs V; dV alone does not
 #pragma unroll
           for (int panel = 0; panel < kPanels; ++panel) {
-            tma_load_4d(sK + panel * kBlockN * 128, &map_k, kv_full, panel * 64, tile.n_start, tile.h_kv, tile.b);
+            tma_load_4d(sK + panel * kBlockN * 128, &map_k, kv_full, panel * 64,
+                        box_row(tile.seq.k_row0, tile.n_start), tile.h_kv, box_batch(tile.b));
             if constexpr (kWithDk)
-              tma_load_4d(sV + panel * kBlockN * 128, &map_v, kv_full, panel * 64, tile.n_start, tile.h_kv, tile.b);
+              tma_load_4d(sV + panel * kBlockN * 128, &map_v, kv_full, panel * 64,
+                          box_row(tile.seq.k_row0, tile.n_start), tile.h_kv, box_batch(tile.b));
           }
         } else if constexpr (kPersistent) {
           // A tile without steps still stages zeros in K's and V's buffers and arrives on kv_empty:
@@ -574,6 +617,16 @@ __global__ void __launch_bounds__(
     dk.zero();
     dv.zero();
     if (kPersistent || tile.steps > 0) mbarrier_wait(kv_full, kv_loads++ & 1);  // persistent: every tile
+    // Packed, with dQ: the keys past the sequence's last one (their masked dS^T rows would take
+    // another sequence's V into dP, and dQ's dS K its K). Without dQ they reach only the dK and
+    // dV rows that are not stored.
+    const int keys_in_block = tile.seq.seqlen_k - tile.n_start;
+    if (kAccumDq && packed && tile.steps > 0 && keys_in_block < kBlockN) {  // the same for both consumers
+      zero_rows_of_panels<kPanels, kBlockN>(sK, keys_in_block, tid - 128, K::kConsumerThreads);
+      zero_rows_of_panels<kPanels, kBlockN>(sV, keys_in_block, tid - 128, K::kConsumerThreads);
+      fence_async_shared();  // these generic-proxy writes before the wgmmas' (async proxy) reads
+      named_barrier_sync<K::kConsumerThreads>(8);
+    }
     for (int step = 0; step < tile.steps; ++step) {
       const int gs = g + step;  // the global step: the Q/dO ring's, the dS buffers' and dQ parts'
       const int stage = gs % kStages;
@@ -581,6 +634,15 @@ __global__ void __launch_bounds__(
       const float* lse2 = sLse2 + stage * kBlockM;
       const float* delta = sDelta + stage * kBlockM;
       mbarrier_wait(&full[stage], (gs / kStages) & 1);
+      // Packed: the block past the sequence's last query (rows another sequence's: S^T of its q
+      // is not masked, only its lse2 is +inf, and dV and dK would take its dO and q).
+      const int queries_in_block = tile.seq.seqlen_q - m0;  // > 0: the block has a query
+      if (packed && queries_in_block < kBlockM) {  // the same for both consumers
+        zero_rows_of_panels<kPanels, kBlockM>(sQ(stage), queries_in_block, tid - 128, K::kConsumerThreads);
+        zero_rows_of_panels<kPanels, kBlockM>(sdO(stage), queries_in_block, tid - 128, K::kConsumerThreads);
+        fence_async_shared();
+        named_barrier_sync<K::kConsumerThreads>(8);
+      }
       WarpAcc<kBlockM> s, dp;  // S^T and dP^T: this warp's 16 keys x kBlockM queries
       wgmma_fence();
       issue_qk<T, kHeadDim, kBlockN * 128>(s, desc_k, desc_q0 + stage_bytes(stage));
@@ -664,7 +726,19 @@ __global__ void __launch_bounds__(
         }
         if constexpr (K::kDqEveryStep) wgmma_wait<0>();
         release_stage();
-        if (with_dq) store_dq_part(dq, gs);
+        if (with_dq) {
+          // Packed: the part's rows past the sequence's last query are added to the next
+          // sequence's dq_accum rows: exact zeros there (0 x an Inf of this sequence's K is NaN).
+          if (packed) {
+            const int first_query = m0 + (K::kDqByRows ? 64 * consumer : 0) + warp_row % 64;
+#pragma unroll
+            for (int j = 0; j < 8; ++j)
+#pragma unroll
+              for (int e = 0; e < 4; ++e)
+                if (first_query + WarpAcc<64>::row_of(e, lane) >= tile.seq.seqlen_q) dq.v[j][e] = 0.f;
+          }
+          store_dq_part(dq, gs);
+        }
       } else {
         wgmma_wait<0>();
         release_stage();
@@ -683,15 +757,35 @@ __global__ void __launch_bounds__(
       if constexpr (kWithDk) stage_rows_for_tma<T, kBlockN>(dk, dk_scale, sK, warp_row, lane);
       if constexpr (kWithDv) stage_rows_for_tma<T, kBlockN>(dv, dv_scale, sV, warp_row, lane);
       fence_async_shared();  // these writes before the bulk stores' (async proxy) reads
-      named_barrier_sync<128>(6 + consumer);  // after the epilogue's 1 and the dS barriers' 2-5
+      named_barrier_sync<128>(6 + consumer);  // after the epilogue's 1 and the dS barriers' 2-5 (8: zeroing)
       const int rows0 = tile.n_start + 64 * consumer;
-      if (tid % 128 == 0) {
+      // Packed, where the consumer's 64 rows pass the sequence's last key: a box would write the
+      // next sequence's rows, so its 128 threads store the rows inside the sequence instead.
+      const bool boxed = !packed || rows0 + 64 <= tile.seq.seqlen_k;
+      if (!boxed) {  // (packed only)
         if (rows0 < tile.seq.seqlen_k) {
+          if constexpr (kWithDk)
+            store_staged_rows<T, kBlockN, kPanels>(
+                sK, consumer, row_at<T>(p.dk, p.dk_strides, tile.seq, false, tile.b, tile.h_kv, 0), p.dk_strides.row,
+                tile.n_start, tile.seq.seqlen_k, sh.head_dim, tid % 128);
+          if constexpr (kWithDv)
+            store_staged_rows<T, kBlockN, kPanels>(
+                sV, consumer, row_at<T>(p.dv, p.dv_strides, tile.seq, false, tile.b, tile.h_kv, 0), p.dv_strides.row,
+                tile.n_start, tile.seq.seqlen_k, sh.head_dim, tid % 128);
+        }
+        named_barrier_sync<128>(6 + consumer);  // every thread's reads before the buffers take the next tile's
+      }
+      if (tid % 128 == 0) {
+        if (boxed && rows0 < tile.seq.seqlen_k) {
 #pragma unroll
           for (int panel = 0; panel < kPanels; ++panel) {
             const int offset = panel * kBlockN * 128 + consumer * 64 * 128;
-            if constexpr (kWithDk) tma_store_4d(&map_dk, sK + offset, panel * 64, rows0, tile.h_kv, tile.b);
-            if constexpr (kWithDv) tma_store_4d(&map_dv, sV + offset, panel * 64, rows0, tile.h_kv, tile.b);
+            if constexpr (kWithDk)
+              tma_store_4d(&map_dk, sK + offset, panel * 64, box_row(tile.seq.k_row0, rows0), tile.h_kv,
+                           box_batch(tile.b));
+            if constexpr (kWithDv)
+              tma_store_4d(&map_dv, sV + offset, panel * 64, box_row(tile.seq.k_row0, rows0), tile.h_kv,
+                           box_batch(tile.b));
           }
           bulk_commit_group();
           bulk_wait_group_read<0>();
@@ -719,42 +813,55 @@ __global__ void __launch_bounds__(
 // The tensor maps of q, dout, k and v for kernel K (one of the two above, or the head-dim-256
 // fused one, flash_bwd_sm90_fused256.cuh: their boxes differ),
 // and of dq_accum where there is one; false where TMA cannot address them (alignment, zero
-// strides, varlen): the cp.async kernels run then.
+// strides, packed sequences outside bwd_tma_addressable's rule): the cp.async kernels run then.
 struct BackwardTmaMaps {
   CUtensorMap q, dout, k, v;
   CUtensorMap dq_accum;  // with p.dq_accum (the fused dK/dV kernel's TMA reduce); unused otherwise
   CUtensorMap dk, dv;    // the dK/dV kernel's outputs, where it stores them by TMA (encode_dkdv_maps)
 };
-// Whether TMA can address q, dout, k and v of p, and dk and dv where stored by TMA (dkdv_stores):
-// not varlen (a box would read past a packed sequence's end), aligned, no zero stride. Integer
-// checks only: fused_backward_runs asks it before any map is encoded.
-inline bool bwd_tma_addressable(const FlashBwdParams& p, bool dkdv_stores) {
+// The tensors' extents as TMA addresses them: a padded batch's, or packed sequences' one batch
+// of all their rows (q, dout and dq_accum: total_q; k, v, dk and dv: total_k).
+struct BwdMapRows {
+  int q_batch, q_rows, kv_batch, kv_rows;
+};
+inline BwdMapRows bwd_map_rows(const FlashBwdParams& p) {
   const AttentionShape& sh = p.shape;
-  return p.varlen.cu_seqlens_q == nullptr &&
-         tma_can_address(p.q, 2, p.q_strides, sh.batch, sh.heads_q, sh.seqlen_q, sh.head_dim) &&
-         tma_can_address(p.dout, 2, p.dout_strides, sh.batch, sh.heads_q, sh.seqlen_q, sh.head_dim) &&
-         tma_can_address(p.k, 2, p.k_strides, sh.batch, sh.heads_kv, sh.seqlen_k, sh.head_dim) &&
-         tma_can_address(p.v, 2, p.v_strides, sh.batch, sh.heads_kv, sh.seqlen_k, sh.head_dim) &&
+  if (p.varlen.cu_seqlens_q == nullptr) return {sh.batch, sh.seqlen_q, sh.batch, sh.seqlen_k};
+  return {1, p.varlen.total_q, 1, p.varlen.total_k};
+}
+// Whether TMA can address q, dout, k and v of p, and dk and dv where stored by TMA (dkdv_stores):
+// packed sequences only where the kernel takes them (may_pack: bwd_may_pack) and the "bwdvarlen"
+// part is on; aligned, no zero stride. Integer checks only: fused_backward_runs asks it before any
+// map is encoded.
+inline bool bwd_tma_addressable(const FlashBwdParams& p, bool dkdv_stores, bool may_pack) {
+  const AttentionShape& sh = p.shape;
+  if (p.varlen.cu_seqlens_q != nullptr && !(may_pack && sm90_paths(p).bwd_varlen)) return false;
+  const BwdMapRows m = bwd_map_rows(p);
+  return tma_can_address(p.q, 2, p.q_strides, m.q_batch, sh.heads_q, m.q_rows, sh.head_dim) &&
+         tma_can_address(p.dout, 2, p.dout_strides, m.q_batch, sh.heads_q, m.q_rows, sh.head_dim) &&
+         tma_can_address(p.k, 2, p.k_strides, m.kv_batch, sh.heads_kv, m.kv_rows, sh.head_dim) &&
+         tma_can_address(p.v, 2, p.v_strides, m.kv_batch, sh.heads_kv, m.kv_rows, sh.head_dim) &&
          (!dkdv_stores ||
-          (tma_can_address(p.dk, 2, p.dk_strides, sh.batch, sh.heads_kv, sh.seqlen_k, sh.head_dim) &&
-           tma_can_address(p.dv, 2, p.dv_strides, sh.batch, sh.heads_kv, sh.seqlen_k, sh.head_dim)));
+          (tma_can_address(p.dk, 2, p.dk_strides, m.kv_batch, sh.heads_kv, m.kv_rows, sh.head_dim) &&
+           tma_can_address(p.dv, 2, p.dv_strides, m.kv_batch, sh.heads_kv, m.kv_rows, sh.head_dim)));
 }
 template <typename T, class K>
 bool encode_bwd_tma_maps(const FlashBwdParams& p, BackwardTmaMaps* maps) {
   const AttentionShape& sh = p.shape;
-  if (!bwd_tma_addressable(p, false)) return false;  // dk and dv: encode_dkdv_maps
+  if (!bwd_tma_addressable(p, false, K::kMayPack)) return false;  // dk and dv: encode_dkdv_maps
+  const BwdMapRows m = bwd_map_rows(p);
   constexpr bool kBf16 = std::is_same_v<T, __nv_bfloat16>;
   if (p.dq_accum != nullptr && !encode_rows_map(&maps->dq_accum, p.dq_accum, CU_TENSOR_MAP_DATA_TYPE_FLOAT32, 4,
-                                                p.dq_accum_strides, sh.batch, sh.heads_q, sh.seqlen_q, sh.head_dim,
+                                                p.dq_accum_strides, m.q_batch, sh.heads_q, m.q_rows, sh.head_dim,
                                                 kDqPartRows))
     return false;
-  return encode_attention_map(&maps->q, p.q, kBf16, p.q_strides, sh.batch, sh.heads_q, sh.seqlen_q, sh.head_dim,
+  return encode_attention_map(&maps->q, p.q, kBf16, p.q_strides, m.q_batch, sh.heads_q, m.q_rows, sh.head_dim,
                               K::kBlockM) &&
-         encode_attention_map(&maps->dout, p.dout, kBf16, p.dout_strides, sh.batch, sh.heads_q, sh.seqlen_q,
+         encode_attention_map(&maps->dout, p.dout, kBf16, p.dout_strides, m.q_batch, sh.heads_q, m.q_rows,
                               sh.head_dim, K::kBlockM) &&
-         encode_attention_map(&maps->k, p.k, kBf16, p.k_strides, sh.batch, sh.heads_kv, sh.seqlen_k, sh.head_dim,
+         encode_attention_map(&maps->k, p.k, kBf16, p.k_strides, m.kv_batch, sh.heads_kv, m.kv_rows, sh.head_dim,
                               K::kBlockN) &&
-         encode_attention_map(&maps->v, p.v, kBf16, p.v_strides, sh.batch, sh.heads_kv, sh.seqlen_k, sh.head_dim,
+         encode_attention_map(&maps->v, p.v, kBf16, p.v_strides, m.kv_batch, sh.heads_kv, m.kv_rows, sh.head_dim,
                               K::kBlockN);
 }
 
@@ -763,9 +870,10 @@ bool encode_bwd_tma_maps(const FlashBwdParams& p, BackwardTmaMaps* maps) {
 inline bool encode_dkdv_maps(const FlashBwdParams& p, bool bf16, BackwardTmaMaps* maps,
                              int box_rows = kDkvStoreRows) {
   const AttentionShape& sh = p.shape;
-  return encode_attention_map(&maps->dk, p.dk, bf16, p.dk_strides, sh.batch, sh.heads_kv, sh.seqlen_k, sh.head_dim,
+  const BwdMapRows m = bwd_map_rows(p);
+  return encode_attention_map(&maps->dk, p.dk, bf16, p.dk_strides, m.kv_batch, sh.heads_kv, m.kv_rows, sh.head_dim,
                               box_rows) &&
-         encode_attention_map(&maps->dv, p.dv, bf16, p.dv_strides, sh.batch, sh.heads_kv, sh.seqlen_k, sh.head_dim,
+         encode_attention_map(&maps->dv, p.dv, bf16, p.dv_strides, m.kv_batch, sh.heads_kv, m.kv_rows, sh.head_dim,
                               box_rows);
 }
 

@@ -229,12 +229,44 @@ __device__ __forceinline__ void stage_rows_for_tma(const WarpAcc<kCols>& acc, co
                     MmaOperand<T>::pack(acc.v[j][2 * h] * scale[h], acc.v[j][2 * h + 1] * scale[h]));
 }
 
+// Rows [first_row, kRows) of kPanels 128-byte-swizzled panels of kRows rows (a tile as TMA writes
+// it) set to zero, by `threads` threads (this one `thread`): the rows a box read past a sequence's
+// end. The swizzle permutes a row's 16-byte chunks within the row, so whole rows are whole
+// 128-byte runs.
+template <int kPanels, int kRows>
+__device__ __forceinline__ void zero_rows_of_panels(unsigned char* panels, int first_row, int thread, int threads) {
+  const int chunks_per_panel = (kRows - first_row) * 8;
+  for (int c = thread; c < kPanels * chunks_per_panel; c += threads) {
+    const int panel = c / chunks_per_panel, chunk = c - panel * chunks_per_panel;
+    *reinterpret_cast<uint4*>(panels + panel * kRows * 128 + first_row * 128 + chunk * 16) = make_uint4(0, 0, 0, 0);
+  }
+}
+
+// A consumer's 64 staged rows (stage_rows_for_tma's panels of kRows rows) to out, by the
+// consumer's 128 threads, 16 bytes each: tile rows start + 64 consumer.. below seqlen and columns
+// below head_dim only (packed sequences: the rows after a sequence's end are the next
+// sequence's). out: the sequence's row 0 of its head; row_stride in elements.
+template <typename T, int kRows, int kPanels>
+__device__ __forceinline__ void store_staged_rows(const unsigned char* stage, int consumer, T* out, int64_t row_stride,
+                                                  int start, int seqlen, int head_dim, int thread) {
+  constexpr int kChunksPerRow = kPanels * 8;
+  const int first = start + 64 * consumer;
+#pragma unroll
+  for (int i = 0; i < 64 * kChunksPerRow / 128; ++i) {
+    const int c = thread + 128 * i, r = c / kChunksPerRow, col = (c % kChunksPerRow) * 8;
+    if (first + r < seqlen && col < head_dim)
+      *reinterpret_cast<uint4*>(out + (first + r) * row_stride + col) =
+          *reinterpret_cast<const uint4*>(stage + panel_offset<kRows>(64 * consumer + r, col));
+  }
+}
+
 // Which Hopper kernels run p: none (the sm_80-class kernels) unless this is an sm_90a build on a
 // compute capability 9.0 device; then the parts CUFLASH_SM90 selects (run_switches.h).
 struct Sm90Paths {
   bool fwd = false, tma = false, persistent = false, bwd = false, bwd_ws = false;
   bool tma_splits = false;  // split-KV on the TMA forward (the "splits" part), where it can run
   bool tma_varlen = false;  // packed sequences on the TMA forward (the "varlen" part), where it can run
+  bool bwd_varlen = false;  // packed sequences on the TMA backward (the "bwdvarlen" part; bwd_tma_addressable)
 };
 inline Sm90Paths sm90_paths(const AttentionParams& p) {
   Sm90Paths choice;
@@ -267,6 +299,12 @@ inline Sm90Paths sm90_paths(const AttentionParams& p) {
   choice.tma_varlen = choice.tma && wanted.tma_varlen && !features && !paged && !total_length_grid;
   choice.bwd = choice.fwd && !features && wanted.bwd;
   choice.bwd_ws = choice.bwd && wanted.bwd_ws && whole_key_blocks;
+  // Packed sequences on the warp-specialized backward: not from a total-length grid of queries or
+  // of keys either (max_seqlen_k not given: the dK/dV kernels' tiles nearly all empty, their
+  // persistent walk's count in an int).
+  const bool total_length_keys = p.varlen.cu_seqlens_k != nullptr && p.shape.batch > 1 &&
+                                 p.shape.seqlen_k >= p.varlen.total_k;
+  choice.bwd_varlen = choice.bwd_ws && wanted.bwd_varlen && !total_length_grid && !total_length_keys;
 #else
   (void)p;
 #endif

@@ -76,36 +76,6 @@ struct FwdSm90TmaKernel {
   static_assert(kSmemBytes <= 227 * 1024, "shared memory per block");
 };
 
-// Rows [first_row, kRows) of kPanels 128-byte-swizzled panels of kRows rows (a K or V stage as
-// TMA writes it) set to zero, by `threads` threads (this one `thread`). The swizzle permutes a
-// row's 16-byte chunks within the row, so whole rows are whole 128-byte runs.
-template <int kPanels, int kRows>
-__device__ __forceinline__ void zero_rows_of_panels(unsigned char* panels, int first_row, int thread, int threads) {
-  const int chunks_per_panel = (kRows - first_row) * 8;
-  for (int c = thread; c < kPanels * chunks_per_panel; c += threads) {
-    const int panel = c / chunks_per_panel, chunk = c - panel * chunks_per_panel;
-    *reinterpret_cast<uint4*>(panels + panel * kRows * 128 + first_row * 128 + chunk * 16) = make_uint4(0, 0, 0, 0);
-  }
-}
-
-// A consumer's 64 staged rows (stage_rows_for_tma's panels of kRows rows) to out, by the
-// consumer's 128 threads, 16 bytes each: tile rows m_start + 64 consumer.. below seqlen_q and
-// columns below head_dim only (packed sequences: the rows after a sequence's end are the next
-// sequence's). out: the sequence's row 0 of its head; row_stride in elements.
-template <typename T, int kRows, int kPanels>
-__device__ __forceinline__ void store_staged_rows(const unsigned char* stage, int consumer, T* out, int64_t row_stride,
-                                                  int m_start, int seqlen_q, int head_dim, int thread) {
-  constexpr int kChunksPerRow = kPanels * 8;
-  const int first = m_start + 64 * consumer;
-#pragma unroll
-  for (int i = 0; i < 64 * kChunksPerRow / 128; ++i) {
-    const int c = thread + 128 * i, r = c / kChunksPerRow, col = (c % kChunksPerRow) * 8;
-    if (first + r < seqlen_q && col < head_dim)
-      *reinterpret_cast<uint4*>(out + (first + r) * row_stride + col) =
-          *reinterpret_cast<const uint4*>(stage + panel_offset<kRows>(64 * consumer + r, col));
-  }
-}
-
 // One tile's work: its query block, head and batch (and split), and the key blocks its rows see.
 struct TmaTile {
   int m_start, h, b, h_kv, split;

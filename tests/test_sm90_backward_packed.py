@@ -1,0 +1,155 @@
+"""Packed sequences (cu_seqlens) on the warp-specialized TMA backward: CUFLASH_SM90's "bwdvarlen"
+part, not a default, at head-dim buckets 64 and 128 (flash_bwd_sm90_tma.cuh's kPacked kernels:
+the dQ and dK/dV pair and the fused kernel, dQ added in order or not; 64- and 128-query steps at
+head dim 64). Each route against the float64 reference over lengths that end inside and on a
+box's edge, GQA and masks; sequences kept apart (a NaN in one never reaches another's
+gradients); the ordered dQ bitwise reproducible; the kernels the profiler shows. Without the part
+(the defaults) packed sequences take the cp.async backward, as at head dim 256 with it."""
+import pytest
+import torch
+
+from conftest import IS_SM90, cuda_kernels, fused_backward_kernel, skip_outside_head_dim_bucket
+from reference import LOW_PRECISION, LOW_PRECISION_IDS
+from test_features import check_varlen, compare, reference_grads
+
+pytestmark = pytest.mark.skipif(not IS_SM90, reason="needs a compute capability 9.0 GPU")
+
+# run_switches.h's default parts and "bwdvarlen".
+WITH_BWDVARLEN = "tma,bwd,bwdws,features,persistent,kvcache,varlen,bwdvarlen"
+
+# (CUFLASH_BWD_DQ, query steps at head dim 64): the pair, and the fused kernel's two dQ orders.
+ROUTES = [("separate", "wide"), ("separate", "narrow"), ("ordered", "wide"), ("ordered", "narrow"),
+          ("atomic", "wide"), ("atomic", "narrow")]
+
+
+@pytest.fixture(params=ROUTES, ids=[f"{dq}-{steps}" for dq, steps in ROUTES])
+def route(request, monkeypatch):
+    """The part on, the route's CUFLASH_BWD_DQ and, at head dim 64, its steps (the pair's
+    CUFLASH_BWD_TILE, the fused kernel's CUFLASH_BWD_FUSED_TILE). Returns the route."""
+    dq, steps = request.param
+    if steps == "narrow":
+        skip_outside_head_dim_bucket(request, 64, "the steps differ at head dim 64 only")
+    monkeypatch.setenv("CUFLASH_SM90", WITH_BWDVARLEN)
+    monkeypatch.setenv("CUFLASH_BWD_DQ", dq)
+    monkeypatch.setenv("CUFLASH_BWD_TILE" if dq == "separate" else "CUFLASH_BWD_FUSED_TILE", steps)
+    return request.param
+
+
+def packed_backward_kernels(lengths, d):
+    """The kernels of a bf16 packed backward over sequences of these lengths."""
+    cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32, device="cuda")
+    q, k, v = (torch.randn(sum(lengths), 2, d, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+               for _ in range(3))
+    out, _ = torch.ops.cuflash_attn.fwd(q, k, v, None, False, False, cu_seqlens_q=cu, cu_seqlens_k=cu,
+                                        max_seqlen_q=max(lengths), max_seqlen_k=max(lengths))
+    return cuda_kernels(lambda: torch.autograd.grad(out, (q, k, v), torch.ones_like(out)))
+
+
+@pytest.mark.parametrize("d", [40, 64, 100, 128])
+def test_path_taken(d, route):
+    names = packed_backward_kernels([100, 300], d)
+    dq, steps = route
+    bucket = 64 if d <= 64 else 128
+    wide = steps == "wide" and bucket == 64
+    if dq == "separate":
+        assert f"flash_bwd_dq_sm90_tma_kernel<__nv_bfloat16, {bucket}, true>" in names, names
+        expected = f"flash_bwd_dkdv_sm90_tma_kernel<__nv_bfloat16, {bucket}, false, true, true, {str(wide).lower()}, " \
+                   "false, true>"
+    else:
+        expected = fused_backward_kernel(bucket, wide=wide, ordered=dq == "ordered", packed=True)
+    assert expected in names, names
+
+
+@pytest.mark.parametrize("parts,d", [(None, 64), (None, 128), (WITH_BWDVARLEN, 256)],
+                         ids=["defaults-64", "defaults-128", "bwdvarlen-256"])
+@pytest.mark.parametrize("dq", ["separate", "ordered"])
+def test_cpasync_elsewhere(parts, d, dq, monkeypatch):
+    """Without the part, and at head dim 256 with it, the cp.async kernels (ordered dQ adds, which
+    only the fused kernels make, then fall back to the pair rather than fail)."""
+    if parts is None:
+        monkeypatch.delenv("CUFLASH_SM90", raising=False)
+    else:
+        monkeypatch.setenv("CUFLASH_SM90", parts)
+    monkeypatch.setenv("CUFLASH_BWD_DQ", dq)
+    names = packed_backward_kernels([100, 300], d)
+    assert "flash_bwd_dkdv_sm90_kernel<" in names and "tma" not in names.replace("flash_fwd_sm90_tma", ""), names
+
+
+# Lengths (q, k) whose last blocks end inside a box, on its edge and one past it, with empty
+# sequences and sequences of one token, keys and queries of different lengths.
+LENGTHS = [([1, 63, 64, 65, 0, 127, 128, 129], [1, 63, 64, 65, 0, 127, 128, 129]),
+           ([70, 0, 129, 300], [90, 12, 0, 257]),
+           ([300, 129, 700], [300, 129, 700])]
+
+
+@pytest.mark.parametrize("dtype", LOW_PRECISION, ids=LOW_PRECISION_IDS)
+@pytest.mark.parametrize("d", [64, 128])
+@pytest.mark.parametrize("lens", LENGTHS, ids=[f"lens{i}" for i in range(len(LENGTHS))])
+@pytest.mark.parametrize("causal", [False, True])
+def test_matches_reference(dtype, d, lens, causal, route):
+    check_varlen("cuda", dtype, *lens, 4, 2, d, causal=causal, bottom_right=causal)
+
+
+@pytest.mark.parametrize("d", [64, 128])
+def test_window(d, route):
+    check_varlen("cuda", torch.bfloat16, [300, 129, 700], [300, 129, 700], 4, 4, d, window=(130, 20))
+
+
+# (cu_seqlens_q, cu_seqlens_k): three sequences and 30 spare rows after them, keys and queries of
+# one length or not.
+APART = {"equal": ([0, 100, 250, 300], [0, 100, 250, 300]), "unequal": ([0, 100, 250, 300], [0, 120, 210, 280])}
+
+
+@pytest.mark.parametrize("d", [64, 128])
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("lengths", list(APART))
+def test_keeps_sequences_apart(d, causal, lengths, route):
+    """NaN in the middle sequence's q, k, v and dout: each box that reads past a sequence's end
+    brings the next sequence's rows, which must not reach the first or the last sequence's
+    gradients (each against its own reference; causal bottom-right), and the 30 rows after the
+    last sequence stay 0."""
+    torch.manual_seed(0)
+    heads_q, heads_kv = 4, 2
+    cu_q, cu_k = APART[lengths]
+    rows_q, rows_k = cu_q[-1] + 30, cu_k[-1] + 30
+    q, dout = (torch.randn(rows_q, heads_q, d, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    k, v = (torch.randn(rows_k, heads_kv, d, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    for t, cu in ((q, cu_q), (dout, cu_q), (k, cu_k), (v, cu_k)):
+        t[cu[1]:cu[2]] = float("nan")
+    offsets = [torch.tensor(cu, device="cuda", dtype=torch.int32) for cu in (cu_q, cu_k)]
+    packed = dict(cu_seqlens_q=offsets[0], cu_seqlens_k=offsets[1], max_seqlen_q=150, max_seqlen_k=150)
+    options = dict(is_causal=causal, bottom_right=causal)
+    out, lse = torch.ops.cuflash_attn.fwd(q, k, v, **options, **packed)
+    dq, dk, dv, _ = torch.ops.cuflash_attn.bwd(dout, q, k, v, out, lse, **options,
+                                               deterministic=route[0] != "atomic", **packed)
+    for b in (0, 2):
+        sq, sk = slice(cu_q[b], cu_q[b + 1]), slice(cu_k[b], cu_k[b + 1])
+        seq = [t[s].transpose(0, 1)[None] for t, s in ((q, sq), (k, sk), (v, sk), (dout, sq))]
+        ref_options = {"causal": causal, "bottom_right": causal}
+        ref = reference_grads(*seq, torch.float64, ref_options, None)
+        pt = reference_grads(*seq, torch.bfloat16, ref_options, None)
+        got = (out[sq].transpose(0, 1)[None], lse[:, sq][None], dq[sq].transpose(0, 1)[None],
+               dk[sk].transpose(0, 1)[None], dv[sk].transpose(0, 1)[None])
+        compare(torch.bfloat16, got, ref, pt)
+    for name, grad, end in (("dq", dq, cu_q[-1]), ("dk", dk, cu_k[-1]), ("dv", dv, cu_k[-1])):
+        assert torch.all(grad[end:] == 0), f"{name}: the rows after the last sequence"
+
+
+@pytest.mark.parametrize("d", [64, 128])
+def test_ordered_is_reproducible(d, monkeypatch):
+    """The fused kernel's ordered dQ adds over more tiles than SMs (sequences of every length up
+    to 1000), bitwise the same in three runs; the zeros a part adds past its sequence's end to the
+    next one's rows change nothing."""
+    monkeypatch.setenv("CUFLASH_SM90", WITH_BWDVARLEN)
+    monkeypatch.setenv("CUFLASH_BWD_DQ", "ordered")
+    torch.manual_seed(0)
+    lengths = [1000, 1, 333, 640, 17, 999, 512, 64, 129, 700] * 4
+    cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32, device="cuda")
+    q, dout = (torch.randn(sum(lengths), 8, d, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    k, v = (torch.randn(sum(lengths), 2, d, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    packed = dict(cu_seqlens_q=cu, cu_seqlens_k=cu, max_seqlen_q=max(lengths), max_seqlen_k=max(lengths))
+    out, lse = torch.ops.cuflash_attn.fwd(q, k, v, None, True, False, **packed)
+    runs = [torch.ops.cuflash_attn.bwd(dout, q, k, v, out, lse, None, None, True, False, deterministic=True,
+                                       **packed)[:3] for _ in range(3)]
+    for again in runs[1:]:
+        assert all(torch.equal(a, b) for a, b in zip(runs[0], again))
