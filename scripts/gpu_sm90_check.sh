@@ -5,6 +5,7 @@
 # the benchmark of the variants beside the default kernels and the SDPA peers.
 #   GPU_SM90_BENCH="..."   bench_attention.py arguments ("" skips the benchmark)
 #   GPU_SM90_BENCH_FEATURES="..."   bench_features.py arguments (unset or "" skips it)
+#   GPU_SM90_BENCH_VARLEN="..."   bench_varlen.py arguments ("-" for its defaults; unset or "" skips it)
 #   GPU_SM90_LIMIT_S=300   seconds each test process may run
 #   GPU_SM90_GROUPS="forward,bad_input"   run only the test groups named (default: all of them)
 #   GPU_SM90_K="256"     a pytest -k expression every group's tests must match too (e.g. the head dim
@@ -95,6 +96,12 @@ if [ -n "${GPU_SM90_BENCH_FEATURES-}" ]; then
   timeout --kill-after=5 "${GPU_SM90_BENCH_LIMIT_S:-200}" python3 benchmarks/bench_features.py $GPU_SM90_BENCH_FEATURES \
     > "$OUT/bench_features.md" 2> "$OUT/bench_features.log"
   echo "bench_features exit $?"; cat "$OUT/bench_features.md"
+fi
+if [ -n "${GPU_SM90_BENCH_VARLEN-}" ]; then
+  # shellcheck disable=SC2046  # the arguments are a list
+  timeout --kill-after=5 "${GPU_SM90_BENCH_LIMIT_S:-200}" python3 benchmarks/bench_varlen.py \
+    $(args_of "$GPU_SM90_BENCH_VARLEN") > "$OUT/bench_varlen.md" 2> "$OUT/bench_varlen.log"
+  echo "bench_varlen exit $?"; cat "$OUT/bench_varlen.md"
 fi
 if [ -n "${GPU_SM90_BREAKDOWN-}" ]; then
   # shellcheck disable=SC2086  # the arguments are a list
