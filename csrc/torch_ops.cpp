@@ -575,12 +575,12 @@ std::tuple<Tensor, Tensor> fwd_impl(const Tensor& q, const Tensor& k, const Tens
   if (q.is_cuda()) {
     const c10::cuda::CUDAGuard guard(q.device());
     if (o.varlen()) {
-      const GapFill fills[] = {
-          {p.out, p.out_strides.row, p.out_strides.head, sh.heads_q, sh.head_dim,
-           static_cast<int>(out_k.element_size()), 0.0},
-          {p.lse, 1, p.stats_strides.head, sh.heads_q, 1, static_cast<int>(lse.element_size()), -kInf}};
-      check_cuda(fill_packed_gaps(p.varlen.cu_seqlens_q, sh.batch, p.varlen.total_q, sh.seqlen_q, fills, 2,
-                                  at::cuda::getCurrentCUDAStream()));
+      const VarlenParams& v = p.varlen;
+      const GapFill fills[] = {{p.out, p.out_strides.row, p.out_strides.head, sh.heads_q, sh.head_dim,
+                                static_cast<int>(out_k.element_size()), 0.0, v.cu_seqlens_q, v.total_q, sh.seqlen_q},
+                               {p.lse, 1, p.stats_strides.head, sh.heads_q, 1, static_cast<int>(lse.element_size()),
+                                -kInf, v.cu_seqlens_q, v.total_q, sh.seqlen_q}};
+      check_cuda(fill_packed_gaps(sh.batch, fills, 2, at::cuda::getCurrentCUDAStream()));
     }
     p.num_splits = fwd_num_splits(p, static_cast<int>(std::min<int64_t>(o.num_splits, kMaxFwdSplits)));
     Tensor out_partial, lse_partial;  // split-KV's, alive until the kernels have run (stream order)
@@ -777,17 +777,17 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> bwd(const Tensor& dout, const Tensor&
   if (q.is_cuda()) {
     padded_head_dim_bucket(q, layout.head_dim);
     const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
-    if (o.varlen()) {
+    if (o.varlen()) {  // dq's rows are the queries', dk's and dv's the keys' (zeroed whole above with seqused_k)
+      const VarlenParams& v = p.varlen;
       const int elem_bytes = static_cast<int>(dq_k.element_size());
-      const GapFill dq_fill[] = {{p.dq, p.dq_strides.row, p.dq_strides.head, sh.heads_q, sh.head_dim, elem_bytes}};
-      check_cuda(fill_packed_gaps(p.varlen.cu_seqlens_q, sh.batch, p.varlen.total_q, sh.seqlen_q, dq_fill, 1, stream));
-      if (!o.seqused_k) {  // (else zeroed whole, above)
-        const GapFill dkdv_fill[] = {
-            {p.dk, p.dk_strides.row, p.dk_strides.head, sh.heads_kv, sh.head_dim, elem_bytes},
-            {p.dv, p.dv_strides.row, p.dv_strides.head, sh.heads_kv, sh.head_dim, elem_bytes}};
-        check_cuda(fill_packed_gaps(p.varlen.cu_seqlens_k, sh.batch, p.varlen.total_k, sh.seqlen_k, dkdv_fill, 2,
-                                    stream));
-      }
+      const GapFill fills[] = {
+          {p.dq, p.dq_strides.row, p.dq_strides.head, sh.heads_q, sh.head_dim, elem_bytes, 0.0, v.cu_seqlens_q,
+           v.total_q, sh.seqlen_q},
+          {p.dk, p.dk_strides.row, p.dk_strides.head, sh.heads_kv, sh.head_dim, elem_bytes, 0.0, v.cu_seqlens_k,
+           v.total_k, sh.seqlen_k},
+          {p.dv, p.dv_strides.row, p.dv_strides.head, sh.heads_kv, sh.head_dim, elem_bytes, 0.0, v.cu_seqlens_k,
+           v.total_k, sh.seqlen_k}};
+      check_cuda(fill_packed_gaps(sh.batch, fills, o.seqused_k ? 1 : 3, stream));
     }
     check_cuda(run_flash_bwd_cuda(p, stream));
   } else {

@@ -13,6 +13,13 @@ DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not HAS_CUDA, re
 requires_cuda = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
 
 ALL_DTYPES = [torch.float16, torch.bfloat16, torch.float32, torch.float64]
+# CUFLASH_SM90's default parts (csrc/cuda/run_switches.h), for lists that add or leave out one.
+SM90_DEFAULT_PARTS = "tma,bwd,bwdws,features,persistent,kvcache,varlen"
+
+
+def packed_offsets(lengths, device="cuda"):
+    """cu_seqlens (int32 [len(lengths) + 1]) of packed sequences of these lengths."""
+    return torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32, device=device)
 
 
 @pytest.fixture(autouse=True)

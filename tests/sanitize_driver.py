@@ -43,6 +43,7 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 import reference  # noqa: E402
+from conftest import SM90_DEFAULT_PARTS  # noqa: E402
 from reference import LOW_PRECISION, assert_close_to_reference, assert_lse_close, reference_results  # noqa: E402
 from test_accuracy import check_against_reference  # noqa: E402
 from test_features import check_dense, check_varlen  # noqa: E402
@@ -222,7 +223,7 @@ def run_case(case, device):
                 check_varlen(device, dtype, [70, 0, 129, 200], [90, 12, 0, 130], h, 2, d, causal=causal != "none",
                              bottom_right=True)
     elif variant == "varlen_bwd_tma":  # the TMA backward over packed sequences: the pair, the fused kernel's orders
-        parts = "tma,bwd,bwdws,persistent,varlen,bwdvarlen"
+        parts = SM90_DEFAULT_PARTS + ",bwdvarlen"
         for dq in ("separate", "ordered", "atomic"):
             steps = "CUFLASH_BWD_TILE" if dq == "separate" else "CUFLASH_BWD_FUSED_TILE"
             for step in ("wide", "narrow") if d == 64 else ("",):  # 128- or 64-query steps

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from conftest import HAS_CUDA, poisoned_and_unmodified, sdpa_on_kernels
+from conftest import HAS_CUDA, packed_offsets, poisoned_and_unmodified, sdpa_on_kernels
 from reference import LOW_PRECISION, assert_close_to_reference, assert_lse_close, attention_reference, gradient_scale
 
 DTYPES = [torch.float16, torch.bfloat16, torch.float32, torch.float64]
@@ -344,8 +344,7 @@ def test_dropout_wrappers_two_calls_keep_their_own_masks(device, wrapper):
 def check_varlen(device, dtype, lens_q, lens_k, heads_q, heads_kv, d, seed=0, max_seqlen=True, **features):
     torch.manual_seed(seed)
     batch = len(lens_q)
-    cu_q = torch.tensor([0, *torch.tensor(lens_q).cumsum(0).tolist()], dtype=torch.int32, device=device)
-    cu_k = torch.tensor([0, *torch.tensor(lens_k).cumsum(0).tolist()], dtype=torch.int32, device=device)
+    cu_q, cu_k = packed_offsets(lens_q, device), packed_offsets(lens_k, device)
     total_q, total_k = sum(lens_q), sum(lens_k)
     make = lambda n, h: torch.randn(n, h, d, dtype=torch.float64).to(device, dtype)  # noqa: E731
     q, k, v, dout = make(total_q, heads_q), make(total_k, heads_kv), make(total_k, heads_kv), make(total_q, heads_q)

@@ -9,7 +9,7 @@ writes (fill_packed_gaps)."""
 import pytest
 import torch
 
-from conftest import ALL_DTYPES, HAS_CUDA, IS_SM90
+from conftest import ALL_DTYPES, HAS_CUDA, IS_SM90, SM90_DEFAULT_PARTS
 from reference import LOW_PRECISION, LOW_PRECISION_IDS
 
 import cuflash_attn
@@ -26,8 +26,7 @@ KVCACHE_PARTS = [None,
 # Packed sequences: the defaults (on sm_90, the TMA forward), the cp.async Hopper forward
 # (CUFLASH_SM90's default parts less "varlen") and the TMA backward too ("bwdvarlen").
 PACKED_PARTS = [None] + [pytest.param(parts, marks=pytest.mark.skipif(not IS_SM90, reason="sm_90 only"))
-                         for parts in ("tma,bwd,bwdws,features,persistent,kvcache",
-                                       "tma,bwd,bwdws,features,persistent,kvcache,varlen,bwdvarlen")]
+                         for parts in (SM90_DEFAULT_PARTS.replace(",varlen", ""), SM90_DEFAULT_PARTS + ",bwdvarlen")]
 
 
 @pytest.fixture(autouse=True)

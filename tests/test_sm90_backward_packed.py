@@ -8,14 +8,14 @@ gradients); the ordered dQ bitwise reproducible; the kernels the profiler shows.
 import pytest
 import torch
 
-from conftest import IS_SM90, cuda_kernels, fused_backward_kernel, skip_outside_head_dim_bucket
+from conftest import (IS_SM90, SM90_DEFAULT_PARTS, cuda_kernels, fused_backward_kernel, packed_offsets,
+                      skip_outside_head_dim_bucket)
 from reference import LOW_PRECISION, LOW_PRECISION_IDS
 from test_features import check_varlen, compare, reference_grads
 
 pytestmark = pytest.mark.skipif(not IS_SM90, reason="needs a compute capability 9.0 GPU")
 
-# run_switches.h's default parts and "bwdvarlen".
-WITH_BWDVARLEN = "tma,bwd,bwdws,features,persistent,kvcache,varlen,bwdvarlen"
+WITH_BWDVARLEN = SM90_DEFAULT_PARTS + ",bwdvarlen"
 
 # (CUFLASH_BWD_DQ, query steps at head dim 64): the pair, and the fused kernel's two dQ orders.
 ROUTES = [("separate", "wide"), ("separate", "narrow"), ("ordered", "wide"), ("ordered", "narrow"),
@@ -37,7 +37,7 @@ def route(request, monkeypatch):
 
 def packed_backward_kernels(lengths, d):
     """The kernels of a bf16 packed backward over sequences of these lengths."""
-    cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32, device="cuda")
+    cu = packed_offsets(lengths)
     q, k, v = (torch.randn(sum(lengths), 2, d, device="cuda", dtype=torch.bfloat16, requires_grad=True)
                for _ in range(3))
     out, _ = torch.ops.cuflash_attn.fwd(q, k, v, None, False, False, cu_seqlens_q=cu, cu_seqlens_k=cu,
@@ -144,7 +144,7 @@ def test_ordered_is_reproducible(d, monkeypatch):
     monkeypatch.setenv("CUFLASH_BWD_DQ", "ordered")
     torch.manual_seed(0)
     lengths = [1000, 1, 333, 640, 17, 999, 512, 64, 129, 700] * 4
-    cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32, device="cuda")
+    cu = packed_offsets(lengths)
     q, dout = (torch.randn(sum(lengths), 8, d, device="cuda", dtype=torch.bfloat16) for _ in range(2))
     k, v = (torch.randn(sum(lengths), 2, d, device="cuda", dtype=torch.bfloat16) for _ in range(2))
     packed = dict(cu_seqlens_q=cu, cu_seqlens_k=cu, max_seqlen_q=max(lengths), max_seqlen_k=max(lengths))

@@ -15,7 +15,7 @@ import math
 import pytest
 import torch
 
-from conftest import IS_SM90, cuda_kernels
+from conftest import IS_SM90, cuda_kernels, packed_offsets
 from reference import (LOW_PRECISION, LOW_PRECISION_IDS, assert_close_to_reference, assert_lse_close,
                        attention_reference)
 from test_features import check_dense, check_varlen
@@ -215,7 +215,7 @@ def test_features(dtype, d, mode, monkeypatch):
 def packed_forward_kernels(lens, d, causal=False):
     """The kernels a forward over packed bf16 sequences of these lengths (2 heads) launches."""
     q, k, v = (torch.randn(sum(lens), 2, d, device="cuda", dtype=torch.bfloat16) for _ in range(3))
-    cu = torch.tensor([0, *torch.tensor(lens).cumsum(0).tolist()], device="cuda", dtype=torch.int32)
+    cu = packed_offsets(lens)
     longest = max(lens)
     return cuda_kernels(lambda: torch.ops.cuflash_attn.fwd(q, k, v, None, causal, False, cu_seqlens_q=cu,
                                                            cu_seqlens_k=cu, max_seqlen_q=longest,

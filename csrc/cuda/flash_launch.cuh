@@ -290,6 +290,16 @@ bool launch_bwd_fused256(const FlashBwdParams& p, cudaStream_t stream, cudaError
   return p.dq_semaphores != nullptr ? go(std::true_type{}) : go(std::false_type{});
 }
 
+// f(std::true_type{}) for packed sequences where the warp-specialized backward kernel K takes them
+// (its kPacked variant; only where its maps were encoded, which bwd_tma_addressable allows for
+// K::kMayPack alone), else f(std::false_type{}).
+template <class K, class F>
+auto with_bwd_packing(const FlashBwdParams& p, F&& f) {
+  if constexpr (K::kMayPack)
+    if (p.varlen.cu_seqlens_q != nullptr) return f(std::true_type{});
+  return f(std::false_type{});
+}
+
 template <typename T, int kHeadDim>
 cudaError_t run_flash_bwd(const FlashBwdParams& p, cudaStream_t stream) {
   const AttentionShape& sh = p.shape;
@@ -351,17 +361,13 @@ cudaError_t run_flash_bwd(const FlashBwdParams& p, cudaStream_t stream) {
             const int64_t num_tiles = int64_t{tiles.x} * tiles.y * tiles.z;
             const int sms = std::max(1, device_attribute<cudaDevAttrMultiProcessorCount>(1));
             const dim3 grid = Ws::kPersistent ? dim3(static_cast<unsigned>(std::min<int64_t>(num_tiles, sms))) : tiles;
-            auto go_packed = [&](auto packed) {
-              err = launch(sm90::flash_bwd_dkdv_sm90_tma_kernel<T, kHeadDim, kAccum, kWithDk, kWithDv, kWide, kOrdered,
-                                                                decltype(packed)::value>,
-                           grid, Ws::kThreads, Ws::kSmemBytes, stream, p, maps.q, maps.dout, maps.k, maps.v,
-                           maps.dq_accum, maps.dk, maps.dv);
-              return true;
-            };
-            // (Packed sequences reach here only where the maps were encoded: Ws::kMayPack.)
-            if constexpr (Ws::kMayPack)
-              if (p.varlen.cu_seqlens_q != nullptr) return go_packed(yes);
-            return go_packed(no);
+            err = with_bwd_packing<Ws>(p, [&](auto packed) {
+              return launch(sm90::flash_bwd_dkdv_sm90_tma_kernel<T, kHeadDim, kAccum, kWithDk, kWithDv, kWide, kOrdered,
+                                                                 decltype(packed)::value>,
+                            grid, Ws::kThreads, Ws::kSmemBytes, stream, p, maps.q, maps.dout, maps.k, maps.v,
+                            maps.dq_accum, maps.dk, maps.dv);
+            });
+            return true;
           };
           if constexpr (kAccum)
             if (p.dq_semaphores != nullptr) return go(yes);
@@ -386,16 +392,12 @@ cudaError_t run_flash_bwd(const FlashBwdParams& p, cudaStream_t stream) {
           if (hopper.bwd_ws) {  // the warp-specialized dQ kernel where TMA can address the inputs
             using Ws = sm90::BwdDqSm90TmaKernel<T, kHeadDim>;
             sm90::BackwardTmaMaps maps{};
-            auto go = [&](auto packed) {
-              return launch(sm90::flash_bwd_dq_sm90_tma_kernel<T, kHeadDim, decltype(packed)::value>,
-                            dim3(ceil_div(sh.seqlen_q, Ws::kBlockM), sh.heads_q, sh.batch), Ws::kThreads,
-                            Ws::kSmemBytes, stream, p, maps.q, maps.dout, maps.k, maps.v);
-            };
-            if (sm90::encode_bwd_tma_maps<T, Ws>(p, &maps)) {
-              if constexpr (Ws::kMayPack)
-                if (p.varlen.cu_seqlens_q != nullptr) return go(yes);
-              return go(no);
-            }
+            if (sm90::encode_bwd_tma_maps<T, Ws>(p, &maps))
+              return with_bwd_packing<Ws>(p, [&](auto packed) {
+                return launch(sm90::flash_bwd_dq_sm90_tma_kernel<T, kHeadDim, decltype(packed)::value>,
+                              dim3(ceil_div(sh.seqlen_q, Ws::kBlockM), sh.heads_q, sh.batch), Ws::kThreads,
+                              Ws::kSmemBytes, stream, p, maps.q, maps.dout, maps.k, maps.v);
+              });
           }
           return launch(sm90::flash_bwd_dq_sm90_kernel<T, kHeadDim>,
                         dim3(ceil_div(sh.seqlen_q, K::kResident), sh.heads_q, sh.batch), K::kThreads, K::kSmemBytes,

@@ -38,19 +38,21 @@ bool prefers_fused_backward(const FlashBwdParams& p);
 // Packed outputs: the kernels write only their sequences' rows (attention_math.h's
 // packed_rows_of: cu_seqlens' rows, clamped to the `total` rows and to `max_rows`, the grid's).
 // fill_packed_gaps sets every other row of each fill to its value (0, or -inf for a row that
-// sees no key): a kernel that reads the batch's offsets, where a memset of whole tensors would
-// write them all (the usual batch has no such row).
-// A fill: `heads` runs of `width` elements a row, strides in elements; elem_bytes 2 (value 0
+// sees no key), all fills in one launch: a kernel that reads the batch's offsets, where a memset
+// of whole tensors would write them all (the usual batch has no such row).
+// A fill: `heads` runs of `width` elements a row of a packed tensor (rows as cu_seqlens, total
+// and max_rows say: the queries' or the keys'), strides in elements; elem_bytes 2 (value 0
 // only), 4 (float) or 8 (double).
 struct GapFill {
   void* data = nullptr;
   int64_t row_stride = 0, head_stride = 0;
   int heads = 0, width = 0, elem_bytes = 0;
   double value = 0.0;
+  const int* cu_seqlens = nullptr;
+  int total = 0, max_rows = 0;
 };
-constexpr int kMaxGapFills = 2;
-cudaError_t fill_packed_gaps(const int* cu_seqlens, int batch, int total, int max_rows, const GapFill* fills,
-                             int num_fills, cudaStream_t stream);
+constexpr int kMaxGapFills = 3;  // the backward's dq, dk and dv
+cudaError_t fill_packed_gaps(int batch, const GapFill* fills, int num_fills, cudaStream_t stream);
 
 // Writes the dropout keep-mask the kernels use for d, bool [batch, heads, seqlen_q, seqlen_k].
 cudaError_t dropout_keep_mask_cuda(const DropoutParams& d, int batch, int heads, int seqlen_q, int seqlen_k,

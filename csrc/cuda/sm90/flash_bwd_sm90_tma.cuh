@@ -150,12 +150,8 @@ __global__ void __launch_bounds__(BwdDqSm90TmaKernel<T, kHeadDim>::kThreads, 1)
     // another sequence's V and K). The Q and dO rows past its last query feed only dq rows that
     // are not stored.
     const int keys_in_block = seq.seqlen_k - n_block * kBlockN;  // > 0: the block has a key
-    if (packed && keys_in_block < kBlockN) {  // the same for both consumers
-      zero_rows_of_panels<kPanels, kBlockN>(sK(stage), keys_in_block, tid - 128, K::kConsumerThreads);
-      zero_rows_of_panels<kPanels, kBlockN>(sV(stage), keys_in_block, tid - 128, K::kConsumerThreads);
-      fence_async_shared();  // these generic-proxy writes before the wgmmas' (async proxy) reads
-      named_barrier_sync<K::kConsumerThreads>(2);
-    }
+    if (packed && keys_in_block < kBlockN)  // the same for both consumers
+      zero_rows_before_wgmma<kPanels, kBlockN, K::kConsumerThreads>(sK(stage), sV(stage), keys_in_block, tid - 128, 2);
     add_dq_part<T, kHeadDim, kBlockM, kBlockN>(dq, desc_q, desc_do, desc_k0 + stage_bytes(stage),
                                                desc_v0 + stage_bytes(stage), desc_k0_mn + stage_bytes(stage), lse2,
                                                delta, scale_log2, mask, seq, row0, n_block, lane);
@@ -621,12 +617,8 @@ __global__ void __launch_bounds__(
     // another sequence's V into dP, and dQ's dS K its K). Without dQ they reach only the dK and
     // dV rows that are not stored.
     const int keys_in_block = tile.seq.seqlen_k - tile.n_start;
-    if (kAccumDq && packed && tile.steps > 0 && keys_in_block < kBlockN) {  // the same for both consumers
-      zero_rows_of_panels<kPanels, kBlockN>(sK, keys_in_block, tid - 128, K::kConsumerThreads);
-      zero_rows_of_panels<kPanels, kBlockN>(sV, keys_in_block, tid - 128, K::kConsumerThreads);
-      fence_async_shared();  // these generic-proxy writes before the wgmmas' (async proxy) reads
-      named_barrier_sync<K::kConsumerThreads>(8);
-    }
+    if (kAccumDq && packed && tile.steps > 0 && keys_in_block < kBlockN)  // the same for both consumers
+      zero_rows_before_wgmma<kPanels, kBlockN, K::kConsumerThreads>(sK, sV, keys_in_block, tid - 128, 8);
     for (int step = 0; step < tile.steps; ++step) {
       const int gs = g + step;  // the global step: the Q/dO ring's, the dS buffers' and dQ parts'
       const int stage = gs % kStages;
@@ -637,12 +629,9 @@ __global__ void __launch_bounds__(
       // Packed: the block past the sequence's last query (rows another sequence's: S^T of its q
       // is not masked, only its lse2 is +inf, and dV and dK would take its dO and q).
       const int queries_in_block = tile.seq.seqlen_q - m0;  // > 0: the block has a query
-      if (packed && queries_in_block < kBlockM) {  // the same for both consumers
-        zero_rows_of_panels<kPanels, kBlockM>(sQ(stage), queries_in_block, tid - 128, K::kConsumerThreads);
-        zero_rows_of_panels<kPanels, kBlockM>(sdO(stage), queries_in_block, tid - 128, K::kConsumerThreads);
-        fence_async_shared();
-        named_barrier_sync<K::kConsumerThreads>(8);
-      }
+      if (packed && queries_in_block < kBlockM)  // the same for both consumers
+        zero_rows_before_wgmma<kPanels, kBlockM, K::kConsumerThreads>(sQ(stage), sdO(stage), queries_in_block,
+                                                                      tid - 128, 8);
       WarpAcc<kBlockM> s, dp;  // S^T and dP^T: this warp's 16 keys x kBlockM queries
       wgmma_fence();
       issue_qk<T, kHeadDim, kBlockN * 128>(s, desc_k, desc_q0 + stage_bytes(stage));
