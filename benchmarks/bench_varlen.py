@@ -76,7 +76,8 @@ def main(argv=None):
                    help="';'-separated sets of sequence lengths, LxN for N of length L")
     p.add_argument("--variants", type=lambda s: s.split(";"), default=[LESS_VARLEN, ""],
                    help="CUFLASH_SM90 values, ';'-separated, the first the ratios' base (default: the "
-                        "default parts less varlen; the defaults)")
+                        "default parts less varlen; the defaults); a value may set other switches after "
+                        "'+', e.g. 'tma,persistent,varlen+CUFLASH_FWD_TILE=narrow'")
     p.add_argument("--backward", action="store_true",
                    help="time the backward (deterministic, the default) instead of the forward: 2.5x its FLOPs")
     bench.add_timing_arguments(p)

@@ -17,7 +17,7 @@ its combine kernel (with features, paged keys and packed queries), and decoding 
 heads as rows; four causal tokens a step packed under CUFLASH_PACK_GQA=1; 130 unsplit and one split
 5 ways on the TMA forwards (CUFLASH_SM90's "kvcache" part, a default; the splits under its "splits"
 part), over contiguous and paged caches); packed sequences on the TMA forwards, persistent and
-not (its "varlen" part), and on the TMA backward, the pair and the fused kernel's two dQ orders
+not, at head dim 64 on the wide tiles too (its "varlen" part), and on the TMA backward, the pair and the fused kernel's two dQ orders
 (its "bwdvarlen" part, not a default). Every case is checked against the float64 reference with
 the accuracy rule, so a clean sanitizer run is also a correctness run.
 
@@ -120,6 +120,7 @@ def cases():
     # Packed sequences on the TMA forwards (CUFLASH_SM90's "varlen" part, named): keys ending
     # inside a key block (the next sequence's rows read, their V zeroed), empty sequences.
     out += [(BF16, d, 4, 4, 0, 0, "bottom_right", "varlen_tma") for d in (64, 128, 256)]
+    out += [(BF16, 64, 4, 4, 0, 0, "none", "varlen_tma")]  # no mask: the persistent kernel's wide tile
     out += [(BF16, 128, 4, 48, 0, 0, "bottom_right", "varlen_tma")]  # 384 tiles: CTAs walk several
     # Packed sequences on the TMA backward (its "bwdvarlen" part): boxes past a sequence's end
     # (their rows zeroed in shared memory, dK and dV stored row by row there), empty sequences.
@@ -218,8 +219,11 @@ def run_case(case, device):
     elif variant == "window":
         check_dense(device, dtype, b, h, 1, nq, nk, d, window=(9, 4), bottom_right=False)
     elif variant == "varlen_tma":  # the TMA forwards over packed sequences, persistent and not
-        for parts in ("tma,varlen", "tma,persistent,varlen"):
-            with bench.switches_set({"CUFLASH_SM90": parts}):
+        runs = [{"CUFLASH_SM90": parts} for parts in ("tma,varlen", "tma,persistent,varlen")]
+        if d == 64:  # the wide tiles (192 query rows a tile) under a mask too
+            runs += [dict(run, CUFLASH_FWD_TILE="wide") for run in runs]
+        for run in runs:
+            with bench.switches_set(run):
                 check_varlen(device, dtype, [70, 0, 129, 200], [90, 12, 0, 130], h, 2, d, causal=causal != "none",
                              bottom_right=True)
     elif variant == "varlen_bwd_tma":  # the TMA backward over packed sequences: the pair, the fused kernel's orders

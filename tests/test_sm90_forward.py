@@ -64,6 +64,14 @@ def persistent_rows(d, nq, keys, causal):
     return persistent_wide(d, False, nq) if bucket(d) == 64 else bucket(d) == 128 and keys < 4096
 
 
+def packed_kernel(d, longest, masked, persistent, dtype=torch.bfloat16):
+    """The TMA kernel packed sequences whose rows see fewer than 2048 keys take under the "varlen"
+    part: the tile a dense batch of the longest sequence's length would take (persistent where the
+    part is on, and then at head dim 64 wide as persistent_wide says)."""
+    return tma_kernel(bucket(d), wide=persistent and persistent_wide(d, masked, nq=longest), dtype=dtype,
+                      persistent=persistent)
+
+
 def forward_kernels(d, dtype=torch.bfloat16, **kw):
     q, k, v = (torch.randn(1, 2, 100, d, device="cuda", dtype=dtype) for _ in range(3))
     return cuda_kernels(lambda: torch.ops.cuflash_attn.fwd(q, k, v, None, False, False, **kw))
@@ -252,11 +260,12 @@ VARLEN_TMA_LENGTHS = [([5, 0, 130, 64], [7, 3, 130, 0]), ([1], [1]), ([200, 33, 
 def test_varlen_on_tma(dtype, d, lens, causal, varlen_part):
     """Packed sequences on the TMA forward (the "varlen" part): empty ones, one token, keys ending
     inside a key block (the next sequence's rows read and their V zeroed), query blocks past a
-    short sequence's end (an empty tile), GQA and bottom-right causal."""
+    short sequence's end (an empty tile), GQA and bottom-right causal; without a mask at head dim
+    64 the persistent kernel's wide tile (192 query rows a tile)."""
     lens_q, lens_k = lens
     names = cuda_kernels(lambda: check_varlen("cuda", dtype, lens_q, lens_k, 4, 2, d, causal=causal,
                                               bottom_right=True))
-    assert tma_kernel(d, dtype=dtype, persistent=varlen_part) in names, names
+    assert packed_kernel(d, max(lens_q), causal, varlen_part, dtype=dtype) in names, names
 
 
 @pytest.mark.parametrize("d", [40, 64, 100, 128])
@@ -269,7 +278,7 @@ def test_varlen_on_tma_many_tiles(d, causal, varlen_part):
     lens = [700, 513, 64, 0, 300, 1000, 129, 640]
     names = cuda_kernels(lambda: check_varlen("cuda", torch.bfloat16, lens, lens, 16, 4, d, causal=causal,
                                               bottom_right=True))
-    assert tma_kernel(bucket(d), persistent=varlen_part) in names, names
+    assert packed_kernel(d, max(lens), causal, varlen_part) in names, names
 
 
 @pytest.mark.parametrize("d", [64, 128])
@@ -286,17 +295,23 @@ def test_varlen_on_tma_windows_and_unknown_lengths(d, varlen_part):
     assert "flash_fwd_sm90_kernel<" in names and "flash_fwd_sm90_tma_kernel" not in names, names
 
 
-@pytest.mark.parametrize("d,longest,persistent", [(40, 1000, True), (64, 3000, True), (100, 300, True),
-                                                  (128, 6000, False), (256, 300, False)])
-def test_varlen_default_choice(d, longest, persistent, mode, monkeypatch):
-    """Under the defaults packed sequences take the TMA forward (causal here), persistent up to
-    head dim 128 where a dense batch of the longest sequence would be (its middle row sees fewer
-    than 2048 keys)."""
+@pytest.mark.parametrize("d,longest,causal,wide,persistent",
+                         [(40, 1000, True, False, True), (64, 3000, True, False, True), (100, 300, True, False, True),
+                          (128, 6000, True, False, False), (256, 300, True, False, False),
+                          (64, 3000, False, True, True), (64, 5000, True, True, False), (128, 3000, False, False, True),
+                          (128, 5000, False, False, False)])
+def test_varlen_default_choice(d, longest, causal, wide, persistent, mode, monkeypatch):
+    """Under the defaults packed sequences take the TMA forward on the tile a dense batch of the
+    longest sequence would take: persistent up to head dim 128 where its middle row sees fewer
+    than 2048 keys, or without a mask at head dims 64 (the wide tile) and 128 (up to 4096 keys);
+    at head dim 64 the wide tile from 2048 keys (the grid's, under a causal mask); the wide tiles
+    of head dims 128 and 256 never (they take no packed sequences: at 128 past 4096 keys without a
+    mask the narrow tile, not persistent)."""
     if mode != "tma":
         pytest.skip("one run: the defaults are set here")
     monkeypatch.delenv("CUFLASH_SM90")
-    names = packed_forward_kernels([longest, 100], d, causal=True)
-    assert tma_kernel(bucket(d), persistent=persistent) in names, names
+    names = packed_forward_kernels([longest, 100], d, causal=causal)
+    assert tma_kernel(bucket(d), wide=wide, persistent=persistent) in names, names
 
 
 def test_varlen_on_tma_keeps_sequences_apart(varlen_part):
@@ -312,7 +327,7 @@ def test_varlen_on_tma_keeps_sequences_apart(varlen_part):
     cu = torch.tensor([0, 100, 250, 300], device="cuda", dtype=torch.int32)
     call = lambda: torch.ops.cuflash_attn.fwd(q, k, v, None, False, False, cu_seqlens_q=cu,  # noqa: E731
                                               cu_seqlens_k=cu, max_seqlen_q=150, max_seqlen_k=150)
-    assert tma_kernel(64, persistent=varlen_part) in cuda_kernels(call)
+    assert packed_kernel(64, 150, False, varlen_part) in cuda_kernels(call)  # wide where persistent
     out, lse = call()
     for rows in (slice(0, 100), slice(250, 300)):
         seq = [t[rows].transpose(0, 1)[None] for t in (q, k, v)]

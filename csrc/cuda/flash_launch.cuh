@@ -132,7 +132,9 @@ cudaError_t with_feature_path(const AttentionParams& p, F&& f) {
 // tile's length, the persistent kernel where asked for and built (sm90::persistent_rows), at
 // head dim 64 on the wide tile where sm90::persistent_wide_pays;
 // CUFLASH_FWD_TILE overrides the tile. Packed sequences (cu_seqlens) only under the "varlen"
-// part, on the plain narrow kernels. False (nothing launched) where TMA cannot address p.
+// part, on the plain kernels (the tiles that take them: kMayPack), as a dense batch of the
+// longest sequence's length would be (the grid's lengths, max_seqlen_q and _k, stand in for each
+// one's). False (nothing launched) where TMA cannot address p.
 template <typename T, int kHeadDim>
 bool launch_fwd_tma(const FlashFwdParams& p, const sm90::Sm90Paths& hopper, cudaStream_t stream, cudaError_t* err) {
   const AttentionShape& sh = p.shape;
@@ -157,6 +159,7 @@ bool launch_fwd_tma(const FlashFwdParams& p, const sm90::Sm90Paths& hopper, cuda
     return true;
   };
   using Plain = sm90::FwdSm90TmaKernel<T, kHeadDim, false>;
+  using Wide = sm90::FwdSm90TmaKernel<T, kHeadDim, true>;
   constexpr std::false_type no{};
   constexpr std::true_type yes{};
   // KV caches (CUFLASH_SM90's "kvcache" part) take the narrow tiles only, which handle them: a
@@ -170,14 +173,7 @@ bool launch_fwd_tma(const FlashFwdParams& p, const sm90::Sm90Paths& hopper, cuda
   if (!sm90::folds_scale_safely(p)) return false;  // the plain kernels fold it
   const bool persistent_walk = Plain::kHasPersistent && hopper.persistent && !split &&
                                (kv_cache ? !sm90::long_rows(p) : sm90::persistent_rows<kHeadDim>(p));
-  // Packed sequences: the narrow tiles (kMayPack), persistent where a dense batch of the longest
-  // sequence's length would be (the grid's lengths, max_seqlen_q and _k, stand in for each one's).
-  if (packed) {
-    if constexpr (Plain::kHasPersistent)
-      if (persistent_walk) return run(no, no, yes);
-    return run(no, no, no);
-  }
-  if (!kv_cache && !split) {
+  if (!kv_cache && !split && (!packed || Wide::kMayPack)) {
     if constexpr (kHeadDim == 64)  // the one head dim with a wide persistent kernel (smem)
       if (persistent_walk && fwd_wide_tile(sm90::persistent_wide_pays(p))) return run(yes, no, yes);
     if (fwd_wide_tile(sm90::wide_rows<kHeadDim>(p))) return run(yes, no, no);

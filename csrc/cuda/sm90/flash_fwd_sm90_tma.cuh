@@ -13,8 +13,8 @@
 // a TMA store from shared memory.
 // Dense inputs; with seqused_k and paged caches under CUFLASH_SM90's "kvcache" part (a default:
 // the rows past a sequence's keys are zeroed in shared memory, pages addressed by the producer);
-// packed sequences (cu_seqlens) under its "varlen" part (a default; the plain narrow kernels,
-// persistent or not, kMayPack): the boxes read
+// packed sequences (cu_seqlens) under its "varlen" part (a default; the plain kernels, persistent
+// or not, narrow or at head dim 64 wide: kMayPack): the boxes read
 // from a sequence's first row, past its end into the next sequence's rows, whose keys' V rows
 // are zeroed as seqused_k's are and whose query rows are not stored (the output by checked
 // stores, not a TMA box that would write into the next sequence).
@@ -57,6 +57,10 @@ namespace cuflash::sm90 {
 template <typename T, int kHeadDim, bool kWide, bool kPersistent = false>
 struct FwdSm90TmaKernel {
   static constexpr bool kHasPersistent = kHeadDim <= 128;
+  // Packed sequences: every tile but the wide ones at head dims 128 and 256 (192- and 80-key
+  // blocks), which stay as they were; at head dim 64 the wide tile takes them where it would take
+  // a dense batch (H200: packed rows on the narrow tile ran 0.84-0.91x dense; benchmarks/NOTES.md).
+  static constexpr bool kMayPack = !kWide || kHeadDim <= 64;
   static_assert(kHasPersistent || !kPersistent, "no room to stage O beside the tiles at head dim 256");
   static constexpr int kConsumers = kWide && kHeadDim <= 64 ? 3 : 2;
   static constexpr int kThreads = 128 * (kConsumers + 1), kBlockM = 64 * kConsumers;
@@ -100,9 +104,8 @@ __global__ void __launch_bounds__(FwdSm90TmaKernel<T, kHeadDim, kWide, kPersiste
   // Split-KV: the plain narrow kernel, one tile a CTA, only (launch_fwd_tma): the others' code
   // stays as it was.
   constexpr bool kMaySplit = !kWide && !kPersistent && !kFeatures;
-  // Packed sequences (the "varlen" part) run on the plain narrow kernels only, persistent or
-  // not (launch_fwd_tma).
-  constexpr bool kMayPack = !kWide && !kFeatures;
+  // Packed sequences (the "varlen" part) run on the plain kernels only (launch_fwd_tma).
+  constexpr bool kMayPack = K::kMayPack && !kFeatures;
   const bool packed = kMayPack && p.varlen.cu_seqlens_q != nullptr;
   // The diagonal block's empty half (above): head dim 64, whose 128-key blocks (narrow and wide
   // tiles) halve into 64 keys.
@@ -196,9 +199,9 @@ __global__ void __launch_bounds__(FwdSm90TmaKernel<T, kHeadDim, kWide, kPersiste
         // in it). A block never straddles pages: page_size is a multiple of 256, and KV caches take
         // the narrow tiles, whose blocks (128 or 64 keys) divide it; the wide ones stay as they were.
         const int key0 = tile.block_of(t) * kBlockN;
-        const KeyAt at = kWide    ? KeyAt{key0, tile.b}
-                         : packed ? KeyAt{static_cast<int>(tile.seq.k_row0) + key0, 0}
-                                  : key_at(p.paged, tile.b, key0);
+        const KeyAt at = packed  ? KeyAt{static_cast<int>(tile.seq.k_row0) + key0, 0}
+                         : kWide ? KeyAt{key0, tile.b}
+                                 : key_at(p.paged, tile.b, key0);
         // The stage's previous tiles (step g - kStages) were released by every consumer warp.
         if (g >= kStages) mbarrier_wait(&k_empty[stage], (use - 1) & 1);
         load(&map_k, sK(stage), &k_full[stage], at);
@@ -297,14 +300,15 @@ __global__ void __launch_bounds__(FwdSm90TmaKernel<T, kHeadDim, kWide, kPersiste
       // The last consumer's first signal of the tile: after its q_full wait, so that it cannot
       // meet on barrier 2 the previous tile's last signal, which consumer 0 takes at that tile's end.
       if (consumer == K::kConsumers - 1) named_barrier_arrive<kTurnThreads>(2);
-      // seqused_k (CUFLASH_SM90's "kvcache" part): the first step's block, the sequence's last,
-      // may run past its keys into rows the tensor holds but the sequence does not use (a KV
-      // cache's), which TMA reads like any other (past the tensor's rows it fills zeros). Their
-      // scores are masked, but P V would still take 0 x NaN from a stale or uninitialized row:
-      // the consumers zero those rows of V first, a share each, before any P V of the tile.
+      // seqused_k (CUFLASH_SM90's "kvcache" part, on the narrow tiles only) and packed sequences:
+      // the first step's block, the sequence's last, may run past its keys into rows the tensor
+      // holds but the sequence does not use (a KV cache's, the next sequence's), which TMA reads
+      // like any other (past the tensor's rows it fills zeros). Their scores are masked, but P V
+      // would still take 0 x NaN from a stale or uninitialized row: the consumers zero those rows
+      // of V first, a share each, before any P V of the tile.
       const int used_rows = tile.seq.seqlen_k - tile.block_of(0) * kBlockN;  // > 0: the block has a key
-      const bool keys_end_in_block = p.varlen.seqused_k != nullptr || packed;  // else TMA reads zeros there
-      if (!kWide && keys_end_in_block && used_rows < kBlockN) {  // the same for every consumer
+      const bool keys_end_in_block = (!kWide && p.varlen.seqused_k != nullptr) || packed;  // else TMA reads zeros
+      if (keys_end_in_block && used_rows < kBlockN) {  // the same for every consumer
         wait_v(0);
         zero_rows_of_panels<kPanels, kBlockN>(sV(stage_of(0)), used_rows, tid - 128, kConsumerThreads);
         fence_async_shared();  // these generic-proxy writes before the wgmmas' (async proxy) reads
