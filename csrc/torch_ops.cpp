@@ -596,7 +596,7 @@ std::tuple<Tensor, Tensor> fwd_impl(const Tensor& q, const Tensor& k, const Tens
     }
     check_cuda(run_flash_fwd_cuda(p, at::cuda::getCurrentCUDAStream()));
   } else {
-    at::parallel_for(0, int64_t{sh.batch} * sh.heads_q, 1, [&](int64_t begin, int64_t end) {
+    at::parallel_for(0, flash_fwd_cpu_items(p), 1, [&](int64_t begin, int64_t end) {
       if (layout.dtype == at::kDouble) flash_fwd_cpu<double>(p, begin, end);
       else flash_fwd_cpu<float>(p, begin, end);
     });

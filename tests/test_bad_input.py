@@ -117,7 +117,8 @@ def test_bwd_rejects_bad_stats_and_shapes(device, name, argument, breaker, exc, 
                                             ("CUFLASH_SM90", "tma,"), ("CUFLASH_BWD_DQ", "atomics"),
                                             ("CUFLASH_FWD_TILE", "wider"), ("CUFLASH_BWD_TILE", "1"),
                                             ("CUFLASH_FP32", "tf32"), ("CUFLASH_BWD_FUSED_TILE", "on"),
-                                            ("CUFLASH_DEBUG", "yes"), ("CUFLASH_PACK_GQA", "on")])
+                                            ("CUFLASH_DEBUG", "yes"), ("CUFLASH_PACK_GQA", "on"),
+                                            ("CUFLASH_CPU_ISA", "avx")])
 def test_run_switch_naming_nothing_is_refused(device, variable, value, monkeypatch):
     """A misspelt switch is an error at the next call, not a silent default."""
     q, k, v = good(device)
@@ -141,7 +142,9 @@ def test_run_switch_naming_nothing_is_refused(device, variable, value, monkeypat
                                             ("CUFLASH_FP32", "exact"), ("CUFLASH_FP32", "3xtf32"),
                                             ("CUFLASH_FP32", "wgmma"),
                                             ("CUFLASH_DEBUG", "0"), ("CUFLASH_DEBUG", "1"),
-                                            ("CUFLASH_PACK_GQA", "0"), ("CUFLASH_PACK_GQA", "1")])
+                                            ("CUFLASH_PACK_GQA", "0"), ("CUFLASH_PACK_GQA", "1"),
+                                            ("CUFLASH_CPU_ISA", "avx512"), ("CUFLASH_CPU_ISA", "avx2"),
+                                            ("CUFLASH_CPU_ISA", "base")])
 def test_run_switch_values_are_accepted(variable, value, monkeypatch):
     q, k, v = good()
     monkeypatch.setenv(variable, value)

@@ -2,129 +2,627 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <limits>
+#include <type_traits>
 #include <vector>
 
 #include "../attention_math.h"
+#include "../cuda/run_switches.h"
+
+// The vector types below never cross a call that is not inlined (CUFLASH_CPU_INLINE), so GCC's
+// note that passing them changes with the target's ABI does not apply.
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC diagnostic ignored "-Wpsabi"
+#endif
 
 namespace cuflash {
 namespace {
 
-constexpr int kKeyTile = 64;  // keys per online-softmax step
+// Speed (benchmarks/NOTES.md, thirty-first session): the CUDA kernels' tiling, with vector lanes
+// where they have threads. A block of kBlockRows query rows meets a tile of kKeys keys as scores
+// S^T[key][row]: the block's rows are the lanes (Q^T packed once per block), so that a key's
+// scores are a few multiply-adds a head dim and the online softmax, its exponentials included
+// (softmax_exp), runs on whole vectors; P V and dQ accumulate transposed too, in lanes
+// (add_lanes_times_rows), dV and dK a vector of head dims at a time (add_rows_times_lanes). A pair
+// (row, key) that the masks hide adds 0 there, which is what the CUDA kernels' masks give but for
+// a NaN or Inf in the row multiplied: then the pairs are taken one by one (add_visible_*), so that
+// a masked key's NaN never reaches another row. The vectors are the CPU's widest
+// (AVX-512, AVX2 or the baseline's SSE2: an instantiation each, chosen at every call, cpu_isa):
+// GCC turns a vector wider than the target's into element-by-element code.
+constexpr int kKeys = 64;       // keys a tile
+constexpr int kBlockRows = 32;  // query rows a block: a forward work item (flash_fwd_cpu_items)
 
-template <typename T>
-T dot(const T* a, const T* b, int n) {
-  T s = 0;
-  for (int d = 0; d < n; ++d) s += a[d] * b[d];
-  return s;
+#define CUFLASH_CPU_INLINE inline __attribute__((always_inline))
+
+// kBytes-byte vectors of T (GCC's vector extensions: one register of the target's widest).
+template <typename T, int kBytes>
+struct Simd {
+  using Scalar = T;
+  using Int = std::conditional_t<sizeof(T) == 4, int32_t, int64_t>;
+  typedef T V __attribute__((vector_size(kBytes)));
+  typedef Int I __attribute__((vector_size(kBytes)));
+  typedef std::make_unsigned_t<Int> U __attribute__((vector_size(kBytes)));
+  static constexpr int kLanes = kBytes / sizeof(T);
+  static constexpr int kRowVecs = kBlockRows / kLanes;  // a block's rows
+};
+template <class S>
+CUFLASH_CPU_INLINE typename S::V load(const typename S::Scalar* from) {
+  typename S::V v;
+  std::memcpy(&v, from, sizeof(v));
+  return v;
 }
-template <typename T>
-void axpy(T alpha, const T* x, T* y, int n) {
-  for (int d = 0; d < n; ++d) y[d] += alpha * x[d];
+template <class S>
+CUFLASH_CPU_INLINE void store(typename S::Scalar* to, const typename S::V& v) {
+  std::memcpy(to, &v, sizeof(v));
+}
+template <class S>
+CUFLASH_CPU_INLINE typename S::V broadcast(typename S::Scalar x) {
+  return typename S::V{} + x;
 }
 
-}  // namespace
-
 template <typename T>
-void flash_fwd_cpu(const FlashFwdParams& p, int64_t bh_begin, int64_t bh_end) {
-  const AttentionShape& sh = p.shape;
-  const int D = sh.head_dim, group = sh.heads_q / sh.heads_kv;
-  const T inf = std::numeric_limits<T>::infinity();
-  const bool dropout = p.dropout.p > 0.0;
-  const DropoutRng rng = dropout ? make_dropout_rng(p.dropout) : DropoutRng{};
-  const T keep_scale = T(1) / (T(1) - static_cast<T>(p.dropout.p));
-  std::vector<T> scores(kKeyTile), acc(D);
-  T unused;
-  for (int64_t bh = bh_begin; bh < bh_end; ++bh) {
-    const int b = static_cast<int>(bh / sh.heads_q), h = static_cast<int>(bh % sh.heads_q), hk = h / group;
-    const Sequence s = sequence_of(p, b);
-    const ExactScore<T> score(p, b, h);
-    T* lse = static_cast<T*>(p.lse) + stats_offset(p.stats_strides, s, b, h);
-    for (int i = 0; i < s.seqlen_q; ++i) {
-      const T* q = row_at<const T>(p.q, p.q_strides, s, true, b, h, i);
-      const Range keys = visible_keys(p.mask, s, i, i + 1);
-      T row_max = -inf, row_sum = 0;
-      std::fill(acc.begin(), acc.end(), T(0));
-      for (int j0 = keys.begin; j0 < keys.end; j0 += kKeyTile) {
-        const int count = std::min(kKeyTile, keys.end - j0);
-        T tile_max = row_max;
-        for (int jj = 0; jj < count; ++jj) {
-          const T qk = dot(q, key_row_at<const T>(p, p.k, p.k_strides, s, b, hk, j0 + jj), D);
-          scores[jj] = score(s, qk, i, j0 + jj, &unused);
-          tile_max = std::fmax(tile_max, scores[jj]);
-        }
-        const T base = tile_max == -inf ? T(0) : tile_max;
-        const T alpha = std::exp(row_max - base);
-        row_sum *= alpha;
-        for (T& a : acc) a *= alpha;
-        for (int jj = 0; jj < count; ++jj) {
-          const T prob = std::exp(scores[jj] - base);
-          row_sum += prob;  // the softmax's denominator counts dropped probabilities too
-          const int j = j0 + jj;
-          const T weight = !dropout ? prob : rng.keep(b, h, sh.heads_q, i, j) ? prob * keep_scale : T(0);
-          axpy(weight, key_row_at<const T>(p, p.v, p.v_strides, s, b, hk, j), acc.data(), D);
-        }
-        row_max = tile_max;
+struct ExpTraits;
+template <>
+struct ExpTraits<float> {
+  static constexpr int kMantissa = 23, kBias = 127, kMinExponent = -126, kTerms = 8;
+  // kShift = 1.5 * 2^23: x + kShift rounds x to an integer held in the low mantissa bits.
+  static constexpr float kLowest = -104.f, kShift = 12582912.f, kLog2e = 1.44269504088896340736f;
+  static constexpr float kLn2Hi = 0.693145751953125f, kLn2Lo = 1.42860682030941723212e-6f;  // k * kLn2Hi exact
+};
+template <>
+struct ExpTraits<double> {
+  static constexpr int kMantissa = 52, kBias = 1023, kMinExponent = -1022, kTerms = 13;
+  static constexpr double kLowest = -746.0, kShift = 6755399441055744.0, kLog2e = 1.44269504088896340736;
+  static constexpr double kLn2Hi = 6.93147180369123816490e-01, kLn2Lo = 1.90821492927058770002e-10;
+};
+
+// e^x lane by lane for the softmax's arguments (x <= 0, -inf or NaN): x = k ln 2 + r with |r| <=
+// ln 2 / 2, e^r by its Taylor series (truncated below half an ulp of T), 2^k put in the exponent's
+// bits; 0 below T's normal range (such a probability, next to the row's largest, 1, changes no
+// sum), NaN kept.
+template <class S>
+CUFLASH_CPU_INLINE typename S::V softmax_exp(const typename S::V& x) {
+  using T = typename S::Scalar;
+  using V = typename S::V;
+  using E = ExpTraits<T>;
+  const V lowest = broadcast<S>(E::kLowest);
+  const V clamped = x < lowest ? lowest : x;  // NaN stays NaN
+  const V shifted = clamped * E::kLog2e + E::kShift;
+  const V k = shifted - E::kShift;
+  const V r = clamped - k * E::kLn2Hi - k * E::kLn2Lo;
+  V poly = broadcast<S>(T(1));
+#pragma GCC unroll 16
+  for (int n = E::kTerms; n >= 1; --n) poly = T(1) + poly * r * (T(1) / T(n));
+  const V shift = broadcast<S>(E::kShift);
+  typename S::U shifted_bits, shift_bits;
+  std::memcpy(&shifted_bits, &shifted, sizeof(V));
+  std::memcpy(&shift_bits, &shift, sizeof(V));
+  const typename S::I ki = (typename S::I)(shifted_bits - shift_bits);  // k as an integer
+  const typename S::U scale_bits = (typename S::U)(ki + E::kBias) << E::kMantissa;
+  V scale;
+  std::memcpy(&scale, &scale_bits, sizeof(V));
+  const V value = ki < E::kMinExponent ? V{} : poly * scale;
+  return x != x ? x : value;
+}
+
+// out[jj * kBlockRows + r] = (row r of the block) . keys[jj] for jj < count, from xt, the block's
+// rows transposed ([d][r], rows past the block 0): kAtOnce keys at a time, so that eight
+// accumulators are in flight (a multiply-add's latency is about four of its issue slots). The
+// keys past count read `zeros`.
+template <class S, typename T = typename S::Scalar>
+CUFLASH_CPU_INLINE void row_lanes_dot(const T* __restrict xt, const T* const* keys, int count, int D,
+                                      const T* zeros, T* __restrict out) {
+  using V = typename S::V;
+  constexpr int R = S::kRowVecs, kAtOnce = R >= 8 ? 1 : 8 / R;
+  for (int jj = 0; jj < count; jj += kAtOnce) {
+    const T* k[kAtOnce];
+#pragma GCC unroll 8
+    for (int a = 0; a < kAtOnce; ++a) k[a] = jj + a < count ? keys[jj + a] : zeros;
+    V acc[kAtOnce][R] = {};
+    for (int d = 0; d < D; ++d) {
+#pragma GCC unroll 8
+      for (int v = 0; v < R; ++v) {
+        const V x = load<S>(xt + d * kBlockRows + v * S::kLanes);
+#pragma GCC unroll 8
+        for (int a = 0; a < kAtOnce; ++a) acc[a][v] += x * k[a][d];
       }
-      const bool seen = row_sum != T(0);  // NaN scores give a NaN sum: it propagates
-      const T inv = seen ? T(1) / row_sum : T(0);
-      T* out = row_at<T>(p.out, p.out_strides, s, true, b, h, i);
-      for (int d = 0; d < D; ++d) out[d] = acc[d] * inv;
-      lse[i] = seen ? row_max + std::log(row_sum) : -inf;
     }
+#pragma GCC unroll 8
+    for (int a = 0; a < kAtOnce; ++a)
+      if (jj + a < count)
+#pragma GCC unroll 8
+        for (int v = 0; v < R; ++v) store<S>(out + (jj + a) * kBlockRows + v * S::kLanes, acc[a][v]);
   }
 }
 
+// out[r] = (row r of xt's block) . (row r of yt's block), both transposed as row_lanes_dot's xt:
+// the same arithmetic in the same order as row_lanes_dot's, so that where row r of yt is key jj's
+// row the two agree bitwise (the backward's delta = dO . O against dP = dO . V: a row that sees one
+// key, whose O is V, gets dS = 0 exactly, as the math says).
+template <class S, typename T = typename S::Scalar>
+CUFLASH_CPU_INLINE void row_lanes_diagonal(const T* __restrict xt, const T* __restrict yt, int D, T* __restrict out) {
+  using V = typename S::V;
+  constexpr int R = S::kRowVecs;
+  V acc[R] = {};
+  for (int d = 0; d < D; ++d) {
+#pragma GCC unroll 8
+    for (int v = 0; v < R; ++v)
+      acc[v] += load<S>(xt + d * kBlockRows + v * S::kLanes) * load<S>(yt + d * kBlockRows + v * S::kLanes);
+  }
+#pragma GCC unroll 8
+  for (int v = 0; v < R; ++v) store<S>(out + v * S::kLanes, acc[v]);
+}
+
+// Rows [first, first + count) of a block, transposed into xt[d * kBlockRows + r]; rows past count 0.
 template <typename T>
-void flash_bwd_cpu(const FlashBwdParams& p, int64_t bhk_begin, int64_t bhk_end) {
+CUFLASH_CPU_INLINE void pack_block(const T* const* rows, int count, int D, T* __restrict xt) {
+  for (int r = 0; r < kBlockRows; ++r)
+    for (int d = 0; d < D; ++d) xt[d * kBlockRows + r] = r < count ? rows[r][d] : T(0);
+}
+
+// The per-thread buffers of a range of work items.
+template <typename T>
+struct CpuScratch {
+  std::vector<T> qt, dot, ot, scores, dp, capped, acc, zeros;
+  std::vector<const T*> k_rows, v_rows, q_rows, do_rows, o_rows;
+  std::vector<T*> dk_rows, dv_rows;
+  explicit CpuScratch(int D)
+      : qt(static_cast<size_t>(D) * kBlockRows), dot(qt.size()), ot(qt.size()), scores(kKeys * kBlockRows),
+        dp(scores.size()),
+        capped(scores.size()), acc(static_cast<size_t>(kBlockRows) * D), zeros(D),
+        k_rows(kKeys), v_rows(kKeys), q_rows(kBlockRows), do_rows(kBlockRows), o_rows(kBlockRows),
+        dk_rows(kKeys), dv_rows(kKeys) {}
+};
+
+// A block's rows' visible keys [lo[r], hi[r]) (rows past the block: none) and their union.
+struct BlockKeys {
+  int lo[kBlockRows], hi[kBlockRows], begin, end;
+  // Whether every row of the block sees every key of [j0, j0 + count).
+  bool sees_all(int rows, int j0, int count) const {
+    for (int r = 0; r < rows; ++r)
+      if (lo[r] > j0 || hi[r] < j0 + count) return false;
+    return true;
+  }
+};
+
+// Lanes of S^T (or P^T) that the masks hide set to `hidden`: (row r, key j0 + jj) outside r's keys.
+template <typename T>
+CUFLASH_CPU_INLINE void hide_lanes(const BlockKeys& keys, int j0, int count, T hidden, T* scores) {
+  for (int jj = 0; jj < count; ++jj)
+    for (int r = 0; r < kBlockRows; ++r) {
+      const bool seen = keys.lo[r] <= j0 + jj && j0 + jj < keys.hi[r];
+      scores[jj * kBlockRows + r] = seen ? scores[jj * kBlockRows + r] : hidden;
+    }
+}
+
+// acc_t[d][r] += sum over jj < count of rows[jj][d] * wt[jj][r], the block's rows as lanes
+// (acc_t and wt [.][kBlockRows]): kDims head dims at a time, eight accumulators in flight. Every
+// row takes every key's term: only where that is what the masks say (a hidden pair's weight is 0,
+// and 0 x a finite row is 0: add_visible_lanes_times_rows).
+template <class S, typename T = typename S::Scalar>
+CUFLASH_CPU_INLINE void add_lanes_times_rows(T* __restrict acc_t, int D, int count, const T* __restrict wt,
+                                             const T* const* rows) {
+  using V = typename S::V;
+  constexpr int R = S::kRowVecs, L = S::kLanes, kDims = R >= 8 ? 1 : 8 / R;
+  auto dims = [&](int d0, auto width) {
+    constexpr int W = decltype(width)::value;
+    V acc[W][R];
+#pragma GCC unroll 8
+    for (int a = 0; a < W; ++a)
+#pragma GCC unroll 8
+      for (int v = 0; v < R; ++v) acc[a][v] = load<S>(acc_t + (d0 + a) * kBlockRows + v * L);
+    for (int jj = 0; jj < count; ++jj) {
+      V w[R];
+#pragma GCC unroll 8
+      for (int v = 0; v < R; ++v) w[v] = load<S>(wt + jj * kBlockRows + v * L);
+#pragma GCC unroll 8
+      for (int a = 0; a < W; ++a) {
+        const T x = rows[jj][d0 + a];
+#pragma GCC unroll 8
+        for (int v = 0; v < R; ++v) acc[a][v] += w[v] * x;
+      }
+    }
+#pragma GCC unroll 8
+    for (int a = 0; a < W; ++a)
+#pragma GCC unroll 8
+      for (int v = 0; v < R; ++v) store<S>(acc_t + (d0 + a) * kBlockRows + v * L, acc[a][v]);
+  };
+  int d = 0;
+  for (; d + kDims <= D; d += kDims) dims(d, std::integral_constant<int, kDims>{});
+  for (; d < D; ++d) dims(d, std::integral_constant<int, 1>{});
+}
+
+// outs[jj][0, D) += sum over r < rows of wt[jj][r] * rows[r][0, D) for jj < count (wt [.][kBlockRows]):
+// kAtOnce keys by two vectors of head dims at a time, eight accumulators in flight. As
+// add_lanes_times_rows, every key takes every row's term (add_visible_rows_times_lanes).
+template <class S, typename T = typename S::Scalar>
+CUFLASH_CPU_INLINE void add_rows_times_lanes(T* const* outs, int D, int count, const T* __restrict wt, int rows,
+                                             const T* const* row_ptrs) {
+  using V = typename S::V;
+  constexpr int L = S::kLanes, kAtOnce = 4, kVecs = 2;
+  for (int jj0 = 0; jj0 < count; jj0 += kAtOnce) {
+    const int keys = std::min(kAtOnce, count - jj0);
+    auto chunk = [&](int d, auto vectors) {
+      constexpr int C = decltype(vectors)::value;
+      V acc[kAtOnce][C] = {};
+      for (int r = 0; r < rows; ++r) {
+        V x[C];
+#pragma GCC unroll 8
+        for (int c = 0; c < C; ++c) x[c] = load<S>(row_ptrs[r] + d + c * L);
+#pragma GCC unroll 8
+        for (int a = 0; a < kAtOnce; ++a) {
+          const T w = wt[(jj0 + a) * kBlockRows + r];  // past count: a row of the buffer, unused
+#pragma GCC unroll 8
+          for (int c = 0; c < C; ++c) acc[a][c] += x[c] * w;
+        }
+      }
+      for (int a = 0; a < keys; ++a)
+#pragma GCC unroll 8
+        for (int c = 0; c < C; ++c) store<S>(outs[jj0 + a] + d + c * L, load<S>(outs[jj0 + a] + d + c * L) + acc[a][c]);
+    };
+    int d = 0;
+    for (; d + kVecs * L <= D; d += kVecs * L) chunk(d, std::integral_constant<int, kVecs>{});
+    for (; d + L <= D; d += L) chunk(d, std::integral_constant<int, 1>{});
+    for (; d < D; ++d)
+      for (int a = 0; a < keys; ++a) {
+        T sum = T(0);
+        for (int r = 0; r < rows; ++r) sum += wt[(jj0 + a) * kBlockRows + r] * row_ptrs[r][d];
+        outs[jj0 + a][d] += sum;
+      }
+  }
+}
+
+// Whether rows[0, n) hold only finite values (x - x is 0 for them, NaN for an Inf or a NaN).
+template <class S, typename T = typename S::Scalar>
+CUFLASH_CPU_INLINE bool rows_finite(const T* const* rows, int n, int D) {
+  using V = typename S::V;
+  constexpr int L = S::kLanes;
+  V acc{};
+  T tail = T(0);
+  for (int t = 0; t < n; ++t) {
+    int d = 0;
+    for (; d + L <= D; d += L) {
+      const V x = load<S>(rows[t] + d);
+      acc += x - x;
+    }
+    for (; d < D; ++d) tail += rows[t][d] - rows[t][d];
+  }
+  T sum = tail;
+  for (int l = 0; l < L; ++l) sum += acc[l];
+  return sum == T(0);
+}
+
+// The tile's products over the pairs (row, key) of the block that the masks show. The lane
+// products take every pair, the hidden ones with weight 0, which adds 0 where the rows
+// multiplied are finite (finite_rows) or where every row of the block sees every key of the
+// tile; otherwise (a NaN or Inf where some row does not look) the visible pairs one at a time, so
+// that a masked key's NaN never reaches another row.
+// acc_t[d][r] += wt[jj][r] * rows[jj][d] over the visible pairs (the forward's O^T, the dQ^T).
+template <class S, typename T = typename S::Scalar>
+CUFLASH_CPU_INLINE void add_visible_lanes_times_rows(T* acc_t, int D, int count, const T* wt, const T* const* rows,
+                                                     const BlockKeys& keys, int block_rows, int j0, bool sees_all) {
+  if (sees_all || rows_finite<S>(rows, count, D)) return add_lanes_times_rows<S>(acc_t, D, count, wt, rows);
+  for (int r = 0; r < block_rows; ++r)
+    for (int j = std::max(keys.lo[r], j0); j < std::min(keys.hi[r], j0 + count); ++j)
+      for (int d = 0; d < D; ++d) acc_t[d * kBlockRows + r] += wt[(j - j0) * kBlockRows + r] * rows[j - j0][d];
+}
+// outs[jj][d] += wt[jj][r] * row_ptrs[r][d] over the visible pairs (dV, dK); finite_rows: whether
+// row_ptrs[0, block_rows) are.
+template <class S, typename T = typename S::Scalar>
+CUFLASH_CPU_INLINE void add_visible_rows_times_lanes(T* const* outs, int D, int count, const T* wt, int block_rows,
+                                                     const T* const* row_ptrs, bool finite_rows,
+                                                     const BlockKeys& keys, int j0, bool sees_all) {
+  if (sees_all || finite_rows) return add_rows_times_lanes<S>(outs, D, count, wt, block_rows, row_ptrs);
+  for (int jj = 0; jj < count; ++jj)
+    for (int r = 0; r < block_rows; ++r)
+      if (keys.lo[r] <= j0 + jj && j0 + jj < keys.hi[r])
+        for (int d = 0; d < D; ++d) outs[jj][d] += wt[jj * kBlockRows + r] * row_ptrs[r][d];
+}
+
+// Query rows [block * kBlockRows, ...) of (b, h): the online softmax of the block's rows over
+// the key tiles their visible keys fall in, the rows as lanes, O^T accumulated in w.acc.
+template <class S, typename T = typename S::Scalar>
+CUFLASH_CPU_INLINE void fwd_block_impl(const FlashFwdParams& p, int b, int h, int block, CpuScratch<T>& w) {
+  using V = typename S::V;
+  constexpr int R = S::kRowVecs, L = S::kLanes;
+  const AttentionShape& sh = p.shape;
+  const int D = sh.head_dim, hk = h / (sh.heads_q / sh.heads_kv);
+  const Sequence s = sequence_of(p, b);
+  const int i0 = block * kBlockRows, rows = std::min(kBlockRows, s.seqlen_q - i0);
+  if (rows <= 0) return;
+  const T inf = std::numeric_limits<T>::infinity();
+  const ExactScore<T> score(p, b, h);
+  const bool plain = !(score.softcap > T(0)) && !score.alibi && !score.mask.data;
+  const bool dropout = p.dropout.p > 0.0;
+  const DropoutRng rng = dropout ? make_dropout_rng(p.dropout) : DropoutRng{};
+  const T keep_scale = T(1) / (T(1) - static_cast<T>(p.dropout.p));
+  BlockKeys keys;
+  keys.begin = s.seqlen_k, keys.end = 0;
+  for (int r = 0; r < kBlockRows; ++r) {
+    const Range k = r < rows ? visible_keys(p.mask, s, i0 + r, i0 + r + 1) : Range{0, 0};
+    keys.lo[r] = k.begin, keys.hi[r] = k.end;
+    if (k.begin < k.end) keys.begin = std::min(keys.begin, k.begin), keys.end = std::max(keys.end, k.end);
+    if (r < rows) w.q_rows[r] = row_at<const T>(p.q, p.q_strides, s, true, b, h, i0 + r);
+  }
+  pack_block(w.q_rows.data(), rows, D, w.qt.data());
+  T* out_t = w.acc.data();  // O^T [D][kBlockRows]
+  std::fill(w.acc.begin(), w.acc.end(), T(0));
+  V row_max[R], row_sum[R];
+  for (int v = 0; v < R; ++v) row_max[v] = broadcast<S>(-inf), row_sum[v] = V{};
+  T* st = w.scores.data();
+  T unused;
+  for (int j0 = keys.begin; j0 < keys.end; j0 += kKeys) {
+    const int count = std::min(kKeys, keys.end - j0);
+    for (int jj = 0; jj < count; ++jj) {
+      w.k_rows[jj] = key_row_at<const T>(p, p.k, p.k_strides, s, b, hk, j0 + jj);
+      w.v_rows[jj] = key_row_at<const T>(p, p.v, p.v_strides, s, b, hk, j0 + jj);
+    }
+    row_lanes_dot<S>(w.qt.data(), w.k_rows.data(), count, D, w.zeros.data(), st);
+    if (plain) {
+      for (int i = 0; i < count * kBlockRows; ++i) st[i] *= score.scale;
+    } else {
+      for (int jj = 0; jj < count; ++jj)
+        for (int r = 0; r < rows; ++r)
+          st[jj * kBlockRows + r] = score(s, st[jj * kBlockRows + r], i0 + r, j0 + jj, &unused);
+    }
+    const bool sees_all = keys.sees_all(rows, j0, count);
+    if (!sees_all) hide_lanes(keys, j0, count, -inf, st);
+    // The online softmax, a lane a row: the tile's maximum (a NaN score is not one: it reaches
+    // the sum), O^T and the sums rescaled, the tile's probabilities in place of its scores.
+    for (int v = 0; v < R; ++v) {
+      V tile_max = row_max[v];
+      for (int jj = 0; jj < count; ++jj) {
+        const V x = load<S>(st + jj * kBlockRows + v * L);
+        tile_max = x > tile_max ? x : tile_max;
+      }
+      const V base = tile_max == -inf ? V{} : tile_max;
+      const V alpha = softmax_exp<S>(row_max[v] - base);
+      row_max[v] = tile_max;
+      V sum{};
+      for (int jj = 0; jj < count; ++jj) {
+        const V prob = softmax_exp<S>(load<S>(st + jj * kBlockRows + v * L) - base);
+        store<S>(st + jj * kBlockRows + v * L, prob);
+        sum += prob;  // the softmax's denominator counts dropped probabilities too
+      }
+      row_sum[v] = row_sum[v] * alpha + sum;
+      for (int d = 0; d < D; ++d) store<S>(out_t + d * kBlockRows + v * L, load<S>(out_t + d * kBlockRows + v * L) * alpha);
+    }
+    if (dropout) {  // after the sums: the dropped probabilities count there
+      for (int r = 0; r < rows; ++r)
+        for (int j = std::max(keys.lo[r], j0); j < std::min(keys.hi[r], j0 + count); ++j) {
+          T& prob = st[(j - j0) * kBlockRows + r];
+          prob = rng.keep(b, h, sh.heads_q, i0 + r, j) ? prob * keep_scale : T(0);
+        }
+    }
+    add_visible_lanes_times_rows<S>(out_t, D, count, st, w.v_rows.data(), keys, rows, j0, sees_all);
+  }
+  T maxes[kBlockRows], sums[kBlockRows];
+  for (int v = 0; v < R; ++v) store<S>(maxes + v * L, row_max[v]), store<S>(sums + v * L, row_sum[v]);
+  T* lse = static_cast<T*>(p.lse) + stats_offset(p.stats_strides, s, b, h);
+  for (int r = 0; r < rows; ++r) {
+    const bool seen = sums[r] != T(0);  // NaN scores give a NaN sum: it propagates
+    const T inv = seen ? T(1) / sums[r] : T(0);
+    T* out = row_at<T>(p.out, p.out_strides, s, true, b, h, i0 + r);
+    for (int d = 0; d < D; ++d) out[d] = out_t[d * kBlockRows + r] * inv;
+    lse[i0 + r] = seen ? maxes[r] + std::log(sums[r]) : -inf;
+  }
+}
+
+// The backward of key head hk of batch b: for each query head of its group and block of rows,
+// the tiles of the keys the rows see: P and dS a lane a row, then dV and dK of each key summed
+// over the rows that see it (in place, dK scaled last), dQ^T of the block over its keys.
+template <class S, typename T = typename S::Scalar>
+CUFLASH_CPU_INLINE void bwd_head_impl(const FlashBwdParams& p, int b, int hk, CpuScratch<T>& w) {
+  constexpr int R = S::kRowVecs, L = S::kLanes;
   const AttentionShape& sh = p.shape;
   const int D = sh.head_dim, group = sh.heads_q / sh.heads_kv;
   const T scale = static_cast<T>(p.scale), inf = std::numeric_limits<T>::infinity();
   const bool dropout = p.dropout.p > 0.0;
   const DropoutRng rng = dropout ? make_dropout_rng(p.dropout) : DropoutRng{};
   const T keep_scale = T(1) / (T(1) - static_cast<T>(p.dropout.p));
-  std::vector<T> dq(D);
-  for (int64_t bhk = bhk_begin; bhk < bhk_end; ++bhk) {
-    const int b = static_cast<int>(bhk / sh.heads_kv), hk = static_cast<int>(bhk % sh.heads_kv);
-    const Sequence s = sequence_of(p, b);
-    for (int j = 0; j < s.seqlen_k; ++j) {
-      std::fill_n(row_at<T>(p.dk, p.dk_strides, s, false, b, hk, j), D, T(0));
-      std::fill_n(row_at<T>(p.dv, p.dv_strides, s, false, b, hk, j), D, T(0));
-    }
-    // dk and dv of a key/value head sum over the query heads of its group.
-    for (int h = hk * group; h < (hk + 1) * group; ++h) {
-      const ExactScore<T> score(p, b, h);
-      const int64_t stats = stats_offset(p.stats_strides, s, b, h);
-      const T* lse = static_cast<const T*>(p.lse) + stats;
-      const T* dlse = p.dlse ? static_cast<const T*>(p.dlse) + stats : nullptr;
-      for (int i = 0; i < s.seqlen_q; ++i) {
-        std::fill(dq.begin(), dq.end(), T(0));
-        const T* q = row_at<const T>(p.q, p.q_strides, s, true, b, h, i);
-        const T* dout = row_at<const T>(p.dout, p.dout_strides, s, true, b, h, i);
-        // A row that saw no key (lse = -inf) has output 0 and contributes nothing.
-        const Range keys = lse[i] == -inf ? Range{0, 0} : visible_keys(p.mask, s, i, i + 1);
-        const T delta = dot(dout, row_at<const T>(p.out, p.out_strides, s, true, b, h, i), D) - (dlse ? dlse[i] : T(0));
-        T* dscores = p.dscores ? static_cast<T*>(p.dscores) + dscores_offset(sh, b, h, i) : nullptr;
-        for (int j = keys.begin; j < keys.end; ++j) {
-          const T* k = row_at<const T>(p.k, p.k_strides, s, false, b, hk, j);
-          const T* v = row_at<const T>(p.v, p.v_strides, s, false, b, hk, j);
-          T capped = 0;
-          const T prob = std::exp(score(s, dot(q, k, D), i, j, &capped) - lse[i]);
-          // With dropout, out = sum_j prob * z * v with z = keep / (1 - p): dv gets prob * z, and
-          // the gradient reaching prob is z * (dout . v).
-          const T z = !dropout ? T(1) : rng.keep(b, h, sh.heads_q, i, j) ? keep_scale : T(0);
-          T ds = prob * (z * dot(dout, v, D) - delta);
-          if (dscores) dscores[j] = ds;
-          if (p.score.softcap > 0.0) ds *= T(1) - capped * capped;
-          axpy(prob * z, dout, row_at<T>(p.dv, p.dv_strides, s, false, b, hk, j), D);
-          axpy(ds * scale, q, row_at<T>(p.dk, p.dk_strides, s, false, b, hk, j), D);
-          axpy(ds, k, dq.data(), D);
+  const Sequence s = sequence_of(p, b);
+  for (int j = 0; j < s.seqlen_k; ++j) {
+    std::fill_n(row_at<T>(p.dk, p.dk_strides, s, false, b, hk, j), D, T(0));
+    std::fill_n(row_at<T>(p.dv, p.dv_strides, s, false, b, hk, j), D, T(0));
+  }
+  T* st = w.scores.data();
+  T* dpt = w.dp.data();
+  T* capped = w.capped.data();
+  T* dq_t = w.acc.data();  // dQ^T of a block [D][kBlockRows]
+  for (int h = hk * group; h < (hk + 1) * group; ++h) {
+    const ExactScore<T> score(p, b, h);
+    const bool plain = !(score.softcap > T(0)) && !score.alibi && !score.mask.data;
+    const int64_t stats = stats_offset(p.stats_strides, s, b, h);
+    const T* lse = static_cast<const T*>(p.lse) + stats;
+    const T* dlse = p.dlse ? static_cast<const T*>(p.dlse) + stats : nullptr;
+    for (int i0 = 0; i0 < s.seqlen_q; i0 += kBlockRows) {
+      const int rows = std::min(kBlockRows, s.seqlen_q - i0);
+      BlockKeys keys;
+      keys.begin = s.seqlen_k, keys.end = 0;
+      T row_lse[kBlockRows], row_delta[kBlockRows];
+      for (int r = 0; r < kBlockRows; ++r) {
+        row_lse[r] = T(0);
+        keys.lo[r] = keys.hi[r] = 0;
+        if (r >= rows) continue;
+        const int i = i0 + r;
+        w.q_rows[r] = row_at<const T>(p.q, p.q_strides, s, true, b, h, i);
+        w.do_rows[r] = row_at<const T>(p.dout, p.dout_strides, s, true, b, h, i);
+        w.o_rows[r] = row_at<const T>(p.out, p.out_strides, s, true, b, h, i);
+        // A row that saw no key (lse -inf) has output 0 and contributes nothing.
+        if (lse[i] == -inf) continue;
+        row_lse[r] = lse[i];
+        const Range k = visible_keys(p.mask, s, i, i + 1);
+        keys.lo[r] = k.begin, keys.hi[r] = k.end;
+        if (k.begin < k.end) keys.begin = std::min(keys.begin, k.begin), keys.end = std::max(keys.end, k.end);
+      }
+      std::fill(w.acc.begin(), w.acc.end(), T(0));
+      if (keys.begin < keys.end) {
+        pack_block(w.q_rows.data(), rows, D, w.qt.data());
+        pack_block(w.do_rows.data(), rows, D, w.dot.data());
+        pack_block(w.o_rows.data(), rows, D, w.ot.data());
+        row_lanes_diagonal<S>(w.dot.data(), w.ot.data(), D, row_delta);  // delta = dO . O - dlse
+        if (dlse)
+          for (int r = 0; r < rows; ++r) row_delta[r] -= dlse[i0 + r];
+      }
+      const bool q_finite = rows_finite<S>(w.q_rows.data(), rows, D);
+      const bool do_finite = rows_finite<S>(w.do_rows.data(), rows, D);
+      for (int j0 = keys.begin; j0 < keys.end; j0 += kKeys) {
+        const int count = std::min(kKeys, keys.end - j0);
+        for (int jj = 0; jj < count; ++jj) {
+          w.k_rows[jj] = key_row_at<const T>(p, p.k, p.k_strides, s, b, hk, j0 + jj);
+          w.v_rows[jj] = key_row_at<const T>(p, p.v, p.v_strides, s, b, hk, j0 + jj);
+          w.dk_rows[jj] = row_at<T>(p.dk, p.dk_strides, s, false, b, hk, j0 + jj);
+          w.dv_rows[jj] = row_at<T>(p.dv, p.dv_strides, s, false, b, hk, j0 + jj);
         }
-        T* dq_out = row_at<T>(p.dq, p.dq_strides, s, true, b, h, i);
-        for (int d = 0; d < D; ++d) dq_out[d] = dq[d] * scale;
+        row_lanes_dot<S>(w.qt.data(), w.k_rows.data(), count, D, w.zeros.data(), st);
+        row_lanes_dot<S>(w.dot.data(), w.v_rows.data(), count, D, w.zeros.data(), dpt);
+        // P^T from the scores and the rows' lse, in place of the scores.
+        if (plain) {
+          for (int i = 0; i < count * kBlockRows; ++i) st[i] *= scale;
+        } else {
+          for (int jj = 0; jj < count; ++jj)
+            for (int r = 0; r < rows; ++r) {
+              T& x = st[jj * kBlockRows + r];
+              x = score(s, x, i0 + r, j0 + jj, &capped[jj * kBlockRows + r]);
+            }
+        }
+        for (int jj = 0; jj < count; ++jj)
+          for (int v = 0; v < R; ++v) {
+            T* x = st + jj * kBlockRows + v * L;
+            store<S>(x, softmax_exp<S>(load<S>(x) - load<S>(row_lse + v * L)));
+          }
+        const bool sees_all = keys.sees_all(rows, j0, count);
+        if (!sees_all) hide_lanes(keys, j0, count, T(0), st);
+        // dS^T = P (z dP - delta) in place of dP, where z = keep / (1 - p) with dropout (out = sum_j
+        // P z v: dV takes P z, and the gradient reaching P is z (dO . v)); P z in place of P.
+        if (!dropout) {
+          for (int jj = 0; jj < count; ++jj)
+            for (int r = 0; r < kBlockRows; ++r)
+              dpt[jj * kBlockRows + r] = st[jj * kBlockRows + r] * (dpt[jj * kBlockRows + r] - row_delta[r]);
+        } else {
+          for (int jj = 0; jj < count; ++jj)
+            for (int r = 0; r < kBlockRows; ++r) {
+              const int at = jj * kBlockRows + r;
+              const T z = r < rows && rng.keep(b, h, sh.heads_q, i0 + r, j0 + jj) ? keep_scale : T(0);
+              dpt[at] = st[at] * (z * dpt[at] - row_delta[r]);
+              st[at] *= z;
+            }
+        }
+        if (!sees_all) hide_lanes(keys, j0, count, T(0), dpt);  // 0 x a hidden key's NaN
+        if (p.dscores)
+          for (int r = 0; r < rows; ++r) {
+            T* dscores = static_cast<T*>(p.dscores) + dscores_offset(sh, b, h, i0 + r);
+            const int lo = std::max(keys.lo[r], j0), hi = std::min(keys.hi[r], j0 + count);
+            for (int j = lo; j < hi; ++j) dscores[j] = dpt[(j - j0) * kBlockRows + r];
+          }
+        if (!plain && score.softcap > T(0))
+          for (int i = 0; i < count * kBlockRows; ++i) dpt[i] *= T(1) - capped[i] * capped[i];
+        // dV and dK of each key over the block's rows; dQ^T of the rows over the tile's keys.
+        add_visible_rows_times_lanes<S>(w.dv_rows.data(), D, count, st, rows, w.do_rows.data(), do_finite, keys, j0,
+                                        sees_all);
+        add_visible_rows_times_lanes<S>(w.dk_rows.data(), D, count, dpt, rows, w.q_rows.data(), q_finite, keys, j0,
+                                        sees_all);
+        add_visible_lanes_times_rows<S>(dq_t, D, count, dpt, w.k_rows.data(), keys, rows, j0, sees_all);
+      }
+      for (int r = 0; r < rows; ++r) {
+        T* dq = row_at<T>(p.dq, p.dq_strides, s, true, b, h, i0 + r);
+        for (int d = 0; d < D; ++d) dq[d] = dq_t[d * kBlockRows + r] * scale;
       }
     }
   }
+  for (int j = 0; j < s.seqlen_k; ++j) {
+    T* dk = row_at<T>(p.dk, p.dk_strides, s, false, b, hk, j);
+    for (int d = 0; d < D; ++d) dk[d] *= scale;
+  }
+}
+
+// The entry points, one a vector width, and the widest the CPU has (and CUFLASH_CPU_ISA allows).
+// Each width is an instantiation of its own under its target attribute: the vector types are
+// the target's registers, and nothing compiled for a wider target runs on a CPU without it.
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
+#define CUFLASH_CPU_WIDE_ISAS 1
+template <typename T>
+__attribute__((target("arch=x86-64-v4"))) void fwd_block_avx512(const FlashFwdParams& p, int b, int h, int block,
+                                                                  CpuScratch<T>& w) {
+  fwd_block_impl<Simd<T, 64>>(p, b, h, block, w);
+}
+template <typename T>
+__attribute__((target("arch=x86-64-v3"))) void fwd_block_avx2(const FlashFwdParams& p, int b, int h, int block,
+                                                                CpuScratch<T>& w) {
+  fwd_block_impl<Simd<T, 32>>(p, b, h, block, w);
+}
+template <typename T>
+__attribute__((target("arch=x86-64-v4"))) void bwd_head_avx512(const FlashBwdParams& p, int b, int hk,
+                                                                 CpuScratch<T>& w) {
+  bwd_head_impl<Simd<T, 64>>(p, b, hk, w);
+}
+template <typename T>
+__attribute__((target("arch=x86-64-v3"))) void bwd_head_avx2(const FlashBwdParams& p, int b, int hk,
+                                                               CpuScratch<T>& w) {
+  bwd_head_impl<Simd<T, 32>>(p, b, hk, w);
+}
+#endif
+
+CpuIsa cpu_isa() {
+#ifdef CUFLASH_CPU_WIDE_ISAS
+  static const CpuIsa best = [] {
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("x86-64-v4")   ? CpuIsa::kAvx512
+           : __builtin_cpu_supports("x86-64-v3") ? CpuIsa::kAvx2
+                                                 : CpuIsa::kBase;
+  }();
+  return std::min(best, cpu_isa_switch());
+#else
+  return CpuIsa::kBase;
+#endif
+}
+
+template <typename T>
+void fwd_block(CpuIsa isa, const FlashFwdParams& p, int b, int h, int block, CpuScratch<T>& w) {
+#ifdef CUFLASH_CPU_WIDE_ISAS
+  if (isa == CpuIsa::kAvx512) return fwd_block_avx512<T>(p, b, h, block, w);
+  if (isa == CpuIsa::kAvx2) return fwd_block_avx2<T>(p, b, h, block, w);
+#endif
+  (void)isa;
+  fwd_block_impl<Simd<T, 16>>(p, b, h, block, w);
+}
+template <typename T>
+void bwd_head(CpuIsa isa, const FlashBwdParams& p, int b, int hk, CpuScratch<T>& w) {
+#ifdef CUFLASH_CPU_WIDE_ISAS
+  if (isa == CpuIsa::kAvx512) return bwd_head_avx512<T>(p, b, hk, w);
+  if (isa == CpuIsa::kAvx2) return bwd_head_avx2<T>(p, b, hk, w);
+#endif
+  (void)isa;
+  bwd_head_impl<Simd<T, 16>>(p, b, hk, w);
+}
+
+int fwd_query_blocks(const FlashFwdParams& p) { return (p.shape.seqlen_q + kBlockRows - 1) / kBlockRows; }
+
+}  // namespace
+
+int64_t flash_fwd_cpu_items(const FlashFwdParams& p) {
+  return int64_t{p.shape.batch} * p.shape.heads_q * fwd_query_blocks(p);
+}
+
+template <typename T>
+void flash_fwd_cpu(const FlashFwdParams& p, int64_t item_begin, int64_t item_end) {
+  CpuScratch<T> w(p.shape.head_dim);
+  const CpuIsa isa = cpu_isa();
+  const int blocks = fwd_query_blocks(p);
+  for (int64_t item = item_begin; item < item_end; ++item) {
+    const int64_t bh = item / blocks;
+    fwd_block(isa, p, static_cast<int>(bh / p.shape.heads_q), static_cast<int>(bh % p.shape.heads_q),
+              static_cast<int>(item % blocks), w);
+  }
+}
+
+template <typename T>
+void flash_bwd_cpu(const FlashBwdParams& p, int64_t bhk_begin, int64_t bhk_end) {
+  CpuScratch<T> w(p.shape.head_dim);
+  const CpuIsa isa = cpu_isa();
+  for (int64_t bhk = bhk_begin; bhk < bhk_end; ++bhk)
+    bwd_head(isa, p, static_cast<int>(bhk / p.shape.heads_kv), static_cast<int>(bhk % p.shape.heads_kv), w);
 }
 
 void dropout_keep_mask_cpu(const DropoutParams& d, int batch, int heads, int seqlen_q, int seqlen_k, bool* keep) {

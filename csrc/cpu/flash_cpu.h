@@ -1,16 +1,19 @@
 // CPU attention: the same tiled online-softmax algorithm as the CUDA kernels, in T = float or
 // double (float16/bfloat16 inputs are computed in float by the caller), with every feature of
 // the params (attention_math.h holds the per-element rules). The callers split the work over
-// threads by ranges of independent (batch, head) pairs.
+// threads by ranges of independent items: blocks of query rows (forward), (batch, key head)
+// pairs (backward).
 #pragma once
 #include <cstdint>
 #include "../flash_params.h"
 
 namespace cuflash {
 
-// Handles the (batch, query head) pairs [bh_begin, bh_end), bh = b * heads_q + h.
+// The forward's independent work items: blocks of query rows of each (batch, query head).
+int64_t flash_fwd_cpu_items(const FlashFwdParams& p);
+// Handles the work items [item_begin, item_end) of flash_fwd_cpu_items(p).
 template <typename T>
-void flash_fwd_cpu(const FlashFwdParams& p, int64_t bh_begin, int64_t bh_end);
+void flash_fwd_cpu(const FlashFwdParams& p, int64_t item_begin, int64_t item_end);
 
 // Handles the (batch, key/value head) pairs [bhk_begin, bhk_end), bhk = b * heads_kv + hk: dq
 // of every query head of the group, and dk, dv summed over the group. p.delta is not used.

@@ -64,6 +64,9 @@
 //                   head's queries would leave its query tiles mostly empty (decoding steps of
 //                   a few tokens); "1": always, and on the CPU (tests); "0": never (tests and
 //                   benchmarks)
+//   CUFLASH_CPU_ISA the CPU kernels' vector instructions (cpu/flash_cpu.cpp, x86-64 GCC builds):
+//                   unset or "", the widest the CPU has; "avx512", "avx2" or "base" (SSE2):
+//                   at most that one (tests run each on one machine; benchmarks)
 #pragma once
 #include <cstdlib>
 #include <cstring>
@@ -147,6 +150,13 @@ inline PackGqaSwitch pack_gqa_switch() {
                                            : PackGqaSwitch::kDefault;
 }
 
+enum class CpuIsa { kBase, kAvx2, kAvx512 };  // in order: each has the ones before it
+inline CpuIsa cpu_isa_switch() {
+  return env_is("CUFLASH_CPU_ISA", "base")   ? CpuIsa::kBase
+         : env_is("CUFLASH_CPU_ISA", "avx2") ? CpuIsa::kAvx2
+                                             : CpuIsa::kAvx512;
+}
+
 // The message for a switch set to something it does not name, or "" if all are valid.
 inline std::string run_switch_error() {
   Sm90Switch unused;
@@ -166,7 +176,9 @@ inline std::string run_switch_error() {
                          OneOf{"CUFLASH_FP32", {"exact", "3xtf32", "wgmma"},
                                "unset, empty, \"exact\", \"3xtf32\" or \"wgmma\""},
                          OneOf{"CUFLASH_DEBUG", {"0", "1"}, "unset, empty, \"0\" or \"1\""},
-                         OneOf{"CUFLASH_PACK_GQA", {"0", "1"}, "unset, empty, \"0\" or \"1\""}}) {
+                         OneOf{"CUFLASH_PACK_GQA", {"0", "1"}, "unset, empty, \"0\" or \"1\""},
+                         OneOf{"CUFLASH_CPU_ISA", {"avx512", "avx2", "base"},
+                               "unset, empty, \"avx512\", \"avx2\" or \"base\""}}) {
     const char* set = std::getenv(v.name);
     if (set == nullptr || *set == '\0') continue;
     bool named = false;

@@ -1,0 +1,83 @@
+#!/usr/bin/env python3
+"""Speed of the CPU kernels (csrc/cpu/flash_cpu.cpp) against torch's CPU scaled_dot_product_attention,
+forward and forward + backward, in one process.
+
+    python3 benchmarks/bench_cpu.py [--dtypes fp32,bf16] [--isas avx512,avx2,base] [--threads N]
+                                    [--shapes "1,8,1024,64;1,8,2048,128;2,16,512,64"]
+
+Each shape (batch, heads, seqlen, head_dim) runs causal and not; ours under each CUFLASH_CPU_ISA
+value of --isas (those above what the CPU has run its best), torch's under its own dispatch. The
+figure is the fastest of --repeats calls (the CPU's timings are steady; the fastest is the one
+least disturbed), in ms; the ratio is torch's time over ours (above 1: ours is faster)."""
+import argparse
+import os
+import time
+
+import torch
+import torch.nn.functional as F
+
+import cuflash_attn
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "fp64": torch.float64}
+
+
+def fastest_ms(step, repeats):
+    step()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - start)
+    return 1e3 * min(times)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--dtypes", default="fp32,bf16")
+    p.add_argument("--isas", default="avx512,avx2,base", help="CUFLASH_CPU_ISA values for ours")
+    p.add_argument("--shapes", default="1,8,1024,64;1,8,2048,128;2,16,512,64;1,4,4096,64")
+    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
+    p.add_argument("--repeats", type=int, default=5)
+    args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    isas = args.isas.split(",")
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, torch's CPU capability "
+          f"{torch.backends.cpu.get_cpu_capability()}\n")
+    header = ["dtype", "shape", "causal"] + [f"ours {i} fwd / fwd+bwd ms" for i in isas]
+    header += ["torch fwd / fwd+bwd ms", f"torch / ours {isas[0]} fwd", f"torch / ours {isas[0]} fwd+bwd"]
+    print("| " + " | ".join(header) + " |\n|" + "---|" * len(header))
+    torch.manual_seed(0)
+    for dtype_name in args.dtypes.split(","):
+        dtype = DTYPES[dtype_name]
+        for shape in args.shapes.split(";"):
+            b, h, n, d = (int(x) for x in shape.split(","))
+            for causal in (False, True):
+                q, k, v = (torch.randn(b, h, n, d, dtype=dtype, requires_grad=True) for _ in range(3))
+                dout = torch.randn(b, h, n, d, dtype=dtype)
+                ours = lambda: cuflash_attn.flash_attention(q, k, v, causal=causal)  # noqa: E731
+                theirs = lambda: F.scaled_dot_product_attention(q, k, v, is_causal=causal)  # noqa: E731
+
+                def both(f):
+                    def step():
+                        torch.autograd.grad(f(), (q, k, v), dout)
+                    return step
+
+                cells, first = [], None
+                for isa in isas:
+                    os.environ["CUFLASH_CPU_ISA"] = isa
+                    with torch.no_grad():
+                        fwd = fastest_ms(ours, args.repeats)
+                    fwdbwd = fastest_ms(both(ours), max(2, args.repeats // 2))
+                    first = first or (fwd, fwdbwd)
+                    cells.append(f"{fwd:.1f} / {fwdbwd:.1f}")
+                os.environ.pop("CUFLASH_CPU_ISA", None)
+                with torch.no_grad():
+                    t_fwd = fastest_ms(theirs, args.repeats)
+                t_fwdbwd = fastest_ms(both(theirs), max(2, args.repeats // 2))
+                cells += [f"{t_fwd:.1f} / {t_fwdbwd:.1f}", f"{t_fwd / first[0]:.2f}x", f"{t_fwdbwd / first[1]:.2f}x"]
+                print(f"| {dtype_name} | {shape} | {'yes' if causal else 'no'} | " + " | ".join(cells) + " |", flush=True)
+
+
+if __name__ == "__main__":
+    main()

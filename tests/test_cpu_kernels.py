@@ -1,0 +1,39 @@
+"""The CPU kernels' three vector widths (csrc/cpu/flash_cpu.cpp: AVX-512, AVX2 and the baseline's
+SSE2, CUFLASH_CPU_ISA), each on the checks that reach its code paths: tiles that every row sees
+and tiles that a mask cuts (the lanes a mask hides), head dims that are not a multiple of the
+vector (the scalar tails), the features' scores, packed sequences, a float mask's gradient, and a
+NaN that only some rows see (the one-pair-at-a-time path). A width the CPU does not have runs its
+best one instead, so on a CPU without AVX-512 the "avx512" cases repeat the "avx2" ones."""
+import pytest
+import torch
+
+import test_edge_cases
+from test_features import check_dense, check_varlen
+
+ISAS = ["base", "avx2", "avx512"]
+
+
+@pytest.fixture(params=ISAS)
+def isa(request, monkeypatch):
+    monkeypatch.setenv("CUFLASH_CPU_ISA", request.param)  # read at every call
+    return request.param
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=["fp32", "fp64", "bf16"])
+@pytest.mark.parametrize("d", [8, 59, 64, 136])
+def test_plain_and_masked(isa, dtype, d):
+    check_dense("cpu", dtype, 2, 2, 1, 70, 150, d)  # tiles every row sees; a partial last tile
+    check_dense("cpu", dtype, 1, 4, 2, 100, 77, d, causal=True, bottom_right=True, window=(33, 5))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
+def test_features(isa, dtype):
+    check_dense("cpu", dtype, 2, 4, 2, 97, 130, 40, causal=True, window=(50, -1), softcap=20.0, alibi="batch",
+                dropout_p=0.15)
+    check_dense("cpu", dtype, 1, 2, 2, 45, 99, 64, attn_mask=("float", "B1LS"))
+    check_varlen("cpu", dtype, [70, 0, 129], [90, 12, 64], 4, 1, 48, causal=True, bottom_right=True)
+
+
+@pytest.mark.parametrize("where", ["q", "k", "v"])
+def test_nan_reaches_affected_rows_only(isa, where):
+    test_edge_cases.test_nan_propagates_to_affected_rows_only("cpu", "flash_attention", torch.float32, where)
