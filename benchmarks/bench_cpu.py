@@ -76,7 +76,8 @@ def main(argv=None):
                     t_fwd = fastest_ms(theirs, args.repeats)
                 t_fwdbwd = fastest_ms(both(theirs), max(2, args.repeats // 2))
                 cells += [f"{t_fwd:.1f} / {t_fwdbwd:.1f}", f"{t_fwd / first[0]:.2f}x", f"{t_fwdbwd / first[1]:.2f}x"]
-                print(f"| {dtype_name} | {shape} | {'yes' if causal else 'no'} | " + " | ".join(cells) + " |", flush=True)
+                row = [dtype_name, shape, "yes" if causal else "no"] + cells
+                print("| " + " | ".join(row) + " |", flush=True)
 
 
 if __name__ == "__main__":

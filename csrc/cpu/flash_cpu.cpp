@@ -111,8 +111,8 @@ CUFLASH_CPU_INLINE typename S::V softmax_exp(const typename S::V& x) {
 // accumulators are in flight (a multiply-add's latency is about four of its issue slots). The
 // keys past count read `zeros`.
 template <class S, typename T = typename S::Scalar>
-CUFLASH_CPU_INLINE void row_lanes_dot(const T* __restrict xt, const T* const* keys, int count, int D,
-                                      const T* zeros, T* __restrict out) {
+CUFLASH_CPU_INLINE void row_lanes_dot(const T* __restrict xt, const T* const* keys, int count, int D, const T* zeros,
+                                      T* __restrict out) {
   using V = typename S::V;
   constexpr int R = S::kRowVecs, kAtOnce = R >= 8 ? 1 : 8 / R;
   for (int jj = 0; jj < count; jj += kAtOnce) {
@@ -154,7 +154,7 @@ CUFLASH_CPU_INLINE void row_lanes_diagonal(const T* __restrict xt, const T* __re
   for (int v = 0; v < R; ++v) store<S>(out + v * S::kLanes, acc[v]);
 }
 
-// Rows [first, first + count) of a block, transposed into xt[d * kBlockRows + r]; rows past count 0.
+// rows[0, count), a block's rows, transposed into xt[d * kBlockRows + r]; the rows past count 0.
 template <typename T>
 CUFLASH_CPU_INLINE void pack_block(const T* const* rows, int count, int D, T* __restrict xt) {
   for (int r = 0; r < kBlockRows; ++r)
@@ -168,11 +168,21 @@ struct CpuScratch {
   std::vector<const T*> k_rows, v_rows, q_rows, do_rows, o_rows;
   std::vector<T*> dk_rows, dv_rows;
   explicit CpuScratch(int D)
-      : qt(static_cast<size_t>(D) * kBlockRows), dot(qt.size()), ot(qt.size()), scores(kKeys * kBlockRows),
+      : qt(static_cast<size_t>(D) * kBlockRows),
+        dot(qt.size()),
+        ot(qt.size()),
+        scores(kKeys * kBlockRows),
         dp(scores.size()),
-        capped(scores.size()), acc(static_cast<size_t>(kBlockRows) * D), zeros(D),
-        k_rows(kKeys), v_rows(kKeys), q_rows(kBlockRows), do_rows(kBlockRows), o_rows(kBlockRows),
-        dk_rows(kKeys), dv_rows(kKeys) {}
+        capped(scores.size()),
+        acc(static_cast<size_t>(kBlockRows) * D),
+        zeros(D),
+        k_rows(kKeys),
+        v_rows(kKeys),
+        q_rows(kBlockRows),
+        do_rows(kBlockRows),
+        o_rows(kBlockRows),
+        dk_rows(kKeys),
+        dv_rows(kKeys) {}
 };
 
 // A block's rows' visible keys [lo[r], hi[r]) (rows past the block: none) and their union.
@@ -311,8 +321,8 @@ CUFLASH_CPU_INLINE void add_visible_lanes_times_rows(T* acc_t, int D, int count,
 // row_ptrs[0, block_rows) are.
 template <class S, typename T = typename S::Scalar>
 CUFLASH_CPU_INLINE void add_visible_rows_times_lanes(T* const* outs, int D, int count, const T* wt, int block_rows,
-                                                     const T* const* row_ptrs, bool finite_rows,
-                                                     const BlockKeys& keys, int j0, bool sees_all) {
+                                                     const T* const* row_ptrs, bool finite_rows, const BlockKeys& keys,
+                                                     int j0, bool sees_all) {
   if (sees_all || finite_rows) return add_rows_times_lanes<S>(outs, D, count, wt, block_rows, row_ptrs);
   for (int jj = 0; jj < count; ++jj)
     for (int r = 0; r < block_rows; ++r)
@@ -386,7 +396,8 @@ CUFLASH_CPU_INLINE void fwd_block_impl(const FlashFwdParams& p, int b, int h, in
         sum += prob;  // the softmax's denominator counts dropped probabilities too
       }
       row_sum[v] = row_sum[v] * alpha + sum;
-      for (int d = 0; d < D; ++d) store<S>(out_t + d * kBlockRows + v * L, load<S>(out_t + d * kBlockRows + v * L) * alpha);
+      for (int d = 0; d < D; ++d)
+        store<S>(out_t + d * kBlockRows + v * L, load<S>(out_t + d * kBlockRows + v * L) * alpha);
     }
     if (dropout) {  // after the sums: the dropped probabilities count there
       for (int r = 0; r < rows; ++r)
@@ -544,22 +555,21 @@ CUFLASH_CPU_INLINE void bwd_head_impl(const FlashBwdParams& p, int b, int hk, Cp
 #define CUFLASH_CPU_WIDE_ISAS 1
 template <typename T>
 __attribute__((target("arch=x86-64-v4"))) void fwd_block_avx512(const FlashFwdParams& p, int b, int h, int block,
-                                                                  CpuScratch<T>& w) {
+                                                                CpuScratch<T>& w) {
   fwd_block_impl<Simd<T, 64>>(p, b, h, block, w);
 }
 template <typename T>
 __attribute__((target("arch=x86-64-v3"))) void fwd_block_avx2(const FlashFwdParams& p, int b, int h, int block,
-                                                                CpuScratch<T>& w) {
+                                                              CpuScratch<T>& w) {
   fwd_block_impl<Simd<T, 32>>(p, b, h, block, w);
 }
 template <typename T>
 __attribute__((target("arch=x86-64-v4"))) void bwd_head_avx512(const FlashBwdParams& p, int b, int hk,
-                                                                 CpuScratch<T>& w) {
+                                                               CpuScratch<T>& w) {
   bwd_head_impl<Simd<T, 64>>(p, b, hk, w);
 }
 template <typename T>
-__attribute__((target("arch=x86-64-v3"))) void bwd_head_avx2(const FlashBwdParams& p, int b, int hk,
-                                                               CpuScratch<T>& w) {
+__attribute__((target("arch=x86-64-v3"))) void bwd_head_avx2(const FlashBwdParams& p, int b, int hk, CpuScratch<T>& w) {
   bwd_head_impl<Simd<T, 32>>(p, b, hk, w);
 }
 #endif
