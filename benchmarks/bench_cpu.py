@@ -4,11 +4,14 @@ forward and forward + backward, in one process.
 
     python3 benchmarks/bench_cpu.py [--dtypes fp32,bf16] [--isas avx512,avx2,base] [--threads N]
                                     [--shapes "1,8,1024,64;1,8,2048,128;2,16,512,64"]
+    python3 benchmarks/bench_cpu.py --decode [--shapes "1,32,8,1,4096,128;1,32,8,4,4096,128"]
 
 Each shape (batch, heads, seqlen, head_dim) runs causal and not; ours under each CUFLASH_CPU_ISA
 value of --isas (those above what the CPU has run its best), torch's under its own dispatch. The
 figure is the fastest of --repeats calls (the CPU's timings are steady; the fastest is the one
-least disturbed), in ms; the ratio is torch's time over ours (above 1: ours is faster)."""
+least disturbed), in ms; the ratio is torch's time over ours (above 1: ours is faster).
+--decode: the forward of a few query rows over a longer cache (shapes batch, heads_q, heads_kv,
+seqlen_q, seqlen_k, head_dim; no mask; GQA through torch's enable_gqa)."""
 import argparse
 import os
 import time
@@ -35,10 +38,13 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--dtypes", default="fp32,bf16")
     p.add_argument("--isas", default="avx512,avx2,base", help="CUFLASH_CPU_ISA values for ours")
-    p.add_argument("--shapes", default="1,8,1024,64;1,8,2048,128;2,16,512,64;1,4,4096,64")
+    p.add_argument("--shapes", default=ARGUMENT_DEFAULTS["shapes"])
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--decode", action="store_true", help="few query rows over a long cache, forward only")
     args = p.parse_args(argv)
+    if args.decode:
+        return decode(args)
     if args.threads:
         torch.set_num_threads(args.threads)
     isas = args.isas.split(",")
@@ -79,6 +85,36 @@ def main(argv=None):
                 row = [dtype_name, shape, "yes" if causal else "no"] + cells
                 print("| " + " | ".join(row) + " |", flush=True)
 
+
+DECODE_SHAPES = "1,32,32,1,4096,128;1,32,8,1,4096,128;4,32,8,1,2048,128;1,32,8,4,4096,128;1,32,8,16,4096,128"
+
+
+def decode(args):
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    shapes = DECODE_SHAPES if args.shapes == ARGUMENT_DEFAULTS["shapes"] else args.shapes
+    isas = args.isas.split(",")
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; forward, no mask\n")
+    header = ["dtype", "B,Hq,Hkv,Nq,Nk,D"] + [f"ours {i} ms" for i in isas] + ["torch ms", f"torch / ours {isas[0]}"]
+    print("| " + " | ".join(header) + " |\n|" + "---|" * len(header))
+    torch.manual_seed(0)
+    for dtype_name in args.dtypes.split(","):
+        dtype = DTYPES[dtype_name]
+        for shape in shapes.split(";"):
+            b, hq, hk, nq, nk, d = (int(x) for x in shape.split(","))
+            q = torch.randn(b, hq, nq, d, dtype=dtype)
+            k, v = (torch.randn(b, hk, nk, d, dtype=dtype) for _ in range(2))
+            cells = []
+            for isa in isas:
+                os.environ["CUFLASH_CPU_ISA"] = isa
+                cells.append(fastest_ms(lambda: cuflash_attn.flash_attention(q, k, v), args.repeats))
+            os.environ.pop("CUFLASH_CPU_ISA", None)
+            theirs = fastest_ms(lambda: F.scaled_dot_product_attention(q, k, v, enable_gqa=hq != hk), args.repeats)
+            row = [dtype_name, shape] + [f"{c:.2f}" for c in cells] + [f"{theirs:.2f}", f"{theirs / cells[0]:.2f}x"]
+            print("| " + " | ".join(row) + " |", flush=True)
+
+
+ARGUMENT_DEFAULTS = {"shapes": "1,8,1024,64;1,8,2048,128;2,16,512,64;1,4,4096,64"}
 
 if __name__ == "__main__":
     main()

@@ -1,8 +1,9 @@
 """The CPU kernels' three vector widths (csrc/cpu/flash_cpu.cpp: AVX-512, AVX2 and the baseline's
 SSE2, CUFLASH_CPU_ISA), each on the checks that reach its code paths: tiles that every row sees
 and tiles that a mask cuts (the lanes a mask hides), head dims that are not a multiple of the
-vector (the scalar tails), the features' scores, packed sequences, a float mask's gradient, and a
-NaN that only some rows see (the one-pair-at-a-time path). A width the CPU does not have runs its
+vector (the scalar tails), the features' scores, packed sequences, a float mask's gradient, a
+NaN that only some rows see (the one-pair-at-a-time path), and blocks of a few query rows (a row
+at a time). A width the CPU does not have runs its
 best one instead, so on a CPU without AVX-512 the "avx512" cases repeat the "avx2" ones."""
 import pytest
 import torch
@@ -24,6 +25,15 @@ def isa(request, monkeypatch):
 def test_plain_and_masked(isa, dtype, d):
     check_dense("cpu", dtype, 2, 2, 1, 70, 150, d)  # tiles every row sees; a partial last tile
     check_dense("cpu", dtype, 1, 4, 2, 100, 77, d, causal=True, bottom_right=True, window=(33, 5))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=["fp32", "fp64", "bf16"])
+@pytest.mark.parametrize("nq", [1, 5])
+def test_few_rows(isa, dtype, nq):
+    """Blocks of fewer than 8 query rows go a row at a time, the keys as lanes (decoding steps)."""
+    check_dense("cpu", dtype, 2, 4, 1, nq, 333, 72)
+    check_dense("cpu", dtype, 1, 4, 2, nq, 130, 64, causal=True, bottom_right=True, window=(70, -1), softcap=15.0,
+                alibi="batch", dropout_p=0.1)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])

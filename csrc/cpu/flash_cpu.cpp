@@ -32,6 +32,7 @@ namespace {
 // GCC turns a vector wider than the target's into element-by-element code.
 constexpr int kKeys = 64;       // keys a tile
 constexpr int kBlockRows = 32;  // query rows a block: a forward work item (flash_fwd_cpu_items)
+constexpr int kLaneRows = 8;    // blocks of fewer rows go a row at a time (fwd_row)
 
 #define CUFLASH_CPU_INLINE inline __attribute__((always_inline))
 
@@ -330,6 +331,116 @@ CUFLASH_CPU_INLINE void add_visible_rows_times_lanes(T* const* outs, int D, int 
         for (int d = 0; d < D; ++d) outs[jj][d] += wt[jj * kBlockRows + r] * row_ptrs[r][d];
 }
 
+// out[jj] = x . rows[jj] for jj < count, a vector of head dims at a time, the lanes summed last.
+template <class S, typename T = typename S::Scalar>
+CUFLASH_CPU_INLINE void dot_rows(const T* __restrict x, const T* const* rows, int count, int D, T* __restrict out) {
+  using V = typename S::V;
+  constexpr int L = S::kLanes;
+  for (int jj = 0; jj < count; ++jj) {
+    const T* y = rows[jj];
+    V even{}, odd{};
+    int d = 0;
+    for (; d + 2 * L <= D; d += 2 * L) {
+      even += load<S>(x + d) * load<S>(y + d);
+      odd += load<S>(x + d + L) * load<S>(y + d + L);
+    }
+    if (d + L <= D) even += load<S>(x + d) * load<S>(y + d), d += L;
+    const V both = even + odd;
+    T sum = T(0);
+    for (int l = 0; l < L; ++l) sum += both[l];
+    for (; d < D; ++d) sum += x[d] * y[d];
+    out[jj] = sum;
+  }
+}
+
+// y[0, D) += sum over t < n of weights[t] * rows[t][0, D): four vectors of head dims at a time,
+// the rows in two interleaved sums (even and odd t, added last): eight accumulators in flight.
+template <class S, typename T = typename S::Scalar>
+CUFLASH_CPU_INLINE void add_weighted_rows(T* __restrict y, int D, int n, const T* weights, const T* const* rows) {
+  using V = typename S::V;
+  constexpr int L = S::kLanes, kChunk = 4;
+  int d = 0;
+  auto chunk = [&](auto vectors) {
+    constexpr int C = decltype(vectors)::value;
+    V even[C], odd[C];
+#pragma GCC unroll 8
+    for (int c = 0; c < C; ++c) even[c] = load<S>(y + d + c * L), odd[c] = V{};
+    int t = 0;
+    for (; t + 1 < n; t += 2) {
+#pragma GCC unroll 8
+      for (int c = 0; c < C; ++c) {
+        even[c] += load<S>(rows[t] + d + c * L) * weights[t];
+        odd[c] += load<S>(rows[t + 1] + d + c * L) * weights[t + 1];
+      }
+    }
+    if (t < n)
+#pragma GCC unroll 8
+      for (int c = 0; c < C; ++c) even[c] += load<S>(rows[t] + d + c * L) * weights[t];
+#pragma GCC unroll 8
+    for (int c = 0; c < C; ++c) store<S>(y + d + c * L, even[c] + odd[c]);
+  };
+  for (; d + kChunk * L <= D; d += kChunk * L) chunk(std::integral_constant<int, kChunk>{});
+  for (; d + L <= D; d += L) chunk(std::integral_constant<int, 1>{});
+  for (; d < D; ++d) {
+    T a = y[d];
+    for (int t = 0; t < n; ++t) a += weights[t] * rows[t][d];
+    y[d] = a;
+  }
+}
+
+// Query row i of (b, h) alone, its visible keys [lo, hi) as the lanes (decoding steps: a block of a
+// few rows would leave most of the block's lanes idle): the online softmax over tiles of kKeys
+// keys, out and lse written.
+template <class S, typename T = typename S::Scalar>
+CUFLASH_CPU_INLINE void fwd_row(const FlashFwdParams& p, const Sequence& s, int b, int h, int hk, int i, int lo, int hi,
+                                const ExactScore<T>& score, bool plain, CpuScratch<T>& w, T* lse) {
+  constexpr int L = S::kLanes;
+  const int D = p.shape.head_dim;
+  const T inf = std::numeric_limits<T>::infinity();
+  const bool dropout = p.dropout.p > 0.0;
+  const DropoutRng rng = dropout ? make_dropout_rng(p.dropout) : DropoutRng{};
+  const T keep_scale = T(1) / (T(1) - static_cast<T>(p.dropout.p));
+  const T* q = row_at<const T>(p.q, p.q_strides, s, true, b, h, i);
+  T* acc = w.acc.data();
+  std::fill_n(acc, D, T(0));
+  T* scores = w.scores.data();
+  T row_max = -inf, row_sum = T(0), unused;
+  for (int j0 = lo; j0 < hi; j0 += kKeys) {
+    const int count = std::min(kKeys, hi - j0);
+    for (int jj = 0; jj < count; ++jj) {
+      w.k_rows[jj] = key_row_at<const T>(p, p.k, p.k_strides, s, b, hk, j0 + jj);
+      w.v_rows[jj] = key_row_at<const T>(p, p.v, p.v_strides, s, b, hk, j0 + jj);
+    }
+    dot_rows<S>(q, w.k_rows.data(), count, D, scores);
+    T tile_max = row_max;
+    for (int jj = 0; jj < count; ++jj) {
+      scores[jj] = plain ? scores[jj] * score.scale : score(s, scores[jj], i, j0 + jj, &unused);
+      tile_max = scores[jj] > tile_max ? scores[jj] : tile_max;  // a NaN score is not one: it reaches the sum
+    }
+    const T base = tile_max == -inf ? T(0) : tile_max;
+    const int padded = (count + L - 1) / L * L;  // the lanes past count: -inf, probability 0
+    for (int jj = count; jj < padded; ++jj) scores[jj] = -inf;
+    T alpha_lanes[L];
+    store<S>(alpha_lanes, softmax_exp<S>(broadcast<S>(row_max - base)));
+    T sum = T(0);
+    for (int jj = 0; jj < padded; jj += L) store<S>(scores + jj, softmax_exp<S>(load<S>(scores + jj) - base));
+    for (int jj = 0; jj < count; ++jj) sum += scores[jj];  // the dropped probabilities count too
+    if (alpha_lanes[0] != T(1))
+      for (int d = 0; d < D; ++d) acc[d] *= alpha_lanes[0];
+    row_sum = row_sum * alpha_lanes[0] + sum;
+    row_max = tile_max;
+    if (dropout)
+      for (int jj = 0; jj < count; ++jj)
+        scores[jj] = rng.keep(b, h, p.shape.heads_q, i, j0 + jj) ? scores[jj] * keep_scale : T(0);
+    add_weighted_rows<S>(acc, D, count, scores, w.v_rows.data());
+  }
+  const bool seen = row_sum != T(0);  // NaN scores give a NaN sum: it propagates
+  const T inv = seen ? T(1) / row_sum : T(0);
+  T* out = row_at<T>(p.out, p.out_strides, s, true, b, h, i);
+  for (int d = 0; d < D; ++d) out[d] = acc[d] * inv;
+  lse[i] = seen ? row_max + std::log(row_sum) : -inf;
+}
+
 // Query rows [block * kBlockRows, ...) of (b, h): the online softmax of the block's rows over
 // the key tiles their visible keys fall in, the rows as lanes, O^T accumulated in w.acc.
 template <class S, typename T = typename S::Scalar>
@@ -354,6 +465,11 @@ CUFLASH_CPU_INLINE void fwd_block_impl(const FlashFwdParams& p, int b, int h, in
     keys.lo[r] = k.begin, keys.hi[r] = k.end;
     if (k.begin < k.end) keys.begin = std::min(keys.begin, k.begin), keys.end = std::max(keys.end, k.end);
     if (r < rows) w.q_rows[r] = row_at<const T>(p.q, p.q_strides, s, true, b, h, i0 + r);
+  }
+  T* lse = static_cast<T*>(p.lse) + stats_offset(p.stats_strides, s, b, h);
+  if (rows < kLaneRows) {
+    for (int r = 0; r < rows; ++r) fwd_row<S>(p, s, b, h, hk, i0 + r, keys.lo[r], keys.hi[r], score, plain, w, lse);
+    return;
   }
   pack_block(w.q_rows.data(), rows, D, w.qt.data());
   T* out_t = w.acc.data();  // O^T [D][kBlockRows]
@@ -410,7 +526,6 @@ CUFLASH_CPU_INLINE void fwd_block_impl(const FlashFwdParams& p, int b, int h, in
   }
   T maxes[kBlockRows], sums[kBlockRows];
   for (int v = 0; v < R; ++v) store<S>(maxes + v * L, row_max[v]), store<S>(sums + v * L, row_sum[v]);
-  T* lse = static_cast<T*>(p.lse) + stats_offset(p.stats_strides, s, b, h);
   for (int r = 0; r < rows; ++r) {
     const bool seen = sums[r] != T(0);  // NaN scores give a NaN sum: it propagates
     const T inv = seen ? T(1) / sums[r] : T(0);
