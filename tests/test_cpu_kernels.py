@@ -3,7 +3,7 @@ SSE2, CUFLASH_CPU_ISA), each on the checks that reach its code paths: tiles that
 and tiles that a mask cuts (the lanes a mask hides), head dims that are not a multiple of the
 vector (the scalar tails), the features' scores, packed sequences, a float mask's gradient, a
 NaN that only some rows see (the one-pair-at-a-time path), and blocks of a few query rows (a row
-at a time). A width the CPU does not have runs its
+at a time, or half the lanes). A width the CPU does not have runs its
 best one instead, so on a CPU without AVX-512 the "avx512" cases repeat the "avx2" ones."""
 import pytest
 import torch
@@ -28,9 +28,10 @@ def test_plain_and_masked(isa, dtype, d):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=["fp32", "fp64", "bf16"])
-@pytest.mark.parametrize("nq", [1, 5])
+@pytest.mark.parametrize("nq", [1, 5, 12])
 def test_few_rows(isa, dtype, nq):
-    """Blocks of fewer than 8 query rows go a row at a time, the keys as lanes (decoding steps)."""
+    """Blocks of fewer than 8 query rows go a row at a time, the keys as lanes (decoding steps);
+    of 8 to 16 rows, on half the lanes."""
     check_dense("cpu", dtype, 2, 4, 1, nq, 333, 72)
     check_dense("cpu", dtype, 1, 4, 2, nq, 130, 64, causal=True, bottom_right=True, window=(70, -1), softcap=15.0,
                 alibi="batch", dropout_p=0.1)

@@ -36,8 +36,10 @@ constexpr int kLaneRows = 8;    // blocks of fewer rows go a row at a time (fwd_
 
 #define CUFLASH_CPU_INLINE inline __attribute__((always_inline))
 
-// kBytes-byte vectors of T (GCC's vector extensions: one register of the target's widest).
-template <typename T, int kBytes>
+// kBytes-byte vectors of T (GCC's vector extensions: one register of the target's widest), and
+// the kRows rows of a block that the lanes hold (the buffers keep kBlockRows a key: a block of at
+// most half of them computes on half the vectors, HalfRows).
+template <typename T, int kBytes, int kRows = kBlockRows>
 struct Simd {
   using Scalar = T;
   using Int = std::conditional_t<sizeof(T) == 4, int32_t, int64_t>;
@@ -45,7 +47,10 @@ struct Simd {
   typedef Int I __attribute__((vector_size(kBytes)));
   typedef std::make_unsigned_t<Int> U __attribute__((vector_size(kBytes)));
   static constexpr int kLanes = kBytes / sizeof(T);
-  static constexpr int kRowVecs = kBlockRows / kLanes;  // a block's rows
+  static constexpr int kRowVecs = kRows / kLanes;
+  static_assert(kRowVecs >= 1 && kRowVecs * kLanes == kRows, "whole vectors of rows");
+  static constexpr bool kAllRows = kRows == kBlockRows;
+  using HalfRows = Simd<T, kBytes, kRows / 2>;
 };
 template <class S>
 CUFLASH_CPU_INLINE typename S::V load(const typename S::Scalar* from) {
@@ -452,6 +457,8 @@ CUFLASH_CPU_INLINE void fwd_block_impl(const FlashFwdParams& p, int b, int h, in
   const Sequence s = sequence_of(p, b);
   const int i0 = block * kBlockRows, rows = std::min(kBlockRows, s.seqlen_q - i0);
   if (rows <= 0) return;
+  if constexpr (S::kAllRows)  // half the rows or fewer (a short sequence, a few query tokens): half the lanes
+    if (rows <= kBlockRows / 2) return fwd_block_impl<typename S::HalfRows>(p, b, h, block, w);
   const T inf = std::numeric_limits<T>::infinity();
   const ExactScore<T> score(p, b, h);
   const bool plain = !(score.softcap > T(0)) && !score.alibi && !score.mask.data;
