@@ -481,15 +481,23 @@ std::vector<Tensor> fill_common(AttentionParams& p, AttentionShape sh, const Opt
 // Grouped-query heads as rows of their KV head (CUFLASH_PACK_GQA, run_switches.h): the G query
 // heads of a KV head become G rows of one head a query, so that one CTA reads its KV head once
 // for all of them instead of G CTAs reading it each; on padded batches where nothing depends on
-// the query's head (no ALiBi, attn_mask, dropout). CUDA only by default: the CPU kernels share
-// out (batch, query head) pairs among threads, which packing would make fewer.
+// the query's head (no ALiBi, attn_mask, dropout). On the CPU by default where a head's queries
+// fill less than one of the kernels' 32-row blocks (decoding steps: the block's K and V tiles
+// are then read once for the group) and the packed blocks still give every thread one (the
+// CPU kernels share out blocks of rows among threads; benchmarks/NOTES.md, thirty-first
+// session: one token, 32 query heads on 8 KV heads, 1.3-1.5x on 2 threads).
 enum class GroupPacking { kNone, kOneQuery, kRows };
 GroupPacking group_packing(const Tensor& q, const Tensor& k, const Options& o) {
   if (o.varlen() || q.dim() != 4 || k.dim() != 4 || k.size(1) == 0 || q.size(1) <= k.size(1) ||
       q.size(1) % k.size(1) != 0 || o.alibi_slopes || o.attn_mask || o.dropout_p != 0.0)
     return GroupPacking::kNone;
   const PackGqaSwitch mode = pack_gqa_switch();  // (read only for grouped heads: every forward asks)
-  if (mode == PackGqaSwitch::kNever || (!q.is_cuda() && mode != PackGqaSwitch::kAlways)) return GroupPacking::kNone;
+  if (mode == PackGqaSwitch::kNever) return GroupPacking::kNone;
+  if (!q.is_cuda() && mode != PackGqaSwitch::kAlways) {
+    const int64_t rows = q.size(2) * (q.size(1) / k.size(1));
+    const int64_t packed_blocks = q.size(0) * k.size(1) * ((rows + kCpuBlockRows - 1) / kCpuBlockRows);
+    if (q.size(2) >= kCpuBlockRows || packed_blocks < at::get_num_threads()) return GroupPacking::kNone;
+  }
   // One query a sequence that sees every key (no window; causal only aligned bottom-right):
   // FlashAttention-2's swap, a view, no mask.
   const bool sees_every_key = o.window_left < 0 && (o.bottom_right || (!o.is_causal && o.window_right < 0));
@@ -501,7 +509,7 @@ GroupPacking group_packing(const Tensor& q, const Tensor& k, const Options& o) {
   // times (4 tokens, 4096 keys: 170 -> 65 us; 64 tokens 170 -> 119), while 100 tokens and more
   // measured slower packed (benchmarks/NOTES.md, "Decoding several tokens").
   if (q.size(2) == 0) return GroupPacking::kNone;
-  if (mode == PackGqaSwitch::kAlways) return GroupPacking::kRows;
+  if (mode == PackGqaSwitch::kAlways || !q.is_cuda()) return GroupPacking::kRows;
   constexpr int64_t kTileRows = 128;
   const int64_t queries = q.size(2), rows = queries * (q.size(1) / k.size(1));
   const auto tile_fill = [](int64_t n) {

@@ -82,11 +82,13 @@ def test_packed_multi_query_attention_and_splits(monkeypatch, device, num_splits
 
 def test_packing_runs_only_where_asked(monkeypatch):
     """CUFLASH_PACK_GQA=1 packs several queries (copies of q, out and lse inside the op) and one
-    query (views); =0 and the CPU's default never do; ALiBi, attn_mask and dropout are never packed."""
+    query (views); =0 never does; ALiBi, attn_mask and dropout are never packed. The CPU's default
+    packs where a head's queries fill less than a 32-row block and the packed blocks (here 2: one
+    a KV head) still number at least the threads."""
     q = torch.randn(1, 8, 3, 32, dtype=torch.float64)
     k, v = (torch.randn(1, 2, 20, 32, dtype=torch.float64) for _ in range(2))
 
-    def copies(**options):
+    def copies(q=q, **options):
         return op_names(lambda: ops.fwd(q, k, v, None, True, True, **options)).count("aten::copy_")
 
     packed(monkeypatch, True)
@@ -97,7 +99,15 @@ def test_packing_runs_only_where_asked(monkeypatch):
     packed(monkeypatch, False)
     assert copies() == 0
     monkeypatch.delenv("CUFLASH_PACK_GQA")
-    assert copies() == 0
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        assert copies() >= 3
+        assert copies(q.repeat(1, 1, 11, 1)) == 0  # 33 queries: a block of their own
+        torch.set_num_threads(3)
+        assert copies() == 0  # 2 packed blocks for 3 threads
+    finally:
+        torch.set_num_threads(threads)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA")

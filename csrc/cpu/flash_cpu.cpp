@@ -30,9 +30,9 @@ namespace {
 // a masked key's NaN never reaches another row. The vectors are the CPU's widest
 // (AVX-512, AVX2 or the baseline's SSE2: an instantiation each, chosen at every call, cpu_isa):
 // GCC turns a vector wider than the target's into element-by-element code.
-constexpr int kKeys = 64;       // keys a tile
-constexpr int kBlockRows = 32;  // query rows a block: a forward work item (flash_fwd_cpu_items)
-constexpr int kLaneRows = 8;    // blocks of fewer rows go a row at a time (fwd_row)
+constexpr int kKeys = 64;                  // keys a tile
+constexpr int kBlockRows = kCpuBlockRows;  // query rows a block: a forward work item (flash_fwd_cpu_items)
+constexpr int kLaneRows = 8;               // blocks of fewer rows go a row at a time (fwd_rows)
 
 #define CUFLASH_CPU_INLINE inline __attribute__((always_inline))
 
@@ -393,57 +393,66 @@ CUFLASH_CPU_INLINE void add_weighted_rows(T* __restrict y, int D, int n, const T
   }
 }
 
-// Query row i of (b, h) alone, its visible keys [lo, hi) as the lanes (decoding steps: a block of a
-// few rows would leave most of the block's lanes idle): the online softmax over tiles of kKeys
-// keys, out and lse written.
+// The block's rows (fewer than kLaneRows: decoding steps, whose rows would leave most of the
+// block's lanes idle) one at a time, each row's visible keys as the lanes: for each tile of the
+// keys any row sees, each row's online softmax step over its keys in it (the tile's K and V rows
+// read once for the block, then from cache), out and lse written last.
 template <class S, typename T = typename S::Scalar>
-CUFLASH_CPU_INLINE void fwd_row(const FlashFwdParams& p, const Sequence& s, int b, int h, int hk, int i, int lo, int hi,
-                                const ExactScore<T>& score, bool plain, CpuScratch<T>& w, T* lse) {
+CUFLASH_CPU_INLINE void fwd_rows(const FlashFwdParams& p, const Sequence& s, int b, int h, int hk, int i0, int rows,
+                                 const BlockKeys& keys, const ExactScore<T>& score, bool plain, CpuScratch<T>& w,
+                                 T* lse) {
   constexpr int L = S::kLanes;
   const int D = p.shape.head_dim;
   const T inf = std::numeric_limits<T>::infinity();
   const bool dropout = p.dropout.p > 0.0;
   const DropoutRng rng = dropout ? make_dropout_rng(p.dropout) : DropoutRng{};
   const T keep_scale = T(1) / (T(1) - static_cast<T>(p.dropout.p));
-  const T* q = row_at<const T>(p.q, p.q_strides, s, true, b, h, i);
-  T* acc = w.acc.data();
-  std::fill_n(acc, D, T(0));
+  std::fill(w.acc.begin(), w.acc.end(), T(0));  // the rows' outputs, [row][D]
+  T row_max[kLaneRows], row_sum[kLaneRows], unused;
+  for (int r = 0; r < rows; ++r) row_max[r] = -inf, row_sum[r] = T(0);
   T* scores = w.scores.data();
-  T row_max = -inf, row_sum = T(0), unused;
-  for (int j0 = lo; j0 < hi; j0 += kKeys) {
-    const int count = std::min(kKeys, hi - j0);
+  for (int j0 = keys.begin; j0 < keys.end; j0 += kKeys) {
+    const int count = std::min(kKeys, keys.end - j0);
     for (int jj = 0; jj < count; ++jj) {
       w.k_rows[jj] = key_row_at<const T>(p, p.k, p.k_strides, s, b, hk, j0 + jj);
       w.v_rows[jj] = key_row_at<const T>(p, p.v, p.v_strides, s, b, hk, j0 + jj);
     }
-    dot_rows<S>(q, w.k_rows.data(), count, D, scores);
-    T tile_max = row_max;
-    for (int jj = 0; jj < count; ++jj) {
-      scores[jj] = plain ? scores[jj] * score.scale : score(s, scores[jj], i, j0 + jj, &unused);
-      tile_max = scores[jj] > tile_max ? scores[jj] : tile_max;  // a NaN score is not one: it reaches the sum
+    for (int r = 0; r < rows; ++r) {
+      const int i = i0 + r, lo = std::max(keys.lo[r], j0) - j0, n = std::min(keys.hi[r], j0 + count) - j0 - lo;
+      if (n <= 0) continue;
+      dot_rows<S>(w.q_rows[r], w.k_rows.data() + lo, n, D, scores);
+      T tile_max = row_max[r];
+      for (int t = 0; t < n; ++t) {
+        scores[t] = plain ? scores[t] * score.scale : score(s, scores[t], i, j0 + lo + t, &unused);
+        tile_max = scores[t] > tile_max ? scores[t] : tile_max;  // a NaN score is not one: it reaches the sum
+      }
+      const T base = tile_max == -inf ? T(0) : tile_max;
+      const int padded = (n + L - 1) / L * L;  // the lanes past n: -inf, probability 0
+      for (int t = n; t < padded; ++t) scores[t] = -inf;
+      T alpha[L];
+      store<S>(alpha, softmax_exp<S>(broadcast<S>(row_max[r] - base)));
+      for (int t = 0; t < padded; t += L) store<S>(scores + t, softmax_exp<S>(load<S>(scores + t) - base));
+      T sum = T(0);
+      for (int t = 0; t < n; ++t) sum += scores[t];  // the dropped probabilities count too
+      T* acc = w.acc.data() + static_cast<size_t>(r) * D;
+      if (alpha[0] != T(1))
+        for (int d = 0; d < D; ++d) acc[d] *= alpha[0];
+      row_sum[r] = row_sum[r] * alpha[0] + sum;
+      row_max[r] = tile_max;
+      if (dropout)
+        for (int t = 0; t < n; ++t)
+          scores[t] = rng.keep(b, h, p.shape.heads_q, i, j0 + lo + t) ? scores[t] * keep_scale : T(0);
+      add_weighted_rows<S>(acc, D, n, scores, w.v_rows.data() + lo);
     }
-    const T base = tile_max == -inf ? T(0) : tile_max;
-    const int padded = (count + L - 1) / L * L;  // the lanes past count: -inf, probability 0
-    for (int jj = count; jj < padded; ++jj) scores[jj] = -inf;
-    T alpha_lanes[L];
-    store<S>(alpha_lanes, softmax_exp<S>(broadcast<S>(row_max - base)));
-    T sum = T(0);
-    for (int jj = 0; jj < padded; jj += L) store<S>(scores + jj, softmax_exp<S>(load<S>(scores + jj) - base));
-    for (int jj = 0; jj < count; ++jj) sum += scores[jj];  // the dropped probabilities count too
-    if (alpha_lanes[0] != T(1))
-      for (int d = 0; d < D; ++d) acc[d] *= alpha_lanes[0];
-    row_sum = row_sum * alpha_lanes[0] + sum;
-    row_max = tile_max;
-    if (dropout)
-      for (int jj = 0; jj < count; ++jj)
-        scores[jj] = rng.keep(b, h, p.shape.heads_q, i, j0 + jj) ? scores[jj] * keep_scale : T(0);
-    add_weighted_rows<S>(acc, D, count, scores, w.v_rows.data());
   }
-  const bool seen = row_sum != T(0);  // NaN scores give a NaN sum: it propagates
-  const T inv = seen ? T(1) / row_sum : T(0);
-  T* out = row_at<T>(p.out, p.out_strides, s, true, b, h, i);
-  for (int d = 0; d < D; ++d) out[d] = acc[d] * inv;
-  lse[i] = seen ? row_max + std::log(row_sum) : -inf;
+  for (int r = 0; r < rows; ++r) {
+    const bool seen = row_sum[r] != T(0);  // NaN scores give a NaN sum: it propagates
+    const T inv = seen ? T(1) / row_sum[r] : T(0);
+    const T* acc = w.acc.data() + static_cast<size_t>(r) * D;
+    T* out = row_at<T>(p.out, p.out_strides, s, true, b, h, i0 + r);
+    for (int d = 0; d < D; ++d) out[d] = acc[d] * inv;
+    lse[i0 + r] = seen ? row_max[r] + std::log(row_sum[r]) : -inf;
+  }
 }
 
 // Query rows [block * kBlockRows, ...) of (b, h): the online softmax of the block's rows over
@@ -474,10 +483,7 @@ CUFLASH_CPU_INLINE void fwd_block_impl(const FlashFwdParams& p, int b, int h, in
     if (r < rows) w.q_rows[r] = row_at<const T>(p.q, p.q_strides, s, true, b, h, i0 + r);
   }
   T* lse = static_cast<T*>(p.lse) + stats_offset(p.stats_strides, s, b, h);
-  if (rows < kLaneRows) {
-    for (int r = 0; r < rows; ++r) fwd_row<S>(p, s, b, h, hk, i0 + r, keys.lo[r], keys.hi[r], score, plain, w, lse);
-    return;
-  }
+  if (rows < kLaneRows) return fwd_rows<S>(p, s, b, h, hk, i0, rows, keys, score, plain, w, lse);
   pack_block(w.q_rows.data(), rows, D, w.qt.data());
   T* out_t = w.acc.data();  // O^T [D][kBlockRows]
   std::fill(w.acc.begin(), w.acc.end(), T(0));

@@ -9,7 +9,9 @@
 
 namespace cuflash {
 
-// The forward's independent work items: blocks of query rows of each (batch, query head).
+// The forward's independent work items: blocks of kCpuBlockRows query rows of each (batch, query
+// head); the rows of a block are the kernels' vector lanes.
+constexpr int kCpuBlockRows = 32;
 int64_t flash_fwd_cpu_items(const FlashFwdParams& p);
 // Handles the work items [item_begin, item_end) of flash_fwd_cpu_items(p).
 template <typename T>

@@ -62,8 +62,9 @@
 //   CUFLASH_PACK_GQA  the forward's grouped query heads as rows of their KV head (torch_ops.cpp's
 //                   group_packing; each KV head read once): unset or "", on CUDA where a
 //                   head's queries would leave its query tiles mostly empty (decoding steps of
-//                   a few tokens); "1": always, and on the CPU (tests); "0": never (tests and
-//                   benchmarks)
+//                   a few tokens), on the CPU where they fill less than a 32-row block and the
+//                   packed blocks still give each thread one; "1": always; "0": never (tests
+//                   and benchmarks)
 //   CUFLASH_CPU_ISA the CPU kernels' vector instructions (cpu/flash_cpu.cpp, x86-64 GCC builds):
 //                   unset or "", the widest the CPU has; "avx512", "avx2" or "base" (SSE2):
 //                   at most that one (tests run each on one machine; benchmarks)
