@@ -414,10 +414,16 @@ struct KernelLayout {
   }
 };
 
-KernelLayout layout_for(const Tensor& q) {
+// cpu_reads_16_bit: the CPU forward, which reads float16 and bfloat16 rows itself (converting
+// each tile as it loads it), so that a KV cache is not converted whole at every call; the CPU
+// backward computes from float32 copies.
+KernelLayout layout_for(const Tensor& q, bool cpu_reads_16_bit = false) {
   const at::ScalarType t = q.scalar_type();
   const int64_t d = q.size(-1);
-  if (!q.is_cuda()) return {t == at::kDouble ? at::kDouble : at::kFloat, d, false};
+  if (!q.is_cuda()) {
+    const bool sixteen_bit = t == at::kHalf || t == at::kBFloat16;
+    return {sixteen_bit && cpu_reads_16_bit ? t : t == at::kDouble ? at::kDouble : at::kFloat, d, false};
+  }
   const bool tc = t == at::kHalf || t == at::kBFloat16 || t == at::kFloat;
   return {t, tc ? (d + 7) / 8 * 8 : d, tc};
 }
@@ -435,7 +441,7 @@ void check_cuda(cudaError_t err) {
 
 // attn_mask: boolean, or q's dtype (as torch's SDPA requires), broadcastable to
 // [batch, heads_q, seqlen_q, seqlen_k]. The kernels read it through broadcast strides; only a
-// float mask whose dtype the kernels do not compute in (float16 on the CPU) is converted.
+// float mask whose dtype the kernels do not compute in (16-bit ones on the CPU) is converted.
 void fill_attn_mask(AttentionParams& p, const Options& o, const KernelLayout& layout, const Tensor& q,
                     std::vector<Tensor>& keep) {
   if (!o.attn_mask) return;
@@ -453,7 +459,9 @@ void fill_attn_mask(AttentionParams& p, const Options& o, const KernelLayout& la
     broadcasts = m.size(-d) == 1 || m.size(-d) == full[4 - d];
   TORCH_CHECK_VALUE(broadcasts, "cuflash_attn: attn_mask must broadcast to [batch, heads_q, seqlen_q, seqlen_k] = ",
                     shape(full), ", got shape ", shape(m.sizes()));
-  keep.push_back((is_bool ? m : m.to(layout.dtype)).expand(full));
+  // The kernels' compute type: on the CPU float (double for double), whatever the rows' storage.
+  const at::ScalarType compute = q.is_cuda() || layout.dtype == at::kDouble ? layout.dtype : at::kFloat;
+  keep.push_back((is_bool ? m : m.to(compute)).expand(full));
   const Tensor& e = keep.back();
   p.score.attn_mask = {e.data_ptr(), is_bool, e.stride(0), e.stride(1), e.stride(2), e.stride(3)};
 }
@@ -556,7 +564,7 @@ std::tuple<Tensor, Tensor> fwd_impl(const Tensor& q, const Tensor& k, const Tens
   const AttentionShape sh = check_qkv(q, k, v, o);
   Tensor out = empty_like_input(q);
   Tensor lse = empty_stats(q, o.varlen());
-  const KernelLayout layout = layout_for(q);
+  const KernelLayout layout = layout_for(q, /*cpu_reads_16_bit=*/true);
   const Tensor qk = layout.input(q), kk = layout.input(k), vk = layout.input(v);
   FlashFwdParams p;
   const std::vector<Tensor> keep = fill_common(p, sh, o, layout, q, k, qk, kk, vk, lse);

@@ -8,6 +8,8 @@ best one instead, so on a CPU without AVX-512 the "avx512" cases repeat the "avx
 import pytest
 import torch
 
+from test_pack_gqa import op_names
+
 import test_edge_cases
 from test_features import check_dense, check_varlen
 
@@ -48,3 +50,13 @@ def test_features(isa, dtype):
 @pytest.mark.parametrize("where", ["q", "k", "v"])
 def test_nan_reaches_affected_rows_only(isa, where):
     test_edge_cases.test_nan_propagates_to_affected_rows_only("cpu", "flash_attention", torch.float32, where)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+def test_forward_reads_16_bit_rows_itself(isa, dtype):
+    """The forward converts each tile as it loads it (and rounds its output): no whole copy of q, k
+    or v in float32 (a KV cache would be copied at every decoding step); the result as checked
+    against float64 by the tests above."""
+    q, k, v = (torch.randn(1, 2, n, 64, dtype=dtype) for n in (3, 300, 300))
+    names = op_names(lambda: torch.ops.cuflash_attn.fwd(q, k, v))
+    assert "aten::_to_copy" not in names and "aten::copy_" not in names, names

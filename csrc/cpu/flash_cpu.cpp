@@ -167,10 +167,90 @@ CUFLASH_CPU_INLINE void pack_block(const T* const* rows, int count, int D, T* __
     for (int d = 0; d < D; ++d) xt[d * kBlockRows + r] = r < count ? rows[r][d] : T(0);
 }
 
+// 16-bit rows (the forward reads float16 and bfloat16 itself; torch_ops.cpp's layout_for).
+CUFLASH_CPU_INLINE uint32_t float_bits(float f) {
+  uint32_t u;
+  std::memcpy(&u, &f, sizeof(u));
+  return u;
+}
+CUFLASH_CPU_INLINE float bits_float(uint32_t u) {
+  float f;
+  std::memcpy(&f, &u, sizeof(f));
+  return f;
+}
+CUFLASH_CPU_INLINE float bf16_to_float(uint16_t h) { return bits_float(static_cast<uint32_t>(h) << 16); }
+// Without branches, so that a row's conversion vectorizes: the exponent rebiased (15 -> 127),
+// Inf and NaN to exponent 255, 0 and subnormals renormalized by a float subtraction (exact).
+CUFLASH_CPU_INLINE float half_to_float(uint16_t h) {
+  const uint32_t shifted = static_cast<uint32_t>(h & 0x7fffu) << 13, exponent = shifted & 0x0f800000u;
+  const uint32_t biased = shifted + (112u << 23);
+  const uint32_t special = exponent == 0x0f800000u ? biased + (112u << 23) : biased;
+  const float small = bits_float(biased + (1u << 23)) - 0x1p-14f;
+  const uint32_t magnitude = exponent == 0 ? float_bits(small) : special;
+  return bits_float(magnitude | (static_cast<uint32_t>(h & 0x8000u) << 16));
+}
+// Rounded to nearest, ties to even, as torch's conversions.
+CUFLASH_CPU_INLINE uint16_t float_to_bf16(float f) {
+  const uint32_t u = float_bits(f);
+  if ((u & 0x7fffffffu) > 0x7f800000u) return static_cast<uint16_t>((u >> 16) | 0x40u);  // NaN stays NaN
+  return static_cast<uint16_t>((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
+}
+CUFLASH_CPU_INLINE uint16_t float_to_half(float f) {
+  const uint32_t u = float_bits(f), sign = (u >> 16) & 0x8000u, a = u & 0x7fffffffu;
+  if (a > 0x7f800000u) return static_cast<uint16_t>(sign | 0x7e00u);   // NaN
+  if (a >= 0x477ff000u) return static_cast<uint16_t>(sign | 0x7c00u);  // 65520 and up round to Inf
+  if (a < 0x38800000u) {  // below 2^-14: a multiple of 2^-24, rounded (x + 2^23 - 2^23: to nearest even)
+    const float units = bits_float(a) * 0x1p24f;
+    return static_cast<uint16_t>(sign | static_cast<uint32_t>((units + 0x1p23f) - 0x1p23f));
+  }
+  return static_cast<uint16_t>(sign | (((a + 0xfffu + ((a >> 13) & 1u)) - (112u << 23)) >> 13));
+}
+
+// The forward's rows as the kernels read them: T's own, or (float kernels over float16 or
+// bfloat16 inputs) each row converted into `scratch` as it is fetched, and the output rounded
+// back, so that nothing is converted whole (a KV cache at every decoding step).
+template <typename T>
+struct ForwardRows {
+  const FlashFwdParams& p;
+  bool sixteen_bit, bf16;
+  explicit ForwardRows(const FlashFwdParams& params)
+      : p(params),
+        sixteen_bit(std::is_same_v<T, float> && (p.dtype == DType::kFloat16 || p.dtype == DType::kBFloat16)),
+        bf16(p.dtype == DType::kBFloat16) {}
+  const T* converted(const uint16_t* row, T* scratch) const {
+    for (int d = 0; d < p.shape.head_dim; ++d) scratch[d] = bf16 ? bf16_to_float(row[d]) : half_to_float(row[d]);
+    return scratch;
+  }
+  const T* q(const Sequence& s, int b, int h, int i, T* scratch) const {
+    if (!sixteen_bit) return row_at<const T>(p.q, p.q_strides, s, true, b, h, i);
+    return converted(row_at<const uint16_t>(p.q, p.q_strides, s, true, b, h, i), scratch);
+  }
+  const T* key(const void* base, const TensorStrides& strides, const Sequence& s, int b, int hk, int j,
+               T* scratch) const {
+    if (!sixteen_bit) return key_row_at<const T>(p, base, strides, s, b, hk, j);
+    return converted(key_row_at<const uint16_t>(p, base, strides, s, b, hk, j), scratch);
+  }
+  // Output row i: value(d) for each head dim d.
+  template <class F>
+  void store(const Sequence& s, int b, int h, int i, F value) const {
+    const int D = p.shape.head_dim;
+    if (!sixteen_bit) {
+      T* out = row_at<T>(p.out, p.out_strides, s, true, b, h, i);
+      for (int d = 0; d < D; ++d) out[d] = value(d);
+      return;
+    }
+    uint16_t* out = row_at<uint16_t>(p.out, p.out_strides, s, true, b, h, i);
+    for (int d = 0; d < D; ++d) {
+      const float x = static_cast<float>(value(d));
+      out[d] = bf16 ? float_to_bf16(x) : float_to_half(x);
+    }
+  }
+};
+
 // The per-thread buffers of a range of work items.
 template <typename T>
 struct CpuScratch {
-  std::vector<T> qt, dot, ot, scores, dp, capped, acc, zeros;
+  std::vector<T> qt, dot, ot, scores, dp, capped, acc, zeros, q16, k16, v16;  // q16 ...: ForwardRows' rows
   std::vector<const T*> k_rows, v_rows, q_rows, do_rows, o_rows;
   std::vector<T*> dk_rows, dv_rows;
   explicit CpuScratch(int D)
@@ -182,6 +262,9 @@ struct CpuScratch {
         capped(scores.size()),
         acc(static_cast<size_t>(kBlockRows) * D),
         zeros(D),
+        q16(static_cast<size_t>(kBlockRows) * D),
+        k16(static_cast<size_t>(kKeys) * D),
+        v16(static_cast<size_t>(kKeys) * D),
         k_rows(kKeys),
         v_rows(kKeys),
         q_rows(kBlockRows),
@@ -398,9 +481,9 @@ CUFLASH_CPU_INLINE void add_weighted_rows(T* __restrict y, int D, int n, const T
 // keys any row sees, each row's online softmax step over its keys in it (the tile's K and V rows
 // read once for the block, then from cache), out and lse written last.
 template <class S, typename T = typename S::Scalar>
-CUFLASH_CPU_INLINE void fwd_rows(const FlashFwdParams& p, const Sequence& s, int b, int h, int hk, int i0, int rows,
-                                 const BlockKeys& keys, const ExactScore<T>& score, bool plain, CpuScratch<T>& w,
-                                 T* lse) {
+CUFLASH_CPU_INLINE void fwd_rows(const FlashFwdParams& p, const ForwardRows<T>& io, const Sequence& s, int b, int h,
+                                 int hk, int i0, int rows, const BlockKeys& keys, const ExactScore<T>& score,
+                                 bool plain, CpuScratch<T>& w, T* lse) {
   constexpr int L = S::kLanes;
   const int D = p.shape.head_dim;
   const T inf = std::numeric_limits<T>::infinity();
@@ -414,8 +497,8 @@ CUFLASH_CPU_INLINE void fwd_rows(const FlashFwdParams& p, const Sequence& s, int
   for (int j0 = keys.begin; j0 < keys.end; j0 += kKeys) {
     const int count = std::min(kKeys, keys.end - j0);
     for (int jj = 0; jj < count; ++jj) {
-      w.k_rows[jj] = key_row_at<const T>(p, p.k, p.k_strides, s, b, hk, j0 + jj);
-      w.v_rows[jj] = key_row_at<const T>(p, p.v, p.v_strides, s, b, hk, j0 + jj);
+      w.k_rows[jj] = io.key(p.k, p.k_strides, s, b, hk, j0 + jj, w.k16.data() + jj * D);
+      w.v_rows[jj] = io.key(p.v, p.v_strides, s, b, hk, j0 + jj, w.v16.data() + jj * D);
     }
     for (int r = 0; r < rows; ++r) {
       const int i = i0 + r, lo = std::max(keys.lo[r], j0) - j0, n = std::min(keys.hi[r], j0 + count) - j0 - lo;
@@ -449,8 +532,7 @@ CUFLASH_CPU_INLINE void fwd_rows(const FlashFwdParams& p, const Sequence& s, int
     const bool seen = row_sum[r] != T(0);  // NaN scores give a NaN sum: it propagates
     const T inv = seen ? T(1) / row_sum[r] : T(0);
     const T* acc = w.acc.data() + static_cast<size_t>(r) * D;
-    T* out = row_at<T>(p.out, p.out_strides, s, true, b, h, i0 + r);
-    for (int d = 0; d < D; ++d) out[d] = acc[d] * inv;
+    io.store(s, b, h, i0 + r, [&](int d) { return acc[d] * inv; });
     lse[i0 + r] = seen ? row_max[r] + std::log(row_sum[r]) : -inf;
   }
 }
@@ -474,16 +556,17 @@ CUFLASH_CPU_INLINE void fwd_block_impl(const FlashFwdParams& p, int b, int h, in
   const bool dropout = p.dropout.p > 0.0;
   const DropoutRng rng = dropout ? make_dropout_rng(p.dropout) : DropoutRng{};
   const T keep_scale = T(1) / (T(1) - static_cast<T>(p.dropout.p));
+  const ForwardRows<T> io(p);
   BlockKeys keys;
   keys.begin = s.seqlen_k, keys.end = 0;
   for (int r = 0; r < kBlockRows; ++r) {
     const Range k = r < rows ? visible_keys(p.mask, s, i0 + r, i0 + r + 1) : Range{0, 0};
     keys.lo[r] = k.begin, keys.hi[r] = k.end;
     if (k.begin < k.end) keys.begin = std::min(keys.begin, k.begin), keys.end = std::max(keys.end, k.end);
-    if (r < rows) w.q_rows[r] = row_at<const T>(p.q, p.q_strides, s, true, b, h, i0 + r);
+    if (r < rows) w.q_rows[r] = io.q(s, b, h, i0 + r, w.q16.data() + r * D);
   }
   T* lse = static_cast<T*>(p.lse) + stats_offset(p.stats_strides, s, b, h);
-  if (rows < kLaneRows) return fwd_rows<S>(p, s, b, h, hk, i0, rows, keys, score, plain, w, lse);
+  if (rows < kLaneRows) return fwd_rows<S>(p, io, s, b, h, hk, i0, rows, keys, score, plain, w, lse);
   pack_block(w.q_rows.data(), rows, D, w.qt.data());
   T* out_t = w.acc.data();  // O^T [D][kBlockRows]
   std::fill(w.acc.begin(), w.acc.end(), T(0));
@@ -494,8 +577,8 @@ CUFLASH_CPU_INLINE void fwd_block_impl(const FlashFwdParams& p, int b, int h, in
   for (int j0 = keys.begin; j0 < keys.end; j0 += kKeys) {
     const int count = std::min(kKeys, keys.end - j0);
     for (int jj = 0; jj < count; ++jj) {
-      w.k_rows[jj] = key_row_at<const T>(p, p.k, p.k_strides, s, b, hk, j0 + jj);
-      w.v_rows[jj] = key_row_at<const T>(p, p.v, p.v_strides, s, b, hk, j0 + jj);
+      w.k_rows[jj] = io.key(p.k, p.k_strides, s, b, hk, j0 + jj, w.k16.data() + jj * D);
+      w.v_rows[jj] = io.key(p.v, p.v_strides, s, b, hk, j0 + jj, w.v16.data() + jj * D);
     }
     row_lanes_dot<S>(w.qt.data(), w.k_rows.data(), count, D, w.zeros.data(), st);
     if (plain) {
@@ -542,8 +625,7 @@ CUFLASH_CPU_INLINE void fwd_block_impl(const FlashFwdParams& p, int b, int h, in
   for (int r = 0; r < rows; ++r) {
     const bool seen = sums[r] != T(0);  // NaN scores give a NaN sum: it propagates
     const T inv = seen ? T(1) / sums[r] : T(0);
-    T* out = row_at<T>(p.out, p.out_strides, s, true, b, h, i0 + r);
-    for (int d = 0; d < D; ++d) out[d] = out_t[d * kBlockRows + r] * inv;
+    io.store(s, b, h, i0 + r, [&](int d) { return out_t[d * kBlockRows + r] * inv; });
     lse[i0 + r] = seen ? maxes[r] + std::log(sums[r]) : -inf;
   }
 }
