@@ -13,15 +13,21 @@ least disturbed), in ms; the ratio is torch's time over ours (above 1: ours is f
 --decode: the forward of a few query rows over a longer cache (shapes batch, heads_q, heads_kv,
 seqlen_q, seqlen_k, head_dim; no mask; GQA through torch's enable_gqa)."""
 import argparse
-import os
+import sys
 import time
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 import cuflash_attn
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_attention import switches_set  # noqa: E402  (run-time switches in a block)
+
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "fp64": torch.float64}
+SHAPES = "1,8,1024,64;1,8,2048,128;2,16,512,64;1,4,4096,64"
+DECODE_SHAPES = "1,32,32,1,4096,128;1,32,8,1,4096,128;4,32,8,1,2048,128;1,32,8,4,4096,128;1,32,8,16,4096,128"
 
 
 def fastest_ms(step, repeats):
@@ -38,15 +44,15 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--dtypes", default="fp32,bf16")
     p.add_argument("--isas", default="avx512,avx2,base", help="CUFLASH_CPU_ISA values for ours")
-    p.add_argument("--shapes", default=ARGUMENT_DEFAULTS["shapes"])
+    p.add_argument("--shapes", default=None, help=f"default: {SHAPES}; with --decode {DECODE_SHAPES}")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--decode", action="store_true", help="few query rows over a long cache, forward only")
     args = p.parse_args(argv)
-    if args.decode:
-        return decode(args)
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.decode:
+        return decode(args, args.shapes or DECODE_SHAPES)
     isas = args.isas.split(",")
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, torch's CPU capability "
           f"{torch.backends.cpu.get_cpu_capability()}\n")
@@ -56,7 +62,7 @@ def main(argv=None):
     torch.manual_seed(0)
     for dtype_name in args.dtypes.split(","):
         dtype = DTYPES[dtype_name]
-        for shape in args.shapes.split(";"):
+        for shape in (args.shapes or SHAPES).split(";"):
             b, h, n, d = (int(x) for x in shape.split(","))
             for causal in (False, True):
                 q, k, v = (torch.randn(b, h, n, d, dtype=dtype, requires_grad=True) for _ in range(3))
@@ -71,13 +77,12 @@ def main(argv=None):
 
                 cells, first = [], None
                 for isa in isas:
-                    os.environ["CUFLASH_CPU_ISA"] = isa
-                    with torch.no_grad():
+                    with switches_set({"CUFLASH_CPU_ISA": isa}), torch.no_grad():
                         fwd = fastest_ms(ours, args.repeats)
-                    fwdbwd = fastest_ms(both(ours), max(2, args.repeats // 2))
+                    with switches_set({"CUFLASH_CPU_ISA": isa}):
+                        fwdbwd = fastest_ms(both(ours), max(2, args.repeats // 2))
                     first = first or (fwd, fwdbwd)
                     cells.append(f"{fwd:.1f} / {fwdbwd:.1f}")
-                os.environ.pop("CUFLASH_CPU_ISA", None)
                 with torch.no_grad():
                     t_fwd = fastest_ms(theirs, args.repeats)
                 t_fwdbwd = fastest_ms(both(theirs), max(2, args.repeats // 2))
@@ -86,13 +91,7 @@ def main(argv=None):
                 print("| " + " | ".join(row) + " |", flush=True)
 
 
-DECODE_SHAPES = "1,32,32,1,4096,128;1,32,8,1,4096,128;4,32,8,1,2048,128;1,32,8,4,4096,128;1,32,8,16,4096,128"
-
-
-def decode(args):
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    shapes = DECODE_SHAPES if args.shapes == ARGUMENT_DEFAULTS["shapes"] else args.shapes
+def decode(args, shapes):
     isas = args.isas.split(",")
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; forward, no mask\n")
     header = ["dtype", "B,Hq,Hkv,Nq,Nk,D"] + [f"ours {i} ms" for i in isas] + ["torch ms", f"torch / ours {isas[0]}"]
@@ -106,15 +105,12 @@ def decode(args):
             k, v = (torch.randn(b, hk, nk, d, dtype=dtype) for _ in range(2))
             cells = []
             for isa in isas:
-                os.environ["CUFLASH_CPU_ISA"] = isa
-                cells.append(fastest_ms(lambda: cuflash_attn.flash_attention(q, k, v), args.repeats))
-            os.environ.pop("CUFLASH_CPU_ISA", None)
+                with switches_set({"CUFLASH_CPU_ISA": isa}):
+                    cells.append(fastest_ms(lambda: cuflash_attn.flash_attention(q, k, v), args.repeats))
             theirs = fastest_ms(lambda: F.scaled_dot_product_attention(q, k, v, enable_gqa=hq != hk), args.repeats)
             row = [dtype_name, shape] + [f"{c:.2f}" for c in cells] + [f"{theirs:.2f}", f"{theirs / cells[0]:.2f}x"]
             print("| " + " | ".join(row) + " |", flush=True)
 
-
-ARGUMENT_DEFAULTS = {"shapes": "1,8,1024,64;1,8,2048,128;2,16,512,64;1,4,4096,64"}
 
 if __name__ == "__main__":
     main()

@@ -274,9 +274,32 @@ struct CpuScratch {
         dv_rows(kKeys) {}
 };
 
+// The scores' rules of (b, h) (ExactScore; plain: scale alone) and dropout's.
+template <typename T>
+struct RowRules {
+  ExactScore<T> score;
+  bool plain, dropout;
+  DropoutRng rng;
+  T keep_scale;
+  RowRules(const AttentionParams& p, int b, int h)
+      : score(p, b, h),
+        plain(!(score.softcap > T(0)) && !score.alibi && !score.mask.data),
+        dropout(p.dropout.p > 0.0),
+        rng(dropout ? make_dropout_rng(p.dropout) : DropoutRng{}),
+        keep_scale(T(1) / (T(1) - static_cast<T>(p.dropout.p))) {}
+  // Dropout's factor of (row i, key j) of (b, h): keep / (1 - p).
+  T keep(int b, int h, int heads, int i, int j) const { return rng.keep(b, h, heads, i, j) ? keep_scale : T(0); }
+};
+
 // A block's rows' visible keys [lo[r], hi[r]) (rows past the block: none) and their union.
 struct BlockKeys {
   int lo[kBlockRows], hi[kBlockRows], begin, end;
+  explicit BlockKeys(int seqlen_k) : begin(seqlen_k), end(0) {}
+  void set(int r, Range k) {
+    lo[r] = k.begin, hi[r] = k.end;
+    if (k.begin < k.end) begin = std::min(begin, k.begin), end = std::max(end, k.end);
+  }
+  bool sees(int r, int j) const { return lo[r] <= j && j < hi[r]; }
   // Whether every row of the block sees every key of [j0, j0 + count).
   bool sees_all(int rows, int j0, int count) const {
     for (int r = 0; r < rows; ++r)
@@ -290,8 +313,7 @@ template <typename T>
 CUFLASH_CPU_INLINE void hide_lanes(const BlockKeys& keys, int j0, int count, T hidden, T* scores) {
   for (int jj = 0; jj < count; ++jj)
     for (int r = 0; r < kBlockRows; ++r) {
-      const bool seen = keys.lo[r] <= j0 + jj && j0 + jj < keys.hi[r];
-      scores[jj * kBlockRows + r] = seen ? scores[jj * kBlockRows + r] : hidden;
+      scores[jj * kBlockRows + r] = keys.sees(r, j0 + jj) ? scores[jj * kBlockRows + r] : hidden;
     }
 }
 
@@ -415,7 +437,7 @@ CUFLASH_CPU_INLINE void add_visible_rows_times_lanes(T* const* outs, int D, int 
   if (sees_all || finite_rows) return add_rows_times_lanes<S>(outs, D, count, wt, block_rows, row_ptrs);
   for (int jj = 0; jj < count; ++jj)
     for (int r = 0; r < block_rows; ++r)
-      if (keys.lo[r] <= j0 + jj && j0 + jj < keys.hi[r])
+      if (keys.sees(r, j0 + jj))
         for (int d = 0; d < D; ++d) outs[jj][d] += wt[jj * kBlockRows + r] * row_ptrs[r][d];
 }
 
@@ -482,14 +504,11 @@ CUFLASH_CPU_INLINE void add_weighted_rows(T* __restrict y, int D, int n, const T
 // read once for the block, then from cache), out and lse written last.
 template <class S, typename T = typename S::Scalar>
 CUFLASH_CPU_INLINE void fwd_rows(const FlashFwdParams& p, const ForwardRows<T>& io, const Sequence& s, int b, int h,
-                                 int hk, int i0, int rows, const BlockKeys& keys, const ExactScore<T>& score,
-                                 bool plain, CpuScratch<T>& w, T* lse) {
+                                 int hk, int i0, int rows, const BlockKeys& keys, const RowRules<T>& rules,
+                                 CpuScratch<T>& w, T* lse) {
   constexpr int L = S::kLanes;
   const int D = p.shape.head_dim;
   const T inf = std::numeric_limits<T>::infinity();
-  const bool dropout = p.dropout.p > 0.0;
-  const DropoutRng rng = dropout ? make_dropout_rng(p.dropout) : DropoutRng{};
-  const T keep_scale = T(1) / (T(1) - static_cast<T>(p.dropout.p));
   std::fill(w.acc.begin(), w.acc.end(), T(0));  // the rows' outputs, [row][D]
   T row_max[kLaneRows], row_sum[kLaneRows], unused;
   for (int r = 0; r < rows; ++r) row_max[r] = -inf, row_sum[r] = T(0);
@@ -506,7 +525,7 @@ CUFLASH_CPU_INLINE void fwd_rows(const FlashFwdParams& p, const ForwardRows<T>& 
       dot_rows<S>(w.q_rows[r], w.k_rows.data() + lo, n, D, scores);
       T tile_max = row_max[r];
       for (int t = 0; t < n; ++t) {
-        scores[t] = plain ? scores[t] * score.scale : score(s, scores[t], i, j0 + lo + t, &unused);
+        scores[t] = rules.plain ? scores[t] * rules.score.scale : rules.score(s, scores[t], i, j0 + lo + t, &unused);
         tile_max = scores[t] > tile_max ? scores[t] : tile_max;  // a NaN score is not one: it reaches the sum
       }
       const T base = tile_max == -inf ? T(0) : tile_max;
@@ -522,9 +541,8 @@ CUFLASH_CPU_INLINE void fwd_rows(const FlashFwdParams& p, const ForwardRows<T>& 
         for (int d = 0; d < D; ++d) acc[d] *= alpha[0];
       row_sum[r] = row_sum[r] * alpha[0] + sum;
       row_max[r] = tile_max;
-      if (dropout)
-        for (int t = 0; t < n; ++t)
-          scores[t] = rng.keep(b, h, p.shape.heads_q, i, j0 + lo + t) ? scores[t] * keep_scale : T(0);
+      if (rules.dropout)
+        for (int t = 0; t < n; ++t) scores[t] *= rules.keep(b, h, p.shape.heads_q, i, j0 + lo + t);
       add_weighted_rows<S>(acc, D, n, scores, w.v_rows.data() + lo);
     }
   }
@@ -551,22 +569,15 @@ CUFLASH_CPU_INLINE void fwd_block_impl(const FlashFwdParams& p, int b, int h, in
   if constexpr (S::kAllRows)  // half the rows or fewer (a short sequence, a few query tokens): half the lanes
     if (rows <= kBlockRows / 2) return fwd_block_impl<typename S::HalfRows>(p, b, h, block, w);
   const T inf = std::numeric_limits<T>::infinity();
-  const ExactScore<T> score(p, b, h);
-  const bool plain = !(score.softcap > T(0)) && !score.alibi && !score.mask.data;
-  const bool dropout = p.dropout.p > 0.0;
-  const DropoutRng rng = dropout ? make_dropout_rng(p.dropout) : DropoutRng{};
-  const T keep_scale = T(1) / (T(1) - static_cast<T>(p.dropout.p));
+  const RowRules<T> rules(p, b, h);
   const ForwardRows<T> io(p);
-  BlockKeys keys;
-  keys.begin = s.seqlen_k, keys.end = 0;
+  BlockKeys keys(s.seqlen_k);
   for (int r = 0; r < kBlockRows; ++r) {
-    const Range k = r < rows ? visible_keys(p.mask, s, i0 + r, i0 + r + 1) : Range{0, 0};
-    keys.lo[r] = k.begin, keys.hi[r] = k.end;
-    if (k.begin < k.end) keys.begin = std::min(keys.begin, k.begin), keys.end = std::max(keys.end, k.end);
+    keys.set(r, r < rows ? visible_keys(p.mask, s, i0 + r, i0 + r + 1) : Range{0, 0});
     if (r < rows) w.q_rows[r] = io.q(s, b, h, i0 + r, w.q16.data() + r * D);
   }
   T* lse = static_cast<T*>(p.lse) + stats_offset(p.stats_strides, s, b, h);
-  if (rows < kLaneRows) return fwd_rows<S>(p, io, s, b, h, hk, i0, rows, keys, score, plain, w, lse);
+  if (rows < kLaneRows) return fwd_rows<S>(p, io, s, b, h, hk, i0, rows, keys, rules, w, lse);
   pack_block(w.q_rows.data(), rows, D, w.qt.data());
   T* out_t = w.acc.data();  // O^T [D][kBlockRows]
   std::fill(w.acc.begin(), w.acc.end(), T(0));
@@ -581,12 +592,12 @@ CUFLASH_CPU_INLINE void fwd_block_impl(const FlashFwdParams& p, int b, int h, in
       w.v_rows[jj] = io.key(p.v, p.v_strides, s, b, hk, j0 + jj, w.v16.data() + jj * D);
     }
     row_lanes_dot<S>(w.qt.data(), w.k_rows.data(), count, D, w.zeros.data(), st);
-    if (plain) {
-      for (int i = 0; i < count * kBlockRows; ++i) st[i] *= score.scale;
+    if (rules.plain) {
+      for (int i = 0; i < count * kBlockRows; ++i) st[i] *= rules.score.scale;
     } else {
       for (int jj = 0; jj < count; ++jj)
         for (int r = 0; r < rows; ++r)
-          st[jj * kBlockRows + r] = score(s, st[jj * kBlockRows + r], i0 + r, j0 + jj, &unused);
+          st[jj * kBlockRows + r] = rules.score(s, st[jj * kBlockRows + r], i0 + r, j0 + jj, &unused);
     }
     const bool sees_all = keys.sees_all(rows, j0, count);
     if (!sees_all) hide_lanes(keys, j0, count, -inf, st);
@@ -611,13 +622,10 @@ CUFLASH_CPU_INLINE void fwd_block_impl(const FlashFwdParams& p, int b, int h, in
       for (int d = 0; d < D; ++d)
         store<S>(out_t + d * kBlockRows + v * L, load<S>(out_t + d * kBlockRows + v * L) * alpha);
     }
-    if (dropout) {  // after the sums: the dropped probabilities count there
+    if (rules.dropout)  // after the sums: the dropped probabilities count there
       for (int r = 0; r < rows; ++r)
-        for (int j = std::max(keys.lo[r], j0); j < std::min(keys.hi[r], j0 + count); ++j) {
-          T& prob = st[(j - j0) * kBlockRows + r];
-          prob = rng.keep(b, h, sh.heads_q, i0 + r, j) ? prob * keep_scale : T(0);
-        }
-    }
+        for (int j = std::max(keys.lo[r], j0); j < std::min(keys.hi[r], j0 + count); ++j)
+          st[(j - j0) * kBlockRows + r] *= rules.keep(b, h, sh.heads_q, i0 + r, j);
     add_visible_lanes_times_rows<S>(out_t, D, count, st, w.v_rows.data(), keys, rows, j0, sees_all);
   }
   T maxes[kBlockRows], sums[kBlockRows];
@@ -639,9 +647,6 @@ CUFLASH_CPU_INLINE void bwd_head_impl(const FlashBwdParams& p, int b, int hk, Cp
   const AttentionShape& sh = p.shape;
   const int D = sh.head_dim, group = sh.heads_q / sh.heads_kv;
   const T scale = static_cast<T>(p.scale), inf = std::numeric_limits<T>::infinity();
-  const bool dropout = p.dropout.p > 0.0;
-  const DropoutRng rng = dropout ? make_dropout_rng(p.dropout) : DropoutRng{};
-  const T keep_scale = T(1) / (T(1) - static_cast<T>(p.dropout.p));
   const Sequence s = sequence_of(p, b);
   for (int j = 0; j < s.seqlen_k; ++j) {
     std::fill_n(row_at<T>(p.dk, p.dk_strides, s, false, b, hk, j), D, T(0));
@@ -652,19 +657,17 @@ CUFLASH_CPU_INLINE void bwd_head_impl(const FlashBwdParams& p, int b, int hk, Cp
   T* capped = w.capped.data();
   T* dq_t = w.acc.data();  // dQ^T of a block [D][kBlockRows]
   for (int h = hk * group; h < (hk + 1) * group; ++h) {
-    const ExactScore<T> score(p, b, h);
-    const bool plain = !(score.softcap > T(0)) && !score.alibi && !score.mask.data;
+    const RowRules<T> rules(p, b, h);
     const int64_t stats = stats_offset(p.stats_strides, s, b, h);
     const T* lse = static_cast<const T*>(p.lse) + stats;
     const T* dlse = p.dlse ? static_cast<const T*>(p.dlse) + stats : nullptr;
     for (int i0 = 0; i0 < s.seqlen_q; i0 += kBlockRows) {
       const int rows = std::min(kBlockRows, s.seqlen_q - i0);
-      BlockKeys keys;
-      keys.begin = s.seqlen_k, keys.end = 0;
+      BlockKeys keys(s.seqlen_k);
       T row_lse[kBlockRows], row_delta[kBlockRows];
       for (int r = 0; r < kBlockRows; ++r) {
         row_lse[r] = T(0);
-        keys.lo[r] = keys.hi[r] = 0;
+        keys.set(r, Range{0, 0});
         if (r >= rows) continue;
         const int i = i0 + r;
         w.q_rows[r] = row_at<const T>(p.q, p.q_strides, s, true, b, h, i);
@@ -673,9 +676,7 @@ CUFLASH_CPU_INLINE void bwd_head_impl(const FlashBwdParams& p, int b, int hk, Cp
         // A row that saw no key (lse -inf) has output 0 and contributes nothing.
         if (lse[i] == -inf) continue;
         row_lse[r] = lse[i];
-        const Range k = visible_keys(p.mask, s, i, i + 1);
-        keys.lo[r] = k.begin, keys.hi[r] = k.end;
-        if (k.begin < k.end) keys.begin = std::min(keys.begin, k.begin), keys.end = std::max(keys.end, k.end);
+        keys.set(r, visible_keys(p.mask, s, i, i + 1));
       }
       std::fill(w.acc.begin(), w.acc.end(), T(0));
       if (keys.begin < keys.end) {
@@ -699,13 +700,13 @@ CUFLASH_CPU_INLINE void bwd_head_impl(const FlashBwdParams& p, int b, int hk, Cp
         row_lanes_dot<S>(w.qt.data(), w.k_rows.data(), count, D, w.zeros.data(), st);
         row_lanes_dot<S>(w.dot.data(), w.v_rows.data(), count, D, w.zeros.data(), dpt);
         // P^T from the scores and the rows' lse, in place of the scores.
-        if (plain) {
+        if (rules.plain) {
           for (int i = 0; i < count * kBlockRows; ++i) st[i] *= scale;
         } else {
           for (int jj = 0; jj < count; ++jj)
             for (int r = 0; r < rows; ++r) {
               T& x = st[jj * kBlockRows + r];
-              x = score(s, x, i0 + r, j0 + jj, &capped[jj * kBlockRows + r]);
+              x = rules.score(s, x, i0 + r, j0 + jj, &capped[jj * kBlockRows + r]);
             }
         }
         for (int jj = 0; jj < count; ++jj)
@@ -717,7 +718,7 @@ CUFLASH_CPU_INLINE void bwd_head_impl(const FlashBwdParams& p, int b, int hk, Cp
         if (!sees_all) hide_lanes(keys, j0, count, T(0), st);
         // dS^T = P (z dP - delta) in place of dP, where z = keep / (1 - p) with dropout (out = sum_j
         // P z v: dV takes P z, and the gradient reaching P is z (dO . v)); P z in place of P.
-        if (!dropout) {
+        if (!rules.dropout) {
           for (int jj = 0; jj < count; ++jj)
             for (int r = 0; r < kBlockRows; ++r)
               dpt[jj * kBlockRows + r] = st[jj * kBlockRows + r] * (dpt[jj * kBlockRows + r] - row_delta[r]);
@@ -725,7 +726,7 @@ CUFLASH_CPU_INLINE void bwd_head_impl(const FlashBwdParams& p, int b, int hk, Cp
           for (int jj = 0; jj < count; ++jj)
             for (int r = 0; r < kBlockRows; ++r) {
               const int at = jj * kBlockRows + r;
-              const T z = r < rows && rng.keep(b, h, sh.heads_q, i0 + r, j0 + jj) ? keep_scale : T(0);
+              const T z = r < rows ? rules.keep(b, h, sh.heads_q, i0 + r, j0 + jj) : T(0);
               dpt[at] = st[at] * (z * dpt[at] - row_delta[r]);
               st[at] *= z;
             }
@@ -737,7 +738,7 @@ CUFLASH_CPU_INLINE void bwd_head_impl(const FlashBwdParams& p, int b, int hk, Cp
             const int lo = std::max(keys.lo[r], j0), hi = std::min(keys.hi[r], j0 + count);
             for (int j = lo; j < hi; ++j) dscores[j] = dpt[(j - j0) * kBlockRows + r];
           }
-        if (!plain && score.softcap > T(0))
+        if (!rules.plain && rules.score.softcap > T(0))
           for (int i = 0; i < count * kBlockRows; ++i) dpt[i] *= T(1) - capped[i] * capped[i];
         // dV and dK of each key over the block's rows; dQ^T of the rows over the tile's keys.
         add_visible_rows_times_lanes<S>(w.dv_rows.data(), D, count, st, rows, w.do_rows.data(), do_finite, keys, j0,

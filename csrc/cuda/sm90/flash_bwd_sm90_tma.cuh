@@ -30,7 +30,7 @@ constexpr int kDqPartRows = 64;
 
 // Packed sequences (cu_seqlens; CUFLASH_SM90's "bwdvarlen" part) on the dQ and dK/dV kernels of
 // head-dim buckets 64 and 128 (kMayPack), not on the head-dim-256 ones. Their tensors are one batch
-// of all the sequences' rows (bwd_map_rows), a box starting at its sequence's row. Where a box
+// of all the sequences' rows (attention_map_rows), a box starting at its sequence's row. Where a box
 // reads past a sequence's end, the rows of another sequence it brought are zeroed in shared
 // memory before any wgmma reads them (zero_rows_of_panels), so that they meet the masks as the
 // zeros TMA fills past a padded batch's rows do, and a NaN or Inf of another sequence cannot
@@ -151,7 +151,7 @@ __global__ void __launch_bounds__(BwdDqSm90TmaKernel<T, kHeadDim>::kThreads, 1)
     // are not stored.
     const int keys_in_block = seq.seqlen_k - n_block * kBlockN;  // > 0: the block has a key
     if (packed && keys_in_block < kBlockN)  // the same for both consumers
-      zero_rows_before_wgmma<kPanels, kBlockN, K::kConsumerThreads>(sK(stage), sV(stage), keys_in_block, tid - 128, 2);
+      zero_rows_before_wgmma<kPanels, kBlockN, K::kConsumerThreads>(keys_in_block, tid - 128, 2, sK(stage), sV(stage));
     add_dq_part<T, kHeadDim, kBlockM, kBlockN>(dq, desc_q, desc_do, desc_k0 + stage_bytes(stage),
                                                desc_v0 + stage_bytes(stage), desc_k0_mn + stage_bytes(stage), lse2,
                                                delta, scale_log2, mask, seq, row0, n_block, lane);
@@ -618,7 +618,7 @@ __global__ void __launch_bounds__(
     // dV rows that are not stored.
     const int keys_in_block = tile.seq.seqlen_k - tile.n_start;
     if (kAccumDq && packed && tile.steps > 0 && keys_in_block < kBlockN)  // the same for both consumers
-      zero_rows_before_wgmma<kPanels, kBlockN, K::kConsumerThreads>(sK, sV, keys_in_block, tid - 128, 8);
+      zero_rows_before_wgmma<kPanels, kBlockN, K::kConsumerThreads>(keys_in_block, tid - 128, 8, sK, sV);
     for (int step = 0; step < tile.steps; ++step) {
       const int gs = g + step;  // the global step: the Q/dO ring's, the dS buffers' and dQ parts'
       const int stage = gs % kStages;
@@ -630,8 +630,8 @@ __global__ void __launch_bounds__(
       // is not masked, only its lse2 is +inf, and dV and dK would take its dO and q).
       const int queries_in_block = tile.seq.seqlen_q - m0;  // > 0: the block has a query
       if (packed && queries_in_block < kBlockM)  // the same for both consumers
-        zero_rows_before_wgmma<kPanels, kBlockM, K::kConsumerThreads>(sQ(stage), sdO(stage), queries_in_block,
-                                                                      tid - 128, 8);
+        zero_rows_before_wgmma<kPanels, kBlockM, K::kConsumerThreads>(queries_in_block, tid - 128, 8, sQ(stage),
+                                                                      sdO(stage));
       WarpAcc<kBlockM> s, dp;  // S^T and dP^T: this warp's 16 keys x kBlockM queries
       wgmma_fence();
       issue_qk<T, kHeadDim, kBlockN * 128>(s, desc_k, desc_q0 + stage_bytes(stage));
@@ -808,16 +808,6 @@ struct BackwardTmaMaps {
   CUtensorMap dq_accum;  // with p.dq_accum (the fused dK/dV kernel's TMA reduce); unused otherwise
   CUtensorMap dk, dv;    // the dK/dV kernel's outputs, where it stores them by TMA (encode_dkdv_maps)
 };
-// The tensors' extents as TMA addresses them: a padded batch's, or packed sequences' one batch
-// of all their rows (q, dout and dq_accum: total_q; k, v, dk and dv: total_k).
-struct BwdMapRows {
-  int q_batch, q_rows, kv_batch, kv_rows;
-};
-inline BwdMapRows bwd_map_rows(const FlashBwdParams& p) {
-  const AttentionShape& sh = p.shape;
-  if (p.varlen.cu_seqlens_q == nullptr) return {sh.batch, sh.seqlen_q, sh.batch, sh.seqlen_k};
-  return {1, p.varlen.total_q, 1, p.varlen.total_k};
-}
 // Whether TMA can address q, dout, k and v of p, and dk and dv where stored by TMA (dkdv_stores):
 // packed sequences only where the kernel takes them (may_pack: bwd_may_pack) and the "bwdvarlen"
 // part is on; aligned, no zero stride. Integer checks only: fused_backward_runs asks it before any
@@ -825,7 +815,7 @@ inline BwdMapRows bwd_map_rows(const FlashBwdParams& p) {
 inline bool bwd_tma_addressable(const FlashBwdParams& p, bool dkdv_stores, bool may_pack) {
   const AttentionShape& sh = p.shape;
   if (p.varlen.cu_seqlens_q != nullptr && !(may_pack && sm90_paths(p).bwd_varlen)) return false;
-  const BwdMapRows m = bwd_map_rows(p);
+  const MapRows m = attention_map_rows(p);
   return tma_can_address(p.q, 2, p.q_strides, m.q_batch, sh.heads_q, m.q_rows, sh.head_dim) &&
          tma_can_address(p.dout, 2, p.dout_strides, m.q_batch, sh.heads_q, m.q_rows, sh.head_dim) &&
          tma_can_address(p.k, 2, p.k_strides, m.kv_batch, sh.heads_kv, m.kv_rows, sh.head_dim) &&
@@ -838,7 +828,7 @@ template <typename T, class K>
 bool encode_bwd_tma_maps(const FlashBwdParams& p, BackwardTmaMaps* maps) {
   const AttentionShape& sh = p.shape;
   if (!bwd_tma_addressable(p, false, K::kMayPack)) return false;  // dk and dv: encode_dkdv_maps
-  const BwdMapRows m = bwd_map_rows(p);
+  const MapRows m = attention_map_rows(p);
   constexpr bool kBf16 = std::is_same_v<T, __nv_bfloat16>;
   if (p.dq_accum != nullptr && !encode_rows_map(&maps->dq_accum, p.dq_accum, CU_TENSOR_MAP_DATA_TYPE_FLOAT32, 4,
                                                 p.dq_accum_strides, m.q_batch, sh.heads_q, m.q_rows, sh.head_dim,
@@ -859,7 +849,7 @@ bool encode_bwd_tma_maps(const FlashBwdParams& p, BackwardTmaMaps* maps) {
 inline bool encode_dkdv_maps(const FlashBwdParams& p, bool bf16, BackwardTmaMaps* maps,
                              int box_rows = kDkvStoreRows) {
   const AttentionShape& sh = p.shape;
-  const BwdMapRows m = bwd_map_rows(p);
+  const MapRows m = attention_map_rows(p);
   return encode_attention_map(&maps->dk, p.dk, bf16, p.dk_strides, m.kv_batch, sh.heads_kv, m.kv_rows, sh.head_dim,
                               box_rows) &&
          encode_attention_map(&maps->dv, p.dv, bf16, p.dv_strides, m.kv_batch, sh.heads_kv, m.kv_rows, sh.head_dim,

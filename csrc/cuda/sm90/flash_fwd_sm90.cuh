@@ -242,14 +242,12 @@ __device__ __forceinline__ void zero_rows_of_panels(unsigned char* panels, int f
   }
 }
 
-// The same rows of two tiles (a K and a V stage; a Q and a dO one) zeroed by the consumers' kThreads
-// threads (this one `thread`), then fenced and synced on named barrier `barrier`, before any wgmma
-// (async proxy) reads them.
-template <int kPanels, int kRows, int kThreads>
-__device__ __forceinline__ void zero_rows_before_wgmma(unsigned char* a, unsigned char* b, int first_row, int thread,
-                                                       int barrier) {
-  zero_rows_of_panels<kPanels, kRows>(a, first_row, thread, kThreads);
-  zero_rows_of_panels<kPanels, kRows>(b, first_row, thread, kThreads);
+// The same rows of each tile (a V stage; a K and a V stage; a Q and a dO one) zeroed by the
+// consumers' kThreads threads (this one `thread`), then fenced and synced on named barrier
+// `barrier`, before any wgmma (async proxy) reads them.
+template <int kPanels, int kRows, int kThreads, class... Tiles>
+__device__ __forceinline__ void zero_rows_before_wgmma(int first_row, int thread, int barrier, Tiles*... tiles) {
+  (zero_rows_of_panels<kPanels, kRows>(tiles, first_row, thread, kThreads), ...);
   fence_async_shared();  // these generic-proxy writes before the wgmmas' (async proxy) reads
   named_barrier_sync<kThreads>(barrier);
 }

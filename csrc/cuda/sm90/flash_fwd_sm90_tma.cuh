@@ -310,9 +310,7 @@ __global__ void __launch_bounds__(FwdSm90TmaKernel<T, kHeadDim, kWide, kPersiste
       const bool keys_end_in_block = (!kWide && p.varlen.seqused_k != nullptr) || packed;  // else TMA reads zeros
       if (keys_end_in_block && used_rows < kBlockN) {  // the same for every consumer
         wait_v(0);
-        zero_rows_of_panels<kPanels, kBlockN>(sV(stage_of(0)), used_rows, tid - 128, kConsumerThreads);
-        fence_async_shared();  // these generic-proxy writes before the wgmmas' (async proxy) reads
-        named_barrier_sync<kConsumerThreads>(1);
+        zero_rows_before_wgmma<kPanels, kBlockN, kConsumerThreads>(used_rows, tid - 128, 1, sV(stage_of(0)));
       }
       {  // step 0: S only
         mbarrier_wait(&k_full[stage_of(0)], full_parity(0));
@@ -487,26 +485,21 @@ bool persistent_rows(const FlashFwdParams& p) {
 struct AttentionTmaMaps {
   CUtensorMap q, k, v, o;  // o: 64-row boxes (a consumer's rows)
 };
-// A paged cache's k and v are [num_pages, heads_kv, page_size, head_dim]: pages in the batch
-// dimension, a page's rows in the row one; packed sequences' q, k, v and out are
-// [total, heads, head_dim]: one batch of all their rows.
+// Extents as attention_map_rows says (tma_maps.h): paged caches and packed sequences too.
 template <typename T, int kHeadDim, bool kWide>
 bool encode_fwd_tma_maps(const FlashFwdParams& p, AttentionTmaMaps* maps) {
   using K = FwdSm90TmaKernel<T, kHeadDim, kWide>;
   const AttentionShape& sh = p.shape;
   constexpr bool kBf16 = std::is_same_v<T, __nv_bfloat16>;
-  const bool paged = p.paged.block_table != nullptr, packed_q = p.varlen.cu_seqlens_q != nullptr;
-  const bool packed_k = p.varlen.cu_seqlens_k != nullptr;
-  const int q_batch = packed_q ? 1 : sh.batch, q_rows = packed_q ? p.varlen.total_q : sh.seqlen_q;
-  const int kv_batch = paged ? p.paged.num_pages : packed_k ? 1 : sh.batch;
-  const int kv_rows = paged ? p.paged.page_size : packed_k ? p.varlen.total_k : sh.seqlen_k;
-  return encode_attention_map(&maps->q, p.q, kBf16, p.q_strides, q_batch, sh.heads_q, q_rows, sh.head_dim,
+  const MapRows m = attention_map_rows(p);
+  return encode_attention_map(&maps->q, p.q, kBf16, p.q_strides, m.q_batch, sh.heads_q, m.q_rows, sh.head_dim,
                               K::kBlockM) &&
-         encode_attention_map(&maps->k, p.k, kBf16, p.k_strides, kv_batch, sh.heads_kv, kv_rows, sh.head_dim,
+         encode_attention_map(&maps->k, p.k, kBf16, p.k_strides, m.kv_batch, sh.heads_kv, m.kv_rows, sh.head_dim,
                               K::kBlockN) &&
-         encode_attention_map(&maps->v, p.v, kBf16, p.v_strides, kv_batch, sh.heads_kv, kv_rows, sh.head_dim,
+         encode_attention_map(&maps->v, p.v, kBf16, p.v_strides, m.kv_batch, sh.heads_kv, m.kv_rows, sh.head_dim,
                               K::kBlockN) &&
-         encode_attention_map(&maps->o, p.out, kBf16, p.out_strides, q_batch, sh.heads_q, q_rows, sh.head_dim, 64);
+         encode_attention_map(&maps->o, p.out, kBf16, p.out_strides, m.q_batch, sh.heads_q, m.q_rows, sh.head_dim,
+                              64);
 }
 
 }  // namespace cuflash::sm90

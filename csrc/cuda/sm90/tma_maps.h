@@ -68,4 +68,19 @@ inline bool encode_attention_map(CUtensorMap* map, const void* base, bool bf16, 
                          strides, batch, heads, rows, head_dim, box_rows);
 }
 
+// The extents of q (and out, dout, dq_accum) and of k (and v, dk, dv) as the maps address them: a
+// padded batch's; packed sequences' one batch of all their rows (total_q, total_k); a paged
+// cache's pages as its batch, a page's rows as its rows (the forward only).
+struct MapRows {
+  int q_batch, q_rows, kv_batch, kv_rows;
+};
+inline MapRows attention_map_rows(const AttentionParams& p) {
+  const AttentionShape& sh = p.shape;
+  const bool packed_q = p.varlen.cu_seqlens_q != nullptr, packed_k = p.varlen.cu_seqlens_k != nullptr;
+  if (p.paged.block_table != nullptr)
+    return {packed_q ? 1 : sh.batch, packed_q ? p.varlen.total_q : sh.seqlen_q, p.paged.num_pages, p.paged.page_size};
+  return {packed_q ? 1 : sh.batch, packed_q ? p.varlen.total_q : sh.seqlen_q, packed_k ? 1 : sh.batch,
+          packed_k ? p.varlen.total_k : sh.seqlen_k};
+}
+
 }  // namespace cuflash::sm90
