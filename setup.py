@@ -59,11 +59,15 @@ setup(
         CUDAExtension(
             "cuflash_attn._C",
             sources,
+            # -fopenmp: at::parallel_for splits the CPU kernels' work over torch's threads only in
+            # code compiled with OpenMP (else it runs the whole range on the calling thread);
+            # the library is torch's own libgomp, loaded by `import torch` under the same soname.
             extra_compile_args={
-                "cxx": ["-O3", "-std=c++17", *defines],
+                "cxx": ["-O3", "-std=c++17", "-fopenmp", *defines],
                 "nvcc": ["-O3", "-std=c++17", "--expt-relaxed-constexpr", *defines, *ptxas_flags,
                          *gencode_flags(os.environ.get("CUFLASH_CUDA_ARCHS", "8.0;9.0a"))],
             },
+            extra_link_args=["-fopenmp"],
             py_limited_api=False,
         )
     ],

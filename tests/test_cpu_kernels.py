@@ -4,9 +4,14 @@ and tiles that a mask cuts (the lanes a mask hides), head dims that are not a mu
 vector (the scalar tails), the features' scores, packed sequences, a float mask's gradient, a
 NaN that only some rows see (the one-pair-at-a-time path), and blocks of a few query rows (a row
 at a time, or half the lanes). A width the CPU does not have runs its
-best one instead, so on a CPU without AVX-512 the "avx512" cases repeat the "avx2" ones."""
+best one instead, so on a CPU without AVX-512 the "avx512" cases repeat the "avx2" ones. Also that
+the threads reach the kernels."""
+from pathlib import Path
+
 import pytest
 import torch
+
+import cuflash_attn
 
 from test_pack_gqa import op_names
 
@@ -60,3 +65,10 @@ def test_forward_reads_16_bit_rows_itself(isa, dtype):
     q, k, v = (torch.randn(1, 2, n, 64, dtype=dtype) for n in (3, 300, 300))
     names = op_names(lambda: torch.ops.cuflash_attn.fwd(q, k, v))
     assert "aten::_to_copy" not in names and "aten::copy_" not in names, names
+
+
+def test_threads_reach_the_kernels():
+    """at::parallel_for shares the CPU kernels' items over torch's threads only in code compiled with
+    OpenMP; without -fopenmp (setup.py) it runs every item on the calling thread, silently (the CPU
+    kernels ran on one core until the thirty-second session)."""
+    assert b"GOMP_parallel" in Path(cuflash_attn._C.__file__).read_bytes()
