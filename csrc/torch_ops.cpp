@@ -807,10 +807,21 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> bwd(const Tensor& dout, const Tensor&
     }
     check_cuda(run_flash_bwd_cuda(p, stream));
   } else {
-    at::parallel_for(0, int64_t{sh.batch} * sh.heads_kv, 1, [&](int64_t begin, int64_t end) {
-      if (layout.dtype == at::kDouble) flash_bwd_cpu<double>(p, begin, end);
-      else flash_bwd_cpu<float>(p, begin, end);
-    });
+    // A pair's parts sum dK and dV into buffers of their own, added in once all are done.
+    const int parts = flash_bwd_cpu_parts(p, at::get_num_threads());
+    const Tensor partials = at::empty({flash_bwd_cpu_partial_elems(p, parts)}, dk_k.options());
+    auto backward = [&](auto* partial_sums) {
+      using T = std::remove_pointer_t<decltype(partial_sums)>;
+      at::parallel_for(0, int64_t{sh.batch} * sh.heads_kv * parts, 1, [&](int64_t begin, int64_t end) {
+        flash_bwd_cpu<T>(p, parts, partial_sums, begin, end);
+      });
+      if (parts == 1) return;
+      at::parallel_for(0, flash_bwd_cpu_finish_items(p), 1, [&](int64_t begin, int64_t end) {
+        flash_bwd_cpu_finish<T>(p, parts, partial_sums, begin, end);
+      });
+    };
+    if (layout.dtype == at::kDouble) backward(partials.data_ptr<double>());
+    else backward(partials.data_ptr<float>());
   }
   KernelLayout::finish(dq_k, dq);
   KernelLayout::finish(dk_k, dk);

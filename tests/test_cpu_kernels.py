@@ -4,8 +4,8 @@ and tiles that a mask cuts (the lanes a mask hides), head dims that are not a mu
 vector (the scalar tails), the features' scores, packed sequences, a float mask's gradient, a
 NaN that only some rows see (the one-pair-at-a-time path), and blocks of a few query rows (a row
 at a time, or half the lanes). A width the CPU does not have runs its
-best one instead, so on a CPU without AVX-512 the "avx512" cases repeat the "avx2" ones. Also that
-the threads reach the kernels."""
+best one instead, so on a CPU without AVX-512 the "avx512" cases repeat the "avx2" ones. Also the
+backward's split of a (batch, key head) pair over several threads, and the threads themselves."""
 from pathlib import Path
 
 import pytest
@@ -65,6 +65,25 @@ def test_forward_reads_16_bit_rows_itself(isa, dtype):
     q, k, v = (torch.randn(1, 2, n, 64, dtype=dtype) for n in (3, 300, 300))
     names = op_names(lambda: torch.ops.cuflash_attn.fwd(q, k, v))
     assert "aten::_to_copy" not in names and "aten::copy_" not in names, names
+
+
+@pytest.fixture(params=[1, 3, 4])
+def threads(request):
+    """torch's thread count (more than the cores is allowed): the backward splits each (batch, key
+    head) pair into parts, each summing dK and dV on its own, where the pairs are too few to share
+    out evenly over the threads."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(request.param)
+    yield request.param
+    torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
+def test_backward_parts(threads, dtype):
+    check_dense("cpu", dtype, 1, 1, 1, 200, 150, 64)  # one pair, 7 blocks of query rows
+    check_dense("cpu", dtype, 1, 6, 2, 70, 130, 40, causal=True, window=(60, -1), dropout_p=0.1)  # grouped heads
+    check_dense("cpu", dtype, 1, 2, 1, 45, 99, 64, attn_mask=("float", "B1LS"))  # the mask's gradient
+    check_varlen("cpu", dtype, [70, 0, 129], [90, 12, 64], 2, 1, 48, causal=True)  # a sequence with no rows
 
 
 def test_threads_reach_the_kernels():

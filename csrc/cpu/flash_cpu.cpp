@@ -33,6 +33,9 @@ namespace {
 constexpr int kKeys = 64;                  // keys a tile
 constexpr int kBlockRows = kCpuBlockRows;  // query rows a block: a forward work item (flash_fwd_cpu_items)
 constexpr int kLaneRows = 8;               // blocks of fewer rows go a row at a time (fwd_rows)
+// The bytes of the backward's partial sums of dK and dV at most (flash_bwd_cpu_parts, counted in
+// double): as much as the math path's attention matrix of one head over 16k keys in float32.
+constexpr int64_t kMaxBwdPartialBytes = int64_t{1} << 30;
 
 #define CUFLASH_CPU_INLINE inline __attribute__((always_inline))
 
@@ -638,123 +641,142 @@ CUFLASH_CPU_INLINE void fwd_block_impl(const FlashFwdParams& p, int b, int h, in
   }
 }
 
-// The backward of key head hk of batch b: for each query head of its group and block of rows,
-// the tiles of the keys the rows see: P and dS a lane a row, then dV and dK of each key summed
-// over the rows that see it (in place, dK scaled last), dQ^T of the block over its keys.
+// Which units (query head of the group, block of rows) of a (batch, key head) a backward work item
+// takes, and where its sums of dK and dV go: units index, index + count, ... (interleaved, so that
+// under a causal mask the parts do alike work); part 0 (or the only one) into dk and dv, part
+// c > 0 into its own buffers [seqlen_k][D] in flash_bwd_cpu's partials, which flash_bwd_cpu_finish
+// adds in.
+template <typename T>
+struct BwdPart {
+  int index, count;
+  T *dk, *dv;  // null: p.dk, p.dv
+};
+
+// The backward of the units `part` takes of key head hk of batch b: for each, the tiles of the keys
+// the block's rows see: P and dS a lane a row, then dV and dK of each key summed over the rows
+// that see it (in place; dK scaled last where there is one part), dQ^T of the block over its keys.
 template <class S, typename T = typename S::Scalar>
-CUFLASH_CPU_INLINE void bwd_head_impl(const FlashBwdParams& p, int b, int hk, CpuScratch<T>& w) {
+CUFLASH_CPU_INLINE void bwd_head_impl(const FlashBwdParams& p, int b, int hk, const BwdPart<T>& part,
+                                      CpuScratch<T>& w) {
   constexpr int R = S::kRowVecs, L = S::kLanes;
   const AttentionShape& sh = p.shape;
   const int D = sh.head_dim, group = sh.heads_q / sh.heads_kv;
   const T scale = static_cast<T>(p.scale), inf = std::numeric_limits<T>::infinity();
   const Sequence s = sequence_of(p, b);
+  auto dk_row = [&](int j) {
+    return part.dk ? part.dk + int64_t{j} * D : row_at<T>(p.dk, p.dk_strides, s, false, b, hk, j);
+  };
+  auto dv_row = [&](int j) {
+    return part.dv ? part.dv + int64_t{j} * D : row_at<T>(p.dv, p.dv_strides, s, false, b, hk, j);
+  };
   for (int j = 0; j < s.seqlen_k; ++j) {
-    std::fill_n(row_at<T>(p.dk, p.dk_strides, s, false, b, hk, j), D, T(0));
-    std::fill_n(row_at<T>(p.dv, p.dv_strides, s, false, b, hk, j), D, T(0));
+    std::fill_n(dk_row(j), D, T(0));
+    std::fill_n(dv_row(j), D, T(0));
   }
   T* st = w.scores.data();
   T* dpt = w.dp.data();
   T* capped = w.capped.data();
   T* dq_t = w.acc.data();  // dQ^T of a block [D][kBlockRows]
-  for (int h = hk * group; h < (hk + 1) * group; ++h) {
+  const int blocks = (s.seqlen_q + kBlockRows - 1) / kBlockRows;
+  for (int unit = part.index; unit < group * blocks; unit += part.count) {
+    const int h = hk * group + unit / blocks, i0 = unit % blocks * kBlockRows;
     const RowRules<T> rules(p, b, h);
     const int64_t stats = stats_offset(p.stats_strides, s, b, h);
     const T* lse = static_cast<const T*>(p.lse) + stats;
     const T* dlse = p.dlse ? static_cast<const T*>(p.dlse) + stats : nullptr;
-    for (int i0 = 0; i0 < s.seqlen_q; i0 += kBlockRows) {
-      const int rows = std::min(kBlockRows, s.seqlen_q - i0);
-      BlockKeys keys(s.seqlen_k);
-      T row_lse[kBlockRows], row_delta[kBlockRows];
-      for (int r = 0; r < kBlockRows; ++r) {
-        row_lse[r] = T(0);
-        keys.set(r, Range{0, 0});
-        if (r >= rows) continue;
-        const int i = i0 + r;
-        w.q_rows[r] = row_at<const T>(p.q, p.q_strides, s, true, b, h, i);
-        w.do_rows[r] = row_at<const T>(p.dout, p.dout_strides, s, true, b, h, i);
-        w.o_rows[r] = row_at<const T>(p.out, p.out_strides, s, true, b, h, i);
-        // A row that saw no key (lse -inf) has output 0 and contributes nothing.
-        if (lse[i] == -inf) continue;
-        row_lse[r] = lse[i];
-        keys.set(r, visible_keys(p.mask, s, i, i + 1));
+    const int rows = std::min(kBlockRows, s.seqlen_q - i0);
+    BlockKeys keys(s.seqlen_k);
+    T row_lse[kBlockRows], row_delta[kBlockRows];
+    for (int r = 0; r < kBlockRows; ++r) {
+      row_lse[r] = T(0);
+      keys.set(r, Range{0, 0});
+      if (r >= rows) continue;
+      const int i = i0 + r;
+      w.q_rows[r] = row_at<const T>(p.q, p.q_strides, s, true, b, h, i);
+      w.do_rows[r] = row_at<const T>(p.dout, p.dout_strides, s, true, b, h, i);
+      w.o_rows[r] = row_at<const T>(p.out, p.out_strides, s, true, b, h, i);
+      // A row that saw no key (lse -inf) has output 0 and contributes nothing.
+      if (lse[i] == -inf) continue;
+      row_lse[r] = lse[i];
+      keys.set(r, visible_keys(p.mask, s, i, i + 1));
+    }
+    std::fill(w.acc.begin(), w.acc.end(), T(0));
+    if (keys.begin < keys.end) {
+      pack_block(w.q_rows.data(), rows, D, w.qt.data());
+      pack_block(w.do_rows.data(), rows, D, w.dot.data());
+      pack_block(w.o_rows.data(), rows, D, w.ot.data());
+      row_lanes_diagonal<S>(w.dot.data(), w.ot.data(), D, row_delta);  // delta = dO . O - dlse
+      if (dlse)
+        for (int r = 0; r < rows; ++r) row_delta[r] -= dlse[i0 + r];
+    }
+    const bool q_finite = rows_finite<S>(w.q_rows.data(), rows, D);
+    const bool do_finite = rows_finite<S>(w.do_rows.data(), rows, D);
+    for (int j0 = keys.begin; j0 < keys.end; j0 += kKeys) {
+      const int count = std::min(kKeys, keys.end - j0);
+      for (int jj = 0; jj < count; ++jj) {
+        w.k_rows[jj] = key_row_at<const T>(p, p.k, p.k_strides, s, b, hk, j0 + jj);
+        w.v_rows[jj] = key_row_at<const T>(p, p.v, p.v_strides, s, b, hk, j0 + jj);
+        w.dk_rows[jj] = dk_row(j0 + jj);
+        w.dv_rows[jj] = dv_row(j0 + jj);
       }
-      std::fill(w.acc.begin(), w.acc.end(), T(0));
-      if (keys.begin < keys.end) {
-        pack_block(w.q_rows.data(), rows, D, w.qt.data());
-        pack_block(w.do_rows.data(), rows, D, w.dot.data());
-        pack_block(w.o_rows.data(), rows, D, w.ot.data());
-        row_lanes_diagonal<S>(w.dot.data(), w.ot.data(), D, row_delta);  // delta = dO . O - dlse
-        if (dlse)
-          for (int r = 0; r < rows; ++r) row_delta[r] -= dlse[i0 + r];
-      }
-      const bool q_finite = rows_finite<S>(w.q_rows.data(), rows, D);
-      const bool do_finite = rows_finite<S>(w.do_rows.data(), rows, D);
-      for (int j0 = keys.begin; j0 < keys.end; j0 += kKeys) {
-        const int count = std::min(kKeys, keys.end - j0);
-        for (int jj = 0; jj < count; ++jj) {
-          w.k_rows[jj] = key_row_at<const T>(p, p.k, p.k_strides, s, b, hk, j0 + jj);
-          w.v_rows[jj] = key_row_at<const T>(p, p.v, p.v_strides, s, b, hk, j0 + jj);
-          w.dk_rows[jj] = row_at<T>(p.dk, p.dk_strides, s, false, b, hk, j0 + jj);
-          w.dv_rows[jj] = row_at<T>(p.dv, p.dv_strides, s, false, b, hk, j0 + jj);
-        }
-        row_lanes_dot<S>(w.qt.data(), w.k_rows.data(), count, D, w.zeros.data(), st);
-        row_lanes_dot<S>(w.dot.data(), w.v_rows.data(), count, D, w.zeros.data(), dpt);
-        // P^T from the scores and the rows' lse, in place of the scores.
-        if (rules.plain) {
-          for (int i = 0; i < count * kBlockRows; ++i) st[i] *= scale;
-        } else {
-          for (int jj = 0; jj < count; ++jj)
-            for (int r = 0; r < rows; ++r) {
-              T& x = st[jj * kBlockRows + r];
-              x = rules.score(s, x, i0 + r, j0 + jj, &capped[jj * kBlockRows + r]);
-            }
-        }
+      row_lanes_dot<S>(w.qt.data(), w.k_rows.data(), count, D, w.zeros.data(), st);
+      row_lanes_dot<S>(w.dot.data(), w.v_rows.data(), count, D, w.zeros.data(), dpt);
+      // P^T from the scores and the rows' lse, in place of the scores.
+      if (rules.plain) {
+        for (int i = 0; i < count * kBlockRows; ++i) st[i] *= scale;
+      } else {
         for (int jj = 0; jj < count; ++jj)
-          for (int v = 0; v < R; ++v) {
-            T* x = st + jj * kBlockRows + v * L;
-            store<S>(x, softmax_exp<S>(load<S>(x) - load<S>(row_lse + v * L)));
-          }
-        const bool sees_all = keys.sees_all(rows, j0, count);
-        if (!sees_all) hide_lanes(keys, j0, count, T(0), st);
-        // dS^T = P (z dP - delta) in place of dP, where z = keep / (1 - p) with dropout (out = sum_j
-        // P z v: dV takes P z, and the gradient reaching P is z (dO . v)); P z in place of P.
-        if (!rules.dropout) {
-          for (int jj = 0; jj < count; ++jj)
-            for (int r = 0; r < kBlockRows; ++r)
-              dpt[jj * kBlockRows + r] = st[jj * kBlockRows + r] * (dpt[jj * kBlockRows + r] - row_delta[r]);
-        } else {
-          for (int jj = 0; jj < count; ++jj)
-            for (int r = 0; r < kBlockRows; ++r) {
-              const int at = jj * kBlockRows + r;
-              const T z = r < rows ? rules.keep(b, h, sh.heads_q, i0 + r, j0 + jj) : T(0);
-              dpt[at] = st[at] * (z * dpt[at] - row_delta[r]);
-              st[at] *= z;
-            }
-        }
-        if (!sees_all) hide_lanes(keys, j0, count, T(0), dpt);  // 0 x a hidden key's NaN
-        if (p.dscores)
           for (int r = 0; r < rows; ++r) {
-            T* dscores = static_cast<T*>(p.dscores) + dscores_offset(sh, b, h, i0 + r);
-            const int lo = std::max(keys.lo[r], j0), hi = std::min(keys.hi[r], j0 + count);
-            for (int j = lo; j < hi; ++j) dscores[j] = dpt[(j - j0) * kBlockRows + r];
+            T& x = st[jj * kBlockRows + r];
+            x = rules.score(s, x, i0 + r, j0 + jj, &capped[jj * kBlockRows + r]);
           }
-        if (!rules.plain && rules.score.softcap > T(0))
-          for (int i = 0; i < count * kBlockRows; ++i) dpt[i] *= T(1) - capped[i] * capped[i];
-        // dV and dK of each key over the block's rows; dQ^T of the rows over the tile's keys.
-        add_visible_rows_times_lanes<S>(w.dv_rows.data(), D, count, st, rows, w.do_rows.data(), do_finite, keys, j0,
-                                        sees_all);
-        add_visible_rows_times_lanes<S>(w.dk_rows.data(), D, count, dpt, rows, w.q_rows.data(), q_finite, keys, j0,
-                                        sees_all);
-        add_visible_lanes_times_rows<S>(dq_t, D, count, dpt, w.k_rows.data(), keys, rows, j0, sees_all);
       }
-      for (int r = 0; r < rows; ++r) {
-        T* dq = row_at<T>(p.dq, p.dq_strides, s, true, b, h, i0 + r);
-        for (int d = 0; d < D; ++d) dq[d] = dq_t[d * kBlockRows + r] * scale;
+      for (int jj = 0; jj < count; ++jj)
+        for (int v = 0; v < R; ++v) {
+          T* x = st + jj * kBlockRows + v * L;
+          store<S>(x, softmax_exp<S>(load<S>(x) - load<S>(row_lse + v * L)));
+        }
+      const bool sees_all = keys.sees_all(rows, j0, count);
+      if (!sees_all) hide_lanes(keys, j0, count, T(0), st);
+      // dS^T = P (z dP - delta) in place of dP, where z = keep / (1 - p) with dropout (out = sum_j
+      // P z v: dV takes P z, and the gradient reaching P is z (dO . v)); P z in place of P.
+      if (!rules.dropout) {
+        for (int jj = 0; jj < count; ++jj)
+          for (int r = 0; r < kBlockRows; ++r)
+            dpt[jj * kBlockRows + r] = st[jj * kBlockRows + r] * (dpt[jj * kBlockRows + r] - row_delta[r]);
+      } else {
+        for (int jj = 0; jj < count; ++jj)
+          for (int r = 0; r < kBlockRows; ++r) {
+            const int at = jj * kBlockRows + r;
+            const T z = r < rows ? rules.keep(b, h, sh.heads_q, i0 + r, j0 + jj) : T(0);
+            dpt[at] = st[at] * (z * dpt[at] - row_delta[r]);
+            st[at] *= z;
+          }
       }
+      if (!sees_all) hide_lanes(keys, j0, count, T(0), dpt);  // 0 x a hidden key's NaN
+      if (p.dscores)
+        for (int r = 0; r < rows; ++r) {
+          T* dscores = static_cast<T*>(p.dscores) + dscores_offset(sh, b, h, i0 + r);
+          const int lo = std::max(keys.lo[r], j0), hi = std::min(keys.hi[r], j0 + count);
+          for (int j = lo; j < hi; ++j) dscores[j] = dpt[(j - j0) * kBlockRows + r];
+        }
+      if (!rules.plain && rules.score.softcap > T(0))
+        for (int i = 0; i < count * kBlockRows; ++i) dpt[i] *= T(1) - capped[i] * capped[i];
+      // dV and dK of each key over the block's rows; dQ^T of the rows over the tile's keys.
+      add_visible_rows_times_lanes<S>(w.dv_rows.data(), D, count, st, rows, w.do_rows.data(), do_finite, keys, j0,
+                                      sees_all);
+      add_visible_rows_times_lanes<S>(w.dk_rows.data(), D, count, dpt, rows, w.q_rows.data(), q_finite, keys, j0,
+                                      sees_all);
+      add_visible_lanes_times_rows<S>(dq_t, D, count, dpt, w.k_rows.data(), keys, rows, j0, sees_all);
+    }
+    for (int r = 0; r < rows; ++r) {
+      T* dq = row_at<T>(p.dq, p.dq_strides, s, true, b, h, i0 + r);
+      for (int d = 0; d < D; ++d) dq[d] = dq_t[d * kBlockRows + r] * scale;
     }
   }
+  if (part.count > 1) return;  // flash_bwd_cpu_finish scales the sum
   for (int j = 0; j < s.seqlen_k; ++j) {
-    T* dk = row_at<T>(p.dk, p.dk_strides, s, false, b, hk, j);
+    T* dk = dk_row(j);
     for (int d = 0; d < D; ++d) dk[d] *= scale;
   }
 }
@@ -776,12 +798,13 @@ __attribute__((target("arch=x86-64-v3"))) void fwd_block_avx2(const FlashFwdPara
 }
 template <typename T>
 __attribute__((target("arch=x86-64-v4"))) void bwd_head_avx512(const FlashBwdParams& p, int b, int hk,
-                                                               CpuScratch<T>& w) {
-  bwd_head_impl<Simd<T, 64>>(p, b, hk, w);
+                                                               const BwdPart<T>& part, CpuScratch<T>& w) {
+  bwd_head_impl<Simd<T, 64>>(p, b, hk, part, w);
 }
 template <typename T>
-__attribute__((target("arch=x86-64-v3"))) void bwd_head_avx2(const FlashBwdParams& p, int b, int hk, CpuScratch<T>& w) {
-  bwd_head_impl<Simd<T, 32>>(p, b, hk, w);
+__attribute__((target("arch=x86-64-v3"))) void bwd_head_avx2(const FlashBwdParams& p, int b, int hk,
+                                                             const BwdPart<T>& part, CpuScratch<T>& w) {
+  bwd_head_impl<Simd<T, 32>>(p, b, hk, part, w);
 }
 #endif
 
@@ -809,13 +832,13 @@ void fwd_block(CpuIsa isa, const FlashFwdParams& p, int b, int h, int block, Cpu
   fwd_block_impl<Simd<T, 16>>(p, b, h, block, w);
 }
 template <typename T>
-void bwd_head(CpuIsa isa, const FlashBwdParams& p, int b, int hk, CpuScratch<T>& w) {
+void bwd_head(CpuIsa isa, const FlashBwdParams& p, int b, int hk, const BwdPart<T>& part, CpuScratch<T>& w) {
 #ifdef CUFLASH_CPU_WIDE_ISAS
-  if (isa == CpuIsa::kAvx512) return bwd_head_avx512<T>(p, b, hk, w);
-  if (isa == CpuIsa::kAvx2) return bwd_head_avx2<T>(p, b, hk, w);
+  if (isa == CpuIsa::kAvx512) return bwd_head_avx512<T>(p, b, hk, part, w);
+  if (isa == CpuIsa::kAvx2) return bwd_head_avx2<T>(p, b, hk, part, w);
 #endif
   (void)isa;
-  bwd_head_impl<Simd<T, 16>>(p, b, hk, w);
+  bwd_head_impl<Simd<T, 16>>(p, b, hk, part, w);
 }
 
 int fwd_query_blocks(const FlashFwdParams& p) { return (p.shape.seqlen_q + kBlockRows - 1) / kBlockRows; }
@@ -833,17 +856,79 @@ void flash_fwd_cpu(const FlashFwdParams& p, int64_t item_begin, int64_t item_end
   const int blocks = fwd_query_blocks(p);
   for (int64_t item = item_begin; item < item_end; ++item) {
     const int64_t bh = item / blocks;
-    fwd_block(isa, p, static_cast<int>(bh / p.shape.heads_q), static_cast<int>(bh % p.shape.heads_q),
-              static_cast<int>(item % blocks), w);
+    // A head's blocks in the order 0, last, 1, last - 1, ...: the threads take contiguous ranges of
+    // items, and under a causal mask a block's work grows with its index.
+    const int slot = static_cast<int>(item % blocks), block = slot % 2 ? blocks - 1 - slot / 2 : slot / 2;
+    fwd_block(isa, p, static_cast<int>(bh / p.shape.heads_q), static_cast<int>(bh % p.shape.heads_q), block, w);
   }
 }
 
+int flash_bwd_cpu_parts(const FlashBwdParams& p, int threads) {
+  const AttentionShape& sh = p.shape;
+  const int64_t pairs = int64_t{sh.batch} * sh.heads_kv;
+  const int64_t units = int64_t{sh.heads_q / sh.heads_kv} * ((sh.seqlen_q + kBlockRows - 1) / kBlockRows);
+  const int64_t part_bytes = pairs * 2 * sh.seqlen_k * sh.head_dim * int64_t{sizeof(double)};
+  const int64_t most = std::min({int64_t{threads}, units, 1 + kMaxBwdPartialBytes / std::max<int64_t>(part_bytes, 1)});
+  // The parts of a pair do alike work, so the threads' share is even where the items fill their
+  // rounds: the fewest parts that leave at most a tenth of the threads' time idle.
+  int64_t parts = 1;
+  for (; parts < most; ++parts) {
+    const int64_t items = pairs * parts, rounds = (items + threads - 1) / threads;
+    if (rounds * threads * 10 <= items * 11) break;
+  }
+  return static_cast<int>(parts);
+}
+
+int64_t flash_bwd_cpu_partial_elems(const FlashBwdParams& p, int parts) {
+  return int64_t{p.shape.batch} * p.shape.heads_kv * (parts - 1) * 2 * p.shape.seqlen_k * p.shape.head_dim;
+}
+
+namespace {
+// Part c > 0 of pair bhk's dK (0) or dV (1) sums: [seqlen_k][D] within flash_bwd_cpu's partials.
 template <typename T>
-void flash_bwd_cpu(const FlashBwdParams& p, int64_t bhk_begin, int64_t bhk_end) {
+T* partial_sums(const FlashBwdParams& p, int parts, T* partials, int64_t bhk, int c, int which) {
+  return partials + ((bhk * (parts - 1) + c - 1) * 2 + which) * p.shape.seqlen_k * p.shape.head_dim;
+}
+}  // namespace
+
+template <typename T>
+void flash_bwd_cpu(const FlashBwdParams& p, int parts, T* partials, int64_t item_begin, int64_t item_end) {
   CpuScratch<T> w(p.shape.head_dim);
   const CpuIsa isa = cpu_isa();
-  for (int64_t bhk = bhk_begin; bhk < bhk_end; ++bhk)
-    bwd_head(isa, p, static_cast<int>(bhk / p.shape.heads_kv), static_cast<int>(bhk % p.shape.heads_kv), w);
+  for (int64_t item = item_begin; item < item_end; ++item) {
+    const int64_t bhk = item / parts;
+    const int c = static_cast<int>(item % parts);
+    const BwdPart<T> part{c, parts, c ? partial_sums(p, parts, partials, bhk, c, 0) : nullptr,
+                          c ? partial_sums(p, parts, partials, bhk, c, 1) : nullptr};
+    bwd_head(isa, p, static_cast<int>(bhk / p.shape.heads_kv), static_cast<int>(bhk % p.shape.heads_kv), part, w);
+  }
+}
+
+int64_t flash_bwd_cpu_finish_items(const FlashBwdParams& p) {
+  return int64_t{p.shape.batch} * p.shape.heads_kv * ((p.shape.seqlen_k + kKeys - 1) / kKeys);
+}
+
+template <typename T>
+void flash_bwd_cpu_finish(const FlashBwdParams& p, int parts, const T* partials, int64_t item_begin, int64_t item_end) {
+  const AttentionShape& sh = p.shape;
+  const int D = sh.head_dim, tiles = (sh.seqlen_k + kKeys - 1) / kKeys;
+  const T scale = static_cast<T>(p.scale);
+  for (int64_t item = item_begin; item < item_end; ++item) {
+    const int64_t bhk = item / tiles;
+    const int b = static_cast<int>(bhk / sh.heads_kv), hk = static_cast<int>(bhk % sh.heads_kv);
+    const Sequence s = sequence_of(p, b);
+    const int j0 = static_cast<int>(item % tiles) * kKeys;
+    for (int j = j0; j < std::min(j0 + kKeys, s.seqlen_k); ++j) {
+      T* dk = row_at<T>(p.dk, p.dk_strides, s, false, b, hk, j);
+      T* dv = row_at<T>(p.dv, p.dv_strides, s, false, b, hk, j);
+      for (int c = 1; c < parts; ++c) {
+        const T* dk_c = partial_sums(p, parts, partials, bhk, c, 0) + int64_t{j} * D;
+        const T* dv_c = partial_sums(p, parts, partials, bhk, c, 1) + int64_t{j} * D;
+        for (int d = 0; d < D; ++d) dk[d] += dk_c[d], dv[d] += dv_c[d];
+      }
+      for (int d = 0; d < D; ++d) dk[d] *= scale;
+    }
+  }
 }
 
 void dropout_keep_mask_cpu(const DropoutParams& d, int batch, int heads, int seqlen_q, int seqlen_k, bool* keep) {
@@ -856,7 +941,9 @@ void dropout_keep_mask_cpu(const DropoutParams& d, int batch, int heads, int seq
 
 template void flash_fwd_cpu<float>(const FlashFwdParams&, int64_t, int64_t);
 template void flash_fwd_cpu<double>(const FlashFwdParams&, int64_t, int64_t);
-template void flash_bwd_cpu<float>(const FlashBwdParams&, int64_t, int64_t);
-template void flash_bwd_cpu<double>(const FlashBwdParams&, int64_t, int64_t);
+template void flash_bwd_cpu<float>(const FlashBwdParams&, int, float*, int64_t, int64_t);
+template void flash_bwd_cpu<double>(const FlashBwdParams&, int, double*, int64_t, int64_t);
+template void flash_bwd_cpu_finish<float>(const FlashBwdParams&, int, const float*, int64_t, int64_t);
+template void flash_bwd_cpu_finish<double>(const FlashBwdParams&, int, const double*, int64_t, int64_t);
 
 }  // namespace cuflash
