@@ -100,14 +100,19 @@ def test_window(d, route):
 APART = {"equal": ([0, 100, 250, 300], [0, 100, 250, 300]), "unequal": ([0, 100, 250, 300], [0, 120, 210, 280])}
 
 
+# The masks of test_keeps_sequences_apart: (causal, window); bottom-right where causal.
+APART_MASKS = {"none": (False, (-1, -1)), "causal": (True, (-1, -1)), "window": (False, (40, 10))}
+
+
 @pytest.mark.parametrize("d", [64, 128])
-@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("mask", list(APART_MASKS))
 @pytest.mark.parametrize("lengths", list(APART))
-def test_keeps_sequences_apart(d, causal, lengths, route):
+def test_keeps_sequences_apart(d, mask, lengths, route):
     """NaN in the middle sequence's q, k, v and dout: each box that reads past a sequence's end
     brings the next sequence's rows, which must not reach the first or the last sequence's
-    gradients (each against its own reference; causal bottom-right), and the 30 rows after the
-    last sequence stay 0."""
+    gradients (each against its own reference; causal bottom-right; a window, whose key blocks
+    start inside the sequence), and the 30 rows after the last sequence stay 0."""
+    causal, window = APART_MASKS[mask]
     torch.manual_seed(0)
     heads_q, heads_kv = 4, 2
     cu_q, cu_k = APART[lengths]
@@ -118,14 +123,14 @@ def test_keeps_sequences_apart(d, causal, lengths, route):
         t[cu[1]:cu[2]] = float("nan")
     offsets = [torch.tensor(cu, device="cuda", dtype=torch.int32) for cu in (cu_q, cu_k)]
     packed = dict(cu_seqlens_q=offsets[0], cu_seqlens_k=offsets[1], max_seqlen_q=150, max_seqlen_k=150)
-    options = dict(is_causal=causal, bottom_right=causal)
+    options = dict(is_causal=causal, bottom_right=causal, window_left=window[0], window_right=window[1])
     out, lse = torch.ops.cuflash_attn.fwd(q, k, v, **options, **packed)
     dq, dk, dv, _ = torch.ops.cuflash_attn.bwd(dout, q, k, v, out, lse, **options,
                                                deterministic=route[0] != "atomic", **packed)
     for b in (0, 2):
         sq, sk = slice(cu_q[b], cu_q[b + 1]), slice(cu_k[b], cu_k[b + 1])
         seq = [t[s].transpose(0, 1)[None] for t, s in ((q, sq), (k, sk), (v, sk), (dout, sq))]
-        ref_options = {"causal": causal, "bottom_right": causal}
+        ref_options = {"causal": causal, "bottom_right": causal, "window": window}
         ref = reference_grads(*seq, torch.float64, ref_options, None)
         pt = reference_grads(*seq, torch.bfloat16, ref_options, None)
         got = (out[sq].transpose(0, 1)[None], lse[:, sq][None], dq[sq].transpose(0, 1)[None],
@@ -149,7 +154,11 @@ def test_ordered_is_reproducible(d, monkeypatch):
     k, v = (torch.randn(sum(lengths), 2, d, device="cuda", dtype=torch.bfloat16) for _ in range(2))
     packed = dict(cu_seqlens_q=cu, cu_seqlens_k=cu, max_seqlen_q=max(lengths), max_seqlen_k=max(lengths))
     out, lse = torch.ops.cuflash_attn.fwd(q, k, v, None, True, False, **packed)
-    runs = [torch.ops.cuflash_attn.bwd(dout, q, k, v, out, lse, None, None, True, False, deterministic=True,
-                                       **packed)[:3] for _ in range(3)]
+    backward = lambda: torch.ops.cuflash_attn.bwd(dout, q, k, v, out, lse, None, None, True, False,  # noqa: E731
+                                                  deterministic=True, **packed)[:3]
+    names = cuda_kernels(backward)
+    assert any(fused_backward_kernel(d, wide=wide, ordered=True, packed=True) in names for wide in (False, True)), \
+        names  # the fused kernel's ordered adds, not the pair's
+    runs = [backward() for _ in range(3)]
     for again in runs[1:]:
         assert all(torch.equal(a, b) for a, b in zip(runs[0], again))

@@ -64,10 +64,15 @@ def persistent_rows(d, nq, keys, causal):
     return persistent_wide(d, False, nq) if bucket(d) == 64 else bucket(d) == 128 and keys < 4096
 
 
-def packed_kernel(d, longest, masked, persistent, dtype=torch.bfloat16):
-    """The TMA kernel packed sequences whose rows see fewer than 2048 keys take under the "varlen"
-    part: the tile a dense batch of the longest sequence's length would take (persistent where the
-    part is on, and then at head dim 64 wide as persistent_wide says)."""
+def packed_kernel(d, longest, masked, part, dtype=torch.bfloat16):
+    """The TMA kernel packed sequences whose rows see fewer than 2048 keys take in varlen_part's
+    run `part`: the tile a dense batch of the longest sequence's length would take (persistent
+    where that part is on, and then at head dim 64 wide as persistent_wide says); under
+    CUFLASH_FWD_TILE=wide the wide tile at head dim 64, the narrow one at 128 and 256 (their wide
+    tiles take no packed sequences)."""
+    if part == "wide":
+        return tma_kernel(bucket(d), wide=bucket(d) == 64, dtype=dtype)
+    persistent = part == "persistent"
     return tma_kernel(bucket(d), wide=persistent and persistent_wide(d, masked, nq=longest), dtype=dtype,
                       persistent=persistent)
 
@@ -236,17 +241,20 @@ def test_varlen_never_takes_tma():
     assert "flash_fwd_sm90_kernel<" in names and "tma" not in names, names
 
 
-@pytest.fixture(params=["narrow", "persistent"])
+@pytest.fixture(params=["narrow", "persistent", "wide"])
 def varlen_part(request, mode, monkeypatch):
-    """The "varlen" part named (at every shape) for the test, in one of the modes' runs only, with
+    """The "varlen" part named (at every shape) for the test, in one of the modes' runs only: with
     or without the persistent kernel (which takes packed sequences where it would take a dense
-    batch of the longest one's length: these tests' short ones, at head dims up to 128). Returns
-    whether the persistent part is on."""
+    batch of the longest one's length: these tests' short ones, at head dims up to 128), or with
+    the wide tile asked for (CUFLASH_FWD_TILE=wide: at head dim 64 the wide kernel that is not
+    persistent, which the defaults give masked sequences from 2048 keys). Returns the run's name,
+    packed_kernel's `part`."""
     if mode != "tma":
         pytest.skip("one run: the part is set here")
-    persistent = request.param == "persistent"
-    monkeypatch.setenv("CUFLASH_SM90", "tma,persistent,varlen" if persistent else "tma,varlen")
-    return persistent
+    monkeypatch.setenv("CUFLASH_SM90", "tma,persistent,varlen" if request.param == "persistent" else "tma,varlen")
+    if request.param == "wide":
+        monkeypatch.setenv("CUFLASH_FWD_TILE", "wide")
+    return request.param
 
 
 VARLEN_TMA_LENGTHS = [([5, 0, 130, 64], [7, 3, 130, 0]), ([1], [1]), ([200, 33, 0], [100, 333, 0]),
@@ -289,7 +297,7 @@ def test_varlen_on_tma_windows_and_unknown_lengths(d, varlen_part):
     lens_q, lens_k = [300, 0, 129, 700], [300, 40, 129, 500]
     names = cuda_kernels(lambda: check_varlen("cuda", torch.bfloat16, lens_q, lens_k, 4, 2, d, window=(100, 20),
                                               bottom_right=True))
-    assert tma_kernel(d, persistent=varlen_part) in names, names
+    assert packed_kernel(d, max(lens_q), True, varlen_part) in names, names
     names = cuda_kernels(lambda: check_varlen("cuda", torch.bfloat16, lens_q, lens_k, 4, 2, d, max_seqlen=False,
                                               causal=True))
     assert "flash_fwd_sm90_kernel<" in names and "flash_fwd_sm90_tma_kernel" not in names, names
@@ -327,7 +335,7 @@ def test_varlen_on_tma_keeps_sequences_apart(varlen_part):
     cu = torch.tensor([0, 100, 250, 300], device="cuda", dtype=torch.int32)
     call = lambda: torch.ops.cuflash_attn.fwd(q, k, v, None, False, False, cu_seqlens_q=cu,  # noqa: E731
                                               cu_seqlens_k=cu, max_seqlen_q=150, max_seqlen_k=150)
-    assert packed_kernel(64, 150, False, varlen_part) in cuda_kernels(call)  # wide where persistent
+    assert packed_kernel(64, 150, False, varlen_part) in cuda_kernels(call)  # wide where persistent or asked
     out, lse = call()
     for rows in (slice(0, 100), slice(250, 300)):
         seq = [t[rows].transpose(0, 1)[None] for t in (q, k, v)]

@@ -810,11 +810,14 @@ struct BackwardTmaMaps {
 };
 // Whether TMA can address q, dout, k and v of p, and dk and dv where stored by TMA (dkdv_stores):
 // packed sequences only where the kernel takes them (may_pack: bwd_may_pack) and the "bwdvarlen"
-// part is on; aligned, no zero stride. Integer checks only: fused_backward_runs asks it before any
-// map is encoded.
+// part is on, and with both offsets (the packed kernels read q's and k's; the op passes both or
+// neither, a direct C++ caller might not); aligned, no zero stride. Integer checks only:
+// fused_backward_runs asks it before any map is encoded.
 inline bool bwd_tma_addressable(const FlashBwdParams& p, bool dkdv_stores, bool may_pack) {
   const AttentionShape& sh = p.shape;
-  if (p.varlen.cu_seqlens_q != nullptr && !(may_pack && sm90_paths(p).bwd_varlen)) return false;
+  const bool packed = p.varlen.cu_seqlens_q != nullptr;
+  if (packed != (p.varlen.cu_seqlens_k != nullptr)) return false;
+  if (packed && !(may_pack && sm90_paths(p).bwd_varlen)) return false;
   const MapRows m = attention_map_rows(p);
   return tma_can_address(p.q, 2, p.q_strides, m.q_batch, sh.heads_q, m.q_rows, sh.head_dim) &&
          tma_can_address(p.dout, 2, p.dout_strides, m.q_batch, sh.heads_q, m.q_rows, sh.head_dim) &&
