@@ -4,14 +4,14 @@ forward and forward + backward, in one process.
 
     python3 benchmarks/bench_cpu.py [--dtypes fp32,bf16] [--isas avx512,avx2,base] [--threads N]
                                     [--shapes "1,8,1024,64;1,8,2048,128;2,16,512,64"]
-    python3 benchmarks/bench_cpu.py --decode [--shapes "1,32,8,1,4096,128;1,32,8,4,4096,128"]
+    python3 benchmarks/bench_cpu.py --decode [--num-splits N] [--shapes "1,32,8,1,4096,128;1,32,8,4,4096,128"]
 
 Each shape (batch, heads, seqlen, head_dim) runs causal and not; ours under each CUFLASH_CPU_ISA
 value of --isas (those above what the CPU has run its best), torch's under its own dispatch. The
 figure is the fastest of --repeats calls (the CPU's timings are steady; the fastest is the one
 least disturbed), in ms; the ratio is torch's time over ours (above 1: ours is faster).
 --decode: the forward of a few query rows over a longer cache (shapes batch, heads_q, heads_kv,
-seqlen_q, seqlen_k, head_dim; no mask; GQA through torch's enable_gqa)."""
+seqlen_q, seqlen_k, head_dim; no mask; GQA through torch's enable_gqa; ours with --num-splits)."""
 import argparse
 import sys
 import time
@@ -27,7 +27,8 @@ from bench_attention import switches_set  # noqa: E402  (run-time switches in a 
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "fp64": torch.float64}
 SHAPES = "1,8,1024,64;1,8,2048,128;2,16,512,64;1,4,4096,64"
-DECODE_SHAPES = "1,32,32,1,4096,128;1,32,8,1,4096,128;4,32,8,1,2048,128;1,32,8,4,4096,128;1,32,8,16,4096,128"
+DECODE_SHAPES = ("1,32,32,1,4096,128;1,32,8,1,4096,128;4,32,8,1,2048,128;1,32,8,4,4096,128;1,32,8,16,4096,128;"
+                 "1,8,1,4,8192,128;1,16,2,2,8192,128")
 
 
 def fastest_ms(step, repeats):
@@ -48,6 +49,8 @@ def main(argv=None):
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--decode", action="store_true", help="few query rows over a long cache, forward only")
+    p.add_argument("--num-splits", type=int, default=0,
+                   help="--decode: ours' split-KV (0, flash_attn_with_kvcache's default: chosen; 1: never)")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -106,7 +109,8 @@ def decode(args, shapes):
             cells = []
             for isa in isas:
                 with switches_set({"CUFLASH_CPU_ISA": isa}):
-                    cells.append(fastest_ms(lambda: cuflash_attn.flash_attention(q, k, v), args.repeats))
+                    cells.append(fastest_ms(lambda: cuflash_attn.flash_attention(q, k, v, num_splits=args.num_splits),
+                                            args.repeats))
             theirs = fastest_ms(lambda: F.scaled_dot_product_attention(q, k, v, enable_gqa=hq != hk), args.repeats)
             row = [dtype_name, shape] + [f"{c:.2f}" for c in cells] + [f"{theirs:.2f}", f"{theirs / cells[0]:.2f}x"]
             print("| " + " | ".join(row) + " |", flush=True)

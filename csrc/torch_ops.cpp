@@ -428,6 +428,24 @@ KernelLayout layout_for(const Tensor& q, bool cpu_reads_16_bit = false) {
   return {t, tc ? (d + 7) / 8 * 8 : d, tc};
 }
 
+// The CPU kernels on torch's threads, in T = double for float64 and float otherwise: kernels(T*
+// partials, merging, begin, end) over `items` work items, then, where the work came in parts
+// (split-KV, the backward's parts of a pair), over `merge_items` that merge the parts' partial
+// results (partial_elems of T) once every part is done.
+template <class Kernels>
+void run_cpu_kernels(const Tensor& q, at::ScalarType dtype, int64_t partial_elems, int64_t items, int64_t merge_items,
+                     Kernels kernels) {
+  const bool fp64 = dtype == at::kDouble;
+  const Tensor partials = at::empty({partial_elems}, q.options().dtype(fp64 ? at::kDouble : at::kFloat));
+  auto run = [&](auto* partial) {
+    at::parallel_for(0, items, 1, [&](int64_t begin, int64_t end) { kernels(partial, false, begin, end); });
+    if (merge_items > 0)
+      at::parallel_for(0, merge_items, 1, [&](int64_t begin, int64_t end) { kernels(partial, true, begin, end); });
+  };
+  if (fp64) run(partials.data_ptr<double>());
+  else run(partials.data_ptr<float>());
+}
+
 int padded_head_dim_bucket(const Tensor& q, int64_t padded_head_dim) {
   const int bucket = cuda_head_dim_bucket(to_dtype(q.scalar_type()), static_cast<int>(padded_head_dim));
   TORCH_CHECK_NOT_IMPLEMENTED(bucket > 0, "cuflash_attn: head_dim ", num(q.size(-1)), " for ", q.scalar_type(),
@@ -491,9 +509,10 @@ std::vector<Tensor> fill_common(AttentionParams& p, AttentionShape sh, const Opt
 // for all of them instead of G CTAs reading it each; on padded batches where nothing depends on
 // the query's head (no ALiBi, attn_mask, dropout). On the CPU by default where a head's queries
 // fill less than one of the kernels' 32-row blocks (decoding steps: the block's K and V tiles
-// are then read once for the group) and the packed blocks still give every thread one (the
-// CPU kernels share out blocks of rows among threads; benchmarks/NOTES.md, thirty-first
-// session: 32 query heads on 8 KV heads over 4096 keys, 1.3x at one token, 1.8x at four, 2 threads).
+// are then read once for the group), where split-KV may share their keys out over the threads
+// (num_splits != 1), or else the packed blocks' rounds over the threads cost no more than the
+// unpacked ones' (benchmarks/NOTES.md, thirty-first and thirty-second sessions: 2 threads, 32
+// query heads on 8 KV heads over 4096 keys, 1.3x at one token, 1.8x at four).
 enum class GroupPacking { kNone, kOneQuery, kRows };
 GroupPacking group_packing(const Tensor& q, const Tensor& k, const Options& o) {
   if (o.varlen() || q.dim() != 4 || k.dim() != 4 || k.size(1) == 0 || q.size(1) <= k.size(1) ||
@@ -502,9 +521,19 @@ GroupPacking group_packing(const Tensor& q, const Tensor& k, const Options& o) {
   const PackGqaSwitch mode = pack_gqa_switch();  // (read only for grouped heads: every forward asks)
   if (mode == PackGqaSwitch::kNever) return GroupPacking::kNone;
   if (!q.is_cuda() && mode != PackGqaSwitch::kAlways) {
-    const int64_t rows = q.size(2) * (q.size(1) / k.size(1));
-    const int64_t packed_blocks = q.size(0) * k.size(1) * ((rows + kCpuBlockRows - 1) / kCpuBlockRows);
-    if (q.size(2) >= kCpuBlockRows || packed_blocks < at::get_num_threads()) return GroupPacking::kNone;
+    if (q.size(2) >= kCpuBlockRows) return GroupPacking::kNone;
+    // Without split-KV (num_splits 1) the packed blocks may leave threads idle: packed where the
+    // rounds of blocks the threads take cost no more (flash_fwd_cpu_block_cost).
+    if (o.num_splits == 1) {
+      const int64_t threads = at::get_num_threads(), rows = q.size(2) * (q.size(1) / k.size(1));
+      auto time = [&](int64_t heads, int64_t block_rows) {
+        const int64_t blocks = q.size(0) * heads * ((block_rows + kCpuBlockRows - 1) / kCpuBlockRows);
+        const int64_t rounds = (blocks + threads - 1) / threads;
+        return static_cast<double>(rounds) * flash_fwd_cpu_block_cost(static_cast<int>(
+                                                 std::min<int64_t>(block_rows, kCpuBlockRows)));
+      };
+      if (time(k.size(1), rows) > time(q.size(1), q.size(2))) return GroupPacking::kNone;
+    }
   }
   // One query a sequence that sees every key (no window; causal only aligned bottom-right):
   // FlashAttention-2's swap, a view, no mask.
@@ -612,10 +641,16 @@ std::tuple<Tensor, Tensor> fwd_impl(const Tensor& q, const Tensor& k, const Tens
     }
     check_cuda(run_flash_fwd_cuda(p, at::cuda::getCurrentCUDAStream()));
   } else {
-    at::parallel_for(0, flash_fwd_cpu_items(p), 1, [&](int64_t begin, int64_t end) {
-      if (layout.dtype == at::kDouble) flash_fwd_cpu<double>(p, begin, end);
-      else flash_fwd_cpu<float>(p, begin, end);
-    });
+    // Split-KV: each split's rows normalized over its keys, merged once all are done.
+    const int requested = static_cast<int>(std::min<int64_t>(o.num_splits, std::numeric_limits<int>::max()));
+    const int splits = flash_fwd_cpu_splits(p, at::get_num_threads(), requested);
+    run_cpu_kernels(q, layout.dtype, flash_fwd_cpu_partial_elems(p, splits), flash_fwd_cpu_items(p, splits),
+                    splits > 1 ? flash_fwd_cpu_combine_items(p) : 0,
+                    [&](auto* partial_rows, bool merging, int64_t begin, int64_t end) {
+                      using T = std::remove_pointer_t<decltype(partial_rows)>;
+                      if (merging) flash_fwd_cpu_combine<T>(p, splits, partial_rows, begin, end);
+                      else flash_fwd_cpu<T>(p, splits, partial_rows, begin, end);
+                    });
   }
   KernelLayout::finish(out_k, out);
   return {out, lse};
@@ -809,19 +844,13 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> bwd(const Tensor& dout, const Tensor&
   } else {
     // A pair's parts sum dK and dV into buffers of their own, added in once all are done.
     const int parts = flash_bwd_cpu_parts(p, at::get_num_threads());
-    const Tensor partials = at::empty({flash_bwd_cpu_partial_elems(p, parts)}, dk_k.options());
-    auto backward = [&](auto* partial_sums) {
-      using T = std::remove_pointer_t<decltype(partial_sums)>;
-      at::parallel_for(0, int64_t{sh.batch} * sh.heads_kv * parts, 1, [&](int64_t begin, int64_t end) {
-        flash_bwd_cpu<T>(p, parts, partial_sums, begin, end);
-      });
-      if (parts == 1) return;
-      at::parallel_for(0, flash_bwd_cpu_finish_items(p), 1, [&](int64_t begin, int64_t end) {
-        flash_bwd_cpu_finish<T>(p, parts, partial_sums, begin, end);
-      });
-    };
-    if (layout.dtype == at::kDouble) backward(partials.data_ptr<double>());
-    else backward(partials.data_ptr<float>());
+    run_cpu_kernels(q, layout.dtype, flash_bwd_cpu_partial_elems(p, parts), int64_t{sh.batch} * sh.heads_kv * parts,
+                    parts > 1 ? flash_bwd_cpu_finish_items(p) : 0,
+                    [&](auto* partial_sums, bool merging, int64_t begin, int64_t end) {
+                      using T = std::remove_pointer_t<decltype(partial_sums)>;
+                      if (merging) flash_bwd_cpu_finish<T>(p, parts, partial_sums, begin, end);
+                      else flash_bwd_cpu<T>(p, parts, partial_sums, begin, end);
+                    });
   }
   KernelLayout::finish(dq_k, dq);
   KernelLayout::finish(dk_k, dk);

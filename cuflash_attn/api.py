@@ -40,9 +40,10 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: b
     (int32 [batch], on q's device): how many of each sequence's keys take part, its first ones
     (clamped to seqlen_k; with bottom_right, masks and ALiBi align to that count; the others get
     gradient 0), a padded batch's key lengths or a KV cache's filled lengths, without reading
-    the rest. num_splits (the forward's; CUDA, float16/bfloat16): 1 (the default), each row's keys
-    in one CTA; n > 1, split among n CTAs whose partial outputs are merged (split-KV); 0, split
-    where one query block a sequence would leave SMs idle (decoding).
+    the rest. num_splits (the forward's; CUDA float16/bfloat16, and the CPU): 1 (the default), each
+    row's keys in one CTA (CPU: one work item); n > 1, split among n of them whose partial outputs
+    are merged (split-KV); 0, split where one query block a sequence would leave SMs (CPU: threads)
+    idle (decoding).
 
     Returns out (the layout of q), and with return_lse=True also the logsumexp of the scores,
     [batch, heads_q, seqlen_q] in float32 (float64 for float64 inputs); -inf for a query row that

@@ -328,8 +328,8 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
     and windows are aligned bottom-right to each sequence's last key. Returns out [batch,
     seqlen_q, heads_q, head_dim], and with return_softmax_lse also lse [batch, heads_q, seqlen_q].
     num_splits (flash_attn's): 0 chooses how many CTAs share a row's keys (split-KV, on CUDA for
-    16-bit inputs, where a few query tokens a sequence would leave SMs idle), 1 never splits,
-    n > 1 splits n ways (capped at the key blocks)."""
+    16-bit inputs, where a few query tokens a sequence would leave SMs idle; on the CPU work items
+    and threads), 1 never splits, n > 1 splits n ways (capped at the key blocks)."""
     if isinstance(num_splits, bool) or not isinstance(num_splits, int) or num_splits < 0:
         raise ValueError(f"cuflash_attn: num_splits must be an int >= 0 (0: chosen), got {num_splits!r}")
     paged = block_table is not None

@@ -67,6 +67,21 @@ def test_forward_reads_16_bit_rows_itself(isa, dtype):
     assert "aten::_to_copy" not in names and "aten::copy_" not in names, names
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=["fp32", "fp64", "bf16"])
+@pytest.mark.parametrize("num_splits", [0, 3, 1000])
+def test_split_kv(isa, dtype, num_splits):
+    """Split-KV: each block of query rows over ranges of its keys' tiles, merged (num_splits 0:
+    chosen, here where the blocks are fewer than the threads; 1000: one a key tile). Rows a
+    window or causal mask leaves no key in some splits (or in all: lse -inf), features whose
+    scores depend on the key, dropout (which scales each split's probabilities), packed sequences."""
+    check_dense("cpu", dtype, 1, 2, 1, 3, 1000, 64, num_splits=num_splits)  # heads packed: 1 block, 0 splits it
+    check_dense("cpu", dtype, 1, 4, 2, 40, 700, 72, num_splits=num_splits, causal=True, bottom_right=True,
+                window=(300, 0), softcap=20.0, alibi="batch", dropout_p=0.1)
+    check_dense("cpu", dtype, 2, 2, 2, 12, 333, 40, num_splits=num_splits, window=(-1, 100))  # rows past every key
+    check_varlen("cpu", dtype, [3, 0, 20], [500, 12, 0], 4, 2, 48, num_splits=num_splits, causal=True,
+                 bottom_right=True)
+
+
 @pytest.fixture(params=[1, 3, 4])
 def threads(request):
     """torch's thread count (more than the cores is allowed): the backward splits each (batch, key

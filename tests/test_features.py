@@ -83,11 +83,12 @@ def compare(dtype, got, ref, pt):
 
 
 def check_dense(device, dtype, batch, heads_q, heads_kv, nq, nk, d, seed=0, attn_mask=None, deterministic=True,
-                **features):
+                num_splits=1, **features):
     """attn_mask (on `device`) gets its gradient checked too when it requires grad; a pair
     (kind, MASK_SHAPES name) stands for make_mask's random mask of that kind and shape, float
     ones with a gradient unless constant along the keys (whose gradient is 0 up to rounding).
-    deterministic is the op's (False: dq may be added up with atomics)."""
+    deterministic and num_splits are the op's (False: dq may be added up with atomics; the
+    forward's split-KV)."""
     if isinstance(attn_mask, tuple):
         kind, shape = attn_mask
         size = MASK_SHAPES[shape](batch, heads_q, nq, nk)
@@ -102,7 +103,7 @@ def check_dense(device, dtype, batch, heads_q, heads_kv, nq, nk, d, seed=0, attn
     q.requires_grad_(), k.requires_grad_(), v.requires_grad_()
     inputs = [q, k, v] + ([attn_mask] if attn_mask is not None and attn_mask.requires_grad else [])
     with poisoned_and_unmodified(q, k, v, dout, *([] if attn_mask is None else [attn_mask])):
-        out, lse = fwd(q, k, v, **op, attn_mask=attn_mask, deterministic=deterministic)
+        out, lse = fwd(q, k, v, **op, attn_mask=attn_mask, deterministic=deterministic, num_splits=num_splits)
         grads = torch.autograd.grad(out, inputs, dout)
     ref = reference_grads(q, k, v, dout, torch.float64, ref_options, keep, attn_mask)
     pt = reference_grads(q, k, v, dout, dtype, ref_options, keep, attn_mask) if dtype in LOW_PRECISION else ref
@@ -341,7 +342,8 @@ def test_dropout_wrappers_two_calls_keep_their_own_masks(device, wrapper):
 
 # ---- variable length ----
 
-def check_varlen(device, dtype, lens_q, lens_k, heads_q, heads_kv, d, seed=0, max_seqlen=True, **features):
+def check_varlen(device, dtype, lens_q, lens_k, heads_q, heads_kv, d, seed=0, max_seqlen=True, num_splits=1,
+                 **features):
     torch.manual_seed(seed)
     batch = len(lens_q)
     cu_q, cu_k = packed_offsets(lens_q, device), packed_offsets(lens_k, device)
@@ -352,7 +354,8 @@ def check_varlen(device, dtype, lens_q, lens_k, heads_q, heads_kv, d, seed=0, ma
     mq, mk = (max(lens_q), max(lens_k)) if max_seqlen else (0, 0)
     q.requires_grad_(), k.requires_grad_(), v.requires_grad_()
     with poisoned_and_unmodified(q, k, v, dout):
-        out, lse = fwd(q, k, v, **op, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, max_seqlen_q=mq, max_seqlen_k=mk)
+        out, lse = fwd(q, k, v, **op, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, max_seqlen_q=mq, max_seqlen_k=mk,
+                       num_splits=num_splits)
         dq, dk, dv = torch.autograd.grad(out, (q, k, v), dout)
     assert lse.shape == (heads_q, total_q)
     keep_all = None

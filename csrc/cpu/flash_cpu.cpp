@@ -36,6 +36,9 @@ constexpr int kLaneRows = 8;               // blocks of fewer rows go a row at a
 // The bytes of the backward's partial sums of dK and dV at most (flash_bwd_cpu_parts, counted in
 // double): as much as the math path's attention matrix of one head over 16k keys in float32.
 constexpr int64_t kMaxBwdPartialBytes = int64_t{1} << 30;
+// Split-KV's splits hold this many key tiles at least (flash_fwd_cpu_splits' own choice): a
+// block's setup and the combine's pass spread over as many keys.
+constexpr int kMinSplitTiles = 4;
 
 #define CUFLASH_CPU_INLINE inline __attribute__((always_inline))
 
@@ -501,6 +504,39 @@ CUFLASH_CPU_INLINE void add_weighted_rows(T* __restrict y, int D, int n, const T
   }
 }
 
+// Split-KV: a forward work item's share of its block's keys (split `index` of `count`: a range of
+// the key tiles the block's rows see), and where its rows go: out and lse (one split), or this
+// split's partial rows of (b, h) [seqlen_q][D] and [seqlen_q] (out normalized over the split's
+// keys, lse theirs), which flash_fwd_cpu_combine merges.
+template <typename T>
+struct FwdSplit {
+  int index, count;
+  T *out, *lse;  // null: p.out, p.lse
+  // The block's rows' keys within this split's tiles.
+  BlockKeys keys_of(const BlockKeys& all, int rows) const {
+    if (count == 1 || all.begin >= all.end) return all;
+    const int tiles = (all.end - all.begin + kKeys - 1) / kKeys;
+    const int lo = all.begin + index * tiles / count * kKeys;
+    const int hi = std::min(all.end, all.begin + (index + 1) * tiles / count * kKeys);
+    BlockKeys mine(all.end);
+    for (int r = 0; r < kBlockRows; ++r)
+      mine.set(r, r < rows ? Range{std::max(all.lo[r], lo), std::min(all.hi[r], hi)} : Range{0, 0});
+    return mine;
+  }
+  // Row i's output, value(d) for each head dim d, and its logsumexp.
+  template <class F>
+  void write(const ForwardRows<T>& io, const Sequence& s, int b, int h, int i, T* lse, T lse_i, F value) const {
+    if (!out) {
+      io.store(s, b, h, i, value);
+      lse[i] = lse_i;
+      return;
+    }
+    const int D = io.p.shape.head_dim;
+    for (int d = 0; d < D; ++d) out[int64_t{i} * D + d] = value(d);
+    this->lse[i] = lse_i;
+  }
+};
+
 // The block's rows (fewer than kLaneRows: decoding steps, whose rows would leave most of the
 // block's lanes idle) one at a time, each row's visible keys as the lanes: for each tile of the
 // keys any row sees, each row's online softmax step over its keys in it (the tile's K and V rows
@@ -508,7 +544,7 @@ CUFLASH_CPU_INLINE void add_weighted_rows(T* __restrict y, int D, int n, const T
 template <class S, typename T = typename S::Scalar>
 CUFLASH_CPU_INLINE void fwd_rows(const FlashFwdParams& p, const ForwardRows<T>& io, const Sequence& s, int b, int h,
                                  int hk, int i0, int rows, const BlockKeys& keys, const RowRules<T>& rules,
-                                 CpuScratch<T>& w, T* lse) {
+                                 const FwdSplit<T>& split, CpuScratch<T>& w, T* lse) {
   constexpr int L = S::kLanes;
   const int D = p.shape.head_dim;
   const T inf = std::numeric_limits<T>::infinity();
@@ -553,15 +589,16 @@ CUFLASH_CPU_INLINE void fwd_rows(const FlashFwdParams& p, const ForwardRows<T>& 
     const bool seen = row_sum[r] != T(0);  // NaN scores give a NaN sum: it propagates
     const T inv = seen ? T(1) / row_sum[r] : T(0);
     const T* acc = w.acc.data() + static_cast<size_t>(r) * D;
-    io.store(s, b, h, i0 + r, [&](int d) { return acc[d] * inv; });
-    lse[i0 + r] = seen ? row_max[r] + std::log(row_sum[r]) : -inf;
+    split.write(io, s, b, h, i0 + r, lse, seen ? row_max[r] + std::log(row_sum[r]) : -inf,
+                [&](int d) { return acc[d] * inv; });
   }
 }
 
 // Query rows [block * kBlockRows, ...) of (b, h): the online softmax of the block's rows over
 // the key tiles their visible keys fall in, the rows as lanes, O^T accumulated in w.acc.
 template <class S, typename T = typename S::Scalar>
-CUFLASH_CPU_INLINE void fwd_block_impl(const FlashFwdParams& p, int b, int h, int block, CpuScratch<T>& w) {
+CUFLASH_CPU_INLINE void fwd_block_impl(const FlashFwdParams& p, int b, int h, int block, const FwdSplit<T>& split,
+                                       CpuScratch<T>& w) {
   using V = typename S::V;
   constexpr int R = S::kRowVecs, L = S::kLanes;
   const AttentionShape& sh = p.shape;
@@ -570,17 +607,18 @@ CUFLASH_CPU_INLINE void fwd_block_impl(const FlashFwdParams& p, int b, int h, in
   const int i0 = block * kBlockRows, rows = std::min(kBlockRows, s.seqlen_q - i0);
   if (rows <= 0) return;
   if constexpr (S::kAllRows)  // half the rows or fewer (a short sequence, a few query tokens): half the lanes
-    if (rows <= kBlockRows / 2) return fwd_block_impl<typename S::HalfRows>(p, b, h, block, w);
+    if (rows <= kBlockRows / 2) return fwd_block_impl<typename S::HalfRows>(p, b, h, block, split, w);
   const T inf = std::numeric_limits<T>::infinity();
   const RowRules<T> rules(p, b, h);
   const ForwardRows<T> io(p);
-  BlockKeys keys(s.seqlen_k);
+  BlockKeys visible(s.seqlen_k);
   for (int r = 0; r < kBlockRows; ++r) {
-    keys.set(r, r < rows ? visible_keys(p.mask, s, i0 + r, i0 + r + 1) : Range{0, 0});
+    visible.set(r, r < rows ? visible_keys(p.mask, s, i0 + r, i0 + r + 1) : Range{0, 0});
     if (r < rows) w.q_rows[r] = io.q(s, b, h, i0 + r, w.q16.data() + r * D);
   }
+  const BlockKeys keys = split.keys_of(visible, rows);
   T* lse = static_cast<T*>(p.lse) + stats_offset(p.stats_strides, s, b, h);
-  if (rows < kLaneRows) return fwd_rows<S>(p, io, s, b, h, hk, i0, rows, keys, rules, w, lse);
+  if (rows < kLaneRows) return fwd_rows<S>(p, io, s, b, h, hk, i0, rows, keys, rules, split, w, lse);
   pack_block(w.q_rows.data(), rows, D, w.qt.data());
   T* out_t = w.acc.data();  // O^T [D][kBlockRows]
   std::fill(w.acc.begin(), w.acc.end(), T(0));
@@ -636,8 +674,8 @@ CUFLASH_CPU_INLINE void fwd_block_impl(const FlashFwdParams& p, int b, int h, in
   for (int r = 0; r < rows; ++r) {
     const bool seen = sums[r] != T(0);  // NaN scores give a NaN sum: it propagates
     const T inv = seen ? T(1) / sums[r] : T(0);
-    io.store(s, b, h, i0 + r, [&](int d) { return out_t[d * kBlockRows + r] * inv; });
-    lse[i0 + r] = seen ? maxes[r] + std::log(sums[r]) : -inf;
+    split.write(io, s, b, h, i0 + r, lse, seen ? maxes[r] + std::log(sums[r]) : -inf,
+                [&](int d) { return out_t[d * kBlockRows + r] * inv; });
   }
 }
 
@@ -788,13 +826,13 @@ CUFLASH_CPU_INLINE void bwd_head_impl(const FlashBwdParams& p, int b, int hk, co
 #define CUFLASH_CPU_WIDE_ISAS 1
 template <typename T>
 __attribute__((target("arch=x86-64-v4"))) void fwd_block_avx512(const FlashFwdParams& p, int b, int h, int block,
-                                                                CpuScratch<T>& w) {
-  fwd_block_impl<Simd<T, 64>>(p, b, h, block, w);
+                                                                const FwdSplit<T>& split, CpuScratch<T>& w) {
+  fwd_block_impl<Simd<T, 64>>(p, b, h, block, split, w);
 }
 template <typename T>
 __attribute__((target("arch=x86-64-v3"))) void fwd_block_avx2(const FlashFwdParams& p, int b, int h, int block,
-                                                              CpuScratch<T>& w) {
-  fwd_block_impl<Simd<T, 32>>(p, b, h, block, w);
+                                                              const FwdSplit<T>& split, CpuScratch<T>& w) {
+  fwd_block_impl<Simd<T, 32>>(p, b, h, block, split, w);
 }
 template <typename T>
 __attribute__((target("arch=x86-64-v4"))) void bwd_head_avx512(const FlashBwdParams& p, int b, int hk,
@@ -823,13 +861,14 @@ CpuIsa cpu_isa() {
 }
 
 template <typename T>
-void fwd_block(CpuIsa isa, const FlashFwdParams& p, int b, int h, int block, CpuScratch<T>& w) {
+void fwd_block(CpuIsa isa, const FlashFwdParams& p, int b, int h, int block, const FwdSplit<T>& split,
+               CpuScratch<T>& w) {
 #ifdef CUFLASH_CPU_WIDE_ISAS
-  if (isa == CpuIsa::kAvx512) return fwd_block_avx512<T>(p, b, h, block, w);
-  if (isa == CpuIsa::kAvx2) return fwd_block_avx2<T>(p, b, h, block, w);
+  if (isa == CpuIsa::kAvx512) return fwd_block_avx512<T>(p, b, h, block, split, w);
+  if (isa == CpuIsa::kAvx2) return fwd_block_avx2<T>(p, b, h, block, split, w);
 #endif
   (void)isa;
-  fwd_block_impl<Simd<T, 16>>(p, b, h, block, w);
+  fwd_block_impl<Simd<T, 16>>(p, b, h, block, split, w);
 }
 template <typename T>
 void bwd_head(CpuIsa isa, const FlashBwdParams& p, int b, int hk, const BwdPart<T>& part, CpuScratch<T>& w) {
@@ -845,21 +884,99 @@ int fwd_query_blocks(const FlashFwdParams& p) { return (p.shape.seqlen_q + kBloc
 
 }  // namespace
 
-int64_t flash_fwd_cpu_items(const FlashFwdParams& p) {
-  return int64_t{p.shape.batch} * p.shape.heads_q * fwd_query_blocks(p);
+double flash_fwd_cpu_block_cost(int rows) {
+  if (rows < kLaneRows) return 0.37 + 0.63 * rows;  // 1 row 0.12 ms, 2 rows 0.19, 4 rows 0.35
+  return rows <= kBlockRows / 2 ? 4.1 : 6.0;        // 8-16 rows 0.47-0.51 ms; 32 rows 0.72
 }
 
+int flash_fwd_cpu_splits(const FlashFwdParams& p, int threads, int requested) {
+  const AttentionShape& sh = p.shape;
+  const int64_t tiles = (sh.seqlen_k + kKeys - 1) / kKeys;
+  if (requested > 0) return static_cast<int>(std::clamp<int64_t>(requested, 1, std::max<int64_t>(tiles, 1)));
+  const int64_t blocks = int64_t{sh.batch} * sh.heads_q * fwd_query_blocks(p);
+  const int64_t most = std::min<int64_t>(threads, tiles / kMinSplitTiles);
+  int64_t splits = 1;  // the fewest that leave at most a tenth of the threads' time idle
+  for (; splits < most; ++splits) {
+    const int64_t items = blocks * splits, rounds = (items + threads - 1) / threads;
+    if (rounds * threads * 10 <= items * 11) break;
+  }
+  return static_cast<int>(splits);
+}
+
+int64_t flash_fwd_cpu_partial_elems(const FlashFwdParams& p, int splits) {
+  if (splits == 1) return 0;
+  return int64_t{splits} * p.shape.batch * p.shape.heads_q * p.shape.seqlen_q * (p.shape.head_dim + 1);
+}
+
+int64_t flash_fwd_cpu_items(const FlashFwdParams& p, int splits) {
+  return int64_t{p.shape.batch} * p.shape.heads_q * fwd_query_blocks(p) * splits;
+}
+
+namespace {
+// Split c's partial rows of pair bh = b * heads_q + h within flash_fwd_cpu's partials: the outputs
+// [seqlen_q][D] of every (split, pair), then the logsumexps [seqlen_q].
 template <typename T>
-void flash_fwd_cpu(const FlashFwdParams& p, int64_t item_begin, int64_t item_end) {
+FwdSplit<T> split_rows(const FlashFwdParams& p, int splits, T* partials, int64_t bh, int c) {
+  if (splits == 1) return FwdSplit<T>{0, 1, nullptr, nullptr};
+  const AttentionShape& sh = p.shape;
+  const int64_t at = c * int64_t{sh.batch} * sh.heads_q + bh;
+  T* lse = partials + int64_t{splits} * sh.batch * sh.heads_q * sh.seqlen_q * sh.head_dim;
+  return FwdSplit<T>{c, splits, partials + at * sh.seqlen_q * sh.head_dim, lse + at * sh.seqlen_q};
+}
+}  // namespace
+
+template <typename T>
+void flash_fwd_cpu(const FlashFwdParams& p, int splits, T* partials, int64_t item_begin, int64_t item_end) {
   CpuScratch<T> w(p.shape.head_dim);
   const CpuIsa isa = cpu_isa();
   const int blocks = fwd_query_blocks(p);
   for (int64_t item = item_begin; item < item_end; ++item) {
-    const int64_t bh = item / blocks;
+    const int64_t block_item = item / splits, bh = block_item / blocks;
     // A head's blocks in the order 0, last, 1, last - 1, ...: the threads take contiguous ranges of
     // items, and under a causal mask a block's work grows with its index.
-    const int slot = static_cast<int>(item % blocks), block = slot % 2 ? blocks - 1 - slot / 2 : slot / 2;
-    fwd_block(isa, p, static_cast<int>(bh / p.shape.heads_q), static_cast<int>(bh % p.shape.heads_q), block, w);
+    const int slot = static_cast<int>(block_item % blocks), block = slot % 2 ? blocks - 1 - slot / 2 : slot / 2;
+    fwd_block(isa, p, static_cast<int>(bh / p.shape.heads_q), static_cast<int>(bh % p.shape.heads_q), block,
+              split_rows(p, splits, partials, bh, static_cast<int>(item % splits)), w);
+  }
+}
+
+int64_t flash_fwd_cpu_combine_items(const FlashFwdParams& p) { return flash_fwd_cpu_items(p, 1); }
+
+template <typename T>
+void flash_fwd_cpu_combine(const FlashFwdParams& p, int splits, T* partials, int64_t item_begin, int64_t item_end) {
+  const AttentionShape& sh = p.shape;
+  const int D = sh.head_dim, blocks = fwd_query_blocks(p);
+  const T inf = std::numeric_limits<T>::infinity();
+  const ForwardRows<T> io(p);
+  std::vector<T> weights(splits);
+  for (int64_t item = item_begin; item < item_end; ++item) {
+    const int64_t bh = item / blocks;
+    const int b = static_cast<int>(bh / sh.heads_q), h = static_cast<int>(bh % sh.heads_q);
+    const Sequence s = sequence_of(p, b);
+    T* lse = static_cast<T*>(p.lse) + stats_offset(p.stats_strides, s, b, h);
+    const int i0 = static_cast<int>(item % blocks) * kBlockRows;
+    for (int i = i0; i < std::min(i0 + kBlockRows, s.seqlen_q); ++i) {
+      // lse = log sum_c exp(lse_c), out = sum_c exp(lse_c - lse) out_c; a NaN lse_c is no maximum and
+      // reaches both (as a NaN score does unsplit); no key in any split: out 0, lse -inf.
+      T top = -inf;
+      bool seen = false;
+      for (int c = 0; c < splits; ++c) {
+        const T x = split_rows(p, splits, partials, bh, c).lse[i];
+        top = x > top ? x : top;
+        seen = seen || x != -inf;
+      }
+      const T base = top == -inf ? T(0) : top;
+      T sum = T(0);
+      for (int c = 0; c < splits; ++c)
+        sum += weights[c] = std::exp(split_rows(p, splits, partials, bh, c).lse[i] - base);
+      const T inv = seen ? T(1) / sum : T(0);
+      FwdSplit<T>{0, 1, nullptr, nullptr}.write(io, s, b, h, i, lse, seen ? base + std::log(sum) : -inf, [&](int d) {
+        T x = T(0);
+        for (int c = 0; c < splits; ++c)
+          x += weights[c] * split_rows(p, splits, partials, bh, c).out[int64_t{i} * D + d];
+        return x * inv;
+      });
+    }
   }
 }
 
@@ -939,8 +1056,10 @@ void dropout_keep_mask_cpu(const DropoutParams& d, int batch, int heads, int seq
         for (int j = 0; j < seqlen_k; ++j) *keep++ = rng.keep(b, h, heads, i, j);
 }
 
-template void flash_fwd_cpu<float>(const FlashFwdParams&, int64_t, int64_t);
-template void flash_fwd_cpu<double>(const FlashFwdParams&, int64_t, int64_t);
+template void flash_fwd_cpu<float>(const FlashFwdParams&, int, float*, int64_t, int64_t);
+template void flash_fwd_cpu<double>(const FlashFwdParams&, int, double*, int64_t, int64_t);
+template void flash_fwd_cpu_combine<float>(const FlashFwdParams&, int, float*, int64_t, int64_t);
+template void flash_fwd_cpu_combine<double>(const FlashFwdParams&, int, double*, int64_t, int64_t);
 template void flash_bwd_cpu<float>(const FlashBwdParams&, int, float*, int64_t, int64_t);
 template void flash_bwd_cpu<double>(const FlashBwdParams&, int, double*, int64_t, int64_t);
 template void flash_bwd_cpu_finish<float>(const FlashBwdParams&, int, const float*, int64_t, int64_t);

@@ -2,8 +2,8 @@
 // double (float16/bfloat16 inputs computed in float: the forward reads their rows itself, as
 // p.dtype says, the backward takes float copies from the caller), with every feature of
 // the params (attention_math.h holds the per-element rules). The callers split the work over
-// threads by ranges of independent items: blocks of query rows (forward), parts of (batch, key
-// head) pairs (backward).
+// threads by ranges of independent items: blocks of query rows over ranges of keys (forward),
+// parts of (batch, key head) pairs (backward).
 #pragma once
 #include <cstdint>
 #include "../flash_params.h"
@@ -11,12 +11,28 @@
 namespace cuflash {
 
 // The forward's independent work items: blocks of kCpuBlockRows query rows of each (batch, query
-// head); the rows of a block are the kernels' vector lanes.
+// head), the rows of a block the kernels' vector lanes, each block's keys in `splits` ranges of
+// key tiles (split-KV: decoding steps, whose blocks are fewer than the threads).
 constexpr int kCpuBlockRows = 32;
-int64_t flash_fwd_cpu_items(const FlashFwdParams& p);
-// Handles the work items [item_begin, item_end) of flash_fwd_cpu_items(p).
+// A block of `rows` query rows' time over some keys, relative to one row's: rows < 8 go a row at a
+// time (K and V tiles read once for them), 8-16 on half the vector lanes, up to 32 on all (fitted
+// to a 2-core AVX-512 machine's forward at 8192 keys, head dim 128; benchmarks/NOTES.md,
+// thirty-second session): for group packing's choice.
+double flash_fwd_cpu_block_cost(int rows);
+// requested: the caller's num_splits (0: chosen here, the fewest that share the items out evenly
+// over the threads, each split 4 key tiles at least; else as many, up to the key tiles).
+int flash_fwd_cpu_splits(const FlashFwdParams& p, int threads, int requested);
+// The elements of T of the splits' partial rows that flash_fwd_cpu takes (0 for one split).
+int64_t flash_fwd_cpu_partial_elems(const FlashFwdParams& p, int splits);
+int64_t flash_fwd_cpu_items(const FlashFwdParams& p, int splits);
+// Handles the work items [item_begin, item_end) of flash_fwd_cpu_items(p, splits). With more than
+// one split, out and lse are written by flash_fwd_cpu_combine, over its items (a block of rows
+// each) once every split is done.
 template <typename T>
-void flash_fwd_cpu(const FlashFwdParams& p, int64_t item_begin, int64_t item_end);
+void flash_fwd_cpu(const FlashFwdParams& p, int splits, T* partials, int64_t item_begin, int64_t item_end);
+int64_t flash_fwd_cpu_combine_items(const FlashFwdParams& p);
+template <typename T>
+void flash_fwd_cpu_combine(const FlashFwdParams& p, int splits, T* partials, int64_t item_begin, int64_t item_end);
 
 // The backward's work items: each (batch, key/value head) pair bhk = b * heads_kv + hk in `parts`
 // parts, item = bhk * parts + part; together they give dq of every query head of the group, and
