@@ -509,10 +509,10 @@ std::vector<Tensor> fill_common(AttentionParams& p, AttentionShape sh, const Opt
 // for all of them instead of G CTAs reading it each; on padded batches where nothing depends on
 // the query's head (no ALiBi, attn_mask, dropout). On the CPU by default where a head's queries
 // fill less than one of the kernels' 32-row blocks (decoding steps: the block's K and V tiles
-// are then read once for the group), where split-KV may share their keys out over the threads
-// (num_splits != 1), or else the packed blocks' rounds over the threads cost no more than the
-// unpacked ones' (benchmarks/NOTES.md, thirty-first and thirty-second sessions: 2 threads, 32
-// query heads on 8 KV heads over 4096 keys, 1.3x at one token, 1.8x at four).
+// are then read once for the group) and the packed blocks' rounds over the threads, split-KV
+// sharing out their keys where num_splits lets it, cost no more than the unpacked ones'
+// (benchmarks/NOTES.md, thirty-first and thirty-second sessions: 2 threads, 32 query heads on 8
+// KV heads over 4096 keys, 1.3x at one token, 1.8x at four).
 enum class GroupPacking { kNone, kOneQuery, kRows };
 GroupPacking group_packing(const Tensor& q, const Tensor& k, const Options& o) {
   if (o.varlen() || q.dim() != 4 || k.dim() != 4 || k.size(1) == 0 || q.size(1) <= k.size(1) ||
@@ -522,18 +522,19 @@ GroupPacking group_packing(const Tensor& q, const Tensor& k, const Options& o) {
   if (mode == PackGqaSwitch::kNever) return GroupPacking::kNone;
   if (!q.is_cuda() && mode != PackGqaSwitch::kAlways) {
     if (q.size(2) >= kCpuBlockRows) return GroupPacking::kNone;
-    // Without split-KV (num_splits 1) the packed blocks may leave threads idle: packed where the
-    // rounds of blocks the threads take cost no more (flash_fwd_cpu_block_cost).
-    if (o.num_splits == 1) {
-      const int64_t threads = at::get_num_threads(), rows = q.size(2) * (q.size(1) / k.size(1));
-      auto time = [&](int64_t heads, int64_t block_rows) {
-        const int64_t blocks = q.size(0) * heads * ((block_rows + kCpuBlockRows - 1) / kCpuBlockRows);
-        const int64_t rounds = (blocks + threads - 1) / threads;
-        return static_cast<double>(rounds) * flash_fwd_cpu_block_cost(static_cast<int>(
-                                                 std::min<int64_t>(block_rows, kCpuBlockRows)));
-      };
-      if (time(k.size(1), rows) > time(q.size(1), q.size(2))) return GroupPacking::kNone;
-    }
+    // Fewer packed blocks leave threads idle unless split-KV shares their keys out: packed where
+    // the rounds of work the threads take, blocks split as they would be, cost no more
+    // (flash_fwd_cpu_block_cost; a block split in n costs 1/n a split).
+    const int threads = at::get_num_threads();
+    const int64_t rows = q.size(2) * (q.size(1) / k.size(1)), key_tiles = (k.size(2) + kCpuKeyTile - 1) / kCpuKeyTile;
+    auto time = [&](int64_t heads, int64_t block_rows) {
+      const int64_t blocks = q.size(0) * heads * ((block_rows + kCpuBlockRows - 1) / kCpuBlockRows);
+      const int splits = flash_fwd_cpu_split_count(blocks, key_tiles, threads, o.num_splits);
+      const int64_t rounds = (blocks * splits + threads - 1) / threads;
+      const int cost_rows = static_cast<int>(std::min<int64_t>(block_rows, kCpuBlockRows));
+      return static_cast<double>(rounds) * flash_fwd_cpu_block_cost(cost_rows) / splits;
+    };
+    if (time(k.size(1), rows) > time(q.size(1), q.size(2))) return GroupPacking::kNone;
   }
   // One query a sequence that sees every key (no window; causal only aligned bottom-right):
   // FlashAttention-2's swap, a view, no mask.
@@ -642,8 +643,7 @@ std::tuple<Tensor, Tensor> fwd_impl(const Tensor& q, const Tensor& k, const Tens
     check_cuda(run_flash_fwd_cuda(p, at::cuda::getCurrentCUDAStream()));
   } else {
     // Split-KV: each split's rows normalized over its keys, merged once all are done.
-    const int requested = static_cast<int>(std::min<int64_t>(o.num_splits, std::numeric_limits<int>::max()));
-    const int splits = flash_fwd_cpu_splits(p, at::get_num_threads(), requested);
+    const int splits = flash_fwd_cpu_splits(p, at::get_num_threads(), o.num_splits);
     run_cpu_kernels(q, layout.dtype, flash_fwd_cpu_partial_elems(p, splits), flash_fwd_cpu_items(p, splits),
                     splits > 1 ? flash_fwd_cpu_combine_items(p) : 0,
                     [&](auto* partial_rows, bool merging, int64_t begin, int64_t end) {

@@ -83,14 +83,15 @@ def test_packed_multi_query_attention_and_splits(monkeypatch, device, num_splits
 def test_packing_runs_only_where_asked(monkeypatch):
     """CUFLASH_PACK_GQA=1 packs several queries (copies of q, out and lse inside the op) and one
     query (views); =0 never does; ALiBi, attn_mask and dropout are never packed. The CPU's default
-    packs where a head's queries fill less than a 32-row block, and where split-KV may not split
-    their keys (num_splits=1), the packed blocks' rounds over the threads cost no more than the
-    unpacked ones' (here 2 packed blocks of 12 rows, or 8 blocks of 3 a row at a time)."""
+    packs where a head's queries fill less than a 32-row block and the packed blocks' rounds over
+    the threads, split-KV sharing their keys out where num_splits lets it (from 512 keys), cost no
+    more than the unpacked ones' (here 2 packed blocks of 12 rows, or 8 blocks of 3 a row at a
+    time)."""
     q = torch.randn(1, 8, 3, 32, dtype=torch.float64)
     k, v = (torch.randn(1, 2, 20, 32, dtype=torch.float64) for _ in range(2))
 
-    def copies(q=q, num_splits=1, **options):
-        return op_names(lambda: ops.fwd(q, k, v, None, True, True, **options, num_splits=num_splits)).count(
+    def copies(q=q, k=k, num_splits=1, **options):
+        return op_names(lambda: ops.fwd(q, k, k, None, True, True, **options, num_splits=num_splits)).count(
             "aten::copy_")
 
     packed(monkeypatch, True)
@@ -108,7 +109,10 @@ def test_packing_runs_only_where_asked(monkeypatch):
         assert copies(q.repeat(1, 1, 11, 1)) == 0  # 33 queries: a block of their own
         torch.set_num_threads(8)
         assert copies() == 0  # one round either way, the unpacked blocks a few rows each
-        assert copies(num_splits=0) >= 3  # split-KV fills the threads
+        assert copies(num_splits=0) == 0  # as many: 20 keys are one tile, which does not split
+        long_k = torch.randn(1, 2, 2048, 32, dtype=torch.float64)
+        assert copies(k=long_k, num_splits=0) >= 3  # split-KV shares the packed blocks' keys out
+        assert copies(k=long_k) == 0
     finally:
         torch.set_num_threads(threads)
 

@@ -30,12 +30,13 @@ namespace {
 // a masked key's NaN never reaches another row. The vectors are the CPU's widest
 // (AVX-512, AVX2 or the baseline's SSE2: an instantiation each, chosen at every call, cpu_isa):
 // GCC turns a vector wider than the target's into element-by-element code.
-constexpr int kKeys = 64;                  // keys a tile
+constexpr int kKeys = kCpuKeyTile;
 constexpr int kBlockRows = kCpuBlockRows;  // query rows a block: a forward work item (flash_fwd_cpu_items)
 constexpr int kLaneRows = 8;               // blocks of fewer rows go a row at a time (fwd_rows)
-// The bytes of the backward's partial sums of dK and dV at most (flash_bwd_cpu_parts, counted in
-// double): as much as the math path's attention matrix of one head over 16k keys in float32.
-constexpr int64_t kMaxBwdPartialBytes = int64_t{1} << 30;
+// The bytes of the partial results of split work at most (the backward's parts' dK and dV,
+// split-KV's rows; counted in double): as much as the math path's attention matrix of one head
+// over 16k keys in float32.
+constexpr int64_t kMaxPartialBytes = int64_t{1} << 30;
 // Split-KV's splits hold this many key tiles at least (flash_fwd_cpu_splits' own choice): a
 // block's setup and the combine's pass spread over as many keys.
 constexpr int kMinSplitTiles = 4;
@@ -515,9 +516,9 @@ struct FwdSplit {
   // The block's rows' keys within this split's tiles.
   BlockKeys keys_of(const BlockKeys& all, int rows) const {
     if (count == 1 || all.begin >= all.end) return all;
-    const int tiles = (all.end - all.begin + kKeys - 1) / kKeys;
-    const int lo = all.begin + index * tiles / count * kKeys;
-    const int hi = std::min(all.end, all.begin + (index + 1) * tiles / count * kKeys);
+    const int64_t tiles = (all.end - all.begin + kKeys - 1) / kKeys;  // (64 bits: count may be as large)
+    const int lo = all.begin + static_cast<int>(index * tiles / count) * kKeys;
+    const int hi = static_cast<int>(std::min<int64_t>(all.end, all.begin + (index + 1) * tiles / count * kKeys));
     BlockKeys mine(all.end);
     for (int r = 0; r < kBlockRows; ++r)
       mine.set(r, r < rows ? Range{std::max(all.lo[r], lo), std::min(all.hi[r], hi)} : Range{0, 0});
@@ -889,12 +890,9 @@ double flash_fwd_cpu_block_cost(int rows) {
   return rows <= kBlockRows / 2 ? 4.1 : 6.0;        // 8-16 rows 0.47-0.51 ms; 32 rows 0.72
 }
 
-int flash_fwd_cpu_splits(const FlashFwdParams& p, int threads, int requested) {
-  const AttentionShape& sh = p.shape;
-  const int64_t tiles = (sh.seqlen_k + kKeys - 1) / kKeys;
-  if (requested > 0) return static_cast<int>(std::clamp<int64_t>(requested, 1, std::max<int64_t>(tiles, 1)));
-  const int64_t blocks = int64_t{sh.batch} * sh.heads_q * fwd_query_blocks(p);
-  const int64_t most = std::min<int64_t>(threads, tiles / kMinSplitTiles);
+int flash_fwd_cpu_split_count(int64_t blocks, int64_t key_tiles, int threads, int64_t requested) {
+  if (requested > 0) return static_cast<int>(std::clamp<int64_t>(requested, 1, std::max<int64_t>(key_tiles, 1)));
+  const int64_t most = std::min<int64_t>(threads, key_tiles / kMinSplitTiles);
   int64_t splits = 1;  // the fewest that leave at most a tenth of the threads' time idle
   for (; splits < most; ++splits) {
     const int64_t items = blocks * splits, rounds = (items + threads - 1) / threads;
@@ -903,9 +901,27 @@ int flash_fwd_cpu_splits(const FlashFwdParams& p, int threads, int requested) {
   return static_cast<int>(splits);
 }
 
+namespace {
+// The query rows of one split's partial results: every (batch, query head)'s seqlen_q, or packed
+// sequences' rows as they lie (heads x total_q, as CUDA's split-KV buffers).
+int64_t split_rows_count(const FlashFwdParams& p) {
+  const AttentionShape& sh = p.shape;
+  return p.varlen.cu_seqlens_q ? int64_t{sh.heads_q} * p.varlen.total_q : int64_t{sh.batch} * sh.heads_q * sh.seqlen_q;
+}
+}  // namespace
+
+int flash_fwd_cpu_splits(const FlashFwdParams& p, int threads, int64_t requested) {
+  const AttentionShape& sh = p.shape;
+  const int64_t blocks = int64_t{sh.batch} * sh.heads_q * fwd_query_blocks(p);
+  const int splits = flash_fwd_cpu_split_count(blocks, (sh.seqlen_k + kKeys - 1) / kKeys, threads, requested);
+  const int64_t split_bytes = split_rows_count(p) * (sh.head_dim + 1) * int64_t{sizeof(double)};
+  return static_cast<int>(
+      std::min<int64_t>(splits, std::max<int64_t>(1, kMaxPartialBytes / std::max<int64_t>(split_bytes, 1))));
+}
+
 int64_t flash_fwd_cpu_partial_elems(const FlashFwdParams& p, int splits) {
   if (splits == 1) return 0;
-  return int64_t{splits} * p.shape.batch * p.shape.heads_q * p.shape.seqlen_q * (p.shape.head_dim + 1);
+  return int64_t{splits} * split_rows_count(p) * (p.shape.head_dim + 1);
 }
 
 int64_t flash_fwd_cpu_items(const FlashFwdParams& p, int splits) {
@@ -913,15 +929,17 @@ int64_t flash_fwd_cpu_items(const FlashFwdParams& p, int splits) {
 }
 
 namespace {
-// Split c's partial rows of pair bh = b * heads_q + h within flash_fwd_cpu's partials: the outputs
-// [seqlen_q][D] of every (split, pair), then the logsumexps [seqlen_q].
+// Split c's partial rows of (b, h) within flash_fwd_cpu's partials: the outputs [rows][D] of
+// every split (split_rows_count rows each), then the logsumexps [rows].
 template <typename T>
-FwdSplit<T> split_rows(const FlashFwdParams& p, int splits, T* partials, int64_t bh, int c) {
+FwdSplit<T> split_rows(const FlashFwdParams& p, int splits, T* partials, int b, int h, int c) {
   if (splits == 1) return FwdSplit<T>{0, 1, nullptr, nullptr};
   const AttentionShape& sh = p.shape;
-  const int64_t at = c * int64_t{sh.batch} * sh.heads_q + bh;
-  T* lse = partials + int64_t{splits} * sh.batch * sh.heads_q * sh.seqlen_q * sh.head_dim;
-  return FwdSplit<T>{c, splits, partials + at * sh.seqlen_q * sh.head_dim, lse + at * sh.seqlen_q};
+  const int64_t rows = split_rows_count(p);
+  const int64_t first = p.varlen.cu_seqlens_q ? int64_t{h} * p.varlen.total_q + sequence_of(p, b).q_row0
+                                              : (int64_t{b} * sh.heads_q + h) * sh.seqlen_q;
+  const int64_t at = c * rows + first;
+  return FwdSplit<T>{c, splits, partials + at * sh.head_dim, partials + splits * rows * sh.head_dim + at};
 }
 }  // namespace
 
@@ -935,8 +953,8 @@ void flash_fwd_cpu(const FlashFwdParams& p, int splits, T* partials, int64_t ite
     // A head's blocks in the order 0, last, 1, last - 1, ...: the threads take contiguous ranges of
     // items, and under a causal mask a block's work grows with its index.
     const int slot = static_cast<int>(block_item % blocks), block = slot % 2 ? blocks - 1 - slot / 2 : slot / 2;
-    fwd_block(isa, p, static_cast<int>(bh / p.shape.heads_q), static_cast<int>(bh % p.shape.heads_q), block,
-              split_rows(p, splits, partials, bh, static_cast<int>(item % splits)), w);
+    const int b = static_cast<int>(bh / p.shape.heads_q), h = static_cast<int>(bh % p.shape.heads_q);
+    fwd_block(isa, p, b, h, block, split_rows(p, splits, partials, b, h, static_cast<int>(item % splits)), w);
   }
 }
 
@@ -949,11 +967,13 @@ void flash_fwd_cpu_combine(const FlashFwdParams& p, int splits, T* partials, int
   const T inf = std::numeric_limits<T>::infinity();
   const ForwardRows<T> io(p);
   std::vector<T> weights(splits);
+  std::vector<FwdSplit<T>> parts(splits);
   for (int64_t item = item_begin; item < item_end; ++item) {
     const int64_t bh = item / blocks;
     const int b = static_cast<int>(bh / sh.heads_q), h = static_cast<int>(bh % sh.heads_q);
     const Sequence s = sequence_of(p, b);
     T* lse = static_cast<T*>(p.lse) + stats_offset(p.stats_strides, s, b, h);
+    for (int c = 0; c < splits; ++c) parts[c] = split_rows(p, splits, partials, b, h, c);
     const int i0 = static_cast<int>(item % blocks) * kBlockRows;
     for (int i = i0; i < std::min(i0 + kBlockRows, s.seqlen_q); ++i) {
       // lse = log sum_c exp(lse_c), out = sum_c exp(lse_c - lse) out_c; a NaN lse_c is no maximum and
@@ -961,19 +981,17 @@ void flash_fwd_cpu_combine(const FlashFwdParams& p, int splits, T* partials, int
       T top = -inf;
       bool seen = false;
       for (int c = 0; c < splits; ++c) {
-        const T x = split_rows(p, splits, partials, bh, c).lse[i];
+        const T x = parts[c].lse[i];
         top = x > top ? x : top;
         seen = seen || x != -inf;
       }
       const T base = top == -inf ? T(0) : top;
       T sum = T(0);
-      for (int c = 0; c < splits; ++c)
-        sum += weights[c] = std::exp(split_rows(p, splits, partials, bh, c).lse[i] - base);
+      for (int c = 0; c < splits; ++c) sum += weights[c] = std::exp(parts[c].lse[i] - base);
       const T inv = seen ? T(1) / sum : T(0);
       FwdSplit<T>{0, 1, nullptr, nullptr}.write(io, s, b, h, i, lse, seen ? base + std::log(sum) : -inf, [&](int d) {
         T x = T(0);
-        for (int c = 0; c < splits; ++c)
-          x += weights[c] * split_rows(p, splits, partials, bh, c).out[int64_t{i} * D + d];
+        for (int c = 0; c < splits; ++c) x += weights[c] * parts[c].out[int64_t{i} * D + d];
         return x * inv;
       });
     }
@@ -985,7 +1003,7 @@ int flash_bwd_cpu_parts(const FlashBwdParams& p, int threads) {
   const int64_t pairs = int64_t{sh.batch} * sh.heads_kv;
   const int64_t units = int64_t{sh.heads_q / sh.heads_kv} * ((sh.seqlen_q + kBlockRows - 1) / kBlockRows);
   const int64_t part_bytes = pairs * 2 * sh.seqlen_k * sh.head_dim * int64_t{sizeof(double)};
-  const int64_t most = std::min({int64_t{threads}, units, 1 + kMaxBwdPartialBytes / std::max<int64_t>(part_bytes, 1)});
+  const int64_t most = std::min({int64_t{threads}, units, 1 + kMaxPartialBytes / std::max<int64_t>(part_bytes, 1)});
   // The parts of a pair do alike work, so the threads' share is even where the items fill their
   // rounds: the fewest parts that leave at most a tenth of the threads' time idle.
   int64_t parts = 1;

@@ -14,14 +14,18 @@ namespace cuflash {
 // head), the rows of a block the kernels' vector lanes, each block's keys in `splits` ranges of
 // key tiles (split-KV: decoding steps, whose blocks are fewer than the threads).
 constexpr int kCpuBlockRows = 32;
+constexpr int kCpuKeyTile = 64;  // keys a tile (split-KV deals out whole tiles)
 // A block of `rows` query rows' time over some keys, relative to one row's: rows < 8 go a row at a
 // time (K and V tiles read once for them), 8-16 on half the vector lanes, up to 32 on all (fitted
 // to a 2-core AVX-512 machine's forward at 8192 keys, head dim 128; benchmarks/NOTES.md,
 // thirty-second session): for group packing's choice.
 double flash_fwd_cpu_block_cost(int rows);
-// requested: the caller's num_splits (0: chosen here, the fewest that share the items out evenly
-// over the threads, each split 4 key tiles at least; else as many, up to the key tiles).
-int flash_fwd_cpu_splits(const FlashFwdParams& p, int threads, int requested);
+// Split-KV's count for `blocks` blocks of query rows over `key_tiles` tiles of 64 keys on `threads`
+// threads; requested: the caller's num_splits (0: chosen here, the fewest that share the items out
+// evenly over the threads, each split 4 key tiles at least; else as many, up to the key tiles).
+int flash_fwd_cpu_split_count(int64_t blocks, int64_t key_tiles, int threads, int64_t requested);
+// flash_fwd_cpu_split_count for p, as many as the partial rows' budget (1 GiB) holds.
+int flash_fwd_cpu_splits(const FlashFwdParams& p, int threads, int64_t requested);
 // The elements of T of the splits' partial rows that flash_fwd_cpu takes (0 for one split).
 int64_t flash_fwd_cpu_partial_elems(const FlashFwdParams& p, int splits);
 int64_t flash_fwd_cpu_items(const FlashFwdParams& p, int splits);
