@@ -2,11 +2,11 @@
 """Speed of the CPU kernels (csrc/cpu/flash_cpu.cpp) against torch's CPU scaled_dot_product_attention,
 forward and forward + backward, in one process.
 
-    python3 benchmarks/bench_cpu.py [--dtypes fp32,bf16] [--isas avx512,avx2,base] [--threads N]
+    python3 benchmarks/bench_cpu.py [--dtypes fp32,bf16] [--isas avx512,avx2,base] [--threads N] [--masks none,causal]
                                     [--shapes "1,8,1024,64;1,8,2048,128;2,16,512,64"]
     python3 benchmarks/bench_cpu.py --decode [--num-splits N] [--shapes "1,32,8,1,4096,128;1,32,8,4,4096,128"]
 
-Each shape (batch, heads, seqlen, head_dim) runs causal and not; ours under each CUFLASH_CPU_ISA
+Each shape (batch, heads, seqlen, head_dim) runs under each of --masks; ours under each CUFLASH_CPU_ISA
 value of --isas (those above what the CPU has run its best), torch's under its own dispatch. The
 figure is the fastest of --repeats calls (the CPU's timings are steady; the fastest is the one
 least disturbed), in ms; the ratio is torch's time over ours (above 1: ours is faster).
@@ -48,6 +48,9 @@ def main(argv=None):
     p.add_argument("--shapes", default=None, help=f"default: {SHAPES}; with --decode {DECODE_SHAPES}")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--masks", default="none,causal",
+                   help="none, causal (is_causal), bool or float (a causal mask as an attn_mask tensor, as models "
+                        "with padding pass it)")
     p.add_argument("--decode", action="store_true", help="few query rows over a long cache, forward only")
     p.add_argument("--num-splits", type=int, default=0,
                    help="--decode: ours' split-KV (0, flash_attn_with_kvcache's default: chosen; 1: never)")
@@ -59,7 +62,7 @@ def main(argv=None):
     isas = args.isas.split(",")
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, torch's CPU capability "
           f"{torch.backends.cpu.get_cpu_capability()}\n")
-    header = ["dtype", "shape", "causal"] + [f"ours {i} fwd / fwd+bwd ms" for i in isas]
+    header = ["dtype", "shape", "mask"] + [f"ours {i} fwd / fwd+bwd ms" for i in isas]
     header += ["torch fwd / fwd+bwd ms", f"torch / ours {isas[0]} fwd", f"torch / ours {isas[0]} fwd+bwd"]
     print("| " + " | ".join(header) + " |\n|" + "---|" * len(header))
     torch.manual_seed(0)
@@ -67,11 +70,17 @@ def main(argv=None):
         dtype = DTYPES[dtype_name]
         for shape in (args.shapes or SHAPES).split(";"):
             b, h, n, d = (int(x) for x in shape.split(","))
-            for causal in (False, True):
+            for mask in args.masks.split(","):
                 q, k, v = (torch.randn(b, h, n, d, dtype=dtype, requires_grad=True) for _ in range(3))
                 dout = torch.randn(b, h, n, d, dtype=dtype)
-                ours = lambda: cuflash_attn.flash_attention(q, k, v, causal=causal)  # noqa: E731
-                theirs = lambda: F.scaled_dot_product_attention(q, k, v, is_causal=causal)  # noqa: E731
+                causal = mask == "causal"
+                shows = torch.ones(n, n, dtype=torch.bool).tril() if mask in ("bool", "float") else None
+                attn_mask = (shows if mask == "bool" else
+                             torch.zeros(n, n, dtype=dtype).masked_fill(~shows, float("-inf")) if mask == "float"
+                             else None)
+                ours = lambda: cuflash_attn.flash_attention(q, k, v, causal=causal, attn_mask=attn_mask)  # noqa: E731
+                theirs = lambda: F.scaled_dot_product_attention(q, k, v, is_causal=causal,  # noqa: E731
+                                                                attn_mask=attn_mask)
 
                 def both(f):
                     def step():
@@ -90,7 +99,7 @@ def main(argv=None):
                     t_fwd = fastest_ms(theirs, args.repeats)
                 t_fwdbwd = fastest_ms(both(theirs), max(2, args.repeats // 2))
                 cells += [f"{t_fwd:.1f} / {t_fwdbwd:.1f}", f"{t_fwd / first[0]:.2f}x", f"{t_fwdbwd / first[1]:.2f}x"]
-                row = [dtype_name, shape, "yes" if causal else "no"] + cells
+                row = [dtype_name, shape, mask] + cells
                 print("| " + " | ".join(row) + " |", flush=True)
 
 

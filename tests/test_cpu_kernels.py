@@ -136,6 +136,39 @@ def test_results_do_not_depend_on_the_threads_for_fixed_splits(monkeypatch):
         torch.set_num_threads(before)
 
 
+def tile_hiding_mask(kind, nq, nk, dtype):
+    """An attn_mask that hides whole tiles of 64 keys from blocks of rows: keys 64-191 from every
+    row, and a causal mask (bottom-right) over the rest; as bool or as 0 / -inf of dtype."""
+    shows = torch.ones(nq, nk, dtype=torch.bool).tril(diagonal=nk - nq)
+    shows[:, 64:192] = False
+    if kind == "bool":
+        return shows
+    return torch.zeros(nq, nk, dtype=dtype).masked_fill(~shows, float("-inf"))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
+@pytest.mark.parametrize("kind", ["bool", "float"])
+@pytest.mark.parametrize("nq", [5, 100])
+def test_tiles_an_attn_mask_hides(isa, dtype, kind, nq):
+    """Tiles whose pairs the attn_mask hides all are skipped (the lanes path, 100 rows; the row
+    path, 5): the result as the float64 reference's, gradients included."""
+    check_dense("cpu", dtype, 1, 2, 2, nq, 300, 64, attn_mask=tile_hiding_mask(kind, nq, 300, dtype))
+
+
+@pytest.mark.parametrize("where", ["k", "v"])
+@pytest.mark.parametrize("nq", [5, 100])
+def test_nan_in_a_tile_an_attn_mask_hides(where, nq):
+    """A NaN key or value where the attn_mask hides it: the mask's -inf added to a NaN score is NaN
+    (and 0 x a NaN value too), as in torch's SDPA, so the tile is computed, not skipped: every
+    row's output NaN in both."""
+    q, k, v = (torch.randn(1, 1, n, 32, dtype=torch.float64) for n in (nq, 300, 300))
+    (k if where == "k" else v)[0, 0, 100] = float("nan")
+    mask = tile_hiding_mask("bool", nq, 300, torch.float64)
+    ours = cuflash_attn.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    torch_out = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    assert torch.equal(torch.isnan(ours), torch.isnan(torch_out)) and torch.isnan(ours).all()
+
+
 @pytest.fixture(params=[1, 3, 4])
 def threads(request):
     """torch's thread count (more than the cores is allowed): the backward splits each (batch, key

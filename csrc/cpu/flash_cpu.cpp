@@ -285,17 +285,38 @@ struct CpuScratch {
 template <typename T>
 struct RowRules {
   ExactScore<T> score;
-  bool plain, dropout;
+  bool plain, mask_only, dropout;  // mask_only: attn_mask the one rule beyond the scale
   DropoutRng rng;
   T keep_scale;
   RowRules(const AttentionParams& p, int b, int h)
       : score(p, b, h),
         plain(!(score.softcap > T(0)) && !score.alibi && !score.mask.data),
+        mask_only(!(score.softcap > T(0)) && !score.alibi && score.mask.data),
         dropout(p.dropout.p > 0.0),
         rng(dropout ? make_dropout_rng(p.dropout) : DropoutRng{}),
         keep_scale(T(1) / (T(1) - static_cast<T>(p.dropout.p))) {}
   // Dropout's factor of (row i, key j) of (b, h): keep / (1 - p).
   T keep(int b, int h, int heads, int i, int j) const { return rng.keep(b, h, heads, i, j) ? keep_scale : T(0); }
+  // Where mask_only: the scores of rows [i0, i0 + rows) and keys [j0, j0 + count) from their q.k in
+  // place, x[jj * key_stride + r]: ExactScore's arithmetic (scaled, then the mask's element or 0 /
+  // -inf added) a mask row at a time, its kind tested once (a padding or causal mask as a tensor).
+  void add_mask(int i0, int rows, int j0, int count, int key_stride, T* x) const {
+    const AttnMaskSlice& m = score.mask;
+    const T scale = score.scale, inf = std::numeric_limits<T>::infinity();
+    for (int r = 0; r < rows; ++r) {
+      const int64_t first = m.base + int64_t{i0 + r} * m.row_stride + int64_t{j0} * m.col_stride;
+      T* out = x + r;
+      if (m.is_bool) {
+        const bool* shows = static_cast<const bool*>(m.data) + first;
+        for (int jj = 0; jj < count; ++jj)
+          out[jj * key_stride] = out[jj * key_stride] * scale + (shows[jj * m.col_stride] ? T(0) : -inf);
+      } else {
+        const T* bias = static_cast<const T*>(m.data) + first;
+        for (int jj = 0; jj < count; ++jj)
+          out[jj * key_stride] = out[jj * key_stride] * scale + bias[jj * m.col_stride];
+      }
+    }
+  }
 };
 
 // A block's rows' visible keys [lo[r], hi[r]) (rows past the block: none) and their union.
@@ -419,6 +440,29 @@ CUFLASH_CPU_INLINE bool rows_finite(const T* const* rows, int n, int D) {
   T sum = tail;
   for (int l = 0; l < L; ++l) sum += acc[l];
   return sum == T(0);
+}
+
+// Whether attn_mask hides every pair of rows [i0, i0 + rows) and keys [j0, j0 + count) (False, or
+// -inf), and q's rows and the keys' K and V rows are finite: then the tile adds nothing, and is
+// skipped (a causal or padding mask passed as a tensor: half the tiles of a causal one). With a NaN
+// or Inf the tile is computed: the mask's -inf added to a NaN score is NaN, as in torch's SDPA.
+template <class S, typename T = typename S::Scalar>
+CUFLASH_CPU_INLINE bool mask_hides_tile(const AttnMaskSlice& mask, int i0, int rows, int j0, int count, bool q_finite,
+                                        const T* const* k_rows, const T* const* v_rows, int D) {
+  if (!mask.data || !q_finite) return false;
+  for (int i = i0; i < i0 + rows; ++i) {
+    const int64_t first = mask.base + int64_t{i} * mask.row_stride + int64_t{j0} * mask.col_stride;
+    bool shows = false;
+    if (mask.is_bool) {
+      const bool* row = static_cast<const bool*>(mask.data) + first;
+      for (int jj = 0; jj < count; ++jj) shows |= row[jj * mask.col_stride];
+    } else {
+      const T* row = static_cast<const T*>(mask.data) + first;
+      for (int jj = 0; jj < count; ++jj) shows |= row[jj * mask.col_stride] != -std::numeric_limits<T>::infinity();
+    }
+    if (shows) return false;
+  }
+  return rows_finite<S>(k_rows, count, D) && rows_finite<S>(v_rows, count, D);
 }
 
 // The tile's products over the pairs (row, key) of the block that the masks show. The lane
@@ -551,7 +595,9 @@ CUFLASH_CPU_INLINE void fwd_rows(const FlashFwdParams& p, const ForwardRows<T>& 
   const T inf = std::numeric_limits<T>::infinity();
   std::fill(w.acc.begin(), w.acc.end(), T(0));  // the rows' outputs, [row][D]
   T row_max[kLaneRows], row_sum[kLaneRows], unused;
-  for (int r = 0; r < rows; ++r) row_max[r] = -inf, row_sum[r] = T(0);
+  bool q_finite[kLaneRows];
+  for (int r = 0; r < rows; ++r)
+    row_max[r] = -inf, row_sum[r] = T(0), q_finite[r] = rules.score.mask.data && rows_finite<S>(&w.q_rows[r], 1, D);
   T* scores = w.scores.data();
   for (int j0 = keys.begin; j0 < keys.end; j0 += kKeys) {
     const int count = std::min(kKeys, keys.end - j0);
@@ -561,11 +607,15 @@ CUFLASH_CPU_INLINE void fwd_rows(const FlashFwdParams& p, const ForwardRows<T>& 
     }
     for (int r = 0; r < rows; ++r) {
       const int i = i0 + r, lo = std::max(keys.lo[r], j0) - j0, n = std::min(keys.hi[r], j0 + count) - j0 - lo;
-      if (n <= 0) continue;
+      if (n <= 0 || mask_hides_tile<S>(rules.score.mask, i, 1, j0 + lo, n, q_finite[r], w.k_rows.data() + lo,
+                                       w.v_rows.data() + lo, D))
+        continue;
       dot_rows<S>(w.q_rows[r], w.k_rows.data() + lo, n, D, scores);
+      if (rules.mask_only) rules.add_mask(i, 1, j0 + lo, n, 1, scores);
       T tile_max = row_max[r];
       for (int t = 0; t < n; ++t) {
-        scores[t] = rules.plain ? scores[t] * rules.score.scale : rules.score(s, scores[t], i, j0 + lo + t, &unused);
+        if (!rules.mask_only)
+          scores[t] = rules.plain ? scores[t] * rules.score.scale : rules.score(s, scores[t], i, j0 + lo + t, &unused);
         tile_max = scores[t] > tile_max ? scores[t] : tile_max;  // a NaN score is not one: it reaches the sum
       }
       const T base = tile_max == -inf ? T(0) : tile_max;
@@ -627,15 +677,20 @@ CUFLASH_CPU_INLINE void fwd_block_impl(const FlashFwdParams& p, int b, int h, in
   for (int v = 0; v < R; ++v) row_max[v] = broadcast<S>(-inf), row_sum[v] = V{};
   T* st = w.scores.data();
   T unused;
+  const bool q_finite = rules.score.mask.data && rows_finite<S>(w.q_rows.data(), rows, D);
   for (int j0 = keys.begin; j0 < keys.end; j0 += kKeys) {
     const int count = std::min(kKeys, keys.end - j0);
     for (int jj = 0; jj < count; ++jj) {
       w.k_rows[jj] = io.key(p.k, p.k_strides, s, b, hk, j0 + jj, w.k16.data() + jj * D);
       w.v_rows[jj] = io.key(p.v, p.v_strides, s, b, hk, j0 + jj, w.v16.data() + jj * D);
     }
+    if (mask_hides_tile<S>(rules.score.mask, i0, rows, j0, count, q_finite, w.k_rows.data(), w.v_rows.data(), D))
+      continue;
     row_lanes_dot<S>(w.qt.data(), w.k_rows.data(), count, D, w.zeros.data(), st);
     if (rules.plain) {
       for (int i = 0; i < count * kBlockRows; ++i) st[i] *= rules.score.scale;
+    } else if (rules.mask_only) {
+      rules.add_mask(i0, rows, j0, count, kBlockRows, st);
     } else {
       for (int jj = 0; jj < count; ++jj)
         for (int r = 0; r < rows; ++r)
@@ -750,6 +805,8 @@ CUFLASH_CPU_INLINE void bwd_head_impl(const FlashBwdParams& p, int b, int hk, co
     }
     const bool q_finite = rows_finite<S>(w.q_rows.data(), rows, D);
     const bool do_finite = rows_finite<S>(w.do_rows.data(), rows, D);
+    bool delta_finite = true;  // (dS = P (dP - delta): a NaN delta reaches even P = 0's pairs)
+    for (int r = 0; r < rows; ++r) delta_finite = delta_finite && std::isfinite(row_delta[r]);
     for (int j0 = keys.begin; j0 < keys.end; j0 += kKeys) {
       const int count = std::min(kKeys, keys.end - j0);
       for (int jj = 0; jj < count; ++jj) {
@@ -758,11 +815,16 @@ CUFLASH_CPU_INLINE void bwd_head_impl(const FlashBwdParams& p, int b, int hk, co
         w.dk_rows[jj] = dk_row(j0 + jj);
         w.dv_rows[jj] = dv_row(j0 + jj);
       }
+      if (mask_hides_tile<S>(rules.score.mask, i0, rows, j0, count, q_finite && do_finite && delta_finite,
+                             w.k_rows.data(), w.v_rows.data(), D))
+        continue;
       row_lanes_dot<S>(w.qt.data(), w.k_rows.data(), count, D, w.zeros.data(), st);
       row_lanes_dot<S>(w.dot.data(), w.v_rows.data(), count, D, w.zeros.data(), dpt);
       // P^T from the scores and the rows' lse, in place of the scores.
       if (rules.plain) {
         for (int i = 0; i < count * kBlockRows; ++i) st[i] *= scale;
+      } else if (rules.mask_only) {
+        rules.add_mask(i0, rows, j0, count, kBlockRows, st);
       } else {
         for (int jj = 0; jj < count; ++jj)
           for (int r = 0; r < rows; ++r) {
