@@ -844,7 +844,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> bwd(const Tensor& dout, const Tensor&
   } else {
     // A pair's parts sum dK and dV into buffers of their own, added in once all are done.
     const int parts = flash_bwd_cpu_parts(p, at::get_num_threads());
-    run_cpu_kernels(q, layout.dtype, flash_bwd_cpu_partial_elems(p, parts), int64_t{sh.batch} * sh.heads_kv * parts,
+    run_cpu_kernels(q, layout.dtype, flash_bwd_cpu_partial_elems(p, parts), flash_bwd_cpu_items(p, parts),
                     parts > 1 ? flash_bwd_cpu_finish_items(p) : 0,
                     [&](auto* partial_sums, bool merging, int64_t begin, int64_t end) {
                       using T = std::remove_pointer_t<decltype(partial_sums)>;

@@ -551,8 +551,8 @@ CUFLASH_CPU_INLINE void add_weighted_rows(T* __restrict y, int D, int n, const T
 
 // Split-KV: a forward work item's share of its block's keys (split `index` of `count`: a range of
 // the key tiles the block's rows see), and where its rows go: out and lse (one split), or this
-// split's partial rows of (b, h) [seqlen_q][D] and [seqlen_q] (out normalized over the split's
-// keys, lse theirs), which flash_fwd_cpu_combine merges.
+// split's partial rows of (b, h) (split_rows: out normalized over the split's keys, [row][D], and
+// lse theirs, [row]), which flash_fwd_cpu_combine merges.
 template <typename T>
 struct FwdSplit {
   int index, count;
@@ -560,7 +560,7 @@ struct FwdSplit {
   // The block's rows' keys within this split's tiles.
   BlockKeys keys_of(const BlockKeys& all, int rows) const {
     if (count == 1 || all.begin >= all.end) return all;
-    const int64_t tiles = (all.end - all.begin + kKeys - 1) / kKeys;  // (64 bits: count may be as large)
+    const int64_t tiles = (all.end - all.begin + kKeys - 1) / kKeys;  // (64 bits: index x tiles may pass 2^31)
     const int lo = all.begin + static_cast<int>(index * tiles / count) * kKeys;
     const int hi = static_cast<int>(std::min<int64_t>(all.end, all.begin + (index + 1) * tiles / count * kKeys));
     BlockKeys mine(all.end);
@@ -945,6 +945,43 @@ void bwd_head(CpuIsa isa, const FlashBwdParams& p, int b, int hk, const BwdPart<
 
 int fwd_query_blocks(const FlashFwdParams& p) { return (p.shape.seqlen_q + kBlockRows - 1) / kBlockRows; }
 
+// `count` items of alike work, each cut in parts of alike work, go to `threads` threads in rounds:
+// the fewest parts (at most `most`) that leave at most a tenth of the threads' time idle.
+int fewest_even_parts(int64_t count, int threads, int64_t most) {
+  int64_t parts = 1;
+  for (; parts < most; ++parts) {
+    const int64_t items = count * parts, rounds = (items + threads - 1) / threads;
+    if (rounds * threads * 10 <= items * 11) break;
+  }
+  return static_cast<int>(parts);
+}
+
+// The query rows of one split's partial results: every (batch, query head)'s seqlen_q, or packed
+// sequences' rows as they lie (heads x total_q, as CUDA's split-KV buffers).
+int64_t split_rows_count(const FlashFwdParams& p) {
+  const AttentionShape& sh = p.shape;
+  return p.varlen.cu_seqlens_q ? int64_t{sh.heads_q} * p.varlen.total_q : int64_t{sh.batch} * sh.heads_q * sh.seqlen_q;
+}
+
+// Split c's partial rows of (b, h) within flash_fwd_cpu's partials: the outputs [rows][D] of
+// every split (split_rows_count rows each), then the logsumexps [rows].
+template <typename T>
+FwdSplit<T> split_rows(const FlashFwdParams& p, int splits, T* partials, int b, int h, int c) {
+  if (splits == 1) return FwdSplit<T>{0, 1, nullptr, nullptr};
+  const AttentionShape& sh = p.shape;
+  const int64_t rows = split_rows_count(p);
+  const int64_t first = p.varlen.cu_seqlens_q ? int64_t{h} * p.varlen.total_q + sequence_of(p, b).q_row0
+                                              : (int64_t{b} * sh.heads_q + h) * sh.seqlen_q;
+  const int64_t at = c * rows + first;
+  return FwdSplit<T>{c, splits, partials + at * sh.head_dim, partials + splits * rows * sh.head_dim + at};
+}
+
+// Part c > 0 of pair bhk's dK (0) or dV (1) sums: [seqlen_k][D] within flash_bwd_cpu's partials.
+template <typename T>
+T* partial_sums(const FlashBwdParams& p, int parts, T* partials, int64_t bhk, int c, int which) {
+  return partials + ((bhk * (parts - 1) + c - 1) * 2 + which) * p.shape.seqlen_k * p.shape.head_dim;
+}
+
 }  // namespace
 
 double flash_fwd_cpu_block_cost(int rows) {
@@ -954,23 +991,8 @@ double flash_fwd_cpu_block_cost(int rows) {
 
 int flash_fwd_cpu_split_count(int64_t blocks, int64_t key_tiles, int threads, int64_t requested) {
   if (requested > 0) return static_cast<int>(std::clamp<int64_t>(requested, 1, std::max<int64_t>(key_tiles, 1)));
-  const int64_t most = std::min<int64_t>(threads, key_tiles / kMinSplitTiles);
-  int64_t splits = 1;  // the fewest that leave at most a tenth of the threads' time idle
-  for (; splits < most; ++splits) {
-    const int64_t items = blocks * splits, rounds = (items + threads - 1) / threads;
-    if (rounds * threads * 10 <= items * 11) break;
-  }
-  return static_cast<int>(splits);
+  return fewest_even_parts(blocks, threads, std::min<int64_t>(threads, key_tiles / kMinSplitTiles));
 }
-
-namespace {
-// The query rows of one split's partial results: every (batch, query head)'s seqlen_q, or packed
-// sequences' rows as they lie (heads x total_q, as CUDA's split-KV buffers).
-int64_t split_rows_count(const FlashFwdParams& p) {
-  const AttentionShape& sh = p.shape;
-  return p.varlen.cu_seqlens_q ? int64_t{sh.heads_q} * p.varlen.total_q : int64_t{sh.batch} * sh.heads_q * sh.seqlen_q;
-}
-}  // namespace
 
 int flash_fwd_cpu_splits(const FlashFwdParams& p, int threads, int64_t requested) {
   const AttentionShape& sh = p.shape;
@@ -989,21 +1011,6 @@ int64_t flash_fwd_cpu_partial_elems(const FlashFwdParams& p, int splits) {
 int64_t flash_fwd_cpu_items(const FlashFwdParams& p, int splits) {
   return int64_t{p.shape.batch} * p.shape.heads_q * fwd_query_blocks(p) * splits;
 }
-
-namespace {
-// Split c's partial rows of (b, h) within flash_fwd_cpu's partials: the outputs [rows][D] of
-// every split (split_rows_count rows each), then the logsumexps [rows].
-template <typename T>
-FwdSplit<T> split_rows(const FlashFwdParams& p, int splits, T* partials, int b, int h, int c) {
-  if (splits == 1) return FwdSplit<T>{0, 1, nullptr, nullptr};
-  const AttentionShape& sh = p.shape;
-  const int64_t rows = split_rows_count(p);
-  const int64_t first = p.varlen.cu_seqlens_q ? int64_t{h} * p.varlen.total_q + sequence_of(p, b).q_row0
-                                              : (int64_t{b} * sh.heads_q + h) * sh.seqlen_q;
-  const int64_t at = c * rows + first;
-  return FwdSplit<T>{c, splits, partials + at * sh.head_dim, partials + splits * rows * sh.head_dim + at};
-}
-}  // namespace
 
 template <typename T>
 void flash_fwd_cpu(const FlashFwdParams& p, int splits, T* partials, int64_t item_begin, int64_t item_end) {
@@ -1065,28 +1072,17 @@ int flash_bwd_cpu_parts(const FlashBwdParams& p, int threads) {
   const int64_t pairs = int64_t{sh.batch} * sh.heads_kv;
   const int64_t units = int64_t{sh.heads_q / sh.heads_kv} * ((sh.seqlen_q + kBlockRows - 1) / kBlockRows);
   const int64_t part_bytes = pairs * 2 * sh.seqlen_k * sh.head_dim * int64_t{sizeof(double)};
-  const int64_t most = std::min({int64_t{threads}, units, 1 + kMaxPartialBytes / std::max<int64_t>(part_bytes, 1)});
-  // The parts of a pair do alike work, so the threads' share is even where the items fill their
-  // rounds: the fewest parts that leave at most a tenth of the threads' time idle.
-  int64_t parts = 1;
-  for (; parts < most; ++parts) {
-    const int64_t items = pairs * parts, rounds = (items + threads - 1) / threads;
-    if (rounds * threads * 10 <= items * 11) break;
-  }
-  return static_cast<int>(parts);
+  return fewest_even_parts(
+      pairs, threads, std::min({int64_t{threads}, units, 1 + kMaxPartialBytes / std::max<int64_t>(part_bytes, 1)}));
+}
+
+int64_t flash_bwd_cpu_items(const FlashBwdParams& p, int parts) {
+  return int64_t{p.shape.batch} * p.shape.heads_kv * parts;
 }
 
 int64_t flash_bwd_cpu_partial_elems(const FlashBwdParams& p, int parts) {
   return int64_t{p.shape.batch} * p.shape.heads_kv * (parts - 1) * 2 * p.shape.seqlen_k * p.shape.head_dim;
 }
-
-namespace {
-// Part c > 0 of pair bhk's dK (0) or dV (1) sums: [seqlen_k][D] within flash_bwd_cpu's partials.
-template <typename T>
-T* partial_sums(const FlashBwdParams& p, int parts, T* partials, int64_t bhk, int c, int which) {
-  return partials + ((bhk * (parts - 1) + c - 1) * 2 + which) * p.shape.seqlen_k * p.shape.head_dim;
-}
-}  // namespace
 
 template <typename T>
 void flash_bwd_cpu(const FlashBwdParams& p, int parts, T* partials, int64_t item_begin, int64_t item_end) {

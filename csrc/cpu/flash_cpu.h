@@ -20,7 +20,7 @@ constexpr int kCpuKeyTile = 64;  // keys a tile (split-KV deals out whole tiles)
 // to a 2-core AVX-512 machine's forward at 8192 keys, head dim 128; benchmarks/NOTES.md,
 // thirty-second session): for group packing's choice.
 double flash_fwd_cpu_block_cost(int rows);
-// Split-KV's count for `blocks` blocks of query rows over `key_tiles` tiles of 64 keys on `threads`
+// Split-KV's count for `blocks` blocks of query rows over `key_tiles` key tiles on `threads`
 // threads; requested: the caller's num_splits (0: chosen here, the fewest that share the items out
 // evenly over the threads, each split 4 key tiles at least; else as many, up to the key tiles).
 int flash_fwd_cpu_split_count(int64_t blocks, int64_t key_tiles, int threads, int64_t requested);
@@ -41,8 +41,9 @@ void flash_fwd_cpu_combine(const FlashFwdParams& p, int splits, T* partials, int
 // The backward's work items: each (batch, key/value head) pair bhk = b * heads_kv + hk in `parts`
 // parts, item = bhk * parts + part; together they give dq of every query head of the group, and
 // dk, dv summed over the group. Parts enough that the threads' shares are even (one where the
-// pairs share out evenly; at most one a block of query rows, and within kMaxBwdPartialBytes).
+// pairs share out evenly; at most one a block of query rows, and 1 GiB of partial sums).
 int flash_bwd_cpu_parts(const FlashBwdParams& p, int threads);
+int64_t flash_bwd_cpu_items(const FlashBwdParams& p, int parts);
 // The elements of T of the partial sums' buffer that flash_bwd_cpu takes for `parts` (0 for one).
 int64_t flash_bwd_cpu_partial_elems(const FlashBwdParams& p, int parts);
 // Handles the items [item_begin, item_end). p.delta is not used. With more than one part, dk holds
