@@ -2,7 +2,8 @@
 """Speed of the CPU kernels (csrc/cpu/flash_cpu.cpp) against torch's CPU scaled_dot_product_attention,
 forward and forward + backward, in one process.
 
-    python3 benchmarks/bench_cpu.py [--dtypes fp32,bf16] [--isas avx512,avx2,base] [--threads N] [--masks none,causal]
+    python3 benchmarks/bench_cpu.py [--dtypes fp32,bf16] [--isas avx512bf16,avx512,avx2,base] [--threads N]
+                                    [--masks none,causal]
                                     [--shapes "1,8,1024,64;1,8,2048,128;2,16,512,64"]
     python3 benchmarks/bench_cpu.py --decode [--num-splits N] [--shapes "1,32,8,1,4096,128;1,32,8,4,4096,128"]
 
@@ -44,7 +45,7 @@ def fastest_ms(step, repeats):
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--dtypes", default="fp32,bf16")
-    p.add_argument("--isas", default="avx512,avx2,base", help="CUFLASH_CPU_ISA values for ours")
+    p.add_argument("--isas", default="avx512bf16,avx512,avx2,base", help="CUFLASH_CPU_ISA values for ours")
     p.add_argument("--shapes", default=None, help=f"default: {SHAPES}; with --decode {DECODE_SHAPES}")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     p.add_argument("--repeats", type=int, default=5)

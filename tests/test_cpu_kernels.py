@@ -1,5 +1,6 @@
-"""The CPU kernels' three vector widths (csrc/cpu/flash_cpu.cpp: AVX-512, AVX2 and the baseline's
-SSE2, CUFLASH_CPU_ISA), each on the checks that reach its code paths: tiles that every row sees
+"""The CPU kernels' vector widths (csrc/cpu/flash_cpu.cpp: AVX-512, with or without its bfloat16
+pair dot products for bfloat16 scores, AVX2 and the baseline's SSE2, CUFLASH_CPU_ISA), each on the
+checks that reach its code paths: tiles that every row sees
 and tiles that a mask cuts (the lanes a mask hides), head dims that are not a multiple of the
 vector (the scalar tails), the features' scores, packed sequences, a float mask's gradient, a
 NaN that only some rows see (the one-pair-at-a-time path), and blocks of a few query rows (a row
@@ -18,7 +19,7 @@ from test_pack_gqa import op_names
 import test_edge_cases
 from test_features import check_dense, check_varlen
 
-ISAS = ["base", "avx2", "avx512"]
+ISAS = ["base", "avx2", "avx512", "avx512bf16"]
 
 
 @pytest.fixture(params=ISAS)
@@ -52,9 +53,10 @@ def test_features(isa, dtype):
     check_varlen("cpu", dtype, [70, 0, 129], [90, 12, 64], 4, 1, 48, causal=True, bottom_right=True)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("where", ["q", "k", "v"])
-def test_nan_reaches_affected_rows_only(isa, where):
-    test_edge_cases.test_nan_propagates_to_affected_rows_only("cpu", "flash_attention", torch.float32, where)
+def test_nan_reaches_affected_rows_only(isa, dtype, where):
+    test_edge_cases.test_nan_propagates_to_affected_rows_only("cpu", "flash_attention", dtype, where)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])

@@ -7,6 +7,12 @@
 #include <type_traits>
 #include <vector>
 
+// x86-64 GCC builds: an instantiation a vector width, each under its target attribute (below).
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
+#define CUFLASH_CPU_WIDE_ISAS 1
+#include <immintrin.h>
+#endif
+
 #include "../attention_math.h"
 #include "../cuda/run_switches.h"
 
@@ -46,7 +52,7 @@ constexpr int kMinSplitTiles = 4;
 // kBytes-byte vectors of T (GCC's vector extensions: one register of the target's widest), and
 // the kRows rows of a block that the lanes hold (the buffers keep kBlockRows a key: a block of at
 // most half of them computes on half the vectors, HalfRows).
-template <typename T, int kBytes, int kRows = kBlockRows>
+template <typename T, int kBytes, int kRows = kBlockRows, bool kBf16Dot = false>
 struct Simd {
   using Scalar = T;
   using Int = std::conditional_t<sizeof(T) == 4, int32_t, int64_t>;
@@ -57,7 +63,9 @@ struct Simd {
   static constexpr int kRowVecs = kRows / kLanes;
   static_assert(kRowVecs >= 1 && kRowVecs * kLanes == kRows, "whole vectors of rows");
   static constexpr bool kAllRows = kRows == kBlockRows;
-  using HalfRows = Simd<T, kBytes, kRows / 2>;
+  // The scores of bfloat16 rows by AVX512-BF16's pair dot products (row_lanes_dot_bf16).
+  static constexpr bool kDotBf16 = kBf16Dot && std::is_same_v<T, float> && kBytes == 64;
+  using HalfRows = Simd<T, kBytes, kRows / 2, kBf16Dot>;
 };
 template <class S>
 CUFLASH_CPU_INLINE typename S::V load(const typename S::Scalar* from) {
@@ -174,6 +182,65 @@ CUFLASH_CPU_INLINE void pack_block(const T* const* rows, int count, int D, T* __
     for (int d = 0; d < D; ++d) xt[d * kBlockRows + r] = r < count ? rows[r][d] : T(0);
 }
 
+#ifdef CUFLASH_CPU_WIDE_ISAS
+// A bfloat16 row's head dims d, d + 1 as 32 bits (the low half d's), the second 0 past the row.
+CUFLASH_CPU_INLINE uint32_t bf16_pair(const uint16_t* row, int d, int D) {
+  return row[d] | (d + 1 < D ? static_cast<uint32_t>(row[d + 1]) << 16 : 0u);
+}
+
+// The block's bfloat16 rows transposed in pairs of head dims: xt2[d / 2 * kBlockRows + r] =
+// bf16_pair(rows[r], d) (rows past count 0), row_lanes_dot_bf16's operand.
+CUFLASH_CPU_INLINE void pack_block_bf16(const uint16_t* const* rows, int count, int D, uint32_t* __restrict xt2) {
+  for (int r = 0; r < kBlockRows; ++r)
+    for (int d = 0; d < D; d += 2) xt2[d / 2 * kBlockRows + r] = r < count ? bf16_pair(rows[r], d, D) : 0u;
+}
+
+// row_lanes_dot over bfloat16 rows (S::kDotBf16), for a block of R vectors of 16 rows: each
+// VDPBF16PS adds two head dims' exact products of every row in a vector with a key's pair, summed
+// in float as the float path sums the converted values (the order of the additions aside; inputs
+// and sums below float's normal range taken as 0); a pair past an odd D is 0 on both sides. Half
+// the float path's instructions, and the keys' rows read as they are. A function of its own under
+// its target, called a tile at a time: an intrinsic cannot be inlined into the kernels' templates,
+// which take their target only where the entry point inlines them.
+template <int R>
+__attribute__((target("arch=x86-64-v4,avx512bf16"), noinline)) void row_lanes_dot_bf16(const uint32_t* __restrict xt2,
+                                                                                       const uint16_t* const* keys,
+                                                                                       int count, int D,
+                                                                                       float* __restrict out) {
+  // Sixteen accumulators in flight (the pair dot product's latency is about eight of its issue
+  // slots), from eight keys at most (a pointer register each).
+  constexpr int kAtOnce = 16 / R < 8 ? 16 / R : 8, kLanes = 16;
+  for (int jj = 0; jj < count; jj += kAtOnce) {
+    const uint16_t* k[kAtOnce];
+#pragma GCC unroll 16
+    for (int a = 0; a < kAtOnce; ++a) k[a] = keys[jj + a < count ? jj + a : jj];  // past count: not stored
+    __m512 acc[kAtOnce][R];
+#pragma GCC unroll 16
+    for (int a = 0; a < kAtOnce; ++a)
+#pragma GCC unroll 8
+      for (int v = 0; v < R; ++v) acc[a][v] = _mm512_setzero_ps();
+    for (int d = 0; d < D; d += 2) {
+      const bool pair = d + 1 < D;  // else an odd D's last head dim, paired with 0
+#pragma GCC unroll 8
+      for (int v = 0; v < R; ++v) {
+        const __m512i x = _mm512_loadu_si512(xt2 + d / 2 * kBlockRows + v * kLanes);
+#pragma GCC unroll 16
+        for (int a = 0; a < kAtOnce; ++a) {
+          uint32_t two = k[a][d];
+          if (pair) std::memcpy(&two, k[a] + d, sizeof(two));
+          acc[a][v] = _mm512_dpbf16_ps(acc[a][v], (__m512bh)x, (__m512bh)_mm512_set1_epi32(static_cast<int>(two)));
+        }
+      }
+    }
+#pragma GCC unroll 16
+    for (int a = 0; a < kAtOnce; ++a)
+      if (jj + a < count)
+#pragma GCC unroll 8
+        for (int v = 0; v < R; ++v) _mm512_storeu_ps(out + (jj + a) * kBlockRows + v * kLanes, acc[a][v]);
+  }
+}
+#endif
+
 // 16-bit rows (the forward reads float16 and bfloat16 itself; torch_ops.cpp's layout_for).
 CUFLASH_CPU_INLINE uint32_t float_bits(float f) {
   uint32_t u;
@@ -260,6 +327,8 @@ struct CpuScratch {
   std::vector<T> qt, dot, ot, scores, dp, capped, acc, zeros, q16, k16, v16;  // q16 ...: ForwardRows' rows
   std::vector<const T*> k_rows, v_rows, q_rows, do_rows, o_rows;
   std::vector<T*> dk_rows, dv_rows;
+  std::vector<uint32_t> qt2;           // pack_block_bf16's
+  std::vector<const uint16_t*> k_raw;  // bfloat16 keys' rows as they are (row_lanes_dot_bf16)
   explicit CpuScratch(int D)
       : qt(static_cast<size_t>(D) * kBlockRows),
         dot(qt.size()),
@@ -278,7 +347,9 @@ struct CpuScratch {
         do_rows(kBlockRows),
         o_rows(kBlockRows),
         dk_rows(kKeys),
-        dv_rows(kKeys) {}
+        dv_rows(kKeys),
+        qt2(static_cast<size_t>(D + 1) / 2 * kBlockRows),
+        k_raw(kKeys) {}
 };
 
 // The scores' rules of (b, h) (ExactScore; plain: scale alone) and dropout's.
@@ -670,7 +741,19 @@ CUFLASH_CPU_INLINE void fwd_block_impl(const FlashFwdParams& p, int b, int h, in
   const BlockKeys keys = split.keys_of(visible, rows);
   T* lse = static_cast<T*>(p.lse) + stats_offset(p.stats_strides, s, b, h);
   if (rows < kLaneRows) return fwd_rows<S>(p, io, s, b, h, hk, i0, rows, keys, rules, split, w, lse);
-  pack_block(w.q_rows.data(), rows, D, w.qt.data());
+  // bfloat16 scores by pair dot products where the CPU has them: q's and the keys' rows as they are.
+  bool dot_bf16 = false;
+#ifdef CUFLASH_CPU_WIDE_ISAS
+  if constexpr (S::kDotBf16) {
+    dot_bf16 = io.sixteen_bit && io.bf16;
+    if (dot_bf16) {
+      const uint16_t* raw[kBlockRows];
+      for (int r = 0; r < rows; ++r) raw[r] = row_at<const uint16_t>(p.q, p.q_strides, s, true, b, h, i0 + r);
+      pack_block_bf16(raw, rows, D, w.qt2.data());
+    }
+  }
+#endif
+  if (!dot_bf16) pack_block(w.q_rows.data(), rows, D, w.qt.data());
   T* out_t = w.acc.data();  // O^T [D][kBlockRows]
   std::fill(w.acc.begin(), w.acc.end(), T(0));
   V row_max[R], row_sum[R];
@@ -681,12 +764,18 @@ CUFLASH_CPU_INLINE void fwd_block_impl(const FlashFwdParams& p, int b, int h, in
   for (int j0 = keys.begin; j0 < keys.end; j0 += kKeys) {
     const int count = std::min(kKeys, keys.end - j0);
     for (int jj = 0; jj < count; ++jj) {
-      w.k_rows[jj] = io.key(p.k, p.k_strides, s, b, hk, j0 + jj, w.k16.data() + jj * D);
+      if (dot_bf16) w.k_raw[jj] = key_row_at<const uint16_t>(p, p.k, p.k_strides, s, b, hk, j0 + jj);
+      if (!dot_bf16 || rules.score.mask.data)  // (mask_hides_tile's finiteness check reads them)
+        w.k_rows[jj] = io.key(p.k, p.k_strides, s, b, hk, j0 + jj, w.k16.data() + jj * D);
       w.v_rows[jj] = io.key(p.v, p.v_strides, s, b, hk, j0 + jj, w.v16.data() + jj * D);
     }
     if (mask_hides_tile<S>(rules.score.mask, i0, rows, j0, count, q_finite, w.k_rows.data(), w.v_rows.data(), D))
       continue;
-    row_lanes_dot<S>(w.qt.data(), w.k_rows.data(), count, D, w.zeros.data(), st);
+#ifdef CUFLASH_CPU_WIDE_ISAS
+    if constexpr (S::kDotBf16)
+      if (dot_bf16) row_lanes_dot_bf16<S::kRowVecs>(w.qt2.data(), w.k_raw.data(), count, D, st);
+#endif
+    if (!dot_bf16) row_lanes_dot<S>(w.qt.data(), w.k_rows.data(), count, D, w.zeros.data(), st);
     if (rules.plain) {
       for (int i = 0; i < count * kBlockRows; ++i) st[i] *= rules.score.scale;
     } else if (rules.mask_only) {
@@ -885,8 +974,13 @@ CUFLASH_CPU_INLINE void bwd_head_impl(const FlashBwdParams& p, int b, int hk, co
 // The entry points, one a vector width, and the widest the CPU has (and CUFLASH_CPU_ISA allows).
 // Each width is an instantiation of its own under its target attribute: the vector types are
 // the target's registers, and nothing compiled for a wider target runs on a CPU without it.
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
-#define CUFLASH_CPU_WIDE_ISAS 1
+#ifdef CUFLASH_CPU_WIDE_ISAS
+template <typename T>
+__attribute__((target("arch=x86-64-v4,avx512bf16"))) void fwd_block_avx512bf16(const FlashFwdParams& p, int b, int h,
+                                                                               int block, const FwdSplit<T>& split,
+                                                                               CpuScratch<T>& w) {
+  fwd_block_impl<Simd<T, 64, kBlockRows, true>>(p, b, h, block, split, w);
+}
 template <typename T>
 __attribute__((target("arch=x86-64-v4"))) void fwd_block_avx512(const FlashFwdParams& p, int b, int h, int block,
                                                                 const FwdSplit<T>& split, CpuScratch<T>& w) {
@@ -913,9 +1007,9 @@ CpuIsa cpu_isa() {
 #ifdef CUFLASH_CPU_WIDE_ISAS
   static const CpuIsa best = [] {
     __builtin_cpu_init();
-    return __builtin_cpu_supports("x86-64-v4")   ? CpuIsa::kAvx512
-           : __builtin_cpu_supports("x86-64-v3") ? CpuIsa::kAvx2
-                                                 : CpuIsa::kBase;
+    if (!__builtin_cpu_supports("x86-64-v4"))
+      return __builtin_cpu_supports("x86-64-v3") ? CpuIsa::kAvx2 : CpuIsa::kBase;
+    return __builtin_cpu_supports("avx512bf16") ? CpuIsa::kAvx512Bf16 : CpuIsa::kAvx512;
   }();
   return std::min(best, cpu_isa_switch());
 #else
@@ -927,7 +1021,11 @@ template <typename T>
 void fwd_block(CpuIsa isa, const FlashFwdParams& p, int b, int h, int block, const FwdSplit<T>& split,
                CpuScratch<T>& w) {
 #ifdef CUFLASH_CPU_WIDE_ISAS
-  if (isa == CpuIsa::kAvx512) return fwd_block_avx512<T>(p, b, h, block, split, w);
+  // The pair dot products are bfloat16 scores' (T = float): others' blocks as AVX-512's.
+  if constexpr (std::is_same_v<T, float>)
+    if (isa == CpuIsa::kAvx512Bf16 && p.dtype == DType::kBFloat16)
+      return fwd_block_avx512bf16(p, b, h, block, split, w);
+  if (isa >= CpuIsa::kAvx512) return fwd_block_avx512<T>(p, b, h, block, split, w);
   if (isa == CpuIsa::kAvx2) return fwd_block_avx2<T>(p, b, h, block, split, w);
 #endif
   (void)isa;
@@ -936,7 +1034,7 @@ void fwd_block(CpuIsa isa, const FlashFwdParams& p, int b, int h, int block, con
 template <typename T>
 void bwd_head(CpuIsa isa, const FlashBwdParams& p, int b, int hk, const BwdPart<T>& part, CpuScratch<T>& w) {
 #ifdef CUFLASH_CPU_WIDE_ISAS
-  if (isa == CpuIsa::kAvx512) return bwd_head_avx512<T>(p, b, hk, part, w);
+  if (isa >= CpuIsa::kAvx512) return bwd_head_avx512<T>(p, b, hk, part, w);
   if (isa == CpuIsa::kAvx2) return bwd_head_avx2<T>(p, b, hk, part, w);
 #endif
   (void)isa;

@@ -62,11 +62,12 @@
 //   CUFLASH_PACK_GQA  the forward's grouped query heads as rows of their KV head (torch_ops.cpp's
 //                   group_packing; each KV head read once): unset or "", on CUDA where a
 //                   head's queries would leave its query tiles mostly empty (decoding steps of
-//                   a few tokens), on the CPU where they fill less than a 32-row block and the
-//                   packed blocks still give each thread one; "1": always; "0": never (tests
-//                   and benchmarks)
+//                   a few tokens), on the CPU where they fill less than a 32-row block (and,
+//                   without split-KV, where the packed blocks' rounds over the threads cost no
+//                   more); "1": always; "0": never (tests and benchmarks)
 //   CUFLASH_CPU_ISA the CPU kernels' vector instructions (cpu/flash_cpu.cpp, x86-64 GCC builds):
-//                   unset or "", the widest the CPU has; "avx512", "avx2" or "base" (SSE2):
+//                   unset or "", the widest the CPU has; "avx512bf16" (AVX-512 with bfloat16
+//                   pair dot products for bfloat16 scores), "avx512", "avx2" or "base" (SSE2):
 //                   at most that one (tests run each on one machine; benchmarks)
 #pragma once
 #include <cstdlib>
@@ -151,11 +152,12 @@ inline PackGqaSwitch pack_gqa_switch() {
                                            : PackGqaSwitch::kDefault;
 }
 
-enum class CpuIsa { kBase, kAvx2, kAvx512 };  // in order: each has the ones before it
+enum class CpuIsa { kBase, kAvx2, kAvx512, kAvx512Bf16 };  // in order: each has the ones before it
 inline CpuIsa cpu_isa_switch() {
-  return env_is("CUFLASH_CPU_ISA", "base")   ? CpuIsa::kBase
-         : env_is("CUFLASH_CPU_ISA", "avx2") ? CpuIsa::kAvx2
-                                             : CpuIsa::kAvx512;
+  return env_is("CUFLASH_CPU_ISA", "base")     ? CpuIsa::kBase
+         : env_is("CUFLASH_CPU_ISA", "avx2")   ? CpuIsa::kAvx2
+         : env_is("CUFLASH_CPU_ISA", "avx512") ? CpuIsa::kAvx512
+                                               : CpuIsa::kAvx512Bf16;
 }
 
 // The message for a switch set to something it does not name, or "" if all are valid.
@@ -167,7 +169,7 @@ inline std::string run_switch_error() {
                        "tma, bwd, bwdws, features, persistent, kvcache, splits, varlen and bwdvarlen, got \"") + sm90 + "\"";
   // The one-value switches: unset, empty or one of the values listed (as the message spells them).
   struct OneOf {
-    const char *name, *values[3], *spelled;  // values: unused ones null
+    const char *name, *values[4], *spelled;  // values: unused ones null
   };
   for (const OneOf& v : {OneOf{"CUFLASH_BWD_DQ", {"atomic", "ordered", "separate"},
                                "unset, empty, \"atomic\", \"ordered\" or \"separate\""},
@@ -178,8 +180,8 @@ inline std::string run_switch_error() {
                                "unset, empty, \"exact\", \"3xtf32\" or \"wgmma\""},
                          OneOf{"CUFLASH_DEBUG", {"0", "1"}, "unset, empty, \"0\" or \"1\""},
                          OneOf{"CUFLASH_PACK_GQA", {"0", "1"}, "unset, empty, \"0\" or \"1\""},
-                         OneOf{"CUFLASH_CPU_ISA", {"avx512", "avx2", "base"},
-                               "unset, empty, \"avx512\", \"avx2\" or \"base\""}}) {
+                         OneOf{"CUFLASH_CPU_ISA", {"avx512bf16", "avx512", "avx2", "base"},
+                               "unset, empty, \"avx512bf16\", \"avx512\", \"avx2\" or \"base\""}}) {
     const char* set = std::getenv(v.name);
     if (set == nullptr || *set == '\0') continue;
     bool named = false;
