@@ -7,8 +7,9 @@
 #include <type_traits>
 #include <vector>
 
-// x86-64 GCC builds: an instantiation a vector width, each under its target attribute (below).
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
+// x86-64 GCC builds: an instantiation a vector width, each under its target attribute (below;
+// GCC 12 for the x86-64-v3/v4 levels in __builtin_cpu_supports; older ones build SSE2 alone).
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && __GNUC__ >= 12
 #define CUFLASH_CPU_WIDE_ISAS 1
 #include <immintrin.h>
 #endif
