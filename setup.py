@@ -5,6 +5,8 @@ Build knobs (environment variables):
                        (9.0a is sm_90a, which the Hopper instructions need)
   CUFLASH_HEAD_DIMS    compile only these head-dim buckets, e.g. "64,128" (default: all)
   MAX_JOBS             parallel compile jobs (default: every core)
+  CUFLASH_CPU_SANITIZE "1": the C++ files under AddressSanitizer and UndefinedBehaviorSanitizer
+                       (scripts/cpu_sanitize.sh builds such a copy and runs the CPU tests on it)
 """
 import os
 import re
@@ -48,6 +50,8 @@ os.environ.setdefault("MAX_JOBS", str(os.cpu_count() or 1))
 # and a note for each wgmma it had to serialize, which scripts/setup.sh refuses).
 ptxas_flags = ["-Xptxas=-v"] if os.environ.get("CUFLASH_PTXAS_VERBOSE") == "1" else []
 cu_files, defines = kernel_sources()
+sanitize = ["-fsanitize=address,undefined", "-fno-omit-frame-pointer", "-g"] \
+    if os.environ.get("CUFLASH_CPU_SANITIZE") == "1" else []
 sources = [str(p.relative_to(ROOT)) for p in
            [CSRC / "torch_ops.cpp", CSRC / "cpu" / "flash_cpu.cpp", CSRC / "cuda" / "dropout_mask.cu",
             CSRC / "cuda" / "packed_gaps.cu", CSRC / "cuda" / "backward_choice.cu",
@@ -63,11 +67,11 @@ setup(
             # code compiled with OpenMP (else it runs the whole range on the calling thread);
             # the library is torch's own libgomp, loaded by `import torch` under the same soname.
             extra_compile_args={
-                "cxx": ["-O3", "-std=c++17", "-fopenmp", *defines],
+                "cxx": ["-O3", "-std=c++17", "-fopenmp", *sanitize, *defines],
                 "nvcc": ["-O3", "-std=c++17", "--expt-relaxed-constexpr", *defines, *ptxas_flags,
                          *gencode_flags(os.environ.get("CUFLASH_CUDA_ARCHS", "8.0;9.0a"))],
             },
-            extra_link_args=["-fopenmp"],
+            extra_link_args=["-fopenmp", *sanitize[:1]],
             py_limited_api=False,
         )
     ],
