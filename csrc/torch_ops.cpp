@@ -414,9 +414,8 @@ struct KernelLayout {
   }
 };
 
-// cpu_reads_16_bit: the CPU forward, which reads float16 and bfloat16 rows itself (converting
-// each tile as it loads it), so that a KV cache is not converted whole at every call; the CPU
-// backward computes from float32 copies.
+// cpu_reads_16_bit: the CPU kernels, which read float16 and bfloat16 rows themselves (converting
+// each tile as they load it), so that nothing is converted whole (a KV cache at every call).
 KernelLayout layout_for(const Tensor& q, bool cpu_reads_16_bit = false) {
   const at::ScalarType t = q.scalar_type();
   const int64_t d = q.size(-1);
@@ -751,7 +750,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> bwd(const Tensor& dout, const Tensor&
   const Tensor lse_c = check_stats(lse, "lse", q, o.varlen());
   const Tensor dlse_c = dlse ? check_stats(*dlse, "dlse", q, o.varlen()) : Tensor();
   Tensor dq = empty_like_input(q), dk = empty_like_input(k), dv = empty_like_input(v);
-  const KernelLayout layout = layout_for(q);
+  const KernelLayout layout = layout_for(q, /*cpu_reads_16_bit=*/true);
   const Tensor qk = layout.input(q), kk = layout.input(k), vk = layout.input(v);
   FlashBwdParams p;
   const std::vector<Tensor> keep = fill_common(p, sh, o, layout, q, k, qk, kk, vk, lse_c);
@@ -770,7 +769,12 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> bwd(const Tensor& dout, const Tensor&
     return {dq, dk, dv, dattn_mask()};
   }
   const Tensor outk = layout.input(out), doutk = layout.input(dout);
-  Tensor dq_k = layout.output(dq), dk_k = layout.output(dk), dv_k = layout.output(dv);
+  // The CPU kernels read 16-bit inputs' rows themselves but sum dq, dk and dv in float32.
+  const bool cpu_16_bit = !q.is_cuda() && (layout.dtype == at::kHalf || layout.dtype == at::kBFloat16);
+  auto kernel_output = [&](const Tensor& dst) {
+    return cpu_16_bit ? at::empty(dst.sizes(), dst.options().dtype(at::kFloat)) : layout.output(dst);
+  };
+  Tensor dq_k = kernel_output(dq), dk_k = kernel_output(dk), dv_k = kernel_output(dv);
   // Rows no sequence covers (packed) and keys past seqused_k get gradient 0: no kernel writes
   // them (every query row of a sequence gets its dq, keys or none). On CUDA, packed, only those
   // rows are written (fill_packed_gaps, below).

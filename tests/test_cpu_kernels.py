@@ -69,6 +69,17 @@ def test_forward_reads_16_bit_rows_itself(isa, dtype):
     assert "aten::_to_copy" not in names and "aten::copy_" not in names, names
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+def test_backward_reads_16_bit_rows_itself(isa, dtype):
+    """The backward reads q, k, v, out and dout a row or a tile at a time too (it took float32
+    copies of all five); only dq, dk and dv, summed in float32, are copied out once."""
+    q, k, v = (torch.randn(1, 2, n, 64, dtype=dtype) for n in (30, 300, 300))
+    out, lse = torch.ops.cuflash_attn.fwd(q, k, v)
+    dout = torch.randn_like(out)
+    names = op_names(lambda: torch.ops.cuflash_attn.bwd(dout, q, k, v, out, lse))
+    assert "aten::_to_copy" not in names and names.count("aten::copy_") == 3, names
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=["fp32", "fp64", "bf16"])
 @pytest.mark.parametrize("num_splits", [0, 3, 1000])
 def test_split_kv(isa, dtype, num_splits):

@@ -281,14 +281,14 @@ CUFLASH_CPU_INLINE uint16_t float_to_half(float f) {
   return static_cast<uint16_t>(sign | (((a + 0xfffu + ((a >> 13) & 1u)) - (112u << 23)) >> 13));
 }
 
-// The forward's rows as the kernels read them: T's own, or (float kernels over float16 or
-// bfloat16 inputs) each row converted into `scratch` as it is fetched, and the output rounded
-// back, so that nothing is converted whole (a KV cache at every decoding step).
-template <typename T>
-struct ForwardRows {
-  const FlashFwdParams& p;
+// The rows as the kernels read them: T's own, or (float kernels over float16 or bfloat16 inputs)
+// each row converted into `scratch` as it is fetched, and (the forward's) output rounded back, so
+// that nothing is converted whole (a KV cache at every decoding step; the backward's five inputs).
+template <typename T, class Params = FlashFwdParams>
+struct KernelRows {
+  const Params& p;
   bool sixteen_bit, bf16;
-  explicit ForwardRows(const FlashFwdParams& params)
+  explicit KernelRows(const Params& params)
       : p(params),
         sixteen_bit(std::is_same_v<T, float> && (p.dtype == DType::kFloat16 || p.dtype == DType::kBFloat16)),
         bf16(p.dtype == DType::kBFloat16) {}
@@ -296,9 +296,14 @@ struct ForwardRows {
     for (int d = 0; d < p.shape.head_dim; ++d) scratch[d] = bf16 ? bf16_to_float(row[d]) : half_to_float(row[d]);
     return scratch;
   }
+  // Row i of a query-side tensor (q; the backward's out and dout).
+  const T* query_side(const void* base, const TensorStrides& strides, const Sequence& s, int b, int h, int i,
+                      T* scratch) const {
+    if (!sixteen_bit) return row_at<const T>(base, strides, s, true, b, h, i);
+    return converted(row_at<const uint16_t>(base, strides, s, true, b, h, i), scratch);
+  }
   const T* q(const Sequence& s, int b, int h, int i, T* scratch) const {
-    if (!sixteen_bit) return row_at<const T>(p.q, p.q_strides, s, true, b, h, i);
-    return converted(row_at<const uint16_t>(p.q, p.q_strides, s, true, b, h, i), scratch);
+    return query_side(p.q, p.q_strides, s, b, h, i, scratch);
   }
   const T* key(const void* base, const TensorStrides& strides, const Sequence& s, int b, int hk, int j,
                T* scratch) const {
@@ -325,9 +330,10 @@ struct ForwardRows {
 // The per-thread buffers of a range of work items.
 template <typename T>
 struct CpuScratch {
-  std::vector<T> qt, dot, ot, scores, dp, capped, acc, zeros, q16, k16, v16;  // q16 ...: ForwardRows' rows
+  std::vector<T> qt, dot, ot, scores, dp, capped, acc, zeros, q16, do16, o16, k16, v16;  // q16 ...: KernelRows'
   std::vector<const T*> k_rows, v_rows, q_rows, do_rows, o_rows;
   std::vector<T*> dk_rows, dv_rows;
+  std::vector<T> kv16;                 // the backward's pair's K and V rows, from 16-bit inputs
   std::vector<uint32_t> qt2;           // pack_block_bf16's
   std::vector<const uint16_t*> k_raw;  // bfloat16 keys' rows as they are (row_lanes_dot_bf16)
   explicit CpuScratch(int D)
@@ -340,6 +346,8 @@ struct CpuScratch {
         acc(static_cast<size_t>(kBlockRows) * D),
         zeros(D),
         q16(static_cast<size_t>(kBlockRows) * D),
+        do16(q16.size()),
+        o16(q16.size()),
         k16(static_cast<size_t>(kKeys) * D),
         v16(static_cast<size_t>(kKeys) * D),
         k_rows(kKeys),
@@ -642,7 +650,7 @@ struct FwdSplit {
   }
   // Row i's output, value(d) for each head dim d, and its logsumexp.
   template <class F>
-  void write(const ForwardRows<T>& io, const Sequence& s, int b, int h, int i, T* lse, T lse_i, F value) const {
+  void write(const KernelRows<T>& io, const Sequence& s, int b, int h, int i, T* lse, T lse_i, F value) const {
     if (!out) {
       io.store(s, b, h, i, value);
       lse[i] = lse_i;
@@ -659,7 +667,7 @@ struct FwdSplit {
 // keys any row sees, each row's online softmax step over its keys in it (the tile's K and V rows
 // read once for the block, then from cache), out and lse written last.
 template <class S, typename T = typename S::Scalar>
-CUFLASH_CPU_INLINE void fwd_rows(const FlashFwdParams& p, const ForwardRows<T>& io, const Sequence& s, int b, int h,
+CUFLASH_CPU_INLINE void fwd_rows(const FlashFwdParams& p, const KernelRows<T>& io, const Sequence& s, int b, int h,
                                  int hk, int i0, int rows, const BlockKeys& keys, const RowRules<T>& rules,
                                  const FwdSplit<T>& split, CpuScratch<T>& w, T* lse) {
   constexpr int L = S::kLanes;
@@ -733,7 +741,7 @@ CUFLASH_CPU_INLINE void fwd_block_impl(const FlashFwdParams& p, int b, int h, in
     if (rows <= kBlockRows / 2) return fwd_block_impl<typename S::HalfRows>(p, b, h, block, split, w);
   const T inf = std::numeric_limits<T>::infinity();
   const RowRules<T> rules(p, b, h);
-  const ForwardRows<T> io(p);
+  const KernelRows<T> io(p);
   BlockKeys visible(s.seqlen_k);
   for (int r = 0; r < kBlockRows; ++r) {
     visible.set(r, r < rows ? visible_keys(p.mask, s, i0 + r, i0 + r + 1) : Range{0, 0});
@@ -847,6 +855,20 @@ CUFLASH_CPU_INLINE void bwd_head_impl(const FlashBwdParams& p, int b, int hk, co
   const int D = sh.head_dim, group = sh.heads_q / sh.heads_kv;
   const T scale = static_cast<T>(p.scale), inf = std::numeric_limits<T>::infinity();
   const Sequence s = sequence_of(p, b);
+  const KernelRows<T, FlashBwdParams> io(p);  // (dq, dk and dv are T's even for 16-bit inputs)
+  // 16-bit inputs: the pair's K and V rows converted once into the thread's buffer (every block of
+  // queries reads them all), the query-side rows a block at a time.
+  if (io.sixteen_bit) {
+    w.kv16.resize(static_cast<size_t>(2) * s.seqlen_k * D);
+    for (int j = 0; j < s.seqlen_k; ++j) {
+      io.key(p.k, p.k_strides, s, b, hk, j, w.kv16.data() + static_cast<size_t>(2 * j) * D);
+      io.key(p.v, p.v_strides, s, b, hk, j, w.kv16.data() + static_cast<size_t>(2 * j + 1) * D);
+    }
+  }
+  auto key_rows = [&](int j, int which) {
+    return io.sixteen_bit ? w.kv16.data() + static_cast<size_t>(2 * j + which) * D
+                          : key_row_at<const T>(p, which ? p.v : p.k, which ? p.v_strides : p.k_strides, s, b, hk, j);
+  };
   auto dk_row = [&](int j) {
     return part.dk ? part.dk + int64_t{j} * D : row_at<T>(p.dk, p.dk_strides, s, false, b, hk, j);
   };
@@ -876,9 +898,9 @@ CUFLASH_CPU_INLINE void bwd_head_impl(const FlashBwdParams& p, int b, int hk, co
       keys.set(r, Range{0, 0});
       if (r >= rows) continue;
       const int i = i0 + r;
-      w.q_rows[r] = row_at<const T>(p.q, p.q_strides, s, true, b, h, i);
-      w.do_rows[r] = row_at<const T>(p.dout, p.dout_strides, s, true, b, h, i);
-      w.o_rows[r] = row_at<const T>(p.out, p.out_strides, s, true, b, h, i);
+      w.q_rows[r] = io.query_side(p.q, p.q_strides, s, b, h, i, w.q16.data() + r * D);
+      w.do_rows[r] = io.query_side(p.dout, p.dout_strides, s, b, h, i, w.do16.data() + r * D);
+      w.o_rows[r] = io.query_side(p.out, p.out_strides, s, b, h, i, w.o16.data() + r * D);
       // A row that saw no key (lse -inf) has output 0 and contributes nothing.
       if (lse[i] == -inf) continue;
       row_lse[r] = lse[i];
@@ -900,8 +922,8 @@ CUFLASH_CPU_INLINE void bwd_head_impl(const FlashBwdParams& p, int b, int hk, co
     for (int j0 = keys.begin; j0 < keys.end; j0 += kKeys) {
       const int count = std::min(kKeys, keys.end - j0);
       for (int jj = 0; jj < count; ++jj) {
-        w.k_rows[jj] = key_row_at<const T>(p, p.k, p.k_strides, s, b, hk, j0 + jj);
-        w.v_rows[jj] = key_row_at<const T>(p, p.v, p.v_strides, s, b, hk, j0 + jj);
+        w.k_rows[jj] = key_rows(j0 + jj, 0);
+        w.v_rows[jj] = key_rows(j0 + jj, 1);
         w.dk_rows[jj] = dk_row(j0 + jj);
         w.dv_rows[jj] = dv_row(j0 + jj);
       }
@@ -1133,7 +1155,7 @@ void flash_fwd_cpu_combine(const FlashFwdParams& p, int splits, T* partials, int
   const AttentionShape& sh = p.shape;
   const int D = sh.head_dim, blocks = fwd_query_blocks(p);
   const T inf = std::numeric_limits<T>::infinity();
-  const ForwardRows<T> io(p);
+  const KernelRows<T> io(p);
   std::vector<T> weights(splits);
   std::vector<FwdSplit<T>> parts(splits);
   for (int64_t item = item_begin; item < item_end; ++item) {

@@ -1,6 +1,6 @@
 // CPU attention: the same tiled online-softmax algorithm as the CUDA kernels, in T = float or
-// double (float16/bfloat16 inputs computed in float: the forward reads their rows itself, as
-// p.dtype says, the backward takes float copies from the caller), with every feature of
+// double (float16/bfloat16 inputs computed in float: the kernels read their rows themselves, as
+// p.dtype says; the backward's dq, dk and dv are T's whatever the inputs), with every feature of
 // the params (attention_math.h holds the per-element rules). The callers split the work over
 // threads by ranges of independent items: blocks of query rows over ranges of keys (forward),
 // parts of (batch, key head) pairs (backward).
