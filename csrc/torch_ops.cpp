@@ -384,6 +384,9 @@ struct KernelLayout {
   at::ScalarType dtype;
   int64_t head_dim;
   bool tensor_cores;
+  // The type the kernels take a float attn_mask in and sum the backward's gradients in: dtype on
+  // CUDA; on the CPU, which reads 16-bit rows itself, float (double for double).
+  at::ScalarType sums;
 
   bool accepts(const Tensor& t) const {
     if (t.scalar_type() != dtype || t.size(-1) != head_dim || t.stride(-1) != 1) return false;
@@ -409,39 +412,39 @@ struct KernelLayout {
     sizes.back() = head_dim;
     return at::empty(sizes, dst.options().dtype(dtype));
   }
+  // Where the kernel sums an output (the backward's gradients): output(dst), or staging in `sums`.
+  Tensor sums_output(const Tensor& dst) const {
+    return sums == dtype ? output(dst) : at::empty(dst.sizes(), dst.options().dtype(sums));
+  }
   static void finish(const Tensor& staged, Tensor& dst) {
     if (!staged.is_same(dst)) dst.copy_(staged.narrow(-1, 0, dst.size(-1)));
   }
 };
 
-// cpu_reads_16_bit: the CPU kernels, which read float16 and bfloat16 rows themselves (converting
-// each tile as they load it), so that nothing is converted whole (a KV cache at every call).
-KernelLayout layout_for(const Tensor& q, bool cpu_reads_16_bit = false) {
+// The CPU kernels read every dtype's rows as they are (float16 and bfloat16 converted a tile at a
+// time, so that nothing is converted whole: a KV cache at every call).
+KernelLayout layout_for(const Tensor& q) {
   const at::ScalarType t = q.scalar_type();
   const int64_t d = q.size(-1);
-  if (!q.is_cuda()) {
-    const bool sixteen_bit = t == at::kHalf || t == at::kBFloat16;
-    return {sixteen_bit && cpu_reads_16_bit ? t : t == at::kDouble ? at::kDouble : at::kFloat, d, false};
-  }
+  if (!q.is_cuda()) return {t, d, false, t == at::kDouble ? at::kDouble : at::kFloat};
   const bool tc = t == at::kHalf || t == at::kBFloat16 || t == at::kFloat;
-  return {t, tc ? (d + 7) / 8 * 8 : d, tc};
+  return {t, tc ? (d + 7) / 8 * 8 : d, tc, t};
 }
 
-// The CPU kernels on torch's threads, in T = double for float64 and float otherwise: kernels(T*
-// partials, merging, begin, end) over `items` work items, then, where the work came in parts
-// (split-KV, the backward's parts of a pair), over `merge_items` that merge the parts' partial
-// results (partial_elems of T) once every part is done.
-template <class Kernels>
-void run_cpu_kernels(const Tensor& q, at::ScalarType dtype, int64_t partial_elems, int64_t items, int64_t merge_items,
-                     Kernels kernels) {
-  const bool fp64 = dtype == at::kDouble;
-  const Tensor partials = at::empty({partial_elems}, q.options().dtype(fp64 ? at::kDouble : at::kFloat));
+// The CPU kernels on torch's threads, in T = layout.sums: work(T* partials, begin, end) over
+// `items` work items, then, where the work came in parts (split-KV, the backward's parts of a
+// pair), merge(partials, begin, end) over `merge_items` once every part is done (partial_elems of
+// T of partial results between them).
+template <class Work, class Merge>
+void run_cpu_kernels(const Tensor& q, const KernelLayout& layout, int64_t partial_elems, int64_t items,
+                     int64_t merge_items, Work work, Merge merge) {
+  const Tensor partials = at::empty({partial_elems}, q.options().dtype(layout.sums));
   auto run = [&](auto* partial) {
-    at::parallel_for(0, items, 1, [&](int64_t begin, int64_t end) { kernels(partial, false, begin, end); });
+    at::parallel_for(0, items, 1, [&](int64_t begin, int64_t end) { work(partial, begin, end); });
     if (merge_items > 0)
-      at::parallel_for(0, merge_items, 1, [&](int64_t begin, int64_t end) { kernels(partial, true, begin, end); });
+      at::parallel_for(0, merge_items, 1, [&](int64_t begin, int64_t end) { merge(partial, begin, end); });
   };
-  if (fp64) run(partials.data_ptr<double>());
+  if (layout.sums == at::kDouble) run(partials.data_ptr<double>());
   else run(partials.data_ptr<float>());
 }
 
@@ -476,9 +479,7 @@ void fill_attn_mask(AttentionParams& p, const Options& o, const KernelLayout& la
     broadcasts = m.size(-d) == 1 || m.size(-d) == full[4 - d];
   TORCH_CHECK_VALUE(broadcasts, "cuflash_attn: attn_mask must broadcast to [batch, heads_q, seqlen_q, seqlen_k] = ",
                     shape(full), ", got shape ", shape(m.sizes()));
-  // The kernels' compute type: on the CPU float (double for double), whatever the rows' storage.
-  const at::ScalarType compute = q.is_cuda() || layout.dtype == at::kDouble ? layout.dtype : at::kFloat;
-  keep.push_back((is_bool ? m : m.to(compute)).expand(full));
+  keep.push_back((is_bool ? m : m.to(layout.sums)).expand(full));
   const Tensor& e = keep.back();
   p.score.attn_mask = {e.data_ptr(), is_bool, e.stride(0), e.stride(1), e.stride(2), e.stride(3)};
 }
@@ -593,7 +594,7 @@ std::tuple<Tensor, Tensor> fwd_impl(const Tensor& q, const Tensor& k, const Tens
   const AttentionShape sh = check_qkv(q, k, v, o);
   Tensor out = empty_like_input(q);
   Tensor lse = empty_stats(q, o.varlen());
-  const KernelLayout layout = layout_for(q, /*cpu_reads_16_bit=*/true);
+  const KernelLayout layout = layout_for(q);
   const Tensor qk = layout.input(q), kk = layout.input(k), vk = layout.input(v);
   FlashFwdParams p;
   const std::vector<Tensor> keep = fill_common(p, sh, o, layout, q, k, qk, kk, vk, lse);
@@ -643,13 +644,13 @@ std::tuple<Tensor, Tensor> fwd_impl(const Tensor& q, const Tensor& k, const Tens
   } else {
     // Split-KV: each split's rows normalized over its keys, merged once all are done.
     const int splits = flash_fwd_cpu_splits(p, at::get_num_threads(), o.num_splits);
-    run_cpu_kernels(q, layout.dtype, flash_fwd_cpu_partial_elems(p, splits), flash_fwd_cpu_items(p, splits),
-                    splits > 1 ? flash_fwd_cpu_combine_items(p) : 0,
-                    [&](auto* partial_rows, bool merging, int64_t begin, int64_t end) {
-                      using T = std::remove_pointer_t<decltype(partial_rows)>;
-                      if (merging) flash_fwd_cpu_combine<T>(p, splits, partial_rows, begin, end);
-                      else flash_fwd_cpu<T>(p, splits, partial_rows, begin, end);
-                    });
+    run_cpu_kernels(
+        q, layout, flash_fwd_cpu_partial_elems(p, splits), flash_fwd_cpu_items(p, splits),
+        splits > 1 ? flash_fwd_cpu_combine_items(p) : 0,
+        [&](auto* partial_rows, int64_t begin, int64_t end) { flash_fwd_cpu(p, splits, partial_rows, begin, end); },
+        [&](auto* partial_rows, int64_t begin, int64_t end) {
+          flash_fwd_cpu_combine(p, splits, partial_rows, begin, end);
+        });
   }
   KernelLayout::finish(out_k, out);
   return {out, lse};
@@ -750,7 +751,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> bwd(const Tensor& dout, const Tensor&
   const Tensor lse_c = check_stats(lse, "lse", q, o.varlen());
   const Tensor dlse_c = dlse ? check_stats(*dlse, "dlse", q, o.varlen()) : Tensor();
   Tensor dq = empty_like_input(q), dk = empty_like_input(k), dv = empty_like_input(v);
-  const KernelLayout layout = layout_for(q, /*cpu_reads_16_bit=*/true);
+  const KernelLayout layout = layout_for(q);
   const Tensor qk = layout.input(q), kk = layout.input(k), vk = layout.input(v);
   FlashBwdParams p;
   const std::vector<Tensor> keep = fill_common(p, sh, o, layout, q, k, qk, kk, vk, lse_c);
@@ -769,12 +770,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> bwd(const Tensor& dout, const Tensor&
     return {dq, dk, dv, dattn_mask()};
   }
   const Tensor outk = layout.input(out), doutk = layout.input(dout);
-  // The CPU kernels read 16-bit inputs' rows themselves but sum dq, dk and dv in float32.
-  const bool cpu_16_bit = !q.is_cuda() && (layout.dtype == at::kHalf || layout.dtype == at::kBFloat16);
-  auto kernel_output = [&](const Tensor& dst) {
-    return cpu_16_bit ? at::empty(dst.sizes(), dst.options().dtype(at::kFloat)) : layout.output(dst);
-  };
-  Tensor dq_k = kernel_output(dq), dk_k = kernel_output(dk), dv_k = kernel_output(dv);
+  Tensor dq_k = layout.sums_output(dq), dk_k = layout.sums_output(dk), dv_k = layout.sums_output(dv);
   // Rows no sequence covers (packed) and keys past seqused_k get gradient 0: no kernel writes
   // them (every query row of a sequence gets its dq, keys or none). On CUDA, packed, only those
   // rows are written (fill_packed_gaps, below).
@@ -848,13 +844,13 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> bwd(const Tensor& dout, const Tensor&
   } else {
     // A pair's parts sum dK and dV into buffers of their own, added in once all are done.
     const int parts = flash_bwd_cpu_parts(p, at::get_num_threads());
-    run_cpu_kernels(q, layout.dtype, flash_bwd_cpu_partial_elems(p, parts), flash_bwd_cpu_items(p, parts),
-                    parts > 1 ? flash_bwd_cpu_finish_items(p) : 0,
-                    [&](auto* partial_sums, bool merging, int64_t begin, int64_t end) {
-                      using T = std::remove_pointer_t<decltype(partial_sums)>;
-                      if (merging) flash_bwd_cpu_finish<T>(p, parts, partial_sums, begin, end);
-                      else flash_bwd_cpu<T>(p, parts, partial_sums, begin, end);
-                    });
+    run_cpu_kernels(
+        q, layout, flash_bwd_cpu_partial_elems(p, parts), flash_bwd_cpu_items(p, parts),
+        parts > 1 ? flash_bwd_cpu_finish_items(p) : 0,
+        [&](auto* partial_sums, int64_t begin, int64_t end) { flash_bwd_cpu(p, parts, partial_sums, begin, end); },
+        [&](auto* partial_sums, int64_t begin, int64_t end) {
+          flash_bwd_cpu_finish(p, parts, partial_sums, begin, end);
+        });
   }
   KernelLayout::finish(dq_k, dq);
   KernelLayout::finish(dk_k, dk);

@@ -242,7 +242,7 @@ __attribute__((target("arch=x86-64-v4,avx512bf16"), noinline)) void row_lanes_do
 }
 #endif
 
-// 16-bit rows (the forward reads float16 and bfloat16 itself; torch_ops.cpp's layout_for).
+// 16-bit rows (the kernels read float16 and bfloat16 themselves; torch_ops.cpp's layout_for).
 CUFLASH_CPU_INLINE uint32_t float_bits(float f) {
   uint32_t u;
   std::memcpy(&u, &f, sizeof(u));
@@ -361,6 +361,12 @@ struct CpuScratch {
         k_raw(kKeys) {}
 };
 
+// attn_mask's elements of row i from key j0 on (AttnMaskSlice::bias's layout; col_stride apart).
+template <typename E>
+CUFLASH_CPU_INLINE const E* mask_row(const AttnMaskSlice& m, int i, int j0) {
+  return static_cast<const E*>(m.data) + m.base + int64_t{i} * m.row_stride + int64_t{j0} * m.col_stride;
+}
+
 // The scores' rules of (b, h) (ExactScore; plain: scale alone) and dropout's.
 template <typename T>
 struct RowRules {
@@ -377,24 +383,37 @@ struct RowRules {
         keep_scale(T(1) / (T(1) - static_cast<T>(p.dropout.p))) {}
   // Dropout's factor of (row i, key j) of (b, h): keep / (1 - p).
   T keep(int b, int h, int heads, int i, int j) const { return rng.keep(b, h, heads, i, j) ? keep_scale : T(0); }
-  // Where mask_only: the scores of rows [i0, i0 + rows) and keys [j0, j0 + count) from their q.k in
-  // place, x[jj * key_stride + r]: ExactScore's arithmetic (scaled, then the mask's element or 0 /
-  // -inf added) a mask row at a time, its kind tested once (a padding or causal mask as a tensor).
-  void add_mask(int i0, int rows, int j0, int count, int key_stride, T* x) const {
-    const AttnMaskSlice& m = score.mask;
-    const T scale = score.scale, inf = std::numeric_limits<T>::infinity();
-    for (int r = 0; r < rows; ++r) {
-      const int64_t first = m.base + int64_t{i0 + r} * m.row_stride + int64_t{j0} * m.col_stride;
-      T* out = x + r;
-      if (m.is_bool) {
-        const bool* shows = static_cast<const bool*>(m.data) + first;
-        for (int jj = 0; jj < count; ++jj)
-          out[jj * key_stride] = out[jj * key_stride] * scale + (shows[jj * m.col_stride] ? T(0) : -inf);
-      } else {
-        const T* bias = static_cast<const T*>(m.data) + first;
-        for (int jj = 0; jj < count; ++jj)
-          out[jj * key_stride] = out[jj * key_stride] * scale + bias[jj * m.col_stride];
+  // The scores of rows [i0, i0 + rows) and keys [j0, j0 + count) of sequence s from their q.k in
+  // place, x[jj * key_stride + r] (capped likewise, the backward's softcap factors; may be null):
+  // scaled alone, or scaled and masked a mask row at a time, its kind tested once (a padding or
+  // causal mask as a tensor), or by ExactScore pair by pair (softcap, ALiBi).
+  void scores(const Sequence& s, int i0, int rows, int j0, int count, int key_stride, T* x, T* capped) const {
+    const T scale = score.scale;
+    if (plain) {
+      for (int jj = 0; jj < count; ++jj)
+        for (int r = 0; r < rows; ++r) x[jj * key_stride + r] *= scale;
+    } else if (mask_only) {
+      const AttnMaskSlice& m = score.mask;
+      const T inf = std::numeric_limits<T>::infinity();
+      for (int r = 0; r < rows; ++r) {
+        T* out = x + r;
+        if (m.is_bool) {
+          const bool* shows = mask_row<bool>(m, i0 + r, j0);
+          for (int jj = 0; jj < count; ++jj)
+            out[jj * key_stride] = out[jj * key_stride] * scale + (shows[jj * m.col_stride] ? T(0) : -inf);
+        } else {
+          const T* bias = mask_row<T>(m, i0 + r, j0);
+          for (int jj = 0; jj < count; ++jj)
+            out[jj * key_stride] = out[jj * key_stride] * scale + bias[jj * m.col_stride];
+        }
       }
+    } else {
+      T unused;
+      for (int jj = 0; jj < count; ++jj)
+        for (int r = 0; r < rows; ++r) {
+          const int at = jj * key_stride + r;
+          x[at] = score(s, x[at], i0 + r, j0 + jj, capped ? &capped[at] : &unused);
+        }
     }
   }
 };
@@ -523,26 +542,32 @@ CUFLASH_CPU_INLINE bool rows_finite(const T* const* rows, int n, int D) {
 }
 
 // Whether attn_mask hides every pair of rows [i0, i0 + rows) and keys [j0, j0 + count) (False, or
-// -inf), and q's rows and the keys' K and V rows are finite: then the tile adds nothing, and is
-// skipped (a causal or padding mask passed as a tensor: half the tiles of a causal one). With a NaN
-// or Inf the tile is computed: the mask's -inf added to a NaN score is NaN, as in torch's SDPA.
-template <class S, typename T = typename S::Scalar>
-CUFLASH_CPU_INLINE bool mask_hides_tile(const AttnMaskSlice& mask, int i0, int rows, int j0, int count, bool q_finite,
-                                        const T* const* k_rows, const T* const* v_rows, int D) {
-  if (!mask.data || !q_finite) return false;
+// -inf). Such a tile adds nothing and is skipped (a causal or padding mask passed as a tensor:
+// half the tiles of a causal one) where q's rows and the tile's K and V rows are finite (tile_adds
+// _nothing): with a NaN or Inf it is computed, the mask's -inf added to a NaN score being NaN, as
+// in torch's SDPA.
+template <typename T>
+CUFLASH_CPU_INLINE bool mask_hides(const AttnMaskSlice& mask, int i0, int rows, int j0, int count) {
+  if (!mask.data) return false;
   for (int i = i0; i < i0 + rows; ++i) {
-    const int64_t first = mask.base + int64_t{i} * mask.row_stride + int64_t{j0} * mask.col_stride;
     bool shows = false;
     if (mask.is_bool) {
-      const bool* row = static_cast<const bool*>(mask.data) + first;
+      const bool* row = mask_row<bool>(mask, i, j0);
       for (int jj = 0; jj < count; ++jj) shows |= row[jj * mask.col_stride];
     } else {
-      const T* row = static_cast<const T*>(mask.data) + first;
+      const T* row = mask_row<T>(mask, i, j0);
       for (int jj = 0; jj < count; ++jj) shows |= row[jj * mask.col_stride] != -std::numeric_limits<T>::infinity();
     }
     if (shows) return false;
   }
-  return rows_finite<S>(k_rows, count, D) && rows_finite<S>(v_rows, count, D);
+  return true;
+}
+// mask_hides, with the inputs' rows finite (q_finite: the query side's; the tile's K and V here).
+template <class S, typename T = typename S::Scalar>
+CUFLASH_CPU_INLINE bool tile_adds_nothing(const AttnMaskSlice& mask, int i0, int rows, int j0, int count, bool q_finite,
+                                          const T* const* k_rows, const T* const* v_rows, int D) {
+  return q_finite && mask_hides<T>(mask, i0, rows, j0, count) && rows_finite<S>(k_rows, count, D) &&
+         rows_finite<S>(v_rows, count, D);
 }
 
 // The tile's products over the pairs (row, key) of the block that the masks show. The lane
@@ -674,7 +699,7 @@ CUFLASH_CPU_INLINE void fwd_rows(const FlashFwdParams& p, const KernelRows<T>& i
   const int D = p.shape.head_dim;
   const T inf = std::numeric_limits<T>::infinity();
   std::fill(w.acc.begin(), w.acc.end(), T(0));  // the rows' outputs, [row][D]
-  T row_max[kLaneRows], row_sum[kLaneRows], unused;
+  T row_max[kLaneRows], row_sum[kLaneRows];
   bool q_finite[kLaneRows];
   for (int r = 0; r < rows; ++r)
     row_max[r] = -inf, row_sum[r] = T(0), q_finite[r] = rules.score.mask.data && rows_finite<S>(&w.q_rows[r], 1, D);
@@ -685,19 +710,20 @@ CUFLASH_CPU_INLINE void fwd_rows(const FlashFwdParams& p, const KernelRows<T>& i
       w.k_rows[jj] = io.key(p.k, p.k_strides, s, b, hk, j0 + jj, w.k16.data() + jj * D);
       w.v_rows[jj] = io.key(p.v, p.v_strides, s, b, hk, j0 + jj, w.v16.data() + jj * D);
     }
+    int kv_finite = -1;  // the tile's K and V rows finite (tile_adds_nothing's check, once a tile); -1: not asked
     for (int r = 0; r < rows; ++r) {
       const int i = i0 + r, lo = std::max(keys.lo[r], j0) - j0, n = std::min(keys.hi[r], j0 + count) - j0 - lo;
-      if (n <= 0 || mask_hides_tile<S>(rules.score.mask, i, 1, j0 + lo, n, q_finite[r], w.k_rows.data() + lo,
-                                       w.v_rows.data() + lo, D))
-        continue;
-      dot_rows<S>(w.q_rows[r], w.k_rows.data() + lo, n, D, scores);
-      if (rules.mask_only) rules.add_mask(i, 1, j0 + lo, n, 1, scores);
-      T tile_max = row_max[r];
-      for (int t = 0; t < n; ++t) {
-        if (!rules.mask_only)
-          scores[t] = rules.plain ? scores[t] * rules.score.scale : rules.score(s, scores[t], i, j0 + lo + t, &unused);
-        tile_max = scores[t] > tile_max ? scores[t] : tile_max;  // a NaN score is not one: it reaches the sum
+      if (n <= 0) continue;
+      if (q_finite[r] && mask_hides<T>(rules.score.mask, i, 1, j0 + lo, n)) {
+        if (kv_finite < 0)
+          kv_finite = rows_finite<S>(w.k_rows.data(), count, D) && rows_finite<S>(w.v_rows.data(), count, D);
+        if (kv_finite) continue;
       }
+      dot_rows<S>(w.q_rows[r], w.k_rows.data() + lo, n, D, scores);
+      rules.scores(s, i, 1, j0 + lo, n, 1, scores, nullptr);
+      T tile_max = row_max[r];
+      for (int t = 0; t < n; ++t)
+        tile_max = scores[t] > tile_max ? scores[t] : tile_max;  // a NaN score is not one: it reaches the sum
       const T base = tile_max == -inf ? T(0) : tile_max;
       const int padded = (n + L - 1) / L * L;  // the lanes past n: -inf, probability 0
       for (int t = n; t < padded; ++t) scores[t] = -inf;
@@ -768,32 +794,23 @@ CUFLASH_CPU_INLINE void fwd_block_impl(const FlashFwdParams& p, int b, int h, in
   V row_max[R], row_sum[R];
   for (int v = 0; v < R; ++v) row_max[v] = broadcast<S>(-inf), row_sum[v] = V{};
   T* st = w.scores.data();
-  T unused;
   const bool q_finite = rules.score.mask.data && rows_finite<S>(w.q_rows.data(), rows, D);
   for (int j0 = keys.begin; j0 < keys.end; j0 += kKeys) {
     const int count = std::min(kKeys, keys.end - j0);
     for (int jj = 0; jj < count; ++jj) {
       if (dot_bf16) w.k_raw[jj] = key_row_at<const uint16_t>(p, p.k, p.k_strides, s, b, hk, j0 + jj);
-      if (!dot_bf16 || rules.score.mask.data)  // (mask_hides_tile's finiteness check reads them)
+      if (!dot_bf16 || rules.score.mask.data)  // (tile_adds_nothing's finiteness check reads them)
         w.k_rows[jj] = io.key(p.k, p.k_strides, s, b, hk, j0 + jj, w.k16.data() + jj * D);
       w.v_rows[jj] = io.key(p.v, p.v_strides, s, b, hk, j0 + jj, w.v16.data() + jj * D);
     }
-    if (mask_hides_tile<S>(rules.score.mask, i0, rows, j0, count, q_finite, w.k_rows.data(), w.v_rows.data(), D))
+    if (tile_adds_nothing<S>(rules.score.mask, i0, rows, j0, count, q_finite, w.k_rows.data(), w.v_rows.data(), D))
       continue;
 #ifdef CUFLASH_CPU_WIDE_ISAS
     if constexpr (S::kDotBf16)
       if (dot_bf16) row_lanes_dot_bf16<S::kRowVecs>(w.qt2.data(), w.k_raw.data(), count, D, st);
 #endif
     if (!dot_bf16) row_lanes_dot<S>(w.qt.data(), w.k_rows.data(), count, D, w.zeros.data(), st);
-    if (rules.plain) {
-      for (int i = 0; i < count * kBlockRows; ++i) st[i] *= rules.score.scale;
-    } else if (rules.mask_only) {
-      rules.add_mask(i0, rows, j0, count, kBlockRows, st);
-    } else {
-      for (int jj = 0; jj < count; ++jj)
-        for (int r = 0; r < rows; ++r)
-          st[jj * kBlockRows + r] = rules.score(s, st[jj * kBlockRows + r], i0 + r, j0 + jj, &unused);
-    }
+    rules.scores(s, i0, rows, j0, count, kBlockRows, st, nullptr);
     const bool sees_all = keys.sees_all(rows, j0, count);
     if (!sees_all) hide_lanes(keys, j0, count, -inf, st);
     // The online softmax, a lane a row: the tile's maximum (a NaN score is not one: it reaches
@@ -927,23 +944,13 @@ CUFLASH_CPU_INLINE void bwd_head_impl(const FlashBwdParams& p, int b, int hk, co
         w.dk_rows[jj] = dk_row(j0 + jj);
         w.dv_rows[jj] = dv_row(j0 + jj);
       }
-      if (mask_hides_tile<S>(rules.score.mask, i0, rows, j0, count, q_finite && do_finite && delta_finite,
-                             w.k_rows.data(), w.v_rows.data(), D))
+      if (tile_adds_nothing<S>(rules.score.mask, i0, rows, j0, count, q_finite && do_finite && delta_finite,
+                               w.k_rows.data(), w.v_rows.data(), D))
         continue;
       row_lanes_dot<S>(w.qt.data(), w.k_rows.data(), count, D, w.zeros.data(), st);
       row_lanes_dot<S>(w.dot.data(), w.v_rows.data(), count, D, w.zeros.data(), dpt);
       // P^T from the scores and the rows' lse, in place of the scores.
-      if (rules.plain) {
-        for (int i = 0; i < count * kBlockRows; ++i) st[i] *= scale;
-      } else if (rules.mask_only) {
-        rules.add_mask(i0, rows, j0, count, kBlockRows, st);
-      } else {
-        for (int jj = 0; jj < count; ++jj)
-          for (int r = 0; r < rows; ++r) {
-            T& x = st[jj * kBlockRows + r];
-            x = rules.score(s, x, i0 + r, j0 + jj, &capped[jj * kBlockRows + r]);
-          }
-      }
+      rules.scores(s, i0, rows, j0, count, kBlockRows, st, capped);
       for (int jj = 0; jj < count; ++jj)
         for (int v = 0; v < R; ++v) {
           T* x = st + jj * kBlockRows + v * L;
@@ -1179,11 +1186,12 @@ void flash_fwd_cpu_combine(const FlashFwdParams& p, int splits, T* partials, int
       T sum = T(0);
       for (int c = 0; c < splits; ++c) sum += weights[c] = std::exp(parts[c].lse[i] - base);
       const T inv = seen ? T(1) / sum : T(0);
-      FwdSplit<T>{0, 1, nullptr, nullptr}.write(io, s, b, h, i, lse, seen ? base + std::log(sum) : -inf, [&](int d) {
+      io.store(s, b, h, i, [&](int d) {
         T x = T(0);
         for (int c = 0; c < splits; ++c) x += weights[c] * parts[c].out[int64_t{i} * D + d];
         return x * inv;
       });
+      lse[i] = seen ? base + std::log(sum) : -inf;
     }
   }
 }
