@@ -31,6 +31,15 @@ def _exact_fp32():
     torch.backends.cuda.matmul.allow_tf32 = old
 
 
+@pytest.fixture
+def set_threads():
+    """torch.set_num_threads for the test (more than the cores is allowed), torch's count restored
+    after it."""
+    before = torch.get_num_threads()
+    yield torch.set_num_threads
+    torch.set_num_threads(before)
+
+
 def skip_outside_head_dim_bucket(request, bucket, why):
     """For a fixture's mode that only changes the kernels of one head-dim bucket (64: (32, 64],
     128: (96, 128]): skip the test when its "d" parameter (if any) lies outside it."""

@@ -97,19 +97,15 @@ def test_split_kv(isa, dtype, num_splits):
     check_varlen("cpu", dtype, [3, 0, 20], [500, 12, 0], 4, 2, 48, max_seqlen=False, num_splits=num_splits)
 
 
-def test_split_kv_takes_the_threads_and_keeps_nan_apart():
+def test_split_kv_takes_the_threads_and_keeps_nan_apart(set_threads):
     """num_splits=0 splits where the blocks are fewer than the threads (one query row over one KV
     head: its result differs in the last bits from the unsplit one); a NaN key that only some of a
     block's rows see (a window) reaches those rows only, split or not, on the lanes path (40 rows)."""
-    before = torch.get_num_threads()
-    try:
-        torch.set_num_threads(2)
-        q, k, v = (torch.randn(1, 1, n, 64) for n in (1, 4096, 4096))
-        split, unsplit = (torch.ops.cuflash_attn.fwd(q, k, v, num_splits=n) for n in (0, 1))
-        assert not torch.equal(split[1], unsplit[1]) or not torch.equal(split[0], unsplit[0])
-        torch.testing.assert_close(split[0], unsplit[0], rtol=1e-5, atol=1e-6)
-    finally:
-        torch.set_num_threads(before)
+    set_threads(2)
+    q, k, v = (torch.randn(1, 1, n, 64) for n in (1, 4096, 4096))
+    split, unsplit = (torch.ops.cuflash_attn.fwd(q, k, v, num_splits=n) for n in (0, 1))
+    assert not torch.equal(split[1], unsplit[1]) or not torch.equal(split[0], unsplit[0])
+    torch.testing.assert_close(split[0], unsplit[0], rtol=1e-5, atol=1e-6)
     q, k, v = (torch.randn(1, 2, n, 64) for n in (40, 700, 700))
     k[:, :, 680] = float("nan")
     window = dict(window_left=20, window_right=0, bottom_right=True)  # row i sees keys [i + 640, i + 660]
@@ -129,24 +125,20 @@ def test_split_kv_over_many_tiles():
     torch.testing.assert_close(split[0], unsplit[0], rtol=1e-4, atol=1e-6)
 
 
-def test_results_do_not_depend_on_the_threads_for_fixed_splits(monkeypatch):
+def test_results_do_not_depend_on_the_threads_for_fixed_splits(monkeypatch, set_threads):
     """Each work item writes its own rows (a race would show as a result that varies): the forward
     bitwise the same on 1, 3 and 8 threads for a fixed num_splits (packed grouped heads, blocks on
     the lanes, split-KV)."""
     monkeypatch.setenv("CUFLASH_PACK_GQA", "1")  # (not by the thread count)
-    before = torch.get_num_threads()
     q, k, v = torch.randn(2, 8, 3, 64), torch.randn(2, 2, 900, 64), torch.randn(2, 2, 900, 64)
     q_long = torch.randn(2, 8, 100, 64)
-    try:
-        results = []
-        for t in (1, 3, 8):
-            torch.set_num_threads(t)
-            results.append([torch.ops.cuflash_attn.fwd(q_, k, v, None, True, True, num_splits=n)
-                            for q_ in (q, q_long) for n in (1, 3)])
-        for again in results[1:]:
-            assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(results[0], again))
-    finally:
-        torch.set_num_threads(before)
+    results = []
+    for t in (1, 3, 8):
+        set_threads(t)
+        results.append([torch.ops.cuflash_attn.fwd(q_, k, v, None, True, True, num_splits=n)
+                        for q_ in (q, q_long) for n in (1, 3)])
+    for again in results[1:]:
+        assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(results[0], again))
 
 
 def tile_hiding_mask(kind, nq, nk, dtype):
@@ -183,14 +175,11 @@ def test_nan_in_a_tile_an_attn_mask_hides(where, nq):
 
 
 @pytest.fixture(params=[1, 3, 4])
-def threads(request):
-    """torch's thread count (more than the cores is allowed): the backward splits each (batch, key
-    head) pair into parts, each summing dK and dV on its own, where the pairs are too few to share
-    out evenly over the threads."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(request.param)
-    yield request.param
-    torch.set_num_threads(before)
+def threads(request, set_threads):
+    """torch's thread count: the backward splits each (batch, key head) pair into parts, each
+    summing dK and dV on its own, where the pairs are too few to share out evenly over the threads."""
+    set_threads(request.param)
+    return request.param
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])

@@ -80,7 +80,7 @@ def test_packed_multi_query_attention_and_splits(monkeypatch, device, num_splits
     assert_lse_close(lse, ref_lse, dtype)
 
 
-def test_packing_runs_only_where_asked(monkeypatch):
+def test_packing_runs_only_where_asked(monkeypatch, set_threads):
     """CUFLASH_PACK_GQA=1 packs several queries (copies of q, out and lse inside the op) and one
     query (views); =0 never does; ALiBi, attn_mask and dropout are never packed. The CPU's default
     packs where a head's queries fill less than a 32-row block and the packed blocks' rounds over
@@ -102,19 +102,15 @@ def test_packing_runs_only_where_asked(monkeypatch):
     packed(monkeypatch, False)
     assert copies() == 0
     monkeypatch.delenv("CUFLASH_PACK_GQA")
-    threads = torch.get_num_threads()
-    try:
-        torch.set_num_threads(2)
-        assert copies() >= 3  # one round of packed blocks against four of unpacked ones
-        assert copies(q.repeat(1, 1, 11, 1)) == 0  # 33 queries: a block of their own
-        torch.set_num_threads(8)
-        assert copies() == 0  # one round either way, the unpacked blocks a few rows each
-        assert copies(num_splits=0) == 0  # as many: 20 keys are one tile, which does not split
-        long_k = torch.randn(1, 2, 2048, 32, dtype=torch.float64)
-        assert copies(k=long_k, num_splits=0) >= 3  # split-KV shares the packed blocks' keys out
-        assert copies(k=long_k) == 0
-    finally:
-        torch.set_num_threads(threads)
+    set_threads(2)
+    assert copies() >= 3  # one round of packed blocks against four of unpacked ones
+    assert copies(q.repeat(1, 1, 11, 1)) == 0  # 33 queries: a block of their own
+    set_threads(8)
+    assert copies() == 0  # one round either way, the unpacked blocks a few rows each
+    assert copies(num_splits=0) == 0  # as many: 20 keys are one tile, which does not split
+    long_k = torch.randn(1, 2, 2048, 32, dtype=torch.float64)
+    assert copies(k=long_k, num_splits=0) >= 3  # split-KV shares the packed blocks' keys out
+    assert copies(k=long_k) == 0
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA")
