@@ -240,6 +240,24 @@ __attribute__((target("arch=x86-64-v4,avx512bf16"), noinline)) void row_lanes_do
         for (int v = 0; v < R; ++v) _mm512_storeu_ps(out + (jj + a) * kBlockRows + v * kLanes, acc[a][v]);
   }
 }
+
+// row_lanes_diagonal over bfloat16 rows paired as pack_block_bf16's: row_lanes_dot_bf16's arithmetic
+// in its order, so that the backward's delta = dO . O agrees bitwise with its dP = dO . V where O is V.
+template <int R>
+__attribute__((target("arch=x86-64-v4,avx512bf16"), noinline)) void row_lanes_diagonal_bf16(
+    const uint32_t* __restrict xt2, const uint32_t* __restrict yt2, int D, float* __restrict out) {
+  constexpr int kLanes = 16;
+  __m512 acc[R];
+#pragma GCC unroll 8
+  for (int v = 0; v < R; ++v) acc[v] = _mm512_setzero_ps();
+  for (int d = 0; d < D; d += 2)
+#pragma GCC unroll 8
+    for (int v = 0; v < R; ++v)
+      acc[v] = _mm512_dpbf16_ps(acc[v], (__m512bh)_mm512_loadu_si512(xt2 + d / 2 * kBlockRows + v * kLanes),
+                                (__m512bh)_mm512_loadu_si512(yt2 + d / 2 * kBlockRows + v * kLanes));
+#pragma GCC unroll 8
+  for (int v = 0; v < R; ++v) _mm512_storeu_ps(out + v * kLanes, acc[v]);
+}
 #endif
 
 // 16-bit rows (the kernels read float16 and bfloat16 themselves; torch_ops.cpp's layout_for).
@@ -334,8 +352,8 @@ struct CpuScratch {
   std::vector<const T*> k_rows, v_rows, q_rows, do_rows, o_rows;
   std::vector<T*> dk_rows, dv_rows;
   std::vector<T> kv16;                 // the backward's pair's K and V rows, from 16-bit inputs
-  std::vector<uint32_t> qt2;           // pack_block_bf16's
-  std::vector<const uint16_t*> k_raw;  // bfloat16 keys' rows as they are (row_lanes_dot_bf16)
+  std::vector<uint32_t> qt2, dot2, ot2;       // pack_block_bf16's (q's; the backward's dO's and O's)
+  std::vector<const uint16_t*> k_raw, v_raw;  // bfloat16 keys' rows as they are (row_lanes_dot_bf16)
   explicit CpuScratch(int D)
       : qt(static_cast<size_t>(D) * kBlockRows),
         dot(qt.size()),
@@ -358,7 +376,10 @@ struct CpuScratch {
         dk_rows(kKeys),
         dv_rows(kKeys),
         qt2(static_cast<size_t>(D + 1) / 2 * kBlockRows),
-        k_raw(kKeys) {}
+        dot2(qt2.size()),
+        ot2(qt2.size()),
+        k_raw(kKeys),
+        v_raw(kKeys) {}
 };
 
 // attn_mask's elements of row i from key j0 on (AttnMaskSlice::bias's layout; col_stride apart).
@@ -873,6 +894,8 @@ CUFLASH_CPU_INLINE void bwd_head_impl(const FlashBwdParams& p, int b, int hk, co
   const T scale = static_cast<T>(p.scale), inf = std::numeric_limits<T>::infinity();
   const Sequence s = sequence_of(p, b);
   const KernelRows<T, FlashBwdParams> io(p);  // (dq, dk and dv are T's even for 16-bit inputs)
+  bool dot_bf16 = false;
+  if constexpr (S::kDotBf16) dot_bf16 = io.sixteen_bit && io.bf16;
   // 16-bit inputs: the pair's K and V rows converted once into the thread's buffer (every block of
   // queries reads them all), the query-side rows a block at a time.
   if (io.sixteen_bit) {
@@ -917,7 +940,7 @@ CUFLASH_CPU_INLINE void bwd_head_impl(const FlashBwdParams& p, int b, int hk, co
       const int i = i0 + r;
       w.q_rows[r] = io.query_side(p.q, p.q_strides, s, b, h, i, w.q16.data() + r * D);
       w.do_rows[r] = io.query_side(p.dout, p.dout_strides, s, b, h, i, w.do16.data() + r * D);
-      w.o_rows[r] = io.query_side(p.out, p.out_strides, s, b, h, i, w.o16.data() + r * D);
+      if (!dot_bf16) w.o_rows[r] = io.query_side(p.out, p.out_strides, s, b, h, i, w.o16.data() + r * D);
       // A row that saw no key (lse -inf) has output 0 and contributes nothing.
       if (lse[i] == -inf) continue;
       row_lse[r] = lse[i];
@@ -925,10 +948,29 @@ CUFLASH_CPU_INLINE void bwd_head_impl(const FlashBwdParams& p, int b, int hk, co
     }
     std::fill(w.acc.begin(), w.acc.end(), T(0));
     if (keys.begin < keys.end) {
-      pack_block(w.q_rows.data(), rows, D, w.qt.data());
-      pack_block(w.do_rows.data(), rows, D, w.dot.data());
-      pack_block(w.o_rows.data(), rows, D, w.ot.data());
-      row_lanes_diagonal<S>(w.dot.data(), w.ot.data(), D, row_delta);  // delta = dO . O - dlse
+      // bfloat16's S and dP by pair dot products where the CPU has them (the forward's scores, in
+      // the same order): Q's and dO's rows, and the keys' K and V rows, as they are.
+#ifdef CUFLASH_CPU_WIDE_ISAS
+      if constexpr (S::kDotBf16)
+        if (dot_bf16) {
+          const uint16_t *q_raw[kBlockRows], *do_raw[kBlockRows], *o_raw[kBlockRows];
+          for (int r = 0; r < rows; ++r) {
+            q_raw[r] = row_at<const uint16_t>(p.q, p.q_strides, s, true, b, h, i0 + r);
+            do_raw[r] = row_at<const uint16_t>(p.dout, p.dout_strides, s, true, b, h, i0 + r);
+            o_raw[r] = row_at<const uint16_t>(p.out, p.out_strides, s, true, b, h, i0 + r);
+          }
+          pack_block_bf16(q_raw, rows, D, w.qt2.data());
+          pack_block_bf16(do_raw, rows, D, w.dot2.data());
+          pack_block_bf16(o_raw, rows, D, w.ot2.data());
+          row_lanes_diagonal_bf16<R>(w.dot2.data(), w.ot2.data(), D, row_delta);  // delta = dO . O - dlse
+        }
+#endif
+      if (!dot_bf16) {
+        pack_block(w.q_rows.data(), rows, D, w.qt.data());
+        pack_block(w.do_rows.data(), rows, D, w.dot.data());
+        pack_block(w.o_rows.data(), rows, D, w.ot.data());
+        row_lanes_diagonal<S>(w.dot.data(), w.ot.data(), D, row_delta);  // delta = dO . O - dlse
+      }
       if (dlse)
         for (int r = 0; r < rows; ++r) row_delta[r] -= dlse[i0 + r];
     }
@@ -947,8 +989,21 @@ CUFLASH_CPU_INLINE void bwd_head_impl(const FlashBwdParams& p, int b, int hk, co
       if (tile_adds_nothing<S>(rules.score.mask, i0, rows, j0, count, q_finite && do_finite && delta_finite,
                                w.k_rows.data(), w.v_rows.data(), D))
         continue;
-      row_lanes_dot<S>(w.qt.data(), w.k_rows.data(), count, D, w.zeros.data(), st);
-      row_lanes_dot<S>(w.dot.data(), w.v_rows.data(), count, D, w.zeros.data(), dpt);
+#ifdef CUFLASH_CPU_WIDE_ISAS
+      if constexpr (S::kDotBf16)
+        if (dot_bf16) {
+          for (int jj = 0; jj < count; ++jj) {
+            w.k_raw[jj] = key_row_at<const uint16_t>(p, p.k, p.k_strides, s, b, hk, j0 + jj);
+            w.v_raw[jj] = key_row_at<const uint16_t>(p, p.v, p.v_strides, s, b, hk, j0 + jj);
+          }
+          row_lanes_dot_bf16<R>(w.qt2.data(), w.k_raw.data(), count, D, st);
+          row_lanes_dot_bf16<R>(w.dot2.data(), w.v_raw.data(), count, D, dpt);
+        }
+#endif
+      if (!dot_bf16) {
+        row_lanes_dot<S>(w.qt.data(), w.k_rows.data(), count, D, w.zeros.data(), st);
+        row_lanes_dot<S>(w.dot.data(), w.v_rows.data(), count, D, w.zeros.data(), dpt);
+      }
       // P^T from the scores and the rows' lse, in place of the scores.
       rules.scores(s, i0, rows, j0, count, kBlockRows, st, capped);
       for (int jj = 0; jj < count; ++jj)
@@ -1022,6 +1077,12 @@ __attribute__((target("arch=x86-64-v3"))) void fwd_block_avx2(const FlashFwdPara
   fwd_block_impl<Simd<T, 32>>(p, b, h, block, split, w);
 }
 template <typename T>
+__attribute__((target("arch=x86-64-v4,avx512bf16"))) void bwd_head_avx512bf16(const FlashBwdParams& p, int b, int hk,
+                                                                             const BwdPart<T>& part,
+                                                                             CpuScratch<T>& w) {
+  bwd_head_impl<Simd<T, 64, kBlockRows, true>>(p, b, hk, part, w);
+}
+template <typename T>
 __attribute__((target("arch=x86-64-v4"))) void bwd_head_avx512(const FlashBwdParams& p, int b, int hk,
                                                                const BwdPart<T>& part, CpuScratch<T>& w) {
   bwd_head_impl<Simd<T, 64>>(p, b, hk, part, w);
@@ -1064,6 +1125,8 @@ void fwd_block(CpuIsa isa, const FlashFwdParams& p, int b, int h, int block, con
 template <typename T>
 void bwd_head(CpuIsa isa, const FlashBwdParams& p, int b, int hk, const BwdPart<T>& part, CpuScratch<T>& w) {
 #ifdef CUFLASH_CPU_WIDE_ISAS
+  if constexpr (std::is_same_v<T, float>)
+    if (isa == CpuIsa::kAvx512Bf16 && p.dtype == DType::kBFloat16) return bwd_head_avx512bf16(p, b, hk, part, w);
   if (isa >= CpuIsa::kAvx512) return bwd_head_avx512<T>(p, b, hk, part, w);
   if (isa == CpuIsa::kAvx2) return bwd_head_avx2<T>(p, b, hk, part, w);
 #endif
