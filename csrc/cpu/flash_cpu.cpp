@@ -351,7 +351,7 @@ struct CpuScratch {
   std::vector<T> qt, dot, ot, scores, dp, capped, acc, zeros, q16, do16, o16, k16, v16;  // q16 ...: KernelRows'
   std::vector<const T*> k_rows, v_rows, q_rows, do_rows, o_rows;
   std::vector<T*> dk_rows, dv_rows;
-  std::vector<T> kv16;                 // the backward's pair's K and V rows, from 16-bit inputs
+  std::vector<T> kv16;                        // the backward's pair's K and V rows, from 16-bit inputs
   std::vector<uint32_t> qt2, dot2, ot2;       // pack_block_bf16's (q's; the backward's dO's and O's)
   std::vector<const uint16_t*> k_raw, v_raw;  // bfloat16 keys' rows as they are (row_lanes_dot_bf16)
   explicit CpuScratch(int D)
@@ -1078,8 +1078,8 @@ __attribute__((target("arch=x86-64-v3"))) void fwd_block_avx2(const FlashFwdPara
 }
 template <typename T>
 __attribute__((target("arch=x86-64-v4,avx512bf16"))) void bwd_head_avx512bf16(const FlashBwdParams& p, int b, int hk,
-                                                                             const BwdPart<T>& part,
-                                                                             CpuScratch<T>& w) {
+                                                                              const BwdPart<T>& part,
+                                                                              CpuScratch<T>& w) {
   bwd_head_impl<Simd<T, 64, kBlockRows, true>>(p, b, hk, part, w);
 }
 template <typename T>
