@@ -14,7 +14,12 @@ requires_cuda = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
 
 ALL_DTYPES = [torch.float16, torch.bfloat16, torch.float32, torch.float64]
 # CUFLASH_SM90's default parts (csrc/cuda/run_switches.h), for lists that add or leave out one.
-SM90_DEFAULT_PARTS = "tma,bwd,bwdws,features,persistent,kvcache,varlen"
+SM90_DEFAULT_PARTS = "tma,bwd,bwdws,features,persistent,kvcache,varlen,bwdvarlen"
+
+
+def sm90_parts_without(*names):
+    """CUFLASH_SM90's default parts less those named."""
+    return ",".join(part for part in SM90_DEFAULT_PARTS.split(",") if part not in names)
 
 
 def packed_offsets(lengths, device="cuda"):

@@ -18,7 +18,7 @@ heads as rows; four causal tokens a step packed under CUFLASH_PACK_GQA=1; 130 un
 5 ways on the TMA forwards (CUFLASH_SM90's "kvcache" part, a default; the splits under its "splits"
 part), over contiguous and paged caches); packed sequences on the TMA forwards, persistent and
 not, at head dim 64 on the wide tiles too (its "varlen" part), and on the TMA backward, the pair and the fused kernel's two dQ orders
-(its "bwdvarlen" part, not a default). Every case is checked against the float64 reference with
+(its "bwdvarlen" part, a default). Every case is checked against the float64 reference with
 the accuracy rule, so a clean sanitizer run is also a correctness run.
 
     python3 tests/sanitize_driver.py [--list] [--only REGEX] [--case DESCRIPTION] [--device cpu]
@@ -227,7 +227,7 @@ def run_case(case, device):
                 check_varlen(device, dtype, [70, 0, 129, 200], [90, 12, 0, 130], h, 2, d, causal=causal != "none",
                              bottom_right=True)
     elif variant == "varlen_bwd_tma":  # the TMA backward over packed sequences: the pair, the fused kernel's orders
-        parts = SM90_DEFAULT_PARTS + ",bwdvarlen"
+        parts = SM90_DEFAULT_PARTS
         for dq in ("separate", "ordered", "atomic"):
             steps = "CUFLASH_BWD_TILE" if dq == "separate" else "CUFLASH_BWD_FUSED_TILE"
             for step in ("wide", "narrow") if d == 64 else ("",):  # 128- or 64-query steps

@@ -7,14 +7,15 @@ import pytest
 import torch
 
 import cuflash_attn
-from conftest import HAS_CUDA, IS_SM90, cuda_kernels, fused_backward_kernel, skip_outside_head_dim_bucket
+from conftest import (HAS_CUDA, IS_SM90, cuda_kernels, fused_backward_kernel, skip_outside_head_dim_bucket,
+                      sm90_parts_without)
 from reference import LOW_PRECISION, LOW_PRECISION_IDS
 from test_features import check_dense, check_varlen
 
 pytestmark = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
 
 
-CPASYNC_PARTS = "tma,bwd,features,persistent,kvcache,varlen"  # the defaults less bwdws
+CPASYNC_PARTS = sm90_parts_without("bwdws")
 
 
 @pytest.fixture(params=[CPASYNC_PARTS, "", "wide"], ids=["cpasync", "ws", "wide"], autouse=True)

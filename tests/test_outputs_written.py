@@ -9,7 +9,7 @@ writes (fill_packed_gaps)."""
 import pytest
 import torch
 
-from conftest import ALL_DTYPES, HAS_CUDA, IS_SM90, SM90_DEFAULT_PARTS
+from conftest import ALL_DTYPES, HAS_CUDA, IS_SM90, sm90_parts_without
 from reference import LOW_PRECISION, LOW_PRECISION_IDS
 
 import cuflash_attn
@@ -23,10 +23,10 @@ KVCACHE_PARTS = [None,
                  pytest.param("tma,persistent,kvcache", marks=pytest.mark.skipif(not IS_SM90, reason="sm_90 only")),
                  pytest.param("tma,kvcache,splits", marks=pytest.mark.skipif(not IS_SM90, reason="sm_90 only"))]
 
-# Packed sequences: the defaults (on sm_90, the TMA forward), the cp.async Hopper forward
-# (CUFLASH_SM90's default parts less "varlen") and the TMA backward too ("bwdvarlen").
+# Packed sequences: the defaults (on sm_90, the TMA forward and backward), the cp.async Hopper
+# forward (CUFLASH_SM90's default parts less "varlen") and backward (less "bwdvarlen").
 PACKED_PARTS = [None] + [pytest.param(parts, marks=pytest.mark.skipif(not IS_SM90, reason="sm_90 only"))
-                         for parts in (SM90_DEFAULT_PARTS.replace(",varlen", ""), SM90_DEFAULT_PARTS + ",bwdvarlen")]
+                         for parts in (sm90_parts_without("varlen"), sm90_parts_without("bwdvarlen"))]
 
 
 @pytest.fixture(autouse=True)

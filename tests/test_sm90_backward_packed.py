@@ -1,21 +1,19 @@
 """Packed sequences (cu_seqlens) on the warp-specialized TMA backward: CUFLASH_SM90's "bwdvarlen"
-part, not a default, at head-dim buckets 64 and 128 (flash_bwd_sm90_tma.cuh's kPacked kernels:
+part, a default, at head-dim buckets 64 and 128 (flash_bwd_sm90_tma.cuh's kPacked kernels:
 the dQ and dK/dV pair and the fused kernel, dQ added in order or not; 64- and 128-query steps at
 head dim 64). Each route against the float64 reference over lengths that end inside and on a
 box's edge, GQA and masks; sequences kept apart (a NaN in one never reaches another's
 gradients); the ordered dQ bitwise reproducible; the kernels the profiler shows. Without the part
-(the defaults) packed sequences take the cp.async backward, as at head dim 256 with it."""
+packed sequences take the cp.async backward, as at head dim 256 with it."""
 import pytest
 import torch
 
 from conftest import (IS_SM90, SM90_DEFAULT_PARTS, cuda_kernels, fused_backward_kernel, packed_offsets,
-                      skip_outside_head_dim_bucket)
+                      skip_outside_head_dim_bucket, sm90_parts_without)
 from reference import LOW_PRECISION, LOW_PRECISION_IDS
 from test_features import check_varlen, compare, reference_grads
 
 pytestmark = pytest.mark.skipif(not IS_SM90, reason="needs a compute capability 9.0 GPU")
-
-WITH_BWDVARLEN = SM90_DEFAULT_PARTS + ",bwdvarlen"
 
 # (CUFLASH_BWD_DQ, query steps at head dim 64): the pair, and the fused kernel's two dQ orders.
 ROUTES = [("separate", "wide"), ("separate", "narrow"), ("ordered", "wide"), ("ordered", "narrow"),
@@ -29,7 +27,7 @@ def route(request, monkeypatch):
     dq, steps = request.param
     if steps == "narrow":
         skip_outside_head_dim_bucket(request, 64, "the steps differ at head dim 64 only")
-    monkeypatch.setenv("CUFLASH_SM90", WITH_BWDVARLEN)
+    monkeypatch.setenv("CUFLASH_SM90", SM90_DEFAULT_PARTS)
     monkeypatch.setenv("CUFLASH_BWD_DQ", dq)
     monkeypatch.setenv("CUFLASH_BWD_TILE" if dq == "separate" else "CUFLASH_BWD_FUSED_TILE", steps)
     return request.param
@@ -60,8 +58,8 @@ def test_path_taken(d, route):
     assert expected in names, names
 
 
-@pytest.mark.parametrize("parts,d", [(None, 64), (None, 128), (WITH_BWDVARLEN, 256)],
-                         ids=["defaults-64", "defaults-128", "bwdvarlen-256"])
+@pytest.mark.parametrize("parts,d", [(sm90_parts_without("bwdvarlen"), 64), (sm90_parts_without("bwdvarlen"), 128),
+                                     (None, 256)], ids=["without-64", "without-128", "defaults-256"])
 @pytest.mark.parametrize("dq", ["separate", "ordered"])
 def test_cpasync_elsewhere(parts, d, dq, monkeypatch):
     """Without the part, and at head dim 256 with it, the cp.async kernels (ordered dQ adds, which
@@ -145,7 +143,7 @@ def test_ordered_is_reproducible(d, monkeypatch):
     """The fused kernel's ordered dQ adds over more tiles than SMs (sequences of every length up
     to 1000), bitwise the same in three runs; the zeros a part adds past its sequence's end to the
     next one's rows change nothing."""
-    monkeypatch.setenv("CUFLASH_SM90", WITH_BWDVARLEN)
+    monkeypatch.setenv("CUFLASH_SM90", SM90_DEFAULT_PARTS)
     monkeypatch.setenv("CUFLASH_BWD_DQ", "ordered")
     torch.manual_seed(0)
     lengths = [1000, 1, 333, 640, 17, 999, 512, 64, 129, 700] * 4
