@@ -81,10 +81,22 @@ def reference_results(q, k, v, dout=None, causal=False, bottom_right=False, scal
     return (out, lse, *torch.autograd.grad(outs, (qr, kr, vr), grads))
 
 
+# Evenly spaced values up to max|ref| that rounding_floor takes beside ref's own.
+FLOOR_GRID = 256
+
+
 def rounding_floor(ref, dtype):
-    """2 * max|(ref + 0.3 - 0.3) - ref| in the input dtype: the error of one rounding."""
-    r = ref.to(dtype)
-    return 2 * ((r + 0.3) - 0.3 - r).abs().max().item() if r.numel() else 0.0
+    """2 * max|(r + 0.3 - 0.3) - r| in the input dtype, over r = ref's values and FLOOR_GRID values
+    evenly spaced up to max|ref|: the error of one rounding at ref's magnitude. (Over ref's values
+    alone, a result of one or a few elements can sit where both roundings are exact: a floor of 0,
+    and a bound that two correct roundings of one value miss.)"""
+    if not ref.numel():
+        return 0.0
+    finite = ref[torch.isfinite(ref)]
+    top = finite.abs().max().item() if finite.numel() else 0.0
+    grid = torch.linspace(0.0, top, FLOOR_GRID, dtype=torch.float64, device=ref.device)
+    r = torch.cat([ref.flatten().double(), grid]).to(dtype)
+    return 2 * ((r + 0.3) - 0.3 - r).abs().max().item()
 
 
 def max_err(a, b):

@@ -128,11 +128,17 @@ double max_abs(const std::vector<double>& a) {
 }
 
 double rounding_floor(const std::vector<double>& ref, Rounding R) {
-  double m = 0;
-  for (double x : ref) {
+  double m = 0, top = 0;
+  auto add = [&](double x) {
     const double r = R(x);
     m = std::max(m, std::abs(R(R(r + 0.3) - 0.3) - r));
+  };
+  for (double x : ref) {
+    add(x);
+    if (std::isfinite(x)) top = std::max(top, std::abs(x));
   }
+  if (ref.empty()) return 0;
+  for (int i = 0; i < kFloorGrid; ++i) add(top * i / (kFloorGrid - 1));
   return 2 * m;
 }
 

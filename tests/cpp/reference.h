@@ -37,7 +37,10 @@ Attention attention_reference(const Problem& p, const std::vector<double>& q, co
 // max |a - b|, infinite if either holds a NaN where the other does not hold the same value.
 double max_abs_diff(const std::vector<double>& a, const std::vector<double>& b);
 double max_abs(const std::vector<double>& a);
-// 2 * max |(r + 0.3 - 0.3) - r| with r = ref in the input dtype: the error of one rounding.
+// 2 * max |(r + 0.3 - 0.3) - r| in the input dtype over r = ref's values and kFloorGrid values
+// evenly spaced up to max|ref|: the error of one rounding at ref's magnitude (tests/reference.py's
+// rounding_floor; over ref's values alone a result of a few elements can get a floor of 0).
+constexpr int kFloorGrid = 256;
 double rounding_floor(const std::vector<double>& ref, Rounding round);
 
 }  // namespace cuflash_test
