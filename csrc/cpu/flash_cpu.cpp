@@ -323,6 +323,16 @@ struct KernelRows {
   const T* q(const Sequence& s, int b, int h, int i, T* scratch) const {
     return query_side(p.q, p.q_strides, s, b, h, i, scratch);
   }
+#ifdef CUFLASH_CPU_WIDE_ISAS
+  // Rows [i0, i0 + rows) of a bfloat16 query-side tensor, read as they are, packed for the pair
+  // dot products (pack_block_bf16).
+  void pack_bf16(const void* base, const TensorStrides& strides, const Sequence& s, int b, int h, int i0, int rows,
+                 uint32_t* xt2) const {
+    const uint16_t* raw[kBlockRows];
+    for (int r = 0; r < rows; ++r) raw[r] = row_at<const uint16_t>(base, strides, s, true, b, h, i0 + r);
+    pack_block_bf16(raw, rows, p.shape.head_dim, xt2);
+  }
+#endif
   const T* key(const void* base, const TensorStrides& strides, const Sequence& s, int b, int hk, int j,
                T* scratch) const {
     if (!sixteen_bit) return key_row_at<const T>(p, base, strides, s, b, hk, j);
@@ -802,11 +812,7 @@ CUFLASH_CPU_INLINE void fwd_block_impl(const FlashFwdParams& p, int b, int h, in
 #ifdef CUFLASH_CPU_WIDE_ISAS
   if constexpr (S::kDotBf16) {
     dot_bf16 = io.sixteen_bit && io.bf16;
-    if (dot_bf16) {
-      const uint16_t* raw[kBlockRows];
-      for (int r = 0; r < rows; ++r) raw[r] = row_at<const uint16_t>(p.q, p.q_strides, s, true, b, h, i0 + r);
-      pack_block_bf16(raw, rows, D, w.qt2.data());
-    }
+    if (dot_bf16) io.pack_bf16(p.q, p.q_strides, s, b, h, i0, rows, w.qt2.data());
   }
 #endif
   if (!dot_bf16) pack_block(w.q_rows.data(), rows, D, w.qt.data());
@@ -953,15 +959,9 @@ CUFLASH_CPU_INLINE void bwd_head_impl(const FlashBwdParams& p, int b, int hk, co
 #ifdef CUFLASH_CPU_WIDE_ISAS
       if constexpr (S::kDotBf16)
         if (dot_bf16) {
-          const uint16_t *q_raw[kBlockRows], *do_raw[kBlockRows], *o_raw[kBlockRows];
-          for (int r = 0; r < rows; ++r) {
-            q_raw[r] = row_at<const uint16_t>(p.q, p.q_strides, s, true, b, h, i0 + r);
-            do_raw[r] = row_at<const uint16_t>(p.dout, p.dout_strides, s, true, b, h, i0 + r);
-            o_raw[r] = row_at<const uint16_t>(p.out, p.out_strides, s, true, b, h, i0 + r);
-          }
-          pack_block_bf16(q_raw, rows, D, w.qt2.data());
-          pack_block_bf16(do_raw, rows, D, w.dot2.data());
-          pack_block_bf16(o_raw, rows, D, w.ot2.data());
+          io.pack_bf16(p.q, p.q_strides, s, b, h, i0, rows, w.qt2.data());
+          io.pack_bf16(p.dout, p.dout_strides, s, b, h, i0, rows, w.dot2.data());
+          io.pack_bf16(p.out, p.out_strides, s, b, h, i0, rows, w.ot2.data());
           row_lanes_diagonal_bf16<R>(w.dot2.data(), w.ot2.data(), D, row_delta);  // delta = dO . O - dlse
         }
 #endif
