@@ -423,26 +423,41 @@ def timed_fields(fwd_rounds, fwdbwd_rounds, shape, causal):
             "bwd_ms_rounds": [b - f for f, b in zip(fwd_rounds, fwdbwd_rounds)]}
 
 
-def measure_configuration(impls, shape, causal, dtype, layout, timer, rounds, skip_math_above):
-    """Every implementation's row on one configuration, on the same inputs."""
-    try:
-        inputs = make_inputs(*shape, dtype, layout)
-    except Exception as e:  # e.g. out of memory: every row says so
-        free_memory()
-        return [{**base_row(name, shape, causal, dtype, layout), "error": f"inputs: {first_line(e)}"} for name in impls]
-    prepared = [prepare_row(name, make, shape, causal, dtype, layout, inputs, skip_math_above)
-                for name, make in impls.items()]
-    samples = interleaved_timings({row["impl"]: steps for row, steps in prepared if steps is not None},
-                                  timer, rounds)
+def measure_configuration(impls, shape, causal, dtype, layouts, timer, rounds, skip_math_above):
+    """Every implementation's row on one configuration, on the same inputs, for each of layouts
+    (one name or a list; rows layout by layout, implementations in the order given). With several
+    layouts, every (implementation, layout) pair is timed in the same interleaved rounds, so that
+    a layout's ratio to another (issue 6: [B, N, H, D] within 3% of [B, H, N, D]) is not also
+    the ratio of two slow or fast spells of the machine (separate runs moved whole rows by 4-6%);
+    such rows name the layouts they were timed with (layouts_interleaved)."""
+    layouts = [layouts] if isinstance(layouts, str) else list(layouts)
+    prepared = {}  # (impl, layout): (row, steps)
+    for layout in layouts:
+        try:
+            inputs = make_inputs(*shape, dtype, layout)
+        except Exception as e:  # e.g. out of memory: every row of the layout says so
+            free_memory()
+            for name in impls:
+                prepared[name, layout] = ({**base_row(name, shape, causal, dtype, layout),
+                                           "error": f"inputs: {first_line(e)}"}, None)
+            continue
+        for name, make in impls.items():
+            prepared[name, layout] = prepare_row(name, make, shape, causal, dtype, layout, inputs,
+                                                 skip_math_above)
+        del inputs
+    samples = interleaved_timings({key: steps for key, (_, steps) in prepared.items() if steps is not None},
+                                  timer, rounds, environment=lambda key: environment_of(key[0]))
     rows = []
-    for row, _ in prepared:
-        got = samples.get(row["impl"])
+    for key, (row, _) in prepared.items():
+        got = samples.get(key)
         if isinstance(got, str):
             row["error"] = got
         elif got is not None:
             row.update(timed_fields(*got, shape, causal))
+        if len(layouts) > 1:
+            row["layouts_interleaved"] = layouts
         rows.append(row)
-    del prepared, inputs
+    del prepared, samples
     free_memory()
     return rows
 
@@ -462,10 +477,9 @@ def warm_up_gpu(seconds=0.5):
             return
 
 
-def configurations(dtypes, layouts, head_dims, seqlens, causals):
-    return [(dtype, layout, shape, causal)
-            for dtype in dtypes for layout in layouts
-            for shape in standard_shapes(head_dims, seqlens) for causal in causals]
+def configurations(dtypes, head_dims, seqlens, causals):
+    return [(dtype, shape, causal)
+            for dtype in dtypes for shape in standard_shapes(head_dims, seqlens) for causal in causals]
 
 
 def progress(items):
@@ -483,19 +497,18 @@ def progress(items):
         _write = None
 
 
-def describe(dtype, layout, shape, causal):
+def describe(dtype, layouts, shape, causal):
     b, h, n, d = shape
-    return f"{dtype_name(dtype)} {layout} D={d} N={n} B={b} H={h} causal={causal}"
+    return f"{dtype_name(dtype)} {','.join(layouts)} D={d} N={n} B={b} H={h} causal={causal}"
 
 
 def run_standard(args, impls, timer):
-    configs = configurations([DTYPES[d] for d in args.dtypes], args.layouts, args.head_dims,
-                             args.seqlens, args.causals)
+    configs = configurations([DTYPES[d] for d in args.dtypes], args.head_dims, args.seqlens, args.causals)
     warm_up_gpu()
     rows = []
-    for i, (dtype, layout, shape, causal) in progress(configs):
-        log(f"[{i}/{len(configs)}] {describe(dtype, layout, shape, causal)}")
-        for row in measure_configuration(impls, shape, causal, dtype, layout, timer, args.rounds,
+    for i, (dtype, shape, causal) in progress(configs):
+        log(f"[{i}/{len(configs)}] {describe(dtype, args.layouts, shape, causal)}")
+        for row in measure_configuration(impls, shape, causal, dtype, args.layouts, timer, args.rounds,
                                          args.skip_math_above):
             log("    " + summarize(row))
             rows.append(row)
@@ -503,9 +516,10 @@ def run_standard(args, impls, timer):
 
 
 def summarize(row):
+    name = row["impl"] + (f" {row['layout']}" if row.get("layouts_interleaved") else "")
     if "error" in row:
-        return f"{row['impl']:<15} error: {row['error']}"
-    return (f"{row['impl']:<15} fwd {row['fwd_ms']:.3f} ms {row['fwd_tflops']:.1f} TFLOP/s, "
+        return f"{name:<15} error: {row['error']}"
+    return (f"{name:<15} fwd {row['fwd_ms']:.3f} ms {row['fwd_tflops']:.1f} TFLOP/s, "
             f"bwd {row['bwd_ms']:.3f} ms {row['bwd_tflops'] or 0:.1f} TFLOP/s, "
             f"peak {row['peak_mib']:.0f} MiB")
 
@@ -664,6 +678,30 @@ def table_for(rows, dtype, layout):
     return "\n".join(lines) + "\n" + error_notes(rows)
 
 
+def layout_ratio_table(rows, dtype):
+    """Each implementation's TFLOP/s in every other layout over its TFLOP/s in LAYOUTS[0], from the
+    rows timed with both in the same interleaved rounds (measure_configuration)."""
+    rows = [r for r in rows if r["dtype"] == dtype and r.get("layouts_interleaved") and "error" not in r]
+    base, others = LAYOUTS[0], [l for l in LAYOUTS[1:] if any(r["layout"] == l for r in rows)]
+    impls = [i for i in ALL_IMPLS if any(r["impl"] == i for r in rows)]
+    impls += sorted({r["impl"] for r in rows} - set(impls))
+    by_key = {(r["head_dim"], r["causal"], r["seqlen_q"], r["impl"], r["layout"]): r for r in rows}
+    keys = sorted({(r["head_dim"], r["causal"], r["seqlen_q"]) for r in rows})
+    head = ["D", "causal", "N"] + [f"{SHORT_NAMES.get(i, i)} {layout} {f}" for i in impls for layout in others
+                                   for f in ("fwd", "bwd")]
+    lines = [markdown_header(head)]
+    for key in keys:
+        cells = [str(key[0]), "yes" if key[1] else "no", str(key[2])]
+        for impl in impls:
+            b = by_key.get((*key, impl, base))
+            for layout in others:
+                r = by_key.get((*key, impl, layout))
+                for f in ("fwd_tflops", "bwd_tflops"):
+                    cells.append(fmt_ratio(r and r.get(f), b and b.get(f)))
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def error_notes(rows):
     counts = {}
     for r in rows:
@@ -710,6 +748,9 @@ def render_markdown(results):
                      "Standard table: batch * seqlen = 16384, heads = 2048 / D. "
                      "FLOPs fwd 4*B*H*N*N*D (halved when causal), bwd 2.5x fwd.\n\n"
                      + table_for(rows, dtype, layout))
+    for dtype in sorted({r["dtype"] for r in rows if r.get("layouts_interleaved")}):
+        parts.append(f"## {dtype}: each layout's TFLOP/s over {LAYOUTS[0]}'s, timed in the same rounds\n\n"
+                     + layout_ratio_table(rows, dtype))
     if results.get("memory_rows"):
         parts.append("## Peak memory against seqlen\n\n" + memory_table(results["memory_rows"]))
     return "\n".join(parts)
@@ -771,7 +812,9 @@ def parse_args(argv=None):
                         f"compared with {OURS} in the same run")
     p.add_argument("--layouts", type=parse_list, default=["bhnd"],
                    help="comma list of bhnd,bnhd (bnhd: [B,N,H,D] storage passed as "
-                        ".transpose(1,2) views to every impl); default bhnd")
+                        ".transpose(1,2) views to every impl); default bhnd. With both, each "
+                        "configuration's layouts are timed in the same interleaved rounds, and the "
+                        "markdown adds a table of bnhd / bhnd")
     p.add_argument("--quick", action="store_true",
                    help="small subset: D=64,128, seqlen 1024,4096, bf16 (explicit options win)")
     p.add_argument("--memory", action="store_true",

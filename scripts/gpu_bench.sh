@@ -3,16 +3,17 @@
 # (sm_90a, head dims 64,128,256), then runs, in this order, each step whose estimate fits in
 # what is left of the budget (step 1 always runs):
 #   1. bf16 standard table, [B, H, N, D]: all of PERF.md's shapes, every SDPA peer,
-#      ours with deterministic=False too, three interleaved rounds (140 s on an H200)  ~150 s
-#   2. peak memory against seqlen                                                     ~40 s
-#   3. analyze_io.py --measure: Nsight Compute DRAM bytes, D 64,128 x N 2048,8192     ~90 s
-#   4. fp16 spot check: D 64,128,256 x N 1024,4096, causal and not (63 s, H200)       ~65 s
-#   5. bf16 [B, N, H, D] views (bnhd), the same subset                                ~50 s
+#      ours with deterministic=False too, three interleaved rounds                    ~170 s
+#   2. peak memory against seqlen                                                     ~25 s
+#   3. analyze_io.py --measure: Nsight Compute DRAM bytes, D 64,128 x N 2048,8192     ~30 s
+#   4. fp16 spot check: D 64,128,256 x N 1024,4096, causal and not                    ~75 s
+#   5. bf16 [B, N, H, D] views (bnhd) beside [B, H, N, D] in the same rounds, the same
+#      subset, into <gpu>-<date>-layouts.json/.md (its bnhd / bhnd table: issue 6's 3%) ~120 s
 #   6. fp32: D 64,128 x N 1024,4096, non-causal; ours, efficient, math (flash and
-#      cuDNN refuse fp32)                                                             ~80 s
+#      cuDNN refuse fp32)                                                             ~35 s
 #   then the plots, the README table and the IO table printed (~15 s).
-# The estimates are guesses from the 2026-11-22 H100 run (the bf16 table took "a few
-# minutes"); the log prints each step's real time: correct them here after a run.
+# The estimates are the 2026-12-05 H100 run's times (build 79 s; step 5 then bnhd alone, 60 s,
+# doubled); the log prints each step's real time: correct them here after a run.
 # Tables go into one <gpu>-<date>.json/.md (bench_attention.py --merge), the IO analysis into
 # <gpu>-<date>-io.json/.md, logs into logs/<gpu>-<date>-<step>.log. $OUT gets results.tar.gz
 # (refreshed after every step, so a run stopped at the time limit returns what finished), the
@@ -73,15 +74,16 @@ if ! ls cuflash_attn/_C*.so >/dev/null 2>&1; then
 fi
 
 BENCH="python3 benchmarks/bench_attention.py --out $WORK --merge"
-step 1 bench_bf16 150 $BENCH --dtypes bf16
-step 2 memory 40 $BENCH --memory
-step 3 io 90 python3 benchmarks/analyze_io.py --measure --out "$WORK" --timeout 240
-step 4 bench_fp16 65 $BENCH --dtypes fp16 --head-dims 64,128,256 --seqlens 1024,4096
-step 5 bench_bnhd 50 $BENCH --dtypes bf16 --layouts bnhd --head-dims 64,128,256 --seqlens 1024,4096
-step 6 bench_fp32 80 $BENCH --dtypes fp32 --head-dims 64,128 --seqlens 1024,4096 --causal false \
+step 1 bench_bf16 170 $BENCH --dtypes bf16
+step 2 memory 25 $BENCH --memory
+step 3 io 30 python3 benchmarks/analyze_io.py --measure --out "$WORK" --timeout 240
+step 4 bench_fp16 75 $BENCH --dtypes fp16 --head-dims 64,128,256 --seqlens 1024,4096
+step 5 bench_layouts 120 python3 benchmarks/bench_attention.py --out "$WORK" --tag layouts --dtypes bf16 \
+  --layouts bhnd,bnhd --head-dims 64,128,256 --seqlens 1024,4096
+step 6 bench_fp32 35 $BENCH --dtypes fp32 --head-dims 64,128 --seqlens 1024,4096 --causal false \
   --impls cuflash_attn,sdpa_efficient,sdpa_math
 
-RESULTS=$(ls "$WORK"/*.json 2>/dev/null | grep -v -- '-io\.json$' | head -n 1)
+RESULTS=$(ls "$WORK"/*.json 2>/dev/null | grep -E -- '-[0-9]{4}-[0-9]{2}-[0-9]{2}\.json$' | head -n 1)  # untagged
 if [ -n "$RESULTS" ]; then
   python3 benchmarks/plot.py "$RESULTS" > "$WORK/logs/$LOGPREFIX-plot.log" 2>&1 \
     || tail -n 5 "$WORK/logs/$LOGPREFIX-plot.log"

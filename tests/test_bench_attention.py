@@ -210,3 +210,44 @@ def test_varlen_bench_lengths_and_variant_names(monkeypatch):
         assert os.environ["CUFLASH_SM90"] == "tma,kvcache,varlen"
     with bench.environment_of("defaults"):
         assert "CUFLASH_SM90" not in os.environ
+
+
+def test_layouts_are_timed_in_the_same_rounds_and_their_ratio_tabled(monkeypatch):
+    """With --layouts bhnd,bnhd every (implementation, layout) pair shares one ring of rounds (a
+    slow spell of the machine lands on both layouts, not on one), the rows say so, and the
+    markdown gives bnhd's TFLOP/s over bhnd's for each implementation."""
+    made = []
+    monkeypatch.setattr(bench, "make_inputs", lambda *a: made.append(a[-1]) or (a[-1],) * 4)
+    monkeypatch.setattr(bench, "probe", lambda fn, *a: None)
+    monkeypatch.setattr(bench, "peak_mib", lambda step: 1.0)
+    monkeypatch.setattr(bench, "free_memory", lambda: None)
+    monkeypatch.setattr(bench, "fwd_step", lambda fn, q, *rest: ("fwd", q))
+    monkeypatch.setattr(bench, "fwdbwd_step", lambda fn, q, *rest: ("fwdbwd", q))
+    impls = {"cuflash_attn": lambda causal: None, "sdpa_cudnn": lambda causal: None}
+    order = []
+    # forward 1 ms in bhnd and 1.25 ms in bnhd; forward+backward 3 and 3.5 ms (backward 2 and 2.25)
+    ms = {("fwd", "bhnd"): 1.0, ("fwd", "bnhd"): 1.25, ("fwdbwd", "bhnd"): 3.0, ("fwdbwd", "bnhd"): 3.5}
+
+    def timer(step):
+        order.append(step[1])
+        return ms[step]
+
+    rows = bench.measure_configuration(impls, (1, 2, 1024, 64), False, bench.torch.bfloat16, ["bhnd", "bnhd"],
+                                       timer, rounds=2, skip_math_above=None)
+    assert made == ["bhnd", "bnhd"]
+    assert [(r["impl"], r["layout"]) for r in rows] == [("cuflash_attn", "bhnd"), ("sdpa_cudnn", "bhnd"),
+                                                        ("cuflash_attn", "bnhd"), ("sdpa_cudnn", "bnhd")]
+    assert all(r["layouts_interleaved"] == ["bhnd", "bnhd"] for r in rows)
+    # one ring of four cells: both layouts in every round (separate rings would time bhnd twice first)
+    assert order[:8] == ["bhnd", "bhnd", "bhnd", "bhnd", "bnhd", "bnhd", "bnhd", "bnhd"]
+    assert len(order) == 2 * 4 * 2
+    env = {"gpu": "NVIDIA H100 80GB HBM3", "torch": "2", "cuda": "13.0", "cudnn": "9", "date": "2026-12-05",
+           "commit": "abc"}
+    markdown = bench.render_markdown({"env": env, "rows": rows})
+    assert "## bfloat16: each layout's TFLOP/s over bhnd's, timed in the same rounds" in markdown
+    assert "| 64 | no | 1024 | 0.80x | 0.89x | 0.80x | 0.89x |" in markdown  # 1/1.25, 2/2.25
+    # rows of one layout only (separate runs) get no ratio table
+    single = bench.measure_configuration(impls, (1, 2, 1024, 64), False, bench.torch.bfloat16, "bnhd",
+                                         timer, rounds=1, skip_math_above=None)
+    assert "layouts_interleaved" not in single[0]
+    assert "timed in the same rounds" not in bench.render_markdown({"env": env, "rows": single})
