@@ -272,7 +272,8 @@ HOST_TERMS = {r"(?:sm90::)?middle_row_keys\(p\)": "middle_row_keys",
               r"p\.mask\.window_right": "window_right", r"(?:sm90::)?unmasked\(p\)": "unmasked",
               r"(?:sm90::)?long_rows\(p\)": "long_rows",
               r"(?:sm90::)?wide_rows<kHeadDim>\(p\)": "wide_rows",
-              r"(?:sm90::)?persistent_wide_pays\(p\)": "persistent_wide_pays"}
+              r"(?:sm90::)?persistent_wide_pays\(p\)": "persistent_wide_pays",
+              r"needs_feature_path\(p\)": "features"}
 
 
 def host_predicate(path, function, values):
@@ -449,7 +450,8 @@ def sm90_backward(cfg, bucket):
     deterministic setting (ordered or unordered adds move the same bytes here): the fused dK/dV/dQ
     kernel, dQ added to dq_accum by TMA reduce-add, then dq_convert; else the dQ kernel and the
     dK/dV kernel (two launches, dK then dV, where BwdSm90Kernel::kSplitDkDv)."""
-    values = {"middle_row_keys": middle_row_keys(cfg), "bucket": bucket, "kHeadDim": bucket}
+    values = {"middle_row_keys": middle_row_keys(cfg), "bucket": bucket, "kHeadDim": bucket,
+              "features": False}  # the IO model's attention is plain
 
     def dkdv_tile(accum, with_dk, with_dv, wide):
         t = sm90_constants(SM90_BWD_TMA_CUH, "BwdDkvSm90TmaKernel", ("kBlockM", "kBlockN"), kHeadDim=bucket,

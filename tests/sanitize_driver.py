@@ -18,7 +18,8 @@ heads as rows; four causal tokens a step packed under CUFLASH_PACK_GQA=1; 130 un
 5 ways on the TMA forwards (CUFLASH_SM90's "kvcache" part, a default; the splits under its "splits"
 part), over contiguous and paged caches); packed sequences on the TMA forwards, persistent and
 not, at head dim 64 on the wide tiles too (its "varlen" part), and on the TMA backward, the pair and the fused kernel's two dQ orders
-(its "bwdvarlen" part, a default). Every case is checked against the float64 reference with
+(its "bwdvarlen" part, a default); softcap, ALiBi, attn_mask and dropout on the fused TMA backward
+(its "bwdfeatures" part). Every case is checked against the float64 reference with
 the accuracy rule, so a clean sanitizer run is also a correctness run.
 
     python3 tests/sanitize_driver.py [--list] [--only REGEX] [--case DESCRIPTION] [--device cpu]
@@ -125,6 +126,9 @@ def cases():
     # Packed sequences on the TMA backward (its "bwdvarlen" part): boxes past a sequence's end
     # (their rows zeroed in shared memory, dK and dV stored row by row there), empty sequences.
     out += [(BF16, d, 4, 4, 0, 0, "bottom_right", "varlen_bwd_tma") for d in (64, 128)]
+    # softcap, ALiBi, attn_mask and dropout on the fused TMA backward (its "bwdfeatures" part, not a
+    # default): both orders of the dQ adds, a padded batch and packed sequences.
+    out += [(F16, d, 2, 4, 150, 300, "bottom_right", "features_bwd_tma") for d in (64, 128)]
     return out
 
 
@@ -201,7 +205,8 @@ def run_case(case, device):
         with bench.switches_set({"CUFLASH_PACK_GQA": "1"}):
             for num_splits in (0, 1, 5):
                 check_decode(device, dtype, d, b, h, nk, num_splits, tokens=nq)
-    elif variant in ("kvcache_tma", "varlen_tma", "varlen_bwd_tma") and os.environ.get("CUFLASH_SM90") == "0":
+    elif variant in ("kvcache_tma", "varlen_tma", "varlen_bwd_tma", "features_bwd_tma") and \
+            os.environ.get("CUFLASH_SM90") == "0":
         pytest.skip("the Hopper kernels are off (--without-tma)")
     elif variant == "kvcache_tma":  # the TMA forwards, persistent and not, over KV caches; splits
         import test_paged_kv
@@ -234,6 +239,13 @@ def run_case(case, device):
                 with bench.switches_set({"CUFLASH_SM90": parts, "CUFLASH_BWD_DQ": dq, steps: step}):
                     check_varlen(device, dtype, [70, 0, 129, 200], [90, 12, 0, 130], h, 2, d,
                                  causal=causal != "none", bottom_right=True)
+    elif variant == "features_bwd_tma":  # the fused TMA backward with the features, both dQ orders
+        for dq in ("ordered", "atomic"):
+            with bench.switches_set({"CUFLASH_SM90": SM90_DEFAULT_PARTS + ",bwdfeatures", "CUFLASH_BWD_DQ": dq}):
+                check_dense(device, dtype, b, h, h // 2, nq, nk, d, causal=True, bottom_right=True, window=(60, -1),
+                            softcap=15.0, alibi="batch", dropout_p=0.2, attn_mask=("bool", "B1LS"))
+                check_varlen(device, dtype, [70, 0, 129, 200], [90, 12, 0, 130], h, 2, d, causal=True,
+                             bottom_right=True, softcap=10.0, dropout_p=0.1)
     elif variant == "varlen":
         check_varlen(device, dtype, [70, 0, 129], [90, 12, 0], h, 2, d, causal=True, bottom_right=True,
                      softcap=10.0, dropout_p=0.1)

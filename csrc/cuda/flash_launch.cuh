@@ -296,6 +296,41 @@ auto with_bwd_packing(const FlashBwdParams& p, F&& f) {
   return f(std::false_type{});
 }
 
+// The warp-specialized dK/dV kernel (sm90/flash_bwd_sm90_tma.cuh), where TMA can address the
+// inputs: true with *err its launch's, false (nothing launched) otherwise. kAccum: dQ too, added
+// by TMA reduce (the fused kernel), in a fixed order with p.dq_semaphores; kWide: 128-query steps
+// (head dim 64); kFeatures: softcap, ALiBi, attn_mask and dropout (the fused kernel's, the
+// "bwdfeatures" part).
+template <typename T, int kHeadDim, bool kAccum, bool kWithDk, bool kWithDv, bool kWide, bool kFeatures>
+bool launch_dkdv_ws(const FlashBwdParams& p, cudaStream_t stream, cudaError_t* err) {
+  static_assert(!kFeatures || (kAccum && kWithDk && kWithDv), "the features on the fused kernel only");
+  const AttentionShape& sh = p.shape;
+  sm90::BackwardTmaMaps maps{};
+  auto go = [&](auto ordered) {
+    constexpr bool kOrdered = decltype(ordered)::value;
+    using Ws = sm90::BwdDkvSm90TmaKernel<T, kHeadDim, kAccum, kWithDk, kWithDv, kWide, kOrdered>;
+    // Its CTAs take their tiles from dkdv_tile_counter (set_fused_dq_scratch sets it with
+    // dq_accum); a caller that gives none gets the other kernels.
+    if (Ws::kPersistent && p.dkdv_tile_counter == nullptr) return false;
+    if (!sm90::encode_bwd_tma_maps<T, Ws>(p, &maps)) return false;
+    if (Ws::kTmaStoreDkv && !sm90::encode_dkdv_maps(p, std::is_same_v<T, __nv_bfloat16>, &maps)) return false;
+    const dim3 tiles(ceil_div(sh.seqlen_k, Ws::kBlockN), sh.heads_kv, sh.batch);
+    const int64_t num_tiles = int64_t{tiles.x} * tiles.y * tiles.z;
+    const int sms = std::max(1, device_attribute<cudaDevAttrMultiProcessorCount>(1));
+    const dim3 grid = Ws::kPersistent ? dim3(static_cast<unsigned>(std::min<int64_t>(num_tiles, sms))) : tiles;
+    *err = with_bwd_packing<Ws>(p, [&](auto packed) {
+      return launch(sm90::flash_bwd_dkdv_sm90_tma_kernel<T, kHeadDim, kAccum, kWithDk, kWithDv, kWide, kOrdered,
+                                                         decltype(packed)::value, kFeatures>,
+                    grid, Ws::kThreads, Ws::kSmemBytes, stream, p, maps.q, maps.dout, maps.k, maps.v, maps.dq_accum,
+                    maps.dk, maps.dv);
+    });
+    return true;
+  };
+  if constexpr (kAccum)
+    if (p.dq_semaphores != nullptr) return go(std::true_type{});
+  return go(std::false_type{});
+}
+
 template <typename T, int kHeadDim>
 cudaError_t run_flash_bwd(const FlashBwdParams& p, cudaStream_t stream) {
   const AttentionShape& sh = p.shape;
@@ -331,43 +366,21 @@ cudaError_t run_flash_bwd(const FlashBwdParams& p, cudaStream_t stream) {
       if constexpr (K::kSplitDkDv)
         if (accum_dq && hopper.bwd_ws && launch_bwd_fused256<T>(p, stream, &err))
           return err != cudaSuccess ? err : convert_dq();
+      // The features on the fused kernel (64-query steps), where fused_backward_runs let the
+      // caller add dQ up; else the sm_80-class kernels below.
+      if constexpr (!K::kSplitDkDv)
+        if (accum_dq && hopper.bwd_features &&
+            launch_dkdv_ws<T, kHeadDim, true, true, true, false, true>(p, stream, &err))
+          return err != cudaSuccess ? err : convert_dq();
       if (hopper.bwd && !(accum_dq && K::kSplitDkDv)) {
         const dim3 key_grid(ceil_div(sh.seqlen_k, K::kResident), sh.heads_kv, sh.batch);
         constexpr std::true_type yes{};
         constexpr std::false_type no{};
-        // The warp-specialized dK/dV kernel (the bwdws part), where TMA can address the inputs:
-        // true with err its launch's, false (nothing launched) otherwise. accum: dQ too, added by
-        // TMA reduce (the fused kernel), in a fixed order with p.dq_semaphores; wide: 128-query
-        // steps (head dim 64).
-        auto launch_dkdv_ws = [&](auto accum, auto with_dk, auto with_dv, auto wide) {
-          constexpr bool kAccum = decltype(accum)::value, kWithDk = decltype(with_dk)::value;
-          constexpr bool kWithDv = decltype(with_dv)::value, kWide = decltype(wide)::value;
-          if (!hopper.bwd_ws) return false;
-          sm90::BackwardTmaMaps maps{};
-          auto go = [&](auto ordered) {
-            constexpr bool kOrdered = decltype(ordered)::value;
-            using Ws = sm90::BwdDkvSm90TmaKernel<T, kHeadDim, kAccum, kWithDk, kWithDv, kWide, kOrdered>;
-            // Its CTAs take their tiles from dkdv_tile_counter (set_fused_dq_scratch sets it with
-            // dq_accum); a caller that gives none gets the other kernels.
-            if (Ws::kPersistent && p.dkdv_tile_counter == nullptr) return false;
-            if (!sm90::encode_bwd_tma_maps<T, Ws>(p, &maps)) return false;
-            if (Ws::kTmaStoreDkv && !sm90::encode_dkdv_maps(p, std::is_same_v<T, __nv_bfloat16>, &maps))
-              return false;
-            const dim3 tiles(ceil_div(sh.seqlen_k, Ws::kBlockN), sh.heads_kv, sh.batch);
-            const int64_t num_tiles = int64_t{tiles.x} * tiles.y * tiles.z;
-            const int sms = std::max(1, device_attribute<cudaDevAttrMultiProcessorCount>(1));
-            const dim3 grid = Ws::kPersistent ? dim3(static_cast<unsigned>(std::min<int64_t>(num_tiles, sms))) : tiles;
-            err = with_bwd_packing<Ws>(p, [&](auto packed) {
-              return launch(sm90::flash_bwd_dkdv_sm90_tma_kernel<T, kHeadDim, kAccum, kWithDk, kWithDv, kWide, kOrdered,
-                                                                 decltype(packed)::value>,
-                            grid, Ws::kThreads, Ws::kSmemBytes, stream, p, maps.q, maps.dout, maps.k, maps.v,
-                            maps.dq_accum, maps.dk, maps.dv);
-            });
-            return true;
-          };
-          if constexpr (kAccum)
-            if (p.dq_semaphores != nullptr) return go(yes);
-          return go(no);
+        // The warp-specialized dK/dV kernel where the bwdws part is on (launch_dkdv_ws).
+        auto dkdv_ws = [&](auto accum, auto with_dk, auto with_dv, auto wide) {
+          return hopper.bwd_ws && launch_dkdv_ws<T, kHeadDim, decltype(accum)::value, decltype(with_dk)::value,
+                                                          decltype(with_dv)::value, decltype(wide)::value, false>(
+                                      p, stream, &err);
         };
         if constexpr (!K::kSplitDkDv) {
           if (accum_dq) {
@@ -375,8 +388,8 @@ cudaError_t run_flash_bwd(const FlashBwdParams& p, cudaStream_t stream) {
             // cp.async one.
             bool launched = false;
             if constexpr (kHeadDim == 64)
-              if (bwd_fused_wide_steps(fused_wide_steps_pay(p))) launched = launch_dkdv_ws(yes, yes, yes, yes);
-            if (!launched && !launch_dkdv_ws(yes, yes, yes, no)) {
+              if (bwd_fused_wide_steps(fused_wide_steps_pay(p))) launched = dkdv_ws(yes, yes, yes, yes);
+            if (!launched && !dkdv_ws(yes, yes, yes, no)) {
               if (p.dq_semaphores != nullptr) return cudaErrorNotSupported;  // ordered adds are its alone
               err = launch(sm90::flash_bwd_dkdv_sm90_kernel<T, kHeadDim, true>, key_grid, K::kThreads,
                            K::kSmemBytes + K::kDsBytes, stream, p);
@@ -404,7 +417,7 @@ cudaError_t run_flash_bwd(const FlashBwdParams& p, cudaStream_t stream) {
         // dK and dV: one launch, or at head dim 256 two (kSplitDkDv: dK, then dV); wide: the
         // warp-specialized kernel's 128-query steps (head dim 64, unless CUFLASH_BWD_TILE=narrow).
         auto launch_dkdv = [&](auto with_dk, auto with_dv, auto wide) {
-          if (launch_dkdv_ws(no, with_dk, with_dv, wide)) return err;
+          if (dkdv_ws(no, with_dk, with_dv, wide)) return err;
           constexpr bool kWithDk = decltype(with_dk)::value, kWithDv = decltype(with_dv)::value;
           return launch(sm90::flash_bwd_dkdv_sm90_kernel<T, kHeadDim, false, kWithDk, kWithDv>, key_grid, K::kThreads,
                         K::kSmemBytes, stream, p);

@@ -32,6 +32,10 @@
 //       bwdvarlen   with bwdws: packed sequences on the warp-specialized TMA backward at head
 //                   dims 33-64 and 97-128 (the dQ and dK/dV kernels and the fused one), where
 //                   otherwise the cp.async one runs (H200: 1.17-1.87x it, 0.95-1.01x dense)
+//       bwdfeatures with bwdws and features, not a default (built, not yet run on a GPU):
+//                   softcap, ALiBi, attn_mask (without its gradient) and dropout on the fused
+//                   warp-specialized backward (dQ by TMA reduce, either order) at head dims
+//                   33-64 and 97-128, where otherwise the sm_80-class backward runs
 //   CUFLASH_BWD_DQ  unset or "": dQ by its own kernel, unless the fused Hopper kernel is faster
 //                   (prefers_fused_backward), with atomics where the op's deterministic=False;
 //                   "atomic": added by the dK/dV kernel with fp32 atomics wherever it can be (not
@@ -82,6 +86,7 @@ struct Sm90Switch {
   bool tma_splits = false;  // not a default part: faster than the sm_80-class split kernel on long caches only
   bool tma_varlen = true;
   bool bwd_varlen = true;
+  bool bwd_features = false;  // not a default part until measured on a GPU
 };
 
 // value (null: unset) -> *out; false if value names something else.
@@ -105,6 +110,7 @@ inline bool parse_sm90_switch(const char* value, Sm90Switch* out) {
         else if (is("splits")) s.tma_splits = true;
         else if (is("varlen")) s.tma_varlen = true;
         else if (is("bwdvarlen")) s.bwd_varlen = true;
+        else if (is("bwdfeatures")) s.bwd_features = true;
         else if (!is("cpasync")) return false;
         if (!end) break;
         at = end + 1;
@@ -166,7 +172,7 @@ inline std::string run_switch_error() {
   const char* sm90 = std::getenv("CUFLASH_SM90");
   if (!parse_sm90_switch(sm90, &unused))
     return std::string("environment variable CUFLASH_SM90 must be unset, empty, \"0\" or a comma list of cpasync, "
-                       "tma, bwd, bwdws, features, persistent, kvcache, splits, varlen and bwdvarlen, got \"") + sm90 + "\"";
+                       "tma, bwd, bwdws, features, persistent, kvcache, splits, varlen, bwdvarlen and bwdfeatures, got \"") + sm90 + "\"";
   // The one-value switches: unset, empty or one of the values listed (as the message spells them).
   struct OneOf {
     const char *name, *values[4], *spelled;  // values: unused ones null

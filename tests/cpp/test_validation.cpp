@@ -367,16 +367,21 @@ TEST_P(Validation, RunSwitchNamingNothingIsRefused) {  // csrc/cuda/run_switches
 // a list runs exactly its parts ("varlen" left out: packed sequences on the cp.async forward).
 TEST(RunSwitches, DefaultPartsAreTheDocumentedList) {
   auto parts = [](const cuflash::Sm90Switch& s) {
-    return std::vector<bool>{s.on,     s.tma,          s.bwd,        s.features, s.persistent,
-                             s.bwd_ws, s.tma_kv_cache, s.tma_splits, s.tma_varlen, s.bwd_varlen};
+    return std::vector<bool>{s.on,         s.tma,        s.bwd,          s.features,
+                             s.persistent, s.bwd_ws,     s.tma_kv_cache, s.tma_splits,
+                             s.tma_varlen, s.bwd_varlen, s.bwd_features};
   };
-  cuflash::Sm90Switch unset, listed, without_varlen, none;
+  cuflash::Sm90Switch unset, listed, without_varlen, none, with_bwd_features;
   ASSERT_TRUE(cuflash::parse_sm90_switch(nullptr, &unset));
   ASSERT_TRUE(cuflash::parse_sm90_switch("tma,bwd,bwdws,features,persistent,kvcache,varlen,bwdvarlen", &listed));
   EXPECT_EQ(parts(unset), parts(listed));
   ASSERT_TRUE(cuflash::parse_sm90_switch("tma,bwd,bwdws,features,persistent,kvcache", &without_varlen));
   EXPECT_FALSE(without_varlen.tma_varlen || without_varlen.bwd_varlen);
   EXPECT_TRUE(without_varlen.tma && without_varlen.persistent && !without_varlen.tma_splits);
+  // Parts that are not defaults run only where named.
+  EXPECT_FALSE(unset.tma_splits || unset.bwd_features);
+  ASSERT_TRUE(cuflash::parse_sm90_switch("tma,bwd,bwdws,features,bwdfeatures", &with_bwd_features));
+  EXPECT_TRUE(with_bwd_features.bwd_features && !with_bwd_features.bwd_varlen);
   ASSERT_TRUE(cuflash::parse_sm90_switch("0", &none));
   EXPECT_FALSE(none.on);
 }

@@ -355,9 +355,12 @@ __device__ __forceinline__ void pass_dq_turn(int* counter) {
   add_release_gpu(counter, 1);
 }
 
-// kPacked: packed sequences, as the dQ kernel's.
+// kPacked: packed sequences, as the dQ kernel's. kFeatures (the fused kernel's, 64-query steps:
+// the "bwdfeatures" part): softcap, ALiBi, attn_mask and dropout, S^T and dP^T turned into
+// (P z)^T and dS^T in one pass by the sm_80-class kernels' probs_and_ds_with_features (mask.cuh),
+// so that both recompute the forward's scores and dropout mask alike.
 template <typename T, int kHeadDim, bool kAccumDq, bool kWithDk, bool kWithDv, bool kWideSteps, bool kOrderedDq,
-          bool kPacked>
+          bool kPacked, bool kFeatures>
 __global__ void __launch_bounds__(
     BwdDkvSm90TmaKernel<T, kHeadDim, kAccumDq, kWithDk, kWithDv, kWideSteps, kOrderedDq>::kThreads, 1)
     flash_bwd_dkdv_sm90_tma_kernel(const FlashBwdParams p, const __grid_constant__ CUtensorMap map_q,
@@ -561,6 +564,9 @@ __global__ void __launch_bounds__(
 
   // Consumers: warpgroup c = 1, 2 owns keys 64 (c - 1) .. of the block; this warp 16 of them.
   setmaxnreg_inc<K::kConsumerRegs>();
+  static_assert(!kFeatures || (kAccumDq && kWithDk && kWithDv && !kWideSteps), "the features: the fused kernel's");
+  const bool dropout = kFeatures && p.dropout.p > 0.0;
+  const DropoutRng rng = dropout ? make_dropout_rng(p.dropout) : DropoutRng{};
   const int consumer = warpgroup - 1;
   const int warp_row = warp_uniform(16 * ((tid - 128) / 32));  // uniform too (fewer reloads: NOTES)
   const uint32_t my_rows = consumer * 64 * 128;
@@ -641,7 +647,13 @@ __global__ void __launch_bounds__(
       wgmma_wait<0>();
       auto col_lse2 = [&](int j, int e) { return lse2[WarpAcc<kBlockM>::col_of(j, e, lane)]; };
       auto col_delta = [&](int j, int e) { return delta[WarpAcc<kBlockM>::col_of(j, e, lane)]; };
-      probs_then_mask<true>(s, scale_log2, mask, tile.seq, key0, m0, lane, col_lse2);
+      if constexpr (kFeatures) {  // s becomes (P z)^T and dp dS^T, dV's and dK's operands
+        const int h = head_of(tile, step);
+        probs_and_ds_with_features<true, true>(s, dp, ScoreMod<T>(p, tile.b, h), mask, tile.seq, dropout, rng, tile.b,
+                                               h, sh.heads_q, key0, m0, lane, col_lse2, col_delta);
+      } else {
+        probs_then_mask<true>(s, scale_log2, mask, tile.seq, key0, m0, lane, col_lse2);
+      }
       auto release_stage = [&] {  // this thread is done with the stage (tiles and stats)
         mbarrier_arrive(&empty[stage]);
       };
@@ -692,7 +704,7 @@ __global__ void __launch_bounds__(
           release_stage();
           continue;
         }
-        ds_from_dp(dp, s, col_delta);
+        if constexpr (!kFeatures) ds_from_dp(dp, s, col_delta);
         uint32_t dst[kBlockM / 16][4];
 #pragma unroll
         for (int kk = 0; kk < kBlockM / 16; ++kk) dp.template to_a<T>(dst[kk], kk);

@@ -277,6 +277,9 @@ struct Sm90Paths {
   bool tma_splits = false;  // split-KV on the TMA forward (the "splits" part), where it can run
   bool tma_varlen = false;  // packed sequences on the TMA forward (the "varlen" part), where it can run
   bool bwd_varlen = false;  // packed sequences on the TMA backward (the "bwdvarlen" part; bwd_tma_addressable)
+  // The features (softcap, ALiBi, attn_mask, dropout) on the fused warp-specialized backward (the
+  // "bwdfeatures" part; fused_backward_runs), where bwd and bwd_ws are false for them.
+  bool bwd_features = false;
 };
 inline Sm90Paths sm90_paths(const AttentionParams& p) {
   Sm90Paths choice;
@@ -309,12 +312,14 @@ inline Sm90Paths sm90_paths(const AttentionParams& p) {
   choice.tma_varlen = choice.tma && wanted.tma_varlen && !features && !paged && !total_length_grid;
   choice.bwd = choice.fwd && !features && wanted.bwd;
   choice.bwd_ws = choice.bwd && wanted.bwd_ws && whole_key_blocks;
+  choice.bwd_features = choice.fwd && features && wanted.bwd && wanted.bwd_ws && wanted.bwd_features && whole_key_blocks;
   // Packed sequences on the warp-specialized backward: not from a total-length grid of queries or
   // of keys either (max_seqlen_k not given: the dK/dV kernels' tiles nearly all empty, their
   // persistent walk's count in an int).
   const bool total_length_keys = p.varlen.cu_seqlens_k != nullptr && p.shape.batch > 1 &&
                                  p.shape.seqlen_k >= p.varlen.total_k;
-  choice.bwd_varlen = choice.bwd_ws && wanted.bwd_varlen && !total_length_grid && !total_length_keys;
+  choice.bwd_varlen =
+      (choice.bwd_ws || choice.bwd_features) && wanted.bwd_varlen && !total_length_grid && !total_length_keys;
 #else
   (void)p;
 #endif
