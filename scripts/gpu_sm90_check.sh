@@ -36,12 +36,14 @@ timeout --kill-after=5 120 python3 -m pytest -s -q -p no:cacheprovider tests/tes
   || status=1
 grep -vE '^\s*$' "$OUT/probe.log" | tail -n 30
 # name|CUFLASH_SM90|test files|-k expression. test_sm90_forward, test_sm90_backward,
-# test_sm90_backward_packed, test_bwd_atomic_dq and test_deterministic set CUFLASH_SM90 themselves
+# test_sm90_backward_packed, test_sm90_backward_features, test_bwd_atomic_dq and test_deterministic set CUFLASH_SM90 themselves
 # (their modes); the others run under the listed value (none: the defaults).
 runs=(
   "forward||tests/test_sm90_forward.py|"
   "backward|bwd|tests/test_sm90_backward.py|"
   "backward_packed||tests/test_sm90_backward_packed.py|"
+  "backward_features||tests/test_sm90_backward_features.py|"
+  "bwd_features_all|tma,bwd,bwdws,features,persistent,kvcache,varlen,bwdvarlen,bwdfeatures|tests/test_features.py tests/test_attn_mask.py|cuda"
   "atomic_dq||tests/test_bwd_atomic_dq.py|"
   "deterministic||tests/test_deterministic.py|"
   "features|features|tests/test_features.py tests/test_attn_mask.py|cuda"
