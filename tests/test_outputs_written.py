@@ -9,7 +9,7 @@ writes (fill_packed_gaps)."""
 import pytest
 import torch
 
-from conftest import ALL_DTYPES, HAS_CUDA, IS_SM90, sm90_parts_without
+from conftest import ALL_DTYPES, HAS_CUDA, IS_SM90, SM90_DEFAULT_PARTS, sm90_parts_without
 from reference import LOW_PRECISION, LOW_PRECISION_IDS
 
 import cuflash_attn
@@ -68,6 +68,21 @@ def test_forward_and_backward_outputs(dtype, d, n, causal, softcap):
                                                 deterministic=deterministic)
         dq, dk, dv = torch.autograd.grad(out, (q, k, v), torch.randn_like(out))
         assert_no_nan(out=out, lse=lse, dq=dq, dk=dk, dv=dv)
+
+
+@pytest.mark.skipif(not IS_SM90, reason="sm_90 only")
+@pytest.mark.parametrize("d", [64, 128])
+@pytest.mark.parametrize("causal", [False, True])
+def test_features_backward_outputs(d, causal, monkeypatch):
+    """The fused TMA backward with softcap (CUFLASH_SM90's "bwdfeatures" part, not a default; its
+    ordered dQ adds, torch's deterministic mode being on here)."""
+    monkeypatch.setenv("CUFLASH_SM90", SM90_DEFAULT_PARTS + ",bwdfeatures")
+    torch.manual_seed(0)
+    q = torch.randn(2, 4, 300, d, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    k, v = (torch.randn(2, 2, 337, d, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(2))
+    out = cuflash_attn.flash_attention(q, k, v, causal=causal, softcap=20.0)
+    dq, dk, dv = torch.autograd.grad(out, (q, k, v), torch.randn_like(out))
+    assert_no_nan(out=out, dq=dq, dk=dk, dv=dv)
 
 
 @pytest.mark.parametrize("parts", KVCACHE_PARTS)
