@@ -13,7 +13,7 @@ each figure the median of its rounds (bench_attention.interleaved_timings).
 Standard shapes as bench_attention.py's (batch * seqlen = 16384, heads = 2048 / D, bf16).
 --backward times forward + backward instead (3.5x the forward's FLOPs), the backward being the
 sm_80-class kernels' wherever a feature is on, unless a variant names the "bwdfeatures" part (the
-fused TMA backward with the features, head dims 33-64 and 97-128)."""
+fused TMA backward with the features)."""
 import argparse
 import statistics
 import sys

@@ -122,7 +122,7 @@ def fused_backward_kernel(d, wide=False, ordered=False, packed=False, features=F
     packed sequences (CUFLASH_SM90's "bwdvarlen" part), softcap, ALiBi, attn_mask and dropout (its
     "bwdfeatures" part). Head dim 256 has its own kernel (flash_bwd_sm90_fused256.cuh)."""
     if d == 256:
-        return f"flash_bwd_fused_sm90_tma_kernel<__nv_bfloat16, {str(ordered).lower()}>"
+        return f"flash_bwd_fused_sm90_tma_kernel<__nv_bfloat16, {str(ordered).lower()}, {str(features).lower()}>"
     flags = ", ".join(str(flag).lower() for flag in (True, True, True, wide, ordered, packed, features))
     return f"flash_bwd_dkdv_sm90_tma_kernel<__nv_bfloat16, {d}, {flags}>"
 

@@ -128,7 +128,7 @@ def cases():
     out += [(BF16, d, 4, 4, 0, 0, "bottom_right", "varlen_bwd_tma") for d in (64, 128)]
     # softcap, ALiBi, attn_mask and dropout on the fused TMA backward (its "bwdfeatures" part, not a
     # default): both orders of the dQ adds, a padded batch and packed sequences.
-    out += [(F16, d, 2, 4, 150, 300, "bottom_right", "features_bwd_tma") for d in (64, 128)]
+    out += [(F16, d, 2, 4, 150, 300, "bottom_right", "features_bwd_tma") for d in (64, 128, 256)]
     return out
 
 

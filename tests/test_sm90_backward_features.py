@@ -1,10 +1,10 @@
 """softcap, ALiBi, attn_mask and dropout on the fused warp-specialized Hopper backward: CUFLASH_SM90's
-"bwdfeatures" part, not a default (flash_bwd_sm90_tma.cuh's kFeatures kernels: dK, dV and dQ in
-one kernel, dQ added in order or not, 64-query steps, head-dim buckets 64 and 128). Each feature
-and all of them together against the float64 reference (GQA, windows, both causal alignments,
-sequence tails, packed sequences); the ordered dQ bitwise reproducible; the kernels the profiler
-shows; and where the part does not reach (without it, head dim 256, attn_mask's gradient) the
-sm_80-class backward as before."""
+"bwdfeatures" part, not a default (the kFeatures kernels of flash_bwd_sm90_tma.cuh, 64-query
+steps at head-dim buckets 64 and 128, and of flash_bwd_sm90_fused256.cuh at 256: dK, dV and dQ in
+one kernel, dQ added in order or not). Each feature and all of them together against the float64
+reference (GQA, windows, both causal alignments, sequence tails, packed sequences); the ordered
+dQ bitwise reproducible; the kernels the profiler shows; and where the part does not reach
+(without it, attn_mask's gradient) the sm_80-class backward as before."""
 import pytest
 import torch
 
@@ -45,23 +45,23 @@ def backward_kernels(d, **options):
     return cuda_kernels(lambda: torch.autograd.grad(out, (q, k, v), torch.ones_like(out)))
 
 
-@pytest.mark.parametrize("d", [40, 64, 100, 128])
+@pytest.mark.parametrize("d", [40, 64, 100, 128, 256])
 @pytest.mark.parametrize("feature", ["softcap", "dropout"])
 def test_path_taken(d, feature, route):
     options = dict(softcap=20.0) if feature == "softcap" else \
         dict(dropout_p=0.1, rng_state=torch.tensor([5, 0], dtype=torch.int64, device="cuda"))
     names = backward_kernels(d, **options)
-    bucket = 64 if d <= 64 else 128
+    bucket = 64 if d <= 64 else 128 if d <= 128 else 256
     assert fused_backward_kernel(bucket, ordered=route == "ordered", features=True) in names, names
     assert "flash_bwd_dkdv_kernel<" not in names and "flash_bwd_dq_kernel<" not in names, names
 
 
-@pytest.mark.parametrize("parts,d,grad_mask", [(SM90_DEFAULT_PARTS, 64, False), (PARTS, 256, False),
-                                               (PARTS, 128, True)],
-                         ids=["without-the-part", "head-dim-256", "mask-gradient"])
+@pytest.mark.parametrize("parts,d,grad_mask", [(SM90_DEFAULT_PARTS, 64, False), (SM90_DEFAULT_PARTS, 256, False),
+                                               (PARTS, 128, True), (PARTS, 256, True)],
+                         ids=["without-the-part-64", "without-the-part-256", "mask-gradient-128", "mask-gradient-256"])
 def test_sm80_elsewhere(parts, d, grad_mask, monkeypatch):
-    """Without the part, at head dim 256, and with attn_mask's gradient (written by the sm_80-class
-    dQ kernel): the sm_80-class backward, as before the part."""
+    """Without the part, and with attn_mask's gradient (written by the sm_80-class dQ kernel): the
+    sm_80-class backward, as before the part."""
     monkeypatch.setenv("CUFLASH_SM90", parts)
     if grad_mask:
         mask = make_mask("float", (2, 1, 150, 300), "cuda", torch.bfloat16, requires_grad=True)
@@ -76,7 +76,7 @@ def test_sm80_elsewhere(parts, d, grad_mask, monkeypatch):
 
 
 @pytest.mark.parametrize("dtype", LOW_PRECISION, ids=LOW_PRECISION_IDS)
-@pytest.mark.parametrize("d", [64, 128])
+@pytest.mark.parametrize("d", [64, 128, 256])
 @pytest.mark.parametrize("feature", list(FEATURES))
 @pytest.mark.parametrize("nq,nk", [(150, 300), (301, 129)])
 def test_matches_reference(dtype, d, feature, nq, nk, route):
@@ -86,20 +86,22 @@ def test_matches_reference(dtype, d, feature, nq, nk, route):
     check_dense("cuda", dtype, 2, 4, 2, nq, nk, d, deterministic=route == "ordered", **options)
 
 
-@pytest.mark.parametrize("d", [40, 100])
+@pytest.mark.parametrize("d", [40, 100, 232])
 def test_head_dims_inside_the_buckets(d, route):
     check_dense("cuda", torch.bfloat16, 2, 4, 2, 150, 300, d, deterministic=route == "ordered", **FEATURES["all"])
 
 
-@pytest.mark.parametrize("d", [64, 128])
+@pytest.mark.parametrize("d", [64, 128, 256])
 @pytest.mark.parametrize("causal", [False, True])
 def test_packed_sequences(d, causal, route):
-    """Packed sequences (the "bwdvarlen" part beside it): tails inside and on a box's edge, empty ones."""
+    """Packed sequences: tails inside and on a box's edge, empty ones (at head dims 64 and 128 on
+    the packed kernels of the "bwdvarlen" part beside it; at 256 the fused kernel does not take
+    them, and the sm_80-class backward runs)."""
     check_varlen("cuda", torch.bfloat16, [70, 0, 129, 300], [90, 12, 0, 257], 4, 2, d, causal=causal,
                  bottom_right=causal, softcap=10.0, alibi="batch", dropout_p=0.1)
 
 
-@pytest.mark.parametrize("d", [64, 128])
+@pytest.mark.parametrize("d", [64, 128, 256])
 def test_ordered_is_bitwise_reproducible(d, monkeypatch):
     monkeypatch.setenv("CUFLASH_SM90", PARTS)
     torch.manual_seed(0)
@@ -114,7 +116,7 @@ def test_ordered_is_bitwise_reproducible(d, monkeypatch):
         return torch.autograd.grad(out, (q, k, v), dout)
 
     names = cuda_kernels(grads)
-    assert fused_backward_kernel(64 if d == 64 else 128, ordered=True, features=True) in names, names
+    assert fused_backward_kernel(d, ordered=True, features=True) in names, names
     first = grads()
     for _ in range(4):
         assert all(torch.equal(a, b) for a, b in zip(first, grads()))

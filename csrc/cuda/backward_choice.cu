@@ -11,8 +11,8 @@
 // even (0.98-1.01x) causal at 512; at D=256 (its own kernel, twenty-second session; one run at
 // 1024, 4096 and 16384 keys) ordered 1.03-1.17x, unordered 1.10-1.16x, causal or not.
 // With softcap, ALiBi, attn_mask or dropout (the "bwdfeatures" part, not a default) the fused
-// kernel of head-dim buckets 64 and 128 takes them wherever it runs: the other route is the
-// sm_80-class backward (not yet measured against it).
+// kernels take them wherever they run: the other route is the sm_80-class backward (not yet
+// measured against them).
 #include "flash_launch.h"
 #include "mask.cuh"  // needs_feature_path
 #include "sm90/flash_bwd_sm90_tma.cuh"
@@ -30,9 +30,7 @@ bool fused_backward_runs(const FlashBwdParams& p) {
   if (!fused_backward_built_for(p.dtype, p.shape.head_dim)) return false;
   if (p.dscores != nullptr) return false;
   const sm90::Sm90Paths paths = sm90::sm90_paths(p);  // (neither with seqused_k)
-  if (needs_feature_path(p) ? !paths.bwd_features || cuda_head_dim_bucket(p.dtype, p.shape.head_dim) == 256
-                            : !paths.bwd_ws)
-    return false;
+  if (!(needs_feature_path(p) ? paths.bwd_features : paths.bwd_ws)) return false;
   // The launch encodes the maps (no second encoding here); dk and dv too, which the persistent
   // kernel stores by TMA.
   return sm90::bwd_tma_addressable(p, /*dkdv_stores=*/true,

@@ -263,9 +263,10 @@ cudaError_t launch_row_kernel(Kernel kernel, const FlashBwdParams& p, cudaStream
 }
 
 // The fused head-dim-256 Hopper backward (sm90/flash_bwd_sm90_fused256.cuh; its dQ adds in a
-// fixed order with p.dq_semaphores): true with *err its launch's, false (nothing launched) where
-// it cannot run (no tile counter, inputs TMA cannot address).
-template <typename T>
+// fixed order with p.dq_semaphores; kFeatures: softcap, ALiBi, attn_mask and dropout, the
+// "bwdfeatures" part): true with *err its launch's, false (nothing launched) where it cannot run
+// (no tile counter, inputs TMA cannot address).
+template <typename T, bool kFeatures>
 bool launch_bwd_fused256(const FlashBwdParams& p, cudaStream_t stream, cudaError_t* err) {
   if (p.dkdv_tile_counter == nullptr) return false;
   auto go = [&](auto ordered) {
@@ -278,7 +279,7 @@ bool launch_bwd_fused256(const FlashBwdParams& p, cudaStream_t stream, cudaError
     const AttentionShape& sh = p.shape;
     const int64_t num_tiles = int64_t{ceil_div(sh.seqlen_k, Fused::kBlockN)} * sh.heads_kv * sh.batch;
     const int sms = std::max(1, device_attribute<cudaDevAttrMultiProcessorCount>(1));
-    *err = launch(sm90::flash_bwd_fused_sm90_tma_kernel<T, kOrdered>,
+    *err = launch(sm90::flash_bwd_fused_sm90_tma_kernel<T, kOrdered, kFeatures>,
                   dim3(static_cast<unsigned>(std::min<int64_t>(num_tiles, sms))), Fused::kThreads, Fused::kSmemBytes,
                   stream, p, maps.q, maps.dout, maps.k, maps.v, maps.dq_accum, maps.dk, maps.dv);
     return true;
@@ -362,16 +363,18 @@ cudaError_t run_flash_bwd(const FlashBwdParams& p, cudaStream_t stream) {
       using K = sm90::BwdSm90Kernel<T, kHeadDim>;
       const sm90::Sm90Paths hopper = sm90::sm90_paths(p);
       // dQ added up at head dim 256: the fused kernel where it runs, else the sm_80-class kernels
-      // (the dK/dV kernels below take dQ in 64-row steps, not at 256).
-      if constexpr (K::kSplitDkDv)
-        if (accum_dq && hopper.bwd_ws && launch_bwd_fused256<T>(p, stream, &err))
+      // (the dK/dV kernels below take dQ in 64-row steps, not at 256); with the features too
+      // where fused_backward_runs let the caller add dQ up.
+      if constexpr (K::kSplitDkDv) {
+        if (accum_dq && hopper.bwd_ws && launch_bwd_fused256<T, false>(p, stream, &err))
           return err != cudaSuccess ? err : convert_dq();
-      // The features on the fused kernel (64-query steps), where fused_backward_runs let the
-      // caller add dQ up; else the sm_80-class kernels below.
-      if constexpr (!K::kSplitDkDv)
+        if (accum_dq && hopper.bwd_features && launch_bwd_fused256<T, true>(p, stream, &err))
+          return err != cudaSuccess ? err : convert_dq();
+      } else {  // the features on the fused kernel (64-query steps), likewise; else the sm_80-class kernels
         if (accum_dq && hopper.bwd_features &&
             launch_dkdv_ws<T, kHeadDim, true, true, true, false, true>(p, stream, &err))
           return err != cudaSuccess ? err : convert_dq();
+      }
       if (hopper.bwd && !(accum_dq && K::kSplitDkDv)) {
         const dim3 key_grid(ceil_div(sh.seqlen_k, K::kResident), sh.heads_kv, sh.batch);
         constexpr std::true_type yes{};

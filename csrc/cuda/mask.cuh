@@ -231,15 +231,28 @@ __device__ __forceinline__ void scores_from_qk(WarpAcc<kN>& t, const ScoreMod<T>
 // pairs (2c, 2c + 1) of row r and r + 8; the block's other row is lane ^ 4's (row0 is even). So
 // the two lanes split the calls: this lane draws the blocks of tiles j + odd, lane ^ 4 those of
 // j + !odd, and each hands the other its two words by a shuffle: half the Philox work, the same
-// mask.
+// mask. An odd number of 8-column tiles (the head-dim-256 fused backward's 40 keys a consumer)
+// leaves the last one unpaired: each lane draws its own blocks there.
 template <bool kTransposed, int kN>
 __device__ __forceinline__ void dropout_factors(float (&z)[kN / 8][4], const DropoutRng& rng, int b, int h,
                                                 int heads, int row0, int col0, int lane) {
-  static_assert(kN % 16 == 0, "tiles in pairs");
+  static_assert(kN % 8 == 0, "8-column tiles");
+  constexpr int kPaired = kN / 16 * 2;  // tiles drawn in pairs
   const int odd = (lane >> 2) & 1;  // this lane's rows are odd
   auto factor = [&](uint32_t u) { return u >= rng.threshold ? rng.keep_scale : 0.f; };
+  if constexpr (kPaired < kN / 8) {
 #pragma unroll
-  for (int j = 0; j < kN / 8; j += 2)
+    for (int r = 0; r < 2; ++r) {
+      const int row = row0 + WarpAcc<kN>::row_of(2 * r, lane), col = col0 + WarpAcc<kN>::col_of(kPaired, 2 * r, lane);
+      const int i = kTransposed ? col : row, k = kTransposed ? row : col;
+      const Philox4 draw = rng.block(b, h, heads, i, k);
+#pragma unroll
+      for (int c = 0; c < 2; ++c)
+        z[kPaired][2 * r + c] = factor(kTransposed ? DropoutRng::pick(draw, i + c, k) : DropoutRng::pick(draw, i, k + c));
+    }
+  }
+#pragma unroll
+  for (int j = 0; j < kPaired; j += 2)
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
       const int row = row0 + WarpAcc<kN>::row_of(2 * r, lane);

@@ -35,7 +35,7 @@
 //       bwdfeatures with bwdws and features, not a default (built, not yet run on a GPU):
 //                   softcap, ALiBi, attn_mask (without its gradient) and dropout on the fused
 //                   warp-specialized backward (dQ by TMA reduce, either order) at head dims
-//                   33-64 and 97-128, where otherwise the sm_80-class backward runs
+//                   33-64, 97-128 and 225-256, where otherwise the sm_80-class backward runs
 //   CUFLASH_BWD_DQ  unset or "": dQ by its own kernel, unless the fused Hopper kernel is faster
 //                   (prefers_fused_backward), with atomics where the op's deterministic=False;
 //                   "atomic": added by the dK/dV kernel with fp32 atomics wherever it can be (not

@@ -72,7 +72,10 @@ struct BwdFused256Kernel {
   static_assert(kDqFull + kDqSlots <= kDqEmpty && kDqEmpty + kConsumers <= 16, "named barrier ids");
 };
 
-template <typename T, bool kOrderedDq>
+// kFeatures (the "bwdfeatures" part): softcap, ALiBi, attn_mask and dropout, S and dP turned into
+// P z and dS in one pass by probs_and_ds_with_features (mask.cuh), as in the head-dim-64/128
+// fused kernel.
+template <typename T, bool kOrderedDq, bool kFeatures>
 __global__ void __launch_bounds__(BwdFused256Kernel<T, kOrderedDq>::kThreads, 1)
     flash_bwd_fused_sm90_tma_kernel(const FlashBwdParams p, const __grid_constant__ CUtensorMap map_q,
                                     const __grid_constant__ CUtensorMap map_dout,
@@ -240,6 +243,8 @@ __global__ void __launch_bounds__(BwdFused256Kernel<T, kOrderedDq>::kThreads, 1)
   // Consumers: warpgroup c = 1, 2; consumer c computes S and dP for keys 40c.. of the tile and
   // dK^T, dV^T, dQ for head dims 128c.. .
   setmaxnreg_inc<K::kConsumerRegs>();
+  const bool dropout = kFeatures && p.dropout.p > 0.0;
+  const DropoutRng rng = dropout ? make_dropout_rng(p.dropout) : DropoutRng{};
   const int consumer = warpgroup - 1;
   const int warp_row = warp_uniform(16 * ((tid % 128) / 32));  // this warp's 16 rows of a 64-row tile
   // Descriptors: one base per operand, the consumer's rows or panels in it, each k-step's offset an
@@ -316,13 +321,20 @@ __global__ void __launch_bounds__(BwdFused256Kernel<T, kOrderedDq>::kThreads, 1)
         lse2[r] = stats[warp_row + WarpAcc<64>::row_of(2 * r, lane)];
         delta[r] = stats[kBlockM + warp_row + WarpAcc<64>::row_of(2 * r, lane)];
       }
-      wgmma_wait<1>();
       auto row_lse2 = [&](int, int e) { return lse2[e >> 1]; };
       auto row_delta = [&](int, int e) { return delta[e >> 1]; };
-      probs_then_mask<false>(s, scale_log2, mask, tile.seq, row0, tile.n_start + K::kKeysPerConsumer * consumer, lane,
-                             row_lse2);
-      wgmma_wait<0>();
-      ds_from_dp(dp, s, row_delta);
+      const int key0 = tile.n_start + K::kKeysPerConsumer * consumer;
+      if constexpr (kFeatures) {  // s becomes P z and dp dS (one pass over both: dP waited for too)
+        wgmma_wait<0>();
+        const int h = tile.head(step, group);
+        probs_and_ds_with_features<false, true>(s, dp, ScoreMod<T>(p, tile.b, h), mask, tile.seq, dropout, rng,
+                                                tile.b, h, sh.heads_q, row0, key0, lane, row_lse2, row_delta);
+      } else {
+        wgmma_wait<1>();
+        probs_then_mask<false>(s, scale_log2, mask, tile.seq, row0, key0, lane, row_lse2);
+        wgmma_wait<0>();
+        ds_from_dp(dp, s, row_delta);
+      }
       uint32_t p_pairs[10], ds_pairs[10];
       pack40(s, 0, 1.f, p_pairs);
       pack40(dp, 0, 1.f, ds_pairs);

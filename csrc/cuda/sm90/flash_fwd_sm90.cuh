@@ -277,7 +277,7 @@ struct Sm90Paths {
   bool tma_splits = false;  // split-KV on the TMA forward (the "splits" part), where it can run
   bool tma_varlen = false;  // packed sequences on the TMA forward (the "varlen" part), where it can run
   bool bwd_varlen = false;  // packed sequences on the TMA backward (the "bwdvarlen" part; bwd_tma_addressable)
-  // The features (softcap, ALiBi, attn_mask, dropout) on the fused warp-specialized backward (the
+  // The features (softcap, ALiBi, attn_mask, dropout) on the fused warp-specialized backwards (the
   // "bwdfeatures" part; fused_backward_runs), where bwd and bwd_ws are false for them.
   bool bwd_features = false;
 };
