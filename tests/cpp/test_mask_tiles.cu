@@ -8,9 +8,13 @@
 //  - tile_needs_mask (false: the element mask is skipped): only for tiles with every element
 //    visible.
 // Query rows also as packed grouped heads (MaskParams::rows_per_query: row r is query r / G; the
-// forward only, so not for tiles whose rows are keys). And a paged cache's key addressing.
+// forward only, so not for tiles whose rows are keys). And a paged cache's key addressing. And, on
+// a GPU (skipped without one), dropout_factors (a warp tile's dropout keep factors, two lanes
+// sharing each Philox call) against DropoutRng::keep element by element.
 #include <gtest/gtest.h>
+#include <cuda_runtime.h>
 #include <string>
+#include <utility>
 #include <vector>
 #include "../../csrc/cuda/mask.cuh"
 
@@ -229,6 +233,58 @@ TEST(PagedKeys, KeyAtAndKeyOffsetFollowTheTable) {
       EXPECT_EQ(at.row, j % page);
       EXPECT_EQ(cuflash::key_offset(p, t, b, j), int64_t{want} * t.batch + int64_t{j % page} * t.row);
     }
+}
+
+template <bool kTransposed, int kN>
+__global__ void dropout_factors_kernel(cuflash::DropoutRng rng, int b, int h, int heads, int row0, int col0,
+                                       float* out) {
+  float z[kN / 8][4];
+  cuflash::dropout_factors<kTransposed, kN>(z, rng, b, h, heads, row0, col0, threadIdx.x);
+  for (int j = 0; j < kN / 8; ++j)
+    for (int e = 0; e < 4; ++e) out[(threadIdx.x * (kN / 8) + j) * 4 + e] = z[j][e];
+}
+
+// One warp's factors for the tile at (row0, col0), rows queries or (kTransposed) keys; returns the
+// first element that differs from the rule, or "".
+template <bool kTransposed, int kN>
+std::string dropout_mismatch(const cuflash::DropoutRng& rng, int row0, int col0) {
+  const int b = 1, h = 2, heads = 3, count = 32 * (kN / 8) * 4;
+  std::vector<float> out(count);
+  float* device_out = nullptr;
+  if (cudaMalloc(&device_out, count * sizeof(float)) != cudaSuccess) return "cudaMalloc failed";
+  dropout_factors_kernel<kTransposed, kN><<<1, 32>>>(rng, b, h, heads, row0, col0, device_out);
+  const cudaError_t err = cudaMemcpy(out.data(), device_out, count * sizeof(float), cudaMemcpyDeviceToHost);
+  cudaFree(device_out);
+  if (err != cudaSuccess) return std::string("kernel: ") + cudaGetErrorString(err);
+  for (int lane = 0; lane < 32; ++lane)
+    for (int j = 0; j < kN / 8; ++j)
+      for (int e = 0; e < 4; ++e) {
+        const int row = row0 + cuflash::WarpAcc<kN>::row_of(e, lane);
+        const int col = col0 + cuflash::WarpAcc<kN>::col_of(j, e, lane);
+        const int i = kTransposed ? col : row, k = kTransposed ? row : col;
+        const float want = rng.keep(b, h, heads, i, k) ? rng.keep_scale : 0.f;
+        if (out[(lane * (kN / 8) + j) * 4 + e] != want)
+          return "query " + std::to_string(i) + ", key " + std::to_string(k) + " (lane " + std::to_string(lane) +
+                 ", tile " + std::to_string(j) + ", element " + std::to_string(e) + ")";
+      }
+  return "";
+}
+
+// Tiles of an even number of 8-column tiles (lanes share each call) and of 40 columns (head dim
+// 256's fused backward: the last tile drawn unshared), both orientations, rows and columns not at 0.
+TEST(Dropout, TileFactorsMatchTheRule) {
+  int devices = 0;
+  if (cudaGetDeviceCount(&devices) != cudaSuccess || devices == 0) GTEST_SKIP() << "no CUDA device";
+  const cuflash::DropoutRng rng{0x12345678u, 0x9abcdefu, 7u, static_cast<uint32_t>(0.3 * 4294967296.0), 1.f / 0.7f};
+  for (const auto& [row0, col0] : {std::pair{0, 0}, std::pair{32, 80}, std::pair{130, 40}}) {
+    SCOPED_TRACE("row0 " + std::to_string(row0) + ", col0 " + std::to_string(col0));
+    EXPECT_EQ((dropout_mismatch<false, 16>(rng, row0, col0)), "");
+    EXPECT_EQ((dropout_mismatch<false, 40>(rng, row0, col0)), "");
+    EXPECT_EQ((dropout_mismatch<false, 64>(rng, row0, col0)), "");
+    EXPECT_EQ((dropout_mismatch<true, 40>(rng, row0, col0)), "");
+    EXPECT_EQ((dropout_mismatch<true, 64>(rng, row0, col0)), "");
+    EXPECT_EQ((dropout_mismatch<true, 128>(rng, row0, col0)), "");
+  }
 }
 
 }  // namespace
