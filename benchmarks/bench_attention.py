@@ -646,11 +646,16 @@ def fmt_ratio(ours, peer):
     return f"{ours / peer:.2f}x" if ours is not None and peer else "-"
 
 
+def impls_in(rows):
+    """The implementations of rows: ALL_IMPLS' in its order, then the variants, sorted."""
+    impls = [i for i in ALL_IMPLS if any(r["impl"] == i for r in rows)]
+    return impls + sorted({r["impl"] for r in rows} - set(impls))
+
+
 def table_for(rows, dtype, layout):
     """One markdown table for (dtype, layout): ours, peers, and our ratio to each peer."""
     rows = [r for r in rows if r["dtype"] == dtype and r["layout"] == layout]
-    impls = [i for i in ALL_IMPLS if any(r["impl"] == i for r in rows)]
-    impls += sorted({r["impl"] for r in rows} - set(impls))
+    impls = impls_in(rows)
     peers = [i for i in impls if i != OURS]
     by_key = {(r["head_dim"], r["causal"], r["seqlen_q"], r["impl"]): r for r in rows}
     keys = sorted({(r["head_dim"], r["causal"], r["seqlen_q"]) for r in rows})
@@ -683,8 +688,7 @@ def layout_ratio_table(rows, dtype):
     rows timed with both in the same interleaved rounds (measure_configuration)."""
     rows = [r for r in rows if r["dtype"] == dtype and r.get("layouts_interleaved") and "error" not in r]
     base, others = LAYOUTS[0], [l for l in LAYOUTS[1:] if any(r["layout"] == l for r in rows)]
-    impls = [i for i in ALL_IMPLS if any(r["impl"] == i for r in rows)]
-    impls += sorted({r["impl"] for r in rows} - set(impls))
+    impls = impls_in(rows)
     by_key = {(r["head_dim"], r["causal"], r["seqlen_q"], r["impl"], r["layout"]): r for r in rows}
     keys = sorted({(r["head_dim"], r["causal"], r["seqlen_q"]) for r in rows})
     head = ["D", "causal", "N"] + [f"{SHORT_NAMES.get(i, i)} {layout} {f}" for i in impls for layout in others

@@ -22,6 +22,11 @@ def sm90_parts_without(*names):
     return ",".join(part for part in SM90_DEFAULT_PARTS.split(",") if part not in names)
 
 
+def sm90_parts_with(*names):
+    """CUFLASH_SM90's default parts and those named (parts that are not defaults)."""
+    return ",".join([SM90_DEFAULT_PARTS, *names])
+
+
 def packed_offsets(lengths, device="cuda"):
     """cu_seqlens (int32 [len(lengths) + 1]) of packed sequences of these lengths."""
     return torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32, device=device)

@@ -44,7 +44,7 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 import reference  # noqa: E402
-from conftest import SM90_DEFAULT_PARTS  # noqa: E402
+from conftest import SM90_DEFAULT_PARTS, sm90_parts_with  # noqa: E402
 from reference import LOW_PRECISION, assert_close_to_reference, assert_lse_close, reference_results  # noqa: E402
 from test_accuracy import check_against_reference  # noqa: E402
 from test_features import check_dense, check_varlen  # noqa: E402
@@ -241,7 +241,7 @@ def run_case(case, device):
                                  causal=causal != "none", bottom_right=True)
     elif variant == "features_bwd_tma":  # the fused TMA backward with the features, both dQ orders
         for dq in ("ordered", "atomic"):
-            with bench.switches_set({"CUFLASH_SM90": SM90_DEFAULT_PARTS + ",bwdfeatures", "CUFLASH_BWD_DQ": dq}):
+            with bench.switches_set({"CUFLASH_SM90": sm90_parts_with("bwdfeatures"), "CUFLASH_BWD_DQ": dq}):
                 check_dense(device, dtype, b, h, h // 2, nq, nk, d, causal=True, bottom_right=True, window=(60, -1),
                             softcap=15.0, alibi="batch", dropout_p=0.2, attn_mask=("bool", "B1LS"))
                 check_varlen(device, dtype, [70, 0, 129, 200], [90, 12, 0, 130], h, 2, d, causal=True,

@@ -8,13 +8,13 @@ dQ bitwise reproducible; the kernels the profiler shows; and where the part does
 import pytest
 import torch
 
-from conftest import IS_SM90, SM90_DEFAULT_PARTS, cuda_kernels, fused_backward_kernel
+from conftest import IS_SM90, SM90_DEFAULT_PARTS, cuda_kernels, fused_backward_kernel, sm90_parts_with
 from reference import LOW_PRECISION, LOW_PRECISION_IDS
 from test_features import check_dense, check_varlen, make_mask
 
 pytestmark = pytest.mark.skipif(not IS_SM90, reason="needs a compute capability 9.0 GPU")
 
-PARTS = SM90_DEFAULT_PARTS + ",bwdfeatures"
+PARTS = sm90_parts_with("bwdfeatures")
 
 # The feature sets by name: check_dense's keyword options ("float_mask": a float [B, 1, Nq, Nk]
 # mask without its gradient, made by the test).

@@ -6,7 +6,7 @@ shape (the profiler shows the combine kernel ran); the argument's checks."""
 import pytest
 import torch
 
-from conftest import DEVICES, HAS_CUDA, IS_SM90, SM90_DEFAULT_PARTS, cuda_kernels
+from conftest import DEVICES, HAS_CUDA, IS_SM90, cuda_kernels, sm90_parts_with
 from cuflash_attn.flash_attn_interface import flash_attn_with_kvcache
 from reference import LOW_PRECISION, LOW_PRECISION_IDS, assert_close_to_reference, assert_lse_close, attention_reference
 from test_kvcache import per_sequence_reference
@@ -16,7 +16,7 @@ requires_cuda = pytest.mark.skipif(not HAS_CUDA, reason="split-KV is CUDA's")
 COMBINE = "flash_fwd_combine_kernel"
 # The kernels that run the splits: the sm_80-class one (the default), or under CUFLASH_SM90's
 # "splits" part the plain TMA forward (softcap and the other features keep the sm_80-class one).
-TMA_SPLIT_PARTS = SM90_DEFAULT_PARTS + ",splits"
+TMA_SPLIT_PARTS = sm90_parts_with("splits")
 SPLIT_KERNEL = {"sm80": "flash_fwd_kernel<", "tma": "flash_fwd_sm90_tma_kernel<"}
 # The TMA forward is built for head-dim buckets 64, 128 and 256 (sm90::kFwdHeadDim); of the head
 # dims below, 96 and 200 (buckets 96 and 224) keep the sm_80-class split kernel under any switch.

@@ -240,32 +240,40 @@ __device__ __forceinline__ void dropout_factors(float (&z)[kN / 8][4], const Dro
   constexpr int kPaired = kN / 16 * 2;  // tiles drawn in pairs
   const int odd = (lane >> 2) & 1;  // this lane's rows are odd
   auto factor = [&](uint32_t u) { return u >= rng.threshold ? rng.keep_scale : 0.f; };
+  // The block holding this lane's row half r of tile j, and the word of its element 2 r + c there
+  // (mine) or of the same column's other row (lane ^ 4's).
+  struct Draw {
+    Philox4 words;
+    int i, k;  // (query, key) of this lane's element 2 r
+    __device__ uint32_t mine(int c) const {
+      return kTransposed ? DropoutRng::pick(words, i + c, k) : DropoutRng::pick(words, i, k + c);
+    }
+    __device__ uint32_t theirs(int c) const {
+      return kTransposed ? DropoutRng::pick(words, i + c, k ^ 1) : DropoutRng::pick(words, i ^ 1, k + c);
+    }
+  };
+  auto draw = [&](int j, int r) {
+    const int row = row0 + WarpAcc<kN>::row_of(2 * r, lane), col = col0 + WarpAcc<kN>::col_of(j, 2 * r, lane);
+    const int i = kTransposed ? col : row, k = kTransposed ? row : col;
+    return Draw{rng.block(b, h, heads, i, k), i, k};
+  };
   if constexpr (kPaired < kN / 8) {
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
-      const int row = row0 + WarpAcc<kN>::row_of(2 * r, lane), col = col0 + WarpAcc<kN>::col_of(kPaired, 2 * r, lane);
-      const int i = kTransposed ? col : row, k = kTransposed ? row : col;
-      const Philox4 draw = rng.block(b, h, heads, i, k);
+      const Draw d = draw(kPaired, r);
 #pragma unroll
-      for (int c = 0; c < 2; ++c)
-        z[kPaired][2 * r + c] = factor(kTransposed ? DropoutRng::pick(draw, i + c, k) : DropoutRng::pick(draw, i, k + c));
+      for (int c = 0; c < 2; ++c) z[kPaired][2 * r + c] = factor(d.mine(c));
     }
   }
 #pragma unroll
   for (int j = 0; j < kPaired; j += 2)
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
-      const int row = row0 + WarpAcc<kN>::row_of(2 * r, lane);
-      const int col = col0 + WarpAcc<kN>::col_of(j, 2 * r, lane) + 8 * odd;  // in tile j + odd
-      const int i = kTransposed ? col : row, k = kTransposed ? row : col;
-      const Philox4 draw = rng.block(b, h, heads, i, k);
+      const Draw d = draw(j + odd, r);
 #pragma unroll
       for (int c = 0; c < 2; ++c) {
         // This lane's element of tile j + odd, and lane ^ 4's (the other row) of the same block.
-        const uint32_t mine = kTransposed ? DropoutRng::pick(draw, i + c, k) : DropoutRng::pick(draw, i, k + c);
-        const uint32_t theirs =
-            kTransposed ? DropoutRng::pick(draw, i + c, k ^ 1) : DropoutRng::pick(draw, i ^ 1, k + c);
-        const uint32_t got = __shfl_xor_sync(0xffffffffu, theirs, 4);  // this lane's of tile j + !odd
+        const uint32_t mine = d.mine(c), got = __shfl_xor_sync(0xffffffffu, d.theirs(c), 4);  // got: tile j + !odd
         z[j][2 * r + c] = factor(odd ? got : mine);
         z[j + 1][2 * r + c] = factor(odd ? mine : got);
       }
