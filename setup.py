@@ -55,7 +55,7 @@ sanitize = ["-fsanitize=address,undefined", "-fno-omit-frame-pointer", "-g"] \
 sources = [str(p.relative_to(ROOT)) for p in
            [CSRC / "torch_ops.cpp", CSRC / "cpu" / "flash_cpu.cpp", CSRC / "cuda" / "dropout_mask.cu",
             CSRC / "cuda" / "packed_gaps.cu", CSRC / "cuda" / "backward_choice.cu",
-            CSRC / "cuda" / "forward_choice.cu", *cu_files]]
+            CSRC / "cuda" / "forward_choice.cu", CSRC / "cuda" / "fp32_pairs.cu", *cu_files]]
 
 setup(
     packages=find_packages(include=["cuflash_attn", "cuflash_attn.*"]),

@@ -231,17 +231,19 @@ def evaluate_members(members, names, where, wanted=None, templates=None):
     return {name: values[name] for name, _ in members if name in values}
 
 
-def tile_shapes(head_dim_bucket, text=None, elem_bytes=2):
+def tile_shapes(head_dim_bucket, text=None, elem_bytes=2, pairs=False):
     """{"FwdTile": {"kBlockM": 64, ...}, "BwdTile": {...}} for one head-dim bucket and element
-    size (2: float16/bfloat16, 4: float32's 3xTF32 tiles): the sm_80-class kernels' tiles that
-    this model counts (the header's other structs, split-KV's tile, are not evaluated)."""
+    size (2: float16/bfloat16, 4: float32's 3xTF32 tiles, or with pairs its fp16 pairs' tiles):
+    the sm_80-class kernels' tiles that this model counts (the header's other structs, split-KV's
+    tile, are not evaluated)."""
     text = TILE_SHAPES_H.read_text() if text is None else text
     structs = parse_tile_structs(text)
     out = {}
     for struct in ("FwdTile", "BwdTile"):
         if struct not in structs:
             raise ValueError(f"{TILE_SHAPES_H}: struct {struct} not found; update benchmarks/analyze_io.py")
-        out[struct] = evaluate_members(structs[struct], {"kHeadDim": head_dim_bucket, "kElemBytes": elem_bytes},
+        out[struct] = evaluate_members(structs[struct],
+                                       {"kHeadDim": head_dim_bucket, "kElemBytes": elem_bytes, "kPairs": pairs},
                                        f"{TILE_SHAPES_H}: {struct}")
     return out
 

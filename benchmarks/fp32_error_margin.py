@@ -14,20 +14,16 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 import cuflash_attn  # noqa: E402,F401  (registers the ops)
 from bench_attention import switches_set  # noqa: E402
-from reference import accuracy_bound, attention_reference, max_err  # noqa: E402
+from reference import float32_error_ratios  # noqa: E402
 
 
-def ratios(path, seed, scale, d, nq=200, nk=300):
-    torch.manual_seed(seed)
-    q, k, v, dout = (scale * torch.randn(1, 2, n, d, dtype=torch.float64) for n in (nq, nk, nk, nq))
-    got_in = [t.cuda().float().requires_grad_() for t in (q, k, v)]
-    with switches_set({"CUFLASH_FP32": path}):
-        out, _ = torch.ops.cuflash_attn.fwd(*got_in, None, False, False)
-        got = (out, *torch.autograd.grad(out, got_in, dout.cuda().float()))
-    ref_in = [t.requires_grad_() for t in (q, k, v)]
-    ref_out, _ = attention_reference(*ref_in)
-    ref = (ref_out, *torch.autograd.grad(ref_out, ref_in, dout))
-    return [max_err(g.cpu(), r) / accuracy_bound(r, r, torch.float32, factor=1) for g, r in zip(got, ref)]
+def ratios(path, seed, scale, d):
+    def attend(q, k, v, dout):
+        got_in = [t.cuda().float().requires_grad_() for t in (q, k, v)]
+        with switches_set({"CUFLASH_FP32": path}):
+            out, _ = torch.ops.cuflash_attn.fwd(*got_in, None, False, False)
+            return (out, *torch.autograd.grad(out, got_in, dout.cuda().float()))
+    return float32_error_ratios(attend, seed, scale, d)
 
 
 def main():

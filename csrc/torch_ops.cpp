@@ -640,6 +640,11 @@ std::tuple<Tensor, Tensor> fwd_impl(const Tensor& q, const Tensor& k, const Tens
       p.out_partial = out_partial.data_ptr<float>();
       p.lse_partial = lse_partial.data_ptr<float>();
     }
+    Tensor pair_scratch;  // float32 as fp16 pairs' (CUFLASH_FP32=pairs), alive until the kernels have run
+    if (const int64_t bytes = fp32_pair_scratch_bytes(p); bytes > 0) {
+      pair_scratch = at::empty({bytes}, q.options().dtype(at::kByte));
+      p.fp32_pair_scratch = pair_scratch.data_ptr();
+    }
     check_cuda(run_flash_fwd_cuda(p, at::cuda::getCurrentCUDAStream()));
   } else {
     // Split-KV: each split's rows normalized over its keys, merged once all are done.
@@ -839,6 +844,11 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> bwd(const Tensor& dout, const Tensor&
           {p.dv, p.dv_strides.row, p.dv_strides.head, sh.heads_kv, sh.head_dim, elem_bytes, 0.0, v.cu_seqlens_k,
            v.total_k, sh.seqlen_k}};
       check_cuda(fill_packed_gaps(sh.batch, fills, o.seqused_k ? 1 : 3, stream));
+    }
+    Tensor pair_scratch;  // float32 as fp16 pairs' (CUFLASH_FP32=pairs), alive until the kernels have run
+    if (const int64_t bytes = fp32_pair_scratch_bytes(p); bytes > 0) {
+      pair_scratch = at::empty({bytes}, q.options().dtype(at::kByte));
+      p.fp32_pair_scratch = pair_scratch.data_ptr();
     }
     check_cuda(run_flash_bwd_cuda(p, stream));
   } else {

@@ -103,6 +103,18 @@ def max_err(a, b):
     return (a.double() - b.double()).abs().max().item() if a.numel() else 0.0
 
 
+def float32_error_ratios(attend, seed, scale, d, nq=200, nk=300):
+    """max|got - ref| / (the float32 rule's bound) for out, dq, dk and dv of attend(q, k, v, dout)
+    (float64 [1, 2, n, d] inputs at `scale`, seeded; it returns the four) against float64: how
+    close a float32 implementation comes to the rule (1: on it)."""
+    torch.manual_seed(seed)
+    q, k, v, dout = (scale * torch.randn(1, 2, n, d, dtype=torch.float64) for n in (nq, nk, nk, nq))
+    got = attend(q, k, v, dout)
+    ref_out, _, *ref_grads = reference_results(q, k, v, dout)
+    return [max_err(g.cpu(), r) / accuracy_bound(r, r, torch.float32, factor=1)
+            for g, r in zip(got, (ref_out, *ref_grads))]
+
+
 def accuracy_bound(ref, pt, dtype, factor, tf32=False, lse=None, zero_ref_scale=0.0):
     """The largest max|got - ref| the accuracy rule allows.
     fp16/bf16: factor * max|pt - ref| + floor; fp64: 1e-10 * max|ref|;

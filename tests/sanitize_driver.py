@@ -93,6 +93,11 @@ def cases():
     # there is the TF32 wgmma forward, which the head-dim-59 cases above reach.
     out += [(F32, 64, 1, 2, 77, 200, "top_left", "env:CUFLASH_FP32=3xtf32"),
             (F32, 40, 2, 1, 200, 77, "bottom_right", "env:CUFLASH_FP32=3xtf32")]
+    # float32 as fp16 pairs (CUFLASH_FP32=pairs): the pre-pass and the pair kernels, a head dim
+    # padded to its bucket among them.
+    out += [(F32, 40, 2, 4, 77, 200, "top_left", "env:CUFLASH_FP32=pairs"),
+            (F32, 128, 1, 2, 200, 77, "bottom_right", "env:CUFLASH_FP32=pairs"),
+            (F32, 256, 1, 2, 77, 130, "none", "env:CUFLASH_FP32=pairs")]
     for dtype, d in ((BF16, 64), (F16, 128), (BF16, 256)):
         out += [(dtype, d, 1, 2, 77, 200, "top_left", "env:CUFLASH_SM90=cpasync,bwd"),
                 (dtype, d, 1, 2, 77, 300, "bottom_right", "env:CUFLASH_FWD_TILE=wide")]

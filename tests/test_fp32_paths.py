@@ -2,7 +2,9 @@
 each product split into three TF32 ones (3xTF32, csrc/cuda/mma_sm80.cuh), and on Hopper the
 forward of plain attention at head dims 33-64 on TF32 wgmmas in 3xTF32 (sm90/flash_fwd_sm90_fp32.cuh);
 under CUFLASH_FP32=3xtf32 the sm_80-class kernels there too; under CUFLASH_FP32=exact the
-CUDA-core kernels (flash_simt_kernel.cuh). All are held to the float32
+CUDA-core kernels (flash_simt_kernel.cuh); under CUFLASH_FP32=pairs the forward's sm_80-class
+kernel on the inputs split into scaled fp16 pairs by a pre-pass (csrc/cuda/fp32_pairs.h), three
+fp16 products for each. All are held to the float32
 accuracy rule (1e-5 relative, no TF32) over the shapes that stress the tiles (ragged ends, one
 row, causal both ways, GQA, every head-dim bucket), the features and varlen; and the kernels
 that ran are the ones the switch names."""
@@ -13,6 +15,7 @@ import pytest
 import torch
 
 from conftest import HAS_CUDA, IS_SM90, cuda_kernels
+from reference import accuracy_bound, max_err, reference_results
 from test_accuracy import check_against_reference
 from test_features import check_dense, check_varlen
 
@@ -22,12 +25,13 @@ import analyze_io  # noqa: E402  (reads csrc/cuda/tile_shapes.h)
 pytestmark = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
 
 
-def tiles_fit(bucket):
+def tiles_fit(bucket, pairs=False):
     """(forward, backward): whether float32's tiles at this head-dim bucket fit this GPU's shared
-    memory per block (flash_launch.cuh's fp32_on_tensor_cores): the kernels' shared memory from
-    tile_shapes.h's float32 tiles, rows padded by 8 elements as SmemTile's."""
-    tiles = analyze_io.tile_shapes(bucket, elem_bytes=4)
-    f, b, row = tiles["FwdTile"], tiles["BwdTile"], (bucket + 8) * 4
+    memory per block (flash_launch.cuh's fp32_on_tensor_cores; fp32_pairs.cu's
+    fp32_pair_scratch_bytes): the kernels' shared memory from tile_shapes.h's float32 tiles, rows
+    padded by 8 elements as SmemTile's (pairs: by 4, PairTile's rows of 2 x bucket halves + 8)."""
+    tiles = analyze_io.tile_shapes(bucket, elem_bytes=4, pairs=pairs)
+    f, b, row = tiles["FwdTile"], tiles["BwdTile"], (bucket + (4 if pairs else 8)) * 4
     forward = (f["kBlockM"] + 4 * f["kBlockN"]) * row
     dq = (2 * b["kDqBlockM"] + 4 * b["kDqBlockN"]) * row
     dkdv = (2 * b["kDkvBlockN"] + 4 * b["kDkvBlockM"]) * row + 4 * b["kDkvBlockM"] * 4  # + lse, delta
@@ -35,7 +39,7 @@ def tiles_fit(bucket):
     return forward <= limit, max(dq, dkdv) <= limit
 
 
-@pytest.fixture(params=["", "exact", "3xtf32"], ids=["default", "exact", "mma_sync"], autouse=True)
+@pytest.fixture(params=["", "exact", "3xtf32", "pairs"], ids=["default", "exact", "mma_sync", "pairs"], autouse=True)
 def fp32_path(request, monkeypatch):
     monkeypatch.setenv("CUFLASH_FP32", request.param)  # read at every call
     return request.param
@@ -65,6 +69,18 @@ def test_path_taken(d, fp32_path):
         assert tensor_fwd not in names and tensor_bwd[0] not in names, names
         return
     fwd_fits, bwd_fits = tiles_fit(bucket)  # 203 KiB at 256 backward: an H100's, not an A100's
+    if fp32_path == "pairs":  # where the pairs' tiles fit; elsewhere the default's kernels
+        fwd_pairs, bwd_pairs = tiles_fit(bucket, pairs=True)
+        pair_bwd = (f"flash_bwd_dq_kernel<cuflash::Fp32Pair, {bucket}, false>", "flash_bwd_dkdv_kernel<cuflash::Fp32Pair")
+        assert (f"flash_fwd_kernel<cuflash::Fp32Pair, {bucket}, false, " in names) == fwd_pairs, names
+        assert all(name in names for name in pair_bwd) == bwd_pairs, names
+        pre_pass = "fp32_pair_amax_kernel" in names and "fp32_pair_split_kernel" in names
+        assert pre_pass == (fwd_pairs or bwd_pairs), names
+        if not fwd_pairs:
+            assert (tensor_fwd in names or "flash_fwd_sm90_fp32_kernel" in names) == fwd_fits, names
+        if not bwd_pairs:
+            assert all(name in names for name in tensor_bwd) == bwd_fits, names
+        return
     on_wgmma = fp32_path == "" and IS_SM90 and bucket == 64  # the forward only
     assert ("flash_fwd_sm90_fp32_kernel" in names) == on_wgmma, names
     assert (tensor_fwd in names) == (fwd_fits and not on_wgmma), names
@@ -82,6 +98,8 @@ def test_unaligned_inputs_are_copied_onto_the_tensor_cores(fp32_path):
     names = kernels_of(64, q_offset=1)
     wgmma = fp32_path == "" and IS_SM90
     forward = "flash_fwd_sm90_fp32_kernel" if wgmma else "flash_fwd_kernel<float, 64, false, "
+    if fp32_path == "pairs":
+        forward = "flash_fwd_kernel<cuflash::Fp32Pair, 64, false, "
     assert forward in names and "simt" not in names, names
 
 
@@ -123,6 +141,34 @@ def test_varlen_plain():
 def test_long_rows(d):
     """4096 keys a row: the accumulators' drift over a long row stays within the float32 rule."""
     check_dense("cuda", torch.float32, 1, 2, 2, 256, 4096, d)
+
+
+@pytest.mark.parametrize("scales", [(1, 1, 1e20, 1e-20), (1e-3, 1e-3, 1e-30, 1e25)], ids=["v_large", "v_tiny"])
+def test_inputs_far_from_unit_scale(scales):
+    """q, k, v and dout each at its own scale, far from 1 (the pair kernels split each input at a
+    power of two of its own, fp16 having 5 exponent bits): out, dv and the score gradients each
+    near a different power of ten, all within the float32 rule."""
+    scale = iter(scales)
+    layout = lambda n, device, dtype: (next(scale) * torch.randn(1, 2, n, 64, dtype=torch.float64)).to(device, dtype)  # noqa: E731
+    check_against_reference("cuda", torch.float32, 1, 2, 200, 300, 64, "none", layout=layout)
+
+
+def test_each_head_within_the_rule_at_its_own_scale():
+    """Heads whose v differ by 1e12 (dout the other way): each head's out and gradients within
+    1e-5 of its own largest value, which the rule over the whole tensor would not see (the pair
+    kernels scale each (batch, head) by its own power of two)."""
+    torch.manual_seed(0)
+    s = torch.tensor([1.0, 1e-12], dtype=torch.float64).view(1, 2, 1, 1)
+    q, k = (torch.randn(1, 2, n, 64, dtype=torch.float64) for n in (150, 230))
+    v, dout = s * torch.randn(1, 2, 230, 64, dtype=torch.float64), torch.randn(1, 2, 150, 64, dtype=torch.float64) / s
+    got_in = [t.cuda().float().requires_grad_() for t in (q, k, v)]
+    out, _ = torch.ops.cuflash_attn.fwd(*got_in, None, False, False)
+    got = (out, *torch.autograd.grad(out, got_in, dout.cuda().float()))
+    ref_out, _, *ref_grads = reference_results(q, k, v, dout)
+    for name, g, r in zip(("out", "dq", "dk", "dv"), got, (ref_out, *ref_grads)):
+        for h in range(2):
+            bound = accuracy_bound(r[:, h], r[:, h], torch.float32, factor=1)
+            assert max_err(g[:, h].double().cpu(), r[:, h]) <= bound, f"{name}, head {h}"
 
 
 def test_large_scores_keep_the_fp32_bound():

@@ -399,9 +399,19 @@ Error forward(const FlashAttentionForwardArgs& a, cudaStream_t stream) {
       p.lse_partial = p.out_partial + rows * a.head_dim;
     }
   }
+  void* pair_scratch = nullptr;  // float32 as fp16 pairs' (CUFLASH_FP32=pairs)
+  if (const int64_t bytes = fp32_pair_scratch_bytes(p); bytes > 0) {
+    if (cudaMallocAsync(&pair_scratch, static_cast<size_t>(bytes), stream) == cudaSuccess) {
+      p.fp32_pair_scratch = pair_scratch;
+    } else {
+      cudaGetLastError();  // without it, the default kernels
+      pair_scratch = nullptr;
+    }
+  }
   cudaError_t err = run_flash_fwd_cuda(p, stream);
-  if (partials != nullptr) {
-    const cudaError_t free_err = cudaFreeAsync(partials, stream);
+  for (void* scratch : {partials, pair_scratch}) {
+    if (scratch == nullptr) continue;
+    const cudaError_t free_err = cudaFreeAsync(scratch, stream);
     if (err == cudaSuccess) err = free_err;
   }
   return err == cudaSuccess ? succeed() : cuda_failure(err, "the forward kernel launch");
@@ -456,9 +466,21 @@ Error backward(const FlashAttentionBackwardArgs& a, cudaStream_t stream) {
     p.dq_accum_strides.head = p.dq_accum_strides.row * a.seqlen_q;
     p.dq_accum_strides.batch = p.dq_accum_strides.head * a.num_heads_q;
   }
+  // float32 as fp16 pairs' scratch (CUFLASH_FP32=pairs), where the call allocates its own: a
+  // caller's workspace is sized without it (flash_attention_backward_workspace_size).
+  void* pair_scratch = nullptr;
+  if (const int64_t bytes = a.workspace == nullptr ? fp32_pair_scratch_bytes(p) : 0; bytes > 0) {
+    if (cudaMallocAsync(&pair_scratch, static_cast<size_t>(bytes), stream) == cudaSuccess) {
+      p.fp32_pair_scratch = pair_scratch;
+    } else {
+      cudaGetLastError();  // without it, the default kernels
+      pair_scratch = nullptr;
+    }
+  }
   if (err == cudaSuccess) err = run_flash_bwd_cuda(p, stream);
-  if (a.workspace == nullptr) {
-    const cudaError_t free_err = cudaFreeAsync(workspace, stream);
+  for (void* scratch : {a.workspace == nullptr ? workspace : nullptr, pair_scratch}) {
+    if (scratch == nullptr) continue;
+    const cudaError_t free_err = cudaFreeAsync(scratch, stream);
     if (err == cudaSuccess) err = free_err;
   }
   return err == cudaSuccess ? succeed() : cuda_failure(err, "the backward kernel launch");

@@ -15,6 +15,7 @@
 #pragma once
 #include <type_traits>
 #include "../flash_params.h"
+#include "fp32_pairs.h"
 #include "mask.cuh"
 #include "mma_sm80.cuh"
 #include "online_softmax.cuh"
@@ -131,13 +132,22 @@ __global__ void __launch_bounds__(kRowKernelThreads) flash_bwd_dq_convert_kernel
   }
 }
 
+// Fp32Pair (float32 as fp16 pairs, fp32_pairs.h): q, k, v and dout come split at 2^eq, 2^ek,
+// 2^ev, 2^edo, so each product is scaled back by its operands' 2^-e (PairUnscales); P (at most
+// its dropout factor) is split at the scale its bound takes, dS at the one its warp tile's
+// largest |value| takes (split_scale_of_ds).
+template <class Acc>
+__device__ __forceinline__ float split_scale_of_ds(const Acc& ds) {
+  return pair_scale_for_bound(warp_abs_max(ds));
+}
+
 template <typename T, int kHeadDim>
 struct BwdDqKernel {
-  using Tile = BwdTile<kHeadDim, sizeof(T)>;
+  using Tile = BwdTileOf<T, kHeadDim>;
   static constexpr int kThreads = 32 * Tile::kWarps;
   static constexpr int kBlockM = Tile::kDqBlockM, kBlockN = Tile::kDqBlockN;
-  using QTile = SmemTile<T, kBlockM, kHeadDim>;
-  using KVTile = SmemTile<T, kBlockN, kHeadDim>;
+  using QTile = SmemTileOf<T, kBlockM, kHeadDim>;
+  using KVTile = SmemTileOf<T, kBlockN, kHeadDim>;
   static constexpr int kSmemBytes = (2 * QTile::kElems + 4 * KVTile::kElems) * sizeof(T);
 };
 
@@ -174,9 +184,11 @@ __global__ void __launch_bounds__(BwdDqKernel<T, kHeadDim>::kThreads)
     sV(buf).template load_async<kThreads>(v + n0 * p.v_strides.row, p.v_strides.row, rows, sh.head_dim, tid);
   };
 
-  const ScoreMod<T> mod(p, b, h);
+  const ScoreMod<UserType<T>> mod(p, b, h);
   const bool dropout = kFeatures && p.dropout.p > 0.0;
   const DropoutRng rng = dropout ? make_dropout_rng(p.dropout) : DropoutRng{};
+  PairUnscales u;  // Fp32Pair's (above); 1 for the other types
+  if constexpr (kIsPair<T>) u = pair_unscales(p, b, h, h_kv);
   // The score gradients (for attn_mask's) come from this kernel: it visits every score once.
   float* dscores = kFeatures && p.dscores ? static_cast<float*>(p.dscores) + dscores_offset(sh, b, h, 0) : nullptr;
   const MaskParams mask = unpacked_mask(p.mask);  // rows_per_query a compile-time 1
@@ -199,8 +211,8 @@ __global__ void __launch_bounds__(BwdDqKernel<T, kHeadDim>::kThreads)
       WarpAcc<kBlockN> s, dp;
       s.zero();
       dp.zero();
-      warp_gemm_abt<T, kHeadDim, kBlockN>(s, sQ, warp * 16, sK(buf), 0, lane);
-      warp_gemm_abt<T, kHeadDim, kBlockN>(dp, sdO, warp * 16, sV(buf), 0, lane);
+      warp_gemm_abt<T, kHeadDim, kBlockN>(s, sQ, warp * 16, sK(buf), 0, lane, u.q * u.k);
+      warp_gemm_abt<T, kHeadDim, kBlockN>(dp, sdO, warp * 16, sV(buf), 0, lane, u.dout * u.v);
       auto row_lse2 = [&](int, int e) { return lse2[e >> 1]; };
       auto row_delta = [&](int, int e) { return delta[e >> 1]; };
       if constexpr (kFeatures) {
@@ -210,22 +222,24 @@ __global__ void __launch_bounds__(BwdDqKernel<T, kHeadDim>::kThreads)
         probs_from_qk<false>(s, mod.scale_log2, mask, seq, row0, n_block * kBlockN, lane, row_lse2);
         ds_from_dp(dp, s, row_delta);
       }
-      warp_gemm_rb<T, kBlockN, kHeadDim>(dq, dp, sK(buf), 0, lane);
+      float ds_scale = 1.f;
+      if constexpr (kIsPair<T>) ds_scale = split_scale_of_ds(dp);
+      warp_gemm_rb<T, kBlockN, kHeadDim>(dq, dp, sK(buf), 0, lane, ds_scale, u.k / ds_scale);
     }
   }
   const float row_scale[2] = {static_cast<float>(p.scale), static_cast<float>(p.scale)};
-  T* dq_out = row_at<T>(p.dq, p.dq_strides, seq, true, b, h, 0);
-  warp_store_rows<T, kHeadDim>(dq, row_scale, sQ, warp * 16, dq_out + row0 * p.dq_strides.row,
-                               p.dq_strides.row, seq.seqlen_q - row0, sh.head_dim, lane);
+  UserType<T>* dq_out = row_at<UserType<T>>(p.dq, p.dq_strides, seq, true, b, h, 0);
+  warp_store_rows<UserType<T>, kHeadDim>(dq, row_scale, staging_of(sQ), warp * 16, dq_out + row0 * p.dq_strides.row,
+                                         p.dq_strides.row, seq.seqlen_q - row0, sh.head_dim, lane);
 }
 
 template <typename T, int kHeadDim>
 struct BwdDkvKernel {
-  using Tile = BwdTile<kHeadDim, sizeof(T)>;
+  using Tile = BwdTileOf<T, kHeadDim>;
   static constexpr int kThreads = 32 * Tile::kWarps;
   static constexpr int kBlockM = Tile::kDkvBlockM, kBlockN = Tile::kDkvBlockN;
-  using KVTile = SmemTile<T, kBlockN, kHeadDim>;
-  using QTile = SmemTile<T, kBlockM, kHeadDim>;
+  using KVTile = SmemTileOf<T, kBlockN, kHeadDim>;
+  using QTile = SmemTileOf<T, kBlockM, kHeadDim>;
   static constexpr int kSmemBytes =
       (2 * KVTile::kElems + 4 * QTile::kElems) * sizeof(T) + 4 * kBlockM * sizeof(float);
   // With p.dq_accum: dS of one step, [queries][keys], after the rest.
@@ -239,6 +253,7 @@ template <typename T, int kHeadDim, bool kFeatures, bool kComputeDk, bool kCompu
 __global__ void __launch_bounds__(BwdDkvKernel<T, kHeadDim>::kThreads)
     flash_bwd_dkdv_kernel(const FlashBwdParams p) {
   static_assert(!kAccumDq || kComputeDk, "dQ comes from dS, which the dK pass computes");
+  static_assert(!kAccumDq || !kIsPair<T>, "float32 never adds dQ up (launch_bwd_sm80)");
   using K = BwdDkvKernel<T, kHeadDim>;
   constexpr int kBlockM = K::kBlockM, kBlockN = K::kBlockN, kThreads = K::kThreads;
   extern __shared__ __align__(16) char smem[];
@@ -281,7 +296,7 @@ __global__ void __launch_bounds__(BwdDkvKernel<T, kHeadDim>::kThreads)
   // dQ += dS K for this step's queries (head h, rows m0..) over the CTA's keys. Each warp holds
   // dS^T of its own 16 keys only, so dS goes through shared memory ([query][key]); then each
   // warp takes 16-column slices of dQ over all kBlockM rows and adds them to dq_accum (unscaled).
-  auto add_dq_share = [&](const WarpAcc<kBlockM>& ds_t, int h, int m0) {
+  auto add_dq_share = [&](const auto& ds_t, int h, int m0) {  // generic: instantiated only with kAccumDq
     using Acc = WarpAcc<kBlockM>;
 #pragma unroll
     for (int j = 0; j < Acc::kTiles; ++j)
@@ -313,6 +328,8 @@ __global__ void __launch_bounds__(BwdDkvKernel<T, kHeadDim>::kThreads)
 
   const bool dropout = kFeatures && p.dropout.p > 0.0;
   const DropoutRng rng = dropout ? make_dropout_rng(p.dropout) : DropoutRng{};
+  float p_scale = 1.f;  // Fp32Pair's (above flash_bwd_dq_kernel)
+  if constexpr (kIsPair<T>) p_scale = pair_scale_for_bound(dropout ? rng.keep_scale : 1.f);
   WarpAcc<kHeadDim> dk, dv;
   dk.zero();
   dv.zero();
@@ -332,48 +349,55 @@ __global__ void __launch_bounds__(BwdDkvKernel<T, kHeadDim>::kThreads)
       const int h = head_of(step), m0 = block_of(step) * kBlockM;
       const float* lse2 = sLse2 + buf * kBlockM;
       const float* delta = sDelta + buf * kBlockM;
+      PairUnscales u;  // Fp32Pair's (above flash_bwd_dq_kernel); 1 for the other types
+      if constexpr (kIsPair<T>) u = pair_unscales(p, b, h, h_kv);
       WarpAcc<kBlockM> s, dp;  // S^T and dP^T: 16 keys x kBlockM queries
       s.zero();
-      warp_gemm_abt<T, kHeadDim, kBlockM>(s, sK, warp * 16, sQ(buf), 0, lane);
+      warp_gemm_abt<T, kHeadDim, kBlockM>(s, sK, warp * 16, sQ(buf), 0, lane, u.k * u.q);
       auto col_lse2 = [&](int j, int e) { return lse2[WarpAcc<kBlockM>::col_of(j, e, lane)]; };
       auto col_delta = [&](int j, int e) { return delta[WarpAcc<kBlockM>::col_of(j, e, lane)]; };
       if constexpr (kFeatures) {
         if (kComputeDk) {
           dp.zero();
-          warp_gemm_abt<T, kHeadDim, kBlockM>(dp, sV, warp * 16, sdO(buf), 0, lane);
+          warp_gemm_abt<T, kHeadDim, kBlockM>(dp, sV, warp * 16, sdO(buf), 0, lane, u.v * u.dout);
         }
         // s becomes (P z)^T, dp becomes dS^T.
-        probs_and_ds_with_features<true, kComputeDk>(s, dp, ScoreMod<T>(p, b, h), mask, seq, dropout, rng, b, h,
-                                                     sh.heads_q, key0, m0, lane, col_lse2, col_delta);
-        if (kComputeDv) warp_gemm_rb<T, kBlockM, kHeadDim>(dv, s, sdO(buf), 0, lane);
+        probs_and_ds_with_features<true, kComputeDk>(s, dp, ScoreMod<UserType<T>>(p, b, h), mask, seq, dropout,
+                                                     rng, b, h, sh.heads_q, key0, m0, lane, col_lse2, col_delta);
+        if (kComputeDv) warp_gemm_rb<T, kBlockM, kHeadDim>(dv, s, sdO(buf), 0, lane, p_scale, u.dout / p_scale);
       } else {
         // P^T feeds dV before dP^T is computed, so the two tiles are never live together.
         probs_from_qk<true>(s, static_cast<float>(p.scale) * kLog2e, mask, seq, key0, m0, lane, col_lse2);
-        if (kComputeDv) warp_gemm_rb<T, kBlockM, kHeadDim>(dv, s, sdO(buf), 0, lane);
+        if (kComputeDv) warp_gemm_rb<T, kBlockM, kHeadDim>(dv, s, sdO(buf), 0, lane, p_scale, u.dout / p_scale);
         if (kComputeDk) {
           dp.zero();
-          warp_gemm_abt<T, kHeadDim, kBlockM>(dp, sV, warp * 16, sdO(buf), 0, lane);
+          warp_gemm_abt<T, kHeadDim, kBlockM>(dp, sV, warp * 16, sdO(buf), 0, lane, u.v * u.dout);
           ds_from_dp(dp, s, col_delta);
         }
       }
       if constexpr (kAccumDq) add_dq_share(dp, h, m0);
-      if (kComputeDk) warp_gemm_rb<T, kBlockM, kHeadDim>(dk, dp, sQ(buf), 0, lane);
+      if (kComputeDk) {
+        float ds_scale = 1.f;
+        if constexpr (kIsPair<T>) ds_scale = split_scale_of_ds(dp);
+        warp_gemm_rb<T, kBlockM, kHeadDim>(dk, dp, sQ(buf), 0, lane, ds_scale, u.q / ds_scale);
+      }
     }
     if (kAccumDq) __syncthreads();  // every warp read all of sK for dQ before its rows are reused below
   }
   // Each warp stages its own rows of sK / sV (read only by this warp) for the stores.
   const int rows_valid = seq.seqlen_k - key0;
+  using Out = UserType<T>;
   if (kComputeDk) {
     const float row_scale[2] = {static_cast<float>(p.scale), static_cast<float>(p.scale)};
-    T* dk_out = row_at<T>(p.dk, p.dk_strides, seq, false, b, h_kv, key0);
-    warp_store_rows<T, kHeadDim>(dk, row_scale, sK, warp * 16, dk_out, p.dk_strides.row, rows_valid, sh.head_dim,
-                                 lane);
+    Out* dk_out = row_at<Out>(p.dk, p.dk_strides, seq, false, b, h_kv, key0);
+    warp_store_rows<Out, kHeadDim>(dk, row_scale, staging_of(sK), warp * 16, dk_out, p.dk_strides.row, rows_valid,
+                                   sh.head_dim, lane);
   }
   if (kComputeDv) {
     const float row_scale[2] = {1.f, 1.f};
-    T* dv_out = row_at<T>(p.dv, p.dv_strides, seq, false, b, h_kv, key0);
-    warp_store_rows<T, kHeadDim>(dv, row_scale, sV, warp * 16, dv_out, p.dv_strides.row, rows_valid, sh.head_dim,
-                                 lane);
+    Out* dv_out = row_at<Out>(p.dv, p.dv_strides, seq, false, b, h_kv, key0);
+    warp_store_rows<Out, kHeadDim>(dv, row_scale, staging_of(sV), warp * 16, dv_out, p.dv_strides.row, rows_valid,
+                                   sh.head_dim, lane);
   }
 }
 

@@ -5,6 +5,7 @@
 #pragma once
 #include "../flash_params.h"
 #include "flash_launch.h"
+#include "fp32_pairs.h"
 #include "mask.cuh"
 #include "mma_sm80.cuh"
 #include "online_softmax.cuh"
@@ -13,13 +14,14 @@
 namespace cuflash {
 
 // Tile: FwdTile, or FwdSplitTile for split-KV's launches (flash_launch.cuh's SplitTile).
-template <typename T, int kHeadDim, class TileShape = FwdTile<kHeadDim, sizeof(T)>>
+// T: __half, __nv_bfloat16, float (3xTF32) or Fp32Pair (float32 as fp16 pairs: fp32_pairs.h).
+template <typename T, int kHeadDim, class TileShape = FwdTileOf<T, kHeadDim>>
 struct FwdKernel {
   using Tile = TileShape;
   static constexpr int kWarps = Tile::kWarps, kThreads = 32 * kWarps, kMTiles = Tile::kMTiles;
   static constexpr int kBlockM = Tile::kBlockM, kBlockN = Tile::kBlockN;
-  using QTile = SmemTile<T, kBlockM, kHeadDim>;
-  using KVTile = SmemTile<T, kBlockN, kHeadDim>;
+  using QTile = SmemTileOf<T, kBlockM, kHeadDim>;
+  using KVTile = SmemTileOf<T, kBlockN, kHeadDim>;
   static constexpr int kSmemBytes = (QTile::kElems + 4 * KVTile::kElems) * sizeof(T);
 };
 
@@ -89,7 +91,7 @@ __device__ __forceinline__ void store_partial(const WarpAcc<kHeadDim>& o, const 
 
 // kFeatures: softcap, ALiBi, attn_mask or dropout may be on (mask.cuh's needs_feature_path); without it
 // the kernel keeps only what plain attention needs in registers.
-template <typename T, int kHeadDim, bool kFeatures, class Tile = FwdTile<kHeadDim, sizeof(T)>>
+template <typename T, int kHeadDim, bool kFeatures, class Tile = FwdTileOf<T, kHeadDim>>
 __global__ void __launch_bounds__(FwdKernel<T, kHeadDim, Tile>::kThreads, Tile::kMinBlocks)
     flash_fwd_kernel(const FlashFwdParams p) {
   using K = FwdKernel<T, kHeadDim, Tile>;
@@ -133,10 +135,20 @@ __global__ void __launch_bounds__(FwdKernel<T, kHeadDim, Tile>::kThreads, Tile::
   OnlineSoftmax softmax[kMT];
 #pragma unroll
   for (int m = 0; m < kMT; ++m) o[m].zero();
-  const ScoreMod<T> mod(p, b, h);
+  const ScoreMod<UserType<T>> mod(p, b, h);
   const bool dropout = kFeatures && p.dropout.p > 0.0;
   const DropoutRng rng = dropout ? make_dropout_rng(p.dropout) : DropoutRng{};
   const int warp_row = warp * 16 * kMT, row0 = m_start + warp_row;  // this warp's first row
+  // Fp32Pair: q, k and v come split at 2^eq, 2^ek, 2^ev (fp32_pairs.h), so S's products are
+  // scaled back by 2^-(eq + ek); P (at most 1, or the dropout factor) is split at the scale its
+  // bound takes, which O's products undo with 2^-ev.
+  float qk_factor = 1.f, p_scale = 1.f, pv_factor = 1.f;
+  if constexpr (kIsPair<T>) {
+    const PairUnscales u = pair_unscales(p, b, h, h_kv);
+    qk_factor = u.q * u.k;
+    p_scale = pair_scale_for_bound(dropout ? rng.keep_scale : 1.f);
+    pv_factor = u.v / p_scale;
+  }
 
   if (n_blocks.end > n_blocks.begin) {
     sQ.template load_async<kThreads>(q + m_start * p.q_strides.row, p.q_strides.row,
@@ -156,7 +168,7 @@ __global__ void __launch_bounds__(FwdKernel<T, kHeadDim, Tile>::kThreads, Tile::
       WarpAcc<kBlockN> s[kMT];
 #pragma unroll
       for (int m = 0; m < kMT; ++m) s[m].zero();
-      warp_gemm_abt<T, kHeadDim, kBlockN, kMT>(s, sQ, warp_row, sK(buf), 0, lane);
+      warp_gemm_abt<T, kHeadDim, kBlockN, kMT>(s, sQ, warp_row, sK(buf), 0, lane, qk_factor);
       const int n0 = n_block * kBlockN;
 #pragma unroll
       for (int m = 0; m < kMT; ++m) {
@@ -164,7 +176,7 @@ __global__ void __launch_bounds__(FwdKernel<T, kHeadDim, Tile>::kThreads, Tile::
         softmax[m].rescale_and_exp(s[m], o[m]);
         if (dropout) apply_dropout(s[m], rng, b, h, sh.heads_q, row0 + 16 * m, n0, lane);
       }
-      warp_gemm_rb<T, kBlockN, kHeadDim, kMT>(o, s, sV(buf), 0, lane);
+      warp_gemm_rb<T, kBlockN, kHeadDim, kMT>(o, s, sV(buf), 0, lane, p_scale, pv_factor);
     }
   }
 
@@ -173,13 +185,13 @@ __global__ void __launch_bounds__(FwdKernel<T, kHeadDim, Tile>::kThreads, Tile::
     for (int m = 0; m < kMT; ++m) store_partial(o[m], softmax[m], p, seq, split, b, h, row0 + 16 * m, lane);
     return;
   }
-  T* out = row_at<T>(p.out, p.out_strides, seq, true, b, h, 0);
+  UserType<T>* out = row_at<UserType<T>>(p.out, p.out_strides, seq, true, b, h, 0);
   float* lse_out = static_cast<float*>(p.lse) + stats_offset(p.stats_strides, seq, b, h);
   // Each warp reuses its own rows of sQ (read only by this warp) to stage the output.
 #pragma unroll
   for (int m = 0; m < kMT; ++m)
-    store_out_and_lse(o[m], softmax[m], sQ, warp_row + 16 * m, out, p.out_strides.row, lse_out, row0 + 16 * m,
-                      seq.seqlen_q, sh.head_dim, lane);
+    store_out_and_lse(o[m], softmax[m], staging_of(sQ), warp_row + 16 * m, out, p.out_strides.row, lse_out,
+                      row0 + 16 * m, seq.seqlen_q, sh.head_dim, lane);
 }
 
 // Split-KV's merge: row i of (b, h) is sum_s exp(lse_s - lse) out_s with lse = log sum_s

@@ -17,6 +17,7 @@
 #include "device_attributes.h"
 #include "flash_launch.h"
 #include "flash_simt_kernel.cuh"
+#include "fp32_pairs.h"
 #include "run_switches.h"
 #include "sm90/flash_bwd_sm90.cuh"
 #include "sm90/flash_bwd_sm90_fused256.cuh"
@@ -69,26 +70,6 @@ cudaError_t launch(Kernel kernel, dim3 grid, int threads, int smem_bytes, cudaSt
     return err;
   kernel<<<grid, threads, smem_bytes, stream>>>(args...);
   return cudaGetLastError();
-}
-
-// Whether the tensor-core kernels' 16-byte row copies can address a tensor: a 16-byte aligned
-// start and strides (the torch glue lays float32 out so; the C++ API accepts 4-byte alignment).
-inline bool rows_of_16_bytes(const void* data, const TensorStrides& s, int elem_bytes) {
-  auto aligned = [&](int64_t stride) { return stride * elem_bytes % 16 == 0; };
-  return reinterpret_cast<uintptr_t>(data) % 16 == 0 && aligned(s.batch) && aligned(s.head) && aligned(s.row);
-}
-// The inputs (and head_dim) of either direction; the overloads add the direction's other tensors.
-inline bool tensor_core_inputs(const AttentionParams& p, int elem_bytes) {
-  return p.shape.head_dim % 8 == 0 && rows_of_16_bytes(p.q, p.q_strides, elem_bytes) &&
-         rows_of_16_bytes(p.k, p.k_strides, elem_bytes) && rows_of_16_bytes(p.v, p.v_strides, elem_bytes);
-}
-inline bool tensor_core_layout(const FlashFwdParams& p, int elem_bytes) {
-  return tensor_core_inputs(p, elem_bytes) && rows_of_16_bytes(p.out, p.out_strides, elem_bytes);
-}
-inline bool tensor_core_layout(const FlashBwdParams& p, int elem_bytes) {
-  return tensor_core_inputs(p, elem_bytes) && rows_of_16_bytes(p.dout, p.dout_strides, elem_bytes) &&
-         rows_of_16_bytes(p.dq, p.dq_strides, elem_bytes) && rows_of_16_bytes(p.dk, p.dk_strides, elem_bytes) &&
-         rows_of_16_bytes(p.dv, p.dv_strides, elem_bytes);
 }
 
 // float32: the tensor-core kernels (3xTF32, mma_sm80.cuh) unless CUFLASH_FP32=exact asks for
@@ -199,6 +180,18 @@ cudaError_t launch_combine(const FlashFwdParams& p, cudaStream_t stream) {
   return launch(flash_fwd_combine_kernel<T>, dim3(sh.seqlen_q, sh.heads_q, sh.batch), kCombineThreads, 0, stream, p);
 }
 
+// float32 as fp16 pairs (fp32_pairs.h): the pre-pass, then the sm_80-class forward on its rows.
+template <int kHeadDim>
+cudaError_t run_flash_fwd_pairs(const FlashFwdParams& p, cudaStream_t stream) {
+  FlashFwdParams pairs = p;
+  if (const cudaError_t err = split_fp32_pairs(pairs, kHeadDim, stream); err != cudaSuccess) return err;
+  using K = FwdKernel<Fp32Pair, kHeadDim>;
+  const dim3 grid(ceil_div(p.shape.seqlen_q, K::kBlockM), p.shape.heads_q, p.shape.batch);
+  return with_feature_path(pairs, [&](auto features) {
+    return launch(flash_fwd_kernel<Fp32Pair, kHeadDim, features()>, grid, K::kThreads, K::kSmemBytes, stream, pairs);
+  });
+}
+
 template <typename T, int kHeadDim>
 cudaError_t run_flash_fwd(const FlashFwdParams& p, cudaStream_t stream) {
   const AttentionShape& sh = p.shape;
@@ -206,6 +199,7 @@ cudaError_t run_flash_fwd(const FlashFwdParams& p, cudaStream_t stream) {
     return run_flash_fwd_simt<T, kHeadDim>(p, stream);
   } else {
     if constexpr (std::is_same_v<T, float>) {
+      if (p.fp32_pair_scratch != nullptr) return run_flash_fwd_pairs<kHeadDim>(p, stream);  // fp32_pair_scratch_bytes
       if (!fp32_on_tensor_cores(p, FwdKernel<T, kHeadDim>::kSmemBytes)) return run_flash_fwd_simt<T, kHeadDim>(p, stream);
       // Hopper's TF32 wgmmas for plain attention at head dim 64, unsplit (unless
       // CUFLASH_FP32=3xtf32 asks for the mma.sync kernel).
@@ -332,6 +326,56 @@ bool launch_dkdv_ws(const FlashBwdParams& p, cudaStream_t stream, cudaError_t* e
   return go(std::false_type{});
 }
 
+// The sm_80-class backward after the delta kernel: the dQ kernel (unless dQ is added up in
+// p.dq_accum, by the dK/dV kernel), then the dK/dV kernel (at head dim 256 dK's, then dV's).
+template <typename T, int kHeadDim>
+cudaError_t launch_bwd_sm80(const FlashBwdParams& p, cudaStream_t stream) {
+  const AttentionShape& sh = p.shape;
+  const bool accum_dq = p.dq_accum != nullptr;
+  return with_feature_path(p, [&](auto features) {
+    constexpr bool kFeatures = features();
+    cudaError_t e = cudaSuccess;
+    if (!accum_dq) {
+      using Dq = BwdDqKernel<T, kHeadDim>;
+      e = launch(flash_bwd_dq_kernel<T, kHeadDim, kFeatures>,
+                 dim3(ceil_div(sh.seqlen_q, Dq::kBlockM), sh.heads_q, sh.batch), Dq::kThreads, Dq::kSmemBytes,
+                 stream, p);
+      if (e != cudaSuccess) return e;
+    }
+    using Dkv = BwdDkvKernel<T, kHeadDim>;
+    const dim3 grid(ceil_div(sh.seqlen_k, Dkv::kBlockN), sh.heads_kv, sh.batch);
+    constexpr bool kSplit = Dkv::Tile::kSplitDkDv;  // then dQ comes with dK, which computes dS
+    auto launch_dk = [&](auto accum) {
+      constexpr bool kAccumDq = decltype(accum)::value;
+      return launch(flash_bwd_dkdv_kernel<T, kHeadDim, kFeatures, true, !kSplit, kAccumDq>, grid, Dkv::kThreads,
+                    kAccumDq ? Dkv::kSmemBytesAccumDq : Dkv::kSmemBytes, stream, p);
+    };
+    if constexpr (kIsPair<T>) {  // float32 never adds dQ up (torch_ops.cpp: 16-bit only)
+      if (accum_dq) return cudaErrorNotSupported;
+      e = launch_dk(std::false_type{});
+    } else {
+      e = accum_dq ? launch_dk(std::true_type{}) : launch_dk(std::false_type{});
+    }
+    if constexpr (kSplit) {
+      if (e != cudaSuccess) return e;
+      return launch(flash_bwd_dkdv_kernel<T, kHeadDim, kFeatures, false, true, false>, grid, Dkv::kThreads,
+                    Dkv::kSmemBytes, stream, p);
+    }
+    return e;
+  });
+}
+
+// float32 as fp16 pairs (fp32_pairs.h), after the delta kernel (on p's own out and dout): the
+// pre-pass of q, k, v and dout, then the sm_80-class kernels on its rows.
+template <int kHeadDim>
+cudaError_t run_flash_bwd_pairs(const FlashBwdParams& p, cudaStream_t stream) {
+  FlashBwdParams pairs = p;
+  if (const cudaError_t err = split_fp32_pairs(pairs, kHeadDim, stream, &pairs.dout, &pairs.dout_strides);
+      err != cudaSuccess)
+    return err;
+  return launch_bwd_sm80<Fp32Pair, kHeadDim>(pairs, stream);
+}
+
 template <typename T, int kHeadDim>
 cudaError_t run_flash_bwd(const FlashBwdParams& p, cudaStream_t stream) {
   const AttentionShape& sh = p.shape;
@@ -349,6 +393,7 @@ cudaError_t run_flash_bwd(const FlashBwdParams& p, cudaStream_t stream) {
     return run_flash_bwd_simt<T, kHeadDim>(p, stream);
   } else {
     if constexpr (std::is_same_v<T, float>) {
+      if (p.fp32_pair_scratch != nullptr) return run_flash_bwd_pairs<kHeadDim>(p, stream);  // fp32_pair_scratch_bytes
       const int smem = std::max(BwdDqKernel<T, kHeadDim>::kSmemBytes, BwdDkvKernel<T, kHeadDim>::kSmemBytes);
       if (!fp32_on_tensor_cores(p, smem)) return run_flash_bwd_simt<T, kHeadDim>(p, stream);
     }
@@ -437,32 +482,7 @@ cudaError_t run_flash_bwd(const FlashBwdParams& p, cudaStream_t stream) {
       }
     }
     if (p.dq_semaphores != nullptr) return cudaErrorNotSupported;  // ordered adds: the fused Hopper kernel's
-    err = with_feature_path(p, [&](auto features) {
-      constexpr bool kFeatures = features();
-      cudaError_t e = cudaSuccess;
-      if (!accum_dq) {
-        using Dq = BwdDqKernel<T, kHeadDim>;
-        e = launch(flash_bwd_dq_kernel<T, kHeadDim, kFeatures>,
-                   dim3(ceil_div(sh.seqlen_q, Dq::kBlockM), sh.heads_q, sh.batch), Dq::kThreads, Dq::kSmemBytes,
-                   stream, p);
-        if (e != cudaSuccess) return e;
-      }
-      using Dkv = BwdDkvKernel<T, kHeadDim>;
-      const dim3 grid(ceil_div(sh.seqlen_k, Dkv::kBlockN), sh.heads_kv, sh.batch);
-      constexpr bool kSplit = BwdTile<kHeadDim, sizeof(T)>::kSplitDkDv;  // then dQ comes with dK, which computes dS
-      auto launch_dk = [&](auto accum) {
-        constexpr bool kAccumDq = decltype(accum)::value;
-        return launch(flash_bwd_dkdv_kernel<T, kHeadDim, kFeatures, true, !kSplit, kAccumDq>, grid, Dkv::kThreads,
-                      kAccumDq ? Dkv::kSmemBytesAccumDq : Dkv::kSmemBytes, stream, p);
-      };
-      e = accum_dq ? launch_dk(std::true_type{}) : launch_dk(std::false_type{});
-      if constexpr (kSplit) {
-        if (e != cudaSuccess) return e;
-        return launch(flash_bwd_dkdv_kernel<T, kHeadDim, kFeatures, false, true, false>, grid, Dkv::kThreads,
-                      Dkv::kSmemBytes, stream, p);
-      }
-      return e;
-    });
+    err = launch_bwd_sm80<T, kHeadDim>(p, stream);
     if (err != cudaSuccess || !accum_dq) return err;
     return convert_dq();
   }

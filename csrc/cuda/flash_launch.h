@@ -2,6 +2,7 @@
 // stream and return the CUDA status of the launches.
 #pragma once
 #include <cuda_runtime.h>
+#include <cstdint>
 #include "../flash_params.h"
 
 namespace cuflash {
@@ -57,6 +58,33 @@ cudaError_t fill_packed_gaps(int batch, const GapFill* fills, int num_fills, cud
 // Writes the dropout keep-mask the kernels use for d, bool [batch, heads, seqlen_q, seqlen_k].
 cudaError_t dropout_keep_mask_cuda(const DropoutParams& d, int batch, int heads, int seqlen_q, int seqlen_k,
                                    bool* keep, cudaStream_t stream);
+
+// Whether the tensor-core kernels' 16-byte row copies can address a tensor: a 16-byte aligned
+// start and strides (the torch glue lays float32 out so; the C++ API accepts 4-byte alignment).
+inline bool rows_of_16_bytes(const void* data, const TensorStrides& s, int elem_bytes) {
+  auto aligned = [&](int64_t stride) { return stride * elem_bytes % 16 == 0; };
+  return reinterpret_cast<uintptr_t>(data) % 16 == 0 && aligned(s.batch) && aligned(s.head) && aligned(s.row);
+}
+// The inputs (and head_dim) of either direction; the overloads add the direction's other tensors.
+inline bool tensor_core_inputs(const AttentionParams& p, int elem_bytes) {
+  return p.shape.head_dim % 8 == 0 && rows_of_16_bytes(p.q, p.q_strides, elem_bytes) &&
+         rows_of_16_bytes(p.k, p.k_strides, elem_bytes) && rows_of_16_bytes(p.v, p.v_strides, elem_bytes);
+}
+inline bool tensor_core_layout(const FlashFwdParams& p, int elem_bytes) {
+  return tensor_core_inputs(p, elem_bytes) && rows_of_16_bytes(p.out, p.out_strides, elem_bytes);
+}
+inline bool tensor_core_layout(const FlashBwdParams& p, int elem_bytes) {
+  return tensor_core_inputs(p, elem_bytes) && rows_of_16_bytes(p.dout, p.dout_strides, elem_bytes) &&
+         rows_of_16_bytes(p.dq, p.dq_strides, elem_bytes) && rows_of_16_bytes(p.dk, p.dk_strides, elem_bytes) &&
+         rows_of_16_bytes(p.dv, p.dv_strides, elem_bytes);
+}
+
+// float32 as fp16 pairs (CUFLASH_FP32=pairs; fp32_pairs.h): the scratch p's forward or backward
+// takes for them (AttentionParams::fp32_pair_scratch), or 0 where they do not run p (another
+// dtype, the switch off, paged or seqused_k caches, tensors the tensor-core kernels cannot
+// address, or a device without their shared memory).
+int64_t fp32_pair_scratch_bytes(const FlashFwdParams& p);
+int64_t fp32_pair_scratch_bytes(const FlashBwdParams& p);
 
 template <typename T, int kHeadDim>
 cudaError_t run_flash_fwd(const FlashFwdParams& p, cudaStream_t stream);

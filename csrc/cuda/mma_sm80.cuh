@@ -3,14 +3,25 @@
 // ("Matrix fragments for mma.m16n8k16"): g = lane / 4 is a row, t = lane % 4 a column pair.
 // float operands run mma.sync.m16n8k8.tf32 three times per product (3xTF32: x = big + small,
 // both TF32, and a b ~ big_a big_b + big_a small_b + small_a big_b), fp32's accuracy within a
-// few ulp per product at a third of TF32's rate; the kernels see the same k16 steps for every T.
+// few ulp per product at a third of TF32's rate; Fp32Pair operands (float32 split by a pre-pass
+// into scaled fp16 halves, fp32_pairs.h) run mma.sync.m16n8k16.f16 three times, at a third of
+// fp16's rate, twice 3xTF32's; the kernels see the same k16 steps for every T.
 #pragma once
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cstdint>
 #include <type_traits>
+#include "../flash_params.h"
 
 namespace cuflash {
+
+// Fp32Pair (flash_params.h): the kernels' element type for float32 run as fp16 pairs
+// (CUFLASH_FP32=pairs, fp32_pairs.h); it only addresses the pre-pass's rows.
+template <class T>
+inline constexpr bool kIsPair = std::is_same_v<T, Fp32Pair>;
+// The element type of the user's tensors a kernel on T writes (and reads attn_mask in).
+template <class T>
+using UserType = std::conditional_t<kIsPair<T>, float, T>;
 
 __device__ __forceinline__ uint32_t smem_addr(const void* p) {
   return static_cast<uint32_t>(__cvta_generic_to_shared(p));
@@ -42,11 +53,14 @@ __device__ __forceinline__ void ldmatrix_x4_trans(uint32_t (&r)[4], const void* 
 // n-tiles over the same k16 step; mma_pair(d0, d1, a, b): d0 += A B(n-tile 0), d1 += A B(n-tile 1).
 template <typename T>
 struct MmaOperand;
+// (mma_pair's factor scales the product: Fp32Pair's operands are scaled by powers of two; the
+// other types ignore it.)
 template <typename T>
 struct MmaOperand16 {  // __half and __nv_bfloat16: b[0..1] n-tile 0, b[2..3] n-tile 1
   using AFrag = uint32_t[4];
   using BFrag = uint32_t[4];
-  __device__ __forceinline__ static void mma_pair(float (&d0)[4], float (&d1)[4], const AFrag& a, const BFrag& b) {
+  __device__ __forceinline__ static void mma_pair(float (&d0)[4], float (&d1)[4], const AFrag& a, const BFrag& b,
+                                                  float /*factor*/ = 1.f) {
     MmaOperand<T>::mma(d0, a, b[0], b[1]);
     MmaOperand<T>::mma(d1, a, b[2], b[3]);
   }
@@ -57,14 +71,23 @@ struct MmaOperand<__half> : MmaOperand16<__half> {
     __half2 h = __floats2half2_rn(lo, hi);
     return *reinterpret_cast<uint32_t*>(&h);
   }
-  // D += A * B for a 16x16 A (row-major fragment) and a 16x8 B (column-major fragment).
+  // D = A * B + (kAccumulate ? D : 0) for a 16x16 A (row-major fragment) and a 16x8 B
+  // (column-major fragment).
+  template <bool kAccumulate = true>
   __device__ __forceinline__ static void mma(float (&d)[4], const uint32_t (&a)[4], uint32_t b0,
                                              uint32_t b1) {
-    asm volatile(
-        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, "
-        "{%8, %9}, {%0, %1, %2, %3};\n"
-        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+    if constexpr (kAccumulate)
+      asm volatile(
+          "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, "
+          "{%8, %9}, {%0, %1, %2, %3};\n"
+          : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+          : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+    else
+      asm volatile(
+          "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, "
+          "{%8, %9}, {%10, %10, %10, %10};\n"
+          : "=f"(d[0]), "=f"(d[1]), "=f"(d[2]), "=f"(d[3])
+          : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1), "f"(0.f));
   }
 };
 template <>
@@ -147,11 +170,52 @@ struct MmaOperand<float> {
 #pragma unroll
     for (int i = 0; i < 4; ++i) d[i] += t[i];
   }
-  __device__ __forceinline__ static void mma_pair(float (&d0)[4], float (&d1)[4], const AFrag& a, const BFrag& b) {
+  __device__ __forceinline__ static void mma_pair(float (&d0)[4], float (&d1)[4], const AFrag& a, const BFrag& b,
+                                                  float /*factor*/ = 1.f) {
     mma(d0, a, b, 0);
     mma(d1, a, b, 1);
   }
 };
+
+// Fp32Pair: x 2^e = hi + lo, both fp16, e a power of two per operand (fp32_pairs.h), so that
+// a b 2^(ea + eb) ~ hi_a hi_b + hi_a lo_b + lo_a hi_b (lo lo, 2^-22 of it, left out), each
+// product exact in the tensor cores' fp32. As MmaOperand<float>, each k16 step's three products
+// (the small ones first) go into a fresh sum t, added to d rounded to nearest, here times the
+// product's 2^-(ea + eb) (factor): one FFMA where the others add.
+template <>
+struct MmaOperand<Fp32Pair> {
+  struct AFrag {
+    uint32_t hi[4], lo[4];  // as the 16-bit AFrag
+  };
+  struct BFrag {
+    uint32_t hi[4], lo[4];  // as the 16-bit BFrag: [0..1] n-tile 0, [2..3] n-tile 1
+  };
+  __device__ __forceinline__ static void mma(float (&d)[4], const AFrag& a, uint32_t hi0, uint32_t hi1, uint32_t lo0,
+                                             uint32_t lo1, float factor) {
+    using Half = MmaOperand<__half>;
+    float t[4];
+    Half::mma<false>(t, a.lo, hi0, hi1);
+    Half::mma(t, a.hi, lo0, lo1);
+    Half::mma(t, a.hi, hi0, hi1);
+#pragma unroll
+    for (int i = 0; i < 4; ++i) d[i] = __fmaf_rn(t[i], factor, d[i]);
+  }
+  __device__ __forceinline__ static void mma_pair(float (&d0)[4], float (&d1)[4], const AFrag& a, const BFrag& b,
+                                                  float factor) {
+    mma(d0, a, b.hi[0], b.hi[1], b.lo[0], b.lo[1], factor);
+    mma(d1, a, b.hi[2], b.hi[3], b.lo[2], b.lo[3], factor);
+  }
+};
+
+// x0 and x1 (times scale) as fp16 pairs: hi, rounded to nearest, and lo = the rest, rounded
+// (exact where the rest is an fp16 normal: 11 more bits).
+__device__ __forceinline__ void split_half2(float x0, float x1, uint32_t& hi, uint32_t& lo) {
+  const __half2 h = __floats2half2_rn(x0, x1);
+  const float2 back = __half22float2(h);
+  const __half2 l = __floats2half2_rn(x0 - back.x, x1 - back.y);
+  hi = *reinterpret_cast<const uint32_t*>(&h);
+  lo = *reinterpret_cast<const uint32_t*>(&l);
+}
 
 // An element of type T from an fp32 value (round to nearest).
 template <typename T>
@@ -184,12 +248,26 @@ __device__ __forceinline__ float quad_sum(float x) {
   return x + __shfl_xor_sync(0xffffffffu, x, 2);
 }
 
+// The largest |x| of a warp's accumulator tile, in every lane (NaN left out, as fmaxf does).
+template <class Acc>
+__device__ __forceinline__ float warp_abs_max(const Acc& acc) {
+  float top = 0.f;
+#pragma unroll
+  for (int j = 0; j < Acc::kTiles; ++j)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) top = fmaxf(top, fabsf(acc.v[j][e]));
+#pragma unroll
+  for (int offset = 16; offset > 0; offset /= 2) top = fmaxf(top, __shfl_xor_sync(0xffffffffu, top, offset));
+  return top;
+}
+
 // A row-major tile in shared memory, rows padded by 8 elements so that the 8 row addresses of
 // an ldmatrix (and the 16-byte cp.async writes) fall in distinct banks; with float, rows 8 words
-// apart mod 32, so that the 8-byte A and [n][k] B loads of a half-warp (4 rows) do too.
-template <typename T, int kRows, int kCols>
+// apart mod 32, so that the 8-byte A and [n][k] B loads of a half-warp (4 rows) do too. (kPad:
+// PairTile's views of its rows.)
+template <typename T, int kRows, int kCols, int kPad = 8>
 struct SmemTile {
-  static constexpr int kStride = kCols + 8;
+  static constexpr int kStride = kCols + kPad;
   static constexpr int kElems = kRows * kStride;
   static constexpr int kChunk = 16 / sizeof(T);  // elements per 16-byte copy
   static constexpr bool kTf32 = std::is_same_v<T, float>;
@@ -258,6 +336,51 @@ struct SmemTile {
   }
 };
 
+// A tile of Fp32Pair rows (the pre-pass's, kHeadDim units: kHeadDim hi halves, then kHeadDim
+// lo halves) as SmemTile's interface: a row is one row of 2 kHeadDim halves padded by 8 (16
+// bytes: rows 16 bytes apart mod 128, so ldmatrix's 8 row addresses fall in distinct banks), whose
+// hi and lo fragments are two ldmatrix each. The pre-pass pads every row to kHeadDim, so whole
+// rows are copied (cols_valid unused). A float view of the same rows stages the float32 output.
+template <int kRows, int kHeadDim>
+struct PairTile {
+  using Halves = SmemTile<__half, kRows, 2 * kHeadDim>;
+  using Floats = SmemTile<float, kRows, kHeadDim, 4>;  // the same bytes a row
+  static_assert(Halves::kStride * 2 == Floats::kStride * 4, "the float view's rows are the tile's");
+  static constexpr int kStride = Halves::kStride / 2, kElems = kRows * kStride;
+  using AFrag = MmaOperand<Fp32Pair>::AFrag;
+  using BFrag = MmaOperand<Fp32Pair>::BFrag;
+  Fp32Pair* ptr;
+  __device__ __forceinline__ Halves halves() const { return Halves{reinterpret_cast<__half*>(ptr)}; }
+  __device__ __forceinline__ Floats floats() const { return Floats{reinterpret_cast<float*>(ptr)}; }
+
+  template <int kThreads>
+  __device__ __forceinline__ void load_async(const Fp32Pair* gmem, int64_t row_stride, int rows_valid,
+                                             int /*cols_valid*/, int tid) const {
+    halves().template load_async<kThreads>(reinterpret_cast<const __half*>(gmem), 2 * row_stride, rows_valid,
+                                           2 * kHeadDim, tid);
+  }
+  __device__ __forceinline__ void load_a(AFrag& a, int r0, int c0, int lane) const {
+    halves().load_a(a.hi, r0, c0, lane);
+    halves().load_a(a.lo, r0, kHeadDim + c0, lane);
+  }
+  __device__ __forceinline__ void load_b_nk(BFrag& b, int n0, int c0, int lane) const {
+    halves().load_b_nk(b.hi, n0, c0, lane);
+    halves().load_b_nk(b.lo, n0, kHeadDim + c0, lane);
+  }
+  __device__ __forceinline__ void load_b_kn(BFrag& b, int r0, int n0, int lane) const {
+    halves().load_b_kn(b.hi, r0, n0, lane);
+    halves().load_b_kn(b.lo, r0, kHeadDim + n0, lane);
+  }
+};
+// The tile a kernel on T keeps rows of its inputs in, and the one its output is staged through.
+template <typename T, int kRows, int kCols>
+using SmemTileOf = std::conditional_t<kIsPair<T>, PairTile<kRows, kCols>, SmemTile<T, kRows, kCols>>;
+template <class Tile>
+__device__ __forceinline__ auto staging_of(const Tile& tile) {
+  if constexpr (std::is_same_v<decltype(tile.ptr), Fp32Pair*>) return tile.floats();
+  else return tile;
+}
+
 // An fp32 accumulator tile of 16 rows x kCols per warp, in mma C-fragment layout:
 // acc[j][0..1] is row g, columns 8j + 2t + {0,1}; acc[j][2..3] is row g + 8.
 template <int kCols>
@@ -279,10 +402,17 @@ struct WarpAcc {
   }
   // The A fragment for k-step kk (columns 16kk..16kk+15) of this accumulator, rounded to T:
   // the C layout of two adjacent n-tiles is the A layout of one k-step (float: of two k8 halves,
-  // in the column order of MmaOperand<float>).
+  // in the column order of MmaOperand<float>). Fp32Pair: of the values times scale (a power of
+  // two that keeps them in fp16's range), split.
   template <typename T>
-  __device__ __forceinline__ void to_a(typename MmaOperand<T>::AFrag& a, int kk) const {
-    if constexpr (std::is_same_v<T, float>) {
+  __device__ __forceinline__ void to_a(typename MmaOperand<T>::AFrag& a, int kk, float scale = 1.f) const {
+    if constexpr (kIsPair<T>) {
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        const float(&c)[4] = v[2 * kk + i / 2];
+        split_half2(c[2 * (i % 2)] * scale, c[2 * (i % 2) + 1] * scale, a.hi[i], a.lo[i]);
+      }
+    } else if constexpr (std::is_same_v<T, float>) {
 #pragma unroll
       for (int h = 0; h < 2; ++h) {
         const float(&c)[4] = v[2 * kk + h];
@@ -308,10 +438,11 @@ struct WarpAcc {
 
 // acc[m] (16 x kN each) += A (rows a_row0 + 16 m.. of a row-major [.][kK] smem tile) * B, with
 // load_b(b, kk, nn) giving B's fragments for k-step kk and n-tiles 2nn, 2nn + 1. Each B fragment
-// is loaded from shared memory once for all kM row tiles of the warp.
+// is loaded from shared memory once for all kM row tiles of the warp. factor: Fp32Pair's, the
+// product's 2^-(ea + eb) (MmaOperand<Fp32Pair>); the other types ignore it.
 template <typename T, int kK, int kN, int kM, class TileA, class LoadB>
 __device__ __forceinline__ void warp_gemm_smem_a(WarpAcc<kN> (&acc)[kM], const TileA& a_tile, int a_row0,
-                                                 LoadB&& load_b, int lane) {
+                                                 LoadB&& load_b, int lane, float factor = 1.f) {
 #pragma unroll
   for (int kk = 0; kk < kK / 16; ++kk) {
     typename MmaOperand<T>::AFrag a[kM];
@@ -322,7 +453,8 @@ __device__ __forceinline__ void warp_gemm_smem_a(WarpAcc<kN> (&acc)[kM], const T
       typename MmaOperand<T>::BFrag b;
       load_b(b, kk, nn);
 #pragma unroll
-      for (int m = 0; m < kM; ++m) MmaOperand<T>::mma_pair(acc[m].v[2 * nn], acc[m].v[2 * nn + 1], a[m], b);
+      for (int m = 0; m < kM; ++m)
+        MmaOperand<T>::mma_pair(acc[m].v[2 * nn], acc[m].v[2 * nn + 1], a[m], b, factor);
     }
   }
 }
@@ -330,51 +462,55 @@ __device__ __forceinline__ void warp_gemm_smem_a(WarpAcc<kN> (&acc)[kM], const T
 // ... * B^T, where B is a [kN][kK] smem tile (rows b_row0..): the Q K^T pattern.
 template <typename T, int kK, int kN, int kM, class TileA, class TileB>
 __device__ __forceinline__ void warp_gemm_abt(WarpAcc<kN> (&acc)[kM], const TileA& a_tile, int a_row0,
-                                              const TileB& b_tile, int b_row0, int lane) {
+                                              const TileB& b_tile, int b_row0, int lane, float factor = 1.f) {
   warp_gemm_smem_a<T, kK, kN, kM>(
       acc, a_tile, a_row0,
-      [&](auto& b, int kk, int nn) { b_tile.load_b_nk(b, b_row0 + nn * 16, kk * 16, lane); }, lane);
+      [&](auto& b, int kk, int nn) { b_tile.load_b_nk(b, b_row0 + nn * 16, kk * 16, lane); }, lane, factor);
 }
 template <typename T, int kK, int kN, class TileA, class TileB>
 __device__ __forceinline__ void warp_gemm_abt(WarpAcc<kN>& acc, const TileA& a_tile, int a_row0,
-                                              const TileB& b_tile, int b_row0, int lane) {
-  warp_gemm_abt<T, kK, kN, 1>(*reinterpret_cast<WarpAcc<kN>(*)[1]>(&acc), a_tile, a_row0, b_tile, b_row0, lane);
+                                              const TileB& b_tile, int b_row0, int lane, float factor = 1.f) {
+  warp_gemm_abt<T, kK, kN, 1>(*reinterpret_cast<WarpAcc<kN>(*)[1]>(&acc), a_tile, a_row0, b_tile, b_row0, lane,
+                              factor);
 }
 
 // acc[m] (16 x kN each) += P[m] (16 x kK, register accumulators rounded to T) * B where B is a
 // [kK][kN] smem tile starting at row b_row0: the P V pattern, B loaded once for all kM.
+// Fp32Pair: P times p_scale is split (WarpAcc::to_a), and factor undoes it with B's scale.
 template <typename T, int kK, int kN, int kM, class TileB>
 __device__ __forceinline__ void warp_gemm_rb(WarpAcc<kN> (&acc)[kM], const WarpAcc<kK> (&p)[kM],
-                                             const TileB& b_tile, int b_row0, int lane) {
+                                             const TileB& b_tile, int b_row0, int lane, float p_scale = 1.f,
+                                             float factor = 1.f) {
 #pragma unroll
   for (int kk = 0; kk < kK / 16; ++kk) {
     typename MmaOperand<T>::AFrag a[kM];
 #pragma unroll
-    for (int m = 0; m < kM; ++m) p[m].template to_a<T>(a[m], kk);
+    for (int m = 0; m < kM; ++m) p[m].template to_a<T>(a[m], kk, p_scale);
 #pragma unroll
     for (int nn = 0; nn < kN / 16; ++nn) {
       typename MmaOperand<T>::BFrag b;
       b_tile.load_b_kn(b, b_row0 + kk * 16, nn * 16, lane);
 #pragma unroll
-      for (int m = 0; m < kM; ++m) MmaOperand<T>::mma_pair(acc[m].v[2 * nn], acc[m].v[2 * nn + 1], a[m], b);
+      for (int m = 0; m < kM; ++m)
+        MmaOperand<T>::mma_pair(acc[m].v[2 * nn], acc[m].v[2 * nn + 1], a[m], b, factor);
     }
   }
 }
 template <typename T, int kK, int kN, class TileB>
 __device__ __forceinline__ void warp_gemm_rb(WarpAcc<kN>& acc, const WarpAcc<kK>& p, const TileB& b_tile,
-                                             int b_row0, int lane) {
+                                             int b_row0, int lane, float p_scale = 1.f, float factor = 1.f) {
   warp_gemm_rb<T, kK, kN, 1>(*reinterpret_cast<WarpAcc<kN>(*)[1]>(&acc),
-                             *reinterpret_cast<const WarpAcc<kK>(*)[1]>(&p), b_tile, b_row0, lane);
+                             *reinterpret_cast<const WarpAcc<kK>(*)[1]>(&p), b_tile, b_row0, lane, p_scale, factor);
 }
 
 // ... * B, where B is a [kK][.] smem tile read from column b_col0: the dS K pattern with dS
 // staged in smem.
 template <typename T, int kK, int kN, int kM, class TileA, class TileB>
 __device__ __forceinline__ void warp_gemm_ab(WarpAcc<kN> (&acc)[kM], const TileA& a_tile, int a_row0,
-                                             const TileB& b_tile, int b_col0, int lane) {
+                                             const TileB& b_tile, int b_col0, int lane, float factor = 1.f) {
   warp_gemm_smem_a<T, kK, kN, kM>(
       acc, a_tile, a_row0,
-      [&](auto& b, int kk, int nn) { b_tile.load_b_kn(b, kk * 16, b_col0 + nn * 16, lane); }, lane);
+      [&](auto& b, int kk, int nn) { b_tile.load_b_kn(b, kk * 16, b_col0 + nn * 16, lane); }, lane, factor);
 }
 
 // Stores a warp's 16 x kCols accumulator (scaled per row) into its rows of an smem tile,

@@ -59,7 +59,10 @@
 //                   fits the device, and on Hopper the forward of plain attention at head dims
 //                   33-64 on TF32 wgmmas, 3xTF32 too (sm90/flash_fwd_sm90_fp32.cuh, 1.28-1.45x
 //                   the mma.sync kernel's speed at the same error); "3xtf32": the mma.sync
-//                   kernels there too; "exact": the CUDA-core kernels (flash_simt_kernel.cuh)
+//                   kernels there too; "exact": the CUDA-core kernels (flash_simt_kernel.cuh);
+//                   "pairs": the forward's sm_80-class kernels on fp16 pairs (fp32_pairs.h:
+//                   three fp16 products for 3xTF32's six TF32 ones) where they run
+//                   (fp32_pair_scratch_bytes), the default kernels elsewhere (not yet measured)
 //   CUFLASH_DEBUG   "1": one line on stderr per kernel launch, naming the kernel (so a fallback
 //                   to the sm_80-class kernels is visible), its grid and shared memory; unset,
 //                   "" or "0": quiet
@@ -142,6 +145,7 @@ inline DqSwitch dq_switch() {
 }
 inline bool fp32_exact_switch() { return env_is("CUFLASH_FP32", "exact"); }
 inline bool fp32_mma_sync_switch() { return env_is("CUFLASH_FP32", "3xtf32"); }
+inline bool fp32_pairs_switch() { return env_is("CUFLASH_FP32", "pairs"); }
 // The tile switches: "wide" or "narrow" pick that tile at every shape; unset or "" leave it to
 // `pays`, the shape's choice.
 inline bool wide_tile_switch(const char* name, bool pays) {
@@ -182,8 +186,8 @@ inline std::string run_switch_error() {
                          OneOf{"CUFLASH_FWD_TILE", {"wide", "narrow"}, "unset, empty, \"wide\" or \"narrow\""},
                          OneOf{"CUFLASH_BWD_TILE", {"wide", "narrow"}, "unset, empty, \"wide\" or \"narrow\""},
                          OneOf{"CUFLASH_BWD_FUSED_TILE", {"wide", "narrow"}, "unset, empty, \"wide\" or \"narrow\""},
-                         OneOf{"CUFLASH_FP32", {"exact", "3xtf32", "wgmma"},
-                               "unset, empty, \"exact\", \"3xtf32\" or \"wgmma\""},
+                         OneOf{"CUFLASH_FP32", {"exact", "3xtf32", "wgmma", "pairs"},
+                               "unset, empty, \"exact\", \"3xtf32\", \"wgmma\" or \"pairs\""},
                          OneOf{"CUFLASH_DEBUG", {"0", "1"}, "unset, empty, \"0\" or \"1\""},
                          OneOf{"CUFLASH_PACK_GQA", {"0", "1"}, "unset, empty, \"0\" or \"1\""},
                          OneOf{"CUFLASH_CPU_ISA", {"avx512bf16", "avx512", "avx2", "base"},
