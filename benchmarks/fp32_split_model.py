@@ -1,8 +1,10 @@
 """A model, on the CPU, of how float32 attention fares when every matmul runs on 16-bit-input
 tensor cores with its operands split in two: the 3xTF32 split the float32 kernels use (x = big +
 small, both TF32, six m16n8k8 products a k16 step) against fp16 pairs (x * 2^e = hi + lo, both
-fp16, three m16n8k16 products a k16 step; e a power of two per (batch, head) that puts the largest
-|x| in [2^14, 2^15), so that neither part overflows and the small ones keep their bits).
+fp16, three m16n8k16 products a k16 step; e a power of two that puts the largest |x| in [2^14,
+2^15), so that neither part overflows and the small ones keep their bits: as csrc/cuda/fp32_pairs.h
+takes them, one a row for the inputs, one a 16-row tile for the computed P and dS, whose columns
+first take the 2^-e of the input rows they multiply).
 
 The tensor cores are modelled as the float32 kernels' comments describe them: each product of the
 inputs exact, each instruction's sum (its products and the accumulator it adds to) rounded toward
@@ -38,16 +40,28 @@ def tf32_split(x):
 
 
 def fp16_split(x, exponent):
-    """x * 2^exponent = hi + lo, both fp16 (exponent per leading index pair: [B, H, 1, 1])."""
+    """x * 2^exponent = hi + lo, both fp16 (exponent broadcast against x)."""
     xs = x * torch.exp2(exponent)
     hi = xs.half().float()
     return hi, (xs - hi).half().float()
 
 
-def scale_exponent(x):
-    """The power of two that puts max|x| of each (batch, head) in [2^14, 2^15)."""
-    amax = x.abs().amax(dim=(-2, -1), keepdim=True).clamp_min(torch.finfo(torch.float32).tiny)
-    return (14 - torch.floor(torch.log2(amax))).float()
+def exponent_of(amax):
+    """The power of two that puts amax in [2^14, 2^15) (pair_exponent)."""
+    return (14 - torch.floor(torch.log2(amax.clamp_min(torch.finfo(torch.float32).tiny)))).float()
+
+
+def row_exponents(x):
+    """Each row's (last dimension's) exponent: the pre-pass's."""
+    return exponent_of(x.abs().amax(dim=-1, keepdim=True))
+
+
+def tile_exponents(x, rows=16):
+    """Each 16-row tile's exponent (a warp's, pair_split_of's), broadcast to its rows."""
+    m = x.shape[-2]
+    padded = torch.nn.functional.pad(x.abs(), (0, 0, 0, (-m) % rows))
+    tops = padded.unflatten(-2, (-1, rows)).amax(dim=(-2, -1), keepdim=True)
+    return exponent_of(tops).expand(*tops.shape[:-2], rows, 1).flatten(-3, -2)[..., :m, :]
 
 
 def tensor_core_matmul(products, k_step, k_width):
@@ -66,14 +80,23 @@ def tensor_core_matmul(products, k_step, k_width):
     return out
 
 
-def matmul(kind, a, b):
-    """a @ b (float32) as the kind's kernels would compute it."""
+def matmul(kind, a, b, computed=False):
+    """a @ b (float32) as the kind's kernels would compute it. fp16 pairs: a and b inputs (q, k, v,
+    dout), each row of a and column of b at its own scale, the product scaled back after; or a
+    computed (P, dS): b's rows (the k index) at their own scales, whose 2^-e multiply a's columns
+    before a is split at its 16-row tiles' scales, undone in each k16 step's add."""
     if kind == "3xtf32":
         (ab, as_), (bb, bs) = tf32_split(a), tf32_split(b)
         return tensor_core_matmul([(as_, bb), (ab, bs), (ab, bb)], 16, 8)
-    ea, eb = scale_exponent(a), scale_exponent(b)
+    if not computed:
+        ea, eb = row_exponents(a), row_exponents(b.transpose(-2, -1)).transpose(-2, -1)
+        (ah, al), (bh, bl) = fp16_split(a, ea), fp16_split(b, eb)
+        return tensor_core_matmul([(al, bh), (ah, bl), (ah, bh)], 16, 16) * torch.exp2(-ea) * torch.exp2(-eb)
+    eb = row_exponents(b)
+    a = a * torch.exp2(-eb).transpose(-2, -1)
+    ea = tile_exponents(a)
     (ah, al), (bh, bl) = fp16_split(a, ea), fp16_split(b, eb)
-    return tensor_core_matmul([(al, bh), (ah, bl), (ah, bh)], 16, 16) * torch.exp2(-ea - eb)
+    return tensor_core_matmul([(al, bh), (ah, bl), (ah, bh)], 16, 16) * torch.exp2(-ea)
 
 
 def attention(kind, q, k, v, dout):
@@ -82,13 +105,13 @@ def attention(kind, q, k, v, dout):
     s = matmul(kind, q, k.transpose(-2, -1)) * scale
     lse = torch.logsumexp(s, dim=-1, keepdim=True)
     p = torch.exp(s - lse)
-    out = matmul(kind, p, v)
+    out = matmul(kind, p, v, computed=True)
     dp = matmul(kind, dout, v.transpose(-2, -1))
     delta = (dout * out).sum(-1, keepdim=True)
     ds = p * (dp - delta)
-    dq = matmul(kind, ds, k) * scale
-    dk = matmul(kind, ds.transpose(-2, -1), q) * scale
-    dv = matmul(kind, p.transpose(-2, -1), dout)
+    dq = matmul(kind, ds, k, computed=True) * scale
+    dk = matmul(kind, ds.transpose(-2, -1), q, computed=True) * scale
+    dv = matmul(kind, p.transpose(-2, -1), dout, computed=True)
     return out, dq, dk, dv
 
 

@@ -114,17 +114,19 @@ struct PagedKvParams {
 
 // float32 on the 16-bit tensor cores as fp16 pairs (cuda/fp32_pairs.h): a 4-byte unit of the
 // pre-pass's rows, each padded_dim units long (the kernel's head-dim bucket): the hi halves of
-// the row's elements, then their lo halves.
+// the row's elements, then their lo halves, both of the row times its own power of two.
 struct Fp32Pair {
   uint32_t bits;
 };
-// The bits of each input's largest |x| for every (batch, head) (one a head if packed), as the
-// pre-pass of float32 pairs found them (cuda/fp32_pairs.h).
-struct PairAmax {
-  const uint32_t* q = nullptr;
-  const uint32_t* k = nullptr;
-  const uint32_t* v = nullptr;
-  const uint32_t* dout = nullptr;  // the backward's
+// 2^-e of every row of an input as the pre-pass of float32 pairs split it (cuda/fp32_pairs.h):
+// [batch, or 1 if packed][heads][rows] floats, strides in floats (row 1), addressed as the
+// input's rows are (row_offset).
+struct PairRowScales {
+  const float* unscale = nullptr;
+  TensorStrides strides;
+};
+struct PairScales {
+  PairRowScales q, k, v, dout;  // dout: the backward's
 };
 
 // What the forward and the backward share.
@@ -145,10 +147,10 @@ struct AttentionParams {
   StatsStrides stats_strides;  // of lse (and delta)
 
   // float32 as fp16 pairs (CUFLASH_FP32=pairs): scratch of fp32_pair_scratch_bytes(p) bytes, 16-byte
-  // aligned, or null (the 3xTF32 or CUDA-core kernels run). The CUDA layer sets pair_amax on the
-  // copy of p its pair kernels take, whose q, k, v (and dout) point at the pre-pass's rows.
+  // aligned, or null (the 3xTF32 or CUDA-core kernels run). The CUDA layer sets pair_scales on
+  // the copy of p its pair kernels take, whose q, k, v (and dout) point at the pre-pass's rows.
   void* fp32_pair_scratch = nullptr;
-  PairAmax pair_amax;
+  PairScales pair_scales;
 };
 
 struct FlashFwdParams : AttentionParams {

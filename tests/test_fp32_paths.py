@@ -2,8 +2,8 @@
 each product split into three TF32 ones (3xTF32, csrc/cuda/mma_sm80.cuh), and on Hopper the
 forward of plain attention at head dims 33-64 on TF32 wgmmas in 3xTF32 (sm90/flash_fwd_sm90_fp32.cuh);
 under CUFLASH_FP32=3xtf32 the sm_80-class kernels there too; under CUFLASH_FP32=exact the
-CUDA-core kernels (flash_simt_kernel.cuh); under CUFLASH_FP32=pairs the forward's sm_80-class
-kernel on the inputs split into scaled fp16 pairs by a pre-pass (csrc/cuda/fp32_pairs.h), three
+CUDA-core kernels (flash_simt_kernel.cuh); under CUFLASH_FP32=pairs the sm_80-class
+kernels on the inputs split into scaled fp16 pairs by a pre-pass (csrc/cuda/fp32_pairs.h), three
 fp16 products for each. All are held to the float32
 accuracy rule (1e-5 relative, no TF32) over the shapes that stress the tiles (ragged ends, one
 row, causal both ways, GQA, every head-dim bucket), the features and varlen; and the kernels
@@ -145,7 +145,7 @@ def test_long_rows(d):
 
 @pytest.mark.parametrize("scales", [(1, 1, 1e20, 1e-20), (1e-3, 1e-3, 1e-30, 1e25)], ids=["v_large", "v_tiny"])
 def test_inputs_far_from_unit_scale(scales):
-    """q, k, v and dout each at its own scale, far from 1 (the pair kernels split each input at a
+    """q, k, v and dout each at its own scale, far from 1 (the pair kernels split each row at a
     power of two of its own, fp16 having 5 exponent bits): out, dv and the score gradients each
     near a different power of ten, all within the float32 rule."""
     scale = iter(scales)
@@ -153,10 +153,25 @@ def test_inputs_far_from_unit_scale(scales):
     check_against_reference("cuda", torch.float32, 1, 2, 200, 300, 64, "none", layout=layout)
 
 
+def test_garbage_in_keys_no_query_sees():
+    """Rows of k and v at 1e20 where a causal mask hides them from every query (keys past the
+    last query's, top-left): a padded or stale cache's rows. The rest within the rule, as if
+    they were not there (the pair kernels split each row at a power of two of its own, so a
+    row's magnitude costs no other row bits)."""
+    made = iter(range(4))
+
+    def layout(n, device, dtype):
+        x = torch.randn(1, 2, n, 64, dtype=torch.float64)
+        if next(made) in (1, 2):  # k and v: rows 110 and 125 of 130
+            x[:, :, [110, 125]] *= 1e20
+        return x.to(device, dtype)
+    check_against_reference("cuda", torch.float32, 1, 2, 100, 130, 64, "top_left", layout=layout)
+
+
 def test_each_head_within_the_rule_at_its_own_scale():
     """Heads whose v differ by 1e12 (dout the other way): each head's out and gradients within
     1e-5 of its own largest value, which the rule over the whole tensor would not see (the pair
-    kernels scale each (batch, head) by its own power of two)."""
+    kernels scale each row by its own power of two)."""
     torch.manual_seed(0)
     s = torch.tensor([1.0, 1e-12], dtype=torch.float64).view(1, 2, 1, 1)
     q, k = (torch.randn(1, 2, n, 64, dtype=torch.float64) for n in (150, 230))

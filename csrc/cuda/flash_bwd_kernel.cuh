@@ -15,7 +15,7 @@
 #pragma once
 #include <type_traits>
 #include "../flash_params.h"
-#include "fp32_pairs.h"
+#include "fp32_pair_tiles.cuh"
 #include "mask.cuh"
 #include "mma_sm80.cuh"
 #include "online_softmax.cuh"
@@ -132,14 +132,9 @@ __global__ void __launch_bounds__(kRowKernelThreads) flash_bwd_dq_convert_kernel
   }
 }
 
-// Fp32Pair (float32 as fp16 pairs, fp32_pairs.h): q, k, v and dout come split at 2^eq, 2^ek,
-// 2^ev, 2^edo, so each product is scaled back by its operands' 2^-e (PairUnscales); P (at most
-// its dropout factor) is split at the scale its bound takes, dS at the one its warp tile's
-// largest |value| takes (split_scale_of_ds).
-template <class Acc>
-__device__ __forceinline__ float split_scale_of_ds(const Acc& ds) {
-  return pair_scale_for_bound(warp_abs_max(ds));
-}
+// Fp32Pair (float32 as fp16 pairs, fp32_pairs.h): each row of q, k, v and dout comes split at a
+// power of two of its own; S and dP take back their rows' and columns' (scale_tile), and the rows
+// dV, dK and dQ sum over become the column factors of P and dS (warp_gemm_rb).
 
 template <typename T, int kHeadDim>
 struct BwdDqKernel {
@@ -148,7 +143,9 @@ struct BwdDqKernel {
   static constexpr int kBlockM = Tile::kDqBlockM, kBlockN = Tile::kDqBlockN;
   using QTile = SmemTileOf<T, kBlockM, kHeadDim>;
   using KVTile = SmemTileOf<T, kBlockN, kHeadDim>;
-  static constexpr int kSmemBytes = (2 * QTile::kElems + 4 * KVTile::kElems) * sizeof(T);
+  // Fp32Pair: the rows' scales after the tiles (q's, dout's, then k's and v's of each buffer).
+  static constexpr int kPairScales = kIsPair<T> ? 2 * kBlockM + 4 * kBlockN : 0;
+  static constexpr int kSmemBytes = (2 * QTile::kElems + 4 * KVTile::kElems) * sizeof(T) + kPairScales * 4;
 };
 
 template <typename T, int kHeadDim, bool kFeatures>
@@ -178,17 +175,23 @@ __global__ void __launch_bounds__(BwdDqKernel<T, kHeadDim>::kThreads)
   float lse2[2], delta[2];
   lane_row_stats(p, seq, b, h, row0, lane, lse2, delta);
 
+  float* const sQScale = reinterpret_cast<float*>(kv_base + 4 * K::KVTile::kElems);  // Fp32Pair's (K::kPairScales)
+  float* const sDoutScale = sQScale + kBlockM;
+  auto sKScale = [&](int buf) { return sDoutScale + kBlockM + buf * kBlockN; };
+  auto sVScale = [&](int buf) { return sDoutScale + kBlockM + (2 + buf) * kBlockN; };
   auto load_kv = [&](int n_block, int buf) {
     const int n0 = n_block * kBlockN, rows = seq.seqlen_k - n0;
     sK(buf).template load_async<kThreads>(k + n0 * p.k_strides.row, p.k_strides.row, rows, sh.head_dim, tid);
     sV(buf).template load_async<kThreads>(v + n0 * p.v_strides.row, p.v_strides.row, rows, sh.head_dim, tid);
+    if constexpr (kIsPair<T>) {
+      stage_row_unscales<kBlockN, kThreads>(sKScale(buf), p.pair_scales.k, seq, false, b, h_kv, n0, seq.seqlen_k, tid);
+      stage_row_unscales<kBlockN, kThreads>(sVScale(buf), p.pair_scales.v, seq, false, b, h_kv, n0, seq.seqlen_k, tid);
+    }
   };
 
   const ScoreMod<UserType<T>> mod(p, b, h);
   const bool dropout = kFeatures && p.dropout.p > 0.0;
   const DropoutRng rng = dropout ? make_dropout_rng(p.dropout) : DropoutRng{};
-  PairUnscales u;  // Fp32Pair's (above); 1 for the other types
-  if constexpr (kIsPair<T>) u = pair_unscales(p, b, h, h_kv);
   // The score gradients (for attn_mask's) come from this kernel: it visits every score once.
   float* dscores = kFeatures && p.dscores ? static_cast<float*>(p.dscores) + dscores_offset(sh, b, h, 0) : nullptr;
   const MaskParams mask = unpacked_mask(p.mask);  // rows_per_query a compile-time 1
@@ -200,6 +203,11 @@ __global__ void __launch_bounds__(BwdDqKernel<T, kHeadDim>::kThreads)
     sQ.template load_async<kThreads>(q + m_start * p.q_strides.row, p.q_strides.row, rows, sh.head_dim, tid);
     sdO.template load_async<kThreads>(dout + m_start * p.dout_strides.row, p.dout_strides.row, rows,
                                       sh.head_dim, tid);
+    if constexpr (kIsPair<T>) {
+      stage_row_unscales<kBlockM, kThreads>(sQScale, p.pair_scales.q, seq, true, b, h, m_start, seq.seqlen_q, tid);
+      stage_row_unscales<kBlockM, kThreads>(sDoutScale, p.pair_scales.dout, seq, true, b, h, m_start, seq.seqlen_q,
+                                            tid);
+    }
     load_kv(n_blocks.begin, 0);
     cp_async_commit();
     for (int n_block = n_blocks.begin, buf = 0; n_block < n_blocks.end; ++n_block, buf ^= 1) {
@@ -211,8 +219,12 @@ __global__ void __launch_bounds__(BwdDqKernel<T, kHeadDim>::kThreads)
       WarpAcc<kBlockN> s, dp;
       s.zero();
       dp.zero();
-      warp_gemm_abt<T, kHeadDim, kBlockN>(s, sQ, warp * 16, sK(buf), 0, lane, u.q * u.k);
-      warp_gemm_abt<T, kHeadDim, kBlockN>(dp, sdO, warp * 16, sV(buf), 0, lane, u.dout * u.v);
+      warp_gemm_abt<T, kHeadDim, kBlockN>(s, sQ, warp * 16, sK(buf), 0, lane);
+      warp_gemm_abt<T, kHeadDim, kBlockN>(dp, sdO, warp * 16, sV(buf), 0, lane);
+      if constexpr (kIsPair<T>) {  // the rows' scales of q and dout, the columns' of k and v
+        scale_tile(s, sQScale + warp * 16, ColumnUnscales{sKScale(buf), lane});
+        scale_tile(dp, sDoutScale + warp * 16, ColumnUnscales{sVScale(buf), lane});
+      }
       auto row_lse2 = [&](int, int e) { return lse2[e >> 1]; };
       auto row_delta = [&](int, int e) { return delta[e >> 1]; };
       if constexpr (kFeatures) {
@@ -222,9 +234,9 @@ __global__ void __launch_bounds__(BwdDqKernel<T, kHeadDim>::kThreads)
         probs_from_qk<false>(s, mod.scale_log2, mask, seq, row0, n_block * kBlockN, lane, row_lse2);
         ds_from_dp(dp, s, row_delta);
       }
-      float ds_scale = 1.f;
-      if constexpr (kIsPair<T>) ds_scale = split_scale_of_ds(dp);
-      warp_gemm_rb<T, kBlockN, kHeadDim>(dq, dp, sK(buf), 0, lane, ds_scale, u.k / ds_scale);
+      if constexpr (kIsPair<T>)
+        warp_gemm_rb<T, kBlockN, kHeadDim>(dq, dp, sK(buf), 0, lane, ColumnUnscales{sKScale(buf), lane});
+      else warp_gemm_rb<T, kBlockN, kHeadDim>(dq, dp, sK(buf), 0, lane);
     }
   }
   const float row_scale[2] = {static_cast<float>(p.scale), static_cast<float>(p.scale)};
@@ -240,8 +252,10 @@ struct BwdDkvKernel {
   static constexpr int kBlockM = Tile::kDkvBlockM, kBlockN = Tile::kDkvBlockN;
   using KVTile = SmemTileOf<T, kBlockN, kHeadDim>;
   using QTile = SmemTileOf<T, kBlockM, kHeadDim>;
+  // Fp32Pair: the rows' scales after lse and delta (k's, v's, then q's and dout's of each buffer).
+  static constexpr int kPairScales = kIsPair<T> ? 2 * kBlockN + 4 * kBlockM : 0;
   static constexpr int kSmemBytes =
-      (2 * KVTile::kElems + 4 * QTile::kElems) * sizeof(T) + 4 * kBlockM * sizeof(float);
+      (2 * KVTile::kElems + 4 * QTile::kElems) * sizeof(T) + (4 * kBlockM + kPairScales) * sizeof(float);
   // With p.dq_accum: dS of one step, [queries][keys], after the rest.
   using DsTile = SmemTile<T, kBlockM, kBlockN>;
   static constexpr int kSmemBytesAccumDq = kSmemBytes + DsTile::kElems * sizeof(T);
@@ -264,7 +278,11 @@ __global__ void __launch_bounds__(BwdDkvKernel<T, kHeadDim>::kThreads)
   auto sdO = [&](int buf) { return typename K::QTile{q_base + (2 + buf) * K::QTile::kElems}; };
   float* sLse2 = reinterpret_cast<float*>(q_base + 4 * K::QTile::kElems);  // [2][kBlockM]
   float* sDelta = sLse2 + 2 * kBlockM;                                      // [2][kBlockM]
-  const typename K::DsTile sdS{reinterpret_cast<T*>(sDelta + 2 * kBlockM)};  // only with kAccumDq
+  float* const sKScale = sDelta + 2 * kBlockM;  // Fp32Pair's (K::kPairScales)
+  float* const sVScale = sKScale + kBlockN;
+  auto sQScale = [&](int buf) { return sVScale + kBlockN + buf * kBlockM; };
+  auto sDoutScale = [&](int buf) { return sVScale + kBlockN + (2 + buf) * kBlockM; };
+  const typename K::DsTile sdS{reinterpret_cast<T*>(sDelta + 2 * kBlockM + K::kPairScales)};  // only with kAccumDq
 
   const AttentionShape& sh = p.shape;
   const int n_block = blockIdx.x, h_kv = blockIdx.y, b = blockIdx.z;
@@ -291,6 +309,11 @@ __global__ void __launch_bounds__(BwdDkvKernel<T, kHeadDim>::kThreads)
     sQ(buf).template load_async<kThreads>(q, p.q_strides.row, rows, sh.head_dim, tid);
     sdO(buf).template load_async<kThreads>(dout, p.dout_strides.row, rows, sh.head_dim, tid);
     block_row_stats<kBlockM, kThreads>(p, seq, b, h, m0, tid, sLse2 + buf * kBlockM, sDelta + buf * kBlockM);
+    if constexpr (kIsPair<T>) {
+      stage_row_unscales<kBlockM, kThreads>(sQScale(buf), p.pair_scales.q, seq, true, b, h, m0, seq.seqlen_q, tid);
+      stage_row_unscales<kBlockM, kThreads>(sDoutScale(buf), p.pair_scales.dout, seq, true, b, h, m0, seq.seqlen_q,
+                                            tid);
+    }
   };
 
   // dQ += dS K for this step's queries (head h, rows m0..) over the CTA's keys. Each warp holds
@@ -328,8 +351,6 @@ __global__ void __launch_bounds__(BwdDkvKernel<T, kHeadDim>::kThreads)
 
   const bool dropout = kFeatures && p.dropout.p > 0.0;
   const DropoutRng rng = dropout ? make_dropout_rng(p.dropout) : DropoutRng{};
-  float p_scale = 1.f;  // Fp32Pair's (above flash_bwd_dq_kernel)
-  if constexpr (kIsPair<T>) p_scale = pair_scale_for_bound(dropout ? rng.keep_scale : 1.f);
   WarpAcc<kHeadDim> dk, dv;
   dk.zero();
   dv.zero();
@@ -338,6 +359,10 @@ __global__ void __launch_bounds__(BwdDkvKernel<T, kHeadDim>::kThreads)
     sK.template load_async<kThreads>(k + n_start * p.k_strides.row, p.k_strides.row, rows, sh.head_dim, tid);
     if (kComputeDk)
       sV.template load_async<kThreads>(v + n_start * p.v_strides.row, p.v_strides.row, rows, sh.head_dim, tid);
+    if constexpr (kIsPair<T>) {
+      stage_row_unscales<kBlockN, kThreads>(sKScale, p.pair_scales.k, seq, false, b, h_kv, n_start, seq.seqlen_k, tid);
+      stage_row_unscales<kBlockN, kThreads>(sVScale, p.pair_scales.v, seq, false, b, h_kv, n_start, seq.seqlen_k, tid);
+    }
     load_queries(0, 0);
     cp_async_commit();
     for (int step = 0, buf = 0; step < steps; ++step, buf ^= 1) {
@@ -349,37 +374,43 @@ __global__ void __launch_bounds__(BwdDkvKernel<T, kHeadDim>::kThreads)
       const int h = head_of(step), m0 = block_of(step) * kBlockM;
       const float* lse2 = sLse2 + buf * kBlockM;
       const float* delta = sDelta + buf * kBlockM;
-      PairUnscales u;  // Fp32Pair's (above flash_bwd_dq_kernel); 1 for the other types
-      if constexpr (kIsPair<T>) u = pair_unscales(p, b, h, h_kv);
       WarpAcc<kBlockM> s, dp;  // S^T and dP^T: 16 keys x kBlockM queries
       s.zero();
-      warp_gemm_abt<T, kHeadDim, kBlockM>(s, sK, warp * 16, sQ(buf), 0, lane, u.k * u.q);
+      warp_gemm_abt<T, kHeadDim, kBlockM>(s, sK, warp * 16, sQ(buf), 0, lane);
+      // Fp32Pair: S^T and dP^T take back their rows' (k's, v's) and columns' (q's, dout's) scales;
+      // dout's and q's are the column factors of dV += (P z)^T dO and dK += dS^T Q.
+      const ColumnUnscales q_unscale{sQScale(buf), lane}, dout_unscale{sDoutScale(buf), lane};
+      if constexpr (kIsPair<T>) scale_tile(s, sKScale + warp * 16, q_unscale);
+      auto v_dout_t = [&] {  // dP^T
+        dp.zero();
+        warp_gemm_abt<T, kHeadDim, kBlockM>(dp, sV, warp * 16, sdO(buf), 0, lane);
+        if constexpr (kIsPair<T>) scale_tile(dp, sVScale + warp * 16, dout_unscale);
+      };
+      auto add_dv = [&] {
+        if constexpr (kIsPair<T>) warp_gemm_rb<T, kBlockM, kHeadDim>(dv, s, sdO(buf), 0, lane, dout_unscale);
+        else warp_gemm_rb<T, kBlockM, kHeadDim>(dv, s, sdO(buf), 0, lane);
+      };
       auto col_lse2 = [&](int j, int e) { return lse2[WarpAcc<kBlockM>::col_of(j, e, lane)]; };
       auto col_delta = [&](int j, int e) { return delta[WarpAcc<kBlockM>::col_of(j, e, lane)]; };
       if constexpr (kFeatures) {
-        if (kComputeDk) {
-          dp.zero();
-          warp_gemm_abt<T, kHeadDim, kBlockM>(dp, sV, warp * 16, sdO(buf), 0, lane, u.v * u.dout);
-        }
+        if (kComputeDk) v_dout_t();
         // s becomes (P z)^T, dp becomes dS^T.
         probs_and_ds_with_features<true, kComputeDk>(s, dp, ScoreMod<UserType<T>>(p, b, h), mask, seq, dropout,
                                                      rng, b, h, sh.heads_q, key0, m0, lane, col_lse2, col_delta);
-        if (kComputeDv) warp_gemm_rb<T, kBlockM, kHeadDim>(dv, s, sdO(buf), 0, lane, p_scale, u.dout / p_scale);
+        if (kComputeDv) add_dv();
       } else {
         // P^T feeds dV before dP^T is computed, so the two tiles are never live together.
         probs_from_qk<true>(s, static_cast<float>(p.scale) * kLog2e, mask, seq, key0, m0, lane, col_lse2);
-        if (kComputeDv) warp_gemm_rb<T, kBlockM, kHeadDim>(dv, s, sdO(buf), 0, lane, p_scale, u.dout / p_scale);
+        if (kComputeDv) add_dv();
         if (kComputeDk) {
-          dp.zero();
-          warp_gemm_abt<T, kHeadDim, kBlockM>(dp, sV, warp * 16, sdO(buf), 0, lane, u.v * u.dout);
+          v_dout_t();
           ds_from_dp(dp, s, col_delta);
         }
       }
       if constexpr (kAccumDq) add_dq_share(dp, h, m0);
       if (kComputeDk) {
-        float ds_scale = 1.f;
-        if constexpr (kIsPair<T>) ds_scale = split_scale_of_ds(dp);
-        warp_gemm_rb<T, kBlockM, kHeadDim>(dk, dp, sQ(buf), 0, lane, ds_scale, u.q / ds_scale);
+        if constexpr (kIsPair<T>) warp_gemm_rb<T, kBlockM, kHeadDim>(dk, dp, sQ(buf), 0, lane, q_unscale);
+        else warp_gemm_rb<T, kBlockM, kHeadDim>(dk, dp, sQ(buf), 0, lane);
       }
     }
     if (kAccumDq) __syncthreads();  // every warp read all of sK for dQ before its rows are reused below

@@ -5,7 +5,7 @@
 #pragma once
 #include "../flash_params.h"
 #include "flash_launch.h"
-#include "fp32_pairs.h"
+#include "fp32_pair_tiles.cuh"
 #include "mask.cuh"
 #include "mma_sm80.cuh"
 #include "online_softmax.cuh"
@@ -22,7 +22,9 @@ struct FwdKernel {
   static constexpr int kBlockM = Tile::kBlockM, kBlockN = Tile::kBlockN;
   using QTile = SmemTileOf<T, kBlockM, kHeadDim>;
   using KVTile = SmemTileOf<T, kBlockN, kHeadDim>;
-  static constexpr int kSmemBytes = (QTile::kElems + 4 * KVTile::kElems) * sizeof(T);
+  // Fp32Pair: the rows' scales after the tiles (q's, then k's and v's of each buffer).
+  static constexpr int kPairScales = kIsPair<T> ? kBlockM + 4 * kBlockN : 0;
+  static constexpr int kSmemBytes = (QTile::kElems + 4 * KVTile::kElems) * sizeof(T) + kPairScales * 4;
 };
 
 // The logsumexp of a warp's 16 rows (first row row0 of the sequence; OnlineSoftmax::finalize's).
@@ -102,6 +104,9 @@ __global__ void __launch_bounds__(FwdKernel<T, kHeadDim, Tile>::kThreads, Tile::
   T* kv_base = sQ.ptr + K::QTile::kElems;
   auto sK = [&](int buf) { return typename K::KVTile{kv_base + buf * K::KVTile::kElems}; };
   auto sV = [&](int buf) { return typename K::KVTile{kv_base + (2 + buf) * K::KVTile::kElems}; };
+  float* const sQScale = reinterpret_cast<float*>(kv_base + 4 * K::KVTile::kElems);  // Fp32Pair's (K::kPairScales)
+  auto sKScale = [&](int buf) { return sQScale + kBlockM + buf * kBlockN; };
+  auto sVScale = [&](int buf) { return sQScale + kBlockM + (2 + buf) * kBlockN; };
 
   const AttentionShape& sh = p.shape;
   // Split-KV: grid z holds (sequence, split) pairs.
@@ -128,6 +133,10 @@ __global__ void __launch_bounds__(FwdKernel<T, kHeadDim, Tile>::kThreads, Tile::
                                           sh.head_dim, tid);
     sV(buf).template load_async<kThreads>(v + key_offset(p, p.v_strides, b, n0), p.v_strides.row, rows,
                                           sh.head_dim, tid);
+    if constexpr (kIsPair<T>) {
+      stage_row_unscales<kBlockN, kThreads>(sKScale(buf), p.pair_scales.k, seq, false, b, h_kv, n0, seq.seqlen_k, tid);
+      stage_row_unscales<kBlockN, kThreads>(sVScale(buf), p.pair_scales.v, seq, false, b, h_kv, n0, seq.seqlen_k, tid);
+    }
   };
 
   // Row tile m of this warp holds query rows row0 + 16 m ..
@@ -139,20 +148,12 @@ __global__ void __launch_bounds__(FwdKernel<T, kHeadDim, Tile>::kThreads, Tile::
   const bool dropout = kFeatures && p.dropout.p > 0.0;
   const DropoutRng rng = dropout ? make_dropout_rng(p.dropout) : DropoutRng{};
   const int warp_row = warp * 16 * kMT, row0 = m_start + warp_row;  // this warp's first row
-  // Fp32Pair: q, k and v come split at 2^eq, 2^ek, 2^ev (fp32_pairs.h), so S's products are
-  // scaled back by 2^-(eq + ek); P (at most 1, or the dropout factor) is split at the scale its
-  // bound takes, which O's products undo with 2^-ev.
-  float qk_factor = 1.f, p_scale = 1.f, pv_factor = 1.f;
-  if constexpr (kIsPair<T>) {
-    const PairUnscales u = pair_unscales(p, b, h, h_kv);
-    qk_factor = u.q * u.k;
-    p_scale = pair_scale_for_bound(dropout ? rng.keep_scale : 1.f);
-    pv_factor = u.v / p_scale;
-  }
 
   if (n_blocks.end > n_blocks.begin) {
     sQ.template load_async<kThreads>(q + m_start * p.q_strides.row, p.q_strides.row,
                                      seq.seqlen_q - m_start, sh.head_dim, tid);
+    if constexpr (kIsPair<T>)
+      stage_row_unscales<kBlockM, kThreads>(sQScale, p.pair_scales.q, seq, true, b, h, m_start, seq.seqlen_q, tid);
     // Keys are visited last block first, so the masked (diagonal, ragged) blocks come first.
     load_kv(n_blocks.end - 1, 0);
     cp_async_commit();
@@ -168,15 +169,22 @@ __global__ void __launch_bounds__(FwdKernel<T, kHeadDim, Tile>::kThreads, Tile::
       WarpAcc<kBlockN> s[kMT];
 #pragma unroll
       for (int m = 0; m < kMT; ++m) s[m].zero();
-      warp_gemm_abt<T, kHeadDim, kBlockN, kMT>(s, sQ, warp_row, sK(buf), 0, lane, qk_factor);
+      warp_gemm_abt<T, kHeadDim, kBlockN, kMT>(s, sQ, warp_row, sK(buf), 0, lane);
       const int n0 = n_block * kBlockN;
+      // Fp32Pair: each row of q, k and v comes split at a power of two of its own (fp32_pairs.h):
+      // S takes back its rows' (q's) and columns' (k's); v's are P's column factors in P V.
+      if constexpr (kIsPair<T>)
+#pragma unroll
+        for (int m = 0; m < kMT; ++m) scale_tile(s[m], sQScale + warp_row + 16 * m, ColumnUnscales{sKScale(buf), lane});
 #pragma unroll
       for (int m = 0; m < kMT; ++m) {
         scores_from_qk<kFeatures>(s[m], mod, p.mask, seq, row0 + 16 * m, n0, lane);
         softmax[m].rescale_and_exp(s[m], o[m]);
         if (dropout) apply_dropout(s[m], rng, b, h, sh.heads_q, row0 + 16 * m, n0, lane);
       }
-      warp_gemm_rb<T, kBlockN, kHeadDim, kMT>(o, s, sV(buf), 0, lane, p_scale, pv_factor);
+      if constexpr (kIsPair<T>)
+        warp_gemm_rb<T, kBlockN, kHeadDim, kMT>(o, s, sV(buf), 0, lane, ColumnUnscales{sVScale(buf), lane});
+      else warp_gemm_rb<T, kBlockN, kHeadDim, kMT>(o, s, sV(buf), 0, lane);
     }
   }
 

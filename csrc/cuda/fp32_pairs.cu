@@ -1,6 +1,5 @@
 // float32 as fp16 pairs (fp32_pairs.h): which calls take them, and the pre-pass that splits the
-// inputs (the backward's dout too). Two memory-bound passes over each input (its largest |x| a (batch, head), then its
-// halves), as many inputs a launch as the call has.
+// inputs (the backward's dout too): one memory-bound pass over each, all of them a launch.
 #include <cuda_fp16.h>
 #include <algorithm>
 #include "flash_bwd_kernel.cuh"
@@ -14,83 +13,77 @@
 namespace cuflash {
 namespace {
 
-constexpr int kPrepassThreads = 256, kPrepassRows = 32;  // a CTA's rows of one (batch, head)
+constexpr int kPrepassThreads = 256, kPrepassRows = kPrepassThreads / 32;  // a warp a row
 constexpr int kMaxPrepassInputs = 4;
 
-// One input: float rows (elements; a row's head_dim floats 16-byte aligned) in, pair rows out.
+// One input: float rows (elements; a row's head_dim floats 16-byte aligned) in; pair rows and
+// their scales out.
 struct PrepassInput {
   const float* x;
   TensorStrides strides;
   Fp32Pair* out;
   TensorStrides out_strides;  // in units
-  uint32_t* amax;             // [batches][heads]
+  float* unscale;             // [batches][heads][rows]
   int batches, rows, heads;   // batches 1 and rows the total for packed inputs
 };
 struct PrepassInputs {
   PrepassInput in[kMaxPrepassInputs];
-  int count, head_dim, padded_dim;
+  int head_dim, padded_dim;
 };
 
-// The CTA's input (grid z) and (batch, head, first row) (grid x: row blocks of each batch; y:
-// heads), or null where the grid's box is past that input.
-__device__ const PrepassInput* prepass_block(const PrepassInputs& ins, int& b, int& h, int& row0) {
-  const PrepassInput* in = &ins.in[blockIdx.z];
-  const int row_blocks = gridDim.x / in->batches;  // the grid's x is row blocks times batches
-  b = blockIdx.x / row_blocks;
-  h = blockIdx.y;
-  row0 = (blockIdx.x % row_blocks) * kPrepassRows;
-  return h < in->heads && row0 < in->rows ? in : nullptr;
+// x 2^e = hi + lo for x and y: split_half2, but an infinite x keeps lo 0 (inf - inf is NaN).
+__device__ __forceinline__ void split_input_pair(float x, float y, uint32_t& hi, uint32_t& lo) {
+  split_half2(x, y, hi, lo);
+  const __half2 h = *reinterpret_cast<const __half2*>(&hi);
+  if (__hisinf(__low2half(h)) || __hisinf(__high2half(h))) {
+    const float2 back = __half22float2(h);
+    const __half2 l = __floats2half2_rn(isinf(back.x) ? 0.f : x - back.x, isinf(back.y) ? 0.f : y - back.y);
+    lo = *reinterpret_cast<const uint32_t*>(&l);
+  }
 }
 
-// The largest |x| of each (batch, head), as float bits (non-negative floats order as their bits;
-// fmaxf drops NaN, which the halves keep).
-__global__ void __launch_bounds__(kPrepassThreads) fp32_pair_amax_kernel(const __grid_constant__ PrepassInputs ins) {
-  int b, h, row0;
-  const PrepassInput* in = prepass_block(ins, b, h, row0);
-  if (in == nullptr) return;
-  const int vecs = ins.head_dim / 4;
-  const float* base = in->x + b * in->strides.batch + h * in->strides.head;
+// A warp a row (grid x: row blocks of each batch; y: heads; z: inputs): the row's largest finite
+// |x| (NaN and infinities left out: they stay what they are in the halves), its exponent, the
+// halves, padded with zeros to padded_dim, and 2^-e.
+__global__ void __launch_bounds__(kPrepassThreads) fp32_pair_split_kernel(const __grid_constant__ PrepassInputs ins) {
+  const PrepassInput& in = ins.in[blockIdx.z];
+  const int row_blocks = gridDim.x / in.batches;  // the grid's x is row blocks times batches
+  const int b = blockIdx.x / row_blocks, h = blockIdx.y, lane = threadIdx.x % 32;
+  const int row = (blockIdx.x % row_blocks) * kPrepassRows + threadIdx.x / 32;
+  if (h >= in.heads || row >= in.rows) return;  // a whole warp
+  static_assert(256 / 4 <= 2 * 32, "two float4 a lane at most");
+  const int vecs = ins.head_dim / 4, padded_vecs = ins.padded_dim / 4;
+  const float* x = in.x + b * in.strides.batch + h * in.strides.head + row * in.strides.row;
+  float4 v[2];
   float top = 0.f;
-  for (int i = threadIdx.x; i < kPrepassRows * vecs; i += kPrepassThreads) {
-    const int row = row0 + i / vecs;
-    if (row >= in->rows) break;
-    const float4 x = *reinterpret_cast<const float4*>(base + row * in->strides.row + 4 * (i % vecs));
-    top = fmaxf(top, fmaxf(fmaxf(fabsf(x.x), fabsf(x.y)), fmaxf(fabsf(x.z), fabsf(x.w))));
+#pragma unroll
+  for (int i = 0; i < 2; ++i) {
+    const int c = lane + 32 * i;
+    v[i] = c < vecs ? *reinterpret_cast<const float4*>(x + 4 * c) : make_float4(0.f, 0.f, 0.f, 0.f);
+    auto take = [&](float e) { top = isfinite(e) ? fmaxf(top, fabsf(e)) : top; };
+    take(v[i].x);
+    take(v[i].y);
+    take(v[i].z);
+    take(v[i].w);
   }
   for (int offset = 16; offset > 0; offset /= 2) top = fmaxf(top, __shfl_xor_sync(0xffffffffu, top, offset));
-  __shared__ float warp_top[kPrepassThreads / 32];
-  if (threadIdx.x % 32 == 0) warp_top[threadIdx.x / 32] = top;
-  __syncthreads();
-  if (threadIdx.x != 0) return;
-  for (int w = 1; w < kPrepassThreads / 32; ++w) top = fmaxf(top, warp_top[w]);
-  atomicMax(in->amax + b * in->heads + h, __float_as_uint(top));
-}
-
-// x 2^e as hi and lo halves, the rows padded with zeros to padded_dim.
-__global__ void __launch_bounds__(kPrepassThreads) fp32_pair_split_kernel(const __grid_constant__ PrepassInputs ins) {
-  int b, h, row0;
-  const PrepassInput* in = prepass_block(ins, b, h, row0);
-  if (in == nullptr) return;
-  const float scale = pow2(pair_exponent(in->amax[b * in->heads + h]));
-  const int vecs = ins.head_dim / 4, padded_vecs = ins.padded_dim / 4;
-  const float* base = in->x + b * in->strides.batch + h * in->strides.head;
-  Fp32Pair* out = in->out + b * in->out_strides.batch + h * in->out_strides.head;
-  for (int i = threadIdx.x; i < kPrepassRows * padded_vecs; i += kPrepassThreads) {
-    const int row = row0 + i / padded_vecs, c = i % padded_vecs;
-    if (row >= in->rows) break;
-    float4 x = make_float4(0.f, 0.f, 0.f, 0.f);
-    if (c < vecs) x = *reinterpret_cast<const float4*>(base + row * in->strides.row + 4 * c);
+  const int e = pair_exponent_for(top);
+  const float scale = pow2(e);
+  __half* halves = reinterpret_cast<__half*>(in.out + b * in.out_strides.batch + h * in.out_strides.head +
+                                             row * in.out_strides.row);
+#pragma unroll
+  for (int i = 0; i < 2; ++i) {
+    const int c = lane + 32 * i;
+    if (c >= padded_vecs) continue;
     uint2 hi, lo;
-    split_half2(x.x * scale, x.y * scale, hi.x, lo.x);
-    split_half2(x.z * scale, x.w * scale, hi.y, lo.y);
-    __half* halves = reinterpret_cast<__half*>(out + row * in->out_strides.row);
+    split_input_pair(v[i].x * scale, v[i].y * scale, hi.x, lo.x);
+    split_input_pair(v[i].z * scale, v[i].w * scale, hi.y, lo.y);
     *reinterpret_cast<uint2*>(halves + 4 * c) = hi;
     *reinterpret_cast<uint2*>(halves + ins.padded_dim + 4 * c) = lo;
   }
+  if (lane == 0) in.unscale[(int64_t{b} * in.heads + h) * in.rows + row] = pow2(-e);
 }
 
-// Whether the pair kernels of the direction (Params) at head-dim bucket kHeadDim fit the
-// device's shared memory per block.
 template <int kHeadDim>
 bool pair_kernels_fit(const FlashFwdParams&) {
   return FwdKernel<Fp32Pair, kHeadDim>::kSmemBytes <=
@@ -132,20 +125,21 @@ cudaError_t split_fp32_pairs(AttentionParams& p, int padded_dim, cudaStream_t st
                              TensorStrides* dout_strides) {
   const AttentionShape& sh = p.shape;
   const bool packed = p.varlen.cu_seqlens_q != nullptr;
-  const PairScratchLayout layout = pair_scratch_layout(p, padded_dim, dout != nullptr);
+  const int count = dout != nullptr ? 4 : 3;
+  const PairScratchLayout layout = pair_scratch_layout(p, padded_dim, count == 4);
   char* scratch = static_cast<char*>(p.fp32_pair_scratch);
   const void** data[kMaxPrepassInputs] = {&p.q, &p.k, &p.v, dout};
   TensorStrides* strides[kMaxPrepassInputs] = {&p.q_strides, &p.k_strides, &p.v_strides, dout_strides};
-  const uint32_t** amax[kMaxPrepassInputs] = {&p.pair_amax.q, &p.pair_amax.k, &p.pair_amax.v, &p.pair_amax.dout};
+  PairRowScales* scales[kMaxPrepassInputs] = {&p.pair_scales.q, &p.pair_scales.k, &p.pair_scales.v,
+                                              &p.pair_scales.dout};
   const int heads[kMaxPrepassInputs] = {sh.heads_q, sh.heads_kv, sh.heads_kv, sh.heads_q};
   const int rows[kMaxPrepassInputs] = {packed ? p.varlen.total_q : sh.seqlen_q, packed ? p.varlen.total_k : sh.seqlen_k,
                                        packed ? p.varlen.total_k : sh.seqlen_k, packed ? p.varlen.total_q : sh.seqlen_q};
   PrepassInputs ins{};
-  ins.count = dout != nullptr ? 4 : 3;
   ins.head_dim = sh.head_dim;
   ins.padded_dim = padded_dim;
   int max_rows = 0, max_heads = 0;
-  for (int i = 0; i < ins.count; ++i) {
+  for (int i = 0; i < count; ++i) {
     PrepassInput& in = ins.in[i];
     in.x = static_cast<const float*>(*data[i]);
     in.strides = *strides[i];
@@ -153,24 +147,24 @@ cudaError_t split_fp32_pairs(AttentionParams& p, int padded_dim, cudaStream_t st
     in.out_strides.row = int64_t{heads[i]} * padded_dim;
     in.out_strides.head = padded_dim;
     in.out_strides.batch = packed ? 0 : in.out_strides.row * rows[i];
-    in.amax = reinterpret_cast<uint32_t*>(scratch + layout.amax_offset[i]);
+    in.unscale = reinterpret_cast<float*>(scratch + layout.scales_offset[i]);
     in.batches = packed ? 1 : sh.batch;
     in.rows = rows[i];
     in.heads = heads[i];
     max_rows = std::max(max_rows, in.rows);
     max_heads = std::max(max_heads, in.heads);
-    // The kernels read the pairs where they read the input.
+    // The kernels read the pairs where they read the input, and each row's scale as its rows are
+    // addressed (row_offset: packed inputs' batch stride 0).
     *data[i] = in.out;
     *strides[i] = in.out_strides;
-    *amax[i] = in.amax;
+    scales[i]->unscale = in.unscale;
+    scales[i]->strides.row = 1;
+    scales[i]->strides.head = in.rows;
+    scales[i]->strides.batch = packed ? 0 : int64_t{in.heads} * in.rows;
   }
-  if (const cudaError_t err = cudaMemsetAsync(scratch, 0, static_cast<size_t>(layout.rows_offset[0]), stream);
-      err != cudaSuccess)
-    return err;
   const int row_blocks = (max_rows + kPrepassRows - 1) / kPrepassRows;
-  const dim3 grid(static_cast<unsigned>(row_blocks * int64_t{packed ? 1 : sh.batch}), max_heads, ins.count);
+  const dim3 grid(static_cast<unsigned>(row_blocks * int64_t{packed ? 1 : sh.batch}), max_heads, count);
   if (grid.x == 0) return cudaSuccess;
-  fp32_pair_amax_kernel<<<grid, kPrepassThreads, 0, stream>>>(ins);
   fp32_pair_split_kernel<<<grid, kPrepassThreads, 0, stream>>>(ins);
   return cudaGetLastError();
 }

@@ -12,6 +12,7 @@
 #include <cstdint>
 #include <type_traits>
 #include "../flash_params.h"
+#include "fp32_pairs.h"
 
 namespace cuflash {
 
@@ -53,14 +54,11 @@ __device__ __forceinline__ void ldmatrix_x4_trans(uint32_t (&r)[4], const void* 
 // n-tiles over the same k16 step; mma_pair(d0, d1, a, b): d0 += A B(n-tile 0), d1 += A B(n-tile 1).
 template <typename T>
 struct MmaOperand;
-// (mma_pair's factor scales the product: Fp32Pair's operands are scaled by powers of two; the
-// other types ignore it.)
 template <typename T>
 struct MmaOperand16 {  // __half and __nv_bfloat16: b[0..1] n-tile 0, b[2..3] n-tile 1
   using AFrag = uint32_t[4];
   using BFrag = uint32_t[4];
-  __device__ __forceinline__ static void mma_pair(float (&d0)[4], float (&d1)[4], const AFrag& a, const BFrag& b,
-                                                  float /*factor*/ = 1.f) {
+  __device__ __forceinline__ static void mma_pair(float (&d0)[4], float (&d1)[4], const AFrag& a, const BFrag& b) {
     MmaOperand<T>::mma(d0, a, b[0], b[1]);
     MmaOperand<T>::mma(d1, a, b[2], b[3]);
   }
@@ -170,40 +168,40 @@ struct MmaOperand<float> {
 #pragma unroll
     for (int i = 0; i < 4; ++i) d[i] += t[i];
   }
-  __device__ __forceinline__ static void mma_pair(float (&d0)[4], float (&d1)[4], const AFrag& a, const BFrag& b,
-                                                  float /*factor*/ = 1.f) {
+  __device__ __forceinline__ static void mma_pair(float (&d0)[4], float (&d1)[4], const AFrag& a, const BFrag& b) {
     mma(d0, a, b, 0);
     mma(d1, a, b, 1);
   }
 };
 
-// Fp32Pair: x 2^e = hi + lo, both fp16, e a power of two per operand (fp32_pairs.h), so that
-// a b 2^(ea + eb) ~ hi_a hi_b + hi_a lo_b + lo_a hi_b (lo lo, 2^-22 of it, left out), each
+// Fp32Pair: each row's x 2^e = hi + lo, both fp16, e a power of two of the row's (fp32_pairs.h),
+// so that a b 2^(ea + eb) ~ hi_a hi_b + hi_a lo_b + lo_a hi_b (lo lo, 2^-22 of it, left out), each
 // product exact in the tensor cores' fp32. As MmaOperand<float>, each k16 step's three products
-// (the small ones first) go into a fresh sum t, added to d rounded to nearest, here times the
-// product's 2^-(ea + eb) (factor): one FFMA where the others add.
+// (the small ones first) go into a fresh sum t, added to d rounded to nearest; an A fragment
+// split in registers (WarpAcc::to_a) scales t back by its 2^-e (factor; 1 from shared memory,
+// whose rows' scales the kernel applies to the finished tile): one FFMA where the others add.
 template <>
 struct MmaOperand<Fp32Pair> {
   struct AFrag {
     uint32_t hi[4], lo[4];  // as the 16-bit AFrag
+    float factor;
   };
   struct BFrag {
     uint32_t hi[4], lo[4];  // as the 16-bit BFrag: [0..1] n-tile 0, [2..3] n-tile 1
   };
   __device__ __forceinline__ static void mma(float (&d)[4], const AFrag& a, uint32_t hi0, uint32_t hi1, uint32_t lo0,
-                                             uint32_t lo1, float factor) {
+                                             uint32_t lo1) {
     using Half = MmaOperand<__half>;
     float t[4];
     Half::mma<false>(t, a.lo, hi0, hi1);
     Half::mma(t, a.hi, lo0, lo1);
     Half::mma(t, a.hi, hi0, hi1);
 #pragma unroll
-    for (int i = 0; i < 4; ++i) d[i] = __fmaf_rn(t[i], factor, d[i]);
+    for (int i = 0; i < 4; ++i) d[i] = __fmaf_rn(t[i], a.factor, d[i]);
   }
-  __device__ __forceinline__ static void mma_pair(float (&d0)[4], float (&d1)[4], const AFrag& a, const BFrag& b,
-                                                  float factor) {
-    mma(d0, a, b.hi[0], b.hi[1], b.lo[0], b.lo[1], factor);
-    mma(d1, a, b.hi[2], b.hi[3], b.lo[2], b.lo[3], factor);
+  __device__ __forceinline__ static void mma_pair(float (&d0)[4], float (&d1)[4], const AFrag& a, const BFrag& b) {
+    mma(d0, a, b.hi[0], b.hi[1], b.lo[0], b.lo[1]);
+    mma(d1, a, b.hi[2], b.hi[3], b.lo[2], b.lo[3]);
   }
 };
 
@@ -246,19 +244,6 @@ __device__ __forceinline__ float quad_max(float x) {
 __device__ __forceinline__ float quad_sum(float x) {
   x += __shfl_xor_sync(0xffffffffu, x, 1);
   return x + __shfl_xor_sync(0xffffffffu, x, 2);
-}
-
-// The largest |x| of a warp's accumulator tile, in every lane (NaN left out, as fmaxf does).
-template <class Acc>
-__device__ __forceinline__ float warp_abs_max(const Acc& acc) {
-  float top = 0.f;
-#pragma unroll
-  for (int j = 0; j < Acc::kTiles; ++j)
-#pragma unroll
-    for (int e = 0; e < 4; ++e) top = fmaxf(top, fabsf(acc.v[j][e]));
-#pragma unroll
-  for (int offset = 16; offset > 0; offset /= 2) top = fmaxf(top, __shfl_xor_sync(0xffffffffu, top, offset));
-  return top;
 }
 
 // A row-major tile in shared memory, rows padded by 8 elements so that the 8 row addresses of
@@ -362,6 +347,7 @@ struct PairTile {
   __device__ __forceinline__ void load_a(AFrag& a, int r0, int c0, int lane) const {
     halves().load_a(a.hi, r0, c0, lane);
     halves().load_a(a.lo, r0, kHeadDim + c0, lane);
+    a.factor = 1.f;
   }
   __device__ __forceinline__ void load_b_nk(BFrag& b, int n0, int c0, int lane) const {
     halves().load_b_nk(b.hi, n0, c0, lane);
@@ -380,6 +366,23 @@ __device__ __forceinline__ auto staging_of(const Tile& tile) {
   if constexpr (std::is_same_v<decltype(tile.ptr), Fp32Pair*>) return tile.floats();
   else return tile;
 }
+
+// WarpAcc::to_a's column factors where there are none (every type but Fp32Pair ignores them).
+struct UnitColumns {
+  __device__ __forceinline__ float2 operator()(int) const { return make_float2(1.f, 1.f); }
+};
+// How WarpAcc::to_a splits an Fp32Pair register operand: each value times its column's factor
+// (cols(j): this lane's two columns of 8-column tile j; the scales of the rows the product sums
+// over), at the power of two the warp tile's largest |value * factor| takes (fp16's range, as
+// the pre-pass's rows: fp32_pairs.h), undone by the fragment's factor. One a warp, not a row:
+// warp-uniform, it stays out of the registers the kernels are short of (a row's, at head dim
+// 128, spilled 388 bytes in the dK/dV kernel, ptxas sm_90a); a row then keeps full precision
+// down to 2^-17 of the tile's largest value, where its error is that value's rounding.
+template <class Cols>
+struct PairSplit {
+  Cols cols;
+  float scale, unscale;
+};
 
 // An fp32 accumulator tile of 16 rows x kCols per warp, in mma C-fragment layout:
 // acc[j][0..1] is row g, columns 8j + 2t + {0,1}; acc[j][2..3] is row g + 8.
@@ -402,16 +405,19 @@ struct WarpAcc {
   }
   // The A fragment for k-step kk (columns 16kk..16kk+15) of this accumulator, rounded to T:
   // the C layout of two adjacent n-tiles is the A layout of one k-step (float: of two k8 halves,
-  // in the column order of MmaOperand<float>). Fp32Pair: of the values times scale (a power of
-  // two that keeps them in fp16's range), split.
-  template <typename T>
-  __device__ __forceinline__ void to_a(typename MmaOperand<T>::AFrag& a, int kk, float scale = 1.f) const {
+  // in the column order of MmaOperand<float>). Fp32Pair: of the values times their columns'
+  // factors, split at the warp's scale (split: a PairSplit, pair_split_of's), which the
+  // fragment's factor undoes; the other types take UnitColumns and ignore it.
+  template <typename T, class Split = UnitColumns>
+  __device__ __forceinline__ void to_a(typename MmaOperand<T>::AFrag& a, int kk, const Split& split = {}) const {
     if constexpr (kIsPair<T>) {
 #pragma unroll
-      for (int i = 0; i < 4; ++i) {
-        const float(&c)[4] = v[2 * kk + i / 2];
-        split_half2(c[2 * (i % 2)] * scale, c[2 * (i % 2) + 1] * scale, a.hi[i], a.lo[i]);
+      for (int i = 0; i < 4; ++i) {  // register i: tile 2 kk + i / 2, row lane / 4 (i even) or + 8
+        const int j = 2 * kk + i / 2, e = 2 * (i % 2);
+        const float2 f = split.cols(j);
+        split_half2(v[j][e] * (f.x * split.scale), v[j][e + 1] * (f.y * split.scale), a.hi[i], a.lo[i]);
       }
+      a.factor = split.unscale;
     } else if constexpr (std::is_same_v<T, float>) {
 #pragma unroll
       for (int h = 0; h < 2; ++h) {
@@ -436,13 +442,30 @@ struct WarpAcc {
   }
 };
 
+// The split of a warp's acc for WarpAcc::to_a (PairSplit), its columns' factors cols (NaN left
+// out of the maximum, as fmaxf does; it stays NaN in the halves).
+template <int kCols, class Cols>
+__device__ __forceinline__ PairSplit<Cols> pair_split_of(const WarpAcc<kCols>& acc, const Cols& cols) {
+  float top = 0.f;
+#pragma unroll
+  for (int j = 0; j < kCols / 8; ++j) {
+    const float2 f = cols(j);
+#pragma unroll
+    for (int e = 0; e < 4; ++e) top = fmaxf(top, fabsf(acc.v[j][e] * ((e & 1) ? f.y : f.x)));
+  }
+#pragma unroll
+  for (int offset = 16; offset > 0; offset /= 2) top = fmaxf(top, __shfl_xor_sync(0xffffffffu, top, offset));
+  const int e = pair_exponent_for(top);
+  return PairSplit<Cols>{cols, pow2(e), pow2(-e)};
+}
+
 // acc[m] (16 x kN each) += A (rows a_row0 + 16 m.. of a row-major [.][kK] smem tile) * B, with
 // load_b(b, kk, nn) giving B's fragments for k-step kk and n-tiles 2nn, 2nn + 1. Each B fragment
-// is loaded from shared memory once for all kM row tiles of the warp. factor: Fp32Pair's, the
-// product's 2^-(ea + eb) (MmaOperand<Fp32Pair>); the other types ignore it.
+// is loaded from shared memory once for all kM row tiles of the warp. (Fp32Pair: the product of
+// the scaled rows; the kernel scales the finished tile back, fp32_pair_tiles.cuh's scale_tile.)
 template <typename T, int kK, int kN, int kM, class TileA, class LoadB>
 __device__ __forceinline__ void warp_gemm_smem_a(WarpAcc<kN> (&acc)[kM], const TileA& a_tile, int a_row0,
-                                                 LoadB&& load_b, int lane, float factor = 1.f) {
+                                                 LoadB&& load_b, int lane) {
 #pragma unroll
   for (int kk = 0; kk < kK / 16; ++kk) {
     typename MmaOperand<T>::AFrag a[kM];
@@ -453,8 +476,7 @@ __device__ __forceinline__ void warp_gemm_smem_a(WarpAcc<kN> (&acc)[kM], const T
       typename MmaOperand<T>::BFrag b;
       load_b(b, kk, nn);
 #pragma unroll
-      for (int m = 0; m < kM; ++m)
-        MmaOperand<T>::mma_pair(acc[m].v[2 * nn], acc[m].v[2 * nn + 1], a[m], b, factor);
+      for (int m = 0; m < kM; ++m) MmaOperand<T>::mma_pair(acc[m].v[2 * nn], acc[m].v[2 * nn + 1], a[m], b);
     }
   }
 }
@@ -462,55 +484,58 @@ __device__ __forceinline__ void warp_gemm_smem_a(WarpAcc<kN> (&acc)[kM], const T
 // ... * B^T, where B is a [kN][kK] smem tile (rows b_row0..): the Q K^T pattern.
 template <typename T, int kK, int kN, int kM, class TileA, class TileB>
 __device__ __forceinline__ void warp_gemm_abt(WarpAcc<kN> (&acc)[kM], const TileA& a_tile, int a_row0,
-                                              const TileB& b_tile, int b_row0, int lane, float factor = 1.f) {
+                                              const TileB& b_tile, int b_row0, int lane) {
   warp_gemm_smem_a<T, kK, kN, kM>(
       acc, a_tile, a_row0,
-      [&](auto& b, int kk, int nn) { b_tile.load_b_nk(b, b_row0 + nn * 16, kk * 16, lane); }, lane, factor);
+      [&](auto& b, int kk, int nn) { b_tile.load_b_nk(b, b_row0 + nn * 16, kk * 16, lane); }, lane);
 }
 template <typename T, int kK, int kN, class TileA, class TileB>
 __device__ __forceinline__ void warp_gemm_abt(WarpAcc<kN>& acc, const TileA& a_tile, int a_row0,
-                                              const TileB& b_tile, int b_row0, int lane, float factor = 1.f) {
-  warp_gemm_abt<T, kK, kN, 1>(*reinterpret_cast<WarpAcc<kN>(*)[1]>(&acc), a_tile, a_row0, b_tile, b_row0, lane,
-                              factor);
+                                              const TileB& b_tile, int b_row0, int lane) {
+  warp_gemm_abt<T, kK, kN, 1>(*reinterpret_cast<WarpAcc<kN>(*)[1]>(&acc), a_tile, a_row0, b_tile, b_row0, lane);
 }
 
 // acc[m] (16 x kN each) += P[m] (16 x kK, register accumulators rounded to T) * B where B is a
 // [kK][kN] smem tile starting at row b_row0: the P V pattern, B loaded once for all kM.
-// Fp32Pair: P times p_scale is split (WarpAcc::to_a), and factor undoes it with B's scale.
-template <typename T, int kK, int kN, int kM, class TileB>
+// col_factors: Fp32Pair's scales of B's rows, as P's column factors (WarpAcc::to_a).
+template <typename T, int kK, int kN, int kM, class TileB, class ColFactors = UnitColumns>
 __device__ __forceinline__ void warp_gemm_rb(WarpAcc<kN> (&acc)[kM], const WarpAcc<kK> (&p)[kM],
-                                             const TileB& b_tile, int b_row0, int lane, float p_scale = 1.f,
-                                             float factor = 1.f) {
+                                             const TileB& b_tile, int b_row0, int lane,
+                                             const ColFactors& col_factors = {}) {
+  using Split = std::conditional_t<kIsPair<T>, PairSplit<ColFactors>, UnitColumns>;
+  Split splits[kM];
+  if constexpr (kIsPair<T>)
+#pragma unroll
+    for (int m = 0; m < kM; ++m) splits[m] = pair_split_of(p[m], col_factors);
 #pragma unroll
   for (int kk = 0; kk < kK / 16; ++kk) {
     typename MmaOperand<T>::AFrag a[kM];
 #pragma unroll
-    for (int m = 0; m < kM; ++m) p[m].template to_a<T>(a[m], kk, p_scale);
+    for (int m = 0; m < kM; ++m) p[m].template to_a<T>(a[m], kk, splits[m]);
 #pragma unroll
     for (int nn = 0; nn < kN / 16; ++nn) {
       typename MmaOperand<T>::BFrag b;
       b_tile.load_b_kn(b, b_row0 + kk * 16, nn * 16, lane);
 #pragma unroll
-      for (int m = 0; m < kM; ++m)
-        MmaOperand<T>::mma_pair(acc[m].v[2 * nn], acc[m].v[2 * nn + 1], a[m], b, factor);
+      for (int m = 0; m < kM; ++m) MmaOperand<T>::mma_pair(acc[m].v[2 * nn], acc[m].v[2 * nn + 1], a[m], b);
     }
   }
 }
-template <typename T, int kK, int kN, class TileB>
+template <typename T, int kK, int kN, class TileB, class ColFactors = UnitColumns>
 __device__ __forceinline__ void warp_gemm_rb(WarpAcc<kN>& acc, const WarpAcc<kK>& p, const TileB& b_tile,
-                                             int b_row0, int lane, float p_scale = 1.f, float factor = 1.f) {
+                                             int b_row0, int lane, const ColFactors& col_factors = {}) {
   warp_gemm_rb<T, kK, kN, 1>(*reinterpret_cast<WarpAcc<kN>(*)[1]>(&acc),
-                             *reinterpret_cast<const WarpAcc<kK>(*)[1]>(&p), b_tile, b_row0, lane, p_scale, factor);
+                             *reinterpret_cast<const WarpAcc<kK>(*)[1]>(&p), b_tile, b_row0, lane, col_factors);
 }
 
 // ... * B, where B is a [kK][.] smem tile read from column b_col0: the dS K pattern with dS
 // staged in smem.
 template <typename T, int kK, int kN, int kM, class TileA, class TileB>
 __device__ __forceinline__ void warp_gemm_ab(WarpAcc<kN> (&acc)[kM], const TileA& a_tile, int a_row0,
-                                             const TileB& b_tile, int b_col0, int lane, float factor = 1.f) {
+                                             const TileB& b_tile, int b_col0, int lane) {
   warp_gemm_smem_a<T, kK, kN, kM>(
       acc, a_tile, a_row0,
-      [&](auto& b, int kk, int nn) { b_tile.load_b_kn(b, kk * 16, b_col0 + nn * 16, lane); }, lane, factor);
+      [&](auto& b, int kk, int nn) { b_tile.load_b_kn(b, kk * 16, b_col0 + nn * 16, lane); }, lane);
 }
 
 // Stores a warp's 16 x kCols accumulator (scaled per row) into its rows of an smem tile,

@@ -1,13 +1,14 @@
 // float32 as fp16 pairs (csrc/cuda/fp32_pairs.h). On the host: the exponent the pre-pass scales
-// each (batch, head) by puts its largest |x| in [2^14, 2^15) (fp16's top binade but one, so that
-// hi cannot overflow and lo keeps 11 bits down to 2^-18 of it), wherever 2^e is a normal float
-// (e <= 126: largest values from 2^-112; below, e stays 126 and the largest lands lower);
-// pow2 is exact; and the scratch layout gives every input its own 16-byte aligned span. On a GPU
-// (skipped without one): one warp's products on pairs (mma_sm80.cuh: PairTile's fragments,
-// MmaOperand<Fp32Pair>, WarpAcc::to_a's split, the factors) against double precision, in both
-// of the kernels' patterns (Q K^T from two tiles, P V from registers and a tile), at scales far
-// apart: each element within 2^-20 of the sum of its products' magnitudes, where one fp16 or
-// TF32 product per element (the lo halves lost) would be off by about 2^-11.
+// each row by puts its largest |x| in [2^14, 2^15) (fp16's top binade but one, so that hi cannot
+// overflow and lo keeps 11 bits down to 2^-18 of it), wherever 2^e is a normal float (e <= 126:
+// largest values from 2^-112; below, e stays 126 and the largest lands lower); pow2 is exact; and
+// the scratch layout gives every input its own 16-byte aligned spans. On a GPU (skipped without
+// one): one warp's products on pairs (mma_sm80.cuh: PairTile's fragments, MmaOperand<Fp32Pair>,
+// WarpAcc::to_a's split; fp32_pair_tiles.cuh's row scales) against double precision, in both of
+// the kernels' patterns (Q K^T from two tiles, P V from registers and a tile), with every row at
+// a scale of its own, 1e-12 to 1e20 (one row of garbage a mask would hide among them): each
+// element within 2^-20 of the sum of its products' magnitudes, where one fp16 or TF32 product
+// per element (the lo halves lost) would be off by about 2^-11.
 #include <gtest/gtest.h>
 #include <cuda_runtime.h>
 #include <cmath>
@@ -16,8 +17,8 @@
 #include <random>
 #include <string>
 #include <vector>
+#include "../../csrc/cuda/fp32_pair_tiles.cuh"
 #include "../../csrc/cuda/fp32_pairs.h"
-#include "../../csrc/cuda/mma_sm80.cuh"
 
 namespace {
 
@@ -56,9 +57,9 @@ TEST(Fp32Pairs, ZeroAndSubnormalMaximaTakeTheLargestExponent) {
 
 TEST(Fp32Pairs, Pow2IsExactOverTheExponentsUsed) {
   for (int e = -126; e <= 126; ++e) EXPECT_EQ(cuflash::pow2(e), std::ldexp(1.f, e)) << "e " << e;
-  EXPECT_EQ(cuflash::pair_scale_for_bound(1.f), 16384.f);  // P <= 1
-  EXPECT_EQ(cuflash::pair_scale_for_bound(1.25f), 16384.f);  // dropout 0.2's 1 / (1 - p)
-  EXPECT_EQ(cuflash::pair_scale_for_bound(10.f), 2048.f);  // dropout 0.9's: 10 * 2048 < 2^15
+  EXPECT_EQ(cuflash::pow2(cuflash::pair_exponent_for(1.f)), 16384.f);   // P <= 1
+  EXPECT_EQ(cuflash::pow2(cuflash::pair_exponent_for(1.25f)), 16384.f);  // dropout 0.2's 1 / (1 - p)
+  EXPECT_EQ(cuflash::pow2(cuflash::pair_exponent_for(10.f)), 2048.f);    // dropout 0.9's: 10 * 2048 < 2^15
 }
 
 TEST(Fp32Pairs, ScratchGivesEachInputItsOwnAlignedSpan) {
@@ -74,11 +75,11 @@ TEST(Fp32Pairs, ScratchGivesEachInputItsOwnAlignedSpan) {
     const int inputs = with_dout ? 4 : 3;
     const int64_t heads[4] = {6, 2, 2, 6}, rows[4] = {3 * 77, 3 * 130, 3 * 130, 3 * 77};
     int64_t end = 0;
-    for (int i = 0; i < inputs; ++i) {  // the amax counters first, zeroed by one memset
-      EXPECT_GE(l.amax_offset[i], end);
-      EXPECT_LT(l.amax_offset[i], end + 16);
-      EXPECT_EQ(l.amax_offset[i] % 16, 0);
-      end = l.amax_offset[i] + 3 * heads[i] * 4;
+    for (int i = 0; i < inputs; ++i) {  // the row scales first, a float a row
+      EXPECT_GE(l.scales_offset[i], end);
+      EXPECT_LT(l.scales_offset[i], end + 16);
+      EXPECT_EQ(l.scales_offset[i] % 16, 0);
+      end = l.scales_offset[i] + rows[i] * heads[i] * 4;
     }
     for (int i = 0; i < inputs; ++i) {
       EXPECT_GE(l.rows_offset[i], end);
@@ -88,27 +89,31 @@ TEST(Fp32Pairs, ScratchGivesEachInputItsOwnAlignedSpan) {
     }
     EXPECT_EQ(l.bytes, end);
   }
-  // Packed: one amax a head, the rows the totals.
+  // Packed: the rows the totals.
   int cu[4] = {0, 70, 70, 199};
   p.varlen.cu_seqlens_q = cu;
   p.varlen.total_q = 199;
   p.varlen.total_k = 166;
   const cuflash::PairScratchLayout l = cuflash::pair_scratch_layout(p, 64, false);
-  EXPECT_EQ(l.amax_offset[1] - l.amax_offset[0], 32);  // 6 heads' 24 bytes, rounded up
+  EXPECT_EQ(l.scales_offset[1] - l.scales_offset[0], (199 * 6 * 4 + 15) / 16 * 16);  // to 16 bytes
   EXPECT_EQ(l.rows_offset[1] - l.rows_offset[0], 199 * 6 * 64 * 4);
   EXPECT_EQ(l.bytes - l.rows_offset[2], 166 * 2 * 64 * 4);
 }
 
-// x (a row-major [kRows][kCols] float block) times 2^e, split into a PairTile's rows, by one warp.
+// x (a row-major [kRows][kCols] float block), row r times 2^e[r], split into a PairTile's rows,
+// and 2^-e[r] into unscale[r], by one warp.
 template <int kRows, int kCols>
-__device__ void split_into(const cuflash::PairTile<kRows, kCols>& tile, const float* x, float scale, int lane) {
+__device__ void split_into(const cuflash::PairTile<kRows, kCols>& tile, float* unscale, const float* x, const int* e,
+                           int lane) {
   for (int i = lane; i < kRows * kCols / 2; i += 32) {
     const int r = i / (kCols / 2), c = 2 * (i % (kCols / 2));
+    const float scale = cuflash::pow2(e[r]);
     uint32_t hi, lo;
     cuflash::split_half2(x[r * kCols + c] * scale, x[r * kCols + c + 1] * scale, hi, lo);
     *reinterpret_cast<uint32_t*>(tile.halves().at(r, c)) = hi;
     *reinterpret_cast<uint32_t*>(tile.halves().at(r, kCols + c)) = lo;
   }
+  for (int r = lane; r < kRows; r += 32) unscale[r] = cuflash::pow2(-e[r]);
 }
 template <int kCols>
 __device__ void store_acc(const cuflash::WarpAcc<kCols>& acc, float* out, int lane) {
@@ -117,32 +122,35 @@ __device__ void store_acc(const cuflash::WarpAcc<kCols>& acc, float* out, int la
     for (int e = 0; e < 4; ++e) out[Acc::row_of(e, lane) * kCols + Acc::col_of(j, e, lane)] = acc.v[j][e];
 }
 
-// out (16 x kN) = a (16 x kK) b^T (b: kN x kK): the Q K^T pattern, both operands split into tiles
-// at 2^ea and 2^eb, the product scaled back by 2^-(ea + eb).
+// out (16 x kN) = a (16 x kK) b^T (b: kN x kK): the Q K^T pattern, every row of both split at
+// its own 2^e, the finished tile scaled back by its rows' and columns'.
 template <int kK, int kN>
-__global__ void pair_abt_kernel(const float* a, const float* b, int ea, int eb, float* out) {
+__global__ void pair_abt_kernel(const float* a, const float* b, const int* ea, const int* eb, float* out) {
   __shared__ alignas(16) cuflash::Fp32Pair a_rows[cuflash::PairTile<16, kK>::kElems];
   __shared__ alignas(16) cuflash::Fp32Pair b_rows[cuflash::PairTile<kN, kK>::kElems];
+  __shared__ alignas(16) float a_unscale[16], b_unscale[kN];
   const cuflash::PairTile<16, kK> ta{a_rows};
   const cuflash::PairTile<kN, kK> tb{b_rows};
   const int lane = threadIdx.x;
-  split_into(ta, a, cuflash::pow2(ea), lane);
-  split_into(tb, b, cuflash::pow2(eb), lane);
+  split_into(ta, a_unscale, a, ea, lane);
+  split_into(tb, b_unscale, b, eb, lane);
   __syncwarp();
   cuflash::WarpAcc<kN> acc;
   acc.zero();
-  cuflash::warp_gemm_abt<cuflash::Fp32Pair, kK, kN>(acc, ta, 0, tb, 0, lane, cuflash::pow2(-ea) * cuflash::pow2(-eb));
+  cuflash::warp_gemm_abt<cuflash::Fp32Pair, kK, kN>(acc, ta, 0, tb, 0, lane);
+  cuflash::scale_tile(acc, a_unscale, cuflash::ColumnUnscales{b_unscale, lane});
   store_acc(acc, out, lane);
 }
 
-// out (16 x kN) = p (16 x kK, an accumulator split in registers at p_scale) v (kK x kN, a tile
-// at 2^ev): the P V pattern.
+// out (16 x kN) = p (16 x kK, an accumulator split in registers) v (kK x kN, a tile whose rows
+// are split at their own 2^e, whose 2^-e are p's column factors): the P V pattern.
 template <int kK, int kN>
-__global__ void pair_rb_kernel(const float* p, const float* v, float p_scale, int ev, float* out) {
+__global__ void pair_rb_kernel(const float* p, const float* v, const int* ev, float* out) {
   __shared__ alignas(16) cuflash::Fp32Pair v_rows[cuflash::PairTile<kK, kN>::kElems];
+  __shared__ alignas(16) float v_unscale[kK];
   const cuflash::PairTile<kK, kN> tv{v_rows};
   const int lane = threadIdx.x;
-  split_into(tv, v, cuflash::pow2(ev), lane);
+  split_into(tv, v_unscale, v, ev, lane);
   __syncwarp();
   using PAcc = cuflash::WarpAcc<kK>;
   PAcc pacc;
@@ -150,25 +158,36 @@ __global__ void pair_rb_kernel(const float* p, const float* v, float p_scale, in
     for (int e = 0; e < 4; ++e) pacc.v[j][e] = p[PAcc::row_of(e, lane) * kK + PAcc::col_of(j, e, lane)];
   cuflash::WarpAcc<kN> acc;
   acc.zero();
-  cuflash::warp_gemm_rb<cuflash::Fp32Pair, kK, kN>(acc, pacc, tv, 0, lane, p_scale, cuflash::pow2(-ev) / p_scale);
+  cuflash::warp_gemm_rb<cuflash::Fp32Pair, kK, kN>(acc, pacc, tv, 0, lane, cuflash::ColumnUnscales{v_unscale, lane});
   store_acc(acc, out, lane);
 }
 
-float largest(const std::vector<float>& x) {
-  float top = 0.f;
-  for (const float v : x) top = std::fmax(top, std::fabs(v));
-  return top;
-}
-std::vector<float> random_block(int n, float scale, std::mt19937& rng) {
+// rows x cols normal values, row r times 10^(draw in [-lo, hi]): every row at a scale of its own.
+std::vector<float> random_rows(int rows, int cols, float lo, float hi, std::mt19937& rng) {
   std::normal_distribution<float> normal;
-  std::vector<float> x(n);
-  for (float& v : x) v = scale * normal(rng);
+  std::uniform_real_distribution<float> exponent(-lo, hi);
+  std::vector<float> x(rows * cols);
+  for (int r = 0; r < rows; ++r) {
+    const float scale = std::pow(10.f, exponent(rng));
+    for (int c = 0; c < cols; ++c) x[r * cols + c] = scale * normal(rng);
+  }
   return x;
 }
-float* to_device(const std::vector<float>& x) {
-  float* d = nullptr;
-  cudaMalloc(&d, x.size() * sizeof(float));
-  cudaMemcpy(d, x.data(), x.size() * sizeof(float), cudaMemcpyHostToDevice);
+// Each row's exponent, as the pre-pass takes it (its largest finite |x|).
+std::vector<int> row_exponents(const std::vector<float>& x, int rows, int cols) {
+  std::vector<int> e(rows);
+  for (int r = 0; r < rows; ++r) {
+    float top = 0.f;
+    for (int c = 0; c < cols; ++c) top = std::fmax(top, std::fabs(x[r * cols + c]));
+    e[r] = cuflash::pair_exponent(bits_of(top));
+  }
+  return e;
+}
+template <class V>
+V* to_device(const std::vector<V>& x) {
+  V* d = nullptr;
+  cudaMalloc(&d, x.size() * sizeof(V));
+  cudaMemcpy(d, x.data(), x.size() * sizeof(V), cudaMemcpyHostToDevice);
   return d;
 }
 // The first element of got (16 x n) off from sum_k a(i, k) b(k, j) (a_at, b_at) by more than
@@ -194,36 +213,44 @@ TEST(Fp32Pairs, WarpProductsKeepFloat32sAccuracy) {
   if (cudaGetDeviceCount(&devices) != cudaSuccess || devices == 0) GTEST_SKIP() << "no CUDA device";
   constexpr int kK = 64, kN = 32;  // Q K^T: head dim 64, 32 keys; P V: 64 keys, head dim 32
   std::mt19937 rng(3);
-  for (const auto& [sa, sb] : {std::pair{1.f, 1.f}, std::pair{1e-20f, 1e15f}, std::pair{3e18f, 2e-25f}}) {
-    SCOPED_TRACE("scales " + std::to_string(sa) + ", " + std::to_string(sb));
-    const std::vector<float> a = random_block(16 * kK, sa, rng), b = random_block(kN * kK, sb, rng);
-    const int ea = cuflash::pair_exponent(bits_of(largest(a))), eb = cuflash::pair_exponent(bits_of(largest(b)));
+  for (const auto& [lo, hi] : {std::pair{0.f, 0.f}, std::pair{12.f, 8.f}}) {
+    SCOPED_TRACE("rows at 1e-" + std::to_string(lo) + " to 1e" + std::to_string(hi));
+    const std::vector<float> a = random_rows(16, kK, lo, hi, rng);
+    std::vector<float> b = random_rows(kN, kK, lo, hi, rng);
+    constexpr int kGarbage = 5;  // a key row near 1e20 (garbage a mask hides): P is 0 on it below
+    for (int c = 0; c < kK; ++c) b[kGarbage * kK + c] *= 1e20f / std::pow(10.f, hi);
     float *da = to_device(a), *db = to_device(b), *dout = nullptr;
+    int *dea = to_device(row_exponents(a, 16, kK)), *deb = to_device(row_exponents(b, kN, kK));
     cudaMalloc(&dout, 16 * kN * sizeof(float));
     std::vector<float> got(16 * kN);
-    pair_abt_kernel<kK, kN><<<1, 32>>>(da, db, ea, eb, dout);
+    pair_abt_kernel<kK, kN><<<1, 32>>>(da, db, dea, deb, dout);
     ASSERT_EQ(cudaMemcpy(got.data(), dout, got.size() * sizeof(float), cudaMemcpyDeviceToHost), cudaSuccess);
     EXPECT_EQ(product_mismatch(got, kN, kK, [&](int i, int t) { return a[i * kK + t]; },
                                [&](int t, int j) { return b[j * kK + t]; }),
               "")
         << "Q K^T";
-    // P V: p of P's range (0 to 1, or a dropout factor's 1 / (1 - p) = 5) at its bound's scale, v of b's.
+    // P V: p of P's range (0 to 1, or a dropout factor's 1 / (1 - p) = 5), v rows (b's, as kK x kN)
+    // at scales of their own, the garbage ones (b's row 5: v's 10 and 11) where P is 0.
+    const std::vector<float>& v = b;
+    int* dev = to_device(row_exponents(v, kK, kN));
     for (const float bound : {1.f, 5.f}) {
       std::uniform_real_distribution<float> prob(0.f, bound);
       std::vector<float> p(16 * kK);
       for (float& x : p) x = prob(rng);
+      for (int i = 0; i < 16; ++i)
+        for (const int key : {2 * kGarbage, 2 * kGarbage + 1}) p[i * kK + key] = 0.f;
       float* dp = to_device(p);
-      pair_rb_kernel<kK, kN><<<1, 32>>>(dp, db, cuflash::pair_scale_for_bound(bound), eb, dout);
+      pair_rb_kernel<kK, kN><<<1, 32>>>(dp, db, dev, dout);
       ASSERT_EQ(cudaMemcpy(got.data(), dout, got.size() * sizeof(float), cudaMemcpyDeviceToHost), cudaSuccess);
       EXPECT_EQ(product_mismatch(got, kN, kK, [&](int i, int t) { return p[i * kK + t]; },
-                                 [&](int t, int j) { return b[t * kN + j]; }),
+                                 [&](int t, int j) { return v[t * kN + j]; }),
                 "")
           << "P V, P up to " << bound;
       cudaFree(dp);
     }
-    cudaFree(da);
-    cudaFree(db);
-    cudaFree(dout);
+    for (void* ptr : {static_cast<void*>(da), static_cast<void*>(db), static_cast<void*>(dout),
+                      static_cast<void*>(dea), static_cast<void*>(deb), static_cast<void*>(dev)})
+      cudaFree(ptr);
   }
 }
 
