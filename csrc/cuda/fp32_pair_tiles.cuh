@@ -34,8 +34,10 @@ struct ColumnUnscales {
 };
 
 // An accumulated warp tile times the scales of its 16 rows (staged from rows_first) and of its
-// columns: the true product (one factor at a time, so that a zero padding element stays 0 where
-// the two factors' product would not be finite).
+// columns: the true product. One factor at a time, the smaller first: the intermediate overflows
+// only where the product does (a row of 1e32 against one of 1, say, whose scales' product is
+// finite but whose larger scale times the tile is not), and a zero padding element stays 0 where
+// the two scales' product would not be finite.
 template <int kN>
 __device__ __forceinline__ void scale_tile(WarpAcc<kN>& t, const float* rows_first, const ColumnUnscales& cols) {
   const float row[2] = {rows_first[cols.lane >> 2], rows_first[(cols.lane >> 2) + 8]};
@@ -43,8 +45,23 @@ __device__ __forceinline__ void scale_tile(WarpAcc<kN>& t, const float* rows_fir
   for (int j = 0; j < kN / 8; ++j) {
     const float2 c = cols(j);
 #pragma unroll
-    for (int e = 0; e < 4; ++e) t.v[j][e] = t.v[j][e] * row[e >> 1] * ((e & 1) ? c.y : c.x);
+    for (int e = 0; e < 4; ++e) {
+      const float r = row[e >> 1], col = (e & 1) ? c.y : c.x;
+      t.v[j][e] = t.v[j][e] * fminf(r, col) * fmaxf(r, col);
+    }
   }
+}
+
+// Rows of a warp tile past `rows` (first row row0) set to 0: the forward's P on padding query
+// rows, which no lse zeroes as the backward's, and which would otherwise take part in the warp's
+// split scale (pair_split_of) with the keys they see.
+template <int kN>
+__device__ __forceinline__ void zero_rows_past(WarpAcc<kN>& t, int row0, int rows, int lane) {
+#pragma unroll
+  for (int r = 0; r < 2; ++r)
+    if (row0 + (lane >> 2) + 8 * r >= rows)
+#pragma unroll
+      for (int j = 0; j < kN / 8; ++j) t.v[j][2 * r] = t.v[j][2 * r + 1] = 0.f;
 }
 
 }  // namespace cuflash

@@ -415,7 +415,9 @@ struct WarpAcc {
       for (int i = 0; i < 4; ++i) {  // register i: tile 2 kk + i / 2, row lane / 4 (i even) or + 8
         const int j = 2 * kk + i / 2, e = 2 * (i % 2);
         const float2 f = split.cols(j);
-        split_half2(v[j][e] * (f.x * split.scale), v[j][e + 1] * (f.y * split.scale), a.hi[i], a.lo[i]);
+        // (value * factor) * scale: at most 2^15 by the scale's choice, where factor * scale
+        // alone can overflow (a zero tile's scale is 2^126) and turn a 0 into NaN.
+        split_half2(v[j][e] * f.x * split.scale, v[j][e + 1] * f.y * split.scale, a.hi[i], a.lo[i]);
       }
       a.factor = split.unscale;
     } else if constexpr (std::is_same_v<T, float>) {

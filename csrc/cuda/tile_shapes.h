@@ -22,7 +22,8 @@ struct FwdTile {
   // fit beside the O accumulators (at 128 two of 64 keys spill). float32: 32 up to head dim 64,
   // 16 above, so that three CTAs fit an SM's shared memory (kMinBlocks; 55-70 KiB each). As fp16
   // pairs (16-bit fragments, the registers of the 16-bit kernels, 4 bytes an element): the
-  // 16-bit kernels' keys up to 128 (45-99 KiB), 16 at 256 (130 KiB). Not yet measured
+  // 16-bit kernels' keys up to 128 (46-100 KiB with the rows' scales: at 128 just over sm_86/89's
+  // 99 KiB a block, where float32 then runs 3xTF32), 16 at 256 (131 KiB). Not yet measured
   // (benchmarks/NOTES.md).
   static constexpr int kBlockN = kPairs ? (kHeadDim <= 64 ? 64 : kHeadDim <= 128 ? 32 : 16)
                                  : kElemBytes == 4 ? (kHeadDim <= 64 ? 32 : 16)
@@ -58,8 +59,8 @@ struct BwdTile {
   // spill 400 at 128, and the dQ kernel's 139 KiB at 128 would leave one CTA an SM). The backward
   // takes 104 KiB at 128 and 203 KiB at 256 (the forward 135 at 256): where a GPU grants a block
   // less (A100 163, sm_86/89 99), float32 runs the CUDA-core kernels there. As fp16 pairs (16-bit
-  // fragments, 4 bytes an element): the dQ kernel 32 keys a step up to 128, 16 at 256 (68, 132,
-  // 195 KiB at 64, 128, 256); the dK/dV kernel 32 queries at 64, 16 above (68, 99, 195 KiB: at 128
+  // fragments, 4 bytes an element): the dQ kernel 32 keys a step up to 128, 16 at 256 (69, 133,
+  // 196 KiB at 64, 128, 256); the dK/dV kernel 32 queries at 64, 16 above (70, 100, 196 KiB: at 128
   // 32 spilled 332 bytes, ptxas sm_80). Not yet measured.
   static constexpr bool kFloat32 = kElemBytes == 4;
   static constexpr int kFloat32Rows = kPairs ? (kHeadDim <= 128 ? 32 : 16) : kHeadDim <= 64 ? 32 : 16;

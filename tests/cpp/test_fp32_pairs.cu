@@ -229,14 +229,14 @@ TEST(Fp32Pairs, WarpProductsKeepFloat32sAccuracy) {
                                [&](int t, int j) { return b[j * kK + t]; }),
               "")
         << "Q K^T";
-    // P V: p of P's range (0 to 1, or a dropout factor's 1 / (1 - p) = 5), v rows (b's, as kK x kN)
-    // at scales of their own, the garbage ones (b's row 5: v's 10 and 11) where P is 0.
+    // P V: p of P's range (0 to 1, or a dropout factor's 1 / (1 - p) = 5, or all 0), v rows (b's,
+    // as kK x kN) at scales of their own, the garbage ones (b's row 5: v's 10 and 11) where P is 0.
     const std::vector<float>& v = b;
     int* dev = to_device(row_exponents(v, kK, kN));
-    for (const float bound : {1.f, 5.f}) {
+    for (const float bound : {1.f, 5.f, 0.f}) {  // 0: a tile the mask hides whole (its split scale 2^126)
       std::uniform_real_distribution<float> prob(0.f, bound);
       std::vector<float> p(16 * kK);
-      for (float& x : p) x = prob(rng);
+      for (float& x : p) x = bound > 0.f ? prob(rng) : 0.f;
       for (int i = 0; i < 16; ++i)
         for (const int key : {2 * kGarbage, 2 * kGarbage + 1}) p[i * kK + key] = 0.f;
       float* dp = to_device(p);
