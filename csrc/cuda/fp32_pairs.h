@@ -6,13 +6,14 @@
 // products run at twice TF32's rate and fp16 tiles read by ldmatrix, so this is the 3xTF32
 // kernels' accuracy at about twice their tensor-core throughput (benchmarks/fp32_split_model.py
 // models both: the same error over the accuracy rule's cases).
-// A power of two a row, not a (batch, head): one outlier, or a masked key holding garbage, costs
-// only its own row bits. The scales come back where each operand's rows lie in the product:
+// A power of two a row, not a (batch, head): one input outlier, or a masked key holding garbage,
+// costs only its own row bits. The scales come back where each operand's rows lie in the product:
 // - rows of the output (Q in Q K^T, K in K Q^T, ...) and its columns (K in Q K^T): the
 //   accumulated tile times 2^-e of its row and of its column (fp32_pair_tiles.cuh's scale_tile);
 // - rows summed over (V in P V, K in dS K, Q in dS^T Q, dO in P^T dO): their 2^-e multiplies the
 //   matching column of the register operand (P or dS) before it is split (WarpAcc::to_a), which
-//   takes a power of two of its own a row and 16-column slice from its largest |value|.
+//   takes one power of two a warp tile from its largest |value| (PairSplit: so a row of P or dS
+//   keeps full precision down to 2^-17 of its tile's largest value, not of its own).
 #pragma once
 #include <cuda_runtime.h>
 #include <cstdint>

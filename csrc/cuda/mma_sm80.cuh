@@ -205,8 +205,8 @@ struct MmaOperand<Fp32Pair> {
   }
 };
 
-// x0 and x1 (times scale) as fp16 pairs: hi, rounded to nearest, and lo = the rest, rounded
-// (exact where the rest is an fp16 normal: 11 more bits).
+// x0 and x1 (already scaled into fp16's range) as fp16 pairs: hi, rounded to nearest, and lo =
+// the rest, rounded (exact where the rest is an fp16 normal: 11 more bits).
 __device__ __forceinline__ void split_half2(float x0, float x1, uint32_t& hi, uint32_t& lo) {
   const __half2 h = __floats2half2_rn(x0, x1);
   const float2 back = __half22float2(h);
@@ -375,9 +375,12 @@ struct UnitColumns {
 // (cols(j): this lane's two columns of 8-column tile j; the scales of the rows the product sums
 // over), at the power of two the warp tile's largest |value * factor| takes (fp16's range, as
 // the pre-pass's rows: fp32_pairs.h), undone by the fragment's factor. One a warp, not a row:
-// warp-uniform, it stays out of the registers the kernels are short of (a row's, at head dim
-// 128, spilled 388 bytes in the dK/dV kernel, ptxas sm_90a); a row then keeps full precision
-// down to 2^-17 of the tile's largest value, where its error is that value's rounding.
+// warp-uniform, it stays out of the registers the kernels are short of (a row's spilled 340-820
+// bytes in the dK/dV kernel at head dim 128 and every kernel at 256, ptxas sm_90a). The cost: a
+// row keeps full precision only down to 2^-17 of its tile's largest value, below which its error
+// is that value's rounding (a review modelled dq rows beside a dout row 1e10 larger at 4e-2 of
+// their own size, a rarely attended key's dv at 1e-2: within the rule's 1e-5 of the tensor's
+// largest, not of their own; benchmarks/NOTES.md).
 template <class Cols>
 struct PairSplit {
   Cols cols;
