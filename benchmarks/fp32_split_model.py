@@ -1,10 +1,10 @@
 """A model, on the CPU, of how float32 attention fares when every matmul runs on 16-bit-input
 tensor cores with its operands split in two: the 3xTF32 split the float32 kernels use (x = big +
-small, both TF32, six m16n8k8 products a k16 step) against fp16 pairs (x * 2^e = hi + lo, both
-fp16, three m16n8k16 products a k16 step; e a power of two that puts the largest |x| in [2^14,
-2^15), so that neither part overflows and the small ones keep their bits: as csrc/cuda/fp32_pairs.h
-takes them, one a row for the inputs, one a 16-row tile for the computed P and dS, whose columns
-first take the 2^-e of the input rows they multiply).
+small, both TF32, six m16n8k8 products a k16 step) against fp16 pairs (x * 2^e = hi + lo 2^-11,
+both fp16, three m16n8k16 products a k16 step; e a power of two that puts the largest |x| in
+[2^14, 2^15), so that neither part overflows and the small ones keep their bits: as
+csrc/cuda/fp32_pairs.h takes them, one a row for the inputs, one a 16-row tile for the computed P
+and dS, whose columns first take the 2^-e of the input rows they multiply).
 
 The tensor cores are modelled as the float32 kernels' comments describe them: each product of the
 inputs exact, each instruction's sum (its products and the accumulator it adds to) rounded toward
@@ -40,10 +40,11 @@ def tf32_split(x):
 
 
 def fp16_split(x, exponent):
-    """x * 2^exponent = hi + lo, both fp16 (exponent broadcast against x)."""
+    """x * 2^exponent = hi + lo 2^-11, both fp16 (exponent broadcast against x; lo the rest times
+    2^11, as split_half2 takes it)."""
     xs = x * torch.exp2(exponent)
     hi = xs.half().float()
-    return hi, (xs - hi).half().float()
+    return hi, ((xs - hi) * 2048).half().float()
 
 
 def exponent_of(amax):
@@ -64,8 +65,9 @@ def tile_exponents(x, rows=16):
     return exponent_of(tops).expand(*tops.shape[:-2], rows, 1).flatten(-3, -2)[..., :m, :]
 
 
-def tensor_core_matmul(products, k_step, k_width):
-    """sum over k of a b, given as the (a_part, b_part) products to issue (small ones first);
+def tensor_core_matmul(products, k_step, k_width, small_scale=1.0):
+    """sum over k of a b, given as the (a_part, b_part) products to issue (small ones first, the
+    big one last; the sum scaled by small_scale before the last: the pairs' 2^-11);
     k_width the instruction's k (8 TF32, 16 fp16), k_step the kernels' fresh-sum width (16)."""
     a0, b0 = products[0]
     k = a0.shape[-1]
@@ -73,7 +75,9 @@ def tensor_core_matmul(products, k_step, k_width):
     for k0 in range(0, k, k_step):
         t = torch.zeros_like(out)
         for k1 in range(k0, min(k0 + k_step, k), k_width):
-            for a, b in products:
+            for i, (a, b) in enumerate(products):
+                if i == len(products) - 1:
+                    t = t * small_scale
                 sl = slice(k1, min(k1 + k_width, k))
                 t = round_toward_zero(t.double() + a[..., sl].double() @ b[..., sl, :].double())
         out = out + t
@@ -91,12 +95,12 @@ def matmul(kind, a, b, computed=False):
     if not computed:
         ea, eb = row_exponents(a), row_exponents(b.transpose(-2, -1)).transpose(-2, -1)
         (ah, al), (bh, bl) = fp16_split(a, ea), fp16_split(b, eb)
-        return tensor_core_matmul([(al, bh), (ah, bl), (ah, bh)], 16, 16) * torch.exp2(-ea) * torch.exp2(-eb)
+        return tensor_core_matmul([(al, bh), (ah, bl), (ah, bh)], 16, 16, 2.0**-11) * torch.exp2(-ea) * torch.exp2(-eb)
     eb = row_exponents(b)
     a = a * torch.exp2(-eb).transpose(-2, -1)
     ea = tile_exponents(a)
     (ah, al), (bh, bl) = fp16_split(a, ea), fp16_split(b, eb)
-    return tensor_core_matmul([(al, bh), (ah, bl), (ah, bh)], 16, 16) * torch.exp2(-ea)
+    return tensor_core_matmul([(al, bh), (ah, bl), (ah, bh)], 16, 16, 2.0**-11) * torch.exp2(-ea)
 
 
 def attention(kind, q, k, v, dout):

@@ -37,7 +37,8 @@ __device__ __forceinline__ void split_input_pair(float x, float y, uint32_t& hi,
   const __half2 h = *reinterpret_cast<const __half2*>(&hi);
   if (__hisinf(__low2half(h)) || __hisinf(__high2half(h))) {
     const float2 back = __half22float2(h);
-    const __half2 l = __floats2half2_rn(isinf(back.x) ? 0.f : x - back.x, isinf(back.y) ? 0.f : y - back.y);
+    const __half2 l = __floats2half2_rn(isinf(back.x) ? 0.f : (x - back.x) * kPairLoScale,
+                                        isinf(back.y) ? 0.f : (y - back.y) * kPairLoScale);
     lo = *reinterpret_cast<const uint32_t*>(&l);
   }
 }
