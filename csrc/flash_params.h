@@ -114,7 +114,8 @@ struct PagedKvParams {
 
 // float32 on the 16-bit tensor cores as fp16 pairs (cuda/fp32_pairs.h): a 4-byte unit of the
 // pre-pass's rows, each padded_dim units long (the kernel's head-dim bucket): the hi halves of
-// the row's elements, then their lo halves, both of the row times its own power of two.
+// the row's elements, then their lo halves (the rest, times 2^11), both of the row times its own
+// power of two.
 struct Fp32Pair {
   uint32_t bits;
 };

@@ -31,7 +31,7 @@ struct PrepassInputs {
   int head_dim, padded_dim;
 };
 
-// x 2^e = hi + lo for x and y: split_half2, but an infinite x keeps lo 0 (inf - inf is NaN).
+// x 2^e = hi + lo 2^-11 for x and y: split_half2, but an infinite x keeps lo 0 (inf - inf is NaN).
 __device__ __forceinline__ void split_input_pair(float x, float y, uint32_t& hi, uint32_t& lo) {
   split_half2(x, y, hi, lo);
   const __half2 h = *reinterpret_cast<const __half2*>(&hi);

@@ -1,8 +1,8 @@
 // float32 on the 16-bit tensor cores as fp16 pairs (CUFLASH_FP32=pairs): a pre-pass splits each
 // row x of each float32 input into hi + lo 2^-11 = x 2^e, both fp16, e the power of two that puts
 // the row's largest finite |x| in [2^14, 2^15) (so that neither half overflows; lo, the rest times
-// 2^11, keeps its bits down to 2^-28 of the row's largest, and a value 1e-5 of its own size down
-// to ~2^-34 of it: mma_sm80.cuh's split_half2); the sm_80-class kernels then run on the halves (T =
+// 2^11, keeps its bits down to 2^-28 of the row's largest, and a product 1e-5 of its own size
+// down to ~2^-32 of it: mma_sm80.cuh's split_half2); the sm_80-class kernels then run on the halves (T =
 // Fp32Pair: mma_sm80.cuh's three fp16 products a k16 step) and scale each product back. fp16
 // products run at twice TF32's rate and fp16 tiles read by ldmatrix, so this is the 3xTF32
 // kernels' accuracy at about twice their tensor-core throughput (benchmarks/fp32_split_model.py
@@ -14,7 +14,7 @@
 // - rows summed over (V in P V, K in dS K, Q in dS^T Q, dO in P^T dO): their 2^-e multiplies the
 //   matching column of the register operand (P or dS) before it is split (WarpAcc::to_a), which
 //   takes one power of two a warp tile from its largest |value| (PairSplit: so a row of P or dS
-//   keeps 1e-5 of its own size down to ~2^-34 of its tile's largest value, not further).
+//   keeps 1e-5 of its own size down to ~2^-32 of its tile's largest value, not further).
 #pragma once
 #include <cuda_runtime.h>
 #include <cstdint>

@@ -178,8 +178,8 @@ struct MmaOperand<float> {
 // (fp32_pairs.h), so that a b 2^(ea + eb) ~ hi_a hi_b + (hi_a lo_b + lo_a hi_b) 2^-11 (lo lo,
 // 2^-22 of it, left out), each product exact in the tensor cores' fp32. lo is the rest times 2^11
 // (Ootomo and Yokota's split): it keeps its bits 11 binades further down than the rest itself
-// would, so a value keeps 1e-5 of its own size down to ~2^-34 of its row's (or tile's) largest,
-// not ~2^-23. As MmaOperand<float>, each k16 step's products (the small ones first, their sum
+// would, so a product keeps 1e-5 of its own size down to ~2^-32 of its operand row's (or tile's)
+// largest (~2^-30 where both operands are that small), not ~2^-23. As MmaOperand<float>, each k16 step's products (the small ones first, their sum
 // then times 2^-11) go into a fresh sum t, added to d rounded to nearest; an A fragment split in
 // registers (WarpAcc::to_a) scales t back by its 2^-e (factor; 1 from shared memory, whose rows'
 // scales the kernel applies to the finished tile): one FFMA where the others add, and an FMUL.
@@ -215,8 +215,8 @@ struct MmaOperand<Fp32Pair> {
 };
 
 // x0 and x1 (already scaled into fp16's range) as fp16 pairs: hi, rounded to nearest, and lo =
-// the rest times 2^11, rounded (MmaOperand<Fp32Pair>: exact where that is an fp16 normal, and
-// at most 2^15: the rest is at most half an ulp of hi).
+// the rest times 2^11, rounded (MmaOperand<Fp32Pair>): x ~ hi + lo 2^-11 to 2^-22 relative where
+// x >= 2^-14, and |lo| <= 2^14 (the rest is at most half an ulp of hi).
 __device__ __forceinline__ void split_half2(float x0, float x1, uint32_t& hi, uint32_t& lo) {
   const __half2 h = __floats2half2_rn(x0, x1);
   const float2 back = __half22float2(h);
@@ -387,8 +387,8 @@ struct UnitColumns {
 // the pre-pass's rows: fp32_pairs.h), undone by the fragment's factor. One a warp, not a row:
 // warp-uniform, it stays out of the registers the kernels are short of (a row's spilled 340-820
 // bytes in the dK/dV kernel at head dim 128 and every kernel at 256, ptxas sm_90a). The cost: a
-// row keeps 1e-5 of its own size only down to ~2^-34 of its tile's largest value (lo scaled by
-// 2^11; without that, 2^-23: a review modelled dq rows beside a dout row 1e10 larger at 4e-2 of
+// row's products keep 1e-5 of their own size only down to ~2^-32 of its tile's largest value (lo
+// scaled by 2^11; without that, 2^-23: a review modelled dq rows beside a dout row 1e10 larger at 4e-2 of
 // their own size, a rarely attended key's dv at 1e-2); below, its error is that value's rounding,
 // within the rule's 1e-5 of the tensor's largest but not of its own (benchmarks/NOTES.md).
 template <class Cols>

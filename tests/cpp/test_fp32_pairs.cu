@@ -6,9 +6,10 @@
 // one): one warp's products on pairs (mma_sm80.cuh: PairTile's fragments, MmaOperand<Fp32Pair>,
 // WarpAcc::to_a's split; fp32_pair_tiles.cuh's row scales) against double precision, in both of
 // the kernels' patterns (Q K^T from two tiles, P V from registers and a tile), with every row at
-// a scale of its own, 1e-12 to 1e20 (one row of garbage a mask would hide among them): each
-// element within 2^-20 of the sum of its products' magnitudes, where one fp16 or TF32 product
-// per element (the lo halves lost) would be off by about 2^-11.
+// a scale of its own, 1e-12 to 1e20 (one row of garbage a mask would hide among them; a row of P
+// at 1e-7 of its tile's others): each element within 2^-20 of the sum of its products'
+// magnitudes, where one fp16 or TF32 product per element (the lo halves lost) would be off by
+// about 2^-11.
 #include <gtest/gtest.h>
 #include <cuda_runtime.h>
 #include <cmath>
@@ -239,6 +240,10 @@ TEST(Fp32Pairs, WarpProductsKeepFloat32sAccuracy) {
       for (float& x : p) x = bound > 0.f ? prob(rng) : 0.f;
       for (int i = 0; i < 16; ++i)
         for (const int key : {2 * kGarbage, 2 * kGarbage + 1}) p[i * kK + key] = 0.f;
+      // Row 3 at 1e-7 of the tile's others (a rarely attended key's row of P^T): split at the
+      // tile's scale, its rest is an fp16 subnormal, which lo's 2^11 keeps (unscaled it would miss
+      // the 2^-20 bound by ~2^4).
+      for (int key = 0; key < kK; ++key) p[3 * kK + key] *= 1e-7f;
       float* dp = to_device(p);
       pair_rb_kernel<kK, kN><<<1, 32>>>(dp, db, dev, dout);
       ASSERT_EQ(cudaMemcpy(got.data(), dout, got.size() * sizeof(float), cudaMemcpyDeviceToHost), cudaSuccess);
