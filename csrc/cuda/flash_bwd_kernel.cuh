@@ -234,9 +234,8 @@ __global__ void __launch_bounds__(BwdDqKernel<T, kHeadDim>::kThreads)
         probs_from_qk<false>(s, mod.scale_log2, mask, seq, row0, n_block * kBlockN, lane, row_lse2);
         ds_from_dp(dp, s, row_delta);
       }
-      if constexpr (kIsPair<T>)
-        warp_gemm_rb<T, kBlockN, kHeadDim>(dq, dp, sK(buf), 0, lane, ColumnUnscales{sKScale(buf), lane});
-      else warp_gemm_rb<T, kBlockN, kHeadDim>(dq, dp, sK(buf), 0, lane);
+      // (k's scales as dS's column factors: Fp32Pair's; the other types ignore them)
+      warp_gemm_rb<T, kBlockN, kHeadDim>(dq, dp, sK(buf), 0, lane, ColumnUnscales{sKScale(buf), lane});
     }
   }
   const float row_scale[2] = {static_cast<float>(p.scale), static_cast<float>(p.scale)};
@@ -378,17 +377,14 @@ __global__ void __launch_bounds__(BwdDkvKernel<T, kHeadDim>::kThreads)
       s.zero();
       warp_gemm_abt<T, kHeadDim, kBlockM>(s, sK, warp * 16, sQ(buf), 0, lane);
       // Fp32Pair: S^T and dP^T take back their rows' (k's, v's) and columns' (q's, dout's) scales;
-      // dout's and q's are the column factors of dV += (P z)^T dO and dK += dS^T Q.
+      // dout's and q's are the column factors of dV += (P z)^T dO and dK += dS^T Q (the other types
+      // ignore them).
       const ColumnUnscales q_unscale{sQScale(buf), lane}, dout_unscale{sDoutScale(buf), lane};
       if constexpr (kIsPair<T>) scale_tile(s, sKScale + warp * 16, q_unscale);
       auto v_dout_t = [&] {  // dP^T
         dp.zero();
         warp_gemm_abt<T, kHeadDim, kBlockM>(dp, sV, warp * 16, sdO(buf), 0, lane);
         if constexpr (kIsPair<T>) scale_tile(dp, sVScale + warp * 16, dout_unscale);
-      };
-      auto add_dv = [&] {
-        if constexpr (kIsPair<T>) warp_gemm_rb<T, kBlockM, kHeadDim>(dv, s, sdO(buf), 0, lane, dout_unscale);
-        else warp_gemm_rb<T, kBlockM, kHeadDim>(dv, s, sdO(buf), 0, lane);
       };
       auto col_lse2 = [&](int j, int e) { return lse2[WarpAcc<kBlockM>::col_of(j, e, lane)]; };
       auto col_delta = [&](int j, int e) { return delta[WarpAcc<kBlockM>::col_of(j, e, lane)]; };
@@ -397,21 +393,18 @@ __global__ void __launch_bounds__(BwdDkvKernel<T, kHeadDim>::kThreads)
         // s becomes (P z)^T, dp becomes dS^T.
         probs_and_ds_with_features<true, kComputeDk>(s, dp, ScoreMod<UserType<T>>(p, b, h), mask, seq, dropout,
                                                      rng, b, h, sh.heads_q, key0, m0, lane, col_lse2, col_delta);
-        if (kComputeDv) add_dv();
+        if (kComputeDv) warp_gemm_rb<T, kBlockM, kHeadDim>(dv, s, sdO(buf), 0, lane, dout_unscale);
       } else {
         // P^T feeds dV before dP^T is computed, so the two tiles are never live together.
         probs_from_qk<true>(s, static_cast<float>(p.scale) * kLog2e, mask, seq, key0, m0, lane, col_lse2);
-        if (kComputeDv) add_dv();
+        if (kComputeDv) warp_gemm_rb<T, kBlockM, kHeadDim>(dv, s, sdO(buf), 0, lane, dout_unscale);
         if (kComputeDk) {
           v_dout_t();
           ds_from_dp(dp, s, col_delta);
         }
       }
       if constexpr (kAccumDq) add_dq_share(dp, h, m0);
-      if (kComputeDk) {
-        if constexpr (kIsPair<T>) warp_gemm_rb<T, kBlockM, kHeadDim>(dk, dp, sQ(buf), 0, lane, q_unscale);
-        else warp_gemm_rb<T, kBlockM, kHeadDim>(dk, dp, sQ(buf), 0, lane);
-      }
+      if (kComputeDk) warp_gemm_rb<T, kBlockM, kHeadDim>(dk, dp, sQ(buf), 0, lane, q_unscale);
     }
     if (kAccumDq) __syncthreads();  // every warp read all of sK for dQ before its rows are reused below
   }

@@ -184,9 +184,8 @@ __global__ void __launch_bounds__(FwdKernel<T, kHeadDim, Tile>::kThreads, Tile::
         if constexpr (kIsPair<T>)
           if (row0 + 16 * (m + 1) > seq.seqlen_q) zero_rows_past(s[m], row0 + 16 * m, seq.seqlen_q, lane);
       }
-      if constexpr (kIsPair<T>)
-        warp_gemm_rb<T, kBlockN, kHeadDim, kMT>(o, s, sV(buf), 0, lane, ColumnUnscales{sVScale(buf), lane});
-      else warp_gemm_rb<T, kBlockN, kHeadDim, kMT>(o, s, sV(buf), 0, lane);
+      // (v's scales as P's column factors: Fp32Pair's; the other types ignore them)
+      warp_gemm_rb<T, kBlockN, kHeadDim, kMT>(o, s, sV(buf), 0, lane, ColumnUnscales{sVScale(buf), lane});
     }
   }
 

@@ -17,14 +17,15 @@ constexpr int kPrepassThreads = 256, kPrepassRows = kPrepassThreads / 32;  // a 
 constexpr int kMaxPrepassInputs = 4;
 
 // One input: float rows (elements; a row's head_dim floats 16-byte aligned) in; pair rows and
-// their scales out.
+// their scales out, addressed as the kernels read them (PairScratchLayout).
 struct PrepassInput {
   const float* x;
   TensorStrides strides;
   Fp32Pair* out;
-  TensorStrides out_strides;  // in units
-  float* unscale;             // [batches][heads][rows]
-  int batches, rows, heads;   // batches 1 and rows the total for packed inputs
+  TensorStrides out_strides;      // in units
+  float* unscale;                  // the rows' 2^-e, as PairRowScales
+  TensorStrides unscale_strides;  // in floats
+  int batches, rows, heads;       // batches 1 and rows the total for packed inputs
 };
 struct PrepassInputs {
   PrepassInput in[kMaxPrepassInputs];
@@ -82,7 +83,7 @@ __global__ void __launch_bounds__(kPrepassThreads) fp32_pair_split_kernel(const 
     *reinterpret_cast<uint2*>(halves + 4 * c) = hi;
     *reinterpret_cast<uint2*>(halves + ins.padded_dim + 4 * c) = lo;
   }
-  if (lane == 0) in.unscale[(int64_t{b} * in.heads + h) * in.rows + row] = pow2(-e);
+  if (lane == 0) in.unscale[b * in.unscale_strides.batch + h * in.unscale_strides.head + row] = pow2(-e);
 }
 
 template <int kHeadDim>
@@ -124,47 +125,42 @@ int64_t fp32_pair_scratch_bytes(const FlashBwdParams& p) {
 
 cudaError_t split_fp32_pairs(AttentionParams& p, int padded_dim, cudaStream_t stream, const void** dout,
                              TensorStrides* dout_strides) {
-  const AttentionShape& sh = p.shape;
   const bool packed = p.varlen.cu_seqlens_q != nullptr;
-  const int count = dout != nullptr ? 4 : 3;
-  const PairScratchLayout layout = pair_scratch_layout(p, padded_dim, count == 4);
+  const PairScratchLayout layout = pair_scratch_layout(p, padded_dim, dout != nullptr);
   char* scratch = static_cast<char*>(p.fp32_pair_scratch);
   const void** data[kMaxPrepassInputs] = {&p.q, &p.k, &p.v, dout};
   TensorStrides* strides[kMaxPrepassInputs] = {&p.q_strides, &p.k_strides, &p.v_strides, dout_strides};
   PairRowScales* scales[kMaxPrepassInputs] = {&p.pair_scales.q, &p.pair_scales.k, &p.pair_scales.v,
                                               &p.pair_scales.dout};
-  const int heads[kMaxPrepassInputs] = {sh.heads_q, sh.heads_kv, sh.heads_kv, sh.heads_q};
-  const int rows[kMaxPrepassInputs] = {packed ? p.varlen.total_q : sh.seqlen_q, packed ? p.varlen.total_k : sh.seqlen_k,
-                                       packed ? p.varlen.total_k : sh.seqlen_k, packed ? p.varlen.total_q : sh.seqlen_q};
   PrepassInputs ins{};
-  ins.head_dim = sh.head_dim;
+  ins.head_dim = p.shape.head_dim;
   ins.padded_dim = padded_dim;
   int max_rows = 0, max_heads = 0;
-  for (int i = 0; i < count; ++i) {
+  for (int i = 0; i < layout.inputs; ++i) {
     PrepassInput& in = ins.in[i];
     in.x = static_cast<const float*>(*data[i]);
     in.strides = *strides[i];
+    in.batches = layout.batches;
+    in.rows = layout.rows[i];
+    in.heads = layout.heads[i];
     in.out = reinterpret_cast<Fp32Pair*>(scratch + layout.rows_offset[i]);
-    in.out_strides.row = int64_t{heads[i]} * padded_dim;
+    in.out_strides.row = int64_t{in.heads} * padded_dim;
     in.out_strides.head = padded_dim;
-    in.out_strides.batch = packed ? 0 : in.out_strides.row * rows[i];
+    in.out_strides.batch = packed ? 0 : in.out_strides.row * in.rows;
     in.unscale = reinterpret_cast<float*>(scratch + layout.scales_offset[i]);
-    in.batches = packed ? 1 : sh.batch;
-    in.rows = rows[i];
-    in.heads = heads[i];
+    in.unscale_strides.row = 1;
+    in.unscale_strides.head = in.rows;
+    in.unscale_strides.batch = packed ? 0 : int64_t{in.heads} * in.rows;
     max_rows = std::max(max_rows, in.rows);
     max_heads = std::max(max_heads, in.heads);
     // The kernels read the pairs where they read the input, and each row's scale as its rows are
     // addressed (row_offset: packed inputs' batch stride 0).
     *data[i] = in.out;
     *strides[i] = in.out_strides;
-    scales[i]->unscale = in.unscale;
-    scales[i]->strides.row = 1;
-    scales[i]->strides.head = in.rows;
-    scales[i]->strides.batch = packed ? 0 : int64_t{in.heads} * in.rows;
+    *scales[i] = PairRowScales{in.unscale, in.unscale_strides};
   }
   const int row_blocks = (max_rows + kPrepassRows - 1) / kPrepassRows;
-  const dim3 grid(static_cast<unsigned>(row_blocks * int64_t{packed ? 1 : sh.batch}), max_heads, count);
+  const dim3 grid(static_cast<unsigned>(row_blocks * int64_t{layout.batches}), max_heads, layout.inputs);
   if (grid.x == 0) return cudaSuccess;
   fp32_pair_split_kernel<<<grid, kPrepassThreads, 0, stream>>>(ins);
   return cudaGetLastError();

@@ -46,27 +46,33 @@ __host__ __device__ inline int pair_exponent_for(float bound) {
   return pair_exponent(bits);
 }
 
-// The pre-pass's scratch for p's inputs (the backward's: with dout) split to rows of padded_dim
-// units: each input's row scales ([batch or 1][heads][rows] floats), then its rows.
+// The pre-pass's scratch for p's inputs (q, k, v and, the backward's, dout) split to rows of
+// padded_dim units: each input's row scales ([batches][heads][rows] floats), then its rows
+// ([batches][rows][heads][padded_dim]); batches 1 and rows the total for packed inputs.
 struct PairScratchLayout {
+  int inputs = 0, batches = 0;
+  int heads[4] = {}, rows[4] = {};
   int64_t scales_offset[4] = {}, rows_offset[4] = {}, bytes = 0;
 };
 inline PairScratchLayout pair_scratch_layout(const AttentionParams& p, int padded_dim, bool with_dout) {
   const AttentionShape& sh = p.shape;
   const bool packed = p.varlen.cu_seqlens_q != nullptr;
-  const int64_t rows_q = packed ? p.varlen.total_q : int64_t{sh.batch} * sh.seqlen_q;
-  const int64_t rows_k = packed ? p.varlen.total_k : int64_t{sh.batch} * sh.seqlen_k;
-  const int64_t heads[4] = {sh.heads_q, sh.heads_kv, sh.heads_kv, sh.heads_q};
-  const int64_t rows[4] = {rows_q, rows_k, rows_k, rows_q};
+  const int rows_q = packed ? p.varlen.total_q : sh.seqlen_q, rows_k = packed ? p.varlen.total_k : sh.seqlen_k;
   PairScratchLayout l;
-  const int inputs = with_dout ? 4 : 3;
-  for (int i = 0; i < inputs; ++i) {
-    l.scales_offset[i] = l.bytes;
-    l.bytes += (rows[i] * heads[i] * 4 + 15) / 16 * 16;
+  l.inputs = with_dout ? 4 : 3;
+  l.batches = packed ? 1 : sh.batch;
+  for (int i = 0; i < l.inputs; ++i) {
+    l.heads[i] = i == 0 || i == 3 ? sh.heads_q : sh.heads_kv;
+    l.rows[i] = i == 0 || i == 3 ? rows_q : rows_k;
   }
-  for (int i = 0; i < inputs; ++i) {
+  auto rows_of = [&](int i) { return int64_t{l.batches} * l.rows[i] * l.heads[i]; };
+  for (int i = 0; i < l.inputs; ++i) {
+    l.scales_offset[i] = l.bytes;
+    l.bytes += (rows_of(i) * 4 + 15) / 16 * 16;
+  }
+  for (int i = 0; i < l.inputs; ++i) {
     l.rows_offset[i] = l.bytes;
-    l.bytes += rows[i] * heads[i] * padded_dim * 4;
+    l.bytes += rows_of(i) * padded_dim * 4;
   }
   return l;
 }
