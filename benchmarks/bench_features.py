@@ -12,8 +12,8 @@ A shape's feature sets and variants are timed in --rounds interleaved rounds (th
 each figure the median of its rounds (bench_attention.interleaved_timings).
 Standard shapes as bench_attention.py's (batch * seqlen = 16384, heads = 2048 / D, bf16).
 --backward times forward + backward instead (3.5x the forward's FLOPs), the backward being the
-sm_80-class kernels' wherever a feature is on, unless a variant names the "bwdfeatures" part (the
-fused TMA backward with the features)."""
+fused TMA backward with the features under the defaults (the "bwdfeatures" part) and the
+sm_80-class kernels' under a variant without that part."""
 import argparse
 import statistics
 import sys

@@ -147,7 +147,7 @@ struct AttentionParams {
   TensorStrides q_strides, k_strides, v_strides;
   StatsStrides stats_strides;  // of lse (and delta)
 
-  // float32 as fp16 pairs (CUFLASH_FP32=pairs): scratch of fp32_pair_scratch_bytes(p) bytes, 16-byte
+  // float32 as fp16 pairs (fp32_pairs.h): scratch of fp32_pair_scratch_bytes(p) bytes, 16-byte
   // aligned, or null (the 3xTF32 or CUDA-core kernels run). The CUDA layer sets pair_scales on
   // the copy of p its pair kernels take, whose q, k, v (and dout) point at the pre-pass's rows.
   void* fp32_pair_scratch = nullptr;

@@ -374,6 +374,22 @@ StatsStrides stats_strides_of(const Tensor& stats, bool varlen) {
   return {stats.size(1) * stats.size(2), stats.size(2)};
 }
 
+// float32 as fp16 pairs' scratch (fp32_pair_scratch_bytes) on like's device, set in p and to be
+// kept alive until the kernels have run; where the device has no memory left for it, none: the
+// 3xTF32 kernels, which need none, take the call (as the C API's do).
+template <class Params>
+Tensor fp32_pair_scratch_for(Params& p, const Tensor& like) {
+  const int64_t bytes = fp32_pair_scratch_bytes(p);
+  if (bytes <= 0) return {};
+  try {
+    Tensor scratch = at::empty({bytes}, like.options().dtype(at::kByte));
+    p.fp32_pair_scratch = scratch.data_ptr();
+    return scratch;
+  } catch (const c10::OutOfMemoryError&) {
+    return {};
+  }
+}
+
 // Tensors as a kernel family can read or write them. The tensor-core kernels (CUDA float16,
 // bfloat16 and float32) move 16-byte rows, so they need 16-byte aligned rows and a head_dim
 // padded to a multiple of 8 (float32 keeps that layout for the CUDA-core kernels too, which
@@ -640,11 +656,7 @@ std::tuple<Tensor, Tensor> fwd_impl(const Tensor& q, const Tensor& k, const Tens
       p.out_partial = out_partial.data_ptr<float>();
       p.lse_partial = lse_partial.data_ptr<float>();
     }
-    Tensor pair_scratch;  // float32 as fp16 pairs' (CUFLASH_FP32=pairs), alive until the kernels have run
-    if (const int64_t bytes = fp32_pair_scratch_bytes(p); bytes > 0) {
-      pair_scratch = at::empty({bytes}, q.options().dtype(at::kByte));
-      p.fp32_pair_scratch = pair_scratch.data_ptr();
-    }
+    const Tensor pair_scratch = fp32_pair_scratch_for(p, q);
     check_cuda(run_flash_fwd_cuda(p, at::cuda::getCurrentCUDAStream()));
   } else {
     // Split-KV: each split's rows normalized over its keys, merged once all are done.
@@ -845,11 +857,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> bwd(const Tensor& dout, const Tensor&
            v.total_k, sh.seqlen_k}};
       check_cuda(fill_packed_gaps(sh.batch, fills, o.seqused_k ? 1 : 3, stream));
     }
-    Tensor pair_scratch;  // float32 as fp16 pairs' (CUFLASH_FP32=pairs), alive until the kernels have run
-    if (const int64_t bytes = fp32_pair_scratch_bytes(p); bytes > 0) {
-      pair_scratch = at::empty({bytes}, q.options().dtype(at::kByte));
-      p.fp32_pair_scratch = pair_scratch.data_ptr();
-    }
+    const Tensor pair_scratch = fp32_pair_scratch_for(p, q);
     check_cuda(run_flash_bwd_cuda(p, stream));
   } else {
     // A pair's parts sum dK and dV into buffers of their own, added in once all are done.

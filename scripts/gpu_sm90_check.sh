@@ -43,7 +43,6 @@ runs=(
   "backward|bwd|tests/test_sm90_backward.py|"
   "backward_packed||tests/test_sm90_backward_packed.py|"
   "backward_features||tests/test_sm90_backward_features.py|"
-  "bwd_features_all|tma,bwd,bwdws,features,persistent,kvcache,varlen,bwdvarlen,bwdfeatures|tests/test_features.py tests/test_attn_mask.py|cuda"
   "atomic_dq||tests/test_bwd_atomic_dq.py|"
   "deterministic||tests/test_deterministic.py|"
   "features|features|tests/test_features.py tests/test_attn_mask.py|cuda"

@@ -2,12 +2,13 @@
 
 Every CUDA kernel family runs forward and backward on tiny shapes: the tensor-core kernels
 (float16, bfloat16: forward, delta, dQ, dK/dV) at head dims 59 (zero-padded to 64), 64, 128 and 256
-(dK and dV in two launches), float32 (the same kernels in 3xTF32, on Hopper the forward at head dim
-59 on TF32 wgmmas; under CUFLASH_FP32=exact the *_simt ones) and float64 (the CUDA-core *_simt
-kernels) at head dims 32, 59 and 256; under run-time switches, the kernels no default reaches at
-these sizes (the cp.async Hopper forward and wgmma backward, dQ by its own TMA kernel or by
-atomics, the TMA forward's wide tiles, the narrow dK/dV steps at head dim 64, Hopper's float32
-mma.sync forward at head dims 33-64); seqlens that are not multiples of any tile, seqlen 1, causal
+(dK and dV in two launches), float32 (the same kernels on fp16 pairs after their pre-pass, on
+Hopper the forward at head dim 59 on TF32 wgmmas; under CUFLASH_FP32=exact the *_simt ones) and
+float64 (the CUDA-core *_simt kernels) at head dims 32, 59 and 256; under run-time switches, the
+kernels no default reaches at these sizes (the cp.async Hopper forward and wgmma backward, dQ by
+its own TMA kernel or by atomics, the TMA forward's wide tiles, the narrow dK/dV steps at head
+dim 64, float32's 3xTF32 mma.sync kernels, and its pairs in Hopper's forward at head dims
+33-64); seqlens that are not multiples of any tile, seqlen 1, causal
 off, top-left and bottom-right (with rows that see no key), batch and heads 1-2, a [B, N, H, D]
 strided layout, the backward with the gradient of the returned lse, and with deterministic=False
 (the fused Hopper backward's unordered dQ adds) and past 512 keys (its head-dim-128 routes), and
@@ -44,7 +45,7 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 import reference  # noqa: E402
-from conftest import SM90_DEFAULT_PARTS, sm90_parts_with  # noqa: E402
+from conftest import SM90_DEFAULT_PARTS  # noqa: E402
 from reference import LOW_PRECISION, assert_close_to_reference, assert_lse_close, reference_results  # noqa: E402
 from test_accuracy import check_against_reference  # noqa: E402
 from test_features import check_dense, check_varlen  # noqa: E402
@@ -89,15 +90,15 @@ def cases():
     # kernel's narrow steps at head dim 64.
     for d, first, second in ((59, 77, 200), (256, 200, 77)):
         out += [(F32, d, 1, 2, first, second, "top_left", "env:CUFLASH_FP32=exact")]
-    # float32 at head dims 33-64 on the mma.sync kernels (CUFLASH_FP32=3xtf32): Hopper's default
-    # there is the TF32 wgmma forward, which the head-dim-59 cases above reach.
+    # float32 on the 3xTF32 mma.sync kernels (CUFLASH_FP32=3xtf32; the default runs fp16 pairs,
+    # and on Hopper the TF32 wgmma forward at head dims 33-64), a head dim padded to its bucket
+    # among them.
     out += [(F32, 64, 1, 2, 77, 200, "top_left", "env:CUFLASH_FP32=3xtf32"),
-            (F32, 40, 2, 1, 200, 77, "bottom_right", "env:CUFLASH_FP32=3xtf32")]
-    # float32 as fp16 pairs (CUFLASH_FP32=pairs): the pre-pass and the pair kernels, a head dim
-    # padded to its bucket among them.
-    out += [(F32, 40, 2, 4, 77, 200, "top_left", "env:CUFLASH_FP32=pairs"),
-            (F32, 128, 1, 2, 200, 77, "bottom_right", "env:CUFLASH_FP32=pairs"),
-            (F32, 256, 1, 2, 77, 130, "none", "env:CUFLASH_FP32=pairs")]
+            (F32, 40, 2, 1, 200, 77, "bottom_right", "env:CUFLASH_FP32=3xtf32"),
+            (F32, 128, 1, 2, 200, 77, "bottom_right", "env:CUFLASH_FP32=3xtf32"),
+            (F32, 256, 1, 2, 77, 130, "none", "env:CUFLASH_FP32=3xtf32")]
+    # float32 as fp16 pairs where Hopper's default forward is the TF32 wgmma one (CUFLASH_FP32=pairs).
+    out += [(F32, 40, 2, 4, 77, 200, "top_left", "env:CUFLASH_FP32=pairs")]
     for dtype, d in ((BF16, 64), (F16, 128), (BF16, 256)):
         out += [(dtype, d, 1, 2, 77, 200, "top_left", "env:CUFLASH_SM90=cpasync,bwd"),
                 (dtype, d, 1, 2, 77, 300, "bottom_right", "env:CUFLASH_FWD_TILE=wide")]
@@ -131,7 +132,7 @@ def cases():
     # Packed sequences on the TMA backward (its "bwdvarlen" part): boxes past a sequence's end
     # (their rows zeroed in shared memory, dK and dV stored row by row there), empty sequences.
     out += [(BF16, d, 4, 4, 0, 0, "bottom_right", "varlen_bwd_tma") for d in (64, 128)]
-    # softcap, ALiBi, attn_mask and dropout on the fused TMA backward (its "bwdfeatures" part, not a
+    # softcap, ALiBi, attn_mask and dropout on the fused TMA backward (its "bwdfeatures" part, a
     # default): both orders of the dQ adds, a padded batch and packed sequences.
     out += [(F16, d, 2, 4, 150, 300, "bottom_right", "features_bwd_tma") for d in (64, 128, 256)]
     return out
@@ -246,7 +247,7 @@ def run_case(case, device):
                                  causal=causal != "none", bottom_right=True)
     elif variant == "features_bwd_tma":  # the fused TMA backward with the features, both dQ orders
         for dq in ("ordered", "atomic"):
-            with bench.switches_set({"CUFLASH_SM90": sm90_parts_with("bwdfeatures"), "CUFLASH_BWD_DQ": dq}):
+            with bench.switches_set({"CUFLASH_SM90": SM90_DEFAULT_PARTS, "CUFLASH_BWD_DQ": dq}):
                 check_dense(device, dtype, b, h, h // 2, nq, nk, d, causal=True, bottom_right=True, window=(60, -1),
                             softcap=15.0, alibi="batch", dropout_p=0.2, attn_mask=("bool", "B1LS"))
                 check_varlen(device, dtype, [70, 0, 129, 200], [90, 12, 0, 130], h, 2, d, causal=True,

@@ -1,11 +1,11 @@
-"""float32 on CUDA runs three kernel families: by default the sm_80-class tensor-core kernels with
-each product split into three TF32 ones (3xTF32, csrc/cuda/mma_sm80.cuh), and on Hopper the
-forward of plain attention at head dims 33-64 on TF32 wgmmas in 3xTF32 (sm90/flash_fwd_sm90_fp32.cuh);
-under CUFLASH_FP32=3xtf32 the sm_80-class kernels there too; under CUFLASH_FP32=exact the
-CUDA-core kernels (flash_simt_kernel.cuh); under CUFLASH_FP32=pairs the sm_80-class
-kernels on the inputs split into scaled fp16 pairs by a pre-pass (csrc/cuda/fp32_pairs.h), three
-fp16 products for each. All are held to the float32
-accuracy rule (1e-5 relative, no TF32) over the shapes that stress the tiles (ragged ends, one
+"""float32 on CUDA runs four kernel families: by default the sm_80-class tensor-core kernels on
+the inputs split into scaled fp16 pairs by a pre-pass (csrc/cuda/fp32_pairs.h), three fp16
+products for each, where their shared memory fits, and on Hopper the forward of plain attention
+at head dims 33-64 on TF32 wgmmas in 3xTF32 (sm90/flash_fwd_sm90_fp32.cuh); elsewhere, and
+everywhere under CUFLASH_FP32=3xtf32, the sm_80-class kernels with each product split into three
+TF32 ones (3xTF32, csrc/cuda/mma_sm80.cuh); under CUFLASH_FP32=pairs the pairs wherever they fit,
+Hopper's forward too; under CUFLASH_FP32=exact the CUDA-core kernels (flash_simt_kernel.cuh).
+All are held to the float32 accuracy rule (1e-5 relative, no TF32) over the shapes that stress the tiles (ragged ends, one
 row, causal both ways, GQA, every head-dim bucket), the features and varlen; and the kernels
 that ran are the ones the switch names."""
 import sys
@@ -71,23 +71,20 @@ def test_path_taken(d, fp32_path):
         assert tensor_fwd not in names and tensor_bwd[0] not in names, names
         return
     fwd_fits, bwd_fits = tiles_fit(bucket)  # 203 KiB at 256 backward: an H100's, not an A100's
-    if fp32_path == "pairs":  # where the pairs' tiles fit; elsewhere the default's kernels
-        fwd_pairs, bwd_pairs = tiles_fit(bucket, pairs=True)
-        pair_bwd = (f"flash_bwd_dq_kernel<cuflash::Fp32Pair, {bucket}, false>", "flash_bwd_dkdv_kernel<cuflash::Fp32Pair")
-        assert (f"flash_fwd_kernel<cuflash::Fp32Pair, {bucket}, false, " in names) == fwd_pairs, names
-        assert all(name in names for name in pair_bwd) == bwd_pairs, names
-        assert ("fp32_pair_split_kernel" in names) == (fwd_pairs or bwd_pairs), names
-        if not fwd_pairs:
-            assert (tensor_fwd in names or "flash_fwd_sm90_fp32_kernel" in names) == fwd_fits, names
-        if not bwd_pairs:
-            assert all(name in names for name in tensor_bwd) == bwd_fits, names
-        return
-    on_wgmma = fp32_path == "" and IS_SM90 and bucket == 64  # the forward only
+    fwd_pairs, bwd_pairs = tiles_fit(bucket, pairs=True) if fp32_path in ("", "pairs") else (False, False)
+    wgmma_runs = IS_SM90 and bucket == 64 and fwd_fits and fp32_path != "3xtf32"
+    if fp32_path == "":  # Hopper's TF32 wgmma forward keeps what it takes
+        fwd_pairs = fwd_pairs and not wgmma_runs
+    on_wgmma = wgmma_runs and not fwd_pairs
+    pair_bwd = (f"flash_bwd_dq_kernel<cuflash::Fp32Pair, {bucket}, false>", "flash_bwd_dkdv_kernel<cuflash::Fp32Pair")
+    assert (f"flash_fwd_kernel<cuflash::Fp32Pair, {bucket}, false, " in names) == fwd_pairs, names
+    assert all(name in names for name in pair_bwd) == bwd_pairs, names
+    assert ("fp32_pair_split_kernel" in names) == (fwd_pairs or bwd_pairs), names
     assert ("flash_fwd_sm90_fp32_kernel" in names) == on_wgmma, names
-    assert (tensor_fwd in names) == (fwd_fits and not on_wgmma), names
-    assert ("flash_fwd_simt_kernel" in names) != fwd_fits, names
-    assert all(name in names for name in tensor_bwd) == bwd_fits, names
-    assert ("flash_bwd_dkdv_simt_kernel" in names) != bwd_fits, names
+    assert (tensor_fwd in names) == (fwd_fits and not on_wgmma and not fwd_pairs), names
+    assert ("flash_fwd_simt_kernel" in names) == (not fwd_fits and not fwd_pairs), names
+    assert all(name in names for name in tensor_bwd) == (bwd_fits and not bwd_pairs), names
+    assert ("flash_bwd_dkdv_simt_kernel" in names) == (not bwd_fits and not bwd_pairs), names
 
 
 def test_unaligned_inputs_are_copied_onto_the_tensor_cores(fp32_path):
@@ -97,10 +94,9 @@ def test_unaligned_inputs_are_copied_onto_the_tensor_cores(fp32_path):
     if fp32_path == "exact":
         pytest.skip("the tensor-core kernels' case")
     names = kernels_of(64, q_offset=1)
-    wgmma = fp32_path == "" and IS_SM90
-    forward = "flash_fwd_sm90_fp32_kernel" if wgmma else "flash_fwd_kernel<float, 64, false, "
-    if fp32_path == "pairs":
-        forward = "flash_fwd_kernel<cuflash::Fp32Pair, 64, false, "
+    forward = {"": "flash_fwd_sm90_fp32_kernel" if IS_SM90 else "flash_fwd_kernel<cuflash::Fp32Pair, 64, false, ",
+               "3xtf32": "flash_fwd_kernel<float, 64, false, ",
+               "pairs": "flash_fwd_kernel<cuflash::Fp32Pair, 64, false, "}[fp32_path]
     assert forward in names and "simt" not in names, names
 
 

@@ -9,7 +9,7 @@ writes (fill_packed_gaps)."""
 import pytest
 import torch
 
-from conftest import ALL_DTYPES, HAS_CUDA, IS_SM90, sm90_parts_with, sm90_parts_without
+from conftest import ALL_DTYPES, HAS_CUDA, IS_SM90, sm90_parts_without
 from reference import LOW_PRECISION, LOW_PRECISION_IDS
 
 import cuflash_attn
@@ -74,9 +74,8 @@ def test_forward_and_backward_outputs(dtype, d, n, causal, softcap):
 @pytest.mark.parametrize("d", [64, 128])
 @pytest.mark.parametrize("causal", [False, True])
 def test_features_backward_outputs(d, causal, monkeypatch):
-    """The fused TMA backward with softcap (CUFLASH_SM90's "bwdfeatures" part, not a default; its
+    """The fused TMA backward with softcap (CUFLASH_SM90's "bwdfeatures" part, a default; its
     ordered dQ adds, torch's deterministic mode being on here)."""
-    monkeypatch.setenv("CUFLASH_SM90", sm90_parts_with("bwdfeatures"))
     torch.manual_seed(0)
     q = torch.randn(2, 4, 300, d, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     k, v = (torch.randn(2, 2, 337, d, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(2))

@@ -1,5 +1,5 @@
 """softcap, ALiBi, attn_mask and dropout on the fused warp-specialized Hopper backward: CUFLASH_SM90's
-"bwdfeatures" part, not a default (the kFeatures kernels of flash_bwd_sm90_tma.cuh, 64-query
+"bwdfeatures" part, a default (the kFeatures kernels of flash_bwd_sm90_tma.cuh, 64-query
 steps at head-dim buckets 64 and 128, and of flash_bwd_sm90_fused256.cuh at 256: dK, dV and dQ in
 one kernel, dQ added in order or not). Each feature and all of them together against the float64
 reference (GQA, windows, both causal alignments, sequence tails, packed sequences); the ordered
@@ -8,13 +8,14 @@ dQ bitwise reproducible; the kernels the profiler shows; and where the part does
 import pytest
 import torch
 
-from conftest import IS_SM90, SM90_DEFAULT_PARTS, cuda_kernels, fused_backward_kernel, sm90_parts_with
+from conftest import IS_SM90, SM90_DEFAULT_PARTS, cuda_kernels, fused_backward_kernel, sm90_parts_without
 from reference import LOW_PRECISION, LOW_PRECISION_IDS
 from test_features import check_dense, check_varlen, make_mask
 
 pytestmark = pytest.mark.skipif(not IS_SM90, reason="needs a compute capability 9.0 GPU")
 
-PARTS = sm90_parts_with("bwdfeatures")
+PARTS = SM90_DEFAULT_PARTS
+WITHOUT_THE_PART = sm90_parts_without("bwdfeatures")
 
 # The feature sets by name: check_dense's keyword options ("float_mask": a float [B, 1, Nq, Nk]
 # mask without its gradient, made by the test).
@@ -56,7 +57,7 @@ def test_path_taken(d, feature, route):
     assert "flash_bwd_dkdv_kernel<" not in names and "flash_bwd_dq_kernel<" not in names, names
 
 
-@pytest.mark.parametrize("parts,d,grad_mask", [(SM90_DEFAULT_PARTS, 64, False), (SM90_DEFAULT_PARTS, 256, False),
+@pytest.mark.parametrize("parts,d,grad_mask", [(WITHOUT_THE_PART, 64, False), (WITHOUT_THE_PART, 256, False),
                                                (PARTS, 128, True), (PARTS, 256, True)],
                          ids=["without-the-part-64", "without-the-part-256", "mask-gradient-128", "mask-gradient-256"])
 def test_sm80_elsewhere(parts, d, grad_mask, monkeypatch):

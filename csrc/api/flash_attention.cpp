@@ -399,12 +399,12 @@ Error forward(const FlashAttentionForwardArgs& a, cudaStream_t stream) {
       p.lse_partial = p.out_partial + rows * a.head_dim;
     }
   }
-  void* pair_scratch = nullptr;  // float32 as fp16 pairs' (CUFLASH_FP32=pairs)
+  void* pair_scratch = nullptr;  // float32 as fp16 pairs' (fp32_pair_scratch_bytes)
   if (const int64_t bytes = fp32_pair_scratch_bytes(p); bytes > 0) {
     if (cudaMallocAsync(&pair_scratch, static_cast<size_t>(bytes), stream) == cudaSuccess) {
       p.fp32_pair_scratch = pair_scratch;
     } else {
-      cudaGetLastError();  // without it, the default kernels
+      cudaGetLastError();  // without it, the 3xTF32 kernels
       pair_scratch = nullptr;
     }
   }
@@ -466,14 +466,14 @@ Error backward(const FlashAttentionBackwardArgs& a, cudaStream_t stream) {
     p.dq_accum_strides.head = p.dq_accum_strides.row * a.seqlen_q;
     p.dq_accum_strides.batch = p.dq_accum_strides.head * a.num_heads_q;
   }
-  // float32 as fp16 pairs' scratch (CUFLASH_FP32=pairs), where the call allocates its own: a
+  // float32 as fp16 pairs' scratch (fp32_pair_scratch_bytes), where the call allocates its own: a
   // caller's workspace is sized without it (flash_attention_backward_workspace_size).
   void* pair_scratch = nullptr;
   if (const int64_t bytes = a.workspace == nullptr ? fp32_pair_scratch_bytes(p) : 0; bytes > 0) {
     if (cudaMallocAsync(&pair_scratch, static_cast<size_t>(bytes), stream) == cudaSuccess) {
       p.fp32_pair_scratch = pair_scratch;
     } else {
-      cudaGetLastError();  // without it, the default kernels
+      cudaGetLastError();  // without it, the 3xTF32 kernels
       pair_scratch = nullptr;
     }
   }

@@ -10,9 +10,9 @@
 // without a mask 1.05-1.14x in four runs, 0.87x in one (short rows are noisy: benchmarks/NOTES.md);
 // even (0.98-1.01x) causal at 512; at D=256 (its own kernel, twenty-second session; one run at
 // 1024, 4096 and 16384 keys) ordered 1.03-1.17x, unordered 1.10-1.16x, causal or not.
-// With softcap, ALiBi, attn_mask or dropout (the "bwdfeatures" part, not a default) the fused
-// kernels take them wherever they run: the other route is the sm_80-class backward (not yet
-// measured against them).
+// With softcap, ALiBi, attn_mask or dropout (the "bwdfeatures" part) the fused kernels take them
+// wherever they run: the other route is the sm_80-class backward, which forward + backward ran at
+// 0.30-0.55x of (H100, benchmarks/NOTES.md).
 #include "flash_launch.h"
 #include "mask.cuh"  // needs_feature_path
 #include "sm90/flash_bwd_sm90_tma.cuh"

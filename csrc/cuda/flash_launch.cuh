@@ -82,6 +82,16 @@ bool fp32_on_tensor_cores(const Params& p, int smem_bytes) {
          smem_bytes <= device_attribute<cudaDevAttrMaxSharedMemoryPerBlockOptin>(48 * 1024);
 }
 
+// Whether float32's forward of p runs on Hopper's TF32 wgmmas (sm90/flash_fwd_sm90_fp32.cuh):
+// plain attention at head-dim bucket 64, unsplit, unless CUFLASH_FP32 asks for the mma.sync
+// kernels (or for the pairs, which run first where they can: fp32_pair_scratch_bytes).
+inline bool fp32_wgmma_forward_runs(const FlashFwdParams& p) {
+  return p.dtype == DType::kFloat32 && !fp32_mma_sync_switch() &&
+         cuda_head_dim_bucket(DType::kFloat32, p.shape.head_dim) == 64 && p.num_splits == 1 &&
+         !needs_feature_path(p) && fp32_on_tensor_cores(p, FwdKernel<float, 64>::kSmemBytes) &&
+         sm90::sm90_paths(p).fwd;
+}
+
 template <typename T, int kHeadDim>
 cudaError_t run_flash_fwd_simt(const FlashFwdParams& p, cudaStream_t stream) {
   const AttentionShape& sh = p.shape;
@@ -201,10 +211,8 @@ cudaError_t run_flash_fwd(const FlashFwdParams& p, cudaStream_t stream) {
     if constexpr (std::is_same_v<T, float>) {
       if (p.fp32_pair_scratch != nullptr) return run_flash_fwd_pairs<kHeadDim>(p, stream);  // fp32_pair_scratch_bytes
       if (!fp32_on_tensor_cores(p, FwdKernel<T, kHeadDim>::kSmemBytes)) return run_flash_fwd_simt<T, kHeadDim>(p, stream);
-      // Hopper's TF32 wgmmas for plain attention at head dim 64, unsplit (unless
-      // CUFLASH_FP32=3xtf32 asks for the mma.sync kernel).
       if constexpr (kHeadDim == 64)
-        if (!fp32_mma_sync_switch() && sm90::sm90_paths(p).fwd && !needs_feature_path(p) && p.num_splits == 1) {
+        if (fp32_wgmma_forward_runs(p)) {
           using K = sm90::FwdSm90Fp32Kernel<kHeadDim>;
           return launch(sm90::flash_fwd_sm90_fp32_kernel<kHeadDim>,
                         dim3(ceil_div(sh.seqlen_q, K::kBlockM), sh.heads_q, sh.batch), K::kThreads, K::kSmemBytes,

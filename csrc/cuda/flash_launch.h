@@ -79,10 +79,11 @@ inline bool tensor_core_layout(const FlashBwdParams& p, int elem_bytes) {
          rows_of_16_bytes(p.dv, p.dv_strides, elem_bytes);
 }
 
-// float32 as fp16 pairs (CUFLASH_FP32=pairs; fp32_pairs.h): the scratch p's forward or backward
-// takes for them (AttentionParams::fp32_pair_scratch), or 0 where they do not run p (another
-// dtype, the switch off, paged or seqused_k caches, tensors the tensor-core kernels cannot
-// address, or a device without their shared memory).
+// float32 as fp16 pairs (fp32_pairs.h; CUFLASH_FP32 in run_switches.h): the scratch p's forward
+// or backward takes for them (AttentionParams::fp32_pair_scratch), or 0 where they do not run p
+// (another dtype, CUFLASH_FP32 naming another path, the forwards Hopper's TF32 wgmmas take by
+// default, paged or seqused_k caches, tensors the tensor-core kernels cannot address, or a device
+// without their shared memory).
 int64_t fp32_pair_scratch_bytes(const FlashFwdParams& p);
 int64_t fp32_pair_scratch_bytes(const FlashBwdParams& p);
 

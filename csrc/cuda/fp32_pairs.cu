@@ -2,10 +2,8 @@
 // inputs (the backward's dout too): one memory-bound pass over each, all of them a launch.
 #include <cuda_fp16.h>
 #include <algorithm>
-#include "flash_bwd_kernel.cuh"
-#include "flash_fwd_kernel.cuh"
 #include "device_attributes.h"
-#include "flash_launch.h"
+#include "flash_launch.cuh"  // fp32_wgmma_forward_runs; the kernels' shared memory
 #include "fp32_pairs.h"
 #include "mma_sm80.cuh"
 #include "run_switches.h"
@@ -100,7 +98,7 @@ bool pair_kernels_fit(const FlashBwdParams&) {
 // The scratch either direction's pair kernels take for p, or 0 where they do not run it.
 template <class Params>
 int64_t pair_scratch_bytes(const Params& p, bool with_dout) {
-  if (p.dtype != DType::kFloat32 || !fp32_pairs_switch() || p.paged.block_table != nullptr ||
+  if (p.dtype != DType::kFloat32 || fp32_exact_switch() || fp32_mma_sync_switch() || p.paged.block_table != nullptr ||
       p.varlen.seqused_k != nullptr || !tensor_core_layout(p, sizeof(float)) ||
       device_attribute<cudaDevAttrComputeCapabilityMajor>(0) < 8)
     return 0;
@@ -116,7 +114,10 @@ int64_t pair_scratch_bytes(const Params& p, bool with_dout) {
 }  // namespace
 
 int64_t fp32_pair_scratch_bytes(const FlashFwdParams& p) {
-  return p.num_splits == 1 ? pair_scratch_bytes(p, false) : 0;
+  // Unless CUFLASH_FP32=pairs asks for them there, the forwards Hopper's TF32 wgmmas take stay:
+  // 1.11-1.28x the pairs' speed (H100, head dim 64; benchmarks/NOTES.md).
+  const bool pairs = fp32_pairs_switch() || !fp32_wgmma_forward_runs(p);
+  return p.num_splits == 1 && pairs ? pair_scratch_bytes(p, false) : 0;
 }
 int64_t fp32_pair_scratch_bytes(const FlashBwdParams& p) {
   // The pair kernels compute dQ themselves (no dq_accum: float32 never adds it up).

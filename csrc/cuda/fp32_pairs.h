@@ -1,12 +1,13 @@
-// float32 on the 16-bit tensor cores as fp16 pairs (CUFLASH_FP32=pairs): a pre-pass splits each
-// row x of each float32 input into hi + lo 2^-11 = x 2^e, both fp16, e the power of two that puts
-// the row's largest finite |x| in [2^14, 2^15) (so that neither half overflows; lo, the rest times
-// 2^11, keeps its bits down to 2^-28 of the row's largest, and a product 1e-5 of its own size
-// down to ~2^-32 of it: mma_sm80.cuh's split_half2); the sm_80-class kernels then run on the halves (T =
-// Fp32Pair: mma_sm80.cuh's three fp16 products a k16 step) and scale each product back. fp16
-// products run at twice TF32's rate and fp16 tiles read by ldmatrix, so this is the 3xTF32
-// kernels' accuracy at about twice their tensor-core throughput (benchmarks/fp32_split_model.py
-// models both: the same error over the accuracy rule's cases).
+// float32 on the 16-bit tensor cores as fp16 pairs (its default where they run: run_switches.h's
+// CUFLASH_FP32): a pre-pass splits each row x of each float32 input into hi + lo 2^-11 = x 2^e,
+// both fp16, e the power of two that puts the row's largest finite |x| in [2^14, 2^15) (so that
+// neither half overflows; lo, the rest times 2^11, keeps its bits down to 2^-28 of the row's
+// largest, and a product 1e-5 of its own size down to ~2^-32 of it: mma_sm80.cuh's split_half2);
+// the sm_80-class kernels then run on the halves (T = Fp32Pair: mma_sm80.cuh's three fp16 products
+// a k16 step) and scale each product back. fp16 products run at twice TF32's rate and fp16 tiles
+// read by ldmatrix, so this is the 3xTF32 kernels' accuracy at about twice their tensor-core
+// throughput (benchmarks/fp32_split_model.py models both: the same error over the accuracy rule's
+// cases).
 // A power of two a row, not a (batch, head): one input outlier, or a masked key holding garbage,
 // costs only its own row bits. The scales come back where each operand's rows lie in the product:
 // - rows of the output (Q in Q K^T, K in K Q^T, ...) and its columns (K in Q K^T): the

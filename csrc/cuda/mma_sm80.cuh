@@ -17,7 +17,7 @@
 namespace cuflash {
 
 // Fp32Pair (flash_params.h): the kernels' element type for float32 run as fp16 pairs
-// (CUFLASH_FP32=pairs, fp32_pairs.h); it only addresses the pre-pass's rows.
+// (fp32_pairs.h); it only addresses the pre-pass's rows.
 template <class T>
 inline constexpr bool kIsPair = std::is_same_v<T, Fp32Pair>;
 // The element type of the user's tensors a kernel on T writes (and reads attn_mask in).

@@ -3,7 +3,8 @@
 // layers (torch_ops.cpp, api/flash_attention.cpp) refuse a value that names nothing.
 //
 //   CUFLASH_SM90    which Hopper kernels run (sm_90a builds on a compute capability 9.0 GPU):
-//     unset or ""   the default parts, "tma,bwd,bwdws,features,persistent,kvcache,varlen,bwdvarlen"
+//     unset or ""   the default parts,
+//                   "tma,bwd,bwdws,features,persistent,kvcache,varlen,bwdvarlen,bwdfeatures"
 //     "0"           none: the sm_80-class kernels
 //     a comma list  exactly the parts named; the cp.async Hopper forward runs plain attention
 //                   wherever "tma" is not named or TMA cannot address the input:
@@ -32,10 +33,11 @@
 //       bwdvarlen   with bwdws: packed sequences on the warp-specialized TMA backward at head
 //                   dims 33-64 and 97-128 (the dQ and dK/dV kernels and the fused one), where
 //                   otherwise the cp.async one runs (H200: 1.17-1.87x it, 0.95-1.01x dense)
-//       bwdfeatures with bwdws and features, not a default (built, not yet run on a GPU):
-//                   softcap, ALiBi, attn_mask (without its gradient) and dropout on the fused
-//                   warp-specialized backward (dQ by TMA reduce, either order) at head dims
-//                   33-64, 97-128 and 225-256, where otherwise the sm_80-class backward runs
+//       bwdfeatures with bwdws and features: softcap, ALiBi, attn_mask (without its gradient)
+//                   and dropout on the fused warp-specialized backward (dQ by TMA reduce,
+//                   either order) at head dims 33-64, 97-128 and 225-256, where otherwise the
+//                   sm_80-class backward runs (H100: forward + backward 1.82-3.31x the
+//                   sm_80-class backward's, benchmarks/NOTES.md)
 //   CUFLASH_BWD_DQ  unset or "": dQ by its own kernel, unless the fused Hopper kernel is faster
 //                   (prefers_fused_backward), with atomics where the op's deterministic=False;
 //                   "atomic": added by the dK/dV kernel with fp32 atomics wherever it can be (not
@@ -54,15 +56,18 @@
 //                   streamed queries a step at head dim 64: unset or "",
 //                   128 on long columns (fused_wide_steps_pay in flash_launch.cuh), else 64;
 //                   "wide" or "narrow": 128 or 64 at every length (tests and benchmarks)
-//   CUFLASH_FP32    float32 on CUDA: unset, "" or "wgmma": the tensor-core kernels with each
-//                   product split into three TF32 ones (mma_sm80.cuh), where their shared memory
-//                   fits the device, and on Hopper the forward of plain attention at head dims
-//                   33-64 on TF32 wgmmas, 3xTF32 too (sm90/flash_fwd_sm90_fp32.cuh, 1.28-1.45x
-//                   the mma.sync kernel's speed at the same error); "3xtf32": the mma.sync
-//                   kernels there too; "exact": the CUDA-core kernels (flash_simt_kernel.cuh);
-//                   "pairs": the forward's sm_80-class kernels on fp16 pairs (fp32_pairs.h:
-//                   three fp16 products for 3xTF32's six TF32 ones) where they run
-//                   (fp32_pair_scratch_bytes), the default kernels elsewhere (not yet measured)
+//   CUFLASH_FP32    float32 on CUDA: unset, "" or "wgmma": the sm_80-class tensor-core kernels on
+//                   the inputs split into scaled fp16 pairs (fp32_pairs.h: three fp16 products
+//                   for 3xTF32's six TF32 ones; scratch of the inputs' size) where they run
+//                   (fp32_pair_scratch_bytes), but on Hopper the forward of plain attention at head
+//                   dims 33-64 on TF32 wgmmas in 3xTF32 (sm90/flash_fwd_sm90_fp32.cuh;
+//                   fp32_wgmma_forward_runs; 1.11-1.28x the pairs' speed there), and elsewhere
+//                   the tensor-core kernels with each product split into three TF32 ones
+//                   (mma_sm80.cuh) where their shared memory fits the device (H100: the pairs
+//                   1.21-1.53x their forward at head dim 128, 1.17-1.52x their backward);
+//                   "3xtf32": those mma.sync kernels everywhere they fit (no scratch);
+//                   "pairs": the pairs wherever they run, the Hopper forward's too; "exact": the
+//                   CUDA-core kernels (flash_simt_kernel.cuh)
 //   CUFLASH_DEBUG   "1": one line on stderr per kernel launch, naming the kernel (so a fallback
 //                   to the sm_80-class kernels is visible), its grid and shared memory; unset,
 //                   "" or "0": quiet
@@ -89,14 +94,15 @@ struct Sm90Switch {
   bool tma_splits = false;  // not a default part: faster than the sm_80-class split kernel on long caches only
   bool tma_varlen = true;
   bool bwd_varlen = true;
-  bool bwd_features = false;  // not a default part until measured on a GPU
+  bool bwd_features = true;
 };
 
 // value (null: unset) -> *out; false if value names something else.
 inline bool parse_sm90_switch(const char* value, Sm90Switch* out) {
   Sm90Switch s;
   if (value != nullptr && *value != '\0') {
-    s.tma = s.bwd = s.features = s.persistent = s.bwd_ws = s.tma_kv_cache = s.tma_varlen = s.bwd_varlen = false;
+    s.tma = s.bwd = s.features = s.persistent = s.bwd_ws = s.tma_kv_cache = s.tma_varlen = s.bwd_varlen =
+        s.bwd_features = false;
     if (std::strcmp(value, "0") == 0) {
       s.on = false;
     } else {
