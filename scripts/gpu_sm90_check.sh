@@ -45,6 +45,7 @@ runs=(
   "backward_features||tests/test_sm90_backward_features.py|"
   "atomic_dq||tests/test_bwd_atomic_dq.py|"
   "deterministic||tests/test_deterministic.py|"
+  "features_defaults||tests/test_features.py tests/test_attn_mask.py|cuda"
   "features|features|tests/test_features.py tests/test_attn_mask.py|cuda"
   "tma_features|tma,features|tests/test_features.py tests/test_attn_mask.py|cuda"
   "sm80_features|0|tests/test_features.py tests/test_attn_mask.py|cuda"

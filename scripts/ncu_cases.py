@@ -1,5 +1,7 @@
 """The calls scripts/ncu_profile.sh profiles: NCU_CASES, each
-pass:batch,heads,seqlen,head_dim:causal[:det] (bf16; pass fwd, bwd, or cudnn_fwd, cudnn_bwd: torch
+pass:batch,heads,seqlen,head_dim:causal[:det][:softcap|:alibi|:dropout][:NAME=VALUE...] (bf16; the
+features as bench_features.py's, a run-time switch set for that case alone; pass fwd, bwd, or
+cudnn_fwd, cudnn_bwd: torch
 SDPA's cuDNN backend on the same shape; fwd_bnhd: the forward on [B, N, H, D] tensors; fwd_packed:
 the forward on the same tokens packed, batch sequences of seqlen tokens in cu_seqlens), or
 dec:batch,heads_q,cache_keys,head_dim:heads_kv[:tokens[:packed|unpacked]]
@@ -36,7 +38,18 @@ for case in os.environ["NCU_CASES"].split():
         torch.cuda.synchronize()
         print(case, "ran", flush=True)
         continue
-    causal, det = fields[2] == "1", fields[3:] == ["det"]
+    causal, flags = fields[2] == "1", fields[3:]
+    det = "det" in flags
+    features = {}
+    if "softcap" in flags:
+        features["softcap"] = 30.0
+    if "alibi" in flags:
+        features["alibi_slopes"] = torch.rand(h, device="cuda", dtype=torch.float32)
+    if "dropout" in flags:
+        features.update(dropout_p=0.1, rng_state=torch.tensor([0, 0], device="cuda", dtype=torch.int64))
+    switches = dict(flag.split("=", 1) for flag in flags if "=" in flag)
+    saved = {name: os.environ.get(name) for name in switches}
+    os.environ.update(switches)
     q, k, v, dout = (torch.randn(b, h, n, d, device="cuda", dtype=torch.bfloat16) for _ in range(4))
     if which in ("fwd_bnhd", "fwd_packed"):  # rows H * D apart, as a packed tensor's
         q, k, v = (torch.randn(b, n, h, d, device="cuda", dtype=torch.bfloat16) for _ in range(3))
@@ -82,12 +95,17 @@ for case in os.environ["NCU_CASES"].split():
         continue
     if which == "fwd":
         torch.cuda.nvtx.range_push("profiled")
-    out, lse = ops.fwd(q, k, v, None, causal, False, deterministic=det)
+    out, lse = ops.fwd(q, k, v, None, causal, False, deterministic=det, **features)
     if which == "fwd":
         torch.cuda.nvtx.range_pop()
     else:
         torch.cuda.nvtx.range_push("profiled")
-        ops.bwd(dout, q, k, v, out, lse, None, None, causal, False, deterministic=det)
+        ops.bwd(dout, q, k, v, out, lse, None, None, causal, False, deterministic=det, **features)
         torch.cuda.nvtx.range_pop()
     torch.cuda.synchronize()
+    for name, value in saved.items():
+        if value is None:
+            os.environ.pop(name)
+        else:
+            os.environ[name] = value
     print(case, "ran", flush=True)

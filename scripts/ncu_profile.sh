@@ -3,7 +3,8 @@
 # against peak, warp stalls, issue slots) and, per kernel, the SASS with its stall samples
 # (where the time goes, instruction by instruction). Needs the extension built (scripts/setup.sh).
 #   NCU_CASES="fwd:16,16,1024,128:0 bwd:4,16,4096,128:0:det"
-#       each case is pass:batch,heads,seqlen,head_dim:causal[:det] (or dec:batch,heads_q,keys,head_dim:heads_kv[:tokens[:packed|unpacked]],
+#       each case is pass:batch,heads,seqlen,head_dim:causal[:det][:softcap|:alibi|:dropout][:NAME=VALUE]
+#       (features and a case's own run-time switches: scripts/ncu_cases.py) (or dec:batch,heads_q,keys,head_dim:heads_kv[:tokens[:packed|unpacked]],
 #       a decoding step: scripts/ncu_cases.py); pass fwd profiles the forward,
 #       bwd the backward (deterministic=True with :det, else False); the forward of a bwd case runs
 #       unprofiled; cudnn_fwd and cudnn_bwd profile the peer (torch SDPA's cuDNN backend) on the same shape
