@@ -73,7 +73,7 @@ def test_forward_and_backward_outputs(dtype, d, n, causal, softcap):
 @pytest.mark.skipif(not IS_SM90, reason="sm_90 only")
 @pytest.mark.parametrize("d", [64, 128])
 @pytest.mark.parametrize("causal", [False, True])
-def test_features_backward_outputs(d, causal, monkeypatch):
+def test_features_backward_outputs(d, causal):
     """The fused TMA backward with softcap (CUFLASH_SM90's "bwdfeatures" part, a default; its
     ordered dQ adds, torch's deterministic mode being on here)."""
     torch.manual_seed(0)
