@@ -5,9 +5,10 @@ at head dims 33-64 on TF32 wgmmas in 3xTF32 (sm90/flash_fwd_sm90_fp32.cuh); else
 everywhere under CUFLASH_FP32=3xtf32, the sm_80-class kernels with each product split into three
 TF32 ones (3xTF32, csrc/cuda/mma_sm80.cuh); under CUFLASH_FP32=pairs the pairs wherever they fit,
 Hopper's forward too; under CUFLASH_FP32=exact the CUDA-core kernels (flash_simt_kernel.cuh).
-All are held to the float32 accuracy rule (1e-5 relative, no TF32) over the shapes that stress the tiles (ragged ends, one
-row, causal both ways, GQA, every head-dim bucket), the features and varlen; and the kernels
-that ran are the ones the switch names."""
+All are held to the float32 accuracy rule (1e-5 relative, no TF32) over the shapes that stress
+the tiles (ragged ends, one row, causal both ways, GQA, every head-dim bucket), the features and
+varlen; the kernels that ran are the ones the switch names; and without memory for the pairs'
+scratch the 3xTF32 kernels run instead."""
 import sys
 from pathlib import Path
 
@@ -98,6 +99,60 @@ def test_unaligned_inputs_are_copied_onto_the_tensor_cores(fp32_path):
                "3xtf32": "flash_fwd_kernel<float, 64, false, ",
                "pairs": "flash_fwd_kernel<cuflash::Fp32Pair, 64, false, "}[fp32_path]
     assert forward in names and "simt" not in names, names
+
+
+def test_pairs_give_way_to_3xtf32_where_their_scratch_does_not_fit(fp32_path, monkeypatch):
+    """With no device memory left for the pairs' scratch (the size of the inputs), the forward
+    and backward run the 3xTF32 kernels instead of failing (torch_ops.cpp's
+    fp32_pair_scratch_for): bitwise what CUFLASH_FP32=3xtf32 gives. The allocator's limit
+    (set_per_process_memory_fraction) leaves room for each call's outputs, not for its scratch;
+    every tensor is 16 MiB, so that the caching allocator sizes each segment to its tensor."""
+    if fp32_path not in ("", "pairs") or torch.cuda.get_allocator_backend() != "native":
+        pytest.skip("the pairs' case, under the native caching allocator")
+    if not all(tiles_fit(128, pairs=True)):
+        pytest.skip("no pair kernels at head dim 128 on this GPU")
+    torch.manual_seed(0)
+    q, k, v, dout = (torch.randn(1, 8, 4096, 128, device="cuda") for _ in range(4))
+    ops = torch.ops.cuflash_attn
+
+    def forward_backward():
+        out, lse = ops.fwd(q, k, v, None, True, False)
+        return (out, lse, *ops.bwd(dout, q, k, v, out, lse, None, None, True, False)[:3])
+
+    def run(limits_mib=None):
+        """forward_backward, each call's new segments limited to limits_mib (forward, backward)."""
+        if limits_mib is None:
+            return forward_backward(), cuda_kernels(forward_backward)
+        total = torch.cuda.get_device_properties(q.device).total_memory
+        names = []
+
+        def limited(margin_mib, call):
+            torch.cuda.synchronize()
+            torch.cuda.empty_cache()
+            torch.cuda.set_per_process_memory_fraction((torch.cuda.memory_reserved() + margin_mib * 2**20) / total)
+            try:
+                got = []
+                names.append(cuda_kernels(lambda: got.append(call())))
+                return got[0]
+            finally:
+                torch.cuda.set_per_process_memory_fraction(1.0)
+
+        # The forward: out (16 MiB) and lse (a 2 MiB small-block segment), not the 48 MiB scratch;
+        # the backward: dq, dk, dv (48 MiB) and delta, not the 64 MiB scratch.
+        out, lse = limited(limits_mib[0], lambda: ops.fwd(q, k, v, None, True, False))
+        grads = limited(limits_mib[1], lambda: ops.bwd(dout, q, k, v, out, lse, None, None, True, False)[:3])
+        return (out, lse, *grads), " ".join(names)
+
+    _, names = run()
+    assert "Fp32Pair" in names, names  # with the memory, the pairs run
+    monkeypatch.setenv("CUFLASH_FP32", "3xtf32")
+    expected, _ = run()
+    monkeypatch.setenv("CUFLASH_FP32", fp32_path)
+    got, names = run(limits_mib=(26, 58))
+    assert "Fp32Pair" not in names and "fp32_pair_split_kernel" not in names, names
+    assert "flash_fwd_kernel<float, 128" in names and "flash_bwd_dkdv_kernel<float, 128" in names, names
+    for name, a, b in zip(("out", "lse", "dq", "dk", "dv"), got, expected):
+        assert torch.equal(a, b), name
 
 
 @pytest.mark.parametrize("d", [16, 40, 64, 128, 256])
