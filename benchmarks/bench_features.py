@@ -13,7 +13,9 @@ each figure the median of its rounds (bench_attention.interleaved_timings).
 Standard shapes as bench_attention.py's (batch * seqlen = 16384, heads = 2048 / D, bf16).
 --backward times forward + backward instead (3.5x the forward's FLOPs), the backward being the
 fused TMA backward with the features under the defaults (the "bwdfeatures" part) and the
-sm_80-class kernels' under a variant without that part."""
+sm_80-class kernels' under a variant without that part. --breakdown N then prints, for each shape
+and feature set under the first variant, each kernel's time over N calls (kernel_breakdown.py's
+report): which kernel a feature's loss sits in."""
 import argparse
 import statistics
 import sys
@@ -23,6 +25,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_attention as bench  # noqa: E402
+import kernel_breakdown  # noqa: E402
 
 FEATURES = {
     "plain": {},
@@ -58,12 +61,15 @@ def main(argv=None):
                    help="CUFLASH_SM90 values, ';'-separated (default: ';0;bwd,features')")
     bench.add_timing_arguments(p)
     p.add_argument("--backward", action="store_true", help="time forward + backward")
+    p.add_argument("--breakdown", type=int, default=0, metavar="N",
+                   help="then each kernel's time over N calls, per feature set, under the first variant")
     args, timer = bench.parse_timed_command_line(p, argv)
     names = [v or "unset" for v in args.variants]
     print(f"{bench.env_line(bench.environment())}; {'forward + backward' if args.backward else 'forward'}\n")
     header = ["D", "causal", "N", "features"] + [f"{n} TFLOP/s" for n in names]
     header += [f"{n} / {names[0]}" for n in names[1:]] + [f"{n}: / plain" for n in names]
     print(bench.markdown_header(header))
+    breakdowns = []  # (d, n, causal, q, k, v) of each shape, for --breakdown
     for d in args.head_dims:
         for n in args.seqlens:
             batch, heads = max(1, 16384 // n), 2048 // d
@@ -83,6 +89,15 @@ def main(argv=None):
                     row += [f"{s:.0f}" if s else "error" for s in mine]
                     row += [ratio(s, mine[0]) for s in mine[1:]] + [ratio(s, b) for s, b in zip(mine, plain)]
                     print("| " + " | ".join(row) + " |", flush=True)
+                if args.breakdown:
+                    breakdowns.append((d, n, causal, q, k, v))
+    with bench.switches_set({"CUFLASH_SM90": args.variants[0]}):
+        for d, n, causal, q, k, v in breakdowns:
+            print(f"\nD={d} N={n} causal={causal}, CUFLASH_SM90={args.variants[0]!r}:")
+            for feature, options in FEATURES.items():
+                totals = kernel_breakdown.kernel_times(step(q, k, v, causal, options, args.backward), args.breakdown)
+                kernel_breakdown.report(feature, totals, args.breakdown,
+                                        "forward + backward" if args.backward else "forward")
     return 0
 
 

@@ -41,9 +41,9 @@ def kernel_times(step, iterations):
     return totals
 
 
-def report(name, totals, iterations):
+def report(name, totals, iterations, call="forward + backward"):
     total_us = sum(us for _, us in totals.values()) / iterations
-    print(f"  {name}: {total_us:.1f} us of kernels a forward + backward")
+    print(f"  {name}: {total_us:.1f} us of kernels a {call}")
     for kernel, (launches, us) in sorted(totals.items(), key=lambda item: -item[1][1]):
         per_step = us / iterations
         print(f"    {per_step:9.1f} us {100 * per_step / total_us:5.1f}%  x{launches / iterations:g}  "

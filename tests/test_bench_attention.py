@@ -200,6 +200,18 @@ def test_rounds_take_any_number_of_steps_under_a_given_environment(monkeypatch):
     assert sorted(seen) == ["", "", "", "", "0", "0", "0", "0"] and "CUFLASH_SM90" not in os.environ
 
 
+def test_kernel_breakdown_report_per_call(capsys):
+    """kernel_breakdown.report (bench_features.py --breakdown's too): kernel time per call, the
+    largest first, with its share and launches a call, under the call's name."""
+    import kernel_breakdown
+    totals = {"void cuflash::d_kernel(cuflash::P)": [2, 50.0], "void cuflash::sm90::k<int, 64>(cuflash::P)": [4, 200.0]}
+    kernel_breakdown.report("softcap", totals, 2, "forward")
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == "  softcap: 125.0 us of kernels a forward"
+    assert lines[1].split()[:3] == ["100.0", "us", "80.0%"] and lines[1].endswith("x2  k<int, 64>"), lines
+    assert lines[2].split()[:3] == ["25.0", "us", "20.0%"] and lines[2].endswith("x1  d_kernel"), lines
+
+
 def test_varlen_bench_lengths_and_variant_names(monkeypatch):
     """bench_varlen.py's sets of lengths (LxN: N sequences of L tokens), and its cells' names,
     which set their CUFLASH_SM90 value (commas included) through environment_of."""
