@@ -1,6 +1,7 @@
 // Launch templates: one per (dtype, head-dim bucket), explicitly instantiated once per
 // generated file in instantiations/. float16/bfloat16 run the tensor-core kernels (the Hopper
-// ones where they apply), float32 the sm_80-class tensor-core kernels in 3xTF32 (or the exact
+// ones where they apply), float32 the sm_80-class tensor-core kernels on fp16 pairs or in 3xTF32
+// (fp32_pair_scratch_bytes; on Hopper the TF32 wgmma forward at head dims 33-64; or the exact
 // CUDA-core kernels: fp32_on_tensor_cores), float64 the exact CUDA-core kernels.
 #pragma once
 #include <cxxabi.h>

@@ -23,8 +23,8 @@ struct FwdTile {
   // 16 above, so that three CTAs fit an SM's shared memory (kMinBlocks; 55-70 KiB each). As fp16
   // pairs (16-bit fragments, the registers of the 16-bit kernels, 4 bytes an element): the
   // 16-bit kernels' keys up to 128 (46-100 KiB with the rows' scales: at 128 just over sm_86/89's
-  // 99 KiB a block, where float32 then runs 3xTF32), 16 at 256 (131 KiB). Not yet measured
-  // (benchmarks/NOTES.md).
+  // 99 KiB a block, where float32 then runs 3xTF32), 16 at 256 (131 KiB). H100: 1.17-1.54x the
+  // 3xTF32 kernels' forward (benchmarks/NOTES.md); no other tile measured.
   static constexpr int kBlockN = kPairs ? (kHeadDim <= 64 ? 64 : kHeadDim <= 128 ? 32 : 16)
                                  : kElemBytes == 4 ? (kHeadDim <= 64 ? 32 : 16)
                                  : kHeadDim <= 64 ? 64 : 32;
@@ -61,7 +61,8 @@ struct BwdTile {
   // less (A100 163, sm_86/89 99), float32 runs the CUDA-core kernels there. As fp16 pairs (16-bit
   // fragments, 4 bytes an element): the dQ kernel 32 keys a step up to 128, 16 at 256 (69, 133,
   // 196 KiB at 64, 128, 256); the dK/dV kernel 32 queries at 64, 16 above (70, 100, 196 KiB: at 128
-  // 32 spilled 332 bytes, ptxas sm_80). Not yet measured.
+  // 32 spilled 332 bytes, ptxas sm_80; sm_90a 432). H100: 1.17-1.63x the 3xTF32 backward; no
+  // other tile measured.
   static constexpr bool kFloat32 = kElemBytes == 4;
   static constexpr int kFloat32Rows = kPairs ? (kHeadDim <= 128 ? 32 : 16) : kHeadDim <= 64 ? 32 : 16;
   // dQ kernel: queries resident (16 per warp), keys streamed.
