@@ -35,13 +35,20 @@ FEATURES = {
 }
 
 
-def step(q, k, v, causal, options, backward):
-    """One forward (or forward + backward) of our op with the feature options."""
+def op_options(options, heads, device):
+    """FEATURES' options as the op's keyword arguments: ALiBi slopes for `heads` query heads,
+    dropout's rng_state."""
     kw = dict(options)
     if kw.pop("alibi", False):
-        kw["alibi_slopes"] = torch.rand(q.shape[1], device=q.device, dtype=torch.float32)
+        kw["alibi_slopes"] = torch.rand(heads, device=device, dtype=torch.float32)
     if kw.get("dropout_p", 0.0) > 0.0:
-        kw["rng_state"] = torch.tensor([0, 0], device=q.device, dtype=torch.int64)  # [seed, offset]
+        kw["rng_state"] = torch.tensor([0, 0], device=device, dtype=torch.int64)  # [seed, offset]
+    return kw
+
+
+def step(q, k, v, causal, options, backward):
+    """One forward (or forward + backward) of our op with the feature options."""
+    kw = op_options(options, q.shape[1], q.device)
     if not backward:
         return lambda: torch.ops.cuflash_attn.fwd(q, k, v, None, causal, False, **kw)
     qg, kg, vg = (t.detach().requires_grad_() for t in (q, k, v))

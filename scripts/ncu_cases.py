@@ -9,12 +9,72 @@ dec:batch,heads_q,cache_keys,head_dim:heads_kv[:tokens[:packed|unpacked]]
 default, grouped heads packed as rows by default or as named: CUFLASH_PACK_GQA 1 or 0). Only the
 pass named runs inside the NVTX range "profiled", which ncu filters on."""
 import os
+import sys
+from pathlib import Path
 
 import torch
 
 import cuflash_attn  # noqa: F401  (registers torch.ops.cuflash_attn)
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+import bench_attention as bench  # noqa: E402  (switches_set)
+import bench_features  # noqa: E402  (FEATURES, op_options)
+
 ops = torch.ops.cuflash_attn
+
+
+def profile_attention(which, b, h, n, d, causal, det, features):
+    """One case but a decoding step: its pass inside the NVTX range "profiled"."""
+    q, k, v, dout = (torch.randn(b, h, n, d, device="cuda", dtype=torch.bfloat16) for _ in range(4))
+    if which in ("fwd_bnhd", "fwd_packed"):  # rows H * D apart, as a packed tensor's
+        q, k, v = (torch.randn(b, n, h, d, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+        packed = {}
+        if which == "fwd_packed":
+            q, k, v = (t.view(b * n, h, d) for t in (q, k, v))
+            cu = torch.arange(0, (b + 1) * n, n, device="cuda", dtype=torch.int32)
+            packed = dict(cu_seqlens_q=cu, cu_seqlens_k=cu, max_seqlen_q=n, max_seqlen_k=n)
+        else:
+            q, k, v = (t.transpose(1, 2) for t in (q, k, v))
+        for profiled in (False, True):  # the first call loads the kernels
+            if profiled:
+                torch.cuda.nvtx.range_push("profiled")
+            ops.fwd(q, k, v, None, causal, False, **packed)
+            if profiled:
+                torch.cuda.nvtx.range_pop()
+        return
+    if which in ("cudnn_fwd", "cudnn_bwd"):  # the peer on the same inputs (its kernels' names hold "sm90")
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+        q, k, v = (t.requires_grad_(which == "cudnn_bwd") for t in (q, k, v))
+        with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
+            for profiled in (False, True):  # the first call plans and loads the kernels
+                if profiled and which == "cudnn_fwd":
+                    torch.cuda.nvtx.range_push("profiled")
+                out = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=causal)
+                if profiled and which == "cudnn_fwd":
+                    torch.cuda.nvtx.range_pop()
+                if which == "cudnn_bwd":
+                    if profiled:  # autograd runs the backward on a thread of its own: the range there
+                        def push(_grad_outputs):
+                            torch.cuda.nvtx.range_push("profiled")
+
+                        def pop(_grads):
+                            torch.cuda.nvtx.range_pop()
+                        out.grad_fn.register_prehook(push)
+                        torch.autograd.graph.register_multi_grad_hook((q, k, v), pop)
+                    out.backward(dout)
+                    q.grad = k.grad = v.grad = None
+        return
+    if which == "fwd":
+        torch.cuda.nvtx.range_push("profiled")
+    out, lse = ops.fwd(q, k, v, None, causal, False, deterministic=det, **features)
+    if which == "fwd":
+        torch.cuda.nvtx.range_pop()
+    else:
+        torch.cuda.nvtx.range_push("profiled")
+        ops.bwd(dout, q, k, v, out, lse, None, None, causal, False, deterministic=det, **features)
+        torch.cuda.nvtx.range_pop()
+
+
 for case in os.environ["NCU_CASES"].split():
     fields = case.split(":")
     which = fields[0]
@@ -40,72 +100,11 @@ for case in os.environ["NCU_CASES"].split():
         continue
     causal, flags = fields[2] == "1", fields[3:]
     det = "det" in flags
-    features = {}
-    if "softcap" in flags:
-        features["softcap"] = 30.0
-    if "alibi" in flags:
-        features["alibi_slopes"] = torch.rand(h, device="cuda", dtype=torch.float32)
-    if "dropout" in flags:
-        features.update(dropout_p=0.1, rng_state=torch.tensor([0, 0], device="cuda", dtype=torch.int64))
+    options = {}
+    for flag in flags:
+        options.update(bench_features.FEATURES.get(flag, {}))
     switches = dict(flag.split("=", 1) for flag in flags if "=" in flag)
-    saved = {name: os.environ.get(name) for name in switches}
-    os.environ.update(switches)
-    q, k, v, dout = (torch.randn(b, h, n, d, device="cuda", dtype=torch.bfloat16) for _ in range(4))
-    if which in ("fwd_bnhd", "fwd_packed"):  # rows H * D apart, as a packed tensor's
-        q, k, v = (torch.randn(b, n, h, d, device="cuda", dtype=torch.bfloat16) for _ in range(3))
-        packed = {}
-        if which == "fwd_packed":
-            q, k, v = (t.view(b * n, h, d) for t in (q, k, v))
-            cu = torch.arange(0, (b + 1) * n, n, device="cuda", dtype=torch.int32)
-            packed = dict(cu_seqlens_q=cu, cu_seqlens_k=cu, max_seqlen_q=n, max_seqlen_k=n)
-        else:
-            q, k, v = (t.transpose(1, 2) for t in (q, k, v))
-        for profiled in (False, True):  # the first call loads the kernels
-            if profiled:
-                torch.cuda.nvtx.range_push("profiled")
-            ops.fwd(q, k, v, None, causal, False, **packed)
-            if profiled:
-                torch.cuda.nvtx.range_pop()
+    with bench.switches_set(switches):
+        profile_attention(which, b, h, n, d, causal, det, bench_features.op_options(options, h, "cuda"))
         torch.cuda.synchronize()
-        print(case, "ran", flush=True)
-        continue
-    if which in ("cudnn_fwd", "cudnn_bwd"):  # the peer on the same inputs (its kernels' names hold "sm90")
-        from torch.nn.attention import SDPBackend, sdpa_kernel
-        q, k, v = (t.requires_grad_(which == "cudnn_bwd") for t in (q, k, v))
-        with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
-            for profiled in (False, True):  # the first call plans and loads the kernels
-                if profiled and which == "cudnn_fwd":
-                    torch.cuda.nvtx.range_push("profiled")
-                out = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=causal)
-                if profiled and which == "cudnn_fwd":
-                    torch.cuda.nvtx.range_pop()
-                if which == "cudnn_bwd":
-                    if profiled:  # autograd runs the backward on a thread of its own: the range there
-                        def push(_grad_outputs):
-                            torch.cuda.nvtx.range_push("profiled")
-
-                        def pop(_grads):
-                            torch.cuda.nvtx.range_pop()
-                        out.grad_fn.register_prehook(push)
-                        torch.autograd.graph.register_multi_grad_hook((q, k, v), pop)
-                    out.backward(dout)
-                    q.grad = k.grad = v.grad = None
-        torch.cuda.synchronize()
-        print(case, "ran", flush=True)
-        continue
-    if which == "fwd":
-        torch.cuda.nvtx.range_push("profiled")
-    out, lse = ops.fwd(q, k, v, None, causal, False, deterministic=det, **features)
-    if which == "fwd":
-        torch.cuda.nvtx.range_pop()
-    else:
-        torch.cuda.nvtx.range_push("profiled")
-        ops.bwd(dout, q, k, v, out, lse, None, None, causal, False, deterministic=det, **features)
-        torch.cuda.nvtx.range_pop()
-    torch.cuda.synchronize()
-    for name, value in saved.items():
-        if value is None:
-            os.environ.pop(name)
-        else:
-            os.environ[name] = value
     print(case, "ran", flush=True)
