@@ -73,7 +73,7 @@ cudaError_t launch(Kernel kernel, dim3 grid, int threads, int smem_bytes, cudaSt
   return cudaGetLastError();
 }
 
-// float32: the tensor-core kernels (3xTF32, mma_sm80.cuh) unless CUFLASH_FP32=exact asks for
+// float32: the tensor-core kernels (fp16 pairs or 3xTF32) unless CUFLASH_FP32=exact asks for
 // the CUDA-core ones, where the tensors are not laid out for them (tensor_core_layout), or where
 // the tiles' shared memory (smem_bytes, the most any kernel of the launch takes) exceeds what
 // the device grants a block (tile_shapes.h: head dim 256 on an A100, above 64 on sm_86/89).

@@ -84,31 +84,31 @@ __global__ void __launch_bounds__(kPrepassThreads) fp32_pair_split_kernel(const 
   if (lane == 0) in.unscale[b * in.unscale_strides.batch + h * in.unscale_strides.head + row] = pow2(-e);
 }
 
+// The most shared memory a block of either direction's pair kernels takes at bucket kHeadDim.
 template <int kHeadDim>
-bool pair_kernels_fit(const FlashFwdParams&) {
-  return FwdKernel<Fp32Pair, kHeadDim>::kSmemBytes <=
-         device_attribute<cudaDevAttrMaxSharedMemoryPerBlockOptin>(48 * 1024);
+int pair_smem_bytes(const FlashFwdParams&) {
+  return FwdKernel<Fp32Pair, kHeadDim>::kSmemBytes;
 }
 template <int kHeadDim>
-bool pair_kernels_fit(const FlashBwdParams&) {
-  return std::max(BwdDqKernel<Fp32Pair, kHeadDim>::kSmemBytes, BwdDkvKernel<Fp32Pair, kHeadDim>::kSmemBytes) <=
-         device_attribute<cudaDevAttrMaxSharedMemoryPerBlockOptin>(48 * 1024);
+int pair_smem_bytes(const FlashBwdParams&) {
+  return std::max(BwdDqKernel<Fp32Pair, kHeadDim>::kSmemBytes, BwdDkvKernel<Fp32Pair, kHeadDim>::kSmemBytes);
 }
 
-// The scratch either direction's pair kernels take for p, or 0 where they do not run it.
+// The scratch either direction's pair kernels take for p, or 0 where they do not run it: where
+// the tensor-core kernels would (fp32_on_tensor_cores, with the pair kernels' shared memory) but
+// for CUFLASH_FP32=3xtf32, paged and seqused_k caches.
 template <class Params>
 int64_t pair_scratch_bytes(const Params& p, bool with_dout) {
-  if (p.dtype != DType::kFloat32 || fp32_exact_switch() || fp32_mma_sync_switch() || p.paged.block_table != nullptr ||
-      p.varlen.seqused_k != nullptr || !tensor_core_layout(p, sizeof(float)) ||
-      device_attribute<cudaDevAttrComputeCapabilityMajor>(0) < 8)
+  if (p.dtype != DType::kFloat32 || fp32_mma_sync_switch() || p.paged.block_table != nullptr ||
+      p.varlen.seqused_k != nullptr || device_attribute<cudaDevAttrComputeCapabilityMajor>(0) < 8)
     return 0;
   const int bucket = cuda_head_dim_bucket(DType::kFloat32, p.shape.head_dim);
-  const bool fits = bucket == 32    ? pair_kernels_fit<32>(p)
-                    : bucket == 64  ? pair_kernels_fit<64>(p)
-                    : bucket == 128 ? pair_kernels_fit<128>(p)
-                    : bucket == 256 ? pair_kernels_fit<256>(p)
-                                    : false;
-  return fits ? pair_scratch_layout(p, bucket, with_dout).bytes : 0;
+  const int smem = bucket == 32    ? pair_smem_bytes<32>(p)
+                   : bucket == 64  ? pair_smem_bytes<64>(p)
+                   : bucket == 128 ? pair_smem_bytes<128>(p)
+                   : bucket == 256 ? pair_smem_bytes<256>(p)
+                                   : 0;
+  return smem > 0 && fp32_on_tensor_cores(p, smem) ? pair_scratch_layout(p, bucket, with_dout).bytes : 0;
 }
 
 }  // namespace
