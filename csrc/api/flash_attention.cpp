@@ -362,6 +362,21 @@ Error zero(const TensorArg& t, DataType dtype, cudaStream_t stream) {
   return err == cudaSuccess ? Error::SUCCESS : cuda_failure(err, "zeroing an output");
 }
 
+// float32 as fp16 pairs' scratch (fp32_pair_scratch_bytes) from cudaMallocAsync, set in p, or null
+// (none needed, or none to be had: the 3xTF32 kernels, which need none, take the call).
+template <class Params>
+void* alloc_fp32_pair_scratch(Params& p, cudaStream_t stream) {
+  const int64_t bytes = fp32_pair_scratch_bytes(p);
+  if (bytes <= 0) return nullptr;
+  void* scratch = nullptr;
+  if (cudaMallocAsync(&scratch, static_cast<size_t>(bytes), stream) != cudaSuccess) {
+    cudaGetLastError();
+    return nullptr;
+  }
+  p.fp32_pair_scratch = scratch;
+  return scratch;
+}
+
 Error forward(const FlashAttentionForwardArgs& a, cudaStream_t stream) {
   if (Error e = check_paged_and_splits(a); e != Error::SUCCESS) return e;
   const TensorArg o = query_like("o", a.o, a.o_strides, a, true);
@@ -399,15 +414,7 @@ Error forward(const FlashAttentionForwardArgs& a, cudaStream_t stream) {
       p.lse_partial = p.out_partial + rows * a.head_dim;
     }
   }
-  void* pair_scratch = nullptr;  // float32 as fp16 pairs' (fp32_pair_scratch_bytes)
-  if (const int64_t bytes = fp32_pair_scratch_bytes(p); bytes > 0) {
-    if (cudaMallocAsync(&pair_scratch, static_cast<size_t>(bytes), stream) == cudaSuccess) {
-      p.fp32_pair_scratch = pair_scratch;
-    } else {
-      cudaGetLastError();  // without it, the 3xTF32 kernels
-      pair_scratch = nullptr;
-    }
-  }
+  void* const pair_scratch = alloc_fp32_pair_scratch(p, stream);
   cudaError_t err = run_flash_fwd_cuda(p, stream);
   for (void* scratch : {partials, pair_scratch}) {
     if (scratch == nullptr) continue;
@@ -466,17 +473,9 @@ Error backward(const FlashAttentionBackwardArgs& a, cudaStream_t stream) {
     p.dq_accum_strides.head = p.dq_accum_strides.row * a.seqlen_q;
     p.dq_accum_strides.batch = p.dq_accum_strides.head * a.num_heads_q;
   }
-  // float32 as fp16 pairs' scratch (fp32_pair_scratch_bytes), where the call allocates its own: a
-  // caller's workspace is sized without it (flash_attention_backward_workspace_size).
-  void* pair_scratch = nullptr;
-  if (const int64_t bytes = a.workspace == nullptr ? fp32_pair_scratch_bytes(p) : 0; bytes > 0) {
-    if (cudaMallocAsync(&pair_scratch, static_cast<size_t>(bytes), stream) == cudaSuccess) {
-      p.fp32_pair_scratch = pair_scratch;
-    } else {
-      cudaGetLastError();  // without it, the 3xTF32 kernels
-      pair_scratch = nullptr;
-    }
-  }
+  // float32 as fp16 pairs' scratch where the call allocates its own: a caller's workspace is
+  // sized without it (flash_attention_backward_workspace_size).
+  void* const pair_scratch = a.workspace == nullptr ? alloc_fp32_pair_scratch(p, stream) : nullptr;
   if (err == cudaSuccess) err = run_flash_bwd_cuda(p, stream);
   for (void* scratch : {a.workspace == nullptr ? workspace : nullptr, pair_scratch}) {
     if (scratch == nullptr) continue;
