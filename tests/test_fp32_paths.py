@@ -114,33 +114,29 @@ def test_pairs_give_way_to_3xtf32_where_their_scratch_does_not_fit(fp32_path, mo
     torch.manual_seed(0)
     q, k, v, dout = (torch.randn(1, 8, 4096, 128, device="cuda") for _ in range(4))
     ops = torch.ops.cuflash_attn
+    total = torch.cuda.get_device_properties(q.device).total_memory
 
-    def forward_backward():
-        out, lse = ops.fwd(q, k, v, None, True, False)
-        return (out, lse, *ops.bwd(dout, q, k, v, out, lse, None, None, True, False)[:3])
-
-    def run(limits_mib=None):
-        """forward_backward, each call's new segments limited to limits_mib (forward, backward)."""
-        if limits_mib is None:
-            return forward_backward(), cuda_kernels(forward_backward)
-        total = torch.cuda.get_device_properties(q.device).total_memory
+    def run(margins_mib=(None, None)):
+        """Out, lse, dq, dk, dv and the kernels' names; each call's new segments limited to its
+        margin over the memory reserved before it, where one is given."""
         names = []
 
-        def limited(margin_mib, call):
-            torch.cuda.synchronize()
-            torch.cuda.empty_cache()
-            torch.cuda.set_per_process_memory_fraction((torch.cuda.memory_reserved() + margin_mib * 2**20) / total)
+        def call(margin_mib, fn):
+            if margin_mib is not None:
+                torch.cuda.synchronize()
+                torch.cuda.empty_cache()
+                torch.cuda.set_per_process_memory_fraction((torch.cuda.memory_reserved() + margin_mib * 2**20) / total)
             try:
                 got = []
-                names.append(cuda_kernels(lambda: got.append(call())))
+                names.append(cuda_kernels(lambda: got.append(fn())))
                 return got[0]
             finally:
                 torch.cuda.set_per_process_memory_fraction(1.0)
 
         # The forward: out (16 MiB) and lse (a 2 MiB small-block segment), not the 48 MiB scratch;
         # the backward: dq, dk, dv (48 MiB) and delta, not the 64 MiB scratch.
-        out, lse = limited(limits_mib[0], lambda: ops.fwd(q, k, v, None, True, False))
-        grads = limited(limits_mib[1], lambda: ops.bwd(dout, q, k, v, out, lse, None, None, True, False)[:3])
+        out, lse = call(margins_mib[0], lambda: ops.fwd(q, k, v, None, True, False))
+        grads = call(margins_mib[1], lambda: ops.bwd(dout, q, k, v, out, lse, None, None, True, False)[:3])
         return (out, lse, *grads), " ".join(names)
 
     _, names = run()
@@ -148,7 +144,7 @@ def test_pairs_give_way_to_3xtf32_where_their_scratch_does_not_fit(fp32_path, mo
     monkeypatch.setenv("CUFLASH_FP32", "3xtf32")
     expected, _ = run()
     monkeypatch.setenv("CUFLASH_FP32", fp32_path)
-    got, names = run(limits_mib=(26, 58))
+    got, names = run(margins_mib=(26, 58))
     assert "Fp32Pair" not in names and "fp32_pair_split_kernel" not in names, names
     assert "flash_fwd_kernel<float, 128" in names and "flash_bwd_dkdv_kernel<float, 128" in names, names
     for name, a, b in zip(("out", "lse", "dq", "dk", "dv"), got, expected):
