@@ -175,15 +175,16 @@ struct MmaOperand<float> {
 };
 
 // Fp32Pair: each row's x 2^e = hi + lo 2^-11, both fp16, e a power of two of the row's
-// (fp32_pairs.h), so that a b 2^(ea + eb) ~ hi_a hi_b + (hi_a lo_b + lo_a hi_b) 2^-11 (lo lo,
-// 2^-22 of it, left out), each product exact in the tensor cores' fp32. lo is the rest times 2^11
-// (Ootomo and Yokota's split): it keeps its bits 11 binades further down than the rest itself
-// would, so a product keeps 1e-5 of its own size down to ~2^-32 of its operand row's (or tile's)
-// largest (~2^-30 where both operands are that small), not ~2^-23. As MmaOperand<float>, each k16 step's products (the small ones first, their sum
-// then times 2^-11) go into a fresh sum t, added to d rounded to nearest; an A fragment split in
-// registers (WarpAcc::to_a) scales t back by its 2^-e (factor; 1 from shared memory, whose rows'
-// scales the kernel applies to the finished tile): one FFMA where the others add, and an FMUL.
-// (The small and big products in two fresh sums spilled 160-360 bytes more, ptxas sm_90a.)
+// (fp32_pairs.h), so that a b 2^(ea + eb) ~ hi_a hi_b + (hi_a lo_b + lo_a hi_b) 2^-11 (lo lo, 2^-22
+// of it, left out), each product exact in the tensor cores' fp32. lo is the rest times 2^11 (Ootomo
+// and Yokota's split): it keeps its bits 11 binades further down than the rest itself would, so a
+// product keeps 1e-5 of its own size down to ~2^-32 of its operand row's (or tile's) largest
+// (~2^-30 where both operands are that small), not ~2^-23. As MmaOperand<float>, each k16 step's
+// products (the small ones first, their sum then times 2^-11) go into a fresh sum t, added to d
+// rounded to nearest; an A fragment split in registers (WarpAcc::to_a) scales t back by its 2^-e
+// (factor; 1 from shared memory, whose rows' scales the kernel applies to the finished tile): one
+// FFMA where the others add, and an FMUL. (The small and big products in two fresh sums spilled
+// 160-360 bytes more, ptxas sm_90a.)
 // lo's scale in a pair (split_half2: the rest times 2^11) and its inverse, which the products
 // take back.
 constexpr float kPairLoScale = 2048.f, kPairLoUnscale = 1.f / 2048.f;
@@ -383,14 +384,15 @@ struct UnitColumns {
 };
 // How WarpAcc::to_a splits an Fp32Pair register operand: each value times its column's factor
 // (cols(j): this lane's two columns of 8-column tile j; the scales of the rows the product sums
-// over), at the power of two the warp tile's largest |value * factor| takes (fp16's range, as
-// the pre-pass's rows: fp32_pairs.h), undone by the fragment's factor. One a warp, not a row:
+// over), at the power of two the warp tile's largest |value * factor| takes (fp16's range, as the
+// pre-pass's rows: fp32_pairs.h), undone by the fragment's factor. One a warp, not a row:
 // warp-uniform, it stays out of the registers the kernels are short of (a row's spilled 340-820
 // bytes in the dK/dV kernel at head dim 128 and every kernel at 256, ptxas sm_90a). The cost: a
 // row's products keep 1e-5 of their own size only down to ~2^-32 of its tile's largest value (lo
-// scaled by 2^11; without that, 2^-23: a review modelled dq rows beside a dout row 1e10 larger at 4e-2 of
-// their own size, a rarely attended key's dv at 1e-2); below, its error is that value's rounding,
-// within the rule's 1e-5 of the tensor's largest but not of its own (benchmarks/NOTES.md).
+// scaled by 2^11; without that, 2^-23: a review modelled dq rows beside a dout row 1e10 larger at
+// 4e-2 of their own size, a rarely attended key's dv at 1e-2); below, its error is that value's
+// rounding, within the rule's 1e-5 of the tensor's largest but not of its own
+// (benchmarks/NOTES.md).
 template <class Cols>
 struct PairSplit {
   Cols cols;

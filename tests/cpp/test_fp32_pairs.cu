@@ -1,15 +1,15 @@
 // float32 as fp16 pairs (csrc/cuda/fp32_pairs.h). On the host: the exponent the pre-pass scales
 // each row by puts its largest |x| in [2^14, 2^15) (fp16's top binade but one, so that hi cannot
-// overflow; lo, the rest times 2^11, keeps its bits down to 2^-28 of it), wherever 2^e is a
-// normal float (e <= 126: largest values from 2^-112; below, e stays 126 and the largest lands
-// lower); pow2 is exact; and the scratch layout gives every input its own 16-byte aligned spans. On a GPU (skipped without
-// one): one warp's products on pairs (mma_sm80.cuh: PairTile's fragments, MmaOperand<Fp32Pair>,
-// WarpAcc::to_a's split; fp32_pair_tiles.cuh's row scales) against double precision, in both of
-// the kernels' patterns (Q K^T from two tiles, P V from registers and a tile), with every row at
-// a scale of its own, 1e-12 to 1e20 (one row of garbage a mask would hide among them; a row of P
-// at 1e-7 of its tile's others): each element within 2^-20 of the sum of its products'
-// magnitudes, where one fp16 or TF32 product per element (the lo halves lost) would be off by
-// about 2^-11.
+// overflow; lo, the rest times 2^11, keeps its bits down to 2^-28 of it), wherever 2^e is a normal
+// float (e <= 126: largest values from 2^-112; below, e stays 126 and the largest lands lower);
+// pow2 is exact; and the scratch layout gives every input its own 16-byte aligned spans. On a GPU
+// (skipped without one): one warp's products on pairs (mma_sm80.cuh: PairTile's fragments,
+// MmaOperand<Fp32Pair>, WarpAcc::to_a's split; fp32_pair_tiles.cuh's row scales) against double
+// precision, in both of the kernels' patterns (Q K^T from two tiles, P V from registers and a
+// tile), with every row at a scale of its own, 1e-12 to 1e20 (one row of garbage a mask would hide
+// among them; a row of P at 1e-7 of its tile's others): each element within 2^-20 of the sum of its
+// products' magnitudes, where one fp16 or TF32 product per element (the lo halves lost) would be
+// off by about 2^-11.
 #include <gtest/gtest.h>
 #include <cuda_runtime.h>
 #include <cmath>
