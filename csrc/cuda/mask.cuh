@@ -110,10 +110,9 @@ __device__ __forceinline__ void for_each_value(WarpAcc<kN>& t, F&& f) {
 }
 
 // What turns q.k into the scaled-log2 score of one (sequence, head): scale, softcap, ALiBi,
-// attn_mask (whose float elements have type T, the kernel's). The forward applies it a tile at
-// a time (scores), the backward an element at a time (operator()); both through the same
-// element steps, rounded explicitly, so that the backward recomputes the forward's scores bit
-// for bit.
+// attn_mask (whose float elements have type T, the kernel's). Both directions apply it a tile
+// at a time (scores), through element steps rounded explicitly, so that the backward recomputes
+// the forward's scores bit for bit.
 template <typename T>
 struct ScoreMod {
   float scale_log2;  // scale * log2(e): the whole job without softcap, ALiBi and attn_mask
@@ -151,43 +150,29 @@ struct ScoreMod {
     return i < s.seqlen_q && j < s.seqlen_k ? __fmaf_rn(mask.bias<float, T>(i, j), kLog2e, x) : x;
   }
 
-  // Forward: the raw q.k of a warp tile become its scores, a pass over the tile per feature (a
-  // branch per tile, not per element).
-  template <int kN>
-  __device__ __forceinline__ void scores(WarpAcc<kN>& t, const Sequence& s, int row0, int col0, int lane) const {
+  // The raw q.k of a warp tile become its scores, a pass over the tile per feature (a branch per
+  // tile, not per element: tested per element, they cost the head-dim-64 fused Hopper backward
+  // half its speed; benchmarks/NOTES.md). With softcap, capped_at(j, e, t) receives element
+  // (j, e)'s tanh (the backward's chain rule; the forward passes none).
+  template <bool kTransposed, int kN, class CappedAt = void (*)(int, int, float)>
+  __device__ __forceinline__ void scores(WarpAcc<kN>& t, const Sequence& s, int row0, int col0, int lane,
+                                         CappedAt&& capped_at = [](int, int, float) {}) const {
     if (softcap) {
-      for_each_value(t, [&](float& x, int, int) {
-        float unused;
-        x = capped(x, &unused);
+      for_each_value(t, [&](float& x, int j, int e) {
+        float tanh_of;
+        x = capped(x, &tanh_of);
+        capped_at(j, e, tanh_of);
       });
     } else {
       for_each_value(t, [&](float& x, int, int) { x = scaled(x); });
     }
     if (alibi) {
-      const TileDistance<false, kN> distance(s, row0, col0, lane);
+      const TileDistance<kTransposed, kN> distance(s, row0, col0, lane);
       for_each_value(t, [&](float& x, int j, int e) { x = with_alibi(x, distance(j, e)); });
     }
     if (mask.data)
-      for_each_element<false>(t, row0, col0, lane,
-                              [&](float& x, int i, int k, int, int) { x = with_mask(x, s, i, k); });
-  }
-
-  // Backward: the score of q.k = raw for query i, key j at ALiBi distance `distance`; *dcap
-  // receives d(score)/d(scale q.k) (1 - t^2 with softcap, else 1).
-  __device__ __forceinline__ float operator()(float raw, float distance, const Sequence& s, int i, int j,
-                                              float* dcap) const {
-    float x;
-    if (softcap) {
-      float t;
-      x = capped(raw, &t);
-      *dcap = 1.f - t * t;
-    } else {
-      *dcap = 1.f;
-      x = scaled(raw);
-    }
-    if (alibi) x = with_alibi(x, distance);
-    if (mask.data) x = with_mask(x, s, i, j);
-    return x;
+      for_each_element<kTransposed>(t, row0, col0, lane,
+                                    [&](float& x, int i, int k, int, int) { x = with_mask(x, s, i, k); });
   }
 };
 
@@ -216,7 +201,7 @@ template <bool kFeatures, int kN, typename T>
 __device__ __forceinline__ void scores_from_qk(WarpAcc<kN>& t, const ScoreMod<T>& mod, const MaskParams& m,
                                                const Sequence& s, int row0, int col0, int lane) {
   if (kFeatures && !mod.plain()) {
-    mod.scores(t, s, row0, col0, lane);
+    mod.template scores<false>(t, s, row0, col0, lane);
   } else {
 #pragma unroll
     for (int j = 0; j < kN / 8; ++j)
@@ -341,40 +326,59 @@ __device__ __forceinline__ void probs_then_mask(WarpAcc<kN>& s, float scale_log2
   }
 }
 
-// With softcap, ALiBi, attn_mask or dropout, one pass over raw q.k (s) and dP (dp):
+// With softcap, ALiBi, attn_mask or dropout, from raw q.k (s) and dP (dp), a pass over the tile
+// per step (each feature's branch taken once a tile, as in ScoreMod::scores):
 //   s  <- P * z                          (the operand of dV)
-//   dp <- P * (dP * z - delta) * dcap    (dS, the operand of dQ and dK)
-// z is the dropout factor (1 without dropout), dcap the softcap's chain-rule factor. dscores, if
-// not null, receives the score gradients P * (dP * z - delta) of the elements inside the
-// sequence: the (b, h) slice of FlashBwdParams::dscores, rows dscores_stride apart.
+//   dp <- P * ((dP * z - delta) * dcap)  (dS, the operand of dQ and dK)
+// z is the dropout factor (1 without dropout), dcap the softcap's chain-rule factor, folded into
+// dp as soon as the softcap pass has it (no tile of factors kept: the head-dim-64 fused Hopper
+// backward spilled 80-116 bytes with one). dscores, if not null, receives the score gradients
+// P * (dP * z - delta) of the elements inside the sequence (dcap applied after them): the (b, h)
+// slice of FlashBwdParams::dscores, rows dscores_stride apart.
 template <bool kTransposed, bool kWithDs, int kN, typename T, class Lse2, class Delta>
 __device__ __forceinline__ void probs_and_ds_with_features(WarpAcc<kN>& s, WarpAcc<kN>& dp, const ScoreMod<T>& mod,
                                                            const MaskParams& m, const Sequence& seq, bool dropout,
                                                            const DropoutRng& rng, int b, int h, int heads, int row0,
                                                            int col0, int lane, Lse2&& lse2, Delta&& delta,
                                                            float* dscores = nullptr, int64_t dscores_stride = 0) {
-  const bool masked = tile_needs_mask<kTransposed, kN>(m, seq, row0, col0);
-  float z[kN / 8][4];
-  if (dropout) {
-    dropout_factors<kTransposed, kN>(z, rng, b, h, heads, row0, col0, lane);
-  } else {
-#pragma unroll
-    for (int j = 0; j < kN / 8; ++j)
-#pragma unroll
-      for (int e = 0; e < 4; ++e) z[j][e] = 1.f;
-  }
-  const TileDistance<kTransposed, kN> distance(seq, row0, col0, lane);
-  for_each_element<kTransposed>(s, row0, col0, lane, [&](float& x, int i, int k, int j, int e) {
-    float dcap;
-    const float score = mod(x, distance(j, e), seq, i, k, &dcap);
-    const float prob = masked && !is_visible(m, seq, i, k) ? 0.f : fast_exp2(score - lse2(j, e));
-    if (kWithDs) {
-      const float ds = prob * (dp.v[j][e] * z[j][e] - delta(j, e));
-      if (dscores && i < seq.seqlen_q && k < seq.seqlen_k) dscores[i * dscores_stride + k] = ds;
-      dp.v[j][e] = ds * dcap;
+  float z[kN / 8][4];  // with dropout
+  if (dropout) dropout_factors<kTransposed, kN>(z, rng, b, h, heads, row0, col0, lane);
+  if (kWithDs) {
+    if (dropout) {
+      for_each_value(dp, [&](float& d, int j, int e) { d = d * z[j][e] - delta(j, e); });
+    } else {
+      for_each_value(dp, [&](float& d, int j, int e) { d -= delta(j, e); });
     }
-    x = prob * z[j][e];
-  });
+  }
+  // The scores, rounded step by step as the forward's (the same ScoreMod::scores).
+  float dcap[kN / 8][4];  // with softcap and dscores: 1 - t^2, applied once dscores is stored
+  auto scores_then = [&](auto&& capped_at) { mod.template scores<kTransposed>(s, seq, row0, col0, lane, capped_at); };
+  if (!kWithDs) {
+    scores_then([](int, int, float) {});
+  } else if (dscores) {
+    scores_then([&](int j, int e, float t) { dcap[j][e] = 1.f - t * t; });
+  } else {
+    scores_then([&](int j, int e, float t) { dp.v[j][e] *= 1.f - t * t; });
+  }
+  // P, zero where the mask hides the score (a select over every element's exponential, as
+  // probs_then_mask's).
+  for_each_value(s, [&](float& x, int j, int e) { x = fast_exp2(x - lse2(j, e)); });
+  if (tile_needs_mask<kTransposed, kN>(m, seq, row0, col0)) {
+    const TileVisibility<kTransposed, kN> visible(m, seq, row0, col0, lane);
+    for_each_value(s, [&](float& x, int j, int e) {
+      if (!visible(j, e)) x = 0.f;
+    });
+  }
+  if (kWithDs) {
+    for_each_value(dp, [&](float& d, int j, int e) { d *= s.v[j][e]; });
+    if (dscores) {
+      for_each_element<kTransposed>(dp, row0, col0, lane, [&](float& d, int i, int k, int, int) {
+        if (i < seq.seqlen_q && k < seq.seqlen_k) dscores[i * dscores_stride + k] = d;
+      });
+      if (mod.softcap) for_each_value(dp, [&](float& d, int j, int e) { d *= dcap[j][e]; });
+    }
+  }
+  if (dropout) for_each_value(s, [&](float& x, int j, int e) { x *= z[j][e]; });
 }
 
 // Whether a launch needs the kernels' feature path (kFeatures): anything that changes the
