@@ -307,6 +307,13 @@ __global__ void __launch_bounds__(BwdFused256Kernel<T, kOrderedDq>::kThreads, 1)
       const uint32_t q_stage = stage * K::kQBytes;
       const int row0 = block_of(tile, step) * kBlockM + warp_row;
       WarpAcc<K::kKeysPerConsumer> s, dp;  // 64 queries x this consumer's 40 keys
+      // kFeatures: the step's score rules, made before the wgmmas so that their loads (the ALiBi
+      // slope, the parameters) overlap them rather than stall the pass after the wait.
+      const int h = tile.head(step, group);
+      const auto mod = [&] {
+        if constexpr (kFeatures) return ScoreMod<T>(p, tile.b, h);
+        else return 0;
+      }();
       // Both tiles waited for before either product goes out (a spin loop between two wgmma
       // groups makes ptxas fence them: C7519).
       mbarrier_wait(&q_full[stage], (gs / K::kQStages) & 1);
@@ -326,9 +333,8 @@ __global__ void __launch_bounds__(BwdFused256Kernel<T, kOrderedDq>::kThreads, 1)
       const int key0 = tile.n_start + K::kKeysPerConsumer * consumer;
       if constexpr (kFeatures) {  // s becomes P z and dp dS (one pass over both: dP waited for too)
         wgmma_wait<0>();
-        const int h = tile.head(step, group);
-        probs_and_ds_with_features<false, true>(s, dp, ScoreMod<T>(p, tile.b, h), mask, tile.seq, dropout, rng,
-                                                tile.b, h, sh.heads_q, row0, key0, lane, row_lse2, row_delta);
+        probs_and_ds_with_features<false, true>(s, dp, mod, mask, tile.seq, dropout, rng, tile.b, h, sh.heads_q, row0,
+                                                key0, lane, row_lse2, row_delta);
       } else {
         wgmma_wait<1>();
         probs_then_mask<false>(s, scale_log2, mask, tile.seq, row0, key0, lane, row_lse2);

@@ -638,6 +638,13 @@ __global__ void __launch_bounds__(
       if (packed && queries_in_block < kBlockM)  // the same for both consumers
         zero_rows_before_wgmma<kPanels, kBlockM, K::kConsumerThreads>(queries_in_block, tid - 128, 8, sQ(stage),
                                                                       sdO(stage));
+      // kFeatures: the step's score rules, made before the wgmmas so that their loads (the ALiBi
+      // slope, the parameters) overlap them rather than stall the pass after the wait.
+      const int h = head_of(tile, step);
+      const auto mod = [&] {
+        if constexpr (kFeatures) return ScoreMod<T>(p, tile.b, h);
+        else return 0;
+      }();
       WarpAcc<kBlockM> s, dp;  // S^T and dP^T: this warp's 16 keys x kBlockM queries
       wgmma_fence();
       issue_qk<T, kHeadDim, kBlockN * 128>(s, desc_k, desc_q0 + stage_bytes(stage));
@@ -648,9 +655,8 @@ __global__ void __launch_bounds__(
       auto col_lse2 = [&](int j, int e) { return lse2[WarpAcc<kBlockM>::col_of(j, e, lane)]; };
       auto col_delta = [&](int j, int e) { return delta[WarpAcc<kBlockM>::col_of(j, e, lane)]; };
       if constexpr (kFeatures) {  // s becomes (P z)^T and dp dS^T, dV's and dK's operands
-        const int h = head_of(tile, step);
-        probs_and_ds_with_features<true, true>(s, dp, ScoreMod<T>(p, tile.b, h), mask, tile.seq, dropout, rng, tile.b,
-                                               h, sh.heads_q, key0, m0, lane, col_lse2, col_delta);
+        probs_and_ds_with_features<true, true>(s, dp, mod, mask, tile.seq, dropout, rng, tile.b, h, sh.heads_q, key0,
+                                               m0, lane, col_lse2, col_delta);
       } else {
         probs_then_mask<true>(s, scale_log2, mask, tile.seq, key0, m0, lane, col_lse2);
       }
