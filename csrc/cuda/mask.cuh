@@ -47,14 +47,22 @@ __device__ __forceinline__ void count_tiles(unsigned long long* counters, const 
 template <bool kTransposed, int kN>
 struct TileDistance {
   float base;  // element (0, 0)'s
+  int sign;    // +1: no element of the warp's tile (all 32 lanes) has a negative distance, -1: none a
+               // positive one, 0: both signs (the tile crosses the diagonal)
   __device__ __forceinline__ TileDistance(const Sequence& s, int row0, int col0, int lane) {
     const int row = row0 + WarpAcc<kN>::row_of(0, lane), col = col0 + WarpAcc<kN>::col_of(0, 0, lane);
     base = static_cast<float>(kTransposed ? col + s.diagonal - row : row + s.diagonal - col);
+    // Rows row0 .. row0 + 15, columns col0 .. col0 + kN - 1: warp-uniform.
+    const int lowest = (kTransposed ? col0 - (row0 + 15) : row0 - (col0 + kN - 1)) + s.diagonal;
+    const int highest = (kTransposed ? col0 + kN - 1 - row0 : row0 + 15 - col0) + s.diagonal;
+    sign = lowest >= 0 ? 1 : highest <= 0 ? -1 : 0;
   }
-  __device__ __forceinline__ float operator()(int j, int e) const {
+  // Element (j, e)'s distance from element (0, 0)'s: a compile-time constant once unrolled.
+  __device__ __forceinline__ static float offset(int j, int e) {
     const int dr = WarpAcc<kN>::row_of(e, 0), dc = WarpAcc<kN>::col_of(j, e, 0);
-    return base + static_cast<float>(kTransposed ? dc - dr : dr - dc);
+    return static_cast<float>(kTransposed ? dc - dr : dr - dc);
   }
+  __device__ __forceinline__ float operator()(int j, int e) const { return base + offset(j, e); }
 };
 
 // is_visible for the elements (j, e) of a warp tile whose mask is not trivial (tile_needs_mask):
@@ -157,6 +165,22 @@ struct ScoreMod {
   template <bool kTransposed, int kN, class CappedAt = void (*)(int, int, float)>
   __device__ __forceinline__ void scores(WarpAcc<kN>& t, const Sequence& s, int row0, int col0, int lane,
                                          CappedAt&& capped_at = [](int, int, float) {}) const {
+    if (alibi && !softcap) {
+      // Off the diagonal the distance has one sign over the tile, so the bias is linear in the
+      // element's constant offset: one FFMA a score (q.k * scale_log2 + bias) and one per distinct
+      // offset (shared by the tile's elements that have it), where the general pass below takes a
+      // multiply, the distance's addition and an FFMA per score.
+      const TileDistance<kTransposed, kN> distance(s, row0, col0, lane);
+      if (distance.sign != 0) {
+        const float slope = distance.sign > 0 ? -alibi_log2 : alibi_log2;  // bias = slope * distance
+        const float at_base = slope * distance.base;
+        for_each_value(t, [&](float& x, int j, int e) {
+          x = __fmaf_rn(x, scale_log2, __fmaf_rn(slope, TileDistance<kTransposed, kN>::offset(j, e), at_base));
+        });
+        if (mask.data) with_attn_mask<kTransposed>(t, s, row0, col0, lane);
+        return;
+      }
+    }
     if (softcap) {
       for_each_value(t, [&](float& x, int j, int e) {
         float tanh_of;
@@ -170,9 +194,15 @@ struct ScoreMod {
       const TileDistance<kTransposed, kN> distance(s, row0, col0, lane);
       for_each_value(t, [&](float& x, int j, int e) { x = with_alibi(x, distance(j, e)); });
     }
-    if (mask.data)
-      for_each_element<kTransposed>(t, row0, col0, lane,
-                                    [&](float& x, int i, int k, int, int) { x = with_mask(x, s, i, k); });
+    if (mask.data) with_attn_mask<kTransposed>(t, s, row0, col0, lane);
+  }
+
+ private:
+  template <bool kTransposed, int kN>
+  __device__ __forceinline__ void with_attn_mask(WarpAcc<kN>& t, const Sequence& s, int row0, int col0,
+                                                 int lane) const {
+    for_each_element<kTransposed>(t, row0, col0, lane,
+                                  [&](float& x, int i, int k, int, int) { x = with_mask(x, s, i, k); });
   }
 };
 
