@@ -11,6 +11,12 @@ namespace cuflash {
 
 constexpr float kLog2e = 1.4426950408889634f;
 
+// ScoreMod::scores' one-sided ALiBi pass (0: every ALiBi tile takes the general pass; for
+// scripts/gpu_ab_define.sh's measurement).
+#ifndef CUFLASH_ALIBI_ONE_SIDED
+#define CUFLASH_ALIBI_ONE_SIDED 1
+#endif
+
 // Block indices [begin, end) of the key blocks (block_n keys each) that queries
 // [row_begin, row_end) see. (Host too, as tile_needs_mask: tests/cpp/test_mask_tiles.cu.)
 CUFLASH_HD Range key_blocks(const MaskParams& m, const Sequence& s, int row_begin, int row_end, int block_n) {
@@ -165,7 +171,7 @@ struct ScoreMod {
   template <bool kTransposed, int kN, class CappedAt = void (*)(int, int, float)>
   __device__ __forceinline__ void scores(WarpAcc<kN>& t, const Sequence& s, int row0, int col0, int lane,
                                          CappedAt&& capped_at = [](int, int, float) {}) const {
-    if (alibi && !softcap) {
+    if (CUFLASH_ALIBI_ONE_SIDED && alibi && !softcap) {
       // Off the diagonal the distance has one sign over the tile, so the bias is linear in the
       // element's constant offset: one FFMA a score (q.k * scale_log2 + bias) and one per distinct
       // offset (shared by the tile's elements that have it), where the general pass below takes a
