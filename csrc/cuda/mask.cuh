@@ -49,13 +49,14 @@ __device__ __forceinline__ void count_tiles(unsigned long long* counters, const 
 
 // i + diagonal - k, ALiBi's distance, of the elements (j, e) of a warp tile, in float: the
 // fragment layout puts element (j, e) at a lane-independent offset from element (0, 0), so one
-// conversion per tile and a constant per element (exact below 2^24).
+// conversion per tile and a constant per element (exact below 2^24). Host too:
+// tests/cpp/test_mask_tiles.cu checks it against alibi_bias's distance.
 template <bool kTransposed, int kN>
 struct TileDistance {
   float base;  // element (0, 0)'s
   int sign;    // +1: no element of the warp's tile (all 32 lanes) has a negative distance, -1: none a
                // positive one, 0: both signs (the tile crosses the diagonal)
-  __device__ __forceinline__ TileDistance(const Sequence& s, int row0, int col0, int lane) {
+  CUFLASH_HD TileDistance(const Sequence& s, int row0, int col0, int lane) {
     const int row = row0 + WarpAcc<kN>::row_of(0, lane), col = col0 + WarpAcc<kN>::col_of(0, 0, lane);
     base = static_cast<float>(kTransposed ? col + s.diagonal - row : row + s.diagonal - col);
     // Rows row0 .. row0 + 15, columns col0 .. col0 + kN - 1: warp-uniform.
@@ -64,11 +65,11 @@ struct TileDistance {
     sign = lowest >= 0 ? 1 : highest <= 0 ? -1 : 0;
   }
   // Element (j, e)'s distance from element (0, 0)'s: a compile-time constant once unrolled.
-  __device__ __forceinline__ static float offset(int j, int e) {
+  CUFLASH_HD static float offset(int j, int e) {
     const int dr = WarpAcc<kN>::row_of(e, 0), dc = WarpAcc<kN>::col_of(j, e, 0);
     return static_cast<float>(kTransposed ? dc - dr : dr - dc);
   }
-  __device__ __forceinline__ float operator()(int j, int e) const { return base + offset(j, e); }
+  CUFLASH_HD float operator()(int j, int e) const { return base + offset(j, e); }
 };
 
 // is_visible for the elements (j, e) of a warp tile whose mask is not trivial (tile_needs_mask):

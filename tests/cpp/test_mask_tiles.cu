@@ -203,6 +203,53 @@ TEST(MaskTiles, KeyRowsMatchIsVisible) {  // the dK/dV kernels' transposed tiles
   check_all<true, 128>();  // the head-dim-64 dK/dV kernel's 128-query steps
 }
 
+// TileDistance (ALiBi's distance i + diagonal - k of a warp tile's elements, and its sign over
+// the tile): every element of every lane, both orientations, every diagonal offset a tile can
+// meet; the sign is 0 only where the tile holds distances of both signs (else the one-sided pass
+// would be skipped for nothing).
+template <bool kTransposed, int kN>
+std::string distance_mismatch(int diagonal) {
+  Sequence s{};
+  s.diagonal = diagonal;
+  using Acc = cuflash::WarpAcc<kN>;
+  for (int row0 = 0; row0 < 4 * kN; row0 += 16)
+    for (int col0 = 0; col0 < 4 * kN; col0 += kN) {
+      bool negative = false, positive = false;
+      int sign = 2;
+      const std::string where = " (diagonal " + std::to_string(diagonal) + ", tile at " + std::to_string(row0) +
+                                ", " + std::to_string(col0) + ")";
+      for (int lane = 0; lane < 32; ++lane) {
+        const cuflash::TileDistance<kTransposed, kN> tile(s, row0, col0, lane);
+        if (sign != 2 && tile.sign != sign) return "the sign differs between lanes" + where;
+        sign = tile.sign;
+        for (int j = 0; j < kN / 8; ++j)
+          for (int e = 0; e < 4; ++e) {
+            const int row = row0 + Acc::row_of(e, lane), col = col0 + Acc::col_of(j, e, lane);
+            const int query = kTransposed ? col : row, key = kTransposed ? row : col;
+            const int distance = query + diagonal - key;
+            if (tile(j, e) != static_cast<float>(distance))
+              return "query " + std::to_string(query) + ", key " + std::to_string(key) + ": distance " +
+                     std::to_string(tile(j, e)) + ", not " + std::to_string(distance) + where;
+            negative = negative || distance < 0;
+            positive = positive || distance > 0;
+          }
+      }
+      if ((sign > 0 && negative) || (sign < 0 && positive)) return "a distance against the sign" + where;
+      if (sign == 0 && !(negative && positive)) return "sign 0 where the tile has one sign" + where;
+    }
+  return "";
+}
+
+TEST(MaskTiles, TileDistanceFollowsTheAlibiRule) {  // ScoreMod::scores' ALiBi passes
+  for (int diagonal = -140; diagonal <= 140; ++diagonal) {
+    EXPECT_EQ((distance_mismatch<false, 64>(diagonal)), "");
+    EXPECT_EQ((distance_mismatch<false, 128>(diagonal)), "");
+    EXPECT_EQ((distance_mismatch<true, 40>(diagonal)), "");  // an odd number of 8-column tiles
+    EXPECT_EQ((distance_mismatch<true, 64>(diagonal)), "");
+    EXPECT_EQ((distance_mismatch<true, 128>(diagonal)), "");
+  }
+}
+
 // attention_math.h's key_at (the TMA forward's page and row of a key block) and key_offset (the
 // cp.async kernels' element offset): key j of sequence b in a paged cache is row j % page_size of
 // page block_table[b][j / page_size], ids clamped into the cache; without a table, row j of b.
