@@ -127,7 +127,9 @@ __device__ __forceinline__ void for_each_value(WarpAcc<kN>& t, F&& f) {
 // What turns q.k into the scaled-log2 score of one (sequence, head): scale, softcap, ALiBi,
 // attn_mask (whose float elements have type T, the kernel's). Both directions apply it a tile
 // at a time (scores), through element steps rounded explicitly, so that the backward recomputes
-// the forward's scores bit for bit.
+// the forward's scores from the same q.k bit for bit; but for ALiBi, whose one-sided pass rounds
+// the bias three times (each of order 2^-24 |bias|) from a tile's own base, and the forward's
+// and the backward's tiles differ in base and in which ones cross the diagonal.
 template <typename T>
 struct ScoreMod {
   float scale_log2;  // scale * log2(e): the whole job without softcap, ALiBi and attn_mask

@@ -6,7 +6,9 @@
 //  - key_blocks and query_blocks (the blocks a CTA visits): no visible element outside them, and
 //    their first and last blocks hold one;
 //  - tile_needs_mask (false: the element mask is skipped): only for tiles with every element
-//    visible.
+//    visible;
+//  - TileDistance (ALiBi's distances of a warp tile, and their sign over it, which picks
+//    ScoreMod::scores' one-sided pass) against alibi_bias's distance.
 // Query rows also as packed grouped heads (MaskParams::rows_per_query: row r is query r / G; the
 // forward only, so not for tiles whose rows are keys). And a paged cache's key addressing. And, on
 // a GPU (skipped without one), dropout_factors (a warp tile's dropout keep factors, two lanes
