@@ -174,46 +174,41 @@ struct ScoreMod {
   template <bool kTransposed, int kN, class CappedAt = void (*)(int, int, float)>
   __device__ __forceinline__ void scores(WarpAcc<kN>& t, const Sequence& s, int row0, int col0, int lane,
                                          CappedAt&& capped_at = [](int, int, float) {}) const {
-    if (CUFLASH_ALIBI_ONE_SIDED && alibi && !softcap) {
+    const TileDistance<kTransposed, kN> distance(s, row0, col0, lane);  // the ALiBi passes'
+    if (CUFLASH_ALIBI_ONE_SIDED && alibi && !softcap && distance.sign != 0) {
       // Off the diagonal the distance has one sign over the tile, so the bias is linear in the
       // element's constant offset: one FFMA a score (q.k * scale_log2 + bias) and one per distinct
       // offset (shared by the tile's elements that have it), where the general pass below takes a
       // multiply, the distance's addition and an FFMA per score.
-      const TileDistance<kTransposed, kN> distance(s, row0, col0, lane);
-      if (distance.sign != 0) {
-        const float slope = distance.sign > 0 ? -alibi_log2 : alibi_log2;  // bias = slope * distance
-        const float at_base = slope * distance.base;
-        for_each_value(t, [&](float& x, int j, int e) {
-          x = __fmaf_rn(x, scale_log2, __fmaf_rn(slope, TileDistance<kTransposed, kN>::offset(j, e), at_base));
-        });
-        if (mask.data) with_attn_mask<kTransposed>(t, s, row0, col0, lane);
-        return;
-      }
-    }
-    if (softcap) {
+      const float slope = distance.sign > 0 ? -alibi_log2 : alibi_log2;  // bias = slope * distance
+      const float at_base = slope * distance.base;
       for_each_value(t, [&](float& x, int j, int e) {
-        float tanh_of;
-        x = capped(x, &tanh_of);
-        capped_at(j, e, tanh_of);
+        x = __fmaf_rn(x, scale_log2, __fmaf_rn(slope, TileDistance<kTransposed, kN>::offset(j, e), at_base));
       });
     } else {
-      for_each_value(t, [&](float& x, int, int) { x = scaled(x); });
+      if (softcap) {
+        for_each_value(t, [&](float& x, int j, int e) {
+          float tanh_of;
+          x = capped(x, &tanh_of);
+          capped_at(j, e, tanh_of);
+        });
+      } else {
+        for_each_value(t, [&](float& x, int, int) { x = scaled(x); });
+      }
+      if (alibi) for_each_value(t, [&](float& x, int j, int e) { x = with_alibi(x, distance(j, e)); });
     }
-    if (alibi) {
-      const TileDistance<kTransposed, kN> distance(s, row0, col0, lane);
-      for_each_value(t, [&](float& x, int j, int e) { x = with_alibi(x, distance(j, e)); });
-    }
-    if (mask.data) with_attn_mask<kTransposed>(t, s, row0, col0, lane);
-  }
-
- private:
-  template <bool kTransposed, int kN>
-  __device__ __forceinline__ void with_attn_mask(WarpAcc<kN>& t, const Sequence& s, int row0, int col0,
-                                                 int lane) const {
-    for_each_element<kTransposed>(t, row0, col0, lane,
-                                  [&](float& x, int i, int k, int, int) { x = with_mask(x, s, i, k); });
+    if (mask.data)
+      for_each_element<kTransposed>(t, row0, col0, lane,
+                                    [&](float& x, int i, int k, int, int) { x = with_mask(x, s, i, k); });
   }
 };
+
+// A kernel's ScoreMod for (b, h) where it has the features (kFeatures), else nothing to make.
+template <bool kFeatures, typename T>
+__device__ __forceinline__ auto score_mod_if(const AttentionParams& p, int b, int h) {
+  if constexpr (kFeatures) return ScoreMod<T>(p, b, h);
+  else return 0;
+}
 
 // Whether a 16-row warp tile (rows row0.., columns col0..col0 + kN) needs the element mask.
 template <bool kTransposed, int kN>

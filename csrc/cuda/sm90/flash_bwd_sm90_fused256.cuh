@@ -310,10 +310,7 @@ __global__ void __launch_bounds__(BwdFused256Kernel<T, kOrderedDq>::kThreads, 1)
       // kFeatures: the step's score rules, made before the wgmmas so that their loads (the ALiBi
       // slope, the parameters) overlap them rather than stall the pass after the wait.
       const int h = tile.head(step, group);
-      const auto mod = [&] {
-        if constexpr (kFeatures) return ScoreMod<T>(p, tile.b, h);
-        else return 0;
-      }();
+      const auto mod = score_mod_if<kFeatures, T>(p, tile.b, h);
       // Both tiles waited for before either product goes out (a spin loop between two wgmma
       // groups makes ptxas fence them: C7519).
       mbarrier_wait(&q_full[stage], (gs / K::kQStages) & 1);

@@ -641,10 +641,7 @@ __global__ void __launch_bounds__(
       // kFeatures: the step's score rules, made before the wgmmas so that their loads (the ALiBi
       // slope, the parameters) overlap them rather than stall the pass after the wait.
       const int h = head_of(tile, step);
-      const auto mod = [&] {
-        if constexpr (kFeatures) return ScoreMod<T>(p, tile.b, h);
-        else return 0;
-      }();
+      const auto mod = score_mod_if<kFeatures, T>(p, tile.b, h);
       WarpAcc<kBlockM> s, dp;  // S^T and dP^T: this warp's 16 keys x kBlockM queries
       wgmma_fence();
       issue_qk<T, kHeadDim, kBlockN * 128>(s, desc_k, desc_q0 + stage_bytes(stage));
