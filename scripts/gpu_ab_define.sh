@@ -9,6 +9,12 @@
 #   AB_FILES="csrc/cuda/instantiations/flash_fwd_hdim64_*_sm80.cu"   the sources B recompiles
 #                        (required; globs; every translation unit that reads the macro, e.g.
 #                        csrc/cuda/forward_choice.cu too if it changes the forward's tiles)
+#   AB_TREE=.ab_tree     instead of AB_DEFINE and AB_FILES: A is built from the sources in this
+#                        folder (an earlier commit's, for a change that no define switches off:
+#                        `git archive COMMIT csrc cuflash_attn setup.py pyproject.toml scripts
+#                        tools | tar -x -C .ab_tree`, carried), B is the tree as it is; A's
+#                        extension runs under the tree's Python package (their ops must agree).
+#                        CUFLASH_HEAD_DIMS narrows both builds.
 #   AB_BENCH="--dtypes bf16 --head-dims 64 ..."   bench_attention.py arguments for both (split on
 #                        spaces: no quoted arguments)
 #   AB_BENCH_FEATURES="--head-dims 64,128"   bench_features.py arguments for both
@@ -34,20 +40,31 @@
 # the runs' own tables (-a1, -b1, ...) as $OUT/logs.tar.gz.
 # shellcheck source=scripts/device_call_env.sh
 source "$(dirname "$0")/device_call_env.sh"
-: "${AB_DEFINE:?AB_DEFINE names the flags of build B}"
-: "${AB_FILES:?AB_FILES names the sources build B recompiles}"
-shopt -s nullglob
-# shellcheck disable=SC2206  # AB_FILES is a list of globs, expanded here
-files=(${AB_FILES})
-shopt -u nullglob
-(( ${#files[@]} > 0 )) || { echo "AB_FILES=$AB_FILES matches no file" >&2; exit 2; }
+files=()
+if [ -n "${AB_TREE-}" ]; then
+  [ -f "$AB_TREE/setup.py" ] || { echo "AB_TREE=$AB_TREE holds no setup.py" >&2; exit 2; }
+else
+  : "${AB_DEFINE:?AB_DEFINE names the flags of build B}"
+  : "${AB_FILES:?AB_FILES names the sources build B recompiles}"
+  shopt -s nullglob
+  # shellcheck disable=SC2206  # AB_FILES is a list of globs, expanded here
+  files=(${AB_FILES})
+  shopt -u nullglob
+  (( ${#files[@]} > 0 )) || { echo "AB_FILES=$AB_FILES matches no file" >&2; exit 2; }
+fi
 # The device may keep an earlier call's objects: the files are touched so that A is built as is.
 build() {  # build NAME [extra nvcc flags]
   local start
   start=$(date +%s)
-  touch -c "${files[@]}"
-  NVCC_APPEND_FLAGS="${NVCC_APPEND_FLAGS:+$NVCC_APPEND_FLAGS }${2-}" bash scripts/setup.sh > "$OUT/build_$1.log" 2>&1 \
-    || { tail -n 40 "$OUT/build_$1.log"; archive_logs; exit 1; }
+  if [ "$1" = A ] && [ -n "${AB_TREE-}" ]; then
+    (cd "$AB_TREE" && bash scripts/setup.sh) > "$OUT/build_$1.log" 2>&1 \
+      || { tail -n 40 "$OUT/build_$1.log"; archive_logs; exit 1; }
+    cp "$(ls "$AB_TREE"/cuflash_attn/_C*.so)" cuflash_attn/
+  else
+    (( ${#files[@]} == 0 )) || touch -c "${files[@]}"
+    NVCC_APPEND_FLAGS="${NVCC_APPEND_FLAGS:+$NVCC_APPEND_FLAGS }${2-}" bash scripts/setup.sh > "$OUT/build_$1.log" 2>&1 \
+      || { tail -n 40 "$OUT/build_$1.log"; archive_logs; exit 1; }
+  fi
   echo "build $1${2:+ ($2)}: $(( $(date +%s) - start )) s"
 }
 status=0
@@ -80,7 +97,7 @@ if [ "${AB_SKIP_A:-0}" != 1 ]; then
     grep -E "errors|cases" "$OUT/sanitize.log"
   fi
 fi
-build B "$AB_DEFINE"
+build B "${AB_DEFINE-}"
 tests_ok=1
 if [ -n "${AB_TESTS-}" ]; then
   # shellcheck disable=SC2086  # AB_TESTS is an argument list
@@ -114,7 +131,7 @@ if (( tests_ok )); then
 fi
 # The next build is A again (and scripts that build only without an extension, e.g.
 # gpu_sm90_check.sh, build one).
-touch -c "${files[@]}"
+(( ${#files[@]} == 0 )) || touch -c "${files[@]}"
 rm -f cuflash_attn/_C*.so
 for f in "$OUT"/bench_*.log; do grep -q '^wrote ' "$f" || { echo "== $f"; tail -n 8 "$f"; }; done  # failed runs
 for f in "$OUT"/*-[ab].md; do echo "== $f"; tail -n 16 "$f"; done
