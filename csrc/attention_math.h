@@ -258,25 +258,41 @@ CUFLASH_HD Philox4 philox4x32_10(uint32_t c0, uint32_t c1, uint32_t c2, uint32_t
   return {{c0, c1, c2, c3}};
 }
 
-// Dropout draws come in 2 x 2 blocks of (query, key): one Philox call serves a query pair
-// (i, i ^ 1) and a key pair (j, j ^ 1), so the forward (pairs of keys per thread) and the
-// dK/dV kernel (pairs of queries per thread) both use half of each call. Everything that
-// names the element goes into the counter; the seed is the key.
+// Dropout's threshold of a 16-bit draw for p in [0, 1) (keep iff draw >= threshold), and the
+// factor of the kept probabilities: 1 / (1 - threshold / 2^16), the keep rate's exact inverse.
+CUFLASH_HD uint32_t dropout_threshold(double p) {
+  const double t = p * 65536.0 + 0.5;
+  return t >= 65535.0 ? 65535u : static_cast<uint32_t>(t);
+}
+CUFLASH_HD double dropout_keep_scale(double p) { return 65536.0 / (65536.0 - dropout_threshold(p)); }
+
+// Dropout draws are 16 bits: p is applied as threshold / 2^16 (threshold = round(p 2^16), at most
+// 2^16 - 1) and the kept probabilities are scaled by 2^16 / (2^16 - threshold), so that dropout
+// keeps the expectation exactly. One Philox call (128 bits) draws a block of 4 queries x 2 keys:
+// queries (i0, i0 + 1, i0 + 8, i0 + 9) with i0 = i & ~9, keys (j, j ^ 1). A warp tile holds its
+// rows r and r + 8 in one thread and rows r, r ^ 1 in lanes 4 apart, so the two lanes of a pair
+// hold the 16 elements of two blocks between them, whichever operand the queries are (forward:
+// rows; dK/dV kernel: columns), and each draws one (mask.cuh's dropout_factors). Everything
+// that names the element goes into the counter; the seed is the key.
 struct DropoutRng {
-  uint32_t seed_lo, seed_hi, offset, threshold;  // keep iff draw >= threshold
-  float keep_scale;                              // 1 / (1 - p), for the float kernels
+  uint32_t seed_lo, seed_hi, offset, threshold;  // keep iff draw >= threshold (a 16-bit draw)
+  float keep_scale;                              // 2^16 / (2^16 - threshold), for the float kernels
+  // Block counter of query i: the quad index (i >> 4, (i >> 1) & 3).
+  CUFLASH_HD static uint32_t query_quad(int i) { return static_cast<uint32_t>(((i >> 4) << 2) | ((i >> 1) & 3)); }
   CUFLASH_HD Philox4 block(int b, int h, int heads, int i, int j) const {
     const uint64_t bh = static_cast<uint64_t>(b) * heads + h;
-    return philox4x32_10(static_cast<uint32_t>(j >> 1), static_cast<uint32_t>(i >> 1),
-                         static_cast<uint32_t>(bh), static_cast<uint32_t>(bh >> 32) + offset, seed_lo, seed_hi);
+    return philox4x32_10(static_cast<uint32_t>(j >> 1), query_quad(i), static_cast<uint32_t>(bh),
+                         static_cast<uint32_t>(bh >> 32) + offset, seed_lo, seed_hi);
   }
+  // Element (i, j) of its block: word 2 (i & 1) + ((i >> 3) & 1), the low half for an even key.
   // Selects rather than indexes, so that the draws stay in registers on the GPU.
-  CUFLASH_HD static uint32_t pick(const Philox4& r, int i, int j) {
-    const uint32_t even_row = (j & 1) ? r.x[1] : r.x[0], odd_row = (j & 1) ? r.x[3] : r.x[2];
+  CUFLASH_HD static uint32_t word_of(const Philox4& r, int i) {
+    const uint32_t even_row = (i & 8) ? r.x[1] : r.x[0], odd_row = (i & 8) ? r.x[3] : r.x[2];
     return (i & 1) ? odd_row : even_row;
   }
+  CUFLASH_HD static uint32_t draw_of(uint32_t word, int j) { return (j & 1) ? word >> 16 : word & 0xffffu; }
   CUFLASH_HD bool keep(int b, int h, int heads, int i, int j) const {
-    return pick(block(b, h, heads, i, j), i, j) >= threshold;
+    return draw_of(word_of(block(b, h, heads, i, j), i), j) >= threshold;
   }
 };
 
@@ -287,9 +303,8 @@ CUFLASH_HD DropoutRng make_dropout_rng(const DropoutParams& d) {
   r.seed_lo = static_cast<uint32_t>(seed);
   r.seed_hi = static_cast<uint32_t>(seed >> 32);
   r.offset = static_cast<uint32_t>(d.rng_state[1]);
-  // p in [0, 1): p * 2^32 < 2^32 always fits.
-  r.threshold = static_cast<uint32_t>(d.p * 4294967296.0);
-  r.keep_scale = static_cast<float>(1.0 / (1.0 - d.p));
+  r.threshold = dropout_threshold(d.p);
+  r.keep_scale = static_cast<float>(dropout_keep_scale(d.p));
   return r;
 }
 

@@ -79,9 +79,10 @@ struct ScoreParams {
   AttnMaskParams attn_mask;
 };
 
-// Dropout on the attention probabilities: element (b, h, i, j) is kept iff the counter-based
-// Philox draw for it (philox.h) is at least p * 2^32; kept ones are scaled by 1 / (1 - p). The
-// seed and offset are read on the device (so a CUDA graph replays with new values).
+// Dropout on the attention probabilities: element (b, h, i, j) is kept iff its 16-bit counter-based
+// Philox draw is at least round(p 2^16) (attention_math.h's DropoutRng); kept ones are scaled by
+// the keep rate's inverse, 2^16 / (2^16 - round(p 2^16)). The seed and offset are read on the
+// device (so a CUDA graph replays with new values).
 struct DropoutParams {
   double p = 0.0;
   const int64_t* rng_state = nullptr;  // [seed, offset], on the kernels' device

@@ -13,6 +13,14 @@ LOW_PRECISION_IDS = ("fp16", "bf16")  # pytest ids for LOW_PRECISION
 REFERENCE_DEVICE = None
 
 
+def dropout_keep_scale(dropout_p):
+    """The kept probabilities' factor, README's rule: dropout_p rounded to a multiple of 2^-16
+    (at most 1 - 2^-16), the keep rate's inverse. (The C++ rule is attention_math.h's
+    dropout_keep_scale; the float64 tests compare the kernels against this one.)"""
+    threshold = min(math.floor(dropout_p * 65536.0 + 0.5), 65535)
+    return 65536.0 / (65536.0 - threshold)
+
+
 def attention_reference(q, k, v, causal=False, scale=None, bottom_right=False, dtype=torch.float64, *,
                         window=(-1, -1), softcap=0.0, alibi_slopes=None, dropout_keep=None, dropout_p=0.0,
                         attn_mask=None):
@@ -22,7 +30,7 @@ def attention_reference(q, k, v, causal=False, scale=None, bottom_right=False, d
     is visible iff -left <= j - i - diagonal <= right (causal: right = 0; -1: unbounded). softcap
     and ALiBi change the scores, then attn_mask (torch's: boolean, True takes part, or added to the
     scores; it broadcasts to [B, Hq, Nq, Nk]); dropout_keep (bool [B, Hq, Nq, Nk]) drops probabilities, the
-    kept ones scaled by 1 / (1 - dropout_p). Masks are -inf; a query row that sees no key gives
+    kept ones scaled by dropout_keep_scale(dropout_p). Masks are -inf; a query row that sees no key gives
     output 0 and lse -inf, as cuflash_attn documents."""
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
     if REFERENCE_DEVICE not in (None, q.device.type):
@@ -62,7 +70,7 @@ def attention_reference(q, k, v, causal=False, scale=None, bottom_right=False, d
     # Rows that see no key: softmax over zeros (finite gradients), then multiplied by 0.
     probs = torch.softmax(scores.masked_fill(~sees_key, 0.0), dim=-1) * sees_key
     if dropout_keep is not None:
-        probs = probs * dropout_keep.to(q.device) / (1.0 - dropout_p)
+        probs = probs * dropout_keep.to(q.device) * dropout_keep_scale(dropout_p)
     return probs @ v, lse
 
 

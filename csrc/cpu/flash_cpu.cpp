@@ -411,8 +411,8 @@ struct RowRules {
         mask_only(!(score.softcap > T(0)) && !score.alibi && score.mask.data),
         dropout(p.dropout.p > 0.0),
         rng(dropout ? make_dropout_rng(p.dropout) : DropoutRng{}),
-        keep_scale(T(1) / (T(1) - static_cast<T>(p.dropout.p))) {}
-  // Dropout's factor of (row i, key j) of (b, h): keep / (1 - p).
+        keep_scale(static_cast<T>(dropout_keep_scale(p.dropout.p))) {}
+  // Dropout's factor of (row i, key j) of (b, h): 0 or dropout_keep_scale.
   T keep(int b, int h, int heads, int i, int j) const { return rng.keep(b, h, heads, i, j) ? keep_scale : T(0); }
   // The scores of rows [i0, i0 + rows) and keys [j0, j0 + count) of sequence s from their q.k in
   // place, x[jj * key_stride + r] (capped likewise, the backward's softcap factors; may be null):
@@ -1013,7 +1013,7 @@ CUFLASH_CPU_INLINE void bwd_head_impl(const FlashBwdParams& p, int b, int hk, co
         }
       const bool sees_all = keys.sees_all(rows, j0, count);
       if (!sees_all) hide_lanes(keys, j0, count, T(0), st);
-      // dS^T = P (z dP - delta) in place of dP, where z = keep / (1 - p) with dropout (out = sum_j
+      // dS^T = P (z dP - delta) in place of dP, where z = 0 or keep_scale with dropout (out = sum_j
       // P z v: dV takes P z, and the gradient reaching P is z (dO . v)); P z in place of P.
       if (!rules.dropout) {
         for (int jj = 0; jj < count; ++jj)

@@ -74,7 +74,7 @@ __global__ void __launch_bounds__(32 * simt::kWarps) flash_fwd_simt_kernel(const
   const ExactScore<T> score(p, b, h);
   const bool dropout = p.dropout.p > 0.0;
   const DropoutRng rng = dropout ? make_dropout_rng(p.dropout) : DropoutRng{};
-  const T keep_scale = T(1) / (T(1) - static_cast<T>(p.dropout.p));
+  const T keep_scale = static_cast<T>(dropout_keep_scale(p.dropout.p));
   WarpRow<T, kChunks> q, o, kv;
   q.load(row_at<const T>(p.q, p.q_strides, seq, true, b, h, row), sh.head_dim, lane);
   o.zero();
@@ -122,7 +122,7 @@ __global__ void __launch_bounds__(32 * simt::kWarps) flash_bwd_dq_simt_kernel(co
   const ExactScore<T> score(p, b, h);
   const bool dropout = p.dropout.p > 0.0;
   const DropoutRng rng = dropout ? make_dropout_rng(p.dropout) : DropoutRng{};
-  const T keep_scale = T(1) / (T(1) - static_cast<T>(p.dropout.p));
+  const T keep_scale = static_cast<T>(dropout_keep_scale(p.dropout.p));
   const int64_t stat = stats_offset(p.stats_strides, seq, b, h) + row;
   const T lse = static_cast<const T*>(p.lse)[stat], delta = static_cast<const T*>(p.delta)[stat];
   WarpRow<T, kChunks> q, dout, dq, k, v;
@@ -158,7 +158,7 @@ __global__ void __launch_bounds__(32 * simt::kWarps) flash_bwd_dkdv_simt_kernel(
   const T scale = static_cast<T>(p.scale);
   const bool dropout = p.dropout.p > 0.0;
   const DropoutRng rng = dropout ? make_dropout_rng(p.dropout) : DropoutRng{};
-  const T keep_scale = T(1) / (T(1) - static_cast<T>(p.dropout.p));
+  const T keep_scale = static_cast<T>(dropout_keep_scale(p.dropout.p));
   WarpRow<T, kChunks> k, v, q, dout, dk, dv;
   k.load(row_at<const T>(p.k, p.k_strides, seq, false, b, h_kv, key), sh.head_dim, lane);
   v.load(row_at<const T>(p.v, p.v_strides, seq, false, b, h_kv, key), sh.head_dim, lane);

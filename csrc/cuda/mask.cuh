@@ -245,58 +245,74 @@ __device__ __forceinline__ void scores_from_qk(WarpAcc<kN>& t, const ScoreMod<T>
   mask_scores(t, m, s, row0, col0, lane);
 }
 
-// Dropout keep factors (0 or 1 / (1 - p)) of a warp tile: z[j][e] for element (j, e). One Philox
-// call draws a 2 x 2 block of (query, key) elements (DropoutRng::block). A thread holds column
-// pairs (2c, 2c + 1) of row r and r + 8; the block's other row is lane ^ 4's (row0 is even). So
-// the two lanes split the calls: this lane draws the blocks of tiles j + odd, lane ^ 4 those of
-// j + !odd, and each hands the other its two words by a shuffle: half the Philox work, the same
-// mask. An odd number of 8-column tiles (the head-dim-256 fused backward's 40 keys a consumer)
-// leaves the last one unpaired: each lane draws its own blocks there.
+// Dropout keep factors (0 or keep_scale) of a warp tile: z[j][e] for element (j, e), by
+// DropoutRng's rule (a Philox call draws 4 queries x 2 keys). Lanes lane and lane ^ 4 (rows r and
+// r ^ 1) hold between them the 16 elements of two blocks in each pair of 8-column tiles (j, j + 1):
+//   forward (queries the rows): block t the key pair of tile j + t, rows r, r ^ 1, r + 8, r ^ 1 + 8;
+//   transposed (keys the rows): block t the key pair of rows r + 8t, r ^ 1 + 8t, columns 2c, 2c + 1
+//   of both tiles.
+// Each lane draws block `odd` and hands the other lane, by two shuffles, the two words of it that
+// lane needs: one call per 8 of a lane's elements. The query quads must be whole: row0 (forward)
+// or col0 (transposed) a multiple of 16, the other even. An odd number of tiles (the head-dim-256
+// fused backward's 40 keys a consumer, forward only) leaves the last one unpaired: both lanes draw
+// its block.
 template <bool kTransposed, int kN>
 __device__ __forceinline__ void dropout_factors(float (&z)[kN / 8][4], const DropoutRng& rng, int b, int h,
                                                 int heads, int row0, int col0, int lane) {
-  static_assert(kN % 8 == 0, "8-column tiles");
+  static_assert(kN % 8 == 0 && (!kTransposed || kN % 16 == 0), "8-column tiles; transposed, whole query quads");
   constexpr int kPaired = kN / 16 * 2;  // tiles drawn in pairs
-  const int odd = (lane >> 2) & 1;  // this lane's rows are odd
-  auto factor = [&](uint32_t u) { return u >= rng.threshold ? rng.keep_scale : 0.f; };
-  // The block holding this lane's row half r of tile j, and the word of its element 2 r + c there
-  // (mine) or of the same column's other row (lane ^ 4's).
-  struct Draw {
-    Philox4 words;
-    int i, k;  // (query, key) of this lane's element 2 r
-    __device__ uint32_t mine(int c) const {
-      return kTransposed ? DropoutRng::pick(words, i + c, k) : DropoutRng::pick(words, i, k + c);
-    }
-    __device__ uint32_t theirs(int c) const {
-      return kTransposed ? DropoutRng::pick(words, i + c, k ^ 1) : DropoutRng::pick(words, i ^ 1, k + c);
-    }
+  const int odd = (lane >> 2) & 1;      // this lane's rows are odd
+  // The factor of a 16-bit draw, half 1 the word's high bits: compared as the high half, against
+  // threshold << 16, so that the low bits play no part.
+  const uint32_t threshold_hi = rng.threshold << 16;
+  auto factor = [&](uint32_t word, int half) { return (half ? word : word << 16) >= threshold_hi ? rng.keep_scale : 0.f; };
+  // The block holding element (2 rh) of tile j for this lane (any row of a quad, either key of a pair).
+  auto block_at = [&](int j, int rh) {
+    const int row = row0 + WarpAcc<kN>::row_of(2 * rh, lane), col = col0 + WarpAcc<kN>::col_of(j, 0, lane);
+    return kTransposed ? rng.block(b, h, heads, col, row) : rng.block(b, h, heads, row, col);
   };
-  auto draw = [&](int j, int r) {
-    const int row = row0 + WarpAcc<kN>::row_of(2 * r, lane), col = col0 + WarpAcc<kN>::col_of(j, 2 * r, lane);
-    const int i = kTransposed ? col : row, k = kTransposed ? row : col;
-    return Draw{rng.block(b, h, heads, i, k), i, k};
-  };
-  if constexpr (kPaired < kN / 8) {
+  if constexpr (kPaired < kN / 8) {  // forward: word 2 odd + rh, half c (DropoutRng::word_of)
+    const Philox4 w = block_at(kPaired, 0);
 #pragma unroll
-    for (int r = 0; r < 2; ++r) {
-      const Draw d = draw(kPaired, r);
-#pragma unroll
-      for (int c = 0; c < 2; ++c) z[kPaired][2 * r + c] = factor(d.mine(c));
-    }
+    for (int e = 0; e < 4; ++e) z[kPaired][e] = factor(odd ? w.x[2 + (e >> 1)] : w.x[e >> 1], e & 1);
   }
 #pragma unroll
-  for (int j = 0; j < kPaired; j += 2)
+  for (int j = 0; j < kPaired; j += 2) {
+    // mine[q], sent[q]: words of the drawn block that hold this lane's elements and the other's.
+    // Forward: q = rh, whole words (2 odd + q). Transposed: q = c, the halves of the key's parity
+    // of words 2q (tile j) and 2q + 1 (tile j + 1), packed low and high.
+    uint32_t mine[2], sent[2];
+    if constexpr (!kTransposed) {
+      const Philox4 w = block_at(j + odd, 0);
 #pragma unroll
-    for (int r = 0; r < 2; ++r) {
-      const Draw d = draw(j + odd, r);
+      for (int q = 0; q < 2; ++q) {
+        mine[q] = odd ? w.x[2 + q] : w.x[q];
+        sent[q] = odd ? w.x[q] : w.x[2 + q];
+      }
+    } else {
+      const Philox4 w = block_at(j, odd);
+      const uint32_t low_halves = 0x5410u, high_halves = 0x7632u;  // __byte_perm selectors
 #pragma unroll
-      for (int c = 0; c < 2; ++c) {
-        // This lane's element of tile j + odd, and lane ^ 4's (the other row) of the same block.
-        const uint32_t mine = d.mine(c), got = __shfl_xor_sync(0xffffffffu, d.theirs(c), 4);  // got: tile j + !odd
-        z[j][2 * r + c] = factor(odd ? got : mine);
-        z[j + 1][2 * r + c] = factor(odd ? mine : got);
+      for (int q = 0; q < 2; ++q) {
+        mine[q] = __byte_perm(w.x[2 * q], w.x[2 * q + 1], odd ? high_halves : low_halves);
+        sent[q] = __byte_perm(w.x[2 * q], w.x[2 * q + 1], odd ? low_halves : high_halves);
       }
     }
+    uint32_t words[2][2];  // [block][q]
+#pragma unroll
+    for (int q = 0; q < 2; ++q) {
+      const uint32_t got = __shfl_xor_sync(0xffffffffu, sent[q], 4);
+      words[0][q] = odd ? got : mine[q];
+      words[1][q] = odd ? mine[q] : got;
+    }
+#pragma unroll
+    for (int t = 0; t < 2; ++t)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int rh = e >> 1, c = e & 1;
+        z[j + t][e] = kTransposed ? factor(words[rh][c], t) : factor(words[t][rh], c);
+      }
+  }
 }
 
 // Forward: P (rows queries, columns keys) times its dropout factors. The softmax has summed every

@@ -15,6 +15,7 @@
 // sharing each Philox call) against DropoutRng::keep element by element.
 #include <gtest/gtest.h>
 #include <cuda_runtime.h>
+#include <cmath>
 #include <string>
 #include <utility>
 #include <vector>
@@ -320,20 +321,34 @@ std::string dropout_mismatch(const cuflash::DropoutRng& rng, int row0, int col0)
 }
 
 // Tiles of an even number of 8-column tiles (lanes share each call) and of 40 columns (head dim
-// 256's fused backward: the last tile drawn unshared), both orientations, rows and columns not at 0.
+// 256's fused backward: the last tile drawn unshared), both orientations, rows and columns not at
+// 0: the queries' offset a multiple of 16 (whole quads, as every kernel's), the keys' only even.
 TEST(Dropout, TileFactorsMatchTheRule) {
   int devices = 0;
   if (cudaGetDeviceCount(&devices) != cudaSuccess || devices == 0) GTEST_SKIP() << "no CUDA device";
-  const cuflash::DropoutRng rng{0x12345678u, 0x9abcdefu, 7u, static_cast<uint32_t>(0.3 * 4294967296.0), 1.f / 0.7f};
-  for (const auto& [row0, col0] : {std::pair{0, 0}, std::pair{32, 80}, std::pair{130, 40}}) {
-    SCOPED_TRACE("row0 " + std::to_string(row0) + ", col0 " + std::to_string(col0));
-    EXPECT_EQ((dropout_mismatch<false, 16>(rng, row0, col0)), "");
-    EXPECT_EQ((dropout_mismatch<false, 40>(rng, row0, col0)), "");
-    EXPECT_EQ((dropout_mismatch<false, 64>(rng, row0, col0)), "");
-    EXPECT_EQ((dropout_mismatch<true, 40>(rng, row0, col0)), "");
-    EXPECT_EQ((dropout_mismatch<true, 64>(rng, row0, col0)), "");
-    EXPECT_EQ((dropout_mismatch<true, 128>(rng, row0, col0)), "");
+  const double p = 0.3;
+  const cuflash::DropoutRng rng{0x12345678u, 0x9abcdefu, 7u, cuflash::dropout_threshold(p),
+                                static_cast<float>(cuflash::dropout_keep_scale(p))};
+  for (const auto& [query0, key0] : {std::pair{0, 0}, std::pair{32, 80}, std::pair{144, 42}}) {
+    SCOPED_TRACE("query0 " + std::to_string(query0) + ", key0 " + std::to_string(key0));
+    EXPECT_EQ((dropout_mismatch<false, 16>(rng, query0, key0)), "");
+    EXPECT_EQ((dropout_mismatch<false, 40>(rng, query0, key0)), "");
+    EXPECT_EQ((dropout_mismatch<false, 64>(rng, query0, key0)), "");
+    EXPECT_EQ((dropout_mismatch<true, 16>(rng, key0, query0)), "");
+    EXPECT_EQ((dropout_mismatch<true, 64>(rng, key0, query0)), "");
+    EXPECT_EQ((dropout_mismatch<true, 128>(rng, key0, query0)), "");
   }
+}
+
+// The threshold is round(p 2^16), at most 2^16 - 1, and the factor the keep rate's inverse, so
+// that a kept probability's expectation is the probability.
+TEST(Dropout, ThresholdAndScaleKeepTheExpectation) {
+  EXPECT_EQ(cuflash::dropout_threshold(0.0), 0u);
+  EXPECT_EQ(cuflash::dropout_threshold(0.1), 6554u);  // 6553.6
+  EXPECT_EQ(cuflash::dropout_threshold(0.5), 32768u);
+  EXPECT_EQ(cuflash::dropout_threshold(std::nextafter(1.0, 0.0)), 65535u);
+  for (const double p : {0.0, 0.1, 0.3, 0.5, 0.9, 0.99999})
+    EXPECT_EQ(cuflash::dropout_keep_scale(p) * (65536.0 - cuflash::dropout_threshold(p)), 65536.0) << p;
 }
 
 }  // namespace
