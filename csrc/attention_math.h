@@ -270,10 +270,10 @@ CUFLASH_HD double dropout_keep_scale(double p) { return 65536.0 / (65536.0 - dro
 // 2^16 - 1) and the kept probabilities are scaled by 2^16 / (2^16 - threshold), so that dropout
 // keeps the expectation exactly. One Philox call (128 bits) draws a block of 4 queries x 2 keys:
 // queries (i0, i0 + 1, i0 + 8, i0 + 9) with i0 = i & ~9, keys (j, j ^ 1). A warp tile holds its
-// rows r and r + 8 in one thread and rows r, r ^ 1 in lanes 4 apart, so the two lanes of a pair
-// hold the 16 elements of two blocks between them, whichever operand the queries are (forward:
-// rows; dK/dV kernel: columns), and each draws one (mask.cuh's dropout_factors). Everything
-// that names the element goes into the counter; the seed is the key.
+// rows r and r + 8 in one thread and rows r, r ^ 1 in lanes 4 apart, so in each pair of 8-column
+// tiles two such lanes hold the 16 elements of two blocks between them, whichever operand the
+// queries are (forward: rows; dK/dV kernel: columns), and each draws one (mask.cuh's
+// dropout_factors). Everything that names the element goes into the counter; the seed is the key.
 struct DropoutRng {
   uint32_t seed_lo, seed_hi, offset, threshold;  // keep iff draw >= threshold (a 16-bit draw)
   float keep_scale;                              // 2^16 / (2^16 - threshold), for the float kernels

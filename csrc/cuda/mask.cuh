@@ -265,7 +265,9 @@ __device__ __forceinline__ void dropout_factors(float (&z)[kN / 8][4], const Dro
   // The factor of a 16-bit draw, half 1 the word's high bits: compared as the high half, against
   // threshold << 16, so that the low bits play no part.
   const uint32_t threshold_hi = rng.threshold << 16;
-  auto factor = [&](uint32_t word, int half) { return (half ? word : word << 16) >= threshold_hi ? rng.keep_scale : 0.f; };
+  auto factor = [&](uint32_t word, int half) {
+    return (half ? word : word << 16) >= threshold_hi ? rng.keep_scale : 0.f;
+  };
   // The block holding element (2 rh) of tile j for this lane (any row of a quad, either key of a pair).
   auto block_at = [&](int j, int rh) {
     const int row = row0 + WarpAcc<kN>::row_of(2 * rh, lane), col = col0 + WarpAcc<kN>::col_of(j, 0, lane);
