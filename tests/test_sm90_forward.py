@@ -201,16 +201,29 @@ def with_features(mode, monkeypatch):
 
 @pytest.mark.parametrize("d", [64, 128, 256])
 def test_feature_path_taken(d, mode, monkeypatch):
-    """The mode's kernel with kFeatures (the TMA one on its narrow tile, however long the rows)."""
+    """The mode's kernel with kFeatures: the TMA one on its narrow tile, but at head dim 64 on the
+    wide one past 128 query rows of 1024 keys or more without dropout, and at every length where
+    CUFLASH_FWD_TILE=wide asks."""
     with_features(mode, monkeypatch)
+
+    def expected(wide_by_default):
+        if mode == "cpasync":
+            return f"flash_fwd_sm90_kernel<__nv_bfloat16, {d}, true>"
+        return tma_kernel(d, wide=d == 64 and (wide_by_default or mode == "wide"), features=True)
+
     names = forward_kernels(d, softcap=30.0)
-    expected = f"flash_fwd_sm90_kernel<__nv_bfloat16, {d}, true>" if mode == "cpasync" else \
-        tma_kernel(d, features=True)
-    assert expected in names, names
-    q = torch.randn(1, 1, 100, d, device="cuda", dtype=torch.bfloat16)
+    assert expected(False) in names, names
+    q = torch.randn(1, 1, 300, d, device="cuda", dtype=torch.bfloat16)
     k, v = (torch.randn(1, 1, 4096, d, device="cuda", dtype=torch.bfloat16) for _ in range(2))
     names = cuda_kernels(lambda: torch.ops.cuflash_attn.fwd(q, k, v, None, False, False, softcap=30.0))
-    assert expected in names, names
+    assert expected(True) in names, names
+    names = cuda_kernels(lambda: torch.ops.cuflash_attn.fwd(q[:, :, :100].contiguous(), k, v, None, False, False,
+                                                            softcap=30.0))
+    assert expected(False) in names, names
+    rng_state = torch.tensor([1, 0], device="cuda")
+    names = cuda_kernels(lambda: torch.ops.cuflash_attn.fwd(q, k, v, None, False, False, dropout_p=0.1,
+                                                            rng_state=rng_state))
+    assert expected(False) in names, names
 
 
 @pytest.mark.parametrize("dtype", LOW_PRECISION, ids=LOW_PRECISION_IDS)
@@ -223,6 +236,7 @@ def test_features(dtype, d, mode, monkeypatch):
     check_dense("cuda", dtype, 2, 4, 2, 130, 77, d, attn_mask=("float", "B1LS"))
     check_dense("cuda", dtype, 1, 2, 2, 200, 333, d, attn_mask=("bool", "B1LS"))
     check_dense("cuda", dtype, 1, 2, 1, 200, 2100, d, softcap=15.0, alibi="batch", dropout_p=0.1)  # long rows
+    check_dense("cuda", dtype, 1, 2, 1, 200, 2100, d, softcap=15.0, alibi="batch")  # 64: the wide tile
 
 
 def packed_forward_kernels(lens, d, causal=False):

@@ -161,7 +161,14 @@ bool launch_fwd_tma(const FlashFwdParams& p, const sm90::Sm90Paths& hopper, cuda
   // the features' splits away).
   const bool kv_cache = p.paged.block_table != nullptr || p.varlen.seqused_k != nullptr;
   const bool split = p.num_splits > 1;
-  if (needs_feature_path(p)) return run(no, yes, no);
+  if (needs_feature_path(p)) {
+    // At head dim 64 the features take the wide tile too (three consumers at 160 registers; ptxas
+    // spills ~70 bytes), for dense batches, where sm90::features_wide_pays; the other head dims'
+    // wide tiles hold too many scores a thread.
+    if constexpr (kHeadDim == 64)
+      if (!kv_cache && !split && !packed && fwd_wide_tile(sm90::features_wide_pays(p))) return run(yes, yes, no);
+    return run(no, yes, no);
+  }
   if (!sm90::folds_scale_safely(p)) return false;  // the plain kernels fold it
   const bool persistent_walk = Plain::kHasPersistent && hopper.persistent && !split &&
                                (kv_cache ? !sm90::long_rows(p) : sm90::persistent_rows<kHeadDim>(p));

@@ -468,6 +468,14 @@ inline bool persistent_wide_pays(const FlashFwdParams& p) {
   return unmasked(p) && p.shape.seqlen_q > 128;
 }
 
+// Where the features kernel at head dim 64 takes the wide tile (three consumers): rows of 1024
+// keys or more, without dropout (H100, thirty-eighth session, 2048 and 8192 keys, causal or not:
+// softcap +10-24%, ALiBi +3-16%, dropout 2-11% slower; benchmarks/NOTES.md), and more than 128
+// query rows (as persistent_wide_pays: up to 128 the narrow tile is one block too).
+inline bool features_wide_pays(const FlashFwdParams& p) {
+  return p.dropout.p == 0.0 && middle_row_keys(p) >= 1024 && p.shape.seqlen_q > 128;
+}
+
 // Where the persistent kernel runs dense p (plain attention without a KV cache): short rows, and
 // without a mask longer rows too where it has the tile they would take: at head dim 64 the wide
 // one (persistent_wide_pays), at 128 the narrow one below wide_rows' length. Tiles of one length
