@@ -3,14 +3,45 @@
 // partial sums are added once, at the end, since every rescale is uniform across the quad).
 #pragma once
 #include <math.h>
+#include <stdint.h>
+#include <string.h>
 #include "mma_sm80.cuh"
 
 namespace cuflash {
+
+// 2^x for x <= 127 on the FMA and integer pipes instead of the special function unit (MUFU):
+// x = n + f with n = round(x) and f in [-1/2, 1/2], 2^f by a degree-4 polynomial (relative error
+// under 3e-6, exact at f = 0), 2^n put together in the exponent bits. 0 for x below -126.5
+// (n = -127; ex2.approx.ftz flushes everything below 2^-126); NaN stays NaN. Eight FP32 operations where fast_exp2 takes one MUFU one:
+// the MUFU unit does 16 a clock an SM and the FMA pipe 128, so a softmax that the MUFU unit bounds
+// (head dim 64: one exponential a score takes as long as the score's two matmuls) can hand it a
+// share of a tile's exponentials (OnlineSoftmax's kPolyEvery; FlashAttention-4's idea).
+__host__ __device__ __forceinline__ float exp2_poly(float x) {
+  x = x < -127.f ? -127.f : x;           // a comparison, not fmaxf: NaN stays
+  constexpr float kRound = 0x1.8p23f;     // x + 1.5 2^23 rounds x to an integer, n, in the low bits
+  const float r = x + kRound, n = r - kRound, f = x - n;
+  float p = 0x1.3a02ccp-7f;
+  p = fmaf(p, f, 0x1.c9fc46p-5f);
+  p = fmaf(p, f, 0x1.ec0378p-3f);
+  p = fmaf(p, f, 0x1.62e12cp-1f);
+  p = fmaf(p, f, 1.f);
+  // 2^n: r's bits are 1.5 2^23's plus n, whose low 9 bits moved to the exponent field and biased
+  // by 127 make 2^n (n = -127: 0).
+  uint32_t bits;
+  memcpy(&bits, &r, sizeof bits);
+  bits = (bits << 23) + (127u << 23);
+  float scale;
+  memcpy(&scale, &bits, sizeof scale);
+  return p * scale;
+}
 
 struct OnlineSoftmax {
   float row_max[2] = {-INFINITY, -INFINITY};
   float row_sum[2] = {0.f, 0.f};
 
+  // kPolyEvery (0: none): every kPolyEvery-th 8-column tile of s takes its exponentials by
+  // exp2_poly instead of the MUFU unit.
+  //
   // s holds scaled-log2 scores (masked ones -inf) and becomes P = exp2(s - max); o is rescaled.
   template <int kN, int kD>
   __device__ __forceinline__ void rescale_and_exp(WarpAcc<kN>& s, WarpAcc<kD>& o) {
@@ -19,9 +50,9 @@ struct OnlineSoftmax {
   }
   // The same with o left alone: alpha gets each row's factor, for rescale_rows once whatever
   // still accumulates into o (an asynchronous P V) is done.
-  template <int kN>
+  template <int kPolyEvery = 0, int kN>
   __device__ __forceinline__ void exp_and_rescale_factor(WarpAcc<kN>& s, float (&alpha)[2]) {
-    exp_rows<false>(s, alpha, static_cast<WarpAcc<8>*>(nullptr));
+    exp_rows<false, kPolyEvery>(s, alpha, static_cast<WarpAcc<8>*>(nullptr));
   }
   // The same from raw q.k (masked ones -inf) and a positive scale_log2 folded into the
   // exponent's argument: p = exp2(fma(s, scale_log2, -max)), one FFMA a score where exp_rows
@@ -32,7 +63,7 @@ struct OnlineSoftmax {
   // bits (the float sum keeps the difference, which the logsumexp then accounts for). From there
   // (and at the extreme-value tests' scores, where that error would overflow or vanish) the warp
   // rounds the product first, as exp_rows does.
-  template <int kN>
+  template <int kPolyEvery = 0, int kN>
   __device__ __forceinline__ void exp_folded_and_rescale_factor(WarpAcc<kN>& s, float scale_log2,
                                                                 float (&alpha)[2]) {
     float base[2];
@@ -45,11 +76,11 @@ struct OnlineSoftmax {
     if (__all_sync(0xffffffffu, moderate)) {
 #pragma unroll
       for (int r = 0; r < 2; ++r)
-        exp_and_sum_row(s, r, alpha[r], [&](float x) { return fast_exp2(__fmaf_rn(x, scale_log2, -base[r])); });
+        exp_and_sum_row<kPolyEvery>(s, r, alpha[r], [&](float x) { return __fmaf_rn(x, scale_log2, -base[r]); });
     } else {
 #pragma unroll
       for (int r = 0; r < 2; ++r)
-        exp_and_sum_row(s, r, alpha[r], [&](float x) { return fast_exp2(__fmul_rn(x, scale_log2) - base[r]); });
+        exp_and_sum_row<kPolyEvery>(s, r, alpha[r], [&](float x) { return __fmul_rn(x, scale_log2) - base[r]; });
     }
   }
   template <int kD>
@@ -84,26 +115,30 @@ struct OnlineSoftmax {
     row_max[r] = mx;
     return base;
   }
-  // p = exp_of(score) for row r's scores, its sum rescaled by alpha and added to.
-  template <int kN, class ExpOf>
-  __device__ __forceinline__ void exp_and_sum_row(WarpAcc<kN>& s, int r, float alpha, ExpOf exp_of) {
+  // p = exp2(exponent_of(score)) for row r's scores (kPolyEvery as above), its sum rescaled by
+  // alpha and added to.
+  template <int kPolyEvery, int kN, class ExponentOf>
+  __device__ __forceinline__ void exp_and_sum_row(WarpAcc<kN>& s, int r, float alpha, ExponentOf exponent_of) {
     float sum = 0.f;
 #pragma unroll
     for (int j = 0; j < kN / 8; ++j)
 #pragma unroll
       for (int e = 2 * r; e < 2 * r + 2; ++e) {
-        s.v[j][e] = exp_of(s.v[j][e]);
+        const float x = exponent_of(s.v[j][e]);
+        bool by_polynomial = false;
+        if constexpr (kPolyEvery > 0) by_polynomial = j % kPolyEvery == kPolyEvery - 1;
+        s.v[j][e] = by_polynomial ? exp2_poly(x) : fast_exp2(x);
         sum += s.v[j][e];
       }
     row_sum[r] = row_sum[r] * alpha + sum;
   }
   // o: rescaled when kRescale (then not null), untouched otherwise.
-  template <bool kRescale, int kN, int kD>
+  template <bool kRescale, int kPolyEvery = 0, int kN, int kD>
   __device__ __forceinline__ void exp_rows(WarpAcc<kN>& s, float (&alpha)[2], WarpAcc<kD>* o) {
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
       const float base = advance_max(r, row_max_of(s, r, row_max[r]), alpha[r]);
-      exp_and_sum_row(s, r, alpha[r], [&](float x) { return fast_exp2(x - base); });
+      exp_and_sum_row<kPolyEvery>(s, r, alpha[r], [&](float x) { return x - base; });
       if constexpr (kRescale) rescale_row(*o, r, alpha[r]);
     }
   }
