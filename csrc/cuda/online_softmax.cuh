@@ -12,10 +12,11 @@ namespace cuflash {
 // 2^x for x <= 127 on the FMA and integer pipes instead of the special function unit (MUFU):
 // x = n + f with n = round(x) and f in [-1/2, 1/2], 2^f by a degree-4 polynomial (relative error
 // under 3e-6, exact at f = 0), 2^n put together in the exponent bits. 0 for x below -126.5
-// (n = -127; ex2.approx.ftz flushes everything below 2^-126); NaN stays NaN. Eight FP32 operations where fast_exp2 takes one MUFU one:
-// the MUFU unit does 16 a clock an SM and the FMA pipe 128, so a softmax that the MUFU unit bounds
-// (head dim 64: one exponential a score takes as long as the score's two matmuls) can hand it a
-// share of a tile's exponentials (OnlineSoftmax's kPolyEvery; FlashAttention-4's idea).
+// (n = -127; ex2.approx.ftz flushes everything below 2^-126); NaN stays NaN. Eight FP32
+// operations where fast_exp2 takes one MUFU one: the MUFU unit does 16 a clock an SM and the FMA
+// pipe 128, so a softmax that the MUFU unit bounds (head dim 64: one exponential a score takes as
+// long as the score's two matmuls) can hand it a share of a tile's exponentials (OnlineSoftmax's
+// kPolyEvery; FlashAttention-4's idea).
 __host__ __device__ __forceinline__ float exp2_poly(float x) {
   x = x < -127.f ? -127.f : x;           // a comparison, not fmaxf: NaN stays
   constexpr float kRound = 0x1.8p23f;     // x + 1.5 2^23 rounds x to an integer, n, in the low bits
@@ -35,13 +36,12 @@ __host__ __device__ __forceinline__ float exp2_poly(float x) {
   return p * scale;
 }
 
+// The methods' kPolyEvery (0: none): every kPolyEvery-th 8-column tile of s takes its
+// exponentials by exp2_poly instead of the MUFU unit.
 struct OnlineSoftmax {
   float row_max[2] = {-INFINITY, -INFINITY};
   float row_sum[2] = {0.f, 0.f};
 
-  // kPolyEvery (0: none): every kPolyEvery-th 8-column tile of s takes its exponentials by
-  // exp2_poly instead of the MUFU unit.
-  //
   // s holds scaled-log2 scores (masked ones -inf) and becomes P = exp2(s - max); o is rescaled.
   template <int kN, int kD>
   __device__ __forceinline__ void rescale_and_exp(WarpAcc<kN>& s, WarpAcc<kD>& o) {
@@ -76,11 +76,13 @@ struct OnlineSoftmax {
     if (__all_sync(0xffffffffu, moderate)) {
 #pragma unroll
       for (int r = 0; r < 2; ++r)
-        exp_and_sum_row<kPolyEvery>(s, r, alpha[r], [&](float x) { return __fmaf_rn(x, scale_log2, -base[r]); });
+        exp_and_sum_row<kPolyEvery>(s, r, alpha[r],
+                                    [&](float x) { return __fmaf_rn(x, scale_log2, -base[r]); });
     } else {
 #pragma unroll
       for (int r = 0; r < 2; ++r)
-        exp_and_sum_row<kPolyEvery>(s, r, alpha[r], [&](float x) { return __fmul_rn(x, scale_log2) - base[r]; });
+        exp_and_sum_row<kPolyEvery>(s, r, alpha[r],
+                                    [&](float x) { return __fmul_rn(x, scale_log2) - base[r]; });
     }
   }
   template <int kD>
