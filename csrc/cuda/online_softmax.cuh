@@ -3,41 +3,11 @@
 // partial sums are added once, at the end, since every rescale is uniform across the quad).
 #pragma once
 #include <math.h>
-#include <stdint.h>
-#include <string.h>
 #include "mma_sm80.cuh"
 
 namespace cuflash {
 
-// 2^x for x <= 127 on the FMA and integer pipes instead of the special function unit (MUFU):
-// x = n + f with n = round(x) and f in [-1/2, 1/2], 2^f by a degree-4 polynomial (relative error
-// under 3e-6, exact at f = 0), 2^n put together in the exponent bits. 0 for x below -126.5
-// (n = -127; ex2.approx.ftz flushes everything below 2^-126); NaN stays NaN. Eight FP32
-// operations where fast_exp2 takes one MUFU one: the MUFU unit does 16 a clock an SM and the FMA
-// pipe 128, so a softmax that the MUFU unit bounds (head dim 64: one exponential a score takes as
-// long as the score's two matmuls) can hand it a share of a tile's exponentials (OnlineSoftmax's
-// kPolyEvery; FlashAttention-4's idea).
-__host__ __device__ __forceinline__ float exp2_poly(float x) {
-  x = x < -127.f ? -127.f : x;           // a comparison, not fmaxf: NaN stays
-  constexpr float kRound = 0x1.8p23f;     // x + 1.5 2^23 rounds x to an integer, n, in the low bits
-  const float r = x + kRound, n = r - kRound, f = x - n;
-  float p = 0x1.3a02ccp-7f;
-  p = fmaf(p, f, 0x1.c9fc46p-5f);
-  p = fmaf(p, f, 0x1.ec0378p-3f);
-  p = fmaf(p, f, 0x1.62e12cp-1f);
-  p = fmaf(p, f, 1.f);
-  // 2^n: r's bits are 1.5 2^23's plus n, whose low 9 bits moved to the exponent field and biased
-  // by 127 make 2^n (n = -127: 0).
-  uint32_t bits;
-  memcpy(&bits, &r, sizeof bits);
-  bits = (bits << 23) + (127u << 23);
-  float scale;
-  memcpy(&scale, &bits, sizeof scale);
-  return p * scale;
-}
-
-// The methods' kPolyEvery (0: none): every kPolyEvery-th 8-column tile of s takes its
-// exponentials by exp2_poly instead of the MUFU unit.
+// The methods' kPolyEvery: exp2_of_tile's (0: every exponential by the MUFU unit).
 struct OnlineSoftmax {
   float row_max[2] = {-INFINITY, -INFINITY};
   float row_sum[2] = {0.f, 0.f};
@@ -126,10 +96,7 @@ struct OnlineSoftmax {
     for (int j = 0; j < kN / 8; ++j)
 #pragma unroll
       for (int e = 2 * r; e < 2 * r + 2; ++e) {
-        const float x = exponent_of(s.v[j][e]);
-        bool by_polynomial = false;
-        if constexpr (kPolyEvery > 0) by_polynomial = j % kPolyEvery == kPolyEvery - 1;
-        s.v[j][e] = by_polynomial ? exp2_poly(x) : fast_exp2(x);
+        s.v[j][e] = exp2_of_tile<kPolyEvery>(exponent_of(s.v[j][e]), j);
         sum += s.v[j][e];
       }
     row_sum[r] = row_sum[r] * alpha + sum;

@@ -1,11 +1,11 @@
-// The softmax's exponential by polynomial (csrc/cuda/online_softmax.cuh's exp2_poly, the share of
-// a tile's exponentials taken off the special function unit), on the host: its relative error
+// The exponential by polynomial (csrc/cuda/mma_sm80.cuh's exp2_poly, for the share of a tile's
+// exponentials taken off the special function unit), on the host: its relative error
 // over every exponent the softmax meets against exp2 in double, exact powers of two at integers,
 // 0 below 2^-126 and for -inf, NaN kept.
 #include <gtest/gtest.h>
 #include <cmath>
 #include <limits>
-#include "../../csrc/cuda/online_softmax.cuh"
+#include "../../csrc/cuda/mma_sm80.cuh"
 
 namespace {
 
