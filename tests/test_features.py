@@ -215,6 +215,22 @@ def test_dropout_keeps_the_right_fraction(device, dropout_p):
     assert not torch.equal(keep[:, 0], keep[:, 1])
 
 
+@pytest.mark.parametrize("device", DEVICES)
+def test_dropout_draws_are_independent(device):
+    """The elements one Philox call draws (4 queries i ^ 1, i ^ 8, i ^ 9 x 2 keys j ^ 1: the 16-bit
+    halves of its four words) and their neighbours agree as often as independent coin flips do
+    (half the time at p = 0.5), over 2 x 2 x 256 x 256 elements: a draw reused or a half read
+    twice would agree every time."""
+    state = torch.tensor([1234, 5], dtype=torch.int64, device=device)
+    keep = torch.ops.cuflash_attn.dropout_mask(state, 0.5, 2, 2, 256, 256).cpu()
+    index = torch.arange(256)
+    for name, (di, dj) in {"query ^ 1": (1, 0), "query ^ 8": (8, 0), "query ^ 9": (9, 0), "key ^ 1": (0, 1),
+                           "query ^ 9, key ^ 1": (9, 1), "query ^ 16": (16, 0), "key ^ 2": (0, 2)}.items():
+        partner = keep[:, :, index ^ di][..., index ^ dj]
+        agree = (keep == partner).double().mean().item()
+        assert abs(agree - 0.5) < 0.01, f"{name}: agree {agree:.4f}"
+
+
 @pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
 def test_dropout_mask_same_on_cpu_and_cuda():
     state = torch.tensor([2**40 + 5, 3], dtype=torch.int64)
