@@ -259,7 +259,7 @@ CUFLASH_HD Philox4 philox4x32_10(uint32_t c0, uint32_t c1, uint32_t c2, uint32_t
 }
 
 // Dropout's threshold of a 16-bit draw for p in [0, 1) (keep iff draw >= threshold), and the
-// factor of the kept probabilities: 1 / (1 - threshold / 2^16), the keep rate's exact inverse.
+// factor of the kept probabilities: 1 / (1 - threshold / 2^16), the keep rate's inverse.
 CUFLASH_HD uint32_t dropout_threshold(double p) {
   const double t = p * 65536.0 + 0.5;
   return t >= 65535.0 ? 65535u : static_cast<uint32_t>(t);
@@ -267,8 +267,8 @@ CUFLASH_HD uint32_t dropout_threshold(double p) {
 CUFLASH_HD double dropout_keep_scale(double p) { return 65536.0 / (65536.0 - dropout_threshold(p)); }
 
 // Dropout draws are 16 bits: p is applied as threshold / 2^16 (threshold = round(p 2^16), at most
-// 2^16 - 1) and the kept probabilities are scaled by 2^16 / (2^16 - threshold), so that dropout
-// keeps the expectation exactly. One Philox call (128 bits) draws a block of 4 queries x 2 keys:
+// 2^16 - 1) and the kept probabilities are scaled by 2^16 / (2^16 - threshold), the inverse of the
+// keep rate itself (not of 1 - p), so that dropout keeps the expectation. One Philox call (128 bits) draws a block of 4 queries x 2 keys:
 // queries (i0, i0 + 1, i0 + 8, i0 + 9) with i0 = i & ~9, keys (j, j ^ 1). A warp tile holds its
 // rows r and r + 8 in one thread and rows r, r ^ 1 in lanes 4 apart, so in each pair of 8-column
 // tiles two such lanes hold the 16 elements of two blocks between them, whichever operand the

@@ -43,6 +43,8 @@ source "$(dirname "$0")/device_call_env.sh"
 files=()
 if [ -n "${AB_TREE-}" ]; then
   [ -f "$AB_TREE/setup.py" ] || { echo "AB_TREE=$AB_TREE holds no setup.py" >&2; exit 2; }
+  # B is built as the tree is: a define would reach only the objects ninja rebuilds anyway.
+  [ -z "${AB_DEFINE-}" ] || { echo "AB_TREE and AB_DEFINE exclude each other" >&2; exit 2; }
 else
   : "${AB_DEFINE:?AB_DEFINE names the flags of build B}"
   : "${AB_FILES:?AB_FILES names the sources build B recompiles}"
@@ -59,7 +61,9 @@ build() {  # build NAME [extra nvcc flags]
   if [ "$1" = A ] && [ -n "${AB_TREE-}" ]; then
     (cd "$AB_TREE" && bash scripts/setup.sh) > "$OUT/build_$1.log" 2>&1 \
       || { tail -n 40 "$OUT/build_$1.log"; archive_logs; exit 1; }
-    cp "$(ls "$AB_TREE"/cuflash_attn/_C*.so)" cuflash_attn/
+    local built=("$AB_TREE"/cuflash_attn/_C*.so)  # exactly one, or A would run another build
+    (( ${#built[@]} == 1 )) && [ -f "${built[0]}" ] && cp "${built[0]}" cuflash_attn/ \
+      || { echo "AB_TREE's build left ${#built[@]} extension files: ${built[*]}" >&2; archive_logs; exit 1; }
   else
     (( ${#files[@]} == 0 )) || touch -c "${files[@]}"
     NVCC_APPEND_FLAGS="${NVCC_APPEND_FLAGS:+$NVCC_APPEND_FLAGS }${2-}" bash scripts/setup.sh > "$OUT/build_$1.log" 2>&1 \

@@ -348,7 +348,7 @@ TEST(Dropout, ThresholdAndScaleKeepTheExpectation) {
   EXPECT_EQ(cuflash::dropout_threshold(0.5), 32768u);
   EXPECT_EQ(cuflash::dropout_threshold(std::nextafter(1.0, 0.0)), 65535u);
   for (const double p : {0.0, 0.1, 0.3, 0.5, 0.9, 0.99999})
-    EXPECT_EQ(cuflash::dropout_keep_scale(p) * (65536.0 - cuflash::dropout_threshold(p)), 65536.0) << p;
+    EXPECT_DOUBLE_EQ(cuflash::dropout_keep_scale(p) * (65536.0 - cuflash::dropout_threshold(p)), 65536.0) << p;
 }
 
 }  // namespace
