@@ -202,14 +202,15 @@ def with_features(mode, monkeypatch):
 @pytest.mark.parametrize("d", [64, 128, 256])
 def test_feature_path_taken(d, mode, monkeypatch):
     """The mode's kernel with kFeatures: the TMA one on its narrow tile, but at head dim 64 on the
-    wide one past 128 query rows of 1024 keys or more without dropout, and at every length where
-    CUFLASH_FWD_TILE=wide asks."""
+    wide one past 128 query rows of 1024 keys or more without dropout, and at head dims 64 and
+    128 at every length where CUFLASH_FWD_TILE=wide asks."""
     with_features(mode, monkeypatch)
 
     def expected(wide_by_default):
         if mode == "cpasync":
             return f"flash_fwd_sm90_kernel<__nv_bfloat16, {d}, true>"
-        return tma_kernel(d, wide=d == 64 and (wide_by_default or mode == "wide"), features=True)
+        wide = (d == 64 and wide_by_default) or (d <= 128 and mode == "wide")
+        return tma_kernel(d, wide=wide, features=True)
 
     names = forward_kernels(d, softcap=30.0)
     assert expected(False) in names, names

@@ -162,11 +162,14 @@ bool launch_fwd_tma(const FlashFwdParams& p, const sm90::Sm90Paths& hopper, cuda
   const bool kv_cache = p.paged.block_table != nullptr || p.varlen.seqused_k != nullptr;
   const bool split = p.num_splits > 1;
   if (needs_feature_path(p)) {
-    // At head dim 64 the features take the wide tile too (three consumers at 160 registers; ptxas
-    // spills ~70 bytes), for dense batches, where sm90::features_wide_pays; the other head dims'
-    // wide tiles hold too many scores a thread.
-    if constexpr (kHeadDim == 64)
-      if (!kv_cache && !split && !packed && fwd_wide_tile(sm90::features_wide_pays(p))) return run(yes, yes, no);
+    // The features take the wide tiles of head dims 64 and 128 too, for dense batches (ptxas
+    // spills ~70 bytes in each): at 64 where sm90::features_wide_pays, at 128 (192 keys a step, not
+    // yet measured with the features) only under CUFLASH_FWD_TILE=wide. Head dim 256's wide tile
+    // holds too many scores a thread.
+    if constexpr (kHeadDim <= 128) {
+      const bool pays = kHeadDim == 64 && sm90::features_wide_pays(p);
+      if (!kv_cache && !split && !packed && fwd_wide_tile(pays)) return run(yes, yes, no);
+    }
     return run(no, yes, no);
   }
   if (!sm90::folds_scale_safely(p)) return false;  // the plain kernels fold it

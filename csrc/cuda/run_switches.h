@@ -49,8 +49,9 @@
 //                   kernel at head dim 64 without a mask past 128 query rows
 //                   (sm90::persistent_wide_pays);
 //                   "wide" or "narrow": that one at every length (tests and benchmarks);
-//                   and the features kernel's at head dim 64 (unset: wide for dense batches
-//                   past 128 query rows of 1024 keys without dropout, sm90::features_wide_pays)
+//                   and the features kernel's at head dims 64 and 128 (unset: at 64 wide for
+//                   dense batches past 128 query rows of 1024 keys without dropout,
+//                   sm90::features_wide_pays; at 128 narrow)
 //   CUFLASH_BWD_TILE  the warp-specialized dK/dV kernel's streamed queries a step at head dim 64
 //                   (flash_bwd_sm90_tma.cuh): unset, "" or "wide": 128; "narrow": 64 (tests and
 //                   benchmarks)
