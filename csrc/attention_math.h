@@ -266,10 +266,10 @@ CUFLASH_HD uint32_t dropout_threshold(double p) {
 }
 CUFLASH_HD double dropout_keep_scale(double p) { return 65536.0 / (65536.0 - dropout_threshold(p)); }
 
-// Dropout draws are 16 bits: p is applied as threshold / 2^16 (threshold = round(p 2^16), at most
-// 2^16 - 1) and the kept probabilities are scaled by 2^16 / (2^16 - threshold), the inverse of the
-// keep rate itself (not of 1 - p), so that dropout keeps the expectation. One Philox call (128 bits) draws a block of 4 queries x 2 keys:
-// queries (i0, i0 + 1, i0 + 8, i0 + 9) with i0 = i & ~9, keys (j, j ^ 1). A warp tile holds its
+// Dropout draws are 16 bits, compared with dropout_threshold(p); the kept probabilities are
+// scaled by dropout_keep_scale(p), the keep rate's own inverse (not 1 / (1 - p)), so that dropout
+// keeps the expectation. One Philox call (128 bits) draws a block of 4 queries x 2 keys: queries
+// (i0, i0 + 1, i0 + 8, i0 + 9) with i0 = i & ~9, keys (j, j ^ 1). A warp tile holds its
 // rows r and r + 8 in one thread and rows r, r ^ 1 in lanes 4 apart, so in each pair of 8-column
 // tiles two such lanes hold the 16 elements of two blocks between them, whichever operand the
 // queries are (forward: rows; dK/dV kernel: columns), and each draws one (mask.cuh's
@@ -286,10 +286,11 @@ struct DropoutRng {
   }
   // Element (i, j) of its block: word 2 (i & 1) + ((i >> 3) & 1), the low half for an even key.
   // Selects rather than indexes, so that the draws stay in registers on the GPU.
-  CUFLASH_HD static uint32_t word_of(const Philox4& r, int i) {
-    const uint32_t even_row = (i & 8) ? r.x[1] : r.x[0], odd_row = (i & 8) ? r.x[3] : r.x[2];
-    return (i & 1) ? odd_row : even_row;
+  CUFLASH_HD static uint32_t word_at(const Philox4& r, int query_odd, int query_bit3) {
+    const uint32_t even_row = query_bit3 ? r.x[1] : r.x[0], odd_row = query_bit3 ? r.x[3] : r.x[2];
+    return query_odd ? odd_row : even_row;
   }
+  CUFLASH_HD static uint32_t word_of(const Philox4& r, int i) { return word_at(r, i & 1, i & 8); }
   CUFLASH_HD static uint32_t draw_of(uint32_t word, int j) { return (j & 1) ? word >> 16 : word & 0xffffu; }
   CUFLASH_HD bool keep(int b, int h, int heads, int i, int j) const {
     return draw_of(word_of(block(b, h, heads, i, j), i), j) >= threshold;

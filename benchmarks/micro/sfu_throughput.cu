@@ -6,19 +6,10 @@
 #include <cuda_fp16.h>
 #include <cstdio>
 #include <cstdint>
+#include "../../csrc/cuda/mma_sm80.cuh"  // the kernels' own MUFU and packing helpers
 
 constexpr int kChains = 8, kIters = 4096, kThreads = 512;
 
-__device__ __forceinline__ float tanh_f32(float x) {
-  float y;
-  asm volatile("tanh.approx.f32 %0, %1;" : "=f"(y) : "f"(x));
-  return y;
-}
-__device__ __forceinline__ float ex2_f32(float x) {
-  float y;
-  asm volatile("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
-  return y;
-}
 __device__ __forceinline__ uint32_t tanh_f16x2(uint32_t x) {
   uint32_t y;
   asm volatile("tanh.approx.f16x2 %0, %1;" : "=r"(y) : "r"(x));
@@ -27,16 +18,6 @@ __device__ __forceinline__ uint32_t tanh_f16x2(uint32_t x) {
 __device__ __forceinline__ uint32_t ex2_f16x2(uint32_t x) {
   uint32_t y;
   asm volatile("ex2.approx.f16x2 %0, %1;" : "=r"(y) : "r"(x));
-  return y;
-}
-__device__ __forceinline__ uint32_t pack_f16x2(float lo, float hi) {
-  uint32_t y;
-  asm volatile("cvt.rn.f16x2.f32 %0, %1, %2;" : "=r"(y) : "f"(hi), "f"(lo));
-  return y;
-}
-__device__ __forceinline__ uint32_t pack_bf16x2(float lo, float hi) {
-  uint32_t y;
-  asm volatile("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(y) : "f"(hi), "f"(lo));
   return y;
 }
 __device__ __forceinline__ void unpack_f16x2(uint32_t x, float& lo, float& hi) {
@@ -51,22 +32,23 @@ __global__ void run(float* out, float seed) {
   float x[2 * kChains];
   uint32_t h[kChains];
   for (int c = 0; c < 2 * kChains; ++c) x[c] = seed * (threadIdx.x + c + 1) * 1e-3f;
-  for (int c = 0; c < kChains; ++c) h[c] = pack_f16x2(x[2 * c], x[2 * c + 1]);
+  for (int c = 0; c < kChains; ++c) h[c] = cuflash::MmaOperand<__half>::pack(x[2 * c], x[2 * c + 1]);
   for (int i = 0; i < kIters; ++i) {
 #pragma unroll
     for (int c = 0; c < kChains; ++c) {
       if constexpr (kOp == 0) {  // tanh.approx.f32, two elements
-        x[2 * c] = tanh_f32(x[2 * c]);
-        x[2 * c + 1] = tanh_f32(x[2 * c + 1]);
+        x[2 * c] = cuflash::fast_tanh(x[2 * c]);
+        x[2 * c + 1] = cuflash::fast_tanh(x[2 * c + 1]);
       } else if constexpr (kOp == 1) {  // ex2.approx.f32, two elements
-        x[2 * c] = ex2_f32(x[2 * c]) - 1.f;
-        x[2 * c + 1] = ex2_f32(x[2 * c + 1]) - 1.f;
+        x[2 * c] = cuflash::fast_exp2(x[2 * c]) - 1.f;
+        x[2 * c + 1] = cuflash::fast_exp2(x[2 * c + 1]) - 1.f;
       } else if constexpr (kOp == 2) {  // tanh.approx.f16x2 alone
         h[c] = tanh_f16x2(h[c]);
       } else if constexpr (kOp == 3) {  // f32 pair -> f16x2 -> tanh -> f32 pair
-        unpack_f16x2(tanh_f16x2(pack_f16x2(x[2 * c], x[2 * c + 1])), x[2 * c], x[2 * c + 1]);
+        const uint32_t packed = cuflash::MmaOperand<__half>::pack(x[2 * c], x[2 * c + 1]);
+        unpack_f16x2(tanh_f16x2(packed), x[2 * c], x[2 * c + 1]);
       } else if constexpr (kOp == 4) {  // cvt.rn.bf16x2.f32 (P's packing), fed back through a shift
-        const uint32_t p = pack_bf16x2(x[2 * c], x[2 * c + 1]);
+        const uint32_t p = cuflash::MmaOperand<__nv_bfloat16>::pack(x[2 * c], x[2 * c + 1]);
         x[2 * c] = __uint_as_float(p << 16);
         x[2 * c + 1] = __uint_as_float(p & 0xffff0000u);
       } else if constexpr (kOp == 5) {  // ex2.approx.f16x2 alone

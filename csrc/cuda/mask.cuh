@@ -273,31 +273,33 @@ __device__ __forceinline__ void dropout_factors(float (&z)[kN / 8][4], const Dro
     const int row = row0 + WarpAcc<kN>::row_of(2 * rh, lane), col = col0 + WarpAcc<kN>::col_of(j, 0, lane);
     return kTransposed ? rng.block(b, h, heads, col, row) : rng.block(b, h, heads, row, col);
   };
-  if constexpr (kPaired < kN / 8) {  // forward: word 2 odd + rh, half c (DropoutRng::word_of)
+  if constexpr (kPaired < kN / 8) {  // forward only: this lane's rows' words, half c
     const Philox4 w = block_at(kPaired, 0);
 #pragma unroll
-    for (int e = 0; e < 4; ++e) z[kPaired][e] = factor(odd ? w.x[2 + (e >> 1)] : w.x[e >> 1], e & 1);
+    for (int e = 0; e < 4; ++e) z[kPaired][e] = factor(DropoutRng::word_at(w, odd, e >> 1), e & 1);
   }
 #pragma unroll
   for (int j = 0; j < kPaired; j += 2) {
     // mine[q], sent[q]: words of the drawn block that hold this lane's elements and the other's.
-    // Forward: q = rh, whole words (2 odd + q). Transposed: q = c, the halves of the key's parity
-    // of words 2q (tile j) and 2q + 1 (tile j + 1), packed low and high.
+    // Forward: q = rh, whole words (query parity odd, bit 3 q). Transposed: q = c (the query's
+    // parity), the halves of the key's parity of the words of tile j (bit 3 clear) and j + 1,
+    // packed low and high.
     uint32_t mine[2], sent[2];
     if constexpr (!kTransposed) {
       const Philox4 w = block_at(j + odd, 0);
 #pragma unroll
       for (int q = 0; q < 2; ++q) {
-        mine[q] = odd ? w.x[2 + q] : w.x[q];
-        sent[q] = odd ? w.x[q] : w.x[2 + q];
+        mine[q] = DropoutRng::word_at(w, odd, q);
+        sent[q] = DropoutRng::word_at(w, odd ^ 1, q);
       }
     } else {
       const Philox4 w = block_at(j, odd);
       const uint32_t low_halves = 0x5410u, high_halves = 0x7632u;  // __byte_perm selectors
 #pragma unroll
       for (int q = 0; q < 2; ++q) {
-        mine[q] = __byte_perm(w.x[2 * q], w.x[2 * q + 1], odd ? high_halves : low_halves);
-        sent[q] = __byte_perm(w.x[2 * q], w.x[2 * q + 1], odd ? low_halves : high_halves);
+        const uint32_t tile_j = DropoutRng::word_at(w, q, 0), tile_j1 = DropoutRng::word_at(w, q, 1);
+        mine[q] = __byte_perm(tile_j, tile_j1, odd ? high_halves : low_halves);
+        sent[q] = __byte_perm(tile_j, tile_j1, odd ? low_halves : high_halves);
       }
     }
     uint32_t words[2][2];  // [block][q]

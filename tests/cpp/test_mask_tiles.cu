@@ -326,9 +326,8 @@ std::string dropout_mismatch(const cuflash::DropoutRng& rng, int row0, int col0)
 TEST(Dropout, TileFactorsMatchTheRule) {
   int devices = 0;
   if (cudaGetDeviceCount(&devices) != cudaSuccess || devices == 0) GTEST_SKIP() << "no CUDA device";
-  const double p = 0.3;
-  const cuflash::DropoutRng rng{0x12345678u, 0x9abcdefu, 7u, cuflash::dropout_threshold(p),
-                                static_cast<float>(cuflash::dropout_keep_scale(p))};
+  const int64_t rng_state[2] = {0x09abcdef12345678, 7};  // [seed, offset], read on the host here
+  const cuflash::DropoutRng rng = cuflash::make_dropout_rng(cuflash::DropoutParams{0.3, rng_state});
   for (const auto& [query0, key0] : {std::pair{0, 0}, std::pair{32, 80}, std::pair{144, 42}}) {
     SCOPED_TRACE("query0 " + std::to_string(query0) + ", key0 " + std::to_string(key0));
     EXPECT_EQ((dropout_mismatch<false, 16>(rng, query0, key0)), "");
