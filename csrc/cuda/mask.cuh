@@ -380,13 +380,6 @@ __device__ __forceinline__ void probs_then_mask(WarpAcc<kN>& s, float scale_log2
   }
 }
 
-// Compile-time knob for an A/B (scripts/gpu_ab_define.sh), not yet measured: every n-th 8-column
-// tile of the features backward's P by polynomial (exp2_of_tile) rather than the MUFU unit, which
-// softcap's tanh takes a second time a score; 0: none.
-#ifndef CUFLASH_EXP2_POLY_BWD_FEATURES_EVERY
-#define CUFLASH_EXP2_POLY_BWD_FEATURES_EVERY 0
-#endif
-
 // With softcap, ALiBi, attn_mask or dropout, from raw q.k (s) and dP (dp), a pass over the tile
 // per step (each feature's branch taken once a tile, as in ScoreMod::scores):
 //   s  <- P * z                          (the operand of dV)
@@ -423,9 +416,7 @@ __device__ __forceinline__ void probs_and_ds_with_features(WarpAcc<kN>& s, WarpA
   }
   // P, zero where the mask hides the score (a select over every element's exponential, as
   // probs_then_mask's).
-  for_each_value(s, [&](float& x, int j, int e) {
-    x = exp2_of_tile<CUFLASH_EXP2_POLY_BWD_FEATURES_EVERY>(x - lse2(j, e), j);
-  });
+  for_each_value(s, [&](float& x, int j, int e) { x = fast_exp2(x - lse2(j, e)); });
   if (tile_needs_mask<kTransposed, kN>(m, seq, row0, col0)) {
     const TileVisibility<kTransposed, kN> visible(m, seq, row0, col0, lane);
     for_each_value(s, [&](float& x, int j, int e) {

@@ -10,7 +10,6 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cstdint>
-#include <cstring>
 #include <type_traits>
 #include "../flash_params.h"
 #include "fp32_pairs.h"
@@ -240,42 +239,6 @@ __device__ __forceinline__ float fast_exp2(float x) {
   asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
   return y;
 }
-// 2^x for x <= 127 on the FMA and integer pipes instead of the special function unit (MUFU):
-// x = n + f with n = round(x) and f in [-1/2, 1/2], 2^f by a degree-4 polynomial (relative error
-// under 3e-6, exact at f = 0), 2^n put together in the exponent bits. 0 for x below -126.5
-// (n = -127; ex2.approx.ftz flushes everything below 2^-126); NaN stays NaN. Eight FP32
-// operations where fast_exp2 takes one MUFU one: the MUFU unit does 16 a clock an SM and the FMA
-// pipe 128, so a softmax that the MUFU unit bounds (head dim 64: one exponential a score takes as
-// long as the score's two matmuls) can hand it a share of a tile's exponentials (exp2_of_tile;
-// FlashAttention-4's idea).
-__host__ __device__ __forceinline__ float exp2_poly(float x) {
-  x = x < -127.f ? -127.f : x;           // a comparison, not fmaxf: NaN stays
-  constexpr float kRound = 0x1.8p23f;     // x + 1.5 2^23 rounds x to an integer, n, in the low bits
-  const float r = x + kRound, n = r - kRound, f = x - n;
-  float p = 0x1.3a02ccp-7f;
-  p = fmaf(p, f, 0x1.c9fc46p-5f);
-  p = fmaf(p, f, 0x1.ec0378p-3f);
-  p = fmaf(p, f, 0x1.62e12cp-1f);
-  p = fmaf(p, f, 1.f);
-  // 2^n: r's bits are 1.5 2^23's plus n, whose low 9 bits moved to the exponent field and biased
-  // by 127 make 2^n (n = -127: 0).
-  uint32_t bits;
-  memcpy(&bits, &r, sizeof bits);
-  bits = (bits << 23) + (127u << 23);
-  float scale;
-  memcpy(&scale, &bits, sizeof scale);
-  return p * scale;
-}
-
-// exp2 of an element of 8-column tile j: by exp2_poly on every kPolyEvery-th tile (0: none),
-// else by the MUFU unit.
-template <int kPolyEvery>
-__device__ __forceinline__ float exp2_of_tile(float x, int j) {
-  if constexpr (kPolyEvery > 0)
-    if (j % kPolyEvery == kPolyEvery - 1) return exp2_poly(x);
-  return fast_exp2(x);
-}
-
 // tanh by the special function unit (sm_75 on): one instruction where tanhf costs an exp, a
 // reciprocal and a polynomial; relative error 2^-11, that of the 16-bit operands' rounding.
 __device__ __forceinline__ float fast_tanh(float x) {

@@ -7,7 +7,6 @@
 
 namespace cuflash {
 
-// The methods' kPolyEvery: exp2_of_tile's (0: every exponential by the MUFU unit).
 struct OnlineSoftmax {
   float row_max[2] = {-INFINITY, -INFINITY};
   float row_sum[2] = {0.f, 0.f};
@@ -20,9 +19,9 @@ struct OnlineSoftmax {
   }
   // The same with o left alone: alpha gets each row's factor, for rescale_rows once whatever
   // still accumulates into o (an asynchronous P V) is done.
-  template <int kPolyEvery = 0, int kN>
+  template <int kN>
   __device__ __forceinline__ void exp_and_rescale_factor(WarpAcc<kN>& s, float (&alpha)[2]) {
-    exp_rows<false, kPolyEvery>(s, alpha, static_cast<WarpAcc<8>*>(nullptr));
+    exp_rows<false>(s, alpha, static_cast<WarpAcc<8>*>(nullptr));
   }
   // The same from raw q.k (masked ones -inf) and a positive scale_log2 folded into the
   // exponent's argument: p = exp2(fma(s, scale_log2, -max)), one FFMA a score where exp_rows
@@ -33,7 +32,7 @@ struct OnlineSoftmax {
   // bits (the float sum keeps the difference, which the logsumexp then accounts for). From there
   // (and at the extreme-value tests' scores, where that error would overflow or vanish) the warp
   // rounds the product first, as exp_rows does.
-  template <int kPolyEvery = 0, int kN>
+  template <int kN>
   __device__ __forceinline__ void exp_folded_and_rescale_factor(WarpAcc<kN>& s, float scale_log2,
                                                                 float (&alpha)[2]) {
     float base[2];
@@ -46,13 +45,11 @@ struct OnlineSoftmax {
     if (__all_sync(0xffffffffu, moderate)) {
 #pragma unroll
       for (int r = 0; r < 2; ++r)
-        exp_and_sum_row<kPolyEvery>(s, r, alpha[r],
-                                    [&](float x) { return __fmaf_rn(x, scale_log2, -base[r]); });
+        exp_and_sum_row(s, r, alpha[r], [&](float x) { return fast_exp2(__fmaf_rn(x, scale_log2, -base[r])); });
     } else {
 #pragma unroll
       for (int r = 0; r < 2; ++r)
-        exp_and_sum_row<kPolyEvery>(s, r, alpha[r],
-                                    [&](float x) { return __fmul_rn(x, scale_log2) - base[r]; });
+        exp_and_sum_row(s, r, alpha[r], [&](float x) { return fast_exp2(__fmul_rn(x, scale_log2) - base[r]); });
     }
   }
   template <int kD>
@@ -87,27 +84,26 @@ struct OnlineSoftmax {
     row_max[r] = mx;
     return base;
   }
-  // p = exp2(exponent_of(score)) for row r's scores (kPolyEvery as above), its sum rescaled by
-  // alpha and added to.
-  template <int kPolyEvery, int kN, class ExponentOf>
-  __device__ __forceinline__ void exp_and_sum_row(WarpAcc<kN>& s, int r, float alpha, ExponentOf exponent_of) {
+  // p = exp_of(score) for row r's scores, its sum rescaled by alpha and added to.
+  template <int kN, class ExpOf>
+  __device__ __forceinline__ void exp_and_sum_row(WarpAcc<kN>& s, int r, float alpha, ExpOf exp_of) {
     float sum = 0.f;
 #pragma unroll
     for (int j = 0; j < kN / 8; ++j)
 #pragma unroll
       for (int e = 2 * r; e < 2 * r + 2; ++e) {
-        s.v[j][e] = exp2_of_tile<kPolyEvery>(exponent_of(s.v[j][e]), j);
+        s.v[j][e] = exp_of(s.v[j][e]);
         sum += s.v[j][e];
       }
     row_sum[r] = row_sum[r] * alpha + sum;
   }
   // o: rescaled when kRescale (then not null), untouched otherwise.
-  template <bool kRescale, int kPolyEvery = 0, int kN, int kD>
+  template <bool kRescale, int kN, int kD>
   __device__ __forceinline__ void exp_rows(WarpAcc<kN>& s, float (&alpha)[2], WarpAcc<kD>* o) {
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
       const float base = advance_max(r, row_max_of(s, r, row_max[r]), alpha[r]);
-      exp_and_sum_row<kPolyEvery>(s, r, alpha[r], [&](float x) { return x - base; });
+      exp_and_sum_row(s, r, alpha[r], [&](float x) { return fast_exp2(x - base); });
       if constexpr (kRescale) rescale_row(*o, r, alpha[r]);
     }
   }

@@ -91,17 +91,6 @@ struct TmaTile {
   __device__ bool empty() const { return m_start >= seq.seqlen_q; }
 };
 
-// Compile-time knobs for an A/B (scripts/gpu_ab_define.sh), not yet measured: every n-th 8-key
-// column tile of a consumer's scores takes its exponentials by polynomial (exp2_poly) rather than
-// the MUFU unit, in the plain kernels (CUFLASH_EXP2_POLY_EVERY) and the features kernels
-// (CUFLASH_EXP2_POLY_FEATURES_EVERY: softcap's tanh is a second MUFU operation a score); 0: none.
-#ifndef CUFLASH_EXP2_POLY_EVERY
-#define CUFLASH_EXP2_POLY_EVERY 0
-#endif
-#ifndef CUFLASH_EXP2_POLY_FEATURES_EVERY
-#define CUFLASH_EXP2_POLY_FEATURES_EVERY 0
-#endif
-
 // kFeatures: softcap, ALiBi, attn_mask or dropout may be on (CUFLASH_SM90's "features" part, a
 // default), in the consumers' softmax step as in the other forwards.
 template <typename T, int kHeadDim, bool kWide, bool kFeatures, bool kPersistent>
@@ -125,7 +114,6 @@ __global__ void __launch_bounds__(FwdSm90TmaKernel<T, kHeadDim, kWide, kPersiste
   // (OnlineSoftmax::exp_folded_and_rescale_factor; H200, benchmarks/NOTES.md: +1-6%); a positive
   // scale only (folds_scale_safely). The features' score mods need the scaled scores first.
   constexpr bool kFoldScale = !kFeatures;
-  constexpr int kPolyEvery = kFeatures ? CUFLASH_EXP2_POLY_FEATURES_EVERY : CUFLASH_EXP2_POLY_EVERY;
   static_assert(kWide || kPageSizeMultiple % kBlockN == 0, "a key block lies in one page (key_at)");
   constexpr int kPanels = kHeadDim / 64, kConsumerThreads = 128 * K::kConsumers;
   extern __shared__ char smem_raw[];
@@ -289,10 +277,10 @@ __global__ void __launch_bounds__(FwdSm90TmaKernel<T, kHeadDim, kWide, kPersiste
         const int col0 = tile.block_of(t) * kBlockN;
         if constexpr (kFoldScale) {
           mask_scores(s, p.mask, tile.seq, row0, col0, lane);  // raw q.k, -inf where masked
-          softmax.exp_folded_and_rescale_factor<kPolyEvery>(s, mod.scale_log2, alpha);
+          softmax.exp_folded_and_rescale_factor(s, mod.scale_log2, alpha);
         } else {
           scores_from_qk<kFeatures>(s, mod, p.mask, tile.seq, row0, col0, lane);
-          softmax.exp_and_rescale_factor<kPolyEvery>(s, alpha);
+          softmax.exp_and_rescale_factor(s, alpha);
         }
         if (dropout) apply_dropout(s, rng, tile.b, tile.h, sh.heads_q, row0, col0, lane);
       };
