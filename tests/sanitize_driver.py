@@ -132,6 +132,9 @@ def cases():
     # Packed sequences on the TMA backward (its "bwdvarlen" part): boxes past a sequence's end
     # (their rows zeroed in shared memory, dK and dV stored row by row there), empty sequences.
     out += [(BF16, d, 4, 4, 0, 0, "bottom_right", "varlen_bwd_tma") for d in (64, 128)]
+    # 48 K/V heads, 384 dK/dV tiles: the persistent CTAs walk several, a tile at a sequence's end
+    # after another (the rows one stored, the next zeroes)
+    out += [(BF16, 128, 4, 96, 0, 0, "bottom_right", "varlen_bwd_tma")]
     # softcap, ALiBi, attn_mask and dropout on the fused TMA backward (its "bwdfeatures" part, a
     # default): both orders of the dQ adds, a padded batch and packed sequences.
     out += [(F16, d, 2, 4, 150, 300, "bottom_right", "features_bwd_tma") for d in (64, 128, 256)]
@@ -243,7 +246,7 @@ def run_case(case, device):
             steps = "CUFLASH_BWD_TILE" if dq == "separate" else "CUFLASH_BWD_FUSED_TILE"
             for step in ("wide", "narrow") if d == 64 else ("",):  # 128- or 64-query steps
                 with bench.switches_set({"CUFLASH_SM90": parts, "CUFLASH_BWD_DQ": dq, steps: step}):
-                    check_varlen(device, dtype, [70, 0, 129, 200], [90, 12, 0, 130], h, 2, d,
+                    check_varlen(device, dtype, [70, 0, 129, 200], [90, 12, 0, 130], h, h // 2, d,
                                  causal=causal != "none", bottom_right=True)
     elif variant == "features_bwd_tma":  # the fused TMA backward with the features, both dQ orders
         for dq in ("ordered", "atomic"):

@@ -622,9 +622,16 @@ __global__ void __launch_bounds__(
     // Packed, with dQ: the keys past the sequence's last one (their masked dS^T rows would take
     // another sequence's V into dP, and dQ's dS K its K). Without dQ they reach only the dK and
     // dV rows that are not stored.
+    // The last tile's epilogue may have read these rows (store_staged_rows, each consumer its own
+    // 64). Its reads are ordered before these writes through kv_empty, the TMA thread and kv_full,
+    // a chain that compute-sanitizer's racecheck did not follow (it reported the pair, now and
+    // then, where a CTA walked two such tiles: benchmarks/NOTES.md); a barrier of both consumers
+    // first puts them in an order it sees, on these tiles only.
     const int keys_in_block = tile.seq.seqlen_k - tile.n_start;
-    if (kAccumDq && packed && tile.steps > 0 && keys_in_block < kBlockN)  // the same for both consumers
+    if (kAccumDq && packed && tile.steps > 0 && keys_in_block < kBlockN) {  // the same for both consumers
+      if (kPersistent && i > 0) named_barrier_sync<K::kConsumerThreads>(8);
       zero_rows_before_wgmma<kPanels, kBlockN, K::kConsumerThreads>(keys_in_block, tid - 128, 8, sK, sV);
+    }
     for (int step = 0; step < tile.steps; ++step) {
       const int gs = g + step;  // the global step: the Q/dO ring's, the dS buffers' and dQ parts'
       const int stage = gs % kStages;
