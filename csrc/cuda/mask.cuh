@@ -151,9 +151,12 @@ struct ScoreMod {
 
   // The element steps. t: tanh(q.k * cap_in) with softcap (float inputs: tanhf, fast_tanh's
   // 2^-11 being the 16-bit operands' rounding, not fp32's).
+  __device__ __forceinline__ float tanh_of(float raw) const {
+    if constexpr (std::is_same_v<T, float>) return tanhf(__fmul_rn(raw, cap_in));
+    else return fast_tanh(__fmul_rn(raw, cap_in));
+  }
   __device__ __forceinline__ float capped(float raw, float* t) const {
-    if constexpr (std::is_same_v<T, float>) *t = tanhf(__fmul_rn(raw, cap_in));
-    else *t = fast_tanh(__fmul_rn(raw, cap_in));
+    *t = tanh_of(raw);
     return __fmul_rn(cap_out, *t);
   }
   __device__ __forceinline__ float scaled(float raw) const {
@@ -200,6 +203,25 @@ struct ScoreMod {
     if (mask.data)
       for_each_element<kTransposed>(t, row0, col0, lane,
                                     [&](float& x, int i, int k, int, int) { x = with_mask(x, s, i, k); });
+  }
+
+  // The forward's: t becomes its scores up to a positive factor, returned, which the softmax
+  // folds into its exponent's argument (OnlineSoftmax::exp_folded_and_rescale_factor: one FFMA a
+  // score for a multiply here and a subtraction there). Without ALiBi and attn_mask t stays q.k
+  // (the factor scale_log2), or with softcap becomes tanh(q.k cap_in) (the factor cap_out);
+  // otherwise, or where that factor is no positive normal float, t becomes the scores (factor 1).
+  template <int kN>
+  __device__ __forceinline__ float scores_up_to_factor(WarpAcc<kN>& t, const Sequence& s, int row0, int col0,
+                                                       int lane) const {
+    if (!alibi && !mask.data) {
+      const float factor = softcap ? cap_out : scale_log2;
+      if (factor >= 0x1p-126f) {  // FLT_MIN
+        if (softcap) for_each_value(t, [&](float& x, int, int) { x = tanh_of(x); });
+        return factor;
+      }
+    }
+    scores<false>(t, s, row0, col0, lane);
+    return 1.f;
   }
 };
 
@@ -404,7 +426,9 @@ __device__ __forceinline__ void probs_and_ds_with_features(WarpAcc<kN>& s, WarpA
       for_each_value(dp, [&](float& d, int j, int e) { d -= delta(j, e); });
     }
   }
-  // The scores, rounded step by step as the forward's (the same ScoreMod::scores).
+  // The scores, rounded step by step as ScoreMod::scores rounds them (the TMA forward, as its
+  // plain kernels do, folds the last factor into the exponent's argument where it can:
+  // scores_up_to_factor; an FFMA's single rounding apart, the same P).
   float dcap[kN / 8][4];  // with softcap and dscores: 1 - t^2, applied once dscores is stored
   auto scores_then = [&](auto&& capped_at) { mod.template scores<kTransposed>(s, seq, row0, col0, lane, capped_at); };
   if (!kWithDs) {
