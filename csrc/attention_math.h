@@ -231,7 +231,10 @@ CUFLASH_HD int64_t dscores_offset(const AttentionShape& sh, int b, int h, int i)
   return ((static_cast<int64_t>(b) * sh.heads_q + h) * sh.seqlen_q + i) * sh.seqlen_k;
 }
 
-// ---- Philox 4x32-10 (Salmon et al., "Parallel random numbers: as easy as 1, 2, 3") ----
+// ---- Philox 4x32-7 (Salmon et al., "Parallel random numbers: as easy as 1, 2, 3") ----
+// Seven rounds, FlashAttention-2's (and so torch's flash backend's) count: the paper finds
+// Philox4x32 passes TestU01's BigCrush from 7 rounds and takes 10 as its default, a safety margin
+// that costs dropout 3 rounds of integer work a call (benchmarks/NOTES.md).
 struct Philox4 {
   uint32_t x[4];
 };
@@ -242,9 +245,9 @@ CUFLASH_HD uint32_t mulhi32(uint32_t a, uint32_t b) {
   return static_cast<uint32_t>((static_cast<uint64_t>(a) * b) >> 32);
 #endif
 }
-CUFLASH_HD Philox4 philox4x32_10(uint32_t c0, uint32_t c1, uint32_t c2, uint32_t c3, uint32_t k0, uint32_t k1) {
+CUFLASH_HD Philox4 philox4x32_7(uint32_t c0, uint32_t c1, uint32_t c2, uint32_t c3, uint32_t k0, uint32_t k1) {
   constexpr uint32_t kM0 = 0xD2511F53u, kM1 = 0xCD9E8D57u, kW0 = 0x9E3779B9u, kW1 = 0xBB67AE85u;
-  for (int round = 0; round < 10; ++round) {
+  for (int round = 0; round < 7; ++round) {
     const uint32_t hi0 = mulhi32(kM0, c0), lo0 = kM0 * c0;
     const uint32_t hi1 = mulhi32(kM1, c2), lo1 = kM1 * c2;
     const uint32_t n0 = hi1 ^ c1 ^ k0, n2 = hi0 ^ c3 ^ k1;
@@ -281,7 +284,7 @@ struct DropoutRng {
   CUFLASH_HD static uint32_t query_quad(int i) { return static_cast<uint32_t>(((i >> 4) << 2) | ((i >> 1) & 3)); }
   CUFLASH_HD Philox4 block(int b, int h, int heads, int i, int j) const {
     const uint64_t bh = static_cast<uint64_t>(b) * heads + h;
-    return philox4x32_10(static_cast<uint32_t>(j >> 1), query_quad(i), static_cast<uint32_t>(bh),
+    return philox4x32_7(static_cast<uint32_t>(j >> 1), query_quad(i), static_cast<uint32_t>(bh),
                          static_cast<uint32_t>(bh >> 32) + offset, seed_lo, seed_hi);
   }
   // Element (i, j) of its block: word 2 (i & 1) + ((i >> 3) & 1), the low half for an even key.
