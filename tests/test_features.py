@@ -46,7 +46,7 @@ def make_mask(kind, shape, device, dtype, seed=0, transposed=False, requires_gra
 
 
 def make_options(nq_batch, heads_q, device, causal=False, bottom_right=False, window=(-1, -1), softcap=0.0,
-                 alibi=None, dropout_p=0.0, seed=0):
+                 alibi=None, dropout_p=0.0, seed=0, scale=None):
     """The op's keyword options and the reference's, for one configuration."""
     g = torch.Generator().manual_seed(seed + 7)
     slopes = None
@@ -55,10 +55,10 @@ def make_options(nq_batch, heads_q, device, causal=False, bottom_right=False, wi
     elif alibi == "batch":
         slopes = torch.rand(nq_batch, heads_q, generator=g).to(device)
     rng_state = torch.tensor([1234 + seed, 99], dtype=torch.int64, device=device) if dropout_p > 0 else None
-    op = dict(is_causal=causal, bottom_right=bottom_right, window_left=window[0], window_right=window[1],
-              softcap=softcap, alibi_slopes=slopes, dropout_p=dropout_p, rng_state=rng_state)
-    ref = dict(causal=causal, bottom_right=bottom_right, window=window, softcap=softcap, alibi_slopes=slopes,
-               dropout_p=dropout_p)
+    op = dict(scale=scale, is_causal=causal, bottom_right=bottom_right, window_left=window[0],
+              window_right=window[1], softcap=softcap, alibi_slopes=slopes, dropout_p=dropout_p, rng_state=rng_state)
+    ref = dict(scale=scale, causal=causal, bottom_right=bottom_right, window=window, softcap=softcap,
+               alibi_slopes=slopes, dropout_p=dropout_p)
     return op, ref
 
 

@@ -238,6 +238,13 @@ def test_features(dtype, d, mode, monkeypatch):
     check_dense("cuda", dtype, 1, 2, 2, 200, 333, d, attn_mask=("bool", "B1LS"))
     check_dense("cuda", dtype, 1, 2, 1, 200, 2100, d, softcap=15.0, alibi="batch", dropout_p=0.1)  # long rows
     check_dense("cuda", dtype, 1, 2, 1, 200, 2100, d, softcap=15.0, alibi="batch")  # 64: the wide tile
+    # Softcap alone and dropout alone: the exponent takes the last factor (cap_out, the scale),
+    # also under a negative scale (softcap's factor is still positive; dropout's is not, and
+    # those scores are made whole first).
+    check_dense("cuda", dtype, 1, 2, 1, 200, 333, d, softcap=15.0)
+    check_dense("cuda", dtype, 1, 2, 1, 200, 333, d, dropout_p=0.2)
+    check_dense("cuda", dtype, 1, 2, 1, 200, 333, d, softcap=15.0, dropout_p=0.2, scale=-0.1)
+    check_dense("cuda", dtype, 1, 2, 1, 200, 333, d, dropout_p=0.2, scale=-0.1)
 
 
 def packed_forward_kernels(lens, d, causal=False):
