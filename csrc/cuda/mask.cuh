@@ -205,22 +205,31 @@ struct ScoreMod {
                                     [&](float& x, int i, int k, int, int) { x = with_mask(x, s, i, k); });
   }
 
-  // The forward's: t becomes its scores up to a positive factor, returned, which the softmax
-  // folds into its exponent's argument (OnlineSoftmax::exp_folded_and_rescale_factor: one FFMA a
-  // score for a multiply here and a subtraction there). Without ALiBi and attn_mask t stays q.k
-  // (the factor scale_log2), or with softcap becomes tanh(q.k cap_in) (the factor cap_out);
-  // otherwise, or where that factor is no positive normal float, t becomes the scores (factor 1).
-  template <int kN>
+  // t becomes its scores up to a positive factor, returned, which the exponent's argument takes
+  // (one FFMA a score for a multiply here and a subtraction there): with softcap alone (no ALiBi,
+  // no attn_mask) t = tanh(q.k cap_in), the factor cap_out; without any of them, in the forward
+  // (kScaleFolds), t = q.k, the factor scale_log2; otherwise t = the scores, the factor 1 (the
+  // FFMA then exact). cap_out is folded only below 2^8 and for 16-bit inputs: the exact product
+  // and the rounded one differ by at most 2^-17 in the exponent, far below a 16-bit P's rounding,
+  // so that the forward's P and the backward's agree whichever folds (float32's would not, to its
+  // own accuracy). The scale's products are unbounded, which the forward's softmax checks per step
+  // (exp_folded_and_rescale_factor) but a backward check cost more than the fold saved
+  // (benchmarks/NOTES.md). capped_at as in scores.
+  template <bool kTransposed, bool kScaleFolds, int kN, class CappedAt = void (*)(int, int, float)>
   __device__ __forceinline__ float scores_up_to_factor(WarpAcc<kN>& t, const Sequence& s, int row0, int col0,
-                                                       int lane) const {
+                                                       int lane, CappedAt&& capped_at = [](int, int, float) {}) const {
+    constexpr bool kCapFolds = !std::is_same_v<T, float>;
     if (!alibi && !mask.data) {
-      const float factor = softcap ? cap_out : scale_log2;
-      if (factor >= 0x1p-126f) {  // FLT_MIN
-        if (softcap) for_each_value(t, [&](float& x, int, int) { x = tanh_of(x); });
-        return factor;
+      if (kCapFolds && softcap && cap_out >= 0x1p-126f && cap_out < 0x1p8f) {  // FLT_MIN
+        for_each_value(t, [&](float& x, int j, int e) {
+          x = tanh_of(x);
+          capped_at(j, e, x);
+        });
+        return cap_out;
       }
+      if (kScaleFolds && !softcap && scale_log2 >= 0x1p-126f) return scale_log2;
     }
-    scores<false>(t, s, row0, col0, lane);
+    scores<kTransposed>(t, s, row0, col0, lane, capped_at);
     return 1.f;
   }
 };
@@ -426,21 +435,22 @@ __device__ __forceinline__ void probs_and_ds_with_features(WarpAcc<kN>& s, WarpA
       for_each_value(dp, [&](float& d, int j, int e) { d -= delta(j, e); });
     }
   }
-  // The scores, rounded step by step as ScoreMod::scores rounds them (the TMA forward, as its
-  // plain kernels do, folds the last factor into the exponent's argument where it can:
-  // scores_up_to_factor; an FFMA's single rounding apart, the same P).
+  // The scores up to a factor, as the forward makes them (ScoreMod::scores_up_to_factor).
   float dcap[kN / 8][4];  // with softcap and dscores: 1 - t^2, applied once dscores is stored
-  auto scores_then = [&](auto&& capped_at) { mod.template scores<kTransposed>(s, seq, row0, col0, lane, capped_at); };
+  auto scores_then = [&](auto&& capped_at) {
+    return mod.template scores_up_to_factor<kTransposed, false>(s, seq, row0, col0, lane, capped_at);
+  };
+  float factor;
   if (!kWithDs) {
-    scores_then([](int, int, float) {});
+    factor = scores_then([](int, int, float) {});
   } else if (dscores) {
-    scores_then([&](int j, int e, float t) { dcap[j][e] = 1.f - t * t; });
+    factor = scores_then([&](int j, int e, float t) { dcap[j][e] = 1.f - t * t; });
   } else {
-    scores_then([&](int j, int e, float t) { dp.v[j][e] *= 1.f - t * t; });
+    factor = scores_then([&](int j, int e, float t) { dp.v[j][e] *= 1.f - t * t; });
   }
   // P, zero where the mask hides the score (a select over every element's exponential, as
   // probs_then_mask's).
-  for_each_value(s, [&](float& x, int j, int e) { x = fast_exp2(x - lse2(j, e)); });
+  for_each_value(s, [&](float& x, int j, int e) { x = fast_exp2(__fmaf_rn(x, factor, -lse2(j, e))); });
   if (tile_needs_mask<kTransposed, kN>(m, seq, row0, col0)) {
     const TileVisibility<kTransposed, kN> visible(m, seq, row0, col0, lane);
     for_each_value(s, [&](float& x, int j, int e) {

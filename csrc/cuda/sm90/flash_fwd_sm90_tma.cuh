@@ -275,7 +275,7 @@ __global__ void __launch_bounds__(FwdSm90TmaKernel<T, kHeadDim, kWide, kPersiste
       auto softmax_step = [&](auto& s, int t, float (&alpha)[2]) {
         const int col0 = tile.block_of(t) * kBlockN;
         float factor = mod.scale_log2;  // s: the scores up to this factor
-        if constexpr (kFeatures) factor = mod.scores_up_to_factor(s, tile.seq, row0, col0, lane);
+        if constexpr (kFeatures) factor = mod.template scores_up_to_factor<false, true>(s, tile.seq, row0, col0, lane);
         mask_scores(s, p.mask, tile.seq, row0, col0, lane);  // -inf where masked
         softmax.exp_folded_and_rescale_factor(s, factor, alpha);
         if (dropout) apply_dropout(s, rng, tile.b, tile.h, sh.heads_q, row0, col0, lane);
