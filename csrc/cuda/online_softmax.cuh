@@ -25,14 +25,14 @@ struct OnlineSoftmax {
   // The same with o left alone (alpha gets each row's factor, for rescale_rows once whatever
   // still accumulates into o, an asynchronous P V, is done), from the scores up to a positive
   // factor scale_log2 (masked ones -inf) folded into the exponent's argument:
-  // p = exp2(fma(s, scale_log2, -max)), one FFMA a score where rescale_and_exp's caller takes a
-  // multiply and rescale_and_exp a subtraction (FlashAttention-3's form). The max is fl(max of s *
-  // scale_log2), the scaled scores' max as rescale_and_exp keeps it (rounding is monotonic). For
-  // the row's maximum the FFMA returns the rounding error of that product instead of 0: at most
-  // 2^-17 below |max| = 2^8 (scores up to 177 nats), so that its p, 1 +- 2^-17 ln 2, is still 1 in
-  // 16 bits (the float sum keeps the difference, which the logsumexp then accounts for). From
-  // there (and at the extreme-value tests' scores, where that error would overflow or vanish) the
-  // warp rounds the product first, as the unfolded form does.
+  // p = exp2(fma(s, scale_log2, -max)), one FFMA a score where scaling the scores first and then
+  // subtracting the max takes two (FlashAttention-3's form). The max is fl(max of s *
+  // scale_log2), the scaled scores' max (rounding is monotonic). For the row's maximum the FFMA
+  // returns the rounding error of that product instead of 0: at most 2^-17 below |max| = 2^8
+  // (scores up to 177 nats), so that its p, 1 +- 2^-17 ln 2, is still 1 in 16 bits (the float sum
+  // keeps the difference, which the logsumexp then accounts for). From there (and at the
+  // extreme-value tests' scores, where that error would overflow or vanish) the warp rounds the
+  // product first, as the unfolded form does.
   template <int kN>
   __device__ __forceinline__ void exp_folded_and_rescale_factor(WarpAcc<kN>& s, float scale_log2,
                                                                 float (&alpha)[2]) {
