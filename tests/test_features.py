@@ -187,6 +187,17 @@ def test_alibi_long_distance_fp32(device):
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("scale", [0.3, -0.2, 0.0])
+@pytest.mark.parametrize("features", [dict(softcap=12.0), dict(dropout_p=0.2), dict(softcap=12.0, dropout_p=0.2),
+                                      dict(alibi="heads")], ids=["softcap", "dropout", "softcap_dropout", "alibi"])
+def test_features_with_a_scale(device, dtype, scale, features):
+    """An explicit scale, negative and zero too: the kernels that fold a factor of the scores into
+    the exponent (the scale, or softcap's) take only a positive one, the others the scores whole."""
+    check_dense(device, dtype, 1, 2, 2, 70, 90, 64, scale=scale, **features)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 @pytest.mark.parametrize("d", [40, 128])
 def test_all_features_together(device, dtype, d):
     check_dense(device, dtype, 2, 4, 2, 133, 190, d, causal=True, bottom_right=True, window=(50, -1), softcap=20.0,
