@@ -6,6 +6,7 @@
 #include <math.h>
 #include "../attention_math.h"
 #include "mma_sm80.cuh"
+#include "online_softmax.cuh"
 
 namespace cuflash {
 
@@ -209,18 +210,18 @@ struct ScoreMod {
   // (one FFMA a score for a multiply here and a subtraction there): with softcap alone (no ALiBi,
   // no attn_mask) t = tanh(q.k cap_in), the factor cap_out; without any of them, in the forward
   // (kScaleFolds), t = q.k, the factor scale_log2; otherwise t = the scores, the factor 1 (the
-  // FFMA then exact). cap_out is folded only below 2^8 and for 16-bit inputs: the exact product
-  // and the rounded one differ by at most 2^-17 in the exponent, far below a 16-bit P's rounding,
-  // so that the forward's P and the backward's agree whichever folds (float32's would not, to its
-  // own accuracy). The scale's products are unbounded, which the forward's softmax checks per step
-  // (exp_folded_and_rescale_factor) but a backward check cost more than the fold saved
-  // (benchmarks/NOTES.md). capped_at as in scores.
+  // FFMA then exact). Only for 16-bit inputs, and cap_out only below 2^8: the exact product and
+  // the rounded one differ by at most 2^-17 in the exponent there, far below a 16-bit P's
+  // rounding, so that the forward's P and the backward's agree whichever folds (float32's would
+  // not, to its own accuracy). The scale's products are unbounded, which the forward's softmax
+  // checks per step (exp_folded_and_rescale_factor) but a backward check cost more than the fold
+  // saved (benchmarks/NOTES.md). capped_at as in scores.
   template <bool kTransposed, bool kScaleFolds, int kN, class CappedAt = void (*)(int, int, float)>
   __device__ __forceinline__ float scores_up_to_factor(WarpAcc<kN>& t, const Sequence& s, int row0, int col0,
                                                        int lane, CappedAt&& capped_at = [](int, int, float) {}) const {
-    constexpr bool kCapFolds = !std::is_same_v<T, float>;
-    if (!alibi && !mask.data) {
-      if (kCapFolds && softcap && cap_out >= 0x1p-126f && cap_out < 0x1p8f) {  // FLT_MIN
+    constexpr bool k16Bit = !std::is_same_v<T, float>;
+    if (k16Bit && !alibi && !mask.data) {
+      if (softcap && cap_out >= 0x1p-126f && cap_out < 0x1p8f) {  // FLT_MIN
         for_each_value(t, [&](float& x, int j, int e) {
           x = tanh_of(x);
           capped_at(j, e, x);
@@ -268,12 +269,33 @@ __device__ __forceinline__ void scores_from_qk(WarpAcc<kN>& t, const ScoreMod<T>
   if (kFeatures && !mod.plain()) {
     mod.template scores<false>(t, s, row0, col0, lane);
   } else {
-#pragma unroll
-    for (int j = 0; j < kN / 8; ++j)
-#pragma unroll
-      for (int e = 0; e < 4; ++e) t.v[j][e] *= mod.scale_log2;
+    scale_scores(t, mod.scale_log2);
   }
   mask_scores(t, m, s, row0, col0, lane);
+}
+
+// The softmax step of the forwards that rescale o at once (the sm_80-class and cp.async Hopper
+// kernels) from raw q.k: for 16-bit inputs the scores up to a factor the exponent takes, as the
+// TMA forward's (ScoreMod::scores_up_to_factor with the features, else the scale where it is a
+// positive normal float), one FFMA a score for a multiply and a subtraction; float32's scores
+// whole, its products rounded first as its backward recomputes them.
+template <bool kFeatures, int kN, int kD, typename T>
+__device__ __forceinline__ void softmax_from_qk(OnlineSoftmax& softmax, WarpAcc<kN>& t, WarpAcc<kD>& o,
+                                                const ScoreMod<T>& mod, const MaskParams& m, const Sequence& s,
+                                                int row0, int col0, int lane) {
+  if constexpr (std::is_same_v<T, float>) {
+    scores_from_qk<kFeatures>(t, mod, m, s, row0, col0, lane);
+    softmax.rescale_and_exp(t, o);
+  } else {
+    float factor = 1.f;
+    if constexpr (kFeatures) factor = mod.template scores_up_to_factor<false, true>(t, s, row0, col0, lane);
+    else if (mod.scale_log2 >= 0x1p-126f) factor = mod.scale_log2;  // FLT_MIN
+    else scale_scores(t, mod.scale_log2);
+    mask_scores(t, m, s, row0, col0, lane);
+    float alpha[2];
+    softmax.exp_folded_and_rescale_factor(t, factor, alpha);
+    OnlineSoftmax::rescale_rows(o, alpha);
+  }
 }
 
 // Dropout keep factors (0 or keep_scale) of a warp tile: z[j][e] for element (j, e), by
