@@ -1,7 +1,9 @@
 #!/usr/bin/env python3
-"""Speed of the feature path (softcap, ALiBi, dropout) on each kernel that runs it.
+"""Speed of each feature issue 9 names (softcap, ALiBi, dropout, GQA, a window, an attn_mask,
+packed sequences) on each kernel that runs it.
 
     python3 benchmarks/bench_features.py [--head-dims 64,128,256] [--seqlens 2048,8192] [--backward]
+        [--features plain,softcap,...]
 
 For every shape and feature set, our forward under each CUFLASH_SM90 value in --variants (read at
 every call, csrc/cuda/run_switches.h): by default "" (the defaults: features on the TMA forward),
@@ -10,7 +12,11 @@ Prints a markdown table of TFLOP/s, each variant against the first, and each fea
 against plain attention under the same variant (issue 9 asks features to cost at most 10%).
 A shape's feature sets and variants are timed in --rounds interleaved rounds (the order rotated),
 each figure the median of its rounds (bench_attention.interleaved_timings).
-Standard shapes as bench_attention.py's (batch * seqlen = 16384, heads = 2048 / D, bf16).
+Standard shapes as bench_attention.py's (batch * seqlen = 16384, heads = 2048 / D, bf16). The
+features (FEATURES): softcap 30; ALiBi slopes per head; dropout 0.1; GQA with 8 query heads a K/V
+head; a window of N/8 keys each side (causal: before only), its FLOPs those of the keys it shows;
+a float attn_mask [B, 1, N, N] (no gradient); the batch as packed sequences (cu_seqlens) of N
+tokens each.
 --backward times forward + backward instead (3.5x the forward's FLOPs), the backward being the
 fused TMA backward with the features under the defaults (the "bwdfeatures" part) and the
 sm_80-class kernels' under a variant without that part. --breakdown N then prints, for each shape
@@ -32,23 +38,53 @@ FEATURES = {
     "softcap": {"softcap": 30.0},
     "alibi": {"alibi": True},
     "dropout": {"dropout_p": 0.1},
+    "gqa": {"query_heads_per_kv": 8},
+    "window": {"window_eighths": 1},
+    "attn_mask": {"attn_mask": True},
+    "varlen": {"packed": True},
 }
 
 
-def op_options(options, heads, device):
-    """FEATURES' options as the op's keyword arguments: ALiBi slopes for `heads` query heads,
-    dropout's rng_state."""
-    kw = dict(options)
-    if kw.pop("alibi", False):
-        kw["alibi_slopes"] = torch.rand(heads, device=device, dtype=torch.float32)
+def window_of(options, n, causal):
+    """(left, right) of the feature's window for rows of n keys, (-1, -1) without one."""
+    w = n * options.get("window_eighths", 0) // 8
+    return (w, 0 if causal else w) if w else (-1, -1)
+
+
+def feature_flops(batch, heads, n, d, causal, options):
+    """The forward's FLOPs: bench_attention's, or with a window 4 d per visible (query, key)."""
+    left, right = window_of(options, n, causal)
+    if left < 0:
+        return bench.fwd_flops(batch, heads, n, n, d, causal)
+    pairs = sum(min(n - 1, i + right) - max(0, i - left) + 1 for i in range(n))
+    return 4 * batch * heads * pairs * d
+
+
+def op_call(q, k, v, causal, options):
+    """(q, k, v, keyword arguments) of our op for the feature on dense [B, H, N, D] inputs: ALiBi
+    slopes for the query heads, dropout's rng_state, the first 1/g of the K/V heads, the window, a
+    mask, or the batch packed (q, k, v as [B N, H, D] and cu_seqlens)."""
+    batch, heads, n, _ = q.shape
+    kw = {key: options[key] for key in ("softcap", "dropout_p") if key in options}
+    if options.get("alibi"):
+        kw["alibi_slopes"] = torch.rand(heads, device=q.device, dtype=torch.float32)
     if kw.get("dropout_p", 0.0) > 0.0:
-        kw["rng_state"] = torch.tensor([0, 0], device=device, dtype=torch.int64)  # [seed, offset]
-    return kw
+        kw["rng_state"] = torch.tensor([0, 0], device=q.device, dtype=torch.int64)  # [seed, offset]
+    kv_heads = heads // options.get("query_heads_per_kv", 1)
+    k, v = k[:, :kv_heads].contiguous(), v[:, :kv_heads].contiguous()
+    kw["window_left"], kw["window_right"] = window_of(options, n, causal)
+    if options.get("attn_mask"):
+        kw["attn_mask"] = torch.randn(batch, 1, n, n, device=q.device, dtype=q.dtype)
+    if options.get("packed"):
+        q, k, v = (t.transpose(1, 2).reshape(batch * n, t.shape[1], t.shape[3]).contiguous() for t in (q, k, v))
+        cu = torch.arange(0, (batch + 1) * n, n, device=q.device, dtype=torch.int32)
+        kw.update(cu_seqlens_q=cu, cu_seqlens_k=cu, max_seqlen_q=n, max_seqlen_k=n)
+    return q, k, v, kw
 
 
 def step(q, k, v, causal, options, backward):
     """One forward (or forward + backward) of our op with the feature options."""
-    kw = op_options(options, q.shape[1], q.device)
+    q, k, v, kw = op_call(q, k, v, causal, options)
     if not backward:
         return lambda: torch.ops.cuflash_attn.fwd(q, k, v, None, causal, False, **kw)
     qg, kg, vg = (t.detach().requires_grad_() for t in (q, k, v))
@@ -67,10 +103,16 @@ def main(argv=None):
     p.add_argument("--variants", type=lambda s: s.split(";"), default=["", "0", "bwd,features"],
                    help="CUFLASH_SM90 values, ';'-separated (default: ';0;bwd,features')")
     bench.add_timing_arguments(p)
+    p.add_argument("--features", type=bench.parse_list, default=list(FEATURES),
+                   help=f"FEATURES to time, plain first (default: {','.join(FEATURES)})")
     p.add_argument("--backward", action="store_true", help="time forward + backward")
     p.add_argument("--breakdown", type=int, default=0, metavar="N",
                    help="then each kernel's time over N calls, per feature set, under the first variant")
     args, timer = bench.parse_timed_command_line(p, argv)
+    unknown = [f for f in args.features if f not in FEATURES]
+    if unknown or args.features[:1] != ["plain"]:
+        p.error(f"--features: names from {', '.join(FEATURES)}, plain first (got {','.join(args.features)})")
+    features = {name: FEATURES[name] for name in args.features}
     names = [v or "unset" for v in args.variants]
     print(f"{bench.env_line(bench.environment())}; {'forward + backward' if args.backward else 'forward'}\n")
     header = ["D", "causal", "N", "features"] + [f"{n} TFLOP/s" for n in names]
@@ -82,14 +124,15 @@ def main(argv=None):
             batch, heads = max(1, 16384 // n), 2048 // d
             q, k, v = (torch.randn(batch, heads, n, d, device="cuda", dtype=torch.bfloat16) for _ in range(3))
             for causal in (False, True):
-                flops = bench.fwd_flops(batch, heads, n, n, d, causal) * (3.5 if args.backward else 1.0)
+                flops = {feature: feature_flops(batch, heads, n, d, causal, options) * (3.5 if args.backward else 1.0)
+                         for feature, options in features.items()}
                 cells = {(feature, variant): (step(q, k, v, causal, options, args.backward),)
-                         for feature, options in FEATURES.items() for variant in args.variants}
+                         for feature, options in features.items() for variant in args.variants}
                 samples = bench.interleaved_timings(
                     cells, timer, args.rounds, environment=lambda cell: bench.switches_set({"CUFLASH_SM90": cell[1]}))
-                speeds = {cell: bench.tflops(flops, statistics.median(got[0])) if isinstance(got, tuple) else None
-                          for cell, got in samples.items()}
-                for feature in FEATURES:
+                speeds = {cell: bench.tflops(flops[cell[0]], statistics.median(got[0])) if isinstance(got, tuple)
+                          else None for cell, got in samples.items()}
+                for feature in features:
                     row = [str(d), "yes" if causal else "no", str(n), feature]
                     mine = [speeds[(feature, v)] for v in args.variants]
                     plain = [speeds[("plain", v)] for v in args.variants]
@@ -101,7 +144,7 @@ def main(argv=None):
     with bench.switches_set({"CUFLASH_SM90": args.variants[0]}):
         for d, n, causal, q, k, v in breakdowns:
             print(f"\nD={d} N={n} causal={causal}, CUFLASH_SM90={args.variants[0]!r}:")
-            for feature, options in FEATURES.items():
+            for feature, options in features.items():
                 totals = kernel_breakdown.kernel_times(step(q, k, v, causal, options, args.backward), args.breakdown)
                 kernel_breakdown.report(feature, totals, args.breakdown,
                                         "forward + backward" if args.backward else "forward")
