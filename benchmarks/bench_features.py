@@ -14,9 +14,9 @@ A shape's feature sets and variants are timed in --rounds interleaved rounds (th
 each figure the median of its rounds (bench_attention.interleaved_timings).
 Standard shapes as bench_attention.py's (batch * seqlen = 16384, heads = 2048 / D, bf16). The
 features (FEATURES): softcap 30; ALiBi slopes per head; dropout 0.1; GQA with 8 query heads a K/V
-head; a window of N/8 keys each side (causal: before only), its FLOPs those of the keys it shows;
-a float attn_mask [B, 1, N, N] (no gradient); the batch as packed sequences (cu_seqlens) of N
-tokens each.
+head (fewer K/V heads where 8 does not divide the query heads); a window of N/8 keys each side
+(causal: before only), its FLOPs those of the keys it shows; a float attn_mask [B, 1, N, N] (no
+gradient); the batch as packed sequences (cu_seqlens) of N tokens each.
 --backward times forward + backward instead (3.5x the forward's FLOPs), the backward being the
 fused TMA backward with the features under the defaults (the "bwdfeatures" part) and the
 sm_80-class kernels' under a variant without that part. --breakdown N then prints, for each shape
@@ -70,7 +70,9 @@ def op_call(q, k, v, causal, options):
         kw["alibi_slopes"] = torch.rand(heads, device=q.device, dtype=torch.float32)
     if kw.get("dropout_p", 0.0) > 0.0:
         kw["rng_state"] = torch.tensor([0, 0], device=q.device, dtype=torch.int64)  # [seed, offset]
-    kv_heads = heads // options.get("query_heads_per_kv", 1)
+    kv_heads = max(1, heads // options.get("query_heads_per_kv", 1))
+    while heads % kv_heads:  # a divisor of the query heads (heads = 2048 / D need not divide by 8)
+        kv_heads -= 1
     k, v = k[:, :kv_heads].contiguous(), v[:, :kv_heads].contiguous()
     kw["window_left"], kw["window_right"] = window_of(options, n, causal)
     if options.get("attn_mask"):
