@@ -12,7 +12,8 @@
 // Query rows also as packed grouped heads (MaskParams::rows_per_query: row r is query r / G; the
 // forward only, so not for tiles whose rows are keys). And a paged cache's key addressing. And, on
 // a GPU (skipped without one), dropout_factors (a warp tile's dropout keep factors, two lanes
-// sharing each Philox call) against DropoutRng::keep element by element.
+// sharing each Philox call) against DropoutRng::keep element by element; the rule's Philox
+// against Random123's known answers.
 #include <gtest/gtest.h>
 #include <cuda_runtime.h>
 #include <cmath>
@@ -348,6 +349,25 @@ TEST(Dropout, ThresholdAndScaleKeepTheExpectation) {
   EXPECT_EQ(cuflash::dropout_threshold(std::nextafter(1.0, 0.0)), 65535u);
   for (const double p : {0.0, 0.1, 0.3, 0.5, 0.9, 0.99999})
     EXPECT_DOUBLE_EQ(cuflash::dropout_keep_scale(p) * (65536.0 - cuflash::dropout_threshold(p)), 65536.0) << p;
+}
+
+// The rule's generator is Philox4x32 with 7 rounds: Random123's known-answer vectors (its
+// kat_vectors file, philox4x32 7: counter, key, output).
+TEST(Dropout, PhiloxMatchesRandom123KnownAnswers) {
+  struct Known {
+    uint32_t counter[4], key[2], out[4];
+  };
+  const Known known[] = {
+      {{0, 0, 0, 0}, {0, 0}, {0x5f6fb709, 0x0d893f64, 0x4f121f81, 0x4f730a48}},
+      {{~0u, ~0u, ~0u, ~0u}, {~0u, ~0u}, {0x5207ddc2, 0x45165e59, 0x4d8ee751, 0x8c52f662}},
+      {{0x243f6a88, 0x85a308d3, 0x13198a2e, 0x03707344},
+       {0xa4093822, 0x299f31d0},
+       {0x4dfccaba, 0x190a87f0, 0xc47362ba, 0xb6b5242a}}};
+  for (const Known& k : known) {
+    const cuflash::Philox4 r =
+        cuflash::philox4x32_7(k.counter[0], k.counter[1], k.counter[2], k.counter[3], k.key[0], k.key[1]);
+    for (int w = 0; w < 4; ++w) EXPECT_EQ(r.x[w], k.out[w]) << "counter " << k.counter[0] << ", word " << w;
+  }
 }
 
 }  // namespace
