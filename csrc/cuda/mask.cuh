@@ -11,6 +11,9 @@
 namespace cuflash {
 
 constexpr float kLog2e = 1.4426950408889634f;
+// Whether x can be the positive factor the forwards fold into the exponent's argument: a positive
+// normal float (no flush to zero can make it 0; NaN is not).
+__host__ __device__ constexpr bool positive_normal(float x) { return x >= 0x1p-126f; }
 
 // ScoreMod::scores' one-sided ALiBi pass (0: every ALiBi tile takes the general pass; for
 // scripts/gpu_ab_define.sh's measurement).
@@ -221,14 +224,14 @@ struct ScoreMod {
                                                        int lane, CappedAt&& capped_at = [](int, int, float) {}) const {
     constexpr bool k16Bit = !std::is_same_v<T, float>;
     if (k16Bit && !alibi && !mask.data) {
-      if (softcap && cap_out >= 0x1p-126f && cap_out < 0x1p8f) {  // FLT_MIN
+      if (softcap && positive_normal(cap_out) && cap_out < 0x1p8f) {
         for_each_value(t, [&](float& x, int j, int e) {
           x = tanh_of(x);
           capped_at(j, e, x);
         });
         return cap_out;
       }
-      if (kScaleFolds && !softcap && scale_log2 >= 0x1p-126f) return scale_log2;
+      if (kScaleFolds && !softcap && positive_normal(scale_log2)) return scale_log2;
     }
     scores<kTransposed>(t, s, row0, col0, lane, capped_at);
     return 1.f;
@@ -274,11 +277,30 @@ __device__ __forceinline__ void scores_from_qk(WarpAcc<kN>& t, const ScoreMod<T>
   mask_scores(t, m, s, row0, col0, lane);
 }
 
+// Raw q.k in t becomes the scores up to a positive factor, returned, -inf where masked, for the
+// forwards' softmax to fold the factor into the exponent's argument (exp_folded_and_rescale_factor:
+// one FFMA a score for a multiply and a subtraction): ScoreMod::scores_up_to_factor's with the
+// features, else the scale where it is a positive normal float (kScalePositive: the caller knows
+// it is, folds_scale_safely), else the scores whole (factor 1).
+template <bool kFeatures, bool kScalePositive, int kN, typename T>
+__device__ __forceinline__ float folded_scores_from_qk(WarpAcc<kN>& t, const ScoreMod<T>& mod, const MaskParams& m,
+                                                       const Sequence& s, int row0, int col0, int lane) {
+  float factor = mod.scale_log2;
+  if constexpr (kFeatures) {
+    factor = mod.template scores_up_to_factor<false, true>(t, s, row0, col0, lane);
+  } else if constexpr (!kScalePositive) {
+    if (!positive_normal(factor)) {
+      scale_scores(t, factor);
+      factor = 1.f;
+    }
+  }
+  mask_scores(t, m, s, row0, col0, lane);
+  return factor;
+}
+
 // The softmax step of the forwards that rescale o at once (the sm_80-class and cp.async Hopper
-// kernels) from raw q.k: for 16-bit inputs the scores up to a factor the exponent takes, as the
-// TMA forward's (ScoreMod::scores_up_to_factor with the features, else the scale where it is a
-// positive normal float), one FFMA a score for a multiply and a subtraction; float32's scores
-// whole, its products rounded first as its backward recomputes them.
+// kernels) from raw q.k: for 16-bit inputs folded as the TMA forward's (folded_scores_from_qk);
+// float32's scores whole, its products rounded first as its backward recomputes them.
 template <bool kFeatures, int kN, int kD, typename T>
 __device__ __forceinline__ void softmax_from_qk(OnlineSoftmax& softmax, WarpAcc<kN>& t, WarpAcc<kD>& o,
                                                 const ScoreMod<T>& mod, const MaskParams& m, const Sequence& s,
@@ -287,13 +309,9 @@ __device__ __forceinline__ void softmax_from_qk(OnlineSoftmax& softmax, WarpAcc<
     scores_from_qk<kFeatures>(t, mod, m, s, row0, col0, lane);
     softmax.rescale_and_exp(t, o);
   } else {
-    float factor = 1.f;
-    if constexpr (kFeatures) factor = mod.template scores_up_to_factor<false, true>(t, s, row0, col0, lane);
-    else if (mod.scale_log2 >= 0x1p-126f) factor = mod.scale_log2;  // FLT_MIN
-    else scale_scores(t, mod.scale_log2);
-    mask_scores(t, m, s, row0, col0, lane);
     float alpha[2];
-    softmax.exp_folded_and_rescale_factor(t, factor, alpha);
+    softmax.exp_folded_and_rescale_factor(t, folded_scores_from_qk<kFeatures, false>(t, mod, m, s, row0, col0, lane),
+                                          alpha);
     OnlineSoftmax::rescale_rows(o, alpha);
   }
 }

@@ -24,7 +24,6 @@
 #ifndef CUFLASH_FWD_PACKED_TMA_STORE
 #define CUFLASH_FWD_PACKED_TMA_STORE 0
 #endif
-#include <limits>
 #include <type_traits>
 #include "flash_fwd_sm90.cuh"
 #include "tile_walk.h"
@@ -274,9 +273,8 @@ __global__ void __launch_bounds__(FwdSm90TmaKernel<T, kHeadDim, kWide, kPersiste
       // Dropout after the softmax has summed every probability: only the kept ones reach P V.
       auto softmax_step = [&](auto& s, int t, float (&alpha)[2]) {
         const int col0 = tile.block_of(t) * kBlockN;
-        float factor = mod.scale_log2;  // s: the scores up to this factor
-        if constexpr (kFeatures) factor = mod.template scores_up_to_factor<false, true>(s, tile.seq, row0, col0, lane);
-        mask_scores(s, p.mask, tile.seq, row0, col0, lane);  // -inf where masked
+        // The plain kernels' scale is positive (folds_scale_safely).
+        const float factor = folded_scores_from_qk<kFeatures, true>(s, mod, p.mask, tile.seq, row0, col0, lane);
         softmax.exp_folded_and_rescale_factor(s, factor, alpha);
         if (dropout) apply_dropout(s, rng, tile.b, tile.h, sh.heads_q, row0, col0, lane);
       };
@@ -450,7 +448,7 @@ bool wide_rows(const FlashFwdParams& p) {
 // orders the scores otherwise and would meet the mask's -inf: those take the cp.async or
 // sm_80-class kernels. (The features kernel checks its own factor: ScoreMod::scores_up_to_factor.)
 inline bool folds_scale_safely(const FlashFwdParams& p) {
-  return static_cast<float>(p.scale) * kLog2e >= std::numeric_limits<float>::min();
+  return positive_normal(static_cast<float>(p.scale) * kLog2e);
 }
 
 // Whether dense p has no mask (no window: causal is one), so that every tile sees every key.
