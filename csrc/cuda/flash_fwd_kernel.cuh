@@ -178,7 +178,8 @@ __global__ void __launch_bounds__(FwdKernel<T, kHeadDim, Tile>::kThreads, Tile::
         for (int m = 0; m < kMT; ++m) scale_tile(s[m], sQScale + warp_row + 16 * m, ColumnUnscales{sKScale(buf), lane});
 #pragma unroll
       for (int m = 0; m < kMT; ++m) {
-        softmax_from_qk<kFeatures>(softmax[m], s[m], o[m], mod, p.mask, seq, row0 + 16 * m, n0, lane);
+        scores_from_qk<kFeatures>(s[m], mod, p.mask, seq, row0 + 16 * m, n0, lane);
+        softmax[m].rescale_and_exp(s[m], o[m]);
         if (dropout) apply_dropout(s[m], rng, b, h, sh.heads_q, row0 + 16 * m, n0, lane);
         if constexpr (kIsPair<T>)
           if (row0 + 16 * (m + 1) > seq.seqlen_q) zero_rows_past(s[m], row0 + 16 * m, seq.seqlen_q, lane);

@@ -6,13 +6,13 @@
 #include <math.h>
 #include "../attention_math.h"
 #include "mma_sm80.cuh"
-#include "online_softmax.cuh"
 
 namespace cuflash {
 
 constexpr float kLog2e = 1.4426950408889634f;
-// Whether x can be the positive factor the forwards fold into the exponent's argument: a positive
-// normal float (no flush to zero can make it 0; NaN is not).
+// Whether x can be a factor folded into the exponent's argument (the plain TMA forward's scale,
+// the features backward's cap_out): a positive normal float (no flush to zero can make it 0; NaN
+// is not).
 __host__ __device__ constexpr bool positive_normal(float x) { return x >= 0x1p-126f; }
 
 // ScoreMod::scores' one-sided ALiBi pass (0: every ALiBi tile takes the general pass; for
@@ -209,17 +209,14 @@ struct ScoreMod {
                                     [&](float& x, int i, int k, int, int) { x = with_mask(x, s, i, k); });
   }
 
-  // t becomes its scores up to a positive factor, returned, which the exponent's argument takes
-  // (one FFMA a score for a multiply here and a subtraction there): with softcap alone (no ALiBi,
-  // no attn_mask) t = tanh(q.k cap_in), the factor cap_out; without any of them, in the forward
-  // (kScaleFolds), t = q.k, the factor scale_log2; otherwise t = the scores, the factor 1 (the
-  // FFMA then exact). Only for 16-bit inputs, and cap_out only below 2^8: the exact product and
-  // the rounded one differ by at most 2^-17 in the exponent there, far below a 16-bit P's
-  // rounding, so that the forward's P and the backward's agree whichever folds (float32's would
-  // not, to its own accuracy). The scale's products are unbounded, which the forward's softmax
-  // checks per step (exp_folded_and_rescale_factor) but a backward check cost more than the fold
-  // saved (benchmarks/NOTES.md). capped_at as in scores.
-  template <bool kTransposed, bool kScaleFolds, int kN, class CappedAt = void (*)(int, int, float)>
+  // The backward's scores up to a positive factor, returned, which P's exponent takes (one FFMA a
+  // score for a multiply and a subtraction): with softcap alone (no ALiBi, no attn_mask)
+  // t = tanh(q.k cap_in), the factor cap_out; otherwise t = the scores, the factor 1 (the FFMA
+  // then exact). Only for 16-bit inputs, and cap_out only below 2^8: the exact product and the
+  // forward's rounded one differ by at most 2^-17 in the exponent there, far below a 16-bit P's
+  // rounding (float32's would not be, to its own accuracy). The forward does not fold it: its
+  // run-time factor made the forward slower (H100, benchmarks/NOTES.md). capped_at as in scores.
+  template <bool kTransposed, int kN, class CappedAt = void (*)(int, int, float)>
   __device__ __forceinline__ float scores_up_to_factor(WarpAcc<kN>& t, const Sequence& s, int row0, int col0,
                                                        int lane, CappedAt&& capped_at = [](int, int, float) {}) const {
     constexpr bool k16Bit = !std::is_same_v<T, float>;
@@ -231,7 +228,6 @@ struct ScoreMod {
         });
         return cap_out;
       }
-      if (kScaleFolds && !softcap && positive_normal(scale_log2)) return scale_log2;
     }
     scores<kTransposed>(t, s, row0, col0, lane, capped_at);
     return 1.f;
@@ -272,48 +268,12 @@ __device__ __forceinline__ void scores_from_qk(WarpAcc<kN>& t, const ScoreMod<T>
   if (kFeatures && !mod.plain()) {
     mod.template scores<false>(t, s, row0, col0, lane);
   } else {
-    scale_scores(t, mod.scale_log2);
+#pragma unroll
+    for (int j = 0; j < kN / 8; ++j)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) t.v[j][e] *= mod.scale_log2;
   }
   mask_scores(t, m, s, row0, col0, lane);
-}
-
-// Raw q.k in t becomes the scores up to a positive factor, returned, -inf where masked, for the
-// forwards' softmax to fold the factor into the exponent's argument (exp_folded_and_rescale_factor:
-// one FFMA a score for a multiply and a subtraction): ScoreMod::scores_up_to_factor's with the
-// features, else the scale where it is a positive normal float (kScalePositive: the caller knows
-// it is, folds_scale_safely), else the scores whole (factor 1).
-template <bool kFeatures, bool kScalePositive, int kN, typename T>
-__device__ __forceinline__ float folded_scores_from_qk(WarpAcc<kN>& t, const ScoreMod<T>& mod, const MaskParams& m,
-                                                       const Sequence& s, int row0, int col0, int lane) {
-  float factor = mod.scale_log2;
-  if constexpr (kFeatures) {
-    factor = mod.template scores_up_to_factor<false, true>(t, s, row0, col0, lane);
-  } else if constexpr (!kScalePositive) {
-    if (!positive_normal(factor)) {
-      scale_scores(t, factor);
-      factor = 1.f;
-    }
-  }
-  mask_scores(t, m, s, row0, col0, lane);
-  return factor;
-}
-
-// The softmax step of the forwards that rescale o at once (the sm_80-class and cp.async Hopper
-// kernels) from raw q.k: for 16-bit inputs folded as the TMA forward's (folded_scores_from_qk);
-// float32's scores whole, its products rounded first as its backward recomputes them.
-template <bool kFeatures, int kN, int kD, typename T>
-__device__ __forceinline__ void softmax_from_qk(OnlineSoftmax& softmax, WarpAcc<kN>& t, WarpAcc<kD>& o,
-                                                const ScoreMod<T>& mod, const MaskParams& m, const Sequence& s,
-                                                int row0, int col0, int lane) {
-  if constexpr (std::is_same_v<T, float>) {
-    scores_from_qk<kFeatures>(t, mod, m, s, row0, col0, lane);
-    softmax.rescale_and_exp(t, o);
-  } else {
-    float alpha[2];
-    softmax.exp_folded_and_rescale_factor(t, folded_scores_from_qk<kFeatures, false>(t, mod, m, s, row0, col0, lane),
-                                          alpha);
-    OnlineSoftmax::rescale_rows(o, alpha);
-  }
 }
 
 // Dropout keep factors (0 or keep_scale) of a warp tile: z[j][e] for element (j, e), by
@@ -478,7 +438,7 @@ __device__ __forceinline__ void probs_and_ds_with_features(WarpAcc<kN>& s, WarpA
   // The scores up to a factor, as the forward makes them (ScoreMod::scores_up_to_factor).
   float dcap[kN / 8][4];  // with softcap and dscores: 1 - t^2, applied once dscores is stored
   auto scores_then = [&](auto&& capped_at) {
-    return mod.template scores_up_to_factor<kTransposed, false>(s, seq, row0, col0, lane, capped_at);
+    return mod.template scores_up_to_factor<kTransposed>(s, seq, row0, col0, lane, capped_at);
   };
   float factor;
   if (!kWithDs) {

@@ -15,24 +15,23 @@ struct OnlineSoftmax {
   template <int kN, int kD>
   __device__ __forceinline__ void rescale_and_exp(WarpAcc<kN>& s, WarpAcc<kD>& o) {
     float alpha[2];
-#pragma unroll
-    for (int r = 0; r < 2; ++r) {
-      const float base = advance_max(r, row_max_of(s, r, row_max[r]), alpha[r]);
-      exp_and_sum_row(s, r, alpha[r], [&](float x) { return fast_exp2(x - base); });
-      rescale_row(o, r, alpha[r]);
-    }
+    exp_rows<true>(s, alpha, &o);
   }
-  // The same with o left alone (alpha gets each row's factor, for rescale_rows once whatever
-  // still accumulates into o, an asynchronous P V, is done), from the scores up to a positive
-  // factor scale_log2 (masked ones -inf) folded into the exponent's argument:
-  // p = exp2(fma(s, scale_log2, -max)), one FFMA a score where scaling the scores first and then
-  // subtracting the max takes two (FlashAttention-3's form). The max is fl(max of s *
-  // scale_log2), the scaled scores' max (rounding is monotonic). For the row's maximum the FFMA
-  // returns the rounding error of that product instead of 0: at most 2^-17 below |max| = 2^8
-  // (scores up to 177 nats), so that its p, 1 +- 2^-17 ln 2, is still 1 in 16 bits (the float sum
-  // keeps the difference, which the logsumexp then accounts for). From there (and at the
-  // extreme-value tests' scores, where that error would overflow or vanish) the warp rounds the
-  // product first, as the unfolded form does.
+  // The same with o left alone: alpha gets each row's factor, for rescale_rows once whatever
+  // still accumulates into o (an asynchronous P V) is done.
+  template <int kN>
+  __device__ __forceinline__ void exp_and_rescale_factor(WarpAcc<kN>& s, float (&alpha)[2]) {
+    exp_rows<false>(s, alpha, static_cast<WarpAcc<8>*>(nullptr));
+  }
+  // The same from raw q.k (masked ones -inf) and a positive scale_log2 folded into the
+  // exponent's argument: p = exp2(fma(s, scale_log2, -max)), one FFMA a score where exp_rows
+  // takes a multiply and a subtraction (FlashAttention-3's form). The max is fl(raw max *
+  // scale_log2), the scaled scores' max as exp_rows keeps it (rounding is monotonic). For the
+  // row's maximum the FFMA returns the rounding error of that product instead of 0: at most 2^-17
+  // below |max| = 2^8 (scores up to 177 nats), so that its p, 1 +- 2^-17 ln 2, is still 1 in 16
+  // bits (the float sum keeps the difference, which the logsumexp then accounts for). From there
+  // (and at the extreme-value tests' scores, where that error would overflow or vanish) the warp
+  // rounds the product first, as exp_rows does.
   template <int kN>
   __device__ __forceinline__ void exp_folded_and_rescale_factor(WarpAcc<kN>& s, float scale_log2,
                                                                 float (&alpha)[2]) {
@@ -97,6 +96,16 @@ struct OnlineSoftmax {
         sum += s.v[j][e];
       }
     row_sum[r] = row_sum[r] * alpha + sum;
+  }
+  // o: rescaled when kRescale (then not null), untouched otherwise.
+  template <bool kRescale, int kN, int kD>
+  __device__ __forceinline__ void exp_rows(WarpAcc<kN>& s, float (&alpha)[2], WarpAcc<kD>* o) {
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      const float base = advance_max(r, row_max_of(s, r, row_max[r]), alpha[r]);
+      exp_and_sum_row(s, r, alpha[r], [&](float x) { return fast_exp2(x - base); });
+      if constexpr (kRescale) rescale_row(*o, r, alpha[r]);
+    }
   }
 
  public:

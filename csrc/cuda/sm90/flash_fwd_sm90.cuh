@@ -194,7 +194,8 @@ __global__ void __launch_bounds__(FwdSm90Kernel<T, kHeadDim, kFeatures>::kThread
       issue_qk<T, kHeadDim, kBlockM * 128>(s, desc_q, desc_k0 + ((buf * K::kKVBytes) >> 4));
       wgmma_wait<0>();
 
-      softmax_from_qk<kFeatures>(softmax, s, o, mod, p.mask, seq, row0, n_block * kBlockN, lane);
+      scores_from_qk<kFeatures>(s, mod, p.mask, seq, row0, n_block * kBlockN, lane);
+      softmax.rescale_and_exp(s, o);
       if (dropout) apply_dropout(s, rng, b, h, sh.heads_q, row0, n_block * kBlockN, lane);
 
       uint32_t pa[kBlockN / 16][4];

@@ -109,9 +109,11 @@ __global__ void __launch_bounds__(FwdSm90TmaKernel<T, kHeadDim, kWide, kPersiste
   // The diagonal block's empty half (above): head dim 64, whose 128-key blocks (narrow and wide
   // tiles) halve into 64 keys.
   constexpr bool kHalfDiagonal = kHeadDim == 64 && kBlockN == 128 && !kFeatures;
-  // The softmax folds a factor of the scores into the exponent's argument, one FFMA a score
-  // (OnlineSoftmax::exp_folded_and_rescale_factor; H200, benchmarks/NOTES.md: +1-6%): the plain
-  // kernels' scale (a positive one: folds_scale_safely), the features' ScoreMod's choice.
+  // The plain kernels fold the softmax scale into the exponent's argument, one FFMA a score
+  // (OnlineSoftmax::exp_folded_and_rescale_factor; H200, benchmarks/NOTES.md: +1-6%); a positive
+  // scale only (folds_scale_safely). The features kernel scales its scores first: folding its
+  // run-time factor (cap_out, the scale or 1) made it slower (H100, benchmarks/NOTES.md).
+  constexpr bool kFoldScale = !kFeatures;
   static_assert(kWide || kPageSizeMultiple % kBlockN == 0, "a key block lies in one page (key_at)");
   constexpr int kPanels = kHeadDim / 64, kConsumerThreads = 128 * K::kConsumers;
   extern __shared__ char smem_raw[];
@@ -273,9 +275,13 @@ __global__ void __launch_bounds__(FwdSm90TmaKernel<T, kHeadDim, kWide, kPersiste
       // Dropout after the softmax has summed every probability: only the kept ones reach P V.
       auto softmax_step = [&](auto& s, int t, float (&alpha)[2]) {
         const int col0 = tile.block_of(t) * kBlockN;
-        // The plain kernels' scale is positive (folds_scale_safely).
-        const float factor = folded_scores_from_qk<kFeatures, true>(s, mod, p.mask, tile.seq, row0, col0, lane);
-        softmax.exp_folded_and_rescale_factor(s, factor, alpha);
+        if constexpr (kFoldScale) {
+          mask_scores(s, p.mask, tile.seq, row0, col0, lane);  // raw q.k, -inf where masked
+          softmax.exp_folded_and_rescale_factor(s, mod.scale_log2, alpha);
+        } else {
+          scores_from_qk<kFeatures>(s, mod, p.mask, tile.seq, row0, col0, lane);
+          softmax.exp_and_rescale_factor(s, alpha);
+        }
         if (dropout) apply_dropout(s, rng, tile.b, tile.h, sh.heads_q, row0, col0, lane);
       };
       auto to_pa = [&](const auto& s) {  // a WarpAcc of kBlockN columns, or of the left half (the rest of P 0)
@@ -443,10 +449,10 @@ bool wide_rows(const FlashFwdParams& p) {
   return middle_row_keys(p) >= (kHeadDim == 128 ? 4096 : 2048);
 }
 
-// Whether the plain kernels may fold p's scale into the exponent: a positive one, as the kernels
-// compute it, and normal (no flush to zero could make it 0 there). A zero or negative scale
-// orders the scores otherwise and would meet the mask's -inf: those take the cp.async or
-// sm_80-class kernels. (The features kernel checks its own factor: ScoreMod::scores_up_to_factor.)
+// Whether the plain kernels may fold p's scale into the exponent (kFoldScale): a positive one,
+// as the kernels compute it, and normal (no flush to zero could make it 0 there). A zero or
+// negative scale orders the scores otherwise and would meet the mask's -inf: those take the
+// cp.async or sm_80-class kernels.
 inline bool folds_scale_safely(const FlashFwdParams& p) {
   return positive_normal(static_cast<float>(p.scale) * kLog2e);
 }
