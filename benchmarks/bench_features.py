@@ -21,8 +21,10 @@ gradient); the batch as packed sequences (cu_seqlens) of N tokens each.
 fused TMA backward with the features under the defaults (the "bwdfeatures" part) and the
 sm_80-class kernels' under a variant without that part. --breakdown N then prints, for each shape
 and feature set under the first variant, each kernel's time over N calls (kernel_breakdown.py's
-report): which kernel a feature's loss sits in."""
+report): which kernel a feature's loss sits in. --peers then prints torch SDPA's cuDNN and
+memory-efficient backends on the same calls (plain, the attn_mask, GQA) against the first variant."""
 import argparse
+import contextlib
 import statistics
 import sys
 from pathlib import Path
@@ -43,6 +45,10 @@ FEATURES = {
     "attn_mask": {"attn_mask": True},
     "varlen": {"packed": True},
 }
+# torch's SDPA backends that take the same call as ours for a feature set (--peers): plain, the
+# float attn_mask (added to the scaled scores, as ours) and GQA (enable_gqa).
+PEERS = ("CUDNN_ATTENTION", "EFFICIENT_ATTENTION")
+PEER_FEATURES = ("plain", "attn_mask", "gqa")
 
 
 def window_of(options, n, causal):
@@ -84,6 +90,26 @@ def op_call(q, k, v, causal, options):
     return q, k, v, kw
 
 
+def peer_step(q, k, v, causal, options, backward, backend):
+    """The same call through torch's SDPA under one backend (a feature set of PEER_FEATURES)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    q, k, v, kw = op_call(q, k, v, causal, options)
+    mask = kw.get("attn_mask")
+    if mask is not None and causal:  # SDPA takes a mask or is_causal: the causal part goes into the mask
+        n = q.shape[2]
+        mask = mask.masked_fill(torch.ones(n, n, dtype=torch.bool, device=q.device).triu(1), float("-inf"))
+    sdpa_kw = {"attn_mask": mask, "is_causal": causal and mask is None, "enable_gqa": k.shape[1] != q.shape[1]}
+
+    def forward():
+        with sdpa_kernel(getattr(SDPBackend, backend)):
+            return torch.nn.functional.scaled_dot_product_attention(q, k, v, **sdpa_kw)
+    if not backward:
+        return forward
+    q, k, v = (t.detach().requires_grad_() for t in (q, k, v))
+    dout = torch.randn_like(q)
+    return lambda: torch.autograd.grad(forward(), (q, k, v), dout)
+
+
 def step(q, k, v, causal, options, backward):
     """One forward (or forward + backward) of our op with the feature options."""
     q, k, v, kw = op_call(q, k, v, causal, options)
@@ -108,6 +134,8 @@ def main(argv=None):
     p.add_argument("--features", type=bench.parse_list, default=list(FEATURES),
                    help=f"FEATURES to time, plain first (default: {','.join(FEATURES)})")
     p.add_argument("--backward", action="store_true", help="time forward + backward")
+    p.add_argument("--peers", action="store_true",
+                   help=f"then torch SDPA's {', '.join(PEERS)} on {', '.join(PEER_FEATURES)}, against the first variant")
     p.add_argument("--breakdown", type=int, default=0, metavar="N",
                    help="then each kernel's time over N calls, per feature set, under the first variant")
     args, timer = bench.parse_timed_command_line(p, argv)
@@ -121,6 +149,8 @@ def main(argv=None):
     header += [f"{n} / {names[0]}" for n in names[1:]] + [f"{n}: / plain" for n in names]
     print(bench.markdown_header(header))
     breakdowns = []  # (d, n, causal, q, k, v) of each shape, for --breakdown
+    peer_rows = []  # (d, causal, n, feature, ours, {peer: TFLOP/s}), for --peers
+    peers = [(f, b) for f in features if f in PEER_FEATURES for b in PEERS] if args.peers else []
     for d in args.head_dims:
         for n in args.seqlens:
             batch, heads = max(1, 16384 // n), 2048 // d
@@ -130,8 +160,12 @@ def main(argv=None):
                          for feature, options in features.items()}
                 cells = {(feature, variant): (step(q, k, v, causal, options, args.backward),)
                          for feature, options in features.items() for variant in args.variants}
+                cells.update({(feature, backend): (peer_step(q, k, v, causal, features[feature], args.backward, backend),)
+                              for feature, backend in peers})
                 samples = bench.interleaved_timings(
-                    cells, timer, args.rounds, environment=lambda cell: bench.switches_set({"CUFLASH_SM90": cell[1]}))
+                    cells, timer, args.rounds,
+                    environment=lambda cell: (contextlib.nullcontext() if cell[1] in PEERS
+                                              else bench.switches_set({"CUFLASH_SM90": cell[1]})))
                 speeds = {cell: bench.tflops(flops[cell[0]], statistics.median(got[0])) if isinstance(got, tuple)
                           else None for cell, got in samples.items()}
                 for feature in features:
@@ -141,8 +175,19 @@ def main(argv=None):
                     row += [f"{s:.0f}" if s else "error" for s in mine]
                     row += [ratio(s, mine[0]) for s in mine[1:]] + [ratio(s, b) for s, b in zip(mine, plain)]
                     print("| " + " | ".join(row) + " |", flush=True)
+                for feature in dict.fromkeys(f for f, _ in peers):
+                    peer_rows.append((d, causal, n, feature, speeds[(feature, args.variants[0])],
+                                      {b: speeds[(feature, b)] for b in PEERS}))
                 if args.breakdown:
                     breakdowns.append((d, n, causal, q, k, v))
+    if peer_rows:
+        print("\n" + bench.markdown_header(["D", "causal", "N", "features", f"{names[0]} TFLOP/s"]
+                                           + [f"{b} TFLOP/s" for b in PEERS] + [f"{names[0]} / {b}" for b in PEERS]))
+        for d, causal, n, feature, ours, theirs in peer_rows:
+            row = [str(d), "yes" if causal else "no", str(n), feature, f"{ours:.0f}" if ours else "error"]
+            row += [f"{theirs[b]:.0f}" if theirs[b] else "error" for b in PEERS]
+            row += [ratio(ours, theirs[b]) for b in PEERS]
+            print("| " + " | ".join(row) + " |", flush=True)
     with bench.switches_set({"CUFLASH_SM90": args.variants[0]}):
         for d, n, causal, q, k, v in breakdowns:
             print(f"\nD={d} N={n} causal={causal}, CUFLASH_SM90={args.variants[0]!r}:")
