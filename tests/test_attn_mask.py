@@ -30,6 +30,19 @@ def test_mask_with_transposed_strides(device, dtype, kind):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32], ids=["fp16", "bf16", "fp32"])
+@pytest.mark.parametrize("kind", ["bool", "float"])
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+def test_mask_with_padded_rows(device, dtype, kind, causal):
+    """A mask sliced from a wider one (rows of 320 elements, 300 keys, keys contiguous): tiles
+    inside the sequence read it through its row stride (ScoreMod::with_mask_inside, both tile
+    orientations), tiles at its edges element by element; 200 x 300 has both in each direction."""
+    wide = make_mask(kind, (2, 1, 200, 320), device, dtype)
+    mask = wide[..., :300].detach().requires_grad_(kind == "float")
+    check_dense(device, dtype, 2, 2, 2, 200, 300, 64, attn_mask=mask, causal=causal)
+
+
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 @pytest.mark.parametrize("kind", ["bool", "float"])
 def test_mask_with_gqa_causal_and_dropout(device, dtype, kind):

@@ -20,6 +20,11 @@ __host__ __device__ constexpr bool positive_normal(float x) { return x >= 0x1p-1
 #ifndef CUFLASH_ALIBI_ONE_SIDED
 #define CUFLASH_ALIBI_ONE_SIDED 1
 #endif
+// ScoreMod::scores' pass over attn_mask tiles inside the sequence (0: every tile takes the
+// general pass; for scripts/gpu_ab_define.sh's measurement).
+#ifndef CUFLASH_MASK_INSIDE
+#define CUFLASH_MASK_INSIDE 1
+#endif
 
 // Block indices [begin, end) of the key blocks (block_n keys each) that queries
 // [row_begin, row_end) see. (Host too, as tile_needs_mask: tests/cpp/test_mask_tiles.cu.)
@@ -204,9 +209,49 @@ struct ScoreMod {
       }
       if (alibi) for_each_value(t, [&](float& x, int j, int e) { x = with_alibi(x, distance(j, e)); });
     }
-    if (mask.data)
-      for_each_element<kTransposed>(t, row0, col0, lane,
-                                    [&](float& x, int i, int k, int, int) { x = with_mask(x, s, i, k); });
+    if (mask.data) {
+      const int queries0 = kTransposed ? col0 : row0, keys0 = kTransposed ? row0 : col0;
+      const int queries = kTransposed ? kN : 16, keys = kTransposed ? 16 : kN;
+      const bool inside = queries0 + queries <= s.seqlen_q && keys0 + keys <= s.seqlen_k;
+      if (CUFLASH_MASK_INSIDE && mask.col_stride == 1 && inside) {
+        with_mask_inside<kTransposed>(t, row0, col0, lane);
+      } else {
+        for_each_element<kTransposed>(t, row0, col0, lane,
+                                      [&](float& x, int i, int k, int, int) { x = with_mask(x, s, i, k); });
+      }
+    }
+  }
+
+  // with_mask over a tile inside the sequence (no bounds to test) of a mask whose keys are
+  // contiguous: a thread's elements of a tile row lie at multiples of one stride from one address,
+  // 1 (query-major tiles: loads at immediate offsets) or the mask's row stride (kTransposed: a
+  // pointer stepped 8 columns at a time), where with_mask computes each element's 64-bit index
+  // from both strides and tests its bounds (about 30 instructions an element in the D=64 TMA
+  // features forward's SASS; here 3, about 6 in transposed tiles). The same arithmetic as
+  // with_mask, so that every kernel's scores agree bit for bit.
+  template <bool kTransposed, int kN>
+  __device__ __forceinline__ void with_mask_inside(WarpAcc<kN>& t, int row0, int col0, int lane) const {
+    const int64_t step = kTransposed ? mask.row_stride : 1;  // between the tile's columns
+#pragma unroll
+    for (int half = 0; half < 2; ++half) {
+      const int row = row0 + WarpAcc<kN>::row_of(2 * half, lane), col = col0 + WarpAcc<kN>::col_of(0, 0, lane);
+      const int64_t first = mask.base + (kTransposed ? int64_t{col} * mask.row_stride + row
+                                                     : int64_t{row} * mask.row_stride + col);
+      auto each = [&](auto* m, auto&& bias) {
+#pragma unroll
+        for (int j = 0; j < kN / 8; ++j) {
+#pragma unroll
+          for (int e = 2 * half; e < 2 * half + 2; ++e)
+            t.v[j][e] = __fmaf_rn(bias(m[(e & 1) * step]), kLog2e, t.v[j][e]);
+          if (j + 1 < kN / 8) m += 8 * step;  // not past the tile's last column
+        }
+      };
+      if (mask.is_bool) {
+        each(static_cast<const bool*>(mask.data) + first, [](bool keep) { return keep ? 0.f : -INFINITY; });
+      } else {
+        each(static_cast<const T*>(mask.data) + first, [](T x) { return to_acc<float>(x); });
+      }
+    }
   }
 
   // The backward's scores up to a positive factor, returned, which P's exponent takes (one FFMA a

@@ -13,7 +13,8 @@
 // forward only, so not for tiles whose rows are keys). And a paged cache's key addressing. And, on
 // a GPU (skipped without one), dropout_factors (a warp tile's dropout keep factors, two lanes
 // sharing each Philox call) against DropoutRng::keep element by element; the rule's Philox
-// against Random123's known answers.
+// against Random123's known answers; ScoreMod::scores' attn_mask passes against the mask's
+// elements.
 #include <gtest/gtest.h>
 #include <cuda_runtime.h>
 #include <cmath>
@@ -286,6 +287,25 @@ TEST(PagedKeys, KeyAtAndKeyOffsetFollowTheTable) {
     }
 }
 
+// The first element of a warp tile at (row0, col0) (rows queries, or kTransposed keys) for which
+// differs(at, i, k) returns a description (element `at` of the lanes' outputs, query i, key k),
+// or "".
+template <bool kTransposed, int kN, class Differs>
+std::string first_tile_mismatch(int row0, int col0, Differs&& differs) {
+  for (int lane = 0; lane < 32; ++lane)
+    for (int j = 0; j < kN / 8; ++j)
+      for (int e = 0; e < 4; ++e) {
+        const int row = row0 + cuflash::WarpAcc<kN>::row_of(e, lane);
+        const int col = col0 + cuflash::WarpAcc<kN>::col_of(j, e, lane);
+        const int i = kTransposed ? col : row, k = kTransposed ? row : col;
+        const std::string what = differs((lane * (kN / 8) + j) * 4 + e, i, k);
+        if (!what.empty())
+          return "query " + std::to_string(i) + ", key " + std::to_string(k) + " (lane " + std::to_string(lane) +
+                 ", tile " + std::to_string(j) + ", element " + std::to_string(e) + ")" + what;
+      }
+  return "";
+}
+
 template <bool kTransposed, int kN>
 __global__ void dropout_factors_kernel(cuflash::DropoutRng rng, int b, int h, int heads, int row0, int col0,
                                        float* out) {
@@ -307,18 +327,10 @@ std::string dropout_mismatch(const cuflash::DropoutRng& rng, int row0, int col0)
   const cudaError_t err = cudaMemcpy(out.data(), device_out, count * sizeof(float), cudaMemcpyDeviceToHost);
   cudaFree(device_out);
   if (err != cudaSuccess) return std::string("kernel: ") + cudaGetErrorString(err);
-  for (int lane = 0; lane < 32; ++lane)
-    for (int j = 0; j < kN / 8; ++j)
-      for (int e = 0; e < 4; ++e) {
-        const int row = row0 + cuflash::WarpAcc<kN>::row_of(e, lane);
-        const int col = col0 + cuflash::WarpAcc<kN>::col_of(j, e, lane);
-        const int i = kTransposed ? col : row, k = kTransposed ? row : col;
-        const float want = rng.keep(b, h, heads, i, k) ? rng.keep_scale : 0.f;
-        if (out[(lane * (kN / 8) + j) * 4 + e] != want)
-          return "query " + std::to_string(i) + ", key " + std::to_string(k) + " (lane " + std::to_string(lane) +
-                 ", tile " + std::to_string(j) + ", element " + std::to_string(e) + ")";
-      }
-  return "";
+  return first_tile_mismatch<kTransposed, kN>(row0, col0, [&](int at, int i, int k) {
+    const float want = rng.keep(b, h, heads, i, k) ? rng.keep_scale : 0.f;
+    return out[at] == want ? std::string() : ": " + std::to_string(out[at]) + ", want " + std::to_string(want);
+  });
 }
 
 // Tiles of an even number of 8-column tiles (lanes share each call) and of 40 columns (head dim
@@ -368,6 +380,109 @@ TEST(Dropout, PhiloxMatchesRandom123KnownAnswers) {
         cuflash::philox4x32_7(k.counter[0], k.counter[1], k.counter[2], k.counter[3], k.key[0], k.key[1]);
     for (int w = 0; w < 4; ++w) EXPECT_EQ(r.x[w], k.out[w]) << "counter " << k.counter[0] << ", word " << w;
   }
+}
+
+// ScoreMod::scores with an attn_mask over one warp tile (query-major, or kTransposed: rows keys):
+// raw q.k in, scores out.
+template <bool kTransposed, int kN, typename T>
+__global__ void mask_scores_kernel(cuflash::AttentionParams p, Sequence s, int b, int h, int row0, int col0,
+                                   const float* raw, float* out) {
+  cuflash::WarpAcc<kN> t;
+  const int lane = threadIdx.x;
+  for (int j = 0; j < kN / 8; ++j)
+    for (int e = 0; e < 4; ++e) t.v[j][e] = raw[(lane * (kN / 8) + j) * 4 + e];
+  const cuflash::ScoreMod<T> mod(p, b, h);
+  mod.template scores<kTransposed>(t, s, row0, col0, lane);
+  for (int j = 0; j < kN / 8; ++j)
+    for (int e = 0; e < 4; ++e) out[(lane * (kN / 8) + j) * 4 + e] = t.v[j][e];
+}
+
+// A mask of [2, 3, 100, 200] (queries, keys) elements through `strides` (batch, head, row,
+// column; in elements), bool or bfloat16, and one warp tile's scores against the rule:
+// fma(mask element, log2 e, q.k * scale log2 e) inside the sequence (the bool's element 0 or
+// -inf), q.k * scale log2 e past it. Returns the first element that differs, or "".
+template <bool kTransposed, int kN>
+std::string mask_mismatch(bool is_bool, const int64_t (&strides)[4], int row0, int col0) {
+  using T = __nv_bfloat16;
+  const int batch = 2, heads = 3, b = 1, h = 2, count = 32 * (kN / 8) * 4;
+  Sequence s{};
+  s.seqlen_q = 100, s.seqlen_k = 200;
+  int64_t span = 1;  // elements the strides reach
+  const int sizes[4] = {batch, heads, s.seqlen_q, s.seqlen_k};
+  for (int d = 0; d < 4; ++d) span += (sizes[d] - 1) * strides[d];
+  const size_t bytes = static_cast<size_t>(span) * (is_bool ? sizeof(bool) : sizeof(T));
+  std::vector<unsigned char> mask(bytes);
+  uint32_t state = 12345;
+  auto next = [&] { return state = state * 1664525u + 1013904223u; };
+  for (int64_t e = 0; e < span; ++e) {
+    if (is_bool) {
+      mask[e] = (next() >> 8) % 10 < 7;  // about 70% kept
+    } else {
+      const float value = static_cast<float>(static_cast<int>(next() >> 20) - 2048) / 512.f;  // -4 .. 4
+      reinterpret_cast<T*>(mask.data())[e] = __float2bfloat16(value);
+    }
+  }
+  std::vector<float> raw(count), out(count);
+  for (float& x : raw) x = static_cast<float>(static_cast<int>(next() >> 16) - 32768) / 4096.f;
+  void *device_mask = nullptr, *device_io = nullptr;
+  if (cudaMalloc(&device_mask, bytes) != cudaSuccess ||
+      cudaMalloc(&device_io, 2 * count * sizeof(float)) != cudaSuccess) {
+    cudaFree(device_mask);
+    return "cudaMalloc failed";
+  }
+  float* device_raw = static_cast<float*>(device_io);
+  cudaMemcpy(device_mask, mask.data(), bytes, cudaMemcpyHostToDevice);
+  cudaMemcpy(device_raw, raw.data(), count * sizeof(float), cudaMemcpyHostToDevice);
+  cuflash::AttentionParams p;
+  p.scale = 0.125;
+  p.score.attn_mask = {device_mask, is_bool, strides[0], strides[1], strides[2], strides[3]};
+  mask_scores_kernel<kTransposed, kN, T><<<1, 32>>>(p, s, b, h, row0, col0, device_raw, device_raw + count);
+  cudaError_t err = cudaGetLastError();  // a launch error, not a value mismatch
+  if (err == cudaSuccess)
+    err = cudaMemcpy(out.data(), device_raw + count, count * sizeof(float), cudaMemcpyDeviceToHost);
+  cudaFree(device_mask);
+  cudaFree(device_io);
+  if (err != cudaSuccess) return std::string("kernel: ") + cudaGetErrorString(err);
+  const float scale_log2 = static_cast<float>(p.scale) * cuflash::kLog2e;
+  return first_tile_mismatch<kTransposed, kN>(row0, col0, [&](int at, int i, int k) {
+    float want = raw[at] * scale_log2;
+    if (i < s.seqlen_q && k < s.seqlen_k) {
+      const int64_t el = b * strides[0] + h * strides[1] + i * strides[2] + k * strides[3];
+      const float bias =
+          is_bool ? (mask[el] ? 0.f : -INFINITY) : __bfloat162float(reinterpret_cast<const T*>(mask.data())[el]);
+      want = std::fma(bias, cuflash::kLog2e, want);
+    }
+    const bool same = out[at] == want || (std::isnan(out[at]) && std::isnan(want));
+    return same ? std::string() : ": " + std::to_string(out[at]) + ", want " + std::to_string(want);
+  });
+}
+
+// Tiles inside the sequence (ScoreMod::with_mask_inside: keys contiguous) and across its ends
+// (the element pass), both orientations, bool and bfloat16 masks: dense, rows padded past the
+// keys, rows or heads broadcast (stride 0), and transposed (keys not contiguous: the element pass
+// everywhere).
+TEST(MaskTiles, AttnMaskScoresFollowTheMask) {
+  int devices = 0;
+  if (cudaGetDeviceCount(&devices) != cudaSuccess || devices == 0) GTEST_SKIP() << "no CUDA device";
+  const int64_t layouts[][4] = {{3 * 100 * 200, 100 * 200, 200, 1},  // dense
+                                {3 * 100 * 224, 100 * 224, 224, 1},  // rows padded to 224
+                                {200, 0, 0, 1},                      // [batch, 1, 1, keys]: rows broadcast
+                                {100 * 200, 0, 200, 1},              // [batch, 1, queries, keys]
+                                {3 * 100 * 200, 100 * 200, 1, 100}};  // transposed
+  for (const auto& strides : layouts)
+    for (const bool is_bool : {false, true}) {
+      SCOPED_TRACE("row stride " + std::to_string(strides[2]) + ", column stride " + std::to_string(strides[3]) +
+                   (is_bool ? ", bool" : ", bfloat16"));
+      // Query-major tiles of 16 queries: inside; past the queries; past the keys.
+      EXPECT_EQ((mask_mismatch<false, 64>(is_bool, strides, 16, 64)), "");
+      EXPECT_EQ((mask_mismatch<false, 64>(is_bool, strides, 96, 64)), "");
+      EXPECT_EQ((mask_mismatch<false, 128>(is_bool, strides, 16, 0)), "");
+      EXPECT_EQ((mask_mismatch<false, 128>(is_bool, strides, 32, 128)), "");
+      // Key-major tiles of 16 keys (the dK/dV kernels'): inside; past the queries; past the keys.
+      EXPECT_EQ((mask_mismatch<true, 64>(is_bool, strides, 48, 32)), "");
+      EXPECT_EQ((mask_mismatch<true, 64>(is_bool, strides, 48, 64)), "");
+      EXPECT_EQ((mask_mismatch<true, 64>(is_bool, strides, 192, 0)), "");
+    }
 }
 
 }  // namespace
