@@ -805,13 +805,16 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> bwd(const Tensor& dout, const Tensor&
   p.delta = delta.data_ptr();
   p.dscores = attn_mask_grad ? dscores.data_ptr() : nullptr;
   p.dq = dq_k.data_ptr();
-  p.dk = dk_k.data_ptr();
-  p.dv = dv_k.data_ptr();
   p.out_strides = strides_of(outk);
   p.dout_strides = strides_of(doutk);
   p.dq_strides = strides_of(dq_k);
-  p.dk_strides = strides_of(dk_k);
-  p.dv_strides = strides_of(dv_k);
+  auto write_dkdv_to = [&](const Tensor& dk_t, const Tensor& dv_t) {
+    p.dk = dk_t.data_ptr();
+    p.dv = dv_t.data_ptr();
+    p.dk_strides = strides_of(dk_t);
+    p.dv_strides = strides_of(dv_t);
+  };
+  write_dkdv_to(dk_k, dv_k);
   // q's device for the kernel choice (its compute capability) and the launches.
   std::optional<c10::cuda::CUDAGuard> guard;
   if (q.is_cuda()) guard.emplace(q.device());
@@ -841,6 +844,24 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> bwd(const Tensor& dout, const Tensor&
       p.dq_accum_strides = strides_of(dq_accum);
     }
   }
+  // GQA under a causal mask: the fused kernel sees kv_splits copies of each K/V head, each over a
+  // share of its query heads (fused_backward_kv_splits: shorter tiles, more of them); each head's
+  // copies of dK and dV are summed below, in float.
+  Tensor k_copies, v_copies, dk_copies, dv_copies;
+  const int kv_splits =
+      dq_accum.defined() && !o.varlen() && !o.seqused_k && fused_backward_runs(p) ? fused_backward_kv_splits(p) : 1;
+  if (kv_splits > 1) {
+    k_copies = kk.repeat_interleave(kv_splits, 1);  // copy s of head h at h * kv_splits + s
+    v_copies = vk.repeat_interleave(kv_splits, 1);
+    dk_copies = at::empty_like(k_copies);
+    dv_copies = at::empty_like(v_copies);
+    p.shape.heads_kv *= kv_splits;
+    p.k = k_copies.data_ptr();
+    p.v = v_copies.data_ptr();
+    p.k_strides = strides_of(k_copies);
+    p.v_strides = strides_of(v_copies);
+    write_dkdv_to(dk_copies, dv_copies);
+  }
 
   if (q.is_cuda()) {
     padded_head_dim_bucket(q, layout.head_dim);
@@ -859,6 +880,10 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> bwd(const Tensor& dout, const Tensor&
     }
     const Tensor pair_scratch = fp32_pair_scratch_for(p, q);
     check_cuda(run_flash_bwd_cuda(p, stream));
+    if (kv_splits > 1) {
+      dk_k.copy_(dk_copies.unflatten(1, {sh.heads_kv, kv_splits}).sum({2}, false, at::kFloat));
+      dv_k.copy_(dv_copies.unflatten(1, {sh.heads_kv, kv_splits}).sum({2}, false, at::kFloat));
+    }
   } else {
     // A pair's parts sum dK and dV into buffers of their own, added in once all are done.
     const int parts = flash_bwd_cpu_parts(p, at::get_num_threads());

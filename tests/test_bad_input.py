@@ -118,7 +118,7 @@ def test_bwd_rejects_bad_stats_and_shapes(device, name, argument, breaker, exc, 
                                             ("CUFLASH_FWD_TILE", "wider"), ("CUFLASH_BWD_TILE", "1"),
                                             ("CUFLASH_FP32", "tf32"), ("CUFLASH_BWD_FUSED_TILE", "on"),
                                             ("CUFLASH_DEBUG", "yes"), ("CUFLASH_PACK_GQA", "on"),
-                                            ("CUFLASH_CPU_ISA", "avx")])
+                                            ("CUFLASH_CPU_ISA", "avx"), ("CUFLASH_BWD_KV_SPLITS", "3")])
 def test_run_switch_naming_nothing_is_refused(device, variable, value, monkeypatch):
     """A misspelt switch is an error at the next call, not a silent default."""
     q, k, v = good(device)
@@ -139,6 +139,7 @@ def test_run_switch_naming_nothing_is_refused(device, variable, value, monkeypat
                                             ("CUFLASH_FWD_TILE", "wide"), ("CUFLASH_FWD_TILE", "narrow"),
                                             ("CUFLASH_BWD_TILE", "wide"), ("CUFLASH_BWD_TILE", "narrow"),
                                             ("CUFLASH_BWD_FUSED_TILE", "wide"), ("CUFLASH_BWD_FUSED_TILE", "narrow"),
+                                            ("CUFLASH_BWD_KV_SPLITS", "1"), ("CUFLASH_BWD_KV_SPLITS", "8"),
                                             ("CUFLASH_FP32", "exact"), ("CUFLASH_FP32", "3xtf32"),
                                             ("CUFLASH_FP32", "wgmma"), ("CUFLASH_FP32", "pairs"),
                                             ("CUFLASH_DEBUG", "0"), ("CUFLASH_DEBUG", "1"),

@@ -7,7 +7,8 @@ import math
 import pytest
 import torch
 
-from conftest import HAS_CUDA, packed_offsets, poisoned_and_unmodified, sdpa_on_kernels
+from conftest import (HAS_CUDA, IS_SM90, cuda_kernels, fused_backward_kernel, packed_offsets, poisoned_and_unmodified,
+                      sdpa_on_kernels)
 from reference import LOW_PRECISION, assert_close_to_reference, assert_lse_close, attention_reference, gradient_scale
 
 DTYPES = [torch.float16, torch.bfloat16, torch.float32, torch.float64]
@@ -118,6 +119,49 @@ def check_dense(device, dtype, batch, heads_q, heads_kv, nq, nk, d, seed=0, attn
 @pytest.mark.parametrize("causal", [False, True])
 def test_gqa(device, dtype, heads_q, heads_kv, causal):
     check_dense(device, dtype, 2, heads_q, heads_kv, 77, 130, 64, causal=causal, bottom_right=True)
+
+
+@pytest.mark.skipif(not IS_SM90, reason="the fused warp-specialized backward is sm_90a's")
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+@pytest.mark.parametrize("d", [64, 128, 256])
+@pytest.mark.parametrize("splits", ["1", "2", "4", "8"])
+@pytest.mark.parametrize("deterministic", [True, False], ids=["ordered", "unordered"])
+def test_gqa_backward_kv_splits(dtype, d, splits, deterministic, monkeypatch):
+    """The fused Hopper backward over copies of each K/V head, each with a share of its query heads
+    (CUFLASH_BWD_KV_SPLITS; torch_ops.cpp sums the copies' dK and dV): 8 query heads on one K/V
+    head, causal, with ALiBi slopes and dropout, which follow the query head; both dQ orders."""
+    for name in ("CUFLASH_SM90", "CUFLASH_BWD_DQ"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("CUFLASH_BWD_KV_SPLITS", splits)
+    check_dense("cuda", dtype, 2, 8, 1, 150, 260, d, causal=True, alibi="heads", dropout_p=0.1,
+                deterministic=deterministic)
+
+
+@pytest.mark.skipif(not IS_SM90, reason="the fused warp-specialized backward is sm_90a's")
+@pytest.mark.parametrize("d", [64, 128, 256])
+def test_gqa_backward_kv_splits_path(d, monkeypatch):
+    """Where the rule picks copies (causal GQA, a walk of few tiles): the fused kernel runs, then
+    torch's sum of the copies (a reduction kernel, absent under CUFLASH_BWD_KV_SPLITS=1); the
+    ordered dQ route stays bitwise reproducible."""
+    for name in ("CUFLASH_SM90", "CUFLASH_BWD_DQ", "CUFLASH_BWD_KV_SPLITS"):
+        monkeypatch.delenv(name, raising=False)
+    torch.manual_seed(0)
+    q = torch.randn(1, 8, 300, d, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    k, v = (torch.randn(1, 1, 300, d, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(2))
+    slopes = torch.rand(8, device="cuda")  # the features' fused kernel at every row length
+    out, _ = fwd(q, k, v, None, True, alibi_slopes=slopes)
+    dout = torch.randn_like(out)
+
+    def grads():
+        return torch.autograd.grad(out, (q, k, v), dout, retain_graph=True)
+    names = cuda_kernels(grads)
+    assert fused_backward_kernel(d, ordered=True, features=True) in names, names
+    assert "reduce_kernel" in names, names
+    first, again = grads(), grads()
+    for name, a, b in zip("qkv", first, again):
+        assert torch.equal(a, b), f"d{name} differs between two runs"
+    monkeypatch.setenv("CUFLASH_BWD_KV_SPLITS", "1")
+    assert "reduce_kernel" not in cuda_kernels(grads)
 
 
 # ---- sliding windows, both alignments ----

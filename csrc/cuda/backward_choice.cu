@@ -13,8 +13,10 @@
 // With softcap, ALiBi, attn_mask or dropout (the "bwdfeatures" part) the fused kernels take them
 // wherever they run: the other route is the sm_80-class backward, which forward + backward ran at
 // 0.30-0.55x of (H100, benchmarks/NOTES.md).
+#include "device_attributes.h"
 #include "flash_launch.h"
 #include "mask.cuh"  // needs_feature_path
+#include "run_switches.h"
 #include "sm90/flash_bwd_sm90_tma.cuh"
 #include "sm90/flash_fwd_sm90_tma.cuh"  // middle_row_keys
 
@@ -41,6 +43,27 @@ bool prefers_fused_backward(const FlashBwdParams& p) {
   if (!fused_backward_runs(p)) return false;
   return needs_feature_path(p) || cuda_head_dim_bucket(p.dtype, p.shape.head_dim) != 128 ||
          sm90::middle_row_keys(p) >= 512;
+}
+
+// The rule: under a mask whose visible keys grow along the queries (causal, or a right edge with
+// no left one), the first key blocks' tiles are the longest, group times a plain one's; the
+// copies halve them until the walk has four tiles an SM (the model: efficiency 0.61 -> 0.88 at
+// D=128, 0.77 -> 0.88 at D=64, N=2048, 8 query heads a K/V head; each copy costs a K/V head's
+// read, its dK/dV written and summed, a few per cent). The tile's 128 keys as the walk's
+// (head dim 256's kernel takes 80: a rule of thumb there).
+int fused_backward_kv_splits(const FlashBwdParams& p) {
+  const AttentionShape& sh = p.shape;
+  const int group = sh.heads_kv > 0 ? sh.heads_q / sh.heads_kv : 1;
+  int splits = 1;
+  if (const int forced = bwd_kv_splits_switch(); forced > 0) {
+    while (splits * 2 <= forced && group % (splits * 2) == 0) splits *= 2;
+    return splits;
+  }
+  if (!(p.mask.window_left < 0 && p.mask.window_right >= 0)) return 1;
+  const int64_t tiles = int64_t{sh.batch} * sh.heads_kv * ((int64_t{sh.seqlen_k} + 127) / 128);
+  const int64_t sms = device_attribute<cudaDevAttrMultiProcessorCount>(132);
+  while (group % (splits * 2) == 0 && tiles * splits < 4 * sms) splits *= 2;
+  return splits;
 }
 
 }  // namespace cuflash

@@ -35,6 +35,13 @@ bool fused_backward_runs(const FlashBwdParams& p);
 // set_fused_dq_scratch: dq_accum, dkdv_tile_counter, and dq_semaphores for a deterministic one):
 // where it runs and measured faster than the pair.
 bool prefers_fused_backward(const FlashBwdParams& p);
+// How many copies of each K/V head the fused Hopper backward should see (1: none), each copy
+// with a share of the head's query heads: a dK/dV tile is a key block of a K/V head over its
+// query heads, so with grouped heads under a causal mask the walk ends on a few long tiles (the
+// first key blocks'; benchmarks/model_dkdv_walk.py). The caller gives the kernels K and V of
+// heads_kv * splits heads (copy s of head h at h * splits + s), dK and dV of that shape, and sums
+// each head's copies. CUFLASH_BWD_KV_SPLITS overrides the rule.
+int fused_backward_kv_splits(const FlashBwdParams& p);
 
 // Packed outputs: the kernels write only their sequences' rows (attention_math.h's
 // packed_rows_of: cu_seqlens' rows, clamped to the `total` rows and to `max_rows`, the grid's).

@@ -44,6 +44,13 @@
 //                   with the attn_mask gradient); "ordered": added by the fused Hopper kernel in a
 //                   fixed order (reproducible) wherever that runs (fused_backward_runs), whatever
 //                   deterministic says; "separate": its own kernel everywhere (tests and benchmarks)
+//   CUFLASH_BWD_KV_SPLITS  the torch op's fused Hopper backward's copies of each K/V head, each
+//                   with a share of its query heads (fused_backward_kv_splits in
+//                   backward_choice.cu; each copy's dK and dV rounded to the input dtype, then
+//                   summed in float32): unset or "", GQA under a causal mask, doubled while a walk
+//                   has fewer than four tiles an SM; "1": none; "2", "4" or "8": the largest power
+//                   of two up to it that divides the group (tests and benchmarks). The C API
+//                   validates it and splits nothing
 //   CUFLASH_FWD_TILE  the TMA forward's tile for plain attention: unset or "", the wide one on
 //                   long rows (sm90::wide_rows in flash_fwd_sm90_tma.cuh) and in the persistent
 //                   kernel at head dim 64 without a mask past 128 query rows
@@ -152,6 +159,11 @@ inline DqSwitch dq_switch() {
          : env_is("CUFLASH_BWD_DQ", "separate") ? DqSwitch::kSeparate
                                                 : DqSwitch::kAuto;
 }
+// CUFLASH_BWD_KV_SPLITS's count, 0 where unset or empty (the rule's).
+inline int bwd_kv_splits_switch() {
+  const char* set = std::getenv("CUFLASH_BWD_KV_SPLITS");
+  return set == nullptr || *set == '\0' ? 0 : std::atoi(set);
+}
 inline bool fp32_exact_switch() { return env_is("CUFLASH_FP32", "exact"); }
 inline bool fp32_mma_sync_switch() { return env_is("CUFLASH_FP32", "3xtf32"); }
 inline bool fp32_pairs_switch() { return env_is("CUFLASH_FP32", "pairs"); }
@@ -192,6 +204,8 @@ inline std::string run_switch_error() {
   };
   for (const OneOf& v : {OneOf{"CUFLASH_BWD_DQ", {"atomic", "ordered", "separate"},
                                "unset, empty, \"atomic\", \"ordered\" or \"separate\""},
+                         OneOf{"CUFLASH_BWD_KV_SPLITS", {"1", "2", "4", "8"},
+                               "unset, empty, \"1\", \"2\", \"4\" or \"8\""},
                          OneOf{"CUFLASH_FWD_TILE", {"wide", "narrow"}, "unset, empty, \"wide\" or \"narrow\""},
                          OneOf{"CUFLASH_BWD_TILE", {"wide", "narrow"}, "unset, empty, \"wide\" or \"narrow\""},
                          OneOf{"CUFLASH_BWD_FUSED_TILE", {"wide", "narrow"}, "unset, empty, \"wide\" or \"narrow\""},
