@@ -135,7 +135,8 @@ def main(argv=None):
                    help=f"FEATURES to time, plain first (default: {','.join(FEATURES)})")
     p.add_argument("--backward", action="store_true", help="time forward + backward")
     p.add_argument("--peers", action="store_true",
-                   help=f"then torch SDPA's {', '.join(PEERS)} on {', '.join(PEER_FEATURES)}, against the first variant")
+                   help=f"then torch SDPA's {', '.join(PEERS)} on {', '.join(PEER_FEATURES)}, "
+                        "against the first variant")
     p.add_argument("--breakdown", type=int, default=0, metavar="N",
                    help="then each kernel's time over N calls, per feature set, under the first variant")
     args, timer = bench.parse_timed_command_line(p, argv)
@@ -160,7 +161,8 @@ def main(argv=None):
                          for feature, options in features.items()}
                 cells = {(feature, variant): (step(q, k, v, causal, options, args.backward),)
                          for feature, options in features.items() for variant in args.variants}
-                cells.update({(feature, backend): (peer_step(q, k, v, causal, features[feature], args.backward, backend),)
+                cells.update({(feature, backend): (peer_step(q, k, v, causal, features[feature], args.backward,
+                                                             backend),)
                               for feature, backend in peers})
                 samples = bench.interleaved_timings(
                     cells, timer, args.rounds,
