@@ -140,6 +140,7 @@ def test_run_switch_naming_nothing_is_refused(device, variable, value, monkeypat
                                             ("CUFLASH_BWD_TILE", "wide"), ("CUFLASH_BWD_TILE", "narrow"),
                                             ("CUFLASH_BWD_FUSED_TILE", "wide"), ("CUFLASH_BWD_FUSED_TILE", "narrow"),
                                             ("CUFLASH_BWD_KV_SPLITS", "1"), ("CUFLASH_BWD_KV_SPLITS", "8"),
+                                            ("CUFLASH_BWD_KV_SPLITS", "auto"),
                                             ("CUFLASH_FP32", "exact"), ("CUFLASH_FP32", "3xtf32"),
                                             ("CUFLASH_FP32", "wgmma"), ("CUFLASH_FP32", "pairs"),
                                             ("CUFLASH_DEBUG", "0"), ("CUFLASH_DEBUG", "1"),

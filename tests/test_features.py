@@ -140,11 +140,12 @@ def test_gqa_backward_kv_splits(dtype, d, splits, deterministic, monkeypatch):
 @pytest.mark.skipif(not IS_SM90, reason="the fused warp-specialized backward is sm_90a's")
 @pytest.mark.parametrize("d", [64, 128, 256])
 def test_gqa_backward_kv_splits_path(d, monkeypatch):
-    """Where the rule picks copies (causal GQA, a walk of few tiles): the fused kernel runs, then
-    torch's sum of the copies (a reduction kernel, absent under CUFLASH_BWD_KV_SPLITS=1); the
-    ordered dQ route stays bitwise reproducible."""
-    for name in ("CUFLASH_SM90", "CUFLASH_BWD_DQ", "CUFLASH_BWD_KV_SPLITS"):
+    """Where the rule (CUFLASH_BWD_KV_SPLITS=auto) picks copies (causal GQA, a walk of few
+    tiles): the fused kernel runs, then torch's sum of the copies (a reduction kernel, absent
+    under CUFLASH_BWD_KV_SPLITS=1); the ordered dQ route stays bitwise reproducible."""
+    for name in ("CUFLASH_SM90", "CUFLASH_BWD_DQ"):
         monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("CUFLASH_BWD_KV_SPLITS", "auto")
     torch.manual_seed(0)
     q = torch.randn(1, 8, 300, d, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     k, v = (torch.randn(1, 1, 300, d, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(2))

@@ -55,7 +55,7 @@ int fused_backward_kv_splits(const FlashBwdParams& p) {
   const AttentionShape& sh = p.shape;
   const int group = sh.heads_kv > 0 ? sh.heads_q / sh.heads_kv : 1;
   int splits = 1;
-  if (const int forced = bwd_kv_splits_switch(); forced > 0) {
+  if (const int forced = bwd_kv_splits_switch(); forced > 0) {  // unset: 1 (the rule is "auto" until measured)
     while (splits * 2 <= forced && group % (splits * 2) == 0) splits *= 2;
     return splits;
   }

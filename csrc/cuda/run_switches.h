@@ -47,10 +47,11 @@
 //   CUFLASH_BWD_KV_SPLITS  the torch op's fused Hopper backward's copies of each K/V head, each
 //                   with a share of its query heads (fused_backward_kv_splits in
 //                   backward_choice.cu; each copy's dK and dV rounded to the input dtype, then
-//                   summed in float32): unset or "", GQA under a causal mask, doubled while a walk
-//                   has fewer than four tiles an SM; "1": none; "2", "4" or "8": the largest power
-//                   of two up to it that divides the group (tests and benchmarks). The C API
-//                   validates it and splits nothing
+//                   summed in float32): unset, "" or "1": none (not yet measured on a GPU);
+//                   "auto": the rule (GQA under a causal mask, doubled while a walk has fewer
+//                   than four tiles an SM); "2", "4" or "8": the largest power of two up to it
+//                   that divides the group (tests and benchmarks). The C API validates it and
+//                   splits nothing
 //   CUFLASH_FWD_TILE  the TMA forward's tile for plain attention: unset or "", the wide one on
 //                   long rows (sm90::wide_rows in flash_fwd_sm90_tma.cuh) and in the persistent
 //                   kernel at head dim 64 without a mask past 128 query rows
@@ -159,10 +160,11 @@ inline DqSwitch dq_switch() {
          : env_is("CUFLASH_BWD_DQ", "separate") ? DqSwitch::kSeparate
                                                 : DqSwitch::kAuto;
 }
-// CUFLASH_BWD_KV_SPLITS's count, 0 where unset or empty (the rule's).
+// CUFLASH_BWD_KV_SPLITS's count: 1 where unset or empty, 0 for "auto" (the rule's).
 inline int bwd_kv_splits_switch() {
   const char* set = std::getenv("CUFLASH_BWD_KV_SPLITS");
-  return set == nullptr || *set == '\0' ? 0 : std::atoi(set);
+  if (set == nullptr || *set == '\0') return 1;
+  return std::strcmp(set, "auto") == 0 ? 0 : std::atoi(set);
 }
 inline bool fp32_exact_switch() { return env_is("CUFLASH_FP32", "exact"); }
 inline bool fp32_mma_sync_switch() { return env_is("CUFLASH_FP32", "3xtf32"); }
@@ -200,12 +202,12 @@ inline std::string run_switch_error() {
                        "tma, bwd, bwdws, features, persistent, kvcache, splits, varlen, bwdvarlen and bwdfeatures, got \"") + sm90 + "\"";
   // The one-value switches: unset, empty or one of the values listed (as the message spells them).
   struct OneOf {
-    const char *name, *values[4], *spelled;  // values: unused ones null
+    const char *name, *values[5], *spelled;  // values: unused ones null
   };
   for (const OneOf& v : {OneOf{"CUFLASH_BWD_DQ", {"atomic", "ordered", "separate"},
                                "unset, empty, \"atomic\", \"ordered\" or \"separate\""},
-                         OneOf{"CUFLASH_BWD_KV_SPLITS", {"1", "2", "4", "8"},
-                               "unset, empty, \"1\", \"2\", \"4\" or \"8\""},
+                         OneOf{"CUFLASH_BWD_KV_SPLITS", {"auto", "1", "2", "4", "8"},
+                               "unset, empty, \"auto\", \"1\", \"2\", \"4\" or \"8\""},
                          OneOf{"CUFLASH_FWD_TILE", {"wide", "narrow"}, "unset, empty, \"wide\" or \"narrow\""},
                          OneOf{"CUFLASH_BWD_TILE", {"wide", "narrow"}, "unset, empty, \"wide\" or \"narrow\""},
                          OneOf{"CUFLASH_BWD_FUSED_TILE", {"wide", "narrow"}, "unset, empty, \"wide\" or \"narrow\""},
