@@ -355,7 +355,7 @@ TEST_P(Validation, RunSwitchNamingNothingIsRefused) {  // csrc/cuda/run_switches
   for (const auto& [variable, value] : {std::pair{"CUFLASH_SM90", "tma,wgmma"}, {"CUFLASH_SM90", "1"},
                                         {"CUFLASH_BWD_DQ", "atomics"}, {"CUFLASH_FWD_TILE", "wider"},
                                         {"CUFLASH_BWD_TILE", "1"}, {"CUFLASH_FP32", "tf32"},
-                                        {"CUFLASH_BWD_FUSED_TILE", "on"}}) {
+                                        {"CUFLASH_BWD_FUSED_TILE", "on"}, {"CUFLASH_BWD_KV_SPLITS", "3"}}) {
     SCOPED_TRACE(std::string(variable) + "=" + value);
     setenv(variable, value, 1);
     expect_both([](auto&) {}, E::INVALID_ARGUMENT, std::string("environment variable ") + variable);
