@@ -191,12 +191,17 @@ struct AttnMaskSlice {
   CUFLASH_HD AttnMaskSlice(const AttnMaskParams& m, int b, int h)
       : data(m.data), base(b * m.batch_stride + h * m.head_stride), row_stride(m.row_stride),
         col_stride(m.col_stride), is_bool(m.is_bool) {}
-  // What the mask adds to score (i, j), in Acc: a float mask's element (of type T), or 0 / -inf.
+  // What the mask adds to score (i, j), in Acc: a float mask's element (of type T), or a boolean
+  // one's bool_bias.
   template <typename Acc, typename T>
   CUFLASH_HD Acc bias(int i, int j) const {
     const int64_t e = base + i * row_stride + j * col_stride;
-    if (is_bool) return static_cast<const bool*>(data)[e] ? Acc(0) : -static_cast<Acc>(INFINITY);
+    if (is_bool) return bool_bias<Acc>(static_cast<const bool*>(data)[e]);
     return to_acc<Acc>(static_cast<const T*>(data)[e]);
+  }
+  template <typename Acc>
+  CUFLASH_HD static Acc bool_bias(bool keep) {
+    return keep ? Acc(0) : -static_cast<Acc>(INFINITY);
   }
 };
 

@@ -247,7 +247,8 @@ struct ScoreMod {
         }
       };
       if (mask.is_bool) {
-        each(static_cast<const bool*>(mask.data) + first, [](bool keep) { return keep ? 0.f : -INFINITY; });
+        each(static_cast<const bool*>(mask.data) + first,
+             [](bool keep) { return AttnMaskSlice::bool_bias<float>(keep); });
       } else {
         each(static_cast<const T*>(mask.data) + first, [](T x) { return to_acc<float>(x); });
       }
