@@ -846,10 +846,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> bwd(const Tensor& dout, const Tensor&
   }
   // GQA under a causal mask: the fused kernel sees kv_splits copies of each K/V head, each over a
   // share of its query heads (fused_backward_kv_splits: shorter tiles, more of them); each head's
-  // copies of dK and dV are summed below, in float.
+  // copies of dK and dV are summed below, in float (the reduction's accumulator), into dk_k, dv_k.
   Tensor k_copies, v_copies, dk_copies, dv_copies;
-  const int kv_splits =
-      dq_accum.defined() && !o.varlen() && !o.seqused_k && fused_backward_runs(p) ? fused_backward_kv_splits(p) : 1;
+  const int kv_splits = dq_accum.defined() && !o.varlen() && !o.seqused_k ? fused_backward_kv_splits(p) : 1;
   if (kv_splits > 1) {
     k_copies = kk.repeat_interleave(kv_splits, 1);  // copy s of head h at h * kv_splits + s
     v_copies = vk.repeat_interleave(kv_splits, 1);
@@ -881,8 +880,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> bwd(const Tensor& dout, const Tensor&
     const Tensor pair_scratch = fp32_pair_scratch_for(p, q);
     check_cuda(run_flash_bwd_cuda(p, stream));
     if (kv_splits > 1) {
-      dk_k.copy_(dk_copies.unflatten(1, {sh.heads_kv, kv_splits}).sum({2}, false, at::kFloat));
-      dv_k.copy_(dv_copies.unflatten(1, {sh.heads_kv, kv_splits}).sum({2}, false, at::kFloat));
+      at::sum_out(dk_k, dk_copies.unflatten(1, {sh.heads_kv, kv_splits}), {2});
+      at::sum_out(dv_k, dv_copies.unflatten(1, {sh.heads_kv, kv_splits}), {2});
     }
   } else {
     // A pair's parts sum dK and dV into buffers of their own, added in once all are done.

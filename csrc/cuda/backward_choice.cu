@@ -54,8 +54,10 @@ bool prefers_fused_backward(const FlashBwdParams& p) {
 int fused_backward_kv_splits(const FlashBwdParams& p) {
   const AttentionShape& sh = p.shape;
   const int group = sh.heads_kv > 0 ? sh.heads_q / sh.heads_kv : 1;
+  const int forced = bwd_kv_splits_switch();  // unset: 1 (the rule is "auto" until measured)
+  if (forced == 1 || !fused_backward_runs(p)) return 1;
   int splits = 1;
-  if (const int forced = bwd_kv_splits_switch(); forced > 0) {  // unset: 1 (the rule is "auto" until measured)
+  if (forced > 1) {
     while (splits * 2 <= forced && group % (splits * 2) == 0) splits *= 2;
     return splits;
   }

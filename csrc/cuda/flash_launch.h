@@ -35,7 +35,8 @@ bool fused_backward_runs(const FlashBwdParams& p);
 // set_fused_dq_scratch: dq_accum, dkdv_tile_counter, and dq_semaphores for a deterministic one):
 // where it runs and measured faster than the pair.
 bool prefers_fused_backward(const FlashBwdParams& p);
-// How many copies of each K/V head the fused Hopper backward should see (1: none), each copy
+// How many copies of each K/V head the fused Hopper backward should see (1: none, and wherever it
+// does not run: fused_backward_runs), each copy
 // with a share of the head's query heads: a dK/dV tile is a key block of a K/V head over its
 // query heads, so with grouped heads under a causal mask the walk ends on a few long tiles (the
 // first key blocks'; benchmarks/model_dkdv_walk.py). The caller gives the kernels K and V of
