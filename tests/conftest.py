@@ -124,10 +124,12 @@ def sdpa_on_kernels(q, k, v, **kwargs):
 def fused_backward_kernel(d, wide=False, ordered=False, packed=False, features=False):
     """The profiler's name of the fused warp-specialized Hopper backward (dK, dV and dQ in one
     kernel) for bf16 at head-dim bucket d: 128-query steps (wide, head dim 64), ordered dQ adds,
-    packed sequences (CUFLASH_SM90's "bwdvarlen" part), softcap, ALiBi, attn_mask and dropout (its
-    "bwdfeatures" part). Head dim 256 has its own kernel (flash_bwd_sm90_fused256.cuh)."""
+    packed sequences (CUFLASH_SM90's "bwdvarlen" part; at head dim 256 "bwdvarlen256"), softcap, ALiBi,
+    attn_mask and dropout (its "bwdfeatures" part). Head dim 256 has its own kernel
+    (flash_bwd_sm90_fused256.cuh)."""
     if d == 256:
-        return f"flash_bwd_fused_sm90_tma_kernel<__nv_bfloat16, {str(ordered).lower()}, {str(features).lower()}>"
+        flags = ", ".join(str(flag).lower() for flag in (ordered, packed, features))
+        return f"flash_bwd_fused_sm90_tma_kernel<__nv_bfloat16, {flags}>"
     flags = ", ".join(str(flag).lower() for flag in (True, True, True, wide, ordered, packed, features))
     return f"flash_bwd_dkdv_sm90_tma_kernel<__nv_bfloat16, {d}, {flags}>"
 

@@ -1,10 +1,12 @@
 """Packed sequences (cu_seqlens) on the warp-specialized TMA backward: CUFLASH_SM90's "bwdvarlen"
 part, a default, at head-dim buckets 64 and 128 (flash_bwd_sm90_tma.cuh's kPacked kernels:
 the dQ and dK/dV pair and the fused kernel, dQ added in order or not; 64- and 128-query steps at
-head dim 64). Each route against the float64 reference over lengths that end inside and on a
-box's edge, GQA and masks; sequences kept apart (a NaN in one never reaches another's
-gradients); the ordered dQ bitwise reproducible; the kernels the profiler shows. Without the part
-packed sequences take the cp.async backward, as at head dim 256 with it."""
+head dim 64), and its "bwdvarlen256" part, not yet a default, at 256 (the fused kernel of
+flash_bwd_sm90_fused256.cuh, 80-key tiles; the pair there takes none). Each route against the
+float64 reference over lengths that end inside and on a box's edge, GQA and masks; sequences
+kept apart (a NaN in one never reaches another's gradients); the ordered dQ bitwise
+reproducible; the kernels the profiler shows. Without the part packed sequences take the
+cp.async backward, as at head dim 256 by default."""
 import pytest
 import torch
 
@@ -12,6 +14,9 @@ from conftest import (IS_SM90, SM90_DEFAULT_PARTS, cuda_kernels, fused_backward_
                       skip_outside_head_dim_bucket, sm90_parts_without)
 from reference import LOW_PRECISION, LOW_PRECISION_IDS
 from test_features import check_varlen, compare, reference_grads
+
+# The default parts and head dim 256's (which changes nothing at the other head dims).
+PARTS = SM90_DEFAULT_PARTS + ",bwdvarlen256"
 
 pytestmark = pytest.mark.skipif(not IS_SM90, reason="needs a compute capability 9.0 GPU")
 
@@ -27,7 +32,7 @@ def route(request, monkeypatch):
     dq, steps = request.param
     if steps == "narrow":
         skip_outside_head_dim_bucket(request, 64, "the steps differ at head dim 64 only")
-    monkeypatch.setenv("CUFLASH_SM90", SM90_DEFAULT_PARTS)
+    monkeypatch.setenv("CUFLASH_SM90", PARTS)
     monkeypatch.setenv("CUFLASH_BWD_DQ", dq)
     monkeypatch.setenv("CUFLASH_BWD_TILE" if dq == "separate" else "CUFLASH_BWD_FUSED_TILE", steps)
     return request.param
@@ -43,12 +48,15 @@ def packed_backward_kernels(lengths, d):
     return cuda_kernels(lambda: torch.autograd.grad(out, (q, k, v), torch.ones_like(out)))
 
 
-@pytest.mark.parametrize("d", [40, 64, 100, 128])
+@pytest.mark.parametrize("d", [40, 64, 100, 128, 232, 256])
 def test_path_taken(d, route):
     names = packed_backward_kernels([100, 300], d)
     dq, steps = route
-    bucket = 64 if d <= 64 else 128
+    bucket = 64 if d <= 64 else 128 if d <= 128 else 256
     wide = steps == "wide" and bucket == 64
+    if bucket == 256 and dq == "separate":  # the pair at 256 takes no packed sequences
+        assert "flash_bwd_dkdv_sm90_kernel<" in names and "tma" not in names.replace("flash_fwd_sm90_tma", ""), names
+        return
     if dq == "separate":
         assert f"flash_bwd_dq_sm90_tma_kernel<__nv_bfloat16, {bucket}, true>" in names, names
         expected = f"flash_bwd_dkdv_sm90_tma_kernel<__nv_bfloat16, {bucket}, false, true, true, {str(wide).lower()}, " \
@@ -75,20 +83,22 @@ def test_cpasync_elsewhere(parts, d, dq, monkeypatch):
 
 # Lengths (q, k) whose last blocks end inside a box, on its edge and one past it, with empty
 # sequences and sequences of one token, keys and queries of different lengths.
+# (Head dim 256's key tiles are 80 rows: 79, 80, 81, 159, 160, 161.)
 LENGTHS = [([1, 63, 64, 65, 0, 127, 128, 129], [1, 63, 64, 65, 0, 127, 128, 129]),
            ([70, 0, 129, 300], [90, 12, 0, 257]),
-           ([300, 129, 700], [300, 129, 700])]
+           ([300, 129, 700], [300, 129, 700]),
+           ([79, 80, 81, 0, 159, 160, 161], [79, 80, 81, 0, 159, 160, 161])]
 
 
 @pytest.mark.parametrize("dtype", LOW_PRECISION, ids=LOW_PRECISION_IDS)
-@pytest.mark.parametrize("d", [64, 128])
+@pytest.mark.parametrize("d", [64, 128, 256])
 @pytest.mark.parametrize("lens", LENGTHS, ids=[f"lens{i}" for i in range(len(LENGTHS))])
 @pytest.mark.parametrize("causal", [False, True])
 def test_matches_reference(dtype, d, lens, causal, route):
     check_varlen("cuda", dtype, *lens, 4, 2, d, causal=causal, bottom_right=causal)
 
 
-@pytest.mark.parametrize("d", [64, 128])
+@pytest.mark.parametrize("d", [64, 128, 256])
 def test_window(d, route):
     check_varlen("cuda", torch.bfloat16, [300, 129, 700], [300, 129, 700], 4, 4, d, window=(130, 20))
 
@@ -102,7 +112,7 @@ APART = {"equal": ([0, 100, 250, 300], [0, 100, 250, 300]), "unequal": ([0, 100,
 APART_MASKS = {"none": (False, (-1, -1)), "causal": (True, (-1, -1)), "window": (False, (40, 10))}
 
 
-@pytest.mark.parametrize("d", [64, 128])
+@pytest.mark.parametrize("d", [64, 128, 256])
 @pytest.mark.parametrize("mask", list(APART_MASKS))
 @pytest.mark.parametrize("lengths", list(APART))
 def test_keeps_sequences_apart(d, mask, lengths, route):
@@ -138,12 +148,12 @@ def test_keeps_sequences_apart(d, mask, lengths, route):
         assert torch.all(grad[end:] == 0), f"{name}: the rows after the last sequence"
 
 
-@pytest.mark.parametrize("d", [64, 128])
+@pytest.mark.parametrize("d", [64, 128, 256])
 def test_ordered_is_reproducible(d, monkeypatch):
     """The fused kernel's ordered dQ adds over more tiles than SMs (sequences of every length up
     to 1000), bitwise the same in three runs; the zeros a part adds past its sequence's end to the
     next one's rows change nothing."""
-    monkeypatch.setenv("CUFLASH_SM90", SM90_DEFAULT_PARTS)
+    monkeypatch.setenv("CUFLASH_SM90", PARTS)
     monkeypatch.setenv("CUFLASH_BWD_DQ", "ordered")
     torch.manual_seed(0)
     lengths = [1000, 1, 333, 640, 17, 999, 512, 64, 129, 700] * 4
@@ -160,3 +170,16 @@ def test_ordered_is_reproducible(d, monkeypatch):
     runs = [backward() for _ in range(3)]
     for again in runs[1:]:
         assert all(torch.equal(a, b) for a, b in zip(runs[0], again))
+
+
+@pytest.mark.parametrize("dq", ["ordered", "atomic"])
+@pytest.mark.parametrize("causal", [False, True])
+def test_features_at_256(dq, causal, monkeypatch):
+    """Softcap, ALiBi and dropout (the "bwdfeatures" part) over packed sequences on head dim 256's
+    fused kernel, both dQ orders: the kernel the profiler shows, then the reference."""
+    monkeypatch.setenv("CUFLASH_SM90", PARTS)
+    monkeypatch.setenv("CUFLASH_BWD_DQ", dq)
+    names = cuda_kernels(lambda: check_varlen("cuda", torch.bfloat16, [70, 0, 161, 300], [90, 12, 0, 257], 4, 2, 256,
+                                              causal=causal, bottom_right=causal, softcap=10.0, alibi="batch",
+                                              dropout_p=0.1))
+    assert fused_backward_kernel(256, ordered=dq == "ordered", packed=True, features=True) in names, names

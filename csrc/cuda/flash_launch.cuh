@@ -275,6 +275,16 @@ cudaError_t launch_row_kernel(Kernel kernel, const FlashBwdParams& p, cudaStream
   return launch(kernel, grid, kRowKernelThreads, 0, stream, p);
 }
 
+// f(std::true_type{}) for packed sequences where the warp-specialized backward kernel K takes them
+// (its kPacked variant; only where its maps were encoded, which bwd_tma_addressable allows for
+// K::kMayPack alone), else f(std::false_type{}).
+template <class K, class F>
+auto with_bwd_packing(const FlashBwdParams& p, F&& f) {
+  if constexpr (K::kMayPack)
+    if (p.varlen.cu_seqlens_q != nullptr) return f(std::true_type{});
+  return f(std::false_type{});
+}
+
 // The fused head-dim-256 Hopper backward (sm90/flash_bwd_sm90_fused256.cuh; its dQ adds in a
 // fixed order with p.dq_semaphores; kFeatures: softcap, ALiBi, attn_mask and dropout, the
 // "bwdfeatures" part): true with *err its launch's, false (nothing launched) where it cannot run
@@ -292,22 +302,14 @@ bool launch_bwd_fused256(const FlashBwdParams& p, cudaStream_t stream, cudaError
     const AttentionShape& sh = p.shape;
     const int64_t num_tiles = int64_t{ceil_div(sh.seqlen_k, Fused::kBlockN)} * sh.heads_kv * sh.batch;
     const int sms = std::max(1, device_attribute<cudaDevAttrMultiProcessorCount>(1));
-    *err = launch(sm90::flash_bwd_fused_sm90_tma_kernel<T, kOrdered, kFeatures>,
-                  dim3(static_cast<unsigned>(std::min<int64_t>(num_tiles, sms))), Fused::kThreads, Fused::kSmemBytes,
-                  stream, p, maps.q, maps.dout, maps.k, maps.v, maps.dq_accum, maps.dk, maps.dv);
+    *err = with_bwd_packing<Fused>(p, [&](auto packed) {
+      return launch(sm90::flash_bwd_fused_sm90_tma_kernel<T, kOrdered, decltype(packed)::value, kFeatures>,
+                    dim3(static_cast<unsigned>(std::min<int64_t>(num_tiles, sms))), Fused::kThreads,
+                    Fused::kSmemBytes, stream, p, maps.q, maps.dout, maps.k, maps.v, maps.dq_accum, maps.dk, maps.dv);
+    });
     return true;
   };
   return p.dq_semaphores != nullptr ? go(std::true_type{}) : go(std::false_type{});
-}
-
-// f(std::true_type{}) for packed sequences where the warp-specialized backward kernel K takes them
-// (its kPacked variant; only where its maps were encoded, which bwd_tma_addressable allows for
-// K::kMayPack alone), else f(std::false_type{}).
-template <class K, class F>
-auto with_bwd_packing(const FlashBwdParams& p, F&& f) {
-  if constexpr (K::kMayPack)
-    if (p.varlen.cu_seqlens_q != nullptr) return f(std::true_type{});
-  return f(std::false_type{});
 }
 
 // The warp-specialized dK/dV kernel (sm90/flash_bwd_sm90_tma.cuh), where TMA can address the

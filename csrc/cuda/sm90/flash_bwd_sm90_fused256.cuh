@@ -31,7 +31,9 @@ namespace cuflash::sm90 {
 template <typename T, bool kOrderedDq>
 struct BwdFused256Kernel {
   static constexpr int kHeadDim = 256, kPanels = kHeadDim / 64;
-  static constexpr bool kMayPack = bwd_may_pack(kHeadDim);  // false: packed sequences take the cp.async kernels
+  // Packed sequences (kPacked below) as the head-dim-64/128 kernels take them (bwd_may_pack's
+  // rules); whether they run here is the "bwdvarlen256" part's (sm90_paths).
+  static constexpr bool kMayPack = true;
   static constexpr int kConsumers = 2, kThreads = 128 * (kConsumers + 1), kConsumerThreads = 128 * kConsumers;
   static constexpr int kBlockN = 80;  // resident keys: S and dP 40 a consumer
   static constexpr int kBlockM = 64;  // streamed queries a step (a dq_semaphores block)
@@ -62,20 +64,28 @@ struct BwdFused256Kernel {
   static_assert(fits_launch_registers<kThreads>(kProducerRegs, kConsumerRegs), "setmaxnreg's split");
   static_assert(kSmemBytes <= 227 * 1024, "shared memory per block");
   static_assert(kBlockM == kDqPartRows, "the dq_accum map's boxes are one step's queries");
-  // Named barriers (0 is __syncthreads): both consumers at a tile's end (the epilogue); consumer
+  // Named barriers (0 is __syncthreads): both consumers at a tile's end (the epilogue), and where
+  // packed sequences' rows are zeroed (kZeroed); consumer
   // c's P^T rows in (kPReady + c) and dS^T rows in (kDsReady + c), waited for by the other; c done
   // with a step's wgmmas (kStepDone + c), before the other overwrites its rows of P^T and dS^T; c's
   // epilogue stores (kDkvStore + c); a dQ slot's box stored (kDqFull + slot) and free for consumer c's
   // next box (kDqEmpty + c), between the storing consumer and the drain warp
   // (160 threads).
-  enum : int { kEpilogue = 1, kPReady = 2, kDsReady = 4, kStepDone = 6, kDkvStore = 8, kDqFull = 10, kDqEmpty = 13 };
-  static_assert(kDqFull + kDqSlots <= kDqEmpty && kDqEmpty + kConsumers <= 16, "named barrier ids");
+  enum : int {
+    kEpilogue = 1, kPReady = 2, kDsReady = 4, kStepDone = 6, kDkvStore = 8, kDqFull = 10, kDqEmpty = 13, kZeroed = 15
+  };
+  static_assert(kDqFull + kDqSlots <= kDqEmpty && kDqEmpty + kConsumers <= kZeroed && kZeroed < 16,
+                "named barrier ids");
 };
 
+// kPacked: packed sequences (the "bwdvarlen256" part), as the head-dim-64/128 kernels' (flash_bwd_sm90_tma.cuh):
+// boxes at their sequence's rows of the one batch; the rows of another sequence a box brought
+// zeroed before any wgmma reads them; dQ's rows past the sequence added as exact zeros; dK and dV
+// of a tile that passes the sequence's last key stored by the consumers' threads, not a box.
 // kFeatures (the "bwdfeatures" part): softcap, ALiBi, attn_mask and dropout, S and dP turned into
 // P z and dS in one pass by probs_and_ds_with_features (mask.cuh), as in the head-dim-64/128
 // fused kernel.
-template <typename T, bool kOrderedDq, bool kFeatures>
+template <typename T, bool kOrderedDq, bool kPacked, bool kFeatures>
 __global__ void __launch_bounds__(BwdFused256Kernel<T, kOrderedDq>::kThreads, 1)
     flash_bwd_fused_sm90_tma_kernel(const FlashBwdParams p, const __grid_constant__ CUtensorMap map_q,
                                     const __grid_constant__ CUtensorMap map_dout,
@@ -112,6 +122,10 @@ __global__ void __launch_bounds__(BwdFused256Kernel<T, kOrderedDq>::kThreads, 1)
   const int tid = threadIdx.x, warpgroup = warpgroup_index(), lane = tid % 32;
   const int group = sh.heads_q / sh.heads_kv;
   const MaskParams mask = unpacked_mask(p.mask);  // rows_per_query a compile-time 1
+  // Packed: a tile's boxes at its sequence's rows of the one batch.
+  constexpr bool packed = kPacked;
+  auto box_row = [](int64_t sequence_row0, int row) { return packed ? static_cast<int>(sequence_row0) + row : row; };
+  auto box_batch = [](int b) { return packed ? 0 : b; };
   // Persistent CTAs, tiles in DkvTileRing's order, the Q/dO ring, stats and drain running on
   // across tiles (global step g), ordered adds as the head-dim-64/128 fused kernel's
   // (flash_bwd_sm90_tma.cuh).
@@ -170,12 +184,14 @@ __global__ void __launch_bounds__(BwdFused256Kernel<T, kOrderedDq>::kThreads, 1)
               named_barrier_arrive<160>(K::kDqEmpty + (b + 1) % 2);
             }
             named_barrier_sync<160>(K::kDqFull + slot);
-            const int col = 128 * (b % 2) + 32 * (b / 2), row = block * kBlockM;
-            if (lane == 0 && K::kDqBound != 2) {  // rows past seqlen_q, columns past head_dim: dropped
+            const int col = 128 * (b % 2) + 32 * (b / 2), row = box_row(tile.seq.q_row0, block * kBlockM);
+            // Rows past seqlen_q: dropped, or packed, zeros added to the next sequence's rows;
+            // columns past head_dim: dropped.
+            if (lane == 0 && K::kDqBound != 2) {
               if constexpr (K::kDqBound == 3)
-                tma_store_4d(&map_dq_accum, sdQ + slot * K::kDqBoxBytes, col, row, h, tile.b);
+                tma_store_4d(&map_dq_accum, sdQ + slot * K::kDqBoxBytes, col, row, h, box_batch(tile.b));
               else
-                tma_reduce_add_4d(&map_dq_accum, sdQ + slot * K::kDqBoxBytes, col, row, h, tile.b);
+                tma_reduce_add_4d(&map_dq_accum, sdQ + slot * K::kDqBoxBytes, col, row, h, box_batch(tile.b));
               bulk_commit_group();
             }
             __syncwarp();
@@ -198,13 +214,14 @@ __global__ void __launch_bounds__(BwdFused256Kernel<T, kOrderedDq>::kThreads, 1)
           mbarrier_arrive_expect_tx(&q_full[stage], K::kQBytes);
 #pragma unroll
           for (int panel = 0; panel < kPanels; ++panel)
-            tma_load_4d(sQ + stage * K::kQBytes + panel * kQPanelBytes, &map_q, &q_full[stage], panel * 64, m0, h,
-                        tile.b);
+            tma_load_4d(sQ + stage * K::kQBytes + panel * kQPanelBytes, &map_q, &q_full[stage], panel * 64,
+                        box_row(tile.seq.q_row0, m0), h, box_batch(tile.b));
           if (gs >= 1) mbarrier_wait(do_empty, (gs - 1) & 1);
           mbarrier_arrive_expect_tx(do_full, K::kQBytes);
 #pragma unroll
           for (int panel = 0; panel < kPanels; ++panel)
-            tma_load_4d(sdO + panel * kQPanelBytes, &map_dout, do_full, panel * 64, m0, h, tile.b);
+            tma_load_4d(sdO + panel * kQPanelBytes, &map_dout, do_full, panel * 64, box_row(tile.seq.q_row0, m0), h,
+                        box_batch(tile.b));
         };
         // The first step's Q and dO before K and V, which wait for the last tile's epilogue to
         // have stored from their buffers.
@@ -215,8 +232,9 @@ __global__ void __launch_bounds__(BwdFused256Kernel<T, kOrderedDq>::kThreads, 1)
           mbarrier_arrive_expect_tx(kv_full, 2 * K::kKVBytes);
 #pragma unroll
           for (int panel = 0; panel < kPanels; ++panel) {
-            tma_load_4d(sK + panel * kKPanelBytes, &map_k, kv_full, panel * 64, tile.n_start, tile.h_kv, tile.b);
-            tma_load_4d(sV + panel * kKPanelBytes, &map_v, kv_full, panel * 64, tile.n_start, tile.h_kv, tile.b);
+            const int row = box_row(tile.seq.k_row0, tile.n_start);
+            tma_load_4d(sK + panel * kKPanelBytes, &map_k, kv_full, panel * 64, row, tile.h_kv, box_batch(tile.b));
+            tma_load_4d(sV + panel * kKPanelBytes, &map_v, kv_full, panel * 64, row, tile.h_kv, box_batch(tile.b));
           }
         } else {
           // A tile without steps still stores zeros for its keys (as the head-dim-64/128 kernel).
@@ -302,6 +320,16 @@ __global__ void __launch_bounds__(BwdFused256Kernel<T, kOrderedDq>::kThreads, 1)
 #pragma unroll
     for (int slice = 0; slice < 2; ++slice) dkt[slice].zero(), dvt[slice].zero();
     mbarrier_wait(kv_full, i & 1);
+    // Packed: the keys past the sequence's last one are another sequence's rows (their masked dS
+    // columns would take its K into dQ, and its V into dP, as 0 x an Inf or NaN). The last tile's
+    // epilogue read these buffers, ordered before this tile's loads through kv_empty and kv_full,
+    // a chain compute-sanitizer's racecheck may not follow: a barrier of both consumers first puts
+    // them in an order it sees (as in the head-dim-64/128 kernel).
+    const int keys_in_block = tile.seq.seqlen_k - tile.n_start;
+    if (packed && tile.steps > 0 && keys_in_block < kBlockN) {  // the same for both consumers
+      if (i > 0) named_barrier_sync<K::kConsumerThreads>(K::kZeroed);
+      zero_rows_before_wgmma<kPanels, kBlockN, K::kConsumerThreads>(keys_in_block, tid - 128, K::kZeroed, sK, sV);
+    }
     for (int step = 0; step < tile.steps; ++step) {
       const int gs = g + step, stage = gs % K::kQStages;
       const uint32_t q_stage = stage * K::kQBytes;
@@ -315,6 +343,12 @@ __global__ void __launch_bounds__(BwdFused256Kernel<T, kOrderedDq>::kThreads, 1)
       // groups makes ptxas fence them: C7519).
       mbarrier_wait(&q_full[stage], (gs / K::kQStages) & 1);
       mbarrier_wait(do_full, gs & 1);
+      // Packed: the queries past the sequence's last one are another sequence's rows (their S rows
+      // are not masked, only their lse2 is +inf, and dV^T and dK^T would take their dO and q).
+      const int queries_in_block = tile.seq.seqlen_q - block_of(tile, step) * kBlockM;
+      if (packed && queries_in_block < kBlockM)  // the same for both consumers
+        zero_rows_before_wgmma<kPanels, kBlockM, K::kConsumerThreads>(queries_in_block, tid - 128, K::kZeroed,
+                                                                      sQ + q_stage, sdO);
       wgmma_fence();
       issue_qk<T, K::kHeadDim, kQPanelBytes, K::kKeysPerConsumer, kBlockN>(s, at(q_rows, q_stage), k_rows);
       issue_qk<T, K::kHeadDim, kQPanelBytes, K::kKeysPerConsumer, kBlockN>(dp, do_rows, v_rows);
@@ -380,6 +414,19 @@ __global__ void __launch_bounds__(BwdFused256Kernel<T, kOrderedDq>::kThreads, 1)
         wgmma_commit();
         wgmma_wait<1>();  // this dQ slice (and, at slice 0, dV^T: dO is free)
         if (slice == 0) mbarrier_arrive(do_empty);
+        // Packed: the rows past the sequence's last query are added to the next sequence's
+        // dq_accum rows, so exact zeros there (0 x an Inf of this sequence's K is NaN); selects,
+        // not a branch, with dK^T's wgmmas in flight (C7520).
+        if constexpr (packed) {
+#pragma unroll
+          for (int r = 0; r < 2; ++r) {
+            const bool past = row0 + WarpAcc<64>::row_of(2 * r, lane) >= tile.seq.seqlen_q;
+#pragma unroll
+            for (int j = 0; j < 8; ++j)
+#pragma unroll
+              for (int e = 2 * r; e < 2 * r + 2; ++e) dq.v[j][e] = past ? 0.f : dq.v[j][e];
+          }
+        }
         store_dq_slice(dq, gs, slice);
       }
       wgmma_wait<0>();
@@ -390,7 +437,9 @@ __global__ void __launch_bounds__(BwdFused256Kernel<T, kOrderedDq>::kThreads, 1)
     // dK^T (times the softmax scale) and dV^T transposed into K's and V's panels 2c, 2c + 1 as
     // [key][head dim], once both consumers' wgmmas are done reading them; then this consumer's
     // first thread's bulk stores (80-row boxes; rows past seqlen_k not written), read before the
-    // next tile's K and V load (kv_empty).
+    // next tile's K and V load (kv_empty). Packed, where the tile passes the sequence's last key, a
+    // box would write the next sequence's rows: the consumer's 128 threads store the rows inside
+    // the sequence instead.
     named_barrier_sync<K::kConsumerThreads>(K::kEpilogue);
     const float dk_scale = static_cast<float>(p.scale);
 #pragma unroll
@@ -407,13 +456,25 @@ __global__ void __launch_bounds__(BwdFused256Kernel<T, kOrderedDq>::kThreads, 1)
     }
     fence_async_shared();  // these writes before the bulk stores' (async proxy) reads
     named_barrier_sync<128>(K::kDkvStore + consumer);
+    const bool boxed = !packed || keys_in_block >= kBlockN;
+    if (!boxed) {  // (packed only)
+      if (keys_in_block > 0) {
+        store_staged_block<T, kBlockN, kBlockN, 128>(
+            sK, 0, 128 * consumer, row_at<T>(p.dk, p.dk_strides, tile.seq, false, tile.b, tile.h_kv, 0),
+            p.dk_strides.row, tile.n_start, tile.seq.seqlen_k, sh.head_dim, tid % 128);
+        store_staged_block<T, kBlockN, kBlockN, 128>(
+            sV, 0, 128 * consumer, row_at<T>(p.dv, p.dv_strides, tile.seq, false, tile.b, tile.h_kv, 0),
+            p.dv_strides.row, tile.n_start, tile.seq.seqlen_k, sh.head_dim, tid % 128);
+      }
+      named_barrier_sync<128>(K::kDkvStore + consumer);  // every thread's reads before the buffers take the next tile's
+    }
     if (tid % 128 == 0) {
-      if (tile.n_start < tile.seq.seqlen_k) {
+      if (boxed && keys_in_block > 0) {
 #pragma unroll
         for (int slice = 0; slice < 2; ++slice) {
-          const int panel = 2 * consumer + slice;
-          tma_store_4d(&map_dk, sK + panel * kKPanelBytes, panel * 64, tile.n_start, tile.h_kv, tile.b);
-          tma_store_4d(&map_dv, sV + panel * kKPanelBytes, panel * 64, tile.n_start, tile.h_kv, tile.b);
+          const int panel = 2 * consumer + slice, row = box_row(tile.seq.k_row0, tile.n_start);
+          tma_store_4d(&map_dk, sK + panel * kKPanelBytes, panel * 64, row, tile.h_kv, box_batch(tile.b));
+          tma_store_4d(&map_dv, sV + panel * kKPanelBytes, panel * 64, row, tile.h_kv, box_batch(tile.b));
         }
         bulk_commit_group();
         bulk_wait_group_read<0>();

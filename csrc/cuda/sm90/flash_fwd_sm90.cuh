@@ -13,6 +13,7 @@
 #include "../../flash_params.h"
 #include "../device_attributes.h"
 #include "../flash_fwd_kernel.cuh"  // store_out_and_lse
+#include "../flash_launch.h"         // cuda_head_dim_bucket
 #include "../mask.cuh"
 #include "../mma_sm80.cuh"
 #include "../online_softmax.cuh"
@@ -252,22 +253,31 @@ __device__ __forceinline__ void zero_rows_before_wgmma(int first_row, int thread
   named_barrier_sync<kThreads>(barrier);
 }
 
-// A consumer's 64 staged rows (stage_rows_for_tma's panels of kRows rows) to out, by the
-// consumer's 128 threads, 16 bytes each: tile rows start + 64 consumer.. below seqlen and columns
-// below head_dim only (packed sequences: the rows after a sequence's end are the next
-// sequence's). out: the sequence's row 0 of its head; row_stride in elements.
+// Rows row0.. (kRowsStored of them) and columns col0.. (kColsStored) of a staged tile (kRows rows
+// of 128-byte panels, as stage_rows_for_tma or stmatrix leave it) to out, by 128 threads, 16 bytes
+// each: tile rows below seqlen - start and columns below head_dim only (packed sequences: the
+// rows after a sequence's end are the next sequence's). out: the sequence's row 0 of its head;
+// row_stride in elements; tile row r is the sequence's row start + r.
+template <typename T, int kRows, int kRowsStored, int kColsStored>
+__device__ __forceinline__ void store_staged_block(const unsigned char* stage, int row0, int col0, T* out,
+                                                   int64_t row_stride, int start, int seqlen, int head_dim,
+                                                   int thread) {
+  constexpr int kChunksPerRow = kColsStored / 8;
+  static_assert(kRowsStored * kChunksPerRow % 128 == 0, "whole rounds of 128 threads");
+#pragma unroll
+  for (int i = 0; i < kRowsStored * kChunksPerRow / 128; ++i) {
+    const int c = thread + 128 * i, r = row0 + c / kChunksPerRow, col = col0 + (c % kChunksPerRow) * 8;
+    if (start + r < seqlen && col < head_dim)
+      *reinterpret_cast<uint4*>(out + (start + r) * row_stride + col) =
+          *reinterpret_cast<const uint4*>(stage + panel_offset<kRows>(r, col));
+  }
+}
+// A consumer's 64 staged rows (tile rows 64 consumer..) of every panel.
 template <typename T, int kRows, int kPanels>
 __device__ __forceinline__ void store_staged_rows(const unsigned char* stage, int consumer, T* out, int64_t row_stride,
                                                   int start, int seqlen, int head_dim, int thread) {
-  constexpr int kChunksPerRow = kPanels * 8;
-  const int first = start + 64 * consumer;
-#pragma unroll
-  for (int i = 0; i < 64 * kChunksPerRow / 128; ++i) {
-    const int c = thread + 128 * i, r = c / kChunksPerRow, col = (c % kChunksPerRow) * 8;
-    if (first + r < seqlen && col < head_dim)
-      *reinterpret_cast<uint4*>(out + (first + r) * row_stride + col) =
-          *reinterpret_cast<const uint4*>(stage + panel_offset<kRows>(64 * consumer + r, col));
-  }
+  store_staged_block<T, kRows, 64, 64 * kPanels>(stage, 64 * consumer, 0, out, row_stride, start, seqlen, head_dim,
+                                                 thread);
 }
 
 // Which Hopper kernels run p: none (the sm_80-class kernels) unless this is an sm_90a build on a
@@ -276,7 +286,9 @@ struct Sm90Paths {
   bool fwd = false, tma = false, persistent = false, bwd = false, bwd_ws = false;
   bool tma_splits = false;  // split-KV on the TMA forward (the "splits" part), where it can run
   bool tma_varlen = false;  // packed sequences on the TMA forward (the "varlen" part), where it can run
-  bool bwd_varlen = false;  // packed sequences on the TMA backward (the "bwdvarlen" part; bwd_tma_addressable)
+  // Packed sequences on the TMA backward (the "bwdvarlen" part; bwd_tma_addressable), at head-dim
+  // bucket 256 under "bwdvarlen256" too.
+  bool bwd_varlen = false;
   // The features (softcap, ALiBi, attn_mask, dropout) on the fused warp-specialized backwards (the
   // "bwdfeatures" part; fused_backward_runs), where bwd and bwd_ws are false for them.
   bool bwd_features = false;
@@ -318,8 +330,9 @@ inline Sm90Paths sm90_paths(const AttentionParams& p) {
   // persistent walk's count in an int).
   const bool total_length_keys = p.varlen.cu_seqlens_k != nullptr && p.shape.batch > 1 &&
                                  p.shape.seqlen_k >= p.varlen.total_k;
-  choice.bwd_varlen =
-      (choice.bwd_ws || choice.bwd_features) && wanted.bwd_varlen && !total_length_grid && !total_length_keys;
+  const bool bucket_256 = cuda_head_dim_bucket(p.dtype, p.shape.head_dim) == 256;
+  choice.bwd_varlen = (choice.bwd_ws || choice.bwd_features) && wanted.bwd_varlen &&
+                      (!bucket_256 || wanted.bwd_varlen256) && !total_length_grid && !total_length_keys;
 #else
   (void)p;
 #endif
