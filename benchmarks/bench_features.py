@@ -22,7 +22,9 @@ fused TMA backward with the features under the defaults (the "bwdfeatures" part)
 sm_80-class kernels' under a variant without that part. --breakdown N then prints, for each shape
 and feature set under the first variant, each kernel's time over N calls (kernel_breakdown.py's
 report): which kernel a feature's loss sits in. --peers then prints torch SDPA's cuDNN and
-memory-efficient backends on the same calls (plain, the attn_mask, GQA) against the first variant."""
+memory-efficient backends on the same calls (plain, the attn_mask, GQA, dropout) against the first
+variant, and --flex FlexAttention's (torch.compile'd Triton kernels: plain, softcap, ALiBi, GQA, the
+window, the attn_mask; a first call per shape and feature set compiles, untimed)."""
 import argparse
 import contextlib
 import statistics
@@ -45,10 +47,16 @@ FEATURES = {
     "attn_mask": {"attn_mask": True},
     "varlen": {"packed": True},
 }
-# torch's SDPA backends that take the same call as ours for a feature set (--peers): plain, the
-# float attn_mask (added to the scaled scores, as ours) and GQA (enable_gqa).
-PEERS = ("CUDNN_ATTENTION", "EFFICIENT_ATTENTION")
-PEER_FEATURES = ("plain", "attn_mask", "gqa")
+# The peers (--peers: torch's SDPA backends; --flex: FlexAttention) and the feature sets each takes
+# as ours does: SDPA the plain call, the float attn_mask (added to the scaled scores, as ours), GQA
+# (enable_gqa) and dropout (its own draws: the same work, another mask); FlexAttention softcap,
+# ALiBi and the attn_mask as a score_mod, the causal mask and the window as a block mask (whose
+# wholly hidden blocks it skips, as ours does), GQA.
+SDPA_PEERS = ("CUDNN_ATTENTION", "EFFICIENT_ATTENTION")
+FLEX = "FLEX_ATTENTION"
+PEER_FEATURES = {"CUDNN_ATTENTION": ("plain", "attn_mask", "gqa", "dropout"),
+                 "EFFICIENT_ATTENTION": ("plain", "attn_mask", "gqa", "dropout"),
+                 FLEX: ("plain", "softcap", "alibi", "gqa", "window", "attn_mask")}
 
 
 def window_of(options, n, causal):
@@ -90,22 +98,69 @@ def op_call(q, k, v, causal, options):
     return q, k, v, kw
 
 
-def peer_step(q, k, v, causal, options, backward, backend):
-    """The same call through torch's SDPA under one backend (a feature set of PEER_FEATURES)."""
+_compiled_flex = None
+
+
+def flex_call(q, k, v, causal, kw, compiled=True):
+    """FlexAttention's forward (a function of no arguments) for our op's call on dense [B, H, N, D]
+    q, k, v with op_call's keyword arguments kw: softcap, ALiBi (s - slope |i - j|) and the attn_mask
+    (s + mask) as a score_mod on the scaled score, the causal mask and the window (our rule: key j
+    visible to query i iff i - left <= j <= i + right, right 0 under causal) as a block mask, GQA.
+    compiled=False runs FlexAttention's eager reference (tests: the same attention as ours)."""
+    global _compiled_flex
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+    if compiled and _compiled_flex is None:
+        _compiled_flex = torch.compile(flex_attention, dynamic=False)
+    softcap, slopes, mask = kw.get("softcap", 0.0), kw.get("alibi_slopes"), kw.get("attn_mask")
+
+    def score_mod(score, b, h, i, j):
+        if softcap > 0:
+            score = softcap * torch.tanh(score / softcap)
+        if slopes is not None:
+            score = score - slopes[h] * (i - j).abs()
+        if mask is not None:
+            score = score + mask[b, 0, i, j]
+        return score
+    left, right = kw.get("window_left", -1), 0 if causal else kw.get("window_right", -1)
+
+    def visible(b, h, i, j):
+        shown = i >= 0  # every key, as a tensor
+        if left >= 0:
+            shown = shown & (j >= i - left)
+        if right >= 0:
+            shown = shown & (j <= i + right)
+        return shown
+    n_q, n_k = q.shape[2], k.shape[2]
+    block_mask = create_block_mask(visible, None, None, n_q, n_k, device=q.device) \
+        if left >= 0 or right >= 0 else None
+    plain = softcap <= 0 and slopes is None and mask is None
+    attend = _compiled_flex if compiled else flex_attention
+    return lambda: attend(q, k, v, score_mod=None if plain else score_mod, block_mask=block_mask,
+                          enable_gqa=k.shape[1] != q.shape[1])
+
+
+def peer_step(q, k, v, causal, options, backward, peer):
+    """The same call through a peer (a feature set of PEER_FEATURES[peer]): torch's SDPA under one
+    backend, or FlexAttention."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
     q, k, v, kw = op_call(q, k, v, causal, options)
-    mask = kw.get("attn_mask")
-    if mask is not None and causal:  # SDPA takes a mask or is_causal: the causal part goes into the mask
-        n = q.shape[2]
-        mask = mask.masked_fill(torch.ones(n, n, dtype=torch.bool, device=q.device).triu(1), float("-inf"))
-    sdpa_kw = {"attn_mask": mask, "is_causal": causal and mask is None, "enable_gqa": k.shape[1] != q.shape[1]}
+    if backward:
+        q, k, v = (t.detach().requires_grad_() for t in (q, k, v))
+    if peer == FLEX:
+        forward = flex_call(q, k, v, causal, kw)
+    else:
+        mask = kw.get("attn_mask")
+        if mask is not None and causal:  # SDPA takes a mask or is_causal: the causal part goes into the mask
+            n = q.shape[2]
+            mask = mask.masked_fill(torch.ones(n, n, dtype=torch.bool, device=q.device).triu(1), float("-inf"))
+        sdpa_kw = {"attn_mask": mask, "is_causal": causal and mask is None, "enable_gqa": k.shape[1] != q.shape[1],
+                   "dropout_p": kw.get("dropout_p", 0.0)}
 
-    def forward():
-        with sdpa_kernel(getattr(SDPBackend, backend)):
-            return torch.nn.functional.scaled_dot_product_attention(q, k, v, **sdpa_kw)
+        def forward():
+            with sdpa_kernel(getattr(SDPBackend, peer)):
+                return torch.nn.functional.scaled_dot_product_attention(q, k, v, **sdpa_kw)
     if not backward:
         return forward
-    q, k, v = (t.detach().requires_grad_() for t in (q, k, v))
     dout = torch.randn_like(q)
     return lambda: torch.autograd.grad(forward(), (q, k, v), dout)
 
@@ -135,8 +190,11 @@ def main(argv=None):
                    help=f"FEATURES to time, plain first (default: {','.join(FEATURES)})")
     p.add_argument("--backward", action="store_true", help="time forward + backward")
     p.add_argument("--peers", action="store_true",
-                   help=f"then torch SDPA's {', '.join(PEERS)} on {', '.join(PEER_FEATURES)}, "
-                        "against the first variant")
+                   help=f"then torch SDPA's {', '.join(SDPA_PEERS)} on "
+                        f"{', '.join(PEER_FEATURES[SDPA_PEERS[0]])}, against the first variant")
+    p.add_argument("--flex", action="store_true",
+                   help=f"then FlexAttention (torch.compile) on {', '.join(PEER_FEATURES[FLEX])}, against the "
+                        "first variant")
     p.add_argument("--breakdown", type=int, default=0, metavar="N",
                    help="then each kernel's time over N calls, per feature set, under the first variant")
     args, timer = bench.parse_timed_command_line(p, argv)
@@ -151,7 +209,8 @@ def main(argv=None):
     print(bench.markdown_header(header))
     breakdowns = []  # (d, n, causal, q, k, v) of each shape, for --breakdown
     peer_rows = []  # (d, causal, n, feature, ours, {peer: TFLOP/s}), for --peers
-    peers = [(f, b) for f in features if f in PEER_FEATURES for b in PEERS] if args.peers else []
+    active_peers = (SDPA_PEERS if args.peers else ()) + ((FLEX,) if args.flex else ())
+    peers = [(f, b) for f in features for b in active_peers if f in PEER_FEATURES[b]]
     for d in args.head_dims:
         for n in args.seqlens:
             batch, heads = max(1, 16384 // n), 2048 // d
@@ -164,9 +223,12 @@ def main(argv=None):
                 cells.update({(feature, backend): (peer_step(q, k, v, causal, features[feature], args.backward,
                                                              backend),)
                               for feature, backend in peers})
+                for feature, peer in peers:  # FlexAttention's compilation, untimed
+                    if peer == FLEX:
+                        run_once(cells[(feature, peer)][0])
                 samples = bench.interleaved_timings(
                     cells, timer, args.rounds,
-                    environment=lambda cell: (contextlib.nullcontext() if cell[1] in PEERS
+                    environment=lambda cell: (contextlib.nullcontext() if cell[1] in PEER_FEATURES
                                               else bench.switches_set({"CUFLASH_SM90": cell[1]})))
                 speeds = {cell: bench.tflops(flops[cell[0]], statistics.median(got[0])) if isinstance(got, tuple)
                           else None for cell, got in samples.items()}
@@ -179,16 +241,17 @@ def main(argv=None):
                     print("| " + " | ".join(row) + " |", flush=True)
                 for feature in dict.fromkeys(f for f, _ in peers):
                     peer_rows.append((d, causal, n, feature, speeds[(feature, args.variants[0])],
-                                      {b: speeds[(feature, b)] for b in PEERS}))
+                                      {b: speeds.get((feature, b)) for b in active_peers}))
                 if args.breakdown:
                     breakdowns.append((d, n, causal, q, k, v))
     if peer_rows:
         print("\n" + bench.markdown_header(["D", "causal", "N", "features", f"{names[0]} TFLOP/s"]
-                                           + [f"{b} TFLOP/s" for b in PEERS] + [f"{names[0]} / {b}" for b in PEERS]))
+                                           + [f"{b} TFLOP/s" for b in active_peers]
+                                           + [f"{names[0]} / {b}" for b in active_peers]))
         for d, causal, n, feature, ours, theirs in peer_rows:
             row = [str(d), "yes" if causal else "no", str(n), feature, f"{ours:.0f}" if ours else "error"]
-            row += [f"{theirs[b]:.0f}" if theirs[b] else "error" for b in PEERS]
-            row += [ratio(ours, theirs[b]) for b in PEERS]
+            row += [peer_cell(feature, b, theirs[b]) for b in active_peers]
+            row += [ratio(ours, theirs[b]) for b in active_peers]
             print("| " + " | ".join(row) + " |", flush=True)
     with bench.switches_set({"CUFLASH_SM90": args.variants[0]}):
         for d, n, causal, q, k, v in breakdowns:
@@ -202,6 +265,21 @@ def main(argv=None):
 
 def ratio(mine, base):
     return f"{mine / base:.2f}x" if mine and base else "-"
+
+
+def peer_cell(feature, peer, tflops):
+    """A peer's TFLOP/s, "error" where its call failed, "-" where it takes no such call."""
+    if feature not in PEER_FEATURES[peer]:
+        return "-"
+    return f"{tflops:.0f}" if tflops else "error"
+
+
+def run_once(fn):
+    """fn() once (its compilation), its failure left for the timed rounds to record."""
+    try:
+        fn()
+    except Exception:  # noqa: BLE001 (interleaved_timings records the error line)
+        pass
 
 
 if __name__ == "__main__":
