@@ -184,7 +184,8 @@ def main(argv=None):
     p.add_argument("--head-dims", type=lambda s: bench.parse_list(s, int), default=[64, 128, 256])
     p.add_argument("--seqlens", type=lambda s: bench.parse_list(s, int), default=[2048, 8192])
     p.add_argument("--variants", type=lambda s: s.split(";"), default=["", "0", "bwd,features"],
-                   help="CUFLASH_SM90 values, ';'-separated (default: ';0;bwd,features')")
+                   help="CUFLASH_SM90 values, ';'-separated (default: ';0;bwd,features'); a value may set "
+                        "other switches after '+', e.g. '+CUFLASH_FWD_TILE=wide' (the defaults, the wide tile)")
     bench.add_timing_arguments(p)
     p.add_argument("--features", type=bench.parse_list, default=list(FEATURES),
                    help=f"FEATURES to time, plain first (default: {','.join(FEATURES)})")
@@ -229,7 +230,7 @@ def main(argv=None):
                 samples = bench.interleaved_timings(
                     cells, timer, args.rounds,
                     environment=lambda cell: (contextlib.nullcontext() if cell[1] in PEER_FEATURES
-                                              else bench.switches_set({"CUFLASH_SM90": cell[1]})))
+                                              else bench.switches_set(variant_switches(cell[1]))))
                 speeds = {cell: bench.tflops(flops[cell[0]], statistics.median(got[0])) if isinstance(got, tuple)
                           else None for cell, got in samples.items()}
                 for feature in features:
@@ -253,7 +254,7 @@ def main(argv=None):
             row += [peer_cell(feature, b, theirs[b]) for b in active_peers]
             row += [ratio(ours, theirs[b]) for b in active_peers]
             print("| " + " | ".join(row) + " |", flush=True)
-    with bench.switches_set({"CUFLASH_SM90": args.variants[0]}):
+    with bench.switches_set(variant_switches(args.variants[0])):
         for d, n, causal, q, k, v in breakdowns:
             print(f"\nD={d} N={n} causal={causal}, CUFLASH_SM90={args.variants[0]!r}:")
             for feature, options in features.items():
@@ -261,6 +262,12 @@ def main(argv=None):
                 kernel_breakdown.report(feature, totals, args.breakdown,
                                         "forward + backward" if args.backward else "forward")
     return 0
+
+
+def variant_switches(variant):
+    """The switches a --variants value sets: CUFLASH_SM90 (the value up to a '+'; "" the defaults)
+    and any NAME=value after a '+' (bench_attention.split_variant's syntax)."""
+    return bench.split_variant(f"@CUFLASH_SM90={variant}")[1]
 
 
 def ratio(mine, base):

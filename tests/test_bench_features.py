@@ -54,3 +54,11 @@ def test_flex_peer_step_runs(monkeypatch):
     assert bench_features.peer_step(q, k, v, True, softcap, False, bench_features.FLEX)().shape == q.shape
     with pytest.raises(NotImplementedError, match="backward on CPU"):
         bench_features.peer_step(q, k, v, True, softcap, True, bench_features.FLEX)()
+
+
+def test_variant_switches():
+    assert bench_features.variant_switches("") == {"CUFLASH_SM90": ""}
+    assert bench_features.variant_switches("0") == {"CUFLASH_SM90": "0"}
+    assert bench_features.variant_switches("tma,bwd") == {"CUFLASH_SM90": "tma,bwd"}
+    assert bench_features.variant_switches("+CUFLASH_FWD_TILE=wide") == {"CUFLASH_SM90": "",
+                                                                         "CUFLASH_FWD_TILE": "wide"}
