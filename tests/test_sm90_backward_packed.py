@@ -183,3 +183,36 @@ def test_features_at_256(dq, causal, monkeypatch):
                                               causal=causal, bottom_right=causal, softcap=10.0, alibi="batch",
                                               dropout_p=0.1))
     assert fused_backward_kernel(256, ordered=dq == "ordered", packed=True, features=True) in names, names
+
+
+@pytest.mark.parametrize("d", [64, 128, 256])
+def test_each_sequence_as_if_alone(d, monkeypatch):
+    """The ordered route's gradients of each packed sequence bitwise equal to the same kernel's on
+    that sequence alone (the packed forward's out and lse, as a batch of one in the packed rows'
+    strides): a box that read or wrote another sequence's rows, or an add of that sequence's dQ
+    past its end that was not exactly zero, shows here whatever the timing (steps fixed at 64
+    queries, so that both calls take one tile)."""
+    monkeypatch.setenv("CUFLASH_SM90", PARTS)
+    monkeypatch.setenv("CUFLASH_BWD_DQ", "ordered")
+    monkeypatch.setenv("CUFLASH_BWD_FUSED_TILE", "narrow")
+    torch.manual_seed(0)
+    lengths = [79, 200, 0, 161, 64, 1]
+    cu = packed_offsets(lengths)
+    q, dout = (torch.randn(sum(lengths), 4, d, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    k, v = (torch.randn(sum(lengths), 2, d, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    packed = dict(cu_seqlens_q=cu, cu_seqlens_k=cu, max_seqlen_q=max(lengths), max_seqlen_k=max(lengths))
+    out, lse = torch.ops.cuflash_attn.fwd(q, k, v, None, True, True, **packed)
+    grads = torch.ops.cuflash_attn.bwd(dout, q, k, v, out, lse, None, None, True, True, deterministic=True,
+                                       **packed)[:3]
+    assert fused_backward_kernel(d, ordered=True, packed=True) in cuda_kernels(
+        lambda: torch.ops.cuflash_attn.bwd(dout, q, k, v, out, lse, None, None, True, True, deterministic=True,
+                                           **packed))
+    for b, length in enumerate(lengths):
+        if length == 0:
+            continue
+        rows = slice(cu[b].item(), cu[b + 1].item())
+        alone = [t[rows].transpose(0, 1)[None] for t in (dout, q, k, v, out)]  # [1, H, N, D] views
+        got = torch.ops.cuflash_attn.bwd(*alone, lse[:, rows][None].contiguous(), None, None, True, True,
+                                         deterministic=True)[:3]
+        for name, mine, single in zip(("dq", "dk", "dv"), grads, got):
+            assert torch.equal(mine[rows], single[0].transpose(0, 1)), f"sequence {b} (length {length}): {name}"

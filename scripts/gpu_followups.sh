@@ -1,0 +1,54 @@
+#!/usr/bin/env bash
+# One device call for the measurements benchmarks/NOTES.md's "Next device calls" list asks of a
+# verified tree (the fortieth and forty-first sessions' items 2, 3, 5 and 6), on an sm_90a build:
+#   1  GQA's K/V head copies: the random sweep and the GQA tests under CUFLASH_BWD_KV_SPLITS=auto
+#      (the accuracy margin before "auto" may be a default), then bench_features' plain and GQA
+#      forward + backward unset, under auto and under 8, with torch's SDPA peers
+#   2  attn_mask (the per-tile pass) beside plain, softcap, ALiBi and dropout, forward + backward
+#      (with each kernel's time) and forward, with the SDPA peers
+#   3  packed sequences at head dim 256: the default parts against "bwdvarlen256"
+#   4  the features against FlexAttention (forward, D=128, N=2048; Triton compilations untimed)
+# Outputs: $OUT/<step>.md and the tests' logs (archived). FOLLOWUP_STEPS="1 2 3 4" picks steps.
+# shellcheck source=scripts/device_call_env.sh
+source "$(dirname "$0")/device_call_env.sh"
+nvidia-smi --query-gpu=name --format=csv,noheader
+start=$(date +%s)
+python3 setup.py build_ext --inplace > "$OUT/build.log" 2>&1 || { tail -n 40 "$OUT/build.log"; exit 1; }
+echo "build: $(( $(date +%s) - start )) s"
+bench=benchmarks/bench_features.py
+defaults="tma,bwd,bwdws,features,persistent,kvcache,varlen,bwdvarlen,bwdfeatures"
+step() { echo "== $1 ($(( $(date +%s) - start )) s)"; }
+for s in ${FOLLOWUP_STEPS:-1 2 3 4}; do
+  case $s in
+    1) step "GQA copies: accuracy under auto"
+       for i in 0 1 2 3; do
+         CUFLASH_BWD_KV_SPLITS=auto CUFLASH_SWEEP_SHARD=$i/4 timeout 240 python3 -m pytest tests/test_accuracy.py \
+           -k test_random_sweep -q -p no:cacheprovider --tb=line > "$OUT/sweep_auto$i.log" 2>&1 &
+       done
+       CUFLASH_BWD_KV_SPLITS=auto timeout 240 python3 -m pytest tests/test_features.py tests/test_accuracy.py \
+         -k "gqa and not random_sweep" -q -p no:cacheprovider --tb=line > "$OUT/gqa_auto.log" 2>&1 &
+       wait
+       for f in "$OUT"/sweep_auto*.log "$OUT/gqa_auto.log"; do
+         echo "$(basename "$f"): $(tail -n 1 "$f")"; grep -E '^FAILED' "$f" | head -n 10
+       done
+       step "GQA copies: speed"
+       timeout 150 python3 $bench --backward --head-dims 64,128,256 --seqlens 2048,8192 --features plain,gqa \
+         --variants ";+CUFLASH_BWD_KV_SPLITS=auto;+CUFLASH_BWD_KV_SPLITS=8" --peers > "$OUT/gqa.md" 2>&1 ;;
+    2) step "attn_mask"
+       timeout 150 python3 $bench --backward --head-dims 64,128 --seqlens 2048,8192 --variants= \
+         --features plain,softcap,alibi,dropout,attn_mask --peers --breakdown 2 > "$OUT/mask_bwd.md" 2>&1
+       timeout 90 python3 $bench --head-dims 64,128 --seqlens 2048,8192 --variants= \
+         --features plain,softcap,alibi,dropout,attn_mask --peers > "$OUT/mask_fwd.md" 2>&1 ;;
+    3) step "packed sequences at head dim 256"
+       timeout 90 python3 $bench --backward --head-dims 256 --seqlens 2048,8192 --features plain,varlen \
+         --variants ";$defaults,bwdvarlen256" > "$OUT/packed256.md" 2>&1
+       timeout 90 python3 benchmarks/bench_varlen.py --backward --head-dims 256 \
+         --variants ";$defaults,bwdvarlen256" > "$OUT/varlen256.md" 2>&1 ;;
+    4) step "FlexAttention"
+       timeout 240 python3 $bench --head-dims 128 --seqlens 2048 --variants= --flex \
+         --features plain,softcap,alibi,gqa,window,attn_mask > "$OUT/flex_fwd.md" 2>&1 ;;
+  esac
+done
+step "done"
+for f in "$OUT"/*.md; do echo "### $(basename "$f")"; grep -v '^$' "$f"; done | head -c 11000
+archive_logs "*.log"
