@@ -6,7 +6,7 @@
 #      forward + backward unset, under auto and under 8, with torch's SDPA peers
 #   2  attn_mask (the per-tile pass) beside plain, softcap, ALiBi and dropout, forward + backward
 #      (with each kernel's time) and forward, with the SDPA peers
-#   3  packed sequences at head dim 256: the default parts against "bwdvarlen256"
+#   3  packed sequences at head dim 256: their tests, then the default parts against "bwdvarlen256"
 #   4  the features against FlexAttention (forward, D=128, N=2048; Triton compilations untimed)
 # Outputs: $OUT/<step>.md and the tests' logs (archived). FOLLOWUP_STEPS="1 2 3 4" picks steps.
 # shellcheck source=scripts/device_call_env.sh
@@ -40,6 +40,9 @@ for s in ${FOLLOWUP_STEPS:-1 2 3 4}; do
        timeout 90 python3 $bench --head-dims 64,128 --seqlens 2048,8192 --variants= \
          --features plain,softcap,alibi,dropout,attn_mask --peers > "$OUT/mask_fwd.md" 2>&1 ;;
     3) step "packed sequences at head dim 256"
+       timeout 120 python3 -m pytest tests/test_sm90_backward_packed.py -k "alone or 256" -q -p no:cacheprovider \
+         --tb=short > "$OUT/packed_tests.log" 2>&1
+       echo "packed_tests.log: $(tail -n 1 "$OUT/packed_tests.log")"; grep -E '^FAILED' "$OUT/packed_tests.log" | head
        timeout 90 python3 $bench --backward --head-dims 256 --seqlens 2048,8192 --features plain,varlen \
          --variants ";$defaults,bwdvarlen256" > "$OUT/packed256.md" 2>&1
        timeout 90 python3 benchmarks/bench_varlen.py --backward --head-dims 256 \
