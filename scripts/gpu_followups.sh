@@ -6,7 +6,8 @@
 #      forward + backward unset, under auto and under 8, with torch's SDPA peers
 #   2  attn_mask (the per-tile pass) beside plain, softcap, ALiBi and dropout, forward + backward
 #      (with each kernel's time) and forward, with the SDPA peers
-#   3  packed sequences at head dim 256: their tests, then the default parts against "bwdvarlen256"
+#   3  packed sequences at head dim 256: their tests, then the defaults (the fused backward) against
+#      the default parts less "bwdvarlen" (the cp.async backward)
 #   4  the features against FlexAttention (forward, D=128, N=2048; Triton compilations untimed)
 # Outputs: $OUT/<step>.md and the tests' logs (archived). FOLLOWUP_STEPS="1 2 3 4" picks steps.
 # shellcheck source=scripts/device_call_env.sh
@@ -16,7 +17,7 @@ start=$(date +%s)
 python3 setup.py build_ext --inplace > "$OUT/build.log" 2>&1 || { tail -n 40 "$OUT/build.log"; exit 1; }
 echo "build: $(( $(date +%s) - start )) s"
 bench=benchmarks/bench_features.py
-defaults="tma,bwd,bwdws,features,persistent,kvcache,varlen,bwdvarlen,bwdfeatures"
+less_bwdvarlen="tma,bwd,bwdws,features,persistent,kvcache,varlen,bwdfeatures"
 step() { echo "== $1 ($(( $(date +%s) - start )) s)"; }
 for s in ${FOLLOWUP_STEPS:-1 2 3 4}; do
   case $s in
@@ -44,9 +45,9 @@ for s in ${FOLLOWUP_STEPS:-1 2 3 4}; do
          --tb=short > "$OUT/packed_tests.log" 2>&1
        echo "packed_tests.log: $(tail -n 1 "$OUT/packed_tests.log")"; grep -E '^FAILED' "$OUT/packed_tests.log" | head
        timeout 90 python3 $bench --backward --head-dims 256 --seqlens 2048,8192 --features plain,varlen \
-         --variants ";$defaults,bwdvarlen256" > "$OUT/packed256.md" 2>&1
+         --variants "$less_bwdvarlen;" > "$OUT/packed256.md" 2>&1
        timeout 90 python3 benchmarks/bench_varlen.py --backward --head-dims 256 \
-         --variants ";$defaults,bwdvarlen256" > "$OUT/varlen256.md" 2>&1 ;;
+         --variants "$less_bwdvarlen;" > "$OUT/varlen256.md" 2>&1 ;;
     4) step "FlexAttention"
        timeout 240 python3 $bench --head-dims 128 --seqlens 2048 --variants= --flex \
          --features plain,softcap,alibi,gqa,window,attn_mask > "$OUT/flex_fwd.md" 2>&1 ;;

@@ -124,7 +124,7 @@ def sdpa_on_kernels(q, k, v, **kwargs):
 def fused_backward_kernel(d, wide=False, ordered=False, packed=False, features=False):
     """The profiler's name of the fused warp-specialized Hopper backward (dK, dV and dQ in one
     kernel) for bf16 at head-dim bucket d: 128-query steps (wide, head dim 64), ordered dQ adds,
-    packed sequences (CUFLASH_SM90's "bwdvarlen" part; at head dim 256 "bwdvarlen256"), softcap, ALiBi,
+    packed sequences (CUFLASH_SM90's "bwdvarlen" part), softcap, ALiBi,
     attn_mask and dropout (its "bwdfeatures" part). Head dim 256 has its own kernel
     (flash_bwd_sm90_fused256.cuh)."""
     if d == 256:

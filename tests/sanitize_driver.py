@@ -129,7 +129,7 @@ def cases():
     out += [(BF16, d, 4, 4, 0, 0, "bottom_right", "varlen_tma") for d in (64, 128, 256)]
     out += [(BF16, 64, 4, 4, 0, 0, "none", "varlen_tma")]  # no mask: the persistent kernel's wide tile
     out += [(BF16, 128, 4, 48, 0, 0, "bottom_right", "varlen_tma")]  # 384 tiles: CTAs walk several
-    # Packed sequences on the TMA backward (its "bwdvarlen" part, and "bwdvarlen256" named): boxes
+    # Packed sequences on the TMA backward (its "bwdvarlen" part, a default): boxes
     # past a sequence's end (their rows zeroed in shared memory, dK and dV stored row by row
     # there), empty sequences.
     out += [(BF16, d, 4, 4, 0, 0, "bottom_right", "varlen_bwd_tma") for d in (64, 128, 256)]
@@ -242,7 +242,7 @@ def run_case(case, device):
                 check_varlen(device, dtype, [70, 0, 129, 200], [90, 12, 0, 130], h, 2, d, causal=causal != "none",
                              bottom_right=True)
     elif variant == "varlen_bwd_tma":  # the TMA backward over packed sequences: the pair, the fused kernel's orders
-        parts = SM90_DEFAULT_PARTS + ",bwdvarlen256"
+        parts = SM90_DEFAULT_PARTS
         for dq in ("separate", "ordered", "atomic"):
             steps = "CUFLASH_BWD_TILE" if dq == "separate" else "CUFLASH_BWD_FUSED_TILE"
             for step in ("wide", "narrow") if d == 64 else ("",):  # 128- or 64-query steps
@@ -250,8 +250,8 @@ def run_case(case, device):
                     check_varlen(device, dtype, [70, 0, 129, 200], [90, 12, 0, 130], h, h // 2, d,
                                  causal=causal != "none", bottom_right=True)
     elif variant == "features_bwd_tma":  # the fused TMA backward with the features, both dQ orders
-        for dq in ("ordered", "atomic"):  # (packed sequences at head dim 256 too: "bwdvarlen256")
-            with bench.switches_set({"CUFLASH_SM90": SM90_DEFAULT_PARTS + ",bwdvarlen256", "CUFLASH_BWD_DQ": dq}):
+        for dq in ("ordered", "atomic"):
+            with bench.switches_set({"CUFLASH_SM90": SM90_DEFAULT_PARTS, "CUFLASH_BWD_DQ": dq}):
                 check_dense(device, dtype, b, h, h // 2, nq, nk, d, causal=True, bottom_right=True, window=(60, -1),
                             softcap=15.0, alibi="batch", dropout_p=0.2, attn_mask=("bool", "B1LS"))
                 check_varlen(device, dtype, [70, 0, 129, 200], [90, 12, 0, 130], h, 2, d, causal=True,

@@ -1,12 +1,11 @@
 """Packed sequences (cu_seqlens) on the warp-specialized TMA backward: CUFLASH_SM90's "bwdvarlen"
 part, a default, at head-dim buckets 64 and 128 (flash_bwd_sm90_tma.cuh's kPacked kernels:
 the dQ and dK/dV pair and the fused kernel, dQ added in order or not; 64- and 128-query steps at
-head dim 64), and its "bwdvarlen256" part, not yet a default, at 256 (the fused kernel of
-flash_bwd_sm90_fused256.cuh, 80-key tiles; the pair there takes none). Each route against the
-float64 reference over lengths that end inside and on a box's edge, GQA and masks; sequences
-kept apart (a NaN in one never reaches another's gradients); the ordered dQ bitwise
-reproducible; the kernels the profiler shows. Without the part packed sequences take the
-cp.async backward, as at head dim 256 by default."""
+head dim 64) and at 256 (the fused kernel of flash_bwd_sm90_fused256.cuh, 80-key tiles; the pair
+there takes none). Each route against the float64 reference over lengths that end inside and on
+a box's edge, GQA and masks; sequences kept apart (a NaN in one never reaches another's
+gradients); the ordered dQ bitwise reproducible, and bitwise each sequence's as if alone; the
+kernels the profiler shows. Without the part packed sequences take the cp.async backward."""
 import pytest
 import torch
 
@@ -14,9 +13,6 @@ from conftest import (IS_SM90, SM90_DEFAULT_PARTS, cuda_kernels, fused_backward_
                       skip_outside_head_dim_bucket, sm90_parts_without)
 from reference import LOW_PRECISION, LOW_PRECISION_IDS
 from test_features import check_varlen, compare, reference_grads
-
-# The default parts and head dim 256's (which changes nothing at the other head dims).
-PARTS = SM90_DEFAULT_PARTS + ",bwdvarlen256"
 
 pytestmark = pytest.mark.skipif(not IS_SM90, reason="needs a compute capability 9.0 GPU")
 
@@ -32,7 +28,7 @@ def route(request, monkeypatch):
     dq, steps = request.param
     if steps == "narrow":
         skip_outside_head_dim_bucket(request, 64, "the steps differ at head dim 64 only")
-    monkeypatch.setenv("CUFLASH_SM90", PARTS)
+    monkeypatch.setenv("CUFLASH_SM90", SM90_DEFAULT_PARTS)
     monkeypatch.setenv("CUFLASH_BWD_DQ", dq)
     monkeypatch.setenv("CUFLASH_BWD_TILE" if dq == "separate" else "CUFLASH_BWD_FUSED_TILE", steps)
     return request.param
@@ -66,16 +62,12 @@ def test_path_taken(d, route):
     assert expected in names, names
 
 
-@pytest.mark.parametrize("parts,d", [(sm90_parts_without("bwdvarlen"), 64), (sm90_parts_without("bwdvarlen"), 128),
-                                     (None, 256)], ids=["without-64", "without-128", "defaults-256"])
+@pytest.mark.parametrize("d", [64, 128, 256])
 @pytest.mark.parametrize("dq", ["separate", "ordered"])
-def test_cpasync_elsewhere(parts, d, dq, monkeypatch):
-    """Without the part, and at head dim 256 with it, the cp.async kernels (ordered dQ adds, which
-    only the fused kernels make, then fall back to the pair rather than fail)."""
-    if parts is None:
-        monkeypatch.delenv("CUFLASH_SM90", raising=False)
-    else:
-        monkeypatch.setenv("CUFLASH_SM90", parts)
+def test_cpasync_elsewhere(d, dq, monkeypatch):
+    """Without the part the cp.async kernels (ordered dQ adds, which only the fused kernels make,
+    then fall back to the pair rather than fail)."""
+    monkeypatch.setenv("CUFLASH_SM90", sm90_parts_without("bwdvarlen"))
     monkeypatch.setenv("CUFLASH_BWD_DQ", dq)
     names = packed_backward_kernels([100, 300], d)
     assert "flash_bwd_dkdv_sm90_kernel<" in names and "tma" not in names.replace("flash_fwd_sm90_tma", ""), names
@@ -153,7 +145,7 @@ def test_ordered_is_reproducible(d, monkeypatch):
     """The fused kernel's ordered dQ adds over more tiles than SMs (sequences of every length up
     to 1000), bitwise the same in three runs; the zeros a part adds past its sequence's end to the
     next one's rows change nothing."""
-    monkeypatch.setenv("CUFLASH_SM90", PARTS)
+    monkeypatch.setenv("CUFLASH_SM90", SM90_DEFAULT_PARTS)
     monkeypatch.setenv("CUFLASH_BWD_DQ", "ordered")
     torch.manual_seed(0)
     lengths = [1000, 1, 333, 640, 17, 999, 512, 64, 129, 700] * 4
@@ -177,7 +169,7 @@ def test_ordered_is_reproducible(d, monkeypatch):
 def test_features_at_256(dq, causal, monkeypatch):
     """Softcap, ALiBi and dropout (the "bwdfeatures" part) over packed sequences on head dim 256's
     fused kernel, both dQ orders: the kernel the profiler shows, then the reference."""
-    monkeypatch.setenv("CUFLASH_SM90", PARTS)
+    monkeypatch.setenv("CUFLASH_SM90", SM90_DEFAULT_PARTS)
     monkeypatch.setenv("CUFLASH_BWD_DQ", dq)
     names = cuda_kernels(lambda: check_varlen("cuda", torch.bfloat16, [70, 0, 161, 300], [90, 12, 0, 257], 4, 2, 256,
                                               causal=causal, bottom_right=causal, softcap=10.0, alibi="batch",
@@ -192,7 +184,7 @@ def test_each_sequence_as_if_alone(d, monkeypatch):
     strides): a box that read or wrote another sequence's rows, or an add of that sequence's dQ
     past its end that was not exactly zero, shows here whatever the timing (steps fixed at 64
     queries, so that both calls take one tile)."""
-    monkeypatch.setenv("CUFLASH_SM90", PARTS)
+    monkeypatch.setenv("CUFLASH_SM90", SM90_DEFAULT_PARTS)
     monkeypatch.setenv("CUFLASH_BWD_DQ", "ordered")
     monkeypatch.setenv("CUFLASH_BWD_FUSED_TILE", "narrow")
     torch.manual_seed(0)

@@ -34,8 +34,7 @@ bool fused_backward_runs(const FlashBwdParams& p) {
   const sm90::Sm90Paths paths = sm90::sm90_paths(p);  // (neither with seqused_k)
   if (!(needs_feature_path(p) ? paths.bwd_features : paths.bwd_ws)) return false;
   // The launch encodes the maps (no second encoding here); dk and dv too, which the persistent
-  // kernel stores by TMA. Every fused kernel takes packed sequences (head dim 256's under the
-  // "bwdvarlen256" part: sm90_paths).
+  // kernel stores by TMA. Every fused kernel takes packed sequences.
   return sm90::bwd_tma_addressable(p, /*dkdv_stores=*/true, /*may_pack=*/true);
 }
 

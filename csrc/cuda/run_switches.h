@@ -31,11 +31,10 @@
 //                   plain narrow TMA kernels (persistent with "persistent" where a dense batch
 //                   of the longest sequence would be), where otherwise the cp.async forward runs
 //       bwdvarlen   with bwdws: packed sequences on the warp-specialized TMA backward at head
-//                   dims 33-64 and 97-128 (the dQ and dK/dV kernels and the fused one), where
-//                   otherwise the cp.async one runs (H200: 1.17-1.87x it, 0.95-1.01x dense)
-//       bwdvarlen256  with bwdvarlen, not yet a default (not yet run on a GPU): packed
-//                   sequences on the fused head-dim-256 backward too (dQ by TMA reduce, either
-//                   order; flash_bwd_sm90_fused256.cuh), where otherwise the cp.async one runs
+//                   dims 33-64 and 97-128 (the dQ and dK/dV kernels and the fused one) and on the
+//                   fused one at 225-256 (flash_bwd_sm90_fused256.cuh), where otherwise the
+//                   cp.async one runs (H200: 1.17-1.87x it, 0.95-1.01x dense; H100 at 256,
+//                   forward + backward: 1.27-1.54x, 0.93-0.97x dense)
 //       bwdfeatures with bwdws and features: softcap, ALiBi, attn_mask (without its gradient)
 //                   and dropout on the fused warp-specialized backward (dQ by TMA reduce,
 //                   either order) at head dims 33-64, 97-128 and 225-256, where otherwise the
@@ -108,7 +107,6 @@ struct Sm90Switch {
   bool tma_splits = false;  // not a default part: faster than the sm_80-class split kernel on long caches only
   bool tma_varlen = true;
   bool bwd_varlen = true;
-  bool bwd_varlen256 = false;  // not a default part until it has run on a GPU
   bool bwd_features = true;
 };
 
@@ -134,7 +132,6 @@ inline bool parse_sm90_switch(const char* value, Sm90Switch* out) {
         else if (is("splits")) s.tma_splits = true;
         else if (is("varlen")) s.tma_varlen = true;
         else if (is("bwdvarlen")) s.bwd_varlen = true;
-        else if (is("bwdvarlen256")) s.bwd_varlen256 = true;
         else if (is("bwdfeatures")) s.bwd_features = true;
         else if (!is("cpasync")) return false;
         if (!end) break;
@@ -204,8 +201,7 @@ inline std::string run_switch_error() {
   const char* sm90 = std::getenv("CUFLASH_SM90");
   if (!parse_sm90_switch(sm90, &unused))
     return std::string("environment variable CUFLASH_SM90 must be unset, empty, \"0\" or a comma list of cpasync, "
-                       "tma, bwd, bwdws, features, persistent, kvcache, splits, varlen, bwdvarlen, bwdvarlen256 and bwdfeatures, "
-                       "got \"") + sm90 + "\"";
+                       "tma, bwd, bwdws, features, persistent, kvcache, splits, varlen, bwdvarlen and bwdfeatures, got \"") + sm90 + "\"";
   // The one-value switches: unset, empty or one of the values listed (as the message spells them).
   struct OneOf {
     const char *name, *values[5], *spelled;  // values: unused ones null

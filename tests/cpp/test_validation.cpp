@@ -369,9 +369,9 @@ TEST(RunSwitches, DefaultPartsAreTheDocumentedList) {
   auto parts = [](const cuflash::Sm90Switch& s) {
     return std::vector<bool>{s.on,         s.tma,        s.bwd,          s.features,
                              s.persistent, s.bwd_ws,     s.tma_kv_cache, s.tma_splits,
-                             s.tma_varlen, s.bwd_varlen, s.bwd_varlen256, s.bwd_features};
+                             s.tma_varlen, s.bwd_varlen, s.bwd_features};
   };
-  cuflash::Sm90Switch unset, listed, without_varlen, none, with_bwd_features, with_varlen256;
+  cuflash::Sm90Switch unset, listed, without_varlen, none, with_bwd_features;
   ASSERT_TRUE(cuflash::parse_sm90_switch(nullptr, &unset));
   ASSERT_TRUE(cuflash::parse_sm90_switch("tma,bwd,bwdws,features,persistent,kvcache,varlen,bwdvarlen,bwdfeatures", &listed));
   EXPECT_EQ(parts(unset), parts(listed));
@@ -379,9 +379,7 @@ TEST(RunSwitches, DefaultPartsAreTheDocumentedList) {
   EXPECT_FALSE(without_varlen.tma_varlen || without_varlen.bwd_varlen || without_varlen.bwd_features);
   EXPECT_TRUE(without_varlen.tma && without_varlen.persistent && !without_varlen.tma_splits);
   // Parts that are not defaults run only where named.
-  EXPECT_FALSE(unset.tma_splits || unset.bwd_varlen256);
-  ASSERT_TRUE(cuflash::parse_sm90_switch("tma,bwd,bwdws,bwdvarlen,bwdvarlen256", &with_varlen256));
-  EXPECT_TRUE(with_varlen256.bwd_varlen && with_varlen256.bwd_varlen256 && !with_varlen256.tma_splits);
+  EXPECT_FALSE(unset.tma_splits);
   ASSERT_TRUE(cuflash::parse_sm90_switch("tma,bwd,bwdws,features,bwdfeatures", &with_bwd_features));
   EXPECT_TRUE(with_bwd_features.bwd_features && !with_bwd_features.bwd_varlen);
   ASSERT_TRUE(cuflash::parse_sm90_switch("0", &none));

@@ -31,9 +31,7 @@ namespace cuflash::sm90 {
 template <typename T, bool kOrderedDq>
 struct BwdFused256Kernel {
   static constexpr int kHeadDim = 256, kPanels = kHeadDim / 64;
-  // Packed sequences (kPacked below) as the head-dim-64/128 kernels take them (bwd_may_pack's
-  // rules); whether they run here is the "bwdvarlen256" part's (sm90_paths).
-  static constexpr bool kMayPack = true;
+  static constexpr bool kMayPack = true;  // packed sequences: kPacked below
   static constexpr int kConsumers = 2, kThreads = 128 * (kConsumers + 1), kConsumerThreads = 128 * kConsumers;
   static constexpr int kBlockN = 80;  // resident keys: S and dP 40 a consumer
   static constexpr int kBlockM = 64;  // streamed queries a step (a dq_semaphores block)
@@ -78,7 +76,7 @@ struct BwdFused256Kernel {
                 "named barrier ids");
 };
 
-// kPacked: packed sequences (the "bwdvarlen256" part), as the head-dim-64/128 kernels' (flash_bwd_sm90_tma.cuh):
+// kPacked: packed sequences (the "bwdvarlen" part), as the head-dim-64/128 kernels' (flash_bwd_sm90_tma.cuh):
 // boxes at their sequence's rows of the one batch; the rows of another sequence a box brought
 // zeroed before any wgmma reads them; dQ's rows past the sequence added as exact zeros; dK and dV
 // of a tile that passes the sequence's last key stored by the consumers' threads, not a box.

@@ -30,7 +30,7 @@ constexpr int kDqPartRows = 64;
 
 // Packed sequences (cu_seqlens; CUFLASH_SM90's "bwdvarlen" part) on the dQ and dK/dV kernels of
 // head-dim buckets 64 and 128 (kMayPack), not on the head-dim-256 pair (head dim 256's fused kernel
-// takes them, flash_bwd_sm90_fused256.cuh, under the "bwdvarlen256" part). Their tensors are one batch
+// takes them, flash_bwd_sm90_fused256.cuh). Their tensors are one batch
 // of all the sequences' rows (attention_map_rows), a box starting at its sequence's row. Where a box
 // reads past a sequence's end, the rows of another sequence it brought are zeroed in shared
 // memory before any wgmma reads them (zero_rows_of_panels), so that they meet the masks as the

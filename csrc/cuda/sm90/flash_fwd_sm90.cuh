@@ -13,7 +13,6 @@
 #include "../../flash_params.h"
 #include "../device_attributes.h"
 #include "../flash_fwd_kernel.cuh"  // store_out_and_lse
-#include "../flash_launch.h"         // cuda_head_dim_bucket
 #include "../mask.cuh"
 #include "../mma_sm80.cuh"
 #include "../online_softmax.cuh"
@@ -286,9 +285,7 @@ struct Sm90Paths {
   bool fwd = false, tma = false, persistent = false, bwd = false, bwd_ws = false;
   bool tma_splits = false;  // split-KV on the TMA forward (the "splits" part), where it can run
   bool tma_varlen = false;  // packed sequences on the TMA forward (the "varlen" part), where it can run
-  // Packed sequences on the TMA backward (the "bwdvarlen" part; bwd_tma_addressable), at head-dim
-  // bucket 256 under "bwdvarlen256" too.
-  bool bwd_varlen = false;
+  bool bwd_varlen = false;  // packed sequences on the TMA backward (the "bwdvarlen" part; bwd_tma_addressable)
   // The features (softcap, ALiBi, attn_mask, dropout) on the fused warp-specialized backwards (the
   // "bwdfeatures" part; fused_backward_runs), where bwd and bwd_ws are false for them.
   bool bwd_features = false;
@@ -330,9 +327,8 @@ inline Sm90Paths sm90_paths(const AttentionParams& p) {
   // persistent walk's count in an int).
   const bool total_length_keys = p.varlen.cu_seqlens_k != nullptr && p.shape.batch > 1 &&
                                  p.shape.seqlen_k >= p.varlen.total_k;
-  const bool bucket_256 = cuda_head_dim_bucket(p.dtype, p.shape.head_dim) == 256;
-  choice.bwd_varlen = (choice.bwd_ws || choice.bwd_features) && wanted.bwd_varlen &&
-                      (!bucket_256 || wanted.bwd_varlen256) && !total_length_grid && !total_length_keys;
+  choice.bwd_varlen =
+      (choice.bwd_ws || choice.bwd_features) && wanted.bwd_varlen && !total_length_grid && !total_length_keys;
 #else
   (void)p;
 #endif
