@@ -182,8 +182,8 @@ def test_each_sequence_as_if_alone(d, monkeypatch):
     """The ordered route's gradients of each packed sequence bitwise equal to the same kernel's on
     that sequence alone (the packed forward's out and lse, as a batch of one in the packed rows'
     strides): a box that read or wrote another sequence's rows, or an add of that sequence's dQ
-    past its end that was not exactly zero, shows here whatever the timing (steps fixed at 64
-    queries, so that both calls take one tile)."""
+    past its end that was not exactly zero, shows here whatever the timing (64-query steps forced
+    at head dim 64, so that both calls take the same tiles)."""
     monkeypatch.setenv("CUFLASH_SM90", SM90_DEFAULT_PARTS)
     monkeypatch.setenv("CUFLASH_BWD_DQ", "ordered")
     monkeypatch.setenv("CUFLASH_BWD_FUSED_TILE", "narrow")
