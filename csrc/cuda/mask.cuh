@@ -314,10 +314,7 @@ __device__ __forceinline__ void scores_from_qk(WarpAcc<kN>& t, const ScoreMod<T>
   if (kFeatures && !mod.plain()) {
     mod.template scores<false>(t, s, row0, col0, lane);
   } else {
-#pragma unroll
-    for (int j = 0; j < kN / 8; ++j)
-#pragma unroll
-      for (int e = 0; e < 4; ++e) t.v[j][e] *= mod.scale_log2;
+    for_each_value(t, [&](float& x, int, int) { x *= mod.scale_log2; });
   }
   mask_scores(t, m, s, row0, col0, lane);
 }

@@ -122,13 +122,4 @@ struct OnlineSoftmax {
   }
 };
 
-// Multiplies every element by the scale (log2 e folded in).
-template <int kN>
-__device__ __forceinline__ void scale_scores(WarpAcc<kN>& s, float scale_log2) {
-#pragma unroll
-  for (int j = 0; j < kN / 8; ++j)
-#pragma unroll
-    for (int e = 0; e < 4; ++e) s.v[j][e] *= scale_log2;
-}
-
 }  // namespace cuflash
