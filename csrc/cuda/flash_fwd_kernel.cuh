@@ -181,8 +181,10 @@ __global__ void __launch_bounds__(FwdKernel<T, kHeadDim, Tile>::kThreads, Tile::
         scores_from_qk<kFeatures>(s[m], mod, p.mask, seq, row0 + 16 * m, n0, lane);
         softmax[m].rescale_and_exp(s[m], o[m]);
         if (dropout) apply_dropout(s[m], rng, b, h, sh.heads_q, row0 + 16 * m, n0, lane);
+        // Pairs: P on padding query rows (which no lse zeroes, as the backward's) would take part in
+        // the warp's split scale (pair_split_of) with the keys they see.
         if constexpr (kIsPair<T>)
-          if (row0 + 16 * (m + 1) > seq.seqlen_q) zero_rows_past(s[m], row0 + 16 * m, seq.seqlen_q, lane);
+          if (row0 + 16 * (m + 1) > seq.seqlen_q) s[m].zero_rows_past(row0 + 16 * m, seq.seqlen_q, lane);
       }
       // (v's scales as P's column factors: Fp32Pair's; the other types ignore them)
       warp_gemm_rb<T, kBlockN, kHeadDim, kMT>(o, s, sV(buf), 0, lane, ColumnUnscales{sVScale(buf), lane});

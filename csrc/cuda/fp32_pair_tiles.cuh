@@ -52,16 +52,4 @@ __device__ __forceinline__ void scale_tile(WarpAcc<kN>& t, const float* rows_fir
   }
 }
 
-// Rows of a warp tile past `rows` (first row row0) set to 0: the forward's P on padding query
-// rows, which no lse zeroes as the backward's, and which would otherwise take part in the warp's
-// split scale (pair_split_of) with the keys they see.
-template <int kN>
-__device__ __forceinline__ void zero_rows_past(WarpAcc<kN>& t, int row0, int rows, int lane) {
-#pragma unroll
-  for (int r = 0; r < 2; ++r)
-    if (row0 + (lane >> 2) + 8 * r >= rows)
-#pragma unroll
-      for (int j = 0; j < kN / 8; ++j) t.v[j][2 * r] = t.v[j][2 * r + 1] = 0.f;
-}
-
 }  // namespace cuflash

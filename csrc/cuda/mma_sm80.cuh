@@ -451,6 +451,20 @@ struct WarpAcc {
       a[3] = MmaOperand<T>::pack(v[2 * kk + 1][2], v[2 * kk + 1][3]);
     }
   }
+  // The rows at or past `rows` set to 0, row0 being this tile's first (a sequence's end: the rows
+  // after it are padding, or another packed sequence's). Selects, not a branch, so that wgmmas in
+  // flight beside it stay unserialized (ptxas C7520).
+  __device__ __forceinline__ void zero_rows_past(int row0, int rows, int lane) {
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      const bool past = row0 + row_of(2 * r, lane) >= rows;
+#pragma unroll
+      for (int j = 0; j < kTiles; ++j) {
+        v[j][2 * r] = past ? 0.f : v[j][2 * r];
+        v[j][2 * r + 1] = past ? 0.f : v[j][2 * r + 1];
+      }
+    }
+  }
   // Row (0..15) and column of element e of tile j for this lane (host too: tests/cpp checks the
   // masks' use of them).
   __host__ __device__ __forceinline__ static int row_of(int e, int lane) { return (lane >> 2) + 8 * (e >> 1); }

@@ -413,18 +413,9 @@ __global__ void __launch_bounds__(BwdFused256Kernel<T, kOrderedDq>::kThreads, 1)
         wgmma_wait<1>();  // this dQ slice (and, at slice 0, dV^T: dO is free)
         if (slice == 0) mbarrier_arrive(do_empty);
         // Packed: the rows past the sequence's last query are added to the next sequence's
-        // dq_accum rows, so exact zeros there (0 x an Inf of this sequence's K is NaN); selects,
-        // not a branch, with dK^T's wgmmas in flight (C7520).
-        if constexpr (packed) {
-#pragma unroll
-          for (int r = 0; r < 2; ++r) {
-            const bool past = row0 + WarpAcc<64>::row_of(2 * r, lane) >= tile.seq.seqlen_q;
-#pragma unroll
-            for (int j = 0; j < 8; ++j)
-#pragma unroll
-              for (int e = 2 * r; e < 2 * r + 2; ++e) dq.v[j][e] = past ? 0.f : dq.v[j][e];
-          }
-        }
+        // dq_accum rows, so exact zeros there (0 x an Inf of this sequence's K is NaN), with
+        // dK^T's wgmmas in flight.
+        if constexpr (packed) dq.zero_rows_past(row0, tile.seq.seqlen_q, lane);
         store_dq_slice(dq, gs, slice);
       }
       wgmma_wait<0>();

@@ -741,14 +741,8 @@ __global__ void __launch_bounds__(
         if (with_dq) {
           // Packed: the part's rows past the sequence's last query are added to the next
           // sequence's dq_accum rows: exact zeros there (0 x an Inf of this sequence's K is NaN).
-          if (packed) {
-            const int first_query = m0 + (K::kDqByRows ? 64 * consumer : 0) + warp_row % 64;
-#pragma unroll
-            for (int j = 0; j < 8; ++j)
-#pragma unroll
-              for (int e = 0; e < 4; ++e)
-                if (first_query + WarpAcc<64>::row_of(e, lane) >= tile.seq.seqlen_q) dq.v[j][e] = 0.f;
-          }
+          if (packed)
+            dq.zero_rows_past(m0 + (K::kDqByRows ? 64 * consumer : 0) + warp_row % 64, tile.seq.seqlen_q, lane);
           store_dq_part(dq, gs);
         }
       } else {
