@@ -146,8 +146,12 @@ bool launch_fwd_tma(const FlashFwdParams& p, const sm90::Sm90Paths& hopper, cuda
     const int64_t kv_bytes_per_pair = int64_t{2} * sh.seqlen_k * kHeadDim * int64_t{sizeof(T)};
     const int section_heads = kPersistent ? fwd_walk_section_heads(p, K::kBlockM, K::kBlockN, ctas, kv_bytes_per_pair) : 1;
     const sm90::TileWalk walk = sm90::make_tile_walk(m_blocks, sh.heads_q, sh.heads_kv, sh.batch, section_heads);
+    CUtensorMap map_mask{};
+    const sm90::MaskStaging staging =
+        kFeatures && hopper.tma_mask ? sm90::encode_mask_map<K, T>(p, &map_mask) : sm90::MaskStaging{};
     *err = launch(sm90::flash_fwd_sm90_tma_kernel<T, kHeadDim, kWide, kFeatures, kPersistent>, grid, K::kThreads,
-                  K::kSmemBytes, stream, p, maps.q, maps.k, maps.v, maps.o, walk);
+                  staging.on ? K::kSmemBytesStagingMask : K::kSmemBytes, stream, p, maps.q, maps.k, maps.v, maps.o,
+                  walk, map_mask, staging);
     return true;
   };
   using Plain = sm90::FwdSm90TmaKernel<T, kHeadDim, false>;

@@ -307,15 +307,18 @@ __device__ __forceinline__ void mask_scores(WarpAcc<kN>& t, const MaskParams& m,
 }
 
 // Raw q.k in `t` becomes the scaled-log2 score, -inf where masked (forward). Without kFeatures
-// (no softcap or ALiBi) the score is q.k * scale_log2.
-template <bool kFeatures, int kN, typename T>
+// (no softcap or ALiBi) the score is q.k * scale_log2. add_bias(t), where given, adds what mod
+// does not (the TMA forward's staged attn_mask) before the mask's -inf.
+template <bool kFeatures, int kN, typename T, class AddBias = void (*)(WarpAcc<kN>&)>
 __device__ __forceinline__ void scores_from_qk(WarpAcc<kN>& t, const ScoreMod<T>& mod, const MaskParams& m,
-                                               const Sequence& s, int row0, int col0, int lane) {
+                                               const Sequence& s, int row0, int col0, int lane,
+                                               AddBias&& add_bias = [](WarpAcc<kN>&) {}) {
   if (kFeatures && !mod.plain()) {
     mod.template scores<false>(t, s, row0, col0, lane);
   } else {
     for_each_value(t, [&](float& x, int, int) { x *= mod.scale_log2; });
   }
+  add_bias(t);
   mask_scores(t, m, s, row0, col0, lane);
 }
 

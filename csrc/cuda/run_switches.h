@@ -27,6 +27,12 @@
 //       splits      with tma, not a default: split-KV without the features on the plain narrow
 //                   TMA kernel, where otherwise the sm_80-class one runs (H200, one token at
 //                   batch 1: 9% faster over 16384 keys, slower up to 4096; benchmarks/NOTES.md)
+//       masktma     with tma and features, not a default: the TMA forward's attn_mask tiles
+//                   staged in shared memory by the producer's TMA loads (beside K's), where
+//                   otherwise the consumers read them from global memory; a mask whose keys are
+//                   contiguous and whose rows and base TMA can address (sm90::encode_mask_map),
+//                   on the features kernels whose shared memory has room (FwdSm90TmaKernel::
+//                   kMayStageMask); not yet measured on a GPU
 //       varlen      with tma: packed sequences (cu_seqlens) without the features on the
 //                   plain narrow TMA kernels (persistent with "persistent" where a dense batch
 //                   of the longest sequence would be), where otherwise the cp.async forward runs
@@ -105,6 +111,7 @@ struct Sm90Switch {
   bool on = true, tma = true, bwd = true, features = true, persistent = true, bwd_ws = true;
   bool tma_kv_cache = true;
   bool tma_splits = false;  // not a default part: faster than the sm_80-class split kernel on long caches only
+  bool tma_mask = false;    // not a default part: not yet measured
   bool tma_varlen = true;
   bool bwd_varlen = true;
   bool bwd_features = true;
@@ -130,6 +137,7 @@ inline bool parse_sm90_switch(const char* value, Sm90Switch* out) {
         else if (is("bwdws")) s.bwd_ws = true;
         else if (is("kvcache")) s.tma_kv_cache = true;
         else if (is("splits")) s.tma_splits = true;
+        else if (is("masktma")) s.tma_mask = true;
         else if (is("varlen")) s.tma_varlen = true;
         else if (is("bwdvarlen")) s.bwd_varlen = true;
         else if (is("bwdfeatures")) s.bwd_features = true;

@@ -284,6 +284,7 @@ __device__ __forceinline__ void store_staged_rows(const unsigned char* stage, in
 struct Sm90Paths {
   bool fwd = false, tma = false, persistent = false, bwd = false, bwd_ws = false;
   bool tma_splits = false;  // split-KV on the TMA forward (the "splits" part), where it can run
+  bool tma_mask = false;    // attn_mask tiles staged by TMA in the TMA forward (the "masktma" part)
   bool tma_varlen = false;  // packed sequences on the TMA forward (the "varlen" part), where it can run
   bool bwd_varlen = false;  // packed sequences on the TMA backward (the "bwdvarlen" part; bwd_tma_addressable)
   // The features (softcap, ALiBi, attn_mask, dropout) on the fused warp-specialized backwards (the
@@ -311,6 +312,7 @@ inline Sm90Paths sm90_paths(const AttentionParams& p) {
   // Split-KV runs on the plain narrow TMA kernel only (kMaySplit): not with the features, nor
   // with packed queries (the kernel's splits and packed coordinates do not meet: launch_fwd_tma).
   choice.tma_splits = choice.tma && wanted.tma_splits && !features && p.varlen.cu_seqlens_q == nullptr;
+  choice.tma_mask = choice.tma && wanted.tma_mask && p.score.attn_mask.data != nullptr;
   // Packed sequences on the plain narrow TMA kernels (kMayPack): not with the features, nor a
   // paged cache (packed queries over pages); not split (tma_splits, launch_fwd_tma). Nor a grid
   // from the total length (max_seqlen_q not given: most query blocks past their sequence's end),

@@ -24,6 +24,11 @@
 #ifndef CUFLASH_FWD_PACKED_TMA_STORE
 #define CUFLASH_FWD_PACKED_TMA_STORE 0
 #endif
+// The "masktma" part's code in the features kernels (0: not built, the part then stages nothing;
+// an A/B build's define: its code costs the head-dim-64 wide features kernel spills).
+#ifndef CUFLASH_FWD_MASK_TMA
+#define CUFLASH_FWD_MASK_TMA 1
+#endif
 #include <type_traits>
 #include "flash_fwd_sm90.cuh"
 #include "tile_walk.h"
@@ -68,16 +73,88 @@ struct FwdSm90TmaKernel {
   static constexpr int kQBytes = kBlockM * kHeadDim * 2, kKVBytes = kBlockN * kHeadDim * 2;
   // The persistent kernel's staging tile for the output's TMA store: Q's layout (kernel below).
   static constexpr int kStagingBytes = kPersistent ? kQBytes : 0;
-  // Barriers: Q full, Q empty, then per stage K full, V full, K empty, V empty.
-  static constexpr int kBarriers = 2 + 4 * kStages;
+  // Barriers: Q full, Q empty, then per stage K full, V full, K empty, V empty, mask full, mask empty.
+  static constexpr int kBarriers = 2 + 6 * kStages;
+  static constexpr int kBarrierEnd = kQBytes + 2 * kStages * kKVBytes + kStagingBytes + kBarriers * 8;
   // + 1024: the swizzle atoms must start on 1024-byte boundaries; the base is aligned by hand.
-  static constexpr int kSmemBytes =
-      kQBytes + 2 * kStages * kKVBytes + kStagingBytes + kBarriers * 8 + 1024;
+  static constexpr int kSmemBytes = kBarrierEnd + 1024;
+  // attn_mask tiles staged by TMA (the "masktma" part; MaskStaging): kStages stages of kBlockM x
+  // kBlockN 16-bit elements (a bool mask fills half) after the barriers, in boxes of 64 keys. On
+  // the non-persistent kernels whose shared memory has room: every features kernel but head dim
+  // 128's and 256's wide ones (head dim 128's narrow one has 2 KB to spare).
+  static constexpr int kMaskOffset = (kBarrierEnd + 1023) / 1024 * 1024;
+  static constexpr int kMaskStageBytes = kBlockM * kBlockN * 2;
+  static constexpr int kSmemBytesStagingMask = kMaskOffset + kStages * kMaskStageBytes + 1024;
+  static constexpr bool kMayStageMask =
+      CUFLASH_FWD_MASK_TMA && !kPersistent && kBlockN % 64 == 0 && kSmemBytesStagingMask <= 227 * 1024;
   // setmaxnreg: the producer's registers go to the consumers (65536 per SM in all).
   static constexpr int kProducerRegs = kConsumers == 2 ? 24 : 32, kConsumerRegs = kConsumers == 2 ? 240 : 160;
   static_assert(fits_launch_registers<kThreads>(kProducerRegs, kConsumerRegs), "setmaxnreg's split");
   static_assert(kSmemBytes <= 227 * 1024, "shared memory per block");
 };
+
+// The attn_mask's staging (the "masktma" part) as the TMA forward reads it: the producer's
+// thread loads each key block's mask tile (the tile's query rows, or the one row of a mask that
+// broadcasts along the queries) into shared memory with K, one box of 64 keys at a time, on a
+// full barrier of its own; the consumers read their scores' elements there, where otherwise each
+// reads them from global memory after S's wgmma (ScoreMod::with_mask_inside, in the softmax's
+// path), and release the stage on its empty barrier. Float masks (16-bit, the kernel's type) in
+// 128-byte rows with the 128-byte swizzle, bool ones in 64-byte rows with the 64-byte swizzle: a
+// quad reads 16 bytes of a row, the warp's 8 rows 8 different bank groups (staged_mask_bias).
+// Past the mask's rows and keys TMA reads zeros: a float mask adds 0 there; a bool one hides the
+// keys, which the sequence's bounds hide anyway, and the rows past the queries, never stored.
+struct MaskStaging {
+  bool on = false;
+  bool is_bool = false;
+  bool one_row = false;                      // the mask broadcasts along the queries
+  bool per_head = false, per_batch = false;  // else it broadcasts along them: coordinate 0
+  int box_slot_bytes = 0;                    // between a stage's 64-key boxes
+  int stage_tx_bytes = 0;                    // the bytes a stage's boxes bring (TMA counts boxes whole)
+};
+
+// What a mask tile staged in shared memory adds to a warp tile's scores t (kN keys from the key
+// block's first; the warp's 16 rows from warp_row of the CTA's tile), as
+// ScoreMod::with_mask_inside adds it: bias * log2(e) by one FFMA, bit for bit.
+template <typename T, int kN>
+__device__ __forceinline__ void add_staged_mask(WarpAcc<kN>& t, uint32_t stage, const MaskStaging& m, int warp_row,
+                                                int lane) {
+  // A box row's bytes, the swizzle's XOR of its 16-byte chunks (128-byte swizzle: row % 8; 64-byte
+  // swizzle: (row / 2) % 4; the box's first row on its 1024-byte boundary) and this thread's first
+  // row's address. Its rows row and row + 8 share the XOR: warp_row is a multiple of 16.
+  const uint32_t row_bytes = m.is_bool ? 64 : 128, row = warp_row + (lane >> 2);
+  uint32_t chunk_xor = m.one_row ? 0 : m.is_bool ? (lane >> 3) & 3 : (lane >> 2) & 7;
+  uint32_t first = stage + (m.one_row ? 0 : row * row_bytes) + 2 * (lane & 3) * (m.is_bool ? 1 : 2);
+  // Computed here at each step: hoisted out of the step loop, each tile's address took a register
+  // (spilled: ptxas, the head-dim-64 wide features kernel).
+  asm volatile("" : "+r"(first), "+r"(chunk_xor));
+  const uint32_t next_rows = m.one_row ? 0 : 8 * row_bytes;
+  auto add = [&](float& x, float bias) { x = __fmaf_rn(bias, kLog2e, x); };
+  // Keys 8j + 2 (lane % 4) and the next: box j / 8, bytes (8 (j % 8) + 2 (lane % 4)) x elem.
+  if (m.is_bool) {
+#pragma unroll
+    for (int j = 0; j < kN / 8; ++j) {
+      const uint32_t at = first + (j / 8) * m.box_slot_bytes + ((((j % 8) >> 1) ^ chunk_xor) << 4) + (j & 1) * 8;
+#pragma unroll
+      for (int half = 0; half < 2; ++half) {
+        const uint32_t pair = ld_shared_u16(at + half * next_rows);
+        add(t.v[j][2 * half], AttnMaskSlice::bool_bias<float>((pair & 0xff) != 0));
+        add(t.v[j][2 * half + 1], AttnMaskSlice::bool_bias<float>((pair >> 8) != 0));
+      }
+    }
+  } else {
+#pragma unroll
+    for (int j = 0; j < kN / 8; ++j) {
+      const uint32_t at = first + (j / 8) * m.box_slot_bytes + (((j % 8) ^ chunk_xor) << 4);
+#pragma unroll
+      for (int half = 0; half < 2; ++half) {
+        const uint32_t pair = ld_shared_u32(at + half * next_rows);
+        const T* elems = reinterpret_cast<const T*>(&pair);
+        add(t.v[j][2 * half], to_acc<float>(elems[0]));
+        add(t.v[j][2 * half + 1], to_acc<float>(elems[1]));
+      }
+    }
+  }
+}
 
 // One tile's work: its query block, head and batch (and split), and the key blocks its rows see.
 struct TmaTile {
@@ -96,7 +173,8 @@ template <typename T, int kHeadDim, bool kWide, bool kFeatures, bool kPersistent
 __global__ void __launch_bounds__(FwdSm90TmaKernel<T, kHeadDim, kWide, kPersistent>::kThreads, 1)
     flash_fwd_sm90_tma_kernel(const FlashFwdParams p, const __grid_constant__ CUtensorMap map_q,
                               const __grid_constant__ CUtensorMap map_k, const __grid_constant__ CUtensorMap map_v,
-                              const __grid_constant__ CUtensorMap map_o, const TileWalk walk) {
+                              const __grid_constant__ CUtensorMap map_o, const TileWalk walk,
+                              const __grid_constant__ CUtensorMap map_mask, const MaskStaging mask_staging) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
   using K = FwdSm90TmaKernel<T, kHeadDim, kWide, kPersistent>;
   constexpr int kBlockM = K::kBlockM, kBlockN = K::kBlockN, kStages = K::kStages;
@@ -114,6 +192,8 @@ __global__ void __launch_bounds__(FwdSm90TmaKernel<T, kHeadDim, kWide, kPersiste
   // scale only (folds_scale_safely). The features kernel scales its scores first: folding its
   // run-time factor (cap_out, the scale or 1) made it slower (H100, benchmarks/NOTES.md).
   constexpr bool kFoldScale = !kFeatures;
+  constexpr bool kMayStageMask = kFeatures && K::kMayStageMask;
+  const bool staged_mask = kMayStageMask && mask_staging.on;
   static_assert(kWide || kPageSizeMultiple % kBlockN == 0, "a key block lies in one page (key_at)");
   constexpr int kPanels = kHeadDim / 64, kConsumerThreads = 128 * K::kConsumers;
   extern __shared__ char smem_raw[];
@@ -128,6 +208,9 @@ __global__ void __launch_bounds__(FwdSm90TmaKernel<T, kHeadDim, kWide, kPersiste
   uint64_t* v_full = k_full + kStages;
   uint64_t* k_empty = v_full + kStages;
   uint64_t* v_empty = k_empty + kStages;
+  uint64_t* mask_full = v_empty + kStages;  // the "masktma" part's
+  uint64_t* mask_empty = mask_full + kStages;
+  auto sMask = [&](int stage) { return smem + K::kMaskOffset + stage * K::kMaskStageBytes; };
 
   const AttentionShape& sh = p.shape;
   const int tid = threadIdx.x, warpgroup = warpgroup_index(), lane = tid % 32;
@@ -170,6 +253,8 @@ __global__ void __launch_bounds__(FwdSm90TmaKernel<T, kHeadDim, kWide, kPersiste
       mbarrier_init(&v_full[s], 1);
       mbarrier_init(&k_empty[s], kConsumerThreads / 32);
       mbarrier_init(&v_empty[s], kConsumerThreads / 32);
+      mbarrier_init(&mask_full[s], 1);
+      mbarrier_init(&mask_empty[s], kConsumerThreads / 32);
     }
     fence_barrier_init();
   }
@@ -205,6 +290,15 @@ __global__ void __launch_bounds__(FwdSm90TmaKernel<T, kHeadDim, kWide, kPersiste
         // The stage's previous tiles (step g - kStages) were released by every consumer warp.
         if (g >= kStages) mbarrier_wait(&k_empty[stage], (use - 1) & 1);
         load(&map_k, sK(stage), &k_full[stage], at);
+        if (staged_mask) {  // the block's mask tile (MaskStaging), at its logical keys
+          if (g >= kStages) mbarrier_wait(&mask_empty[stage], (use - 1) & 1);
+          mbarrier_arrive_expect_tx(&mask_full[stage], mask_staging.stage_tx_bytes);
+#pragma unroll
+          for (int box = 0; box < kBlockN / 64; ++box)
+            tma_load_4d(sMask(stage) + box * mask_staging.box_slot_bytes, &map_mask, &mask_full[stage], key0 + 64 * box,
+                        mask_staging.one_row ? 0 : tile.m_start, mask_staging.per_head ? tile.h : 0,
+                        mask_staging.per_batch ? tile.b : 0);
+        }
         if (g >= kStages) mbarrier_wait(&v_empty[stage], (use - 1) & 1);
         load(&map_v, sV(stage), &v_full[stage], at);
       };
@@ -278,6 +372,17 @@ __global__ void __launch_bounds__(FwdSm90TmaKernel<T, kHeadDim, kWide, kPersiste
         if constexpr (kFoldScale) {
           mask_scores(s, p.mask, tile.seq, row0, col0, lane);  // raw q.k, -inf where masked
           softmax.exp_folded_and_rescale_factor(s, mod.scale_log2, alpha);
+        } else if (staged_mask) {  // the mask added from shared memory, not by mod
+          ScoreMod<T> unmasked = mod;
+          unmasked.mask.data = nullptr;
+          scores_from_qk<kFeatures>(s, unmasked, p.mask, tile.seq, row0, col0, lane, [&](auto& scores) {
+            const int stage = stage_of(t);
+            mbarrier_wait(&mask_full[stage], full_parity(t));
+            add_staged_mask<T>(scores, smem_u32(sMask(stage)), mask_staging, warp_row, lane);
+            __syncwarp();  // every lane's reads of the stage done before the release
+            if (lane == 0) mbarrier_arrive(&mask_empty[stage]);
+          });
+          softmax.exp_and_rescale_factor(s, alpha);
         } else {
           scores_from_qk<kFeatures>(s, mod, p.mask, tile.seq, row0, col0, lane);
           softmax.exp_and_rescale_factor(s, alpha);
@@ -508,6 +613,42 @@ bool encode_fwd_tma_maps(const FlashFwdParams& p, AttentionTmaMaps* maps) {
                               K::kBlockN) &&
          encode_attention_map(&maps->o, p.out, kBf16, p.out_strides, m.q_batch, sh.heads_q, m.q_rows, sh.head_dim,
                               64);
+}
+
+// The map and staging of dense p's attn_mask for kernel K's tiles (the "masktma" part): off
+// (nothing staged) where K has no room for it, or the mask's keys are not contiguous, or TMA
+// cannot address its rows (a 16-byte-aligned base and row stride), or the sequences are packed.
+// A dimension the mask broadcasts (stride 0) is one of size 1 in the map.
+template <class K, typename T>
+MaskStaging encode_mask_map(const FlashFwdParams& p, CUtensorMap* map) {
+  MaskStaging m;
+  const AttnMaskParams& mask = p.score.attn_mask;
+  const AttentionShape& sh = p.shape;
+  if (!K::kMayStageMask || mask.data == nullptr || mask.col_stride != 1 || p.varlen.cu_seqlens_q != nullptr ||
+      p.varlen.cu_seqlens_k != nullptr)
+    return m;
+  m.is_bool = mask.is_bool;
+  m.one_row = mask.row_stride == 0 || sh.seqlen_q == 1;
+  m.per_head = mask.head_stride != 0 && sh.heads_q > 1;
+  m.per_batch = mask.batch_stride != 0 && sh.batch > 1;
+  const int elem_bytes = m.is_bool ? 1 : 2, box_rows = m.one_row ? 1 : K::kBlockM;
+  const TensorStrides strides{m.per_batch ? mask.batch_stride : 0, m.per_head ? mask.head_stride : 0,
+                              m.one_row ? 0 : mask.row_stride};
+  const CUtensorMapDataType type = m.is_bool                              ? CU_TENSOR_MAP_DATA_TYPE_UINT8
+                                   : std::is_same_v<T, __nv_bfloat16> ? CU_TENSOR_MAP_DATA_TYPE_BFLOAT16
+                                                                        : CU_TENSOR_MAP_DATA_TYPE_FLOAT16;
+  // One row needs no swizzle (its XOR is 0), and its box need not start on a swizzle atom.
+  const CUtensorMapSwizzle swizzle = m.one_row  ? CU_TENSOR_MAP_SWIZZLE_NONE
+                                     : m.is_bool ? CU_TENSOR_MAP_SWIZZLE_64B
+                                                 : CU_TENSOR_MAP_SWIZZLE_128B;
+  if (!encode_rows_map(map, mask.data, type, elem_bytes, strides, m.per_batch ? sh.batch : 1,
+                       m.per_head ? sh.heads_q : 1, m.one_row ? 1 : sh.seqlen_q, sh.seqlen_k, box_rows, 64, swizzle))
+    return m;
+  const int box_bytes = box_rows * 64 * elem_bytes;
+  m.box_slot_bytes = (box_bytes + 1023) / 1024 * 1024;  // swizzle atoms start on 1024-byte boundaries
+  m.stage_tx_bytes = K::kBlockN / 64 * box_bytes;
+  m.on = true;
+  return m;
 }
 
 }  // namespace cuflash::sm90

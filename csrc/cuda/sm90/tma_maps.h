@@ -43,22 +43,24 @@ inline bool tma_can_address(const void* base, int elem_bytes, const TensorStride
   return true;
 }
 
-// Such a tensor as a 4-d map (column, row, head, batch) whose box is one 128B-swizzled panel:
-// 128 bytes of columns x box_rows rows of one head. Boxes past the rows or columns read zeros
-// (and reductions into them are dropped). False where TMA cannot address the tensor: the caller
-// goes another way.
+// Such a tensor as a 4-d map (column, row, head, batch) whose box is one swizzled panel: by
+// default 128 bytes of columns (128B-swizzled) x box_rows rows of one head; box_cols columns and
+// another swizzle where given (the box's row then as wide as the swizzle's span, or one row
+// unswizzled). Boxes past the rows or columns read zeros (and reductions into them are dropped).
+// False where TMA cannot address the tensor: the caller goes another way.
 inline bool encode_rows_map(CUtensorMap* map, const void* base, CUtensorMapDataType type, int elem_bytes,
-                            const TensorStrides& strides, int batch, int heads, int rows, int cols, int box_rows) {
+                            const TensorStrides& strides, int batch, int heads, int rows, int cols, int box_rows,
+                            int box_cols = 0, CUtensorMapSwizzle swizzle = CU_TENSOR_MAP_SWIZZLE_128B) {
   cuuint64_t byte_strides[3];
   if (!tma_can_address(base, elem_bytes, strides, batch, heads, rows, cols, &byte_strides)) return false;
   const PFN_cuTensorMapEncodeTiled_v12000 encode = tensor_map_encoder();
   const cuuint64_t dims[4] = {static_cast<cuuint64_t>(cols), static_cast<cuuint64_t>(rows),
                               static_cast<cuuint64_t>(heads), static_cast<cuuint64_t>(batch)};
-  const cuuint32_t box[4] = {static_cast<cuuint32_t>(128 / elem_bytes), static_cast<cuuint32_t>(box_rows), 1, 1};
+  const cuuint32_t box[4] = {static_cast<cuuint32_t>(box_cols > 0 ? box_cols : 128 / elem_bytes),
+                             static_cast<cuuint32_t>(box_rows), 1, 1};
   const cuuint32_t steps[4] = {1, 1, 1, 1};
   return encode(map, type, 4, const_cast<void*>(base), dims, byte_strides, box, steps, CU_TENSOR_MAP_INTERLEAVE_NONE,
-                CU_TENSOR_MAP_SWIZZLE_128B, CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
-                CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) == CUDA_SUCCESS;
+                swizzle, CU_TENSOR_MAP_L2_PROMOTION_L2_256B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) == CUDA_SUCCESS;
 }
 
 // q, k, v, out and their gradients: 16-bit, boxes of 64 columns (head_dim a multiple of 8).

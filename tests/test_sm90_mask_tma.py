@@ -1,0 +1,100 @@
+"""CUFLASH_SM90's "masktma" part (not a default): the TMA forward's attn_mask tiles staged in
+shared memory by the producer's TMA loads (flash_fwd_sm90_tma.cuh's MaskStaging). The staged
+route adds each score's bias by the same FFMA as the default route's reads from global memory,
+so its output and logsumexp equal the default's bit for bit (the default's are checked against
+the float64 reference by test_attn_mask.py): over float and bool masks, every broadcast TMA can
+stage (one row for all queries, per head, per batch), tiles at the sequence's edges, causal,
+softcap and ALiBi, and each head dim's features tile. CUFLASH_DEBUG's launch line shows the
+staging's shared memory where the mask is staged, and none where it cannot be (the keys not
+contiguous, rows TMA cannot address, head dim 128's wide tile)."""
+import re
+
+import pytest
+import torch
+
+from conftest import IS_SM90, SM90_DEFAULT_PARTS, sm90_parts_with
+from test_features import MASK_SHAPES, make_mask, make_options
+
+pytestmark = pytest.mark.skipif(not IS_SM90, reason="the TMA forward is sm_90a's")
+
+fwd = torch.ops.cuflash_attn.fwd
+LAUNCH = re.compile(r"cuflash_attn: .*flash_fwd_sm90_tma_kernel<.*, (\d+) bytes of shared memory")
+
+
+def forward(parts, q, k, v, mask, monkeypatch, capfd, **options):
+    """(out, lse) under CUFLASH_SM90=parts, and the TMA forward's shared memory bytes (its one launch)."""
+    monkeypatch.setenv("CUFLASH_SM90", parts)
+    monkeypatch.setenv("CUFLASH_DEBUG", "1")
+    capfd.readouterr()
+    out, lse = fwd(q, k, v, attn_mask=mask, **options)
+    torch.cuda.synchronize()
+    smem = [int(m.group(1)) for m in LAUNCH.finditer(capfd.readouterr().err)]
+    assert len(smem) == 1, f"one TMA forward launch expected under {parts}: {smem}"
+    return out, lse, smem[0]
+
+
+def check_staged(batch, heads, nq, nk, d, dtype, mask, monkeypatch, capfd, staged=True, causal=False, **features):
+    torch.manual_seed(0)
+    q = torch.randn(batch, heads, nq, d, device="cuda", dtype=dtype)
+    k = torch.randn(batch, heads, nk, d, device="cuda", dtype=dtype)
+    v = torch.randn(batch, heads, nk, d, device="cuda", dtype=dtype)
+    options, _ = make_options(batch, heads, "cuda", causal=causal, **features)
+    mask_before = mask.clone()
+    out, lse, smem = forward(SM90_DEFAULT_PARTS, q, k, v, mask, monkeypatch, capfd, **options)
+    out_staged, lse_staged, smem_staged = forward(sm90_parts_with("masktma"), q, k, v, mask, monkeypatch, capfd,
+                                                  **options)
+    assert torch.equal(mask, mask_before)
+    assert (smem_staged > smem) == staged, (smem, smem_staged)
+    assert torch.equal(out_staged, out), (out_staged - out).abs().max()
+    assert torch.equal(lse_staged, lse)
+    assert out.isfinite().any()
+
+
+@pytest.mark.parametrize("d", [64, 128, 256])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("kind", ["bool", "float"])
+@pytest.mark.parametrize("shape", ["BHLS", "B11S", "1HLS", "LS", "S"])
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+def test_staged_mask_equals_default(d, dtype, kind, shape, causal, monkeypatch, capfd):
+    """200 query rows (a partial last tile) over 320 keys (a partial last key block)."""
+    batch, heads, nq, nk = 2, 3, 200, 320
+    mask = make_mask(kind, MASK_SHAPES[shape](batch, heads, nq, nk), "cuda", dtype)
+    check_staged(batch, heads, nq, nk, d, dtype, mask, monkeypatch, capfd, causal=causal)
+
+
+@pytest.mark.parametrize("d", [64, 128, 256])
+@pytest.mark.parametrize("kind", ["bool", "float"])
+def test_staged_mask_with_softcap_and_alibi(d, kind, monkeypatch, capfd):
+    mask = make_mask(kind, (2, 1, 150, 256), "cuda", torch.bfloat16)
+    check_staged(2, 4, 150, 256, d, torch.bfloat16, mask, monkeypatch, capfd, softcap=30.0, alibi="batch")
+
+
+@pytest.mark.parametrize("kind", ["bool", "float"])
+@pytest.mark.parametrize("shape", ["BHLS", "B11S"])
+def test_staged_mask_on_wide_tile(kind, shape, monkeypatch, capfd):
+    """Head dim 64's wide features tile (three consumers, 192 rows), which long rows take."""
+    monkeypatch.setenv("CUFLASH_FWD_TILE", "wide")
+    mask = make_mask(kind, MASK_SHAPES[shape](2, 2, 400, 1104), "cuda", torch.bfloat16)
+    check_staged(2, 2, 400, 1104, 64, torch.bfloat16, mask, monkeypatch, capfd, causal=True)
+
+
+def test_head_dim_128_wide_tile_reads_from_global_memory(monkeypatch, capfd):
+    """No room for the staging beside its 192-key blocks: the default route, the same results."""
+    monkeypatch.setenv("CUFLASH_FWD_TILE", "wide")
+    mask = make_mask("float", (2, 2, 200, 384), "cuda", torch.bfloat16)
+    check_staged(2, 2, 200, 384, 128, torch.bfloat16, mask, monkeypatch, capfd, staged=False)
+
+
+@pytest.mark.parametrize("case", ["transposed", "unaligned_rows", "sliced"])
+def test_masks_tma_cannot_stage(case, monkeypatch, capfd):
+    """Keys not contiguous (a transposed view), rows of 300 bool elements (not a multiple of 16
+    bytes), and a mask sliced from wider rows (a 16-byte row stride but a base 2 bytes past an
+    aligned one): the default route, the same results."""
+    nq, nk = 130, 300 if case == "unaligned_rows" else 256
+    if case == "transposed":
+        mask = make_mask("float", (2, 1, nq, nk), "cuda", torch.bfloat16, transposed=True)
+    elif case == "unaligned_rows":
+        mask = make_mask("bool", (2, 1, nq, nk), "cuda", torch.bfloat16)
+    else:
+        mask = make_mask("float", (2, 1, nq, nk + 8), "cuda", torch.bfloat16)[..., 1:nk + 1]
+    check_staged(2, 2, nq, nk, 64, torch.bfloat16, mask, monkeypatch, capfd, staged=False)
