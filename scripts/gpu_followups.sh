@@ -9,6 +9,9 @@
 #   3  packed sequences at head dim 256: their tests, then the defaults (the fused backward) against
 #      the default parts less "bwdvarlen" (the cp.async backward)
 #   4  the features against FlexAttention (forward, D=128, N=2048; Triton compilations untimed)
+#   5  attn_mask staged by TMA (CUFLASH_SM90's "masktma" part, forty-second session): its tests and
+#      test_attn_mask.py under it, then the masked forward and forward + backward, the defaults
+#      against the defaults with the part (plain beside them; each kernel's time)
 # Outputs: $OUT/<step>.md and the tests' logs ($OUT/logs.tar). FOLLOWUP_STEPS="1 2 3 4" picks steps.
 # shellcheck source=scripts/device_call_env.sh
 source "$(dirname "$0")/device_call_env.sh"
@@ -17,6 +20,7 @@ start=$(date +%s)
 python3 setup.py build_ext --inplace > "$OUT/build.log" 2>&1 || { tail -n 40 "$OUT/build.log"; exit 1; }
 echo "build: $(( $(date +%s) - start )) s"
 bench=benchmarks/bench_features.py
+default_parts="tma,bwd,bwdws,features,persistent,kvcache,varlen,bwdvarlen,bwdfeatures"
 less_bwdvarlen="tma,bwd,bwdws,features,persistent,kvcache,varlen,bwdfeatures"
 step() { echo "== $1 ($(( $(date +%s) - start )) s)"; }
 # Each step's logs appended to $OUT/logs.tar as it ends, so that a call cut off by its limit still
@@ -59,6 +63,18 @@ for s in ${FOLLOWUP_STEPS:-1 2 3 4}; do
     4) step "FlexAttention"
        timeout 240 python3 $bench --head-dims 128 --seqlens 2048 --variants= --flex \
          --features plain,softcap,alibi,gqa,window,attn_mask > "$OUT/flex_fwd.md" 2>&1 ;;
+    5) step "attn_mask staged by TMA"
+       timeout 120 python3 -m pytest tests/test_sm90_mask_tma.py -q -p no:cacheprovider -x --tb=short \
+         > "$OUT/mask_tma_tests.log" 2>&1
+       echo "mask_tma_tests.log: $(tail -n 1 "$OUT/mask_tma_tests.log")"; grep -E '^FAILED' "$OUT/mask_tma_tests.log" | head
+       CUFLASH_SM90="$default_parts,masktma" timeout 120 python3 -m pytest tests/test_attn_mask.py -q -p no:cacheprovider \
+         --tb=line > "$OUT/attn_mask_under_part.log" 2>&1
+       echo "attn_mask_under_part.log: $(tail -n 1 "$OUT/attn_mask_under_part.log")"
+       grep -E '^FAILED' "$OUT/attn_mask_under_part.log" | head
+       timeout 90 python3 $bench --head-dims 64,128,256 --seqlens 2048,8192 --features plain,attn_mask \
+         --variants ";$default_parts,masktma" > "$OUT/mask_tma_fwd.md" 2>&1
+       timeout 120 python3 $bench --backward --head-dims 64,128 --seqlens 2048,8192 --features plain,attn_mask \
+         --variants ";$default_parts,masktma" > "$OUT/mask_tma_bwd.md" 2>&1 ;;
   esac
   keep_logs
 done
