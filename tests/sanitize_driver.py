@@ -20,7 +20,7 @@ heads as rows; four causal tokens a step packed under CUFLASH_PACK_GQA=1; 130 un
 part), over contiguous and paged caches); packed sequences on the TMA forwards, persistent and
 not, at head dim 64 on the wide tiles too (its "varlen" part), and on the TMA backward, the pair and the fused kernel's two dQ orders
 (its "bwdvarlen" part, a default); softcap, ALiBi, attn_mask and dropout on the fused TMA backward
-(its "bwdfeatures" part). Every case is checked against the float64 reference with
+(its "bwdfeatures" part); attn_mask tiles staged by TMA in the TMA forward (its "masktma" part). Every case is checked against the float64 reference with
 the accuracy rule, so a clean sanitizer run is also a correctness run.
 
     python3 tests/sanitize_driver.py [--list] [--only REGEX] [--case DESCRIPTION] [--device cpu]
@@ -45,7 +45,7 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 import reference  # noqa: E402
-from conftest import SM90_DEFAULT_PARTS  # noqa: E402
+from conftest import SM90_DEFAULT_PARTS, sm90_parts_with  # noqa: E402
 from reference import LOW_PRECISION, assert_close_to_reference, assert_lse_close, reference_results  # noqa: E402
 from test_accuracy import check_against_reference  # noqa: E402
 from test_features import check_dense, check_varlen  # noqa: E402
@@ -139,6 +139,9 @@ def cases():
     # softcap, ALiBi, attn_mask and dropout on the fused TMA backward (its "bwdfeatures" part, a
     # default): both orders of the dQ adds, a padded batch and packed sequences.
     out += [(F16, d, 2, 4, 150, 300, "bottom_right", "features_bwd_tma") for d in (64, 128, 256)]
+    # attn_mask tiles staged by TMA in the TMA forward (its "masktma" part, not a default): keys a
+    # multiple of 16 (rows TMA can address), a partial last query tile and key block.
+    out += [(BF16, d, 2, 4, 130, 320, "top_left", "mask_tma") for d in (64, 128, 256)]
     return out
 
 
@@ -256,6 +259,14 @@ def run_case(case, device):
                             softcap=15.0, alibi="batch", dropout_p=0.2, attn_mask=("bool", "B1LS"))
                 check_varlen(device, dtype, [70, 0, 129, 200], [90, 12, 0, 130], h, 2, d, causal=True,
                              bottom_right=True, softcap=10.0, dropout_p=0.1)
+    elif variant == "mask_tma":  # float per-row masks and bool key padding; head dim 64's wide tile too
+        runs = [{"CUFLASH_SM90": sm90_parts_with("masktma")}]
+        if d == 64:
+            runs.append(dict(runs[0], CUFLASH_FWD_TILE="wide"))
+        for run in runs:
+            with bench.switches_set(run):
+                check_dense(device, dtype, b, h, h // 2, nq, nk, d, attn_mask=("float", "B1LS"), causal=causal != "none")
+                check_dense(device, dtype, b, h, h, nq, nk, d, attn_mask=("bool", "B11S"), softcap=15.0)
     elif variant == "varlen":
         check_varlen(device, dtype, [70, 0, 129], [90, 12, 0], h, 2, d, causal=True, bottom_right=True,
                      softcap=10.0, dropout_p=0.1)
