@@ -14,7 +14,8 @@
 // a GPU (skipped without one), dropout_factors (a warp tile's dropout keep factors, two lanes
 // sharing each Philox call) against DropoutRng::keep element by element; the rule's Philox
 // against Random123's known answers; ScoreMod::scores' attn_mask passes against the mask's
-// elements.
+// elements. And the TMA forward's staged attn_mask tiles (sm90/staged_mask.h): each thread's
+// addresses against where TMA's swizzle puts the elements.
 #include <gtest/gtest.h>
 #include <cuda_runtime.h>
 #include <cmath>
@@ -22,6 +23,7 @@
 #include <utility>
 #include <vector>
 #include "../../csrc/cuda/mask.cuh"
+#include "../../csrc/cuda/sm90/staged_mask.h"
 
 namespace {
 
@@ -483,6 +485,41 @@ TEST(MaskTiles, AttnMaskScoresFollowTheMask) {
       EXPECT_EQ((mask_mismatch<true, 64>(is_bool, strides, 48, 64)), "");
       EXPECT_EQ((mask_mismatch<true, 64>(is_bool, strides, 192, 0)), "");
     }
+}
+
+// The staged mask tile's addresses (MaskStaging's thread_offset, chunk_xor, tile_offset and
+// next_rows, as add_staged_mask sums them) against TMA's layout of the boxes: element (row, key)
+// of box key / 64 at byte o = row * row_bytes + (key % 64) * elem_bytes of the box, o's 16-byte
+// chunk XORed with o's bits 7-9 (128-byte swizzle) or 7-8 (64-byte), a one-row box unswizzled.
+// Every lane, warp tile, 8-key tile, half and element of 128- and 192-row tiles over 128 keys.
+TEST(StagedMask, ThreadAddressesFollowTheSwizzle) {
+  for (const bool is_bool : {false, true})
+    for (const bool one_row : {false, true})
+      for (const int rows : {128, 192}) {
+        cuflash::sm90::MaskStaging m;
+        m.is_bool = is_bool;
+        m.one_row = one_row;
+        const int elem = is_bool ? 1 : 2, box_rows = one_row ? 1 : rows;
+        m.box_slot_bytes = (box_rows * 64 * elem + 1023) / 1024 * 1024;
+        auto tma_offset = [&](int row, int key) {
+          const uint32_t o = row * 64 * elem + (key % 64) * elem;
+          const uint32_t bits = one_row ? 0 : is_bool ? (o >> 7) & 3 : (o >> 7) & 7;
+          return (key / 64) * m.box_slot_bytes + (o ^ (bits << 4));
+        };
+        for (int warp_row = 0; warp_row < rows; warp_row += 16)
+          for (int lane = 0; lane < 32; ++lane)
+            for (int j = 0; j < 16; ++j)
+              for (int half = 0; half < 2; ++half)
+                for (int e = 0; e < 2; ++e) {
+                  const int row = one_row ? 0 : warp_row + (lane >> 2) + 8 * half;
+                  const int key = 8 * j + 2 * (lane & 3) + e;
+                  const uint32_t got = m.thread_offset(warp_row, lane) + m.tile_offset(j, m.chunk_xor(lane)) +
+                                       half * m.next_rows() + e * elem;
+                  ASSERT_EQ(got, tma_offset(row, key))
+                      << "bool " << is_bool << ", one row " << one_row << ", rows " << rows << ": warp row "
+                      << warp_row << ", lane " << lane << ", tile " << j << ", half " << half << ", element " << e;
+                }
+      }
 }
 
 }  // namespace

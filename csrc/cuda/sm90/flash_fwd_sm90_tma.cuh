@@ -31,6 +31,7 @@
 #endif
 #include <type_traits>
 #include "flash_fwd_sm90.cuh"
+#include "staged_mask.h"
 #include "tile_walk.h"
 #include "tma_maps.h"
 
@@ -93,50 +94,26 @@ struct FwdSm90TmaKernel {
   static_assert(kSmemBytes <= 227 * 1024, "shared memory per block");
 };
 
-// The attn_mask's staging (the "masktma" part) as the TMA forward reads it: the producer's
-// thread loads each key block's mask tile (the tile's query rows, or the one row of a mask that
-// broadcasts along the queries) into shared memory with K, one box of 64 keys at a time, on a
-// full barrier of its own; the consumers read their scores' elements there, where otherwise each
-// reads them from global memory after S's wgmma (ScoreMod::with_mask_inside, in the softmax's
-// path), and release the stage on its empty barrier. Float masks (16-bit, the kernel's type) in
-// 128-byte rows with the 128-byte swizzle, bool ones in 64-byte rows with the 64-byte swizzle: a
-// quad reads 16 bytes of a row, the warp's 8 rows 8 different bank groups (staged_mask_bias).
-// Past the mask's rows and keys TMA reads zeros: a float mask adds 0 there; a bool one hides the
-// keys, which the sequence's bounds hide anyway, and the rows past the queries, never stored.
-struct MaskStaging {
-  bool on = false;
-  bool is_bool = false;
-  bool one_row = false;                      // the mask broadcasts along the queries
-  bool per_head = false, per_batch = false;  // else it broadcasts along them: coordinate 0
-  int box_slot_bytes = 0;                    // between a stage's 64-key boxes
-  int stage_tx_bytes = 0;                    // the bytes a stage's boxes bring (TMA counts boxes whole)
-};
-
-// What a mask tile staged in shared memory adds to a warp tile's scores t (kN keys from the key
-// block's first; the warp's 16 rows from warp_row of the CTA's tile), as
-// ScoreMod::with_mask_inside adds it: bias * log2(e) by one FFMA, bit for bit.
+// What a mask tile staged in shared memory (MaskStaging) adds to a warp tile's scores t (kN keys
+// from the key block's first; the warp's 16 rows from warp_row of the CTA's tile), as
+// ScoreMod::with_mask_inside adds it: bias * log2(e) by one FFMA, bit for bit. Past the mask's
+// rows and keys TMA reads zeros: a float mask adds 0 there; a bool one hides the keys, which the
+// sequence's bounds hide anyway, and the rows past the queries, never stored.
 template <typename T, int kN>
 __device__ __forceinline__ void add_staged_mask(WarpAcc<kN>& t, uint32_t stage, const MaskStaging& m, int warp_row,
                                                 int lane) {
-  // A box row's bytes, the swizzle's XOR of its 16-byte chunks (128-byte swizzle: row % 8; 64-byte
-  // swizzle: (row / 2) % 4; the box's first row on its 1024-byte boundary) and this thread's first
-  // row's address. Its rows row and row + 8 share the XOR: warp_row is a multiple of 16.
-  const uint32_t row_bytes = m.is_bool ? 64 : 128, row = warp_row + (lane >> 2);
-  uint32_t chunk_xor = m.one_row ? 0 : m.is_bool ? (lane >> 3) & 3 : (lane >> 2) & 7;
-  uint32_t first = stage + (m.one_row ? 0 : row * row_bytes) + 2 * (lane & 3) * (m.is_bool ? 1 : 2);
+  uint32_t first = stage + m.thread_offset(warp_row, lane), chunk_xor = m.chunk_xor(lane);
   // Computed here at each step: hoisted out of the step loop, each tile's address took a register
   // (spilled: ptxas, the head-dim-64 wide features kernel).
   asm volatile("" : "+r"(first), "+r"(chunk_xor));
-  const uint32_t next_rows = m.one_row ? 0 : 8 * row_bytes;
+  const uint32_t next_rows = m.next_rows();
   auto add = [&](float& x, float bias) { x = __fmaf_rn(bias, kLog2e, x); };
-  // Keys 8j + 2 (lane % 4) and the next: box j / 8, bytes (8 (j % 8) + 2 (lane % 4)) x elem.
   if (m.is_bool) {
 #pragma unroll
     for (int j = 0; j < kN / 8; ++j) {
-      const uint32_t at = first + (j / 8) * m.box_slot_bytes + ((((j % 8) >> 1) ^ chunk_xor) << 4) + (j & 1) * 8;
 #pragma unroll
       for (int half = 0; half < 2; ++half) {
-        const uint32_t pair = ld_shared_u16(at + half * next_rows);
+        const uint32_t pair = ld_shared_u16(first + m.tile_offset(j, chunk_xor) + half * next_rows);
         add(t.v[j][2 * half], AttnMaskSlice::bool_bias<float>((pair & 0xff) != 0));
         add(t.v[j][2 * half + 1], AttnMaskSlice::bool_bias<float>((pair >> 8) != 0));
       }
@@ -144,10 +121,9 @@ __device__ __forceinline__ void add_staged_mask(WarpAcc<kN>& t, uint32_t stage, 
   } else {
 #pragma unroll
     for (int j = 0; j < kN / 8; ++j) {
-      const uint32_t at = first + (j / 8) * m.box_slot_bytes + (((j % 8) ^ chunk_xor) << 4);
 #pragma unroll
       for (int half = 0; half < 2; ++half) {
-        const uint32_t pair = ld_shared_u32(at + half * next_rows);
+        const uint32_t pair = ld_shared_u32(first + m.tile_offset(j, chunk_xor) + half * next_rows);
         const T* elems = reinterpret_cast<const T*>(&pair);
         add(t.v[j][2 * half], to_acc<float>(elems[0]));
         add(t.v[j][2 * half + 1], to_acc<float>(elems[1]));
