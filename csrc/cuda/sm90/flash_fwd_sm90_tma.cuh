@@ -335,7 +335,8 @@ __global__ void __launch_bounds__(FwdSm90TmaKernel<T, kHeadDim, kWide, kPersiste
     WarpAcc<kHeadDim> o;
     o.zero();
     OnlineSoftmax softmax;
-    const ScoreMod<T> mod(p, tile.b, tile.h);
+    ScoreMod<T> mod(p, tile.b, tile.h);
+    if (staged_mask) mod.mask.data = nullptr;  // added from shared memory instead (softmax_step)
     if (steps > 0) {
       auto full_parity = [&](int t) { return ((step + t) / kStages) & 1; };
       auto stage_of = [&](int t) { return (step + t) % kStages; };
@@ -348,19 +349,18 @@ __global__ void __launch_bounds__(FwdSm90TmaKernel<T, kHeadDim, kWide, kPersiste
         if constexpr (kFoldScale) {
           mask_scores(s, p.mask, tile.seq, row0, col0, lane);  // raw q.k, -inf where masked
           softmax.exp_folded_and_rescale_factor(s, mod.scale_log2, alpha);
-        } else if (staged_mask) {  // the mask added from shared memory, not by mod
-          ScoreMod<T> unmasked = mod;
-          unmasked.mask.data = nullptr;
-          scores_from_qk<kFeatures>(s, unmasked, p.mask, tile.seq, row0, col0, lane, [&](auto& scores) {
+        } else {
+          // Staged, the mask is added from shared memory (add_bias), not by mod: one copy of the
+          // scores' code either way (a second, for the staged route, spilled 44 more bytes in the
+          // head-dim-64 wide kernel).
+          scores_from_qk<kFeatures>(s, mod, p.mask, tile.seq, row0, col0, lane, [&](auto& scores) {
+            if (!staged_mask) return;
             const int stage = stage_of(t);
             mbarrier_wait(&mask_full[stage], full_parity(t));
             add_staged_mask<T>(scores, smem_u32(sMask(stage)), mask_staging, warp_row, lane);
             __syncwarp();  // every lane's reads of the stage done before the release
             if (lane == 0) mbarrier_arrive(&mask_empty[stage]);
           });
-          softmax.exp_and_rescale_factor(s, alpha);
-        } else {
-          scores_from_qk<kFeatures>(s, mod, p.mask, tile.seq, row0, col0, lane);
           softmax.exp_and_rescale_factor(s, alpha);
         }
         if (dropout) apply_dropout(s, rng, tile.b, tile.h, sh.heads_q, row0, col0, lane);
