@@ -229,8 +229,10 @@ __global__ void __launch_bounds__(FwdSm90TmaKernel<T, kHeadDim, kWide, kPersiste
       mbarrier_init(&v_full[s], 1);
       mbarrier_init(&k_empty[s], kConsumerThreads / 32);
       mbarrier_init(&v_empty[s], kConsumerThreads / 32);
-      mbarrier_init(&mask_full[s], 1);
-      mbarrier_init(&mask_empty[s], kConsumerThreads / 32);
+      if (kMayStageMask) {  // (the plain kernels' code stays as it was)
+        mbarrier_init(&mask_full[s], 1);
+        mbarrier_init(&mask_empty[s], kConsumerThreads / 32);
+      }
     }
     fence_barrier_init();
   }
