@@ -174,9 +174,13 @@ struct ScoreMod {
   __device__ __forceinline__ float with_alibi(float x, float distance) const {
     return __fmaf_rn(-alibi_log2, fabsf(distance), x);
   }
+  // A score with an attn_mask element's bias (AttnMaskSlice::bias): one rounding, the same in
+  // every route that reads the mask (element by element, a tile's pass, the TMA forward's staged
+  // tiles), so that their scores agree bit for bit.
+  __device__ __forceinline__ static float plus_bias(float x, float bias) { return __fmaf_rn(bias, kLog2e, x); }
   // Elements past the sequence (tile padding) are masked by is_visible or never stored.
   __device__ __forceinline__ float with_mask(float x, const Sequence& s, int i, int j) const {
-    return i < s.seqlen_q && j < s.seqlen_k ? __fmaf_rn(mask.bias<float, T>(i, j), kLog2e, x) : x;
+    return i < s.seqlen_q && j < s.seqlen_k ? plus_bias(x, mask.bias<float, T>(i, j)) : x;
   }
 
   // The raw q.k of a warp tile become its scores, a pass over the tile per feature (a branch per
@@ -242,7 +246,7 @@ struct ScoreMod {
         for (int j = 0; j < kN / 8; ++j) {
 #pragma unroll
           for (int e = 2 * half; e < 2 * half + 2; ++e)
-            t.v[j][e] = __fmaf_rn(bias(m[(e & 1) * step]), kLog2e, t.v[j][e]);
+            t.v[j][e] = plus_bias(t.v[j][e], bias(m[(e & 1) * step]));
           if (j + 1 < kN / 8) m += 8 * step;  // not past the tile's last column
         }
       };

@@ -82,7 +82,7 @@ struct FwdSm90TmaKernel {
   // attn_mask tiles staged by TMA (the "masktma" part; MaskStaging): kStages stages of kBlockM x
   // kBlockN 16-bit elements (a bool mask fills half) after the barriers, in boxes of 64 keys. On
   // the non-persistent kernels whose shared memory has room: every features kernel but head dim
-  // 128's and 256's wide ones (head dim 128's narrow one has 2 KB to spare).
+  // 128's and 256's wide ones (head dim 128's narrow one has 1 KB to spare).
   static constexpr int kMaskOffset = (kBarrierEnd + 1023) / 1024 * 1024;
   static constexpr int kMaskStageBytes = kBlockM * kBlockN * 2;
   static constexpr int kSmemBytesStagingMask = kMaskOffset + kStages * kMaskStageBytes + 1024;
@@ -96,7 +96,7 @@ struct FwdSm90TmaKernel {
 
 // What a mask tile staged in shared memory (MaskStaging) adds to a warp tile's scores t (kN keys
 // from the key block's first; the warp's 16 rows from warp_row of the CTA's tile), as
-// ScoreMod::with_mask_inside adds it: bias * log2(e) by one FFMA, bit for bit. Past the mask's
+// ScoreMod::with_mask_inside adds it (ScoreMod::plus_bias), bit for bit. Past the mask's
 // rows and keys TMA reads zeros: a float mask adds 0 there; a bool one hides the keys, which the
 // sequence's bounds hide anyway, and the rows past the queries, never stored.
 template <typename T, int kN>
@@ -107,7 +107,7 @@ __device__ __forceinline__ void add_staged_mask(WarpAcc<kN>& t, uint32_t stage, 
   // (spilled: ptxas, the head-dim-64 wide features kernel).
   asm volatile("" : "+r"(first), "+r"(chunk_xor));
   const uint32_t next_rows = m.next_rows();
-  auto add = [&](float& x, float bias) { x = __fmaf_rn(bias, kLog2e, x); };
+  auto add = [](float& x, float bias) { x = ScoreMod<T>::plus_bias(x, bias); };
   if (m.is_bool) {
 #pragma unroll
     for (int j = 0; j < kN / 8; ++j) {
@@ -609,7 +609,7 @@ MaskStaging encode_mask_map(const FlashFwdParams& p, CUtensorMap* map) {
   m.one_row = mask.row_stride == 0 || sh.seqlen_q == 1;
   m.per_head = mask.head_stride != 0 && sh.heads_q > 1;
   m.per_batch = mask.batch_stride != 0 && sh.batch > 1;
-  const int elem_bytes = m.is_bool ? 1 : 2, box_rows = m.one_row ? 1 : K::kBlockM;
+  const int box_rows = m.one_row ? 1 : K::kBlockM;
   const TensorStrides strides{m.per_batch ? mask.batch_stride : 0, m.per_head ? mask.head_stride : 0,
                               m.one_row ? 0 : mask.row_stride};
   const CUtensorMapDataType type = m.is_bool                              ? CU_TENSOR_MAP_DATA_TYPE_UINT8
@@ -619,10 +619,10 @@ MaskStaging encode_mask_map(const FlashFwdParams& p, CUtensorMap* map) {
   const CUtensorMapSwizzle swizzle = m.one_row  ? CU_TENSOR_MAP_SWIZZLE_NONE
                                      : m.is_bool ? CU_TENSOR_MAP_SWIZZLE_64B
                                                  : CU_TENSOR_MAP_SWIZZLE_128B;
-  if (!encode_rows_map(map, mask.data, type, elem_bytes, strides, m.per_batch ? sh.batch : 1,
+  if (!encode_rows_map(map, mask.data, type, m.elem_bytes(), strides, m.per_batch ? sh.batch : 1,
                        m.per_head ? sh.heads_q : 1, m.one_row ? 1 : sh.seqlen_q, sh.seqlen_k, box_rows, 64, swizzle))
     return m;
-  const int box_bytes = box_rows * 64 * elem_bytes;
+  const int box_bytes = box_rows * m.row_bytes();
   m.box_slot_bytes = (box_bytes + 1023) / 1024 * 1024;  // swizzle atoms start on 1024-byte boundaries
   m.stage_tx_bytes = K::kBlockN / 64 * box_bytes;
   m.on = true;
