@@ -20,8 +20,9 @@ start=$(date +%s)
 python3 setup.py build_ext --inplace > "$OUT/build.log" 2>&1 || { tail -n 40 "$OUT/build.log"; exit 1; }
 echo "build: $(( $(date +%s) - start )) s"
 bench=benchmarks/bench_features.py
-default_parts="tma,bwd,bwdws,features,persistent,kvcache,varlen,bwdvarlen,bwdfeatures"
-less_bwdvarlen="tma,bwd,bwdws,features,persistent,kvcache,varlen,bwdfeatures"
+# CUFLASH_SM90's default parts (tests/conftest.py's SM90_DEFAULT_PARTS, the one list)
+default_parts=$(sed -n 's/^SM90_DEFAULT_PARTS = "\(.*\)"$/\1/p' tests/conftest.py)
+less_bwdvarlen=${default_parts/,bwdvarlen,/,}
 step() { echo "== $1 ($(( $(date +%s) - start )) s)"; }
 # Each step's logs appended to $OUT/logs.tar as it ends, so that a call cut off by its limit still
 # returns the finished steps' logs within the device tool's eight files.
