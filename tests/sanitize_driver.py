@@ -218,8 +218,7 @@ def run_case(case, device):
         with bench.switches_set({"CUFLASH_PACK_GQA": "1"}):
             for num_splits in (0, 1, 5):
                 check_decode(device, dtype, d, b, h, nk, num_splits, tokens=nq)
-    elif variant in ("kvcache_tma", "varlen_tma", "varlen_bwd_tma", "features_bwd_tma") and \
-            os.environ.get("CUFLASH_SM90") == "0":
+    elif variant.endswith("_tma") and os.environ.get("CUFLASH_SM90") == "0":  # (the TMA kernels' cases)
         pytest.skip("the Hopper kernels are off (--without-tma)")
     elif variant == "kvcache_tma":  # the TMA forwards, persistent and not, over KV caches; splits
         import test_paged_kv
