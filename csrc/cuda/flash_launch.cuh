@@ -147,11 +147,18 @@ bool launch_fwd_tma(const FlashFwdParams& p, const sm90::Sm90Paths& hopper, cuda
     const int section_heads = kPersistent ? fwd_walk_section_heads(p, K::kBlockM, K::kBlockN, ctas, kv_bytes_per_pair) : 1;
     const sm90::TileWalk walk = sm90::make_tile_walk(m_blocks, sh.heads_q, sh.heads_kv, sh.batch, section_heads);
     CUtensorMap map_mask{};
-    const sm90::MaskStaging staging =
-        kFeatures && hopper.tma_mask ? sm90::encode_mask_map<K, T>(p, &map_mask) : sm90::MaskStaging{};
+    // The staged mask's own kernel (kStagedMask) where the mask's tiles can be staged.
+    if constexpr (kFeatures && K::kMayStageMask) {
+      const sm90::MaskStaging staging = hopper.tma_mask ? sm90::encode_mask_map<K, T>(p, &map_mask) : sm90::MaskStaging{};
+      if (staging.on) {
+        *err = launch(sm90::flash_fwd_sm90_tma_kernel<T, kHeadDim, kWide, kFeatures, kPersistent, true>, grid,
+                      K::kThreads, K::kSmemBytesStagingMask, stream, p, maps.q, maps.k, maps.v, maps.o, walk, map_mask,
+                      staging);
+        return true;
+      }
+    }
     *err = launch(sm90::flash_fwd_sm90_tma_kernel<T, kHeadDim, kWide, kFeatures, kPersistent>, grid, K::kThreads,
-                  staging.on ? K::kSmemBytesStagingMask : K::kSmemBytes, stream, p, maps.q, maps.k, maps.v, maps.o,
-                  walk, map_mask, staging);
+                  K::kSmemBytes, stream, p, maps.q, maps.k, maps.v, maps.o, walk, map_mask, sm90::MaskStaging{});
     return true;
   };
   using Plain = sm90::FwdSm90TmaKernel<T, kHeadDim, false>;

@@ -24,11 +24,6 @@
 #ifndef CUFLASH_FWD_PACKED_TMA_STORE
 #define CUFLASH_FWD_PACKED_TMA_STORE 0
 #endif
-// The "masktma" part's code in the features kernels (0: not built, the part then stages nothing;
-// an A/B build's define: its code costs the head-dim-64 wide features kernel spills).
-#ifndef CUFLASH_FWD_MASK_TMA
-#define CUFLASH_FWD_MASK_TMA 1
-#endif
 #include <type_traits>
 #include "flash_fwd_sm90.cuh"
 #include "staged_mask.h"
@@ -86,8 +81,7 @@ struct FwdSm90TmaKernel {
   static constexpr int kMaskOffset = (kBarrierEnd + 1023) / 1024 * 1024;
   static constexpr int kMaskStageBytes = kBlockM * kBlockN * 2;
   static constexpr int kSmemBytesStagingMask = kMaskOffset + kStages * kMaskStageBytes + 1024;
-  static constexpr bool kMayStageMask =
-      CUFLASH_FWD_MASK_TMA && !kPersistent && kBlockN % 64 == 0 && kSmemBytesStagingMask <= 227 * 1024;
+  static constexpr bool kMayStageMask = !kPersistent && kBlockN % 64 == 0 && kSmemBytesStagingMask <= 227 * 1024;
   // setmaxnreg: the producer's registers go to the consumers (65536 per SM in all).
   static constexpr int kProducerRegs = kConsumers == 2 ? 24 : 32, kConsumerRegs = kConsumers == 2 ? 240 : 160;
   static_assert(fits_launch_registers<kThreads>(kProducerRegs, kConsumerRegs), "setmaxnreg's split");
@@ -144,8 +138,12 @@ struct TmaTile {
 };
 
 // kFeatures: softcap, ALiBi, attn_mask or dropout may be on (CUFLASH_SM90's "features" part, a
-// default), in the consumers' softmax step as in the other forwards.
-template <typename T, int kHeadDim, bool kWide, bool kFeatures, bool kPersistent>
+// default), in the consumers' softmax step as in the other forwards. kStagedMask (a features
+// kernel with room for it, K::kMayStageMask): the attn_mask's tiles staged in shared memory by
+// the producer (MaskStaging; the "masktma" part). A kernel of its own: in one with the features
+// kernel, its code spilled 24-32 more bytes in the head-dim-64 wide one and made softcap and
+// ALiBi 2-8% slower there (H100, benchmarks/NOTES.md).
+template <typename T, int kHeadDim, bool kWide, bool kFeatures, bool kPersistent, bool kStagedMask = false>
 __global__ void __launch_bounds__(FwdSm90TmaKernel<T, kHeadDim, kWide, kPersistent>::kThreads, 1)
     flash_fwd_sm90_tma_kernel(const FlashFwdParams p, const __grid_constant__ CUtensorMap map_q,
                               const __grid_constant__ CUtensorMap map_k, const __grid_constant__ CUtensorMap map_v,
@@ -168,8 +166,7 @@ __global__ void __launch_bounds__(FwdSm90TmaKernel<T, kHeadDim, kWide, kPersiste
   // scale only (folds_scale_safely). The features kernel scales its scores first: folding its
   // run-time factor (cap_out, the scale or 1) made it slower (H100, benchmarks/NOTES.md).
   constexpr bool kFoldScale = !kFeatures;
-  constexpr bool kMayStageMask = kFeatures && K::kMayStageMask;
-  const bool staged_mask = kMayStageMask && mask_staging.on;
+  static_assert(!kStagedMask || (kFeatures && K::kMayStageMask), "a staged mask: the features kernels with room");
   static_assert(kWide || kPageSizeMultiple % kBlockN == 0, "a key block lies in one page (key_at)");
   constexpr int kPanels = kHeadDim / 64, kConsumerThreads = 128 * K::kConsumers;
   extern __shared__ char smem_raw[];
@@ -229,7 +226,7 @@ __global__ void __launch_bounds__(FwdSm90TmaKernel<T, kHeadDim, kWide, kPersiste
       mbarrier_init(&v_full[s], 1);
       mbarrier_init(&k_empty[s], kConsumerThreads / 32);
       mbarrier_init(&v_empty[s], kConsumerThreads / 32);
-      if (kMayStageMask) {  // (the plain kernels' code stays as it was)
+      if (kStagedMask) {
         mbarrier_init(&mask_full[s], 1);
         mbarrier_init(&mask_empty[s], kConsumerThreads / 32);
       }
@@ -268,7 +265,7 @@ __global__ void __launch_bounds__(FwdSm90TmaKernel<T, kHeadDim, kWide, kPersiste
         // The stage's previous tiles (step g - kStages) were released by every consumer warp.
         if (g >= kStages) mbarrier_wait(&k_empty[stage], (use - 1) & 1);
         load(&map_k, sK(stage), &k_full[stage], at);
-        if (staged_mask) {  // the block's mask tile (MaskStaging), at its logical keys
+        if constexpr (kStagedMask) {  // the block's mask tile (MaskStaging), at its logical keys
           if (g >= kStages) mbarrier_wait(&mask_empty[stage], (use - 1) & 1);
           mbarrier_arrive_expect_tx(&mask_full[stage], mask_staging.stage_tx_bytes);
 #pragma unroll
@@ -338,7 +335,7 @@ __global__ void __launch_bounds__(FwdSm90TmaKernel<T, kHeadDim, kWide, kPersiste
     o.zero();
     OnlineSoftmax softmax;
     ScoreMod<T> mod(p, tile.b, tile.h);
-    if (staged_mask) mod.mask.data = nullptr;  // added from shared memory instead (softmax_step)
+    if (kStagedMask) mod.mask.data = nullptr;  // added from shared memory instead (softmax_step)
     if (steps > 0) {
       auto full_parity = [&](int t) { return ((step + t) / kStages) & 1; };
       auto stage_of = [&](int t) { return (step + t) % kStages; };
@@ -352,16 +349,15 @@ __global__ void __launch_bounds__(FwdSm90TmaKernel<T, kHeadDim, kWide, kPersiste
           mask_scores(s, p.mask, tile.seq, row0, col0, lane);  // raw q.k, -inf where masked
           softmax.exp_folded_and_rescale_factor(s, mod.scale_log2, alpha);
         } else {
-          // Staged, the mask is added from shared memory (add_bias), not by mod: one copy of the
-          // scores' code either way (a second, for the staged route, spilled 44 more bytes in the
-          // head-dim-64 wide kernel).
+          // Staged, the mask is added from shared memory (add_bias), not by mod.
           scores_from_qk<kFeatures>(s, mod, p.mask, tile.seq, row0, col0, lane, [&](auto& scores) {
-            if (!staged_mask) return;
-            const int stage = stage_of(t);
-            mbarrier_wait(&mask_full[stage], full_parity(t));
-            add_staged_mask<T>(scores, smem_u32(sMask(stage)), mask_staging, warp_row, lane);
-            __syncwarp();  // every lane's reads of the stage done before the release
-            if (lane == 0) mbarrier_arrive(&mask_empty[stage]);
+            if constexpr (kStagedMask) {
+              const int stage = stage_of(t);
+              mbarrier_wait(&mask_full[stage], full_parity(t));
+              add_staged_mask<T>(scores, smem_u32(sMask(stage)), mask_staging, warp_row, lane);
+              __syncwarp();  // every lane's reads of the stage done before the release
+              if (lane == 0) mbarrier_arrive(&mask_empty[stage]);
+            }
           });
           softmax.exp_and_rescale_factor(s, alpha);
         }
