@@ -9,9 +9,9 @@
 #   3  packed sequences at head dim 256: their tests, then the defaults (the fused backward) against
 #      the default parts less "bwdvarlen" (the cp.async backward)
 #   4  the features against FlexAttention (forward, D=128, N=2048; Triton compilations untimed)
-#   5  attn_mask staged by TMA (CUFLASH_SM90's "masktma" part, forty-second session): its tests and
-#      test_attn_mask.py under it, then the masked forward and forward + backward, the defaults
-#      against the defaults with the part (plain beside them; each kernel's time)
+#   5  attn_mask staged by TMA (CUFLASH_SM90's "masktma" part, a default since the forty-third
+#      session, in a kernel of its own): its tests and test_attn_mask.py, then the forward with
+#      the features, the defaults against the defaults less the part (the global reads)
 # Outputs: $OUT/<step>.md and the tests' logs ($OUT/logs.tar). FOLLOWUP_STEPS="1 2 3 4" picks steps.
 # shellcheck source=scripts/device_call_env.sh
 source "$(dirname "$0")/device_call_env.sh"
@@ -23,6 +23,7 @@ bench=benchmarks/bench_features.py
 # CUFLASH_SM90's default parts (tests/conftest.py's SM90_DEFAULT_PARTS, the one list)
 default_parts=$(sed -n 's/^SM90_DEFAULT_PARTS = "\(.*\)"$/\1/p' tests/conftest.py)
 less_bwdvarlen=${default_parts/,bwdvarlen,/,}
+less_masktma=${default_parts/,masktma/}
 step() { echo "== $1 ($(( $(date +%s) - start )) s)"; }
 # Each step's logs appended to $OUT/logs.tar as it ends, so that a call cut off by its limit still
 # returns the finished steps' logs within the device tool's eight files.
@@ -68,14 +69,11 @@ for s in ${FOLLOWUP_STEPS:-1 2 3 4}; do
        timeout 120 python3 -m pytest tests/test_sm90_mask_tma.py -q -p no:cacheprovider -x --tb=short \
          > "$OUT/mask_tma_tests.log" 2>&1
        echo "mask_tma_tests.log: $(tail -n 1 "$OUT/mask_tma_tests.log")"; grep -E '^FAILED' "$OUT/mask_tma_tests.log" | head
-       CUFLASH_SM90="$default_parts,masktma" timeout 120 python3 -m pytest tests/test_attn_mask.py -q -p no:cacheprovider \
-         --tb=line > "$OUT/attn_mask_under_part.log" 2>&1
-       echo "attn_mask_under_part.log: $(tail -n 1 "$OUT/attn_mask_under_part.log")"
-       grep -E '^FAILED' "$OUT/attn_mask_under_part.log" | head
-       timeout 90 python3 $bench --head-dims 64,128,256 --seqlens 2048,8192 --features plain,attn_mask \
-         --variants ";$default_parts,masktma" > "$OUT/mask_tma_fwd.md" 2>&1
-       timeout 120 python3 $bench --backward --head-dims 64,128 --seqlens 2048,8192 --features plain,attn_mask \
-         --variants ";$default_parts,masktma" > "$OUT/mask_tma_bwd.md" 2>&1 ;;
+       timeout 120 python3 -m pytest tests/test_attn_mask.py -q -p no:cacheprovider --tb=line \
+         > "$OUT/attn_mask.log" 2>&1
+       echo "attn_mask.log: $(tail -n 1 "$OUT/attn_mask.log")"; grep -E '^FAILED' "$OUT/attn_mask.log" | head
+       timeout 150 python3 $bench --head-dims 64,128,256 --seqlens 2048,8192 --features plain,softcap,alibi,attn_mask \
+         --variants ";$less_masktma" > "$OUT/mask_tma_fwd.md" 2>&1 ;;
   esac
   keep_logs
 done

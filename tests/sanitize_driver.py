@@ -45,7 +45,7 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 import reference  # noqa: E402
-from conftest import SM90_DEFAULT_PARTS, sm90_parts_with  # noqa: E402
+from conftest import SM90_DEFAULT_PARTS  # noqa: E402
 from reference import LOW_PRECISION, assert_close_to_reference, assert_lse_close, reference_results  # noqa: E402
 from test_accuracy import check_against_reference  # noqa: E402
 from test_features import check_dense, check_varlen  # noqa: E402
@@ -139,7 +139,7 @@ def cases():
     # softcap, ALiBi, attn_mask and dropout on the fused TMA backward (its "bwdfeatures" part, a
     # default): both orders of the dQ adds, a padded batch and packed sequences.
     out += [(F16, d, 2, 4, 150, 300, "bottom_right", "features_bwd_tma") for d in (64, 128, 256)]
-    # attn_mask tiles staged by TMA in the TMA forward (its "masktma" part, not a default): keys a
+    # attn_mask tiles staged by TMA in the TMA forward (its "masktma" part, a default): keys a
     # multiple of 16 (rows TMA can address), a partial last query tile and key block.
     out += [(BF16, d, 2, 4, 130, 320, "top_left", "mask_tma") for d in (64, 128, 256)]
     return out
@@ -259,7 +259,7 @@ def run_case(case, device):
                 check_varlen(device, dtype, [70, 0, 129, 200], [90, 12, 0, 130], h, 2, d, causal=True,
                              bottom_right=True, softcap=10.0, dropout_p=0.1)
     elif variant == "mask_tma":  # float per-row masks and bool key padding; head dim 64's wide tile too
-        runs = [{"CUFLASH_SM90": sm90_parts_with("masktma")}]
+        runs = [{"CUFLASH_SM90": SM90_DEFAULT_PARTS}]
         if d == 64:
             runs.append(dict(runs[0], CUFLASH_FWD_TILE="wide"))
         for run in runs:

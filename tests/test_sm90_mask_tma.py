@@ -1,8 +1,8 @@
-"""CUFLASH_SM90's "masktma" part (not a default): the TMA forward's attn_mask tiles staged in
-shared memory by the producer's TMA loads (flash_fwd_sm90_tma.cuh's MaskStaging). The staged
-route adds each score's bias by the same FFMA as the default route's reads from global memory,
-so its output and logsumexp equal the default's bit for bit (the default's are checked against
-the float64 reference by test_attn_mask.py): over float and bool masks, every broadcast TMA can
+"""CUFLASH_SM90's "masktma" part (a default): the TMA forward's attn_mask tiles staged in
+shared memory by the producer's TMA loads (flash_fwd_sm90_tma.cuh's MaskStaging), in a kernel of
+their own. The staged route adds each score's bias by the same FFMA as the route that reads the
+mask from global memory (the part left out), so their outputs and logsumexps are equal bit for
+bit (test_attn_mask.py checks the defaults against the float64 reference): over float and bool masks, every broadcast TMA can
 stage (one row for all queries, per head, per batch), tiles at the sequence's edges, causal,
 softcap and ALiBi, and each head dim's features tile. CUFLASH_DEBUG's launch line shows the
 staging's shared memory where the mask is staged, and none where it cannot be (the keys not
@@ -12,7 +12,7 @@ import re
 import pytest
 import torch
 
-from conftest import IS_SM90, SM90_DEFAULT_PARTS, sm90_parts_with
+from conftest import IS_SM90, SM90_DEFAULT_PARTS, sm90_parts_without
 from test_features import MASK_SHAPES, make_mask, make_options
 
 pytestmark = pytest.mark.skipif(not IS_SM90, reason="the TMA forward is sm_90a's")
@@ -40,9 +40,8 @@ def check_staged(batch, heads, nq, nk, d, dtype, mask, monkeypatch, capfd, stage
     v = torch.randn(batch, heads, nk, d, device="cuda", dtype=dtype)
     options, _ = make_options(batch, heads, "cuda", causal=causal, **features)
     mask_before = mask.clone()
-    out, lse, smem = forward(SM90_DEFAULT_PARTS, q, k, v, mask, monkeypatch, capfd, **options)
-    out_staged, lse_staged, smem_staged = forward(sm90_parts_with("masktma"), q, k, v, mask, monkeypatch, capfd,
-                                                  **options)
+    out, lse, smem = forward(sm90_parts_without("masktma"), q, k, v, mask, monkeypatch, capfd, **options)
+    out_staged, lse_staged, smem_staged = forward(SM90_DEFAULT_PARTS, q, k, v, mask, monkeypatch, capfd, **options)
     assert torch.equal(mask, mask_before)
     assert (smem_staged > smem) == staged, (smem, smem_staged)
     assert torch.equal(out_staged, out), (out_staged - out).abs().max()
@@ -79,7 +78,7 @@ def test_staged_mask_on_wide_tile(kind, shape, monkeypatch, capfd):
 
 
 def test_head_dim_128_wide_tile_reads_from_global_memory(monkeypatch, capfd):
-    """No room for the staging beside its 192-key blocks: the default route, the same results."""
+    """No room for the staging beside its 192-key blocks: the global reads, the same results."""
     monkeypatch.setenv("CUFLASH_FWD_TILE", "wide")
     mask = make_mask("float", (2, 2, 200, 384), "cuda", torch.bfloat16)
     check_staged(2, 2, 200, 384, 128, torch.bfloat16, mask, monkeypatch, capfd, staged=False)
@@ -89,7 +88,7 @@ def test_head_dim_128_wide_tile_reads_from_global_memory(monkeypatch, capfd):
 def test_masks_tma_cannot_stage(case, monkeypatch, capfd):
     """Keys not contiguous (a transposed view), rows of 300 bool elements (not a multiple of 16
     bytes), and a mask sliced from wider rows (a 16-byte row stride but a base 2 bytes past an
-    aligned one): the default route, the same results."""
+    aligned one): the global reads, the same results."""
     nq, nk = 130, 300 if case == "unaligned_rows" else 256
     if case == "transposed":
         mask = make_mask("float", (2, 1, nq, nk), "cuda", torch.bfloat16, transposed=True)

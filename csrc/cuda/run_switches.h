@@ -4,7 +4,7 @@
 //
 //   CUFLASH_SM90    which Hopper kernels run (sm_90a builds on a compute capability 9.0 GPU):
 //     unset or ""   the default parts,
-//                   "tma,bwd,bwdws,features,persistent,kvcache,varlen,bwdvarlen,bwdfeatures"
+//                   "tma,bwd,bwdws,features,persistent,kvcache,varlen,bwdvarlen,bwdfeatures,masktma"
 //     "0"           none: the sm_80-class kernels
 //     a comma list  exactly the parts named; the cp.async Hopper forward runs plain attention
 //                   wherever "tma" is not named or TMA cannot address the input:
@@ -27,12 +27,12 @@
 //       splits      with tma, not a default: split-KV without the features on the plain narrow
 //                   TMA kernel, where otherwise the sm_80-class one runs (H200, one token at
 //                   batch 1: 9% faster over 16384 keys, slower up to 4096; benchmarks/NOTES.md)
-//       masktma     with tma and features, not a default: the TMA forward's attn_mask tiles
-//                   staged in shared memory by the producer's TMA loads (beside K's), where
-//                   otherwise the consumers read them from global memory; a mask whose keys are
-//                   contiguous and whose rows and base TMA can address (sm90::encode_mask_map),
-//                   on the features kernels whose shared memory has room (FwdSm90TmaKernel::
-//                   kMayStageMask); not yet measured on a GPU
+//       masktma     with tma and features: the TMA forward's attn_mask tiles staged in shared
+//                   memory by the producer's TMA loads (beside K's), where otherwise the
+//                   consumers read them from global memory; a mask whose keys are contiguous
+//                   and whose rows and base TMA can address (sm90::encode_mask_map), on the
+//                   features kernels whose shared memory has room (FwdSm90TmaKernel::
+//                   kMayStageMask; H100: the masked forward 1.62-2.24x the global reads)
 //       varlen      with tma: packed sequences (cu_seqlens) without the features on the
 //                   plain narrow TMA kernels (persistent with "persistent" where a dense batch
 //                   of the longest sequence would be), where otherwise the cp.async forward runs
@@ -111,7 +111,7 @@ struct Sm90Switch {
   bool on = true, tma = true, bwd = true, features = true, persistent = true, bwd_ws = true;
   bool tma_kv_cache = true;
   bool tma_splits = false;  // not a default part: faster than the sm_80-class split kernel on long caches only
-  bool tma_mask = false;    // not a default part: not yet measured
+  bool tma_mask = true;
   bool tma_varlen = true;
   bool bwd_varlen = true;
   bool bwd_features = true;
@@ -122,7 +122,7 @@ inline bool parse_sm90_switch(const char* value, Sm90Switch* out) {
   Sm90Switch s;
   if (value != nullptr && *value != '\0') {
     s.tma = s.bwd = s.features = s.persistent = s.bwd_ws = s.tma_kv_cache = s.tma_varlen = s.bwd_varlen =
-        s.bwd_features = false;
+        s.bwd_features = s.tma_mask = false;
     if (std::strcmp(value, "0") == 0) {
       s.on = false;
     } else {
