@@ -12,6 +12,9 @@
 #   5  attn_mask staged by TMA (CUFLASH_SM90's "masktma" part, a default since the forty-third
 #      session, in a kernel of its own): its tests and test_attn_mask.py, then the forward with
 #      the features, the defaults against the defaults less the part (the global reads)
+#   6  attn_mask staged by TMA in the fused backward (its "bwdmasktma" part, forty-third session,
+#      not a default): its tests, then forward + backward with the mask, the defaults against the
+#      defaults with the part (plain and softcap beside them)
 # Outputs: $OUT/<step>.md and the tests' logs ($OUT/logs.tar). FOLLOWUP_STEPS="1 2 3 4" picks steps.
 # shellcheck source=scripts/device_call_env.sh
 source "$(dirname "$0")/device_call_env.sh"
@@ -74,6 +77,13 @@ for s in ${FOLLOWUP_STEPS:-1 2 3 4}; do
        echo "attn_mask.log: $(tail -n 1 "$OUT/attn_mask.log")"; grep -E '^FAILED' "$OUT/attn_mask.log" | head
        timeout 150 python3 $bench --head-dims 64,128,256 --seqlens 2048,8192 --features plain,softcap,alibi,attn_mask \
          --variants ";$less_masktma" > "$OUT/mask_tma_fwd.md" 2>&1 ;;
+    6) step "attn_mask staged by TMA in the backward"
+       timeout 150 python3 -m pytest tests/test_sm90_mask_tma.py -k backward -q -p no:cacheprovider --tb=short \
+         > "$OUT/mask_bwd_tma_tests.log" 2>&1
+       echo "mask_bwd_tma_tests.log: $(tail -n 1 "$OUT/mask_bwd_tma_tests.log")"
+       grep -E '^FAILED' "$OUT/mask_bwd_tma_tests.log" | head
+       timeout 150 python3 $bench --backward --head-dims 64,128 --seqlens 2048,8192 --features plain,softcap,attn_mask \
+         --variants ";$default_parts,bwdmasktma" > "$OUT/mask_bwd_tma.md" 2>&1 ;;
   esac
   keep_logs
 done

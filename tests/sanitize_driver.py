@@ -20,7 +20,8 @@ heads as rows; four causal tokens a step packed under CUFLASH_PACK_GQA=1; 130 un
 part), over contiguous and paged caches); packed sequences on the TMA forwards, persistent and
 not, at head dim 64 on the wide tiles too (its "varlen" part), and on the TMA backward, the pair and the fused kernel's two dQ orders
 (its "bwdvarlen" part, a default); softcap, ALiBi, attn_mask and dropout on the fused TMA backward
-(its "bwdfeatures" part); attn_mask tiles staged by TMA in the TMA forward (its "masktma" part). Every case is checked against the float64 reference with
+(its "bwdfeatures" part); attn_mask tiles staged by TMA in the TMA forward and backward (its
+"masktma" and "bwdmasktma" parts). Every case is checked against the float64 reference with
 the accuracy rule, so a clean sanitizer run is also a correctness run.
 
     python3 tests/sanitize_driver.py [--list] [--only REGEX] [--case DESCRIPTION] [--device cpu]
@@ -45,10 +46,10 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 import reference  # noqa: E402
-from conftest import SM90_DEFAULT_PARTS  # noqa: E402
+from conftest import SM90_DEFAULT_PARTS, sm90_parts_with  # noqa: E402
 from reference import LOW_PRECISION, assert_close_to_reference, assert_lse_close, reference_results  # noqa: E402
 from test_accuracy import check_against_reference  # noqa: E402
-from test_features import check_dense, check_varlen  # noqa: E402
+from test_features import check_dense, check_varlen, make_mask  # noqa: E402
 from test_kvcache import per_sequence_reference  # noqa: E402
 
 F16, BF16, F32, F64 = torch.float16, torch.bfloat16, torch.float32, torch.float64
@@ -142,6 +143,9 @@ def cases():
     # attn_mask tiles staged by TMA in the TMA forward (its "masktma" part, a default): keys a
     # multiple of 16 (rows TMA can address), a partial last query tile and key block.
     out += [(BF16, d, 2, 4, 130, 320, "top_left", "mask_tma") for d in (64, 128, 256)]
+    # And in the fused TMA backward (its "bwdmasktma" part, not a default): the steps' tiles with
+    # Q and dO, a partial last step and key block, both dQ orders.
+    out += [(F16, d, 2, 4, 130, 320, "top_left", "mask_bwd_tma") for d in (64, 128)]
     return out
 
 
@@ -265,6 +269,12 @@ def run_case(case, device):
         for run in runs:
             with bench.switches_set(run):
                 check_dense(device, dtype, b, h, h // 2, nq, nk, d, attn_mask=("float", "B1LS"), causal=causal != "none")
+                check_dense(device, dtype, b, h, h, nq, nk, d, attn_mask=("bool", "B11S"), softcap=15.0)
+    elif variant == "mask_bwd_tma":  # float per-row masks (no gradient) and bool key padding, GQA, softcap
+        float_mask = make_mask("float", (b, 1, nq, nk), device, dtype)
+        for dq in ("ordered", "atomic"):
+            with bench.switches_set({"CUFLASH_SM90": sm90_parts_with("bwdmasktma"), "CUFLASH_BWD_DQ": dq}):
+                check_dense(device, dtype, b, h, h // 2, nq, nk, d, attn_mask=float_mask, causal=causal != "none")
                 check_dense(device, dtype, b, h, h, nq, nk, d, attn_mask=("bool", "B11S"), softcap=15.0)
     elif variant == "varlen":
         check_varlen(device, dtype, [70, 0, 129], [90, 12, 0], h, 2, d, causal=True, bottom_right=True,

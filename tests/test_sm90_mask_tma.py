@@ -6,19 +6,26 @@ bit (test_attn_mask.py checks the defaults against the float64 reference): over 
 stage (one row for all queries, per head, per batch), tiles at the sequence's edges, causal,
 softcap and ALiBi, and each head dim's features tile. CUFLASH_DEBUG's launch line shows the
 staging's shared memory where the mask is staged, and none where it cannot be (the keys not
-contiguous, rows TMA cannot address, head dim 128's wide tile)."""
+contiguous, rows TMA cannot address, head dim 128's wide tile).
+
+The "bwdmasktma" part (not a default) stages them in the fused TMA backward too (flash_bwd_sm90_tma.cuh,
+kStagedMask: each step's mask tile with its Q and dO, read transposed by ldmatrix or a byte at a
+time): its dQ (ordered adds), dK and dV equal the default route's bit for bit, over the same masks,
+GQA, causal, softcap, ALiBi and dropout, at head dims 64 and 128 (the steps with room for it)."""
 import re
 
 import pytest
 import torch
 
-from conftest import IS_SM90, SM90_DEFAULT_PARTS, sm90_parts_without
+from conftest import IS_SM90, SM90_DEFAULT_PARTS, sm90_parts_with, sm90_parts_without
 from test_features import MASK_SHAPES, make_mask, make_options
 
 pytestmark = pytest.mark.skipif(not IS_SM90, reason="the TMA forward is sm_90a's")
 
 fwd = torch.ops.cuflash_attn.fwd
 LAUNCH = re.compile(r"cuflash_attn: .*flash_fwd_sm90_tma_kernel<.*, (\d+) bytes of shared memory")
+BWD_LAUNCH = re.compile(r"cuflash_attn: .*flash_bwd_dkdv_sm90_tma_kernel<.*, (\d+) bytes of shared memory")
+BWD_STAGED = sm90_parts_with("bwdmasktma")
 
 
 def forward(parts, q, k, v, mask, monkeypatch, capfd, **options):
@@ -97,3 +104,69 @@ def test_masks_tma_cannot_stage(case, monkeypatch, capfd):
     else:
         mask = make_mask("float", (2, 1, nq, nk + 8), "cuda", torch.bfloat16)[..., 1:nk + 1]
     check_staged(2, 2, nq, nk, 64, torch.bfloat16, mask, monkeypatch, capfd, staged=False)
+
+
+def gradients(parts, q, k, v, mask, dout, monkeypatch, capfd, **options):
+    """(dq, dk, dv) under CUFLASH_SM90=parts with dQ's ordered adds, and the fused backward's shared
+    memory bytes (its one launch)."""
+    monkeypatch.setenv("CUFLASH_SM90", parts)
+    monkeypatch.setenv("CUFLASH_BWD_DQ", "ordered")
+    monkeypatch.setenv("CUFLASH_DEBUG", "1")
+    inputs = [t.detach().clone().requires_grad_() for t in (q, k, v)]
+    out, _ = fwd(*inputs, attn_mask=mask, **options)
+    capfd.readouterr()
+    grads = torch.autograd.grad(out, inputs, dout)
+    torch.cuda.synchronize()
+    smem = [int(m.group(1)) for m in BWD_LAUNCH.finditer(capfd.readouterr().err)]
+    assert len(smem) == 1, f"one fused backward launch expected under {parts}: {smem}"
+    return grads, smem[0]
+
+
+def check_staged_backward(batch, heads, heads_kv, nq, nk, d, dtype, mask, monkeypatch, capfd, staged=True,
+                          causal=False, **features):
+    torch.manual_seed(0)
+    q = torch.randn(batch, heads, nq, d, device="cuda", dtype=dtype)
+    k = torch.randn(batch, heads_kv, nk, d, device="cuda", dtype=dtype)
+    v = torch.randn(batch, heads_kv, nk, d, device="cuda", dtype=dtype)
+    dout = torch.randn(batch, heads, nq, d, device="cuda", dtype=dtype)
+    options, _ = make_options(batch, heads, "cuda", causal=causal, **features)
+    mask_before = mask.clone()
+    grads, smem = gradients(SM90_DEFAULT_PARTS, q, k, v, mask, dout, monkeypatch, capfd, **options)
+    grads_staged, smem_staged = gradients(BWD_STAGED, q, k, v, mask, dout, monkeypatch, capfd, **options)
+    assert torch.equal(mask, mask_before)
+    assert (smem_staged > smem) == staged, (smem, smem_staged)
+    for name, got, want in zip(("dq", "dk", "dv"), grads_staged, grads):
+        assert torch.equal(got, want), (name, (got - want).abs().max())
+    assert grads[0].isfinite().all() and grads[0].abs().sum() > 0
+
+
+@pytest.mark.parametrize("d", [64, 128])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("kind", ["bool", "float"])
+@pytest.mark.parametrize("shape", ["BHLS", "B11S", "1HLS", "LS", "S"])
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+def test_staged_mask_backward_equals_default(d, dtype, kind, shape, causal, monkeypatch, capfd):
+    """200 queries (a partial last step) over 320 keys (a partial last key block), 4 heads over 2."""
+    batch, heads, nq, nk = 2, 4, 200, 320
+    mask = make_mask(kind, MASK_SHAPES[shape](batch, heads, nq, nk), "cuda", dtype)
+    check_staged_backward(batch, heads, 2, nq, nk, d, dtype, mask, monkeypatch, capfd, causal=causal)
+
+
+@pytest.mark.parametrize("d", [64, 128])
+@pytest.mark.parametrize("kind", ["bool", "float"])
+def test_staged_mask_backward_with_the_other_features(d, kind, monkeypatch, capfd):
+    """softcap, ALiBi and dropout beside the mask (each step's scores, P z and dS)."""
+    mask = make_mask(kind, (2, 1, 150, 256), "cuda", torch.bfloat16)
+    check_staged_backward(2, 4, 4, 150, 256, d, torch.bfloat16, mask, monkeypatch, capfd, causal=True,
+                          bottom_right=True, softcap=30.0, alibi="batch", dropout_p=0.1)
+
+
+@pytest.mark.parametrize("case", ["transposed", "unaligned_rows"])
+def test_masks_the_backward_cannot_stage(case, monkeypatch, capfd):
+    """Keys not contiguous, and bool rows of 300 elements: the global reads, the same gradients."""
+    nq, nk = 130, 300 if case == "unaligned_rows" else 256
+    if case == "transposed":
+        mask = make_mask("float", (2, 1, nq, nk), "cuda", torch.bfloat16, transposed=True)
+    else:
+        mask = make_mask("bool", (2, 1, nq, nk), "cuda", torch.bfloat16)
+    check_staged_backward(2, 2, 2, nq, nk, 64, torch.bfloat16, mask, monkeypatch, capfd, staged=False)

@@ -327,9 +327,10 @@ bool launch_bwd_fused256(const FlashBwdParams& p, cudaStream_t stream, cudaError
 // inputs: true with *err its launch's, false (nothing launched) otherwise. kAccum: dQ too, added
 // by TMA reduce (the fused kernel), in a fixed order with p.dq_semaphores; kWide: 128-query steps
 // (head dim 64); kFeatures: softcap, ALiBi, attn_mask and dropout (the fused kernel's, the
-// "bwdfeatures" part).
+// "bwdfeatures" part); stage_mask: the attn_mask's tiles staged by TMA where they can be (the
+// "bwdmasktma" part: the kernel's kStagedMask, sm90::encode_mask_map).
 template <typename T, int kHeadDim, bool kAccum, bool kWithDk, bool kWithDv, bool kWide, bool kFeatures>
-bool launch_dkdv_ws(const FlashBwdParams& p, cudaStream_t stream, cudaError_t* err) {
+bool launch_dkdv_ws(const FlashBwdParams& p, cudaStream_t stream, cudaError_t* err, bool stage_mask = false) {
   static_assert(!kFeatures || (kAccum && kWithDk && kWithDv), "the features on the fused kernel only");
   const AttentionShape& sh = p.shape;
   sm90::BackwardTmaMaps maps{};
@@ -345,11 +346,23 @@ bool launch_dkdv_ws(const FlashBwdParams& p, cudaStream_t stream, cudaError_t* e
     const int64_t num_tiles = int64_t{tiles.x} * tiles.y * tiles.z;
     const int sms = std::max(1, device_attribute<cudaDevAttrMultiProcessorCount>(1));
     const dim3 grid = Ws::kPersistent ? dim3(static_cast<unsigned>(std::min<int64_t>(num_tiles, sms))) : tiles;
+    CUtensorMap map_mask{};
+    sm90::MaskStaging staging{};
+    if constexpr (kFeatures && Ws::kMayStageMask)
+      if (stage_mask) staging = sm90::encode_mask_map<Ws, T>(p, &map_mask);
     *err = with_bwd_packing<Ws>(p, [&](auto packed) {
+      constexpr bool kPacked = decltype(packed)::value;
+      if constexpr (kFeatures && !kPacked && Ws::kMayStageMask) {  // the staged mask's own kernel
+        if (staging.on)
+          return launch(sm90::flash_bwd_dkdv_sm90_tma_kernel<T, kHeadDim, kAccum, kWithDk, kWithDv, kWide, kOrdered,
+                                                             kPacked, kFeatures, true>,
+                        grid, Ws::kThreads, Ws::kSmemBytesStagingMask, stream, p, maps.q, maps.dout, maps.k, maps.v,
+                        maps.dq_accum, maps.dk, maps.dv, map_mask, staging);
+      }
       return launch(sm90::flash_bwd_dkdv_sm90_tma_kernel<T, kHeadDim, kAccum, kWithDk, kWithDv, kWide, kOrdered,
-                                                         decltype(packed)::value, kFeatures>,
+                                                         kPacked, kFeatures>,
                     grid, Ws::kThreads, Ws::kSmemBytes, stream, p, maps.q, maps.dout, maps.k, maps.v, maps.dq_accum,
-                    maps.dk, maps.dv);
+                    maps.dk, maps.dv, map_mask, staging);
     });
     return true;
   };
@@ -449,7 +462,7 @@ cudaError_t run_flash_bwd(const FlashBwdParams& p, cudaStream_t stream) {
           return err != cudaSuccess ? err : convert_dq();
       } else {  // the features on the fused kernel (64-query steps), likewise; else the sm_80-class kernels
         if (accum_dq && hopper.bwd_features &&
-            launch_dkdv_ws<T, kHeadDim, true, true, true, false, true>(p, stream, &err))
+            launch_dkdv_ws<T, kHeadDim, true, true, true, false, true>(p, stream, &err, hopper.bwd_tma_mask))
           return err != cudaSuccess ? err : convert_dq();
       }
       if (hopper.bwd && !(accum_dq && K::kSplitDkDv)) {

@@ -133,6 +133,16 @@ __device__ __forceinline__ void for_each_value(WarpAcc<kN>& t, F&& f) {
     for (int e = 0; e < 4; ++e) f(t.v[j][e], j, e);
 }
 
+// The add_bias of ScoreMod::scores and its callers that adds nothing: where the TMA kernels stage
+// an attn_mask's tiles in shared memory, their pass over them takes its place (and the ScoreMod
+// then has no mask of its own).
+struct NoBias {
+  template <class Tile>
+  __device__ __forceinline__ void operator()(Tile&) const {}
+};
+template <class AddBias>
+constexpr bool kAddsBias = !std::is_same_v<std::decay_t<AddBias>, NoBias>;
+
 // What turns q.k into the scaled-log2 score of one (sequence, head): scale, softcap, ALiBi,
 // attn_mask (whose float elements have type T, the kernel's). Both directions apply it a tile
 // at a time (scores), through element steps rounded explicitly, so that the backward recomputes
@@ -186,10 +196,12 @@ struct ScoreMod {
   // The raw q.k of a warp tile become its scores, a pass over the tile per feature (a branch per
   // tile, not per element: tested per element, they cost the head-dim-64 fused Hopper backward
   // half its speed; benchmarks/NOTES.md). With softcap, capped_at(j, e, t) receives element
-  // (j, e)'s tanh (the backward's chain rule; the forward passes none).
-  template <bool kTransposed, int kN, class CappedAt = void (*)(int, int, float)>
+  // (j, e)'s tanh (the backward's chain rule; the forward passes none). add_bias(t) adds, last,
+  // what the ScoreMod does not (a staged attn_mask's tiles).
+  template <bool kTransposed, int kN, class CappedAt = void (*)(int, int, float), class AddBias = NoBias>
   __device__ __forceinline__ void scores(WarpAcc<kN>& t, const Sequence& s, int row0, int col0, int lane,
-                                         CappedAt&& capped_at = [](int, int, float) {}) const {
+                                         CappedAt&& capped_at = [](int, int, float) {},
+                                         AddBias&& add_bias = NoBias{}) const {
     const TileDistance<kTransposed, kN> distance(s, row0, col0, lane);  // the ALiBi passes'
     if (CUFLASH_ALIBI_ONE_SIDED && alibi && !softcap && distance.sign != 0) {
       // Off the diagonal the distance has one sign over the tile, so the bias is linear in the
@@ -224,6 +236,7 @@ struct ScoreMod {
                                       [&](float& x, int i, int k, int, int) { x = with_mask(x, s, i, k); });
       }
     }
+    add_bias(t);
   }
 
   // with_mask over a tile inside the sequence (no bounds to test) of a mask whose keys are
@@ -265,12 +278,14 @@ struct ScoreMod {
   // then exact). Only for 16-bit inputs, and cap_out only below 2^8: the exact product and the
   // forward's rounded one differ by at most 2^-17 in the exponent there, far below a 16-bit P's
   // rounding (float32's would not be, to its own accuracy). The forward does not fold it: its
-  // run-time factor made the forward slower (H100, benchmarks/NOTES.md). capped_at as in scores.
-  template <bool kTransposed, int kN, class CappedAt = void (*)(int, int, float)>
+  // run-time factor made the forward slower (H100, benchmarks/NOTES.md). capped_at and add_bias
+  // as in scores.
+  template <bool kTransposed, int kN, class CappedAt = void (*)(int, int, float), class AddBias = NoBias>
   __device__ __forceinline__ float scores_up_to_factor(WarpAcc<kN>& t, const Sequence& s, int row0, int col0,
-                                                       int lane, CappedAt&& capped_at = [](int, int, float) {}) const {
+                                                       int lane, CappedAt&& capped_at = [](int, int, float) {},
+                                                       AddBias&& add_bias = NoBias{}) const {
     constexpr bool k16Bit = !std::is_same_v<T, float>;
-    if (k16Bit && !alibi && !mask.data) {
+    if (k16Bit && !kAddsBias<AddBias> && !alibi && !mask.data) {
       if (softcap && positive_normal(cap_out) && cap_out < 0x1p8f) {
         for_each_value(t, [&](float& x, int j, int e) {
           x = tanh_of(x);
@@ -279,7 +294,7 @@ struct ScoreMod {
         return cap_out;
       }
     }
-    scores<kTransposed>(t, s, row0, col0, lane, capped_at);
+    scores<kTransposed>(t, s, row0, col0, lane, capped_at, add_bias);
     return 1.f;
   }
 };
@@ -313,10 +328,10 @@ __device__ __forceinline__ void mask_scores(WarpAcc<kN>& t, const MaskParams& m,
 // Raw q.k in `t` becomes the scaled-log2 score, -inf where masked (forward). Without kFeatures
 // (no softcap or ALiBi) the score is q.k * scale_log2. add_bias(t), where given, adds what mod
 // does not (the TMA forward's staged attn_mask) before the mask's -inf.
-template <bool kFeatures, int kN, typename T, class AddBias = void (*)(WarpAcc<kN>&)>
+template <bool kFeatures, int kN, typename T, class AddBias = NoBias>
 __device__ __forceinline__ void scores_from_qk(WarpAcc<kN>& t, const ScoreMod<T>& mod, const MaskParams& m,
                                                const Sequence& s, int row0, int col0, int lane,
-                                               AddBias&& add_bias = [](WarpAcc<kN>&) {}) {
+                                               AddBias&& add_bias = NoBias{}) {
   if (kFeatures && !mod.plain()) {
     mod.template scores<false>(t, s, row0, col0, lane);
   } else {
@@ -469,13 +484,14 @@ __device__ __forceinline__ void probs_then_mask(WarpAcc<kN>& s, float scale_log2
 // dp as soon as the softcap pass has it (no tile of factors kept: the head-dim-64 fused Hopper
 // backward spilled 80-116 bytes with one). dscores, if not null, receives the score gradients
 // P * (dP * z - delta) of the elements inside the sequence (dcap applied after them): the (b, h)
-// slice of FlashBwdParams::dscores, rows dscores_stride apart.
-template <bool kTransposed, bool kWithDs, int kN, typename T, class Lse2, class Delta>
+// slice of FlashBwdParams::dscores, rows dscores_stride apart. add_bias as in ScoreMod::scores.
+template <bool kTransposed, bool kWithDs, int kN, typename T, class Lse2, class Delta, class AddBias = NoBias>
 __device__ __forceinline__ void probs_and_ds_with_features(WarpAcc<kN>& s, WarpAcc<kN>& dp, const ScoreMod<T>& mod,
                                                            const MaskParams& m, const Sequence& seq, bool dropout,
                                                            const DropoutRng& rng, int b, int h, int heads, int row0,
                                                            int col0, int lane, Lse2&& lse2, Delta&& delta,
-                                                           float* dscores = nullptr, int64_t dscores_stride = 0) {
+                                                           float* dscores = nullptr, int64_t dscores_stride = 0,
+                                                           AddBias&& add_bias = NoBias{}) {
   float z[kN / 8][4];  // with dropout
   if (dropout) dropout_factors<kTransposed, kN>(z, rng, b, h, heads, row0, col0, lane);
   if (kWithDs) {
@@ -488,7 +504,7 @@ __device__ __forceinline__ void probs_and_ds_with_features(WarpAcc<kN>& s, WarpA
   // The scores up to a factor, as the forward makes them (ScoreMod::scores_up_to_factor).
   float dcap[kN / 8][4];  // with softcap and dscores: 1 - t^2, applied once dscores is stored
   auto scores_then = [&](auto&& capped_at) {
-    return mod.template scores_up_to_factor<kTransposed>(s, seq, row0, col0, lane, capped_at);
+    return mod.template scores_up_to_factor<kTransposed>(s, seq, row0, col0, lane, capped_at, add_bias);
   };
   float factor;
   if (!kWithDs) {

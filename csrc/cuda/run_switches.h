@@ -33,6 +33,11 @@
 //                   and whose rows and base TMA can address (sm90::encode_mask_map), on the
 //                   features kernels whose shared memory has room (FwdSm90TmaKernel::
 //                   kMayStageMask; H100: the masked forward 1.62-2.24x the global reads)
+//       bwdmasktma  with bwdfeatures, not a default: the fused TMA backward's attn_mask tiles
+//                   staged in shared memory by its TMA thread with each step's Q and dO, where
+//                   otherwise its consumers read them from global memory; as masktma's masks, on
+//                   64-query steps at head dims 33-64 and 97-128 (BwdDkvSm90TmaKernel::
+//                   kMayStageMask); not yet measured on a GPU
 //       varlen      with tma: packed sequences (cu_seqlens) without the features on the
 //                   plain narrow TMA kernels (persistent with "persistent" where a dense batch
 //                   of the longest sequence would be), where otherwise the cp.async forward runs
@@ -112,6 +117,7 @@ struct Sm90Switch {
   bool tma_kv_cache = true;
   bool tma_splits = false;  // not a default part: faster than the sm_80-class split kernel on long caches only
   bool tma_mask = true;
+  bool bwd_mask = false;  // not a default part: not yet measured
   bool tma_varlen = true;
   bool bwd_varlen = true;
   bool bwd_features = true;
@@ -138,6 +144,7 @@ inline bool parse_sm90_switch(const char* value, Sm90Switch* out) {
         else if (is("kvcache")) s.tma_kv_cache = true;
         else if (is("splits")) s.tma_splits = true;
         else if (is("masktma")) s.tma_mask = true;
+        else if (is("bwdmasktma")) s.bwd_mask = true;
         else if (is("varlen")) s.tma_varlen = true;
         else if (is("bwdvarlen")) s.bwd_varlen = true;
         else if (is("bwdfeatures")) s.bwd_features = true;
@@ -209,7 +216,8 @@ inline std::string run_switch_error() {
   const char* sm90 = std::getenv("CUFLASH_SM90");
   if (!parse_sm90_switch(sm90, &unused))
     return std::string("environment variable CUFLASH_SM90 must be unset, empty, \"0\" or a comma list of cpasync, "
-                       "tma, bwd, bwdws, features, persistent, kvcache, splits, masktma, varlen, bwdvarlen and bwdfeatures, "
+                       "tma, bwd, bwdws, features, persistent, kvcache, splits, masktma, bwdmasktma, varlen, bwdvarlen and "
+                       "bwdfeatures, "
                        "got \"") + sm90 + "\"";
   // The one-value switches: unset, empty or one of the values listed (as the message spells them).
   struct OneOf {

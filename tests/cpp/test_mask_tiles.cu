@@ -14,8 +14,8 @@
 // a GPU (skipped without one), dropout_factors (a warp tile's dropout keep factors, two lanes
 // sharing each Philox call) against DropoutRng::keep element by element; the rule's Philox
 // against Random123's known answers; ScoreMod::scores' attn_mask passes against the mask's
-// elements. And the TMA forward's staged attn_mask tiles (sm90/staged_mask.h): each thread's
-// addresses against where TMA's swizzle puts the elements.
+// elements. And the staged attn_mask tiles of the TMA forward and backward (sm90/staged_mask.h):
+// each thread's addresses against where TMA's swizzle puts the elements.
 #include <gtest/gtest.h>
 #include <cuda_runtime.h>
 #include <cmath>
@@ -520,6 +520,48 @@ TEST(StagedMask, ThreadAddressesFollowTheSwizzle) {
                       << warp_row << ", lane " << lane << ", tile " << j << ", half " << half << ", element " << e;
                 }
       }
+}
+
+// The backward's transposed reads (keys the warp tile's rows): each lane's element (query
+// 8j + 2 (lane % 4) + e, key warp_key + lane / 4 + 8 half) where TMA put it, for the one-row and
+// bool byte reads directly, for 16-bit through ldmatrix.x4.trans (the rows' addresses the lanes
+// give, then the element of a row that .trans hands each lane: row 2 (lane % 4) + e, column
+// lane / 4 of matrix 2 (j % 2) + half).
+TEST(StagedMask, TransposedAddressesFollowTheSwizzle) {
+  constexpr int kQueries = 64, kKeys = 128;  // the fused backward's step: 64 queries x 128 keys
+  for (const bool is_bool : {false, true})
+    for (const bool one_row : {false, true}) {
+      cuflash::sm90::MaskStaging m;
+      m.is_bool = is_bool;
+      m.one_row = one_row;
+      const int elem = is_bool ? 1 : 2, box_rows = one_row ? 1 : kQueries;
+      m.box_slot_bytes = (box_rows * 64 * elem + 1023) / 1024 * 1024;
+      auto tma_offset = [&](int row, int key) {
+        const uint32_t o = row * 64 * elem + (key % 64) * elem;
+        const uint32_t bits = one_row ? 0 : is_bool ? (o >> 7) & 3 : (o >> 7) & 7;
+        return (key / 64) * m.box_slot_bytes + (o ^ (bits << 4));
+      };
+      for (int warp_key = 0; warp_key < kKeys; warp_key += 16)
+        for (int lane = 0; lane < 32; ++lane)
+          for (int j = 0; j < kQueries / 8; ++j)
+            for (int half = 0; half < 2; ++half)
+              for (int e = 0; e < 2; ++e) {
+                const int query = 8 * j + 2 * (lane & 3) + e, key = warp_key + (lane >> 2) + 8 * half;
+                uint32_t got;
+                if (one_row) {
+                  got = m.one_row_offset(warp_key, lane) + half * 8 * elem;
+                } else if (is_bool) {
+                  got = m.bool_offset(warp_key, lane) + (8 * j + e) * 64 + 8 * half;
+                } else {
+                  const int matrix = 2 * (j % 2) + half, row = 2 * (lane & 3) + e;
+                  const int giver = 8 * matrix + row;  // the lane that gives that row's address
+                  got = m.ldsm_offset(warp_key, giver) + (j / 2) * 2048 + 2 * (lane >> 2);
+                }
+                ASSERT_EQ(got, tma_offset(one_row ? 0 : query, key))
+                    << "bool " << is_bool << ", one row " << one_row << ": warp key " << warp_key << ", lane "
+                    << lane << ", tile " << j << ", half " << half << ", element " << e;
+              }
+    }
 }
 
 }  // namespace

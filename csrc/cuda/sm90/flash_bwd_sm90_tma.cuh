@@ -21,6 +21,7 @@
 #pragma once
 #include <type_traits>
 #include "flash_bwd_sm90.cuh"
+#include "staged_mask.h"
 #include "tma_maps.h"
 
 namespace cuflash::sm90 {
@@ -244,8 +245,20 @@ struct BwdDkvSm90TmaKernel {
   // threads); kAccumDq: per consumer dq_full (its warps) and dq_empty (the drain warp); kPersistent:
   // K/V empty, and the tile ring's two full and two empty, and its two slots (32 bytes).
   static constexpr int kBarriers = 1 + 2 * kStages + (kAccumDq ? 2 * kConsumers : 0) + (kPersistent ? 5 : 0);
-  static constexpr int kSmemBytes = 2 * kKVBytes + 2 * kStages * kQBytes + kDsBytes + kDqBytes + kStatsBytes +
-                                    kBarriers * 8 + (kPersistent ? 32 : 0) + 1024;
+  static constexpr int kBarrierEnd = 2 * kKVBytes + 2 * kStages * kQBytes + kDsBytes + kDqBytes + kStatsBytes +
+                                     kBarriers * 8 + (kPersistent ? 32 : 0);
+  // + 1024: the swizzle atoms must start on 1024-byte boundaries; the base is aligned by hand.
+  static constexpr int kSmemBytes = kBarrierEnd + 1024;
+  // attn_mask tiles staged by TMA (the "bwdmasktma" part; MaskStaging): with each step's Q and dO,
+  // its kBlockM queries x kBlockN keys of 16-bit elements (a bool mask fills half), in boxes of 64
+  // keys, after the barriers. On the fused kernel's 64-query steps (the features' steps), whose
+  // shared memory has room: at head dim 128 exactly (232,448 bytes of 232,448), at 64 with 64 KB
+  // to spare; not the 128-query steps of head dim 64.
+  static constexpr int kMaskOffset = (kBarrierEnd + 1023) / 1024 * 1024;
+  static constexpr int kMaskStageBytes = kBlockM * kBlockN * 2;
+  static constexpr int kSmemBytesStagingMask = kMaskOffset + kStages * kMaskStageBytes + 1024;
+  static constexpr bool kMayStageMask = kAccumDq && kWithDk && kWithDv && !kWideSteps &&
+                                        kSmemBytesStagingMask <= 227 * 1024;
   // The producer's loop (TMA coordinates per step, the stats warp's rows) spills at 24 registers;
   // the consumers can spare 8 but at head dim 128 (where ptxas would serialize the wgmmas).
   static constexpr int kProducerRegs = kHeadDim != 128 ? 40 : 24, kConsumerRegs = kHeadDim != 128 ? 232 : 240;
@@ -356,12 +369,66 @@ __device__ __forceinline__ void pass_dq_turn(int* counter) {
   add_release_gpu(counter, 1);
 }
 
+// What a staged mask tile (MaskStaging) adds to a transposed warp tile's scores t (S^T: 16 keys
+// from warp_key of the CTA's key block, kN queries from the step's first), as
+// ScoreMod::with_mask_inside adds it (ScoreMod::plus_bias), bit for bit. Past the mask's rows and
+// keys TMA reads zeros: a float mask adds 0 there; a bool one hides them, where the sequence's
+// bounds hide the keys anyway and the rows past the queries have P = 0 (their lse2 is +inf).
+template <typename T, int kN>
+__device__ __forceinline__ void add_staged_mask_transposed(WarpAcc<kN>& t, uint32_t stage, const MaskStaging& m,
+                                                           int warp_key, int lane) {
+  auto add = [](float& x, float bias) { x = ScoreMod<T>::plus_bias(x, bias); };
+  auto elem = [](uint32_t bits) {  // the low 16 bits as a T
+    return to_acc<float>(reinterpret_cast<const T*>(&bits)[0]);
+  };
+  if (m.one_row) {  // keys warp_key + lane / 4 and + 8, the same for every query
+    const uint32_t at = stage + m.one_row_offset(warp_key, lane);
+    float bias[2];
+#pragma unroll
+    for (int half = 0; half < 2; ++half)
+      bias[half] = m.is_bool ? AttnMaskSlice::bool_bias<float>(ld_shared_u8(at + 8 * half) != 0)
+                             : elem(ld_shared_u16(at + 16 * half));
+    for_each_value(t, [&](float& x, int, int e) { add(x, bias[e >> 1]); });
+    return;
+  }
+  // The address computed here at each step (asm): held across the step loop, it would take a
+  // register of the consumers' (the forward's kernels spilled so).
+  if (m.is_bool) {
+    uint32_t first = stage + m.bool_offset(warp_key, lane);
+    asm volatile("" : "+r"(first));
+#pragma unroll
+    for (int j = 0; j < kN / 8; ++j)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const uint32_t keep = ld_shared_u8(first + (8 * j + (e & 1)) * 64 + 8 * (e >> 1));
+        add(t.v[j][e], AttnMaskSlice::bool_bias<float>(keep != 0));
+      }
+  } else {
+    uint32_t first = stage + m.ldsm_offset(warp_key, lane);
+    asm volatile("" : "+r"(first));
+#pragma unroll
+    for (int jj = 0; jj < kN / 16; ++jj) {
+      uint32_t pairs[4];  // matrix 2 (j % 2) + half: the queries of elements (j, 2 half), (j, 2 half + 1)
+      ld_shared_matrix_x4_trans(pairs, first + jj * 2048);
+#pragma unroll
+      for (int m4 = 0; m4 < 4; ++m4) {
+        const int j = 2 * jj + m4 / 2, half = m4 % 2;
+        add(t.v[j][2 * half], elem(pairs[m4] & 0xffffu));
+        add(t.v[j][2 * half + 1], elem(pairs[m4] >> 16));
+      }
+    }
+  }
+}
+
 // kPacked: packed sequences, as the dQ kernel's. kFeatures (the fused kernel's, 64-query steps:
 // the "bwdfeatures" part): softcap, ALiBi, attn_mask and dropout, S^T and dP^T turned into
 // (P z)^T and dS^T in one pass by the sm_80-class kernels' probs_and_ds_with_features (mask.cuh),
-// so that both recompute the forward's scores and dropout mask alike.
+// so that both recompute the forward's scores and dropout mask alike. kStagedMask (with
+// kFeatures, where K::kMayStageMask): the attn_mask's tiles staged in shared memory by the TMA
+// thread with each step's Q and dO (MaskStaging, map_mask; the "bwdmasktma" part), a kernel of its
+// own as the forward's (its code kept out of the features kernel's registers).
 template <typename T, int kHeadDim, bool kAccumDq, bool kWithDk, bool kWithDv, bool kWideSteps, bool kOrderedDq,
-          bool kPacked, bool kFeatures>
+          bool kPacked, bool kFeatures, bool kStagedMask = false>
 __global__ void __launch_bounds__(
     BwdDkvSm90TmaKernel<T, kHeadDim, kAccumDq, kWithDk, kWithDv, kWideSteps, kOrderedDq>::kThreads, 1)
     flash_bwd_dkdv_sm90_tma_kernel(const FlashBwdParams p, const __grid_constant__ CUtensorMap map_q,
@@ -370,9 +437,12 @@ __global__ void __launch_bounds__(
                                    const __grid_constant__ CUtensorMap map_v,
                                    const __grid_constant__ CUtensorMap map_dq_accum,
                                    const __grid_constant__ CUtensorMap map_dk,
-                                   const __grid_constant__ CUtensorMap map_dv) {
+                                   const __grid_constant__ CUtensorMap map_dv,
+                                   const __grid_constant__ CUtensorMap map_mask, const MaskStaging mask_staging) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
   using K = BwdDkvSm90TmaKernel<T, kHeadDim, kAccumDq, kWithDk, kWithDv, kWideSteps, kOrderedDq>;
+  static_assert(!kStagedMask || (kFeatures && !kPacked && K::kMayStageMask),
+                "a staged mask: the fused features kernels with room, dense batches");
   constexpr int kBlockN = K::kBlockN, kBlockM = K::kBlockM, kStages = K::kStages, kPanels = kHeadDim / 64;
   constexpr bool kPersistent = K::kPersistent;
   extern __shared__ char smem_raw[];
@@ -394,6 +464,7 @@ __global__ void __launch_bounds__(
   uint64_t* tile_full = kv_empty + 1;             // kPersistent: [2] the tile ring's slots
   uint64_t* tile_empty = tile_full + 2;           // kPersistent: [2]
   int* tile_slot = reinterpret_cast<int*>(tile_empty + 2);  // kPersistent: [2][4]
+  auto sMask = [&](int stage) { return smem + K::kMaskOffset + stage * K::kMaskStageBytes; };  // kStagedMask
 
   const AttentionShape& sh = p.shape;
   const int tid = threadIdx.x, warpgroup = warpgroup_index(), lane = tid % 32;
@@ -516,13 +587,20 @@ __global__ void __launch_bounds__(
           const int stage = (g + step) % kStages, use = (g + step) / kStages;
           if (g + step >= kStages) mbarrier_wait(&empty[stage], (use - 1) & 1);
           const int h = head_of(tile, step), m0 = block_of(tile, step) * kBlockM;
-          mbarrier_arrive_expect_tx(&full[stage], 2 * K::kQBytes);
+          mbarrier_arrive_expect_tx(&full[stage], 2 * K::kQBytes + (kStagedMask ? mask_staging.stage_tx_bytes : 0));
 #pragma unroll
           for (int panel = 0; panel < kPanels; ++panel) {
             tma_load_4d(sQ(stage) + panel * kBlockM * 128, &map_q, &full[stage], panel * 64,
                         box_row(tile.seq.q_row0, m0), h, box_batch(tile.b));
             tma_load_4d(sdO(stage) + panel * kBlockM * 128, &map_dout, &full[stage], panel * 64,
                         box_row(tile.seq.q_row0, m0), h, box_batch(tile.b));
+          }
+          if constexpr (kStagedMask) {  // the step's mask tile: its queries (or the one row) x the block's keys
+#pragma unroll
+            for (int box = 0; box < kBlockN / 64; ++box)
+              tma_load_4d(sMask(stage) + box * mask_staging.box_slot_bytes, &map_mask, &full[stage],
+                          tile.n_start + 64 * box, mask_staging.one_row ? 0 : m0, mask_staging.per_head ? h : 0,
+                          mask_staging.per_batch ? tile.b : 0);
           }
         };
         // Persistent: the first steps' Q and dO (their stages freed by the last tile's last steps)
@@ -649,7 +727,8 @@ __global__ void __launch_bounds__(
       // kFeatures: the step's score rules, made before the wgmmas so that their loads (the ALiBi
       // slope, the parameters) overlap them rather than stall the pass after the wait.
       const int h = head_of(tile, step);
-      const auto mod = score_mod_if<kFeatures, T>(p, tile.b, h);
+      auto mod = score_mod_if<kFeatures, T>(p, tile.b, h);
+      if constexpr (kStagedMask) mod.mask.data = nullptr;  // added from shared memory instead (below)
       WarpAcc<kBlockM> s, dp;  // S^T and dP^T: this warp's 16 keys x kBlockM queries
       wgmma_fence();
       issue_qk<T, kHeadDim, kBlockN * 128>(s, desc_k, desc_q0 + stage_bytes(stage));
@@ -659,7 +738,13 @@ __global__ void __launch_bounds__(
       wgmma_wait<0>();
       auto col_lse2 = [&](int j, int e) { return lse2[WarpAcc<kBlockM>::col_of(j, e, lane)]; };
       auto col_delta = [&](int j, int e) { return delta[WarpAcc<kBlockM>::col_of(j, e, lane)]; };
-      if constexpr (kFeatures) {  // s becomes (P z)^T and dp dS^T, dV's and dK's operands
+      if constexpr (kStagedMask) {
+        probs_and_ds_with_features<true, true>(
+            s, dp, mod, mask, tile.seq, dropout, rng, tile.b, h, sh.heads_q, key0, m0, lane, col_lse2, col_delta,
+            nullptr, 0, [&](WarpAcc<kBlockM>& scores) {
+              add_staged_mask_transposed<T>(scores, smem_u32(sMask(stage)), mask_staging, warp_row, lane);
+            });
+      } else if constexpr (kFeatures) {  // s becomes (P z)^T and dp dS^T, dV's and dK's operands
         probs_and_ds_with_features<true, true>(s, dp, mod, mask, tile.seq, dropout, rng, tile.b, h, sh.heads_q, key0,
                                                m0, lane, col_lse2, col_delta);
       } else {

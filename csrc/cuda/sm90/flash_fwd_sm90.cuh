@@ -285,6 +285,7 @@ struct Sm90Paths {
   bool fwd = false, tma = false, persistent = false, bwd = false, bwd_ws = false;
   bool tma_splits = false;  // split-KV on the TMA forward (the "splits" part), where it can run
   bool tma_mask = false;    // attn_mask tiles staged by TMA in the TMA forward (the "masktma" part)
+  bool bwd_tma_mask = false;  // and in the fused TMA backward with the features (the "bwdmasktma" part)
   bool tma_varlen = false;  // packed sequences on the TMA forward (the "varlen" part), where it can run
   bool bwd_varlen = false;  // packed sequences on the TMA backward (the "bwdvarlen" part; bwd_tma_addressable)
   // The features (softcap, ALiBi, attn_mask, dropout) on the fused warp-specialized backwards (the
@@ -324,6 +325,7 @@ inline Sm90Paths sm90_paths(const AttentionParams& p) {
   choice.bwd = choice.fwd && !features && wanted.bwd;
   choice.bwd_ws = choice.bwd && wanted.bwd_ws && whole_key_blocks;
   choice.bwd_features = choice.fwd && features && wanted.bwd && wanted.bwd_ws && wanted.bwd_features && whole_key_blocks;
+  choice.bwd_tma_mask = choice.bwd_features && wanted.bwd_mask && p.score.attn_mask.data != nullptr;
   // Packed sequences on the warp-specialized backward: not from a total-length grid of queries or
   // of keys either (max_seqlen_k not given: the dK/dV kernels' tiles nearly all empty, their
   // persistent walk's count in an int).

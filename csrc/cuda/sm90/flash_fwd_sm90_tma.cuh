@@ -589,40 +589,4 @@ bool encode_fwd_tma_maps(const FlashFwdParams& p, AttentionTmaMaps* maps) {
                               64);
 }
 
-// The map and staging of dense p's attn_mask for kernel K's tiles (the "masktma" part): off
-// (nothing staged) where K has no room for it, or the mask's keys are not contiguous, or TMA
-// cannot address its rows (a 16-byte-aligned base and row stride), or the sequences are packed.
-// A dimension the mask broadcasts (stride 0) is one of size 1 in the map.
-template <class K, typename T>
-MaskStaging encode_mask_map(const FlashFwdParams& p, CUtensorMap* map) {
-  MaskStaging m;
-  const AttnMaskParams& mask = p.score.attn_mask;
-  const AttentionShape& sh = p.shape;
-  if (!K::kMayStageMask || mask.data == nullptr || mask.col_stride != 1 || p.varlen.cu_seqlens_q != nullptr ||
-      p.varlen.cu_seqlens_k != nullptr)
-    return m;
-  m.is_bool = mask.is_bool;
-  m.one_row = mask.row_stride == 0 || sh.seqlen_q == 1;
-  m.per_head = mask.head_stride != 0 && sh.heads_q > 1;
-  m.per_batch = mask.batch_stride != 0 && sh.batch > 1;
-  const int box_rows = m.one_row ? 1 : K::kBlockM;
-  const TensorStrides strides{m.per_batch ? mask.batch_stride : 0, m.per_head ? mask.head_stride : 0,
-                              m.one_row ? 0 : mask.row_stride};
-  const CUtensorMapDataType type = m.is_bool                              ? CU_TENSOR_MAP_DATA_TYPE_UINT8
-                                   : std::is_same_v<T, __nv_bfloat16> ? CU_TENSOR_MAP_DATA_TYPE_BFLOAT16
-                                                                        : CU_TENSOR_MAP_DATA_TYPE_FLOAT16;
-  // One row needs no swizzle (its XOR is 0), and its box need not start on a swizzle atom.
-  const CUtensorMapSwizzle swizzle = m.one_row  ? CU_TENSOR_MAP_SWIZZLE_NONE
-                                     : m.is_bool ? CU_TENSOR_MAP_SWIZZLE_64B
-                                                 : CU_TENSOR_MAP_SWIZZLE_128B;
-  if (!encode_rows_map(map, mask.data, type, m.elem_bytes(), strides, m.per_batch ? sh.batch : 1,
-                       m.per_head ? sh.heads_q : 1, m.one_row ? 1 : sh.seqlen_q, sh.seqlen_k, box_rows, 64, swizzle))
-    return m;
-  const int box_bytes = box_rows * m.row_bytes();
-  m.box_slot_bytes = (box_bytes + 1023) / 1024 * 1024;  // swizzle atoms start on 1024-byte boundaries
-  m.stage_tx_bytes = K::kBlockN / 64 * box_bytes;
-  m.on = true;
-  return m;
-}
-
 }  // namespace cuflash::sm90
