@@ -10,9 +10,10 @@ namespace cuflash::sm90 {
 
 // The producer's thread loads each key block's mask tile (the tile's query rows, or the one row of
 // a mask that broadcasts along the queries) into shared memory with K (the backward: each query
-// step's, with Q and dO), one box of 64 keys at a time. Float masks (16-bit, the kernel's type) lie in 128-byte rows with the 128-byte swizzle,
-// bool ones in 64-byte rows with the 64-byte swizzle: a quad reads 16 bytes of a row, the warp's 8
-// rows 8 different bank groups. One row is left unswizzled (its XOR is 0).
+// step's, with Q and dO), one box of 64 keys at a time. Float masks (16-bit, the kernel's type)
+// lie in 128-byte rows with the 128-byte swizzle, bool ones in 64-byte rows with the 64-byte
+// swizzle: a quad reads 16 bytes of a row, the warp's 8 rows 8 different bank groups. One row is
+// left unswizzled (its XOR is 0).
 struct MaskStaging {
   bool on = false;
   bool is_bool = false;
