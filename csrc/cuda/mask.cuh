@@ -142,6 +142,13 @@ struct NoBias {
 };
 template <class AddBias>
 constexpr bool kAddsBias = !std::is_same_v<std::decay_t<AddBias>, NoBias>;
+// Element i (0: the low half) of a pair of 16-bit T (a staged mask's elements, loaded in pairs), as
+// a float.
+template <typename T>
+__device__ __forceinline__ float pair_element(const uint32_t& pair, int i) {
+  static_assert(sizeof(T) == 2, "a 16-bit mask element");
+  return to_acc<float>(reinterpret_cast<const T*>(&pair)[i]);
+}
 
 // What turns q.k into the scaled-log2 score of one (sequence, head): scale, softcap, ALiBi,
 // attn_mask (whose float elements have type T, the kernel's). Both directions apply it a tile

@@ -378,16 +378,13 @@ template <typename T, int kN>
 __device__ __forceinline__ void add_staged_mask_transposed(WarpAcc<kN>& t, uint32_t stage, const MaskStaging& m,
                                                            int warp_key, int lane) {
   auto add = [](float& x, float bias) { x = ScoreMod<T>::plus_bias(x, bias); };
-  auto elem = [](uint32_t bits) {  // the low 16 bits as a T
-    return to_acc<float>(reinterpret_cast<const T*>(&bits)[0]);
-  };
   if (m.one_row) {  // keys warp_key + lane / 4 and + 8, the same for every query
     const uint32_t at = stage + m.one_row_offset(warp_key, lane);
     float bias[2];
 #pragma unroll
     for (int half = 0; half < 2; ++half)
       bias[half] = m.is_bool ? AttnMaskSlice::bool_bias<float>(ld_shared_u8(at + 8 * half) != 0)
-                             : elem(ld_shared_u16(at + 16 * half));
+                             : pair_element<T>(ld_shared_u16(at + 16 * half), 0);
     for_each_value(t, [&](float& x, int, int e) { add(x, bias[e >> 1]); });
     return;
   }
@@ -413,8 +410,8 @@ __device__ __forceinline__ void add_staged_mask_transposed(WarpAcc<kN>& t, uint3
 #pragma unroll
       for (int m4 = 0; m4 < 4; ++m4) {
         const int j = 2 * jj + m4 / 2, half = m4 % 2;
-        add(t.v[j][2 * half], elem(pairs[m4] & 0xffffu));
-        add(t.v[j][2 * half + 1], elem(pairs[m4] >> 16));
+        add(t.v[j][2 * half], pair_element<T>(pairs[m4], 0));
+        add(t.v[j][2 * half + 1], pair_element<T>(pairs[m4], 1));
       }
     }
   }
