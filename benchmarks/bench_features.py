@@ -16,7 +16,9 @@ Standard shapes as bench_attention.py's (batch * seqlen = 16384, heads = 2048 / 
 features (FEATURES): softcap 30; ALiBi slopes per head; dropout 0.1; GQA with 8 query heads a K/V
 head (fewer K/V heads where 8 does not divide the query heads); a window of N/8 keys each side
 (causal: before only), its FLOPs those of the keys it shows; a float attn_mask [B, 1, N, N] (no
-gradient); the batch as packed sequences (cu_seqlens) of N tokens each.
+gradient), a bool one (bool_mask: 90% of the scores kept) and a bool key-padding mask [B, 1, 1, N]
+(key_padding: the last N/8 keys hidden; ours only, the FLOPs all keys'); the batch as packed
+sequences (cu_seqlens) of N tokens each.
 --backward times forward + backward instead (3.5x the forward's FLOPs), the backward being the
 fused TMA backward with the features under the defaults (the "bwdfeatures" part) and the
 sm_80-class kernels' under a variant without that part. --breakdown N then prints, for each shape
@@ -44,7 +46,9 @@ FEATURES = {
     "dropout": {"dropout_p": 0.1},
     "gqa": {"query_heads_per_kv": 8},
     "window": {"window_eighths": 1},
-    "attn_mask": {"attn_mask": True},
+    "attn_mask": {"attn_mask": "float"},
+    "bool_mask": {"attn_mask": "bool"},
+    "key_padding": {"attn_mask": "key_padding"},
     "varlen": {"packed": True},
 }
 # The peers (--peers: torch's SDPA backends; --flex: FlexAttention) and the feature sets each takes
@@ -89,8 +93,13 @@ def op_call(q, k, v, causal, options):
         kv_heads -= 1
     k, v = k[:, :kv_heads].contiguous(), v[:, :kv_heads].contiguous()
     kw["window_left"], kw["window_right"] = window_of(options, n, causal)
-    if options.get("attn_mask"):
+    mask = options.get("attn_mask")
+    if mask == "float":
         kw["attn_mask"] = torch.randn(batch, 1, n, n, device=q.device, dtype=q.dtype)
+    elif mask == "bool":
+        kw["attn_mask"] = torch.rand(batch, 1, n, n, device=q.device) < 0.9
+    elif mask == "key_padding":
+        kw["attn_mask"] = (torch.arange(n, device=q.device) < n - n // 8).expand(batch, 1, 1, n).contiguous()
     if options.get("packed"):
         q, k, v = (t.transpose(1, 2).reshape(batch * n, t.shape[1], t.shape[3]).contiguous() for t in (q, k, v))
         cu = torch.arange(0, (batch + 1) * n, n, device=q.device, dtype=torch.int32)

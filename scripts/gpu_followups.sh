@@ -13,8 +13,8 @@
 #      session, in a kernel of its own): its tests and test_attn_mask.py, then the forward with
 #      the features, the defaults against the defaults less the part (the global reads)
 #   6  attn_mask staged by TMA in the fused backward (its "bwdmasktma" part, forty-third session,
-#      not a default): its tests, then forward + backward with the mask, the defaults against the
-#      defaults with the part (plain and softcap beside them)
+#      not a default): its tests, then forward + backward with each mask it reads its own way
+#      (float, bool, bool key padding), the defaults against the defaults with the part
 # Outputs: $OUT/<step>.md and the tests' logs ($OUT/logs.tar). FOLLOWUP_STEPS="1 2 3 4" picks steps.
 # shellcheck source=scripts/device_call_env.sh
 source "$(dirname "$0")/device_call_env.sh"
@@ -82,7 +82,8 @@ for s in ${FOLLOWUP_STEPS:-1 2 3 4}; do
          > "$OUT/mask_bwd_tma_tests.log" 2>&1
        echo "mask_bwd_tma_tests.log: $(tail -n 1 "$OUT/mask_bwd_tma_tests.log")"
        grep -E '^FAILED' "$OUT/mask_bwd_tma_tests.log" | head
-       timeout 150 python3 $bench --backward --head-dims 64,128 --seqlens 2048,8192 --features plain,softcap,attn_mask \
+       timeout 150 python3 $bench --backward --head-dims 64,128 --seqlens 2048,8192 \
+         --features plain,attn_mask,bool_mask,key_padding \
          --variants ";$default_parts,bwdmasktma" > "$OUT/mask_bwd_tma.md" 2>&1 ;;
   esac
   keep_logs

@@ -62,3 +62,22 @@ def test_variant_switches():
     assert bench_features.variant_switches("tma,bwd") == {"CUFLASH_SM90": "tma,bwd"}
     assert bench_features.variant_switches("+CUFLASH_FWD_TILE=wide") == {"CUFLASH_SM90": "",
                                                                          "CUFLASH_FWD_TILE": "wide"}
+
+
+@pytest.mark.parametrize("feature", ["attn_mask", "bool_mask", "key_padding"])
+def test_mask_features_run_ours(feature):
+    """The three masks (float and bool per query, bool key padding hiding the last N/8 keys) are the
+    op's attn_mask as described, and our op takes them (on the CPU, against attention with the
+    mask's keys left out for key padding)."""
+    q, k, v = (torch.randn(2, 4, 64, 16) for _ in range(3))
+    q2, k2, v2, kw = bench_features.op_call(q, k, v, False, bench_features.FEATURES[feature])
+    mask = kw["attn_mask"]
+    expected = {"attn_mask": (torch.float32, (2, 1, 64, 64)), "bool_mask": (torch.bool, (2, 1, 64, 64)),
+                "key_padding": (torch.bool, (2, 1, 1, 64))}[feature]
+    assert (mask.dtype, tuple(mask.shape)) == expected
+    out, _ = torch.ops.cuflash_attn.fwd(q2, k2, v2, None, False, False, **kw)
+    assert out.isfinite().all()
+    if feature == "key_padding":
+        assert mask[..., :56].all() and not mask[..., 56:].any()
+        unpadded, _ = torch.ops.cuflash_attn.fwd(q, k[:, :, :56], v[:, :, :56], None, False, False)
+        torch.testing.assert_close(out, unpadded, atol=1e-5, rtol=1e-5)
