@@ -401,12 +401,12 @@ __device__ __forceinline__ void add_staged_mask_transposed(WarpAcc<kN>& t, uint3
         add(t.v[j][e], AttnMaskSlice::bool_bias<float>(keep != 0));
       }
   } else {
-    uint32_t first = stage + m.ldsm_offset(warp_key, lane);
+    uint32_t first = stage + m.transposed_ldsm_offset(warp_key, lane);
     asm volatile("" : "+r"(first));
 #pragma unroll
     for (int jj = 0; jj < kN / 16; ++jj) {
       uint32_t pairs[4];  // matrix 2 (j % 2) + half: the queries of elements (j, 2 half), (j, 2 half + 1)
-      ld_shared_matrix_x4_trans(pairs, first + jj * 2048);
+      ldmatrix_x4_trans(pairs, first + jj * 2048);
 #pragma unroll
       for (int m4 = 0; m4 < 4; ++m4) {
         const int j = 2 * jj + m4 / 2, half = m4 % 2;

@@ -110,7 +110,7 @@ __device__ __forceinline__ void add_staged_mask(WarpAcc<kN>& t, uint32_t stage, 
 #pragma unroll
     for (int jj = 0; jj < kN / 16; ++jj) {
       uint32_t pairs[4];  // matrix 2 (j % 2) + half: the keys of elements (j, 2 half), (j, 2 half + 1)
-      ld_shared_matrix_x4(pairs, base + m.rows_ldsm_offset(warp_row, lane, jj));
+      ldmatrix_x4(pairs, base + m.rows_ldsm_offset(warp_row, lane, jj));
 #pragma unroll
       for (int m4 = 0; m4 < 4; ++m4) {
         const int j = 2 * jj + m4 / 2, half = m4 % 2;

@@ -114,17 +114,6 @@ __device__ __forceinline__ uint32_t ld_shared_u8(uint32_t addr) {
   asm volatile("ld.shared.u8 %0, [%1];\n" : "=r"(x) : "r"(addr));
   return x;
 }
-// Four 8 x 8 b16 matrices (lanes 8i..8i+7 give the row addresses of matrix i); _trans: transposed.
-__device__ __forceinline__ void ld_shared_matrix_x4(uint32_t (&r)[4], uint32_t addr) {
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
-               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-               : "r"(addr));
-}
-__device__ __forceinline__ void ld_shared_matrix_x4_trans(uint32_t (&r)[4], uint32_t addr) {
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
-               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-               : "r"(addr));
-}
 // Generic-proxy writes to shared memory (st.shared) made visible to the async proxy (wgmma, TMA).
 __device__ __forceinline__ void fence_async_shared() { asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory"); }
 // The same between the proxies for global memory: this thread's completed bulk (TMA) writes
