@@ -149,7 +149,9 @@ bool launch_fwd_tma(const FlashFwdParams& p, const sm90::Sm90Paths& hopper, cuda
     CUtensorMap map_mask{};
     // The staged mask's own kernel (kStagedMask) where the mask's tiles can be staged.
     if constexpr (kFeatures && K::kMayStageMask) {
-      const sm90::MaskStaging staging = hopper.tma_mask ? sm90::encode_mask_map<K, T>(p, &map_mask) : sm90::MaskStaging{};
+      constexpr bool kBf16 = std::is_same_v<T, __nv_bfloat16>;
+      const sm90::MaskStaging staging =
+          hopper.tma_mask ? sm90::encode_mask_map<K>(p, kBf16, &map_mask) : sm90::MaskStaging{};
       if (staging.on) {
         *err = launch(sm90::flash_fwd_sm90_tma_kernel<T, kHeadDim, kWide, kFeatures, kPersistent, true>, grid,
                       K::kThreads, K::kSmemBytesStagingMask, stream, p, maps.q, maps.k, maps.v, maps.o, walk, map_mask,
@@ -349,7 +351,7 @@ bool launch_dkdv_ws(const FlashBwdParams& p, cudaStream_t stream, cudaError_t* e
     CUtensorMap map_mask{};
     sm90::MaskStaging staging{};
     if constexpr (kFeatures && Ws::kMayStageMask)
-      if (stage_mask) staging = sm90::encode_mask_map<Ws, T>(p, &map_mask);
+      if (stage_mask) staging = sm90::encode_mask_map<Ws>(p, std::is_same_v<T, __nv_bfloat16>, &map_mask);
     *err = with_bwd_packing<Ws>(p, [&](auto packed) {
       constexpr bool kPacked = decltype(packed)::value;
       if constexpr (kFeatures && !kPacked && Ws::kMayStageMask) {  // the staged mask's own kernel

@@ -5,10 +5,8 @@
 #pragma once
 #include <cuda.h>  // CUtensorMap and its enums (types only)
 #include <cudaTypedefs.h>
-#include <cuda_bf16.h>  // __nv_bfloat16 (encode_mask_map's type)
 #include <cuda_runtime.h>
 #include <cstdint>
-#include <type_traits>
 #include "../../flash_params.h"
 #include "staged_mask.h"
 
@@ -66,11 +64,15 @@ inline bool encode_rows_map(CUtensorMap* map, const void* base, CUtensorMapDataT
                 swizzle, CU_TENSOR_MAP_L2_PROMOTION_L2_256B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) == CUDA_SUCCESS;
 }
 
+// The map's type of the kernel's 16-bit elements.
+inline CUtensorMapDataType sixteen_bit_type(bool bf16) {
+  return bf16 ? CU_TENSOR_MAP_DATA_TYPE_BFLOAT16 : CU_TENSOR_MAP_DATA_TYPE_FLOAT16;
+}
+
 // q, k, v, out and their gradients: 16-bit, boxes of 64 columns (head_dim a multiple of 8).
 inline bool encode_attention_map(CUtensorMap* map, const void* base, bool bf16, const TensorStrides& strides,
                                  int batch, int heads, int rows, int head_dim, int box_rows) {
-  return encode_rows_map(map, base, bf16 ? CU_TENSOR_MAP_DATA_TYPE_BFLOAT16 : CU_TENSOR_MAP_DATA_TYPE_FLOAT16, 2,
-                         strides, batch, heads, rows, head_dim, box_rows);
+  return encode_rows_map(map, base, sixteen_bit_type(bf16), 2, strides, batch, heads, rows, head_dim, box_rows);
 }
 
 // The extents of q (and out, dout, dq_accum) and of k (and v, dk, dv) as the maps address them: a
@@ -93,9 +95,10 @@ inline MapRows attention_map_rows(const AttentionParams& p) {
 // kBlockM rows a box, kBlockN keys a stage, kMayStageMask): off
 // (nothing staged) where K has no room for it, or the mask's keys are not contiguous, or TMA
 // cannot address its rows (a 16-byte-aligned base and row stride), or the sequences are packed.
-// A dimension the mask broadcasts (stride 0) is one of size 1 in the map.
-template <class K, typename T>
-MaskStaging encode_mask_map(const AttentionParams& p, CUtensorMap* map) {
+// A dimension the mask broadcasts (stride 0) is one of size 1 in the map; a float mask has the
+// kernel's 16-bit type (bf16 or fp16).
+template <class K>
+MaskStaging encode_mask_map(const AttentionParams& p, bool bf16, CUtensorMap* map) {
   MaskStaging m;
   const AttnMaskParams& mask = p.score.attn_mask;
   const AttentionShape& sh = p.shape;
@@ -109,9 +112,7 @@ MaskStaging encode_mask_map(const AttentionParams& p, CUtensorMap* map) {
   const int box_rows = m.one_row ? 1 : K::kBlockM;
   const TensorStrides strides{m.per_batch ? mask.batch_stride : 0, m.per_head ? mask.head_stride : 0,
                               m.one_row ? 0 : mask.row_stride};
-  const CUtensorMapDataType type = m.is_bool                              ? CU_TENSOR_MAP_DATA_TYPE_UINT8
-                                   : std::is_same_v<T, __nv_bfloat16> ? CU_TENSOR_MAP_DATA_TYPE_BFLOAT16
-                                                                        : CU_TENSOR_MAP_DATA_TYPE_FLOAT16;
+  const CUtensorMapDataType type = m.is_bool ? CU_TENSOR_MAP_DATA_TYPE_UINT8 : sixteen_bit_type(bf16);
   // One row needs no swizzle (its XOR is 0), and its box need not start on a swizzle atom.
   const CUtensorMapSwizzle swizzle = m.one_row  ? CU_TENSOR_MAP_SWIZZLE_NONE
                                      : m.is_bool ? CU_TENSOR_MAP_SWIZZLE_64B
