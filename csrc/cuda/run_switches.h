@@ -117,7 +117,7 @@ struct Sm90Switch {
   bool tma_kv_cache = true;
   bool tma_splits = false;  // not a default part: faster than the sm_80-class split kernel on long caches only
   bool tma_mask = true;
-  bool bwd_mask = false;  // not a default part: not yet measured
+  bool bwd_tma_mask = false;  // not a default part: not yet measured
   bool tma_varlen = true;
   bool bwd_varlen = true;
   bool bwd_features = true;
@@ -144,7 +144,7 @@ inline bool parse_sm90_switch(const char* value, Sm90Switch* out) {
         else if (is("kvcache")) s.tma_kv_cache = true;
         else if (is("splits")) s.tma_splits = true;
         else if (is("masktma")) s.tma_mask = true;
-        else if (is("bwdmasktma")) s.bwd_mask = true;
+        else if (is("bwdmasktma")) s.bwd_tma_mask = true;
         else if (is("varlen")) s.tma_varlen = true;
         else if (is("bwdvarlen")) s.bwd_varlen = true;
         else if (is("bwdfeatures")) s.bwd_features = true;

@@ -325,7 +325,7 @@ inline Sm90Paths sm90_paths(const AttentionParams& p) {
   choice.bwd = choice.fwd && !features && wanted.bwd;
   choice.bwd_ws = choice.bwd && wanted.bwd_ws && whole_key_blocks;
   choice.bwd_features = choice.fwd && features && wanted.bwd && wanted.bwd_ws && wanted.bwd_features && whole_key_blocks;
-  choice.bwd_tma_mask = choice.bwd_features && wanted.bwd_mask && p.score.attn_mask.data != nullptr;
+  choice.bwd_tma_mask = choice.bwd_features && wanted.bwd_tma_mask && p.score.attn_mask.data != nullptr;
   // Packed sequences on the warp-specialized backward: not from a total-length grid of queries or
   // of keys either (max_seqlen_k not given: the dK/dV kernels' tiles nearly all empty, their
   // persistent walk's count in an int).

@@ -62,16 +62,16 @@ struct MaskStaging {
   //  - One row: keys warp_key + lane / 4 and + 8, at one_row_offset(warp_key, lane) + half * 8
   //    elements, for every query.
   //  - 16-bit, by ldmatrix.x4.trans (each 8 x 8 matrix's rows 8 queries of 8 keys, 16 bytes):
-  //    for query tiles 2jj and 2jj + 1, the lane gives the address ldsm_offset(warp_key, lane) +
-  //    jj * 2048 of row lane % 8 of matrix lane / 8 (tile 2jj + lane / 16, keys + 8 for odd
-  //    lane / 8); matrix m = 2 (j % 2) + half then holds, for the lane, the pair of queries of its
-  //    elements (j, 2 half), (j, 2 half + 1).
+  //    for query tiles 2jj and 2jj + 1, the lane gives the address
+  //    transposed_ldsm_offset(warp_key, lane) + jj * 2048 of row lane % 8 of matrix lane / 8 (tile
+  //    2jj + lane / 16, keys + 8 for odd lane / 8); matrix m = 2 (j % 2) + half then holds, for the
+  //    lane, the pair of queries of its elements (j, 2 half), (j, 2 half + 1).
   //  - bool, a byte at a time: element (j, 2 half + e) at bool_offset(warp_key, lane) +
   //    (8j + e) * 64 + 8 half (the 64-byte swizzle's XOR, (query / 2) % 4, is lane % 4 for all).
   CUFLASH_HD uint32_t one_row_offset(int warp_key, int lane) const {
     return (warp_key / 64) * box_slot_bytes + (warp_key % 64 + (lane >> 2)) * elem_bytes();
   }
-  CUFLASH_HD uint32_t ldsm_offset(int warp_key, int lane) const {
+  CUFLASH_HD uint32_t transposed_ldsm_offset(int warp_key, int lane) const {
     const uint32_t row = lane & 7, chunk = (warp_key % 64) / 8 + ((lane >> 3) & 1);
     return (warp_key / 64) * box_slot_bytes + (lane >> 4) * 1024 + row * 128 + ((chunk ^ row) << 4);
   }
