@@ -28,23 +28,33 @@ BWD_LAUNCH = re.compile(r"cuflash_attn: .*flash_bwd_dkdv_sm90_tma_kernel<.*, (\d
 BWD_STAGED = sm90_parts_with("bwdmasktma")
 
 
+def launched_smem(launch, capfd, what, parts):
+    """The shared memory bytes of the one launch of the kernel `launch` matches since capfd was last read
+    (CUFLASH_DEBUG's launch lines)."""
+    torch.cuda.synchronize()
+    smem = [int(m.group(1)) for m in launch.finditer(capfd.readouterr().err)]
+    assert len(smem) == 1, f"one {what} launch expected under {parts}: {smem}"
+    return smem[0]
+
+
+def random_inputs(batch, heads, heads_kv, nq, nk, d, dtype):
+    """q, k, v and dout, the same for each route compared."""
+    torch.manual_seed(0)
+    make = lambda h, n: torch.randn(batch, h, n, d, device="cuda", dtype=dtype)  # noqa: E731
+    return make(heads, nq), make(heads_kv, nk), make(heads_kv, nk), make(heads, nq)
+
+
 def forward(parts, q, k, v, mask, monkeypatch, capfd, **options):
     """(out, lse) under CUFLASH_SM90=parts, and the TMA forward's shared memory bytes (its one launch)."""
     monkeypatch.setenv("CUFLASH_SM90", parts)
     monkeypatch.setenv("CUFLASH_DEBUG", "1")
     capfd.readouterr()
     out, lse = fwd(q, k, v, attn_mask=mask, **options)
-    torch.cuda.synchronize()
-    smem = [int(m.group(1)) for m in LAUNCH.finditer(capfd.readouterr().err)]
-    assert len(smem) == 1, f"one TMA forward launch expected under {parts}: {smem}"
-    return out, lse, smem[0]
+    return out, lse, launched_smem(LAUNCH, capfd, "TMA forward", parts)
 
 
 def check_staged(batch, heads, nq, nk, d, dtype, mask, monkeypatch, capfd, staged=True, causal=False, **features):
-    torch.manual_seed(0)
-    q = torch.randn(batch, heads, nq, d, device="cuda", dtype=dtype)
-    k = torch.randn(batch, heads, nk, d, device="cuda", dtype=dtype)
-    v = torch.randn(batch, heads, nk, d, device="cuda", dtype=dtype)
+    q, k, v, _ = random_inputs(batch, heads, heads, nq, nk, d, dtype)
     options, _ = make_options(batch, heads, "cuda", causal=causal, **features)
     mask_before = mask.clone()
     out, lse, smem = forward(sm90_parts_without("masktma"), q, k, v, mask, monkeypatch, capfd, **options)
@@ -116,19 +126,12 @@ def gradients(parts, q, k, v, mask, dout, monkeypatch, capfd, **options):
     out, _ = fwd(*inputs, attn_mask=mask, **options)
     capfd.readouterr()
     grads = torch.autograd.grad(out, inputs, dout)
-    torch.cuda.synchronize()
-    smem = [int(m.group(1)) for m in BWD_LAUNCH.finditer(capfd.readouterr().err)]
-    assert len(smem) == 1, f"one fused backward launch expected under {parts}: {smem}"
-    return grads, smem[0]
+    return grads, launched_smem(BWD_LAUNCH, capfd, "fused backward", parts)
 
 
 def check_staged_backward(batch, heads, heads_kv, nq, nk, d, dtype, mask, monkeypatch, capfd, staged=True,
                           causal=False, **features):
-    torch.manual_seed(0)
-    q = torch.randn(batch, heads, nq, d, device="cuda", dtype=dtype)
-    k = torch.randn(batch, heads_kv, nk, d, device="cuda", dtype=dtype)
-    v = torch.randn(batch, heads_kv, nk, d, device="cuda", dtype=dtype)
-    dout = torch.randn(batch, heads, nq, d, device="cuda", dtype=dtype)
+    q, k, v, dout = random_inputs(batch, heads, heads_kv, nq, nk, d, dtype)
     options, _ = make_options(batch, heads, "cuda", causal=causal, **features)
     mask_before = mask.clone()
     grads, smem = gradients(SM90_DEFAULT_PARTS, q, k, v, mask, dout, monkeypatch, capfd, **options)

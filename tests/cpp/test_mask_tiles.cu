@@ -487,25 +487,33 @@ TEST(MaskTiles, AttnMaskScoresFollowTheMask) {
     }
 }
 
+// A staging of boxes of box_rows rows (one for a one-row mask), as encode_mask_map sets it up.
+cuflash::sm90::MaskStaging staging(bool is_bool, bool one_row, int box_rows) {
+  cuflash::sm90::MaskStaging m;
+  m.is_bool = is_bool;
+  m.one_row = one_row;
+  m.box_slot_bytes = ((one_row ? 1 : box_rows) * 64 * (is_bool ? 1 : 2) + 1023) / 1024 * 1024;
+  return m;
+}
+// TMA's layout of the boxes: element (row, key) of box key / 64 at byte o = row * 64 elem_bytes +
+// (key % 64) * elem_bytes of the box, o's 16-byte chunk XORed with o's bits 7-9 (128-byte swizzle)
+// or 7-8 (64-byte), a one-row box unswizzled.
+uint32_t tma_offset(const cuflash::sm90::MaskStaging& m, int row, int key) {
+  const int elem = m.is_bool ? 1 : 2;
+  const uint32_t o = row * 64 * elem + (key % 64) * elem;
+  const uint32_t bits = m.one_row ? 0 : m.is_bool ? (o >> 7) & 3 : (o >> 7) & 7;
+  return (key / 64) * m.box_slot_bytes + (o ^ (bits << 4));
+}
+
 // The staged mask tile's addresses (MaskStaging's thread_offset, chunk_xor, tile_offset and
-// next_rows, as add_staged_mask sums them) against TMA's layout of the boxes: element (row, key)
-// of box key / 64 at byte o = row * row_bytes + (key % 64) * elem_bytes of the box, o's 16-byte
-// chunk XORed with o's bits 7-9 (128-byte swizzle) or 7-8 (64-byte), a one-row box unswizzled.
-// Every lane, warp tile, 8-key tile, half and element of 128- and 192-row tiles over 128 keys.
+// next_rows, as add_staged_mask sums them) against TMA's layout (tma_offset). Every lane, warp
+// tile, 8-key tile, half and element of 128- and 192-row tiles over 128 keys.
 TEST(StagedMask, ThreadAddressesFollowTheSwizzle) {
   for (const bool is_bool : {false, true})
     for (const bool one_row : {false, true})
       for (const int rows : {128, 192}) {
-        cuflash::sm90::MaskStaging m;
-        m.is_bool = is_bool;
-        m.one_row = one_row;
-        const int elem = is_bool ? 1 : 2, box_rows = one_row ? 1 : rows;
-        m.box_slot_bytes = (box_rows * 64 * elem + 1023) / 1024 * 1024;
-        auto tma_offset = [&](int row, int key) {
-          const uint32_t o = row * 64 * elem + (key % 64) * elem;
-          const uint32_t bits = one_row ? 0 : is_bool ? (o >> 7) & 3 : (o >> 7) & 7;
-          return (key / 64) * m.box_slot_bytes + (o ^ (bits << 4));
-        };
+        const cuflash::sm90::MaskStaging m = staging(is_bool, one_row, rows);
+        const int elem = is_bool ? 1 : 2;
         for (int warp_row = 0; warp_row < rows; warp_row += 16)
           for (int lane = 0; lane < 32; ++lane)
             for (int j = 0; j < 16; ++j)
@@ -515,7 +523,7 @@ TEST(StagedMask, ThreadAddressesFollowTheSwizzle) {
                   const int key = 8 * j + 2 * (lane & 3) + e;
                   const uint32_t got = m.thread_offset(warp_row, lane) + m.tile_offset(j, m.chunk_xor(lane)) +
                                        half * m.next_rows() + e * elem;
-                  ASSERT_EQ(got, tma_offset(row, key))
+                  ASSERT_EQ(got, tma_offset(m, row, key))
                       << "bool " << is_bool << ", one row " << one_row << ", rows " << rows << ": warp row "
                       << warp_row << ", lane " << lane << ", tile " << j << ", half " << half << ", element " << e;
                   if (is_bool || one_row) continue;
@@ -523,7 +531,7 @@ TEST(StagedMask, ThreadAddressesFollowTheSwizzle) {
                   // the element of that row the lane receives (column 2 (lane % 4) + e of its 8 keys).
                   const int giver = 8 * (2 * (j % 2) + half) + (lane >> 2);
                   const uint32_t by_ldsm = m.rows_ldsm_offset(warp_row, giver, j / 2) + 2 * (2 * (lane & 3) + e);
-                  ASSERT_EQ(by_ldsm, tma_offset(row, key))
+                  ASSERT_EQ(by_ldsm, tma_offset(m, row, key))
                       << "ldmatrix, rows " << rows << ": warp row " << warp_row << ", lane " << lane << ", tile " << j
                       << ", half " << half << ", element " << e;
                 }
@@ -539,16 +547,8 @@ TEST(StagedMask, TransposedAddressesFollowTheSwizzle) {
   constexpr int kQueries = 64, kKeys = 128;  // the fused backward's step: 64 queries x 128 keys
   for (const bool is_bool : {false, true})
     for (const bool one_row : {false, true}) {
-      cuflash::sm90::MaskStaging m;
-      m.is_bool = is_bool;
-      m.one_row = one_row;
-      const int elem = is_bool ? 1 : 2, box_rows = one_row ? 1 : kQueries;
-      m.box_slot_bytes = (box_rows * 64 * elem + 1023) / 1024 * 1024;
-      auto tma_offset = [&](int row, int key) {
-        const uint32_t o = row * 64 * elem + (key % 64) * elem;
-        const uint32_t bits = one_row ? 0 : is_bool ? (o >> 7) & 3 : (o >> 7) & 7;
-        return (key / 64) * m.box_slot_bytes + (o ^ (bits << 4));
-      };
+      const cuflash::sm90::MaskStaging m = staging(is_bool, one_row, kQueries);
+      const int elem = is_bool ? 1 : 2;
       for (int warp_key = 0; warp_key < kKeys; warp_key += 16)
         for (int lane = 0; lane < 32; ++lane)
           for (int j = 0; j < kQueries / 8; ++j)
@@ -563,9 +563,9 @@ TEST(StagedMask, TransposedAddressesFollowTheSwizzle) {
                 } else {
                   const int matrix = 2 * (j % 2) + half, row = 2 * (lane & 3) + e;
                   const int giver = 8 * matrix + row;  // the lane that gives that row's address
-                  got = m.ldsm_offset(warp_key, giver) + (j / 2) * 2048 + 2 * (lane >> 2);
+                  got = m.transposed_ldsm_offset(warp_key, giver) + (j / 2) * 2048 + 2 * (lane >> 2);
                 }
-                ASSERT_EQ(got, tma_offset(one_row ? 0 : query, key))
+                ASSERT_EQ(got, tma_offset(m, one_row ? 0 : query, key))
                     << "bool " << is_bool << ", one row " << one_row << ": warp key " << warp_key << ", lane "
                     << lane << ", tile " << j << ", half " << half << ", element " << e;
               }
