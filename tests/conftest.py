@@ -121,16 +121,16 @@ def sdpa_on_kernels(q, k, v, **kwargs):
     return out
 
 
-def fused_backward_kernel(d, wide=False, ordered=False, packed=False, features=False):
+def fused_backward_kernel(d, wide=False, ordered=False, packed=False, features=False, staged_mask=False):
     """The profiler's name of the fused warp-specialized Hopper backward (dK, dV and dQ in one
     kernel) for bf16 at head-dim bucket d: 128-query steps (wide, head dim 64), ordered dQ adds,
     packed sequences (CUFLASH_SM90's "bwdvarlen" part), softcap, ALiBi,
-    attn_mask and dropout (its "bwdfeatures" part). Head dim 256 has its own kernel
-    (flash_bwd_sm90_fused256.cuh)."""
+    attn_mask and dropout (its "bwdfeatures" part), an attn_mask's tiles staged by TMA (its
+    "bwdmasktma" part). Head dim 256 has its own kernel (flash_bwd_sm90_fused256.cuh)."""
     if d == 256:
         flags = ", ".join(str(flag).lower() for flag in (ordered, packed, features))
         return f"flash_bwd_fused_sm90_tma_kernel<__nv_bfloat16, {flags}>"
-    flags = ", ".join(str(flag).lower() for flag in (True, True, True, wide, ordered, packed, features))
+    flags = ", ".join(str(flag).lower() for flag in (True, True, True, wide, ordered, packed, features, staged_mask))
     return f"flash_bwd_dkdv_sm90_tma_kernel<__nv_bfloat16, {d}, {flags}>"
 
 

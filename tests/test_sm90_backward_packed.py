@@ -56,7 +56,7 @@ def test_path_taken(d, route):
     if dq == "separate":
         assert f"flash_bwd_dq_sm90_tma_kernel<__nv_bfloat16, {bucket}, true>" in names, names
         expected = f"flash_bwd_dkdv_sm90_tma_kernel<__nv_bfloat16, {bucket}, false, true, true, {str(wide).lower()}, " \
-                   "false, true, false"
+                   "false, true, false, false>"
     else:
         expected = fused_backward_kernel(bucket, wide=wide, ordered=dq == "ordered", packed=True)
     assert expected in names, names

@@ -37,9 +37,10 @@ def mode(request, monkeypatch):
     return request.param
 
 
-def tma_kernel(d, wide=False, features=False, persistent=False, dtype=torch.bfloat16):
-    """The TMA kernel's name as the profiler shows it."""
-    flags = ", ".join(str(f).lower() for f in (wide, features, persistent and d <= 128))
+def tma_kernel(d, wide=False, features=False, persistent=False, staged_mask=False, dtype=torch.bfloat16):
+    """The TMA kernel's name as the profiler shows it (staged_mask: the kernel that stages an
+    attn_mask's tiles, the "masktma" part's)."""
+    flags = ", ".join(str(f).lower() for f in (wide, features, persistent and d <= 128, staged_mask))
     return f"flash_fwd_sm90_tma_kernel<{KERNEL_DTYPE[dtype]}, {d}, {flags}>"
 
 
