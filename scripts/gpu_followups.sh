@@ -12,9 +12,9 @@
 #   5  attn_mask staged by TMA (CUFLASH_SM90's "masktma" part, a default since the forty-third
 #      session, in a kernel of its own): its tests and test_attn_mask.py, then the forward with
 #      the features, the defaults against the defaults less the part (the global reads)
-#   6  attn_mask staged by TMA in the fused backward (its "bwdmasktma" part, forty-third session,
-#      not a default): its tests, then forward + backward with each mask it reads its own way
-#      (float, bool, bool key padding), the defaults against the defaults with the part
+#   6  attn_mask staged by TMA in the fused backward (its "bwdmasktma" part, a default since the
+#      forty-fourth session): its tests, then forward + backward with each mask it reads its own
+#      way (float, bool, bool key padding), the defaults against the defaults less the part
 # Outputs: $OUT/<step>.md and the tests' logs ($OUT/logs.tar). FOLLOWUP_STEPS="1 2 3 4" picks steps.
 # shellcheck source=scripts/device_call_env.sh
 source "$(dirname "$0")/device_call_env.sh"
@@ -26,7 +26,8 @@ bench=benchmarks/bench_features.py
 # CUFLASH_SM90's default parts (tests/conftest.py's SM90_DEFAULT_PARTS, the one list)
 default_parts=$(sed -n 's/^SM90_DEFAULT_PARTS = "\(.*\)"$/\1/p' tests/conftest.py)
 less_bwdvarlen=${default_parts/,bwdvarlen,/,}
-less_masktma=${default_parts/,masktma/}
+less_masktma=${default_parts/,masktma,/,}
+less_bwdmasktma=${default_parts/,bwdmasktma/}
 step() { echo "== $1 ($(( $(date +%s) - start )) s)"; }
 # Each step's logs appended to $OUT/logs.tar as it ends, so that a call cut off by its limit still
 # returns the finished steps' logs within the device tool's eight files.
@@ -84,7 +85,7 @@ for s in ${FOLLOWUP_STEPS:-1 2 3 4}; do
        grep -E '^FAILED' "$OUT/mask_bwd_tma_tests.log" | head
        timeout 150 python3 $bench --backward --head-dims 64,128 --seqlens 2048,8192 \
          --features plain,attn_mask,bool_mask,key_padding \
-         --variants ";$default_parts,bwdmasktma" > "$OUT/mask_bwd_tma.md" 2>&1 ;;
+         --variants ";$less_bwdmasktma" > "$OUT/mask_bwd_tma.md" 2>&1 ;;
   esac
   keep_logs
 done

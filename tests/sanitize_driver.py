@@ -46,7 +46,7 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 import reference  # noqa: E402
-from conftest import SM90_DEFAULT_PARTS, sm90_parts_with  # noqa: E402
+from conftest import SM90_DEFAULT_PARTS  # noqa: E402
 from reference import LOW_PRECISION, assert_close_to_reference, assert_lse_close, reference_results  # noqa: E402
 from test_accuracy import check_against_reference  # noqa: E402
 from test_features import check_dense, check_varlen, make_mask  # noqa: E402
@@ -143,7 +143,7 @@ def cases():
     # attn_mask tiles staged by TMA in the TMA forward (its "masktma" part, a default): keys a
     # multiple of 16 (rows TMA can address), a partial last query tile and key block.
     out += [(BF16, d, 2, 4, 130, 320, "top_left", "mask_tma") for d in (64, 128, 256)]
-    # And in the fused TMA backward (its "bwdmasktma" part, not a default): the steps' tiles with
+    # And in the fused TMA backward (its "bwdmasktma" part, a default): the steps' tiles with
     # Q and dO, a partial last step and key block, both dQ orders.
     out += [(F16, d, 2, 4, 130, 320, "top_left", "mask_bwd_tma") for d in (64, 128)]
     return out
@@ -273,7 +273,7 @@ def run_case(case, device):
     elif variant == "mask_bwd_tma":  # float per-row masks (no gradient) and bool key padding, GQA, softcap
         float_mask = make_mask("float", (b, 1, nq, nk), device, dtype)
         for dq in ("ordered", "atomic"):
-            with bench.switches_set({"CUFLASH_SM90": sm90_parts_with("bwdmasktma"), "CUFLASH_BWD_DQ": dq}):
+            with bench.switches_set({"CUFLASH_SM90": SM90_DEFAULT_PARTS, "CUFLASH_BWD_DQ": dq}):
                 check_dense(device, dtype, b, h, h // 2, nq, nk, d, attn_mask=float_mask, causal=causal != "none")
                 check_dense(device, dtype, b, h, h, nq, nk, d, attn_mask=("bool", "B11S"), softcap=15.0)
     elif variant == "varlen":

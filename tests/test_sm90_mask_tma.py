@@ -8,16 +8,16 @@ softcap and ALiBi, and each head dim's features tile. CUFLASH_DEBUG's launch lin
 staging's shared memory where the mask is staged, and none where it cannot be (the keys not
 contiguous, rows TMA cannot address, head dim 128's wide tile).
 
-The "bwdmasktma" part (not a default) stages them in the fused TMA backward too (flash_bwd_sm90_tma.cuh,
+The "bwdmasktma" part (a default) stages them in the fused TMA backward too (flash_bwd_sm90_tma.cuh,
 kStagedMask: each step's mask tile with its Q and dO, read transposed by ldmatrix or a byte at a
-time): its dQ (ordered adds), dK and dV equal the default route's bit for bit, over the same masks,
+time): its dQ (ordered adds), dK and dV equal those of the global reads (the part left out) bit for bit, over the same masks,
 GQA, causal, softcap, ALiBi and dropout, at head dims 64 and 128 (the steps with room for it)."""
 import re
 
 import pytest
 import torch
 
-from conftest import IS_SM90, SM90_DEFAULT_PARTS, sm90_parts_with, sm90_parts_without
+from conftest import IS_SM90, SM90_DEFAULT_PARTS, sm90_parts_without
 from test_features import MASK_SHAPES, make_mask, make_options
 
 pytestmark = pytest.mark.skipif(not IS_SM90, reason="the TMA forward is sm_90a's")
@@ -25,7 +25,6 @@ pytestmark = pytest.mark.skipif(not IS_SM90, reason="the TMA forward is sm_90a's
 fwd = torch.ops.cuflash_attn.fwd
 LAUNCH = re.compile(r"cuflash_attn: .*flash_fwd_sm90_tma_kernel<.*, (\d+) bytes of shared memory")
 BWD_LAUNCH = re.compile(r"cuflash_attn: .*flash_bwd_dkdv_sm90_tma_kernel<.*, (\d+) bytes of shared memory")
-BWD_STAGED = sm90_parts_with("bwdmasktma")
 
 
 def launched_smem(launch, capfd, what, parts):
@@ -134,8 +133,8 @@ def check_staged_backward(batch, heads, heads_kv, nq, nk, d, dtype, mask, monkey
     q, k, v, dout = random_inputs(batch, heads, heads_kv, nq, nk, d, dtype)
     options, _ = make_options(batch, heads, "cuda", causal=causal, **features)
     mask_before = mask.clone()
-    grads, smem = gradients(SM90_DEFAULT_PARTS, q, k, v, mask, dout, monkeypatch, capfd, **options)
-    grads_staged, smem_staged = gradients(BWD_STAGED, q, k, v, mask, dout, monkeypatch, capfd, **options)
+    grads, smem = gradients(sm90_parts_without("bwdmasktma"), q, k, v, mask, dout, monkeypatch, capfd, **options)
+    grads_staged, smem_staged = gradients(SM90_DEFAULT_PARTS, q, k, v, mask, dout, monkeypatch, capfd, **options)
     assert torch.equal(mask, mask_before)
     assert (smem_staged > smem) == staged, (smem, smem_staged)
     for name, got, want in zip(("dq", "dk", "dv"), grads_staged, grads):

@@ -4,7 +4,8 @@
 //
 //   CUFLASH_SM90    which Hopper kernels run (sm_90a builds on a compute capability 9.0 GPU):
 //     unset or ""   the default parts,
-//                   "tma,bwd,bwdws,features,persistent,kvcache,varlen,bwdvarlen,bwdfeatures,masktma"
+//                   "tma,bwd,bwdws,features,persistent,kvcache,varlen,bwdvarlen,bwdfeatures,masktma,
+//                   bwdmasktma"
 //     "0"           none: the sm_80-class kernels
 //     a comma list  exactly the parts named; the cp.async Hopper forward runs plain attention
 //                   wherever "tma" is not named or TMA cannot address the input:
@@ -33,11 +34,11 @@
 //                   and whose rows and base TMA can address (sm90::encode_mask_map), on the
 //                   features kernels whose shared memory has room (FwdSm90TmaKernel::
 //                   kMayStageMask; H100: the masked forward 1.62-2.24x the global reads)
-//       bwdmasktma  with bwdfeatures, not a default: the fused TMA backward's attn_mask tiles
-//                   staged in shared memory by its TMA thread with each step's Q and dO, where
-//                   otherwise its consumers read them from global memory; as masktma's masks, on
-//                   64-query steps at head dims 33-64 and 97-128 (BwdDkvSm90TmaKernel::
-//                   kMayStageMask); not yet measured on a GPU
+//       bwdmasktma  with bwdfeatures: the fused TMA backward's attn_mask tiles staged in shared
+//                   memory by its TMA thread with each step's Q and dO, where otherwise its
+//                   consumers read them from global memory; as masktma's masks, on 64-query
+//                   steps at head dims 33-64 and 97-128 (BwdDkvSm90TmaKernel::kMayStageMask;
+//                   H100: the masked forward + backward 1.06-1.69x the global reads)
 //       varlen      with tma: packed sequences (cu_seqlens) without the features on the
 //                   plain narrow TMA kernels (persistent with "persistent" where a dense batch
 //                   of the longest sequence would be), where otherwise the cp.async forward runs
@@ -117,7 +118,7 @@ struct Sm90Switch {
   bool tma_kv_cache = true;
   bool tma_splits = false;  // not a default part: faster than the sm_80-class split kernel on long caches only
   bool tma_mask = true;
-  bool bwd_tma_mask = false;  // not a default part: not yet measured
+  bool bwd_tma_mask = true;
   bool tma_varlen = true;
   bool bwd_varlen = true;
   bool bwd_features = true;
@@ -128,7 +129,7 @@ inline bool parse_sm90_switch(const char* value, Sm90Switch* out) {
   Sm90Switch s;
   if (value != nullptr && *value != '\0') {
     s.tma = s.bwd = s.features = s.persistent = s.bwd_ws = s.tma_kv_cache = s.tma_varlen = s.bwd_varlen =
-        s.bwd_features = s.tma_mask = false;
+        s.bwd_features = s.tma_mask = s.bwd_tma_mask = false;
     if (std::strcmp(value, "0") == 0) {
       s.on = false;
     } else {
