@@ -48,9 +48,10 @@ def test_path_taken(d, hopper_backward):
     bucket = 64 if d <= 64 else 128 if d <= 128 else 256
     launches = ("true, false", "false, true") if d > 128 else ("true, true",)  # dK and dV in two at 256
     # The warp-specialized kernel's last arguments: 128-query steps (head dim 64, unless narrow),
-    # ordered dQ adds (never: no dQ here), packed sequences and the features (not here).
+    # ordered dQ adds (never: no dQ here), packed sequences, the features and a staged attn_mask
+    # (not here).
     steps = "true" if hopper_backward != "narrow" and bucket == 64 else "false"
-    wide = f", {steps}, false, false, false" if ws else ""
+    wide = f", {steps}, false, false, false, false" if ws else ""
     assert all(f"{dkdv}<__nv_bfloat16, {bucket}, false, {parts}{wide}>" in names for parts in launches), names
 
 
