@@ -24,12 +24,6 @@
 #ifndef CUFLASH_FWD_PACKED_TMA_STORE
 #define CUFLASH_FWD_PACKED_TMA_STORE 0
 #endif
-// Experiment (an A/B build's define; benchmarks/NOTES.md): the staged 16-bit mask tiles of a
-// query-row mask read by ldmatrix.x4 (8 elements a thread an instruction) where each thread
-// reads a pair of elements at a time (2).
-#ifndef CUFLASH_FWD_MASK_LDSM
-#define CUFLASH_FWD_MASK_LDSM 0
-#endif
 #include <type_traits>
 #include "flash_fwd_sm90.cuh"
 #include "staged_mask.h"
@@ -103,24 +97,6 @@ template <typename T, int kN>
 __device__ __forceinline__ void add_staged_mask(WarpAcc<kN>& t, uint32_t stage, const MaskStaging& m, int warp_row,
                                                 int lane) {
   auto add = [](float& x, float bias) { x = ScoreMod<T>::plus_bias(x, bias); };
-#if CUFLASH_FWD_MASK_LDSM
-  if (!m.is_bool && !m.one_row) {
-    uint32_t base = stage;
-    asm volatile("" : "+r"(base));  // (as `first` below)
-#pragma unroll
-    for (int jj = 0; jj < kN / 16; ++jj) {
-      uint32_t pairs[4];  // matrix 2 (j % 2) + half: the keys of elements (j, 2 half), (j, 2 half + 1)
-      ldmatrix_x4(pairs, base + m.rows_ldsm_offset(warp_row, lane, jj));
-#pragma unroll
-      for (int m4 = 0; m4 < 4; ++m4) {
-        const int j = 2 * jj + m4 / 2, half = m4 % 2;
-        add(t.v[j][2 * half], pair_element<T>(pairs[m4], 0));
-        add(t.v[j][2 * half + 1], pair_element<T>(pairs[m4], 1));
-      }
-    }
-    return;
-  }
-#endif
   uint32_t first = stage + m.thread_offset(warp_row, lane), chunk_xor = m.chunk_xor(lane);
   // Computed here at each step: hoisted out of the step loop, each tile's address took a register
   // (spilled: ptxas, the head-dim-64 wide features kernel).

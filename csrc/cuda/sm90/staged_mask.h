@@ -47,16 +47,6 @@ struct MaskStaging {
     return box + (((j % 8) ^ chunk_xor) << 4);
   }
 
-  // The forward's 16-bit tiles by ldmatrix.x4 (CUFLASH_FWD_MASK_LDSM; each 8 x 8 matrix's rows 8
-  // query rows of 8 keys, 16 bytes): for key tiles 2jj and 2jj + 1, the lane gives the address
-  // rows_ldsm_offset(warp_row, lane, jj) of row lane % 8 of matrix lane / 8 (rows + 8 for odd
-  // lane / 8, tile 2jj + lane / 16); matrix 2 (j % 2) + half then holds the lane's elements
-  // (j, 2 half), (j, 2 half + 1). Not for one row.
-  CUFLASH_HD uint32_t rows_ldsm_offset(int warp_row, int lane, int jj) const {
-    const uint32_t row = warp_row + ((lane >> 3) & 1) * 8 + (lane & 7), j = 2 * jj + (lane >> 4);
-    return (j / 8) * box_slot_bytes + row * 128 + (((j % 8) ^ (row % 8)) << 4);
-  }
-
   // The backward's transposed warp tiles: keys the rows (16 from warp_key, a multiple of 16, of
   // the CTA's key block), queries the columns (8j + 2 (lane % 4), + 1 from the step's first).
   //  - One row: keys warp_key + lane / 4 and + 8, at one_row_offset(warp_key, lane) + half * 8
