@@ -121,6 +121,16 @@ def sdpa_on_kernels(q, k, v, **kwargs):
     return out
 
 
+def dkdv_tma_kernel(d, accum_dq=False, dk=True, dv=True, wide=False, ordered=False, packed=False, features=False,
+                    staged_mask=False):
+    """The profiler's name of the warp-specialized Hopper dK/dV kernel (flash_bwd_sm90_tma.cuh) for
+    bf16 at head-dim bucket d, its template flags in order: dQ accumulated in it (the fused
+    kernel), dK, dV, 128-query steps, ordered dQ adds, packed sequences, the features, a staged
+    attn_mask."""
+    flags = ", ".join(str(flag).lower() for flag in (accum_dq, dk, dv, wide, ordered, packed, features, staged_mask))
+    return f"flash_bwd_dkdv_sm90_tma_kernel<__nv_bfloat16, {d}, {flags}>"
+
+
 def fused_backward_kernel(d, wide=False, ordered=False, packed=False, features=False, staged_mask=False):
     """The profiler's name of the fused warp-specialized Hopper backward (dK, dV and dQ in one
     kernel) for bf16 at head-dim bucket d: 128-query steps (wide, head dim 64), ordered dQ adds,
@@ -130,8 +140,8 @@ def fused_backward_kernel(d, wide=False, ordered=False, packed=False, features=F
     if d == 256:
         flags = ", ".join(str(flag).lower() for flag in (ordered, packed, features))
         return f"flash_bwd_fused_sm90_tma_kernel<__nv_bfloat16, {flags}>"
-    flags = ", ".join(str(flag).lower() for flag in (True, True, True, wide, ordered, packed, features, staged_mask))
-    return f"flash_bwd_dkdv_sm90_tma_kernel<__nv_bfloat16, {d}, {flags}>"
+    return dkdv_tma_kernel(d, accum_dq=True, wide=wide, ordered=ordered, packed=packed, features=features,
+                           staged_mask=staged_mask)
 
 
 # The public entry points that entry_call runs (tests/test_ops.py: determinism and the race test;

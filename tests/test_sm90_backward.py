@@ -10,7 +10,7 @@ heads) and varlen; bitwise reproducible; the profiler shows which kernels ran.""
 import pytest
 import torch
 
-from conftest import IS_SM90, cuda_kernels, skip_outside_head_dim_bucket
+from conftest import IS_SM90, cuda_kernels, dkdv_tma_kernel, skip_outside_head_dim_bucket
 from reference import LOW_PRECISION, LOW_PRECISION_IDS
 from test_features import check_dense, check_varlen, compare, reference_grads
 from test_sm90_forward import straddling_inputs
@@ -42,17 +42,16 @@ def backward_kernels(d, **kw):
 def test_path_taken(d, hopper_backward):
     names = backward_kernels(d)
     ws = hopper_backward != "bwd"
-    dq, dkdv = ("flash_bwd_dq_sm90_tma_kernel", "flash_bwd_dkdv_sm90_tma_kernel") if ws else \
-        ("flash_bwd_dq_sm90_kernel", "flash_bwd_dkdv_sm90_kernel")
+    dq = "flash_bwd_dq_sm90_tma_kernel" if ws else "flash_bwd_dq_sm90_kernel"
     assert f"{dq}<" in names, names
     bucket = 64 if d <= 64 else 128 if d <= 128 else 256
-    launches = ("true, false", "false, true") if d > 128 else ("true, true",)  # dK and dV in two at 256
-    # The warp-specialized kernel's last arguments: 128-query steps (head dim 64, unless narrow),
-    # ordered dQ adds (never: no dQ here), packed sequences, the features and a staged attn_mask
-    # (not here).
-    steps = "true" if hopper_backward != "narrow" and bucket == 64 else "false"
-    wide = f", {steps}, false, false, false, false" if ws else ""
-    assert all(f"{dkdv}<__nv_bfloat16, {bucket}, false, {parts}{wide}>" in names for parts in launches), names
+    launches = ((True, False), (False, True)) if d > 128 else ((True, True),)  # dK and dV in two at 256
+    # The warp-specialized kernel: 128-query steps at head dim 64, unless narrow.
+    wide = hopper_backward != "narrow" and bucket == 64
+    expected = [dkdv_tma_kernel(bucket, dk=dk, dv=dv, wide=wide) if ws else
+                f"flash_bwd_dkdv_sm90_kernel<__nv_bfloat16, {bucket}, false, {str(dk).lower()}, {str(dv).lower()}>"
+                for dk, dv in launches]
+    assert all(name in names for name in expected), names
 
 
 def test_other_cases_keep_the_sm80_kernels():

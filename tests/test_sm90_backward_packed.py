@@ -9,8 +9,8 @@ kernels the profiler shows. Without the part packed sequences take the cp.async 
 import pytest
 import torch
 
-from conftest import (IS_SM90, SM90_DEFAULT_PARTS, cuda_kernels, fused_backward_kernel, packed_offsets,
-                      skip_outside_head_dim_bucket, sm90_parts_without)
+from conftest import (IS_SM90, SM90_DEFAULT_PARTS, cuda_kernels, dkdv_tma_kernel, fused_backward_kernel,
+                      packed_offsets, skip_outside_head_dim_bucket, sm90_parts_without)
 from reference import LOW_PRECISION, LOW_PRECISION_IDS
 from test_features import check_varlen, compare, reference_grads
 
@@ -55,8 +55,7 @@ def test_path_taken(d, route):
         return
     if dq == "separate":
         assert f"flash_bwd_dq_sm90_tma_kernel<__nv_bfloat16, {bucket}, true>" in names, names
-        expected = f"flash_bwd_dkdv_sm90_tma_kernel<__nv_bfloat16, {bucket}, false, true, true, {str(wide).lower()}, " \
-                   "false, true, false, false>"
+        expected = dkdv_tma_kernel(bucket, wide=wide, packed=True)
     else:
         expected = fused_backward_kernel(bucket, wide=wide, ordered=dq == "ordered", packed=True)
     assert expected in names, names
