@@ -15,6 +15,9 @@
 #   6  attn_mask staged by TMA in the fused backward (its "bwdmasktma" part, a default since the
 #      forty-fourth session): its tests, then forward + backward with each mask it reads its own
 #      way (float, bool, bool key padding), the defaults against the defaults less the part
+#   7  softcap, ALiBi and dropout on the persistent TMA forward (CUFLASH_SM90's
+#      "persistentfeatures" part, forty-fourth session, not a default): its tests, then the
+#      forward, short rows to long, the defaults against the defaults with the part
 # Outputs: $OUT/<step>.md and the tests' logs ($OUT/logs.tar). FOLLOWUP_STEPS="1 2 3 4" picks steps.
 # shellcheck source=scripts/device_call_env.sh
 source "$(dirname "$0")/device_call_env.sh"
@@ -86,6 +89,14 @@ for s in ${FOLLOWUP_STEPS:-1 2 3 4}; do
        timeout 150 python3 $bench --backward --head-dims 64,128 --seqlens 2048,8192 \
          --features plain,attn_mask,bool_mask,key_padding \
          --variants ";$less_bwdmasktma" > "$OUT/mask_bwd_tma.md" 2>&1 ;;
+    7) step "the features on the persistent forward"
+       timeout 150 python3 -m pytest tests/test_sm90_persistent_features.py -q -p no:cacheprovider --tb=short \
+         > "$OUT/persistent_features_tests.log" 2>&1
+       echo "persistent_features_tests.log: $(tail -n 1 "$OUT/persistent_features_tests.log")"
+       grep -E '^FAILED' "$OUT/persistent_features_tests.log" | head
+       timeout 150 python3 $bench --head-dims 64,128 --seqlens 512,1024,2048,8192 \
+         --features plain,softcap,alibi,dropout \
+         --variants ";$default_parts,persistentfeatures" > "$OUT/persistent_features.md" 2>&1 ;;
   esac
   keep_logs
 done

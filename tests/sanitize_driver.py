@@ -21,7 +21,8 @@ part), over contiguous and paged caches); packed sequences on the TMA forwards, 
 not, at head dim 64 on the wide tiles too (its "varlen" part), and on the TMA backward, the pair and the fused kernel's two dQ orders
 (its "bwdvarlen" part, a default); softcap, ALiBi, attn_mask and dropout on the fused TMA backward
 (its "bwdfeatures" part); attn_mask tiles staged by TMA in the TMA forward and backward (its
-"masktma" and "bwdmasktma" parts). Every case is checked against the float64 reference with
+"masktma" and "bwdmasktma" parts); softcap, ALiBi and dropout on the persistent TMA forward (its
+"persistentfeatures" part). Every case is checked against the float64 reference with
 the accuracy rule, so a clean sanitizer run is also a correctness run.
 
     python3 tests/sanitize_driver.py [--list] [--only REGEX] [--case DESCRIPTION] [--device cpu]
@@ -46,7 +47,7 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 import reference  # noqa: E402
-from conftest import SM90_DEFAULT_PARTS  # noqa: E402
+from conftest import SM90_DEFAULT_PARTS, sm90_parts_with  # noqa: E402
 from reference import LOW_PRECISION, assert_close_to_reference, assert_lse_close, reference_results  # noqa: E402
 from test_accuracy import check_against_reference  # noqa: E402
 from test_features import check_dense, check_varlen, make_mask  # noqa: E402
@@ -146,6 +147,10 @@ def cases():
     # And in the fused TMA backward (its "bwdmasktma" part, a default): the steps' tiles with
     # Q and dO, a partial last step and key block, both dQ orders.
     out += [(F16, d, 2, 4, 130, 320, "top_left", "mask_bwd_tma") for d in (64, 128)]
+    # softcap, ALiBi and dropout on the persistent TMA forward (its "persistentfeatures" part, not a
+    # default): 192 tiles, more than SMs, of unequal lengths.
+    out += [(BF16, 64, 4, 16, 300, 300, "top_left", "persistent_features"),
+            (F16, 128, 4, 16, 300, 300, "bottom_right", "persistent_features")]
     return out
 
 
@@ -262,6 +267,10 @@ def run_case(case, device):
                             softcap=15.0, alibi="batch", dropout_p=0.2, attn_mask=("bool", "B1LS"))
                 check_varlen(device, dtype, [70, 0, 129, 200], [90, 12, 0, 130], h, 2, d, causal=True,
                              bottom_right=True, softcap=10.0, dropout_p=0.1)
+    elif variant == "persistent_features":
+        with bench.switches_set({"CUFLASH_SM90": sm90_parts_with("persistentfeatures")}):
+            check_dense(device, dtype, b, h, h // 2, nq, nk, d, causal=causal != "none",
+                        bottom_right=causal == "bottom_right", softcap=15.0, alibi="batch", dropout_p=0.2)
     elif variant == "mask_tma":  # float per-row masks and bool key padding; head dim 64's wide tile too
         runs = [{"CUFLASH_SM90": SM90_DEFAULT_PARTS}]
         if d == 64:

@@ -22,6 +22,11 @@
 //                   flash_bwd_sm90_fused256.cuh)
 //       features    softcap, ALiBi, attn_mask and dropout in the Hopper forwards (the TMA one
 //                   where "tma" is listed too); without it those take the sm_80-class forward
+//       persistentfeatures  with tma, features and persistent, not a default: softcap, ALiBi and
+//                   dropout (an attn_mask keeps its staged kernel) on the persistent narrow TMA
+//                   forward at head dims up to 128, on rows plain attention walks persistently
+//                   (sm90::features_persistent_rows), where otherwise the one-tile-a-CTA grid
+//                   runs them; not yet measured on a GPU
 //       kvcache     with tma: the TMA forward for KV caches too, seqused_k (the rows past a
 //                   sequence's keys zeroed in shared memory) and paged ones (the narrow tiles:
 //                   a key block within a page), where otherwise the cp.async forward runs
@@ -117,6 +122,7 @@ struct Sm90Switch {
   bool on = true, tma = true, bwd = true, features = true, persistent = true, bwd_ws = true;
   bool tma_kv_cache = true;
   bool tma_splits = false;  // not a default part: faster than the sm_80-class split kernel on long caches only
+  bool persistent_features = false;  // not a default part: not yet measured
   bool tma_mask = true;
   bool bwd_tma_mask = true;
   bool tma_varlen = true;
@@ -144,6 +150,7 @@ inline bool parse_sm90_switch(const char* value, Sm90Switch* out) {
         else if (is("bwdws")) s.bwd_ws = true;
         else if (is("kvcache")) s.tma_kv_cache = true;
         else if (is("splits")) s.tma_splits = true;
+        else if (is("persistentfeatures")) s.persistent_features = true;
         else if (is("masktma")) s.tma_mask = true;
         else if (is("bwdmasktma")) s.bwd_tma_mask = true;
         else if (is("varlen")) s.tma_varlen = true;
@@ -217,7 +224,8 @@ inline std::string run_switch_error() {
   const char* sm90 = std::getenv("CUFLASH_SM90");
   if (!parse_sm90_switch(sm90, &unused))
     return std::string("environment variable CUFLASH_SM90 must be unset, empty, \"0\" or a comma list of cpasync, "
-                       "tma, bwd, bwdws, features, persistent, kvcache, splits, masktma, bwdmasktma, varlen, bwdvarlen and "
+                       "tma, bwd, bwdws, features, persistent, persistentfeatures, kvcache, splits, masktma, bwdmasktma, varlen, "
+                       "bwdvarlen and "
                        "bwdfeatures, "
                        "got \"") + sm90 + "\"";
   // The one-value switches: unset, empty or one of the values listed (as the message spells them).

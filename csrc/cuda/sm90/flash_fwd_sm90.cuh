@@ -283,6 +283,7 @@ __device__ __forceinline__ void store_staged_rows(const unsigned char* stage, in
 // compute capability 9.0 device; then the parts CUFLASH_SM90 selects (run_switches.h).
 struct Sm90Paths {
   bool fwd = false, tma = false, persistent = false, bwd = false, bwd_ws = false;
+  bool persistent_features = false;  // the features on the persistent TMA forward (the "persistentfeatures" part)
   bool tma_splits = false;  // split-KV on the TMA forward (the "splits" part), where it can run
   bool tma_mask = false;    // attn_mask tiles staged by TMA in the TMA forward (the "masktma" part)
   bool bwd_tma_mask = false;  // and in the fused TMA backward with the features (the "bwdmasktma" part)
@@ -309,7 +310,8 @@ inline Sm90Paths sm90_paths(const AttentionParams& p) {
   const bool paged = p.paged.block_table != nullptr, seqused = p.varlen.seqused_k != nullptr;
   const bool whole_key_blocks = !paged && !seqused;
   choice.tma = choice.fwd && wanted.tma && (whole_key_blocks || wanted.tma_kv_cache);
-  choice.persistent = choice.tma && wanted.persistent;  // plain attention only: launch_fwd_tma
+  choice.persistent = choice.tma && wanted.persistent;  // plain attention: launch_fwd_tma
+  choice.persistent_features = choice.persistent && features && wanted.persistent_features;
   // Split-KV runs on the plain narrow TMA kernel only (kMaySplit): not with the features, nor
   // with packed queries (the kernel's splits and packed coordinates do not meet: launch_fwd_tma).
   choice.tma_splits = choice.tma && wanted.tma_splits && !features && p.varlen.cu_seqlens_q == nullptr;
