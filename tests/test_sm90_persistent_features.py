@@ -1,9 +1,9 @@
 """CUFLASH_SM90's "persistentfeatures" part (not a default): softcap, ALiBi and dropout on the
 persistent TMA forward (one CTA per SM walking tiles; flash_fwd_sm90_tma.cuh's kPersistent) at
-head dims up to 128, on the narrow tile, wherever plain attention walks persistently: short rows
-and, without a mask, longer ones (sm90::features_persistent_rows). An attn_mask keeps its staged
-kernel, which has no persistent form; head dim 64's wide features tile comes first where it
-pays. The walk changes no tile's arithmetic: out and lse equal the one-tile-a-CTA kernel's bit
+head dims up to 128, wherever plain attention walks persistently: short rows and, without a mask,
+longer ones (sm90::features_persistent_rows); head dim 64's wide features tile, where it pays,
+walks persistently without a mask. An attn_mask keeps its staged kernel, which has no persistent
+form. The walk changes no tile's arithmetic: out and lse equal the one-tile-a-CTA kernel's bit
 for bit (which test_sm90_forward.py checks against the float64 reference; one reference check
 here too), over more tiles than SMs, ragged last query blocks, GQA and the masks."""
 import pytest
@@ -64,11 +64,33 @@ def test_equals_the_grid_kernel(d, dtype, features, mask, monkeypatch):
     assert out.isfinite().all()
 
 
+@pytest.mark.parametrize("d", [40, 64])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("features", ["softcap", "alibi", "both"])
+def test_wide_tile_equals_the_grid_kernel(d, dtype, features, monkeypatch):
+    """Head dim 64's wide features tile (192 query rows, three consumers), walked: 8 x 8 heads over
+    2, 500 queries (a ragged last block) over 1500 keys: 192 tiles, more than SMs."""
+    q, k, v = inputs(8, 8, 2, 500, 1500, d, dtype)
+    options = {}
+    if features in ("softcap", "both"):
+        options["softcap"] = 20.0
+    if features in ("alibi", "both"):
+        options["alibi_slopes"] = torch.rand(8, device="cuda")  # one slope a head
+    (out, lse), names = run(SM90_DEFAULT_PARTS, q, k, v, monkeypatch, **options)
+    (out_walked, lse_walked), names_walked = run(PART, q, k, v, monkeypatch, **options)
+    walked = tma_kernel(64, wide=True, features=True, persistent=True, dtype=dtype)
+    assert walked in names_walked and tma_kernel(64, wide=True, features=True, dtype=dtype) in names, \
+        (names, names_walked)
+    assert torch.equal(out_walked, out), (out_walked - out).abs().max()
+    assert torch.equal(lse_walked, lse), (lse_walked - lse).abs().max()
+
+
 @pytest.mark.parametrize("d", [64, 128])
 def test_path_taken(d, monkeypatch):
     """Where the part walks the features persistently and where not: long rows under a causal
-    mask (the static walk's balance, as for plain attention), an attn_mask (its staged kernel),
-    and at head dim 64 the wide tile where it pays (1024 keys or more, without dropout)."""
+    mask (the static walk's balance, as for plain attention), an attn_mask (its staged kernel);
+    at head dim 64 the wide tile where it pays (1024 keys or more, without dropout), walked
+    without a mask."""
     def kernels(nq, nk, **options):
         q, k, v = inputs(1, 2, 2, nq, nk, d)
         return run(PART, q, k, v, monkeypatch, **options)[1]
@@ -79,8 +101,11 @@ def test_path_taken(d, monkeypatch):
     causal_long = kernels(300, 4096, dropout_p=0.1, rng_state=torch.tensor([1, 0], device="cuda"), is_causal=True,
                           bottom_right=True)  # rows of ~3950 keys; dropout: not head dim 64's wide tile
     assert tma_kernel(d, features=True) in causal_long, causal_long
-    wide = kernels(300, 4096, softcap=30.0)
-    assert tma_kernel(d, wide=d == 64, features=True, persistent=d == 128) in wide, wide
+    long_rows = kernels(300, 4096, softcap=30.0)  # head dim 64: the wide tile, walked too
+    assert tma_kernel(d, wide=d == 64, features=True, persistent=True) in long_rows, long_rows
+    if d == 64:  # the wide tile under a causal mask: the grid
+        causal = kernels(300, 4096, softcap=30.0, is_causal=True, bottom_right=True)
+        assert tma_kernel(d, wide=True, features=True) in causal, causal
     mask = make_mask("float", (1, 1, 300, 320), "cuda", torch.bfloat16)
     masked = kernels(300, 320, attn_mask=mask)
     assert tma_kernel(d, features=True, staged_mask=True) in masked, masked

@@ -178,15 +178,21 @@ bool launch_fwd_tma(const FlashFwdParams& p, const sm90::Sm90Paths& hopper, cuda
     // The features take the wide tiles of head dims 64 and 128 too, for dense batches (ptxas
     // spills ~70 bytes in each): at 64 where sm90::features_wide_pays, at 128 (192 keys a step, not
     // yet measured with the features) only under CUFLASH_FWD_TILE=wide. Head dim 256's wide tile
-    // holds too many scores a thread. Elsewhere the narrow tile, walked persistently under the
-    // "persistentfeatures" part (sm90::features_persistent_rows).
+    // holds too many scores a thread. Elsewhere the narrow tile. Under the "persistentfeatures"
+    // part both walk tiles persistently where sm90::features_persistent_rows says, the wide one
+    // (head dim 64's: no room at 128) without a mask, as plain attention's
+    // (sm90::persistent_wide_pays).
+    const bool walk = hopper.persistent_features && !kv_cache && !split && !packed && sm90::features_persistent_rows(p);
     if constexpr (kHeadDim <= 128) {
       const bool pays = kHeadDim == 64 && sm90::features_wide_pays(p);
-      if (!kv_cache && !split && !packed && fwd_wide_tile(pays)) return run(yes, yes, no);
+      if (!kv_cache && !split && !packed && fwd_wide_tile(pays)) {
+        if constexpr (kHeadDim == 64)
+          if (walk && sm90::unmasked(p)) return run(yes, yes, yes);
+        return run(yes, yes, no);
+      }
     }
     if constexpr (Plain::kHasPersistent)
-      if (hopper.persistent_features && !kv_cache && !split && !packed && sm90::features_persistent_rows(p))
-        return run(no, yes, yes);
+      if (walk) return run(no, yes, yes);
     return run(no, yes, no);
   }
   if (!sm90::folds_scale_safely(p)) return false;  // the plain kernels fold it

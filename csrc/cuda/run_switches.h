@@ -23,10 +23,10 @@
 //       features    softcap, ALiBi, attn_mask and dropout in the Hopper forwards (the TMA one
 //                   where "tma" is listed too); without it those take the sm_80-class forward
 //       persistentfeatures  with tma, features and persistent, not a default: softcap, ALiBi and
-//                   dropout (an attn_mask keeps its staged kernel) on the persistent narrow TMA
-//                   forward at head dims up to 128, on rows plain attention walks persistently
-//                   (sm90::features_persistent_rows), where otherwise the one-tile-a-CTA grid
-//                   runs them; not yet measured on a GPU
+//                   dropout (an attn_mask keeps its staged kernel) on the persistent TMA forward
+//                   at head dims up to 128 (at 64 on the wide tile too, without a mask), on rows
+//                   plain attention walks persistently (sm90::features_persistent_rows), where
+//                   otherwise the one-tile-a-CTA grid runs them; not yet measured on a GPU
 //       kvcache     with tma: the TMA forward for KV caches too, seqused_k (the rows past a
 //                   sequence's keys zeroed in shared memory) and paged ones (the narrow tiles:
 //                   a key block within a page), where otherwise the cp.async forward runs

@@ -566,10 +566,10 @@ bool persistent_rows(const FlashFwdParams& p) {
   return !long_rows(p) || (kHeadDim == 64 ? persistent_wide_pays(p) : unmasked(p) && !wide_rows<kHeadDim>(p));
 }
 
-// Where the features kernel walks tiles persistently (the "persistentfeatures" part; dense p, the
-// narrow tile): where plain attention would, short rows and, without a mask, longer ones (at head
-// dim 64 those the wide features tile does not take first: dropout, 128 query rows or fewer).
-// Not with an attn_mask, whose staged kernel has no persistent form (kMayStageMask).
+// Where the features kernel walks tiles persistently (the "persistentfeatures" part; dense p): where
+// plain attention would, short rows and, without a mask, longer ones; on head dim 64's wide
+// features tile (features_wide_pays) only without a mask (launch_fwd_tma). Not with an attn_mask,
+// whose staged kernel has no persistent form (kMayStageMask).
 inline bool features_persistent_rows(const FlashFwdParams& p) {
   return p.score.attn_mask.data == nullptr && (!long_rows(p) || unmasked(p));
 }
