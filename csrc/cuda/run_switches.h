@@ -224,10 +224,8 @@ inline std::string run_switch_error() {
   const char* sm90 = std::getenv("CUFLASH_SM90");
   if (!parse_sm90_switch(sm90, &unused))
     return std::string("environment variable CUFLASH_SM90 must be unset, empty, \"0\" or a comma list of cpasync, "
-                       "tma, bwd, bwdws, features, persistent, persistentfeatures, kvcache, splits, masktma, bwdmasktma, varlen, "
-                       "bwdvarlen and "
-                       "bwdfeatures, "
-                       "got \"") + sm90 + "\"";
+                       "tma, bwd, bwdws, features, persistent, persistentfeatures, kvcache, splits, masktma, "
+                       "bwdmasktma, varlen, bwdvarlen and bwdfeatures, got \"") + sm90 + "\"";
   // The one-value switches: unset, empty or one of the values listed (as the message spells them).
   struct OneOf {
     const char *name, *values[5], *spelled;  // values: unused ones null
