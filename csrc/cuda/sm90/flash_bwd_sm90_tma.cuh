@@ -19,6 +19,11 @@
 //          tile ring, DkvTileRing, and ordered adds.)
 //   dQ:    queries resident (their lse and delta in registers), K and V streamed.
 #pragma once
+// Experiment (an A/B build's define; benchmarks/NOTES.md): the ordered dQ adds' turn passed a step
+// late (LateDqTurn), where each step's turn waits for its own adds to complete first.
+#ifndef CUFLASH_BWD_DQ_LATE_RELEASE
+#define CUFLASH_BWD_DQ_LATE_RELEASE 0
+#endif
 #include <type_traits>
 #include "flash_bwd_sm90.cuh"
 #include "staged_mask.h"
@@ -368,6 +373,28 @@ __device__ __forceinline__ void pass_dq_turn(int* counter) {
   fence_async_global();
   add_release_gpu(counter, 1);
 }
+// The drain thread's turns passed a step late (CUFLASH_BWD_DQ_LATE_RELEASE): a step's turn once
+// the next step's adds (kGroupsPerStep bulk groups) are issued too, so that the wait for a step's
+// adds to complete overlaps the next step's turn and adds, not precedes them. Still after they
+// complete, so the order of the adds is unchanged. Within a tile only (tile_done at its end):
+// the turn a step holds then waits only on the key block after this one, a tile the walk handed
+// out earlier (ordered_tile), never on a later tile, which could wait on this one's turn.
+struct LateDqTurn {
+  int* pending = nullptr;
+  template <int kGroupsPerStep>
+  __device__ __forceinline__ void step_issued(int* counter) {
+    if (pending != nullptr) {
+      bulk_wait_group<kGroupsPerStep>();  // every group but this step's complete
+      fence_async_global();
+      add_release_gpu(pending, 1);
+    }
+    pending = counter;
+  }
+  __device__ __forceinline__ void tile_done() {
+    if (pending != nullptr) pass_dq_turn(pending);
+    pending = nullptr;
+  }
+};
 
 // What a staged mask tile (MaskStaging) adds to a transposed warp tile's scores t (S^T: 16 keys
 // from warp_key of the CTA's key block, kN queries from the step's first), as
@@ -551,6 +578,7 @@ __global__ void __launch_bounds__(
       if (warp == 2) {  // the dQ drain: each consumer's part added to dq_accum in L2 by TMA reduce
         if (lane == 0) {
           DkvTile tile;
+          [[maybe_unused]] LateDqTurn late;
           for (int i = 0, g = 0; next_tile(i, kLane, &tile); ++i, g += tile.steps) {
             for (int step = 0; step < tile.steps; ++step) {
               const int h = head_of(tile, step), block = block_of(tile, step);
@@ -569,8 +597,13 @@ __global__ void __launch_bounds__(
                 bulk_wait_group_read<0>();  // the part is read: the consumer may overwrite it
                 mbarrier_arrive(&dq_empty[c]);
               }
-              if constexpr (kOrderedDq) pass_dq_turn(counter);  // the step's adds done
+              if constexpr (kOrderedDq) {  // the step's adds done
+                constexpr int kGroupsPerStep = K::kDqEveryStep ? K::kConsumers : 1;  // makes_dq's parts
+                if constexpr (CUFLASH_BWD_DQ_LATE_RELEASE) late.step_issued<kGroupsPerStep>(counter);
+                else pass_dq_turn(counter);
+              }
             }
+            if constexpr (kOrderedDq && CUFLASH_BWD_DQ_LATE_RELEASE) late.tile_done();
           }
           bulk_wait_group_all();  // the adds themselves, before the CTA's shared memory goes
         }
