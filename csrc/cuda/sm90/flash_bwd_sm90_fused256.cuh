@@ -198,14 +198,14 @@ __global__ void __launch_bounds__(BwdFused256Kernel<T, kOrderedDq>::kThreads, 1)
           if constexpr (kOrderedDq) {  // the step's adds done, then the next key block's turn
             if (lane == 0) {
               constexpr int kGroupsPerStep = K::kDqBound == 1 || K::kDqBound == 2 ? 0 : K::kDqBoxesPerStep;
-              if constexpr (CUFLASH_BWD_DQ_LATE_RELEASE) late.step_issued<kGroupsPerStep>(counter);
+              if constexpr (CUFLASH_BWD_DQ_LATE_RELEASE) late.step_issued<kGroupsPerStep>(p, counter);
               else pass_dq_turn(counter);
             }
             __syncwarp();
           }
         }
         if constexpr (kOrderedDq && CUFLASH_BWD_DQ_LATE_RELEASE) {
-          if (lane == 0) late.tile_done();
+          if (lane == 0) late.tile_done(p);
           __syncwarp();
         }
       }

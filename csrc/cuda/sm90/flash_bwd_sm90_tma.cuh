@@ -378,21 +378,22 @@ __device__ __forceinline__ void pass_dq_turn(int* counter) {
 // adds to complete overlaps the next step's turn and adds, not precedes them. Still after they
 // complete, so the order of the adds is unchanged. Within a tile only (tile_done at its end):
 // the turn a step holds then waits only on the key block after this one, a tile the walk handed
-// out earlier (ordered_tile), never on a later tile, which could wait on this one's turn.
+// out earlier (ordered_tile), never on a later tile, which could wait on this one's turn. The turn
+// held is an index into p.dq_semaphores (one register of the drain thread's few, not a pointer's two).
 struct LateDqTurn {
-  int* pending = nullptr;
+  int pending = -1;
   template <int kGroupsPerStep>
-  __device__ __forceinline__ void step_issued(int* counter) {
-    if (pending != nullptr) {
+  __device__ __forceinline__ void step_issued(const FlashBwdParams& p, const int* counter) {
+    if (pending >= 0) {
       bulk_wait_group<kGroupsPerStep>();  // every group but this step's complete
       fence_async_global();
-      add_release_gpu(pending, 1);
+      add_release_gpu(p.dq_semaphores + pending, 1);
     }
-    pending = counter;
+    pending = static_cast<int>(counter - p.dq_semaphores);
   }
-  __device__ __forceinline__ void tile_done() {
-    if (pending != nullptr) pass_dq_turn(pending);
-    pending = nullptr;
+  __device__ __forceinline__ void tile_done(const FlashBwdParams& p) {
+    if (pending >= 0) pass_dq_turn(p.dq_semaphores + pending);
+    pending = -1;
   }
 };
 
@@ -599,11 +600,11 @@ __global__ void __launch_bounds__(
               }
               if constexpr (kOrderedDq) {  // the step's adds done
                 constexpr int kGroupsPerStep = K::kDqEveryStep ? K::kConsumers : 1;  // makes_dq's parts
-                if constexpr (CUFLASH_BWD_DQ_LATE_RELEASE) late.step_issued<kGroupsPerStep>(counter);
+                if constexpr (CUFLASH_BWD_DQ_LATE_RELEASE) late.step_issued<kGroupsPerStep>(p, counter);
                 else pass_dq_turn(counter);
               }
             }
-            if constexpr (kOrderedDq && CUFLASH_BWD_DQ_LATE_RELEASE) late.tile_done();
+            if constexpr (kOrderedDq && CUFLASH_BWD_DQ_LATE_RELEASE) late.tile_done(p);
           }
           bulk_wait_group_all();  // the adds themselves, before the CTA's shared memory goes
         }
