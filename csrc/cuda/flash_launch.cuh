@@ -176,7 +176,7 @@ bool launch_fwd_tma(const FlashFwdParams& p, const sm90::Sm90Paths& hopper, cuda
   const bool split = p.num_splits > 1;
   if (needs_feature_path(p)) {
     // The features take the wide tiles of head dims 64 and 128 too, for dense batches (ptxas
-    // spills ~70 bytes in each): at 64 where sm90::features_wide_pays, at 128 (192 keys a step, not
+    // spills 52 and 68 bytes there): at 64 where sm90::features_wide_pays, at 128 (192 keys a step, not
     // yet measured with the features) only under CUFLASH_FWD_TILE=wide. Head dim 256's wide tile
     // holds too many scores a thread. Elsewhere the narrow tile. Under the "persistentfeatures"
     // part both walk tiles persistently where sm90::features_persistent_rows says, the wide one
