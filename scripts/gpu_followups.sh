@@ -16,8 +16,9 @@
 #      forty-fourth session): its tests, then forward + backward with each mask it reads its own
 #      way (float, bool, bool key padding), the defaults against the defaults less the part
 #   7  softcap, ALiBi and dropout on the persistent TMA forward (CUFLASH_SM90's
-#      "persistentfeatures" part, forty-fourth session, not a default): its tests, then the
-#      forward, short rows to long, the defaults against the defaults with the part
+#      "persistentfeatures" part, forty-fourth session, not a default), and long rows under a
+#      sliding window there (its "persistentwindow" part, likewise): their tests, then the
+#      forward, short rows to long, the defaults against the defaults with each part
 # Outputs: $OUT/<step>.md and the tests' logs ($OUT/logs.tar). FOLLOWUP_STEPS="1 2 3 4" picks steps.
 # shellcheck source=scripts/device_call_env.sh
 source "$(dirname "$0")/device_call_env.sh"
@@ -90,13 +91,15 @@ for s in ${FOLLOWUP_STEPS:-1 2 3 4}; do
          --features plain,attn_mask,bool_mask,key_padding \
          --variants ";$less_bwdmasktma" > "$OUT/mask_bwd_tma.md" 2>&1 ;;
     7) step "the features on the persistent forward"
-       timeout 150 python3 -m pytest tests/test_sm90_persistent_features.py -q -p no:cacheprovider --tb=short \
-         > "$OUT/persistent_features_tests.log" 2>&1
+       timeout 150 python3 -m pytest tests/test_sm90_persistent_features.py tests/test_sm90_persistent_window.py -q \
+         -p no:cacheprovider --tb=short > "$OUT/persistent_features_tests.log" 2>&1
        echo "persistent_features_tests.log: $(tail -n 1 "$OUT/persistent_features_tests.log")"
        grep -E '^FAILED' "$OUT/persistent_features_tests.log" | head
        timeout 150 python3 $bench --head-dims 64,128 --seqlens 512,1024,2048,8192 \
          --features plain,softcap,alibi,dropout \
-         --variants ";$default_parts,persistentfeatures" > "$OUT/persistent_features.md" 2>&1 ;;
+         --variants ";$default_parts,persistentfeatures" > "$OUT/persistent_features.md" 2>&1
+       timeout 90 python3 $bench --head-dims 128 --seqlens 8192,16384 --features plain,window \
+         --variants ";$default_parts,persistentwindow" > "$OUT/persistent_window.md" 2>&1 ;;
   esac
   keep_logs
 done

@@ -22,7 +22,8 @@ not, at head dim 64 on the wide tiles too (its "varlen" part), and on the TMA ba
 (its "bwdvarlen" part, a default); softcap, ALiBi, attn_mask and dropout on the fused TMA backward
 (its "bwdfeatures" part); attn_mask tiles staged by TMA in the TMA forward and backward (its
 "masktma" and "bwdmasktma" parts); softcap, ALiBi and dropout on the persistent TMA forward (its
-"persistentfeatures" part). Every case is checked against the float64 reference with
+"persistentfeatures" part), and long rows under a sliding window there (its "persistentwindow"
+part). Every case is checked against the float64 reference with
 the accuracy rule, so a clean sanitizer run is also a correctness run.
 
     python3 tests/sanitize_driver.py [--list] [--only REGEX] [--case DESCRIPTION] [--device cpu]
@@ -152,6 +153,9 @@ def cases():
     out += [(BF16, 64, 4, 16, 300, 300, "top_left", "persistent_features"),
             (F16, 128, 4, 16, 300, 300, "bottom_right", "persistent_features"),
             (F16, 64, 2, 8, 300, 1100, "none", "persistent_features")]
+    # Long rows under a sliding window on the persistent TMA forward (its "persistentwindow" part,
+    # not a default): 2101 keys a row, plain and softcap.
+    out += [(BF16, 128, 1, 4, 2200, 2200, "none", "persistent_window")]
     return out
 
 
@@ -273,6 +277,10 @@ def run_case(case, device):
             for dropout_p in (0.2, 0.0) if causal == "none" else (0.2,):
                 check_dense(device, dtype, b, h, h // 2, nq, nk, d, causal=causal != "none",
                             bottom_right=causal == "bottom_right", softcap=15.0, alibi="batch", dropout_p=dropout_p)
+    elif variant == "persistent_window":
+        with bench.switches_set({"CUFLASH_SM90": sm90_parts_with("persistentfeatures", "persistentwindow")}):
+            check_dense(device, dtype, b, h, h // 2, nq, nk, d, window=(1050, 1050))
+            check_dense(device, dtype, b, h, h // 2, nq, nk, d, window=(1050, 1050), softcap=15.0)
     elif variant == "mask_tma":  # float per-row masks and bool key padding; head dim 64's wide tile too
         runs = [{"CUFLASH_SM90": SM90_DEFAULT_PARTS}]
         if d == 64:

@@ -182,7 +182,8 @@ bool launch_fwd_tma(const FlashFwdParams& p, const sm90::Sm90Paths& hopper, cuda
     // part both walk tiles persistently where sm90::features_persistent_rows says, the wide one
     // (head dim 64's: no room at 128) without a mask, as plain attention's
     // (sm90::persistent_wide_pays).
-    const bool walk = hopper.persistent_features && !kv_cache && !split && !packed && sm90::features_persistent_rows(p);
+    const bool walk = hopper.persistent_features && !kv_cache && !split && !packed &&
+                      sm90::features_persistent_rows(p, hopper.persistent_window);
     if constexpr (kHeadDim <= 128) {
       const bool pays = kHeadDim == 64 && sm90::features_wide_pays(p);
       if (!kv_cache && !split && !packed && fwd_wide_tile(pays)) {
@@ -196,8 +197,9 @@ bool launch_fwd_tma(const FlashFwdParams& p, const sm90::Sm90Paths& hopper, cuda
     return run(no, yes, no);
   }
   if (!sm90::folds_scale_safely(p)) return false;  // the plain kernels fold it
-  const bool persistent_walk = Plain::kHasPersistent && hopper.persistent && !split &&
-                               (kv_cache ? !sm90::long_rows(p) : sm90::persistent_rows<kHeadDim>(p));
+  const bool dense_walk = sm90::persistent_rows<kHeadDim>(p, hopper.persistent_window);
+  const bool persistent_walk =
+      Plain::kHasPersistent && hopper.persistent && !split && (kv_cache ? !sm90::long_rows(p) : dense_walk);
   if (!kv_cache && !split && (!packed || Wide::kMayPack)) {
     if constexpr (kHeadDim == 64)  // the one head dim with a wide persistent kernel (smem)
       if (persistent_walk && fwd_wide_tile(sm90::persistent_wide_pays(p))) return run(yes, no, yes);

@@ -27,6 +27,11 @@
 //                   at head dims up to 128 (at 64 on the wide tile too, without a mask), on rows
 //                   plain attention walks persistently (sm90::features_persistent_rows), where
 //                   otherwise the one-tile-a-CTA grid runs them; not yet measured on a GPU
+//       persistentwindow  with tma and persistent, not a default: long rows under a window bounded
+//                   on both sides (sm90::banded: tiles of about one length, as without a mask)
+//                   on the persistent narrow TMA forward at head dim 128 below the wide tile's
+//                   length (and with persistentfeatures the features' at 64 and 128), where
+//                   otherwise the one-tile-a-CTA grid runs them; not yet measured on a GPU
 //       kvcache     with tma: the TMA forward for KV caches too, seqused_k (the rows past a
 //                   sequence's keys zeroed in shared memory) and paged ones (the narrow tiles:
 //                   a key block within a page), where otherwise the cp.async forward runs
@@ -123,6 +128,7 @@ struct Sm90Switch {
   bool tma_kv_cache = true;
   bool tma_splits = false;  // not a default part: faster than the sm_80-class split kernel on long caches only
   bool persistent_features = false;  // not a default part: not yet measured
+  bool persistent_window = false;    // not a default part: not yet measured
   bool tma_mask = true;
   bool bwd_tma_mask = true;
   bool tma_varlen = true;
@@ -151,6 +157,7 @@ inline bool parse_sm90_switch(const char* value, Sm90Switch* out) {
         else if (is("kvcache")) s.tma_kv_cache = true;
         else if (is("splits")) s.tma_splits = true;
         else if (is("persistentfeatures")) s.persistent_features = true;
+        else if (is("persistentwindow")) s.persistent_window = true;
         else if (is("masktma")) s.tma_mask = true;
         else if (is("bwdmasktma")) s.bwd_tma_mask = true;
         else if (is("varlen")) s.tma_varlen = true;
@@ -224,8 +231,8 @@ inline std::string run_switch_error() {
   const char* sm90 = std::getenv("CUFLASH_SM90");
   if (!parse_sm90_switch(sm90, &unused))
     return std::string("environment variable CUFLASH_SM90 must be unset, empty, \"0\" or a comma list of cpasync, "
-                       "tma, bwd, bwdws, features, persistent, persistentfeatures, kvcache, splits, masktma, "
-                       "bwdmasktma, varlen, bwdvarlen and bwdfeatures, got \"") + sm90 + "\"";
+                       "tma, bwd, bwdws, features, persistent, persistentfeatures, persistentwindow, kvcache, "
+                       "splits, masktma, bwdmasktma, varlen, bwdvarlen and bwdfeatures, got \"") + sm90 + "\"";
   // The one-value switches: unset, empty or one of the values listed (as the message spells them).
   struct OneOf {
     const char *name, *values[5], *spelled;  // values: unused ones null

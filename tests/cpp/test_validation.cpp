@@ -370,7 +370,7 @@ TEST(RunSwitches, DefaultPartsAreTheDocumentedList) {
     return std::vector<bool>{s.on,         s.tma,        s.bwd,          s.features,
                              s.persistent, s.bwd_ws,     s.tma_kv_cache, s.tma_splits,
                              s.tma_varlen, s.bwd_varlen, s.bwd_features, s.tma_mask, s.bwd_tma_mask,
-                             s.persistent_features};
+                             s.persistent_features, s.persistent_window};
   };
   cuflash::Sm90Switch unset, listed, without_varlen, none, with_bwd_features;
   ASSERT_TRUE(cuflash::parse_sm90_switch(nullptr, &unset));
@@ -383,7 +383,7 @@ TEST(RunSwitches, DefaultPartsAreTheDocumentedList) {
                without_varlen.tma_mask || without_varlen.bwd_tma_mask);
   EXPECT_TRUE(without_varlen.tma && without_varlen.persistent && !without_varlen.tma_splits);
   // Parts that are not defaults run only where named.
-  EXPECT_FALSE(unset.tma_splits || unset.persistent_features);
+  EXPECT_FALSE(unset.tma_splits || unset.persistent_features || unset.persistent_window);
   ASSERT_TRUE(cuflash::parse_sm90_switch("tma,bwd,bwdws,features,bwdfeatures", &with_bwd_features));
   EXPECT_TRUE(with_bwd_features.bwd_features && !with_bwd_features.bwd_varlen);
   ASSERT_TRUE(cuflash::parse_sm90_switch("0", &none));

@@ -284,6 +284,7 @@ __device__ __forceinline__ void store_staged_rows(const unsigned char* stage, in
 struct Sm90Paths {
   bool fwd = false, tma = false, persistent = false, bwd = false, bwd_ws = false;
   bool persistent_features = false;  // the features on the persistent TMA forward (the "persistentfeatures" part)
+  bool persistent_window = false;    // long banded rows on it too (the "persistentwindow" part)
   bool tma_splits = false;  // split-KV on the TMA forward (the "splits" part), where it can run
   bool tma_mask = false;    // attn_mask tiles staged by TMA in the TMA forward (the "masktma" part)
   bool bwd_tma_mask = false;  // and in the fused TMA backward with the features (the "bwdmasktma" part)
@@ -312,6 +313,7 @@ inline Sm90Paths sm90_paths(const AttentionParams& p) {
   choice.tma = choice.fwd && wanted.tma && (whole_key_blocks || wanted.tma_kv_cache);
   choice.persistent = choice.tma && wanted.persistent;  // plain attention: launch_fwd_tma
   choice.persistent_features = choice.persistent && features && wanted.persistent_features;
+  choice.persistent_window = choice.persistent && wanted.persistent_window;
   // Split-KV runs on the plain narrow TMA kernel only (kMaySplit): not with the features, nor
   // with packed queries (the kernel's splits and packed coordinates do not meet: launch_fwd_tma).
   choice.tma_splits = choice.tma && wanted.tma_splits && !features && p.varlen.cu_seqlens_q == nullptr;

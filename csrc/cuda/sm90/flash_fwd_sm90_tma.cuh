@@ -537,6 +537,15 @@ inline bool folds_scale_safely(const FlashFwdParams& p) {
 
 // Whether dense p has no mask (no window: causal is one), so that every tile sees every key.
 inline bool unmasked(const FlashFwdParams& p) { return p.mask.window_left < 0 && p.mask.window_right < 0; }
+// Whether dense p's window is bounded on both sides (a sliding window; causal with a left window
+// among them): a row sees at most window_left + window_right + 1 keys, so every tile but those at
+// the sequence's edges about as many.
+inline bool banded(const FlashFwdParams& p) { return p.mask.window_left >= 0 && p.mask.window_right >= 0; }
+// Whether p's tiles are of about one length, which the persistent kernel's static walk needs on
+// long rows: no mask, or a band where banded_walks (the "persistentwindow" part).
+inline bool balanced_tiles(const FlashFwdParams& p, bool banded_walks) {
+  return unmasked(p) || (banded_walks && banded(p));
+}
 
 // Where the persistent kernel at head dim 64 (short rows) takes the wide tile: no mask (H200,
 // benchmarks/NOTES.md, 2026-12-02: +3-4% at 512 and 1024 keys; causal 7-10% slower, its
@@ -560,18 +569,21 @@ inline bool features_wide_pays(const FlashFwdParams& p) {
 // leave the static walk nothing to balance; the persistent kernel then saves the 3-D grid's
 // per-CTA prologue and epilogue at any length (H200, nineteenth session: +3-6% at head dim 64
 // from 2048 to 16384 keys, +2-8% at 128 with 2048 keys over two runs). Under a causal mask long
-// rows lose (-6% and -14% at 16384 keys: the static walk's balance; benchmarks/NOTES.md).
+// rows lose (-6% and -14% at 16384 keys: the static walk's balance; benchmarks/NOTES.md); under a
+// band (banded_walks) at head dim 128 they walk too (balanced_tiles).
 template <int kHeadDim>
-bool persistent_rows(const FlashFwdParams& p) {
-  return !long_rows(p) || (kHeadDim == 64 ? persistent_wide_pays(p) : unmasked(p) && !wide_rows<kHeadDim>(p));
+bool persistent_rows(const FlashFwdParams& p, bool banded_walks) {
+  return !long_rows(p) ||
+         (kHeadDim == 64 ? persistent_wide_pays(p) : balanced_tiles(p, banded_walks) && !wide_rows<kHeadDim>(p));
 }
 
 // Where the features kernel walks tiles persistently (the "persistentfeatures" part; dense p): where
-// plain attention would, short rows and, without a mask, longer ones; on head dim 64's wide
-// features tile (features_wide_pays) only without a mask (launch_fwd_tma). Not with an attn_mask,
-// whose staged kernel has no persistent form (kMayStageMask).
-inline bool features_persistent_rows(const FlashFwdParams& p) {
-  return p.score.attn_mask.data == nullptr && (!long_rows(p) || unmasked(p));
+// plain attention would, short rows and, without a mask (or under a band where banded_walks),
+// longer ones; on head dim 64's wide features tile (features_wide_pays) only without a mask
+// (launch_fwd_tma). Not with an attn_mask, whose staged kernel has no persistent form
+// (kMayStageMask).
+inline bool features_persistent_rows(const FlashFwdParams& p, bool banded_walks) {
+  return p.score.attn_mask.data == nullptr && (!long_rows(p) || balanced_tiles(p, banded_walks));
 }
 
 // The tensor maps of q, k, v and out for the TMA kernel of dense p; false where TMA cannot address them (alignment, zero strides): the
