@@ -8,25 +8,16 @@ kernel's bit for bit, over more tiles than SMs."""
 import pytest
 import torch
 
-from conftest import IS_SM90, SM90_DEFAULT_PARTS, cuda_kernels, sm90_parts_with
+from conftest import IS_SM90, SM90_DEFAULT_PARTS, sm90_parts_with
 from test_features import check_dense
 from test_sm90_forward import tma_kernel
+from test_sm90_persistent_features import run
 
 pytestmark = pytest.mark.skipif(not IS_SM90, reason="the TMA forward is sm_90a's")
 
-fwd = torch.ops.cuflash_attn.fwd
 # Windows whose middle row sees 2048 keys or more (long rows), fewer than 4096 (the narrow tile):
 # (left, right, causal, queries and keys).
 BANDS = {"sliding": (1100, 1100, False, 2600), "causal_left": (2100, 0, True, 4400)}
-
-
-def run(parts, q, k, v, monkeypatch, **options):
-    """(out, lse) under CUFLASH_SM90=parts, and the names of the kernels the call launched."""
-    monkeypatch.setenv("CUFLASH_SM90", parts)
-    monkeypatch.delenv("CUFLASH_FWD_TILE", raising=False)
-    result = []
-    names = cuda_kernels(lambda: result.extend(fwd(q, k, v, **options)))
-    return result, names
 
 
 def inputs(d, dtype, heads=8, n=2600):
