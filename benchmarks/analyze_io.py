@@ -272,6 +272,8 @@ HOST_TERMS = {r"(?:sm90::)?middle_row_keys\(p\)": "middle_row_keys",
               r"cuda_head_dim_bucket\(p\.dtype,\s*p\.shape\.head_dim\)": "bucket",
               r"p\.shape\.seqlen_q": "seqlen_q", r"p\.mask\.window_left": "window_left",
               r"p\.mask\.window_right": "window_right", r"(?:sm90::)?unmasked\(p\)": "unmasked",
+              r"(?:sm90::)?banded\(p\)": "banded",
+              r"(?:sm90::)?balanced_tiles\(p,\s*banded_walks\)": "balanced_tiles",
               r"(?:sm90::)?long_rows\(p\)": "long_rows",
               r"(?:sm90::)?wide_rows<kHeadDim>\(p\)": "wide_rows",
               r"(?:sm90::)?persistent_wide_pays\(p\)": "persistent_wide_pays",
@@ -425,13 +427,15 @@ def sm90_forward(cfg, bucket):
     """The TMA forward's tile, as launch_fwd_tma (flash_launch.cuh) picks it for plain dense
     attention with the default switches."""
     values = {"middle_row_keys": middle_row_keys(cfg), "seqlen_q": cfg["seqlen_q"], "kHeadDim": bucket,
-              "window_left": -1, "window_right": 0 if cfg["causal"] else -1}  # causal: a window (-1, 0)
+              "window_left": -1, "window_right": 0 if cfg["causal"] else -1,  # causal: a window (-1, 0)
+              "banded_walks": False}  # the "persistentwindow" part, not a default
 
     def tile(wide, persistent):
         return sm90_constants(SM90_FWD_TMA_CUH, "FwdSm90TmaKernel", ("kBlockM", "kBlockN", "kHasPersistent"),
                               kHeadDim=bucket, kWide=wide, kPersistent=persistent)
 
-    for predicate in ("unmasked", "long_rows", "wide_rows", "persistent_wide_pays"):  # persistent_rows' terms
+    for predicate in ("unmasked", "banded", "balanced_tiles", "long_rows", "wide_rows",
+                      "persistent_wide_pays"):  # persistent_rows' terms
         values[predicate] = host_predicate(SM90_FWD_TMA_CUH, predicate, values)
     walk = tile(False, False)["kHasPersistent"] and host_predicate(SM90_FWD_TMA_CUH, "persistent_rows", values)
     # launch_fwd_tma's order; head dim 64 is the one with a wide persistent kernel (`if constexpr`).
