@@ -367,9 +367,11 @@ __device__ __forceinline__ int* wait_for_dq_turn(const FlashBwdParams& p, const 
   fence_async_global();  // the earlier adds, acquired, before this CTA's bulk reduce
   return counter;
 }
-// Its end: this thread's bulk adds complete, then the next key block's turn on the counter.
+// Its end: this thread's bulk adds complete (all but the newest kInFlight groups, LateDqTurn's),
+// then the next key block's turn on the counter.
+template <int kInFlight = 0>
 __device__ __forceinline__ void pass_dq_turn(int* counter) {
-  bulk_wait_group_all();
+  bulk_wait_group<kInFlight>();
   fence_async_global();
   add_release_gpu(counter, 1);
 }
@@ -384,11 +386,7 @@ struct LateDqTurn {
   int pending = -1;
   template <int kGroupsPerStep>
   __device__ __forceinline__ void step_issued(const FlashBwdParams& p, const int* counter) {
-    if (pending >= 0) {
-      bulk_wait_group<kGroupsPerStep>();  // every group but this step's complete
-      fence_async_global();
-      add_release_gpu(p.dq_semaphores + pending, 1);
-    }
+    if (pending >= 0) pass_dq_turn<kGroupsPerStep>(p.dq_semaphores + pending);  // every group but this step's
     pending = static_cast<int>(counter - p.dq_semaphores);
   }
   __device__ __forceinline__ void tile_done(const FlashBwdParams& p) {
@@ -769,15 +767,18 @@ __global__ void __launch_bounds__(
       wgmma_wait<0>();
       auto col_lse2 = [&](int j, int e) { return lse2[WarpAcc<kBlockM>::col_of(j, e, lane)]; };
       auto col_delta = [&](int j, int e) { return delta[WarpAcc<kBlockM>::col_of(j, e, lane)]; };
-      if constexpr (kStagedMask) {
-        probs_and_ds_with_features<true, true>(
-            s, dp, mod, mask, tile.seq, dropout, rng, tile.b, h, sh.heads_q, key0, m0, lane, col_lse2, col_delta,
-            nullptr, 0, [&](WarpAcc<kBlockM>& scores) {
+      if constexpr (kFeatures) {  // s becomes (P z)^T and dp dS^T, dV's and dK's operands
+        auto staged_mask = [&] {  // kStagedMask: what the ScoreMod's mask would add, from shared memory
+          if constexpr (kStagedMask) {
+            return [&](WarpAcc<kBlockM>& scores) {
               add_staged_mask_transposed<T>(scores, smem_u32(sMask(stage)), mask_staging, warp_row, lane);
-            });
-      } else if constexpr (kFeatures) {  // s becomes (P z)^T and dp dS^T, dV's and dK's operands
+            };
+          } else {
+            return NoBias{};
+          }
+        };
         probs_and_ds_with_features<true, true>(s, dp, mod, mask, tile.seq, dropout, rng, tile.b, h, sh.heads_q, key0,
-                                               m0, lane, col_lse2, col_delta);
+                                               m0, lane, col_lse2, col_delta, nullptr, 0, staged_mask());
       } else {
         probs_then_mask<true>(s, scale_log2, mask, tile.seq, key0, m0, lane, col_lse2);
       }
