@@ -52,6 +52,28 @@ def forward(parts, q, k, v, mask, monkeypatch, capfd, **options):
     return out, lse, launched_smem(LAUNCH, capfd, "TMA forward", parts)
 
 
+def every_mask(test):
+    """The masks both directions compare staged and read from global memory: each dtype, kind and
+    broadcast TMA can stage, causal or not."""
+    for name, values, ids in (("causal", [False, True], ["full", "causal"]),
+                              ("shape", ["BHLS", "B11S", "1HLS", "LS", "S"], None), ("kind", ["bool", "float"], None),
+                              ("dtype", [torch.bfloat16, torch.float16], ["bf16", "fp16"])):
+        test = pytest.mark.parametrize(name, values, ids=ids)(test)  # as decorators listed bottom-up
+    return test
+
+
+def unstageable_mask(case):
+    """(nq, nk, mask) of a mask TMA cannot stage: keys not contiguous (a transposed view), rows of
+    300 bool elements (not a multiple of 16 bytes), or sliced from wider rows (a 16-byte row stride
+    but a base 2 bytes past an aligned one)."""
+    nq, nk = 130, 300 if case == "unaligned_rows" else 256
+    if case == "transposed":
+        return nq, nk, make_mask("float", (2, 1, nq, nk), "cuda", torch.bfloat16, transposed=True)
+    if case == "unaligned_rows":
+        return nq, nk, make_mask("bool", (2, 1, nq, nk), "cuda", torch.bfloat16)
+    return nq, nk, make_mask("float", (2, 1, nq, nk + 8), "cuda", torch.bfloat16)[..., 1:nk + 1]
+
+
 def check_staged(batch, heads, nq, nk, d, dtype, mask, monkeypatch, capfd, staged=True, causal=False, **features):
     q, k, v, _ = random_inputs(batch, heads, heads, nq, nk, d, dtype)
     options, _ = make_options(batch, heads, "cuda", causal=causal, **features)
@@ -66,10 +88,7 @@ def check_staged(batch, heads, nq, nk, d, dtype, mask, monkeypatch, capfd, stage
 
 
 @pytest.mark.parametrize("d", [64, 128, 256])
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
-@pytest.mark.parametrize("kind", ["bool", "float"])
-@pytest.mark.parametrize("shape", ["BHLS", "B11S", "1HLS", "LS", "S"])
-@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+@every_mask
 def test_staged_mask_equals_default(d, dtype, kind, shape, causal, monkeypatch, capfd):
     """200 query rows (a partial last tile) over 320 keys (a partial last key block)."""
     batch, heads, nq, nk = 2, 3, 200, 320
@@ -102,16 +121,8 @@ def test_head_dim_128_wide_tile_reads_from_global_memory(monkeypatch, capfd):
 
 @pytest.mark.parametrize("case", ["transposed", "unaligned_rows", "sliced"])
 def test_masks_tma_cannot_stage(case, monkeypatch, capfd):
-    """Keys not contiguous (a transposed view), rows of 300 bool elements (not a multiple of 16
-    bytes), and a mask sliced from wider rows (a 16-byte row stride but a base 2 bytes past an
-    aligned one): the global reads, the same results."""
-    nq, nk = 130, 300 if case == "unaligned_rows" else 256
-    if case == "transposed":
-        mask = make_mask("float", (2, 1, nq, nk), "cuda", torch.bfloat16, transposed=True)
-    elif case == "unaligned_rows":
-        mask = make_mask("bool", (2, 1, nq, nk), "cuda", torch.bfloat16)
-    else:
-        mask = make_mask("float", (2, 1, nq, nk + 8), "cuda", torch.bfloat16)[..., 1:nk + 1]
+    """unstageable_mask's three: the global reads, the same results."""
+    nq, nk, mask = unstageable_mask(case)
     check_staged(2, 2, nq, nk, 64, torch.bfloat16, mask, monkeypatch, capfd, staged=False)
 
 
@@ -143,10 +154,7 @@ def check_staged_backward(batch, heads, heads_kv, nq, nk, d, dtype, mask, monkey
 
 
 @pytest.mark.parametrize("d", [64, 128])
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
-@pytest.mark.parametrize("kind", ["bool", "float"])
-@pytest.mark.parametrize("shape", ["BHLS", "B11S", "1HLS", "LS", "S"])
-@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+@every_mask
 def test_staged_mask_backward_equals_default(d, dtype, kind, shape, causal, monkeypatch, capfd):
     """200 queries (a partial last step) over 320 keys (a partial last key block), 4 heads over 2."""
     batch, heads, nq, nk = 2, 4, 200, 320
@@ -165,10 +173,7 @@ def test_staged_mask_backward_with_the_other_features(d, kind, monkeypatch, capf
 
 @pytest.mark.parametrize("case", ["transposed", "unaligned_rows"])
 def test_masks_the_backward_cannot_stage(case, monkeypatch, capfd):
-    """Keys not contiguous, and bool rows of 300 elements: the global reads, the same gradients."""
-    nq, nk = 130, 300 if case == "unaligned_rows" else 256
-    if case == "transposed":
-        mask = make_mask("float", (2, 1, nq, nk), "cuda", torch.bfloat16, transposed=True)
-    else:
-        mask = make_mask("bool", (2, 1, nq, nk), "cuda", torch.bfloat16)
+    """Keys not contiguous, and bool rows of 300 elements (unstageable_mask's): the global reads, the
+    same gradients."""
+    nq, nk, mask = unstageable_mask(case)
     check_staged_backward(2, 2, 2, nq, nk, 64, torch.bfloat16, mask, monkeypatch, capfd, staged=False)
