@@ -197,9 +197,9 @@ bool launch_fwd_tma(const FlashFwdParams& p, const sm90::Sm90Paths& hopper, cuda
     return run(no, yes, no);
   }
   if (!sm90::folds_scale_safely(p)) return false;  // the plain kernels fold it
-  const bool dense_walk = sm90::persistent_rows<kHeadDim>(p, hopper.persistent_window);
   const bool persistent_walk =
-      Plain::kHasPersistent && hopper.persistent && !split && (kv_cache ? !sm90::long_rows(p) : dense_walk);
+      Plain::kHasPersistent && hopper.persistent && !split &&
+      (kv_cache ? !sm90::long_rows(p) : sm90::persistent_rows<kHeadDim>(p, hopper.persistent_window));
   if (!kv_cache && !split && (!packed || Wide::kMayPack)) {
     if constexpr (kHeadDim == 64)  // the one head dim with a wide persistent kernel (smem)
       if (persistent_walk && fwd_wide_tile(sm90::persistent_wide_pays(p))) return run(yes, no, yes);
