@@ -11,7 +11,7 @@ import torch
 
 from conftest import IS_SM90, SM90_DEFAULT_PARTS, cuda_kernels, sm90_parts_with
 from test_features import check_dense, make_mask
-from test_sm90_forward import tma_kernel
+from test_sm90_forward import bucket, tma_kernel
 
 pytestmark = pytest.mark.skipif(not IS_SM90, reason="the TMA forward is sm_90a's")
 
@@ -32,10 +32,6 @@ def run(parts, q, k, v, monkeypatch, **options):
     result = []
     names = cuda_kernels(lambda: result.extend(fwd(q, k, v, **options)))
     return result, names
-
-
-def bucket(d):
-    return 64 if d <= 64 else 128
 
 
 @pytest.mark.parametrize("d", [40, 64, 100, 128])
