@@ -428,7 +428,7 @@ def sm90_forward(cfg, bucket):
     attention with the default switches."""
     values = {"middle_row_keys": middle_row_keys(cfg), "seqlen_q": cfg["seqlen_q"], "kHeadDim": bucket,
               "window_left": -1, "window_right": 0 if cfg["causal"] else -1,  # causal: a window (-1, 0)
-              "banded_walks": False}  # the "persistentwindow" part, not a default
+              "banded_walks": True}  # the "persistentwindow" part, a default
 
     def tile(wide, persistent):
         return sm90_constants(SM90_FWD_TMA_CUH, "FwdSm90TmaKernel", ("kBlockM", "kBlockN", "kHasPersistent"),

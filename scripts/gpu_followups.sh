@@ -16,9 +16,9 @@
 #      forty-fourth session): its tests, then forward + backward with each mask it reads its own
 #      way (float, bool, bool key padding), the defaults against the defaults less the part
 #   7  softcap, ALiBi and dropout on the persistent TMA forward (CUFLASH_SM90's
-#      "persistentfeatures" part, forty-fourth session, not a default), and long rows under a
-#      sliding window there (its "persistentwindow" part, likewise): their tests, then the
-#      forward, short rows to long, the defaults against the defaults with each part
+#      "persistentfeatures" part, a default since the forty-fifth session), and long rows under
+#      a sliding window there (its "persistentwindow" part, likewise): their tests, then the
+#      forward, short rows to long, the defaults against the defaults less each part
 # Outputs: $OUT/<step>.md and the tests' logs ($OUT/logs.tar). FOLLOWUP_STEPS="1 2 3 4" picks steps.
 # shellcheck source=scripts/device_call_env.sh
 source "$(dirname "$0")/device_call_env.sh"
@@ -31,7 +31,9 @@ bench=benchmarks/bench_features.py
 default_parts=$(sed -n 's/^SM90_DEFAULT_PARTS = "\(.*\)"$/\1/p' tests/conftest.py)
 less_bwdvarlen=${default_parts/,bwdvarlen,/,}
 less_masktma=${default_parts/,masktma,/,}
-less_bwdmasktma=${default_parts/,bwdmasktma/}
+less_bwdmasktma=${default_parts/,bwdmasktma,/,}
+less_persistentfeatures=${default_parts/,persistentfeatures,/,}
+less_persistentwindow=${default_parts/,persistentwindow/}
 step() { echo "== $1 ($(( $(date +%s) - start )) s)"; }
 # Each step's logs appended to $OUT/logs.tar as it ends, so that a call cut off by its limit still
 # returns the finished steps' logs within the device tool's eight files.
@@ -97,9 +99,9 @@ for s in ${FOLLOWUP_STEPS:-1 2 3 4}; do
        grep -E '^FAILED' "$OUT/persistent_features_tests.log" | head
        timeout 150 python3 $bench --head-dims 64,128 --seqlens 512,1024,2048,8192 \
          --features plain,softcap,alibi,dropout \
-         --variants ";$default_parts,persistentfeatures" > "$OUT/persistent_features.md" 2>&1
+         --variants ";$less_persistentfeatures" > "$OUT/persistent_features.md" 2>&1
        timeout 90 python3 $bench --head-dims 128 --seqlens 8192,16384 --features plain,window \
-         --variants ";$default_parts,persistentwindow" > "$OUT/persistent_window.md" 2>&1 ;;
+         --variants ";$less_persistentwindow" > "$OUT/persistent_window.md" 2>&1 ;;
   esac
   keep_logs
 done

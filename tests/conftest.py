@@ -14,7 +14,7 @@ requires_cuda = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
 
 ALL_DTYPES = [torch.float16, torch.bfloat16, torch.float32, torch.float64]
 # CUFLASH_SM90's default parts (csrc/cuda/run_switches.h), for lists that add or leave out one.
-SM90_DEFAULT_PARTS = "tma,bwd,bwdws,features,persistent,kvcache,varlen,bwdvarlen,bwdfeatures,masktma,bwdmasktma"
+SM90_DEFAULT_PARTS = "tma,bwd,bwdws,features,persistent,kvcache,varlen,bwdvarlen,bwdfeatures,masktma,bwdmasktma,persistentfeatures,persistentwindow"
 
 
 def sm90_parts_without(*names):

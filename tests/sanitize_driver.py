@@ -48,7 +48,7 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 import reference  # noqa: E402
-from conftest import SM90_DEFAULT_PARTS, sm90_parts_with  # noqa: E402
+from conftest import SM90_DEFAULT_PARTS  # noqa: E402
 from reference import LOW_PRECISION, assert_close_to_reference, assert_lse_close, reference_results  # noqa: E402
 from test_accuracy import check_against_reference  # noqa: E402
 from test_features import check_dense, check_varlen, make_mask  # noqa: E402
@@ -148,13 +148,13 @@ def cases():
     # And in the fused TMA backward (its "bwdmasktma" part, a default): the steps' tiles with
     # Q and dO, a partial last step and key block, both dQ orders.
     out += [(F16, d, 2, 4, 130, 320, "top_left", "mask_bwd_tma") for d in (64, 128)]
-    # softcap, ALiBi and dropout on the persistent TMA forward (its "persistentfeatures" part, not a
+    # softcap, ALiBi and dropout on the persistent TMA forward (its "persistentfeatures" part, a
     # default): 192 tiles, more than SMs, of unequal lengths; head dim 64's wide tile (1100 keys).
     out += [(BF16, 64, 4, 16, 300, 300, "top_left", "persistent_features_tma"),
             (F16, 128, 4, 16, 300, 300, "bottom_right", "persistent_features_tma"),
             (F16, 64, 2, 8, 300, 1100, "none", "persistent_features_tma")]
     # Long rows under a sliding window on the persistent TMA forward (its "persistentwindow" part,
-    # not a default): 2101 keys a row, plain and softcap.
+    # a default): 2101 keys a row, plain and softcap.
     out += [(BF16, 128, 1, 4, 2200, 2200, "none", "persistent_window_tma")]
     return out
 
@@ -273,12 +273,12 @@ def run_case(case, device):
                 check_varlen(device, dtype, [70, 0, 129, 200], [90, 12, 0, 130], h, 2, d, causal=True,
                              bottom_right=True, softcap=10.0, dropout_p=0.1)
     elif variant == "persistent_features_tma":  # without dropout and a mask, head dim 64's wide tile where it pays
-        with bench.switches_set({"CUFLASH_SM90": sm90_parts_with("persistentfeatures")}):
+        with bench.switches_set({"CUFLASH_SM90": SM90_DEFAULT_PARTS}):
             for dropout_p in (0.2, 0.0) if causal == "none" else (0.2,):
                 check_dense(device, dtype, b, h, h // 2, nq, nk, d, causal=causal != "none",
                             bottom_right=causal == "bottom_right", softcap=15.0, alibi="batch", dropout_p=dropout_p)
     elif variant == "persistent_window_tma":
-        with bench.switches_set({"CUFLASH_SM90": sm90_parts_with("persistentfeatures", "persistentwindow")}):
+        with bench.switches_set({"CUFLASH_SM90": SM90_DEFAULT_PARTS}):
             check_dense(device, dtype, b, h, h // 2, nq, nk, d, window=(1050, 1050))
             check_dense(device, dtype, b, h, h // 2, nq, nk, d, window=(1050, 1050), softcap=15.0)
     elif variant == "mask_tma":  # float per-row masks and bool key padding; head dim 64's wide tile too

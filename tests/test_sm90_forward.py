@@ -184,7 +184,7 @@ def test_default_parts(monkeypatch):
     assert tma_kernel(128, persistent=True) in names, names
     backward = ("flash_bwd_dq_sm90_tma_kernel", "flash_bwd_dkdv_sm90_tma_kernel")
     assert all(f"{kernel}<" in names for kernel in backward), names
-    assert tma_kernel(128, features=True) in forward_kernels(128, softcap=30.0)
+    assert tma_kernel(128, features=True, persistent=True) in forward_kernels(128, softcap=30.0)
 
 
 def test_fallback_is_visible_in_debug_mode(monkeypatch, capfd):

@@ -1,4 +1,4 @@
-"""CUFLASH_SM90's "persistentfeatures" part (not a default): softcap, ALiBi and dropout on the
+"""CUFLASH_SM90's "persistentfeatures" part (a default): softcap, ALiBi and dropout on the
 persistent TMA forward (one CTA per SM walking tiles; flash_fwd_sm90_tma.cuh's kPersistent) at
 head dims up to 128, wherever plain attention walks persistently: short rows and, without a mask,
 longer ones (sm90::features_persistent_rows); head dim 64's wide features tile, where it pays,
@@ -9,13 +9,13 @@ here too), over more tiles than SMs, ragged last query blocks, GQA and the masks
 import pytest
 import torch
 
-from conftest import IS_SM90, SM90_DEFAULT_PARTS, cuda_kernels, sm90_parts_with
+from conftest import IS_SM90, SM90_DEFAULT_PARTS, cuda_kernels, sm90_parts_without
 from test_features import check_dense, make_mask
 from test_sm90_forward import bucket, tma_kernel
 
 pytestmark = pytest.mark.skipif(not IS_SM90, reason="the TMA forward is sm_90a's")
 
-PART = sm90_parts_with("persistentfeatures")
+GRID = sm90_parts_without("persistentfeatures")  # the one-tile-a-CTA features kernels
 fwd = torch.ops.cuflash_attn.fwd
 
 
@@ -51,8 +51,8 @@ def test_equals_the_grid_kernel(d, dtype, features, mask, monkeypatch):
         options["alibi_slopes"] = torch.rand(3, 8, device="cuda")
     if features in ("dropout", "all"):
         options.update(dropout_p=0.2, rng_state=torch.tensor([7, 0], dtype=torch.int64, device="cuda"))
-    (out, lse), names = run(SM90_DEFAULT_PARTS, q, k, v, monkeypatch, **options)
-    (out_walked, lse_walked), names_walked = run(PART, q, k, v, monkeypatch, **options)
+    (out, lse), names = run(GRID, q, k, v, monkeypatch, **options)
+    (out_walked, lse_walked), names_walked = run(SM90_DEFAULT_PARTS, q, k, v, monkeypatch, **options)
     walked = tma_kernel(bucket(d), features=True, persistent=True, dtype=dtype)
     assert walked in names_walked and walked not in names, (names, names_walked)
     assert torch.equal(out_walked, out), (out_walked - out).abs().max()
@@ -72,8 +72,8 @@ def test_wide_tile_equals_the_grid_kernel(d, dtype, features, monkeypatch):
         options["softcap"] = 20.0
     if features in ("alibi", "both"):
         options["alibi_slopes"] = torch.rand(8, device="cuda")  # one slope a head
-    (out, lse), names = run(SM90_DEFAULT_PARTS, q, k, v, monkeypatch, **options)
-    (out_walked, lse_walked), names_walked = run(PART, q, k, v, monkeypatch, **options)
+    (out, lse), names = run(GRID, q, k, v, monkeypatch, **options)
+    (out_walked, lse_walked), names_walked = run(SM90_DEFAULT_PARTS, q, k, v, monkeypatch, **options)
     walked = tma_kernel(64, wide=True, features=True, persistent=True, dtype=dtype)
     assert walked in names_walked and tma_kernel(64, wide=True, features=True, dtype=dtype) in names, \
         (names, names_walked)
@@ -89,7 +89,7 @@ def test_path_taken(d, monkeypatch):
     without a mask."""
     def kernels(nq, nk, **options):
         q, k, v = inputs(1, 2, 2, nq, nk, d)
-        return run(PART, q, k, v, monkeypatch, **options)[1]
+        return run(SM90_DEFAULT_PARTS, q, k, v, monkeypatch, **options)[1]
 
     walked = tma_kernel(d, features=True, persistent=True)
     assert walked in kernels(300, 300, softcap=30.0)
@@ -112,7 +112,7 @@ def test_path_taken(d, monkeypatch):
 def test_matches_reference(d, dtype, monkeypatch):
     """The part's kernel against the float64 reference (forward and, through it, the backward's
     logsumexp): GQA, a window, softcap, ALiBi and dropout together."""
-    monkeypatch.setenv("CUFLASH_SM90", PART)
+    monkeypatch.setenv("CUFLASH_SM90", SM90_DEFAULT_PARTS)
     check_dense("cuda", dtype, 2, 8, 2, 150, 300, d, causal=True, bottom_right=True, window=(60, -1),
                 softcap=20.0, alibi="batch", dropout_p=0.2)
     check_dense("cuda", dtype, 1, 4, 1, 200, 333, d, softcap=15.0, alibi="batch")

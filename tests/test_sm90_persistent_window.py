@@ -1,14 +1,14 @@
-"""CUFLASH_SM90's "persistentwindow" part (not a default): long rows under a window bounded on both
+"""CUFLASH_SM90's "persistentwindow" part (a default): long rows under a window bounded on both
 sides (a sliding window, or causal with a left window: sm90::banded) on the persistent TMA
 forward, whose static walk needs tiles of about one length, as rows without a mask have. Head dim
 128's narrow tile below the wide tile's 4096 keys (head dim 64's long rows take the wide grid
-kernel first, whose walk needs no mask at all), and with the "persistentfeatures" part the
-features' narrow tile too. The walk changes no tile's arithmetic: out and lse equal the grid
+kernel first, whose walk needs no mask at all), and with the "persistentfeatures" part (a default
+too) the features' narrow tile too. The walk changes no tile's arithmetic: out and lse equal the grid
 kernel's bit for bit, over more tiles than SMs."""
 import pytest
 import torch
 
-from conftest import IS_SM90, SM90_DEFAULT_PARTS, sm90_parts_with
+from conftest import IS_SM90, SM90_DEFAULT_PARTS, sm90_parts_without
 from test_features import check_dense
 from test_sm90_forward import tma_kernel
 from test_sm90_persistent_features import run
@@ -39,12 +39,10 @@ def test_equals_the_grid_kernel(d, dtype, band, features, monkeypatch):
     SMs."""
     q, k, v = inputs(d, dtype, n=BANDS[band][3])
     options = band_options(band)
-    before = SM90_DEFAULT_PARTS
     if features:
         options["softcap"] = 20.0
-        before = sm90_parts_with("persistentfeatures")
-    (out, lse), names = run(before, q, k, v, monkeypatch, **options)
-    (out_walked, lse_walked), names_walked = run(before + ",persistentwindow", q, k, v, monkeypatch, **options)
+    (out, lse), names = run(sm90_parts_without("persistentwindow"), q, k, v, monkeypatch, **options)
+    (out_walked, lse_walked), names_walked = run(SM90_DEFAULT_PARTS, q, k, v, monkeypatch, **options)
     walked = tma_kernel(128, features=features, persistent=True, dtype=dtype)
     assert walked in names_walked and tma_kernel(128, features=features, dtype=dtype) in names, (names, names_walked)
     assert torch.equal(out_walked, out), (out_walked - out).abs().max()
@@ -55,11 +53,10 @@ def test_path_taken(monkeypatch):
     """Not under a causal mask without a left window, nor a window bounded on one side (tiles of
     unequal lengths); head dim 64 keeps the wide grid kernel; 4096 keys a row or more take the
     wide tile."""
-    parts = sm90_parts_with("persistentwindow")
 
     def kernels(d, n=2600, **options):
         q, k, v = inputs(d, torch.bfloat16, heads=2, n=n)
-        return run(parts, q, k, v, monkeypatch, **options)[1]
+        return run(SM90_DEFAULT_PARTS, q, k, v, monkeypatch, **options)[1]
 
     assert tma_kernel(128, persistent=True) in kernels(128, **band_options("sliding"))
     causal = kernels(128, n=4200, is_causal=True)
@@ -75,7 +72,7 @@ def test_path_taken(monkeypatch):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 def test_matches_reference(dtype, monkeypatch):
     """The walked kernels against the float64 reference: a sliding window, GQA, softcap and ALiBi."""
-    monkeypatch.setenv("CUFLASH_SM90", sm90_parts_with("persistentfeatures", "persistentwindow"))
+    monkeypatch.setenv("CUFLASH_SM90", SM90_DEFAULT_PARTS)
     check_dense("cuda", dtype, 1, 4, 2, 2300, 2300, 128, window=(1050, 1050))
     check_dense("cuda", dtype, 1, 2, 1, 4300, 4300, 128, causal=True, window=(2100, -1), softcap=20.0,
                 alibi="batch")

@@ -375,15 +375,16 @@ TEST(RunSwitches, DefaultPartsAreTheDocumentedList) {
   cuflash::Sm90Switch unset, listed, without_varlen, none, with_bwd_features;
   ASSERT_TRUE(cuflash::parse_sm90_switch(nullptr, &unset));
   ASSERT_TRUE(cuflash::parse_sm90_switch("tma,bwd,bwdws,features,persistent,kvcache,varlen,bwdvarlen,bwdfeatures,masktma,"
-                                          "bwdmasktma",
+                                          "bwdmasktma,persistentfeatures,persistentwindow",
                                           &listed));
   EXPECT_EQ(parts(unset), parts(listed));
   ASSERT_TRUE(cuflash::parse_sm90_switch("tma,bwd,bwdws,features,persistent,kvcache", &without_varlen));
   EXPECT_FALSE(without_varlen.tma_varlen || without_varlen.bwd_varlen || without_varlen.bwd_features ||
-               without_varlen.tma_mask || without_varlen.bwd_tma_mask);
+               without_varlen.tma_mask || without_varlen.bwd_tma_mask || without_varlen.persistent_features ||
+               without_varlen.persistent_window);
   EXPECT_TRUE(without_varlen.tma && without_varlen.persistent && !without_varlen.tma_splits);
   // Parts that are not defaults run only where named.
-  EXPECT_FALSE(unset.tma_splits || unset.persistent_features || unset.persistent_window);
+  EXPECT_FALSE(unset.tma_splits);
   ASSERT_TRUE(cuflash::parse_sm90_switch("tma,bwd,bwdws,features,bwdfeatures", &with_bwd_features));
   EXPECT_TRUE(with_bwd_features.bwd_features && !with_bwd_features.bwd_varlen);
   ASSERT_TRUE(cuflash::parse_sm90_switch("0", &none));
