@@ -154,7 +154,6 @@ __global__ void __launch_bounds__(BwdFused256Kernel<T, kOrderedDq>::kThreads, 1)
     const int warp = tid / 32;
     if (warp == 2) {  // the dQ drain, a whole warp (named barriers count warps): boxes to dq_accum
       DkvTile tile;
-      [[maybe_unused]] LateDqTurn late;  // lane 0's
       for (int i = 0, g = 0; ring.next(p, mask, i, Ring::kWarp, &tile); ++i, g += tile.steps) {
         for (int step = 0; step < tile.steps; ++step) {
           const int h = tile.head(step, group), block = block_of(tile, step);
@@ -196,17 +195,9 @@ __global__ void __launch_bounds__(BwdFused256Kernel<T, kOrderedDq>::kThreads, 1)
             __syncwarp();
           }
           if constexpr (kOrderedDq) {  // the step's adds done, then the next key block's turn
-            if (lane == 0) {
-              constexpr int kGroupsPerStep = K::kDqBound == 1 || K::kDqBound == 2 ? 0 : K::kDqBoxesPerStep;
-              if constexpr (CUFLASH_BWD_DQ_LATE_RELEASE) late.step_issued<kGroupsPerStep>(p, counter);
-              else pass_dq_turn(counter);
-            }
+            if (lane == 0) pass_dq_turn(counter);
             __syncwarp();
           }
-        }
-        if constexpr (kOrderedDq && CUFLASH_BWD_DQ_LATE_RELEASE) {
-          if (lane == 0) late.tile_done(p);
-          __syncwarp();
         }
       }
       if (lane == 0) bulk_wait_group_all();  // the adds themselves, before the CTA's shared memory goes

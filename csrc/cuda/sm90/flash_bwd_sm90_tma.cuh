@@ -19,11 +19,6 @@
 //          tile ring, DkvTileRing, and ordered adds.)
 //   dQ:    queries resident (their lse and delta in registers), K and V streamed.
 #pragma once
-// Experiment (an A/B build's define; benchmarks/NOTES.md): the ordered dQ adds' turn passed a step
-// late (LateDqTurn), where each step's turn waits for its own adds to complete first.
-#ifndef CUFLASH_BWD_DQ_LATE_RELEASE
-#define CUFLASH_BWD_DQ_LATE_RELEASE 0
-#endif
 #include <type_traits>
 #include "flash_bwd_sm90.cuh"
 #include "staged_mask.h"
@@ -375,7 +370,9 @@ __device__ __forceinline__ void pass_dq_turn(int* counter) {
   fence_async_global();
   add_release_gpu(counter, 1);
 }
-// The drain thread's turns passed a step late (CUFLASH_BWD_DQ_LATE_RELEASE): a step's turn once
+// The drain thread's turns passed a step late (head dim 128's ordered drain: H100, bf16, the
+// deterministic backward +3-4% at 512 and 1024 keys without a mask, flat elsewhere; at 64 mixed,
+// and head dim 256's drain, so, 4-17% slower; benchmarks/NOTES.md): a step's turn once
 // the next step's adds (kGroupsPerStep bulk groups) are issued too, so that the wait for a step's
 // adds to complete overlaps the next step's turn and adds, not precedes them. Still after they
 // complete, so the order of the adds is unchanged. Within a tile only (tile_done at its end):
@@ -577,6 +574,7 @@ __global__ void __launch_bounds__(
       if (warp == 2) {  // the dQ drain: each consumer's part added to dq_accum in L2 by TMA reduce
         if (lane == 0) {
           DkvTile tile;
+          constexpr bool kLateTurn = kOrderedDq && kHeadDim == 128;  // LateDqTurn's
           [[maybe_unused]] LateDqTurn late;
           for (int i = 0, g = 0; next_tile(i, kLane, &tile); ++i, g += tile.steps) {
             for (int step = 0; step < tile.steps; ++step) {
@@ -598,11 +596,11 @@ __global__ void __launch_bounds__(
               }
               if constexpr (kOrderedDq) {  // the step's adds done
                 constexpr int kGroupsPerStep = K::kDqEveryStep ? K::kConsumers : 1;  // makes_dq's parts
-                if constexpr (CUFLASH_BWD_DQ_LATE_RELEASE) late.step_issued<kGroupsPerStep>(p, counter);
+                if constexpr (kLateTurn) late.step_issued<kGroupsPerStep>(p, counter);
                 else pass_dq_turn(counter);
               }
             }
-            if constexpr (kOrderedDq && CUFLASH_BWD_DQ_LATE_RELEASE) late.tile_done(p);
+            if constexpr (kLateTurn) late.tile_done(p);
           }
           bulk_wait_group_all();  // the adds themselves, before the CTA's shared memory goes
         }
