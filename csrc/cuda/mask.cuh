@@ -435,6 +435,42 @@ __device__ __forceinline__ void apply_dropout(WarpAcc<kN>& p, const DropoutRng& 
     for (int e = 0; e < 4; ++e) p.v[j][e] *= z[j][e];
 }
 
+// The forward's verdicts on a query-major warp tile of kN keys as bits, drawn by a lane other than
+// the one that applies them (the TMA forward's producer warps draw them for the consumers:
+// CUFLASH_FWD_DROPOUT_BITS): element (j, e) is bit 4 (j % 8) + e of word j / 8. Every lane of the
+// warp must call it (the rule's shuffles), as lane `lane` of the consumer warp whose rows start
+// at row0. 16 keys at a time: dropout_factors draws a pair of 8-column tiles by itself, so the
+// slices' factors are the whole tile's, in 8 registers instead of kN / 2; the slices of a word in
+// a loop, not unrolled (the producer's 24 registers spilled 288-384 bytes unrolled: ptxas, D=64).
+template <int kN>
+__device__ __forceinline__ void dropout_keep_bits(uint32_t (&words)[kN / 64], const DropoutRng& rng, int b, int h,
+                                                  int heads, int row0, int col0, int lane) {
+  static_assert(kN % 64 == 0, "words of four 16-key slices");
+#pragma unroll
+  for (int q = 0; q < kN / 64; ++q) {
+    uint32_t word = 0u;
+#pragma unroll 1
+    for (int slice = 0; slice < 4; ++slice) {  // tiles 2 slice and 2 slice + 1 of the word's eight
+      float z[2][4];
+      dropout_factors<false, 16>(z, rng, b, h, heads, row0, col0 + 64 * q + 16 * slice, lane);
+#pragma unroll
+      for (int t = 0; t < 2; ++t)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) word |= static_cast<uint32_t>(z[t][e] != 0.f) << (8 * slice + 4 * t + e);
+    }
+    words[q] = word;
+  }
+}
+
+// P times its dropout factors, the verdicts read as dropout_keep_bits wrote them: the same
+// products as apply_dropout's (P is finite and not negative: P x 0 = 0).
+template <int kN>
+__device__ __forceinline__ void apply_dropout_bits(WarpAcc<kN>& p, const uint32_t (&words)[kN / 64], float keep_scale) {
+  for_each_value(p, [&](float& x, int j, int e) {
+    x = (words[j / 8] >> (4 * (j % 8) + e)) & 1u ? x * keep_scale : 0.f;
+  });
+}
+
 // The backward's elementwise steps. lse2 and delta are indexed by the tile element (j, e)
 // through accessors (the two tile orientations store them differently).
 //

@@ -24,6 +24,11 @@
 #ifndef CUFLASH_FWD_PACKED_TMA_STORE
 #define CUFLASH_FWD_PACKED_TMA_STORE 0
 #endif
+// Experiment (likewise): dropout's verdicts drawn by the producer's three idle warps into shared
+// memory, a bit a score, where the consumers otherwise run the Philox draws in their softmax step.
+#ifndef CUFLASH_FWD_DROPOUT_BITS
+#define CUFLASH_FWD_DROPOUT_BITS 0
+#endif
 #include <type_traits>
 #include "flash_fwd_sm90.cuh"
 #include "staged_mask.h"
@@ -69,8 +74,9 @@ struct FwdSm90TmaKernel {
   static constexpr int kQBytes = kBlockM * kHeadDim * 2, kKVBytes = kBlockN * kHeadDim * 2;
   // The persistent kernel's staging tile for the output's TMA store: Q's layout (kernel below).
   static constexpr int kStagingBytes = kPersistent ? kQBytes : 0;
-  // Barriers: Q full, Q empty, then per stage K full, V full, K empty, V empty, mask full, mask empty.
-  static constexpr int kBarriers = 2 + 6 * kStages;
+  // Barriers: Q full, Q empty, then per stage K full, V full, K empty, V empty, mask full, mask
+  // empty (and with CUFLASH_FWD_DROPOUT_BITS dropout full, dropout empty).
+  static constexpr int kBarriers = 2 + (CUFLASH_FWD_DROPOUT_BITS ? 8 : 6) * kStages;
   static constexpr int kBarrierEnd = kQBytes + 2 * kStages * kKVBytes + kStagingBytes + kBarriers * 8;
   // + 1024: the swizzle atoms must start on 1024-byte boundaries; the base is aligned by hand.
   static constexpr int kSmemBytes = kBarrierEnd + 1024;
@@ -82,6 +88,16 @@ struct FwdSm90TmaKernel {
   static constexpr int kMaskStageBytes = kBlockM * kBlockN * 2;
   static constexpr int kSmemBytesStagingMask = kMaskOffset + kStages * kMaskStageBytes + 1024;
   static constexpr bool kMayStageMask = !kPersistent && kBlockN % 64 == 0 && kSmemBytesStagingMask <= 227 * 1024;
+  // Dropout's verdicts drawn by the producer's warps 1-3 (CUFLASH_FWD_DROPOUT_BITS;
+  // dropout_keep_bits): kStages stages of a bit a score after the barriers, consumer warp w's lane
+  // l's kBlockN / 64 words at (w * 32 + l) * kDropoutWords. In the features kernels whose shared
+  // memory has room (not beside a staged mask: that kernel draws its own).
+  static constexpr int kDropoutWords = kBlockN / 64;
+  static constexpr int kDropoutOffset = (kBarrierEnd + 15) / 16 * 16;
+  static constexpr int kDropoutStageBytes = kBlockM / 16 * 32 * kDropoutWords * 4;
+  static constexpr int kSmemBytesDropoutBits = kDropoutOffset + kStages * kDropoutStageBytes + 1024;
+  static constexpr bool kMayStageDropout =
+      CUFLASH_FWD_DROPOUT_BITS && kBlockN % 64 == 0 && kSmemBytesDropoutBits <= 227 * 1024;
   // setmaxnreg: the producer's registers go to the consumers (65536 per SM in all).
   static constexpr int kProducerRegs = kConsumers == 2 ? 24 : 32, kConsumerRegs = kConsumers == 2 ? 240 : 160;
   static_assert(fits_launch_registers<kThreads>(kProducerRegs, kConsumerRegs), "setmaxnreg's split");
@@ -165,6 +181,9 @@ __global__ void __launch_bounds__(FwdSm90TmaKernel<T, kHeadDim, kWide, kPersiste
   // scale only (folds_scale_safely). The features kernel scales its scores first: folding its
   // run-time factor (cap_out, the scale or 1) made it slower (H100, benchmarks/NOTES.md).
   constexpr bool kFoldScale = !kFeatures;
+  // Dropout's verdicts staged by the producer's warps 1-3 (CUFLASH_FWD_DROPOUT_BITS), where the
+  // kernel has room for them.
+  constexpr bool kDropoutBits = kFeatures && !kStagedMask && K::kMayStageDropout;
   static_assert(!kStagedMask || (kFeatures && K::kMayStageMask), "a staged mask: the features kernels with room");
   static_assert(kWide || kPageSizeMultiple % kBlockN == 0, "a key block lies in one page (key_at)");
   constexpr int kPanels = kHeadDim / 64, kConsumerThreads = 128 * K::kConsumers;
@@ -182,7 +201,10 @@ __global__ void __launch_bounds__(FwdSm90TmaKernel<T, kHeadDim, kWide, kPersiste
   uint64_t* v_empty = k_empty + kStages;
   uint64_t* mask_full = v_empty + kStages;  // the "masktma" part's
   uint64_t* mask_empty = mask_full + kStages;
+  uint64_t* dropout_full = mask_empty + kStages;  // CUFLASH_FWD_DROPOUT_BITS's
+  uint64_t* dropout_empty = dropout_full + kStages;
   auto sMask = [&](int stage) { return smem + K::kMaskOffset + stage * K::kMaskStageBytes; };
+  auto sDropout = [&](int stage) { return smem_u32(smem + K::kDropoutOffset + stage * K::kDropoutStageBytes); };
 
   const AttentionShape& sh = p.shape;
   const int tid = threadIdx.x, warpgroup = warpgroup_index(), lane = tid % 32;
@@ -229,6 +251,10 @@ __global__ void __launch_bounds__(FwdSm90TmaKernel<T, kHeadDim, kWide, kPersiste
         mbarrier_init(&mask_full[s], 1);
         mbarrier_init(&mask_empty[s], kConsumerThreads / 32);
       }
+      if (kDropoutBits) {
+        mbarrier_init(&dropout_full[s], 96);  // every thread of the producer's warps 1-3
+        mbarrier_init(&dropout_empty[s], kConsumerThreads / 32);
+      }
     }
     fence_barrier_init();
   }
@@ -238,6 +264,30 @@ __global__ void __launch_bounds__(FwdSm90TmaKernel<T, kHeadDim, kWide, kPersiste
   // its (g / kStages)-th use.
   if (warpgroup == 0) {  // producer
     setmaxnreg_dec<K::kProducerRegs>();
+    if constexpr (kDropoutBits) {
+      // Warps 1-3: dropout's verdicts for each step's stage, a consumer warp's rows at a time,
+      // over the same walk and steps as the loads below.
+      if (tid >= 32 && p.dropout.p > 0.0) {
+        const DropoutRng rng = make_dropout_rng(p.dropout);
+        int step = 0;
+        for (int index = first_tile; index < num_tiles; index += tile_stride) {
+          const TmaTile tile = tile_at(index);
+          for (int t = 0; t < tile.steps(); ++t, ++step) {
+            const int stage = step % kStages;
+            if (step >= kStages) mbarrier_wait(&dropout_empty[stage], (step / kStages - 1) & 1);
+            for (int warp = tid / 32 - 1; warp < kBlockM / 16; warp += 3) {
+              uint32_t words[K::kDropoutWords];
+              dropout_keep_bits<kBlockN>(words, rng, tile.b, tile.h, sh.heads_q, tile.m_start + 16 * warp,
+                                         tile.block_of(t) * kBlockN, lane);
+#pragma unroll
+              for (int q = 0; q < K::kDropoutWords; ++q)
+                st_shared_u32(sDropout(stage) + ((warp * 32 + lane) * K::kDropoutWords + q) * 4, words[q]);
+            }
+            mbarrier_arrive(&dropout_full[stage]);
+          }
+        }
+      }
+    }
     if (tid != 0) return;
     int step = 0, q_loads = 0;
     for (int index = first_tile, iteration = 0; index < num_tiles; index += tile_stride, ++iteration) {
@@ -360,7 +410,21 @@ __global__ void __launch_bounds__(FwdSm90TmaKernel<T, kHeadDim, kWide, kPersiste
           });
           softmax.exp_and_rescale_factor(s, alpha);
         }
-        if (dropout) apply_dropout(s, rng, tile.b, tile.h, sh.heads_q, row0, col0, lane);
+        if (dropout) {
+          if constexpr (kDropoutBits) {  // this lane's verdicts, as the producer's warps drew them
+            const int stage = stage_of(t);
+            mbarrier_wait(&dropout_full[stage], full_parity(t));
+            uint32_t words[K::kDropoutWords];
+#pragma unroll
+            for (int q = 0; q < K::kDropoutWords; ++q)
+              words[q] = ld_shared_u32(sDropout(stage) + ((tid - 128) * K::kDropoutWords + q) * 4);
+            __syncwarp();  // every lane's reads of the stage done before the release
+            if (lane == 0) mbarrier_arrive(&dropout_empty[stage]);
+            apply_dropout_bits(s, words, rng.keep_scale);
+          } else {
+            apply_dropout(s, rng, tile.b, tile.h, sh.heads_q, row0, col0, lane);
+          }
+        }
       };
       auto to_pa = [&](const auto& s) {  // a WarpAcc of kBlockN columns, or of the left half (the rest of P 0)
         constexpr int kCols = std::remove_reference_t<decltype(s)>::kColumns;
