@@ -370,9 +370,9 @@ __device__ __forceinline__ void pass_dq_turn(int* counter) {
   fence_async_global();
   add_release_gpu(counter, 1);
 }
-// The drain thread's turns passed a step late (head dim 128's ordered drain: H100, bf16, the
-// deterministic backward +3-4% at 512 and 1024 keys without a mask, flat elsewhere; at 64 mixed,
-// and head dim 256's drain, so, 4-17% slower; benchmarks/NOTES.md): a step's turn once
+// The drain thread's turns passed a step late (head dim 128's ordered drain only. H100, bf16: its
+// deterministic backward +3-4% at 512 and 1024 keys without a mask, flat elsewhere; at head dim 64
+// mixed, and 4-17% slower in head dim 256's drain; benchmarks/NOTES.md): a step's turn once
 // the next step's adds (kGroupsPerStep bulk groups) are issued too, so that the wait for a step's
 // adds to complete overlaps the next step's turn and adds, not precedes them. Still after they
 // complete, so the order of the adds is unchanged. Within a tile only (tile_done at its end):
