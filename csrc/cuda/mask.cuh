@@ -439,17 +439,19 @@ __device__ __forceinline__ void apply_dropout(WarpAcc<kN>& p, const DropoutRng& 
 // the one that applies them (the TMA forward's producer warps draw them for the consumers:
 // CUFLASH_FWD_DROPOUT_BITS): element (j, e) is bit 4 (j % 8) + e of word j / 8. Every lane of the
 // warp must call it (the rule's shuffles), as lane `lane` of the consumer warp whose rows start
-// at row0. 16 keys at a time: dropout_factors draws a pair of 8-column tiles by itself, so the
-// slices' factors are the whole tile's, in 8 registers instead of kN / 2; the slices of a word in
-// a loop, not unrolled (the producer's 24 registers spilled 288-384 bytes unrolled: ptxas, D=64).
-template <int kN>
+// at row0 (or by that lane itself, early: CUFLASH_FWD_DROPOUT_EARLY). 16 keys at a time:
+// dropout_factors draws a pair of 8-column tiles by itself, so the slices' factors are the whole
+// tile's, in 8 registers instead of kN / 2. The producer's 24 registers (setmaxnreg) take the
+// slices of a word in a loop (unrolled, they spilled 288-384 bytes: ptxas, D=64); the consumers'
+// 240, unrolled (kUnrolled: the calls independent, so their chains overlap).
+template <int kN, bool kUnrolled = false>
 __device__ __forceinline__ void dropout_keep_bits(uint32_t (&words)[kN / 64], const DropoutRng& rng, int b, int h,
                                                   int heads, int row0, int col0, int lane) {
   static_assert(kN % 64 == 0, "words of four 16-key slices");
 #pragma unroll
   for (int q = 0; q < kN / 64; ++q) {
     uint32_t word = 0u;
-#pragma unroll 1
+#pragma unroll(kUnrolled ? 4 : 1)
     for (int slice = 0; slice < 4; ++slice) {  // tiles 2 slice and 2 slice + 1 of the word's eight
       float z[2][4];
       dropout_factors<false, 16>(z, rng, b, h, heads, row0, col0 + 64 * q + 16 * slice, lane);

@@ -29,6 +29,13 @@
 #ifndef CUFLASH_FWD_DROPOUT_BITS
 #define CUFLASH_FWD_DROPOUT_BITS 0
 #endif
+// Experiment (likewise): the consumers draw each step's dropout verdicts themselves, as bits,
+// between issuing the step's wgmmas and waiting for S, so that the draws run while the tensor
+// cores do, not after the softmax.
+#ifndef CUFLASH_FWD_DROPOUT_EARLY
+#define CUFLASH_FWD_DROPOUT_EARLY 0
+#endif
+static_assert(!(CUFLASH_FWD_DROPOUT_BITS && CUFLASH_FWD_DROPOUT_EARLY), "one way to draw at a time");
 #include <type_traits>
 #include "flash_fwd_sm90.cuh"
 #include "staged_mask.h"
@@ -184,6 +191,9 @@ __global__ void __launch_bounds__(FwdSm90TmaKernel<T, kHeadDim, kWide, kPersiste
   // Dropout's verdicts staged by the producer's warps 1-3 (CUFLASH_FWD_DROPOUT_BITS), where the
   // kernel has room for them.
   constexpr bool kDropoutBits = kFeatures && !kStagedMask && K::kMayStageDropout;
+  // Dropout's verdicts drawn early by the consumers (CUFLASH_FWD_DROPOUT_EARLY): key blocks of
+  // whole 64-key words.
+  constexpr bool kDropoutEarly = kFeatures && CUFLASH_FWD_DROPOUT_EARLY && kBlockN % 64 == 0;
   static_assert(!kStagedMask || (kFeatures && K::kMayStageMask), "a staged mask: the features kernels with room");
   static_assert(kWide || kPageSizeMultiple % kBlockN == 0, "a key block lies in one page (key_at)");
   constexpr int kPanels = kHeadDim / 64, kConsumerThreads = 128 * K::kConsumers;
@@ -392,7 +402,16 @@ __global__ void __launch_bounds__(FwdSm90TmaKernel<T, kHeadDim, kWide, kPersiste
       uint32_t pa[kBlockN / 16][4];  // P of the previous step, the A operand of its P V
       // P of S (the raw q.k of step t) as the next P V's A operand; alpha: the rescale of O.
       // Dropout after the softmax has summed every probability: only the kept ones reach P V.
-      auto softmax_step = [&](auto& s, int t, float (&alpha)[2]) {
+      // CUFLASH_FWD_DROPOUT_EARLY: step t's verdicts into `early`, called between the step's
+      // wgmma issue and its wait (nothing to draw otherwise).
+      auto draw_early = [&](uint32_t (&early)[K::kDropoutWords], int t) {
+        if constexpr (kDropoutEarly) {
+          if (dropout)
+            dropout_keep_bits<kBlockN, true>(early, rng, tile.b, tile.h, sh.heads_q, row0, tile.block_of(t) * kBlockN,
+                                             lane);
+        }
+      };
+      auto softmax_step = [&](auto& s, int t, float (&alpha)[2], const uint32_t (&early)[K::kDropoutWords]) {
         const int col0 = tile.block_of(t) * kBlockN;
         if constexpr (kFoldScale) {
           mask_scores(s, p.mask, tile.seq, row0, col0, lane);  // raw q.k, -inf where masked
@@ -421,6 +440,8 @@ __global__ void __launch_bounds__(FwdSm90TmaKernel<T, kHeadDim, kWide, kPersiste
             __syncwarp();  // every lane's reads of the stage done before the release
             if (lane == 0) mbarrier_arrive(&dropout_empty[stage]);
             apply_dropout_bits(s, words, rng.keep_scale);
+          } else if constexpr (kDropoutEarly) {
+            apply_dropout_bits(s, early, rng.keep_scale);
           } else {
             apply_dropout(s, rng, tile.b, tile.h, sh.heads_q, row0, col0, lane);
           }
@@ -462,10 +483,12 @@ __global__ void __launch_bounds__(FwdSm90TmaKernel<T, kHeadDim, kWide, kPersiste
           constexpr int kCols = std::remove_reference_t<decltype(s)>::kColumns;
           issue_qk<T, kHeadDim, kBlockM * 128, kCols, kBlockN>(s, opaque(desc_q), desc_k(stage_of(0)));
           your_turn();
+          uint32_t early[K::kDropoutWords];
+          draw_early(early, 0);
           wgmma_wait<0>();
           if (lane == 0) mbarrier_arrive(&k_empty[stage_of(0)]);  // this warp's wgmmas have read K
           float alpha[2];
-          softmax_step(s, 0, alpha);  // O is still 0: nothing to rescale
+          softmax_step(s, 0, alpha, early);  // O is still 0: nothing to rescale
           to_pa(s);
         };
         if constexpr (kHalfDiagonal) {
@@ -495,10 +518,12 @@ __global__ void __launch_bounds__(FwdSm90TmaKernel<T, kHeadDim, kWide, kPersiste
         issue_qk<T, kHeadDim, kBlockM * 128>(s, opaque(desc_q), desc_k(stage_of(t)));
         issue_pv<T, kHeadDim, kBlockN>(o, pa, desc_v(stage_of(t - 1)));
         your_turn();
+        uint32_t early[K::kDropoutWords];
+        draw_early(early, t);
         wgmma_wait<1>();  // S_t done; P_{t-1} V_{t-1} may still run
         if (lane == 0) mbarrier_arrive(&k_empty[stage_of(t)]);
         float alpha[2];
-        softmax_step(s, t, alpha);
+        softmax_step(s, t, alpha, early);
         wgmma_wait<0>();  // O and pa are free again
         if (lane == 0) mbarrier_arrive(&v_empty[stage_of(t - 1)]);
         OnlineSoftmax::rescale_rows(o, alpha);
