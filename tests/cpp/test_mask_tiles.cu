@@ -309,22 +309,26 @@ std::string first_tile_mismatch(int row0, int col0, Differs&& differs) {
   return "";
 }
 
-// kBits: the factors by way of the verdicts' bits (dropout_keep_bits, then apply_dropout_bits to
-// ones), as the TMA forward's producer warps and consumers pass them (CUFLASH_FWD_DROPOUT_BITS).
+// kBits: the factors by way of the verdicts' bits (dropout_keep_bits), as the TMA kernels that
+// draw them early use them: the forward's apply_dropout_bits (to ones), the backward's
+// DrawnDropout (CUFLASH_FWD_DROPOUT_BITS and _EARLY, CUFLASH_BWD_DROPOUT_EARLY).
 template <bool kTransposed, int kN, bool kBits>
 __global__ void dropout_factors_kernel(cuflash::DropoutRng rng, int b, int h, int heads, int row0, int col0,
                                        float* out) {
   float z[kN / 8][4];
   if constexpr (kBits) {
-    static_assert(!kTransposed, "the forward's bits");
     uint32_t words[kN / 64];
-    cuflash::dropout_keep_bits<kN>(words, rng, b, h, heads, row0, col0, threadIdx.x);
-    cuflash::WarpAcc<kN> ones;
-    for (int j = 0; j < kN / 8; ++j)
-      for (int e = 0; e < 4; ++e) ones.v[j][e] = 1.f;
-    cuflash::apply_dropout_bits(ones, words, rng.keep_scale);
-    for (int j = 0; j < kN / 8; ++j)
-      for (int e = 0; e < 4; ++e) z[j][e] = ones.v[j][e];
+    cuflash::dropout_keep_bits<kTransposed, kN>(words, rng, b, h, heads, row0, col0, threadIdx.x);
+    if constexpr (kTransposed) {
+      cuflash::DrawnDropout<kN / 64>{words}.template factors<true, kN>(z, rng, b, h, heads, row0, col0, threadIdx.x);
+    } else {
+      cuflash::WarpAcc<kN> ones;
+      for (int j = 0; j < kN / 8; ++j)
+        for (int e = 0; e < 4; ++e) ones.v[j][e] = 1.f;
+      cuflash::apply_dropout_bits(ones, words, rng.keep_scale);
+      for (int j = 0; j < kN / 8; ++j)
+        for (int e = 0; e < 4; ++e) z[j][e] = ones.v[j][e];
+    }
   } else {
     cuflash::dropout_factors<kTransposed, kN>(z, rng, b, h, heads, row0, col0, threadIdx.x);
   }
@@ -369,8 +373,8 @@ TEST(Dropout, TileFactorsMatchTheRule) {
   }
 }
 
-// The verdicts as bits (the TMA forward's key blocks of 64, 128 and 192 keys) give the rule's
-// factors too.
+// The verdicts as bits give the rule's factors too: the TMA forward's key blocks of 64, 128 and
+// 192 keys, and the TMA backward's transposed steps of 64 and 128 queries.
 TEST(Dropout, TileBitsMatchTheRule) {
   int devices = 0;
   if (cudaGetDeviceCount(&devices) != cudaSuccess || devices == 0) GTEST_SKIP() << "no CUDA device";
@@ -381,6 +385,8 @@ TEST(Dropout, TileBitsMatchTheRule) {
     EXPECT_EQ((dropout_mismatch<false, 64, true>(rng, query0, key0)), "");
     EXPECT_EQ((dropout_mismatch<false, 128, true>(rng, query0, key0)), "");
     EXPECT_EQ((dropout_mismatch<false, 192, true>(rng, query0, key0)), "");
+    EXPECT_EQ((dropout_mismatch<true, 64, true>(rng, key0, query0)), "");
+    EXPECT_EQ((dropout_mismatch<true, 128, true>(rng, key0, query0)), "");
   }
 }
 

@@ -287,8 +287,8 @@ __global__ void __launch_bounds__(FwdSm90TmaKernel<T, kHeadDim, kWide, kPersiste
             if (step >= kStages) mbarrier_wait(&dropout_empty[stage], (step / kStages - 1) & 1);
             for (int warp = tid / 32 - 1; warp < kBlockM / 16; warp += 3) {
               uint32_t words[K::kDropoutWords];
-              dropout_keep_bits<kBlockN>(words, rng, tile.b, tile.h, sh.heads_q, tile.m_start + 16 * warp,
-                                         tile.block_of(t) * kBlockN, lane);
+              dropout_keep_bits<false, kBlockN>(words, rng, tile.b, tile.h, sh.heads_q, tile.m_start + 16 * warp,
+                                                tile.block_of(t) * kBlockN, lane);
 #pragma unroll
               for (int q = 0; q < K::kDropoutWords; ++q)
                 st_shared_u32(sDropout(stage) + ((warp * 32 + lane) * K::kDropoutWords + q) * 4, words[q]);
@@ -407,8 +407,8 @@ __global__ void __launch_bounds__(FwdSm90TmaKernel<T, kHeadDim, kWide, kPersiste
       auto draw_early = [&](uint32_t (&early)[K::kDropoutWords], int t) {
         if constexpr (kDropoutEarly) {
           if (dropout)
-            dropout_keep_bits<kBlockN, true>(early, rng, tile.b, tile.h, sh.heads_q, row0, tile.block_of(t) * kBlockN,
-                                             lane);
+            dropout_keep_bits<false, kBlockN, true>(early, rng, tile.b, tile.h, sh.heads_q, row0,
+                                                    tile.block_of(t) * kBlockN, lane);
         }
       };
       auto softmax_step = [&](auto& s, int t, float (&alpha)[2], const uint32_t (&early)[K::kDropoutWords]) {
