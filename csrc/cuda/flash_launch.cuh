@@ -184,7 +184,7 @@ bool launch_fwd_tma(const FlashFwdParams& p, const sm90::Sm90Paths& hopper, cuda
     // part both walk tiles persistently where sm90::features_persistent_rows says, the wide one
     // (head dim 64's: no room at 128) without a mask, as plain attention's
     // (sm90::persistent_wide_pays).
-    const bool walk = hopper.persistent_features && !kv_cache && !split && !packed &&
+    const bool walk = Plain::kHasPersistent && hopper.persistent_features && !kv_cache && !split && !packed &&
                       sm90::features_persistent_rows(p, hopper.persistent_window);
     if constexpr (kHeadDim <= 128) {
       const bool pays = kHeadDim == 64 && sm90::features_wide_pays(p);

@@ -769,7 +769,7 @@ __global__ void __launch_bounds__(
       // CUFLASH_BWD_DROPOUT_EARLY: the step's verdicts (this warp's 16 keys x kBlockM queries)
       // while the wgmmas run.
       constexpr bool kDropoutEarly = kFeatures && CUFLASH_BWD_DROPOUT_EARLY && kBlockM % 64 == 0;
-      uint32_t early[kBlockM / 64 > 0 ? kBlockM / 64 : 1];
+      uint32_t early[(kBlockM + 63) / 64];
       if constexpr (kDropoutEarly) {
         if (dropout) dropout_keep_bits<true, kBlockM, true>(early, rng, tile.b, h, sh.heads_q, key0, m0, lane);
       }

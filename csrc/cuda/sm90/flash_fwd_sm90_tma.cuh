@@ -95,10 +95,11 @@ struct FwdSm90TmaKernel {
   static constexpr int kMaskStageBytes = kBlockM * kBlockN * 2;
   static constexpr int kSmemBytesStagingMask = kMaskOffset + kStages * kMaskStageBytes + 1024;
   static constexpr bool kMayStageMask = !kPersistent && kBlockN % 64 == 0 && kSmemBytesStagingMask <= 227 * 1024;
-  // Dropout's verdicts drawn by the producer's warps 1-3 (CUFLASH_FWD_DROPOUT_BITS;
-  // dropout_keep_bits): kStages stages of a bit a score after the barriers, consumer warp w's lane
-  // l's kBlockN / 64 words at (w * 32 + l) * kDropoutWords. In the features kernels whose shared
-  // memory has room (not beside a staged mask: that kernel draws its own).
+  // Dropout's verdicts as bits (dropout_keep_bits): a consumer lane's kBlockN / 64 words a step
+  // (CUFLASH_FWD_DROPOUT_EARLY, CUFLASH_FWD_DROPOUT_BITS). Drawn by the producer's warps 1-3
+  // (BITS): kStages stages of them after the barriers, consumer warp w's lane l's words at
+  // (w * 32 + l) * kDropoutWords, in the features kernels whose shared memory has room (not beside
+  // a staged mask: that kernel draws its own).
   static constexpr int kDropoutWords = kBlockN / 64;
   static constexpr int kDropoutOffset = (kBarrierEnd + 15) / 16 * 16;
   static constexpr int kDropoutStageBytes = kBlockM / 16 * 32 * kDropoutWords * 4;
