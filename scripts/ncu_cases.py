@@ -18,13 +18,14 @@ import cuflash_attn  # noqa: F401  (registers torch.ops.cuflash_attn)
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
 import bench_attention as bench  # noqa: E402  (switches_set)
-import bench_features  # noqa: E402  (FEATURES, op_options)
+import bench_features  # noqa: E402  (FEATURES, op_call)
 
 ops = torch.ops.cuflash_attn
 
 
-def profile_attention(which, b, h, n, d, causal, det, features):
-    """One case but a decoding step: its pass inside the NVTX range "profiled"."""
+def profile_attention(which, b, h, n, d, causal, det, options):
+    """One case but a decoding step: its pass inside the NVTX range "profiled" (options: a feature
+    of bench_features.FEATURES, or several merged)."""
     q, k, v, dout = (torch.randn(b, h, n, d, device="cuda", dtype=torch.bfloat16) for _ in range(4))
     if which in ("fwd_bnhd", "fwd_packed"):  # rows H * D apart, as a packed tensor's
         q, k, v = (torch.randn(b, n, h, d, device="cuda", dtype=torch.bfloat16) for _ in range(3))
@@ -64,14 +65,16 @@ def profile_attention(which, b, h, n, d, causal, det, features):
                     out.backward(dout)
                     q.grad = k.grad = v.grad = None
         return
+    q, k, v, kw = bench_features.op_call(q, k, v, causal, options)
+    dout = torch.randn_like(q)
     if which == "fwd":
         torch.cuda.nvtx.range_push("profiled")
-    out, lse = ops.fwd(q, k, v, None, causal, False, deterministic=det, **features)
+    out, lse = ops.fwd(q, k, v, None, causal, False, deterministic=det, **kw)
     if which == "fwd":
         torch.cuda.nvtx.range_pop()
     else:
         torch.cuda.nvtx.range_push("profiled")
-        ops.bwd(dout, q, k, v, out, lse, None, None, causal, False, deterministic=det, **features)
+        ops.bwd(dout, q, k, v, out, lse, None, None, causal, False, deterministic=det, **kw)
         torch.cuda.nvtx.range_pop()
 
 
@@ -105,6 +108,6 @@ for case in os.environ["NCU_CASES"].split():
         options.update(bench_features.FEATURES.get(flag, {}))
     switches = dict(flag.split("=", 1) for flag in flags if "=" in flag)
     with bench.switches_set(switches):
-        profile_attention(which, b, h, n, d, causal, det, bench_features.op_options(options, h, "cuda"))
+        profile_attention(which, b, h, n, d, causal, det, options)
         torch.cuda.synchronize()
     print(case, "ran", flush=True)

@@ -81,3 +81,19 @@ def test_mask_features_run_ours(feature):
         assert mask[..., :56].all() and not mask[..., 56:].any()
         unpadded, _ = torch.ops.cuflash_attn.fwd(q, k[:, :, :56], v[:, :, :56], None, False, False)
         torch.testing.assert_close(out, unpadded, atol=1e-5, rtol=1e-5)
+
+
+def test_ncu_cases_calls_what_the_benchmarks_define():
+    """scripts/ncu_cases.py runs only on a GPU under ncu; a helper renamed here (op_options became
+    op_call) broke it unseen. Every bench_features.X and bench.X it names must exist."""
+    import ast
+
+    import bench_attention
+
+    source = Path(__file__).resolve().parent.parent / "scripts" / "ncu_cases.py"
+    modules = {"bench_features": bench_features, "bench": bench_attention}
+    named = {(node.value.id, node.attr) for node in ast.walk(ast.parse(source.read_text()))
+             if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id in modules}
+    assert ("bench_features", "op_call") in named
+    missing = sorted(f"{m}.{attr}" for m, attr in named if not hasattr(modules[m], attr))
+    assert not missing, missing
