@@ -159,10 +159,8 @@ bool launch_fwd_tma(const FlashFwdParams& p, const sm90::Sm90Paths& hopper, cuda
         return true;
       }
     }
-    // The features kernels' dropout verdicts (CUFLASH_FWD_DROPOUT_BITS) where they have room.
-    constexpr int kSmem = kFeatures && K::kMayStageDropout ? K::kSmemBytesDropoutBits : K::kSmemBytes;
     *err = launch(sm90::flash_fwd_sm90_tma_kernel<T, kHeadDim, kWide, kFeatures, kPersistent>, grid, K::kThreads,
-                  kSmem, stream, p, maps.q, maps.k, maps.v, maps.o, walk, map_mask, sm90::MaskStaging{});
+                  K::kSmemBytes, stream, p, maps.q, maps.k, maps.v, maps.o, walk, map_mask, sm90::MaskStaging{});
     return true;
   };
   using Plain = sm90::FwdSm90TmaKernel<T, kHeadDim, false>;

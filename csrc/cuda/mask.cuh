@@ -435,72 +435,6 @@ __device__ __forceinline__ void apply_dropout(WarpAcc<kN>& p, const DropoutRng& 
     for (int e = 0; e < 4; ++e) p.v[j][e] *= z[j][e];
 }
 
-// Dropout's verdicts on a warp tile of kN columns (keys, or kTransposed queries) as bits, for the
-// kernels that draw them before they apply them: element (j, e) is bit 4 (j % 8) + e of word j / 8
-// (dropout_bit). Drawn by the lane that applies them, while its wgmmas run
-// (CUFLASH_FWD_DROPOUT_EARLY, CUFLASH_BWD_DROPOUT_EARLY), or by the same lane of another warp (the
-// TMA forward's producer warps for its consumers: CUFLASH_FWD_DROPOUT_BITS). Every lane of the
-// warp must call it (the rule's shuffles). 16 columns at a time: dropout_factors draws a pair of
-// 8-column tiles by itself, so the slices' factors are the whole tile's, in 8 registers instead
-// of kN / 2. The producer's 24 registers (setmaxnreg) take the slices of a word in a loop
-// (unrolled, they spilled 288-384 bytes: ptxas, D=64); the consumers', unrolled (kUnrolled: the
-// calls independent, so their chains overlap).
-template <bool kTransposed, int kN, bool kUnrolled = false>
-__device__ __forceinline__ void dropout_keep_bits(uint32_t (&words)[kN / 64], const DropoutRng& rng, int b, int h,
-                                                  int heads, int row0, int col0, int lane) {
-  static_assert(kN % 64 == 0, "words of four 16-column slices");
-#pragma unroll
-  for (int q = 0; q < kN / 64; ++q) {
-    uint32_t word = 0u;
-#pragma unroll(kUnrolled ? 4 : 1)
-    for (int slice = 0; slice < 4; ++slice) {  // tiles 2 slice and 2 slice + 1 of the word's eight
-      float z[2][4];
-      dropout_factors<kTransposed, 16>(z, rng, b, h, heads, row0, col0 + 64 * q + 16 * slice, lane);
-#pragma unroll
-      for (int t = 0; t < 2; ++t)
-#pragma unroll
-        for (int e = 0; e < 4; ++e) word |= static_cast<uint32_t>(z[t][e] != 0.f) << (8 * slice + 4 * t + e);
-    }
-    words[q] = word;
-  }
-}
-
-// Whether dropout_keep_bits' words keep element (j, e).
-template <int kWords>
-__device__ __forceinline__ bool dropout_bit(const uint32_t (&words)[kWords], int j, int e) {
-  return (words[j / 8] >> (4 * (j % 8) + e)) & 1u;
-}
-
-// P times its dropout factors, the verdicts read as dropout_keep_bits wrote them: the same
-// products as apply_dropout's (P is finite and not negative: P x 0 = 0).
-template <int kN>
-__device__ __forceinline__ void apply_dropout_bits(WarpAcc<kN>& p, const uint32_t (&words)[kN / 64], float keep_scale) {
-  for_each_value(p, [&](float& x, int j, int e) { x = dropout_bit(words, j, e) ? x * keep_scale : 0.f; });
-}
-
-// Where probs_and_ds_with_features gets its dropout factors: drawn there (DrawDropout, the
-// default), or from the bits drawn earlier (DrawnDropout: dropout_keep_bits'), the same factors.
-struct DrawDropout {
-  template <bool kTransposed, int kN>
-  __device__ __forceinline__ void factors(float (&z)[kN / 8][4], const DropoutRng& rng, int b, int h, int heads,
-                                          int row0, int col0, int lane) const {
-    dropout_factors<kTransposed, kN>(z, rng, b, h, heads, row0, col0, lane);
-  }
-};
-template <int kWords>
-struct DrawnDropout {
-  const uint32_t (&words)[kWords];
-  template <bool kTransposed, int kN>
-  __device__ __forceinline__ void factors(float (&z)[kN / 8][4], const DropoutRng& rng, int, int, int, int, int,
-                                          int) const {
-    static_assert(kN == 64 * kWords, "the bits of the whole tile");
-#pragma unroll
-    for (int j = 0; j < kN / 8; ++j)
-#pragma unroll
-      for (int e = 0; e < 4; ++e) z[j][e] = dropout_bit(words, j, e) ? rng.keep_scale : 0.f;
-  }
-};
-
 // The backward's elementwise steps. lse2 and delta are indexed by the tile element (j, e)
 // through accessors (the two tile orientations store them differently).
 //
@@ -557,18 +491,16 @@ __device__ __forceinline__ void probs_then_mask(WarpAcc<kN>& s, float scale_log2
 // dp as soon as the softcap pass has it (no tile of factors kept: the head-dim-64 fused Hopper
 // backward spilled 80-116 bytes with one). dscores, if not null, receives the score gradients
 // P * (dP * z - delta) of the elements inside the sequence (dcap applied after them): the (b, h)
-// slice of FlashBwdParams::dscores, rows dscores_stride apart. add_bias as in ScoreMod::scores;
-// draw gives the dropout factors (DrawDropout, DrawnDropout).
-template <bool kTransposed, bool kWithDs, int kN, typename T, class Lse2, class Delta, class AddBias = NoBias,
-          class Draw = DrawDropout>
+// slice of FlashBwdParams::dscores, rows dscores_stride apart. add_bias as in ScoreMod::scores.
+template <bool kTransposed, bool kWithDs, int kN, typename T, class Lse2, class Delta, class AddBias = NoBias>
 __device__ __forceinline__ void probs_and_ds_with_features(WarpAcc<kN>& s, WarpAcc<kN>& dp, const ScoreMod<T>& mod,
                                                            const MaskParams& m, const Sequence& seq, bool dropout,
                                                            const DropoutRng& rng, int b, int h, int heads, int row0,
                                                            int col0, int lane, Lse2&& lse2, Delta&& delta,
                                                            float* dscores = nullptr, int64_t dscores_stride = 0,
-                                                           AddBias&& add_bias = NoBias{}, const Draw& draw = Draw{}) {
+                                                           AddBias&& add_bias = NoBias{}) {
   float z[kN / 8][4];  // with dropout
-  if (dropout) draw.template factors<kTransposed, kN>(z, rng, b, h, heads, row0, col0, lane);
+  if (dropout) dropout_factors<kTransposed, kN>(z, rng, b, h, heads, row0, col0, lane);
   if (kWithDs) {
     if (dropout) {
       for_each_value(dp, [&](float& d, int j, int e) { d = d * z[j][e] - delta(j, e); });

@@ -12,8 +12,7 @@
 // Query rows also as packed grouped heads (MaskParams::rows_per_query: row r is query r / G; the
 // forward only, so not for tiles whose rows are keys). And a paged cache's key addressing. And, on
 // a GPU (skipped without one), dropout_factors (a warp tile's dropout keep factors, two lanes
-// sharing each Philox call), and the same verdicts as bits (dropout_keep_bits, apply_dropout_bits),
-// against DropoutRng::keep element by element; the rule's Philox
+// sharing each Philox call) against DropoutRng::keep element by element; the rule's Philox
 // against Random123's known answers; ScoreMod::scores' attn_mask passes against the mask's
 // elements. And the staged attn_mask tiles of the TMA forward and backward (sm90/staged_mask.h):
 // each thread's addresses against where TMA's swizzle puts the elements.
@@ -309,42 +308,24 @@ std::string first_tile_mismatch(int row0, int col0, Differs&& differs) {
   return "";
 }
 
-// kBits: the factors by way of the verdicts' bits (dropout_keep_bits), as the TMA kernels that
-// draw them early use them: the forward's apply_dropout_bits (to ones), the backward's
-// DrawnDropout (CUFLASH_FWD_DROPOUT_BITS and _EARLY, CUFLASH_BWD_DROPOUT_EARLY).
-template <bool kTransposed, int kN, bool kBits>
+template <bool kTransposed, int kN>
 __global__ void dropout_factors_kernel(cuflash::DropoutRng rng, int b, int h, int heads, int row0, int col0,
                                        float* out) {
   float z[kN / 8][4];
-  if constexpr (kBits) {
-    uint32_t words[kN / 64];
-    cuflash::dropout_keep_bits<kTransposed, kN>(words, rng, b, h, heads, row0, col0, threadIdx.x);
-    if constexpr (kTransposed) {
-      cuflash::DrawnDropout<kN / 64>{words}.template factors<true, kN>(z, rng, b, h, heads, row0, col0, threadIdx.x);
-    } else {
-      cuflash::WarpAcc<kN> ones;
-      for (int j = 0; j < kN / 8; ++j)
-        for (int e = 0; e < 4; ++e) ones.v[j][e] = 1.f;
-      cuflash::apply_dropout_bits(ones, words, rng.keep_scale);
-      for (int j = 0; j < kN / 8; ++j)
-        for (int e = 0; e < 4; ++e) z[j][e] = ones.v[j][e];
-    }
-  } else {
-    cuflash::dropout_factors<kTransposed, kN>(z, rng, b, h, heads, row0, col0, threadIdx.x);
-  }
+  cuflash::dropout_factors<kTransposed, kN>(z, rng, b, h, heads, row0, col0, threadIdx.x);
   for (int j = 0; j < kN / 8; ++j)
     for (int e = 0; e < 4; ++e) out[(threadIdx.x * (kN / 8) + j) * 4 + e] = z[j][e];
 }
 
 // One warp's factors for the tile at (row0, col0), rows queries or (kTransposed) keys; returns the
 // first element that differs from the rule, or "".
-template <bool kTransposed, int kN, bool kBits = false>
+template <bool kTransposed, int kN>
 std::string dropout_mismatch(const cuflash::DropoutRng& rng, int row0, int col0) {
   const int b = 1, h = 2, heads = 3, count = 32 * (kN / 8) * 4;
   std::vector<float> out(count);
   float* device_out = nullptr;
   if (cudaMalloc(&device_out, count * sizeof(float)) != cudaSuccess) return "cudaMalloc failed";
-  dropout_factors_kernel<kTransposed, kN, kBits><<<1, 32>>>(rng, b, h, heads, row0, col0, device_out);
+  dropout_factors_kernel<kTransposed, kN><<<1, 32>>>(rng, b, h, heads, row0, col0, device_out);
   const cudaError_t err = cudaMemcpy(out.data(), device_out, count * sizeof(float), cudaMemcpyDeviceToHost);
   cudaFree(device_out);
   if (err != cudaSuccess) return std::string("kernel: ") + cudaGetErrorString(err);
@@ -370,23 +351,6 @@ TEST(Dropout, TileFactorsMatchTheRule) {
     EXPECT_EQ((dropout_mismatch<true, 16>(rng, key0, query0)), "");
     EXPECT_EQ((dropout_mismatch<true, 64>(rng, key0, query0)), "");
     EXPECT_EQ((dropout_mismatch<true, 128>(rng, key0, query0)), "");
-  }
-}
-
-// The verdicts as bits give the rule's factors too: the TMA forward's key blocks of 64, 128 and
-// 192 keys, and the TMA backward's transposed steps of 64 and 128 queries.
-TEST(Dropout, TileBitsMatchTheRule) {
-  int devices = 0;
-  if (cudaGetDeviceCount(&devices) != cudaSuccess || devices == 0) GTEST_SKIP() << "no CUDA device";
-  const int64_t rng_state[2] = {0x09abcdef12345678, 7};
-  const cuflash::DropoutRng rng = cuflash::make_dropout_rng(cuflash::DropoutParams{0.3, rng_state});
-  for (const auto& [query0, key0] : {std::pair{0, 0}, std::pair{32, 128}, std::pair{144, 384}}) {
-    SCOPED_TRACE("query0 " + std::to_string(query0) + ", key0 " + std::to_string(key0));
-    EXPECT_EQ((dropout_mismatch<false, 64, true>(rng, query0, key0)), "");
-    EXPECT_EQ((dropout_mismatch<false, 128, true>(rng, query0, key0)), "");
-    EXPECT_EQ((dropout_mismatch<false, 192, true>(rng, query0, key0)), "");
-    EXPECT_EQ((dropout_mismatch<true, 64, true>(rng, key0, query0)), "");
-    EXPECT_EQ((dropout_mismatch<true, 128, true>(rng, key0, query0)), "");
   }
 }
 

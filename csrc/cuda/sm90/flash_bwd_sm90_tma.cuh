@@ -19,12 +19,6 @@
 //          tile ring, DkvTileRing, and ordered adds.)
 //   dQ:    queries resident (their lse and delta in registers), K and V streamed.
 #pragma once
-// Experiment (an A/B build's define; benchmarks/NOTES.md): the fused kernel's consumers draw each
-// step's dropout verdicts as bits between issuing the step's S^T and dP^T wgmmas and waiting for
-// them, so that the draws run while the tensor cores do, not after the wait.
-#ifndef CUFLASH_BWD_DROPOUT_EARLY
-#define CUFLASH_BWD_DROPOUT_EARLY 0
-#endif
 #include <type_traits>
 #include "flash_bwd_sm90.cuh"
 #include "staged_mask.h"
@@ -766,13 +760,6 @@ __global__ void __launch_bounds__(
       wgmma_fence();
       issue_qk<T, kHeadDim, kBlockN * 128>(s, desc_k, desc_q0 + stage_bytes(stage));
       if constexpr (kWithDk) issue_qk<T, kHeadDim, kBlockN * 128>(dp, desc_v, desc_do0 + stage_bytes(stage));
-      // CUFLASH_BWD_DROPOUT_EARLY: the step's verdicts (this warp's 16 keys x kBlockM queries)
-      // while the wgmmas run.
-      constexpr bool kDropoutEarly = kFeatures && CUFLASH_BWD_DROPOUT_EARLY && kBlockM % 64 == 0;
-      uint32_t early[(kBlockM + 63) / 64];
-      if constexpr (kDropoutEarly) {
-        if (dropout) dropout_keep_bits<true, kBlockM, true>(early, rng, tile.b, h, sh.heads_q, key0, m0, lane);
-      }
       // Both waited for here: waiting for S alone, the exponentials beside dP, measured 3-5% slower
       // at head dim 64 (benchmarks/NOTES.md, 2026-12-01).
       wgmma_wait<0>();
@@ -788,12 +775,8 @@ __global__ void __launch_bounds__(
             return NoBias{};
           }
         };
-        auto draw = [&] {  // where the dropout factors come from
-          if constexpr (kDropoutEarly) return DrawnDropout<kBlockM / 64>{early};
-          else return DrawDropout{};
-        };
         probs_and_ds_with_features<true, true>(s, dp, mod, mask, tile.seq, dropout, rng, tile.b, h, sh.heads_q, key0,
-                                               m0, lane, col_lse2, col_delta, nullptr, 0, staged_mask(), draw());
+                                               m0, lane, col_lse2, col_delta, nullptr, 0, staged_mask());
       } else {
         probs_then_mask<true>(s, scale_log2, mask, tile.seq, key0, m0, lane, col_lse2);
       }

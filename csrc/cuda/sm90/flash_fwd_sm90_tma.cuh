@@ -24,18 +24,6 @@
 #ifndef CUFLASH_FWD_PACKED_TMA_STORE
 #define CUFLASH_FWD_PACKED_TMA_STORE 0
 #endif
-// Experiment (likewise): dropout's verdicts drawn by the producer's three idle warps into shared
-// memory, a bit a score, where the consumers otherwise run the Philox draws in their softmax step.
-#ifndef CUFLASH_FWD_DROPOUT_BITS
-#define CUFLASH_FWD_DROPOUT_BITS 0
-#endif
-// Experiment (likewise): the consumers draw each step's dropout verdicts themselves, as bits,
-// between issuing the step's wgmmas and waiting for S, so that the draws run while the tensor
-// cores do, not after the softmax.
-#ifndef CUFLASH_FWD_DROPOUT_EARLY
-#define CUFLASH_FWD_DROPOUT_EARLY 0
-#endif
-static_assert(!(CUFLASH_FWD_DROPOUT_BITS && CUFLASH_FWD_DROPOUT_EARLY), "one way to draw at a time");
 #include <type_traits>
 #include "flash_fwd_sm90.cuh"
 #include "staged_mask.h"
@@ -81,9 +69,8 @@ struct FwdSm90TmaKernel {
   static constexpr int kQBytes = kBlockM * kHeadDim * 2, kKVBytes = kBlockN * kHeadDim * 2;
   // The persistent kernel's staging tile for the output's TMA store: Q's layout (kernel below).
   static constexpr int kStagingBytes = kPersistent ? kQBytes : 0;
-  // Barriers: Q full, Q empty, then per stage K full, V full, K empty, V empty, mask full, mask
-  // empty (and with CUFLASH_FWD_DROPOUT_BITS dropout full, dropout empty).
-  static constexpr int kBarriers = 2 + (CUFLASH_FWD_DROPOUT_BITS ? 8 : 6) * kStages;
+  // Barriers: Q full, Q empty, then per stage K full, V full, K empty, V empty, mask full, mask empty.
+  static constexpr int kBarriers = 2 + 6 * kStages;
   static constexpr int kBarrierEnd = kQBytes + 2 * kStages * kKVBytes + kStagingBytes + kBarriers * 8;
   // + 1024: the swizzle atoms must start on 1024-byte boundaries; the base is aligned by hand.
   static constexpr int kSmemBytes = kBarrierEnd + 1024;
@@ -95,17 +82,6 @@ struct FwdSm90TmaKernel {
   static constexpr int kMaskStageBytes = kBlockM * kBlockN * 2;
   static constexpr int kSmemBytesStagingMask = kMaskOffset + kStages * kMaskStageBytes + 1024;
   static constexpr bool kMayStageMask = !kPersistent && kBlockN % 64 == 0 && kSmemBytesStagingMask <= 227 * 1024;
-  // Dropout's verdicts as bits (dropout_keep_bits): a consumer lane's kBlockN / 64 words a step
-  // (CUFLASH_FWD_DROPOUT_EARLY, CUFLASH_FWD_DROPOUT_BITS). Drawn by the producer's warps 1-3
-  // (BITS): kStages stages of them after the barriers, consumer warp w's lane l's words at
-  // (w * 32 + l) * kDropoutWords, in the features kernels whose shared memory has room (not beside
-  // a staged mask: that kernel draws its own).
-  static constexpr int kDropoutWords = kBlockN / 64;
-  static constexpr int kDropoutOffset = (kBarrierEnd + 15) / 16 * 16;
-  static constexpr int kDropoutStageBytes = kBlockM / 16 * 32 * kDropoutWords * 4;
-  static constexpr int kSmemBytesDropoutBits = kDropoutOffset + kStages * kDropoutStageBytes + 1024;
-  static constexpr bool kMayStageDropout =
-      CUFLASH_FWD_DROPOUT_BITS && kBlockN % 64 == 0 && kSmemBytesDropoutBits <= 227 * 1024;
   // setmaxnreg: the producer's registers go to the consumers (65536 per SM in all).
   static constexpr int kProducerRegs = kConsumers == 2 ? 24 : 32, kConsumerRegs = kConsumers == 2 ? 240 : 160;
   static_assert(fits_launch_registers<kThreads>(kProducerRegs, kConsumerRegs), "setmaxnreg's split");
@@ -189,12 +165,6 @@ __global__ void __launch_bounds__(FwdSm90TmaKernel<T, kHeadDim, kWide, kPersiste
   // scale only (folds_scale_safely). The features kernel scales its scores first: folding its
   // run-time factor (cap_out, the scale or 1) made it slower (H100, benchmarks/NOTES.md).
   constexpr bool kFoldScale = !kFeatures;
-  // Dropout's verdicts staged by the producer's warps 1-3 (CUFLASH_FWD_DROPOUT_BITS), where the
-  // kernel has room for them.
-  constexpr bool kDropoutBits = kFeatures && !kStagedMask && K::kMayStageDropout;
-  // Dropout's verdicts drawn early by the consumers (CUFLASH_FWD_DROPOUT_EARLY): key blocks of
-  // whole 64-key words.
-  constexpr bool kDropoutEarly = kFeatures && CUFLASH_FWD_DROPOUT_EARLY && kBlockN % 64 == 0;
   static_assert(!kStagedMask || (kFeatures && K::kMayStageMask), "a staged mask: the features kernels with room");
   static_assert(kWide || kPageSizeMultiple % kBlockN == 0, "a key block lies in one page (key_at)");
   constexpr int kPanels = kHeadDim / 64, kConsumerThreads = 128 * K::kConsumers;
@@ -212,10 +182,7 @@ __global__ void __launch_bounds__(FwdSm90TmaKernel<T, kHeadDim, kWide, kPersiste
   uint64_t* v_empty = k_empty + kStages;
   uint64_t* mask_full = v_empty + kStages;  // the "masktma" part's
   uint64_t* mask_empty = mask_full + kStages;
-  uint64_t* dropout_full = mask_empty + kStages;  // CUFLASH_FWD_DROPOUT_BITS's
-  uint64_t* dropout_empty = dropout_full + kStages;
   auto sMask = [&](int stage) { return smem + K::kMaskOffset + stage * K::kMaskStageBytes; };
-  auto sDropout = [&](int stage) { return smem_u32(smem + K::kDropoutOffset + stage * K::kDropoutStageBytes); };
 
   const AttentionShape& sh = p.shape;
   const int tid = threadIdx.x, warpgroup = warpgroup_index(), lane = tid % 32;
@@ -262,10 +229,6 @@ __global__ void __launch_bounds__(FwdSm90TmaKernel<T, kHeadDim, kWide, kPersiste
         mbarrier_init(&mask_full[s], 1);
         mbarrier_init(&mask_empty[s], kConsumerThreads / 32);
       }
-      if (kDropoutBits) {
-        mbarrier_init(&dropout_full[s], 96);  // every thread of the producer's warps 1-3
-        mbarrier_init(&dropout_empty[s], kConsumerThreads / 32);
-      }
     }
     fence_barrier_init();
   }
@@ -275,30 +238,6 @@ __global__ void __launch_bounds__(FwdSm90TmaKernel<T, kHeadDim, kWide, kPersiste
   // its (g / kStages)-th use.
   if (warpgroup == 0) {  // producer
     setmaxnreg_dec<K::kProducerRegs>();
-    if constexpr (kDropoutBits) {
-      // Warps 1-3: dropout's verdicts for each step's stage, a consumer warp's rows at a time,
-      // over the same walk and steps as the loads below.
-      if (tid >= 32 && p.dropout.p > 0.0) {
-        const DropoutRng rng = make_dropout_rng(p.dropout);
-        int step = 0;
-        for (int index = first_tile; index < num_tiles; index += tile_stride) {
-          const TmaTile tile = tile_at(index);
-          for (int t = 0; t < tile.steps(); ++t, ++step) {
-            const int stage = step % kStages;
-            if (step >= kStages) mbarrier_wait(&dropout_empty[stage], (step / kStages - 1) & 1);
-            for (int warp = tid / 32 - 1; warp < kBlockM / 16; warp += 3) {
-              uint32_t words[K::kDropoutWords];
-              dropout_keep_bits<false, kBlockN>(words, rng, tile.b, tile.h, sh.heads_q, tile.m_start + 16 * warp,
-                                                tile.block_of(t) * kBlockN, lane);
-#pragma unroll
-              for (int q = 0; q < K::kDropoutWords; ++q)
-                st_shared_u32(sDropout(stage) + ((warp * 32 + lane) * K::kDropoutWords + q) * 4, words[q]);
-            }
-            mbarrier_arrive(&dropout_full[stage]);
-          }
-        }
-      }
-    }
     if (tid != 0) return;
     int step = 0, q_loads = 0;
     for (int index = first_tile, iteration = 0; index < num_tiles; index += tile_stride, ++iteration) {
@@ -403,16 +342,7 @@ __global__ void __launch_bounds__(FwdSm90TmaKernel<T, kHeadDim, kWide, kPersiste
       uint32_t pa[kBlockN / 16][4];  // P of the previous step, the A operand of its P V
       // P of S (the raw q.k of step t) as the next P V's A operand; alpha: the rescale of O.
       // Dropout after the softmax has summed every probability: only the kept ones reach P V.
-      // CUFLASH_FWD_DROPOUT_EARLY: step t's verdicts into `early`, called between the step's
-      // wgmma issue and its wait (nothing to draw otherwise).
-      auto draw_early = [&](uint32_t (&early)[K::kDropoutWords], int t) {
-        if constexpr (kDropoutEarly) {
-          if (dropout)
-            dropout_keep_bits<false, kBlockN, true>(early, rng, tile.b, tile.h, sh.heads_q, row0,
-                                                    tile.block_of(t) * kBlockN, lane);
-        }
-      };
-      auto softmax_step = [&](auto& s, int t, float (&alpha)[2], const uint32_t (&early)[K::kDropoutWords]) {
+      auto softmax_step = [&](auto& s, int t, float (&alpha)[2]) {
         const int col0 = tile.block_of(t) * kBlockN;
         if constexpr (kFoldScale) {
           mask_scores(s, p.mask, tile.seq, row0, col0, lane);  // raw q.k, -inf where masked
@@ -430,23 +360,7 @@ __global__ void __launch_bounds__(FwdSm90TmaKernel<T, kHeadDim, kWide, kPersiste
           });
           softmax.exp_and_rescale_factor(s, alpha);
         }
-        if (dropout) {
-          if constexpr (kDropoutBits) {  // this lane's verdicts, as the producer's warps drew them
-            const int stage = stage_of(t);
-            mbarrier_wait(&dropout_full[stage], full_parity(t));
-            uint32_t words[K::kDropoutWords];
-#pragma unroll
-            for (int q = 0; q < K::kDropoutWords; ++q)
-              words[q] = ld_shared_u32(sDropout(stage) + ((tid - 128) * K::kDropoutWords + q) * 4);
-            __syncwarp();  // every lane's reads of the stage done before the release
-            if (lane == 0) mbarrier_arrive(&dropout_empty[stage]);
-            apply_dropout_bits(s, words, rng.keep_scale);
-          } else if constexpr (kDropoutEarly) {
-            apply_dropout_bits(s, early, rng.keep_scale);
-          } else {
-            apply_dropout(s, rng, tile.b, tile.h, sh.heads_q, row0, col0, lane);
-          }
-        }
+        if (dropout) apply_dropout(s, rng, tile.b, tile.h, sh.heads_q, row0, col0, lane);
       };
       auto to_pa = [&](const auto& s) {  // a WarpAcc of kBlockN columns, or of the left half (the rest of P 0)
         constexpr int kCols = std::remove_reference_t<decltype(s)>::kColumns;
@@ -484,12 +398,10 @@ __global__ void __launch_bounds__(FwdSm90TmaKernel<T, kHeadDim, kWide, kPersiste
           constexpr int kCols = std::remove_reference_t<decltype(s)>::kColumns;
           issue_qk<T, kHeadDim, kBlockM * 128, kCols, kBlockN>(s, opaque(desc_q), desc_k(stage_of(0)));
           your_turn();
-          uint32_t early[K::kDropoutWords];
-          draw_early(early, 0);
           wgmma_wait<0>();
           if (lane == 0) mbarrier_arrive(&k_empty[stage_of(0)]);  // this warp's wgmmas have read K
           float alpha[2];
-          softmax_step(s, 0, alpha, early);  // O is still 0: nothing to rescale
+          softmax_step(s, 0, alpha);  // O is still 0: nothing to rescale
           to_pa(s);
         };
         if constexpr (kHalfDiagonal) {
@@ -519,12 +431,10 @@ __global__ void __launch_bounds__(FwdSm90TmaKernel<T, kHeadDim, kWide, kPersiste
         issue_qk<T, kHeadDim, kBlockM * 128>(s, opaque(desc_q), desc_k(stage_of(t)));
         issue_pv<T, kHeadDim, kBlockN>(o, pa, desc_v(stage_of(t - 1)));
         your_turn();
-        uint32_t early[K::kDropoutWords];
-        draw_early(early, t);
         wgmma_wait<1>();  // S_t done; P_{t-1} V_{t-1} may still run
         if (lane == 0) mbarrier_arrive(&k_empty[stage_of(t)]);
         float alpha[2];
-        softmax_step(s, t, alpha, early);
+        softmax_step(s, t, alpha);
         wgmma_wait<0>();  // O and pa are free again
         if (lane == 0) mbarrier_arrive(&v_empty[stage_of(t - 1)]);
         OnlineSoftmax::rescale_rows(o, alpha);
