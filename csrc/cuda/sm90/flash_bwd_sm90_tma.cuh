@@ -29,6 +29,15 @@ namespace cuflash::sm90 {
 // The fused kernel's dQ parts (and so the dq_accum map's boxes): 64 query rows each.
 constexpr int kDqPartRows = 64;
 
+// Experiment (benchmarks/NOTES.md, "Two dQ drains"): =2, the ordered fused kernel's dQ adds go
+// out through two drain threads (warps 2 and 3 of the producer), each owning one of two buffers
+// a consumer and the steps whose parts use it, so that one step's wait for its turn and for its
+// adds to complete overlaps the next step's; where shared memory has room, not beside a staged
+// mask.
+#ifndef CUFLASH_BWD_DQ_DRAINS
+#define CUFLASH_BWD_DQ_DRAINS 1
+#endif
+
 // Packed sequences (cu_seqlens; CUFLASH_SM90's "bwdvarlen" part) on the dQ and dK/dV kernels of
 // head-dim buckets 64 and 128 (kMayPack), not on the head-dim-256 pair (head dim 256's fused kernel
 // takes them, flash_bwd_sm90_fused256.cuh). Their tensors are one batch
@@ -244,7 +253,10 @@ struct BwdDkvSm90TmaKernel {
   // Barriers: K/V full, then per stage full (TMA bytes + the stats warp) and empty (consumer
   // threads); kAccumDq: per consumer dq_full (its warps) and dq_empty (the drain warp); kPersistent:
   // K/V empty, and the tile ring's two full and two empty, and its two slots (32 bytes).
-  static constexpr int kBarriers = 1 + 2 * kStages + (kAccumDq ? 2 * kConsumers : 0) + (kPersistent ? 5 : 0);
+  // CUFLASH_BWD_DQ_DRAINS=2: the second buffer's barriers too (kDqBarrierSets).
+  static constexpr int kDqBarrierSets = kOrderedDq && CUFLASH_BWD_DQ_DRAINS == 2 ? 2 : 1;
+  static constexpr int kBarriers =
+      1 + 2 * kStages + (kAccumDq ? 2 * kConsumers * kDqBarrierSets : 0) + (kPersistent ? 5 : 0);
   static constexpr int kBarrierEnd = 2 * kKVBytes + 2 * kStages * kQBytes + kDsBytes + kDqBytes + kStatsBytes +
                                      kBarriers * 8 + (kPersistent ? 32 : 0);
   // + 1024: the swizzle atoms must start on 1024-byte boundaries; the base is aligned by hand.
@@ -259,6 +271,11 @@ struct BwdDkvSm90TmaKernel {
   static constexpr int kSmemBytesStagingMask = kMaskOffset + kStages * kMaskStageBytes + 1024;
   static constexpr bool kMayStageMask = kAccumDq && kWithDk && kWithDv && !kWideSteps &&
                                         kSmemBytesStagingMask <= 227 * 1024;
+  // CUFLASH_BWD_DQ_DRAINS=2: the kernels without a staged mask put the second drain's dQ parts
+  // where the staged mask's stages would be (head dim 128: 232,448 bytes of 232,448).
+  static constexpr int kSmemBytesTwoDq = kMaskOffset + kDqBytes + 1024;
+  static constexpr bool kTwoDqDrains = kDqBarrierSets == 2 && kSmemBytesTwoDq <= 227 * 1024;
+  static constexpr int kSmemBytesUnstaged = kTwoDqDrains ? kSmemBytesTwoDq : kSmemBytes;
   // The producer's loop (TMA coordinates per step, the stats warp's rows) spills at 24 registers;
   // the consumers can spare 8 but at head dim 128 (where ptxas would serialize the wgmmas).
   static constexpr int kProducerRegs = kHeadDim != 128 ? 40 : 24, kConsumerRegs = kHeadDim != 128 ? 232 : 240;
@@ -478,13 +495,19 @@ __global__ void __launch_bounds__(
   uint64_t* kv_full = reinterpret_cast<uint64_t*>(sDelta + kStages * kBlockM);
   uint64_t* full = kv_full + 1;
   uint64_t* empty = full + kStages;
-  uint64_t* dq_full = empty + kStages;           // kAccumDq
-  uint64_t* dq_empty = dq_full + K::kConsumers;  // kAccumDq
-  uint64_t* kv_empty = dq_empty + K::kConsumers;  // kPersistent: the epilogue's stores read K and V
+  uint64_t* dq_full = empty + kStages;                               // kAccumDq: [buffer][consumer]
+  uint64_t* dq_empty = dq_full + K::kConsumers * K::kDqBarrierSets;  // kAccumDq: [buffer][consumer]
+  uint64_t* kv_empty = dq_empty + K::kConsumers * K::kDqBarrierSets;  // kPersistent: the epilogue's stores read K and V
   uint64_t* tile_full = kv_empty + 1;             // kPersistent: [2] the tile ring's slots
   uint64_t* tile_empty = tile_full + 2;           // kPersistent: [2]
   int* tile_slot = reinterpret_cast<int*>(tile_empty + 2);  // kPersistent: [2][4]
   auto sMask = [&](int stage) { return smem + K::kMaskOffset + stage * K::kMaskStageBytes; };  // kStagedMask
+  // kAccumDq: the dQ parts' buffers, one a drain thread (CUFLASH_BWD_DQ_DRAINS): use u of a
+  // consumer's in buffer u % kDqBuffers, its barriers' phase (u / kDqBuffers) & 1, drained by
+  // drain thread u % kDqBuffers. A step's parts are all one use (dq_use), so one drain takes
+  // the step: its turn, adds and the turn's release.
+  constexpr int kDqBuffers = K::kTwoDqDrains && !kStagedMask ? 2 : 1;
+  auto dq_buffer = [&](int buffer) { return buffer == 0 ? sdQ : smem + K::kMaskOffset; };
 
   const AttentionShape& sh = p.shape;
   const int tid = threadIdx.x, warpgroup = warpgroup_index(), lane = tid % 32;
@@ -552,7 +575,7 @@ __global__ void __launch_bounds__(
       mbarrier_init(&empty[s], K::kConsumerThreads);  // every consumer thread
     }
     if constexpr (kAccumDq)
-      for (int c = 0; c < K::kConsumers; ++c) {
+      for (int c = 0; c < K::kConsumers * K::kDqBarrierSets; ++c) {
         mbarrier_init(&dq_full[c], 4);  // the consumer's warps
         mbarrier_init(&dq_empty[c], 1);
       }
@@ -560,7 +583,7 @@ __global__ void __launch_bounds__(
       mbarrier_init(kv_empty, K::kConsumers);  // each consumer's storing thread
       for (int s = 0; s < 2; ++s) {
         mbarrier_init(&tile_full[s], 1);
-        mbarrier_init(&tile_empty[s], 1 + 32 + K::kConsumerThreads);  // the drain thread, stats warp, consumers
+        mbarrier_init(&tile_empty[s], kDqBuffers + 32 + K::kConsumerThreads);  // the drains, stats warp, consumers
       }
     }
     fence_barrier_init();
@@ -571,28 +594,31 @@ __global__ void __launch_bounds__(
     setmaxnreg_dec<K::kProducerRegs>();
     const int warp = tid / 32;
     if constexpr (kAccumDq) {
-      if (warp == 2) {  // the dQ drain: each consumer's part added to dq_accum in L2 by TMA reduce
+      if (warp == 2 || (kDqBuffers == 2 && warp == 3)) {  // the dQ drains: each consumer's part added to dq_accum in L2 by TMA reduce
         if (lane == 0) {
+          const int drain = warp - 2;
           DkvTile tile;
-          constexpr bool kLateTurn = kOrderedDq && kHeadDim == 128;  // LateDqTurn's
+          constexpr bool kLateTurn = kOrderedDq && kHeadDim == 128 && kDqBuffers == 1;  // LateDqTurn's
           [[maybe_unused]] LateDqTurn late;
           for (int i = 0, g = 0; next_tile(i, kLane, &tile); ++i, g += tile.steps) {
             for (int step = 0; step < tile.steps; ++step) {
+              if (dq_use(g + step) % kDqBuffers != drain) continue;  // the other drain's step
               const int h = head_of(tile, step), block = block_of(tile, step);
               int* counter = nullptr;
               if constexpr (kOrderedDq) counter = wait_for_dq_turn<kBlockN, kBlockM>(p, mask, tile, h, block);
               for (int c = 0; c < K::kConsumers; ++c) {
                 if (!makes_dq(c, g + step)) continue;
-                mbarrier_wait(&dq_full[c], dq_use(g + step) & 1);
+                const int use = dq_use(g + step), buffer = use % kDqBuffers, slot = buffer * K::kConsumers + c;
+                mbarrier_wait(&dq_full[slot], (use / kDqBuffers) & 1);
                 const int col0 = K::kDqByColumns ? 64 * c : 0, row0 = K::kDqByRows ? 64 * c : 0;
                 // Rows past seqlen_q: dropped, or packed, zeros added to the next sequence's rows.
                 for (int panel = 0; panel < 2; ++panel)  // columns past head_dim: dropped
-                  tma_reduce_add_4d(&map_dq_accum, sdQ + c * K::kDqPartBytes + panel * K::kDqPanelBytes,
+                  tma_reduce_add_4d(&map_dq_accum, dq_buffer(buffer) + c * K::kDqPartBytes + panel * K::kDqPanelBytes,
                                     col0 + 32 * panel, box_row(tile.seq.q_row0, block * kBlockM + row0), h,
                                     box_batch(tile.b));
                 bulk_commit_group();
                 bulk_wait_group_read<0>();  // the part is read: the consumer may overwrite it
-                mbarrier_arrive(&dq_empty[c]);
+                mbarrier_arrive(&dq_empty[slot]);
               }
               if constexpr (kOrderedDq) {  // the step's adds done
                 constexpr int kGroupsPerStep = K::kDqEveryStep ? K::kConsumers : 1;  // makes_dq's parts
@@ -693,14 +719,15 @@ __global__ void __launch_bounds__(
         smem_desc_mn_major_sw128(sK, (col0 / 64) * kBlockN * 128, kBlockN * 128));
   };
   auto store_dq_part = [&](const WarpAcc<64>& dq, int part) {
-    const int use = dq_use(part);
-    if (use > 0) mbarrier_wait(&dq_empty[consumer], (use - 1) & 1);  // the drain read the last part
+    const int use = dq_use(part), buffer = use % kDqBuffers, slot = buffer * K::kConsumers + consumer;
+    if (use >= kDqBuffers)  // the drain read the buffer's last part
+      mbarrier_wait(&dq_empty[slot], (use / kDqBuffers - 1) & 1);
     // Ordered: the lane's base passes through an empty asm at each call, so that its sixteen
     // addresses are recomputed here (a few integer ops) rather than kept live across the loop
     // (ptxas spilled them, reloaded every step: ordered spills 208/312 -> 80/144 bytes at head
     // dim 128, 148/236 -> 56/120 at 64 wide, measured before the kernels were persistent and
     // their tile values uniform; the unordered kernels spill more that way).
-    uint32_t lane_base = smem_u32(sdQ + consumer * K::kDqPartBytes) + (warp_row % 64) * 128;
+    uint32_t lane_base = smem_u32(dq_buffer(buffer) + consumer * K::kDqPartBytes) + (warp_row % 64) * 128;
     int my_lane = lane;
     if constexpr (kOrderedDq) asm volatile("" : "+r"(lane_base), "+r"(my_lane));
 #pragma unroll
@@ -716,7 +743,7 @@ __global__ void __launch_bounds__(
       }
     fence_async_shared();  // the bulk reduce (async proxy) reads what these stores wrote
     __syncwarp();
-    if (lane == 0) mbarrier_arrive(&dq_full[consumer]);
+    if (lane == 0) mbarrier_arrive(&dq_full[slot]);
   };
   DkvTile tile;
   for (int i = 0, g = 0, kv_loads = 0; next_tile(i, kWarp, &tile); ++i, g += tile.steps) {
