@@ -375,8 +375,8 @@ bool launch_dkdv_ws(const FlashBwdParams& p, cudaStream_t stream, cudaError_t* e
       }
       return launch(sm90::flash_bwd_dkdv_sm90_tma_kernel<T, kHeadDim, kAccum, kWithDk, kWithDv, kWide, kOrdered,
                                                          kPacked, kFeatures>,
-                    grid, Ws::kThreads, Ws::kSmemBytesUnstaged, stream, p, maps.q, maps.dout, maps.k, maps.v, maps.dq_accum,
-                    maps.dk, maps.dv, map_mask, staging);
+                    grid, Ws::kThreads, Ws::kSmemBytesUnstaged, stream, p, maps.q, maps.dout, maps.k, maps.v,
+                    maps.dq_accum, maps.dk, maps.dv, map_mask, staging);
     });
     return true;
   };

@@ -594,7 +594,9 @@ __global__ void __launch_bounds__(
     setmaxnreg_dec<K::kProducerRegs>();
     const int warp = tid / 32;
     if constexpr (kAccumDq) {
-      if (warp == 2 || (kDqBuffers == 2 && warp == 3)) {  // the dQ drains: each consumer's part added to dq_accum in L2 by TMA reduce
+      // The dQ drains (warp 2's lane 0, and warp 3's with two): each consumer's part added to
+      // dq_accum in L2 by TMA reduce.
+      if (warp == 2 || (kDqBuffers == 2 && warp == 3)) {
         if (lane == 0) {
           const int drain = warp - 2;
           DkvTile tile;
