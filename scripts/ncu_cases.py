@@ -26,7 +26,7 @@ ops = torch.ops.cuflash_attn
 def profile_attention(which, b, h, n, d, causal, det, options):
     """One case but a decoding step: its pass inside the NVTX range "profiled" (options: a feature
     of bench_features.FEATURES, or several merged)."""
-    q, k, v, dout = (torch.randn(b, h, n, d, device="cuda", dtype=torch.bfloat16) for _ in range(4))
+    q, k, v = (torch.randn(b, h, n, d, device="cuda", dtype=torch.bfloat16) for _ in range(3))
     if which in ("fwd_bnhd", "fwd_packed"):  # rows H * D apart, as a packed tensor's
         q, k, v = (torch.randn(b, n, h, d, device="cuda", dtype=torch.bfloat16) for _ in range(3))
         packed = {}
@@ -46,6 +46,7 @@ def profile_attention(which, b, h, n, d, causal, det, options):
     if which in ("cudnn_fwd", "cudnn_bwd"):  # the peer on the same inputs (its kernels' names hold "sm90")
         from torch.nn.attention import SDPBackend, sdpa_kernel
         q, k, v = (t.requires_grad_(which == "cudnn_bwd") for t in (q, k, v))
+        dout = torch.randn_like(q)
         with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
             for profiled in (False, True):  # the first call plans and loads the kernels
                 if profiled and which == "cudnn_fwd":
@@ -66,13 +67,13 @@ def profile_attention(which, b, h, n, d, causal, det, options):
                     q.grad = k.grad = v.grad = None
         return
     q, k, v, kw = bench_features.op_call(q, k, v, causal, options)
-    dout = torch.randn_like(q)
     if which == "fwd":
         torch.cuda.nvtx.range_push("profiled")
     out, lse = ops.fwd(q, k, v, None, causal, False, deterministic=det, **kw)
     if which == "fwd":
         torch.cuda.nvtx.range_pop()
     else:
+        dout = torch.randn_like(q)
         torch.cuda.nvtx.range_push("profiled")
         ops.bwd(dout, q, k, v, out, lse, None, None, causal, False, deterministic=det, **kw)
         torch.cuda.nvtx.range_pop()
