@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One device call for a compile-time experiment: build as the tree is (A), benchmark; rebuild the
 # files named with an extra nvcc define (B, through nvcc's NVCC_APPEND_FLAGS), run the tests
-# named under it, benchmark again; then touch the files again and remove the extension, so that
+# named under it, benchmark again; then remove B's objects and the extension, so that
 # the next build is A (a later command of the same call runs scripts/setup.sh first).
 # Between the two, optionally the sanitizer over A.
 #   AB_DEFINE="-DSOME_KNOB=4"   the B build's extra flags (required; the source reads the macro,
@@ -134,8 +134,10 @@ if (( tests_ok )); then
   done
 fi
 # The next build is A again (and scripts that build only without an extension, e.g.
-# gpu_sm90_check.sh, build one).
-(( ${#files[@]} == 0 )) || touch -c "${files[@]}"
+# gpu_sm90_check.sh, build one): B's objects go, not just touched sources, since the device's
+# next call copies the tree anew with the sources' own older times (a verify after an A/B on the
+# same machine linked B's objects, forty-seventh session).
+for f in "${files[@]}"; do rm -f "build/temp."*"/${f%.*}.o"; done
 rm -f cuflash_attn/_C*.so
 for f in "$OUT"/bench_*.log; do grep -q '^wrote ' "$f" || { echo "== $f"; tail -n 8 "$f"; }; done  # failed runs
 for f in "$OUT"/*-[ab].md; do echo "== $f"; tail -n 16 "$f"; done
