@@ -4,9 +4,9 @@ their own. The staged route adds each score's bias by the same FFMA as the route
 mask from global memory (the part left out), so their outputs and logsumexps are equal bit for
 bit (test_attn_mask.py checks the defaults against the float64 reference): over float and bool masks, every broadcast TMA can
 stage (one row for all queries, per head, per batch), tiles at the sequence's edges, causal,
-softcap and ALiBi, and each head dim's features tile. CUFLASH_DEBUG's launch line shows the
-staging's shared memory where the mask is staged, and none where it cannot be (the keys not
-contiguous, rows TMA cannot address, head dim 128's wide tile).
+softcap and ALiBi, and each head dim's features tile. CUFLASH_DEBUG's launch line names the
+kernel's staged-mask instance (its last flag, kStagedMask) where the mask is staged, and the other
+where it cannot be (the keys not contiguous, rows TMA cannot address, head dim 128's wide tile).
 
 The "bwdmasktma" part (a default) stages them in the fused TMA backward too (flash_bwd_sm90_tma.cuh,
 kStagedMask: each step's mask tile with its Q and dO, read transposed by ldmatrix or a byte at a
@@ -23,17 +23,18 @@ from test_features import MASK_SHAPES, make_mask, make_options
 pytestmark = pytest.mark.skipif(not IS_SM90, reason="the TMA forward is sm_90a's")
 
 fwd = torch.ops.cuflash_attn.fwd
-LAUNCH = re.compile(r"cuflash_attn: .*flash_fwd_sm90_tma_kernel<.*, (\d+) bytes of shared memory")
-BWD_LAUNCH = re.compile(r"cuflash_attn: .*flash_bwd_dkdv_sm90_tma_kernel<.*, (\d+) bytes of shared memory")
+# Each kernel's last template flag is kStagedMask: its instance that stages the mask.
+LAUNCH = re.compile(r"cuflash_attn: .*flash_fwd_sm90_tma_kernel<[^>]*, (true|false)>")
+BWD_LAUNCH = re.compile(r"cuflash_attn: .*flash_bwd_dkdv_sm90_tma_kernel<[^>]*, (true|false)>")
 
 
-def launched_smem(launch, capfd, what, parts):
-    """The shared memory bytes of the one launch of the kernel `launch` matches since capfd was last read
-    (CUFLASH_DEBUG's launch lines)."""
+def launched_staged(launch, capfd, what, parts):
+    """Whether the one launch of the kernel `launch` matches since capfd was last read (CUFLASH_DEBUG's
+    launch lines) is its staged-mask instance."""
     torch.cuda.synchronize()
-    smem = [int(m.group(1)) for m in launch.finditer(capfd.readouterr().err)]
-    assert len(smem) == 1, f"one {what} launch expected under {parts}: {smem}"
-    return smem[0]
+    staged = [m.group(1) == "true" for m in launch.finditer(capfd.readouterr().err)]
+    assert len(staged) == 1, f"one {what} launch expected under {parts}: {staged}"
+    return staged[0]
 
 
 def random_inputs(batch, heads, heads_kv, nq, nk, d, dtype):
@@ -44,12 +45,12 @@ def random_inputs(batch, heads, heads_kv, nq, nk, d, dtype):
 
 
 def forward(parts, q, k, v, mask, monkeypatch, capfd, **options):
-    """(out, lse) under CUFLASH_SM90=parts, and the TMA forward's shared memory bytes (its one launch)."""
+    """(out, lse) under CUFLASH_SM90=parts, and whether the TMA forward's one launch staged the mask."""
     monkeypatch.setenv("CUFLASH_SM90", parts)
     monkeypatch.setenv("CUFLASH_DEBUG", "1")
     capfd.readouterr()
     out, lse = fwd(q, k, v, attn_mask=mask, **options)
-    return out, lse, launched_smem(LAUNCH, capfd, "TMA forward", parts)
+    return out, lse, launched_staged(LAUNCH, capfd, "TMA forward", parts)
 
 
 def every_mask(test):
@@ -78,10 +79,11 @@ def check_staged(batch, heads, nq, nk, d, dtype, mask, monkeypatch, capfd, stage
     q, k, v, _ = random_inputs(batch, heads, heads, nq, nk, d, dtype)
     options, _ = make_options(batch, heads, "cuda", causal=causal, **features)
     mask_before = mask.clone()
-    out, lse, smem = forward(sm90_parts_without("masktma"), q, k, v, mask, monkeypatch, capfd, **options)
-    out_staged, lse_staged, smem_staged = forward(SM90_DEFAULT_PARTS, q, k, v, mask, monkeypatch, capfd, **options)
+    out, lse, ran_staged = forward(sm90_parts_without("masktma"), q, k, v, mask, monkeypatch, capfd, **options)
+    out_staged, lse_staged, ran_staged_default = forward(SM90_DEFAULT_PARTS, q, k, v, mask, monkeypatch, capfd,
+                                                         **options)
     assert torch.equal(mask, mask_before)
-    assert (smem_staged > smem) == staged, (smem, smem_staged)
+    assert not ran_staged and ran_staged_default == staged
     assert torch.equal(out_staged, out), (out_staged - out).abs().max()
     assert torch.equal(lse_staged, lse)
     assert out.isfinite().any()
@@ -127,8 +129,8 @@ def test_masks_tma_cannot_stage(case, monkeypatch, capfd):
 
 
 def gradients(parts, q, k, v, mask, dout, monkeypatch, capfd, **options):
-    """(dq, dk, dv) under CUFLASH_SM90=parts with dQ's ordered adds, and the fused backward's shared
-    memory bytes (its one launch)."""
+    """(dq, dk, dv) under CUFLASH_SM90=parts with dQ's ordered adds, and whether the fused
+    backward's one launch staged the mask."""
     monkeypatch.setenv("CUFLASH_SM90", parts)
     monkeypatch.setenv("CUFLASH_BWD_DQ", "ordered")
     monkeypatch.setenv("CUFLASH_DEBUG", "1")
@@ -136,7 +138,7 @@ def gradients(parts, q, k, v, mask, dout, monkeypatch, capfd, **options):
     out, _ = fwd(*inputs, attn_mask=mask, **options)
     capfd.readouterr()
     grads = torch.autograd.grad(out, inputs, dout)
-    return grads, launched_smem(BWD_LAUNCH, capfd, "fused backward", parts)
+    return grads, launched_staged(BWD_LAUNCH, capfd, "fused backward", parts)
 
 
 def check_staged_backward(batch, heads, heads_kv, nq, nk, d, dtype, mask, monkeypatch, capfd, staged=True,
@@ -144,10 +146,12 @@ def check_staged_backward(batch, heads, heads_kv, nq, nk, d, dtype, mask, monkey
     q, k, v, dout = random_inputs(batch, heads, heads_kv, nq, nk, d, dtype)
     options, _ = make_options(batch, heads, "cuda", causal=causal, **features)
     mask_before = mask.clone()
-    grads, smem = gradients(sm90_parts_without("bwdmasktma"), q, k, v, mask, dout, monkeypatch, capfd, **options)
-    grads_staged, smem_staged = gradients(SM90_DEFAULT_PARTS, q, k, v, mask, dout, monkeypatch, capfd, **options)
+    grads, ran_staged = gradients(sm90_parts_without("bwdmasktma"), q, k, v, mask, dout, monkeypatch, capfd,
+                                  **options)
+    grads_staged, ran_staged_default = gradients(SM90_DEFAULT_PARTS, q, k, v, mask, dout, monkeypatch, capfd,
+                                                 **options)
     assert torch.equal(mask, mask_before)
-    assert (smem_staged > smem) == staged, (smem, smem_staged)
+    assert not ran_staged and ran_staged_default == staged
     for name, got, want in zip(("dq", "dk", "dv"), grads_staged, grads):
         assert torch.equal(got, want), (name, (got - want).abs().max())
     assert grads[0].isfinite().all() and grads[0].abs().sum() > 0

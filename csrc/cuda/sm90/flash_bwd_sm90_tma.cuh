@@ -29,15 +29,6 @@ namespace cuflash::sm90 {
 // The fused kernel's dQ parts (and so the dq_accum map's boxes): 64 query rows each.
 constexpr int kDqPartRows = 64;
 
-// Experiment (benchmarks/NOTES.md, "Two dQ drains"): =2, the ordered fused kernel's dQ adds go
-// out through two drain threads (warps 2 and 3 of the producer), each owning one of two buffers
-// a consumer and the steps whose parts use it, so that one step's wait for its turn and for its
-// adds to complete overlaps the next step's; where shared memory has room, not beside a staged
-// mask.
-#ifndef CUFLASH_BWD_DQ_DRAINS
-#define CUFLASH_BWD_DQ_DRAINS 1
-#endif
-
 // Packed sequences (cu_seqlens; CUFLASH_SM90's "bwdvarlen" part) on the dQ and dK/dV kernels of
 // head-dim buckets 64 and 128 (kMayPack), not on the head-dim-256 pair (head dim 256's fused kernel
 // takes them, flash_bwd_sm90_fused256.cuh). Their tensors are one batch
@@ -253,8 +244,8 @@ struct BwdDkvSm90TmaKernel {
   // Barriers: K/V full, then per stage full (TMA bytes + the stats warp) and empty (consumer
   // threads); kAccumDq: per consumer dq_full (its warps) and dq_empty (the drain warp); kPersistent:
   // K/V empty, and the tile ring's two full and two empty, and its two slots (32 bytes).
-  // CUFLASH_BWD_DQ_DRAINS=2: the second buffer's barriers too (kDqBarrierSets).
-  static constexpr int kDqBarrierSets = kOrderedDq && CUFLASH_BWD_DQ_DRAINS == 2 ? 2 : 1;
+  // Ordered: the second drain's buffer's barriers too (kDqBarrierSets; used where kTwoDqDrains).
+  static constexpr int kDqBarrierSets = kOrderedDq ? 2 : 1;
   static constexpr int kBarriers =
       1 + 2 * kStages + (kAccumDq ? 2 * kConsumers * kDqBarrierSets : 0) + (kPersistent ? 5 : 0);
   static constexpr int kBarrierEnd = 2 * kKVBytes + 2 * kStages * kQBytes + kDsBytes + kDqBytes + kStatsBytes +
@@ -271,8 +262,12 @@ struct BwdDkvSm90TmaKernel {
   static constexpr int kSmemBytesStagingMask = kMaskOffset + kStages * kMaskStageBytes + 1024;
   static constexpr bool kMayStageMask = kAccumDq && kWithDk && kWithDv && !kWideSteps &&
                                         kSmemBytesStagingMask <= 227 * 1024;
-  // CUFLASH_BWD_DQ_DRAINS=2: the kernels without a staged mask put the second drain's dQ parts
-  // where the staged mask's stages would be (head dim 128: 232,448 bytes of 232,448).
+  // Ordered dQ adds go out through two drain threads (warps 2 and 3 of the producer), each owning
+  // one of two buffers a consumer and the steps whose parts use it, so that one step's wait for
+  // its turn and for its adds to complete overlaps the next step's (H100, bf16: the deterministic
+  // backward +5-9% at head dim 128 and 2048-4096 keys, flat elsewhere; benchmarks/NOTES.md, "Two
+  // dQ drains"). Where shared memory has room, in the kernels without a staged mask: the second
+  // drain's dQ parts where the staged mask's stages would be (head dim 128: 232,448 bytes of 232,448).
   static constexpr int kSmemBytesTwoDq = kMaskOffset + kDqBytes + 1024;
   static constexpr bool kTwoDqDrains = kDqBarrierSets == 2 && kSmemBytesTwoDq <= 227 * 1024;
   static constexpr int kSmemBytesUnstaged = kTwoDqDrains ? kSmemBytesTwoDq : kSmemBytes;
@@ -502,7 +497,7 @@ __global__ void __launch_bounds__(
   uint64_t* tile_empty = tile_full + 2;           // kPersistent: [2]
   int* tile_slot = reinterpret_cast<int*>(tile_empty + 2);  // kPersistent: [2][4]
   auto sMask = [&](int stage) { return smem + K::kMaskOffset + stage * K::kMaskStageBytes; };  // kStagedMask
-  // kAccumDq: the dQ parts' buffers, one a drain thread (CUFLASH_BWD_DQ_DRAINS): use u of a
+  // kAccumDq: the dQ parts' buffers, one a drain thread (K::kTwoDqDrains): use u of a
   // consumer's in buffer u % kDqBuffers, its barriers' phase (u / kDqBuffers) & 1, drained by
   // drain thread u % kDqBuffers. A step's parts are all one use (dq_use), so one drain takes
   // the step: its turn, adds and the turn's release.
