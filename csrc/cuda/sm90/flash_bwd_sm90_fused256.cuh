@@ -26,6 +26,13 @@
 #ifndef CUFLASH_BWD256_DQ_BOUND
 #define CUFLASH_BWD256_DQ_BOUND 0
 #endif
+// Experiment (benchmarks/NOTES.md, "Head dim 256: two dQ drains"): =2, the ordered kernel's boxes
+// go out through two drain warps (the producer's warps 2 and 3), alternate steps each, handing
+// the ring over at each step's end, so that one step's wait for its adds to complete and the
+// turn's release overlap the next step's turn and boxes (head dims 64 and 128: kTwoDqDrains).
+#ifndef CUFLASH_BWD256_DQ_DRAINS
+#define CUFLASH_BWD256_DQ_DRAINS 1
+#endif
 namespace cuflash::sm90 {
 
 template <typename T, bool kOrderedDq>
@@ -53,9 +60,14 @@ struct BwdFused256Kernel {
   // barrier, not the slot's: with a box of slack, the other consumer could reach a slot's barrier
   // first and take the phase meant for this one (a first build raced so).
   static constexpr int kDqSlots = 3, kDqBoxesPerStep = 8;
+  // The drain warps (CUFLASH_BWD256_DQ_DRAINS, ordered only): two take alternate steps, drain d
+  // the ring once the other has read the step before's boxes (dq_handoff[d]).
+  static constexpr int kDqDrains = kOrderedDq && CUFLASH_BWD256_DQ_DRAINS == 2 ? 2 : 1;
+  static constexpr int kDqHandoffs = kDqDrains == 2 ? 2 : 0;
   static constexpr int kStatsBytes = kQStages * 2 * kBlockM * 4;  // lse2, delta per Q stage
-  // kv_full, kv_empty, q_full[2], q_empty[2], do_full, do_empty, tile_full[2], tile_empty[2].
-  static constexpr int kBarriers = 2 + 2 * kQStages + 2 + 4;
+  // kv_full, kv_empty, q_full[2], q_empty[2], do_full, do_empty, tile_full[2], tile_empty[2],
+  // dq_handoff[kDqHandoffs].
+  static constexpr int kBarriers = 2 + 2 * kQStages + 2 + 4 + kDqHandoffs;
   static constexpr int kSmemBytes = 2 * kKVBytes + (kQStages + 1) * kQBytes + 2 * kPdsBytes +
                                     kDqSlots * kDqBoxBytes + kStatsBytes + kBarriers * 8 + 32 + 1024;
   static constexpr int kProducerRegs = 24, kConsumerRegs = 240;
@@ -114,7 +126,8 @@ __global__ void __launch_bounds__(BwdFused256Kernel<T, kOrderedDq>::kThreads, 1)
   uint64_t* do_empty = do_full + 1;
   uint64_t* tile_full = do_empty + 1;  // [2]
   uint64_t* tile_empty = tile_full + 2;
-  int* tile_slot = reinterpret_cast<int*>(tile_empty + 2);
+  uint64_t* dq_handoff = tile_empty + 2;  // [kDqHandoffs]
+  int* tile_slot = reinterpret_cast<int*>(dq_handoff + K::kDqHandoffs);
 
   const AttentionShape& sh = p.shape;
   const int tid = threadIdx.x, warpgroup = warpgroup_index(), lane = tid % 32;
@@ -143,8 +156,9 @@ __global__ void __launch_bounds__(BwdFused256Kernel<T, kOrderedDq>::kThreads, 1)
     for (int s = 0; s < 2; ++s) {
       mbarrier_init(&tile_full[s], 1);
       // The stats and drain warps, the consumers.
-      mbarrier_init(&tile_empty[s], 32 + 32 + K::kConsumerThreads);
+      mbarrier_init(&tile_empty[s], 32 + 32 * K::kDqDrains + K::kConsumerThreads);
     }
+    for (int d = 0; d < K::kDqHandoffs; ++d) mbarrier_init(&dq_handoff[d], 1);  // the other drain's lane 0
     fence_barrier_init();
   }
   __syncthreads();
@@ -152,14 +166,26 @@ __global__ void __launch_bounds__(BwdFused256Kernel<T, kOrderedDq>::kThreads, 1)
   if (warpgroup == 0) {  // producer
     setmaxnreg_dec<K::kProducerRegs>();
     const int warp = tid / 32;
-    if (warp == 2) {  // the dQ drain, a whole warp (named barriers count warps): boxes to dq_accum
+    // The dQ drains, whole warps (named barriers count warps): boxes to dq_accum. With two, drain
+    // d takes the global steps gs with gs % 2 == d: its turn first, then the ring, once the other
+    // drain has read the step before's boxes (so that one drain warp at a time meets the ring's
+    // named barriers); it hands the ring back once its own boxes are read, then waits for their
+    // adds to complete and passes the turn while the other drain goes on.
+    if (warp == 2 || (K::kDqDrains == 2 && warp == 3)) {
+      const int drain = warp - 2;
       DkvTile tile;
       for (int i = 0, g = 0; ring.next(p, mask, i, Ring::kWarp, &tile); ++i, g += tile.steps) {
         for (int step = 0; step < tile.steps; ++step) {
+          const int gs = g + step;
+          if (gs % K::kDqDrains != drain) continue;  // the other drain's step
           const int h = tile.head(step, group), block = block_of(tile, step);
           int* counter = nullptr;
           if constexpr (kOrderedDq) {
             if (lane == 0) counter = wait_for_dq_turn<kBlockN, kBlockM>(p, mask, tile, h, block);
+            __syncwarp();
+          }
+          if constexpr (K::kDqDrains == 2) {
+            if (lane == 0 && gs > 0) mbarrier_wait(&dq_handoff[drain], ((gs - 1) / 2) & 1);
             __syncwarp();
           }
           // Box b of the step: consumer b % 2's box b / 2 (its slice b / 4, columns 32 ((b / 2) % 2)..).
@@ -191,6 +217,13 @@ __global__ void __launch_bounds__(BwdFused256Kernel<T, kOrderedDq>::kThreads, 1)
               else
                 tma_reduce_add_4d(&map_dq_accum, sdQ + slot * K::kDqBoxBytes, col, row, h, box_batch(tile.b));
               bulk_commit_group();
+            }
+            __syncwarp();
+          }
+          if constexpr (K::kDqDrains == 2) {  // the ring to the other drain, this step's boxes read
+            if (lane == 0) {
+              bulk_wait_group_read<0>();
+              mbarrier_arrive(&dq_handoff[1 - drain]);
             }
             __syncwarp();
           }
