@@ -265,7 +265,7 @@ struct BwdDkvSm90TmaKernel {
   // Ordered dQ adds go out through two drain threads (warps 2 and 3 of the producer), each owning
   // one of two buffers a consumer and the steps whose parts use it, so that one step's wait for
   // its turn and for its adds to complete overlaps the next step's (H100, bf16: the deterministic
-  // backward +5-9% at head dim 128 and 2048-4096 keys, flat elsewhere; benchmarks/NOTES.md, "Two
+  // backward +4.5-9% at head dim 128 and 2048-4096 keys, flat elsewhere; benchmarks/NOTES.md, "Two
   // dQ drains"). Where shared memory has room, in the kernels without a staged mask: the second
   // drain's dQ parts where the staged mask's stages would be (head dim 128: 232,448 bytes of 232,448).
   static constexpr int kSmemBytesTwoDq = kMaskOffset + kDqBytes + 1024;
