@@ -11,6 +11,8 @@
 #      subset, into <gpu>-<date>-layouts.json/.md (its bnhd / bhnd table: issue 6's 3%) ~120 s
 #   6. fp32: D 64,128 x N 1024,4096, non-causal; ours, efficient, math (flash and
 #      cuDNN refuse fp32)                                                             ~35 s
+#   7. whether each backward is bitwise reproducible (peer_determinism.py: ours, ours
+#      nondet, flash, cuDNN, efficient), into <gpu>-<date>-peer-determinism.md       ~20 s
 #   then the plots, the README table and the IO table printed (~15 s).
 # The estimates are the 2026-12-05 H100 run's times (build 79 s; step 5 then bnhd alone, 60 s,
 # doubled); the log prints each step's real time: correct them here after a run.
@@ -26,7 +28,7 @@ cd "$(dirname "$0")/.."
 START=$(date +%s)
 BUDGET=${GPU_BENCH_BUDGET_S:-540}
 RESERVE=25  # plots, tarball
-STEPS=${GPU_BENCH_STEPS:-1 2 3 4 5 6}
+STEPS=${GPU_BENCH_STEPS:-1 2 3 4 5 6 7}
 OUT=${OUT:-gpu_out}
 WORK=${GPU_BENCH_WORK:-/tmp/cuflash_gpu_bench}
 mkdir -p "$OUT"
@@ -82,6 +84,7 @@ step 5 bench_layouts 120 python3 benchmarks/bench_attention.py --out "$WORK" --t
   --layouts bhnd,bnhd --head-dims 64,128,256 --seqlens 1024,4096
 step 6 bench_fp32 35 $BENCH --dtypes fp32 --head-dims 64,128 --seqlens 1024,4096 --causal false \
   --impls cuflash_attn,sdpa_efficient,sdpa_math
+step 7 peer_determinism 20 python3 benchmarks/peer_determinism.py --out "$WORK/$LOGPREFIX-peer-determinism.md"
 
 RESULTS=$(ls "$WORK"/*.json 2>/dev/null | grep -E -- '-[0-9]{4}-[0-9]{2}-[0-9]{2}\.json$' | head -n 1)  # untagged
 if [ -n "$RESULTS" ]; then
