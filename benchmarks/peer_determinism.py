@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_attention import DTYPES, load_impls, parse_dtype, parse_impls  # noqa: E402
+from bench_attention import DTYPES, environment_of, first_line, load_impls, parse_dtype, parse_impls  # noqa: E402
 
 DEFAULT_IMPLS = "cuflash_attn,cuflash_attn_nondet,sdpa_flash,sdpa_cudnn,sdpa_efficient"
 DEFAULT_SHAPES = ("4,16,4096,128", "16,16,1024,64")
@@ -29,13 +29,18 @@ def gradients(fn, q, k, v, dout):
     return torch.autograd.grad(out, leaves, dout)
 
 
+def bits(t):
+    """t's bits as integers of its size (so that NaNs compare by their bits, and -0 with +0 not)."""
+    return t.view({1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[t.element_size()])
+
+
 def reproducibility(fn, q, k, v, dout, repeats):
     """{name: (bitwise equal in every repeat, max |difference| from the first run)} for dq, dk, dv."""
     first = gradients(fn, q, k, v, dout)
     result = {name: [True, 0.0] for name in ("dq", "dk", "dv")}
     for _ in range(repeats - 1):
         for name, want, got in zip(result, first, gradients(fn, q, k, v, dout)):
-            if not torch.equal(got, want):
+            if not torch.equal(bits(got), bits(want)):
                 result[name][0] = False
                 result[name][1] = max(result[name][1], (got.double() - want.double()).abs().max().item())
     return {name: tuple(value) for name, value in result.items()}
@@ -75,10 +80,11 @@ def main(argv=None):
                 cells = [make] * 3
             else:
                 try:
-                    found = reproducibility(make(args.causal), q, k, v, dout, args.repeats)
+                    with environment_of(name):  # a variant's run-time switches (name@VAR=value)
+                        found = reproducibility(make(args.causal), q, k, v, dout, args.repeats)
                     cells = ["bitwise" if same else f"differs (max {diff:.3g})" for same, diff in found.values()]
                 except Exception as e:  # a backend that does not take this shape or dtype
-                    cells = [f"error: {str(e).splitlines()[0][:80]}"] * 3
+                    cells = [f"error: {first_line(e)[:80]}"] * 3
             lines.append(f"| {shape} | {name} | " + " | ".join(cells) + " |")
             print(lines[-1], flush=True)
     table = "\n".join(lines) + "\n"

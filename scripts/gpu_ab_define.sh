@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # One device call for a compile-time experiment: build as the tree is (A), benchmark; rebuild the
 # files named with an extra nvcc define (B, through nvcc's NVCC_APPEND_FLAGS), run the tests
-# named under it, benchmark again; then remove B's objects and the extension, so that
-# the next build is A (a later command of the same call runs scripts/setup.sh first).
+# named under it, benchmark again; B's objects and the extension are removed when it ends, so
+# that the next build is A (a later command of the same call runs scripts/setup.sh first).
 # Between the two, optionally the sanitizer over A.
 #   AB_DEFINE="-DSOME_KNOB=4"   the B build's extra flags (required; the source reads the macro,
 #                        its default defined under #ifndef)
@@ -54,7 +54,17 @@ else
   shopt -u nullglob
   (( ${#files[@]} > 0 )) || { echo "AB_FILES=$AB_FILES matches no file" >&2; exit 2; }
 fi
-# The device may keep an earlier call's objects: the files are touched so that A is built as is.
+# The device may keep an earlier call's objects, and its next call copies the tree anew with the
+# sources' own older times, so a touch would not outlive the call: B's objects are deleted before
+# each build and whenever the script ends (a verify after an A/B on the same machine linked B's
+# objects, forty-seventh session). setup.sh compiles each source to build/temp.*/<source>.o.
+drop_objects() {
+  local f
+  for f in "${files[@]}"; do rm -f "build/temp."*"/$(realpath --relative-to=. "$f" | sed 's/\.[^.]*$//').o"; done
+}
+# The next build is A again (and scripts that build only without an extension, e.g.
+# gpu_sm90_check.sh, build one), however the script ends.
+trap 'drop_objects; rm -f cuflash_attn/_C*.so' EXIT
 build() {  # build NAME [extra nvcc flags]
   local start
   start=$(date +%s)
@@ -65,7 +75,7 @@ build() {  # build NAME [extra nvcc flags]
     (( ${#built[@]} == 1 )) && [ -f "${built[0]}" ] && cp "${built[0]}" cuflash_attn/ \
       || { echo "AB_TREE's build left ${#built[@]} extension files: ${built[*]}" >&2; archive_logs; exit 1; }
   else
-    (( ${#files[@]} == 0 )) || touch -c "${files[@]}"
+    drop_objects
     NVCC_APPEND_FLAGS="${NVCC_APPEND_FLAGS:+$NVCC_APPEND_FLAGS }${2-}" bash scripts/setup.sh > "$OUT/build_$1.log" 2>&1 \
       || { tail -n 40 "$OUT/build_$1.log"; archive_logs; exit 1; }
   fi
@@ -133,12 +143,6 @@ if (( tests_ok )); then
       || status=1
   done
 fi
-# The next build is A again (and scripts that build only without an extension, e.g.
-# gpu_sm90_check.sh, build one): B's objects go, not just touched sources, since the device's
-# next call copies the tree anew with the sources' own older times (a verify after an A/B on the
-# same machine linked B's objects, forty-seventh session).
-for f in "${files[@]}"; do rm -f "build/temp."*"/${f%.*}.o"; done
-rm -f cuflash_attn/_C*.so
 for f in "$OUT"/bench_*.log; do grep -q '^wrote ' "$f" || { echo "== $f"; tail -n 8 "$f"; }; done  # failed runs
 for f in "$OUT"/*-[ab].md; do echo "== $f"; tail -n 16 "$f"; done
 # The runs' own tables travel in the archive: the device brings back at most 8 files.

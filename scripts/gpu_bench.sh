@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # One device call for the benchmark results (bash scripts/gpu_bench.sh): builds if needed
-# (sm_90a, head dims 64,128,256), then runs, in this order, each step whose estimate fits in
+# (sm_90a, head dims 64,128,256), then runs, in this order (step 7 right after step 1: it is
+# cheap, and a fresh machine's budget would skip it at the end), each step whose estimate fits in
 # what is left of the budget (step 1 always runs):
 #   1. bf16 standard table, [B, H, N, D]: all of PERF.md's shapes, every SDPA peer,
 #      ours with deterministic=False too, three interleaved rounds                    ~170 s
@@ -14,7 +15,7 @@
 #   7. whether each backward is bitwise reproducible (peer_determinism.py: ours, ours
 #      nondet, flash, cuDNN, efficient), into <gpu>-<date>-peer-determinism.md       ~20 s
 #   then the plots, the README table and the IO table printed (~15 s).
-# The estimates are the 2026-12-05 H100 run's times (build 79 s; step 5 then bnhd alone, 60 s,
+# The estimates are the 2026-12-05 H100 run's times (step 7's a guess, not yet run; build 79 s; step 5 then bnhd alone, 60 s,
 # doubled); the log prints each step's real time: correct them here after a run.
 # Tables go into one <gpu>-<date>.json/.md (bench_attention.py --merge), the IO analysis into
 # <gpu>-<date>-io.json/.md, logs into logs/<gpu>-<date>-<step>.log. $OUT gets results.tar.gz
@@ -77,6 +78,7 @@ fi
 
 BENCH="python3 benchmarks/bench_attention.py --out $WORK --merge"
 step 1 bench_bf16 170 $BENCH --dtypes bf16
+step 7 peer_determinism 20 python3 benchmarks/peer_determinism.py --out "$WORK/$LOGPREFIX-peer-determinism.md"
 step 2 memory 25 $BENCH --memory
 step 3 io 30 python3 benchmarks/analyze_io.py --measure --out "$WORK" --timeout 240
 step 4 bench_fp16 75 $BENCH --dtypes fp16 --head-dims 64,128,256 --seqlens 1024,4096
@@ -84,7 +86,6 @@ step 5 bench_layouts 120 python3 benchmarks/bench_attention.py --out "$WORK" --t
   --layouts bhnd,bnhd --head-dims 64,128,256 --seqlens 1024,4096
 step 6 bench_fp32 35 $BENCH --dtypes fp32 --head-dims 64,128 --seqlens 1024,4096 --causal false \
   --impls cuflash_attn,sdpa_efficient,sdpa_math
-step 7 peer_determinism 20 python3 benchmarks/peer_determinism.py --out "$WORK/$LOGPREFIX-peer-determinism.md"
 
 RESULTS=$(ls "$WORK"/*.json 2>/dev/null | grep -E -- '-[0-9]{4}-[0-9]{2}-[0-9]{2}\.json$' | head -n 1)  # untagged
 if [ -n "$RESULTS" ]; then

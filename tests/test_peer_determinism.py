@@ -47,3 +47,9 @@ def test_table_on_the_cpu(tmp_path, capsys):
 def test_bad_arguments_are_refused(argv):
     with pytest.raises(SystemExit):
         peer_determinism.main(["--device", "cpu", *argv])
+
+
+def test_bits_compare_nans_alike_and_zeros_apart():
+    nan = torch.tensor([float("nan"), 0.0], dtype=torch.bfloat16)
+    assert torch.equal(peer_determinism.bits(nan), peer_determinism.bits(nan.clone()))
+    assert not torch.equal(peer_determinism.bits(torch.tensor([0.0])), peer_determinism.bits(torch.tensor([-0.0])))

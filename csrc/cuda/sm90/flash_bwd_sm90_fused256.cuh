@@ -195,7 +195,9 @@ __global__ void __launch_bounds__(BwdFused256Kernel<T, kOrderedDq>::kThreads, 1)
             // Free the slot of the next box (the one two before it read; only the box before
             // this one may still be in flight), for that box's consumer, (b + 1) % 2: every
             // signal has its wait, so none after the tile's last box. A tile's first box waits
-            // for every read of its slot's box three before.
+            // for every read of its slot's box three before. With two drains the boxes before
+            // this step's are the other drain's, read before its hand-over (below), which these
+            // waits of this drain's own groups rely on.
             const int in_tile = K::kDqBoxesPerStep * step + b;  // this box's index in the tile
             if (in_tile == 0) {
               if (lane == 0) bulk_wait_group_read<K::kDqSlots - 1>();

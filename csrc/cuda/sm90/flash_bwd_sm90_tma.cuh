@@ -244,7 +244,8 @@ struct BwdDkvSm90TmaKernel {
   // Barriers: K/V full, then per stage full (TMA bytes + the stats warp) and empty (consumer
   // threads); kAccumDq: per consumer dq_full (its warps) and dq_empty (the drain warp); kPersistent:
   // K/V empty, and the tile ring's two full and two empty, and its two slots (32 bytes).
-  // Ordered: the second drain's buffer's barriers too (kDqBarrierSets; used where kTwoDqDrains).
+  // Ordered: the second drain's buffer's barriers too (kDqBarrierSets; used where two drains run:
+  // kTwoDqDrains, no staged mask).
   static constexpr int kDqBarrierSets = kOrderedDq ? 2 : 1;
   static constexpr int kBarriers =
       1 + 2 * kStages + (kAccumDq ? 2 * kConsumers * kDqBarrierSets : 0) + (kPersistent ? 5 : 0);
@@ -382,9 +383,10 @@ __device__ __forceinline__ void pass_dq_turn(int* counter) {
   fence_async_global();
   add_release_gpu(counter, 1);
 }
-// The drain thread's turns passed a step late (head dim 128's ordered drain only. H100, bf16: its
-// deterministic backward +3-4% at 512 and 1024 keys without a mask, flat elsewhere; at head dim 64
-// mixed, and 4-17% slower in head dim 256's drain; benchmarks/NOTES.md): a step's turn once
+// The drain thread's turns passed a step late (head dim 128's ordered drain where it is one
+// thread: now the staged-mask kernel's only. H100, bf16, measured on the one-drain plain kernel:
+// its deterministic backward +3-4% at 512 and 1024 keys without a mask, flat elsewhere; at head dim
+// 64 mixed, and 4-17% slower in head dim 256's drain; benchmarks/NOTES.md): a step's turn once
 // the next step's adds (kGroupsPerStep bulk groups) are issued too, so that the wait for a step's
 // adds to complete overlaps the next step's turn and adds, not precedes them. Still after they
 // complete, so the order of the adds is unchanged. Within a tile only (tile_done at its end):
