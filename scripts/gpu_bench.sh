@@ -15,8 +15,9 @@
 #   7. whether each backward is bitwise reproducible (peer_determinism.py: ours, ours
 #      nondet, flash, cuDNN, efficient), into <gpu>-<date>-peer-determinism.md       ~20 s
 #   then the plots, the README table and the IO table printed (~15 s).
-# The estimates are the 2026-12-05 H100 run's times (step 7's a guess, not yet run; build 79 s; step 5 then bnhd alone, 60 s,
-# doubled); the log prints each step's real time: correct them here after a run.
+# The estimates are the 2026-12-05 H100 run's times (build 79 s; step 5 then bnhd alone, 60 s,
+# doubled; step 7's a guess, not yet run); the log prints each step's real time: correct them
+# here after a run.
 # Tables go into one <gpu>-<date>.json/.md (bench_attention.py --merge), the IO analysis into
 # <gpu>-<date>-io.json/.md, logs into logs/<gpu>-<date>-<step>.log. $OUT gets results.tar.gz
 # (refreshed after every step, so a run stopped at the time limit returns what finished), the
