@@ -278,14 +278,14 @@ struct BwdDkvSm90TmaKernel {
   // backward +4.5-9% at head dim 128 and 2048-4096 keys, flat elsewhere; benchmarks/NOTES.md, "Two
   // dQ drains"). Where shared memory has room, in the kernels without a staged mask: the second
   // drain's dQ parts where the staged mask's stages would be (head dim 128: 232,448 bytes of 232,448).
-  static constexpr int kSmemBytesTwoDq = kMaskOffset + kDqBytes + 1024;
+  // CUFLASH_BWD_DQ_ALIGNED_BASE: also where they fit only without the alignment's 1024 bytes.
+  static constexpr int kSmemBytesTwoDqAligned = kMaskOffset + kDqBytes, kSmemBytesTwoDq = kSmemBytesTwoDqAligned + 1024;
   static constexpr bool kTwoDqWithSlack = kDqBarrierSets == 2 && kSmemBytesTwoDq <= 227 * 1024;
-  // CUFLASH_BWD_DQ_ALIGNED_BASE: where they fit only without the alignment's 1024 bytes.
-  static constexpr bool kTwoDqOnAlignedBase =
-      CUFLASH_BWD_DQ_ALIGNED_BASE && kDqBarrierSets == 2 && !kTwoDqWithSlack && kSmemBytesTwoDq - 1024 <= 227 * 1024;
+  static constexpr bool kTwoDqOnAlignedBase = CUFLASH_BWD_DQ_ALIGNED_BASE && kDqBarrierSets == 2 && !kTwoDqWithSlack &&
+                                              kSmemBytesTwoDqAligned <= 227 * 1024;
   static constexpr bool kTwoDqDrains = kTwoDqWithSlack || kTwoDqOnAlignedBase;
   static constexpr int kSmemBytesUnstaged = kTwoDqWithSlack       ? kSmemBytesTwoDq
-                                            : kTwoDqOnAlignedBase ? kSmemBytesTwoDq - 1024
+                                            : kTwoDqOnAlignedBase ? kSmemBytesTwoDqAligned
                                                                   : kSmemBytes;
   // The producer's loop (TMA coordinates per step, the stats warp's rows) spills at 24 registers;
   // the consumers can spare 8 but at head dim 128 (where ptxas would serialize the wgmmas).
