@@ -16,7 +16,7 @@
 #      nondet, flash, cuDNN, efficient), into <gpu>-<date>-peer-determinism.md       ~20 s
 #   then the plots, the README table and the IO table printed (~15 s).
 # The estimates are the 2026-12-05 H100 run's times (build 79 s; step 5 then bnhd alone, 60 s,
-# doubled; step 7's a guess, not yet run); the log prints each step's real time: correct them
+# doubled; step 7 took 9 s on an H200, 2026-12-06); the log prints each step's real time: correct them
 # here after a run.
 # Tables go into one <gpu>-<date>.json/.md (bench_attention.py --merge), the IO analysis into
 # <gpu>-<date>-io.json/.md, logs into logs/<gpu>-<date>-<step>.log. $OUT gets results.tar.gz
