@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
 """A model of the head-dim-256 fused backward's dQ box ring (flash_bwd_sm90_fused256.cuh), with
-one drain warp or two (CUFLASH_BWD256_DQ_DRAINS=2), run under random interleavings (no GPU).
+one drain warp or two (the ordered kernel's), run under random interleavings (no GPU).
 
     python3 benchmarks/model_dq_ring256.py [--drains 1|2] [--runs 3000]
 

@@ -26,13 +26,6 @@
 #ifndef CUFLASH_BWD256_DQ_BOUND
 #define CUFLASH_BWD256_DQ_BOUND 0
 #endif
-// Experiment (benchmarks/NOTES.md, "Head dim 256: two dQ drains"): =2, the ordered kernel's boxes
-// go out through two drain warps (the producer's warps 2 and 3), alternate steps each, handing
-// the ring over at each step's end, so that one step's wait for its adds to complete and the
-// turn's release overlap the next step's turn and boxes (head dims 64 and 128: kTwoDqDrains).
-#ifndef CUFLASH_BWD256_DQ_DRAINS
-#define CUFLASH_BWD256_DQ_DRAINS 1
-#endif
 namespace cuflash::sm90 {
 
 template <typename T, bool kOrderedDq>
@@ -60,9 +53,13 @@ struct BwdFused256Kernel {
   // barrier, not the slot's: with a box of slack, the other consumer could reach a slot's barrier
   // first and take the phase meant for this one (a first build raced so).
   static constexpr int kDqSlots = 3, kDqBoxesPerStep = 8;
-  // The drain warps (CUFLASH_BWD256_DQ_DRAINS, ordered only): two take alternate steps, drain d
-  // the ring once the other has read the step before's boxes (dq_handoff[d]).
-  static constexpr int kDqDrains = kOrderedDq && CUFLASH_BWD256_DQ_DRAINS == 2 ? 2 : 1;
+  // The ordered kernel's boxes go out through two drain warps (the producer's warps 2 and 3),
+  // alternate steps each: drain d takes the ring once the other has read the step before's boxes
+  // (dq_handoff[d]), so that one step's wait for its adds to complete and the turn's release
+  // overlap the next step's turn and boxes (H100, bf16: the deterministic backward +4-10% from
+  // 512 keys; benchmarks/NOTES.md, "Head dim 256: two dQ drains"; head dims 64 and 128:
+  // kTwoDqDrains). The unordered kernel keeps one.
+  static constexpr int kDqDrains = kOrderedDq ? 2 : 1;
   static constexpr int kDqHandoffs = kDqDrains == 2 ? 2 : 0;
   static constexpr int kStatsBytes = kQStages * 2 * kBlockM * 4;  // lse2, delta per Q stage
   // kv_full, kv_empty, q_full[2], q_empty[2], do_full, do_empty, tile_full[2], tile_empty[2],

@@ -29,15 +29,6 @@ namespace cuflash::sm90 {
 // The fused kernel's dQ parts (and so the dq_accum map's boxes): 64 query rows each.
 constexpr int kDqPartRows = 64;
 
-// Experiment (benchmarks/NOTES.md, "Head dim 64's wide steps: two drains on an aligned base"):
-// =1, the ordered kernels whose second dQ buffers fit only without the 1024 bytes kept for
-// aligning the dynamic shared memory's base by hand (head dim 64's 128-query steps: then 232,448
-// bytes of 232,448) take them and the second drain, relying on the base being 1024-aligned as
-// it is on Hopper (a trap where it is not).
-#ifndef CUFLASH_BWD_DQ_ALIGNED_BASE
-#define CUFLASH_BWD_DQ_ALIGNED_BASE 0
-#endif
-
 // Packed sequences (cu_seqlens; CUFLASH_SM90's "bwdvarlen" part) on the dQ and dK/dV kernels of
 // head-dim buckets 64 and 128 (kMayPack), not on the head-dim-256 pair (head dim 256's fused kernel
 // takes them, flash_bwd_sm90_fused256.cuh). Their tensors are one batch
@@ -278,15 +269,11 @@ struct BwdDkvSm90TmaKernel {
   // backward +4.5-9% at head dim 128 and 2048-4096 keys, flat elsewhere; benchmarks/NOTES.md, "Two
   // dQ drains"). Where shared memory has room, in the kernels without a staged mask: the second
   // drain's dQ parts where the staged mask's stages would be (head dim 128: 232,448 bytes of 232,448).
-  // CUFLASH_BWD_DQ_ALIGNED_BASE: also where they fit only without the alignment's 1024 bytes.
-  static constexpr int kSmemBytesTwoDqAligned = kMaskOffset + kDqBytes, kSmemBytesTwoDq = kSmemBytesTwoDqAligned + 1024;
-  static constexpr bool kTwoDqWithSlack = kDqBarrierSets == 2 && kSmemBytesTwoDq <= 227 * 1024;
-  static constexpr bool kTwoDqOnAlignedBase = CUFLASH_BWD_DQ_ALIGNED_BASE && kDqBarrierSets == 2 && !kTwoDqWithSlack &&
-                                              kSmemBytesTwoDqAligned <= 227 * 1024;
-  static constexpr bool kTwoDqDrains = kTwoDqWithSlack || kTwoDqOnAlignedBase;
-  static constexpr int kSmemBytesUnstaged = kTwoDqWithSlack       ? kSmemBytesTwoDq
-                                            : kTwoDqOnAlignedBase ? kSmemBytesTwoDqAligned
-                                                                  : kSmemBytes;
+  // (Head dim 64's 128-query steps fit them only on the base's alignment bytes: measured there,
+  // no gain; benchmarks/NOTES.md, "two drains on an aligned base".)
+  static constexpr int kSmemBytesTwoDq = kMaskOffset + kDqBytes + 1024;
+  static constexpr bool kTwoDqDrains = kDqBarrierSets == 2 && kSmemBytesTwoDq <= 227 * 1024;
+  static constexpr int kSmemBytesUnstaged = kTwoDqDrains ? kSmemBytesTwoDq : kSmemBytes;
   // The producer's loop (TMA coordinates per step, the stats warp's rows) spills at 24 registers;
   // the consumers can spare 8 but at head dim 128 (where ptxas would serialize the wgmmas).
   static constexpr int kProducerRegs = kHeadDim != 128 ? 40 : 24, kConsumerRegs = kHeadDim != 128 ? 232 : 240;
@@ -496,8 +483,6 @@ __global__ void __launch_bounds__(
   constexpr bool kPersistent = K::kPersistent;
   extern __shared__ char smem_raw[];
   unsigned char* smem = align_1024(smem_raw);
-  if constexpr (K::kTwoDqOnAlignedBase && !kStagedMask)  // its launch kept no bytes for aligning the base
-    if (smem != reinterpret_cast<unsigned char*>(smem_raw)) __trap();
   unsigned char* sK = smem;
   unsigned char* sV = smem + K::kKVBytes;
   auto sQ = [&](int stage) { return smem + 2 * K::kKVBytes + stage * K::kQBytes; };
