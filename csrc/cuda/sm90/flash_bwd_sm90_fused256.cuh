@@ -56,9 +56,9 @@ struct BwdFused256Kernel {
   // The ordered kernel's boxes go out through two drain warps (the producer's warps 2 and 3),
   // alternate steps each: drain d takes the ring once the other has read the step before's boxes
   // (dq_handoff[d]), so that one step's wait for its adds to complete and the turn's release
-  // overlap the next step's turn and boxes (H100, bf16: the deterministic backward +4-10% from
-  // 512 keys; benchmarks/NOTES.md, "Head dim 256: two dQ drains"; head dims 64 and 128:
-  // kTwoDqDrains). The unordered kernel keeps one.
+  // overlap the next step's turn and boxes (H100, bf16: the deterministic backward +4-10% at
+  // 512-4096 keys, causal 512 +1%; benchmarks/NOTES.md, "Head dim 256: two dQ drains"; head dims
+  // 64 and 128: kTwoDqDrains). The unordered kernel keeps one.
   static constexpr int kDqDrains = kOrderedDq ? 2 : 1;
   static constexpr int kDqHandoffs = kDqDrains == 2 ? 2 : 0;
   static constexpr int kStatsBytes = kQStages * 2 * kBlockM * 4;  // lse2, delta per Q stage
