@@ -558,6 +558,45 @@ def test_scores_straddling_2_to_the_8(dtype, d):
     check_against_reference(out, lse, q, k, v, scale, lse_rtol=1e-5)
 
 
+def rising_max_inputs(dtype, d, n=1000, group=64):
+    """q, k, v (CUDA, dtype, [1, 2, n, d]) whose scores (times the default scale and log2 e) rise
+    towards the first keys by 64-key groups: by 10 at the second, third and sixth group from the
+    end, by 0.75 at each other one (7.5 over the ten after the sixth). The kernels take key blocks
+    last first, so a row's max passes the one it kept by more than 8 (log2 units) at some steps
+    and by less at others (where a lazy rescale keeps the max, the later groups' p grow to about
+    2^7.5), and the output weighs the first few groups. In every 32 rows the second 16 are
+    alternately flat (noise only) and rising: a warp whose rows disagree on the rescale."""
+    torch.manual_seed(0)
+    groups_from_end = (n - 1 - torch.arange(n)) // group
+    jumps = torch.full((n // group + 1,), 0.75, dtype=torch.float64)
+    jumps[0] = 0.0
+    jumps[[1, 2, 5]] = 10.0
+    rise = torch.cumsum(jumps, 0)[groups_from_end]
+    i = torch.arange(n)
+    gain = torch.where(i % 32 < 16, 1.0, (i % 2).double())
+    unit = torch.ones(d, dtype=torch.float64) / d**0.5
+    to_log2 = math.log2(math.e) / math.sqrt(d)  # the default scale times log2 e
+    q = (gain / to_log2)[:, None] * unit + 0.05 * torch.randn(1, 2, n, d, dtype=torch.float64)
+    k = rise[:, None] * unit + 0.3 * torch.randn(1, 2, n, d, dtype=torch.float64)
+    v = torch.randn(1, 2, n, d, dtype=torch.float64)
+    return tuple(t.to("cuda", dtype).contiguous() for t in (q, k, v))
+
+
+@pytest.mark.parametrize("dtype", LOW_PRECISION, ids=LOW_PRECISION_IDS)
+@pytest.mark.parametrize("d", [64, 128, 256])
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("features", [False, True], ids=["plain", "zero_attn_mask"])
+def test_row_max_rising_across_steps(dtype, d, causal, features):
+    """Rows whose max rises step after step by more and by less than a lazy rescale's threshold
+    (rising_max_inputs): every step's P V weighed against the max the row's sums are kept
+    against. With a float attn_mask of zeros (the same scores) on the features kernel."""
+    q, k, v = rising_max_inputs(dtype, d)
+    scale = 1 / math.sqrt(d)
+    mask = torch.zeros(q.shape[2], k.shape[2], device="cuda", dtype=dtype) if features else None
+    out, lse = torch.ops.cuflash_attn.fwd(q, k, v, scale, causal, attn_mask=mask)
+    check_against_reference(out, lse, q, k, v, scale, causal=causal)
+
+
 @pytest.mark.parametrize("d", [64, 128])
 def test_negative_scale_split_kv(d):
     """A negative scale on split-KV (a few queries over many keys): whichever kernel takes it

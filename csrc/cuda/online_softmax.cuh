@@ -2,12 +2,23 @@
 // running max in the scaled log2 domain and a thread-partial running sum (the quad's four
 // partial sums are added once, at the end, since every rescale is uniform across the quad).
 #pragma once
+// Experiment (an A/B build's define; benchmarks/NOTES.md): the TMA forward's rows keep their
+// running max until a step's scores pass it by more than kLazyRescaleLog2 (FlashAttention-4's
+// conditional rescaling), so that most steps leave O as it is and a warp whose rows all kept
+// theirs skips the rescale of O after its P V (rescale_rows). P then reaches 2^8, which 16-bit
+// P, the float sums and O hold with the same relative precision; the logsumexp is taken from the
+// max the sums were kept against.
+#ifndef CUFLASH_FWD_LAZY_RESCALE
+#define CUFLASH_FWD_LAZY_RESCALE 0
+#endif
 #include <math.h>
 #include "mma_sm80.cuh"
 
 namespace cuflash {
 
 struct OnlineSoftmax {
+  static constexpr bool kLazy = CUFLASH_FWD_LAZY_RESCALE != 0;
+  static constexpr float kLazyRescaleLog2 = 8.f;
   float row_max[2] = {-INFINITY, -INFINITY};
   float row_sum[2] = {0.f, 0.f};
 
@@ -21,7 +32,7 @@ struct OnlineSoftmax {
   // still accumulates into o (an asynchronous P V) is done.
   template <int kN>
   __device__ __forceinline__ void exp_and_rescale_factor(WarpAcc<kN>& s, float (&alpha)[2]) {
-    exp_rows<false>(s, alpha, static_cast<WarpAcc<8>*>(nullptr));
+    exp_rows<false, kLazy>(s, alpha, static_cast<WarpAcc<8>*>(nullptr));
   }
   // The same from raw q.k (masked ones -inf) and a positive scale_log2 folded into the
   // exponent's argument: p = exp2(fma(s, scale_log2, -max)), one FFMA a score where exp_rows
@@ -39,7 +50,7 @@ struct OnlineSoftmax {
     bool moderate = true;
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
-      base[r] = advance_max(r, fmaxf(row_max[r], row_max_of(s, r, -INFINITY) * scale_log2), alpha[r]);
+      base[r] = advance_max<kLazy>(r, fmaxf(row_max[r], row_max_of(s, r, -INFINITY) * scale_log2), alpha[r]);
       moderate = moderate && fabsf(base[r]) < 0x1p8f;
     }
     if (__all_sync(0xffffffffu, moderate)) {
@@ -52,8 +63,10 @@ struct OnlineSoftmax {
         exp_and_sum_row(s, r, alpha[r], [&](float x) { return fast_exp2(__fmul_rn(x, scale_log2) - base[r]); });
     }
   }
+  // Lazy (kLazy), the warp's rows all kept their max (alpha 1) at most steps: the warp skips it.
   template <int kD>
   __device__ __forceinline__ static void rescale_rows(WarpAcc<kD>& o, const float (&alpha)[2]) {
+    if (kLazy && !__any_sync(0xffffffffu, alpha[0] != 1.f || alpha[1] != 1.f)) return;
 #pragma unroll
     for (int r = 0; r < 2; ++r) rescale_row(o, r, alpha[r]);
   }
@@ -77,8 +90,14 @@ struct OnlineSoftmax {
   }
   // Row r's running max becomes mx; returns the exponents' base and sets alpha, the rescale of
   // what was summed before. A row with nothing visible yet keeps max -inf; exp2 against base 0
-  // then gives p = 0.
+  // then gives p = 0. kLazy: the max moves only past kLazyRescaleLog2 above the one kept (alpha 1
+  // otherwise); a row's first finite max always moves it.
+  template <bool kLazyMax = false>
   __device__ __forceinline__ float advance_max(int r, float mx, float& alpha) {
+    if (kLazyMax && !(mx > row_max[r] + kLazyRescaleLog2)) {
+      alpha = 1.f;
+      return row_max[r] == -INFINITY ? 0.f : row_max[r];
+    }
     const float base = mx == -INFINITY ? 0.f : mx;
     alpha = fast_exp2(row_max[r] - base);
     row_max[r] = mx;
@@ -98,11 +117,11 @@ struct OnlineSoftmax {
     row_sum[r] = row_sum[r] * alpha + sum;
   }
   // o: rescaled when kRescale (then not null), untouched otherwise.
-  template <bool kRescale, int kN, int kD>
+  template <bool kRescale, bool kLazyMax = false, int kN, int kD>
   __device__ __forceinline__ void exp_rows(WarpAcc<kN>& s, float (&alpha)[2], WarpAcc<kD>* o) {
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
-      const float base = advance_max(r, row_max_of(s, r, row_max[r]), alpha[r]);
+      const float base = advance_max<kLazyMax>(r, row_max_of(s, r, row_max[r]), alpha[r]);
       exp_and_sum_row(s, r, alpha[r], [&](float x) { return fast_exp2(x - base); });
       if constexpr (kRescale) rescale_row(*o, r, alpha[r]);
     }
