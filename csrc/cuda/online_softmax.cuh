@@ -2,22 +2,14 @@
 // running max in the scaled log2 domain and a thread-partial running sum (the quad's four
 // partial sums are added once, at the end, since every rescale is uniform across the quad).
 #pragma once
-// Experiment (an A/B build's define; benchmarks/NOTES.md): the TMA forward's rows keep their
-// running max until a step's scores pass it by more than kLazyRescaleLog2 (FlashAttention-4's
-// conditional rescaling), so that most steps leave O as it is and a warp whose rows all kept
-// theirs skips the rescale of O after its P V (rescale_rows). P then reaches 2^8, which 16-bit
-// P, the float sums and O hold with the same relative precision; the logsumexp is taken from the
-// max the sums were kept against.
-#ifndef CUFLASH_FWD_LAZY_RESCALE
-#define CUFLASH_FWD_LAZY_RESCALE 0
-#endif
 #include <math.h>
 #include "mma_sm80.cuh"
 
 namespace cuflash {
 
 struct OnlineSoftmax {
-  static constexpr bool kLazy = CUFLASH_FWD_LAZY_RESCALE != 0;
+  // A lazy rescale (kLazy below) keeps a row's max until a step's scores pass it by more than this
+  // (log2 units): P then reaches 2^8.
   static constexpr float kLazyRescaleLog2 = 8.f;
   float row_max[2] = {-INFINITY, -INFINITY};
   float row_sum[2] = {0.f, 0.f};
@@ -32,7 +24,7 @@ struct OnlineSoftmax {
   // still accumulates into o (an asynchronous P V) is done.
   template <int kN>
   __device__ __forceinline__ void exp_and_rescale_factor(WarpAcc<kN>& s, float (&alpha)[2]) {
-    exp_rows<false, kLazy>(s, alpha, static_cast<WarpAcc<8>*>(nullptr));
+    exp_rows<false>(s, alpha, static_cast<WarpAcc<8>*>(nullptr));
   }
   // The same from raw q.k (masked ones -inf) and a positive scale_log2 folded into the
   // exponent's argument: p = exp2(fma(s, scale_log2, -max)), one FFMA a score where exp_rows
@@ -43,7 +35,11 @@ struct OnlineSoftmax {
   // bits (the float sum keeps the difference, which the logsumexp then accounts for). From there
   // (and at the extreme-value tests' scores, where that error would overflow or vanish) the warp
   // rounds the product first, as exp_rows does.
-  template <int kN>
+  // kLazy (FlashAttention-4's conditional rescaling): a row keeps its max until a step's passes it
+  // by more than kLazyRescaleLog2, alpha 1 meanwhile, so that at most steps a warp's rows all
+  // keep theirs and rescale_rows<true> skips O's rescale. 16-bit P, the float sums and O hold
+  // p up to 2^8 with the same relative precision, and the logsumexp is taken from the max kept.
+  template <bool kLazy = false, int kN>
   __device__ __forceinline__ void exp_folded_and_rescale_factor(WarpAcc<kN>& s, float scale_log2,
                                                                 float (&alpha)[2]) {
     float base[2];
@@ -63,8 +59,9 @@ struct OnlineSoftmax {
         exp_and_sum_row(s, r, alpha[r], [&](float x) { return fast_exp2(__fmul_rn(x, scale_log2) - base[r]); });
     }
   }
-  // Lazy (kLazy), the warp's rows all kept their max (alpha 1) at most steps: the warp skips it.
-  template <int kD>
+  // kLazy: where the warp's rows all kept their max (alpha 1), as they do at most steps of a lazy
+  // rescale, the warp skips it (a vote).
+  template <bool kLazy = false, int kD>
   __device__ __forceinline__ static void rescale_rows(WarpAcc<kD>& o, const float (&alpha)[2]) {
     if (kLazy && !__any_sync(0xffffffffu, alpha[0] != 1.f || alpha[1] != 1.f)) return;
 #pragma unroll
@@ -92,9 +89,9 @@ struct OnlineSoftmax {
   // what was summed before. A row with nothing visible yet keeps max -inf; exp2 against base 0
   // then gives p = 0. kLazy: the max moves only past kLazyRescaleLog2 above the one kept (alpha 1
   // otherwise); a row's first finite max always moves it.
-  template <bool kLazyMax = false>
+  template <bool kLazy>
   __device__ __forceinline__ float advance_max(int r, float mx, float& alpha) {
-    if (kLazyMax && !(mx > row_max[r] + kLazyRescaleLog2)) {
+    if (kLazy && !(mx > row_max[r] + kLazyRescaleLog2)) {
       alpha = 1.f;
       return row_max[r] == -INFINITY ? 0.f : row_max[r];
     }
@@ -117,11 +114,11 @@ struct OnlineSoftmax {
     row_sum[r] = row_sum[r] * alpha + sum;
   }
   // o: rescaled when kRescale (then not null), untouched otherwise.
-  template <bool kRescale, bool kLazyMax = false, int kN, int kD>
+  template <bool kRescale, int kN, int kD>
   __device__ __forceinline__ void exp_rows(WarpAcc<kN>& s, float (&alpha)[2], WarpAcc<kD>* o) {
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
-      const float base = advance_max<kLazyMax>(r, row_max_of(s, r, row_max[r]), alpha[r]);
+      const float base = advance_max<false>(r, row_max_of(s, r, row_max[r]), alpha[r]);
       exp_and_sum_row(s, r, alpha[r], [&](float x) { return fast_exp2(x - base); });
       if constexpr (kRescale) rescale_row(*o, r, alpha[r]);
     }

@@ -165,6 +165,11 @@ __global__ void __launch_bounds__(FwdSm90TmaKernel<T, kHeadDim, kWide, kPersiste
   // scale only (folds_scale_safely). The features kernel scales its scores first: folding its
   // run-time factor (cap_out, the scale or 1) made it slower (H100, benchmarks/NOTES.md).
   constexpr bool kFoldScale = !kFeatures;
+  // The plain kernels at head dim 256 rescale O lazily (OnlineSoftmax's kLazy): a step's 64 or 80
+  // keys take 32-40 exponentials a thread, O's rescale 128 FMULs. H100, same-run A/B: forward
+  // +1-8% at head dim 256; -1% to -3% at 64, -2% to +1.5% at 128, and the features kernels
+  // slower at 128 (benchmarks/NOTES.md, fiftieth session), so only there.
+  constexpr bool kLazyRescale = kFoldScale && kHeadDim == 256;
   static_assert(!kStagedMask || (kFeatures && K::kMayStageMask), "a staged mask: the features kernels with room");
   static_assert(kWide || kPageSizeMultiple % kBlockN == 0, "a key block lies in one page (key_at)");
   constexpr int kPanels = kHeadDim / 64, kConsumerThreads = 128 * K::kConsumers;
@@ -346,7 +351,7 @@ __global__ void __launch_bounds__(FwdSm90TmaKernel<T, kHeadDim, kWide, kPersiste
         const int col0 = tile.block_of(t) * kBlockN;
         if constexpr (kFoldScale) {
           mask_scores(s, p.mask, tile.seq, row0, col0, lane);  // raw q.k, -inf where masked
-          softmax.exp_folded_and_rescale_factor(s, mod.scale_log2, alpha);
+          softmax.exp_folded_and_rescale_factor<kLazyRescale>(s, mod.scale_log2, alpha);
         } else {
           // Staged, the mask is added from shared memory (add_bias), not by mod.
           scores_from_qk<kFeatures>(s, mod, p.mask, tile.seq, row0, col0, lane, [&](auto& scores) {
@@ -437,7 +442,7 @@ __global__ void __launch_bounds__(FwdSm90TmaKernel<T, kHeadDim, kWide, kPersiste
         softmax_step(s, t, alpha);
         wgmma_wait<0>();  // O and pa are free again
         if (lane == 0) mbarrier_arrive(&v_empty[stage_of(t - 1)]);
-        OnlineSoftmax::rescale_rows(o, alpha);
+        OnlineSoftmax::rescale_rows<kLazyRescale>(o, alpha);
         to_pa(s);
       }
       // The last consumer's last turn signal is taken here, so no barrier is left half-arrived.
