@@ -405,6 +405,23 @@ def test_tma_tile_choice(d, nq, nk, causal, keys, mode, monkeypatch):
     assert tma_kernel(d, wide=wide, persistent=persistent) in names, names
 
 
+@pytest.mark.parametrize("causal", [False, True])
+def test_narrow_tile_walks_long_rows_at_128(causal, mode, monkeypatch):
+    """CUFLASH_FWD_TILE=narrow at head dim 128 on rows of 4096 keys (the wide tile's by default):
+    without a mask the persistent kernel walks the narrow tile, as it does below the wide tile's
+    length (persistent_rows' narrow_tile); under a causal mask the one-tile-a-CTA grid runs it."""
+    if mode != "persistent":
+        pytest.skip("the persistent part")
+    monkeypatch.setenv("CUFLASH_FWD_TILE", "narrow")
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(1, 2, 4096, 128, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+    results = []
+    names = cuda_kernels(lambda: results.append(torch.ops.cuflash_attn.fwd(q, k, v, None, causal, False)))
+    assert tma_kernel(128, persistent=not causal) in names, names
+    out, lse = results[0]
+    check_against_reference(out, lse, q, k, v, 1 / math.sqrt(128), causal=causal)
+
+
 @pytest.mark.parametrize("dtype", LOW_PRECISION, ids=LOW_PRECISION_IDS)
 @pytest.mark.parametrize("d,tile", [(64, None), (64, "wide"), (64, "narrow"), (128, None)])
 def test_persistent_ctas_walk_many_tiles(dtype, d, tile, mode, monkeypatch):

@@ -197,13 +197,14 @@ bool launch_fwd_tma(const FlashFwdParams& p, const sm90::Sm90Paths& hopper, cuda
     return run(no, yes, no);
   }
   if (!sm90::folds_scale_safely(p)) return false;  // the plain kernels fold it
+  const bool wide_tile = fwd_wide_tile(sm90::wide_rows<kHeadDim>(p));
   const bool persistent_walk =
       Plain::kHasPersistent && hopper.persistent && !split &&
-      (kv_cache ? !sm90::long_rows(p) : sm90::persistent_rows<kHeadDim>(p, hopper.persistent_window));
+      (kv_cache ? !sm90::long_rows(p) : sm90::persistent_rows<kHeadDim>(p, hopper.persistent_window, !wide_tile));
   if (!kv_cache && !split && (!packed || Wide::kMayPack)) {
     if constexpr (kHeadDim == 64)  // the one head dim with a wide persistent kernel (smem)
       if (persistent_walk && fwd_wide_tile(sm90::persistent_wide_pays(p))) return run(yes, no, yes);
-    if (fwd_wide_tile(sm90::wide_rows<kHeadDim>(p))) return run(yes, no, no);
+    if (wide_tile) return run(yes, no, no);
   }
   if constexpr (Plain::kHasPersistent)
     if (persistent_walk) return run(no, no, yes);

@@ -15,7 +15,8 @@
 //       persistent  with tma: the persistent TMA forward (one CTA per SM walking tiles) for
 //                   plain attention on short rows (the middle query row sees fewer than 2048
 //                   keys), and without a mask on longer ones up to the wide tile's length
-//                   (sm90::persistent_rows), head dims up to 128
+//                   (at any length under CUFLASH_FWD_TILE=narrow; sm90::persistent_rows), head
+//                   dims up to 128
 //       bwdws       with bwd: the warp-specialized TMA dQ and dK/dV kernels
 //                   (flash_bwd_sm90_tma.cuh) where TMA can address the inputs; with dQ by
 //                   atomics the fused one (dQ added by TMA reduce; head dim 256's own,
@@ -82,7 +83,9 @@
 //                   long rows (sm90::wide_rows in flash_fwd_sm90_tma.cuh) and in the persistent
 //                   kernel at head dim 64 without a mask past 128 query rows
 //                   (sm90::persistent_wide_pays);
-//                   "wide" or "narrow": that one at every length (tests and benchmarks);
+//                   "wide" or "narrow": that one at every length (tests and benchmarks; at
+//                   head dim 128 without a mask, "narrow" on the persistent kernel, which
+//                   compares it with the wide tile on long rows);
 //                   and the features kernel's at head dims 64 and 128 (unset: at 64 wide for
 //                   dense batches past 128 query rows of 1024 keys without dropout,
 //                   sm90::features_wide_pays; at 128 narrow)

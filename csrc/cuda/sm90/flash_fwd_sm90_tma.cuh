@@ -569,17 +569,17 @@ inline bool features_wide_pays(const FlashFwdParams& p) {
 }
 
 // Where the persistent kernel runs dense p (plain attention without a KV cache): short rows, and
-// without a mask longer rows too where it has the tile they would take: at head dim 64 the wide
-// one (persistent_wide_pays), at 128 the narrow one below wide_rows' length. Tiles of one length
+// without a mask longer rows too where it has the tile they take: at head dim 64 the wide one
+// (persistent_wide_pays), at 128 the narrow one (narrow_tile: below wide_rows' length, or at any
+// length under CUFLASH_FWD_TILE=narrow, which compares the two on long rows). Tiles of one length
 // leave the static walk nothing to balance; the persistent kernel then saves the 3-D grid's
 // per-CTA prologue and epilogue at any length (H200, nineteenth session: +3-6% at head dim 64
 // from 2048 to 16384 keys, +2-8% at 128 with 2048 keys over two runs). Under a causal mask long
 // rows lose (-6% and -14% at 16384 keys: the static walk's balance; benchmarks/NOTES.md); under a
 // band (banded_walks) at head dim 128 they walk too (balanced_tiles).
 template <int kHeadDim>
-bool persistent_rows(const FlashFwdParams& p, bool banded_walks) {
-  return !long_rows(p) ||
-         (kHeadDim == 64 ? persistent_wide_pays(p) : balanced_tiles(p, banded_walks) && !wide_rows<kHeadDim>(p));
+bool persistent_rows(const FlashFwdParams& p, bool banded_walks, bool narrow_tile) {
+  return !long_rows(p) || (kHeadDim == 64 ? persistent_wide_pays(p) : balanced_tiles(p, banded_walks) && narrow_tile);
 }
 
 // Where the features kernel walks tiles persistently (the "persistentfeatures" part; dense p): where
