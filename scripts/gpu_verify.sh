@@ -38,6 +38,9 @@ wait "$cpp_pid" || status=1
 echo "C++ tests ($(( $(date +%s) - start )) s): $(grep -E 'tests passed|tests failed' "$OUT/cpp.log" | tail -n 1)"
 grep -E '\(Failed\)|\(SEGFAULT\)|\(Timeout\)' "$OUT/cpp.log" | head -n 10
 wait "$check_pid" || status=1
+# Stopped by its time limit, gpu_check.sh leaves its logs (one a test file) unpacked: packed here,
+# or the device would bring back only the first few.
+if compgen -G "$OUT/check/*.log" > /dev/null; then OUT="$OUT/check" archive_logs "*.log" "*.txt"; fi
 echo "suite ($(( $(date +%s) - start )) s):"; cat "$OUT/check.log"
 archive_logs "*.log"
 exit $status
