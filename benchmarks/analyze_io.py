@@ -437,6 +437,7 @@ def sm90_forward(cfg, bucket):
     for predicate in ("unmasked", "banded", "balanced_tiles", "long_rows", "wide_rows",
                       "persistent_wide_pays"):  # persistent_rows' terms
         values[predicate] = host_predicate(SM90_FWD_TMA_CUH, predicate, values)
+    values["narrow_tile"] = not values["wide_rows"]  # CUFLASH_FWD_TILE unset
     walk = tile(False, False)["kHasPersistent"] and host_predicate(SM90_FWD_TMA_CUH, "persistent_rows", values)
     # launch_fwd_tma's order; head dim 64 is the one with a wide persistent kernel (`if constexpr`).
     if bucket == 64 and walk and values["persistent_wide_pays"]:
