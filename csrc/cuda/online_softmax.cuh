@@ -2,6 +2,11 @@
 // running max in the scaled log2 domain and a thread-partial running sum (the quad's four
 // partial sums are added once, at the end, since every rescale is uniform across the quad).
 #pragma once
+// Experiment (an A/B build's define; benchmarks/NOTES.md): the lazy max kept by selects, no branch
+// (advance_max), and the TMA forward's plain kernels lazy at every head dim (flash_fwd_sm90_tma.cuh).
+#ifndef CUFLASH_FWD_LAZY_SELECT
+#define CUFLASH_FWD_LAZY_SELECT 0
+#endif
 #include <math.h>
 #include "mma_sm80.cuh"
 
@@ -91,6 +96,17 @@ struct OnlineSoftmax {
   // otherwise); a row's first finite max always moves it.
   template <bool kLazy>
   __device__ __forceinline__ float advance_max(int r, float mx, float& alpha) {
+#if CUFLASH_FWD_LAZY_SELECT
+    if constexpr (kLazy) {
+      const bool keep = !(mx > row_max[r] + kLazyRescaleLog2);
+      const float kept = keep ? row_max[r] : mx;
+      const float base = kept == -INFINITY ? 0.f : kept;
+      const float moved = fast_exp2(row_max[r] - base);
+      alpha = keep ? 1.f : moved;
+      row_max[r] = kept;
+      return base;
+    }
+#endif
     if (kLazy && !(mx > row_max[r] + kLazyRescaleLog2)) {
       alpha = 1.f;
       return row_max[r] == -INFINITY ? 0.f : row_max[r];
