@@ -168,7 +168,8 @@ __global__ void __launch_bounds__(FwdSm90TmaKernel<T, kHeadDim, kWide, kPersiste
   // The plain kernels at head dim 256 rescale O lazily (OnlineSoftmax's kLazy): a step's 64 or 80
   // keys take 32-40 exponentials a thread, O's rescale 128 FMULs. H100, same-run A/B: forward
   // +1-8% at head dim 256; -1% to -3% at 64, -2% to +1.5% at 128, and the features kernels
-  // slower at 128 (benchmarks/NOTES.md, fiftieth session), so only there.
+  // slower at 128 (benchmarks/NOTES.md, fiftieth session), so only there (at every head dim under
+  // the CUFLASH_FWD_LAZY_SELECT experiment, online_softmax.cuh).
   constexpr bool kLazyRescale = kFoldScale && (kHeadDim == 256 || CUFLASH_FWD_LAZY_SELECT);
   static_assert(!kStagedMask || (kFeatures && K::kMayStageMask), "a staged mask: the features kernels with room");
   static_assert(kWide || kPageSizeMultiple % kBlockN == 0, "a key block lies in one page (key_at)");
