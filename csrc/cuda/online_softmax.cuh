@@ -2,11 +2,6 @@
 // running max in the scaled log2 domain and a thread-partial running sum (the quad's four
 // partial sums are added once, at the end, since every rescale is uniform across the quad).
 #pragma once
-// Experiment (an A/B build's define; benchmarks/NOTES.md): the lazy max kept by selects, no branch
-// (advance_max), and the TMA forward's plain kernels lazy at every head dim (flash_fwd_sm90_tma.cuh).
-#ifndef CUFLASH_FWD_LAZY_SELECT
-#define CUFLASH_FWD_LAZY_SELECT 0
-#endif
 #include <math.h>
 #include "mma_sm80.cuh"
 
@@ -93,10 +88,10 @@ struct OnlineSoftmax {
   // Row r's running max becomes mx; returns the exponents' base and sets alpha, the rescale of
   // what was summed before. A row with nothing visible yet keeps max -inf; exp2 against base 0
   // then gives p = 0. kLazy: the max moves only past kLazyRescaleLog2 above the one kept (alpha 1
-  // otherwise); a row's first finite max always moves it.
+  // otherwise); a row's first finite max always moves it. Selects, not a branch: a branch per row
+  // (two BSSY/BSYNC pairs, the exp2 inside) made head dim 64 slower (H100, benchmarks/NOTES.md).
   template <bool kLazy>
   __device__ __forceinline__ float advance_max(int r, float mx, float& alpha) {
-#if CUFLASH_FWD_LAZY_SELECT
     if constexpr (kLazy) {
       const bool keep = !(mx > row_max[r] + kLazyRescaleLog2);
       const float kept = keep ? row_max[r] : mx;
@@ -105,11 +100,6 @@ struct OnlineSoftmax {
       alpha = keep ? 1.f : moved;
       row_max[r] = kept;
       return base;
-    }
-#endif
-    if (kLazy && !(mx > row_max[r] + kLazyRescaleLog2)) {
-      alpha = 1.f;
-      return row_max[r] == -INFINITY ? 0.f : row_max[r];
     }
     const float base = mx == -INFINITY ? 0.f : mx;
     alpha = fast_exp2(row_max[r] - base);

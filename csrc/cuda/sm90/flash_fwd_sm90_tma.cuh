@@ -165,12 +165,10 @@ __global__ void __launch_bounds__(FwdSm90TmaKernel<T, kHeadDim, kWide, kPersiste
   // scale only (folds_scale_safely). The features kernel scales its scores first: folding its
   // run-time factor (cap_out, the scale or 1) made it slower (H100, benchmarks/NOTES.md).
   constexpr bool kFoldScale = !kFeatures;
-  // The plain kernels at head dim 256 rescale O lazily (OnlineSoftmax's kLazy): a step's 64 or 80
-  // keys take 32-40 exponentials a thread, O's rescale 128 FMULs. H100, same-run A/B: forward
-  // +1-8% at head dim 256; -1% to -3% at 64, -2% to +1.5% at 128, and the features kernels
-  // slower at 128 (benchmarks/NOTES.md, fiftieth session), so only there (at every head dim under
-  // the CUFLASH_FWD_LAZY_SELECT experiment, online_softmax.cuh).
-  constexpr bool kLazyRescale = kFoldScale && (kHeadDim == 256 || CUFLASH_FWD_LAZY_SELECT);
+  // The plain kernels rescale O lazily (OnlineSoftmax's kLazy), most steps skip it: H100, same-run
+  // A/Bs (benchmarks/NOTES.md): forward +1-8% at head dim 256, and with the max kept by selects
+  // -1.5% to +2.5% at every head dim beside that. The features kernels not: slower at head dim 128.
+  constexpr bool kLazyRescale = kFoldScale;
   static_assert(!kStagedMask || (kFeatures && K::kMayStageMask), "a staged mask: the features kernels with room");
   static_assert(kWide || kPageSizeMultiple % kBlockN == 0, "a key block lies in one page (key_at)");
   constexpr int kPanels = kHeadDim / 64, kConsumerThreads = 128 * K::kConsumers;
