@@ -19,6 +19,11 @@
 //          tile ring, DkvTileRing, and ordered adds.)
 //   dQ:    queries resident (their lse and delta in registers), K and V streamed.
 #pragma once
+// Experiment (an A/B build's define; benchmarks/NOTES.md): the ordered dQ turn polled with relaxed
+// loads, acquired once by a fence after the last poll (wait_for_dq_turn).
+#ifndef CUFLASH_BWD_TURN_POLL_RELAXED
+#define CUFLASH_BWD_TURN_POLL_RELAXED 0
+#endif
 #include <type_traits>
 #include "flash_bwd_sm90.cuh"
 #include "staged_mask.h"
@@ -372,8 +377,16 @@ __device__ __forceinline__ int* wait_for_dq_turn(const FlashBwdParams& p, const 
   const int row0 = block * kBlockM;
   const Range keys = visible_keys(mask, tile.seq, row0, min(row0 + kBlockM, tile.seq.seqlen_q));
   const int turn = (keys.end - 1) / kBlockN - tile.n_block;
+#if CUFLASH_BWD_TURN_POLL_RELAXED
+  // An acquire load a poll invalidates the SM's whole L1 (CCTL.IVALL) each time round, the
+  // consumers' spilled registers with it; the fence acquires once (a strong read, then the fence).
+  while (load_relaxed_gpu(counter) != turn) {
+  }
+  fence_acq_rel_gpu();
+#else
   while (load_acquire_gpu(counter) != turn) {
   }
+#endif
   fence_async_global();  // the earlier adds, acquired, before this CTA's bulk reduce
   return counter;
 }
