@@ -20,7 +20,7 @@
 //   dQ:    queries resident (their lse and delta in registers), K and V streamed.
 #pragma once
 // Experiment (an A/B build's define; benchmarks/NOTES.md): the ordered dQ turn polled with relaxed
-// loads, acquired once by a fence after the last poll (wait_for_dq_turn).
+// loads, then acquired by one acquire load (wait_for_dq_turn).
 #ifndef CUFLASH_BWD_TURN_POLL_RELAXED
 #define CUFLASH_BWD_TURN_POLL_RELAXED 0
 #endif
@@ -379,10 +379,11 @@ __device__ __forceinline__ int* wait_for_dq_turn(const FlashBwdParams& p, const 
   const int turn = (keys.end - 1) / kBlockN - tile.n_block;
 #if CUFLASH_BWD_TURN_POLL_RELAXED
   // An acquire load a poll invalidates the SM's whole L1 (CCTL.IVALL) each time round, the
-  // consumers' spilled registers with it; the fence acquires once (a strong read, then the fence).
+  // consumers' spilled registers with it. One acquire load once the turn has come reads it again
+  // (the counter moves next on this CTA's release), so it reads the previous turn's release.
   while (load_relaxed_gpu(counter) != turn) {
   }
-  fence_acq_rel_gpu();
+  (void)load_acquire_gpu(counter);
 #else
   while (load_acquire_gpu(counter) != turn) {
   }
