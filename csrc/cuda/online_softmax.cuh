@@ -21,10 +21,10 @@ struct OnlineSoftmax {
     exp_rows<true>(s, alpha, &o);
   }
   // The same with o left alone: alpha gets each row's factor, for rescale_rows once whatever
-  // still accumulates into o (an asynchronous P V) is done.
-  template <int kN>
+  // still accumulates into o (an asynchronous P V) is done. kLazy: as below.
+  template <bool kLazy = false, int kN>
   __device__ __forceinline__ void exp_and_rescale_factor(WarpAcc<kN>& s, float (&alpha)[2]) {
-    exp_rows<false>(s, alpha, static_cast<WarpAcc<8>*>(nullptr));
+    exp_rows<false, kLazy>(s, alpha, static_cast<WarpAcc<8>*>(nullptr));
   }
   // The same from raw q.k (masked ones -inf) and a positive scale_log2 folded into the
   // exponent's argument: p = exp2(fma(s, scale_log2, -max)), one FFMA a score where exp_rows
@@ -120,11 +120,12 @@ struct OnlineSoftmax {
     row_sum[r] = row_sum[r] * alpha + sum;
   }
   // o: rescaled when kRescale (then not null), untouched otherwise.
-  template <bool kRescale, int kN, int kD>
+  template <bool kRescale, bool kLazy = false, int kN, int kD>
   __device__ __forceinline__ void exp_rows(WarpAcc<kN>& s, float (&alpha)[2], WarpAcc<kD>* o) {
+    static_assert(!(kRescale && kLazy), "a lazy rescale's alpha is for rescale_rows<true>");
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
-      const float base = advance_max<false>(r, row_max_of(s, r, row_max[r]), alpha[r]);
+      const float base = advance_max<kLazy>(r, row_max_of(s, r, row_max[r]), alpha[r]);
       exp_and_sum_row(s, r, alpha[r], [&](float x) { return fast_exp2(x - base); });
       if constexpr (kRescale) rescale_row(*o, r, alpha[r]);
     }

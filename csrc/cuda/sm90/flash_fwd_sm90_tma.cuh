@@ -24,6 +24,11 @@
 #ifndef CUFLASH_FWD_PACKED_TMA_STORE
 #define CUFLASH_FWD_PACKED_TMA_STORE 0
 #endif
+// Experiment (an A/B build's define; benchmarks/NOTES.md): the features kernels' O rescaled lazily
+// too (kLazyRescale), the max kept by selects as in the plain kernels.
+#ifndef CUFLASH_FWD_FEATURES_LAZY
+#define CUFLASH_FWD_FEATURES_LAZY 0
+#endif
 #include <type_traits>
 #include "flash_fwd_sm90.cuh"
 #include "staged_mask.h"
@@ -167,8 +172,9 @@ __global__ void __launch_bounds__(FwdSm90TmaKernel<T, kHeadDim, kWide, kPersiste
   constexpr bool kFoldScale = !kFeatures;
   // The plain kernels rescale O lazily (OnlineSoftmax's kLazy), most steps skip it: H100, same-run
   // A/Bs (benchmarks/NOTES.md): forward +1-8% at head dim 256, and with the max kept by selects
-  // -1.5% to +2.5% at every head dim beside that. The features kernels not: slower at head dim 128.
-  constexpr bool kLazyRescale = kFoldScale;
+  // -1.5% to +2.5% at every head dim beside that. The features kernels not: slower at head dim 128
+  // with the max kept by a branch (the CUFLASH_FWD_FEATURES_LAZY experiment measures selects).
+  constexpr bool kLazyRescale = kFoldScale || CUFLASH_FWD_FEATURES_LAZY;
   static_assert(!kStagedMask || (kFeatures && K::kMayStageMask), "a staged mask: the features kernels with room");
   static_assert(kWide || kPageSizeMultiple % kBlockN == 0, "a key block lies in one page (key_at)");
   constexpr int kPanels = kHeadDim / 64, kConsumerThreads = 128 * K::kConsumers;
@@ -362,7 +368,7 @@ __global__ void __launch_bounds__(FwdSm90TmaKernel<T, kHeadDim, kWide, kPersiste
               if (lane == 0) mbarrier_arrive(&mask_empty[stage]);
             }
           });
-          softmax.exp_and_rescale_factor(s, alpha);
+          softmax.exp_and_rescale_factor<kLazyRescale>(s, alpha);
         }
         if (dropout) apply_dropout(s, rng, tile.b, tile.h, sh.heads_q, row0, col0, lane);
       };
