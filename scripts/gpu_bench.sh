@@ -21,7 +21,8 @@
 # Tables go into one <gpu>-<date>.json/.md (bench_attention.py --merge), the IO analysis into
 # <gpu>-<date>-io.json/.md, logs into logs/<gpu>-<date>-<step>.log. $OUT gets results.tar.gz
 # (refreshed after every step, so a run stopped at the time limit returns what finished), the
-# .md files and gpu_bench.log. To commit the results:
+# standard table's .md (the others are in the archive) and gpu_bench.log: three files, since the
+# device brings back 8 in name order and results.tar.gz sorts after <gpu>-*. To commit the results:
 #   tar -xzf results.tar.gz -C benchmarks/results && python3 benchmarks/readme_table.py
 # Knobs: GPU_BENCH_BUDGET_S=540 (seconds for the whole script, build included; the device's
 # limit is 600), GPU_BENCH_STEPS="1 2 3" (run only these).
@@ -44,7 +45,8 @@ left() { echo $(( BUDGET - $(elapsed) - RESERVE )); }
 SUMMARY=()
 pack() {
   tar -czf "$OUT/results.tar.gz.tmp" -C "$WORK" . && mv "$OUT/results.tar.gz.tmp" "$OUT/results.tar.gz"
-  for f in "$WORK"/*.md; do [ -e "$f" ] && cp "$f" "$OUT/"; done
+  local table="$WORK/$LOGPREFIX.md"
+  if [ -e "$table" ]; then cp "$table" "$OUT/"; fi
 }
 # step NUMBER NAME ESTIMATE_S COMMAND...: runs COMMAND if it fits; its log: logs/<prefix>-NAME.log
 step() {
