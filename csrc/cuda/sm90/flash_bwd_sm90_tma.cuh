@@ -378,8 +378,8 @@ __device__ __forceinline__ int* wait_for_dq_turn(const FlashBwdParams& p, const 
   const Range keys = visible_keys(mask, tile.seq, row0, min(row0 + kBlockM, tile.seq.seqlen_q));
   const int turn = (keys.end - 1) / kBlockN - tile.n_block;
 #if CUFLASH_BWD_TURN_POLL_RELAXED
-  // An acquire load a poll invalidates the SM's whole L1 (CCTL.IVALL) each time round, the
-  // consumers' spilled registers with it. One acquire load once the turn has come reads it again
+  // Polled by acquire loads, each poll invalidates the SM's whole L1 (CCTL.IVALL), the consumers'
+  // spilled registers with it. One acquire load once the turn has come reads it again
   // (the counter moves next on this CTA's release), so it reads the previous turn's release.
   while (load_relaxed_gpu(counter) != turn) {
   }

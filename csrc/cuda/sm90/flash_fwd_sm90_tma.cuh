@@ -171,8 +171,9 @@ __global__ void __launch_bounds__(FwdSm90TmaKernel<T, kHeadDim, kWide, kPersiste
   // run-time factor (cap_out, the scale or 1) made it slower (H100, benchmarks/NOTES.md).
   constexpr bool kFoldScale = !kFeatures;
   // The plain kernels rescale O lazily (OnlineSoftmax's kLazy), most steps skip it: H100, same-run
-  // A/Bs (benchmarks/NOTES.md): forward +1-8% at head dim 256, and with the max kept by selects
-  // -1.5% to +2.5% at every head dim beside that. The features kernels not: slower at head dim 128
+  // A/Bs (benchmarks/NOTES.md): forward +1-8% at head dim 256 (the max kept by a branch), then by
+  // selects 0.985-1.027x of that and of the eager rescale at 64 and 128 (median 1.007x). The
+  // features kernels not: slower at head dim 128
   // with the max kept by a branch (the CUFLASH_FWD_FEATURES_LAZY experiment measures selects).
   constexpr bool kLazyRescale = kFoldScale || CUFLASH_FWD_FEATURES_LAZY;
   static_assert(!kStagedMask || (kFeatures && K::kMayStageMask), "a staged mask: the features kernels with room");
