@@ -337,6 +337,9 @@ __global__ void __launch_bounds__(FwdSm90TmaKernel<T, kHeadDim, kWide, kPersiste
   };
   const bool dropout = kFeatures && p.dropout.p > 0.0;
   const DropoutRng rng = dropout ? make_dropout_rng(p.dropout) : DropoutRng{};
+  // fp16 P times dropout's keep_scale (up to 2^16) must stay finite: where a lazy max lets p reach
+  // 2^8, fp16 with dropout keeps the eager maxima instead (threshold 0).
+  const float lazy_log2 = std::is_same_v<T, __half> && dropout ? 0.f : OnlineSoftmax::kLazyRescaleLog2;
   int step = 0, q_loads = 0;
   for (int index = first_tile; index < num_tiles; index += tile_stride) {
     const TmaTile tile = tile_at(index);
@@ -369,7 +372,7 @@ __global__ void __launch_bounds__(FwdSm90TmaKernel<T, kHeadDim, kWide, kPersiste
               if (lane == 0) mbarrier_arrive(&mask_empty[stage]);
             }
           });
-          softmax.exp_and_rescale_factor<kLazyRescale>(s, alpha);
+          softmax.exp_and_rescale_factor<kLazyRescale>(s, alpha, lazy_log2);
         }
         if (dropout) apply_dropout(s, rng, tile.b, tile.h, sh.heads_q, row0, col0, lane);
       };
