@@ -614,6 +614,25 @@ def test_row_max_rising_across_steps(dtype, d, causal, features):
     check_against_reference(out, lse, q, k, v, scale, causal=causal)
 
 
+@pytest.mark.parametrize("dtype", LOW_PRECISION, ids=LOW_PRECISION_IDS)
+@pytest.mark.parametrize("d", [64, 128, 256])
+@pytest.mark.parametrize("dropout_p", [0.5, 0.998])
+def test_row_max_rising_with_dropout(dtype, d, dropout_p):
+    """rising_max_inputs under dropout (the features kernel): the kept probabilities are scaled by
+    the keep rate's inverse (500 at 0.998) before P turns 16-bit, so P in fp16 stays finite only
+    if p stays near 1, not the 2^7.5 a lazily kept max would let these rows' p reach."""
+    q, k, v = rising_max_inputs(dtype, d)
+    scale = 1 / math.sqrt(d)
+    rng_state = torch.tensor([1234, 99], dtype=torch.int64, device="cuda")
+    keep = torch.ops.cuflash_attn.dropout_mask(rng_state, dropout_p, 1, 2, q.shape[2], k.shape[2])
+    out, lse = torch.ops.cuflash_attn.fwd(q, k, v, scale, False, dropout_p=dropout_p, rng_state=rng_state)
+    ref_out, ref_lse = attention_reference(q, k, v, scale=scale, dropout_keep=keep, dropout_p=dropout_p)
+    pt_out, _ = attention_reference(q, k, v, scale=scale, dtype=dtype, dropout_keep=keep, dropout_p=dropout_p)
+    assert torch.isfinite(out).all()
+    assert_close_to_reference("out", out, ref_out, pt_out, dtype, factor=2, lse=ref_lse)
+    assert_lse_close(lse, ref_lse, dtype)
+
+
 @pytest.mark.parametrize("d", [64, 128])
 def test_negative_scale_split_kv(d):
     """A negative scale on split-KV (a few queries over many keys): whichever kernel takes it
