@@ -21,12 +21,10 @@ struct OnlineSoftmax {
     exp_rows<true>(s, alpha, &o);
   }
   // The same with o left alone: alpha gets each row's factor, for rescale_rows once whatever
-  // still accumulates into o (an asynchronous P V) is done. kLazy: as below, with lazy_log2 for
-  // kLazyRescaleLog2 (0 gives the eager rescale's maxima, and P <= 1).
+  // still accumulates into o (an asynchronous P V) is done. kLazy: as below.
   template <bool kLazy = false, int kN>
-  __device__ __forceinline__ void exp_and_rescale_factor(WarpAcc<kN>& s, float (&alpha)[2],
-                                                         float lazy_log2 = kLazyRescaleLog2) {
-    exp_rows<false, kLazy>(s, alpha, static_cast<WarpAcc<8>*>(nullptr), lazy_log2);
+  __device__ __forceinline__ void exp_and_rescale_factor(WarpAcc<kN>& s, float (&alpha)[2]) {
+    exp_rows<false, kLazy>(s, alpha, static_cast<WarpAcc<8>*>(nullptr));
   }
   // The same from raw q.k (masked ones -inf) and a positive scale_log2 folded into the
   // exponent's argument: p = exp2(fma(s, scale_log2, -max)), one FFMA a score where exp_rows
@@ -93,9 +91,9 @@ struct OnlineSoftmax {
   // otherwise); a row's first finite max always moves it. Selects, not a branch: a branch per row
   // (two BSSY/BSYNC pairs, the exp2 inside) made head dim 64 slower (H100, benchmarks/NOTES.md).
   template <bool kLazy>
-  __device__ __forceinline__ float advance_max(int r, float mx, float& alpha, float lazy_log2 = kLazyRescaleLog2) {
+  __device__ __forceinline__ float advance_max(int r, float mx, float& alpha) {
     if constexpr (kLazy) {
-      const bool keep = !(mx > row_max[r] + lazy_log2);
+      const bool keep = !(mx > row_max[r] + kLazyRescaleLog2);
       const float kept = keep ? row_max[r] : mx;
       const float base = kept == -INFINITY ? 0.f : kept;
       const float moved = fast_exp2(row_max[r] - base);
@@ -123,12 +121,11 @@ struct OnlineSoftmax {
   }
   // o: rescaled when kRescale (then not null), untouched otherwise.
   template <bool kRescale, bool kLazy = false, int kN, int kD>
-  __device__ __forceinline__ void exp_rows(WarpAcc<kN>& s, float (&alpha)[2], WarpAcc<kD>* o,
-                                           float lazy_log2 = kLazyRescaleLog2) {
+  __device__ __forceinline__ void exp_rows(WarpAcc<kN>& s, float (&alpha)[2], WarpAcc<kD>* o) {
     static_assert(!(kRescale && kLazy), "a lazy rescale's alpha is for rescale_rows<true>");
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
-      const float base = advance_max<kLazy>(r, row_max_of(s, r, row_max[r]), alpha[r], lazy_log2);
+      const float base = advance_max<kLazy>(r, row_max_of(s, r, row_max[r]), alpha[r]);
       exp_and_sum_row(s, r, alpha[r], [&](float x) { return fast_exp2(x - base); });
       if constexpr (kRescale) rescale_row(*o, r, alpha[r]);
     }

@@ -173,9 +173,10 @@ __global__ void __launch_bounds__(FwdSm90TmaKernel<T, kHeadDim, kWide, kPersiste
   // The plain kernels rescale O lazily (OnlineSoftmax's kLazy), most steps skip it: H100, same-run
   // A/Bs (benchmarks/NOTES.md): forward +1-8% at head dim 256 (the max kept by a branch), then by
   // selects 0.985-1.027x of that and of the eager rescale at 64 and 128 (median 1.007x). The
-  // features kernels not: slower at head dim 128
-  // with the max kept by a branch (the CUFLASH_FWD_FEATURES_LAZY experiment measures selects).
-  constexpr bool kLazyRescale = kFoldScale || CUFLASH_FWD_FEATURES_LAZY;
+  // features kernels not: slower at head dim 128 with the max kept by a branch (the
+  // CUFLASH_FWD_FEATURES_LAZY experiment measures selects). Not their fp16 ones: dropout scales the
+  // kept P by up to 2^16 before P turns 16-bit, past fp16's range once a lazy max lets p reach 2^8.
+  constexpr bool kLazyRescale = kFoldScale || (CUFLASH_FWD_FEATURES_LAZY && !std::is_same_v<T, __half>);
   static_assert(!kStagedMask || (kFeatures && K::kMayStageMask), "a staged mask: the features kernels with room");
   static_assert(kWide || kPageSizeMultiple % kBlockN == 0, "a key block lies in one page (key_at)");
   constexpr int kPanels = kHeadDim / 64, kConsumerThreads = 128 * K::kConsumers;
@@ -337,9 +338,6 @@ __global__ void __launch_bounds__(FwdSm90TmaKernel<T, kHeadDim, kWide, kPersiste
   };
   const bool dropout = kFeatures && p.dropout.p > 0.0;
   const DropoutRng rng = dropout ? make_dropout_rng(p.dropout) : DropoutRng{};
-  // fp16 P times dropout's keep_scale (up to 2^16) must stay finite: where a lazy max lets p reach
-  // 2^8, fp16 with dropout keeps the eager maxima instead (threshold 0).
-  const float lazy_log2 = std::is_same_v<T, __half> && dropout ? 0.f : OnlineSoftmax::kLazyRescaleLog2;
   int step = 0, q_loads = 0;
   for (int index = first_tile; index < num_tiles; index += tile_stride) {
     const TmaTile tile = tile_at(index);
@@ -372,7 +370,7 @@ __global__ void __launch_bounds__(FwdSm90TmaKernel<T, kHeadDim, kWide, kPersiste
               if (lane == 0) mbarrier_arrive(&mask_empty[stage]);
             }
           });
-          softmax.exp_and_rescale_factor<kLazyRescale>(s, alpha, lazy_log2);
+          softmax.exp_and_rescale_factor<kLazyRescale>(s, alpha);
         }
         if (dropout) apply_dropout(s, rng, tile.b, tile.h, sh.heads_q, row0, col0, lane);
       };
