@@ -284,7 +284,10 @@ CUFLASH_HD double dropout_keep_scale(double p) { return 65536.0 / (65536.0 - dro
 // dropout_factors). Everything that names the element goes into the counter; the seed is the key.
 struct DropoutRng {
   uint32_t seed_lo, seed_hi, offset, threshold;  // keep iff draw >= threshold (a 16-bit draw)
-  float keep_scale;                              // 2^16 / (2^16 - threshold), for the float kernels
+  // 2^16 / (2^16 - threshold): the float kernels' factor of a kept probability, and the 16-bit
+  // kernels' factor of O and dV in their epilogues (kept P enters the 16-bit GEMMs unscaled, so it
+  // stays within fp16's range at any p). 1 in a DropoutRng{} (no dropout).
+  float keep_scale = 1.f;
   // Block counter of query i: the quad index (i >> 4, (i >> 1) & 3).
   CUFLASH_HD static uint32_t query_quad(int i) { return static_cast<uint32_t>(((i >> 4) << 2) | ((i >> 1) & 3)); }
   CUFLASH_HD Philox4 block(int b, int h, int heads, int i, int j) const {

@@ -9,7 +9,8 @@ import torch
 
 from conftest import (HAS_CUDA, IS_SM90, cuda_kernels, fused_backward_kernel, packed_offsets, poisoned_and_unmodified,
                       sdpa_on_kernels)
-from reference import LOW_PRECISION, assert_close_to_reference, assert_lse_close, attention_reference, gradient_scale
+from reference import (LOW_PRECISION, assert_close_to_reference, assert_lse_close, attention_reference, dropout_keep_scale,
+                       gradient_scale)
 
 DTYPES = [torch.float16, torch.bfloat16, torch.float32, torch.float64]
 DTYPE_IDS = ["fp16", "bf16", "fp32", "fp64"]
@@ -256,6 +257,37 @@ def test_all_features_together(device, dtype, d):
 @pytest.mark.parametrize("dropout_p", [0.1, 0.5])
 def test_dropout_matches_reference_with_its_mask(device, dtype, dropout_p):
     check_dense(device, dtype, 2, 2, 1, 97, 150, 64, dropout_p=dropout_p, causal=True)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("d", [64, 128, 256])
+def test_dropout_near_one_in_fp16(device, d):
+    """dropout_p = 0.99999: the keep scale is 2^16, past fp16's largest value, so a kept
+    probability near 1 must not be scaled before the 16-bit GEMMs take it (the kernels scale O
+    and dV in their epilogues). Each kept element's key dominates its row (q = 4 k), and v and
+    dout are small enough that out and the gradients are finite. The 16-bit reference applies
+    the scale last too (scaling P in fp16 would make it inf)."""
+    batch, heads, n, dropout_p = 1, 4, 1024, 0.99999
+    op, ref_options = make_options(batch, heads, device, dropout_p=dropout_p)
+    keep = torch.ops.cuflash_attn.dropout_mask(op["rng_state"], dropout_p, batch, heads, n, n)
+    kept = keep.nonzero().tolist()
+    assert len(kept) >= 8, f"{len(kept)} kept elements"
+    torch.manual_seed(0)
+    q, k = (torch.randn(batch, heads, n, d, dtype=torch.float64) for _ in range(2))
+    for b, h, i, j in kept:
+        q[b, h, i] = 4 * k[b, h, j]
+    v = torch.randn(batch, heads, n, d, dtype=torch.float64) * 2.0**-16
+    dout = torch.randn(batch, heads, n, d, dtype=torch.float64) * 2.0**-8
+    q, k, v, dout = (t.to(device, torch.float16) for t in (q, k, v, dout))
+    q.requires_grad_(), k.requires_grad_(), v.requires_grad_()
+    out, lse = fwd(q, k, v, **op)
+    got = (out, lse, *torch.autograd.grad(out, (q, k, v), dout))
+    assert all(torch.isfinite(t).all() for t in got), "inf or NaN"
+    ref = reference_grads(q, k, v, dout, torch.float64, ref_options, keep)
+    keep_scale = dropout_keep_scale(dropout_p)
+    unscaled = reference_grads(q, k, v, dout * keep_scale, torch.float16, dict(ref_options, dropout_p=0.0), keep)
+    pt = (unscaled[0].double() * keep_scale, *unscaled[1:])
+    compare(torch.float16, got, ref, pt)
 
 
 @pytest.mark.parametrize("device", DEVICES)

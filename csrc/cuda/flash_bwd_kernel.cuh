@@ -390,7 +390,7 @@ __global__ void __launch_bounds__(BwdDkvKernel<T, kHeadDim>::kThreads)
       auto col_delta = [&](int j, int e) { return delta[WarpAcc<kBlockM>::col_of(j, e, lane)]; };
       if constexpr (kFeatures) {
         if (kComputeDk) v_dout_t();
-        // s becomes (P z)^T, dp becomes dS^T.
+        // s becomes the kept P^T (dropped elements zero), dp becomes dS^T.
         probs_and_ds_with_features<true, kComputeDk>(s, dp, ScoreMod<UserType<T>>(p, b, h), mask, seq, dropout,
                                                      rng, b, h, sh.heads_q, key0, m0, lane, col_lse2, col_delta);
         if (kComputeDv) warp_gemm_rb<T, kBlockM, kHeadDim>(dv, s, sdO(buf), 0, lane, dout_unscale);
@@ -418,7 +418,7 @@ __global__ void __launch_bounds__(BwdDkvKernel<T, kHeadDim>::kThreads)
                                    sh.head_dim, lane);
   }
   if (kComputeDv) {
-    const float row_scale[2] = {1.f, 1.f};
+    const float row_scale[2] = {rng.keep_scale, rng.keep_scale};  // kept P entered dV unscaled
     Out* dv_out = row_at<Out>(p.dv, p.dv_strides, seq, false, b, h_kv, key0);
     warp_store_rows<Out, kHeadDim>(dv, row_scale, staging_of(sV), warp * 16, dv_out, p.dv_strides.row, rows_valid,
                                    sh.head_dim, lane);

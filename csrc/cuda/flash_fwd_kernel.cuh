@@ -38,14 +38,16 @@ __device__ __forceinline__ void store_lse(const float (&lse)[2], float* lse_out,
   }
 }
 
-// A warp's 16 finished rows (first row row0 of the sequence): out = O / rowsum, staged through
-// rows stage_row.. of an smem tile, and the logsumexp of each row.
+// A warp's 16 finished rows (first row row0 of the sequence): out = O / rowsum (times dropout's
+// keep scale, 1 without), staged through rows stage_row.. of an smem tile, and the logsumexp of
+// each row.
 template <typename T, int kHeadDim, class Tile>
 __device__ __forceinline__ void store_out_and_lse(const WarpAcc<kHeadDim>& o, const OnlineSoftmax& softmax,
-                                                  const Tile& stage, int stage_row, T* out, int64_t out_row_stride,
-                                                  float* lse_out, int row0, int seqlen_q, int head_dim, int lane) {
+                                                  float keep_scale, const Tile& stage, int stage_row, T* out,
+                                                  int64_t out_row_stride, float* lse_out, int row0, int seqlen_q,
+                                                  int head_dim, int lane) {
   float inv_l[2], lse[2];
-  softmax.finalize(inv_l, lse);
+  softmax.finalize(inv_l, lse, keep_scale);
   warp_store_rows<T, kHeadDim>(o, inv_l, stage, stage_row, out + row0 * out_row_stride, out_row_stride,
                                seqlen_q - row0, head_dim, lane);
   store_lse(lse, lse_out, row0, seqlen_q, lane);
@@ -66,14 +68,15 @@ __device__ __forceinline__ Range split_of(Range blocks, int split, int num_split
   return Range{begin, min(begin + per, blocks.end)};
 }
 
-// A warp's 16 finished rows of one split: out = O / rowsum over the split's keys (float32, from
-// registers) and the logsumexp of each row (-inf where the split saw no key).
+// A warp's 16 finished rows of one split: out = O / rowsum over the split's keys (times dropout's
+// keep scale; float32, from registers) and the logsumexp of each row (-inf where the split saw no
+// key).
 template <int kHeadDim>
 __device__ __forceinline__ void store_partial(const WarpAcc<kHeadDim>& o, const OnlineSoftmax& softmax,
-                                              const FlashFwdParams& p, const Sequence& seq, int split, int b,
-                                              int h, int row0, int lane) {
+                                              float keep_scale, const FlashFwdParams& p, const Sequence& seq,
+                                              int split, int b, int h, int row0, int lane) {
   float inv_l[2], lse[2];
-  softmax.finalize(inv_l, lse);
+  softmax.finalize(inv_l, lse, keep_scale);
   const int head_dim = p.shape.head_dim;
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
@@ -193,7 +196,8 @@ __global__ void __launch_bounds__(FwdKernel<T, kHeadDim, Tile>::kThreads, Tile::
 
   if (p.num_splits > 1) {
 #pragma unroll
-    for (int m = 0; m < kMT; ++m) store_partial(o[m], softmax[m], p, seq, split, b, h, row0 + 16 * m, lane);
+    for (int m = 0; m < kMT; ++m)
+      store_partial(o[m], softmax[m], rng.keep_scale, p, seq, split, b, h, row0 + 16 * m, lane);
     return;
   }
   UserType<T>* out = row_at<UserType<T>>(p.out, p.out_strides, seq, true, b, h, 0);
@@ -201,8 +205,8 @@ __global__ void __launch_bounds__(FwdKernel<T, kHeadDim, Tile>::kThreads, Tile::
   // Each warp reuses its own rows of sQ (read only by this warp) to stage the output.
 #pragma unroll
   for (int m = 0; m < kMT; ++m)
-    store_out_and_lse(o[m], softmax[m], staging_of(sQ), warp_row + 16 * m, out, p.out_strides.row, lse_out,
-                      row0 + 16 * m, seq.seqlen_q, sh.head_dim, lane);
+    store_out_and_lse(o[m], softmax[m], rng.keep_scale, staging_of(sQ), warp_row + 16 * m, out, p.out_strides.row,
+                      lse_out, row0 + 16 * m, seq.seqlen_q, sh.head_dim, lane);
 }
 
 // Split-KV's merge: row i of (b, h) is sum_s exp(lse_s - lse) out_s with lse = log sum_s

@@ -348,7 +348,7 @@ __device__ __forceinline__ void scores_from_qk(WarpAcc<kN>& t, const ScoreMod<T>
   mask_scores(t, m, s, row0, col0, lane);
 }
 
-// Dropout keep factors (0 or keep_scale) of a warp tile: z[j][e] for element (j, e), by
+// Dropout keep factors (0 or `kept`) of a warp tile: z[j][e] for element (j, e), by
 // DropoutRng's rule (a Philox call draws 4 queries x 2 keys). Lanes lane and lane ^ 4 (rows r and
 // r ^ 1) hold between them the 16 elements of two blocks in each pair of 8-column tiles (j, j + 1):
 //   forward (queries the rows): block t the key pair of tile j + t, rows r, r ^ 1, r + 8, r ^ 1 + 8;
@@ -360,8 +360,8 @@ __device__ __forceinline__ void scores_from_qk(WarpAcc<kN>& t, const ScoreMod<T>
 // fused backward's 40 keys a consumer, forward only) leaves the last one unpaired: both lanes draw
 // its block.
 template <bool kTransposed, int kN>
-__device__ __forceinline__ void dropout_factors(float (&z)[kN / 8][4], const DropoutRng& rng, int b, int h,
-                                                int heads, int row0, int col0, int lane) {
+__device__ __forceinline__ void dropout_factors(float (&z)[kN / 8][4], float kept, const DropoutRng& rng, int b,
+                                                int h, int heads, int row0, int col0, int lane) {
   static_assert(kN % 8 == 0 && (!kTransposed || kN % 16 == 0), "8-column tiles; transposed, whole query quads");
   constexpr int kPaired = kN / 16 * 2;  // tiles drawn in pairs
   const int odd = (lane >> 2) & 1;      // this lane's rows are odd
@@ -369,7 +369,7 @@ __device__ __forceinline__ void dropout_factors(float (&z)[kN / 8][4], const Dro
   // threshold << 16, so that the low bits play no part.
   const uint32_t threshold_hi = rng.threshold << 16;
   auto factor = [&](uint32_t word, int half) {
-    return (half ? word : word << 16) >= threshold_hi ? rng.keep_scale : 0.f;
+    return (half ? word : word << 16) >= threshold_hi ? kept : 0.f;
   };
   // The block holding element (2 rh) of tile j for this lane (any row of a quad, either key of a pair).
   auto block_at = [&](int j, int rh) {
@@ -422,13 +422,14 @@ __device__ __forceinline__ void dropout_factors(float (&z)[kN / 8][4], const Dro
   }
 }
 
-// Forward: P (rows queries, columns keys) times its dropout factors. The softmax has summed every
-// probability; only the kept ones reach P V.
+// Forward: P (rows queries, columns keys) with its dropped elements zeroed. The softmax has summed
+// every probability; only the kept ones reach P V, unscaled: the keep scale multiplies O in the
+// epilogue (OnlineSoftmax::finalize's out_factor), so that fp16 P stays within range at any p.
 template <int kN>
 __device__ __forceinline__ void apply_dropout(WarpAcc<kN>& p, const DropoutRng& rng, int b, int h, int heads, int row0,
                                               int col0, int lane) {
   float z[kN / 8][4];
-  dropout_factors<false, kN>(z, rng, b, h, heads, row0, col0, lane);
+  dropout_factors<false, kN>(z, 1.f, rng, b, h, heads, row0, col0, lane);
 #pragma unroll
   for (int j = 0; j < kN / 8; ++j)
 #pragma unroll
@@ -485,13 +486,15 @@ __device__ __forceinline__ void probs_then_mask(WarpAcc<kN>& s, float scale_log2
 
 // With softcap, ALiBi, attn_mask or dropout, from raw q.k (s) and dP (dp), a pass over the tile
 // per step (each feature's branch taken once a tile, as in ScoreMod::scores):
-//   s  <- P * z                          (the operand of dV)
+//   s  <- P * [z != 0]                   (the operand of dV, whose epilogue multiplies by keep_scale)
 //   dp <- P * ((dP * z - delta) * dcap)  (dS, the operand of dQ and dK)
-// z is the dropout factor (1 without dropout), dcap the softcap's chain-rule factor, folded into
-// dp as soon as the softcap pass has it (no tile of factors kept: the head-dim-64 fused Hopper
-// backward spilled 80-116 bytes with one). dscores, if not null, receives the score gradients
-// P * (dP * z - delta) of the elements inside the sequence (dcap applied after them): the (b, h)
-// slice of FlashBwdParams::dscores, rows dscores_stride apart. add_bias as in ScoreMod::scores.
+// z is the dropout factor, 0 or keep_scale (1 without dropout): kept P enters dV's 16-bit GEMM
+// unscaled, as in the forward, so that fp16 holds it at any p. dcap is the softcap's chain-rule
+// factor, folded into dp as soon as the softcap pass has it (no tile of factors kept: the
+// head-dim-64 fused Hopper backward spilled 80-116 bytes with one). dscores, if not null,
+// receives the score gradients P * (dP * z - delta) of the elements inside the sequence (dcap
+// applied after them): the (b, h) slice of FlashBwdParams::dscores, rows dscores_stride apart.
+// add_bias as in ScoreMod::scores.
 template <bool kTransposed, bool kWithDs, int kN, typename T, class Lse2, class Delta, class AddBias = NoBias>
 __device__ __forceinline__ void probs_and_ds_with_features(WarpAcc<kN>& s, WarpAcc<kN>& dp, const ScoreMod<T>& mod,
                                                            const MaskParams& m, const Sequence& seq, bool dropout,
@@ -500,7 +503,7 @@ __device__ __forceinline__ void probs_and_ds_with_features(WarpAcc<kN>& s, WarpA
                                                            float* dscores = nullptr, int64_t dscores_stride = 0,
                                                            AddBias&& add_bias = NoBias{}) {
   float z[kN / 8][4];  // with dropout
-  if (dropout) dropout_factors<kTransposed, kN>(z, rng, b, h, heads, row0, col0, lane);
+  if (dropout) dropout_factors<kTransposed, kN>(z, rng.keep_scale, rng, b, h, heads, row0, col0, lane);
   if (kWithDs) {
     if (dropout) {
       for_each_value(dp, [&](float& d, int j, int e) { d = d * z[j][e] - delta(j, e); });
@@ -539,7 +542,7 @@ __device__ __forceinline__ void probs_and_ds_with_features(WarpAcc<kN>& s, WarpA
       if (mod.softcap) for_each_value(dp, [&](float& d, int j, int e) { d *= dcap[j][e]; });
     }
   }
-  if (dropout) for_each_value(s, [&](float& x, int j, int e) { x *= z[j][e]; });
+  if (dropout) for_each_value(s, [&](float& x, int j, int e) { x = z[j][e] != 0.f ? x : 0.f; });
 }
 
 // Whether a launch needs the kernels' feature path (kFeatures): anything that changes the

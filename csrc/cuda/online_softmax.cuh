@@ -132,14 +132,14 @@ struct OnlineSoftmax {
   }
 
  public:
-  // 1 / rowsum for the output (0 for a row that saw no key) and the natural-log logsumexp
-  // (-inf for such a row).
-  __device__ __forceinline__ void finalize(float (&inv_sum)[2], float (&lse)[2]) const {
+  // out_factor / rowsum for the output (0 for a row that saw no key) and the natural-log
+  // logsumexp (-inf for such a row). out_factor: dropout's keep scale (DropoutRng::keep_scale).
+  __device__ __forceinline__ void finalize(float (&inv_sum)[2], float (&lse)[2], float out_factor) const {
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
       const float l = quad_sum(row_sum[r]);
       const bool seen = l != 0.f;  // NaN scores give a NaN sum: it propagates
-      inv_sum[r] = seen ? 1.f / l : 0.f;
+      inv_sum[r] = seen ? out_factor / l : 0.f;
       lse[r] = seen ? (row_max[r] + log2f(l)) * 0.6931471805599453f : -INFINITY;
     }
   }

@@ -392,7 +392,7 @@ __global__ void __launch_bounds__(BwdFused256Kernel<T, kOrderedDq>::kThreads, 1)
       auto row_lse2 = [&](int, int e) { return lse2[e >> 1]; };
       auto row_delta = [&](int, int e) { return delta[e >> 1]; };
       const int key0 = tile.n_start + K::kKeysPerConsumer * consumer;
-      if constexpr (kFeatures) {  // s becomes P z and dp dS (one pass over both: dP waited for too)
+      if constexpr (kFeatures) {  // s becomes the kept P and dp dS (one pass over both: dP waited for too)
         wgmma_wait<0>();
         probs_and_ds_with_features<false, true>(s, dp, mod, mask, tile.seq, dropout, rng, tile.b, h, sh.heads_q, row0,
                                                 key0, lane, row_lse2, row_delta);
@@ -471,7 +471,7 @@ __global__ void __launch_bounds__(BwdFused256Kernel<T, kOrderedDq>::kThreads, 1)
         uint32_t f[10];
         pack40(dkt[slice], half, dk_scale, f);
         stmatrix_acc40_trans(smem_u32(sK) + panel, 40 * half, f);
-        pack40(dvt[slice], half, 1.f, f);
+        pack40(dvt[slice], half, rng.keep_scale, f);  // kept P entered dV unscaled
         stmatrix_acc40_trans(smem_u32(sV) + panel, 40 * half, f);
       }
     }

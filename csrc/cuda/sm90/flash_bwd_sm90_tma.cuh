@@ -807,7 +807,7 @@ __global__ void __launch_bounds__(
       wgmma_wait<0>();
       auto col_lse2 = [&](int j, int e) { return lse2[WarpAcc<kBlockM>::col_of(j, e, lane)]; };
       auto col_delta = [&](int j, int e) { return delta[WarpAcc<kBlockM>::col_of(j, e, lane)]; };
-      if constexpr (kFeatures) {  // s becomes (P z)^T and dp dS^T, dV's and dK's operands
+      if constexpr (kFeatures) {  // s becomes the kept P^T and dp dS^T, dV's and dK's operands
         auto staged_mask = [&] {  // kStagedMask: what the ScoreMod's mask would add, from shared memory
           if constexpr (kStagedMask) {
             return [&](WarpAcc<kBlockM>& scores) {
@@ -910,7 +910,9 @@ __global__ void __launch_bounds__(
 
     // The output, staged through the K/V tiles once both consumers' wgmmas are done reading them.
     named_barrier_sync<K::kConsumerThreads>(1);
-    const float dk_scale[2] = {static_cast<float>(p.scale), static_cast<float>(p.scale)}, dv_scale[2] = {1.f, 1.f};
+    // dV: times dropout's keep scale, since kept P entered it unscaled.
+    const float dk_scale[2] = {static_cast<float>(p.scale), static_cast<float>(p.scale)};
+    const float dv_scale[2] = {rng.keep_scale, rng.keep_scale};
     if constexpr (K::kTmaStoreDkv) {
       // dK into K's buffer and dV into V's, in the layout TMA loaded them, this consumer's 64 rows
       // of every panel; then its first thread's bulk stores (rows past seqlen_k are not written),

@@ -81,14 +81,14 @@ struct CpAsyncTile {
   // shared memory (smem, kSmemBytes with 1024 of alignment slack), which the caller is done with.
   template <int kSmemBytes, int kHeadDim>
   __device__ void store_output(const FlashFwdParams& p, const WarpAcc<kHeadDim>& o, const OnlineSoftmax& softmax,
-                               unsigned char* smem, int warp_row, int lane) const {
+                               float keep_scale, unsigned char* smem, int warp_row, int lane) const {
     __syncthreads();
     const SmemTile<T, kBlockM, kHeadDim> stage{reinterpret_cast<T*>(smem)};
     static_assert(SmemTile<T, kBlockM, kHeadDim>::kElems * sizeof(T) <= kSmemBytes - 1024, "staging fits");
     T* out = row_at<T>(p.out, p.out_strides, seq, true, b, h, 0);
     float* lse_out = static_cast<float*>(p.lse) + stats_offset(p.stats_strides, seq, b, h);
-    store_out_and_lse(o, softmax, stage, warp_row, out, p.out_strides.row, lse_out, m_start + warp_row, seq.seqlen_q,
-                      p.shape.head_dim, lane);
+    store_out_and_lse(o, softmax, keep_scale, stage, warp_row, out, p.out_strides.row, lse_out, m_start + warp_row,
+                      seq.seqlen_q, p.shape.head_dim, lane);
   }
 };
 
@@ -208,7 +208,7 @@ __global__ void __launch_bounds__(FwdSm90Kernel<T, kHeadDim, kFeatures>::kThread
   }
 
   // The output, staged through shared memory (now free) as in the sm_80 kernel.
-  t.template store_output<K::kSmemBytes>(p, o, softmax, smem, warp_row, lane);
+  t.template store_output<K::kSmemBytes>(p, o, softmax, rng.keep_scale, smem, warp_row, lane);
 #endif
 }
 

@@ -242,7 +242,7 @@ __global__ void __launch_bounds__(FwdSm90Fp32Kernel<kHeadDim_>::kThreads, 1)
   }
 
   // The output, staged through shared memory (now free) as in the other forwards.
-  t.template store_output<K::kSmemBytes>(p, o, softmax, smem, warp_row, lane);
+  t.template store_output<K::kSmemBytes>(p, o, softmax, 1.f, smem, warp_row, lane);  // no dropout here
 #endif
 }
 

@@ -174,9 +174,9 @@ __global__ void __launch_bounds__(FwdSm90TmaKernel<T, kHeadDim, kWide, kPersiste
   // A/Bs (benchmarks/NOTES.md): forward +1-8% at head dim 256 (the max kept by a branch), then by
   // selects 0.985-1.027x of that and of the eager rescale at 64 and 128 (median 1.007x). The
   // features kernels not: slower at head dim 128 with the max kept by a branch (the
-  // CUFLASH_FWD_FEATURES_LAZY experiment measures selects). Not their fp16 ones: dropout scales the
-  // kept P by up to 2^16 before P turns 16-bit, past fp16's range once a lazy max lets p reach 2^8.
-  constexpr bool kLazyRescale = kFoldScale || (CUFLASH_FWD_FEATURES_LAZY && !std::is_same_v<T, __half>);
+  // CUFLASH_FWD_FEATURES_LAZY experiment measures selects; a lazy max lets p reach 2^8, which fp16
+  // holds since dropout's keep scale waits for the epilogue).
+  constexpr bool kLazyRescale = kFoldScale || CUFLASH_FWD_FEATURES_LAZY;
   static_assert(!kStagedMask || (kFeatures && K::kMayStageMask), "a staged mask: the features kernels with room");
   static_assert(kWide || kPageSizeMultiple % kBlockN == 0, "a key block lies in one page (key_at)");
   constexpr int kPanels = kHeadDim / 64, kConsumerThreads = 128 * K::kConsumers;
@@ -468,7 +468,7 @@ __global__ void __launch_bounds__(FwdSm90TmaKernel<T, kHeadDim, kWide, kPersiste
     // Split-KV: this split's rows in float32 from registers, for the combine kernel (every
     // consumer alike: no barrier skipped halfway).
     if (kMaySplit && p.num_splits > 1) {
-      store_partial(o, softmax, p, tile.seq, tile.split, tile.b, tile.h, row0, lane);
+      store_partial(o, softmax, rng.keep_scale, p, tile.seq, tile.split, tile.b, tile.h, row0, lane);
       continue;
     }
     float* lse_out = static_cast<float*>(p.lse) + stats_offset(p.stats_strides, tile.seq, tile.b, tile.h);
@@ -482,7 +482,7 @@ __global__ void __launch_bounds__(FwdSm90TmaKernel<T, kHeadDim, kWide, kPersiste
     if (kPersistent && first_thread) bulk_wait_group_read<0>();
     named_barrier_sync<128>(epilogue_barrier);
     float inv_l[2], lse[2];
-    softmax.finalize(inv_l, lse);
+    softmax.finalize(inv_l, lse, rng.keep_scale);
     stage_rows_for_tma<T, kBlockM>(o, inv_l, stage, warp_row, lane);
     fence_async_shared();  // these writes before the bulk store's (async proxy) reads
     named_barrier_sync<128>(epilogue_barrier);
