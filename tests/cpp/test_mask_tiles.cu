@@ -312,7 +312,7 @@ template <bool kTransposed, int kN>
 __global__ void dropout_factors_kernel(cuflash::DropoutRng rng, int b, int h, int heads, int row0, int col0,
                                        float* out) {
   float z[kN / 8][4];
-  cuflash::dropout_factors<kTransposed, kN>(z, rng, b, h, heads, row0, col0, threadIdx.x);
+  cuflash::dropout_factors<kTransposed, kN>(z, rng.keep_scale, rng, b, h, heads, row0, col0, threadIdx.x);
   for (int j = 0; j < kN / 8; ++j)
     for (int e = 0; e < 4; ++e) out[(threadIdx.x * (kN / 8) + j) * 4 + e] = z[j][e];
 }
