@@ -24,11 +24,6 @@
 #ifndef CUFLASH_FWD_PACKED_TMA_STORE
 #define CUFLASH_FWD_PACKED_TMA_STORE 0
 #endif
-// Experiment (an A/B build's define; benchmarks/NOTES.md): the features kernels' O rescaled lazily
-// too (kLazyRescale), the max kept by selects as in the plain kernels.
-#ifndef CUFLASH_FWD_FEATURES_LAZY
-#define CUFLASH_FWD_FEATURES_LAZY 0
-#endif
 #include <type_traits>
 #include "flash_fwd_sm90.cuh"
 #include "staged_mask.h"
@@ -170,13 +165,12 @@ __global__ void __launch_bounds__(FwdSm90TmaKernel<T, kHeadDim, kWide, kPersiste
   // scale only (folds_scale_safely). The features kernel scales its scores first: folding its
   // run-time factor (cap_out, the scale or 1) made it slower (H100, benchmarks/NOTES.md).
   constexpr bool kFoldScale = !kFeatures;
-  // The plain kernels rescale O lazily (OnlineSoftmax's kLazy), most steps skip it: H100, same-run
-  // A/Bs (benchmarks/NOTES.md): forward +1-8% at head dim 256 (the max kept by a branch), then by
-  // selects 0.985-1.027x of that and of the eager rescale at 64 and 128 (median 1.007x). The
-  // features kernels not: slower at head dim 128 with the max kept by a branch (the
-  // CUFLASH_FWD_FEATURES_LAZY experiment measures selects; a lazy max lets p reach 2^8, which fp16
-  // holds since dropout's keep scale waits for the epilogue).
-  constexpr bool kLazyRescale = kFoldScale || CUFLASH_FWD_FEATURES_LAZY;
+  // O rescaled lazily (OnlineSoftmax's kLazy, the max kept by selects), most steps skip it:
+  // H100, same-run A/Bs (benchmarks/NOTES.md). The plain kernels: forward +1-8% at head dim 256,
+  // 0.985-1.027x (median 1.007x) at 64 and 128. The features kernels at head dim 256: softcap
+  // +4-8%, ALiBi +1-6%, dropout +8-11%; at 64 and 128 not (0.96-1.05x, dropout at 64 0.97-0.98x).
+  // A lazy max lets p reach 2^8, which fp16 P holds: dropout's keep scale waits for the epilogue.
+  constexpr bool kLazyRescale = kFoldScale || kHeadDim == 256;
   static_assert(!kStagedMask || (kFeatures && K::kMayStageMask), "a staged mask: the features kernels with room");
   static_assert(kWide || kPageSizeMultiple % kBlockN == 0, "a key block lies in one page (key_at)");
   constexpr int kPanels = kHeadDim / 64, kConsumerThreads = 128 * K::kConsumers;
