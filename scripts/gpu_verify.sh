@@ -6,7 +6,8 @@
 # beside the sanitizers (the suite's timings are not measured). Logs: $OUT/logs.tar.gz (the
 # three parts' output), $OUT/check/logs.tar.gz (the suite's), $OUT/san.tar.gz (each tool's).
 #   VERIFY_LIMIT_S=560   seconds for the whole call; each part gets what is left
-#   VERIFY_SAN_LANES="memcheck initcheck,synccheck racecheck"   the sanitizers' parallel lanes
+#   VERIFY_SAN_LANES="memcheck synccheck initcheck racecheck"   the sanitizers' lanes, split on
+#                        commas, run side by side (default one lane)
 #   GPU_CHECK_PROCS, GPU_CHECK_SWEEP_SHARDS ... pass through
 #   NVCC_APPEND_FLAGS="-DSOME_EXPERIMENT=1"   (read by nvcc itself) checks an experiment's build
 #                        whole; on a fresh machine only: ninja does not rebuild objects for a
@@ -31,9 +32,10 @@ until grep -q '^build:' "$OUT/check.log" 2>/dev/null; do
 done
 echo "extension built: $(( $(date +%s) - start )) s"
 status=0
-# The four tools in two lanes side by side (VERIFY_SAN_LANES, lanes split on commas): one after
-# another they took 341 s of the call, the suite 245 (H100, 2026-12-06), so they set its length.
-IFS=, read -ra san_lanes <<< "${VERIFY_SAN_LANES:-memcheck initcheck,synccheck racecheck}"
+# The four tools one after another by default: in one lane they took 341 s of the call, the suite
+# 245; in two lanes (memcheck initcheck, synccheck racecheck) every tool ran 1.5-7x slower, the
+# longer lane 432 s, and the suite 401 s (H100, 2026-12-06): they share one GPU.
+IFS=, read -ra san_lanes <<< "${VERIFY_SAN_LANES:-memcheck synccheck initcheck racecheck}"
 san_pids=()
 for lane in "${!san_lanes[@]}"; do
   OUT="$OUT/san" SANITIZE_TOOLS="${san_lanes[$lane]}" SANITIZE_SKIP_BUILD=1 SANITIZE_BUDGET_S=$(( $(left) - 10 )) \
@@ -45,7 +47,9 @@ cat "$OUT"/san-lane*.log > "$OUT/san.log" && rm -f "$OUT"/san-lane*.log
 tar czf "$OUT/san.tar.gz" -C "$OUT" san && rm -rf "$OUT/san"
 echo "sanitizers ($(( $(date +%s) - start )) s):"; grep -vE '^=========|^Version|^logs:' "$OUT/san.log" | tail -n 8
 wait "$cpp_pid" || status=1
-echo "C++ tests ($(( $(date +%s) - start )) s): $(grep -E 'tests passed|tests failed' "$OUT/cpp.log" | tail -n 1)"
+summary=$(grep -E 'tests passed|tests failed' "$OUT/cpp.log" | tail -n 1)
+echo "C++ tests ($(( $(date +%s) - start )) s): ${summary:-no ctest summary (a build error?):}"
+[ -n "$summary" ] || { grep -m 5 -E 'error' "$OUT/cpp.log"; tail -n 3 "$OUT/cpp.log"; }
 grep -E '\(Failed\)|\(SEGFAULT\)|\(Timeout\)' "$OUT/cpp.log" | head -n 10
 wait "$check_pid" || status=1
 # Stopped by its time limit, gpu_check.sh leaves its logs (one a test file) unpacked: packed here,
