@@ -348,9 +348,9 @@ __device__ __forceinline__ void scores_from_qk(WarpAcc<kN>& t, const ScoreMod<T>
   mask_scores(t, m, s, row0, col0, lane);
 }
 
-// Dropout keep factors (0 or `kept`) of a warp tile: z[j][e] for element (j, e), by
-// DropoutRng's rule (a Philox call draws 4 queries x 2 keys). Lanes lane and lane ^ 4 (rows r and
-// r ^ 1) hold between them the 16 elements of two blocks in each pair of 8-column tiles (j, j + 1):
+// Dropout's draws for a warp tile, by DropoutRng's rule (a Philox call draws 4 queries x 2 keys).
+// Lanes lane and lane ^ 4 (rows r and r ^ 1) hold between them the 16 elements of two blocks in
+// each pair of 8-column tiles (j, j + 1):
 //   forward (queries the rows): block t the key pair of tile j + t, rows r, r ^ 1, r + 8, r ^ 1 + 8;
 //   transposed (keys the rows): block t the key pair of rows r + 8t, r ^ 1 + 8t, columns 2c, 2c + 1
 //   of both tiles.
@@ -359,66 +359,97 @@ __device__ __forceinline__ void scores_from_qk(WarpAcc<kN>& t, const ScoreMod<T>
 // or col0 (transposed) a multiple of 16, the other even. An odd number of tiles (the head-dim-256
 // fused backward's 40 keys a consumer, forward only) leaves the last one unpaired: both lanes draw
 // its block.
+//
+// The Philox block holding element (2 rh) of tile j for this lane (any row of a quad, either key
+// of a pair).
+template <bool kTransposed, int kN>
+__device__ __forceinline__ Philox4 dropout_block(const DropoutRng& rng, int b, int h, int heads, int row0, int col0,
+                                                 int lane, int j, int rh) {
+  const int row = row0 + WarpAcc<kN>::row_of(2 * rh, lane), col = col0 + WarpAcc<kN>::col_of(j, 0, lane);
+  return kTransposed ? rng.block(b, h, heads, col, row) : rng.block(b, h, heads, row, col);
+}
+// Lanes lane and lane ^ 4 swap the words each drew for the other (sent): words[t] the block of
+// the lane with odd == t, from this lane's own (mine) or the other's.
+__device__ __forceinline__ void exchange_dropout_words(const uint32_t (&mine)[2], const uint32_t (&sent)[2], int odd,
+                                                       uint32_t (&words)[2][2]) {
+#pragma unroll
+  for (int q = 0; q < 2; ++q) {
+    const uint32_t got = __shfl_xor_sync(0xffffffffu, sent[q], 4);
+    words[0][q] = odd ? got : mine[q];
+    words[1][q] = odd ? mine[q] : got;
+  }
+}
+// Forward: visit(j, rh, word) for each word of tile j, row r + 8 rh: the draws of keys 2c and
+// 2c + 1 in the low and high halves, the layout of a packed 16-bit pair of P.
+template <int kN, class Visit>
+__device__ __forceinline__ void forward_dropout_words(const DropoutRng& rng, int b, int h, int heads, int row0,
+                                                      int col0, int lane, Visit&& visit) {
+  static_assert(kN % 8 == 0, "8-column tiles");
+  constexpr int kPaired = kN / 16 * 2;  // tiles drawn in pairs
+  const int odd = (lane >> 2) & 1;      // this lane's rows are odd
+  if constexpr (kPaired < kN / 8) {     // both lanes draw the last tile's block
+    const Philox4 block = dropout_block<false, kN>(rng, b, h, heads, row0, col0, lane, kPaired, 0);
+#pragma unroll
+    for (int rh = 0; rh < 2; ++rh) visit(kPaired, rh, DropoutRng::word_at(block, odd, rh));
+  }
+#pragma unroll
+  for (int j = 0; j < kPaired; j += 2) {
+    // Whole words of block j + odd: this lane's rows' (query parity odd, bit 3 rh) and the other's.
+    const Philox4 block = dropout_block<false, kN>(rng, b, h, heads, row0, col0, lane, j + odd, 0);
+    uint32_t mine[2], sent[2];
+#pragma unroll
+    for (int rh = 0; rh < 2; ++rh) {
+      mine[rh] = DropoutRng::word_at(block, odd, rh);
+      sent[rh] = DropoutRng::word_at(block, odd ^ 1, rh);
+    }
+    uint32_t words[2][2];  // [tile j + t][rh]
+    exchange_dropout_words(mine, sent, odd, words);
+#pragma unroll
+    for (int t = 0; t < 2; ++t)
+#pragma unroll
+      for (int rh = 0; rh < 2; ++rh) visit(j + t, rh, words[t][rh]);
+  }
+}
+
+// Dropout keep factors (0 or `kept`) of a warp tile: z[j][e] for element (j, e) (the draws above).
 template <bool kTransposed, int kN>
 __device__ __forceinline__ void dropout_factors(float (&z)[kN / 8][4], float kept, const DropoutRng& rng, int b,
                                                 int h, int heads, int row0, int col0, int lane) {
   static_assert(kN % 8 == 0 && (!kTransposed || kN % 16 == 0), "8-column tiles; transposed, whole query quads");
-  constexpr int kPaired = kN / 16 * 2;  // tiles drawn in pairs
-  const int odd = (lane >> 2) & 1;      // this lane's rows are odd
   // The factor of a 16-bit draw, half 1 the word's high bits: compared as the high half, against
   // threshold << 16, so that the low bits play no part.
   const uint32_t threshold_hi = rng.threshold << 16;
   auto factor = [&](uint32_t word, int half) {
     return (half ? word : word << 16) >= threshold_hi ? kept : 0.f;
   };
-  // The block holding element (2 rh) of tile j for this lane (any row of a quad, either key of a pair).
-  auto block_at = [&](int j, int rh) {
-    const int row = row0 + WarpAcc<kN>::row_of(2 * rh, lane), col = col0 + WarpAcc<kN>::col_of(j, 0, lane);
-    return kTransposed ? rng.block(b, h, heads, col, row) : rng.block(b, h, heads, row, col);
-  };
-  if constexpr (kPaired < kN / 8) {  // forward only: this lane's rows' words, half c
-    const Philox4 w = block_at(kPaired, 0);
+  if constexpr (!kTransposed) {
+    forward_dropout_words<kN>(rng, b, h, heads, row0, col0, lane, [&](int j, int rh, uint32_t word) {
 #pragma unroll
-    for (int e = 0; e < 4; ++e) z[kPaired][e] = factor(DropoutRng::word_at(w, odd, e >> 1), e & 1);
-  }
+      for (int c = 0; c < 2; ++c) z[j][2 * rh + c] = factor(word, c);
+    });
+  } else {
+    const int odd = (lane >> 2) & 1;  // this lane's rows are odd
 #pragma unroll
-  for (int j = 0; j < kPaired; j += 2) {
-    // mine[q], sent[q]: words of the drawn block that hold this lane's elements and the other's.
-    // Forward: q = rh, whole words (query parity odd, bit 3 q). Transposed: q = c (the query's
-    // parity), the halves of the key's parity of the words of tile j (bit 3 clear) and j + 1,
-    // packed low and high.
-    uint32_t mine[2], sent[2];
-    if constexpr (!kTransposed) {
-      const Philox4 w = block_at(j + odd, 0);
-#pragma unroll
-      for (int q = 0; q < 2; ++q) {
-        mine[q] = DropoutRng::word_at(w, odd, q);
-        sent[q] = DropoutRng::word_at(w, odd ^ 1, q);
-      }
-    } else {
-      const Philox4 w = block_at(j, odd);
+    for (int j = 0; j < kN / 8; j += 2) {
+      // mine[q], sent[q]: for query parity q (= c), the halves of the key's parity of the words of
+      // tile j (bit 3 clear) and j + 1, packed low and high: this lane's and the other's.
+      const int row = row0 + WarpAcc<kN>::row_of(2 * odd, lane), col = col0 + WarpAcc<kN>::col_of(j, 0, lane);
+      const Philox4 block = rng.block(b, h, heads, col, row);
       const uint32_t low_halves = 0x5410u, high_halves = 0x7632u;  // __byte_perm selectors
+      uint32_t mine[2], sent[2];
 #pragma unroll
       for (int q = 0; q < 2; ++q) {
-        const uint32_t tile_j = DropoutRng::word_at(w, q, 0), tile_j1 = DropoutRng::word_at(w, q, 1);
+        const uint32_t tile_j = DropoutRng::word_at(block, q, 0), tile_j1 = DropoutRng::word_at(block, q, 1);
         mine[q] = __byte_perm(tile_j, tile_j1, odd ? high_halves : low_halves);
         sent[q] = __byte_perm(tile_j, tile_j1, odd ? low_halves : high_halves);
       }
+      uint32_t words[2][2];  // [block][q]
+      exchange_dropout_words(mine, sent, odd, words);
+#pragma unroll
+      for (int t = 0; t < 2; ++t)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) z[j + t][e] = factor(words[e >> 1][e & 1], t);
     }
-    uint32_t words[2][2];  // [block][q]
-#pragma unroll
-    for (int q = 0; q < 2; ++q) {
-      const uint32_t got = __shfl_xor_sync(0xffffffffu, sent[q], 4);
-      words[0][q] = odd ? got : mine[q];
-      words[1][q] = odd ? mine[q] : got;
-    }
-#pragma unroll
-    for (int t = 0; t < 2; ++t)
-#pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const int rh = e >> 1, c = e & 1;
-        z[j + t][e] = kTransposed ? factor(words[rh][c], t) : factor(words[t][rh], c);
-      }
   }
 }
 
@@ -434,6 +465,20 @@ __device__ __forceinline__ void apply_dropout(WarpAcc<kN>& p, const DropoutRng& 
   for (int j = 0; j < kN / 8; ++j)
 #pragma unroll
     for (int e = 0; e < 4; ++e) p.v[j][e] *= z[j][e];
+}
+
+// Forward, P packed to 16-bit pairs (pa: the P V matmul's A fragments, WarpAcc::to_a's order)
+// with its dropped elements zeroed: an AND a pair with __vcmpgeu2's mask (0xffff in each half
+// whose draw is kept), in place of apply_dropout's compare, select and multiply an element.
+// Experiment (CUFLASH_FWD_DROPOUT_PACKED, flash_fwd_sm90_tma.cuh).
+template <int kN>
+__device__ __forceinline__ void drop_packed_pairs(uint32_t (&pa)[kN / 16][4], const DropoutRng& rng, int b, int h,
+                                                  int heads, int row0, int col0, int lane) {
+  static_assert(kN % 16 == 0, "whole k-steps");
+  const uint32_t thresholds = rng.threshold * 0x10001u;  // both halves
+  forward_dropout_words<kN>(rng, b, h, heads, row0, col0, lane, [&](int j, int rh, uint32_t word) {
+    pa[j / 2][2 * (j % 2) + rh] &= __vcmpgeu2(word, thresholds);  // register i: tile 2 kk + i / 2, row half i % 2
+  });
 }
 
 // The backward's elementwise steps. lse2 and delta are indexed by the tile element (j, e)
