@@ -359,15 +359,6 @@ __device__ __forceinline__ void scores_from_qk(WarpAcc<kN>& t, const ScoreMod<T>
 // or col0 (transposed) a multiple of 16, the other even. An odd number of tiles (the head-dim-256
 // fused backward's 40 keys a consumer, forward only) leaves the last one unpaired: both lanes draw
 // its block.
-//
-// The Philox block holding element (2 rh) of tile j for this lane (any row of a quad, either key
-// of a pair).
-template <bool kTransposed, int kN>
-__device__ __forceinline__ Philox4 dropout_block(const DropoutRng& rng, int b, int h, int heads, int row0, int col0,
-                                                 int lane, int j, int rh) {
-  const int row = row0 + WarpAcc<kN>::row_of(2 * rh, lane), col = col0 + WarpAcc<kN>::col_of(j, 0, lane);
-  return kTransposed ? rng.block(b, h, heads, col, row) : rng.block(b, h, heads, row, col);
-}
 // Lanes lane and lane ^ 4 swap the words each drew for the other (sent): words[t] the block of
 // the lane with odd == t, from this lane's own (mine) or the other's.
 __device__ __forceinline__ void exchange_dropout_words(const uint32_t (&mine)[2], const uint32_t (&sent)[2], int odd,
@@ -387,15 +378,19 @@ __device__ __forceinline__ void forward_dropout_words(const DropoutRng& rng, int
   static_assert(kN % 8 == 0, "8-column tiles");
   constexpr int kPaired = kN / 16 * 2;  // tiles drawn in pairs
   const int odd = (lane >> 2) & 1;      // this lane's rows are odd
-  if constexpr (kPaired < kN / 8) {     // both lanes draw the last tile's block
-    const Philox4 block = dropout_block<false, kN>(rng, b, h, heads, row0, col0, lane, kPaired, 0);
+  auto block_of_tile = [&](int j) {     // the block of tile j's key pair and this lane's query quad
+    const int row = row0 + WarpAcc<kN>::row_of(0, lane), col = col0 + WarpAcc<kN>::col_of(j, 0, lane);
+    return rng.block(b, h, heads, row, col);
+  };
+  if constexpr (kPaired < kN / 8) {  // both lanes draw the last tile's block
+    const Philox4 block = block_of_tile(kPaired);
 #pragma unroll
     for (int rh = 0; rh < 2; ++rh) visit(kPaired, rh, DropoutRng::word_at(block, odd, rh));
   }
 #pragma unroll
   for (int j = 0; j < kPaired; j += 2) {
     // Whole words of block j + odd: this lane's rows' (query parity odd, bit 3 rh) and the other's.
-    const Philox4 block = dropout_block<false, kN>(rng, b, h, heads, row0, col0, lane, j + odd, 0);
+    const Philox4 block = block_of_tile(j + odd);
     uint32_t mine[2], sent[2];
 #pragma unroll
     for (int rh = 0; rh < 2; ++rh) {
@@ -477,7 +472,7 @@ __device__ __forceinline__ void drop_packed_pairs(uint32_t (&pa)[kN / 16][4], co
   static_assert(kN % 16 == 0, "whole k-steps");
   const uint32_t thresholds = rng.threshold * 0x10001u;  // both halves
   forward_dropout_words<kN>(rng, b, h, heads, row0, col0, lane, [&](int j, int rh, uint32_t word) {
-    pa[j / 2][2 * (j % 2) + rh] &= __vcmpgeu2(word, thresholds);  // register i: tile 2 kk + i / 2, row half i % 2
+    pa[j / 2][2 * (j % 2) + rh] &= __vcmpgeu2(word, thresholds);  // register i: tile 2 kk + i / 2, rh i % 2
   });
 }
 
