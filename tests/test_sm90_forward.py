@@ -618,9 +618,10 @@ def test_row_max_rising_across_steps(dtype, d, causal, features):
 @pytest.mark.parametrize("d", [64, 128, 256])
 @pytest.mark.parametrize("dropout_p", [0.5, 0.998])
 def test_row_max_rising_with_dropout(dtype, d, dropout_p):
-    """rising_max_inputs under dropout (the features kernel): a lazily kept max lets these rows'
-    p reach 2^7.5, which fp16 P holds only while dropout's keep scale (500 at 0.998) waits for
-    the epilogue rather than multiplying the kept P."""
+    """rising_max_inputs under dropout (the features kernel): a lazily kept max (head dim 256's
+    features kernels; 64 and 128 rescale eagerly) lets these rows' p reach 2^7.5, which fp16 P
+    holds only while dropout's keep scale (500 at 0.998) waits for the epilogue rather than
+    multiplying the kept P."""
     q, k, v = rising_max_inputs(dtype, d)
     scale = 1 / math.sqrt(d)
     rng_state = torch.tensor([1234, 99], dtype=torch.int64, device="cuda")
