@@ -6,9 +6,7 @@
 # beside the sanitizers (the suite's timings are not measured). Logs: $OUT/logs.tar.gz (the
 # three parts' output), $OUT/check/logs.tar.gz (the suite's), $OUT/san.tar.gz (each tool's).
 #   VERIFY_LIMIT_S=560   seconds for the whole call; each part gets what is left
-#   VERIFY_SAN_LANES="memcheck synccheck initcheck racecheck"   the sanitizers' lanes, split on
-#                        commas, run side by side (default one lane)
-#   GPU_CHECK_PROCS, GPU_CHECK_SWEEP_SHARDS ... pass through
+#   GPU_CHECK_PROCS, GPU_CHECK_SWEEP_SHARDS, SANITIZE_TOOLS ... pass through
 #   NVCC_APPEND_FLAGS="-DSOME_EXPERIMENT=1"   (read by nvcc itself) checks an experiment's build
 #                        whole; on a fresh machine only: ninja does not rebuild objects for a
 #                        changed environment
@@ -32,18 +30,10 @@ until grep -q '^build:' "$OUT/check.log" 2>/dev/null; do
 done
 echo "extension built: $(( $(date +%s) - start )) s"
 status=0
-# The four tools one after another by default: in one lane they took 341 s of the call, the suite
-# 245; in two lanes (memcheck initcheck, synccheck racecheck) every tool ran 1.5-7x slower, the
-# longer lane 432 s, and the suite 401 s (H100, 2026-12-06): they share one GPU.
-IFS=, read -ra san_lanes <<< "${VERIFY_SAN_LANES:-memcheck synccheck initcheck racecheck}"
-san_pids=()
-for lane in "${!san_lanes[@]}"; do
-  OUT="$OUT/san" SANITIZE_TOOLS="${san_lanes[$lane]}" SANITIZE_SKIP_BUILD=1 SANITIZE_BUDGET_S=$(( $(left) - 10 )) \
-    bash scripts/sanitize.sh > "$OUT/san-lane$lane.log" 2>&1 &
-  san_pids+=("$!")
-done
-for pid in "${san_pids[@]}"; do wait "$pid" || status=1; done
-cat "$OUT"/san-lane*.log > "$OUT/san.log" && rm -f "$OUT"/san-lane*.log
+# The tools one after another: two at a time beside the suite each ran 1.5-7x slower and the
+# suite 245 -> 401 s (H100, 2026-12-06; benchmarks/NOTES.md): they share one GPU.
+OUT="$OUT/san" SANITIZE_SKIP_BUILD=1 SANITIZE_BUDGET_S=$(( $(left) - 10 )) bash scripts/sanitize.sh > "$OUT/san.log" 2>&1 \
+  || status=1
 tar czf "$OUT/san.tar.gz" -C "$OUT" san && rm -rf "$OUT/san"
 echo "sanitizers ($(( $(date +%s) - start )) s):"; grep -vE '^=========|^Version|^logs:' "$OUT/san.log" | tail -n 8
 wait "$cpp_pid" || status=1
