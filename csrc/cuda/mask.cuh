@@ -462,20 +462,6 @@ __device__ __forceinline__ void apply_dropout(WarpAcc<kN>& p, const DropoutRng& 
     for (int e = 0; e < 4; ++e) p.v[j][e] *= z[j][e];
 }
 
-// Forward, P packed to 16-bit pairs (pa: the P V matmul's A fragments, WarpAcc::to_a's order)
-// with its dropped elements zeroed: an AND a pair with __vcmpgeu2's mask (0xffff in each half
-// whose draw is kept), in place of apply_dropout's compare, select and multiply an element.
-// Experiment (CUFLASH_FWD_DROPOUT_PACKED, flash_fwd_sm90_tma.cuh).
-template <int kN>
-__device__ __forceinline__ void drop_packed_pairs(uint32_t (&pa)[kN / 16][4], const DropoutRng& rng, int b, int h,
-                                                  int heads, int row0, int col0, int lane) {
-  static_assert(kN % 16 == 0, "whole k-steps");
-  const uint32_t thresholds = rng.threshold * 0x10001u;  // both halves
-  forward_dropout_words<kN>(rng, b, h, heads, row0, col0, lane, [&](int j, int rh, uint32_t word) {
-    pa[j / 2][2 * (j % 2) + rh] &= __vcmpgeu2(word, thresholds);  // register i: tile 2 kk + i / 2, rh i % 2
-  });
-}
-
 // The backward's elementwise steps. lse2 and delta are indexed by the tile element (j, e)
 // through accessors (the two tile orientations store them differently).
 //

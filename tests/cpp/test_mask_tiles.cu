@@ -12,8 +12,7 @@
 // Query rows also as packed grouped heads (MaskParams::rows_per_query: row r is query r / G; the
 // forward only, so not for tiles whose rows are keys). And a paged cache's key addressing. And, on
 // a GPU (skipped without one), dropout_factors (a warp tile's dropout keep factors, two lanes
-// sharing each Philox call) and drop_packed_pairs (the same draws as masks of packed 16-bit
-// pairs) against DropoutRng::keep element by element; the rule's Philox
+// sharing each Philox call) against DropoutRng::keep element by element; the rule's Philox
 // against Random123's known answers; ScoreMod::scores' attn_mask passes against the mask's
 // elements. And the staged attn_mask tiles of the TMA forward and backward (sm90/staged_mask.h):
 // each thread's addresses against where TMA's swizzle puts the elements.
@@ -346,36 +345,6 @@ std::string dropout_mismatch(const cuflash::DropoutRng& rng, int row0, int col0)
   });
 }
 
-template <int kN>
-__global__ void drop_packed_pairs_kernel(cuflash::DropoutRng rng, int b, int h, int heads, int row0, int col0,
-                                         uint32_t* out) {
-  uint32_t pa[kN / 16][4];
-  for (int kk = 0; kk < kN / 16; ++kk)
-    for (int i = 0; i < 4; ++i) pa[kk][i] = 0xffffffffu;
-  cuflash::drop_packed_pairs<kN>(pa, rng, b, h, heads, row0, col0, threadIdx.x);
-  for (int kk = 0; kk < kN / 16; ++kk)
-    for (int i = 0; i < 4; ++i) out[(threadIdx.x * (kN / 16) + kk) * 4 + i] = pa[kk][i];
-}
-
-// drop_packed_pairs on all-ones pairs (the forward's rows queries): each half of element (j, e)
-// of a lane, in its A-fragment register (tile 2 kk + i / 2, row half i % 2; the key's parity the
-// half), is 0xffff where the rule keeps the element and 0 where it drops it.
-template <int kN>
-std::string packed_dropout_mismatch(const cuflash::DropoutRng& rng, int row0, int col0) {
-  const int b = 1, h = 2, heads = 3;
-  std::vector<uint32_t> out(32 * (kN / 16) * 4);
-  const std::string failed = run_into(out, [&](uint32_t* device_out) {
-    drop_packed_pairs_kernel<kN><<<1, 32>>>(rng, b, h, heads, row0, col0, device_out);
-  });
-  if (!failed.empty()) return failed;
-  return first_tile_mismatch<false, kN>(row0, col0, [&](int at, int i, int k) {
-    const int e = at % 4, j = at / 4 % (kN / 8), lane = at / 4 / (kN / 8);
-    const uint32_t reg = out[(lane * (kN / 16) + j / 2) * 4 + 2 * (j % 2) + e / 2];
-    const uint32_t half = (reg >> (16 * (e % 2))) & 0xffffu, want = rng.keep(b, h, heads, i, k) ? 0xffffu : 0u;
-    return half == want ? std::string() : ": " + std::to_string(half) + ", want " + std::to_string(want);
-  });
-}
-
 // Tiles of an even number of 8-column tiles (lanes share each call) and of 40 columns (head dim
 // 256's fused backward: the last tile drawn unshared), both orientations, rows and columns not at
 // 0: the queries' offset a multiple of 16 (whole quads, as every kernel's), the keys' only even.
@@ -392,9 +361,6 @@ TEST(Dropout, TileFactorsMatchTheRule) {
     EXPECT_EQ((dropout_mismatch<true, 16>(rng, key0, query0)), "");
     EXPECT_EQ((dropout_mismatch<true, 64>(rng, key0, query0)), "");
     EXPECT_EQ((dropout_mismatch<true, 128>(rng, key0, query0)), "");
-    EXPECT_EQ((packed_dropout_mismatch<16>(rng, query0, key0)), "");
-    EXPECT_EQ((packed_dropout_mismatch<80>(rng, query0, key0)), "");
-    EXPECT_EQ((packed_dropout_mismatch<128>(rng, query0, key0)), "");
   }
 }
 

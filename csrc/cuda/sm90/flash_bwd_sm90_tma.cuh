@@ -19,11 +19,6 @@
 //          tile ring, DkvTileRing, and ordered adds.)
 //   dQ:    queries resident (their lse and delta in registers), K and V streamed.
 #pragma once
-// Experiment (an A/B build's define; benchmarks/NOTES.md): the ordered dQ turn polled with relaxed
-// loads, then acquired by one acquire load (wait_for_dq_turn).
-#ifndef CUFLASH_BWD_TURN_POLL_RELAXED
-#define CUFLASH_BWD_TURN_POLL_RELAXED 0
-#endif
 #include <type_traits>
 #include "flash_bwd_sm90.cuh"
 #include "staged_mask.h"
@@ -377,17 +372,8 @@ __device__ __forceinline__ int* wait_for_dq_turn(const FlashBwdParams& p, const 
   const int row0 = block * kBlockM;
   const Range keys = visible_keys(mask, tile.seq, row0, min(row0 + kBlockM, tile.seq.seqlen_q));
   const int turn = (keys.end - 1) / kBlockN - tile.n_block;
-#if CUFLASH_BWD_TURN_POLL_RELAXED
-  // Polled by acquire loads, each poll invalidates the SM's whole L1 (CCTL.IVALL), the consumers'
-  // spilled registers with it. One acquire load once the turn has come reads it again
-  // (the counter moves next on this CTA's release), so it reads the previous turn's release.
-  while (load_relaxed_gpu(counter) != turn) {
-  }
-  (void)load_acquire_gpu(counter);
-#else
   while (load_acquire_gpu(counter) != turn) {
   }
-#endif
   fence_async_global();  // the earlier adds, acquired, before this CTA's bulk reduce
   return counter;
 }

@@ -24,12 +24,6 @@
 #ifndef CUFLASH_FWD_PACKED_TMA_STORE
 #define CUFLASH_FWD_PACKED_TMA_STORE 0
 #endif
-// Experiment (an A/B build's define; benchmarks/NOTES.md): dropout zeroes the dropped elements of
-// P once packed to 16 bits, by a mask a pair (drop_packed_pairs), instead of multiplying the float
-// P by factors before it is packed.
-#ifndef CUFLASH_FWD_DROPOUT_PACKED
-#define CUFLASH_FWD_DROPOUT_PACKED 0
-#endif
 #include <type_traits>
 #include "flash_fwd_sm90.cuh"
 #include "staged_mask.h"
@@ -372,10 +366,9 @@ __global__ void __launch_bounds__(FwdSm90TmaKernel<T, kHeadDim, kWide, kPersiste
           });
           softmax.exp_and_rescale_factor<kLazyRescale>(s, alpha);
         }
-        if (!CUFLASH_FWD_DROPOUT_PACKED && dropout) apply_dropout(s, rng, tile.b, tile.h, sh.heads_q, row0, col0, lane);
+        if (dropout) apply_dropout(s, rng, tile.b, tile.h, sh.heads_q, row0, col0, lane);
       };
-      // s of step t as pa: a WarpAcc of kBlockN columns, or of the left half (the rest of P 0).
-      auto to_pa = [&](const auto& s, int t) {
+      auto to_pa = [&](const auto& s) {  // a WarpAcc of kBlockN columns, or of the left half (the rest of P 0)
         constexpr int kCols = std::remove_reference_t<decltype(s)>::kColumns;
 #pragma unroll
         for (int kk = 0; kk < kBlockN / 16; ++kk) {
@@ -385,9 +378,6 @@ __global__ void __launch_bounds__(FwdSm90TmaKernel<T, kHeadDim, kWide, kPersiste
 #pragma unroll
             for (int r = 0; r < 4; ++r) pa[kk][r] = 0u;
           }
-        }
-        if (CUFLASH_FWD_DROPOUT_PACKED && dropout) {
-          drop_packed_pairs<kBlockN>(pa, rng, tile.b, tile.h, sh.heads_q, row0, tile.block_of(t) * kBlockN, lane);
         }
       };
       mbarrier_wait(q_full, q_loads++ & 1);
@@ -418,7 +408,7 @@ __global__ void __launch_bounds__(FwdSm90TmaKernel<T, kHeadDim, kWide, kPersiste
           if (lane == 0) mbarrier_arrive(&k_empty[stage_of(0)]);  // this warp's wgmmas have read K
           float alpha[2];
           softmax_step(s, 0, alpha);  // O is still 0: nothing to rescale
-          to_pa(s, 0);
+          to_pa(s);
         };
         if constexpr (kHalfDiagonal) {
           // This consumer's rows see no key of the block's right half. The test must stay uniform over
@@ -454,7 +444,7 @@ __global__ void __launch_bounds__(FwdSm90TmaKernel<T, kHeadDim, kWide, kPersiste
         wgmma_wait<0>();  // O and pa are free again
         if (lane == 0) mbarrier_arrive(&v_empty[stage_of(t - 1)]);
         OnlineSoftmax::rescale_rows<kLazyRescale>(o, alpha);
-        to_pa(s, t);
+        to_pa(s);
       }
       // The last consumer's last turn signal is taken here, so no barrier is left half-arrived.
       if (consumer == 0) my_turn();

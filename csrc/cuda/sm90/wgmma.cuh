@@ -125,12 +125,6 @@ __device__ __forceinline__ int load_acquire_gpu(const int* counter) {
   asm volatile("ld.acquire.gpu.global.s32 %0, [%1];\n" : "=r"(value) : "l"(counter) : "memory");
   return value;
 }
-// The same read unordered (a poll's).
-__device__ __forceinline__ int load_relaxed_gpu(const int* counter) {
-  int value;
-  asm volatile("ld.relaxed.gpu.global.s32 %0, [%1];\n" : "=r"(value) : "l"(counter) : "memory");
-  return value;
-}
 __device__ __forceinline__ void add_release_gpu(int* counter, int value) {
   asm volatile("red.release.gpu.global.add.s32 [%0], %1;\n" ::"l"(counter), "r"(value) : "memory");
 }
