@@ -2,7 +2,7 @@
 # gpu_ab_define.sh): the repository root as the working directory, $OUT (default ./gpu_out) for
 # what comes back, every core for the build, sm_90a unless CUFLASH_CUDA_ARCHS says otherwise.
 set -uo pipefail
-cd "$(dirname "$0")/.." || exit 1
+cd "$(dirname "${BASH_SOURCE[0]}")/.." || exit 1
 OUT=${OUT:-gpu_out}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 MAX_JOBS=${MAX_JOBS:-$(nproc)}
