@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# One device call for the measurements benchmarks/NOTES.md's "Next device calls" list asks of a
-# verified tree (the fortieth and forty-first sessions' items 2, 3, 5 and 6), on an sm_90a build:
+# One device call for follow-up measurements of a verified tree (benchmarks/NOTES.md's "Next
+# device calls" name the steps still to run), on an sm_90a build:
 #   1  GQA's K/V head copies: the random sweep and the GQA tests under CUFLASH_BWD_KV_SPLITS=auto
 #      (the accuracy margin before "auto" may be a default), then bench_features' plain and GQA
 #      forward + backward unset, under auto and under 8, with torch's SDPA peers
