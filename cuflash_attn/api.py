@@ -144,8 +144,9 @@ def _check_sdpa_args(query, key, value, dropout_p) -> None:
 
 def _mask_as_4d(attn_mask: Optional[torch.Tensor], query: torch.Tensor, key: torch.Tensor):
     """attn_mask for the folded [batch, heads, L, S] inputs, in query's dtype if floating point
-    (torch adds a float mask of any dtype). Up to 4 dimensions folding only prepends ones, so the
-    mask broadcasts as it is; beyond, it is expanded over the leading dimensions first."""
+    (fallback_reason lets through only the dtypes that widen exactly). Up to 4 dimensions folding
+    only prepends ones, so the mask broadcasts as it is; beyond, it is expanded over the leading
+    dimensions first."""
     if attn_mask is None:
         return None
     if attn_mask.is_floating_point() and attn_mask.dtype != query.dtype:

@@ -82,6 +82,36 @@ def test_fallback_matches_torch_and_warns_once(device, name, inputs, pattern):
     assert stats["cuflash_attn"] == 0 and list(stats["fallback"].values()) == [2]
 
 
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_float32_mask_beside_a_16bit_query_goes_to_torch(device, dtype):
+    """The kernels add a float mask in query's dtype: a float32 bias rounded to 16 bits would move
+    the scores (here a bias near -1000 by up to 4), so torch computes the call, as torch would.
+    Beside a float32 or float64 query a float32 mask widens exactly and runs on the kernels."""
+    q, k, v = qkv(device, dtype)
+    mask = rand(16, 24, device=device) - 1000
+    try:
+        expected = TORCH_SDPA(q, k, v, attn_mask=mask)
+    except RuntimeError:  # a torch backend that refuses the pair: then so does the drop-in
+        with pytest.raises(RuntimeError):
+            cuflash_attn.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        return
+    with pytest.warns(cuflash_attn.FallbackWarning, match=r"a float32 attn_mask with a float16/bfloat16 query"):
+        got = cuflash_attn.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    torch.testing.assert_close(got, expected, rtol=0, atol=0)
+    cuflash_attn.reset_sdpa_stats()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", cuflash_attn.FallbackWarning)
+        for query_dtype in (torch.float32, torch.float64):
+            wide = [t.to(query_dtype) for t in (q, k, v)]
+            got = cuflash_attn.scaled_dot_product_attention(*wide, attn_mask=mask)
+            want = TORCH_SDPA(*(t.double() for t in wide), attn_mask=mask.double())
+            # float32 scores near -1000 keep ~6e-5 (an ulp there): torch's float32 SDPA as well.
+            tolerance = 2e-4 if query_dtype == torch.float32 else 1e-12
+            torch.testing.assert_close(got.double(), want, rtol=0, atol=tolerance)
+    assert cuflash_attn.sdpa_stats() == {"cuflash_attn": 2, "fallback": {}}
+
+
 @requires_cuda
 def test_fallback_cuda_grid_limit():
     q, k, v = qkv("cuda", torch.bfloat16, b=70000, h=1, nq=4, nk=4, d=8)
@@ -191,6 +221,10 @@ def _error_cases():
         ("batch", (q, torch.cat([k, k[:1]]), torch.cat([v, v[:1]])), {}),
         ("not a tensor", (q, [1.0], v), {}),
         ("attn_mask int32", (q, k, v), dict(attn_mask=torch.ones(16, 24, dtype=torch.int32))),
+        ("attn_mask float64", (q, k, v), dict(attn_mask=torch.zeros(16, 24, dtype=torch.float64))),
+        ("attn_mask float16", (q, k, v), dict(attn_mask=torch.zeros(16, 24, dtype=torch.float16))),
+        ("attn_mask float16, query bfloat16", (q.bfloat16(), k.bfloat16(), v.bfloat16()),
+         dict(attn_mask=torch.zeros(16, 24, dtype=torch.float16))),
         ("attn_mask shape", (q, k, v), dict(attn_mask=torch.ones(15, 24, dtype=torch.bool))),
         ("scale positional", (q, k, v, None, 0.0, False, 0.5), {}),
         ("scale str", (q, k, v), dict(scale="0.5")),
