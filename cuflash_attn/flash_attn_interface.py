@@ -34,6 +34,12 @@ def _check_tensor(name, t, dims):
                      f"{tuple(t.shape)}")
 
 
+def _flash_attn_window(window_size):
+    """flash_attn's window_size: a negative side (any, not only -1) is unbounded."""
+    left, right = _window(window_size)
+    return max(left, -1), max(right, -1)
+
+
 def _unpack(name, t, dims):
     """The views a packed tensor holds: dims names its dimensions, the packed one by its size
     ("3" for qkv, "2" for kv)."""
@@ -50,7 +56,7 @@ def _attention(q, k, v, dropout_p, softmax_scale, causal, window_size, softcap, 
     for name, t in (("q", q), ("k", k), ("v", v)):
         _check_tensor(name, t, _PADDED if varlen is None else _PACKED)
     _check_scalars("softmax_scale", softmax_scale, softcap, dropout_p, alibi_slopes)
-    window_left, window_right = _window(window_size)
+    window_left, window_right = _flash_attn_window(window_size)
     rng_state = new_rng_state(q.device) if dropout_p > 0.0 else None
     cu_seqlens_q = cu_seqlens_k = None
     max_seqlen_q = max_seqlen_k = 0
@@ -72,6 +78,8 @@ def _attention(q, k, v, dropout_p, softmax_scale, causal, window_size, softcap, 
         out = out.transpose(1, 2)
     if not return_attn_probs:
         return out
+    if dropout_p == 0.0:  # flash_attn's S_dmask only exists under dropout; callers often want just the lse
+        return out, lse, q.new_empty(0)
     probs = _attention_probs(q, k, lse, softmax_scale, causal, (window_left, window_right), softcap, alibi_slopes,
                              dropout_p, rng_state, cu_seqlens_q, cu_seqlens_k)
     return out, lse, probs
@@ -79,15 +87,13 @@ def _attention(q, k, v, dropout_p, softmax_scale, causal, window_size, softcap, 
 
 def _attention_probs(q, k, lse, softmax_scale, causal, window, softcap, alibi_slopes, dropout_p, rng_state,
                      cu_seqlens_q, cu_seqlens_k):
-    """flash_attn's S_dmask, for tests only: the softmax probabilities [batch, heads, seqlen_q,
-    seqlen_k], negated where dropout dropped them. Built from lse with plain torch ops (O(N^2)
-    memory), with no gradient."""
+    """flash_attn's S_dmask under dropout, for tests only: the softmax probabilities [batch, heads,
+    seqlen_q, seqlen_k], negated where dropout dropped them. Built from lse with plain torch ops
+    (O(N^2) memory), with no gradient."""
     with torch.no_grad():
         if cu_seqlens_q is None:
             q, k = q.transpose(1, 2), k.transpose(1, 2)
-            keep = None
-            if dropout_p > 0:
-                keep = _ops.dropout_mask(rng_state, dropout_p, q.shape[0], q.shape[1], q.shape[2], k.shape[2])
+            keep = _ops.dropout_mask(rng_state, dropout_p, q.shape[0], q.shape[1], q.shape[2], k.shape[2])
             return _dense_probs(q, k, lse, alibi_slopes, keep, softmax_scale, causal, window, softcap)
         starts_q, starts_k = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
         batch = len(starts_q) - 1
@@ -95,15 +101,14 @@ def _attention_probs(q, k, lse, softmax_scale, causal, window, softcap, alibi_sl
         lens_k = [starts_k[b + 1] - starts_k[b] for b in range(batch)]
         probs = q.new_zeros((batch, q.shape[1], max(lens_q, default=0), max(lens_k, default=0)),
                             dtype=torch.float32)
-        keep_all = None  # one mask for the whole batch, sliced per sequence
-        if dropout_p > 0:
-            keep_all = _ops.dropout_mask(rng_state, dropout_p, batch, q.shape[1], probs.shape[2], probs.shape[3])
+        # One dropout mask for the whole batch, sliced per sequence.
+        keep_all = _ops.dropout_mask(rng_state, dropout_p, batch, q.shape[1], probs.shape[2], probs.shape[3])
         for b in range(batch):
             qb = q[starts_q[b]:starts_q[b + 1]].transpose(0, 1)[None]
             kb = k[starts_k[b]:starts_k[b + 1]].transpose(0, 1)[None]
             lse_b = lse[:, starts_q[b]:starts_q[b + 1]][None]
             slopes_b = alibi_slopes if alibi_slopes is None or alibi_slopes.dim() == 1 else alibi_slopes[b:b + 1]
-            keep_b = None if keep_all is None else keep_all[b:b + 1, :, :lens_q[b], :lens_k[b]]
+            keep_b = keep_all[b:b + 1, :, :lens_q[b], :lens_k[b]]
             probs[b, :, :lens_q[b], :lens_k[b]] = _dense_probs(qb, kb, lse_b, slopes_b, keep_b, softmax_scale,
                                                                causal, window, softcap)[0]
         return probs
@@ -111,7 +116,7 @@ def _attention_probs(q, k, lse, softmax_scale, causal, window, softcap, alibi_sl
 
 def _dense_probs(q, k, lse, alibi_slopes, keep, softmax_scale, causal, window, softcap):
     # q, k: [batch, heads, n, d] (k's heads are repeated for GQA); alibi_slopes [heads] or
-    # [batch, heads]; keep: the dropout keep-mask [batch, heads, n_q, n_k] or None.
+    # [batch, heads]; keep: the dropout keep-mask [batch, heads, n_q, n_k].
     scale = softmax_scale if softmax_scale is not None else q.shape[-1] ** -0.5
     k = k.repeat_interleave(q.shape[1] // max(k.shape[1], 1), dim=1)  # no heads: none to repeat
     s = (q.float() @ k.float().transpose(-1, -2)) * scale
@@ -130,14 +135,15 @@ def _dense_probs(q, k, lse, alibi_slopes, keep, softmax_scale, causal, window, s
         hidden |= rel < -left
     lse = lse[..., None].float()
     probs = torch.where(torch.isneginf(lse), 0.0, torch.exp(s.masked_fill(hidden, float("-inf")) - lse))
-    return probs if keep is None else torch.where(keep, probs, -probs)
+    return torch.where(keep, probs, -probs)
 
 
 def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0,
                     alibi_slopes=None, deterministic=False, return_attn_probs=False):
     """q: [batch, seqlen_q, heads_q, head_dim]; k, v: [batch, seqlen_k, heads_kv, head_dim]. Returns
     out [batch, seqlen_q, heads_q, head_dim], and with return_attn_probs also softmax_lse
-    [batch, heads_q, seqlen_q] (float32) and S_dmask (tests only)."""
+    [batch, heads_q, seqlen_q] (float32) and S_dmask: under dropout the probabilities, dropped ones
+    negated (tests only: O(N^2) memory); without dropout an empty tensor, as flash_attn's."""
     return _attention(q, k, v, dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes, deterministic,
                       return_attn_probs)
 
@@ -164,7 +170,7 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
     """q: [total_q, heads_q, head_dim]; k, v: [total_k, heads_kv, head_dim]; cu_seqlens_q/k: int32
     [batch + 1] offsets of the sequences; max_seqlen_q/k: ints (or tensors: then no host sync, and
     the packed lengths bound the grid). Returns out [total_q, heads_q, head_dim], and with
-    return_attn_probs also softmax_lse [heads_q, total_q] and S_dmask. With block_table (int32
+    return_attn_probs also softmax_lse [heads_q, total_q] and S_dmask (flash_attn_func's). With block_table (int32
     [batch, max_num_blocks_per_seq]; inference only, no backward) k and v are a paged cache
     [num_blocks, page_block_size, heads_kv, head_dim], page_block_size a multiple of 256, sequence
     b's keys its first cu_seqlens_k[b + 1] - cu_seqlens_k[b] rows of pages block_table[b]."""
@@ -231,18 +237,16 @@ def _varlen_paged(q, k_cache, v_cache, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
             raise ValueError(f"cuflash_attn: cu_seqlens_k must be non-decreasing, got {int(cu_seqlens_k[b])} then "
                              f"{int(cu_seqlens_k[b + 1])} at index {b}")
     _check_block_table(block_table, cu_seqlens_q.shape[0] - 1, k_cache, q.device)
-    if return_attn_probs:
-        raise NotImplementedError("cuflash_attn: return_attn_probs is not supported with block_table")
     if dropout_p != 0.0:
         raise ValueError(f"cuflash_attn: dropout_p must be 0 with block_table (inference only), got {dropout_p}")
     _check_scalars("softmax_scale", softmax_scale, softcap, 0.0, alibi_slopes)
-    window_left, window_right = _window(window_size)
+    window_left, window_right = _flash_attn_window(window_size)
     max_seqlen_q = max_seqlen_q if isinstance(max_seqlen_q, int) else 0
     used = cu_seqlens_k[1:] - cu_seqlens_k[:-1]
-    out, _ = _ops.fwd(q, k_cache.transpose(1, 2), v_cache.transpose(1, 2), softmax_scale, bool(causal), True,
-                      window_left, window_right, float(softcap), alibi_slopes, cu_seqlens_q=cu_seqlens_q,
-                      max_seqlen_q=max_seqlen_q, seqused_k=used, block_table=block_table)
-    return out
+    out, lse = _ops.fwd(q, k_cache.transpose(1, 2), v_cache.transpose(1, 2), softmax_scale, bool(causal), True,
+                        window_left, window_right, float(softcap), alibi_slopes, cu_seqlens_q=cu_seqlens_q,
+                        max_seqlen_q=max_seqlen_q, seqused_k=used, block_table=block_table)
+    return (out, lse, q.new_empty(0)) if return_attn_probs else out  # no dropout: no S_dmask
 
 
 def _cache_lengths(cache_seqlens, batch, seqlen_cache, seqlen_new, device, need_max, can_sync):
@@ -327,11 +331,13 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
     and the append's, stay cache indices, as in flash_attn). Causal masks
     and windows are aligned bottom-right to each sequence's last key. Returns out [batch,
     seqlen_q, heads_q, head_dim], and with return_softmax_lse also lse [batch, heads_q, seqlen_q].
-    num_splits (flash_attn's): 0 chooses how many CTAs share a row's keys (split-KV, on CUDA for
-    16-bit inputs, where a few query tokens a sequence would leave SMs idle; on the CPU work items
-    and threads), 1 never splits, n > 1 splits n ways (capped at the key blocks)."""
-    if isinstance(num_splits, bool) or not isinstance(num_splits, int) or num_splits < 0:
-        raise ValueError(f"cuflash_attn: num_splits must be an int >= 0 (0: chosen), got {num_splits!r}")
+    num_splits (flash_attn's): 0 (or any value below 1, as in flash_attn) chooses how many CTAs
+    share a row's keys (split-KV, on CUDA for 16-bit inputs, where a few query tokens a sequence
+    would leave SMs idle; on the CPU work items and threads), 1 never splits, n > 1 splits n ways
+    (capped at the key blocks)."""
+    if isinstance(num_splits, bool) or not isinstance(num_splits, int):
+        raise ValueError(f"cuflash_attn: num_splits must be an int (below 1: chosen), got {num_splits!r}")
+    num_splits = max(num_splits, 0)  # flash_attn's heuristic takes every value below 1
     paged = block_table is not None
     _check_tensor("q", q, _PADDED)
     capturing = q.is_cuda and torch.cuda.is_current_stream_capturing()  # then no host sync
@@ -350,7 +356,7 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
                          f"({q.shape[3]}), with heads_kv dividing q's heads ({q.shape[2]}); got {k_cache.dtype} on "
                          f"{k_cache.device}, shape {tuple(k_cache.shape)}")
     _check_scalars("softmax_scale", softmax_scale, softcap, 0.0, alibi_slopes)
-    window_left, window_right = _window(window_size)
+    window_left, window_right = _flash_attn_window(window_size)
     rotary = rotary_cos is not None or rotary_sin is not None
     if rotary:
         _check_rotary(rotary_cos, rotary_sin, q.shape[-1], q.device)

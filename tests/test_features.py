@@ -585,6 +585,33 @@ def test_flash_attn_api_return_attn_probs(device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+def test_flash_attn_api_no_attn_probs_without_dropout(device):
+    """As flash_attn: without dropout S_dmask is an empty tensor of q's dtype (callers that set
+    return_attn_probs for the lse get no O(N^2) matrix), and the lse is the same as under dropout."""
+    from cuflash_attn import flash_attn_interface as fa
+    q, k, v = (torch.randn(2, 40, 2, 32, device=device, dtype=torch.bfloat16) for _ in range(3))
+    out, lse, probs = fa.flash_attn_func(q, k, v, causal=True, return_attn_probs=True)
+    assert probs.shape == (0,) and probs.dtype == q.dtype and probs.device == q.device
+    assert torch.equal(out, fa.flash_attn_func(q, k, v, causal=True))
+    cu = torch.tensor([0, 40, 80], dtype=torch.int32, device=device)
+    flat = lambda t: t.reshape(80, 2, 32)  # noqa: E731
+    _, lse_varlen, probs_varlen = fa.flash_attn_varlen_func(flat(q), flat(k), flat(v), cu, cu, 40, 40, causal=True,
+                                                            return_attn_probs=True)
+    assert probs_varlen.shape == (0,)
+    assert torch.equal(lse_varlen, lse.transpose(0, 1).reshape(2, 80))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_flash_attn_api_any_negative_window_side_is_unbounded(device):
+    """flash_attn takes any negative window side as unbounded, not only -1."""
+    from cuflash_attn import flash_attn_interface as fa
+    q, k, v = (torch.randn(1, 30, 2, 16, device=device) for _ in range(3))
+    for window, same_as in (((-2, -1), (-1, -1)), ((-7, 3), (-1, 3)), ((4, -100), (4, -1))):
+        assert torch.equal(fa.flash_attn_func(q, k, v, window_size=window),
+                           fa.flash_attn_func(q, k, v, window_size=same_as)), window
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_flash_attn_api_gradients_flow_through_packing(device):
     from cuflash_attn import flash_attn_interface as fa
     qkv = torch.randn(1, 33, 3, 2, 16, device=device, dtype=torch.float64, requires_grad=True)

@@ -178,7 +178,8 @@ def test_kvcache_refuses(device):
         (dict(cache_batch_idx=torch.tensor([0, 1], dtype=torch.int32, device=device)), ValueError, "cache_batch_idx"),
         # the op's own checks run before the append
         (dict(k=k, v=v, cache_seqlens=1, softmax_scale=float("nan")), ValueError, "scale must be a finite number"),
-        (dict(k=k, v=v, cache_seqlens=1, window_size=(-3, 0)), ValueError, "window_left and window_right"),
+        (dict(k=k, v=v, cache_seqlens=1, alibi_slopes=torch.ones(5, device=device)), ValueError,
+         r"alibi_slopes must have shape \[heads\]"),
     ]
     for kwargs, error, match in cases:
         with pytest.raises(error, match=match):

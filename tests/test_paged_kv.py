@@ -127,12 +127,17 @@ def test_varlen_func_paged(device):
     cu_q = torch.tensor([0, 3, 8], dtype=torch.int32, device=device)
     cu_k = torch.tensor([0, 100, 100 + 2 * PAGE], dtype=torch.int32, device=device)
     q = torch.randn(8, 4, 32, device=device, dtype=torch.float64)
-    out = flash_attn_varlen_func(q, k_cache, v_cache, cu_q, cu_k, 5, 2 * PAGE, causal=True, block_table=table)
+    out, lse, probs = flash_attn_varlen_func(q, k_cache, v_cache, cu_q, cu_k, 5, 2 * PAGE, causal=True,
+                                             block_table=table, return_attn_probs=True)
+    assert probs.shape == (0,)  # no dropout (inference only): flash_attn's empty S_dmask
+    assert torch.equal(out, flash_attn_varlen_func(q, k_cache, v_cache, cu_q, cu_k, 5, 2 * PAGE, causal=True,
+                                                   block_table=table))
     k, v = gathered(k_pages, table, 2), gathered(v_pages, table, 2)
     for b, (q0, q1, n) in enumerate(((0, 3, 100), (3, 8, 2 * PAGE))):
         qb = q[q0:q1].transpose(0, 1)[None]
-        ref, _ = attention_reference(qb, k[b:b + 1, :, :n], v[b:b + 1, :, :n], True, bottom_right=True)
+        ref, ref_lse = attention_reference(qb, k[b:b + 1, :, :n], v[b:b + 1, :, :n], True, bottom_right=True)
         assert_close_to_reference(f"out[{b}]", out[q0:q1].transpose(0, 1)[None], ref, ref, torch.float64, factor=2)
+        torch.testing.assert_close(lse[:, q0:q1], ref_lse[0].to(lse.dtype))
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -191,8 +196,6 @@ VARLEN_PAGED_CASES = [
      r"k must be a 4-dimensional tensor \[num_blocks, page_block_size, heads_kv, head_dim\]"),
     ("dropout_p 0.1", lambda x: dict(dropout_p=0.1), ValueError,
      r"dropout_p must be 0 with block_table \(inference only\), got 0.1"),
-    ("return_attn_probs", lambda x: dict(return_attn_probs=True), NotImplementedError,
-     r"return_attn_probs is not supported with block_table"),
     ("int64 cu_seqlens_k", lambda x: dict(cu_seqlens_k=x.cu_seqlens_k.long()), ValueError,
      r"cu_seqlens_k must be an int32 tensor of cu_seqlens_q's shape \(3,\) on q's device \(.*\), got torch.int64"),
     ("cu_seqlens_k of another length", lambda x: dict(cu_seqlens_k=x.cu_seqlens_k[:2]), ValueError,

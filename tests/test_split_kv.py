@@ -140,8 +140,8 @@ def test_decoding_splits_by_itself(split_kernel):
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_num_splits_checked(device):
-    """Negative num_splits is refused; elsewhere than 16-bit CUDA it changes nothing (float64 here
-    gives the bitwise same result)."""
+    """Negative num_splits is refused (flash_attn's interface: taken as 0, as flash_attn takes
+    it); elsewhere than 16-bit CUDA it changes nothing (float64 here gives the bitwise same result)."""
     q, k, v = (torch.randn(1, 2, 4, 32, device=device, dtype=torch.float64) for _ in range(3))
     with pytest.raises(ValueError, match="num_splits must be >= 0"):
         ops.fwd(q, k, v, num_splits=-1)
@@ -152,9 +152,12 @@ def test_num_splits_checked(device):
     with pytest.raises(ValueError, match="num_splits must be >= 0"):
         cuflash_attn.flash_attention(q, k, v, num_splits=-2)
     cache = torch.randn(1, 8, 2, 32, device=device, dtype=torch.float64)
-    for bad in (-1, 1.5, True):
-        with pytest.raises(ValueError, match="num_splits must be an int >= 0"):
+    for bad in (1.5, True):
+        with pytest.raises(ValueError, match="num_splits must be an int"):
             flash_attn_with_kvcache(q.transpose(1, 2), cache, cache, num_splits=bad)
+    # flash_attn's heuristic takes every value below 1: so does its interface here.
+    chosen = flash_attn_with_kvcache(q.transpose(1, 2), cache, cache, num_splits=0)
+    assert torch.equal(flash_attn_with_kvcache(q.transpose(1, 2), cache, cache, num_splits=-1), chosen)
 
 
 @requires_cuda
