@@ -5,6 +5,7 @@ recomputes attention from lse (and, with dropout, regenerates the same keep-mask
 saved rng_state). The ops themselves are defined in csrc/torch_ops.cpp.
 """
 import torch
+from torch.autograd import forward_ad
 
 from . import _C  # noqa: F401  (loading the library registers torch.ops.cuflash_attn)
 
@@ -130,6 +131,21 @@ def _records_grad(args):
     return torch.is_grad_enabled() and torch._C._any_requires_grad(*args)
 
 
+def _refuse_transforms(args):
+    """Forward-mode AD (dual tensors: forward_ad, torch.func.jvp, jacfwd) would run below the
+    tangents and drop them; torch.func's grad transforms need an autograd.Function with
+    setup_context. Neither has a rule here: refused rather than answered with zero tangents."""
+    if forward_ad._current_level >= 0 and any(isinstance(a, torch.Tensor) and forward_ad.unpack_dual(a).tangent
+                                              is not None for a in args):
+        raise NotImplementedError(
+            "cuflash_attn: forward-mode AD (dual tensors, torch.func.jvp, jacfwd) is not supported: the ops have "
+            "no forward derivative (cuflash_attn.scaled_dot_product_attention hands such calls to torch's)")
+    if torch._C._functorch.maybe_current_level() is not None:
+        raise NotImplementedError(
+            "cuflash_attn: torch.func's gradient transforms (grad, vjp, jacrev) are not supported: use "
+            "torch.autograd.grad (cuflash_attn.scaled_dot_product_attention hands such calls to torch's)")
+
+
 def _redispatch(op, keyset, args):
     with torch._C._AutoDispatchBelowAutograd():
         return op.redispatch(keyset & torch._C._after_autograd_keyset, *args)
@@ -152,11 +168,14 @@ class _FwdFunction(torch.autograd.Function):
 
 def _fwd_autograd(keyset, *args):
     args = args + _FWD_DEFAULTS[len(args):]
+    if forward_ad._current_level >= 0:  # a dual level is open (one global read on the common path)
+        _refuse_transforms(args)
     if _records_grad(args):
         if args[_BLOCK_TABLE_INPUT] is not None:  # refused now, not at the backward
             raise NotImplementedError(
                 "cuflash_attn: a paged KV cache (block_table) has no backward: it is for inference (call under "
                 "torch.no_grad(), or with inputs that do not require grad)")
+        _refuse_transforms(args)
         return _FwdFunction.apply(keyset, *args)
     return _redispatch(_ops.fwd.default, keyset, args)
 
@@ -176,6 +195,8 @@ class _BwdFunction(torch.autograd.Function):
 
 
 def _bwd_autograd(keyset, *args):
+    if forward_ad._current_level >= 0:
+        _refuse_transforms(args)
     if _records_grad(args):
         return _BwdFunction.apply(keyset, *args)
     return _redispatch(_ops.bwd.default, keyset, args)

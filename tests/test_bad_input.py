@@ -171,6 +171,30 @@ def test_mixed_devices():
         ops.fwd(q, k, v, dropout_p=0.1, rng_state=rng)
 
 
+def test_forward_ad_and_func_grad_transforms_are_refused():
+    """The ops have no forward derivative: dual tensors (forward_ad, torch.func.jvp, jacfwd) are
+    refused rather than given zero tangents; torch.func.grad/jacrev too, with a message that says
+    so. Plain autograd, and a dual level open around inputs without tangents, still run."""
+    import torch.autograd.forward_ad as fwAD
+    q, k, v = good(dtype=torch.float64)
+    tangent = torch.randn_like(q)
+    attend = lambda a: cuflash_attn.flash_attention(a, k, v)  # noqa: E731
+    for call in (lambda: torch.func.jvp(attend, (q,), (tangent,)), lambda: torch.func.jacfwd(attend)(q[:1, :1])):
+        with pytest.raises(NotImplementedError, match="forward-mode AD .* is not supported"):
+            call()
+    with fwAD.dual_level():
+        with pytest.raises(NotImplementedError, match="forward-mode AD"):
+            ops.fwd(q, fwAD.make_dual(k, torch.randn_like(k)), v)
+        out, lse = ops.fwd(q, k, v)
+        with pytest.raises(NotImplementedError, match="forward-mode AD"):
+            ops.bwd(fwAD.make_dual(out, torch.randn_like(out)), q, k, v, out, lse)
+        assert torch.equal(out, ops.fwd(q, k, v)[0])
+    for transform in (torch.func.grad, torch.func.jacrev):
+        with pytest.raises(NotImplementedError, match="torch.func's gradient transforms"):
+            transform(lambda a: attend(a).sum())(q)
+    assert torch.autograd.grad(attend(q.requires_grad_()).sum(), q)[0].abs().sum() > 0
+
+
 def test_meta_beside_real_tensors():
     """A meta tensor takes the call to the meta kernels (the fakes): they refuse the mix as the
     real kernels do, rather than return an uninitialized output on q's device."""
