@@ -253,8 +253,8 @@ def _cache_lengths(cache_seqlens, batch, seqlen_cache, seqlen_new, device, need_
     """cache_seqlens (an int, or int32 [batch]) as an int32 tensor on device, and its largest value
     where need_max or new keys are appended (a tensor's is read back: one host sync, the price of
     an append, or rotary positions, that cannot index out of bounds), else None; with new keys,
-    checked to leave room for them. Without can_sync (CUDA graph capture) a tensor is not read
-    back: None, and the caller clamps what it indexes with it."""
+    checked to leave room for them. Without can_sync (CUDA graph capture, torch.compile) a tensor
+    is not read back: None, and the caller clamps what it indexes with it."""
     if isinstance(cache_seqlens, bool) or not isinstance(cache_seqlens, (int, torch.Tensor)):
         raise TypeError(f"cuflash_attn: cache_seqlens must be an int or an int32 tensor [batch], got "
                         f"{type(cache_seqlens).__name__}")
@@ -340,7 +340,9 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
     num_splits = max(num_splits, 0)  # flash_attn's heuristic takes every value below 1
     paged = block_table is not None
     _check_tensor("q", q, _PADDED)
-    capturing = q.is_cuda and torch.cuda.is_current_stream_capturing()  # then no host sync
+    # No host sync under CUDA graph capture, nor in torch.compile's trace (a read-back there is a
+    # graph break, or an error under fullgraph): indices are clamped into the caches instead.
+    no_sync = torch.compiler.is_compiling() or q.is_cuda and torch.cuda.is_current_stream_capturing()
     _check_tensor("k_cache", k_cache, _PAGED_CACHE if paged else _CACHE)
     _check_tensor("v_cache", v_cache, _PAGED_CACHE if paged else _CACHE)
     if k_cache.shape != v_cache.shape:
@@ -383,7 +385,7 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
                              f"{cache_batch_idx.device}")
         # Checked where that costs no synchronization; on CUDA an index past the cache is clamped.
         rows = cache_batch_idx.long()
-        if not cache_batch_idx.is_cuda and batch > 0:
+        if not cache_batch_idx.is_cuda and not no_sync and batch > 0:
             low, high = (int(x) for x in torch.aminmax(cache_batch_idx))
             if low < 0 or high >= k_cache.shape[0]:
                 raise ValueError(f"cuflash_attn: cache_batch_idx must be in [0, {k_cache.shape[0]}) (batch_cache), "
@@ -409,7 +411,7 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
         seqlen_new = k.shape[1]
         if cache_seqlens is None:
             raise ValueError("cuflash_attn: k and v are written at cache_seqlens, which must be given")
-        if seqlen_new > seqlen_cache:  # (checked here too: under graph capture lengths are not read back)
+        if seqlen_new > seqlen_cache:  # (checked here too: without a sync lengths are not read back)
             raise ValueError(f"cuflash_attn: the {seqlen_new} new keys do not fit the cache's {seqlen_cache}")
         if paged and torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v, k_cache, v_cache)):
             raise NotImplementedError("cuflash_attn: a paged KV cache (block_table) has no backward: it is for "
@@ -417,7 +419,7 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
     used = lengths = high = None
     if cache_seqlens is not None:
         lengths, high = _cache_lengths(cache_seqlens, batch, seqlen_cache, seqlen_new, q.device, rotary,
-                                       not capturing)
+                                       not no_sync)
         # cache_seqlens itself where no key is appended (an add is a kernel launch on CUDA),
         # unless a backward will read it: then a copy the caller cannot change before it runs.
         appends_or_keeps_it = seqlen_new > 0 or torch.is_grad_enabled() and any(
@@ -435,7 +437,7 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
         offsets = lengths.long()[:, None]
         q_positions = offsets + (torch.arange(seqlen_q, device=q.device) if q_steps > 1 else 0)
         k_positions = offsets + torch.arange(seqlen_new, device=q.device)
-        if high is None:  # not read back (graph capture): positions clamped into the table
+        if high is None:  # not read back (no_sync): positions clamped into the table
             q_positions, k_positions = (t.clamp(0, rotary_cos.shape[0] - 1) for t in (q_positions, k_positions))
         q = _rotary(q, rotary_cos, rotary_sin, q_positions.expand(batch, seqlen_q), rotary_interleaved)
         if k is not None:
@@ -462,12 +464,12 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
         cache_rows = (rows if rows is not None else torch.arange(batch, device=k_cache.device))[:, None]
         positions = lengths.to(device=k_cache.device, dtype=torch.long)[:, None] + \
             torch.arange(seqlen_new, device=k_cache.device)
-        if capturing:  # lengths not read back: positions clamped into the cache
+        if no_sync:  # lengths not read back: positions clamped into the cache
             positions = positions.clamp(0, seqlen_cache - 1)
         if paged:  # row positions % page of the blocks the table names for them
             page = k_cache.shape[1]
             cache_rows = block_table.long().gather(1, positions // page)
-            if capturing:
+            if no_sync:
                 cache_rows = cache_rows.clamp(0, k_cache.shape[0] - 1)
             else:  # an index past the cache would fault on CUDA
                 low, high = (int(x) for x in torch.aminmax(cache_rows)) if batch > 0 else (0, 0)

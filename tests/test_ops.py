@@ -249,6 +249,31 @@ def test_torch_compile_fullgraph(device, entry):
         torch.testing.assert_close(a, b, rtol=1.3e-6, atol=1e-6 * a.abs().max().item())
 
 
+@pytest.mark.parametrize("device", DEVICES)
+def test_torch_compile_fullgraph_kvcache_decoding_step(device):
+    """A decoding step (new keys appended at tensor cache_seqlens, rotary embedding, rows picked by
+    cache_batch_idx) traces with no graph break: nothing is read back to the host while compiling
+    (positions are clamped, as under CUDA graph capture), and it matches eager, caches included."""
+    from cuflash_attn.flash_attn_interface import flash_attn_with_kvcache
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, 1, 4, 32, device=device) for _ in range(3))
+    caches = [torch.randn(3, 16, 4, 32, device=device) for _ in range(2)]
+    lengths = torch.tensor([3, 7], dtype=torch.int32, device=device)
+    rows = torch.tensor([2, 0], dtype=torch.int32, device=device)
+    cos, sin = (torch.rand(20, 8, device=device) for _ in range(2))
+
+    def step(k_cache, v_cache):
+        return flash_attn_with_kvcache(q, k_cache, v_cache, k, v, rotary_cos=cos, rotary_sin=sin, cache_seqlens=lengths,
+                                       cache_batch_idx=rows, causal=True)
+
+    eager_caches, compiled_caches = [t.clone() for t in caches], [t.clone() for t in caches]
+    eager = step(*eager_caches)
+    compiled = torch.compile(step, fullgraph=True)(*compiled_caches)
+    torch.testing.assert_close(compiled, eager)
+    for a, b in zip(compiled_caches, eager_caches):
+        assert torch.equal(a, b)
+
+
 @requires_cuda
 def test_torch_compile_reduce_overhead():
     q, k, v = qkv("cuda", torch.bfloat16, requires_grad=False)
