@@ -34,12 +34,6 @@ def _check_tensor(name, t, dims):
                      f"{tuple(t.shape)}")
 
 
-def _flash_attn_window(window_size):
-    """flash_attn's window_size: a negative side (any, not only -1) is unbounded."""
-    left, right = _window(window_size)
-    return max(left, -1), max(right, -1)
-
-
 def _unpack(name, t, dims):
     """The views a packed tensor holds: dims names its dimensions, the packed one by its size
     ("3" for qkv, "2" for kv)."""
@@ -56,7 +50,7 @@ def _attention(q, k, v, dropout_p, softmax_scale, causal, window_size, softcap, 
     for name, t in (("q", q), ("k", k), ("v", v)):
         _check_tensor(name, t, _PADDED if varlen is None else _PACKED)
     _check_scalars("softmax_scale", softmax_scale, softcap, dropout_p, alibi_slopes)
-    window_left, window_right = _flash_attn_window(window_size)
+    window_left, window_right = _window(window_size)
     rng_state = new_rng_state(q.device) if dropout_p > 0.0 else None
     cu_seqlens_q = cu_seqlens_k = None
     max_seqlen_q = max_seqlen_k = 0
@@ -240,7 +234,7 @@ def _varlen_paged(q, k_cache, v_cache, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
     if dropout_p != 0.0:
         raise ValueError(f"cuflash_attn: dropout_p must be 0 with block_table (inference only), got {dropout_p}")
     _check_scalars("softmax_scale", softmax_scale, softcap, 0.0, alibi_slopes)
-    window_left, window_right = _flash_attn_window(window_size)
+    window_left, window_right = _window(window_size)
     max_seqlen_q = max_seqlen_q if isinstance(max_seqlen_q, int) else 0
     used = cu_seqlens_k[1:] - cu_seqlens_k[:-1]
     out, lse = _ops.fwd(q, k_cache.transpose(1, 2), v_cache.transpose(1, 2), softmax_scale, bool(causal), True,
@@ -358,7 +352,7 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
                          f"({q.shape[3]}), with heads_kv dividing q's heads ({q.shape[2]}); got {k_cache.dtype} on "
                          f"{k_cache.device}, shape {tuple(k_cache.shape)}")
     _check_scalars("softmax_scale", softmax_scale, softcap, 0.0, alibi_slopes)
-    window_left, window_right = _flash_attn_window(window_size)
+    window_left, window_right = _window(window_size)
     rotary = rotary_cos is not None or rotary_sin is not None
     if rotary:
         _check_rotary(rotary_cos, rotary_sin, q.shape[-1], q.device)

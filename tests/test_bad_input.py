@@ -420,6 +420,9 @@ FA_FUNCTIONS = {  # each function called with the good inputs and the given keyw
 
 FA_OPTION_CASES = [
     # (id, keyword options, exception type, message pattern): the same for every function
+    # window sides below -1 are refused (TESTING.md's bad input), where flash_attn takes any negative as -1
+    ("window -2", dict(window_size=(-2, 0)), ValueError, r"window_left and window_right must be >= -1"),
+    ("window right -5", dict(window_size=(0, -5)), ValueError, r"window_left and window_right must be >= -1"),
     ("window not a pair", dict(window_size=5), ValueError, r"window_size must be a pair \(left, right\)"),
     ("window of floats", dict(window_size=(1.5, 0)), TypeError, r"window_size must be a pair of ints"),
     ("softcap negative", dict(softcap=-1.0), ValueError, r"softcap must be a finite number >= 0"),

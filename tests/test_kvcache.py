@@ -180,6 +180,7 @@ def test_kvcache_refuses(device):
         (dict(k=k, v=v, cache_seqlens=1, softmax_scale=float("nan")), ValueError, "scale must be a finite number"),
         (dict(k=k, v=v, cache_seqlens=1, alibi_slopes=torch.ones(5, device=device)), ValueError,
          r"alibi_slopes must have shape \[heads\]"),
+        (dict(k=k, v=v, cache_seqlens=1, window_size=(-3, 0)), ValueError, "window_left and window_right"),
     ]
     for kwargs, error, match in cases:
         with pytest.raises(error, match=match):
