@@ -6,6 +6,7 @@
 
 #include <algorithm>
 #include <array>
+#include <cctype>
 #include <cmath>
 #include <cstdint>
 #include <initializer_list>
@@ -135,7 +136,9 @@ struct TensorArg {
   int batch, heads, rows, head_dim;
   bool is_output;
 
-  int64_t elements() const { return int64_t{batch} * heads * rows * head_dim; }
+  // In Wide: a paged cache's num_pages x page_size is not bounded by the config's checks (an int64
+  // product wrapped to 0 took a null pointer for an empty tensor).
+  Wide elements() const { return Wide{batch} * heads * rows * head_dim; }
 };
 
 TensorArg query_like(const char* name, const void* data, const Strides& s, const AttentionConfig& c, bool out) {
@@ -148,7 +151,8 @@ TensorArg key_like(const char* name, const void* data, const Strides& s, const A
 Error check_tensor(const TensorArg& t, DataType dtype) {
   if (t.elements() == 0) return Error::SUCCESS;  // never read or written
   if (t.data == nullptr)
-    return fail(Error::NULL_POINTER, t.name, " must not be null (it has ", t.elements(), " elements)");
+    return fail(Error::NULL_POINTER, t.name, " must not be null (it has ", t.batch, " x ", t.heads, " x ", t.rows,
+                " x ", t.head_dim, " elements)");
   struct Dim {
     const char* name;
     int64_t size, stride;
@@ -202,6 +206,14 @@ Error check_lse(const void* lse, const AttentionConfig& c) {
   if (lse == nullptr) return fail(Error::NULL_POINTER, "lse must not be null");
   if (reinterpret_cast<uintptr_t>(lse) % alignof(float) != 0)
     return fail(Error::INVALID_ALIGNMENT, "lse must be ", alignof(float), "-byte aligned (float32)");
+  return Error::SUCCESS;
+}
+
+// seqused_k and block_table: int32 arrays the kernels read element by element.
+Error check_int32_arrays(const int* seqused_k, const int* block_table) {
+  for (const auto& [name, ptr] : {std::pair{"seqused_k", seqused_k}, std::pair{"block_table", block_table}})
+    if (reinterpret_cast<uintptr_t>(ptr) % alignof(int) != 0)
+      return fail(Error::INVALID_ALIGNMENT, name, " must be ", alignof(int), "-byte aligned (int32)");
   return Error::SUCCESS;
 }
 
@@ -389,6 +401,7 @@ Error forward(const FlashAttentionForwardArgs& a, cudaStream_t stream) {
   const std::array<TensorArg, 4> tensors = {query_like("q", a.q, a.q_strides, a, false),
                                             keys("k", a.k, a.k_strides), keys("v", a.v, a.v_strides), o};
   if (Error e = check_tensors(a, tensors); e != Error::SUCCESS) return e;
+  if (Error e = check_int32_arrays(a.seqused_k, a.block_table); e != Error::SUCCESS) return e;
   if (a.batch_size == 0 || a.num_heads_q == 0 || a.seqlen_q == 0) return succeed();
   if (Error e = check_device_memory(tensors, a.lse, true, a.seqused_k, a.block_table); e != Error::SUCCESS) return e;
 
@@ -432,6 +445,7 @@ Error backward(const FlashAttentionBackwardArgs& a, cudaStream_t stream) {
       key_like("v", a.v, a.v_strides, a, false),        query_like("o", a.o, a.o_strides, a, false),
       query_like("d_o", a.d_o, a.d_o_strides, a, false), dq, dk, dv};
   if (Error e = check_tensors(a, tensors); e != Error::SUCCESS) return e;
+  if (Error e = check_int32_arrays(a.seqused_k, nullptr); e != Error::SUCCESS) return e;
   const size_t workspace_bytes = flash_attention_backward_workspace_size(a);
   if (a.workspace != nullptr) {
     if (a.workspace_bytes < workspace_bytes)
@@ -485,6 +499,34 @@ Error backward(const FlashAttentionBackwardArgs& a, cudaStream_t stream) {
   return err == cudaSuccess ? succeed() : cuda_failure(err, "the backward kernel launch");
 }
 
+// The simple form's names for the extended form's, in the last message: a failed simple call
+// names the argument the caller passed (seq_len, not seqlen_q; L, not lse). Never throws.
+void name_simple_form_arguments() {
+  static constexpr std::pair<const char*, const char*> kNames[] = {
+      {"num_heads_q", "num_heads"}, {"num_heads_kv", "num_heads"}, {"seqlen_q", "seq_len"}, {"seqlen_k", "seq_len"},
+      {"q", "Q"}, {"k", "K"}, {"v", "V"}, {"o", "O"}, {"lse", "L"}, {"d_o", "dO"}, {"dq", "dQ"}, {"dk", "dK"},
+      {"dv", "dV"}};
+  try {
+    std::string renamed;
+    for (size_t i = 0; i < last_message.size();) {
+      auto word_char = [](char ch) { return std::isalnum(static_cast<unsigned char>(ch)) || ch == '_'; };
+      size_t end = i;
+      while (end < last_message.size() && word_char(last_message[end])) ++end;
+      if (end == i) {
+        renamed += last_message[i++];
+        continue;
+      }
+      const std::string word = last_message.substr(i, end - i);
+      const auto* match = std::find_if(std::begin(kNames), std::end(kNames),
+                                       [&](const auto& names) { return word == names.first; });
+      renamed += match != std::end(kNames) ? match->second : word;
+      i = end;
+    }
+    last_message = std::move(renamed);
+  } catch (...) {  // the extended form's names are still a message
+  }
+}
+
 // The simple form's configuration: equal heads and lengths, contiguous [B, H, N, D] tensors.
 template <typename T>
 AttentionConfig simple_config(int batch_size, int num_heads, int seq_len, int head_dim, float scale, bool causal) {
@@ -510,7 +552,9 @@ Error forward_simple(const T* Q, const T* K, const T* V, T* O, float* L, int bat
   a.o = O;
   a.lse = L;
   a.q_strides = a.k_strides = a.v_strides = a.o_strides = bhsd_strides(num_heads, seq_len, head_dim);
-  return forward(a, stream);
+  const Error e = forward(a, stream);
+  if (e != Error::SUCCESS) name_simple_form_arguments();
+  return e;
 }
 
 template <typename T>
@@ -530,7 +574,9 @@ Error backward_simple(const T* Q, const T* K, const T* V, const T* O, const floa
   a.dv = dV;
   a.q_strides = a.k_strides = a.v_strides = a.o_strides = a.d_o_strides = a.dq_strides = a.dk_strides =
       a.dv_strides = bhsd_strides(num_heads, seq_len, head_dim);
-  return backward(a, stream);
+  const Error e = backward(a, stream);
+  if (e != Error::SUCCESS) name_simple_form_arguments();
+  return e;
 }
 
 }  // namespace

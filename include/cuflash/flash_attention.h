@@ -16,8 +16,12 @@
 //   - Outputs must not overlap the inputs. Distinct outputs may interleave (for example dq, dk
 //     and dv packed in one [batch, seqlen, 3, heads, head_dim] buffer) but not share elements.
 //   - half and bfloat16 run on tensor cores (sm_80 and later): head_dim a multiple of 8, 16-byte
-//     aligned pointers, strides multiples of 8 elements. float runs the exact (no TF32) CUDA-core
-//     kernels: any head_dim in 1..256.
+//     aligned pointers, strides multiples of 8 elements. float takes any head_dim in 1..256, to
+//     float32 accuracy (never one TF32 product): by default on tensor cores as fp16 pairs, with
+//     scratch of the inputs' size from cudaMallocAsync on `stream` (forward and backward), or
+//     where that scratch cannot be had, or the backward is given a workspace, with each product
+//     split into three TF32 ones (no scratch); CUFLASH_FP32=exact picks the CUDA-core kernels
+//     (README, "Run-time switches").
 #pragma once
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -173,7 +177,8 @@ struct FlashAttentionBackwardArgs : AttentionConfig {
   Strides q_strides, k_strides, v_strides, o_strides, d_o_strides, dq_strides, dk_strides, dv_strides;
   // Scratch device memory of flash_attention_backward_workspace_size(*this) bytes, 16-byte
   // aligned, used only while the work queued by this call runs. Null: allocated (and freed)
-  // stream-ordered with cudaMallocAsync on the call's stream.
+  // stream-ordered with cudaMallocAsync on the call's stream. Given one, a float32 backward
+  // allocates nothing: it runs the 3xTF32 kernels (the fp16 pairs' scratch is not in the size).
   void* workspace = nullptr;
   size_t workspace_bytes = 0;
 };

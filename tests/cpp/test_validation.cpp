@@ -346,6 +346,22 @@ TEST_P(Validation, PagedCacheAndSplits) {
     f.k_strides.batch = -1;
     expect_error(cuflash::flash_attention_forward(f), E::INVALID_LAYOUT, "k's batch stride must be >= 0");
   }
+  {  // pages x page_size x heads x head_dim past int64 is not an empty k: a null k is named
+    FlashAttentionForwardArgs f = paged;
+    f.num_pages = f.page_size = 1 << 30, f.k = f.v = nullptr;
+    expect_error(cuflash::flash_attention_forward(f), E::NULL_POINTER, "k must not be null");
+  }
+  for (const int offset : {1, 2}) {  // the int32 arrays the kernels read element by element
+    FlashAttentionForwardArgs f = paged;
+    f.block_table = reinterpret_cast<const int*>(reinterpret_cast<const char*>(table) + offset);
+    expect_error(cuflash::flash_attention_forward(f), E::INVALID_ALIGNMENT, "block_table must be 4-byte aligned");
+    f = fwd;
+    f.seqused_k = reinterpret_cast<const int*>(reinterpret_cast<const char*>(table) + offset);
+    expect_error(cuflash::flash_attention_forward(f), E::INVALID_ALIGNMENT, "seqused_k must be 4-byte aligned");
+    FlashAttentionBackwardArgs b = bwd;
+    b.seqused_k = f.seqused_k;
+    expect_error(cuflash::flash_attention_backward(b), E::INVALID_ALIGNMENT, "seqused_k must be 4-byte aligned");
+  }
   if (!mem.device()) {  // the table in host memory is refused on a GPU (CudaChecks); here: no CUDA
     EXPECT_EQ(cuflash::flash_attention_forward(paged), E::CUDA_ERROR) << cuflash::get_last_error_message();
   }
@@ -576,7 +592,8 @@ TYPED_TEST(SimpleForm, ChecksItsArguments) {
   expect_accepted(bwd(dout, dk, 2, 3, 40, 64, 0.125f), mem);
   expect_error(fwd(q, lse, -2, 3, 40, 64, 0.125f), E::INVALID_DIMENSION, "batch_size");
   expect_error(bwd(dout, dk, 2, 3, 40, 0, 0.125f), E::INVALID_DIMENSION, "head_dim must be >= 1");
-  expect_error(bwd(dout, dk, 2, 3, -40, 64, 0.125f), E::INVALID_DIMENSION, "seqlen_q");
+  expect_error(bwd(dout, dk, 2, 3, -40, 64, 0.125f), E::INVALID_DIMENSION, "seq_len must be >= 0, got -40");
+  expect_error(fwd(q, lse, 2, -3, 40, 64, 0.125f), E::INVALID_DIMENSION, "num_heads must be >= 0, got -3");
   expect_error(fwd(q, lse, 2, 70000, 40, 64, 0.125f), E::INVALID_DIMENSION, "at most 65535");
   expect_error(fwd(q, lse, 2, 3, 40, 300, 0.125f), E::UNSUPPORTED_HEAD_DIM, "at most 256");
   expect_error(bwd(dout, dk, 2, 3, 40, 64, NAN), E::INVALID_ARGUMENT, "scale");
@@ -588,12 +605,12 @@ TYPED_TEST(SimpleForm, ChecksItsArguments) {
   EXPECT_EQ(fwd(nullptr, nullptr, 2, 0, 40, 64, 0.125f), E::SUCCESS);  // no heads
 }
 
-// Each pointer reaches the check of its own name: the forward's Q, K, V, O, L and the backward's
-// Q, K, V, O, L, dO, dQ, dK, dV, set to null or misaligned one at a time.
+// Each pointer reaches the check of its own name, as the simple form names it: the forward's Q, K,
+// V, O, L and the backward's Q, K, V, O, L, dO, dQ, dK, dV, set to null or misaligned one at a time.
 TYPED_TEST(SimpleForm, NamesEachPointer) {
   using T = TypeParam;
   Memory mem;
-  const std::string names[] = {"q", "k", "v", "o", "lse", "d_o", "dq", "dk", "dv"};
+  const std::string names[] = {"Q", "K", "V", "O", "L", "dO", "dQ", "dK", "dV"};
   std::array<const void*, 9> good;
   for (const void*& p : good) p = mem.next();
   auto fwd = [](const std::array<const void*, 9>& p) {
