@@ -9,6 +9,7 @@
 #include <cctype>
 #include <cmath>
 #include <cstdint>
+#include <exception>
 #include <initializer_list>
 #include <string>
 #include <type_traits>
@@ -389,7 +390,7 @@ void* alloc_fp32_pair_scratch(Params& p, cudaStream_t stream) {
   return scratch;
 }
 
-Error forward(const FlashAttentionForwardArgs& a, cudaStream_t stream) {
+Error forward_unguarded(const FlashAttentionForwardArgs& a, cudaStream_t stream) {
   if (Error e = check_paged_and_splits(a); e != Error::SUCCESS) return e;
   const TensorArg o = query_like("o", a.o, a.o_strides, a, true);
   // A paged cache's k and v: num_pages pages of page_size rows.
@@ -437,7 +438,7 @@ Error forward(const FlashAttentionForwardArgs& a, cudaStream_t stream) {
   return err == cudaSuccess ? succeed() : cuda_failure(err, "the forward kernel launch");
 }
 
-Error backward(const FlashAttentionBackwardArgs& a, cudaStream_t stream) {
+Error backward_unguarded(const FlashAttentionBackwardArgs& a, cudaStream_t stream) {
   const TensorArg dq = query_like("dq", a.dq, a.dq_strides, a, true), dk = key_like("dk", a.dk, a.dk_strides, a, true),
                   dv = key_like("dv", a.dv, a.dv_strides, a, true);
   const std::array<TensorArg, 8> tensors = {
@@ -497,6 +498,25 @@ Error backward(const FlashAttentionBackwardArgs& a, cudaStream_t stream) {
     if (err == cudaSuccess) err = free_err;
   }
   return err == cudaSuccess ? succeed() : cuda_failure(err, "the backward kernel launch");
+}
+
+// No exception leaves the API: the host side allocates (messages, the launchers' caches), and an
+// allocation that fails is reported as the call's error.
+template <class Call>
+Error guarded(Call&& call) noexcept {
+  try {
+    return call();
+  } catch (const std::exception& e) {
+    return fail(Error::CUDA_ERROR, "a host-side step failed: ", e.what());
+  } catch (...) {
+    return fail(Error::CUDA_ERROR, "a host-side step failed");
+  }
+}
+Error forward(const FlashAttentionForwardArgs& a, cudaStream_t stream) {
+  return guarded([&] { return forward_unguarded(a, stream); });
+}
+Error backward(const FlashAttentionBackwardArgs& a, cudaStream_t stream) {
+  return guarded([&] { return backward_unguarded(a, stream); });
 }
 
 // The simple form's names for the extended form's, in the last message: a failed simple call

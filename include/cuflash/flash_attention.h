@@ -48,7 +48,7 @@ enum class FlashAttentionError : int {
                          // 2^62 elements or more
   INVALID_ARGUMENT,      // scale not finite, window below -1, workspace too small, a pointer that
                          // is not memory the current device can read
-  CUDA_ERROR,            // a CUDA call failed: no device, allocation, launch
+  CUDA_ERROR,            // a CUDA call failed (no device, allocation, launch), or a host allocation
 };
 
 // A fixed description of the error code ("unknown error code" for values outside the enum).
