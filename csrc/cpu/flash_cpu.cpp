@@ -1004,12 +1004,25 @@ CUFLASH_CPU_INLINE void bwd_head_impl(const FlashBwdParams& p, int b, int hk, co
         row_lanes_dot<S>(w.qt.data(), w.k_rows.data(), count, D, w.zeros.data(), st);
         row_lanes_dot<S>(w.dot.data(), w.v_rows.data(), count, D, w.zeros.data(), dpt);
       }
-      // P^T from the scores and the rows' lse, in place of the scores.
+      // The forward took a block of fewer than kLaneRows rows one at a time (fwd_rows), their scores
+      // by dot_rows, whose head dims add up in another order: the same here, so that P comes from
+      // the very scores lse summed (else, where scores are large, |s| ~ 1e4 and up, they differ by
+      // ulps of |s|: P off by as much, and above 1). A forward that packed grouped heads as rows
+      // (group_packing) had other blocks: for it the cap below bounds what is left.
+      if (rows < kLaneRows)
+        for (int r = 0; r < rows; ++r) {
+          T row_scores[kKeys];
+          dot_rows<S>(w.q_rows[r], w.k_rows.data(), count, D, row_scores);
+          for (int jj = 0; jj < count; ++jj) st[jj * kBlockRows + r] = row_scores[jj];
+        }
+      // P^T from the scores and the rows' lse, in place of the scores; at most 1.
       rules.scores(s, i0, rows, j0, count, kBlockRows, st, capped);
+      const typename S::V zero{};
       for (int jj = 0; jj < count; ++jj)
         for (int v = 0; v < R; ++v) {
           T* x = st + jj * kBlockRows + v * L;
-          store<S>(x, softmax_exp<S>(load<S>(x) - load<S>(row_lse + v * L)));
+          const typename S::V exponent = load<S>(x) - load<S>(row_lse + v * L);
+          store<S>(x, softmax_exp<S>(exponent > zero ? zero : exponent));  // (NaN stays NaN)
         }
       const bool sees_all = keys.sees_all(rows, j0, count);
       if (!sees_all) hide_lanes(keys, j0, count, T(0), st);
