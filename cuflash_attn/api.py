@@ -1,4 +1,5 @@
 """The public API."""
+import math
 import numbers
 from typing import Optional, Tuple
 
@@ -80,6 +81,8 @@ def _check_scalars(scale_name, scale, softcap, dropout_p, alibi_slopes) -> None:
     schema error."""
     _check_number("dropout_p", dropout_p)
     _check_number(scale_name, scale, optional=True)
+    if scale is not None and not math.isfinite(scale):  # (the op's message would say "scale")
+        raise ValueError(f"cuflash_attn: {scale_name} must be a finite number, got {scale}")
     _check_number("softcap", softcap)
     if alibi_slopes is not None and not isinstance(alibi_slopes, torch.Tensor):
         raise TypeError(f"cuflash_attn: alibi_slopes must be a float32 tensor [heads] or [batch, heads], got "
