@@ -245,9 +245,9 @@ def _varlen_paged(q, k_cache, v_cache, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
 
 def _cache_lengths(cache_seqlens, batch, seqlen_cache, seqlen_new, device, need_max, can_sync):
     """cache_seqlens (an int, or int32 [batch]) as an int32 tensor on device, and its largest value
-    where need_max or new keys are appended (a tensor's is read back: one host sync, the price of
-    an append, or rotary positions, that cannot index out of bounds), else None; with new keys,
-    checked to leave room for them. Without can_sync (CUDA graph capture, torch.compile) a tensor
+    where need_max or new keys are appended or it is on the CPU (a tensor's is read back: one host
+    sync, the price of an append, or rotary positions, that cannot index out of bounds), else None;
+    checked to lie in the cache, leaving room for the new keys. Without can_sync (CUDA graph capture, torch.compile) a tensor
     is not read back: None, and the caller clamps what it indexes with it."""
     if isinstance(cache_seqlens, bool) or not isinstance(cache_seqlens, (int, torch.Tensor)):
         raise TypeError(f"cuflash_attn: cache_seqlens must be an int or an int32 tensor [batch], got "
@@ -264,10 +264,12 @@ def _cache_lengths(cache_seqlens, batch, seqlen_cache, seqlen_new, device, need_
                          f"{cache_seqlens.dtype} {tuple(cache_seqlens.shape)}")
     if cache_seqlens.device != device:
         raise ValueError(f"cuflash_attn: cache_seqlens must be on q's device ({device}), got {cache_seqlens.device}")
-    if batch == 0 or not can_sync or not (need_max or seqlen_new > 0):
+    # Read back where that is an append's or rotary's price anyway, and on the CPU, where it costs
+    # no synchronization (on CUDA, with neither, the kernels clamp the lengths into the cache).
+    if batch == 0 or not can_sync or not (need_max or seqlen_new > 0 or not cache_seqlens.is_cuda):
         return cache_seqlens, None
     low, high = (int(x) for x in torch.aminmax(cache_seqlens))
-    if seqlen_new > 0 and (low < 0 or high > seqlen_cache - seqlen_new):
+    if low < 0 or high > seqlen_cache - seqlen_new:
         raise ValueError(f"cuflash_attn: cache_seqlens must be in {room()}, got values in [{low}, {high}]")
     return cache_seqlens, high
 

@@ -195,6 +195,10 @@ def test_kvcache_refuses(device):
         other = "cpu" if device == "cuda" else "cuda"
         with pytest.raises(ValueError, match="v must be .* and device"):
             flash_attn_with_kvcache(q, k_cache, v_cache, k, v.to(other), cache_seqlens=1)
+    if device == "cpu":  # lengths outside the cache, without an append: read back only on the CPU
+        for lengths in ([9, -1, 0], [41, 0, 0]):
+            with pytest.raises(ValueError, match=r"cache_seqlens must be in \[0, 40\]"):
+                flash_attn_with_kvcache(q, k_cache, v_cache, cache_seqlens=torch.tensor(lengths, dtype=torch.int32))
     if device == "cpu":  # on CUDA an index past the cache is clamped (no synchronization)
         with pytest.raises(ValueError, match=r"cache_batch_idx must be in \[0, 3\)"):
             flash_attn_with_kvcache(q, k_cache, v_cache, k, v, cache_seqlens=1,
