@@ -131,15 +131,19 @@ def _records_grad(args):
     return torch.is_grad_enabled() and torch._C._any_requires_grad(*args)
 
 
-def _refuse_transforms(args):
+def _refuse_dual_tensors(args):
     """Forward-mode AD (dual tensors: forward_ad, torch.func.jvp, jacfwd) would run below the
-    tangents and drop them; torch.func's grad transforms need an autograd.Function with
-    setup_context. Neither has a rule here: refused rather than answered with zero tangents."""
-    if forward_ad._current_level >= 0 and any(isinstance(a, torch.Tensor) and forward_ad.unpack_dual(a).tangent
-                                              is not None for a in args):
+    tangents and drop them: the ops have no forward derivative, so it is refused rather than
+    answered with zero tangents. Called only while a dual level is open."""
+    if any(isinstance(a, torch.Tensor) and forward_ad.unpack_dual(a).tangent is not None for a in args):
         raise NotImplementedError(
             "cuflash_attn: forward-mode AD (dual tensors, torch.func.jvp, jacfwd) is not supported: the ops have "
             "no forward derivative (cuflash_attn.scaled_dot_product_attention hands such calls to torch's)")
+
+
+def _refuse_func_transforms():
+    """torch.func's grad transforms need an autograd.Function with setup_context, which
+    _FwdFunction is not: refused with a message that names them."""
     if torch._C._functorch.maybe_current_level() is not None:
         raise NotImplementedError(
             "cuflash_attn: torch.func's gradient transforms (grad, vjp, jacrev) are not supported: use "
@@ -169,13 +173,13 @@ class _FwdFunction(torch.autograd.Function):
 def _fwd_autograd(keyset, *args):
     args = args + _FWD_DEFAULTS[len(args):]
     if forward_ad._current_level >= 0:  # a dual level is open (one global read on the common path)
-        _refuse_transforms(args)
+        _refuse_dual_tensors(args)
     if _records_grad(args):
         if args[_BLOCK_TABLE_INPUT] is not None:  # refused now, not at the backward
             raise NotImplementedError(
                 "cuflash_attn: a paged KV cache (block_table) has no backward: it is for inference (call under "
                 "torch.no_grad(), or with inputs that do not require grad)")
-        _refuse_transforms(args)
+        _refuse_func_transforms()
         return _FwdFunction.apply(keyset, *args)
     return _redispatch(_ops.fwd.default, keyset, args)
 
@@ -196,7 +200,7 @@ class _BwdFunction(torch.autograd.Function):
 
 def _bwd_autograd(keyset, *args):
     if forward_ad._current_level >= 0:
-        _refuse_transforms(args)
+        _refuse_dual_tensors(args)
     if _records_grad(args):
         return _BwdFunction.apply(keyset, *args)
     return _redispatch(_ops.bwd.default, keyset, args)
