@@ -317,28 +317,18 @@ __global__ void dropout_factors_kernel(cuflash::DropoutRng rng, int b, int h, in
     for (int e = 0; e < 4; ++e) out[(threadIdx.x * (kN / 8) + j) * 4 + e] = z[j][e];
 }
 
-// The values launch(device_out) writes into out.size() elements of device memory, copied into out;
-// "" or what failed.
-template <typename T, class Launch>
-std::string run_into(std::vector<T>& out, Launch&& launch) {
-  T* device_out = nullptr;
-  if (cudaMalloc(&device_out, out.size() * sizeof(T)) != cudaSuccess) return "cudaMalloc failed";
-  launch(device_out);
-  const cudaError_t err = cudaMemcpy(out.data(), device_out, out.size() * sizeof(T), cudaMemcpyDeviceToHost);
-  cudaFree(device_out);
-  return err == cudaSuccess ? std::string() : std::string("kernel: ") + cudaGetErrorString(err);
-}
-
 // One warp's factors for the tile at (row0, col0), rows queries or (kTransposed) keys; returns the
 // first element that differs from the rule, or "".
 template <bool kTransposed, int kN>
 std::string dropout_mismatch(const cuflash::DropoutRng& rng, int row0, int col0) {
-  const int b = 1, h = 2, heads = 3;
-  std::vector<float> out(32 * (kN / 8) * 4);
-  const std::string failed = run_into(out, [&](float* device_out) {
-    dropout_factors_kernel<kTransposed, kN><<<1, 32>>>(rng, b, h, heads, row0, col0, device_out);
-  });
-  if (!failed.empty()) return failed;
+  const int b = 1, h = 2, heads = 3, count = 32 * (kN / 8) * 4;
+  std::vector<float> out(count);
+  float* device_out = nullptr;
+  if (cudaMalloc(&device_out, count * sizeof(float)) != cudaSuccess) return "cudaMalloc failed";
+  dropout_factors_kernel<kTransposed, kN><<<1, 32>>>(rng, b, h, heads, row0, col0, device_out);
+  const cudaError_t err = cudaMemcpy(out.data(), device_out, count * sizeof(float), cudaMemcpyDeviceToHost);
+  cudaFree(device_out);
+  if (err != cudaSuccess) return std::string("kernel: ") + cudaGetErrorString(err);
   return first_tile_mismatch<kTransposed, kN>(row0, col0, [&](int at, int i, int k) {
     const float want = rng.keep(b, h, heads, i, k) ? rng.keep_scale : 0.f;
     return out[at] == want ? std::string() : ": " + std::to_string(out[at]) + ", want " + std::to_string(want);
