@@ -989,6 +989,12 @@ CUFLASH_CPU_INLINE void bwd_head_impl(const FlashBwdParams& p, int b, int hk, co
       if (tile_adds_nothing<S>(rules.score.mask, i0, rows, j0, count, q_finite && do_finite && delta_finite,
                                w.k_rows.data(), w.v_rows.data(), D))
         continue;
+      // The forward took a block of fewer than kLaneRows rows one at a time (fwd_rows), their scores
+      // by dot_rows, whose head dims add up in another order: the same here, so that P comes from
+      // the very scores lse summed (else, where scores are large, |s| ~ 1e4 and up, they differ by
+      // ulps of |s|: P off by as much, and above 1). A forward that packed grouped heads as rows
+      // (group_packing) had other blocks: for it the cap below bounds what is left.
+      const bool rows_alone = rows < kLaneRows;
 #ifdef CUFLASH_CPU_WIDE_ISAS
       if constexpr (S::kDotBf16)
         if (dot_bf16) {
@@ -996,25 +1002,22 @@ CUFLASH_CPU_INLINE void bwd_head_impl(const FlashBwdParams& p, int b, int hk, co
             w.k_raw[jj] = key_row_at<const uint16_t>(p, p.k, p.k_strides, s, b, hk, j0 + jj);
             w.v_raw[jj] = key_row_at<const uint16_t>(p, p.v, p.v_strides, s, b, hk, j0 + jj);
           }
-          row_lanes_dot_bf16<R>(w.qt2.data(), w.k_raw.data(), count, D, st);
+          if (!rows_alone) row_lanes_dot_bf16<R>(w.qt2.data(), w.k_raw.data(), count, D, st);
           row_lanes_dot_bf16<R>(w.dot2.data(), w.v_raw.data(), count, D, dpt);
         }
 #endif
       if (!dot_bf16) {
-        row_lanes_dot<S>(w.qt.data(), w.k_rows.data(), count, D, w.zeros.data(), st);
+        if (!rows_alone) row_lanes_dot<S>(w.qt.data(), w.k_rows.data(), count, D, w.zeros.data(), st);
         row_lanes_dot<S>(w.dot.data(), w.v_rows.data(), count, D, w.zeros.data(), dpt);
       }
-      // The forward took a block of fewer than kLaneRows rows one at a time (fwd_rows), their scores
-      // by dot_rows, whose head dims add up in another order: the same here, so that P comes from
-      // the very scores lse summed (else, where scores are large, |s| ~ 1e4 and up, they differ by
-      // ulps of |s|: P off by as much, and above 1). A forward that packed grouped heads as rows
-      // (group_packing) had other blocks: for it the cap below bounds what is left.
-      if (rows < kLaneRows)
+      if (rows_alone) {
         for (int r = 0; r < rows; ++r) {
           T row_scores[kKeys];
           dot_rows<S>(w.q_rows[r], w.k_rows.data(), count, D, row_scores);
           for (int jj = 0; jj < count; ++jj) st[jj * kBlockRows + r] = row_scores[jj];
         }
+        for (int jj = 0; jj < count; ++jj) std::fill(st + jj * kBlockRows + rows, st + jj * kBlockRows + R * L, T(0));
+      }
       // P^T from the scores and the rows' lse, in place of the scores; at most 1.
       rules.scores(s, i0, rows, j0, count, kBlockRows, st, capped);
       const typename S::V zero{};
