@@ -16,6 +16,7 @@ import sys
 
 import torch
 
+from . import bert_padding
 from .api import _check_scalars, _window
 from .ops import _ops, new_rng_state
 
@@ -489,13 +490,22 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
     return (out, lse) if return_softmax_lse else out
 
 
+# The flash_attn release whose API this module follows: `flash_attn.__version__` after install(),
+# which code reads to choose the arguments it passes.
+FLASH_ATTN_VERSION = "2.8.3"
+
+
 def install() -> None:
-    """Makes `import flash_attn` and `import flash_attn.flash_attn_interface` give this module
-    (for code that imports flash_attn directly)."""
+    """Makes `import flash_attn` and `import flash_attn.flash_attn_interface` give this module,
+    and `import flash_attn.bert_padding` cuflash_attn.bert_padding (for code that imports
+    flash_attn directly)."""
     module = sys.modules[__name__]
     module.flash_attn_interface = module
+    module.bert_padding = bert_padding
+    module.__version__ = FLASH_ATTN_VERSION
     sys.modules["flash_attn"] = module
     sys.modules["flash_attn.flash_attn_interface"] = module
+    sys.modules["flash_attn.bert_padding"] = bert_padding
 
 
 __all__ = ["flash_attn_func", "flash_attn_qkvpacked_func", "flash_attn_kvpacked_func", "flash_attn_varlen_func",

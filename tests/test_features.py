@@ -615,13 +615,19 @@ def test_flash_attn_api_gradients_flow_through_packing(device):
 
 def test_flash_attn_install_aliases_the_module():
     import sys
+    from cuflash_attn import bert_padding
     from cuflash_attn import flash_attn_interface as fa
-    saved = {name: sys.modules.get(name) for name in ("flash_attn", "flash_attn.flash_attn_interface")}
+    saved = {name: sys.modules.get(name)
+             for name in ("flash_attn", "flash_attn.flash_attn_interface", "flash_attn.bert_padding")}
     try:
         fa.install()
         import flash_attn
+        from flash_attn.bert_padding import pad_input, unpad_input
         from flash_attn.flash_attn_interface import flash_attn_func
         assert flash_attn.flash_attn_func is fa.flash_attn_func and flash_attn_func is fa.flash_attn_func
+        assert flash_attn.bert_padding is bert_padding and (unpad_input, pad_input) == (bert_padding.unpad_input,
+                                                                                       bert_padding.pad_input)
+        assert flash_attn.__version__ == fa.FLASH_ATTN_VERSION
     finally:
         for name, module in saved.items():
             if module is None:
