@@ -9,6 +9,8 @@ packed tokens [total_tokens, ...] that the varlen functions take, with their gra
 `attention_mask` is [batch, seqlen], nonzero (True) where a token is kept, as in flash_attn.
 `flash_attn_interface.install()` makes `import flash_attn.bert_padding` give this module.
 """
+import operator
+
 import torch
 import torch.nn.functional as F
 
@@ -46,7 +48,7 @@ def index_put_first_axis(values, indices, first_axis_dim):
     if values.shape[0] != indices.numel():
         raise ValueError(f"cuflash_attn: values has {values.shape[0]} rows but indices {indices.numel()} entries")
     output = values.new_zeros((first_axis_dim, *values.shape[1:]))
-    return output.index_copy(0, indices, values)
+    return output.index_copy(0, indices.long(), values)  # (index_copy takes int64 only)
 
 
 def _check_mask(name, mask, hidden_states):
@@ -107,12 +109,24 @@ def unpad_input_for_concatenated_sequences(hidden_states, attention_mask_in_leng
     return tokens, indices, _cu_seqlens(seqlens), max_seqlen
 
 
+def _size(name, value):
+    """A non-negative size: an int, or what converts to one (NumPy's ints, a 0-d integer tensor),
+    or a torch.compile symbolic size."""
+    if isinstance(value, torch.SymInt):
+        return value
+    try:
+        size = None if isinstance(value, bool) else operator.index(value)
+    except TypeError:
+        size = None
+    if size is None or size < 0:
+        raise ValueError(f"cuflash_attn: {name} must be a non-negative int, got {value!r}")
+    return size
+
+
 def pad_input(hidden_states, indices, batch, seqlen):
     """The inverse of unpad_input: hidden_states [total_tokens, ...] back to [batch, seqlen, ...],
     zeros where no token was kept."""
-    for name, value in (("batch", batch), ("seqlen", seqlen)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-            raise ValueError(f"cuflash_attn: {name} must be a non-negative int, got {value!r}")
+    batch, seqlen = _size("batch", batch), _size("seqlen", seqlen)
     padded = index_put_first_axis(hidden_states, indices, batch * seqlen)
     return padded.reshape(batch, seqlen, *hidden_states.shape[1:])
 

@@ -28,12 +28,13 @@ def _empty_stats(q: torch.Tensor, varlen: bool) -> torch.Tensor:
 
 
 def _check_same_device(q, **tensors):
-    # As check_same_kind in csrc/torch_ops.cpp. Fakes run for meta tensors too, and an input on
-    # the meta device takes the whole call there: without this a real q beside a meta k got an
-    # uninitialized output.
+    # As check_same_kind in csrc/torch_ops.cpp. Fakes run for meta tensors too, and any tensor on
+    # the meta device, an option's included, takes the whole call there: without this a real q
+    # beside a meta k or attn_mask got an uninitialized output. Options left out are None.
     for name, t in tensors.items():
-        torch._check_value(t.device == q.device, lambda: f"cuflash_attn: {name} must be on the same device as q "
-                                                         f"({q.device}), got {t.device}")
+        if t is not None:
+            torch._check_value(t.device == q.device, lambda: f"cuflash_attn: {name} must be on the same device as "
+                                                             f"q ({q.device}), got {t.device}")
 
 
 @torch.library.register_fake("cuflash_attn::fwd")
@@ -43,7 +44,8 @@ def _fwd_fake(q, k, v, scale=None, is_causal=False, bottom_right=False, window_l
               block_table=None, num_splits=1):
     varlen = cu_seqlens_q is not None
     torch._check(q.dim() == (3 if varlen else 4), lambda: "cuflash_attn: q has the wrong number of dimensions")
-    _check_same_device(q, k=k, v=v)
+    _check_same_device(q, k=k, v=v, alibi_slopes=alibi_slopes, rng_state=rng_state, cu_seqlens_q=cu_seqlens_q,
+                       cu_seqlens_k=cu_seqlens_k, attn_mask=attn_mask, seqused_k=seqused_k, block_table=block_table)
     return _empty_like_input(q), _empty_stats(q, varlen)
 
 
@@ -52,7 +54,11 @@ def _bwd_fake(dout, q, k, v, out, lse, dlse=None, scale=None, is_causal=False, b
               window_left=-1, window_right=-1, softcap=0.0, alibi_slopes=None, dropout_p=0.0, rng_state=None,
               cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q=0, max_seqlen_k=0, attn_mask=None,
               deterministic=True, seqused_k=None, block_table=None, num_splits=1, attn_mask_grad=False):
-    _check_same_device(q, dout=dout, k=k, v=v, out=out, lse=lse)
+    _check_same_device(q, dout=dout, k=k, v=v, out=out, lse=lse, dlse=dlse, alibi_slopes=alibi_slopes,
+                       rng_state=rng_state, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k, attn_mask=attn_mask,
+                       seqused_k=seqused_k, block_table=block_table)
+    torch._check_value(not attn_mask_grad or attn_mask is not None and attn_mask.is_floating_point(),
+                       lambda: "cuflash_attn: attn_mask_grad needs a floating-point attn_mask")
     dattn_mask = attn_mask.new_empty(attn_mask.shape) if attn_mask_grad else q.new_empty((0,))
     return _empty_like_input(q), _empty_like_input(k), _empty_like_input(v), dattn_mask
 

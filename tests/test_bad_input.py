@@ -206,8 +206,23 @@ def test_meta_beside_real_tensors():
     out, lse = ops.fwd(q, k, v)
     with pytest.raises(ValueError, match=r"lse must be on the same device as q \(cpu\), got meta"):
         ops.bwd(torch.randn_like(out), q, k, v, out, lse.to("meta"))
+    B, H, N, _ = q.shape
+    meta_options = {"attn_mask": torch.ones(N, N, dtype=torch.bool), "alibi_slopes": torch.ones(H),
+                    "rng_state": torch.zeros(2, dtype=torch.int64), "seqused_k": torch.full((B,), N, dtype=torch.int32)}
+    for name, option in meta_options.items():
+        with pytest.raises(ValueError, match=rf"{name} must be on the same device as q \(cpu\), got meta"):
+            ops.fwd(q, k, v, **{name: option.to("meta")})
+    with pytest.raises(ValueError, match=r"cu_seqlens_q must be on the same device as q \(cpu\), got meta"):
+        packed = [t[0].transpose(0, 1) for t in (q, k, v)]
+        offsets = torch.tensor([0, N], dtype=torch.int32)
+        ops.fwd(*packed, cu_seqlens_q=offsets.to("meta"), cu_seqlens_k=offsets, max_seqlen_q=N, max_seqlen_k=N)
+    with pytest.raises(ValueError, match=r"dlse must be on the same device as q \(cpu\), got meta"):
+        ops.bwd(torch.randn_like(out), q, k, v, out, lse, torch.zeros_like(lse, device="meta"))
     meta = [t.to("meta") for t in (q, k, v)]
     assert ops.fwd(*meta)[0].device.type == "meta"  # all on meta: shapes only, as before
+    out_meta, lse_meta = ops.fwd(*meta)
+    with pytest.raises(ValueError, match="attn_mask_grad needs a floating-point attn_mask"):
+        ops.bwd(torch.empty_like(out_meta), *meta, out_meta, lse_meta, attn_mask_grad=True)
 
 
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")

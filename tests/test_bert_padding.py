@@ -1,5 +1,6 @@
 """cuflash_attn.bert_padding (flash_attn.bert_padding's functions): unpadding and padding a batch,
 their gradients, attention through them, and bad input."""
+import numpy as np
 import pytest
 import torch
 
@@ -77,6 +78,17 @@ def test_varlen_attention_on_unpadded_tokens_matches_each_sequence(device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+def test_pad_takes_int32_indices_and_integer_sizes(device):
+    """transformers' decoding step pads one query a sequence with cu_seqlens_q[:-1] (int32) as the
+    indices; sizes may come as NumPy ints or 0-d tensors."""
+    out = torch.randn(2, 4, 8, device=device)
+    cu_seqlens_q = torch.arange(3, dtype=torch.int32, device=device)
+    padded = bp.pad_input(out, cu_seqlens_q[:-1], np.int64(2), torch.tensor(1))
+    assert padded.shape == (2, 1, 4, 8) and torch.equal(padded[:, 0], out)
+    assert torch.equal(bp.index_first_axis(out, cu_seqlens_q[1:2]), out[1:])
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_concatenated_sequences(device):
     x = torch.arange(12, device=device, dtype=torch.float32).reshape(2, 6, 1)
     lengths = torch.tensor([[2, 3, 0, 0, 0, 0], [3, 0, 2, 0, 0, 0]], device=device)
@@ -108,6 +120,8 @@ def test_bad_input_names_the_argument(device):
         bp.pad_input(tokens, torch.tensor([0, 1, 2], device=device), 2, 5)
     with pytest.raises(ValueError, match="seqlen must be a non-negative int"):
         bp.pad_input(tokens, torch.tensor([0, 1, 2, 3], device=device), 2, -5)
+    with pytest.raises(ValueError, match="batch must be a non-negative int"):
+        bp.pad_input(tokens, torch.tensor([0, 1, 2, 3], device=device), 2.0, 5)
     with pytest.raises(ValueError, match=r"indices must lie in \[0, 4\)"):
         bp.index_first_axis(tokens, torch.tensor([4], device=device))
     with pytest.raises(ValueError, match="add up to more than seqlen"):
