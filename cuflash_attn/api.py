@@ -1,6 +1,7 @@
 """The public API."""
 import math
 import numbers
+import sys
 from typing import Optional, Tuple
 
 import torch
@@ -64,7 +65,7 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: b
     rng_state = new_rng_state(q.device) if dropout_p > 0.0 else None
     out, lse = _ops.fwd(q, k, v, scale, bool(causal), bool(bottom_right), window_left, window_right,
                         float(softcap), alibi_slopes, float(dropout_p), rng_state, attn_mask=attn_mask,
-                        deterministic=bool(deterministic), seqused_k=seqused_k, num_splits=int(num_splits))
+                        deterministic=bool(deterministic), seqused_k=seqused_k, num_splits=_int64(int(num_splits)))
     return (out, lse) if return_lse else out
 
 
@@ -73,6 +74,18 @@ def _check_number(name, x, optional=False):
     if not (type(x) in _PLAIN_NUMBERS or isinstance(x, numbers.Real) or (optional and x is None)):
         raise TypeError(f"cuflash_attn: {name} must be a number{' or None' if optional else ''}, got "
                         f"{type(x).__name__}")
+    if type(x) is int and not -_FLOAT_MAX <= x <= _FLOAT_MAX:  # (float(x) would raise OverflowError, unnamed)
+        raise ValueError(f"cuflash_attn: {name} must be a finite number, got an int beyond a float's range")
+
+
+_FLOAT_MAX = int(sys.float_info.max)
+_INT64_MAX = 2**63 - 1
+
+
+def _int64(x):
+    """A window side or split count as the op's int64 schema takes it: beyond int64's range is
+    beyond every sequence, so the nearest int64 means the same."""
+    return min(max(x, -_INT64_MAX - 1), _INT64_MAX)
 
 
 def _check_scalars(scale_name, scale, softcap, dropout_p, alibi_slopes) -> None:
@@ -92,14 +105,14 @@ def _check_scalars(scale_name, scale, softcap, dropout_p, alibi_slopes) -> None:
 def _window(window_size) -> Tuple[int, int]:
     if type(window_size) is tuple and len(window_size) == 2 and type(window_size[0]) is int and \
             type(window_size[1]) is int:  # the common case, without numbers.Integral's checks
-        return window_size
+        return _int64(window_size[0]), _int64(window_size[1])
     try:
         left, right = window_size
     except (TypeError, ValueError):
         raise ValueError(f"cuflash_attn: window_size must be a pair (left, right), got {window_size!r}") from None
     if not (isinstance(left, numbers.Integral) and isinstance(right, numbers.Integral)):
         raise TypeError(f"cuflash_attn: window_size must be a pair of ints (left, right), got {window_size!r}")
-    return int(left), int(right)
+    return _int64(int(left)), _int64(int(right))
 
 
 def scaled_dot_product_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,

@@ -17,7 +17,7 @@ import sys
 import torch
 
 from . import bert_padding
-from .api import _check_scalars, _window
+from .api import _check_scalars, _int64, _window
 from .ops import _ops, new_rng_state
 
 _PADDED = ("batch", "seqlen", "heads", "head_dim")
@@ -334,7 +334,7 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
     (capped at the key blocks)."""
     if isinstance(num_splits, bool) or not isinstance(num_splits, int):
         raise ValueError(f"cuflash_attn: num_splits must be an int (below 1: chosen), got {num_splits!r}")
-    num_splits = max(num_splits, 0)  # flash_attn's heuristic takes every value below 1
+    num_splits = _int64(max(num_splits, 0))  # flash_attn's heuristic takes every value below 1
     paged = block_table is not None
     _check_tensor("q", q, _PADDED)
     # No host sync under CUDA graph capture, nor in torch.compile's trace (a read-back there is a

@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 
+import cuflash_attn
 from conftest import (HAS_CUDA, IS_SM90, cuda_kernels, fused_backward_kernel, packed_offsets, poisoned_and_unmodified,
                       sdpa_on_kernels)
 from reference import (LOW_PRECISION, assert_close_to_reference, assert_lse_close, attention_reference, dropout_keep_scale,
@@ -205,6 +206,22 @@ def test_window_wider_than_the_sequences_hides_nothing(device, bottom_right, win
 
     for name, got, want in zip(("out", "lse", "dq", "dk", "dv"), run(*window), run()):
         assert torch.equal(got, want), name
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_python_ints_beyond_int64_mean_the_same(device):
+    """The Python APIs take a window side or num_splits beyond int64 (the ops' schema type) as
+    the nearest int64: wider than any sequence, as many splits as keys."""
+    from cuflash_attn import flash_attn_interface as fa
+    q, k, v = (torch.randn(1, 2, 40, 16, device=device) for _ in range(3))
+    want = cuflash_attn.flash_attention(q, k, v)
+    assert torch.equal(cuflash_attn.flash_attention(q, k, v, window_size=(2**70, 2**64)), want)
+    assert torch.equal(cuflash_attn.flash_attention(q, k, v, num_splits=2**70), want)
+    qb, kb, vb = (t.transpose(1, 2) for t in (q, k, v))
+    assert torch.equal(fa.flash_attn_func(qb, kb, vb, window_size=(2**70, 0)),
+                       fa.flash_attn_func(qb, kb, vb, causal=True))
+    decode = fa.flash_attn_with_kvcache(qb[:, -1:], kb.clone(), vb.clone(), num_splits=2**70)
+    assert torch.allclose(decode, fa.flash_attn_with_kvcache(qb[:, -1:], kb.clone(), vb.clone()), atol=1e-6)
 
 
 # ---- softcap and ALiBi ----
