@@ -6,7 +6,7 @@ from typing import Optional, Tuple
 
 import torch
 
-from .fallback import SDPAArgumentError, fallback_reason, record_kernel_call, run_torch
+from .fallback import SDPAArgumentError, fallback_reason, record_kernel_call, run_torch, widens_to_float32
 from .ops import _ops, new_rng_state
 
 _PLAIN_NUMBERS = (int, float)
@@ -135,8 +135,13 @@ def scaled_dot_product_attention(query: torch.Tensor, key: torch.Tensor, value: 
     lead = query.shape[:-2]
     # Fold (N, ...) into [batch, heads]: a view whenever the leading dimensions allow one.
     q4, k4, v4 = (_as_4d(t) for t in (query, key, value))
+    widen = widens_to_float32(query, attn_mask)
+    if widen:
+        q4, k4, v4 = (t.float() for t in (q4, k4, v4))
     out = flash_attention(q4, k4, v4, causal=is_causal, scale=scale, dropout_p=float(dropout_p),
-                          attn_mask=_mask_as_4d(attn_mask, query, key))
+                          attn_mask=_mask_as_4d(attn_mask, query, key, q4.dtype))
+    if widen:
+        out = out.to(query.dtype)
     record_kernel_call()
     return out.reshape(*lead, out.shape[-2], out.shape[-1])
 
@@ -158,15 +163,16 @@ def _check_sdpa_args(query, key, value, dropout_p) -> None:
                                 f"sequence length, got {key.shape[-2]} and {value.shape[-2]}")
 
 
-def _mask_as_4d(attn_mask: Optional[torch.Tensor], query: torch.Tensor, key: torch.Tensor):
-    """attn_mask for the folded [batch, heads, L, S] inputs, in query's dtype if floating point
-    (fallback_reason lets through only the dtypes that widen exactly). Up to 4 dimensions folding
+def _mask_as_4d(attn_mask: Optional[torch.Tensor], query: torch.Tensor, key: torch.Tensor, dtype: torch.dtype):
+    """attn_mask for the folded [batch, heads, L, S] inputs, in their dtype if floating point
+    (fallback_reason lets through only the dtypes that widen exactly, and a float32 mask beside a
+    16-bit query comes with the inputs widened to float32). Up to 4 dimensions folding
     only prepends ones, so the mask broadcasts as it is; beyond, it is expanded over the leading
     dimensions first."""
     if attn_mask is None:
         return None
-    if attn_mask.is_floating_point() and attn_mask.dtype != query.dtype:
-        attn_mask = attn_mask.to(query.dtype)
+    if attn_mask.is_floating_point() and attn_mask.dtype != dtype:
+        attn_mask = attn_mask.to(dtype)
     if query.dim() <= 4:
         return attn_mask
     full = attn_mask.expand(*query.shape[:-1], key.shape[-2])

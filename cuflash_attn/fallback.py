@@ -65,6 +65,16 @@ def _overrides_torch_function(t) -> bool:
         None, torch._C._disabled_torch_function_impl)
 
 
+def widens_to_float32(query: torch.Tensor, attn_mask) -> bool:
+    """A float32 attn_mask beside a float16/bfloat16 query (outside autocast, which casts the mask
+    to the query's dtype): the kernels add a float mask in the query's dtype, and rounding a
+    float32 bias to 16 bits can move the scores by far more than their own rounding (a bias near
+    1000 by up to 4), so such a call runs in float32. (torch 2.11's CUDA backends gave NaN rows
+    for it on an H100: benchmarks/NOTES.md, the fifty-fourth session.)"""
+    return (attn_mask is not None and attn_mask.dtype == torch.float32 and _op_dtype(attn_mask) == torch.float32
+            and _op_dtype(query) in (torch.float16, torch.bfloat16))
+
+
 def _op_dtype(t: torch.Tensor) -> torch.dtype:
     """t's dtype as the op receives it: in an autocast region of t's device type, the op's
     autocast rule (autocast.py) casts float16/bfloat16/float32 tensors to the region's dtype, as
@@ -154,13 +164,10 @@ def _mask_reason(query, key, attn_mask) -> Optional[str]:
     if attn_mask.dtype != torch.bool and not attn_mask.is_floating_point():
         return f"attn_mask of dtype {attn_mask.dtype}"
     mask_dtype, query_dtype = _op_dtype(attn_mask), _op_dtype(query)
-    if attn_mask.is_floating_point() and mask_dtype != query_dtype:
-        if mask_dtype != torch.float32:  # torch takes a float mask of query's dtype or float32 only
-            return "a floating-point attn_mask of another dtype than query's, other than float32"
-        if query_dtype in (torch.float16, torch.bfloat16):
-            # The kernels add the mask in query's dtype: rounding a float32 bias to 16 bits can
-            # move scores by far more than their own rounding (a bias of 1000 by up to 4).
-            return "a float32 attn_mask with a float16/bfloat16 query (in query's dtype it runs on the kernels)"
+    if attn_mask.is_floating_point() and mask_dtype != query_dtype and mask_dtype != torch.float32:
+        # torch takes a float mask of query's dtype or float32 only (float32 beside a 16-bit query:
+        # api.py's widens_to_float32)
+        return "a floating-point attn_mask of another dtype than query's, other than float32"
     target = (*query.shape[:-1], key.shape[-2])
     if attn_mask.dim() > len(target) or any(m not in (1, t) for m, t in zip(reversed(attn_mask.shape),
                                                                           reversed(target))):
