@@ -155,8 +155,9 @@ def _shape_reason(query, key, value, enable_gqa) -> Optional[str]:
 
 def _mask_reason(query, key, attn_mask) -> Optional[str]:
     """The kernels take a boolean or floating-point mask on query's device that broadcasts to
-    (N, ..., L, S), a float one in query's dtype (or float32 beside a float32 or float64 query,
-    which widening keeps exact); anything else is torch's to accept or reject."""
+    (N, ..., L, S), a float one in query's dtype or float32 (beside a float64 query widened
+    exactly, beside a 16-bit one with the call widened: widens_to_float32); anything else is
+    torch's to accept or reject."""
     if not isinstance(attn_mask, torch.Tensor):
         return "attn_mask is not a tensor"
     if attn_mask.layout != torch.strided or attn_mask.device != query.device:
@@ -165,8 +166,7 @@ def _mask_reason(query, key, attn_mask) -> Optional[str]:
         return f"attn_mask of dtype {attn_mask.dtype}"
     mask_dtype, query_dtype = _op_dtype(attn_mask), _op_dtype(query)
     if attn_mask.is_floating_point() and mask_dtype != query_dtype and mask_dtype != torch.float32:
-        # torch takes a float mask of query's dtype or float32 only (float32 beside a 16-bit query:
-        # api.py's widens_to_float32)
+        # torch takes a float mask of query's dtype or float32 only
         return "a floating-point attn_mask of another dtype than query's, other than float32"
     target = (*query.shape[:-1], key.shape[-2])
     if attn_mask.dim() > len(target) or any(m not in (1, t) for m, t in zip(reversed(attn_mask.shape),
