@@ -942,8 +942,8 @@ Tensor dropout_mask(const Tensor& rng_state, double dropout_p, int64_t batch, in
 // [num_pages, heads_kv, page_size, head_dim], page_size a multiple of 256, and sequence b's key j
 // is row j % page_size of page block_table[b][j / page_size]; queries may be packed
 // (cu_seqlens_q, without cu_seqlens_k: seqused_k gives the key counts).
-// num_splits (the forward's, on CUDA for 16-bit inputs; the backward ignores it): 1, each row's
-// keys in one CTA; n > 1, dealt into n CTAs (capped at the key blocks) whose partial outputs a
+// num_splits (the forward's: on CUDA for 16-bit inputs, on the CPU for every dtype; the backward
+// ignores it): 1, each row's keys in one CTA (CPU: thread); n > 1, dealt into n CTAs (capped at the key blocks) whose partial outputs a
 // combine kernel merges (split-KV, for decoding); 0, chosen: split where one query block a
 // sequence leaves SMs idle.
 // deterministic (the backward's; the forward always is): True, dq is bitwise reproducible (but

@@ -137,7 +137,7 @@ def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, wi
                     alibi_slopes=None, deterministic=False, return_attn_probs=False):
     """q: [batch, seqlen_q, heads_q, head_dim]; k, v: [batch, seqlen_k, heads_kv, head_dim]. Returns
     out [batch, seqlen_q, heads_q, head_dim], and with return_attn_probs also softmax_lse
-    [batch, heads_q, seqlen_q] (float32) and S_dmask: under dropout the probabilities, dropped ones
+    [batch, heads_q, seqlen_q] (float32; float64 for float64 inputs) and S_dmask: under dropout the probabilities, dropped ones
     negated (tests only: O(N^2) memory); without dropout an empty tensor, as flash_attn's."""
     return _attention(q, k, v, dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes, deterministic,
                       return_attn_probs)
@@ -333,7 +333,7 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
     would leave SMs idle; on the CPU work items and threads), 1 never splits, n > 1 splits n ways
     (capped at the key blocks)."""
     if isinstance(num_splits, bool) or not isinstance(num_splits, int):
-        raise ValueError(f"cuflash_attn: num_splits must be an int (below 1: chosen), got {num_splits!r}")
+        raise TypeError(f"cuflash_attn: num_splits must be an int (below 1: chosen), got {num_splits!r}")
     num_splits = _int64(max(num_splits, 0))  # flash_attn's heuristic takes every value below 1
     paged = block_table is not None
     _check_tensor("q", q, _PADDED)

@@ -153,7 +153,7 @@ def test_num_splits_checked(device):
         cuflash_attn.flash_attention(q, k, v, num_splits=-2)
     cache = torch.randn(1, 8, 2, 32, device=device, dtype=torch.float64)
     for bad in (1.5, True):
-        with pytest.raises(ValueError, match="num_splits must be an int"):
+        with pytest.raises(TypeError, match="num_splits must be an int"):
             flash_attn_with_kvcache(q.transpose(1, 2), cache, cache, num_splits=bad)
     # flash_attn's heuristic takes every value below 1: so does its interface here.
     chosen = flash_attn_with_kvcache(q.transpose(1, 2), cache, cache, num_splits=0)
