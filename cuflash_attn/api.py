@@ -176,7 +176,7 @@ def _mask_as_4d(attn_mask: Optional[torch.Tensor], query: torch.Tensor, key: tor
     if query.dim() <= 4:
         return attn_mask
     full = attn_mask.expand(*query.shape[:-1], key.shape[-2])
-    return full.reshape(-1, *full.shape[-3:])
+    return full.reshape(math.prod(full.shape[:-3]), *full.shape[-3:])
 
 
 def _as_4d(t: torch.Tensor) -> torch.Tensor:
@@ -186,7 +186,7 @@ def _as_4d(t: torch.Tensor) -> torch.Tensor:
         return t[None, None]
     if t.dim() == 3:
         return t.unsqueeze(0)
-    return t.reshape(-1, t.shape[-3], t.shape[-2], t.shape[-1])
+    return t.reshape(math.prod(t.shape[:-3]), *t.shape[-3:])  # (not -1: a tensor of 0 elements has no -1)
 
 
 __all__ = ["flash_attention", "scaled_dot_product_attention"]

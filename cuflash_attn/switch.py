@@ -17,6 +17,7 @@ import threading
 import torch.nn.functional as F
 
 from . import api
+from .fallback import TORCH_SDPA
 
 _lock = threading.Lock()
 _displaced = None  # what enable() replaced, which disable() puts back
@@ -34,7 +35,8 @@ class _Switch:
                 _displaced = self._previous
                 F.scaled_dot_product_attention = api.scaled_dot_product_attention
             elif not on and self._previous is api.scaled_dot_product_attention:
-                F.scaled_dot_product_attention = _displaced
+                # (installed by hand, not by enable(): nothing displaced but torch's own)
+                F.scaled_dot_product_attention = _displaced if _displaced is not None else TORCH_SDPA
 
     def __enter__(self):
         return self

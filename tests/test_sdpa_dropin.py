@@ -323,6 +323,28 @@ def test_key_and_value_lengths_differ_raises():
         cuflash_attn.scaled_dot_product_attention(q, k, rand(2, 4, 9, 16), attn_mask=torch.ones(16, 24).bool())
 
 
+def test_gqa_with_no_key_heads_raises():
+    """torch 2.11's CPU backend divides by the key heads (the process dies of SIGFPE), so torch is
+    not called to compare."""
+    q, k, v = qkv(), rand(2, 0, 24, 16), rand(2, 0, 24, 16)
+    with pytest.raises(cuflash_attn.SDPAArgumentError, match="at least one head under enable_gqa, got 0"):
+        cuflash_attn.scaled_dot_product_attention(q[0], k, v, enable_gqa=True)
+
+
+@pytest.mark.parametrize("shapes", [((1, 1, 2, 3, 4), (1, 1, 2, 0, 4)), ((2, 2, 0, 3, 4), (2, 2, 0, 3, 4)),
+                                    ((2, 0, 2, 3, 4), (2, 0, 2, 3, 4))], ids=["no keys", "no heads", "empty lead"])
+def test_more_than_4_dimensions_with_a_zero_size(shapes):
+    q = rand(*shapes[0], requires_grad=True)
+    k, v = (rand(*shapes[1], requires_grad=True) for _ in range(2))
+    mask = torch.zeros(shapes[0][-2], shapes[1][-2])
+    for kwargs in ({}, {"attn_mask": mask}):
+        out = cuflash_attn.scaled_dot_product_attention(q, k, v, **kwargs)
+        assert torch.equal(out, TORCH_SDPA(q, k, v, **kwargs))
+        grads = torch.autograd.grad(out.sum(), (q, k, v), allow_unused=True)
+        assert all(g is None or not g.any() for g in grads)
+    assert cuflash_attn.sdpa_stats() == {"cuflash_attn": 2, "fallback": {}}
+
+
 # The switch ------------------------------------------------------------------------------------
 
 def test_enable_disable_restore_exactly():
@@ -336,6 +358,17 @@ def test_enable_disable_restore_exactly():
     assert F.scaled_dot_product_attention is original
     cuflash_attn.disable()
     assert F.scaled_dot_product_attention is original
+
+
+def test_disable_after_a_hand_installed_switch_puts_torchs_back():
+    from cuflash_attn import switch
+    displaced, switch._displaced = switch._displaced, None  # as in a fresh process
+    try:
+        F.scaled_dot_product_attention = cuflash_attn.scaled_dot_product_attention
+        cuflash_attn.disable()
+        assert F.scaled_dot_product_attention is TORCH_SDPA
+    finally:
+        switch._displaced = displaced
 
 
 def test_context_managers_nest_and_restore_on_error():
