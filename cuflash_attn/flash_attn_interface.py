@@ -137,8 +137,9 @@ def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, wi
                     alibi_slopes=None, deterministic=False, return_attn_probs=False):
     """q: [batch, seqlen_q, heads_q, head_dim]; k, v: [batch, seqlen_k, heads_kv, head_dim]. Returns
     out [batch, seqlen_q, heads_q, head_dim], and with return_attn_probs also softmax_lse
-    [batch, heads_q, seqlen_q] (float32; float64 for float64 inputs) and S_dmask: under dropout the probabilities, dropped ones
-    negated (tests only: O(N^2) memory); without dropout an empty tensor, as flash_attn's."""
+    [batch, heads_q, seqlen_q] (float32; float64 for float64 inputs) and S_dmask: under dropout
+    the probabilities, dropped ones negated (tests only: O(N^2) memory); without dropout an empty
+    tensor, as flash_attn's."""
     return _attention(q, k, v, dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes, deterministic,
                       return_attn_probs)
 
