@@ -143,7 +143,11 @@ def scaled_dot_product_attention(query: torch.Tensor, key: torch.Tensor, value: 
     if widen:
         out = out.to(query.dtype)
     record_kernel_call()
-    return out.reshape(*lead, out.shape[-2], out.shape[-1])
+    if query.dim() == 4:
+        return out  # the query's layout, as torch's backends give it
+    # torch computes inputs of other ranks in its math backend, whose output is contiguous
+    # (callers may view it): ours follows the folded query's layout
+    return out.reshape(*lead, out.shape[-2], out.shape[-1]).contiguous()
 
 
 def _check_sdpa_args(query, key, value, dropout_p) -> None:

@@ -323,6 +323,15 @@ def test_key_and_value_lengths_differ_raises():
         cuflash_attn.scaled_dot_product_attention(q, k, rand(2, 4, 9, 16), attn_mask=torch.ones(16, 24).bool())
 
 
+def test_output_strides_as_torchs():
+    """A 4-dimensional query's layout carries to the output, as in torch; other ranks give a
+    contiguous output, as torch's math backend does (`out.view(...)` works alike)."""
+    for q in (rand(5, 3, 8).transpose(0, 1), rand(2, 5, 3, 8).transpose(1, 2), rand(2, 2, 5, 3, 8).transpose(2, 3),
+              rand(8, 5).t()):
+        k = torch.randn_like(q)
+        assert cuflash_attn.scaled_dot_product_attention(q, k, k).stride() == TORCH_SDPA(q, k, k).stride()
+
+
 def test_gqa_with_no_key_heads_raises():
     """torch 2.11's CPU backend divides by the key heads (the process dies of SIGFPE), so torch is
     not called to compare."""
