@@ -71,7 +71,7 @@ def widens_to_float32(query: torch.Tensor, attn_mask) -> bool:
     float32 bias to 16 bits can move the scores by far more than their own rounding (a bias near
     1000 by up to 4), so such a call runs in float32. (torch 2.11's CUDA backends gave NaN rows
     for it on an H100: benchmarks/NOTES.md, the fifty-fourth session.)"""
-    return (attn_mask is not None and attn_mask.dtype == torch.float32 and _op_dtype(attn_mask) == torch.float32
+    return (attn_mask is not None and _op_dtype(attn_mask) == torch.float32
             and _op_dtype(query) in (torch.float16, torch.bfloat16))
 
 
