@@ -63,8 +63,13 @@ def _check_mask(name, mask, hidden_states):
         raise ValueError(f"cuflash_attn: {name} is on {mask.device} but hidden_states on {hidden_states.device}")
 
 
-def _cu_seqlens(seqlens):
-    return F.pad(torch.cumsum(seqlens, dim=0, dtype=torch.int32), (1, 0))
+def _packed(hidden_states, kept, seqlens):
+    """The kept tokens of hidden_states [batch, seqlen, ...] (kept: bool [batch, seqlen]), their
+    indices in the flattened batch, cu_seqlens over seqlens (int32) and the longest (an int)."""
+    indices = torch.nonzero(kept.flatten(), as_tuple=False).flatten()
+    tokens = hidden_states.reshape(-1, *hidden_states.shape[2:]).index_select(0, indices)
+    cu_seqlens = F.pad(torch.cumsum(seqlens, dim=0, dtype=torch.int32), (1, 0))
+    return tokens, indices, cu_seqlens, int(seqlens.max()) if seqlens.numel() else 0
 
 
 def unpad_input(hidden_states, attention_mask, unused_mask=None):
@@ -73,16 +78,13 @@ def unpad_input(hidden_states, attention_mask, unused_mask=None):
     used_seqlens [batch] int32). unused_mask marks tokens that are kept (counted in cu_seqlens)
     but not used: used_seqlens counts attention_mask's alone, for `seqused_q`/`seqused_k`."""
     _check_mask("attention_mask", attention_mask, hidden_states)
-    kept = attention_mask.bool()
+    used = attention_mask.bool()
+    kept = used
     if unused_mask is not None:
         _check_mask("unused_mask", unused_mask, hidden_states)
-        kept = kept | unused_mask.bool()
-    seqlens = kept.sum(dim=-1, dtype=torch.int32)
-    used_seqlens = attention_mask.bool().sum(dim=-1, dtype=torch.int32)
-    indices = torch.nonzero(kept.flatten(), as_tuple=False).flatten()
-    max_seqlen = int(seqlens.max()) if seqlens.numel() else 0
-    tokens = hidden_states.reshape(-1, *hidden_states.shape[2:]).index_select(0, indices)
-    return tokens, indices, _cu_seqlens(seqlens), max_seqlen, used_seqlens
+        kept = used | unused_mask.bool()
+    used_seqlens = used.sum(dim=-1, dtype=torch.int32)
+    return (*_packed(hidden_states, kept, kept.sum(dim=-1, dtype=torch.int32)), used_seqlens)
 
 
 def unpad_input_for_concatenated_sequences(hidden_states, attention_mask_in_length):
@@ -102,11 +104,7 @@ def unpad_input_for_concatenated_sequences(hidden_states, attention_mask_in_leng
     positions = torch.arange(seqlen, device=lengths.device)
     kept = positions.unsqueeze(0) < row_tokens.unsqueeze(1)
     flat_lengths = lengths.flatten()
-    seqlens = flat_lengths[flat_lengths > 0].to(torch.int32)
-    indices = torch.nonzero(kept.flatten(), as_tuple=False).flatten()
-    max_seqlen = int(seqlens.max()) if seqlens.numel() else 0
-    tokens = hidden_states.reshape(-1, *hidden_states.shape[2:]).index_select(0, indices)
-    return tokens, indices, _cu_seqlens(seqlens), max_seqlen
+    return _packed(hidden_states, kept, flat_lengths[flat_lengths > 0].to(torch.int32))
 
 
 def _size(name, value):
