@@ -943,9 +943,9 @@ Tensor dropout_mask(const Tensor& rng_state, double dropout_p, int64_t batch, in
 // is row j % page_size of page block_table[b][j / page_size]; queries may be packed
 // (cu_seqlens_q, without cu_seqlens_k: seqused_k gives the key counts).
 // num_splits (the forward's: on CUDA for 16-bit inputs, on the CPU for every dtype; the backward
-// ignores it): 1, each row's keys in one CTA (CPU: thread); n > 1, dealt into n CTAs (capped at the key blocks) whose partial outputs a
-// combine kernel merges (split-KV, for decoding); 0, chosen: split where one query block a
-// sequence leaves SMs idle.
+// ignores it): 1, each row's keys in one CTA (CPU: thread); n > 1, dealt into n CTAs (capped at
+// the key blocks) whose partial outputs a combine kernel merges (split-KV, for decoding); 0,
+// chosen: split where one query block a sequence leaves SMs idle.
 // deterministic (the backward's; the forward always is): True, dq is bitwise reproducible (but
 // under the CUFLASH_BWD_DQ=atomic switch; where the fused Hopper kernel is faster than the pair,
 // prefers_fused_backward: Hopper, head dims 33-64, 97-128 and 225-256, it adds dq up in a fixed
