@@ -7,7 +7,9 @@ saved rng_state). The ops themselves are defined in csrc/torch_ops.cpp.
 import torch
 from torch.autograd import forward_ad
 
-from . import _C  # noqa: F401  (loading the library registers torch.ops.cuflash_attn)
+from ._load import load_extension
+
+load_extension()  # loading the library registers torch.ops.cuflash_attn
 
 _ops = torch.ops.cuflash_attn
 
