@@ -1,6 +1,6 @@
 """Tensors of more than 2^31 elements (4 GiB in bf16, which long contexts at a large batch reach):
 the kernels address rows by 64-bit offsets, so rows past element 2^31 are read and written where
-they lie. GPU only (a CUDA GPU with ~32 GiB free)."""
+they lie. GPU only (a CUDA GPU with ~40 GiB free: 4-GiB q, out, dout, dq, k and v buffer, an 8-GiB float32 dQ)."""
 import pytest
 import torch
 
@@ -65,8 +65,8 @@ def check_rows_past(elements, device):
 def test_rows_past_2_31_elements(monkeypatch, kernels):
     if kernels == "sm80_class":
         monkeypatch.setenv("CUFLASH_SM90", "0")  # read at every call: the sm_80-class kernels on Hopper
-    if torch.cuda.mem_get_info()[0] < 32 * GIB:
-        pytest.skip("needs ~32 GiB of free GPU memory")
+    if torch.cuda.mem_get_info()[0] < 40 * GIB:
+        pytest.skip("needs ~40 GiB of free GPU memory")
     check_rows_past(2**31, "cuda")
 
 
