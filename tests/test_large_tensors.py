@@ -1,6 +1,7 @@
 """Tensors of more than 2^31 elements (4 GiB in bf16, which long contexts at a large batch reach):
 the kernels address rows by 64-bit offsets, so rows past element 2^31 are read and written where
-they lie. GPU only (a CUDA GPU with ~40 GiB free: 4-GiB q, out, dout, dq, k and v buffer, an 8-GiB float32 dQ)."""
+they lie. GPU only, with ~40 GiB free (4 GiB each for q, out, dout, dq and the k and v buffer; 8 for
+a float32 dQ buffer)."""
 import pytest
 import torch
 
