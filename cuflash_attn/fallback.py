@@ -140,11 +140,13 @@ def _shape_reason(query, key, value, enable_gqa) -> Optional[str]:
     kv_lead = lead
     if enable_gqa and query.dim() >= 3:
         heads_kv = key.shape[-3]
+        # Before any fallback: torch 2.11's CPU backend divides by key's or value's heads (the
+        # process dies of SIGFPE), whether or not they are equal.
+        if heads_kv == 0 or value.shape[-3] == 0:
+            raise SDPAArgumentError("cuflash_attn.scaled_dot_product_attention: key and value must have at least "
+                                    f"one head under enable_gqa, got {heads_kv} and {value.shape[-3]}")
         if value.shape[-3] != heads_kv:
             return "key and value with different numbers of heads"
-        if heads_kv == 0:  # (torch 2.11's CPU backend divides by it: the process dies of SIGFPE)
-            raise SDPAArgumentError("cuflash_attn.scaled_dot_product_attention: key and value must have at least "
-                                    "one head under enable_gqa, got 0")
         if query.shape[-3] % heads_kv != 0:
             return "heads of query not a multiple of the heads of key and value"
         kv_lead = (*lead[:-1], heads_kv)

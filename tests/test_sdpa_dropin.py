@@ -332,12 +332,16 @@ def test_output_strides_as_torchs():
         assert cuflash_attn.scaled_dot_product_attention(q, k, k).stride() == TORCH_SDPA(q, k, k).stride()
 
 
-def test_gqa_with_no_key_heads_raises():
-    """torch 2.11's CPU backend divides by the key heads (the process dies of SIGFPE), so torch is
-    not called to compare."""
-    q, k, v = qkv(), rand(2, 0, 24, 16), rand(2, 0, 24, 16)
-    with pytest.raises(cuflash_attn.SDPAArgumentError, match="at least one head under enable_gqa, got 0"):
+@pytest.mark.parametrize("heads_k,heads_v", [(0, 0), (0, 3), (3, 0)])
+def test_gqa_with_no_key_or_value_heads_raises(heads_k, heads_v):
+    """torch 2.11's CPU backend divides by the key or value heads (the process dies of SIGFPE), so
+    torch is not called to compare, nor taken as the fallback for heads that differ."""
+    q, k, v = qkv(), rand(2, heads_k, 24, 16), rand(2, heads_v, 24, 16)
+    with pytest.raises(cuflash_attn.SDPAArgumentError,
+                       match=f"at least one head under enable_gqa, got {heads_k} and {heads_v}"):
         cuflash_attn.scaled_dot_product_attention(q[0], k, v, enable_gqa=True)
+    with pytest.raises(cuflash_attn.SDPAArgumentError), cuflash_attn.enable():
+        torch.nn.functional.scaled_dot_product_attention(q[0], k, v, enable_gqa=True)
 
 
 @pytest.mark.parametrize("shapes", [((1, 1, 2, 3, 4), (1, 1, 2, 0, 4)), ((2, 2, 0, 3, 4), (2, 2, 0, 3, 4)),
