@@ -18,6 +18,7 @@ import torch
 
 from . import bert_padding
 from .api import _check_scalars, _int64, _window
+from .fallback import _DTYPES
 from .ops import _ops, new_rng_state
 
 _PADDED = ("batch", "seqlen", "heads", "head_dim")
@@ -33,6 +34,23 @@ def _check_tensor(name, t, dims):
         raise TypeError(f"cuflash_attn: {name} must be a tensor {layout}, got {type(t).__name__}")
     raise ValueError(f"cuflash_attn: {name} must be a {len(dims)}-dimensional tensor {layout}, got shape "
                      f"{tuple(t.shape)}")
+
+
+def _check_writable(name, cache):
+    """Refuses, before either cache is written, a cache that the append could not write in place,
+    or could write only into rows that batch entries share. Not in torch.compile's trace, which
+    cannot trace these tests (is_inference) and whose graph writes the caches at its end."""
+    if torch.compiler.is_compiling():
+        return
+    if cache.is_inference() and not torch.is_inference_mode_enabled():
+        raise ValueError(f"cuflash_attn: {name} is an inference tensor, which k and v cannot be written into outside "
+                         "torch.inference_mode()")
+    if cache.requires_grad and cache.is_leaf and torch.is_grad_enabled():
+        raise ValueError(f"cuflash_attn: {name} is a leaf tensor that requires grad, which k and v cannot be written "
+                         "into in place (call under torch.no_grad(), or append to a cache that does not require grad)")
+    if torch._debug_has_internal_overlap(cache) == 1:  # expanded (stride 0) or overlapping
+        raise ValueError(f"cuflash_attn: {name} has elements that share memory (an expanded or overlapping view), "
+                         "which k and v cannot be written into")
 
 
 def _unpack(name, t, dims):
@@ -346,6 +364,12 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
     if k_cache.shape != v_cache.shape:
         raise ValueError(f"cuflash_attn: k_cache and v_cache must have the same shape, got {tuple(k_cache.shape)} and "
                          f"{tuple(v_cache.shape)}")
+    if v_cache.dtype != k_cache.dtype or v_cache.device != k_cache.device:
+        raise ValueError(f"cuflash_attn: v_cache must have k_cache's dtype ({k_cache.dtype}) and device "
+                         f"({k_cache.device}), got {v_cache.dtype} on {v_cache.device}")
+    if q.dtype not in _DTYPES:
+        raise TypeError(f"cuflash_attn: q must be a CUDA or CPU tensor of dtype float16, bfloat16, float32 or float64, "
+                        f"got {q.dtype}")
     if (k is None) != (v is None):
         raise ValueError("cuflash_attn: k and v must be given together")
     # What the op would refuse only after the new keys were written into the caches.
@@ -452,6 +476,8 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
                         seqused_k=used, block_table=table, num_splits=num_splits)
 
     if seqlen_new > 0:  # the new keys into the caches, in place
+        for name, cache in (("k_cache", k_cache), ("v_cache", v_cache)):
+            _check_writable(name, cache)
         # First the op's own checks of every argument, so that a call it refuses writes nothing: a
         # call with no queries checks them all and computes nothing (the cache rows of
         # cache_batch_idx stood in for by a view of the first).

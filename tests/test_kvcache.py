@@ -206,6 +206,11 @@ def test_kvcache_refuses(device):
     assert torch.equal(k_cache, before), "a refused call wrote the cache"
 
 
+def _inference_copy(t):
+    with torch.inference_mode():
+        return t.clone()
+
+
 def _every(x, f):
     """q, k_cache, v_cache, k and v, each through f."""
     return {name: f(t) for name, t in vars(x).items() if isinstance(t, torch.Tensor)}
@@ -219,7 +224,7 @@ KVCACHE_TENSOR_CASES = [
     # (id, the arguments replaced, from the good ones x (k and v appended at cache_seqlens=1),
     # exception type, message pattern)
     ("int32 q and caches", lambda x: _every(x, torch.Tensor.int), TypeError,
-     r"q must be a CUDA or CPU tensor of dtype float16, bfloat16, float32 or float64, got Int"),
+     r"q must be a CUDA or CPU tensor of dtype float16, bfloat16, float32 or float64, got torch.int32"),
     ("rank 3 q", lambda x: dict(q=x.q[0]), ValueError,
      r"q must be a 4-dimensional tensor \[batch, seqlen, heads, head_dim\], got shape \(3, 4, 64\)"),
     ("rank 5 q", lambda x: dict(q=x.q[None]), ValueError, r"q must be a 4-dimensional tensor"),
@@ -240,6 +245,18 @@ KVCACHE_TENSOR_CASES = [
      r"cache_seqlens must be an int32 tensor \[batch\] = \[3\], got torch.int32 \(3, 1\)"),
     ("0-d cache_seqlens", lambda x: dict(cache_seqlens=_on_q(x, dtype=torch.int32)), ValueError,
      r"cache_seqlens must be an int32 tensor \[batch\] = \[3\], got torch.int32 \(\)"),
+    ("bool q", lambda x: dict(q=x.q.bool()), TypeError,
+     r"q must be a CUDA or CPU tensor of dtype float16, bfloat16, float32 or float64, got torch.bool"),
+    ("bf16 v_cache", lambda x: dict(v_cache=x.v_cache.bfloat16()), ValueError,
+     r"v_cache must have k_cache's dtype \(torch.float32\) and device \(.*\), got torch.bfloat16"),
+    # The caches the append cannot write: refused before k_cache is written (the in-place write
+    # into v_cache used to fail after k_cache's).
+    ("v_cache a leaf that requires grad", lambda x: dict(v_cache=x.v_cache.clone().requires_grad_()), ValueError,
+     r"v_cache is a leaf tensor that requires grad, which k and v cannot be written into in place"),
+    ("inference v_cache", lambda x: dict(v_cache=_inference_copy(x.v_cache)), ValueError,
+     r"v_cache is an inference tensor, which k and v cannot be written into outside torch.inference_mode\(\)"),
+    ("expanded k_cache", lambda x: dict(k_cache=x.k_cache[:1].expand_as(x.k_cache)), ValueError,
+     r"k_cache has elements that share memory \(an expanded or overlapping view\)"),
 ]
 
 
