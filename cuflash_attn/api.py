@@ -55,6 +55,7 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: b
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"cuflash_attn: {name} must be a tensor [batch, heads, seqlen, head_dim], got "
                             f"{type(t).__name__}")
+        check_dense(name, t)
     _check_scalars("scale", scale, softcap, dropout_p, alibi_slopes)
     if attn_mask is not None and not isinstance(attn_mask, torch.Tensor):
         raise TypeError(f"cuflash_attn: attn_mask must be a boolean or floating-point tensor, got "
@@ -67,6 +68,14 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: b
                         float(softcap), alibi_slopes, float(dropout_p), rng_state, attn_mask=attn_mask,
                         deterministic=bool(deterministic), seqused_k=seqused_k, num_splits=_int64(int(num_splits)))
     return (out, lse) if return_lse else out
+
+
+def check_dense(name, t: torch.Tensor) -> None:
+    """The kernels read strided tensors: a sparse or nested one is named here, not by the dispatcher
+    ("Could not run 'cuflash_attn::fwd' with arguments from the 'SparseCPU' backend")."""
+    if t.layout != torch.strided or t.is_nested:
+        raise TypeError(f"cuflash_attn: {name} must be a dense (strided) tensor, got "
+                        f"{'a nested tensor' if t.is_nested else t.layout}")
 
 
 def _check_number(name, x, optional=False):

@@ -17,7 +17,7 @@ import sys
 import torch
 
 from . import bert_padding
-from .api import _check_scalars, _int64, _window
+from .api import _check_scalars, _int64, _window, check_dense
 from .fallback import _DTYPES
 from .ops import _ops, new_rng_state
 
@@ -27,11 +27,12 @@ _PACKED = ("total_tokens", "heads", "head_dim")
 
 def _check_tensor(name, t, dims):
     """t must be a tensor with the dimensions named by dims (the op checks the sizes)."""
-    if isinstance(t, torch.Tensor) and t.dim() == len(dims):
+    if isinstance(t, torch.Tensor) and t.layout == torch.strided and not t.is_nested and t.dim() == len(dims):
         return  # (before any message is formatted: this runs on every call)
     layout = f"[{', '.join(dims)}]"
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"cuflash_attn: {name} must be a tensor {layout}, got {type(t).__name__}")
+    check_dense(name, t)
     raise ValueError(f"cuflash_attn: {name} must be a {len(dims)}-dimensional tensor {layout}, got shape "
                      f"{tuple(t.shape)}")
 

@@ -624,3 +624,24 @@ def test_flash_attn_api_rejects_mixed_devices():
     for call, pattern in cases:
         with pytest.raises(ValueError, match=pattern):
             call()
+
+
+@pytest.mark.parametrize("layout", ["sparse", "nested"])
+@pytest.mark.parametrize("entry", ["flash_attention", "flash_attn_func", "flash_attn_qkvpacked_func",
+                                   "flash_attn_with_kvcache"])
+def test_sparse_or_nested_tensors_are_named(entry, layout):
+    """A sparse or nested tensor gets a TypeError naming it, not the dispatcher's message about
+    the op's backends (or, nested, torch's "NestedTensorImpl doesn't support sizes")."""
+    dense = torch.randn(1, 4, 2, 8)
+
+    def odd(t):
+        return t.to_sparse() if layout == "sparse" else torch.nested.as_nested_tensor([t[0]], layout=torch.jagged)
+
+    calls = {"flash_attention": ("k", lambda: cuflash_attn.flash_attention(dense, odd(dense), dense)),
+             "flash_attn_func": ("q", lambda: fa.flash_attn_func(odd(dense), dense, dense)),
+             "flash_attn_qkvpacked_func": ("qkv",
+                                           lambda: fa.flash_attn_qkvpacked_func(odd(torch.randn(1, 4, 3, 2, 8)))),
+             "flash_attn_with_kvcache": ("v_cache", lambda: fa.flash_attn_with_kvcache(dense, dense, odd(dense)))}
+    name, call = calls[entry]
+    with pytest.raises(TypeError, match=rf"{name} must be a dense \(strided\) tensor, got "):
+        call()
