@@ -255,6 +255,11 @@ def main(argv=None):
                 if args.breakdown:
                     breakdowns.append((d, n, causal, q, k, v))
     if peer_rows:
+        if any(causal and feature == "attn_mask" for _, causal, _, feature, _, _ in peer_rows):
+            print("\nCausal attn_mask rows: torch's SDPA takes an attn_mask or is_causal, so its backends are given "
+                  "the mask with the causal part merged in and compute every key block, where ours skips the blocks "
+                  "above the diagonal; their TFLOP/s count the causal FLOPs, as ours do: the ratio is the time a "
+                  "user's call takes on each, not a kernel-to-kernel comparison.")
         print("\n" + bench.markdown_header(["D", "causal", "N", "features", f"{names[0]} TFLOP/s"]
                                            + [f"{b} TFLOP/s" for b in active_peers]
                                            + [f"{names[0]} / {b}" for b in active_peers]))

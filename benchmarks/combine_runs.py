@@ -30,9 +30,12 @@ def combine(runs):
             continue
         fwd = [t for r in group for t in r.get("fwd_ms_rounds", [r["fwd_ms"]])]
         fwdbwd = [t for r in group for t in r.get("fwdbwd_ms_rounds", [r["fwdbwd_ms"]])]
+        # The training forward where every run timed it (else each backward less its forward)
+        train_fwd = [t for r in group for t in r.get("train_fwd_ms_rounds", [])]
         row = dict(zip(bench.ROW_KEY, key))
         shape = (row["batch"], row["heads"], row["seqlen_q"], row["head_dim"])
-        rows.append({**row, **bench.timed_fields(fwd, fwdbwd, shape, row["causal"]),
+        train_rounds = train_fwd if len(train_fwd) == len(fwdbwd) else None
+        rows.append({**row, **bench.timed_fields(fwd, fwdbwd, shape, row["causal"], train_rounds),
                      "peak_mib": max(r.get("peak_mib", 0.0) for r in group), "runs": len(group)})
     return rows
 

@@ -87,6 +87,26 @@ def test_a_failing_implementation_is_dropped_from_later_rounds():
     assert samples["ok"] == ([1.0] * 3, [1.0] * 3) and ran == ["ok"] * 3
 
 
+def test_the_backward_is_forward_and_backward_less_the_training_forward():
+    # The training forward (inputs that require grad) of 4 ms, the inference forward of 2:
+    # forward+backward 10 ms leaves a backward of 6, per round too.
+    row = bench.timed_fields([2.0, 2.0, 2.0], [10.0, 10.0, 11.0], (1, 1, 1000, 64), False, [4.0, 4.0, 5.0])
+    assert (row["fwd_ms"], row["bwd_ms"], row["train_fwd_ms"]) == (2.0, 6.0, 4.0)
+    assert row["bwd_ms_rounds"] == [6.0, 6.0, 6.0]
+
+
+def test_long_steps_are_timed_over_at_least_min_repeats():
+    calls = []
+
+    def bench_over(rep):  # a step of 16 ms: its median whatever rep is
+        calls.append(rep)
+        return 16.0
+
+    assert bench.at_least_repeats(bench_over, 40) == 16.0 and calls == [40, bench.MIN_REPEATS * 16.0]
+    calls.clear()
+    assert bench.at_least_repeats(lambda rep: calls.append(rep) or 0.5, 40) == 0.5 and calls == [40]
+
+
 def test_a_row_is_the_median_of_its_rounds():
     # B=1, H=1, N=1000, D=64 non-causal: 4 * 1000^2 * 64 FLOPs forward, 2.5 times that backward
     row = bench.timed_fields([1.0, 9.0, 2.0], [3.0, 30.0, 5.0], (1, 1, 1000, 64), False)
@@ -137,8 +157,9 @@ def test_a_configuration_times_every_implementation_under_its_own_switches(monke
     assert rows[2]["error"] == "no kernel" and rows[3]["error"] == "import failed: x"
     assert rows[4]["error"].startswith("skipped")
     assert "error" not in rows[0] and len(rows[0]["fwd_ms_rounds"]) == 2 and rows[0]["peak_mib"] == 1.0
-    # probe once each, then two steps a round each, two rounds; the variant's calls see its switch
-    assert seen.count("ordered") == 1 + 2 * 2 and seen.count(None) == 1 + 2 * 2
+    # probe once each, then three steps a round each (forward, forward+backward, training forward),
+    # two rounds; the variant's calls see its switch
+    assert seen.count("ordered") == 1 + 3 * 2 and seen.count(None) == 1 + 3 * 2
     assert "CUFLASH_BWD_DQ" not in os.environ
 
 
@@ -235,10 +256,13 @@ def test_layouts_are_timed_in_the_same_rounds_and_their_ratio_tabled(monkeypatch
     monkeypatch.setattr(bench, "free_memory", lambda: None)
     monkeypatch.setattr(bench, "fwd_step", lambda fn, q, *rest: ("fwd", q))
     monkeypatch.setattr(bench, "fwdbwd_step", lambda fn, q, *rest: ("fwdbwd", q))
+    monkeypatch.setattr(bench, "training_fwd_step", lambda fn, q, *rest: ("train_fwd", q))
     impls = {"cuflash_attn": lambda causal: None, "sdpa_cudnn": lambda causal: None}
     order = []
-    # forward 1 ms in bhnd and 1.25 ms in bnhd; forward+backward 3 and 3.5 ms (backward 2 and 2.25)
-    ms = {("fwd", "bhnd"): 1.0, ("fwd", "bnhd"): 1.25, ("fwdbwd", "bhnd"): 3.0, ("fwdbwd", "bnhd"): 3.5}
+    # forward 1 ms in bhnd and 1.25 ms in bnhd; forward+backward 4 and 4.5 ms, less the training
+    # forward's 2 and 2.25 (backward 2 and 2.25)
+    ms = {("fwd", "bhnd"): 1.0, ("fwd", "bnhd"): 1.25, ("fwdbwd", "bhnd"): 4.0, ("fwdbwd", "bnhd"): 4.5,
+          ("train_fwd", "bhnd"): 2.0, ("train_fwd", "bnhd"): 2.25}
 
     def timer(step):
         order.append(step[1])
@@ -251,8 +275,9 @@ def test_layouts_are_timed_in_the_same_rounds_and_their_ratio_tabled(monkeypatch
                                                         ("cuflash_attn", "bnhd"), ("sdpa_cudnn", "bnhd")]
     assert all(r["layouts_interleaved"] == ["bhnd", "bnhd"] for r in rows)
     # one ring of four cells: both layouts in every round (separate rings would time bhnd twice first)
-    assert order[:8] == ["bhnd", "bhnd", "bhnd", "bhnd", "bnhd", "bnhd", "bnhd", "bnhd"]
-    assert len(order) == 2 * 4 * 2
+    assert order[:12] == ["bhnd"] * 6 + ["bnhd"] * 6
+    assert len(order) == 2 * 4 * 3
+    assert rows[0]["bwd_ms"] == 2.0 and rows[0]["train_fwd_ms"] == 2.0 and rows[2]["bwd_ms"] == 2.25
     env = {"gpu": "NVIDIA H100 80GB HBM3", "torch": "2", "cuda": "13.0", "cudnn": "9", "date": "2026-12-05",
            "commit": "abc"}
     markdown = bench.render_markdown({"env": env, "rows": rows})
