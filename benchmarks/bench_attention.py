@@ -652,7 +652,7 @@ def output_path(out_dir, env, tag):
 
 def env_line(env):
     commit = env["commit"][:12] + ("+changes" if env["commit"].endswith("+changes") else "")
-    if env["commit"].endswith("+changes") and env.get("tree"):
+    if env.get("tree"):  # the files that ran, whatever the commit says (working_tree)
         commit += f" (tree {env['tree'][:12]})"
     runs = f", the median of {len(env['combined_from'])} runs" if env.get("combined_from") else ""
     return (f"{env['gpu']}, torch {env['torch']}, CUDA {env['cuda']}, cuDNN {env['cudnn']}, "
@@ -799,6 +799,15 @@ def merge_rows(old, new):
     return [r for r in old if tuple(r.get(k) for k in ROW_KEY) not in fresh] + list(new)
 
 
+# What a results file's header states for all its rows: rows kept from an earlier run (--merge,
+# or the section a run does not produce) must share it.
+RUN_KEYS = ("gpu", "torch", "cuda", "cudnn", "commit", "tree")
+
+
+def same_run_environment(a, b):
+    return all(a.get(k) == b.get(k) for k in RUN_KEYS)
+
+
 def write_results(path, env, rows=None, memory_rows=None, merge=False):
     """Writes the JSON (replacing the sections this run produced, keeping the others; with
     merge, keeping also the rows of other configurations) and the .md."""
@@ -808,6 +817,12 @@ def write_results(path, env, rows=None, memory_rows=None, merge=False):
             results = json.loads(path.read_text())
         except (OSError, ValueError):
             results = {}
+    keeps_old = bool(results.get("rows")) and (rows is None or merge) or \
+        bool(results.get("memory_rows")) and memory_rows is None
+    if keeps_old and results.get("env") and not same_run_environment(results["env"], env):
+        raise SystemExit(f"{path} holds results of another tree or environment ({env_line(results['env'])}); this "
+                         f"run is {env_line(env)}: its rows would appear under this run's header. Write them "
+                         "under another --tag, or move the file away.")
     results["env"] = env
     if rows is not None:
         results["rows"] = merge_rows(results.get("rows", []), rows) if merge else rows

@@ -288,3 +288,24 @@ def test_layouts_are_timed_in_the_same_rounds_and_their_ratio_tabled(monkeypatch
                                          timer, rounds=1, skip_math_above=None)
     assert "layouts_interleaved" not in single[0]
     assert "timed in the same rounds" not in bench.render_markdown({"env": env, "rows": single})
+
+
+def test_rows_of_another_tree_are_not_kept_under_this_runs_header(tmp_path):
+    """--merge (or the section a run does not produce) keeps earlier rows under the new run's
+    header only where the header holds for them: the same tree, torch and GPU."""
+    env = {"gpu": "NVIDIA H100 80GB HBM3", "torch": "2", "cuda": "13.0", "cudnn": "9", "date": "2026-12-07",
+           "commit": "abc", "tree": "t1"}
+    row = {"impl": "cuflash_attn", "dtype": "bfloat16", "layout": "bhnd", "batch": 1, "heads": 1, "seqlen_q": 1000,
+           "seqlen_k": 1000, "head_dim": 64, "causal": False, "error": "no kernel"}
+    path = tmp_path / "run.json"
+    bench.write_results(path, env, rows=[row])
+    bench.write_results(path, env, rows=[{**row, "dtype": "float16"}], merge=True)  # same tree: merged
+    assert len(json.loads(path.read_text())["rows"]) == 2
+    other = {**env, "commit": "def", "tree": "t2"}
+    with pytest.raises(SystemExit, match="another tree or environment"):
+        bench.write_results(path, other, rows=[{**row, "dtype": "float32"}], merge=True)
+    with pytest.raises(SystemExit, match="another tree or environment"):
+        bench.write_results(path, other, memory_rows=[{"impl": "x"}])  # would keep the rows
+    bench.write_results(path, other, rows=[row])  # replaces every row: allowed
+    assert json.loads(path.read_text())["env"]["tree"] == "t2"
+    assert "(tree t2)" in bench.env_line(other)
