@@ -908,7 +908,9 @@ Tensor dropout_mask(const Tensor& rng_state, double dropout_p, int64_t batch, in
   check_dropout_p(dropout_p);
   TORCH_CHECK_VALUE(batch >= 0 && heads >= 0 && seqlen_q >= 0 && seqlen_k >= 0 && batch <= 65535 && heads <= 65535 &&
                         seqlen_q <= std::numeric_limits<int>::max() && seqlen_k <= std::numeric_limits<int>::max(),
-                    "cuflash_attn: dropout_mask sizes out of range");
+                    "cuflash_attn: dropout_mask's batch and heads must be in [0, 65535] and its seqlen_q and "
+                    "seqlen_k in [0, 2^31 - 1], got batch ", batch, ", heads ", heads, ", seqlen_q ", seqlen_q,
+                    ", seqlen_k ", seqlen_k);
   const Tensor state = rng_state.contiguous();
   Tensor keep = at::empty({batch, heads, seqlen_q, seqlen_k}, state.options().dtype(at::kBool));
   if (keep.numel() == 0) return keep;

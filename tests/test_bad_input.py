@@ -346,9 +346,11 @@ DROPOUT_MASK_CASES = [
     # (id, arguments after rng_state: dropout_p, batch, heads, seqlen_q, seqlen_k; exception, pattern)
     ("dropout_p 1", (1.0, 1, 2, 3, 4), ValueError, r"dropout_p must be in \[0, 1\), got 1"),
     ("dropout_p negative", (-0.5, 1, 2, 3, 4), ValueError, r"dropout_p must be in \[0, 1\)"),
-    ("negative batch", (0.1, -1, 2, 3, 4), ValueError, r"dropout_mask sizes out of range"),
-    ("heads above the grid", (0.1, 1, 65536, 3, 4), ValueError, r"dropout_mask sizes out of range"),
-    ("seqlen_k 2^31", (0.1, 1, 1, 1, 2**31), ValueError, r"dropout_mask sizes out of range"),
+    ("negative batch", (0.1, -1, 2, 3, 4), ValueError,
+     r"dropout_mask's batch and heads must be in \[0, 65535\] .*got batch -1, heads 2, seqlen_q 3, seqlen_k 4"),
+    ("heads above the grid", (0.1, 1, 65536, 3, 4), ValueError, r"got batch 1, heads 65536, seqlen_q 3, seqlen_k 4"),
+    ("seqlen_k 2^31", (0.1, 1, 1, 1, 2**31), ValueError,
+     r"seqlen_q and seqlen_k in \[0, 2\^31 - 1\], got batch 1, heads 1, seqlen_q 1, seqlen_k 2147483648"),
 ]
 
 
