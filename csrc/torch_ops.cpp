@@ -966,7 +966,8 @@ TORCH_LIBRARY(cuflash_attn, m) {
   // dattn_mask is the gradient of the float attn_mask (else an empty tensor).
   m.def("bwd(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, Tensor? dlse=None, " CUFLASH_OPTIONS
         ", bool attn_mask_grad=False) -> (Tensor dq, Tensor dk, Tensor dv, Tensor dattn_mask)");
-  m.def("dropout_mask(Tensor rng_state, float dropout_p, int batch, int heads, int seqlen_q, int seqlen_k) -> Tensor");
+  m.def("dropout_mask(Tensor rng_state, float dropout_p, SymInt batch, SymInt heads, SymInt seqlen_q, SymInt seqlen_k) "
+        "-> Tensor");
   m.def("fwd_tile_counts(Tensor q, Tensor k, Tensor v, bool is_causal=False, bool bottom_right=False, "
         "int window_left=-1, int window_right=-1, Tensor? cu_seqlens_q=None, Tensor? cu_seqlens_k=None, "
         "SymInt max_seqlen_q=0, SymInt max_seqlen_k=0) -> Tensor");

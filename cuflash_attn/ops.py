@@ -39,15 +39,56 @@ def _check_same_device(q, **tensors):
                                                              f"q ({q.device}), got {t.device}")
 
 
+_SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+_MAX_HEAD_DIM = 256
+
+
+def _check_attention_shapes(q, k, v, varlen, paged):
+    """The op's checks of q, k and v (csrc/torch_ops.cpp, check_attention_tensor and the shape
+    checks after it, with its messages), so that torch.export and torch.compile refuse at trace
+    time what the op would refuse when it runs. With symbolic sizes a check becomes a runtime
+    assertion of the graph rather than a specialization."""
+    packed_kv = varlen and not paged
+    for name, t, packed in (("q", q, varlen), ("k", k, packed_kv), ("v", v, packed_kv)):
+        torch._check_type(t.dtype in _SUPPORTED_DTYPES, lambda name=name, t=t: (
+            f"cuflash_attn: {name} must be a CUDA or CPU tensor of dtype float16, bfloat16, float32 or float64, got "
+            f"{t.dtype}"))
+        dims = 3 if packed else 4
+        torch._check_value(t.dim() == dims, lambda name=name, t=t, dims=dims: (
+            f"cuflash_attn: {name} must have {dims} dimensions, got {t.dim()} (shape {tuple(t.shape)})"))
+    for name, t in (("k", k), ("v", v)):
+        torch._check_type(t.dtype == q.dtype, lambda name=name, t=t: (
+            f"cuflash_attn: {name} must have the same dtype as q ({q.dtype}), got {t.dtype}"))
+    rows_k = 0 if packed_kv else 2
+    if paged:  # k and v: [num_pages, heads_kv, page_size, head_dim]
+        torch._check_value(k.shape[0] == v.shape[0], lambda: (
+            f"cuflash_attn: k and v must have the same num_pages, got {k.shape[0]} and {v.shape[0]}"))
+    elif not varlen:
+        torch._check_value(k.shape[0] == q.shape[0] and v.shape[0] == q.shape[0], lambda: (
+            f"cuflash_attn: q, k and v must have the same batch size, got {q.shape[0]}, {k.shape[0]} and {v.shape[0]}"))
+    torch._check_value(k.shape[1] == v.shape[1], lambda: (
+        f"cuflash_attn: k and v must have the same number of heads, got {k.shape[1]} and {v.shape[1]}"))
+    rows_name = "total_tokens" if packed_kv else "page_size" if paged else "seqlen"
+    torch._check_value(k.shape[rows_k] == v.shape[rows_k], lambda: (
+        f"cuflash_attn: k and v must have the same {rows_name}, got {k.shape[rows_k]} and {v.shape[rows_k]}"))
+    torch._check_value(k.shape[-1] == q.shape[-1] and v.shape[-1] == q.shape[-1], lambda: (
+        f"cuflash_attn: q, k and v must have the same head_dim, got {q.shape[-1]}, {k.shape[-1]} and {v.shape[-1]}"))
+    heads_q, heads_kv = q.shape[1], k.shape[1]
+    torch._check_value(heads_q % heads_kv == 0 if heads_kv > 0 else heads_q == 0, lambda: (
+        f"cuflash_attn: the heads of q ({heads_q}) must be a multiple of the heads of k and v ({heads_kv})"))
+    torch._check_value(1 <= q.shape[-1] <= _MAX_HEAD_DIM, lambda: (
+        f"cuflash_attn: head_dim must be in [1, {_MAX_HEAD_DIM}], got {q.shape[-1]}"))
+
+
 @torch.library.register_fake("cuflash_attn::fwd")
 def _fwd_fake(q, k, v, scale=None, is_causal=False, bottom_right=False, window_left=-1, window_right=-1,
               softcap=0.0, alibi_slopes=None, dropout_p=0.0, rng_state=None, cu_seqlens_q=None,
               cu_seqlens_k=None, max_seqlen_q=0, max_seqlen_k=0, attn_mask=None, deterministic=True, seqused_k=None,
               block_table=None, num_splits=1):
     varlen = cu_seqlens_q is not None
-    torch._check(q.dim() == (3 if varlen else 4), lambda: "cuflash_attn: q has the wrong number of dimensions")
     _check_same_device(q, k=k, v=v, alibi_slopes=alibi_slopes, rng_state=rng_state, cu_seqlens_q=cu_seqlens_q,
                        cu_seqlens_k=cu_seqlens_k, attn_mask=attn_mask, seqused_k=seqused_k, block_table=block_table)
+    _check_attention_shapes(q, k, v, varlen, block_table is not None)
     return _empty_like_input(q), _empty_stats(q, varlen)
 
 
@@ -59,6 +100,7 @@ def _bwd_fake(dout, q, k, v, out, lse, dlse=None, scale=None, is_causal=False, b
     _check_same_device(q, dout=dout, k=k, v=v, out=out, lse=lse, dlse=dlse, alibi_slopes=alibi_slopes,
                        rng_state=rng_state, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k, attn_mask=attn_mask,
                        seqused_k=seqused_k, block_table=block_table)
+    _check_attention_shapes(q, k, v, cu_seqlens_q is not None, block_table is not None)
     torch._check_value(not attn_mask_grad or attn_mask is not None and attn_mask.is_floating_point(),
                        lambda: "cuflash_attn: attn_mask_grad needs a floating-point attn_mask")
     dattn_mask = attn_mask.new_empty(attn_mask.shape) if attn_mask_grad else q.new_empty((0,))

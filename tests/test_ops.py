@@ -279,6 +279,69 @@ def test_torch_compile_fullgraph_kvcache_decoding_step(device):
         assert torch.equal(a[~written], b[~written]) and torch.equal(a[~written], original[~written])
 
 
+FAKE_SHAPE_CASES = {  # q, k, v shapes (int32: dtype) the op refuses, and its message
+    "v seqlen": ([(2, 4, 8, 16)] * 2 + [(2, 4, 5, 16)], None, "k and v must have the same seqlen, got 8 and 5"),
+    "v head_dim": ([(2, 4, 8, 16)] * 2 + [(2, 4, 8, 8)], None, r"the same head_dim, got 16, 16 and 8"),
+    "heads": ([(2, 3, 8, 16)] + [(2, 2, 8, 16)] * 2, None, r"the heads of q \(3\) must be a multiple"),
+    "batch": ([(2, 4, 8, 16)] + [(3, 4, 8, 16)] * 2, None, "the same batch size, got 2, 3 and 3"),
+    "int32": ([(2, 4, 8, 16)] * 3, torch.int32, "must be a CUDA or CPU tensor of dtype float16"),
+    "head_dim 300": ([(2, 4, 8, 300)] * 3, None, r"head_dim must be in \[1, 256\], got 300"),
+}
+
+
+@pytest.mark.parametrize("case", list(FAKE_SHAPE_CASES))
+def test_the_fakes_refuse_what_the_op_refuses(case):
+    """The forward's and backward's fakes (meta tensors, torch.export's and torch.compile's
+    tracing) raise the op's own error on shapes it refuses, so that an exported program fails at
+    export, not when it runs; before, they returned q's shape."""
+    shapes, dtype, message = FAKE_SHAPE_CASES[case]
+    for device in ("cpu", "meta"):
+        q, k, v = (torch.ones(s, device=device, dtype=dtype or torch.float32) for s in shapes)
+        with pytest.raises((ValueError, TypeError), match=message):
+            torch.ops.cuflash_attn.fwd(q, k, v)
+    q, k, v = (torch.ones(s, device="meta", dtype=dtype or torch.float32) for s in shapes)
+    with pytest.raises((ValueError, TypeError), match=message):
+        torch.ops.cuflash_attn.bwd(torch.empty_like(q), q, k, v, torch.empty_like(q), q.new_empty(q.shape[:3]))
+
+    class Attend(torch.nn.Module):
+        def forward(self, q, k, v):
+            return cuflash_attn.flash_attention(q, k, v)
+
+    if dtype is None:
+        with pytest.raises(Exception, match=message):
+            torch.export.export(Attend(), tuple(torch.randn(s) for s in shapes))
+
+
+def test_dropout_probabilities_keep_dynamic_shapes():
+    """flash_attn_func's return_attn_probs with dropout calls dropout_mask, whose sizes are SymInts:
+    torch.export with dynamic batch and seqlen, and one compiled graph for three shapes (as int
+    arguments they were specialized: an export error, a graph per shape)."""
+    from torch.export import Dim
+
+    def probs(q, k, v):
+        return flash_attn_func(q, k, v, dropout_p=0.2, causal=True, return_attn_probs=True)[2]
+
+    class Probs(torch.nn.Module):
+        def forward(self, q, k, v):
+            return probs(q, k, v)
+
+    make = lambda b, s: [torch.randn(b, s, 4, 16) for _ in range(3)]  # noqa: E731
+    dims = {0: Dim("batch", min=2), 1: Dim("seqlen", min=2)}
+    exported = torch.export.export(Probs(), tuple(make(2, 9)), dynamic_shapes=(dims, dims, dims))
+    assert exported.module()(*make(3, 11)).shape == (3, 4, 11, 11)
+    torch._dynamo.reset()
+    graphs = []
+
+    def backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm
+
+    compiled = torch.compile(probs, backend=backend, dynamic=True, fullgraph=True)
+    for b, s in [(2, 9), (3, 11), (4, 13)]:
+        assert compiled(*make(b, s)).shape == (b, 4, s, s)
+    assert len(graphs) == 1
+
+
 @requires_cuda
 def test_torch_compile_reduce_overhead():
     q, k, v = qkv("cuda", torch.bfloat16, requires_grad=False)
