@@ -13,6 +13,8 @@ from typing import Dict, Optional
 import torch
 import torch.autograd.forward_ad as forward_ad
 
+from .ops import MAX_HEAD_DIM, SUPPORTED_DTYPES
+
 
 def _original_sdpa():
     fn = torch.nn.functional.scaled_dot_product_attention
@@ -22,9 +24,7 @@ def _original_sdpa():
 
 TORCH_SDPA = _original_sdpa()
 
-_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _DEVICES = ("cpu", "cuda", "meta")  # meta: the ops' fakes give the shapes
-_MAX_HEAD_DIM = 256
 _MAX_CUDA_GRID = 65535  # batch and heads: grid dimensions of the CUDA kernels
 
 
@@ -97,7 +97,7 @@ def _tensor_reason(tensors) -> Optional[str]:
             return "a tensor with fewer than 2 dimensions"
     if device.type not in _DEVICES:
         return f"device type {device.type}"
-    if dtype not in _DTYPES:
+    if dtype not in SUPPORTED_DTYPES:
         return f"dtype {dtype}"
     # The ops have no forward-mode derivative and no functorch rules: torch's SDPA has both.
     if any(forward_ad.unpack_dual(t).tangent is not None for t in tensors):
@@ -132,8 +132,8 @@ def _shape_reason(query, key, value, enable_gqa) -> Optional[str]:
         return "key with a head_dim other than query's"
     if value.shape[-1] != head_dim:
         return "value with a head_dim other than query's"
-    if not 1 <= head_dim <= _MAX_HEAD_DIM:
-        return f"head_dim outside [1, {_MAX_HEAD_DIM}]"
+    if not 1 <= head_dim <= MAX_HEAD_DIM:
+        return f"head_dim outside [1, {MAX_HEAD_DIM}]"
     if not query.dim() == key.dim() == value.dim():
         return "query, key and value with different numbers of dimensions (torch broadcasts them)"
     lead = query.shape[:-2]

@@ -18,8 +18,7 @@ import torch
 
 from . import bert_padding
 from .api import _check_scalars, _int64, _window, check_dense
-from .fallback import _DTYPES
-from .ops import _ops, new_rng_state
+from .ops import _ops, check_supported_dtype, new_rng_state
 
 _PADDED = ("batch", "seqlen", "heads", "head_dim")
 _PACKED = ("total_tokens", "heads", "head_dim")
@@ -368,9 +367,7 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
     if v_cache.dtype != k_cache.dtype or v_cache.device != k_cache.device:
         raise ValueError(f"cuflash_attn: v_cache must have k_cache's dtype ({k_cache.dtype}) and device "
                          f"({k_cache.device}), got {v_cache.dtype} on {v_cache.device}")
-    if q.dtype not in _DTYPES:
-        raise TypeError(f"cuflash_attn: q must be a CUDA or CPU tensor of dtype float16, bfloat16, float32 or float64, "
-                        f"got {q.dtype}")
+    check_supported_dtype("q", q)
     if (k is None) != (v is None):
         raise ValueError("cuflash_attn: k and v must be given together")
     # What the op would refuse only after the new keys were written into the caches.

@@ -39,8 +39,18 @@ def _check_same_device(q, **tensors):
                                                              f"q ({q.device}), got {t.device}")
 
 
-_SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-_MAX_HEAD_DIM = 256
+# What the op takes (csrc/torch_ops.cpp's is_supported_dtype and kMaxHeadDim): the Python layers'
+# one copy.
+SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+MAX_HEAD_DIM = 256
+
+
+def check_supported_dtype(name, t):
+    """The op's dtype check, with its message. (A plain raise, not torch._check_type: dynamo traces
+    this where flash_attn_with_kvcache calls it, and takes no closure as a check's message.)"""
+    if t.dtype not in SUPPORTED_DTYPES:
+        raise TypeError(f"cuflash_attn: {name} must be a CUDA or CPU tensor of dtype float16, bfloat16, float32 or "
+                        f"float64, got {t.dtype}")
 
 
 def _check_attention_shapes(q, k, v, varlen, paged):
@@ -50,9 +60,7 @@ def _check_attention_shapes(q, k, v, varlen, paged):
     assertion of the graph rather than a specialization."""
     packed_kv = varlen and not paged
     for name, t, packed in (("q", q, varlen), ("k", k, packed_kv), ("v", v, packed_kv)):
-        torch._check_type(t.dtype in _SUPPORTED_DTYPES, lambda name=name, t=t: (
-            f"cuflash_attn: {name} must be a CUDA or CPU tensor of dtype float16, bfloat16, float32 or float64, got "
-            f"{t.dtype}"))
+        check_supported_dtype(name, t)
         dims = 3 if packed else 4
         torch._check_value(t.dim() == dims, lambda name=name, t=t, dims=dims: (
             f"cuflash_attn: {name} must have {dims} dimensions, got {t.dim()} (shape {tuple(t.shape)})"))
@@ -76,8 +84,8 @@ def _check_attention_shapes(q, k, v, varlen, paged):
     heads_q, heads_kv = q.shape[1], k.shape[1]
     torch._check_value(heads_q % heads_kv == 0 if heads_kv > 0 else heads_q == 0, lambda: (
         f"cuflash_attn: the heads of q ({heads_q}) must be a multiple of the heads of k and v ({heads_kv})"))
-    torch._check_value(1 <= q.shape[-1] <= _MAX_HEAD_DIM, lambda: (
-        f"cuflash_attn: head_dim must be in [1, {_MAX_HEAD_DIM}], got {q.shape[-1]}"))
+    torch._check_value(1 <= q.shape[-1] <= MAX_HEAD_DIM, lambda: (
+        f"cuflash_attn: head_dim must be in [1, {MAX_HEAD_DIM}], got {q.shape[-1]}"))
 
 
 @torch.library.register_fake("cuflash_attn::fwd")
