@@ -7,15 +7,9 @@ import torch
 
 import cuflash_attn
 from conftest import DEVICES, requires_cuda
-from reference import assert_close_to_reference, assert_lse_close, attention_reference
+from reference import assert_close_to_reference, assert_lse_close, reference_results
 
 GIB = 2**30
-
-
-def _slice_reference(q, k, v, dout, dtype):
-    qr, kr, vr = (t.to(dtype).requires_grad_() for t in (q, k, v))
-    out, lse = attention_reference(qr, kr, vr, False, dtype=dtype)
-    return (out, lse, *torch.autograd.grad(out, (qr, kr, vr), dout.to(dtype)))
 
 
 def check_rows_past(elements, device):
@@ -52,8 +46,8 @@ def check_rows_past(elements, device):
             if (bi, hi) not in [(s[0], s[1]) for s in slices]:
                 assert dk[bi, hi].count_nonzero() == 0 and dv[bi, hi].count_nonzero() == 0, (bi, hi)
     for bi, hi, (q_s, dout_s, out_s, lse_s, dq_s, k_s, v_s, dk_s, dv_s) in slices:
-        ref = _slice_reference(q_s, k_s, v_s, dout_s, torch.float64)
-        pt = _slice_reference(q_s, k_s, v_s, dout_s, dtype)
+        ref = reference_results(q_s, k_s, v_s, dout_s)
+        pt = reference_results(q_s, k_s, v_s, dout_s, dtype=dtype)
         where = f"batch {bi}, head {hi}"
         assert_close_to_reference(f"out ({where})", out_s, ref[0], pt[0], dtype, factor=2)
         assert_lse_close(lse_s, ref[1], dtype)
