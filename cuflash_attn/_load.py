@@ -23,7 +23,7 @@ def load_extension():
     try:
         return importlib.import_module("._C", __package__)
     except ImportError as error:
-        if not any(package.glob("_C*.so")) and not any(package.glob("_C*.pyd")):
+        if not any(package.glob("_C*.so")):
             source_tree = (package.parent / "setup.py").is_file()
             hint = (" This is a source tree: an installed copy is shadowed while Python runs here, so run it"
                     " from another directory to use that one." if source_tree else "")
