@@ -476,6 +476,7 @@ def measure_configuration(impls, shape, causal, dtype, layouts, timer, rounds, s
         del inputs
     samples = interleaved_timings({key: steps for key, (_, steps) in prepared.items() if steps is not None},
                                   timer, rounds, environment=lambda key: environment_of(key[0]))
+    state = gpu_state() if samples else None  # right after the rounds, before the GPU idles
     rows = []
     for key, (row, _) in prepared.items():
         got = samples.get(key)
@@ -484,12 +485,105 @@ def measure_configuration(impls, shape, causal, dtype, layouts, timer, rounds, s
         elif got is not None:
             fwd_rounds, fwdbwd_rounds, train_fwd_rounds = got
             row.update(timed_fields(fwd_rounds, fwdbwd_rounds, shape, causal, train_fwd_rounds))
+            if state:
+                row["gpu_state"] = state
         if len(layouts) > 1:
             row["layouts_interleaved"] = layouts
         rows.append(row)
     del prepared, samples
     free_memory()
     return rows
+
+
+# ---------------------------------------------------------------------------------------------
+# The GPU's state after each configuration's rounds: a row slowed by a power cap or heat says so.
+
+# nvidia-smi's clocks_event_reasons bits (nvml.h's nvmlClocksEventReason*).
+CLOCK_EVENT_REASONS = {0x1: "idle", 0x2: "applications_clocks", 0x4: "sw_power_cap", 0x8: "hw_slowdown",
+                       0x10: "sync_boost", 0x20: "sw_thermal", 0x40: "hw_thermal", 0x80: "hw_power_brake",
+                       0x100: "display_clocks"}
+SLOWDOWN_REASONS = ("sw_power_cap", "hw_slowdown", "sw_thermal", "hw_thermal", "hw_power_brake")
+GPU_STATE_FIELDS = (("sm_clock_mhz", "clocks.sm"), ("mem_clock_mhz", "clocks.mem"), ("power_w", "power.draw"),
+                    ("temperature_c", "temperature.gpu"), ("reasons", "clocks_event_reasons.active"))
+OLD_REASONS_FIELD = "clocks_throttle_reasons.active"  # the name before driver 535
+
+
+def clock_event_reasons(mask):
+    """The names of a clocks_event_reasons bitmask's bits (unknown bits as hex)."""
+    names = [name for bit, name in CLOCK_EVENT_REASONS.items() if mask & bit]
+    rest = mask & ~sum(CLOCK_EVENT_REASONS)
+    return names + ([hex(rest)] if rest else [])
+
+
+def parse_gpu_state(line):
+    """One line of `nvidia-smi --query-gpu=<GPU_STATE_FIELDS> --format=csv,noheader,nounits`: a dict,
+    a field nvidia-smi cannot read ("[N/A]", "[Not Supported]") as None."""
+    values = [v.strip() for v in line.split(",")]
+    if len(values) != len(GPU_STATE_FIELDS):
+        return None
+    state = {}
+    for (key, _), value in zip(GPU_STATE_FIELDS, values):
+        try:
+            number = int(value, 16) if key == "reasons" else float(value)
+        except ValueError:
+            number = None
+        state[key] = clock_event_reasons(number) if key == "reasons" and number is not None else number
+    return state
+
+
+def gpu_state():
+    """The current GPU's clocks, power, temperature and clock-event reasons by nvidia-smi, or None
+    where it cannot tell (no nvidia-smi, an old driver). The GPU picked by its UUID, since
+    CUDA_VISIBLE_DEVICES may renumber the GPUs."""
+    try:
+        uuid = str(torch.cuda.get_device_properties(torch.cuda.current_device()).uuid)
+        select = ["-i", uuid if uuid.startswith("GPU-") else f"GPU-{uuid}"]
+    except Exception:
+        select = []
+    for reasons_field in (GPU_STATE_FIELDS[-1][1], OLD_REASONS_FIELD):
+        fields = ",".join([f for _, f in GPU_STATE_FIELDS[:-1]] + [reasons_field])
+        try:
+            out = subprocess.run(["nvidia-smi", *select, f"--query-gpu={fields}", "--format=csv,noheader,nounits"],
+                                 capture_output=True, text=True, timeout=20)
+        except (OSError, subprocess.SubprocessError):
+            return None
+        if out.returncode == 0 and out.stdout.strip():
+            return parse_gpu_state(out.stdout.strip().splitlines()[0])
+    return None
+
+
+def gpu_state_line(rows):
+    """The range of the rows' GPU states, and the configurations a slowdown reason was active
+    after, for the markdown's header; "" where no row has a state."""
+    states = {}
+    for r in rows:
+        if r.get("gpu_state"):
+            key = (r["dtype"], r["head_dim"], r["seqlen_q"], r["causal"])
+            states[key] = r["gpu_state"]
+    if not states:
+        return ""
+
+    def span(key, unit):
+        values = [s[key] for s in states.values() if s.get(key) is not None]
+        if not values:
+            return None
+        low, high = min(values), max(values)
+        return f"{low:.0f} {unit}" if low == high else f"{low:.0f}-{high:.0f} {unit}"
+
+    parts = [p for p in (span("sm_clock_mhz", "MHz SM"), span("mem_clock_mhz", "MHz memory"),
+                         span("power_w", "W"), span("temperature_c", "C")) if p]
+    slowed = {}
+    for (dtype, d, n, causal), s in sorted(states.items(), key=lambda kv: str(kv[0])):
+        for reason in set(s.get("reasons") or ()) & set(SLOWDOWN_REASONS):
+            slowed.setdefault(reason, []).append(f"{dtype} D={d} N={n}{' causal' if causal else ''}")
+    line = (f"GPU state after each configuration's rounds (nvidia-smi, {len(states)} configurations): "
+            + ", ".join(parts) + ". ")
+    if slowed:
+        line += "Slowdown reasons active: " + "; ".join(
+            f"{reason} after {len(where)} ({', '.join(where)})" for reason, where in sorted(slowed.items())) + "."
+    else:
+        line += "No power or thermal slowdown reason was active."
+    return line + "\n"
 
 
 def warm_up_gpu(seconds=0.5):
@@ -773,8 +867,9 @@ def memory_table(rows):
 
 def render_markdown(results):
     env = results["env"]
-    parts = [f"# Attention benchmark\n\n{env_line(env)}\n"]
     rows = results.get("rows", [])
+    state = gpu_state_line(rows)
+    parts = [f"# Attention benchmark\n\n{env_line(env)}\n" + (f"\n{state}" if state else "")]
     groups = sorted({(r["dtype"], r["layout"]) for r in rows},
                     key=lambda g: (g[0] != "bfloat16", g[0], g[1] != "bhnd", g[1]))
     for dtype, layout in groups:

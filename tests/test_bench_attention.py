@@ -309,3 +309,39 @@ def test_rows_of_another_tree_are_not_kept_under_this_runs_header(tmp_path):
     bench.write_results(path, other, rows=[row])  # replaces every row: allowed
     assert json.loads(path.read_text())["env"]["tree"] == "t2"
     assert "(tree t2)" in bench.env_line(other)
+
+
+def test_gpu_state_parses_nvidia_smi_and_names_the_reasons():
+    state = bench.parse_gpu_state("1755, 2619, 512.34, 61, 0x0000000000000004")
+    assert state == {"sm_clock_mhz": 1755.0, "mem_clock_mhz": 2619.0, "power_w": 512.34, "temperature_c": 61.0,
+                     "reasons": ["sw_power_cap"]}
+    assert bench.parse_gpu_state("1980, 2619, [N/A], 40, 0x0")["power_w"] is None
+    assert bench.parse_gpu_state("1980, 2619, 40") is None  # not the fields asked for
+    assert bench.clock_event_reasons(0x1 | 0x40 | 0x1000) == ["idle", "hw_thermal", "0x1000"]
+
+
+def test_the_markdown_names_the_configurations_a_slowdown_was_active_after():
+    env = {"gpu": "g", "torch": "2", "cuda": "13.0", "cudnn": "9", "date": "2026-12-07", "commit": "abc"}
+    base = {"dtype": "bfloat16", "layout": "bhnd", "batch": 1, "heads": 1, "head_dim": 64, "causal": False,
+            "fwd_tflops": 1.0, "bwd_tflops": 1.0}
+    cool = {"sm_clock_mhz": 1980.0, "mem_clock_mhz": 2619.0, "power_w": 400.0, "temperature_c": 50.0, "reasons": []}
+    capped = {**cool, "sm_clock_mhz": 1600.0, "power_w": 700.0, "reasons": ["sw_power_cap"]}
+    rows = [{**base, "impl": impl, "seqlen_q": n, "seqlen_k": n, "gpu_state": state}
+            for n, state in ((1024, cool), (4096, capped)) for impl in ("cuflash_attn", "sdpa_cudnn")]
+    text = bench.render_markdown({"env": env, "rows": rows})
+    assert "2 configurations): 1600-1980 MHz SM, 2619 MHz memory, 400-700 W, 50 C." in text
+    assert "sw_power_cap after 1 (bfloat16 D=64 N=4096)" in text
+    text = bench.render_markdown({"env": env, "rows": [r for r in rows if r["seqlen_q"] == 1024]})
+    assert "No power or thermal slowdown reason was active." in text
+    no_state = [{k: v for k, v in r.items() if k != "gpu_state"} for r in rows]
+    assert "GPU state" not in bench.render_markdown({"env": env, "rows": no_state})
+
+
+def test_each_timed_row_keeps_the_gpu_state_after_its_rounds(monkeypatch):
+    monkeypatch.setattr(bench, "make_inputs", lambda *a, **k: None)
+    monkeypatch.setattr(bench, "prepare_row", lambda name, *a: ({"impl": name}, (lambda: 0, lambda: 0, lambda: 0)))
+    monkeypatch.setattr(bench, "free_memory", lambda: None)
+    monkeypatch.setattr(bench, "gpu_state", lambda: {"sm_clock_mhz": 1980.0})
+    rows = bench.measure_configuration({"a": None, "b": None}, (1, 1, 8, 64), False, None, "bhnd",
+                                       timer=lambda fn: 1.0, rounds=1, skip_math_above=None)
+    assert [r["gpu_state"] for r in rows] == [{"sm_clock_mhz": 1980.0}] * 2
