@@ -145,7 +145,8 @@ def test_run_switch_naming_nothing_is_refused(device, variable, value, monkeypat
                                             ("CUFLASH_FP32", "wgmma"), ("CUFLASH_FP32", "pairs"),
                                             ("CUFLASH_DEBUG", "0"), ("CUFLASH_DEBUG", "1"),
                                             ("CUFLASH_PACK_GQA", "0"), ("CUFLASH_PACK_GQA", "1"),
-                                            ("CUFLASH_CPU_ISA", "avx512bf16"), ("CUFLASH_CPU_ISA", "avx512"),
+                                            ("CUFLASH_CPU_ISA", "amxbf16"), ("CUFLASH_CPU_ISA", "avx512bf16"),
+                                            ("CUFLASH_CPU_ISA", "avx512"),
                                             ("CUFLASH_CPU_ISA", "avx2"), ("CUFLASH_CPU_ISA", "base")])
 def test_run_switch_values_are_accepted(variable, value, monkeypatch):
     q, k, v = good()

@@ -1,5 +1,6 @@
-"""The CPU kernels' vector widths (csrc/cpu/flash_cpu.cpp: AVX-512, with or without its bfloat16
-pair dot products for bfloat16 scores, AVX2 and the baseline's SSE2, CUFLASH_CPU_ISA), each on the
+"""The CPU kernels' vector widths (csrc/cpu/flash_cpu.cpp: AMX tiles for the bfloat16 forward's
+matmuls, AVX-512 with or without its bfloat16 pair dot products for bfloat16 scores, AVX2 and the
+baseline's SSE2, CUFLASH_CPU_ISA), each on the
 checks that reach its code paths: tiles that every row sees
 and tiles that a mask cuts (the lanes a mask hides), head dims that are not a multiple of the
 vector (the scalar tails), the features' scores, packed sequences, a float mask's gradient, a
@@ -19,7 +20,7 @@ from test_pack_gqa import op_names
 import test_edge_cases
 from test_features import check_dense, check_varlen
 
-ISAS = ["base", "avx2", "avx512", "avx512bf16"]
+ISAS = ["base", "avx2", "avx512", "avx512bf16", "amxbf16"]
 
 
 @pytest.fixture(params=ISAS)
@@ -64,7 +65,7 @@ def test_few_rows(isa, dtype, nq):
                 alibi="batch", dropout_p=0.1)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=["fp32", "fp64", "bf16"])
 def test_features(isa, dtype):
     check_dense("cpu", dtype, 2, 4, 2, 97, 130, 40, causal=True, window=(50, -1), softcap=20.0, alibi="batch",
                 dropout_p=0.15)
@@ -170,7 +171,7 @@ def tile_hiding_mask(kind, nq, nk, dtype):
     return torch.zeros(nq, nk, dtype=dtype).masked_fill(~shows, float("-inf"))
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=["fp32", "fp64", "bf16"])
 @pytest.mark.parametrize("kind", ["bool", "float"])
 @pytest.mark.parametrize("nq", [5, 100])
 def test_tiles_an_attn_mask_hides(isa, dtype, kind, nq):
@@ -214,3 +215,18 @@ def test_threads_reach_the_kernels():
     OpenMP; without -fopenmp (setup.py) it runs every item on the calling thread, silently (the CPU
     kernels ran on one core until the thirty-second session)."""
     assert b"GOMP_parallel" in Path(cuflash_attn._C.__file__).read_bytes()
+
+
+def test_torch_kernels_on_the_same_threads_keep_their_amx_tiles(monkeypatch):
+    """The AMX forward configures the tile registers for each block and puts the thread's earlier
+    configuration back: torch's bfloat16 CPU attention (oneDNN, which may keep its tiles configured
+    across calls) gives the same bits before and after ours, on the same threads."""
+    monkeypatch.setenv("CUFLASH_CPU_ISA", "amxbf16")
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, 4, 256, 64, dtype=torch.bfloat16) for _ in range(3))
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    before = sdpa(q, k, v)
+    for _ in range(3):
+        ours = cuflash_attn.flash_attention(q, k, v)
+        assert torch.equal(sdpa(q, k, v), before)
+    torch.testing.assert_close(ours, before, rtol=2e-2, atol=2e-2)

@@ -4,6 +4,7 @@
 #include <cmath>
 #include <cstring>
 #include <limits>
+#include <optional>
 #include <type_traits>
 #include <vector>
 
@@ -11,7 +12,12 @@
 // GCC 12 for the x86-64-v3/v4 levels in __builtin_cpu_supports; older ones build SSE2 alone).
 #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && __GNUC__ >= 12
 #define CUFLASH_CPU_WIDE_ISAS 1
+#include <cpuid.h>
 #include <immintrin.h>
+#if defined(__linux__)
+#include <sys/syscall.h>
+#include <unistd.h>
+#endif
 #endif
 
 #include "../attention_math.h"
@@ -50,10 +56,19 @@ constexpr int kMinSplitTiles = 4;
 
 #define CUFLASH_CPU_INLINE inline __attribute__((always_inline))
 
+// AMX's shapes (the AMX forward below; the scratch buffers are padded for it on every build).
+constexpr int kAmxDims = 32;      // head dims a tile of K rows holds (bfloat16)
+constexpr int kAmxKeys = 32;      // keys a tile of V^T rows holds
+constexpr int kAmxTileRows = 16;  // S^T's keys, O^T's head dims, the lanes' rows of a tile
+constexpr int amx_padded(int n, int to) { return (n + to - 1) / to * to; }
+// The head dims of the buffers the tiles read: D up to a multiple of 32 (zero past D).
+constexpr int amx_dims(int D) { return amx_padded(D, kAmxDims); }
+
+
 // kBytes-byte vectors of T (GCC's vector extensions: one register of the target's widest), and
 // the kRows rows of a block that the lanes hold (the buffers keep kBlockRows a key: a block of at
 // most half of them computes on half the vectors, HalfRows).
-template <typename T, int kBytes, int kRows = kBlockRows, bool kBf16Dot = false>
+template <typename T, int kBytes, int kRows = kBlockRows, bool kBf16Dot = false, bool kAmxTiles = false>
 struct Simd {
   using Scalar = T;
   using Int = std::conditional_t<sizeof(T) == 4, int32_t, int64_t>;
@@ -66,7 +81,9 @@ struct Simd {
   static constexpr bool kAllRows = kRows == kBlockRows;
   // The scores of bfloat16 rows by AVX512-BF16's pair dot products (row_lanes_dot_bf16).
   static constexpr bool kDotBf16 = kBf16Dot && std::is_same_v<T, float> && kBytes == 64;
-  using HalfRows = Simd<T, kBytes, kRows / 2, kBf16Dot>;
+  // The forward's bfloat16 S and P V on AMX's tiles (scores_amx, add_pv_amx).
+  static constexpr bool kAmx = kAmxTiles && kDotBf16;
+  using HalfRows = Simd<T, kBytes, kRows / 2, kBf16Dot, kAmxTiles>;
 };
 template <class S>
 CUFLASH_CPU_INLINE typename S::V load(const typename S::Scalar* from) {
@@ -99,10 +116,18 @@ struct ExpTraits<double> {
   static constexpr double kLn2Hi = 6.93147180369123816490e-01, kLn2Lo = 1.90821492927058770002e-10;
 };
 
+// 1 / n!, for the Taylor series of e^r.
+template <typename T>
+constexpr T inverse_factorial(int n) {
+  T f = T(1);
+  for (int i = 2; i <= n; ++i) f *= T(i);
+  return T(1) / f;
+}
+
 // e^x lane by lane for the softmax's arguments (x <= 0, -inf or NaN): x = k ln 2 + r with |r| <=
-// ln 2 / 2, e^r by its Taylor series (truncated below half an ulp of T), 2^k put in the exponent's
-// bits; 0 below T's normal range (such a probability, next to the row's largest, 1, changes no
-// sum), NaN kept.
+// ln 2 / 2, e^r by its Taylor series (truncated below half an ulp of T; Horner's rule, a
+// multiply-add a term), 2^k put in the exponent's bits; 0 below T's normal range (such a
+// probability, next to the row's largest, 1, changes no sum), NaN kept.
 template <class S>
 CUFLASH_CPU_INLINE typename S::V softmax_exp(const typename S::V& x) {
   using T = typename S::Scalar;
@@ -113,9 +138,9 @@ CUFLASH_CPU_INLINE typename S::V softmax_exp(const typename S::V& x) {
   const V shifted = clamped * E::kLog2e + E::kShift;
   const V k = shifted - E::kShift;
   const V r = clamped - k * E::kLn2Hi - k * E::kLn2Lo;
-  V poly = broadcast<S>(T(1));
+  V poly = broadcast<S>(inverse_factorial<T>(E::kTerms));
 #pragma GCC unroll 16
-  for (int n = E::kTerms; n >= 1; --n) poly = T(1) + poly * r * (T(1) / T(n));
+  for (int n = E::kTerms - 1; n >= 0; --n) poly = poly * r + inverse_factorial<T>(n);
   const V shift = broadcast<S>(E::kShift);
   typename S::U shifted_bits, shift_bits;
   std::memcpy(&shifted_bits, &shifted, sizeof(V));
@@ -258,6 +283,217 @@ __attribute__((target("arch=x86-64-v4,avx512bf16"), noinline)) void row_lanes_di
 #pragma GCC unroll 8
   for (int v = 0; v < R; ++v) _mm512_storeu_ps(out + v * kLanes, acc[v]);
 }
+// AMX (Sapphire Rapids and later): the forward's bfloat16 matmuls on tile registers, a TDPBF16PS
+// adding 16 x 16 float sums of 32 exact bfloat16 products each (inputs and sums below float's
+// normal range taken as 0, as VDPBF16PS). Every tile here is 16 rows of 64 bytes.
+
+// Whether the CPU has AMX-BF16 and the OS lets this process use its tile registers (Linux grants
+// them on request, arch_prctl's ARCH_REQ_XCOMP_PERM; torch's oneDNN asks the same).
+bool amx_usable() {
+  unsigned eax, ebx, ecx, edx;
+  if (!__get_cpuid_count(7, 0, &eax, &ebx, &ecx, &edx)) return false;
+  const bool tiles = (edx >> 24) & 1u, bf16 = (edx >> 22) & 1u;
+  if (!tiles || !bf16) return false;
+  if (!__get_cpuid(1, &eax, &ebx, &ecx, &edx) || !((ecx >> 27) & 1u)) return false;  // OSXSAVE
+  unsigned xcr0_lo, xcr0_hi;
+  __asm__ volatile("xgetbv" : "=a"(xcr0_lo), "=d"(xcr0_hi) : "c"(0));
+  if ((xcr0_lo & (3u << 17)) != (3u << 17)) return false;  // XTILECFG, XTILEDATA
+#if defined(__linux__)
+  constexpr long kReqXcompPerm = 0x1023, kXfeatureXtiledata = 18;
+  return syscall(SYS_arch_prctl, kReqXcompPerm, kXfeatureXtiledata) == 0;
+#else
+  return false;
+#endif
+}
+
+// LDTILECFG's 64 bytes: palette 1, every tile 16 rows of 64 bytes.
+struct AmxTileConfig {
+  uint8_t palette, start_row, reserved[14];
+  uint16_t bytes_per_row[16];
+  uint8_t rows[16];
+};
+static_assert(sizeof(AmxTileConfig) == 64, "LDTILECFG reads 64 bytes");
+
+constexpr AmxTileConfig amx_tile_config() {
+  AmxTileConfig config{};
+  config.palette = 1;
+  for (int t = 0; t < 8; ++t) config.bytes_per_row[t] = 64, config.rows[t] = kAmxTileRows;
+  return config;
+}
+// A constant, not a local: GCC 12 does not count LDTILECFG as reading its operand, and drops the
+// stores into a local one.
+constexpr AmxTileConfig kAmxTileConfig = amx_tile_config();
+
+// Tiles configured for a block, and the thread's earlier configuration put back after it: torch's
+// oneDNN kernels may keep theirs configured across calls on the same thread.
+struct AmxTiles {
+  AmxTileConfig saved;
+  __attribute__((target("amx-tile"), noinline)) AmxTiles() {
+    _tile_storeconfig(&saved);
+    _tile_loadconfig(&kAmxTileConfig);
+  }
+  __attribute__((target("amx-tile"), noinline)) ~AmxTiles() {
+    if (saved.palette != 0)
+      _tile_loadconfig(&saved);
+    else
+      _tile_release();
+  }
+};
+
+// The tiles' one product: C_g (+)= sum over `steps` of A_g B for two groups g of 16 rows of A
+// (a_g + step * a_step, a_bytes apart) and R halves of 16 lanes of B (b + step * b_step, the halves
+// 16 dwords apart, rows kBlockRows dwords apart); C_g [16][kBlockRows] floats at c_g, zeroed first
+// or (accumulate) loaded. Four sums in flight (a TDPBF16PS takes several times its issue interval):
+// tiles 0-3 C (group, half), 4 and 5 A's groups, 6 and 7 B's halves.
+template <int R>
+__attribute__((target("arch=x86-64-v4,avx512bf16,amx-tile,amx-bf16"), always_inline)) inline void amx_two_groups(
+    const uint16_t* a0, const uint16_t* a1, int a_bytes, int a_step, const uint32_t* b, int b_step, int steps,
+    float* c0, float* c1, bool accumulate) {
+  constexpr int kRowBytes = kBlockRows * 4;
+  if (accumulate) {
+    _tile_loadd(0, c0, kRowBytes);
+    _tile_loadd(2, c1, kRowBytes);
+    if constexpr (R == 2) {
+      _tile_loadd(1, c0 + 16, kRowBytes);
+      _tile_loadd(3, c1 + 16, kRowBytes);
+    }
+  } else {
+    _tile_zero(0);
+    _tile_zero(2);
+    if constexpr (R == 2) {
+      _tile_zero(1);
+      _tile_zero(3);
+    }
+  }
+  for (int step = 0; step < steps; ++step) {
+    _tile_loadd(4, a0 + step * a_step, a_bytes);
+    _tile_loadd(5, a1 + step * a_step, a_bytes);
+    _tile_loadd(6, b + step * b_step, kRowBytes);
+    _tile_dpbf16ps(0, 4, 6);
+    _tile_dpbf16ps(2, 5, 6);
+    if constexpr (R == 2) {
+      _tile_loadd(7, b + step * b_step + 16, kRowBytes);
+      _tile_dpbf16ps(1, 4, 7);
+      _tile_dpbf16ps(3, 5, 7);
+    }
+  }
+  _tile_stored(0, c0, kRowBytes);
+  _tile_stored(2, c1, kRowBytes);
+  if constexpr (R == 2) {
+    _tile_stored(1, c0 + 16, kRowBytes);
+    _tile_stored(3, c1 + 16, kRowBytes);
+  }
+}
+
+// st[jj * kBlockRows + r] = (row r of the block) . keys[jj] for the key tile's groups of 32 keys that
+// hold count (rows of st past count: whatever kt holds there), R row halves of 16 lanes: S^T = K Q^T
+// from kt (the tile's K rows [kKeys][dims], zero past D) and qt2 (pack_block_bf16's Q^T in head dim
+// pairs, zero past D up to dims), 32 head dims a step.
+template <int R>
+__attribute__((target("arch=x86-64-v4,avx512bf16,amx-tile,amx-bf16"), noinline)) void scores_amx(
+    const uint32_t* __restrict qt2, const uint16_t* __restrict kt, int dims, int count, float* __restrict st) {
+  for (int key = 0; key < count; key += 2 * kAmxTileRows)
+    amx_two_groups<R>(kt + key * dims, kt + (key + kAmxTileRows) * dims, dims * 2, kAmxDims, qt2,
+                      kAmxDims / 2 * kBlockRows, dims / kAmxDims, st + key * kBlockRows,
+                      st + (key + kAmxTileRows) * kBlockRows, false);
+}
+
+// out_t[d][r] += sum over jj of V[jj][d] P[jj][r] for the tile's count keys, rounded P: O^T += V^T P^T
+// from vt (the tile's V^T [dims][kKeys], zero past D and past count) and pt2 (key pairs' bfloat16
+// probabilities a row [keys / 2][kBlockRows], zero past count), 32 keys a step; out_t [dims][kBlockRows].
+template <int R>
+__attribute__((target("arch=x86-64-v4,avx512bf16,amx-tile,amx-bf16"), noinline)) void add_pv_amx(
+    float* __restrict out_t, int dims, const uint16_t* __restrict vt, const uint32_t* __restrict pt2, int count) {
+  for (int d = 0; d < dims; d += 2 * kAmxTileRows)
+    amx_two_groups<R>(vt + d * kKeys, vt + (d + kAmxTileRows) * kKeys, kKeys * 2, kAmxKeys, pt2,
+                      kAmxKeys / 2 * kBlockRows, amx_padded(count, kAmxKeys) / kAmxKeys, out_t + d * kBlockRows,
+                      out_t + (d + kAmxTileRows) * kBlockRows, true);
+}
+
+// pt2 from the tile's probabilities st [kKeys][kBlockRows] (R halves of 16 rows): key pairs
+// rounded to bfloat16 and interleaved a row, keys past count 0 (to a multiple of kAmxKeys).
+template <int R>
+__attribute__((target("arch=x86-64-v4,avx512bf16"), noinline)) void pack_probs_amx(const float* __restrict st,
+                                                                                   int count,
+                                                                                   uint32_t* __restrict pt2) {
+  const __m512i interleave = _mm512_set_epi16(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8, 23, 7,
+                                              22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
+  const int padded = amx_padded(count, kAmxKeys);
+  for (int key = 0; key < padded; key += 2)
+    for (int v = 0; v < R; ++v) {
+      const __m512 even = key < count ? _mm512_loadu_ps(st + key * kBlockRows + v * 16) : _mm512_setzero_ps();
+      const __m512 odd = key + 1 < count ? _mm512_loadu_ps(st + (key + 1) * kBlockRows + v * 16) : _mm512_setzero_ps();
+      const __m512i both = (__m512i)_mm512_cvtne2ps_pbh(odd, even);  // even's 16 rows, then odd's
+      _mm512_storeu_si512(pt2 + key / 2 * kBlockRows + v * 16, _mm512_permutexvar_epi16(interleave, both));
+    }
+}
+
+// The key tile's bfloat16 K rows for scores_amx: kt [kKeys][dims], zero past D (and past count up to
+// a multiple of 32 keys).
+CUFLASH_CPU_INLINE void pack_keys_amx(const uint16_t* const* k_raw, int count, int D, int dims,
+                                      uint16_t* __restrict kt) {
+  for (int jj = 0; jj < amx_padded(count, 2 * kAmxTileRows); ++jj) {
+    uint16_t* row = kt + jj * dims;
+    if (jj < count) std::memcpy(row, k_raw[jj], D * sizeof(uint16_t));
+    std::fill(row + (jj < count ? D : 0), row + dims, uint16_t{0});
+  }
+}
+// 16 x 16 dwords transposed in registers: r[i] holds row i, then column i (unpacks within 128-bit
+// lanes, then the lanes' shuffles).
+__attribute__((target("arch=x86-64-v4"), always_inline)) inline void transpose_16x16_dwords(__m512i r[16]) {
+  __m512i t[16];
+  for (int i = 0; i < 16; i += 2) {
+    t[i] = _mm512_unpacklo_epi32(r[i], r[i + 1]);
+    t[i + 1] = _mm512_unpackhi_epi32(r[i], r[i + 1]);
+  }
+  for (int i = 0; i < 16; i += 4) {
+    r[i] = _mm512_unpacklo_epi64(t[i], t[i + 2]);
+    r[i + 1] = _mm512_unpackhi_epi64(t[i], t[i + 2]);
+    r[i + 2] = _mm512_unpacklo_epi64(t[i + 1], t[i + 3]);
+    r[i + 3] = _mm512_unpackhi_epi64(t[i + 1], t[i + 3]);
+  }
+  for (int i = 0; i < 4; ++i) {
+    t[i] = _mm512_shuffle_i32x4(r[i], r[i + 4], 0x88);
+    t[i + 4] = _mm512_shuffle_i32x4(r[i], r[i + 4], 0xdd);
+    t[i + 8] = _mm512_shuffle_i32x4(r[i + 8], r[i + 12], 0x88);
+    t[i + 12] = _mm512_shuffle_i32x4(r[i + 8], r[i + 12], 0xdd);
+  }
+  for (int i = 0; i < 4; ++i) {
+    r[i] = _mm512_shuffle_i32x4(t[i], t[i + 8], 0x88);
+    r[i + 8] = _mm512_shuffle_i32x4(t[i], t[i + 8], 0xdd);
+    r[i + 4] = _mm512_shuffle_i32x4(t[i + 4], t[i + 12], 0x88);
+    r[i + 12] = _mm512_shuffle_i32x4(t[i + 4], t[i + 12], 0xdd);
+  }
+}
+
+// Its V rows transposed for add_pv_amx: vt [dims][kKeys], zero past D and past count up to a
+// multiple of kAmxKeys. A tile row of vt holds 32 keys of a head dim, their pairs as dwords: each
+// 16 head dims x 32 keys is a 16 x 16 transpose of the key pairs' interleaved rows.
+__attribute__((target("arch=x86-64-v4"), noinline)) void pack_values_amx(const uint16_t* const* v_raw, int count,
+                                                                        int D, uint16_t* __restrict vt) {
+  for (int key = 0; key < count; key += kAmxKeys)
+    for (int d = 0; d < D; d += 16) {
+      const __mmask16 dims = D - d >= 16 ? 0xffff : static_cast<__mmask16>((1u << (D - d)) - 1);
+      __m512i pairs[16];
+      for (int j = 0; j < 16; ++j) {
+        const int even = key + 2 * j, odd = even + 1;
+        const __m256i lo = even < count ? _mm256_maskz_loadu_epi16(dims, v_raw[even] + d) : _mm256_setzero_si256();
+        const __m256i hi = odd < count ? _mm256_maskz_loadu_epi16(dims, v_raw[odd] + d) : _mm256_setzero_si256();
+        pairs[j] = _mm512_or_si512(_mm512_cvtepu16_epi32(lo), _mm512_slli_epi32(_mm512_cvtepu16_epi32(hi), 16));
+      }
+      transpose_16x16_dwords(pairs);
+      for (int i = 0; i < 16; ++i) _mm512_storeu_si512(vt + (d + i) * kKeys + key, pairs[i]);
+    }
+}
+
+CUFLASH_CPU_INLINE bool bf16_finite(uint16_t x) { return (x & 0x7f80u) != 0x7f80u; }  // exponent not all ones
+// Whether bfloat16 rows[0, n) hold only finite values.
+CUFLASH_CPU_INLINE bool bf16_rows_finite(const uint16_t* const* rows, int n, int D) {
+  bool finite = true;
+  for (int jj = 0; jj < n; ++jj)
+    for (int d = 0; d < D; ++d) finite &= bf16_finite(rows[jj][d]);
+  return finite;
+}
 #endif
 
 // 16-bit rows (the kernels read float16 and bfloat16 themselves; torch_ops.cpp's layout_for).
@@ -364,6 +600,8 @@ struct CpuScratch {
   std::vector<T> kv16;                        // the backward's pair's K and V rows, from 16-bit inputs
   std::vector<uint32_t> qt2, dot2, ot2;       // pack_block_bf16's (q's; the backward's dO's and O's)
   std::vector<const uint16_t*> k_raw, v_raw;  // bfloat16 keys' rows as they are (row_lanes_dot_bf16)
+  std::vector<uint16_t> kt16, vt16;           // the AMX forward's K and V^T tiles (pack_keys_amx)
+  std::vector<uint32_t> pt2;                  // its bfloat16 P (pack_probs_amx)
   explicit CpuScratch(int D)
       : qt(static_cast<size_t>(D) * kBlockRows),
         dot(qt.size()),
@@ -371,7 +609,7 @@ struct CpuScratch {
         scores(kKeys * kBlockRows),
         dp(scores.size()),
         capped(scores.size()),
-        acc(static_cast<size_t>(kBlockRows) * D),
+        acc(static_cast<size_t>(kBlockRows) * amx_dims(D)),  // O^T, padded for the AMX forward
         zeros(D),
         q16(static_cast<size_t>(kBlockRows) * D),
         do16(q16.size()),
@@ -385,11 +623,14 @@ struct CpuScratch {
         o_rows(kBlockRows),
         dk_rows(kKeys),
         dv_rows(kKeys),
-        qt2(static_cast<size_t>(D + 1) / 2 * kBlockRows),
+        qt2(static_cast<size_t>(amx_dims(D)) / 2 * kBlockRows),  // zero past D, for the AMX forward
         dot2(qt2.size()),
         ot2(qt2.size()),
         k_raw(kKeys),
-        v_raw(kKeys) {}
+        v_raw(kKeys),
+        kt16(static_cast<size_t>(kKeys) * amx_dims(D)),
+        vt16(static_cast<size_t>(amx_dims(D)) * kKeys),
+        pt2(kKeys / 2 * kBlockRows) {}
 };
 
 // attn_mask's elements of row i from key j0 on (AttnMaskSlice::bias's layout; col_stride apart).
@@ -782,6 +1023,52 @@ CUFLASH_CPU_INLINE void fwd_rows(const FlashFwdParams& p, const KernelRows<T>& i
   }
 }
 
+// The lanes' maximum of start and x[jj * kBlockRows] over jj < count, a NaN skipped (it reaches the
+// sums): four maxima in flight.
+template <class S>
+CUFLASH_CPU_INLINE typename S::V tile_maximum(const typename S::Scalar* x, int count, const typename S::V& start) {
+  using V = typename S::V;
+  V m[4] = {start, start, start, start};
+  int jj = 0;
+  for (; jj + 4 <= count; jj += 4)
+#pragma GCC unroll 4
+    for (int a = 0; a < 4; ++a) {
+      const V y = load<S>(x + (jj + a) * kBlockRows);
+      m[a] = y > m[a] ? y : m[a];
+    }
+  for (; jj < count; ++jj) {
+    const V y = load<S>(x + jj * kBlockRows);
+    m[0] = y > m[0] ? y : m[0];
+  }
+  for (int a = 1; a < 4; ++a) m[0] = m[a] > m[0] ? m[a] : m[0];
+  return m[0];
+}
+
+// Whether every lane of x is 1.
+template <class S>
+CUFLASH_CPU_INLINE bool all_ones(const typename S::V& x) {
+  typename S::Scalar lanes[S::kLanes];
+  store<S>(lanes, x);
+  bool ones = true;
+  for (int l = 0; l < S::kLanes; ++l) ones &= lanes[l] == typename S::Scalar(1);
+  return ones;
+}
+
+#ifndef CUFLASH_CPU_WIDE_ISAS
+struct AmxTiles {};  // (no AMX kernels: S::kAmx is false)
+#endif
+// Where S takes AMX and the rows are bfloat16: the tiles configured for the caller's scope (tiles'
+// lifetime); whether they are.
+template <class S>
+CUFLASH_CPU_INLINE bool configure_amx(bool bf16_rows, std::optional<AmxTiles>& tiles) {
+  if constexpr (S::kAmx)
+    if (bf16_rows) {
+      tiles.emplace();
+      return true;
+    }
+  return false;
+}
+
 // Query rows [block * kBlockRows, ...) of (b, h): the online softmax of the block's rows over
 // the key tiles their visible keys fall in, the rows as lanes, O^T accumulated in w.acc.
 template <class S, typename T = typename S::Scalar>
@@ -816,6 +1103,9 @@ CUFLASH_CPU_INLINE void fwd_block_impl(const FlashFwdParams& p, int b, int h, in
   }
 #endif
   if (!dot_bf16) pack_block(w.q_rows.data(), rows, D, w.qt.data());
+  // S and P V on AMX's tiles: K and V^T packed a tile, P rounded to bfloat16 (as the CUDA kernels').
+  std::optional<AmxTiles> tiles;
+  const bool amx = configure_amx<S>(dot_bf16, tiles);
   T* out_t = w.acc.data();  // O^T [D][kBlockRows]
   std::fill(w.acc.begin(), w.acc.end(), T(0));
   V row_max[R], row_sum[R];
@@ -826,15 +1116,23 @@ CUFLASH_CPU_INLINE void fwd_block_impl(const FlashFwdParams& p, int b, int h, in
     const int count = std::min(kKeys, keys.end - j0);
     for (int jj = 0; jj < count; ++jj) {
       if (dot_bf16) w.k_raw[jj] = key_row_at<const uint16_t>(p, p.k, p.k_strides, s, b, hk, j0 + jj);
+      if (amx) w.v_raw[jj] = key_row_at<const uint16_t>(p, p.v, p.v_strides, s, b, hk, j0 + jj);
       if (!dot_bf16 || rules.score.mask.data)  // (tile_adds_nothing's finiteness check reads them)
         w.k_rows[jj] = io.key(p.k, p.k_strides, s, b, hk, j0 + jj, w.k16.data() + jj * D);
-      w.v_rows[jj] = io.key(p.v, p.v_strides, s, b, hk, j0 + jj, w.v16.data() + jj * D);
+      if (!amx || rules.score.mask.data)
+        w.v_rows[jj] = io.key(p.v, p.v_strides, s, b, hk, j0 + jj, w.v16.data() + jj * D);
     }
     if (tile_adds_nothing<S>(rules.score.mask, i0, rows, j0, count, q_finite, w.k_rows.data(), w.v_rows.data(), D))
       continue;
 #ifdef CUFLASH_CPU_WIDE_ISAS
+    if constexpr (S::kAmx)
+      if (amx) {
+        pack_keys_amx(w.k_raw.data(), count, D, amx_dims(D), w.kt16.data());
+        pack_values_amx(w.v_raw.data(), count, D, w.vt16.data());
+        scores_amx<S::kRowVecs>(w.qt2.data(), w.kt16.data(), amx_dims(D), count, st);
+      }
     if constexpr (S::kDotBf16)
-      if (dot_bf16) row_lanes_dot_bf16<S::kRowVecs>(w.qt2.data(), w.k_raw.data(), count, D, st);
+      if (dot_bf16 && !amx) row_lanes_dot_bf16<S::kRowVecs>(w.qt2.data(), w.k_raw.data(), count, D, st);
 #endif
     if (!dot_bf16) row_lanes_dot<S>(w.qt.data(), w.k_rows.data(), count, D, w.zeros.data(), st);
     rules.scores(s, i0, rows, j0, count, kBlockRows, st, nullptr);
@@ -843,11 +1141,7 @@ CUFLASH_CPU_INLINE void fwd_block_impl(const FlashFwdParams& p, int b, int h, in
     // The online softmax, a lane a row: the tile's maximum (a NaN score is not one: it reaches
     // the sum), O^T and the sums rescaled, the tile's probabilities in place of its scores.
     for (int v = 0; v < R; ++v) {
-      V tile_max = row_max[v];
-      for (int jj = 0; jj < count; ++jj) {
-        const V x = load<S>(st + jj * kBlockRows + v * L);
-        tile_max = x > tile_max ? x : tile_max;
-      }
+      V tile_max = tile_maximum<S>(st + v * L, count, row_max[v]);
       const V base = tile_max == -inf ? V{} : tile_max;
       const V alpha = softmax_exp<S>(row_max[v] - base);
       row_max[v] = tile_max;
@@ -858,13 +1152,38 @@ CUFLASH_CPU_INLINE void fwd_block_impl(const FlashFwdParams& p, int b, int h, in
         sum += prob;  // the softmax's denominator counts dropped probabilities too
       }
       row_sum[v] = row_sum[v] * alpha + sum;
-      for (int d = 0; d < D; ++d)
-        store<S>(out_t + d * kBlockRows + v * L, load<S>(out_t + d * kBlockRows + v * L) * alpha);
+      if (!all_ones<S>(alpha))  // (the rows' maxima moved: mostly in the first tiles)
+        for (int d = 0; d < D; ++d)
+          store<S>(out_t + d * kBlockRows + v * L, load<S>(out_t + d * kBlockRows + v * L) * alpha);
     }
     if (rules.dropout)  // after the sums: the dropped probabilities count there
       for (int r = 0; r < rows; ++r)
         for (int j = std::max(keys.lo[r], j0); j < std::min(keys.hi[r], j0 + count); ++j)
           st[(j - j0) * kBlockRows + r] *= rules.keep(b, h, sh.heads_q, i0 + r, j);
+#ifdef CUFLASH_CPU_WIDE_ISAS
+    if constexpr (S::kAmx)
+      if (amx) {
+        // A NaN or Inf of V that some rows do not see (add_visible_lanes_times_rows' case): the tiles
+        // take it as 0, which is what those rows add (0 x V, bitwise as without it), then the rows
+        // that see it add their products with it.
+        const bool finite = sees_all || bf16_rows_finite(w.v_raw.data(), count, D);
+        if (!finite)
+          for (int d = 0; d < D; ++d)
+            for (int jj = 0; jj < count; ++jj)
+              if (!bf16_finite(w.vt16[d * kKeys + jj])) w.vt16[d * kKeys + jj] = 0;
+        pack_probs_amx<S::kRowVecs>(st, count, w.pt2.data());
+        add_pv_amx<S::kRowVecs>(out_t, amx_dims(D), w.vt16.data(), w.pt2.data(), count);
+        if (!finite)
+          for (int jj = 0; jj < count; ++jj)
+            for (int d = 0; d < D; ++d)
+              if (!bf16_finite(w.v_raw[jj][d]))
+                for (int r = 0; r < rows; ++r)
+                  if (keys.sees(r, j0 + jj))
+                    out_t[d * kBlockRows + r] += bf16_to_float(float_to_bf16(st[jj * kBlockRows + r])) *
+                                                 bf16_to_float(w.v_raw[jj][d]);
+        continue;
+      }
+#endif
     add_visible_lanes_times_rows<S>(out_t, D, count, st, w.v_rows.data(), keys, rows, j0, sees_all);
   }
   T maxes[kBlockRows], sums[kBlockRows];
@@ -902,6 +1221,9 @@ CUFLASH_CPU_INLINE void bwd_head_impl(const FlashBwdParams& p, int b, int hk, co
   const KernelRows<T, FlashBwdParams> io(p);  // (dq, dk and dv are T's even for 16-bit inputs)
   bool dot_bf16 = false;
   if constexpr (S::kDotBf16) dot_bf16 = io.sixteen_bit && io.bf16;
+  // The scores on AMX's tiles where the forward's were (the same sums, so that P is exact).
+  std::optional<AmxTiles> tiles;
+  [[maybe_unused]] const bool amx = configure_amx<S>(dot_bf16, tiles);
   // 16-bit inputs: the pair's K and V rows converted once into the thread's buffer (every block of
   // queries reads them all), the query-side rows a block at a time.
   if (io.sixteen_bit) {
@@ -1002,7 +1324,12 @@ CUFLASH_CPU_INLINE void bwd_head_impl(const FlashBwdParams& p, int b, int hk, co
             w.k_raw[jj] = key_row_at<const uint16_t>(p, p.k, p.k_strides, s, b, hk, j0 + jj);
             w.v_raw[jj] = key_row_at<const uint16_t>(p, p.v, p.v_strides, s, b, hk, j0 + jj);
           }
-          if (!rows_alone) row_lanes_dot_bf16<R>(w.qt2.data(), w.k_raw.data(), count, D, st);
+          if (!rows_alone && amx) {
+            pack_keys_amx(w.k_raw.data(), count, D, amx_dims(D), w.kt16.data());
+            scores_amx<R>(w.qt2.data(), w.kt16.data(), amx_dims(D), count, st);
+          } else if (!rows_alone) {
+            row_lanes_dot_bf16<R>(w.qt2.data(), w.k_raw.data(), count, D, st);
+          }
           row_lanes_dot_bf16<R>(w.dot2.data(), w.v_raw.data(), count, D, dpt);
         }
 #endif
@@ -1083,6 +1410,12 @@ __attribute__((target("arch=x86-64-v4,avx512bf16"))) void fwd_block_avx512bf16(c
   fwd_block_impl<Simd<T, 64, kBlockRows, true>>(p, b, h, block, split, w);
 }
 template <typename T>
+__attribute__((target("arch=x86-64-v4,avx512bf16"))) void fwd_block_amx(const FlashFwdParams& p, int b, int h,
+                                                                        int block, const FwdSplit<T>& split,
+                                                                        CpuScratch<T>& w) {
+  fwd_block_impl<Simd<T, 64, kBlockRows, true, true>>(p, b, h, block, split, w);
+}
+template <typename T>
 __attribute__((target("arch=x86-64-v4"))) void fwd_block_avx512(const FlashFwdParams& p, int b, int h, int block,
                                                                 const FwdSplit<T>& split, CpuScratch<T>& w) {
   fwd_block_impl<Simd<T, 64>>(p, b, h, block, split, w);
@@ -1097,6 +1430,11 @@ __attribute__((target("arch=x86-64-v4,avx512bf16"))) void bwd_head_avx512bf16(co
                                                                               const BwdPart<T>& part,
                                                                               CpuScratch<T>& w) {
   bwd_head_impl<Simd<T, 64, kBlockRows, true>>(p, b, hk, part, w);
+}
+template <typename T>
+__attribute__((target("arch=x86-64-v4,avx512bf16"))) void bwd_head_amx(const FlashBwdParams& p, int b, int hk,
+                                                                       const BwdPart<T>& part, CpuScratch<T>& w) {
+  bwd_head_impl<Simd<T, 64, kBlockRows, true, true>>(p, b, hk, part, w);
 }
 template <typename T>
 __attribute__((target("arch=x86-64-v4"))) void bwd_head_avx512(const FlashBwdParams& p, int b, int hk,
@@ -1116,7 +1454,8 @@ CpuIsa cpu_isa() {
     __builtin_cpu_init();
     if (!__builtin_cpu_supports("x86-64-v4"))
       return __builtin_cpu_supports("x86-64-v3") ? CpuIsa::kAvx2 : CpuIsa::kBase;
-    return __builtin_cpu_supports("avx512bf16") ? CpuIsa::kAvx512Bf16 : CpuIsa::kAvx512;
+    if (!__builtin_cpu_supports("avx512bf16")) return CpuIsa::kAvx512;
+    return amx_usable() ? CpuIsa::kAmxBf16 : CpuIsa::kAvx512Bf16;
   }();
   return std::min(best, cpu_isa_switch());
 #else
@@ -1130,8 +1469,9 @@ void fwd_block(CpuIsa isa, const FlashFwdParams& p, int b, int h, int block, con
 #ifdef CUFLASH_CPU_WIDE_ISAS
   // The pair dot products are bfloat16 scores' (T = float): others' blocks as AVX-512's.
   if constexpr (std::is_same_v<T, float>)
-    if (isa == CpuIsa::kAvx512Bf16 && p.dtype == DType::kBFloat16)
-      return fwd_block_avx512bf16(p, b, h, block, split, w);
+    if (isa >= CpuIsa::kAvx512Bf16 && p.dtype == DType::kBFloat16)
+      return isa == CpuIsa::kAmxBf16 ? fwd_block_amx(p, b, h, block, split, w)
+                                     : fwd_block_avx512bf16(p, b, h, block, split, w);
   if (isa >= CpuIsa::kAvx512) return fwd_block_avx512<T>(p, b, h, block, split, w);
   if (isa == CpuIsa::kAvx2) return fwd_block_avx2<T>(p, b, h, block, split, w);
 #endif
@@ -1142,7 +1482,8 @@ template <typename T>
 void bwd_head(CpuIsa isa, const FlashBwdParams& p, int b, int hk, const BwdPart<T>& part, CpuScratch<T>& w) {
 #ifdef CUFLASH_CPU_WIDE_ISAS
   if constexpr (std::is_same_v<T, float>)
-    if (isa == CpuIsa::kAvx512Bf16 && p.dtype == DType::kBFloat16) return bwd_head_avx512bf16(p, b, hk, part, w);
+    if (isa >= CpuIsa::kAvx512Bf16 && p.dtype == DType::kBFloat16)
+      return isa == CpuIsa::kAmxBf16 ? bwd_head_amx(p, b, hk, part, w) : bwd_head_avx512bf16(p, b, hk, part, w);
   if (isa >= CpuIsa::kAvx512) return bwd_head_avx512<T>(p, b, hk, part, w);
   if (isa == CpuIsa::kAvx2) return bwd_head_avx2<T>(p, b, hk, part, w);
 #endif

@@ -118,9 +118,10 @@
 //                   without split-KV, where the packed blocks' rounds over the threads cost no
 //                   more); "1": always; "0": never (tests and benchmarks)
 //   CUFLASH_CPU_ISA the CPU kernels' vector instructions (cpu/flash_cpu.cpp, x86-64 GCC builds):
-//                   unset or "", the widest the CPU has; "avx512bf16" (AVX-512 with bfloat16
-//                   pair dot products for bfloat16 scores), "avx512", "avx2" or "base" (SSE2):
-//                   at most that one (tests run each on one machine; benchmarks)
+//                   unset or "", the widest the CPU has; "amxbf16" (AMX tiles for the bfloat16
+//                   forward's S and P V), "avx512bf16" (AVX-512 with bfloat16 pair dot products
+//                   for bfloat16 scores), "avx512", "avx2" or "base" (SSE2): at most that one
+//                   (tests run each on one machine; benchmarks)
 #pragma once
 #include <cstdlib>
 #include <cstring>
@@ -222,12 +223,13 @@ inline PackGqaSwitch pack_gqa_switch() {
                                            : PackGqaSwitch::kDefault;
 }
 
-enum class CpuIsa { kBase, kAvx2, kAvx512, kAvx512Bf16 };  // in order: each has the ones before it
+enum class CpuIsa { kBase, kAvx2, kAvx512, kAvx512Bf16, kAmxBf16 };  // in order: each has the ones before it
 inline CpuIsa cpu_isa_switch() {
-  return env_is("CUFLASH_CPU_ISA", "base")     ? CpuIsa::kBase
-         : env_is("CUFLASH_CPU_ISA", "avx2")   ? CpuIsa::kAvx2
-         : env_is("CUFLASH_CPU_ISA", "avx512") ? CpuIsa::kAvx512
-                                               : CpuIsa::kAvx512Bf16;
+  return env_is("CUFLASH_CPU_ISA", "base")         ? CpuIsa::kBase
+         : env_is("CUFLASH_CPU_ISA", "avx2")       ? CpuIsa::kAvx2
+         : env_is("CUFLASH_CPU_ISA", "avx512")     ? CpuIsa::kAvx512
+         : env_is("CUFLASH_CPU_ISA", "avx512bf16") ? CpuIsa::kAvx512Bf16
+                                                   : CpuIsa::kAmxBf16;
 }
 
 // The message for a switch set to something it does not name, or "" if all are valid.
@@ -253,8 +255,8 @@ inline std::string run_switch_error() {
                                "unset, empty, \"exact\", \"3xtf32\", \"wgmma\" or \"pairs\""},
                          OneOf{"CUFLASH_DEBUG", {"0", "1"}, "unset, empty, \"0\" or \"1\""},
                          OneOf{"CUFLASH_PACK_GQA", {"0", "1"}, "unset, empty, \"0\" or \"1\""},
-                         OneOf{"CUFLASH_CPU_ISA", {"avx512bf16", "avx512", "avx2", "base"},
-                               "unset, empty, \"avx512bf16\", \"avx512\", \"avx2\" or \"base\""}}) {
+                         OneOf{"CUFLASH_CPU_ISA", {"amxbf16", "avx512bf16", "avx512", "avx2", "base"},
+                               "unset, empty, \"amxbf16\", \"avx512bf16\", \"avx512\", \"avx2\" or \"base\""}}) {
     const char* set = std::getenv(v.name);
     if (set == nullptr || *set == '\0') continue;
     bool named = false;
