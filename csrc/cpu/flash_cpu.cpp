@@ -153,6 +153,40 @@ CUFLASH_CPU_INLINE typename S::V softmax_exp(const typename S::V& x) {
   return x != x ? x : value;
 }
 
+#ifdef CUFLASH_CPU_WIDE_ISAS
+// softmax_exp for the AMX forward, whose probabilities go to bfloat16: six terms (the truncation
+// below 2e-7, relative), 2^k by VSCALEFPS; as softmax_exp, 0 below float's normal range, NaN kept.
+__attribute__((target("arch=x86-64-v4"), always_inline)) inline __m512 softmax_exp_amx(__m512 x) {
+  using E = ExpTraits<float>;
+  const __m512 clamped = _mm512_max_ps(_mm512_set1_ps(E::kLowest), x);  // (a NaN x is kept: MAXPS's second operand)
+  const __m512 k = _mm512_roundscale_ps(_mm512_mul_ps(clamped, _mm512_set1_ps(E::kLog2e)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(k, _mm512_set1_ps(E::kLn2Hi), clamped);
+  r = _mm512_fnmadd_ps(k, _mm512_set1_ps(E::kLn2Lo), r);
+  constexpr float kCoefficients[] = {inverse_factorial<float>(0), inverse_factorial<float>(1),
+                                     inverse_factorial<float>(2), inverse_factorial<float>(3),
+                                     inverse_factorial<float>(4), inverse_factorial<float>(5),
+                                     inverse_factorial<float>(6)};  // six terms
+  __m512 poly = _mm512_set1_ps(kCoefficients[6]);
+#pragma GCC unroll 8
+  for (int n = 5; n >= 0; --n) poly = _mm512_fmadd_ps(poly, r, _mm512_set1_ps(kCoefficients[n]));
+  const __mmask16 subnormal = _mm512_cmp_ps_mask(k, _mm512_set1_ps(float(E::kMinExponent)), _CMP_LT_OQ);
+  return _mm512_mask_mov_ps(_mm512_scalef_ps(poly, k), subnormal, _mm512_setzero_ps());
+}
+
+// The AMX forward's probabilities of 16 rows over count keys, x[jj * kBlockRows] = e^(x - base) in
+// place; their sums. (A function under its target: the kernels' templates inline no intrinsics.)
+__attribute__((target("arch=x86-64-v4"), noinline)) __m512 probs_amx(float* __restrict x, int count, __m512 base) {
+  __m512 sum = _mm512_setzero_ps();
+  for (int jj = 0; jj < count; ++jj) {
+    const __m512 prob = softmax_exp_amx(_mm512_sub_ps(_mm512_loadu_ps(x + jj * kBlockRows), base));
+    _mm512_storeu_ps(x + jj * kBlockRows, prob);
+    sum = _mm512_add_ps(sum, prob);
+  }
+  return sum;
+}
+#endif
+
 // out[jj * kBlockRows + r] = (row r of the block) . keys[jj] for jj < count, from xt, the block's
 // rows transposed ([d][r], rows past the block 0): kAtOnce keys at a time, so that eight
 // accumulators are in flight (a multiply-add's latency is about four of its issue slots). The
@@ -430,13 +464,13 @@ __attribute__((target("arch=x86-64-v4,avx512bf16"), noinline)) void pack_probs_a
 
 // The key tile's bfloat16 K rows for scores_amx: kt [kKeys][dims], zero past D (and past count up to
 // a multiple of 32 keys).
-CUFLASH_CPU_INLINE void pack_keys_amx(const uint16_t* const* k_raw, int count, int D, int dims,
-                                      uint16_t* __restrict kt) {
-  for (int jj = 0; jj < amx_padded(count, 2 * kAmxTileRows); ++jj) {
-    uint16_t* row = kt + jj * dims;
-    if (jj < count) std::memcpy(row, k_raw[jj], D * sizeof(uint16_t));
-    std::fill(row + (jj < count ? D : 0), row + dims, uint16_t{0});
-  }
+__attribute__((target("arch=x86-64-v4"), noinline)) void pack_keys_amx(const uint16_t* const* k_raw, int count, int D,
+                                                                      int dims, uint16_t* __restrict kt) {
+  for (int jj = 0; jj < amx_padded(count, 2 * kAmxTileRows); ++jj)
+    for (int d = 0; d < dims; d += 32) {  // 32 head dims a vector, the ones past D (or count) zero
+      const __mmask32 in_row = jj >= count ? 0 : D - d >= 32 ? ~__mmask32{0} : (__mmask32{1} << (D - d)) - 1;
+      _mm512_storeu_si512(kt + jj * dims + d, _mm512_maskz_loadu_epi16(in_row, k_raw[jj < count ? jj : 0] + d));
+    }
 }
 // 16 x 16 dwords transposed in registers: r[i] holds row i, then column i (unpacks within 128-bit
 // lanes, then the lanes' shuffles).
@@ -1024,20 +1058,27 @@ CUFLASH_CPU_INLINE void fwd_rows(const FlashFwdParams& p, const KernelRows<T>& i
 }
 
 // The lanes' maximum of start and x[jj * kBlockRows] over jj < count, a NaN skipped (it reaches the
-// sums): four maxima in flight.
-template <class S>
-CUFLASH_CPU_INLINE typename S::V tile_maximum(const typename S::Scalar* x, int count, const typename S::V& start) {
+// sums): four maxima in flight. kScale: each x multiplied by scale in place first (the plain scores'
+// one rule, as RowRules::scores applies it), in the same pass.
+template <class S, bool kScale = false>
+CUFLASH_CPU_INLINE typename S::V tile_maximum(typename S::Scalar* x, int count, const typename S::V& start,
+                                              typename S::Scalar scale = 1) {
   using V = typename S::V;
+  auto score = [&](int jj) {
+    V y = load<S>(x + jj * kBlockRows);
+    if constexpr (kScale) store<S>(x + jj * kBlockRows, y = y * scale);
+    return y;
+  };
   V m[4] = {start, start, start, start};
   int jj = 0;
   for (; jj + 4 <= count; jj += 4)
 #pragma GCC unroll 4
     for (int a = 0; a < 4; ++a) {
-      const V y = load<S>(x + (jj + a) * kBlockRows);
+      const V y = score(jj + a);
       m[a] = y > m[a] ? y : m[a];
     }
   for (; jj < count; ++jj) {
-    const V y = load<S>(x + jj * kBlockRows);
+    const V y = score(jj);
     m[0] = y > m[0] ? y : m[0];
   }
   for (int a = 1; a < 4; ++a) m[0] = m[a] > m[0] ? m[a] : m[0];
@@ -1135,22 +1176,28 @@ CUFLASH_CPU_INLINE void fwd_block_impl(const FlashFwdParams& p, int b, int h, in
       if (dot_bf16 && !amx) row_lanes_dot_bf16<S::kRowVecs>(w.qt2.data(), w.k_raw.data(), count, D, st);
 #endif
     if (!dot_bf16) row_lanes_dot<S>(w.qt.data(), w.k_rows.data(), count, D, w.zeros.data(), st);
-    rules.scores(s, i0, rows, j0, count, kBlockRows, st, nullptr);
     const bool sees_all = keys.sees_all(rows, j0, count);
+    const bool scale_with_max = rules.plain && sees_all;  // (else the scale comes before the hidden lanes' -inf)
+    if (!scale_with_max) rules.scores(s, i0, rows, j0, count, kBlockRows, st, nullptr);
     if (!sees_all) hide_lanes(keys, j0, count, -inf, st);
     // The online softmax, a lane a row: the tile's maximum (a NaN score is not one: it reaches
     // the sum), O^T and the sums rescaled, the tile's probabilities in place of its scores.
     for (int v = 0; v < R; ++v) {
-      V tile_max = tile_maximum<S>(st + v * L, count, row_max[v]);
+      const V tile_max = scale_with_max ? tile_maximum<S, true>(st + v * L, count, row_max[v], rules.score.scale)
+                                        : tile_maximum<S>(st + v * L, count, row_max[v]);
       const V base = tile_max == -inf ? V{} : tile_max;
       const V alpha = softmax_exp<S>(row_max[v] - base);
       row_max[v] = tile_max;
-      V sum{};
-      for (int jj = 0; jj < count; ++jj) {
-        const V prob = softmax_exp<S>(load<S>(st + jj * kBlockRows + v * L) - base);
-        store<S>(st + jj * kBlockRows + v * L, prob);
-        sum += prob;  // the softmax's denominator counts dropped probabilities too
-      }
+      V sum{};  // (the softmax's denominator counts dropped probabilities too)
+#ifdef CUFLASH_CPU_WIDE_ISAS
+      if constexpr (S::kAmx) sum = (V)probs_amx(st + v * L, count, (__m512)base);
+#endif
+      if constexpr (!S::kAmx)
+        for (int jj = 0; jj < count; ++jj) {
+          const V prob = softmax_exp<S>(load<S>(st + jj * kBlockRows + v * L) - base);
+          store<S>(st + jj * kBlockRows + v * L, prob);
+          sum += prob;
+        }
       row_sum[v] = row_sum[v] * alpha + sum;
       if (!all_ones<S>(alpha))  // (the rows' maxima moved: mostly in the first tiles)
         for (int d = 0; d < D; ++d)
