@@ -433,13 +433,16 @@ __attribute__((target("arch=x86-64-v4,avx512bf16,amx-tile,amx-bf16"), noinline))
 }
 
 // out_t[d][r] += sum over jj of V[jj][d] P[jj][r] for the tile's count keys, rounded P: O^T += V^T P^T
-// from vt (the tile's V^T [dims][kKeys], zero past D and past count) and pt2 (key pairs' bfloat16
-// probabilities a row [keys / 2][kBlockRows], zero past count), 32 keys a step; out_t [dims][kBlockRows].
+// from vt (the tile's V^T [dims][ld keys], zero past D, finite past count) and pt2 (key pairs'
+// bfloat16 probabilities a row [keys / 2][kBlockRows], zero past count), 32 keys a step; out_t
+// [dims][kBlockRows].
 template <int R>
 __attribute__((target("arch=x86-64-v4,avx512bf16,amx-tile,amx-bf16"), noinline)) void add_pv_amx(
-    float* __restrict out_t, int dims, const uint16_t* __restrict vt, const uint32_t* __restrict pt2, int count) {
+    float* __restrict out_t, int dims, const uint16_t* __restrict vt, int ld, const uint32_t* __restrict pt2,
+    int count) {
   for (int d = 0; d < dims; d += 2 * kAmxTileRows)
-    amx_two_groups<R>(vt + d * kKeys, vt + (d + kAmxTileRows) * kKeys, kKeys * 2, kAmxKeys, pt2,
+    amx_two_groups<R>(vt + static_cast<int64_t>(d) * ld, vt + static_cast<int64_t>(d + kAmxTileRows) * ld, ld * 2,
+                      kAmxKeys, pt2,
                       kAmxKeys / 2 * kBlockRows, amx_padded(count, kAmxKeys) / kAmxKeys, out_t + d * kBlockRows,
                       out_t + (d + kAmxTileRows) * kBlockRows, true);
 }
@@ -500,11 +503,11 @@ __attribute__((target("arch=x86-64-v4"), always_inline)) inline void transpose_1
   }
 }
 
-// Its V rows transposed for add_pv_amx: vt [dims][kKeys], zero past D and past count up to a
+// Its V rows transposed for add_pv_amx: vt [dims][ld keys], zero past D and past count up to a
 // multiple of kAmxKeys. A tile row of vt holds 32 keys of a head dim, their pairs as dwords: each
 // 16 head dims x 32 keys is a 16 x 16 transpose of the key pairs' interleaved rows.
 __attribute__((target("arch=x86-64-v4"), noinline)) void pack_values_amx(const uint16_t* const* v_raw, int count,
-                                                                        int D, uint16_t* __restrict vt) {
+                                                                        int D, int ld, uint16_t* __restrict vt) {
   for (int key = 0; key < count; key += kAmxKeys)
     for (int d = 0; d < D; d += 16) {
       const __mmask16 dims = D - d >= 16 ? 0xffff : static_cast<__mmask16>((1u << (D - d)) - 1);
@@ -516,7 +519,7 @@ __attribute__((target("arch=x86-64-v4"), noinline)) void pack_values_amx(const u
         pairs[j] = _mm512_or_si512(_mm512_cvtepu16_epi32(lo), _mm512_slli_epi32(_mm512_cvtepu16_epi32(hi), 16));
       }
       transpose_16x16_dwords(pairs);
-      for (int i = 0; i < 16; ++i) _mm512_storeu_si512(vt + (d + i) * kKeys + key, pairs[i]);
+      for (int i = 0; i < 16; ++i) _mm512_storeu_si512(vt + static_cast<int64_t>(d + i) * ld + key, pairs[i]);
     }
 }
 
@@ -528,6 +531,44 @@ CUFLASH_CPU_INLINE bool bf16_rows_finite(const uint16_t* const* rows, int n, int
     for (int d = 0; d < D; ++d) finite &= bf16_finite(rows[jj][d]);
   return finite;
 }
+
+// One (batch, key head)'s K rows and V^T packed for the tiles once, for every block of queries that
+// a thread takes of it (the forward's consecutive items; the backward's units), instead of a key
+// tile at a time for each block: k [keys + 32][dims] as pack_keys_amx's, vt [dims][ld] as
+// pack_values_amx's, zero past the keys (a tile at any key reads 32-key groups). Only where V is
+// finite (v_finite): a tile's product reads the keys past its count, whose P is 0.
+struct AmxHeadTiles {
+  int b = -1, hk = -1, ld = 0;
+  bool v_finite = false;
+  std::vector<uint16_t> k, vt;
+  // At most this many bytes a thread (else the tiles are packed a key tile at a time).
+  static constexpr int64_t kMaxBytes = int64_t{64} << 20;
+  static bool fits(int seqlen_k, int D) {
+    return int64_t{2} * (seqlen_k + 2 * kAmxKeys) * amx_dims(D) * int64_t{sizeof(uint16_t)} <= kMaxBytes;
+  }
+  template <class Params>
+  void prepare(const Params& p, const Sequence& s, int batch, int key_head) {
+    if (b == batch && hk == key_head) return;
+    b = batch, hk = key_head;
+    const int D = p.shape.head_dim, dims = amx_dims(D), keys = s.seqlen_k;
+    ld = amx_padded(keys, kAmxKeys) + kAmxKeys;
+    k.assign(static_cast<size_t>(ld) * dims, 0);
+    vt.assign(static_cast<size_t>(dims) * ld, 0);
+    v_finite = true;
+    const uint16_t* k_raw[kKeys];
+    const uint16_t* v_raw[kKeys];
+    for (int j0 = 0; j0 < keys; j0 += kKeys) {
+      const int count = std::min(kKeys, keys - j0);
+      for (int jj = 0; jj < count; ++jj) {
+        k_raw[jj] = key_row_at<const uint16_t>(p, p.k, p.k_strides, s, b, hk, j0 + jj);
+        v_raw[jj] = key_row_at<const uint16_t>(p, p.v, p.v_strides, s, b, hk, j0 + jj);
+      }
+      pack_keys_amx(k_raw, count, D, dims, k.data() + static_cast<size_t>(j0) * dims);
+      pack_values_amx(v_raw, count, D, ld, vt.data() + j0);
+      v_finite = v_finite && bf16_rows_finite(v_raw, count, D);
+    }
+  }
+};
 #endif
 
 // 16-bit rows (the kernels read float16 and bfloat16 themselves; torch_ops.cpp's layout_for).
@@ -636,6 +677,10 @@ struct CpuScratch {
   std::vector<const uint16_t*> k_raw, v_raw;  // bfloat16 keys' rows as they are (row_lanes_dot_bf16)
   std::vector<uint16_t> kt16, vt16;           // the AMX forward's K and V^T tiles (pack_keys_amx)
   std::vector<uint32_t> pt2;                  // its bfloat16 P (pack_probs_amx)
+#ifdef CUFLASH_CPU_WIDE_ISAS
+  AmxHeadTiles amx_head;                      // a (batch, key head)'s, where whole heads are packed
+#endif
+  bool amx_whole_heads = false;               // whether to: each block sees all its keys (one split)
   explicit CpuScratch(int D)
       : qt(static_cast<size_t>(D) * kBlockRows),
         dot(qt.size()),
@@ -1144,9 +1189,20 @@ CUFLASH_CPU_INLINE void fwd_block_impl(const FlashFwdParams& p, int b, int h, in
   }
 #endif
   if (!dot_bf16) pack_block(w.q_rows.data(), rows, D, w.qt.data());
-  // S and P V on AMX's tiles: K and V^T packed a tile, P rounded to bfloat16 (as the CUDA kernels').
+  // S and P V on AMX's tiles: K and V^T packed for the whole head where they may be (AmxHeadTiles),
+  // else a tile at a time; P rounded to bfloat16 (as the CUDA kernels').
   std::optional<AmxTiles> tiles;
   const bool amx = configure_amx<S>(dot_bf16, tiles);
+  const int dims = amx_dims(D);
+  [[maybe_unused]] const uint16_t *head_k = nullptr, *head_vt = nullptr;
+  [[maybe_unused]] int head_ld = 0;
+#ifdef CUFLASH_CPU_WIDE_ISAS
+  if constexpr (S::kAmx)
+    if (amx && w.amx_whole_heads && AmxHeadTiles::fits(s.seqlen_k, D)) {
+      w.amx_head.prepare(p, s, b, hk);
+      if (w.amx_head.v_finite) head_k = w.amx_head.k.data(), head_vt = w.amx_head.vt.data(), head_ld = w.amx_head.ld;
+    }
+#endif
   T* out_t = w.acc.data();  // O^T [D][kBlockRows]
   std::fill(w.acc.begin(), w.acc.end(), T(0));
   V row_max[R], row_sum[R];
@@ -1156,8 +1212,8 @@ CUFLASH_CPU_INLINE void fwd_block_impl(const FlashFwdParams& p, int b, int h, in
   for (int j0 = keys.begin; j0 < keys.end; j0 += kKeys) {
     const int count = std::min(kKeys, keys.end - j0);
     for (int jj = 0; jj < count; ++jj) {
-      if (dot_bf16) w.k_raw[jj] = key_row_at<const uint16_t>(p, p.k, p.k_strides, s, b, hk, j0 + jj);
-      if (amx) w.v_raw[jj] = key_row_at<const uint16_t>(p, p.v, p.v_strides, s, b, hk, j0 + jj);
+      if (dot_bf16 && !head_k) w.k_raw[jj] = key_row_at<const uint16_t>(p, p.k, p.k_strides, s, b, hk, j0 + jj);
+      if (amx && !head_k) w.v_raw[jj] = key_row_at<const uint16_t>(p, p.v, p.v_strides, s, b, hk, j0 + jj);
       if (!dot_bf16 || rules.score.mask.data)  // (tile_adds_nothing's finiteness check reads them)
         w.k_rows[jj] = io.key(p.k, p.k_strides, s, b, hk, j0 + jj, w.k16.data() + jj * D);
       if (!amx || rules.score.mask.data)
@@ -1168,9 +1224,12 @@ CUFLASH_CPU_INLINE void fwd_block_impl(const FlashFwdParams& p, int b, int h, in
 #ifdef CUFLASH_CPU_WIDE_ISAS
     if constexpr (S::kAmx)
       if (amx) {
-        pack_keys_amx(w.k_raw.data(), count, D, amx_dims(D), w.kt16.data());
-        pack_values_amx(w.v_raw.data(), count, D, w.vt16.data());
-        scores_amx<S::kRowVecs>(w.qt2.data(), w.kt16.data(), amx_dims(D), count, st);
+        if (!head_k) {
+          pack_keys_amx(w.k_raw.data(), count, D, dims, w.kt16.data());
+          pack_values_amx(w.v_raw.data(), count, D, kKeys, w.vt16.data());
+        }
+        scores_amx<S::kRowVecs>(w.qt2.data(), head_k ? head_k + static_cast<size_t>(j0) * dims : w.kt16.data(), dims,
+                                count, st);
       }
     if constexpr (S::kDotBf16)
       if (dot_bf16 && !amx) row_lanes_dot_bf16<S::kRowVecs>(w.qt2.data(), w.k_raw.data(), count, D, st);
@@ -1209,7 +1268,11 @@ CUFLASH_CPU_INLINE void fwd_block_impl(const FlashFwdParams& p, int b, int h, in
           st[(j - j0) * kBlockRows + r] *= rules.keep(b, h, sh.heads_q, i0 + r, j);
 #ifdef CUFLASH_CPU_WIDE_ISAS
     if constexpr (S::kAmx)
-      if (amx) {
+      if (amx && head_k) {  // (V finite)
+        pack_probs_amx<S::kRowVecs>(st, count, w.pt2.data());
+        add_pv_amx<S::kRowVecs>(out_t, dims, head_vt + j0, head_ld, w.pt2.data(), count);
+        continue;
+      } else if (amx) {
         // A NaN or Inf of V that some rows do not see (add_visible_lanes_times_rows' case): the tiles
         // take it as 0, which is what those rows add (0 x V, bitwise as without it), then the rows
         // that see it add their products with it.
@@ -1219,7 +1282,7 @@ CUFLASH_CPU_INLINE void fwd_block_impl(const FlashFwdParams& p, int b, int h, in
             for (int jj = 0; jj < count; ++jj)
               if (!bf16_finite(w.vt16[d * kKeys + jj])) w.vt16[d * kKeys + jj] = 0;
         pack_probs_amx<S::kRowVecs>(st, count, w.pt2.data());
-        add_pv_amx<S::kRowVecs>(out_t, amx_dims(D), w.vt16.data(), w.pt2.data(), count);
+        add_pv_amx<S::kRowVecs>(out_t, dims, w.vt16.data(), kKeys, w.pt2.data(), count);
         if (!finite)
           for (int jj = 0; jj < count; ++jj)
             for (int d = 0; d < D; ++d)
@@ -1271,6 +1334,15 @@ CUFLASH_CPU_INLINE void bwd_head_impl(const FlashBwdParams& p, int b, int hk, co
   // The scores on AMX's tiles where the forward's were (the same sums, so that P is exact).
   std::optional<AmxTiles> tiles;
   [[maybe_unused]] const bool amx = configure_amx<S>(dot_bf16, tiles);
+  // Its K rows packed once for every unit (AmxHeadTiles), where they may be.
+  [[maybe_unused]] bool whole_head = false;
+#ifdef CUFLASH_CPU_WIDE_ISAS
+  if constexpr (S::kAmx)
+    if (amx && AmxHeadTiles::fits(s.seqlen_k, D)) {
+      w.amx_head.prepare(p, s, b, hk);
+      whole_head = true;
+    }
+#endif
   // 16-bit inputs: the pair's K and V rows converted once into the thread's buffer (every block of
   // queries reads them all), the query-side rows a block at a time.
   if (io.sixteen_bit) {
@@ -1372,8 +1444,12 @@ CUFLASH_CPU_INLINE void bwd_head_impl(const FlashBwdParams& p, int b, int hk, co
             w.v_raw[jj] = key_row_at<const uint16_t>(p, p.v, p.v_strides, s, b, hk, j0 + jj);
           }
           if (!rows_alone && amx) {
-            pack_keys_amx(w.k_raw.data(), count, D, amx_dims(D), w.kt16.data());
-            scores_amx<R>(w.qt2.data(), w.kt16.data(), amx_dims(D), count, st);
+            const uint16_t* kt = w.kt16.data();
+            if (whole_head)
+              kt = w.amx_head.k.data() + static_cast<size_t>(j0) * amx_dims(D);
+            else
+              pack_keys_amx(w.k_raw.data(), count, D, amx_dims(D), w.kt16.data());
+            scores_amx<R>(w.qt2.data(), kt, amx_dims(D), count, st);
           } else if (!rows_alone) {
             row_lanes_dot_bf16<R>(w.qt2.data(), w.k_raw.data(), count, D, st);
           }
@@ -1610,6 +1686,7 @@ int64_t flash_fwd_cpu_items(const FlashFwdParams& p, int splits) {
 template <typename T>
 void flash_fwd_cpu(const FlashFwdParams& p, int splits, T* partials, int64_t item_begin, int64_t item_end) {
   CpuScratch<T> w(p.shape.head_dim);
+  w.amx_whole_heads = splits == 1;  // (a split would pack the keys of other splits too)
   const CpuIsa isa = cpu_isa();
   const int blocks = fwd_query_blocks(p);
   for (int64_t item = item_begin; item < item_end; ++item) {
