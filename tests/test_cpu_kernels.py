@@ -49,7 +49,7 @@ def test_backward_of_large_scores_in_a_block_of_few_rows(isa, dtype, magnitude):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=["fp32", "fp64", "bf16"])
-@pytest.mark.parametrize("d", [8, 59, 64, 136])
+@pytest.mark.parametrize("d", [8, 59, 64, 136, 232])
 def test_plain_and_masked(isa, dtype, d):
     check_dense("cpu", dtype, 2, 2, 1, 70, 150, d)  # tiles every row sees; a partial last tile
     check_dense("cpu", dtype, 1, 4, 2, 100, 77, d, causal=True, bottom_right=True, window=(33, 5))
@@ -230,3 +230,27 @@ def test_torch_kernels_on_the_same_threads_keep_their_amx_tiles(monkeypatch):
         ours = cuflash_attn.flash_attention(q, k, v)
         assert torch.equal(sdpa(q, k, v), before)
     torch.testing.assert_close(ours, before, rtol=2e-2, atol=2e-2)
+
+
+def _cpu_has_amx_bf16():
+    try:
+        flags = Path("/proc/cpuinfo").read_text().split()
+    except OSError:
+        return False
+    return "amx_bf16" in flags and "amx_tile" in flags
+
+
+@pytest.mark.skipif(not _cpu_has_amx_bf16(), reason="the CPU has no AMX-BF16")
+def test_the_bfloat16_forward_takes_amx_where_the_cpu_has_it(monkeypatch):
+    """Where the CPU has AMX-BF16 (and Linux grants its tiles) the default bfloat16 forward runs on
+    them: its scores are summed in another order than the pair dot products' and its P rounded to
+    bfloat16, so lse differs in the last bits from CUFLASH_CPU_ISA=avx512bf16's (were the tiles
+    silently not taken, the two would agree bitwise)."""
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(1, 2, 64, 128, dtype=torch.bfloat16) for _ in range(3))
+    results = {}
+    for isa in ("amxbf16", "avx512bf16"):
+        monkeypatch.setenv("CUFLASH_CPU_ISA", isa)
+        results[isa] = torch.ops.cuflash_attn.fwd(q, k, v)
+    assert not torch.equal(results["amxbf16"][1], results["avx512bf16"][1])
+    torch.testing.assert_close(results["amxbf16"][0], results["avx512bf16"][0], rtol=2e-2, atol=2e-2)

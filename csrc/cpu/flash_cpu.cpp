@@ -546,15 +546,16 @@ struct AmxHeadTiles {
   static bool fits(int seqlen_k, int D) {
     return int64_t{2} * (seqlen_k + 2 * kAmxKeys) * amx_dims(D) * int64_t{sizeof(uint16_t)} <= kMaxBytes;
   }
+  // values: V^T too (the forward's; the backward reads K alone).
   template <class Params>
-  void prepare(const Params& p, const Sequence& s, int batch, int key_head) {
+  void prepare(const Params& p, const Sequence& s, int batch, int key_head, bool values) {
     if (b == batch && hk == key_head) return;
     b = batch, hk = key_head;
     const int D = p.shape.head_dim, dims = amx_dims(D), keys = s.seqlen_k;
     ld = amx_padded(keys, kAmxKeys) + kAmxKeys;
     k.assign(static_cast<size_t>(ld) * dims, 0);
-    vt.assign(static_cast<size_t>(dims) * ld, 0);
-    v_finite = true;
+    vt.assign(values ? static_cast<size_t>(dims) * ld : 0, 0);
+    v_finite = values;
     const uint16_t* k_raw[kKeys];
     const uint16_t* v_raw[kKeys];
     for (int j0 = 0; j0 < keys; j0 += kKeys) {
@@ -564,6 +565,7 @@ struct AmxHeadTiles {
         v_raw[jj] = key_row_at<const uint16_t>(p, p.v, p.v_strides, s, b, hk, j0 + jj);
       }
       pack_keys_amx(k_raw, count, D, dims, k.data() + static_cast<size_t>(j0) * dims);
+      if (!values) continue;
       pack_values_amx(v_raw, count, D, ld, vt.data() + j0);
       v_finite = v_finite && bf16_rows_finite(v_raw, count, D);
     }
@@ -680,7 +682,7 @@ struct CpuScratch {
 #ifdef CUFLASH_CPU_WIDE_ISAS
   AmxHeadTiles amx_head;                      // a (batch, key head)'s, where whole heads are packed
 #endif
-  bool amx_whole_heads = false;               // whether to: each block sees all its keys (one split)
+  bool amx_whole_heads = false;               // whether to (flash_fwd_cpu: one split, 2+ blocks of it)
   explicit CpuScratch(int D)
       : qt(static_cast<size_t>(D) * kBlockRows),
         dot(qt.size()),
@@ -1199,7 +1201,7 @@ CUFLASH_CPU_INLINE void fwd_block_impl(const FlashFwdParams& p, int b, int h, in
 #ifdef CUFLASH_CPU_WIDE_ISAS
   if constexpr (S::kAmx)
     if (amx && w.amx_whole_heads && AmxHeadTiles::fits(s.seqlen_k, D)) {
-      w.amx_head.prepare(p, s, b, hk);
+      w.amx_head.prepare(p, s, b, hk, true);
       if (w.amx_head.v_finite) head_k = w.amx_head.k.data(), head_vt = w.amx_head.vt.data(), head_ld = w.amx_head.ld;
     }
 #endif
@@ -1334,14 +1336,18 @@ CUFLASH_CPU_INLINE void bwd_head_impl(const FlashBwdParams& p, int b, int hk, co
   // The scores on AMX's tiles where the forward's were (the same sums, so that P is exact).
   std::optional<AmxTiles> tiles;
   [[maybe_unused]] const bool amx = configure_amx<S>(dot_bf16, tiles);
-  // Its K rows packed once for every unit (AmxHeadTiles), where they may be.
+  // Its K rows packed once for its units (AmxHeadTiles), where they may be and it takes two or more
+  // blocks of at least kLaneRows rows (fewer: those blocks' scores go a row at a time).
   [[maybe_unused]] bool whole_head = false;
 #ifdef CUFLASH_CPU_WIDE_ISAS
-  if constexpr (S::kAmx)
-    if (amx && AmxHeadTiles::fits(s.seqlen_k, D)) {
-      w.amx_head.prepare(p, s, b, hk);
+  if constexpr (S::kAmx) {
+    const int units = group * ((s.seqlen_q + kBlockRows - 1) / kBlockRows);
+    if (amx && s.seqlen_q >= kLaneRows && (units - part.index + part.count - 1) / part.count >= 2 &&
+        AmxHeadTiles::fits(s.seqlen_k, D)) {
+      w.amx_head.prepare(p, s, b, hk, false);
       whole_head = true;
     }
+  }
 #endif
   // 16-bit inputs: the pair's K and V rows converted once into the thread's buffer (every block of
   // queries reads them all), the query-side rows a block at a time.
@@ -1686,10 +1692,16 @@ int64_t flash_fwd_cpu_items(const FlashFwdParams& p, int splits) {
 template <typename T>
 void flash_fwd_cpu(const FlashFwdParams& p, int splits, T* partials, int64_t item_begin, int64_t item_end) {
   CpuScratch<T> w(p.shape.head_dim);
-  w.amx_whole_heads = splits == 1;  // (a split would pack the keys of other splits too)
   const CpuIsa isa = cpu_isa();
   const int blocks = fwd_query_blocks(p);
+  const int group = p.shape.heads_q / p.shape.heads_kv;
+  // The (batch, key head) of an item: the AMX forward packs its whole K and V once where this
+  // thread takes two or more of its blocks (one split: a split would pack the others' keys too).
+  auto key_head_of = [&](int64_t item) { return item / splits / blocks / group; };
   for (int64_t item = item_begin; item < item_end; ++item) {
+    const int64_t bhk = key_head_of(item);
+    w.amx_whole_heads = splits == 1 && ((item > item_begin && key_head_of(item - 1) == bhk) ||
+                                        (item + 1 < item_end && key_head_of(item + 1) == bhk));
     const int64_t block_item = item / splits, bh = block_item / blocks;
     // A head's blocks in the order 0, last, 1, last - 1, ...: the threads take contiguous ranges of
     // items, and under a causal mask a block's work grows with its index.
