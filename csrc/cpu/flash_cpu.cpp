@@ -1195,7 +1195,7 @@ CUFLASH_CPU_INLINE void fwd_block_impl(const FlashFwdParams& p, int b, int h, in
   // else a tile at a time; P rounded to bfloat16 (as the CUDA kernels').
   std::optional<AmxTiles> tiles;
   const bool amx = configure_amx<S>(dot_bf16, tiles);
-  const int dims = amx_dims(D);
+  [[maybe_unused]] const int dims = amx_dims(D);
   [[maybe_unused]] const uint16_t *head_k = nullptr, *head_vt = nullptr;
   [[maybe_unused]] int head_ld = 0;
 #ifdef CUFLASH_CPU_WIDE_ISAS
@@ -1270,21 +1270,18 @@ CUFLASH_CPU_INLINE void fwd_block_impl(const FlashFwdParams& p, int b, int h, in
           st[(j - j0) * kBlockRows + r] *= rules.keep(b, h, sh.heads_q, i0 + r, j);
 #ifdef CUFLASH_CPU_WIDE_ISAS
     if constexpr (S::kAmx)
-      if (amx && head_k) {  // (V finite)
-        pack_probs_amx<S::kRowVecs>(st, count, w.pt2.data());
-        add_pv_amx<S::kRowVecs>(out_t, dims, head_vt + j0, head_ld, w.pt2.data(), count);
-        continue;
-      } else if (amx) {
-        // A NaN or Inf of V that some rows do not see (add_visible_lanes_times_rows' case): the tiles
-        // take it as 0, which is what those rows add (0 x V, bitwise as without it), then the rows
-        // that see it add their products with it.
-        const bool finite = sees_all || bf16_rows_finite(w.v_raw.data(), count, D);
+      if (amx) {
+        // The whole head's V^T (finite), or the tile's. A NaN or Inf of V that some rows do not see
+        // (add_visible_lanes_times_rows' case): the tiles take it as 0, which is what those rows add
+        // (0 x V, bitwise as without it), then the rows that see it add their products with it.
+        const bool finite = head_k || sees_all || bf16_rows_finite(w.v_raw.data(), count, D);
         if (!finite)
           for (int d = 0; d < D; ++d)
             for (int jj = 0; jj < count; ++jj)
               if (!bf16_finite(w.vt16[d * kKeys + jj])) w.vt16[d * kKeys + jj] = 0;
         pack_probs_amx<S::kRowVecs>(st, count, w.pt2.data());
-        add_pv_amx<S::kRowVecs>(out_t, dims, w.vt16.data(), kKeys, w.pt2.data(), count);
+        add_pv_amx<S::kRowVecs>(out_t, dims, head_k ? head_vt + j0 : w.vt16.data(), head_k ? head_ld : kKeys,
+                                w.pt2.data(), count);
         if (!finite)
           for (int jj = 0; jj < count; ++jj)
             for (int d = 0; d < D; ++d)
