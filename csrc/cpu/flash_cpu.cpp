@@ -359,7 +359,9 @@ constexpr AmxTileConfig amx_tile_config() {
 constexpr AmxTileConfig kAmxTileConfig = amx_tile_config();
 
 // Tiles configured for a block, and the thread's earlier configuration put back after it: torch's
-// oneDNN kernels may keep theirs configured across calls on the same thread.
+// oneDNN kernels may keep theirs configured across calls on the same thread. Both out of line: GCC 12
+// models STTILECFG as writing its operand's first byte only (and LDTILECFG as reading nothing), so
+// `saved` must be memory that the compiler cannot see through.
 struct AmxTiles {
   AmxTileConfig saved;
   __attribute__((target("amx-tile"), noinline)) AmxTiles() {
