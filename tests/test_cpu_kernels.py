@@ -254,3 +254,29 @@ def test_the_bfloat16_forward_takes_amx_where_the_cpu_has_it(monkeypatch):
         results[isa] = torch.ops.cuflash_attn.fwd(q, k, v)
     assert not torch.equal(results["amxbf16"][1], results["avx512bf16"][1])
     torch.testing.assert_close(results["amxbf16"][0], results["avx512bf16"][0], rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.parametrize("where", ["k", "v"])
+@pytest.mark.parametrize("d", [33, 128])
+@pytest.mark.parametrize("num_splits", [1, 3])
+def test_nan_in_a_partial_key_group_reaches_the_rows_that_see_it(isa, where, d, num_splits):
+    """bfloat16 with grouped heads and a window: a NaN in K or V at key 290 of 300 (in the last,
+    partial 32-key group of the AMX tiles; with one split the head's K and V packed whole, with
+    three a tile at a time) reaches the rows whose window holds it (60-69 of 70), and every other
+    row's out and lse are bitwise those of the same call without it."""
+    torch.manual_seed(0)
+    q = torch.randn(1, 4, 70, d, dtype=torch.bfloat16)
+    k, v = (torch.randn(1, 2, 300, d, dtype=torch.bfloat16) for _ in range(2))
+    window = dict(window_left=20, window_right=0, bottom_right=True, num_splits=num_splits)  # row i: keys i+210..i+230
+    clean = torch.ops.cuflash_attn.fwd(q, k, v, **window)
+    (k if where == "k" else v)[0, 1, 290, d // 2] = float("nan")
+    out, lse = torch.ops.cuflash_attn.fwd(q, k, v, **window)
+    sees = torch.arange(70) >= 60
+    heads = torch.arange(4) // 2 == 1  # the query heads of key head 1
+    reached = heads[:, None] & sees[None, :]
+    assert torch.isnan(out[0][reached]).any(dim=-1).all()
+    assert torch.equal(out[0][~reached], clean[0][0][~reached])
+    if where == "k":  # (a value's NaN leaves the scores, so lse, as they were)
+        assert torch.isnan(lse[0][reached]).all() and torch.equal(lse[0][~reached], clean[1][0][~reached])
+    else:
+        assert torch.equal(lse, clean[1])
