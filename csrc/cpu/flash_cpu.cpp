@@ -321,9 +321,8 @@ __attribute__((target("arch=x86-64-v4,avx512bf16"), noinline)) void row_lanes_di
 // adding 16 x 16 float sums of 32 exact bfloat16 products each (inputs and sums below float's
 // normal range taken as 0, as VDPBF16PS). Every tile here is 16 rows of 64 bytes.
 
-// Whether the CPU has AMX-BF16 and the OS lets this process use its tile registers (Linux grants
-// them on request, arch_prctl's ARCH_REQ_XCOMP_PERM; torch's oneDNN asks the same).
-bool amx_usable() {
+// Whether the CPU has AMX-BF16 and the OS enables its tile state (XCR0).
+bool amx_in_cpu() {
   unsigned eax, ebx, ecx, edx;
   if (!__get_cpuid_count(7, 0, &eax, &ebx, &ecx, &edx)) return false;
   const bool tiles = (edx >> 24) & 1u, bf16 = (edx >> 22) & 1u;
@@ -331,10 +330,20 @@ bool amx_usable() {
   if (!__get_cpuid(1, &eax, &ebx, &ecx, &edx) || !((ecx >> 27) & 1u)) return false;  // OSXSAVE
   unsigned xcr0_lo, xcr0_hi;
   __asm__ volatile("xgetbv" : "=a"(xcr0_lo), "=d"(xcr0_hi) : "c"(0));
-  if ((xcr0_lo & (3u << 17)) != (3u << 17)) return false;  // XTILECFG, XTILEDATA
+  return (xcr0_lo & (3u << 17)) == (3u << 17);  // XTILECFG, XTILEDATA
+}
+
+// Whether this process may use the tile registers: Linux grants them on request (arch_prctl's
+// ARCH_REQ_XCOMP_PERM; torch's oneDNN asks the same). The grant is process-wide and enlarges signal
+// frames, so it is asked once, at the first bfloat16 call that would take the tiles (not by calls
+// of other dtypes, nor under CUFLASH_CPU_ISA=avx512bf16 or below).
+bool amx_permitted() {
 #if defined(__linux__)
-  constexpr long kReqXcompPerm = 0x1023, kXfeatureXtiledata = 18;
-  return syscall(SYS_arch_prctl, kReqXcompPerm, kXfeatureXtiledata) == 0;
+  static const bool granted = [] {
+    constexpr long kReqXcompPerm = 0x1023, kXfeatureXtiledata = 18;
+    return syscall(SYS_arch_prctl, kReqXcompPerm, kXfeatureXtiledata) == 0;
+  }();
+  return granted;
 #else
   return false;
 #endif
@@ -1583,7 +1592,7 @@ CpuIsa cpu_isa() {
     if (!__builtin_cpu_supports("x86-64-v4"))
       return __builtin_cpu_supports("x86-64-v3") ? CpuIsa::kAvx2 : CpuIsa::kBase;
     if (!__builtin_cpu_supports("avx512bf16")) return CpuIsa::kAvx512;
-    return amx_usable() ? CpuIsa::kAmxBf16 : CpuIsa::kAvx512Bf16;
+    return amx_in_cpu() ? CpuIsa::kAmxBf16 : CpuIsa::kAvx512Bf16;  // (the OS's grant: amx_permitted)
   }();
   return std::min(best, cpu_isa_switch());
 #else
@@ -1598,8 +1607,8 @@ void fwd_block(CpuIsa isa, const FlashFwdParams& p, int b, int h, int block, con
   // The pair dot products are bfloat16 scores' (T = float): others' blocks as AVX-512's.
   if constexpr (std::is_same_v<T, float>)
     if (isa >= CpuIsa::kAvx512Bf16 && p.dtype == DType::kBFloat16)
-      return isa == CpuIsa::kAmxBf16 ? fwd_block_amx(p, b, h, block, split, w)
-                                     : fwd_block_avx512bf16(p, b, h, block, split, w);
+      return isa == CpuIsa::kAmxBf16 && amx_permitted() ? fwd_block_amx(p, b, h, block, split, w)
+                                                        : fwd_block_avx512bf16(p, b, h, block, split, w);
   if (isa >= CpuIsa::kAvx512) return fwd_block_avx512<T>(p, b, h, block, split, w);
   if (isa == CpuIsa::kAvx2) return fwd_block_avx2<T>(p, b, h, block, split, w);
 #endif
@@ -1611,7 +1620,8 @@ void bwd_head(CpuIsa isa, const FlashBwdParams& p, int b, int hk, const BwdPart<
 #ifdef CUFLASH_CPU_WIDE_ISAS
   if constexpr (std::is_same_v<T, float>)
     if (isa >= CpuIsa::kAvx512Bf16 && p.dtype == DType::kBFloat16)
-      return isa == CpuIsa::kAmxBf16 ? bwd_head_amx(p, b, hk, part, w) : bwd_head_avx512bf16(p, b, hk, part, w);
+      return isa == CpuIsa::kAmxBf16 && amx_permitted() ? bwd_head_amx(p, b, hk, part, w)
+                                                        : bwd_head_avx512bf16(p, b, hk, part, w);
   if (isa >= CpuIsa::kAvx512) return bwd_head_avx512<T>(p, b, hk, part, w);
   if (isa == CpuIsa::kAvx2) return bwd_head_avx2<T>(p, b, hk, part, w);
 #endif
