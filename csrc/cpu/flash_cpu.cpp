@@ -550,7 +550,7 @@ CUFLASH_CPU_INLINE bool bf16_rows_finite(const uint16_t* const* rows, int n, int
 // finite (v_finite): a tile's product reads the keys past its count, whose P is 0.
 struct AmxHeadTiles {
   int b = -1, hk = -1, ld = 0;
-  bool v_finite = false;
+  bool with_values = false, v_finite = false;
   std::vector<uint16_t> k, vt;
   // At most this many bytes a thread (else the tiles are packed a key tile at a time).
   static constexpr int64_t kMaxBytes = int64_t{64} << 20;
@@ -560,8 +560,8 @@ struct AmxHeadTiles {
   // values: V^T too (the forward's; the backward reads K alone).
   template <class Params>
   void prepare(const Params& p, const Sequence& s, int batch, int key_head, bool values) {
-    if (b == batch && hk == key_head) return;
-    b = batch, hk = key_head;
+    if (b == batch && hk == key_head && with_values == values) return;
+    b = batch, hk = key_head, with_values = values;
     const int D = p.shape.head_dim, dims = amx_dims(D), keys = s.seqlen_k;
     ld = amx_padded(keys, kAmxKeys) + kAmxKeys;
     k.assign(static_cast<size_t>(ld) * dims, 0);
@@ -571,12 +571,10 @@ struct AmxHeadTiles {
     const uint16_t* v_raw[kKeys];
     for (int j0 = 0; j0 < keys; j0 += kKeys) {
       const int count = std::min(kKeys, keys - j0);
-      for (int jj = 0; jj < count; ++jj) {
-        k_raw[jj] = key_row_at<const uint16_t>(p, p.k, p.k_strides, s, b, hk, j0 + jj);
-        v_raw[jj] = key_row_at<const uint16_t>(p, p.v, p.v_strides, s, b, hk, j0 + jj);
-      }
+      for (int jj = 0; jj < count; ++jj) k_raw[jj] = key_row_at<const uint16_t>(p, p.k, p.k_strides, s, b, hk, j0 + jj);
       pack_keys_amx(k_raw, count, D, dims, k.data() + static_cast<size_t>(j0) * dims);
       if (!values) continue;
+      for (int jj = 0; jj < count; ++jj) v_raw[jj] = key_row_at<const uint16_t>(p, p.v, p.v_strides, s, b, hk, j0 + jj);
       pack_values_amx(v_raw, count, D, ld, vt.data() + j0);
       v_finite = v_finite && bf16_rows_finite(v_raw, count, D);
     }
