@@ -33,7 +33,10 @@ using at::Tensor;
 constexpr int64_t kMaxHeadDim = 256;
 
 // Numbers in messages go through std::to_string, not an ostream: on some toolchains (seen with
-// g++ 13 against torch 2.11's wheel) the ostream inserters instantiated in this library crash.
+// g++ 13 against torch 2.11's wheel, Ubuntu 24.04's Python) the ostream inserters instantiated in
+// this library crash: a segfault inside the library's own std::ostream::_M_insert<long> (H100 host,
+// 2026-12-07; benchmarks/NOTES.md).
+// tests/test_packaging.py holds every message argument here to this.
 std::string num(int64_t x) { return std::to_string(x); }
 std::string num(double x) { return std::to_string(x); }
 std::string shape(at::IntArrayRef sizes) {
@@ -909,8 +912,8 @@ Tensor dropout_mask(const Tensor& rng_state, double dropout_p, int64_t batch, in
   TORCH_CHECK_VALUE(batch >= 0 && heads >= 0 && seqlen_q >= 0 && seqlen_k >= 0 && batch <= 65535 && heads <= 65535 &&
                         seqlen_q <= std::numeric_limits<int>::max() && seqlen_k <= std::numeric_limits<int>::max(),
                     "cuflash_attn: dropout_mask's batch and heads must be in [0, 65535] and its seqlen_q and "
-                    "seqlen_k in [0, 2^31 - 1], got batch ", batch, ", heads ", heads, ", seqlen_q ", seqlen_q,
-                    ", seqlen_k ", seqlen_k);
+                    "seqlen_k in [0, 2^31 - 1], got batch ", num(batch), ", heads ", num(heads), ", seqlen_q ",
+                    num(seqlen_q), ", seqlen_k ", num(seqlen_k));
   const Tensor state = rng_state.contiguous();
   Tensor keep = at::empty({batch, heads, seqlen_q, seqlen_k}, state.options().dtype(at::kBool));
   if (keep.numel() == 0) return keep;

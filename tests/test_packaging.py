@@ -2,6 +2,7 @@
 reads, the loader's errors say what to do, and the build embeds PTX for GPUs newer than its
 targets. CPU only."""
 import importlib.util
+import re
 import shutil
 import subprocess
 import sys
@@ -83,3 +84,58 @@ def test_an_extension_that_fails_to_load_for_another_reason_says_so(tmp_path):
     (package / ("_C" + sysconfig.get_config_var("EXT_SUFFIX"))).write_bytes(b"")
     message = _import_error(tmp_path)
     assert "failed to load" in message and "scripts/setup.sh" in message, message
+
+
+def _call_arguments(text, open_paren):
+    """The top-level arguments of the call whose '(' is at text[open_paren], as source strings."""
+    args, depth, start, i, in_string = [], 0, open_paren + 1, open_paren + 1, False
+    while i < len(text):
+        ch = text[i]
+        if in_string:
+            if ch == "\\":
+                i += 1
+            elif ch == '"':
+                in_string = False
+        elif ch == '"':
+            in_string = True
+        elif ch in "([{":
+            depth += 1
+        elif ch in ")]}":
+            if depth == 0:
+                args.append(text[start:i].strip())
+                return args
+            depth -= 1
+        elif ch == "," and depth == 0:
+            args.append(text[start:i].strip())
+            start = i + 1
+        i += 1
+    raise AssertionError(f"unbalanced call at offset {open_paren}")
+
+
+def test_error_messages_format_numbers_without_an_ostream():
+    """A number inserted into a TORCH_CHECK message (c10::str, an ostream) crashed the process on an
+    H100 host (g++ 13, Ubuntu 24.04's Python; benchmarks/NOTES.md) instead of raising: every message
+    argument in csrc must be a string literal, a string or ScalarType variable, num(...) / shape(...)
+    (which format through std::to_string) or a tensor's device() / scalar_type() (printed by libc10)."""
+    literal = r'("([^"\\]|\\.)*"\s*)+'
+    allowed = [
+        re.compile(literal),
+        re.compile(r"(num|shape|cudaGetErrorString)\(.*\)", re.S),
+        re.compile(r"[\w.>-]+(\.|->)(device|scalar_type)\(\)"),
+        re.compile(rf"[^?]+\?\s*{literal}\s*:\s*({literal}|[^?]+\?\s*{literal}\s*:\s*{literal})", re.S),
+    ]
+    offending = []
+    for path in sorted((ROOT / "csrc").rglob("*")):
+        if path.suffix not in {".cpp", ".h", ".cu", ".cuh"}:
+            continue
+        text = path.read_text()
+        printable = r"const char\s*\*|std::string(?:_view)?\s*&?|const std::string\s*&|at::ScalarType"
+        string_names = set(re.findall(rf"(?:{printable})\s*(\w+)\s*[,)=;]", text))
+        for call in re.finditer(r"\b(TORCH_CHECK\w*|TORCH_WARN\w*|c10::str)\s*\(", text):
+            args = _call_arguments(text, call.end() - 1)
+            for arg in args if call.group(1) == "c10::str" else args[1:]:
+                if arg in string_names or any(p.fullmatch(arg) for p in allowed):
+                    continue
+                line = text.count("\n", 0, call.start()) + 1
+                offending.append(f"{path.relative_to(ROOT)}:{line}: {arg}")
+    assert not offending, "message arguments that may reach an ostream (wrap numbers in num()):\n" + "\n".join(offending)
