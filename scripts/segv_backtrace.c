@@ -1,6 +1,9 @@
-// LD_PRELOAD=segv_backtrace.so: on SIGSEGV/SIGBUS/SIGILL/SIGFPE/SIGABRT, print the faulting pc and
-// the native stack (each frame's library and offset, for addr2line) to stderr, then die.
-// Build: cc -shared -fPIC -O1 -o segv_backtrace.so tools/segv_backtrace.c -ldl
+// LD_PRELOAD=segv_backtrace.so: on SIGSEGV, SIGBUS, SIGILL or SIGFPE, print the faulting pc and the
+// native stack (each frame's library, offset and nearest dynamic symbol) to stderr, then die of the
+// signal. For hosts without gdb (the device machines): `addr2line -f -C -i -e LIB OFFSET` names a
+// frame there. Under pytest, pass -s: its capture of fd 2 swallows what the handler writes.
+// (Python's faulthandler, which pytest enables, hands the signal on to this handler after its dump.)
+// Build: cc -shared -fPIC -O1 -o /tmp/segv.so scripts/segv_backtrace.c -ldl
 #define _GNU_SOURCE
 #include <dlfcn.h>
 #include <execinfo.h>
