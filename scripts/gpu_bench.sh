@@ -4,7 +4,7 @@
 # cheap, and a fresh machine's budget would skip it at the end), each step whose estimate fits in
 # what is left of the budget (step 1 always runs):
 #   1. bf16 standard table, [B, H, N, D]: all of PERF.md's shapes, every SDPA peer,
-#      ours with deterministic=False too, three interleaved rounds                    ~170 s
+#      ours with deterministic=False too, three interleaved rounds                    ~340 s
 #   2. peak memory against seqlen                                                     ~25 s
 #   3. analyze_io.py --measure: Nsight Compute DRAM bytes, D 64,128 x N 2048,8192     ~30 s
 #   4. fp16 spot check: D 64,128,256 x N 1024,4096, causal and not                    ~75 s
@@ -16,8 +16,10 @@
 #      nondet, flash, cuDNN, efficient), into <gpu>-<date>-peer-determinism.md       ~20 s
 #   then the plots, the README table and the IO table printed (~15 s).
 # The estimates are the 2026-12-05 H100 run's times (build 79 s; step 5 then bnhd alone, 60 s,
-# doubled; step 7 took 9 s on an H200, 2026-12-06); the log prints each step's real time: correct them
-# here after a run.
+# doubled; step 7 took 9 s on an H200, 2026-12-06), step 1's the 2026-12-07 H100 run's (340 s
+# since 84cd054's training forward and re-timing of slow steps); the log prints each step's real
+# time: correct them here after a run. Step 1 leaves ~150 s of a call: steps 4-6 want a second
+# call (GPU_BENCH_STEPS="4 5 6").
 # Tables go into one <gpu>-<date>.json/.md (bench_attention.py --merge), the IO analysis into
 # <gpu>-<date>-io.json/.md, logs into logs/<gpu>-<date>-<step>.log. $OUT gets results.tar.gz
 # (refreshed after every step, so a run stopped at the time limit returns what finished), the
@@ -80,7 +82,7 @@ if ! ls cuflash_attn/_C*.so >/dev/null 2>&1; then
 fi
 
 BENCH="python3 benchmarks/bench_attention.py --out $WORK --merge"
-step 1 bench_bf16 170 $BENCH --dtypes bf16
+step 1 bench_bf16 340 $BENCH --dtypes bf16
 step 7 peer_determinism 20 python3 benchmarks/peer_determinism.py --out "$WORK/$LOGPREFIX-peer-determinism.md"
 step 2 memory 25 $BENCH --memory
 step 3 io 30 python3 benchmarks/analyze_io.py --measure --out "$WORK" --timeout 240
