@@ -55,7 +55,8 @@ def test_plain_and_masked(isa, dtype, d):
     check_dense("cpu", dtype, 1, 4, 2, 100, 77, d, causal=True, bottom_right=True, window=(33, 5))
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=["fp32", "fp64", "bf16"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16],
+                         ids=["fp32", "fp64", "fp16", "bf16"])
 @pytest.mark.parametrize("nq", [1, 5, 12])
 def test_few_rows(isa, dtype, nq):
     """Blocks of fewer than 8 query rows go a row at a time, the keys as lanes (decoding steps);
@@ -63,6 +64,53 @@ def test_few_rows(isa, dtype, nq):
     check_dense("cpu", dtype, 2, 4, 1, nq, 333, 72)
     check_dense("cpu", dtype, 1, 4, 2, nq, 130, 64, causal=True, bottom_right=True, window=(70, -1), softcap=15.0,
                 alibi="batch", dropout_p=0.1)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+@pytest.mark.parametrize("nq", [1, 3])  # two query heads a key head: blocks of 2 and 6 packed rows
+def test_row_path_widens_16_bit_rows_exactly(isa, dtype, nq):
+    """Blocks of fewer than 8 rows read K and V's 16-bit rows as they are, widened in registers
+    (load_row): the output is float32 inputs' output rounded, bit for bit, and lse the same, over
+    values that take each branch of the widening: subnormals, the largest finite, -0, Inf and NaN
+    (in V, at a key some rows' windows leave out), in vector lanes and in a head dim's scalar tail."""
+    torch.manual_seed(0)
+    d = 72
+    q = torch.randn(1, 4, nq, d).to(dtype)
+    k, v = (torch.randn(1, 2, 200, d).to(dtype) for _ in range(2))
+    tiny = torch.finfo(dtype).smallest_normal
+    for t in (k, v):
+        t[0, 0, 3, :] = torch.tensor([tiny / 4, -tiny / 1024, -0.0, tiny], dtype=dtype).repeat(d // 4)
+        t[0, 1, 7, ::9] = torch.finfo(dtype).max / 8
+        t[0, 1, 8, -3:] = -torch.finfo(dtype).max / 8
+    v[0, 0, 150, 5] = float("inf")
+    v[0, 1, 160, d - 2] = float("nan")
+    kwargs = dict(is_causal=True, bottom_right=True, window_left=60)  # rows' windows: some hold 150 and 160
+    out, lse = torch.ops.cuflash_attn.fwd(q, k, v, **kwargs)
+    out32, lse32 = torch.ops.cuflash_attn.fwd(q.float(), k.float(), v.float(), **kwargs)
+    assert out.isnan().any() and not out.isnan().all()
+    torch.testing.assert_close(out, out32.to(dtype), rtol=0, atol=0, equal_nan=True)
+    torch.testing.assert_close(lse, lse32, rtol=0, atol=0, equal_nan=True)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=["fp32", "fp16", "bf16"])
+@pytest.mark.parametrize("heads_q,nq", [(12, 1), (6, 2)])  # blocks of 6 packed rows: fewer than 8, the row path
+def test_row_path_groups_heads_without_changing_their_bits(isa, dtype, heads_q, nq):
+    """A decoding step's query heads of one key head go through the row path together (each key's K
+    and V read once for up to four of them): every head's out and lse are the bits of the same head
+    run alone, against its own copy of K and V. Groups of 4 and 2 (one query position), and by
+    position (two positions, whose windows hold different keys of a tile); a head dim with a
+    scalar tail."""
+    torch.manual_seed(1)
+    d, heads_kv = 72, 2
+    q = torch.randn(1, heads_q, nq, d).to(dtype)
+    k, v = (torch.randn(1, heads_kv, 300, d).to(dtype) for _ in range(2))
+    kwargs = dict(is_causal=True, bottom_right=True, window_left=200)
+    out, lse = torch.ops.cuflash_attn.fwd(q, k, v, **kwargs)
+    group = heads_q // heads_kv
+    k_each, v_each = (t.repeat_interleave(group, dim=1).contiguous() for t in (k, v))
+    out_each, lse_each = torch.ops.cuflash_attn.fwd(q, k_each, v_each, **kwargs)
+    torch.testing.assert_close(out, out_each, rtol=0, atol=0)
+    torch.testing.assert_close(lse, lse_each, rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=["fp32", "fp64", "bf16"])

@@ -6,6 +6,7 @@
 #include <limits>
 #include <optional>
 #include <type_traits>
+#include <utility>
 #include <vector>
 
 // x86-64 GCC builds: an instantiation a vector width, each under its target attribute (below;
@@ -55,6 +56,9 @@ constexpr int64_t kMaxPartialBytes = int64_t{1} << 30;
 constexpr int kMinSplitTiles = 4;
 
 #define CUFLASH_CPU_INLINE inline __attribute__((always_inline))
+// For a lambda that handles vectors: inlined into its caller, so that it compiles under the caller's
+// target (out of line, it took the file's baseline target: 64-byte vectors as SSE2 pieces).
+#define CUFLASH_CPU_LAMBDA_INLINE __attribute__((always_inline))
 
 // AMX's shapes (the AMX forward below; the scratch buffers are padded for it on every build).
 constexpr int kAmxDims = 32;      // head dims a tile of K rows holds (bfloat16)
@@ -75,6 +79,7 @@ struct Simd {
   typedef T V __attribute__((vector_size(kBytes)));
   typedef Int I __attribute__((vector_size(kBytes)));
   typedef std::make_unsigned_t<Int> U __attribute__((vector_size(kBytes)));
+  typedef uint16_t Narrow16 __attribute__((vector_size(kBytes / 2)));  // a vector's lanes of 16-bit rows (load_row)
   static constexpr int kLanes = kBytes / sizeof(T);
   static constexpr int kRowVecs = kRows / kLanes;
   static_assert(kRowVecs >= 1 && kRowVecs * kLanes == kRows, "whole vectors of rows");
@@ -621,9 +626,58 @@ CUFLASH_CPU_INLINE uint16_t float_to_half(float f) {
   return static_cast<uint16_t>(sign | (((a + 0xfffu + ((a >> 13) & 1u)) - (112u << 23)) >> 13));
 }
 
+// A 16-bit row's element read as it is (fwd_rows widens such rows in registers, not into a copy).
+struct Bf16Bits {
+  uint16_t bits;
+};
+struct HalfBits {
+  uint16_t bits;
+};
+template <typename T>
+CUFLASH_CPU_INLINE T value_of(T x) {
+  return x;
+}
+CUFLASH_CPU_INLINE float value_of(Bf16Bits x) { return bf16_to_float(x.bits); }
+CUFLASH_CPU_INLINE float value_of(HalfBits x) { return half_to_float(x.bits); }
+
+// A vector of S's lanes from row: float and double rows loaded, 16-bit ones widened exactly
+// (bf16_to_float's and half_to_float's arithmetic, lane by lane).
+template <class S, class R>
+CUFLASH_CPU_INLINE typename S::V load_row(const R* row) {
+  using V = typename S::V;
+  if constexpr (std::is_same_v<R, typename S::Scalar>) {
+    return load<S>(row);
+  } else {
+    static_assert(std::is_same_v<typename S::Scalar, float>, "16-bit rows widen to float");
+    using Bits = typename S::U;
+    typename S::Narrow16 narrow;
+    std::memcpy(&narrow, row, sizeof(narrow));
+    const Bits u = __builtin_convertvector(narrow, Bits);
+    Bits bits;
+    if constexpr (std::is_same_v<R, Bf16Bits>) {
+      bits = u << 16;
+    } else {
+      const Bits shifted = (u & 0x7fffu) << 13, exponent = shifted & 0x0f800000u;
+      const Bits biased = shifted + (112u << 23);
+      const Bits special = exponent == 0x0f800000u ? biased + (112u << 23) : biased;
+      const Bits renormalized = biased + (1u << 23);
+      V small;
+      std::memcpy(&small, &renormalized, sizeof(small));
+      small -= 0x1p-14f;
+      Bits small_bits;
+      std::memcpy(&small_bits, &small, sizeof(small_bits));
+      bits = (exponent == 0 ? small_bits : special) | ((u & 0x8000u) << 16);
+    }
+    V v;
+    std::memcpy(&v, &bits, sizeof(v));
+    return v;
+  }
+}
+
 // The rows as the kernels read them: T's own, or (float kernels over float16 or bfloat16 inputs)
 // each row converted into `scratch` as it is fetched, and (the forward's) output rounded back, so
 // that nothing is converted whole (a KV cache at every decoding step; the backward's five inputs).
+// The row path (fwd_rows) reads K and V's 16-bit rows as they are instead (load_row).
 template <typename T, class Params = FlashFwdParams>
 struct KernelRows {
   const Params& p;
@@ -815,7 +869,7 @@ CUFLASH_CPU_INLINE void add_lanes_times_rows(T* __restrict acc_t, int D, int cou
                                              const T* const* rows) {
   using V = typename S::V;
   constexpr int R = S::kRowVecs, L = S::kLanes, kDims = R >= 8 ? 1 : 8 / R;
-  auto dims = [&](int d0, auto width) {
+  auto dims = [&](int d0, auto width) CUFLASH_CPU_LAMBDA_INLINE {
     constexpr int W = decltype(width)::value;
     V acc[W][R];
 #pragma GCC unroll 8
@@ -884,8 +938,8 @@ CUFLASH_CPU_INLINE void add_rows_times_lanes(T* const* outs, int D, int count, c
 }
 
 // Whether rows[0, n) hold only finite values (x - x is 0 for them, NaN for an Inf or a NaN).
-template <class S, typename T = typename S::Scalar>
-CUFLASH_CPU_INLINE bool rows_finite(const T* const* rows, int n, int D) {
+template <class S, class R, typename T = typename S::Scalar>
+CUFLASH_CPU_INLINE bool rows_finite(const R* const* rows, int n, int D) {
   using V = typename S::V;
   constexpr int L = S::kLanes;
   V acc{};
@@ -893,10 +947,10 @@ CUFLASH_CPU_INLINE bool rows_finite(const T* const* rows, int n, int D) {
   for (int t = 0; t < n; ++t) {
     int d = 0;
     for (; d + L <= D; d += L) {
-      const V x = load<S>(rows[t] + d);
+      const V x = load_row<S>(rows[t] + d);
       acc += x - x;
     }
-    for (; d < D; ++d) tail += rows[t][d] - rows[t][d];
+    for (; d < D; ++d) tail += value_of(rows[t][d]) - value_of(rows[t][d]);
   }
   T sum = tail;
   for (int l = 0; l < L; ++l) sum += acc[l];
@@ -959,61 +1013,108 @@ CUFLASH_CPU_INLINE void add_visible_rows_times_lanes(T* const* outs, int D, int 
         for (int d = 0; d < D; ++d) outs[jj][d] += wt[jj * kBlockRows + r] * row_ptrs[r][d];
 }
 
-// out[jj] = x . rows[jj] for jj < count, a vector of head dims at a time, the lanes summed last.
-template <class S, typename T = typename S::Scalar>
-CUFLASH_CPU_INLINE void dot_rows(const T* __restrict x, const T* const* rows, int count, int D, T* __restrict out) {
-  using V = typename S::V;
-  constexpr int L = S::kLanes;
-  for (int jj = 0; jj < count; ++jj) {
-    const T* y = rows[jj];
-    V even{}, odd{};
-    int d = 0;
-    for (; d + 2 * L <= D; d += 2 * L) {
-      even += load<S>(x + d) * load<S>(y + d);
-      odd += load<S>(x + d + L) * load<S>(y + d + L);
-    }
-    if (d + L <= D) even += load<S>(x + d) * load<S>(y + d), d += L;
-    const V both = even + odd;
-    T sum = T(0);
-    for (int l = 0; l < L; ++l) sum += both[l];
-    for (; d < D; ++d) sum += x[d] * y[d];
-    out[jj] = sum;
+// The sum of a vector's lanes by halves: log2(lanes) dependent additions, not one a lane (the row
+// path's dot_rows sums a vector for every key).
+template <typename Vec, size_t... kLow>
+CUFLASH_CPU_INLINE auto halves_added(const Vec& v, std::index_sequence<kLow...>) {
+  return __builtin_shufflevector(v, v, kLow...) + __builtin_shufflevector(v, v, (kLow + sizeof...(kLow))...);
+}
+template <typename Vec>
+CUFLASH_CPU_INLINE auto lane_sum(const Vec& v) {
+  constexpr size_t kLanes = sizeof(Vec) / sizeof(v[0]);
+  if constexpr (kLanes == 2) {
+    return v[0] + v[1];
+  } else {
+    static_assert(kLanes > 2 && kLanes % 2 == 0, "a power of two lanes");
+    return lane_sum(halves_added(v, std::make_index_sequence<kLanes / 2>{}));
   }
 }
 
-// y[0, D) += sum over t < n of weights[t] * rows[t][0, D): four vectors of head dims at a time,
-// the rows in two interleaved sums (even and odd t, added last): eight accumulators in flight.
-template <class S, typename T = typename S::Scalar>
-CUFLASH_CPU_INLINE void add_weighted_rows(T* __restrict y, int D, int n, const T* weights, const T* const* rows) {
+// out[g][jj] = x[g] . rows[jj] for jj < count and G rows x[g] (the row path's rows that see the same
+// keys: a decoding step's query heads of one key head), a vector of head dims at a time, each key's
+// vectors read once for the G rows, the lanes summed last (lane_sum). A row's arithmetic does not
+// depend on G (the backward recomputes the row path's scores by dot_rows).
+template <class S, int G, class R, typename T = typename S::Scalar>
+CUFLASH_CPU_INLINE void dot_rows_grouped(const T* const* x, const R* const* rows, int count, int D, T* const* out) {
   using V = typename S::V;
-  constexpr int L = S::kLanes, kChunk = 4;
+  constexpr int L = S::kLanes;
+  for (int jj = 0; jj < count; ++jj) {
+    const R* y = rows[jj];
+    V even[G] = {}, odd[G] = {};
+    int d = 0;
+    for (; d + 2 * L <= D; d += 2 * L) {
+      const V y_even = load_row<S>(y + d), y_odd = load_row<S>(y + d + L);
+#pragma GCC unroll 4
+      for (int g = 0; g < G; ++g) even[g] += load<S>(x[g] + d) * y_even, odd[g] += load<S>(x[g] + d + L) * y_odd;
+    }
+    if (d + L <= D) {
+      const V y_even = load_row<S>(y + d);
+#pragma GCC unroll 4
+      for (int g = 0; g < G; ++g) even[g] += load<S>(x[g] + d) * y_even;
+      d += L;
+    }
+#pragma GCC unroll 4
+    for (int g = 0; g < G; ++g) {
+      T sum = lane_sum(even[g] + odd[g]);
+      for (int e = d; e < D; ++e) sum += x[g][e] * value_of(y[e]);
+      out[g][jj] = sum;
+    }
+  }
+}
+template <class S, class R, typename T = typename S::Scalar>
+CUFLASH_CPU_INLINE void dot_rows(const T* x, const R* const* rows, int count, int D, T* out) {
+  dot_rows_grouped<S, 1>(&x, rows, count, D, &out);
+}
+
+// y[g][0, D) += sum over t < n of weights[g][t] * rows[t][0, D) for G rows (dot_rows_grouped's):
+// 4 / G vectors of head dims at a time (at least one), the rows in two interleaved sums (even and
+// odd t, added last), each key's vectors read once for the G rows: eight accumulators in flight.
+template <class S, int G, class R, typename T = typename S::Scalar>
+CUFLASH_CPU_INLINE void add_weighted_rows_grouped(T* const* y, int D, int n, const T* const* weights,
+                                                  const R* const* rows) {
+  using V = typename S::V;
+  constexpr int L = S::kLanes, kChunk = G >= 4 ? 1 : 4 / G;
   int d = 0;
-  auto chunk = [&](auto vectors) {
+  auto chunk = [&](auto vectors) CUFLASH_CPU_LAMBDA_INLINE {
     constexpr int C = decltype(vectors)::value;
-    V even[C], odd[C];
+    V even[G][C], odd[G][C];
 #pragma GCC unroll 8
-    for (int c = 0; c < C; ++c) even[c] = load<S>(y + d + c * L), odd[c] = V{};
+    for (int g = 0; g < G; ++g)
+#pragma GCC unroll 8
+      for (int c = 0; c < C; ++c) even[g][c] = load<S>(y[g] + d + c * L), odd[g][c] = V{};
     int t = 0;
     for (; t + 1 < n; t += 2) {
 #pragma GCC unroll 8
       for (int c = 0; c < C; ++c) {
-        even[c] += load<S>(rows[t] + d + c * L) * weights[t];
-        odd[c] += load<S>(rows[t + 1] + d + c * L) * weights[t + 1];
+        const V row_even = load_row<S>(rows[t] + d + c * L), row_odd = load_row<S>(rows[t + 1] + d + c * L);
+#pragma GCC unroll 4
+        for (int g = 0; g < G; ++g) {
+          even[g][c] += row_even * weights[g][t];
+          odd[g][c] += row_odd * weights[g][t + 1];
+        }
       }
     }
     if (t < n)
 #pragma GCC unroll 8
-      for (int c = 0; c < C; ++c) even[c] += load<S>(rows[t] + d + c * L) * weights[t];
+      for (int c = 0; c < C; ++c) {
+        const V row_even = load_row<S>(rows[t] + d + c * L);
+#pragma GCC unroll 4
+        for (int g = 0; g < G; ++g) even[g][c] += row_even * weights[g][t];
+      }
 #pragma GCC unroll 8
-    for (int c = 0; c < C; ++c) store<S>(y + d + c * L, even[c] + odd[c]);
+    for (int g = 0; g < G; ++g)
+#pragma GCC unroll 8
+      for (int c = 0; c < C; ++c) store<S>(y[g] + d + c * L, even[g][c] + odd[g][c]);
   };
   for (; d + kChunk * L <= D; d += kChunk * L) chunk(std::integral_constant<int, kChunk>{});
-  for (; d + L <= D; d += L) chunk(std::integral_constant<int, 1>{});
-  for (; d < D; ++d) {
-    T a = y[d];
-    for (int t = 0; t < n; ++t) a += weights[t] * rows[t][d];
-    y[d] = a;
-  }
+  if constexpr (kChunk > 1)
+    for (; d + L <= D; d += L) chunk(std::integral_constant<int, 1>{});
+  for (; d < D; ++d)
+    for (int g = 0; g < G; ++g) {
+      T a = y[g][d];
+      for (int t = 0; t < n; ++t) a += weights[g][t] * value_of(rows[t][d]);
+      y[g][d] = a;
+    }
 }
 
 // Split-KV: a forward work item's share of its block's keys (split `index` of `count`: a range of
@@ -1049,14 +1150,30 @@ struct FwdSplit {
   }
 };
 
+// The row path's rows that go through dot_rows_grouped and add_weighted_rows_grouped together at
+// most (four grouped query heads' accumulators take eight vector registers).
+constexpr int kRowGroup = 4;
+// f(std::integral_constant<int, size>) for a size in [1, kRowGroup].
+template <class F>
+CUFLASH_CPU_INLINE void with_group_size(int size, F&& f) {
+  switch (size) {
+    case 1: return f(std::integral_constant<int, 1>{});
+    case 2: return f(std::integral_constant<int, 2>{});
+    case 3: return f(std::integral_constant<int, 3>{});
+    default: return f(std::integral_constant<int, kRowGroup>{});
+  }
+}
+
 // The block's rows (fewer than kLaneRows: decoding steps, whose rows would leave most of the
 // block's lanes idle) one at a time, each row's visible keys as the lanes: for each tile of the
 // keys any row sees, each row's online softmax step over its keys in it (the tile's K and V rows
-// read once for the block, then from cache), out and lse written last.
-template <class S, typename T = typename S::Scalar>
-CUFLASH_CPU_INLINE void fwd_rows(const FlashFwdParams& p, const KernelRows<T>& io, const Sequence& s, int b, int h,
-                                 int hk, int i0, int rows, const BlockKeys& keys, const RowRules<T>& rules,
-                                 const FwdSplit<T>& split, CpuScratch<T>& w, T* lse) {
+// read once for the block, then from cache), out and lse written last. K and V's rows of element
+// type R, read as they are (16-bit ones widened in registers: a decoding step reads the whole
+// cache once, and a converted copy of each row doubled the bytes moved; benchmarks/NOTES.md).
+template <class S, class R, typename T = typename S::Scalar>
+CUFLASH_CPU_INLINE void fwd_rows_of(const FlashFwdParams& p, const KernelRows<T>& io, const Sequence& s, int b, int h,
+                                    int hk, int i0, int rows, const BlockKeys& keys, const RowRules<T>& rules,
+                                    const FwdSplit<T>& split, CpuScratch<T>& w, T* lse) {
   constexpr int L = S::kLanes;
   const int D = p.shape.head_dim;
   const T inf = std::numeric_limits<T>::infinity();
@@ -1066,43 +1183,65 @@ CUFLASH_CPU_INLINE void fwd_rows(const FlashFwdParams& p, const KernelRows<T>& i
   for (int r = 0; r < rows; ++r)
     row_max[r] = -inf, row_sum[r] = T(0), q_finite[r] = rules.score.mask.data && rows_finite<S>(&w.q_rows[r], 1, D);
   T* scores = w.scores.data();
+  const R *k_rows[kKeys], *v_rows[kKeys];
   for (int j0 = keys.begin; j0 < keys.end; j0 += kKeys) {
     const int count = std::min(kKeys, keys.end - j0);
     for (int jj = 0; jj < count; ++jj) {
-      w.k_rows[jj] = io.key(p.k, p.k_strides, s, b, hk, j0 + jj, w.k16.data() + jj * D);
-      w.v_rows[jj] = io.key(p.v, p.v_strides, s, b, hk, j0 + jj, w.v16.data() + jj * D);
+      k_rows[jj] = key_row_at<const R>(p, p.k, p.k_strides, s, b, hk, j0 + jj);
+      v_rows[jj] = key_row_at<const R>(p, p.v, p.v_strides, s, b, hk, j0 + jj);
     }
-    int kv_finite = -1;  // the tile's K and V rows finite (tile_adds_nothing's check, once a tile); -1: not asked
-    for (int r = 0; r < rows; ++r) {
-      const int i = i0 + r, lo = std::max(keys.lo[r], j0) - j0, n = std::min(keys.hi[r], j0 + count) - j0 - lo;
-      if (n <= 0) continue;
-      if (q_finite[r] && mask_hides<T>(rules.score.mask, i, 1, j0 + lo, n)) {
-        if (kv_finite < 0)
-          kv_finite = rows_finite<S>(w.k_rows.data(), count, D) && rows_finite<S>(w.v_rows.data(), count, D);
-        if (kv_finite) continue;
-      }
-      dot_rows<S>(w.q_rows[r], w.k_rows.data() + lo, n, D, scores);
-      rules.scores(s, i, 1, j0 + lo, n, 1, scores, nullptr);
+    // Row r's online softmax step over its n keys from lo in this tile, their scores in x.
+    auto softmax_step = [&](int r, int lo, int n, T* x) CUFLASH_CPU_LAMBDA_INLINE {
+      const int i = i0 + r;
+      rules.scores(s, i, 1, j0 + lo, n, 1, x, nullptr);
       T tile_max = row_max[r];
-      for (int t = 0; t < n; ++t)
-        tile_max = scores[t] > tile_max ? scores[t] : tile_max;  // a NaN score is not one: it reaches the sum
+      for (int t = 0; t < n; ++t) tile_max = x[t] > tile_max ? x[t] : tile_max;  // a NaN score is not one: the sum's
       const T base = tile_max == -inf ? T(0) : tile_max;
       const int padded = (n + L - 1) / L * L;  // the lanes past n: -inf, probability 0
-      for (int t = n; t < padded; ++t) scores[t] = -inf;
+      for (int t = n; t < padded; ++t) x[t] = -inf;
       T alpha[L];
       store<S>(alpha, softmax_exp<S>(broadcast<S>(row_max[r] - base)));
-      for (int t = 0; t < padded; t += L) store<S>(scores + t, softmax_exp<S>(load<S>(scores + t) - base));
+      for (int t = 0; t < padded; t += L) store<S>(x + t, softmax_exp<S>(load<S>(x + t) - base));
       T sum = T(0);
-      for (int t = 0; t < n; ++t) sum += scores[t];  // the dropped probabilities count too
+      for (int t = 0; t < n; ++t) sum += x[t];  // the dropped probabilities count too
       T* acc = w.acc.data() + static_cast<size_t>(r) * D;
       if (alpha[0] != T(1))
         for (int d = 0; d < D; ++d) acc[d] *= alpha[0];
       row_sum[r] = row_sum[r] * alpha[0] + sum;
       row_max[r] = tile_max;
       if (rules.dropout)
-        for (int t = 0; t < n; ++t) scores[t] *= rules.keep(b, h, p.shape.heads_q, i, j0 + lo + t);
-      add_weighted_rows<S>(acc, D, n, scores, w.v_rows.data() + lo);
+        for (int t = 0; t < n; ++t) x[t] *= rules.keep(b, h, p.shape.heads_q, i, j0 + lo + t);
+    };
+    // The rows that see this tile's keys, in groups of up to kRowGroup that see the same ones (a
+    // decoding step's query heads of this key head): each key's K and V vectors read once a group.
+    int group[kRowGroup], size = 0, group_lo = 0, group_n = 0;
+    auto run_group = [&]() CUFLASH_CPU_LAMBDA_INLINE {
+      const T* q[kRowGroup];
+      T *x[kRowGroup], *acc[kRowGroup];
+      for (int g = 0; g < size; ++g)
+        q[g] = w.q_rows[group[g]], x[g] = scores + g * kKeys, acc[g] = w.acc.data() + static_cast<size_t>(group[g]) * D;
+      with_group_size(size, [&](auto kG) CUFLASH_CPU_LAMBDA_INLINE {
+        dot_rows_grouped<S, kG()>(q, k_rows + group_lo, group_n, D, x);
+      });
+      for (int g = 0; g < size; ++g) softmax_step(group[g], group_lo, group_n, x[g]);
+      with_group_size(size, [&](auto kG) CUFLASH_CPU_LAMBDA_INLINE {
+        add_weighted_rows_grouped<S, kG()>(acc, D, group_n, x, v_rows + group_lo);
+      });
+      size = 0;
+    };
+    int kv_finite = -1;  // the tile's K and V rows finite (tile_adds_nothing's check, once a tile); -1: not asked
+    for (int r = 0; r < rows; ++r) {
+      const int i = i0 + r, lo = std::max(keys.lo[r], j0) - j0, n = std::min(keys.hi[r], j0 + count) - j0 - lo;
+      if (n <= 0) continue;
+      if (q_finite[r] && mask_hides<T>(rules.score.mask, i, 1, j0 + lo, n)) {
+        if (kv_finite < 0) kv_finite = rows_finite<S>(k_rows, count, D) && rows_finite<S>(v_rows, count, D);
+        if (kv_finite) continue;
+      }
+      if (size > 0 && (lo != group_lo || n != group_n || size == kRowGroup)) run_group();
+      if (size == 0) group_lo = lo, group_n = n;
+      group[size++] = r;
     }
+    if (size > 0) run_group();
   }
   for (int r = 0; r < rows; ++r) {
     const bool seen = row_sum[r] != T(0);  // NaN scores give a NaN sum: it propagates
@@ -1111,6 +1250,16 @@ CUFLASH_CPU_INLINE void fwd_rows(const FlashFwdParams& p, const KernelRows<T>& i
     split.write(io, s, b, h, i0 + r, lse, seen ? row_max[r] + std::log(row_sum[r]) : -inf,
                 [&](int d) { return acc[d] * inv; });
   }
+}
+template <class S, typename T = typename S::Scalar>
+CUFLASH_CPU_INLINE void fwd_rows(const FlashFwdParams& p, const KernelRows<T>& io, const Sequence& s, int b, int h,
+                                 int hk, int i0, int rows, const BlockKeys& keys, const RowRules<T>& rules,
+                                 const FwdSplit<T>& split, CpuScratch<T>& w, T* lse) {
+  if constexpr (std::is_same_v<T, float>)
+    if (io.sixteen_bit)
+      return io.bf16 ? fwd_rows_of<S, Bf16Bits>(p, io, s, b, h, hk, i0, rows, keys, rules, split, w, lse)
+                     : fwd_rows_of<S, HalfBits>(p, io, s, b, h, hk, i0, rows, keys, rules, split, w, lse);
+  fwd_rows_of<S, T>(p, io, s, b, h, hk, i0, rows, keys, rules, split, w, lse);
 }
 
 // The lanes' maximum of start and x[jj * kBlockRows] over jj < count, a NaN skipped (it reaches the
