@@ -14,6 +14,7 @@ benchmarks/results/<gpu-slug>-<YYYY-MM-DD>.json (and a .md table next to it).
 """
 import argparse
 import contextlib
+import ctypes
 import datetime
 import gc
 import json
@@ -23,6 +24,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import warnings
 from pathlib import Path
 
@@ -411,13 +413,14 @@ def markdown_header(head):
     return "| " + " | ".join(head) + " |\n|" + "---|" * len(head)
 
 
-def interleaved_timings(steps, timer, rounds, environment=environment_of):
+def interleaved_timings(steps, timer, rounds, environment=environment_of, sampler=None):
     """{name: (a list of ms a round for each of its steps) or the error's line}, steps being
     {name: (step, ...)} (here: the forward, the forward+backward): each name's steps timed once a
     round under environment(name), the order rotated a place each round, so that a slow spell of
     the machine (a backward of 0.1 ms is mostly host launches: four runs of one route read
     149-199 TFLOP/s on an H200) lands on one round of several implementations, not on all rounds
-    of one; the caller takes the medians."""
+    of one; the caller takes the medians. sampler (a ClockSampler): its samples taken while a
+    name's steps run are that name's."""
     names = list(steps)
     samples = {name: tuple([] for _ in steps[name]) for name in names}
     for r in range(rounds):
@@ -426,7 +429,7 @@ def interleaved_timings(steps, timer, rounds, environment=environment_of):
             if not isinstance(samples[name], tuple):
                 continue  # failed in an earlier round
             try:
-                with environment(name):
+                with environment(name), (sampler.timing(name) if sampler else contextlib.nullcontext()):
                     for times, fn in zip(samples[name], steps[name]):
                         times.append(timer(fn))
             except Exception as e:
@@ -452,13 +455,14 @@ def timed_fields(fwd_rounds, fwdbwd_rounds, shape, causal, train_fwd_rounds=None
     return fields
 
 
-def measure_configuration(impls, shape, causal, dtype, layouts, timer, rounds, skip_math_above):
+def measure_configuration(impls, shape, causal, dtype, layouts, timer, rounds, skip_math_above, sampler=None):
     """Every implementation's row on one configuration, on the same inputs, for each of layouts
     (one name or a list; rows layout by layout, implementations in the order given). With several
     layouts, every (implementation, layout) pair is timed in the same interleaved rounds, so that
     a layout's ratio to another (issue 6: [B, N, H, D] within 3% of [B, H, N, D]) is not also
     the ratio of two slow or fast spells of the machine (separate runs moved whole rows by 4-6%);
-    such rows name the layouts they were timed with (layouts_interleaved)."""
+    such rows name the layouts they were timed with (layouts_interleaved). sampler: each row keeps
+    the clocks sampled while its steps ran (gpu_clocks)."""
     layouts = [layouts] if isinstance(layouts, str) else list(layouts)
     prepared = {}  # (impl, layout): (row, steps)
     for layout in layouts:
@@ -475,8 +479,9 @@ def measure_configuration(impls, shape, causal, dtype, layouts, timer, rounds, s
                                                  skip_math_above)
         del inputs
     samples = interleaved_timings({key: steps for key, (_, steps) in prepared.items() if steps is not None},
-                                  timer, rounds, environment=lambda key: environment_of(key[0]))
+                                  timer, rounds, environment=lambda key: environment_of(key[0]), sampler=sampler)
     state = gpu_state() if samples else None  # right after the rounds, before the GPU idles
+    clocks = sampler.take() if sampler else {}
     rows = []
     for key, (row, _) in prepared.items():
         got = samples.get(key)
@@ -487,6 +492,8 @@ def measure_configuration(impls, shape, causal, dtype, layouts, timer, rounds, s
             row.update(timed_fields(fwd_rounds, fwdbwd_rounds, shape, causal, train_fwd_rounds))
             if state:
                 row["gpu_state"] = state
+            if clocks.get(key):
+                row["gpu_clocks"] = clocks[key]
         if len(layouts) > 1:
             row["layouts_interleaved"] = layouts
         rows.append(row)
@@ -550,6 +557,124 @@ def gpu_state():
         if out.returncode == 0 and out.stdout.strip():
             return parse_gpu_state(out.stdout.strip().splitlines()[0])
     return None
+
+
+# The SM clock, power and slowdown reasons while each implementation's steps run: a
+# configuration's one nvidia-smi reading, after all its implementations' rounds, cannot say whose
+# kernels ran at which clock (the H100 table of 2026-12-07 ran under its power cap after 30 of 36
+# configurations, SM 1305-1980 MHz). NVML through ctypes: no package to install.
+NVML_CLOCK_SM = 1  # nvml.h's nvmlClockType_t
+
+
+def nvml_reader():
+    """read() -> (SM clock MHz, power W or None, clock-event reasons bitmask) of the current GPU by
+    NVML, or None where libnvidia-ml cannot be loaded or does not find the GPU."""
+    try:
+        lib = ctypes.CDLL("libnvidia-ml.so.1")
+        uuid = str(torch.cuda.get_device_properties(torch.cuda.current_device()).uuid)
+        handle = ctypes.c_void_p()
+        if lib.nvmlInit_v2() != 0 or lib.nvmlDeviceGetHandleByUUID(
+                (uuid if uuid.startswith("GPU-") else f"GPU-{uuid}").encode(), ctypes.byref(handle)) != 0:
+            return None
+        # The name before driver 535 (nvidia-smi's OLD_REASONS_FIELD's).
+        reasons = (getattr(lib, "nvmlDeviceGetCurrentClocksEventReasons", None)
+                   or lib.nvmlDeviceGetCurrentClocksThrottleReasons)
+    except (OSError, AttributeError, RuntimeError, AssertionError):
+        return None
+
+    def read():
+        clock, milliwatts, mask = ctypes.c_uint(), ctypes.c_uint(), ctypes.c_ulonglong()
+        if lib.nvmlDeviceGetClockInfo(handle, NVML_CLOCK_SM, ctypes.byref(clock)) != 0:
+            return None
+        watts = milliwatts.value / 1000 if lib.nvmlDeviceGetPowerUsage(handle, ctypes.byref(milliwatts)) == 0 else None
+        return float(clock.value), watts, mask.value if reasons(handle, ctypes.byref(mask)) == 0 else 0
+
+    return read if read() is not None else None
+
+
+class ClockSampler:
+    """read() every interval_s on a thread while a label is set (timing(label)); take() gives each
+    label's samples summarized (summarize_clocks) and starts afresh."""
+
+    def __init__(self, read, interval_s=0.01):
+        self._read, self._interval_s = read, interval_s
+        self._label, self._samples = None, {}
+        self._lock, self._stop = threading.Lock(), threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self):
+        while not self._stop.wait(self._interval_s):
+            label = self._label
+            if label is None:
+                continue
+            try:
+                sample = self._read()
+            except Exception:  # noqa: BLE001 (a failed reading is no sample)
+                sample = None
+            if sample is not None:
+                with self._lock:
+                    self._samples.setdefault(label, []).append(sample)
+
+    @contextlib.contextmanager
+    def timing(self, label):
+        self._label = label
+        try:
+            yield
+        finally:
+            self._label = None
+
+    def take(self):
+        with self._lock:
+            samples, self._samples = self._samples, {}
+        return {label: summarize_clocks(got) for label, got in samples.items()}
+
+    def close(self):
+        self._stop.set()
+        self._thread.join()
+
+
+def summarize_clocks(samples):
+    """(clock MHz, power W or None, reasons bitmask) samples: the mean and lowest SM clock, the mean
+    power, the share of samples under a power or thermal slowdown, and those reasons."""
+    slowdowns = [set(clock_event_reasons(mask)) & set(SLOWDOWN_REASONS) for _, _, mask in samples]
+    powers = [watts for _, watts, _ in samples if watts is not None]
+    return {"samples": len(samples), "sm_clock_mhz": statistics.mean(c for c, _, _ in samples),
+            "sm_clock_mhz_min": min(c for c, _, _ in samples),
+            "power_w": statistics.mean(powers) if powers else None,
+            "slowdown_share": sum(1 for r in slowdowns if r) / len(samples),
+            "reasons": sorted(set().union(*slowdowns))}
+
+
+def clock_sampler():
+    """A started ClockSampler of the current GPU, or None (said in the log) where NVML is not there."""
+    read = nvml_reader()
+    if read is None:
+        log("NVML not readable: no clocks sampled while each implementation runs")
+        return None
+    return ClockSampler(read)
+
+
+def clocks_line(rows):
+    """Each implementation's SM clock while it ran (the rows' gpu_clocks: the mean of the
+    configurations' means, their lowest sample) and its share of samples under a slowdown, for the
+    markdown's header; "" where no row has them."""
+    by_impl = {}
+    for r in rows:
+        if r.get("gpu_clocks"):
+            name = r["impl"] + (f" {r['layout']}" if r.get("layouts_interleaved") else "")
+            by_impl.setdefault(name, []).append(r["gpu_clocks"])
+    if not by_impl:
+        return ""
+    parts = []
+    for name, got in by_impl.items():
+        powers = [g["power_w"] for g in got if g.get("power_w") is not None]
+        parts.append(f"{name} {statistics.mean(g['sm_clock_mhz'] for g in got):.0f} MHz (lowest "
+                     f"{min(g['sm_clock_mhz_min'] for g in got):.0f})"
+                     + (f", {statistics.mean(powers):.0f} W" if powers else "")
+                     + f", {100 * statistics.mean(g['slowdown_share'] for g in got):.0f}% of samples slowed")
+    return ("SM clock while each implementation's steps ran (NVML every 10 ms, the mean over "
+            f"{max(len(g) for g in by_impl.values())} configurations): " + "; ".join(parts) + ".\n")
 
 
 def gpu_state_line(rows):
@@ -629,13 +754,18 @@ def describe(dtype, layouts, shape, causal):
 def run_standard(args, impls, timer):
     configs = configurations([DTYPES[d] for d in args.dtypes], args.head_dims, args.seqlens, args.causals)
     warm_up_gpu()
+    sampler = clock_sampler()
     rows = []
-    for i, (dtype, shape, causal) in progress(configs):
-        log(f"[{i}/{len(configs)}] {describe(dtype, args.layouts, shape, causal)}")
-        for row in measure_configuration(impls, shape, causal, dtype, args.layouts, timer, args.rounds,
-                                         args.skip_math_above):
-            log("    " + summarize(row))
-            rows.append(row)
+    try:
+        for i, (dtype, shape, causal) in progress(configs):
+            log(f"[{i}/{len(configs)}] {describe(dtype, args.layouts, shape, causal)}")
+            for row in measure_configuration(impls, shape, causal, dtype, args.layouts, timer, args.rounds,
+                                             args.skip_math_above, sampler=sampler):
+                log("    " + summarize(row))
+                rows.append(row)
+    finally:
+        if sampler:
+            sampler.close()
     return rows
 
 
@@ -868,7 +998,7 @@ def memory_table(rows):
 def render_markdown(results):
     env = results["env"]
     rows = results.get("rows", [])
-    state = gpu_state_line(rows)
+    state = "\n".join(line for line in (gpu_state_line(rows), clocks_line(rows)) if line)
     parts = [f"# Attention benchmark\n\n{env_line(env)}\n" + (f"\n{state}" if state else "")]
     groups = sorted({(r["dtype"], r["layout"]) for r in rows},
                     key=lambda g: (g[0] != "bfloat16", g[0], g[1] != "bhnd", g[1]))

@@ -2,9 +2,11 @@
 switches (cuflash_attn@VAR=value) parse, set their environment for their own measurement only,
 and unknown names are refused; a configuration's implementations are timed in interleaved rounds
 (a rotating order), each row the median of its rounds."""
+import contextlib
 import json
 import os
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -345,3 +347,68 @@ def test_each_timed_row_keeps_the_gpu_state_after_its_rounds(monkeypatch):
     rows = bench.measure_configuration({"a": None, "b": None}, (1, 1, 8, 64), False, None, "bhnd",
                                        timer=lambda fn: 1.0, rounds=1, skip_math_above=None)
     assert [r["gpu_state"] for r in rows] == [{"sm_clock_mhz": 1980.0}] * 2
+
+
+def test_the_clock_sampler_files_each_reading_under_the_label_being_timed():
+    readings = iter([(1980.0, 400.0, 0x0), (1500.0, 700.0, 0x4)] * 10000)
+    sampler = bench.ClockSampler(lambda: next(readings), interval_s=0.001)
+    try:
+        time.sleep(0.02)  # no label: nothing sampled
+        assert sampler.take() == {}
+        with sampler.timing("a"):
+            time.sleep(0.05)
+        got = sampler.take()
+        assert list(got) == ["a"] and got["a"]["samples"] >= 2
+        assert got["a"]["sm_clock_mhz_min"] == 1500.0 and 1500.0 < got["a"]["sm_clock_mhz"] < 1980.0
+        assert 0 < got["a"]["slowdown_share"] < 1 and got["a"]["reasons"] == ["sw_power_cap"]
+        assert sampler.take() == {}  # taken: afresh
+    finally:
+        sampler.close()
+    assert bench.summarize_clocks([(1000.0, None, 0x1)]) == {
+        "samples": 1, "sm_clock_mhz": 1000.0, "sm_clock_mhz_min": 1000.0, "power_w": None, "slowdown_share": 0.0,
+        "reasons": []}  # idle is not a slowdown
+
+
+class _FakeSampler:
+    """ClockSampler's interface: timing(label) records the labels; take() gives one reading each."""
+
+    def __init__(self):
+        self.labels = []
+
+    @contextlib.contextmanager
+    def timing(self, label):
+        self.labels.append(label)
+        yield
+
+    def take(self):
+        return {label: {"sm_clock_mhz": 1700.0 + i, "sm_clock_mhz_min": 1600.0, "power_w": 650.0,
+                        "slowdown_share": 0.5, "samples": 3} for i, label in enumerate(dict.fromkeys(self.labels))}
+
+
+def test_each_row_keeps_the_clocks_sampled_while_its_steps_ran(monkeypatch):
+    monkeypatch.setattr(bench, "make_inputs", lambda *a, **k: None)
+    monkeypatch.setattr(bench, "prepare_row", lambda name, *a: ({"impl": name}, (lambda: 0, lambda: 0, lambda: 0)))
+    monkeypatch.setattr(bench, "free_memory", lambda: None)
+    monkeypatch.setattr(bench, "gpu_state", lambda: None)
+    sampler = _FakeSampler()
+    rows = bench.measure_configuration({"a": None, "b": None}, (1, 1, 8, 64), False, None, "bhnd",
+                                       timer=lambda fn: 1.0, rounds=2, skip_math_above=None, sampler=sampler)
+    assert sampler.labels == [("a", "bhnd"), ("b", "bhnd"), ("b", "bhnd"), ("a", "bhnd")]  # rotating rounds
+    assert [r["gpu_clocks"]["sm_clock_mhz"] for r in rows] == [1700.0, 1701.0]
+
+
+def test_the_markdown_gives_each_implementations_clock_while_it_ran():
+    env = {"gpu": "g", "torch": "2", "cuda": "13.0", "cudnn": "9", "date": "2026-12-07", "commit": "abc"}
+    base = {"dtype": "bfloat16", "layout": "bhnd", "batch": 1, "heads": 1, "head_dim": 64, "causal": False,
+            "fwd_tflops": 1.0, "bwd_tflops": 1.0}
+    rows = [{**base, "impl": impl, "seqlen_q": n, "seqlen_k": n,
+             "gpu_clocks": {"sm_clock_mhz": clock, "sm_clock_mhz_min": clock - 100, "power_w": 600.0,
+                            "slowdown_share": share, "samples": 5}}
+            for n in (1024, 4096) for impl, clock, share in (("cuflash_attn", 1700.0 + n / 1024, 0.5),
+                                                             ("sdpa_cudnn", 1900.0, 0.0))]
+    text = bench.render_markdown({"env": env, "rows": rows})
+    assert ("SM clock while each implementation's steps ran (NVML every 10 ms, the mean over 2 configurations): "
+            "cuflash_attn 1702 MHz (lowest 1601), 600 W, 50% of samples slowed; sdpa_cudnn 1900 MHz (lowest "
+            "1800), 600 W, 0% of samples slowed.") in text
+    no_clocks = [{k: v for k, v in r.items() if k != "gpu_clocks"} for r in rows]
+    assert "SM clock while" not in bench.render_markdown({"env": env, "rows": no_clocks})
