@@ -1165,11 +1165,12 @@ CUFLASH_CPU_INLINE void with_group_size(int size, F&& f) {
 }
 
 // The block's rows (fewer than kLaneRows: decoding steps, whose rows would leave most of the
-// block's lanes idle) one at a time, each row's visible keys as the lanes: for each tile of the
-// keys any row sees, each row's online softmax step over its keys in it (the tile's K and V rows
-// read once for the block, then from cache), out and lse written last. K and V's rows of element
-// type R, read as they are (16-bit ones widened in registers: a decoding step reads the whole
-// cache once, and a converted copy of each row doubled the bytes moved; benchmarks/NOTES.md).
+// block's lanes idle) a row at a time, each row's visible keys as the lanes: for each tile of the
+// keys any row sees, each row's online softmax step over its keys in it, rows that see the same
+// keys of the tile in groups of up to kRowGroup (each K and V vector read once a group), out and
+// lse written last. K and V's rows of element type R, read as they are (16-bit ones widened in
+// registers: a decoding step reads the whole cache once, and a converted copy of each row doubled
+// the bytes moved; benchmarks/NOTES.md).
 template <class S, class R, typename T = typename S::Scalar>
 CUFLASH_CPU_INLINE void fwd_rows_of(const FlashFwdParams& p, const KernelRows<T>& io, const Sequence& s, int b, int h,
                                     int hk, int i0, int rows, const BlockKeys& keys, const RowRules<T>& rules,
