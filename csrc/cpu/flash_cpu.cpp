@@ -6,7 +6,6 @@
 #include <limits>
 #include <optional>
 #include <type_traits>
-#include <utility>
 #include <vector>
 
 // x86-64 GCC builds: an instantiation a vector width, each under its target attribute (below;
@@ -907,7 +906,7 @@ CUFLASH_CPU_INLINE void add_rows_times_lanes(T* const* outs, int D, int count, c
   constexpr int L = S::kLanes, kAtOnce = 4, kVecs = 2;
   for (int jj0 = 0; jj0 < count; jj0 += kAtOnce) {
     const int keys = std::min(kAtOnce, count - jj0);
-    auto chunk = [&](int d, auto vectors) {
+    auto chunk = [&](int d, auto vectors) CUFLASH_CPU_LAMBDA_INLINE {
       constexpr int C = decltype(vectors)::value;
       V acc[kAtOnce][C] = {};
       for (int r = 0; r < rows; ++r) {
@@ -1014,19 +1013,19 @@ CUFLASH_CPU_INLINE void add_visible_rows_times_lanes(T* const* outs, int D, int 
 }
 
 // The sum of a vector's lanes by halves: log2(lanes) dependent additions, not one a lane (the row
-// path's dot_rows sums a vector for every key).
-template <typename Vec, size_t... kLow>
-CUFLASH_CPU_INLINE auto halves_added(const Vec& v, std::index_sequence<kLow...>) {
-  return __builtin_shufflevector(v, v, kLow...) + __builtin_shufflevector(v, v, (kLow + sizeof...(kLow))...);
-}
+// path's dot_rows sums a vector for every key). The halves by memcpy: GCC has
+// __builtin_shufflevector only from 12, and the baseline build takes older ones.
 template <typename Vec>
 CUFLASH_CPU_INLINE auto lane_sum(const Vec& v) {
-  constexpr size_t kLanes = sizeof(Vec) / sizeof(v[0]);
-  if constexpr (kLanes == 2) {
+  using E = std::remove_cv_t<std::remove_reference_t<decltype(v[0])>>;
+  if constexpr (sizeof(Vec) == 2 * sizeof(E)) {
     return v[0] + v[1];
   } else {
-    static_assert(kLanes > 2 && kLanes % 2 == 0, "a power of two lanes");
-    return lane_sum(halves_added(v, std::make_index_sequence<kLanes / 2>{}));
+    typedef E Half __attribute__((vector_size(sizeof(Vec) / 2)));
+    Half low, high;
+    std::memcpy(&low, &v, sizeof(low));
+    std::memcpy(&high, reinterpret_cast<const char*>(&v) + sizeof(low), sizeof(high));
+    return lane_sum(low + high);
   }
 }
 
@@ -1270,7 +1269,7 @@ template <class S, bool kScale = false>
 CUFLASH_CPU_INLINE typename S::V tile_maximum(typename S::Scalar* x, int count, const typename S::V& start,
                                               typename S::Scalar scale = 1) {
   using V = typename S::V;
-  auto score = [&](int jj) {
+  auto score = [&](int jj) CUFLASH_CPU_LAMBDA_INLINE {
     V y = load<S>(x + jj * kBlockRows);
     if constexpr (kScale) store<S>(x + jj * kBlockRows, y = y * scale);
     return y;
