@@ -115,26 +115,38 @@ def _call_arguments(text, open_paren):
 def test_error_messages_format_numbers_without_an_ostream():
     """A number inserted into a TORCH_CHECK message (c10::str, an ostream) crashed the process on an
     H100 host (g++ 13, Ubuntu 24.04's Python; benchmarks/NOTES.md) instead of raising: every message
-    argument in csrc must be a string literal, a string or ScalarType variable, num(...) / shape(...)
-    (which format through std::to_string) or a tensor's device() / scalar_type() (printed by libc10)."""
+    argument in csrc must be a string literal, a string or ScalarType variable (one no declaration
+    in its file gives a number type), one whole call of num(...) / shape(...) (which format through
+    std::to_string), or a tensor's device() / scalar_type() (printed by libc10). (A source check:
+    torch's inline headers may still format numbers, as c10::fromIntArrayRefSlow does for sizes below
+    -2^62.)"""
     literal = r'("([^"\\]|\\.)*"\s*)+'
     allowed = [
         re.compile(literal),
-        re.compile(r"(num|shape|cudaGetErrorString)\(.*\)", re.S),
         re.compile(r"[\w.>-]+(\.|->)(device|scalar_type)\(\)"),
         re.compile(rf"[^?]+\?\s*{literal}\s*:\s*({literal}|[^?]+\?\s*{literal}\s*:\s*{literal})", re.S),
     ]
+
+    def one_formatting_call(arg):  # num(...), shape(...) or cudaGetErrorString(...), nothing after it
+        call = re.match(r"(num|shape|cudaGetErrorString)\s*\(", arg)
+        return bool(call) and len(_call_arguments(arg, call.end() - 1)[-1]) + call.end() + 1 == len(arg)
+
+    # Macros whose arguments after the first (TORCH_WARN*, c10::str: all of them) become the message.
+    macros = r"TORCH_CHECK\w*|TORCH_INTERNAL_ASSERT\w*|TORCH_WARN\w*|c10::str"
     offending = []
     for path in sorted((ROOT / "csrc").rglob("*")):
         if path.suffix not in {".cpp", ".h", ".cu", ".cuh"}:
             continue
         text = path.read_text()
         printable = r"const char\s*\*|std::string(?:_view)?\s*&?|const std::string\s*&|at::ScalarType"
-        string_names = set(re.findall(rf"(?:{printable})\s*(\w+)\s*[,)=;]", text))
-        for call in re.finditer(r"\b(TORCH_CHECK\w*|TORCH_WARN\w*|c10::str)\s*\(", text):
+        number = r"\b(?:u?int\w*|size_t|long|short|unsigned|float|double|auto|bool)\s*&?"
+        declared_number = set(re.findall(rf"(?:{number})\s+(\w+)\s*[,)=;\[]", text))
+        string_names = set(re.findall(rf"(?:{printable})\s*(\w+)\s*[,)=;]", text)) - declared_number
+        for call in re.finditer(rf"\b({macros})\s*\(", text):
             args = _call_arguments(text, call.end() - 1)
-            for arg in args if call.group(1) == "c10::str" else args[1:]:
-                if arg in string_names or any(p.fullmatch(arg) for p in allowed):
+            whole = call.group(1) == "c10::str" or call.group(1).startswith("TORCH_WARN")
+            for arg in args if whole else args[1:]:
+                if arg in string_names or one_formatting_call(arg) or any(p.fullmatch(arg) for p in allowed):
                     continue
                 line = text.count("\n", 0, call.start()) + 1
                 offending.append(f"{path.relative_to(ROOT)}:{line}: {arg}")
