@@ -5,7 +5,10 @@ Standard table: batch * seqlen = 16384 tokens, hidden 2048 (heads = 2048 // head
 head_dim in {64, 128, 256}, seqlen 512..16384, causal and not, bf16. Every implementation runs
 in the same process on the same inputs, timed in --rounds rounds interleaved with the others'
 (the median of its rounds is its figure; each round's are in the JSON); results go to
-benchmarks/results/<gpu-slug>-<YYYY-MM-DD>.json (and a .md table next to it).
+benchmarks/results/<gpu-slug>-<YYYY-MM-DD>.json (and a .md table next to it). Each row also keeps
+the GPU's state after its configuration's rounds (nvidia-smi: gpu_state) and, where NVML loads,
+its implementation's SM clock, power and slowdown share while its steps ran (gpu_clocks); the
+table's header sums both up.
 
     python3 benchmarks/bench_attention.py                 # the standard table
     python3 benchmarks/bench_attention.py --quick         # a fast subset
