@@ -598,16 +598,24 @@ CUFLASH_CPU_INLINE float bits_float(uint32_t u) {
   return f;
 }
 CUFLASH_CPU_INLINE float bf16_to_float(uint16_t h) { return bits_float(static_cast<uint32_t>(h) << 16); }
-// Without branches, so that a row's conversion vectorizes: the exponent rebiased (15 -> 127),
-// Inf and NaN to exponent 255, 0 and subnormals renormalized by a float subtraction (exact).
-CUFLASH_CPU_INLINE float half_to_float(uint16_t h) {
-  const uint32_t shifted = static_cast<uint32_t>(h & 0x7fffu) << 13, exponent = shifted & 0x0f800000u;
-  const uint32_t biased = shifted + (112u << 23);
-  const uint32_t special = exponent == 0x0f800000u ? biased + (112u << 23) : biased;
-  const float small = bits_float(biased + (1u << 23)) - 0x1p-14f;
-  const uint32_t magnitude = exponent == 0 ? float_bits(small) : special;
-  return bits_float(magnitude | (static_cast<uint32_t>(h & 0x8000u) << 16));
+// float16 bits u (each in its 32 bits' low half) as float bits, without branches, so that a row's
+// conversion vectorizes: the exponent rebiased (15 -> 127), Inf and NaN to exponent 255, 0 and
+// subnormals renormalized by a float subtraction (exact). Bits: uint32_t, or a vector of them
+// (load_row) with F the float vector of as many lanes.
+template <typename F, typename Bits>
+CUFLASH_CPU_INLINE Bits half_to_float_bits(Bits u) {
+  const Bits shifted = (u & 0x7fffu) << 13, exponent = shifted & 0x0f800000u;
+  const Bits biased = shifted + (112u << 23);
+  const Bits special = exponent == 0x0f800000u ? biased + (112u << 23) : biased;
+  const Bits renormalized = biased + (1u << 23);
+  F small;
+  std::memcpy(&small, &renormalized, sizeof(small));
+  small -= 0x1p-14f;
+  Bits small_bits;
+  std::memcpy(&small_bits, &small, sizeof(small_bits));
+  return (exponent == 0 ? small_bits : special) | ((u & 0x8000u) << 16);
 }
+CUFLASH_CPU_INLINE float half_to_float(uint16_t h) { return bits_float(half_to_float_bits<float>(uint32_t{h})); }
 // Rounded to nearest, ties to even, as torch's conversions.
 CUFLASH_CPU_INLINE uint16_t float_to_bf16(float f) {
   const uint32_t u = float_bits(f);
@@ -640,7 +648,7 @@ CUFLASH_CPU_INLINE float value_of(Bf16Bits x) { return bf16_to_float(x.bits); }
 CUFLASH_CPU_INLINE float value_of(HalfBits x) { return half_to_float(x.bits); }
 
 // A vector of S's lanes from row: float and double rows loaded, 16-bit ones widened exactly
-// (bf16_to_float's and half_to_float's arithmetic, lane by lane).
+// (bf16_to_float's shift, half_to_float_bits), lane by lane.
 template <class S, class R>
 CUFLASH_CPU_INLINE typename S::V load_row(const R* row) {
   using V = typename S::V;
@@ -653,20 +661,10 @@ CUFLASH_CPU_INLINE typename S::V load_row(const R* row) {
     std::memcpy(&narrow, row, sizeof(narrow));
     const Bits u = __builtin_convertvector(narrow, Bits);
     Bits bits;
-    if constexpr (std::is_same_v<R, Bf16Bits>) {
+    if constexpr (std::is_same_v<R, Bf16Bits>)
       bits = u << 16;
-    } else {
-      const Bits shifted = (u & 0x7fffu) << 13, exponent = shifted & 0x0f800000u;
-      const Bits biased = shifted + (112u << 23);
-      const Bits special = exponent == 0x0f800000u ? biased + (112u << 23) : biased;
-      const Bits renormalized = biased + (1u << 23);
-      V small;
-      std::memcpy(&small, &renormalized, sizeof(small));
-      small -= 0x1p-14f;
-      Bits small_bits;
-      std::memcpy(&small_bits, &small, sizeof(small_bits));
-      bits = (exponent == 0 ? small_bits : special) | ((u & 0x8000u) << 16);
-    }
+    else
+      bits = half_to_float_bits<V>(u);
     V v;
     std::memcpy(&v, &bits, sizeof(v));
     return v;
