@@ -70,11 +70,11 @@ def test_few_rows(isa, dtype, nq):
 @pytest.mark.parametrize("nq", [1, 3])  # two query heads a key head: blocks of 2 and 6 packed rows
 def test_row_path_widens_16_bit_rows_exactly(isa, dtype, nq):
     """Blocks of fewer than 8 rows read K and V's 16-bit rows as they are, widened in registers
-    (load_row): the output is float32 inputs' output rounded, bit for bit, and lse the same, over
+    (load_pair, load_row): the output is float32 inputs' output rounded, bit for bit, and lse the same, over
     values that take each branch of the widening: subnormals, the largest finite, -0, Inf and NaN
     (in V, at a key some rows' windows leave out), in vector lanes and in a head dim's scalar tail."""
     torch.manual_seed(0)
-    d = 72
+    d = 88  # 64-byte vectors: pairs of vectors (64 dims), one vector, a scalar tail
     q = torch.randn(1, 4, nq, d).to(dtype)
     k, v = (torch.randn(1, 2, 200, d).to(dtype) for _ in range(2))
     tiny = torch.finfo(dtype).smallest_normal
@@ -101,7 +101,7 @@ def test_row_path_groups_heads_without_changing_their_bits(isa, dtype, heads_q, 
     position (two positions, whose windows hold different keys of a tile); a head dim with a
     scalar tail."""
     torch.manual_seed(1)
-    d, heads_kv = 72, 2
+    d, heads_kv = 88, 2  # 64-byte vectors: pairs of vectors, one vector, a scalar tail
     q = torch.randn(1, heads_q, nq, d).to(dtype)
     k, v = (torch.randn(1, heads_kv, 300, d).to(dtype) for _ in range(2))
     kwargs = dict(is_causal=True, bottom_right=True, window_left=200)

@@ -46,6 +46,9 @@ namespace {
 constexpr int kKeys = kCpuKeyTile;
 constexpr int kBlockRows = kCpuBlockRows;  // query rows a block: a forward work item (flash_fwd_cpu_items)
 constexpr int kLaneRows = 8;               // blocks of fewer rows go a row at a time (fwd_rows)
+// The row path's rows that go through dot_rows_grouped and add_weighted_rows_grouped together at
+// most (four grouped query heads' accumulators take eight vector registers).
+constexpr int kRowGroup = 4;
 // The bytes of the partial results of split work at most (the backward's parts' dK and dV,
 // split-KV's rows; counted in double): as much as the math path's attention matrix of one head
 // over 16k keys in float32.
@@ -671,6 +674,70 @@ CUFLASH_CPU_INLINE typename S::V load_row(const R* row) {
   }
 }
 
+// Lanes 2l (even) and 2l + 1 (odd) of two vectors' worth of a row (2 L elements), as two vectors:
+// the row path's order of head dims (dot_rows_grouped, add_weighted_rows_grouped). A 16-bit row
+// is one load, each 32-bit lane's two halves widened exactly (bfloat16: a shift and a mask; a
+// whole-vector widening took six instructions a vector); float and double rows are two loads,
+// split by shuffles (so that rows of any type add up in the same order: the backward recomputes
+// scores from float copies of 16-bit rows).
+template <class S>
+CUFLASH_CPU_INLINE void split_lanes(const typename S::V& a, const typename S::V& b, typename S::V& even,
+                                    typename S::V& odd) {
+  constexpr int L = S::kLanes;
+#if defined(__GNUC__) && !defined(__clang__)
+  typename S::I even_ix, odd_ix;  // (constants once inlined: two-source permutes)
+  for (int l = 0; l < L; ++l) even_ix[l] = 2 * l, odd_ix[l] = 2 * l + 1;
+  even = __builtin_shuffle(a, b, even_ix);
+  odd = __builtin_shuffle(a, b, odd_ix);
+#else
+  for (int l = 0; l < L; ++l) {
+    even[l] = 2 * l < L ? a[2 * l] : b[2 * l - L];
+    odd[l] = 2 * l + 1 < L ? a[2 * l + 1] : b[2 * l + 1 - L];
+  }
+#endif
+}
+template <class S, class R>
+CUFLASH_CPU_INLINE void load_pair(const R* row, typename S::V& even, typename S::V& odd) {
+  using V = typename S::V;
+  if constexpr (std::is_same_v<R, typename S::Scalar>) {
+    split_lanes<S>(load<S>(row), load<S>(row + S::kLanes), even, odd);
+  } else {
+    static_assert(std::is_same_v<typename S::Scalar, float>, "16-bit rows widen to float");
+    using Bits = typename S::U;
+    Bits u, even_bits, odd_bits;
+    std::memcpy(&u, row, sizeof(u));  // 2 L 16-bit elements: L 32-bit lanes
+    if constexpr (std::is_same_v<R, Bf16Bits>) {
+      even_bits = u << 16;
+      odd_bits = u & 0xffff0000u;
+    } else {
+      even_bits = half_to_float_bits<V>(u);  // (it reads the low half alone)
+      odd_bits = half_to_float_bits<V>(u >> 16);
+    }
+    std::memcpy(&even, &even_bits, sizeof(even));
+    std::memcpy(&odd, &odd_bits, sizeof(odd));
+  }
+}
+// load_pair's inverse for float rows: to[2l] = even[l], to[2l + 1] = odd[l].
+template <class S>
+CUFLASH_CPU_INLINE void store_pair(typename S::Scalar* to, const typename S::V& even, const typename S::V& odd) {
+  using V = typename S::V;
+  constexpr int L = S::kLanes;
+  V low, high;
+#if defined(__GNUC__) && !defined(__clang__)
+  typename S::I low_ix, high_ix;
+  for (int l = 0; l < L; ++l) low_ix[l] = l / 2 + (l % 2) * L, high_ix[l] = (L + l) / 2 + (l % 2) * L;
+  low = __builtin_shuffle(even, odd, low_ix);
+  high = __builtin_shuffle(even, odd, high_ix);
+#else
+  for (int l = 0; l < L; ++l) {
+    low[l] = l % 2 ? odd[l / 2] : even[l / 2];
+    high[l] = l % 2 ? odd[(L + l) / 2] : even[(L + l) / 2];
+  }
+#endif
+  store<S>(to, low);
+  store<S>(to + L, high);
+}
+
 // The rows as the kernels read them: T's own, or (float kernels over float16 or bfloat16 inputs)
 // each row converted into `scratch` as it is fetched, and (the forward's) output rounded back, so
 // that nothing is converted whole (a KV cache at every decoding step; the backward's five inputs).
@@ -732,6 +799,7 @@ struct KernelRows {
 template <typename T>
 struct CpuScratch {
   std::vector<T> qt, dot, ot, scores, dp, capped, acc, zeros, q16, do16, o16, k16, v16;  // q16 ...: KernelRows'
+  std::vector<T> x_pairs;  // the row path's query rows in load_pair's order (dot_rows_grouped)
   std::vector<const T*> k_rows, v_rows, q_rows, do_rows, o_rows;
   std::vector<T*> dk_rows, dv_rows;
   std::vector<T> kv16;                        // the backward's pair's K and V rows, from 16-bit inputs
@@ -757,6 +825,7 @@ struct CpuScratch {
         o16(q16.size()),
         k16(static_cast<size_t>(kKeys) * D),
         v16(static_cast<size_t>(kKeys) * D),
+        x_pairs(static_cast<size_t>(kRowGroup) * D),
         k_rows(kKeys),
         v_rows(kKeys),
         q_rows(kBlockRows),
@@ -1028,22 +1097,37 @@ CUFLASH_CPU_INLINE auto lane_sum(const Vec& v) {
 }
 
 // out[g][jj] = x[g] . rows[jj] for jj < count and G rows x[g] (the row path's rows that see the same
-// keys: a decoding step's query heads of one key head), a vector of head dims at a time, each key's
-// vectors read once for the G rows, the lanes summed last (lane_sum). A row's arithmetic does not
-// depend on G (the backward recomputes the row path's scores by dot_rows).
+// keys: a decoding step's query heads of one key head): head dims by pairs of vectors in
+// load_pair's order (x's rows split once into x_pairs, G D elements), then one vector, then one at
+// a time; each key's vectors read once for the G rows, the lanes summed last (lane_sum). A row's
+// arithmetic depends on neither G nor the rows' type (the backward recomputes the row path's
+// scores by dot_rows, from float copies of 16-bit rows).
 template <class S, int G, class R, typename T = typename S::Scalar>
-CUFLASH_CPU_INLINE void dot_rows_grouped(const T* const* x, const R* const* rows, int count, int D, T* const* out) {
+CUFLASH_CPU_INLINE void dot_rows_grouped(const T* const* x, const R* const* rows, int count, int D, T* const* out,
+                                         T* x_pairs) {
   using V = typename S::V;
   constexpr int L = S::kLanes;
+  const int paired = D / (2 * L) * (2 * L);
+  for (int g = 0; g < G; ++g)
+    for (int d = 0; d < paired; d += 2 * L) {
+      V even, odd;
+      load_pair<S>(x[g] + d, even, odd);
+      store<S>(x_pairs + g * paired + d, even);
+      store<S>(x_pairs + g * paired + d + L, odd);
+    }
   for (int jj = 0; jj < count; ++jj) {
     const R* y = rows[jj];
     V even[G] = {}, odd[G] = {};
-    int d = 0;
-    for (; d + 2 * L <= D; d += 2 * L) {
-      const V y_even = load_row<S>(y + d), y_odd = load_row<S>(y + d + L);
+    for (int d = 0; d < paired; d += 2 * L) {
+      V y_even, y_odd;
+      load_pair<S>(y + d, y_even, y_odd);
 #pragma GCC unroll 4
-      for (int g = 0; g < G; ++g) even[g] += load<S>(x[g] + d) * y_even, odd[g] += load<S>(x[g] + d + L) * y_odd;
+      for (int g = 0; g < G; ++g) {
+        even[g] += load<S>(x_pairs + g * paired + d) * y_even;
+        odd[g] += load<S>(x_pairs + g * paired + d + L) * y_odd;
+      }
     }
+    int d = paired;
     if (d + L <= D) {
       const V y_even = load_row<S>(y + d);
 #pragma GCC unroll 4
@@ -1059,53 +1143,78 @@ CUFLASH_CPU_INLINE void dot_rows_grouped(const T* const* x, const R* const* rows
   }
 }
 template <class S, class R, typename T = typename S::Scalar>
-CUFLASH_CPU_INLINE void dot_rows(const T* x, const R* const* rows, int count, int D, T* out) {
-  dot_rows_grouped<S, 1>(&x, rows, count, D, &out);
+CUFLASH_CPU_INLINE void dot_rows(const T* x, const R* const* rows, int count, int D, T* out, T* x_pairs) {
+  dot_rows_grouped<S, 1>(&x, rows, count, D, &out, x_pairs);
 }
 
 // y[g][0, D) += sum over t < n of weights[g][t] * rows[t][0, D) for G rows (dot_rows_grouped's):
-// 4 / G vectors of head dims at a time (at least one), the rows in two interleaved sums (even and
-// odd t, added last), each key's vectors read once for the G rows: eight accumulators in flight.
+// head dims by pairs of vectors (load_pair; y's split and put back by store_pair), as many as
+// keep sixteen accumulators (eight where vectors are narrower), then one vector, then one at a
+// time; the rows in two interleaved sums (even and odd t, added last); each key's vectors read
+// once for the G rows. Each element adds up in the same order however its lanes are laid out.
 template <class S, int G, class R, typename T = typename S::Scalar>
 CUFLASH_CPU_INLINE void add_weighted_rows_grouped(T* const* y, int D, int n, const T* const* weights,
                                                   const R* const* rows) {
   using V = typename S::V;
-  constexpr int L = S::kLanes, kChunk = G >= 4 ? 1 : 4 / G;
+  constexpr int L = S::kLanes, kAccumulators = sizeof(V) == 64 ? 16 : 8;
+  constexpr int kPairs = 4 * G >= kAccumulators ? 1 : kAccumulators / (4 * G);
   int d = 0;
-  auto chunk = [&](auto vectors) CUFLASH_CPU_LAMBDA_INLINE {
-    constexpr int C = decltype(vectors)::value;
-    V even[G][C], odd[G][C];
+  auto pairs = [&](auto count) CUFLASH_CPU_LAMBDA_INLINE {
+    constexpr int P = decltype(count)::value;
+    V even[G][2 * P], odd[G][2 * P];  // [2c]: the pair c's even lanes, [2c + 1] its odd ones
 #pragma GCC unroll 8
     for (int g = 0; g < G; ++g)
 #pragma GCC unroll 8
-      for (int c = 0; c < C; ++c) even[g][c] = load<S>(y[g] + d + c * L), odd[g][c] = V{};
-    int t = 0;
-    for (; t + 1 < n; t += 2) {
+      for (int c = 0; c < P; ++c) {
+        load_pair<S>(y[g] + d + 2 * c * L, even[g][2 * c], even[g][2 * c + 1]);
+        odd[g][2 * c] = odd[g][2 * c + 1] = V{};
+      }
+    auto add_row = [&](V (*sums)[2 * P], const R* row, int t) CUFLASH_CPU_LAMBDA_INLINE {
 #pragma GCC unroll 8
-      for (int c = 0; c < C; ++c) {
-        const V row_even = load_row<S>(rows[t] + d + c * L), row_odd = load_row<S>(rows[t + 1] + d + c * L);
+      for (int c = 0; c < P; ++c) {
+        V row_even, row_odd;
+        load_pair<S>(row + d + 2 * c * L, row_even, row_odd);
 #pragma GCC unroll 4
         for (int g = 0; g < G; ++g) {
-          even[g][c] += row_even * weights[g][t];
-          odd[g][c] += row_odd * weights[g][t + 1];
+          sums[g][2 * c] += row_even * weights[g][t];
+          sums[g][2 * c + 1] += row_odd * weights[g][t];
         }
       }
+    };
+    int t = 0;
+    for (; t + 1 < n; t += 2) {
+      add_row(even, rows[t], t);
+      add_row(odd, rows[t + 1], t + 1);
     }
-    if (t < n)
-#pragma GCC unroll 8
-      for (int c = 0; c < C; ++c) {
-        const V row_even = load_row<S>(rows[t] + d + c * L);
-#pragma GCC unroll 4
-        for (int g = 0; g < G; ++g) even[g][c] += row_even * weights[g][t];
-      }
+    if (t < n) add_row(even, rows[t], t);
 #pragma GCC unroll 8
     for (int g = 0; g < G; ++g)
 #pragma GCC unroll 8
-      for (int c = 0; c < C; ++c) store<S>(y[g] + d + c * L, even[g][c] + odd[g][c]);
+      for (int c = 0; c < P; ++c)
+        store_pair<S>(y[g] + d + 2 * c * L, even[g][2 * c] + odd[g][2 * c], even[g][2 * c + 1] + odd[g][2 * c + 1]);
   };
-  for (; d + kChunk * L <= D; d += kChunk * L) chunk(std::integral_constant<int, kChunk>{});
-  if constexpr (kChunk > 1)
-    for (; d + L <= D; d += L) chunk(std::integral_constant<int, 1>{});
+  for (; d + kPairs * 2 * L <= D; d += kPairs * 2 * L) pairs(std::integral_constant<int, kPairs>{});
+  if constexpr (kPairs > 1)
+    for (; d + 2 * L <= D; d += 2 * L) pairs(std::integral_constant<int, 1>{});
+  if (d + L <= D) {
+    V even[G], odd[G];
+#pragma GCC unroll 4
+    for (int g = 0; g < G; ++g) even[g] = load<S>(y[g] + d), odd[g] = V{};
+    int t = 0;
+    for (; t + 1 < n; t += 2) {
+      const V row_even = load_row<S>(rows[t] + d), row_odd = load_row<S>(rows[t + 1] + d);
+#pragma GCC unroll 4
+      for (int g = 0; g < G; ++g) even[g] += row_even * weights[g][t], odd[g] += row_odd * weights[g][t + 1];
+    }
+    if (t < n) {
+      const V row_even = load_row<S>(rows[t] + d);
+#pragma GCC unroll 4
+      for (int g = 0; g < G; ++g) even[g] += row_even * weights[g][t];
+    }
+#pragma GCC unroll 4
+    for (int g = 0; g < G; ++g) store<S>(y[g] + d, even[g] + odd[g]);
+    d += L;
+  }
   for (; d < D; ++d)
     for (int g = 0; g < G; ++g) {
       T a = y[g][d];
@@ -1147,9 +1256,6 @@ struct FwdSplit {
   }
 };
 
-// The row path's rows that go through dot_rows_grouped and add_weighted_rows_grouped together at
-// most (four grouped query heads' accumulators take eight vector registers).
-constexpr int kRowGroup = 4;
 // f(std::integral_constant<int, size>) for a size in [1, kRowGroup].
 template <class F>
 CUFLASH_CPU_INLINE void with_group_size(int size, F&& f) {
@@ -1219,7 +1325,7 @@ CUFLASH_CPU_INLINE void fwd_rows_of(const FlashFwdParams& p, const KernelRows<T>
       for (int g = 0; g < size; ++g)
         q[g] = w.q_rows[group[g]], x[g] = scores + g * kKeys, acc[g] = w.acc.data() + static_cast<size_t>(group[g]) * D;
       with_group_size(size, [&](auto kG) CUFLASH_CPU_LAMBDA_INLINE {
-        dot_rows_grouped<S, kG()>(q, k_rows + group_lo, group_n, D, x);
+        dot_rows_grouped<S, kG()>(q, k_rows + group_lo, group_n, D, x, w.x_pairs.data());
       });
       for (int g = 0; g < size; ++g) softmax_step(group[g], group_lo, group_n, x[g]);
       with_group_size(size, [&](auto kG) CUFLASH_CPU_LAMBDA_INLINE {
@@ -1622,7 +1728,7 @@ CUFLASH_CPU_INLINE void bwd_head_impl(const FlashBwdParams& p, int b, int hk, co
       if (rows_alone) {
         for (int r = 0; r < rows; ++r) {
           T row_scores[kKeys];
-          dot_rows<S>(w.q_rows[r], w.k_rows.data(), count, D, row_scores);
+          dot_rows<S>(w.q_rows[r], w.k_rows.data(), count, D, row_scores, w.x_pairs.data());
           for (int jj = 0; jj < count; ++jj) st[jj * kBlockRows + r] = row_scores[jj];
         }
         for (int jj = 0; jj < count; ++jj) std::fill(st + jj * kBlockRows + rows, st + jj * kBlockRows + R * L, T(0));
