@@ -6,6 +6,7 @@
 #include <limits>
 #include <optional>
 #include <type_traits>
+#include <utility>
 #include <vector>
 
 // x86-64 GCC builds: an instantiation a vector width, each under its target attribute (below;
@@ -47,7 +48,7 @@ constexpr int kKeys = kCpuKeyTile;
 constexpr int kBlockRows = kCpuBlockRows;  // query rows a block: a forward work item (flash_fwd_cpu_items)
 constexpr int kLaneRows = 8;               // blocks of fewer rows go a row at a time (fwd_rows)
 // The row path's rows that go through dot_rows_grouped and add_weighted_rows_grouped together at
-// most (four grouped query heads' accumulators take eight vector registers).
+// most (four grouped query heads: dot_rows_grouped's eight sums, add_weighted's sixteen).
 constexpr int kRowGroup = 4;
 // The bytes of the partial results of split work at most (the backward's parts' dK and dV,
 // split-KV's rows; counted in double): as much as the math path's attention matrix of one head
@@ -675,24 +676,44 @@ CUFLASH_CPU_INLINE typename S::V load_row(const R* row) {
 }
 
 // Lanes 2l (even) and 2l + 1 (odd) of two vectors' worth of a row (2 L elements), as two vectors:
-// the row path's order of head dims (dot_rows_grouped, add_weighted_rows_grouped). A 16-bit row
-// is one load, each 32-bit lane's two halves widened exactly (bfloat16: a shift and a mask; a
-// whole-vector widening took six instructions a vector); float and double rows are two loads,
-// split by shuffles (so that rows of any type add up in the same order: the backward recomputes
-// scores from float copies of 16-bit rows).
+// the order in which dot_rows_grouped adds head dims, and add_weighted_rows_grouped's unit of a
+// 16-bit row. A 16-bit row is one load, each 32-bit lane's two halves widened exactly (bfloat16:
+// a shift and a mask; a whole-vector widening took six instructions a vector); float and double
+// rows are two loads, split by shuffles (so that q . k adds up in the same order for every row
+// type: the backward recomputes scores from float copies of 16-bit rows).
+#if defined(__clang__)
+template <class V, size_t... l>
+CUFLASH_CPU_INLINE void split_lanes_of(const V& a, const V& b, V& even, V& odd, std::index_sequence<l...>) {
+  even = __builtin_shufflevector(a, b, (2 * l)...);
+  odd = __builtin_shufflevector(a, b, (2 * l + 1)...);
+}
+template <class V, size_t... l>
+CUFLASH_CPU_INLINE void join_lanes_of(const V& even, const V& odd, V& low, V& high, std::index_sequence<l...>) {
+  constexpr size_t L = sizeof...(l);
+  low = __builtin_shufflevector(even, odd, (l / 2 + (l % 2) * L)...);
+  high = __builtin_shufflevector(even, odd, ((L + l) / 2 + (l % 2) * L)...);
+}
+#endif
 template <class S>
 CUFLASH_CPU_INLINE void split_lanes(const typename S::V& a, const typename S::V& b, typename S::V& even,
                                     typename S::V& odd) {
   constexpr int L = S::kLanes;
-#if defined(__GNUC__) && !defined(__clang__)
-  typename S::I even_ix, odd_ix;  // (constants once inlined: two-source permutes)
-  for (int l = 0; l < L; ++l) even_ix[l] = 2 * l, odd_ix[l] = 2 * l + 1;
-  even = __builtin_shuffle(a, b, even_ix);
-  odd = __builtin_shuffle(a, b, odd_ix);
+#if defined(__clang__)
+  split_lanes_of(a, b, even, odd, std::make_index_sequence<L>{});
 #else
-  for (int l = 0; l < L; ++l) {
-    even[l] = 2 * l < L ? a[2 * l] : b[2 * l - L];
-    odd[l] = 2 * l + 1 < L ? a[2 * l + 1] : b[2 * l + 1 - L];
+  using I = typename S::I;
+  if constexpr (L == 8 && sizeof(typename S::Scalar) == 4) {
+    // AVX2's floats: within each 128-bit half (vshufps), then the 64-bit quarters in order (one
+    // vpermd): four shuffles, where the one-step permutation took four and two blends.
+    const I half_even = {0, 2, 8, 10, 4, 6, 12, 14}, half_odd = {1, 3, 9, 11, 5, 7, 13, 15};
+    const I quarters = {0, 1, 4, 5, 2, 3, 6, 7};
+    even = __builtin_shuffle(__builtin_shuffle(a, b, half_even), quarters);
+    odd = __builtin_shuffle(__builtin_shuffle(a, b, half_odd), quarters);
+  } else {
+    I even_ix, odd_ix;  // (constants once inlined: two-source permutes)
+    for (int l = 0; l < L; ++l) even_ix[l] = 2 * l, odd_ix[l] = 2 * l + 1;
+    even = __builtin_shuffle(a, b, even_ix);
+    odd = __builtin_shuffle(a, b, odd_ix);
   }
 #endif
 }
@@ -703,6 +724,7 @@ CUFLASH_CPU_INLINE void load_pair(const R* row, typename S::V& even, typename S:
     split_lanes<S>(load<S>(row), load<S>(row + S::kLanes), even, odd);
   } else {
     static_assert(std::is_same_v<typename S::Scalar, float>, "16-bit rows widen to float");
+    static_assert(__BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__, "element 2l in the low half of lane l");
     using Bits = typename S::U;
     Bits u, even_bits, odd_bits;
     std::memcpy(&u, row, sizeof(u));  // 2 L 16-bit elements: L 32-bit lanes
@@ -721,18 +743,15 @@ CUFLASH_CPU_INLINE void load_pair(const R* row, typename S::V& even, typename S:
 template <class S>
 CUFLASH_CPU_INLINE void store_pair(typename S::Scalar* to, const typename S::V& even, const typename S::V& odd) {
   using V = typename S::V;
-  constexpr int L = S::kLanes;
+  constexpr int L = S::kLanes;  // (even: every instantiation's)
   V low, high;
-#if defined(__GNUC__) && !defined(__clang__)
+#if defined(__clang__)
+  join_lanes_of(even, odd, low, high, std::make_index_sequence<L>{});
+#else
   typename S::I low_ix, high_ix;
   for (int l = 0; l < L; ++l) low_ix[l] = l / 2 + (l % 2) * L, high_ix[l] = (L + l) / 2 + (l % 2) * L;
   low = __builtin_shuffle(even, odd, low_ix);
   high = __builtin_shuffle(even, odd, high_ix);
-#else
-  for (int l = 0; l < L; ++l) {
-    low[l] = l % 2 ? odd[l / 2] : even[l / 2];
-    high[l] = l % 2 ? odd[(L + l) / 2] : even[(L + l) / 2];
-  }
 #endif
   store<S>(to, low);
   store<S>(to + L, high);
@@ -1129,9 +1148,9 @@ CUFLASH_CPU_INLINE void dot_rows_grouped(const T* const* x, const R* const* rows
     }
     int d = paired;
     if (d + L <= D) {
-      const V y_even = load_row<S>(y + d);
+      const V y_vector = load_row<S>(y + d);
 #pragma GCC unroll 4
-      for (int g = 0; g < G; ++g) even[g] += load<S>(x[g] + d) * y_even;
+      for (int g = 0; g < G; ++g) even[g] += load<S>(x[g] + d) * y_vector;
       d += L;
     }
 #pragma GCC unroll 4
@@ -1148,73 +1167,72 @@ CUFLASH_CPU_INLINE void dot_rows(const T* x, const R* const* rows, int count, in
 }
 
 // y[g][0, D) += sum over t < n of weights[g][t] * rows[t][0, D) for G rows (dot_rows_grouped's):
-// head dims by pairs of vectors (load_pair; y's split and put back by store_pair), as many as
-// keep sixteen accumulators (eight where vectors are narrower), then one vector, then one at a
-// time; the rows in two interleaved sums (even and odd t, added last); each key's vectors read
-// once for the G rows. Each element adds up in the same order however its lanes are laid out.
+// head dims in chunks of units, a unit a pair of vectors for 16-bit rows (load_pair; y's split and
+// put back by store_pair) or one vector (float rows, and a 16-bit row's last vector), as many
+// units as keep sixteen sums (eight where vectors are narrower) or one, then one at a time; each
+// element's rows in two interleaved sums (even and odd t, added last), the same order whatever
+// the unit; each key's vectors read once for the G rows.
 template <class S, int G, class R, typename T = typename S::Scalar>
 CUFLASH_CPU_INLINE void add_weighted_rows_grouped(T* const* y, int D, int n, const T* const* weights,
                                                   const R* const* rows) {
   using V = typename S::V;
-  constexpr int L = S::kLanes, kAccumulators = sizeof(V) == 64 ? 16 : 8;
-  constexpr int kPairs = 4 * G >= kAccumulators ? 1 : kAccumulators / (4 * G);
+  constexpr int L = S::kLanes, kSums = sizeof(V) == 64 ? 16 : 8;
+  constexpr int kWidth = std::is_same_v<R, T> ? 1 : 2;  // vectors a unit
+  constexpr int kUnits = 2 * kWidth * G >= kSums ? 1 : kSums / (2 * kWidth * G);
   int d = 0;
-  auto pairs = [&](auto count) CUFLASH_CPU_LAMBDA_INLINE {
-    constexpr int P = decltype(count)::value;
-    V even[G][2 * P], odd[G][2 * P];  // [2c]: the pair c's even lanes, [2c + 1] its odd ones
-#pragma GCC unroll 8
+  auto chunk = [&](auto units, auto width) CUFLASH_CPU_LAMBDA_INLINE {
+    constexpr int U = decltype(units)::value, W = decltype(width)::value;
+    auto load_unit = [](const auto* from, V* to) CUFLASH_CPU_LAMBDA_INLINE {
+      if constexpr (W == 2)
+        load_pair<S>(from, to[0], to[1]);
+      else
+        to[0] = load_row<S>(from);
+    };
+    V sums_t_even[G][U * W], sums_t_odd[G][U * W];  // [u * W + w]: unit u's vector w
+#pragma GCC unroll 4
     for (int g = 0; g < G; ++g)
 #pragma GCC unroll 8
-      for (int c = 0; c < P; ++c) {
-        load_pair<S>(y[g] + d + 2 * c * L, even[g][2 * c], even[g][2 * c + 1]);
-        odd[g][2 * c] = odd[g][2 * c + 1] = V{};
+      for (int u = 0; u < U; ++u) {
+        load_unit(y[g] + d + u * W * L, &sums_t_even[g][u * W]);
+#pragma GCC unroll 2
+        for (int w = 0; w < W; ++w) sums_t_odd[g][u * W + w] = V{};
       }
-    auto add_row = [&](V (*sums)[2 * P], const R* row, int t) CUFLASH_CPU_LAMBDA_INLINE {
+    auto add_row = [&](V (*sums)[U * W], const R* row, int t) CUFLASH_CPU_LAMBDA_INLINE {
 #pragma GCC unroll 8
-      for (int c = 0; c < P; ++c) {
-        V row_even, row_odd;
-        load_pair<S>(row + d + 2 * c * L, row_even, row_odd);
+      for (int u = 0; u < U; ++u) {
+        V row_unit[W];
+        load_unit(row + d + u * W * L, row_unit);
 #pragma GCC unroll 4
-        for (int g = 0; g < G; ++g) {
-          sums[g][2 * c] += row_even * weights[g][t];
-          sums[g][2 * c + 1] += row_odd * weights[g][t];
-        }
+        for (int g = 0; g < G; ++g)
+#pragma GCC unroll 2
+          for (int w = 0; w < W; ++w) sums[g][u * W + w] += row_unit[w] * weights[g][t];
       }
     };
     int t = 0;
     for (; t + 1 < n; t += 2) {
-      add_row(even, rows[t], t);
-      add_row(odd, rows[t + 1], t + 1);
+      add_row(sums_t_even, rows[t], t);
+      add_row(sums_t_odd, rows[t + 1], t + 1);
     }
-    if (t < n) add_row(even, rows[t], t);
-#pragma GCC unroll 8
+    if (t < n) add_row(sums_t_even, rows[t], t);
+#pragma GCC unroll 4
     for (int g = 0; g < G; ++g)
 #pragma GCC unroll 8
-      for (int c = 0; c < P; ++c)
-        store_pair<S>(y[g] + d + 2 * c * L, even[g][2 * c] + odd[g][2 * c], even[g][2 * c + 1] + odd[g][2 * c + 1]);
+      for (int u = 0; u < U; ++u) {
+        V* even = &sums_t_even[g][u * W];
+        const V* odd = &sums_t_odd[g][u * W];
+        if constexpr (W == 2)
+          store_pair<S>(y[g] + d + u * W * L, even[0] + odd[0], even[1] + odd[1]);
+        else
+          store<S>(y[g] + d + u * W * L, even[0] + odd[0]);
+      }
   };
-  for (; d + kPairs * 2 * L <= D; d += kPairs * 2 * L) pairs(std::integral_constant<int, kPairs>{});
-  if constexpr (kPairs > 1)
-    for (; d + 2 * L <= D; d += 2 * L) pairs(std::integral_constant<int, 1>{});
-  if (d + L <= D) {
-    V even[G], odd[G];
-#pragma GCC unroll 4
-    for (int g = 0; g < G; ++g) even[g] = load<S>(y[g] + d), odd[g] = V{};
-    int t = 0;
-    for (; t + 1 < n; t += 2) {
-      const V row_even = load_row<S>(rows[t] + d), row_odd = load_row<S>(rows[t + 1] + d);
-#pragma GCC unroll 4
-      for (int g = 0; g < G; ++g) even[g] += row_even * weights[g][t], odd[g] += row_odd * weights[g][t + 1];
-    }
-    if (t < n) {
-      const V row_even = load_row<S>(rows[t] + d);
-#pragma GCC unroll 4
-      for (int g = 0; g < G; ++g) even[g] += row_even * weights[g][t];
-    }
-#pragma GCC unroll 4
-    for (int g = 0; g < G; ++g) store<S>(y[g] + d, even[g] + odd[g]);
-    d += L;
-  }
+  using One = std::integral_constant<int, 1>;
+  using Width = std::integral_constant<int, kWidth>;
+  for (; d + kUnits * kWidth * L <= D; d += kUnits * kWidth * L) chunk(std::integral_constant<int, kUnits>{}, Width{});
+  if constexpr (kUnits > 1)
+    for (; d + kWidth * L <= D; d += kWidth * L) chunk(One{}, Width{});
+  if constexpr (kWidth == 2)
+    if (d + L <= D) chunk(One{}, One{}), d += L;
   for (; d < D; ++d)
     for (int g = 0; g < G; ++g) {
       T a = y[g][d];
