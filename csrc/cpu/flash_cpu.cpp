@@ -703,8 +703,8 @@ CUFLASH_CPU_INLINE void split_lanes(const typename S::V& a, const typename S::V&
 #else
   using I = typename S::I;
   if constexpr (L == 8 && sizeof(typename S::Scalar) == 4) {
-    // AVX2's floats: within each 128-bit half (vshufps), then the 64-bit quarters in order (one
-    // vpermd): four shuffles, where the one-step permutation took four and two blends.
+    // AVX2's floats: within each 128-bit half (vshufps), then the 64-bit quarters in order
+    // (vpermd): four shuffles for the two, where the one-step permutations took four and two blends.
     const I half_even = {0, 2, 8, 10, 4, 6, 12, 14}, half_odd = {1, 3, 9, 11, 5, 7, 13, 15};
     const I quarters = {0, 1, 4, 5, 2, 3, 6, 7};
     even = __builtin_shuffle(__builtin_shuffle(a, b, half_even), quarters);
