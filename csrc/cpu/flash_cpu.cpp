@@ -818,7 +818,7 @@ struct KernelRows {
 template <typename T>
 struct CpuScratch {
   std::vector<T> qt, dot, ot, scores, dp, capped, acc, zeros, q16, do16, o16, k16, v16;  // q16 ...: KernelRows'
-  std::vector<T> x_pairs;  // the row path's query rows in load_pair's order (dot_rows_grouped)
+  std::vector<T> q_pairs;  // the row path's query rows, split once a block (split_row_pairs)
   std::vector<const T*> k_rows, v_rows, q_rows, do_rows, o_rows;
   std::vector<T*> dk_rows, dv_rows;
   std::vector<T> kv16;                        // the backward's pair's K and V rows, from 16-bit inputs
@@ -844,7 +844,7 @@ struct CpuScratch {
         o16(q16.size()),
         k16(static_cast<size_t>(kKeys) * D),
         v16(static_cast<size_t>(kKeys) * D),
-        x_pairs(static_cast<size_t>(kRowGroup) * D),
+        q_pairs(static_cast<size_t>(kLaneRows) * D),
         k_rows(kKeys),
         v_rows(kKeys),
         q_rows(kBlockRows),
@@ -1115,25 +1115,33 @@ CUFLASH_CPU_INLINE auto lane_sum(const Vec& v) {
   }
 }
 
+// A row's head dims with each whole pair of vectors in load_pair's order, the rest as they are:
+// the row path's query rows, split once a block for dot_rows_grouped.
+template <class S, typename T = typename S::Scalar>
+CUFLASH_CPU_INLINE void split_row_pairs(const T* x, int D, T* to) {
+  using V = typename S::V;
+  constexpr int L = S::kLanes;
+  int d = 0;
+  for (; d + 2 * L <= D; d += 2 * L) {
+    V even, odd;
+    load_pair<S>(x + d, even, odd);
+    store<S>(to + d, even);
+    store<S>(to + d + L, odd);
+  }
+  for (; d < D; ++d) to[d] = x[d];
+}
+
 // out[g][jj] = x[g] . rows[jj] for jj < count and G rows x[g] (the row path's rows that see the same
-// keys: a decoding step's query heads of one key head): head dims by pairs of vectors in
-// load_pair's order (x's rows split once into x_pairs, G D elements), then one vector, then one at
-// a time; each key's vectors read once for the G rows, the lanes summed last (lane_sum). A row's
-// arithmetic depends on neither G nor the rows' type (the backward recomputes the row path's
-// scores by dot_rows, from float copies of 16-bit rows).
+// keys: a decoding step's query heads of one key head; x split by split_row_pairs): head dims by
+// pairs of vectors in load_pair's order, then one vector, then one at a time; each key's vectors
+// read once for the G rows, the lanes summed last (lane_sum). A row's arithmetic depends on neither
+// G nor the rows' type (the backward recomputes the row path's scores by dot_rows, from float
+// copies of 16-bit rows).
 template <class S, int G, class R, typename T = typename S::Scalar>
-CUFLASH_CPU_INLINE void dot_rows_grouped(const T* const* x, const R* const* rows, int count, int D, T* const* out,
-                                         T* x_pairs) {
+CUFLASH_CPU_INLINE void dot_rows_grouped(const T* const* x, const R* const* rows, int count, int D, T* const* out) {
   using V = typename S::V;
   constexpr int L = S::kLanes;
   const int paired = D / (2 * L) * (2 * L);
-  for (int g = 0; g < G; ++g)
-    for (int d = 0; d < paired; d += 2 * L) {
-      V even, odd;
-      load_pair<S>(x[g] + d, even, odd);
-      store<S>(x_pairs + g * paired + d, even);
-      store<S>(x_pairs + g * paired + d + L, odd);
-    }
   for (int jj = 0; jj < count; ++jj) {
     const R* y = rows[jj];
     V even[G] = {}, odd[G] = {};
@@ -1142,8 +1150,8 @@ CUFLASH_CPU_INLINE void dot_rows_grouped(const T* const* x, const R* const* rows
       load_pair<S>(y + d, y_even, y_odd);
 #pragma GCC unroll 4
       for (int g = 0; g < G; ++g) {
-        even[g] += load<S>(x_pairs + g * paired + d) * y_even;
-        odd[g] += load<S>(x_pairs + g * paired + d + L) * y_odd;
+        even[g] += load<S>(x[g] + d) * y_even;
+        odd[g] += load<S>(x[g] + d + L) * y_odd;
       }
     }
     int d = paired;
@@ -1162,8 +1170,8 @@ CUFLASH_CPU_INLINE void dot_rows_grouped(const T* const* x, const R* const* rows
   }
 }
 template <class S, class R, typename T = typename S::Scalar>
-CUFLASH_CPU_INLINE void dot_rows(const T* x, const R* const* rows, int count, int D, T* out, T* x_pairs) {
-  dot_rows_grouped<S, 1>(&x, rows, count, D, &out, x_pairs);
+CUFLASH_CPU_INLINE void dot_rows(const T* x, const R* const* rows, int count, int D, T* out) {
+  dot_rows_grouped<S, 1>(&x, rows, count, D, &out);
 }
 
 // y[g][0, D) += sum over t < n of weights[g][t] * rows[t][0, D) for G rows (dot_rows_grouped's):
@@ -1302,8 +1310,10 @@ CUFLASH_CPU_INLINE void fwd_rows_of(const FlashFwdParams& p, const KernelRows<T>
   std::fill(w.acc.begin(), w.acc.end(), T(0));  // the rows' outputs, [row][D]
   T row_max[kLaneRows], row_sum[kLaneRows];
   bool q_finite[kLaneRows];
-  for (int r = 0; r < rows; ++r)
+  for (int r = 0; r < rows; ++r) {
     row_max[r] = -inf, row_sum[r] = T(0), q_finite[r] = rules.score.mask.data && rows_finite<S>(&w.q_rows[r], 1, D);
+    split_row_pairs<S>(w.q_rows[r], D, w.q_pairs.data() + static_cast<size_t>(r) * D);
+  }
   T* scores = w.scores.data();
   const R *k_rows[kKeys], *v_rows[kKeys];
   for (int j0 = keys.begin; j0 < keys.end; j0 += kKeys) {
@@ -1341,9 +1351,10 @@ CUFLASH_CPU_INLINE void fwd_rows_of(const FlashFwdParams& p, const KernelRows<T>
       const T* q[kRowGroup];
       T *x[kRowGroup], *acc[kRowGroup];
       for (int g = 0; g < size; ++g)
-        q[g] = w.q_rows[group[g]], x[g] = scores + g * kKeys, acc[g] = w.acc.data() + static_cast<size_t>(group[g]) * D;
+        q[g] = w.q_pairs.data() + static_cast<size_t>(group[g]) * D, x[g] = scores + g * kKeys,
+        acc[g] = w.acc.data() + static_cast<size_t>(group[g]) * D;
       with_group_size(size, [&](auto kG) CUFLASH_CPU_LAMBDA_INLINE {
-        dot_rows_grouped<S, kG()>(q, k_rows + group_lo, group_n, D, x, w.x_pairs.data());
+        dot_rows_grouped<S, kG()>(q, k_rows + group_lo, group_n, D, x);
       });
       for (int g = 0; g < size; ++g) softmax_step(group[g], group_lo, group_n, x[g]);
       with_group_size(size, [&](auto kG) CUFLASH_CPU_LAMBDA_INLINE {
@@ -1702,6 +1713,9 @@ CUFLASH_CPU_INLINE void bwd_head_impl(const FlashBwdParams& p, int b, int hk, co
     const bool do_finite = rows_finite<S>(w.do_rows.data(), rows, D);
     bool delta_finite = true;  // (dS = P (dP - delta): a NaN delta reaches even P = 0's pairs)
     for (int r = 0; r < rows; ++r) delta_finite = delta_finite && std::isfinite(row_delta[r]);
+    if (rows < kLaneRows)  // the forward's row path's scores (dot_rows, below)
+      for (int r = 0; r < rows; ++r)
+        split_row_pairs<S>(w.q_rows[r], D, w.q_pairs.data() + static_cast<size_t>(r) * D);
     for (int j0 = keys.begin; j0 < keys.end; j0 += kKeys) {
       const int count = std::min(kKeys, keys.end - j0);
       for (int jj = 0; jj < count; ++jj) {
@@ -1746,7 +1760,7 @@ CUFLASH_CPU_INLINE void bwd_head_impl(const FlashBwdParams& p, int b, int hk, co
       if (rows_alone) {
         for (int r = 0; r < rows; ++r) {
           T row_scores[kKeys];
-          dot_rows<S>(w.q_rows[r], w.k_rows.data(), count, D, row_scores, w.x_pairs.data());
+          dot_rows<S>(w.q_pairs.data() + static_cast<size_t>(r) * D, w.k_rows.data(), count, D, row_scores);
           for (int jj = 0; jj < count; ++jj) st[jj * kBlockRows + r] = row_scores[jj];
         }
         for (int jj = 0; jj < count; ++jj) std::fill(st + jj * kBlockRows + rows, st + jj * kBlockRows + R * L, T(0));
