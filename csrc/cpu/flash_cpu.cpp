@@ -395,20 +395,19 @@ struct AmxTiles {
 
 // The tiles' one product: C_g (+)= sum over `steps` of A_g B for two groups g of 16 rows of A
 // (a_g + step * a_step, a_bytes apart) and R halves of 16 lanes of B (b + step * b_step, the halves
-// 16 dwords apart, rows kBlockRows dwords apart); C_g [16][kBlockRows] floats at c_g, zeroed first
-// or (accumulate) loaded. Four sums in flight (a TDPBF16PS takes several times its issue interval):
-// tiles 0-3 C (group, half), 4 and 5 A's groups, 6 and 7 B's halves.
+// 16 dwords apart, rows b_bytes apart); C_g 16 rows of R x 16 floats at c_g (rows c_bytes apart),
+// zeroed first or (accumulate) loaded. Four sums in flight (a TDPBF16PS takes several times its
+// issue interval): tiles 0-3 C (group, half), 4 and 5 A's groups, 6 and 7 B's halves.
 template <int R>
 __attribute__((target("arch=x86-64-v4,avx512bf16,amx-tile,amx-bf16"), always_inline)) inline void amx_two_groups(
-    const uint16_t* a0, const uint16_t* a1, int a_bytes, int a_step, const uint32_t* b, int b_step, int steps,
-    float* c0, float* c1, bool accumulate) {
-  constexpr int kRowBytes = kBlockRows * 4;
+    const uint16_t* a0, const uint16_t* a1, int a_bytes, int a_step, const uint32_t* b, int b_bytes, int b_step,
+    int steps, float* c0, float* c1, int c_bytes, bool accumulate) {
   if (accumulate) {
-    _tile_loadd(0, c0, kRowBytes);
-    _tile_loadd(2, c1, kRowBytes);
+    _tile_loadd(0, c0, c_bytes);
+    _tile_loadd(2, c1, c_bytes);
     if constexpr (R == 2) {
-      _tile_loadd(1, c0 + 16, kRowBytes);
-      _tile_loadd(3, c1 + 16, kRowBytes);
+      _tile_loadd(1, c0 + 16, c_bytes);
+      _tile_loadd(3, c1 + 16, c_bytes);
     }
   } else {
     _tile_zero(0);
@@ -421,20 +420,20 @@ __attribute__((target("arch=x86-64-v4,avx512bf16,amx-tile,amx-bf16"), always_inl
   for (int step = 0; step < steps; ++step) {
     _tile_loadd(4, a0 + step * a_step, a_bytes);
     _tile_loadd(5, a1 + step * a_step, a_bytes);
-    _tile_loadd(6, b + step * b_step, kRowBytes);
+    _tile_loadd(6, b + step * b_step, b_bytes);
     _tile_dpbf16ps(0, 4, 6);
     _tile_dpbf16ps(2, 5, 6);
     if constexpr (R == 2) {
-      _tile_loadd(7, b + step * b_step + 16, kRowBytes);
+      _tile_loadd(7, b + step * b_step + 16, b_bytes);
       _tile_dpbf16ps(1, 4, 7);
       _tile_dpbf16ps(3, 5, 7);
     }
   }
-  _tile_stored(0, c0, kRowBytes);
-  _tile_stored(2, c1, kRowBytes);
+  _tile_stored(0, c0, c_bytes);
+  _tile_stored(2, c1, c_bytes);
   if constexpr (R == 2) {
-    _tile_stored(1, c0 + 16, kRowBytes);
-    _tile_stored(3, c1 + 16, kRowBytes);
+    _tile_stored(1, c0 + 16, c_bytes);
+    _tile_stored(3, c1 + 16, c_bytes);
   }
 }
 
@@ -446,9 +445,9 @@ template <int R>
 __attribute__((target("arch=x86-64-v4,avx512bf16,amx-tile,amx-bf16"), noinline)) void scores_amx(
     const uint32_t* __restrict qt2, const uint16_t* __restrict kt, int dims, int count, float* __restrict st) {
   for (int key = 0; key < count; key += 2 * kAmxTileRows)
-    amx_two_groups<R>(kt + key * dims, kt + (key + kAmxTileRows) * dims, dims * 2, kAmxDims, qt2,
+    amx_two_groups<R>(kt + key * dims, kt + (key + kAmxTileRows) * dims, dims * 2, kAmxDims, qt2, kBlockRows * 4,
                       kAmxDims / 2 * kBlockRows, dims / kAmxDims, st + key * kBlockRows,
-                      st + (key + kAmxTileRows) * kBlockRows, false);
+                      st + (key + kAmxTileRows) * kBlockRows, kBlockRows * 4, false);
 }
 
 // out_t[d][r] += sum over jj of V[jj][d] P[jj][r] for the tile's count keys, rounded P: O^T += V^T P^T
@@ -461,9 +460,8 @@ __attribute__((target("arch=x86-64-v4,avx512bf16,amx-tile,amx-bf16"), noinline))
     int count) {
   for (int d = 0; d < dims; d += 2 * kAmxTileRows)
     amx_two_groups<R>(vt + static_cast<int64_t>(d) * ld, vt + static_cast<int64_t>(d + kAmxTileRows) * ld, ld * 2,
-                      kAmxKeys, pt2,
-                      kAmxKeys / 2 * kBlockRows, amx_padded(count, kAmxKeys) / kAmxKeys, out_t + d * kBlockRows,
-                      out_t + (d + kAmxTileRows) * kBlockRows, true);
+                      kAmxKeys, pt2, kBlockRows * 4, kAmxKeys / 2 * kBlockRows, amx_padded(count, kAmxKeys) / kAmxKeys,
+                      out_t + d * kBlockRows, out_t + (d + kAmxTileRows) * kBlockRows, kBlockRows * 4, true);
 }
 
 // pt2 from the tile's probabilities st [kKeys][kBlockRows] (R halves of 16 rows): key pairs
@@ -542,49 +540,118 @@ __attribute__((target("arch=x86-64-v4"), noinline)) void pack_values_amx(const u
     }
 }
 
-CUFLASH_CPU_INLINE bool bf16_finite(uint16_t x) { return (x & 0x7f80u) != 0x7f80u; }  // exponent not all ones
-// Whether bfloat16 rows[0, n) hold only finite values.
-CUFLASH_CPU_INLINE bool bf16_rows_finite(const uint16_t* const* rows, int n, int D) {
-  bool finite = true;
-  for (int jj = 0; jj < n; ++jj)
-    for (int d = 0; d < D; ++d) finite &= bf16_finite(rows[jj][d]);
-  return finite;
+// The backward's dV and dK on the tiles: acc[jj][d] += sum over r of at[jj][r] b2[r][d] for the
+// key tile's count keys (in 32-key groups: at's keys past count are 0): dV += P^T dO and dK +=
+// dS^T Q from at (pack_lanes_amx's bfloat16 P^T or dS^T [kKeys][kBlockRows]) and b2
+// (pack_row_pairs_amx's dO or Q [kBlockRows / 2][dims]), the block's 32 rows one step; acc
+// [keys][dims] floats, rows past the tile's keys loaded and stored unchanged.
+__attribute__((target("arch=x86-64-v4,avx512bf16,amx-tile,amx-bf16"), noinline)) void add_keys_amx(
+    float* __restrict acc, int dims, const uint16_t* __restrict at, const uint32_t* __restrict b2, int count) {
+  static_assert(kBlockRows == 2 * kAmxTileRows, "a block's rows are one step of the tiles' sums");
+  for (int key = 0; key < count; key += 2 * kAmxTileRows)
+    for (int d = 0; d < dims; d += 2 * kAmxTileRows)
+      amx_two_groups<2>(at + key * kBlockRows, at + (key + kAmxTileRows) * kBlockRows, kBlockRows * 2, 0, b2 + d,
+                        dims * 4, 0, 1, acc + static_cast<int64_t>(key) * dims + d,
+                        acc + static_cast<int64_t>(key + kAmxTileRows) * dims + d, dims * 4, true);
 }
 
-// One (batch, key head)'s K rows and V^T packed for the tiles once, for every block of queries that
-// a thread takes of it (the forward's consecutive items; the backward's units), instead of a key
-// tile at a time for each block: k [keys + 32][dims] as pack_keys_amx's, vt [dims][ld] as
-// pack_values_amx's, zero past the keys (a tile at any key reads 32-key groups). Only where V is
-// finite (v_finite): a tile's product reads the keys past its count, whose P is 0.
+// at for add_keys_amx from the tile's lanes x [kKeys][kBlockRows] (P^T or dS^T): rounded to
+// bfloat16, the lanes past rows and the keys past count (to a multiple of 32) 0.
+__attribute__((target("arch=x86-64-v4,avx512bf16"), noinline)) void pack_lanes_amx(const float* __restrict x,
+                                                                                   int count, int rows,
+                                                                                   uint16_t* __restrict at) {
+  static_assert(kBlockRows == 32, "a key's lanes are two vectors");
+  const uint32_t in_block = rows >= 32 ? ~0u : (1u << rows) - 1;
+  const __mmask16 low = static_cast<__mmask16>(in_block), high = static_cast<__mmask16>(in_block >> 16);
+  for (int key = 0; key < amx_padded(count, kAmxKeys); ++key) {
+    const bool in_tile = key < count;
+    const __m512 lo = _mm512_maskz_loadu_ps(in_tile ? low : 0, x + key * kBlockRows);
+    const __m512 hi = _mm512_maskz_loadu_ps(in_tile ? high : 0, x + key * kBlockRows + 16);
+    _mm512_storeu_si512(at + key * kBlockRows, (__m512i)_mm512_cvtne2ps_pbh(hi, lo));
+  }
+}
+
+// b2 for add_keys_amx from the block's bfloat16 rows (Q or dO, as they are): row pairs'
+// elements interleaved, b2[r / 2][d] = (rows[r][d], rows[r + 1][d]) for even r, 0 past the block's
+// rows and past D (up to dims), and 0 for an Inf or NaN (add_non_finite_products adds those).
+__attribute__((target("arch=x86-64-v4"), noinline)) void pack_row_pairs_amx(const uint16_t* const* raw, int rows,
+                                                                           int D, int dims, uint32_t* __restrict b2) {
+  __m512i first_half, second_half;  // permutex2var's indices: (even[i], odd[i]) for i < 16, then for 16 <= i < 32
+  {
+    alignas(64) uint16_t lo[32], hi[32];
+    for (int w = 0; w < 32; ++w) lo[w] = static_cast<uint16_t>(w / 2 + (w % 2) * 32), hi[w] = lo[w] + 16;
+    first_half = _mm512_load_si512(lo);
+    second_half = _mm512_load_si512(hi);
+  }
+  const __m512i exponent = _mm512_set1_epi16(0x7f80);
+  for (int pair = 0; pair < kBlockRows / 2; ++pair)
+    for (int d = 0; d < dims; d += 32) {
+      const __mmask32 in_row = d >= D ? 0 : D - d >= 32 ? ~__mmask32{0} : (__mmask32{1} << (D - d)) - 1;
+      __m512i xy[2];
+      for (int half = 0; half < 2; ++half) {
+        const int r = 2 * pair + half;
+        const __m512i x = r < rows ? _mm512_maskz_loadu_epi16(in_row, raw[r] + d) : _mm512_setzero_si512();
+        xy[half] = _mm512_maskz_mov_epi16(_mm512_cmpneq_epi16_mask(_mm512_and_si512(x, exponent), exponent), x);
+      }
+      _mm512_storeu_si512(b2 + pair * dims + d, _mm512_permutex2var_epi16(xy[0], first_half, xy[1]));
+      _mm512_storeu_si512(b2 + pair * dims + d + 16, _mm512_permutex2var_epi16(xy[0], second_half, xy[1]));
+    }
+}
+
+CUFLASH_CPU_INLINE bool bf16_finite(uint16_t x) { return (x & 0x7f80u) != 0x7f80u; }  // exponent not all ones
+// Whether bfloat16 rows[0, n) hold only finite values (exponents not all ones), 32 a compare.
+__attribute__((target("arch=x86-64-v4"), noinline)) bool bf16_rows_finite(const uint16_t* const* rows, int n,
+                                                                          int D) {
+  const __m512i exponent = _mm512_set1_epi16(0x7f80);
+  __mmask32 non_finite = 0;
+  for (int jj = 0; jj < n; ++jj)
+    for (int d = 0; d < D; d += 32) {
+      const __mmask32 in_row = D - d >= 32 ? ~__mmask32{0} : (__mmask32{1} << (D - d)) - 1;
+      const __m512i x = _mm512_maskz_loadu_epi16(in_row, rows[jj] + d);
+      non_finite |= _mm512_mask_cmpeq_epi16_mask(in_row, _mm512_and_si512(x, exponent), exponent);
+    }
+  return non_finite == 0;
+}
+
+// One (batch, key head)'s rows packed for the tiles once, for every block of queries that a thread
+// takes of it (the forward's consecutive items; the backward's units), instead of a key tile at a
+// time for each block, zero past the keys (a tile at any key reads 32-key groups):
+// - the forward: K [keys + 32][dims] as pack_keys_amx's (S), V^T [dims][ld] as pack_values_amx's (P V);
+// - the backward: K and V as pack_keys_amx's (S and dP), K^T as pack_values_amx's (dQ).
+// Only where the transposed rows are finite (transposed_finite): a tile's product reads the keys
+// past its count, whose P (or dS) is 0.
 struct AmxHeadTiles {
   int b = -1, hk = -1, ld = 0;
-  bool with_values = false, v_finite = false;
-  std::vector<uint16_t> k, vt;
+  bool forward = false, transposed_finite = false;
+  std::vector<uint16_t> k, v, transposed;  // (v: the backward's)
   // At most this many bytes a thread (else the tiles are packed a key tile at a time).
   static constexpr int64_t kMaxBytes = int64_t{64} << 20;
   static bool fits(int seqlen_k, int D) {
-    return int64_t{2} * (seqlen_k + 2 * kAmxKeys) * amx_dims(D) * int64_t{sizeof(uint16_t)} <= kMaxBytes;
+    return int64_t{3} * (seqlen_k + 2 * kAmxKeys) * amx_dims(D) * int64_t{sizeof(uint16_t)} <= kMaxBytes;
   }
-  // values: V^T too (the forward's; the backward reads K alone).
   template <class Params>
-  void prepare(const Params& p, const Sequence& s, int batch, int key_head, bool values) {
-    if (b == batch && hk == key_head && with_values == values) return;
-    b = batch, hk = key_head, with_values = values;
+  void prepare(const Params& p, const Sequence& s, int batch, int key_head, bool for_forward) {
+    if (b == batch && hk == key_head && forward == for_forward) return;
+    b = batch, hk = key_head, forward = for_forward;
     const int D = p.shape.head_dim, dims = amx_dims(D), keys = s.seqlen_k;
     ld = amx_padded(keys, kAmxKeys) + kAmxKeys;
     k.assign(static_cast<size_t>(ld) * dims, 0);
-    vt.assign(values ? static_cast<size_t>(dims) * ld : 0, 0);
-    v_finite = values;
+    v.assign(forward ? 0 : static_cast<size_t>(ld) * dims, 0);
+    transposed.assign(static_cast<size_t>(dims) * ld, 0);
+    transposed_finite = true;
     const uint16_t* k_raw[kKeys];
     const uint16_t* v_raw[kKeys];
     for (int j0 = 0; j0 < keys; j0 += kKeys) {
       const int count = std::min(kKeys, keys - j0);
-      for (int jj = 0; jj < count; ++jj) k_raw[jj] = key_row_at<const uint16_t>(p, p.k, p.k_strides, s, b, hk, j0 + jj);
+      for (int jj = 0; jj < count; ++jj) {
+        k_raw[jj] = key_row_at<const uint16_t>(p, p.k, p.k_strides, s, b, hk, j0 + jj);
+        v_raw[jj] = key_row_at<const uint16_t>(p, p.v, p.v_strides, s, b, hk, j0 + jj);
+      }
       pack_keys_amx(k_raw, count, D, dims, k.data() + static_cast<size_t>(j0) * dims);
-      if (!values) continue;
-      for (int jj = 0; jj < count; ++jj) v_raw[jj] = key_row_at<const uint16_t>(p, p.v, p.v_strides, s, b, hk, j0 + jj);
-      pack_values_amx(v_raw, count, D, ld, vt.data() + j0);
-      v_finite = v_finite && bf16_rows_finite(v_raw, count, D);
+      if (!forward) pack_keys_amx(v_raw, count, D, dims, v.data() + static_cast<size_t>(j0) * dims);
+      const uint16_t* const* t_raw = forward ? v_raw : k_raw;
+      pack_values_amx(t_raw, count, D, ld, transposed.data() + j0);
+      transposed_finite = transposed_finite && bf16_rows_finite(t_raw, count, D);
     }
   }
 };
@@ -824,8 +891,13 @@ struct CpuScratch {
   std::vector<T> kv16;                        // the backward's pair's K and V rows, from 16-bit inputs
   std::vector<uint32_t> qt2, dot2, ot2;       // pack_block_bf16's (q's; the backward's dO's and O's)
   std::vector<const uint16_t*> k_raw, v_raw;  // bfloat16 keys' rows as they are (row_lanes_dot_bf16)
-  std::vector<uint16_t> kt16, vt16;           // the AMX forward's K and V^T tiles (pack_keys_amx)
-  std::vector<uint32_t> pt2;                  // its bfloat16 P (pack_probs_amx)
+  std::vector<uint16_t> kt16, vt16;           // the AMX forward's K and V^T tiles (the backward's K and K^T)
+  std::vector<uint32_t> pt2;                  // its bfloat16 P (pack_probs_amx; the backward's dS)
+  // The AMX backward's: V's tile as kt16 (dP), P^T or dS^T (pack_lanes_amx), Q and dO in row pairs
+  // (pack_row_pairs_amx), and the (batch, key head)'s sums of dK and dV [seqlen_k + kKeys][dims].
+  std::vector<uint16_t> vk16, lanes16;
+  std::vector<uint32_t> q_row_pairs, do_row_pairs;
+  std::vector<T> dk_sums, dv_sums;
 #ifdef CUFLASH_CPU_WIDE_ISAS
   AmxHeadTiles amx_head;                      // a (batch, key head)'s, where whole heads are packed
 #endif
@@ -860,6 +932,14 @@ struct CpuScratch {
         kt16(static_cast<size_t>(kKeys) * amx_dims(D)),
         vt16(static_cast<size_t>(amx_dims(D)) * kKeys),
         pt2(kKeys / 2 * kBlockRows) {}
+  // The AMX backward's buffers, on its first use (bwd_head_impl).
+  void reserve_amx_backward(int D) {
+    if (!vk16.empty()) return;
+    vk16.resize(kt16.size());
+    lanes16.resize(static_cast<size_t>(kKeys) * kBlockRows);
+    q_row_pairs.resize(static_cast<size_t>(kBlockRows) / 2 * amx_dims(D));
+    do_row_pairs.resize(q_row_pairs.size());
+  }
 };
 
 // attn_mask's elements of row i from key j0 on (AttnMaskSlice::bias's layout; col_stride apart).
@@ -1493,7 +1573,8 @@ CUFLASH_CPU_INLINE void fwd_block_impl(const FlashFwdParams& p, int b, int h, in
   if constexpr (S::kAmx)
     if (amx && w.amx_whole_heads && AmxHeadTiles::fits(s.seqlen_k, D)) {
       w.amx_head.prepare(p, s, b, hk, true);
-      if (w.amx_head.v_finite) head_k = w.amx_head.k.data(), head_vt = w.amx_head.vt.data(), head_ld = w.amx_head.ld;
+      if (w.amx_head.transposed_finite)
+        head_k = w.amx_head.k.data(), head_vt = w.amx_head.transposed.data(), head_ld = w.amx_head.ld;
     }
 #endif
   T* out_t = w.acc.data();  // O^T [D][kBlockRows]
@@ -1637,6 +1718,15 @@ CUFLASH_CPU_INLINE void bwd_head_impl(const FlashBwdParams& p, int b, int hk, co
     }
   }
 #endif
+  // Its blocks of kLaneRows rows and more take every product on the tiles (products_amx, below): P
+  // and dS rounded to bfloat16 for dV, dK and dQ, as in FlashAttention's GPU kernels; dK and dV
+  // summed into the pair's buffers (w.dk_sums, w.dv_sums), added into dk and dv last.
+  [[maybe_unused]] const int dims = amx_dims(D);
+  if (amx) {
+    w.reserve_amx_backward(D);
+    w.dk_sums.assign(static_cast<size_t>(s.seqlen_k + kKeys) * dims, T(0));
+    w.dv_sums.assign(w.dk_sums.size(), T(0));
+  }
   // 16-bit inputs: the pair's K and V rows converted once into the thread's buffer (every block of
   // queries reads them all), the query-side rows a block at a time.
   if (io.sixteen_bit) {
@@ -1674,6 +1764,7 @@ CUFLASH_CPU_INLINE void bwd_head_impl(const FlashBwdParams& p, int b, int hk, co
     const int rows = std::min(kBlockRows, s.seqlen_q - i0);
     BlockKeys keys(s.seqlen_k);
     T row_lse[kBlockRows], row_delta[kBlockRows];
+    [[maybe_unused]] const uint16_t *q_raw[kBlockRows], *do_raw[kBlockRows];  // (the AMX products')
     for (int r = 0; r < kBlockRows; ++r) {
       row_lse[r] = T(0);
       keys.set(r, Range{0, 0});
@@ -1696,8 +1787,28 @@ CUFLASH_CPU_INLINE void bwd_head_impl(const FlashBwdParams& p, int b, int hk, co
         if (dot_bf16) {
           io.pack_bf16(p.q, p.q_strides, s, b, h, i0, rows, w.qt2.data());
           io.pack_bf16(p.dout, p.dout_strides, s, b, h, i0, rows, w.dot2.data());
-          io.pack_bf16(p.out, p.out_strides, s, b, h, i0, rows, w.ot2.data());
-          row_lanes_diagonal_bf16<R>(w.dot2.data(), w.ot2.data(), D, row_delta);  // delta = dO . O - dlse
+          bool delta_done = false;
+          if constexpr (S::kAmx)
+            if (amx && rows >= kLaneRows) {
+              const uint16_t* o_raw[kBlockRows];
+              for (int r = 0; r < rows; ++r) {
+                q_raw[r] = row_at<const uint16_t>(p.q, p.q_strides, s, true, b, h, i0 + r);
+                do_raw[r] = row_at<const uint16_t>(p.dout, p.dout_strides, s, true, b, h, i0 + r);
+                o_raw[r] = row_at<const uint16_t>(p.out, p.out_strides, s, true, b, h, i0 + r);
+              }
+              pack_row_pairs_amx(q_raw, rows, D, dims, w.q_row_pairs.data());
+              pack_row_pairs_amx(do_raw, rows, D, dims, w.do_row_pairs.data());
+              // delta = dO . O by the tiles' sums as dP's (O's rows as keys, the diagonal of dO O^T):
+              // where a row sees one key, O is its V row and dS = P (dP - delta) exactly 0.
+              pack_keys_amx(o_raw, rows, D, dims, w.kt16.data());
+              scores_amx<R>(w.dot2.data(), w.kt16.data(), dims, rows, st);
+              for (int r = 0; r < kBlockRows; ++r) row_delta[r] = r < rows ? st[r * kBlockRows + r] : T(0);
+              delta_done = true;
+            }
+          if (!delta_done) {
+            io.pack_bf16(p.out, p.out_strides, s, b, h, i0, rows, w.ot2.data());
+            row_lanes_diagonal_bf16<R>(w.dot2.data(), w.ot2.data(), D, row_delta);  // delta = dO . O - dlse
+          }
         }
 #endif
       if (!dot_bf16) {
@@ -1732,7 +1843,7 @@ CUFLASH_CPU_INLINE void bwd_head_impl(const FlashBwdParams& p, int b, int hk, co
       // the very scores lse summed (else, where scores are large, |s| ~ 1e4 and up, they differ by
       // ulps of |s|: P off by as much, and above 1). A forward that packed grouped heads as rows
       // (group_packing) had other blocks: for it the cap below bounds what is left.
-      const bool rows_alone = rows < kLaneRows;
+      const bool rows_alone = rows < kLaneRows, products_amx = amx && !rows_alone;
 #ifdef CUFLASH_CPU_WIDE_ISAS
       if constexpr (S::kDotBf16)
         if (dot_bf16) {
@@ -1740,17 +1851,23 @@ CUFLASH_CPU_INLINE void bwd_head_impl(const FlashBwdParams& p, int b, int hk, co
             w.k_raw[jj] = key_row_at<const uint16_t>(p, p.k, p.k_strides, s, b, hk, j0 + jj);
             w.v_raw[jj] = key_row_at<const uint16_t>(p, p.v, p.v_strides, s, b, hk, j0 + jj);
           }
-          if (!rows_alone && amx) {
-            const uint16_t* kt = w.kt16.data();
-            if (whole_head)
-              kt = w.amx_head.k.data() + static_cast<size_t>(j0) * amx_dims(D);
-            else
-              pack_keys_amx(w.k_raw.data(), count, D, amx_dims(D), w.kt16.data());
-            scores_amx<R>(w.qt2.data(), kt, amx_dims(D), count, st);
-          } else if (!rows_alone) {
-            row_lanes_dot_bf16<R>(w.qt2.data(), w.k_raw.data(), count, D, st);
+          if constexpr (S::kAmx)
+            if (products_amx) {  // S^T = K Q^T, dP^T = V dO^T
+              const uint16_t *kt = w.kt16.data(), *vk = w.vk16.data();
+              if (whole_head) {
+                kt = w.amx_head.k.data() + static_cast<size_t>(j0) * dims;
+                vk = w.amx_head.v.data() + static_cast<size_t>(j0) * dims;
+              } else {
+                pack_keys_amx(w.k_raw.data(), count, D, dims, w.kt16.data());
+                pack_keys_amx(w.v_raw.data(), count, D, dims, w.vk16.data());
+              }
+              scores_amx<R>(w.qt2.data(), kt, dims, count, st);
+              scores_amx<R>(w.dot2.data(), vk, dims, count, dpt);
+            }
+          if (!products_amx) {
+            if (!rows_alone) row_lanes_dot_bf16<R>(w.qt2.data(), w.k_raw.data(), count, D, st);
+            row_lanes_dot_bf16<R>(w.dot2.data(), w.v_raw.data(), count, D, dpt);
           }
-          row_lanes_dot_bf16<R>(w.dot2.data(), w.v_raw.data(), count, D, dpt);
         }
 #endif
       if (!dot_bf16) {
@@ -1801,17 +1918,69 @@ CUFLASH_CPU_INLINE void bwd_head_impl(const FlashBwdParams& p, int b, int hk, co
       if (!rules.plain && rules.score.softcap > T(0))
         for (int i = 0; i < count * kBlockRows; ++i) dpt[i] *= T(1) - capped[i] * capped[i];
       // dV and dK of each key over the block's rows; dQ^T of the rows over the tile's keys.
-      add_visible_rows_times_lanes<S>(w.dv_rows.data(), D, count, st, rows, w.do_rows.data(), do_finite, keys, j0,
-                                      sees_all);
-      add_visible_rows_times_lanes<S>(w.dk_rows.data(), D, count, dpt, rows, w.q_rows.data(), q_finite, keys, j0,
-                                      sees_all);
-      add_visible_lanes_times_rows<S>(dq_t, D, count, dpt, w.k_rows.data(), keys, rows, j0, sees_all);
+#ifdef CUFLASH_CPU_WIDE_ISAS
+      if constexpr (S::kAmx)
+        if (products_amx) {
+          // On the tiles, an Inf or NaN of Q, dO or K taken as 0 there (a hidden pair's P and dS are
+          // 0, and 0 x NaN would reach keys or rows that do not see it), then its products added
+          // over the pairs that see it: as add_visible_*, and bitwise what the other rows get
+          // without it.
+          float* dv_sums = w.dv_sums.data() + static_cast<size_t>(j0) * dims;
+          float* dk_sums = w.dk_sums.data() + static_cast<size_t>(j0) * dims;
+          pack_lanes_amx(st, count, rows, w.lanes16.data());
+          add_keys_amx(dv_sums, dims, w.lanes16.data(), w.do_row_pairs.data(), count);
+          pack_lanes_amx(dpt, count, rows, w.lanes16.data());
+          add_keys_amx(dk_sums, dims, w.lanes16.data(), w.q_row_pairs.data(), count);
+          // K^T: the pair's where all its K is finite (a tile reads its keys past count too), else
+          // the tile's.
+          const bool head_kt = whole_head && w.amx_head.transposed_finite;
+          const bool k_finite = head_kt || bf16_rows_finite(w.k_raw.data(), count, D);
+          if (!head_kt) pack_values_amx(w.k_raw.data(), count, D, kKeys, w.vt16.data());
+          if (!k_finite)
+            for (int d = 0; d < D; ++d)
+              for (int jj = 0; jj < count; ++jj)
+                if (!bf16_finite(w.vt16[d * kKeys + jj])) w.vt16[d * kKeys + jj] = 0;
+          pack_probs_amx<R>(dpt, count, w.pt2.data());
+          add_pv_amx<R>(dq_t, dims, head_kt ? w.amx_head.transposed.data() + j0 : w.vt16.data(),
+                        head_kt ? w.amx_head.ld : kKeys, w.pt2.data(), count);
+          // The non-finite elements' products, over the pairs that see them.
+          auto rows_seen = [&](const uint16_t* const* raw, const T* lanes, float* sums) {
+            for (int r = 0; r < rows; ++r)
+              for (int d = 0; d < D; ++d)
+                if (!bf16_finite(raw[r][d]))
+                  for (int j = std::max(keys.lo[r], j0); j < std::min(keys.hi[r], j0 + count); ++j)
+                    sums[(j - j0) * dims + d] += lanes[(j - j0) * kBlockRows + r] * bf16_to_float(raw[r][d]);
+          };
+          if (!do_finite) rows_seen(do_raw, st, dv_sums);
+          if (!q_finite) rows_seen(q_raw, dpt, dk_sums);
+          if (!k_finite)
+            for (int jj = 0; jj < count; ++jj)
+              for (int d = 0; d < D; ++d)
+                if (!bf16_finite(w.k_raw[jj][d]))
+                  for (int r = 0; r < rows; ++r)
+                    if (keys.sees(r, j0 + jj))
+                      dq_t[d * kBlockRows + r] += dpt[jj * kBlockRows + r] * bf16_to_float(w.k_raw[jj][d]);
+        }
+#endif
+      if (!products_amx) {
+        add_visible_rows_times_lanes<S>(w.dv_rows.data(), D, count, st, rows, w.do_rows.data(), do_finite, keys, j0,
+                                        sees_all);
+        add_visible_rows_times_lanes<S>(w.dk_rows.data(), D, count, dpt, rows, w.q_rows.data(), q_finite, keys, j0,
+                                        sees_all);
+        add_visible_lanes_times_rows<S>(dq_t, D, count, dpt, w.k_rows.data(), keys, rows, j0, sees_all);
+      }
     }
     for (int r = 0; r < rows; ++r) {
       T* dq = row_at<T>(p.dq, p.dq_strides, s, true, b, h, i0 + r);
       for (int d = 0; d < D; ++d) dq[d] = dq_t[d * kBlockRows + r] * scale;
     }
   }
+  if (amx)
+    for (int j = 0; j < s.seqlen_k; ++j) {
+      T *dk = dk_row(j), *dv = dv_row(j);
+      const size_t at = static_cast<size_t>(j) * dims;
+      for (int d = 0; d < D; ++d) dk[d] += w.dk_sums[at + d], dv[d] += w.dv_sums[at + d];
+    }
   if (part.count > 1) return;  // flash_bwd_cpu_finish scales the sum
   for (int j = 0; j < s.seqlen_k; ++j) {
     T* dk = dk_row(j);
