@@ -89,7 +89,7 @@ struct Simd {
   static constexpr bool kAllRows = kRows == kBlockRows;
   // The scores of bfloat16 rows by AVX512-BF16's pair dot products (row_lanes_dot_bf16).
   static constexpr bool kDotBf16 = kBf16Dot && std::is_same_v<T, float> && kBytes == 64;
-  // The forward's bfloat16 S and P V on AMX's tiles (scores_amx, add_pv_amx).
+  // bfloat16's matrix products on AMX's tiles (scores_amx, add_pv_amx; the backward's add_keys_amx).
   static constexpr bool kAmx = kAmxTiles && kDotBf16;
   using HalfRows = Simd<T, kBytes, kRows / 2, kBf16Dot, kAmxTiles>;
 };
@@ -325,7 +325,7 @@ __attribute__((target("arch=x86-64-v4,avx512bf16"), noinline)) void row_lanes_di
 #pragma GCC unroll 8
   for (int v = 0; v < R; ++v) _mm512_storeu_ps(out + v * kLanes, acc[v]);
 }
-// AMX (Sapphire Rapids and later): the forward's bfloat16 matmuls on tile registers, a TDPBF16PS
+// AMX (Sapphire Rapids and later): bfloat16's matrix products on tile registers, a TDPBF16PS
 // adding 16 x 16 float sums of 32 exact bfloat16 products each (inputs and sums below float's
 // normal range taken as 0, as VDPBF16PS). Every tile here is 16 rows of 64 bytes.
 
@@ -1702,7 +1702,8 @@ CUFLASH_CPU_INLINE void bwd_head_impl(const FlashBwdParams& p, int b, int hk, co
   const KernelRows<T, FlashBwdParams> io(p);  // (dq, dk and dv are T's even for 16-bit inputs)
   bool dot_bf16 = false;
   if constexpr (S::kDotBf16) dot_bf16 = io.sixteen_bit && io.bf16;
-  // The scores on AMX's tiles where the forward's were (the same sums, so that P is exact).
+  // The scores on AMX's tiles where the forward's were (the same sums, so that P is exact), and
+  // the other products there too (products_amx, below).
   std::optional<AmxTiles> tiles;
   [[maybe_unused]] const bool amx = configure_amx<S>(dot_bf16, tiles);
   // Its K rows packed once for its units (AmxHeadTiles), where they may be and it takes two or more
