@@ -1,5 +1,5 @@
-"""The CPU kernels' vector widths (csrc/cpu/flash_cpu.cpp: AMX tiles for the bfloat16 forward's
-matmuls, AVX-512 with or without its bfloat16 pair dot products for bfloat16 scores, AVX2 and the
+"""The CPU kernels' vector widths (csrc/cpu/flash_cpu.cpp: AMX tiles for bfloat16's matrix
+products, AVX-512 with or without its bfloat16 pair dot products for bfloat16 scores, AVX2 and the
 baseline's SSE2, CUFLASH_CPU_ISA), each on the
 checks that reach its code paths: tiles that every row sees
 and tiles that a mask cuts (the lanes a mask hides), head dims that are not a multiple of the
@@ -8,6 +8,7 @@ NaN that only some rows see (the one-pair-at-a-time path), and blocks of a few q
 at a time, or half the lanes). A width the CPU does not have runs its
 best one instead, so on a CPU without AVX-512 the "avx512" cases repeat the "avx2" ones. Also the
 backward's split of a (batch, key head) pair over several threads, and the threads themselves."""
+import math
 from pathlib import Path
 
 import pytest
@@ -21,6 +22,14 @@ import test_edge_cases
 from test_features import check_dense, check_varlen
 
 ISAS = ["base", "avx2", "avx512", "avx512bf16", "amxbf16"]
+
+
+def _cpu_has_amx_bf16():
+    try:
+        flags = Path("/proc/cpuinfo").read_text().split()
+    except OSError:
+        return False
+    return "amx_bf16" in flags and "amx_tile" in flags
 
 
 @pytest.fixture(params=ISAS)
@@ -125,6 +134,52 @@ def test_features(isa, dtype):
 @pytest.mark.parametrize("where", ["q", "k", "v"])
 def test_nan_reaches_affected_rows_only(isa, dtype, where):
     test_edge_cases.test_nan_propagates_to_affected_rows_only("cpu", "flash_attention", dtype, where)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("bad", [math.nan, math.inf])
+def test_non_finite_dout_reaches_affected_rows_only(isa, dtype, bad):
+    """A NaN or Inf in dout (row 300 of 512, causal) reaches dq of that row and dk and dv of the keys
+    it sees, nothing else: the AMX backward takes it as 0 on the tiles (a hidden pair's P is 0, and
+    0 x NaN would reach every key of its tiles), then adds its products over the pairs that see it.
+    The other rows' gradients are what the same inputs without it give."""
+    n, pos = 512, 300
+    torch.manual_seed(0)
+    q, k, v, dout = (torch.randn(1, 1, n, 64, dtype=dtype) for _ in range(4))
+
+    def grads(dout):
+        leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+        out = cuflash_attn.flash_attention(*leaves, causal=True)
+        return torch.autograd.grad(out, leaves, dout)
+
+    clean = grads(dout)
+    dout = dout.clone()
+    dout[0, 0, pos, 3] = bad
+    got = grads(dout)
+    i = torch.arange(n)
+    for name, reached, a, b in zip(("dq", "dk", "dv"), (i == pos, i <= pos, i <= pos), got, clean):
+        rows, want = a[0, 0], b[0, 0]
+        finite = torch.isfinite(rows).all(dim=-1)
+        assert not finite[reached].any() and finite[~reached].all(), (
+            f"{name}: non-finite rows {(~finite).nonzero().flatten().tolist()}")
+        torch.testing.assert_close(rows[~reached], want[~reached], msg=lambda m, name=name: f"{name}: {m}")
+
+
+@pytest.mark.skipif(not _cpu_has_amx_bf16(), reason="the CPU has no AMX-BF16")
+def test_the_bfloat16_backward_takes_amx_where_the_cpu_has_it(monkeypatch):
+    """The default bfloat16 backward runs its products on AMX tiles where the CPU has them: dK, dV
+    and dQ take P and dS rounded to bfloat16, so they differ in the last bits from
+    CUFLASH_CPU_ISA=avx512bf16's (float products), within bfloat16's rounding."""
+    torch.manual_seed(0)
+    q, k, v, dout = (torch.randn(1, 2, 64, 128, dtype=torch.bfloat16) for _ in range(4))
+    results = {}
+    for isa in ("amxbf16", "avx512bf16"):
+        monkeypatch.setenv("CUFLASH_CPU_ISA", isa)
+        out, lse = torch.ops.cuflash_attn.fwd(q, k, v)
+        results[isa] = torch.ops.cuflash_attn.bwd(dout, q, k, v, out, lse)[:3]
+    for name, a, b in zip(("dq", "dk", "dv"), results["amxbf16"], results["avx512bf16"]):
+        assert not torch.equal(a, b), name
+        torch.testing.assert_close(a, b, rtol=2e-2, atol=2e-2, msg=lambda m, name=name: f"{name}: {m}")
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
@@ -278,14 +333,6 @@ def test_torch_kernels_on_the_same_threads_keep_their_amx_tiles(monkeypatch):
         ours = cuflash_attn.flash_attention(q, k, v)
         assert torch.equal(sdpa(q, k, v), before)
     torch.testing.assert_close(ours, before, rtol=2e-2, atol=2e-2)
-
-
-def _cpu_has_amx_bf16():
-    try:
-        flags = Path("/proc/cpuinfo").read_text().split()
-    except OSError:
-        return False
-    return "amx_bf16" in flags and "amx_tile" in flags
 
 
 @pytest.mark.skipif(not _cpu_has_amx_bf16(), reason="the CPU has no AMX-BF16")

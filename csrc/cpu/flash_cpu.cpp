@@ -573,7 +573,7 @@ __attribute__((target("arch=x86-64-v4,avx512bf16"), noinline)) void pack_lanes_a
 
 // b2 for add_keys_amx from the block's bfloat16 rows (Q or dO, as they are): row pairs'
 // elements interleaved, b2[r / 2][d] = (rows[r][d], rows[r + 1][d]) for even r, 0 past the block's
-// rows and past D (up to dims), and 0 for an Inf or NaN (add_non_finite_products adds those).
+// rows and past D (up to dims), and 0 for an Inf or NaN (bwd_head_impl adds those one by one).
 __attribute__((target("arch=x86-64-v4"), noinline)) void pack_row_pairs_amx(const uint16_t* const* raw, int rows,
                                                                            int D, int dims, uint32_t* __restrict b2) {
   __m512i first_half, second_half;  // permutex2var's indices: (even[i], odd[i]) for i < 16, then for 16 <= i < 32
