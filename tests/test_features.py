@@ -142,12 +142,12 @@ def test_gqa_backward_kv_splits(dtype, d, splits, deterministic, monkeypatch):
 @pytest.mark.skipif(not IS_SM90, reason="the fused warp-specialized backward is sm_90a's")
 @pytest.mark.parametrize("d", [64, 128, 256])
 def test_gqa_backward_kv_splits_path(d, monkeypatch):
-    """Where the rule (CUFLASH_BWD_KV_SPLITS=auto) picks copies (causal GQA, a walk of few
-    tiles): the fused kernel runs, then torch's sum of the copies (a reduction kernel, absent
-    under CUFLASH_BWD_KV_SPLITS=1); the ordered dQ route stays bitwise reproducible."""
-    for name in ("CUFLASH_SM90", "CUFLASH_BWD_DQ"):
+    """Where the rule (CUFLASH_BWD_KV_SPLITS unset, the default, or "auto") picks copies (causal
+    GQA, a walk of few tiles): the fused kernel runs, then torch's sum of the copies (a reduction
+    kernel, absent under CUFLASH_BWD_KV_SPLITS=1); the ordered dQ route stays bitwise
+    reproducible."""
+    for name in ("CUFLASH_SM90", "CUFLASH_BWD_DQ", "CUFLASH_BWD_KV_SPLITS"):
         monkeypatch.delenv(name, raising=False)
-    monkeypatch.setenv("CUFLASH_BWD_KV_SPLITS", "auto")
     torch.manual_seed(0)
     q = torch.randn(1, 8, 300, d, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     k, v = (torch.randn(1, 1, 300, d, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(2))
@@ -163,6 +163,8 @@ def test_gqa_backward_kv_splits_path(d, monkeypatch):
     first, again = grads(), grads()
     for name, a, b in zip("qkv", first, again):
         assert torch.equal(a, b), f"d{name} differs between two runs"
+    monkeypatch.setenv("CUFLASH_BWD_KV_SPLITS", "auto")
+    assert all(torch.equal(a, b) for a, b in zip(first, grads())), "auto differs from the default"
     monkeypatch.setenv("CUFLASH_BWD_KV_SPLITS", "1")
     assert "reduce_kernel" not in cuda_kernels(grads)
 

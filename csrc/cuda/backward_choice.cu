@@ -53,7 +53,7 @@ bool prefers_fused_backward(const FlashBwdParams& p) {
 int fused_backward_kv_splits(const FlashBwdParams& p) {
   const AttentionShape& sh = p.shape;
   const int group = sh.heads_kv > 0 ? sh.heads_q / sh.heads_kv : 1;
-  const int forced = bwd_kv_splits_switch();  // unset: 1 (the rule is "auto" until measured)
+  const int forced = bwd_kv_splits_switch();  // 0: the rule (unset or "auto")
   if (forced == 1 || !fused_backward_runs(p)) return 1;
   int splits = 1;
   if (forced > 1) {

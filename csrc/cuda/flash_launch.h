@@ -41,7 +41,7 @@ bool prefers_fused_backward(const FlashBwdParams& p);
 // query heads, so with grouped heads under a causal mask the walk ends on a few long tiles (the
 // first key blocks'; benchmarks/model_dkdv_walk.py). The caller gives the kernels K and V of
 // heads_kv * splits heads (copy s of head h at h * splits + s), dK and dV of that shape, and sums
-// each head's copies. CUFLASH_BWD_KV_SPLITS picks the rule ("auto") or a count; unset, none.
+// each head's copies. CUFLASH_BWD_KV_SPLITS picks a count ("1": none); unset or "auto", the rule.
 int fused_backward_kv_splits(const FlashBwdParams& p);
 
 // Packed outputs: the kernels write only their sequences' rows (attention_math.h's

@@ -74,11 +74,11 @@
 //   CUFLASH_BWD_KV_SPLITS  the torch op's fused Hopper backward's copies of each K/V head, each
 //                   with a share of its query heads (fused_backward_kv_splits in
 //                   backward_choice.cu; each copy's dK and dV rounded to the input dtype, then
-//                   summed in float32): unset, "" or "1": none (not yet measured on a GPU);
-//                   "auto": the rule (GQA under a causal mask, doubled while a walk has fewer
-//                   than four tiles an SM); "2", "4" or "8": the largest power of two up to it
-//                   that divides the group (tests and benchmarks). The C API validates it and
-//                   splits nothing
+//                   summed in float32): unset, "" or "auto": the rule (GQA under a causal mask,
+//                   doubled while a walk has fewer than four tiles an SM; measured in the
+//                   fifty-ninth session, benchmarks/NOTES.md); "1": none; "2", "4" or "8": the
+//                   largest power of two up to it that divides the group (tests and
+//                   benchmarks). The C API validates it and splits nothing
 //   CUFLASH_FWD_TILE  the TMA forward's tile for plain attention: unset or "", the wide one on
 //                   long rows (sm90::wide_rows in flash_fwd_sm90_tma.cuh) and in the persistent
 //                   kernel at head dim 64 without a mask past 128 query rows
@@ -198,11 +198,11 @@ inline DqSwitch dq_switch() {
          : env_is("CUFLASH_BWD_DQ", "separate") ? DqSwitch::kSeparate
                                                 : DqSwitch::kAuto;
 }
-// CUFLASH_BWD_KV_SPLITS's count: 1 where unset or empty, 0 for "auto" (the rule's).
+// CUFLASH_BWD_KV_SPLITS's count: 0 (the rule's) where unset, empty or "auto".
 inline int bwd_kv_splits_switch() {
   const char* set = std::getenv("CUFLASH_BWD_KV_SPLITS");
-  if (set == nullptr || *set == '\0') return 1;
-  return std::strcmp(set, "auto") == 0 ? 0 : std::atoi(set);
+  if (set == nullptr || *set == '\0' || std::strcmp(set, "auto") == 0) return 0;
+  return std::atoi(set);
 }
 inline bool fp32_exact_switch() { return env_is("CUFLASH_FP32", "exact"); }
 inline bool fp32_mma_sync_switch() { return env_is("CUFLASH_FP32", "3xtf32"); }
