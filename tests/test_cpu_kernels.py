@@ -165,6 +165,12 @@ def test_non_finite_dout_reaches_affected_rows_only(isa, dtype, bad):
         torch.testing.assert_close(rows[~reached], want[~reached], msg=lambda m, name=name: f"{name}: {m}")
 
 
+def test_bfloat16_backward_over_keys_past_the_tiles_sums(isa):
+    """Over 66,000 keys at D=128 a (batch, key head)'s dK and dV sums for the AMX backward would pass
+    kAmxHeadBytes a thread: its products stay in float there, and match the reference."""
+    check_dense("cpu", torch.bfloat16, 1, 1, 1, 40, 66000, 128)
+
+
 @pytest.mark.skipif(not _cpu_has_amx_bf16(), reason="the CPU has no AMX-BF16")
 def test_the_bfloat16_backward_takes_amx_where_the_cpu_has_it(monkeypatch):
     """The default bfloat16 backward runs its products on AMX tiles where the CPU has them: dK, dV

@@ -70,6 +70,9 @@ constexpr int kAmxTileRows = 16;  // S^T's keys, O^T's head dims, the lanes' row
 constexpr int amx_padded(int n, int to) { return (n + to - 1) / to * to; }
 // The head dims of the buffers the tiles read: D up to a multiple of 32 (zero past D).
 constexpr int amx_dims(int D) { return amx_padded(D, kAmxDims); }
+// At most this many bytes a thread for a (batch, key head)'s buffers of each kind: the packed rows
+// (AmxHeadTiles; past it, a key tile at a time), the backward's dK and dV sums (past it, in float).
+constexpr int64_t kAmxHeadBytes = int64_t{64} << 20;
 
 
 // kBytes-byte vectors of T (GCC's vector extensions: one register of the target's widest), and
@@ -624,10 +627,8 @@ struct AmxHeadTiles {
   int b = -1, hk = -1, ld = 0;
   bool forward = false, transposed_finite = false;
   std::vector<uint16_t> k, v, transposed;  // (v: the backward's)
-  // At most this many bytes a thread (else the tiles are packed a key tile at a time).
-  static constexpr int64_t kMaxBytes = int64_t{64} << 20;
   static bool fits(int seqlen_k, int D) {
-    return int64_t{3} * (seqlen_k + 2 * kAmxKeys) * amx_dims(D) * int64_t{sizeof(uint16_t)} <= kMaxBytes;
+    return int64_t{3} * (seqlen_k + 2 * kAmxKeys) * amx_dims(D) * int64_t{sizeof(uint16_t)} <= kAmxHeadBytes;
   }
   template <class Params>
   void prepare(const Params& p, const Sequence& s, int batch, int key_head, bool for_forward) {
@@ -1721,9 +1722,12 @@ CUFLASH_CPU_INLINE void bwd_head_impl(const FlashBwdParams& p, int b, int hk, co
 #endif
   // Its blocks of kLaneRows rows and more take every product on the tiles (products_amx, below): P
   // and dS rounded to bfloat16 for dV, dK and dQ, as in FlashAttention's GPU kernels; dK and dV
-  // summed into the pair's buffers (w.dk_sums, w.dv_sums), added into dk and dv last.
+  // summed into the pair's buffers (w.dk_sums, w.dv_sums), added into dk and dv last; those at most
+  // kAmxHeadBytes a thread (else the products stay in float: past ~65k keys at D=128).
   [[maybe_unused]] const int dims = amx_dims(D);
-  if (amx) {
+  const bool tiles_products =
+      amx && int64_t{2} * (s.seqlen_k + kKeys) * dims * int64_t{sizeof(T)} <= kAmxHeadBytes;
+  if (tiles_products) {
     w.reserve_amx_backward(D);
     w.dk_sums.assign(static_cast<size_t>(s.seqlen_k + kKeys) * dims, T(0));
     w.dv_sums.assign(w.dk_sums.size(), T(0));
@@ -1790,7 +1794,7 @@ CUFLASH_CPU_INLINE void bwd_head_impl(const FlashBwdParams& p, int b, int hk, co
           io.pack_bf16(p.dout, p.dout_strides, s, b, h, i0, rows, w.dot2.data());
           bool delta_done = false;
           if constexpr (S::kAmx)
-            if (amx && rows >= kLaneRows) {
+            if (tiles_products && rows >= kLaneRows) {
               const uint16_t* o_raw[kBlockRows];
               for (int r = 0; r < rows; ++r) {
                 q_raw[r] = row_at<const uint16_t>(p.q, p.q_strides, s, true, b, h, i0 + r);
@@ -1844,7 +1848,7 @@ CUFLASH_CPU_INLINE void bwd_head_impl(const FlashBwdParams& p, int b, int hk, co
       // the very scores lse summed (else, where scores are large, |s| ~ 1e4 and up, they differ by
       // ulps of |s|: P off by as much, and above 1). A forward that packed grouped heads as rows
       // (group_packing) had other blocks: for it the cap below bounds what is left.
-      const bool rows_alone = rows < kLaneRows, products_amx = amx && !rows_alone;
+      const bool rows_alone = rows < kLaneRows, products_amx = tiles_products && !rows_alone;
 #ifdef CUFLASH_CPU_WIDE_ISAS
       if constexpr (S::kDotBf16)
         if (dot_bf16) {
@@ -1976,7 +1980,7 @@ CUFLASH_CPU_INLINE void bwd_head_impl(const FlashBwdParams& p, int b, int hk, co
       for (int d = 0; d < D; ++d) dq[d] = dq_t[d * kBlockRows + r] * scale;
     }
   }
-  if (amx)
+  if (tiles_products)
     for (int j = 0; j < s.seqlen_k; ++j) {
       T *dk = dk_row(j), *dv = dv_row(j);
       const size_t at = static_cast<size_t>(j) * dims;
