@@ -485,13 +485,23 @@ __attribute__((target("arch=x86-64-v4,avx512bf16"), noinline)) void pack_probs_a
     }
 }
 
+// The first n of 32 16-bit lanes (none for n <= 0): a row's head dims from d on, n = D - d.
+__attribute__((target("arch=x86-64-v4"), always_inline)) inline __mmask32 first_lanes(int n) {
+  return n <= 0 ? 0 : n >= 32 ? ~__mmask32{0} : (__mmask32{1} << n) - 1;
+}
+// The lanes of 32 bfloat16 values that are finite (exponent not all ones).
+__attribute__((target("arch=x86-64-v4"), always_inline)) inline __mmask32 bf16_finite_lanes(__m512i x) {
+  const __m512i exponent = _mm512_set1_epi16(0x7f80);
+  return _mm512_cmpneq_epi16_mask(_mm512_and_si512(x, exponent), exponent);
+}
+
 // The key tile's bfloat16 K rows for scores_amx: kt [kKeys][dims], zero past D (and past count up to
 // a multiple of 32 keys).
 __attribute__((target("arch=x86-64-v4"), noinline)) void pack_keys_amx(const uint16_t* const* k_raw, int count, int D,
                                                                       int dims, uint16_t* __restrict kt) {
   for (int jj = 0; jj < amx_padded(count, 2 * kAmxTileRows); ++jj)
     for (int d = 0; d < dims; d += 32) {  // 32 head dims a vector, the ones past D (or count) zero
-      const __mmask32 in_row = jj >= count ? 0 : D - d >= 32 ? ~__mmask32{0} : (__mmask32{1} << (D - d)) - 1;
+      const __mmask32 in_row = jj >= count ? 0 : first_lanes(D - d);
       _mm512_storeu_si512(kt + jj * dims + d, _mm512_maskz_loadu_epi16(in_row, k_raw[jj < count ? jj : 0] + d));
     }
 }
@@ -586,15 +596,13 @@ __attribute__((target("arch=x86-64-v4"), noinline)) void pack_row_pairs_amx(cons
     first_half = _mm512_load_si512(lo);
     second_half = _mm512_load_si512(hi);
   }
-  const __m512i exponent = _mm512_set1_epi16(0x7f80);
   for (int pair = 0; pair < kBlockRows / 2; ++pair)
     for (int d = 0; d < dims; d += 32) {
-      const __mmask32 in_row = d >= D ? 0 : D - d >= 32 ? ~__mmask32{0} : (__mmask32{1} << (D - d)) - 1;
       __m512i xy[2];
       for (int half = 0; half < 2; ++half) {
         const int r = 2 * pair + half;
-        const __m512i x = r < rows ? _mm512_maskz_loadu_epi16(in_row, raw[r] + d) : _mm512_setzero_si512();
-        xy[half] = _mm512_maskz_mov_epi16(_mm512_cmpneq_epi16_mask(_mm512_and_si512(x, exponent), exponent), x);
+        const __m512i x = r < rows ? _mm512_maskz_loadu_epi16(first_lanes(D - d), raw[r] + d) : _mm512_setzero_si512();
+        xy[half] = _mm512_maskz_mov_epi16(bf16_finite_lanes(x), x);
       }
       _mm512_storeu_si512(b2 + pair * dims + d, _mm512_permutex2var_epi16(xy[0], first_half, xy[1]));
       _mm512_storeu_si512(b2 + pair * dims + d + 16, _mm512_permutex2var_epi16(xy[0], second_half, xy[1]));
@@ -605,13 +613,11 @@ CUFLASH_CPU_INLINE bool bf16_finite(uint16_t x) { return (x & 0x7f80u) != 0x7f80
 // Whether bfloat16 rows[0, n) hold only finite values (exponents not all ones), 32 a compare.
 __attribute__((target("arch=x86-64-v4"), noinline)) bool bf16_rows_finite(const uint16_t* const* rows, int n,
                                                                           int D) {
-  const __m512i exponent = _mm512_set1_epi16(0x7f80);
   __mmask32 non_finite = 0;
   for (int jj = 0; jj < n; ++jj)
     for (int d = 0; d < D; d += 32) {
-      const __mmask32 in_row = D - d >= 32 ? ~__mmask32{0} : (__mmask32{1} << (D - d)) - 1;
-      const __m512i x = _mm512_maskz_loadu_epi16(in_row, rows[jj] + d);
-      non_finite |= _mm512_mask_cmpeq_epi16_mask(in_row, _mm512_and_si512(x, exponent), exponent);
+      const __mmask32 in_row = first_lanes(D - d);
+      non_finite |= in_row & ~bf16_finite_lanes(_mm512_maskz_loadu_epi16(in_row, rows[jj] + d));
     }
   return non_finite == 0;
 }
@@ -1517,6 +1523,30 @@ CUFLASH_CPU_INLINE bool all_ones(const typename S::V& x) {
 #ifndef CUFLASH_CPU_WIDE_ISAS
 struct AmxTiles {};  // (no AMX kernels: S::kAmx is false)
 #endif
+#ifdef CUFLASH_CPU_WIDE_ISAS
+// A key tile's rows (the forward's V, the backward's K) with an Inf or NaN that some rows do not
+// see (add_visible_lanes_times_rows' case): the tiles take it as 0 in t (pack_values_amx's [D][kKeys]),
+// which is what those rows add (0 x a row, bitwise as without it), then add_non_finite_products
+// adds its products over the rows that see it.
+inline void zero_non_finite(uint16_t* t, int count, int D) {
+  for (int d = 0; d < D; ++d)
+    for (int jj = 0; jj < count; ++jj)
+      if (!bf16_finite(t[d * kKeys + jj])) t[d * kKeys + jj] = 0;
+}
+// acc_t[d][r] += bfloat16(lanes[jj][r]) x rows[jj][d] for each Inf or NaN of rows[jj] (the lanes
+// rounded as the tiles' products take them), r one of the block's rows that sees key j0 + jj.
+inline void add_non_finite_products(float* acc_t, const uint16_t* const* rows, int count, int D, const float* lanes,
+                                    const BlockKeys& keys, int block_rows, int j0) {
+  for (int jj = 0; jj < count; ++jj)
+    for (int d = 0; d < D; ++d)
+      if (!bf16_finite(rows[jj][d]))
+        for (int r = 0; r < block_rows; ++r)
+          if (keys.sees(r, j0 + jj))
+            acc_t[d * kBlockRows + r] +=
+                bf16_to_float(float_to_bf16(lanes[jj * kBlockRows + r])) * bf16_to_float(rows[jj][d]);
+}
+#endif
+
 // Where S takes AMX and the rows are bfloat16: the tiles configured for the caller's scope (tiles'
 // lifetime); whether they are.
 template <class S>
@@ -1644,25 +1674,14 @@ CUFLASH_CPU_INLINE void fwd_block_impl(const FlashFwdParams& p, int b, int h, in
 #ifdef CUFLASH_CPU_WIDE_ISAS
     if constexpr (S::kAmx)
       if (amx) {
-        // The whole head's V^T (finite), or the tile's. A NaN or Inf of V that some rows do not see
-        // (add_visible_lanes_times_rows' case): the tiles take it as 0, which is what those rows add
-        // (0 x V, bitwise as without it), then the rows that see it add their products with it.
+        // The whole head's V^T (finite), or the tile's (zero_non_finite where some rows do not see
+        // its Inf or NaN).
         const bool finite = head_k || sees_all || bf16_rows_finite(w.v_raw.data(), count, D);
-        if (!finite)
-          for (int d = 0; d < D; ++d)
-            for (int jj = 0; jj < count; ++jj)
-              if (!bf16_finite(w.vt16[d * kKeys + jj])) w.vt16[d * kKeys + jj] = 0;
+        if (!finite) zero_non_finite(w.vt16.data(), count, D);
         pack_probs_amx<S::kRowVecs>(st, count, w.pt2.data());
         add_pv_amx<S::kRowVecs>(out_t, dims, head_k ? head_vt + j0 : w.vt16.data(), head_k ? head_ld : kKeys,
                                 w.pt2.data(), count);
-        if (!finite)
-          for (int jj = 0; jj < count; ++jj)
-            for (int d = 0; d < D; ++d)
-              if (!bf16_finite(w.v_raw[jj][d]))
-                for (int r = 0; r < rows; ++r)
-                  if (keys.sees(r, j0 + jj))
-                    out_t[d * kBlockRows + r] += bf16_to_float(float_to_bf16(st[jj * kBlockRows + r])) *
-                                                 bf16_to_float(w.v_raw[jj][d]);
+        if (!finite) add_non_finite_products(out_t, w.v_raw.data(), count, D, st, keys, rows, j0);
         continue;
       }
 #endif
@@ -1941,10 +1960,7 @@ CUFLASH_CPU_INLINE void bwd_head_impl(const FlashBwdParams& p, int b, int hk, co
           const bool head_kt = whole_head && w.amx_head.transposed_finite;
           const bool k_finite = head_kt || bf16_rows_finite(w.k_raw.data(), count, D);
           if (!head_kt) pack_values_amx(w.k_raw.data(), count, D, kKeys, w.vt16.data());
-          if (!k_finite)
-            for (int d = 0; d < D; ++d)
-              for (int jj = 0; jj < count; ++jj)
-                if (!bf16_finite(w.vt16[d * kKeys + jj])) w.vt16[d * kKeys + jj] = 0;
+          if (!k_finite) zero_non_finite(w.vt16.data(), count, D);
           pack_probs_amx<R>(dpt, count, w.pt2.data());
           add_pv_amx<R>(dq_t, dims, head_kt ? w.amx_head.transposed.data() + j0 : w.vt16.data(),
                         head_kt ? w.amx_head.ld : kKeys, w.pt2.data(), count);
@@ -1958,13 +1974,7 @@ CUFLASH_CPU_INLINE void bwd_head_impl(const FlashBwdParams& p, int b, int hk, co
           };
           if (!do_finite) rows_seen(do_raw, st, dv_sums);
           if (!q_finite) rows_seen(q_raw, dpt, dk_sums);
-          if (!k_finite)
-            for (int jj = 0; jj < count; ++jj)
-              for (int d = 0; d < D; ++d)
-                if (!bf16_finite(w.k_raw[jj][d]))
-                  for (int r = 0; r < rows; ++r)
-                    if (keys.sees(r, j0 + jj))
-                      dq_t[d * kBlockRows + r] += dpt[jj * kBlockRows + r] * bf16_to_float(w.k_raw[jj][d]);
+          if (!k_finite) add_non_finite_products(dq_t, w.k_raw.data(), count, D, dpt, keys, rows, j0);
         }
 #endif
       if (!products_amx) {
