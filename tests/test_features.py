@@ -128,14 +128,15 @@ def test_gqa(device, dtype, heads_q, heads_kv, causal):
 @pytest.mark.parametrize("d", [64, 128, 256])
 @pytest.mark.parametrize("splits", ["1", "2", "4", "8"])
 @pytest.mark.parametrize("deterministic", [True, False], ids=["ordered", "unordered"])
-def test_gqa_backward_kv_splits(dtype, d, splits, deterministic, monkeypatch):
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "full"])
+def test_gqa_backward_kv_splits(dtype, d, splits, deterministic, causal, monkeypatch):
     """The fused Hopper backward over copies of each K/V head, each with a share of its query heads
     (CUFLASH_BWD_KV_SPLITS; torch_ops.cpp sums the copies' dK and dV): 8 query heads on one K/V
-    head, causal, with ALiBi slopes and dropout, which follow the query head; both dQ orders."""
+    head, with ALiBi slopes and dropout, which follow the query head; both dQ orders."""
     for name in ("CUFLASH_SM90", "CUFLASH_BWD_DQ"):
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("CUFLASH_BWD_KV_SPLITS", splits)
-    check_dense("cuda", dtype, 2, 8, 1, 150, 260, d, causal=True, alibi="heads", dropout_p=0.1,
+    check_dense("cuda", dtype, 2, 8, 1, 150, 260, d, causal=causal, alibi="heads", dropout_p=0.1,
                 deterministic=deterministic)
 
 
