@@ -18,7 +18,7 @@ head (fewer K/V heads where 8 does not divide the query heads); a window of N/8 
 (causal: before only), its FLOPs those of the keys it shows; a float attn_mask [B, 1, N, N] (no
 gradient), a bool one (bool_mask: 90% of the scores kept) and a bool key-padding mask [B, 1, 1, N]
 (key_padding: the last N/8 keys hidden; ours only, the FLOPs all keys'); the batch as packed
-sequences (cu_seqlens) of N tokens each.
+sequences (cu_seqlens) of N tokens each (varlen), and so with GQA's K/V heads (gqa_varlen).
 --backward times forward + backward instead (3.5x the forward's FLOPs), the backward being the
 fused TMA backward with the features under the defaults (the "bwdfeatures" part) and the
 sm_80-class kernels' under a variant without that part. --breakdown N then prints, for each shape
@@ -50,6 +50,7 @@ FEATURES = {
     "bool_mask": {"attn_mask": "bool"},
     "key_padding": {"attn_mask": "key_padding"},
     "varlen": {"packed": True},
+    "gqa_varlen": {"query_heads_per_kv": 8, "packed": True},
 }
 # The peers (--peers: torch's SDPA backends; --flex: FlexAttention) and the feature sets each takes
 # as ours does: SDPA the plain call, the float attn_mask (added to the scaled scores, as ours), GQA

@@ -850,8 +850,10 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> bwd(const Tensor& dout, const Tensor&
   // GQA under a causal mask: the fused kernel sees kv_splits copies of each K/V head, each over a
   // share of its query heads (fused_backward_kv_splits: shorter tiles, more of them); each head's
   // copies of dK and dV are summed below, in float (the reduction's accumulator), into dk_k, dv_k.
+  // Packed too (the copies' rows no sequence covers zeroed as dk's are); not with seqused_k, whose
+  // keys past it only dk_k's zeroing above covers.
   Tensor k_copies, v_copies, dk_copies, dv_copies;
-  const int kv_splits = dq_accum.defined() && !o.varlen() && !o.seqused_k ? fused_backward_kv_splits(p) : 1;
+  const int kv_splits = dq_accum.defined() && !o.seqused_k ? fused_backward_kv_splits(p) : 1;
   if (kv_splits > 1) {
     k_copies = kk.repeat_interleave(kv_splits, 1);  // copy s of head h at h * kv_splits + s
     v_copies = vk.repeat_interleave(kv_splits, 1);
@@ -871,12 +873,13 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> bwd(const Tensor& dout, const Tensor&
     if (o.varlen()) {  // dq's rows are the queries', dk's and dv's the keys' (zeroed whole above with seqused_k)
       const VarlenParams& v = p.varlen;
       const int elem_bytes = static_cast<int>(dq_k.element_size());
+      const int kv_heads = p.shape.heads_kv;  // (the copies' where the kernel writes those)
       const GapFill fills[] = {
           {p.dq, p.dq_strides.row, p.dq_strides.head, sh.heads_q, sh.head_dim, elem_bytes, 0.0, v.cu_seqlens_q,
            v.total_q, sh.seqlen_q},
-          {p.dk, p.dk_strides.row, p.dk_strides.head, sh.heads_kv, sh.head_dim, elem_bytes, 0.0, v.cu_seqlens_k,
+          {p.dk, p.dk_strides.row, p.dk_strides.head, kv_heads, sh.head_dim, elem_bytes, 0.0, v.cu_seqlens_k,
            v.total_k, sh.seqlen_k},
-          {p.dv, p.dv_strides.row, p.dv_strides.head, sh.heads_kv, sh.head_dim, elem_bytes, 0.0, v.cu_seqlens_k,
+          {p.dv, p.dv_strides.row, p.dv_strides.head, kv_heads, sh.head_dim, elem_bytes, 0.0, v.cu_seqlens_k,
            v.total_k, sh.seqlen_k}};
       check_cuda(fill_packed_gaps(sh.batch, fills, o.seqused_k ? 1 : 3, stream));
     }

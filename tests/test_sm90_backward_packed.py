@@ -209,3 +209,30 @@ def test_each_sequence_as_if_alone(d, monkeypatch):
                                          deterministic=True)[:3]
         for name, mine, single in zip(("dq", "dk", "dv"), grads, got):
             assert torch.equal(mine[rows], single[0].transpose(0, 1)), f"sequence {b} (length {length}): {name}"
+
+
+@pytest.mark.parametrize("d", [64, 128, 256])
+@pytest.mark.parametrize("splits", ["auto", "1", "4"])
+def test_gqa_copies(d, splits, monkeypatch):
+    """GQA under a causal mask, packed: the fused kernel over copies of each K/V head (the rule's,
+    which so few tiles take, or CUFLASH_BWD_KV_SPLITS's), then torch's sum of them (reduce_kernel,
+    absent under "1"); against the float64 reference over sequences that end inside a box, with
+    empty ones; the rows after the last sequence 0 (the copies' zeroed as dk's are)."""
+    monkeypatch.setenv("CUFLASH_SM90", SM90_DEFAULT_PARTS)
+    monkeypatch.delenv("CUFLASH_BWD_DQ", raising=False)
+    monkeypatch.setenv("CUFLASH_BWD_KV_SPLITS", splits)
+    lens_q, lens_k = [70, 0, 129, 300], [90, 12, 0, 257]
+    torch.manual_seed(0)
+    cu_q, cu_k = packed_offsets(lens_q), packed_offsets(lens_k)
+    q = torch.randn(sum(lens_q) + 30, 8, d, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    k, v = (torch.randn(sum(lens_k) + 30, 1, d, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+            for _ in range(2))
+    out, _ = torch.ops.cuflash_attn.fwd(q, k, v, None, True, True, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k,
+                                        max_seqlen_q=max(lens_q), max_seqlen_k=max(lens_k))
+    dout = torch.randn_like(out)
+    names = cuda_kernels(lambda: torch.autograd.grad(out, (q, k, v), dout, retain_graph=True))
+    assert ("reduce_kernel" in names) == (splits != "1"), names
+    grads = torch.autograd.grad(out, (q, k, v), dout)
+    for name, grad, end in zip(("dq", "dk", "dv"), grads, (sum(lens_q), sum(lens_k), sum(lens_k))):
+        assert torch.all(grad[end:] == 0), f"{name}: the rows after the last sequence"
+    check_varlen("cuda", torch.bfloat16, lens_q, lens_k, 8, 1, d, causal=True, bottom_right=True)
