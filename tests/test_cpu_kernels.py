@@ -171,6 +171,22 @@ def test_bfloat16_backward_over_keys_past_the_tiles_sums(isa):
     check_dense("cpu", torch.bfloat16, 1, 1, 1, 40, 66000, 128)
 
 
+@pytest.mark.parametrize("d", [64, 128])
+@pytest.mark.parametrize("mask", ["window", "hidden_tiles"])
+def test_bfloat16_backward_blocks_that_see_other_keys(isa, mask, d):
+    """The AMX backward adds the dV and dK products of two blocks at a time (flash_cpu.cpp's
+    AmxPendingBlocks), each block's P^T and dS^T 0 over the keys only the other sees: a sliding
+    window (each block's keys start 32 further on), or an attn_mask that hides two whole key tiles
+    from the first two blocks between keys they see (tiles skipped); GQA (blocks of two query
+    heads wait together) and 161 rows (a block of one row goes alone). Against the reference."""
+    if mask == "window":
+        check_dense("cpu", torch.bfloat16, 1, 4, 2, 161, 300, d, window=(70, 5))
+    else:
+        shown = torch.ones(161, 300, dtype=torch.bool)
+        shown[:64, 64:192] = False
+        check_dense("cpu", torch.bfloat16, 1, 4, 2, 161, 300, d, attn_mask=shown[None, None])
+
+
 @pytest.mark.skipif(not _cpu_has_amx_bf16(), reason="the CPU has no AMX-BF16")
 def test_the_bfloat16_backward_takes_amx_where_the_cpu_has_it(monkeypatch):
     """The default bfloat16 backward runs its products on AMX tiles where the CPU has them: dK, dV

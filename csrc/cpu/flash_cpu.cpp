@@ -73,6 +73,9 @@ constexpr int amx_dims(int D) { return amx_padded(D, kAmxDims); }
 // At most this many bytes a thread for a (batch, key head)'s buffers of each kind: the packed rows
 // (AmxHeadTiles; past it, a key tile at a time), the backward's dK and dV sums (past it, in float).
 constexpr int64_t kAmxHeadBytes = int64_t{64} << 20;
+// The AMX backward's blocks whose dV and dK products wait for one another (add_keys_amx): each C tile
+// of the sums then takes that many steps a load and store.
+constexpr int kAmxPendingBlocks = 2;
 
 
 // kBytes-byte vectors of T (GCC's vector extensions: one register of the target's widest), and
@@ -553,18 +556,20 @@ __attribute__((target("arch=x86-64-v4"), noinline)) void pack_values_amx(const u
     }
 }
 
-// The backward's dV and dK on the tiles: acc[jj][d] += sum over r of at[jj][r] b2[r][d] for the
-// key tile's count keys (in 32-key groups: at's keys past count are 0): dV += P^T dO and dK +=
-// dS^T Q from at (pack_lanes_amx's bfloat16 P^T or dS^T [kKeys][kBlockRows]) and b2
-// (pack_row_pairs_amx's dO or Q [kBlockRows / 2][dims]), the block's 32 rows one step; acc
-// [keys][dims] floats, rows past the tile's keys loaded and stored unchanged.
+// The backward's dV and dK on the tiles: acc[jj][d] += sum over blocks b and rows r of at_b[jj][r]
+// b2_b[r][d] for count keys (in 32-key groups: at_b's keys past count are 0): dV += P^T dO and dK
+// += dS^T Q from at_b (pack_lanes_amx's bfloat16 P^T or dS^T, a key a row of kBlockRows lanes) and
+// b2_b (pack_row_pairs_amx's dO or Q [kBlockRows / 2][dims]), blocks b < steps at_step and b2_step
+// apart, a block's 32 rows one step; acc [keys][dims] floats, rows past count loaded and stored
+// unchanged.
 __attribute__((target("arch=x86-64-v4,avx512bf16,amx-tile,amx-bf16"), noinline)) void add_keys_amx(
-    float* __restrict acc, int dims, const uint16_t* __restrict at, const uint32_t* __restrict b2, int count) {
+    float* __restrict acc, int dims, const uint16_t* __restrict at, int at_step, const uint32_t* __restrict b2,
+    int b2_step, int steps, int count) {
   static_assert(kBlockRows == 2 * kAmxTileRows, "a block's rows are one step of the tiles' sums");
   for (int key = 0; key < count; key += 2 * kAmxTileRows)
     for (int d = 0; d < dims; d += 2 * kAmxTileRows)
-      amx_two_groups<2>(at + key * kBlockRows, at + (key + kAmxTileRows) * kBlockRows, kBlockRows * 2, 0, b2 + d,
-                        dims * 4, 0, 1, acc + static_cast<int64_t>(key) * dims + d,
+      amx_two_groups<2>(at + key * kBlockRows, at + (key + kAmxTileRows) * kBlockRows, kBlockRows * 2, at_step,
+                        b2 + d, dims * 4, b2_step, steps, acc + static_cast<int64_t>(key) * dims + d,
                         acc + static_cast<int64_t>(key + kAmxTileRows) * dims + d, dims * 4, true);
 }
 
@@ -621,6 +626,57 @@ __attribute__((target("arch=x86-64-v4"), noinline)) bool bf16_rows_finite(const 
     }
   return non_finite == 0;
 }
+
+// The AMX backward's blocks whose dV and dK products wait (kAmxPendingBlocks of them), so that each
+// C tile of the sums takes a step for each: block b's P^T and dS^T over keys [lo[b], hi[b])
+// (pack_lanes_amx's, at their keys' rows of lanes(b, 0) and lanes(b, 1)), its dO and Q in row pairs
+// (pairs(b, 0) and pairs(b, 1)). The thread's CpuScratch holds the buffers.
+struct AmxPendingBlocks {
+  uint16_t* lanes_base;
+  uint32_t* pairs_base;
+  int64_t key_rows;  // rows of a block's lanes
+  int dims, count = 0, lo[kAmxPendingBlocks], hi[kAmxPendingBlocks];
+  uint16_t* lanes(int block, int which) const {
+    return lanes_base + (int64_t{block} * 2 + which) * key_rows * kBlockRows;
+  }
+  uint32_t* pairs(int block, int which) const {
+    return pairs_base + (int64_t{block} * 2 + which) * (kBlockRows / 2) * dims;
+  }
+  // The next block's P^T (which 0) or dS^T (1) from key j0 on.
+  uint16_t* block_lanes(int which, int j0) const { return lanes(count, which) + int64_t{j0} * kBlockRows; }
+  // Its keys [j0, j0 + keys) add nothing (0 lanes). Returns the end of their 32-key groups.
+  int hide(int j0, int keys) const {
+    for (int which = 0; which < 2; ++which)
+      std::fill_n(block_lanes(which, j0), amx_padded(keys, kAmxKeys) * kBlockRows, uint16_t{0});
+    return j0 + amx_padded(keys, kAmxKeys);
+  }
+  // Block `count` takes keys [begin, end); the sums take the pending products once all blocks wait.
+  void add(int begin, int end, float* dv_sums, float* dk_sums) {
+    lo[count] = begin, hi[count] = end;
+    if (++count == kAmxPendingBlocks) add_to(dv_sums, dk_sums);
+  }
+  // dV and dK of the pending blocks into the sums: over the keys any of them sees, each block's
+  // lanes 0 outside its own (to the 32-key group's end).
+  void add_to(float* dv_sums, float* dk_sums) {
+    if (count == 0) return;
+    int first = lo[0], last = hi[0];
+    for (int b = 1; b < count; ++b) first = std::min(first, lo[b]), last = std::max(last, hi[b]);
+    const int end = first + amx_padded(last - first, kAmxKeys);
+    for (int b = 0; b < count; ++b)
+      for (int which = 0; which < 2; ++which) {
+        uint16_t* x = lanes(b, which);
+        std::fill(x + int64_t{first} * kBlockRows, x + int64_t{lo[b]} * kBlockRows, uint16_t{0});
+        std::fill(x + int64_t{hi[b]} * kBlockRows, x + int64_t{end} * kBlockRows, uint16_t{0});
+      }
+    const int lanes_step = static_cast<int>(2 * key_rows * kBlockRows), pairs_step = 2 * (kBlockRows / 2) * dims;
+    const int64_t at = int64_t{first} * kBlockRows;
+    add_keys_amx(dv_sums + int64_t{first} * dims, dims, lanes(0, 0) + at, lanes_step, pairs(0, 0), pairs_step, count,
+                 last - first);
+    add_keys_amx(dk_sums + int64_t{first} * dims, dims, lanes(0, 1) + at, lanes_step, pairs(0, 1), pairs_step, count,
+                 last - first);
+    count = 0;
+  }
+};
 
 // One (batch, key head)'s rows packed for the tiles once, for every block of queries that a thread
 // takes of it (the forward's consecutive items; the backward's units), instead of a key tile at a
@@ -900,10 +956,12 @@ struct CpuScratch {
   std::vector<const uint16_t*> k_raw, v_raw;  // bfloat16 keys' rows as they are (row_lanes_dot_bf16)
   std::vector<uint16_t> kt16, vt16;           // the AMX forward's K and V^T tiles (the backward's K and K^T)
   std::vector<uint32_t> pt2;                  // its bfloat16 P (pack_probs_amx; the backward's dS)
-  // The AMX backward's: V's tile as kt16 (dP), P^T or dS^T (pack_lanes_amx), Q and dO in row pairs
-  // (pack_row_pairs_amx), and the (batch, key head)'s sums of dK and dV [seqlen_k + kKeys][dims].
-  std::vector<uint16_t> vk16, lanes16;
-  std::vector<uint32_t> q_row_pairs, do_row_pairs;
+  // The AMX backward's: V's tile as kt16 (dP); for each pending block (kAmxPendingBlocks) its P^T
+  // and dS^T over the keys (pack_lanes_amx, [2][seqlen_k + kKeys][kBlockRows]) and its dO and Q in
+  // row pairs (pack_row_pairs_amx, [2][kBlockRows / 2][dims]); the (batch, key head)'s sums of dK
+  // and dV [seqlen_k + kKeys][dims].
+  std::vector<uint16_t> vk16, pending_lanes;
+  std::vector<uint32_t> pending_pairs;
   std::vector<T> dk_sums, dv_sums;
 #ifdef CUFLASH_CPU_WIDE_ISAS
   AmxHeadTiles amx_head;                      // a (batch, key head)'s, where whole heads are packed
@@ -939,13 +997,11 @@ struct CpuScratch {
         kt16(static_cast<size_t>(kKeys) * amx_dims(D)),
         vt16(static_cast<size_t>(amx_dims(D)) * kKeys),
         pt2(kKeys / 2 * kBlockRows) {}
-  // The AMX backward's buffers, on its first use (bwd_head_impl).
-  void reserve_amx_backward(int D) {
-    if (!vk16.empty()) return;
+  // The AMX backward's buffers (bwd_head_impl), for keys' rows of lanes a block and head dim.
+  void reserve_amx_backward(int D, int64_t key_rows) {
     vk16.resize(kt16.size());
-    lanes16.resize(static_cast<size_t>(kKeys) * kBlockRows);
-    q_row_pairs.resize(static_cast<size_t>(kBlockRows) / 2 * amx_dims(D));
-    do_row_pairs.resize(q_row_pairs.size());
+    pending_lanes.resize(static_cast<size_t>(kAmxPendingBlocks) * 2 * key_rows * kBlockRows);
+    pending_pairs.resize(static_cast<size_t>(kAmxPendingBlocks) * 2 * (kBlockRows / 2) * amx_dims(D));
   }
 };
 
@@ -1741,16 +1797,21 @@ CUFLASH_CPU_INLINE void bwd_head_impl(const FlashBwdParams& p, int b, int hk, co
 #endif
   // Its blocks of kLaneRows rows and more take every product on the tiles (products_amx, below): P
   // and dS rounded to bfloat16 for dV, dK and dQ, as in FlashAttention's GPU kernels; dK and dV
-  // summed into the pair's buffers (w.dk_sums, w.dv_sums), added into dk and dv last; those at most
-  // kAmxHeadBytes a thread (else the products stay in float: past ~65k keys at D=128).
+  // summed into the pair's buffers (w.dk_sums, w.dv_sums), kAmxPendingBlocks blocks at a time
+  // (AmxPendingBlocks), added into dk and dv last; the sums and the pending blocks' P^T and dS^T at
+  // most kAmxHeadBytes a thread (else the products stay in float: past ~52k keys at D=128).
   [[maybe_unused]] const int dims = amx_dims(D);
-  const bool tiles_products =
-      amx && int64_t{2} * (s.seqlen_k + kKeys) * dims * int64_t{sizeof(T)} <= kAmxHeadBytes;
+  const int64_t sums_rows = int64_t{s.seqlen_k} + kKeys;
+  const int64_t amx_row_bytes = 2 * dims * int64_t{sizeof(T)} + 2 * kAmxPendingBlocks * kBlockRows * 2;
+  const bool tiles_products = amx && sums_rows * amx_row_bytes <= kAmxHeadBytes;
   if (tiles_products) {
-    w.reserve_amx_backward(D);
-    w.dk_sums.assign(static_cast<size_t>(s.seqlen_k + kKeys) * dims, T(0));
+    w.reserve_amx_backward(D, sums_rows);
+    w.dk_sums.assign(static_cast<size_t>(sums_rows) * dims, T(0));
     w.dv_sums.assign(w.dk_sums.size(), T(0));
   }
+#ifdef CUFLASH_CPU_WIDE_ISAS
+  AmxPendingBlocks pending{w.pending_lanes.data(), w.pending_pairs.data(), sums_rows, dims};
+#endif
   // 16-bit inputs: the pair's K and V rows converted once into the thread's buffer (every block of
   // queries reads them all), the query-side rows a block at a time.
   if (io.sixteen_bit) {
@@ -1820,8 +1881,8 @@ CUFLASH_CPU_INLINE void bwd_head_impl(const FlashBwdParams& p, int b, int hk, co
                 do_raw[r] = row_at<const uint16_t>(p.dout, p.dout_strides, s, true, b, h, i0 + r);
                 o_raw[r] = row_at<const uint16_t>(p.out, p.out_strides, s, true, b, h, i0 + r);
               }
-              pack_row_pairs_amx(q_raw, rows, D, dims, w.q_row_pairs.data());
-              pack_row_pairs_amx(do_raw, rows, D, dims, w.do_row_pairs.data());
+              pack_row_pairs_amx(do_raw, rows, D, dims, pending.pairs(pending.count, 0));
+              pack_row_pairs_amx(q_raw, rows, D, dims, pending.pairs(pending.count, 1));
               // delta = dO . O by the tiles' sums as dP's (O's rows as keys, the diagonal of dO O^T):
               // where a row sees one key, O is its V row and dS = P (dP - delta) exactly 0.
               pack_keys_amx(o_raw, rows, D, dims, w.kt16.data());
@@ -1851,6 +1912,13 @@ CUFLASH_CPU_INLINE void bwd_head_impl(const FlashBwdParams& p, int b, int hk, co
     if (rows < kLaneRows)  // the forward's row path's scores (dot_rows, below)
       for (int r = 0; r < rows; ++r)
         split_row_pairs<S>(w.q_rows[r], D, w.q_pairs.data() + static_cast<size_t>(r) * D);
+    // The forward took a block of fewer than kLaneRows rows one at a time (fwd_rows), their scores
+    // by dot_rows, whose head dims add up in another order: the same here, so that P comes from
+    // the very scores lse summed (else, where scores are large, |s| ~ 1e4 and up, they differ by
+    // ulps of |s|: P off by as much, and above 1). A forward that packed grouped heads as rows
+    // (group_packing) had other blocks: for it the cap below bounds what is left.
+    const bool rows_alone = rows < kLaneRows, products_amx = tiles_products && !rows_alone;
+    [[maybe_unused]] int lanes_end = keys.begin;  // the keys whose P^T and dS^T wait (AmxPendingBlocks)
     for (int j0 = keys.begin; j0 < keys.end; j0 += kKeys) {
       const int count = std::min(kKeys, keys.end - j0);
       for (int jj = 0; jj < count; ++jj) {
@@ -1860,14 +1928,12 @@ CUFLASH_CPU_INLINE void bwd_head_impl(const FlashBwdParams& p, int b, int hk, co
         w.dv_rows[jj] = dv_row(j0 + jj);
       }
       if (tile_adds_nothing<S>(rules.score.mask, i0, rows, j0, count, q_finite && do_finite && delta_finite,
-                               w.k_rows.data(), w.v_rows.data(), D))
+                               w.k_rows.data(), w.v_rows.data(), D)) {
+#ifdef CUFLASH_CPU_WIDE_ISAS
+        if (products_amx) lanes_end = pending.hide(j0, count);
+#endif
         continue;
-      // The forward took a block of fewer than kLaneRows rows one at a time (fwd_rows), their scores
-      // by dot_rows, whose head dims add up in another order: the same here, so that P comes from
-      // the very scores lse summed (else, where scores are large, |s| ~ 1e4 and up, they differ by
-      // ulps of |s|: P off by as much, and above 1). A forward that packed grouped heads as rows
-      // (group_packing) had other blocks: for it the cap below bounds what is left.
-      const bool rows_alone = rows < kLaneRows, products_amx = tiles_products && !rows_alone;
+      }
 #ifdef CUFLASH_CPU_WIDE_ISAS
       if constexpr (S::kDotBf16)
         if (dot_bf16) {
@@ -1951,10 +2017,9 @@ CUFLASH_CPU_INLINE void bwd_head_impl(const FlashBwdParams& p, int b, int hk, co
           // without it.
           float* dv_sums = w.dv_sums.data() + static_cast<size_t>(j0) * dims;
           float* dk_sums = w.dk_sums.data() + static_cast<size_t>(j0) * dims;
-          pack_lanes_amx(st, count, rows, w.lanes16.data());
-          add_keys_amx(dv_sums, dims, w.lanes16.data(), w.do_row_pairs.data(), count);
-          pack_lanes_amx(dpt, count, rows, w.lanes16.data());
-          add_keys_amx(dk_sums, dims, w.lanes16.data(), w.q_row_pairs.data(), count);
+          pack_lanes_amx(st, count, rows, pending.block_lanes(0, j0));
+          pack_lanes_amx(dpt, count, rows, pending.block_lanes(1, j0));
+          lanes_end = j0 + amx_padded(count, kAmxKeys);
           // K^T: the pair's where all its K is finite (a tile reads its keys past count too), else
           // the tile's.
           const bool head_kt = whole_head && w.amx_head.transposed_finite;
@@ -1985,11 +2050,18 @@ CUFLASH_CPU_INLINE void bwd_head_impl(const FlashBwdParams& p, int b, int hk, co
         add_visible_lanes_times_rows<S>(dq_t, D, count, dpt, w.k_rows.data(), keys, rows, j0, sees_all);
       }
     }
+#ifdef CUFLASH_CPU_WIDE_ISAS
+    if constexpr (S::kAmx)
+      if (lanes_end > keys.begin) pending.add(keys.begin, lanes_end, w.dv_sums.data(), w.dk_sums.data());
+#endif
     for (int r = 0; r < rows; ++r) {
       T* dq = row_at<T>(p.dq, p.dq_strides, s, true, b, h, i0 + r);
       for (int d = 0; d < D; ++d) dq[d] = dq_t[d * kBlockRows + r] * scale;
     }
   }
+#ifdef CUFLASH_CPU_WIDE_ISAS
+  if constexpr (S::kAmx) pending.add_to(w.dv_sums.data(), w.dk_sums.data());
+#endif
   if (tiles_products)
     for (int j = 0; j < s.seqlen_k; ++j) {
       T *dk = dk_row(j), *dv = dv_row(j);
