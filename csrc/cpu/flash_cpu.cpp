@@ -579,7 +579,7 @@ __attribute__((target("arch=x86-64-v4,avx512bf16"), noinline)) void pack_lanes_a
                                                                                    int count, int rows,
                                                                                    uint16_t* __restrict at) {
   static_assert(kBlockRows == 32, "a key's lanes are two vectors");
-  const uint32_t in_block = rows >= 32 ? ~0u : (1u << rows) - 1;
+  const __mmask32 in_block = first_lanes(rows);
   const __mmask16 low = static_cast<__mmask16>(in_block), high = static_cast<__mmask16>(in_block >> 16);
   for (int key = 0; key < amx_padded(count, kAmxKeys); ++key) {
     const bool in_tile = key < count;
