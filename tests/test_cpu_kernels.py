@@ -373,6 +373,31 @@ def test_the_bfloat16_forward_takes_amx_where_the_cpu_has_it(monkeypatch):
     torch.testing.assert_close(results["amxbf16"][0], results["avx512bf16"][0], rtol=2e-2, atol=2e-2)
 
 
+@pytest.mark.skipif(not _cpu_has_amx_bf16(), reason="the CPU has no AMX-BF16")
+@pytest.mark.parametrize("d", [40, 128])
+@pytest.mark.parametrize("nk", [64, 300])
+@pytest.mark.parametrize("features", ["plain", "window", "softcap_alibi_dropout"])
+def test_amx_forward_packed_whole_heads_equal_a_tile_at_a_time(set_threads, d, nk, features):
+    """One thread taking the three blocks of 32 query rows of each (batch, key head) packs its K and
+    V^T once (flash_cpu.cpp's AmxHeadTiles); six threads take a block each, and each block packs
+    its key tiles on the way. The same sums, so the same bits (a change to either path's tiles,
+    buffers or order of products must keep them so: results do not depend on the thread count);
+    300 keys end in a partial tile."""
+    torch.manual_seed(0)
+    q = torch.randn(1, 2, 96, d, dtype=torch.bfloat16)
+    k, v = (torch.randn(1, 2, nk, d, dtype=torch.bfloat16) for _ in range(2))
+    kwargs = {"plain": {},
+              "window": {"window_left": 70, "window_right": 10},
+              "softcap_alibi_dropout": {"softcap": 30.0, "alibi_slopes": torch.tensor([0.002, 0.004]), "dropout_p": 0.2,
+                                        "rng_state": torch.tensor([7, 0], dtype=torch.int64)}}[features]
+    results = {}
+    for threads in (1, 6):
+        set_threads(threads)
+        results[threads] = torch.ops.cuflash_attn.fwd(q, k, v, **kwargs)
+    assert torch.equal(results[1][0], results[6][0])
+    assert torch.equal(results[1][1], results[6][1])
+
+
 @pytest.mark.parametrize("where", ["k", "v"])
 @pytest.mark.parametrize("d", [33, 128])
 @pytest.mark.parametrize("num_splits", [1, 3])
