@@ -76,6 +76,11 @@ constexpr int64_t kAmxHeadBytes = int64_t{64} << 20;
 // The AMX backward's blocks whose dV and dK products wait for one another (add_keys_amx): each C tile
 // of the sums then takes that many steps a load and store.
 constexpr int kAmxPendingBlocks = 2;
+// The AMX forward's key tiles that every row of the block sees in whole, where no attn_mask skips
+// tiles: each C tile of O^T is then loaded and stored once for four steps of P V, not two
+// (benchmarks/amx_tiles_microbench.cpp: a 64-key tile's P V at D=128 took 550-750 ns, twice its S,
+// and 128 keys' 830-870).
+constexpr int kAmxForwardKeys = 2 * kCpuKeyTile;
 
 
 // kBytes-byte vectors of T (GCC's vector extensions: one register of the target's widest), and
@@ -445,7 +450,7 @@ __attribute__((target("arch=x86-64-v4,avx512bf16,amx-tile,amx-bf16"), always_inl
 
 // st[jj * kBlockRows + r] = (row r of the block) . keys[jj] for the key tile's groups of 32 keys that
 // hold count (rows of st past count: whatever kt holds there), R row halves of 16 lanes: S^T = K Q^T
-// from kt (the tile's K rows [kKeys][dims], zero past D) and qt2 (pack_block_bf16's Q^T in head dim
+// from kt (the tile's K rows [keys][dims], zero past D) and qt2 (pack_block_bf16's Q^T in head dim
 // pairs, zero past D up to dims), 32 head dims a step.
 template <int R>
 __attribute__((target("arch=x86-64-v4,avx512bf16,amx-tile,amx-bf16"), noinline)) void scores_amx(
@@ -498,7 +503,7 @@ __attribute__((target("arch=x86-64-v4"), always_inline)) inline __mmask32 bf16_f
   return _mm512_cmpneq_epi16_mask(_mm512_and_si512(x, exponent), exponent);
 }
 
-// The key tile's bfloat16 K rows for scores_amx: kt [kKeys][dims], zero past D (and past count up to
+// The key tile's bfloat16 K rows for scores_amx: kt [count][dims], zero past D (and past count up to
 // a multiple of 32 keys).
 __attribute__((target("arch=x86-64-v4"), noinline)) void pack_keys_amx(const uint16_t* const* k_raw, int count, int D,
                                                                       int dims, uint16_t* __restrict kt) {
@@ -971,9 +976,9 @@ struct CpuScratch {
       : qt(static_cast<size_t>(D) * kBlockRows),
         dot(qt.size()),
         ot(qt.size()),
-        scores(kKeys * kBlockRows),
-        dp(scores.size()),
-        capped(scores.size()),
+        scores(kAmxForwardKeys * kBlockRows),  // (the AMX forward's tiles reach kAmxForwardKeys keys)
+        dp(kKeys * kBlockRows),
+        capped(dp.size()),
         acc(static_cast<size_t>(kBlockRows) * amx_dims(D)),  // O^T, padded for the AMX forward
         zeros(D),
         q16(static_cast<size_t>(kBlockRows) * D),
@@ -992,11 +997,11 @@ struct CpuScratch {
         qt2(static_cast<size_t>(amx_dims(D)) / 2 * kBlockRows),  // zero past D, for the AMX forward
         dot2(qt2.size()),
         ot2(qt2.size()),
-        k_raw(kKeys),
-        v_raw(kKeys),
-        kt16(static_cast<size_t>(kKeys) * amx_dims(D)),
-        vt16(static_cast<size_t>(amx_dims(D)) * kKeys),
-        pt2(kKeys / 2 * kBlockRows) {}
+        k_raw(kAmxForwardKeys),
+        v_raw(kAmxForwardKeys),
+        kt16(static_cast<size_t>(kAmxForwardKeys) * amx_dims(D)),
+        vt16(static_cast<size_t>(amx_dims(D)) * kAmxForwardKeys),  // (rows kAmxForwardKeys apart)
+        pt2(kAmxForwardKeys / 2 * kBlockRows) {}
   // The AMX backward's buffers (bwd_head_impl), for keys' rows of lanes a block and head dim.
   void reserve_amx_backward(int D, int64_t key_rows) {
     vk16.resize(kt16.size());
@@ -1581,13 +1586,13 @@ struct AmxTiles {};  // (no AMX kernels: S::kAmx is false)
 #endif
 #ifdef CUFLASH_CPU_WIDE_ISAS
 // A key tile's rows (the forward's V, the backward's K) with an Inf or NaN that some rows do not
-// see (add_visible_lanes_times_rows' case): the tiles take it as 0 in t (pack_values_amx's [D][kKeys]),
+// see (add_visible_lanes_times_rows' case): the tiles take it as 0 in t (pack_values_amx's [D][ld]),
 // which is what those rows add (0 x a row, bitwise as without it), then add_non_finite_products
 // adds its products over the rows that see it.
-inline void zero_non_finite(uint16_t* t, int count, int D) {
+inline void zero_non_finite(uint16_t* t, int ld, int count, int D) {
   for (int d = 0; d < D; ++d)
     for (int jj = 0; jj < count; ++jj)
-      if (!bf16_finite(t[d * kKeys + jj])) t[d * kKeys + jj] = 0;
+      if (!bf16_finite(t[d * ld + jj])) t[d * ld + jj] = 0;
 }
 // acc_t[d][r] += bfloat16(lanes[jj][r]) x rows[jj][d] for each Inf or NaN of rows[jj] (the lanes
 // rounded as the tiles' products take them), r one of the block's rows that sees key j0 + jj.
@@ -1614,6 +1619,11 @@ CUFLASH_CPU_INLINE bool configure_amx(bool bf16_rows, std::optional<AmxTiles>& t
     }
   return false;
 }
+
+// How far past the exponents' base a row's maximum may go before the forward's online softmax moves
+// the base (fwd_block_impl): ln 256 (probabilities up to 256: far from float32's range, and a
+// bfloat16 P's relative rounding the same at any size).
+constexpr double kRescaleMargin = 5.545177444479562;
 
 // Query rows [block * kBlockRows, ...) of (b, h): the online softmax of the block's rows over
 // the key tiles their visible keys fall in, the rows as lanes, O^T accumulated in w.acc.
@@ -1670,8 +1680,12 @@ CUFLASH_CPU_INLINE void fwd_block_impl(const FlashFwdParams& p, int b, int h, in
   for (int v = 0; v < R; ++v) row_max[v] = broadcast<S>(-inf), row_sum[v] = V{};
   T* st = w.scores.data();
   const bool q_finite = rules.score.mask.data && rows_finite<S>(w.q_rows.data(), rows, D);
-  for (int j0 = keys.begin; j0 < keys.end; j0 += kKeys) {
-    const int count = std::min(kKeys, keys.end - j0);
+  // kAmxForwardKeys a tile past head dim 64 (at 64, forward 0.95x at 2,16,512,64 and 1.04x at 1,4,4096,64).
+  const bool wide_tiles = amx && !rules.score.mask.data && D > 64;
+  for (int j0 = keys.begin, count; j0 < keys.end; j0 += count) {
+    count = std::min(kKeys, keys.end - j0);
+    const int wide = std::min(kAmxForwardKeys, keys.end - j0);
+    if (wide_tiles && wide > kKeys && keys.sees_all(rows, j0, wide)) count = wide;
     for (int jj = 0; jj < count; ++jj) {
       if (dot_bf16 && !head_k) w.k_raw[jj] = key_row_at<const uint16_t>(p, p.k, p.k_strides, s, b, hk, j0 + jj);
       if (amx && !head_k) w.v_raw[jj] = key_row_at<const uint16_t>(p, p.v, p.v_strides, s, b, hk, j0 + jj);
@@ -1687,7 +1701,7 @@ CUFLASH_CPU_INLINE void fwd_block_impl(const FlashFwdParams& p, int b, int h, in
       if (amx) {
         if (!head_k) {
           pack_keys_amx(w.k_raw.data(), count, D, dims, w.kt16.data());
-          pack_values_amx(w.v_raw.data(), count, D, kKeys, w.vt16.data());
+          pack_values_amx(w.v_raw.data(), count, D, kAmxForwardKeys, w.vt16.data());
         }
         scores_amx<S::kRowVecs>(w.qt2.data(), head_k ? head_k + static_cast<size_t>(j0) * dims : w.kt16.data(), dims,
                                 count, st);
@@ -1702,12 +1716,17 @@ CUFLASH_CPU_INLINE void fwd_block_impl(const FlashFwdParams& p, int b, int h, in
     if (!sees_all) hide_lanes(keys, j0, count, -inf, st);
     // The online softmax, a lane a row: the tile's maximum (a NaN score is not one: it reaches
     // the sum), O^T and the sums rescaled, the tile's probabilities in place of its scores.
+    // row_max is the exponents' base: it moves only where a tile's maximum passes it by more than
+    // kRescaleMargin, so that O^T's rescale (a pass over it, which waits for the tiles' stores to
+    // it on AMX) comes in the first tiles alone; the probabilities stay below 256. (lse = base +
+    // log(sum) all the same.)
     for (int v = 0; v < R; ++v) {
       const V tile_max = scale_with_max ? tile_maximum<S, true>(st + v * L, count, row_max[v], rules.score.scale)
                                         : tile_maximum<S>(st + v * L, count, row_max[v]);
-      const V base = tile_max == -inf ? V{} : tile_max;
-      const V alpha = softmax_exp<S>(row_max[v] - base);
-      row_max[v] = tile_max;
+      const V new_max = tile_max > row_max[v] + T(kRescaleMargin) ? tile_max : row_max[v];
+      const V base = new_max == -inf ? V{} : new_max;
+      const V alpha = new_max == row_max[v] ? broadcast<S>(T(1)) : softmax_exp<S>(row_max[v] - base);
+      row_max[v] = new_max;
       V sum{};  // (the softmax's denominator counts dropped probabilities too)
 #ifdef CUFLASH_CPU_WIDE_ISAS
       if constexpr (S::kAmx) sum = (V)probs_amx(st + v * L, count, (__m512)base);
@@ -1733,9 +1752,9 @@ CUFLASH_CPU_INLINE void fwd_block_impl(const FlashFwdParams& p, int b, int h, in
         // The whole head's V^T (finite), or the tile's (zero_non_finite where some rows do not see
         // its Inf or NaN).
         const bool finite = head_k || sees_all || bf16_rows_finite(w.v_raw.data(), count, D);
-        if (!finite) zero_non_finite(w.vt16.data(), count, D);
+        if (!finite) zero_non_finite(w.vt16.data(), kAmxForwardKeys, count, D);
         pack_probs_amx<S::kRowVecs>(st, count, w.pt2.data());
-        add_pv_amx<S::kRowVecs>(out_t, dims, head_k ? head_vt + j0 : w.vt16.data(), head_k ? head_ld : kKeys,
+        add_pv_amx<S::kRowVecs>(out_t, dims, head_k ? head_vt + j0 : w.vt16.data(), head_k ? head_ld : kAmxForwardKeys,
                                 w.pt2.data(), count);
         if (!finite) add_non_finite_products(out_t, w.v_raw.data(), count, D, st, keys, rows, j0);
         continue;
@@ -2025,7 +2044,7 @@ CUFLASH_CPU_INLINE void bwd_head_impl(const FlashBwdParams& p, int b, int hk, co
           const bool head_kt = whole_head && w.amx_head.transposed_finite;
           const bool k_finite = head_kt || bf16_rows_finite(w.k_raw.data(), count, D);
           if (!head_kt) pack_values_amx(w.k_raw.data(), count, D, kKeys, w.vt16.data());
-          if (!k_finite) zero_non_finite(w.vt16.data(), count, D);
+          if (!k_finite) zero_non_finite(w.vt16.data(), kKeys, count, D);
           pack_probs_amx<R>(dpt, count, w.pt2.data());
           add_pv_amx<R>(dq_t, dims, head_kt ? w.amx_head.transposed.data() + j0 : w.vt16.data(),
                         head_kt ? w.amx_head.ld : kKeys, w.pt2.data(), count);
