@@ -373,20 +373,48 @@ def test_the_bfloat16_forward_takes_amx_where_the_cpu_has_it(monkeypatch):
     torch.testing.assert_close(results["amxbf16"][0], results["avx512bf16"][0], rtol=2e-2, atol=2e-2)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=["fp32", "fp64", "bf16"])
+@pytest.mark.parametrize("rise", [0.01, 0.04])
+def test_rows_whose_maximum_keeps_rising(isa, dtype, rise):
+    """Scores that rise along the keys by `rise` a key, over noise: each row's maximum moves in
+    nearly every tile, by about 0.6 or 2.6 a 64 keys (O^T rescaled each time; 128-key tiles past
+    head dim 64 on AMX). out, lse and the gradients against the float64 reference."""
+    from reference import assert_close_to_reference, assert_lse_close, reference_results
+    torch.manual_seed(0)
+    nq, nk, d = 70, 300, 128
+    q = torch.randn(1, 2, nq, d, dtype=torch.float64) * 0.3
+    k = torch.randn(1, 2, nk, d, dtype=torch.float64) * 0.3
+    q[..., 0] = 1.0
+    k[..., 0] = torch.arange(nk, dtype=torch.float64) * rise  # scale 1: score j ~ rise * j
+    v, dout = (torch.randn(1, 2, n, d, dtype=torch.float64) for n in (nk, nq))
+    q, k, v, dout = (t.to(dtype) for t in (q, k, v, dout))
+    q.requires_grad_(), k.requires_grad_(), v.requires_grad_()
+    out, lse = cuflash_attn.flash_attention(q, k, v, scale=1.0, return_lse=True)
+    out.backward(dout)
+    ref_out, ref_lse, *ref_grads = reference_results(q, k, v, dout, scale=1.0)
+    pt_out, _, *pt_grads = reference_results(q, k, v, dout, scale=1.0, dtype=dtype)
+    assert_lse_close(lse, ref_lse, dtype)
+    for name, got, ref, pt in zip(("out", "dq", "dk", "dv"), (out, q.grad, k.grad, v.grad), (ref_out, *ref_grads),
+                                  (pt_out, *pt_grads)):
+        assert_close_to_reference(name, got, ref, pt, dtype, 3, lse=ref_lse)
+
+
 @pytest.mark.skipif(not _cpu_has_amx_bf16(), reason="the CPU has no AMX-BF16")
 @pytest.mark.parametrize("d", [40, 128])
 @pytest.mark.parametrize("nk", [64, 300])
-@pytest.mark.parametrize("features", ["plain", "window", "softcap_alibi_dropout"])
+@pytest.mark.parametrize("features", ["plain", "causal", "window", "softcap_alibi_dropout"])
 def test_amx_forward_packed_whole_heads_equal_a_tile_at_a_time(set_threads, d, nk, features):
     """One thread taking the three blocks of 32 query rows of each (batch, key head) packs its K and
     V^T once (flash_cpu.cpp's AmxHeadTiles); six threads take a block each, and each block packs
     its key tiles on the way. The same sums, so the same bits (a change to either path's tiles,
     buffers or order of products must keep them so: results do not depend on the thread count);
-    300 keys end in a partial tile."""
+    300 keys end in a partial tile. Past head dim 64 the tiles that every row of a block sees take
+    128 keys (kAmxForwardKeys): plain, and causal before the diagonal."""
     torch.manual_seed(0)
     q = torch.randn(1, 2, 96, d, dtype=torch.bfloat16)
     k, v = (torch.randn(1, 2, nk, d, dtype=torch.bfloat16) for _ in range(2))
     kwargs = {"plain": {},
+              "causal": {"is_causal": True, "bottom_right": True},  # 128-key tiles, then the diagonal's 64
               "window": {"window_left": 70, "window_right": 10},
               "softcap_alibi_dropout": {"softcap": 30.0, "alibi_slopes": torch.tensor([0.002, 0.004]), "dropout_p": 0.2,
                                         "rng_state": torch.tensor([7, 0], dtype=torch.int64)}}[features]
