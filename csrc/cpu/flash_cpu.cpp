@@ -1678,9 +1678,9 @@ CUFLASH_CPU_INLINE void fwd_block_impl(const FlashFwdParams& p, int b, int h, in
   // kAmxForwardKeys a tile past head dim 64 (at 64, forward 0.94x at 2,16,512,64 and 1.04x at 1,4,4096,64).
   const bool wide_tiles = amx && !rules.score.mask.data && D > 64;
   for (int j0 = keys.begin, count; j0 < keys.end; j0 += count) {
-    count = std::min(kKeys, keys.end - j0);
     const int wide = std::min(kAmxForwardKeys, keys.end - j0);
-    if (wide_tiles && wide > kKeys && keys.sees_all(rows, j0, wide)) count = wide;
+    const bool wide_seen = wide_tiles && wide > kKeys && keys.sees_all(rows, j0, wide);
+    count = wide_seen ? wide : std::min(kKeys, keys.end - j0);
     for (int jj = 0; jj < count; ++jj) {
       if (dot_bf16 && !head_k) w.k_raw[jj] = key_row_at<const uint16_t>(p, p.k, p.k_strides, s, b, hk, j0 + jj);
       if (amx && !head_k) w.v_raw[jj] = key_row_at<const uint16_t>(p, p.v, p.v_strides, s, b, hk, j0 + jj);
@@ -1705,7 +1705,7 @@ CUFLASH_CPU_INLINE void fwd_block_impl(const FlashFwdParams& p, int b, int h, in
       if (dot_bf16 && !amx) row_lanes_dot_bf16<S::kRowVecs>(w.qt2.data(), w.k_raw.data(), count, D, st);
 #endif
     if (!dot_bf16) row_lanes_dot<S>(w.qt.data(), w.k_rows.data(), count, D, w.zeros.data(), st);
-    const bool sees_all = keys.sees_all(rows, j0, count);
+    const bool sees_all = wide_seen || keys.sees_all(rows, j0, count);
     const bool scale_with_max = rules.plain && sees_all;  // (else the scale comes before the hidden lanes' -inf)
     if (!scale_with_max) rules.scores(s, i0, rows, j0, count, kBlockRows, st, nullptr);
     if (!sees_all) hide_lanes(keys, j0, count, -inf, st);
