@@ -120,6 +120,9 @@ def flex_call(q, k, v, causal, kw, compiled=True):
     global _compiled_flex
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention
     if compiled and _compiled_flex is None:
+        # One compile per (feature, causal, shape): twelve and more, past dynamo's default of 8, after which
+        # it runs flex_attention unfused (2-7 TFLOP/s, H100 2026-12-07).
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
         _compiled_flex = torch.compile(flex_attention, dynamic=False)
     softcap, slopes, mask = kw.get("softcap", 0.0), kw.get("alibi_slopes"), kw.get("attn_mask")
 
