@@ -217,9 +217,11 @@ def test_gqa_copies(d, splits, monkeypatch):
     """GQA under a causal mask, packed: the fused kernel over CUFLASH_BWD_KV_SPLITS's copies of each
     K/V head, then torch's sum of them (reduce_kernel; the rule takes none packed, where they are
     not yet timed); against the float64 reference over sequences that end inside a box, with
-    empty ones; the rows after the last sequence 0 (the copies' zeroed as dk's are)."""
+    empty ones; the rows after the last sequence 0 (the copies' zeroed as dk's are). The fused
+    kernel forced ("ordered"): on its own the rule takes the pair, which sees no copies, at head
+    dim 128 on sequences this short (prefers_fused_backward; H100 2026-12-07)."""
     monkeypatch.setenv("CUFLASH_SM90", SM90_DEFAULT_PARTS)
-    monkeypatch.delenv("CUFLASH_BWD_DQ", raising=False)
+    monkeypatch.setenv("CUFLASH_BWD_DQ", "ordered")
     monkeypatch.setenv("CUFLASH_BWD_KV_SPLITS", splits)
     lens_q, lens_k = [70, 0, 129, 300], [90, 12, 0, 257]
     torch.manual_seed(0)
