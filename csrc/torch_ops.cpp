@@ -850,8 +850,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> bwd(const Tensor& dout, const Tensor&
   // GQA under a causal mask: the fused kernel sees kv_splits copies of each K/V head, each over a
   // share of its query heads (fused_backward_kv_splits: shorter tiles, more of them); each head's
   // copies of dK and dV are summed below, in float (the reduction's accumulator), into dk_k, dv_k.
-  // Packed too, where CUFLASH_BWD_KV_SPLITS asks (the copies' rows no sequence covers zeroed as
-  // dk's are); not with seqused_k, whose keys past it only dk_k's zeroing above covers.
+  // Packed too (the copies' rows no sequence covers zeroed as dk's are); not with seqused_k, whose
+  // keys past it only dk_k's zeroing above covers.
   Tensor k_copies, v_copies, dk_copies, dv_copies;
   const int kv_splits = dq_accum.defined() && !o.seqused_k ? fused_backward_kv_splits(p) : 1;
   if (kv_splits > 1) {

@@ -61,10 +61,13 @@ int fused_backward_kv_splits(const FlashBwdParams& p) {
     return splits;
   }
   if (!(p.mask.window_left < 0 && p.mask.window_right >= 0)) return 1;
-  // Packed sequences only where CUFLASH_BWD_KV_SPLITS asks: not yet run on a GPU (NOTES, the
-  // sixtieth session).
-  if (p.varlen.cu_seqlens_q != nullptr) return 1;
-  const int64_t tiles = int64_t{sh.batch} * sh.heads_kv * ((int64_t{sh.seqlen_k} + 127) / 128);
+  // Packed sequences: the keys' rows as one sequence's (the tiles a head's sequences take, less
+  // at most one a sequence). H100 2026-12-07, packed causal GQA, 2 or 8 copies: 1.05-1.64x
+  // (benchmarks/NOTES.md).
+  const int64_t tiles_per_head = p.varlen.cu_seqlens_k != nullptr
+                                     ? (int64_t{p.varlen.total_k} + 127) / 128
+                                     : int64_t{sh.batch} * ((int64_t{sh.seqlen_k} + 127) / 128);
+  const int64_t tiles = sh.heads_kv * tiles_per_head;
   const int64_t sms = device_attribute<cudaDevAttrMultiProcessorCount>(132);
   while (group % (splits * 2) == 0 && tiles * splits < 4 * sms) splits *= 2;
   return splits;
