@@ -462,16 +462,15 @@ __attribute__((target("arch=x86-64-v4,avx512bf16,amx-tile,amx-bf16"), noinline))
 }
 
 // out_t[d][r] += sum over jj of V[jj][d] P[jj][r] for the tile's count keys, rounded P: O^T += V^T P^T
-// from vt (the tile's V^T [dims][ld keys], zero past D, finite past count) and pt2 (key pairs'
+// from vt (the tile's V^T as pack_values_amx's, zero past D, finite past count) and pt2 (key pairs'
 // bfloat16 probabilities a row [keys / 2][kBlockRows], zero past count), 32 keys a step; out_t
 // [dims][kBlockRows].
 template <int R>
 __attribute__((target("arch=x86-64-v4,avx512bf16,amx-tile,amx-bf16"), noinline)) void add_pv_amx(
-    float* __restrict out_t, int dims, const uint16_t* __restrict vt, int ld, const uint32_t* __restrict pt2,
-    int count) {
+    float* __restrict out_t, int dims, const uint16_t* __restrict vt, const uint32_t* __restrict pt2, int count) {
   for (int d = 0; d < dims; d += 2 * kAmxTileRows)
-    amx_two_groups<R>(vt + static_cast<int64_t>(d) * ld, vt + static_cast<int64_t>(d + kAmxTileRows) * ld, ld * 2,
-                      kAmxKeys, pt2, kBlockRows * 4, kAmxKeys / 2 * kBlockRows, amx_padded(count, kAmxKeys) / kAmxKeys,
+    amx_two_groups<R>(vt + d * kAmxKeys, vt + (d + kAmxTileRows) * kAmxKeys, kAmxKeys * 2, kAmxKeys * dims, pt2,
+                      kBlockRows * 4, kAmxKeys / 2 * kBlockRows, amx_padded(count, kAmxKeys) / kAmxKeys,
                       out_t + d * kBlockRows, out_t + (d + kAmxTileRows) * kBlockRows, kBlockRows * 4, true);
 }
 
@@ -541,23 +540,27 @@ __attribute__((target("arch=x86-64-v4"), always_inline)) inline void transpose_1
   }
 }
 
-// Its V rows transposed for add_pv_amx: vt [dims][ld keys], zero past D and past count up to a
-// multiple of kAmxKeys. A tile row of vt holds 32 keys of a head dim, their pairs as dwords: each
-// 16 head dims x 32 keys is a 16 x 16 transpose of the key pairs' interleaved rows.
+// Its V rows transposed for add_pv_amx in chunks of 32 keys, [keys / 32][dims][32]: key j of head dim d
+// at vt[j / 32 * 32 * dims + d * 32 + j % 32] (a tile's 16 rows 64 bytes apart, not a head's keys
+// apart: over a 2048-key head in L2, P V 0.82x the time, benchmarks/amx_tiles_microbench.cpp); zero
+// past D and past count up to a multiple of kAmxKeys. A tile row of vt holds 32 keys of a head dim,
+// their pairs as dwords: each 16 head dims x 32 keys is a 16 x 16 transpose of the key pairs'
+// interleaved rows.
 __attribute__((target("arch=x86-64-v4"), noinline)) void pack_values_amx(const uint16_t* const* v_raw, int count,
-                                                                        int D, int ld, uint16_t* __restrict vt) {
+                                                                        int D, int dims, uint16_t* __restrict vt) {
   for (int key = 0; key < count; key += kAmxKeys)
     for (int d = 0; d < D; d += 16) {
-      const __mmask16 dims = D - d >= 16 ? 0xffff : static_cast<__mmask16>((1u << (D - d)) - 1);
+      const __mmask16 in_row = D - d >= 16 ? 0xffff : static_cast<__mmask16>((1u << (D - d)) - 1);
       __m512i pairs[16];
       for (int j = 0; j < 16; ++j) {
         const int even = key + 2 * j, odd = even + 1;
-        const __m256i lo = even < count ? _mm256_maskz_loadu_epi16(dims, v_raw[even] + d) : _mm256_setzero_si256();
-        const __m256i hi = odd < count ? _mm256_maskz_loadu_epi16(dims, v_raw[odd] + d) : _mm256_setzero_si256();
+        const __m256i lo = even < count ? _mm256_maskz_loadu_epi16(in_row, v_raw[even] + d) : _mm256_setzero_si256();
+        const __m256i hi = odd < count ? _mm256_maskz_loadu_epi16(in_row, v_raw[odd] + d) : _mm256_setzero_si256();
         pairs[j] = _mm512_or_si512(_mm512_cvtepu16_epi32(lo), _mm512_slli_epi32(_mm512_cvtepu16_epi32(hi), 16));
       }
       transpose_16x16_dwords(pairs);
-      for (int i = 0; i < 16; ++i) _mm512_storeu_si512(vt + static_cast<int64_t>(d + i) * ld + key, pairs[i]);
+      for (int i = 0; i < 16; ++i)
+        _mm512_storeu_si512(vt + static_cast<int64_t>(key) * dims + (d + i) * kAmxKeys, pairs[i]);
     }
 }
 
@@ -686,12 +689,12 @@ struct AmxPendingBlocks {
 // One (batch, key head)'s rows packed for the tiles once, for every block of queries that a thread
 // takes of it (the forward's consecutive items; the backward's units), instead of a key tile at a
 // time for each block, zero past the keys (a tile at any key reads 32-key groups):
-// - the forward: K [keys + 32][dims] as pack_keys_amx's (S), V^T [dims][ld] as pack_values_amx's (P V);
+// - the forward: K [keys + 32][dims] as pack_keys_amx's (S), V^T as pack_values_amx's (P V);
 // - the backward: K and V as pack_keys_amx's (S and dP), K^T as pack_values_amx's (dQ).
 // Only where the transposed rows are finite (transposed_finite): a tile's product reads the keys
 // past its count, whose P (or dS) is 0.
 struct AmxHeadTiles {
-  int b = -1, hk = -1, ld = 0;
+  int b = -1, hk = -1;
   bool forward = false, transposed_finite = false;
   std::vector<uint16_t> k, v, transposed;  // (v: the backward's)
   static bool fits(int seqlen_k, int D) {
@@ -702,10 +705,10 @@ struct AmxHeadTiles {
     if (b == batch && hk == key_head && forward == for_forward) return;
     b = batch, hk = key_head, forward = for_forward;
     const int D = p.shape.head_dim, dims = amx_dims(D), keys = s.seqlen_k;
-    ld = amx_padded(keys, kAmxKeys) + kAmxKeys;
-    k.assign(static_cast<size_t>(ld) * dims, 0);
-    v.assign(forward ? 0 : static_cast<size_t>(ld) * dims, 0);
-    transposed.assign(static_cast<size_t>(dims) * ld, 0);
+    const int padded_keys = amx_padded(keys, kAmxKeys) + kAmxKeys;
+    k.assign(static_cast<size_t>(padded_keys) * dims, 0);
+    v.assign(forward ? 0 : static_cast<size_t>(padded_keys) * dims, 0);
+    transposed.assign(static_cast<size_t>(dims) * padded_keys, 0);
     transposed_finite = true;
     const uint16_t* k_raw[kKeys];
     const uint16_t* v_raw[kKeys];
@@ -718,7 +721,7 @@ struct AmxHeadTiles {
       pack_keys_amx(k_raw, count, D, dims, k.data() + static_cast<size_t>(j0) * dims);
       if (!forward) pack_keys_amx(v_raw, count, D, dims, v.data() + static_cast<size_t>(j0) * dims);
       const uint16_t* const* t_raw = forward ? v_raw : k_raw;
-      pack_values_amx(t_raw, count, D, ld, transposed.data() + j0);
+      pack_values_amx(t_raw, count, D, dims, transposed.data() + static_cast<size_t>(j0) * dims);
       transposed_finite = transposed_finite && bf16_rows_finite(t_raw, count, D);
     }
   }
@@ -1000,7 +1003,7 @@ struct CpuScratch {
         k_raw(kAmxForwardKeys),
         v_raw(kAmxForwardKeys),
         kt16(static_cast<size_t>(kAmxForwardKeys) * amx_dims(D)),
-        vt16(static_cast<size_t>(amx_dims(D)) * kAmxForwardKeys),  // (rows kAmxForwardKeys apart)
+        vt16(static_cast<size_t>(amx_dims(D)) * kAmxForwardKeys),
         pt2(kAmxForwardKeys / 2 * kBlockRows) {}
   // The AMX backward's buffers (bwd_head_impl), for keys' rows of lanes a block and head dim.
   void reserve_amx_backward(int D, int64_t key_rows) {
@@ -1586,13 +1589,15 @@ struct AmxTiles {};  // (no AMX kernels: S::kAmx is false)
 #endif
 #ifdef CUFLASH_CPU_WIDE_ISAS
 // A key tile's rows (the forward's V, the backward's K) with an Inf or NaN that some rows do not
-// see (add_visible_lanes_times_rows' case): the tiles take it as 0 in t (pack_values_amx's [D][ld]),
-// which is what those rows add (0 x a row, bitwise as without it), then add_non_finite_products
-// adds its products over the rows that see it.
-inline void zero_non_finite(uint16_t* t, int ld, int count, int D) {
+// see (add_visible_lanes_times_rows' case): the tiles take it as 0 in t (pack_values_amx's), which
+// is what those rows add (0 x a row, bitwise as without it), then add_non_finite_products adds its
+// products over the rows that see it.
+inline void zero_non_finite(uint16_t* t, int dims, int count, int D) {
   for (int d = 0; d < D; ++d)
-    for (int jj = 0; jj < count; ++jj)
-      if (!bf16_finite(t[d * ld + jj])) t[d * ld + jj] = 0;
+    for (int jj = 0; jj < count; ++jj) {
+      uint16_t& x = t[jj / kAmxKeys * kAmxKeys * dims + d * kAmxKeys + jj % kAmxKeys];
+      if (!bf16_finite(x)) x = 0;
+    }
 }
 // acc_t[d][r] += bfloat16(lanes[jj][r]) x rows[jj][d] for each Inf or NaN of rows[jj] (the lanes
 // rounded as the tiles' products take them), r one of the block's rows that sees key j0 + jj.
@@ -1660,13 +1665,12 @@ CUFLASH_CPU_INLINE void fwd_block_impl(const FlashFwdParams& p, int b, int h, in
   const bool amx = configure_amx<S>(dot_bf16, tiles);
   [[maybe_unused]] const int dims = amx_dims(D);
   [[maybe_unused]] const uint16_t *head_k = nullptr, *head_vt = nullptr;
-  [[maybe_unused]] int head_ld = 0;
 #ifdef CUFLASH_CPU_WIDE_ISAS
   if constexpr (S::kAmx)
     if (amx && w.amx_whole_heads && AmxHeadTiles::fits(s.seqlen_k, D)) {
       w.amx_head.prepare(p, s, b, hk, true);
       if (w.amx_head.transposed_finite)
-        head_k = w.amx_head.k.data(), head_vt = w.amx_head.transposed.data(), head_ld = w.amx_head.ld;
+        head_k = w.amx_head.k.data(), head_vt = w.amx_head.transposed.data();
     }
 #endif
   T* out_t = w.acc.data();  // O^T [D][kBlockRows]
@@ -1681,9 +1685,12 @@ CUFLASH_CPU_INLINE void fwd_block_impl(const FlashFwdParams& p, int b, int h, in
     const int wide = std::min(kAmxForwardKeys, keys.end - j0);
     const bool wide_seen = wide_tiles && wide > kKeys && keys.sees_all(rows, j0, wide);
     count = wide_seen ? wide : std::min(kKeys, keys.end - j0);
+    // The head's V^T where the tile starts a chunk of it (pack_values_amx's; a window's tiles may
+    // not), else the tile's.
+    const bool head_values = head_vt && j0 % kAmxKeys == 0;
     for (int jj = 0; jj < count; ++jj) {
       if (dot_bf16 && !head_k) w.k_raw[jj] = key_row_at<const uint16_t>(p, p.k, p.k_strides, s, b, hk, j0 + jj);
-      if (amx && !head_k) w.v_raw[jj] = key_row_at<const uint16_t>(p, p.v, p.v_strides, s, b, hk, j0 + jj);
+      if (amx && !head_values) w.v_raw[jj] = key_row_at<const uint16_t>(p, p.v, p.v_strides, s, b, hk, j0 + jj);
       if (!dot_bf16 || rules.score.mask.data)  // (tile_adds_nothing's finiteness check reads them)
         w.k_rows[jj] = io.key(p.k, p.k_strides, s, b, hk, j0 + jj, w.k16.data() + jj * D);
       if (!amx || rules.score.mask.data)
@@ -1694,10 +1701,8 @@ CUFLASH_CPU_INLINE void fwd_block_impl(const FlashFwdParams& p, int b, int h, in
 #ifdef CUFLASH_CPU_WIDE_ISAS
     if constexpr (S::kAmx)
       if (amx) {
-        if (!head_k) {
-          pack_keys_amx(w.k_raw.data(), count, D, dims, w.kt16.data());
-          pack_values_amx(w.v_raw.data(), count, D, kAmxForwardKeys, w.vt16.data());
-        }
+        if (!head_k) pack_keys_amx(w.k_raw.data(), count, D, dims, w.kt16.data());
+        if (!head_values) pack_values_amx(w.v_raw.data(), count, D, dims, w.vt16.data());
         scores_amx<S::kRowVecs>(w.qt2.data(), head_k ? head_k + static_cast<size_t>(j0) * dims : w.kt16.data(), dims,
                                 count, st);
       }
@@ -1747,9 +1752,9 @@ CUFLASH_CPU_INLINE void fwd_block_impl(const FlashFwdParams& p, int b, int h, in
         // The whole head's V^T (finite), or the tile's (zero_non_finite where some rows do not see
         // its Inf or NaN).
         const bool finite = head_k || sees_all || bf16_rows_finite(w.v_raw.data(), count, D);
-        if (!finite) zero_non_finite(w.vt16.data(), kAmxForwardKeys, count, D);
+        if (!finite) zero_non_finite(w.vt16.data(), dims, count, D);
         pack_probs_amx<S::kRowVecs>(st, count, w.pt2.data());
-        add_pv_amx<S::kRowVecs>(out_t, dims, head_k ? head_vt + j0 : w.vt16.data(), head_k ? head_ld : kAmxForwardKeys,
+        add_pv_amx<S::kRowVecs>(out_t, dims, head_values ? head_vt + static_cast<size_t>(j0) * dims : w.vt16.data(),
                                 w.pt2.data(), count);
         if (!finite) add_non_finite_products(out_t, w.v_raw.data(), count, D, st, keys, rows, j0);
         continue;
@@ -2034,15 +2039,15 @@ CUFLASH_CPU_INLINE void bwd_head_impl(const FlashBwdParams& p, int b, int hk, co
           pack_lanes_amx(st, count, rows, pending.block_lanes(0, j0));
           pack_lanes_amx(dpt, count, rows, pending.block_lanes(1, j0));
           lanes_end = j0 + amx_padded(count, kAmxKeys);
-          // K^T: the pair's where all its K is finite (a tile reads its keys past count too), else
-          // the tile's.
-          const bool head_kt = whole_head && w.amx_head.transposed_finite;
+          // K^T: the pair's where all its K is finite (a tile reads its keys past count too) and the
+          // tile starts a chunk of it (pack_values_amx's), else the tile's.
+          const bool head_kt = whole_head && w.amx_head.transposed_finite && j0 % kAmxKeys == 0;
           const bool k_finite = head_kt || bf16_rows_finite(w.k_raw.data(), count, D);
-          if (!head_kt) pack_values_amx(w.k_raw.data(), count, D, kKeys, w.vt16.data());
-          if (!k_finite) zero_non_finite(w.vt16.data(), kKeys, count, D);
+          if (!head_kt) pack_values_amx(w.k_raw.data(), count, D, dims, w.vt16.data());
+          if (!k_finite) zero_non_finite(w.vt16.data(), dims, count, D);
           pack_probs_amx<R>(dpt, count, w.pt2.data());
-          add_pv_amx<R>(dq_t, dims, head_kt ? w.amx_head.transposed.data() + j0 : w.vt16.data(),
-                        head_kt ? w.amx_head.ld : kKeys, w.pt2.data(), count);
+          add_pv_amx<R>(dq_t, dims, head_kt ? w.amx_head.transposed.data() + static_cast<size_t>(j0) * dims
+                                          : w.vt16.data(), w.pt2.data(), count);
           // The non-finite elements' products, over the pairs that see them.
           auto rows_seen = [&](const uint16_t* const* raw, const T* lanes, float* sums) {
             for (int r = 0; r < rows; ++r)
