@@ -216,9 +216,10 @@ def test_each_sequence_as_if_alone(d, monkeypatch):
 def test_gqa_copies(d, splits, monkeypatch):
     """GQA under a causal mask, packed: the fused kernel over CUFLASH_BWD_KV_SPLITS's copies of each
     K/V head, then torch's sum of them (reduce_kernel; "auto": the rule's, 8 on so few tiles);
-    against the float64 reference over sequences that end inside a box, with empty ones; the rows after the last sequence 0 (the copies' zeroed as dk's are). The fused
-    kernel forced ("ordered"): on its own the rule takes the pair, which sees no copies, at head
-    dim 128 on sequences this short (prefers_fused_backward; H100 2026-12-07)."""
+    against the float64 reference over sequences that end inside a box, with empty ones; the rows
+    after the last sequence 0 (the copies' zeroed as dk's are). The fused kernel forced
+    ("ordered"): on its own the rule takes the pair, which sees no copies, at head dim 128 on
+    sequences this short (prefers_fused_backward; H100 2026-12-07)."""
     monkeypatch.setenv("CUFLASH_SM90", SM90_DEFAULT_PARTS)
     monkeypatch.setenv("CUFLASH_BWD_DQ", "ordered")
     monkeypatch.setenv("CUFLASH_BWD_KV_SPLITS", splits)
