@@ -2041,8 +2041,9 @@ CUFLASH_CPU_INLINE void bwd_head_impl(const FlashBwdParams& p, int b, int hk, co
           lanes_end = j0 + amx_padded(count, kAmxKeys);
           // K^T: the pair's where all its K is finite (a tile reads its keys past count too) and the
           // tile starts a chunk of it (pack_values_amx's), else the tile's.
-          const bool head_kt = whole_head && w.amx_head.transposed_finite && j0 % kAmxKeys == 0;
-          const bool k_finite = head_kt || bf16_rows_finite(w.k_raw.data(), count, D);
+          const bool head_finite = whole_head && w.amx_head.transposed_finite;
+          const bool head_kt = head_finite && j0 % kAmxKeys == 0;
+          const bool k_finite = head_finite || bf16_rows_finite(w.k_raw.data(), count, D);
           if (!head_kt) pack_values_amx(w.k_raw.data(), count, D, dims, w.vt16.data());
           if (!k_finite) zero_non_finite(w.vt16.data(), dims, count, D);
           pack_probs_amx<R>(dpt, count, w.pt2.data());
